@@ -1,0 +1,43 @@
+//! Build script: compiles the protocol definitions in `proto/` with a
+//! pure-Rust protobuf compiler (protox), so building needs nothing but
+//! cargo, and records the YARA-X version the engine is built with.
+
+use std::{env, fs, path::PathBuf};
+
+const PROTOS: &[&str] = &["scanserver/v1/verdict.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=Cargo.lock");
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler.include_source_info(true).open_files(PROTOS)?;
+    // Reflection serves the descriptors, comments included.
+    fs::write(
+        out_dir.join("scanserver_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+
+    println!(
+        "cargo:rustc-env=SCANSERVER_YARA_X_VERSION={}",
+        yara_x_version()?
+    );
+    Ok(())
+}
+
+/// The exact yara-x version from `Cargo.lock`: compiled rules and verdicts
+/// are only valid for the engine version that produced them.
+fn yara_x_version() -> Result<String, Box<dyn std::error::Error>> {
+    let lock = fs::read_to_string("Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"yara-x\"" {
+            if let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = ")) {
+                return Ok(version.trim_matches('"').to_owned());
+            }
+        }
+    }
+    Err("yara-x not found in Cargo.lock".into())
+}

@@ -1,0 +1,205 @@
+//! Memory-mapped scanning of large files, guarded against files that shrink
+//! while they are mapped.
+//!
+//! Reading a page of a mapping that lies past the end of its file (because
+//! another process truncated the file after it was mapped) raises `SIGBUS`,
+//! which by default kills the whole server. The guard works like this:
+//!
+//! 1. While a thread reads a mapping through [`with_mapped`], the mapping's
+//!    address range is recorded in a thread-local.
+//! 2. A process-wide `SIGBUS` handler, installed once, looks at the faulting
+//!    address. If it lies in the range recorded by the faulting thread, the
+//!    handler maps an anonymous zero page over the vanished page (`mmap` with
+//!    `MAP_FIXED`), notes the fault, and returns: the read is retried and
+//!    sees zeros, so the scan runs to its end.
+//! 3. [`with_mapped`] then reports [`MappedError::Shrank`] instead of the
+//!    scan's result, which is discarded. The size is also checked again after
+//!    the scan, which catches a file that changed size without a fault.
+//!
+//! A fault anywhere else is handed to the handler that was installed before
+//! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
+//! if there was none, the default action is restored and the fault repeats,
+//! so genuine crashes still crash.
+
+use std::{
+    cell::Cell,
+    fs::File,
+    io,
+    sync::{Once, OnceLock},
+};
+
+use memmap2::{Advice, Mmap, MmapOptions};
+
+/// Why a mapped scan produced no result.
+#[derive(Debug, thiserror::Error)]
+pub enum MappedError {
+    #[error("cannot map the file: {0}")]
+    Map(#[from] io::Error),
+    #[error("the file shrank or changed size while it was being scanned")]
+    Shrank,
+}
+
+thread_local! {
+    /// The address range this thread is reading through a mapping, as
+    /// (start, end); (0, 0) when none.
+    static GUARDED: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    /// Set by the signal handler when a page of the guarded range vanished.
+    static FAULTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Maps the first `size` bytes of `file` and runs `read` over them, with the
+/// shrink guard described in the module documentation.
+pub(super) fn with_mapped<R>(
+    file: &File,
+    size: u64,
+    read: impl FnOnce(&[u8]) -> R,
+) -> Result<R, MappedError> {
+    install_handler();
+    let len = usize::try_from(size).map_err(|_| MappedError::Shrank)?;
+    // SAFETY: the file may be changed by others while mapped; a shrink is
+    // caught by the SIGBUS guard, and other changes only alter the bytes
+    // scanned, as they would with read(2).
+    let map: Mmap = unsafe { MmapOptions::new().len(len).map(file)? };
+    let _ = map.advise(Advice::Sequential);
+
+    let result = {
+        let _guard = Guard::enter(&map);
+        read(&map)
+    };
+    let changed = file.metadata().map(|m| m.len() != size).unwrap_or(true);
+    if FAULTED.replace(false) || changed {
+        return Err(MappedError::Shrank);
+    }
+    Ok(result)
+}
+
+/// Records the mapping's range for the signal handler while it lives, and
+/// clears it on every exit, unwinding included.
+struct Guard;
+
+impl Guard {
+    fn enter(map: &Mmap) -> Guard {
+        let start = map.as_ptr() as usize;
+        FAULTED.set(false);
+        GUARDED.set((start, start + map.len()));
+        Guard
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        GUARDED.set((0, 0));
+    }
+}
+
+/// The handler that was installed before ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+fn install_handler() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: plain sigaction(2) calls with zero-initialised structures.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &action, &mut previous) == 0 {
+                let _ = PREVIOUS.set(previous);
+            }
+        }
+    });
+}
+
+/// The SIGBUS handler. Only async-signal-safe work: thread-local cells with
+/// constant initialisers, `mmap`, `sigaction`.
+extern "C" fn on_sigbus(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let address = unsafe { (*info).si_addr() } as usize;
+    let (start, end) = GUARDED.get();
+    if (start..end).contains(&address) {
+        // SAFETY: sysconf is async-signal-safe.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let page_start = address & !(page - 1);
+        // SAFETY: the page lies inside a mapping this thread owns and is
+        // reading; replacing it with zeros keeps the reader's slice valid.
+        let replaced = unsafe {
+            libc::mmap(
+                page_start as *mut libc::c_void,
+                page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if replaced != libc::MAP_FAILED {
+            FAULTED.set(true);
+            return;
+        }
+    }
+    forward(signal, info, context);
+}
+
+/// Hands a fault that is not ours to the previous handler, or restores the
+/// default action so that the faulting access repeats and ends the process.
+fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    let previous = PREVIOUS.get();
+    let handler = previous.map_or(libc::SIG_DFL, |p| p.sa_sigaction);
+    // SAFETY: calling a handler the way the kernel would have, or resetting
+    // the disposition with sigaction(2), which is async-signal-safe.
+    unsafe {
+        match (handler, previous) {
+            (libc::SIG_DFL | libc::SIG_IGN, _) | (_, None) => {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+            (handler, Some(p)) if p.sa_flags & libc::SA_SIGINFO != 0 => {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(handler);
+                f(signal, info, context);
+            }
+            (handler, Some(_)) => {
+                let f: extern "C" fn(libc::c_int) = std::mem::transmute(handler);
+                f(signal);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_file_that_shrinks_while_mapped_fails_instead_of_crashing() {
+        let mut file = tempfile::tempfile().unwrap();
+        let size = 8 << 20;
+        file.write_all(&vec![b'x'; size]).unwrap();
+        let result = with_mapped(&file, size as u64, |data| {
+            let _ = data[0];
+            file.set_len(4096).unwrap();
+            // Touch every page, those past the new end included.
+            data.iter().step_by(4096).map(|&b| b as u64).sum::<u64>()
+        });
+        assert!(matches!(result, Err(MappedError::Shrank)), "{result:?}");
+    }
+
+    #[test]
+    fn an_unchanged_file_reads_normally() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 100_000]).unwrap();
+        let sum = with_mapped(&file, 100_000, |data| {
+            data.iter().map(|&b| b as u64).sum::<u64>()
+        });
+        assert_eq!(sum.unwrap(), 700_000);
+    }
+}

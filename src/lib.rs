@@ -1,0 +1,36 @@
+//! The Protection Server of an SVM (secure virtual machine).
+//!
+//! Light Agents on protected virtual machines send files (or first just
+//! their digests) to this server, which scans them with YARA-X rules and
+//! answers with verdicts, so nothing is scanned on the virtual machines
+//! themselves.
+//!
+//! The crate is a library with two thin binaries, `scanserver` (the daemon
+//! and its operator commands) and `lightagent` (the client). Its modules:
+//!
+//! * [`signatures`]: loading, compiling, versioning and caching rulesets.
+//! * [`engine`]: the scan engine every entry point shares: current rules,
+//!   a pool of scan workers, limits, and a bounded async queue.
+//! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
+//! * [`localscan`]: the operator's local scan of files and folders.
+//! * [`report`]: how scan results are printed (text or JSON lines), and the
+//!   exit status they add up to.
+//! * [`proto`]: the gRPC protocol, generated from `proto/`.
+
+pub mod engine;
+pub mod localscan;
+pub mod report;
+pub mod signatures;
+pub mod verdict;
+
+/// The protocol, generated from the `.proto` files in `proto/`.
+pub mod proto {
+    tonic::include_proto!("scanserver.v1");
+
+    /// The encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("scanserver_descriptor");
+}
+
+/// The server's version, as reported to agents and operators.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

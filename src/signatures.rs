@@ -1,0 +1,543 @@
+//! The signature database: loading, compiling and versioning YARA rules.
+//!
+//! A ruleset comes from a folder of sources or from a file (a single `.yar`
+//! source, or rules pre-compiled by `yr compile`).
+//!
+//! * Every `*.yar` / `*.yara` file below the folder is compiled, recursively,
+//!   each into its own namespace named after its path relative to the folder.
+//!   `include` is resolved from the including file's own folder and must stay
+//!   inside the ruleset folder.
+//! * The external variables of public rulesets ([`EXTERNALS`]) are declared,
+//!   so such rulesets compile; the engine sets them for each scanned file.
+//! * YARA-X's relaxed regular-expression syntax is accepted, as common public
+//!   rules need it. Warnings are logged, never fatal; any error fails the whole
+//!   load with every error's file, line and column.
+//! * The ruleset [version](Ruleset::version) is a blake3 digest over the
+//!   sorted relative paths and contents of every source file, the compile
+//!   profile and the engine version. Verdicts are only valid for the version
+//!   that produced them.
+//! * Compiled rules are kept in a cache folder under their version, so a
+//!   restart with unchanged signatures does not compile again. Compiled rules
+//!   contain native code: the cache folder must be writable only by the
+//!   server's user (it is created with mode 0700), and every cached file
+//!   carries a blake3 checksum that is verified before it is loaded.
+
+use std::{
+    fmt, fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use walkdir::WalkDir;
+use yara_x::{Compiler, Rules, SourceCode};
+
+/// External variables declared for every compiled ruleset, as used by public
+/// rulesets (signature-base and THOR-style rules). Each is a string.
+pub const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
+
+/// The YARA-X version the engine is built with.
+pub const YARA_X_VERSION: &str = env!("SCANSERVER_YARA_X_VERSION");
+
+/// Everything besides the sources that changes what compiled rules do. Part
+/// of the ruleset version, so a change here invalidates cached rules and
+/// verdicts.
+const COMPILE_PROFILE: &str = "relaxed-re;externals=filename,filepath,extension,filetype,owner";
+
+/// The header of rules serialized by YARA-X.
+const SERIALIZED_MAGIC: &[u8] = b"YARA-X\0\0";
+
+/// Errors while loading a ruleset.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{} contains no .yar or .yara file", .0.display())]
+    Empty(PathBuf),
+    #[error("{} error(s) in the ruleset:\n{}", .0.len(), DiagnosticList(.0))]
+    Compile(Vec<Diagnostic>),
+    #[error("cannot load pre-compiled rules {}: {source}", path.display())]
+    Precompiled {
+        path: PathBuf,
+        source: yara_x::errors::SerializationError,
+    },
+}
+
+impl SignatureError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        SignatureError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// A compiler error or warning, located in a source file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Diagnostic {
+    /// YARA-X's code for the diagnostic (`E009`, `slow_pattern`, ...).
+    pub code: String,
+    pub title: String,
+    pub file: Option<String>,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// The full report, with the offending source line.
+    pub text: String,
+}
+
+impl Diagnostic {
+    /// Converts a YARA-X error or warning through its documented JSON form.
+    fn from_report(report: &impl Serialize) -> Self {
+        #[derive(Deserialize)]
+        struct Label {
+            code_origin: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Report {
+            code: String,
+            title: String,
+            line: Option<usize>,
+            column: Option<usize>,
+            #[serde(default)]
+            labels: Vec<Label>,
+            text: String,
+        }
+        let report: Report = serde_json::to_value(report)
+            .and_then(serde_json::from_value)
+            .expect("YARA-X reports serialize with code, title and text");
+        Diagnostic {
+            code: report.code,
+            title: report.title,
+            file: report.labels.into_iter().find_map(|l| l.code_origin),
+            line: report.line,
+            column: report.column,
+            text: report.text,
+        }
+    }
+
+    fn include_error(file: &str, line: usize, column: usize, title: String) -> Self {
+        Diagnostic {
+            code: "include".into(),
+            text: format!("error: {title}\n --> {file}:{line}:{column}"),
+            title,
+            file: Some(file.into()),
+            line: Some(line),
+            column: Some(column),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line, self.column) {
+            (Some(file), Some(line), Some(col)) => write!(f, "{file}:{line}:{col}: ")?,
+            (Some(file), _, _) => write!(f, "{file}: ")?,
+            _ => {}
+        }
+        write!(f, "[{}] {}", self.code, self.title)
+    }
+}
+
+struct DiagnosticList<'a>(&'a [Diagnostic]);
+
+impl fmt::Display for DiagnosticList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for d in self.0 {
+            writeln!(f, "{}", d.text.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// Compiled rules with what identifies them.
+pub struct Ruleset {
+    rules: Rules,
+    version: Arc<str>,
+    rule_count: usize,
+    source: PathBuf,
+    compile_time: Duration,
+    from_cache: bool,
+    warnings: Vec<Diagnostic>,
+}
+
+impl fmt::Debug for Ruleset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ruleset")
+            .field("version", &self.version)
+            .field("rule_count", &self.rule_count)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ruleset {
+    /// Loads the ruleset at `source` (a folder of sources, a source file or
+    /// a pre-compiled rules file), reusing compiled rules from `cache_dir`
+    /// when they are there and storing them there when they are not.
+    pub fn load(source: &Path, cache_dir: Option<&Path>) -> Result<Ruleset, SignatureError> {
+        if is_precompiled(source)? {
+            return Self::load_precompiled(source);
+        }
+        let started = Instant::now();
+        let sources = SourceSet::collect(source)?;
+        let version = sources.version();
+        let cache = cache_dir.map(|dir| RulesCache::new(dir, &version));
+        if let Some(rules) = cache.as_ref().and_then(RulesCache::load) {
+            tracing::info!(%version, "loaded compiled rules from the cache");
+            return Ok(Self::new(rules, version, source, started, true, vec![]));
+        }
+        let (rules, warnings) = sources.compile()?;
+        if let Some(cache) = &cache {
+            cache.store(&rules);
+        }
+        Ok(Self::new(rules, version, source, started, false, warnings))
+    }
+
+    /// Compiles the ruleset at `source` without touching any cache, as
+    /// `scanserver rules check` does.
+    pub fn check(source: &Path) -> Result<Ruleset, SignatureError> {
+        Self::load(source, None)
+    }
+
+    fn load_precompiled(path: &Path) -> Result<Ruleset, SignatureError> {
+        let started = Instant::now();
+        let bytes = fs::read(path).map_err(|e| SignatureError::io(path, e))?;
+        let rules = Rules::deserialize(&bytes).map_err(|source| SignatureError::Precompiled {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&bytes);
+        hasher.update(YARA_X_VERSION.as_bytes());
+        let version = hasher.finalize().to_hex().to_string();
+        Ok(Self::new(rules, version, path, started, false, vec![]))
+    }
+
+    fn new(
+        rules: Rules,
+        version: String,
+        source: &Path,
+        started: Instant,
+        from_cache: bool,
+        warnings: Vec<Diagnostic>,
+    ) -> Self {
+        Ruleset {
+            rule_count: rules.iter().len(),
+            rules,
+            version: version.into(),
+            source: source.to_owned(),
+            compile_time: started.elapsed(),
+            from_cache,
+            warnings,
+        }
+    }
+
+    /// The compiled rules.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// The ruleset version (hex blake3 digest); verdicts are keyed by it.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The version, shared: verdicts carry it.
+    pub fn version_arc(&self) -> Arc<str> {
+        Arc::clone(&self.version)
+    }
+
+    /// The number of rules, private ones included.
+    pub fn rule_count(&self) -> usize {
+        self.rule_count
+    }
+
+    /// Where the ruleset was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// How long compiling (or loading from the cache) took.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Whether the compiled rules came from the cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    /// The compiler's warnings (empty when loaded from the cache).
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+}
+
+fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    let mut head = [0u8; SERIALIZED_MAGIC.len()];
+    let n = fs::File::open(path)
+        .and_then(|f| io::Read::read(&mut io::Read::take(f, head.len() as u64), &mut head))
+        .map_err(|e| SignatureError::io(path, e))?;
+    Ok(&head[..n] == SERIALIZED_MAGIC)
+}
+
+/// One source file of a ruleset.
+struct SourceFile {
+    /// Path relative to the ruleset root, with `/` separators: the namespace.
+    relative: String,
+    path: PathBuf,
+    text: Vec<u8>,
+    /// Compiled as a namespace of its own (`.yar`/`.yara`), or only included.
+    top_level: bool,
+}
+
+/// The source files of a ruleset, in the order of their relative paths.
+struct SourceSet {
+    files: Vec<SourceFile>,
+}
+
+impl SourceSet {
+    /// Reads every `.yar`/`.yara` file below `source` (or `source` itself
+    /// when it is a file), and every file they include.
+    fn collect(source: &Path) -> Result<SourceSet, SignatureError> {
+        let root = if source.is_dir() {
+            source
+        } else {
+            source.parent().unwrap_or(Path::new("."))
+        };
+        let root = root
+            .canonicalize()
+            .map_err(|e| SignatureError::io(root, e))?;
+        let mut files = Vec::new();
+        for entry in WalkDir::new(source).follow_links(true).sort_by_file_name() {
+            let entry = entry.map_err(|e| {
+                let path = e.path().unwrap_or(source).to_owned();
+                SignatureError::io(&path, e.into())
+            })?;
+            let is_rule_file = entry
+                .path()
+                .extension()
+                .is_some_and(|ext| ext == "yar" || ext == "yara");
+            if entry.file_type().is_file() && is_rule_file {
+                files.push(SourceFile::read(&root, entry.path(), true)?);
+            }
+        }
+        if files.is_empty() {
+            return Err(SignatureError::Empty(source.to_owned()));
+        }
+        let mut set = SourceSet { files };
+        set.resolve_includes(&root)?;
+        set.files.sort_by(|a, b| a.relative.cmp(&b.relative));
+        Ok(set)
+    }
+
+    /// Rewrites every top-level file's `include` to the canonical path of
+    /// the included file, resolved from the including file's own folder (as
+    /// YARA does; YARA-X alone would resolve it from the working directory),
+    /// and adds included files to the set. An include that leaves the
+    /// ruleset folder, or cannot be read, is an error.
+    fn resolve_includes(&mut self, root: &Path) -> Result<(), SignatureError> {
+        let mut errors = Vec::new();
+        let mut pending: Vec<usize> = (0..self.files.len()).collect();
+        while let Some(index) = pending.pop() {
+            let file = &self.files[index];
+            let dir = file.path.parent().unwrap_or(root).to_owned();
+            let mut rewritten = Vec::with_capacity(file.text.len());
+            let mut found = Vec::new();
+            for (number, line) in file.text.split_inclusive(|&b| b == b'\n').enumerate() {
+                let Some((column, target)) = include_target(line) else {
+                    rewritten.extend_from_slice(line);
+                    continue;
+                };
+                let resolved = dir.join(target).canonicalize();
+                match resolved {
+                    Ok(path) if path.starts_with(root) => {
+                        let literal = path.to_string_lossy().replace('\\', "/");
+                        rewritten.extend_from_slice(format!("include \"{literal}\"\n").as_bytes());
+                        found.push(path);
+                    }
+                    Ok(path) => errors.push(Diagnostic::include_error(
+                        &file.relative,
+                        number + 1,
+                        column,
+                        format!("include of {} leaves the ruleset folder", path.display()),
+                    )),
+                    Err(err) => errors.push(Diagnostic::include_error(
+                        &file.relative,
+                        number + 1,
+                        column,
+                        format!("cannot include `{target}`: {err}"),
+                    )),
+                }
+            }
+            if self.files[index].top_level {
+                self.files[index].text = rewritten;
+            }
+            for path in found {
+                if !self.files.iter().any(|f| f.path == path) {
+                    self.files.push(SourceFile::read(root, &path, false)?);
+                    pending.push(self.files.len() - 1);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(SignatureError::Compile(errors))
+        }
+    }
+
+    /// The ruleset version: blake3 over the sorted relative paths and
+    /// contents, the compile profile and the engine version.
+    fn version(&self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        for file in &self.files {
+            hasher.update(file.relative.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(&(file.text.len() as u64).to_le_bytes());
+            hasher.update(&file.text);
+        }
+        hasher.update(COMPILE_PROFILE.as_bytes());
+        hasher.update(YARA_X_VERSION.as_bytes());
+        hasher.finalize().to_hex().to_string()
+    }
+
+    /// Compiles the top-level files, one namespace each.
+    fn compile(&self) -> Result<(Rules, Vec<Diagnostic>), SignatureError> {
+        let mut compiler = Compiler::new();
+        compiler.relaxed_re_syntax(true);
+        for name in EXTERNALS {
+            compiler
+                .define_global(name, "")
+                .expect("external variable names are valid identifiers");
+        }
+        for file in self.files.iter().filter(|f| f.top_level) {
+            compiler.new_namespace(&file.relative);
+            let origin = file.path.to_string_lossy();
+            // Errors are collected by the compiler and read back below.
+            let _ = compiler.add_source(SourceCode::from(file.text.as_slice()).with_origin(origin));
+        }
+        let errors: Vec<_> = compiler
+            .errors()
+            .iter()
+            .map(Diagnostic::from_report)
+            .collect();
+        if !errors.is_empty() {
+            return Err(SignatureError::Compile(errors));
+        }
+        let warnings = compiler
+            .warnings()
+            .iter()
+            .map(Diagnostic::from_report)
+            .collect();
+        Ok((compiler.build(), warnings))
+    }
+}
+
+impl SourceFile {
+    fn read(root: &Path, path: &Path, top_level: bool) -> Result<SourceFile, SignatureError> {
+        let text = fs::read(path).map_err(|e| SignatureError::io(path, e))?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| SignatureError::io(path, e))?;
+        let relative = canonical
+            .strip_prefix(root)
+            .unwrap_or(&canonical)
+            .to_string_lossy()
+            .replace('\\', "/");
+        Ok(SourceFile {
+            relative,
+            path: canonical,
+            text,
+            top_level,
+        })
+    }
+}
+
+/// The target of an `include "..."` statement on `line`, with its column.
+fn include_target(line: &[u8]) -> Option<(usize, &str)> {
+    let text = std::str::from_utf8(line).ok()?;
+    let trimmed = text.trim_start();
+    let rest = trimmed.strip_prefix("include")?;
+    let quoted = rest.trim_start().strip_prefix('"')?;
+    let end = quoted.find('"')?;
+    let column = text.len() - trimmed.len() + 1;
+    Some((column, &quoted[..end]))
+}
+
+/// Compiled rules on disk, one checksummed file per ruleset version.
+struct RulesCache {
+    path: PathBuf,
+}
+
+impl RulesCache {
+    fn new(dir: &Path, version: &str) -> Self {
+        RulesCache {
+            path: dir.join(format!("{version}.yarc")),
+        }
+    }
+
+    /// The cached rules, if present and intact. A damaged file is removed.
+    fn load(&self) -> Option<Rules> {
+        let bytes = fs::read(&self.path).ok()?;
+        let rules = bytes
+            .split_at_checked(blake3::OUT_LEN)
+            .filter(|(sum, payload)| blake3::hash(payload).as_bytes() == *sum)
+            .and_then(|(_, payload)| Rules::deserialize(payload).ok());
+        if rules.is_none() {
+            tracing::warn!(path = %self.path.display(), "damaged compiled-rules cache file; compiling again");
+            let _ = fs::remove_file(&self.path);
+        }
+        rules
+    }
+
+    /// Stores compiled rules atomically (write to a temporary file, then
+    /// rename). Failing to cache is logged, not fatal.
+    fn store(&self, rules: &Rules) {
+        if let Err(err) = self.try_store(rules) {
+            tracing::warn!(path = %self.path.display(), %err, "cannot cache compiled rules");
+        }
+    }
+
+    fn try_store(&self, rules: &Rules) -> io::Result<()> {
+        let dir = self.path.parent().expect("cache file has a folder");
+        create_private_dir(dir)?;
+        let payload = rules.serialize().map_err(io::Error::other)?;
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        file.write_all(blake3::hash(&payload).as_bytes())?;
+        file.write_all(&payload)?;
+        file.as_file().sync_all()?;
+        file.persist(&self.path)?;
+        Ok(())
+    }
+}
+
+/// Creates `dir` (and its parents) readable and writable by this user only.
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn include_statements_are_recognised() {
+        assert_eq!(include_target(b"include \"a.yar\"\n"), Some((1, "a.yar")));
+        assert_eq!(
+            include_target(b"  include   \"../b.yara\""),
+            Some((3, "../b.yara"))
+        );
+        assert_eq!(include_target(b"// include \"a.yar\""), None);
+        assert_eq!(include_target(b"rule included { condition: true }"), None);
+    }
+}
