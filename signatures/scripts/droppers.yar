@@ -9,7 +9,7 @@ rule Dropper_PowerShell_Encoded_Command
         description = "PowerShell started hidden with a long base64 -EncodedCommand, the usual way droppers hide their second stage"
 
     strings:
-        $enc = /powershell(\.exe)?["']?\s+(-[a-z]+\s+){0,6}-e(nc|ncodedcommand|ncodedc)?\s+[A-Za-z0-9+\/]{60,}={0,2}/ nocase
+        $enc = /powershell(\.exe)?["']?(\s+-\w+(\s+\w+)?){0,8}\s+-e(nc|ncodedcommand|ncodedc)?\s+[A-Za-z0-9+\/]{60,}={0,2}/ nocase
         $hidden = /-w(indowstyle)?\s+h(idden)?/ nocase
         $noprofile = /-nop(rofile)?/ nocase
         $bypass = /-ex(ecutionpolicy|ec)?\s+bypass/ nocase

@@ -1,0 +1,170 @@
+//! The `scanserver` command line: `scan` output and exit status, and
+//! `rules check`.
+
+mod common;
+
+use std::{fs, path::Path, process::Command};
+
+use common::*;
+
+fn scanserver(cache: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_scanserver"));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("SCANSERVER_RULES_CACHE", cache)
+        .env_remove("SCANSERVER_RULES");
+    command
+}
+
+fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every stdout line is JSON"))
+        .collect()
+}
+
+#[test]
+fn scan_json_reports_eicar_infected_the_rest_clean_and_exits_1() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fs::create_dir(tree.path().join("sub")).unwrap();
+    fs::write(tree.path().join("sub/eicar.com"), EICAR).unwrap();
+    fs::write(tree.path().join("notes.txt"), "nothing to see").unwrap();
+    fs::copy("/bin/sh", tree.path().join("sh")).unwrap();
+
+    let output = scanserver(cache.path())
+        .args(["scan", "--json"])
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = json_lines(&output.stdout);
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        let path = line["path"].as_str().unwrap();
+        let expected = if path.ends_with("eicar.com") {
+            "infected"
+        } else {
+            "clean"
+        };
+        assert_eq!(line["verdict"], expected, "{line}");
+        assert_eq!(line["blake3"].as_str().unwrap().len(), 64);
+        assert!(line["size"].as_u64().is_some() && line["elapsed_us"].as_u64().is_some());
+        let rules = line["rules"].as_array().unwrap();
+        assert_eq!(rules.is_empty(), expected == "clean", "{line}");
+    }
+    let eicar = lines.iter().find(|l| l["verdict"] == "infected").unwrap();
+    assert_eq!(eicar["rules"][0], "EICAR_Test_File");
+    assert_eq!(eicar["blake3"], blake3::hash(EICAR).to_hex().as_str());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1 infected"));
+}
+
+#[test]
+fn scan_text_lists_findings_and_a_summary() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fs::write(tree.path().join("a.txt"), "hello").unwrap();
+    let output = scanserver(cache.path())
+        .arg("scan")
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("scanned 1 files"), "{stdout}");
+    assert!(
+        stdout.contains("0 infected, 0 failed") && stdout.contains("MB/s"),
+        "{stdout}"
+    );
+
+    fs::write(tree.path().join("eicar.com"), EICAR).unwrap();
+    let output = scanserver(cache.path())
+        .arg("scan")
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("eicar.com: EICAR_Test_File FOUND"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fs::write(tree.path().join("big.bin"), vec![0u8; 5000]).unwrap();
+    let output = scanserver(cache.path())
+        .args(["scan", "--json", "--max-size", "4096"])
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let line = &json_lines(&output.stdout)[0];
+    assert_eq!(line["verdict"], "failed");
+    assert_eq!(line["reason"], "too_large");
+
+    // Something found outweighs a failure: exit status 1.
+    fs::write(tree.path().join("eicar.com"), EICAR).unwrap();
+    let output = scanserver(cache.path())
+        .args(["scan", "--max-size", "4096"])
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("big.bin: FAILED too_large"));
+}
+
+#[test]
+fn scan_with_unloadable_rules_exits_2() {
+    let cache = tempfile::tempdir().unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    fs::write(rules.path().join("bad.yar"), "rule bad { condition: nope }").unwrap();
+    let output = scanserver(cache.path())
+        .args(["scan", "--rules"])
+        .arg(rules.path())
+        .arg("Cargo.toml")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bad.yar:1:"));
+}
+
+#[test]
+fn rules_check_prints_version_and_count_or_errors() {
+    let cache = tempfile::tempdir().unwrap();
+    let output = scanserver(cache.path())
+        .args(["rules", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let expected = shipped_ruleset();
+    assert!(
+        stdout.contains(&format!("{} rules", expected.rule_count())),
+        "{stdout}"
+    );
+    assert!(stdout.contains(expected.version()), "{stdout}");
+
+    let rules = tempfile::tempdir().unwrap();
+    fs::write(
+        rules.path().join("bad.yar"),
+        "rule bad {\n  condition:\n    nope\n}\n",
+    )
+    .unwrap();
+    let output = scanserver(cache.path())
+        .args(["rules", "check"])
+        .arg(rules.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("bad.yar:3:5"), "{stderr}");
+}

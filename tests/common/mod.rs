@@ -1,0 +1,263 @@
+//! Helpers shared by the integration tests: the shipped ruleset, engines,
+//! and builders for small but well-formed PE and ELF files, so that rules
+//! using the `pe` and `elf` modules are tested on real structures.
+
+#![allow(dead_code)]
+
+use std::{path::PathBuf, sync::Arc};
+
+use scanserver::{
+    engine::{Engine, EngineConfig, ScanJob},
+    signatures::Ruleset,
+    verdict::Verdict,
+};
+
+/// The EICAR test string.
+pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+pub fn project_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The shipped signatures, compiled (no cache).
+pub fn shipped_ruleset() -> Ruleset {
+    Ruleset::load(&project_path("signatures"), None).expect("shipped signatures compile")
+}
+
+/// An engine over the shipped signatures, two threads.
+pub fn shipped_engine() -> Arc<Engine> {
+    engine_with(
+        shipped_ruleset(),
+        EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
+    )
+}
+
+pub fn engine_with(ruleset: Ruleset, config: EngineConfig) -> Arc<Engine> {
+    Arc::new(Engine::new(ruleset, &config).expect("engine starts"))
+}
+
+/// A ruleset compiled from one source text, in a temporary folder.
+pub fn ruleset_from_source(source: &str) -> Ruleset {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yar"), source).unwrap();
+    Ruleset::load(dir.path(), None).expect("test rules compile")
+}
+
+/// The identifiers of the rules that matched `data` (named `name`).
+pub fn matching_rules(engine: &Engine, data: &[u8], name: &str) -> Vec<String> {
+    let outcome = engine.scan(&ScanJob::bytes(data.to_vec(), Some(name.to_owned())));
+    match outcome.verdict {
+        Verdict::Clean => vec![],
+        Verdict::Infected(detections) => detections.into_iter().map(|d| d.rule).collect(),
+        Verdict::Failed(failure) => panic!("scan of {name} failed: {failure}"),
+    }
+}
+
+/// A minimal 32-bit Windows PE: a code section and a data section holding an
+/// import table and any extra bytes.
+#[derive(Default)]
+pub struct PeBuilder {
+    dll: bool,
+    imports: Vec<(String, Vec<String>)>,
+    data: Vec<u8>,
+}
+
+impl PeBuilder {
+    pub fn exe() -> Self {
+        PeBuilder::default()
+    }
+
+    pub fn dll() -> Self {
+        PeBuilder {
+            dll: true,
+            ..PeBuilder::default()
+        }
+    }
+
+    pub fn import(mut self, dll: &str, functions: &[&str]) -> Self {
+        self.imports.push((
+            dll.to_owned(),
+            functions.iter().map(|f| f.to_string()).collect(),
+        ));
+        self
+    }
+
+    pub fn data(mut self, bytes: &[u8]) -> Self {
+        self.data.extend_from_slice(bytes);
+        self.data.push(0);
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        const TEXT_RVA: u32 = 0x1000;
+        const DATA_RVA: u32 = 0x2000;
+        let data = self.data_section(DATA_RVA);
+        let data_raw = align(data.len() as u32, 0x200);
+
+        let mut pe = vec![0u8; 0x200];
+        pe[0..2].copy_from_slice(b"MZ");
+        put32(&mut pe, 0x3C, 0x40);
+        pe[0x40..0x44].copy_from_slice(b"PE\0\0");
+        // COFF header.
+        let coff = 0x44;
+        put16(&mut pe, coff, 0x14C);
+        put16(&mut pe, coff + 2, 2);
+        put32(&mut pe, coff + 4, 0x5F5E_1000);
+        put16(&mut pe, coff + 16, 224);
+        put16(&mut pe, coff + 18, if self.dll { 0x2102 } else { 0x0102 });
+        // Optional header (PE32).
+        let opt = coff + 20;
+        put16(&mut pe, opt, 0x10B);
+        put32(&mut pe, opt + 4, 0x200);
+        put32(&mut pe, opt + 8, data_raw);
+        put32(&mut pe, opt + 16, TEXT_RVA);
+        put32(&mut pe, opt + 20, TEXT_RVA);
+        put32(&mut pe, opt + 24, DATA_RVA);
+        put32(&mut pe, opt + 28, 0x40_0000);
+        put32(&mut pe, opt + 32, 0x1000);
+        put32(&mut pe, opt + 36, 0x200);
+        put16(&mut pe, opt + 40, 4);
+        put16(&mut pe, opt + 48, 4);
+        put32(
+            &mut pe,
+            opt + 56,
+            DATA_RVA + align(data.len() as u32, 0x1000),
+        );
+        put32(&mut pe, opt + 60, 0x200);
+        put16(&mut pe, opt + 68, 2);
+        put32(&mut pe, opt + 72, 0x10_0000);
+        put32(&mut pe, opt + 76, 0x1000);
+        put32(&mut pe, opt + 80, 0x10_0000);
+        put32(&mut pe, opt + 84, 0x1000);
+        put32(&mut pe, opt + 92, 16);
+        if !self.imports.is_empty() {
+            put32(&mut pe, opt + 96 + 8, DATA_RVA);
+            put32(&mut pe, opt + 96 + 12, 20 * (self.imports.len() as u32 + 1));
+        }
+        // Section headers.
+        let sections = opt + 224;
+        section_header(
+            &mut pe,
+            sections,
+            b".text",
+            TEXT_RVA,
+            0x200,
+            0x200,
+            0x6000_0020,
+        );
+        section_header(
+            &mut pe,
+            sections + 40,
+            b".data",
+            DATA_RVA,
+            data_raw,
+            0x400,
+            0xC000_0040,
+        );
+        // .text: `xor eax, eax; ret`.
+        let mut text = vec![0u8; 0x200];
+        text[..3].copy_from_slice(&[0x31, 0xC0, 0xC3]);
+        pe.extend_from_slice(&text);
+        pe.extend_from_slice(&data);
+        pe.resize(0x400 + data_raw as usize, 0);
+        pe
+    }
+
+    /// The data section: import descriptors, their lookup and address
+    /// tables, names, then the extra data.
+    fn data_section(&self, base: u32) -> Vec<u8> {
+        let mut sec = vec![0u8; 20 * (self.imports.len() + 1)];
+        for (i, (dll, functions)) in self.imports.iter().enumerate() {
+            let name_rva = base + sec.len() as u32;
+            sec.extend_from_slice(dll.as_bytes());
+            sec.push(0);
+            pad2(&mut sec);
+            let mut hint_rvas = Vec::new();
+            for function in functions {
+                hint_rvas.push(base + sec.len() as u32);
+                sec.extend_from_slice(&[0, 0]);
+                sec.extend_from_slice(function.as_bytes());
+                sec.push(0);
+                pad2(&mut sec);
+            }
+            let mut table = |sec: &mut Vec<u8>| {
+                let rva = base + sec.len() as u32;
+                for hint in &hint_rvas {
+                    sec.extend_from_slice(&hint.to_le_bytes());
+                }
+                sec.extend_from_slice(&[0; 4]);
+                rva
+            };
+            let lookup_rva = table(&mut sec);
+            let address_rva = table(&mut sec);
+            put32(&mut sec, i * 20, lookup_rva);
+            put32(&mut sec, i * 20 + 12, name_rva);
+            put32(&mut sec, i * 20 + 16, address_rva);
+        }
+        sec.extend_from_slice(&self.data);
+        sec
+    }
+}
+
+/// A minimal 64-bit x86-64 ELF file of the given type followed by `payload`.
+pub fn elf(elf_type: ElfType, payload: &[u8]) -> Vec<u8> {
+    let mut elf = vec![0u8; 64];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1; // version
+    put16(&mut elf, 16, elf_type as u16);
+    put16(&mut elf, 18, 0x3E); // x86-64
+    put32(&mut elf, 20, 1);
+    elf[24..32].copy_from_slice(&0x40_1000u64.to_le_bytes());
+    put16(&mut elf, 52, 64); // header size
+    put16(&mut elf, 54, 56); // program header entry size
+    put16(&mut elf, 58, 64); // section header entry size
+    elf.extend_from_slice(payload);
+    elf
+}
+
+#[derive(Clone, Copy)]
+pub enum ElfType {
+    Relocatable = 1,
+    Exec = 2,
+    Dyn = 3,
+}
+
+fn section_header(
+    pe: &mut [u8],
+    at: usize,
+    name: &[u8],
+    rva: u32,
+    raw_size: u32,
+    raw_at: u32,
+    flags: u32,
+) {
+    pe[at..at + name.len()].copy_from_slice(name);
+    put32(pe, at + 8, raw_size);
+    put32(pe, at + 12, rva);
+    put32(pe, at + 16, raw_size);
+    put32(pe, at + 20, raw_at);
+    put32(pe, at + 36, flags);
+}
+
+fn put16(buf: &mut [u8], at: usize, value: u16) {
+    buf[at..at + 2].copy_from_slice(&value.to_le_bytes());
+}
+
+fn put32(buf: &mut [u8], at: usize, value: u32) {
+    buf[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn pad2(buf: &mut Vec<u8>) {
+    if buf.len() % 2 == 1 {
+        buf.push(0);
+    }
+}
+
+fn align(value: u32, to: u32) -> u32 {
+    value.div_ceil(to).max(1) * to
+}

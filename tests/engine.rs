@@ -1,0 +1,220 @@
+//! The scan engine: limits, failures, files, the async queue and rule swaps.
+
+mod common;
+
+use std::{fs, io::Write, sync::Arc, time::Duration};
+
+use common::*;
+use scanserver::{
+    engine::{EngineConfig, ScanJob},
+    verdict::{FailReason, Verdict},
+};
+
+/// A rule that cannot finish on anything but tiny input.
+const SLOW_RULE: &str = r#"
+rule slow {
+    condition:
+        for all i in (0 .. filesize - 1) : (
+            for all j in (0 .. filesize - 1) : ( uint8(i) + uint8(j) < 1000 )
+        )
+}
+"#;
+
+fn reason(verdict: &Verdict) -> Option<FailReason> {
+    verdict.failure().map(|f| f.reason)
+}
+
+#[test]
+fn a_scan_past_the_timeout_fails_with_timeout() {
+    let config = EngineConfig {
+        threads: 1,
+        scan_timeout: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(ruleset_from_source(SLOW_RULE), config);
+    let outcome = engine.scan(&ScanJob::bytes(vec![1u8; 200_000], None));
+    assert_eq!(
+        reason(&outcome.verdict),
+        Some(FailReason::Timeout),
+        "{:?}",
+        outcome.verdict
+    );
+    assert!(!outcome.verdict.is_clean());
+    // The worker recovers: the next scan of small data completes.
+    let outcome = engine.scan(&ScanJob::bytes(vec![1u8; 10], None));
+    assert!(
+        matches!(outcome.verdict, Verdict::Infected(_)),
+        "{:?}",
+        outcome.verdict
+    );
+}
+
+#[test]
+fn content_over_the_size_limit_fails_with_too_large() {
+    let config = EngineConfig {
+        max_scan_size: 1000,
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let outcome = engine.scan(&ScanJob::bytes(vec![0u8; 1001], None));
+    assert_eq!(reason(&outcome.verdict), Some(FailReason::TooLarge));
+    assert_eq!(outcome.size, 1001);
+
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&[0u8; 4096]).unwrap();
+    let outcome = engine.scan(&ScanJob::file(file.path()));
+    assert_eq!(reason(&outcome.verdict), Some(FailReason::TooLarge));
+    assert!(outcome.digest.is_none());
+
+    let outcome = engine.scan(&ScanJob::bytes(vec![0u8; 1000], None));
+    assert_eq!(outcome.verdict, Verdict::Clean);
+}
+
+#[test]
+fn unreadable_paths_fail_with_io() {
+    let engine = shipped_engine();
+    let dir = tempfile::tempdir().unwrap();
+    for path in [dir.path().join("missing"), dir.path().to_owned()] {
+        let outcome = engine.scan(&ScanJob::file(&path));
+        assert_eq!(
+            reason(&outcome.verdict),
+            Some(FailReason::Io),
+            "{}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn files_are_scanned_read_or_mapped_with_their_digest() {
+    let ruleset =
+        ruleset_from_source(r#"rule tail { strings: $t = "NEEDLE-AT-THE-END" condition: $t }"#);
+    let engine = engine_with(ruleset, EngineConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    // Small files are read; files over 32 MiB are memory-mapped.
+    for size in [1000usize, 40 << 20] {
+        let mut data = vec![b'.'; size];
+        data.extend_from_slice(b"NEEDLE-AT-THE-END");
+        let path = dir.path().join(format!("f{size}"));
+        fs::write(&path, &data).unwrap();
+        let outcome = engine.scan(&ScanJob::file(&path));
+        assert_eq!(outcome.verdict.detections()[0].rule, "tail", "{size}");
+        assert_eq!(outcome.size, data.len() as u64);
+        assert_eq!(outcome.digest, Some(blake3::hash(&data)));
+        assert_eq!(&*outcome.rules_version, engine.ruleset().version());
+    }
+}
+
+#[test]
+fn parallel_file_scans_report_every_file() {
+    let engine = shipped_engine();
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for i in 0..50 {
+        let path = dir.path().join(format!("{i}.txt"));
+        fs::write(
+            &path,
+            if i % 10 == 0 {
+                EICAR.to_vec()
+            } else {
+                vec![b'a'; i * 100]
+            },
+        )
+        .unwrap();
+        paths.push(path);
+    }
+    let results = std::sync::Mutex::new(Vec::new());
+    engine.scan_files(paths.clone().into_iter(), |path, outcome| {
+        results.lock().unwrap().push((path, outcome.verdict.kind()));
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort();
+    assert_eq!(results.len(), 50);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|(_, kind)| *kind == "infected")
+            .count(),
+        5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_wait_for_a_bounded_queue() {
+    let config = EngineConfig {
+        threads: 2,
+        queue_capacity: 3,
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let engine = Arc::clone(&engine);
+        tasks.push(tokio::spawn(async move {
+            let data = if i % 4 == 0 {
+                EICAR.to_vec()
+            } else {
+                vec![b'x'; 200_000]
+            };
+            let depth = engine.queue_depth();
+            let outcome = engine.submit(ScanJob::bytes(data, None)).await;
+            (depth, outcome.verdict.kind())
+        }));
+    }
+    let mut infected = 0;
+    for task in tasks {
+        let (depth, kind) = task.await.unwrap();
+        assert!(depth <= 3, "queue depth {depth} over its capacity");
+        infected += (kind == "infected") as usize;
+    }
+    assert_eq!(infected, 10);
+    assert_eq!(engine.queue_depth(), 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_busy_at_once() {
+    let config = EngineConfig {
+        queue_capacity: 1,
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let first = engine
+        .try_submit(ScanJob::bytes(EICAR.to_vec(), None))
+        .unwrap();
+    let busy = engine.try_submit(ScanJob::bytes(b"x".to_vec(), None));
+    assert!(busy.is_err(), "the only slot is taken");
+    assert!(busy.err().unwrap().to_string().contains("queue is full"));
+    assert!(matches!(first.await.verdict, Verdict::Infected(_)));
+    let second = engine
+        .try_submit(ScanJob::bytes(b"x".to_vec(), None))
+        .unwrap();
+    assert_eq!(second.await.verdict, Verdict::Clean);
+}
+
+#[test]
+fn rules_are_replaced_while_scans_run() {
+    let engine = shipped_engine();
+    let old_version = engine.ruleset().version().to_owned();
+    std::thread::scope(|scope| {
+        let scanner = scope.spawn(|| {
+            let mut versions = std::collections::BTreeSet::new();
+            for _ in 0..300 {
+                let outcome = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+                // Every scan is complete under one ruleset or the other.
+                assert!(!matches!(outcome.verdict, Verdict::Failed(_)));
+                versions.insert(outcome.rules_version.to_string());
+            }
+            versions
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        engine.replace_ruleset(ruleset_from_source(
+            r#"rule other { strings: $e = "EICAR" condition: $e }"#,
+        ));
+        scanner.join().unwrap();
+    });
+    let new_version = engine.ruleset().version().to_owned();
+    assert_ne!(old_version, new_version);
+    let outcome = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+    assert_eq!(outcome.verdict.detections()[0].rule, "other");
+    assert_eq!(&*outcome.rules_version, new_version);
+}

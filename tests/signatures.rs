@@ -1,0 +1,463 @@
+//! The shipped signature database and ruleset loading.
+//!
+//! Every shipped rule is checked against a sample that must fire it and a
+//! benign near-miss that must not. Text samples live in `tests/samples/`
+//! (`RULE.hit.EXT`, `RULE.miss.EXT`); PE and ELF samples are built here.
+
+mod common;
+
+use std::{collections::BTreeMap, fs, path::Path};
+
+use common::*;
+use scanserver::signatures::{Ruleset, SignatureError};
+
+/// Samples built in code for the rules that look at binary structure.
+fn binary_samples() -> BTreeMap<&'static str, (Vec<u8>, Vec<u8>)> {
+    let injector = [
+        "OpenProcess",
+        "VirtualAllocEx",
+        "WriteProcessMemory",
+        "CreateRemoteThread",
+    ];
+    let keylogger = [
+        "SetWindowsHookExW",
+        "GetAsyncKeyState",
+        "GetForegroundWindow",
+        "ShowWindow",
+    ];
+    let miner = b"xmrig/6.21 stratum+tcp://pool.example:3333 --donate-level=1 randomx cryptonight";
+    let mirai = b"/bin/busybox MIRAI\0/dev/watchdog\0TSource Engine Query\0";
+    let bpfdoor = b"/dev/shm/kdmtmpflush\0/var/run/haldrund.pid\0/sbin/udevd -d\0";
+    let rootkit = b"/etc/ld.so.preload\0readdir64\0dlsym\0/proc/net/tcp\0HIDE_THIS_SHELL\0";
+    let tsunami = b"PRIVMSG %s :\0NOTICE %s :\0TSUNAMI <target> <secs>\0PAN <target> <port> <secs>\0KILLALL\0";
+    BTreeMap::from([
+        (
+            "PE_Process_Injection_Imports",
+            (
+                PeBuilder::exe().import("KERNEL32.dll", &injector).build(),
+                // A debugger opens and reads processes, but never starts
+                // threads in them.
+                PeBuilder::exe()
+                    .import("KERNEL32.dll", &["OpenProcess", "VirtualAllocEx", "ReadProcessMemory"])
+                    .build(),
+            ),
+        ),
+        (
+            "PE_Keylogger_Imports",
+            (
+                PeBuilder::exe().import("USER32.dll", &keylogger).build(),
+                // A game polls keys and shows windows, but sets no hook.
+                PeBuilder::exe()
+                    .import("USER32.dll", &["GetAsyncKeyState", "GetForegroundWindow", "ShowWindow"])
+                    .build(),
+            ),
+        ),
+        (
+            "PE_Ransomware_Shadow_Copy_Wipe",
+            (
+                PeBuilder::exe()
+                    .import("ADVAPI32.dll", &["CryptEncrypt", "CryptAcquireContextW"])
+                    .data(b"cmd.exe /c vssadmin delete shadows /all /quiet")
+                    .build(),
+                // A backup tool lists shadow copies and encrypts its archives.
+                PeBuilder::exe()
+                    .import("ADVAPI32.dll", &["CryptEncrypt"])
+                    .data(b"vssadmin list shadows")
+                    .build(),
+            ),
+        ),
+        (
+            "PE_Mimikatz",
+            (
+                PeBuilder::exe()
+                    .data(b"mimikatz 2.2.0 (x64) by gentilkiwi\0sekurlsa::logonpasswords\0privilege::debug")
+                    .build(),
+                // A security tool's help text that names one command.
+                PeBuilder::exe()
+                    .data(b"Detects mimikatz use of sekurlsa::logonpasswords in event logs")
+                    .build(),
+            ),
+        ),
+        (
+            "PE_Reflective_Loader",
+            (
+                PeBuilder::dll().data(b"ReflectiveLoader").build(),
+                // The same name in an executable (an analysis tool), not a DLL.
+                PeBuilder::exe().data(b"ReflectiveLoader").build(),
+            ),
+        ),
+        (
+            "ELF_CoinMiner_XMRig",
+            (
+                elf(ElfType::Exec, miner),
+                // The same strings in an object file, not a program.
+                elf(ElfType::Relocatable, miner),
+            ),
+        ),
+        (
+            "ELF_Mirai_Botnet",
+            (
+                elf(ElfType::Exec, mirai),
+                // A watchdog daemon that uses busybox.
+                elf(ElfType::Exec, b"/bin/busybox sh\0/dev/watchdog\0"),
+            ),
+        ),
+        (
+            "ELF_Backdoor_BPFDoor",
+            (
+                elf(ElfType::Exec, bpfdoor),
+                // The real udev daemon.
+                elf(ElfType::Exec, b"/sbin/udevd -d\0/run/udev/control\0"),
+            ),
+        ),
+        (
+            "ELF_Rootkit_LD_PRELOAD",
+            (
+                elf(ElfType::Dyn, rootkit),
+                // The dynamic loader itself reads /etc/ld.so.preload.
+                elf(ElfType::Dyn, b"/etc/ld.so.preload\0dlsym\0readdir64\0"),
+            ),
+        ),
+        (
+            "ELF_Tsunami_IRC_Bot",
+            (
+                elf(ElfType::Exec, tsunami),
+                // An IRC client formats the same messages.
+                elf(ElfType::Exec, b"PRIVMSG %s :\0NOTICE %s :\0JOIN %s\0"),
+            ),
+        ),
+    ])
+}
+
+/// Text samples from `tests/samples`, by rule.
+fn text_samples() -> BTreeMap<String, (Vec<u8>, Vec<u8>)> {
+    let dir = project_path("tests/samples");
+    let mut samples: BTreeMap<String, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let mut parts = name.splitn(3, '.');
+        let (rule, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        let bytes = fs::read(&path).unwrap();
+        let entry = samples.entry(rule.to_owned()).or_default();
+        match kind {
+            "hit" => entry.0 = bytes,
+            "miss" => entry.1 = bytes,
+            other => panic!("{name}: sample kind must be hit or miss, not {other}"),
+        }
+    }
+    samples
+}
+
+#[test]
+fn every_shipped_rule_fires_on_its_sample_and_not_on_its_near_miss() {
+    let ruleset = shipped_ruleset();
+    let engine = shipped_engine();
+    let mut samples = text_samples();
+    samples.extend(binary_samples().into_iter().map(|(k, v)| (k.to_owned(), v)));
+
+    let rules: Vec<_> = ruleset
+        .rules()
+        .iter()
+        .filter(|r| !r.is_private())
+        .map(|r| r.identifier().to_owned())
+        .collect();
+    assert!(
+        rules.len() >= 21,
+        "at least EICAR and 20 rules ship, found {}",
+        rules.len()
+    );
+
+    for rule in rules.iter().filter(|r| *r != "EICAR_Test_File") {
+        let (hit, miss) = samples
+            .get(rule)
+            .unwrap_or_else(|| panic!("rule {rule} has no sample"));
+        assert!(
+            !hit.is_empty() && !miss.is_empty(),
+            "{rule} needs a hit and a miss"
+        );
+        assert_eq!(
+            matching_rules(&engine, hit, "sample"),
+            vec![rule.clone()],
+            "{rule} must fire on its sample, and only it"
+        );
+        assert_eq!(
+            matching_rules(&engine, miss, "sample"),
+            Vec::<String>::new(),
+            "nothing may fire on the near-miss of {rule}"
+        );
+    }
+    for sample in samples.keys() {
+        assert!(rules.contains(sample), "sample for unknown rule {sample}");
+    }
+}
+
+#[test]
+fn every_shipped_rule_carries_threat_severity_and_description() {
+    let ruleset = shipped_ruleset();
+    for rule in ruleset.rules().iter().filter(|r| !r.is_private()) {
+        let keys: Vec<_> = rule.metadata().map(|(k, _)| k).collect();
+        for needed in ["threat", "severity", "description"] {
+            assert!(
+                keys.contains(&needed),
+                "{} lacks meta {needed}",
+                rule.identifier()
+            );
+        }
+    }
+}
+
+#[test]
+fn eicar_and_its_allowed_variants_are_found() {
+    let engine = shipped_engine();
+    let variants: Vec<Vec<u8>> = vec![
+        EICAR.to_vec(),
+        [EICAR, b"\r\n"].concat(),
+        [EICAR, b"\n"].concat(),
+        [EICAR, b" \t \x1a"].concat(),
+        [EICAR, &[b' '; 60]].concat(),
+    ];
+    for variant in variants {
+        assert_eq!(
+            matching_rules(&engine, &variant, "eicar.com"),
+            ["EICAR_Test_File"],
+            "{:?}",
+            String::from_utf8_lossy(&variant)
+        );
+    }
+}
+
+#[test]
+fn eicar_outside_its_definition_is_not_the_test_file() {
+    let engine = shipped_engine();
+    let not_eicar: Vec<Vec<u8>> = vec![
+        // Not at offset 0.
+        [b" ".as_slice(), EICAR].concat(),
+        // Followed by something other than white space.
+        [EICAR, b"\nX"].concat(),
+        // Longer than 128 bytes.
+        [EICAR, &[b' '; 61]].concat(),
+        // Truncated.
+        EICAR[..67].to_vec(),
+    ];
+    for data in not_eicar {
+        assert!(
+            matching_rules(&engine, &data, "x").is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&data)
+        );
+    }
+}
+
+#[test]
+fn benign_files_are_clean() {
+    let engine = shipped_engine();
+    let files = [
+        project_path("Cargo.toml"),
+        project_path("README.md"),
+        Path::new("/bin/sh").canonicalize().unwrap(),
+    ];
+    for file in files {
+        let data = fs::read(&file).unwrap();
+        assert!(
+            matching_rules(&engine, &data, "f").is_empty(),
+            "{}",
+            file.display()
+        );
+    }
+    assert!(matching_rules(&engine, b"", "empty").is_empty());
+}
+
+#[test]
+fn a_broken_rule_is_reported_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("good.yar"),
+        "rule good { condition: true }\n",
+    )
+    .unwrap();
+    fs::create_dir(dir.path().join("sub")).unwrap();
+    fs::write(
+        dir.path().join("sub/bad.yar"),
+        "rule bad {\n  strings:\n    $a = \"x\"\n  condition:\n    $a and $b\n}\n",
+    )
+    .unwrap();
+    let err = Ruleset::load(dir.path(), None).unwrap_err();
+    let SignatureError::Compile(errors) = &err else {
+        panic!("expected a compile error, got {err}");
+    };
+    assert_eq!(errors.len(), 1);
+    let error = &errors[0];
+    assert!(
+        error.file.as_deref().unwrap().ends_with("sub/bad.yar"),
+        "{error:?}"
+    );
+    assert_eq!((error.line, error.column), (Some(5), Some(12)), "{error:?}");
+    assert!(error.title.contains("unknown pattern"), "{error:?}");
+    assert!(err.to_string().contains("$b"), "{err}");
+}
+
+#[test]
+fn each_file_is_its_own_namespace_and_private_rules_are_never_detections() {
+    let dir = tempfile::tempdir().unwrap();
+    let rule = "private rule marker { strings: $m = \"MARK\" condition: $m }\n\
+                rule dup { condition: marker }\n";
+    fs::create_dir(dir.path().join("a")).unwrap();
+    fs::write(dir.path().join("a/one.yar"), rule).unwrap();
+    fs::write(dir.path().join("two.yara"), rule).unwrap();
+    fs::write(dir.path().join("notes.txt"), "not a rule").unwrap();
+    let engine = engine_with(Ruleset::load(dir.path(), None).unwrap(), Default::default());
+    let outcome = engine.scan(&scanserver::engine::ScanJob::bytes(
+        b"..MARK..".to_vec(),
+        None,
+    ));
+    let mut found: Vec<_> = outcome
+        .verdict
+        .detections()
+        .iter()
+        .map(|d| format!("{}:{}", d.namespace, d.rule))
+        .collect();
+    found.sort();
+    assert_eq!(found, ["a/one.yar:dup", "two.yara:dup"]);
+}
+
+#[test]
+fn includes_resolve_from_the_including_file_and_stay_inside_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rules");
+    fs::create_dir_all(root.join("deep/er")).unwrap();
+    fs::write(
+        root.join("base.inc"),
+        "private rule base { condition: filesize > 0 }\n",
+    )
+    .unwrap();
+    fs::write(
+        root.join("deep/er/uses.yar"),
+        "include \"../../base.inc\"\nrule uses { condition: base }\n",
+    )
+    .unwrap();
+    let ruleset = Ruleset::load(&root, None).unwrap();
+    let engine = engine_with(ruleset, Default::default());
+    assert_eq!(matching_rules(&engine, b"x", "x"), ["uses"]);
+
+    // Changing an included file changes the version.
+    let before = Ruleset::load(&root, None).unwrap().version().to_owned();
+    fs::write(
+        root.join("base.inc"),
+        "private rule base { condition: filesize > 1 }\n",
+    )
+    .unwrap();
+    assert_ne!(Ruleset::load(&root, None).unwrap().version(), before);
+
+    fs::write(
+        dir.path().join("outside.yar"),
+        "rule outside { condition: true }\n",
+    )
+    .unwrap();
+    fs::write(root.join("escape.yar"), "\ninclude \"../outside.yar\"\n").unwrap();
+    let err = Ruleset::load(&root, None).unwrap_err();
+    let SignatureError::Compile(errors) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(errors[0].file.as_deref(), Some("escape.yar"));
+    assert_eq!(errors[0].line, Some(2));
+    assert!(
+        errors[0].title.contains("leaves the ruleset folder"),
+        "{err}"
+    );
+}
+
+#[test]
+fn externals_are_set_per_file() {
+    let ruleset = ruleset_from_source(
+        r#"
+        rule by_name { condition: filename == "invoice.pdf.exe" }
+        rule by_extension { condition: extension == ".exe" }
+        rule by_folder { condition: filepath contains "Downloads" }
+        "#,
+    );
+    let engine = engine_with(ruleset, Default::default());
+    let mut found = matching_rules(&engine, b"x", "/home/u/Downloads/invoice.pdf.exe");
+    found.sort();
+    assert_eq!(found, ["by_extension", "by_folder", "by_name"]);
+    // The next file gets its own values, not the previous file's.
+    assert_eq!(
+        matching_rules(&engine, b"x", "/srv/report.EXE"),
+        ["by_extension"]
+    );
+    assert!(matching_rules(&engine, b"x", "/srv/report.txt").is_empty());
+}
+
+#[test]
+fn the_version_covers_paths_and_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.yar"), "rule a { condition: true }\n").unwrap();
+    let first = Ruleset::load(dir.path(), None).unwrap();
+    let again = Ruleset::load(dir.path(), None).unwrap();
+    assert_eq!(first.version(), again.version());
+    assert_eq!(first.version().len(), 64);
+    fs::rename(dir.path().join("a.yar"), dir.path().join("b.yar")).unwrap();
+    let renamed = Ruleset::load(dir.path(), None).unwrap();
+    assert_ne!(first.version(), renamed.version());
+}
+
+#[test]
+fn compiled_rules_are_cached_under_their_version_and_damage_is_ignored() {
+    let cache = tempfile::tempdir().unwrap();
+    let source = project_path("signatures");
+    let compiled = Ruleset::load(&source, Some(cache.path())).unwrap();
+    assert!(!compiled.from_cache());
+    let cached = Ruleset::load(&source, Some(cache.path())).unwrap();
+    assert!(cached.from_cache());
+    assert_eq!(cached.version(), compiled.version());
+    assert_eq!(cached.rule_count(), compiled.rule_count());
+    let engine = engine_with(cached, Default::default());
+    assert_eq!(matching_rules(&engine, EICAR, "eicar"), ["EICAR_Test_File"]);
+
+    let file = cache.path().join(format!("{}.yarc", compiled.version()));
+    let mut bytes = fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    fs::write(&file, bytes).unwrap();
+    let recompiled = Ruleset::load(&source, Some(cache.path())).unwrap();
+    assert!(
+        !recompiled.from_cache(),
+        "a damaged cache file is not trusted"
+    );
+}
+
+#[test]
+fn precompiled_rules_are_accepted() {
+    let ruleset = shipped_ruleset();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yarc");
+    fs::write(&file, ruleset.rules().serialize().unwrap()).unwrap();
+    let loaded = Ruleset::load(&file, None).unwrap();
+    assert_eq!(loaded.rule_count(), ruleset.rule_count());
+    let engine = engine_with(loaded, Default::default());
+    assert_eq!(matching_rules(&engine, EICAR, "eicar"), ["EICAR_Test_File"]);
+}
+
+/// Public rulesets beside the project (see the README), when present.
+#[test]
+fn public_rulesets_compile() {
+    let shared = project_path("../shared/rulesets");
+    let sets = ["signature-base", "reversinglabs"];
+    for set in sets.iter().map(|s| shared.join(s)).filter(|p| p.is_dir()) {
+        let ruleset = Ruleset::load(&set, None)
+            .unwrap_or_else(|e| panic!("{} does not compile: {e}", set.display()));
+        assert!(ruleset.rule_count() > 100, "{}", set.display());
+        if set.ends_with("signature-base") {
+            let engine = engine_with(ruleset, Default::default());
+            assert!(
+                matching_rules(&engine, EICAR, "eicar.com").contains(&"SUSP_Just_EICAR".to_owned())
+            );
+        }
+    }
+    if !sets.iter().any(|s| shared.join(s).is_dir()) {
+        eprintln!(
+            "no public rulesets at {}; skipped",
+            Path::new("../shared/rulesets").display()
+        );
+    }
+}
