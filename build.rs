@@ -33,10 +33,10 @@ fn yara_x_version() -> Result<String, Box<dyn std::error::Error>> {
     let lock = fs::read_to_string("Cargo.lock")?;
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
-        if line == "name = \"yara-x\"" {
-            if let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = ")) {
-                return Ok(version.trim_matches('"').to_owned());
-            }
+        if line == "name = \"yara-x\""
+            && let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = "))
+        {
+            return Ok(version.trim_matches('"').to_owned());
         }
     }
     Err("yara-x not found in Cargo.lock".into())

@@ -110,8 +110,16 @@ impl RulesArgs {
             "signatures loaded from {}",
             ruleset.source().display()
         );
-        for warning in ruleset.warnings() {
-            tracing::warn!("{warning}");
+        let warnings = ruleset.warnings();
+        if !warnings.is_empty() {
+            tracing::warn!(
+                "{} compiler warnings; `scanserver rules check {}` lists them",
+                warnings.len(),
+                self.rules.display()
+            );
+        }
+        for warning in warnings {
+            tracing::debug!("{warning}");
         }
         Ok(ruleset)
     }

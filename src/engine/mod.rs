@@ -26,6 +26,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::{Semaphore, TryAcquireError, oneshot};
 
@@ -80,8 +81,8 @@ pub struct EngineBusy {
 /// What to scan.
 #[derive(Debug)]
 pub enum Content {
-    /// Content in memory.
-    Bytes(Vec<u8>),
+    /// Content in memory (cheap to clone).
+    Bytes(Bytes),
     /// A file, read or memory-mapped by the worker.
     File(PathBuf),
 }
@@ -106,9 +107,9 @@ impl ScanJob {
     }
 
     /// In-memory content, optionally with the name it has elsewhere.
-    pub fn bytes(data: Vec<u8>, name: Option<String>) -> Self {
+    pub fn bytes(data: impl Into<Bytes>, name: Option<String>) -> Self {
         ScanJob {
-            content: Content::Bytes(data),
+            content: Content::Bytes(data.into()),
             name,
         }
     }

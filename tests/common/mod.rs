@@ -183,7 +183,7 @@ impl PeBuilder {
                 sec.push(0);
                 pad2(&mut sec);
             }
-            let mut table = |sec: &mut Vec<u8>| {
+            let table = |sec: &mut Vec<u8>| {
                 let rva = base + sec.len() as u32;
                 for hint in &hint_rvas {
                     sec.extend_from_slice(&hint.to_le_bytes());
