@@ -1,7 +1,7 @@
 //! Engine throughput, in MB/s of scanned content, and blake3 throughput.
 //!
 //! * `scan/<ruleset>/<size>`: in-memory buffers of 4 KiB, 1 MiB and 64 MiB,
-//!   scanned on all of the engine's threads at once (one caller per thread),
+//!   scanned on all of the engine's threads at once ([`Engine::scan_all`]),
 //!   with the shipped signatures and with a large ruleset generated here
 //!   (thousands of text, hex and regex rules, seeded, so every run compiles
 //!   the same rules).
@@ -9,7 +9,7 @@
 //!
 //! Run: `cargo bench --bench engine` (add `-- scan/generated` to filter).
 
-use std::{fmt::Write as _, path::Path, sync::Arc, time::Duration};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -115,32 +115,32 @@ fn bench_scan(c: &mut Criterion) {
     ];
     for (name, ruleset) in rulesets {
         eprintln!("{name}: {} rules", ruleset.rule_count());
-        let engine = Arc::new(Engine::new(ruleset, &EngineConfig::default()).unwrap());
-        let threads = engine.threads();
+        // The verdict cache is off: every iteration scans the same buffers.
+        let config = EngineConfig {
+            cache_budget: 0,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(ruleset, &config).unwrap();
         let mut group = c.benchmark_group(format!("scan/{name}"));
         group.sample_size(10).warm_up_time(Duration::from_secs(1));
         for (label, size, count) in SIZES {
             let buffers: Vec<_> = (0..count).map(|i| content(size, i as u64 + 1)).collect();
             group.throughput(Throughput::Bytes((size * count) as u64));
             group.bench_function(BenchmarkId::from_parameter(label), |b| {
-                b.iter(|| scan_all(&engine, &buffers, threads));
+                b.iter(|| scan_all(&engine, &buffers));
             });
         }
         group.finish();
     }
 }
 
-/// Scans every buffer, `threads` callers at once, and checks that none failed.
-fn scan_all(engine: &Engine, buffers: &[Bytes], threads: usize) {
-    std::thread::scope(|scope| {
-        for caller in 0..threads {
-            scope.spawn(move || {
-                for data in buffers.iter().skip(caller).step_by(threads) {
-                    let outcome = engine.scan(&ScanJob::bytes(data.clone(), None));
-                    assert!(outcome.verdict.failure().is_none(), "{:?}", outcome.verdict);
-                }
-            });
-        }
+/// Scans every buffer on the engine's pool and checks that none failed.
+fn scan_all(engine: &Engine, buffers: &[Bytes]) {
+    let jobs = buffers
+        .iter()
+        .map(|data| ScanJob::bytes(data.clone(), None));
+    engine.scan_all(jobs, |_, outcome| {
+        assert!(outcome.verdict.failure().is_none(), "{:?}", outcome.verdict);
     });
 }
 

@@ -11,12 +11,14 @@
 //! * [`signatures`]: loading, compiling, versioning and caching rulesets.
 //! * [`engine`]: the scan engine every entry point shares: current rules,
 //!   a pool of scan workers, limits, and a bounded async queue.
+//! * [`cache`]: the SharedCache of verdicts by content digest.
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
 //! * [`report`]: how scan results are printed (text or JSON lines), and the
 //!   exit status they add up to.
 //! * [`proto`]: the gRPC protocol, generated from `proto/`.
 
+pub mod cache;
 pub mod engine;
 pub mod localscan;
 pub mod report;

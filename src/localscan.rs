@@ -12,7 +12,7 @@ use std::{path::PathBuf, time::Duration};
 use walkdir::WalkDir;
 
 use crate::{
-    engine::{Engine, ScanOutcome},
+    engine::{Content, Engine, ScanJob, ScanOutcome},
     report::{Format, Reporter, Summary},
     verdict::{FailReason, Verdict},
 };
@@ -28,6 +28,7 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
             size: 0,
             digest: None,
             rules_version: rules_version.clone(),
+            cached: false,
             elapsed: Duration::ZERO,
         };
         reporter.file(&path, &outcome, None);
@@ -47,6 +48,10 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
                 }
             })
     });
-    engine.scan_files(files, |path, outcome| reporter.file(&path, &outcome, None));
+    engine.scan_all(files.map(ScanJob::file), |job, outcome| {
+        if let Content::File(path) = &job.content {
+            reporter.file(path, &outcome, None);
+        }
+    });
     reporter.finish()
 }

@@ -23,6 +23,7 @@
 //!   carries a blake3 checksum that is verified before it is loaded.
 
 use std::{
+    borrow::Cow,
     fmt, fs,
     io::{self, Write},
     path::{Path, PathBuf},
@@ -37,6 +38,41 @@ use yara_x::{Compiler, Rules, SourceCode};
 /// External variables declared for every compiled ruleset, as used by public
 /// rulesets (signature-base and THOR-style rules). Each is a string.
 pub const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
+
+/// The values of the name-derived external variables for one file,
+/// THOR-style: `filename` is the base name, `filepath` the folder,
+/// `extension` the lower-case extension with its dot. (`filetype` and
+/// `owner` stay empty.)
+pub struct NameExternals<'a> {
+    pub filename: Cow<'a, str>,
+    pub filepath: Cow<'a, str>,
+    pub extension: String,
+}
+
+impl<'a> NameExternals<'a> {
+    /// The values for a file named `name`; all empty without a name.
+    pub fn of(name: Option<&'a Path>) -> Self {
+        let text =
+            |s: Option<&'a std::ffi::OsStr>| s.map(|s| s.to_string_lossy()).unwrap_or_default();
+        NameExternals {
+            filename: text(name.and_then(Path::file_name)),
+            filepath: text(name.and_then(Path::parent).map(Path::as_os_str)),
+            extension: name
+                .and_then(Path::extension)
+                .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// (variable, value) pairs.
+    pub fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("filename", &self.filename),
+            ("filepath", &self.filepath),
+            ("extension", &self.extension),
+        ]
+    }
+}
 
 /// The YARA-X version the engine is built with.
 pub const YARA_X_VERSION: &str = env!("SCANSERVER_YARA_X_VERSION");
@@ -160,6 +196,7 @@ pub struct Ruleset {
     compile_time: Duration,
     from_cache: bool,
     warnings: Vec<Diagnostic>,
+    name_sensitive: bool,
 }
 
 impl fmt::Debug for Ruleset {
@@ -184,15 +221,18 @@ impl Ruleset {
         let sources = SourceSet::collect(source)?;
         let version = sources.version();
         let cache = cache_dir.map(|dir| RulesCache::new(dir, &version));
+        let name_sensitive = sources.mention_externals();
         if let Some(rules) = cache.as_ref().and_then(RulesCache::load) {
             tracing::info!(%version, "loaded compiled rules from the cache");
-            return Ok(Self::new(rules, version, source, started, true, vec![]));
+            let ruleset = Self::new(rules, version, source, started, true, vec![]);
+            return Ok(ruleset.with_name_sensitivity(name_sensitive));
         }
         let (rules, warnings) = sources.compile()?;
         if let Some(cache) = &cache {
             cache.store(&rules);
         }
-        Ok(Self::new(rules, version, source, started, false, warnings))
+        let ruleset = Self::new(rules, version, source, started, false, warnings);
+        Ok(ruleset.with_name_sensitivity(name_sensitive))
     }
 
     /// Compiles the ruleset at `source` without touching any cache, as
@@ -212,7 +252,13 @@ impl Ruleset {
         hasher.update(&bytes);
         hasher.update(YARA_X_VERSION.as_bytes());
         let version = hasher.finalize().to_hex().to_string();
-        Ok(Self::new(rules, version, path, started, false, vec![]))
+        // Without sources, assume the rules may look at file names.
+        Ok(Self::new(rules, version, path, started, false, vec![]).with_name_sensitivity(true))
+    }
+
+    fn with_name_sensitivity(mut self, name_sensitive: bool) -> Self {
+        self.name_sensitive = name_sensitive;
+        self
     }
 
     fn new(
@@ -231,6 +277,7 @@ impl Ruleset {
             compile_time: started.elapsed(),
             from_cache,
             warnings,
+            name_sensitive: false,
         }
     }
 
@@ -267,6 +314,13 @@ impl Ruleset {
     /// Whether the compiled rules came from the cache.
     pub fn from_cache(&self) -> bool {
         self.from_cache
+    }
+
+    /// Whether verdicts may depend on the file's name: the sources mention
+    /// the name-derived external variables (or are unknown). The verdict
+    /// cache then keys verdicts by name as well as content.
+    pub fn name_sensitive(&self) -> bool {
+        self.name_sensitive
     }
 
     /// The compiler's warnings (empty when loaded from the cache).
@@ -405,6 +459,19 @@ impl SourceSet {
         hasher.update(COMPILE_PROFILE.as_bytes());
         hasher.update(YARA_X_VERSION.as_bytes());
         hasher.finalize().to_hex().to_string()
+    }
+
+    /// Whether any source mentions a name-derived external variable. A
+    /// mention in a comment or string counts too, which only makes the
+    /// verdict cache more careful.
+    fn mention_externals(&self) -> bool {
+        self.files.iter().any(|file| {
+            ["filename", "filepath", "extension"].iter().any(|ident| {
+                file.text
+                    .windows(ident.len())
+                    .any(|w| w == ident.as_bytes())
+            })
+        })
     }
 
     /// Compiles the top-level files, one namespace each.

@@ -6,7 +6,7 @@ use std::{fs, io::Write, sync::Arc, time::Duration};
 
 use common::*;
 use scanserver::{
-    engine::{EngineConfig, ScanJob},
+    engine::{Content, EngineConfig, ScanJob},
     verdict::{FailReason, Verdict},
 };
 
@@ -124,7 +124,10 @@ fn parallel_file_scans_report_every_file() {
         paths.push(path);
     }
     let results = std::sync::Mutex::new(Vec::new());
-    engine.scan_files(paths.clone().into_iter(), |path, outcome| {
+    engine.scan_all(paths.iter().map(ScanJob::file), |job, outcome| {
+        let Content::File(path) = job.content else {
+            unreachable!()
+        };
         results.lock().unwrap().push((path, outcome.verdict.kind()));
     });
     let mut results = results.into_inner().unwrap();
@@ -178,17 +181,15 @@ async fn a_full_queue_answers_busy_at_once() {
         ..EngineConfig::default()
     };
     let engine = engine_with(shipped_ruleset(), config);
-    let first = engine
-        .try_submit(ScanJob::bytes(EICAR.to_vec(), None))
-        .unwrap();
-    let busy = engine.try_submit(ScanJob::bytes(b"x".to_vec(), None));
+    let first = engine.try_reserve().unwrap();
+    let busy = engine.try_reserve();
     assert!(busy.is_err(), "the only slot is taken");
     assert!(busy.err().unwrap().to_string().contains("queue is full"));
-    assert!(matches!(first.await.verdict, Verdict::Infected(_)));
-    let second = engine
-        .try_submit(ScanJob::bytes(b"x".to_vec(), None))
-        .unwrap();
-    assert_eq!(second.await.verdict, Verdict::Clean);
+    let outcome = first.scan(ScanJob::bytes(EICAR.to_vec(), None)).await;
+    assert!(matches!(outcome.verdict, Verdict::Infected(_)));
+    let second = engine.try_reserve().unwrap();
+    let outcome = second.scan(ScanJob::bytes(b"x".to_vec(), None)).await;
+    assert_eq!(outcome.verdict, Verdict::Clean);
 }
 
 #[test]
@@ -217,4 +218,48 @@ fn rules_are_replaced_while_scans_run() {
     let outcome = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
     assert_eq!(outcome.verdict.detections()[0].rule, "other");
     assert_eq!(&*outcome.rules_version, new_version);
+}
+
+#[test]
+fn verdicts_are_cached_by_content_and_by_name_only_when_rules_look_at_names() {
+    let engine = shipped_engine();
+    let first = engine.scan(&ScanJob::bytes(EICAR.to_vec(), Some("/a/eicar.com".into())));
+    assert!(!first.cached);
+    // Same content, another name: the shipped rules ignore names.
+    let again = engine.scan(&ScanJob::bytes(EICAR.to_vec(), Some("/b/other.txt".into())));
+    assert!(again.cached);
+    assert_eq!(again.verdict, first.verdict);
+    assert_eq!(again.digest, first.digest);
+    assert!(engine.cached(&blake3::hash(EICAR), None).is_some());
+
+    let by_name = ruleset_from_source(r#"rule exe { condition: extension == ".exe" }"#);
+    assert!(by_name.name_sensitive());
+    let engine = engine_with(by_name, EngineConfig::default());
+    let exe = engine.scan(&ScanJob::bytes(b"x".to_vec(), Some("a.exe".into())));
+    let txt = engine.scan(&ScanJob::bytes(b"x".to_vec(), Some("a.txt".into())));
+    assert!(matches!(exe.verdict, Verdict::Infected(_)));
+    assert_eq!((txt.verdict, txt.cached), (Verdict::Clean, false));
+    let exe_again = engine.scan(&ScanJob::bytes(b"x".to_vec(), Some("a.exe".into())));
+    assert!(exe_again.cached && matches!(exe_again.verdict, Verdict::Infected(_)));
+}
+
+#[test]
+fn failures_are_not_cached_and_a_rules_change_empties_the_cache() {
+    let config = EngineConfig {
+        threads: 1,
+        scan_timeout: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(ruleset_from_source(SLOW_RULE), config);
+    let data = vec![1u8; 200_000];
+    let outcome = engine.scan(&ScanJob::bytes(data.clone(), None));
+    assert_eq!(reason(&outcome.verdict), Some(FailReason::Timeout));
+    assert!(engine.cached(&blake3::hash(&data), None).is_none());
+
+    let engine = shipped_engine();
+    engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+    assert_eq!(engine.cache().len(), 1);
+    engine.replace_ruleset(shipped_ruleset());
+    assert!(engine.cache().is_empty());
+    assert!(!engine.scan(&ScanJob::bytes(EICAR.to_vec(), None)).cached);
 }

@@ -30,9 +30,12 @@ rule Dropper_PowerShell_Download_Cradle
         $dl1 = /New-Object\s+(System\.)?Net\.WebClient\)?\s*\.\s*DownloadString\s*\(\s*['"]https?:\/\//i
         $dl2 = /Invoke-WebRequest\s+(-Uri\s+)?['"]?https?:\/\/[^\s'"]+['"]?\s*(-UseBasicParsing\s*)?\)?\s*\.\s*Content/ nocase
         $dl3 = /\bIWR\s+['"]?https?:\/\/[^\s|]+\s*\|\s*IEX/ nocase
+        // Documentation quoting an installer one-liner in a Markdown code
+        // block is not a script that runs.
+        $markdown_fence = "```"
 
     condition:
-        $iex and any of ($dl*)
+        $iex and any of ($dl*) and not $markdown_fence
 }
 
 rule Dropper_PowerShell_AMSI_Bypass

@@ -13,8 +13,11 @@
 //! * Files are read into the worker's reusable buffer, or memory-mapped when
 //!   large (see [`mapped`]).
 //! * The async entry point ([`Engine::submit`]) goes through a bounded queue:
-//!   a flood of work waits for a slot (or, with [`Engine::try_submit`], gets
-//!   [`EngineBusy`] at once) instead of growing memory without bound.
+//!   a flood of work waits for a slot (or, with [`Engine::try_reserve`],
+//!   gets [`EngineBusy`] at once) instead of growing memory without bound.
+//! * Verdicts are remembered in the [`SharedCache`] under the digest the
+//!   engine computed (or the server computed while receiving): content seen
+//!   before is not scanned again.
 
 mod mapped;
 mod worker;
@@ -28,9 +31,10 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::{Semaphore, TryAcquireError, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
 use crate::{
+    cache::{CacheKey, CachedVerdict, Digest, SharedCache},
     signatures::Ruleset,
     verdict::{FailReason, Verdict},
 };
@@ -49,6 +53,8 @@ pub struct EngineConfig {
     /// Scans submitted through [`Engine::submit`] that may be queued or
     /// running at once; further submissions wait.
     pub queue_capacity: usize,
+    /// Memory budget of the verdict cache, in bytes.
+    pub cache_budget: u64,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +64,7 @@ impl Default for EngineConfig {
             scan_timeout: Duration::from_secs(10),
             max_scan_size: 256 << 20,
             queue_capacity: 64,
+            cache_budget: 256 << 20,
         }
     }
 }
@@ -87,7 +94,7 @@ pub enum Content {
     File(PathBuf),
 }
 
-/// One piece of work for [`Engine::submit`].
+/// One piece of work for the engine.
 #[derive(Debug)]
 pub struct ScanJob {
     pub content: Content,
@@ -95,6 +102,10 @@ pub struct ScanJob {
     /// `filepath` and `extension` external variables. For
     /// [`Content::File`] without a name, the file's own path is used.
     pub name: Option<String>,
+    /// The content's digest, when the server already computed it while
+    /// receiving the content. Never a digest a client claimed: the verdict
+    /// is cached under it.
+    pub digest: Option<Digest>,
 }
 
 impl ScanJob {
@@ -103,6 +114,7 @@ impl ScanJob {
         ScanJob {
             content: Content::File(path.into()),
             name: None,
+            digest: None,
         }
     }
 
@@ -111,7 +123,14 @@ impl ScanJob {
         ScanJob {
             content: Content::Bytes(data.into()),
             name,
+            digest: None,
         }
+    }
+
+    /// Sets the digest the server computed for the content.
+    pub fn with_digest(mut self, digest: Digest) -> Self {
+        self.digest = Some(digest);
+        self
     }
 }
 
@@ -124,8 +143,10 @@ pub struct ScanOutcome {
     /// The blake3 digest of the content, computed by the engine; `None` when
     /// the content was not read (missing file, too large).
     pub digest: Option<blake3::Hash>,
-    /// The version of the ruleset the scan used.
+    /// The version of the ruleset the verdict was made with.
     pub rules_version: Arc<str>,
+    /// The verdict came from the cache; nothing was scanned.
+    pub cached: bool,
     /// Time spent reading, hashing and scanning.
     pub elapsed: Duration,
 }
@@ -144,6 +165,38 @@ pub struct Engine {
     limits: Limits,
     queue: Arc<Semaphore>,
     queue_capacity: usize,
+    cache: SharedCache,
+}
+
+/// A reserved place in the engine's queue: the scan it is used for starts
+/// without waiting. See [`Engine::reserve`].
+pub struct ScanSlot {
+    engine: Arc<Engine>,
+    permit: OwnedSemaphorePermit,
+}
+
+impl ScanSlot {
+    /// Runs `job` on the engine's pool and resolves to its outcome.
+    pub async fn scan(self, job: ScanJob) -> ScanOutcome {
+        let (tx, rx) = oneshot::channel();
+        let ScanSlot { engine, permit } = self;
+        let worker_engine = Arc::clone(&engine);
+        engine.pool.spawn(move || {
+            let outcome = worker_engine.scan_on_worker(&job);
+            drop(permit);
+            let _ = tx.send(outcome);
+        });
+        // The worker always sends; a closed channel would mean the job was
+        // lost, which must not read as clean.
+        rx.await.unwrap_or_else(|_| ScanOutcome {
+            verdict: Verdict::failed(FailReason::Engine, "the scan was lost"),
+            size: 0,
+            digest: None,
+            rules_version: engine.ruleset().version_arc(),
+            cached: false,
+            elapsed: Duration::ZERO,
+        })
+    }
 }
 
 impl Engine {
@@ -165,6 +218,7 @@ impl Engine {
             },
             queue: Arc::new(Semaphore::new(config.queue_capacity)),
             queue_capacity: config.queue_capacity,
+            cache: SharedCache::new(config.cache_budget),
         })
     }
 
@@ -179,9 +233,23 @@ impl Engine {
     /// so its memory is freed once the last such scan ends.
     pub fn replace_ruleset(&self, ruleset: Ruleset) -> Arc<Ruleset> {
         let old = self.ruleset.swap(Arc::new(ruleset));
+        self.cache.clear();
         self.pool
             .spawn_broadcast(|_| worker::release_stale_scanner());
         old
+    }
+
+    /// The verdict cache.
+    pub fn cache(&self) -> &SharedCache {
+        &self.cache
+    }
+
+    /// The cached verdict for content with `digest` named `name`, under the
+    /// current signatures.
+    pub fn cached(&self, digest: &Digest, name: Option<&Path>) -> Option<Arc<CachedVerdict>> {
+        let ruleset = self.ruleset.load();
+        let key = CacheKey::new(digest, &ruleset, name);
+        self.cache.get(&key, ruleset.version())
     }
 
     /// The number of scan threads.
@@ -204,81 +272,68 @@ impl Engine {
         self.pool.install(|| self.scan_on_worker(job))
     }
 
-    /// Scans every file `paths` yields, in parallel on the engine's pool,
-    /// handing each result to `on_result` (from the worker that scanned it).
-    /// Walking and scanning overlap: workers take the next path as they free
-    /// up.
-    pub fn scan_files<I, F>(&self, paths: I, on_result: F)
+    /// Scans every job `jobs` yields, in parallel on the engine's pool,
+    /// handing each outcome to `on_result` (on the worker that scanned it).
+    /// Producing and scanning overlap: workers take the next job as they
+    /// free up, so a directory walk feeds the scan as it goes.
+    pub fn scan_all<I, F>(&self, jobs: I, on_result: F)
     where
-        I: Iterator<Item = PathBuf> + Send,
-        F: Fn(PathBuf, ScanOutcome) + Sync,
+        I: Iterator<Item = ScanJob> + Send,
+        F: Fn(ScanJob, ScanOutcome) + Sync,
     {
         use rayon::iter::{ParallelBridge, ParallelIterator};
         self.pool.install(|| {
-            paths.par_bridge().for_each(|path| {
-                let outcome = self.scan_on_worker(&ScanJob::file(&path));
-                on_result(path, outcome);
+            jobs.par_bridge().for_each(|job| {
+                let outcome = self.scan_on_worker(&job);
+                on_result(job, outcome);
             })
         })
     }
 
-    /// Queues `job` and resolves to its outcome. When the queue is full this
-    /// waits for a free slot, which is how backpressure reaches the caller.
-    pub async fn submit(self: &Arc<Self>, job: ScanJob) -> ScanOutcome {
+    /// Waits for a place in the queue. Holding the slot before reading
+    /// more input is how backpressure reaches a client: while the queue is
+    /// full, the caller stops reading.
+    pub async fn reserve(self: &Arc<Self>) -> ScanSlot {
         let permit = Arc::clone(&self.queue)
             .acquire_owned()
             .await
             .expect("the engine never closes its queue");
-        self.run_queued(job, permit).await
+        ScanSlot {
+            engine: Arc::clone(self),
+            permit,
+        }
     }
 
-    /// Like [`submit`](Self::submit), but fails at once with [`EngineBusy`]
-    /// when the queue is full.
-    pub fn try_submit(
-        self: &Arc<Self>,
-        job: ScanJob,
-    ) -> Result<impl Future<Output = ScanOutcome> + use<>, EngineBusy> {
-        let permit = match Arc::clone(&self.queue).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => {
-                return Err(EngineBusy {
-                    capacity: self.queue_capacity,
-                });
-            }
-        };
-        let engine = Arc::clone(self);
-        Ok(async move { engine.run_queued(job, permit).await })
+    /// A place in the queue, or [`EngineBusy`] at once when it is full.
+    pub fn try_reserve(self: &Arc<Self>) -> Result<ScanSlot, EngineBusy> {
+        match Arc::clone(&self.queue).try_acquire_owned() {
+            Ok(permit) => Ok(ScanSlot {
+                engine: Arc::clone(self),
+                permit,
+            }),
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => Err(EngineBusy {
+                capacity: self.queue_capacity,
+            }),
+        }
     }
 
-    async fn run_queued(
-        self: &Arc<Self>,
-        job: ScanJob,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> ScanOutcome {
-        let (tx, rx) = oneshot::channel();
-        let engine = Arc::clone(self);
-        self.pool.spawn(move || {
-            let outcome = engine.scan_on_worker(&job);
-            drop(permit);
-            let _ = tx.send(outcome);
-        });
-        // The worker always sends; a closed channel would mean the job was
-        // lost, which must not read as clean.
-        rx.await.unwrap_or_else(|_| ScanOutcome {
-            verdict: Verdict::failed(FailReason::Engine, "the scan was lost"),
-            size: 0,
-            digest: None,
-            rules_version: self.ruleset().version_arc(),
-            elapsed: Duration::ZERO,
-        })
+    /// Queues `job`, waiting for a place when the queue is full, and
+    /// resolves to its outcome.
+    pub async fn submit(self: &Arc<Self>, job: ScanJob) -> ScanOutcome {
+        self.reserve().await.scan(job).await
     }
 
     fn scan_on_worker(&self, job: &ScanJob) -> ScanOutcome {
-        let ruleset = self.ruleset.load_full();
-        let name = job.name.as_deref().map(Path::new);
+        let context = worker::Context {
+            ruleset: self.ruleset.load_full(),
+            limits: self.limits,
+            cache: &self.cache,
+            name: job.name.as_deref().map(Path::new),
+            digest: job.digest,
+        };
         match &job.content {
-            Content::Bytes(data) => worker::scan_bytes(&ruleset, self.limits, data, name),
-            Content::File(path) => worker::scan_file(&ruleset, self.limits, path, name),
+            Content::Bytes(data) => context.scan_bytes(data),
+            Content::File(path) => context.scan_file(path),
         }
     }
 }

@@ -27,7 +27,8 @@ use yara_x::{ScanError, Scanner};
 
 use super::{Limits, ScanOutcome, mapped};
 use crate::{
-    signatures::{EXTERNALS, Ruleset},
+    cache::{CacheKey, Digest, SharedCache},
+    signatures::{EXTERNALS, NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
 };
 
@@ -79,64 +80,121 @@ pub(super) fn release_stale_scanner() {
     WORKER.with(|w| w.borrow_mut().scanner = None);
 }
 
-/// Scans in-memory content.
-pub(super) fn scan_bytes(
-    ruleset: &Arc<Ruleset>,
-    limits: Limits,
-    data: &[u8],
-    name: Option<&Path>,
-) -> ScanOutcome {
-    let started = Instant::now();
-    let size = data.len() as u64;
-    let (digest, verdict) = if size > limits.max_scan_size {
-        (None, too_large(size, limits))
-    } else {
-        let verdict = with_worker(|worker| worker.scan(ruleset, limits, data, name));
-        (Some(blake3::hash(data)), verdict)
-    };
-    ScanOutcome {
-        verdict,
-        size,
-        digest,
-        rules_version: ruleset.version_arc(),
-        elapsed: started.elapsed(),
+/// What one scan needs besides the content.
+pub(super) struct Context<'a> {
+    pub ruleset: Arc<Ruleset>,
+    pub limits: Limits,
+    pub cache: &'a SharedCache,
+    /// The content's name, for the external variables.
+    pub name: Option<&'a Path>,
+    /// The digest, when the server computed it already.
+    pub digest: Option<Digest>,
+}
+
+impl Context<'_> {
+    /// Scans in-memory content.
+    pub fn scan_bytes(&self, data: &[u8]) -> ScanOutcome {
+        let started = Instant::now();
+        let size = data.len() as u64;
+        if size > self.limits.max_scan_size {
+            return self.outcome(started, size, Judged::failed(too_large(size, self.limits)));
+        }
+        let judged = with_worker(|worker| self.judge(worker, data, self.name));
+        self.outcome(started, size, judged)
+    }
+
+    /// Scans a file: read into the worker's buffer when small,
+    /// memory-mapped when large.
+    pub fn scan_file(&self, path: &Path) -> ScanOutcome {
+        let started = Instant::now();
+        let name = Some(self.name.unwrap_or(path));
+        let (file, size) = match open_regular(path) {
+            Ok(opened) => opened,
+            Err(verdict) => return self.outcome(started, 0, Judged::failed(verdict)),
+        };
+        if size > self.limits.max_scan_size {
+            return self.outcome(started, size, Judged::failed(too_large(size, self.limits)));
+        }
+        let judged = if size <= READ_LIMIT {
+            with_worker(|worker| {
+                let mut buffer = std::mem::take(&mut worker.buffer);
+                let judged =
+                    read_into(&mut buffer, file, size).map(|()| self.judge(worker, &buffer, name));
+                worker.buffer = buffer;
+                judged
+            })
+        } else {
+            mapped::with_mapped(&file, size, |data| {
+                with_worker(|worker| self.judge(worker, data, name))
+            })
+            .map_err(|err| err.to_string())
+        };
+        let judged =
+            judged.unwrap_or_else(|err| Judged::failed(Verdict::failed(FailReason::Io, err)));
+        self.outcome(started, size, judged)
+    }
+
+    /// The verdict on `data`: from the cache when its digest is known there,
+    /// from a scan otherwise (and then cached).
+    fn judge(&self, worker: &mut Worker, data: &[u8], name: Option<&Path>) -> Judged {
+        let digest = self.digest.unwrap_or_else(|| blake3::hash(data));
+        let key = CacheKey::new(&digest, &self.ruleset, name);
+        if let Some(hit) = self.cache.get(&key, self.ruleset.version()) {
+            return Judged {
+                digest: Some(digest),
+                verdict: hit.verdict.clone(),
+                cached: true,
+            };
+        }
+        let verdict = worker.scan(&self.ruleset, self.limits, data, name);
+        self.cache
+            .insert(key, &verdict, &self.ruleset.version_arc());
+        Judged {
+            digest: Some(digest),
+            verdict,
+            cached: false,
+        }
+    }
+
+    fn outcome(&self, started: Instant, size: u64, judged: Judged) -> ScanOutcome {
+        ScanOutcome {
+            verdict: judged.verdict,
+            size,
+            digest: judged.digest,
+            rules_version: self.ruleset.version_arc(),
+            cached: judged.cached,
+            elapsed: started.elapsed(),
+        }
     }
 }
 
-/// Scans a file: read into the worker's buffer when small, memory-mapped
-/// when large.
-pub(super) fn scan_file(
-    ruleset: &Arc<Ruleset>,
-    limits: Limits,
-    path: &Path,
-    name: Option<&Path>,
-) -> ScanOutcome {
-    let started = Instant::now();
-    let name = Some(name.unwrap_or(path));
-    let (size, digest, verdict) = match open_regular(path) {
-        Err(verdict) => (0, None, verdict),
-        Ok((_, size)) if size > limits.max_scan_size => (size, None, too_large(size, limits)),
-        Ok((file, size)) if size <= READ_LIMIT => {
-            with_worker(|worker| worker.scan_read(ruleset, limits, file, size, name))
+/// A verdict with the digest of the content it is about, if it was read.
+struct Judged {
+    digest: Option<Digest>,
+    verdict: Verdict,
+    cached: bool,
+}
+
+impl Judged {
+    /// A failure before the content could be read.
+    fn failed(verdict: Verdict) -> Self {
+        Judged {
+            digest: None,
+            verdict,
+            cached: false,
         }
-        Ok((file, size)) => {
-            let scanned = mapped::with_mapped(&file, size, |data| {
-                let verdict = with_worker(|worker| worker.scan(ruleset, limits, data, name));
-                (blake3::hash(data), verdict)
-            });
-            match scanned {
-                Ok((digest, verdict)) => (size, Some(digest), verdict),
-                Err(err) => (size, None, Verdict::failed(FailReason::Io, err.to_string())),
-            }
-        }
-    };
-    ScanOutcome {
-        verdict,
-        size,
-        digest,
-        rules_version: ruleset.version_arc(),
-        elapsed: started.elapsed(),
     }
+}
+
+/// Reads at most `size` bytes of `file` into `buffer`. A file that grows
+/// while it is read is scanned as it was when opened; one that shrinks is
+/// simply shorter.
+fn read_into(buffer: &mut Vec<u8>, file: File, size: u64) -> Result<(), String> {
+    buffer.clear();
+    file.take(size)
+        .read_to_end(buffer)
+        .map(drop)
+        .map_err(|err| err.to_string())
 }
 
 /// Opens `path` if it is a regular file (a FIFO or device would block or
@@ -164,29 +222,33 @@ fn too_large(size: u64, limits: Limits) -> Verdict {
 /// Runs `f` with this thread's worker. A panic inside (a bug in a module
 /// parsing hostile input, say) fails the scan instead of the thread, and the
 /// worker, whose scanner may be left inconsistent, starts afresh.
-fn with_worker<T: Failable>(f: impl FnOnce(&mut Worker) -> T) -> T {
+fn with_worker<T: FromPanic>(f: impl FnOnce(&mut Worker) -> T) -> T {
     let result =
         WORKER.with(|worker| panic::catch_unwind(AssertUnwindSafe(|| f(&mut worker.borrow_mut()))));
     result.unwrap_or_else(|payload| {
         WORKER.with(|worker| *worker.borrow_mut() = Worker::default());
-        T::from_panic(panic_message(&*payload))
+        T::from_panic(format!("the scan panicked: {}", panic_message(&*payload)))
     })
 }
 
 /// Results that a panic in the scan turns into an engine failure.
-trait Failable {
+trait FromPanic {
     fn from_panic(message: String) -> Self;
 }
 
-impl Failable for Verdict {
+impl FromPanic for Judged {
     fn from_panic(message: String) -> Self {
-        Verdict::failed(FailReason::Engine, format!("the scan panicked: {message}"))
+        Judged {
+            digest: None,
+            verdict: Verdict::failed(FailReason::Engine, message),
+            cached: false,
+        }
     }
 }
 
-impl Failable for (u64, Option<blake3::Hash>, Verdict) {
+impl<T: FromPanic> FromPanic for Result<T, String> {
     fn from_panic(message: String) -> Self {
-        (0, None, Verdict::from_panic(message))
+        Ok(T::from_panic(message))
     }
 }
 
@@ -199,31 +261,6 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 impl Worker {
-    /// Reads a small file into the reusable buffer, then hashes and scans it.
-    fn scan_read(
-        &mut self,
-        ruleset: &Arc<Ruleset>,
-        limits: Limits,
-        file: File,
-        size: u64,
-        name: Option<&Path>,
-    ) -> (u64, Option<blake3::Hash>, Verdict) {
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        // A file that grows while it is read is scanned as it was when
-        // opened; one that shrinks is simply shorter.
-        let read = file.take(size).read_to_end(&mut buffer);
-        let result = match read {
-            Ok(_) => {
-                let verdict = self.scan(ruleset, limits, &buffer, name);
-                (buffer.len() as u64, Some(blake3::hash(&buffer)), verdict)
-            }
-            Err(err) => (size, None, Verdict::failed(FailReason::Io, err.to_string())),
-        };
-        self.buffer = buffer;
-        result
-    }
-
     /// Scans `data` with the scanner for `ruleset`, building it if needed.
     fn scan(
         &mut self,
@@ -271,22 +308,11 @@ impl Worker {
     }
 }
 
-/// Sets the external variables for the file being scanned, THOR-style:
-/// `filename` is the base name, `filepath` the folder, `extension` the
-/// lower-case extension with its dot. `filetype` and `owner` stay empty.
-/// Values persist in a scanner, so every one is set on every scan.
+/// Sets the external variables for the file being scanned (see
+/// [`NameExternals`]). Values persist in a scanner, so every one is set on
+/// every scan.
 fn set_externals(scanner: &mut Scanner<'_>, name: Option<&Path>) {
-    let filename = name.and_then(Path::file_name).map(|s| s.to_string_lossy());
-    let filepath = name.and_then(Path::parent).map(|s| s.to_string_lossy());
-    let extension = name
-        .and_then(Path::extension)
-        .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()))
-        .unwrap_or_default();
-    for (ident, value) in [
-        ("filename", filename.as_deref().unwrap_or_default()),
-        ("filepath", filepath.as_deref().unwrap_or_default()),
-        ("extension", extension.as_str()),
-    ] {
+    for (ident, value) in NameExternals::of(name).pairs() {
         scanner
             .set_global(ident, value)
             .expect("externals are declared as strings");
