@@ -4,7 +4,10 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["scanserver/v1/verdict.proto"];
+const PROTOS: &[&str] = &[
+    "scanserver/v1/verdict.proto",
+    "scanserver/v1/protection.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -18,7 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("scanserver_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
-    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+    // No `connect(url)` constructor on clients: it would clash with the
+    // `Connect` call. Clients are built on a channel.
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(compiler.file_descriptor_set())?;
 
     println!(
         "cargo:rustc-env=SCANSERVER_YARA_X_VERSION={}",

@@ -19,20 +19,16 @@
 //! * [`proto`]: the gRPC protocol, generated from `proto/`.
 
 pub mod cache;
+pub mod config;
 pub mod engine;
 pub mod localscan;
+pub mod proto;
 pub mod report;
+pub mod server;
+pub mod service;
+pub mod sessions;
 pub mod signatures;
 pub mod verdict;
-
-/// The protocol, generated from the `.proto` files in `proto/`.
-pub mod proto {
-    tonic::include_proto!("scanserver.v1");
-
-    /// The encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("scanserver_descriptor");
-}
 
 /// The server's version, as reported to agents and operators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

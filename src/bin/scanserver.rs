@@ -3,13 +3,15 @@
 //! This binary parses the command line and hands over to the library; the
 //! flags of every command are defined here, in one place.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use scanserver::{
+    config::{Config, ConfigError, TlsConfig},
     engine::{Engine, EngineConfig},
     localscan,
     report::Format,
+    server::{Server, termination_signal},
     signatures::{Ruleset, SignatureError},
 };
 
@@ -41,9 +43,129 @@ enum Command {
     /// status: 0 nothing found, 1 something found, 2 some file could not be
     /// scanned (or the rules could not be loaded).
     Scan(ScanArgs),
+    /// Run the Protection Server: serve Light Agents over gRPC.
+    ///
+    /// Settings come from the configuration file, then SCANSERVER_*
+    /// environment variables, then these flags, each overriding the one
+    /// before. With none at all, the shipped signatures are served on
+    /// 0.0.0.0:7405 without TLS.
+    Serve(Box<ServeArgs>),
     /// Work with rulesets.
     #[command(subcommand)]
     Rules(RulesCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML; see scanserver.sample.toml).
+    #[arg(long, value_name = "FILE", env = "SCANSERVER_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Address of the agent listener [default: 0.0.0.0:7405].
+    #[arg(long, value_name = "ADDR", env = "SCANSERVER_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+
+    /// The ruleset: a folder, a source file or pre-compiled rules
+    /// [default: signatures].
+    #[arg(long, value_name = "PATH", env = "SCANSERVER_RULES")]
+    rules: Option<PathBuf>,
+
+    /// Compiled-rules cache folder.
+    #[arg(long, value_name = "DIR", env = "SCANSERVER_RULES_CACHE")]
+    rules_cache: Option<PathBuf>,
+
+    /// This SVM's identifier [default: the host name].
+    #[arg(long, value_name = "ID", env = "SCANSERVER_SVM_ID")]
+    svm_id: Option<String>,
+
+    /// Scan threads [default: one per core].
+    #[arg(long, short = 'j', value_name = "N", env = "SCANSERVER_THREADS")]
+    threads: Option<usize>,
+
+    /// Agents connected at once [default: 1000].
+    #[arg(long, value_name = "N", env = "SCANSERVER_MAX_AGENTS")]
+    max_agents: Option<usize>,
+
+    /// Accept only agents with one of these connection tags (repeat the
+    /// flag, or separate with commas) [default: every agent].
+    #[arg(
+        long = "allowed-tag",
+        value_name = "TAG",
+        env = "SCANSERVER_ALLOWED_TAGS",
+        value_delimiter = ','
+    )]
+    allowed_tags: Vec<String>,
+
+    /// Server certificate (PEM); with --tls-key, the listener speaks TLS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SCANSERVER_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SCANSERVER_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that agent certificates must chain to: mutual TLS, every
+    /// agent must present a certificate.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SCANSERVER_TLS_CLIENT_CA",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Folder for spooled uploads [default: the system temporary folder].
+    #[arg(long, value_name = "DIR", env = "SCANSERVER_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The configuration: file, then environment and flags on top.
+    fn config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        set(&mut config.server.listen, &self.listen);
+        set(&mut config.rules.path, &self.rules);
+        set(&mut config.server.svm_id, &self.svm_id);
+        set(&mut config.engine.threads, &self.threads);
+        set(&mut config.server.max_agents, &self.max_agents);
+        if self.rules_cache.is_some() {
+            config.rules.cache_dir = self.rules_cache.clone();
+        }
+        if self.spool_dir.is_some() {
+            config.uploads.spool_dir = self.spool_dir.clone();
+        }
+        if !self.allowed_tags.is_empty() {
+            config.server.allowed_tags = self.allowed_tags.clone();
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+/// Overrides `target` with `value` when one was given.
+fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+    if let Some(value) = value {
+        *target = value.clone();
+    }
 }
 
 #[derive(Args)]
@@ -102,6 +224,14 @@ impl RulesArgs {
             (None, false) => dirs::cache_dir().map(|d| d.join("scanserver").join("rules")),
         };
         let ruleset = Ruleset::load(&self.rules, cache.as_deref())?;
+        log_ruleset(&ruleset);
+        Ok(ruleset)
+    }
+}
+
+/// Logs what was loaded, and how many compiler warnings there were.
+fn log_ruleset(ruleset: &Ruleset) {
+    {
         tracing::info!(
             version = ruleset.version(),
             rules = ruleset.rule_count(),
@@ -115,13 +245,12 @@ impl RulesArgs {
             tracing::warn!(
                 "{} compiler warnings; `scanserver rules check {}` lists them",
                 warnings.len(),
-                self.rules.display()
+                ruleset.source().display()
             );
         }
         for warning in warnings {
             tracing::debug!("{warning}");
         }
-        Ok(ruleset)
     }
 }
 
@@ -147,13 +276,17 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Scan(args) => scan(args),
+        Command::Serve(args) => serve(&args),
         Command::Rules(RulesCommand::Check { path }) => check(&path),
     }
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SCANSERVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("SCANSERVER_LOG").unwrap_or_else(|_| {
+            let serving = std::env::args().nth(1).is_some_and(|a| a == "serve");
+            tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -191,6 +324,45 @@ fn scan(args: ScanArgs) -> ExitCode {
     };
     let summary = localscan::run(&engine, &args.paths, format);
     ExitCode::from(summary.exit_code())
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let failed = |err: &dyn std::fmt::Display| {
+        eprintln!("error: {err}");
+        ExitCode::from(2)
+    };
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(err) => return failed(&err),
+    };
+    let ruleset = match Ruleset::load(&config.rules.path, config.rules.cache_dir().as_deref()) {
+        Ok(ruleset) => ruleset,
+        Err(err) => return failed(&err),
+    };
+    log_ruleset(&ruleset);
+    let engine = match Engine::new(ruleset, &config.engine) {
+        Ok(engine) => Arc::new(engine),
+        Err(err) => return failed(&err),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return failed(&err),
+    };
+    let result = runtime.block_on(async {
+        let server = Server::bind(&config, engine).await?;
+        tracing::info!(
+            addr = %server.local_addr(),
+            tls = config.tls.is_some(),
+            mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            svm_id = %config.server.svm_id,
+            "serving Light Agents"
+        );
+        server.run(termination_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => failed(&err),
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

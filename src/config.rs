@@ -1,0 +1,217 @@
+//! Server configuration: a TOML file (see `scanserver.sample.toml`), then
+//! `SCANSERVER_*` environment variables, then command-line flags, each
+//! overriding the one before. With nothing configured, the server serves the
+//! shipped signatures on [`DEFAULT_LISTEN`].
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+
+/// The agent listener's default address. 7405 is this server's port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7405";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+}
+
+/// Everything `scanserver serve` is configured with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: Option<TlsConfig>,
+    pub rules: RulesConfig,
+    pub engine: EngineConfig,
+    pub uploads: UploadConfig,
+}
+
+impl Config {
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// The `[server]` table: the agent listener and sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the agent listener.
+    pub listen: SocketAddr,
+    /// This SVM's identifier, as agents and the Integration Server see it
+    /// [default: the host name].
+    pub svm_id: String,
+    /// Agents connected at once; more are rejected with CAPACITY.
+    pub max_agents: usize,
+    /// Connection tags accepted from agents; empty accepts every agent.
+    pub allowed_tags: Vec<String>,
+    /// How often each side of a session sends a heartbeat; three missed
+    /// heartbeats end the session.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A Scan stream with no request for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM or Ctrl-C, how long scans in flight may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("the default address is valid"),
+            svm_id: default_svm_id(),
+            max_agents: 1000,
+            allowed_tags: Vec::new(),
+            heartbeat_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+fn default_svm_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "svm".to_owned())
+}
+
+/// The `[tls]` table: present means the agent listener speaks TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to. When
+    /// set, every agent must present a certificate (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The `[rules]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// A folder of `.yar`/`.yara` files, a source file or pre-compiled rules.
+    pub path: PathBuf,
+    /// Where compiled rules are cached [default: the user's cache folder].
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            path: PathBuf::from("signatures"),
+            cache_dir: None,
+        }
+    }
+}
+
+impl RulesConfig {
+    /// The compiled-rules cache folder in use.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache_dir
+            .clone()
+            .or_else(|| dirs::cache_dir().map(|d| d.join("scanserver").join("rules")))
+    }
+}
+
+/// The `[uploads]` table: how received file content is held.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadConfig {
+    /// Files up to this size are received in memory; larger ones are
+    /// spooled to a temporary file.
+    pub memory_threshold: u64,
+    /// Memory all uploads in memory may use together; beyond it, even small
+    /// files are spooled.
+    pub memory_budget: u64,
+    /// Folder for spooled files [default: the system temporary folder].
+    pub spool_dir: Option<PathBuf>,
+    /// Files larger than this are refused.
+    pub max_file_size: u64,
+    /// The chunk size agents are asked to use.
+    pub chunk_size: u32,
+    /// Files open at once per session.
+    pub files_in_flight: u32,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            memory_threshold: 8 << 20,
+            memory_budget: 128 << 20,
+            spool_dir: None,
+            max_file_size: EngineConfig::default().max_scan_size,
+            chunk_size: 256 << 10,
+            files_in_flight: 128,
+        }
+    }
+}
+
+impl UploadConfig {
+    /// The spool folder in use.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("scanserver-spool"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_configuration_parses_and_matches_the_defaults() {
+        let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("scanserver.sample.toml");
+        let config = Config::from_file(&sample).unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.server.listen, defaults.server.listen);
+        assert_eq!(
+            config.server.heartbeat_interval,
+            defaults.server.heartbeat_interval
+        );
+        assert_eq!(
+            config.uploads.memory_threshold,
+            defaults.uploads.memory_threshold
+        );
+        assert_eq!(config.engine.scan_timeout, defaults.engine.scan_timeout);
+        assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("[server]\nlisten_on = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! The gRPC protocol, generated from the `.proto` files in `proto/`, and
+//! the conversions between its messages and the library's types.
+
+use std::time::Duration;
+
+use crate::{
+    engine::ScanOutcome,
+    verdict::{
+        Detection as LibDetection, FailReason, Failure, Severity as LibSeverity,
+        Verdict as LibVerdict,
+    },
+};
+
+tonic::include_proto!("scanserver.v1");
+
+/// The encoded file descriptor set, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("scanserver_descriptor");
+
+/// The protocol major version this build speaks.
+pub const PROTOCOL_VERSION: u32 = ProtocolVersion::Current as u32;
+
+impl From<&LibVerdict> for Verdict {
+    fn from(verdict: &LibVerdict) -> Self {
+        let kind = match verdict {
+            LibVerdict::Clean => verdict::Kind::Clean(Clean {}),
+            LibVerdict::Infected(detections) => verdict::Kind::Infected(Infected {
+                detections: detections.iter().map(Detection::from).collect(),
+            }),
+            LibVerdict::Failed(failure) => verdict::Kind::Failed(Failed {
+                reason: FailureReason::from(failure.reason) as i32,
+                detail: failure.detail.clone(),
+            }),
+        };
+        Verdict { kind: Some(kind) }
+    }
+}
+
+impl From<&LibDetection> for Detection {
+    fn from(d: &LibDetection) -> Self {
+        let severity = match d.severity {
+            LibSeverity::Low => Severity::Low,
+            LibSeverity::Medium => Severity::Medium,
+            LibSeverity::High => Severity::High,
+            LibSeverity::Critical => Severity::Critical,
+        };
+        Detection {
+            rule: d.rule.clone(),
+            namespace: d.namespace.clone(),
+            tags: d.tags.clone(),
+            threat: d.threat.clone(),
+            severity: severity as i32,
+        }
+    }
+}
+
+impl From<FailReason> for FailureReason {
+    fn from(reason: FailReason) -> Self {
+        match reason {
+            FailReason::Timeout => FailureReason::Timeout,
+            FailReason::TooLarge => FailureReason::TooLarge,
+            FailReason::Io => FailureReason::Io,
+            FailReason::Engine => FailureReason::Engine,
+        }
+    }
+}
+
+impl From<&Verdict> for LibVerdict {
+    /// A verdict from the wire. Anything missing or unknown reads as a
+    /// failure, never as clean.
+    fn from(verdict: &Verdict) -> Self {
+        match &verdict.kind {
+            Some(verdict::Kind::Clean(_)) => LibVerdict::Clean,
+            Some(verdict::Kind::Infected(infected)) if !infected.detections.is_empty() => {
+                LibVerdict::Infected(infected.detections.iter().map(LibDetection::from).collect())
+            }
+            Some(verdict::Kind::Failed(failed)) => {
+                let reason = match failed.reason() {
+                    FailureReason::Timeout => FailReason::Timeout,
+                    FailureReason::TooLarge => FailReason::TooLarge,
+                    FailureReason::Io => FailReason::Io,
+                    FailureReason::Engine | FailureReason::Unspecified => FailReason::Engine,
+                };
+                LibVerdict::Failed(Failure {
+                    reason,
+                    detail: failed.detail.clone(),
+                })
+            }
+            _ => LibVerdict::failed(FailReason::Engine, "the server sent no usable verdict"),
+        }
+    }
+}
+
+impl From<&Detection> for LibDetection {
+    fn from(d: &Detection) -> Self {
+        let severity = match d.severity() {
+            Severity::Low => LibSeverity::Low,
+            Severity::Medium => LibSeverity::Medium,
+            Severity::Critical => LibSeverity::Critical,
+            Severity::High | Severity::Unspecified => LibSeverity::High,
+        };
+        LibDetection {
+            rule: d.rule.clone(),
+            namespace: d.namespace.clone(),
+            tags: d.tags.clone(),
+            threat: d.threat.clone(),
+            severity,
+        }
+    }
+}
+
+impl FileVerdict {
+    /// The wire form of an engine outcome.
+    pub fn from_outcome(outcome: &ScanOutcome) -> Self {
+        FileVerdict {
+            verdict: Some(Verdict::from(&outcome.verdict)),
+            blake3: outcome
+                .digest
+                .map(|d| d.as_bytes().to_vec())
+                .unwrap_or_default(),
+            cached: outcome.cached,
+            signatures_version: outcome.rules_version.to_string(),
+            scan_time_us: if outcome.cached {
+                0
+            } else {
+                outcome.elapsed.as_micros() as u64
+            },
+        }
+    }
+
+    /// The wire form of a cached verdict.
+    pub fn cached(verdict: &LibVerdict, digest: &blake3::Hash, version: &str) -> Self {
+        FileVerdict {
+            verdict: Some(Verdict::from(verdict)),
+            blake3: digest.as_bytes().to_vec(),
+            cached: true,
+            signatures_version: version.to_owned(),
+            scan_time_us: 0,
+        }
+    }
+
+    /// An outcome as a client sees it: `size` is what the client knows of
+    /// the file, and `elapsed` what it measured.
+    pub fn to_outcome(&self, size: u64, elapsed: Duration) -> ScanOutcome {
+        let verdict = self
+            .verdict
+            .as_ref()
+            .map(LibVerdict::from)
+            .unwrap_or_else(|| {
+                LibVerdict::failed(FailReason::Engine, "the server sent no verdict")
+            });
+        ScanOutcome {
+            verdict,
+            size,
+            digest: <[u8; 32]>::try_from(self.blake3.as_slice())
+                .ok()
+                .map(blake3::Hash::from_bytes),
+            rules_version: self.signatures_version.as_str().into(),
+            cached: self.cached,
+            elapsed,
+        }
+    }
+}

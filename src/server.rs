@@ -1,0 +1,182 @@
+//! The server: the agent listener (gRPC over TCP, optionally TLS or mutual
+//! TLS) with the Protection service, the standard health service and server
+//! reflection, and graceful shutdown.
+//!
+//! Shutdown, on the future given to [`Server::run`] (SIGTERM or Ctrl-C for
+//! `scanserver serve`): the health service turns NOT_SERVING, the listener
+//! stops accepting, sessions and Scan streams are told to end, and scans in
+//! flight may finish and reply, up to the configured grace period.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming};
+
+use crate::{
+    config::{Config, TlsConfig},
+    engine::Engine,
+    proto::{self, protection_server_server::ProtectionServerServer},
+    service::{ProtectionService, ServiceState},
+};
+
+/// Largest gRPC message accepted (a chunk, or a Lookup of 100,000 digests).
+const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "cannot listen on {addr}: {source} (is another server running there? use --listen to pick another address)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read {what} {}: {source}", path.display())]
+    TlsFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the spool folder: {0}")]
+    Spool(std::io::Error),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    state: Arc<ServiceState>,
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    shutdown: watch::Sender<bool>,
+    grace: std::time::Duration,
+}
+
+impl Server {
+    /// Binds the agent listener and prepares the service around `engine`.
+    pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let tls = config.tls.as_ref().map(tls_config).transpose()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = ServiceState::new(engine, config, shutdown_rx).map_err(ServerError::Spool)?;
+        Ok(Server {
+            state: Arc::new(state),
+            listener,
+            tls,
+            shutdown,
+            grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The service's shared state (sessions, counters, engine).
+    pub fn state(&self) -> &Arc<ServiceState> {
+        &self.state
+    }
+
+    /// Serves until `signal` resolves, then shuts down gracefully.
+    pub async fn run(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<ProtectionServerServer<ProtectionService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let service = ProtectionServerServer::new(ProtectionService::new(Arc::clone(&self.state)))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE);
+
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
+        let shutdown = self.shutdown;
+        let stop_accepting = async move {
+            signal.await;
+            tracing::info!("shutting down: no new connections, finishing scans in flight");
+            health
+                .set_not_serving::<ProtectionServerServer<ProtectionService>>()
+                .await;
+            let _ = shutdown.send(true);
+            let _ = signalled_tx.send(());
+        };
+        let serve = builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpIncoming::from(self.listener), stop_accepting);
+        let grace = self.grace;
+        let deadline = async move {
+            if signalled_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = serve => result?,
+            () = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
+        }
+        Ok(())
+    }
+}
+
+fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
+    let read = |what, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::TlsFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let identity = Identity::from_pem(
+        read("certificate", &tls.cert)?,
+        read("private key", &tls.key)?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        // With a client CA, tonic requires every client to present a
+        // certificate that chains to it.
+        config = config.client_ca_root(Certificate::from_pem(read("client CA", ca)?));
+    }
+    Ok(config)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,215 @@
+//! The Light Agent gRPC service, `scanserver.v1.ProtectionServer`.
+//!
+//! * [`session`]: `Connect`, the agent session (hello, heartbeats, events).
+//! * [`scan`]: `Scan` (many files multiplexed on one stream, hash first) and
+//!   `ScanFile` (one file per call).
+//! * [`upload`]: receiving one file's content, in memory or spooled.
+//! * `Lookup` is answered here, from the verdict cache.
+//!
+//! Every handler works on the shared [`ServiceState`].
+
+pub mod scan;
+pub mod session;
+pub mod upload;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    config::Config,
+    engine::Engine,
+    proto::{
+        AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult, ScanReply,
+        ScanRequest, ServerMessage, protection_server_server::ProtectionServer,
+    },
+    sessions::{Session, Sessions},
+    signatures::Ruleset,
+};
+use upload::UploadStore;
+
+/// Digests accepted in one Lookup request.
+pub const MAX_LOOKUP_DIGESTS: usize = 100_000;
+
+/// Replies buffered per stream before the server waits for the agent to
+/// read them.
+const REPLY_BUFFER: usize = 256;
+
+/// What every handler shares.
+pub struct ServiceState {
+    pub engine: Arc<Engine>,
+    pub sessions: Arc<Sessions>,
+    pub uploads: UploadStore,
+    pub svm_id: String,
+    pub allowed_tags: Vec<String>,
+    pub heartbeat_interval: Duration,
+    pub idle_timeout: Duration,
+    /// Whether the agent listener is TLS.
+    pub encrypted: bool,
+    /// The current signatures version; sessions tell their agent when it
+    /// changes.
+    signatures: watch::Sender<Arc<str>>,
+    /// Becomes true when the server shuts down; sessions and streams end.
+    shutdown: watch::Receiver<bool>,
+    pub counters: Counters,
+}
+
+/// Service-wide counters.
+#[derive(Default)]
+pub struct Counters {
+    /// Content requests sent (hash-first misses).
+    pub content_requests: AtomicU64,
+    /// Content bytes received from agents.
+    pub bytes_received: AtomicU64,
+    /// Verdicts answered from the cache without content.
+    pub hash_hits: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+impl ServiceState {
+    pub fn new(
+        engine: Arc<Engine>,
+        config: &Config,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Self> {
+        let (signatures, _) = watch::channel(engine.ruleset().version_arc());
+        Ok(ServiceState {
+            sessions: Arc::new(Sessions::new(
+                config.server.max_agents,
+                config.uploads.files_in_flight as usize,
+            )),
+            uploads: UploadStore::new(config.uploads.clone())?,
+            svm_id: config.server.svm_id.clone(),
+            allowed_tags: config.server.allowed_tags.clone(),
+            heartbeat_interval: config.server.heartbeat_interval,
+            idle_timeout: config.server.idle_timeout,
+            encrypted: config.tls.is_some(),
+            signatures,
+            shutdown,
+            counters: Counters::default(),
+            engine,
+        })
+    }
+
+    /// Replaces the signatures and tells every connected agent.
+    pub fn replace_ruleset(&self, ruleset: Ruleset) {
+        self.engine.replace_ruleset(ruleset);
+        self.signatures
+            .send_replace(self.engine.ruleset().version_arc());
+    }
+
+    /// The open session `id`, or the error an agent can act on.
+    fn session(&self, id: &str) -> Result<Arc<Session>, Status> {
+        self.sessions.get(id).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "unknown session `{id}`: open a session with Connect and use the session id of its Welcome"
+            ))
+        })
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct ProtectionService {
+    state: Arc<ServiceState>,
+}
+
+impl ProtectionService {
+    pub fn new(state: Arc<ServiceState>) -> Self {
+        ProtectionService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl ProtectionServer for ProtectionService {
+    type ConnectStream = ReceiverStream<Result<ServerMessage, Status>>;
+    type ScanStream = ReceiverStream<Result<ScanReply, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(session::run(
+            Arc::clone(&self.state),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<Streaming<ScanRequest>>,
+    ) -> Result<Response<Self::ScanStream>, Status> {
+        let (tx, rx) = mpsc::channel(REPLY_BUFFER);
+        tokio::spawn(scan::run(Arc::clone(&self.state), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupReply>, Status> {
+        let request = request.into_inner();
+        let session = self.state.session(&request.session_id)?;
+        session.touch();
+        if request.digests.len() > MAX_LOOKUP_DIGESTS {
+            return Err(Status::invalid_argument(format!(
+                "{} digests in one Lookup; send at most {MAX_LOOKUP_DIGESTS} per request",
+                request.digests.len()
+            )));
+        }
+        let engine = &self.state.engine;
+        let version = engine.ruleset().version_arc();
+        let mut results = Vec::with_capacity(request.digests.len());
+        for (index, digest) in request.digests.iter().enumerate() {
+            let digest = parse_digest(digest)
+                .map_err(|e| Status::invalid_argument(format!("digest #{index}: {e}")))?
+                .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))?;
+            let verdict = engine
+                .cached(&digest, None)
+                .map(|hit| FileVerdict::cached(&hit.verdict, &digest, &version));
+            results.push(LookupResult { verdict });
+        }
+        Ok(Response::new(LookupReply { results }))
+    }
+
+    async fn scan_file(
+        &self,
+        request: Request<Streaming<FileChunk>>,
+    ) -> Result<Response<FileVerdict>, Status> {
+        scan::scan_file(&self.state, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Resolves once the server shuts down.
+async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&down| down).await;
+}
+
+/// A digest from the wire: empty means none; otherwise 32 bytes.
+pub fn parse_digest(bytes: &[u8]) -> Result<Option<blake3::Hash>, String> {
+    match bytes.len() {
+        0 => Ok(None),
+        32 => Ok(Some(blake3::Hash::from_bytes(
+            bytes.try_into().expect("32 bytes"),
+        ))),
+        n => Err(format!("a blake3 digest is 32 bytes, not {n}")),
+    }
+}

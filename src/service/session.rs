@@ -1,0 +1,213 @@
+//! `Connect`: one agent session, from Hello to the end of the stream.
+//!
+//! The first message must be a Hello, within [`HELLO_TIMEOUT`]. It is
+//! checked (protocol version, connection tags, encryption, capacity) and
+//! answered with a Welcome or a Rejection. Then the server sends a heartbeat
+//! every interval, notes every message from the agent as a sign of life,
+//! logs its task and integrity events, and tells it when the signatures
+//! change. The session ends when the agent closes the stream, when it has
+//! been silent for three heartbeat intervals, or when the server shuts down.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::{ServiceState, shut_down};
+use crate::{
+    proto::{
+        AgentMessage, Heartbeat, Hello, Limits, PROTOCOL_VERSION, RejectReason, Rejection,
+        ServerMessage, SignaturesChanged, Welcome, agent_message, server_message,
+    },
+    sessions::{AgentIdentity, Session},
+};
+
+/// How long a new stream may take to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Outbox = mpsc::Sender<Result<ServerMessage, Status>>;
+
+/// Runs one session to its end.
+pub(super) async fn run(
+    state: Arc<ServiceState>,
+    mut incoming: Streaming<AgentMessage>,
+    out: Outbox,
+) {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, incoming.message()).await {
+        Ok(Ok(Some(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(hello)),
+        }))) => hello,
+        Ok(Ok(Some(_))) => {
+            return reject(
+                &out,
+                RejectReason::InvalidHello,
+                "the first message must be a Hello",
+            )
+            .await;
+        }
+        Err(_) => {
+            return reject(
+                &out,
+                RejectReason::InvalidHello,
+                "no Hello within 10 seconds",
+            )
+            .await;
+        }
+        Ok(Ok(None) | Err(_)) => return,
+    };
+    let session = match admit(&state, &hello) {
+        Ok(session) => session,
+        Err((reason, message)) => return reject(&out, reason, &message).await,
+    };
+    tracing::info!(
+        session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
+        "agent connected"
+    );
+    if out.send(Ok(welcome(&state, &session))).await.is_ok() {
+        serve(&state, &session, incoming, &out).await;
+    }
+    state.sessions.close(&session.id);
+    tracing::info!(session = %session.id, vm = %session.agent.vm_id, "agent disconnected");
+}
+
+/// Checks a Hello and opens the session, or says why not.
+fn admit(state: &ServiceState, hello: &Hello) -> Result<Arc<Session>, (RejectReason, String)> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err((
+            RejectReason::IncompatibleVersion,
+            format!(
+                "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
+        ));
+    }
+    if hello.require_encryption && !state.encrypted {
+        return Err((
+            RejectReason::EncryptionRequired,
+            "this server's agent listener is not encrypted; connect to an SVM with TLS".into(),
+        ));
+    }
+    let tag_allowed = state.allowed_tags.is_empty()
+        || hello
+            .connection_tags
+            .iter()
+            .any(|t| state.allowed_tags.contains(t));
+    if !tag_allowed {
+        return Err((
+            RejectReason::TagNotAllowed,
+            format!(
+                "none of the agent's connection tags {:?} is accepted here (accepted: {:?})",
+                hello.connection_tags, state.allowed_tags
+            ),
+        ));
+    }
+    state
+        .sessions
+        .open(AgentIdentity::from(hello))
+        .map_err(|reason| {
+            (
+                reason,
+                "this SVM serves its maximum number of agents; connect to another SVM".into(),
+            )
+        })
+}
+
+fn welcome(state: &ServiceState, session: &Session) -> ServerMessage {
+    let uploads = state.uploads.config();
+    ServerMessage {
+        kind: Some(server_message::Kind::Welcome(Welcome {
+            session_id: session.id.clone(),
+            svm_id: state.svm_id.clone(),
+            server_version: crate::VERSION.to_owned(),
+            signatures_version: state.engine.ruleset().version().to_owned(),
+            heartbeat_interval_ms: state.heartbeat_interval.as_millis() as u32,
+            limits: Some(Limits {
+                max_file_size: uploads.max_file_size,
+                preferred_chunk_size: uploads.chunk_size,
+                max_files_in_flight: uploads.files_in_flight,
+            }),
+        })),
+    }
+}
+
+async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
+    tracing::info!(?reason, message, "agent rejected");
+    let rejection = Rejection {
+        reason: reason as i32,
+        message: message.to_owned(),
+    };
+    let _ = out
+        .send(Ok(ServerMessage {
+            kind: Some(server_message::Kind::Rejection(rejection)),
+        }))
+        .await;
+}
+
+/// The life of an admitted session.
+async fn serve(
+    state: &ServiceState,
+    session: &Session,
+    mut incoming: Streaming<AgentMessage>,
+    out: &Outbox,
+) {
+    let mut heartbeat = tokio::time::interval(state.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut signatures = state.signatures.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    let mut sequence = 0;
+    loop {
+        let message = tokio::select! {
+            message = incoming.message() => message,
+            _ = heartbeat.tick() => {
+                if session.last_seen().elapsed() > state.heartbeat_interval * 3 {
+                    tracing::warn!(session = %session.id, "agent missed three heartbeats");
+                    return;
+                }
+                sequence += 1;
+                let beat = server_message::Kind::Heartbeat(Heartbeat { sequence });
+                if out.send(Ok(ServerMessage { kind: Some(beat) })).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(()) = signatures.changed() => {
+                let ruleset = state.engine.ruleset();
+                let notice = server_message::Kind::SignaturesChanged(SignaturesChanged {
+                    signatures_version: ruleset.version().to_owned(),
+                    rule_count: ruleset.rule_count() as u64,
+                });
+                if out.send(Ok(ServerMessage { kind: Some(notice) })).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            () = shut_down(&mut shutdown) => {
+                let _ = out.send(Err(Status::unavailable("the server is shutting down"))).await;
+                return;
+            }
+        };
+        match message {
+            Ok(Some(message)) => {
+                session.touch();
+                note(session, message);
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// Records what the agent tells.
+fn note(session: &Session, message: AgentMessage) {
+    match message.kind {
+        Some(agent_message::Kind::Task(task)) => tracing::info!(
+            session = %session.id, vm = %session.agent.vm_id, task = %task.task_id,
+            kind = ?task.kind(), state = ?task.state(), detections = task.detections,
+            "scan task"
+        ),
+        Some(agent_message::Kind::Integrity(event)) => tracing::warn!(
+            session = %session.id, vm = %session.agent.vm_id, kind = ?event.kind(), object = %event.object,
+            "integrity event"
+        ),
+        Some(agent_message::Kind::Heartbeat(_)) | Some(agent_message::Kind::Hello(_)) | None => {}
+    }
+}

@@ -1,0 +1,361 @@
+//! Receiving one file's content from an agent.
+//!
+//! Content is hashed (blake3) as it arrives, so the digest the verdict is
+//! cached under is always the server's own. Small files stay in memory,
+//! within a budget shared by all uploads; larger ones, or any file once the
+//! budget is spent, go to a temporary file in the spool folder, which the
+//! engine memory-maps or reads for the scan. Every check fails the file with
+//! a clear error: a chunk out of order, more or less content than declared,
+//! a digest that differs from the one the agent claimed, a file over the size
+//! limit. Dropping an [`Upload`] or a [`Received`] at any point (cancel, end
+//! of stream, disconnect) frees its memory and deletes its temporary file.
+
+use std::{
+    io::{self, Write},
+    path::Path,
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use tempfile::{NamedTempFile, TempPath};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Code;
+
+use crate::{cache::Digest, config::UploadConfig, engine::Content};
+
+/// Why a file's upload failed; the file gets this error, the stream goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("chunk at offset {got} out of order: expected offset {expected}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("more content than the {declared} bytes declared")]
+    TooMuch { declared: u64 },
+    #[error("{received} bytes received, {declared} declared")]
+    SizeMismatch { declared: u64, received: u64 },
+    #[error("the content's blake3 digest {computed} differs from the digest the agent sent")]
+    DigestMismatch { computed: String },
+    #[error("file of {size} bytes is over the server's limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("cannot spool the file: {0}")]
+    Spool(#[from] io::Error),
+}
+
+impl UploadError {
+    /// The gRPC status code the error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            UploadError::TooLarge { .. } => Code::FailedPrecondition,
+            UploadError::Spool(_) => Code::Internal,
+            _ => Code::InvalidArgument,
+        }
+    }
+}
+
+/// Where uploads keep their content: the memory budget and the spool folder.
+pub struct UploadStore {
+    config: UploadConfig,
+    /// The memory budget, in KiB permits.
+    memory: Arc<Semaphore>,
+}
+
+impl UploadStore {
+    pub fn new(config: UploadConfig) -> io::Result<Self> {
+        std::fs::create_dir_all(config.spool_dir())?;
+        let kib = usize::try_from(config.memory_budget >> 10).unwrap_or(usize::MAX);
+        Ok(UploadStore {
+            memory: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &UploadConfig {
+        &self.config
+    }
+
+    /// Starts receiving a file of `size` bytes (unknown for `ScanFile`),
+    /// optionally with the digest the agent claims for it.
+    pub fn begin(&self, size: Option<u64>, claimed: Option<Digest>) -> Result<Upload, UploadError> {
+        let limit = self.config.max_file_size;
+        if let Some(size) = size.filter(|&s| s > limit) {
+            return Err(UploadError::TooLarge { size, limit });
+        }
+        let expected = size.unwrap_or(self.config.memory_threshold);
+        let sink = match self.reserve_memory(expected) {
+            Some(permit) => Sink::Memory {
+                buffer: Vec::with_capacity(expected as usize),
+                _budget: permit,
+            },
+            None => Sink::Spool(self.spool_file()?),
+        };
+        Ok(Upload {
+            declared: size,
+            claimed,
+            limit,
+            received: 0,
+            hasher: blake3::Hasher::new(),
+            sink,
+            spool_dir: self.config.spool_dir(),
+        })
+    }
+
+    /// A share of the memory budget for `size` bytes, if the file is small
+    /// enough to stay in memory and the budget allows.
+    fn reserve_memory(&self, size: u64) -> Option<OwnedSemaphorePermit> {
+        if size > self.config.memory_threshold {
+            return None;
+        }
+        let kib = u32::try_from(size.div_ceil(1024).max(1)).ok()?;
+        Arc::clone(&self.memory).try_acquire_many_owned(kib).ok()
+    }
+
+    fn spool_file(&self) -> io::Result<NamedTempFile> {
+        spool_file(&self.config.spool_dir())
+    }
+}
+
+fn spool_file(dir: &Path) -> io::Result<NamedTempFile> {
+    tempfile::Builder::new().prefix("upload-").tempfile_in(dir)
+}
+
+/// A file being received.
+pub struct Upload {
+    declared: Option<u64>,
+    claimed: Option<Digest>,
+    limit: u64,
+    received: u64,
+    hasher: blake3::Hasher,
+    sink: Sink,
+    spool_dir: std::path::PathBuf,
+}
+
+enum Sink {
+    Memory {
+        buffer: Vec<u8>,
+        _budget: OwnedSemaphorePermit,
+    },
+    Spool(NamedTempFile),
+}
+
+impl Upload {
+    /// Adds the chunk at `offset`.
+    pub fn push(&mut self, offset: u64, data: &[u8]) -> Result<(), UploadError> {
+        if offset != self.received {
+            return Err(UploadError::OutOfOrder {
+                expected: self.received,
+                got: offset,
+            });
+        }
+        let total = self.received + data.len() as u64;
+        if let Some(declared) = self.declared.filter(|&d| total > d) {
+            return Err(UploadError::TooMuch { declared });
+        }
+        if total > self.limit {
+            return Err(UploadError::TooLarge {
+                size: total,
+                limit: self.limit,
+            });
+        }
+        self.hasher.update(data);
+        self.write(data)?;
+        self.received = total;
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Sink::Memory { buffer, .. } = &mut self.sink {
+            // A file of unknown size that outgrows its memory share moves
+            // to the spool.
+            if buffer.len() + data.len() > buffer.capacity() {
+                let mut file = spool_file(&self.spool_dir)?;
+                file.write_all(buffer)?;
+                self.sink = Sink::Spool(file);
+            }
+        }
+        match &mut self.sink {
+            Sink::Memory { buffer, .. } => {
+                buffer.extend_from_slice(data);
+                Ok(())
+            }
+            // Spool writes go to the page cache; they are short enough to
+            // make on the runtime's threads.
+            Sink::Spool(file) => file.write_all(data),
+        }
+    }
+
+    /// All content arrived: checks its size and digest.
+    pub fn finish(self) -> Result<Received, UploadError> {
+        if let Some(declared) = self.declared.filter(|&d| d != self.received) {
+            return Err(UploadError::SizeMismatch {
+                declared,
+                received: self.received,
+            });
+        }
+        let digest = self.hasher.finalize();
+        if self.claimed.is_some_and(|claimed| claimed != digest) {
+            return Err(UploadError::DigestMismatch {
+                computed: digest.to_hex().to_string(),
+            });
+        }
+        let (content, spool, budget) = match self.sink {
+            Sink::Memory { buffer, _budget } => {
+                (Content::Bytes(Bytes::from(buffer)), None, Some(_budget))
+            }
+            Sink::Spool(file) => {
+                let path = file.into_temp_path();
+                (Content::File(path.to_path_buf()), Some(path), None)
+            }
+        };
+        Ok(Received {
+            content,
+            digest,
+            size: self.received,
+            _spool: spool,
+            _budget: budget,
+        })
+    }
+}
+
+/// A complete, verified file, ready to scan. Dropping it releases its
+/// memory share and deletes its spool file.
+pub struct Received {
+    pub content: Content,
+    pub digest: Digest,
+    pub size: u64,
+    _spool: Option<TempPath>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Received {
+    /// Splits off the content for the engine; the returned guard keeps the
+    /// spool file and memory share until it is dropped, after the scan.
+    pub fn into_parts(self) -> (Content, Digest, ReceivedGuard) {
+        (
+            self.content,
+            self.digest,
+            ReceivedGuard {
+                _spool: self._spool,
+                _budget: self._budget,
+            },
+        )
+    }
+}
+
+/// Keeps a received file's spool file and memory share alive.
+pub struct ReceivedGuard {
+    _spool: Option<TempPath>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(threshold: u64, dir: &Path) -> UploadStore {
+        UploadStore::new(UploadConfig {
+            memory_threshold: threshold,
+            spool_dir: Some(dir.to_owned()),
+            max_file_size: 1 << 20,
+            ..UploadConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn files_in(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn small_files_stay_in_memory_large_ones_are_spooled_and_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(1000, dir.path());
+        let mut small = store.begin(Some(10), None).unwrap();
+        small.push(0, b"0123456789").unwrap();
+        let received = small.finish().unwrap();
+        assert!(matches!(received.content, Content::Bytes(_)));
+        assert_eq!(received.digest, blake3::hash(b"0123456789"));
+
+        let mut large = store.begin(Some(2000), None).unwrap();
+        large.push(0, &[1; 1500]).unwrap();
+        assert_eq!(files_in(dir.path()), 1);
+        large.push(1500, &[1; 500]).unwrap();
+        let received = large.finish().unwrap();
+        assert!(matches!(received.content, Content::File(_)));
+        drop(received);
+        assert_eq!(files_in(dir.path()), 0, "the spool file is deleted");
+
+        let mut abandoned = store.begin(Some(5000), None).unwrap();
+        abandoned.push(0, &[1; 100]).unwrap();
+        drop(abandoned);
+        assert_eq!(
+            files_in(dir.path()),
+            0,
+            "an abandoned upload leaves nothing"
+        );
+    }
+
+    #[test]
+    fn lies_and_disorder_fail_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(1000, dir.path());
+        let mut upload = store.begin(Some(4), None).unwrap();
+        upload.push(0, b"ab").unwrap();
+        assert!(matches!(
+            upload.push(5, b"cd"),
+            Err(UploadError::OutOfOrder {
+                expected: 2,
+                got: 5
+            })
+        ));
+        assert!(matches!(
+            upload.push(2, b"cde"),
+            Err(UploadError::TooMuch { declared: 4 })
+        ));
+
+        let short = store.begin(Some(4), None).unwrap();
+        assert!(matches!(
+            short.finish(),
+            Err(UploadError::SizeMismatch { .. })
+        ));
+
+        let mut lying = store.begin(Some(2), Some(blake3::hash(b"xx"))).unwrap();
+        lying.push(0, b"ab").unwrap();
+        assert!(matches!(
+            lying.finish(),
+            Err(UploadError::DigestMismatch { .. })
+        ));
+
+        assert!(matches!(
+            store.begin(Some(2 << 20), None),
+            Err(UploadError::TooLarge { .. })
+        ));
+        let mut unknown_size = store.begin(None, None).unwrap();
+        assert!(matches!(
+            unknown_size.push(0, &vec![0; 2 << 20]),
+            Err(UploadError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn the_memory_budget_sends_files_to_the_spool_when_spent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UploadStore::new(UploadConfig {
+            memory_threshold: 8 << 10,
+            memory_budget: 16 << 10,
+            spool_dir: Some(dir.path().to_owned()),
+            ..UploadConfig::default()
+        })
+        .unwrap();
+        let first = store.begin(Some(8 << 10), None).unwrap();
+        let second = store.begin(Some(8 << 10), None).unwrap();
+        let third = store.begin(Some(8 << 10), None).unwrap();
+        assert!(matches!(first.sink, Sink::Memory { .. }));
+        assert!(matches!(second.sink, Sink::Memory { .. }));
+        assert!(matches!(third.sink, Sink::Spool(_)), "the budget is spent");
+        drop(first);
+        let fourth = store.begin(Some(8 << 10), None).unwrap();
+        assert!(
+            matches!(fourth.sink, Sink::Memory { .. }),
+            "a finished upload returns its share"
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! The registry of connected Light Agents.
+//!
+//! A session exists from an accepted Hello until its `Connect` stream ends
+//! (or misses three heartbeats). Scan and Lookup requests name their session;
+//! the registry keeps per-session counters (files, bytes, detections) and the
+//! last time the agent was heard from, for status and reporting.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use tokio::sync::Semaphore;
+
+use crate::proto::{Hello, RejectReason};
+
+/// Who an agent is, from its Hello.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+    pub vm_id: String,
+    pub vm_name: String,
+    pub os: String,
+    pub agent_version: String,
+    pub connection_tags: Vec<String>,
+}
+
+impl From<&Hello> for AgentIdentity {
+    fn from(hello: &Hello) -> Self {
+        AgentIdentity {
+            agent_id: hello.agent_id.clone(),
+            vm_id: hello.vm_id.clone(),
+            vm_name: hello.vm_name.clone(),
+            os: hello.os.clone(),
+            agent_version: hello.agent_version.clone(),
+            connection_tags: hello.connection_tags.clone(),
+        }
+    }
+}
+
+/// One connected agent.
+#[derive(Debug)]
+pub struct Session {
+    pub id: String,
+    pub agent: AgentIdentity,
+    pub connected_since: SystemTime,
+    last_seen: Mutex<Instant>,
+    /// Files open at once on the session's Scan streams.
+    pub files_in_flight: Arc<Semaphore>,
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    pub detections: AtomicU64,
+}
+
+impl Session {
+    /// Notes that the agent was heard from.
+    pub fn touch(&self) {
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// When the agent was last heard from.
+    pub fn last_seen(&self) -> Instant {
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one scanned file.
+    pub fn record_file(&self, bytes: u64, detections: usize) {
+        self.files.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.detections
+            .fetch_add(detections as u64, Ordering::Relaxed);
+    }
+}
+
+/// The connected agents.
+pub struct Sessions {
+    by_id: RwLock<HashMap<String, Arc<Session>>>,
+    max_agents: usize,
+    files_in_flight: usize,
+}
+
+impl Sessions {
+    pub fn new(max_agents: usize, files_in_flight: usize) -> Self {
+        Sessions {
+            by_id: RwLock::new(HashMap::new()),
+            max_agents,
+            files_in_flight,
+        }
+    }
+
+    /// Opens a session for `agent`, unless the server is at capacity.
+    pub fn open(&self, agent: AgentIdentity) -> Result<Arc<Session>, RejectReason> {
+        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        if by_id.len() >= self.max_agents {
+            return Err(RejectReason::Capacity);
+        }
+        let session = Arc::new(Session {
+            id: uuid::Uuid::new_v4().to_string(),
+            agent,
+            connected_since: SystemTime::now(),
+            last_seen: Mutex::new(Instant::now()),
+            files_in_flight: Arc::new(Semaphore::new(self.files_in_flight)),
+            files: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            detections: AtomicU64::new(0),
+        });
+        by_id.insert(session.id.clone(), Arc::clone(&session));
+        Ok(session)
+    }
+
+    /// The open session with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.by_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Ends a session.
+    pub fn close(&self, id: &str) {
+        self.by_id
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Every open session.
+    pub fn list(&self) -> Vec<Arc<Session>> {
+        self.by_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// How many agents are connected.
+    pub fn len(&self) -> usize {
+        self.by_id.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
