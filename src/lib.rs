@@ -14,11 +14,17 @@
 //! * [`cache`]: the SharedCache of verdicts by content digest.
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
+//! * [`config`]: the server's configuration (TOML, environment, flags).
+//! * [`server`]: the agent listener (TLS, health, reflection, shutdown).
+//! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
+//! * [`sessions`]: the registry of connected agents.
+//! * [`client`]: the Light Agent client that `lightagent` drives.
 //! * [`report`]: how scan results are printed (text or JSON lines), and the
 //!   exit status they add up to.
-//! * [`proto`]: the gRPC protocol, generated from `proto/`.
+//! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.
 
 pub mod cache;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod localscan;

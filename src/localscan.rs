@@ -21,37 +21,47 @@ use crate::{
 /// `format`, and returns the totals.
 pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
     let reporter = Reporter::new(format);
-    let rules_version = engine.ruleset().version_arc();
-    let unreadable = |path: PathBuf, err: walkdir::Error| {
-        let outcome = ScanOutcome {
-            verdict: Verdict::failed(FailReason::Io, err.to_string()),
-            size: 0,
-            digest: None,
-            rules_version: rules_version.clone(),
-            cached: false,
-            elapsed: Duration::ZERO,
-        };
-        reporter.file(&path, &outcome, None);
-    };
-    let files = paths.iter().flat_map(|root| {
-        WalkDir::new(root)
-            .follow_links(false)
-            .follow_root_links(true)
-            .into_iter()
-            .filter_map(|entry| match entry {
-                Ok(entry) if entry.file_type().is_file() => Some(entry.into_path()),
-                Ok(_) => None,
-                Err(err) => {
-                    let path = err.path().unwrap_or(root).to_owned();
-                    unreadable(path, err);
-                    None
-                }
-            })
-    });
+    let unreadable = |path: PathBuf, err: walkdir::Error| reporter.file(&path, &unreadable_outcome(err), None);
+    let files = walk(paths, &unreadable);
     engine.scan_all(files.map(ScanJob::file), |job, outcome| {
         if let Content::File(path) = &job.content {
             reporter.file(path, &outcome, None);
         }
     });
     reporter.finish()
+}
+
+/// The regular files below `paths`, walked in order without following
+/// symbolic links (a path given itself is followed). Entries that cannot
+/// be read go to `unreadable`.
+pub fn walk<'a>(
+    paths: &'a [PathBuf],
+    unreadable: &'a (dyn Fn(PathBuf, walkdir::Error) + Sync),
+) -> impl Iterator<Item = PathBuf> + Send + 'a {
+    paths.iter().flat_map(move |root| {
+        WalkDir::new(root)
+            .follow_links(false)
+            .follow_root_links(true)
+            .into_iter()
+            .filter_map(move |entry| match entry {
+                Ok(entry) if entry.file_type().is_file() => Some(entry.into_path()),
+                Ok(_) => None,
+                Err(err) => {
+                    unreadable(err.path().unwrap_or(root).to_owned(), err);
+                    None
+                }
+            })
+    })
+}
+
+/// The outcome reported for an entry that could not be read.
+pub fn unreadable_outcome(err: walkdir::Error) -> ScanOutcome {
+    ScanOutcome {
+        verdict: Verdict::failed(FailReason::Io, err.to_string()),
+        size: 0,
+        digest: None,
+        rules_version: "".into(),
+        cached: false,
+        elapsed: Duration::ZERO,
+    }
 }

@@ -22,6 +22,14 @@ use crate::{
 /// Largest gRPC message accepted (a chunk, or a Lookup of 100,000 digests).
 const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
+/// HTTP/2 flow-control windows. The defaults (64 KiB) throttle an upload
+/// to one window per round trip (measured: 135 MB/s on loopback with 1 MiB
+/// windows, 340 MB/s with 4 MiB); these also bound what a connection whose
+/// reader is held back (the scan queue is full) makes the server buffer:
+/// 4 MiB per connection.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -102,7 +110,10 @@ impl Server {
         let service = ProtectionServerServer::new(ProtectionService::new(Arc::clone(&self.state)))
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
 
-        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        let mut builder = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }

@@ -1,17 +1,170 @@
 //! `lightagent`: the Light Agent client of the Protection Server.
 //!
-//! Its commands (scanning through a server, benchmarks) are defined in the
-//! library's `cli` module; this binary only parses and dispatches.
+//! Parses the command line and drives the library's [`client`]; the flags
+//! of every command are defined here, in one place.
+//!
+//! [`client`]: scanserver::client
 
-use clap::Parser;
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use scanserver::{
+    client::{Agent, AgentOptions, ClientTls},
+    localscan,
+    proto::{TaskKind, TaskState},
+    report::{Format, Reporter},
+};
 
 /// The Light Agent client of the Protection Server.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {}
+#[command(version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("lightagent has no commands yet; see `lightagent --help`");
-    std::process::exit(2);
+#[derive(Subcommand)]
+enum Command {
+    /// Scan local files and folders through a server, hash first.
+    ///
+    /// Output and exit status are those of `scanserver scan` (0 nothing
+    /// found, 1 something found, 2 some file could not be scanned), and the
+    /// JSON lines add `cached`.
+    Scan(ScanArgs),
+}
+
+#[derive(Args)]
+struct ScanArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+
+    /// Print one JSON object per file per line.
+    #[arg(long)]
+    json: bool,
+
+    /// Report the run to the server as a scan task of this kind.
+    #[arg(long, value_enum, value_name = "KIND")]
+    task: Option<Task>,
+
+    /// Files and folders to scan.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConnectionArgs {
+    /// The server, `http://HOST:PORT` or `https://HOST:PORT`.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7405", env = "LIGHTAGENT_SERVER")]
+    server: String,
+
+    /// Agent identifier [default: lightagent-HOSTNAME].
+    #[arg(long, value_name = "ID")]
+    agent_id: Option<String>,
+
+    /// VM identifier [default: the machine id].
+    #[arg(long, value_name = "ID")]
+    vm_id: Option<String>,
+
+    /// VM name [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    vm_name: Option<String>,
+
+    /// Connection tags to present (repeat the flag).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+
+    /// Only accept an encrypted channel.
+    #[arg(long)]
+    require_encryption: bool,
+
+    /// CA certificate (PEM) for an https server.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+
+    /// Client certificate (PEM), for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+
+    /// Client private key (PEM), for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+
+    /// Server name to verify the certificate against [default: from URL].
+    #[arg(long, value_name = "NAME")]
+    tls_domain: Option<String>,
+}
+
+impl ConnectionArgs {
+    fn options(&self) -> AgentOptions {
+        let mut options = AgentOptions::for_host(self.server.clone());
+        let set = |target: &mut String, value: &Option<String>| {
+            if let Some(value) = value {
+                target.clone_from(value);
+            }
+        };
+        set(&mut options.agent_id, &self.agent_id);
+        set(&mut options.vm_id, &self.vm_id);
+        set(&mut options.vm_name, &self.vm_name);
+        options.connection_tags = self.tags.clone();
+        options.require_encryption = self.require_encryption;
+        if self.server.starts_with("https://") || self.ca.is_some() || self.cert.is_some() {
+            options.tls = Some(ClientTls {
+                ca: self.ca.clone(),
+                identity: self.cert.clone().zip(self.key.clone()),
+                domain: self.tls_domain.clone(),
+            });
+        }
+        options
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Task {
+    Full,
+    Custom,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    match cli.command {
+        Command::Scan(args) => runtime.block_on(scan(args)),
+    }
+}
+
+async fn scan(args: ScanArgs) -> ExitCode {
+    let agent = match Agent::connect(&args.connection.options()).await {
+        Ok(agent) => agent,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = if args.json { Format::Json } else { Format::Text };
+    let reporter = Arc::new(Reporter::new(format));
+    let unreadable = |path: PathBuf, err| reporter.file(&path, &localscan::unreadable_outcome(err), None);
+    let files: Vec<_> = localscan::walk(&args.paths, &unreadable).collect();
+
+    let task_id = uuid::Uuid::new_v4().to_string();
+    let kind = args.task.map(|task| match task {
+        Task::Full => TaskKind::FullScan,
+        Task::Custom => TaskKind::CustomScan,
+    });
+    if let Some(kind) = kind {
+        agent.report_task(&task_id, kind, TaskState::Started, 0).await;
+    }
+    let sink = Arc::clone(&reporter);
+    let result = agent
+        .scan(files, move |path, outcome| sink.file(path, &outcome, Some(outcome.cached)))
+        .await;
+    let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
+    let summary = reporter.finish();
+    if let Err(err) = result {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    if let Some(kind) = kind {
+        agent.report_task(&task_id, kind, TaskState::Finished, summary.infected as u32).await;
+    }
+    ExitCode::from(summary.exit_code())
 }

@@ -1,0 +1,419 @@
+//! The Light Agent client: a session with a Protection Server, and scans of
+//! local files through it, hash first.
+//!
+//! [`Agent::connect`] opens the session (Hello, then a task that sends
+//! heartbeats for as long as the agent lives). [`Agent::scan`] scans files
+//! on one `Scan` stream with many files in flight: each file is hashed
+//! locally and announced with its digest; its content is streamed only when
+//! the server asks for it.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use std::io::Read;
+
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::{
+    engine::ScanOutcome,
+    proto::{
+        AgentMessage, FileBegin, FileChunk, FileEnd, FileVerdict, Heartbeat, Hello, LookupRequest,
+        PROTOCOL_VERSION, RejectReason, ScanRequest, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
+        protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
+    },
+    verdict::{FailReason, Verdict},
+};
+
+/// Largest gRPC message exchanged.
+const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Errors of the client as a whole (a single file's failure is a verdict).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the server answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the server rejected the session ({reason:?}): {message}")]
+    Rejected { reason: RejectReason, message: String },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// TLS settings towards the server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificate (PEM) the server's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name to verify the server's certificate against.
+    pub domain: Option<String>,
+}
+
+/// Who the agent is and how it reaches the server.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `http://host:port`, or `https://host:port` with [`ClientTls`].
+    pub server: String,
+    pub tls: Option<ClientTls>,
+    pub agent_id: String,
+    pub vm_id: String,
+    pub vm_name: String,
+    pub os: String,
+    pub connection_tags: Vec<String>,
+    pub require_encryption: bool,
+}
+
+impl AgentOptions {
+    /// Options for this host: the VM id is the machine id, the VM name the
+    /// host name.
+    pub fn for_host(server: impl Into<String>) -> Self {
+        let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
+        let host = read("/etc/hostname").filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
+        let machine = read("/etc/machine-id").filter(|m| !m.is_empty()).unwrap_or_else(|| host.clone());
+        AgentOptions {
+            server: server.into(),
+            tls: None,
+            agent_id: format!("lightagent-{host}"),
+            vm_id: machine,
+            vm_name: host,
+            os: std::env::consts::OS.to_owned(),
+            connection_tags: Vec::new(),
+            require_encryption: false,
+        }
+    }
+}
+
+/// An open session with a Protection Server.
+pub struct Agent {
+    client: ProtectionServerClient<Channel>,
+    welcome: Welcome,
+    to_server: mpsc::Sender<AgentMessage>,
+    session: JoinHandle<()>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.session.abort();
+    }
+}
+
+impl Agent {
+    /// Connects and opens a session.
+    pub async fn connect(options: &AgentOptions) -> Result<Agent, ClientError> {
+        let mut endpoint = Endpoint::from_shared(options.server.clone())?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(4 << 20);
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint.tls_config(client_tls(tls)?)?;
+        }
+        let mut client = ProtectionServerClient::new(endpoint.connect().await?)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let (to_server, outbox) = mpsc::channel(16);
+        let hello = agent_message::Kind::Hello(Hello {
+            agent_id: options.agent_id.clone(),
+            vm_id: options.vm_id.clone(),
+            vm_name: options.vm_name.clone(),
+            os: options.os.clone(),
+            agent_version: crate::VERSION.to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            connection_tags: options.connection_tags.clone(),
+            require_encryption: options.require_encryption,
+        });
+        let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
+        let mut incoming = client.connect(ReceiverStream::new(outbox)).await?.into_inner();
+        let welcome = match incoming.message().await?.and_then(|m| m.kind) {
+            Some(server_message::Kind::Welcome(welcome)) => welcome,
+            Some(server_message::Kind::Rejection(rejection)) => {
+                return Err(ClientError::Rejected {
+                    reason: rejection.reason(),
+                    message: rejection.message,
+                });
+            }
+            other => return Err(ClientError::Protocol(format!("expected a Welcome, got {other:?}"))),
+        };
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
+        let heartbeats = to_server.clone();
+        let session = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            let mut sequence = 0;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {
+                        sequence += 1;
+                        let beat = agent_message::Kind::Heartbeat(Heartbeat { sequence });
+                        if heartbeats.send(AgentMessage { kind: Some(beat) }).await.is_err() {
+                            return;
+                        }
+                    }
+                    message = incoming.message() => match message {
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => return,
+                    }
+                }
+            }
+        });
+        Ok(Agent {
+            client,
+            welcome,
+            to_server,
+            session,
+        })
+    }
+
+    /// The server's Welcome: session id, versions, limits.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Reports a scan task's start or end to the server.
+    pub async fn report_task(&self, task_id: &str, kind: TaskKind, state: TaskState, detections: u32) {
+        let event = agent_message::Kind::Task(TaskEvent {
+            task_id: task_id.to_owned(),
+            kind: kind as i32,
+            state: state as i32,
+            detections,
+        });
+        let _ = self.to_server.send(AgentMessage { kind: Some(event) }).await;
+    }
+
+    /// Verdicts the server knows for `digests` (None: unknown).
+    pub async fn lookup(&self, digests: &[blake3::Hash]) -> Result<Vec<Option<FileVerdict>>, ClientError> {
+        let request = LookupRequest {
+            session_id: self.welcome.session_id.clone(),
+            digests: digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
+        };
+        let reply = self.client.clone().lookup(request).await?.into_inner();
+        Ok(reply.results.into_iter().map(|r| r.verdict).collect())
+    }
+
+    /// Scans `files` through the server, many in flight on one stream, and
+    /// hands each result to `on_result` with whether it came from the cache.
+    pub async fn scan<F>(&self, files: Vec<PathBuf>, on_result: F) -> Result<(), ClientError>
+    where
+        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+    {
+        let limits = self.welcome.limits.clone().unwrap_or_default();
+        let in_flight = Arc::new(Semaphore::new(limits.max_files_in_flight.clamp(1, 1024) as usize));
+        let chunk_size = limits.preferred_chunk_size.clamp(4 << 10, 4 << 20) as usize;
+        let (requests, outbox) = mpsc::channel(256);
+        let mut replies = self.client.clone().scan(ReceiverStream::new(outbox)).await?.into_inner();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let on_result = Arc::new(on_result);
+        // Content goes out one file after the other, not interleaved, so
+        // that files complete (and their scans start) at a steady pace.
+        let (content_tx, content_rx) = mpsc::unbounded_channel();
+        let content_requests = requests.clone();
+        let sender = tokio::task::spawn_blocking(move || send_content(content_rx, content_requests, chunk_size));
+
+        let mut producer = tokio::spawn(announce(
+            files,
+            self.welcome.session_id.clone(),
+            Arc::clone(&in_flight),
+            Arc::clone(&pending),
+            requests.clone(),
+            Arc::clone(&on_result),
+        ));
+        let mut produced = false;
+        loop {
+            if produced && pending.lock().expect("pending").is_empty() {
+                break;
+            }
+            let reply = tokio::select! {
+                reply = replies.message() => reply?.ok_or_else(|| {
+                    ClientError::Protocol("the server ended the stream with files unanswered".into())
+                })?,
+                result = &mut producer, if !produced => {
+                    produced = true;
+                    result.map_err(|e| ClientError::Protocol(e.to_string()))??;
+                    continue;
+                }
+            };
+            let id = reply.file_id;
+            match reply.kind {
+                Some(scan_reply::Kind::SendContent(_)) => {
+                    let path = pending.lock().expect("pending").get(&id).map(|p| p.path.clone());
+                    if let Some(path) = path {
+                        let _ = content_tx.send((id, path));
+                    }
+                }
+                Some(scan_reply::Kind::Verdict(verdict)) => {
+                    if let Some(file) = pending.lock().expect("pending").remove(&id) {
+                        on_result(&file.path, verdict.to_outcome(file.size, file.started.elapsed()));
+                    }
+                }
+                Some(scan_reply::Kind::Error(error)) => {
+                    if let Some(file) = pending.lock().expect("pending").remove(&id) {
+                        let verdict = Verdict::failed(FailReason::Engine, error.message);
+                        on_result(&file.path, failed_outcome(verdict, file.size, file.started));
+                    }
+                }
+                None => {}
+            }
+        }
+        drop(content_tx);
+        let _ = sender.await;
+        Ok(())
+    }
+}
+
+/// Files announced and not yet answered, by file id.
+type Pending = Arc<Mutex<HashMap<u64, PendingFile>>>;
+
+struct PendingFile {
+    path: PathBuf,
+    size: u64,
+    started: Instant,
+    _in_flight: OwnedSemaphorePermit,
+}
+
+/// Hashes each file and announces it with a FileBegin, keeping at most the
+/// server's limit of files in flight.
+async fn announce<F>(
+    files: Vec<PathBuf>,
+    session_id: String,
+    in_flight: Arc<Semaphore>,
+    pending: Pending,
+    requests: mpsc::Sender<ScanRequest>,
+    on_result: Arc<F>,
+) -> Result<(), ClientError>
+where
+    F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+{
+    for (id, path) in (0u64..).zip(files) {
+        let permit = Arc::clone(&in_flight).acquire_owned().await.expect("never closed");
+        let started = Instant::now();
+        let hashed = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || hash_file(&path)
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (size, digest) = match hashed {
+            Ok(hashed) => hashed,
+            Err(err) => {
+                let verdict = Verdict::failed(FailReason::Io, err.to_string());
+                on_result(&path, failed_outcome(verdict, 0, started));
+                continue;
+            }
+        };
+        let begin = FileBegin {
+            file_id: id,
+            session_id: session_id.clone(),
+            path: path.to_string_lossy().into_owned(),
+            size,
+            blake3: digest.as_bytes().to_vec(),
+        };
+        pending.lock().expect("pending").insert(
+            id,
+            PendingFile {
+                path,
+                size,
+                started,
+                _in_flight: permit,
+            },
+        );
+        if requests.send(request(scan_request::Kind::Begin(begin))).await.is_err() {
+            return Err(ClientError::Protocol("the scan stream closed".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Streams the content of each file the server asks for, in chunks, then
+/// its end; on a thread of its own, as reading files blocks.
+fn send_content(
+    mut files: mpsc::UnboundedReceiver<(u64, PathBuf)>,
+    requests: mpsc::Sender<ScanRequest>,
+    chunk_size: usize,
+) {
+    while let Some((id, path)) = files.blocking_recv() {
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            let cancel = scan_request::Kind::Cancel(crate::proto::FileCancel { file_id: id });
+            let _ = requests.blocking_send(request(cancel));
+            continue;
+        };
+        let mut offset = 0u64;
+        loop {
+            let mut data = Vec::with_capacity(chunk_size);
+            match (&mut file).take(chunk_size as u64).read_to_end(&mut data) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let chunk = FileChunk {
+                        file_id: id,
+                        offset,
+                        data,
+                        path: String::new(),
+                    };
+                    offset += n as u64;
+                    if requests.blocking_send(request(scan_request::Kind::Chunk(chunk))).is_err() {
+                        return;
+                    }
+                }
+                // The server will see a size mismatch and fail the file.
+                Err(_) => break,
+            }
+        }
+        let end = scan_request::Kind::End(FileEnd { file_id: id });
+        if requests.blocking_send(request(end)).is_err() {
+            return;
+        }
+    }
+}
+
+fn request(kind: scan_request::Kind) -> ScanRequest {
+    ScanRequest { kind: Some(kind) }
+}
+
+/// A file's size and blake3 digest.
+fn hash_file(path: &Path) -> std::io::Result<(u64, blake3::Hash)> {
+    let mut hasher = blake3::Hasher::new();
+    let file = std::fs::File::open(path)?;
+    let size = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)?;
+    Ok((size, hasher.finalize()))
+}
+
+fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome {
+    ScanOutcome {
+        verdict,
+        size,
+        digest: None,
+        rules_version: "".into(),
+        cached: false,
+        elapsed: started.elapsed(),
+    }
+}
+
+fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ClientError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    Ok(config)
+}
