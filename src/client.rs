@@ -27,8 +27,9 @@ use crate::{
     engine::ScanOutcome,
     proto::{
         AgentMessage, FileBegin, FileChunk, FileEnd, FileVerdict, Heartbeat, Hello, LookupRequest,
-        PROTOCOL_VERSION, RejectReason, ScanRequest, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
-        protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
+        PROTOCOL_VERSION, RejectReason, ScanRequest, TaskEvent, TaskKind, TaskState, Welcome,
+        agent_message, protection_server_client::ProtectionServerClient, scan_reply, scan_request,
+        server_message,
     },
     verdict::{FailReason, Verdict},
 };
@@ -44,9 +45,15 @@ pub enum ClientError {
     #[error("the server answered {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("the server rejected the session ({reason:?}): {message}")]
-    Rejected { reason: RejectReason, message: String },
+    Rejected {
+        reason: RejectReason,
+        message: String,
+    },
     #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("protocol error: {0}")]
     Protocol(String),
 }
@@ -80,9 +87,17 @@ impl AgentOptions {
     /// Options for this host: the VM id is the machine id, the VM name the
     /// host name.
     pub fn for_host(server: impl Into<String>) -> Self {
-        let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
-        let host = read("/etc/hostname").filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
-        let machine = read("/etc/machine-id").filter(|m| !m.is_empty()).unwrap_or_else(|| host.clone());
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|s| s.trim().to_owned())
+        };
+        let host = read("/etc/hostname")
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let machine = read("/etc/machine-id")
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| host.clone());
         AgentOptions {
             server: server.into(),
             tls: None,
@@ -135,7 +150,10 @@ impl Agent {
             require_encryption: options.require_encryption,
         });
         let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
-        let mut incoming = client.connect(ReceiverStream::new(outbox)).await?.into_inner();
+        let mut incoming = client
+            .connect(ReceiverStream::new(outbox))
+            .await?
+            .into_inner();
         let welcome = match incoming.message().await?.and_then(|m| m.kind) {
             Some(server_message::Kind::Welcome(welcome)) => welcome,
             Some(server_message::Kind::Rejection(rejection)) => {
@@ -144,7 +162,11 @@ impl Agent {
                     message: rejection.message,
                 });
             }
-            other => return Err(ClientError::Protocol(format!("expected a Welcome, got {other:?}"))),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected a Welcome, got {other:?}"
+                )));
+            }
         };
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
         let heartbeats = to_server.clone();
@@ -181,18 +203,30 @@ impl Agent {
     }
 
     /// Reports a scan task's start or end to the server.
-    pub async fn report_task(&self, task_id: &str, kind: TaskKind, state: TaskState, detections: u32) {
+    pub async fn report_task(
+        &self,
+        task_id: &str,
+        kind: TaskKind,
+        state: TaskState,
+        detections: u32,
+    ) {
         let event = agent_message::Kind::Task(TaskEvent {
             task_id: task_id.to_owned(),
             kind: kind as i32,
             state: state as i32,
             detections,
         });
-        let _ = self.to_server.send(AgentMessage { kind: Some(event) }).await;
+        let _ = self
+            .to_server
+            .send(AgentMessage { kind: Some(event) })
+            .await;
     }
 
     /// Verdicts the server knows for `digests` (None: unknown).
-    pub async fn lookup(&self, digests: &[blake3::Hash]) -> Result<Vec<Option<FileVerdict>>, ClientError> {
+    pub async fn lookup(
+        &self,
+        digests: &[blake3::Hash],
+    ) -> Result<Vec<Option<FileVerdict>>, ClientError> {
         let request = LookupRequest {
             session_id: self.welcome.session_id.clone(),
             digests: digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
@@ -207,18 +241,27 @@ impl Agent {
     where
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
-        let limits = self.welcome.limits.clone().unwrap_or_default();
-        let in_flight = Arc::new(Semaphore::new(limits.max_files_in_flight.clamp(1, 1024) as usize));
+        let limits = self.welcome.limits.unwrap_or_default();
+        let in_flight = Arc::new(Semaphore::new(
+            limits.max_files_in_flight.clamp(1, 1024) as usize
+        ));
         let chunk_size = limits.preferred_chunk_size.clamp(4 << 10, 4 << 20) as usize;
         let (requests, outbox) = mpsc::channel(256);
-        let mut replies = self.client.clone().scan(ReceiverStream::new(outbox)).await?.into_inner();
+        let mut replies = self
+            .client
+            .clone()
+            .scan(ReceiverStream::new(outbox))
+            .await?
+            .into_inner();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let on_result = Arc::new(on_result);
         // Content goes out one file after the other, not interleaved, so
         // that files complete (and their scans start) at a steady pace.
         let (content_tx, content_rx) = mpsc::unbounded_channel();
         let content_requests = requests.clone();
-        let sender = tokio::task::spawn_blocking(move || send_content(content_rx, content_requests, chunk_size));
+        let sender = tokio::task::spawn_blocking(move || {
+            send_content(content_rx, content_requests, chunk_size)
+        });
 
         let mut producer = tokio::spawn(announce(
             files,
@@ -246,14 +289,21 @@ impl Agent {
             let id = reply.file_id;
             match reply.kind {
                 Some(scan_reply::Kind::SendContent(_)) => {
-                    let path = pending.lock().expect("pending").get(&id).map(|p| p.path.clone());
+                    let path = pending
+                        .lock()
+                        .expect("pending")
+                        .get(&id)
+                        .map(|p| p.path.clone());
                     if let Some(path) = path {
                         let _ = content_tx.send((id, path));
                     }
                 }
                 Some(scan_reply::Kind::Verdict(verdict)) => {
                     if let Some(file) = pending.lock().expect("pending").remove(&id) {
-                        on_result(&file.path, verdict.to_outcome(file.size, file.started.elapsed()));
+                        on_result(
+                            &file.path,
+                            verdict.to_outcome(file.size, file.started.elapsed()),
+                        );
                     }
                 }
                 Some(scan_reply::Kind::Error(error)) => {
@@ -295,7 +345,10 @@ where
     F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
 {
     for (id, path) in (0u64..).zip(files) {
-        let permit = Arc::clone(&in_flight).acquire_owned().await.expect("never closed");
+        let permit = Arc::clone(&in_flight)
+            .acquire_owned()
+            .await
+            .expect("never closed");
         let started = Instant::now();
         let hashed = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -327,7 +380,11 @@ where
                 _in_flight: permit,
             },
         );
-        if requests.send(request(scan_request::Kind::Begin(begin))).await.is_err() {
+        if requests
+            .send(request(scan_request::Kind::Begin(begin)))
+            .await
+            .is_err()
+        {
             return Err(ClientError::Protocol("the scan stream closed".into()));
         }
     }
@@ -360,7 +417,10 @@ fn send_content(
                         path: String::new(),
                     };
                     offset += n as u64;
-                    if requests.blocking_send(request(scan_request::Kind::Chunk(chunk))).is_err() {
+                    if requests
+                        .blocking_send(request(scan_request::Kind::Chunk(chunk)))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -383,7 +443,10 @@ fn request(kind: scan_request::Kind) -> ScanRequest {
 fn hash_file(path: &Path) -> std::io::Result<(u64, blake3::Hash)> {
     let mut hasher = blake3::Hasher::new();
     let file = std::fs::File::open(path)?;
-    let size = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)?;
+    let size = std::io::copy(
+        &mut std::io::BufReader::with_capacity(1 << 20, file),
+        &mut hasher,
+    )?;
     Ok((size, hasher.finalize()))
 }
 

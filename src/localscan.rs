@@ -21,7 +21,8 @@ use crate::{
 /// `format`, and returns the totals.
 pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
     let reporter = Reporter::new(format);
-    let unreadable = |path: PathBuf, err: walkdir::Error| reporter.file(&path, &unreadable_outcome(err), None);
+    let unreadable =
+        |path: PathBuf, err: walkdir::Error| reporter.file(&path, &unreadable_outcome(err), None);
     let files = walk(paths, &unreadable);
     engine.scan_all(files.map(ScanJob::file), |job, outcome| {
         if let Content::File(path) = &job.content {

@@ -54,7 +54,12 @@ struct ScanArgs {
 #[derive(Args)]
 struct ConnectionArgs {
     /// The server, `http://HOST:PORT` or `https://HOST:PORT`.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7405", env = "LIGHTAGENT_SERVER")]
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:7405",
+        env = "LIGHTAGENT_SERVER"
+    )]
     server: String,
 
     /// Agent identifier [default: lightagent-HOSTNAME].
@@ -140,9 +145,14 @@ async fn scan(args: ScanArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = if args.json { Format::Json } else { Format::Text };
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Text
+    };
     let reporter = Arc::new(Reporter::new(format));
-    let unreadable = |path: PathBuf, err| reporter.file(&path, &localscan::unreadable_outcome(err), None);
+    let unreadable =
+        |path: PathBuf, err| reporter.file(&path, &localscan::unreadable_outcome(err), None);
     let files: Vec<_> = localscan::walk(&args.paths, &unreadable).collect();
 
     let task_id = uuid::Uuid::new_v4().to_string();
@@ -151,11 +161,15 @@ async fn scan(args: ScanArgs) -> ExitCode {
         Task::Custom => TaskKind::CustomScan,
     });
     if let Some(kind) = kind {
-        agent.report_task(&task_id, kind, TaskState::Started, 0).await;
+        agent
+            .report_task(&task_id, kind, TaskState::Started, 0)
+            .await;
     }
     let sink = Arc::clone(&reporter);
     let result = agent
-        .scan(files, move |path, outcome| sink.file(path, &outcome, Some(outcome.cached)))
+        .scan(files, move |path, outcome| {
+            sink.file(path, &outcome, Some(outcome.cached))
+        })
         .await;
     let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
     let summary = reporter.finish();
@@ -164,7 +178,9 @@ async fn scan(args: ScanArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(kind) = kind {
-        agent.report_task(&task_id, kind, TaskState::Finished, summary.infected as u32).await;
+        agent
+            .report_task(&task_id, kind, TaskState::Finished, summary.infected as u32)
+            .await;
     }
     ExitCode::from(summary.exit_code())
 }

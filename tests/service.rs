@@ -1,0 +1,653 @@
+//! The Light Agent service over real gRPC on loopback: sessions, Scan,
+//! ScanFile, Lookup, health, TLS and mutual TLS.
+
+mod common;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use common::*;
+use scanserver::{
+    client::{Agent, AgentOptions, ClientError, ClientTls},
+    config::{Config, TlsConfig},
+    proto::{
+        self, AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, Hello, LookupRequest,
+        PROTOCOL_VERSION, RejectReason, ScanReply, ScanRequest, agent_message,
+        protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
+    },
+    server::Server,
+    service::{Counters, ServiceState},
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, transport::Channel};
+
+/// A server on a free loopback port, stopped when dropped.
+struct TestServer {
+    addr: std::net::SocketAddr,
+    state: Arc<ServiceState>,
+    spool: tempfile::TempDir,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestServer {
+    async fn start(configure: impl FnOnce(&mut Config)) -> TestServer {
+        let spool = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.engine.threads = 2;
+        config.uploads.spool_dir = Some(spool.path().to_owned());
+        configure(&mut config);
+        let engine =
+            Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
+        let server = Server::bind(&config, engine).await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr, state) = (server.local_addr(), Arc::clone(server.state()));
+        tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            state,
+            spool,
+            _stop: stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn client(&self) -> ProtectionServerClient<Channel> {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        ProtectionServerClient::new(channel)
+    }
+
+    fn spooled_files(&self) -> usize {
+        std::fs::read_dir(self.spool.path()).unwrap().count()
+    }
+}
+
+fn hello() -> Hello {
+    Hello {
+        agent_id: "agent-1".into(),
+        vm_id: "vm-1".into(),
+        vm_name: "desktop-1".into(),
+        os: "Windows 11".into(),
+        agent_version: "1.0.0".into(),
+        protocol_version: PROTOCOL_VERSION,
+        connection_tags: vec!["vdi".into()],
+        require_encryption: false,
+    }
+}
+
+/// Sends `hello` on Connect; returns the first server message and the
+/// sender that keeps the session open.
+async fn open_session(
+    server: &TestServer,
+    hello: Hello,
+) -> (server_message::Kind, mpsc::Sender<AgentMessage>) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut incoming = server
+        .client()
+        .await
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = incoming.message().await.unwrap().unwrap().kind.unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = incoming.message().await {} });
+    (first, tx)
+}
+
+async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>) {
+    match open_session(server, hello()).await {
+        (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
+        (other, _) => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+/// A Scan stream: a request sender and the reply stream.
+async fn scan_stream(
+    server: &TestServer,
+) -> (mpsc::Sender<ScanRequest>, tonic::Streaming<ScanReply>) {
+    let (tx, rx) = mpsc::channel(256);
+    let replies = server
+        .client()
+        .await
+        .scan(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, replies)
+}
+
+fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> ScanRequest {
+    request(scan_request::Kind::Begin(FileBegin {
+        file_id: id,
+        session_id: session.to_owned(),
+        path: format!("C:\\Users\\u\\file{id}.bin"),
+        size: data.len() as u64,
+        blake3: digest.map(<[u8]>::to_vec).unwrap_or_default(),
+    }))
+}
+
+fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
+    request(scan_request::Kind::Chunk(FileChunk {
+        file_id: id,
+        offset,
+        data: data.to_vec(),
+        path: String::new(),
+    }))
+}
+
+fn end(id: u64) -> ScanRequest {
+    request(scan_request::Kind::End(FileEnd { file_id: id }))
+}
+
+fn request(kind: scan_request::Kind) -> ScanRequest {
+    ScanRequest { kind: Some(kind) }
+}
+
+async fn next(replies: &mut tonic::Streaming<ScanReply>) -> (u64, scan_reply::Kind) {
+    let reply = tokio::time::timeout(Duration::from_secs(20), replies.message())
+        .await
+        .expect("a reply in time")
+        .unwrap()
+        .expect("the stream is open");
+    (reply.file_id, reply.kind.unwrap())
+}
+
+fn verdict_rules(kind: &scan_reply::Kind) -> Vec<String> {
+    match kind {
+        scan_reply::Kind::Verdict(v) => match v.verdict.as_ref().unwrap().kind.as_ref().unwrap() {
+            proto::verdict::Kind::Infected(i) => {
+                i.detections.iter().map(|d| d.rule.clone()).collect()
+            }
+            proto::verdict::Kind::Clean(_) => vec![],
+            proto::verdict::Kind::Failed(f) => panic!("failed: {f:?}"),
+        },
+        other => panic!("expected a verdict, got {other:?}"),
+    }
+}
+
+fn error_code(kind: &scan_reply::Kind) -> Code {
+    match kind {
+        scan_reply::Kind::Error(e) => Code::from(e.code),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_are_accepted_or_rejected_with_a_reason() {
+    let server = TestServer::start(|c| c.server.allowed_tags = vec!["vdi".into()]).await;
+    let (welcome, _keep) = open_session(&server, hello()).await;
+    let server_message::Kind::Welcome(welcome) = welcome else {
+        panic!("{welcome:?}")
+    };
+    assert!(!welcome.session_id.is_empty());
+    assert_eq!(
+        welcome.signatures_version,
+        server.state.engine.ruleset().version()
+    );
+    assert_eq!(server.state.sessions.len(), 1);
+
+    let cases = [
+        (
+            Hello {
+                protocol_version: 99,
+                ..hello()
+            },
+            RejectReason::IncompatibleVersion,
+        ),
+        (
+            Hello {
+                connection_tags: vec!["server".into()],
+                ..hello()
+            },
+            RejectReason::TagNotAllowed,
+        ),
+        (
+            Hello {
+                require_encryption: true,
+                ..hello()
+            },
+            RejectReason::EncryptionRequired,
+        ),
+    ];
+    for (hello, reason) in cases {
+        let (reply, _) = open_session(&server, hello).await;
+        let server_message::Kind::Rejection(rejection) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(rejection.reason(), reason);
+        assert!(!rejection.message.is_empty());
+    }
+    let full = TestServer::start(|c| c.server.max_agents = 0).await;
+    let (reply, _) = open_session(&full, hello()).await;
+    assert!(
+        matches!(reply, server_message::Kind::Rejection(r) if r.reason() == RejectReason::Capacity)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eicar_is_found_through_scan_and_scan_file() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // Without a digest the content follows the begin at once.
+    tx.send(begin(&session, 1, EICAR, None)).await.unwrap();
+    tx.send(chunk(1, 0, &EICAR[..30])).await.unwrap();
+    tx.send(chunk(1, 30, &EICAR[30..])).await.unwrap();
+    tx.send(end(1)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(id, 1);
+    assert_eq!(verdict_rules(&kind), ["EICAR_Test_File"]);
+    let scan_reply::Kind::Verdict(verdict) = kind else {
+        unreachable!()
+    };
+    assert_eq!(verdict.blake3, blake3::hash(EICAR).as_bytes());
+    assert!(!verdict.cached);
+
+    let chunks = tokio_stream::iter(vec![
+        FileChunk {
+            offset: 0,
+            data: EICAR[..10].to_vec(),
+            path: "eicar.com".into(),
+            file_id: 0,
+        },
+        FileChunk {
+            offset: 10,
+            data: EICAR[10..].to_vec(),
+            path: String::new(),
+            file_id: 0,
+        },
+    ]);
+    let verdict = server
+        .client()
+        .await
+        .scan_file(chunks)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        verdict.verdict.unwrap().kind.unwrap(),
+        proto::verdict::Kind::Infected(i) if i.detections[0].rule == "EICAR_Test_File"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_digest_is_answered_without_content() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let data = b"some document content".repeat(100);
+    let digest = blake3::hash(&data);
+
+    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut replies).await,
+        (1, scan_reply::Kind::SendContent(_))
+    ));
+    tx.send(chunk(1, 0, &data)).await.unwrap();
+    tx.send(end(1)).await.unwrap();
+    assert!(verdict_rules(&next(&mut replies).await.1).is_empty());
+
+    let received = Counters::get(&server.state.counters.bytes_received);
+    let requested = Counters::get(&server.state.counters.content_requests);
+    tx.send(begin(&session, 2, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    let (id, kind) = next(&mut replies).await;
+    let scan_reply::Kind::Verdict(verdict) = kind else {
+        panic!("{kind:?}")
+    };
+    assert_eq!(id, 2);
+    assert!(verdict.cached);
+    assert_eq!(
+        Counters::get(&server.state.counters.bytes_received),
+        received,
+        "no content was sent"
+    );
+    assert_eq!(
+        Counters::get(&server.state.counters.content_requests),
+        requested
+    );
+
+    let lookup = server
+        .client()
+        .await
+        .lookup(LookupRequest {
+            session_id: session.clone(),
+            digests: vec![
+                digest.as_bytes().to_vec(),
+                blake3::hash(b"never seen").as_bytes().to_vec(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lookup.results[0].verdict.as_ref().is_some_and(|v| v.cached));
+    assert!(lookup.results[1].verdict.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_files_fail_alone_and_the_stream_goes_on() {
+    let server = TestServer::start(|c| c.uploads.max_file_size = 1 << 20).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+
+    // A digest that is not the content's.
+    let lie = blake3::hash(b"something else");
+    tx.send(begin(&session, 1, EICAR, Some(lie.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut replies).await,
+        (1, scan_reply::Kind::SendContent(_))
+    ));
+    tx.send(chunk(1, 0, EICAR)).await.unwrap();
+    tx.send(end(1)).await.unwrap();
+    let (_, kind) = next(&mut replies).await;
+    assert_eq!(error_code(&kind), Code::InvalidArgument);
+    assert!(
+        server.state.engine.cached(&lie, None).is_none(),
+        "a lie is never cached"
+    );
+
+    // A chunk out of order.
+    tx.send(begin(&session, 2, b"0123456789", None))
+        .await
+        .unwrap();
+    tx.send(chunk(2, 5, b"56789")).await.unwrap();
+    assert_eq!(
+        error_code(&next(&mut replies).await.1),
+        Code::InvalidArgument
+    );
+
+    // Less content than declared.
+    tx.send(begin(&session, 3, b"0123456789", None))
+        .await
+        .unwrap();
+    tx.send(chunk(3, 0, b"01234")).await.unwrap();
+    tx.send(end(3)).await.unwrap();
+    assert_eq!(
+        error_code(&next(&mut replies).await.1),
+        Code::InvalidArgument
+    );
+
+    // Over the size limit.
+    let huge = FileBegin {
+        size: 2 << 20,
+        ..file_begin(&session, 4)
+    };
+    tx.send(request(scan_request::Kind::Begin(huge)))
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(&next(&mut replies).await.1),
+        Code::FailedPrecondition
+    );
+
+    // An unknown session.
+    tx.send(begin("no-such-session", 5, b"x", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(&next(&mut replies).await.1),
+        Code::FailedPrecondition
+    );
+
+    // Cancel releases the file.
+    tx.send(begin(&session, 6, &vec![7u8; 100_000], None))
+        .await
+        .unwrap();
+    tx.send(chunk(6, 0, &[7u8; 1000])).await.unwrap();
+    tx.send(request(scan_request::Kind::Cancel(FileCancel {
+        file_id: 6,
+    })))
+    .await
+    .unwrap();
+    assert_eq!(error_code(&next(&mut replies).await.1), Code::Cancelled);
+
+    // The stream still works.
+    tx.send(begin(&session, 7, EICAR, None)).await.unwrap();
+    tx.send(chunk(7, 0, EICAR)).await.unwrap();
+    tx.send(end(7)).await.unwrap();
+    assert_eq!(
+        verdict_rules(&next(&mut replies).await.1),
+        ["EICAR_Test_File"]
+    );
+}
+
+fn file_begin(session: &str, id: u64) -> FileBegin {
+    FileBegin {
+        file_id: id,
+        session_id: session.to_owned(),
+        path: "f".into(),
+        size: 0,
+        blake3: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_mid_file_leaves_no_spool_file() {
+    let server = TestServer::start(|c| c.uploads.memory_threshold = 1024).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, replies) = scan_stream(&server).await;
+    let part = vec![1u8; 64 << 10];
+    tx.send(begin(&session, 1, &vec![0; 10 << 20], None))
+        .await
+        .unwrap();
+    tx.send(chunk(1, 0, &part)).await.unwrap();
+    tx.send(chunk(1, part.len() as u64, &part)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.spooled_files() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the large file is spooled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tx);
+    drop(replies);
+    while server.spooled_files() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spool file is removed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_files_in_flight_on_one_stream() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let files: Vec<Vec<u8>> = (0..100u32)
+        .map(|i| {
+            if i % 10 == 0 {
+                EICAR.to_vec()
+            } else {
+                format!("file {i} ").repeat(1000).into_bytes()
+            }
+        })
+        .collect();
+    for (id, data) in files.iter().enumerate() {
+        tx.send(begin(&session, id as u64, data, None))
+            .await
+            .unwrap();
+    }
+    // Chunks of all files interleave.
+    for half in 0..2 {
+        for (id, data) in files.iter().enumerate() {
+            let mid = data.len() / 2;
+            let (offset, piece) = if half == 0 {
+                (0, &data[..mid])
+            } else {
+                (mid, &data[mid..])
+            };
+            tx.send(chunk(id as u64, offset as u64, piece))
+                .await
+                .unwrap();
+        }
+    }
+    for id in 0..100u64 {
+        tx.send(end(id)).await.unwrap();
+    }
+    let mut infected = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let (id, kind) = next(&mut replies).await;
+        if !verdict_rules(&kind).is_empty() {
+            infected.insert(id);
+        }
+    }
+    assert_eq!(infected, (0..100).step_by(10).collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_service_answers_serving() {
+    let server = TestServer::start(|_| {}).await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "scanserver.v1.ProtectionServer".into(),
+    };
+    let status = health.check(request).await.unwrap().into_inner().status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lightagent_client_scans_hash_first() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![3u8; 12 << 20]).unwrap();
+    std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
+    let files: Vec<_> = ["eicar.com", "big.bin", "note.txt"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&results);
+        agent
+            .scan(files.clone(), move |path, outcome| {
+                sink.lock()
+                    .unwrap()
+                    .push((path.file_name().unwrap().to_owned(), outcome))
+            })
+            .await
+            .unwrap();
+        let results = results.lock().unwrap();
+        assert_eq!(results.len(), 3);
+        for (name, outcome) in results.iter() {
+            assert_eq!(
+                outcome.verdict.kind(),
+                if name == "eicar.com" {
+                    "infected"
+                } else {
+                    "clean"
+                }
+            );
+            assert_eq!(outcome.cached, round == 1, "{name:?} in round {round}");
+        }
+    }
+    assert_eq!(server.spooled_files(), 0);
+}
+
+/// A CA, a server certificate for localhost and a client certificate, as
+/// PEM files in `dir`.
+fn certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, san) in [("server", "localhost"), ("client", "agent-1")] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![san.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let tls = |client_ca: bool| TlsConfig {
+        cert: dir.path().join("server.pem"),
+        key: dir.path().join("server.key"),
+        client_ca: client_ca.then(|| dir.path().join("ca.pem")),
+    };
+    let options = |server: &TestServer, identity: bool| AgentOptions {
+        require_encryption: true,
+        tls: Some(ClientTls {
+            ca: Some(dir.path().join("ca.pem")),
+            identity: identity
+                .then(|| (dir.path().join("client.pem"), dir.path().join("client.key"))),
+            domain: Some("localhost".into()),
+        }),
+        ..AgentOptions::for_host(format!("https://{}", server.addr))
+    };
+
+    let server = TestServer::start(|c| c.tls = Some(tls(false))).await;
+    let agent = Agent::connect(&options(&server, false))
+        .await
+        .expect("TLS session");
+    assert!(
+        !agent.welcome().session_id.is_empty(),
+        "encryption required and given"
+    );
+
+    let mutual = TestServer::start(|c| c.tls = Some(tls(true))).await;
+    let agent = Agent::connect(&options(&mutual, true))
+        .await
+        .expect("mutual TLS session");
+    let dir_files = tempfile::tempdir().unwrap();
+    std::fs::write(dir_files.path().join("eicar.com"), EICAR).unwrap();
+    let found = Arc::new(std::sync::Mutex::new(None));
+    let sink = Arc::clone(&found);
+    agent
+        .scan(
+            vec![dir_files.path().join("eicar.com")],
+            move |_, outcome| *sink.lock().unwrap() = Some(outcome.verdict.kind()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(*found.lock().unwrap(), Some("infected"));
+
+    let refused = Agent::connect(&options(&mutual, false)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Transport(_) | ClientError::Status(_))
+        ),
+        "a client without a certificate is refused"
+    );
+}
