@@ -37,6 +37,13 @@ pub enum Format {
     Json,
 }
 
+impl Format {
+    /// JSON when `json` (the `--json` flag), text otherwise.
+    pub fn json_if(json: bool) -> Self {
+        if json { Format::Json } else { Format::Text }
+    }
+}
+
 /// One file's line of JSON output.
 #[derive(Serialize)]
 pub struct FileLine<'a> {

@@ -92,6 +92,12 @@ pub enum SignatureError {
     Io { path: PathBuf, source: io::Error },
     #[error("{} contains no .yar or .yara file", .0.display())]
     Empty(PathBuf),
+    #[error(
+        "there is no ruleset at {}: give its path with --rules (or SCANSERVER_RULES); \
+         the shipped signatures are the `signatures` folder of the distribution",
+        .0.display()
+    )]
+    Missing(PathBuf),
     #[error("{} error(s) in the ruleset:\n{}", .0.len(), DiagnosticList(.0))]
     Compile(Vec<Diagnostic>),
     #[error("cannot load pre-compiled rules {}: {source}", path.display())]
@@ -214,6 +220,9 @@ impl Ruleset {
     /// a pre-compiled rules file), reusing compiled rules from `cache_dir`
     /// when they are there and storing them there when they are not.
     pub fn load(source: &Path, cache_dir: Option<&Path>) -> Result<Ruleset, SignatureError> {
+        if !source.exists() {
+            return Err(SignatureError::Missing(source.to_owned()));
+        }
         if is_precompiled(source)? {
             return Self::load_precompiled(source);
         }

@@ -145,11 +145,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Text
-    };
+    let format = Format::json_if(args.json);
     let reporter = Arc::new(Reporter::new(format));
     let unreadable =
         |path: PathBuf, err| reporter.file(&path, &localscan::unreadable_outcome(err), None);

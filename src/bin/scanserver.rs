@@ -317,11 +317,7 @@ fn scan(args: ScanArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Text
-    };
+    let format = Format::json_if(args.json);
     let summary = localscan::run(&engine, &args.paths, format);
     ExitCode::from(summary.exit_code())
 }
