@@ -16,6 +16,13 @@
 //!    scan's result, which is discarded. The size is also checked again after
 //!    the scan, which catches a file that changed size without a fault.
 //!
+//! Mapped pages that are read count in the process's resident memory. So
+//! that a few huge files scanned at once cannot add up to gigabytes, mapped
+//! scans share a budget ([`MAPPED_BUDGET`]): a scan waits until the bytes
+//! mapped by the others leave room for its file (a file larger than the
+//! budget runs alone). Only scans of files over the read limit wait; small
+//! files go on meanwhile on the other workers.
+//!
 //! A fault anywhere else is handed to the handler that was installed before
 //! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
 //! if there was none, the default action is restored and the fault repeats,
@@ -25,7 +32,7 @@ use std::{
     cell::Cell,
     fs::File,
     io,
-    sync::{Once, OnceLock},
+    sync::{Condvar, Mutex, Once, OnceLock},
 };
 
 use memmap2::{Advice, Mmap, MmapOptions};
@@ -47,14 +54,44 @@ thread_local! {
     static FAULTED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Bytes that mapped scans may have mapped at once, process-wide.
+pub const MAPPED_BUDGET: u64 = 256 << 20;
+
+/// The bytes currently mapped by scans, and a condition to wait for room.
+static MAPPED: (Mutex<u64>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// A share of [`MAPPED_BUDGET`], returned when dropped.
+struct MappedShare(u64);
+
+impl MappedShare {
+    fn acquire(size: u64) -> Self {
+        let (used, room) = &MAPPED;
+        let mut used = used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + size > MAPPED_BUDGET {
+            used = room.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += size;
+        MappedShare(size)
+    }
+}
+
+impl Drop for MappedShare {
+    fn drop(&mut self) {
+        let (used, room) = &MAPPED;
+        *used.lock().unwrap_or_else(|e| e.into_inner()) -= self.0;
+        room.notify_all();
+    }
+}
+
 /// Maps the first `size` bytes of `file` and runs `read` over them, with the
-/// shrink guard described in the module documentation.
+/// shrink guard and the budget described in the module documentation.
 pub(super) fn with_mapped<R>(
     file: &File,
     size: u64,
     read: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, MappedError> {
     install_handler();
+    let _share = MappedShare::acquire(size);
     let len = usize::try_from(size).map_err(|_| MappedError::Shrank)?;
     // SAFETY: the file may be changed by others while mapped; a shrink is
     // caught by the SIGBUS guard, and other changes only alter the bytes
