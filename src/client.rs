@@ -451,14 +451,7 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, blake3::Hash)> {
 }
 
 fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome {
-    ScanOutcome {
-        verdict,
-        size,
-        digest: None,
-        rules_version: "".into(),
-        cached: false,
-        elapsed: started.elapsed(),
-    }
+    ScanOutcome::failed(verdict, size, started.elapsed(), "".into())
 }
 
 fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {

@@ -57,12 +57,6 @@ pub fn walk<'a>(
 
 /// The outcome reported for an entry that could not be read.
 pub fn unreadable_outcome(err: walkdir::Error) -> ScanOutcome {
-    ScanOutcome {
-        verdict: Verdict::failed(FailReason::Io, err.to_string()),
-        size: 0,
-        digest: None,
-        rules_version: "".into(),
-        cached: false,
-        elapsed: Duration::ZERO,
-    }
+    let verdict = Verdict::failed(FailReason::Io, err.to_string());
+    ScanOutcome::failed(verdict, 0, Duration::ZERO, "".into())
 }

@@ -151,6 +151,22 @@ pub struct ScanOutcome {
     pub elapsed: Duration,
 }
 
+impl ScanOutcome {
+    /// The outcome of content that was never scanned (it could not be read,
+    /// or the scan was lost): a failure, with no digest.
+    pub fn failed(verdict: Verdict, size: u64, elapsed: Duration, rules_version: Arc<str>) -> Self {
+        debug_assert!(verdict.failure().is_some(), "only failures skip the scan");
+        ScanOutcome {
+            verdict,
+            size,
+            digest: None,
+            rules_version,
+            cached: false,
+            elapsed,
+        }
+    }
+}
+
 /// Limits every scan obeys.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -188,13 +204,9 @@ impl ScanSlot {
         });
         // The worker always sends; a closed channel would mean the job was
         // lost, which must not read as clean.
-        rx.await.unwrap_or_else(|_| ScanOutcome {
-            verdict: Verdict::failed(FailReason::Engine, "the scan was lost"),
-            size: 0,
-            digest: None,
-            rules_version: engine.ruleset().version_arc(),
-            cached: false,
-            elapsed: Duration::ZERO,
+        rx.await.unwrap_or_else(|_| {
+            let verdict = Verdict::failed(FailReason::Engine, "the scan was lost");
+            ScanOutcome::failed(verdict, 0, Duration::ZERO, engine.ruleset().version_arc())
         })
     }
 }

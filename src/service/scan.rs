@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::{Code, Status, Streaming};
 
 use super::{
-    ServiceState, parse_digest, shut_down,
+    Counters, ServiceState, parse_digest, shut_down,
     upload::{Received, Upload, UploadError},
 };
 use crate::{
@@ -116,10 +116,7 @@ fn begin_file(
     if let Some(digest) = claimed
         && let Some(hit) = state.engine.cached(&digest, Some(begin.path.as_ref()))
     {
-        state
-            .counters
-            .hash_hits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counters::add(&state.counters.hash_hits, 1);
         session.record_file(begin.size, hit.verdict.detections().len());
         let verdict = FileVerdict::cached(&hit.verdict, &digest, &hit.rules_version);
         return Some(reply(id, scan_reply::Kind::Verdict(verdict)));
@@ -147,10 +144,7 @@ fn begin_file(
         },
     );
     claimed.map(|_| {
-        state
-            .counters
-            .content_requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counters::add(&state.counters.content_requests, 1);
         reply(id, scan_reply::Kind::SendContent(ContentRequest {}))
     })
 }
@@ -168,10 +162,7 @@ fn add_chunk(
             &format!("chunk for file id {id}, which is not open"),
         ));
     };
-    state.counters.bytes_received.fetch_add(
-        chunk.data.len() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);
     match file.upload.push(chunk.offset, &chunk.data) {
         Ok(()) => None,
         Err(err) => {
@@ -244,24 +235,16 @@ pub(super) async fn scan_file(
     mut chunks: Streaming<FileChunk>,
 ) -> Result<FileVerdict, Status> {
     let started = Instant::now();
-    let mut upload = state
-        .uploads
-        .begin(None, None)
-        .map_err(|e| Status::new(e.code(), e.to_string()))?;
+    let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
     let mut name = None;
     while let Some(chunk) = chunks.message().await? {
         name.get_or_insert(chunk.path);
-        state.counters.bytes_received.fetch_add(
-            chunk.data.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);
         upload
             .push(chunk.offset, &chunk.data)
-            .map_err(|e| Status::new(e.code(), e.to_string()))?;
+            .map_err(Status::from)?;
     }
-    let received = upload
-        .finish()
-        .map_err(|e| Status::new(e.code(), e.to_string()))?;
+    let received = upload.finish().map_err(Status::from)?;
     let (content, digest, guard) = received.into_parts();
     let name = name.filter(|n| !n.is_empty());
     let outcome = state

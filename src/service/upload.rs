@@ -51,6 +51,12 @@ impl UploadError {
     }
 }
 
+impl From<UploadError> for tonic::Status {
+    fn from(err: UploadError) -> Self {
+        tonic::Status::new(err.code(), err.to_string())
+    }
+}
+
 /// Where uploads keep their content: the memory budget and the spool folder.
 pub struct UploadStore {
     config: UploadConfig,
