@@ -23,8 +23,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // No `connect(url)` constructor on clients: it would clash with the
     // `Connect` call. Clients are built on a channel.
+    //
+    // `bytes` fields decode as `Bytes`: a chunk's data is then a view into
+    // the receive buffer, not a copy of it.
     tonic_prost_build::configure()
         .build_transport(false)
+        .bytes(".")
         .compile_fds(compiler.file_descriptor_set())?;
 
     println!(

@@ -16,11 +16,12 @@ use std::{
 
 use std::io::Read;
 
+use bytes::{Bytes, BytesMut};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinHandle,
 };
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
@@ -36,6 +37,10 @@ use crate::{
 
 /// Largest gRPC message exchanged.
 const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Chunks read ahead of the stream: enough to keep it busy, few enough
+/// that the client's memory stays small (8 chunks of the preferred size).
+const CONTENT_QUEUE: usize = 8;
 
 /// Errors of the client as a whole (a single file's failure is a verdict).
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +234,10 @@ impl Agent {
     ) -> Result<Vec<Option<FileVerdict>>, ClientError> {
         let request = LookupRequest {
             session_id: self.welcome.session_id.clone(),
-            digests: digests.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            digests: digests
+                .iter()
+                .map(|d| Bytes::copy_from_slice(d.as_bytes()))
+                .collect(),
         };
         let reply = self.client.clone().lookup(request).await?.into_inner();
         Ok(reply.results.into_iter().map(|r| r.verdict).collect())
@@ -246,19 +254,19 @@ impl Agent {
             limits.max_files_in_flight.clamp(1, 1024) as usize
         ));
         let chunk_size = limits.preferred_chunk_size.clamp(4 << 10, 4 << 20) as usize;
-        let (requests, outbox) = mpsc::channel(256);
-        let mut replies = self
-            .client
-            .clone()
-            .scan(ReceiverStream::new(outbox))
-            .await?
-            .into_inner();
+        // Begins and content wait in queues of their own, merged onto the
+        // stream: a begin never queues behind megabytes of another file's
+        // content, so the server's requests for content keep coming while
+        // content goes out.
+        let (requests, begins) = mpsc::channel(256);
+        let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
+        let outbox = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
+        let mut replies = self.client.clone().scan(outbox).await?.into_inner();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let on_result = Arc::new(on_result);
         // Content goes out one file after the other, not interleaved, so
         // that files complete (and their scans start) at a steady pace.
         let (content_tx, content_rx) = mpsc::unbounded_channel();
-        let content_requests = requests.clone();
         let sender = tokio::task::spawn_blocking(move || {
             send_content(content_rx, content_requests, chunk_size)
         });
@@ -369,7 +377,7 @@ where
             session_id: session_id.clone(),
             path: path.to_string_lossy().into_owned(),
             size,
-            blake3: digest.as_bytes().to_vec(),
+            blake3: Bytes::copy_from_slice(digest.as_bytes()),
         };
         pending.lock().expect("pending").insert(
             id,
@@ -398,6 +406,7 @@ fn send_content(
     requests: mpsc::Sender<ScanRequest>,
     chunk_size: usize,
 ) {
+    let mut buffer = BytesMut::new();
     while let Some((id, path)) = files.blocking_recv() {
         let Ok(mut file) = std::fs::File::open(&path) else {
             let cancel = scan_request::Kind::Cancel(crate::proto::FileCancel { file_id: id });
@@ -406,14 +415,18 @@ fn send_content(
         };
         let mut offset = 0u64;
         loop {
-            let mut data = Vec::with_capacity(chunk_size);
-            match (&mut file).take(chunk_size as u64).read_to_end(&mut data) {
+            // Chunks are carved from one buffer, which is reused once the
+            // chunks sent from it are gone.
+            buffer.reserve(chunk_size);
+            buffer.resize(chunk_size, 0);
+            match read_full(&mut file, &mut buffer) {
                 Ok(0) => break,
                 Ok(n) => {
+                    buffer.truncate(n);
                     let chunk = FileChunk {
                         file_id: id,
                         offset,
-                        data,
+                        data: buffer.split().freeze(),
                         path: String::new(),
                     };
                     offset += n as u64;
@@ -428,11 +441,26 @@ fn send_content(
                 Err(_) => break,
             }
         }
+        buffer.clear();
         let end = scan_request::Kind::End(FileEnd { file_id: id });
         if requests.blocking_send(request(end)).is_err() {
             return;
         }
     }
+}
+
+/// Fills `buffer` from `file` as far as it can: fewer bytes only at the end.
+fn read_full(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
 }
 
 fn request(kind: scan_request::Kind) -> ScanRequest {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::{
     engine::ScanOutcome,
     verdict::{
@@ -115,7 +117,7 @@ impl FileVerdict {
             verdict: Some(Verdict::from(&outcome.verdict)),
             blake3: outcome
                 .digest
-                .map(|d| d.as_bytes().to_vec())
+                .map(|d| Bytes::copy_from_slice(d.as_bytes()))
                 .unwrap_or_default(),
             cached: outcome.cached,
             signatures_version: outcome.rules_version.to_string(),
@@ -131,7 +133,7 @@ impl FileVerdict {
     pub fn cached(verdict: &LibVerdict, digest: &blake3::Hash, version: &str) -> Self {
         FileVerdict {
             verdict: Some(Verdict::from(verdict)),
-            blake3: digest.as_bytes().to_vec(),
+            blake3: Bytes::copy_from_slice(digest.as_bytes()),
             cached: true,
             signatures_version: version.to_owned(),
             scan_time_us: 0,
@@ -151,7 +153,7 @@ impl FileVerdict {
         ScanOutcome {
             verdict,
             size,
-            digest: <[u8; 32]>::try_from(self.blake3.as_slice())
+            digest: <[u8; 32]>::try_from(&self.blake3[..])
                 .ok()
                 .map(blake3::Hash::from_bytes),
             rules_version: self.signatures_version.as_str().into(),

@@ -30,6 +30,10 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
+/// Largest HTTP/2 frame an agent may send. With the default (16 KiB) a
+/// 256 KiB chunk arrives as 16 frames, each handled on its own.
+const MAX_FRAME_SIZE: u32 = 1 << 20;
+
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -113,7 +117,8 @@ impl Server {
         let mut builder = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW);
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE);
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }

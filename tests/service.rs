@@ -5,6 +5,8 @@ mod common;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+
 use common::*;
 use scanserver::{
     client::{Agent, AgentOptions, ClientError, ClientTls},
@@ -136,7 +138,7 @@ fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> ScanRequ
         session_id: session.to_owned(),
         path: format!("C:\\Users\\u\\file{id}.bin"),
         size: data.len() as u64,
-        blake3: digest.map(<[u8]>::to_vec).unwrap_or_default(),
+        blake3: digest.map(Bytes::copy_from_slice).unwrap_or_default(),
     }))
 }
 
@@ -144,7 +146,7 @@ fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
     request(scan_request::Kind::Chunk(FileChunk {
         file_id: id,
         offset,
-        data: data.to_vec(),
+        data: Bytes::copy_from_slice(data),
         path: String::new(),
     }))
 }
@@ -254,19 +256,19 @@ async fn eicar_is_found_through_scan_and_scan_file() {
     let scan_reply::Kind::Verdict(verdict) = kind else {
         unreachable!()
     };
-    assert_eq!(verdict.blake3, blake3::hash(EICAR).as_bytes());
+    assert_eq!(&verdict.blake3[..], blake3::hash(EICAR).as_bytes());
     assert!(!verdict.cached);
 
     let chunks = tokio_stream::iter(vec![
         FileChunk {
             offset: 0,
-            data: EICAR[..10].to_vec(),
+            data: Bytes::from_static(&EICAR[..10]),
             path: "eicar.com".into(),
             file_id: 0,
         },
         FileChunk {
             offset: 10,
-            data: EICAR[10..].to_vec(),
+            data: Bytes::from_static(&EICAR[10..]),
             path: String::new(),
             file_id: 0,
         },
@@ -330,8 +332,8 @@ async fn a_known_digest_is_answered_without_content() {
         .lookup(LookupRequest {
             session_id: session.clone(),
             digests: vec![
-                digest.as_bytes().to_vec(),
-                blake3::hash(b"never seen").as_bytes().to_vec(),
+                Bytes::copy_from_slice(digest.as_bytes()),
+                Bytes::copy_from_slice(blake3::hash(b"never seen").as_bytes()),
             ],
         })
         .await
@@ -436,7 +438,7 @@ fn file_begin(session: &str, id: u64) -> FileBegin {
         session_id: session.to_owned(),
         path: "f".into(),
         size: 0,
-        blake3: vec![],
+        blake3: Bytes::new(),
     }
 }
 

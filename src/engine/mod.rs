@@ -92,6 +92,10 @@ pub enum Content {
     Bytes(Bytes),
     /// A file, read or memory-mapped by the worker.
     File(PathBuf),
+    /// A file the server just wrote (a spooled upload): always
+    /// memory-mapped, as its pages are still in the page cache and mapping
+    /// them spares a copy.
+    Spooled(PathBuf),
 }
 
 /// One piece of work for the engine.
@@ -345,7 +349,8 @@ impl Engine {
         };
         match &job.content {
             Content::Bytes(data) => context.scan_bytes(data),
-            Content::File(path) => context.scan_file(path),
+            Content::File(path) => context.scan_file(path, false),
+            Content::Spooled(path) => context.scan_file(path, true),
         }
     }
 }

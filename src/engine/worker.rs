@@ -104,8 +104,8 @@ impl Context<'_> {
     }
 
     /// Scans a file: read into the worker's buffer when small,
-    /// memory-mapped when large.
-    pub fn scan_file(&self, path: &Path) -> ScanOutcome {
+    /// memory-mapped when large or when `map` says so.
+    pub fn scan_file(&self, path: &Path, map: bool) -> ScanOutcome {
         let started = Instant::now();
         let name = Some(self.name.unwrap_or(path));
         let (file, size) = match open_regular(path) {
@@ -115,7 +115,7 @@ impl Context<'_> {
         if size > self.limits.max_scan_size {
             return self.outcome(started, size, Judged::failed(too_large(size, self.limits)));
         }
-        let judged = if size <= READ_LIMIT {
+        let judged = if size <= READ_LIMIT && !map {
             with_worker(|worker| {
                 let mut buffer = std::mem::take(&mut worker.buffer);
                 let judged =

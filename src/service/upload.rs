@@ -208,7 +208,7 @@ impl Upload {
             }
             Sink::Spool(file) => {
                 let path = file.into_temp_path();
-                (Content::File(path.to_path_buf()), Some(path), None)
+                (Content::Spooled(path.to_path_buf()), Some(path), None)
             }
         };
         Ok(Received {
@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(files_in(dir.path()), 1);
         large.push(1500, &[1; 500]).unwrap();
         let received = large.finish().unwrap();
-        assert!(matches!(received.content, Content::File(_)));
+        assert!(matches!(received.content, Content::Spooled(_)));
         drop(received);
         assert_eq!(files_in(dir.path()), 0, "the spool file is deleted");
 
