@@ -116,6 +116,53 @@ impl AgentOptions {
     }
 }
 
+/// A file to scan through the server.
+#[derive(Debug, Clone)]
+pub enum FileSource {
+    /// A local file: hashed just before it is announced, read again if the
+    /// server asks for its content.
+    Path(PathBuf),
+    /// Content read and hashed beforehand, as an agent with its own digest
+    /// cache has it (`lightagent bench`).
+    Prepared(Arc<PreparedFile>),
+}
+
+impl FileSource {
+    fn path(&self) -> &Path {
+        match self {
+            FileSource::Path(path) => path,
+            FileSource::Prepared(file) => &file.path,
+        }
+    }
+}
+
+impl From<PathBuf> for FileSource {
+    fn from(path: PathBuf) -> Self {
+        FileSource::Path(path)
+    }
+}
+
+/// A file's content with its digest, in memory.
+#[derive(Debug)]
+pub struct PreparedFile {
+    pub path: PathBuf,
+    pub content: Bytes,
+    pub digest: blake3::Hash,
+}
+
+impl PreparedFile {
+    /// Reads and hashes the file at `path`.
+    pub fn read(path: PathBuf) -> std::io::Result<PreparedFile> {
+        let content = Bytes::from(std::fs::read(&path)?);
+        let digest = blake3::hash(&content);
+        Ok(PreparedFile {
+            path,
+            content,
+            digest,
+        })
+    }
+}
+
 /// An open session with a Protection Server.
 pub struct Agent {
     client: ProtectionServerClient<Channel>,
@@ -244,8 +291,9 @@ impl Agent {
     }
 
     /// Scans `files` through the server, many in flight on one stream, and
-    /// hands each result to `on_result` with whether it came from the cache.
-    pub async fn scan<F>(&self, files: Vec<PathBuf>, on_result: F) -> Result<(), ClientError>
+    /// hands each result to `on_result` (whether it came from the cache is
+    /// in the outcome).
+    pub async fn scan<F>(&self, files: Vec<FileSource>, on_result: F) -> Result<(), ClientError>
     where
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
@@ -297,19 +345,19 @@ impl Agent {
             let id = reply.file_id;
             match reply.kind {
                 Some(scan_reply::Kind::SendContent(_)) => {
-                    let path = pending
+                    let source = pending
                         .lock()
                         .expect("pending")
                         .get(&id)
-                        .map(|p| p.path.clone());
-                    if let Some(path) = path {
-                        let _ = content_tx.send((id, path));
+                        .map(|p| p.source.clone());
+                    if let Some(source) = source {
+                        let _ = content_tx.send((id, source));
                     }
                 }
                 Some(scan_reply::Kind::Verdict(verdict)) => {
                     if let Some(file) = pending.lock().expect("pending").remove(&id) {
                         on_result(
-                            &file.path,
+                            file.source.path(),
                             verdict.to_outcome(file.size, file.started.elapsed()),
                         );
                     }
@@ -317,7 +365,10 @@ impl Agent {
                 Some(scan_reply::Kind::Error(error)) => {
                     if let Some(file) = pending.lock().expect("pending").remove(&id) {
                         let verdict = Verdict::failed(FailReason::Engine, error.message);
-                        on_result(&file.path, failed_outcome(verdict, file.size, file.started));
+                        on_result(
+                            file.source.path(),
+                            failed_outcome(verdict, file.size, file.started),
+                        );
                     }
                 }
                 None => {}
@@ -333,16 +384,16 @@ impl Agent {
 type Pending = Arc<Mutex<HashMap<u64, PendingFile>>>;
 
 struct PendingFile {
-    path: PathBuf,
+    source: FileSource,
     size: u64,
     started: Instant,
     _in_flight: OwnedSemaphorePermit,
 }
 
-/// Hashes each file and announces it with a FileBegin, keeping at most the
-/// server's limit of files in flight.
+/// Hashes each file (unless it was prepared) and announces it with a
+/// FileBegin, keeping at most the server's limit of files in flight.
 async fn announce<F>(
-    files: Vec<PathBuf>,
+    files: Vec<FileSource>,
     session_id: String,
     in_flight: Arc<Semaphore>,
     pending: Pending,
@@ -352,37 +403,40 @@ async fn announce<F>(
 where
     F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
 {
-    for (id, path) in (0u64..).zip(files) {
+    for (id, source) in (0u64..).zip(files) {
         let permit = Arc::clone(&in_flight)
             .acquire_owned()
             .await
             .expect("never closed");
         let started = Instant::now();
-        let hashed = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || hash_file(&path)
-        })
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let hashed = match &source {
+            FileSource::Prepared(file) => Ok((file.content.len() as u64, file.digest)),
+            FileSource::Path(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || hash_file(&path))
+                    .await
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?
+            }
+        };
         let (size, digest) = match hashed {
             Ok(hashed) => hashed,
             Err(err) => {
                 let verdict = Verdict::failed(FailReason::Io, err.to_string());
-                on_result(&path, failed_outcome(verdict, 0, started));
+                on_result(source.path(), failed_outcome(verdict, 0, started));
                 continue;
             }
         };
         let begin = FileBegin {
             file_id: id,
             session_id: session_id.clone(),
-            path: path.to_string_lossy().into_owned(),
+            path: source.path().to_string_lossy().into_owned(),
             size,
             blake3: Bytes::copy_from_slice(digest.as_bytes()),
         };
         pending.lock().expect("pending").insert(
             id,
             PendingFile {
-                path,
+                source,
                 size,
                 started,
                 _in_flight: permit,
@@ -402,49 +456,89 @@ where
 /// Streams the content of each file the server asks for, in chunks, then
 /// its end; on a thread of its own, as reading files blocks.
 fn send_content(
-    mut files: mpsc::UnboundedReceiver<(u64, PathBuf)>,
+    mut files: mpsc::UnboundedReceiver<(u64, FileSource)>,
     requests: mpsc::Sender<ScanRequest>,
     chunk_size: usize,
 ) {
     let mut buffer = BytesMut::new();
-    while let Some((id, path)) = files.blocking_recv() {
-        let Ok(mut file) = std::fs::File::open(&path) else {
-            let cancel = scan_request::Kind::Cancel(crate::proto::FileCancel { file_id: id });
-            let _ = requests.blocking_send(request(cancel));
-            continue;
-        };
-        let mut offset = 0u64;
-        loop {
-            // Chunks are carved from one buffer, which is reused once the
-            // chunks sent from it are gone.
-            buffer.reserve(chunk_size);
-            buffer.resize(chunk_size, 0);
-            match read_full(&mut file, &mut buffer) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buffer.truncate(n);
-                    let chunk = FileChunk {
-                        file_id: id,
-                        offset,
-                        data: buffer.split().freeze(),
-                        path: String::new(),
-                    };
-                    offset += n as u64;
-                    if requests
-                        .blocking_send(request(scan_request::Kind::Chunk(chunk)))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                // The server will see a size mismatch and fail the file.
-                Err(_) => break,
+    while let Some((id, source)) = files.blocking_recv() {
+        let sent = match &source {
+            FileSource::Prepared(file) => {
+                let content = &file.content;
+                let chunks = (0..content.len())
+                    .step_by(chunk_size)
+                    .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
+                send_file(id, chunks, &requests)
             }
-        }
-        buffer.clear();
-        let end = scan_request::Kind::End(FileEnd { file_id: id });
-        if requests.blocking_send(request(end)).is_err() {
+            FileSource::Path(path) => match std::fs::File::open(path) {
+                Ok(file) => {
+                    let chunks = FileChunks {
+                        file,
+                        buffer: &mut buffer,
+                        chunk_size,
+                    };
+                    send_file(id, chunks, &requests)
+                }
+                Err(_) => {
+                    let cancel =
+                        scan_request::Kind::Cancel(crate::proto::FileCancel { file_id: id });
+                    requests.blocking_send(request(cancel)).map_err(drop)
+                }
+            },
+        };
+        if sent.is_err() {
             return;
+        }
+    }
+}
+
+/// Sends a file's chunks, then its end. A read error ends the content
+/// early: the server sees fewer bytes than announced and fails the file.
+fn send_file(
+    id: u64,
+    chunks: impl Iterator<Item = std::io::Result<Bytes>>,
+    requests: &mpsc::Sender<ScanRequest>,
+) -> Result<(), ()> {
+    let mut offset = 0u64;
+    for data in chunks.map_while(Result::ok) {
+        let length = data.len() as u64;
+        let chunk = FileChunk {
+            file_id: id,
+            offset,
+            data,
+            path: String::new(),
+        };
+        offset += length;
+        requests
+            .blocking_send(request(scan_request::Kind::Chunk(chunk)))
+            .map_err(drop)?;
+    }
+    let end = scan_request::Kind::End(FileEnd { file_id: id });
+    requests.blocking_send(request(end)).map_err(drop)
+}
+
+/// A file read in chunks carved from one buffer, which is reused once the
+/// chunks sent from it are gone.
+struct FileChunks<'a> {
+    file: std::fs::File,
+    buffer: &'a mut BytesMut,
+    chunk_size: usize,
+}
+
+impl Iterator for FileChunks<'_> {
+    type Item = std::io::Result<Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.buffer.clear();
+        self.buffer.reserve(self.chunk_size);
+        self.buffer.resize(self.chunk_size, 0);
+        match read_full(&mut self.file, self.buffer) {
+            Ok(0) => None,
+            Ok(n) => {
+                self.buffer.truncate(n);
+                Some(Ok(self.buffer.split().freeze()))
+            }
+            Err(err) => Some(Err(err)),
         }
     }
 }

@@ -79,6 +79,26 @@ pub struct ServerConfig {
     /// On SIGTERM or Ctrl-C, how long scans in flight may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where the server keeps what survives a restart (the verdict cache)
+    /// [default: `$STATE_DIRECTORY` when systemd sets it, else the user's
+    /// state folder, `~/.local/state/scanserver`].
+    pub state_dir: Option<PathBuf>,
+    /// How often the verdict cache is saved to the state folder (when it
+    /// changed); it is saved at shutdown too.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+}
+
+impl ServerConfig {
+    /// The state folder in use.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
+            .or_else(|| dirs::state_dir().map(|d| d.join("scanserver")))
+            .or_else(|| dirs::data_local_dir().map(|d| d.join("scanserver")))
+            .unwrap_or_else(|| PathBuf::from("state"))
+    }
 }
 
 impl Default for ServerConfig {
@@ -93,6 +113,8 @@ impl Default for ServerConfig {
             heartbeat_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
+            state_dir: None,
+            snapshot_interval: Duration::from_secs(60),
         }
     }
 }
@@ -205,6 +227,10 @@ mod tests {
         assert_eq!(
             config.uploads.memory_threshold,
             defaults.uploads.memory_threshold
+        );
+        assert_eq!(
+            config.server.snapshot_interval,
+            defaults.server.snapshot_interval
         );
         assert_eq!(config.engine.scan_timeout, defaults.engine.scan_timeout);
         assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);

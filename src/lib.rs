@@ -11,18 +11,22 @@
 //! * [`signatures`]: loading, compiling, versioning and caching rulesets.
 //! * [`engine`]: the scan engine every entry point shares: current rules,
 //!   a pool of scan workers, limits, and a bounded async queue.
-//! * [`cache`]: the SharedCache of verdicts by content digest.
+//! * [`cache`]: the SharedCache of verdicts by content digest, coalescing
+//!   of concurrent requests for the same content, and its snapshots.
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
 //! * [`config`]: the server's configuration (TOML, environment, flags).
 //! * [`server`]: the agent listener (TLS, health, reflection, shutdown).
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
+//! * [`state`]: the server's state folder (what survives a restart).
 //! * [`client`]: the Light Agent client that `lightagent` drives.
+//! * [`bench`]: `lightagent bench`, simulated agents in a boot storm.
 //! * [`report`]: how scan results are printed (text or JSON lines), and the
 //!   exit status they add up to.
 //! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.
 
+pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;
@@ -34,6 +38,7 @@ pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod signatures;
+pub mod state;
 pub mod verdict;
 
 /// The server's version, as reported to agents and operators.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{
+    cache::CachedVerdict,
     engine::ScanOutcome,
     verdict::{
         Detection as LibDetection, FailReason, Failure, Severity as LibSeverity,
@@ -126,17 +127,29 @@ impl FileVerdict {
             } else {
                 outcome.elapsed.as_micros() as u64
             },
+            coalesced: false,
         }
     }
 
-    /// The wire form of a cached verdict.
-    pub fn cached(verdict: &LibVerdict, digest: &blake3::Hash, version: &str) -> Self {
+    /// The wire form of a verdict the server already had (`coalesced`:
+    /// from a scan under way for another request; otherwise from the
+    /// cache).
+    pub fn known(entry: &CachedVerdict, digest: &blake3::Hash, coalesced: bool) -> Self {
         FileVerdict {
-            verdict: Some(Verdict::from(verdict)),
+            verdict: Some(Verdict::from(&entry.verdict)),
             blake3: Bytes::copy_from_slice(digest.as_bytes()),
-            cached: true,
-            signatures_version: version.to_owned(),
+            cached: !coalesced,
+            signatures_version: entry.rules_version.to_string(),
             scan_time_us: 0,
+            coalesced,
+        }
+    }
+
+    /// The number of detections in the verdict.
+    pub fn detection_count(&self) -> usize {
+        match self.verdict.as_ref().and_then(|v| v.kind.as_ref()) {
+            Some(verdict::Kind::Infected(infected)) => infected.detections.len(),
+            _ => 0,
         }
     }
 
@@ -158,6 +171,7 @@ impl FileVerdict {
                 .map(blake3::Hash::from_bytes),
             rules_version: self.signatures_version.as_str().into(),
             cached: self.cached,
+            coalesced: self.coalesced,
             elapsed,
         }
     }

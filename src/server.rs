@@ -17,6 +17,7 @@ use crate::{
     engine::Engine,
     proto::{self, protection_server_server::ProtectionServerServer},
     service::{ProtectionService, ServiceState},
+    state::StateDir,
 };
 
 /// Largest gRPC message accepted (a chunk, or a Lookup of 100,000 digests).
@@ -52,6 +53,11 @@ pub enum ServerError {
     },
     #[error("cannot prepare the spool folder: {0}")]
     Spool(std::io::Error),
+    #[error("cannot open the state folder {}: {source} (use --state-dir to pick another)", path.display())]
+    State {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service: {0}")]
@@ -65,6 +71,8 @@ pub struct Server {
     tls: Option<ServerTlsConfig>,
     shutdown: watch::Sender<bool>,
     grace: std::time::Duration,
+    state_dir: StateDir,
+    snapshot_interval: std::time::Duration,
 }
 
 impl Server {
@@ -75,6 +83,10 @@ impl Server {
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
         let tls = config.tls.as_ref().map(tls_config).transpose()?;
+        let path = config.server.state_dir();
+        let state_dir =
+            StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
+        state_dir.restore_cache(&engine);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = ServiceState::new(engine, config, shutdown_rx).map_err(ServerError::Spool)?;
         Ok(Server {
@@ -83,6 +95,8 @@ impl Server {
             tls,
             shutdown,
             grace: config.server.shutdown_grace,
+            state_dir,
+            snapshot_interval: config.server.snapshot_interval,
         })
     }
 
@@ -123,6 +137,11 @@ impl Server {
             builder = builder.tls_config(tls)?;
         }
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
+        let keeper = tokio::spawn(self.state_dir.keep_cache(
+            Arc::clone(&self.state.engine),
+            self.snapshot_interval,
+            self.shutdown.subscribe(),
+        ));
         let shutdown = self.shutdown;
         let stop_accepting = async move {
             signal.await;
@@ -150,6 +169,17 @@ impl Server {
             result = serve => result?,
             () = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
         }
+        // The last save of the verdict cache.
+        let _ = keeper.await;
+        let stats = self.state.engine.cache().stats();
+        tracing::info!(
+            entries = stats.entries,
+            hits = stats.hits,
+            misses = stats.misses,
+            coalesced = stats.coalesced_waits,
+            saved = stats.persisted,
+            "verdict cache at shutdown"
+        );
         Ok(())
     }
 }

@@ -197,6 +197,8 @@ impl fmt::Display for DiagnosticList<'_> {
 pub struct Ruleset {
     rules: Rules,
     version: Arc<str>,
+    /// The first 64 bits of the version, for cache keys.
+    version_id: u64,
     rule_count: usize,
     source: PathBuf,
     compile_time: Duration,
@@ -281,6 +283,10 @@ impl Ruleset {
         Ruleset {
             rule_count: rules.iter().len(),
             rules,
+            version_id: version
+                .get(..16)
+                .and_then(|prefix| u64::from_str_radix(prefix, 16).ok())
+                .unwrap_or(0),
             version: version.into(),
             source: source.to_owned(),
             compile_time: started.elapsed(),
@@ -298,6 +304,11 @@ impl Ruleset {
     /// The ruleset version (hex blake3 digest); verdicts are keyed by it.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The version as a number (its first 64 bits): cache keys carry it.
+    pub fn version_id(&self) -> u64 {
+        self.version_id
     }
 
     /// The version, shared: verdicts carry it.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use common::*;
 use scanserver::{
-    client::{Agent, AgentOptions, ClientError, ClientTls},
+    client::{Agent, AgentOptions, ClientError, ClientTls, FileSource},
     config::{Config, TlsConfig},
     proto::{
         self, AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, Hello, LookupRequest,
@@ -28,13 +28,16 @@ struct TestServer {
     addr: std::net::SocketAddr,
     state: Arc<ServiceState>,
     spool: tempfile::TempDir,
+    _state: tempfile::TempDir,
     _stop: oneshot::Sender<()>,
 }
 
 impl TestServer {
     async fn start(configure: impl FnOnce(&mut Config)) -> TestServer {
         let spool = tempfile::tempdir().unwrap();
+        let state_dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
+        config.server.state_dir = Some(state_dir.path().to_owned());
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.engine.threads = 2;
         config.uploads.spool_dir = Some(spool.path().to_owned());
@@ -51,6 +54,7 @@ impl TestServer {
             addr,
             state,
             spool,
+            _state: state_dir,
             _stop: stop,
         }
     }
@@ -186,6 +190,142 @@ fn error_code(kind: &scan_reply::Kind) -> Code {
         scan_reply::Kind::Error(e) => Code::from(e.code),
         other => panic!("expected an error, got {other:?}"),
     }
+}
+
+/// Content that takes the engine a moment to scan, unique per `seed`.
+fn content(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn file_verdict(kind: scan_reply::Kind) -> proto::FileVerdict {
+    match kind {
+        scan_reply::Kind::Verdict(verdict) => verdict,
+        other => panic!("expected a verdict, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_requests_for_one_content_make_one_scan() {
+    let server = TestServer::start(|_| {}).await;
+    let data = Bytes::from(content(1, 4 << 20));
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let (data, url) = (data.clone(), server.url());
+            tokio::spawn(async move {
+                let chunks = (0..data.len())
+                    .step_by(256 << 10)
+                    .map(move |start| FileChunk {
+                        file_id: 0,
+                        offset: start as u64,
+                        data: data.slice(start..data.len().min(start + (256 << 10))),
+                        path: "C:\\Windows\\System32\\same.dll".into(),
+                    });
+                let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+                ProtectionServerClient::new(channel)
+                    .max_decoding_message_size(16 << 20)
+                    .scan_file(tokio_stream::iter(chunks))
+                    .await
+                    .unwrap()
+                    .into_inner()
+            })
+        })
+        .collect();
+    let mut scanned = 0;
+    let mut coalesced = 0;
+    for call in calls {
+        let verdict = call.await.unwrap();
+        assert!(matches!(
+            verdict.verdict.unwrap().kind.unwrap(),
+            proto::verdict::Kind::Clean(_)
+        ));
+        assert!(!(verdict.cached && verdict.coalesced));
+        scanned += usize::from(!verdict.cached && !verdict.coalesced);
+        coalesced += usize::from(verdict.coalesced);
+    }
+    assert_eq!(scanned, 1, "exactly one scan for one content");
+    let stats = server.state.engine.cache().stats();
+    assert_eq!(stats.coalesced_waits, coalesced as u64);
+    assert_eq!(stats.entries, 1);
+    assert!(server.state.engine.cache().flights().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
+    let server = TestServer::start(|_| {}).await;
+    let data = content(2, 1 << 20);
+    let digest = blake3::hash(&data);
+    let mut agents = Vec::new();
+    for _ in 0..20 {
+        let (session, keep) = session_id(&server).await;
+        let (tx, replies) = scan_stream(&server).await;
+        tx.send(begin(&session, 7, &data, Some(digest.as_bytes())))
+            .await
+            .unwrap();
+        agents.push((tx, replies, keep));
+    }
+    // Only the first is asked for the content; the others wait.
+    let (lead_tx, lead_replies, _) = &mut agents[0];
+    assert!(matches!(
+        next(lead_replies).await,
+        (7, scan_reply::Kind::SendContent(_))
+    ));
+    assert_eq!(Counters::get(&server.state.counters.content_requests), 1);
+    lead_tx.send(chunk(7, 0, &data)).await.unwrap();
+    lead_tx.send(end(7)).await.unwrap();
+    let lead = file_verdict(next(lead_replies).await.1);
+    assert!(!lead.cached && !lead.coalesced);
+    for (_, replies, _) in &mut agents[1..] {
+        let verdict = file_verdict(next(replies).await.1);
+        assert!(verdict.coalesced, "handed the lead's verdict");
+        assert_eq!(verdict.blake3, lead.blake3);
+    }
+    assert_eq!(Counters::get(&server.state.counters.content_requests), 1);
+    assert_eq!(
+        Counters::get(&server.state.counters.bytes_received),
+        data.len() as u64,
+        "the content was sent once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
+    let server = TestServer::start(|_| {}).await;
+    let data = content(3, 64 << 10);
+    let digest = blake3::hash(&data);
+    let (session_a, _keep_a) = session_id(&server).await;
+    let (session_b, _keep_b) = session_id(&server).await;
+    let (a, mut a_replies) = scan_stream(&server).await;
+    let (b, mut b_replies) = scan_stream(&server).await;
+    a.send(begin(&session_a, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut a_replies).await.1,
+        scan_reply::Kind::SendContent(_)
+    ));
+    b.send(begin(&session_b, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    // The lead sends half its content, then cancels.
+    a.send(chunk(1, 0, &data[..1000])).await.unwrap();
+    a.send(request(scan_request::Kind::Cancel(FileCancel {
+        file_id: 1,
+    })))
+    .await
+    .unwrap();
+    assert_eq!(error_code(&next(&mut a_replies).await.1), Code::Cancelled);
+    // The waiter is asked instead; its content is scanned.
+    assert!(matches!(
+        next(&mut b_replies).await.1,
+        scan_reply::Kind::SendContent(_)
+    ));
+    b.send(chunk(1, 0, &data)).await.unwrap();
+    b.send(end(1)).await.unwrap();
+    let verdict = file_verdict(next(&mut b_replies).await.1);
+    assert!(!verdict.cached && !verdict.coalesced);
+    assert!(server.state.engine.cache().flights().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,9 +684,9 @@ async fn the_lightagent_client_scans_hash_first() {
     std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
     std::fs::write(dir.path().join("big.bin"), vec![3u8; 12 << 20]).unwrap();
     std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
-    let files: Vec<_> = ["eicar.com", "big.bin", "note.txt"]
+    let files: Vec<FileSource> = ["eicar.com", "big.bin", "note.txt"]
         .iter()
-        .map(|f| dir.path().join(f))
+        .map(|f| dir.path().join(f).into())
         .collect();
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
@@ -637,7 +777,7 @@ async fn tls_and_mutual_tls() {
     let sink = Arc::clone(&found);
     agent
         .scan(
-            vec![dir_files.path().join("eicar.com")],
+            vec![dir_files.path().join("eicar.com").into()],
             move |_, outcome| *sink.lock().unwrap() = Some(outcome.verdict.kind()),
         )
         .await

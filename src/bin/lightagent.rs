@@ -9,7 +9,8 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use scanserver::{
-    client::{Agent, AgentOptions, ClientTls},
+    bench::FileSet,
+    client::{Agent, AgentOptions, ClientTls, FileSource},
     localscan,
     proto::{TaskKind, TaskState},
     report::{Format, Reporter},
@@ -31,6 +32,38 @@ enum Command {
     /// found, 1 something found, 2 some file could not be scanned), and the
     /// JSON lines add `cached`.
     Scan(ScanArgs),
+
+    /// Simulate a boot storm: many agents scan the same files at once.
+    ///
+    /// Each simulated agent has its own connection and session. The files
+    /// are read and hashed once, up front, so what is measured is the
+    /// server. Every round prints files, unique contents, the scans the
+    /// engine ran, cache hits, coalesced waits, files and MB per second,
+    /// verdict latency (p50, p99) and errors. The first round against a
+    /// fresh server is a cold storm; later rounds are answered by digest.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+
+    /// Simulated agents, each with its own connection and session.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    agents: u32,
+
+    /// The files every agent scans (a folder, or files).
+    #[arg(long = "files", required = true, value_name = "DIR")]
+    files: Vec<PathBuf>,
+
+    /// How many times the storm is repeated.
+    #[arg(long, value_name = "R", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+
+    /// Print each round as a JSON object on its own line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -134,7 +167,32 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
     match cli.command {
         Command::Scan(args) => runtime.block_on(scan(args)),
+        Command::Bench(args) => runtime.block_on(bench(args)),
     }
+}
+
+async fn bench(args: BenchArgs) -> ExitCode {
+    let skipped = |path: PathBuf, err: String| eprintln!("skipped {}: {err}", path.display());
+    let set = FileSet::read(&args.files, &skipped);
+    if set.is_empty() {
+        eprintln!("error: no readable file under the given paths");
+        return ExitCode::from(2);
+    }
+    let options = args.connection.options();
+    for round in 1..=args.rounds as usize {
+        match scanserver::bench::round(&options, args.agents as usize, &set, round).await {
+            Ok(report) if args.json => println!(
+                "{}",
+                serde_json::to_string(&report).expect("reports serialize")
+            ),
+            Ok(report) => println!("{report}"),
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn scan(args: ScanArgs) -> ExitCode {
@@ -149,7 +207,9 @@ async fn scan(args: ScanArgs) -> ExitCode {
     let reporter = Arc::new(Reporter::new(format));
     let unreadable =
         |path: PathBuf, err| reporter.file(&path, &localscan::unreadable_outcome(err), None);
-    let files: Vec<_> = localscan::walk(&args.paths, &unreadable).collect();
+    let files: Vec<_> = localscan::walk(&args.paths, &unreadable)
+        .map(FileSource::from)
+        .collect();
 
     let task_id = uuid::Uuid::new_v4().to_string();
     let kind = args.task.map(|task| match task {

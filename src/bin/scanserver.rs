@@ -127,6 +127,11 @@ struct ServeArgs {
     /// Folder for spooled uploads [default: the system temporary folder].
     #[arg(long, value_name = "DIR", env = "SCANSERVER_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
+
+    /// Folder for what survives a restart, such as the verdict cache
+    /// [default: $STATE_DIRECTORY, else ~/.local/state/scanserver].
+    #[arg(long, value_name = "DIR", env = "SCANSERVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -146,6 +151,9 @@ impl ServeArgs {
         }
         if self.spool_dir.is_some() {
             config.uploads.spool_dir = self.spool_dir.clone();
+        }
+        if self.state_dir.is_some() {
+            config.server.state_dir = self.state_dir.clone();
         }
         if !self.allowed_tags.is_empty() {
             config.server.allowed_tags = self.allowed_tags.clone();

@@ -151,11 +151,25 @@ pub struct ScanOutcome {
     pub rules_version: Arc<str>,
     /// The verdict came from the cache; nothing was scanned.
     pub cached: bool,
+    /// The verdict came from a scan of the same content made at the same
+    /// time for another request; nothing was scanned for this one.
+    pub coalesced: bool,
     /// Time spent reading, hashing and scanning.
     pub elapsed: Duration,
 }
 
 impl ScanOutcome {
+    /// The verdict as the cache keeps it; `None` for a failure, which is
+    /// never cached.
+    pub fn to_cached(&self) -> Option<Arc<CachedVerdict>> {
+        self.verdict.failure().is_none().then(|| {
+            Arc::new(CachedVerdict {
+                verdict: self.verdict.clone(),
+                rules_version: Arc::clone(&self.rules_version),
+            })
+        })
+    }
+
     /// The outcome of content that was never scanned (it could not be read,
     /// or the scan was lost): a failure, with no digest.
     pub fn failed(verdict: Verdict, size: u64, elapsed: Duration, rules_version: Arc<str>) -> Self {
@@ -166,6 +180,7 @@ impl ScanOutcome {
             digest: None,
             rules_version,
             cached: false,
+            coalesced: false,
             elapsed,
         }
     }
@@ -260,12 +275,16 @@ impl Engine {
         &self.cache
     }
 
+    /// The cache key for content with `digest` named `name`, under the
+    /// current signatures.
+    pub fn cache_key(&self, digest: &Digest, name: Option<&Path>) -> CacheKey {
+        CacheKey::new(digest, &self.ruleset.load(), name)
+    }
+
     /// The cached verdict for content with `digest` named `name`, under the
     /// current signatures.
     pub fn cached(&self, digest: &Digest, name: Option<&Path>) -> Option<Arc<CachedVerdict>> {
-        let ruleset = self.ruleset.load();
-        let key = CacheKey::new(digest, &ruleset, name);
-        self.cache.get(&key, ruleset.version())
+        self.cache.get(&self.cache_key(digest, name))
     }
 
     /// The number of scan threads.

@@ -139,7 +139,7 @@ impl Context<'_> {
     fn judge(&self, worker: &mut Worker, data: &[u8], name: Option<&Path>) -> Judged {
         let digest = self.digest.unwrap_or_else(|| blake3::hash(data));
         let key = CacheKey::new(&digest, &self.ruleset, name);
-        if let Some(hit) = self.cache.get(&key, self.ruleset.version()) {
+        if let Some(hit) = self.cache.get(&key) {
             return Judged {
                 digest: Some(digest),
                 verdict: hit.verdict.clone(),
@@ -163,6 +163,7 @@ impl Context<'_> {
             digest: judged.digest,
             rules_version: self.ruleset.version_arc(),
             cached: judged.cached,
+            coalesced: false,
             elapsed: started.elapsed(),
         }
     }

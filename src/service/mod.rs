@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    cache::flight::UPLOAD_WAIT,
     config::Config,
     engine::Engine,
     proto::{
@@ -178,16 +179,32 @@ impl ProtectionServer for ProtectionService {
             )));
         }
         let engine = &self.state.engine;
-        let version = engine.ruleset().version_arc();
+        let cache = engine.cache();
         let mut results = Vec::with_capacity(request.digests.len());
+        // Digests being uploaded or scanned right now are answered when
+        // their scan lands.
+        let mut under_way = Vec::new();
         for (index, digest) in request.digests.iter().enumerate() {
             let digest = parse_digest(digest)
                 .map_err(|e| Status::invalid_argument(format!("digest #{index}: {e}")))?
                 .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))?;
-            let verdict = engine
-                .cached(&digest, None)
-                .map(|hit| FileVerdict::cached(&hit.verdict, &digest, &version));
+            let key = engine.cache_key(&digest, None);
+            let verdict = cache
+                .get(&key)
+                .map(|hit| FileVerdict::known(&hit, &digest, false));
+            if verdict.is_none()
+                && let Some(waiter) = cache.flights().waiting(&key)
+            {
+                under_way.push((index, digest, waiter));
+            }
             results.push(LookupResult { verdict });
+        }
+        let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
+        for (index, digest, waiter) in under_way {
+            results[index].verdict = waiter
+                .verdict(deadline)
+                .await
+                .map(|landed| FileVerdict::known(&landed, &digest, true));
         }
         Ok(Response::new(LookupReply { results }))
     }

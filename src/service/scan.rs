@@ -10,6 +10,11 @@
 //! Each begun file holds one of its session's in-flight places until its
 //! final reply. When the stream ends, for whatever reason, its open files
 //! are dropped: their memory is freed and their spool files deleted.
+//!
+//! Requests for the same content coalesce (see [`crate::cache::flight`]):
+//! a hash-first begin whose content another request is uploading or
+//! scanning waits for that verdict instead of asking for the content, and
+//! received content whose digest is being scanned waits for that scan.
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
@@ -21,7 +26,11 @@ use super::{
     upload::{Received, Upload, UploadError},
 };
 use crate::{
-    engine::ScanJob,
+    cache::{
+        CacheKey, CachedVerdict, Digest, Flight, Join,
+        flight::{UPLOAD_WAIT, Waiter},
+    },
+    engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
         ContentRequest, FileBegin, FileChunk, FileError, FileVerdict, ScanReply, ScanRequest,
         scan_reply, scan_request,
@@ -35,8 +44,31 @@ type Replies = mpsc::Sender<Result<ScanReply, Status>>;
 struct OpenFile {
     session: Arc<Session>,
     name: String,
+    size: u64,
     upload: Upload,
+    /// The flight this file leads: its agent was asked for the content,
+    /// and requests for the same content wait for its verdict.
+    flight: Option<Flight>,
     _in_flight: OwnedSemaphorePermit,
+}
+
+/// A hash-first begin that waited for another request's verdict: `None`
+/// when that request failed, and this file's content is needed after all.
+struct Waited {
+    file_id: u64,
+    key: CacheKey,
+    digest: Digest,
+    landed: Option<Arc<CachedVerdict>>,
+}
+
+/// One Scan stream: its open files and where its replies go.
+struct ScanStream {
+    state: Arc<ServiceState>,
+    open: HashMap<u64, OpenFile>,
+    replies: Replies,
+    /// Waits end here; at most one per open file, so the channel is bounded
+    /// by the session's files in flight.
+    waited: mpsc::UnboundedSender<Waited>,
 }
 
 /// Drives one Scan stream to its end.
@@ -45,11 +77,25 @@ pub(super) async fn run(
     mut requests: Streaming<ScanRequest>,
     replies: Replies,
 ) {
-    let mut open: HashMap<u64, OpenFile> = HashMap::new();
+    let (waited, mut waits) = mpsc::unbounded_channel();
     let mut shutdown = state.shutdown.clone();
+    let idle_timeout = state.idle_timeout;
+    let mut stream = ScanStream {
+        state,
+        open: HashMap::new(),
+        replies,
+        waited,
+    };
     loop {
         let request = tokio::select! {
-            request = tokio::time::timeout(state.idle_timeout, requests.message()) => request,
+            request = tokio::time::timeout(idle_timeout, requests.message()) => request,
+            Some(waited) = waits.recv() => {
+                let reply = stream.waited(waited);
+                if stream.send(reply).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             () = shut_down(&mut shutdown) => break,
         };
         let request = match request {
@@ -61,172 +107,279 @@ pub(super) async fn run(
             }
             Err(_) => {
                 let idle = Status::deadline_exceeded(format!(
-                    "no request for {:?}; the stream is closed",
-                    state.idle_timeout
+                    "no request for {idle_timeout:?}; the stream is closed"
                 ));
-                let _ = replies.send(Err(idle)).await;
+                let _ = stream.replies.send(Err(idle)).await;
                 break;
             }
         };
         let Some(kind) = request.kind else { continue };
         let reply = match kind {
-            scan_request::Kind::Begin(begin) => begin_file(&state, &mut open, begin),
-            scan_request::Kind::Chunk(chunk) => add_chunk(&state, &mut open, chunk),
-            scan_request::Kind::End(end) => {
-                end_file(&state, &mut open, end.file_id, &replies).await
-            }
-            scan_request::Kind::Cancel(cancel) => open
+            scan_request::Kind::Begin(begin) => stream.begin(begin),
+            scan_request::Kind::Chunk(chunk) => stream.chunk(chunk),
+            scan_request::Kind::End(end) => stream.end(end.file_id).await,
+            scan_request::Kind::Cancel(cancel) => stream
+                .open
                 .remove(&cancel.file_id)
                 .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
         };
-        if let Some(reply) = reply
-            && replies.send(Ok(reply)).await.is_err()
-        {
+        if stream.send(reply).await.is_err() {
             break;
         }
     }
-    // `open` is dropped here: unfinished uploads release everything.
+    // The open files are dropped with `stream`: unfinished uploads release
+    // everything, and flights they led end without a verdict.
 }
 
-/// Opens a file: answers at once from the cache when the agent gave a
-/// digest the server knows, otherwise asks for the content (or, without a
-/// digest, expects it).
-fn begin_file(
-    state: &ServiceState,
-    open: &mut HashMap<u64, OpenFile>,
-    begin: FileBegin,
-) -> Option<ScanReply> {
-    let id = begin.file_id;
-    let fail = |code, message: String| Some(file_error(id, code, &message));
-    if open.contains_key(&id) {
-        return fail(
-            Code::InvalidArgument,
-            format!("file id {id} is already open on this stream"),
-        );
+impl ScanStream {
+    async fn send(&self, reply: Option<ScanReply>) -> Result<(), ()> {
+        match reply {
+            Some(reply) => self.replies.send(Ok(reply)).await.map_err(drop),
+            None => Ok(()),
+        }
     }
-    let session = match state.session(&begin.session_id) {
-        Ok(session) => session,
-        Err(status) => return fail(status.code(), status.message().to_owned()),
-    };
-    session.touch();
-    let claimed = match parse_digest(&begin.blake3) {
-        Ok(claimed) => claimed,
-        Err(message) => return fail(Code::InvalidArgument, message),
-    };
-    if let Some(digest) = claimed
-        && let Some(hit) = state.engine.cached(&digest, Some(begin.path.as_ref()))
-    {
-        Counters::add(&state.counters.hash_hits, 1);
-        session.record_file(begin.size, hit.verdict.detections().len());
-        let verdict = FileVerdict::cached(&hit.verdict, &digest, &hit.rules_version);
-        return Some(reply(id, scan_reply::Kind::Verdict(verdict)));
-    }
-    let Ok(in_flight) = Arc::clone(&session.files_in_flight).try_acquire_owned() else {
-        let limit = state.uploads.config().files_in_flight;
-        return fail(
-            Code::ResourceExhausted,
-            format!(
-                "more than {limit} files in flight on this session; wait for verdicts before beginning more"
-            ),
-        );
-    };
-    let upload = match state.uploads.begin(Some(begin.size), claimed) {
-        Ok(upload) => upload,
-        Err(err) => return fail(err.code(), err.to_string()),
-    };
-    open.insert(
-        id,
-        OpenFile {
+
+    /// Opens a file: answers at once from the cache when the agent gave a
+    /// digest the server knows, waits when that content is under way for
+    /// another request, and otherwise asks for the content (or, without a
+    /// digest, expects it).
+    fn begin(&mut self, begin: FileBegin) -> Option<ScanReply> {
+        let id = begin.file_id;
+        let fail = |code, message: String| Some(file_error(id, code, &message));
+        if self.open.contains_key(&id) {
+            return fail(
+                Code::InvalidArgument,
+                format!("file id {id} is already open on this stream"),
+            );
+        }
+        let session = match self.state.session(&begin.session_id) {
+            Ok(session) => session,
+            Err(status) => return fail(status.code(), status.message().to_owned()),
+        };
+        session.touch();
+        let claimed = match parse_digest(&begin.blake3) {
+            Ok(claimed) => claimed,
+            Err(message) => return fail(Code::InvalidArgument, message),
+        };
+        let engine = &self.state.engine;
+        let key =
+            claimed.map(|digest| (digest, engine.cache_key(&digest, Some(begin.path.as_ref()))));
+        if let Some((digest, key)) = &key
+            && let Some(hit) = engine.cache().get(key)
+        {
+            Counters::add(&self.state.counters.hash_hits, 1);
+            session.record_file(begin.size, hit.verdict.detections().len());
+            return Some(reply(
+                id,
+                verdict_reply(FileVerdict::known(&hit, digest, false)),
+            ));
+        }
+        let Ok(in_flight) = Arc::clone(&session.files_in_flight).try_acquire_owned() else {
+            let limit = self.state.uploads.config().files_in_flight;
+            return fail(
+                Code::ResourceExhausted,
+                format!(
+                    "more than {limit} files in flight on this session; wait for verdicts before beginning more"
+                ),
+            );
+        };
+        let upload = match self.state.uploads.begin(Some(begin.size), claimed) {
+            Ok(upload) => upload,
+            Err(err) => return fail(err.code(), err.to_string()),
+        };
+        let mut file = OpenFile {
             session,
             name: begin.path,
+            size: begin.size,
             upload,
+            flight: None,
             _in_flight: in_flight,
-        },
-    );
-    claimed.map(|_| {
-        Counters::add(&state.counters.content_requests, 1);
+        };
+        let reply = match key {
+            None => None,
+            Some((digest, key)) => match engine.cache().flights().join(key) {
+                Join::Lead(flight) => {
+                    file.flight = Some(flight);
+                    Some(self.request_content(id))
+                }
+                Join::Wait(waiter) => {
+                    let waited = self.waited.clone();
+                    tokio::spawn(async move {
+                        let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
+                        let landed = waiter.verdict(deadline).await;
+                        let _ = waited.send(Waited {
+                            file_id: id,
+                            key,
+                            digest,
+                            landed,
+                        });
+                    });
+                    None
+                }
+            },
+        };
+        self.open.insert(id, file);
+        reply
+    }
+
+    /// A hash-first begin's wait is over: the verdict, or, if the request
+    /// it waited for failed, a request for the content.
+    fn waited(&mut self, waited: Waited) -> Option<ScanReply> {
+        let id = waited.file_id;
+        let Some(landed) = waited.landed else {
+            let file = self.open.get_mut(&id)?;
+            if let Join::Lead(flight) = self.state.engine.cache().flights().join(waited.key) {
+                file.flight = Some(flight);
+            }
+            return Some(self.request_content(id));
+        };
+        let file = self.open.remove(&id)?;
+        file.session
+            .record_file(file.size, landed.verdict.detections().len());
+        Some(reply(
+            id,
+            verdict_reply(FileVerdict::known(&landed, &waited.digest, true)),
+        ))
+    }
+
+    fn request_content(&self, id: u64) -> ScanReply {
+        Counters::add(&self.state.counters.content_requests, 1);
         reply(id, scan_reply::Kind::SendContent(ContentRequest {}))
-    })
+    }
+
+    fn chunk(&mut self, chunk: FileChunk) -> Option<ScanReply> {
+        let id = chunk.file_id;
+        let Some(file) = self.open.get_mut(&id) else {
+            return Some(file_error(
+                id,
+                Code::InvalidArgument,
+                &format!("chunk for file id {id}, which is not open"),
+            ));
+        };
+        Counters::add(&self.state.counters.bytes_received, chunk.data.len() as u64);
+        match file.upload.push(chunk.offset, &chunk.data) {
+            Ok(()) => None,
+            Err(err) => {
+                self.open.remove(&id);
+                Some(upload_error(id, &err))
+            }
+        }
+    }
+
+    /// Closes a file: verifies it and has it judged. A scan waits for a
+    /// place in the engine's queue here, in the reader: that is the
+    /// backpressure. The scan itself runs in a task that sends the verdict.
+    async fn end(&mut self, id: u64) -> Option<ScanReply> {
+        let Some(file) = self.open.remove(&id) else {
+            return Some(file_error(
+                id,
+                Code::InvalidArgument,
+                &format!("end of file id {id}, which is not open"),
+            ));
+        };
+        let OpenFile {
+            session,
+            name,
+            upload,
+            flight,
+            _in_flight,
+            ..
+        } = file;
+        let received = match upload.finish() {
+            Ok(received) => received,
+            Err(err) => return Some(upload_error(id, &err)),
+        };
+        let size = received.size;
+        let engine = Arc::clone(&self.state.engine);
+        let judging = match Plan::new(&engine, &received.digest, &name, flight) {
+            Plan::Known(hit) => {
+                session.record_file(size, hit.verdict.detections().len());
+                let verdict = FileVerdict::known(&hit, &received.digest, false);
+                return Some(reply(id, verdict_reply(verdict)));
+            }
+            Plan::Scan(flight) => Judging::Lead(engine.reserve().await, flight),
+            Plan::Wait(waiter) => Judging::Follow(waiter),
+        };
+        let replies = self.replies.clone();
+        tokio::spawn(async move {
+            let verdict = judging.verdict(&engine, received, name).await;
+            session.record_file(size, verdict.detection_count());
+            let _ = replies.send(Ok(reply(id, verdict_reply(verdict)))).await;
+            drop(_in_flight);
+        });
+        None
+    }
 }
 
-fn add_chunk(
-    state: &ServiceState,
-    open: &mut HashMap<u64, OpenFile>,
-    chunk: FileChunk,
-) -> Option<ScanReply> {
-    let id = chunk.file_id;
-    let Some(file) = open.get_mut(&id) else {
-        return Some(file_error(
-            id,
-            Code::InvalidArgument,
-            &format!("chunk for file id {id}, which is not open"),
-        ));
-    };
-    Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);
-    match file.upload.push(chunk.offset, &chunk.data) {
-        Ok(()) => None,
-        Err(err) => {
-            open.remove(&id);
-            Some(upload_error(id, &err))
+/// How received content gets its verdict.
+enum Plan {
+    /// The cache has it.
+    Known(Arc<CachedVerdict>),
+    /// Scan it, leading the flight for its content.
+    Scan(Flight),
+    /// Another request is scanning the same content: wait for that.
+    Wait(Waiter),
+}
+
+impl Plan {
+    /// The plan for content with `digest`; `led` is the flight the file
+    /// already leads (it was asked for by a hash-first begin).
+    fn new(engine: &Engine, digest: &Digest, name: &str, led: Option<Flight>) -> Plan {
+        let key = engine.cache_key(digest, Some(name.as_ref()));
+        if let Some(flight) = led.filter(|flight| *flight.key() == key) {
+            return Plan::Scan(flight);
+        }
+        if let Some(hit) = engine.cache().get(&key) {
+            return Plan::Known(hit);
+        }
+        match engine.cache().flights().join(key) {
+            Join::Lead(flight) => Plan::Scan(flight),
+            Join::Wait(waiter) => Plan::Wait(waiter),
         }
     }
 }
 
-/// Closes a file: verifies it, waits for a place in the engine's queue, and
-/// scans it in a task of its own that sends the verdict.
-async fn end_file(
-    state: &Arc<ServiceState>,
-    open: &mut HashMap<u64, OpenFile>,
-    id: u64,
-    replies: &Replies,
-) -> Option<ScanReply> {
-    let Some(file) = open.remove(&id) else {
-        return Some(file_error(
-            id,
-            Code::InvalidArgument,
-            &format!("end of file id {id}, which is not open"),
-        ));
-    };
-    let OpenFile {
-        session,
-        name,
-        upload,
-        _in_flight,
-    } = file;
-    let received = match upload.finish() {
-        Ok(received) => received,
-        Err(err) => return Some(upload_error(id, &err)),
-    };
-    let slot = state.engine.reserve().await;
-    let replies = replies.clone();
-    tokio::spawn(async move {
-        let verdict = scan_received(slot, received, name, &session).await;
-        let _ = replies
-            .send(Ok(reply(id, scan_reply::Kind::Verdict(verdict))))
-            .await;
-        drop(_in_flight);
-    });
-    None
+/// A verdict under way: a scan with its place in the queue, or a wait.
+enum Judging {
+    Lead(ScanSlot, Flight),
+    Follow(Waiter),
+}
+
+impl Judging {
+    async fn verdict(self, engine: &Arc<Engine>, received: Received, name: String) -> FileVerdict {
+        match self {
+            Judging::Lead(slot, flight) => {
+                let outcome = scan_received(slot, received, name).await;
+                flight.land(outcome.to_cached());
+                FileVerdict::from_outcome(&outcome)
+            }
+            Judging::Follow(waiter) => {
+                let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
+                if let Some(landed) = waiter.verdict(deadline).await {
+                    return FileVerdict::known(&landed, &received.digest, true);
+                }
+                // The scan waited for failed or took too long: this copy
+                // of the content is scanned on its own.
+                let outcome = scan_received(engine.reserve().await, received, name).await;
+                FileVerdict::from_outcome(&outcome)
+            }
+        }
+    }
 }
 
 /// Scans received content under the digest the server computed.
-async fn scan_received(
-    slot: crate::engine::ScanSlot,
-    received: Received,
-    name: String,
-    session: &Session,
-) -> FileVerdict {
-    let size = received.size;
+async fn scan_received(slot: ScanSlot, received: Received, name: String) -> ScanOutcome {
     let (content, digest, guard) = received.into_parts();
-    let job = ScanJob {
-        content,
-        name: Some(name),
-        digest: Some(digest),
-    };
-    let outcome = slot.scan(job).await;
+    let name = Some(name).filter(|n| !n.is_empty());
+    let outcome = slot
+        .scan(ScanJob {
+            content,
+            name,
+            digest: Some(digest),
+        })
+        .await;
     drop(guard);
-    session.record_file(size, outcome.verdict.detections().len());
-    FileVerdict::from_outcome(&outcome)
+    outcome
 }
 
 /// `ScanFile`: one file, its chunks in order, the first naming it.
@@ -245,19 +398,20 @@ pub(super) async fn scan_file(
             .map_err(Status::from)?;
     }
     let received = upload.finish().map_err(Status::from)?;
-    let (content, digest, guard) = received.into_parts();
-    let name = name.filter(|n| !n.is_empty());
-    let outcome = state
-        .engine
-        .submit(ScanJob {
-            content,
-            name,
-            digest: Some(digest),
-        })
-        .await;
-    drop(guard);
-    tracing::debug!(elapsed = ?started.elapsed(), verdict = outcome.verdict.kind(), "ScanFile");
-    Ok(FileVerdict::from_outcome(&outcome))
+    let name = name.unwrap_or_default();
+    let engine = &state.engine;
+    let judging = match Plan::new(engine, &received.digest, &name, None) {
+        Plan::Known(hit) => return Ok(FileVerdict::known(&hit, &received.digest, false)),
+        Plan::Scan(flight) => Judging::Lead(engine.reserve().await, flight),
+        Plan::Wait(waiter) => Judging::Follow(waiter),
+    };
+    let verdict = judging.verdict(engine, received, name).await;
+    tracing::debug!(elapsed = ?started.elapsed(), "ScanFile");
+    Ok(verdict)
+}
+
+fn verdict_reply(verdict: FileVerdict) -> scan_reply::Kind {
+    scan_reply::Kind::Verdict(verdict)
 }
 
 fn reply(file_id: u64, kind: scan_reply::Kind) -> ScanReply {

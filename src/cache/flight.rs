@@ -1,0 +1,238 @@
+//! Coalescing ("single flight"): one upload and one scan per content, however
+//! many agents ask for it at once.
+//!
+//! The first request for a digest that is not cached takes the lead
+//! ([`Join::Lead`]): it gets the content (asks its agent, or already holds
+//! it) and scans it. Requests for the same digest meanwhile wait
+//! ([`Join::Wait`]) and are handed the lead's verdict when it
+//! [lands](Flight::land). A lead that fails (its scan failed, its upload was
+//! cancelled or cut short) lands nothing: its waiters are told so, and
+//! each then gets its own content scanned. A failure is never handed to a
+//! request that did not earn it.
+//!
+//! Waiting is bounded by [`UPLOAD_WAIT`], so an agent that announces content
+//! and never sends it delays others, but never decides their verdicts.
+//!
+//! The registry is one mutex-guarded map, touched only on cache misses
+//! (once per upload or scan), never on the hit path.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use super::{CacheKey, CachedVerdict};
+
+/// How long a request waits for another's upload and scan of the same
+/// content before it has its own content scanned.
+pub const UPLOAD_WAIT: Duration = Duration::from_secs(10);
+
+/// What a flight lands: the verdict, or `None` for a failure.
+type Landing = Option<Arc<CachedVerdict>>;
+
+/// Uploads and scans under way, by cache key.
+#[derive(Default)]
+pub struct Flights {
+    under_way: Arc<Mutex<HashMap<CacheKey, watch::Receiver<Landing>>>>,
+    waits: Arc<AtomicU64>,
+}
+
+/// The outcome of [`Flights::join`].
+pub enum Join {
+    /// Nobody is on it: the caller leads, and must land its flight.
+    Lead(Flight),
+    /// Another request is on it: wait for its verdict.
+    Wait(Waiter),
+}
+
+impl Flights {
+    /// Leads the flight for `key`, or joins the one under way.
+    pub fn join(&self, key: CacheKey) -> Join {
+        let mut under_way = self.lock();
+        if let Some(landing) = under_way.get(&key)
+            && landing.has_changed().is_ok()
+        {
+            return Join::Wait(self.waiter(landing.clone()));
+        }
+        let (sender, receiver) = watch::channel(None);
+        under_way.insert(key, receiver.clone());
+        Join::Lead(Flight {
+            key,
+            sender,
+            receiver,
+            under_way: Arc::clone(&self.under_way),
+        })
+    }
+
+    /// A wait on the flight for `key`, if one is under way (for requests
+    /// that cannot lead: a Lookup has no content to offer).
+    pub fn waiting(&self, key: &CacheKey) -> Option<Waiter> {
+        let under_way = self.lock();
+        let landing = under_way.get(key)?;
+        landing
+            .has_changed()
+            .is_ok()
+            .then(|| self.waiter(landing.clone()))
+    }
+
+    /// Requests handed another's verdict so far.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// Flights under way.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no flight is under way.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn waiter(&self, landing: watch::Receiver<Landing>) -> Waiter {
+        Waiter {
+            landing,
+            waits: Arc::clone(&self.waits),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, watch::Receiver<Landing>>> {
+        self.under_way.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The lead of an upload and scan. Dropping it without landing tells the
+/// waiters it failed.
+pub struct Flight {
+    key: CacheKey,
+    sender: watch::Sender<Landing>,
+    receiver: watch::Receiver<Landing>,
+    under_way: Arc<Mutex<HashMap<CacheKey, watch::Receiver<Landing>>>>,
+}
+
+impl Flight {
+    /// The key the flight is for.
+    pub fn key(&self) -> &CacheKey {
+        &self.key
+    }
+
+    /// Hands `verdict` (the scan's, now in the cache; `None` if the scan
+    /// failed) to every waiter.
+    pub fn land(self, verdict: Landing) {
+        self.sender.send_replace(verdict);
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
+        if under_way
+            .get(&self.key)
+            .is_some_and(|landing| landing.same_channel(&self.receiver))
+        {
+            under_way.remove(&self.key);
+        }
+    }
+}
+
+/// A wait for another request's verdict.
+pub struct Waiter {
+    landing: watch::Receiver<Landing>,
+    waits: Arc<AtomicU64>,
+}
+
+impl Waiter {
+    /// The lead's verdict; `None` when the lead failed, or did not land by
+    /// `deadline`.
+    pub async fn verdict(mut self, deadline: Instant) -> Landing {
+        let landed = tokio::time::timeout_at(deadline, self.landing.wait_for(Option::is_some));
+        let verdict = landed.await.ok()?.ok()?.clone();
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verdict::Verdict;
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey {
+            content: [n; 32],
+            rules: 1,
+        }
+    }
+
+    fn clean() -> Landing {
+        Some(Arc::new(CachedVerdict {
+            verdict: Verdict::Clean,
+            rules_version: "v".into(),
+        }))
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn waiters_get_the_lead_verdict_and_the_flight_ends() {
+        let flights = Flights::default();
+        let Join::Lead(lead) = flights.join(key(1)) else {
+            panic!("the first request leads")
+        };
+        let Join::Wait(first) = flights.join(key(1)) else {
+            panic!("the second waits")
+        };
+        let second = flights.waiting(&key(1)).expect("under way");
+        assert!(flights.waiting(&key(2)).is_none());
+        lead.land(clean());
+        assert!(first.verdict(soon()).await.is_some());
+        assert!(second.verdict(soon()).await.is_some());
+        assert_eq!(flights.waits(), 2);
+        assert!(flights.is_empty());
+        assert!(matches!(flights.join(key(1)), Join::Lead(_)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_abandoned_lead_hands_nothing_on() {
+        let flights = Flights::default();
+        let Join::Lead(lead) = flights.join(key(1)) else {
+            panic!()
+        };
+        let Join::Wait(waiter) = flights.join(key(1)) else {
+            panic!()
+        };
+        lead.land(None);
+        assert!(waiter.verdict(soon()).await.is_none());
+
+        let Join::Lead(lead) = flights.join(key(1)) else {
+            panic!("a failed flight is over")
+        };
+        let Join::Wait(waiter) = flights.join(key(1)) else {
+            panic!()
+        };
+        drop(lead);
+        assert!(waiter.verdict(soon()).await.is_none());
+        assert_eq!(flights.waits(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_bounded() {
+        let flights = Flights::default();
+        let Join::Lead(_lead) = flights.join(key(1)) else {
+            panic!()
+        };
+        let Join::Wait(waiter) = flights.join(key(1)) else {
+            panic!()
+        };
+        assert!(waiter.verdict(Instant::now() + UPLOAD_WAIT).await.is_none());
+    }
+}

@@ -1,0 +1,266 @@
+//! The SharedCache: verdicts by content digest, shared by every entry point
+//! and every virtual machine.
+//!
+//! * Keyed by the blake3 digest of the content and the signatures version
+//!   ([`CacheKey`]): an entry made under other signatures is never served,
+//!   and the whole cache is cleared when the signatures change, which
+//!   reclaims its memory. Clean and infected verdicts are cached; failures
+//!   never are.
+//! * Bounded by a memory budget, with quick_cache's frequency-aware
+//!   eviction (CLOCK-Pro): files opened by many machines stay, one-off files
+//!   go first. Lookups and inserts lock only one shard of the cache.
+//! * [`flight`]: while content is being received or scanned, other requests
+//!   for the same digest wait for that one verdict instead of starting
+//!   another upload or scan (a boot storm costs one scan per file).
+//! * [`snapshot`]: the entries survive a restart in the server's state
+//!   folder.
+//!
+//! # Threat model
+//!
+//! Entries come only from scans of content the server received and hashed
+//! itself ([`crate::engine::Engine`] inserts under the digest it computed
+//! while reading or receiving the content). A digest an agent *claims* is
+//! only ever used to look a verdict up, or to wait for a scan in flight.
+//! So an agent that lies about digests:
+//!
+//! * can learn the verdict for a digest it already knows, nothing more;
+//! * can never make another machine's content look clean: its content is
+//!   hashed by the server, and a claimed digest that differs fails the file;
+//! * can announce a digest and then not send the content: requests for the
+//!   same digest wait for that upload at most [`flight::UPLOAD_WAIT`], then
+//!   get their own content scanned. It can delay, never decide, a verdict.
+//!
+//! A snapshot is trusted only when its checksum, format and signatures
+//! version match; it lives in a folder only the server writes to.
+
+pub mod flight;
+pub mod snapshot;
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, sync::Cache};
+use serde::Serialize;
+
+use crate::{
+    signatures::{NameExternals, Ruleset},
+    verdict::Verdict,
+};
+pub use flight::{Flight, Flights, Join};
+
+/// A blake3 content digest.
+pub type Digest = blake3::Hash;
+
+/// What a verdict is cached under: the content digest (mixed, when the
+/// ruleset's verdicts may depend on the file's name, with the name-derived
+/// `filename`, `filepath` and `extension` values) and the signatures
+/// version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    content: [u8; 32],
+    rules: u64,
+}
+
+impl CacheKey {
+    pub fn new(digest: &Digest, ruleset: &Ruleset, name: Option<&Path>) -> Self {
+        let rules = ruleset.version_id();
+        if !ruleset.name_sensitive() {
+            return CacheKey {
+                content: *digest.as_bytes(),
+                rules,
+            };
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(digest.as_bytes());
+        for (_, value) in NameExternals::of(name).pairs() {
+            hasher.update(value.as_bytes());
+            hasher.update(&[0]);
+        }
+        CacheKey {
+            content: *hasher.finalize().as_bytes(),
+            rules,
+        }
+    }
+}
+
+/// A verdict as cached: with the signatures version that made it.
+#[derive(Debug, Clone)]
+pub struct CachedVerdict {
+    pub verdict: Verdict,
+    pub rules_version: Arc<str>,
+}
+
+/// What the cache did since the server started.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CacheStats {
+    /// Entries held now.
+    pub entries: u64,
+    /// Approximate bytes they take.
+    pub bytes: u64,
+    /// The memory budget.
+    pub budget: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// hits / (hits + misses), 0 before the first lookup.
+    pub hit_ratio: f64,
+    /// Requests that waited for a scan or upload of the same content under
+    /// way rather than starting their own.
+    pub coalesced_waits: u64,
+    /// Entries evicted to stay within the budget.
+    pub evictions: u64,
+    /// Entries loaded from the snapshot at start.
+    pub loaded: u64,
+    /// Entries in the last snapshot written.
+    pub persisted: u64,
+}
+
+/// Counters shared with the eviction hook.
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    loaded: AtomicU64,
+    persisted: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The verdict cache.
+pub struct SharedCache {
+    entries: Cache<CacheKey, Arc<CachedVerdict>, EntryWeight, DefaultHashBuilder, Evictions>,
+    counters: Arc<Counters>,
+    flights: Flights,
+    budget: u64,
+}
+
+/// The approximate memory an entry takes, so the budget is in bytes.
+#[derive(Clone)]
+struct EntryWeight;
+
+impl Weighter<CacheKey, Arc<CachedVerdict>> for EntryWeight {
+    fn weight(&self, _key: &CacheKey, value: &Arc<CachedVerdict>) -> u64 {
+        let detections: usize = value
+            .verdict
+            .detections()
+            .iter()
+            .map(|d| {
+                96 + d.rule.len()
+                    + d.namespace.len()
+                    + d.threat.len()
+                    + d.tags.iter().map(|t| t.len() + 24).sum::<usize>()
+            })
+            .sum();
+        (128 + detections) as u64
+    }
+}
+
+/// Counts evictions.
+#[derive(Clone)]
+struct Evictions(Arc<Counters>);
+
+impl Lifecycle<CacheKey, Arc<CachedVerdict>> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _: &mut (), _: CacheKey, _: Arc<CachedVerdict>) {
+        bump(&self.0.evictions, 1);
+    }
+}
+
+impl SharedCache {
+    /// A cache holding at most about `budget` bytes of entries; 0 caches
+    /// nothing (for benchmarks of the engine alone).
+    pub fn new(budget: u64) -> Self {
+        let counters = Arc::new(Counters::default());
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity((budget / 128).clamp(16, 1 << 24) as usize)
+            .weight_capacity(budget.max(1024))
+            .build()
+            .expect("cache options are valid");
+        SharedCache {
+            entries: Cache::with_options(
+                options,
+                EntryWeight,
+                DefaultHashBuilder::default(),
+                Evictions(Arc::clone(&counters)),
+            ),
+            counters,
+            flights: Flights::default(),
+            budget,
+        }
+    }
+
+    /// The verdict under `key`.
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
+        let found = self.entries.get(key);
+        let counter = match found {
+            Some(_) => &self.counters.hits,
+            None => &self.counters.misses,
+        };
+        bump(counter, 1);
+        found
+    }
+
+    /// Remembers a verdict the engine made on content it hashed itself.
+    /// Failures are not cached.
+    pub fn insert(&self, key: CacheKey, verdict: &Verdict, rules_version: &Arc<str>) {
+        if self.budget == 0 || verdict.failure().is_some() {
+            return;
+        }
+        let entry = CachedVerdict {
+            verdict: verdict.clone(),
+            rules_version: Arc::clone(rules_version),
+        };
+        self.entries.insert(key, Arc::new(entry));
+    }
+
+    /// Uploads and scans under way, for coalescing.
+    pub fn flights(&self) -> &Flights {
+        &self.flights
+    }
+
+    /// Forgets every entry (the signatures changed).
+    pub fn clear(&self) {
+        self.entries.clear();
+    }
+
+    /// Entries currently cached.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The statistics, as of now.
+    pub fn stats(&self) -> CacheStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let (hits, misses) = (get(&self.counters.hits), get(&self.counters.misses));
+        let lookups = hits + misses;
+        CacheStats {
+            entries: self.entries.len() as u64,
+            bytes: self.entries.weight(),
+            budget: self.budget,
+            hits,
+            misses,
+            hit_ratio: if lookups == 0 {
+                0.0
+            } else {
+                hits as f64 / lookups as f64
+            },
+            coalesced_waits: self.flights.waits(),
+            evictions: get(&self.counters.evictions),
+            loaded: get(&self.counters.loaded),
+            persisted: get(&self.counters.persisted),
+        }
+    }
+}

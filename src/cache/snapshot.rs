@@ -1,0 +1,183 @@
+//! Warm restarts: the cache's entries, saved to a snapshot file in the
+//! server's state folder and loaded at start.
+//!
+//! A snapshot is written whole to a temporary file, flushed to disk, and
+//! renamed over the previous one, so a crash leaves either the old snapshot
+//! or the new one, never a mix. It is written by a background task, never
+//! on the scan path.
+//!
+//! Layout: a magic line, then protobuf messages each prefixed by its length
+//! (a [`Header`], then one [`Entry`] per verdict), then the blake3 digest
+//! of everything before it. A snapshot whose digest, format or signatures
+//! version does not match is set aside (renamed `*.rejected`) with a
+//! warning, and never trusted.
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Buf;
+use prost::Message;
+
+use super::{CacheKey, CachedVerdict, SharedCache, bump};
+use crate::{proto, signatures::Ruleset, verdict::Verdict};
+
+const MAGIC: &[u8] = b"scanserver verdict snapshot\n";
+const FORMAT: u32 = 1;
+
+/// The snapshot's file name in the state folder.
+pub const FILE_NAME: &str = "verdicts.snapshot";
+
+#[derive(Clone, PartialEq, Message)]
+struct Header {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(string, tag = "2")]
+    signatures_version: String,
+    #[prost(uint64, tag = "3")]
+    entries: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Entry {
+    #[prost(bytes = "vec", tag = "1")]
+    content: Vec<u8>,
+    #[prost(message, optional, tag = "2")]
+    verdict: Option<proto::Verdict>,
+}
+
+/// Why a snapshot was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read the snapshot {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the snapshot is damaged ({0})")]
+    Damaged(&'static str),
+    #[error("the snapshot is of format {found}, this server reads format {FORMAT}")]
+    Format { found: u32 },
+    #[error("the snapshot holds verdicts of signatures {found}, not of the current ones")]
+    Signatures { found: String },
+}
+
+impl SharedCache {
+    /// Writes every entry made with `ruleset` to `path`, atomically, and
+    /// returns how many were written.
+    pub fn save(&self, path: &Path, ruleset: &Ruleset) -> io::Result<u64> {
+        let entries: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| key.rules == ruleset.version_id())
+            .collect();
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&FORMAT.to_le_bytes());
+        let header = Header {
+            format: FORMAT,
+            signatures_version: ruleset.version().to_owned(),
+            entries: entries.len() as u64,
+        };
+        header.encode_length_delimited(&mut body)?;
+        for (key, value) in &entries {
+            let entry = Entry {
+                content: key.content.to_vec(),
+                verdict: Some(proto::Verdict::from(&value.verdict)),
+            };
+            entry.encode_length_delimited(&mut body)?;
+        }
+        let digest = blake3::hash(&body);
+        body.extend_from_slice(digest.as_bytes());
+
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        file.write_all(&body)?;
+        file.as_file().sync_all()?;
+        file.persist(path).map_err(|err| err.error)?;
+        // The rename itself must reach the disk too.
+        if let Ok(dir) = fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+        let written = entries.len() as u64;
+        self.counters.persisted.store(written, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// Loads the entries of the snapshot at `path` made with `ruleset`.
+    /// A missing snapshot loads nothing; one that cannot be trusted is set
+    /// aside (renamed `*.rejected`) and reported.
+    pub fn load(&self, path: &Path, ruleset: &Ruleset) -> Result<u64, SnapshotError> {
+        let data = match fs::read(path) {
+            Ok(data) => data,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(SnapshotError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let entries = parse(&data, ruleset).inspect_err(|_| {
+            let _ = fs::rename(path, path.with_extension("snapshot.rejected"));
+        })?;
+        let version = ruleset.version_arc();
+        let count = entries.len() as u64;
+        for (content, verdict) in entries {
+            let key = CacheKey {
+                content,
+                rules: ruleset.version_id(),
+            };
+            self.insert_loaded(key, verdict, &version);
+        }
+        bump(&self.counters.loaded, count);
+        Ok(count)
+    }
+
+    fn insert_loaded(&self, key: CacheKey, verdict: Verdict, version: &Arc<str>) {
+        if self.budget > 0 && verdict.failure().is_none() {
+            let entry = CachedVerdict {
+                verdict,
+                rules_version: Arc::clone(version),
+            };
+            self.entries.insert(key, Arc::new(entry));
+        }
+    }
+}
+
+/// The entries of a snapshot, checked from end to end before any is used.
+fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, SnapshotError> {
+    let damaged = SnapshotError::Damaged;
+    let (body, digest) = data.split_last_chunk::<32>().ok_or(damaged("too short"))?;
+    if blake3::hash(body) != blake3::Hash::from_bytes(*digest) {
+        return Err(damaged("checksum mismatch"));
+    }
+    let mut rest = body.strip_prefix(MAGIC).ok_or(damaged("not a snapshot"))?;
+    if rest.len() < 4 {
+        return Err(damaged("too short"));
+    }
+    let found = rest.get_u32_le();
+    if found != FORMAT {
+        return Err(SnapshotError::Format { found });
+    }
+    let header = Header::decode_length_delimited(&mut rest).map_err(|_| damaged("bad header"))?;
+    if header.signatures_version != ruleset.version() {
+        return Err(SnapshotError::Signatures {
+            found: header.signatures_version,
+        });
+    }
+    let mut entries = Vec::with_capacity(header.entries.min(1 << 24) as usize);
+    while rest.has_remaining() {
+        let entry = Entry::decode_length_delimited(&mut rest).map_err(|_| damaged("bad entry"))?;
+        let content =
+            <[u8; 32]>::try_from(entry.content.as_slice()).map_err(|_| damaged("bad entry key"))?;
+        let verdict = entry
+            .verdict
+            .as_ref()
+            .ok_or(damaged("entry without verdict"))?;
+        entries.push((content, Verdict::from(verdict)));
+    }
+    if entries.len() as u64 != header.entries {
+        return Err(damaged("entry count mismatch"));
+    }
+    Ok(entries)
+}

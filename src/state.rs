@@ -1,0 +1,128 @@
+//! The server's state folder: what it keeps across restarts.
+//!
+//! Today that is the verdict cache's snapshot (see
+//! [`crate::cache::snapshot`]): loaded at start for the current signatures,
+//! written by a background task at an interval when the cache changed, and
+//! once more at shutdown. The folder is created private to the server's
+//! user (0700): the server trusts what it finds there.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use crate::{cache::snapshot, engine::Engine};
+
+/// The server's state folder.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating it if needed) the state folder at `path`.
+    pub fn open(path: &Path) -> io::Result<StateDir> {
+        std::fs::create_dir_all(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(StateDir {
+            path: path.to_owned(),
+        })
+    }
+
+    /// The folder's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn snapshot(&self) -> PathBuf {
+        self.path.join(snapshot::FILE_NAME)
+    }
+
+    /// Loads the verdicts of the last run made with the engine's current
+    /// signatures. A snapshot that cannot be trusted is set aside with a
+    /// warning; the server starts with an empty cache.
+    pub fn restore_cache(&self, engine: &Engine) {
+        let ruleset = engine.ruleset();
+        match engine.cache().load(&self.snapshot(), &ruleset) {
+            Ok(0) => {}
+            Ok(loaded) => tracing::info!(loaded, "verdict cache restored from the last run"),
+            Err(err) => tracing::warn!(
+                path = %self.snapshot().display(),
+                "verdict snapshot set aside, starting with an empty cache: {err}"
+            ),
+        }
+    }
+
+    /// Saves the verdict cache every `interval` while it changes, and once
+    /// more when `shutdown` turns true; then returns.
+    pub async fn keep_cache(
+        self,
+        engine: Arc<Engine>,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut saved = CacheMark::default();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        loop {
+            let last = tokio::select! {
+                _ = ticker.tick() => false,
+                _ = shutdown.wait_for(|&down| down) => true,
+            };
+            let now = CacheMark::of(&engine);
+            if now != saved {
+                saved = self.save_cache(&engine, now).await;
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Writes the snapshot off the async threads; returns what was saved
+    /// (or the old mark if writing failed, so it is tried again).
+    async fn save_cache(&self, engine: &Arc<Engine>, mark: CacheMark) -> CacheMark {
+        let (engine, path) = (Arc::clone(engine), self.snapshot());
+        let saved =
+            tokio::task::spawn_blocking(move || engine.cache().save(&path, &engine.ruleset()))
+                .await;
+        match saved {
+            Ok(Ok(entries)) => {
+                tracing::debug!(entries, "verdict cache saved");
+                mark
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(path = %self.snapshot().display(), "cannot save the verdict cache: {err}");
+                CacheMark::default()
+            }
+            Err(_) => CacheMark::default(),
+        }
+    }
+}
+
+/// What tells whether the cache changed since it was saved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct CacheMark {
+    entries: u64,
+    misses: u64,
+    version: u64,
+}
+
+impl CacheMark {
+    fn of(engine: &Engine) -> Self {
+        let stats = engine.cache().stats();
+        CacheMark {
+            entries: stats.entries,
+            misses: stats.misses,
+            version: engine.ruleset().version_id(),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The SharedCache: hits and misses, signatures changes, eviction within
+//! the budget, failures never cached, and warm restarts from the state
+//! folder (damaged or foreign snapshots set aside).
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::*;
+use scanserver::{
+    engine::{Engine, EngineConfig, ScanJob},
+    state::StateDir,
+    verdict::FailReason,
+};
+use tokio::sync::watch;
+
+fn engine(budget: u64) -> Arc<Engine> {
+    engine_with(
+        shipped_ruleset(),
+        EngineConfig {
+            threads: 2,
+            cache_budget: budget,
+            ..EngineConfig::default()
+        },
+    )
+}
+
+fn document(n: u32) -> Vec<u8> {
+    format!("document number {n}\n").repeat(20).into_bytes()
+}
+
+#[test]
+fn hits_misses_and_a_signatures_change() {
+    let engine = engine(1 << 20);
+    let first = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+    assert!(!first.cached);
+    let second = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+    assert!(second.cached);
+    assert_eq!(
+        second.verdict, first.verdict,
+        "infected verdicts are cached"
+    );
+    let stats = engine.cache().stats();
+    assert_eq!((stats.hits, stats.misses, stats.entries), (1, 1, 1));
+
+    let digest = blake3::hash(EICAR);
+    engine.replace_ruleset(ruleset_from_source(
+        "rule other { strings: $a = \"other\" condition: $a }",
+    ));
+    assert!(
+        engine.cached(&digest, None).is_none(),
+        "nothing from the old signatures is served"
+    );
+    assert_eq!(engine.cache().len(), 0, "and its memory is reclaimed");
+    let rescanned = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+    assert!(!rescanned.cached);
+    assert!(rescanned.verdict.is_clean(), "judged by the new signatures");
+}
+
+#[test]
+fn eviction_keeps_the_cache_within_its_budget() {
+    let budget = 64 << 10;
+    let engine = engine(budget);
+    let jobs = (0..5_000).map(|n| ScanJob::bytes(document(n), None));
+    engine.scan_all(jobs, |_, outcome| assert!(outcome.verdict.is_clean()));
+    let stats = engine.cache().stats();
+    assert!(stats.bytes <= budget, "{} bytes over {budget}", stats.bytes);
+    assert!(stats.evictions > 0);
+    assert!(stats.entries < 5_000);
+}
+
+#[test]
+fn failures_are_never_cached() {
+    let engine = engine_with(
+        shipped_ruleset(),
+        EngineConfig {
+            threads: 1,
+            max_scan_size: 100,
+            ..EngineConfig::default()
+        },
+    );
+    let outcome = engine.scan(&ScanJob::bytes(vec![7u8; 1000], None));
+    assert_eq!(
+        outcome.verdict.failure().map(|f| f.reason),
+        Some(FailReason::TooLarge)
+    );
+    let again = engine.scan(&ScanJob::bytes(vec![7u8; 1000], None));
+    assert!(!again.cached);
+    assert!(engine.cache().is_empty());
+}
+
+/// Runs the state folder's keeper until shutdown: the last save.
+async fn save_on_shutdown(state: &StateDir, engine: &Arc<Engine>) {
+    let (stop, stopped) = watch::channel(false);
+    let keeper = tokio::spawn(state.clone().keep_cache(
+        Arc::clone(engine),
+        Duration::from_secs(3600),
+        stopped,
+    ));
+    stop.send(true).unwrap();
+    keeper.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_verdicts_of_the_same_signatures() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::open(dir.path()).unwrap();
+    let before = engine(1 << 20);
+    let contents: Vec<_> = (0..50).map(document).chain([EICAR.to_vec()]).collect();
+    for content in &contents {
+        before.scan(&ScanJob::bytes(content.clone(), None));
+    }
+    save_on_shutdown(&state, &before).await;
+    assert_eq!(before.cache().stats().persisted, 51);
+
+    let after = engine(1 << 20);
+    state.restore_cache(&after);
+    assert_eq!(after.cache().stats().loaded, 51);
+    for content in &contents {
+        let outcome = after.scan(&ScanJob::bytes(content.clone(), None));
+        assert!(outcome.cached, "served from the restored cache");
+    }
+    let eicar = after.cached(&blake3::hash(EICAR), None).unwrap();
+    assert_eq!(eicar.verdict.detections()[0].rule, "EICAR_Test_File");
+
+    // Other signatures: the snapshot is set aside, nothing is served.
+    let other = engine_with(
+        ruleset_from_source("rule other { strings: $a = \"other\" condition: $a }"),
+        EngineConfig::default(),
+    );
+    state.restore_cache(&other);
+    assert!(other.cache().is_empty());
+    assert!(dir.path().join("verdicts.snapshot.rejected").exists());
+}
+
+#[tokio::test]
+async fn a_damaged_snapshot_is_set_aside_and_never_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::open(dir.path()).unwrap();
+    let before = engine(1 << 20);
+    before.scan(&ScanJob::bytes(document(1), None));
+    save_on_shutdown(&state, &before).await;
+
+    let path = dir.path().join("verdicts.snapshot");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let after = engine(1 << 20);
+    state.restore_cache(&after);
+    assert!(after.cache().is_empty());
+    assert!(!path.exists());
+    assert!(dir.path().join("verdicts.snapshot.rejected").exists());
+
+    // Not a snapshot at all.
+    std::fs::write(&path, b"hello").unwrap();
+    state.restore_cache(&after);
+    assert!(after.cache().is_empty());
+}
