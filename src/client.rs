@@ -274,7 +274,8 @@ impl Agent {
             .await;
     }
 
-    /// Verdicts the server knows for `digests` (None: unknown).
+    /// Verdicts the server knows for `digests` (None: unknown), complete
+    /// with digest and signatures version.
     pub async fn lookup(
         &self,
         digests: &[blake3::Hash],
@@ -287,7 +288,21 @@ impl Agent {
                 .collect(),
         };
         let reply = self.client.clone().lookup(request).await?.into_inner();
-        Ok(reply.results.into_iter().map(|r| r.verdict).collect())
+        let version = reply.signatures_version;
+        // Each verdict gets the digest and version the reply leaves out.
+        let complete = |(result, digest): (crate::proto::LookupResult, &blake3::Hash)| {
+            result.verdict.map(|mut verdict| {
+                verdict.blake3 = Bytes::copy_from_slice(digest.as_bytes());
+                verdict.signatures_version.clone_from(&version);
+                verdict
+            })
+        };
+        Ok(reply
+            .results
+            .into_iter()
+            .zip(digests)
+            .map(complete)
+            .collect())
     }
 
     /// Scans `files` through the server, many in flight on one stream, and

@@ -153,6 +153,19 @@ impl FileVerdict {
         }
     }
 
+    /// A verdict in a Lookup reply: the digest and signatures version are
+    /// the request's and the reply's.
+    pub fn in_lookup(entry: &CachedVerdict, coalesced: bool) -> Self {
+        FileVerdict {
+            verdict: Some(Verdict::from(&entry.verdict)),
+            blake3: Bytes::new(),
+            cached: !coalesced,
+            signatures_version: String::new(),
+            scan_time_us: 0,
+            coalesced,
+        }
+    }
+
     /// An outcome as a client sees it: `size` is what the client knows of
     /// the file, and `elapsed` what it measured.
     pub fn to_outcome(&self, size: u64, elapsed: Duration) -> ScanOutcome {

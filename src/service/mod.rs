@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    cache::flight::UPLOAD_WAIT,
+    cache::{CacheKey, flight::UPLOAD_WAIT},
     config::Config,
     engine::Engine,
     proto::{
@@ -179,7 +179,7 @@ impl ProtectionServer for ProtectionService {
             )));
         }
         let engine = &self.state.engine;
-        let cache = engine.cache();
+        let (ruleset, cache) = (engine.ruleset(), engine.cache());
         let mut results = Vec::with_capacity(request.digests.len());
         // Digests being uploaded or scanned right now are answered when
         // their scan lands.
@@ -188,25 +188,29 @@ impl ProtectionServer for ProtectionService {
             let digest = parse_digest(digest)
                 .map_err(|e| Status::invalid_argument(format!("digest #{index}: {e}")))?
                 .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))?;
-            let key = engine.cache_key(&digest, None);
+            let key = CacheKey::new(&digest, &ruleset, None);
             let verdict = cache
                 .get(&key)
-                .map(|hit| FileVerdict::known(&hit, &digest, false));
+                .map(|hit| FileVerdict::in_lookup(&hit, false));
             if verdict.is_none()
                 && let Some(waiter) = cache.flights().waiting(&key)
             {
-                under_way.push((index, digest, waiter));
+                under_way.push((index, waiter));
             }
             results.push(LookupResult { verdict });
         }
         let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
-        for (index, digest, waiter) in under_way {
+        for (index, waiter) in under_way {
             results[index].verdict = waiter
                 .verdict(deadline)
                 .await
-                .map(|landed| FileVerdict::known(&landed, &digest, true));
+                .map(|landed| FileVerdict::in_lookup(&landed, true));
         }
-        Ok(Response::new(LookupReply { results }))
+        let signatures_version = ruleset.version().to_owned();
+        Ok(Response::new(LookupReply {
+            results,
+            signatures_version,
+        }))
     }
 
     async fn scan_file(

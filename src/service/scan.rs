@@ -45,7 +45,10 @@ struct OpenFile {
     session: Arc<Session>,
     name: String,
     size: u64,
-    upload: Upload,
+    /// The content received so far; `None` while the file waits for
+    /// another request's verdict (nothing is reserved for content that may
+    /// never be needed).
+    upload: Option<Upload>,
     /// The flight this file leads: its agent was asked for the content,
     /// and requests for the same content wait for its verdict.
     flight: Option<Flight>,
@@ -183,41 +186,42 @@ impl ScanStream {
                 ),
             );
         };
-        let upload = match self.state.uploads.begin(Some(begin.size), claimed) {
-            Ok(upload) => upload,
-            Err(err) => return fail(err.code(), err.to_string()),
-        };
         let mut file = OpenFile {
             session,
             name: begin.path,
             size: begin.size,
-            upload,
+            upload: None,
             flight: None,
             _in_flight: in_flight,
         };
-        let reply = match key {
-            None => None,
-            Some((digest, key)) => match engine.cache().flights().join(key) {
-                Join::Lead(flight) => {
-                    file.flight = Some(flight);
-                    Some(self.request_content(id))
-                }
-                Join::Wait(waiter) => {
-                    let waited = self.waited.clone();
-                    tokio::spawn(async move {
-                        let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
-                        let landed = waiter.verdict(deadline).await;
-                        let _ = waited.send(Waited {
-                            file_id: id,
-                            key,
-                            digest,
-                            landed,
-                        });
+        let joined = key.map(|(digest, key)| (digest, key, engine.cache().flights().join(key)));
+        let reply = match joined {
+            Some((digest, key, Join::Wait(waiter))) => {
+                let waited = self.waited.clone();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
+                    let landed = waiter.verdict(deadline).await;
+                    let _ = waited.send(Waited {
+                        file_id: id,
+                        key,
+                        digest,
+                        landed,
                     });
-                    None
-                }
-            },
+                });
+                None
+            }
+            Some((_, _, Join::Lead(flight))) => {
+                file.flight = Some(flight);
+                Some(self.request_content(id))
+            }
+            None => None,
         };
+        if file.flight.is_some() || claimed.is_none() {
+            match self.state.uploads.begin(Some(file.size), claimed) {
+                Ok(upload) => file.upload = Some(upload),
+                Err(err) => return fail(err.code(), err.to_string()),
+            }
+        }
         self.open.insert(id, file);
         reply
     }
@@ -226,8 +230,28 @@ impl ScanStream {
     /// it waited for failed, a request for the content.
     fn waited(&mut self, waited: Waited) -> Option<ScanReply> {
         let id = waited.file_id;
+        // The file may have been cancelled meanwhile, and its id reused.
+        let file = self.open.get(&id)?;
+        let key = self
+            .state
+            .engine
+            .cache_key(&waited.digest, Some(file.name.as_ref()));
+        if file.upload.is_some() || key != waited.key {
+            return None;
+        }
         let Some(landed) = waited.landed else {
             let file = self.open.get_mut(&id)?;
+            match self
+                .state
+                .uploads
+                .begin(Some(file.size), Some(waited.digest))
+            {
+                Ok(upload) => file.upload = Some(upload),
+                Err(err) => {
+                    self.open.remove(&id);
+                    return Some(upload_error(id, &err));
+                }
+            }
             if let Join::Lead(flight) = self.state.engine.cache().flights().join(waited.key) {
                 file.flight = Some(flight);
             }
@@ -249,15 +273,18 @@ impl ScanStream {
 
     fn chunk(&mut self, chunk: FileChunk) -> Option<ScanReply> {
         let id = chunk.file_id;
-        let Some(file) = self.open.get_mut(&id) else {
+        let Some(upload) = self.open.get_mut(&id).and_then(|f| f.upload.as_mut()) else {
+            self.open.remove(&id);
             return Some(file_error(
                 id,
                 Code::InvalidArgument,
-                &format!("chunk for file id {id}, which is not open"),
+                &format!(
+                    "chunk for file id {id}, which is not open or whose content was not asked for"
+                ),
             ));
         };
         Counters::add(&self.state.counters.bytes_received, chunk.data.len() as u64);
-        match file.upload.push(chunk.offset, &chunk.data) {
+        match upload.push(chunk.offset, &chunk.data) {
             Ok(()) => None,
             Err(err) => {
                 self.open.remove(&id);
@@ -285,6 +312,13 @@ impl ScanStream {
             _in_flight,
             ..
         } = file;
+        let Some(upload) = upload else {
+            return Some(file_error(
+                id,
+                Code::InvalidArgument,
+                &format!("end of file id {id}, whose content was not asked for"),
+            ));
+        };
         let received = match upload.finish() {
             Ok(received) => received,
             Err(err) => return Some(upload_error(id, &err)),
