@@ -208,6 +208,13 @@ impl SharedCache {
         found
     }
 
+    /// The verdict under `key`, without counting a hit or a miss: for a
+    /// second look by the engine at content whose request was counted
+    /// already.
+    pub fn peek(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
+        self.entries.peek(key)
+    }
+
     /// Remembers a verdict the engine made on content it hashed itself.
     /// Failures are not cached.
     pub fn insert(&self, key: CacheKey, verdict: &Verdict, rules_version: &Arc<str>) {

@@ -137,9 +137,19 @@ impl Context<'_> {
     /// The verdict on `data`: from the cache when its digest is known there,
     /// from a scan otherwise (and then cached).
     fn judge(&self, worker: &mut Worker, data: &[u8], name: Option<&Path>) -> Judged {
-        let digest = self.digest.unwrap_or_else(|| blake3::hash(data));
-        let key = CacheKey::new(&digest, &self.ruleset, name);
-        if let Some(hit) = self.cache.get(&key) {
+        let key = |digest| CacheKey::new(&digest, &self.ruleset, name);
+        // Content that comes with its digest was looked up by the service
+        // already (and counted there); this second look catches a verdict
+        // made in between.
+        let (digest, hit) = match self.digest {
+            Some(digest) => (digest, self.cache.peek(&key(digest))),
+            None => {
+                let digest = blake3::hash(data);
+                (digest, self.cache.get(&key(digest)))
+            }
+        };
+        let key = key(digest);
+        if let Some(hit) = hit {
             return Judged {
                 digest: Some(digest),
                 verdict: hit.verdict.clone(),
