@@ -793,3 +793,76 @@ async fn tls_and_mutual_tls() {
         "a client without a certificate is refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
+    let server =
+        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(100)).await;
+    // The session's stream stays open, but the agent never sends a heartbeat.
+    let (_, _keep) = session_id(&server).await;
+    assert_eq!(server.state.sessions.len(), 1);
+    let ended = async {
+        while !server.state.sessions.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), ended)
+        .await
+        .expect("the session ends after three missed heartbeats");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_scan_stream_is_closed() {
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_millis(200)).await;
+    let (_tx, mut replies) = scan_stream(&server).await;
+    let status = tokio::time::timeout(Duration::from_secs(3), replies.message())
+        .await
+        .expect("the server closes the stream")
+        .expect_err("with an error");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
+    let (spool, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.state_dir = Some(state.path().to_owned());
+    config.server.shutdown_grace = Duration::from_millis(500);
+    config.uploads.spool_dir = Some(spool.path().to_owned());
+    config.engine.threads = 2;
+    let engine =
+        Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
+    let server = Server::bind(&config, Arc::clone(&engine)).await.unwrap();
+    let url = format!("http://{}", server.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let eicar = spool.path().join("eicar.com");
+    std::fs::write(&eicar, EICAR).unwrap();
+    let agent = Agent::connect(&AgentOptions::for_host(url)).await.unwrap();
+    agent
+        .scan(vec![eicar.into()], |_, outcome| {
+            assert!(!outcome.verdict.detections().is_empty())
+        })
+        .await
+        .unwrap();
+
+    stop.send(()).unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The verdict made before shutdown is in the snapshot.
+    let restarted =
+        Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
+    scanserver::state::StateDir::open(state.path())
+        .unwrap()
+        .restore_cache(&restarted);
+    assert!(restarted.cached(&blake3::hash(EICAR), None).is_some());
+}
