@@ -10,8 +10,13 @@
 //! each then gets its own content scanned. A failure is never handed to a
 //! request that did not earn it.
 //!
-//! Waiting is bounded by [`UPLOAD_WAIT`], so an agent that announces content
-//! and never sends it delays others, but never decides their verdicts.
+//! A request waits in one of two ways: with a [`Waiter`] (a future, for
+//! requests that are handled in a task of their own), or as a
+//! [`Subscriber`], told by a message on its stream's channel when the
+//! flight lands (a Scan stream's waiting files: no task or timer per file).
+//! Waiting is bounded by [`UPLOAD_WAIT`] (the subscriber's stream keeps the
+//! deadline), so an agent that announces content and never sends it delays
+//! others, but never decides their verdicts.
 //!
 //! The registry is one mutex-guarded map, touched only on cache misses
 //! (once per upload or scan), never on the hit path.
@@ -19,13 +24,16 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 
 use super::{CacheKey, CachedVerdict};
 
@@ -34,13 +42,32 @@ use super::{CacheKey, CachedVerdict};
 pub const UPLOAD_WAIT: Duration = Duration::from_secs(10);
 
 /// What a flight lands: the verdict, or `None` for a failure.
-type Landing = Option<Arc<CachedVerdict>>;
+pub type Landing = Option<Arc<CachedVerdict>>;
 
 /// Uploads and scans under way, by cache key.
 #[derive(Default)]
 pub struct Flights {
-    under_way: Arc<Mutex<HashMap<CacheKey, watch::Receiver<Landing>>>>,
+    under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
     waits: Arc<AtomicU64>,
+}
+
+/// One flight in the registry.
+struct UnderWay {
+    landing: watch::Receiver<Landing>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl UnderWay {
+    /// Whether its lead still holds it.
+    fn is_live(&self) -> bool {
+        self.landing.has_changed().is_ok()
+    }
+}
+
+/// A request told of the landing by a message: `(tag, landing)` on `to`.
+pub struct Subscriber {
+    pub tag: u64,
+    pub to: mpsc::UnboundedSender<(u64, Landing)>,
 }
 
 /// The outcome of [`Flights::join`].
@@ -55,30 +82,47 @@ impl Flights {
     /// Leads the flight for `key`, or joins the one under way.
     pub fn join(&self, key: CacheKey) -> Join {
         let mut under_way = self.lock();
-        if let Some(landing) = under_way.get(&key)
-            && landing.has_changed().is_ok()
-        {
-            return Join::Wait(self.waiter(landing.clone()));
+        match under_way.get(&key).filter(|flight| flight.is_live()) {
+            Some(flight) => Join::Wait(self.waiter(flight.landing.clone())),
+            None => Join::Lead(self.lead(&mut under_way, key)),
         }
-        let (sender, receiver) = watch::channel(None);
-        under_way.insert(key, receiver.clone());
-        Join::Lead(Flight {
-            key,
-            sender,
-            receiver,
-            under_way: Arc::clone(&self.under_way),
-        })
+    }
+
+    /// Leads the flight for `key`, or subscribes to the one under way
+    /// (and returns `None`).
+    pub fn join_or_subscribe(&self, key: CacheKey, subscriber: Subscriber) -> Option<Flight> {
+        let mut under_way = self.lock();
+        match under_way.get_mut(&key).filter(|flight| flight.is_live()) {
+            Some(flight) => {
+                flight.subscribers.push(subscriber);
+                None
+            }
+            None => Some(self.lead(&mut under_way, key)),
+        }
     }
 
     /// A wait on the flight for `key`, if one is under way (for requests
     /// that cannot lead: a Lookup has no content to offer).
     pub fn waiting(&self, key: &CacheKey) -> Option<Waiter> {
         let under_way = self.lock();
-        let landing = under_way.get(key)?;
-        landing
-            .has_changed()
-            .is_ok()
-            .then(|| self.waiter(landing.clone()))
+        let flight = under_way.get(key).filter(|flight| flight.is_live())?;
+        Some(self.waiter(flight.landing.clone()))
+    }
+
+    fn lead(&self, under_way: &mut HashMap<CacheKey, UnderWay>, key: CacheKey) -> Flight {
+        let (sender, receiver) = watch::channel(None);
+        let entry = UnderWay {
+            landing: receiver.clone(),
+            subscribers: Vec::new(),
+        };
+        under_way.insert(key, entry);
+        Flight {
+            key,
+            sender,
+            receiver,
+            under_way: Arc::clone(&self.under_way),
+            waits: Arc::clone(&self.waits),
+        }
     }
 
     /// Requests handed another's verdict so far.
@@ -103,9 +147,13 @@ impl Flights {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, watch::Receiver<Landing>>> {
-        self.under_way.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<CacheKey, UnderWay>> {
+        lock(&self.under_way)
     }
+}
+
+fn lock(map: &Mutex<HashMap<CacheKey, UnderWay>>) -> MutexGuard<'_, HashMap<CacheKey, UnderWay>> {
+    map.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The lead of an upload and scan. Dropping it without landing tells the
@@ -114,7 +162,8 @@ pub struct Flight {
     key: CacheKey,
     sender: watch::Sender<Landing>,
     receiver: watch::Receiver<Landing>,
-    under_way: Arc<Mutex<HashMap<CacheKey, watch::Receiver<Landing>>>>,
+    under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
+    waits: Arc<AtomicU64>,
 }
 
 impl Flight {
@@ -125,20 +174,37 @@ impl Flight {
 
     /// Hands `verdict` (the scan's, now in the cache; `None` if the scan
     /// failed) to every waiter.
-    pub fn land(self, verdict: Landing) {
+    pub fn land(mut self, verdict: Landing) {
+        self.end(verdict);
+    }
+
+    /// Leaves the registry and tells every waiter how it ended.
+    fn end(&mut self, verdict: Landing) {
+        let subscribers = {
+            let mut under_way = lock(&self.under_way);
+            match under_way.get(&self.key) {
+                Some(flight) if flight.landing.same_channel(&self.receiver) => under_way
+                    .remove(&self.key)
+                    .map(|flight| flight.subscribers)
+                    .unwrap_or_default(),
+                // Ended already.
+                _ => return,
+            }
+        };
+        if verdict.is_some() {
+            self.waits
+                .fetch_add(subscribers.len() as u64, Ordering::Relaxed);
+        }
+        for subscriber in subscribers {
+            let _ = subscriber.to.send((subscriber.tag, verdict.clone()));
+        }
         self.sender.send_replace(verdict);
     }
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        let mut under_way = self.under_way.lock().unwrap_or_else(|e| e.into_inner());
-        if under_way
-            .get(&self.key)
-            .is_some_and(|landing| landing.same_channel(&self.receiver))
-        {
-            under_way.remove(&self.key);
-        }
+        self.end(None);
     }
 }
 
@@ -222,6 +288,54 @@ mod tests {
         drop(lead);
         assert!(waiter.verdict(soon()).await.is_none());
         assert_eq!(flights.waits(), 0);
+    }
+
+    #[tokio::test]
+    async fn subscribers_are_told_by_message() {
+        let flights = Flights::default();
+        let (to, mut told) = mpsc::unbounded_channel();
+        let Some(lead) = flights.join_or_subscribe(
+            key(1),
+            Subscriber {
+                tag: 0,
+                to: to.clone(),
+            },
+        ) else {
+            panic!("the first request leads")
+        };
+        for tag in 1..=2 {
+            let subscriber = Subscriber {
+                tag,
+                to: to.clone(),
+            };
+            assert!(flights.join_or_subscribe(key(1), subscriber).is_none());
+        }
+        lead.land(clean());
+        for tag in 1..=2 {
+            let (told_tag, landing) = told.recv().await.unwrap();
+            assert_eq!(told_tag, tag);
+            assert!(landing.is_some());
+        }
+        assert_eq!(flights.waits(), 2);
+
+        let lead = flights.join_or_subscribe(
+            key(1),
+            Subscriber {
+                tag: 3,
+                to: to.clone(),
+            },
+        );
+        assert!(
+            flights
+                .join_or_subscribe(key(1), Subscriber { tag: 4, to })
+                .is_none()
+        );
+        drop(lead);
+        assert!(
+            matches!(told.recv().await, Some((4, None))),
+            "an abandoned lead"
+        );
+        assert!(flights.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,9 +16,15 @@
 //! scanning waits for that verdict instead of asking for the content, and
 //! received content whose digest is being scanned waits for that scan.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::{
+    sync::{OwnedSemaphorePermit, mpsc},
+    time::Instant,
+};
 use tonic::{Code, Status, Streaming};
 
 use super::{
@@ -27,8 +33,8 @@ use super::{
 };
 use crate::{
     cache::{
-        CacheKey, CachedVerdict, Digest, Flight, Join,
-        flight::{UPLOAD_WAIT, Waiter},
+        CachedVerdict, Digest, Flight, Join,
+        flight::{Landing, Subscriber, UPLOAD_WAIT, Waiter},
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
@@ -52,16 +58,17 @@ struct OpenFile {
     /// The flight this file leads: its agent was asked for the content,
     /// and requests for the same content wait for its verdict.
     flight: Option<Flight>,
+    /// The wait this file is in, when another request has its content.
+    wait: Option<Wait>,
     _in_flight: OwnedSemaphorePermit,
 }
 
-/// A hash-first begin that waited for another request's verdict: `None`
-/// when that request failed, and this file's content is needed after all.
-struct Waited {
-    file_id: u64,
-    key: CacheKey,
+/// A hash-first begin waiting for another request's verdict.
+struct Wait {
+    /// Identifies the wait in the flight's message (a file id may be
+    /// reused once its file is over; a tag never is).
+    tag: u64,
     digest: Digest,
-    landed: Option<Arc<CachedVerdict>>,
 }
 
 /// One Scan stream: its open files and where its replies go.
@@ -69,9 +76,14 @@ struct ScanStream {
     state: Arc<ServiceState>,
     open: HashMap<u64, OpenFile>,
     replies: Replies,
-    /// Waits end here; at most one per open file, so the channel is bounded
-    /// by the session's files in flight.
-    waited: mpsc::UnboundedSender<Waited>,
+    /// Flights tell waiting files here how they ended; at most one message
+    /// per waiting file, so the channel is bounded by the session's files
+    /// in flight.
+    landings: mpsc::UnboundedSender<(u64, Landing)>,
+    /// Waiting files by tag, and their deadlines in order.
+    waiting: HashMap<u64, u64>,
+    deadlines: VecDeque<(Instant, u64)>,
+    next_tag: u64,
 }
 
 /// Drives one Scan stream to its end.
@@ -80,21 +92,36 @@ pub(super) async fn run(
     mut requests: Streaming<ScanRequest>,
     replies: Replies,
 ) {
-    let (waited, mut waits) = mpsc::unbounded_channel();
+    let (landings, mut landed) = mpsc::unbounded_channel();
     let mut shutdown = state.shutdown.clone();
     let idle_timeout = state.idle_timeout;
     let mut stream = ScanStream {
         state,
         open: HashMap::new(),
         replies,
-        waited,
+        landings,
+        waiting: HashMap::new(),
+        deadlines: VecDeque::new(),
+        next_tag: 0,
     };
     loop {
+        let next_deadline = stream.deadlines.front().map(|&(deadline, _)| deadline);
         let request = tokio::select! {
             request = tokio::time::timeout(idle_timeout, requests.message()) => request,
-            Some(waited) = waits.recv() => {
-                let reply = stream.waited(waited);
+            Some((tag, landing)) = landed.recv() => {
+                let reply = stream.landed(tag, landing);
                 if stream.send(reply).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            () = sleep_until(next_deadline) => {
+                let replies = stream.expire();
+                let mut sent = Ok(());
+                for reply in replies {
+                    sent = sent.and(stream.send(Some(reply)).await);
+                }
+                if sent.is_err() {
                     break;
                 }
                 continue;
@@ -192,27 +219,30 @@ impl ScanStream {
             size: begin.size,
             upload: None,
             flight: None,
+            wait: None,
             _in_flight: in_flight,
         };
-        let joined = key.map(|(digest, key)| (digest, key, engine.cache().flights().join(key)));
-        let reply = match joined {
-            Some((digest, key, Join::Wait(waiter))) => {
-                let waited = self.waited.clone();
-                tokio::spawn(async move {
-                    let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
-                    let landed = waiter.verdict(deadline).await;
-                    let _ = waited.send(Waited {
-                        file_id: id,
-                        key,
-                        digest,
-                        landed,
-                    });
-                });
-                None
-            }
-            Some((_, _, Join::Lead(flight))) => {
-                file.flight = Some(flight);
-                Some(self.request_content(id))
+        let reply = match key {
+            Some((digest, key)) => {
+                let tag = self.next_tag;
+                let subscriber = Subscriber {
+                    tag,
+                    to: self.landings.clone(),
+                };
+                match engine.cache().flights().join_or_subscribe(key, subscriber) {
+                    Some(flight) => {
+                        file.flight = Some(flight);
+                        Some(self.request_content(id))
+                    }
+                    None => {
+                        self.next_tag += 1;
+                        file.wait = Some(Wait { tag, digest });
+                        self.waiting.insert(tag, id);
+                        self.deadlines
+                            .push_back((Instant::now() + UPLOAD_WAIT, tag));
+                        None
+                    }
+                }
             }
             None => None,
         };
@@ -226,44 +256,55 @@ impl ScanStream {
         reply
     }
 
-    /// A hash-first begin's wait is over: the verdict, or, if the request
-    /// it waited for failed, a request for the content.
-    fn waited(&mut self, waited: Waited) -> Option<ScanReply> {
-        let id = waited.file_id;
-        // The file may have been cancelled meanwhile, and its id reused.
-        let file = self.open.get(&id)?;
-        let key = self
-            .state
-            .engine
-            .cache_key(&waited.digest, Some(file.name.as_ref()));
-        if file.upload.is_some() || key != waited.key {
-            return None;
-        }
-        let Some(landed) = waited.landed else {
-            let file = self.open.get_mut(&id)?;
-            match self
-                .state
-                .uploads
-                .begin(Some(file.size), Some(waited.digest))
-            {
-                Ok(upload) => file.upload = Some(upload),
-                Err(err) => {
-                    self.open.remove(&id);
-                    return Some(upload_error(id, &err));
-                }
-            }
-            if let Join::Lead(flight) = self.state.engine.cache().flights().join(waited.key) {
-                file.flight = Some(flight);
-            }
-            return Some(self.request_content(id));
+    /// A waiting file's flight landed: the verdict, or, when it failed, a
+    /// request for this file's own content.
+    fn landed(&mut self, tag: u64, landing: Landing) -> Option<ScanReply> {
+        let id = self.waiting.remove(&tag)?;
+        let file = self.open.get_mut(&id)?;
+        let wait = file.wait.take_if(|wait| wait.tag == tag)?;
+        let Some(landed) = landing else {
+            return Some(self.own_content(id, wait.digest));
         };
         let file = self.open.remove(&id)?;
         file.session
             .record_file(file.size, landed.verdict.detections().len());
         Some(reply(
             id,
-            verdict_reply(FileVerdict::known(&landed, &waited.digest, true)),
+            verdict_reply(FileVerdict::known(&landed, &wait.digest, true)),
         ))
+    }
+
+    /// Waits past their deadline end: those files' own content is asked
+    /// for (whoever was to send it is too slow).
+    fn expire(&mut self) -> Vec<ScanReply> {
+        let now = Instant::now();
+        let mut replies = Vec::new();
+        while let Some(&(deadline, tag)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if let Some(reply) = self.landed(tag, None) {
+                replies.push(reply);
+            }
+        }
+        replies
+    }
+
+    /// Asks for a waiting file's own content after all; it is received and
+    /// scanned like any other (coalescing with scans under way, if any).
+    fn own_content(&mut self, id: u64, digest: Digest) -> ScanReply {
+        let file = self.open.get_mut(&id).expect("the file is open");
+        match self.state.uploads.begin(Some(file.size), Some(digest)) {
+            Ok(upload) => {
+                file.upload = Some(upload);
+                self.request_content(id)
+            }
+            Err(err) => {
+                self.open.remove(&id);
+                upload_error(id, &err)
+            }
+        }
     }
 
     fn request_content(&self, id: u64) -> ScanReply {
@@ -442,6 +483,14 @@ pub(super) async fn scan_file(
     let verdict = judging.verdict(engine, received, name).await;
     tracing::debug!(elapsed = ?started.elapsed(), "ScanFile");
     Ok(verdict)
+}
+
+/// Resolves at `deadline`, or never without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn verdict_reply(verdict: FileVerdict) -> scan_reply::Kind {
