@@ -16,7 +16,6 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 use scanserver::{
-    cache::CacheKey,
     client::{Agent, AgentOptions, FileSource, PreparedFile},
     config::Config,
     engine::{Engine, EngineConfig},
@@ -35,26 +34,33 @@ fn engine() -> Arc<Engine> {
     Arc::new(Engine::new(ruleset, &EngineConfig::default()).expect("engine"))
 }
 
-/// `n` digests, each with a clean verdict in `engine`'s cache.
+/// `n` digests, each with a clean verdict in `engine`'s cache, both
+/// without a name (as `Lookup` asks) and under the name [`file_name`] gives
+/// it (as the Scan stream announces it); the same entry unless the rules
+/// look at file names.
 fn known_digests(engine: &Engine, n: usize) -> Vec<blake3::Hash> {
-    let ruleset = engine.ruleset();
-    let version = ruleset.version_arc();
-    (0..n as u64)
+    let version = engine.ruleset().version_arc();
+    (0..n)
         .map(|i| {
             let digest = blake3::hash(&i.to_le_bytes());
-            let key = CacheKey::new(&digest, &ruleset, None);
-            engine.cache().insert(key, &Verdict::Clean, &version);
+            for name in [None, Some(file_name(i))] {
+                let key = engine.cache_key(&digest, name.as_deref());
+                engine.cache().insert(key, Verdict::Clean, &version);
+            }
             digest
         })
         .collect()
 }
 
+fn file_name(i: usize) -> PathBuf {
+    PathBuf::from(format!("C:\\Windows\\System32\\file{i}.dll"))
+}
+
 fn in_process(c: &mut Criterion) {
     let engine = engine();
-    let ruleset = engine.ruleset();
     let keys: Vec<_> = known_digests(&engine, LOOKUP_BATCH)
         .iter()
-        .map(|d| CacheKey::new(d, &ruleset, None))
+        .map(|d| engine.cache_key(d, None))
         .collect();
     let mut group = c.benchmark_group("cache");
     group.throughput(Throughput::Elements(keys.len() as u64));
@@ -102,7 +108,7 @@ fn through_grpc(c: &mut Criterion) {
         .enumerate()
         .map(|(i, digest)| {
             FileSource::Prepared(Arc::new(PreparedFile {
-                path: PathBuf::from(format!("C:\\Windows\\System32\\file{i}.dll")),
+                path: file_name(i),
                 content: Bytes::new(),
                 digest: *digest,
             }))

@@ -334,14 +334,14 @@ impl Agent {
             send_content(content_rx, content_requests, chunk_size)
         });
 
-        let mut producer = tokio::spawn(announce(
+        let mut producer = AbortOnDrop(tokio::spawn(announce(
             files,
             self.welcome.session_id.clone(),
             Arc::clone(&in_flight),
             Arc::clone(&pending),
             requests.clone(),
             Arc::clone(&on_result),
-        ));
+        )));
         let mut produced = false;
         loop {
             if produced && pending.lock().expect("pending").is_empty() {
@@ -351,7 +351,7 @@ impl Agent {
                 reply = replies.message() => reply?.ok_or_else(|| {
                     ClientError::Protocol("the server ended the stream with files unanswered".into())
                 })?,
-                result = &mut producer, if !produced => {
+                result = &mut producer.0, if !produced => {
                     produced = true;
                     result.map_err(|e| ClientError::Protocol(e.to_string()))??;
                     continue;
@@ -392,6 +392,16 @@ impl Agent {
         drop(content_tx);
         let _ = sender.await;
         Ok(())
+    }
+}
+
+/// A task that stops when its handle goes: a scan that ends early (the
+/// server broke the stream) must not leave its announcer waiting forever.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

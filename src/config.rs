@@ -29,6 +29,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+    #[error("invalid setting {setting}: {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
 }
 
 /// Everything `scanserver serve` is configured with.
@@ -43,6 +48,37 @@ pub struct Config {
 }
 
 impl Config {
+    /// Checks what the types alone do not: values the server could not
+    /// run with, or that contradict each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, problem: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                problem: problem.to_owned(),
+            })
+        };
+        let heartbeat = self.server.heartbeat_interval;
+        if heartbeat.is_zero() || heartbeat > Duration::from_secs(3600) {
+            return invalid("server.heartbeat_interval", "must be between 1ms and 1h");
+        }
+        if self.uploads.files_in_flight == 0 {
+            return invalid("uploads.files_in_flight", "must be at least 1");
+        }
+        if !(4 << 10..=4 << 20).contains(&self.uploads.chunk_size) {
+            return invalid("uploads.chunk_size", "must be between 4 KiB and 4 MiB");
+        }
+        if self.uploads.max_file_size > self.engine.max_scan_size {
+            return invalid(
+                "uploads.max_file_size",
+                "is over engine.max_scan_size: such uploads could never be scanned; lower it or raise the other",
+            );
+        }
+        if self.server.snapshot_interval.is_zero() {
+            return invalid("server.snapshot_interval", "must be more than 0");
+        }
+        Ok(())
+    }
+
     /// Reads a TOML configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -234,6 +270,17 @@ mod tests {
         );
         assert_eq!(config.engine.scan_timeout, defaults.engine.scan_timeout);
         assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);
+    }
+
+    #[test]
+    fn contradictions_and_impossible_values_are_errors() {
+        assert!(Config::default().validate().is_ok());
+        let mut config = Config::default();
+        config.server.heartbeat_interval = Duration::ZERO;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.uploads.max_file_size = config.engine.max_scan_size + 1;
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl FileVerdict {
             } else {
                 outcome.elapsed.as_micros() as u64
             },
-            coalesced: false,
+            coalesced: outcome.coalesced,
         }
     }
 
@@ -136,10 +136,20 @@ impl FileVerdict {
     /// cache).
     pub fn known(entry: &CachedVerdict, digest: &blake3::Hash, coalesced: bool) -> Self {
         FileVerdict {
-            verdict: Some(Verdict::from(&entry.verdict)),
             blake3: Bytes::copy_from_slice(digest.as_bytes()),
-            cached: !coalesced,
             signatures_version: entry.rules_version.to_string(),
+            ..Self::in_lookup(entry, coalesced)
+        }
+    }
+
+    /// A verdict in a Lookup reply: the digest and signatures version are
+    /// left out, being the request's and the reply's.
+    pub fn in_lookup(entry: &CachedVerdict, coalesced: bool) -> Self {
+        FileVerdict {
+            verdict: Some(Verdict::from(&entry.verdict)),
+            blake3: Bytes::new(),
+            cached: !coalesced,
+            signatures_version: String::new(),
             scan_time_us: 0,
             coalesced,
         }
@@ -150,19 +160,6 @@ impl FileVerdict {
         match self.verdict.as_ref().and_then(|v| v.kind.as_ref()) {
             Some(verdict::Kind::Infected(infected)) => infected.detections.len(),
             _ => 0,
-        }
-    }
-
-    /// A verdict in a Lookup reply: the digest and signatures version are
-    /// the request's and the reply's.
-    pub fn in_lookup(entry: &CachedVerdict, coalesced: bool) -> Self {
-        FileVerdict {
-            verdict: Some(Verdict::from(&entry.verdict)),
-            blake3: Bytes::new(),
-            cached: !coalesced,
-            signatures_version: String::new(),
-            scan_time_us: 0,
-            coalesced,
         }
     }
 

@@ -24,10 +24,10 @@ use crate::{
 const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) throttle an upload
-/// to one window per round trip (measured: 135 MB/s on loopback with 1 MiB
-/// windows, 340 MB/s with 4 MiB); these also bound what a connection whose
-/// reader is held back (the scan queue is full) makes the server buffer:
-/// 4 MiB per connection.
+/// to one window per round trip (see BENCHMARKS.md for what larger windows
+/// did on loopback); these also bound what a connection whose reader is
+/// held back (the scan queue is full) makes the server buffer: 4 MiB per
+/// connection. 16 MiB windows were faster, but broke the memory bound.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
@@ -51,8 +51,11 @@ pub enum ServerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot prepare the spool folder: {0}")]
-    Spool(std::io::Error),
+    #[error("cannot prepare the spool folder {}: {source} (use --spool-dir to pick another)", path.display())]
+    Spool {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the state folder {}: {source} (use --state-dir to pick another)", path.display())]
     State {
         path: std::path::PathBuf,
@@ -88,7 +91,12 @@ impl Server {
             StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
         state_dir.restore_cache(&engine);
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = ServiceState::new(engine, config, shutdown_rx).map_err(ServerError::Spool)?;
+        let state = ServiceState::new(engine, config, shutdown_rx).map_err(|source| {
+            ServerError::Spool {
+                path: config.uploads.spool_dir(),
+                source,
+            }
+        })?;
         Ok(Server {
             state: Arc::new(state),
             listener,

@@ -37,11 +37,6 @@ impl StateDir {
         })
     }
 
-    /// The folder's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn snapshot(&self) -> PathBuf {
         self.path.join(snapshot::FILE_NAME)
     }
@@ -69,7 +64,10 @@ impl StateDir {
         interval: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut saved = CacheMark::default();
+        // What was just restored needs no saving; a snapshot that could not
+        // be read (a passing error) is not overwritten until the cache
+        // changes.
+        let mut saved = CacheMark::of(&engine);
         let mut ticker = tokio::time::interval(interval);
         ticker.tick().await;
         loop {
@@ -78,8 +76,8 @@ impl StateDir {
                 _ = shutdown.wait_for(|&down| down) => true,
             };
             let now = CacheMark::of(&engine);
-            if now != saved {
-                saved = self.save_cache(&engine, now).await;
+            if now != saved && self.save_cache(&engine).await {
+                saved = now;
             }
             if last {
                 return;
@@ -87,41 +85,37 @@ impl StateDir {
         }
     }
 
-    /// Writes the snapshot off the async threads; returns what was saved
-    /// (or the old mark if writing failed, so it is tried again).
-    async fn save_cache(&self, engine: &Arc<Engine>, mark: CacheMark) -> CacheMark {
+    /// Writes the snapshot off the async threads; false if that failed (it
+    /// is tried again at the next tick).
+    async fn save_cache(&self, engine: &Arc<Engine>) -> bool {
         let (engine, path) = (Arc::clone(engine), self.snapshot());
         let saved =
             tokio::task::spawn_blocking(move || engine.cache().save(&path, &engine.ruleset()))
                 .await;
-        match saved {
+        let error = match saved {
             Ok(Ok(entries)) => {
                 tracing::debug!(entries, "verdict cache saved");
-                mark
+                return true;
             }
-            Ok(Err(err)) => {
-                tracing::warn!(path = %self.snapshot().display(), "cannot save the verdict cache: {err}");
-                CacheMark::default()
-            }
-            Err(_) => CacheMark::default(),
-        }
+            Ok(Err(err)) => err.to_string(),
+            Err(err) => err.to_string(),
+        };
+        tracing::warn!(path = %self.snapshot().display(), "cannot save the verdict cache: {error}");
+        false
     }
 }
 
 /// What tells whether the cache changed since it was saved.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CacheMark {
-    entries: u64,
-    misses: u64,
+    generation: u64,
     version: u64,
 }
 
 impl CacheMark {
     fn of(engine: &Engine) -> Self {
-        let stats = engine.cache().stats();
         CacheMark {
-            entries: stats.entries,
-            misses: stats.misses,
+            generation: engine.cache().generation(),
             version: engine.ruleset().version_id(),
         }
     }

@@ -12,7 +12,7 @@ use scanserver::{
     state::StateDir,
     verdict::FailReason,
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 
 fn engine(budget: u64) -> Arc<Engine> {
     engine_with(
@@ -89,14 +89,21 @@ fn failures_are_never_cached() {
     assert!(engine.cache().is_empty());
 }
 
-/// Runs the state folder's keeper until shutdown: the last save.
-async fn save_on_shutdown(state: &StateDir, engine: &Arc<Engine>) {
+/// Starts the state folder's keeper (and lets it take note of the cache as
+/// it is); sending `true` stops it, and the handle resolves after its last
+/// save.
+async fn keeper(state: &StateDir, engine: &Arc<Engine>) -> (watch::Sender<bool>, JoinHandle<()>) {
     let (stop, stopped) = watch::channel(false);
     let keeper = tokio::spawn(state.clone().keep_cache(
         Arc::clone(engine),
         Duration::from_secs(3600),
         stopped,
     ));
+    tokio::task::yield_now().await;
+    (stop, keeper)
+}
+
+async fn save_on_shutdown((stop, keeper): (watch::Sender<bool>, JoinHandle<()>)) {
     stop.send(true).unwrap();
     keeper.await.unwrap();
 }
@@ -106,11 +113,12 @@ async fn a_restart_keeps_the_verdicts_of_the_same_signatures() {
     let dir = tempfile::tempdir().unwrap();
     let state = StateDir::open(dir.path()).unwrap();
     let before = engine(1 << 20);
+    let running = keeper(&state, &before).await;
     let contents: Vec<_> = (0..50).map(document).chain([EICAR.to_vec()]).collect();
     for content in &contents {
         before.scan(&ScanJob::bytes(content.clone(), None));
     }
-    save_on_shutdown(&state, &before).await;
+    save_on_shutdown(running).await;
     assert_eq!(before.cache().stats().persisted, 51);
 
     let after = engine(1 << 20);
@@ -138,8 +146,9 @@ async fn a_damaged_snapshot_is_set_aside_and_never_trusted() {
     let dir = tempfile::tempdir().unwrap();
     let state = StateDir::open(dir.path()).unwrap();
     let before = engine(1 << 20);
+    let running = keeper(&state, &before).await;
     before.scan(&ScanJob::bytes(document(1), None));
-    save_on_shutdown(&state, &before).await;
+    save_on_shutdown(running).await;
 
     let path = dir.path().join("verdicts.snapshot");
     let mut bytes = std::fs::read(&path).unwrap();

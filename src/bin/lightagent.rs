@@ -227,12 +227,13 @@ async fn scan(args: ScanArgs) -> ExitCode {
             sink.file(path, &outcome, Some(outcome.cached))
         })
         .await;
-    let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
-    let summary = reporter.finish();
     if let Err(err) = result {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
+    // A scan that ended well has dropped every copy of the sink.
+    let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
+    let summary = reporter.finish();
     if let Some(kind) = kind {
         agent
             .report_task(&task_id, kind, TaskState::Finished, summary.infected as u32)

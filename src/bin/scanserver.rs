@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use scanserver::{
-    config::{Config, ConfigError, TlsConfig},
+    config::{Config, ConfigError, RulesConfig, TlsConfig},
     engine::{Engine, EngineConfig},
     localscan,
     report::Format,
@@ -124,7 +124,8 @@ struct ServeArgs {
     )]
     tls_client_ca: Option<PathBuf>,
 
-    /// Folder for spooled uploads [default: the system temporary folder].
+    /// Folder for spooled uploads [default: scanserver-spool in the system
+    /// temporary folder].
     #[arg(long, value_name = "DIR", env = "SCANSERVER_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
 
@@ -159,12 +160,15 @@ impl ServeArgs {
             config.server.allowed_tags = self.allowed_tags.clone();
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            // A client CA from the file stays unless a flag replaces it.
+            let client_ca = config.tls.take().and_then(|tls| tls.client_ca);
             config.tls = Some(TlsConfig {
                 cert: cert.clone(),
                 key: key.clone(),
-                client_ca: self.tls_client_ca.clone(),
+                client_ca: self.tls_client_ca.clone().or(client_ca),
             });
         }
+        config.validate()?;
         Ok(config)
     }
 }
@@ -189,9 +193,10 @@ struct ScanArgs {
     #[arg(long, short = 'j', value_name = "N")]
     threads: Option<usize>,
 
-    /// Per-file scan timeout; a file scanned longer fails with `timeout`.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    /// Per-file scan timeout; a file scanned longer fails with `timeout`
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
 
     /// Files larger than this many bytes fail with `too_large`.
     #[arg(long, value_name = "BYTES", default_value_t = EngineConfig::default().max_scan_size)]
@@ -226,10 +231,13 @@ struct RulesArgs {
 
 impl RulesArgs {
     fn load(&self) -> Result<Ruleset, SignatureError> {
-        let cache = match (&self.rules_cache, self.no_rules_cache) {
-            (_, true) => None,
-            (Some(dir), false) => Some(dir.clone()),
-            (None, false) => dirs::cache_dir().map(|d| d.join("scanserver").join("rules")),
+        let cache = match self.no_rules_cache {
+            true => None,
+            false => RulesConfig {
+                path: self.rules.clone(),
+                cache_dir: self.rules_cache.clone(),
+            }
+            .cache_dir(),
         };
         let ruleset = Ruleset::load(&self.rules, cache.as_deref())?;
         log_ruleset(&ruleset);
@@ -281,7 +289,8 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let serving = matches!(cli.command, Command::Serve(_));
+    init_logging(cli.log_format, if serving { "info" } else { "warn" });
     match cli.command {
         Command::Scan(args) => scan(args),
         Command::Serve(args) => serve(&args),
@@ -289,12 +298,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("SCANSERVER_LOG").unwrap_or_else(|_| {
-            let serving = std::env::args().nth(1).is_some_and(|a| a == "serve");
-            tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
-        });
+/// Logs to stderr at `default_level`, or as `SCANSERVER_LOG` says.
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SCANSERVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -312,11 +319,12 @@ fn scan(args: ScanArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let defaults = EngineConfig::default();
     let config = EngineConfig {
         threads: args.threads.unwrap_or(0),
-        scan_timeout: args.timeout,
+        scan_timeout: args.timeout.unwrap_or(defaults.scan_timeout),
         max_scan_size: args.max_size,
-        ..EngineConfig::default()
+        ..defaults
     };
     let engine = match Engine::new(ruleset, &config) {
         Ok(engine) => engine,

@@ -57,13 +57,6 @@ struct UnderWay {
     subscribers: Vec<Subscriber>,
 }
 
-impl UnderWay {
-    /// Whether its lead still holds it.
-    fn is_live(&self) -> bool {
-        self.landing.has_changed().is_ok()
-    }
-}
-
 /// A request told of the landing by a message: `(tag, landing)` on `to`.
 pub struct Subscriber {
     pub tag: u64,
@@ -82,18 +75,20 @@ impl Flights {
     /// Leads the flight for `key`, or joins the one under way.
     pub fn join(&self, key: CacheKey) -> Join {
         let mut under_way = self.lock();
-        match under_way.get(&key).filter(|flight| flight.is_live()) {
+        match under_way.get(&key) {
             Some(flight) => Join::Wait(self.waiter(flight.landing.clone())),
             None => Join::Lead(self.lead(&mut under_way, key)),
         }
     }
 
     /// Leads the flight for `key`, or subscribes to the one under way
-    /// (and returns `None`).
+    /// (and returns `None`). Subscribers whose stream has ended are
+    /// dropped on the way.
     pub fn join_or_subscribe(&self, key: CacheKey, subscriber: Subscriber) -> Option<Flight> {
         let mut under_way = self.lock();
-        match under_way.get_mut(&key).filter(|flight| flight.is_live()) {
+        match under_way.get_mut(&key) {
             Some(flight) => {
+                flight.subscribers.retain(|s| !s.to.is_closed());
                 flight.subscribers.push(subscriber);
                 None
             }
@@ -101,27 +96,42 @@ impl Flights {
         }
     }
 
+    /// Withdraws a subscription (its file was cancelled, or stopped
+    /// waiting), so a long flight does not collect them.
+    pub fn unsubscribe(
+        &self,
+        key: &CacheKey,
+        tag: u64,
+        to: &mpsc::UnboundedSender<(u64, Landing)>,
+    ) {
+        if let Some(flight) = self.lock().get_mut(key) {
+            flight
+                .subscribers
+                .retain(|s| s.tag != tag || !s.to.same_channel(to));
+        }
+    }
+
     /// A wait on the flight for `key`, if one is under way (for requests
     /// that cannot lead: a Lookup has no content to offer).
     pub fn waiting(&self, key: &CacheKey) -> Option<Waiter> {
         let under_way = self.lock();
-        let flight = under_way.get(key).filter(|flight| flight.is_live())?;
+        let flight = under_way.get(key)?;
         Some(self.waiter(flight.landing.clone()))
     }
 
     fn lead(&self, under_way: &mut HashMap<CacheKey, UnderWay>, key: CacheKey) -> Flight {
-        let (sender, receiver) = watch::channel(None);
+        let (sender, landing) = watch::channel(None);
         let entry = UnderWay {
-            landing: receiver.clone(),
+            landing,
             subscribers: Vec::new(),
         };
         under_way.insert(key, entry);
         Flight {
             key,
             sender,
-            receiver,
             under_way: Arc::clone(&self.under_way),
             waits: Arc::clone(&self.waits),
+            ended: false,
         }
     }
 
@@ -157,13 +167,14 @@ fn lock(map: &Mutex<HashMap<CacheKey, UnderWay>>) -> MutexGuard<'_, HashMap<Cach
 }
 
 /// The lead of an upload and scan. Dropping it without landing tells the
-/// waiters it failed.
+/// waiters it failed. While it lives, the registry's entry for its key is
+/// its own (nobody else can lead that key).
 pub struct Flight {
     key: CacheKey,
     sender: watch::Sender<Landing>,
-    receiver: watch::Receiver<Landing>,
     under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
     waits: Arc<AtomicU64>,
+    ended: bool,
 }
 
 impl Flight {
@@ -180,17 +191,9 @@ impl Flight {
 
     /// Leaves the registry and tells every waiter how it ended.
     fn end(&mut self, verdict: Landing) {
-        let subscribers = {
-            let mut under_way = lock(&self.under_way);
-            match under_way.get(&self.key) {
-                Some(flight) if flight.landing.same_channel(&self.receiver) => under_way
-                    .remove(&self.key)
-                    .map(|flight| flight.subscribers)
-                    .unwrap_or_default(),
-                // Ended already.
-                _ => return,
-            }
-        };
+        self.ended = true;
+        let entry = lock(&self.under_way).remove(&self.key);
+        let subscribers = entry.map(|entry| entry.subscribers).unwrap_or_default();
         if verdict.is_some() {
             self.waits
                 .fetch_add(subscribers.len() as u64, Ordering::Relaxed);
@@ -204,7 +207,9 @@ impl Flight {
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        self.end(None);
+        if !self.ended {
+            self.end(None);
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //! * Keyed by the blake3 digest of the content and the signatures version
 //!   ([`CacheKey`]): an entry made under other signatures is never served,
 //!   and the whole cache is cleared when the signatures change, which
-//!   reclaims its memory. Clean and infected verdicts are cached; failures
+//!   reclaims its memory (scans that were running with the old signatures
+//!   may still add entries afterwards; those are never served and are
+//!   evicted like any other). Clean and infected verdicts are cached; failures
 //!   never are.
 //! * Bounded by a memory budget, with quick_cache's frequency-aware
 //!   eviction (CLOCK-Pro): files opened by many machines stay, one-off files
@@ -127,6 +129,8 @@ struct Counters {
     evictions: AtomicU64,
     loaded: AtomicU64,
     persisted: AtomicU64,
+    /// Bumped by every insert and clear: tells a snapshot it is stale.
+    changes: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -217,15 +221,16 @@ impl SharedCache {
 
     /// Remembers a verdict the engine made on content it hashed itself.
     /// Failures are not cached.
-    pub fn insert(&self, key: CacheKey, verdict: &Verdict, rules_version: &Arc<str>) {
+    pub fn insert(&self, key: CacheKey, verdict: Verdict, rules_version: &Arc<str>) {
         if self.budget == 0 || verdict.failure().is_some() {
             return;
         }
         let entry = CachedVerdict {
-            verdict: verdict.clone(),
+            verdict,
             rules_version: Arc::clone(rules_version),
         };
         self.entries.insert(key, Arc::new(entry));
+        bump(&self.counters.changes, 1);
     }
 
     /// Uploads and scans under way, for coalescing.
@@ -236,6 +241,12 @@ impl SharedCache {
     /// Forgets every entry (the signatures changed).
     pub fn clear(&self) {
         self.entries.clear();
+        bump(&self.counters.changes, 1);
+    }
+
+    /// A number that changes whenever the entries do (evictions aside).
+    pub fn generation(&self) -> u64 {
+        self.counters.changes.load(Ordering::Relaxed)
     }
 
     /// Entries currently cached.

@@ -6,9 +6,10 @@
 //! or the new one, never a mix. It is written by a background task, never
 //! on the scan path.
 //!
-//! Layout: a magic line, then protobuf messages each prefixed by its length
-//! (a [`Header`], then one [`Entry`] per verdict), then the blake3 digest
-//! of everything before it. A snapshot whose digest, format or signatures
+//! Layout: a magic line and the format number, then protobuf messages each
+//! prefixed by its length (a [`Header`], then one [`Entry`] per verdict),
+//! then the blake3 digest of everything before it. It is written entry by
+//! entry, never whole in memory. A snapshot whose digest, format or signatures
 //! version does not match is set aside (renamed `*.rejected`) with a
 //! warning, and never trusted.
 
@@ -16,13 +17,13 @@ use std::{
     fs,
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::{Arc, atomic::Ordering},
+    sync::atomic::Ordering,
 };
 
 use bytes::Buf;
 use prost::Message;
 
-use super::{CacheKey, CachedVerdict, SharedCache, bump};
+use super::{CacheKey, SharedCache, bump};
 use crate::{proto, signatures::Ruleset, verdict::Verdict};
 
 const MAGIC: &[u8] = b"scanserver verdict snapshot\n";
@@ -33,12 +34,8 @@ pub const FILE_NAME: &str = "verdicts.snapshot";
 
 #[derive(Clone, PartialEq, Message)]
 struct Header {
-    #[prost(uint32, tag = "1")]
-    format: u32,
-    #[prost(string, tag = "2")]
+    #[prost(string, tag = "1")]
     signatures_version: String,
-    #[prost(uint64, tag = "3")]
-    entries: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -66,39 +63,43 @@ impl SharedCache {
     /// Writes every entry made with `ruleset` to `path`, atomically, and
     /// returns how many were written.
     pub fn save(&self, path: &Path, ruleset: &Ruleset) -> io::Result<u64> {
-        let entries: Vec<_> = self
-            .entries
-            .iter()
-            .filter(|(key, _)| key.rules == ruleset.version_id())
-            .collect();
-        let mut body = MAGIC.to_vec();
-        body.extend_from_slice(&FORMAT.to_le_bytes());
-        let header = Header {
-            format: FORMAT,
-            signatures_version: ruleset.version().to_owned(),
-            entries: entries.len() as u64,
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let file = tempfile::NamedTempFile::new_in(dir)?;
+        let mut out = Checksummed {
+            file: io::BufWriter::new(file),
+            hasher: blake3::Hasher::new(),
         };
-        header.encode_length_delimited(&mut body)?;
-        for (key, value) in &entries {
+        out.write_all(MAGIC)?;
+        out.write_all(&FORMAT.to_le_bytes())?;
+        let header = Header {
+            signatures_version: ruleset.version().to_owned(),
+        };
+        let mut message = Vec::new();
+        header.encode_length_delimited(&mut message)?;
+        out.write_all(&message)?;
+        let mut written = 0;
+        for (key, value) in self.entries.iter() {
+            if key.rules != ruleset.version_id() {
+                continue;
+            }
             let entry = Entry {
                 content: key.content.to_vec(),
                 verdict: Some(proto::Verdict::from(&value.verdict)),
             };
-            entry.encode_length_delimited(&mut body)?;
+            message.clear();
+            entry.encode_length_delimited(&mut message)?;
+            out.write_all(&message)?;
+            written += 1;
         }
-        let digest = blake3::hash(&body);
-        body.extend_from_slice(digest.as_bytes());
-
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut file = tempfile::NamedTempFile::new_in(dir)?;
-        file.write_all(&body)?;
+        let digest = out.hasher.finalize();
+        let mut file = out.file.into_inner().map_err(|err| err.into_error())?;
+        file.write_all(digest.as_bytes())?;
         file.as_file().sync_all()?;
         file.persist(path).map_err(|err| err.error)?;
         // The rename itself must reach the disk too.
         if let Ok(dir) = fs::File::open(dir) {
             let _ = dir.sync_all();
         }
-        let written = entries.len() as u64;
         self.counters.persisted.store(written, Ordering::Relaxed);
         Ok(written)
     }
@@ -127,20 +128,23 @@ impl SharedCache {
                 content,
                 rules: ruleset.version_id(),
             };
-            self.insert_loaded(key, verdict, &version);
+            self.insert(key, verdict, &version);
         }
         bump(&self.counters.loaded, count);
         Ok(count)
     }
+}
 
-    fn insert_loaded(&self, key: CacheKey, verdict: Verdict, version: &Arc<str>) {
-        if self.budget > 0 && verdict.failure().is_none() {
-            let entry = CachedVerdict {
-                verdict,
-                rules_version: Arc::clone(version),
-            };
-            self.entries.insert(key, Arc::new(entry));
-        }
+/// The snapshot file being written, with the checksum of what went in.
+struct Checksummed {
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    hasher: blake3::Hasher,
+}
+
+impl Checksummed {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.hasher.update(bytes);
+        self.file.write_all(bytes)
     }
 }
 
@@ -165,7 +169,7 @@ fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, Sna
             found: header.signatures_version,
         });
     }
-    let mut entries = Vec::with_capacity(header.entries.min(1 << 24) as usize);
+    let mut entries = Vec::new();
     while rest.has_remaining() {
         let entry = Entry::decode_length_delimited(&mut rest).map_err(|_| damaged("bad entry"))?;
         let content =
@@ -175,9 +179,6 @@ fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, Sna
             .as_ref()
             .ok_or(damaged("entry without verdict"))?;
         entries.push((content, Verdict::from(verdict)));
-    }
-    if entries.len() as u64 != header.entries {
-        return Err(damaged("entry count mismatch"));
     }
     Ok(entries)
 }

@@ -130,12 +130,6 @@ impl ScanJob {
             digest: None,
         }
     }
-
-    /// Sets the digest the server computed for the content.
-    pub fn with_digest(mut self, digest: Digest) -> Self {
-        self.digest = Some(digest);
-        self
-    }
 }
 
 /// The result of one scan.
@@ -239,6 +233,9 @@ impl Engine {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads)
             .thread_name(|i| format!("scan-{i}"))
+            // Scans catch their own panics (see `worker`); a panic around
+            // one loses only that job, which its caller reports as failed.
+            .panic_handler(|_| tracing::error!("a scan job panicked; its file fails with `engine`"))
             .build()?;
         Ok(Engine {
             ruleset: ArcSwap::from_pointee(ruleset),

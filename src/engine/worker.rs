@@ -104,10 +104,15 @@ impl Context<'_> {
     }
 
     /// Scans a file: read into the worker's buffer when small,
-    /// memory-mapped when large or when `map` says so.
-    pub fn scan_file(&self, path: &Path, map: bool) -> ScanOutcome {
+    /// memory-mapped when large. A `spooled` upload is always mapped (its
+    /// pages are in the page cache), and its temporary path is not its name.
+    pub fn scan_file(&self, path: &Path, spooled: bool) -> ScanOutcome {
         let started = Instant::now();
-        let name = Some(self.name.unwrap_or(path));
+        let name = if spooled {
+            self.name
+        } else {
+            Some(self.name.unwrap_or(path))
+        };
         let (file, size) = match open_regular(path) {
             Ok(opened) => opened,
             Err(verdict) => return self.outcome(started, 0, Judged::failed(verdict)),
@@ -115,7 +120,7 @@ impl Context<'_> {
         if size > self.limits.max_scan_size {
             return self.outcome(started, size, Judged::failed(too_large(size, self.limits)));
         }
-        let judged = if size <= READ_LIMIT && !map {
+        let judged = if size <= READ_LIMIT && !spooled {
             with_worker(|worker| {
                 let mut buffer = std::mem::take(&mut worker.buffer);
                 let judged =
@@ -135,44 +140,45 @@ impl Context<'_> {
     }
 
     /// The verdict on `data`: from the cache when its digest is known there,
-    /// from a scan otherwise (and then cached).
+    /// from a scan otherwise. A fresh verdict is cached by [`Self::outcome`],
+    /// once the content is known to have been read whole.
     fn judge(&self, worker: &mut Worker, data: &[u8], name: Option<&Path>) -> Judged {
-        let key = |digest| CacheKey::new(&digest, &self.ruleset, name);
+        let digest = self.digest.unwrap_or_else(|| blake3::hash(data));
+        let key = CacheKey::new(&digest, &self.ruleset, name);
         // Content that comes with its digest was looked up by the service
         // already (and counted there); this second look catches a verdict
         // made in between.
-        let (digest, hit) = match self.digest {
-            Some(digest) => (digest, self.cache.peek(&key(digest))),
-            None => {
-                let digest = blake3::hash(data);
-                (digest, self.cache.get(&key(digest)))
-            }
+        let hit = match self.digest {
+            Some(_) => self.cache.peek(&key),
+            None => self.cache.get(&key),
         };
-        let key = key(digest);
         if let Some(hit) = hit {
             return Judged {
                 digest: Some(digest),
                 verdict: hit.verdict.clone(),
-                cached: true,
+                origin: Origin::Cache,
             };
         }
-        let verdict = worker.scan(&self.ruleset, self.limits, data, name);
-        self.cache
-            .insert(key, &verdict, &self.ruleset.version_arc());
         Judged {
             digest: Some(digest),
-            verdict,
-            cached: false,
+            verdict: worker.scan(&self.ruleset, self.limits, data, name),
+            origin: Origin::Scan(key),
         }
     }
 
+    /// The scan's outcome; a fresh verdict goes into the cache (failures
+    /// excepted, see [`SharedCache::insert`]).
     fn outcome(&self, started: Instant, size: u64, judged: Judged) -> ScanOutcome {
+        if let Origin::Scan(key) = judged.origin {
+            self.cache
+                .insert(key, judged.verdict.clone(), &self.ruleset.version_arc());
+        }
         ScanOutcome {
             verdict: judged.verdict,
             size,
             digest: judged.digest,
             rules_version: self.ruleset.version_arc(),
-            cached: judged.cached,
+            cached: matches!(judged.origin, Origin::Cache),
             coalesced: false,
             elapsed: started.elapsed(),
         }
@@ -183,7 +189,17 @@ impl Context<'_> {
 struct Judged {
     digest: Option<Digest>,
     verdict: Verdict,
-    cached: bool,
+    origin: Origin,
+}
+
+/// Where a verdict came from.
+enum Origin {
+    /// The cache.
+    Cache,
+    /// A scan of the content, to be cached under this key.
+    Scan(CacheKey),
+    /// Nowhere: the content could not be read or scanned.
+    Failure,
 }
 
 impl Judged {
@@ -192,7 +208,7 @@ impl Judged {
         Judged {
             digest: None,
             verdict,
-            cached: false,
+            origin: Origin::Failure,
         }
     }
 }
@@ -249,11 +265,7 @@ trait FromPanic {
 
 impl FromPanic for Judged {
     fn from_panic(message: String) -> Self {
-        Judged {
-            digest: None,
-            verdict: Verdict::failed(FailReason::Engine, message),
-            cached: false,
-        }
+        Judged::failed(Verdict::failed(FailReason::Engine, message))
     }
 }
 

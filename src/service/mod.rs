@@ -70,8 +70,6 @@ pub struct Counters {
     pub content_requests: AtomicU64,
     /// Content bytes received from agents.
     pub bytes_received: AtomicU64,
-    /// Verdicts answered from the cache without content.
-    pub hash_hits: AtomicU64,
 }
 
 impl Counters {

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     cache::{
-        CachedVerdict, Digest, Flight, Join,
+        CacheKey, CachedVerdict, Digest, Flight, Join,
         flight::{Landing, Subscriber, UPLOAD_WAIT, Waiter},
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
@@ -55,19 +55,31 @@ struct OpenFile {
     /// another request's verdict (nothing is reserved for content that may
     /// never be needed).
     upload: Option<Upload>,
-    /// The flight this file leads: its agent was asked for the content,
-    /// and requests for the same content wait for its verdict.
-    flight: Option<Flight>,
-    /// The wait this file is in, when another request has its content.
-    wait: Option<Wait>,
+    standing: Standing,
     _in_flight: OwnedSemaphorePermit,
 }
 
+/// Where a begun file stands on its verdict, before its content is in.
+enum Standing {
+    /// No digest was announced: the content follows; nothing was looked up.
+    Unannounced,
+    /// The digest was not in the cache and nobody else has the content: the
+    /// file leads the flight for it (others wait for its verdict).
+    Leads(Flight),
+    /// Another request has the content: the file waits for its verdict.
+    Waits(Wait),
+    /// The wait ended without a verdict (the other request failed or took
+    /// too long): the file's own content is scanned, without waiting again.
+    OnItsOwn,
+}
+
 /// A hash-first begin waiting for another request's verdict.
+#[derive(Clone, Copy)]
 struct Wait {
     /// Identifies the wait in the flight's message (a file id may be
     /// reused once its file is over; a tag never is).
     tag: u64,
+    key: CacheKey,
     digest: Digest,
 }
 
@@ -76,9 +88,9 @@ struct ScanStream {
     state: Arc<ServiceState>,
     open: HashMap<u64, OpenFile>,
     replies: Replies,
-    /// Flights tell waiting files here how they ended; at most one message
-    /// per waiting file, so the channel is bounded by the session's files
-    /// in flight.
+    /// Flights tell waiting files here how they ended. A file that stops
+    /// waiting withdraws its subscription, so the messages are bounded by
+    /// the session's files in flight.
     landings: mpsc::UnboundedSender<(u64, Landing)>,
     /// Waiting files by tag, and their deadlines in order.
     waiting: HashMap<u64, u64>,
@@ -117,16 +129,17 @@ pub(super) async fn run(
             }
             () = sleep_until(next_deadline) => {
                 let replies = stream.expire();
-                let mut sent = Ok(());
-                for reply in replies {
-                    sent = sent.and(stream.send(Some(reply)).await);
-                }
-                if sent.is_err() {
+                if stream.send_all(replies).await.is_err() {
                     break;
                 }
                 continue;
             }
-            () = shut_down(&mut shutdown) => break,
+            () = shut_down(&mut shutdown) => {
+                // Scans already running still reply, within the grace period.
+                let message = "the server is shutting down; send this file to another SVM";
+                let _ = stream.fail_open_files(Code::Unavailable, message).await;
+                break;
+            }
         };
         let request = match request {
             Ok(Ok(Some(request))) => request,
@@ -136,10 +149,16 @@ pub(super) async fn run(
                 break;
             }
             Err(_) => {
-                let idle = Status::deadline_exceeded(format!(
-                    "no request for {idle_timeout:?}; the stream is closed"
-                ));
-                let _ = stream.replies.send(Err(idle)).await;
+                let message = format!(
+                    "no request for {idle_timeout:?}; the stream is closed, open a new one"
+                );
+                let _ = stream
+                    .fail_open_files(Code::DeadlineExceeded, &message)
+                    .await;
+                let _ = stream
+                    .replies
+                    .send(Err(Status::deadline_exceeded(message)))
+                    .await;
                 break;
             }
         };
@@ -149,8 +168,7 @@ pub(super) async fn run(
             scan_request::Kind::Chunk(chunk) => stream.chunk(chunk),
             scan_request::Kind::End(end) => stream.end(end.file_id).await,
             scan_request::Kind::Cancel(cancel) => stream
-                .open
-                .remove(&cancel.file_id)
+                .close(cancel.file_id)
                 .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
         };
         if stream.send(reply).await.is_err() {
@@ -169,113 +187,153 @@ impl ScanStream {
         }
     }
 
+    async fn send_all(&self, replies: Vec<ScanReply>) -> Result<(), ()> {
+        for reply in replies {
+            self.send(Some(reply)).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives every open file its final reply: an error (the stream ends).
+    async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
+        let ids: Vec<u64> = self.open.keys().copied().collect();
+        let replies = ids
+            .into_iter()
+            .filter_map(|id| self.close(id).map(|_| file_error(id, code, message)))
+            .collect();
+        self.send_all(replies).await
+    }
+
+    /// Takes a file off the stream, withdrawing its wait if it has one.
+    fn close(&mut self, id: u64) -> Option<OpenFile> {
+        let file = self.open.remove(&id)?;
+        if let Standing::Waits(wait) = &file.standing {
+            self.stop_waiting(wait);
+        }
+        Some(file)
+    }
+
+    fn stop_waiting(&mut self, wait: &Wait) {
+        self.waiting.remove(&wait.tag);
+        let flights = self.state.engine.cache().flights();
+        flights.unsubscribe(&wait.key, wait.tag, &self.landings);
+    }
+
     /// Opens a file: answers at once from the cache when the agent gave a
     /// digest the server knows, waits when that content is under way for
     /// another request, and otherwise asks for the content (or, without a
     /// digest, expects it).
     fn begin(&mut self, begin: FileBegin) -> Option<ScanReply> {
         let id = begin.file_id;
-        let fail = |code, message: String| Some(file_error(id, code, &message));
-        if self.open.contains_key(&id) {
-            return fail(
-                Code::InvalidArgument,
-                format!("file id {id} is already open on this stream"),
-            );
-        }
-        let session = match self.state.session(&begin.session_id) {
-            Ok(session) => session,
-            Err(status) => return fail(status.code(), status.message().to_owned()),
+        let (file, claimed) = match self.admit(begin) {
+            Ok(admitted) => admitted,
+            Err(reply) => return Some(reply),
         };
-        session.touch();
-        let claimed = match parse_digest(&begin.blake3) {
-            Ok(claimed) => claimed,
-            Err(message) => return fail(Code::InvalidArgument, message),
+        let Some(digest) = claimed else {
+            return self.open_for_content(id, file, None, Standing::Unannounced);
         };
         let engine = &self.state.engine;
-        let key =
-            claimed.map(|digest| (digest, engine.cache_key(&digest, Some(begin.path.as_ref()))));
-        if let Some((digest, key)) = &key
-            && let Some(hit) = engine.cache().get(key)
-        {
-            Counters::add(&self.state.counters.hash_hits, 1);
-            session.record_file(begin.size, hit.verdict.detections().len());
-            return Some(reply(
-                id,
-                verdict_reply(FileVerdict::known(&hit, digest, false)),
-            ));
+        let key = engine.cache_key(&digest, Some(file.name.as_ref()));
+        if let Some(hit) = engine.cache().get(&key) {
+            file.session
+                .record_file(file.size, hit.verdict.detections().len());
+            let verdict = FileVerdict::known(&hit, &digest, false);
+            return Some(reply(id, verdict_reply(verdict)));
         }
+        let tag = self.next_tag;
+        let subscriber = Subscriber {
+            tag,
+            to: self.landings.clone(),
+        };
+        match engine.cache().flights().join_or_subscribe(key, subscriber) {
+            Some(flight) => self.open_for_content(id, file, Some(digest), Standing::Leads(flight)),
+            None => {
+                self.next_tag += 1;
+                self.waiting.insert(tag, id);
+                self.deadlines
+                    .push_back((Instant::now() + UPLOAD_WAIT, tag));
+                let standing = Standing::Waits(Wait { tag, key, digest });
+                self.open.insert(id, OpenFile { standing, ..file });
+                None
+            }
+        }
+    }
+
+    /// The checks every begin passes: a new file id, a known session, a
+    /// well-formed digest, a size within the limit, a place in flight.
+    /// Returns the file (not yet open) and the digest it was announced
+    /// with, or the reply refusing it.
+    fn admit(&self, begin: FileBegin) -> Result<(OpenFile, Option<Digest>), ScanReply> {
+        let id = begin.file_id;
+        let fail = |code, message: String| file_error(id, code, &message);
+        if self.open.contains_key(&id) {
+            let message = format!("file id {id} is already open on this stream");
+            return Err(fail(Code::InvalidArgument, message));
+        }
+        let session = self
+            .state
+            .session(&begin.session_id)
+            .map_err(|status| fail(status.code(), status.message().to_owned()))?;
+        session.touch();
+        let claimed = parse_digest(&begin.blake3).map_err(|m| fail(Code::InvalidArgument, m))?;
+        self.state
+            .uploads
+            .check_size(begin.size)
+            .map_err(|err| upload_error(id, &err))?;
         let Ok(in_flight) = Arc::clone(&session.files_in_flight).try_acquire_owned() else {
             let limit = self.state.uploads.config().files_in_flight;
-            return fail(
-                Code::ResourceExhausted,
-                format!(
-                    "more than {limit} files in flight on this session; wait for verdicts before beginning more"
-                ),
+            let message = format!(
+                "more than {limit} files in flight on this session; wait for verdicts before beginning more"
             );
+            return Err(fail(Code::ResourceExhausted, message));
         };
-        let mut file = OpenFile {
+        let file = OpenFile {
             session,
             name: begin.path,
             size: begin.size,
             upload: None,
-            flight: None,
-            wait: None,
+            standing: Standing::Unannounced,
             _in_flight: in_flight,
         };
-        let reply = match key {
-            Some((digest, key)) => {
-                let tag = self.next_tag;
-                let subscriber = Subscriber {
-                    tag,
-                    to: self.landings.clone(),
-                };
-                match engine.cache().flights().join_or_subscribe(key, subscriber) {
-                    Some(flight) => {
-                        file.flight = Some(flight);
-                        Some(self.request_content(id))
-                    }
-                    None => {
-                        self.next_tag += 1;
-                        file.wait = Some(Wait { tag, digest });
-                        self.waiting.insert(tag, id);
-                        self.deadlines
-                            .push_back((Instant::now() + UPLOAD_WAIT, tag));
-                        None
-                    }
-                }
-            }
-            None => None,
+        Ok((file, claimed))
+    }
+
+    /// Opens `file` to receive its content (checked against `digest`, when
+    /// announced); asks for it unless it follows on its own.
+    fn open_for_content(
+        &mut self,
+        id: u64,
+        file: OpenFile,
+        digest: Option<Digest>,
+        standing: Standing,
+    ) -> Option<ScanReply> {
+        let upload = match self.state.uploads.begin(Some(file.size), digest) {
+            Ok(upload) => upload,
+            Err(err) => return Some(upload_error(id, &err)),
         };
-        if file.flight.is_some() || claimed.is_none() {
-            match self.state.uploads.begin(Some(file.size), claimed) {
-                Ok(upload) => file.upload = Some(upload),
-                Err(err) => return fail(err.code(), err.to_string()),
-            }
-        }
+        let asks = digest.is_some();
+        let file = OpenFile {
+            upload: Some(upload),
+            standing,
+            ..file
+        };
         self.open.insert(id, file);
-        reply
+        asks.then(|| {
+            Counters::add(&self.state.counters.content_requests, 1);
+            reply(id, scan_reply::Kind::SendContent(ContentRequest {}))
+        })
     }
 
     /// A waiting file's flight landed: the verdict, or, when it failed, a
     /// request for this file's own content.
     fn landed(&mut self, tag: u64, landing: Landing) -> Option<ScanReply> {
-        let id = self.waiting.remove(&tag)?;
-        let file = self.open.get_mut(&id)?;
-        let wait = file.wait.take_if(|wait| wait.tag == tag)?;
-        let Some(landed) = landing else {
-            return Some(self.own_content(id, wait.digest));
-        };
-        let file = self.open.remove(&id)?;
-        file.session
-            .record_file(file.size, landed.verdict.detections().len());
-        Some(reply(
-            id,
-            verdict_reply(FileVerdict::known(&landed, &wait.digest, true)),
-        ))
+        let (id, wait) = self.wait_of(tag)?;
+        self.waiting.remove(&tag);
+        self.resolve(id, wait, landing)
     }
 
-    /// Waits past their deadline end: those files' own content is asked
-    /// for (whoever was to send it is too slow).
+    /// Waits past their deadline end: they are withdrawn, and those files'
+    /// own content is asked for (whoever was to send it is too slow).
     fn expire(&mut self) -> Vec<ScanReply> {
         let now = Instant::now();
         let mut replies = Vec::new();
@@ -284,51 +342,49 @@ impl ScanStream {
                 break;
             }
             self.deadlines.pop_front();
-            if let Some(reply) = self.landed(tag, None) {
-                replies.push(reply);
+            if let Some((id, wait)) = self.wait_of(tag) {
+                self.stop_waiting(&wait);
+                replies.extend(self.resolve(id, wait, None));
             }
         }
         replies
     }
 
-    /// Asks for a waiting file's own content after all; it is received and
-    /// scanned like any other (coalescing with scans under way, if any).
-    fn own_content(&mut self, id: u64, digest: Digest) -> ScanReply {
-        let file = self.open.get_mut(&id).expect("the file is open");
-        match self.state.uploads.begin(Some(file.size), Some(digest)) {
-            Ok(upload) => {
-                file.upload = Some(upload);
-                self.request_content(id)
-            }
-            Err(err) => {
-                self.open.remove(&id);
-                upload_error(id, &err)
-            }
+    /// The file still waiting under `tag`, with its wait.
+    fn wait_of(&self, tag: u64) -> Option<(u64, Wait)> {
+        let id = *self.waiting.get(&tag)?;
+        match &self.open.get(&id)?.standing {
+            Standing::Waits(wait) if wait.tag == tag => Some((id, *wait)),
+            _ => None,
         }
     }
 
-    fn request_content(&self, id: u64) -> ScanReply {
-        Counters::add(&self.state.counters.content_requests, 1);
-        reply(id, scan_reply::Kind::SendContent(ContentRequest {}))
+    /// Ends file `id`'s wait with `landing`.
+    fn resolve(&mut self, id: u64, wait: Wait, landing: Landing) -> Option<ScanReply> {
+        let file = self.open.remove(&id)?;
+        let Some(landed) = landing else {
+            return self.open_for_content(id, file, Some(wait.digest), Standing::OnItsOwn);
+        };
+        file.session
+            .record_file(file.size, landed.verdict.detections().len());
+        let verdict = FileVerdict::known(&landed, &wait.digest, true);
+        Some(reply(id, verdict_reply(verdict)))
     }
 
     fn chunk(&mut self, chunk: FileChunk) -> Option<ScanReply> {
         let id = chunk.file_id;
         let Some(upload) = self.open.get_mut(&id).and_then(|f| f.upload.as_mut()) else {
-            self.open.remove(&id);
-            return Some(file_error(
-                id,
-                Code::InvalidArgument,
-                &format!(
-                    "chunk for file id {id}, which is not open or whose content was not asked for"
-                ),
-            ));
+            self.close(id);
+            let message = format!(
+                "chunk for file id {id}, which is not open or whose content was not asked for"
+            );
+            return Some(file_error(id, Code::InvalidArgument, &message));
         };
         Counters::add(&self.state.counters.bytes_received, chunk.data.len() as u64);
         match upload.push(chunk.offset, &chunk.data) {
             Ok(()) => None,
             Err(err) => {
-                self.open.remove(&id);
+                self.close(id);
                 Some(upload_error(id, &err))
             }
         }
@@ -338,27 +394,21 @@ impl ScanStream {
     /// place in the engine's queue here, in the reader: that is the
     /// backpressure. The scan itself runs in a task that sends the verdict.
     async fn end(&mut self, id: u64) -> Option<ScanReply> {
-        let Some(file) = self.open.remove(&id) else {
-            return Some(file_error(
-                id,
-                Code::InvalidArgument,
-                &format!("end of file id {id}, which is not open"),
-            ));
+        let Some(file) = self.close(id) else {
+            let message = format!("end of file id {id}, which is not open");
+            return Some(file_error(id, Code::InvalidArgument, &message));
         };
         let OpenFile {
             session,
             name,
             upload,
-            flight,
+            standing,
             _in_flight,
             ..
         } = file;
         let Some(upload) = upload else {
-            return Some(file_error(
-                id,
-                Code::InvalidArgument,
-                &format!("end of file id {id}, whose content was not asked for"),
-            ));
+            let message = format!("end of file id {id}, whose content was not asked for");
+            return Some(file_error(id, Code::InvalidArgument, &message));
         };
         let received = match upload.finish() {
             Ok(received) => received,
@@ -366,15 +416,12 @@ impl ScanStream {
         };
         let size = received.size;
         let engine = Arc::clone(&self.state.engine);
-        let judging = match Plan::new(&engine, &received.digest, &name, flight) {
-            Plan::Known(hit) => {
-                session.record_file(size, hit.verdict.detections().len());
-                let verdict = FileVerdict::known(&hit, &received.digest, false);
-                return Some(reply(id, verdict_reply(verdict)));
-            }
-            Plan::Scan(flight) => Judging::Lead(engine.reserve().await, flight),
-            Plan::Wait(waiter) => Judging::Follow(waiter),
-        };
+        let judging = Judging::start(&engine, &received.digest, &name, standing).await;
+        if let Judging::Known(hit) = &judging {
+            session.record_file(size, hit.verdict.detections().len());
+            let verdict = FileVerdict::known(hit, &received.digest, false);
+            return Some(reply(id, verdict_reply(verdict)));
+        }
         let replies = self.replies.clone();
         tokio::spawn(async move {
             let verdict = judging.verdict(&engine, received, name).await;
@@ -387,49 +434,58 @@ impl ScanStream {
 }
 
 /// How received content gets its verdict.
-enum Plan {
+enum Judging {
     /// The cache has it.
     Known(Arc<CachedVerdict>),
-    /// Scan it, leading the flight for its content.
-    Scan(Flight),
+    /// A scan, with its place in the queue, leading the flight for the
+    /// content if there is one.
+    Scan(ScanSlot, Option<Flight>),
     /// Another request is scanning the same content: wait for that.
-    Wait(Waiter),
-}
-
-impl Plan {
-    /// The plan for content with `digest`; `led` is the flight the file
-    /// already leads (it was asked for by a hash-first begin).
-    fn new(engine: &Engine, digest: &Digest, name: &str, led: Option<Flight>) -> Plan {
-        let key = engine.cache_key(digest, Some(name.as_ref()));
-        if let Some(flight) = led.filter(|flight| *flight.key() == key) {
-            return Plan::Scan(flight);
-        }
-        if let Some(hit) = engine.cache().get(&key) {
-            return Plan::Known(hit);
-        }
-        match engine.cache().flights().join(key) {
-            Join::Lead(flight) => Plan::Scan(flight),
-            Join::Wait(waiter) => Plan::Wait(waiter),
-        }
-    }
-}
-
-/// A verdict under way: a scan with its place in the queue, or a wait.
-enum Judging {
-    Lead(ScanSlot, Flight),
     Follow(Waiter),
 }
 
 impl Judging {
+    /// Decides for content with `digest`, given where its file stood. A
+    /// scan waits here for its place in the queue (the backpressure).
+    async fn start(engine: &Arc<Engine>, digest: &Digest, name: &str, standing: Standing) -> Self {
+        let key = engine.cache_key(digest, Some(name.as_ref()));
+        let cache = engine.cache();
+        let flight = match standing {
+            Standing::Leads(flight) if *flight.key() == key => Some(flight),
+            // Looked up when it began: a second look is not a new request.
+            Standing::OnItsOwn | Standing::Leads(_) | Standing::Waits(_) => {
+                if let Some(hit) = cache.peek(&key) {
+                    return Judging::Known(hit);
+                }
+                None
+            }
+            Standing::Unannounced => {
+                if let Some(hit) = cache.get(&key) {
+                    return Judging::Known(hit);
+                }
+                match cache.flights().join(key) {
+                    Join::Lead(flight) => Some(flight),
+                    Join::Wait(waiter) => return Judging::Follow(waiter),
+                }
+            }
+        };
+        Judging::Scan(engine.reserve().await, flight)
+    }
+
+    /// The verdict: known, scanned (and landed for the flight's waiters),
+    /// or handed over by the scan waited for.
     async fn verdict(self, engine: &Arc<Engine>, received: Received, name: String) -> FileVerdict {
         match self {
-            Judging::Lead(slot, flight) => {
+            Judging::Known(hit) => FileVerdict::known(&hit, &received.digest, false),
+            Judging::Scan(slot, flight) => {
                 let outcome = scan_received(slot, received, name).await;
-                flight.land(outcome.to_cached());
+                if let Some(flight) = flight {
+                    flight.land(outcome.to_cached());
+                }
                 FileVerdict::from_outcome(&outcome)
             }
             Judging::Follow(waiter) => {
-                let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
+                let deadline = Instant::now() + UPLOAD_WAIT;
                 if let Some(landed) = waiter.verdict(deadline).await {
                     return FileVerdict::known(&landed, &received.digest, true);
                 }
@@ -462,7 +518,6 @@ pub(super) async fn scan_file(
     state: &ServiceState,
     mut chunks: Streaming<FileChunk>,
 ) -> Result<FileVerdict, Status> {
-    let started = Instant::now();
     let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
     let mut name = None;
     while let Some(chunk) = chunks.message().await? {
@@ -475,14 +530,8 @@ pub(super) async fn scan_file(
     let received = upload.finish().map_err(Status::from)?;
     let name = name.unwrap_or_default();
     let engine = &state.engine;
-    let judging = match Plan::new(engine, &received.digest, &name, None) {
-        Plan::Known(hit) => return Ok(FileVerdict::known(&hit, &received.digest, false)),
-        Plan::Scan(flight) => Judging::Lead(engine.reserve().await, flight),
-        Plan::Wait(waiter) => Judging::Follow(waiter),
-    };
-    let verdict = judging.verdict(engine, received, name).await;
-    tracing::debug!(elapsed = ?started.elapsed(), "ScanFile");
-    Ok(verdict)
+    let judging = Judging::start(engine, &received.digest, &name, Standing::Unannounced).await;
+    Ok(judging.verdict(engine, received, name).await)
 }
 
 /// Resolves at `deadline`, or never without one.

@@ -2,9 +2,10 @@
 //!
 //! Content is hashed (blake3) as it arrives, so the digest the verdict is
 //! cached under is always the server's own. Small files stay in memory,
-//! within a budget shared by all uploads; larger ones, or any file once the
-//! budget is spent, go to a temporary file in the spool folder, which the
-//! engine memory-maps or reads for the scan. Every check fails the file with
+//! within a budget shared by all uploads (a file of unknown size takes its
+//! share as it grows); larger ones, or any file once the budget is spent, go
+//! to a temporary file in the spool folder, which the engine memory-maps for
+//! the scan. Spool writes go to the page cache, on the runtime's threads. Every check fails the file with
 //! a clear error: a chunk out of order, more or less content than declared,
 //! a digest that differs from the one the agent claimed, a file over the size
 //! limit. Dropping an [`Upload`] or a [`Received`] at any point (cancel, end
@@ -62,6 +63,7 @@ pub struct UploadStore {
     config: UploadConfig,
     /// The memory budget, in KiB permits.
     memory: Arc<Semaphore>,
+    spool_dir: Arc<Path>,
 }
 
 impl UploadStore {
@@ -70,6 +72,7 @@ impl UploadStore {
         let kib = usize::try_from(config.memory_budget >> 10).unwrap_or(usize::MAX);
         Ok(UploadStore {
             memory: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
+            spool_dir: config.spool_dir().into(),
             config,
         })
     }
@@ -78,44 +81,42 @@ impl UploadStore {
         &self.config
     }
 
-    /// Starts receiving a file of `size` bytes (unknown for `ScanFile`),
-    /// optionally with the digest the agent claims for it.
-    pub fn begin(&self, size: Option<u64>, claimed: Option<Digest>) -> Result<Upload, UploadError> {
+    /// Refuses a file of `size` bytes over the limit.
+    pub fn check_size(&self, size: u64) -> Result<(), UploadError> {
         let limit = self.config.max_file_size;
-        if let Some(size) = size.filter(|&s| s > limit) {
-            return Err(UploadError::TooLarge { size, limit });
+        match size > limit {
+            true => Err(UploadError::TooLarge { size, limit }),
+            false => Ok(()),
         }
-        let expected = size.unwrap_or(self.config.memory_threshold);
-        let sink = match self.reserve_memory(expected) {
-            Some(permit) => Sink::Memory {
-                buffer: Vec::with_capacity(expected as usize),
-                _budget: permit,
-            },
-            None => Sink::Spool(self.spool_file()?),
-        };
-        Ok(Upload {
+    }
+
+    /// Starts receiving a file of `size` bytes (unknown for `ScanFile`),
+    /// optionally with the digest the agent claims for it. A file of
+    /// unknown size starts with a share of one chunk, and takes more as it
+    /// grows.
+    pub fn begin(&self, size: Option<u64>, claimed: Option<Digest>) -> Result<Upload, UploadError> {
+        if let Some(size) = size {
+            self.check_size(size)?;
+        }
+        let mut upload = Upload {
             declared: size,
             claimed,
-            limit,
+            limit: self.config.max_file_size,
             received: 0,
             hasher: blake3::Hasher::new(),
-            sink,
-            spool_dir: self.config.spool_dir(),
-        })
-    }
-
-    /// A share of the memory budget for `size` bytes, if the file is small
-    /// enough to stay in memory and the budget allows.
-    fn reserve_memory(&self, size: u64) -> Option<OwnedSemaphorePermit> {
-        if size > self.config.memory_threshold {
-            return None;
+            sink: Sink::Memory {
+                buffer: Vec::new(),
+                share: None,
+            },
+            memory: Arc::clone(&self.memory),
+            memory_threshold: self.config.memory_threshold,
+            spool_dir: Arc::clone(&self.spool_dir),
+        };
+        let expected = size.unwrap_or(u64::from(self.config.chunk_size));
+        if !upload.reserve(expected) {
+            upload.sink = Sink::Spool(spool_file(&self.spool_dir)?);
         }
-        let kib = u32::try_from(size.div_ceil(1024).max(1)).ok()?;
-        Arc::clone(&self.memory).try_acquire_many_owned(kib).ok()
-    }
-
-    fn spool_file(&self) -> io::Result<NamedTempFile> {
-        spool_file(&self.config.spool_dir())
+        Ok(upload)
     }
 }
 
@@ -131,13 +132,16 @@ pub struct Upload {
     received: u64,
     hasher: blake3::Hasher,
     sink: Sink,
-    spool_dir: std::path::PathBuf,
+    memory: Arc<Semaphore>,
+    memory_threshold: u64,
+    spool_dir: Arc<Path>,
 }
 
 enum Sink {
+    /// In memory, within `share` of the budget (KiB permits).
     Memory {
         buffer: Vec<u8>,
-        _budget: OwnedSemaphorePermit,
+        share: Option<OwnedSemaphorePermit>,
     },
     Spool(NamedTempFile),
 }
@@ -167,15 +171,46 @@ impl Upload {
         Ok(())
     }
 
+    /// Makes the memory share cover `bytes` (doubling it at least, to take
+    /// from the budget rarely); false when the file is over the memory
+    /// threshold or the budget is spent.
+    fn reserve(&mut self, bytes: u64) -> bool {
+        let Sink::Memory { buffer, share } = &mut self.sink else {
+            return false;
+        };
+        let held = share.as_ref().map_or(0, |s| s.num_permits() as u64);
+        if bytes <= held << 10 {
+            return true;
+        }
+        if bytes > self.memory_threshold {
+            return false;
+        }
+        let wanted = bytes.max(held << 11).min(self.memory_threshold);
+        let Ok(more) = u32::try_from(wanted.div_ceil(1024) - held) else {
+            return false;
+        };
+        let Ok(permit) = Arc::clone(&self.memory).try_acquire_many_owned(more) else {
+            return false;
+        };
+        match share {
+            Some(share) => share.merge(permit),
+            None => *share = Some(permit),
+        }
+        buffer.reserve_exact(wanted as usize - buffer.len());
+        true
+    }
+
     fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        if let Sink::Memory { buffer, .. } = &mut self.sink {
-            // A file of unknown size that outgrows its memory share moves
-            // to the spool.
-            if buffer.len() + data.len() > buffer.capacity() {
-                let mut file = spool_file(&self.spool_dir)?;
+        // Content that outgrows what the budget allows moves to the spool,
+        // and gives its memory share back.
+        if let Sink::Memory { buffer, .. } = &self.sink
+            && !self.reserve((buffer.len() + data.len()) as u64)
+        {
+            let mut file = spool_file(&self.spool_dir)?;
+            if let Sink::Memory { buffer, .. } = &self.sink {
                 file.write_all(buffer)?;
-                self.sink = Sink::Spool(file);
             }
+            self.sink = Sink::Spool(file);
         }
         match &mut self.sink {
             Sink::Memory { buffer, .. } => {
@@ -202,21 +237,29 @@ impl Upload {
                 computed: digest.to_hex().to_string(),
             });
         }
-        let (content, spool, budget) = match self.sink {
-            Sink::Memory { buffer, _budget } => {
-                (Content::Bytes(Bytes::from(buffer)), None, Some(_budget))
-            }
+        let (content, guard) = match self.sink {
+            Sink::Memory { buffer, share } => (
+                Content::Bytes(Bytes::from(buffer)),
+                ReceivedGuard {
+                    _spool: None,
+                    _share: share,
+                },
+            ),
             Sink::Spool(file) => {
                 let path = file.into_temp_path();
-                (Content::Spooled(path.to_path_buf()), Some(path), None)
+                let content = Content::Spooled(path.to_path_buf());
+                let guard = ReceivedGuard {
+                    _spool: Some(path),
+                    _share: None,
+                };
+                (content, guard)
             }
         };
         Ok(Received {
             content,
             digest,
             size: self.received,
-            _spool: spool,
-            _budget: budget,
+            guard,
         })
     }
 }
@@ -227,29 +270,21 @@ pub struct Received {
     pub content: Content,
     pub digest: Digest,
     pub size: u64,
-    _spool: Option<TempPath>,
-    _budget: Option<OwnedSemaphorePermit>,
+    guard: ReceivedGuard,
 }
 
 impl Received {
     /// Splits off the content for the engine; the returned guard keeps the
     /// spool file and memory share until it is dropped, after the scan.
     pub fn into_parts(self) -> (Content, Digest, ReceivedGuard) {
-        (
-            self.content,
-            self.digest,
-            ReceivedGuard {
-                _spool: self._spool,
-                _budget: self._budget,
-            },
-        )
+        (self.content, self.digest, self.guard)
     }
 }
 
 /// Keeps a received file's spool file and memory share alive.
 pub struct ReceivedGuard {
     _spool: Option<TempPath>,
-    _budget: Option<OwnedSemaphorePermit>,
+    _share: Option<OwnedSemaphorePermit>,
 }
 
 #[cfg(test)]
