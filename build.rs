@@ -7,6 +7,31 @@ use std::{env, fs, path::PathBuf};
 const PROTOS: &[&str] = &[
     "scanserver/v1/verdict.proto",
     "scanserver/v1/protection.proto",
+    "scanserver/v1/status.proto",
+    "scanserver/v1/integration.proto",
+    "scanserver/v1/admin.proto",
+];
+
+/// The messages that also have a JSON form: the status, report and admin
+/// messages, and what they contain.
+const JSON_TYPES: &[&str] = &[
+    ".scanserver.v1.Health",
+    ".scanserver.v1.SvmReason",
+    ".scanserver.v1.VmReason",
+    ".scanserver.v1.TagOrigin",
+    ".scanserver.v1.SecurityTag",
+    ".scanserver.v1.VmInfo",
+    ".scanserver.v1.SvmReport",
+    ".scanserver.v1.ReportTrigger",
+    ".scanserver.v1.SvmIdentity",
+    ".scanserver.v1.SignaturesInfo",
+    ".scanserver.v1.Load",
+    ".scanserver.v1.CacheStatistics",
+    ".scanserver.v1.StatusReply",
+    ".scanserver.v1.Component",
+    ".scanserver.v1.ComponentState",
+    ".scanserver.v1.AgentsReply",
+    ".scanserver.v1.TagReply",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,10 +42,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut compiler = protox::Compiler::new(["proto"])?;
     compiler.include_source_info(true).open_files(PROTOS)?;
     // Reflection serves the descriptors, comments included.
-    fs::write(
-        out_dir.join("scanserver_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    let descriptors = compiler.encode_file_descriptor_set();
+    fs::write(out_dir.join("scanserver_descriptor.bin"), &descriptors)?;
     // No `connect(url)` constructor on clients: it would clash with the
     // `Connect` call. Clients are built on a channel.
     //
@@ -30,6 +53,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         .bytes(".")
         .compile_fds(compiler.file_descriptor_set())?;
+    // JSON (the proto3 mapping, with the .proto's field names) for reports,
+    // `scanserver status --json` and the reference receiver.
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .preserve_proto_field_names()
+        .emit_fields()
+        .build(JSON_TYPES)?;
 
     println!(
         "cargo:rustc-env=SCANSERVER_YARA_X_VERSION={}",

@@ -11,7 +11,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::engine::EngineConfig;
+use crate::{engine::EngineConfig, reporting::ReportingConfig, status::InfrastructureConfig};
 
 /// The agent listener's default address. 7405 is this server's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7405";
@@ -45,6 +45,8 @@ pub struct Config {
     pub rules: RulesConfig,
     pub engine: EngineConfig,
     pub uploads: UploadConfig,
+    pub reporting: ReportingConfig,
+    pub infrastructure: InfrastructureConfig,
 }
 
 impl Config {
@@ -76,6 +78,17 @@ impl Config {
         if self.server.snapshot_interval.is_zero() {
             return invalid("server.snapshot_interval", "must be more than 0");
         }
+        if self.reporting.interval < Duration::from_secs(1) {
+            return invalid("reporting.interval", "must be at least 1s");
+        }
+        if self.server.admin_listen == self.server.listen
+            || Some(self.server.admin_listen) == self.server.metrics_listen
+        {
+            return invalid(
+                "server.admin_listen",
+                "must differ from the agent and metrics listeners: the admin service is never served to agents",
+            );
+        }
         Ok(())
     }
 
@@ -101,6 +114,17 @@ pub struct ServerConfig {
     /// This SVM's identifier, as agents and the Integration Server see it
     /// [default: the host name].
     pub svm_id: String,
+    /// Its display name in reports [default: the SVM id].
+    pub name: Option<String>,
+    /// Addresses agents reach the agent listener at, for reports
+    /// [default: the listen address, or `<host name>:<port>` when it
+    /// listens on every interface].
+    pub addresses: Vec<String>,
+    /// Address of the admin listener (`scanserver status`, `agents`,
+    /// `tags`); keep it on loopback or a management network.
+    pub admin_listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` listener; unset: no metrics.
+    pub metrics_listen: Option<SocketAddr>,
     /// Agents connected at once; more are rejected with CAPACITY.
     pub max_agents: usize,
     /// Connection tags accepted from agents; empty accepts every agent.
@@ -126,6 +150,18 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The addresses reports give for the agent listener.
+    pub fn addresses(&self) -> Vec<String> {
+        if !self.addresses.is_empty() {
+            return self.addresses.clone();
+        }
+        if self.listen.ip().is_unspecified() {
+            vec![format!("{}:{}", self.svm_id, self.listen.port())]
+        } else {
+            vec![self.listen.to_string()]
+        }
+    }
+
     /// The state folder in use.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
@@ -144,6 +180,12 @@ impl Default for ServerConfig {
                 .parse()
                 .expect("the default address is valid"),
             svm_id: default_svm_id(),
+            name: None,
+            addresses: Vec::new(),
+            admin_listen: crate::admin::DEFAULT_ADMIN_LISTEN
+                .parse()
+                .expect("the default admin address is valid"),
+            metrics_listen: None,
             max_agents: 1000,
             allowed_tags: Vec::new(),
             heartbeat_interval: Duration::from_secs(10),
@@ -184,6 +226,10 @@ pub struct RulesConfig {
     pub path: PathBuf,
     /// Where compiled rules are cached [default: the user's cache folder].
     pub cache_dir: Option<PathBuf>,
+    /// Signatures older than this (by their files' modification time) turn
+    /// the SVM Warning: "signatures outdated".
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 impl Default for RulesConfig {
@@ -191,6 +237,7 @@ impl Default for RulesConfig {
         RulesConfig {
             path: PathBuf::from("signatures"),
             cache_dir: None,
+            max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -19,27 +19,43 @@
 //! * [`server`]: the agent listener (TLS, health, reflection, shutdown).
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
+//! * [`vms`]: the protected VMs of the last 30 days, their status and
+//!   security tags.
+//! * [`status`]: the SVM's status (OK, Warning, Critical, with reasons),
+//!   its components and its load.
+//! * [`reporting`]: reports to the Integration Server, and a reference
+//!   receiver.
+//! * [`admin`]: the operator's admin service (`scanserver status`,
+//!   `agents`, `tags`).
+//! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`state`]: the server's state folder (what survives a restart).
+//! * [`shutdown`]: the signal every long-running task watches.
 //! * [`client`]: the Light Agent client that `lightagent` drives.
 //! * [`bench`]: `lightagent bench`, simulated agents in a boot storm.
 //! * [`report`]: how scan results are printed (text or JSON lines), and the
 //!   exit status they add up to.
 //! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.
 
+pub mod admin;
 pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;
 pub mod engine;
 pub mod localscan;
+pub mod metrics;
 pub mod proto;
 pub mod report;
+pub mod reporting;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod shutdown;
 pub mod signatures;
 pub mod state;
+pub mod status;
 pub mod verdict;
+pub mod vms;
 
 /// The server's version, as reported to agents and operators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

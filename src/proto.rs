@@ -15,6 +15,7 @@ use crate::{
 };
 
 tonic::include_proto!("scanserver.v1");
+include!(concat!(env!("OUT_DIR"), "/scanserver.v1.serde.rs"));
 
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("scanserver_descriptor");

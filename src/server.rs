@@ -1,11 +1,14 @@
 //! The server: the agent listener (gRPC over TCP, optionally TLS or mutual
 //! TLS) with the Protection service, the standard health service and server
-//! reflection, and graceful shutdown.
+//! reflection; the admin listener; the metrics listener; the background
+//! tasks (Integration Server reporter, status monitor, infrastructure
+//! probe, state keepers); and graceful shutdown.
 //!
 //! Shutdown, on the future given to [`Server::run`] (SIGTERM or Ctrl-C for
-//! `scanserver serve`): the health service turns NOT_SERVING, the listener
-//! stops accepting, sessions and Scan streams are told to end, and scans in
-//! flight may finish and reply, up to the configured grace period.
+//! `scanserver serve`): the health service turns NOT_SERVING, the listeners
+//! stop accepting, sessions and Scan streams are told to end, and scans in
+//! flight may finish and reply, up to the configured grace period. Then the
+//! verdict cache and the protected VMs are saved.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -13,11 +16,17 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
+    admin::AdminService,
     config::{Config, TlsConfig},
     engine::Engine,
-    proto::{self, protection_server_server::ProtectionServerServer},
+    metrics,
+    proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
+    reporting::{Reporter, ReportingError},
     service::{ProtectionService, ServiceState},
-    state::StateDir,
+    shutdown::shut_down,
+    state::{self, StateDir},
+    status::Svm,
+    vms::Vms,
 };
 
 /// Largest gRPC message accepted (a chunk, or a Lookup of 100,000 digests).
@@ -39,12 +48,15 @@ const MAX_FRAME_SIZE: u32 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "cannot listen on {addr}: {source} (is another server running there? use --listen to pick another address)"
+        "cannot listen on {addr}: {source} (is another server running there? use {flag} to pick another address)"
     )]
     Bind {
         addr: SocketAddr,
+        flag: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Reporting(#[from] ReportingError),
     #[error("cannot read {what} {}: {source}", path.display())]
     TlsFile {
         what: &'static str,
@@ -70,7 +82,13 @@ pub enum ServerError {
 /// A bound, not yet running server.
 pub struct Server {
     state: Arc<ServiceState>,
+    svm: Arc<Svm>,
+    reporter: Option<Reporter>,
+    probe_interval: std::time::Duration,
     listener: TcpListener,
+    /// Taken when the server runs.
+    admin: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     tls: Option<ServerTlsConfig>,
     shutdown: watch::Sender<bool>,
     grace: std::time::Duration,
@@ -81,25 +99,40 @@ pub struct Server {
 impl Server {
     /// Binds the agent listener and prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = bind(config.server.listen, "--listen").await?;
+        let admin = bind(config.server.admin_listen, "--admin-listen").await?;
+        let metrics = match config.server.metrics_listen {
+            Some(addr) => Some(bind(addr, "--metrics-listen").await?),
+            None => None,
+        };
         let tls = config.tls.as_ref().map(tls_config).transpose()?;
         let path = config.server.state_dir();
         let state_dir =
             StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
         state_dir.restore_cache(&engine);
+        let vms = Arc::new(Vms::open(state_dir.path()));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = ServiceState::new(engine, config, shutdown_rx).map_err(|source| {
-            ServerError::Spool {
-                path: config.uploads.spool_dir(),
-                source,
-            }
-        })?;
+        let state =
+            ServiceState::new(engine, config, Arc::clone(&vms), shutdown_rx).map_err(|source| {
+                ServerError::Spool {
+                    path: config.uploads.spool_dir(),
+                    source,
+                }
+            })?;
+        let svm = Arc::new(Svm::new(
+            config,
+            Arc::clone(&state.engine),
+            Arc::clone(&state.sessions),
+            vms,
+        ));
         Ok(Server {
             state: Arc::new(state),
+            reporter: Reporter::new(&config.reporting, Arc::clone(&svm))?,
+            svm,
+            probe_interval: config.reporting.interval,
             listener,
+            admin: Some(admin),
+            metrics,
             tls,
             shutdown,
             grace: config.server.shutdown_grace,
@@ -115,16 +148,35 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// The address the admin listener is bound to.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .expect("a bound listener has an address")
+    }
+
+    /// The address the metrics listener is bound to, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The service's shared state (sessions, counters, engine).
     pub fn state(&self) -> &Arc<ServiceState> {
         &self.state
     }
 
+    /// What the server knows of itself (status, VMs, load).
+    pub fn svm(&self) -> &Arc<Svm> {
+        &self.svm
+    }
+
     /// Serves until `signal` resolves, then shuts down gracefully.
     pub async fn run(
-        self,
+        mut self,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        self.spawn_side_tasks();
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
@@ -147,6 +199,11 @@ impl Server {
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
         let keeper = tokio::spawn(self.state_dir.keep_cache(
             Arc::clone(&self.state.engine),
+            self.snapshot_interval,
+            self.shutdown.subscribe(),
+        ));
+        let vms_keeper = tokio::spawn(state::keep_vms(
+            Arc::clone(&self.svm.vms),
             self.snapshot_interval,
             self.shutdown.subscribe(),
         ));
@@ -177,8 +234,9 @@ impl Server {
             result = serve => result?,
             () = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
         }
-        // The last save of the verdict cache.
+        // The last saves of the verdict cache and the protected VMs.
         let _ = keeper.await;
+        let _ = vms_keeper.await;
         let stats = self.state.engine.cache().stats();
         tracing::info!(
             entries = stats.entries,
@@ -190,6 +248,50 @@ impl Server {
         );
         Ok(())
     }
+}
+
+impl Server {
+    /// Starts what runs beside the agent listener, each until shutdown:
+    /// the status monitor, the infrastructure probe, the reporter, and the
+    /// admin and metrics listeners.
+    fn spawn_side_tasks(&mut self) {
+        let down = || {
+            let mut shutdown = self.shutdown.subscribe();
+            async move { shut_down(&mut shutdown).await }
+        };
+        tokio::spawn(Arc::clone(&self.svm).monitor(self.shutdown.subscribe()));
+        tokio::spawn(
+            Arc::clone(&self.svm).keep_probing(self.probe_interval, self.shutdown.subscribe()),
+        );
+        if let Some(reporter) = self.reporter.take() {
+            tokio::spawn(reporter.run(self.shutdown.subscribe()));
+        }
+        if let Some(listener) = self.admin.take() {
+            let admin = tonic::transport::Server::builder()
+                .add_service(AdminServer::new(AdminService::new(Arc::clone(&self.svm))))
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), down());
+            tokio::spawn(async move {
+                if let Err(err) = admin.await {
+                    tracing::error!("the admin listener failed: {err}");
+                }
+            });
+        }
+        if let Some(listener) = self.metrics.take() {
+            let registry = metrics::registry(Arc::clone(&self.svm));
+            let serve = metrics::serve(listener, registry, down());
+            tokio::spawn(async move {
+                if let Err(err) = serve.await {
+                    tracing::error!("the metrics listener failed: {err}");
+                }
+            });
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, flag, source })
 }
 
 fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {

@@ -3,7 +3,9 @@
 //! A session exists from an accepted Hello until its `Connect` stream ends
 //! (or misses three heartbeats). Scan and Lookup requests name their session;
 //! the registry keeps per-session counters (files, bytes, detections) and the
-//! last time the agent was heard from, for status and reporting.
+//! last time the agent was heard from, for status and reporting. Opening and
+//! closing sessions, and verdicts with detections, are passed on to the
+//! registry of protected VMs ([`Vms`]).
 
 use std::{
     collections::HashMap,
@@ -14,9 +16,13 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
-use crate::proto::{Hello, RejectReason};
+use crate::{
+    metrics::Metrics,
+    proto::{FileVerdict, Hello, RejectReason},
+    vms::{Ending, Vms},
+};
 
 /// Who an agent is, from its Hello.
 #[derive(Debug, Clone)]
@@ -54,6 +60,10 @@ pub struct Session {
     pub files: AtomicU64,
     pub bytes: AtomicU64,
     pub detections: AtomicU64,
+    /// Set when an operator wants the agent to restart its session.
+    restart: watch::Sender<Option<String>>,
+    vms: Arc<Vms>,
+    metrics: Arc<Metrics>,
 }
 
 impl Session {
@@ -67,12 +77,26 @@ impl Session {
         *self.last_seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one scanned file.
-    pub fn record_file(&self, bytes: u64, detections: usize) {
+    /// Counts one file's verdict; malware found tags the session's VM.
+    pub fn record_file(&self, bytes: u64, verdict: &FileVerdict) {
+        let detections = verdict.detection_count() as u64;
         self.files.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.detections
-            .fetch_add(detections as u64, Ordering::Relaxed);
+        self.detections.fetch_add(detections, Ordering::Relaxed);
+        self.metrics.verdict(verdict);
+        if detections > 0 {
+            self.vms.threat_found(&self.agent.vm_id);
+        }
+    }
+
+    /// Asks the agent to restart its session, saying why.
+    pub fn restart(&self, reason: &str) {
+        self.restart.send_replace(Some(reason.to_owned()));
+    }
+
+    /// A receiver that holds the reason once a restart is asked for.
+    pub fn restart_requested(&self) -> watch::Receiver<Option<String>> {
+        self.restart.subscribe()
     }
 }
 
@@ -81,14 +105,23 @@ pub struct Sessions {
     by_id: RwLock<HashMap<String, Arc<Session>>>,
     max_agents: usize,
     files_in_flight: usize,
+    vms: Arc<Vms>,
+    metrics: Arc<Metrics>,
 }
 
 impl Sessions {
-    pub fn new(max_agents: usize, files_in_flight: usize) -> Self {
+    pub fn new(
+        max_agents: usize,
+        files_in_flight: usize,
+        vms: Arc<Vms>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Sessions {
             by_id: RwLock::new(HashMap::new()),
             max_agents,
             files_in_flight,
+            vms,
+            metrics,
         }
     }
 
@@ -107,8 +140,13 @@ impl Sessions {
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             detections: AtomicU64::new(0),
+            restart: watch::channel(None).0,
+            vms: Arc::clone(&self.vms),
+            metrics: Arc::clone(&self.metrics),
         });
         by_id.insert(session.id.clone(), Arc::clone(&session));
+        drop(by_id);
+        self.vms.connected(&session);
         Ok(session)
     }
 
@@ -122,11 +160,15 @@ impl Sessions {
     }
 
     /// Ends a session.
-    pub fn close(&self, id: &str) {
-        self.by_id
+    pub fn close(&self, id: &str, ending: Ending) {
+        let session = self
+            .by_id
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        if let Some(session) = session {
+            self.vms.disconnected(&session, ending);
+        }
     }
 
     /// Every open session.
@@ -142,6 +184,14 @@ impl Sessions {
     /// How many agents are connected.
     pub fn len(&self) -> usize {
         self.by_id.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Files begun on every session's Scan streams and not yet answered.
+    pub fn files_in_flight(&self) -> usize {
+        self.list()
+            .iter()
+            .map(|s| self.files_in_flight - s.files_in_flight.available_permits())
+            .sum()
     }
 
     /// Whether no agent is connected.

@@ -28,7 +28,7 @@ use std::{
     io::{self, Write},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -205,6 +205,9 @@ pub struct Ruleset {
     from_cache: bool,
     warnings: Vec<Diagnostic>,
     name_sensitive: bool,
+    /// When the signatures were released: the newest modification time of
+    /// their files.
+    released: SystemTime,
 }
 
 impl fmt::Debug for Ruleset {
@@ -233,17 +236,22 @@ impl Ruleset {
         let version = sources.version();
         let cache = cache_dir.map(|dir| RulesCache::new(dir, &version));
         let name_sensitive = sources.mention_externals();
+        let released = newest_modification(sources.files.iter().map(|f| f.path.as_path()));
         if let Some(rules) = cache.as_ref().and_then(RulesCache::load) {
             tracing::info!(%version, "loaded compiled rules from the cache");
             let ruleset = Self::new(rules, version, source, started, true, vec![]);
-            return Ok(ruleset.with_name_sensitivity(name_sensitive));
+            return Ok(ruleset
+                .with_name_sensitivity(name_sensitive)
+                .released(released));
         }
         let (rules, warnings) = sources.compile()?;
         if let Some(cache) = &cache {
             cache.store(&rules);
         }
         let ruleset = Self::new(rules, version, source, started, false, warnings);
-        Ok(ruleset.with_name_sensitivity(name_sensitive))
+        Ok(ruleset
+            .with_name_sensitivity(name_sensitive)
+            .released(released))
     }
 
     /// Compiles the ruleset at `source` without touching any cache, as
@@ -264,7 +272,15 @@ impl Ruleset {
         hasher.update(YARA_X_VERSION.as_bytes());
         let version = hasher.finalize().to_hex().to_string();
         // Without sources, assume the rules may look at file names.
-        Ok(Self::new(rules, version, path, started, false, vec![]).with_name_sensitivity(true))
+        let ruleset = Self::new(rules, version, path, started, false, vec![]);
+        Ok(ruleset
+            .with_name_sensitivity(true)
+            .released(newest_modification([path])))
+    }
+
+    fn released(mut self, released: SystemTime) -> Self {
+        self.released = released;
+        self
     }
 
     fn with_name_sensitivity(mut self, name_sensitive: bool) -> Self {
@@ -293,7 +309,14 @@ impl Ruleset {
             from_cache,
             warnings,
             name_sensitive: false,
+            released: SystemTime::UNIX_EPOCH,
         }
+    }
+
+    /// When the signatures were released: the newest modification time of
+    /// their files.
+    pub fn release_time(&self) -> SystemTime {
+        self.released
     }
 
     /// The compiled rules.
@@ -627,4 +650,14 @@ mod tests {
         assert_eq!(include_target(b"// include \"a.yar\""), None);
         assert_eq!(include_target(b"rule included { condition: true }"), None);
     }
+}
+
+/// The newest modification time among `paths` (the epoch when none can be
+/// read, which makes the signatures look outdated rather than fresh).
+fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> SystemTime {
+    paths
+        .into_iter()
+        .filter_map(|path| fs::metadata(path).and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }

@@ -1,13 +1,18 @@
 //! The server's state folder: what it keeps across restarts.
 //!
-//! Today that is the verdict cache's snapshot (see
-//! [`crate::cache::snapshot`]): loaded at start for the current signatures,
-//! written by a background task at an interval when the cache changed, and
-//! once more at shutdown. The folder is created private to the server's
-//! user (0700): the server trusts what it finds there.
+//! * The verdict cache's snapshot (see [`crate::cache::snapshot`]): loaded
+//!   at start for the current signatures, written by a background task at
+//!   an interval when the cache changed, and once more at shutdown.
+//! * The protected VMs and their security tags (see [`crate::vms`]): saved
+//!   a second after each change, at the same interval (for the last-seen
+//!   times of connected VMs), and at shutdown.
+//!
+//! The folder is created private to the server's user (0700): the server
+//! trusts what it finds there.
 
 use std::{
-    io,
+    fs,
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -15,7 +20,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::{cache::snapshot, engine::Engine};
+use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 
 /// The server's state folder.
 #[derive(Debug, Clone)]
@@ -35,6 +40,11 @@ impl StateDir {
         Ok(StateDir {
             path: path.to_owned(),
         })
+    }
+
+    /// The folder's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn snapshot(&self) -> PathBuf {
@@ -73,7 +83,7 @@ impl StateDir {
         loop {
             let last = tokio::select! {
                 _ = ticker.tick() => false,
-                _ = shutdown.wait_for(|&down| down) => true,
+                () = shut_down(&mut shutdown) => true,
             };
             let now = CacheMark::of(&engine);
             if now != saved && self.save_cache(&engine).await {
@@ -105,6 +115,35 @@ impl StateDir {
     }
 }
 
+/// Saves `vms` a second after each change and every `interval`, and once
+/// more when `shutdown` turns true; then returns.
+pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = vms.changes();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        let last = tokio::select! {
+            Ok(()) = changes.changed() => {
+                // Changes come in bursts (a boot storm): save once for all.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                false
+            }
+            _ = ticker.tick() => false,
+            () = shut_down(&mut shutdown) => true,
+        };
+        changes.borrow_and_update();
+        let saving = Arc::clone(&vms);
+        match tokio::task::spawn_blocking(move || saving.save()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!("cannot save the protected VMs: {err}"),
+            Err(err) => tracing::warn!("cannot save the protected VMs: {err}"),
+        }
+        if last {
+            return;
+        }
+    }
+}
+
 /// What tells whether the cache changed since it was saved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CacheMark {
@@ -119,4 +158,27 @@ impl CacheMark {
             version: engine.ruleset().version_id(),
         }
     }
+}
+
+/// Replaces the file at `path` with what `write` writes, atomically: the
+/// content goes to a temporary file beside it, which is flushed to disk and
+/// renamed over `path`, so a crash leaves the old file or the new one,
+/// whole, never a mix.
+pub fn replace_file<T>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<T>,
+) -> io::Result<T> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    let mut out = io::BufWriter::new(file.as_file_mut());
+    let value = write(&mut out)?;
+    out.flush()?;
+    drop(out);
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|err| err.error)?;
+    // The rename itself must reach the disk too.
+    if let Ok(dir) = fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(value)
 }

@@ -7,12 +7,19 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use scanserver::{
+    admin,
     config::{Config, ConfigError, RulesConfig, TlsConfig},
     engine::{Engine, EngineConfig},
     localscan,
+    proto::{
+        AgentsRequest, Health, StatusRequest, TagRequest, admin_client,
+        integration_server_server::IntegrationServerServer,
+    },
     report::Format,
+    reporting::Receiver,
     server::{Server, termination_signal},
     signatures::{Ruleset, SignatureError},
+    vms::SecurityTag,
 };
 
 /// The Protection Server of an SVM: scans files for Light Agents with YARA-X
@@ -53,6 +60,64 @@ enum Command {
     /// Work with rulesets.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Show a running server's status: version, uptime, OK / WARNING /
+    /// CRITICAL with every reason in force, and each component's state.
+    ///
+    /// Exit status: 0 OK, 1 WARNING or CRITICAL, 2 the server could not be
+    /// asked.
+    Status(AdminArgs),
+    /// List the virtual machines a running server protects (connected ones,
+    /// and those seen in the last 30 days), with status and security tags.
+    Agents(AdminArgs),
+    /// Assign or remove a VM's security tag on a running server.
+    #[command(subcommand)]
+    Tags(TagsCommand),
+    /// Run a minimal Integration Server that prints each SVM report it
+    /// receives as one JSON line on stdout, to try a deployment.
+    Receiver(ReceiverArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Address of the server's admin listener.
+    #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
+    admin: String,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TagsCommand {
+    /// Assign a tag by hand; only an operator removes it again.
+    Assign(TagArgs),
+    /// Remove a tag, however it was assigned; the VM's agent is asked to
+    /// restart its session.
+    Remove(TagArgs),
+}
+
+#[derive(Args)]
+struct TagArgs {
+    /// The VM's id, as `scanserver agents` lists it.
+    vm: String,
+    /// `ANTI_VIRUS.VirusFound.threat=high` or `IDS_IPS.threat=high`.
+    #[arg(value_parser = |s: &str| s.parse::<SecurityTag>())]
+    tag: SecurityTag,
+    /// Address of the server's admin listener.
+    #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
+    admin: String,
+}
+
+#[derive(Args)]
+struct ReceiverArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7407")]
+    listen: std::net::SocketAddr,
+
+    /// Accept only reports carrying the bearer token in this file.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -129,10 +194,30 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR", env = "SCANSERVER_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
 
-    /// Folder for what survives a restart, such as the verdict cache
-    /// [default: $STATE_DIRECTORY, else ~/.local/state/scanserver].
+    /// Folder for what survives a restart: the verdict cache, the
+    /// protected VMs and their tags [default: $STATE_DIRECTORY, else
+    /// ~/.local/state/scanserver].
     #[arg(long, value_name = "DIR", env = "SCANSERVER_STATE_DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Address of the admin listener that `scanserver status`, `agents` and
+    /// `tags` talk to; keep it on loopback [default: 127.0.0.1:7406].
+    #[arg(long, value_name = "ADDR", env = "SCANSERVER_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
+
+    /// Serve Prometheus metrics on http://ADDR/metrics [default: off].
+    #[arg(long, value_name = "ADDR", env = "SCANSERVER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Report to the Integration Server at this URL (http://host:port)
+    /// [default: no reports].
+    #[arg(long, value_name = "URL", env = "SCANSERVER_INTEGRATION_SERVER")]
+    integration_server: Option<String>,
+
+    /// Time between regular reports to the Integration Server [default:
+    /// 300s].
+    #[arg(long, value_name = "DURATION", env = "SCANSERVER_REPORT_INTERVAL", value_parser = humantime::parse_duration)]
+    report_interval: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -147,6 +232,14 @@ impl ServeArgs {
         set(&mut config.server.svm_id, &self.svm_id);
         set(&mut config.engine.threads, &self.threads);
         set(&mut config.server.max_agents, &self.max_agents);
+        set(&mut config.server.admin_listen, &self.admin_listen);
+        set(&mut config.reporting.interval, &self.report_interval);
+        if self.metrics_listen.is_some() {
+            config.server.metrics_listen = self.metrics_listen;
+        }
+        if self.integration_server.is_some() {
+            config.reporting.integration_server = self.integration_server.clone();
+        }
         if self.rules_cache.is_some() {
             config.rules.cache_dir = self.rules_cache.clone();
         }
@@ -236,6 +329,7 @@ impl RulesArgs {
             false => RulesConfig {
                 path: self.rules.clone(),
                 cache_dir: self.rules_cache.clone(),
+                ..RulesConfig::default()
             }
             .cache_dir(),
         };
@@ -289,12 +383,147 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Receiver(_));
     init_logging(cli.log_format, if serving { "info" } else { "warn" });
     match cli.command {
         Command::Scan(args) => scan(args),
         Command::Serve(args) => serve(&args),
         Command::Rules(RulesCommand::Check { path }) => check(&path),
+        Command::Status(args) => operate(&args.admin, |admin| status(admin, args.json)),
+        Command::Agents(args) => operate(&args.admin, |admin| agents(admin, args.json)),
+        Command::Tags(TagsCommand::Assign(args)) => {
+            operate(&args.admin.clone(), |admin| tag(admin, args, true))
+        }
+        Command::Tags(TagsCommand::Remove(args)) => {
+            operate(&args.admin.clone(), |admin| tag(admin, args, false))
+        }
+        Command::Receiver(args) => receiver(&args),
+    }
+}
+
+type AdminClient = admin_client::AdminClient<tonic::transport::Channel>;
+
+/// Runs an admin command against the server at `addr`; exit status 2 when
+/// it cannot be asked.
+fn operate<F, Fut>(addr: &str, command: F) -> ExitCode
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, tonic::Status>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async {
+        let client = match admin::connect(addr).await {
+            Ok(client) => client,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
+        };
+        command(client).await.unwrap_or_else(|status| {
+            eprintln!("error: {}", status.message());
+            ExitCode::from(2)
+        })
+    })
+}
+
+async fn status(mut admin: AdminClient, json: bool) -> Result<ExitCode, tonic::Status> {
+    let reply = admin.status(StatusRequest {}).await?.into_inner();
+    print(&reply, json, admin::render_status);
+    let ok = reply.report.is_some_and(|r| r.status == Health::Ok as i32);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn agents(mut admin: AdminClient, json: bool) -> Result<ExitCode, tonic::Status> {
+    let reply = admin.agents(AgentsRequest {}).await?.into_inner();
+    print(&reply, json, admin::render_agents);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tag(
+    mut admin: AdminClient,
+    args: TagArgs,
+    assign: bool,
+) -> Result<ExitCode, tonic::Status> {
+    let request = TagRequest {
+        vm_id: args.vm.clone(),
+        tag: args.tag.name().to_owned(),
+    };
+    let reply = match assign {
+        true => admin.assign_tag(request).await?,
+        false => admin.remove_tag(request).await?,
+    }
+    .into_inner();
+    let done = match (assign, reply.changed) {
+        (true, true) => "assigned to",
+        (true, false) => "was already assigned by hand to",
+        (false, true) => "removed from",
+        (false, false) => "was not assigned to",
+    };
+    println!("{} {done} {}", args.tag, args.vm);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `reply` as JSON or as `render` writes it.
+fn print<T: serde::Serialize>(reply: &T, json: bool, render: fn(&T) -> String) {
+    match json {
+        true => println!(
+            "{}",
+            serde_json::to_string_pretty(reply).unwrap_or_default()
+        ),
+        false => print!("{}", render(reply)),
+    }
+}
+
+fn receiver(args: &ReceiverArgs) -> ExitCode {
+    let token = match &args.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(token) => Some(token.trim().to_owned()),
+            Err(err) => {
+                eprintln!("error: cannot read {}: {err}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        let (reports, mut received) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(report) = received.recv().await {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            }
+        });
+        tracing::info!(addr = %args.listen, "receiving SVM reports");
+        tonic::transport::Server::builder()
+            .add_service(IntegrationServerServer::new(Receiver::new(reports, token)))
+            .serve_with_shutdown(args.listen, termination_signal())
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: cannot serve on {}: {err}", args.listen);
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! Warm restarts: the cache's entries, saved to a snapshot file in the
 //! server's state folder and loaded at start.
 //!
-//! A snapshot is written whole to a temporary file, flushed to disk, and
-//! renamed over the previous one, so a crash leaves either the old snapshot
-//! or the new one, never a mix. It is written by a background task, never
+//! A snapshot replaces the previous one atomically
+//! ([`state::replace_file`]): a crash leaves either the old snapshot or the
+//! new one, never a mix. It is written by a background task, never
 //! on the scan path.
 //!
 //! Layout: a magic line and the format number, then protobuf messages each
@@ -24,7 +24,7 @@ use bytes::Buf;
 use prost::Message;
 
 use super::{CacheKey, SharedCache, bump};
-use crate::{proto, signatures::Ruleset, verdict::Verdict};
+use crate::{proto, signatures::Ruleset, state, verdict::Verdict};
 
 const MAGIC: &[u8] = b"scanserver verdict snapshot\n";
 const FORMAT: u32 = 1;
@@ -63,43 +63,37 @@ impl SharedCache {
     /// Writes every entry made with `ruleset` to `path`, atomically, and
     /// returns how many were written.
     pub fn save(&self, path: &Path, ruleset: &Ruleset) -> io::Result<u64> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let file = tempfile::NamedTempFile::new_in(dir)?;
-        let mut out = Checksummed {
-            file: io::BufWriter::new(file),
-            hasher: blake3::Hasher::new(),
-        };
-        out.write_all(MAGIC)?;
-        out.write_all(&FORMAT.to_le_bytes())?;
-        let header = Header {
-            signatures_version: ruleset.version().to_owned(),
-        };
-        let mut message = Vec::new();
-        header.encode_length_delimited(&mut message)?;
-        out.write_all(&message)?;
-        let mut written = 0;
-        for (key, value) in self.entries.iter() {
-            if key.rules != ruleset.version_id() {
-                continue;
-            }
-            let entry = Entry {
-                content: key.content.to_vec(),
-                verdict: Some(proto::Verdict::from(&value.verdict)),
+        let written = state::replace_file(path, |file| {
+            let mut out = Checksummed {
+                file,
+                hasher: blake3::Hasher::new(),
             };
-            message.clear();
-            entry.encode_length_delimited(&mut message)?;
+            out.write_all(MAGIC)?;
+            out.write_all(&FORMAT.to_le_bytes())?;
+            let header = Header {
+                signatures_version: ruleset.version().to_owned(),
+            };
+            let mut message = Vec::new();
+            header.encode_length_delimited(&mut message)?;
             out.write_all(&message)?;
-            written += 1;
-        }
-        let digest = out.hasher.finalize();
-        let mut file = out.file.into_inner().map_err(|err| err.into_error())?;
-        file.write_all(digest.as_bytes())?;
-        file.as_file().sync_all()?;
-        file.persist(path).map_err(|err| err.error)?;
-        // The rename itself must reach the disk too.
-        if let Ok(dir) = fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
+            let mut written = 0;
+            for (key, value) in self.entries.iter() {
+                if key.rules != ruleset.version_id() {
+                    continue;
+                }
+                let entry = Entry {
+                    content: key.content.to_vec(),
+                    verdict: Some(proto::Verdict::from(&value.verdict)),
+                };
+                message.clear();
+                entry.encode_length_delimited(&mut message)?;
+                out.write_all(&message)?;
+                written += 1;
+            }
+            let digest = out.hasher.finalize();
+            out.file.write_all(digest.as_bytes())?;
+            Ok(written)
+        })?;
         self.counters.persisted.store(written, Ordering::Relaxed);
         Ok(written)
     }
@@ -136,12 +130,12 @@ impl SharedCache {
 }
 
 /// The snapshot file being written, with the checksum of what went in.
-struct Checksummed {
-    file: io::BufWriter<tempfile::NamedTempFile>,
+struct Checksummed<W> {
+    file: W,
     hasher: blake3::Hasher,
 }
 
-impl Checksummed {
+impl<W: Write> Checksummed<W> {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.hasher.update(bytes);
         self.file.write_all(bytes)

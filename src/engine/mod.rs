@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 
 use crate::{
     cache::{CacheKey, CachedVerdict, Digest, SharedCache},
+    metrics::Metrics,
     signatures::Ruleset,
     verdict::{FailReason, Verdict},
 };
@@ -195,6 +196,7 @@ pub struct Engine {
     queue: Arc<Semaphore>,
     queue_capacity: usize,
     cache: SharedCache,
+    metrics: Arc<Metrics>,
 }
 
 /// A reserved place in the engine's queue: the scan it is used for starts
@@ -247,6 +249,7 @@ impl Engine {
             queue: Arc::new(Semaphore::new(config.queue_capacity)),
             queue_capacity: config.queue_capacity,
             cache: SharedCache::new(config.cache_budget),
+            metrics: Arc::default(),
         })
     }
 
@@ -282,6 +285,11 @@ impl Engine {
     /// current signatures.
     pub fn cached(&self, digest: &Digest, name: Option<&Path>) -> Option<Arc<CachedVerdict>> {
         self.cache.get(&self.cache_key(digest, name))
+    }
+
+    /// What the engine and the service count, for metrics and status.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The number of scan threads.
@@ -360,6 +368,7 @@ impl Engine {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,
             cache: &self.cache,
+            metrics: &self.metrics,
             name: job.name.as_deref().map(Path::new),
             digest: job.digest,
         };

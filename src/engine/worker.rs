@@ -28,6 +28,7 @@ use yara_x::{ScanError, Scanner};
 use super::{Limits, ScanOutcome, mapped};
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
+    metrics::Metrics,
     signatures::{EXTERNALS, NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
 };
@@ -85,6 +86,7 @@ pub(super) struct Context<'a> {
     pub ruleset: Arc<Ruleset>,
     pub limits: Limits,
     pub cache: &'a SharedCache,
+    pub metrics: &'a Metrics,
     /// The content's name, for the external variables.
     pub name: Option<&'a Path>,
     /// The digest, when the server computed it already.
@@ -169,6 +171,14 @@ impl Context<'_> {
     /// The scan's outcome; a fresh verdict goes into the cache (failures
     /// excepted, see [`SharedCache::insert`]).
     fn outcome(&self, started: Instant, size: u64, judged: Judged) -> ScanOutcome {
+        let cached = matches!(judged.origin, Origin::Cache);
+        if !cached {
+            self.metrics.scans.inc();
+            self.metrics.scanned_bytes.inc_by(size);
+            self.metrics
+                .scan_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         if let Origin::Scan(key) = judged.origin {
             self.cache
                 .insert(key, judged.verdict.clone(), &self.ruleset.version_arc());
@@ -178,7 +188,7 @@ impl Context<'_> {
             size,
             digest: judged.digest,
             rules_version: self.ruleset.version_arc(),
-            cached: matches!(judged.origin, Origin::Cache),
+            cached,
             coalesced: false,
             elapsed: started.elapsed(),
         }

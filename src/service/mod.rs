@@ -34,6 +34,7 @@ use crate::{
     },
     sessions::{Session, Sessions},
     signatures::Ruleset,
+    vms::Vms,
 };
 use upload::UploadStore;
 
@@ -48,6 +49,8 @@ const REPLY_BUFFER: usize = 256;
 pub struct ServiceState {
     pub engine: Arc<Engine>,
     pub sessions: Arc<Sessions>,
+    /// The protected VMs, told what agents report.
+    pub vms: Arc<Vms>,
     pub uploads: UploadStore,
     pub svm_id: String,
     pub allowed_tags: Vec<String>,
@@ -86,6 +89,7 @@ impl ServiceState {
     pub fn new(
         engine: Arc<Engine>,
         config: &Config,
+        vms: Arc<Vms>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
         let (signatures, _) = watch::channel(engine.ruleset().version_arc());
@@ -93,7 +97,10 @@ impl ServiceState {
             sessions: Arc::new(Sessions::new(
                 config.server.max_agents,
                 config.uploads.files_in_flight as usize,
+                Arc::clone(&vms),
+                Arc::clone(engine.metrics()),
             )),
+            vms,
             uploads: UploadStore::new(config.uploads.clone())?,
             svm_id: config.server.svm_id.clone(),
             allowed_tags: config.server.allowed_tags.clone(),
@@ -219,11 +226,6 @@ impl ProtectionServer for ProtectionService {
             .await
             .map(Response::new)
     }
-}
-
-/// Resolves once the server shuts down.
-async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|&down| down).await;
 }
 
 /// A digest from the wire: empty means none; otherwise 32 bytes.

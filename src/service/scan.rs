@@ -28,7 +28,7 @@ use tokio::{
 use tonic::{Code, Status, Streaming};
 
 use super::{
-    Counters, ServiceState, parse_digest, shut_down,
+    Counters, ServiceState, parse_digest,
     upload::{Received, Upload, UploadError},
 };
 use crate::{
@@ -42,6 +42,7 @@ use crate::{
         scan_reply, scan_request,
     },
     sessions::Session,
+    shutdown::shut_down,
 };
 
 type Replies = mpsc::Sender<Result<ScanReply, Status>>;
@@ -235,9 +236,8 @@ impl ScanStream {
         let engine = &self.state.engine;
         let key = engine.cache_key(&digest, Some(file.name.as_ref()));
         if let Some(hit) = engine.cache().get(&key) {
-            file.session
-                .record_file(file.size, hit.verdict.detections().len());
             let verdict = FileVerdict::known(&hit, &digest, false);
+            file.session.record_file(file.size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         let tag = self.next_tag;
@@ -365,9 +365,8 @@ impl ScanStream {
         let Some(landed) = landing else {
             return self.open_for_content(id, file, Some(wait.digest), Standing::OnItsOwn);
         };
-        file.session
-            .record_file(file.size, landed.verdict.detections().len());
         let verdict = FileVerdict::known(&landed, &wait.digest, true);
+        file.session.record_file(file.size, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
 
@@ -418,14 +417,14 @@ impl ScanStream {
         let engine = Arc::clone(&self.state.engine);
         let judging = Judging::start(&engine, &received.digest, &name, standing).await;
         if let Judging::Known(hit) = &judging {
-            session.record_file(size, hit.verdict.detections().len());
             let verdict = FileVerdict::known(hit, &received.digest, false);
+            session.record_file(size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         let replies = self.replies.clone();
         tokio::spawn(async move {
             let verdict = judging.verdict(&engine, received, name).await;
-            session.record_file(size, verdict.detection_count());
+            session.record_file(size, &verdict);
             let _ = replies.send(Ok(reply(id, verdict_reply(verdict)))).await;
             drop(_in_flight);
         });

@@ -4,22 +4,29 @@
 //! checked (protocol version, connection tags, encryption, capacity) and
 //! answered with a Welcome or a Rejection. Then the server sends a heartbeat
 //! every interval, notes every message from the agent as a sign of life,
-//! logs its task and integrity events, and tells it when the signatures
-//! change. The session ends when the agent closes the stream, when it has
-//! been silent for three heartbeat intervals, or when the server shuts down.
+//! passes its events on to the registry of protected VMs (finished scan
+//! tasks, integrity events, network attacks, whether it reaches the
+//! Integration Server), tells it when the signatures change, and asks it to
+//! restart the session when an operator removed a tag from its VM. The
+//! session ends when the agent closes the stream, when it has been silent
+//! for three heartbeat intervals, or when the server shuts down; how it
+//! ended decides the VM's status.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::{ServiceState, shut_down};
+use super::ServiceState;
 use crate::{
     proto::{
         AgentMessage, Heartbeat, Hello, Limits, PROTOCOL_VERSION, RejectReason, Rejection,
         ServerMessage, SignaturesChanged, Welcome, agent_message, server_message,
     },
+    proto::{RestartSession, TaskState},
     sessions::{AgentIdentity, Session},
+    shutdown::shut_down,
+    vms::{Ending, Vms},
 };
 
 /// How long a new stream may take to send its Hello.
@@ -63,11 +70,12 @@ pub(super) async fn run(
         session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
         "agent connected"
     );
-    if out.send(Ok(welcome(&state, &session))).await.is_ok() {
-        serve(&state, &session, incoming, &out).await;
-    }
-    state.sessions.close(&session.id);
-    tracing::info!(session = %session.id, vm = %session.agent.vm_id, "agent disconnected");
+    let ending = match out.send(Ok(welcome(&state, &session))).await {
+        Ok(()) => serve(&state, &session, incoming, &out).await,
+        Err(_) => Ending::Dropped,
+    };
+    state.sessions.close(&session.id, ending);
+    tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
 }
 
 /// Checks a Hello and opens the session, or says why not.
@@ -143,16 +151,17 @@ async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
         .await;
 }
 
-/// The life of an admitted session.
+/// The life of an admitted session, and how it ended.
 async fn serve(
     state: &ServiceState,
     session: &Session,
     mut incoming: Streaming<AgentMessage>,
     out: &Outbox,
-) {
+) -> Ending {
     let mut heartbeat = tokio::time::interval(state.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut signatures = state.signatures.subscribe();
+    let mut restart = session.restart_requested();
     let mut shutdown = state.shutdown.clone();
     let mut sequence = 0;
     loop {
@@ -161,12 +170,12 @@ async fn serve(
             _ = heartbeat.tick() => {
                 if session.last_seen().elapsed() > state.heartbeat_interval * 3 {
                     tracing::warn!(session = %session.id, "agent missed three heartbeats");
-                    return;
+                    return Ending::Dropped;
                 }
                 sequence += 1;
                 let beat = server_message::Kind::Heartbeat(Heartbeat { sequence });
                 if out.send(Ok(ServerMessage { kind: Some(beat) })).await.is_err() {
-                    return;
+                    return Ending::Dropped;
                 }
                 continue;
             }
@@ -177,37 +186,65 @@ async fn serve(
                     rule_count: ruleset.rule_count() as u64,
                 });
                 if out.send(Ok(ServerMessage { kind: Some(notice) })).await.is_err() {
-                    return;
+                    return Ending::Dropped;
+                }
+                continue;
+            }
+            Ok(()) = restart.changed() => {
+                let reason = restart.borrow_and_update().clone().unwrap_or_default();
+                let notice = server_message::Kind::RestartSession(RestartSession { reason });
+                if out.send(Ok(ServerMessage { kind: Some(notice) })).await.is_err() {
+                    return Ending::Dropped;
                 }
                 continue;
             }
             () = shut_down(&mut shutdown) => {
                 let _ = out.send(Err(Status::unavailable("the server is shutting down"))).await;
-                return;
+                return Ending::ServerShutdown;
             }
         };
         match message {
             Ok(Some(message)) => {
                 session.touch();
-                note(session, message);
+                note(&state.vms, session, message);
             }
-            Ok(None) | Err(_) => return,
+            Ok(None) => return Ending::Closed,
+            Err(_) => return Ending::Dropped,
         }
     }
 }
 
 /// Records what the agent tells.
-fn note(session: &Session, message: AgentMessage) {
+fn note(vms: &Vms, session: &Session, message: AgentMessage) {
+    let vm = session.agent.vm_id.as_str();
     match message.kind {
-        Some(agent_message::Kind::Task(task)) => tracing::info!(
-            session = %session.id, vm = %session.agent.vm_id, task = %task.task_id,
-            kind = ?task.kind(), state = ?task.state(), detections = task.detections,
-            "scan task"
-        ),
-        Some(agent_message::Kind::Integrity(event)) => tracing::warn!(
-            session = %session.id, vm = %session.agent.vm_id, kind = ?event.kind(), object = %event.object,
-            "integrity event"
-        ),
+        Some(agent_message::Kind::Task(task)) => {
+            tracing::info!(
+                session = %session.id, vm, task = %task.task_id,
+                kind = ?task.kind(), state = ?task.state(), detections = task.detections,
+                "scan task"
+            );
+            if task.state() == TaskState::Finished {
+                vms.task_finished(vm, task.kind(), task.detections);
+            }
+        }
+        Some(agent_message::Kind::Integrity(event)) => {
+            tracing::warn!(
+                session = %session.id, vm, kind = ?event.kind(), object = %event.object,
+                "integrity event"
+            );
+            vms.integrity(vm, event.kind());
+        }
+        Some(agent_message::Kind::NetworkAttack(attack)) => {
+            tracing::warn!(
+                session = %session.id, vm, source = %attack.source_address,
+                description = %attack.description, "network attack"
+            );
+            vms.network_attack(vm);
+        }
+        Some(agent_message::Kind::Status(status)) => {
+            vms.integration_server(vm, status.integration_server_connected);
+        }
         Some(agent_message::Kind::Heartbeat(_)) | Some(agent_message::Kind::Hello(_)) | None => {}
     }
 }

@@ -1,0 +1,228 @@
+//! The operator's admin service (`scanserver.v1.Admin`), on a listener of
+//! its own (loopback by default, never the agent port), and how
+//! `scanserver status`, `agents` and `tags` print its answers.
+
+use std::{sync::Arc, time::Duration};
+
+use tonic::{Request, Response, Status};
+
+use crate::{
+    proto::{
+        AgentsReply, AgentsRequest, ComponentState, Health, StatusReply, StatusRequest, SvmReason,
+        TagReply, TagRequest, VmInfo, VmReason, admin_server::Admin,
+    },
+    status::Svm,
+    vms::{SecurityTag, TagError},
+};
+
+/// The default address of the admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7406";
+
+/// The admin service.
+pub struct AdminService {
+    svm: Arc<Svm>,
+}
+
+impl AdminService {
+    pub fn new(svm: Arc<Svm>) -> Self {
+        AdminService { svm }
+    }
+
+    fn tag_request(&self, request: &TagRequest) -> Result<SecurityTag, Status> {
+        request.tag.parse().map_err(Status::invalid_argument)
+    }
+
+    fn tag_reply(
+        &self,
+        vm_id: &str,
+        changed: Result<bool, TagError>,
+    ) -> Result<Response<TagReply>, Status> {
+        let changed = changed.map_err(|err| Status::not_found(err.to_string()))?;
+        let vm = self
+            .svm
+            .vm_infos(false)
+            .into_iter()
+            .find(|vm| vm.vm_id == vm_id);
+        Ok(Response::new(TagReply { changed, vm }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let mut report = self.svm.report(false);
+        report.vms.clear();
+        Ok(Response::new(StatusReply {
+            report: Some(report),
+            components: self.svm.components(),
+        }))
+    }
+
+    async fn agents(&self, _: Request<AgentsRequest>) -> Result<Response<AgentsReply>, Status> {
+        Ok(Response::new(AgentsReply {
+            vms: self.svm.vm_infos(false),
+        }))
+    }
+
+    async fn assign_tag(&self, request: Request<TagRequest>) -> Result<Response<TagReply>, Status> {
+        let request = request.into_inner();
+        let tag = self.tag_request(&request)?;
+        let changed = self.svm.vms.assign(&request.vm_id, tag);
+        if let Ok(true) = changed {
+            tracing::warn!(vm = %request.vm_id, %tag, "security tag assigned by an operator");
+        }
+        self.tag_reply(&request.vm_id, changed)
+    }
+
+    async fn remove_tag(&self, request: Request<TagRequest>) -> Result<Response<TagReply>, Status> {
+        let request = request.into_inner();
+        let tag = self.tag_request(&request)?;
+        let changed = self.svm.vms.remove(&request.vm_id, tag);
+        if let Ok(true) = changed {
+            tracing::info!(vm = %request.vm_id, %tag, "security tag removed by an operator");
+            let session = self
+                .svm
+                .vms
+                .get(&request.vm_id)
+                .and_then(|vm| vm.session_id)
+                .and_then(|id| self.svm.sessions.get(&id));
+            if let Some(session) = session {
+                session.restart(&format!("the operator removed the security tag {tag}"));
+            }
+        }
+        self.tag_reply(&request.vm_id, changed)
+    }
+}
+
+/// Connects to the admin service at `addr` (`host:port`, or a URL).
+pub async fn connect(
+    addr: &str,
+) -> Result<crate::proto::admin_client::AdminClient<tonic::transport::Channel>, String> {
+    let url = match addr.contains("://") {
+        true => addr.to_owned(),
+        false => format!("http://{addr}"),
+    };
+    let unreachable = |err: &dyn std::fmt::Display| {
+        format!(
+            "cannot reach the admin service at {addr}: {err} (is `scanserver serve` running? does --admin match its --admin-listen?)"
+        )
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| unreachable(&e))?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| unreachable(&e))?;
+    Ok(crate::proto::admin_client::AdminClient::new(channel))
+}
+
+/// `scanserver status` as text.
+pub fn render_status(reply: &StatusReply) -> String {
+    let mut out = String::new();
+    let Some(report) = &reply.report else {
+        return out;
+    };
+    let svm = report.svm.clone().unwrap_or_default();
+    out += &format!(
+        "SVM {} ({}), version {}\n",
+        svm.name, svm.svm_id, svm.version
+    );
+    out += &format!(
+        "uptime {}\n",
+        humantime::format_duration(Duration::from_secs(svm.uptime_seconds))
+    );
+    out += &format!("status {}\n", health(report.status));
+    for reason in &report.reasons {
+        out += &format!("  reason: {}\n", svm_reason(*reason));
+    }
+    out += "components:\n";
+    for component in &reply.components {
+        let state = match ComponentState::try_from(component.state) {
+            Ok(ComponentState::Ok) => "OK",
+            Ok(ComponentState::Warning) => "WARNING",
+            Ok(ComponentState::Critical) => "CRITICAL",
+            Ok(ComponentState::Disabled) => "disabled",
+            _ => "unknown",
+        };
+        out += &format!(
+            "  {:<30} {:<9} {}\n",
+            component.name, state, component.detail
+        );
+        let mut counts: Vec<_> = component.counts.iter().collect();
+        counts.sort();
+        for (name, value) in counts {
+            out += &format!("  {:<30}           {name}: {value}\n", "");
+        }
+    }
+    if let Some(load) = &report.load {
+        out += &format!(
+            "load: {:.1} scans/s, {:.1} MB/s, queue {}/{}, {} files in flight, CPU {:.0}%, memory {} MiB\n",
+            load.scans_per_second,
+            load.megabytes_per_second,
+            load.queue_depth,
+            load.queue_capacity,
+            load.scans_in_flight,
+            load.cpu_percent,
+            load.memory_bytes >> 20
+        );
+    }
+    out
+}
+
+/// `scanserver agents` as text: one line per VM.
+pub fn render_agents(reply: &AgentsReply) -> String {
+    let mut out = format!(
+        "{:<24} {:<20} {:<10} {:<9} {}\n",
+        "VM", "NAME", "CONNECTED", "STATUS", "REASONS / TAGS"
+    );
+    for vm in &reply.vms {
+        out += &render_vm(vm);
+    }
+    out
+}
+
+fn render_vm(vm: &VmInfo) -> String {
+    let mut notes: Vec<String> = vm.reasons.iter().map(|r| vm_reason(*r)).collect();
+    notes.extend(vm.tags.iter().map(|t| format!("tag {}", t.name)));
+    format!(
+        "{:<24} {:<20} {:<10} {:<9} {}\n",
+        vm.vm_id,
+        vm.vm_name,
+        if vm.connected { "yes" } else { "no" },
+        health(vm.status),
+        notes.join(", ")
+    )
+}
+
+fn health(value: i32) -> &'static str {
+    match Health::try_from(value) {
+        Ok(Health::Ok) => "OK",
+        Ok(Health::Warning) => "WARNING",
+        Ok(Health::Critical) => "CRITICAL",
+        _ => "UNKNOWN",
+    }
+}
+
+/// A reason as the README lists it: "no connection to the Integration
+/// Server".
+fn svm_reason(value: i32) -> String {
+    SvmReason::try_from(value).map_or_else(
+        |_| format!("reason {value}"),
+        |r| words(r.as_str_name(), "SVM_REASON_"),
+    )
+}
+
+fn vm_reason(value: i32) -> String {
+    VmReason::try_from(value).map_or_else(
+        |_| format!("reason {value}"),
+        |r| words(r.as_str_name(), "VM_REASON_"),
+    )
+}
+
+fn words(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix)
+        .to_lowercase()
+        .replace('_', " ")
+        .replace("integration server", "Integration Server")
+        .replace("svm", "SVM")
+}

@@ -1,0 +1,303 @@
+//! Reporting to the Integration Server, and a reference receiver.
+//!
+//! The [`Reporter`] sends the SVM's report ([`Svm::report`]) when the
+//! server starts, then every interval (300 s by default, each one
+//! stretched or shortened by up to [`JITTER`] so that SVMs started
+//! together do not report together), and at once when the SVM's status or
+//! a VM's status or tags change, at most once every [`MIN_GAP`]. A report
+//! that fails is retried after 1 s, 2 s, 4 s ... up to [`MAX_BACKOFF`]; it
+//! runs on its own task and never holds up a scan. The first failure turns
+//! the SVM Warning (`NO_CONNECTION_TO_INTEGRATION_SERVER`), the next
+//! delivery OK again.
+//!
+//! [`Receiver`] is the other side: a minimal Integration Server that hands
+//! each report on (`scanserver receiver` prints them as JSON lines).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use tokio::{sync::mpsc, time::Instant};
+use tonic::{
+    Request, Response, Status,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::{
+    proto::{
+        ReportAck, ReportTrigger, SvmReport, integration_server_client::IntegrationServerClient,
+        integration_server_server::IntegrationServer,
+    },
+    shutdown::shut_down,
+    status::Svm,
+};
+
+/// How much each interval is stretched or shortened at random, at most.
+pub const JITTER: f64 = 0.02;
+
+/// The least time between two reports sent because something changed.
+pub const MIN_GAP: Duration = Duration::from_secs(5);
+
+/// The longest wait before retrying a failed report (never longer than
+/// the interval).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How long one report may take, connection included.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `[reporting]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportingConfig {
+    /// The Integration Server's URL (`http://host:port`, or `https://` with
+    /// `tls`). Unset: the SVM does not report.
+    pub integration_server: Option<String>,
+    /// Time between regular reports.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A file holding the bearer token sent with every report.
+    pub token_file: Option<PathBuf>,
+    /// TLS towards the Integration Server.
+    pub tls: Option<ReportingTls>,
+}
+
+impl Default for ReportingConfig {
+    fn default() -> Self {
+        ReportingConfig {
+            integration_server: None,
+            interval: Duration::from_secs(300),
+            token_file: None,
+            tls: None,
+        }
+    }
+}
+
+/// The `[reporting.tls]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportingTls {
+    /// CA certificates (PEM) the Integration Server's certificate must
+    /// chain to.
+    pub ca: PathBuf,
+    /// The SVM's client certificate and key (PEM), for mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to verify the server's certificate against [default: the
+    /// URL's host].
+    pub domain: Option<String>,
+}
+
+/// Errors setting up the reporter.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportingError {
+    #[error("invalid Integration Server URL `{url}`: {source}")]
+    Url {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token in {} is not a valid header value", path.display())]
+    Token { path: PathBuf },
+    #[error("reporting.tls.cert and reporting.tls.key go together: set both or neither")]
+    HalfIdentity,
+    #[error("cannot set up TLS towards the Integration Server: {0}")]
+    Tls(tonic::transport::Error),
+}
+
+/// Sends the SVM's reports to the Integration Server.
+pub struct Reporter {
+    svm: Arc<Svm>,
+    client: IntegrationServerClient<Channel>,
+    authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
+    interval: Duration,
+    sequence: u64,
+}
+
+impl Reporter {
+    /// A reporter for `config`, or `None` when no Integration Server is
+    /// configured. Nothing is connected yet.
+    pub fn new(
+        config: &ReportingConfig,
+        svm: Arc<Svm>,
+    ) -> Result<Option<Reporter>, ReportingError> {
+        let Some(url) = &config.integration_server else {
+            return Ok(None);
+        };
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|source| ReportingError::Url {
+                url: url.clone(),
+                source,
+            })?
+            .connect_timeout(REPORT_TIMEOUT);
+        if let Some(tls) = &config.tls {
+            endpoint = endpoint
+                .tls_config(tls_config(tls)?)
+                .map_err(ReportingError::Tls)?;
+        }
+        let authorization = config
+            .token_file
+            .as_ref()
+            .map(|path| {
+                let token = read(path, "token file")?;
+                let token = String::from_utf8_lossy(&token);
+                MetadataValue::try_from(format!("Bearer {}", token.trim()))
+                    .map_err(|_| ReportingError::Token { path: path.clone() })
+            })
+            .transpose()?;
+        Ok(Some(Reporter {
+            svm,
+            client: IntegrationServerClient::new(endpoint.connect_lazy()),
+            authorization,
+            interval: config.interval,
+            sequence: 0,
+        }))
+    }
+
+    /// Reports until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut status = self.svm.changes();
+        let mut vms = self.svm.vms.changes();
+        let mut trigger = ReportTrigger::Start;
+        let mut due = Instant::now();
+        let mut backoff = Duration::from_secs(1);
+        let mut last_delivered: Option<Instant> = None;
+        loop {
+            let changed = tokio::select! {
+                () = tokio::time::sleep_until(due) => false,
+                Ok(()) = status.changed() => true,
+                Ok(()) = vms.changed() => true,
+                () = shut_down(&mut shutdown) => return,
+            };
+            if changed {
+                // While reports fail, the next retry carries the change.
+                let Some(last) = last_delivered else { continue };
+                tokio::select! {
+                    () = tokio::time::sleep_until(last + MIN_GAP) => {}
+                    () = shut_down(&mut shutdown) => return,
+                }
+                // Changes made while waiting go in this report.
+                status.borrow_and_update();
+                vms.borrow_and_update();
+                trigger = ReportTrigger::Change;
+            }
+            if self.send(trigger).await {
+                last_delivered = Some(Instant::now());
+                due = Instant::now() + jittered(self.interval);
+                backoff = Duration::from_secs(1);
+                trigger = ReportTrigger::Scheduled;
+            } else {
+                last_delivered = None;
+                due = Instant::now() + backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF).min(self.interval);
+                trigger = ReportTrigger::Retry;
+            }
+        }
+    }
+
+    /// Sends one report; true when the Integration Server acknowledged it.
+    async fn send(&mut self, trigger: ReportTrigger) -> bool {
+        self.sequence += 1;
+        let mut report = self.svm.report(false);
+        report.sequence = self.sequence;
+        report.trigger = trigger as i32;
+        let mut request = Request::new(report);
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
+        let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(request)).await;
+        let result = match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(format!(
+                "the Integration Server refused the report: {}",
+                status.message()
+            )),
+            Err(_) => Err(format!("no answer within {REPORT_TIMEOUT:?}")),
+        };
+        match &result {
+            Ok(()) => tracing::debug!(sequence = self.sequence, ?trigger, "report delivered"),
+            Err(err) => tracing::warn!(
+                sequence = self.sequence,
+                "cannot report to the Integration Server: {err}"
+            ),
+        }
+        let delivered = result.is_ok();
+        self.svm.reported(result);
+        delivered
+    }
+}
+
+/// `interval`, stretched or shortened at random by up to [`JITTER`].
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(1.0 + JITTER * (2.0 * fastrand::f64() - 1.0))
+}
+
+fn read(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, ReportingError> {
+    std::fs::read(path).map_err(|source| ReportingError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn tls_config(tls: &ReportingTls) -> Result<ClientTlsConfig, ReportingError> {
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca, "CA certificate")?));
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let identity =
+                Identity::from_pem(read(cert, "certificate")?, read(key, "private key")?);
+            config = config.identity(identity);
+        }
+        (None, None) => {}
+        _ => return Err(ReportingError::HalfIdentity),
+    }
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    Ok(config)
+}
+
+/// A minimal Integration Server: hands every report it accepts to a
+/// channel (bounded: a reader that falls behind makes the SVM wait, then
+/// time out and retry).
+pub struct Receiver {
+    reports: mpsc::Sender<SvmReport>,
+    /// The bearer token reports must carry, if any.
+    token: Option<String>,
+}
+
+impl Receiver {
+    pub fn new(reports: mpsc::Sender<SvmReport>, token: Option<String>) -> Self {
+        Receiver { reports, token }
+    }
+}
+
+#[tonic::async_trait]
+impl IntegrationServer for Receiver {
+    async fn report(&self, request: Request<SvmReport>) -> Result<Response<ReportAck>, Status> {
+        if let Some(token) = &self.token {
+            let expected = format!("Bearer {token}");
+            let given = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            if given != Some(expected.as_str()) {
+                return Err(Status::unauthenticated(
+                    "missing or wrong bearer token: set reporting.token_file on the SVM",
+                ));
+            }
+        }
+        self.reports
+            .send(request.into_inner())
+            .await
+            .map_err(|_| Status::unavailable("the receiver is shutting down"))?;
+        Ok(Response::new(ReportAck::default()))
+    }
+}

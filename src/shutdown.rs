@@ -1,0 +1,13 @@
+//! The shutdown signal every long-running task watches.
+//!
+//! The server holds the sending side of a `watch` channel and sets it to
+//! `true` when it shuts down; sessions, streams, the reporter, the monitor
+//! and the state keepers each hold a receiver and end (after their last
+//! words: a final reply, a last save) once it turns.
+
+use tokio::sync::watch;
+
+/// Resolves once the server shuts down.
+pub async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&down| down).await;
+}

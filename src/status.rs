@@ -1,0 +1,575 @@
+//! The SVM's status and the figures about it that reports, `scanserver
+//! status` and `/metrics` share.
+//!
+//! [`Svm`] gathers what the server knows of itself: the engine, the
+//! connected agents, the protected VMs, the Integration Server reporter's
+//! last result, the infrastructure probe's, and the load over the last
+//! minute (sampled every second by [`Svm::monitor`]). Its status is
+//! computed from those, never stored: OK, or as bad as the worst
+//! [`SvmReason`] in force. Every change of status is published
+//! ([`Svm::changes`]) so the reporter can tell the Integration Server at
+//! once.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::{
+    config::Config,
+    engine::Engine,
+    proto::{
+        CacheStatistics, Component, ComponentState, Health, Load, SignaturesInfo, SvmIdentity,
+        SvmReason, SvmReport, VmInfo,
+    },
+    sessions::Sessions,
+    shutdown::shut_down,
+    vms::{Vms, unix_ms, worst},
+};
+
+/// The `[infrastructure]` table: where the SVM sits in the virtual
+/// infrastructure.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfrastructureConfig {
+    pub datacenter: String,
+    pub cluster: String,
+    /// Hypervisor labels, passed on in reports as they are.
+    pub labels: HashMap<String, String>,
+    /// The infrastructure's endpoint (`host:port`, say the vCenter or the
+    /// NSX Manager), probed with a TCP connect every report interval; the
+    /// SVM is Critical while it does not answer. Unset: not probed.
+    pub endpoint: Option<String>,
+}
+
+/// How long a probe's TCP connect may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the scan queue must stay full to count as saturated, and the
+/// window load figures are averaged over.
+pub const LOAD_WINDOW: Duration = Duration::from_secs(60);
+
+/// The SVM's status: OK, or the worst of its reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvmStatus {
+    pub health: Health,
+    pub reasons: Vec<SvmReason>,
+}
+
+impl SvmReason {
+    /// How bad the reason is.
+    pub fn health(self) -> Health {
+        match self {
+            SvmReason::NoSignatures | SvmReason::InfrastructureUnreachable => Health::Critical,
+            SvmReason::NoConnectionToIntegrationServer
+            | SvmReason::SignaturesOutdated
+            | SvmReason::ScanQueueSaturated
+            | SvmReason::Unspecified => Health::Warning,
+        }
+    }
+}
+
+/// What the last attempt of a remote check (a report, a probe) found.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// Configured at all.
+    pub enabled: bool,
+    /// `None` before the first attempt.
+    pub reachable: Option<bool>,
+    /// When it last succeeded.
+    pub last_success: Option<SystemTime>,
+    /// What went wrong at the last attempt, if it failed.
+    pub error: Option<String>,
+}
+
+impl Reach {
+    fn unreachable(&self) -> bool {
+        self.enabled && self.reachable == Some(false)
+    }
+}
+
+/// Who the SVM is, from the configuration.
+#[derive(Debug, Clone)]
+struct Identity {
+    svm_id: String,
+    name: String,
+    addresses: Vec<String>,
+    connection_tags: Vec<String>,
+    infrastructure: InfrastructureConfig,
+    listen: SocketAddr,
+    encrypted: bool,
+}
+
+/// What the server knows of itself. Shared behind an [`Arc`].
+pub struct Svm {
+    pub engine: Arc<Engine>,
+    pub sessions: Arc<Sessions>,
+    pub vms: Arc<Vms>,
+    identity: Identity,
+    started: Instant,
+    signatures_max_age: Duration,
+    reporter: Mutex<Reach>,
+    probe: Mutex<Reach>,
+    load: Mutex<LoadMeter>,
+    status: watch::Sender<SvmStatus>,
+}
+
+impl Svm {
+    pub fn new(
+        config: &Config,
+        engine: Arc<Engine>,
+        sessions: Arc<Sessions>,
+        vms: Arc<Vms>,
+    ) -> Self {
+        let server = &config.server;
+        let identity = Identity {
+            svm_id: server.svm_id.clone(),
+            name: server.name.clone().unwrap_or_else(|| server.svm_id.clone()),
+            addresses: server.addresses(),
+            connection_tags: server.allowed_tags.clone(),
+            infrastructure: config.infrastructure.clone(),
+            listen: server.listen,
+            encrypted: config.tls.is_some(),
+        };
+        let enabled = |enabled| {
+            Mutex::new(Reach {
+                enabled,
+                ..Reach::default()
+            })
+        };
+        let svm = Svm {
+            engine,
+            sessions,
+            vms,
+            started: Instant::now(),
+            signatures_max_age: config.rules.max_age,
+            reporter: enabled(config.reporting.integration_server.is_some()),
+            probe: enabled(config.infrastructure.endpoint.is_some()),
+            load: Mutex::new(LoadMeter::default()),
+            status: watch::channel(SvmStatus {
+                health: Health::Ok,
+                reasons: Vec::new(),
+            })
+            .0,
+            identity,
+        };
+        svm.refresh();
+        svm
+    }
+
+    /// The status now.
+    pub fn status(&self) -> SvmStatus {
+        let ruleset = self.engine.ruleset();
+        let conditions = [
+            (ruleset.rule_count() == 0, SvmReason::NoSignatures),
+            (
+                lock(&self.probe).unreachable(),
+                SvmReason::InfrastructureUnreachable,
+            ),
+            (
+                lock(&self.reporter).unreachable(),
+                SvmReason::NoConnectionToIntegrationServer,
+            ),
+            (
+                age(ruleset.release_time()) > self.signatures_max_age,
+                SvmReason::SignaturesOutdated,
+            ),
+            (lock(&self.load).saturated(), SvmReason::ScanQueueSaturated),
+        ];
+        let reasons: Vec<_> = conditions
+            .into_iter()
+            .filter_map(|(holds, reason)| holds.then_some(reason))
+            .collect();
+        SvmStatus {
+            health: worst(reasons.iter().map(|r| r.health())),
+            reasons,
+        }
+    }
+
+    /// Recomputes the status and publishes it if it changed.
+    pub fn refresh(&self) {
+        let now = self.status();
+        self.status.send_if_modified(|status| {
+            let changed = *status != now;
+            if changed {
+                tracing::info!(health = ?now.health, reasons = ?now.reasons, "SVM status changed");
+                *status = now;
+            }
+            changed
+        });
+    }
+
+    /// A receiver that changes with the status.
+    pub fn changes(&self) -> watch::Receiver<SvmStatus> {
+        self.status.subscribe()
+    }
+
+    /// Records the result of a report to the Integration Server.
+    pub fn reported(&self, result: Result<(), String>) {
+        record(&self.reporter, result);
+        self.engine
+            .metrics()
+            .report(lock(&self.reporter).error.is_none());
+        self.refresh();
+    }
+
+    /// Probes the infrastructure endpoint (when configured) with a TCP
+    /// connect, and records the result.
+    pub async fn probe(&self) {
+        let Some(endpoint) = &self.identity.infrastructure.endpoint else {
+            return;
+        };
+        let connect = tokio::net::TcpStream::connect(endpoint.as_str());
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(format!("cannot connect to {endpoint}: {err}")),
+            Err(_) => Err(format!(
+                "no answer from {endpoint} within {PROBE_TIMEOUT:?}"
+            )),
+        };
+        if let Err(err) = &result {
+            tracing::warn!("virtual infrastructure unreachable: {err}");
+        }
+        record(&self.probe, result);
+        self.refresh();
+    }
+
+    /// Probes the infrastructure every `interval` (at once first), until
+    /// `shutdown` turns true.
+    pub async fn keep_probing(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        if self.identity.infrastructure.endpoint.is_none() {
+            return;
+        }
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.probe().await,
+                () = shut_down(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Samples the load every second and republishes the status, until
+    /// `shutdown` turns true.
+    pub async fn monitor(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shut_down(&mut shutdown) => return,
+            }
+            lock(&self.load).sample(&self.engine);
+            self.refresh();
+        }
+    }
+
+    /// The report the Integration Server gets (without `sequence` and
+    /// `trigger`, which the reporter sets). `all_vms` lists every VM of the
+    /// last 30 days; otherwise the connected ones and those not OK or
+    /// tagged.
+    pub fn report(&self, all_vms: bool) -> SvmReport {
+        let status = self.status();
+        let vms = self.vm_infos(!all_vms);
+        let ruleset = self.engine.ruleset();
+        let cache = self.engine.cache().stats();
+        SvmReport {
+            sequence: 0,
+            sent_at_unix_ms: unix_ms(SystemTime::now()),
+            trigger: 0,
+            svm: Some(self.identity()),
+            status: status.health as i32,
+            reasons: status.reasons.into_iter().map(|r| r as i32).collect(),
+            signatures: Some(SignaturesInfo {
+                version: ruleset.version().to_owned(),
+                rule_count: ruleset.rule_count() as u64,
+                released_at_unix_ms: unix_ms(ruleset.release_time()),
+                age_seconds: age(ruleset.release_time()).as_secs(),
+            }),
+            connected_agents: self.sessions.len() as u32,
+            protected_vms_30d: self.vms.count() as u32,
+            vms,
+            load: Some(lock(&self.load).load(&self.engine, &self.sessions)),
+            cache: Some(CacheStatistics {
+                entries: cache.entries,
+                bytes: cache.bytes,
+                budget_bytes: cache.budget,
+                hits: cache.hits,
+                misses: cache.misses,
+                hit_ratio: cache.hit_ratio,
+                coalesced_waits: cache.coalesced_waits,
+                evictions: cache.evictions,
+                loaded: cache.loaded,
+                persisted: cache.persisted,
+            }),
+        }
+    }
+
+    fn identity(&self) -> SvmIdentity {
+        let id = &self.identity;
+        SvmIdentity {
+            svm_id: id.svm_id.clone(),
+            name: id.name.clone(),
+            addresses: id.addresses.clone(),
+            version: crate::VERSION.to_owned(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            datacenter: id.infrastructure.datacenter.clone(),
+            cluster: id.infrastructure.cluster.clone(),
+            hypervisor_labels: id.infrastructure.labels.clone(),
+            connection_tags: id.connection_tags.clone(),
+        }
+    }
+
+    /// The VMs of the last 30 days; with `notable_only`, the connected ones
+    /// and those not OK or tagged.
+    pub fn vm_infos(&self, notable_only: bool) -> Vec<VmInfo> {
+        self.vms
+            .list()
+            .into_iter()
+            .filter_map(|vm| {
+                let session = vm
+                    .session_id
+                    .as_deref()
+                    .and_then(|id| self.sessions.get(id));
+                let info = vm.info(session.as_deref());
+                let notable = info.connected || info.status != Health::Ok as i32;
+                (notable || !notable_only).then_some(info)
+            })
+            .collect()
+    }
+
+    /// Each component with its state and key figures, for `scanserver
+    /// status`.
+    pub fn components(&self) -> Vec<Component> {
+        let ruleset = self.engine.ruleset();
+        let cache = self.engine.cache().stats();
+        let saturated = lock(&self.load).saturated();
+        let outdated = age(ruleset.release_time()) > self.signatures_max_age;
+        let (delivered, failed) = self.engine.metrics().reports();
+        vec![
+            component(
+                "scan engine",
+                if saturated {
+                    ComponentState::Warning
+                } else {
+                    ComponentState::Ok
+                },
+                if saturated {
+                    "the scan queue has been full for a minute".into()
+                } else {
+                    "scanning".into()
+                },
+                [
+                    ("threads", self.engine.threads() as u64),
+                    ("queue depth", self.engine.queue_depth() as u64),
+                    ("queue capacity", self.engine.queue_capacity() as u64),
+                    ("scans", self.engine.metrics().scans.get()),
+                ],
+            ),
+            component(
+                "signatures",
+                match (ruleset.rule_count(), outdated) {
+                    (0, _) => ComponentState::Critical,
+                    (_, true) => ComponentState::Warning,
+                    _ => ComponentState::Ok,
+                },
+                format!(
+                    "version {}, {} old",
+                    ruleset.version(),
+                    humantime::format_duration(Duration::from_secs(
+                        age(ruleset.release_time()).as_secs()
+                    ))
+                ),
+                [("rules", ruleset.rule_count() as u64)],
+            ),
+            component(
+                "shared cache",
+                ComponentState::Ok,
+                format!("hit ratio {:.1}%", cache.hit_ratio * 100.0),
+                [
+                    ("entries", cache.entries),
+                    ("bytes", cache.bytes),
+                    ("hits", cache.hits),
+                    ("misses", cache.misses),
+                    ("coalesced waits", cache.coalesced_waits),
+                ],
+            ),
+            component(
+                "agent listener",
+                ComponentState::Ok,
+                format!(
+                    "listening on {}{}",
+                    self.identity.listen,
+                    if self.identity.encrypted {
+                        " (TLS)"
+                    } else {
+                        ""
+                    }
+                ),
+                [
+                    ("connected agents", self.sessions.len() as u64),
+                    ("protected VMs (30 days)", self.vms.count() as u64),
+                ],
+            ),
+            reach_component(
+                "integration server reporter",
+                &lock(&self.reporter),
+                [("reports delivered", delivered), ("reports failed", failed)],
+            ),
+            reach_component("infrastructure probe", &lock(&self.probe), []),
+        ]
+    }
+}
+
+fn component<const N: usize>(
+    name: &str,
+    state: ComponentState,
+    detail: String,
+    counts: [(&str, u64); N],
+) -> Component {
+    Component {
+        name: name.to_owned(),
+        state: state as i32,
+        detail,
+        counts: counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+    }
+}
+
+fn reach_component<const N: usize>(
+    name: &str,
+    reach: &Reach,
+    counts: [(&str, u64); N],
+) -> Component {
+    let (state, detail) = match (reach.enabled, reach.reachable) {
+        (false, _) => (ComponentState::Disabled, "not configured".to_owned()),
+        (true, None) => (ComponentState::Ok, "starting".to_owned()),
+        (true, Some(true)) => (ComponentState::Ok, "reachable".to_owned()),
+        (true, Some(false)) => (
+            ComponentState::Warning,
+            reach.error.clone().unwrap_or_default(),
+        ),
+    };
+    component(name, state, detail, counts)
+}
+
+fn record(reach: &Mutex<Reach>, result: Result<(), String>) {
+    let mut reach = lock(reach);
+    reach.reachable = Some(result.is_ok());
+    match result {
+        Ok(()) => {
+            reach.last_success = Some(SystemTime::now());
+            reach.error = None;
+        }
+        Err(err) => reach.error = Some(err),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn age(time: SystemTime) -> Duration {
+    SystemTime::now().duration_since(time).unwrap_or_default()
+}
+
+/// One sample of the engine's counters and the process's CPU time.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    scans: u64,
+    bytes: u64,
+    cpu: Duration,
+    queue_full: bool,
+}
+
+/// The last minute of samples, one a second (at most 61 kept).
+#[derive(Debug, Default)]
+struct LoadMeter {
+    samples: VecDeque<Sample>,
+}
+
+impl LoadMeter {
+    fn sample(&mut self, engine: &Engine) {
+        let metrics = engine.metrics();
+        let now = Sample {
+            at: Instant::now(),
+            scans: metrics.scans.get(),
+            bytes: metrics.scanned_bytes.get(),
+            cpu: process::cpu_time(),
+            queue_full: engine.queue_depth() >= engine.queue_capacity(),
+        };
+        self.samples.push_back(now);
+        while self
+            .samples
+            .front()
+            .is_some_and(|first| now.at.duration_since(first.at) > LOAD_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The queue was full at every sample of a whole window.
+    fn saturated(&self) -> bool {
+        match (self.samples.front(), self.samples.back()) {
+            (Some(first), Some(last)) => {
+                last.at.duration_since(first.at) >= LOAD_WINDOW - Duration::from_secs(1)
+                    && self.samples.iter().all(|s| s.queue_full)
+            }
+            _ => false,
+        }
+    }
+
+    fn load(&self, engine: &Engine, sessions: &Sessions) -> Load {
+        let rate = |f: fn(&Sample) -> f64| match (self.samples.front(), self.samples.back()) {
+            (Some(first), Some(last)) if last.at > first.at => {
+                (f(last) - f(first)) / last.at.duration_since(first.at).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        Load {
+            scans_per_second: rate(|s| s.scans as f64),
+            megabytes_per_second: rate(|s| s.bytes as f64) / 1e6,
+            queue_depth: engine.queue_depth() as u32,
+            queue_capacity: engine.queue_capacity() as u32,
+            scans_in_flight: sessions.files_in_flight() as u32,
+            cpu_percent: rate(|s| s.cpu.as_secs_f64()) * 100.0,
+            memory_bytes: process::resident_memory(),
+        }
+    }
+}
+
+/// The server process's own figures.
+mod process {
+    use std::time::Duration;
+
+    /// CPU time used by the process so far (user and system).
+    pub fn cpu_time() -> Duration {
+        // SAFETY: getrusage only writes the struct it is given.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        time(usage.ru_utime) + time(usage.ru_stime)
+    }
+
+    /// Resident memory, in bytes (0 where it cannot be read).
+    pub fn resident_memory() -> u64 {
+        let pages = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        pages * page_size.max(0) as u64
+    }
+}

@@ -1,0 +1,565 @@
+//! The protected virtual machines: every VM whose agent connected in the
+//! last 30 days (powered-off ones included), what its agent told about it,
+//! and its security tags. Kept in the state folder (`vms.json`), so the
+//! 30-day count and the tags survive a restart.
+//!
+//! A VM's status comes from what the server sees and what its agent tells
+//! (see [`VmRecord::reasons`]). Security tags follow these rules:
+//!
+//! * `ANTI_VIRUS.VirusFound.threat=high` is assigned automatically when a
+//!   scan for the VM finds malware, and removed automatically when the VM
+//!   reports a full scan that finished with no detections, unless it was
+//!   assigned by hand.
+//! * `IDS_IPS.threat=high` is assigned when the agent reports a network
+//!   attack, and is only ever removed by hand.
+//! * A tag assigned by hand is removed only by hand (assigning by hand a
+//!   tag that was automatic makes it manual).
+//!
+//! Every change bumps a generation ([`Vms::changes`]): the reporter sends a
+//! report at once, and the keeper saves the file.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt, fs, io,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    proto::{self, Health, IntegrityKind, TaskKind, VmReason},
+    sessions::{AgentIdentity, Session},
+    state,
+};
+
+/// How long a VM that is no longer seen still counts as protected.
+pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The most VMs remembered; beyond it, the VM not seen for the longest time
+/// and carrying no tag is forgotten first.
+pub const MAX_VMS: usize = 100_000;
+
+/// The file's name in the state folder.
+pub const FILE_NAME: &str = "vms.json";
+
+/// A security tag, as VMware NSX names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SecurityTag {
+    /// Malware was found on the VM.
+    #[serde(rename = "ANTI_VIRUS.VirusFound.threat=high")]
+    VirusFound,
+    /// A network attack on the VM was detected.
+    #[serde(rename = "IDS_IPS.threat=high")]
+    IdsIps,
+}
+
+impl SecurityTag {
+    pub const ALL: [SecurityTag; 2] = [SecurityTag::VirusFound, SecurityTag::IdsIps];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SecurityTag::VirusFound => "ANTI_VIRUS.VirusFound.threat=high",
+            SecurityTag::IdsIps => "IDS_IPS.threat=high",
+        }
+    }
+}
+
+impl fmt::Display for SecurityTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SecurityTag {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        SecurityTag::ALL
+            .into_iter()
+            .find(|tag| tag.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown security tag `{name}`; the tags are `{}` and `{}`",
+                    SecurityTag::VirusFound,
+                    SecurityTag::IdsIps
+                )
+            })
+    }
+}
+
+/// Who assigned a tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagOrigin {
+    Automatic,
+    Manual,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagEntry {
+    pub origin: TagOrigin,
+    /// Milliseconds since the Unix epoch.
+    pub assigned_at: u64,
+}
+
+/// One protected VM, as remembered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub vm_id: String,
+    pub vm_name: String,
+    pub agent_id: String,
+    pub agent_version: String,
+    pub os: String,
+    /// Milliseconds since the Unix epoch.
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub tags: BTreeMap<SecurityTag, TagEntry>,
+    /// The session dropped (missed heartbeats, broken connection) and the
+    /// agent has not come back.
+    pub connection_lost: bool,
+    /// The agent said it cannot reach the Integration Server.
+    pub integration_server_unreachable: bool,
+    pub file_modified: bool,
+    pub registry_modified: bool,
+    /// The session open now, if any (not saved).
+    #[serde(skip)]
+    pub session_id: Option<String>,
+}
+
+impl VmRecord {
+    fn new(agent: &AgentIdentity, now: u64) -> Self {
+        VmRecord {
+            vm_id: agent.vm_id.clone(),
+            vm_name: agent.vm_name.clone(),
+            agent_id: agent.agent_id.clone(),
+            agent_version: agent.agent_version.clone(),
+            os: agent.os.clone(),
+            first_seen: now,
+            last_seen: now,
+            tags: BTreeMap::new(),
+            connection_lost: false,
+            integration_server_unreachable: false,
+            file_modified: false,
+            registry_modified: false,
+            session_id: None,
+        }
+    }
+
+    /// Every reason in force, worst first.
+    pub fn reasons(&self) -> Vec<VmReason> {
+        let flags = [
+            (self.connection_lost, VmReason::NoConnectionToSvm),
+            (
+                self.tags.contains_key(&SecurityTag::VirusFound),
+                VmReason::ThreatFound,
+            ),
+            (
+                self.tags.contains_key(&SecurityTag::IdsIps),
+                VmReason::NetworkAttack,
+            ),
+            (
+                self.integration_server_unreachable,
+                VmReason::NoConnectionToIntegrationServer,
+            ),
+            (self.file_modified, VmReason::FileModified),
+            (self.registry_modified, VmReason::RegistryModified),
+        ];
+        flags
+            .into_iter()
+            .filter_map(|(set, reason)| set.then_some(reason))
+            .collect()
+    }
+
+    /// The VM's status, with the reasons in force. `session` is its open
+    /// session, for the live figures.
+    pub fn info(&self, session: Option<&Session>) -> proto::VmInfo {
+        let reasons = self.reasons();
+        let tags = self
+            .tags
+            .iter()
+            .map(|(tag, entry)| proto::SecurityTag {
+                name: tag.name().to_owned(),
+                origin: match entry.origin {
+                    TagOrigin::Automatic => proto::TagOrigin::Automatic,
+                    TagOrigin::Manual => proto::TagOrigin::Manual,
+                } as i32,
+                assigned_at_unix_ms: entry.assigned_at,
+            })
+            .collect();
+        let (since, last_seen, files, detections) = match session {
+            Some(s) => (
+                unix_ms(s.connected_since),
+                unix_ms(SystemTime::now() - s.last_seen().elapsed()),
+                s.files.load(std::sync::atomic::Ordering::Relaxed),
+                s.detections.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            None => (0, self.last_seen, 0, 0),
+        };
+        proto::VmInfo {
+            vm_id: self.vm_id.clone(),
+            vm_name: self.vm_name.clone(),
+            agent_id: self.agent_id.clone(),
+            agent_version: self.agent_version.clone(),
+            os: self.os.clone(),
+            connected: session.is_some(),
+            connected_since_unix_ms: since,
+            last_seen_unix_ms: last_seen,
+            status: worst(reasons.iter().map(|r| r.health())) as i32,
+            reasons: reasons.into_iter().map(|r| r as i32).collect(),
+            tags,
+            files,
+            detections,
+        }
+    }
+}
+
+impl VmReason {
+    /// How bad the reason is.
+    pub fn health(self) -> Health {
+        match self {
+            VmReason::NoConnectionToSvm | VmReason::ThreatFound | VmReason::NetworkAttack => {
+                Health::Critical
+            }
+            VmReason::NoConnectionToIntegrationServer
+            | VmReason::FileModified
+            | VmReason::RegistryModified
+            | VmReason::Unspecified => Health::Warning,
+        }
+    }
+}
+
+/// The worst of some healths; OK when there are none.
+pub fn worst(healths: impl IntoIterator<Item = Health>) -> Health {
+    healths
+        .into_iter()
+        .max_by_key(|h| *h as i32)
+        .unwrap_or(Health::Ok)
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The agent closed its stream (its VM shut down, say).
+    Closed,
+    /// Missed heartbeats or a broken connection: the VM is unprotected.
+    Dropped,
+    /// The server shut down.
+    ServerShutdown,
+}
+
+/// Why a tag command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TagError {
+    #[error("no VM `{0}` was seen in the last 30 days; `scanserver agents` lists them")]
+    UnknownVm(String),
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    format: u32,
+    vms: Vec<VmRecord>,
+}
+
+const FORMAT: u32 = 1;
+
+/// The registry of protected VMs.
+#[derive(Debug)]
+pub struct Vms {
+    by_id: Mutex<HashMap<String, VmRecord>>,
+    /// Where it is saved; `None` keeps it in memory only.
+    path: Option<PathBuf>,
+    changes: watch::Sender<u64>,
+}
+
+impl Vms {
+    /// A registry kept in memory only.
+    pub fn in_memory() -> Self {
+        Vms {
+            by_id: Mutex::default(),
+            path: None,
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// The registry saved in the state folder `dir`. A file that cannot be
+    /// read is set aside (renamed `vms.json.rejected`) with a warning.
+    pub fn open(dir: &Path) -> Self {
+        let path = dir.join(FILE_NAME);
+        let saved = match fs::read(&path) {
+            Ok(data) => serde_json::from_slice::<Saved>(&data)
+                .map_err(|e| e.to_string())
+                .and_then(|saved| match saved.format {
+                    FORMAT => Ok(saved),
+                    other => Err(format!("format {other}, expected {FORMAT}")),
+                }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Saved::default()),
+            Err(err) => Err(err.to_string()),
+        };
+        let saved = saved.unwrap_or_else(|err| {
+            tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
+            let _ = fs::rename(&path, path.with_extension("json.rejected"));
+            Saved::default()
+        });
+        let vms = Vms {
+            by_id: Mutex::new(
+                saved
+                    .vms
+                    .into_iter()
+                    .map(|vm| (vm.vm_id.clone(), vm))
+                    .collect(),
+            ),
+            path: Some(path),
+            changes: watch::channel(0).0,
+        };
+        vms.forget_old();
+        vms
+    }
+
+    /// A receiver that changes whenever a VM's status or tags change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, VmRecord>> {
+        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `change` to VM `vm_id`; when it reports a change, everyone
+    /// watching is told.
+    fn update(&self, vm_id: &str, change: impl FnOnce(&mut VmRecord) -> bool) -> bool {
+        let changed = self.lock().get_mut(vm_id).is_some_and(change);
+        if changed {
+            self.changes.send_modify(|generation| *generation += 1);
+        }
+        changed
+    }
+
+    /// An agent opened `session`.
+    pub fn connected(&self, session: &Session) {
+        let agent = &session.agent;
+        let now = unix_ms(SystemTime::now());
+        {
+            let mut by_id = self.lock();
+            let vm = by_id
+                .entry(agent.vm_id.clone())
+                .or_insert_with(|| VmRecord::new(agent, now));
+            vm.vm_name.clone_from(&agent.vm_name);
+            vm.agent_id.clone_from(&agent.agent_id);
+            vm.agent_version.clone_from(&agent.agent_version);
+            vm.os.clone_from(&agent.os);
+            vm.last_seen = now;
+            vm.connection_lost = false;
+            vm.session_id = Some(session.id.clone());
+        }
+        self.changes.send_modify(|generation| *generation += 1);
+        self.forget_old();
+    }
+
+    /// `session` ended. A later session of the same VM (an agent that
+    /// reconnected before its old session timed out) is left alone.
+    pub fn disconnected(&self, session: &Session, ending: Ending) {
+        let last_seen = unix_ms(SystemTime::now() - session.last_seen().elapsed());
+        self.update(&session.agent.vm_id, |vm| {
+            if vm.session_id.as_deref() != Some(session.id.as_str()) {
+                return false;
+            }
+            vm.session_id = None;
+            vm.last_seen = last_seen;
+            vm.connection_lost = ending == Ending::Dropped;
+            true
+        });
+    }
+
+    /// A scan for VM `vm_id` found malware.
+    pub fn threat_found(&self, vm_id: &str) {
+        self.assign_automatically(vm_id, SecurityTag::VirusFound);
+    }
+
+    /// The agent of VM `vm_id` reported a network attack.
+    pub fn network_attack(&self, vm_id: &str) {
+        self.assign_automatically(vm_id, SecurityTag::IdsIps);
+    }
+
+    fn assign_automatically(&self, vm_id: &str, tag: SecurityTag) {
+        let assigned = self.update(vm_id, |vm| {
+            if vm.tags.contains_key(&tag) {
+                return false;
+            }
+            let entry = TagEntry {
+                origin: TagOrigin::Automatic,
+                assigned_at: unix_ms(SystemTime::now()),
+            };
+            vm.tags.insert(tag, entry);
+            true
+        });
+        if assigned {
+            tracing::warn!(vm = vm_id, %tag, "security tag assigned");
+        }
+    }
+
+    /// The agent of VM `vm_id` reported a finished scan task. A full scan
+    /// with no detections clears what a full scan answers for: the
+    /// automatic malware tag and the modification reasons.
+    pub fn task_finished(&self, vm_id: &str, kind: TaskKind, detections: u32) {
+        if kind != TaskKind::FullScan || detections > 0 {
+            return;
+        }
+        let mut untagged = false;
+        self.update(vm_id, |vm| {
+            let automatic = vm
+                .tags
+                .get(&SecurityTag::VirusFound)
+                .is_some_and(|entry| entry.origin == TagOrigin::Automatic);
+            if automatic {
+                vm.tags.remove(&SecurityTag::VirusFound);
+                untagged = true;
+            }
+            let modified = vm.file_modified || vm.registry_modified;
+            vm.file_modified = false;
+            vm.registry_modified = false;
+            automatic || modified
+        });
+        if untagged {
+            tracing::info!(vm = vm_id, tag = %SecurityTag::VirusFound, "security tag removed after a clean full scan");
+        }
+    }
+
+    /// The agent of VM `vm_id` reported a modified protected object.
+    pub fn integrity(&self, vm_id: &str, kind: IntegrityKind) {
+        self.update(vm_id, |vm| {
+            let flag = match kind {
+                IntegrityKind::FileModified => &mut vm.file_modified,
+                IntegrityKind::RegistryModified => &mut vm.registry_modified,
+                IntegrityKind::Unspecified => return false,
+            };
+            !std::mem::replace(flag, true)
+        });
+    }
+
+    /// The agent of VM `vm_id` told whether it reaches the Integration
+    /// Server.
+    pub fn integration_server(&self, vm_id: &str, connected: bool) {
+        self.update(vm_id, |vm| {
+            std::mem::replace(&mut vm.integration_server_unreachable, !connected) == connected
+        });
+    }
+
+    /// Assigns `tag` to `vm_id` by hand; false if it already was, by hand.
+    pub fn assign(&self, vm_id: &str, tag: SecurityTag) -> Result<bool, TagError> {
+        self.known(vm_id)?;
+        let entry = TagEntry {
+            origin: TagOrigin::Manual,
+            assigned_at: unix_ms(SystemTime::now()),
+        };
+        Ok(self.update(vm_id, |vm| {
+            let previous = vm.tags.insert(tag, entry);
+            previous.is_none_or(|previous| previous.origin != TagOrigin::Manual)
+        }))
+    }
+
+    /// Removes `tag` from `vm_id` by hand, however it was assigned; false if
+    /// it was not there.
+    pub fn remove(&self, vm_id: &str, tag: SecurityTag) -> Result<bool, TagError> {
+        self.known(vm_id)?;
+        Ok(self.update(vm_id, |vm| vm.tags.remove(&tag).is_some()))
+    }
+
+    fn known(&self, vm_id: &str) -> Result<(), TagError> {
+        match self.lock().contains_key(vm_id) {
+            true => Ok(()),
+            false => Err(TagError::UnknownVm(vm_id.to_owned())),
+        }
+    }
+
+    /// A copy of VM `vm_id`'s record.
+    pub fn get(&self, vm_id: &str) -> Option<VmRecord> {
+        self.lock().get(vm_id).cloned()
+    }
+
+    /// Every VM of the last 30 days: connected ones first, then by name.
+    pub fn list(&self) -> Vec<VmRecord> {
+        let mut vms: Vec<_> = self.lock().values().cloned().collect();
+        vms.sort_by(|a, b| {
+            (a.session_id.is_none(), &a.vm_name, &a.vm_id).cmp(&(
+                b.session_id.is_none(),
+                &b.vm_name,
+                &b.vm_id,
+            ))
+        });
+        vms
+    }
+
+    /// VMs protected over the last 30 days.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Forgets VMs not seen for 30 days, and the oldest untagged ones over
+    /// [`MAX_VMS`].
+    fn forget_old(&self) {
+        let horizon = unix_ms(SystemTime::now()).saturating_sub(RETENTION.as_millis() as u64);
+        let mut by_id = self.lock();
+        by_id.retain(|_, vm| vm.session_id.is_some() || vm.last_seen >= horizon);
+        if by_id.len() > MAX_VMS {
+            let mut idle: Vec<_> = by_id
+                .values()
+                .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
+                .map(|vm| (vm.last_seen, vm.vm_id.clone()))
+                .collect();
+            idle.sort_unstable();
+            let excess = by_id.len() - MAX_VMS;
+            for (_, vm_id) in idle.into_iter().take(excess) {
+                by_id.remove(&vm_id);
+            }
+        }
+    }
+
+    /// Writes the registry to the state folder, atomically.
+    pub fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        self.forget_old();
+        let mut saved = Saved {
+            format: FORMAT,
+            vms: self.lock().values().cloned().collect(),
+        };
+        let now = unix_ms(SystemTime::now());
+        for vm in saved.vms.iter_mut().filter(|vm| vm.session_id.is_some()) {
+            vm.last_seen = now;
+        }
+        state::replace_file(path, |out| {
+            serde_json::to_writer(&mut *out, &saved).map_err(io::Error::other)
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_names_round_trip() {
+        for tag in SecurityTag::ALL {
+            assert_eq!(tag.name().parse::<SecurityTag>().unwrap(), tag);
+        }
+        assert!("VirusFound".parse::<SecurityTag>().is_err());
+    }
+
+    #[test]
+    fn the_worst_reason_decides() {
+        assert_eq!(worst([]), Health::Ok);
+        let reasons = [VmReason::FileModified, VmReason::NoConnectionToSvm];
+        assert_eq!(worst(reasons.map(VmReason::health)), Health::Critical);
+    }
+}
