@@ -203,26 +203,10 @@ fn health(value: i32) -> &'static str {
     }
 }
 
-/// A reason as the README lists it: "no connection to the Integration
-/// Server".
 fn svm_reason(value: i32) -> String {
-    SvmReason::try_from(value).map_or_else(
-        |_| format!("reason {value}"),
-        |r| words(r.as_str_name(), "SVM_REASON_"),
-    )
+    SvmReason::try_from(value).map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
 }
 
 fn vm_reason(value: i32) -> String {
-    VmReason::try_from(value).map_or_else(
-        |_| format!("reason {value}"),
-        |r| words(r.as_str_name(), "VM_REASON_"),
-    )
-}
-
-fn words(name: &str, prefix: &str) -> String {
-    name.trim_start_matches(prefix)
-        .to_lowercase()
-        .replace('_', " ")
-        .replace("integration server", "Integration Server")
-        .replace("svm", "SVM")
+    VmReason::try_from(value).map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
 }

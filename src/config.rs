@@ -81,9 +81,9 @@ impl Config {
         if self.reporting.interval < Duration::from_secs(1) {
             return invalid("reporting.interval", "must be at least 1s");
         }
-        if self.server.admin_listen == self.server.listen
-            || Some(self.server.admin_listen) == self.server.metrics_listen
-        {
+        let admin = self.server.admin_listen;
+        let clashes = |other: SocketAddr| admin.port() != 0 && admin == other;
+        if clashes(self.server.listen) || self.server.metrics_listen.is_some_and(clashes) {
             return invalid(
                 "server.admin_listen",
                 "must differ from the agent and metrics listeners: the admin service is never served to agents",

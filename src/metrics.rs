@@ -12,7 +12,9 @@ use std::{fmt, future::Future, sync::Arc};
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -41,7 +43,7 @@ pub struct Metrics {
     report_results: [Counter; 2],
 }
 
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 enum VerdictKind {
     Clean,
     Infected,
@@ -49,7 +51,7 @@ enum VerdictKind {
 }
 
 /// Where a verdict given to an agent came from.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Source {
     /// A scan made for this request.
     Scan,
@@ -65,11 +67,25 @@ struct VerdictLabels {
     source: Source,
 }
 
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 enum ReportResult {
     Success,
     Failure,
 }
+
+/// Label values in lower case, as Prometheus conventions have them.
+macro_rules! label_values {
+    ($($type:ty),*) => {$(
+        impl EncodeLabelValue for $type {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+                use fmt::Write;
+                encoder.write_str(&format!("{self:?}").to_lowercase())
+            }
+        }
+    )*};
+}
+
+label_values!(VerdictKind, Source, ReportResult);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReportLabels {

@@ -62,6 +62,19 @@ pub struct SvmStatus {
 }
 
 impl SvmReason {
+    /// The reason in words, as `scanserver status` prints it and the README
+    /// lists it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SvmReason::NoSignatures => "no signatures loaded",
+            SvmReason::InfrastructureUnreachable => "virtual infrastructure unreachable",
+            SvmReason::NoConnectionToIntegrationServer => "no connection to the Integration Server",
+            SvmReason::SignaturesOutdated => "signatures outdated",
+            SvmReason::ScanQueueSaturated => "scan queue saturated",
+            SvmReason::Unspecified => "unspecified",
+        }
+    }
+
     /// How bad the reason is.
     pub fn health(self) -> Health {
         match self {
@@ -483,7 +496,8 @@ fn age(time: SystemTime) -> Duration {
 /// One sample of the engine's counters and the process's CPU time.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    at: Instant,
+    /// Tokio's clock, which tests can pause and move.
+    at: tokio::time::Instant,
     scans: u64,
     bytes: u64,
     cpu: Duration,
@@ -500,7 +514,7 @@ impl LoadMeter {
     fn sample(&mut self, engine: &Engine) {
         let metrics = engine.metrics();
         let now = Sample {
-            at: Instant::now(),
+            at: tokio::time::Instant::now(),
             scans: metrics.scans.get(),
             bytes: metrics.scanned_bytes.get(),
             cpu: process::cpu_time(),

@@ -218,6 +218,22 @@ impl VmRecord {
 }
 
 impl VmReason {
+    /// The reason in words, as `scanserver agents` prints it and the README
+    /// lists it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            VmReason::NoConnectionToSvm => "no connection to the SVM",
+            VmReason::NoConnectionToIntegrationServer => {
+                "the agent has no connection to the Integration Server"
+            }
+            VmReason::FileModified => "protected file modified",
+            VmReason::RegistryModified => "protected registry key modified",
+            VmReason::ThreatFound => "malware found",
+            VmReason::NetworkAttack => "network attack detected",
+            VmReason::Unspecified => "unspecified",
+        }
+    }
+
     /// How bad the reason is.
     pub fn health(self) -> Health {
         match self {

@@ -13,106 +13,15 @@ use scanserver::{
     config::{Config, TlsConfig},
     proto::{
         self, AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, Hello, LookupRequest,
-        PROTOCOL_VERSION, RejectReason, ScanReply, ScanRequest, agent_message,
+        RejectReason, ScanReply, ScanRequest,
         protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
     },
     server::Server,
-    service::{Counters, ServiceState},
+    service::Counters,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, transport::Channel};
-
-/// A server on a free loopback port, stopped when dropped.
-struct TestServer {
-    addr: std::net::SocketAddr,
-    state: Arc<ServiceState>,
-    spool: tempfile::TempDir,
-    _state: tempfile::TempDir,
-    _stop: oneshot::Sender<()>,
-}
-
-impl TestServer {
-    async fn start(configure: impl FnOnce(&mut Config)) -> TestServer {
-        let spool = tempfile::tempdir().unwrap();
-        let state_dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.server.state_dir = Some(state_dir.path().to_owned());
-        config.server.listen = "127.0.0.1:0".parse().unwrap();
-        config.engine.threads = 2;
-        config.uploads.spool_dir = Some(spool.path().to_owned());
-        configure(&mut config);
-        let engine =
-            Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
-        let server = Server::bind(&config, engine).await.unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, state) = (server.local_addr(), Arc::clone(server.state()));
-        tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer {
-            addr,
-            state,
-            spool,
-            _state: state_dir,
-            _stop: stop,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn client(&self) -> ProtectionServerClient<Channel> {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        ProtectionServerClient::new(channel)
-    }
-
-    fn spooled_files(&self) -> usize {
-        std::fs::read_dir(self.spool.path()).unwrap().count()
-    }
-}
-
-fn hello() -> Hello {
-    Hello {
-        agent_id: "agent-1".into(),
-        vm_id: "vm-1".into(),
-        vm_name: "desktop-1".into(),
-        os: "Windows 11".into(),
-        agent_version: "1.0.0".into(),
-        protocol_version: PROTOCOL_VERSION,
-        connection_tags: vec!["vdi".into()],
-        require_encryption: false,
-    }
-}
-
-/// Sends `hello` on Connect; returns the first server message and the
-/// sender that keeps the session open.
-async fn open_session(
-    server: &TestServer,
-    hello: Hello,
-) -> (server_message::Kind, mpsc::Sender<AgentMessage>) {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(AgentMessage {
-        kind: Some(agent_message::Kind::Hello(hello)),
-    })
-    .await
-    .unwrap();
-    let mut incoming = server
-        .client()
-        .await
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = incoming.message().await.unwrap().unwrap().kind.unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = incoming.message().await {} });
-    (first, tx)
-}
 
 async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>) {
     match open_session(server, hello()).await {

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: the shipped ruleset, engines,
-//! and builders for small but well-formed PE and ELF files, so that rules
+//! a server on loopback and agent sessions, and builders for small but well-formed PE and ELF files, so that rules
 //! using the `pe` and `elf` modules are tested on real structures.
 
 #![allow(dead_code)]
@@ -7,10 +7,21 @@
 use std::{path::PathBuf, sync::Arc};
 
 use scanserver::{
+    config::Config,
     engine::{Engine, EngineConfig, ScanJob},
+    proto::{
+        AgentMessage, Hello, PROTOCOL_VERSION, agent_message,
+        protection_server_client::ProtectionServerClient, server_message,
+    },
+    server::Server,
+    service::ServiceState,
     signatures::Ruleset,
+    status::Svm,
     verdict::Verdict,
 };
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 /// The EICAR test string.
 pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
@@ -54,6 +65,121 @@ pub fn matching_rules(engine: &Engine, data: &[u8], name: &str) -> Vec<String> {
         Verdict::Infected(detections) => detections.into_iter().map(|d| d.rule).collect(),
         Verdict::Failed(failure) => panic!("scan of {name} failed: {failure}"),
     }
+}
+
+/// A server on a free loopback port, stopped when dropped.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    pub state: Arc<ServiceState>,
+    pub svm: Arc<Svm>,
+    pub spool: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    _state: Option<tempfile::TempDir>,
+    stop: oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// A server with the shipped signatures, its own spool folder and (unless
+    /// `configure` names one) its own state folder.
+    pub async fn start(configure: impl FnOnce(&mut Config)) -> TestServer {
+        let spool = tempfile::tempdir().unwrap();
+        let state_dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.state_dir = Some(state_dir.path().to_owned());
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+        config.engine.threads = 2;
+        config.uploads.spool_dir = Some(spool.path().to_owned());
+        configure(&mut config);
+        let engine =
+            Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
+        let server = Server::bind(&config, engine).await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr, admin) = (server.local_addr(), server.admin_addr());
+        let (state, svm) = (Arc::clone(server.state()), Arc::clone(server.svm()));
+        let running = tokio::spawn(async move {
+            server
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        let used = config.server.state_dir.unwrap();
+        TestServer {
+            addr,
+            admin,
+            state,
+            svm,
+            spool,
+            _state: (used == state_dir.path()).then_some(state_dir),
+            state_dir: used,
+            stop,
+            running,
+        }
+    }
+
+    /// Shuts the server down and waits until it is done.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running.await.unwrap();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> ProtectionServerClient<Channel> {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        ProtectionServerClient::new(channel)
+    }
+
+    pub fn spooled_files(&self) -> usize {
+        std::fs::read_dir(self.spool.path()).unwrap().count()
+    }
+}
+
+pub fn hello() -> Hello {
+    Hello {
+        agent_id: "agent-1".into(),
+        vm_id: "vm-1".into(),
+        vm_name: "desktop-1".into(),
+        os: "Windows 11".into(),
+        agent_version: "1.0.0".into(),
+        protocol_version: PROTOCOL_VERSION,
+        connection_tags: vec!["vdi".into()],
+        require_encryption: false,
+    }
+}
+
+/// Sends `hello` on Connect; returns the first server message and the
+/// sender that keeps the session open.
+pub async fn open_session(
+    server: &TestServer,
+    hello: Hello,
+) -> (server_message::Kind, mpsc::Sender<AgentMessage>) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut incoming = server
+        .client()
+        .await
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = incoming.message().await.unwrap().unwrap().kind.unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = incoming.message().await {} });
+    (first, tx)
 }
 
 /// A minimal 32-bit Windows PE: a code section and a data section holding an

@@ -1,0 +1,653 @@
+//! Reports to the Integration Server, the SVM and VM status, security tags
+//! and the admin service: a real receiver on loopback, and tokio's paused
+//! clock where the test is about time.
+//!
+//! Under a paused clock, tokio jumps to the next timer whenever the runtime
+//! has nothing to do, including while a request is on the wire. The tests
+//! therefore wait for the receiver from a blocking task (which holds the
+//! clock still), and move the clock a second at a time.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, mpsc as std_mpsc},
+    thread,
+    time::Duration,
+};
+
+use common::*;
+use scanserver::{
+    admin,
+    config::Config,
+    proto::{
+        AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
+        NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport, TagRequest,
+        TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message,
+        integration_server_server::IntegrationServerServer,
+        scan_reply, scan_request, server_message,
+    },
+    reporting::{JITTER, Reporter, Receiver},
+    sessions::{AgentIdentity, Sessions},
+    status::Svm,
+    vms::{Ending, SecurityTag, Vms},
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// An Integration Server on its own thread and runtime (real time), so that
+/// a test's paused clock does not stop it.
+struct TestReceiver {
+    addr: SocketAddr,
+    reports: Arc<Mutex<std_mpsc::Receiver<SvmReport>>>,
+    forward: std_mpsc::Sender<SvmReport>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TestReceiver {
+    fn start() -> TestReceiver {
+        let (forward, reports) = std_mpsc::channel();
+        let mut receiver = TestReceiver {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            reports: Arc::new(Mutex::new(reports)),
+            forward,
+            stop: None,
+            thread: None,
+        };
+        receiver.listen();
+        receiver
+    }
+
+    /// Serves on `self.addr` (a free port the first time, the same port
+    /// after a stop).
+    fn listen(&mut self) {
+        let (bound_tx, bound_rx) = std_mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr, forward) = (self.addr, self.forward.clone());
+        let thread = thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                bound_tx.send(listener.local_addr().unwrap()).unwrap();
+                let (tx, mut rx) = mpsc::channel(16);
+                tokio::spawn(async move {
+                    while let Some(report) = rx.recv().await {
+                        let _ = forward.send(report);
+                    }
+                });
+                let serve = tonic::transport::Server::builder()
+                    .add_service(IntegrationServerServer::new(Receiver::new(tx, None)))
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+                // Stopped, the receiver vanishes: the runtime goes, and with
+                // it every connection.
+                tokio::select! {
+                    result = serve => result.unwrap(),
+                    _ = stopped => {}
+                }
+            });
+        });
+        self.addr = bound_rx.recv().unwrap();
+        self.stop = Some(stop);
+        self.thread = Some(thread);
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next report, waiting up to `wait` of real time without letting
+    /// a paused clock move.
+    async fn next(&self, wait: Duration) -> Option<SvmReport> {
+        let reports = Arc::clone(&self.reports);
+        tokio::task::spawn_blocking(move || reports.lock().unwrap().recv_timeout(wait).ok())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestReceiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An SVM with the shipped signatures and a reporter towards `receiver`,
+/// without an agent listener: what the clock tests need.
+async fn reporting_svm(
+    receiver: &TestReceiver,
+    configure: impl FnOnce(&mut Config),
+) -> (Arc<Svm>, oneshot::Sender<()>) {
+    let mut config = Config::default();
+    config.reporting.integration_server = Some(receiver.url());
+    config.engine.threads = 2;
+    configure(&mut config);
+    let engine = engine_with(shipped_ruleset(), config.engine.clone());
+    let vms = Arc::new(Vms::in_memory());
+    let sessions = Arc::new(Sessions::new(
+        10,
+        10,
+        Arc::clone(&vms),
+        Arc::clone(engine.metrics()),
+    ));
+    let svm = Arc::new(Svm::new(&config, engine, sessions, vms));
+    let reporter = Reporter::new(&config.reporting, Arc::clone(&svm))
+        .unwrap()
+        .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(reporter.run(shutdown_rx));
+    tokio::spawn(async move {
+        let _ = stopped.await;
+        let _ = shutdown.send(true);
+    });
+    (svm, stop)
+}
+
+/// Waits (holding the clock still) until the reporter has recorded the
+/// outcome of `n` reports.
+async fn reports_recorded(svm: &Arc<Svm>, n: u64) {
+    let metrics = Arc::clone(svm.engine.metrics());
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..1000 {
+            let (delivered, failed) = metrics.reports();
+            if delivered + failed >= n {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the reporter recorded fewer than {n} reports");
+    })
+    .await
+    .unwrap();
+}
+
+/// Moves a paused clock a second at a time, up to `limit`, until a report
+/// arrives; returns it with the time it took.
+async fn next_report_within(receiver: &TestReceiver, limit: Duration) -> Option<(SvmReport, Duration)> {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() <= limit {
+        if let Some(report) = receiver.next(Duration::from_millis(150)).await {
+            return Some((report, started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_report_is_immediate_and_the_next_come_every_interval() {
+    let receiver = TestReceiver::start();
+    let started = tokio::time::Instant::now();
+    let (svm, _stop) = reporting_svm(&receiver, |_| {}).await;
+
+    let first = receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(first.sequence, 1);
+    assert_eq!(first.trigger(), ReportTrigger::Start);
+    assert_eq!(first.status(), Health::Ok);
+    let signatures = first.signatures.as_ref().unwrap();
+    assert_eq!(signatures.version, svm.engine.ruleset().version());
+    assert!(signatures.rule_count > 0);
+    assert!(first.load.is_some() && first.cache.is_some());
+    reports_recorded(&svm, 1).await;
+
+    let earliest = Duration::from_secs_f64(300.0 * (1.0 - JITTER)) - Duration::from_secs(1);
+    let latest = Duration::from_secs_f64(300.0 * (1.0 + JITTER)) + Duration::from_secs(1);
+    for sequence in 2..=3 {
+        tokio::time::sleep(earliest).await;
+        assert!(
+            receiver.next(Duration::from_millis(200)).await.is_none(),
+            "report {sequence} came early"
+        );
+        let (report, after) = next_report_within(&receiver, latest - earliest)
+            .await
+            .unwrap_or_else(|| panic!("report {sequence} did not come"));
+        assert_eq!(report.sequence, sequence);
+        assert_eq!(report.trigger(), ReportTrigger::Scheduled);
+        let interval = earliest + after;
+        assert!(interval >= earliest && interval <= latest, "{interval:?}");
+        reports_recorded(&svm, sequence).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
+    let mut receiver = TestReceiver::start();
+    let (svm, _stop) = reporting_svm(&receiver, |config| {
+        config.reporting.interval = Duration::from_secs(60);
+    })
+    .await;
+    receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    reports_recorded(&svm, 1).await;
+    assert_eq!(svm.status().health, Health::Ok);
+
+    receiver.stop();
+    // The next regular report fails.
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    reports_recorded(&svm, 2).await;
+    let status = svm.status();
+    assert_eq!(status.health, Health::Warning);
+    assert_eq!(status.reasons, [SvmReason::NoConnectionToIntegrationServer]);
+    assert_eq!(
+        SvmReason::NoConnectionToIntegrationServer.describe(),
+        "no connection to the Integration Server"
+    );
+
+    // Retries back off: 1 s, 2 s, 4 s ... and the receiver is back.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    receiver.listen();
+    let (retry, _) = next_report_within(&receiver, Duration::from_secs(60))
+        .await
+        .expect("a retry once the receiver is back");
+    assert_eq!(retry.trigger(), ReportTrigger::Retry);
+    // The retry carries the status it was sent with; the recovery is
+    // reported at once as a change.
+    assert_eq!(retry.status(), Health::Warning);
+    let (change, _) = next_report_within(&receiver, Duration::from_secs(10))
+        .await
+        .expect("a report of the recovery");
+    assert_eq!(change.trigger(), ReportTrigger::Change);
+    assert_eq!(change.status(), Health::Ok);
+    assert!(change.reasons.is_empty());
+    reports_recorded(&svm, svm.engine.metrics().reports().1 + 3).await;
+    assert_eq!(svm.status().health, Health::Ok);
+    let (delivered, failed) = svm.engine.metrics().reports();
+    assert!(failed >= 2 && delivered == 3, "{delivered} delivered, {failed} failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scan_queue_full_for_a_minute_turns_the_svm_warning() {
+    let receiver = TestReceiver::start();
+    let (svm, _stop) = reporting_svm(&receiver, |config| {
+        config.engine.queue_capacity = 1;
+    })
+    .await;
+    receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    reports_recorded(&svm, 1).await;
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&svm).monitor(shutdown_rx));
+
+    let slot = svm.engine.try_reserve().unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(svm.status().health, Health::Ok, "half a minute is not saturation");
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(svm.status().reasons, [SvmReason::ScanQueueSaturated]);
+    assert_eq!(svm.status().health, Health::Warning);
+    drop(slot);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(svm.status().health, Health::Ok);
+    let _ = shutdown.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
+    let infrastructure = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = infrastructure.local_addr().unwrap().to_string();
+    let server = TestServer::start(|config| {
+        config.infrastructure.endpoint = Some(endpoint);
+        config.rules.max_age = Duration::ZERO;
+    })
+    .await;
+    let svm = &server.svm;
+    svm.probe().await;
+    assert_eq!(svm.status().reasons, [SvmReason::SignaturesOutdated]);
+    assert_eq!(svm.status().health, Health::Warning);
+
+    drop(infrastructure);
+    svm.probe().await;
+    assert_eq!(
+        svm.status().reasons,
+        [SvmReason::InfrastructureUnreachable, SvmReason::SignaturesOutdated]
+    );
+    assert_eq!(svm.status().health, Health::Critical);
+
+    // What `scanserver status` prints.
+    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let reply = admin.status(scanserver::proto::StatusRequest {}).await.unwrap().into_inner();
+    let text = admin::render_status(&reply);
+    assert!(text.contains("status CRITICAL"), "{text}");
+    assert!(text.contains("reason: virtual infrastructure unreachable"), "{text}");
+    assert!(text.contains("reason: signatures outdated"), "{text}");
+    let probe = reply.components.iter().find(|c| c.name == "infrastructure probe").unwrap();
+    assert!(probe.detail.contains("cannot connect"), "{probe:?}");
+}
+
+/// An agent session whose server messages are collected.
+struct TestAgent {
+    session_id: String,
+    out: mpsc::Sender<AgentMessage>,
+    messages: mpsc::Receiver<server_message::Kind>,
+}
+
+impl TestAgent {
+    async fn connect(server: &TestServer, vm_id: &str) -> TestAgent {
+        let mut hello = hello();
+        hello.vm_id = vm_id.to_owned();
+        let (out, rx) = mpsc::channel(8);
+        out.send(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut incoming = server
+            .client()
+            .await
+            .connect(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let session_id = match incoming.message().await.unwrap().unwrap().kind.unwrap() {
+            server_message::Kind::Welcome(welcome) => welcome.session_id,
+            other => panic!("expected a welcome, got {other:?}"),
+        };
+        let (tx, messages) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = incoming.message().await {
+                if let Some(kind) = message.kind {
+                    let _ = tx.send(kind).await;
+                }
+            }
+        });
+        TestAgent {
+            session_id,
+            out,
+            messages,
+        }
+    }
+
+    async fn tell(&self, kind: agent_message::Kind) {
+        self.out.send(AgentMessage { kind: Some(kind) }).await.unwrap();
+    }
+
+    async fn full_scan_finished(&self, detections: u32) {
+        self.tell(agent_message::Kind::Task(TaskEvent {
+            task_id: "full-1".into(),
+            kind: TaskKind::FullScan as i32,
+            state: TaskState::Finished as i32,
+            detections,
+        }))
+        .await;
+    }
+
+    /// Scans `data` through a Scan stream; returns the number of detections.
+    async fn scan(&self, server: &TestServer, data: &[u8]) -> usize {
+        let mut client = server.client().await;
+        let requests = [
+            scan_request::Kind::Begin(scanserver::proto::FileBegin {
+                file_id: 1,
+                session_id: self.session_id.clone(),
+                path: "C:\\Users\\a\\Downloads\\sample.com".into(),
+                size: data.len() as u64,
+                blake3: Default::default(),
+            }),
+            scan_request::Kind::Chunk(scanserver::proto::FileChunk {
+                file_id: 1,
+                offset: 0,
+                data: data.to_vec().into(),
+                path: String::new(),
+            }),
+            scan_request::Kind::End(scanserver::proto::FileEnd { file_id: 1 }),
+        ]
+        .map(|kind| ScanRequest { kind: Some(kind) });
+        let mut replies = client
+            .scan(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        match replies.message().await.unwrap().unwrap().kind.unwrap() {
+            scan_reply::Kind::Verdict(verdict) => verdict.detection_count(),
+            other => panic!("expected a verdict, got {other:?}"),
+        }
+    }
+}
+
+/// The VM `vm_id` as the admin service lists it.
+async fn vm_info(server: &TestServer, vm_id: &str) -> VmInfo {
+    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let reply = admin.agents(AgentsRequest {}).await.unwrap().into_inner();
+    reply.vms.into_iter().find(|vm| vm.vm_id == vm_id).expect("the VM is listed")
+}
+
+fn reasons(vm: &VmInfo) -> Vec<VmReason> {
+    vm.reasons().collect()
+}
+
+fn tags(vm: &VmInfo) -> Vec<(String, i32)> {
+    vm.tags.iter().map(|t| (t.name.clone(), t.origin)).collect()
+}
+
+/// Waits (real time) for a report in which `check` holds for VM `vm_id`.
+async fn report_where(receiver: &TestReceiver, vm_id: &str, check: impl Fn(&VmInfo) -> bool) -> SvmReport {
+    for _ in 0..20 {
+        let Some(report) = receiver.next(Duration::from_secs(10)).await else {
+            break;
+        };
+        if report.vms.iter().any(|vm| vm.vm_id == vm_id && check(vm)) {
+            return report;
+        }
+    }
+    panic!("no report showed the expected state of {vm_id}");
+}
+
+const VIRUS_FOUND: &str = "ANTI_VIRUS.VirusFound.threat=high";
+const IDS_IPS: &str = "IDS_IPS.threat=high";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
+    let receiver = TestReceiver::start();
+    let started = std::time::Instant::now();
+    let server = TestServer::start(|config| {
+        config.reporting.integration_server = Some(receiver.url());
+    })
+    .await;
+    let first = receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(first.trigger(), ReportTrigger::Start);
+
+    let agent = TestAgent::connect(&server, "vm-x").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    let tagged = report_where(&receiver, "vm-x", |vm| !vm.tags.is_empty()).await;
+    assert_eq!(tagged.trigger(), ReportTrigger::Change);
+    assert_eq!(tagged.connected_agents, 1);
+    let vm = tagged.vms.iter().find(|vm| vm.vm_id == "vm-x").unwrap();
+    assert_eq!(tags(vm), [(VIRUS_FOUND.to_owned(), 1)]);
+    assert_eq!(vm.status(), Health::Critical);
+    assert_eq!(reasons(vm), [VmReason::ThreatFound]);
+
+    // A full scan that found something keeps the tag; a clean one removes it.
+    agent.full_scan_finished(2).await;
+    agent.full_scan_finished(0).await;
+    let untagged = report_where(&receiver, "vm-x", |vm| vm.tags.is_empty()).await;
+    let vm = untagged.vms.iter().find(|vm| vm.vm_id == "vm-x").unwrap();
+    assert_eq!(vm.status(), Health::Ok);
+
+    // Assigned by hand, it survives a clean full scan.
+    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let request = TagRequest {
+        vm_id: "vm-x".into(),
+        tag: VIRUS_FOUND.into(),
+    };
+    assert!(admin.assign_tag(request.clone()).await.unwrap().into_inner().changed);
+    report_where(&receiver, "vm-x", |vm| !vm.tags.is_empty()).await;
+    agent.full_scan_finished(0).await;
+    agent.scan(&server, b"harmless").await;
+    assert_eq!(tags(&vm_info(&server, "vm-x").await), [(VIRUS_FOUND.to_owned(), 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_removed_by_hand_restarts_the_agents_session() {
+    let server = TestServer::start(|_| {}).await;
+    let mut agent = TestAgent::connect(&server, "vm-y").await;
+    agent
+        .tell(agent_message::Kind::NetworkAttack(NetworkAttackEvent {
+            source_address: "203.0.113.9".into(),
+            description: "port scan".into(),
+        }))
+        .await;
+    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let mut vm = vm_info(&server, "vm-y").await;
+    for _ in 0..100 {
+        if !vm.tags.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        vm = vm_info(&server, "vm-y").await;
+    }
+    assert_eq!(tags(&vm), [(IDS_IPS.to_owned(), 1)]);
+    assert_eq!(reasons(&vm), [VmReason::NetworkAttack]);
+    // Only an operator removes it.
+    agent.full_scan_finished(0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tags(&vm_info(&server, "vm-y").await).len(), 1);
+
+    let request = TagRequest {
+        vm_id: "vm-y".into(),
+        tag: IDS_IPS.into(),
+    };
+    assert!(admin.remove_tag(request.clone()).await.unwrap().into_inner().changed);
+    assert!(!admin.remove_tag(request).await.unwrap().into_inner().changed);
+    let restart = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match agent.messages.recv().await {
+                Some(server_message::Kind::RestartSession(restart)) => return restart,
+                Some(_) => continue,
+                None => panic!("the session ended without a restart request"),
+            }
+        }
+    })
+    .await
+    .expect("a restart request");
+    assert!(restart.reason.contains(IDS_IPS), "{}", restart.reason);
+
+    // Unknown VMs and tags are refused with the right codes.
+    let unknown_vm = TagRequest {
+        vm_id: "vm-never-seen".into(),
+        tag: IDS_IPS.into(),
+    };
+    let status = admin.assign_tag(unknown_vm).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let unknown_tag = TagRequest {
+        vm_id: "vm-y".into(),
+        tag: "VirusFound".into(),
+    };
+    let status = admin.assign_tag(unknown_tag).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_agents_tell_sets_the_vm_status() {
+    let server = TestServer::start(|_| {}).await;
+    let agent = TestAgent::connect(&server, "vm-z").await;
+    agent
+        .tell(agent_message::Kind::Status(AgentStatus {
+            integration_server_connected: false,
+        }))
+        .await;
+    agent
+        .tell(agent_message::Kind::Integrity(IntegrityEvent {
+            kind: IntegrityKind::RegistryModified as i32,
+            object: "HKLM\\Software\\Run".into(),
+        }))
+        .await;
+    let expected = [VmReason::NoConnectionToIntegrationServer, VmReason::RegistryModified];
+    let vm = eventually(&server, "vm-z", |vm| reasons(vm) == expected).await;
+    assert_eq!(vm.status(), Health::Warning);
+
+    agent
+        .tell(agent_message::Kind::Status(AgentStatus {
+            integration_server_connected: true,
+        }))
+        .await;
+    agent.full_scan_finished(0).await;
+    let vm = eventually(&server, "vm-z", |vm| vm.reasons.is_empty()).await;
+    assert_eq!(vm.status(), Health::Ok);
+    assert!(vm.connected);
+}
+
+/// Polls the admin service until `check` holds for VM `vm_id`.
+async fn eventually(server: &TestServer, vm_id: &str, check: impl Fn(&VmInfo) -> bool) -> VmInfo {
+    for _ in 0..250 {
+        let vm = vm_info(server, vm_id).await;
+        if check(&vm) {
+            return vm;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{vm_id} never reached the expected state: {:?}", vm_info(server, vm_id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_vms_and_their_tags_survive_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_owned();
+    let server = TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
+    let agent = TestAgent::connect(&server, "vm-1").await;
+    let other = TestAgent::connect(&server, "vm-2").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    drop(other);
+    eventually(&server, "vm-1", |vm| !vm.tags.is_empty()).await;
+    server.stop().await;
+    drop(agent);
+
+    let server = TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
+    let report = server.svm.report(true);
+    assert_eq!(report.protected_vms_30d, 2);
+    assert_eq!(report.connected_agents, 0);
+    let vm = report.vms.iter().find(|vm| vm.vm_id == "vm-1").unwrap();
+    assert!(!vm.connected);
+    assert_eq!(tags(vm), [(VIRUS_FOUND.to_owned(), 1)]);
+    assert!(vm.last_seen_unix_ms > 0);
+    server.stop().await;
+}
+
+#[test]
+fn tag_rules_without_a_network() {
+    let vms = Arc::new(Vms::in_memory());
+    let sessions = Sessions::new(10, 10, Arc::clone(&vms), Arc::default());
+    let session = sessions
+        .open(AgentIdentity {
+            agent_id: "a".into(),
+            vm_id: "vm".into(),
+            vm_name: "desk".into(),
+            os: "Windows".into(),
+            agent_version: "1".into(),
+            connection_tags: vec![],
+        })
+        .unwrap();
+    let tags = |vms: &Vms| vms.get("vm").unwrap().tags.keys().copied().collect::<Vec<_>>();
+
+    vms.threat_found("vm");
+    assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
+    vms.task_finished("vm", TaskKind::CustomScan, 0);
+    assert_eq!(tags(&vms), [SecurityTag::VirusFound], "only a full scan clears it");
+    vms.task_finished("vm", TaskKind::FullScan, 0);
+    assert!(tags(&vms).is_empty());
+
+    vms.assign("vm", SecurityTag::VirusFound).unwrap();
+    vms.threat_found("vm");
+    vms.task_finished("vm", TaskKind::FullScan, 0);
+    assert_eq!(tags(&vms), [SecurityTag::VirusFound], "a manual tag stays");
+    assert!(vms.remove("vm", SecurityTag::VirusFound).unwrap());
+
+    vms.network_attack("vm");
+    vms.task_finished("vm", TaskKind::FullScan, 0);
+    assert_eq!(tags(&vms), [SecurityTag::IdsIps]);
+
+    // A dropped session is a reason; a closed one is not.
+    sessions.close(&session.id, Ending::Dropped);
+    let vm = vms.get("vm").unwrap();
+    assert_eq!(vm.reasons(), [VmReason::NoConnectionToSvm, VmReason::NetworkAttack]);
+    let again = sessions.open(session.agent.clone()).unwrap();
+    sessions.close(&again.id, Ending::Closed);
+    assert_eq!(vms.get("vm").unwrap().reasons(), [VmReason::NetworkAttack]);
+}
