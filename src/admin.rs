@@ -204,9 +204,11 @@ fn health(value: i32) -> &'static str {
 }
 
 fn svm_reason(value: i32) -> String {
-    SvmReason::try_from(value).map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
+    SvmReason::try_from(value)
+        .map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
 }
 
 fn vm_reason(value: i32) -> String {
-    VmReason::try_from(value).map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
+    VmReason::try_from(value)
+        .map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
 }

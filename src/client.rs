@@ -28,9 +28,9 @@ use crate::{
     engine::ScanOutcome,
     proto::{
         AgentMessage, FileBegin, FileChunk, FileEnd, FileVerdict, Heartbeat, Hello, LookupRequest,
-        PROTOCOL_VERSION, RejectReason, ScanRequest, TaskEvent, TaskKind, TaskState, Welcome,
-        agent_message, protection_server_client::ProtectionServerClient, scan_reply, scan_request,
-        server_message,
+        PROTOCOL_VERSION, RejectReason, ScanRequest, ServerMessage, TaskEvent, TaskKind, TaskState,
+        Welcome, agent_message, protection_server_client::ProtectionServerClient, scan_reply,
+        scan_request, server_message,
     },
     verdict::{FailReason, Verdict},
 };
@@ -235,6 +235,9 @@ impl Agent {
                         }
                     }
                     message = incoming.message() => match message {
+                        Ok(Some(ServerMessage { kind: Some(server_message::Kind::RestartSession(restart)) })) => {
+                            tracing::warn!("the server asks this agent to restart its session: {}", restart.reason);
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => return,
                     }

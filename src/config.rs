@@ -316,6 +316,9 @@ mod tests {
             defaults.server.snapshot_interval
         );
         assert_eq!(config.engine.scan_timeout, defaults.engine.scan_timeout);
+        assert_eq!(config.rules.max_age, defaults.rules.max_age);
+        assert_eq!(config.reporting.interval, defaults.reporting.interval);
+        assert_eq!(config.server.admin_listen, defaults.server.admin_listen);
         assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);
     }
 

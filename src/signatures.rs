@@ -636,6 +636,16 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
+/// The newest modification time among `paths` (the epoch when none can be
+/// read, which makes the signatures look outdated rather than fresh).
+fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> SystemTime {
+    paths
+        .into_iter()
+        .filter_map(|path| fs::metadata(path).and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,14 +660,4 @@ mod tests {
         assert_eq!(include_target(b"// include \"a.yar\""), None);
         assert_eq!(include_target(b"rule included { condition: true }"), None);
     }
-}
-
-/// The newest modification time among `paths` (the epoch when none can be
-/// read, which makes the signatures look outdated rather than fresh).
-fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> SystemTime {
-    paths
-        .into_iter()
-        .filter_map(|path| fs::metadata(path).and_then(|m| m.modified()).ok())
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH)
 }

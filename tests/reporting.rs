@@ -24,10 +24,10 @@ use scanserver::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
         NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport, TagRequest,
         TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message,
-        integration_server_server::IntegrationServerServer,
-        scan_reply, scan_request, server_message,
+        integration_server_server::IntegrationServerServer, scan_reply, scan_request,
+        server_message,
     },
-    reporting::{JITTER, Reporter, Receiver},
+    reporting::{JITTER, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
     status::Svm,
     vms::{Ending, SecurityTag, Vms},
@@ -173,7 +173,10 @@ async fn reports_recorded(svm: &Arc<Svm>, n: u64) {
 
 /// Moves a paused clock a second at a time, up to `limit`, until a report
 /// arrives; returns it with the time it took.
-async fn next_report_within(receiver: &TestReceiver, limit: Duration) -> Option<(SvmReport, Duration)> {
+async fn next_report_within(
+    receiver: &TestReceiver,
+    limit: Duration,
+) -> Option<(SvmReport, Duration)> {
     let started = tokio::time::Instant::now();
     while started.elapsed() <= limit {
         if let Some(report) = receiver.next(Duration::from_millis(150)).await {
@@ -190,7 +193,10 @@ async fn the_first_report_is_immediate_and_the_next_come_every_interval() {
     let started = tokio::time::Instant::now();
     let (svm, _stop) = reporting_svm(&receiver, |_| {}).await;
 
-    let first = receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    let first = receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a first report");
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(first.sequence, 1);
     assert_eq!(first.trigger(), ReportTrigger::Start);
@@ -227,7 +233,10 @@ async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
         config.reporting.interval = Duration::from_secs(60);
     })
     .await;
-    receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a first report");
     reports_recorded(&svm, 1).await;
     assert_eq!(svm.status().health, Health::Ok);
 
@@ -262,7 +271,10 @@ async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
     reports_recorded(&svm, svm.engine.metrics().reports().1 + 3).await;
     assert_eq!(svm.status().health, Health::Ok);
     let (delivered, failed) = svm.engine.metrics().reports();
-    assert!(failed >= 2 && delivered == 3, "{delivered} delivered, {failed} failed");
+    assert!(
+        failed >= 2 && delivered == 3,
+        "{delivered} delivered, {failed} failed"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -272,14 +284,21 @@ async fn a_scan_queue_full_for_a_minute_turns_the_svm_warning() {
         config.engine.queue_capacity = 1;
     })
     .await;
-    receiver.next(Duration::from_secs(10)).await.expect("a first report");
+    receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a first report");
     reports_recorded(&svm, 1).await;
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(Arc::clone(&svm).monitor(shutdown_rx));
 
     let slot = svm.engine.try_reserve().unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(svm.status().health, Health::Ok, "half a minute is not saturation");
+    assert_eq!(
+        svm.status().health,
+        Health::Ok,
+        "half a minute is not saturation"
+    );
     tokio::time::sleep(Duration::from_secs(31)).await;
     assert_eq!(svm.status().reasons, [SvmReason::ScanQueueSaturated]);
     assert_eq!(svm.status().health, Health::Warning);
@@ -307,18 +326,32 @@ async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
     svm.probe().await;
     assert_eq!(
         svm.status().reasons,
-        [SvmReason::InfrastructureUnreachable, SvmReason::SignaturesOutdated]
+        [
+            SvmReason::InfrastructureUnreachable,
+            SvmReason::SignaturesOutdated
+        ]
     );
     assert_eq!(svm.status().health, Health::Critical);
 
     // What `scanserver status` prints.
     let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
-    let reply = admin.status(scanserver::proto::StatusRequest {}).await.unwrap().into_inner();
+    let reply = admin
+        .status(scanserver::proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let text = admin::render_status(&reply);
     assert!(text.contains("status CRITICAL"), "{text}");
-    assert!(text.contains("reason: virtual infrastructure unreachable"), "{text}");
+    assert!(
+        text.contains("reason: virtual infrastructure unreachable"),
+        "{text}"
+    );
     assert!(text.contains("reason: signatures outdated"), "{text}");
-    let probe = reply.components.iter().find(|c| c.name == "infrastructure probe").unwrap();
+    let probe = reply
+        .components
+        .iter()
+        .find(|c| c.name == "infrastructure probe")
+        .unwrap();
     assert!(probe.detail.contains("cannot connect"), "{probe:?}");
 }
 
@@ -366,7 +399,10 @@ impl TestAgent {
     }
 
     async fn tell(&self, kind: agent_message::Kind) {
-        self.out.send(AgentMessage { kind: Some(kind) }).await.unwrap();
+        self.out
+            .send(AgentMessage { kind: Some(kind) })
+            .await
+            .unwrap();
     }
 
     async fn full_scan_finished(&self, detections: u32) {
@@ -415,7 +451,11 @@ impl TestAgent {
 async fn vm_info(server: &TestServer, vm_id: &str) -> VmInfo {
     let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
     let reply = admin.agents(AgentsRequest {}).await.unwrap().into_inner();
-    reply.vms.into_iter().find(|vm| vm.vm_id == vm_id).expect("the VM is listed")
+    reply
+        .vms
+        .into_iter()
+        .find(|vm| vm.vm_id == vm_id)
+        .expect("the VM is listed")
 }
 
 fn reasons(vm: &VmInfo) -> Vec<VmReason> {
@@ -427,7 +467,11 @@ fn tags(vm: &VmInfo) -> Vec<(String, i32)> {
 }
 
 /// Waits (real time) for a report in which `check` holds for VM `vm_id`.
-async fn report_where(receiver: &TestReceiver, vm_id: &str, check: impl Fn(&VmInfo) -> bool) -> SvmReport {
+async fn report_where(
+    receiver: &TestReceiver,
+    vm_id: &str,
+    check: impl Fn(&VmInfo) -> bool,
+) -> SvmReport {
     for _ in 0..20 {
         let Some(report) = receiver.next(Duration::from_secs(10)).await else {
             break;
@@ -450,8 +494,15 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
         config.reporting.integration_server = Some(receiver.url());
     })
     .await;
-    let first = receiver.next(Duration::from_secs(10)).await.expect("a first report");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let first = receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a first report");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(first.trigger(), ReportTrigger::Start);
 
     let agent = TestAgent::connect(&server, "vm-x").await;
@@ -477,11 +528,21 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
         vm_id: "vm-x".into(),
         tag: VIRUS_FOUND.into(),
     };
-    assert!(admin.assign_tag(request.clone()).await.unwrap().into_inner().changed);
+    assert!(
+        admin
+            .assign_tag(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
     report_where(&receiver, "vm-x", |vm| !vm.tags.is_empty()).await;
     agent.full_scan_finished(0).await;
     agent.scan(&server, b"harmless").await;
-    assert_eq!(tags(&vm_info(&server, "vm-x").await), [(VIRUS_FOUND.to_owned(), 2)]);
+    assert_eq!(
+        tags(&vm_info(&server, "vm-x").await),
+        [(VIRUS_FOUND.to_owned(), 2)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,8 +575,22 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
         vm_id: "vm-y".into(),
         tag: IDS_IPS.into(),
     };
-    assert!(admin.remove_tag(request.clone()).await.unwrap().into_inner().changed);
-    assert!(!admin.remove_tag(request).await.unwrap().into_inner().changed);
+    assert!(
+        admin
+            .remove_tag(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    assert!(
+        !admin
+            .remove_tag(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
     let restart = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match agent.messages.recv().await {
@@ -559,7 +634,10 @@ async fn what_agents_tell_sets_the_vm_status() {
             object: "HKLM\\Software\\Run".into(),
         }))
         .await;
-    let expected = [VmReason::NoConnectionToIntegrationServer, VmReason::RegistryModified];
+    let expected = [
+        VmReason::NoConnectionToIntegrationServer,
+        VmReason::RegistryModified,
+    ];
     let vm = eventually(&server, "vm-z", |vm| reasons(vm) == expected).await;
     assert_eq!(vm.status(), Health::Warning);
 
@@ -583,14 +661,18 @@ async fn eventually(server: &TestServer, vm_id: &str, check: impl Fn(&VmInfo) ->
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{vm_id} never reached the expected state: {:?}", vm_info(server, vm_id).await);
+    panic!(
+        "{vm_id} never reached the expected state: {:?}",
+        vm_info(server, vm_id).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_vms_and_their_tags_survive_a_restart() {
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_owned();
-    let server = TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
+    let server =
+        TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
     let agent = TestAgent::connect(&server, "vm-1").await;
     let other = TestAgent::connect(&server, "vm-2").await;
     assert_eq!(agent.scan(&server, EICAR).await, 1);
@@ -599,7 +681,8 @@ async fn protected_vms_and_their_tags_survive_a_restart() {
     server.stop().await;
     drop(agent);
 
-    let server = TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
+    let server =
+        TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
     let report = server.svm.report(true);
     assert_eq!(report.protected_vms_30d, 2);
     assert_eq!(report.connected_agents, 0);
@@ -624,12 +707,23 @@ fn tag_rules_without_a_network() {
             connection_tags: vec![],
         })
         .unwrap();
-    let tags = |vms: &Vms| vms.get("vm").unwrap().tags.keys().copied().collect::<Vec<_>>();
+    let tags = |vms: &Vms| {
+        vms.get("vm")
+            .unwrap()
+            .tags
+            .keys()
+            .copied()
+            .collect::<Vec<_>>()
+    };
 
     vms.threat_found("vm");
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
     vms.task_finished("vm", TaskKind::CustomScan, 0);
-    assert_eq!(tags(&vms), [SecurityTag::VirusFound], "only a full scan clears it");
+    assert_eq!(
+        tags(&vms),
+        [SecurityTag::VirusFound],
+        "only a full scan clears it"
+    );
     vms.task_finished("vm", TaskKind::FullScan, 0);
     assert!(tags(&vms).is_empty());
 
@@ -646,7 +740,10 @@ fn tag_rules_without_a_network() {
     // A dropped session is a reason; a closed one is not.
     sessions.close(&session.id, Ending::Dropped);
     let vm = vms.get("vm").unwrap();
-    assert_eq!(vm.reasons(), [VmReason::NoConnectionToSvm, VmReason::NetworkAttack]);
+    assert_eq!(
+        vm.reasons(),
+        [VmReason::NoConnectionToSvm, VmReason::NetworkAttack]
+    );
     let again = sessions.open(session.agent.clone()).unwrap();
     sessions.close(&again.id, Ending::Closed);
     assert_eq!(vms.get("vm").unwrap().reasons(), [VmReason::NetworkAttack]);

@@ -13,8 +13,8 @@ use scanserver::{
     config::{Config, TlsConfig},
     proto::{
         self, AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, Hello, LookupRequest,
-        RejectReason, ScanReply, ScanRequest,
-        protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
+        RejectReason, ScanReply, ScanRequest, protection_server_client::ProtectionServerClient,
+        scan_reply, scan_request, server_message,
     },
     server::Server,
     service::Counters,
