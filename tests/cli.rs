@@ -168,3 +168,131 @@ fn rules_check_prints_version_and_count_or_errors() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("bad.yar:3:5"), "{stderr}");
 }
+
+/// A free loopback port (free when asked; the test uses it at once).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `scanserver receiver` on `port`, its JSON lines sent to `lines`.
+fn receiver(cache: &Path, port: u16, lines: std::sync::mpsc::Sender<String>) -> Running {
+    use std::io::BufRead;
+    let mut child = scanserver(cache)
+        .args(["receiver", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    Running(child)
+}
+
+/// Runs `scanserver status` until its output contains `expected`; returns
+/// the output and exit status.
+fn status_until(cache: &Path, admin: &str, expected: &str) -> (String, Option<i32>) {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let output = scanserver(cache)
+            .args(["status", "--admin", admin])
+            .output()
+            .unwrap();
+        last = String::from_utf8_lossy(&output.stdout).into_owned();
+        if last.contains(expected) {
+            return (last, output.status.code());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("`scanserver status` never said {expected:?}; last:\n{last}");
+}
+
+#[test]
+fn serve_reports_to_an_integration_server_and_status_follows_it() {
+    use std::time::{Duration, Instant};
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    // Compile the signatures once, so that serve starts from the cache.
+    let empty = tempfile::tempdir().unwrap();
+    scanserver(cache.path())
+        .arg("scan")
+        .arg(empty.path())
+        .output()
+        .unwrap();
+
+    let (listen, admin, integration) = (free_port(), free_port(), free_port());
+    let admin = format!("127.0.0.1:{admin}");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let mut receiving = Some(receiver(cache.path(), integration, lines_tx.clone()));
+    let started = Instant::now();
+    let _server = Running(
+        scanserver(cache.path())
+            .args(["serve", "--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin-listen", &admin])
+            .args([
+                "--integration-server",
+                &format!("http://127.0.0.1:{integration}"),
+            ])
+            .args(["--report-interval", "2s"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--spool-dir")
+            .arg(state.path().join("spool"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let first = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a first report");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["trigger"], "REPORT_TRIGGER_START");
+    assert_eq!(first["status"], "HEALTH_OK");
+    let second = lines
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a second report");
+    let second: serde_json::Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(second["trigger"], "REPORT_TRIGGER_SCHEDULED");
+
+    let (text, code) = status_until(cache.path(), &admin, "status OK");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("integration server reporter"), "{text}");
+
+    receiving.take();
+    let (text, code) = status_until(cache.path(), &admin, "status WARNING");
+    assert!(
+        text.contains("reason: no connection to the Integration Server"),
+        "{text}"
+    );
+    assert_eq!(code, Some(1));
+
+    let _receiving = receiver(cache.path(), integration, lines_tx);
+    let (text, code) = status_until(cache.path(), &admin, "status OK");
+    assert!(!text.contains("reason:"), "{text}");
+    assert_eq!(code, Some(0));
+}
