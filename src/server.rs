@@ -181,9 +181,13 @@ impl Server {
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
             .await;
+        // The descriptors hold every service of the package; agents are shown
+        // only what this listener serves.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("scanserver.v1.ProtectionServer")
+            .with_service_name("grpc.health.v1.Health")
             .build_v1()?;
         let service = ProtectionServerServer::new(ProtectionService::new(Arc::clone(&self.state)))
             .max_decoding_message_size(MAX_MESSAGE_SIZE);
@@ -267,8 +271,13 @@ impl Server {
             tokio::spawn(reporter.run(self.shutdown.subscribe()));
         }
         if let Some(listener) = self.admin.take() {
+            let reflection = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .with_service_name("scanserver.v1.Admin")
+                .build_v1();
             let admin = tonic::transport::Server::builder()
                 .add_service(AdminServer::new(AdminService::new(Arc::clone(&self.svm))))
+                .add_optional_service(reflection.ok())
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), down());
             tokio::spawn(async move {
                 if let Err(err) = admin.await {

@@ -372,7 +372,6 @@ impl Vms {
             vm.session_id = Some(session.id.clone());
         }
         self.changes.send_modify(|generation| *generation += 1);
-        self.forget_old();
     }
 
     /// `session` ended. A later session of the same VM (an agent that
@@ -515,7 +514,8 @@ impl Vms {
     }
 
     /// Forgets VMs not seen for 30 days, and the oldest untagged ones over
-    /// [`MAX_VMS`].
+    /// [`MAX_VMS`]. Done when the registry is loaded and saved (every
+    /// minute), not per connection: a boot storm should not walk it.
     fn forget_old(&self) {
         let horizon = unix_ms(SystemTime::now()).saturating_sub(RETENTION.as_millis() as u64);
         let mut by_id = self.lock();

@@ -748,3 +748,42 @@ fn tag_rules_without_a_network() {
     sessions.close(&again.id, Ending::Closed);
     assert_eq!(vms.get("vm").unwrap().reasons(), [VmReason::NetworkAttack]);
 }
+
+/// `GET /metrics` over plain HTTP/1.1.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_scans_verdicts_and_agents() {
+    let server = TestServer::start(|config| {
+        config.server.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let agent = TestAgent::connect(&server, "vm-m").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    assert_eq!(agent.scan(&server, b"harmless").await, 0);
+
+    let text = scrape(server.metrics.unwrap()).await;
+    for line in [
+        "scanserver_scans_total 2",
+        "scanserver_verdicts_total{verdict=\"infected\",source=\"scan\"} 1",
+        "scanserver_verdicts_total{verdict=\"infected\",source=\"cache\"} 1",
+        "scanserver_verdicts_total{verdict=\"clean\",source=\"scan\"} 1",
+        "scanserver_scan_duration_seconds_count 2",
+        "scanserver_connected_agents 1",
+        "scanserver_protected_vms 1",
+        "scanserver_cache_entries 2",
+        "scanserver_cache_hits_total 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+}

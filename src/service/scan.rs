@@ -530,7 +530,10 @@ pub(super) async fn scan_file(
     let name = name.unwrap_or_default();
     let engine = &state.engine;
     let judging = Judging::start(engine, &received.digest, &name, Standing::Unannounced).await;
-    Ok(judging.verdict(engine, received, name).await)
+    let verdict = judging.verdict(engine, received, name).await;
+    // No session: counted in the metrics, but for no VM.
+    engine.metrics().verdict(&verdict);
+    Ok(verdict)
 }
 
 /// Resolves at `deadline`, or never without one.

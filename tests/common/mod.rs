@@ -71,6 +71,7 @@ pub fn matching_rules(engine: &Engine, data: &[u8], name: &str) -> Vec<String> {
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
+    pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
     pub spool: tempfile::TempDir,
@@ -97,7 +98,11 @@ impl TestServer {
             Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
         let server = Server::bind(&config, engine).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, admin) = (server.local_addr(), server.admin_addr());
+        let (addr, admin, metrics) = (
+            server.local_addr(),
+            server.admin_addr(),
+            server.metrics_addr(),
+        );
         let (state, svm) = (Arc::clone(server.state()), Arc::clone(server.svm()));
         let running = tokio::spawn(async move {
             server
@@ -111,6 +116,7 @@ impl TestServer {
         TestServer {
             addr,
             admin,
+            metrics,
             state,
             svm,
             spool,
