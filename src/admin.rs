@@ -11,7 +11,7 @@ use crate::{
         AgentsReply, AgentsRequest, ComponentState, Health, StatusReply, StatusRequest, SvmReason,
         TagReply, TagRequest, VmInfo, VmReason, admin_server::Admin,
     },
-    status::Svm,
+    status::{Svm, WhichVms},
     vms::{SecurityTag, TagError},
 };
 
@@ -28,30 +28,26 @@ impl AdminService {
         AdminService { svm }
     }
 
-    fn tag_request(&self, request: &TagRequest) -> Result<SecurityTag, Status> {
-        request.tag.parse().map_err(Status::invalid_argument)
-    }
-
     fn tag_reply(
         &self,
         vm_id: &str,
         changed: Result<bool, TagError>,
     ) -> Result<Response<TagReply>, Status> {
         let changed = changed.map_err(|err| Status::not_found(err.to_string()))?;
-        let vm = self
-            .svm
-            .vm_infos(false)
-            .into_iter()
-            .find(|vm| vm.vm_id == vm_id);
+        let vm = self.svm.vm(vm_id);
         Ok(Response::new(TagReply { changed, vm }))
     }
+}
+
+/// The tag a request names, or INVALID_ARGUMENT.
+fn requested_tag(request: &TagRequest) -> Result<SecurityTag, Status> {
+    request.tag.parse().map_err(Status::invalid_argument)
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let mut report = self.svm.report(false);
-        report.vms.clear();
+        let report = self.svm.report(WhichVms::None);
         Ok(Response::new(StatusReply {
             report: Some(report),
             components: self.svm.components(),
@@ -60,13 +56,13 @@ impl Admin for AdminService {
 
     async fn agents(&self, _: Request<AgentsRequest>) -> Result<Response<AgentsReply>, Status> {
         Ok(Response::new(AgentsReply {
-            vms: self.svm.vm_infos(false),
+            vms: self.svm.vm_infos(WhichVms::All),
         }))
     }
 
     async fn assign_tag(&self, request: Request<TagRequest>) -> Result<Response<TagReply>, Status> {
         let request = request.into_inner();
-        let tag = self.tag_request(&request)?;
+        let tag = requested_tag(&request)?;
         let changed = self.svm.vms.assign(&request.vm_id, tag);
         if let Ok(true) = changed {
             tracing::warn!(vm = %request.vm_id, %tag, "security tag assigned by an operator");
@@ -76,7 +72,7 @@ impl Admin for AdminService {
 
     async fn remove_tag(&self, request: Request<TagRequest>) -> Result<Response<TagReply>, Status> {
         let request = request.into_inner();
-        let tag = self.tag_request(&request)?;
+        let tag = requested_tag(&request)?;
         let changed = self.svm.vms.remove(&request.vm_id, tag);
         if let Ok(true) = changed {
             tracing::info!(vm = %request.vm_id, %tag, "security tag removed by an operator");

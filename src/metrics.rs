@@ -36,8 +36,8 @@ pub struct Metrics {
     /// Time per scan: reading, hashing and scanning.
     pub scan_seconds: Histogram,
     verdicts: Family<VerdictLabels, Counter>,
-    /// `[kind][source]`, the same counters as `verdicts`, held so that
-    /// recording one needs no lookup.
+    /// `[kind][source]` (in the order of their declarations), the same
+    /// counters as `verdicts`, held so that recording one needs no lookup.
     by_kind: [[Counter; 3]; 3],
     reports: Family<ReportLabels, Counter>,
     report_results: [Counter; 2],
@@ -129,16 +129,16 @@ impl Metrics {
     /// Counts a verdict given to an agent.
     pub fn verdict(&self, verdict: &proto::FileVerdict) {
         let kind = match verdict.verdict.as_ref().and_then(|v| v.kind.as_ref()) {
-            Some(proto::verdict::Kind::Clean(_)) => 0,
-            Some(proto::verdict::Kind::Infected(_)) => 1,
-            Some(proto::verdict::Kind::Failed(_)) | None => 2,
+            Some(proto::verdict::Kind::Clean(_)) => VerdictKind::Clean,
+            Some(proto::verdict::Kind::Infected(_)) => VerdictKind::Infected,
+            Some(proto::verdict::Kind::Failed(_)) | None => VerdictKind::Failed,
         };
         let source = match (verdict.cached, verdict.coalesced) {
-            (true, _) => 1,
-            (false, true) => 2,
-            (false, false) => 0,
+            (true, _) => Source::Cache,
+            (false, true) => Source::Coalesced,
+            (false, false) => Source::Scan,
         };
-        self.by_kind[kind][source].inc();
+        self.by_kind[kind as usize][source as usize].inc();
     }
 
     /// Counts a report to the Integration Server.

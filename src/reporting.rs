@@ -25,11 +25,13 @@ use tonic::{
 
 use crate::{
     proto::{
-        ReportAck, ReportTrigger, SvmReport, integration_server_client::IntegrationServerClient,
+        ReportAck, ReportTrigger, SvmReason, SvmReport,
+        integration_server_client::IntegrationServerClient,
         integration_server_server::IntegrationServer,
     },
     shutdown::shut_down,
-    status::Svm,
+    status::{Svm, WhichVms},
+    vms::worst,
 };
 
 /// How much each interval is stretched or shortened at random, at most.
@@ -202,7 +204,19 @@ impl Reporter {
     /// Sends one report; true when the Integration Server acknowledged it.
     async fn send(&mut self, trigger: ReportTrigger) -> bool {
         self.sequence += 1;
-        let mut report = self.svm.report(false);
+        let mut report = self.svm.report(WhichVms::Notable);
+        // A report that arrives proves the Integration Server reachable:
+        // it must not say otherwise (the status catches up once this one
+        // is delivered).
+        let unreachable = SvmReason::NoConnectionToIntegrationServer as i32;
+        if report.reasons.contains(&unreachable) {
+            report.reasons.retain(|&reason| reason != unreachable);
+            let reasons = report
+                .reasons
+                .iter()
+                .filter_map(|&r| SvmReason::try_from(r).ok());
+            report.status = worst(reasons.map(SvmReason::health)) as i32;
+        }
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
         let mut request = Request::new(report);

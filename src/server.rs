@@ -110,7 +110,12 @@ impl Server {
         let state_dir =
             StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
         state_dir.restore_cache(&engine);
-        let vms = Arc::new(Vms::open(state_dir.path()));
+        let vms = Arc::new(
+            Vms::open(state_dir.path()).map_err(|source| ServerError::State {
+                path: state_dir.path().join(crate::vms::FILE_NAME),
+                source,
+            })?,
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state =
             ServiceState::new(engine, config, Arc::clone(&vms), shutdown_rx).map_err(|source| {
@@ -238,9 +243,11 @@ impl Server {
             result = serve => result?,
             () = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
         }
-        // The last saves of the verdict cache and the protected VMs.
+        // The last saves of the verdict cache and the protected VMs: again
+        // now, for what scans finishing in the grace period changed.
         let _ = keeper.await;
         let _ = vms_keeper.await;
+        state::save_vms(&self.svm.vms).await;
         let stats = self.state.engine.cache().stats();
         tracing::info!(
             entries = stats.entries,
@@ -274,7 +281,8 @@ impl Server {
             let reflection = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .with_service_name("scanserver.v1.Admin")
-                .build_v1();
+                .build_v1()
+                .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"));
             let admin = tonic::transport::Server::builder()
                 .add_service(AdminServer::new(AdminService::new(Arc::clone(&self.svm))))
                 .add_optional_service(reflection.ok())

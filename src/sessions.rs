@@ -77,6 +77,11 @@ impl Session {
         *self.last_seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// When the agent was last heard from, on the wall clock.
+    pub fn last_seen_at(&self) -> SystemTime {
+        SystemTime::now() - self.last_seen().elapsed()
+    }
+
     /// Counts one file's verdict; malware found tags the session's VM.
     pub fn record_file(&self, bytes: u64, verdict: &FileVerdict) {
         let detections = verdict.detection_count() as u64;
@@ -86,6 +91,8 @@ impl Session {
         self.metrics.verdict(verdict);
         if detections > 0 {
             self.vms.threat_found(&self.agent.vm_id);
+        } else if verdict.is_failure() {
+            self.vms.scan_failed(&self.agent.vm_id);
         }
     }
 
@@ -145,7 +152,8 @@ impl Sessions {
             metrics: Arc::clone(&self.metrics),
         });
         by_id.insert(session.id.clone(), Arc::clone(&session));
-        drop(by_id);
+        // Under the lock: of two sessions of one VM opening at once, the
+        // registry of VMs must end up with the one opened last.
         self.vms.connected(&session);
         Ok(session)
     }

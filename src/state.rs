@@ -132,16 +132,23 @@ pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut shutdown: watch::Re
             () = shut_down(&mut shutdown) => true,
         };
         changes.borrow_and_update();
-        let saving = Arc::clone(&vms);
-        match tokio::task::spawn_blocking(move || saving.save()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!("cannot save the protected VMs: {err}"),
-            Err(err) => tracing::warn!("cannot save the protected VMs: {err}"),
-        }
+        save_vms(&vms).await;
         if last {
             return;
         }
     }
+}
+
+/// Saves `vms` off the async threads; a failure is logged (and the next
+/// save tries again).
+pub async fn save_vms(vms: &Arc<Vms>) {
+    let vms = Arc::clone(vms);
+    let error = match tokio::task::spawn_blocking(move || vms.save()).await {
+        Ok(Ok(())) => return,
+        Ok(Err(err)) => err.to_string(),
+        Err(err) => err.to_string(),
+    };
+    tracing::warn!("cannot save the protected VMs: {error}");
 }
 
 /// What tells whether the cache changed since it was saved.

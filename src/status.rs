@@ -29,7 +29,7 @@ use crate::{
     },
     sessions::Sessions,
     shutdown::shut_down,
-    vms::{Vms, unix_ms, worst},
+    vms::{VmRecord, Vms, unix_ms, worst},
 };
 
 /// The `[infrastructure]` table: where the SVM sits in the virtual
@@ -94,8 +94,6 @@ pub struct Reach {
     pub enabled: bool,
     /// `None` before the first attempt.
     pub reachable: Option<bool>,
-    /// When it last succeeded.
-    pub last_success: Option<SystemTime>,
     /// What went wrong at the last attempt, if it failed.
     pub error: Option<String>,
 }
@@ -116,6 +114,17 @@ struct Identity {
     infrastructure: InfrastructureConfig,
     listen: SocketAddr,
     encrypted: bool,
+}
+
+/// Which VMs a report lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhichVms {
+    None,
+    /// Connected ones, and those not OK or tagged: what the Integration
+    /// Server needs.
+    Notable,
+    /// Every VM of the last 30 days.
+    All,
 }
 
 /// What the server knows of itself. Shared behind an [`Arc`].
@@ -205,9 +214,12 @@ impl Svm {
     }
 
     /// Recomputes the status and publishes it if it changed.
+    ///
+    /// Computed under the channel's lock, so that of two refreshes at once
+    /// the older status cannot be published last.
     pub fn refresh(&self) {
-        let now = self.status();
         self.status.send_if_modified(|status| {
+            let now = self.status();
             let changed = *status != now;
             if changed {
                 tracing::info!(health = ?now.health, reasons = ?now.reasons, "SVM status changed");
@@ -224,10 +236,8 @@ impl Svm {
 
     /// Records the result of a report to the Integration Server.
     pub fn reported(&self, result: Result<(), String>) {
+        self.engine.metrics().report(result.is_ok());
         record(&self.reporter, result);
-        self.engine
-            .metrics()
-            .report(lock(&self.reporter).error.is_none());
         self.refresh();
     }
 
@@ -286,12 +296,10 @@ impl Svm {
     }
 
     /// The report the Integration Server gets (without `sequence` and
-    /// `trigger`, which the reporter sets). `all_vms` lists every VM of the
-    /// last 30 days; otherwise the connected ones and those not OK or
-    /// tagged.
-    pub fn report(&self, all_vms: bool) -> SvmReport {
+    /// `trigger`, which the reporter sets), with the VMs `which` says.
+    pub fn report(&self, which: WhichVms) -> SvmReport {
         let status = self.status();
-        let vms = self.vm_infos(!all_vms);
+        let vms = self.vm_infos(which);
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
         SvmReport {
@@ -341,22 +349,31 @@ impl Svm {
         }
     }
 
-    /// The VMs of the last 30 days; with `notable_only`, the connected ones
-    /// and those not OK or tagged.
-    pub fn vm_infos(&self, notable_only: bool) -> Vec<VmInfo> {
+    /// The VMs `which` says.
+    pub fn vm_infos(&self, which: WhichVms) -> Vec<VmInfo> {
+        let keep = |vm: &VmRecord| match which {
+            WhichVms::None => false,
+            WhichVms::Notable => vm.session_id.is_some() || !vm.reasons().is_empty(),
+            WhichVms::All => true,
+        };
         self.vms
-            .list()
-            .into_iter()
-            .filter_map(|vm| {
-                let session = vm
-                    .session_id
-                    .as_deref()
-                    .and_then(|id| self.sessions.get(id));
-                let info = vm.info(session.as_deref());
-                let notable = info.connected || info.status != Health::Ok as i32;
-                (notable || !notable_only).then_some(info)
-            })
+            .list(keep)
+            .iter()
+            .map(|vm| self.vm_info(vm))
             .collect()
+    }
+
+    /// The VM `vm_id`, if known.
+    pub fn vm(&self, vm_id: &str) -> Option<VmInfo> {
+        self.vms.get(vm_id).map(|vm| self.vm_info(&vm))
+    }
+
+    fn vm_info(&self, vm: &VmRecord) -> VmInfo {
+        let session = vm
+            .session_id
+            .as_deref()
+            .and_then(|id| self.sessions.get(id));
+        vm.info(session.as_deref())
     }
 
     /// Each component with its state and key figures, for `scanserver
@@ -435,9 +452,15 @@ impl Svm {
             reach_component(
                 "integration server reporter",
                 &lock(&self.reporter),
+                ComponentState::Warning,
                 [("reports delivered", delivered), ("reports failed", failed)],
             ),
-            reach_component("infrastructure probe", &lock(&self.probe), []),
+            reach_component(
+                "infrastructure probe",
+                &lock(&self.probe),
+                ComponentState::Critical,
+                [],
+            ),
         ]
     }
 }
@@ -459,16 +482,14 @@ fn component<const N: usize>(
 fn reach_component<const N: usize>(
     name: &str,
     reach: &Reach,
+    unreachable: ComponentState,
     counts: [(&str, u64); N],
 ) -> Component {
     let (state, detail) = match (reach.enabled, reach.reachable) {
         (false, _) => (ComponentState::Disabled, "not configured".to_owned()),
         (true, None) => (ComponentState::Ok, "starting".to_owned()),
         (true, Some(true)) => (ComponentState::Ok, "reachable".to_owned()),
-        (true, Some(false)) => (
-            ComponentState::Warning,
-            reach.error.clone().unwrap_or_default(),
-        ),
+        (true, Some(false)) => (unreachable, reach.error.clone().unwrap_or_default()),
     };
     component(name, state, detail, counts)
 }
@@ -476,13 +497,7 @@ fn reach_component<const N: usize>(
 fn record(reach: &Mutex<Reach>, result: Result<(), String>) {
     let mut reach = lock(reach);
     reach.reachable = Some(result.is_ok());
-    match result {
-        Ok(()) => {
-            reach.last_success = Some(SystemTime::now());
-            reach.error = None;
-        }
-        Err(err) => reach.error = Some(err),
-    }
+    reach.error = result.err();
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

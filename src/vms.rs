@@ -9,11 +9,14 @@
 //! * `ANTI_VIRUS.VirusFound.threat=high` is assigned automatically when a
 //!   scan for the VM finds malware, and removed automatically when the VM
 //!   reports a full scan that finished with no detections, unless it was
-//!   assigned by hand.
+//!   assigned by hand. Only a full scan the server saw start after the tag
+//!   was assigned counts, and only if no scan for the VM failed since it
+//!   started: a scan that failed is never taken for a clean one.
 //! * `IDS_IPS.threat=high` is assigned when the agent reports a network
 //!   attack, and is only ever removed by hand.
 //! * A tag assigned by hand is removed only by hand (assigning by hand a
 //!   tag that was automatic makes it manual).
+//! * A VM with a tag is remembered past 30 days, until the tag goes.
 //!
 //! Every change bumps a generation ([`Vms::changes`]): the reporter sends a
 //! report at once, and the keeper saves the file.
@@ -125,6 +128,13 @@ pub struct VmRecord {
     pub integration_server_unreachable: bool,
     pub file_modified: bool,
     pub registry_modified: bool,
+    /// When the full scan under way started (milliseconds since the Unix
+    /// epoch).
+    #[serde(default)]
+    pub full_scan_started: Option<u64>,
+    /// When a scan for the VM last failed.
+    #[serde(default)]
+    pub last_failure: u64,
     /// The session open now, if any (not saved).
     #[serde(skip)]
     pub session_id: Option<String>,
@@ -145,6 +155,8 @@ impl VmRecord {
             integration_server_unreachable: false,
             file_modified: false,
             registry_modified: false,
+            full_scan_started: None,
+            last_failure: 0,
             session_id: None,
         }
     }
@@ -193,7 +205,7 @@ impl VmRecord {
         let (since, last_seen, files, detections) = match session {
             Some(s) => (
                 unix_ms(s.connected_since),
-                unix_ms(SystemTime::now() - s.last_seen().elapsed()),
+                unix_ms(s.last_seen_at()),
                 s.files.load(std::sync::atomic::Ordering::Relaxed),
                 s.detections.load(std::sync::atomic::Ordering::Relaxed),
             ),
@@ -267,6 +279,9 @@ pub enum Ending {
     ServerShutdown,
 }
 
+/// Why the registry could not be opened.
+pub type OpenError = io::Error;
+
 /// Why a tag command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TagError {
@@ -301,25 +316,28 @@ impl Vms {
         }
     }
 
-    /// The registry saved in the state folder `dir`. A file that cannot be
-    /// read is set aside (renamed `vms.json.rejected`) with a warning.
-    pub fn open(dir: &Path) -> Self {
+    /// The registry saved in the state folder `dir`. A file that is damaged
+    /// or of another format is set aside (renamed `vms.json.rejected`) with
+    /// a warning; one that cannot be read at all is an error, since saving
+    /// over it would lose its tags.
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
         let path = dir.join(FILE_NAME);
-        let saved = match fs::read(&path) {
-            Ok(data) => serde_json::from_slice::<Saved>(&data)
-                .map_err(|e| e.to_string())
-                .and_then(|saved| match saved.format {
-                    FORMAT => Ok(saved),
-                    other => Err(format!("format {other}, expected {FORMAT}")),
-                }),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Saved::default()),
-            Err(err) => Err(err.to_string()),
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => b"{}".to_vec(),
+            Err(err) => return Err(err),
         };
-        let saved = saved.unwrap_or_else(|err| {
-            tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
-            let _ = fs::rename(&path, path.with_extension("json.rejected"));
-            Saved::default()
-        });
+        let saved = serde_json::from_slice::<Saved>(&data)
+            .map_err(|e| e.to_string())
+            .and_then(|saved| match saved.format {
+                FORMAT | 0 => Ok(saved),
+                other => Err(format!("format {other}, expected {FORMAT}")),
+            })
+            .unwrap_or_else(|err| {
+                tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
+                let _ = fs::rename(&path, path.with_extension("json.rejected"));
+                Saved::default()
+            });
         let vms = Vms {
             by_id: Mutex::new(
                 saved
@@ -332,7 +350,7 @@ impl Vms {
             changes: watch::channel(0).0,
         };
         vms.forget_old();
-        vms
+        Ok(vms)
     }
 
     /// A receiver that changes whenever a VM's status or tags change.
@@ -344,11 +362,11 @@ impl Vms {
         self.by_id.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies `change` to VM `vm_id`; when it reports a change, everyone
-    /// watching is told.
-    fn update(&self, vm_id: &str, change: impl FnOnce(&mut VmRecord) -> bool) -> bool {
-        let changed = self.lock().get_mut(vm_id).is_some_and(change);
-        if changed {
+    /// Applies `change` to VM `vm_id`, if known; when it reports a change,
+    /// everyone watching is told.
+    fn update(&self, vm_id: &str, change: impl FnOnce(&mut VmRecord) -> bool) -> Option<bool> {
+        let changed = self.lock().get_mut(vm_id).map(change);
+        if changed == Some(true) {
             self.changes.send_modify(|generation| *generation += 1);
         }
         changed
@@ -369,6 +387,8 @@ impl Vms {
             vm.os.clone_from(&agent.os);
             vm.last_seen = now;
             vm.connection_lost = false;
+            // A new session starts from what the agent tells in it.
+            vm.integration_server_unreachable = false;
             vm.session_id = Some(session.id.clone());
         }
         self.changes.send_modify(|generation| *generation += 1);
@@ -377,7 +397,7 @@ impl Vms {
     /// `session` ended. A later session of the same VM (an agent that
     /// reconnected before its old session timed out) is left alone.
     pub fn disconnected(&self, session: &Session, ending: Ending) {
-        let last_seen = unix_ms(SystemTime::now() - session.last_seen().elapsed());
+        let last_seen = unix_ms(session.last_seen_at());
         self.update(&session.agent.vm_id, |vm| {
             if vm.session_id.as_deref() != Some(session.id.as_str()) {
                 return false;
@@ -411,32 +431,55 @@ impl Vms {
             vm.tags.insert(tag, entry);
             true
         });
-        if assigned {
+        if assigned == Some(true) {
             tracing::warn!(vm = vm_id, %tag, "security tag assigned");
         }
     }
 
+    /// A scan for VM `vm_id` failed: a full scan under way no longer
+    /// proves the VM clean.
+    pub fn scan_failed(&self, vm_id: &str) {
+        if let Some(vm) = self.lock().get_mut(vm_id) {
+            vm.last_failure = unix_ms(SystemTime::now());
+        }
+    }
+
+    /// The agent of VM `vm_id` reported that a scan task started.
+    pub fn task_started(&self, vm_id: &str, kind: TaskKind) {
+        if kind == TaskKind::FullScan
+            && let Some(vm) = self.lock().get_mut(vm_id)
+        {
+            vm.full_scan_started = Some(unix_ms(SystemTime::now()));
+        }
+    }
+
     /// The agent of VM `vm_id` reported a finished scan task. A full scan
-    /// with no detections clears what a full scan answers for: the
-    /// automatic malware tag and the modification reasons.
+    /// with no detections, no failed scan since it started, clears what a
+    /// full scan answers for: the automatic malware tag assigned before it
+    /// started, and the modification reasons.
     pub fn task_finished(&self, vm_id: &str, kind: TaskKind, detections: u32) {
-        if kind != TaskKind::FullScan || detections > 0 {
+        if kind != TaskKind::FullScan {
             return;
         }
         let mut untagged = false;
         self.update(vm_id, |vm| {
-            let automatic = vm
-                .tags
-                .get(&SecurityTag::VirusFound)
-                .is_some_and(|entry| entry.origin == TagOrigin::Automatic);
-            if automatic {
+            let Some(started) = vm.full_scan_started.take() else {
+                return false;
+            };
+            if detections > 0 || vm.last_failure >= started {
+                return false;
+            }
+            let automatic_before = vm.tags.get(&SecurityTag::VirusFound).is_some_and(|entry| {
+                entry.origin == TagOrigin::Automatic && entry.assigned_at <= started
+            });
+            if automatic_before {
                 vm.tags.remove(&SecurityTag::VirusFound);
                 untagged = true;
             }
             let modified = vm.file_modified || vm.registry_modified;
             vm.file_modified = false;
             vm.registry_modified = false;
-            automatic || modified
+            automatic_before || modified
         });
         if untagged {
             tracing::info!(vm = vm_id, tag = %SecurityTag::VirusFound, "security tag removed after a clean full scan");
@@ -459,35 +502,35 @@ impl Vms {
     /// Server.
     pub fn integration_server(&self, vm_id: &str, connected: bool) {
         self.update(vm_id, |vm| {
-            std::mem::replace(&mut vm.integration_server_unreachable, !connected) == connected
+            let was_unreachable = vm.integration_server_unreachable;
+            vm.integration_server_unreachable = !connected;
+            was_unreachable != vm.integration_server_unreachable
         });
     }
 
     /// Assigns `tag` to `vm_id` by hand; false if it already was, by hand.
     pub fn assign(&self, vm_id: &str, tag: SecurityTag) -> Result<bool, TagError> {
-        self.known(vm_id)?;
-        let entry = TagEntry {
-            origin: TagOrigin::Manual,
-            assigned_at: unix_ms(SystemTime::now()),
-        };
-        Ok(self.update(vm_id, |vm| {
-            let previous = vm.tags.insert(tag, entry);
-            previous.is_none_or(|previous| previous.origin != TagOrigin::Manual)
-        }))
+        let changed = self.update(vm_id, |vm| {
+            let manual = TagEntry {
+                origin: TagOrigin::Manual,
+                assigned_at: unix_ms(SystemTime::now()),
+            };
+            match vm.tags.get(&tag) {
+                Some(entry) if entry.origin == TagOrigin::Manual => false,
+                _ => {
+                    vm.tags.insert(tag, manual);
+                    true
+                }
+            }
+        });
+        changed.ok_or_else(|| TagError::UnknownVm(vm_id.to_owned()))
     }
 
     /// Removes `tag` from `vm_id` by hand, however it was assigned; false if
     /// it was not there.
     pub fn remove(&self, vm_id: &str, tag: SecurityTag) -> Result<bool, TagError> {
-        self.known(vm_id)?;
-        Ok(self.update(vm_id, |vm| vm.tags.remove(&tag).is_some()))
-    }
-
-    fn known(&self, vm_id: &str) -> Result<(), TagError> {
-        match self.lock().contains_key(vm_id) {
-            true => Ok(()),
-            false => Err(TagError::UnknownVm(vm_id.to_owned())),
-        }
+        let changed = self.update(vm_id, |vm| vm.tags.remove(&tag).is_some());
+        changed.ok_or_else(|| TagError::UnknownVm(vm_id.to_owned()))
     }
 
     /// A copy of VM `vm_id`'s record.
@@ -495,9 +538,14 @@ impl Vms {
         self.lock().get(vm_id).cloned()
     }
 
-    /// Every VM of the last 30 days: connected ones first, then by name.
-    pub fn list(&self) -> Vec<VmRecord> {
-        let mut vms: Vec<_> = self.lock().values().cloned().collect();
+    /// The VMs for which `keep` holds: connected ones first, then by name.
+    pub fn list(&self, keep: impl Fn(&VmRecord) -> bool) -> Vec<VmRecord> {
+        let mut vms: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|vm| keep(vm))
+            .cloned()
+            .collect();
         vms.sort_by(|a, b| {
             (a.session_id.is_none(), &a.vm_name, &a.vm_id).cmp(&(
                 b.session_id.is_none(),
@@ -508,18 +556,24 @@ impl Vms {
         vms
     }
 
-    /// VMs protected over the last 30 days.
+    /// VMs protected over the last 30 days (connected, or seen since).
     pub fn count(&self) -> usize {
-        self.lock().len()
+        let horizon = horizon();
+        self.lock()
+            .values()
+            .filter(|vm| vm.session_id.is_some() || vm.last_seen >= horizon)
+            .count()
     }
 
     /// Forgets VMs not seen for 30 days, and the oldest untagged ones over
     /// [`MAX_VMS`]. Done when the registry is loaded and saved (every
     /// minute), not per connection: a boot storm should not walk it.
     fn forget_old(&self) {
-        let horizon = unix_ms(SystemTime::now()).saturating_sub(RETENTION.as_millis() as u64);
+        let horizon = horizon();
         let mut by_id = self.lock();
-        by_id.retain(|_, vm| vm.session_id.is_some() || vm.last_seen >= horizon);
+        by_id.retain(|_, vm| {
+            vm.session_id.is_some() || vm.last_seen >= horizon || !vm.tags.is_empty()
+        });
         if by_id.len() > MAX_VMS {
             let mut idle: Vec<_> = by_id
                 .values()
@@ -552,6 +606,11 @@ impl Vms {
             serde_json::to_writer(&mut *out, &saved).map_err(io::Error::other)
         })
     }
+}
+
+/// The oldest last-seen time that still counts as protected.
+fn horizon() -> u64 {
+    unix_ms(SystemTime::now()).saturating_sub(RETENTION.as_millis() as u64)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -209,6 +209,17 @@ fn receiver(cache: &Path, port: u16, lines: std::sync::mpsc::Sender<String>) -> 
     Running(child)
 }
 
+/// Waits until something listens on loopback `port`.
+fn wait_for_listener(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port}");
+}
+
 /// Runs `scanserver status` until its output contains `expected`; returns
 /// the output and exit status.
 fn status_until(cache: &Path, admin: &str, expected: &str) -> (String, Option<i32>) {
@@ -240,14 +251,20 @@ fn serve_reports_to_an_integration_server_and_status_follows_it() {
         .output()
         .unwrap();
 
+    // The shipped signatures are as old as the checkout.
+    let config = state.path().join("scanserver.toml");
+    fs::write(&config, "[rules]\nmax_age = \"100years\"\n").unwrap();
     let (listen, admin, integration) = (free_port(), free_port(), free_port());
     let admin = format!("127.0.0.1:{admin}");
     let (lines_tx, lines) = std::sync::mpsc::channel();
     let mut receiving = Some(receiver(cache.path(), integration, lines_tx.clone()));
+    wait_for_listener(integration);
     let started = Instant::now();
     let _server = Running(
         scanserver(cache.path())
             .args(["serve", "--listen", &format!("127.0.0.1:{listen}")])
+            .arg("--config")
+            .arg(&config)
             .args(["--admin-listen", &admin])
             .args([
                 "--integration-server",

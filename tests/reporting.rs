@@ -29,7 +29,7 @@ use scanserver::{
     },
     reporting::{JITTER, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
-    status::Svm,
+    status::{Svm, WhichVms},
     vms::{Ending, SecurityTag, Vms},
 };
 use tokio::sync::{mpsc, oneshot};
@@ -130,6 +130,7 @@ async fn reporting_svm(
     let mut config = Config::default();
     config.reporting.integration_server = Some(receiver.url());
     config.engine.threads = 2;
+    config.rules.max_age = Duration::from_secs(100 * 365 * 86400);
     configure(&mut config);
     let engine = engine_with(shipped_ruleset(), config.engine.clone());
     let vms = Arc::new(Vms::in_memory());
@@ -259,9 +260,9 @@ async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
         .await
         .expect("a retry once the receiver is back");
     assert_eq!(retry.trigger(), ReportTrigger::Retry);
-    // The retry carries the status it was sent with; the recovery is
-    // reported at once as a change.
-    assert_eq!(retry.status(), Health::Warning);
+    // Delivered, the retry cannot say the Integration Server is unreachable.
+    assert_eq!(retry.status(), Health::Ok);
+    assert!(retry.reasons.is_empty());
     let (change, _) = next_report_within(&receiver, Duration::from_secs(10))
         .await
         .expect("a report of the recovery");
@@ -405,14 +406,17 @@ impl TestAgent {
             .unwrap();
     }
 
-    async fn full_scan_finished(&self, detections: u32) {
-        self.tell(agent_message::Kind::Task(TaskEvent {
-            task_id: "full-1".into(),
-            kind: TaskKind::FullScan as i32,
-            state: TaskState::Finished as i32,
-            detections,
-        }))
-        .await;
+    /// Reports a full scan, started and finished with `detections`.
+    async fn full_scan(&self, detections: u32) {
+        for (state, detections) in [(TaskState::Started, 0), (TaskState::Finished, detections)] {
+            self.tell(agent_message::Kind::Task(TaskEvent {
+                task_id: "full-1".into(),
+                kind: TaskKind::FullScan as i32,
+                state: state as i32,
+                detections,
+            }))
+            .await;
+        }
     }
 
     /// Scans `data` through a Scan stream; returns the number of detections.
@@ -516,8 +520,8 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
     assert_eq!(reasons(vm), [VmReason::ThreatFound]);
 
     // A full scan that found something keeps the tag; a clean one removes it.
-    agent.full_scan_finished(2).await;
-    agent.full_scan_finished(0).await;
+    agent.full_scan(2).await;
+    agent.full_scan(0).await;
     let untagged = report_where(&receiver, "vm-x", |vm| vm.tags.is_empty()).await;
     let vm = untagged.vms.iter().find(|vm| vm.vm_id == "vm-x").unwrap();
     assert_eq!(vm.status(), Health::Ok);
@@ -537,7 +541,7 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
             .changed
     );
     report_where(&receiver, "vm-x", |vm| !vm.tags.is_empty()).await;
-    agent.full_scan_finished(0).await;
+    agent.full_scan(0).await;
     agent.scan(&server, b"harmless").await;
     assert_eq!(
         tags(&vm_info(&server, "vm-x").await),
@@ -567,7 +571,7 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
     assert_eq!(tags(&vm), [(IDS_IPS.to_owned(), 1)]);
     assert_eq!(reasons(&vm), [VmReason::NetworkAttack]);
     // Only an operator removes it.
-    agent.full_scan_finished(0).await;
+    agent.full_scan(0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(tags(&vm_info(&server, "vm-y").await).len(), 1);
 
@@ -646,7 +650,7 @@ async fn what_agents_tell_sets_the_vm_status() {
             integration_server_connected: true,
         }))
         .await;
-    agent.full_scan_finished(0).await;
+    agent.full_scan(0).await;
     let vm = eventually(&server, "vm-z", |vm| vm.reasons.is_empty()).await;
     assert_eq!(vm.status(), Health::Ok);
     assert!(vm.connected);
@@ -683,7 +687,7 @@ async fn protected_vms_and_their_tags_survive_a_restart() {
 
     let server =
         TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
-    let report = server.svm.report(true);
+    let report = server.svm.report(WhichVms::All);
     assert_eq!(report.protected_vms_30d, 2);
     assert_eq!(report.connected_agents, 0);
     let vm = report.vms.iter().find(|vm| vm.vm_id == "vm-1").unwrap();
@@ -716,8 +720,14 @@ fn tag_rules_without_a_network() {
             .collect::<Vec<_>>()
     };
 
+    let full_scan = |vms: &Vms, detections| {
+        vms.task_started("vm", TaskKind::FullScan);
+        vms.task_finished("vm", TaskKind::FullScan, detections);
+    };
+
     vms.threat_found("vm");
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
+    vms.task_started("vm", TaskKind::CustomScan);
     vms.task_finished("vm", TaskKind::CustomScan, 0);
     assert_eq!(
         tags(&vms),
@@ -725,16 +735,49 @@ fn tag_rules_without_a_network() {
         "only a full scan clears it"
     );
     vms.task_finished("vm", TaskKind::FullScan, 0);
+    assert_eq!(
+        tags(&vms),
+        [SecurityTag::VirusFound],
+        "a full scan never seen starting"
+    );
+    full_scan(&vms, 1);
+    assert_eq!(
+        tags(&vms),
+        [SecurityTag::VirusFound],
+        "a full scan that found something"
+    );
+    vms.task_started("vm", TaskKind::FullScan);
+    vms.scan_failed("vm");
+    vms.task_finished("vm", TaskKind::FullScan, 0);
+    assert_eq!(
+        tags(&vms),
+        [SecurityTag::VirusFound],
+        "a full scan with a failed scan"
+    );
+    std::thread::sleep(Duration::from_millis(2));
+    full_scan(&vms, 0);
+    assert!(tags(&vms).is_empty());
+
+    // Malware found while a full scan runs is not cleared by its end.
+    vms.task_started("vm", TaskKind::FullScan);
+    std::thread::sleep(Duration::from_millis(2));
+    vms.threat_found("vm");
+    vms.task_finished("vm", TaskKind::FullScan, 0);
+    assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
+    std::thread::sleep(Duration::from_millis(2));
+    full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());
 
     vms.assign("vm", SecurityTag::VirusFound).unwrap();
     vms.threat_found("vm");
-    vms.task_finished("vm", TaskKind::FullScan, 0);
+    full_scan(&vms, 0);
     assert_eq!(tags(&vms), [SecurityTag::VirusFound], "a manual tag stays");
+    assert!(!vms.assign("vm", SecurityTag::VirusFound).unwrap());
     assert!(vms.remove("vm", SecurityTag::VirusFound).unwrap());
+    assert!(vms.assign("vm-unknown", SecurityTag::IdsIps).is_err());
 
     vms.network_attack("vm");
-    vms.task_finished("vm", TaskKind::FullScan, 0);
+    full_scan(&vms, 0);
     assert_eq!(tags(&vms), [SecurityTag::IdsIps]);
 
     // A dropped session is a reason; a closed one is not.

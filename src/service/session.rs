@@ -224,8 +224,10 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
                 kind = ?task.kind(), state = ?task.state(), detections = task.detections,
                 "scan task"
             );
-            if task.state() == TaskState::Finished {
-                vms.task_finished(vm, task.kind(), task.detections);
+            match task.state() {
+                TaskState::Started => vms.task_started(vm, task.kind()),
+                TaskState::Finished => vms.task_finished(vm, task.kind(), task.detections),
+                TaskState::Unspecified => {}
             }
         }
         Some(agent_message::Kind::Integrity(event)) => {
