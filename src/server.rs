@@ -206,15 +206,18 @@ impl Server {
             builder = builder.tls_config(tls)?;
         }
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
+        // The keepers make their last saves once serving is over, grace
+        // period included: scans finishing in it change the cache and tags.
+        let (served, served_rx) = watch::channel(false);
         let keeper = tokio::spawn(self.state_dir.keep_cache(
             Arc::clone(&self.state.engine),
             self.snapshot_interval,
-            self.shutdown.subscribe(),
+            served_rx.clone(),
         ));
         let vms_keeper = tokio::spawn(state::keep_vms(
             Arc::clone(&self.svm.vms),
             self.snapshot_interval,
-            self.shutdown.subscribe(),
+            served_rx,
         ));
         let shutdown = self.shutdown;
         let stop_accepting = async move {
@@ -243,11 +246,9 @@ impl Server {
             result = serve => result?,
             () = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
         }
-        // The last saves of the verdict cache and the protected VMs: again
-        // now, for what scans finishing in the grace period changed.
+        let _ = served.send(true);
         let _ = keeper.await;
         let _ = vms_keeper.await;
-        state::save_vms(&self.svm.vms).await;
         let stats = self.state.engine.cache().stats();
         tracing::info!(
             entries = stats.entries,

@@ -67,12 +67,13 @@ impl StateDir {
     }
 
     /// Saves the verdict cache every `interval` while it changes, and once
-    /// more when `shutdown` turns true; then returns.
+    /// more when `done` turns true (the server stopped serving); then
+    /// returns.
     pub async fn keep_cache(
         self,
         engine: Arc<Engine>,
         interval: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        mut done: watch::Receiver<bool>,
     ) {
         // What was just restored needs no saving; a snapshot that could not
         // be read (a passing error) is not overwritten until the cache
@@ -83,7 +84,7 @@ impl StateDir {
         loop {
             let last = tokio::select! {
                 _ = ticker.tick() => false,
-                () = shut_down(&mut shutdown) => true,
+                () = shut_down(&mut done) => true,
             };
             let now = CacheMark::of(&engine);
             if now != saved && self.save_cache(&engine).await {
@@ -116,8 +117,8 @@ impl StateDir {
 }
 
 /// Saves `vms` a second after each change and every `interval`, and once
-/// more when `shutdown` turns true; then returns.
-pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+/// more when `done` turns true (the server stopped serving); then returns.
+pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut done: watch::Receiver<bool>) {
     let mut changes = vms.changes();
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
@@ -129,7 +130,7 @@ pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut shutdown: watch::Re
                 false
             }
             _ = ticker.tick() => false,
-            () = shut_down(&mut shutdown) => true,
+            () = shut_down(&mut done) => true,
         };
         changes.borrow_and_update();
         save_vms(&vms).await;
@@ -141,7 +142,7 @@ pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut shutdown: watch::Re
 
 /// Saves `vms` off the async threads; a failure is logged (and the next
 /// save tries again).
-pub async fn save_vms(vms: &Arc<Vms>) {
+async fn save_vms(vms: &Arc<Vms>) {
     let vms = Arc::clone(vms);
     let error = match tokio::task::spawn_blocking(move || vms.save()).await {
         Ok(Ok(())) => return,
