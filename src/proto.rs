@@ -157,14 +157,6 @@ impl FileVerdict {
     }
 
     /// The number of detections in the verdict.
-    /// The verdict is a failure (or missing, which counts as one).
-    pub fn is_failure(&self) -> bool {
-        !matches!(
-            self.verdict.as_ref().and_then(|v| v.kind.as_ref()),
-            Some(verdict::Kind::Clean(_) | verdict::Kind::Infected(_))
-        )
-    }
-
     pub fn detection_count(&self) -> usize {
         match self.verdict.as_ref().and_then(|v| v.kind.as_ref()) {
             Some(verdict::Kind::Infected(infected)) => infected.detections.len(),

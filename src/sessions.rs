@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::{Semaphore, watch};
 
 use crate::{
-    metrics::Metrics,
+    metrics::{Metrics, Tally},
     proto::{FileVerdict, Hello, RejectReason},
     vms::{Ending, Vms},
 };
@@ -84,14 +84,27 @@ impl Session {
 
     /// Counts one file's verdict; malware found tags the session's VM.
     pub fn record_file(&self, bytes: u64, verdict: &FileVerdict) {
-        let detections = verdict.detection_count() as u64;
-        self.files.fetch_add(1, Ordering::Relaxed);
+        self.record_files(bytes, [verdict]);
+    }
+
+    /// Counts verdicts given together (`bytes` of content in all); malware
+    /// found tags the session's VM, a failure spoils its full scan.
+    pub fn record_files<'a>(
+        &self,
+        bytes: u64,
+        verdicts: impl IntoIterator<Item = &'a FileVerdict>,
+    ) {
+        let mut tally = Tally::default();
+        verdicts.into_iter().for_each(|verdict| tally.add(verdict));
+        self.files.fetch_add(tally.verdicts, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.detections.fetch_add(detections, Ordering::Relaxed);
-        self.metrics.verdict(verdict);
-        if detections > 0 {
+        self.detections
+            .fetch_add(tally.detections, Ordering::Relaxed);
+        self.metrics.record(&tally);
+        if tally.detections > 0 {
             self.vms.threat_found(&self.agent.vm_id);
-        } else if verdict.is_failure() {
+        }
+        if tally.failures > 0 {
             self.vms.scan_failed(&self.agent.vm_id);
         }
     }

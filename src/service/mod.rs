@@ -213,9 +213,7 @@ impl ProtectionServer for ProtectionService {
         }
         // A verdict given by digest counts for the agent's VM as one given
         // for content: malware found this way tags the VM too.
-        for verdict in results.iter().filter_map(|r| r.verdict.as_ref()) {
-            session.record_file(0, verdict);
-        }
+        session.record_files(0, results.iter().filter_map(|r| r.verdict.as_ref()));
         let signatures_version = ruleset.version().to_owned();
         Ok(Response::new(LookupReply {
             results,
