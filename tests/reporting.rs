@@ -41,17 +41,24 @@ struct TestReceiver {
     addr: SocketAddr,
     reports: Arc<Mutex<std_mpsc::Receiver<SvmReport>>>,
     forward: std_mpsc::Sender<SvmReport>,
+    /// The bearer token reports must carry, if any.
+    token: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl TestReceiver {
     fn start() -> TestReceiver {
+        Self::with_token(None)
+    }
+
+    fn with_token(token: Option<&str>) -> TestReceiver {
         let (forward, reports) = std_mpsc::channel();
         let mut receiver = TestReceiver {
             addr: "127.0.0.1:0".parse().unwrap(),
             reports: Arc::new(Mutex::new(reports)),
             forward,
+            token: token.map(str::to_owned),
             stop: None,
             thread: None,
         };
@@ -64,7 +71,7 @@ impl TestReceiver {
     fn listen(&mut self) {
         let (bound_tx, bound_rx) = std_mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, forward) = (self.addr, self.forward.clone());
+        let (addr, forward, token) = (self.addr, self.forward.clone(), self.token.clone());
         let thread = thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
@@ -77,7 +84,7 @@ impl TestReceiver {
                     }
                 });
                 let serve = tonic::transport::Server::builder()
-                    .add_service(IntegrationServerServer::new(Receiver::new(tx, None)))
+                    .add_service(IntegrationServerServer::new(Receiver::new(tx, token)))
                     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
                 // Stopped, the receiver vanishes: the runtime goes, and with
                 // it every connection.
@@ -829,4 +836,34 @@ async fn metrics_count_scans_verdicts_and_agents() {
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_carry_the_bearer_token() {
+    let receiver = TestReceiver::with_token(Some("s3cret"));
+    let (svm, _stop) = reporting_svm(&receiver, |_| {}).await;
+    reports_recorded(&svm, 1).await;
+    assert!(receiver.next(Duration::from_millis(200)).await.is_none());
+    assert_eq!(
+        svm.status().reasons,
+        [SvmReason::NoConnectionToIntegrationServer]
+    );
+    let text = admin::render_status(&scanserver::proto::StatusReply {
+        report: Some(svm.report(WhichVms::None)),
+        components: svm.components(),
+    });
+    assert!(text.contains("bearer token"), "{text}");
+
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "s3cret\n").unwrap();
+    let (svm, _stop) = reporting_svm(&receiver, |config| {
+        config.reporting.token_file = Some(token.path().to_owned());
+    })
+    .await;
+    receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a report with the token");
+    reports_recorded(&svm, 1).await;
+    assert_eq!(svm.status().health, Health::Ok);
 }
