@@ -146,8 +146,9 @@ pub fn render_status(reply: &StatusReply) -> String {
         );
         let mut counts: Vec<_> = component.counts.iter().collect();
         counts.sort();
-        for (name, value) in counts {
-            out += &format!("  {:<30}           {name}: {value}\n", "");
+        if !counts.is_empty() {
+            let counts: Vec<_> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out += &format!("  {:<30} {:<9} {}\n", "", "", counts.join(", "));
         }
     }
     if let Some(load) = &report.load {

@@ -16,7 +16,8 @@
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
 //! * [`config`]: the server's configuration (TOML, environment, flags).
-//! * [`server`]: the agent listener (TLS, health, reflection, shutdown).
+//! * [`server`]: the agent listener (TLS, health, reflection), the admin and
+//!   metrics listeners, the background tasks, and graceful shutdown.
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
 //! * [`vms`]: the protected VMs of the last 30 days, their status and

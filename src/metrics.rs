@@ -52,7 +52,7 @@ enum VerdictKind {
 
 /// Where a verdict given to an agent came from.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-pub enum Source {
+enum Source {
     /// A scan made for this request.
     Scan,
     /// The SharedCache.

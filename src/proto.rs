@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{
-    cache::CachedVerdict,
+    cache::{CacheStats, CachedVerdict},
     engine::ScanOutcome,
     verdict::{
         Detection as LibDetection, FailReason, Failure, Severity as LibSeverity,
@@ -108,6 +108,23 @@ impl From<&Detection> for LibDetection {
             tags: d.tags.clone(),
             threat: d.threat.clone(),
             severity,
+        }
+    }
+}
+
+impl From<&CacheStats> for CacheStatistics {
+    fn from(stats: &CacheStats) -> Self {
+        CacheStatistics {
+            entries: stats.entries,
+            bytes: stats.bytes,
+            budget_bytes: stats.budget,
+            hits: stats.hits,
+            misses: stats.misses,
+            hit_ratio: stats.hit_ratio,
+            coalesced_waits: stats.coalesced_waits,
+            evictions: stats.evictions,
+            loaded: stats.loaded,
+            persisted: stats.persisted,
         }
     }
 }

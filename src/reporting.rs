@@ -30,8 +30,7 @@ use crate::{
         integration_server_server::IntegrationServer,
     },
     shutdown::shut_down,
-    status::{Svm, WhichVms},
-    vms::worst,
+    status::{Svm, SvmStatus, WhichVms},
 };
 
 /// How much each interval is stretched or shortened at random, at most.
@@ -143,12 +142,13 @@ impl Reporter {
         }
         let authorization = config
             .token_file
-            .as_ref()
+            .as_deref()
             .map(|path| {
-                let token = read(path, "token file")?;
-                let token = String::from_utf8_lossy(&token);
-                MetadataValue::try_from(format!("Bearer {}", token.trim()))
-                    .map_err(|_| ReportingError::Token { path: path.clone() })
+                MetadataValue::try_from(format!("Bearer {}", read_token(path)?)).map_err(|_| {
+                    ReportingError::Token {
+                        path: path.to_owned(),
+                    }
+                })
             })
             .transpose()?;
         Ok(Some(Reporter {
@@ -208,14 +208,12 @@ impl Reporter {
         // A report that arrives proves the Integration Server reachable:
         // it must not say otherwise (the status catches up once this one
         // is delivered).
-        let unreachable = SvmReason::NoConnectionToIntegrationServer as i32;
-        if report.reasons.contains(&unreachable) {
-            report.reasons.retain(|&reason| reason != unreachable);
-            let reasons = report
-                .reasons
-                .iter()
-                .filter_map(|&r| SvmReason::try_from(r).ok());
-            report.status = worst(reasons.map(SvmReason::health)) as i32;
+        let unreachable = SvmReason::NoConnectionToIntegrationServer;
+        if report.reasons().any(|reason| reason == unreachable) {
+            let others = report.reasons().filter(|&r| r != unreachable).collect();
+            let status = SvmStatus::of(others);
+            report.status = status.health as i32;
+            report.reasons = status.reasons.into_iter().map(|r| r as i32).collect();
         }
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
@@ -228,6 +226,10 @@ impl Reporter {
         let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(request)).await;
         let result = match result {
             Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(format!(
+                "cannot reach the Integration Server: {}",
+                status.message()
+            )),
             Ok(Err(status)) => Err(format!(
                 "the Integration Server refused the report: {}",
                 status.message()
@@ -245,6 +247,13 @@ impl Reporter {
         self.svm.reported(result);
         delivered
     }
+}
+
+/// The bearer token in the file at `path` (surrounding white space
+/// trimmed), for the reporter and the receiver alike.
+pub fn read_token(path: &std::path::Path) -> Result<String, ReportingError> {
+    let token = read(path, "token file")?;
+    Ok(String::from_utf8_lossy(&token).trim().to_owned())
 }
 
 /// `interval`, stretched or shortened at random by up to [`JITTER`].

@@ -29,7 +29,7 @@ use crate::{
     },
     sessions::Sessions,
     shutdown::shut_down,
-    vms::{VmRecord, Vms, unix_ms, worst},
+    vms::{VmRecord, Vms, unix_ms},
 };
 
 /// The `[infrastructure]` table: where the SVM sits in the virtual
@@ -59,6 +59,24 @@ pub const LOAD_WINDOW: Duration = Duration::from_secs(60);
 pub struct SvmStatus {
     pub health: Health,
     pub reasons: Vec<SvmReason>,
+}
+
+impl SvmStatus {
+    /// The status these reasons make.
+    pub fn of(reasons: Vec<SvmReason>) -> Self {
+        SvmStatus {
+            health: worst(reasons.iter().map(|r| r.health())),
+            reasons,
+        }
+    }
+}
+
+/// The worst of some healths; OK when there are none.
+pub fn worst(healths: impl IntoIterator<Item = Health>) -> Health {
+    healths
+        .into_iter()
+        .max_by_key(|h| *h as i32)
+        .unwrap_or(Health::Ok)
 }
 
 impl SvmReason {
@@ -173,11 +191,7 @@ impl Svm {
             reporter: enabled(config.reporting.integration_server.is_some()),
             probe: enabled(config.infrastructure.endpoint.is_some()),
             load: Mutex::new(LoadMeter::default()),
-            status: watch::channel(SvmStatus {
-                health: Health::Ok,
-                reasons: Vec::new(),
-            })
-            .0,
+            status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
         };
         svm.refresh();
@@ -203,14 +217,12 @@ impl Svm {
             ),
             (lock(&self.load).saturated(), SvmReason::ScanQueueSaturated),
         ];
-        let reasons: Vec<_> = conditions
-            .into_iter()
-            .filter_map(|(holds, reason)| holds.then_some(reason))
-            .collect();
-        SvmStatus {
-            health: worst(reasons.iter().map(|r| r.health())),
-            reasons,
-        }
+        SvmStatus::of(
+            conditions
+                .into_iter()
+                .filter_map(|(holds, reason)| holds.then_some(reason))
+                .collect(),
+        )
     }
 
     /// Recomputes the status and publishes it if it changed.
@@ -319,18 +331,7 @@ impl Svm {
             protected_vms_30d: self.vms.count() as u32,
             vms,
             load: Some(lock(&self.load).load(&self.engine, &self.sessions)),
-            cache: Some(CacheStatistics {
-                entries: cache.entries,
-                bytes: cache.bytes,
-                budget_bytes: cache.budget,
-                hits: cache.hits,
-                misses: cache.misses,
-                hit_ratio: cache.hit_ratio,
-                coalesced_waits: cache.coalesced_waits,
-                evictions: cache.evictions,
-                loaded: cache.loaded,
-                persisted: cache.persisted,
-            }),
+            cache: Some(CacheStatistics::from(&cache)),
         }
     }
 
@@ -351,6 +352,9 @@ impl Svm {
 
     /// The VMs `which` says.
     pub fn vm_infos(&self, which: WhichVms) -> Vec<VmInfo> {
+        if which == WhichVms::None {
+            return Vec::new();
+        }
         let keep = |vm: &VmRecord| match which {
             WhichVms::None => false,
             WhichVms::Notable => vm.session_id.is_some() || !vm.reasons().is_empty(),
@@ -377,25 +381,29 @@ impl Svm {
     }
 
     /// Each component with its state and key figures, for `scanserver
-    /// status`.
+    /// status`. States follow the SVM's reasons: a component is as bad as
+    /// the reason it is the cause of.
     pub fn components(&self) -> Vec<Component> {
+        let status = self.status();
+        let state_for = |reason: SvmReason| match status.reasons.contains(&reason) {
+            true if reason.health() == Health::Critical => ComponentState::Critical,
+            true => ComponentState::Warning,
+            false => ComponentState::Ok,
+        };
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
-        let saturated = lock(&self.load).saturated();
-        let outdated = age(ruleset.release_time()) > self.signatures_max_age;
         let (delivered, failed) = self.engine.metrics().reports();
+        let engine = state_for(SvmReason::ScanQueueSaturated);
+        let signatures =
+            state_for(SvmReason::NoSignatures).max(state_for(SvmReason::SignaturesOutdated));
+        let age = Duration::from_secs(age(ruleset.release_time()).as_secs());
         vec![
             component(
                 "scan engine",
-                if saturated {
-                    ComponentState::Warning
-                } else {
-                    ComponentState::Ok
-                },
-                if saturated {
-                    "the scan queue has been full for a minute".into()
-                } else {
-                    "scanning".into()
+                engine,
+                match engine {
+                    ComponentState::Ok => "scanning".into(),
+                    _ => "the scan queue has been full for a minute".into(),
                 },
                 [
                     ("threads", self.engine.threads() as u64),
@@ -406,17 +414,11 @@ impl Svm {
             ),
             component(
                 "signatures",
-                match (ruleset.rule_count(), outdated) {
-                    (0, _) => ComponentState::Critical,
-                    (_, true) => ComponentState::Warning,
-                    _ => ComponentState::Ok,
-                },
+                signatures,
                 format!(
                     "version {}, {} old",
                     ruleset.version(),
-                    humantime::format_duration(Duration::from_secs(
-                        age(ruleset.release_time()).as_secs()
-                    ))
+                    humantime::format_duration(age)
                 ),
                 [("rules", ruleset.rule_count() as u64)],
             ),
@@ -452,13 +454,13 @@ impl Svm {
             reach_component(
                 "integration server reporter",
                 &lock(&self.reporter),
-                ComponentState::Warning,
+                state_for(SvmReason::NoConnectionToIntegrationServer),
                 [("reports delivered", delivered), ("reports failed", failed)],
             ),
             reach_component(
                 "infrastructure probe",
                 &lock(&self.probe),
-                ComponentState::Critical,
+                state_for(SvmReason::InfrastructureUnreachable),
                 [],
             ),
         ]
@@ -479,17 +481,19 @@ fn component<const N: usize>(
     }
 }
 
+/// A component that reaches out (reporter, probe); `state` is the one its
+/// reason gives.
 fn reach_component<const N: usize>(
     name: &str,
     reach: &Reach,
-    unreachable: ComponentState,
+    state: ComponentState,
     counts: [(&str, u64); N],
 ) -> Component {
     let (state, detail) = match (reach.enabled, reach.reachable) {
         (false, _) => (ComponentState::Disabled, "not configured".to_owned()),
-        (true, None) => (ComponentState::Ok, "starting".to_owned()),
-        (true, Some(true)) => (ComponentState::Ok, "reachable".to_owned()),
-        (true, Some(false)) => (unreachable, reach.error.clone().unwrap_or_default()),
+        (true, None) => (state, "starting".to_owned()),
+        (true, Some(true)) => (state, "reachable".to_owned()),
+        (true, Some(false)) => (state, reach.error.clone().unwrap_or_default()),
     };
     component(name, state, detail, counts)
 }

@@ -37,6 +37,7 @@ use crate::{
     proto::{self, Health, IntegrityKind, TaskKind, VmReason},
     sessions::{AgentIdentity, Session},
     state,
+    status::worst,
 };
 
 /// How long a VM that is no longer seen still counts as protected.
@@ -260,14 +261,6 @@ impl VmReason {
     }
 }
 
-/// The worst of some healths; OK when there are none.
-pub fn worst(healths: impl IntoIterator<Item = Health>) -> Health {
-    healths
-        .into_iter()
-        .max_by_key(|h| *h as i32)
-        .unwrap_or(Health::Ok)
-}
-
 /// How a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -278,9 +271,6 @@ pub enum Ending {
     /// The server shut down.
     ServerShutdown,
 }
-
-/// Why the registry could not be opened.
-pub type OpenError = io::Error;
 
 /// Why a tag command failed.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +286,16 @@ struct Saved {
 }
 
 const FORMAT: u32 = 1;
+
+impl Saved {
+    fn parse(data: &[u8]) -> Result<Saved, String> {
+        let saved = serde_json::from_slice::<Saved>(data).map_err(|e| e.to_string())?;
+        match saved.format {
+            FORMAT => Ok(saved),
+            other => Err(format!("format {other}, expected {FORMAT}")),
+        }
+    }
+}
 
 /// The registry of protected VMs.
 #[derive(Debug)]
@@ -320,24 +320,17 @@ impl Vms {
     /// or of another format is set aside (renamed `vms.json.rejected`) with
     /// a warning; one that cannot be read at all is an error, since saving
     /// over it would lose its tags.
-    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+    pub fn open(dir: &Path) -> io::Result<Self> {
         let path = dir.join(FILE_NAME);
-        let data = match fs::read(&path) {
-            Ok(data) => data,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => b"{}".to_vec(),
-            Err(err) => return Err(err),
-        };
-        let saved = serde_json::from_slice::<Saved>(&data)
-            .map_err(|e| e.to_string())
-            .and_then(|saved| match saved.format {
-                FORMAT | 0 => Ok(saved),
-                other => Err(format!("format {other}, expected {FORMAT}")),
-            })
-            .unwrap_or_else(|err| {
+        let saved = match fs::read(&path) {
+            Ok(data) => Saved::parse(&data).unwrap_or_else(|err| {
                 tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
                 let _ = fs::rename(&path, path.with_extension("json.rejected"));
                 Saved::default()
-            });
+            }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Saved::default(),
+            Err(err) => return Err(err),
+        };
         let vms = Vms {
             by_id: Mutex::new(
                 saved
@@ -367,9 +360,14 @@ impl Vms {
     fn update(&self, vm_id: &str, change: impl FnOnce(&mut VmRecord) -> bool) -> Option<bool> {
         let changed = self.lock().get_mut(vm_id).map(change);
         if changed == Some(true) {
-            self.changes.send_modify(|generation| *generation += 1);
+            self.changed();
         }
         changed
+    }
+
+    /// Tells everyone watching that a VM changed.
+    fn changed(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
     }
 
     /// An agent opened `session`.
@@ -391,7 +389,7 @@ impl Vms {
             vm.integration_server_unreachable = false;
             vm.session_id = Some(session.id.clone());
         }
-        self.changes.send_modify(|generation| *generation += 1);
+        self.changed();
     }
 
     /// `session` ended. A later session of the same VM (an agent that

@@ -33,7 +33,6 @@ use scanserver::{
     vms::{Ending, SecurityTag, Vms},
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 
 /// An Integration Server on its own thread and runtime (real time), so that
 /// a test's paused clock does not stop it.
@@ -179,6 +178,16 @@ async fn reports_recorded(svm: &Arc<Svm>, n: u64) {
     .unwrap();
 }
 
+/// The first report of `svm`, once the reporter has recorded it delivered.
+async fn first_report(receiver: &TestReceiver, svm: &Arc<Svm>) -> SvmReport {
+    let report = receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a first report");
+    reports_recorded(svm, 1).await;
+    report
+}
+
 /// Moves a paused clock a second at a time, up to `limit`, until a report
 /// arrives; returns it with the time it took.
 async fn next_report_within(
@@ -241,11 +250,7 @@ async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
         config.reporting.interval = Duration::from_secs(60);
     })
     .await;
-    receiver
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a first report");
-    reports_recorded(&svm, 1).await;
+    first_report(&receiver, &svm).await;
     assert_eq!(svm.status().health, Health::Ok);
 
     receiver.stop();
@@ -292,11 +297,7 @@ async fn a_scan_queue_full_for_a_minute_turns_the_svm_warning() {
         config.engine.queue_capacity = 1;
     })
     .await;
-    receiver
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a first report");
-    reports_recorded(&svm, 1).await;
+    first_report(&receiver, &svm).await;
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(Arc::clone(&svm).monitor(shutdown_rx));
 
@@ -374,19 +375,7 @@ impl TestAgent {
     async fn connect(server: &TestServer, vm_id: &str) -> TestAgent {
         let mut hello = hello();
         hello.vm_id = vm_id.to_owned();
-        let (out, rx) = mpsc::channel(8);
-        out.send(AgentMessage {
-            kind: Some(agent_message::Kind::Hello(hello)),
-        })
-        .await
-        .unwrap();
-        let mut incoming = server
-            .client()
-            .await
-            .connect(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (out, mut incoming) = connect(server, hello).await;
         let session_id = match incoming.message().await.unwrap().unwrap().kind.unwrap() {
             server_message::Kind::Welcome(welcome) => welcome.session_id,
             other => panic!("expected a welcome, got {other:?}"),
@@ -456,6 +445,26 @@ impl TestAgent {
             other => panic!("expected a verdict, got {other:?}"),
         }
     }
+}
+
+/// Assigns (or removes) `tag` on VM `vm_id` through the admin service;
+/// whether that changed anything.
+async fn set_tag(
+    server: &TestServer,
+    vm_id: &str,
+    tag: &str,
+    assign: bool,
+) -> Result<bool, tonic::Status> {
+    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let request = TagRequest {
+        vm_id: vm_id.into(),
+        tag: tag.into(),
+    };
+    let reply = match assign {
+        true => admin.assign_tag(request).await?,
+        false => admin.remove_tag(request).await?,
+    };
+    Ok(reply.into_inner().changed)
 }
 
 /// The VM `vm_id` as the admin service lists it.
@@ -534,19 +543,7 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
     assert_eq!(vm.status(), Health::Ok);
 
     // Assigned by hand, it survives a clean full scan.
-    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
-    let request = TagRequest {
-        vm_id: "vm-x".into(),
-        tag: VIRUS_FOUND.into(),
-    };
-    assert!(
-        admin
-            .assign_tag(request.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .changed
-    );
+    assert!(set_tag(&server, "vm-x", VIRUS_FOUND, true).await.unwrap());
     report_where(&receiver, "vm-x", |vm| !vm.tags.is_empty()).await;
     agent.full_scan(0).await;
     agent.scan(&server, b"harmless").await;
@@ -566,15 +563,7 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
             description: "port scan".into(),
         }))
         .await;
-    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
-    let mut vm = vm_info(&server, "vm-y").await;
-    for _ in 0..100 {
-        if !vm.tags.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        vm = vm_info(&server, "vm-y").await;
-    }
+    let vm = eventually(&server, "vm-y", |vm| !vm.tags.is_empty()).await;
     assert_eq!(tags(&vm), [(IDS_IPS.to_owned(), 1)]);
     assert_eq!(reasons(&vm), [VmReason::NetworkAttack]);
     // Only an operator removes it.
@@ -582,26 +571,8 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(tags(&vm_info(&server, "vm-y").await).len(), 1);
 
-    let request = TagRequest {
-        vm_id: "vm-y".into(),
-        tag: IDS_IPS.into(),
-    };
-    assert!(
-        admin
-            .remove_tag(request.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .changed
-    );
-    assert!(
-        !admin
-            .remove_tag(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .changed
-    );
+    assert!(set_tag(&server, "vm-y", IDS_IPS, false).await.unwrap());
+    assert!(!set_tag(&server, "vm-y", IDS_IPS, false).await.unwrap());
     let restart = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match agent.messages.recv().await {
@@ -616,17 +587,13 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
     assert!(restart.reason.contains(IDS_IPS), "{}", restart.reason);
 
     // Unknown VMs and tags are refused with the right codes.
-    let unknown_vm = TagRequest {
-        vm_id: "vm-never-seen".into(),
-        tag: IDS_IPS.into(),
-    };
-    let status = admin.assign_tag(unknown_vm).await.unwrap_err();
+    let status = set_tag(&server, "vm-never-seen", IDS_IPS, true)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
-    let unknown_tag = TagRequest {
-        vm_id: "vm-y".into(),
-        tag: "VirusFound".into(),
-    };
-    let status = admin.assign_tag(unknown_tag).await.unwrap_err();
+    let status = set_tag(&server, "vm-y", "VirusFound", true)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
 
@@ -860,10 +827,6 @@ async fn reports_carry_the_bearer_token() {
         config.reporting.token_file = Some(token.path().to_owned());
     })
     .await;
-    receiver
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a report with the token");
-    reports_recorded(&svm, 1).await;
+    first_report(&receiver, &svm).await;
     assert_eq!(svm.status().health, Health::Ok);
 }

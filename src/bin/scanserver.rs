@@ -16,7 +16,7 @@ use scanserver::{
         integration_server_server::IntegrationServerServer,
     },
     report::Format,
-    reporting::Receiver,
+    reporting::{Receiver, read_token},
     server::{Server, termination_signal},
     signatures::{Ruleset, SignatureError},
     vms::SecurityTag,
@@ -488,15 +488,12 @@ fn print<T: serde::Serialize>(reply: &T, json: bool, render: fn(&T) -> String) {
 }
 
 fn receiver(args: &ReceiverArgs) -> ExitCode {
-    let token = match &args.token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(token) => Some(token.trim().to_owned()),
-            Err(err) => {
-                eprintln!("error: cannot read {}: {err}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
+    let token = match args.token_file.as_deref().map(read_token).transpose() {
+        Ok(token) => token,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

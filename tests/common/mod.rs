@@ -10,7 +10,7 @@ use scanserver::{
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
-        AgentMessage, Hello, PROTOCOL_VERSION, agent_message,
+        AgentMessage, Hello, PROTOCOL_VERSION, ServerMessage, agent_message,
         protection_server_client::ProtectionServerClient, server_message,
     },
     server::Server,
@@ -167,25 +167,36 @@ pub fn hello() -> Hello {
     }
 }
 
-/// Sends `hello` on Connect; returns the first server message and the
-/// sender that keeps the session open.
-pub async fn open_session(
+/// Opens Connect with `hello` as its first message; returns the sender of
+/// further agent messages (the session lasts as long as it does) and the
+/// server's messages.
+pub async fn connect(
     server: &TestServer,
     hello: Hello,
-) -> (server_message::Kind, mpsc::Sender<AgentMessage>) {
-    let (tx, rx) = mpsc::channel(4);
+) -> (mpsc::Sender<AgentMessage>, tonic::Streaming<ServerMessage>) {
+    let (tx, rx) = mpsc::channel(8);
     tx.send(AgentMessage {
         kind: Some(agent_message::Kind::Hello(hello)),
     })
     .await
     .unwrap();
-    let mut incoming = server
+    let incoming = server
         .client()
         .await
         .connect(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
+    (tx, incoming)
+}
+
+/// Sends `hello` on Connect; returns the first server message and the
+/// sender that keeps the session open.
+pub async fn open_session(
+    server: &TestServer,
+    hello: Hello,
+) -> (server_message::Kind, mpsc::Sender<AgentMessage>) {
+    let (tx, mut incoming) = connect(server, hello).await;
     let first = incoming.message().await.unwrap().unwrap().kind.unwrap();
     tokio::spawn(async move { while let Ok(Some(_)) = incoming.message().await {} });
     (first, tx)
