@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::{
     client::{Agent, AgentOptions, ClientError, FileSource, PreparedFile},
+    engine::ScanOutcome,
     localscan,
 };
 
@@ -99,6 +100,34 @@ struct Tally {
     latencies: Vec<Duration>,
 }
 
+impl Tally {
+    fn with_capacity(files: usize) -> Self {
+        Tally {
+            latencies: Vec::with_capacity(files),
+            ..Tally::default()
+        }
+    }
+
+    fn count(&mut self, outcome: &ScanOutcome) {
+        let counter = match () {
+            _ if outcome.verdict.failure().is_some() => &mut self.errors,
+            _ if outcome.coalesced => &mut self.coalesced_waits,
+            _ if outcome.cached => &mut self.cache_hits,
+            _ => &mut self.scans,
+        };
+        *counter += 1;
+        self.latencies.push(outcome.elapsed);
+    }
+
+    fn add(&mut self, other: Tally) {
+        self.scans += other.scans;
+        self.cache_hits += other.cache_hits;
+        self.coalesced_waits += other.coalesced_waits;
+        self.errors += other.errors;
+        self.latencies.extend(other.latencies);
+    }
+}
+
 /// Runs round `round`: `agents` agents (identities derived from `options`)
 /// connect, then all scan `set` at once.
 pub async fn round(
@@ -115,7 +144,8 @@ pub async fn round(
         options.vm_name = format!("{}-bench-{i}", options.vm_name);
         connected.push(Agent::connect(&options).await?);
     }
-    let tally = Arc::new(Mutex::new(Tally::default()));
+    // Each agent counts its own verdicts (a lock shared by every agent
+    // would be the bench's own bottleneck); the counts are added up after.
     let started = Instant::now();
     let scans: Vec<_> = connected
         .into_iter()
@@ -125,30 +155,26 @@ pub async fn round(
                 .iter()
                 .map(|f| FileSource::Prepared(Arc::clone(f)))
                 .collect();
-            let tally = Arc::clone(&tally);
+            let tally = Arc::new(Mutex::new(Tally::with_capacity(files.len())));
+            let counting = Arc::clone(&tally);
             tokio::spawn(async move {
                 agent
                     .scan(files, move |_, outcome| {
-                        let mut tally = tally.lock().expect("tally");
-                        let counter = match () {
-                            _ if outcome.verdict.failure().is_some() => &mut tally.errors,
-                            _ if outcome.coalesced => &mut tally.coalesced_waits,
-                            _ if outcome.cached => &mut tally.cache_hits,
-                            _ => &mut tally.scans,
-                        };
-                        *counter += 1;
-                        tally.latencies.push(outcome.elapsed);
+                        counting.lock().expect("tally").count(&outcome)
                     })
-                    .await
+                    .await?;
+                Ok::<_, ClientError>(std::mem::take(&mut *tally.lock().expect("tally")))
             })
         })
         .collect();
+    let mut tally = Tally::default();
     for scan in scans {
-        scan.await
+        let agent = scan
+            .await
             .map_err(|e| ClientError::Protocol(e.to_string()))??;
+        tally.add(agent);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
     tally.latencies.sort_unstable();
     let files = (set.len() * agents) as u64;
     let bytes = set.bytes * agents as u64;

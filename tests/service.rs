@@ -237,6 +237,44 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     assert!(server.state.engine.cache().flights().is_empty());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
+    let server =
+        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_secs(3600)).await;
+    let data = content(4, 64 << 10);
+    let digest = blake3::hash(&data);
+    let (session_a, _keep_a) = session_id(&server).await;
+    let (session_b, _keep_b) = session_id(&server).await;
+    let (a, mut a_replies) = scan_stream(&server).await;
+    let (b, mut b_replies) = scan_stream(&server).await;
+    a.send(begin(&session_a, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut a_replies).await.1,
+        scan_reply::Kind::SendContent(_)
+    ));
+    // The lead never sends its content: the waiter is asked for its own
+    // once its wait's deadline passes, and not before.
+    let waiting_since = tokio::time::Instant::now();
+    b.send(begin(&session_b, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut b_replies).await.1,
+        scan_reply::Kind::SendContent(_)
+    ));
+    assert!(waiting_since.elapsed() >= scanserver::cache::flight::UPLOAD_WAIT);
+    // The scan runs on the engine's threads, which the paused clock would
+    // not wait for.
+    tokio::time::resume();
+    b.send(chunk(1, 0, &data)).await.unwrap();
+    b.send(end(1)).await.unwrap();
+    let reply = next(&mut b_replies).await.1;
+    assert!(verdict_rules(&reply).is_empty(), "scanned, and clean");
+    let verdict = file_verdict(reply);
+    assert!(!verdict.cached && !verdict.coalesced);
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hellos_are_accepted_or_rejected_with_a_reason() {
     let server = TestServer::start(|c| c.server.allowed_tags = vec!["vdi".into()]).await;

@@ -117,39 +117,37 @@ pub(super) async fn run(
         deadlines: VecDeque::new(),
         next_tag: 0,
     };
+    // Two timers for the stream's life, re-armed rather than rebuilt: one
+    // for the idle timeout, one for the earliest wait's deadline. (A timer
+    // made per request costs a registration in the runtime's timer wheel,
+    // under its lock, for every message of a storm.)
+    let idle = tokio::time::sleep(idle_timeout);
+    let wake = tokio::time::sleep(UPLOAD_WAIT);
+    tokio::pin!(idle, wake);
     loop {
         let next_deadline = stream.deadlines.front().map(|&(deadline, _)| deadline);
+        if let Some(deadline) = next_deadline.filter(|&d| d != wake.deadline()) {
+            wake.as_mut().reset(deadline);
+        }
         let request = tokio::select! {
-            request = tokio::time::timeout(idle_timeout, requests.message()) => request,
+            request = requests.message() => request,
             Some((tag, landing)) = landed.recv() => {
                 let reply = stream.landed(tag, landing);
                 if stream.send(reply).await.is_err() {
                     break;
                 }
+                idle.as_mut().reset(Instant::now() + idle_timeout);
                 continue;
             }
-            () = sleep_until(next_deadline) => {
+            () = &mut wake, if next_deadline.is_some() => {
                 let replies = stream.expire();
                 if stream.send_all(replies).await.is_err() {
                     break;
                 }
+                idle.as_mut().reset(Instant::now() + idle_timeout);
                 continue;
             }
-            () = shut_down(&mut shutdown) => {
-                // Scans already running still reply, within the grace period.
-                let message = "the server is shutting down; send this file to another SVM";
-                let _ = stream.fail_open_files(Code::Unavailable, message).await;
-                break;
-            }
-        };
-        let request = match request {
-            Ok(Ok(Some(request))) => request,
-            Ok(Ok(None)) => break,
-            Ok(Err(status)) => {
-                tracing::debug!(%status, "scan stream broken");
-                break;
-            }
-            Err(_) => {
+            () = &mut idle => {
                 let message = format!(
                     "no request for {idle_timeout:?}; the stream is closed, open a new one"
                 );
@@ -160,6 +158,21 @@ pub(super) async fn run(
                     .replies
                     .send(Err(Status::deadline_exceeded(message)))
                     .await;
+                break;
+            }
+            () = shut_down(&mut shutdown) => {
+                // Scans already running still reply, within the grace period.
+                let message = "the server is shutting down; send this file to another SVM";
+                let _ = stream.fail_open_files(Code::Unavailable, message).await;
+                break;
+            }
+        };
+        idle.as_mut().reset(Instant::now() + idle_timeout);
+        let request = match request {
+            Ok(Some(request)) => request,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(%status, "scan stream broken");
                 break;
             }
         };
@@ -534,14 +547,6 @@ pub(super) async fn scan_file(
     // No session: counted in the metrics, but for no VM.
     engine.metrics().verdict(&verdict);
     Ok(verdict)
-}
-
-/// Resolves at `deadline`, or never without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 fn verdict_reply(verdict: FileVerdict) -> scan_reply::Kind {
