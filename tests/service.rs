@@ -198,25 +198,56 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
     );
 }
 
+/// Two agents, each on a Scan stream of its own, both about to scan `data`
+/// hash first: the lead has begun it and been asked for its content; the
+/// waiter is ready to begin it (and wait for the lead's verdict).
+struct LeadAndWaiter {
+    lead: mpsc::Sender<ScanRequest>,
+    lead_replies: tonic::Streaming<ScanReply>,
+    waiter: mpsc::Sender<ScanRequest>,
+    waiter_replies: tonic::Streaming<ScanReply>,
+    waiter_begin: ScanRequest,
+    _sessions: [mpsc::Sender<AgentMessage>; 2],
+}
+
+impl LeadAndWaiter {
+    async fn start(server: &TestServer, data: &[u8]) -> Self {
+        let digest = blake3::hash(data);
+        let (session_a, keep_a) = session_id(server).await;
+        let (session_b, keep_b) = session_id(server).await;
+        let (lead, mut lead_replies) = scan_stream(server).await;
+        let (waiter, waiter_replies) = scan_stream(server).await;
+        lead.send(begin(&session_a, 1, data, Some(digest.as_bytes())))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next(&mut lead_replies).await.1,
+            scan_reply::Kind::SendContent(_)
+        ));
+        LeadAndWaiter {
+            lead,
+            lead_replies,
+            waiter,
+            waiter_replies,
+            waiter_begin: begin(&session_b, 1, data, Some(digest.as_bytes())),
+            _sessions: [keep_a, keep_b],
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     let server = TestServer::start(|_| {}).await;
     let data = content(3, 64 << 10);
-    let digest = blake3::hash(&data);
-    let (session_a, _keep_a) = session_id(&server).await;
-    let (session_b, _keep_b) = session_id(&server).await;
-    let (a, mut a_replies) = scan_stream(&server).await;
-    let (b, mut b_replies) = scan_stream(&server).await;
-    a.send(begin(&session_a, 1, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut a_replies).await.1,
-        scan_reply::Kind::SendContent(_)
-    ));
-    b.send(begin(&session_b, 1, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
+    let LeadAndWaiter {
+        lead: a,
+        lead_replies: mut a_replies,
+        waiter: b,
+        waiter_replies: mut b_replies,
+        waiter_begin,
+        _sessions,
+    } = LeadAndWaiter::start(&server, &data).await;
+    b.send(waiter_begin).await.unwrap();
     // The lead sends half its content, then cancels.
     a.send(chunk(1, 0, &data[..1000])).await.unwrap();
     a.send(request(scan_request::Kind::Cancel(FileCancel {
@@ -242,24 +273,19 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
     let server =
         TestServer::start(|c| c.server.heartbeat_interval = Duration::from_secs(3600)).await;
     let data = content(4, 64 << 10);
-    let digest = blake3::hash(&data);
-    let (session_a, _keep_a) = session_id(&server).await;
-    let (session_b, _keep_b) = session_id(&server).await;
-    let (a, mut a_replies) = scan_stream(&server).await;
-    let (b, mut b_replies) = scan_stream(&server).await;
-    a.send(begin(&session_a, 1, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut a_replies).await.1,
-        scan_reply::Kind::SendContent(_)
-    ));
+    // The lead's stream and both sessions stay open (bound, not dropped).
+    let LeadAndWaiter {
+        waiter: b,
+        waiter_replies: mut b_replies,
+        waiter_begin,
+        lead: _lead,
+        lead_replies: _lead_replies,
+        _sessions,
+    } = LeadAndWaiter::start(&server, &data).await;
     // The lead never sends its content: the waiter is asked for its own
     // once its wait's deadline passes, and not before.
     let waiting_since = tokio::time::Instant::now();
-    b.send(begin(&session_b, 1, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
+    b.send(waiter_begin).await.unwrap();
     assert!(matches!(
         next(&mut b_replies).await.1,
         scan_reply::Kind::SendContent(_)
