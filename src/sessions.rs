@@ -105,8 +105,14 @@ impl Session {
             self.vms.threat_found(&self.agent.vm_id);
         }
         if tally.failures > 0 {
-            self.vms.scan_failed(&self.agent.vm_id);
+            self.scan_failed();
         }
+    }
+
+    /// A file of the session failed, or went without a verdict: a full
+    /// scan of its VM under way proves nothing clean.
+    pub fn scan_failed(&self) {
+        self.vms.scan_failed(&self.agent.vm_id);
     }
 
     /// Asks the agent to restart its session, saying why.

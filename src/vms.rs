@@ -9,9 +9,10 @@
 //! * `ANTI_VIRUS.VirusFound.threat=high` is assigned automatically when a
 //!   scan for the VM finds malware, and removed automatically when the VM
 //!   reports a full scan that finished with no detections, unless it was
-//!   assigned by hand. Only a full scan the server saw start after the tag
-//!   was assigned counts, and only if no scan for the VM failed since it
-//!   started: a scan that failed is never taken for a clean one.
+//!   assigned by hand. Only a full scan the server saw start, in the same
+//!   session and after the tag was assigned, counts, and only if since it
+//!   started no file of the VM failed or went without a verdict, and no
+//!   malware was found: a scan that failed is never taken for a clean one.
 //! * `IDS_IPS.threat=high` is assigned when the agent reports a network
 //!   attack, and is only ever removed by hand.
 //! * A tag assigned by hand is removed only by hand (assigning by hand a
@@ -129,16 +130,22 @@ pub struct VmRecord {
     pub integration_server_unreachable: bool,
     pub file_modified: bool,
     pub registry_modified: bool,
-    /// When the full scan under way started (milliseconds since the Unix
-    /// epoch).
-    #[serde(default)]
-    pub full_scan_started: Option<u64>,
-    /// When a scan for the VM last failed.
-    #[serde(default)]
-    pub last_failure: u64,
+    /// The full scan under way in the current session (not saved: a scan
+    /// that spans a restart or a reconnection was not all seen here).
+    #[serde(skip)]
+    pub full_scan: Option<FullScan>,
     /// The session open now, if any (not saved).
     #[serde(skip)]
     pub session_id: Option<String>,
+}
+
+/// A full scan the agent reported started.
+#[derive(Debug, Clone)]
+pub struct FullScan {
+    task_id: String,
+    /// Since it started, a file of the VM failed or went without a verdict,
+    /// or malware was found: its end proves nothing clean.
+    spoiled: bool,
 }
 
 impl VmRecord {
@@ -156,9 +163,14 @@ impl VmRecord {
             integration_server_unreachable: false,
             file_modified: false,
             registry_modified: false,
-            full_scan_started: None,
-            last_failure: 0,
+            full_scan: None,
             session_id: None,
+        }
+    }
+
+    fn spoil_full_scan(&mut self) {
+        if let Some(scan) = &mut self.full_scan {
+            scan.spoiled = true;
         }
     }
 
@@ -387,6 +399,7 @@ impl Vms {
             vm.connection_lost = false;
             // A new session starts from what the agent tells in it.
             vm.integration_server_unreachable = false;
+            vm.full_scan = None;
             vm.session_id = Some(session.id.clone());
         }
         self.changed();
@@ -409,6 +422,8 @@ impl Vms {
 
     /// A scan for VM `vm_id` found malware.
     pub fn threat_found(&self, vm_id: &str) {
+        // The full scan under way cannot prove the VM clean any more.
+        self.scan_failed(vm_id);
         self.assign_automatically(vm_id, SecurityTag::VirusFound);
     }
 
@@ -434,50 +449,60 @@ impl Vms {
         }
     }
 
-    /// A scan for VM `vm_id` failed: a full scan under way no longer
-    /// proves the VM clean.
+    /// A file of VM `vm_id` failed or went without a verdict: a full scan
+    /// under way no longer proves the VM clean.
     pub fn scan_failed(&self, vm_id: &str) {
         if let Some(vm) = self.lock().get_mut(vm_id) {
-            vm.last_failure = unix_ms(SystemTime::now());
+            vm.spoil_full_scan();
         }
     }
 
-    /// The agent of VM `vm_id` reported that a scan task started.
-    pub fn task_started(&self, vm_id: &str, kind: TaskKind) {
+    /// The agent of VM `vm_id` reported that scan task `task_id` started.
+    pub fn task_started(&self, vm_id: &str, task_id: &str, kind: TaskKind) {
         if kind == TaskKind::FullScan
             && let Some(vm) = self.lock().get_mut(vm_id)
         {
-            vm.full_scan_started = Some(unix_ms(SystemTime::now()));
+            vm.full_scan = Some(FullScan {
+                task_id: task_id.to_owned(),
+                spoiled: false,
+            });
         }
     }
 
-    /// The agent of VM `vm_id` reported a finished scan task. A full scan
-    /// with no detections, no failed scan since it started, clears what a
-    /// full scan answers for: the automatic malware tag assigned before it
-    /// started, and the modification reasons.
-    pub fn task_finished(&self, vm_id: &str, kind: TaskKind, detections: u32) {
+    /// The agent of VM `vm_id` reported that scan task `task_id` finished.
+    /// A full scan seen starting, unspoiled and with no detections, clears
+    /// what a full scan answers for: the automatic malware tag (assigned
+    /// before it started, or it would be spoiled), and the modification
+    /// reasons.
+    pub fn task_finished(&self, vm_id: &str, task_id: &str, kind: TaskKind, detections: u32) {
         if kind != TaskKind::FullScan {
             return;
         }
         let mut untagged = false;
         self.update(vm_id, |vm| {
-            let Some(started) = vm.full_scan_started.take() else {
-                return false;
-            };
-            if detections > 0 || vm.last_failure >= started {
+            if vm
+                .full_scan
+                .as_ref()
+                .is_none_or(|scan| scan.task_id != task_id)
+            {
                 return false;
             }
-            let automatic_before = vm.tags.get(&SecurityTag::VirusFound).is_some_and(|entry| {
-                entry.origin == TagOrigin::Automatic && entry.assigned_at <= started
-            });
-            if automatic_before {
+            let scan = vm.full_scan.take().expect("just checked");
+            if detections > 0 || scan.spoiled {
+                return false;
+            }
+            let automatic = vm
+                .tags
+                .get(&SecurityTag::VirusFound)
+                .is_some_and(|entry| entry.origin == TagOrigin::Automatic);
+            if automatic {
                 vm.tags.remove(&SecurityTag::VirusFound);
                 untagged = true;
             }
             let modified = vm.file_modified || vm.registry_modified;
             vm.file_modified = false;
             vm.registry_modified = false;
-            automatic_before || modified
+            automatic || modified
         });
         if untagged {
             tracing::info!(vm = vm_id, tag = %SecurityTag::VirusFound, "security tag removed after a clean full scan");

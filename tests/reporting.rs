@@ -366,6 +366,7 @@ async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
 
 /// An agent session whose server messages are collected.
 struct TestAgent {
+    vm_id: String,
     session_id: String,
     out: mpsc::Sender<AgentMessage>,
     messages: mpsc::Receiver<server_message::Kind>,
@@ -389,6 +390,7 @@ impl TestAgent {
             }
         });
         TestAgent {
+            vm_id: vm_id.to_owned(),
             session_id,
             out,
             messages,
@@ -404,14 +406,61 @@ impl TestAgent {
 
     /// Reports a full scan, started and finished with `detections`.
     async fn full_scan(&self, detections: u32) {
-        for (state, detections) in [(TaskState::Started, 0), (TaskState::Finished, detections)] {
-            self.tell(agent_message::Kind::Task(TaskEvent {
-                task_id: "full-1".into(),
-                kind: TaskKind::FullScan as i32,
-                state: state as i32,
-                detections,
+        self.full_scan_event(TaskState::Started, 0).await;
+        self.full_scan_event(TaskState::Finished, detections).await;
+    }
+
+    async fn full_scan_event(&self, state: TaskState, detections: u32) {
+        self.tell(agent_message::Kind::Task(TaskEvent {
+            task_id: "full-1".into(),
+            kind: TaskKind::FullScan as i32,
+            state: state as i32,
+            detections,
+        }))
+        .await;
+    }
+
+    /// Returns once the server has handled everything told before on the
+    /// session: the agent reports losing the Integration Server, then
+    /// regaining it, and each shows in the VM's reasons in turn.
+    async fn handled(&self, server: &TestServer) {
+        let unreachable = VmReason::NoConnectionToIntegrationServer;
+        for connected in [false, true] {
+            self.tell(agent_message::Kind::Status(AgentStatus {
+                integration_server_connected: connected,
             }))
             .await;
+            eventually(server, &self.vm_id, |vm| {
+                reasons(vm).contains(&unreachable) != connected
+            })
+            .await;
+        }
+    }
+
+    /// Begins a file on a Scan stream and cancels it: it goes without a
+    /// verdict.
+    async fn cancel_a_file(&self, server: &TestServer) {
+        let requests = [
+            scan_request::Kind::Begin(scanserver::proto::FileBegin {
+                file_id: 1,
+                session_id: self.session_id.clone(),
+                path: "C:\\Windows\\locked.dll".into(),
+                size: 10,
+                blake3: Default::default(),
+            }),
+            scan_request::Kind::Cancel(scanserver::proto::FileCancel { file_id: 1 }),
+        ]
+        .map(|kind| ScanRequest { kind: Some(kind) });
+        let mut replies = server
+            .client()
+            .await
+            .scan(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        match replies.message().await.unwrap().unwrap().kind.unwrap() {
+            scan_reply::Kind::Error(error) => assert_eq!(error.code, tonic::Code::Cancelled as i32),
+            other => panic!("expected an error, got {other:?}"),
         }
     }
 
@@ -537,6 +586,8 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
 
     // A full scan that found something keeps the tag; a clean one removes it.
     agent.full_scan(2).await;
+    agent.handled(&server).await;
+    assert_eq!(tags(&vm_info(&server, "vm-x").await).len(), 1);
     agent.full_scan(0).await;
     let untagged = report_where(&receiver, "vm-x", |vm| vm.tags.is_empty()).await;
     let vm = untagged.vms.iter().find(|vm| vm.vm_id == "vm-x").unwrap();
@@ -546,11 +597,30 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
     assert!(set_tag(&server, "vm-x", VIRUS_FOUND, true).await.unwrap());
     report_where(&receiver, "vm-x", |vm| !vm.tags.is_empty()).await;
     agent.full_scan(0).await;
-    agent.scan(&server, b"harmless").await;
+    agent.handled(&server).await;
     assert_eq!(
         tags(&vm_info(&server, "vm-x").await),
         [(VIRUS_FOUND.to_owned(), 2)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
+    let server = TestServer::start(|_| {}).await;
+    let agent = TestAgent::connect(&server, "vm-z").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    agent.full_scan_event(TaskState::Started, 0).await;
+    agent.handled(&server).await;
+    agent.cancel_a_file(&server).await;
+    agent.full_scan_event(TaskState::Finished, 0).await;
+    agent.handled(&server).await;
+    assert_eq!(
+        tags(&vm_info(&server, "vm-z").await),
+        [(VIRUS_FOUND.to_owned(), 1)],
+        "the full scan did not see every file"
+    );
+    agent.full_scan(0).await;
+    eventually(&server, "vm-z", |vm| vm.tags.is_empty()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,7 +638,7 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
     assert_eq!(reasons(&vm), [VmReason::NetworkAttack]);
     // Only an operator removes it.
     agent.full_scan(0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    agent.handled(&server).await;
     assert_eq!(tags(&vm_info(&server, "vm-y").await).len(), 1);
 
     assert!(set_tag(&server, "vm-y", IDS_IPS, false).await.unwrap());
@@ -695,20 +765,20 @@ fn tag_rules_without_a_network() {
     };
 
     let full_scan = |vms: &Vms, detections| {
-        vms.task_started("vm", TaskKind::FullScan);
-        vms.task_finished("vm", TaskKind::FullScan, detections);
+        vms.task_started("vm", "task", TaskKind::FullScan);
+        vms.task_finished("vm", "task", TaskKind::FullScan, detections);
     };
 
     vms.threat_found("vm");
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
-    vms.task_started("vm", TaskKind::CustomScan);
-    vms.task_finished("vm", TaskKind::CustomScan, 0);
+    vms.task_started("vm", "task", TaskKind::CustomScan);
+    vms.task_finished("vm", "task", TaskKind::CustomScan, 0);
     assert_eq!(
         tags(&vms),
         [SecurityTag::VirusFound],
         "only a full scan clears it"
     );
-    vms.task_finished("vm", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0);
     assert_eq!(
         tags(&vms),
         [SecurityTag::VirusFound],
@@ -720,9 +790,9 @@ fn tag_rules_without_a_network() {
         [SecurityTag::VirusFound],
         "a full scan that found something"
     );
-    vms.task_started("vm", TaskKind::FullScan);
+    vms.task_started("vm", "task", TaskKind::FullScan);
     vms.scan_failed("vm");
-    vms.task_finished("vm", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0);
     assert_eq!(
         tags(&vms),
         [SecurityTag::VirusFound],
@@ -733,10 +803,10 @@ fn tag_rules_without_a_network() {
     assert!(tags(&vms).is_empty());
 
     // Malware found while a full scan runs is not cleared by its end.
-    vms.task_started("vm", TaskKind::FullScan);
+    vms.task_started("vm", "task", TaskKind::FullScan);
     std::thread::sleep(Duration::from_millis(2));
     vms.threat_found("vm");
-    vms.task_finished("vm", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0);
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
     std::thread::sleep(Duration::from_millis(2));
     full_scan(&vms, 0);

@@ -8,7 +8,8 @@
 //! holds the agent back: nothing is buffered without bound.
 //!
 //! Each begun file holds one of its session's in-flight places until its
-//! final reply. When the stream ends, for whatever reason, its open files
+//! final reply, and owes its VM a verdict: one that goes without (refused,
+//! failed, cancelled, cut off) spoils the VM's full scan under way. When the stream ends, for whatever reason, its open files
 //! are dropped: their memory is freed and their spool files deleted.
 //!
 //! Requests for the same content coalesce (see [`crate::cache::flight`]):
@@ -49,7 +50,7 @@ type Replies = mpsc::Sender<Result<ScanReply, Status>>;
 
 /// A begun file of a Scan stream.
 struct OpenFile {
-    session: Arc<Session>,
+    owed: VerdictOwed,
     name: String,
     size: u64,
     /// The content received so far; `None` while the file waits for
@@ -58,6 +59,32 @@ struct OpenFile {
     upload: Option<Upload>,
     standing: Standing,
     _in_flight: OwnedSemaphorePermit,
+}
+
+/// The verdict a begun file owes its session's VM. Settled by the verdict;
+/// a file that goes without one (refused, failed, cancelled, cut off with
+/// its stream) counts as a failed scan for the VM, so that a full scan
+/// under way cannot prove the VM clean without having seen it.
+struct VerdictOwed(Option<Arc<Session>>);
+
+impl VerdictOwed {
+    fn to(session: &Arc<Session>) -> Self {
+        VerdictOwed(Some(Arc::clone(session)))
+    }
+
+    fn settle(mut self, size: u64, verdict: &FileVerdict) {
+        if let Some(session) = self.0.take() {
+            session.record_file(size, verdict);
+        }
+    }
+}
+
+impl Drop for VerdictOwed {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.take() {
+            session.scan_failed();
+        }
+    }
 }
 
 /// Where a begun file stands on its verdict, before its content is in.
@@ -125,6 +152,9 @@ pub(super) async fn run(
     let wake = tokio::time::sleep(UPLOAD_WAIT);
     tokio::pin!(idle, wake);
     loop {
+        // Whatever the stream did last (a request, a reply) restarts the
+        // idle time.
+        idle.as_mut().reset(Instant::now() + idle_timeout);
         let next_deadline = stream.deadlines.front().map(|&(deadline, _)| deadline);
         if let Some(deadline) = next_deadline.filter(|&d| d != wake.deadline()) {
             wake.as_mut().reset(deadline);
@@ -136,7 +166,6 @@ pub(super) async fn run(
                 if stream.send(reply).await.is_err() {
                     break;
                 }
-                idle.as_mut().reset(Instant::now() + idle_timeout);
                 continue;
             }
             () = &mut wake, if next_deadline.is_some() => {
@@ -144,7 +173,6 @@ pub(super) async fn run(
                 if stream.send_all(replies).await.is_err() {
                     break;
                 }
-                idle.as_mut().reset(Instant::now() + idle_timeout);
                 continue;
             }
             () = &mut idle => {
@@ -167,7 +195,6 @@ pub(super) async fn run(
                 break;
             }
         };
-        idle.as_mut().reset(Instant::now() + idle_timeout);
         let request = match request {
             Ok(Some(request)) => request,
             Ok(None) => break,
@@ -250,7 +277,7 @@ impl ScanStream {
         let key = engine.cache_key(&digest, Some(file.name.as_ref()));
         if let Some(hit) = engine.cache().get(&key) {
             let verdict = FileVerdict::known(&hit, &digest, false);
-            file.session.record_file(file.size, &verdict);
+            file.owed.settle(file.size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         let tag = self.next_tag;
@@ -288,6 +315,7 @@ impl ScanStream {
             .session(&begin.session_id)
             .map_err(|status| fail(status.code(), status.message().to_owned()))?;
         session.touch();
+        let owed = VerdictOwed::to(&session);
         let claimed = parse_digest(&begin.blake3).map_err(|m| fail(Code::InvalidArgument, m))?;
         self.state
             .uploads
@@ -301,7 +329,7 @@ impl ScanStream {
             return Err(fail(Code::ResourceExhausted, message));
         };
         let file = OpenFile {
-            session,
+            owed,
             name: begin.path,
             size: begin.size,
             upload: None,
@@ -379,7 +407,7 @@ impl ScanStream {
             return self.open_for_content(id, file, Some(wait.digest), Standing::OnItsOwn);
         };
         let verdict = FileVerdict::known(&landed, &wait.digest, true);
-        file.session.record_file(file.size, &verdict);
+        file.owed.settle(file.size, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
 
@@ -411,7 +439,7 @@ impl ScanStream {
             return Some(file_error(id, Code::InvalidArgument, &message));
         };
         let OpenFile {
-            session,
+            owed,
             name,
             upload,
             standing,
@@ -431,13 +459,13 @@ impl ScanStream {
         let judging = Judging::start(&engine, &received.digest, &name, standing).await;
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
-            session.record_file(size, &verdict);
+            owed.settle(size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         let replies = self.replies.clone();
         tokio::spawn(async move {
             let verdict = judging.verdict(&engine, received, name).await;
-            session.record_file(size, &verdict);
+            owed.settle(size, &verdict);
             let _ = replies.send(Ok(reply(id, verdict_reply(verdict)))).await;
             drop(_in_flight);
         });

@@ -225,8 +225,10 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
                 "scan task"
             );
             match task.state() {
-                TaskState::Started => vms.task_started(vm, task.kind()),
-                TaskState::Finished => vms.task_finished(vm, task.kind(), task.detections),
+                TaskState::Started => vms.task_started(vm, &task.task_id, task.kind()),
+                TaskState::Finished => {
+                    vms.task_finished(vm, &task.task_id, task.kind(), task.detections)
+                }
                 TaskState::Unspecified => {}
             }
         }
