@@ -106,6 +106,9 @@ pub async fn connect(
     let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| unreachable(&e))?;
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
+        // A server that accepts and never answers must not hang a
+        // monitoring script.
+        .timeout(Duration::from_secs(10))
         .connect()
         .await
         .map_err(|e| unreachable(&e))?;

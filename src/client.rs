@@ -604,7 +604,8 @@ fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome 
     ScanOutcome::failed(verdict, size, started.elapsed(), "".into())
 }
 
-fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
+/// The TLS settings for `tls`, its files read.
+pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| ClientError::Read {
             path: path.to_owned(),

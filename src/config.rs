@@ -78,6 +78,16 @@ impl Config {
         if self.server.snapshot_interval.is_zero() {
             return invalid("server.snapshot_interval", "must be more than 0");
         }
+        // TLS is used for https:// URLs only: a plain URL with TLS settings
+        // would send reports and the token in the clear.
+        if let Some(url) = &self.reporting.integration_server
+            && url.starts_with("https://") != self.reporting.tls.is_some()
+        {
+            return invalid(
+                "reporting.integration_server",
+                "must be an https:// URL with [reporting.tls], and an http:// URL without",
+            );
+        }
         if self.reporting.interval < Duration::from_secs(1) {
             return invalid("reporting.interval", "must be at least 1s");
         }
@@ -117,8 +127,8 @@ pub struct ServerConfig {
     /// Its display name in reports [default: the SVM id].
     pub name: Option<String>,
     /// Addresses agents reach the agent listener at, for reports
-    /// [default: the listen address, or `<host name>:<port>` when it
-    /// listens on every interface].
+    /// [default: the listen address, or `<svm id>:<port>` when it listens
+    /// on every interface].
     pub addresses: Vec<String>,
     /// Address of the admin listener (`scanserver status`, `agents`,
     /// `tags`); keep it on loopback or a management network.
@@ -139,12 +149,14 @@ pub struct ServerConfig {
     /// On SIGTERM or Ctrl-C, how long scans in flight may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Where the server keeps what survives a restart (the verdict cache)
+    /// Where the server keeps what survives a restart (the verdict cache,
+    /// the protected VMs and their tags)
     /// [default: `$STATE_DIRECTORY` when systemd sets it, else the user's
     /// state folder, `~/.local/state/scanserver`].
     pub state_dir: Option<PathBuf>,
-    /// How often the verdict cache is saved to the state folder (when it
-    /// changed); it is saved at shutdown too.
+    /// How often the verdict cache and the protected VMs are saved to the
+    /// state folder (when they changed; the VMs also a second after each
+    /// change); both are saved at shutdown too.
     #[serde(with = "humantime_serde")]
     pub snapshot_interval: Duration,
 }
@@ -331,6 +343,18 @@ mod tests {
         let mut config = Config::default();
         config.uploads.max_file_size = config.engine.max_scan_size + 1;
         assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.reporting.integration_server = Some("https://integration.example".into());
+        assert!(config.validate().is_err(), "https without TLS settings");
+        config.reporting.integration_server = Some("http://integration.example".into());
+        assert!(config.validate().is_ok());
+        config.reporting.tls = Some(crate::reporting::ReportingTls {
+            ca: "ca.pem".into(),
+            cert: None,
+            key: None,
+            domain: None,
+        });
+        assert!(config.validate().is_err(), "TLS settings with http");
     }
 
     #[test]

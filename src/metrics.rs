@@ -3,7 +3,8 @@
 //! unless `--metrics-listen` is given.
 //!
 //! Counters on the hot path are plain atomics, created once: recording a
-//! verdict takes no lock. Figures that already exist elsewhere (the cache's
+//! verdict takes no lock (an engine scan's time goes into a histogram,
+//! which takes one briefly, once per scan). Figures that already exist elsewhere (the cache's
 //! statistics, connected agents, the queue) are read when Prometheus
 //! scrapes, not copied as they change.
 

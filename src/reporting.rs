@@ -20,10 +20,11 @@ use tokio::{sync::mpsc, time::Instant};
 use tonic::{
     Request, Response, Status,
     metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    transport::{Channel, Endpoint},
 };
 
 use crate::{
+    client::{ClientTls, client_tls},
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport,
         integration_server_client::IntegrationServerClient,
@@ -108,6 +109,8 @@ pub enum ReportingError {
     HalfIdentity,
     #[error("cannot set up TLS towards the Integration Server: {0}")]
     Tls(tonic::transport::Error),
+    #[error("cannot set up TLS towards the Integration Server: {0}")]
+    TlsFiles(crate::client::ClientError),
 }
 
 /// Sends the SVM's reports to the Integration Server.
@@ -225,7 +228,13 @@ impl Reporter {
         }
         let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(request)).await;
         let result = match result {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(ack)) => {
+                let note = &ack.get_ref().message;
+                if !note.is_empty() {
+                    tracing::debug!(%note, "the Integration Server acknowledged the report");
+                }
+                Ok(())
+            }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(format!(
                 "cannot reach the Integration Server: {}",
                 status.message()
@@ -269,22 +278,19 @@ fn read(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, Reporting
     })
 }
 
-fn tls_config(tls: &ReportingTls) -> Result<ClientTlsConfig, ReportingError> {
-    let mut config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&tls.ca, "CA certificate")?));
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let identity =
-                Identity::from_pem(read(cert, "certificate")?, read(key, "private key")?);
-            config = config.identity(identity);
-        }
-        (None, None) => {}
+/// The TLS settings for `tls`, its files read.
+fn tls_config(tls: &ReportingTls) -> Result<tonic::transport::ClientTlsConfig, ReportingError> {
+    let identity = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
         _ => return Err(ReportingError::HalfIdentity),
-    }
-    if let Some(domain) = &tls.domain {
-        config = config.domain_name(domain.clone());
-    }
-    Ok(config)
+    };
+    let tls = ClientTls {
+        ca: Some(tls.ca.clone()),
+        identity,
+        domain: tls.domain.clone(),
+    };
+    client_tls(&tls).map_err(ReportingError::TlsFiles)
 }
 
 /// A minimal Integration Server: hands every report it accepts to a

@@ -97,7 +97,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the agent listener and prepares the service around `engine`.
+    /// Binds the agent, admin and (when configured) metrics listeners, and
+    /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         let listener = bind(config.server.listen, "--listen").await?;
         let admin = bind(config.server.admin_listen, "--admin-listen").await?;
@@ -242,13 +243,18 @@ impl Server {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            result = serve => result?,
-            () = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
-        }
+        let served_result = tokio::select! {
+            result = serve => result,
+            () = deadline => {
+                tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
+                Ok(())
+            }
+        };
+        // The keepers make their last save even when serving failed.
         let _ = served.send(true);
         let _ = keeper.await;
         let _ = vms_keeper.await;
+        served_result?;
         let stats = self.state.engine.cache().stats();
         tracing::info!(
             entries = stats.entries,

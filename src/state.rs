@@ -137,19 +137,22 @@ pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut done: watch::Receiv
         if last {
             return;
         }
+        // A save after a change counts as the interval's.
+        ticker.reset();
     }
 }
 
 /// Saves `vms` off the async threads; a failure is logged (and the next
 /// save tries again).
 async fn save_vms(vms: &Arc<Vms>) {
-    let vms = Arc::clone(vms);
-    let error = match tokio::task::spawn_blocking(move || vms.save()).await {
+    let saving = Arc::clone(vms);
+    let error = match tokio::task::spawn_blocking(move || saving.save()).await {
         Ok(Ok(())) => return,
         Ok(Err(err)) => err.to_string(),
         Err(err) => err.to_string(),
     };
-    tracing::warn!("cannot save the protected VMs: {error}");
+    let path = vms.path().unwrap_or(Path::new("")).display();
+    tracing::warn!(%path, "cannot save the protected VMs: {error}");
 }
 
 /// What tells whether the cache changed since it was saved.
@@ -165,6 +168,17 @@ impl CacheMark {
             generation: engine.cache().generation(),
             version: engine.ruleset().version_id(),
         }
+    }
+}
+
+/// Sets aside a state file that cannot be trusted: renames it with
+/// `.rejected` added to its name (replacing an older one), so that it is
+/// kept for inspection but never loaded, nor saved over.
+pub fn set_aside(path: &Path) {
+    let mut rejected = path.as_os_str().to_owned();
+    rejected.push(".rejected");
+    if let Err(err) = std::fs::rename(path, &rejected) {
+        tracing::warn!(path = %path.display(), "cannot set aside the untrusted file: {err}");
     }
 }
 

@@ -337,7 +337,7 @@ impl Vms {
         let saved = match fs::read(&path) {
             Ok(data) => Saved::parse(&data).unwrap_or_else(|err| {
                 tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
-                let _ = fs::rename(&path, path.with_extension("json.rejected"));
+                state::set_aside(&path);
                 Saved::default()
             }),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Saved::default(),
@@ -612,6 +612,11 @@ impl Vms {
     }
 
     /// Writes the registry to the state folder, atomically.
+    /// The file the registry is kept in (none for one in memory only).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     pub fn save(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());

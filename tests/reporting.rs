@@ -22,8 +22,8 @@ use scanserver::{
     config::Config,
     proto::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
-        NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport, TagRequest,
-        TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message,
+        NetworkAttackEvent, ReportTrigger, SvmReason, SvmReport, TagRequest, TaskEvent, TaskKind,
+        TaskState, VmInfo, VmReason, agent_message,
         integration_server_server::IntegrationServerServer, scan_reply, scan_request,
         server_message,
     },
@@ -343,7 +343,7 @@ async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
     assert_eq!(svm.status().health, Health::Critical);
 
     // What `scanserver status` prints.
-    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let mut admin = server.admin_client().await;
     let reply = admin
         .status(scanserver::proto::StatusRequest {})
         .await
@@ -440,17 +440,8 @@ impl TestAgent {
     /// Begins a file on a Scan stream and cancels it: it goes without a
     /// verdict.
     async fn cancel_a_file(&self, server: &TestServer) {
-        let requests = [
-            scan_request::Kind::Begin(scanserver::proto::FileBegin {
-                file_id: 1,
-                session_id: self.session_id.clone(),
-                path: "C:\\Windows\\locked.dll".into(),
-                size: 10,
-                blake3: Default::default(),
-            }),
-            scan_request::Kind::Cancel(scanserver::proto::FileCancel { file_id: 1 }),
-        ]
-        .map(|kind| ScanRequest { kind: Some(kind) });
+        let cancel = scan_request::Kind::Cancel(scanserver::proto::FileCancel { file_id: 1 });
+        let requests = [begin(&self.session_id, 1, &[0; 10], None), request(cancel)];
         let mut replies = server
             .client()
             .await
@@ -468,22 +459,10 @@ impl TestAgent {
     async fn scan(&self, server: &TestServer, data: &[u8]) -> usize {
         let mut client = server.client().await;
         let requests = [
-            scan_request::Kind::Begin(scanserver::proto::FileBegin {
-                file_id: 1,
-                session_id: self.session_id.clone(),
-                path: "C:\\Users\\a\\Downloads\\sample.com".into(),
-                size: data.len() as u64,
-                blake3: Default::default(),
-            }),
-            scan_request::Kind::Chunk(scanserver::proto::FileChunk {
-                file_id: 1,
-                offset: 0,
-                data: data.to_vec().into(),
-                path: String::new(),
-            }),
-            scan_request::Kind::End(scanserver::proto::FileEnd { file_id: 1 }),
-        ]
-        .map(|kind| ScanRequest { kind: Some(kind) });
+            begin(&self.session_id, 1, data, None),
+            chunk(1, 0, data),
+            end(1),
+        ];
         let mut replies = client
             .scan(tokio_stream::iter(requests))
             .await
@@ -504,7 +483,7 @@ async fn set_tag(
     tag: &str,
     assign: bool,
 ) -> Result<bool, tonic::Status> {
-    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let mut admin = server.admin_client().await;
     let request = TagRequest {
         vm_id: vm_id.into(),
         tag: tag.into(),
@@ -518,7 +497,7 @@ async fn set_tag(
 
 /// The VM `vm_id` as the admin service lists it.
 async fn vm_info(server: &TestServer, vm_id: &str) -> VmInfo {
-    let mut admin = admin::connect(&server.admin.to_string()).await.unwrap();
+    let mut admin = server.admin_client().await;
     let reply = admin.agents(AgentsRequest {}).await.unwrap().into_inner();
     reply
         .vms

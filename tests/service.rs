@@ -10,17 +10,15 @@ use bytes::Bytes;
 use common::*;
 use scanserver::{
     client::{Agent, AgentOptions, ClientError, ClientTls, FileSource},
-    config::{Config, TlsConfig},
+    config::TlsConfig,
     proto::{
-        self, AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, Hello, LookupRequest,
-        RejectReason, ScanReply, ScanRequest, protection_server_client::ProtectionServerClient,
-        scan_reply, scan_request, server_message,
+        self, AgentMessage, FileBegin, FileCancel, FileChunk, Hello, LookupRequest, RejectReason,
+        ScanReply, ScanRequest, protection_server_client::ProtectionServerClient, scan_reply,
+        scan_request, server_message,
     },
-    server::Server,
     service::Counters,
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::mpsc;
 use tonic::{Code, transport::Channel};
 
 async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>) {
@@ -28,48 +26,6 @@ async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>)
         (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
         (other, _) => panic!("expected a welcome, got {other:?}"),
     }
-}
-
-/// A Scan stream: a request sender and the reply stream.
-async fn scan_stream(
-    server: &TestServer,
-) -> (mpsc::Sender<ScanRequest>, tonic::Streaming<ScanReply>) {
-    let (tx, rx) = mpsc::channel(256);
-    let replies = server
-        .client()
-        .await
-        .scan(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    (tx, replies)
-}
-
-fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> ScanRequest {
-    request(scan_request::Kind::Begin(FileBegin {
-        file_id: id,
-        session_id: session.to_owned(),
-        path: format!("C:\\Users\\u\\file{id}.bin"),
-        size: data.len() as u64,
-        blake3: digest.map(Bytes::copy_from_slice).unwrap_or_default(),
-    }))
-}
-
-fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
-    request(scan_request::Kind::Chunk(FileChunk {
-        file_id: id,
-        offset,
-        data: Bytes::copy_from_slice(data),
-        path: String::new(),
-    }))
-}
-
-fn end(id: u64) -> ScanRequest {
-    request(scan_request::Kind::End(FileEnd { file_id: id }))
-}
-
-fn request(kind: scan_request::Kind) -> ScanRequest {
-    ScanRequest { kind: Some(kind) }
 }
 
 async fn next(replies: &mut tonic::Streaming<ScanReply>) -> (u64, scan_reply::Kind) {
@@ -797,25 +753,19 @@ async fn an_idle_scan_stream_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
-    let (spool, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.server.state_dir = Some(state.path().to_owned());
-    config.server.shutdown_grace = Duration::from_millis(500);
-    config.uploads.spool_dir = Some(spool.path().to_owned());
-    config.engine.threads = 2;
-    let engine =
-        Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
-    let server = Server::bind(&config, Arc::clone(&engine)).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    // The state folder outlives the server, to be read after it stopped.
+    let state = tempfile::tempdir().unwrap();
+    let server = TestServer::start(|config| {
+        config.server.state_dir = Some(state.path().to_owned());
+        config.server.shutdown_grace = Duration::from_millis(500);
+    })
+    .await;
 
-    let eicar = spool.path().join("eicar.com");
+    let eicar = server.spool.path().join("eicar.com");
     std::fs::write(&eicar, EICAR).unwrap();
-    let agent = Agent::connect(&AgentOptions::for_host(url)).await.unwrap();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
     agent
         .scan(vec![eicar.into()], |_, outcome| {
             assert!(!outcome.verdict.detections().is_empty())
@@ -823,17 +773,13 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
         .await
         .unwrap();
 
-    stop.send(()).unwrap();
     let started = std::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), running)
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
         .await
-        .expect("the server stops")
-        .unwrap()
-        .unwrap();
+        .expect("the server stops");
     assert!(started.elapsed() < Duration::from_secs(3));
     // The verdict made before shutdown is in the snapshot.
-    let restarted =
-        Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
+    let restarted = shipped_engine();
     scanserver::state::StateDir::open(state.path())
         .unwrap()
         .restore_cache(&restarted);

@@ -67,7 +67,8 @@ enum Command {
     /// asked.
     Status(AdminArgs),
     /// List the virtual machines a running server protects (connected ones,
-    /// and those seen in the last 30 days), with status and security tags.
+    /// those seen in the last 30 days, and tagged ones of any age), with
+    /// status and security tags.
     Agents(AdminArgs),
     /// Assign or remove a VM's security tag on a running server.
     #[command(subcommand)]
@@ -78,10 +79,16 @@ enum Command {
 }
 
 #[derive(Args)]
-struct AdminArgs {
+struct AdminAddr {
     /// Address of the server's admin listener.
     #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
     admin: String,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    #[command(flatten)]
+    server: AdminAddr,
 
     /// Print JSON instead of text.
     #[arg(long)]
@@ -104,9 +111,8 @@ struct TagArgs {
     /// `ANTI_VIRUS.VirusFound.threat=high` or `IDS_IPS.threat=high`.
     #[arg(value_parser = |s: &str| s.parse::<SecurityTag>())]
     tag: SecurityTag,
-    /// Address of the server's admin listener.
-    #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
-    admin: String,
+    #[command(flatten)]
+    server: AdminAddr,
 }
 
 #[derive(Args)]
@@ -389,13 +395,15 @@ fn main() -> ExitCode {
         Command::Scan(args) => scan(args),
         Command::Serve(args) => serve(&args),
         Command::Rules(RulesCommand::Check { path }) => check(&path),
-        Command::Status(args) => operate(&args.admin, |admin| status(admin, args.json)),
-        Command::Agents(args) => operate(&args.admin, |admin| agents(admin, args.json)),
-        Command::Tags(TagsCommand::Assign(args)) => {
-            operate(&args.admin.clone(), |admin| tag(admin, args, true))
-        }
-        Command::Tags(TagsCommand::Remove(args)) => {
-            operate(&args.admin.clone(), |admin| tag(admin, args, false))
+        Command::Status(args) => operate(&args.server.admin, |admin| status(admin, args.json)),
+        Command::Agents(args) => operate(&args.server.admin, |admin| agents(admin, args.json)),
+        Command::Tags(command) => {
+            let (args, assign) = match command {
+                TagsCommand::Assign(args) => (args, true),
+                TagsCommand::Remove(args) => (args, false),
+            };
+            let addr = args.server.admin.clone();
+            operate(&addr, |admin| tag(admin, args, assign))
         }
         Command::Receiver(args) => receiver(&args),
     }
@@ -415,23 +423,16 @@ where
         .build()
     {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return failed(&err),
     };
     runtime.block_on(async {
         let client = match admin::connect(addr).await {
             Ok(client) => client,
-            Err(err) => {
-                eprintln!("error: {err}");
-                return ExitCode::from(2);
-            }
+            Err(err) => return failed(&err),
         };
-        command(client).await.unwrap_or_else(|status| {
-            eprintln!("error: {}", status.message());
-            ExitCode::from(2)
-        })
+        command(client)
+            .await
+            .unwrap_or_else(|status| failed(&status.message()))
     })
 }
 
@@ -490,17 +491,11 @@ fn print<T: serde::Serialize>(reply: &T, json: bool, render: fn(&T) -> String) {
 fn receiver(args: &ReceiverArgs) -> ExitCode {
     let token = match args.token_file.as_deref().map(read_token).transpose() {
         Ok(token) => token,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return failed(&err),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return failed(&err),
     };
     let result = runtime.block_on(async {
         let (reports, mut received) = tokio::sync::mpsc::channel(16);
@@ -524,6 +519,12 @@ fn receiver(args: &ReceiverArgs) -> ExitCode {
     }
 }
 
+/// Reports an error that stops the command: exit status 2.
+fn failed(err: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(2)
+}
+
 /// Logs to stderr at `default_level`, or as `SCANSERVER_LOG` says.
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCANSERVER_LOG")
@@ -540,10 +541,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
 fn scan(args: ScanArgs) -> ExitCode {
     let ruleset = match args.rules.load() {
         Ok(ruleset) => ruleset,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return failed(&err),
     };
     let defaults = EngineConfig::default();
     let config = EngineConfig {
@@ -554,10 +552,7 @@ fn scan(args: ScanArgs) -> ExitCode {
     };
     let engine = match Engine::new(ruleset, &config) {
         Ok(engine) => engine,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return failed(&err),
     };
     let format = Format::json_if(args.json);
     let summary = localscan::run(&engine, &args.paths, format);
@@ -565,10 +560,6 @@ fn scan(args: ScanArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    let failed = |err: &dyn std::fmt::Display| {
-        eprintln!("error: {err}");
-        ExitCode::from(2)
-    };
     let config = match args.config() {
         Ok(config) => config,
         Err(err) => return failed(&err),

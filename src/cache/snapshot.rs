@@ -112,9 +112,7 @@ impl SharedCache {
                 });
             }
         };
-        let entries = parse(&data, ruleset).inspect_err(|_| {
-            let _ = fs::rename(path, path.with_extension("snapshot.rejected"));
-        })?;
+        let entries = parse(&data, ruleset).inspect_err(|_| state::set_aside(path))?;
         let version = ruleset.version_arc();
         let count = entries.len() as u64;
         for (content, verdict) in entries {

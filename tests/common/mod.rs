@@ -6,12 +6,15 @@
 
 use std::{path::PathBuf, sync::Arc};
 
+use bytes::Bytes;
+
 use scanserver::{
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
-        AgentMessage, Hello, PROTOCOL_VERSION, ServerMessage, agent_message,
-        protection_server_client::ProtectionServerClient, server_message,
+        AgentMessage, FileBegin, FileChunk, FileEnd, Hello, PROTOCOL_VERSION, ScanReply,
+        ScanRequest, ServerMessage, admin_client::AdminClient, agent_message,
+        protection_server_client::ProtectionServerClient, scan_request, server_message,
     },
     server::Server,
     service::ServiceState,
@@ -140,6 +143,13 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
+    /// A client of the server's admin service.
+    pub async fn admin_client(&self) -> AdminClient<Channel> {
+        scanserver::admin::connect(&self.admin.to_string())
+            .await
+            .unwrap()
+    }
+
     pub async fn client(&self) -> ProtectionServerClient<Channel> {
         let channel = Channel::from_shared(self.url())
             .unwrap()
@@ -200,6 +210,49 @@ pub async fn open_session(
     let first = incoming.message().await.unwrap().unwrap().kind.unwrap();
     tokio::spawn(async move { while let Ok(Some(_)) = incoming.message().await {} });
     (first, tx)
+}
+
+/// A Scan stream: a request sender and the reply stream.
+pub async fn scan_stream(
+    server: &TestServer,
+) -> (mpsc::Sender<ScanRequest>, tonic::Streaming<ScanReply>) {
+    let (tx, rx) = mpsc::channel(256);
+    let replies = server
+        .client()
+        .await
+        .scan(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, replies)
+}
+
+/// A FileBegin for `data`, hash first when `digest` is given.
+pub fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> ScanRequest {
+    request(scan_request::Kind::Begin(FileBegin {
+        file_id: id,
+        session_id: session.to_owned(),
+        path: format!("C:\\Users\\u\\file{id}.bin"),
+        size: data.len() as u64,
+        blake3: digest.map(Bytes::copy_from_slice).unwrap_or_default(),
+    }))
+}
+
+pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
+    request(scan_request::Kind::Chunk(FileChunk {
+        file_id: id,
+        offset,
+        data: Bytes::copy_from_slice(data),
+        path: String::new(),
+    }))
+}
+
+pub fn end(id: u64) -> ScanRequest {
+    request(scan_request::Kind::End(FileEnd { file_id: id }))
+}
+
+pub fn request(kind: scan_request::Kind) -> ScanRequest {
+    ScanRequest { kind: Some(kind) }
 }
 
 /// A minimal 32-bit Windows PE: a code section and a data section holding an
