@@ -144,28 +144,34 @@ pub(super) async fn run(
         deadlines: VecDeque::new(),
         next_tag: 0,
     };
-    // Two timers for the stream's life, re-armed rather than rebuilt: one
-    // for the idle timeout, one for the earliest wait's deadline. (A timer
-    // made per request costs a registration in the runtime's timer wheel,
-    // under its lock, for every message of a storm.)
+    // Two timers and the shutdown watch, for the stream's life: a timer or
+    // a watch registration made anew for every message costs a lock (the
+    // runtime's timer wheel, the watch shared by every stream) per message
+    // of a storm. The idle timer is re-armed only when it fires: activity
+    // since then (`last_active`) moves it on instead of ending the stream.
+    let mut last_active = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     let wake = tokio::time::sleep(UPLOAD_WAIT);
-    tokio::pin!(idle, wake);
+    let shutdown = shut_down(&mut shutdown);
+    tokio::pin!(idle, wake, shutdown);
     loop {
-        // Whatever the stream did last (a request, a reply) restarts the
-        // idle time.
-        idle.as_mut().reset(Instant::now() + idle_timeout);
         let next_deadline = stream.deadlines.front().map(|&(deadline, _)| deadline);
         if let Some(deadline) = next_deadline.filter(|&d| d != wake.deadline()) {
             wake.as_mut().reset(deadline);
         }
         let request = tokio::select! {
             request = requests.message() => request,
-            Some((tag, landing)) = landed.recv() => {
-                let reply = stream.landed(tag, landing);
-                if stream.send(reply).await.is_err() {
+            Some(landing) = landed.recv() => {
+                // Flights often land together (a storm's waiters): all
+                // that are in are answered in one go.
+                let mut replies: Vec<_> = stream.landed(landing).into_iter().collect();
+                while let Ok(landing) = landed.try_recv() {
+                    replies.extend(stream.landed(landing));
+                }
+                if stream.send_all(replies).await.is_err() {
                     break;
                 }
+                last_active = Instant::now();
                 continue;
             }
             () = &mut wake, if next_deadline.is_some() => {
@@ -173,9 +179,14 @@ pub(super) async fn run(
                 if stream.send_all(replies).await.is_err() {
                     break;
                 }
+                last_active = Instant::now();
                 continue;
             }
             () = &mut idle => {
+                if last_active.elapsed() < idle_timeout {
+                    idle.as_mut().reset(last_active + idle_timeout);
+                    continue;
+                }
                 let message = format!(
                     "no request for {idle_timeout:?}; the stream is closed, open a new one"
                 );
@@ -188,13 +199,14 @@ pub(super) async fn run(
                     .await;
                 break;
             }
-            () = shut_down(&mut shutdown) => {
+            () = &mut shutdown => {
                 // Scans already running still reply, within the grace period.
                 let message = "the server is shutting down; send this file to another SVM";
                 let _ = stream.fail_open_files(Code::Unavailable, message).await;
                 break;
             }
         };
+        last_active = Instant::now();
         let request = match request {
             Ok(Some(request)) => request,
             Ok(None) => break,
@@ -367,7 +379,7 @@ impl ScanStream {
 
     /// A waiting file's flight landed: the verdict, or, when it failed, a
     /// request for this file's own content.
-    fn landed(&mut self, tag: u64, landing: Landing) -> Option<ScanReply> {
+    fn landed(&mut self, (tag, landing): (u64, Landing)) -> Option<ScanReply> {
         let (id, wait) = self.wait_of(tag)?;
         self.waiting.remove(&tag);
         self.resolve(id, wait, landing)
