@@ -164,7 +164,10 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
     match cli.command {
         Command::Scan(args) => runtime.block_on(scan(args)),
         Command::Bench(args) => runtime.block_on(bench(args)),
