@@ -164,6 +164,10 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One runtime thread: the agent mostly waits on the server, and file
+    // reads and hashing run on blocking threads. A multi-thread runtime
+    // cost more CPU (tasks handed between its workers), which a client
+    // sharing its cores with the server takes from the scans.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
