@@ -752,6 +752,29 @@ async fn an_idle_scan_stream_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_stream_in_use_is_not_closed_as_idle() {
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // A request every 100 ms for over three idle timeouts: a cancel of a
+    // file that is not open, which gets no reply.
+    for _ in 0..10 {
+        let cancel = scan_request::Kind::Cancel(FileCancel { file_id: 1 });
+        tx.send(request(cancel)).await.unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(100), replies.message()).await;
+        assert!(
+            quiet.is_err(),
+            "the stream was closed while in use: {quiet:?}"
+        );
+    }
+    // Then silence: closed once the idle timeout has passed.
+    let status = tokio::time::timeout(Duration::from_secs(3), replies.message())
+        .await
+        .expect("the server closes the stream")
+        .expect_err("with an error");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
     // The state folder outlives the server, to be read after it stopped.
     let state = tempfile::tempdir().unwrap();

@@ -206,7 +206,6 @@ pub(super) async fn run(
                 break;
             }
         };
-        last_active = Instant::now();
         let request = match request {
             Ok(Some(request)) => request,
             Ok(None) => break,
@@ -227,6 +226,9 @@ pub(super) async fn run(
         if stream.send(reply).await.is_err() {
             break;
         }
+        // Whatever the stream did last (a request handled, a reply sent, a
+        // wait for the engine's queue) restarts the idle time.
+        last_active = Instant::now();
     }
     // The open files are dropped with `stream`: unfinished uploads release
     // everything, and flights they led end without a verdict.
