@@ -143,7 +143,9 @@ pub struct ServerConfig {
     /// heartbeats end the session.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// A Scan stream with no request for this long is closed.
+    /// A Scan stream that neither receives a request nor answers a waiting
+    /// file for this long is closed (verdicts of scans under way do not
+    /// count).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// On SIGTERM or Ctrl-C, how long scans in flight may take to finish.

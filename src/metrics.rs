@@ -4,9 +4,9 @@
 //!
 //! Counters on the hot path are plain atomics, created once: recording a
 //! verdict takes no lock (an engine scan's time goes into a histogram,
-//! which takes one briefly, once per scan). Figures that already exist elsewhere (the cache's
-//! statistics, connected agents, the queue) are read when Prometheus
-//! scrapes, not copied as they change.
+//! which takes one briefly, once per scan). Figures that already exist
+//! elsewhere (the cache's statistics, connected agents, the queue) are read
+//! when Prometheus scrapes, not copied as they change.
 
 use std::{fmt, future::Future, sync::Arc};
 

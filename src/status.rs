@@ -137,11 +137,13 @@ struct Identity {
 /// Which VMs a report lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhichVms {
+    /// None: the SVM's own figures only (`scanserver status`).
     None,
     /// Connected ones, and those not OK or tagged: what the Integration
     /// Server needs.
     Notable,
-    /// Every VM of the last 30 days.
+    /// Every VM kept: those seen in the last 30 days, and tagged ones of
+    /// any age.
     All,
 }
 
@@ -248,9 +250,11 @@ impl Svm {
 
     /// Records the result of a report to the Integration Server.
     pub fn reported(&self, result: Result<(), String>) {
-        self.engine.metrics().report(result.is_ok());
+        // Counted last: whoever sees the count sees the status it made.
+        let delivered = result.is_ok();
         record(&self.reporter, result);
         self.refresh();
+        self.engine.metrics().report(delivered);
     }
 
     /// Probes the infrastructure endpoint (when configured) with a TCP
@@ -355,11 +359,8 @@ impl Svm {
         if which == WhichVms::None {
             return Vec::new();
         }
-        let keep = |vm: &VmRecord| match which {
-            WhichVms::None => false,
-            WhichVms::Notable => vm.session_id.is_some() || !vm.reasons().is_empty(),
-            WhichVms::All => true,
-        };
+        let notable = which == WhichVms::Notable;
+        let keep = |vm: &VmRecord| !notable || vm.session_id.is_some() || !vm.reasons().is_empty();
         self.vms
             .list(keep)
             .iter()
@@ -489,11 +490,18 @@ fn reach_component<const N: usize>(
     state: ComponentState,
     counts: [(&str, u64); N],
 ) -> Component {
-    let (state, detail) = match (reach.enabled, reach.reachable) {
-        (false, _) => (ComponentState::Disabled, "not configured".to_owned()),
-        (true, None) => (state, "starting".to_owned()),
-        (true, Some(true)) => (state, "reachable".to_owned()),
-        (true, Some(false)) => (state, reach.error.clone().unwrap_or_default()),
+    if !reach.enabled {
+        return component(
+            name,
+            ComponentState::Disabled,
+            "not configured".into(),
+            counts,
+        );
+    }
+    let detail = match reach.reachable {
+        None => "starting".to_owned(),
+        Some(true) => "reachable".to_owned(),
+        Some(false) => reach.error.clone().unwrap_or_default(),
     };
     component(name, state, detail, counts)
 }

@@ -480,14 +480,9 @@ impl Vms {
         }
         let mut untagged = false;
         self.update(vm_id, |vm| {
-            if vm
-                .full_scan
-                .as_ref()
-                .is_none_or(|scan| scan.task_id != task_id)
-            {
+            let Some(scan) = vm.full_scan.take_if(|scan| scan.task_id == task_id) else {
                 return false;
-            }
-            let scan = vm.full_scan.take().expect("just checked");
+            };
             if detections > 0 || scan.spoiled {
                 return false;
             }
@@ -611,12 +606,12 @@ impl Vms {
         }
     }
 
-    /// Writes the registry to the state folder, atomically.
     /// The file the registry is kept in (none for one in memory only).
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
+    /// Writes the registry to the state folder, atomically.
     pub fn save(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());

@@ -24,8 +24,7 @@ use scanserver::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
         NetworkAttackEvent, ReportTrigger, SvmReason, SvmReport, TagRequest, TaskEvent, TaskKind,
         TaskState, VmInfo, VmReason, agent_message,
-        integration_server_server::IntegrationServerServer, scan_reply, scan_request,
-        server_message,
+        integration_server_server::IntegrationServerServer, scan_request, server_message,
     },
     reporting::{JITTER, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
@@ -441,37 +440,19 @@ impl TestAgent {
     /// verdict.
     async fn cancel_a_file(&self, server: &TestServer) {
         let cancel = scan_request::Kind::Cancel(scanserver::proto::FileCancel { file_id: 1 });
-        let requests = [begin(&self.session_id, 1, &[0; 10], None), request(cancel)];
-        let mut replies = server
-            .client()
-            .await
-            .scan(tokio_stream::iter(requests))
-            .await
-            .unwrap()
-            .into_inner();
-        match replies.message().await.unwrap().unwrap().kind.unwrap() {
-            scan_reply::Kind::Error(error) => assert_eq!(error.code, tonic::Code::Cancelled as i32),
-            other => panic!("expected an error, got {other:?}"),
-        }
+        let requests = vec![begin(&self.session_id, 1, &[0; 10], None), request(cancel)];
+        let reply = first_reply(server, requests).await;
+        assert_eq!(error_code(&reply), tonic::Code::Cancelled);
     }
 
     /// Scans `data` through a Scan stream; returns the number of detections.
     async fn scan(&self, server: &TestServer, data: &[u8]) -> usize {
-        let mut client = server.client().await;
-        let requests = [
+        let requests = vec![
             begin(&self.session_id, 1, data, None),
             chunk(1, 0, data),
             end(1),
         ];
-        let mut replies = client
-            .scan(tokio_stream::iter(requests))
-            .await
-            .unwrap()
-            .into_inner();
-        match replies.message().await.unwrap().unwrap().kind.unwrap() {
-            scan_reply::Kind::Verdict(verdict) => verdict.detection_count(),
-            other => panic!("expected a verdict, got {other:?}"),
-        }
+        file_verdict(first_reply(server, requests).await).detection_count()
     }
 }
 
@@ -763,6 +744,13 @@ fn tag_rules_without_a_network() {
         [SecurityTag::VirusFound],
         "a full scan never seen starting"
     );
+    vms.task_started("vm", "task", TaskKind::FullScan);
+    vms.task_finished("vm", "another task", TaskKind::FullScan, 0);
+    assert_eq!(
+        tags(&vms),
+        [SecurityTag::VirusFound],
+        "the end of another task than the full scan seen starting"
+    );
     full_scan(&vms, 1);
     assert_eq!(
         tags(&vms),
@@ -777,17 +765,14 @@ fn tag_rules_without_a_network() {
         [SecurityTag::VirusFound],
         "a full scan with a failed scan"
     );
-    std::thread::sleep(Duration::from_millis(2));
     full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());
 
     // Malware found while a full scan runs is not cleared by its end.
     vms.task_started("vm", "task", TaskKind::FullScan);
-    std::thread::sleep(Duration::from_millis(2));
     vms.threat_found("vm");
     vms.task_finished("vm", "task", TaskKind::FullScan, 0);
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
-    std::thread::sleep(Duration::from_millis(2));
     full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());
 
@@ -857,7 +842,7 @@ async fn metrics_count_scans_verdicts_and_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_carry_the_bearer_token() {
     let receiver = TestReceiver::with_token(Some("s3cret"));
-    let (svm, _stop) = reporting_svm(&receiver, |_| {}).await;
+    let (svm, stop) = reporting_svm(&receiver, |_| {}).await;
     reports_recorded(&svm, 1).await;
     assert!(receiver.next(Duration::from_millis(200)).await.is_none());
     assert_eq!(
@@ -869,6 +854,7 @@ async fn reports_carry_the_bearer_token() {
         components: svm.components(),
     });
     assert!(text.contains("bearer token"), "{text}");
+    drop(stop);
 
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "s3cret\n").unwrap();

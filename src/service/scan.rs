@@ -9,8 +9,9 @@
 //!
 //! Each begun file holds one of its session's in-flight places until its
 //! final reply, and owes its VM a verdict: one that goes without (refused,
-//! failed, cancelled, cut off) spoils the VM's full scan under way. When the stream ends, for whatever reason, its open files
-//! are dropped: their memory is freed and their spool files deleted.
+//! failed, cancelled, cut off) spoils the VM's full scan under way. When
+//! the stream ends, for whatever reason, its open files are dropped: their
+//! memory is freed and their spool files deleted.
 //!
 //! Requests for the same content coalesce (see [`crate::cache::flight`]):
 //! a hash-first begin whose content another request is uploading or
@@ -188,7 +189,7 @@ pub(super) async fn run(
                     continue;
                 }
                 let message = format!(
-                    "no request for {idle_timeout:?}; the stream is closed, open a new one"
+                    "no request and no waiting file answered for {idle_timeout:?}; the stream is closed, open a new one"
                 );
                 let _ = stream
                     .fail_open_files(Code::DeadlineExceeded, &message)

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
@@ -12,9 +12,9 @@ use scanserver::{
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
-        AgentMessage, FileBegin, FileChunk, FileEnd, Hello, PROTOCOL_VERSION, ScanReply,
-        ScanRequest, ServerMessage, admin_client::AdminClient, agent_message,
-        protection_server_client::ProtectionServerClient, scan_request, server_message,
+        AgentMessage, FileBegin, FileChunk, FileEnd, FileVerdict, Hello, PROTOCOL_VERSION,
+        ScanReply, ScanRequest, ServerMessage, admin_client::AdminClient, agent_message,
+        protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
     },
     server::Server,
     service::ServiceState,
@@ -73,12 +73,11 @@ pub fn matching_rules(engine: &Engine, data: &[u8], name: &str) -> Vec<String> {
 /// A server on a free loopback port, stopped when dropped.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
-    pub admin: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
     pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
     pub spool: tempfile::TempDir,
-    pub state_dir: PathBuf,
     _state: Option<tempfile::TempDir>,
     stop: oneshot::Sender<()>,
     running: tokio::task::JoinHandle<()>,
@@ -127,7 +126,6 @@ impl TestServer {
             svm,
             spool,
             _state: (used == state_dir.path()).then_some(state_dir),
-            state_dir: used,
             stop,
             running,
         }
@@ -225,6 +223,44 @@ pub async fn scan_stream(
         .unwrap()
         .into_inner();
     (tx, replies)
+}
+
+/// The next reply of a Scan stream: its file id and kind.
+pub async fn next(replies: &mut tonic::Streaming<ScanReply>) -> (u64, scan_reply::Kind) {
+    let reply = tokio::time::timeout(Duration::from_secs(20), replies.message())
+        .await
+        .expect("a reply in time")
+        .unwrap()
+        .expect("the stream is open");
+    (reply.file_id, reply.kind.unwrap())
+}
+
+/// The first reply to a Scan stream of just `requests`.
+pub async fn first_reply(server: &TestServer, requests: Vec<ScanRequest>) -> scan_reply::Kind {
+    let mut replies = server
+        .client()
+        .await
+        .scan(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut replies).await.1
+}
+
+/// The code of a reply that must be an error.
+pub fn error_code(kind: &scan_reply::Kind) -> tonic::Code {
+    match kind {
+        scan_reply::Kind::Error(e) => tonic::Code::from(e.code),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// The verdict of a reply that must be one.
+pub fn file_verdict(kind: scan_reply::Kind) -> FileVerdict {
+    match kind {
+        scan_reply::Kind::Verdict(verdict) => verdict,
+        other => panic!("expected a verdict, got {other:?}"),
+    }
 }
 
 /// A FileBegin for `data`, hash first when `digest` is given.
