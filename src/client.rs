@@ -27,10 +27,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::{
     engine::ScanOutcome,
     proto::{
-        AgentMessage, FileBegin, FileChunk, FileEnd, FileVerdict, Heartbeat, Hello, LookupRequest,
-        PROTOCOL_VERSION, RejectReason, ScanRequest, ServerMessage, TaskEvent, TaskKind, TaskState,
-        Welcome, agent_message, protection_server_client::ProtectionServerClient, scan_reply,
-        scan_request, server_message,
+        AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, FileVerdict,
+        Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason, ScanReply, ScanRequest,
+        ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message, file_reply,
+        file_request, protection_server_client::ProtectionServerClient, server_message,
     },
     verdict::{FailReason, Verdict},
 };
@@ -41,6 +41,11 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// Chunks read ahead of the stream: enough to keep it busy, few enough
 /// that the client's memory stays small (8 chunks of the preferred size).
 const CONTENT_QUEUE: usize = 8;
+
+/// The most begins sent in one message. Begins ready together (files
+/// prepared beforehand, a server quick to answer) go out together: a
+/// message costs both sides far more than a begin in it.
+const MAX_BEGINS: usize = 256;
 
 /// Errors of the client as a whole (a single file's failure is a verdict).
 #[derive(Debug, thiserror::Error)]
@@ -350,8 +355,8 @@ impl Agent {
             if produced && pending.lock().expect("pending").is_empty() {
                 break;
             }
-            let reply = tokio::select! {
-                reply = replies.message() => reply?.ok_or_else(|| {
+            let message = tokio::select! {
+                message = replies.message() => message?.ok_or_else(|| {
                     ClientError::Protocol("the server ended the stream with files unanswered".into())
                 })?,
                 result = &mut producer.0, if !produced => {
@@ -360,41 +365,48 @@ impl Agent {
                     continue;
                 }
             };
-            let id = reply.file_id;
-            match reply.kind {
-                Some(scan_reply::Kind::SendContent(_)) => {
-                    let source = pending
-                        .lock()
-                        .expect("pending")
-                        .get(&id)
-                        .map(|p| p.source.clone());
-                    if let Some(source) = source {
-                        let _ = content_tx.send((id, source));
-                    }
-                }
-                Some(scan_reply::Kind::Verdict(verdict)) => {
-                    if let Some(file) = pending.lock().expect("pending").remove(&id) {
-                        on_result(
-                            file.source.path(),
-                            verdict.to_outcome(file.size, file.started.elapsed()),
-                        );
-                    }
-                }
-                Some(scan_reply::Kind::Error(error)) => {
-                    if let Some(file) = pending.lock().expect("pending").remove(&id) {
-                        let verdict = Verdict::failed(FailReason::Engine, error.message);
-                        on_result(
-                            file.source.path(),
-                            failed_outcome(verdict, file.size, file.started),
-                        );
-                    }
-                }
-                None => {}
-            }
+            answered(message, &pending, &content_tx, on_result.as_ref());
         }
         drop(content_tx);
         let _ = sender.await;
         Ok(())
+    }
+}
+
+/// Takes the replies of one message: a file asked for goes to the content
+/// sender, a file answered to `on_result`.
+fn answered<F>(
+    message: ScanReply,
+    pending: &Pending,
+    content: &mpsc::UnboundedSender<(u64, FileSource)>,
+    on_result: &F,
+) where
+    F: Fn(&Path, ScanOutcome),
+{
+    let mut pending = pending.lock().expect("pending");
+    for reply in message.replies {
+        let id = reply.file_id;
+        match reply.kind {
+            Some(file_reply::Kind::SendContent(_)) => {
+                if let Some(file) = pending.get(&id) {
+                    let _ = content.send((id, file.source.clone()));
+                }
+            }
+            Some(file_reply::Kind::Verdict(verdict)) => {
+                if let Some(file) = pending.remove(&id) {
+                    let elapsed = file.started.elapsed();
+                    on_result(file.source.path(), verdict.to_outcome(file.size, elapsed));
+                }
+            }
+            Some(file_reply::Kind::Error(error)) => {
+                if let Some(file) = pending.remove(&id) {
+                    let verdict = Verdict::failed(FailReason::Engine, error.message);
+                    let failed = failed_outcome(verdict, file.size, file.started);
+                    on_result(file.source.path(), failed);
+                }
+            }
+            None => {}
+        }
     }
 }
 
@@ -420,6 +432,9 @@ struct PendingFile {
 
 /// Hashes each file (unless it was prepared) and announces it with a
 /// FileBegin, keeping at most the server's limit of files in flight.
+/// Begins go out as soon as the announcer would otherwise wait (for a
+/// place in flight, or to hash the next file), together with those ready
+/// before them.
 async fn announce<F>(
     files: Vec<FileSource>,
     session_id: String,
@@ -431,15 +446,23 @@ async fn announce<F>(
 where
     F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
 {
+    let mut ready = Announced::default();
     for (id, source) in (0u64..).zip(files) {
-        let permit = Arc::clone(&in_flight)
-            .acquire_owned()
-            .await
-            .expect("never closed");
+        let permit = match Arc::clone(&in_flight).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                ready.send(&pending, &requests).await?;
+                Arc::clone(&in_flight)
+                    .acquire_owned()
+                    .await
+                    .expect("never closed")
+            }
+        };
         let started = Instant::now();
         let hashed = match &source {
             FileSource::Prepared(file) => Ok((file.content.len() as u64, file.digest)),
             FileSource::Path(path) => {
+                ready.send(&pending, &requests).await?;
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || hash_file(&path))
                     .await
@@ -461,24 +484,56 @@ where
             size,
             blake3: Bytes::copy_from_slice(digest.as_bytes()),
         };
-        pending.lock().expect("pending").insert(
-            id,
-            PendingFile {
-                source,
-                size,
-                started,
-                _in_flight: permit,
-            },
-        );
-        if requests
-            .send(request(scan_request::Kind::Begin(begin)))
-            .await
-            .is_err()
-        {
-            return Err(ClientError::Protocol("the scan stream closed".into()));
+        let file = PendingFile {
+            source,
+            size,
+            started,
+            _in_flight: permit,
+        };
+        ready.push(id, begin, file);
+        if ready.begins.len() == MAX_BEGINS {
+            ready.send(&pending, &requests).await?;
         }
     }
-    Ok(())
+    ready.send(&pending, &requests).await
+}
+
+/// Begins ready to go out, and their files.
+#[derive(Default)]
+struct Announced {
+    begins: Vec<FileRequest>,
+    files: Vec<(u64, PendingFile)>,
+}
+
+impl Announced {
+    fn push(&mut self, id: u64, begin: FileBegin, file: PendingFile) {
+        self.begins
+            .push(file_request(file_request::Kind::Begin(begin)));
+        self.files.push((id, file));
+    }
+
+    /// Sends the begins in one message, their files pending first (the
+    /// answers may come at once).
+    async fn send(
+        &mut self,
+        pending: &Pending,
+        requests: &mpsc::Sender<ScanRequest>,
+    ) -> Result<(), ClientError> {
+        if self.begins.is_empty() {
+            return Ok(());
+        }
+        pending
+            .lock()
+            .expect("pending")
+            .extend(self.files.drain(..));
+        let message = ScanRequest {
+            requests: std::mem::take(&mut self.begins),
+        };
+        requests
+            .send(message)
+            .await
+            .map_err(|_| ClientError::Protocol("the scan stream closed".into()))
+    }
 }
 
 /// Streams the content of each file the server asks for, in chunks, then
@@ -508,9 +563,11 @@ fn send_content(
                     send_file(id, chunks, &requests)
                 }
                 Err(_) => {
-                    let cancel =
-                        scan_request::Kind::Cancel(crate::proto::FileCancel { file_id: id });
-                    requests.blocking_send(request(cancel)).map_err(drop)
+                    let cancel = file_request::Kind::Cancel(FileCancel { file_id: id });
+                    let message = ScanRequest {
+                        requests: vec![file_request(cancel)],
+                    };
+                    requests.blocking_send(message).map_err(drop)
                 }
             },
         };
@@ -520,14 +577,16 @@ fn send_content(
     }
 }
 
-/// Sends a file's chunks, then its end. A read error ends the content
-/// early: the server sees fewer bytes than announced and fails the file.
+/// Sends a file's chunks, then its end, in the message of its last chunk.
+/// A read error ends the content early: the server sees fewer bytes than
+/// announced and fails the file.
 fn send_file(
     id: u64,
     chunks: impl Iterator<Item = std::io::Result<Bytes>>,
     requests: &mpsc::Sender<ScanRequest>,
 ) -> Result<(), ()> {
     let mut offset = 0u64;
+    let mut held = None;
     for data in chunks.map_while(Result::ok) {
         let length = data.len() as u64;
         let chunk = FileChunk {
@@ -537,12 +596,18 @@ fn send_file(
             path: String::new(),
         };
         offset += length;
-        requests
-            .blocking_send(request(scan_request::Kind::Chunk(chunk)))
-            .map_err(drop)?;
+        if let Some(previous) = held.replace(file_request(file_request::Kind::Chunk(chunk))) {
+            let message = ScanRequest {
+                requests: vec![previous],
+            };
+            requests.blocking_send(message).map_err(drop)?;
+        }
     }
-    let end = scan_request::Kind::End(FileEnd { file_id: id });
-    requests.blocking_send(request(end)).map_err(drop)
+    let end = file_request(file_request::Kind::End(FileEnd { file_id: id }));
+    let message = ScanRequest {
+        requests: held.into_iter().chain([end]).collect(),
+    };
+    requests.blocking_send(message).map_err(drop)
 }
 
 /// A file read in chunks carved from one buffer, which is reused once the
@@ -585,8 +650,8 @@ fn read_full(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usi
     Ok(filled)
 }
 
-fn request(kind: scan_request::Kind) -> ScanRequest {
-    ScanRequest { kind: Some(kind) }
+fn file_request(kind: file_request::Kind) -> FileRequest {
+    FileRequest { kind: Some(kind) }
 }
 
 /// A file's size and blake3 digest.

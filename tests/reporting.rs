@@ -23,8 +23,8 @@ use scanserver::{
     proto::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
         NetworkAttackEvent, ReportTrigger, SvmReason, SvmReport, TagRequest, TaskEvent, TaskKind,
-        TaskState, VmInfo, VmReason, agent_message,
-        integration_server_server::IntegrationServerServer, scan_request, server_message,
+        TaskState, VmInfo, VmReason, agent_message, file_request,
+        integration_server_server::IntegrationServerServer, server_message,
     },
     reporting::{JITTER, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
@@ -439,7 +439,7 @@ impl TestAgent {
     /// Begins a file on a Scan stream and cancels it: it goes without a
     /// verdict.
     async fn cancel_a_file(&self, server: &TestServer) {
-        let cancel = scan_request::Kind::Cancel(scanserver::proto::FileCancel { file_id: 1 });
+        let cancel = file_request::Kind::Cancel(scanserver::proto::FileCancel { file_id: 1 });
         let requests = vec![begin(&self.session_id, 1, &[0; 10], None), request(cancel)];
         let reply = first_reply(server, requests).await;
         assert_eq!(error_code(&reply), tonic::Code::Cancelled);

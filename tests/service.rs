@@ -13,8 +13,8 @@ use scanserver::{
     config::TlsConfig,
     proto::{
         self, AgentMessage, FileBegin, FileCancel, FileChunk, Hello, LookupRequest, RejectReason,
-        ScanReply, ScanRequest, protection_server_client::ProtectionServerClient, scan_reply,
-        scan_request, server_message,
+        ScanRequest, file_reply, file_request, protection_server_client::ProtectionServerClient,
+        server_message,
     },
     service::Counters,
 };
@@ -28,9 +28,9 @@ async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>)
     }
 }
 
-fn verdict_rules(kind: &scan_reply::Kind) -> Vec<String> {
+fn verdict_rules(kind: &file_reply::Kind) -> Vec<String> {
     match kind {
-        scan_reply::Kind::Verdict(v) => match v.verdict.as_ref().unwrap().kind.as_ref().unwrap() {
+        file_reply::Kind::Verdict(v) => match v.verdict.as_ref().unwrap().kind.as_ref().unwrap() {
             proto::verdict::Kind::Infected(i) => {
                 i.detections.iter().map(|d| d.rule.clone()).collect()
             }
@@ -111,7 +111,7 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
     let (lead_tx, lead_replies, _) = &mut agents[0];
     assert!(matches!(
         next(lead_replies).await,
-        (7, scan_reply::Kind::SendContent(_))
+        (7, file_reply::Kind::SendContent(_))
     ));
     assert_eq!(Counters::get(&server.state.counters.content_requests), 1);
     lead_tx.send(chunk(7, 0, &data)).await.unwrap();
@@ -136,9 +136,9 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
 /// waiter is ready to begin it (and wait for the lead's verdict).
 struct LeadAndWaiter {
     lead: mpsc::Sender<ScanRequest>,
-    lead_replies: tonic::Streaming<ScanReply>,
+    lead_replies: Replies,
     waiter: mpsc::Sender<ScanRequest>,
-    waiter_replies: tonic::Streaming<ScanReply>,
+    waiter_replies: Replies,
     waiter_begin: ScanRequest,
     _sessions: [mpsc::Sender<AgentMessage>; 2],
 }
@@ -155,7 +155,7 @@ impl LeadAndWaiter {
             .unwrap();
         assert!(matches!(
             next(&mut lead_replies).await.1,
-            scan_reply::Kind::SendContent(_)
+            file_reply::Kind::SendContent(_)
         ));
         LeadAndWaiter {
             lead,
@@ -176,7 +176,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
     // The lead sends half its content, then cancels.
     lw.lead.send(chunk(1, 0, &data[..1000])).await.unwrap();
-    let cancel = scan_request::Kind::Cancel(FileCancel { file_id: 1 });
+    let cancel = file_request::Kind::Cancel(FileCancel { file_id: 1 });
     lw.lead.send(request(cancel)).await.unwrap();
     assert_eq!(
         error_code(&next(&mut lw.lead_replies).await.1),
@@ -185,7 +185,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     // The waiter is asked instead; its content is scanned.
     assert!(matches!(
         next(&mut lw.waiter_replies).await.1,
-        scan_reply::Kind::SendContent(_)
+        file_reply::Kind::SendContent(_)
     ));
     lw.waiter.send(chunk(1, 0, &data)).await.unwrap();
     lw.waiter.send(end(1)).await.unwrap();
@@ -207,7 +207,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
     lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
     assert!(matches!(
         next(&mut lw.waiter_replies).await.1,
-        scan_reply::Kind::SendContent(_)
+        file_reply::Kind::SendContent(_)
     ));
     assert!(waiting_since.elapsed() >= scanserver::cache::flight::UPLOAD_WAIT);
     // The scan runs on the engine's threads, which the paused clock would
@@ -286,7 +286,7 @@ async fn eicar_is_found_through_scan_and_scan_file() {
     let (id, kind) = next(&mut replies).await;
     assert_eq!(id, 1);
     assert_eq!(verdict_rules(&kind), ["EICAR_Test_File"]);
-    let scan_reply::Kind::Verdict(verdict) = kind else {
+    let file_reply::Kind::Verdict(verdict) = kind else {
         unreachable!()
     };
     assert_eq!(&verdict.blake3[..], blake3::hash(EICAR).as_bytes());
@@ -332,7 +332,7 @@ async fn a_known_digest_is_answered_without_content() {
         .unwrap();
     assert!(matches!(
         next(&mut replies).await,
-        (1, scan_reply::Kind::SendContent(_))
+        (1, file_reply::Kind::SendContent(_))
     ));
     tx.send(chunk(1, 0, &data)).await.unwrap();
     tx.send(end(1)).await.unwrap();
@@ -344,7 +344,7 @@ async fn a_known_digest_is_answered_without_content() {
         .await
         .unwrap();
     let (id, kind) = next(&mut replies).await;
-    let scan_reply::Kind::Verdict(verdict) = kind else {
+    let file_reply::Kind::Verdict(verdict) = kind else {
         panic!("{kind:?}")
     };
     assert_eq!(id, 2);
@@ -389,7 +389,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         .unwrap();
     assert!(matches!(
         next(&mut replies).await,
-        (1, scan_reply::Kind::SendContent(_))
+        (1, file_reply::Kind::SendContent(_))
     ));
     tx.send(chunk(1, 0, EICAR)).await.unwrap();
     tx.send(end(1)).await.unwrap();
@@ -426,7 +426,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         size: 2 << 20,
         ..file_begin(&session, 4)
     };
-    tx.send(request(scan_request::Kind::Begin(huge)))
+    tx.send(request(file_request::Kind::Begin(huge)))
         .await
         .unwrap();
     assert_eq!(
@@ -448,7 +448,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         .await
         .unwrap();
     tx.send(chunk(6, 0, &[7u8; 1000])).await.unwrap();
-    tx.send(request(scan_request::Kind::Cancel(FileCancel {
+    tx.send(request(file_request::Kind::Cancel(FileCancel {
         file_id: 6,
     })))
     .await
@@ -519,12 +519,10 @@ async fn a_hundred_files_in_flight_on_one_stream() {
             }
         })
         .collect();
-    for (id, data) in files.iter().enumerate() {
-        tx.send(begin(&session, id as u64, data, None))
-            .await
-            .unwrap();
-    }
-    // Chunks of all files interleave.
+    // All begins in one message; then the chunks of all files interleave.
+    let begins = files.iter().enumerate();
+    let begins = begins.map(|(id, data)| begin(&session, id as u64, data, None));
+    tx.send(batch(begins.collect())).await.unwrap();
     for half in 0..2 {
         for (id, data) in files.iter().enumerate() {
             let mid = data.len() / 2;
@@ -549,6 +547,38 @@ async fn a_hundred_files_in_flight_on_one_stream() {
         }
     }
     assert_eq!(infected, (0..100).step_by(10).collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_many_begins_gets_every_reply_in_bounded_messages() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // 2,000 hash-first begins of unknown content: the first 128 (the
+    // session's files in flight) are asked for their content, the others
+    // refused; every one is answered.
+    let begins = (0..2000u64).map(|id| {
+        let data = id.to_le_bytes();
+        begin(&session, id, &data, Some(blake3::hash(&data).as_bytes()))
+    });
+    tx.send(batch(begins.collect())).await.unwrap();
+    let (mut asked, mut refused, mut messages) = (0, 0, 0);
+    while asked + refused < 2000 {
+        let message = replies.message().await.unwrap().unwrap();
+        assert!((1..=1024).contains(&message.replies.len()));
+        messages += 1;
+        for reply in message.replies {
+            match reply.kind.unwrap() {
+                file_reply::Kind::SendContent(_) => asked += 1,
+                kind => {
+                    assert_eq!(error_code(&kind), Code::ResourceExhausted);
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((asked, refused), (128, 1872));
+    assert!(messages >= 2, "over 1,024 replies take two messages");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,7 +742,7 @@ async fn an_idle_scan_stream_is_closed() {
 }
 
 /// The server closes `replies` as idle within a few seconds.
-async fn assert_closed_as_idle(replies: &mut tonic::Streaming<ScanReply>) {
+async fn assert_closed_as_idle(replies: &mut Replies) {
     let status = tokio::time::timeout(Duration::from_secs(3), replies.message())
         .await
         .expect("the server closes the stream")
@@ -727,7 +757,7 @@ async fn a_scan_stream_in_use_is_not_closed_as_idle() {
     // A request every 150 ms for two and a half idle timeouts: a cancel of
     // a file that is not open, which gets no reply.
     for _ in 0..10 {
-        let cancel = scan_request::Kind::Cancel(FileCancel { file_id: 1 });
+        let cancel = file_request::Kind::Cancel(FileCancel { file_id: 1 });
         tx.send(request(cancel)).await.unwrap();
         let quiet = tokio::time::timeout(Duration::from_millis(150), replies.message()).await;
         assert!(

@@ -40,14 +40,18 @@ use crate::{
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
-        ContentRequest, FileBegin, FileChunk, FileError, FileVerdict, ScanReply, ScanRequest,
-        scan_reply, scan_request,
+        ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
+        ScanRequest, file_reply, file_request,
     },
     sessions::Session,
     shutdown::shut_down,
 };
 
 type Replies = mpsc::Sender<Result<ScanReply, Status>>;
+
+/// The most replies one `ScanReply` carries: a batch of begins refused
+/// one by one must not pile up its replies in memory.
+const MAX_REPLIES: usize = 1024;
 
 /// A begun file of a Scan stream.
 struct OpenFile {
@@ -56,8 +60,9 @@ struct OpenFile {
     size: u64,
     /// The content received so far; `None` while the file waits for
     /// another request's verdict (nothing is reserved for content that may
-    /// never be needed).
-    upload: Option<Upload>,
+    /// never be needed). Boxed: an upload's hasher is 2 KiB, and a storm
+    /// moves open files in and out of the stream's map for every verdict.
+    upload: Option<Box<Upload>>,
     standing: Standing,
     _in_flight: OwnedSemaphorePermit,
 }
@@ -165,7 +170,7 @@ pub(super) async fn run(
             Some(landing) = landed.recv() => {
                 // Flights often land together (a storm's waiters): all
                 // that are in are answered in one go.
-                let mut replies: Vec<_> = stream.landed(landing).into_iter().collect();
+                let mut replies = Vec::from_iter(stream.landed(landing));
                 while let Ok(landing) = landed.try_recv() {
                     replies.extend(stream.landed(landing));
                 }
@@ -215,16 +220,7 @@ pub(super) async fn run(
                 break;
             }
         };
-        let Some(kind) = request.kind else { continue };
-        let reply = match kind {
-            scan_request::Kind::Begin(begin) => stream.begin(begin),
-            scan_request::Kind::Chunk(chunk) => stream.chunk(chunk),
-            scan_request::Kind::End(end) => stream.end(end.file_id).await,
-            scan_request::Kind::Cancel(cancel) => stream
-                .close(cancel.file_id)
-                .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
-        };
-        if stream.send(reply).await.is_err() {
+        if stream.handle(request).await.is_err() {
             break;
         }
         // Whatever the stream did last (a request handled, a reply sent, a
@@ -236,16 +232,35 @@ pub(super) async fn run(
 }
 
 impl ScanStream {
-    async fn send(&self, reply: Option<ScanReply>) -> Result<(), ()> {
-        match reply {
-            Some(reply) => self.replies.send(Ok(reply)).await.map_err(drop),
-            None => Ok(()),
+    /// Handles the requests of one message in order, and sends their
+    /// replies in as few messages as their number allows. Fails when the
+    /// agent is gone.
+    async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
+        let mut replies = Vec::new();
+        for kind in request.requests.into_iter().filter_map(|r| r.kind) {
+            let reply = match kind {
+                file_request::Kind::Begin(begin) => self.begin(begin),
+                file_request::Kind::Chunk(chunk) => self.chunk(chunk),
+                file_request::Kind::End(end) => self.end(end.file_id).await,
+                file_request::Kind::Cancel(cancel) => self
+                    .close(cancel.file_id)
+                    .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
+            };
+            replies.extend(reply);
+            if replies.len() == MAX_REPLIES {
+                self.send_all(std::mem::take(&mut replies)).await?;
+            }
         }
+        self.send_all(replies).await
     }
 
-    async fn send_all(&self, replies: Vec<ScanReply>) -> Result<(), ()> {
-        for reply in replies {
-            self.send(Some(reply)).await?;
+    /// Sends `replies`, at most [`MAX_REPLIES`] to a message.
+    async fn send_all(&self, mut replies: Vec<FileReply>) -> Result<(), ()> {
+        while !replies.is_empty() {
+            let rest = replies.split_off(replies.len().min(MAX_REPLIES));
+            let message = ScanReply { replies };
+            self.replies.send(Ok(message)).await.map_err(drop)?;
+            replies = rest;
         }
         Ok(())
     }
@@ -279,7 +294,7 @@ impl ScanStream {
     /// digest the server knows, waits when that content is under way for
     /// another request, and otherwise asks for the content (or, without a
     /// digest, expects it).
-    fn begin(&mut self, begin: FileBegin) -> Option<ScanReply> {
+    fn begin(&mut self, begin: FileBegin) -> Option<FileReply> {
         let id = begin.file_id;
         let (file, claimed) = match self.admit(begin) {
             Ok(admitted) => admitted,
@@ -318,7 +333,7 @@ impl ScanStream {
     /// well-formed digest, a size within the limit, a place in flight.
     /// Returns the file (not yet open) and the digest it was announced
     /// with, or the reply refusing it.
-    fn admit(&self, begin: FileBegin) -> Result<(OpenFile, Option<Digest>), ScanReply> {
+    fn admit(&self, begin: FileBegin) -> Result<(OpenFile, Option<Digest>), FileReply> {
         let id = begin.file_id;
         let fail = |code, message: String| file_error(id, code, &message);
         if self.open.contains_key(&id) {
@@ -362,9 +377,9 @@ impl ScanStream {
         file: OpenFile,
         digest: Option<Digest>,
         standing: Standing,
-    ) -> Option<ScanReply> {
+    ) -> Option<FileReply> {
         let upload = match self.state.uploads.begin(Some(file.size), digest) {
-            Ok(upload) => upload,
+            Ok(upload) => Box::new(upload),
             Err(err) => return Some(upload_error(id, &err)),
         };
         let asks = digest.is_some();
@@ -376,13 +391,13 @@ impl ScanStream {
         self.open.insert(id, file);
         asks.then(|| {
             Counters::add(&self.state.counters.content_requests, 1);
-            reply(id, scan_reply::Kind::SendContent(ContentRequest {}))
+            reply(id, file_reply::Kind::SendContent(ContentRequest {}))
         })
     }
 
     /// A waiting file's flight landed: the verdict, or, when it failed, a
     /// request for this file's own content.
-    fn landed(&mut self, (tag, landing): (u64, Landing)) -> Option<ScanReply> {
+    fn landed(&mut self, (tag, landing): (u64, Landing)) -> Option<FileReply> {
         let (id, wait) = self.wait_of(tag)?;
         self.waiting.remove(&tag);
         self.resolve(id, wait, landing)
@@ -390,7 +405,7 @@ impl ScanStream {
 
     /// Waits past their deadline end: they are withdrawn, and those files'
     /// own content is asked for (whoever was to send it is too slow).
-    fn expire(&mut self) -> Vec<ScanReply> {
+    fn expire(&mut self) -> Vec<FileReply> {
         let now = Instant::now();
         let mut replies = Vec::new();
         while let Some(&(deadline, tag)) = self.deadlines.front() {
@@ -416,7 +431,7 @@ impl ScanStream {
     }
 
     /// Ends file `id`'s wait with `landing`.
-    fn resolve(&mut self, id: u64, wait: Wait, landing: Landing) -> Option<ScanReply> {
+    fn resolve(&mut self, id: u64, wait: Wait, landing: Landing) -> Option<FileReply> {
         let file = self.open.remove(&id)?;
         let Some(landed) = landing else {
             return self.open_for_content(id, file, Some(wait.digest), Standing::OnItsOwn);
@@ -426,7 +441,7 @@ impl ScanStream {
         Some(reply(id, verdict_reply(verdict)))
     }
 
-    fn chunk(&mut self, chunk: FileChunk) -> Option<ScanReply> {
+    fn chunk(&mut self, chunk: FileChunk) -> Option<FileReply> {
         let id = chunk.file_id;
         let Some(upload) = self.open.get_mut(&id).and_then(|f| f.upload.as_mut()) else {
             self.close(id);
@@ -448,7 +463,7 @@ impl ScanStream {
     /// Closes a file: verifies it and has it judged. A scan waits for a
     /// place in the engine's queue here, in the reader: that is the
     /// backpressure. The scan itself runs in a task that sends the verdict.
-    async fn end(&mut self, id: u64) -> Option<ScanReply> {
+    async fn end(&mut self, id: u64) -> Option<FileReply> {
         let Some(file) = self.close(id) else {
             let message = format!("end of file id {id}, which is not open");
             return Some(file_error(id, Code::InvalidArgument, &message));
@@ -465,7 +480,7 @@ impl ScanStream {
             let message = format!("end of file id {id}, whose content was not asked for");
             return Some(file_error(id, Code::InvalidArgument, &message));
         };
-        let received = match upload.finish() {
+        let received = match (*upload).finish() {
             Ok(received) => received,
             Err(err) => return Some(upload_error(id, &err)),
         };
@@ -481,7 +496,10 @@ impl ScanStream {
         tokio::spawn(async move {
             let verdict = judging.verdict(&engine, received, name).await;
             owed.settle(size, &verdict);
-            let _ = replies.send(Ok(reply(id, verdict_reply(verdict)))).await;
+            let message = ScanReply {
+                replies: vec![reply(id, verdict_reply(verdict))],
+            };
+            let _ = replies.send(Ok(message)).await;
             drop(_in_flight);
         });
         None
@@ -592,27 +610,27 @@ pub(super) async fn scan_file(
     Ok(verdict)
 }
 
-fn verdict_reply(verdict: FileVerdict) -> scan_reply::Kind {
-    scan_reply::Kind::Verdict(verdict)
+fn verdict_reply(verdict: FileVerdict) -> file_reply::Kind {
+    file_reply::Kind::Verdict(verdict)
 }
 
-fn reply(file_id: u64, kind: scan_reply::Kind) -> ScanReply {
-    ScanReply {
+fn reply(file_id: u64, kind: file_reply::Kind) -> FileReply {
+    FileReply {
         file_id,
         kind: Some(kind),
     }
 }
 
-fn file_error(file_id: u64, code: Code, message: &str) -> ScanReply {
+fn file_error(file_id: u64, code: Code, message: &str) -> FileReply {
     reply(
         file_id,
-        scan_reply::Kind::Error(FileError {
+        file_reply::Kind::Error(FileError {
             code: code as i32,
             message: message.to_owned(),
         }),
     )
 }
 
-fn upload_error(file_id: u64, err: &UploadError) -> ScanReply {
+fn upload_error(file_id: u64, err: &UploadError) -> FileReply {
     file_error(file_id, err.code(), &err.to_string())
 }

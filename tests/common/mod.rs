@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::VecDeque, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
@@ -12,9 +12,10 @@ use scanserver::{
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
-        AgentMessage, FileBegin, FileChunk, FileEnd, FileVerdict, Hello, PROTOCOL_VERSION,
-        ScanReply, ScanRequest, ServerMessage, admin_client::AdminClient, agent_message,
-        protection_server_client::ProtectionServerClient, scan_reply, scan_request, server_message,
+        AgentMessage, FileBegin, FileChunk, FileEnd, FileReply, FileRequest, FileVerdict, Hello,
+        PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, admin_client::AdminClient,
+        agent_message, file_reply, file_request, protection_server_client::ProtectionServerClient,
+        server_message,
     },
     server::Server,
     service::ServiceState,
@@ -210,10 +211,8 @@ pub async fn open_session(
     (first, tx)
 }
 
-/// A Scan stream: a request sender and the reply stream.
-pub async fn scan_stream(
-    server: &TestServer,
-) -> (mpsc::Sender<ScanRequest>, tonic::Streaming<ScanReply>) {
+/// A Scan stream: a request sender and the replies.
+pub async fn scan_stream(server: &TestServer) -> (mpsc::Sender<ScanRequest>, Replies) {
     let (tx, rx) = mpsc::channel(256);
     let replies = server
         .client()
@@ -222,50 +221,83 @@ pub async fn scan_stream(
         .await
         .unwrap()
         .into_inner();
-    (tx, replies)
+    (tx, Replies::new(replies))
+}
+
+/// The replies of a Scan stream, one file's reply at a time (the server
+/// sends them in batches).
+pub struct Replies {
+    stream: tonic::Streaming<ScanReply>,
+    batch: VecDeque<FileReply>,
+    /// The number of messages received.
+    pub messages: usize,
+}
+
+impl Replies {
+    pub fn new(stream: tonic::Streaming<ScanReply>) -> Self {
+        Replies {
+            stream,
+            batch: VecDeque::new(),
+            messages: 0,
+        }
+    }
+
+    /// The next message of the stream; every reply before it must have
+    /// been taken.
+    pub async fn message(&mut self) -> Result<Option<ScanReply>, tonic::Status> {
+        assert!(self.batch.is_empty(), "replies left: {:?}", self.batch);
+        let message = self.stream.message().await?;
+        self.messages += usize::from(message.is_some());
+        Ok(message)
+    }
 }
 
 /// The next reply of a Scan stream: its file id and kind.
-pub async fn next(replies: &mut tonic::Streaming<ScanReply>) -> (u64, scan_reply::Kind) {
-    let reply = tokio::time::timeout(Duration::from_secs(20), replies.message())
-        .await
-        .expect("a reply in time")
-        .unwrap()
-        .expect("the stream is open");
+pub async fn next(replies: &mut Replies) -> (u64, file_reply::Kind) {
+    while replies.batch.is_empty() {
+        let message = tokio::time::timeout(Duration::from_secs(20), replies.message())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .expect("the stream is open");
+        assert!(!message.replies.is_empty(), "a message without replies");
+        replies.batch.extend(message.replies);
+    }
+    let reply = replies.batch.pop_front().unwrap();
     (reply.file_id, reply.kind.unwrap())
 }
 
 /// The first reply to a Scan stream of just `requests`.
-pub async fn first_reply(server: &TestServer, requests: Vec<ScanRequest>) -> scan_reply::Kind {
-    let mut replies = server
+pub async fn first_reply(server: &TestServer, requests: Vec<ScanRequest>) -> file_reply::Kind {
+    let replies = server
         .client()
         .await
         .scan(tokio_stream::iter(requests))
         .await
         .unwrap()
         .into_inner();
-    next(&mut replies).await.1
+    next(&mut Replies::new(replies)).await.1
 }
 
 /// The code of a reply that must be an error.
-pub fn error_code(kind: &scan_reply::Kind) -> tonic::Code {
+pub fn error_code(kind: &file_reply::Kind) -> tonic::Code {
     match kind {
-        scan_reply::Kind::Error(e) => tonic::Code::from(e.code),
+        file_reply::Kind::Error(e) => tonic::Code::from(e.code),
         other => panic!("expected an error, got {other:?}"),
     }
 }
 
 /// The verdict of a reply that must be one.
-pub fn file_verdict(kind: scan_reply::Kind) -> FileVerdict {
+pub fn file_verdict(kind: file_reply::Kind) -> FileVerdict {
     match kind {
-        scan_reply::Kind::Verdict(verdict) => verdict,
+        file_reply::Kind::Verdict(verdict) => verdict,
         other => panic!("expected a verdict, got {other:?}"),
     }
 }
 
 /// A FileBegin for `data`, hash first when `digest` is given.
 pub fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> ScanRequest {
-    request(scan_request::Kind::Begin(FileBegin {
+    request(file_request::Kind::Begin(FileBegin {
         file_id: id,
         session_id: session.to_owned(),
         path: format!("C:\\Users\\u\\file{id}.bin"),
@@ -275,7 +307,7 @@ pub fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> Scan
 }
 
 pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
-    request(scan_request::Kind::Chunk(FileChunk {
+    request(file_request::Kind::Chunk(FileChunk {
         file_id: id,
         offset,
         data: Bytes::copy_from_slice(data),
@@ -284,11 +316,21 @@ pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
 }
 
 pub fn end(id: u64) -> ScanRequest {
-    request(scan_request::Kind::End(FileEnd { file_id: id }))
+    request(file_request::Kind::End(FileEnd { file_id: id }))
 }
 
-pub fn request(kind: scan_request::Kind) -> ScanRequest {
-    ScanRequest { kind: Some(kind) }
+/// A message of one request.
+pub fn request(kind: file_request::Kind) -> ScanRequest {
+    ScanRequest {
+        requests: vec![FileRequest { kind: Some(kind) }],
+    }
+}
+
+/// One message of all the requests of `messages`.
+pub fn batch(messages: Vec<ScanRequest>) -> ScanRequest {
+    ScanRequest {
+        requests: messages.into_iter().flat_map(|m| m.requests).collect(),
+    }
 }
 
 /// A minimal 32-bit Windows PE: a code section and a data section holding an
