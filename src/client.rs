@@ -16,7 +16,7 @@ use std::{
 
 use std::io::Read;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     task::JoinHandle,
@@ -543,7 +543,6 @@ fn send_content(
     requests: mpsc::Sender<ScanRequest>,
     chunk_size: usize,
 ) {
-    let mut buffer = BytesMut::new();
     while let Some((id, source)) = files.blocking_recv() {
         let sent = match &source {
             FileSource::Prepared(file) => {
@@ -555,11 +554,7 @@ fn send_content(
             }
             FileSource::Path(path) => match std::fs::File::open(path) {
                 Ok(file) => {
-                    let chunks = FileChunks {
-                        file,
-                        buffer: &mut buffer,
-                        chunk_size,
-                    };
+                    let chunks = FileChunks { file, chunk_size };
                     send_file(id, chunks, &requests)
                 }
                 Err(_) => {
@@ -610,44 +605,26 @@ fn send_file(
     requests.blocking_send(message).map_err(drop)
 }
 
-/// A file read in chunks carved from one buffer, which is reused once the
-/// chunks sent from it are gone.
-struct FileChunks<'a> {
+/// A file read in chunks, each in a buffer of its own, which the stream
+/// frees once it has sent it. A read fills the buffer's spare capacity
+/// directly: nothing is zeroed first.
+struct FileChunks {
     file: std::fs::File,
-    buffer: &'a mut BytesMut,
     chunk_size: usize,
 }
 
-impl Iterator for FileChunks<'_> {
+impl Iterator for FileChunks {
     type Item = std::io::Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.buffer.clear();
-        self.buffer.reserve(self.chunk_size);
-        self.buffer.resize(self.chunk_size, 0);
-        match read_full(&mut self.file, self.buffer) {
+        let mut chunk = Vec::with_capacity(self.chunk_size);
+        let limit = self.chunk_size as u64;
+        match (&mut self.file).take(limit).read_to_end(&mut chunk) {
             Ok(0) => None,
-            Ok(n) => {
-                self.buffer.truncate(n);
-                Some(Ok(self.buffer.split().freeze()))
-            }
+            Ok(_) => Some(Ok(Bytes::from(chunk))),
             Err(err) => Some(Err(err)),
         }
     }
-}
-
-/// Fills `buffer` from `file` as far as it can: fewer bytes only at the end.
-fn read_full(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match file.read(&mut buffer[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(filled)
 }
 
 fn file_request(kind: file_request::Kind) -> FileRequest {
