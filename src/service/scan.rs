@@ -233,8 +233,11 @@ pub(super) async fn run(
 
 impl ScanStream {
     /// Handles the requests of one message in order, and sends their
-    /// replies in as few messages as their number allows. Fails when the
-    /// agent is gone.
+    /// replies in as few messages as their number allows: at the end of
+    /// the message, or every [`MAX_REPLIES`]. (An end that waits for a
+    /// place in the engine's queue holds back the replies before it; an
+    /// agent that wants them sooner sends its ends apart from its begins,
+    /// as `lightagent` does.) Fails when the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
         let mut replies = Vec::new();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
