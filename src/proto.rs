@@ -23,6 +23,21 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("scan
 /// The protocol major version this build speaks.
 pub const PROTOCOL_VERSION: u32 = ProtocolVersion::Current as u32;
 
+impl From<file_request::Kind> for FileRequest {
+    fn from(kind: file_request::Kind) -> Self {
+        FileRequest { kind: Some(kind) }
+    }
+}
+
+/// A Scan stream message of one request.
+impl From<file_request::Kind> for ScanRequest {
+    fn from(kind: file_request::Kind) -> Self {
+        ScanRequest {
+            requests: vec![kind.into()],
+        }
+    }
+}
+
 impl From<&LibVerdict> for Verdict {
     fn from(verdict: &LibVerdict) -> Self {
         let kind = match verdict {

@@ -177,7 +177,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     // The lead sends half its content, then cancels.
     lw.lead.send(chunk(1, 0, &data[..1000])).await.unwrap();
     let cancel = file_request::Kind::Cancel(FileCancel { file_id: 1 });
-    lw.lead.send(request(cancel)).await.unwrap();
+    lw.lead.send(ScanRequest::from(cancel)).await.unwrap();
     assert_eq!(
         error_code(&next(&mut lw.lead_replies).await.1),
         Code::Cancelled
@@ -426,7 +426,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         size: 2 << 20,
         ..file_begin(&session, 4)
     };
-    tx.send(request(file_request::Kind::Begin(huge)))
+    tx.send(ScanRequest::from(file_request::Kind::Begin(huge)))
         .await
         .unwrap();
     assert_eq!(
@@ -448,7 +448,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         .await
         .unwrap();
     tx.send(chunk(6, 0, &[7u8; 1000])).await.unwrap();
-    tx.send(request(file_request::Kind::Cancel(FileCancel {
+    tx.send(ScanRequest::from(file_request::Kind::Cancel(FileCancel {
         file_id: 6,
     })))
     .await
@@ -758,7 +758,7 @@ async fn a_scan_stream_in_use_is_not_closed_as_idle() {
     // a file that is not open, which gets no reply.
     for _ in 0..10 {
         let cancel = file_request::Kind::Cancel(FileCancel { file_id: 1 });
-        tx.send(request(cancel)).await.unwrap();
+        tx.send(ScanRequest::from(cancel)).await.unwrap();
         let quiet = tokio::time::timeout(Duration::from_millis(150), replies.message()).await;
         assert!(
             quiet.is_err(),

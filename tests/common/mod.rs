@@ -12,7 +12,7 @@ use scanserver::{
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
-        AgentMessage, FileBegin, FileChunk, FileEnd, FileReply, FileRequest, FileVerdict, Hello,
+        AgentMessage, FileBegin, FileChunk, FileEnd, FileReply, FileVerdict, Hello,
         PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, admin_client::AdminClient,
         agent_message, file_reply, file_request, protection_server_client::ProtectionServerClient,
         server_message,
@@ -229,8 +229,6 @@ pub async fn scan_stream(server: &TestServer) -> (mpsc::Sender<ScanRequest>, Rep
 pub struct Replies {
     stream: tonic::Streaming<ScanReply>,
     batch: VecDeque<FileReply>,
-    /// The number of messages received.
-    pub messages: usize,
 }
 
 impl Replies {
@@ -238,7 +236,6 @@ impl Replies {
         Replies {
             stream,
             batch: VecDeque::new(),
-            messages: 0,
         }
     }
 
@@ -246,9 +243,7 @@ impl Replies {
     /// been taken.
     pub async fn message(&mut self) -> Result<Option<ScanReply>, tonic::Status> {
         assert!(self.batch.is_empty(), "replies left: {:?}", self.batch);
-        let message = self.stream.message().await?;
-        self.messages += usize::from(message.is_some());
-        Ok(message)
+        self.stream.message().await
     }
 }
 
@@ -297,7 +292,7 @@ pub fn file_verdict(kind: file_reply::Kind) -> FileVerdict {
 
 /// A FileBegin for `data`, hash first when `digest` is given.
 pub fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> ScanRequest {
-    request(file_request::Kind::Begin(FileBegin {
+    ScanRequest::from(file_request::Kind::Begin(FileBegin {
         file_id: id,
         session_id: session.to_owned(),
         path: format!("C:\\Users\\u\\file{id}.bin"),
@@ -307,7 +302,7 @@ pub fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> Scan
 }
 
 pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
-    request(file_request::Kind::Chunk(FileChunk {
+    ScanRequest::from(file_request::Kind::Chunk(FileChunk {
         file_id: id,
         offset,
         data: Bytes::copy_from_slice(data),
@@ -316,14 +311,7 @@ pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
 }
 
 pub fn end(id: u64) -> ScanRequest {
-    request(file_request::Kind::End(FileEnd { file_id: id }))
-}
-
-/// A message of one request.
-pub fn request(kind: file_request::Kind) -> ScanRequest {
-    ScanRequest {
-        requests: vec![FileRequest { kind: Some(kind) }],
-    }
+    ScanRequest::from(file_request::Kind::End(FileEnd { file_id: id }))
 }
 
 /// One message of all the requests of `messages`.
