@@ -8,7 +8,6 @@
 //! the server asks for it.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -17,8 +16,9 @@ use std::{
 use std::io::Read;
 
 use bytes::Bytes;
+use slab::Slab;
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{Semaphore, mpsc},
     task::JoinHandle,
 };
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -321,9 +321,8 @@ impl Agent {
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
         let limits = self.welcome.limits.unwrap_or_default();
-        let in_flight = Arc::new(Semaphore::new(
-            limits.max_files_in_flight.clamp(1, 1024) as usize
-        ));
+        let in_flight = Window::new(limits.max_files_in_flight.clamp(1, 1024) as usize);
+        let places = Arc::clone(&in_flight.places);
         let chunk_size = limits.preferred_chunk_size.clamp(4 << 10, 4 << 20) as usize;
         // Begins and content wait in queues of their own, merged onto the
         // stream: a begin never queues behind megabytes of another file's
@@ -333,7 +332,7 @@ impl Agent {
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
         let outbox = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
         let mut replies = self.client.clone().scan(outbox).await?.into_inner();
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(Slab::new()));
         let on_result = Arc::new(on_result);
         // Content goes out one file after the other, not interleaved, so
         // that files complete (and their scans start) at a steady pace.
@@ -345,7 +344,7 @@ impl Agent {
         let mut producer = AbortOnDrop(tokio::spawn(announce(
             files,
             self.welcome.session_id.clone(),
-            Arc::clone(&in_flight),
+            in_flight,
             Arc::clone(&pending),
             requests.clone(),
             Arc::clone(&on_result),
@@ -365,7 +364,8 @@ impl Agent {
                     continue;
                 }
             };
-            answered(message, &pending, &content_tx, on_result.as_ref());
+            let over = answered(message, &pending, &content_tx, on_result.as_ref());
+            places.add_permits(over);
         }
         drop(content_tx);
         let _ = sender.await;
@@ -374,40 +374,46 @@ impl Agent {
 }
 
 /// Takes the replies of one message: a file asked for goes to the content
-/// sender, a file answered to `on_result`.
+/// sender, a file answered to `on_result`. Returns how many files are
+/// over (their places in flight are free again).
 fn answered<F>(
     message: ScanReply,
     pending: &Pending,
     content: &mpsc::UnboundedSender<(u64, FileSource)>,
     on_result: &F,
-) where
+) -> usize
+where
     F: Fn(&Path, ScanOutcome),
 {
     let mut pending = pending.lock().expect("pending");
+    let mut over = 0;
     for reply in message.replies {
         let id = reply.file_id;
-        match reply.kind {
+        let key = usize::try_from(id).unwrap_or(usize::MAX);
+        let outcome = match reply.kind {
             Some(file_reply::Kind::SendContent(_)) => {
-                if let Some(file) = pending.get(&id) {
+                if let Some(file) = pending.get(key) {
                     let _ = content.send((id, file.source.clone()));
                 }
+                continue;
             }
-            Some(file_reply::Kind::Verdict(verdict)) => {
-                if let Some(file) = pending.remove(&id) {
-                    let elapsed = file.started.elapsed();
-                    on_result(file.source.path(), verdict.to_outcome(file.size, elapsed));
-                }
-            }
+            Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
             Some(file_reply::Kind::Error(error)) => {
-                if let Some(file) = pending.remove(&id) {
-                    let verdict = Verdict::failed(FailReason::Engine, error.message);
-                    let failed = failed_outcome(verdict, file.size, file.started);
-                    on_result(file.source.path(), failed);
-                }
+                Err(Verdict::failed(FailReason::Engine, error.message))
             }
-            None => {}
-        }
+            None => continue,
+        };
+        let Some(file) = pending.try_remove(key) else {
+            continue;
+        };
+        over += 1;
+        let outcome = match outcome {
+            Ok(verdict) => verdict.to_outcome(file.size, file.started.elapsed()),
+            Err(failed) => failed_outcome(failed, file.size, file.started),
+        };
+        on_result(file.source.path(), outcome);
     }
+    over
 }
 
 /// A task that stops when its handle goes: a scan that ends early (the
@@ -420,14 +426,15 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Files announced and not yet answered, by file id.
-type Pending = Arc<Mutex<HashMap<u64, PendingFile>>>;
+/// Files announced and not yet answered. A file's id is its key here: ids
+/// are used again once their files are over, as the protocol allows, and
+/// a file is found by indexing, not hashing.
+type Pending = Arc<Mutex<Slab<PendingFile>>>;
 
 struct PendingFile {
     source: FileSource,
     size: u64,
     started: Instant,
-    _in_flight: OwnedSemaphorePermit,
 }
 
 /// Hashes each file (unless it was prepared) and announces it with a
@@ -438,7 +445,7 @@ struct PendingFile {
 async fn announce<F>(
     files: Vec<FileSource>,
     session_id: String,
-    in_flight: Arc<Semaphore>,
+    mut in_flight: Window,
     pending: Pending,
     requests: mpsc::Sender<ScanRequest>,
     on_result: Arc<F>,
@@ -447,17 +454,12 @@ where
     F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
 {
     let mut ready = Announced::default();
-    for (id, source) in (0u64..).zip(files) {
-        let permit = match Arc::clone(&in_flight).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                ready.send(&pending, &requests).await?;
-                Arc::clone(&in_flight)
-                    .acquire_owned()
-                    .await
-                    .expect("never closed")
-            }
-        };
+    let count = files.len();
+    for (index, source) in files.into_iter().enumerate() {
+        if !in_flight.try_take() {
+            ready.send(&pending, &requests).await?;
+            in_flight.take(count - index).await;
+        }
         let started = Instant::now();
         let hashed = match &source {
             FileSource::Prepared(file) => Ok((file.content.len() as u64, file.digest)),
@@ -472,13 +474,14 @@ where
         let (size, digest) = match hashed {
             Ok(hashed) => hashed,
             Err(err) => {
+                in_flight.put_back();
                 let verdict = Verdict::failed(FailReason::Io, err.to_string());
                 on_result(source.path(), failed_outcome(verdict, 0, started));
                 continue;
             }
         };
         let begin = FileBegin {
-            file_id: id,
+            file_id: 0,
             session_id: session_id.clone(),
             path: source.path().to_string_lossy().into_owned(),
             size,
@@ -488,45 +491,92 @@ where
             source,
             size,
             started,
-            _in_flight: permit,
         };
-        ready.push(id, begin, file);
-        if ready.begins.len() == MAX_BEGINS {
+        ready.files.push((begin, file));
+        if ready.files.len() == MAX_BEGINS {
             ready.send(&pending, &requests).await?;
         }
     }
     ready.send(&pending, &requests).await
 }
 
-/// Begins ready to go out, and their files.
+/// The server's limit of files in flight, as places. The announcer takes
+/// a place for each file it announces; the scan gives places back as
+/// files are answered, for a whole reply message at once. Once all are
+/// taken, they are taken back a group at a time (a quarter of the limit):
+/// verdicts coming in a few at a time then make one message of begins per
+/// group, not one per reply (as HTTP/2 sends a window update only once
+/// half the window is used).
+struct Window {
+    places: Arc<Semaphore>,
+    group: usize,
+    /// Places taken and not used yet.
+    held: usize,
+}
+
+impl Window {
+    fn new(limit: usize) -> Self {
+        Window {
+            places: Arc::new(Semaphore::new(limit)),
+            group: (limit / 4).max(1),
+            held: 0,
+        }
+    }
+
+    /// Takes a place, if one is free now.
+    fn try_take(&mut self) -> bool {
+        if self.held == 0 {
+            let Ok(place) = self.places.try_acquire() else {
+                return false;
+            };
+            place.forget();
+            self.held = 1;
+        }
+        self.held -= 1;
+        true
+    }
+
+    /// Takes a place, once a group of them is free (fewer when fewer than
+    /// a group of files are left to announce).
+    async fn take(&mut self, files_left: usize) {
+        let group = self.group.min(files_left).max(1);
+        let places = self.places.acquire_many(group as u32).await;
+        places.expect("never closed").forget();
+        self.held += group - 1;
+    }
+
+    /// Puts back a place taken for a file that was not announced.
+    fn put_back(&mut self) {
+        self.held += 1;
+    }
+}
+
+/// Begins ready to go out, with their files.
 #[derive(Default)]
 struct Announced {
-    begins: Vec<FileRequest>,
-    files: Vec<(u64, PendingFile)>,
+    files: Vec<(FileBegin, PendingFile)>,
 }
 
 impl Announced {
-    fn push(&mut self, id: u64, begin: FileBegin, file: PendingFile) {
-        self.begins.push(file_request::Kind::Begin(begin).into());
-        self.files.push((id, file));
-    }
-
     /// Sends the begins in one message, their files pending first (the
-    /// answers may come at once).
+    /// answers may come at once), each begin with its file's id.
     async fn send(
         &mut self,
         pending: &Pending,
         requests: &mpsc::Sender<ScanRequest>,
     ) -> Result<(), ClientError> {
-        if self.begins.is_empty() {
+        if self.files.is_empty() {
             return Ok(());
         }
-        pending
-            .lock()
-            .expect("pending")
-            .extend(self.files.drain(..));
-        let message = ScanRequest {
-            requests: std::mem::take(&mut self.begins),
+        let message = {
+            let mut pending = pending.lock().expect("pending");
+            let begins = self.files.drain(..).map(|(mut begin, file)| {
+                begin.file_id = pending.insert(file) as u64;
+                file_request::Kind::Begin(begin).into()
+            });
+            ScanRequest {
+                requests: begins.collect(),
+            }
         };
         requests
             .send(message)

@@ -57,10 +57,22 @@ struct UnderWay {
     subscribers: Vec<Subscriber>,
 }
 
-/// A request told of the landing by a message: `(tag, landing)` on `to`.
+/// A request told of the landing by a [`Notice`] on `to`.
 pub struct Subscriber {
+    /// The subscriber's name for the request (a Scan stream uses the file
+    /// id).
     pub tag: u64,
-    pub to: mpsc::UnboundedSender<(u64, Landing)>,
+    pub to: mpsc::UnboundedSender<Notice>,
+}
+
+/// How a flight landed, as told to a subscriber. It names the flight's
+/// key: a tag may be used again once its request is over, and a notice
+/// still queued for the old request then only fits the new one if it
+/// waits for the same content (and then its verdict is as good).
+pub struct Notice {
+    pub tag: u64,
+    pub key: CacheKey,
+    pub landing: Landing,
 }
 
 /// The outcome of [`Flights::join`].
@@ -98,12 +110,7 @@ impl Flights {
 
     /// Withdraws a subscription (its file was cancelled, or stopped
     /// waiting), so a long flight does not collect them.
-    pub fn unsubscribe(
-        &self,
-        key: &CacheKey,
-        tag: u64,
-        to: &mpsc::UnboundedSender<(u64, Landing)>,
-    ) {
+    pub fn unsubscribe(&self, key: &CacheKey, tag: u64, to: &mpsc::UnboundedSender<Notice>) {
         if let Some(flight) = self.lock().get_mut(key) {
             flight
                 .subscribers
@@ -199,7 +206,11 @@ impl Flight {
                 .fetch_add(subscribers.len() as u64, Ordering::Relaxed);
         }
         for subscriber in subscribers {
-            let _ = subscriber.to.send((subscriber.tag, verdict.clone()));
+            let _ = subscriber.to.send(Notice {
+                tag: subscriber.tag,
+                key: self.key,
+                landing: verdict.clone(),
+            });
         }
         self.sender.send_replace(verdict);
     }
@@ -317,9 +328,9 @@ mod tests {
         }
         lead.land(clean());
         for tag in 1..=2 {
-            let (told_tag, landing) = told.recv().await.unwrap();
-            assert_eq!(told_tag, tag);
-            assert!(landing.is_some());
+            let notice = told.recv().await.unwrap();
+            assert_eq!((notice.tag, notice.key), (tag, key(1)));
+            assert!(notice.landing.is_some());
         }
         assert_eq!(flights.waits(), 2);
 
@@ -337,7 +348,14 @@ mod tests {
         );
         drop(lead);
         assert!(
-            matches!(told.recv().await, Some((4, None))),
+            matches!(
+                told.recv().await,
+                Some(Notice {
+                    tag: 4,
+                    landing: None,
+                    ..
+                })
+            ),
             "an abandoned lead"
         );
         assert!(flights.is_empty());

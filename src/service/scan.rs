@@ -18,10 +18,7 @@
 //! scanning waits for that verdict instead of asking for the content, and
 //! received content whose digest is being scanned waits for that scan.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use tokio::{
     sync::{OwnedSemaphorePermit, mpsc},
@@ -36,7 +33,7 @@ use super::{
 use crate::{
     cache::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
-        flight::{Landing, Subscriber, UPLOAD_WAIT, Waiter},
+        flight::{Landing, Notice, Subscriber, UPLOAD_WAIT, Waiter},
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
@@ -107,14 +104,14 @@ enum Standing {
     OnItsOwn,
 }
 
-/// A hash-first begin waiting for another request's verdict.
+/// A hash-first begin waiting for another request's verdict. Its
+/// subscription to the flight is tagged with the file id.
 #[derive(Clone, Copy)]
 struct Wait {
-    /// Identifies the wait in the flight's message (a file id may be
-    /// reused once its file is over; a tag never is).
-    tag: u64,
     key: CacheKey,
     digest: Digest,
+    /// When the file stops waiting and has its own content scanned.
+    deadline: Instant,
 }
 
 /// One Scan stream: its open files and where its replies go.
@@ -125,11 +122,10 @@ struct ScanStream {
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, so the messages are bounded by
     /// the session's files in flight.
-    landings: mpsc::UnboundedSender<(u64, Landing)>,
-    /// Waiting files by tag, and their deadlines in order.
-    waiting: HashMap<u64, u64>,
-    deadlines: VecDeque<(Instant, u64)>,
-    next_tag: u64,
+    landings: mpsc::UnboundedSender<Notice>,
+    /// No wait ends before this; `None` when no file waits. Past it, the
+    /// open files are looked over for waits to end.
+    next_expiry: Option<Instant>,
 }
 
 /// Drives one Scan stream to its end.
@@ -146,9 +142,7 @@ pub(super) async fn run(
         open: HashMap::new(),
         replies,
         landings,
-        waiting: HashMap::new(),
-        deadlines: VecDeque::new(),
-        next_tag: 0,
+        next_expiry: None,
     };
     // Two timers and the shutdown watch, for the stream's life: a timer or
     // a watch registration made anew for every message costs a lock (the
@@ -161,18 +155,18 @@ pub(super) async fn run(
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(idle, wake, shutdown);
     loop {
-        let next_deadline = stream.deadlines.front().map(|&(deadline, _)| deadline);
-        if let Some(deadline) = next_deadline.filter(|&d| d != wake.deadline()) {
-            wake.as_mut().reset(deadline);
+        let next_expiry = stream.next_expiry;
+        if let Some(expiry) = next_expiry.filter(|&e| e != wake.deadline()) {
+            wake.as_mut().reset(expiry);
         }
         let request = tokio::select! {
             request = requests.message() => request,
-            Some(landing) = landed.recv() => {
+            Some(notice) = landed.recv() => {
                 // Flights often land together (a storm's waiters): all
                 // that are in are answered in one go.
-                let mut replies = Vec::from_iter(stream.landed(landing));
-                while let Ok(landing) = landed.try_recv() {
-                    replies.extend(stream.landed(landing));
+                let mut replies = Vec::from_iter(stream.landed(notice));
+                while let Ok(notice) = landed.try_recv() {
+                    replies.extend(stream.landed(notice));
                 }
                 if stream.send_all(replies).await.is_err() {
                     break;
@@ -180,7 +174,7 @@ pub(super) async fn run(
                 last_active = Instant::now();
                 continue;
             }
-            () = &mut wake, if next_deadline.is_some() => {
+            () = &mut wake, if next_expiry.is_some() => {
                 let replies = stream.expire();
                 if stream.send_all(replies).await.is_err() {
                     break;
@@ -240,9 +234,10 @@ impl ScanStream {
     /// as `lightagent` does.) Fails when the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
         let mut replies = Vec::new();
+        let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
-                file_request::Kind::Begin(begin) => self.begin(begin),
+                file_request::Kind::Begin(begin) => self.begin(begin, &mut session),
                 file_request::Kind::Chunk(chunk) => self.chunk(chunk),
                 file_request::Kind::End(end) => self.end(end.file_id).await,
                 file_request::Kind::Cancel(cancel) => self
@@ -282,24 +277,23 @@ impl ScanStream {
     fn close(&mut self, id: u64) -> Option<OpenFile> {
         let file = self.open.remove(&id)?;
         if let Standing::Waits(wait) = &file.standing {
-            self.stop_waiting(wait);
+            self.stop_waiting(id, wait);
         }
         Some(file)
     }
 
-    fn stop_waiting(&mut self, wait: &Wait) {
-        self.waiting.remove(&wait.tag);
+    fn stop_waiting(&self, id: u64, wait: &Wait) {
         let flights = self.state.engine.cache().flights();
-        flights.unsubscribe(&wait.key, wait.tag, &self.landings);
+        flights.unsubscribe(&wait.key, id, &self.landings);
     }
 
     /// Opens a file: answers at once from the cache when the agent gave a
     /// digest the server knows, waits when that content is under way for
     /// another request, and otherwise asks for the content (or, without a
     /// digest, expects it).
-    fn begin(&mut self, begin: FileBegin) -> Option<FileReply> {
+    fn begin(&mut self, begin: FileBegin, session: &mut SessionOfMessage) -> Option<FileReply> {
         let id = begin.file_id;
-        let (file, claimed) = match self.admit(begin) {
+        let (file, claimed) = match self.admit(begin, session) {
             Ok(admitted) => admitted,
             Err(reply) => return Some(reply),
         };
@@ -313,19 +307,23 @@ impl ScanStream {
             file.owed.settle(file.size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
-        let tag = self.next_tag;
         let subscriber = Subscriber {
-            tag,
+            tag: id,
             to: self.landings.clone(),
         };
         match engine.cache().flights().join_or_subscribe(key, subscriber) {
             Some(flight) => self.open_for_content(id, file, Some(digest), Standing::Leads(flight)),
             None => {
-                self.next_tag += 1;
-                self.waiting.insert(tag, id);
-                self.deadlines
-                    .push_back((Instant::now() + UPLOAD_WAIT, tag));
-                let standing = Standing::Waits(Wait { tag, key, digest });
+                // Waits begin in order: the first to end is still the one
+                // the stream looks out for.
+                let deadline = Instant::now() + UPLOAD_WAIT;
+                self.next_expiry.get_or_insert(deadline);
+                let wait = Wait {
+                    key,
+                    digest,
+                    deadline,
+                };
+                let standing = Standing::Waits(wait);
                 self.open.insert(id, OpenFile { standing, ..file });
                 None
             }
@@ -336,19 +334,21 @@ impl ScanStream {
     /// well-formed digest, a size within the limit, a place in flight.
     /// Returns the file (not yet open) and the digest it was announced
     /// with, or the reply refusing it.
-    fn admit(&self, begin: FileBegin) -> Result<(OpenFile, Option<Digest>), FileReply> {
+    fn admit(
+        &self,
+        begin: FileBegin,
+        session: &mut SessionOfMessage,
+    ) -> Result<(OpenFile, Option<Digest>), FileReply> {
         let id = begin.file_id;
         let fail = |code, message: String| file_error(id, code, &message);
         if self.open.contains_key(&id) {
             let message = format!("file id {id} is already open on this stream");
             return Err(fail(Code::InvalidArgument, message));
         }
-        let session = self
-            .state
-            .session(&begin.session_id)
+        let session = session
+            .get(&self.state, &begin.session_id)
             .map_err(|status| fail(status.code(), status.message().to_owned()))?;
-        session.touch();
-        let owed = VerdictOwed::to(&session);
+        let owed = VerdictOwed::to(session);
         let claimed = parse_digest(&begin.blake3).map_err(|m| fail(Code::InvalidArgument, m))?;
         self.state
             .uploads
@@ -399,38 +399,40 @@ impl ScanStream {
     }
 
     /// A waiting file's flight landed: the verdict, or, when it failed, a
-    /// request for this file's own content.
-    fn landed(&mut self, (tag, landing): (u64, Landing)) -> Option<FileReply> {
-        let (id, wait) = self.wait_of(tag)?;
-        self.waiting.remove(&tag);
-        self.resolve(id, wait, landing)
+    /// request for this file's own content. A notice that fits no waiting
+    /// file (it was cancelled, or ended its wait) is dropped.
+    fn landed(&mut self, notice: Notice) -> Option<FileReply> {
+        let id = notice.tag;
+        match &self.open.get(&id)?.standing {
+            Standing::Waits(wait) if wait.key == notice.key => {
+                let wait = *wait;
+                self.resolve(id, wait, notice.landing)
+            }
+            _ => None,
+        }
     }
 
     /// Waits past their deadline end: they are withdrawn, and those files'
-    /// own content is asked for (whoever was to send it is too slow).
+    /// own content is asked for (whoever was to send it is too slow). The
+    /// open files are few (the session's files in flight), so they are
+    /// looked over rather than kept in a queue of deadlines.
     fn expire(&mut self) -> Vec<FileReply> {
         let now = Instant::now();
-        let mut replies = Vec::new();
-        while let Some(&(deadline, tag)) = self.deadlines.front() {
-            if deadline > now {
-                break;
-            }
-            self.deadlines.pop_front();
-            if let Some((id, wait)) = self.wait_of(tag) {
-                self.stop_waiting(&wait);
-                replies.extend(self.resolve(id, wait, None));
-            }
+        let waits = self
+            .open
+            .iter()
+            .filter_map(|(&id, file)| match file.standing {
+                Standing::Waits(wait) => Some((id, wait)),
+                _ => None,
+            });
+        let (due, later): (Vec<_>, Vec<_>) = waits.partition(|(_, wait)| wait.deadline <= now);
+        self.next_expiry = later.iter().map(|(_, wait)| wait.deadline).min();
+        let mut replies = Vec::with_capacity(due.len());
+        for (id, wait) in due {
+            self.stop_waiting(id, &wait);
+            replies.extend(self.resolve(id, wait, None));
         }
         replies
-    }
-
-    /// The file still waiting under `tag`, with its wait.
-    fn wait_of(&self, tag: u64) -> Option<(u64, Wait)> {
-        let id = *self.waiting.get(&tag)?;
-        match &self.open.get(&id)?.standing {
-            Standing::Waits(wait) if wait.tag == tag => Some((id, *wait)),
-            _ => None,
-        }
     }
 
     /// Ends file `id`'s wait with `landing`.
@@ -506,6 +508,24 @@ impl ScanStream {
             drop(_in_flight);
         });
         None
+    }
+}
+
+/// The session the begins of one request message name, looked up once
+/// for the message rather than once for each begin (an agent's begins name
+/// its one session). Looking it up is hearing from its agent.
+#[derive(Default)]
+struct SessionOfMessage(Option<Arc<Session>>);
+
+impl SessionOfMessage {
+    fn get(&mut self, state: &ServiceState, id: &str) -> Result<&Arc<Session>, Status> {
+        let known = matches!(&self.0, Some(session) if session.id == id);
+        if !known {
+            let session = state.session(id)?;
+            session.touch();
+            self.0 = Some(session);
+        }
+        Ok(self.0.as_ref().expect("looked up"))
     }
 }
 
