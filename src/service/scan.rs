@@ -50,6 +50,19 @@ type Replies = mpsc::Sender<Result<ScanReply, Status>>;
 /// one by one must not pile up its replies in memory.
 const MAX_REPLIES: usize = 1024;
 
+/// Verdicts handed over from another request's scan are held back up to
+/// this long, or until [`HOLD_UP_TO`] of them are in, and go out together.
+/// In a boot storm each scan's verdict is handed to every VM waiting for
+/// it, a scan landing every fraction of a millisecond: sent as they land,
+/// they make a message of a few verdicts on each VM's stream, and as many
+/// wake-ups and socket writes on both ends. A file's own verdict, a cache
+/// hit and a request for content are never held (a failed flight's
+/// request for content sends the held verdicts with it).
+const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(8);
+
+/// Held verdicts that make a message at once (see [`HOLD_FOR`]).
+const HOLD_UP_TO: usize = 64;
+
 /// A begun file of a Scan stream.
 struct OpenFile {
     owed: VerdictOwed,
@@ -126,6 +139,9 @@ struct ScanStream {
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
     next_expiry: Option<Instant>,
+    /// Verdicts handed over from other requests' scans, held back to go
+    /// out together (see [`HOLD_FOR`]), or with the next request's replies.
+    held: Vec<FileReply>,
 }
 
 /// Drives one Scan stream to its end.
@@ -143,8 +159,9 @@ pub(super) async fn run(
         replies,
         landings,
         next_expiry: None,
+        held: Vec::new(),
     };
-    // Two timers and the shutdown watch, for the stream's life: a timer or
+    // Three timers and the shutdown watch, for the stream's life: a timer or
     // a watch registration made anew for every message costs a lock (the
     // runtime's timer wheel, the watch shared by every stream) per message
     // of a storm. The idle timer is re-armed only when it fires: activity
@@ -152,26 +169,38 @@ pub(super) async fn run(
     let mut last_active = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     let wake = tokio::time::sleep(UPLOAD_WAIT);
+    let flush = tokio::time::sleep(HOLD_FOR);
     let shutdown = shut_down(&mut shutdown);
-    tokio::pin!(idle, wake, shutdown);
+    tokio::pin!(idle, wake, flush, shutdown);
     loop {
         let next_expiry = stream.next_expiry;
         if let Some(expiry) = next_expiry.filter(|&e| e != wake.deadline()) {
             wake.as_mut().reset(expiry);
         }
+        let holding = !stream.held.is_empty();
         let request = tokio::select! {
             request = requests.message() => request,
             Some(notice) = landed.recv() => {
                 // Flights often land together (a storm's waiters): all
-                // that are in are answered in one go.
-                let mut replies = Vec::from_iter(stream.landed(notice));
+                // that are in are taken in one go.
+                let mut now = stream.landed(notice);
                 while let Ok(notice) = landed.try_recv() {
-                    replies.extend(stream.landed(notice));
+                    now |= stream.landed(notice);
                 }
-                if stream.send_all(replies).await.is_err() {
-                    break;
+                if now || stream.held.len() >= HOLD_UP_TO {
+                    if stream.send_held().await.is_err() {
+                        break;
+                    }
+                } else if !holding && !stream.held.is_empty() {
+                    flush.as_mut().reset(Instant::now() + HOLD_FOR);
                 }
                 last_active = Instant::now();
+                continue;
+            }
+            () = &mut flush, if holding => {
+                if stream.send_held().await.is_err() {
+                    break;
+                }
                 continue;
             }
             () = &mut wake, if next_expiry.is_some() => {
@@ -208,7 +237,10 @@ pub(super) async fn run(
         };
         let request = match request {
             Ok(Some(request)) => request,
-            Ok(None) => break,
+            Ok(None) => {
+                let _ = stream.send_held().await;
+                break;
+            }
             Err(status) => {
                 tracing::debug!(%status, "scan stream broken");
                 break;
@@ -233,7 +265,7 @@ impl ScanStream {
     /// agent that wants them sooner sends its ends apart from its begins,
     /// as `lightagent` does.) Fails when the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
-        let mut replies = Vec::new();
+        let mut replies = std::mem::take(&mut self.held);
         let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
@@ -263,13 +295,21 @@ impl ScanStream {
         Ok(())
     }
 
+    /// Sends the held verdicts.
+    async fn send_held(&mut self) -> Result<(), ()> {
+        let held = std::mem::take(&mut self.held);
+        self.send_all(held).await
+    }
+
     /// Gives every open file its final reply: an error (the stream ends).
+    /// Verdicts held go first.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         let ids: Vec<u64> = self.open.keys().copied().collect();
-        let replies = ids
-            .into_iter()
-            .filter_map(|id| self.close(id).map(|_| file_error(id, code, message)))
-            .collect();
+        let mut replies = std::mem::take(&mut self.held);
+        replies.extend(
+            ids.into_iter()
+                .filter_map(|id| self.close(id).map(|_| file_error(id, code, message))),
+        );
         self.send_all(replies).await
     }
 
@@ -398,18 +438,21 @@ impl ScanStream {
         })
     }
 
-    /// A waiting file's flight landed: the verdict, or, when it failed, a
-    /// request for this file's own content. A notice that fits no waiting
+    /// A waiting file's flight landed: its reply (the verdict, or, when
+    /// the flight failed, a request for this file's own content) is held.
+    /// Returns whether the held replies should go out now: a file asked
+    /// for its content is not kept waiting. A notice that fits no waiting
     /// file (it was cancelled, or ended its wait) is dropped.
-    fn landed(&mut self, notice: Notice) -> Option<FileReply> {
+    fn landed(&mut self, notice: Notice) -> bool {
         let id = notice.tag;
-        match &self.open.get(&id)?.standing {
-            Standing::Waits(wait) if wait.key == notice.key => {
-                let wait = *wait;
-                self.resolve(id, wait, notice.landing)
-            }
-            _ => None,
-        }
+        let wait = match self.open.get(&id).map(|file| &file.standing) {
+            Some(Standing::Waits(wait)) if wait.key == notice.key => *wait,
+            _ => return false,
+        };
+        let failed = notice.landing.is_none();
+        let reply = self.resolve(id, wait, notice.landing);
+        self.held.extend(reply);
+        failed
     }
 
     /// Waits past their deadline end: they are withdrawn, and those files'
