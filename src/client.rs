@@ -332,7 +332,7 @@ impl Agent {
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
         let outbox = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
         let mut replies = self.client.clone().scan(outbox).await?.into_inner();
-        let pending: Pending = Arc::new(Mutex::new(Slab::new()));
+        let pending: Pending = Arc::default();
         let on_result = Arc::new(on_result);
         // Content goes out one file after the other, not interleaved, so
         // that files complete (and their scans start) at a steady pace.
@@ -389,10 +389,9 @@ where
     let mut over = 0;
     for reply in message.replies {
         let id = reply.file_id;
-        let key = usize::try_from(id).unwrap_or(usize::MAX);
         let outcome = match reply.kind {
             Some(file_reply::Kind::SendContent(_)) => {
-                if let Some(file) = pending.get(key) {
+                if let Some(file) = pending.get(id) {
                     let _ = content.send((id, file.source.clone()));
                 }
                 continue;
@@ -403,7 +402,7 @@ where
             }
             None => continue,
         };
-        let Some(file) = pending.try_remove(key) else {
+        let Some(file) = pending.remove(id) else {
             continue;
         };
         over += 1;
@@ -426,15 +425,55 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Files announced and not yet answered. A file's id is its key here: ids
-/// are used again once their files are over, as the protocol allows, and
-/// a file is found by indexing, not hashing.
-type Pending = Arc<Mutex<Slab<PendingFile>>>;
+type Pending = Arc<Mutex<PendingFiles>>;
+
+/// Files announced and not yet answered. A file's id is made of its place
+/// here (the low 32 bits: a file is found by indexing, not hashing) and
+/// the number of files begun before it: ids never repeat on a stream, so a
+/// late reply about a file that is over (the server's error for a chunk
+/// sent after it failed the file) is never taken for another file's.
+#[derive(Default)]
+struct PendingFiles {
+    /// Each file with its id.
+    files: Slab<(u64, PendingFile)>,
+    begun: u64,
+}
 
 struct PendingFile {
     source: FileSource,
     size: u64,
     started: Instant,
+}
+
+impl PendingFiles {
+    /// Adds `file`, and returns its id.
+    fn insert(&mut self, file: PendingFile) -> u64 {
+        let place = self.files.vacant_entry();
+        let id = self.begun << 32 | place.key() as u64;
+        self.begun += 1;
+        place.insert((id, file));
+        id
+    }
+
+    fn get(&self, id: u64) -> Option<&PendingFile> {
+        match self.files.get(Self::place(id)) {
+            Some((known, file)) if *known == id => Some(file),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<PendingFile> {
+        self.get(id)?;
+        Some(self.files.remove(Self::place(id)).1)
+    }
+
+    fn place(id: u64) -> usize {
+        (id & u64::from(u32::MAX)) as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
 }
 
 /// Hashes each file (unless it was prepared) and announces it with a
@@ -504,9 +543,11 @@ where
 /// a place for each file it announces; the scan gives places back as
 /// files are answered, for a whole reply message at once. Once all are
 /// taken, they are taken back a group at a time (a quarter of the limit):
-/// verdicts coming in a few at a time then make one message of begins per
-/// group, not one per reply (as HTTP/2 sends a window update only once
-/// half the window is used).
+/// for files hashed beforehand (`lightagent bench`), verdicts coming in a
+/// few at a time then make one message of begins per group, not one per
+/// reply, as HTTP/2 sends a window update only once half the window is
+/// used. (A file hashed just before its begin sends the begins ready
+/// before it first: its hashing takes longer than a message.)
 struct Window {
     places: Arc<Semaphore>,
     group: usize,
@@ -571,7 +612,7 @@ impl Announced {
         let message = {
             let mut pending = pending.lock().expect("pending");
             let begins = self.files.drain(..).map(|(mut begin, file)| {
-                begin.file_id = pending.insert(file) as u64;
+                begin.file_id = pending.insert(file);
                 file_request::Kind::Begin(begin).into()
             });
             ScanRequest {
@@ -708,4 +749,32 @@ pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError
         config = config.domain_name(domain.clone());
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> PendingFile {
+        PendingFile {
+            source: FileSource::Path(name.into()),
+            size: 0,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_file_id_never_names_a_later_file() {
+        let mut pending = PendingFiles::default();
+        let first = pending.insert(file("a"));
+        assert!(pending.remove(first).is_some());
+        let second = pending.insert(file("b"));
+        assert_eq!(PendingFiles::place(first), PendingFiles::place(second));
+        assert_ne!(first, second);
+        assert!(pending.get(first).is_none(), "a late reply for the first");
+        assert!(pending.remove(first).is_none());
+        assert_eq!(pending.get(second).unwrap().source.path(), Path::new("b"));
+        assert!(pending.remove(second).is_some());
+        assert!(pending.is_empty());
+    }
 }

@@ -735,6 +735,25 @@ async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_left_open_when_the_agent_ends_its_requests_is_cancelled() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // Half the content, then the agent closes its side of the stream.
+    tx.send(begin(&session, 1, b"0123456789", None))
+        .await
+        .unwrap();
+    tx.send(chunk(1, 0, b"01234")).await.unwrap();
+    drop(tx);
+    let (id, reply) = next(&mut replies).await;
+    assert_eq!((id, error_code(&reply)), (1, Code::Cancelled));
+    assert!(
+        replies.message().await.unwrap().is_none(),
+        "then the stream ends"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_scan_stream_is_closed() {
     let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_millis(200)).await;
     let (_tx, mut replies) = scan_stream(&server).await;

@@ -49,13 +49,21 @@ pub type Landing = Option<Arc<CachedVerdict>>;
 pub struct Flights {
     under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
     waits: Arc<AtomicU64>,
+    /// Flights led so far: the next one's id.
+    led: AtomicU64,
 }
 
 /// One flight in the registry.
 struct UnderWay {
+    id: FlightId,
     landing: watch::Receiver<Landing>,
     subscribers: Vec<Subscriber>,
 }
+
+/// A flight's own number: flights for the same key, one after the other,
+/// have different ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlightId(u64);
 
 /// A request told of the landing by a [`Notice`] on `to`.
 pub struct Subscriber {
@@ -65,14 +73,21 @@ pub struct Subscriber {
     pub to: mpsc::UnboundedSender<Notice>,
 }
 
-/// How a flight landed, as told to a subscriber. It names the flight's
-/// key: a tag may be used again once its request is over, and a notice
-/// still queued for the old request then only fits the new one if it
-/// waits for the same content (and then its verdict is as good).
+/// How a flight landed, as told to a subscriber. It names the flight: a
+/// tag may be used again once its request is over, and a notice still
+/// queued for the old request must not be taken for the new one's.
 pub struct Notice {
     pub tag: u64,
-    pub key: CacheKey,
+    pub flight: FlightId,
     pub landing: Landing,
+}
+
+/// The outcome of [`Flights::join_or_subscribe`].
+pub enum Subscription {
+    /// Nobody is on it: the caller leads, and must land its flight.
+    Lead(Flight),
+    /// Subscribed to this flight, under way.
+    Waits(FlightId),
 }
 
 /// The outcome of [`Flights::join`].
@@ -93,26 +108,32 @@ impl Flights {
         }
     }
 
-    /// Leads the flight for `key`, or subscribes to the one under way
-    /// (and returns `None`). Subscribers whose stream has ended are
-    /// dropped on the way.
-    pub fn join_or_subscribe(&self, key: CacheKey, subscriber: Subscriber) -> Option<Flight> {
+    /// Leads the flight for `key`, or subscribes to the one under way.
+    /// Subscribers whose stream has ended are dropped on the way.
+    pub fn join_or_subscribe(&self, key: CacheKey, subscriber: Subscriber) -> Subscription {
         let mut under_way = self.lock();
         match under_way.get_mut(&key) {
             Some(flight) => {
                 flight.subscribers.retain(|s| !s.to.is_closed());
                 flight.subscribers.push(subscriber);
-                None
+                Subscription::Waits(flight.id)
             }
-            None => Some(self.lead(&mut under_way, key)),
+            None => Subscription::Lead(self.lead(&mut under_way, key)),
         }
     }
 
-    /// Withdraws a subscription (its file was cancelled, or stopped
-    /// waiting), so a long flight does not collect them.
-    pub fn unsubscribe(&self, key: &CacheKey, tag: u64, to: &mpsc::UnboundedSender<Notice>) {
-        if let Some(flight) = self.lock().get_mut(key) {
-            flight
+    /// Withdraws a subscription to `flight` (its file was cancelled, or
+    /// stopped waiting), so a long flight does not collect them.
+    pub fn unsubscribe(
+        &self,
+        key: &CacheKey,
+        flight: FlightId,
+        tag: u64,
+        to: &mpsc::UnboundedSender<Notice>,
+    ) {
+        let mut under_way = self.lock();
+        if let Some(under_way) = under_way.get_mut(key).filter(|f| f.id == flight) {
+            under_way
                 .subscribers
                 .retain(|s| s.tag != tag || !s.to.same_channel(to));
         }
@@ -128,12 +149,15 @@ impl Flights {
 
     fn lead(&self, under_way: &mut HashMap<CacheKey, UnderWay>, key: CacheKey) -> Flight {
         let (sender, landing) = watch::channel(None);
+        let id = FlightId(self.led.fetch_add(1, Ordering::Relaxed));
         let entry = UnderWay {
+            id,
             landing,
             subscribers: Vec::new(),
         };
         under_way.insert(key, entry);
         Flight {
+            id,
             key,
             sender,
             under_way: Arc::clone(&self.under_way),
@@ -177,6 +201,7 @@ fn lock(map: &Mutex<HashMap<CacheKey, UnderWay>>) -> MutexGuard<'_, HashMap<Cach
 /// waiters it failed. While it lives, the registry's entry for its key is
 /// its own (nobody else can lead that key).
 pub struct Flight {
+    id: FlightId,
     key: CacheKey,
     sender: watch::Sender<Landing>,
     under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
@@ -208,7 +233,7 @@ impl Flight {
         for subscriber in subscribers {
             let _ = subscriber.to.send(Notice {
                 tag: subscriber.tag,
-                key: self.key,
+                flight: self.id,
                 landing: verdict.clone(),
             });
         }
@@ -310,53 +335,47 @@ mod tests {
     async fn subscribers_are_told_by_message() {
         let flights = Flights::default();
         let (to, mut told) = mpsc::unbounded_channel();
-        let Some(lead) = flights.join_or_subscribe(
-            key(1),
-            Subscriber {
-                tag: 0,
-                to: to.clone(),
-            },
-        ) else {
-            panic!("the first request leads")
-        };
-        for tag in 1..=2 {
+        let subscribe = |tag| {
             let subscriber = Subscriber {
                 tag,
                 to: to.clone(),
             };
-            assert!(flights.join_or_subscribe(key(1), subscriber).is_none());
+            flights.join_or_subscribe(key(1), subscriber)
+        };
+        let Subscription::Lead(lead) = subscribe(0) else {
+            panic!("the first request leads")
+        };
+        for tag in 1..=2 {
+            assert!(matches!(subscribe(tag), Subscription::Waits(id) if id == lead.id));
         }
+        let first = lead.id;
         lead.land(clean());
         for tag in 1..=2 {
             let notice = told.recv().await.unwrap();
-            assert_eq!((notice.tag, notice.key), (tag, key(1)));
+            assert_eq!((notice.tag, notice.flight), (tag, first));
             assert!(notice.landing.is_some());
         }
         assert_eq!(flights.waits(), 2);
 
-        let lead = flights.join_or_subscribe(
-            key(1),
-            Subscriber {
-                tag: 3,
-                to: to.clone(),
-            },
-        );
-        assert!(
-            flights
-                .join_or_subscribe(key(1), Subscriber { tag: 4, to })
-                .is_none()
-        );
+        let Subscription::Lead(lead) = subscribe(3) else {
+            panic!("a landed flight is over")
+        };
+        assert_ne!(lead.id, first, "the next flight for the key is another");
+        let Subscription::Waits(second) = subscribe(4) else {
+            panic!()
+        };
+        flights.unsubscribe(&key(1), first, 4, &to);
         drop(lead);
         assert!(
             matches!(
                 told.recv().await,
                 Some(Notice {
                     tag: 4,
+                    flight,
                     landing: None,
-                    ..
-                })
+                }) if flight == second
             ),
-            "an abandoned lead"
+            "an abandoned lead; unsubscribing from the flight before withdrew nothing"
         );
         assert!(flights.is_empty());
     }

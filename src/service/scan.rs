@@ -33,7 +33,7 @@ use super::{
 use crate::{
     cache::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
-        flight::{Landing, Notice, Subscriber, UPLOAD_WAIT, Waiter},
+        flight::{FlightId, Landing, Notice, Subscriber, Subscription, UPLOAD_WAIT, Waiter},
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
@@ -122,6 +122,9 @@ enum Standing {
 #[derive(Clone, Copy)]
 struct Wait {
     key: CacheKey,
+    /// The flight waited for (there may be others for the key, before or
+    /// after it).
+    flight: FlightId,
     digest: Digest,
     /// When the file stops waiting and has its own content scanned.
     deadline: Instant,
@@ -134,7 +137,7 @@ struct ScanStream {
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, so the messages are bounded by
-    /// the session's files in flight.
+    /// the stream's open files.
     landings: mpsc::UnboundedSender<Notice>,
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
@@ -238,7 +241,10 @@ pub(super) async fn run(
         let request = match request {
             Ok(Some(request)) => request,
             Ok(None) => {
-                let _ = stream.send_held().await;
+                // The agent will send nothing more: files still open can
+                // never complete, and each gets its final reply.
+                let message = "the agent ended its requests with this file still open";
+                let _ = stream.fail_open_files(Code::Cancelled, message).await;
                 break;
             }
             Err(status) => {
@@ -259,11 +265,11 @@ pub(super) async fn run(
 
 impl ScanStream {
     /// Handles the requests of one message in order, and sends their
-    /// replies in as few messages as their number allows: at the end of
-    /// the message, or every [`MAX_REPLIES`]. (An end that waits for a
-    /// place in the engine's queue holds back the replies before it; an
-    /// agent that wants them sooner sends its ends apart from its begins,
-    /// as `lightagent` does.) Fails when the agent is gone.
+    /// replies, with the verdicts held so far, in as few messages as their
+    /// number allows: at the end of the message, or every [`MAX_REPLIES`],
+    /// or before an end (which may wait for a place in the engine's
+    /// queue: the replies ready before it do not wait with it). Fails when
+    /// the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
         let mut replies = std::mem::take(&mut self.held);
         let mut session = SessionOfMessage::default();
@@ -271,7 +277,10 @@ impl ScanStream {
             let reply = match kind {
                 file_request::Kind::Begin(begin) => self.begin(begin, &mut session),
                 file_request::Kind::Chunk(chunk) => self.chunk(chunk),
-                file_request::Kind::End(end) => self.end(end.file_id).await,
+                file_request::Kind::End(end) => {
+                    self.send_all(std::mem::take(&mut replies)).await?;
+                    self.end(end.file_id).await
+                }
                 file_request::Kind::Cancel(cancel) => self
                     .close(cancel.file_id)
                     .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
@@ -324,7 +333,7 @@ impl ScanStream {
 
     fn stop_waiting(&self, id: u64, wait: &Wait) {
         let flights = self.state.engine.cache().flights();
-        flights.unsubscribe(&wait.key, id, &self.landings);
+        flights.unsubscribe(&wait.key, wait.flight, id, &self.landings);
     }
 
     /// Opens a file: answers at once from the cache when the agent gave a
@@ -352,14 +361,17 @@ impl ScanStream {
             to: self.landings.clone(),
         };
         match engine.cache().flights().join_or_subscribe(key, subscriber) {
-            Some(flight) => self.open_for_content(id, file, Some(digest), Standing::Leads(flight)),
-            None => {
+            Subscription::Lead(flight) => {
+                self.open_for_content(id, file, Some(digest), Standing::Leads(flight))
+            }
+            Subscription::Waits(flight) => {
                 // Waits begin in order: the first to end is still the one
                 // the stream looks out for.
                 let deadline = Instant::now() + UPLOAD_WAIT;
                 self.next_expiry.get_or_insert(deadline);
                 let wait = Wait {
                     key,
+                    flight,
                     digest,
                     deadline,
                 };
@@ -446,7 +458,7 @@ impl ScanStream {
     fn landed(&mut self, notice: Notice) -> bool {
         let id = notice.tag;
         let wait = match self.open.get(&id).map(|file| &file.standing) {
-            Some(Standing::Waits(wait)) if wait.key == notice.key => *wait,
+            Some(Standing::Waits(wait)) if wait.flight == notice.flight => *wait,
             _ => return false,
         };
         let failed = notice.landing.is_none();
