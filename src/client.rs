@@ -337,8 +337,9 @@ impl Agent {
         // Content goes out one file after the other, not interleaved, so
         // that files complete (and their scans start) at a steady pace.
         let (content_tx, content_rx) = mpsc::unbounded_channel();
+        let answered_early = Arc::clone(&pending);
         let sender = tokio::task::spawn_blocking(move || {
-            send_content(content_rx, content_requests, chunk_size)
+            send_content(content_rx, content_requests, &answered_early, chunk_size)
         });
 
         let mut producer = AbortOnDrop(tokio::spawn(announce(
@@ -631,6 +632,7 @@ impl Announced {
 fn send_content(
     mut files: mpsc::UnboundedReceiver<(u64, FileSource)>,
     requests: mpsc::Sender<ScanRequest>,
+    pending: &Pending,
     chunk_size: usize,
 ) {
     while let Some((id, source)) = files.blocking_recv() {
@@ -640,12 +642,12 @@ fn send_content(
                 let chunks = (0..content.len())
                     .step_by(chunk_size)
                     .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
-                send_file(id, chunks, &requests)
+                send_file(id, chunks, &requests, pending)
             }
             FileSource::Path(path) => match std::fs::File::open(path) {
                 Ok(file) => {
                     let chunks = FileChunks { file, chunk_size };
-                    send_file(id, chunks, &requests)
+                    send_file(id, chunks, &requests, pending)
                 }
                 Err(_) => {
                     let cancel = file_request::Kind::Cancel(FileCancel { file_id: id });
@@ -661,15 +663,21 @@ fn send_content(
 
 /// Sends a file's chunks, then its end, in the message of its last chunk.
 /// A read error ends the content early: the server sees fewer bytes than
-/// announced and fails the file.
+/// announced and fails the file. A file the server has already answered
+/// (it failed the file part way: it grew, say) gets no more of its content.
 fn send_file(
     id: u64,
     chunks: impl Iterator<Item = std::io::Result<Bytes>>,
     requests: &mpsc::Sender<ScanRequest>,
+    pending: &Pending,
 ) -> Result<(), ()> {
+    let answered = || pending.lock().expect("pending").get(id).is_none();
     let mut offset = 0u64;
     let mut held = None;
     for data in chunks.map_while(Result::ok) {
+        if answered() {
+            return Ok(());
+        }
         let length = data.len() as u64;
         let chunk = FileChunk {
             file_id: id,
