@@ -9,7 +9,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -337,9 +340,10 @@ impl Agent {
         // Content goes out one file after the other, not interleaved, so
         // that files complete (and their scans start) at a steady pace.
         let (content_tx, content_rx) = mpsc::unbounded_channel();
-        let answered_early = Arc::clone(&pending);
+        let failed = Arc::new(LastFailed::default());
+        let failed_for_sender = Arc::clone(&failed);
         let sender = tokio::task::spawn_blocking(move || {
-            send_content(content_rx, content_requests, &answered_early, chunk_size)
+            send_content(content_rx, content_requests, &failed_for_sender, chunk_size)
         });
 
         let mut producer = AbortOnDrop(tokio::spawn(announce(
@@ -365,7 +369,7 @@ impl Agent {
                     continue;
                 }
             };
-            let over = answered(message, &pending, &content_tx, on_result.as_ref());
+            let over = answered(message, &pending, &content_tx, &failed, on_result.as_ref());
             places.add_permits(over);
         }
         drop(content_tx);
@@ -375,12 +379,13 @@ impl Agent {
 }
 
 /// Takes the replies of one message: a file asked for goes to the content
-/// sender, a file answered to `on_result`. Returns how many files are
-/// over (their places in flight are free again).
+/// sender, a file answered to `on_result`, a file failed to `failed`.
+/// Returns how many files are over (their places in flight are free again).
 fn answered<F>(
     message: ScanReply,
     pending: &Pending,
     content: &mpsc::UnboundedSender<(u64, FileSource)>,
+    failed: &LastFailed,
     on_result: &F,
 ) -> usize
 where
@@ -399,6 +404,7 @@ where
             }
             Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
             Some(file_reply::Kind::Error(error)) => {
+                failed.0.store(id, Ordering::Relaxed);
                 Err(Verdict::failed(FailReason::Engine, error.message))
             }
             None => continue,
@@ -427,6 +433,18 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 type Pending = Arc<Mutex<PendingFiles>>;
+
+/// The id of the file the server failed last. Content goes out one file
+/// after the other, so the sender checks the file it is sending against
+/// this alone, with no lock per chunk: a file the server has already
+/// failed (it grew, say) gets no more of its content.
+struct LastFailed(AtomicU64);
+
+impl Default for LastFailed {
+    fn default() -> Self {
+        LastFailed(AtomicU64::new(u64::MAX))
+    }
+}
 
 /// Files announced and not yet answered. A file's id is made of its place
 /// here (the low 32 bits: a file is found by indexing, not hashing) and
@@ -553,7 +571,7 @@ struct Window {
     places: Arc<Semaphore>,
     group: usize,
     /// Places taken and not used yet.
-    held: usize,
+    spare: usize,
 }
 
 impl Window {
@@ -561,20 +579,20 @@ impl Window {
         Window {
             places: Arc::new(Semaphore::new(limit)),
             group: (limit / 4).max(1),
-            held: 0,
+            spare: 0,
         }
     }
 
     /// Takes a place, if one is free now.
     fn try_take(&mut self) -> bool {
-        if self.held == 0 {
+        if self.spare == 0 {
             let Ok(place) = self.places.try_acquire() else {
                 return false;
             };
             place.forget();
-            self.held = 1;
+            self.spare = 1;
         }
-        self.held -= 1;
+        self.spare -= 1;
         true
     }
 
@@ -584,12 +602,12 @@ impl Window {
         let group = self.group.min(files_left).max(1);
         let places = self.places.acquire_many(group as u32).await;
         places.expect("never closed").forget();
-        self.held += group - 1;
+        self.spare += group - 1;
     }
 
     /// Puts back a place taken for a file that was not announced.
     fn put_back(&mut self) {
-        self.held += 1;
+        self.spare += 1;
     }
 }
 
@@ -632,7 +650,7 @@ impl Announced {
 fn send_content(
     mut files: mpsc::UnboundedReceiver<(u64, FileSource)>,
     requests: mpsc::Sender<ScanRequest>,
-    pending: &Pending,
+    failed: &LastFailed,
     chunk_size: usize,
 ) {
     while let Some((id, source)) = files.blocking_recv() {
@@ -642,12 +660,12 @@ fn send_content(
                 let chunks = (0..content.len())
                     .step_by(chunk_size)
                     .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
-                send_file(id, chunks, &requests, pending)
+                send_file(id, chunks, &requests, failed)
             }
             FileSource::Path(path) => match std::fs::File::open(path) {
                 Ok(file) => {
                     let chunks = FileChunks { file, chunk_size };
-                    send_file(id, chunks, &requests, pending)
+                    send_file(id, chunks, &requests, failed)
                 }
                 Err(_) => {
                     let cancel = file_request::Kind::Cancel(FileCancel { file_id: id });
@@ -663,19 +681,18 @@ fn send_content(
 
 /// Sends a file's chunks, then its end, in the message of its last chunk.
 /// A read error ends the content early: the server sees fewer bytes than
-/// announced and fails the file. A file the server has already answered
-/// (it failed the file part way: it grew, say) gets no more of its content.
+/// announced and fails the file. A file the server has already failed
+/// gets no more of its content.
 fn send_file(
     id: u64,
     chunks: impl Iterator<Item = std::io::Result<Bytes>>,
     requests: &mpsc::Sender<ScanRequest>,
-    pending: &Pending,
+    failed: &LastFailed,
 ) -> Result<(), ()> {
-    let answered = || pending.lock().expect("pending").get(id).is_none();
     let mut offset = 0u64;
     let mut held = None;
     for data in chunks.map_while(Result::ok) {
-        if answered() {
+        if failed.0.load(Ordering::Relaxed) == id {
             return Ok(());
         }
         let length = data.len() as u64;

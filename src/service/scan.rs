@@ -469,7 +469,7 @@ impl ScanStream {
 
     /// Waits past their deadline end: they are withdrawn, and those files'
     /// own content is asked for (whoever was to send it is too slow). The
-    /// open files are few (the session's files in flight), so they are
+    /// open files are few (bounded by their sessions' files in flight), so they are
     /// looked over rather than kept in a queue of deadlines.
     fn expire(&mut self) -> Vec<FileReply> {
         let now = Instant::now();
