@@ -109,7 +109,7 @@ pub enum ReportingError {
     HalfIdentity,
     #[error("cannot set up TLS towards the Integration Server: {0}")]
     Tls(tonic::transport::Error),
-    #[error("cannot set up TLS towards the Integration Server: {0}")]
+    #[error("cannot load the TLS files for the Integration Server (reporting.tls): {0}")]
     TlsFiles(crate::client::ClientError),
 }
 

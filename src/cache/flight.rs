@@ -109,13 +109,18 @@ impl Flights {
     }
 
     /// Leads the flight for `key`, or subscribes to the one under way.
-    /// Subscribers whose stream has ended are dropped on the way.
+    /// Subscribers whose stream has ended are dropped when the list is
+    /// full, before it grows: looking them over at every subscription would
+    /// cost a storm's flights time quadratic in their subscribers.
     pub fn join_or_subscribe(&self, key: CacheKey, subscriber: Subscriber) -> Subscription {
         let mut under_way = self.lock();
         match under_way.get_mut(&key) {
             Some(flight) => {
-                flight.subscribers.retain(|s| !s.to.is_closed());
-                flight.subscribers.push(subscriber);
+                let subscribers = &mut flight.subscribers;
+                if subscribers.len() == subscribers.capacity() {
+                    subscribers.retain(|s| !s.to.is_closed());
+                }
+                subscribers.push(subscriber);
                 Subscription::Waits(flight.id)
             }
             None => Subscription::Lead(self.lead(&mut under_way, key)),
