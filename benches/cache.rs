@@ -25,10 +25,6 @@ use scanserver::{
     verdict::Verdict,
 };
 
-/// The binaries' allocator, so that what is measured is what ships.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 const LOOKUP_BATCH: usize = 100_000;
 const STREAM_FILES: usize = 20_000;
 

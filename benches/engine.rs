@@ -18,10 +18,6 @@ use scanserver::{
     signatures::Ruleset,
 };
 
-/// The binaries' allocator, so that what is measured is what ships.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Buffer sizes, each with how many buffers make one iteration.
 const SIZES: [(&str, usize, usize); 3] = [
     ("4KiB", 4 << 10, 1024),

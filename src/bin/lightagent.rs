@@ -16,12 +16,6 @@ use scanserver::{
     report::{Format, Reporter},
 };
 
-/// jemalloc, as in the server: a storm's simulated agents allocate and
-/// free a message's worth of verdicts at a time (see BENCHMARKS.md,
-/// "Allocator").
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// The Light Agent client of the Protection Server.
 #[derive(Parser)]
 #[command(version, about, long_about = None, propagate_version = true)]

@@ -22,12 +22,6 @@ use scanserver::{
     vms::SecurityTag,
 };
 
-/// jemalloc rather than the system allocator: scans and Scan streams
-/// allocate and free on many threads at once (see BENCHMARKS.md,
-/// "Allocator").
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// The Protection Server of an SVM: scans files for Light Agents with YARA-X
 /// rules.
 #[derive(Parser)]
