@@ -415,7 +415,7 @@ where
         over += 1;
         let outcome = match outcome {
             Ok(verdict) => verdict.to_outcome(file.size, file.started.elapsed()),
-            Err(failed) => failed_outcome(failed, file.size, file.started),
+            Err(verdict) => failed_outcome(verdict, file.size, file.started),
         };
         on_result(file.source.path(), outcome);
     }

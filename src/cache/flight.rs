@@ -137,8 +137,8 @@ impl Flights {
         to: &mpsc::UnboundedSender<Notice>,
     ) {
         let mut under_way = self.lock();
-        if let Some(under_way) = under_way.get_mut(key).filter(|f| f.id == flight) {
-            under_way
+        if let Some(entry) = under_way.get_mut(key).filter(|f| f.id == flight) {
+            entry
                 .subscribers
                 .retain(|s| s.tag != tag || !s.to.same_channel(to));
         }

@@ -18,7 +18,10 @@
 //! scanning waits for that verdict instead of asking for the content, and
 //! received content whose digest is being scanned waits for that scan.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+};
 
 use tokio::{
     sync::{OwnedSemaphorePermit, mpsc},
@@ -56,8 +59,8 @@ const MAX_REPLIES: usize = 1024;
 /// it, a scan landing every fraction of a millisecond: sent as they land,
 /// they make a message of a few verdicts on each VM's stream, and as many
 /// wake-ups and socket writes on both ends. A file's own verdict, a cache
-/// hit and a request for content are never held (a failed flight's
-/// request for content sends the held verdicts with it).
+/// hit and a request for content are never held (a request for content
+/// takes the held verdicts with it).
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(8);
 
 /// Held verdicts that make a message at once (see [`HOLD_FOR`]).
@@ -207,9 +210,14 @@ pub(super) async fn run(
                 continue;
             }
             () = &mut wake, if next_expiry.is_some() => {
-                let replies = stream.expire();
-                if stream.send_all(replies).await.is_err() {
-                    break;
+                // Requests for content are never held: they go at once,
+                // and the verdicts held so far with them.
+                let expired = stream.expire();
+                if !expired.is_empty() {
+                    stream.held.extend(expired);
+                    if stream.send_held().await.is_err() {
+                        break;
+                    }
                 }
                 last_active = Instant::now();
                 continue;
@@ -457,20 +465,24 @@ impl ScanStream {
     /// file (it was cancelled, or ended its wait) is dropped.
     fn landed(&mut self, notice: Notice) -> bool {
         let id = notice.tag;
-        let wait = match self.open.get(&id).map(|file| &file.standing) {
-            Some(Standing::Waits(wait)) if wait.flight == notice.flight => *wait,
+        let Entry::Occupied(entry) = self.open.entry(id) else {
+            return false;
+        };
+        let digest = match &entry.get().standing {
+            Standing::Waits(wait) if wait.flight == notice.flight => wait.digest,
             _ => return false,
         };
+        let file = entry.remove();
         let failed = notice.landing.is_none();
-        let reply = self.resolve(id, wait, notice.landing);
+        let reply = self.resolve(id, file, digest, notice.landing);
         self.held.extend(reply);
         failed
     }
 
     /// Waits past their deadline end: they are withdrawn, and those files'
     /// own content is asked for (whoever was to send it is too slow). The
-    /// open files are few (bounded by their sessions' files in flight), so they are
-    /// looked over rather than kept in a queue of deadlines.
+    /// open files are few (bounded by their sessions' files in flight), so
+    /// they are looked over rather than kept in a queue of deadlines.
     fn expire(&mut self) -> Vec<FileReply> {
         let now = Instant::now();
         let waits = self
@@ -485,18 +497,26 @@ impl ScanStream {
         let mut replies = Vec::with_capacity(due.len());
         for (id, wait) in due {
             self.stop_waiting(id, &wait);
-            replies.extend(self.resolve(id, wait, None));
+            if let Some(file) = self.open.remove(&id) {
+                replies.extend(self.resolve(id, file, wait.digest, None));
+            }
         }
         replies
     }
 
-    /// Ends file `id`'s wait with `landing`.
-    fn resolve(&mut self, id: u64, wait: Wait, landing: Landing) -> Option<FileReply> {
-        let file = self.open.remove(&id)?;
+    /// Ends the wait of `file` (id `id`, taken off the stream, waiting for
+    /// content with `digest`) with `landing`.
+    fn resolve(
+        &mut self,
+        id: u64,
+        file: OpenFile,
+        digest: Digest,
+        landing: Landing,
+    ) -> Option<FileReply> {
         let Some(landed) = landing else {
-            return self.open_for_content(id, file, Some(wait.digest), Standing::OnItsOwn);
+            return self.open_for_content(id, file, Some(digest), Standing::OnItsOwn);
         };
-        let verdict = FileVerdict::known(&landed, &wait.digest, true);
+        let verdict = FileVerdict::known(&landed, &digest, true);
         file.owed.settle(file.size, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
