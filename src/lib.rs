@@ -8,6 +8,8 @@
 //! The crate is a library with two thin binaries, `scanserver` (the daemon
 //! and its operator commands) and `lightagent` (the client). Its modules:
 //!
+//! * `allocator`: jemalloc, the allocator of the binaries, tests and
+//!   benchmarks.
 //! * [`signatures`]: loading, compiling, versioning and caching rulesets.
 //! * [`engine`]: the scan engine every entry point shares: current rules,
 //!   a pool of scan workers, limits, and a bounded async queue.
@@ -38,6 +40,7 @@
 //! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.
 
 pub mod admin;
+mod allocator;
 pub mod bench;
 pub mod cache;
 pub mod client;

@@ -44,10 +44,16 @@ pub const UPLOAD_WAIT: Duration = Duration::from_secs(10);
 /// What a flight lands: the verdict, or `None` for a failure.
 pub type Landing = Option<Arc<CachedVerdict>>;
 
+/// The flights under way, by cache key. Hashed with foldhash, seeded at
+/// random for each process: much quicker than the standard SipHash on
+/// these keys, and an agent that claims digests of its choosing still
+/// cannot aim them at one bucket without knowing the seed.
+type Registry = HashMap<CacheKey, UnderWay, foldhash::fast::RandomState>;
+
 /// Uploads and scans under way, by cache key.
 #[derive(Default)]
 pub struct Flights {
-    under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
+    under_way: Arc<Mutex<Registry>>,
     waits: Arc<AtomicU64>,
     /// Flights led so far: the next one's id.
     led: AtomicU64,
@@ -152,7 +158,7 @@ impl Flights {
         Some(self.waiter(flight.landing.clone()))
     }
 
-    fn lead(&self, under_way: &mut HashMap<CacheKey, UnderWay>, key: CacheKey) -> Flight {
+    fn lead(&self, under_way: &mut Registry, key: CacheKey) -> Flight {
         let (sender, landing) = watch::channel(None);
         let id = FlightId(self.led.fetch_add(1, Ordering::Relaxed));
         let entry = UnderWay {
@@ -193,12 +199,12 @@ impl Flights {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<CacheKey, UnderWay>> {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
         lock(&self.under_way)
     }
 }
 
-fn lock(map: &Mutex<HashMap<CacheKey, UnderWay>>) -> MutexGuard<'_, HashMap<CacheKey, UnderWay>> {
+fn lock(map: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
     map.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -209,7 +215,7 @@ pub struct Flight {
     id: FlightId,
     key: CacheKey,
     sender: watch::Sender<Landing>,
-    under_way: Arc<Mutex<HashMap<CacheKey, UnderWay>>>,
+    under_way: Arc<Mutex<Registry>>,
     waits: Arc<AtomicU64>,
     ended: bool,
 }

@@ -136,7 +136,10 @@ struct Wait {
 /// One Scan stream: its open files and where its replies go.
 struct ScanStream {
     state: Arc<ServiceState>,
-    open: HashMap<u64, OpenFile>,
+    /// Hashed with foldhash, seeded at random for each process: the file
+    /// ids are the agent's to choose, but without the seed it cannot make
+    /// them collide.
+    open: HashMap<u64, OpenFile, foldhash::fast::RandomState>,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, so the messages are bounded by
@@ -161,7 +164,7 @@ pub(super) async fn run(
     let idle_timeout = state.idle_timeout;
     let mut stream = ScanStream {
         state,
-        open: HashMap::new(),
+        open: HashMap::default(),
         replies,
         landings,
         next_expiry: None,
