@@ -23,7 +23,8 @@ static ALLOCATOR: Jemalloc = Jemalloc;
 /// batch) in the ordinary arenas: by default they get an arena of their
 /// own that hands its memory back to the system at once, so every such
 /// message faulted its pages in anew, making `Lookup` 25% slower than with
-/// glibc. Freed memory still goes back to the system after jemalloc's
-/// usual decay (10 s).
+/// glibc. Freed memory still goes back to the system by jemalloc's usual
+/// decay, over 10 s, as the process goes on allocating (no background
+/// thread purges it).
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8; 21] = b"oversize_threshold:0\0";

@@ -45,9 +45,9 @@ pub const UPLOAD_WAIT: Duration = Duration::from_secs(10);
 pub type Landing = Option<Arc<CachedVerdict>>;
 
 /// The flights under way, by cache key. Hashed with foldhash, seeded at
-/// random for each process: much quicker than the standard SipHash on
-/// these keys, and an agent that claims digests of its choosing still
-/// cannot aim them at one bucket without knowing the seed.
+/// random for each process: quicker than the standard SipHash on these
+/// keys. An agent can claim digests of its choosing, but only as many as
+/// its session's files in flight at a time.
 type Registry = HashMap<CacheKey, UnderWay, foldhash::fast::RandomState>;
 
 /// Uploads and scans under way, by cache key.

@@ -54,17 +54,17 @@ type Replies = mpsc::Sender<Result<ScanReply, Status>>;
 const MAX_REPLIES: usize = 1024;
 
 /// Verdicts handed over from another request's scan are held back up to
-/// this long, and go out together. In a boot storm each scan's verdict is
-/// handed to every VM waiting for it, a scan landing every fraction of a
-/// millisecond: taken in as they land, they would wake every VM's stream
-/// for every scan, and send a message of a few verdicts each time. While
-/// a stream holds verdicts it does not even look at what else has landed:
-/// it takes that in when the time is up (or with its next request
-/// message), so a storm wakes each stream once per period, not once per
-/// scan. A file's own verdict and a cache hit are never held; a request
-/// for content after another request's upload or scan failed goes at
-/// once, unless verdicts are already held, and then with them.
+/// this long, or until [`HOLD_UP_TO`] of them are in, and go out together.
+/// In a boot storm each scan's verdict is handed to every VM waiting for
+/// it, a scan landing every fraction of a millisecond: sent as they land,
+/// they make a message of a few verdicts on each VM's stream, and as many
+/// wake-ups and socket writes on both ends. A file's own verdict, a cache
+/// hit and a request for content are never held (a request for content
+/// takes the held verdicts with it).
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
+
+/// Held verdicts that make a message at once (see [`HOLD_FOR`]).
+const HOLD_UP_TO: usize = 128;
 
 /// A begun file of a Scan stream.
 struct OpenFile {
@@ -136,17 +136,15 @@ struct Wait {
 /// One Scan stream: its open files and where its replies go.
 struct ScanStream {
     state: Arc<ServiceState>,
-    /// Hashed with foldhash, seeded at random for each process: the file
-    /// ids are the agent's to choose, but without the seed it cannot make
-    /// them collide.
+    /// Hashed with foldhash, seeded at random for each process: quicker
+    /// than the standard SipHash, and the map is bounded by the sessions'
+    /// files in flight, however the agent picks its file ids.
     open: HashMap<u64, OpenFile, foldhash::fast::RandomState>,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, so the messages are bounded by
     /// the stream's open files.
     landings: mpsc::UnboundedSender<Notice>,
-    /// Where those notices arrive.
-    landed: mpsc::UnboundedReceiver<Notice>,
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
     next_expiry: Option<Instant>,
@@ -161,7 +159,7 @@ pub(super) async fn run(
     mut requests: Streaming<ScanRequest>,
     replies: Replies,
 ) {
-    let (landings, landed) = mpsc::unbounded_channel();
+    let (landings, mut landed) = mpsc::unbounded_channel();
     let mut shutdown = state.shutdown.clone();
     let idle_timeout = state.idle_timeout;
     let mut stream = ScanStream {
@@ -169,7 +167,6 @@ pub(super) async fn run(
         open: HashMap::default(),
         replies,
         landings,
-        landed,
         next_expiry: None,
         held: Vec::new(),
     };
@@ -192,19 +189,24 @@ pub(super) async fn run(
         let holding = !stream.held.is_empty();
         let request = tokio::select! {
             request = requests.message() => request,
-            Some(notice) = stream.landed.recv(), if !holding => {
-                if stream.take_landings(Some(notice)) {
+            Some(notice) = landed.recv() => {
+                // Flights often land together (a storm's waiters): all
+                // that are in are taken in one go.
+                let mut now = stream.landed(notice);
+                while let Ok(notice) = landed.try_recv() {
+                    now |= stream.landed(notice);
+                }
+                if now || stream.held.len() >= HOLD_UP_TO {
                     if stream.send_held().await.is_err() {
                         break;
                     }
-                } else if !stream.held.is_empty() {
+                } else if !holding && !stream.held.is_empty() {
                     flush.as_mut().reset(Instant::now() + HOLD_FOR);
                 }
                 last_active = Instant::now();
                 continue;
             }
             () = &mut flush, if holding => {
-                stream.take_landings(None);
                 if stream.send_held().await.is_err() {
                     break;
                 }
@@ -280,7 +282,6 @@ impl ScanStream {
     /// queue: the replies ready before it do not wait with it). Fails when
     /// the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
-        self.take_landings(None);
         let mut replies = std::mem::take(&mut self.held);
         let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
@@ -323,7 +324,6 @@ impl ScanStream {
     /// Gives every open file its final reply: an error (the stream ends).
     /// Verdicts held go first.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
-        self.take_landings(None);
         let ids: Vec<u64> = self.open.keys().copied().collect();
         let mut replies = std::mem::take(&mut self.held);
         replies.extend(
@@ -461,22 +461,11 @@ impl ScanStream {
         })
     }
 
-    /// Takes in `first` and every other landing notice that has arrived.
-    /// Returns whether the held replies should go out now: a file asked
-    /// for its content is not kept waiting.
-    fn take_landings(&mut self, first: Option<Notice>) -> bool {
-        let mut now = first.is_some_and(|notice| self.landed(notice));
-        while let Ok(notice) = self.landed.try_recv() {
-            now |= self.landed(notice);
-        }
-        now
-    }
-
     /// A waiting file's flight landed: its reply (the verdict, or, when
     /// the flight failed, a request for this file's own content) is held.
-    /// Returns whether that reply is a request for content. A notice that
-    /// fits no waiting file (it was cancelled, or ended its wait) is
-    /// dropped.
+    /// Returns whether the held replies should go out now: a file asked
+    /// for its content is not kept waiting. A notice that fits no waiting
+    /// file (it was cancelled, or ended its wait) is dropped.
     fn landed(&mut self, notice: Notice) -> bool {
         let id = notice.tag;
         let Entry::Occupied(entry) = self.open.entry(id) else {
