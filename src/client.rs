@@ -381,6 +381,8 @@ impl Agent {
 /// Takes the replies of one message: a file asked for goes to the content
 /// sender, a file answered to `on_result`, a file failed to `failed`.
 /// Returns how many files are over (their places in flight are free again).
+/// `on_result` is called once the pending files are unlocked: it may take
+/// its time (printing, say), and the content sender needs them meanwhile.
 fn answered<F>(
     message: ScanReply,
     pending: &Pending,
@@ -391,13 +393,13 @@ fn answered<F>(
 where
     F: Fn(&Path, ScanOutcome),
 {
-    let mut pending = pending.lock().expect("pending");
-    let mut over = 0;
+    let mut over = Vec::new();
+    let mut files = pending.lock().expect("pending");
     for reply in message.replies {
         let id = reply.file_id;
-        let outcome = match reply.kind {
+        let answer = match reply.kind {
             Some(file_reply::Kind::SendContent(_)) => {
-                if let Some(file) = pending.get(id) {
+                if let Some(file) = files.get(id) {
                     let _ = content.send((id, file.source.clone()));
                 }
                 continue;
@@ -409,17 +411,18 @@ where
             }
             None => continue,
         };
-        let Some(file) = pending.remove(id) else {
-            continue;
-        };
-        over += 1;
-        let outcome = match outcome {
+        over.extend(files.remove(id).map(|file| (file, answer)));
+    }
+    drop(files);
+    let count = over.len();
+    for (file, answer) in over {
+        let outcome = match answer {
             Ok(verdict) => verdict.to_outcome(file.size, file.started.elapsed()),
             Err(verdict) => failed_outcome(verdict, file.size, file.started),
         };
         on_result(file.source.path(), outcome);
     }
-    over
+    count
 }
 
 /// A task that stops when its handle goes: a scan that ends early (the
