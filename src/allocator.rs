@@ -19,12 +19,14 @@ static ALLOCATOR: Jemalloc = Jemalloc;
 
 /// jemalloc's options, read at its start (the symbol carries the prefix
 /// `tikv-jemalloc-sys` gives jemalloc's). `oversize_threshold:0` keeps
-/// blocks over 8 MiB (a `Lookup` of 100,000 digests, a large chunk
-/// batch) in the ordinary arenas: by default they get an arena of their
-/// own that hands its memory back to the system at once, so every such
-/// message faulted its pages in anew, making `Lookup` 25% slower than with
-/// glibc. Freed memory still goes back to the system by jemalloc's usual
-/// decay, over 10 s, as the process goes on allocating (no background
-/// thread purges it).
+/// blocks over 8 MiB (a `Lookup` of 100,000 digests) in the ordinary
+/// arenas: by default they get an arena of their own that hands its memory
+/// back to the system at once, so every such message faulted its pages in
+/// anew, making `Lookup` 25 to 40% slower than with glibc. Freed memory
+/// still goes back to the system by jemalloc's usual decay, over 10 s, as
+/// the process goes on allocating (no background thread purges it).
+///
+/// A reference to an array, not a slice: one thin pointer, as C's
+/// `const char *malloc_conf` expects.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8; 21] = b"oversize_threshold:0\0";

@@ -393,7 +393,7 @@ fn answered<F>(
 where
     F: Fn(&Path, ScanOutcome),
 {
-    let mut over = Vec::new();
+    let mut over = Vec::with_capacity(message.replies.len());
     let mut files = pending.lock().expect("pending");
     for reply in message.replies {
         let id = reply.file_id;

@@ -63,7 +63,9 @@ const MAX_REPLIES: usize = 1024;
 /// takes the held verdicts with it).
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
 
-/// Held verdicts that make a message at once (see [`HOLD_FOR`]).
+/// Held verdicts that make a message at once (see [`HOLD_FOR`]): the
+/// default files in flight, so that a session whose files all wait for
+/// held verdicts is not kept waiting for the rest of the hold.
 const HOLD_UP_TO: usize = 128;
 
 /// A begun file of a Scan stream.
