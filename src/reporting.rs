@@ -190,7 +190,14 @@ impl Reporter {
                 vms.borrow_and_update();
                 trigger = ReportTrigger::Change;
             }
-            if self.send(trigger).await {
+            if let Some(carried) = self.send(trigger).await {
+                // A delivery after failures ends the status's
+                // `NO_CONNECTION_TO_INTEGRATION_SERVER`: the report just
+                // delivered already says so, and is not sent again.
+                let reported = *status.borrow() == carried;
+                if reported {
+                    status.borrow_and_update();
+                }
                 last_delivered = Some(Instant::now());
                 due = Instant::now() + jittered(self.interval);
                 backoff = Duration::from_secs(1);
@@ -204,20 +211,18 @@ impl Reporter {
         }
     }
 
-    /// Sends one report; true when the Integration Server acknowledged it.
-    async fn send(&mut self, trigger: ReportTrigger) -> bool {
+    /// Sends one report; when the Integration Server acknowledged it,
+    /// returns the status it carried.
+    async fn send(&mut self, trigger: ReportTrigger) -> Option<SvmStatus> {
         self.sequence += 1;
         let mut report = self.svm.report(WhichVms::Notable);
         // A report that arrives proves the Integration Server reachable:
         // it must not say otherwise (the status catches up once this one
         // is delivered).
         let unreachable = SvmReason::NoConnectionToIntegrationServer;
-        if report.reasons().any(|reason| reason == unreachable) {
-            let others = report.reasons().filter(|&r| r != unreachable).collect();
-            let status = SvmStatus::of(others);
-            report.status = status.health as i32;
-            report.reasons = status.reasons.into_iter().map(|r| r as i32).collect();
-        }
+        let carried = SvmStatus::of(report.reasons().filter(|&r| r != unreachable).collect());
+        report.status = carried.health as i32;
+        report.reasons = carried.reasons.iter().map(|&r| r as i32).collect();
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
         let mut request = Request::new(report);
@@ -254,7 +259,7 @@ impl Reporter {
         }
         let delivered = result.is_ok();
         self.svm.reported(result);
-        delivered
+        delivered.then_some(carried)
     }
 }
 
