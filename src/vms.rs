@@ -52,13 +52,13 @@ pub const MAX_VMS: usize = 100_000;
 pub const FILE_NAME: &str = "vms.json";
 
 /// A security tag, as VMware NSX names them.
+/// Saved under its name ([`SecurityTag::name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
 pub enum SecurityTag {
     /// Malware was found on the VM.
-    #[serde(rename = "ANTI_VIRUS.VirusFound.threat=high")]
     VirusFound,
     /// A network attack on the VM was detected.
-    #[serde(rename = "IDS_IPS.threat=high")]
     IdsIps,
 }
 
@@ -76,6 +76,20 @@ impl SecurityTag {
 impl fmt::Display for SecurityTag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl From<SecurityTag> for &'static str {
+    fn from(tag: SecurityTag) -> Self {
+        tag.name()
+    }
+}
+
+impl TryFrom<String> for SecurityTag {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
     }
 }
 
@@ -233,6 +247,7 @@ impl VmRecord {
             connected: session.is_some(),
             connected_since_unix_ms: since,
             last_seen_unix_ms: last_seen,
+            first_seen_unix_ms: self.first_seen,
             status: worst(reasons.iter().map(|r| r.health())) as i32,
             reasons: reasons.into_iter().map(|r| r as i32).collect(),
             tags,
@@ -652,6 +667,18 @@ mod tests {
             assert_eq!(tag.name().parse::<SecurityTag>().unwrap(), tag);
         }
         assert!("VirusFound".parse::<SecurityTag>().is_err());
+        // Saved under the same names, as values and as map keys.
+        let tags = BTreeMap::from([(SecurityTag::IdsIps, SecurityTag::VirusFound)]);
+        let saved = serde_json::to_string(&tags).unwrap();
+        assert_eq!(
+            saved,
+            r#"{"IDS_IPS.threat=high":"ANTI_VIRUS.VirusFound.threat=high"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<BTreeMap<_, _>>(&saved).unwrap(),
+            tags
+        );
+        assert!(serde_json::from_str::<SecurityTag>(r#""VirusFound""#).is_err());
     }
 
     #[test]

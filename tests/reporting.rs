@@ -29,7 +29,7 @@ use scanserver::{
     reporting::{JITTER, MIN_GAP, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
     status::{Svm, WhichVms},
-    vms::{Ending, SecurityTag, Vms},
+    vms::{self, Ending, SecurityTag, Vms},
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -687,9 +687,12 @@ async fn protected_vms_and_their_tags_survive_a_restart() {
     let other = TestAgent::connect(&server, "vm-2").await;
     assert_eq!(agent.scan(&server, EICAR).await, 1);
     drop(other);
-    eventually(&server, "vm-1", |vm| !vm.tags.is_empty()).await;
+    let before = eventually(&server, "vm-1", |vm| !vm.tags.is_empty()).await;
+    assert!(before.first_seen_unix_ms > 0);
     server.stop().await;
     drop(agent);
+    let saved = std::fs::read_to_string(state.path().join(vms::FILE_NAME)).unwrap();
+    assert!(saved.contains(&format!("\"{VIRUS_FOUND}\"")), "{saved}");
 
     let server =
         TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
@@ -700,6 +703,7 @@ async fn protected_vms_and_their_tags_survive_a_restart() {
     assert!(!vm.connected);
     assert_eq!(tags(vm), [(VIRUS_FOUND.to_owned(), 1)]);
     assert!(vm.last_seen_unix_ms > 0);
+    assert_eq!(vm.first_seen_unix_ms, before.first_seen_unix_ms);
     server.stop().await;
 }
 
