@@ -4,12 +4,17 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tonic::{Request, Response, Status};
+use tonic::{
+    Request, Response, Status,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
+    auth::{BearerToken, SendToken},
     proto::{
         AgentsReply, AgentsRequest, ComponentState, Health, StatusReply, StatusRequest, SvmReason,
-        TagReply, TagRequest, VmInfo, VmReason, admin_server::Admin,
+        TagReply, TagRequest, VmInfo, VmReason, admin_client, admin_server::Admin,
     },
     status::{Svm, WhichVms},
     vms::{SecurityTag, TagError},
@@ -90,10 +95,15 @@ impl Admin for AdminService {
     }
 }
 
-/// Connects to the admin service at `addr` (`host:port`, or a URL).
-pub async fn connect(
-    addr: &str,
-) -> Result<crate::proto::admin_client::AdminClient<tonic::transport::Channel>, String> {
+/// A client of the admin service, sending the operator's token, if any.
+pub type AdminClient = admin_client::AdminClient<InterceptedService<Channel, SendToken>>;
+
+/// What an admin request without the right token is told.
+pub const TOKEN_HINT: &str = "pass the server's token file with --admin-token-file FILE";
+
+/// Connects to the admin service at `addr` (`host:port`, or a URL), to send
+/// `token` with every request.
+pub async fn connect(addr: &str, token: Option<BearerToken>) -> Result<AdminClient, String> {
     let url = match addr.contains("://") {
         true => addr.to_owned(),
         false => format!("http://{addr}"),
@@ -103,7 +113,7 @@ pub async fn connect(
             "cannot reach the admin service at {addr}: {err} (is `scanserver serve` running? does --admin match its --admin-listen?)"
         )
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| unreachable(&e))?;
+    let endpoint = Endpoint::from_shared(url).map_err(|e| unreachable(&e))?;
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         // A server that accepts and never answers must not hang a
@@ -112,7 +122,10 @@ pub async fn connect(
         .connect()
         .await
         .map_err(|e| unreachable(&e))?;
-    Ok(crate::proto::admin_client::AdminClient::new(channel))
+    Ok(admin_client::AdminClient::with_interceptor(
+        channel,
+        SendToken(token),
+    ))
 }
 
 /// `scanserver status` as text.

@@ -133,6 +133,9 @@ pub struct ServerConfig {
     /// Address of the admin listener (`scanserver status`, `agents`,
     /// `tags`); keep it on loopback or a management network.
     pub admin_listen: SocketAddr,
+    /// A file holding the bearer token every admin request must carry;
+    /// unset: the admin service asks for none.
+    pub admin_token_file: Option<PathBuf>,
     /// Address of the Prometheus `/metrics` listener; unset: no metrics.
     pub metrics_listen: Option<SocketAddr>,
     /// Agents connected at once; more are rejected with CAPACITY.
@@ -199,6 +202,7 @@ impl Default for ServerConfig {
             admin_listen: crate::admin::DEFAULT_ADMIN_LISTEN
                 .parse()
                 .expect("the default admin address is valid"),
+            admin_token_file: None,
             metrics_listen: None,
             max_agents: 1000,
             allowed_tags: Vec::new(),

@@ -30,6 +30,8 @@
 //!   receiver.
 //! * [`admin`]: the operator's admin service (`scanserver status`,
 //!   `agents`, `tags`).
+//! * [`auth`]: bearer tokens, for the admin service and the Integration
+//!   Server.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! * [`state`]: the server's state folder (what survives a restart).
 //! * [`shutdown`]: the signal every long-running task watches.
@@ -41,6 +43,7 @@
 
 pub mod admin;
 mod allocator;
+pub mod auth;
 pub mod bench;
 pub mod cache;
 pub mod client;

@@ -19,11 +19,11 @@ use serde::Deserialize;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{
     Request, Response, Status,
-    metadata::MetadataValue,
     transport::{Channel, Endpoint},
 };
 
 use crate::{
+    auth::{BearerToken, TokenError},
     client::{ClientTls, client_tls},
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport,
@@ -97,14 +97,8 @@ pub enum ReportingError {
         url: String,
         source: tonic::transport::Error,
     },
-    #[error("cannot read {what} {}: {source}", path.display())]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the token in {} is not a valid header value", path.display())]
-    Token { path: PathBuf },
+    #[error("reporting.token_file: {0}")]
+    Token(#[from] TokenError),
     #[error("reporting.tls.cert and reporting.tls.key go together: set both or neither")]
     HalfIdentity,
     #[error("cannot set up TLS towards the Integration Server: {0}")]
@@ -117,7 +111,7 @@ pub enum ReportingError {
 pub struct Reporter {
     svm: Arc<Svm>,
     client: IntegrationServerClient<Channel>,
-    authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
+    token: Option<BearerToken>,
     interval: Duration,
     sequence: u64,
 }
@@ -143,21 +137,15 @@ impl Reporter {
                 .tls_config(tls_config(tls)?)
                 .map_err(ReportingError::Tls)?;
         }
-        let authorization = config
+        let token = config
             .token_file
             .as_deref()
-            .map(|path| {
-                MetadataValue::try_from(format!("Bearer {}", read_token(path)?)).map_err(|_| {
-                    ReportingError::Token {
-                        path: path.to_owned(),
-                    }
-                })
-            })
+            .map(BearerToken::read)
             .transpose()?;
         Ok(Some(Reporter {
             svm,
             client: IntegrationServerClient::new(endpoint.connect_lazy()),
-            authorization,
+            token,
             interval: config.interval,
             sequence: 0,
         }))
@@ -226,10 +214,8 @@ impl Reporter {
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
         let mut request = Request::new(report);
-        if let Some(authorization) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", authorization.clone());
+        if let Some(token) = &self.token {
+            token.attach(&mut request);
         }
         let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(request)).await;
         let result = match result {
@@ -263,24 +249,9 @@ impl Reporter {
     }
 }
 
-/// The bearer token in the file at `path` (surrounding white space
-/// trimmed), for the reporter and the receiver alike.
-pub fn read_token(path: &std::path::Path) -> Result<String, ReportingError> {
-    let token = read(path, "token file")?;
-    Ok(String::from_utf8_lossy(&token).trim().to_owned())
-}
-
 /// `interval`, stretched or shortened at random by up to [`JITTER`].
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(1.0 + JITTER * (2.0 * fastrand::f64() - 1.0))
-}
-
-fn read(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, ReportingError> {
-    std::fs::read(path).map_err(|source| ReportingError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// The TLS settings for `tls`, its files read.
@@ -304,11 +275,11 @@ fn tls_config(tls: &ReportingTls) -> Result<tonic::transport::ClientTlsConfig, R
 pub struct Receiver {
     reports: mpsc::Sender<SvmReport>,
     /// The bearer token reports must carry, if any.
-    token: Option<String>,
+    token: Option<BearerToken>,
 }
 
 impl Receiver {
-    pub fn new(reports: mpsc::Sender<SvmReport>, token: Option<String>) -> Self {
+    pub fn new(reports: mpsc::Sender<SvmReport>, token: Option<BearerToken>) -> Self {
         Receiver { reports, token }
     }
 }
@@ -317,16 +288,7 @@ impl Receiver {
 impl IntegrationServer for Receiver {
     async fn report(&self, request: Request<SvmReport>) -> Result<Response<ReportAck>, Status> {
         if let Some(token) = &self.token {
-            let expected = format!("Bearer {token}");
-            let given = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            if given != Some(expected.as_str()) {
-                return Err(Status::unauthenticated(
-                    "missing or wrong bearer token: set reporting.token_file on the SVM",
-                ));
-            }
+            token.check(&request, "set reporting.token_file on the SVM")?;
         }
         self.reports
             .send(request.into_inner())

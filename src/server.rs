@@ -16,7 +16,8 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
-    admin::AdminService,
+    admin::{self, AdminService},
+    auth::{BearerToken, RequireToken, TokenError},
     config::{Config, TlsConfig},
     engine::Engine,
     metrics,
@@ -67,6 +68,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Reporting(#[from] ReportingError),
+    #[error("server.admin_token_file: {0}")]
+    AdminToken(#[from] TokenError),
     #[error("cannot read {what} {}: {source}", path.display())]
     TlsFile {
         what: &'static str,
@@ -98,6 +101,7 @@ pub struct Server {
     listener: TcpListener,
     /// Taken when the server runs.
     admin: Option<TcpListener>,
+    admin_token: Option<BearerToken>,
     metrics: Option<TcpListener>,
     tls: Option<ServerTlsConfig>,
     shutdown: watch::Sender<bool>,
@@ -112,6 +116,18 @@ impl Server {
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         let listener = bind(config.server.listen, "--listen").await?;
         let admin = bind(config.server.admin_listen, "--admin-listen").await?;
+        let admin_token = config
+            .server
+            .admin_token_file
+            .as_deref()
+            .map(BearerToken::read)
+            .transpose()?;
+        if admin_token.is_none() && !config.server.admin_listen.ip().is_loopback() {
+            tracing::warn!(
+                addr = %config.server.admin_listen,
+                "the admin listener is reachable from other hosts and asks for no token: whoever reaches it can change security tags (set --admin-token-file)"
+            );
+        }
         let metrics = match config.server.metrics_listen {
             Some(addr) => Some(bind(addr, "--metrics-listen").await?),
             None => None,
@@ -148,6 +164,7 @@ impl Server {
             probe_interval: config.reporting.interval,
             listener,
             admin: Some(admin),
+            admin_token,
             metrics,
             tls,
             shutdown,
@@ -300,7 +317,13 @@ impl Server {
                 .build_v1()
                 .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"));
             let admin = tonic::transport::Server::builder()
-                .add_service(AdminServer::new(AdminService::new(Arc::clone(&self.svm))))
+                .add_service(AdminServer::with_interceptor(
+                    AdminService::new(Arc::clone(&self.svm)),
+                    RequireToken {
+                        token: self.admin_token.take(),
+                        hint: admin::TOKEN_HINT,
+                    },
+                ))
                 .add_optional_service(reflection.ok())
                 .serve_with_incoming_shutdown(incoming(listener), down());
             tokio::spawn(async move {

@@ -19,6 +19,7 @@ use std::{
 use common::*;
 use scanserver::{
     admin,
+    auth::BearerToken,
     config::Config,
     proto::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
@@ -82,7 +83,10 @@ impl TestReceiver {
                     }
                 });
                 let serve = tonic::transport::Server::builder()
-                    .add_service(IntegrationServerServer::new(Receiver::new(tx, token)))
+                    .add_service(IntegrationServerServer::new(Receiver::new(
+                        tx,
+                        token.as_deref().and_then(BearerToken::new),
+                    )))
                     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
                 // Stopped, the receiver vanishes: the runtime goes, and with
                 // it every connection.
@@ -857,4 +861,45 @@ async fn reports_carry_the_bearer_token() {
     .await;
     first_report(&receiver, &svm).await;
     assert_eq!(svm.status().health, Health::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_service_asks_for_its_token_when_it_has_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let path = token_file.clone();
+    let server = TestServer::start(|config| config.server.admin_token_file = Some(path)).await;
+    let addr = server.admin.to_string();
+
+    for token in [None, BearerToken::new("guess")] {
+        let mut admin = admin::connect(&addr, token).await.unwrap();
+        let refused = admin
+            .status(scanserver::proto::StatusRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert!(
+            refused.message().contains("--admin-token-file"),
+            "{refused:?}"
+        );
+        let request = TagRequest {
+            vm_id: "vm-1".into(),
+            tag: VIRUS_FOUND.into(),
+        };
+        let refused = admin.assign_tag(request).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+    let token = BearerToken::read(&token_file).unwrap();
+    let mut admin = admin::connect(&addr, Some(token)).await.unwrap();
+    assert!(
+        admin
+            .status(scanserver::proto::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .report
+            .is_some()
+    );
+    server.stop().await;
 }

@@ -7,16 +7,17 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use scanserver::{
-    admin,
+    admin::{self, AdminClient},
+    auth::BearerToken,
     config::{Config, ConfigError, RulesConfig, TlsConfig},
     engine::{Engine, EngineConfig},
     localscan,
     proto::{
-        AgentsRequest, Health, StatusRequest, TagRequest, admin_client,
+        AgentsRequest, Health, StatusRequest, TagRequest,
         integration_server_server::IntegrationServerServer,
     },
     report::Format,
-    reporting::{Receiver, read_token},
+    reporting::Receiver,
     server::{Server, termination_signal},
     signatures::{Ruleset, SignatureError},
     vms::SecurityTag,
@@ -78,17 +79,23 @@ enum Command {
     Receiver(ReceiverArgs),
 }
 
+/// How the operator commands reach the admin service.
 #[derive(Args)]
-struct AdminAddr {
+struct AdminTarget {
     /// Address of the server's admin listener.
     #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
     admin: String,
+
+    /// Send the bearer token in FILE, when the server asks for one
+    /// (`serve --admin-token-file`).
+    #[arg(long, value_name = "FILE", env = "SCANSERVER_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct AdminArgs {
     #[command(flatten)]
-    server: AdminAddr,
+    server: AdminTarget,
 
     /// Print JSON instead of text.
     #[arg(long)]
@@ -112,7 +119,7 @@ struct TagArgs {
     #[arg(value_parser = |s: &str| s.parse::<SecurityTag>())]
     tag: SecurityTag,
     #[command(flatten)]
-    server: AdminAddr,
+    server: AdminTarget,
 }
 
 #[derive(Args)]
@@ -211,6 +218,11 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
 
+    /// Ask every admin request for the bearer token in FILE (the commands
+    /// read it with --admin-token-file) [default: no token].
+    #[arg(long, value_name = "FILE", env = "SCANSERVER_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+
     /// Serve Prometheus metrics on http://ADDR/metrics [default: off].
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -242,6 +254,9 @@ impl ServeArgs {
         set(&mut config.reporting.interval, &self.report_interval);
         if self.metrics_listen.is_some() {
             config.server.metrics_listen = self.metrics_listen;
+        }
+        if self.admin_token_file.is_some() {
+            config.server.admin_token_file = self.admin_token_file.clone();
         }
         if self.integration_server.is_some() {
             config.reporting.integration_server = self.integration_server.clone();
@@ -395,25 +410,26 @@ fn main() -> ExitCode {
         Command::Scan(args) => scan(args),
         Command::Serve(args) => serve(&args),
         Command::Rules(RulesCommand::Check { path }) => check(&path),
-        Command::Status(args) => operate(&args.server.admin, |admin| status(admin, args.json)),
-        Command::Agents(args) => operate(&args.server.admin, |admin| agents(admin, args.json)),
+        Command::Status(args) => operate(&args.server, |admin| status(admin, args.json)),
+        Command::Agents(args) => operate(&args.server, |admin| agents(admin, args.json)),
         Command::Tags(command) => {
             let (args, assign) = match command {
                 TagsCommand::Assign(args) => (args, true),
                 TagsCommand::Remove(args) => (args, false),
             };
-            let addr = args.server.admin.clone();
-            operate(&addr, |admin| tag(admin, args, assign))
+            let target = AdminTarget {
+                admin: args.server.admin.clone(),
+                admin_token_file: args.server.admin_token_file.clone(),
+            };
+            operate(&target, |admin| tag(admin, args, assign))
         }
         Command::Receiver(args) => receiver(&args),
     }
 }
 
-type AdminClient = admin_client::AdminClient<tonic::transport::Channel>;
-
 /// Runs an admin command against the server at `addr`; exit status 2 when
 /// it cannot be asked.
-fn operate<F, Fut>(addr: &str, command: F) -> ExitCode
+fn operate<F, Fut>(target: &AdminTarget, command: F) -> ExitCode
 where
     F: FnOnce(AdminClient) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, tonic::Status>>,
@@ -425,8 +441,13 @@ where
         Ok(runtime) => runtime,
         Err(err) => return failed(&err),
     };
+    let token = match target.admin_token_file.as_deref().map(BearerToken::read) {
+        None => None,
+        Some(Ok(token)) => Some(token),
+        Some(Err(err)) => return failed(&format!("--admin-token-file: {err}")),
+    };
     runtime.block_on(async {
-        let client = match admin::connect(addr).await {
+        let client = match admin::connect(&target.admin, token).await {
             Ok(client) => client,
             Err(err) => return failed(&err),
         };
@@ -489,7 +510,12 @@ fn print<T: serde::Serialize>(reply: &T, json: bool, render: fn(&T) -> String) {
 }
 
 fn receiver(args: &ReceiverArgs) -> ExitCode {
-    let token = match args.token_file.as_deref().map(read_token).transpose() {
+    let token = match args
+        .token_file
+        .as_deref()
+        .map(BearerToken::read)
+        .transpose()
+    {
         Ok(token) => token,
         Err(err) => return failed(&err),
     };

@@ -9,13 +9,13 @@ use std::{collections::VecDeque, path::PathBuf, sync::Arc, time::Duration};
 use bytes::Bytes;
 
 use scanserver::{
+    admin::AdminClient,
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
         AgentMessage, FileBegin, FileChunk, FileEnd, FileReply, FileVerdict, Hello,
-        PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, admin_client::AdminClient,
-        agent_message, file_reply, file_request, protection_server_client::ProtectionServerClient,
-        server_message,
+        PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, agent_message, file_reply,
+        file_request, protection_server_client::ProtectionServerClient, server_message,
     },
     server::Server,
     service::ServiceState,
@@ -74,7 +74,7 @@ pub fn matching_rules(engine: &Engine, data: &[u8], name: &str) -> Vec<String> {
 /// A server on a free loopback port, stopped when dropped.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
     pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
@@ -143,8 +143,8 @@ impl TestServer {
     }
 
     /// A client of the server's admin service.
-    pub async fn admin_client(&self) -> AdminClient<Channel> {
-        scanserver::admin::connect(&self.admin.to_string())
+    pub async fn admin_client(&self) -> AdminClient {
+        scanserver::admin::connect(&self.admin.to_string(), None)
             .await
             .unwrap()
     }

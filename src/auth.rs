@@ -1,0 +1,176 @@
+//! Bearer tokens: what the admin service may ask of operator commands, and
+//! an Integration Server of the SVM's reports.
+//!
+//! A token is read from a file, never taken on a command line, where every
+//! user of the machine could read it in the process list. It travels in
+//! the `authorization` metadata as `Bearer <token>`; the side that checks
+//! compares in constant time, so that the time of a refusal does not tell
+//! how much of a guess was right.
+
+use std::path::{Path, PathBuf};
+
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::Interceptor,
+};
+
+/// Why a token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read the token file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token file {} is empty", path.display())]
+    Empty { path: PathBuf },
+    #[error("the token in {} is not printable ASCII", path.display())]
+    Invalid { path: PathBuf },
+}
+
+/// A bearer token, as the `authorization` value that carries it.
+#[derive(Debug, Clone)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl BearerToken {
+    /// The token in the file at `path`, surrounding white space trimmed.
+    pub fn read(path: &Path) -> Result<BearerToken, TokenError> {
+        let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let token = std::str::from_utf8(&bytes).map_err(|_| TokenError::Invalid {
+            path: path.to_owned(),
+        })?;
+        match token.trim() {
+            "" => Err(TokenError::Empty {
+                path: path.to_owned(),
+            }),
+            token => BearerToken::new(token).ok_or_else(|| TokenError::Invalid {
+                path: path.to_owned(),
+            }),
+        }
+    }
+
+    /// `token` as a bearer token; `None` when it cannot travel in a header.
+    pub fn new(token: &str) -> Option<BearerToken> {
+        MetadataValue::try_from(format!("Bearer {token}"))
+            .ok()
+            .map(BearerToken)
+    }
+
+    /// Adds the token to `request`.
+    pub fn attach<T>(&self, request: &mut Request<T>) {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+    }
+
+    /// Whether `request` carries this token; UNAUTHENTICATED, with `hint`
+    /// (what the caller should do), when it does not.
+    pub fn check<T>(&self, request: &Request<T>, hint: &str) -> Result<(), Status> {
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map_or(&[][..], |value| value.as_bytes());
+        match constant_time_eq(given, self.0.as_bytes()) {
+            true => Ok(()),
+            false => Err(Status::unauthenticated(format!(
+                "missing or wrong bearer token: {hint}"
+            ))),
+        }
+    }
+}
+
+/// Byte strings compared without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// Adds a token, when there is one, to every request of a client.
+#[derive(Debug, Clone, Default)]
+pub struct SendToken(pub Option<BearerToken>);
+
+impl Interceptor for SendToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            token.attach(&mut request);
+        }
+        Ok(request)
+    }
+}
+
+/// Refuses, on a server, every request without the token (when there is
+/// one), telling the caller `hint`.
+#[derive(Debug, Clone)]
+pub struct RequireToken {
+    pub token: Option<BearerToken>,
+    pub hint: &'static str,
+}
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match &self.token {
+            Some(token) => token.check(&request, self.hint).map(|()| request),
+            None => Ok(request),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_trimmed_and_must_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret\n").unwrap();
+        let token = BearerToken::read(&path).unwrap();
+        let mut request = Request::new(());
+        token.attach(&mut request);
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        assert!(token.check(&request, "").is_ok());
+
+        std::fs::write(&path, " \n").unwrap();
+        assert!(matches!(
+            BearerToken::read(&path),
+            Err(TokenError::Empty { .. })
+        ));
+        std::fs::write(&path, "new\nline").unwrap();
+        assert!(matches!(
+            BearerToken::read(&path),
+            Err(TokenError::Invalid { .. })
+        ));
+        let missing = dir.path().join("missing");
+        assert!(matches!(
+            BearerToken::read(&missing),
+            Err(TokenError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn only_the_exact_token_passes() {
+        let token = BearerToken::new("s3cret").unwrap();
+        for given in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+        ] {
+            let mut request = Request::new(());
+            if let Some(given) = given {
+                request
+                    .metadata_mut()
+                    .insert("authorization", given.parse().unwrap());
+            }
+            let refused = token.check(&request, "set the token").unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{given:?}");
+            assert!(refused.message().contains("set the token"));
+        }
+    }
+}
