@@ -3,9 +3,12 @@
 //!
 //! A token is read from a file, never taken on a command line, where every
 //! user of the machine could read it in the process list. It travels in
-//! the `authorization` metadata as `Bearer <token>`; the side that checks
-//! compares in constant time, so that the time of a refusal does not tell
-//! how much of a guess was right.
+//! the `authorization` metadata as `Bearer <token>` (that exact spelling),
+//! marked sensitive so that it is neither logged nor kept in HTTP/2 header
+//! tables. The side that checks compares in constant time, so that the
+//! time of a refusal does not tell how much of a guess was right (only
+//! whether its length was). A token authenticates; it does not encrypt:
+//! without TLS, whoever sees the traffic sees the token.
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +28,7 @@ pub enum TokenError {
     },
     #[error("the token file {} is empty", path.display())]
     Empty { path: PathBuf },
-    #[error("the token in {} is not printable ASCII", path.display())]
+    #[error("the token in {} is not printable ASCII without spaces", path.display())]
     Invalid { path: PathBuf },
 }
 
@@ -53,11 +56,15 @@ impl BearerToken {
         }
     }
 
-    /// `token` as a bearer token; `None` when it cannot travel in a header.
+    /// `token` as a bearer token; `None` unless it is printable ASCII
+    /// without spaces (what every gRPC stack carries unchanged).
     pub fn new(token: &str) -> Option<BearerToken> {
-        MetadataValue::try_from(format!("Bearer {token}"))
-            .ok()
-            .map(BearerToken)
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        let mut value = MetadataValue::try_from(format!("Bearer {token}")).ok()?;
+        value.set_sensitive(true);
+        Some(BearerToken(value))
     }
 
     /// Adds the token to `request`.
@@ -141,11 +148,21 @@ mod tests {
             BearerToken::read(&path),
             Err(TokenError::Empty { .. })
         ));
-        std::fs::write(&path, "new\nline").unwrap();
-        assert!(matches!(
-            BearerToken::read(&path),
-            Err(TokenError::Invalid { .. })
-        ));
+        for invalid in [
+            "new\nline",
+            "a\tb",
+            "a b",
+            "p\u{e4}ssword",
+            "\u{feff}s3cret",
+        ] {
+            std::fs::write(&path, invalid).unwrap();
+            let read = BearerToken::read(&path);
+            assert!(
+                matches!(read, Err(TokenError::Invalid { .. })),
+                "{invalid:?}"
+            );
+        }
+        assert!(!format!("{token:?}").contains("s3cret"));
         let missing = dir.path().join("missing");
         assert!(matches!(
             BearerToken::read(&missing),

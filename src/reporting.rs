@@ -8,7 +8,9 @@
 //! that fails is retried after 1 s, 2 s, 4 s ... up to [`MAX_BACKOFF`]; it
 //! runs on its own task and never holds up a scan. The first failure turns
 //! the SVM Warning (`NO_CONNECTION_TO_INTEGRATION_SERVER`), the next
-//! delivery OK again.
+//! delivery OK again: that delivery already says so (a report that arrives
+//! cannot say the Integration Server is unreachable), and no other report
+//! of the recovery follows.
 //!
 //! [`Receiver`] is the other side: a minimal Integration Server that hands
 //! each report on (`scanserver receiver` prints them as JSON lines).
@@ -98,7 +100,7 @@ pub enum ReportingError {
         source: tonic::transport::Error,
     },
     #[error("reporting.token_file: {0}")]
-    Token(#[from] TokenError),
+    Token(TokenError),
     #[error("reporting.tls.cert and reporting.tls.key go together: set both or neither")]
     HalfIdentity,
     #[error("cannot set up TLS towards the Integration Server: {0}")]
@@ -141,7 +143,8 @@ impl Reporter {
             .token_file
             .as_deref()
             .map(BearerToken::read)
-            .transpose()?;
+            .transpose()
+            .map_err(ReportingError::Token)?;
         Ok(Some(Reporter {
             svm,
             client: IntegrationServerClient::new(endpoint.connect_lazy()),
@@ -179,12 +182,17 @@ impl Reporter {
                 trigger = ReportTrigger::Change;
             }
             if let Some(carried) = self.send(trigger).await {
-                // A delivery after failures ends the status's
-                // `NO_CONNECTION_TO_INTEGRATION_SERVER`: the report just
-                // delivered already says so, and is not sent again.
-                let reported = *status.borrow() == carried;
-                if reported {
-                    status.borrow_and_update();
+                // The status this report carried is reported, whatever
+                // changed it (a delivery after failures ends
+                // `NO_CONNECTION_TO_INTEGRATION_SERVER` by itself): only
+                // a status that differs makes another report. Checked on
+                // the very value marked seen, so that a change made
+                // meanwhile is not lost.
+                let seen = status.borrow_and_update();
+                let reported = *seen == carried;
+                drop(seen);
+                if !reported {
+                    status.mark_changed();
                 }
                 last_delivered = Some(Instant::now());
                 due = Instant::now() + jittered(self.interval);

@@ -68,7 +68,7 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Reporting(#[from] ReportingError),
-    #[error("server.admin_token_file: {0}")]
+    #[error("--admin-token-file / server.admin_token_file: {0}")]
     AdminToken(#[from] TokenError),
     #[error("cannot read {what} {}: {source}", path.display())]
     TlsFile {

@@ -85,7 +85,7 @@ impl TestReceiver {
                 let serve = tonic::transport::Server::builder()
                     .add_service(IntegrationServerServer::new(Receiver::new(
                         tx,
-                        token.as_deref().and_then(BearerToken::new),
+                        token.as_deref().map(|t| BearerToken::new(t).unwrap()),
                     )))
                     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
                 // Stopped, the receiver vanishes: the runtime goes, and with

@@ -80,7 +80,7 @@ enum Command {
 }
 
 /// How the operator commands reach the admin service.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct AdminTarget {
     /// Address of the server's admin listener.
     #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
@@ -417,18 +417,15 @@ fn main() -> ExitCode {
                 TagsCommand::Assign(args) => (args, true),
                 TagsCommand::Remove(args) => (args, false),
             };
-            let target = AdminTarget {
-                admin: args.server.admin.clone(),
-                admin_token_file: args.server.admin_token_file.clone(),
-            };
+            let target = args.server.clone();
             operate(&target, |admin| tag(admin, args, assign))
         }
         Command::Receiver(args) => receiver(&args),
     }
 }
 
-/// Runs an admin command against the server at `addr`; exit status 2 when
-/// it cannot be asked.
+/// Runs an admin command against the server `target` names; exit status 2
+/// when it cannot be asked.
 fn operate<F, Fut>(target: &AdminTarget, command: F) -> ExitCode
 where
     F: FnOnce(AdminClient) -> Fut,
@@ -517,7 +514,7 @@ fn receiver(args: &ReceiverArgs) -> ExitCode {
         .transpose()
     {
         Ok(token) => token,
-        Err(err) => return failed(&err),
+        Err(err) => return failed(&format!("--token-file: {err}")),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
