@@ -68,7 +68,7 @@ impl BearerToken {
     }
 
     /// Adds the token to `request`.
-    pub fn attach<T>(&self, request: &mut Request<T>) {
+    fn attach<T>(&self, request: &mut Request<T>) {
         request
             .metadata_mut()
             .insert("authorization", self.0.clone());
@@ -76,7 +76,7 @@ impl BearerToken {
 
     /// Whether `request` carries this token; UNAUTHENTICATED, with `hint`
     /// (what the caller should do), when it does not.
-    pub fn check<T>(&self, request: &Request<T>, hint: &str) -> Result<(), Status> {
+    fn check<T>(&self, request: &Request<T>, hint: &str) -> Result<(), Status> {
         let given = request
             .metadata()
             .get("authorization")

@@ -21,16 +21,17 @@ use serde::Deserialize;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{
     Request, Response, Status,
+    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
 
 use crate::{
-    auth::{BearerToken, TokenError},
+    auth::{BearerToken, RequireToken, SendToken, TokenError},
     client::{ClientTls, client_tls},
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport,
         integration_server_client::IntegrationServerClient,
-        integration_server_server::IntegrationServer,
+        integration_server_server::{IntegrationServer, IntegrationServerServer},
     },
     shutdown::shut_down,
     status::{Svm, SvmStatus, WhichVms},
@@ -112,8 +113,8 @@ pub enum ReportingError {
 /// Sends the SVM's reports to the Integration Server.
 pub struct Reporter {
     svm: Arc<Svm>,
-    client: IntegrationServerClient<Channel>,
-    token: Option<BearerToken>,
+    /// Sends the bearer token, if any, with every report.
+    client: IntegrationServerClient<InterceptedService<Channel, SendToken>>,
     interval: Duration,
     sequence: u64,
 }
@@ -147,8 +148,10 @@ impl Reporter {
             .map_err(ReportingError::Token)?;
         Ok(Some(Reporter {
             svm,
-            client: IntegrationServerClient::new(endpoint.connect_lazy()),
-            token,
+            client: IntegrationServerClient::with_interceptor(
+                endpoint.connect_lazy(),
+                SendToken(token),
+            ),
             interval: config.interval,
             sequence: 0,
         }))
@@ -221,11 +224,7 @@ impl Reporter {
         report.reasons = carried.reasons.iter().map(|&r| r as i32).collect();
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
-        let mut request = Request::new(report);
-        if let Some(token) = &self.token {
-            token.attach(&mut request);
-        }
-        let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(request)).await;
+        let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(report)).await;
         let result = match result {
             Ok(Ok(ack)) => {
                 let note = &ack.get_ref().message;
@@ -282,22 +281,26 @@ fn tls_config(tls: &ReportingTls) -> Result<tonic::transport::ClientTlsConfig, R
 /// time out and retry).
 pub struct Receiver {
     reports: mpsc::Sender<SvmReport>,
-    /// The bearer token reports must carry, if any.
-    token: Option<BearerToken>,
 }
 
 impl Receiver {
-    pub fn new(reports: mpsc::Sender<SvmReport>, token: Option<BearerToken>) -> Self {
-        Receiver { reports, token }
+    /// The receiver as a gRPC service; with a `token`, reports that do not
+    /// carry it are refused before they reach it.
+    pub fn service(
+        reports: mpsc::Sender<SvmReport>,
+        token: Option<BearerToken>,
+    ) -> InterceptedService<IntegrationServerServer<Receiver>, RequireToken> {
+        let token = RequireToken {
+            token,
+            hint: "set reporting.token_file on the SVM",
+        };
+        IntegrationServerServer::with_interceptor(Receiver { reports }, token)
     }
 }
 
 #[tonic::async_trait]
 impl IntegrationServer for Receiver {
     async fn report(&self, request: Request<SvmReport>) -> Result<Response<ReportAck>, Status> {
-        if let Some(token) = &self.token {
-            token.check(&request, "set reporting.token_file on the SVM")?;
-        }
         self.reports
             .send(request.into_inner())
             .await

@@ -25,7 +25,7 @@ use scanserver::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
         NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport, TagRequest,
         TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message, file_request,
-        integration_server_server::IntegrationServerServer, server_message,
+        server_message,
     },
     reporting::{JITTER, MIN_GAP, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
@@ -83,10 +83,10 @@ impl TestReceiver {
                     }
                 });
                 let serve = tonic::transport::Server::builder()
-                    .add_service(IntegrationServerServer::new(Receiver::new(
+                    .add_service(Receiver::service(
                         tx,
                         token.as_deref().map(|t| BearerToken::new(t).unwrap()),
-                    )))
+                    ))
                     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
                 // Stopped, the receiver vanishes: the runtime goes, and with
                 // it every connection.

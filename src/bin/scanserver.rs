@@ -12,10 +12,7 @@ use scanserver::{
     config::{Config, ConfigError, RulesConfig, TlsConfig},
     engine::{Engine, EngineConfig},
     localscan,
-    proto::{
-        AgentsRequest, Health, StatusRequest, TagRequest,
-        integration_server_server::IntegrationServerServer,
-    },
+    proto::{AgentsRequest, Health, StatusRequest, TagRequest},
     report::Format,
     reporting::Receiver,
     server::{Server, termination_signal},
@@ -438,10 +435,14 @@ where
         Ok(runtime) => runtime,
         Err(err) => return failed(&err),
     };
-    let token = match target.admin_token_file.as_deref().map(BearerToken::read) {
-        None => None,
-        Some(Ok(token)) => Some(token),
-        Some(Err(err)) => return failed(&format!("--admin-token-file: {err}")),
+    let token = match target
+        .admin_token_file
+        .as_deref()
+        .map(BearerToken::read)
+        .transpose()
+    {
+        Ok(token) => token,
+        Err(err) => return failed(&format!("--admin-token-file: {err}")),
     };
     runtime.block_on(async {
         let client = match admin::connect(&target.admin, token).await {
@@ -529,7 +530,7 @@ fn receiver(args: &ReceiverArgs) -> ExitCode {
         });
         tracing::info!(addr = %args.listen, "receiving SVM reports");
         tonic::transport::Server::builder()
-            .add_service(IntegrationServerServer::new(Receiver::new(reports, token)))
+            .add_service(Receiver::service(reports, token))
             .serve_with_shutdown(args.listen, termination_signal())
             .await
     });
