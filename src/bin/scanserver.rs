@@ -435,14 +435,9 @@ where
         Ok(runtime) => runtime,
         Err(err) => return failed(&err),
     };
-    let token = match target
-        .admin_token_file
-        .as_deref()
-        .map(BearerToken::read)
-        .transpose()
-    {
+    let token = match read_token(target.admin_token_file.as_deref(), "--admin-token-file") {
         Ok(token) => token,
-        Err(err) => return failed(&format!("--admin-token-file: {err}")),
+        Err(err) => return failed(&err),
     };
     runtime.block_on(async {
         let client = match admin::connect(&target.admin, token).await {
@@ -507,15 +502,18 @@ fn print<T: serde::Serialize>(reply: &T, json: bool, render: fn(&T) -> String) {
     }
 }
 
-fn receiver(args: &ReceiverArgs) -> ExitCode {
-    let token = match args
-        .token_file
-        .as_deref()
-        .map(BearerToken::read)
+/// The token in the file `flag` names, if it names one; the error names
+/// the flag.
+fn read_token(path: Option<&std::path::Path>, flag: &str) -> Result<Option<BearerToken>, String> {
+    path.map(BearerToken::read)
         .transpose()
-    {
+        .map_err(|err| format!("{flag}: {err}"))
+}
+
+fn receiver(args: &ReceiverArgs) -> ExitCode {
+    let token = match read_token(args.token_file.as_deref(), "--token-file") {
         Ok(token) => token,
-        Err(err) => return failed(&format!("--token-file: {err}")),
+        Err(err) => return failed(&err),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
