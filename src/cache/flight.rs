@@ -12,11 +12,11 @@
 //!
 //! A request waits in one of two ways: with a [`Waiter`] (a future, for
 //! requests that are handled in a task of their own), or as a
-//! [`Subscriber`], told by a message on its stream's channel when the
-//! flight lands (a Scan stream's waiting files: no task or timer per file).
-//! Waiting is bounded by [`UPLOAD_WAIT`] (the subscriber's stream keeps the
-//! deadline), so an agent that announces content and never sends it delays
-//! others, but never decides their verdicts.
+//! [`Subscriber`], told by a [`Notice`] left in its stream's [`Landings`]
+//! when the flight lands (a Scan stream's waiting files: no task or timer
+//! per file). Waiting is bounded by [`UPLOAD_WAIT`] (the subscriber's
+//! stream keeps the deadline), so an agent that announces content and never
+//! sends it delays others, but never decides their verdicts.
 //!
 //! The registry is one mutex-guarded map, touched only on cache misses
 //! (once per upload or scan), never on the hit path.
@@ -24,14 +24,14 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{Notify, watch},
     time::Instant,
 };
 
@@ -71,12 +71,38 @@ struct UnderWay {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlightId(u64);
 
-/// A request told of the landing by a [`Notice`] on `to`.
+/// A request told of the landing by a [`Notice`] left in `to` (made by
+/// [`Landings::subscriber`]). Holds its stream's landings weakly: a
+/// stream that ended is not kept alive by the flights it waited for.
 pub struct Subscriber {
     /// The subscriber's name for the request (a Scan stream uses the file
     /// id).
-    pub tag: u64,
-    pub to: mpsc::UnboundedSender<Notice>,
+    tag: u64,
+    to: Weak<Landings>,
+}
+
+/// The notices of one Scan stream's landed flights, waiting for the stream
+/// to take them.
+///
+/// In a boot storm a flight lands every fraction of a millisecond, each
+/// with a notice for nearly every stream. A channel would wake every stream
+/// for every landing, to hold one more verdict: the stream's task polled
+/// for nothing but bookkeeping, tens of thousands of times a second. Here
+/// notices pile up instead, and the stream is woken only when they need it:
+/// when the first comes in (to set a time to take them), when one tells of
+/// a failure (its file must ask for its own content at once), and when
+/// `enough` of them are in. Bounded by the stream's waiting files, as each
+/// subscription is for one of them.
+pub struct Landings {
+    pile: Mutex<Pile>,
+    woken: Notify,
+    enough: usize,
+}
+
+#[derive(Default)]
+struct Pile {
+    notices: Vec<Notice>,
+    failed: bool,
 }
 
 /// How a flight landed, as told to a subscriber. It names the flight: a
@@ -86,6 +112,65 @@ pub struct Notice {
     pub tag: u64,
     pub flight: FlightId,
     pub landing: Landing,
+}
+
+impl Landings {
+    /// Landings for a stream that is woken when `enough` notices are in.
+    pub fn new(enough: usize) -> Arc<Self> {
+        Arc::new(Landings {
+            pile: Mutex::default(),
+            woken: Notify::new(),
+            enough,
+        })
+    }
+
+    /// A subscription for the request the stream calls `tag`.
+    pub fn subscriber(self: &Arc<Self>, tag: u64) -> Subscriber {
+        Subscriber {
+            tag,
+            to: Arc::downgrade(self),
+        }
+    }
+
+    /// Waits until the stream is wanted: a notice came into an empty pile,
+    /// or one told of a failure, or `enough` are in. A wake-up that comes
+    /// while the stream is busy is kept for its next wait.
+    pub async fn woken(&self) {
+        self.woken.notified().await
+    }
+
+    /// Whether the notices should be taken now, rather than at the time
+    /// the stream set: one tells of a failure, or `enough` are in.
+    pub fn due(&self) -> bool {
+        let pile = self.lock();
+        pile.failed || pile.notices.len() >= self.enough
+    }
+
+    /// Takes every notice in, oldest first, into `into` (emptied first; a
+    /// stream keeps one for its life, so taking them allocates nothing).
+    pub fn take(&self, into: &mut Vec<Notice>) {
+        into.clear();
+        let mut pile = self.lock();
+        std::mem::swap(&mut pile.notices, into);
+        pile.failed = false;
+    }
+
+    fn leave(&self, notice: Notice) {
+        let failed = notice.landing.is_none();
+        let mut pile = self.lock();
+        pile.failed |= failed;
+        pile.notices.push(notice);
+        let n = pile.notices.len();
+        let wake = failed || n == 1 || n == self.enough;
+        drop(pile);
+        if wake {
+            self.woken.notify_one();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pile> {
+        self.pile.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The outcome of [`Flights::join_or_subscribe`].
@@ -124,7 +209,7 @@ impl Flights {
             Some(flight) => {
                 let subscribers = &mut flight.subscribers;
                 if subscribers.len() == subscribers.capacity() {
-                    subscribers.retain(|s| !s.to.is_closed());
+                    subscribers.retain(|s| s.to.strong_count() > 0);
                 }
                 subscribers.push(subscriber);
                 Subscription::Waits(flight.id)
@@ -135,18 +220,13 @@ impl Flights {
 
     /// Withdraws a subscription to `flight` (its file was cancelled, or
     /// stopped waiting), so a long flight does not collect them.
-    pub fn unsubscribe(
-        &self,
-        key: &CacheKey,
-        flight: FlightId,
-        tag: u64,
-        to: &mpsc::UnboundedSender<Notice>,
-    ) {
+    pub fn unsubscribe(&self, key: &CacheKey, flight: FlightId, tag: u64, to: &Arc<Landings>) {
         let mut under_way = self.lock();
         if let Some(entry) = under_way.get_mut(key).filter(|f| f.id == flight) {
+            let to = Arc::downgrade(to);
             entry
                 .subscribers
-                .retain(|s| s.tag != tag || !s.to.same_channel(to));
+                .retain(|s| s.tag != tag || !s.to.ptr_eq(&to));
         }
     }
 
@@ -242,11 +322,13 @@ impl Flight {
                 .fetch_add(subscribers.len() as u64, Ordering::Relaxed);
         }
         for subscriber in subscribers {
-            let _ = subscriber.to.send(Notice {
-                tag: subscriber.tag,
-                flight: self.id,
-                landing: verdict.clone(),
-            });
+            if let Some(landings) = subscriber.to.upgrade() {
+                landings.leave(Notice {
+                    tag: subscriber.tag,
+                    flight: self.id,
+                    landing: verdict.clone(),
+                });
+            }
         }
         self.sender.send_replace(verdict);
     }
@@ -342,17 +424,18 @@ mod tests {
         assert_eq!(flights.waits(), 0);
     }
 
+    /// Whether the stream would be woken now.
+    async fn woken(landings: &Landings) -> bool {
+        tokio::time::timeout(Duration::ZERO, landings.woken())
+            .await
+            .is_ok()
+    }
+
     #[tokio::test]
-    async fn subscribers_are_told_by_message() {
+    async fn subscribers_are_told_through_their_landings() {
         let flights = Flights::default();
-        let (to, mut told) = mpsc::unbounded_channel();
-        let subscribe = |tag| {
-            let subscriber = Subscriber {
-                tag,
-                to: to.clone(),
-            };
-            flights.join_or_subscribe(key(1), subscriber)
-        };
+        let landings = Landings::new(3);
+        let subscribe = |tag| flights.join_or_subscribe(key(1), landings.subscriber(tag));
         let Subscription::Lead(lead) = subscribe(0) else {
             panic!("the first request leads")
         };
@@ -361,11 +444,14 @@ mod tests {
         }
         let first = lead.id;
         lead.land(clean());
-        for tag in 1..=2 {
-            let notice = told.recv().await.unwrap();
-            assert_eq!((notice.tag, notice.flight), (tag, first));
-            assert!(notice.landing.is_some());
-        }
+        assert!(woken(&landings).await, "the first notice wakes the stream");
+        assert!(!woken(&landings).await, "the second does not");
+        assert!(!landings.due(), "two verdicts of three can wait for more");
+        let mut notices = Vec::new();
+        landings.take(&mut notices);
+        let told: Vec<_> = notices.iter().map(|n| (n.tag, n.flight)).collect();
+        assert_eq!(told, [(1, first), (2, first)]);
+        assert!(notices.iter().all(|n| n.landing.is_some()));
         assert_eq!(flights.waits(), 2);
 
         let Subscription::Lead(lead) = subscribe(3) else {
@@ -375,20 +461,54 @@ mod tests {
         let Subscription::Waits(second) = subscribe(4) else {
             panic!()
         };
-        flights.unsubscribe(&key(1), first, 4, &to);
+        flights.unsubscribe(&key(1), first, 4, &landings);
         drop(lead);
+        assert!(landings.due(), "a failure is due at once");
+        landings.take(&mut notices);
         assert!(
             matches!(
-                told.recv().await,
-                Some(Notice {
+                notices[..],
+                [Notice {
                     tag: 4,
                     flight,
                     landing: None,
-                }) if flight == second
+                }] if flight == second
             ),
             "an abandoned lead; unsubscribing from the flight before withdrew nothing"
         );
+        assert!(!landings.due(), "taken");
         assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn enough_notices_are_due_and_an_ended_stream_gets_none() {
+        let flights = Flights::default();
+        let landings = Landings::new(3);
+        let leads: Vec<_> = (0..3)
+            .map(|n| match flights.join(key(n)) {
+                Join::Lead(lead) => lead,
+                Join::Wait(_) => panic!("each key is led once"),
+            })
+            .collect();
+        for n in 0..3 {
+            let subscriber = landings.subscriber(n.into());
+            assert!(matches!(
+                flights.join_or_subscribe(key(n), subscriber),
+                Subscription::Waits(_)
+            ));
+        }
+        let gone = Landings::new(1);
+        let subscriber = gone.subscriber(9);
+        assert!(matches!(
+            flights.join_or_subscribe(key(0), subscriber),
+            Subscription::Waits(_)
+        ));
+        drop(gone);
+        for lead in leads {
+            assert!(!landings.due());
+            lead.land(clean());
+        }
+        assert!(landings.due(), "three of three");
     }
 
     #[tokio::test(start_paused = true)]

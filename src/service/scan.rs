@@ -36,7 +36,7 @@ use super::{
 use crate::{
     cache::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
-        flight::{FlightId, Landing, Notice, Subscriber, Subscription, UPLOAD_WAIT, Waiter},
+        flight::{FlightId, Landing, Landings, Notice, Subscription, UPLOAD_WAIT, Waiter},
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
@@ -56,11 +56,12 @@ const MAX_REPLIES: usize = 1024;
 /// Verdicts handed over from another request's scan are held back up to
 /// this long, or until [`HOLD_UP_TO`] of them are in, and go out together.
 /// In a boot storm each scan's verdict is handed to every VM waiting for
-/// it, a scan landing every fraction of a millisecond: sent as they land,
-/// they make a message of a few verdicts on each VM's stream, and as many
-/// wake-ups and socket writes on both ends. A file's own verdict, a cache
-/// hit and a request for content are never held (a request for content
-/// takes the held verdicts with it).
+/// it, a scan landing every fraction of a millisecond: taken as they land,
+/// they would wake each VM's stream for every one of them, and make as
+/// many messages of a few verdicts, with their socket writes on both ends
+/// (see [`Landings`]). A file's own verdict, a cache hit and a request for
+/// content are never held (a request for content takes the held verdicts
+/// with it), and the replies to a request message take them too.
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
 
 /// Held verdicts that make a message at once (see [`HOLD_FOR`]): the
@@ -144,15 +145,14 @@ struct ScanStream {
     open: HashMap<u64, OpenFile, foldhash::fast::RandomState>,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
-    /// waiting withdraws its subscription, so the messages are bounded by
+    /// waiting withdraws its subscription, so the notices are bounded by
     /// the stream's open files.
-    landings: mpsc::UnboundedSender<Notice>,
+    landings: Arc<Landings>,
+    /// The notices taken from `landings`, kept for the next ones.
+    notices: Vec<Notice>,
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
     next_expiry: Option<Instant>,
-    /// Verdicts handed over from other requests' scans, held back to go
-    /// out together (see [`HOLD_FOR`]), or with the next request's replies.
-    held: Vec<FileReply>,
 }
 
 /// Drives one Scan stream to its end.
@@ -161,16 +161,16 @@ pub(super) async fn run(
     mut requests: Streaming<ScanRequest>,
     replies: Replies,
 ) {
-    let (landings, mut landed) = mpsc::unbounded_channel();
+    let landings = Landings::new(HOLD_UP_TO);
     let mut shutdown = state.shutdown.clone();
     let idle_timeout = state.idle_timeout;
     let mut stream = ScanStream {
         state,
         open: HashMap::default(),
         replies,
-        landings,
+        landings: Arc::clone(&landings),
+        notices: Vec::new(),
         next_expiry: None,
-        held: Vec::new(),
     };
     // Three timers and the shutdown watch, for the stream's life: a timer or
     // a watch registration made anew for every message costs a lock (the
@@ -181,6 +181,8 @@ pub(super) async fn run(
     let idle = tokio::time::sleep(idle_timeout);
     let wake = tokio::time::sleep(UPLOAD_WAIT);
     let flush = tokio::time::sleep(HOLD_FOR);
+    // Whether landed verdicts are held, to go out when `flush` fires.
+    let mut holding = false;
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(idle, wake, flush, shutdown);
     loop {
@@ -188,28 +190,25 @@ pub(super) async fn run(
         if let Some(expiry) = next_expiry.filter(|&e| e != wake.deadline()) {
             wake.as_mut().reset(expiry);
         }
-        let holding = !stream.held.is_empty();
         let request = tokio::select! {
             request = requests.message() => request,
-            Some(notice) = landed.recv() => {
-                // Flights often land together (a storm's waiters): all
-                // that are in are taken in one go.
-                let mut now = stream.landed(notice);
-                while let Ok(notice) = landed.try_recv() {
-                    now |= stream.landed(notice);
-                }
-                if now || stream.held.len() >= HOLD_UP_TO {
-                    if stream.send_held().await.is_err() {
+            () = landings.woken() => {
+                if landings.due() {
+                    let landed = stream.take_landed();
+                    if stream.send_all(landed).await.is_err() {
                         break;
                     }
-                } else if !holding && !stream.held.is_empty() {
+                } else if !holding {
                     flush.as_mut().reset(Instant::now() + HOLD_FOR);
+                    holding = true;
                 }
                 last_active = Instant::now();
                 continue;
             }
             () = &mut flush, if holding => {
-                if stream.send_held().await.is_err() {
+                holding = false;
+                let landed = stream.take_landed();
+                if stream.send_all(landed).await.is_err() {
                     break;
                 }
                 continue;
@@ -217,12 +216,10 @@ pub(super) async fn run(
             () = &mut wake, if next_expiry.is_some() => {
                 // Requests for content are never held: they go at once,
                 // and the verdicts held so far with them.
-                let expired = stream.expire();
-                if !expired.is_empty() {
-                    stream.held.extend(expired);
-                    if stream.send_held().await.is_err() {
-                        break;
-                    }
+                let mut replies = stream.take_landed();
+                replies.extend(stream.expire());
+                if stream.send_all(replies).await.is_err() {
+                    break;
                 }
                 last_active = Instant::now();
                 continue;
@@ -284,7 +281,7 @@ impl ScanStream {
     /// queue: the replies ready before it do not wait with it). Fails when
     /// the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
-        let mut replies = std::mem::take(&mut self.held);
+        let mut replies = self.take_landed();
         let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
@@ -317,17 +314,23 @@ impl ScanStream {
         Ok(())
     }
 
-    /// Sends the held verdicts.
-    async fn send_held(&mut self) -> Result<(), ()> {
-        let held = std::mem::take(&mut self.held);
-        self.send_all(held).await
+    /// The replies to the flights landed since they were last taken:
+    /// verdicts, and requests for content for files whose flight failed.
+    /// A notice that fits no waiting file (it was cancelled, or ended its
+    /// wait) is dropped.
+    fn take_landed(&mut self) -> Vec<FileReply> {
+        let mut notices = std::mem::take(&mut self.notices);
+        self.landings.take(&mut notices);
+        let replies = notices.drain(..).filter_map(|n| self.landed(n)).collect();
+        self.notices = notices;
+        replies
     }
 
     /// Gives every open file its final reply: an error (the stream ends).
-    /// Verdicts held go first.
+    /// Verdicts landed go first.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
+        let mut replies = self.take_landed();
         let ids: Vec<u64> = self.open.keys().copied().collect();
-        let mut replies = std::mem::take(&mut self.held);
         replies.extend(
             ids.into_iter()
                 .filter_map(|id| self.close(id).map(|_| file_error(id, code, message))),
@@ -369,10 +372,7 @@ impl ScanStream {
             file.owed.settle(file.size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
-        let subscriber = Subscriber {
-            tag: id,
-            to: self.landings.clone(),
-        };
+        let subscriber = self.landings.subscriber(id);
         match engine.cache().flights().join_or_subscribe(key, subscriber) {
             Subscription::Lead(flight) => {
                 self.open_for_content(id, file, Some(digest), Standing::Leads(flight))
@@ -463,25 +463,20 @@ impl ScanStream {
         })
     }
 
-    /// A waiting file's flight landed: its reply (the verdict, or, when
-    /// the flight failed, a request for this file's own content) is held.
-    /// Returns whether the held replies should go out now: a file asked
-    /// for its content is not kept waiting. A notice that fits no waiting
-    /// file (it was cancelled, or ended its wait) is dropped.
-    fn landed(&mut self, notice: Notice) -> bool {
+    /// A waiting file's flight landed: its reply is the verdict, or, when
+    /// the flight failed, a request for this file's own content. `None`
+    /// for a notice that fits no waiting file.
+    fn landed(&mut self, notice: Notice) -> Option<FileReply> {
         let id = notice.tag;
         let Entry::Occupied(entry) = self.open.entry(id) else {
-            return false;
+            return None;
         };
         let digest = match &entry.get().standing {
             Standing::Waits(wait) if wait.flight == notice.flight => wait.digest,
-            _ => return false,
+            _ => return None,
         };
         let file = entry.remove();
-        let failed = notice.landing.is_none();
-        let reply = self.resolve(id, file, digest, notice.landing);
-        self.held.extend(reply);
-        failed
+        self.resolve(id, file, digest, notice.landing)
     }
 
     /// Waits past their deadline end: they are withdrawn, and those files'
