@@ -90,9 +90,11 @@ pub struct Subscriber {
 /// for nothing but bookkeeping, tens of thousands of times a second. Here
 /// notices pile up instead, and the stream is woken only when they need it:
 /// when the first comes in (to set a time to take them), when one tells of
-/// a failure (its file must ask for its own content at once), and when
-/// `enough` of them are in. Bounded by the stream's waiting files, as each
-/// subscription is for one of them.
+/// a failure (its file must ask for its own content at once), when
+/// `enough` of them are in, and when the last of the stream's waits lands
+/// (no other notice is coming to go with them, and its agent may be held
+/// back by its files in flight until they go). Bounded by the stream's
+/// waiting files, as each subscription is for one of them.
 pub struct Landings {
     pile: Mutex<Pile>,
     woken: Notify,
@@ -103,6 +105,15 @@ pub struct Landings {
 struct Pile {
     notices: Vec<Notice>,
     failed: bool,
+    /// Subscriptions whose flight has not landed yet.
+    waiting: usize,
+}
+
+impl Pile {
+    fn due(&self, enough: usize) -> bool {
+        let n = self.notices.len();
+        self.failed || n >= enough || (n > 0 && self.waiting == 0)
+    }
 }
 
 /// How a flight landed, as told to a subscriber. It names the flight: a
@@ -133,17 +144,17 @@ impl Landings {
     }
 
     /// Waits until the stream is wanted: a notice came into an empty pile,
-    /// or one told of a failure, or `enough` are in. A wake-up that comes
-    /// while the stream is busy is kept for its next wait.
+    /// or the notices became [due](Self::due). A wake-up that comes while
+    /// the stream is busy is kept for its next wait.
     pub async fn woken(&self) {
         self.woken.notified().await
     }
 
     /// Whether the notices should be taken now, rather than at the time
-    /// the stream set: one tells of a failure, or `enough` are in.
+    /// the stream set: one tells of a failure, or `enough` are in, or the
+    /// stream waits for no other.
     pub fn due(&self) -> bool {
-        let pile = self.lock();
-        pile.failed || pile.notices.len() >= self.enough
+        self.lock().due(self.enough)
     }
 
     /// Takes every notice in, oldest first, into `into` (emptied first; a
@@ -156,12 +167,12 @@ impl Landings {
     }
 
     fn leave(&self, notice: Notice) {
-        let failed = notice.landing.is_none();
         let mut pile = self.lock();
-        pile.failed |= failed;
+        let was_due = pile.due(self.enough);
+        pile.failed |= notice.landing.is_none();
+        pile.waiting -= 1;
         pile.notices.push(notice);
-        let n = pile.notices.len();
-        let wake = failed || n == 1 || n == self.enough;
+        let wake = pile.notices.len() == 1 || (pile.due(self.enough) && !was_due);
         drop(pile);
         if wake {
             self.woken.notify_one();
@@ -211,7 +222,10 @@ impl Flights {
                 if subscribers.len() == subscribers.capacity() {
                     subscribers.retain(|s| s.to.strong_count() > 0);
                 }
-                subscribers.push(subscriber);
+                if let Some(landings) = subscriber.to.upgrade() {
+                    landings.lock().waiting += 1;
+                    subscribers.push(subscriber);
+                }
                 Subscription::Waits(flight.id)
             }
             None => Subscription::Lead(self.lead(&mut under_way, key)),
@@ -223,10 +237,11 @@ impl Flights {
     pub fn unsubscribe(&self, key: &CacheKey, flight: FlightId, tag: u64, to: &Arc<Landings>) {
         let mut under_way = self.lock();
         if let Some(entry) = under_way.get_mut(key).filter(|f| f.id == flight) {
-            let to = Arc::downgrade(to);
-            entry
-                .subscribers
-                .retain(|s| s.tag != tag || !s.to.ptr_eq(&to));
+            let subscribers = &mut entry.subscribers;
+            let before = subscribers.len();
+            let weak = Arc::downgrade(to);
+            subscribers.retain(|s| s.tag != tag || !s.to.ptr_eq(&weak));
+            to.lock().waiting -= before - subscribers.len();
         }
     }
 
@@ -431,22 +446,34 @@ mod tests {
             .is_ok()
     }
 
+    fn lead(flights: &Flights, key: CacheKey) -> Flight {
+        match flights.join(key) {
+            Join::Lead(lead) => lead,
+            Join::Wait(_) => panic!("the first request leads"),
+        }
+    }
+
     #[tokio::test]
     async fn subscribers_are_told_through_their_landings() {
         let flights = Flights::default();
         let landings = Landings::new(3);
-        let subscribe = |tag| flights.join_or_subscribe(key(1), landings.subscriber(tag));
-        let Subscription::Lead(lead) = subscribe(0) else {
+        let subscribe = |n, tag| flights.join_or_subscribe(key(n), landings.subscriber(tag));
+        let Subscription::Lead(lead) = subscribe(1, 0) else {
             panic!("the first request leads")
         };
         for tag in 1..=2 {
-            assert!(matches!(subscribe(tag), Subscription::Waits(id) if id == lead.id));
+            assert!(matches!(subscribe(1, tag), Subscription::Waits(id) if id == lead.id));
         }
+        let other = self::lead(&flights, key(2));
+        assert!(matches!(subscribe(2, 5), Subscription::Waits(_)));
         let first = lead.id;
         lead.land(clean());
         assert!(woken(&landings).await, "the first notice wakes the stream");
         assert!(!woken(&landings).await, "the second does not");
-        assert!(!landings.due(), "two verdicts of three can wait for more");
+        assert!(
+            !landings.due(),
+            "two verdicts of three, and another wait: they can wait for more"
+        );
         let mut notices = Vec::new();
         landings.take(&mut notices);
         let told: Vec<_> = notices.iter().map(|n| (n.tag, n.flight)).collect();
@@ -454,11 +481,11 @@ mod tests {
         assert!(notices.iter().all(|n| n.landing.is_some()));
         assert_eq!(flights.waits(), 2);
 
-        let Subscription::Lead(lead) = subscribe(3) else {
+        let Subscription::Lead(lead) = subscribe(1, 3) else {
             panic!("a landed flight is over")
         };
         assert_ne!(lead.id, first, "the next flight for the key is another");
-        let Subscription::Waits(second) = subscribe(4) else {
+        let Subscription::Waits(second) = subscribe(1, 4) else {
             panic!()
         };
         flights.unsubscribe(&key(1), first, 4, &landings);
@@ -477,6 +504,10 @@ mod tests {
             "an abandoned lead; unsubscribing from the flight before withdrew nothing"
         );
         assert!(!landings.due(), "taken");
+
+        other.land(clean());
+        assert!(woken(&landings).await);
+        assert!(landings.due(), "the last wait landed: no other is coming");
         assert!(flights.is_empty());
     }
 
@@ -484,31 +515,27 @@ mod tests {
     async fn enough_notices_are_due_and_an_ended_stream_gets_none() {
         let flights = Flights::default();
         let landings = Landings::new(3);
-        let leads: Vec<_> = (0..3)
-            .map(|n| match flights.join(key(n)) {
-                Join::Lead(lead) => lead,
-                Join::Wait(_) => panic!("each key is led once"),
-            })
-            .collect();
-        for n in 0..3 {
+        let leads: Vec<_> = (0..4).map(|n| lead(&flights, key(n))).collect();
+        for n in 0..4 {
             let subscriber = landings.subscriber(n.into());
-            assert!(matches!(
-                flights.join_or_subscribe(key(n), subscriber),
-                Subscription::Waits(_)
-            ));
+            let subscription = flights.join_or_subscribe(key(n), subscriber);
+            assert!(matches!(subscription, Subscription::Waits(_)));
         }
         let gone = Landings::new(1);
         let subscriber = gone.subscriber(9);
-        assert!(matches!(
-            flights.join_or_subscribe(key(0), subscriber),
-            Subscription::Waits(_)
-        ));
+        let subscription = flights.join_or_subscribe(key(0), subscriber);
+        assert!(matches!(subscription, Subscription::Waits(_)));
         drop(gone);
-        for lead in leads {
+        let mut leads = leads.into_iter();
+        for lead in leads.by_ref().take(3) {
             assert!(!landings.due());
             lead.land(clean());
         }
-        assert!(landings.due(), "three of three");
+        assert!(
+            landings.due(),
+            "three of three, with a fourth still to come"
+        );
+        drop(leads);
     }
 
     #[tokio::test(start_paused = true)]
