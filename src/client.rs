@@ -355,6 +355,7 @@ impl Agent {
             Arc::clone(&on_result),
         )));
         let mut produced = false;
+        let mut version = LatestVersion::default();
         loop {
             if produced && pending.lock().expect("pending").is_empty() {
                 break;
@@ -369,7 +370,14 @@ impl Agent {
                     continue;
                 }
             };
-            let over = answered(message, &pending, &content_tx, &failed, on_result.as_ref());
+            let over = answered(
+                message,
+                &pending,
+                &content_tx,
+                &failed,
+                &mut version,
+                on_result.as_ref(),
+            );
             places.add_permits(over);
         }
         drop(content_tx);
@@ -388,6 +396,7 @@ fn answered<F>(
     pending: &Pending,
     content: &mpsc::UnboundedSender<(u64, FileSource)>,
     failed: &LastFailed,
+    version: &mut LatestVersion,
     on_result: &F,
 ) -> usize
 where
@@ -417,12 +426,29 @@ where
     let count = over.len();
     for (file, answer) in over {
         let outcome = match answer {
-            Ok(verdict) => verdict.to_outcome(file.size, file.started.elapsed()),
+            Ok(verdict) => {
+                let rules_version = version.of(&verdict.signatures_version);
+                verdict.to_outcome(file.size, file.started.elapsed(), rules_version)
+            }
             Err(verdict) => failed_outcome(verdict, file.size, file.started),
         };
         on_result(file.source.path(), outcome);
     }
     count
+}
+
+/// The signatures version of the verdicts received last: the same string
+/// for thousands of verdicts, kept once rather than once for each.
+#[derive(Default)]
+struct LatestVersion(Option<Arc<str>>);
+
+impl LatestVersion {
+    fn of(&mut self, version: &str) -> Arc<str> {
+        match &self.0 {
+            Some(latest) if **latest == *version => Arc::clone(latest),
+            _ => Arc::clone(self.0.insert(version.into())),
+        }
+    }
 }
 
 /// A task that stops when its handle goes: a scan that ends early (the
@@ -564,12 +590,14 @@ where
 /// The server's limit of files in flight, as places. The announcer takes
 /// a place for each file it announces; the scan gives places back as
 /// files are answered, for a whole reply message at once. Once all are
-/// taken, they are taken back a group at a time (a quarter of the limit):
-/// for files hashed beforehand (`lightagent bench`), verdicts coming in a
-/// few at a time then make one message of begins per group, not one per
-/// reply, as HTTP/2 sends a window update only once half the window is
-/// used. (A file hashed just before its begin sends the begins ready
-/// before it first: its hashing takes longer than a message.)
+/// taken, they are taken back a group at a time (three quarters of the
+/// limit): for files hashed beforehand (`lightagent bench`), verdicts
+/// coming in a few at a time then make one message of begins per group,
+/// not one per reply. Each message costs a socket write and a wake-up on
+/// both ends, which a storm of many agents multiplies: with a quarter of
+/// the limit, a 50-agent storm wrote a quarter more messages. (A file
+/// hashed just before its begin sends the begins ready before it first:
+/// its hashing takes longer than a message.)
 struct Window {
     places: Arc<Semaphore>,
     group: usize,
@@ -581,7 +609,7 @@ impl Window {
     fn new(limit: usize) -> Self {
         Window {
             places: Arc::new(Semaphore::new(limit)),
-            group: (limit / 4).max(1),
+            group: (limit * 3 / 4).max(1),
             spare: 0,
         }
     }

@@ -1,7 +1,7 @@
 //! The gRPC protocol, generated from the `.proto` files in `proto/`, and
 //! the conversions between its messages and the library's types.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
@@ -197,8 +197,10 @@ impl FileVerdict {
     }
 
     /// An outcome as a client sees it: `size` is what the client knows of
-    /// the file, and `elapsed` what it measured.
-    pub fn to_outcome(&self, size: u64, elapsed: Duration) -> ScanOutcome {
+    /// the file, and `elapsed` what it measured. `rules_version` is this
+    /// verdict's `signatures_version`, which a client receiving many
+    /// verdicts keeps once rather than once for each.
+    pub fn to_outcome(&self, size: u64, elapsed: Duration, rules_version: Arc<str>) -> ScanOutcome {
         let verdict = self
             .verdict
             .as_ref()
@@ -212,7 +214,7 @@ impl FileVerdict {
             digest: <[u8; 32]>::try_from(&self.blake3[..])
                 .ok()
                 .map(blake3::Hash::from_bytes),
-            rules_version: self.signatures_version.as_str().into(),
+            rules_version,
             cached: self.cached,
             coalesced: self.coalesced,
             elapsed,
