@@ -131,6 +131,44 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_handed_over_is_not_held_for_the_other_waits() {
+    let server = TestServer::start(|_| {}).await;
+    let (first, second) = (content(5, 64 << 10), content(6, 64 << 10));
+    let (session, _keep) = session_id(&server).await;
+    let mut leads = Vec::new();
+    for data in [&first, &second] {
+        let (lead, mut replies) = scan_stream(&server).await;
+        let digest = blake3::hash(data);
+        lead.send(begin(&session, 1, data, Some(digest.as_bytes())))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next(&mut replies).await.1,
+            file_reply::Kind::SendContent(_)
+        ));
+        leads.push((lead, replies));
+    }
+    // One stream waits for both; only the first lead sends its content.
+    let (waiter, mut waiter_replies) = scan_stream(&server).await;
+    let begins = [(1, &first), (2, &second)]
+        .map(|(id, data)| begin(&session, id, data, Some(blake3::hash(data).as_bytes())));
+    waiter.send(batch(begins.to_vec())).await.unwrap();
+    let started = std::time::Instant::now();
+    let (lead, lead_replies) = &mut leads[0];
+    lead.send(batch(vec![chunk(1, 0, &first), end(1)]))
+        .await
+        .unwrap();
+    assert!(!file_verdict(next(lead_replies).await.1).coalesced);
+    // Its verdict reaches the waiting stream after the hold at most, not
+    // when the other wait ends (its lead never sends content: that wait
+    // would end with a request for content after UPLOAD_WAIT).
+    let (id, reply) = next(&mut waiter_replies).await;
+    assert_eq!(id, 1);
+    assert!(file_verdict(reply).coalesced);
+    assert!(started.elapsed() < scanserver::cache::flight::UPLOAD_WAIT / 2);
+}
+
 /// Two agents, each on a Scan stream of its own, both about to scan `data`
 /// hash first: the lead has begun it and been asked for its content; the
 /// waiter is ready to begin it (and wait for the lead's verdict).

@@ -11,15 +11,16 @@
 //! request that did not earn it.
 //!
 //! A request waits in one of two ways: with a [`Waiter`] (a future, for
-//! requests that are handled in a task of their own), or as a
-//! [`Subscriber`], told by a [`Notice`] left in its stream's [`Landings`]
-//! when the flight lands (a Scan stream's waiting files: no task or timer
-//! per file). Waiting is bounded by [`UPLOAD_WAIT`] (the subscriber's
+//! requests that are handled in a task of their own), or subscribed
+//! ([`Flights::join_or_subscribe`]), told by a [`Notice`] left in its
+//! stream's [`Landings`] when the flight lands (a Scan stream's waiting
+//! files: no task or timer per file). Waiting is bounded by [`UPLOAD_WAIT`] (the subscriber's
 //! stream keeps the deadline), so an agent that announces content and never
 //! sends it delays others, but never decides their verdicts.
 //!
 //! The registry is one mutex-guarded map, touched only on cache misses
-//! (once per upload or scan), never on the hit path.
+//! (once per upload or scan), never on the hit path. A stream's landings
+//! are locked while the registry is, never the other way round.
 
 use std::{
     collections::HashMap,
@@ -71,10 +72,10 @@ struct UnderWay {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlightId(u64);
 
-/// A request told of the landing by a [`Notice`] left in `to` (made by
-/// [`Landings::subscriber`]). Holds its stream's landings weakly: a
-/// stream that ended is not kept alive by the flights it waited for.
-pub struct Subscriber {
+/// A request told of the landing by a [`Notice`] left in `to`. Holds its
+/// stream's landings weakly: a stream that ended is not kept alive by the
+/// flights it waited for.
+struct Subscriber {
     /// The subscriber's name for the request (a Scan stream uses the file
     /// id).
     tag: u64,
@@ -93,8 +94,10 @@ pub struct Subscriber {
 /// a failure (its file must ask for its own content at once), when
 /// `enough` of them are in, and when the last of the stream's waits lands
 /// (no other notice is coming to go with them, and its agent may be held
-/// back by its files in flight until they go). Bounded by the stream's
-/// waiting files, as each subscription is for one of them.
+/// back by its files in flight until they go). Each notice is for one
+/// subscription, made for a waiting file, and the stream takes them all
+/// before it handles a request message: they never outnumber the files
+/// waiting since then and the begins of one message.
 pub struct Landings {
     pile: Mutex<Pile>,
     woken: Notify,
@@ -110,10 +113,26 @@ struct Pile {
 }
 
 impl Pile {
-    fn due(&self, enough: usize) -> bool {
+    fn pending(&self, enough: usize) -> Pending {
         let n = self.notices.len();
-        self.failed || n >= enough || (n > 0 && self.waiting == 0)
+        match () {
+            _ if n == 0 => Pending::Nothing,
+            _ if self.failed || n >= enough || self.waiting == 0 => Pending::Due,
+            _ => Pending::Hold,
+        }
     }
+}
+
+/// What a stream's landings call for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// No notice is in.
+    Nothing,
+    /// Notices are in, and can wait for more to go with them.
+    Hold,
+    /// Notices are in that should be taken now: one tells of a failure, or
+    /// `enough` are in, or the stream waits for no other.
+    Due,
 }
 
 /// How a flight landed, as told to a subscriber. It names the flight: a
@@ -135,26 +154,18 @@ impl Landings {
         })
     }
 
-    /// A subscription for the request the stream calls `tag`.
-    pub fn subscriber(self: &Arc<Self>, tag: u64) -> Subscriber {
-        Subscriber {
-            tag,
-            to: Arc::downgrade(self),
-        }
-    }
-
-    /// Waits until the stream is wanted: a notice came into an empty pile,
-    /// or the notices became [due](Self::due). A wake-up that comes while
-    /// the stream is busy is kept for its next wait.
+    /// Waits until the stream may be wanted: a notice came into an empty
+    /// pile, or the notices became [due](Pending::Due). A wake-up that
+    /// comes while the stream is busy is kept for its next wait, so the
+    /// stream may find that it took the notices meanwhile: it looks at
+    /// [`Self::pending`].
     pub async fn woken(&self) {
         self.woken.notified().await
     }
 
-    /// Whether the notices should be taken now, rather than at the time
-    /// the stream set: one tells of a failure, or `enough` are in, or the
-    /// stream waits for no other.
-    pub fn due(&self) -> bool {
-        self.lock().due(self.enough)
+    /// What the notices in call for now.
+    pub fn pending(&self) -> Pending {
+        self.lock().pending(self.enough)
     }
 
     /// Takes every notice in, oldest first, into `into` (emptied first; a
@@ -166,15 +177,34 @@ impl Landings {
         pile.failed = false;
     }
 
+    /// A subscription was made (under the registry's lock).
+    fn subscribed(&self) {
+        self.lock().waiting += 1;
+    }
+
+    /// `n` subscriptions were withdrawn before their flight landed.
+    fn withdrawn(&self, n: usize) {
+        self.change(|pile| pile.waiting -= n);
+    }
+
+    /// A subscription's flight landed.
     fn leave(&self, notice: Notice) {
+        self.change(|pile| {
+            pile.failed |= notice.landing.is_none();
+            pile.waiting -= 1;
+            pile.notices.push(notice);
+        });
+    }
+
+    /// Changes the pile, and wakes the stream if that brought in its
+    /// first notice or made the notices due.
+    fn change(&self, change: impl FnOnce(&mut Pile)) {
         let mut pile = self.lock();
-        let was_due = pile.due(self.enough);
-        pile.failed |= notice.landing.is_none();
-        pile.waiting -= 1;
-        pile.notices.push(notice);
-        let wake = pile.notices.len() == 1 || (pile.due(self.enough) && !was_due);
+        let before = pile.pending(self.enough);
+        change(&mut pile);
+        let after = pile.pending(self.enough);
         drop(pile);
-        if wake {
+        if after != before && after != Pending::Nothing {
             self.woken.notify_one();
         }
     }
@@ -214,7 +244,7 @@ impl Flights {
     /// Subscribers whose stream has ended are dropped when the list is
     /// full, before it grows: looking them over at every subscription would
     /// cost a storm's flights time quadratic in their subscribers.
-    pub fn join_or_subscribe(&self, key: CacheKey, subscriber: Subscriber) -> Subscription {
+    pub fn join_or_subscribe(&self, key: CacheKey, to: &Arc<Landings>, tag: u64) -> Subscription {
         let mut under_way = self.lock();
         match under_way.get_mut(&key) {
             Some(flight) => {
@@ -222,10 +252,9 @@ impl Flights {
                 if subscribers.len() == subscribers.capacity() {
                     subscribers.retain(|s| s.to.strong_count() > 0);
                 }
-                if let Some(landings) = subscriber.to.upgrade() {
-                    landings.lock().waiting += 1;
-                    subscribers.push(subscriber);
-                }
+                to.subscribed();
+                let to = Arc::downgrade(to);
+                subscribers.push(Subscriber { tag, to });
                 Subscription::Waits(flight.id)
             }
             None => Subscription::Lead(self.lead(&mut under_way, key)),
@@ -241,7 +270,7 @@ impl Flights {
             let before = subscribers.len();
             let weak = Arc::downgrade(to);
             subscribers.retain(|s| s.tag != tag || !s.to.ptr_eq(&weak));
-            to.lock().waiting -= before - subscribers.len();
+            to.withdrawn(before - subscribers.len());
         }
     }
 
@@ -439,7 +468,7 @@ mod tests {
         assert_eq!(flights.waits(), 0);
     }
 
-    /// Whether the stream would be woken now.
+    /// Whether the stream would be woken now (taking the wake-up).
     async fn woken(landings: &Landings) -> bool {
         tokio::time::timeout(Duration::ZERO, landings.woken())
             .await
@@ -453,27 +482,32 @@ mod tests {
         }
     }
 
+    /// Flights for keys `0..n`, each waited for by a file of `landings`
+    /// tagged with its key.
+    fn waits(flights: &Flights, landings: &Arc<Landings>, n: u8) -> Vec<Flight> {
+        (0..n)
+            .map(|n| {
+                let lead = lead(flights, key(n));
+                let subscription = flights.join_or_subscribe(key(n), landings, n.into());
+                assert!(matches!(subscription, Subscription::Waits(id) if id == lead.id));
+                lead
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn subscribers_are_told_through_their_landings() {
         let flights = Flights::default();
-        let landings = Landings::new(3);
-        let subscribe = |n, tag| flights.join_or_subscribe(key(n), landings.subscriber(tag));
-        let Subscription::Lead(lead) = subscribe(1, 0) else {
+        let landings = Landings::new(128);
+        let subscribe = |tag| flights.join_or_subscribe(key(1), &landings, tag);
+        let Subscription::Lead(lead) = subscribe(0) else {
             panic!("the first request leads")
         };
         for tag in 1..=2 {
-            assert!(matches!(subscribe(1, tag), Subscription::Waits(id) if id == lead.id));
+            assert!(matches!(subscribe(tag), Subscription::Waits(id) if id == lead.id));
         }
-        let other = self::lead(&flights, key(2));
-        assert!(matches!(subscribe(2, 5), Subscription::Waits(_)));
         let first = lead.id;
         lead.land(clean());
-        assert!(woken(&landings).await, "the first notice wakes the stream");
-        assert!(!woken(&landings).await, "the second does not");
-        assert!(
-            !landings.due(),
-            "two verdicts of three, and another wait: they can wait for more"
-        );
         let mut notices = Vec::new();
         landings.take(&mut notices);
         let told: Vec<_> = notices.iter().map(|n| (n.tag, n.flight)).collect();
@@ -481,16 +515,15 @@ mod tests {
         assert!(notices.iter().all(|n| n.landing.is_some()));
         assert_eq!(flights.waits(), 2);
 
-        let Subscription::Lead(lead) = subscribe(1, 3) else {
+        let Subscription::Lead(lead) = subscribe(3) else {
             panic!("a landed flight is over")
         };
         assert_ne!(lead.id, first, "the next flight for the key is another");
-        let Subscription::Waits(second) = subscribe(1, 4) else {
+        let Subscription::Waits(second) = subscribe(4) else {
             panic!()
         };
         flights.unsubscribe(&key(1), first, 4, &landings);
         drop(lead);
-        assert!(landings.due(), "a failure is due at once");
         landings.take(&mut notices);
         assert!(
             matches!(
@@ -503,39 +536,80 @@ mod tests {
             ),
             "an abandoned lead; unsubscribing from the flight before withdrew nothing"
         );
-        assert!(!landings.due(), "taken");
-
-        other.land(clean());
-        assert!(woken(&landings).await);
-        assert!(landings.due(), "the last wait landed: no other is coming");
         assert!(flights.is_empty());
     }
 
     #[tokio::test]
-    async fn enough_notices_are_due_and_an_ended_stream_gets_none() {
+    async fn the_stream_is_woken_for_the_first_notice_and_when_they_are_due() {
         let flights = Flights::default();
         let landings = Landings::new(3);
-        let leads: Vec<_> = (0..4).map(|n| lead(&flights, key(n))).collect();
-        for n in 0..4 {
-            let subscriber = landings.subscriber(n.into());
-            let subscription = flights.join_or_subscribe(key(n), subscriber);
-            assert!(matches!(subscription, Subscription::Waits(_)));
+        let mut leads = waits(&flights, &landings, 5).into_iter();
+        let mut land = || leads.next().expect("a flight").land(clean());
+        land();
+        assert!(woken(&landings).await, "the first notice");
+        assert_eq!(landings.pending(), Pending::Hold);
+        land();
+        assert!(!woken(&landings).await, "a second, not due");
+        assert_eq!(landings.pending(), Pending::Hold);
+        land();
+        assert!(woken(&landings).await, "enough");
+        assert_eq!(landings.pending(), Pending::Due);
+        landings.take(&mut Vec::new());
+        assert_eq!(landings.pending(), Pending::Nothing);
+        land();
+        assert!(woken(&landings).await, "the first notice again");
+        assert_eq!(landings.pending(), Pending::Hold, "one more is coming");
+        land();
+        assert!(woken(&landings).await, "the last wait landed");
+        assert_eq!(landings.pending(), Pending::Due);
+    }
+
+    #[tokio::test]
+    async fn a_failure_or_the_last_wait_withdrawn_makes_them_due() {
+        let flights = Flights::default();
+        let landings = Landings::new(128);
+        let mut leads = waits(&flights, &landings, 4).into_iter();
+        leads.next().unwrap().land(clean());
+        assert!(woken(&landings).await);
+        assert_eq!(landings.pending(), Pending::Hold);
+        drop(leads.next());
+        assert!(woken(&landings).await, "a failure");
+        assert_eq!(landings.pending(), Pending::Due);
+        landings.take(&mut Vec::new());
+
+        let third = leads.next().unwrap();
+        third.land(clean());
+        assert!(woken(&landings).await);
+        assert_eq!(landings.pending(), Pending::Hold);
+        let last = leads.next().unwrap();
+        flights.unsubscribe(&key(3), last.id, 3, &landings);
+        assert!(woken(&landings).await, "the last wait withdrawn");
+        assert_eq!(landings.pending(), Pending::Due);
+        drop(last);
+        let mut notices = Vec::new();
+        landings.take(&mut notices);
+        let tags: Vec<_> = notices.iter().map(|n| n.tag).collect();
+        assert_eq!(tags, [2], "a withdrawn wait is not told");
+    }
+
+    #[tokio::test]
+    async fn an_ended_stream_is_not_told_and_its_subscriptions_are_dropped() {
+        let flights = Flights::default();
+        let lead = lead(&flights, key(1));
+        let gone = Landings::new(128);
+        for tag in 0..4 {
+            flights.join_or_subscribe(key(1), &gone, tag);
         }
-        let gone = Landings::new(1);
-        let subscriber = gone.subscriber(9);
-        let subscription = flights.join_or_subscribe(key(0), subscriber);
-        assert!(matches!(subscription, Subscription::Waits(_)));
         drop(gone);
-        let mut leads = leads.into_iter();
-        for lead in leads.by_ref().take(3) {
-            assert!(!landings.due());
-            lead.land(clean());
-        }
-        assert!(
-            landings.due(),
-            "three of three, with a fourth still to come"
-        );
-        drop(leads);
+        let landings = Landings::new(128);
+        flights.join_or_subscribe(key(1), &landings, 9);
+        let subscribers = |flights: &Flights| flights.lock()[&key(1)].subscribers.len();
+        assert_eq!(subscribers(&flights), 1, "the full list was pruned first");
+        lead.land(clean());
+        let mut notices = Vec::new();
+        landings.take(&mut notices);
+        assert_eq!(notices.len(), 1);
+        assert_eq!(landings.pending(), Pending::Nothing);
     }
 
     #[tokio::test(start_paused = true)]

@@ -36,7 +36,7 @@ use super::{
 use crate::{
     cache::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
-        flight::{FlightId, Landing, Landings, Notice, Subscription, UPLOAD_WAIT, Waiter},
+        flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
     engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
     proto::{
@@ -54,19 +54,20 @@ type Replies = mpsc::Sender<Result<ScanReply, Status>>;
 const MAX_REPLIES: usize = 1024;
 
 /// Verdicts handed over from another request's scan are held back up to
-/// this long, or until [`HOLD_UP_TO`] of them are in, and go out together.
-/// In a boot storm each scan's verdict is handed to every VM waiting for
-/// it, a scan landing every fraction of a millisecond: taken as they land,
-/// they would wake each VM's stream for every one of them, and make as
-/// many messages of a few verdicts, with their socket writes on both ends
-/// (see [`Landings`]). A file's own verdict, a cache hit and a request for
-/// content are never held (a request for content takes the held verdicts
-/// with it), and the replies to a request message take them too.
+/// this long, and go out together. In a boot storm each scan's verdict is
+/// handed to every VM waiting for it, a scan landing every fraction of a
+/// millisecond: taken as they land, they would wake each VM's stream for
+/// every one of them, and make as many messages of a few verdicts, with
+/// their socket writes on both ends (see [`Landings`]). They go sooner
+/// when [`HOLD_UP_TO`] of them are in, when none of the stream's files
+/// waits any more, and with the replies to a request message. A file's own
+/// verdict, a cache hit and a request for content are never held: a failed
+/// scan's waiters are asked for their content at once, and the held
+/// verdicts go with them.
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
 
 /// Held verdicts that make a message at once (see [`HOLD_FOR`]): the
-/// default files in flight, so that a session whose files all wait for
-/// held verdicts is not kept waiting for the rest of the hold.
+/// default files in flight per session, a full message's worth.
 const HOLD_UP_TO: usize = 128;
 
 /// A begun file of a Scan stream.
@@ -181,7 +182,7 @@ pub(super) async fn run(
     let idle = tokio::time::sleep(idle_timeout);
     let wake = tokio::time::sleep(UPLOAD_WAIT);
     let flush = tokio::time::sleep(HOLD_FOR);
-    // Whether landed verdicts are held, to go out when `flush` fires.
+    // Whether `flush` is set, for landed verdicts held since it was.
     let mut holding = false;
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(idle, wake, flush, shutdown);
@@ -193,14 +194,20 @@ pub(super) async fn run(
         let request = tokio::select! {
             request = requests.message() => request,
             () = landings.woken() => {
-                if landings.due() {
-                    let landed = stream.take_landed();
-                    if stream.send_all(landed).await.is_err() {
-                        break;
+                match landings.pending() {
+                    Pending::Due => {
+                        holding = false;
+                        let landed = stream.take_landed();
+                        if stream.send_all(landed).await.is_err() {
+                            break;
+                        }
                     }
-                } else if !holding {
-                    flush.as_mut().reset(Instant::now() + HOLD_FOR);
-                    holding = true;
+                    Pending::Hold if !holding => {
+                        flush.as_mut().reset(Instant::now() + HOLD_FOR);
+                        holding = true;
+                    }
+                    // Taken meanwhile, or held already.
+                    Pending::Hold | Pending::Nothing => {}
                 }
                 last_active = Instant::now();
                 continue;
@@ -216,6 +223,7 @@ pub(super) async fn run(
             () = &mut wake, if next_expiry.is_some() => {
                 // Requests for content are never held: they go at once,
                 // and the verdicts held so far with them.
+                holding = false;
                 let mut replies = stream.take_landed();
                 replies.extend(stream.expire());
                 if stream.send_all(replies).await.is_err() {
@@ -262,6 +270,8 @@ pub(super) async fn run(
                 break;
             }
         };
+        // The request's replies take the verdicts held so far with them.
+        holding = false;
         if stream.handle(request).await.is_err() {
             break;
         }
@@ -372,8 +382,11 @@ impl ScanStream {
             file.owed.settle(file.size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
-        let subscriber = self.landings.subscriber(id);
-        match engine.cache().flights().join_or_subscribe(key, subscriber) {
+        match engine
+            .cache()
+            .flights()
+            .join_or_subscribe(key, &self.landings, id)
+        {
             Subscription::Lead(flight) => {
                 self.open_for_content(id, file, Some(digest), Standing::Leads(flight))
             }

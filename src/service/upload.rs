@@ -5,10 +5,10 @@
 //! within a budget shared by all uploads (a file of unknown size takes its
 //! share as it grows); larger ones, or any file once the budget is spent, go
 //! to a temporary file in the spool folder, which the engine memory-maps for
-//! the scan. Spool writes go to the page cache, on the runtime's threads. Every check fails the file with
-//! a clear error: a chunk out of order, more or less content than declared,
-//! a digest that differs from the one the agent claimed, a file over the size
-//! limit. Dropping an [`Upload`] or a [`Received`] at any point (cancel, end
+//! the scan. Spool writes go to the page cache, on the runtime's threads.
+//! Every check fails the file with a clear error: a chunk out of order, more
+//! or less content than declared, a digest that differs from the one the
+//! agent claimed, a file over the size limit. Dropping an [`Upload`] or a [`Received`] at any point (cancel, end
 //! of stream, disconnect) frees its memory and deletes its temporary file.
 
 use std::{
