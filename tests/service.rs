@@ -131,35 +131,42 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
     );
 }
 
+/// A Scan stream that has begun `data` hash first as file 1 of `session`
+/// and been asked for its content: it leads the flight for `data`.
+async fn leading_stream(
+    server: &TestServer,
+    session: &str,
+    data: &[u8],
+) -> (mpsc::Sender<ScanRequest>, Replies) {
+    let (lead, mut replies) = scan_stream(server).await;
+    let digest = blake3::hash(data);
+    lead.send(begin(session, 1, data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut replies).await.1,
+        file_reply::Kind::SendContent(_)
+    ));
+    (lead, replies)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verdict_handed_over_is_not_held_for_the_other_waits() {
     let server = TestServer::start(|_| {}).await;
     let (first, second) = (content(5, 64 << 10), content(6, 64 << 10));
     let (session, _keep) = session_id(&server).await;
-    let mut leads = Vec::new();
-    for data in [&first, &second] {
-        let (lead, mut replies) = scan_stream(&server).await;
-        let digest = blake3::hash(data);
-        lead.send(begin(&session, 1, data, Some(digest.as_bytes())))
-            .await
-            .unwrap();
-        assert!(matches!(
-            next(&mut replies).await.1,
-            file_reply::Kind::SendContent(_)
-        ));
-        leads.push((lead, replies));
-    }
+    let (lead, mut lead_replies) = leading_stream(&server, &session, &first).await;
+    let _second_lead = leading_stream(&server, &session, &second).await;
     // One stream waits for both; only the first lead sends its content.
     let (waiter, mut waiter_replies) = scan_stream(&server).await;
     let begins = [(1, &first), (2, &second)]
         .map(|(id, data)| begin(&session, id, data, Some(blake3::hash(data).as_bytes())));
     waiter.send(batch(begins.to_vec())).await.unwrap();
     let started = std::time::Instant::now();
-    let (lead, lead_replies) = &mut leads[0];
     lead.send(batch(vec![chunk(1, 0, &first), end(1)]))
         .await
         .unwrap();
-    assert!(!file_verdict(next(lead_replies).await.1).coalesced);
+    assert!(!file_verdict(next(&mut lead_replies).await.1).coalesced);
     // Its verdict reaches the waiting stream after the hold at most, not
     // when the other wait ends (its lead never sends content: that wait
     // would end with a request for content after UPLOAD_WAIT).
@@ -186,15 +193,8 @@ impl LeadAndWaiter {
         let digest = blake3::hash(data);
         let (session_a, keep_a) = session_id(server).await;
         let (session_b, keep_b) = session_id(server).await;
-        let (lead, mut lead_replies) = scan_stream(server).await;
+        let (lead, lead_replies) = leading_stream(server, &session_a, data).await;
         let (waiter, waiter_replies) = scan_stream(server).await;
-        lead.send(begin(&session_a, 1, data, Some(digest.as_bytes())))
-            .await
-            .unwrap();
-        assert!(matches!(
-            next(&mut lead_replies).await.1,
-            file_reply::Kind::SendContent(_)
-        ));
         LeadAndWaiter {
             lead,
             lead_replies,
