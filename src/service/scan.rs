@@ -146,8 +146,8 @@ struct ScanStream {
     open: HashMap<u64, OpenFile, foldhash::fast::RandomState>,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
-    /// waiting withdraws its subscription, so the notices are bounded by
-    /// the stream's open files.
+    /// waiting withdraws its subscription, and the notices are taken before
+    /// each request message, so they stay bounded (see [`Landings`]).
     landings: Arc<Landings>,
     /// The notices taken from `landings`, kept for the next ones.
     notices: Vec<Notice>,
