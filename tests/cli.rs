@@ -1,5 +1,5 @@
-//! The `scanserver` command line: `scan` output and exit status, and
-//! `rules check`.
+//! The `scanserver` command line: `scan` output and exit status, `rules
+//! check`, and `serve` with the operator commands and the receiver.
 
 mod common;
 
@@ -12,7 +12,8 @@ fn scanserver(cache: &Path) -> Command {
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("SCANSERVER_RULES_CACHE", cache)
-        .env_remove("SCANSERVER_RULES");
+        .env_remove("SCANSERVER_RULES")
+        .env_remove("SCANSERVER_ADMIN_TOKEN_FILE");
     command
 }
 
@@ -188,6 +189,30 @@ impl Drop for Running {
     }
 }
 
+/// `scanserver serve` on loopback `port`, its admin listener on `admin`,
+/// `state` as its state and spool folders, with the options `configure`
+/// adds.
+fn serve(
+    cache: &Path,
+    state: &Path,
+    port: u16,
+    admin: &str,
+    configure: impl FnOnce(&mut Command),
+) -> Running {
+    let mut command = scanserver(cache);
+    command
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", admin]);
+    configure(&mut command);
+    command
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--spool-dir")
+        .arg(state.join("spool"))
+        .stderr(std::process::Stdio::null());
+    Running(command.spawn().unwrap())
+}
+
 /// `scanserver receiver` on `port`, its JSON lines sent to `lines`.
 fn receiver(cache: &Path, port: u16, lines: std::sync::mpsc::Sender<String>) -> Running {
     use std::io::BufRead;
@@ -260,25 +285,16 @@ fn serve_reports_to_an_integration_server_and_status_follows_it() {
     let mut receiving = Some(receiver(cache.path(), integration, lines_tx.clone()));
     wait_for_listener(integration);
     let started = Instant::now();
-    let _server = Running(
-        scanserver(cache.path())
-            .args(["serve", "--listen", &format!("127.0.0.1:{listen}")])
+    let _server = serve(cache.path(), state.path(), listen, &admin, |serve| {
+        serve
             .arg("--config")
             .arg(&config)
-            .args(["--admin-listen", &admin])
             .args([
                 "--integration-server",
                 &format!("http://127.0.0.1:{integration}"),
             ])
-            .args(["--report-interval", "2s"])
-            .arg("--state-dir")
-            .arg(state.path())
-            .arg("--spool-dir")
-            .arg(state.path().join("spool"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+            .args(["--report-interval", "2s"]);
+    });
     let first = lines
         .recv_timeout(Duration::from_secs(10))
         .expect("a first report");
@@ -312,4 +328,37 @@ fn serve_reports_to_an_integration_server_and_status_follows_it() {
     let (text, code) = status_until(cache.path(), &admin, "status OK");
     assert!(!text.contains("reason:"), "{text}");
     assert_eq!(code, Some(0));
+}
+
+#[test]
+fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let token = state.path().join("admin.token");
+    fs::write(&token, "s3cret-admin-token\n").unwrap();
+    let wrong = state.path().join("wrong.token");
+    fs::write(&wrong, "another-token").unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let _server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
+        serve.arg("--admin-token-file").arg(&token);
+    });
+    wait_for_listener(admin);
+    let status = |token: Option<&Path>| {
+        let mut command = scanserver(cache.path());
+        command.args(["status", "--admin", &admin_addr]);
+        if let Some(token) = token {
+            command.arg("--admin-token-file").arg(token);
+        }
+        command.output().unwrap()
+    };
+    for refused in [status(None), status(Some(&wrong))] {
+        assert_eq!(refused.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("--admin-token-file FILE"), "{stderr}");
+    }
+    let answered = status(Some(&token));
+    let stdout = String::from_utf8_lossy(&answered.stdout);
+    assert!(stdout.contains("agent listener"), "{stdout}");
+    assert_ne!(answered.status.code(), Some(2), "{stdout}");
 }
