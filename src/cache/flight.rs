@@ -93,8 +93,8 @@ struct Subscriber {
 /// when the first comes in (to set a time to take them), when one tells of
 /// a failure (its file must ask for its own content at once), when
 /// `enough` of them are in, and when the last of the stream's waits lands
-/// (no other notice is coming to go with them, and its agent may be held
-/// back by its files in flight until they go). Each notice is for one
+/// or is withdrawn (no other notice is coming to go with them, and its
+/// agent may be held back by its files in flight until they go). Each notice is for one
 /// subscription, made for a waiting file, and the stream takes them all
 /// before it handles a request message: they never outnumber the files
 /// waiting since then and the begins of one message.
