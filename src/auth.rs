@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use subtle::ConstantTimeEq;
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -39,20 +40,17 @@ pub struct BearerToken(MetadataValue<Ascii>);
 impl BearerToken {
     /// The token in the file at `path`, surrounding white space trimmed.
     pub fn read(path: &Path) -> Result<BearerToken, TokenError> {
+        let path_buf = || path.to_owned();
         let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
-            path: path.to_owned(),
+            path: path_buf(),
             source,
         })?;
-        let token = std::str::from_utf8(&bytes).map_err(|_| TokenError::Invalid {
-            path: path.to_owned(),
-        })?;
-        match token.trim() {
-            "" => Err(TokenError::Empty {
-                path: path.to_owned(),
-            }),
-            token => BearerToken::new(token).ok_or_else(|| TokenError::Invalid {
-                path: path.to_owned(),
-            }),
+        match std::str::from_utf8(&bytes).map(str::trim) {
+            Ok("") => Err(TokenError::Empty { path: path_buf() }),
+            Ok(token) => {
+                BearerToken::new(token).ok_or_else(|| TokenError::Invalid { path: path_buf() })
+            }
+            Err(_) => Err(TokenError::Invalid { path: path_buf() }),
         }
     }
 
@@ -81,18 +79,13 @@ impl BearerToken {
             .metadata()
             .get("authorization")
             .map_or(&[][..], |value| value.as_bytes());
-        match constant_time_eq(given, self.0.as_bytes()) {
+        match bool::from(given.ct_eq(self.0.as_bytes())) {
             true => Ok(()),
             false => Err(Status::unauthenticated(format!(
                 "missing or wrong bearer token: {hint}"
             ))),
         }
     }
-}
-
-/// Byte strings compared without stopping at the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Adds a token, when there is one, to every request of a client.

@@ -31,9 +31,9 @@ use crate::{
     engine::ScanOutcome,
     proto::{
         AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, FileVerdict,
-        Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason, ScanReply, ScanRequest,
-        ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message, file_reply,
-        file_request, protection_server_client::ProtectionServerClient, server_message,
+        Heartbeat, Hello, LatestVersion, LookupRequest, PROTOCOL_VERSION, RejectReason, ScanReply,
+        ScanRequest, ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
+        file_reply, file_request, protection_server_client::ProtectionServerClient, server_message,
     },
     verdict::{FailReason, Verdict},
 };
@@ -426,29 +426,12 @@ where
     let count = over.len();
     for (file, answer) in over {
         let outcome = match answer {
-            Ok(verdict) => {
-                let rules_version = version.of(&verdict.signatures_version);
-                verdict.to_outcome(file.size, file.started.elapsed(), rules_version)
-            }
+            Ok(verdict) => verdict.to_outcome(file.size, file.started.elapsed(), version),
             Err(verdict) => failed_outcome(verdict, file.size, file.started),
         };
         on_result(file.source.path(), outcome);
     }
     count
-}
-
-/// The signatures version of the verdicts received last: the same string
-/// for thousands of verdicts, kept once rather than once for each.
-#[derive(Default)]
-struct LatestVersion(Option<Arc<str>>);
-
-impl LatestVersion {
-    fn of(&mut self, version: &str) -> Arc<str> {
-        match &self.0 {
-            Some(latest) if **latest == *version => Arc::clone(latest),
-            _ => Arc::clone(self.0.insert(version.into())),
-        }
-    }
 }
 
 /// A task that stops when its handle goes: a scan that ends early (the

@@ -197,10 +197,14 @@ impl FileVerdict {
     }
 
     /// An outcome as a client sees it: `size` is what the client knows of
-    /// the file, and `elapsed` what it measured. `rules_version` is this
-    /// verdict's `signatures_version`, which a client receiving many
-    /// verdicts keeps once rather than once for each.
-    pub fn to_outcome(&self, size: u64, elapsed: Duration, rules_version: Arc<str>) -> ScanOutcome {
+    /// the file, and `elapsed` what it measured. `versions` keeps the
+    /// signatures version of the verdicts before.
+    pub fn to_outcome(
+        &self,
+        size: u64,
+        elapsed: Duration,
+        versions: &mut LatestVersion,
+    ) -> ScanOutcome {
         let verdict = self
             .verdict
             .as_ref()
@@ -214,10 +218,24 @@ impl FileVerdict {
             digest: <[u8; 32]>::try_from(&self.blake3[..])
                 .ok()
                 .map(blake3::Hash::from_bytes),
-            rules_version,
+            rules_version: versions.of(&self.signatures_version),
             cached: self.cached,
             coalesced: self.coalesced,
             elapsed,
+        }
+    }
+}
+
+/// The signatures version of the verdicts a client received last: the same
+/// string for thousands of verdicts, kept once rather than once for each.
+#[derive(Debug, Default)]
+pub struct LatestVersion(Option<Arc<str>>);
+
+impl LatestVersion {
+    fn of(&mut self, version: &str) -> Arc<str> {
+        match &self.0 {
+            Some(latest) if **latest == *version => Arc::clone(latest),
+            _ => Arc::clone(self.0.insert(version.into())),
         }
     }
 }

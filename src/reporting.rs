@@ -191,10 +191,7 @@ impl Reporter {
                 // a status that differs makes another report. Checked on
                 // the very value marked seen, so that a change made
                 // meanwhile is not lost.
-                let seen = status.borrow_and_update();
-                let reported = *seen == carried;
-                drop(seen);
-                if !reported {
+                if *status.borrow_and_update() != carried {
                     status.mark_changed();
                 }
                 last_delivered = Some(Instant::now());

@@ -51,8 +51,8 @@ pub const MAX_VMS: usize = 100_000;
 /// The file's name in the state folder.
 pub const FILE_NAME: &str = "vms.json";
 
-/// A security tag, as VMware NSX names them.
-/// Saved under its name ([`SecurityTag::name`]).
+/// A security tag, as VMware NSX names them; saved under that name
+/// ([`SecurityTag::name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(into = "&'static str", try_from = "String")]
 pub enum SecurityTag {

@@ -67,7 +67,8 @@ const MAX_REPLIES: usize = 1024;
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
 
 /// Held verdicts that make a message at once (see [`HOLD_FOR`]): the
-/// default files in flight per session, a full message's worth.
+/// default files in flight per session, as many as one agent can be
+/// waiting for at a time.
 const HOLD_UP_TO: usize = 128;
 
 /// A begun file of a Scan stream.

@@ -8,8 +8,9 @@
 //! the scan. Spool writes go to the page cache, on the runtime's threads.
 //! Every check fails the file with a clear error: a chunk out of order, more
 //! or less content than declared, a digest that differs from the one the
-//! agent claimed, a file over the size limit. Dropping an [`Upload`] or a [`Received`] at any point (cancel, end
-//! of stream, disconnect) frees its memory and deletes its temporary file.
+//! agent claimed, a file over the size limit. Dropping an [`Upload`] or a
+//! [`Received`] at any point (cancel, end of stream, disconnect) frees its
+//! memory and deletes its temporary file.
 
 use std::{
     io::{self, Write},
