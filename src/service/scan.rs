@@ -59,17 +59,13 @@ const MAX_REPLIES: usize = 1024;
 /// millisecond: taken as they land, they would wake each VM's stream for
 /// every one of them, and make as many messages of a few verdicts, with
 /// their socket writes on both ends (see [`Landings`]). They go sooner
-/// when [`HOLD_UP_TO`] of them are in, when none of the stream's files
+/// when as many are in as one agent can have files in flight (the
+/// configured `files_in_flight`), when none of the stream's files
 /// waits any more, and with the replies to a request message. A file's own
 /// verdict, a cache hit and a request for content are never held: a failed
 /// scan's waiters are asked for their content at once, and the held
 /// verdicts go with them.
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
-
-/// Held verdicts that make a message at once (see [`HOLD_FOR`]): the
-/// default files in flight per session, as many as one agent can be
-/// waiting for at a time.
-const HOLD_UP_TO: usize = 128;
 
 /// A begun file of a Scan stream.
 struct OpenFile {
@@ -163,7 +159,9 @@ pub(super) async fn run(
     mut requests: Streaming<ScanRequest>,
     replies: Replies,
 ) {
-    let landings = Landings::new(HOLD_UP_TO);
+    // Held verdicts make a message at once when there are as many as one
+    // agent can be waiting for (see `HOLD_FOR`).
+    let landings = Landings::new(state.uploads.config().files_in_flight as usize);
     let mut shutdown = state.shutdown.clone();
     let idle_timeout = state.idle_timeout;
     let mut stream = ScanStream {
