@@ -13,7 +13,10 @@
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming},
+};
 
 use crate::{
     admin::{self, AdminService},
@@ -311,20 +314,25 @@ impl Server {
             tokio::spawn(reporter.run(self.shutdown.subscribe()));
         }
         if let Some(listener) = self.admin.take() {
+            // Every request on the admin listener needs the token, when
+            // there is one: reflection too, though it tells only the schema.
+            let token = RequireToken {
+                token: self.admin_token.take(),
+                hint: admin::TOKEN_HINT,
+            };
             let reflection = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .with_service_name("scanserver.v1.Admin")
                 .build_v1()
-                .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"));
+                .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"))
+                .ok()
+                .map(|reflection| InterceptedService::new(reflection, token.clone()));
             let admin = tonic::transport::Server::builder()
                 .add_service(AdminServer::with_interceptor(
                     AdminService::new(Arc::clone(&self.svm)),
-                    RequireToken {
-                        token: self.admin_token.take(),
-                        hint: admin::TOKEN_HINT,
-                    },
+                    token,
                 ))
-                .add_optional_service(reflection.ok())
+                .add_optional_service(reflection)
                 .serve_with_incoming_shutdown(incoming(listener), down());
             tokio::spawn(async move {
                 if let Err(err) = admin.await {

@@ -19,7 +19,7 @@ use std::{
 use common::*;
 use scanserver::{
     admin,
-    auth::BearerToken,
+    auth::{BearerToken, SendToken},
     config::Config,
     proto::{
         AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
@@ -863,6 +863,30 @@ async fn reports_carry_the_bearer_token() {
     assert_eq!(svm.status().health, Health::Ok);
 }
 
+/// Asks the reflection service at `addr` for its services, with `token`.
+async fn list_services(addr: &str, token: Option<BearerToken>) -> Result<(), tonic::Status> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::with_interceptor(channel, SendToken(token));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await?
+        .into_inner();
+    replies.message().await?.expect("a list of services");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_service_asks_for_its_token_when_it_has_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -891,6 +915,13 @@ async fn the_admin_service_asks_for_its_token_when_it_has_one() {
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     }
     let token = BearerToken::read(&token_file).unwrap();
+    let refused = list_services(&addr, None).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unauthenticated,
+        "reflection is behind the token too"
+    );
+    list_services(&addr, Some(token.clone())).await.unwrap();
     let mut admin = admin::connect(&addr, Some(token)).await.unwrap();
     assert!(
         admin
