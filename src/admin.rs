@@ -99,7 +99,7 @@ impl Admin for AdminService {
 pub type AdminClient = admin_client::AdminClient<InterceptedService<Channel, SendToken>>;
 
 /// What an admin request without the right token is told.
-pub const TOKEN_HINT: &str = "pass the server's token file with --admin-token-file FILE";
+pub const TOKEN_HINT: &str = "pass the server's token file with --admin-token-file FILE (other clients: send the header `authorization: Bearer TOKEN`)";
 
 /// Connects to the admin service at `addr` (`host:port`, or a URL), to send
 /// `token` with every request.

@@ -867,7 +867,7 @@ async fn reports_carry_the_bearer_token() {
 async fn list_services(addr: &str, token: Option<BearerToken>) -> Result<(), tonic::Status> {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -883,7 +883,14 @@ async fn list_services(addr: &str, token: Option<BearerToken>) -> Result<(), ton
         .server_reflection_info(tokio_stream::once(request))
         .await?
         .into_inner();
-    replies.message().await?.expect("a list of services");
+    let reply = replies.message().await?.expect("a reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("expected a list of services, got {reply:?}");
+    };
+    assert!(
+        list.service.iter().any(|s| s.name == "scanserver.v1.Admin"),
+        "{list:?}"
+    );
     Ok(())
 }
 
@@ -915,12 +922,14 @@ async fn the_admin_service_asks_for_its_token_when_it_has_one() {
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     }
     let token = BearerToken::read(&token_file).unwrap();
-    let refused = list_services(&addr, None).await.unwrap_err();
-    assert_eq!(
-        refused.code(),
-        tonic::Code::Unauthenticated,
-        "reflection is behind the token too"
-    );
+    for wrong in [None, BearerToken::new("guess")] {
+        let refused = list_services(&addr, wrong).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "reflection is behind the token too"
+        );
+    }
     list_services(&addr, Some(token.clone())).await.unwrap();
     let mut admin = admin::connect(&addr, Some(token)).await.unwrap();
     assert!(
