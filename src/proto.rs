@@ -197,13 +197,13 @@ impl FileVerdict {
     }
 
     /// An outcome as a client sees it: `size` is what the client knows of
-    /// the file, and `elapsed` what it measured. `versions` keeps the
-    /// signatures version of the verdicts before.
+    /// the file, and `elapsed` what it measured. `latest` is the signatures
+    /// version of the verdicts before, shared when this one's is the same.
     pub fn to_outcome(
         &self,
         size: u64,
         elapsed: Duration,
-        versions: &mut LatestVersion,
+        latest: &mut LatestVersion,
     ) -> ScanOutcome {
         let verdict = self
             .verdict
@@ -218,7 +218,7 @@ impl FileVerdict {
             digest: <[u8; 32]>::try_from(&self.blake3[..])
                 .ok()
                 .map(blake3::Hash::from_bytes),
-            rules_version: versions.of(&self.signatures_version),
+            rules_version: latest.of(&self.signatures_version),
             cached: self.cached,
             coalesced: self.coalesced,
             elapsed,

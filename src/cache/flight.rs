@@ -14,9 +14,10 @@
 //! requests that are handled in a task of their own), or subscribed
 //! ([`Flights::join_or_subscribe`]), told by a [`Notice`] left in its
 //! stream's [`Landings`] when the flight lands (a Scan stream's waiting
-//! files: no task or timer per file). Waiting is bounded by [`UPLOAD_WAIT`] (the subscriber's
-//! stream keeps the deadline), so an agent that announces content and never
-//! sends it delays others, but never decides their verdicts.
+//! files: no task or timer per file). Waiting is bounded by
+//! [`UPLOAD_WAIT`] (the subscriber's stream keeps the deadline), so an
+//! agent that announces content and never sends it delays others, but
+//! never decides their verdicts.
 //!
 //! The registry is one mutex-guarded map, touched only on cache misses
 //! (once per upload or scan), never on the hit path. A stream's landings
@@ -94,10 +95,10 @@ struct Subscriber {
 /// a failure (its file must ask for its own content at once), when
 /// `enough` of them are in, and when the last of the stream's waits lands
 /// or is withdrawn (no other notice is coming to go with them, and its
-/// agent may be held back by its files in flight until they go). Each notice is for one
-/// subscription, made for a waiting file, and the stream takes them all
-/// before it handles a request message: they never outnumber the files
-/// waiting since then and the begins of one message.
+/// agent may be held back by its files in flight until they go). Each
+/// notice is for one subscription, made for a waiting file, and the stream
+/// takes them all before it handles a request message: they never
+/// outnumber the files waiting since then and the begins of one message.
 pub struct Landings {
     pile: Mutex<Pile>,
     woken: Notify,

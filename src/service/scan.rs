@@ -148,6 +148,9 @@ struct ScanStream {
     landings: Arc<Landings>,
     /// The notices taken from `landings`, kept for the next ones.
     notices: Vec<Notice>,
+    /// Whether the stream's hold timer is set, for the landed verdicts held
+    /// since they were last taken (taking them ends the hold).
+    holding: bool,
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
     next_expiry: Option<Instant>,
@@ -170,6 +173,7 @@ pub(super) async fn run(
         replies,
         landings: Arc::clone(&landings),
         notices: Vec::new(),
+        holding: false,
         next_expiry: None,
     };
     // Three timers and the shutdown watch, for the stream's life: a timer or
@@ -181,8 +185,6 @@ pub(super) async fn run(
     let idle = tokio::time::sleep(idle_timeout);
     let wake = tokio::time::sleep(UPLOAD_WAIT);
     let flush = tokio::time::sleep(HOLD_FOR);
-    // Whether `flush` is set, for landed verdicts held since it was.
-    let mut holding = false;
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(idle, wake, flush, shutdown);
     loop {
@@ -195,15 +197,14 @@ pub(super) async fn run(
             () = landings.woken() => {
                 match landings.pending() {
                     Pending::Due => {
-                        holding = false;
                         let landed = stream.take_landed();
                         if stream.send_all(landed).await.is_err() {
                             break;
                         }
                     }
-                    Pending::Hold if !holding => {
+                    Pending::Hold if !stream.holding => {
                         flush.as_mut().reset(Instant::now() + HOLD_FOR);
-                        holding = true;
+                        stream.holding = true;
                     }
                     // Taken meanwhile, or held already.
                     Pending::Hold | Pending::Nothing => {}
@@ -211,8 +212,7 @@ pub(super) async fn run(
                 last_active = Instant::now();
                 continue;
             }
-            () = &mut flush, if holding => {
-                holding = false;
+            () = &mut flush, if stream.holding => {
                 let landed = stream.take_landed();
                 if stream.send_all(landed).await.is_err() {
                     break;
@@ -222,7 +222,6 @@ pub(super) async fn run(
             () = &mut wake, if next_expiry.is_some() => {
                 // Requests for content are never held: they go at once,
                 // and the verdicts held so far with them.
-                holding = false;
                 let mut replies = stream.take_landed();
                 replies.extend(stream.expire());
                 if stream.send_all(replies).await.is_err() {
@@ -269,8 +268,6 @@ pub(super) async fn run(
                 break;
             }
         };
-        // The request's replies take the verdicts held so far with them.
-        holding = false;
         if stream.handle(request).await.is_err() {
             break;
         }
@@ -326,8 +323,9 @@ impl ScanStream {
     /// The replies to the flights landed since they were last taken:
     /// verdicts, and requests for content for files whose flight failed.
     /// A notice that fits no waiting file (it was cancelled, or ended its
-    /// wait) is dropped.
+    /// wait) is dropped. Taking them ends the hold.
     fn take_landed(&mut self) -> Vec<FileReply> {
+        self.holding = false;
         let mut notices = std::mem::take(&mut self.notices);
         self.landings.take(&mut notices);
         let replies = notices.drain(..).filter_map(|n| self.landed(n)).collect();
