@@ -16,7 +16,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 use scanserver::{
-    client::{Agent, AgentOptions, FileSource, PreparedFile},
+    client::{Agent, AgentOptions, FileSource, HashFirst, PreparedFile},
     config::Config,
     engine::{Engine, EngineConfig},
     proto::{LookupRequest, protection_server_client::ProtectionServerClient},
@@ -131,7 +131,9 @@ fn through_grpc(c: &mut Criterion) {
     group.bench_function("scan_stream", |b| {
         b.iter(|| {
             runtime
-                .block_on(agent.scan(files.clone(), |_, outcome| assert!(outcome.cached)))
+                .block_on(agent.scan(files.clone(), HashFirst::Always, |_, outcome| {
+                    assert!(outcome.cached)
+                }))
                 .expect("scan");
         })
     });

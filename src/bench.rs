@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    client::{Agent, AgentOptions, ClientError, FileSource, PreparedFile},
+    client::{Agent, AgentOptions, ClientError, FileSource, HashFirst, PreparedFile},
     engine::ScanOutcome,
     localscan,
 };
@@ -159,7 +159,7 @@ pub async fn round(
             let counting = Arc::clone(&tally);
             tokio::spawn(async move {
                 agent
-                    .scan(files, move |_, outcome| {
+                    .scan(files, HashFirst::Always, move |_, outcome| {
                         counting.lock().expect("tally").count(&outcome)
                     })
                     .await?;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use common::*;
 use scanserver::{
-    client::{Agent, AgentOptions, ClientError, ClientTls, FileSource},
+    client::{Agent, AgentOptions, ClientError, ClientTls, FileSource, HashFirst},
     config::TlsConfig,
     proto::{
         self, AgentMessage, FileBegin, FileCancel, FileChunk, Hello, LookupRequest, RejectReason,
@@ -656,7 +656,7 @@ async fn the_lightagent_client_scans_hash_first() {
         let results = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = Arc::clone(&results);
         agent
-            .scan(files.clone(), move |path, outcome| {
+            .scan(files.clone(), HashFirst::Auto, move |path, outcome| {
                 sink.lock()
                     .unwrap()
                     .push((path.file_name().unwrap().to_owned(), outcome))
@@ -675,6 +675,113 @@ async fn the_lightagent_client_scans_hash_first() {
                 }
             );
             assert_eq!(outcome.cached, round == 1, "{name:?} in round {round}");
+        }
+    }
+    assert_eq!(server.spooled_files(), 0);
+}
+
+/// Scans `files` with `agent`, and returns each file's name and outcome.
+async fn scan_files(
+    agent: &Agent,
+    files: &[FileSource],
+    hash_first: HashFirst,
+) -> Vec<(String, scanserver::engine::ScanOutcome)> {
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&results);
+    agent
+        .scan(files.to_vec(), hash_first, move |path, outcome| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            sink.lock().unwrap().push((name, outcome));
+        })
+        .await
+        .unwrap();
+    std::mem::take(&mut *results.lock().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lightagent_client_sends_content_at_once_while_the_server_knows_nothing() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut size = 0;
+    let files: Vec<FileSource> = (0..400)
+        .map(|i| {
+            let path = dir.path().join(format!("{i}.txt"));
+            let content = format!("file {i} ").repeat(100);
+            size += content.len() as u64;
+            std::fs::write(&path, content).unwrap();
+            path.into()
+        })
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let asked = || Counters::get(&server.state.counters.content_requests);
+
+    let results = scan_files(&agent, &files, HashFirst::Auto).await;
+    assert_eq!(results.len(), 400);
+    assert!(results.iter().all(|(_, o)| o.verdict.kind() == "clean"));
+    // The first 64 answers (and the files announced meanwhile: up to 128
+    // in flight, 16 prepared ahead) go by digest; the rest with content.
+    let by_digest = asked();
+    assert!(
+        (64..=145).contains(&by_digest),
+        "{by_digest} of 400 files were announced by digest"
+    );
+    assert_eq!(
+        Counters::get(&server.state.counters.bytes_received),
+        size,
+        "each file was sent once"
+    );
+
+    // The server knows them all now: a second scan goes by digest.
+    let results = scan_files(&agent, &files, HashFirst::Auto).await;
+    assert!(results.iter().all(|(_, o)| o.cached));
+    assert_eq!(asked(), by_digest, "no content was asked for");
+
+    // Hash first always: every file of a new tree is asked for.
+    let other = tempfile::tempdir().unwrap();
+    let files: Vec<FileSource> = (0..100)
+        .map(|i| {
+            let path = other.path().join(format!("{i}.bin"));
+            std::fs::write(&path, format!("other {i} ").repeat(100)).unwrap();
+            path.into()
+        })
+        .collect();
+    scan_files(&agent, &files, HashFirst::Always).await;
+    assert_eq!(asked(), by_digest + 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
+    // Its size can be read, its content cannot (EIO at offset 0).
+    let unreadable = Path::new("/proc/self/mem");
+    let files: Vec<FileSource> = vec![
+        unreadable.to_owned().into(),
+        dir.path().join("eicar.com").into(),
+    ];
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    for hash_first in [HashFirst::Never, HashFirst::Always] {
+        let results = scan_files(&agent, &files, hash_first).await;
+        assert_eq!(results.len(), 2, "{hash_first:?}");
+        for (name, outcome) in &results {
+            if name == "mem" {
+                assert!(
+                    matches!(
+                        &outcome.verdict,
+                        scanserver::verdict::Verdict::Failed(failure)
+                            if failure.reason == scanserver::verdict::FailReason::Io
+                    ),
+                    "{hash_first:?}: {:?}",
+                    outcome.verdict
+                );
+            } else {
+                assert_eq!(outcome.verdict.kind(), "infected", "{hash_first:?}");
+            }
         }
     }
     assert_eq!(server.spooled_files(), 0);
@@ -739,6 +846,7 @@ async fn tls_and_mutual_tls() {
     agent
         .scan(
             vec![dir_files.path().join("eicar.com").into()],
+            HashFirst::Auto,
             move |_, outcome| *sink.lock().unwrap() = Some(outcome.verdict.kind()),
         )
         .await
@@ -842,7 +950,7 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
         .await
         .unwrap();
     agent
-        .scan(vec![eicar.into()], |_, outcome| {
+        .scan(vec![eicar.into()], HashFirst::Auto, |_, outcome| {
             assert!(!outcome.verdict.detections().is_empty())
         })
         .await

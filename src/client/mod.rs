@@ -1,0 +1,320 @@
+//! The Light Agent client: a session with a Protection Server, and scans of
+//! local files through it.
+//!
+//! [`Agent::connect`] opens the session (Hello, then a task that sends
+//! heartbeats for as long as the agent lives). [`Agent::scan`] (in
+//! [`scan`]) scans files on one `Scan` stream with many files in flight,
+//! each announced by its digest while the server knows some of them, so
+//! that content it knows is never sent.
+
+mod scan;
+
+pub use scan::HashFirst;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::proto::{
+    AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
+    ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
+    protection_server_client::ProtectionServerClient, server_message,
+};
+
+/// Largest gRPC message exchanged.
+const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Errors of the client as a whole (a single file's failure is a verdict).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the server answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the server rejected the session ({reason:?}): {message}")]
+    Rejected {
+        reason: RejectReason,
+        message: String,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// TLS settings towards the server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificate (PEM) the server's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name to verify the server's certificate against.
+    pub domain: Option<String>,
+}
+
+/// Who the agent is and how it reaches the server.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `http://host:port`, or `https://host:port` with [`ClientTls`].
+    pub server: String,
+    pub tls: Option<ClientTls>,
+    pub agent_id: String,
+    pub vm_id: String,
+    pub vm_name: String,
+    pub os: String,
+    pub connection_tags: Vec<String>,
+    pub require_encryption: bool,
+}
+
+impl AgentOptions {
+    /// Options for this host: the VM id is the machine id, the VM name the
+    /// host name.
+    pub fn for_host(server: impl Into<String>) -> Self {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|s| s.trim().to_owned())
+        };
+        let host = read("/etc/hostname")
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let machine = read("/etc/machine-id")
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| host.clone());
+        AgentOptions {
+            server: server.into(),
+            tls: None,
+            agent_id: format!("lightagent-{host}"),
+            vm_id: machine,
+            vm_name: host,
+            os: std::env::consts::OS.to_owned(),
+            connection_tags: Vec::new(),
+            require_encryption: false,
+        }
+    }
+}
+
+/// A file to scan through the server.
+#[derive(Debug, Clone)]
+pub enum FileSource {
+    /// A local file: hashed just before it is announced, read again if the
+    /// server asks for its content.
+    Path(PathBuf),
+    /// Content read and hashed beforehand, as an agent with its own digest
+    /// cache has it (`lightagent bench`).
+    Prepared(Arc<PreparedFile>),
+}
+
+impl FileSource {
+    fn path(&self) -> &Path {
+        match self {
+            FileSource::Path(path) => path,
+            FileSource::Prepared(file) => &file.path,
+        }
+    }
+}
+
+impl From<PathBuf> for FileSource {
+    fn from(path: PathBuf) -> Self {
+        FileSource::Path(path)
+    }
+}
+
+/// A file's content with its digest, in memory.
+#[derive(Debug)]
+pub struct PreparedFile {
+    pub path: PathBuf,
+    pub content: Bytes,
+    pub digest: blake3::Hash,
+}
+
+impl PreparedFile {
+    /// Reads and hashes the file at `path`.
+    pub fn read(path: PathBuf) -> std::io::Result<PreparedFile> {
+        let content = Bytes::from(std::fs::read(&path)?);
+        let digest = blake3::hash(&content);
+        Ok(PreparedFile {
+            path,
+            content,
+            digest,
+        })
+    }
+}
+
+/// An open session with a Protection Server.
+pub struct Agent {
+    client: ProtectionServerClient<Channel>,
+    welcome: Welcome,
+    to_server: mpsc::Sender<AgentMessage>,
+    session: JoinHandle<()>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.session.abort();
+    }
+}
+
+impl Agent {
+    /// Connects and opens a session.
+    pub async fn connect(options: &AgentOptions) -> Result<Agent, ClientError> {
+        let mut endpoint = Endpoint::from_shared(options.server.clone())?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(4 << 20);
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint.tls_config(client_tls(tls)?)?;
+        }
+        let mut client = ProtectionServerClient::new(endpoint.connect().await?)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let (to_server, outbox) = mpsc::channel(16);
+        let hello = agent_message::Kind::Hello(Hello {
+            agent_id: options.agent_id.clone(),
+            vm_id: options.vm_id.clone(),
+            vm_name: options.vm_name.clone(),
+            os: options.os.clone(),
+            agent_version: crate::VERSION.to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            connection_tags: options.connection_tags.clone(),
+            require_encryption: options.require_encryption,
+        });
+        let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
+        let mut incoming = client
+            .connect(ReceiverStream::new(outbox))
+            .await?
+            .into_inner();
+        let welcome = match incoming.message().await?.and_then(|m| m.kind) {
+            Some(server_message::Kind::Welcome(welcome)) => welcome,
+            Some(server_message::Kind::Rejection(rejection)) => {
+                return Err(ClientError::Rejected {
+                    reason: rejection.reason(),
+                    message: rejection.message,
+                });
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected a Welcome, got {other:?}"
+                )));
+            }
+        };
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
+        let heartbeats = to_server.clone();
+        let session = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            let mut sequence = 0;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {
+                        sequence += 1;
+                        let beat = agent_message::Kind::Heartbeat(Heartbeat { sequence });
+                        if heartbeats.send(AgentMessage { kind: Some(beat) }).await.is_err() {
+                            return;
+                        }
+                    }
+                    message = incoming.message() => match message {
+                        Ok(Some(ServerMessage { kind: Some(server_message::Kind::RestartSession(restart)) })) => {
+                            tracing::warn!("the server asks this agent to restart its session: {}", restart.reason);
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => return,
+                    }
+                }
+            }
+        });
+        Ok(Agent {
+            client,
+            welcome,
+            to_server,
+            session,
+        })
+    }
+
+    /// The server's Welcome: session id, versions, limits.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Reports a scan task's start or end to the server.
+    pub async fn report_task(
+        &self,
+        task_id: &str,
+        kind: TaskKind,
+        state: TaskState,
+        detections: u32,
+    ) {
+        let event = agent_message::Kind::Task(TaskEvent {
+            task_id: task_id.to_owned(),
+            kind: kind as i32,
+            state: state as i32,
+            detections,
+        });
+        let _ = self
+            .to_server
+            .send(AgentMessage { kind: Some(event) })
+            .await;
+    }
+
+    /// Verdicts the server knows for `digests` (None: unknown), complete
+    /// with digest and signatures version.
+    pub async fn lookup(
+        &self,
+        digests: &[blake3::Hash],
+    ) -> Result<Vec<Option<FileVerdict>>, ClientError> {
+        let request = LookupRequest {
+            session_id: self.welcome.session_id.clone(),
+            digests: digests
+                .iter()
+                .map(|d| Bytes::copy_from_slice(d.as_bytes()))
+                .collect(),
+        };
+        let reply = self.client.clone().lookup(request).await?.into_inner();
+        let version = reply.signatures_version;
+        // Each verdict gets the digest and version the reply leaves out.
+        let complete = |(result, digest): (crate::proto::LookupResult, &blake3::Hash)| {
+            result.verdict.map(|mut verdict| {
+                verdict.blake3 = Bytes::copy_from_slice(digest.as_bytes());
+                verdict.signatures_version.clone_from(&version);
+                verdict
+            })
+        };
+        Ok(reply
+            .results
+            .into_iter()
+            .zip(digests)
+            .map(complete)
+            .collect())
+    }
+}
+
+/// The TLS settings for `tls`, its files read.
+pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ClientError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    Ok(config)
+}

@@ -1,0 +1,882 @@
+//! [`Agent::scan`]: many files in flight on one `Scan` stream.
+//!
+//! Four parts work together, each on its own:
+//!
+//! - the **preparer**, a thread of its own, reads local files ahead of
+//!   their announcement: it hashes a file to be announced by its digest,
+//!   and only looks up the size of one to be sent at once;
+//! - the **announcer** keeps the server's limit of files in flight and
+//!   sends the begins, many to a message;
+//! - the **content sender**, a thread of its own as reads block, streams
+//!   the content of each file the server asks for, or that goes out with
+//!   its begin, one file after the other;
+//! - the **reply loop** settles each file with its verdict, and learns from
+//!   the replies what the server knows ([`Familiarity`]).
+//!
+//! **Hash first, while it pays.** A file announced by its digest is never
+//! sent when the server knows its content (another VM scanned it, or an
+//! earlier scan), and that is what the SharedCache is for. But when the
+//! server knows none of them (a cold cache, new signatures), hashing first
+//! only costs the agent a second read of each file and a round trip.
+//! Under [`HashFirst::Auto`] the agent watches what the server knew of its
+//! last files, and sends content at once while it knew almost none of
+//! them; a file sent that way whose content the server turns out to know
+//! still counts, so the agent goes back to digests as soon as they pay.
+//! Whichever way a file goes, the server hashes what it receives itself.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use slab::Slab;
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+
+use super::{Agent, ClientError, FileSource};
+use crate::{
+    engine::ScanOutcome,
+    proto::{
+        FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, LatestVersion, ScanReply,
+        ScanRequest, file_reply, file_request,
+    },
+    verdict::{FailReason, Verdict},
+};
+
+/// Chunks read ahead of the stream: enough to keep it busy, few enough
+/// that the client's memory stays small (8 chunks of the preferred size).
+const CONTENT_QUEUE: usize = 8;
+
+/// The most begins sent in one message. Begins ready together (files
+/// prepared beforehand, a server quick to answer) go out together: fewer
+/// messages mean fewer wake-ups and socket writes on both sides.
+const MAX_BEGINS: usize = 256;
+
+/// Local files the preparer may have ready ahead of the announcer. Few:
+/// a file is prepared for the way of announcing it chosen when it is
+/// prepared, and the choice may change meanwhile.
+const PREPARED_AHEAD: usize = 16;
+
+/// The preparer's read buffer, one for all the files it hashes.
+const HASH_BUFFER: usize = 1 << 20;
+
+/// How the agent announces files it has not hashed beforehand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HashFirst {
+    /// By their digest while the server knows some of the agent's files,
+    /// with their content while it knows almost none ([`Familiarity`]).
+    #[default]
+    Auto,
+    /// Always by their digest: content the server knows is never sent.
+    Always,
+    /// Always with their content, unhashed: the server hashes it.
+    Never,
+}
+
+impl Agent {
+    /// Scans `files` through the server, many in flight on one stream, and
+    /// hands each result to `on_result` (whether it came from the cache is
+    /// in the outcome). Local files are announced as `hash_first` says;
+    /// prepared ones, hashed already, always by their digest.
+    pub async fn scan<F>(
+        &self,
+        files: Vec<FileSource>,
+        hash_first: HashFirst,
+        on_result: F,
+    ) -> Result<(), ClientError>
+    where
+        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+    {
+        let limits = self.welcome.limits.unwrap_or_default();
+        let in_flight = Window::new(limits.max_files_in_flight.clamp(1, 1024) as usize);
+        let places = Arc::clone(&in_flight.places);
+        let chunk_size = limits.preferred_chunk_size.clamp(4 << 10, 4 << 20) as usize;
+        // Begins and content wait in queues of their own, merged onto the
+        // stream: a begin never queues behind megabytes of another file's
+        // content, so the server's requests for content keep coming while
+        // content goes out. A begin that goes with its content goes in the
+        // content's queue, ahead of it.
+        let (requests, begins) = mpsc::channel(256);
+        let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
+        let outbox = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
+        let mut replies = self.client.clone().scan(outbox).await?.into_inner();
+        let (uploads, to_upload) = mpsc::unbounded_channel();
+        let (unread_tx, mut unread) = mpsc::unbounded_channel();
+        let failed = Arc::new(LastFailed::default());
+        let failed_for_sender = Arc::clone(&failed);
+        let sender = tokio::task::spawn_blocking(move || {
+            send_content(
+                to_upload,
+                content_requests,
+                &unread_tx,
+                &failed_for_sender,
+                chunk_size,
+            )
+        });
+        let familiarity = Familiarity::new(hash_first);
+        let prepared = Preparer::start(&files, familiarity.content_first());
+        let mut settle = Settle {
+            pending: Arc::default(),
+            uploads,
+            failed,
+            latest: LatestVersion::default(),
+            familiarity,
+            on_result: Arc::new(on_result),
+        };
+        let announcer = Announcer {
+            session_id: self.welcome.session_id.clone(),
+            pending: Arc::clone(&settle.pending),
+            requests,
+            uploads: settle.uploads.clone(),
+        };
+        let on_result = Arc::clone(&settle.on_result);
+        let mut producer = AbortOnDrop(tokio::spawn(
+            announcer.run(files, prepared, in_flight, on_result),
+        ));
+        let mut produced = false;
+        loop {
+            if produced && settle.pending.lock().expect("pending").is_empty() {
+                break;
+            }
+            let over = tokio::select! {
+                message = replies.message() => settle.answered(message?.ok_or_else(|| {
+                    ClientError::Protocol("the server ended the stream with files unanswered".into())
+                })?),
+                Some((id, err)) = unread.recv() => settle.unread(id, &err),
+                result = &mut producer.0, if !produced => {
+                    produced = true;
+                    result.map_err(|e| ClientError::Protocol(e.to_string()))??;
+                    continue;
+                }
+            };
+            places.add_permits(over);
+        }
+        drop(settle);
+        let _ = sender.await;
+        Ok(())
+    }
+}
+
+/// What the reply loop needs to settle files.
+struct Settle<F> {
+    pending: Pending,
+    /// Files whose content the server asked for, to the content sender.
+    uploads: mpsc::UnboundedSender<Upload>,
+    failed: Arc<LastFailed>,
+    latest: LatestVersion,
+    familiarity: Familiarity,
+    on_result: Arc<F>,
+}
+
+impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
+    /// Takes the replies of one message: a file asked for goes to the
+    /// content sender, a file answered to `on_result`, a file failed to
+    /// `failed`. Returns how many files are over (their places in flight
+    /// are free again). `on_result` is called once the pending files are
+    /// unlocked: it may take its time (printing, say), and the announcer
+    /// and the content sender need them meanwhile.
+    fn answered(&mut self, message: ScanReply) -> usize {
+        let mut over = Vec::with_capacity(message.replies.len());
+        let mut files = self.pending.lock().expect("pending");
+        for reply in message.replies {
+            let id = reply.file_id;
+            let answer = match reply.kind {
+                Some(file_reply::Kind::SendContent(_)) => {
+                    if let Some(file) = files.get_mut(id) {
+                        file.asked = true;
+                        self.familiarity.record(false);
+                        let upload = Upload {
+                            id,
+                            source: file.source.clone(),
+                            begin: None,
+                        };
+                        let _ = self.uploads.send(upload);
+                    }
+                    continue;
+                }
+                Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
+                Some(file_reply::Kind::Error(error)) => {
+                    self.failed.0.store(id, Ordering::Relaxed);
+                    Err(Verdict::failed(FailReason::Engine, error.message))
+                }
+                None => continue,
+            };
+            let Some(file) = files.remove(id) else {
+                continue;
+            };
+            if let (Ok(verdict), false) = (&answer, file.asked) {
+                self.familiarity.record(verdict.cached || verdict.coalesced);
+            }
+            over.push((file, answer));
+        }
+        drop(files);
+        let count = over.len();
+        for (file, answer) in over {
+            let elapsed = file.started.elapsed();
+            let outcome = match answer {
+                Ok(verdict) => verdict.to_outcome(file.size, elapsed, &mut self.latest),
+                Err(verdict) => ScanOutcome::failed(verdict, file.size, elapsed, "".into()),
+            };
+            (self.on_result)(file.source.path(), outcome);
+        }
+        count
+    }
+
+    /// Settles a file the content sender could not read (the server, if it
+    /// knew of the file, was told to drop it). Returns how many files are
+    /// over: none when the server had failed the file already.
+    fn unread(&mut self, id: u64, err: &std::io::Error) -> usize {
+        let Some(file) = self.pending.lock().expect("pending").remove(id) else {
+            return 0;
+        };
+        let verdict = Verdict::failed(FailReason::Io, format!("cannot read the file: {err}"));
+        let outcome = ScanOutcome::failed(verdict, file.size, file.started.elapsed(), "".into());
+        (self.on_result)(file.source.path(), outcome);
+        1
+    }
+}
+
+/// What the server knew of the agent's last files, which decides, under
+/// [`HashFirst::Auto`], whether the next local files go out with their
+/// content at once.
+///
+/// A file counts as known when its begin was answered from the cache or
+/// by a scan under way (coalesced), or when content sent at once turned
+/// out to be known by the digest the server computed; as unknown when the
+/// server asked for its content or scanned what it was sent.
+///
+/// The agent sends content at once while the server knew fewer than one
+/// in eight of its last 64 files. Content the server knew costs it
+/// receiving and hashing, on the SVM that every VM shares; a digest it did
+/// not know costs the agent a second read of the file. So digests go first
+/// unless they almost never pay, and from the start: a scan begins by
+/// digest, and content goes at once only once 64 files have shown that
+/// the server knows next to none.
+struct Familiarity {
+    /// One bit per file, the latest lowest: set when it was known.
+    known: u64,
+    /// Files counted, up to 64.
+    counted: u32,
+    auto: bool,
+    content_first: Arc<AtomicBool>,
+}
+
+impl Familiarity {
+    /// Files over which the choice is made.
+    const WINDOW: u32 = u64::BITS;
+    /// Fewer known files than this among the last [`Self::WINDOW`] send
+    /// the next ones with their content.
+    const KNOWN_ENOUGH: u32 = Self::WINDOW / 8;
+
+    fn new(hash_first: HashFirst) -> Self {
+        Familiarity {
+            known: 0,
+            counted: 0,
+            auto: hash_first == HashFirst::Auto,
+            content_first: Arc::new(AtomicBool::new(hash_first == HashFirst::Never)),
+        }
+    }
+
+    /// Whether the next local files go with their content: read by the
+    /// preparer as it prepares each of them.
+    fn content_first(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.content_first)
+    }
+
+    fn record(&mut self, known: bool) {
+        if !self.auto {
+            return;
+        }
+        self.known = self.known << 1 | u64::from(known);
+        self.counted = (self.counted + 1).min(Self::WINDOW);
+        let content_first =
+            self.counted == Self::WINDOW && self.known.count_ones() < Self::KNOWN_ENOUGH;
+        self.content_first.store(content_first, Ordering::Relaxed);
+    }
+}
+
+/// A local file ready to be announced: its size, and its digest when it
+/// is announced by digest.
+struct Ready {
+    size: u64,
+    digest: Option<blake3::Hash>,
+}
+
+/// Prepares local files, in order, on a thread of its own, a few
+/// ([`PREPARED_AHEAD`]) ahead of the announcer: one thread hashing file
+/// after file, rather than a task handed to a thread for each file.
+struct Preparer;
+
+impl Preparer {
+    /// Starts preparing the local files among `files` (none: the receiver
+    /// is closed at once); the announcer takes them in the same order.
+    fn start(
+        files: &[FileSource],
+        content_first: Arc<AtomicBool>,
+    ) -> mpsc::Receiver<std::io::Result<Ready>> {
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .filter_map(|source| match source {
+                FileSource::Path(path) => Some(path.clone()),
+                FileSource::Prepared(_) => None,
+            })
+            .collect();
+        let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
+        if !paths.is_empty() {
+            tokio::task::spawn_blocking(move || Self::run(paths, &content_first, &ready));
+        }
+        prepared
+    }
+
+    fn run(
+        paths: Vec<PathBuf>,
+        content_first: &AtomicBool,
+        ready: &mpsc::Sender<std::io::Result<Ready>>,
+    ) {
+        let mut buffer = vec![0; HASH_BUFFER];
+        for path in paths {
+            let prepared = if content_first.load(Ordering::Relaxed) {
+                std::fs::metadata(&path).map(|metadata| Ready {
+                    size: metadata.len(),
+                    digest: None,
+                })
+            } else {
+                hash_file(&path, &mut buffer).map(|(size, digest)| Ready {
+                    size,
+                    digest: Some(digest),
+                })
+            };
+            if ready.blocking_send(prepared).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A file's size and blake3 digest, read through `buffer`.
+fn hash_file(path: &Path, buffer: &mut [u8]) -> std::io::Result<(u64, blake3::Hash)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0;
+    loop {
+        match file.read(buffer) {
+            Ok(0) => return Ok((size, hasher.finalize())),
+            Ok(read) => {
+                hasher.update(&buffer[..read]);
+                size += read as u64;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// A task that stops when its handle goes: a scan that ends early (the
+/// server broke the stream) must not leave its announcer waiting forever.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Pending = Arc<Mutex<PendingFiles>>;
+
+/// The id of the file the server failed last. Content goes out one file
+/// after the other, so the sender checks the file it is sending against
+/// this alone, with no lock per chunk: a file the server has already
+/// failed (it grew, say) gets no more of its content.
+struct LastFailed(AtomicU64);
+
+impl Default for LastFailed {
+    fn default() -> Self {
+        LastFailed(AtomicU64::new(u64::MAX))
+    }
+}
+
+/// Files announced and not yet answered. A file's id is made of its place
+/// here (the low 32 bits: a file is found by indexing, not hashing) and
+/// the number of files begun before it: ids never repeat on a stream, so a
+/// late reply about a file that is over (the server's error for a chunk
+/// sent after it failed the file) is never taken for another file's.
+#[derive(Default)]
+struct PendingFiles {
+    /// Each file with its id.
+    files: Slab<(u64, PendingFile)>,
+    begun: u64,
+}
+
+struct PendingFile {
+    source: FileSource,
+    size: u64,
+    started: Instant,
+    /// The server asked for its content: it did not know it.
+    asked: bool,
+}
+
+impl PendingFiles {
+    /// Adds `file`, and returns its id.
+    fn insert(&mut self, file: PendingFile) -> u64 {
+        let place = self.files.vacant_entry();
+        let id = self.begun << 32 | place.key() as u64;
+        self.begun += 1;
+        place.insert((id, file));
+        id
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut PendingFile> {
+        match self.files.get_mut(Self::place(id)) {
+            Some((known, file)) if *known == id => Some(file),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<PendingFile> {
+        self.get_mut(id)?;
+        Some(self.files.remove(Self::place(id)).1)
+    }
+
+    fn place(id: u64) -> usize {
+        (id & u64::from(u32::MAX)) as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// Announces files, keeping at most the server's limit in flight.
+struct Announcer {
+    session_id: String,
+    pending: Pending,
+    requests: mpsc::Sender<ScanRequest>,
+    /// Files that go with their content, to the content sender.
+    uploads: mpsc::UnboundedSender<Upload>,
+}
+
+impl Announcer {
+    /// Announces each file: by digest (its begin goes out with others in
+    /// one message, as soon as the announcer would otherwise wait, for a
+    /// place in flight or for the preparer), or with its content (its
+    /// begin goes to the content sender, to go out with the content).
+    async fn run<F>(
+        self,
+        files: Vec<FileSource>,
+        mut prepared: mpsc::Receiver<std::io::Result<Ready>>,
+        mut in_flight: Window,
+        on_result: Arc<F>,
+    ) -> Result<(), ClientError>
+    where
+        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+    {
+        let mut ready = Vec::new();
+        let count = files.len();
+        for (index, source) in files.into_iter().enumerate() {
+            if !in_flight.try_take() {
+                self.send(&mut ready).await?;
+                in_flight.take(count - index).await;
+            }
+            let started = Instant::now();
+            let file = match &source {
+                FileSource::Prepared(file) => Ok(Ready {
+                    size: file.content.len() as u64,
+                    digest: Some(file.digest),
+                }),
+                FileSource::Path(_) => match prepared.try_recv() {
+                    Ok(file) => file,
+                    Err(_) => {
+                        self.send(&mut ready).await?;
+                        prepared.recv().await.ok_or_else(|| {
+                            ClientError::Protocol("the file preparer stopped".into())
+                        })?
+                    }
+                },
+            };
+            let file = match file {
+                Ok(file) => file,
+                Err(err) => {
+                    in_flight.put_back();
+                    let verdict = Verdict::failed(FailReason::Io, err.to_string());
+                    let outcome = ScanOutcome::failed(verdict, 0, started.elapsed(), "".into());
+                    on_result(source.path(), outcome);
+                    continue;
+                }
+            };
+            let begin = FileBegin {
+                file_id: 0,
+                session_id: self.session_id.clone(),
+                path: source.path().to_string_lossy().into_owned(),
+                size: file.size,
+                blake3: file
+                    .digest
+                    .map(|digest| Bytes::copy_from_slice(digest.as_bytes()))
+                    .unwrap_or_default(),
+            };
+            let pending = PendingFile {
+                source,
+                size: file.size,
+                started,
+                asked: false,
+            };
+            if file.digest.is_some() {
+                ready.push((begin, pending));
+                if ready.len() == MAX_BEGINS {
+                    self.send(&mut ready).await?;
+                }
+            } else {
+                self.upload(begin, pending);
+            }
+        }
+        self.send(&mut ready).await
+    }
+
+    /// Sends the `ready` begins in one message, their files pending first
+    /// (the answers may come at once), each begin with its file's id.
+    async fn send(&self, ready: &mut Vec<(FileBegin, PendingFile)>) -> Result<(), ClientError> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let message = {
+            let mut pending = self.pending.lock().expect("pending");
+            let begins = ready.drain(..).map(|(mut begin, file)| {
+                begin.file_id = pending.insert(file);
+                file_request::Kind::Begin(begin).into()
+            });
+            ScanRequest {
+                requests: begins.collect(),
+            }
+        };
+        self.requests
+            .send(message)
+            .await
+            .map_err(|_| ClientError::Protocol("the scan stream closed".into()))
+    }
+
+    /// Hands a file that goes with its content to the content sender.
+    fn upload(&self, mut begin: FileBegin, file: PendingFile) {
+        let source = file.source.clone();
+        let id = self.pending.lock().expect("pending").insert(file);
+        begin.file_id = id;
+        let _ = self.uploads.send(Upload {
+            id,
+            source,
+            begin: Some(begin),
+        });
+    }
+}
+
+/// The server's limit of files in flight, as places. The announcer takes
+/// a place for each file it announces; the scan gives places back as
+/// files are answered, for a whole reply message at once. Once all are
+/// taken, they are taken back a group at a time (three quarters of the
+/// limit): for files hashed beforehand (`lightagent bench`), verdicts
+/// coming in a few at a time then make one message of begins per group,
+/// not one per reply. Each message costs a socket write and a wake-up on
+/// both ends, which a storm of many agents multiplies: with a quarter of
+/// the limit, a 50-agent storm wrote a quarter more messages. (A file
+/// hashed just before its begin sends the begins ready before it first:
+/// its hashing takes longer than a message.)
+struct Window {
+    places: Arc<Semaphore>,
+    group: usize,
+    /// Places taken and not used yet.
+    spare: usize,
+}
+
+impl Window {
+    fn new(limit: usize) -> Self {
+        Window {
+            places: Arc::new(Semaphore::new(limit)),
+            group: (limit * 3 / 4).max(1),
+            spare: 0,
+        }
+    }
+
+    /// Takes a place, if one is free now.
+    fn try_take(&mut self) -> bool {
+        if self.spare == 0 {
+            let Ok(place) = self.places.try_acquire() else {
+                return false;
+            };
+            place.forget();
+            self.spare = 1;
+        }
+        self.spare -= 1;
+        true
+    }
+
+    /// Takes a place, once a group of them is free (fewer when fewer than
+    /// a group of files are left to announce).
+    async fn take(&mut self, files_left: usize) {
+        let group = self.group.min(files_left).max(1);
+        let places = self.places.acquire_many(group as u32).await;
+        places.expect("never closed").forget();
+        self.spare += group - 1;
+    }
+
+    /// Puts back a place taken for a file that was not announced.
+    fn put_back(&mut self) {
+        self.spare += 1;
+    }
+}
+
+/// A file whose content is to be sent: one the server asked for, or one
+/// that goes with its begin.
+struct Upload {
+    id: u64,
+    source: FileSource,
+    begin: Option<FileBegin>,
+}
+
+/// Why the content sender stopped sending a file.
+enum Stop {
+    /// The file could not be read: the agent settles it itself.
+    Unread(std::io::Error),
+    /// The stream is gone.
+    Closed,
+}
+
+/// Streams the content of each file to upload, in chunks, then its end;
+/// on a thread of its own, as reading files blocks. A file that cannot be
+/// read goes to `unread`.
+fn send_content(
+    mut uploads: mpsc::UnboundedReceiver<Upload>,
+    requests: mpsc::Sender<ScanRequest>,
+    unread: &mpsc::UnboundedSender<(u64, std::io::Error)>,
+    failed: &LastFailed,
+    chunk_size: usize,
+) {
+    let mut outbox = Outbox {
+        requests,
+        batch: Vec::new(),
+        bytes: 0,
+        limit: chunk_size,
+    };
+    while let Some(Upload { id, source, begin }) = uploads.blocking_recv() {
+        let begin = begin.map(|begin| file_request::Kind::Begin(begin).into());
+        let sent = match &source {
+            FileSource::Prepared(file) => {
+                let content = &file.content;
+                let chunks = (0..content.len())
+                    .step_by(chunk_size)
+                    .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
+                outbox.file(id, begin, chunks, failed)
+            }
+            FileSource::Path(path) => match std::fs::File::open(path) {
+                Ok(file) => outbox.file(id, begin, FileChunks { file, chunk_size }, failed),
+                Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), failed),
+            },
+        };
+        let sent = match sent {
+            Err(Stop::Unread(err)) => unread.send((id, err)).map_err(|_| Stop::Closed),
+            sent => sent,
+        };
+        // Files waiting to go join this one's last message; with nothing
+        // waiting, it goes now.
+        if sent.is_err() || (uploads.is_empty() && outbox.flush().is_err()) {
+            return;
+        }
+    }
+}
+
+/// The content sender's next message. Small files (or the ends of large
+/// ones) that go one after the other share a message, up to a chunk's
+/// size: a message of its own for each would cost both ends a wake-up and
+/// a socket operation per file.
+struct Outbox {
+    requests: mpsc::Sender<ScanRequest>,
+    batch: Vec<FileRequest>,
+    /// Content bytes in `batch`.
+    bytes: usize,
+    limit: usize,
+}
+
+impl Outbox {
+    /// Adds a file's chunks, then its end; and its `begin` first, if it
+    /// goes with the content. A file that cannot be read is cancelled, if
+    /// the server knows of it. A file the server has already failed gets
+    /// no more of its content.
+    fn file(
+        &mut self,
+        id: u64,
+        begin: Option<FileRequest>,
+        chunks: impl Iterator<Item = std::io::Result<Bytes>>,
+        failed: &LastFailed,
+    ) -> Result<(), Stop> {
+        // The begin waits for the first chunk: a file that cannot be read
+        // at all is then never heard of.
+        let mut begin = begin;
+        let mut offset = 0u64;
+        for data in chunks {
+            let data = match data {
+                Ok(data) => data,
+                // The server knows of the file: it is told to drop it.
+                Err(err) if begin.is_none() => {
+                    self.push(
+                        file_request::Kind::Cancel(FileCancel { file_id: id }).into(),
+                        0,
+                    )?;
+                    return Err(Stop::Unread(err));
+                }
+                Err(err) => return Err(Stop::Unread(err)),
+            };
+            if failed.0.load(Ordering::Relaxed) == id {
+                return Ok(());
+            }
+            if let Some(begin) = begin.take() {
+                self.push(begin, 0)?;
+            }
+            let length = data.len();
+            let chunk = FileChunk {
+                file_id: id,
+                offset,
+                data,
+                path: String::new(),
+            };
+            offset += length as u64;
+            self.push(file_request::Kind::Chunk(chunk).into(), length)?;
+        }
+        if let Some(begin) = begin {
+            self.push(begin, 0)?;
+        }
+        self.push(file_request::Kind::End(FileEnd { file_id: id }).into(), 0)
+    }
+
+    /// Adds a request of `bytes` content; a chunk that fills the message
+    /// sends it, unless it may be its file's last (its end goes with it).
+    fn push(&mut self, request: FileRequest, bytes: usize) -> Result<(), Stop> {
+        if self.bytes + bytes > self.limit {
+            self.flush()?;
+        }
+        self.batch.push(request);
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Stop> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let message = ScanRequest {
+            requests: std::mem::take(&mut self.batch),
+        };
+        self.requests
+            .blocking_send(message)
+            .map_err(|_| Stop::Closed)
+    }
+}
+
+/// A file read in chunks, each in a buffer of its own, which the stream
+/// frees once it has sent it. A read fills the buffer's spare capacity
+/// directly: nothing is zeroed first.
+struct FileChunks {
+    file: std::fs::File,
+    chunk_size: usize,
+}
+
+impl Iterator for FileChunks {
+    type Item = std::io::Result<Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut chunk = Vec::with_capacity(self.chunk_size);
+        let limit = self.chunk_size as u64;
+        match (&mut self.file).take(limit).read_to_end(&mut chunk) {
+            Ok(0) => None,
+            Ok(_) => Some(Ok(Bytes::from(chunk))),
+            Err(err) => Some(Err(err)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> PendingFile {
+        PendingFile {
+            source: FileSource::Path(name.into()),
+            size: 0,
+            started: Instant::now(),
+            asked: false,
+        }
+    }
+
+    #[test]
+    fn a_file_id_never_names_a_later_file() {
+        let mut pending = PendingFiles::default();
+        let first = pending.insert(file("a"));
+        assert!(pending.remove(first).is_some());
+        let second = pending.insert(file("b"));
+        assert_eq!(PendingFiles::place(first), PendingFiles::place(second));
+        assert_ne!(first, second);
+        assert!(
+            pending.get_mut(first).is_none(),
+            "a late reply for the first"
+        );
+        assert!(pending.remove(first).is_none());
+        assert_eq!(
+            pending.get_mut(second).unwrap().source.path(),
+            Path::new("b")
+        );
+        assert!(pending.remove(second).is_some());
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn content_goes_first_only_while_the_server_knows_almost_nothing() {
+        let mut familiarity = Familiarity::new(HashFirst::Auto);
+        let content_first = familiarity.content_first();
+        for _ in 0..63 {
+            familiarity.record(false);
+        }
+        assert!(
+            !content_first.load(Ordering::Relaxed),
+            "digests first until 64 files are counted"
+        );
+        familiarity.record(false);
+        assert!(content_first.load(Ordering::Relaxed));
+        for _ in 0..7 {
+            familiarity.record(true);
+        }
+        assert!(content_first.load(Ordering::Relaxed), "7 of 64 known");
+        familiarity.record(true);
+        assert!(!content_first.load(Ordering::Relaxed), "8 of 64 known");
+        for _ in 0..56 {
+            familiarity.record(false);
+        }
+        assert!(
+            !content_first.load(Ordering::Relaxed),
+            "the 8 are among the last 64"
+        );
+        familiarity.record(false);
+        assert!(
+            content_first.load(Ordering::Relaxed),
+            "one of them left the 64"
+        );
+    }
+
+    #[test]
+    fn always_and_never_do_not_change() {
+        for (hash_first, content_first) in [(HashFirst::Always, false), (HashFirst::Never, true)] {
+            let mut familiarity = Familiarity::new(hash_first);
+            for _ in 0..100 {
+                familiarity.record(!content_first);
+            }
+            assert_eq!(
+                familiarity.content_first().load(Ordering::Relaxed),
+                content_first
+            );
+        }
+    }
+}
