@@ -29,6 +29,19 @@ impl From<file_request::Kind> for FileRequest {
     }
 }
 
+/// Each of a file's requests as a `FileRequest`.
+macro_rules! file_requests {
+    ($($request:ident => $kind:ident),*) => {$(
+        impl From<$request> for FileRequest {
+            fn from(request: $request) -> Self {
+                file_request::Kind::$kind(request).into()
+            }
+        }
+    )*};
+}
+
+file_requests!(FileBegin => Begin, FileChunk => Chunk, FileEnd => End, FileCancel => Cancel);
+
 /// A Scan stream message of one request.
 impl From<file_request::Kind> for ScanRequest {
     fn from(kind: file_request::Kind) -> Self {

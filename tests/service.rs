@@ -720,11 +720,13 @@ async fn the_lightagent_client_sends_content_at_once_while_the_server_knows_noth
     let results = scan_files(&agent, &files, HashFirst::Auto).await;
     assert_eq!(results.len(), 400);
     assert!(results.iter().all(|(_, o)| o.verdict.kind() == "clean"));
-    // The first 64 answers (and the files announced meanwhile: up to 128
-    // in flight, 16 prepared ahead) go by digest; the rest with content.
+    // Files go by digest until 64 answers show the server knows none: at
+    // most those 64, the files announced before the 64th answer was taken
+    // (up to 128 in flight after files are over) and the 17 the preparer
+    // had ready. The rest go with their content.
     let by_digest = asked();
     assert!(
-        (64..=145).contains(&by_digest),
+        (64..=64 + 128 + 17).contains(&by_digest),
         "{by_digest} of 400 files were announced by digest"
     );
     assert_eq!(
@@ -758,18 +760,23 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
     std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
     // Its size can be read, its content cannot (EIO at offset 0).
     let unreadable = Path::new("/proc/self/mem");
+    // Its metadata says 0 bytes; it has more.
+    let misreported = Path::new("/proc/version");
     let files: Vec<FileSource> = vec![
         unreadable.to_owned().into(),
         dir.path().join("eicar.com").into(),
+        misreported.to_owned().into(),
     ];
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
         .unwrap();
     for hash_first in [HashFirst::Never, HashFirst::Always] {
         let results = scan_files(&agent, &files, hash_first).await;
-        assert_eq!(results.len(), 2, "{hash_first:?}");
+        assert_eq!(results.len(), 3, "{hash_first:?}");
         for (name, outcome) in &results {
-            if name == "mem" {
+            if name == "version" {
+                assert_eq!(outcome.verdict.kind(), "clean", "{hash_first:?}");
+            } else if name == "mem" {
                 assert!(
                     matches!(
                         &outcome.verdict,
@@ -785,6 +792,58 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
         }
     }
     assert_eq!(server.spooled_files(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_asked_for_and_gone_keeps_its_place_until_the_server_drops_it() {
+    // One file in flight: the next file's begin must not reach the server
+    // before it has taken the cancel of the file that could not be read.
+    let server = TestServer::start(|c| c.uploads.files_in_flight = 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("first.txt"), "first").unwrap();
+    std::fs::write(path("gone.txt"), "second").unwrap();
+    std::fs::write(path("eicar.com"), EICAR).unwrap();
+    let files: Vec<FileSource> = ["first.txt", "gone.txt", "eicar.com"]
+        .iter()
+        .map(|name| path(name).into())
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&results);
+    let gone = path("gone.txt");
+    let state = Arc::clone(&server.state);
+    // gone.txt is hashed ahead; it goes once first.txt is answered, so the
+    // server asks for content the agent can no longer read. The agent
+    // cancels it, and settles it once the server has dropped it.
+    agent
+        .scan(files, HashFirst::Always, move |path, outcome| {
+            if path.ends_with("first.txt") {
+                std::fs::remove_file(&gone).unwrap();
+            }
+            if path.ends_with("gone.txt") {
+                assert_eq!(state.sessions.files_in_flight(), 0);
+            }
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            sink.lock().unwrap().push((name, outcome.verdict));
+        })
+        .await
+        .unwrap();
+    let results = results.lock().unwrap();
+    let verdict = |name: &str| &results.iter().find(|(n, _)| n == name).unwrap().1;
+    assert_eq!(verdict("first.txt").kind(), "clean");
+    assert!(
+        matches!(
+            verdict("gone.txt"),
+            scanserver::verdict::Verdict::Failed(failure)
+                if failure.reason == scanserver::verdict::FailReason::Io
+        ),
+        "{:?}",
+        verdict("gone.txt")
+    );
+    assert_eq!(verdict("eicar.com").kind(), "infected");
 }
 
 /// A CA, a server certificate for localhost and a client certificate, as

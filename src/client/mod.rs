@@ -4,8 +4,9 @@
 //! [`Agent::connect`] opens the session (Hello, then a task that sends
 //! heartbeats for as long as the agent lives). [`Agent::scan`] (in
 //! [`scan`]) scans files on one `Scan` stream with many files in flight,
-//! each announced by its digest while the server knows some of them, so
-//! that content it knows is never sent.
+//! each announced by its digest (its content goes only if the server asks
+//! for it) while the server knows some of them, and with its content at
+//! once while it knows almost none.
 
 mod scan;
 
@@ -108,8 +109,8 @@ impl AgentOptions {
 /// A file to scan through the server.
 #[derive(Debug, Clone)]
 pub enum FileSource {
-    /// A local file: hashed just before it is announced, read again if the
-    /// server asks for its content.
+    /// A local file: hashed ahead of its announcement and read again if
+    /// the server asks for its content, or read once to go with its begin.
     Path(PathBuf),
     /// Content read and hashed beforehand, as an agent with its own digest
     /// cache has it (`lightagent bench`).

@@ -61,9 +61,10 @@ const CONTENT_QUEUE: usize = 8;
 /// messages mean fewer wake-ups and socket writes on both sides.
 const MAX_BEGINS: usize = 256;
 
-/// Local files the preparer may have ready ahead of the announcer. Few:
-/// a file is prepared for the way of announcing it chosen when it is
-/// prepared, and the choice may change meanwhile.
+/// Local files the preparer may have ready ahead of the announcer (and
+/// one more, waiting for room). Few: a file is prepared for the way of
+/// announcing it chosen when it is prepared, and the choice may change
+/// meanwhile.
 const PREPARED_AHEAD: usize = 16;
 
 /// The preparer's read buffer, one for all the files it hashes.
@@ -107,10 +108,10 @@ impl Agent {
         // content's queue, ahead of it.
         let (requests, begins) = mpsc::channel(256);
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
-        let outbox = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
-        let mut replies = self.client.clone().scan(outbox).await?.into_inner();
+        let outgoing = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
+        let mut replies = self.client.clone().scan(outgoing).await?.into_inner();
         let (uploads, to_upload) = mpsc::unbounded_channel();
-        let (unread_tx, mut unread) = mpsc::unbounded_channel();
+        let (unread_tx, mut unread) = mpsc::unbounded_channel::<Unread>();
         let failed = Arc::new(LastFailed::default());
         let failed_for_sender = Arc::clone(&failed);
         let sender = tokio::task::spawn_blocking(move || {
@@ -123,7 +124,7 @@ impl Agent {
             )
         });
         let familiarity = Familiarity::new(hash_first);
-        let prepared = Preparer::start(&files, familiarity.content_first());
+        let preparer = Preparer::start(&files, familiarity.content_first());
         let mut settle = Settle {
             pending: Arc::default(),
             uploads,
@@ -134,24 +135,31 @@ impl Agent {
         };
         let announcer = Announcer {
             session_id: self.welcome.session_id.clone(),
+            max_file_size: match limits.max_file_size {
+                0 => u64::MAX,
+                limit => limit,
+            },
             pending: Arc::clone(&settle.pending),
             requests,
             uploads: settle.uploads.clone(),
         };
         let on_result = Arc::clone(&settle.on_result);
         let mut producer = AbortOnDrop(tokio::spawn(
-            announcer.run(files, prepared, in_flight, on_result),
+            announcer.run(files, preparer, in_flight, on_result),
         ));
         let mut produced = false;
         loop {
             if produced && settle.pending.lock().expect("pending").is_empty() {
                 break;
             }
+            // A file the content sender could not read is marked before
+            // the server's reply to its cancel can be taken.
             let over = tokio::select! {
+                biased;
+                Some((id, err, cancelled)) = unread.recv() => settle.unread(id, err, cancelled),
                 message = replies.message() => settle.answered(message?.ok_or_else(|| {
                     ClientError::Protocol("the server ended the stream with files unanswered".into())
                 })?),
-                Some((id, err)) = unread.recv() => settle.unread(id, &err),
                 result = &mut producer.0, if !produced => {
                     produced = true;
                     result.map_err(|e| ClientError::Protocol(e.to_string()))??;
@@ -206,13 +214,18 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
                 Some(file_reply::Kind::Error(error)) => {
                     self.failed.0.store(id, Ordering::Relaxed);
-                    Err(Verdict::failed(FailReason::Engine, error.message))
+                    Err(error.message)
                 }
                 None => continue,
             };
-            let Some(file) = files.remove(id) else {
+            let Some(mut file) = files.remove(id) else {
                 continue;
             };
+            // A file cancelled because it could not be read fails for that.
+            let answer = answer.map_err(|message| match file.unread.take() {
+                Some(err) => unreadable(&err),
+                None => Verdict::failed(FailReason::Engine, message),
+            });
             if let (Ok(verdict), false) = (&answer, file.asked) {
                 self.familiarity.record(verdict.cached || verdict.coalesced);
             }
@@ -224,25 +237,42 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
             let elapsed = file.started.elapsed();
             let outcome = match answer {
                 Ok(verdict) => verdict.to_outcome(file.size, elapsed, &mut self.latest),
-                Err(verdict) => ScanOutcome::failed(verdict, file.size, elapsed, "".into()),
+                Err(verdict) => failed_outcome(verdict, file.size, file.started),
             };
             (self.on_result)(file.source.path(), outcome);
         }
         count
     }
 
-    /// Settles a file the content sender could not read (the server, if it
-    /// knew of the file, was told to drop it). Returns how many files are
-    /// over: none when the server had failed the file already.
-    fn unread(&mut self, id: u64, err: &std::io::Error) -> usize {
-        let Some(file) = self.pending.lock().expect("pending").remove(id) else {
+    /// Takes a file the content sender could not read. One the server
+    /// never heard of is over at once. One it was told to cancel keeps its
+    /// place in flight until the server's reply: the server counts it
+    /// until it takes the cancel. Returns how many files are over.
+    fn unread(&mut self, id: u64, err: std::io::Error, cancelled: bool) -> usize {
+        let mut files = self.pending.lock().expect("pending");
+        if cancelled {
+            if let Some(file) = files.get_mut(id) {
+                file.unread = Some(err);
+            }
+            return 0;
+        }
+        let Some(file) = files.remove(id) else {
             return 0;
         };
-        let verdict = Verdict::failed(FailReason::Io, format!("cannot read the file: {err}"));
-        let outcome = ScanOutcome::failed(verdict, file.size, file.started.elapsed(), "".into());
+        drop(files);
+        let outcome = failed_outcome(unreadable(&err), file.size, file.started);
         (self.on_result)(file.source.path(), outcome);
         1
     }
+}
+
+/// The verdict for a file that could not be read.
+fn unreadable(err: &std::io::Error) -> Verdict {
+    Verdict::failed(FailReason::Io, format!("cannot read the file: {err}"))
+}
+
+fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome {
+    ScanOutcome::failed(verdict, size, started.elapsed(), "".into())
 }
 
 /// What the server knew of the agent's last files, which decides, under
@@ -422,6 +452,8 @@ struct PendingFile {
     started: Instant,
     /// The server asked for its content: it did not know it.
     asked: bool,
+    /// Why the agent cancelled it: it could not read it.
+    unread: Option<std::io::Error>,
 }
 
 impl PendingFiles {
@@ -458,6 +490,8 @@ impl PendingFiles {
 /// Announces files, keeping at most the server's limit in flight.
 struct Announcer {
     session_id: String,
+    /// The server's limit: a larger file is announced alone, to be refused.
+    max_file_size: u64,
     pending: Pending,
     requests: mpsc::Sender<ScanRequest>,
     /// Files that go with their content, to the content sender.
@@ -472,7 +506,7 @@ impl Announcer {
     async fn run<F>(
         self,
         files: Vec<FileSource>,
-        mut prepared: mpsc::Receiver<std::io::Result<Ready>>,
+        mut preparer: mpsc::Receiver<std::io::Result<Ready>>,
         mut in_flight: Window,
         on_result: Arc<F>,
     ) -> Result<(), ClientError>
@@ -492,11 +526,11 @@ impl Announcer {
                     size: file.content.len() as u64,
                     digest: Some(file.digest),
                 }),
-                FileSource::Path(_) => match prepared.try_recv() {
+                FileSource::Path(_) => match preparer.try_recv() {
                     Ok(file) => file,
                     Err(_) => {
                         self.send(&mut ready).await?;
-                        prepared.recv().await.ok_or_else(|| {
+                        preparer.recv().await.ok_or_else(|| {
                             ClientError::Protocol("the file preparer stopped".into())
                         })?
                     }
@@ -506,9 +540,7 @@ impl Announcer {
                 Ok(file) => file,
                 Err(err) => {
                     in_flight.put_back();
-                    let verdict = Verdict::failed(FailReason::Io, err.to_string());
-                    let outcome = ScanOutcome::failed(verdict, 0, started.elapsed(), "".into());
-                    on_result(source.path(), outcome);
+                    on_result(source.path(), failed_outcome(unreadable(&err), 0, started));
                     continue;
                 }
             };
@@ -527,8 +559,9 @@ impl Announcer {
                 size: file.size,
                 started,
                 asked: false,
+                unread: None,
             };
-            if file.digest.is_some() {
+            if file.digest.is_some() || file.size > self.max_file_size {
                 ready.push((begin, pending));
                 if ready.len() == MAX_BEGINS {
                     self.send(&mut ready).await?;
@@ -583,9 +616,8 @@ impl Announcer {
 /// coming in a few at a time then make one message of begins per group,
 /// not one per reply. Each message costs a socket write and a wake-up on
 /// both ends, which a storm of many agents multiplies: with a quarter of
-/// the limit, a 50-agent storm wrote a quarter more messages. (A file
-/// hashed just before its begin sends the begins ready before it first:
-/// its hashing takes longer than a message.)
+/// the limit, a 50-agent storm wrote a quarter more messages. (Begins
+/// ready also go when the announcer waits for the preparer.)
 struct Window {
     places: Arc<Semaphore>,
     group: usize,
@@ -640,11 +672,19 @@ struct Upload {
 
 /// Why the content sender stopped sending a file.
 enum Stop {
-    /// The file could not be read: the agent settles it itself.
-    Unread(std::io::Error),
+    /// The file could not be read; `cancelled` when the server knew of it
+    /// and was told to drop it.
+    Unread {
+        err: std::io::Error,
+        cancelled: bool,
+    },
     /// The stream is gone.
     Closed,
 }
+
+/// A file the content sender could not read: its id, why, and whether the
+/// server was told to cancel it.
+type Unread = (u64, std::io::Error, bool);
 
 /// Streams the content of each file to upload, in chunks, then its end;
 /// on a thread of its own, as reading files blocks. A file that cannot be
@@ -652,7 +692,7 @@ enum Stop {
 fn send_content(
     mut uploads: mpsc::UnboundedReceiver<Upload>,
     requests: mpsc::Sender<ScanRequest>,
-    unread: &mpsc::UnboundedSender<(u64, std::io::Error)>,
+    unread: &mpsc::UnboundedSender<Unread>,
     failed: &LastFailed,
     chunk_size: usize,
 ) {
@@ -663,7 +703,6 @@ fn send_content(
         limit: chunk_size,
     };
     while let Some(Upload { id, source, begin }) = uploads.blocking_recv() {
-        let begin = begin.map(|begin| file_request::Kind::Begin(begin).into());
         let sent = match &source {
             FileSource::Prepared(file) => {
                 let content = &file.content;
@@ -677,13 +716,18 @@ fn send_content(
                 Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), failed),
             },
         };
-        let sent = match sent {
-            Err(Stop::Unread(err)) => unread.send((id, err)).map_err(|_| Stop::Closed),
-            sent => sent,
-        };
         // Files waiting to go join this one's last message; with nothing
-        // waiting, it goes now.
-        if sent.is_err() || (uploads.is_empty() && outbox.flush().is_err()) {
+        // waiting, it goes now. A cancel goes at once: the server counts
+        // the file in flight until it takes it.
+        let flush = match sent {
+            Ok(()) => uploads.is_empty(),
+            Err(Stop::Unread { err, cancelled }) => {
+                let _ = unread.send((id, err, cancelled));
+                cancelled || uploads.is_empty()
+            }
+            Err(Stop::Closed) => return,
+        };
+        if flush && outbox.flush().is_err() {
             return;
         }
     }
@@ -709,32 +753,34 @@ impl Outbox {
     fn file(
         &mut self,
         id: u64,
-        begin: Option<FileRequest>,
+        mut begin: Option<FileBegin>,
         chunks: impl Iterator<Item = std::io::Result<Bytes>>,
         failed: &LastFailed,
     ) -> Result<(), Stop> {
         // The begin waits for the first chunk: a file that cannot be read
-        // at all is then never heard of.
-        let mut begin = begin;
+        // at all is then never heard of. A file read whole in its first
+        // chunk is announced with the size read, whatever its metadata
+        // said (files of /proc report 0 bytes).
         let mut offset = 0u64;
         for data in chunks {
             let data = match data {
                 Ok(data) => data,
-                // The server knows of the file: it is told to drop it.
-                Err(err) if begin.is_none() => {
-                    self.push(
-                        file_request::Kind::Cancel(FileCancel { file_id: id }).into(),
-                        0,
-                    )?;
-                    return Err(Stop::Unread(err));
+                Err(err) => {
+                    let cancelled = begin.is_none();
+                    if cancelled {
+                        self.push(FileCancel { file_id: id }.into(), 0)?;
+                    }
+                    return Err(Stop::Unread { err, cancelled });
                 }
-                Err(err) => return Err(Stop::Unread(err)),
             };
             if failed.0.load(Ordering::Relaxed) == id {
                 return Ok(());
             }
-            if let Some(begin) = begin.take() {
-                self.push(begin, 0)?;
+            if let Some(mut begin) = begin.take() {
+                if data.len() < self.limit {
+                    begin.size = data.len() as u64;
+                }
+                self.push(begin.into(), 0)?;
             }
             let length = data.len();
             let chunk = FileChunk {
@@ -744,16 +790,17 @@ impl Outbox {
                 path: String::new(),
             };
             offset += length as u64;
-            self.push(file_request::Kind::Chunk(chunk).into(), length)?;
+            self.push(chunk.into(), length)?;
         }
         if let Some(begin) = begin {
-            self.push(begin, 0)?;
+            self.push(FileBegin { size: 0, ..begin }.into(), 0)?;
         }
-        self.push(file_request::Kind::End(FileEnd { file_id: id }).into(), 0)
+        self.push(FileEnd { file_id: id }.into(), 0)
     }
 
-    /// Adds a request of `bytes` content; a chunk that fills the message
-    /// sends it, unless it may be its file's last (its end goes with it).
+    /// Adds a request of `bytes` content. The batch so far goes first if
+    /// the request would take it over the limit: a chunk that fills a
+    /// message waits for the next request, which may be its file's end.
     fn push(&mut self, request: FileRequest, bytes: usize) -> Result<(), Stop> {
         if self.bytes + bytes > self.limit {
             self.flush()?;
@@ -809,6 +856,7 @@ mod tests {
             size: 0,
             started: Instant::now(),
             asked: false,
+            unread: None,
         }
     }
 
