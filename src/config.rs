@@ -126,9 +126,9 @@ pub struct ServerConfig {
     pub svm_id: String,
     /// Its display name in reports [default: the SVM id].
     pub name: Option<String>,
-    /// Addresses agents reach the agent listener at, for reports
-    /// [default: the listen address, or `<svm id>:<port>` when it listens
-    /// on every interface].
+    /// Addresses agents reach the agent listener at, for reports. By
+    /// default: the listen address, or `<svm id>:<port>` when it listens
+    /// on every interface.
     pub addresses: Vec<String>,
     /// Address of the admin listener (`scanserver status`, `agents`,
     /// `tags`); keep it on loopback or a management network.

@@ -36,7 +36,7 @@
 //! * [`state`]: the server's state folder (what survives a restart).
 //! * [`shutdown`]: the signal every long-running task watches.
 //! * [`client`]: the Light Agent client that `lightagent` drives.
-//! * [`bench`]: `lightagent bench`, simulated agents in a boot storm.
+//! * [`bench`](mod@bench): `lightagent bench`, simulated agents in a boot storm.
 //! * [`report`]: how scan results are printed (text or JSON lines), and the
 //!   exit status they add up to.
 //! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.

@@ -7,7 +7,7 @@
 //! on the scan path.
 //!
 //! Layout: a magic line and the format number, then protobuf messages each
-//! prefixed by its length (a [`Header`], then one [`Entry`] per verdict),
+//! prefixed by its length (a `Header`, then one `Entry` per verdict),
 //! then the blake3 digest of everything before it. It is written entry by
 //! entry, never whole in memory. A snapshot whose digest, format or signatures
 //! version does not match is set aside (renamed `*.rejected`) with a

@@ -74,7 +74,8 @@ const HASH_BUFFER: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HashFirst {
     /// By their digest while the server knows some of the agent's files,
-    /// with their content while it knows almost none ([`Familiarity`]).
+    /// with their content while it knows almost none (fewer than 1 in 8
+    /// of the agent's last 64 files).
     #[default]
     Auto,
     /// Always by their digest: content the server knows is never sent.
@@ -109,9 +110,9 @@ impl Agent {
         let (requests, begins) = mpsc::channel(256);
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
         let outgoing = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
-        let mut replies = self.client.clone().scan(outgoing).await?.into_inner();
+        let replies = self.client.clone().scan(outgoing).await?.into_inner();
         let (uploads, to_upload) = mpsc::unbounded_channel();
-        let (unread_tx, mut unread) = mpsc::unbounded_channel::<Unread>();
+        let (unread_tx, unread) = mpsc::unbounded_channel::<Unread>();
         let failed = Arc::new(LastFailed::default());
         let failed_for_sender = Arc::clone(&failed);
         let sender = tokio::task::spawn_blocking(move || {
@@ -125,7 +126,7 @@ impl Agent {
         });
         let familiarity = Familiarity::new(hash_first);
         let preparer = Preparer::start(&files, familiarity.content_first());
-        let mut settle = Settle {
+        let settle = Settle {
             pending: Arc::default(),
             uploads,
             failed,
@@ -144,31 +145,10 @@ impl Agent {
             uploads: settle.uploads.clone(),
         };
         let on_result = Arc::clone(&settle.on_result);
-        let mut producer = AbortOnDrop(tokio::spawn(
+        let producer = AbortOnDrop(tokio::spawn(
             announcer.run(files, preparer, in_flight, on_result),
         ));
-        let mut produced = false;
-        loop {
-            if produced && settle.pending.lock().expect("pending").is_empty() {
-                break;
-            }
-            // A file the content sender could not read is marked before
-            // the server's reply to its cancel can be taken.
-            let over = tokio::select! {
-                biased;
-                Some((id, err, cancelled)) = unread.recv() => settle.unread(id, err, cancelled),
-                message = replies.message() => settle.answered(message?.ok_or_else(|| {
-                    ClientError::Protocol("the server ended the stream with files unanswered".into())
-                })?),
-                result = &mut producer.0, if !produced => {
-                    produced = true;
-                    result.map_err(|e| ClientError::Protocol(e.to_string()))??;
-                    continue;
-                }
-            };
-            places.add_permits(over);
-        }
-        drop(settle);
+        settle.run(replies, unread, producer, &places).await?;
         let _ = sender.await;
         Ok(())
     }
@@ -186,6 +166,38 @@ struct Settle<F> {
 }
 
 impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
+    /// Settles files as their replies come, giving their places in flight
+    /// back, until the announcer is done and no file is left pending.
+    async fn run(
+        mut self,
+        mut replies: tonic::Streaming<ScanReply>,
+        mut unread: mpsc::UnboundedReceiver<Unread>,
+        mut producer: AbortOnDrop<Result<(), ClientError>>,
+        places: &Semaphore,
+    ) -> Result<(), ClientError> {
+        let mut produced = false;
+        loop {
+            if produced && self.pending.lock().expect("pending").is_empty() {
+                return Ok(());
+            }
+            // A file the content sender could not read is marked before
+            // the server's reply to its cancel can be taken.
+            let over = tokio::select! {
+                biased;
+                Some((id, err, cancelled)) = unread.recv() => self.unread(id, err, cancelled),
+                message = replies.message() => self.answered(message?.ok_or_else(|| {
+                    ClientError::Protocol("the server ended the stream with files unanswered".into())
+                })?),
+                result = &mut producer.0, if !produced => {
+                    produced = true;
+                    result.map_err(|e| ClientError::Protocol(e.to_string()))??;
+                    continue;
+                }
+            };
+            places.add_permits(over);
+        }
+    }
+
     /// Takes the replies of one message: a file asked for goes to the
     /// content sender, a file answered to `on_result`, a file failed to
     /// `failed`. Returns how many files are over (their places in flight

@@ -8,10 +8,10 @@
 //!   ([`Engine::replace_ruleset`]): a scan uses the ruleset that was current
 //!   when it started, and reports that ruleset's version with its verdict.
 //! * Scans run on a rayon pool (all cores by default). Each worker keeps its
-//!   own YARA-X scanner for the current rules (see [`worker`]); no scanner is
+//!   own YARA-X scanner for the current rules (see `worker`); no scanner is
 //!   built per file.
 //! * Files are read into the worker's reusable buffer, or memory-mapped when
-//!   large (see [`mapped`]).
+//!   large (see `mapped`).
 //! * The async entry point ([`Engine::submit`]) goes through a bounded queue:
 //!   a flood of work waits for a slot (or, with [`Engine::try_reserve`],
 //!   gets [`EngineBusy`] at once) instead of growing memory without bound.
