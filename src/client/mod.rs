@@ -3,10 +3,10 @@
 //!
 //! [`Agent::connect`] opens the session (Hello, then a task that sends
 //! heartbeats for as long as the agent lives). [`Agent::scan`] (in the
-//! submodule `scan`) scans files on one `Scan` stream with many files in flight,
-//! each announced by its digest (its content goes only if the server asks
-//! for it) while the server knows some of them, and with its content at
-//! once while it knows almost none.
+//! submodule `scan`) scans files on one `Scan` stream with many files in
+//! flight, each announced by its digest (its content goes only if the
+//! server asks for it) while the server knows some of them, and with its
+//! content at once while it knows almost none.
 
 mod scan;
 

@@ -47,7 +47,7 @@ use crate::{
     engine::ScanOutcome,
     proto::{
         FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, LatestVersion, ScanReply,
-        ScanRequest, file_reply, file_request,
+        ScanRequest, file_reply,
     },
     verdict::{FailReason, Verdict},
 };
@@ -66,9 +66,6 @@ const MAX_BEGINS: usize = 256;
 /// announcing it chosen when it is prepared, and the choice may change
 /// meanwhile.
 const PREPARED_AHEAD: usize = 16;
-
-/// The preparer's read buffer, one for all the files it hashes.
-const HASH_BUFFER: usize = 1 << 20;
 
 /// How the agent announces files it has not hashed beforehand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -217,6 +214,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                         let upload = Upload {
                             id,
                             source: file.source.clone(),
+                            size: file.size,
                             begin: None,
                         };
                         let _ = self.uploads.send(upload);
@@ -384,7 +382,6 @@ impl Preparer {
         content_first: &AtomicBool,
         ready: &mpsc::Sender<std::io::Result<Ready>>,
     ) {
-        let mut buffer = vec![0; HASH_BUFFER];
         for path in paths {
             let prepared = if content_first.load(Ordering::Relaxed) {
                 std::fs::metadata(&path).map(|metadata| Ready {
@@ -392,7 +389,7 @@ impl Preparer {
                     digest: None,
                 })
             } else {
-                hash_file(&path, &mut buffer).map(|(size, digest)| Ready {
+                hash_file(&path).map(|(size, digest)| Ready {
                     size,
                     digest: Some(digest),
                 })
@@ -404,22 +401,11 @@ impl Preparer {
     }
 }
 
-/// A file's size and blake3 digest, read through `buffer`.
-fn hash_file(path: &Path, buffer: &mut [u8]) -> std::io::Result<(u64, blake3::Hash)> {
-    let mut file = std::fs::File::open(path)?;
+/// A file's size and blake3 digest.
+fn hash_file(path: &Path) -> std::io::Result<(u64, blake3::Hash)> {
     let mut hasher = blake3::Hasher::new();
-    let mut size = 0;
-    loop {
-        match file.read(buffer) {
-            Ok(0) => return Ok((size, hasher.finalize())),
-            Ok(read) => {
-                hasher.update(&buffer[..read]);
-                size += read as u64;
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    Ok((hasher.count(), hasher.finalize()))
 }
 
 /// A task that stops when its handle goes: a scan that ends early (the
@@ -533,22 +519,7 @@ impl Announcer {
                 in_flight.take(count - index).await;
             }
             let started = Instant::now();
-            let file = match &source {
-                FileSource::Prepared(file) => Ok(Ready {
-                    size: file.content.len() as u64,
-                    digest: Some(file.digest),
-                }),
-                FileSource::Path(_) => match preparer.try_recv() {
-                    Ok(file) => file,
-                    Err(_) => {
-                        self.send(&mut ready).await?;
-                        preparer.recv().await.ok_or_else(|| {
-                            ClientError::Protocol("the file preparer stopped".into())
-                        })?
-                    }
-                },
-            };
-            let file = match file {
+            let file = match self.prepared(&source, &mut preparer, &mut ready).await? {
                 Ok(file) => file,
                 Err(err) => {
                     in_flight.put_back();
@@ -585,6 +556,31 @@ impl Announcer {
         self.send(&mut ready).await
     }
 
+    /// The size and digest of `source`: at hand for a prepared file, from
+    /// the preparer for a local one (the `ready` begins go first if the
+    /// preparer is behind).
+    async fn prepared(
+        &self,
+        source: &FileSource,
+        preparer: &mut mpsc::Receiver<std::io::Result<Ready>>,
+        ready: &mut Vec<(FileBegin, PendingFile)>,
+    ) -> Result<std::io::Result<Ready>, ClientError> {
+        if let FileSource::Prepared(file) = source {
+            return Ok(Ok(Ready {
+                size: file.content.len() as u64,
+                digest: Some(file.digest),
+            }));
+        }
+        if let Ok(file) = preparer.try_recv() {
+            return Ok(file);
+        }
+        self.send(ready).await?;
+        preparer
+            .recv()
+            .await
+            .ok_or_else(|| ClientError::Protocol("the file preparer stopped".into()))
+    }
+
     /// Sends the `ready` begins in one message, their files pending first
     /// (the answers may come at once), each begin with its file's id.
     async fn send(&self, ready: &mut Vec<(FileBegin, PendingFile)>) -> Result<(), ClientError> {
@@ -595,7 +591,7 @@ impl Announcer {
             let mut pending = self.pending.lock().expect("pending");
             let begins = ready.drain(..).map(|(mut begin, file)| {
                 begin.file_id = pending.insert(file);
-                file_request::Kind::Begin(begin).into()
+                FileRequest::from(begin)
             });
             ScanRequest {
                 requests: begins.collect(),
@@ -615,6 +611,7 @@ impl Announcer {
         let _ = self.uploads.send(Upload {
             id,
             source,
+            size: begin.size,
             begin: Some(begin),
         });
     }
@@ -679,6 +676,8 @@ impl Window {
 struct Upload {
     id: u64,
     source: FileSource,
+    /// Its size as announced.
+    size: u64,
     begin: Option<FileBegin>,
 }
 
@@ -714,7 +713,13 @@ fn send_content(
         bytes: 0,
         limit: chunk_size,
     };
-    while let Some(Upload { id, source, begin }) = uploads.blocking_recv() {
+    while let Some(Upload {
+        id,
+        source,
+        size,
+        begin,
+    }) = uploads.blocking_recv()
+    {
         let sent = match &source {
             FileSource::Prepared(file) => {
                 let content = &file.content;
@@ -724,7 +729,14 @@ fn send_content(
                 outbox.file(id, begin, chunks, failed)
             }
             FileSource::Path(path) => match std::fs::File::open(path) {
-                Ok(file) => outbox.file(id, begin, FileChunks { file, chunk_size }, failed),
+                Ok(file) => {
+                    let chunks = FileChunks {
+                        file,
+                        chunk_size,
+                        left: size,
+                    };
+                    outbox.file(id, begin, chunks, failed)
+                }
                 Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), failed),
             },
         };
@@ -838,21 +850,28 @@ impl Outbox {
 
 /// A file read in chunks, each in a buffer of its own, which the stream
 /// frees once it has sent it. A read fills the buffer's spare capacity
-/// directly: nothing is zeroed first.
+/// directly: nothing is zeroed first. A buffer is as large as what is left
+/// of the file's announced size (a small file does not take a chunk's
+/// worth); it grows if the file has grown.
 struct FileChunks {
     file: std::fs::File,
     chunk_size: usize,
+    /// What is left of the announced size.
+    left: u64,
 }
 
 impl Iterator for FileChunks {
     type Item = std::io::Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let mut chunk = Vec::with_capacity(self.chunk_size);
         let limit = self.chunk_size as u64;
+        let mut chunk = Vec::with_capacity(self.left.min(limit) as usize);
         match (&mut self.file).take(limit).read_to_end(&mut chunk) {
             Ok(0) => None,
-            Ok(_) => Some(Ok(Bytes::from(chunk))),
+            Ok(read) => {
+                self.left = self.left.saturating_sub(read as u64);
+                Some(Ok(Bytes::from(chunk)))
+            }
             Err(err) => Some(Err(err)),
         }
     }
@@ -893,28 +912,28 @@ mod tests {
         assert!(pending.is_empty());
     }
 
+    fn record(familiarity: &mut Familiarity, known: bool, files: usize) {
+        for _ in 0..files {
+            familiarity.record(known);
+        }
+    }
+
     #[test]
     fn content_goes_first_only_while_the_server_knows_almost_nothing() {
         let mut familiarity = Familiarity::new(HashFirst::Auto);
         let content_first = familiarity.content_first();
-        for _ in 0..63 {
-            familiarity.record(false);
-        }
+        record(&mut familiarity, false, 63);
         assert!(
             !content_first.load(Ordering::Relaxed),
             "digests first until 64 files are counted"
         );
         familiarity.record(false);
         assert!(content_first.load(Ordering::Relaxed));
-        for _ in 0..7 {
-            familiarity.record(true);
-        }
+        record(&mut familiarity, true, 7);
         assert!(content_first.load(Ordering::Relaxed), "7 of 64 known");
         familiarity.record(true);
         assert!(!content_first.load(Ordering::Relaxed), "8 of 64 known");
-        for _ in 0..56 {
-            familiarity.record(false);
-        }
+        record(&mut familiarity, false, 56);
         assert!(
             !content_first.load(Ordering::Relaxed),
             "the 8 are among the last 64"
@@ -930,9 +949,7 @@ mod tests {
     fn always_and_never_do_not_change() {
         for (hash_first, content_first) in [(HashFirst::Always, false), (HashFirst::Never, true)] {
             let mut familiarity = Familiarity::new(hash_first);
-            for _ in 0..100 {
-                familiarity.record(!content_first);
-            }
+            record(&mut familiarity, !content_first, 100);
             assert_eq!(
                 familiarity.content_first().load(Ordering::Relaxed),
                 content_first
