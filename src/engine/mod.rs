@@ -207,14 +207,25 @@ pub struct ScanSlot {
 }
 
 impl ScanSlot {
+    /// Runs `job` on the engine's pool and hands its outcome to `then`, on
+    /// the scan thread, once the slot is free again. Nothing waits for the
+    /// scan: a caller that finishes its work there (a verdict sent on a
+    /// channel, say) spares the runtime a task and a wake-up per scan.
+    pub fn scan_then(self, job: ScanJob, then: impl FnOnce(ScanOutcome) + Send + 'static) {
+        let ScanSlot { engine, permit } = self;
+        let pool = Arc::clone(&engine);
+        pool.pool.spawn(move || {
+            let outcome = engine.scan_on_worker(&job);
+            drop(permit);
+            then(outcome);
+        });
+    }
+
     /// Runs `job` on the engine's pool and resolves to its outcome.
     pub async fn scan(self, job: ScanJob) -> ScanOutcome {
         let (tx, rx) = oneshot::channel();
-        let ScanSlot { engine, permit } = self;
-        let worker_engine = Arc::clone(&engine);
-        engine.pool.spawn(move || {
-            let outcome = worker_engine.scan_on_worker(&job);
-            drop(permit);
+        let engine = Arc::clone(&self.engine);
+        self.scan_then(job, move |outcome| {
             let _ = tx.send(outcome);
         });
         // The worker always sends; a closed channel would mean the job was

@@ -1,11 +1,13 @@
 //! `Scan` and `ScanFile`: receiving files and answering with verdicts.
 //!
 //! A `Scan` stream is driven by one task that reads requests in order and
-//! keeps the stream's open files. A file's scan runs in a task of its own,
-//! so the stream goes on while the engine works; but before a complete file
-//! is handed over, the reader waits for a place in the engine's queue. While
-//! the queue is full the reader stops reading, and HTTP/2 flow control
-//! holds the agent back: nothing is buffered without bound.
+//! keeps the stream's open files. A complete file is handed to the engine,
+//! and the stream goes on while it is scanned: the scan thread sends the
+//! verdict itself (see `VerdictDue`), with no task waiting for it. But
+//! before a file is handed over, the reader waits for a place in the
+//! engine's queue. While the queue is full the reader stops reading, and
+//! HTTP/2 flow control holds the agent back: nothing is buffered without
+//! bound.
 //!
 //! Each begun file holds one of its session's in-flight places until its
 //! final reply, and owes its VM a verdict: one that goes without (refused,
@@ -24,7 +26,11 @@ use std::{
 };
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, mpsc},
+    runtime::Handle,
+    sync::{
+        OwnedSemaphorePermit,
+        mpsc::{self, error::TrySendError},
+    },
     time::Instant,
 };
 use tonic::{Code, Status, Streaming};
@@ -38,7 +44,7 @@ use crate::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
-    engine::{Engine, ScanJob, ScanOutcome, ScanSlot},
+    engine::{Engine, ScanOutcome, ScanSlot},
     proto::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
         ScanRequest, file_reply, file_request,
@@ -552,7 +558,8 @@ impl ScanStream {
 
     /// Closes a file: verifies it and has it judged. A scan waits for a
     /// place in the engine's queue here, in the reader: that is the
-    /// backpressure. The scan itself runs in a task that sends the verdict.
+    /// backpressure. The verdict is sent by whoever makes it: the scan
+    /// thread, or a task following another request's scan.
     async fn end(&mut self, id: u64) -> Option<FileReply> {
         let Some(file) = self.close(id) else {
             let message = format!("end of file id {id}, which is not open");
@@ -563,7 +570,7 @@ impl ScanStream {
             name,
             upload,
             standing,
-            _in_flight,
+            _in_flight: in_flight,
             ..
         } = file;
         let Some(upload) = upload else {
@@ -582,17 +589,66 @@ impl ScanStream {
             owed.settle(size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
-        let replies = self.replies.clone();
-        tokio::spawn(async move {
-            let verdict = judging.verdict(&engine, received, name).await;
-            owed.settle(size, &verdict);
-            let message = ScanReply {
-                replies: vec![reply(id, verdict_reply(verdict))],
-            };
-            let _ = replies.send(Ok(message)).await;
-            drop(_in_flight);
-        });
+        let due = VerdictDue {
+            id,
+            size,
+            owed: Some(owed),
+            replies: self.replies.clone(),
+            runtime: Handle::current(),
+            in_flight: Some(in_flight),
+        };
+        judging.deliver(due, engine, received, name);
         None
+    }
+}
+
+/// A file's verdict on its way to the agent, from the task or the scan
+/// thread that made it. Dropped unsent (its scan was lost), it fails the
+/// file rather than leave the agent waiting.
+struct VerdictDue {
+    id: u64,
+    size: u64,
+    owed: Option<VerdictOwed>,
+    replies: Replies,
+    runtime: Handle,
+    /// The file's place in flight, given back just before its reply is
+    /// queued: an agent that has the reply may begin another file at once.
+    in_flight: Option<OwnedSemaphorePermit>,
+}
+
+impl VerdictDue {
+    /// Settles the file with `verdict` and sends it.
+    fn send(mut self, verdict: FileVerdict) {
+        if let Some(owed) = self.owed.take() {
+            owed.settle(self.size, &verdict);
+        }
+        self.reply(verdict_reply(verdict));
+    }
+
+    /// Queues `kind` on the stream: at once while its reply buffer has
+    /// room (from any thread, without blocking), by a task otherwise.
+    fn reply(&mut self, kind: file_reply::Kind) {
+        self.in_flight = None;
+        let message = ScanReply {
+            replies: vec![reply(self.id, kind)],
+        };
+        if let Err(TrySendError::Full(message)) = self.replies.try_send(Ok(message)) {
+            let replies = self.replies.clone();
+            self.runtime
+                .spawn(async move { replies.send(message).await });
+        }
+    }
+}
+
+impl Drop for VerdictDue {
+    fn drop(&mut self) {
+        if self.owed.take().is_some() {
+            let message = "the scan was lost; send the file again".to_owned();
+            self.reply(file_reply::Kind::Error(FileError {
+                code: Code::Internal as i32,
+                message,
+            }));
+        }
     }
 }
 
@@ -653,6 +709,28 @@ impl Judging {
         Judging::Scan(engine.reserve().await, flight)
     }
 
+    /// Has the verdict made and sent as `due`. A scan's verdict is sent
+    /// from the scan thread; a wait for another request's scan needs a task.
+    fn deliver(self, due: VerdictDue, engine: Arc<Engine>, received: Received, name: String) {
+        match self {
+            Judging::Scan(slot, flight) => {
+                let (job, guard) = received.into_job(name);
+                slot.scan_then(job, move |outcome| {
+                    drop(guard);
+                    if let Some(flight) = flight {
+                        flight.land(outcome.to_cached());
+                    }
+                    due.send(FileVerdict::from_outcome(&outcome));
+                });
+            }
+            judging => {
+                tokio::spawn(async move {
+                    due.send(judging.verdict(&engine, received, name).await);
+                });
+            }
+        }
+    }
+
     /// The verdict: known, scanned (and landed for the flight's waiters),
     /// or handed over by the scan waited for.
     async fn verdict(self, engine: &Arc<Engine>, received: Received, name: String) -> FileVerdict {
@@ -681,15 +759,8 @@ impl Judging {
 
 /// Scans received content under the digest the server computed.
 async fn scan_received(slot: ScanSlot, received: Received, name: String) -> ScanOutcome {
-    let (content, digest, guard) = received.into_parts();
-    let name = Some(name).filter(|n| !n.is_empty());
-    let outcome = slot
-        .scan(ScanJob {
-            content,
-            name,
-            digest: Some(digest),
-        })
-        .await;
+    let (job, guard) = received.into_job(name);
+    let outcome = slot.scan(job).await;
     drop(guard);
     outcome
 }

@@ -23,7 +23,11 @@ use tempfile::{NamedTempFile, TempPath};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 
-use crate::{cache::Digest, config::UploadConfig, engine::Content};
+use crate::{
+    cache::Digest,
+    config::UploadConfig,
+    engine::{Content, ScanJob},
+};
 
 /// Why a file's upload failed; the file gets this error, the stream goes on.
 #[derive(Debug, thiserror::Error)]
@@ -275,10 +279,16 @@ pub struct Received {
 }
 
 impl Received {
-    /// Splits off the content for the engine; the returned guard keeps the
-    /// spool file and memory share until it is dropped, after the scan.
-    pub fn into_parts(self) -> (Content, Digest, ReceivedGuard) {
-        (self.content, self.digest, self.guard)
+    /// The scan of this content, named `name` (none when empty), under
+    /// the digest the server computed; the returned guard keeps the spool
+    /// file and memory share until it is dropped, after the scan.
+    pub fn into_job(self, name: String) -> (ScanJob, ReceivedGuard) {
+        let job = ScanJob {
+            content: self.content,
+            name: Some(name).filter(|n| !n.is_empty()),
+            digest: Some(self.digest),
+        };
+        (job, self.guard)
     }
 }
 
