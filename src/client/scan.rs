@@ -181,7 +181,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
             // the server's reply to its cancel can be taken.
             let over = tokio::select! {
                 biased;
-                Some((id, err, cancelled)) = unread.recv() => self.unread(id, err, cancelled),
+                Some(file) = unread.recv() => self.unread(file),
                 message = replies.message() => self.answered(message?.ok_or_else(|| {
                     ClientError::Protocol("the server ended the stream with files unanswered".into())
                 })?),
@@ -258,7 +258,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     /// never heard of is over at once. One it was told to cancel keeps its
     /// place in flight until the server's reply: the server counts it
     /// until it takes the cancel. Returns how many files are over.
-    fn unread(&mut self, id: u64, err: std::io::Error, cancelled: bool) -> usize {
+    fn unread(&mut self, Unread { id, err, cancelled }: Unread) -> usize {
         let mut files = self.pending.lock().expect("pending");
         if cancelled {
             if let Some(file) = files.get_mut(id) {
@@ -354,7 +354,13 @@ struct Ready {
 /// Prepares local files, in order, on a thread of its own, a few
 /// ([`PREPARED_AHEAD`]) ahead of the announcer: one thread hashing file
 /// after file, rather than a task handed to a thread for each file.
-struct Preparer;
+struct Preparer {
+    paths: Vec<PathBuf>,
+    /// Whether the next file goes with its content (only its size is
+    /// needed) or by its digest; see [`Familiarity`].
+    content_first: Arc<AtomicBool>,
+    ready: mpsc::Sender<std::io::Result<Ready>>,
+}
 
 impl Preparer {
     /// Starts preparing the local files among `files` (none: the receiver
@@ -372,18 +378,19 @@ impl Preparer {
             .collect();
         let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
         if !paths.is_empty() {
-            tokio::task::spawn_blocking(move || Self::run(paths, &content_first, &ready));
+            let preparer = Preparer {
+                paths,
+                content_first,
+                ready,
+            };
+            tokio::task::spawn_blocking(move || preparer.run());
         }
         prepared
     }
 
-    fn run(
-        paths: Vec<PathBuf>,
-        content_first: &AtomicBool,
-        ready: &mpsc::Sender<std::io::Result<Ready>>,
-    ) {
-        for path in paths {
-            let prepared = if content_first.load(Ordering::Relaxed) {
+    fn run(self) {
+        for path in self.paths {
+            let prepared = if self.content_first.load(Ordering::Relaxed) {
                 std::fs::metadata(&path).map(|metadata| Ready {
                     size: metadata.len(),
                     digest: None,
@@ -394,7 +401,7 @@ impl Preparer {
                     digest: Some(digest),
                 })
             };
-            if ready.blocking_send(prepared).is_err() {
+            if self.ready.blocking_send(prepared).is_err() {
                 return;
             }
         }
@@ -683,19 +690,19 @@ struct Upload {
 
 /// Why the content sender stopped sending a file.
 enum Stop {
-    /// The file could not be read; `cancelled` when the server knew of it
-    /// and was told to drop it.
-    Unread {
-        err: std::io::Error,
-        cancelled: bool,
-    },
+    /// The file could not be read.
+    Unread(Unread),
     /// The stream is gone.
     Closed,
 }
 
-/// A file the content sender could not read: its id, why, and whether the
-/// server was told to cancel it.
-type Unread = (u64, std::io::Error, bool);
+/// A file the content sender could not read.
+struct Unread {
+    id: u64,
+    err: std::io::Error,
+    /// The server knew of the file, and was told to cancel it.
+    cancelled: bool,
+}
 
 /// Streams the content of each file to upload, in chunks, then its end;
 /// on a thread of its own, as reading files blocks. A file that cannot be
@@ -745,9 +752,10 @@ fn send_content(
         // the file in flight until it takes it.
         let flush = match sent {
             Ok(()) => uploads.is_empty(),
-            Err(Stop::Unread { err, cancelled }) => {
-                let _ = unread.send((id, err, cancelled));
-                cancelled || uploads.is_empty()
+            Err(Stop::Unread(file)) => {
+                let flush = file.cancelled || uploads.is_empty();
+                let _ = unread.send(file);
+                flush
             }
             Err(Stop::Closed) => return,
         };
@@ -794,7 +802,7 @@ impl Outbox {
                     if cancelled {
                         self.push(FileCancel { file_id: id }.into(), 0)?;
                     }
-                    return Err(Stop::Unread { err, cancelled });
+                    return Err(Stop::Unread(Unread { id, err, cancelled }));
                 }
             };
             if failed.0.load(Ordering::Relaxed) == id {

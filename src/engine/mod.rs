@@ -213,9 +213,9 @@ impl ScanSlot {
     /// channel, say) spares the runtime a task and a wake-up per scan.
     pub fn scan_then(self, job: ScanJob, then: impl FnOnce(ScanOutcome) + Send + 'static) {
         let ScanSlot { engine, permit } = self;
-        let pool = Arc::clone(&engine);
-        pool.pool.spawn(move || {
-            let outcome = engine.scan_on_worker(&job);
+        let worker_engine = Arc::clone(&engine);
+        engine.pool.spawn(move || {
+            let outcome = worker_engine.scan_on_worker(&job);
             drop(permit);
             then(outcome);
         });

@@ -717,10 +717,7 @@ impl Judging {
                 let (job, guard) = received.into_job(name);
                 slot.scan_then(job, move |outcome| {
                     drop(guard);
-                    if let Some(flight) = flight {
-                        flight.land(outcome.to_cached());
-                    }
-                    due.send(FileVerdict::from_outcome(&outcome));
+                    due.send(scanned(&outcome, flight));
                 });
             }
             judging => {
@@ -738,10 +735,7 @@ impl Judging {
             Judging::Known(hit) => FileVerdict::known(&hit, &received.digest, false),
             Judging::Scan(slot, flight) => {
                 let outcome = scan_received(slot, received, name).await;
-                if let Some(flight) = flight {
-                    flight.land(outcome.to_cached());
-                }
-                FileVerdict::from_outcome(&outcome)
+                scanned(&outcome, flight)
             }
             Judging::Follow(waiter) => {
                 let deadline = Instant::now() + UPLOAD_WAIT;
@@ -755,6 +749,15 @@ impl Judging {
             }
         }
     }
+}
+
+/// The verdict of a scan, landed first for the waiters of the flight it
+/// led, if any.
+fn scanned(outcome: &ScanOutcome, flight: Option<Flight>) -> FileVerdict {
+    if let Some(flight) = flight {
+        flight.land(outcome.to_cached());
+    }
+    FileVerdict::from_outcome(outcome)
 }
 
 /// Scans received content under the digest the server computed.
