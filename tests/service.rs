@@ -17,6 +17,7 @@ use scanserver::{
         server_message,
     },
     service::Counters,
+    verdict::{FailReason, Verdict},
 };
 use tokio::sync::mpsc;
 use tonic::{Code, transport::Channel};
@@ -680,6 +681,52 @@ async fn the_lightagent_client_scans_hash_first() {
     assert_eq!(server.spooled_files(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_over_the_servers_limit_fails_as_too_large_as_a_local_scan_says() {
+    let server = TestServer::start(|c| c.uploads.max_file_size = 1 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; 2 << 20]).unwrap();
+    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
+    let files: Vec<FileSource> = ["big.bin", "eicar.com"]
+        .iter()
+        .map(|f| dir.path().join(f).into())
+        .collect();
+    for (hash_first, name, outcome) in scan_each_way(&server, &files).await {
+        match name.as_str() {
+            "big.bin" => assert!(
+                fails_for(&outcome.verdict, FailReason::TooLarge),
+                "{hash_first:?}: {:?}",
+                outcome.verdict
+            ),
+            _ => assert_eq!(outcome.verdict.kind(), "infected", "{hash_first:?}"),
+        }
+    }
+    assert_eq!(server.spooled_files(), 0);
+}
+
+/// Scans `files` through `server` with their content sent at once, then
+/// announced by digest; returns each file's outcome with the way it went.
+async fn scan_each_way(
+    server: &TestServer,
+    files: &[FileSource],
+) -> Vec<(HashFirst, String, scanserver::engine::ScanOutcome)> {
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    for hash_first in [HashFirst::Never, HashFirst::Always] {
+        let results = scan_files(&agent, files, hash_first).await;
+        assert_eq!(results.len(), files.len(), "{hash_first:?}");
+        all.extend(results.into_iter().map(|(name, o)| (hash_first, name, o)));
+    }
+    all
+}
+
+/// Whether `verdict` is a failure for `reason`.
+fn fails_for(verdict: &Verdict, reason: FailReason) -> bool {
+    matches!(verdict, Verdict::Failed(failure) if failure.reason == reason)
+}
+
 /// Scans `files` with `agent`, and returns each file's name and outcome.
 async fn scan_files(
     agent: &Agent,
@@ -767,28 +814,17 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
         dir.path().join("eicar.com").into(),
         misreported.to_owned().into(),
     ];
-    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
-        .await
-        .unwrap();
-    for hash_first in [HashFirst::Never, HashFirst::Always] {
-        let results = scan_files(&agent, &files, hash_first).await;
-        assert_eq!(results.len(), 3, "{hash_first:?}");
-        for (name, outcome) in &results {
-            if name == "version" {
-                assert_eq!(outcome.verdict.kind(), "clean", "{hash_first:?}");
-            } else if name == "mem" {
-                assert!(
-                    matches!(
-                        &outcome.verdict,
-                        scanserver::verdict::Verdict::Failed(failure)
-                            if failure.reason == scanserver::verdict::FailReason::Io
-                    ),
-                    "{hash_first:?}: {:?}",
-                    outcome.verdict
-                );
-            } else {
-                assert_eq!(outcome.verdict.kind(), "infected", "{hash_first:?}");
-            }
+    for (hash_first, name, outcome) in scan_each_way(&server, &files).await {
+        if name == "version" {
+            assert_eq!(outcome.verdict.kind(), "clean", "{hash_first:?}");
+        } else if name == "mem" {
+            assert!(
+                fails_for(&outcome.verdict, FailReason::Io),
+                "{hash_first:?}: {:?}",
+                outcome.verdict
+            );
+        } else {
+            assert_eq!(outcome.verdict.kind(), "infected", "{hash_first:?}");
         }
     }
     assert_eq!(server.spooled_files(), 0);

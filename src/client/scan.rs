@@ -41,13 +41,14 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::Code;
 
 use super::{Agent, ClientError, FileSource};
 use crate::{
     engine::ScanOutcome,
     proto::{
-        FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, LatestVersion, ScanReply,
-        ScanRequest, file_reply,
+        FileBegin, FileCancel, FileChunk, FileEnd, FileError, FileRequest, LatestVersion,
+        ScanReply, ScanRequest, file_reply,
     },
     verdict::{FailReason, Verdict},
 };
@@ -123,20 +124,22 @@ impl Agent {
         });
         let familiarity = Familiarity::new(hash_first);
         let preparer = Preparer::start(&files, familiarity.content_first());
+        let max_file_size = match limits.max_file_size {
+            0 => u64::MAX,
+            limit => limit,
+        };
         let settle = Settle {
             pending: Arc::default(),
             uploads,
             failed,
             latest: LatestVersion::default(),
             familiarity,
+            max_file_size,
             on_result: Arc::new(on_result),
         };
         let announcer = Announcer {
             session_id: self.welcome.session_id.clone(),
-            max_file_size: match limits.max_file_size {
-                0 => u64::MAX,
-                limit => limit,
-            },
+            max_file_size,
             pending: Arc::clone(&settle.pending),
             requests,
             uploads: settle.uploads.clone(),
@@ -159,6 +162,8 @@ struct Settle<F> {
     failed: Arc<LastFailed>,
     latest: LatestVersion,
     familiarity: Familiarity,
+    /// The server's limit: a larger file is refused as too large.
+    max_file_size: u64,
     on_result: Arc<F>,
 }
 
@@ -224,7 +229,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
                 Some(file_reply::Kind::Error(error)) => {
                     self.failed.0.store(id, Ordering::Relaxed);
-                    Err(error.message)
+                    Err(error)
                 }
                 None => continue,
             };
@@ -232,9 +237,9 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 continue;
             };
             // A file cancelled because it could not be read fails for that.
-            let answer = answer.map_err(|message| match file.unread.take() {
+            let answer = answer.map_err(|error| match file.unread.take() {
                 Some(err) => unreadable(&err),
-                None => Verdict::failed(FailReason::Engine, message),
+                None => self.refused(file.size, error),
             });
             if let (Ok(verdict), false) = (&answer, file.asked) {
                 self.familiarity.record(verdict.cached || verdict.coalesced);
@@ -252,6 +257,19 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
             (self.on_result)(file.source.path(), outcome);
         }
         count
+    }
+
+    /// The verdict for a file the server failed: `too_large` when the
+    /// server refused it for its size (as `scanserver scan` says of such a
+    /// file), `engine` with the server's message otherwise.
+    fn refused(&self, size: u64, error: FileError) -> Verdict {
+        let too_large = error.code == Code::FailedPrecondition as i32 && size > self.max_file_size;
+        let reason = if too_large {
+            FailReason::TooLarge
+        } else {
+            FailReason::Engine
+        };
+        Verdict::failed(reason, error.message)
     }
 
     /// Takes a file the content sender could not read. One the server
