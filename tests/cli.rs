@@ -362,3 +362,73 @@ fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
     assert!(stdout.contains("agent listener"), "{stdout}");
     assert_ne!(answered.status.code(), Some(2), "{stdout}");
 }
+
+/// `lightagent scan --task full` against `serve`: malware found tags the
+/// VM; a clean full scan then untags it (so the task's end reached the
+/// server before the agent's session closed); a tag assigned by hand stays;
+/// and an agent that exits after its scan leaves its VM closed, not "no
+/// connection to the SVM".
+#[test]
+fn lightagent_full_scans_tag_and_untag_their_vm() {
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    let (eicar, clean) = (tree.path().join("eicar.com"), tree.path().join("notes.txt"));
+    fs::write(&eicar, EICAR).unwrap();
+    fs::write(&clean, "nothing to see here").unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let admin = format!("127.0.0.1:{admin}");
+    let _server = serve(cache.path(), state.path(), listen, &admin, |_| {});
+    wait_for_listener(listen);
+    let full_scan = |file: &Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
+            .args(["scan", "--server", &format!("http://127.0.0.1:{listen}")])
+            .args(["--vm-id", "vm-x", "--agent-id", "agent-x", "--task", "full"])
+            .arg(file)
+            .output()
+            .unwrap();
+        output.status.code()
+    };
+    let operator = |args: &[&str]| {
+        let output = scanserver(cache.path())
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{args:?}");
+        output.stdout
+    };
+    let vm_x = || {
+        let reply: serde_json::Value =
+            serde_json::from_slice(&operator(&["agents", "--json"])).unwrap();
+        let vm = reply["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|vm| vm["vm_id"] == "vm-x");
+        let vm = vm.expect("vm-x is listed").clone();
+        let names = |field: &str, key: Option<&str>| -> Vec<String> {
+            let values = vm[field].as_array().cloned().unwrap_or_default();
+            let value = |v: &serde_json::Value| key.map_or(v.clone(), |k| v[k].clone());
+            values
+                .iter()
+                .map(|v| value(v).as_str().unwrap().to_owned())
+                .collect()
+        };
+        (names("tags", Some("name")), names("reasons", None))
+    };
+
+    assert_eq!(full_scan(&eicar), Some(1));
+    let (tags, reasons) = vm_x();
+    assert_eq!(tags, ["ANTI_VIRUS.VirusFound.threat=high"]);
+    assert!(
+        !reasons.contains(&"VM_REASON_NO_CONNECTION_TO_SVM".to_owned()),
+        "{reasons:?}"
+    );
+
+    operator(&["tags", "assign", "vm-x", "IDS_IPS.threat=high"]);
+    assert_eq!(full_scan(&clean), Some(0));
+    let (tags, reasons) = vm_x();
+    assert_eq!(tags, ["IDS_IPS.threat=high"]);
+    assert_eq!(reasons, ["VM_REASON_NETWORK_ATTACK"]);
+}

@@ -268,6 +268,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
         .await;
     if let Err(err) = result {
         eprintln!("error: {err}");
+        agent.close().await;
         return ExitCode::from(2);
     }
     // A scan that ended well has dropped every copy of the sink.
@@ -278,5 +279,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
             .report_task(&task_id, kind, TaskState::Finished, summary.infected as u32)
             .await;
     }
+    // In order, so that the server takes the task's end before the session's.
+    agent.close().await;
     ExitCode::from(summary.exit_code())
 }

@@ -2,7 +2,8 @@
 //! local files through it.
 //!
 //! [`Agent::connect`] opens the session (Hello, then a task that sends
-//! heartbeats for as long as the agent lives). [`Agent::scan`] (in the
+//! heartbeats for as long as the agent lives), and [`Agent::close`] ends it
+//! in order. [`Agent::scan`] (in the
 //! submodule `scan`) scans files on one `Scan` stream with many files in
 //! flight, each announced by its digest (its content goes only if the
 //! server asks for it) while the server knows some of them, and with its
@@ -153,17 +154,30 @@ impl PreparedFile {
     }
 }
 
+/// How long [`Agent::close`] waits for the server to end the session.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// An open session with a Protection Server.
+///
+/// Dropped, it cuts the session short: the server sees it dropped, as it
+/// would a VM that vanished, and may not have taken the last events sent.
+/// [`Agent::close`] ends it in order.
 pub struct Agent {
     client: ProtectionServerClient<Channel>,
     welcome: Welcome,
+    /// The session's one strong sender: dropping it ends the agent's side
+    /// of the `Connect` stream (the heartbeat task holds a weak one).
     to_server: mpsc::Sender<AgentMessage>,
-    session: JoinHandle<()>,
+    /// The task that sends heartbeats and reads the server's messages until
+    /// the server ends its side; `None` once [`Agent::close`] took it.
+    session: Option<JoinHandle<()>>,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.session.abort();
+        if let Some(session) = &self.session {
+            session.abort();
+        }
     }
 }
 
@@ -211,7 +225,7 @@ impl Agent {
             }
         };
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
-        let heartbeats = to_server.clone();
+        let heartbeats = to_server.downgrade();
         let session = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             let mut sequence = 0;
@@ -220,8 +234,9 @@ impl Agent {
                     _ = ticker.tick() => {
                         sequence += 1;
                         let beat = agent_message::Kind::Heartbeat(Heartbeat { sequence });
-                        if heartbeats.send(AgentMessage { kind: Some(beat) }).await.is_err() {
-                            return;
+                        // Gone once the agent closes: its side of the stream ends.
+                        if let Some(heartbeats) = heartbeats.upgrade() {
+                            let _ = heartbeats.send(AgentMessage { kind: Some(beat) }).await;
                         }
                     }
                     message = incoming.message() => match message {
@@ -238,8 +253,21 @@ impl Agent {
             client,
             welcome,
             to_server,
-            session,
+            session: Some(session),
         })
+    }
+
+    /// Ends the session in order: the agent's side of the stream ends after
+    /// the events sent so far (a scan task's end, say), and the server,
+    /// having taken them all, ends its side and counts the session closed,
+    /// not dropped. Waits for that at most [`CLOSE_WAIT`].
+    pub async fn close(mut self) {
+        let session = self.session.take();
+        // The last strong sender goes with `self`.
+        drop(self);
+        if let Some(session) = session {
+            let _ = tokio::time::timeout(CLOSE_WAIT, session).await;
+        }
     }
 
     /// The server's Welcome: session id, versions, limits.
