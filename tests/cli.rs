@@ -376,10 +376,11 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
     let (eicar, clean) = (tree.path().join("eicar.com"), tree.path().join("notes.txt"));
     fs::write(&eicar, EICAR).unwrap();
     fs::write(&clean, "nothing to see here").unwrap();
-    let (listen, admin) = (free_port(), free_port());
-    let admin = format!("127.0.0.1:{admin}");
+    let (listen, admin_port) = (free_port(), free_port());
+    let admin = format!("127.0.0.1:{admin_port}");
     let _server = serve(cache.path(), state.path(), listen, &admin, |_| {});
     wait_for_listener(listen);
+    wait_for_listener(admin_port);
     let full_scan = |file: &Path| {
         let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
             .args(["scan", "--server", &format!("http://127.0.0.1:{listen}")])

@@ -3,11 +3,10 @@
 //!
 //! [`Agent::connect`] opens the session (Hello, then a task that sends
 //! heartbeats for as long as the agent lives), and [`Agent::close`] ends it
-//! in order. [`Agent::scan`] (in the
-//! submodule `scan`) scans files on one `Scan` stream with many files in
-//! flight, each announced by its digest (its content goes only if the
-//! server asks for it) while the server knows some of them, and with its
-//! content at once while it knows almost none.
+//! in order. [`Agent::scan`] (in the submodule `scan`) scans files on one
+//! `Scan` stream with many files in flight, each announced by its digest
+//! (its content goes only if the server asks for it) while the server knows
+//! some of them, and with its content at once while it knows almost none.
 
 mod scan;
 
@@ -260,13 +259,17 @@ impl Agent {
     /// Ends the session in order: the agent's side of the stream ends after
     /// the events sent so far (a scan task's end, say), and the server,
     /// having taken them all, ends its side and counts the session closed,
-    /// not dropped. Waits for that at most [`CLOSE_WAIT`].
+    /// not dropped. Waits for that at most [`CLOSE_WAIT`], then cuts it.
     pub async fn close(mut self) {
         let session = self.session.take();
         // The last strong sender goes with `self`.
         drop(self);
-        if let Some(session) = session {
-            let _ = tokio::time::timeout(CLOSE_WAIT, session).await;
+        if let Some(mut session) = session
+            && tokio::time::timeout(CLOSE_WAIT, &mut session)
+                .await
+                .is_err()
+        {
+            session.abort();
         }
     }
 
