@@ -484,12 +484,22 @@ impl Vms {
         }
     }
 
-    /// The agent of VM `vm_id` reported that scan task `task_id` finished.
-    /// A full scan seen starting, unspoiled and with no detections, clears
-    /// what a full scan answers for: the automatic malware tag (assigned
-    /// before it started, or it would be spoiled), and the modification
-    /// reasons.
-    pub fn task_finished(&self, vm_id: &str, task_id: &str, kind: TaskKind, detections: u32) {
+    /// The agent of VM `vm_id` reported that scan task `task_id` finished,
+    /// with `detections` and `failed_files` (files it could not scan, the
+    /// server's failures among them). A full scan seen starting, unspoiled,
+    /// with no detections and no failed files, clears what a full scan
+    /// answers for: the automatic malware tag (assigned before it started,
+    /// or it would be spoiled), and the modification reasons. The agent's
+    /// own count of failures matters: files it could not read were never
+    /// sent, so no failure of theirs spoiled the scan here.
+    pub fn task_finished(
+        &self,
+        vm_id: &str,
+        task_id: &str,
+        kind: TaskKind,
+        detections: u32,
+        failed_files: u32,
+    ) {
         if kind != TaskKind::FullScan {
             return;
         }
@@ -498,7 +508,7 @@ impl Vms {
             let Some(scan) = vm.full_scan.take_if(|scan| scan.task_id == task_id) else {
                 return false;
             };
-            if detections > 0 || scan.spoiled {
+            if detections > 0 || failed_files > 0 || scan.spoiled {
                 return false;
             }
             let automatic = vm

@@ -365,9 +365,9 @@ fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
 
 /// `lightagent scan --task full` against `serve`: malware found tags the
 /// VM; a clean full scan then untags it (so the task's end reached the
-/// server before the agent's session closed); a tag assigned by hand stays;
-/// and an agent that exits after its scan leaves its VM closed, not "no
-/// connection to the SVM".
+/// server before the agent's session closed), and one that failed a file
+/// does not; a tag assigned by hand stays; and an agent that exits after
+/// its scan leaves its VM closed, not "no connection to the SVM".
 #[test]
 fn lightagent_full_scans_tag_and_untag_their_vm() {
     let cache = tempfile::tempdir().unwrap();
@@ -381,11 +381,11 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
     let _server = serve(cache.path(), state.path(), listen, &admin, |_| {});
     wait_for_listener(listen);
     wait_for_listener(admin_port);
-    let full_scan = |file: &Path| {
+    let full_scan = |files: &[&Path]| {
         let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
             .args(["scan", "--server", &format!("http://127.0.0.1:{listen}")])
             .args(["--vm-id", "vm-x", "--agent-id", "agent-x", "--task", "full"])
-            .arg(file)
+            .args(files)
             .output()
             .unwrap();
         output.status.code()
@@ -419,7 +419,7 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
         (names("tags", Some("name")), names("reasons", None))
     };
 
-    assert_eq!(full_scan(&eicar), Some(1));
+    assert_eq!(full_scan(&[&eicar]), Some(1));
     let (tags, reasons) = vm_x();
     assert_eq!(tags, ["ANTI_VIRUS.VirusFound.threat=high"]);
     assert!(
@@ -428,8 +428,19 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
     );
 
     operator(&["tags", "assign", "vm-x", "IDS_IPS.threat=high"]);
-    assert_eq!(full_scan(&clean), Some(0));
+    assert_eq!(full_scan(&[&clean]), Some(0));
     let (tags, reasons) = vm_x();
     assert_eq!(tags, ["IDS_IPS.threat=high"]);
     assert_eq!(reasons, ["VM_REASON_NETWORK_ATTACK"]);
+
+    // A full scan that could not read a file proves nothing clean, though
+    // the server never heard of that file.
+    assert_eq!(full_scan(&[&eicar]), Some(1));
+    let missing = tree.path().join("gone.txt");
+    assert_eq!(full_scan(&[&clean, &missing]), Some(2));
+    let (tags, _) = vm_x();
+    assert_eq!(
+        tags,
+        ["ANTI_VIRUS.VirusFound.threat=high", "IDS_IPS.threat=high"]
+    );
 }

@@ -418,6 +418,7 @@ impl TestAgent {
             kind: TaskKind::FullScan as i32,
             state: state as i32,
             detections,
+            failed_files: 0,
         }))
         .await;
     }
@@ -740,18 +741,18 @@ fn tag_rules_without_a_network() {
     };
     let full_scan = |vms: &Vms, detections| {
         vms.task_started("vm", "task", TaskKind::FullScan);
-        vms.task_finished("vm", "task", TaskKind::FullScan, detections);
+        vms.task_finished("vm", "task", TaskKind::FullScan, detections, 0);
     };
 
     vms.threat_found("vm");
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
     vms.task_started("vm", "task", TaskKind::CustomScan);
-    vms.task_finished("vm", "task", TaskKind::CustomScan, 0);
+    vms.task_finished("vm", "task", TaskKind::CustomScan, 0, 0);
     still_tagged(&vms, "only a full scan clears it");
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 0);
     still_tagged(&vms, "a full scan never seen starting");
     vms.task_started("vm", "task", TaskKind::FullScan);
-    vms.task_finished("vm", "another task", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "another task", TaskKind::FullScan, 0, 0);
     still_tagged(
         &vms,
         "the end of another task than the full scan seen starting",
@@ -760,15 +761,18 @@ fn tag_rules_without_a_network() {
     still_tagged(&vms, "a full scan that found something");
     vms.task_started("vm", "task", TaskKind::FullScan);
     vms.scan_failed("vm");
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 0);
     still_tagged(&vms, "a full scan with a failed scan");
+    vms.task_started("vm", "task", TaskKind::FullScan);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 1);
+    still_tagged(&vms, "a full scan with a file the agent could not scan");
     full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());
 
     // Malware found while a full scan runs is not cleared by its end.
     vms.task_started("vm", "task", TaskKind::FullScan);
     vms.threat_found("vm");
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0);
+    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 0);
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
     full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());

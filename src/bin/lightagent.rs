@@ -257,7 +257,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
     });
     if let Some(kind) = kind {
         agent
-            .report_task(&task_id, kind, TaskState::Started, 0)
+            .report_task(&task_id, kind, TaskState::Started, 0, 0)
             .await;
     }
     let sink = Arc::clone(&reporter);
@@ -275,8 +275,11 @@ async fn scan(args: ScanArgs) -> ExitCode {
     let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
     let summary = reporter.finish();
     if let Some(kind) = kind {
+        // Files that failed here (unreadable ones were never sent) are told
+        // too: a full scan that missed any proves nothing clean.
+        let (infected, failed) = (summary.infected as u32, summary.failed as u32);
         agent
-            .report_task(&task_id, kind, TaskState::Finished, summary.infected as u32)
+            .report_task(&task_id, kind, TaskState::Finished, infected, failed)
             .await;
     }
     // In order, so that the server takes the task's end before the session's.

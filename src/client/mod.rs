@@ -158,9 +158,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// An open session with a Protection Server.
 ///
-/// Dropped, it cuts the session short: the server sees it dropped, as it
-/// would a VM that vanished, and may not have taken the last events sent.
-/// [`Agent::close`] ends it in order.
+/// Dropped, it stops reading the server's side of the session at once:
+/// nothing tells whether the server took the last events sent, and a
+/// process that exits next may not even have sent them. [`Agent::close`]
+/// ends the session in order and waits for the server to take them.
 pub struct Agent {
     client: ProtectionServerClient<Channel>,
     welcome: Welcome,
@@ -278,19 +279,22 @@ impl Agent {
         &self.welcome
     }
 
-    /// Reports a scan task's start or end to the server.
+    /// Reports a scan task's start or end to the server; for its end, with
+    /// its detections and the files it could not scan.
     pub async fn report_task(
         &self,
         task_id: &str,
         kind: TaskKind,
         state: TaskState,
         detections: u32,
+        failed_files: u32,
     ) {
         let event = agent_message::Kind::Task(TaskEvent {
             task_id: task_id.to_owned(),
             kind: kind as i32,
             state: state as i32,
             detections,
+            failed_files,
         });
         let _ = self
             .to_server

@@ -222,13 +222,17 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
             tracing::info!(
                 session = %session.id, vm, task = %task.task_id,
                 kind = ?task.kind(), state = ?task.state(), detections = task.detections,
-                "scan task"
+                failed_files = task.failed_files, "scan task"
             );
             match task.state() {
                 TaskState::Started => vms.task_started(vm, &task.task_id, task.kind()),
-                TaskState::Finished => {
-                    vms.task_finished(vm, &task.task_id, task.kind(), task.detections)
-                }
+                TaskState::Finished => vms.task_finished(
+                    vm,
+                    &task.task_id,
+                    task.kind(),
+                    task.detections,
+                    task.failed_files,
+                ),
                 TaskState::Unspecified => {}
             }
         }
