@@ -381,14 +381,16 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
     let _server = serve(cache.path(), state.path(), listen, &admin, |_| {});
     wait_for_listener(listen);
     wait_for_listener(admin_port);
-    let full_scan = |files: &[&Path]| {
+    // Runs a full scan of `files`, which must exit with `code`.
+    let full_scan = |files: &[&Path], code: i32| {
         let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
             .args(["scan", "--server", &format!("http://127.0.0.1:{listen}")])
             .args(["--vm-id", "vm-x", "--agent-id", "agent-x", "--task", "full"])
             .args(files)
             .output()
             .unwrap();
-        output.status.code()
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{files:?}: {said}");
     };
     let operator = |args: &[&str]| {
         let output = scanserver(cache.path())
@@ -396,7 +398,8 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
             .args(["--admin", &admin])
             .output()
             .unwrap();
-        assert_eq!(output.status.code(), Some(0), "{args:?}");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {said}");
         output.stdout
     };
     let vm_x = || {
@@ -419,7 +422,7 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
         (names("tags", Some("name")), names("reasons", None))
     };
 
-    assert_eq!(full_scan(&[&eicar]), Some(1));
+    full_scan(&[&eicar], 1);
     let (tags, reasons) = vm_x();
     assert_eq!(tags, ["ANTI_VIRUS.VirusFound.threat=high"]);
     assert!(
@@ -428,16 +431,16 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
     );
 
     operator(&["tags", "assign", "vm-x", "IDS_IPS.threat=high"]);
-    assert_eq!(full_scan(&[&clean]), Some(0));
+    full_scan(&[&clean], 0);
     let (tags, reasons) = vm_x();
     assert_eq!(tags, ["IDS_IPS.threat=high"]);
     assert_eq!(reasons, ["VM_REASON_NETWORK_ATTACK"]);
 
     // A full scan that could not read a file proves nothing clean, though
     // the server never heard of that file.
-    assert_eq!(full_scan(&[&eicar]), Some(1));
+    full_scan(&[&eicar], 1);
     let missing = tree.path().join("gone.txt");
-    assert_eq!(full_scan(&[&clean, &missing]), Some(2));
+    full_scan(&[&clean, &missing], 2);
     let (tags, _) = vm_x();
     assert_eq!(
         tags,
