@@ -276,8 +276,10 @@ async fn scan(args: ScanArgs) -> ExitCode {
     let summary = reporter.finish();
     if let Some(kind) = kind {
         // Files that failed here (unreadable ones were never sent) are told
-        // too: a full scan that missed any proves nothing clean.
-        let (infected, failed) = (summary.infected as u32, summary.failed as u32);
+        // too: a full scan that missed any proves nothing clean. Counts
+        // saturate: a wrapped count could read as none.
+        let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (infected, failed) = (count(summary.infected), count(summary.failed));
         agent
             .report_task(&task_id, kind, TaskState::Finished, infected, failed)
             .await;
