@@ -410,16 +410,19 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
             .unwrap()
             .iter()
             .find(|vm| vm["vm_id"] == "vm-x");
-        let vm = vm.expect("vm-x is listed").clone();
-        let names = |field: &str, key: Option<&str>| -> Vec<String> {
-            let values = vm[field].as_array().cloned().unwrap_or_default();
-            let value = |v: &serde_json::Value| key.map_or(v.clone(), |k| v[k].clone());
-            values
-                .iter()
-                .map(|v| value(v).as_str().unwrap().to_owned())
-                .collect()
+        let vm = vm.expect("vm-x is listed");
+        // The strings of a list, each picked out of its item by `pick`.
+        let strings = |list: &serde_json::Value,
+                       pick: fn(&serde_json::Value) -> &serde_json::Value| {
+            let items = list.as_array().into_iter().flatten();
+            items
+                .map(|item| pick(item).as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
         };
-        (names("tags", Some("name")), names("reasons", None))
+        (
+            strings(&vm["tags"], |tag| &tag["name"]),
+            strings(&vm["reasons"], |reason| reason),
+        )
     };
 
     full_scan(&[&eicar], 1);
