@@ -253,8 +253,13 @@ impl Server {
         let stop_accepting = async move {
             signal.await;
             tracing::info!("shutting down: no new connections, finishing scans in flight");
+            // The service and the server as a whole (the name "", which
+            // stock health checks ask for) both stop serving.
             health
                 .set_not_serving::<ProtectionServerServer<ProtectionService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = shutdown.send(true);
             let _ = signalled_tx.send(());

@@ -18,7 +18,7 @@ use scanserver::{
 
 /// The Light Agent client of the Protection Server.
 #[derive(Parser)]
-#[command(version, about, long_about = None, propagate_version = true)]
+#[command(name = "lightagent", version, long_about = None, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,8 +61,8 @@ struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     agents: u32,
 
-    /// The files every agent scans (a folder, or files).
-    #[arg(long = "files", required = true, value_name = "DIR")]
+    /// The files every agent scans: folders, or files.
+    #[arg(long = "files", required = true, num_args = 1.., value_name = "PATH")]
     files: Vec<PathBuf>,
 
     /// How many times the storm is repeated.
