@@ -148,7 +148,8 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     /// A Scan stream that neither receives a request nor answers a waiting
     /// file for this long is closed (verdicts of scans under way do not
-    /// count).
+    /// count); so is one whose agent takes none of its replies for this
+    /// long, and a `ScanFile` call that sends no chunk for this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// On SIGTERM or Ctrl-C, how long scans in flight may take to finish.
@@ -285,7 +286,8 @@ pub struct UploadConfig {
     pub max_file_size: u64,
     /// The chunk size agents are asked to use.
     pub chunk_size: u32,
-    /// Files open at once per session.
+    /// Files open at once per session, and `ScanFile` calls at once on
+    /// the whole server.
     pub files_in_flight: u32,
 }
 

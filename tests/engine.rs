@@ -185,10 +185,10 @@ async fn a_full_queue_answers_busy_at_once() {
     let busy = engine.try_reserve();
     assert!(busy.is_err(), "the only slot is taken");
     assert!(busy.err().unwrap().to_string().contains("queue is full"));
-    let outcome = first.scan(ScanJob::bytes(EICAR.to_vec(), None)).await;
+    let outcome = first.scan(ScanJob::bytes(EICAR.to_vec(), None), ()).await;
     assert!(matches!(outcome.verdict, Verdict::Infected(_)));
     let second = engine.try_reserve().unwrap();
-    let outcome = second.scan(ScanJob::bytes(b"x".to_vec(), None)).await;
+    let outcome = second.scan(ScanJob::bytes(b"x".to_vec(), None), ()).await;
     assert_eq!(outcome.verdict, Verdict::Clean);
 }
 

@@ -452,6 +452,21 @@ impl TestAgent {
         assert_eq!(error_code(&reply), tonic::Code::Cancelled);
     }
 
+    /// Scans a clean file on a Scan stream, with a second begin of its
+    /// file id before its content, which is refused: that begin goes without
+    /// a verdict.
+    async fn begin_a_file_twice(&self, server: &TestServer) {
+        let data = [0; 10];
+        let requests = vec![
+            begin(&self.session_id, 1, &data, None),
+            begin(&self.session_id, 1, &data, None),
+            chunk(1, 0, &data),
+            end(1),
+        ];
+        let reply = first_reply(server, requests).await;
+        assert_eq!(error_code(&reply), tonic::Code::InvalidArgument);
+    }
+
     /// Scans `data` through a Scan stream; returns the number of detections.
     async fn scan(&self, server: &TestServer, data: &[u8]) -> usize {
         let requests = vec![
@@ -575,19 +590,24 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
 async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
     let server = TestServer::start(|_| {}).await;
     let agent = TestAgent::connect(&server, "vm-z").await;
-    assert_eq!(agent.scan(&server, EICAR).await, 1);
-    agent.full_scan_event(TaskState::Started, 0).await;
-    agent.handled(&server).await;
-    agent.cancel_a_file(&server).await;
-    agent.full_scan_event(TaskState::Finished, 0).await;
-    agent.handled(&server).await;
-    assert_eq!(
-        tags(&vm_info(&server, "vm-z").await),
-        [(VIRUS_FOUND.to_owned(), 1)],
-        "the full scan did not see every file"
-    );
-    agent.full_scan(0).await;
-    eventually(&server, "vm-z", |vm| vm.tags.is_empty()).await;
+    for refused_begin in [false, true] {
+        assert_eq!(agent.scan(&server, EICAR).await, 1);
+        agent.full_scan_event(TaskState::Started, 0).await;
+        agent.handled(&server).await;
+        match refused_begin {
+            false => agent.cancel_a_file(&server).await,
+            true => agent.begin_a_file_twice(&server).await,
+        }
+        agent.full_scan_event(TaskState::Finished, 0).await;
+        agent.handled(&server).await;
+        assert_eq!(
+            tags(&vm_info(&server, "vm-z").await),
+            [(VIRUS_FOUND.to_owned(), 1)],
+            "the full scan did not see every file (refused begin: {refused_begin})"
+        );
+        agent.full_scan(0).await;
+        eventually(&server, "vm-z", |vm| vm.tags.is_empty()).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

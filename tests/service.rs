@@ -261,6 +261,44 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
+    let idle = Duration::from_secs(3);
+    let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
+    let data = content(7, 64 << 10);
+    let mut lw = LeadAndWaiter::start(&server, &data).await;
+    // The lead stops reading and keeps sending: begins naming a long,
+    // unknown session, each refused with a reply that quotes it, until the
+    // server's reply buffer and the HTTP/2 windows are full.
+    let bogus = "x".repeat(8 << 10);
+    let lead = lw.lead.clone();
+    tokio::spawn(async move {
+        for id in 2..1000 {
+            if lead.send(begin(&bogus, id, b"", None)).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Another VM's begin for the content the lead was asked for: the lead's
+    // stream is closed once it has taken no reply for the idle timeout, and
+    // the waiter is asked for its own content then, not after the wait's
+    // full UPLOAD_WAIT (nor closed as idle itself, which a wait ending
+    // later would bring).
+    let waiting_since = std::time::Instant::now();
+    lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
+    let reply = next(&mut lw.waiter_replies).await.1;
+    assert!(
+        matches!(reply, file_reply::Kind::SendContent(_)),
+        "{reply:?}"
+    );
+    assert!(waiting_since.elapsed() < scanserver::cache::flight::UPLOAD_WAIT / 2);
+    lw.waiter.send(chunk(1, 0, &data)).await.unwrap();
+    lw.waiter.send(end(1)).await.unwrap();
+    let verdict = file_verdict(next(&mut lw.waiter_replies).await.1);
+    assert!(!verdict.cached && !verdict.coalesced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hellos_are_accepted_or_rejected_with_a_reason() {
     let server = TestServer::start(|c| c.server.allowed_tags = vec!["vdi".into()]).await;
     let (welcome, _keep) = open_session(&server, hello()).await;
@@ -355,6 +393,61 @@ async fn eicar_is_found_through_scan_and_scan_file() {
     assert!(matches!(
         verdict.verdict.unwrap().kind.unwrap(),
         proto::verdict::Kind::Infected(i) if i.detections[0].rule == "EICAR_Test_File"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
+    let server = TestServer::start(|c| {
+        c.uploads.files_in_flight = 2;
+        c.server.idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    // Two calls that send a first chunk and then nothing.
+    let mut calls = Vec::new();
+    for n in 1..=2u8 {
+        let (tx, rx) = mpsc::channel(1);
+        let mut client = server.client().await;
+        let call = tokio::spawn(async move {
+            client
+                .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let first = FileChunk {
+            offset: 0,
+            data: Bytes::from(vec![n; 1000]),
+            path: format!("stalled{n}.bin"),
+            file_id: 0,
+        };
+        tx.send(first).await.unwrap();
+        calls.push((tx, call));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A third call at once is refused.
+    let eicar = || {
+        tokio_stream::iter(vec![FileChunk {
+            offset: 0,
+            data: Bytes::from_static(EICAR),
+            path: "eicar.com".into(),
+            file_id: 0,
+        }])
+    };
+    let refused = server.client().await.scan_file(eicar()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // The stalled calls are cut off after the idle timeout...
+    for (_tx, call) in calls {
+        let status = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("cut off in time")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    // ...and their places are free again.
+    let verdict = server.client().await.scan_file(eicar()).await.unwrap();
+    assert!(matches!(
+        verdict.into_inner().verdict.unwrap().kind.unwrap(),
+        proto::verdict::Kind::Infected(_)
     ));
 }
 

@@ -222,10 +222,13 @@ impl ScanSlot {
     }
 
     /// Runs `job` on the engine's pool and resolves to its outcome.
-    pub async fn scan(self, job: ScanJob) -> ScanOutcome {
+    /// `held` (what keeps the job's content, say) is dropped when the scan
+    /// ends, not when the caller stops waiting for it.
+    pub async fn scan(self, job: ScanJob, held: impl Send + 'static) -> ScanOutcome {
         let (tx, rx) = oneshot::channel();
         let engine = Arc::clone(&self.engine);
         self.scan_then(job, move |outcome| {
+            drop(held);
             let _ = tx.send(outcome);
         });
         // The worker always sends; a closed channel would mean the job was
@@ -371,7 +374,7 @@ impl Engine {
     /// Queues `job`, waiting for a place when the queue is full, and
     /// resolves to its outcome.
     pub async fn submit(self: &Arc<Self>, job: ScanJob) -> ScanOutcome {
-        self.reserve().await.scan(job).await
+        self.reserve().await.scan(job, ()).await
     }
 
     fn scan_on_worker(&self, job: &ScanJob) -> ScanOutcome {

@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -56,6 +56,10 @@ pub struct ServiceState {
     pub allowed_tags: Vec<String>,
     pub heartbeat_interval: Duration,
     pub idle_timeout: Duration,
+    /// `ScanFile` calls at once, server-wide: calls have no session to
+    /// count their files in flight, so they share this limit (the same
+    /// number as one session's files in flight).
+    scan_file_calls: Semaphore,
     /// Whether the agent listener is TLS.
     pub encrypted: bool,
     /// The current signatures version; sessions tell their agent when it
@@ -106,6 +110,7 @@ impl ServiceState {
             allowed_tags: config.server.allowed_tags.clone(),
             heartbeat_interval: config.server.heartbeat_interval,
             idle_timeout: config.server.idle_timeout,
+            scan_file_calls: Semaphore::new(config.uploads.files_in_flight as usize),
             encrypted: config.tls.is_some(),
             signatures,
             shutdown,

@@ -10,10 +10,11 @@
 //! bound.
 //!
 //! Each begun file holds one of its session's in-flight places until its
-//! final reply, and owes its VM a verdict: one that goes without (refused,
-//! failed, cancelled, cut off) spoils the VM's full scan under way. When
-//! the stream ends, for whatever reason, its open files are dropped: their
-//! memory is freed and their spool files deleted.
+//! final reply is queued, and owes its VM a verdict: one that goes without
+//! (refused, failed, cancelled, cut off) spoils the VM's full scan under
+//! way. Replies wait for the agent to take them for at most the idle
+//! timeout. When the stream ends, for whatever reason, its open files are
+//! dropped: their memory is freed and their spool files deleted.
 //!
 //! Requests for the same content coalesce (see [`crate::cache::flight`]):
 //! a hash-first begin whose content another request is uploading or
@@ -247,10 +248,10 @@ pub(super) async fn run(
                 let _ = stream
                     .fail_open_files(Code::DeadlineExceeded, &message)
                     .await;
+                // Best effort: an agent that reads nothing is not waited for.
                 let _ = stream
                     .replies
-                    .send(Err(Status::deadline_exceeded(message)))
-                    .await;
+                    .try_send(Err(Status::deadline_exceeded(message)));
                 break;
             }
             () = &mut shutdown => {
@@ -308,19 +309,38 @@ impl ScanStream {
                     .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
             };
             replies.extend(reply);
-            if replies.len() == MAX_REPLIES {
+            if replies.len() >= MAX_REPLIES {
                 self.send_all(std::mem::take(&mut replies)).await?;
             }
         }
         self.send_all(replies).await
     }
 
-    /// Sends `replies`, at most [`MAX_REPLIES`] to a message.
+    /// Sends `replies`, at most [`MAX_REPLIES`] to a message. Fails when
+    /// the agent is gone, or has taken none of its replies for the idle
+    /// timeout: an agent that stops reading must not keep its open files,
+    /// and the flights other VMs wait on, for ever.
     async fn send_all(&self, mut replies: Vec<FileReply>) -> Result<(), ()> {
         while !replies.is_empty() {
             let rest = replies.split_off(replies.len().min(MAX_REPLIES));
-            let message = ScanReply { replies };
-            self.replies.send(Ok(message)).await.map_err(drop)?;
+            let slot = match self.replies.try_reserve() {
+                Ok(slot) => slot,
+                Err(TrySendError::Closed(())) => return Err(()),
+                Err(TrySendError::Full(())) => {
+                    let idle = self.state.idle_timeout;
+                    match tokio::time::timeout(idle, self.replies.reserve()).await {
+                        Ok(reserved) => reserved.map_err(drop)?,
+                        Err(_) => {
+                            tracing::warn!(
+                                ?idle,
+                                "an agent took none of its replies; its Scan stream is closed"
+                            );
+                            return Err(());
+                        }
+                    }
+                }
+            };
+            slot.send(Ok(ScanReply { replies }));
             replies = rest;
         }
         Ok(())
@@ -422,14 +442,15 @@ impl ScanStream {
     ) -> Result<(OpenFile, Option<Digest>), FileReply> {
         let id = begin.file_id;
         let fail = |code, message: String| file_error(id, code, &message);
+        let session = session
+            .get(&self.state, &begin.session_id)
+            .map_err(|status| fail(status.code(), status.message().to_owned()))?;
+        // From here on, a refused file spoils its VM's full scan.
+        let owed = VerdictOwed::to(session);
         if self.open.contains_key(&id) {
             let message = format!("file id {id} is already open on this stream");
             return Err(fail(Code::InvalidArgument, message));
         }
-        let session = session
-            .get(&self.state, &begin.session_id)
-            .map_err(|status| fail(status.code(), status.message().to_owned()))?;
-        let owed = VerdictOwed::to(session);
         let claimed = parse_digest(&begin.blake3).map_err(|m| fail(Code::InvalidArgument, m))?;
         self.state
             .uploads
@@ -626,16 +647,30 @@ impl VerdictDue {
     }
 
     /// Queues `kind` on the stream: at once while its reply buffer has
-    /// room (from any thread, without blocking), by a task otherwise.
+    /// room (from any thread, without blocking), by a task otherwise. The
+    /// task keeps the file's place in flight until the reply is queued: an
+    /// agent that does not take its replies cannot begin more files, so
+    /// these tasks are as few as its places.
     fn reply(&mut self, kind: file_reply::Kind) {
-        self.in_flight = None;
-        let message = ScanReply {
+        let place = self.in_flight.take();
+        let message = Ok(ScanReply {
             replies: vec![reply(self.id, kind)],
-        };
-        if let Err(TrySendError::Full(message)) = self.replies.try_send(Ok(message)) {
-            let replies = self.replies.clone();
-            self.runtime
-                .spawn(async move { replies.send(message).await });
+        });
+        match self.replies.try_reserve() {
+            Ok(slot) => {
+                drop(place);
+                slot.send(message);
+            }
+            Err(TrySendError::Full(())) => {
+                let replies = self.replies.clone();
+                self.runtime.spawn(async move {
+                    if let Ok(slot) = replies.reserve().await {
+                        drop(place);
+                        slot.send(message);
+                    }
+                });
+            }
+            Err(TrySendError::Closed(())) => {}
         }
     }
 }
@@ -760,22 +795,38 @@ fn scanned(outcome: &ScanOutcome, flight: Option<Flight>) -> FileVerdict {
     FileVerdict::from_outcome(outcome)
 }
 
-/// Scans received content under the digest the server computed.
+/// Scans received content under the digest the server computed. The
+/// content's memory share and spool file go with the job, not with this
+/// future: a caller that stops waiting (its client cancelled) does not
+/// release them while the job still waits for a scan thread.
 async fn scan_received(slot: ScanSlot, received: Received, name: String) -> ScanOutcome {
     let (job, guard) = received.into_job(name);
-    let outcome = slot.scan(job).await;
-    drop(guard);
-    outcome
+    slot.scan(job, guard).await
 }
 
-/// `ScanFile`: one file, its chunks in order, the first naming it.
+/// `ScanFile`: one file, its chunks in order, the first naming it. Calls
+/// at once are limited, and a call whose client sends nothing for the idle
+/// timeout fails: a stalled call holds a share of the upload memory or a
+/// spool file.
 pub(super) async fn scan_file(
     state: &ServiceState,
     mut chunks: Streaming<FileChunk>,
 ) -> Result<FileVerdict, Status> {
+    let Ok(_call) = state.scan_file_calls.try_acquire() else {
+        let limit = state.uploads.config().files_in_flight;
+        return Err(Status::resource_exhausted(format!(
+            "more than {limit} ScanFile calls at once; retry later, or send files on a Scan stream"
+        )));
+    };
+    let idle = state.idle_timeout;
     let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
     let mut name = None;
-    while let Some(chunk) = chunks.message().await? {
+    while let Some(chunk) = tokio::time::timeout(idle, chunks.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!("no chunk for {idle:?}; the call is cut off"))
+        })??
+    {
         name.get_or_insert(chunk.path);
         Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);
         upload
