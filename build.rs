@@ -48,10 +48,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `Connect` call. Clients are built on a channel.
     //
     // `bytes` fields decode as `Bytes`: a chunk's data is then a view into
-    // the receive buffer, not a copy of it.
+    // the receive buffer, not a copy of it. Every service checks a
+    // message's size in entries before decoding it (see `proto::codec`).
     tonic_prost_build::configure()
         .build_transport(false)
         .bytes(".")
+        .codec_path("crate::proto::codec::BoundedCodec")
         .compile_fds(compiler.file_descriptor_set())?;
     // JSON (the proto3 mapping, with the .proto's field names) for reports,
     // `scanserver status --json` and the reference receiver.

@@ -14,6 +14,8 @@ use crate::{
     },
 };
 
+pub mod codec;
+
 tonic::include_proto!("scanserver.v1");
 include!(concat!(env!("OUT_DIR"), "/scanserver.v1.serde.rs"));
 

@@ -714,6 +714,30 @@ async fn a_message_of_many_begins_gets_every_reply_in_bounded_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_too_many_entries_is_refused_before_it_is_decoded() {
+    let server = TestServer::start(|_| {}).await;
+    // 400 KB on the wire, some 20 MB once decoded.
+    let flood = ScanRequest {
+        requests: vec![proto::FileRequest::default(); 200_000],
+    };
+    let mut replies = server
+        .client()
+        .await
+        .scan(tokio_stream::iter(vec![flood]))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = replies.message().await.expect_err("the stream fails");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("entries"), "{status:?}");
+    // The server goes on serving.
+    let (session, _keep) = session_id(&server).await;
+    let requests = vec![begin(&session, 1, EICAR, None), chunk(1, 0, EICAR), end(1)];
+    let reply = first_reply(&server, requests).await;
+    assert_eq!(verdict_rules(&reply), ["EICAR_Test_File"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_service_answers_serving() {
     let server = TestServer::start(|_| {}).await;
     let channel = Channel::from_shared(server.url())

@@ -271,7 +271,10 @@ pub(super) async fn run(
                 break;
             }
             Err(status) => {
+                // Broken, or a message the server would not decode: the
+                // agent is told why, if it still listens.
                 tracing::debug!(%status, "scan stream broken");
+                let _ = stream.replies.try_send(Err(status));
                 break;
             }
         };

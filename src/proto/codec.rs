@@ -1,0 +1,120 @@
+//! The gRPC codec of every service: prost's, with one check before a
+//! message is decoded.
+//!
+//! Decoding makes a value of each entry of a repeated field, and an entry
+//! can be far smaller on the wire than in memory: an empty `FileRequest`
+//! is two bytes encoded and about a hundred decoded, so a message of 16 MiB
+//! of them would take some 850 MB before the service sees it. A message
+//! whose top level has more than [`MAX_FIELDS`] fields (each entry of a
+//! repeated field counts) is refused with INVALID_ARGUMENT instead. The
+//! largest legitimate ones are far below: a Lookup of 100,000 digests, a
+//! report or VM list of 100,000 VMs.
+
+use std::marker::PhantomData;
+
+use prost::{
+    Message,
+    encoding::{DecodeContext, decode_key, skip_field},
+};
+use tonic::{
+    Status,
+    codec::{BufferSettings, DecodeBuf, Decoder},
+};
+use tonic_prost::{ProstDecoder, ProstEncoder};
+
+/// The most fields the top level of a message may have.
+pub const MAX_FIELDS: usize = 1 << 17;
+
+/// prost's codec, with [`BoundedDecoder`] for decoding.
+pub struct BoundedCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for BoundedCodec<T, U> {
+    fn default() -> Self {
+        BoundedCodec(PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for BoundedCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = BoundedDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        BoundedDecoder(ProstDecoder::default())
+    }
+}
+
+/// prost's decoder, after counting the message's top-level fields.
+pub struct BoundedDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for BoundedDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // tonic holds a whole message in one buffer before decoding it.
+        if top_level_fields(bytes::Buf::chunk(buf)) > MAX_FIELDS {
+            return Err(Status::invalid_argument(format!(
+                "a message with more than {MAX_FIELDS} entries; send fewer requests in each"
+            )));
+        }
+        self.0.decode(buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// The fields at the top of encoded message `bytes`, counted up to one
+/// over [`MAX_FIELDS`]. Counting stops at anything malformed: decoding
+/// then says what.
+fn top_level_fields(mut bytes: &[u8]) -> usize {
+    let mut count = 0;
+    while !bytes.is_empty() && count <= MAX_FIELDS {
+        let skipped = decode_key(&mut bytes)
+            .and_then(|(tag, wire)| skip_field(wire, tag, &mut bytes, DecodeContext::default()));
+        if skipped.is_err() {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{FileRequest, LookupRequest, ScanRequest};
+
+    #[test]
+    fn fields_are_counted_at_the_top_only() {
+        let requests = ScanRequest {
+            requests: vec![FileRequest::default(); 3],
+        };
+        assert_eq!(top_level_fields(&requests.encode_to_vec()), 3);
+        let lookup = LookupRequest {
+            session_id: "s".into(),
+            digests: vec![bytes::Bytes::from_static(&[7; 32]); 100_000],
+        };
+        assert_eq!(top_level_fields(&lookup.encode_to_vec()), 100_001);
+        let flood = ScanRequest {
+            requests: vec![FileRequest::default(); MAX_FIELDS * 2],
+        };
+        assert_eq!(top_level_fields(&flood.encode_to_vec()), MAX_FIELDS + 1);
+        assert_eq!(
+            top_level_fields(&[0xff, 0xff]),
+            0,
+            "malformed: left to prost"
+        );
+    }
+}
