@@ -714,7 +714,7 @@ async fn a_message_of_many_begins_gets_every_reply_in_bounded_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_of_too_many_entries_is_refused_before_it_is_decoded() {
+async fn messages_that_would_blow_up_when_decoded_are_refused_before() {
     let server = TestServer::start(|_| {}).await;
     // 400 KB on the wire, some 20 MB once decoded.
     let flood = ScanRequest {
@@ -730,6 +730,12 @@ async fn a_message_of_too_many_entries_is_refused_before_it_is_decoded() {
     let status = replies.message().await.expect_err("the stream fails");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("entries"), "{status:?}");
+    // Repeated fields further down: a hello of 40,000 connection tags.
+    let mut big_hello = hello();
+    big_hello.connection_tags = vec!["vdi-pool-7".into(); 40_000];
+    let (_tx, mut incoming) = connect(&server, big_hello).await;
+    let status = incoming.message().await.expect_err("the session fails");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // The server goes on serving.
     let (session, _keep) = session_id(&server).await;
     let requests = vec![begin(&session, 1, EICAR, None), chunk(1, 0, EICAR), end(1)];

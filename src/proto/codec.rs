@@ -8,9 +8,13 @@
 //! whose top level has more than [`MAX_FIELDS`] fields (each entry of a
 //! repeated field counts) is refused with INVALID_ARGUMENT instead. The
 //! largest legitimate ones are far below: a Lookup of 100,000 digests, a
-//! report or VM list of 100,000 VMs.
+//! report or VM list of 100,000 VMs. Repeated fields further down are not
+//! counted (a chunk's bytes could read as anything); the one an agent sends,
+//! a hello's connection tags, is in `AgentMessage`, whose messages (a
+//! hello, heartbeats, events) are small: one over [`MAX_AGENT_MESSAGE`] is
+//! refused.
 
-use std::marker::PhantomData;
+use std::{any::TypeId, marker::PhantomData};
 
 use prost::{
     Message,
@@ -22,8 +26,13 @@ use tonic::{
 };
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
+use super::AgentMessage;
+
 /// The most fields the top level of a message may have.
 pub const MAX_FIELDS: usize = 1 << 17;
+
+/// The largest message an agent may send on Connect.
+pub const MAX_AGENT_MESSAGE: usize = 64 << 10;
 
 /// prost's codec, with [`BoundedDecoder`] for decoding.
 pub struct BoundedCodec<T, U>(PhantomData<(T, U)>);
@@ -56,11 +65,17 @@ where
 /// prost's decoder, after counting the message's top-level fields.
 pub struct BoundedDecoder<U>(ProstDecoder<U>);
 
-impl<U: Message + Default> Decoder for BoundedDecoder<U> {
+impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let len = bytes::Buf::remaining(buf);
+        if TypeId::of::<U>() == TypeId::of::<AgentMessage>() && len > MAX_AGENT_MESSAGE {
+            return Err(Status::invalid_argument(format!(
+                "a Connect message of {len} bytes; at most {MAX_AGENT_MESSAGE} are accepted"
+            )));
+        }
         // tonic holds a whole message in one buffer before decoding it.
         if top_level_fields(bytes::Buf::chunk(buf)) > MAX_FIELDS {
             return Err(Status::invalid_argument(format!(

@@ -60,7 +60,12 @@ pub(super) async fn run(
             )
             .await;
         }
-        Ok(Ok(None) | Err(_)) => return,
+        // A first message the server would not decode: the agent is told why.
+        Ok(Err(status)) => {
+            let _ = out.send(Err(status)).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
     };
     let session = match admit(&state, &hello) {
         Ok(session) => session,
