@@ -457,14 +457,22 @@ impl TestAgent {
     /// a verdict.
     async fn begin_a_file_twice(&self, server: &TestServer) {
         let data = [0; 10];
+        let (tx, mut replies) = scan_stream(server).await;
         let requests = vec![
             begin(&self.session_id, 1, &data, None),
             begin(&self.session_id, 1, &data, None),
             chunk(1, 0, &data),
             end(1),
         ];
-        let reply = first_reply(server, requests).await;
-        assert_eq!(error_code(&reply), tonic::Code::InvalidArgument);
+        tx.send(batch(requests)).await.unwrap();
+        let refused = next(&mut replies).await.1;
+        assert_eq!(error_code(&refused), tonic::Code::InvalidArgument);
+        // The file itself gets its verdict: only the refused begin went
+        // without one.
+        assert_eq!(
+            file_verdict(next(&mut replies).await.1).detection_count(),
+            0
+        );
     }
 
     /// Scans `data` through a Scan stream; returns the number of detections.

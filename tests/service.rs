@@ -278,7 +278,9 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Long enough for the flood to fill everything, well within the idle
+    // timeout of the lead's stream once it is full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // Another VM's begin for the content the lead was asked for: the lead's
     // stream is closed once it has taken no reply for the idle timeout, and
     // the waiter is asked for its own content then, not after the wait's

@@ -7,7 +7,7 @@
 //! of them would take some 850 MB before the service sees it. A message
 //! whose top level has more than [`MAX_FIELDS`] fields (each entry of a
 //! repeated field counts) is refused with INVALID_ARGUMENT instead. The
-//! largest legitimate ones are far below: a Lookup of 100,000 digests, a
+//! largest legitimate ones are below: a Lookup of 100,000 digests, a
 //! report or VM list of 100,000 VMs. Repeated fields further down are not
 //! counted (a chunk's bytes could read as anything); the one an agent sends,
 //! a hello's connection tags, is in `AgentMessage`, whose messages (a
@@ -77,7 +77,9 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
             )));
         }
         // tonic holds a whole message in one buffer before decoding it.
-        if top_level_fields(bytes::Buf::chunk(buf)) > MAX_FIELDS {
+        let encoded = bytes::Buf::chunk(buf);
+        debug_assert_eq!(encoded.len(), len, "one buffer");
+        if top_level_fields(encoded) > MAX_FIELDS {
             return Err(Status::invalid_argument(format!(
                 "a message with more than {MAX_FIELDS} entries; send fewer requests in each"
             )));

@@ -10,11 +10,12 @@
 //! bound.
 //!
 //! Each begun file holds one of its session's in-flight places until its
-//! final reply is queued, and owes its VM a verdict: one that goes without
-//! (refused, failed, cancelled, cut off) spoils the VM's full scan under
-//! way. Replies wait for the agent to take them for at most the idle
-//! timeout. When the stream ends, for whatever reason, its open files are
-//! dropped: their memory is freed and their spool files deleted.
+//! final reply (a scan's verdict: until that is queued for the agent), and
+//! owes its VM a verdict: one that goes without (refused, failed,
+//! cancelled, cut off) spoils the VM's full scan under way. Replies wait
+//! for the agent to take them for at most the idle timeout. When the
+//! stream ends, for whatever reason, its open files are dropped: their
+//! memory is freed and their spool files deleted.
 //!
 //! Requests for the same content coalesce (see [`crate::cache::flight`]):
 //! a hash-first begin whose content another request is uploading or
@@ -32,7 +33,7 @@ use tokio::{
         OwnedSemaphorePermit,
         mpsc::{self, error::TrySendError},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 use tonic::{Code, Status, Streaming};
 
@@ -72,7 +73,7 @@ const MAX_REPLIES: usize = 1024;
 /// verdict, a cache hit and a request for content are never held: a failed
 /// scan's waiters are asked for their content at once, and the held
 /// verdicts go with them.
-const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(16);
+const HOLD_FOR: Duration = Duration::from_millis(16);
 
 /// A begun file of a Scan stream.
 struct OpenFile {
@@ -326,6 +327,8 @@ impl ScanStream {
     async fn send_all(&self, mut replies: Vec<FileReply>) -> Result<(), ()> {
         while !replies.is_empty() {
             let rest = replies.split_off(replies.len().min(MAX_REPLIES));
+            // A timer only when the buffer is full: one for every message
+            // would cost the runtime's timer wheel a lock each (see `run`).
             let slot = match self.replies.try_reserve() {
                 Ok(slot) => slot,
                 Err(TrySendError::Closed(())) => return Err(()),
@@ -619,6 +622,7 @@ impl ScanStream {
             owed: Some(owed),
             replies: self.replies.clone(),
             runtime: Handle::current(),
+            idle_timeout: self.state.idle_timeout,
             in_flight: Some(in_flight),
         };
         judging.deliver(due, engine, received, name);
@@ -635,6 +639,8 @@ struct VerdictDue {
     owed: Option<VerdictOwed>,
     replies: Replies,
     runtime: Handle,
+    /// How long the reply may wait for the agent to take replies.
+    idle_timeout: Duration,
     /// The file's place in flight, given back just before its reply is
     /// queued: an agent that has the reply may begin another file at once.
     in_flight: Option<OwnedSemaphorePermit>,
@@ -651,9 +657,11 @@ impl VerdictDue {
 
     /// Queues `kind` on the stream: at once while its reply buffer has
     /// room (from any thread, without blocking), by a task otherwise. The
-    /// task keeps the file's place in flight until the reply is queued: an
-    /// agent that does not take its replies cannot begin more files, so
-    /// these tasks are as few as its places.
+    /// task keeps the file's place in flight until the reply is queued, so
+    /// an agent that does not take its replies cannot begin more files and
+    /// these tasks are as few as its places; after the idle timeout the
+    /// reply is dropped and the place given back (the stream itself has
+    /// given up on the agent by then).
     fn reply(&mut self, kind: file_reply::Kind) {
         let place = self.in_flight.take();
         let message = Ok(ScanReply {
@@ -665,9 +673,9 @@ impl VerdictDue {
                 slot.send(message);
             }
             Err(TrySendError::Full(())) => {
-                let replies = self.replies.clone();
+                let (replies, idle) = (self.replies.clone(), self.idle_timeout);
                 self.runtime.spawn(async move {
-                    if let Ok(slot) = replies.reserve().await {
+                    if let Ok(Ok(slot)) = tokio::time::timeout(idle, replies.reserve()).await {
                         drop(place);
                         slot.send(message);
                     }
@@ -807,13 +815,15 @@ async fn scan_received(slot: ScanSlot, received: Received, name: String) -> Scan
     slot.scan(job, guard).await
 }
 
-/// `ScanFile`: one file, its chunks in order, the first naming it. Calls
-/// at once are limited, and a call whose client sends nothing for the idle
-/// timeout fails: a stalled call holds a share of the upload memory or a
-/// spool file.
+/// `ScanFile`: one file, its chunks in order, the first naming it.
+///
+/// A call holds a share of the upload memory or a spool file, and calls
+/// have no session to limit them: calls at once are limited server-wide,
+/// the first chunk must come within [`FIRST_CHUNK_WAIT`], and the whole
+/// file within the idle timeout.
 pub(super) async fn scan_file(
     state: &ServiceState,
-    mut chunks: Streaming<FileChunk>,
+    chunks: Streaming<FileChunk>,
 ) -> Result<FileVerdict, Status> {
     let Ok(_call) = state.scan_file_calls.try_acquire() else {
         let limit = state.uploads.config().files_in_flight;
@@ -822,28 +832,45 @@ pub(super) async fn scan_file(
         )));
     };
     let idle = state.idle_timeout;
-    let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
-    let mut name = None;
-    while let Some(chunk) = tokio::time::timeout(idle, chunks.message())
+    let cut_off =
+        |_| Status::deadline_exceeded(format!("the file took over {idle:?}; the call is cut off"));
+    let (received, name) = tokio::time::timeout(idle, receive_file(state, chunks))
         .await
-        .map_err(|_| {
-            Status::deadline_exceeded(format!("no chunk for {idle:?}; the call is cut off"))
-        })??
-    {
-        name.get_or_insert(chunk.path);
-        Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);
-        upload
-            .push(chunk.offset, &chunk.data)
-            .map_err(Status::from)?;
-    }
-    let received = upload.finish().map_err(Status::from)?;
-    let name = name.unwrap_or_default();
+        .map_err(cut_off)??;
     let engine = &state.engine;
     let judging = Judging::start(engine, &received.digest, &name, Standing::Unannounced).await;
     let verdict = judging.verdict(engine, received, name).await;
     // No session: counted in the metrics, but for no VM.
     engine.metrics().verdict(&verdict);
     Ok(verdict)
+}
+
+/// How long a `ScanFile` call may take to send its first chunk.
+const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(10);
+
+/// Receives a `ScanFile` call's content, and the name its first chunk
+/// gives.
+async fn receive_file(
+    state: &ServiceState,
+    mut chunks: Streaming<FileChunk>,
+) -> Result<(Received, String), Status> {
+    let first = tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded("no chunk within 10 seconds; the call is cut off")
+        })??;
+    let name = first.as_ref().map(|c| c.path.clone()).unwrap_or_default();
+    let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
+    let mut next = first;
+    while let Some(chunk) = next {
+        Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);
+        upload
+            .push(chunk.offset, &chunk.data)
+            .map_err(Status::from)?;
+        next = chunks.message().await?;
+    }
+    let received = upload.finish().map_err(Status::from)?;
+    Ok((received, name))
 }
 
 fn verdict_reply(verdict: FileVerdict) -> file_reply::Kind {

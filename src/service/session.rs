@@ -214,7 +214,12 @@ async fn serve(
                 note(&state.vms, session, message);
             }
             Ok(None) => return Ending::Closed,
-            Err(_) => return Ending::Dropped,
+            Err(status) => {
+                // Broken, or a message the server would not decode: the
+                // agent is told why, if it still listens.
+                let _ = out.try_send(Err(status));
+                return Ending::Dropped;
+            }
         }
     }
 }
