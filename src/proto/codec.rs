@@ -71,6 +71,8 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         let len = bytes::Buf::remaining(buf);
+        // One decoder serves every message type; the one with its own
+        // limit is told apart by its type.
         if TypeId::of::<U>() == TypeId::of::<AgentMessage>() && len > MAX_AGENT_MESSAGE {
             return Err(Status::invalid_argument(format!(
                 "a Connect message of {len} bytes; at most {MAX_AGENT_MESSAGE} are accepted"

@@ -857,7 +857,8 @@ async fn receive_file(
     let first = tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.message())
         .await
         .map_err(|_| {
-            Status::deadline_exceeded("no chunk within 10 seconds; the call is cut off")
+            let message = format!("no chunk within {FIRST_CHUNK_WAIT:?}; the call is cut off");
+            Status::deadline_exceeded(message)
         })??;
     let name = first.as_ref().map(|c| c.path.clone()).unwrap_or_default();
     let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
