@@ -372,18 +372,8 @@ async fn eicar_is_found_through_scan_and_scan_file() {
     assert!(!verdict.cached);
 
     let chunks = tokio_stream::iter(vec![
-        FileChunk {
-            offset: 0,
-            data: Bytes::from_static(&EICAR[..10]),
-            path: "eicar.com".into(),
-            file_id: 0,
-        },
-        FileChunk {
-            offset: 10,
-            data: Bytes::from_static(&EICAR[10..]),
-            path: String::new(),
-            file_id: 0,
-        },
+        scan_file_chunk(0, &EICAR[..10], "eicar.com"),
+        scan_file_chunk(10, &EICAR[10..], ""),
     ]);
     let verdict = server
         .client()
@@ -415,25 +405,13 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
                 .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
         });
-        let first = FileChunk {
-            offset: 0,
-            data: Bytes::from(vec![n; 1000]),
-            path: format!("stalled{n}.bin"),
-            file_id: 0,
-        };
+        let first = scan_file_chunk(0, &[n; 1000], &format!("stalled{n}.bin"));
         tx.send(first).await.unwrap();
         calls.push((tx, call));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A third call at once is refused.
-    let eicar = || {
-        tokio_stream::iter(vec![FileChunk {
-            offset: 0,
-            data: Bytes::from_static(EICAR),
-            path: "eicar.com".into(),
-            file_id: 0,
-        }])
-    };
+    let eicar = || tokio_stream::iter(vec![scan_file_chunk(0, EICAR, "eicar.com")]);
     let refused = server.client().await.scan_file(eicar()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     // The stalled calls are cut off after the idle timeout...

@@ -304,10 +304,18 @@ pub fn begin(session: &str, id: u64, data: &[u8], digest: Option<&[u8]>) -> Scan
 pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
     ScanRequest::from(file_request::Kind::Chunk(FileChunk {
         file_id: id,
+        ..scan_file_chunk(offset, data, "")
+    }))
+}
+
+/// A chunk of a `ScanFile` call (the first names the file).
+pub fn scan_file_chunk(offset: u64, data: &[u8], path: &str) -> FileChunk {
+    FileChunk {
+        file_id: 0,
         offset,
         data: Bytes::copy_from_slice(data),
-        path: String::new(),
-    }))
+        path: path.to_owned(),
+    }
 }
 
 pub fn end(id: u64) -> ScanRequest {
