@@ -190,6 +190,17 @@ impl FileVerdict {
         }
     }
 
+    /// The answer to a hash-first begin: the digest is left out (the
+    /// begin's), and so is the signatures version when it is
+    /// `message_version`, the one its `ScanReply` carries.
+    pub fn hash_first(entry: &CachedVerdict, coalesced: bool, message_version: &str) -> Self {
+        let mut verdict = Self::in_lookup(entry, coalesced);
+        if *entry.rules_version != *message_version {
+            verdict.signatures_version = entry.rules_version.to_string();
+        }
+        verdict
+    }
+
     /// A verdict in a Lookup reply: the digest and signatures version are
     /// left out, being the request's and the reply's.
     pub fn in_lookup(entry: &CachedVerdict, coalesced: bool) -> Self {
@@ -212,12 +223,17 @@ impl FileVerdict {
     }
 
     /// An outcome as a client sees it: `size` is what the client knows of
-    /// the file, and `elapsed` what it measured. `latest` is the signatures
-    /// version of the verdicts before, shared when this one's is the same.
+    /// the file, `elapsed` what it measured, and `begun` the digest its
+    /// begin gave (an answer to a hash-first begin leaves the digest out).
+    /// `message_version` is the signatures version of the reply's message,
+    /// for a verdict that leaves its own out; `latest` is the version of
+    /// the verdicts before, shared when this one's is the same.
     pub fn to_outcome(
         &self,
         size: u64,
         elapsed: Duration,
+        begun: Option<blake3::Hash>,
+        message_version: &str,
         latest: &mut LatestVersion,
     ) -> ScanOutcome {
         let verdict = self
@@ -227,13 +243,18 @@ impl FileVerdict {
             .unwrap_or_else(|| {
                 LibVerdict::failed(FailReason::Engine, "the server sent no verdict")
             });
+        let version = match self.signatures_version.as_str() {
+            "" => message_version,
+            own => own,
+        };
         ScanOutcome {
             verdict,
             size,
             digest: <[u8; 32]>::try_from(&self.blake3[..])
                 .ok()
-                .map(blake3::Hash::from_bytes),
-            rules_version: latest.of(&self.signatures_version),
+                .map(blake3::Hash::from_bytes)
+                .or(begun),
+            rules_version: latest.of(version),
             cached: self.cached,
             coalesced: self.coalesced,
             elapsed,

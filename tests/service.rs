@@ -119,10 +119,16 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
     lead_tx.send(end(7)).await.unwrap();
     let lead = file_verdict(next(lead_replies).await.1);
     assert!(!lead.cached && !lead.coalesced);
+    assert_eq!(&lead.blake3[..], digest.as_bytes(), "the digest computed");
+    let version = server.state.engine.ruleset().version().to_owned();
+    assert_eq!(lead.signatures_version, version);
     for (_, replies, _) in &mut agents[1..] {
         let verdict = file_verdict(next(replies).await.1);
         assert!(verdict.coalesced, "handed the lead's verdict");
-        assert_eq!(verdict.blake3, lead.blake3);
+        // What the agent knows is left out: the begin's digest, and the
+        // version its message carries.
+        assert!(verdict.blake3.is_empty() && verdict.signatures_version.is_empty());
+        assert_eq!(replies.version, version);
     }
     assert_eq!(Counters::get(&server.state.counters.content_requests), 1);
     assert_eq!(
@@ -461,6 +467,8 @@ async fn a_known_digest_is_answered_without_content() {
     };
     assert_eq!(id, 2);
     assert!(verdict.cached);
+    assert!(verdict.blake3.is_empty() && verdict.signatures_version.is_empty());
+    assert_eq!(replies.version, server.state.engine.ruleset().version());
     assert_eq!(
         Counters::get(&server.state.counters.bytes_received),
         received,
@@ -779,6 +787,12 @@ async fn the_lightagent_client_scans_hash_first() {
                 }
             );
             assert_eq!(outcome.cached, round == 1, "{name:?} in round {round}");
+            // Answers by digest leave out the digest and, in their message,
+            // the version: the agent has both all the same.
+            let data = std::fs::read(dir.path().join(name)).unwrap();
+            assert_eq!(outcome.digest, Some(blake3::hash(&data)), "{name:?}");
+            let version = server.state.engine.ruleset().version_arc();
+            assert_eq!(outcome.rules_version, version, "{name:?}");
         }
     }
     assert_eq!(server.spooled_files(), 0);

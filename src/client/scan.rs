@@ -251,7 +251,13 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         for (file, answer) in over {
             let elapsed = file.started.elapsed();
             let outcome = match answer {
-                Ok(verdict) => verdict.to_outcome(file.size, elapsed, &mut self.latest),
+                Ok(verdict) => verdict.to_outcome(
+                    file.size,
+                    elapsed,
+                    file.digest,
+                    &message.signatures_version,
+                    &mut self.latest,
+                ),
                 Err(verdict) => failed_outcome(verdict, file.size, file.started),
             };
             (self.on_result)(file.source.path(), outcome);
@@ -472,6 +478,8 @@ struct PendingFiles {
 struct PendingFile {
     source: FileSource,
     size: u64,
+    /// The digest its begin gave, which an answer to it leaves out.
+    digest: Option<blake3::Hash>,
     started: Instant,
     /// The server asked for its content: it did not know it.
     asked: bool,
@@ -565,6 +573,7 @@ impl Announcer {
             let pending = PendingFile {
                 source,
                 size: file.size,
+                digest: file.digest,
                 started,
                 asked: false,
                 unread: None,
@@ -911,6 +920,7 @@ mod tests {
         PendingFile {
             source: FileSource::Path(name.into()),
             size: 0,
+            digest: None,
             started: Instant::now(),
             asked: false,
             unread: None,

@@ -162,6 +162,12 @@ struct ScanStream {
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
     next_expiry: Option<Instant>,
+    /// The signatures version of the stream's messages, which answers to
+    /// hash-first begins leave out when it is theirs (see `FileVerdict`).
+    /// The current one when the stream last took its landed verdicts,
+    /// which it does before it makes any other reply: the replies made
+    /// until the next take, and the messages they go in, agree on it.
+    version: Arc<str>,
 }
 
 /// Drives one Scan stream to its end.
@@ -175,7 +181,9 @@ pub(super) async fn run(
     let landings = Landings::new(state.uploads.config().files_in_flight as usize);
     let mut shutdown = state.shutdown.clone();
     let idle_timeout = state.idle_timeout;
+    let version = state.engine.ruleset().version_arc();
     let mut stream = ScanStream {
+        version,
         state,
         open: HashMap::default(),
         replies,
@@ -346,7 +354,11 @@ impl ScanStream {
                     }
                 }
             };
-            slot.send(Ok(ScanReply { replies }));
+            let signatures_version = self.version.to_string();
+            slot.send(Ok(ScanReply {
+                replies,
+                signatures_version,
+            }));
             replies = rest;
         }
         Ok(())
@@ -355,9 +367,14 @@ impl ScanStream {
     /// The replies to the flights landed since they were last taken:
     /// verdicts, and requests for content for files whose flight failed.
     /// A notice that fits no waiting file (it was cancelled, or ended its
-    /// wait) is dropped. Taking them ends the hold.
+    /// wait) is dropped. Taking them ends the hold, and takes the current
+    /// signatures version for the replies to come (see `version`).
     fn take_landed(&mut self) -> Vec<FileReply> {
         self.holding = false;
+        let current = self.state.engine.ruleset();
+        if *self.version != *current.version() {
+            self.version = current.version_arc();
+        }
         let mut notices = std::mem::take(&mut self.notices);
         self.landings.take(&mut notices);
         let replies = notices.drain(..).filter_map(|n| self.landed(n)).collect();
@@ -407,7 +424,7 @@ impl ScanStream {
         let engine = &self.state.engine;
         let key = engine.cache_key(&digest, Some(file.name.as_ref()));
         if let Some(hit) = engine.cache().get(&key) {
-            let verdict = FileVerdict::known(&hit, &digest, false);
+            let verdict = FileVerdict::hash_first(&hit, false, &self.version);
             file.owed.settle(file.size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
@@ -559,7 +576,7 @@ impl ScanStream {
         let Some(landed) = landing else {
             return self.open_for_content(id, file, Some(digest), Standing::OnItsOwn);
         };
-        let verdict = FileVerdict::known(&landed, &digest, true);
+        let verdict = FileVerdict::hash_first(&landed, true, &self.version);
         file.owed.settle(file.size, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
@@ -664,8 +681,10 @@ impl VerdictDue {
     /// given up on the agent by then).
     fn reply(&mut self, kind: file_reply::Kind) {
         let place = self.in_flight.take();
+        // The verdict of content carries its own signatures version.
         let message = Ok(ScanReply {
             replies: vec![reply(self.id, kind)],
+            signatures_version: String::new(),
         });
         match self.replies.try_reserve() {
             Ok(slot) => {

@@ -229,6 +229,8 @@ pub async fn scan_stream(server: &TestServer) -> (mpsc::Sender<ScanRequest>, Rep
 pub struct Replies {
     stream: tonic::Streaming<ScanReply>,
     batch: VecDeque<FileReply>,
+    /// The signatures version of the message the batch came in.
+    pub version: String,
 }
 
 impl Replies {
@@ -236,6 +238,7 @@ impl Replies {
         Replies {
             stream,
             batch: VecDeque::new(),
+            version: String::new(),
         }
     }
 
@@ -257,6 +260,7 @@ pub async fn next(replies: &mut Replies) -> (u64, file_reply::Kind) {
             .expect("the stream is open");
         assert!(!message.replies.is_empty(), "a message without replies");
         replies.batch.extend(message.replies);
+        replies.version = message.signatures_version;
     }
     let reply = replies.batch.pop_front().unwrap();
     (reply.file_id, reply.kind.unwrap())
