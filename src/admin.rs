@@ -17,7 +17,7 @@ use crate::{
         TagReply, TagRequest, VmInfo, VmReason, admin_client, admin_server::Admin,
     },
     status::{Svm, WhichVms},
-    vms::{SecurityTag, TagError},
+    vms::{MAX_LISTING_SIZE, SecurityTag, TagError},
 };
 
 /// The default address of the admin listener.
@@ -122,10 +122,8 @@ pub async fn connect(addr: &str, token: Option<BearerToken>) -> Result<AdminClie
         .connect()
         .await
         .map_err(|e| unreachable(&e))?;
-    Ok(admin_client::AdminClient::with_interceptor(
-        channel,
-        SendToken(token),
-    ))
+    let client = admin_client::AdminClient::with_interceptor(channel, SendToken(token));
+    Ok(client.max_decoding_message_size(MAX_LISTING_SIZE))
 }
 
 /// `scanserver status` as text.

@@ -35,6 +35,7 @@ use crate::{
     },
     shutdown::shut_down,
     status::{Svm, SvmStatus, WhichVms},
+    vms::MAX_LISTING_SIZE,
 };
 
 /// How much each interval is stretched or shortened at random, at most.
@@ -179,11 +180,12 @@ impl Reporter {
                     () = tokio::time::sleep_until(last + MIN_GAP) => {}
                     () = shut_down(&mut shutdown) => return,
                 }
-                // Changes made while waiting go in this report.
-                status.borrow_and_update();
-                vms.borrow_and_update();
                 trigger = ReportTrigger::Change;
             }
+            // Changes made so far (while waiting, say) go in this report,
+            // whatever its trigger: none of them calls for another.
+            status.borrow_and_update();
+            vms.borrow_and_update();
             if let Some(carried) = self.send(trigger).await {
                 // The status this report carried is reported, whatever
                 // changed it (a delivery after failures ends
@@ -291,7 +293,9 @@ impl Receiver {
             token,
             hint: "set reporting.token_file on the SVM",
         };
-        IntegrationServerServer::with_interceptor(Receiver { reports }, token)
+        let server = IntegrationServerServer::new(Receiver { reports })
+            .max_decoding_message_size(MAX_LISTING_SIZE);
+        InterceptedService::new(server, token)
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     metrics::{Metrics, Tally},
-    proto::{FileVerdict, Hello, RejectReason},
+    proto::{FileVerdict, Hello},
     vms::{Ending, Vms},
 };
 
@@ -126,6 +126,17 @@ impl Session {
     }
 }
 
+/// Why a session could not be opened (a `CAPACITY` rejection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("this SVM serves its maximum number of agents; connect to another SVM")]
+    TooManyAgents,
+    #[error(
+        "this SVM's registry of protected VMs is full (every VM in it is connected or tagged); connect to another SVM"
+    )]
+    TooManyVms,
+}
+
 /// The connected agents.
 pub struct Sessions {
     by_id: RwLock<HashMap<String, Arc<Session>>>,
@@ -152,10 +163,10 @@ impl Sessions {
     }
 
     /// Opens a session for `agent`, unless the server is at capacity.
-    pub fn open(&self, agent: AgentIdentity) -> Result<Arc<Session>, RejectReason> {
+    pub fn open(&self, agent: AgentIdentity) -> Result<Arc<Session>, Refused> {
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         if by_id.len() >= self.max_agents {
-            return Err(RejectReason::Capacity);
+            return Err(Refused::TooManyAgents);
         }
         let session = Arc::new(Session {
             id: uuid::Uuid::new_v4().to_string(),
@@ -170,10 +181,12 @@ impl Sessions {
             vms: Arc::clone(&self.vms),
             metrics: Arc::clone(&self.metrics),
         });
-        by_id.insert(session.id.clone(), Arc::clone(&session));
         // Under the lock: of two sessions of one VM opening at once, the
         // registry of VMs must end up with the one opened last.
-        self.vms.connected(&session);
+        if !self.vms.connected(&session) {
+            return Err(Refused::TooManyVms);
+        }
+        by_id.insert(session.id.clone(), Arc::clone(&session));
         Ok(session)
     }
 

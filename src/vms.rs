@@ -48,6 +48,11 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// and carrying no tag is forgotten first.
 pub const MAX_VMS: usize = 100_000;
 
+/// The largest message that lists VMs a client or receiver of this crate
+/// accepts: a report, or `scanserver agents`, may name [`MAX_VMS`] VMs of
+/// some 200 bytes each, 20 MB, five times tonic's default limit.
+pub const MAX_LISTING_SIZE: usize = 64 << 20;
+
 /// The file's name in the state folder.
 pub const FILE_NAME: &str = "vms.json";
 
@@ -157,9 +162,17 @@ pub struct VmRecord {
 #[derive(Debug, Clone)]
 pub struct FullScan {
     task_id: String,
+    /// The session that reported it: only its end, in the same session,
+    /// counts.
+    session_id: String,
     /// Since it started, a file of the VM failed or went without a verdict,
     /// or malware was found: its end proves nothing clean.
     spoiled: bool,
+    /// Since it started, the agent reported a modified file, or registry
+    /// object: the scan may have passed it before, so its end does not
+    /// clear that reason.
+    file_modified: bool,
+    registry_modified: bool,
 }
 
 impl VmRecord {
@@ -186,6 +199,19 @@ impl VmRecord {
         if let Some(scan) = &mut self.full_scan {
             scan.spoiled = true;
         }
+    }
+
+    /// Assigns `tag` automatically; false if it was assigned already.
+    fn assign_automatically(&mut self, tag: SecurityTag) -> bool {
+        if self.tags.contains_key(&tag) {
+            return false;
+        }
+        let entry = TagEntry {
+            origin: TagOrigin::Automatic,
+            assigned_at: unix_ms(SystemTime::now()),
+        };
+        self.tags.insert(tag, entry);
+        true
     }
 
     /// Every reason in force, worst first.
@@ -331,6 +357,8 @@ pub struct Vms {
     /// Where it is saved; `None` keeps it in memory only.
     path: Option<PathBuf>,
     changes: watch::Sender<u64>,
+    /// The most VMs kept: [`MAX_VMS`] (fewer in tests).
+    limit: usize,
 }
 
 impl Vms {
@@ -340,6 +368,7 @@ impl Vms {
             by_id: Mutex::default(),
             path: None,
             changes: watch::channel(0).0,
+            limit: MAX_VMS,
         }
     }
 
@@ -368,6 +397,7 @@ impl Vms {
             ),
             path: Some(path),
             changes: watch::channel(0).0,
+            limit: MAX_VMS,
         };
         vms.forget_old();
         Ok(vms)
@@ -397,12 +427,29 @@ impl Vms {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
-    /// An agent opened `session`.
-    pub fn connected(&self, session: &Session) {
+    /// An agent opened `session`. False, with nothing changed, when its VM
+    /// is new and the registry holds [`MAX_VMS`] VMs, none of which can be
+    /// forgotten (connected or tagged): VM ids are the agents' to choose,
+    /// and each new one must not grow the registry without bound.
+    pub fn connected(&self, session: &Session) -> bool {
         let agent = &session.agent;
         let now = unix_ms(SystemTime::now());
         {
             let mut by_id = self.lock();
+            if !by_id.contains_key(&agent.vm_id) && by_id.len() >= self.limit {
+                // Full: the VM seen least recently that no session and no
+                // tag holds makes room (a walk of the registry, only when
+                // it is full).
+                let idle = by_id
+                    .values()
+                    .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
+                    .min_by_key(|vm| vm.last_seen)
+                    .map(|vm| vm.vm_id.clone());
+                match idle {
+                    Some(vm_id) => by_id.remove(&vm_id),
+                    None => return false,
+                };
+            }
             let vm = by_id
                 .entry(agent.vm_id.clone())
                 .or_insert_with(|| VmRecord::new(agent, now));
@@ -418,6 +465,7 @@ impl Vms {
             vm.session_id = Some(session.id.clone());
         }
         self.changed();
+        true
     }
 
     /// `session` ended. A later session of the same VM (an agent that
@@ -435,29 +483,30 @@ impl Vms {
         });
     }
 
-    /// A scan for VM `vm_id` found malware.
+    /// A scan for VM `vm_id` found malware. The full scan under way cannot
+    /// prove the VM clean any more: it is spoiled with the tag assigned,
+    /// under one lock, so that no full scan can start between the two and
+    /// later clear a tag it was never spoiled by.
     pub fn threat_found(&self, vm_id: &str) {
-        // The full scan under way cannot prove the VM clean any more.
-        self.scan_failed(vm_id);
-        self.assign_automatically(vm_id, SecurityTag::VirusFound);
+        self.assign_automatically(vm_id, SecurityTag::VirusFound, |vm| vm.spoil_full_scan());
     }
 
     /// The agent of VM `vm_id` reported a network attack.
     pub fn network_attack(&self, vm_id: &str) {
-        self.assign_automatically(vm_id, SecurityTag::IdsIps);
+        self.assign_automatically(vm_id, SecurityTag::IdsIps, |_| {});
     }
 
-    fn assign_automatically(&self, vm_id: &str, tag: SecurityTag) {
+    /// Assigns `tag` to VM `vm_id` automatically, after `first` (under the
+    /// same lock).
+    fn assign_automatically(
+        &self,
+        vm_id: &str,
+        tag: SecurityTag,
+        first: impl FnOnce(&mut VmRecord),
+    ) {
         let assigned = self.update(vm_id, |vm| {
-            if vm.tags.contains_key(&tag) {
-                return false;
-            }
-            let entry = TagEntry {
-                origin: TagOrigin::Automatic,
-                assigned_at: unix_ms(SystemTime::now()),
-            };
-            vm.tags.insert(tag, entry);
-            true
+            first(vm);
+            vm.assign_automatically(tag)
         });
         if assigned == Some(true) {
             tracing::warn!(vm = vm_id, %tag, "security tag assigned");
@@ -472,29 +521,41 @@ impl Vms {
         }
     }
 
-    /// The agent of VM `vm_id` reported that scan task `task_id` started.
-    pub fn task_started(&self, vm_id: &str, task_id: &str, kind: TaskKind) {
-        if kind == TaskKind::FullScan
-            && let Some(vm) = self.lock().get_mut(vm_id)
-        {
+    /// The agent of `session` reported that scan task `task_id` started.
+    /// The same full scan reported started again stays as it was (what
+    /// spoiled it still does); another one takes its place.
+    pub fn task_started(&self, session: &Session, task_id: &str, kind: TaskKind) {
+        if kind != TaskKind::FullScan {
+            return;
+        }
+        let mut by_id = self.lock();
+        let Some(vm) = by_id.get_mut(&session.agent.vm_id) else {
+            return;
+        };
+        let same = |scan: &FullScan| scan.task_id == task_id && scan.session_id == session.id;
+        if !vm.full_scan.as_ref().is_some_and(same) {
             vm.full_scan = Some(FullScan {
                 task_id: task_id.to_owned(),
+                session_id: session.id.clone(),
                 spoiled: false,
+                file_modified: false,
+                registry_modified: false,
             });
         }
     }
 
-    /// The agent of VM `vm_id` reported that scan task `task_id` finished,
+    /// The agent of `session` reported that scan task `task_id` finished,
     /// with `detections` and `failed_files` (files it could not scan, the
-    /// server's failures among them). A full scan seen starting, unspoiled,
-    /// with no detections and no failed files, clears what a full scan
-    /// answers for: the automatic malware tag (assigned before it started,
-    /// or it would be spoiled), and the modification reasons. The agent's
-    /// own count of failures matters: files it could not read were never
-    /// sent, so no failure of theirs spoiled the scan here.
+    /// server's failures among them). A full scan seen starting in the same
+    /// session, unspoiled, with no detections and no failed files, clears
+    /// what a full scan answers for: the automatic malware tag (assigned
+    /// before it started, or it would be spoiled), and the modification
+    /// reasons reported before it started. The agent's own count of
+    /// failures matters: files it could not read were never sent, so no
+    /// failure of theirs spoiled the scan here.
     pub fn task_finished(
         &self,
-        vm_id: &str,
+        session: &Session,
         task_id: &str,
         kind: TaskKind,
         detections: u32,
@@ -503,9 +564,12 @@ impl Vms {
         if kind != TaskKind::FullScan {
             return;
         }
+        let vm_id = session.agent.vm_id.as_str();
         let mut untagged = false;
         self.update(vm_id, |vm| {
-            let Some(scan) = vm.full_scan.take_if(|scan| scan.task_id == task_id) else {
+            let ours =
+                |scan: &mut FullScan| scan.task_id == task_id && scan.session_id == session.id;
+            let Some(scan) = vm.full_scan.take_if(ours) else {
                 return false;
             };
             if detections > 0 || failed_files > 0 || scan.spoiled {
@@ -519,24 +583,36 @@ impl Vms {
                 vm.tags.remove(&SecurityTag::VirusFound);
                 untagged = true;
             }
-            let modified = vm.file_modified || vm.registry_modified;
-            vm.file_modified = false;
-            vm.registry_modified = false;
-            automatic || modified
+            let file = vm.file_modified && !scan.file_modified;
+            let registry = vm.registry_modified && !scan.registry_modified;
+            vm.file_modified &= !file;
+            vm.registry_modified &= !registry;
+            automatic || file || registry
         });
         if untagged {
             tracing::info!(vm = vm_id, tag = %SecurityTag::VirusFound, "security tag removed after a clean full scan");
         }
     }
 
-    /// The agent of VM `vm_id` reported a modified protected object.
+    /// The agent of VM `vm_id` reported a modified protected object. The
+    /// full scan under way may have passed it already: its end will not
+    /// clear the reason.
     pub fn integrity(&self, vm_id: &str, kind: IntegrityKind) {
         self.update(vm_id, |vm| {
-            let flag = match kind {
-                IntegrityKind::FileModified => &mut vm.file_modified,
-                IntegrityKind::RegistryModified => &mut vm.registry_modified,
+            let scan = vm.full_scan.as_mut();
+            let (flag, during_scan) = match kind {
+                IntegrityKind::FileModified => {
+                    (&mut vm.file_modified, scan.map(|s| &mut s.file_modified))
+                }
+                IntegrityKind::RegistryModified => (
+                    &mut vm.registry_modified,
+                    scan.map(|s| &mut s.registry_modified),
+                ),
                 IntegrityKind::Unspecified => return false,
             };
+            if let Some(during_scan) = during_scan {
+                *during_scan = true;
+            }
             !std::mem::replace(flag, true)
         });
     }
@@ -617,14 +693,14 @@ impl Vms {
         by_id.retain(|_, vm| {
             vm.session_id.is_some() || vm.last_seen >= horizon || !vm.tags.is_empty()
         });
-        if by_id.len() > MAX_VMS {
+        if by_id.len() > self.limit {
             let mut idle: Vec<_> = by_id
                 .values()
                 .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
                 .map(|vm| (vm.last_seen, vm.vm_id.clone()))
                 .collect();
             idle.sort_unstable();
-            let excess = by_id.len() - MAX_VMS;
+            let excess = by_id.len() - self.limit;
             for (_, vm_id) in idle.into_iter().take(excess) {
                 by_id.remove(&vm_id);
             }
@@ -689,6 +765,43 @@ mod tests {
             tags
         );
         assert!(serde_json::from_str::<SecurityTag>(r#""VirusFound""#).is_err());
+    }
+
+    #[test]
+    fn a_full_registry_forgets_an_idle_vm_or_refuses_a_new_one() {
+        use std::sync::Arc;
+
+        use crate::sessions::{Refused, Sessions};
+        let vms = Arc::new(Vms {
+            limit: 2,
+            ..Vms::in_memory()
+        });
+        let sessions = Sessions::new(10, 10, Arc::clone(&vms), Arc::default());
+        let open = |vm: &str| {
+            sessions.open(AgentIdentity {
+                agent_id: "agent".into(),
+                vm_id: vm.into(),
+                vm_name: vm.into(),
+                os: "Windows".into(),
+                agent_version: "1".into(),
+                connection_tags: vec![],
+            })
+        };
+        let first = open("vm-1").unwrap();
+        let second = open("vm-2").unwrap();
+        assert_eq!(open("vm-3").unwrap_err(), Refused::TooManyVms);
+        assert_eq!(sessions.len(), 2, "a refused session is not opened");
+        sessions.close(&first.id, Ending::Closed);
+        open("vm-3").expect("an idle, untagged VM makes room");
+        assert!(vms.get("vm-1").is_none());
+        vms.threat_found("vm-2");
+        sessions.close(&second.id, Ending::Closed);
+        assert_eq!(
+            open("vm-4").unwrap_err(),
+            Refused::TooManyVms,
+            "a tagged VM is never forgotten to make room"
+        );
+        open("vm-2").expect("a VM in the registry comes back");
     }
 
     #[test]

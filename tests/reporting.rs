@@ -768,39 +768,59 @@ fn tag_rules_without_a_network() {
         assert_eq!(tags(vms), [SecurityTag::VirusFound], "{why}");
     };
     let full_scan = |vms: &Vms, detections| {
-        vms.task_started("vm", "task", TaskKind::FullScan);
-        vms.task_finished("vm", "task", TaskKind::FullScan, detections, 0);
+        vms.task_started(&session, "task", TaskKind::FullScan);
+        vms.task_finished(&session, "task", TaskKind::FullScan, detections, 0);
     };
 
     vms.threat_found("vm");
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
-    vms.task_started("vm", "task", TaskKind::CustomScan);
-    vms.task_finished("vm", "task", TaskKind::CustomScan, 0, 0);
+    vms.task_started(&session, "task", TaskKind::CustomScan);
+    vms.task_finished(&session, "task", TaskKind::CustomScan, 0, 0);
     still_tagged(&vms, "only a full scan clears it");
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 0);
+    vms.task_finished(&session, "task", TaskKind::FullScan, 0, 0);
     still_tagged(&vms, "a full scan never seen starting");
-    vms.task_started("vm", "task", TaskKind::FullScan);
-    vms.task_finished("vm", "another task", TaskKind::FullScan, 0, 0);
+    vms.task_started(&session, "task", TaskKind::FullScan);
+    vms.task_finished(&session, "another task", TaskKind::FullScan, 0, 0);
     still_tagged(
         &vms,
         "the end of another task than the full scan seen starting",
     );
     full_scan(&vms, 1);
     still_tagged(&vms, "a full scan that found something");
-    vms.task_started("vm", "task", TaskKind::FullScan);
+    vms.task_started(&session, "task", TaskKind::FullScan);
     vms.scan_failed("vm");
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 0);
+    vms.task_finished(&session, "task", TaskKind::FullScan, 0, 0);
     still_tagged(&vms, "a full scan with a failed scan");
-    vms.task_started("vm", "task", TaskKind::FullScan);
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 1);
+    vms.task_started(&session, "task", TaskKind::FullScan);
+    vms.task_finished(&session, "task", TaskKind::FullScan, 0, 1);
     still_tagged(&vms, "a full scan with a file the agent could not scan");
+    vms.task_started(&session, "task", TaskKind::FullScan);
+    vms.scan_failed("vm");
+    vms.task_started(&session, "task", TaskKind::FullScan);
+    vms.task_finished(&session, "task", TaskKind::FullScan, 0, 0);
+    still_tagged(
+        &vms,
+        "a failed scan, then the same full scan reported started again",
+    );
     full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());
 
+    // Modifications reported while a full scan runs are not cleared by its
+    // end; those reported before are.
+    vms.integrity("vm", IntegrityKind::FileModified);
+    vms.task_started(&session, "task", TaskKind::FullScan);
+    vms.integrity("vm", IntegrityKind::RegistryModified);
+    vms.task_finished(&session, "task", TaskKind::FullScan, 0, 0);
+    let vm = vms.get("vm").unwrap();
+    assert!(!vm.file_modified && vm.registry_modified);
+    full_scan(&vms, 0);
+    let vm = vms.get("vm").unwrap();
+    assert!(!vm.file_modified && !vm.registry_modified);
+
     // Malware found while a full scan runs is not cleared by its end.
-    vms.task_started("vm", "task", TaskKind::FullScan);
+    vms.task_started(&session, "task", TaskKind::FullScan);
     vms.threat_found("vm");
-    vms.task_finished("vm", "task", TaskKind::FullScan, 0, 0);
+    vms.task_finished(&session, "task", TaskKind::FullScan, 0, 0);
     assert_eq!(tags(&vms), [SecurityTag::VirusFound]);
     full_scan(&vms, 0);
     assert!(tags(&vms).is_empty());
@@ -827,6 +847,16 @@ fn tag_rules_without_a_network() {
     let again = sessions.open(session.agent.clone()).unwrap();
     sessions.close(&again.id, Ending::Closed);
     assert_eq!(vms.get("vm").unwrap().reasons(), [VmReason::NetworkAttack]);
+
+    // Only the session that saw a full scan start can end it.
+    let first = sessions.open(session.agent.clone()).unwrap();
+    let second = sessions.open(session.agent.clone()).unwrap();
+    vms.threat_found("vm");
+    vms.task_started(&second, "task", TaskKind::FullScan);
+    vms.task_finished(&first, "task", TaskKind::FullScan, 0, 0);
+    assert!(tags(&vms).contains(&SecurityTag::VirusFound));
+    vms.task_finished(&second, "task", TaskKind::FullScan, 0, 0);
+    assert_eq!(tags(&vms), [SecurityTag::IdsIps]);
 }
 
 /// `GET /metrics` over plain HTTP/1.1.

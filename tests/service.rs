@@ -342,6 +342,20 @@ async fn hellos_are_accepted_or_rejected_with_a_reason() {
             },
             RejectReason::EncryptionRequired,
         ),
+        (
+            Hello {
+                vm_id: String::new(),
+                ..hello()
+            },
+            RejectReason::InvalidHello,
+        ),
+        (
+            Hello {
+                vm_name: "x".repeat(257),
+                ..hello()
+            },
+            RejectReason::InvalidHello,
+        ),
     ];
     for (hello, reason) in cases {
         let (reply, _) = open_session(&server, hello).await;

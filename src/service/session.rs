@@ -14,7 +14,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
 use super::ServiceState;
@@ -75,8 +75,11 @@ pub(super) async fn run(
         session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
         "agent connected"
     );
+    // Watched from before the Welcome is made: a change while it is on its
+    // way is told after it, not lost.
+    let watched = Watched::from(&state, &session);
     let ending = match out.send(Ok(welcome(&state, &session))).await {
-        Ok(()) => serve(&state, &session, incoming, &out).await,
+        Ok(()) => serve(&state, &session, incoming, &out, watched).await,
         Err(_) => Ending::Dropped,
     };
     state.sessions.close(&session.id, ending);
@@ -85,6 +88,9 @@ pub(super) async fn run(
 
 /// Checks a Hello and opens the session, or says why not.
 fn admit(state: &ServiceState, hello: &Hello) -> Result<Arc<Session>, (RejectReason, String)> {
+    if let Err(message) = check_identity(hello) {
+        return Err((RejectReason::InvalidHello, message));
+    }
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err((
             RejectReason::IncompatibleVersion,
@@ -117,12 +123,35 @@ fn admit(state: &ServiceState, hello: &Hello) -> Result<Arc<Session>, (RejectRea
     state
         .sessions
         .open(AgentIdentity::from(hello))
-        .map_err(|reason| {
-            (
-                reason,
-                "this SVM serves its maximum number of agents; connect to another SVM".into(),
-            )
-        })
+        .map_err(|refused| (RejectReason::Capacity, refused.to_string()))
+}
+
+/// The most bytes of each identity field of a Hello. The VM id keys the
+/// registry of protected VMs, which is saved, reported and kept for 30
+/// days: what an agent names there must stay small.
+const MAX_IDENTITY_LEN: usize = 256;
+
+/// A Hello names its agent and VM, each field within [`MAX_IDENTITY_LEN`].
+fn check_identity(hello: &Hello) -> Result<(), String> {
+    let fields = [
+        ("agent_id", &hello.agent_id),
+        ("vm_id", &hello.vm_id),
+        ("vm_name", &hello.vm_name),
+        ("os", &hello.os),
+        ("agent_version", &hello.agent_version),
+    ];
+    for (name, value) in fields {
+        if value.len() > MAX_IDENTITY_LEN {
+            return Err(format!(
+                "the Hello's {name} is {} bytes long; at most {MAX_IDENTITY_LEN} are accepted",
+                value.len()
+            ));
+        }
+    }
+    if hello.agent_id.is_empty() || hello.vm_id.is_empty() {
+        return Err("the Hello must name its agent (agent_id) and its VM (vm_id)".into());
+    }
+    Ok(())
 }
 
 fn welcome(state: &ServiceState, session: &Session) -> ServerMessage {
@@ -156,17 +185,40 @@ async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
         .await;
 }
 
+/// What a session tells its agent of as it changes.
+struct Watched {
+    signatures: watch::Receiver<Arc<str>>,
+    restart: watch::Receiver<Option<String>>,
+}
+
+impl Watched {
+    fn from(state: &ServiceState, session: &Session) -> Self {
+        let mut restart = session.restart_requested();
+        // Asked for between the session's opening and now.
+        if restart.borrow().is_some() {
+            restart.mark_changed();
+        }
+        Watched {
+            signatures: state.signatures.subscribe(),
+            restart,
+        }
+    }
+}
+
 /// The life of an admitted session, and how it ended.
 async fn serve(
     state: &ServiceState,
     session: &Session,
     mut incoming: Streaming<AgentMessage>,
     out: &Outbox,
+    watched: Watched,
 ) -> Ending {
     let mut heartbeat = tokio::time::interval(state.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut signatures = state.signatures.subscribe();
-    let mut restart = session.restart_requested();
+    let Watched {
+        mut signatures,
+        mut restart,
+    } = watched;
     let mut shutdown = state.shutdown.clone();
     let mut sequence = 0;
     loop {
@@ -235,9 +287,9 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
                 failed_files = task.failed_files, "scan task"
             );
             match task.state() {
-                TaskState::Started => vms.task_started(vm, &task.task_id, task.kind()),
+                TaskState::Started => vms.task_started(session, &task.task_id, task.kind()),
                 TaskState::Finished => vms.task_finished(
-                    vm,
+                    session,
                     &task.task_id,
                     task.kind(),
                     task.detections,
