@@ -200,7 +200,14 @@ fn main() -> ExitCode {
     // reads and hashing run on blocking threads. A multi-thread runtime
     // cost more CPU (tasks handed between its workers), which a client
     // sharing its cores with the server takes from the scans.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if let Command::Bench(args) = &cli.command {
+        // Each simulated agent's content sender holds a blocking thread
+        // for its whole scan: tokio's default of 512 would hold back the
+        // uploads of the agents beyond.
+        builder.max_blocking_threads(512 + args.agents as usize);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .expect("a tokio runtime starts");
@@ -244,11 +251,19 @@ async fn scan(args: ScanArgs) -> ExitCode {
     };
     let format = Format::json_if(args.json);
     let reporter = Arc::new(Reporter::new(format));
-    let unreadable =
-        |path: PathBuf, err| reporter.file(&path, &localscan::unreadable_outcome(err), None);
-    let files: Vec<_> = localscan::walk(&args.paths, &unreadable)
-        .map(FileSource::from)
-        .collect();
+    // Walked on a blocking thread: a walk of a large tree must not hold up
+    // the session's heartbeats, on this runtime's one thread, for so long
+    // that the server drops it.
+    let walker = Arc::clone(&reporter);
+    let paths = args.paths.clone();
+    let walk = tokio::task::spawn_blocking(move || {
+        let unreadable =
+            |path: PathBuf, err| walker.file(&path, &localscan::unreadable_outcome(err), None);
+        localscan::walk(&paths, &unreadable)
+            .map(FileSource::from)
+            .collect::<Vec<_>>()
+    });
+    let files = walk.await.expect("the walk does not panic");
 
     let task_id = uuid::Uuid::new_v4().to_string();
     let kind = args.task.map(|task| match task {

@@ -316,6 +316,13 @@ impl Agent {
                 .collect(),
         };
         let reply = self.client.clone().lookup(request).await?.into_inner();
+        if reply.results.len() != digests.len() {
+            return Err(ClientError::Protocol(format!(
+                "the server answered {} digests with {} results",
+                digests.len(),
+                reply.results.len()
+            )));
+        }
         let version = reply.signatures_version;
         // Each verdict gets the digest and version the reply leaves out.
         let complete = |(result, digest): (crate::proto::LookupResult, &blake3::Hash)| {

@@ -123,11 +123,11 @@ impl Agent {
             )
         });
         let familiarity = Familiarity::new(hash_first);
-        let preparer = Preparer::start(&files, familiarity.content_first());
         let max_file_size = match limits.max_file_size {
             0 => u64::MAX,
             limit => limit,
         };
+        let preparer = Preparer::start(&files, familiarity.content_first(), max_file_size);
         let settle = Settle {
             pending: Arc::default(),
             uploads,
@@ -383,6 +383,10 @@ struct Preparer {
     /// Whether the next file goes with its content (only its size is
     /// needed) or by its digest; see [`Familiarity`].
     content_first: Arc<AtomicBool>,
+    /// The server's limit: a larger file is not hashed, only announced,
+    /// to be refused (reading a disk image in full for nothing could take
+    /// longer than the server waits for the stream).
+    max_file_size: u64,
     ready: mpsc::Sender<std::io::Result<Ready>>,
 }
 
@@ -392,6 +396,7 @@ impl Preparer {
     fn start(
         files: &[FileSource],
         content_first: Arc<AtomicBool>,
+        max_file_size: u64,
     ) -> mpsc::Receiver<std::io::Result<Ready>> {
         let paths: Vec<PathBuf> = files
             .iter()
@@ -405,6 +410,7 @@ impl Preparer {
             let preparer = Preparer {
                 paths,
                 content_first,
+                max_file_size,
                 ready,
             };
             tokio::task::spawn_blocking(move || preparer.run());
@@ -420,10 +426,7 @@ impl Preparer {
                     digest: None,
                 })
             } else {
-                hash_file(&path).map(|(size, digest)| Ready {
-                    size,
-                    digest: Some(digest),
-                })
+                hash_file(&path, self.max_file_size)
             };
             if self.ready.blocking_send(prepared).is_err() {
                 return;
@@ -432,11 +435,20 @@ impl Preparer {
     }
 }
 
-/// A file's size and blake3 digest.
-fn hash_file(path: &Path) -> std::io::Result<(u64, blake3::Hash)> {
+/// A file's size and blake3 digest; only its size when it is over
+/// `max_file_size`.
+fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size > max_file_size {
+        return Ok(Ready { size, digest: None });
+    }
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(std::fs::File::open(path)?)?;
-    Ok((hasher.count(), hasher.finalize()))
+    hasher.update_reader(file)?;
+    Ok(Ready {
+        size: hasher.count(),
+        digest: Some(hasher.finalize()),
+    })
 }
 
 /// A task that stops when its handle goes: a scan that ends early (the
