@@ -871,6 +871,57 @@ async fn scan_files(
     std::mem::take(&mut *results.lock().unwrap())
 }
 
+/// A scan cut off in the middle (here by the server shutting down) gives
+/// every file one outcome: those not answered fail, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_cut_off_gives_every_file_one_outcome() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let count = 2000;
+    let files: Vec<FileSource> = (0..count)
+        .map(|i: u64| {
+            let path = dir.path().join(format!("{i}.bin"));
+            let mut data = content(7, 16 << 10);
+            data[..8].copy_from_slice(&i.to_le_bytes());
+            std::fs::write(&path, data).unwrap();
+            path.into()
+        })
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    // The server stops once the first outcome is in.
+    let (first, first_in) = tokio::sync::watch::channel(false);
+    let stopping = tokio::spawn(async move {
+        let mut first_in = first_in;
+        first_in.wait_for(|&seen| seen).await.unwrap();
+        server.stop().await;
+    });
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&results);
+    let scanned = agent
+        .scan(files, HashFirst::Auto, move |path, outcome| {
+            first.send_replace(true);
+            sink.lock().unwrap().push((path.to_owned(), outcome));
+        })
+        .await;
+    stopping.await.unwrap();
+    assert!(scanned.is_err(), "the scan was cut off");
+    let results = results.lock().unwrap();
+    let names: std::collections::HashSet<_> = results.iter().map(|(path, _)| path).collect();
+    assert_eq!(results.len(), count as usize);
+    assert_eq!(names.len(), results.len(), "one outcome for each file");
+    let failed = results
+        .iter()
+        .filter(|(_, outcome)| outcome.verdict.kind() == "failed")
+        .count();
+    assert!(failed > 0, "files not answered fail");
+    assert!(
+        results.iter().all(|(_, o)| o.verdict.kind() != "infected"),
+        "nothing here is malware"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lightagent_client_sends_content_at_once_while_the_server_knows_nothing() {
     let server = TestServer::start(|_| {}).await;

@@ -281,12 +281,12 @@ async fn scan(args: ScanArgs) -> ExitCode {
             sink.file(path, &outcome, Some(outcome.cached))
         })
         .await;
-    if let Err(err) = result {
+    // A scan that broke has failed the files it had no answer for: every
+    // file has its line, and the summary counts them.
+    if let Err(err) = &result {
         eprintln!("error: {err}");
-        agent.close().await;
-        return ExitCode::from(2);
     }
-    // A scan that ended well has dropped every copy of the sink.
+    // The scan has ended, and dropped every copy of the sink.
     let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
     let summary = reporter.finish();
     if let Some(kind) = kind {
@@ -301,5 +301,9 @@ async fn scan(args: ScanArgs) -> ExitCode {
     }
     // In order, so that the server takes the task's end before the session's.
     agent.close().await;
-    ExitCode::from(summary.exit_code())
+    match (summary.exit_code(), result) {
+        // A broken scan is never a clean one.
+        (0, Err(_)) => ExitCode::from(2),
+        (code, _) => ExitCode::from(code),
+    }
 }

@@ -128,7 +128,7 @@ impl Agent {
             limit => limit,
         };
         let preparer = Preparer::start(&files, familiarity.content_first(), max_file_size);
-        let settle = Settle {
+        let mut settle = Settle {
             pending: Arc::default(),
             uploads,
             failed,
@@ -145,10 +145,24 @@ impl Agent {
             uploads: settle.uploads.clone(),
         };
         let on_result = Arc::clone(&settle.on_result);
-        let producer = AbortOnDrop(tokio::spawn(
-            announcer.run(files, preparer, in_flight, on_result),
-        ));
-        settle.run(replies, unread, producer, &places).await?;
+        let unannounced = Unannounced::default();
+        let mut producer = AbortOnDrop(tokio::spawn(announcer.run(
+            files,
+            preparer,
+            in_flight,
+            on_result,
+            Arc::clone(&unannounced),
+        )));
+        if let Err(err) = settle.run(replies, unread, &mut producer, &places).await {
+            // Once the announcer has stopped, what it held is in
+            // `unannounced`, and nothing settles files but this.
+            producer.0.abort();
+            let _ = (&mut producer.0).await;
+            settle.fail_unanswered(&unannounced, &err);
+            return Err(err);
+        }
+        // The content sender ends once no one can hand it more files.
+        drop(settle);
         let _ = sender.await;
         Ok(())
     }
@@ -171,10 +185,10 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     /// Settles files as their replies come, giving their places in flight
     /// back, until the announcer is done and no file is left pending.
     async fn run(
-        mut self,
+        &mut self,
         mut replies: tonic::Streaming<ScanReply>,
         mut unread: mpsc::UnboundedReceiver<Unread>,
-        mut producer: AbortOnDrop<Result<(), ClientError>>,
+        producer: &mut AbortOnDrop<Result<(), ClientError>>,
         places: &Semaphore,
     ) -> Result<(), ClientError> {
         let mut produced = false;
@@ -197,6 +211,24 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 }
             };
             places.add_permits(over);
+        }
+    }
+
+    /// Fails every file still without an outcome (pending, or never
+    /// announced) after the scan broke with `err`: none is left without
+    /// one, and none is taken for clean.
+    fn fail_unanswered(&mut self, unannounced: &Unannounced, err: &ClientError) {
+        let detail = format!("the scan ended before this file was answered: {err}");
+        let failed = || Verdict::failed(FailReason::Engine, detail.clone());
+        let pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
+        for file in pending {
+            let outcome = failed_outcome(failed(), file.size, file.started);
+            (self.on_result)(file.source.path(), outcome);
+        }
+        let never_sent = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
+        for source in never_sent {
+            let outcome = failed_outcome(failed(), 0, Instant::now());
+            (self.on_result)(source.path(), outcome);
         }
     }
 
@@ -463,6 +495,31 @@ impl<T> Drop for AbortOnDrop<T> {
 
 type Pending = Arc<Mutex<PendingFiles>>;
 
+/// Where the announcer leaves the files it had not handed on (to the
+/// server, or to `on_result`) when it stops early: with the pending ones,
+/// they are failed, so that every file gets its one outcome.
+type Unannounced = Arc<Mutex<Vec<FileSource>>>;
+
+/// The files the announcer holds: those still to come, the one being
+/// prepared, and those whose begins wait to go. However it stops (done,
+/// failed, or aborted at any await), what it still holds goes to
+/// `unannounced`.
+struct Held {
+    rest: std::vec::IntoIter<FileSource>,
+    current: Option<FileSource>,
+    ready: Vec<(FileBegin, PendingFile)>,
+    unannounced: Unannounced,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut unannounced = self.unannounced.lock().expect("unannounced");
+        unannounced.extend(self.current.take());
+        unannounced.extend(self.ready.drain(..).map(|(_, file)| file.source));
+        unannounced.extend(self.rest.by_ref());
+    }
+}
+
 /// The id of the file the server failed last. Content goes out one file
 /// after the other, so the sender checks the file it is sending against
 /// this alone, with no lock per chunk: a file the server has already
@@ -516,6 +573,11 @@ impl PendingFiles {
         }
     }
 
+    /// Takes every file.
+    fn drain(&mut self) -> impl Iterator<Item = PendingFile> + '_ {
+        self.files.drain().map(|(_, file)| file)
+    }
+
     fn remove(&mut self, id: u64) -> Option<PendingFile> {
         self.get_mut(id)?;
         Some(self.files.remove(Self::place(id)).1)
@@ -552,19 +614,31 @@ impl Announcer {
         mut preparer: mpsc::Receiver<std::io::Result<Ready>>,
         mut in_flight: Window,
         on_result: Arc<F>,
+        unannounced: Unannounced,
     ) -> Result<(), ClientError>
     where
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
-        let mut ready = Vec::new();
         let count = files.len();
-        for (index, source) in files.into_iter().enumerate() {
+        let mut held = Held {
+            rest: files.into_iter(),
+            current: None,
+            ready: Vec::new(),
+            unannounced,
+        };
+        for index in 0..count {
+            held.current = held.rest.next();
+            let source = held.current.as_ref().expect("one file for each index");
             if !in_flight.try_take() {
-                self.send(&mut ready).await?;
+                self.send(&mut held.ready).await?;
                 in_flight.take(count - index).await;
             }
             let started = Instant::now();
-            let file = match self.prepared(&source, &mut preparer, &mut ready).await? {
+            let prepared = self
+                .prepared(source, &mut preparer, &mut held.ready)
+                .await?;
+            let source = held.current.take().expect("held until handed on");
+            let file = match prepared {
                 Ok(file) => file,
                 Err(err) => {
                     in_flight.put_back();
@@ -591,15 +665,15 @@ impl Announcer {
                 unread: None,
             };
             if file.digest.is_some() || file.size > self.max_file_size {
-                ready.push((begin, pending));
-                if ready.len() == MAX_BEGINS {
-                    self.send(&mut ready).await?;
+                held.ready.push((begin, pending));
+                if held.ready.len() == MAX_BEGINS {
+                    self.send(&mut held.ready).await?;
                 }
             } else {
                 self.upload(begin, pending);
             }
         }
-        self.send(&mut ready).await
+        self.send(&mut held.ready).await
     }
 
     /// The size and digest of `source`: at hand for a prepared file, from
