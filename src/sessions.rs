@@ -62,6 +62,8 @@ pub struct Session {
     pub detections: AtomicU64,
     /// Set when an operator wants the agent to restart its session.
     restart: watch::Sender<Option<String>>,
+    /// Set when a newer session of the same VM replaced this one.
+    superseded: watch::Sender<bool>,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
 }
@@ -124,6 +126,12 @@ impl Session {
     pub fn restart_requested(&self) -> watch::Receiver<Option<String>> {
         self.restart.subscribe()
     }
+
+    /// A receiver that turns true once a newer session of the same VM has
+    /// replaced this one.
+    pub fn superseded(&self) -> watch::Receiver<bool> {
+        self.superseded.subscribe()
+    }
 }
 
 /// Why a session could not be opened (a `CAPACITY` rejection).
@@ -162,10 +170,19 @@ impl Sessions {
         }
     }
 
-    /// Opens a session for `agent`, unless the server is at capacity.
+    /// Opens a session for `agent`, unless the server is at capacity. A
+    /// VM has one session: an earlier one of the same VM (its agent
+    /// reconnected before the old one timed out, say) is closed, told it
+    /// was superseded. Kept, it would count twice against the limit and in
+    /// reports until its heartbeats ran out, and its end would mark the VM
+    /// disconnected while the new one runs.
     pub fn open(&self, agent: AgentIdentity) -> Result<Arc<Session>, Refused> {
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-        if by_id.len() >= self.max_agents {
+        let earlier = self
+            .vms
+            .session_of(&agent.vm_id)
+            .and_then(|id| by_id.get(&id).cloned());
+        if earlier.is_none() && by_id.len() >= self.max_agents {
             return Err(Refused::TooManyAgents);
         }
         let session = Arc::new(Session {
@@ -178,6 +195,7 @@ impl Sessions {
             bytes: AtomicU64::new(0),
             detections: AtomicU64::new(0),
             restart: watch::channel(None).0,
+            superseded: watch::channel(false).0,
             vms: Arc::clone(&self.vms),
             metrics: Arc::clone(&self.metrics),
         });
@@ -185,6 +203,15 @@ impl Sessions {
         // registry of VMs must end up with the one opened last.
         if !self.vms.connected(&session) {
             return Err(Refused::TooManyVms);
+        }
+        if let Some(earlier) = earlier {
+            by_id.remove(&earlier.id);
+            earlier.superseded.send_replace(true);
+            tracing::warn!(
+                vm = %session.agent.vm_id, earlier = %earlier.id, earlier_agent = %earlier.agent.agent_id,
+                later = %session.id, later_agent = %session.agent.agent_id,
+                "a new session of the VM replaces its earlier one (two agents with one VM id take turns)"
+            );
         }
         by_id.insert(session.id.clone(), Arc::clone(&session));
         Ok(session)

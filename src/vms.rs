@@ -652,6 +652,11 @@ impl Vms {
         changed.ok_or_else(|| TagError::UnknownVm(vm_id.to_owned()))
     }
 
+    /// The session VM `vm_id` has open, if any.
+    pub fn session_of(&self, vm_id: &str) -> Option<String> {
+        self.lock().get(vm_id)?.session_id.clone()
+    }
+
     /// A copy of VM `vm_id`'s record.
     pub fn get(&self, vm_id: &str) -> Option<VmRecord> {
         self.lock().get(vm_id).cloned()

@@ -23,7 +23,14 @@ use tokio::sync::mpsc;
 use tonic::{Code, transport::Channel};
 
 async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>) {
-    match open_session(server, hello()).await {
+    // Each of its own VM: a VM has one session, a newer one replaces it.
+    static VMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let vm = VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let hello = Hello {
+        vm_id: format!("vm-{vm}"),
+        ..hello()
+    };
+    match open_session(server, hello).await {
         (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
         (other, _) => panic!("expected a welcome, got {other:?}"),
     }
@@ -369,6 +376,49 @@ async fn hellos_are_accepted_or_rejected_with_a_reason() {
     let (reply, _) = open_session(&full, hello()).await;
     assert!(
         matches!(reply, server_message::Kind::Rejection(r) if r.reason() == RejectReason::Capacity)
+    );
+}
+
+/// A VM has one session: a newer one (its agent reconnected before the
+/// earlier one timed out, say) replaces the earlier, which is told and
+/// closed, and counts no more against the limit of agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_of_a_vm_replaces_the_earlier() {
+    let server = TestServer::start(|c| c.server.max_agents = 1).await;
+    let welcome = |kind| match kind {
+        Some(server_message::Kind::Welcome(welcome)) => welcome.session_id,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let (_first_out, mut first) = connect(&server, hello()).await;
+    let earlier = welcome(first.message().await.unwrap().unwrap().kind);
+    let (_second_out, mut second) = connect(&server, hello()).await;
+    let later = welcome(second.message().await.unwrap().unwrap().kind);
+    let ended = loop {
+        match first.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the earlier session ended without a word"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    assert_eq!(server.state.sessions.len(), 1);
+    assert_eq!(server.svm.vms.session_of("vm-1"), Some(later));
+    let reply = first_reply(&server, vec![begin(&earlier, 1, b"x", None)]).await;
+    assert!(
+        matches!(&reply, file_reply::Kind::Error(e) if e.code == Code::FailedPrecondition as i32),
+        "{reply:?}"
+    );
+    let (other_vm, _) = open_session(
+        &server,
+        Hello {
+            vm_id: "vm-2".into(),
+            ..hello()
+        },
+    )
+    .await;
+    assert!(
+        matches!(other_vm, server_message::Kind::Rejection(r) if r.reason() == RejectReason::Capacity),
+        "another VM is over the limit of one agent"
     );
 }
 

@@ -185,10 +185,12 @@ async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
         .await;
 }
 
-/// What a session tells its agent of as it changes.
+/// What a session tells its agent of as it changes, and whether a newer
+/// session of its VM replaced it.
 struct Watched {
     signatures: watch::Receiver<Arc<str>>,
     restart: watch::Receiver<Option<String>>,
+    superseded: watch::Receiver<bool>,
 }
 
 impl Watched {
@@ -198,9 +200,14 @@ impl Watched {
         if restart.borrow().is_some() {
             restart.mark_changed();
         }
+        let mut superseded = session.superseded();
+        if *superseded.borrow() {
+            superseded.mark_changed();
+        }
         Watched {
             signatures: state.signatures.subscribe(),
             restart,
+            superseded,
         }
     }
 }
@@ -218,6 +225,7 @@ async fn serve(
     let Watched {
         mut signatures,
         mut restart,
+        mut superseded,
     } = watched;
     let mut shutdown = state.shutdown.clone();
     let mut sequence = 0;
@@ -246,6 +254,12 @@ async fn serve(
                     return Ending::Dropped;
                 }
                 continue;
+            }
+            Ok(()) = superseded.changed() => {
+                // Closed already: the VM's session is the newer one.
+                let message = "a newer session of this VM replaced this one";
+                let _ = out.send(Err(Status::aborted(message))).await;
+                return Ending::Closed;
             }
             Ok(()) = restart.changed() => {
                 let reason = restart.borrow_and_update().clone().unwrap_or_default();
