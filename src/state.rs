@@ -175,11 +175,25 @@ impl CacheMark {
 /// `.rejected` added to its name (replacing an older one), so that it is
 /// kept for inspection but never loaded, nor saved over.
 pub fn set_aside(path: &Path) {
-    let mut rejected = path.as_os_str().to_owned();
-    rejected.push(".rejected");
-    if let Err(err) = std::fs::rename(path, &rejected) {
+    if let Err(err) = std::fs::rename(path, rejected(path)) {
         tracing::warn!(path = %path.display(), "cannot set aside the untrusted file: {err}");
     }
+}
+
+/// Sets a copy of the file at `path` aside, as `set_aside` does, keeping
+/// the file itself (what could be read of it is used, and will be saved
+/// over it).
+pub fn set_aside_copy(path: &Path) {
+    if let Err(err) = std::fs::copy(path, rejected(path)) {
+        tracing::warn!(path = %path.display(), "cannot set aside a copy of the file: {err}");
+    }
+}
+
+/// Where an untrusted file is set aside: beside it, `.rejected` added.
+fn rejected(path: &Path) -> std::ffi::OsString {
+    let mut rejected = path.as_os_str().to_owned();
+    rejected.push(".rejected");
+    rejected
 }
 
 /// Replaces the file at `path` with what `write` writes, atomically: the

@@ -340,13 +340,38 @@ struct Saved {
 
 const FORMAT: u32 = 1;
 
+/// A saved registry whose records are read one by one.
+#[derive(Deserialize)]
+struct SavedRecords {
+    format: u32,
+    vms: Vec<serde_json::Value>,
+}
+
 impl Saved {
-    fn parse(data: &[u8]) -> Result<Saved, String> {
-        let saved = serde_json::from_slice::<Saved>(data).map_err(|e| e.to_string())?;
-        match saved.format {
-            FORMAT => Ok(saved),
-            other => Err(format!("format {other}, expected {FORMAT}")),
+    /// The registry in `data`, and why each record that could not be read
+    /// was left out: one bad record (a tag this version does not know, say)
+    /// must not cost every other VM its tags. A file that is not a registry
+    /// of this format fails whole.
+    fn parse(data: &[u8]) -> Result<(Saved, Vec<String>), String> {
+        let saved = serde_json::from_slice::<SavedRecords>(data).map_err(|e| e.to_string())?;
+        if saved.format != FORMAT {
+            return Err(format!("format {}, expected {FORMAT}", saved.format));
         }
+        let mut errors = Vec::new();
+        let vms = saved
+            .vms
+            .into_iter()
+            .filter_map(|record| {
+                serde_json::from_value::<VmRecord>(record)
+                    .map_err(|err| errors.push(err.to_string()))
+                    .ok()
+            })
+            .collect();
+        let saved = Saved {
+            format: FORMAT,
+            vms,
+        };
+        Ok((saved, errors))
     }
 }
 
@@ -374,16 +399,30 @@ impl Vms {
 
     /// The registry saved in the state folder `dir`. A file that is damaged
     /// or of another format is set aside (renamed `vms.json.rejected`) with
-    /// a warning; one that cannot be read at all is an error, since saving
-    /// over it would lose its tags.
+    /// a warning; so is a copy of one with records that cannot be read,
+    /// whose other records are kept. One that cannot be read at all is an
+    /// error, since saving over it would lose its tags.
     pub fn open(dir: &Path) -> io::Result<Self> {
         let path = dir.join(FILE_NAME);
         let saved = match fs::read(&path) {
-            Ok(data) => Saved::parse(&data).unwrap_or_else(|err| {
-                tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
-                state::set_aside(&path);
-                Saved::default()
-            }),
+            Ok(data) => match Saved::parse(&data) {
+                Ok((saved, errors)) => {
+                    if let Some(first) = errors.first() {
+                        let (left_out, kept) = (errors.len(), saved.vms.len());
+                        tracing::warn!(
+                            path = %path.display(), left_out, kept,
+                            "protected VMs that cannot be read are left out (a copy of the file is set aside): {first}"
+                        );
+                        state::set_aside_copy(&path);
+                    }
+                    saved
+                }
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
+                    state::set_aside(&path);
+                    Saved::default()
+                }
+            },
             Err(err) if err.kind() == io::ErrorKind::NotFound => Saved::default(),
             Err(err) => return Err(err),
         };
@@ -807,6 +846,56 @@ mod tests {
             "a tagged VM is never forgotten to make room"
         );
         open("vm-2").expect("a VM in the registry comes back");
+    }
+
+    #[test]
+    fn a_saved_record_that_cannot_be_read_is_left_out_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let saved = Vms::open(dir.path()).unwrap();
+        for vm_id in ["vm-1", "vm-2"] {
+            let agent = AgentIdentity {
+                agent_id: "agent".into(),
+                vm_id: vm_id.into(),
+                vm_name: vm_id.into(),
+                os: "Windows".into(),
+                agent_version: "1".into(),
+                connection_tags: vec![],
+            };
+            let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));
+            saved.lock().insert(vm_id.into(), record);
+            saved.threat_found(vm_id);
+        }
+        saved.save().unwrap();
+        // vm-2's tag is one this version does not know (a newer one's).
+        let text = fs::read_to_string(&path).unwrap();
+        let (first, second) = text.split_at(text.find("vm-2").unwrap());
+        let second = second.replacen("ANTI_VIRUS.VirusFound", "ANTI_VIRUS.Unknown", 1);
+        fs::write(&path, format!("{first}{second}")).unwrap();
+
+        let loaded = Vms::open(dir.path()).unwrap();
+        assert!(
+            loaded
+                .get("vm-1")
+                .unwrap()
+                .tags
+                .contains_key(&SecurityTag::VirusFound)
+        );
+        assert!(loaded.get("vm-2").is_none());
+        let rejected = dir.path().join(format!("{FILE_NAME}.rejected"));
+        assert!(
+            fs::read_to_string(&rejected)
+                .unwrap()
+                .contains("ANTI_VIRUS.Unknown")
+        );
+
+        fs::write(&path, "not json").unwrap();
+        let loaded = Vms::open(dir.path()).unwrap();
+        assert!(
+            loaded.get("vm-1").is_none(),
+            "a damaged file is not trusted"
+        );
+        assert!(!path.exists() && rejected.exists());
     }
 
     #[test]
