@@ -729,8 +729,9 @@ impl Vms {
     }
 
     /// Forgets VMs not seen for 30 days, and the oldest untagged ones over
-    /// [`MAX_VMS`]. Done when the registry is loaded and saved (every
-    /// minute), not per connection: a boot storm should not walk it.
+    /// [`MAX_VMS`]. Done when the registry is loaded and saved (a second
+    /// after changes, and at every save interval), not per connection: a
+    /// boot storm should not walk it.
     fn forget_old(&self) {
         let horizon = horizon();
         let mut by_id = self.lock();
