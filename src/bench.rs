@@ -163,18 +163,31 @@ pub async fn round(
                         counting.lock().expect("tally").count(&outcome)
                     })
                     .await?;
-                Ok::<_, ClientError>(std::mem::take(&mut *tally.lock().expect("tally")))
+                let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+                Ok::<_, ClientError>((tally, agent))
             })
         })
         .collect();
     let mut tally = Tally::default();
+    let mut done = Vec::with_capacity(agents);
     for scan in scans {
-        let agent = scan
+        let (counted, agent) = scan
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))??;
-        tally.add(agent);
+        tally.add(counted);
+        done.push(agent);
     }
     let seconds = started.elapsed().as_secs_f64();
+    // Sessions end in order, after the measurement: the next round's
+    // agents, with the same VM ids, must not find them still open (a VM's
+    // newer session replaces its earlier one).
+    let closing: Vec<_> = done
+        .into_iter()
+        .map(|agent| tokio::spawn(agent.close()))
+        .collect();
+    for close in closing {
+        let _ = close.await;
+    }
     tally.latencies.sort_unstable();
     let files = (set.len() * agents) as u64;
     let bytes = set.bytes * agents as u64;

@@ -340,6 +340,24 @@ struct Saved {
 
 const FORMAT: u32 = 1;
 
+/// Forgets at most `n` of the idle VMs (no session, no tag), those seen
+/// least recently; returns how many.
+fn forget_idle(by_id: &mut HashMap<String, VmRecord>, n: usize) -> usize {
+    let mut idle: Vec<_> = by_id
+        .values()
+        .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
+        .map(|vm| (vm.last_seen, vm.vm_id.clone()))
+        .collect();
+    if idle.len() > n {
+        idle.select_nth_unstable(n);
+        idle.truncate(n);
+    }
+    for (_, vm_id) in &idle {
+        by_id.remove(vm_id);
+    }
+    idle.len()
+}
+
 /// A saved registry whose records are read one by one.
 #[derive(Deserialize)]
 struct SavedRecords {
@@ -348,10 +366,10 @@ struct SavedRecords {
 }
 
 impl Saved {
-    /// The registry in `data`, and why each record that could not be read
-    /// was left out: one bad record (a tag this version does not know, say)
-    /// must not cost every other VM its tags. A file that is not a registry
-    /// of this format fails whole.
+    /// The registry in `data`, and what could not be read and was left
+    /// out: a record, or a tag this version does not know (a newer one's).
+    /// Neither costs the other VMs, or the VM's other tags, theirs. A file
+    /// that is not a registry of this format fails whole.
     fn parse(data: &[u8]) -> Result<(Saved, Vec<String>), String> {
         let saved = serde_json::from_slice::<SavedRecords>(data).map_err(|e| e.to_string())?;
         if saved.format != FORMAT {
@@ -361,7 +379,16 @@ impl Saved {
         let vms = saved
             .vms
             .into_iter()
-            .filter_map(|record| {
+            .filter_map(|mut record| {
+                if let Some(tags) = record.get_mut("tags").and_then(|t| t.as_object_mut()) {
+                    tags.retain(|name, _| {
+                        let known = name.parse::<SecurityTag>().is_ok();
+                        if !known {
+                            errors.push(format!("unknown tag {name:?}"));
+                        }
+                        known
+                    });
+                }
                 serde_json::from_value::<VmRecord>(record)
                     .map_err(|err| errors.push(err.to_string()))
                     .ok()
@@ -475,19 +502,16 @@ impl Vms {
         let now = unix_ms(SystemTime::now());
         {
             let mut by_id = self.lock();
-            if !by_id.contains_key(&agent.vm_id) && by_id.len() >= self.limit {
-                // Full: the VM seen least recently that no session and no
-                // tag holds makes room (a walk of the registry, only when
-                // it is full).
-                let idle = by_id
-                    .values()
-                    .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
-                    .min_by_key(|vm| vm.last_seen)
-                    .map(|vm| vm.vm_id.clone());
-                match idle {
-                    Some(vm_id) => by_id.remove(&vm_id),
-                    None => return false,
-                };
+            // Full: the idle VMs seen least recently make room, a hundredth
+            // of the registry at once, so that a pool whose VMs get new ids
+            // at every boot walks it once per thousand new VMs, not for
+            // each (under the sessions' lock).
+            let room = (self.limit / 100).max(1);
+            if !by_id.contains_key(&agent.vm_id)
+                && by_id.len() >= self.limit
+                && forget_idle(&mut by_id, room) == 0
+            {
+                return false;
             }
             let vm = by_id
                 .entry(agent.vm_id.clone())
@@ -568,7 +592,12 @@ impl Vms {
             return;
         }
         let mut by_id = self.lock();
-        let Some(vm) = by_id.get_mut(&session.agent.vm_id) else {
+        // Only the VM's session (not one a newer session replaced) starts
+        // its full scans.
+        let Some(vm) = by_id
+            .get_mut(&session.agent.vm_id)
+            .filter(|vm| vm.session_id.as_deref() == Some(session.id.as_str()))
+        else {
             return;
         };
         let same = |scan: &FullScan| scan.task_id == task_id && scan.session_id == session.id;
@@ -739,16 +768,8 @@ impl Vms {
             vm.session_id.is_some() || vm.last_seen >= horizon || !vm.tags.is_empty()
         });
         if by_id.len() > self.limit {
-            let mut idle: Vec<_> = by_id
-                .values()
-                .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
-                .map(|vm| (vm.last_seen, vm.vm_id.clone()))
-                .collect();
-            idle.sort_unstable();
             let excess = by_id.len() - self.limit;
-            for (_, vm_id) in idle.into_iter().take(excess) {
-                by_id.remove(&vm_id);
-            }
+            forget_idle(&mut by_id, excess);
         }
     }
 
@@ -850,7 +871,7 @@ mod tests {
     }
 
     #[test]
-    fn a_saved_record_that_cannot_be_read_is_left_out_alone() {
+    fn what_a_saved_registry_does_not_know_is_left_out_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
         let saved = Vms::open(dir.path()).unwrap();
@@ -868,13 +889,16 @@ mod tests {
             saved.threat_found(vm_id);
         }
         saved.save().unwrap();
-        // vm-2's tag is one this version does not know (a newer one's).
+        // vm-2's tag is one this version does not know (a newer one's),
+        // and a record it cannot read comes first.
         let text = fs::read_to_string(&path).unwrap();
         let (first, second) = text.split_at(text.find("vm-2").unwrap());
         let second = second.replacen("ANTI_VIRUS.VirusFound", "ANTI_VIRUS.Unknown", 1);
-        fs::write(&path, format!("{first}{second}")).unwrap();
+        let text = format!("{first}{second}").replacen("[", r#"[{"vm_id": 7},"#, 1);
+        fs::write(&path, text).unwrap();
 
         let loaded = Vms::open(dir.path()).unwrap();
+        assert_eq!(loaded.lock().len(), 2, "the unreadable record is left out");
         assert!(
             loaded
                 .get("vm-1")
@@ -882,7 +906,10 @@ mod tests {
                 .tags
                 .contains_key(&SecurityTag::VirusFound)
         );
-        assert!(loaded.get("vm-2").is_none());
+        assert!(
+            loaded.get("vm-2").unwrap().tags.is_empty(),
+            "kept, less the unknown tag"
+        );
         let rejected = dir.path().join(format!("{FILE_NAME}.rejected"));
         assert!(
             fs::read_to_string(&rejected)

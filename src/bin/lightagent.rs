@@ -196,6 +196,14 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What the server tells the agent outside its files' outcomes (a
+    // restart asked for, the session ended) goes to stderr, as warnings.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIGHTAGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     // One runtime thread: the agent mostly waits on the server, and file
     // reads and hashing run on blocking threads. A multi-thread runtime
     // cost more CPU (tasks handed between its workers), which a client

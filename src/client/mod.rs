@@ -244,7 +244,14 @@ impl Agent {
                             tracing::warn!("the server asks this agent to restart its session: {}", restart.reason);
                         }
                         Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => return,
+                        Ok(None) => return,
+                        Err(status) => {
+                            // Replaced by a newer session of the same VM
+                            // id, say: the scan's files then fail as of
+                            // an unknown session.
+                            tracing::warn!("the server ended this agent's session: {}", status.message());
+                            return;
+                        }
                     }
                 }
             }

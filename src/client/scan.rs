@@ -155,9 +155,13 @@ impl Agent {
         )));
         if let Err(err) = settle.run(replies, unread, &mut producer, &places).await {
             // Once the announcer has stopped, what it held is in
-            // `unannounced`, and nothing settles files but this.
-            producer.0.abort();
-            let _ = (&mut producer.0).await;
+            // `unannounced`, and nothing settles files but this. (A task
+            // that has finished was dropped already; its handle may have
+            // given its result to `run`, and must not be awaited again.)
+            if !producer.0.is_finished() {
+                producer.0.abort();
+                let _ = (&mut producer.0).await;
+            }
             settle.fail_unanswered(&unannounced, &err);
             return Err(err);
         }

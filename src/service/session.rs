@@ -275,6 +275,9 @@ async fn serve(
             }
         };
         match message {
+            // What a replaced session still had on its way is not its
+            // VM's any more: the newer session speaks for it.
+            Ok(Some(_)) if *superseded.borrow() => {}
             Ok(Some(message)) => {
                 session.touch();
                 note(&state.vms, session, message);
