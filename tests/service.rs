@@ -921,31 +921,48 @@ async fn scan_files(
     std::mem::take(&mut *results.lock().unwrap())
 }
 
-/// A scan cut off in the middle (here by the server shutting down) gives
-/// every file one outcome: those not answered fail, saying why.
+/// A scan cut off in the middle gives every file one outcome: those not
+/// answered fail, saying why. Cut by the server shutting down while the
+/// agent still announces files, and by the connection breaking once it
+/// has announced them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_cut_off_gives_every_file_one_outcome() {
     let server = TestServer::start(|_| {}).await;
+    let url = server.url();
+    let outcomes = scan_cut_off(&url, 2000, 16 << 10, server.stop()).await;
+    assert_every_file_has_one_outcome(&outcomes, 2000);
+
+    let server = TestServer::start(|_| {}).await;
+    let (proxy, link) = proxy(server.addr).await;
+    let cut = async move { link.abort() };
+    let outcomes = scan_cut_off(&format!("http://{proxy}"), 10, 1 << 20, cut).await;
+    assert_every_file_has_one_outcome(&outcomes, 10);
+}
+
+/// Scans `count` distinct files of `size` bytes through the server at
+/// `url`, with `cut` run once the first outcome is in; the scan must fail.
+/// Returns every outcome.
+async fn scan_cut_off(
+    url: &str,
+    count: u64,
+    size: usize,
+    cut: impl Future<Output = ()> + Send + 'static,
+) -> Vec<(std::path::PathBuf, scanserver::engine::ScanOutcome)> {
     let dir = tempfile::tempdir().unwrap();
-    let count = 2000;
     let files: Vec<FileSource> = (0..count)
         .map(|i: u64| {
             let path = dir.path().join(format!("{i}.bin"));
-            let mut data = content(7, 16 << 10);
+            let mut data = content(7, size);
             data[..8].copy_from_slice(&i.to_le_bytes());
             std::fs::write(&path, data).unwrap();
             path.into()
         })
         .collect();
-    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
-        .await
-        .unwrap();
-    // The server stops once the first outcome is in.
-    let (first, first_in) = tokio::sync::watch::channel(false);
-    let stopping = tokio::spawn(async move {
-        let mut first_in = first_in;
+    let agent = Agent::connect(&AgentOptions::for_host(url)).await.unwrap();
+    let (first, mut first_in) = tokio::sync::watch::channel(false);
+    let cutting = tokio::spawn(async move {
         first_in.wait_for(|&seen| seen).await.unwrap();
-        server.stop().await;
+        cut.await;
     });
     let results = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Arc::clone(&results);
@@ -955,21 +972,45 @@ async fn a_scan_cut_off_gives_every_file_one_outcome() {
             sink.lock().unwrap().push((path.to_owned(), outcome));
         })
         .await;
-    stopping.await.unwrap();
+    cutting.await.unwrap();
     assert!(scanned.is_err(), "the scan was cut off");
-    let results = results.lock().unwrap();
-    let names: std::collections::HashSet<_> = results.iter().map(|(path, _)| path).collect();
-    assert_eq!(results.len(), count as usize);
-    assert_eq!(names.len(), results.len(), "one outcome for each file");
-    let failed = results
+    std::mem::take(&mut *results.lock().unwrap())
+}
+
+fn assert_every_file_has_one_outcome(
+    outcomes: &[(std::path::PathBuf, scanserver::engine::ScanOutcome)],
+    count: usize,
+) {
+    let paths: std::collections::HashSet<_> = outcomes.iter().map(|(path, _)| path).collect();
+    assert_eq!(outcomes.len(), count);
+    assert_eq!(paths.len(), count, "one outcome for each file");
+    let failed = outcomes
         .iter()
-        .filter(|(_, outcome)| outcome.verdict.kind() == "failed")
-        .count();
-    assert!(failed > 0, "files not answered fail");
+        .filter(|(_, o)| o.verdict.kind() == "failed");
+    assert!(failed.count() > 0, "files not answered fail");
     assert!(
-        results.iter().all(|(_, o)| o.verdict.kind() != "infected"),
+        outcomes.iter().all(|(_, o)| o.verdict.kind() != "infected"),
         "nothing here is malware"
     );
+}
+
+/// A TCP proxy to `target`: its address, and the task that links each
+/// connection through; aborting it cuts them all.
+async fn proxy(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut links = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            links.spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (addr, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
