@@ -929,29 +929,37 @@ async fn scan_files(
 async fn a_scan_cut_off_gives_every_file_one_outcome() {
     let server = TestServer::start(|_| {}).await;
     let url = server.url();
-    let outcomes = scan_cut_off(&url, 2000, 16 << 10, server.stop()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outcomes = scan_cut_off(dir.path(), &url, 2000, 16 << 10, server.stop()).await;
     assert_every_file_has_one_outcome(&outcomes, 2000);
 
     let server = TestServer::start(|_| {}).await;
     let (proxy, link) = proxy(server.addr).await;
     let cut = async move { link.abort() };
-    let outcomes = scan_cut_off(&format!("http://{proxy}"), 10, 1 << 20, cut).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{proxy}");
+    let outcomes = scan_cut_off(dir.path(), &url, 10, 1 << 20, cut).await;
     assert_every_file_has_one_outcome(&outcomes, 10);
+    assert!(
+        outcomes.iter().all(|(_, o)| o.digest.is_some()),
+        "the first files of a scan go by their digest, and keep it"
+    );
 }
 
-/// Scans `count` distinct files of `size` bytes through the server at
-/// `url`, with `cut` run once the first outcome is in; the scan must fail.
+/// Scans `count` distinct files of `size` bytes, written in `dir`,
+/// through the server at `url`, with `cut` run once the first outcome is
+/// in; the scan must fail.
 /// Returns every outcome.
 async fn scan_cut_off(
+    dir: &Path,
     url: &str,
     count: u64,
     size: usize,
     cut: impl Future<Output = ()> + Send + 'static,
 ) -> Vec<(std::path::PathBuf, scanserver::engine::ScanOutcome)> {
-    let dir = tempfile::tempdir().unwrap();
     let files: Vec<FileSource> = (0..count)
         .map(|i: u64| {
-            let path = dir.path().join(format!("{i}.bin"));
+            let path = dir.join(format!("{i}.bin"));
             let mut data = content(7, size);
             data[..8].copy_from_slice(&i.to_le_bytes());
             std::fs::write(&path, data).unwrap();
@@ -984,10 +992,19 @@ fn assert_every_file_has_one_outcome(
     let paths: std::collections::HashSet<_> = outcomes.iter().map(|(path, _)| path).collect();
     assert_eq!(outcomes.len(), count);
     assert_eq!(paths.len(), count, "one outcome for each file");
-    let failed = outcomes
+    let failed: Vec<_> = outcomes
         .iter()
-        .filter(|(_, o)| o.verdict.kind() == "failed");
-    assert!(failed.count() > 0, "files not answered fail");
+        .filter(|(_, o)| o.verdict.kind() == "failed")
+        .collect();
+    assert!(!failed.is_empty(), "files not answered fail");
+    for (path, outcome) in failed.iter().filter(|(_, o)| o.digest.is_some()) {
+        let digest = blake3::hash(&std::fs::read(path).unwrap());
+        assert_eq!(
+            outcome.digest,
+            Some(digest),
+            "a file hashed keeps its digest"
+        );
+    }
     assert!(
         outcomes.iter().all(|(_, o)| o.verdict.kind() != "infected"),
         "nothing here is malware"

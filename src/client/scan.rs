@@ -226,7 +226,10 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         let failed = || Verdict::failed(FailReason::Engine, detail.clone());
         let pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
         for file in pending {
-            let outcome = failed_outcome(failed(), file.size, file.started);
+            let outcome = ScanOutcome {
+                digest: file.digest,
+                ..failed_outcome(failed(), file.size, file.started)
+            };
             (self.on_result)(file.source.path(), outcome);
         }
         let never_sent = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
@@ -294,7 +297,11 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                     &message.signatures_version,
                     &mut self.latest,
                 ),
-                Err(verdict) => failed_outcome(verdict, file.size, file.started),
+                // A file the agent hashed keeps its digest, refused or not.
+                Err(verdict) => ScanOutcome {
+                    digest: file.digest,
+                    ..failed_outcome(verdict, file.size, file.started)
+                },
             };
             (self.on_result)(file.source.path(), outcome);
         }
