@@ -226,11 +226,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         let failed = || Verdict::failed(FailReason::Engine, detail.clone());
         let pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
         for file in pending {
-            let outcome = ScanOutcome {
-                digest: file.digest,
-                ..failed_outcome(failed(), file.size, file.started)
-            };
-            (self.on_result)(file.source.path(), outcome);
+            (self.on_result)(file.source.path(), file.failed(failed()));
         }
         let never_sent = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
         for source in never_sent {
@@ -297,11 +293,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                     &message.signatures_version,
                     &mut self.latest,
                 ),
-                // A file the agent hashed keeps its digest, refused or not.
-                Err(verdict) => ScanOutcome {
-                    digest: file.digest,
-                    ..failed_outcome(verdict, file.size, file.started)
-                },
+                Err(verdict) => file.failed(verdict),
             };
             (self.on_result)(file.source.path(), outcome);
         }
@@ -565,6 +557,17 @@ struct PendingFile {
     asked: bool,
     /// Why the agent cancelled it: it could not read it.
     unread: Option<std::io::Error>,
+}
+
+impl PendingFile {
+    /// Its outcome as failed with `verdict`. A file the agent hashed keeps
+    /// its digest: it was read.
+    fn failed(&self, verdict: Verdict) -> ScanOutcome {
+        ScanOutcome {
+            digest: self.digest,
+            ..failed_outcome(verdict, self.size, self.started)
+        }
+    }
 }
 
 impl PendingFiles {

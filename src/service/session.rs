@@ -77,7 +77,7 @@ pub(super) async fn run(
     );
     // Watched from before the Welcome is made: a change while it is on its
     // way is told after it, not lost.
-    let watched = Watched::from(&state, &session);
+    let watched = Watched::subscribe(&state, &session);
     let ending = match out.send(Ok(welcome(&state, &session))).await {
         Ok(()) => serve(&state, &session, incoming, &out, watched).await,
         Err(_) => Ending::Dropped,
@@ -194,7 +194,7 @@ struct Watched {
 }
 
 impl Watched {
-    fn from(state: &ServiceState, session: &Session) -> Self {
+    fn subscribe(state: &ServiceState, session: &Session) -> Self {
         let mut restart = session.restart_requested();
         // Asked for between the session's opening and now.
         if restart.borrow().is_some() {
