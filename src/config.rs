@@ -63,6 +63,27 @@ impl Config {
         if heartbeat.is_zero() || heartbeat > Duration::from_secs(3600) {
             return invalid("server.heartbeat_interval", "must be between 1ms and 1h");
         }
+        if self.engine.scan_timeout < Duration::from_secs(1) {
+            return invalid(
+                "engine.scan_timeout",
+                "must be at least 1s (YARA-X counts scan time in whole seconds)",
+            );
+        }
+        if self.engine.max_scan_size == 0 {
+            return invalid("engine.max_scan_size", "must be more than 0");
+        }
+        if self.engine.queue_capacity == 0 {
+            return invalid("engine.queue_capacity", "must be at least 1");
+        }
+        if self.server.idle_timeout <= self.engine.scan_timeout {
+            return invalid(
+                "server.idle_timeout",
+                "must be longer than engine.scan_timeout: a stream waiting for a scan would be cut off as idle",
+            );
+        }
+        if self.server.max_agents == 0 {
+            return invalid("server.max_agents", "must be at least 1");
+        }
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
@@ -363,6 +384,27 @@ mod tests {
             domain: None,
         });
         assert!(config.validate().is_err(), "TLS settings with http");
+        let refused = |change: fn(&mut Config)| {
+            let mut config = Config::default();
+            change(&mut config);
+            match config.validate() {
+                Err(ConfigError::Invalid { setting, .. }) => setting,
+                other => panic!("{other:?}"),
+            }
+        };
+        let sub_second = |c: &mut Config| c.engine.scan_timeout = Duration::from_millis(500);
+        assert_eq!(refused(sub_second), "engine.scan_timeout");
+        assert_eq!(
+            refused(|c| c.engine.max_scan_size = 0),
+            "engine.max_scan_size"
+        );
+        assert_eq!(
+            refused(|c| c.engine.queue_capacity = 0),
+            "engine.queue_capacity"
+        );
+        assert_eq!(refused(|c| c.server.max_agents = 0), "server.max_agents");
+        let idle_below_scans = |c: &mut Config| c.server.idle_timeout = c.engine.scan_timeout;
+        assert_eq!(refused(idle_below_scans), "server.idle_timeout");
     }
 
     #[test]

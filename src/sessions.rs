@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::{Instant, SystemTime},
@@ -148,6 +148,12 @@ pub enum Refused {
 /// The connected agents.
 pub struct Sessions {
     by_id: RwLock<HashMap<String, Arc<Session>>>,
+    /// Each VM's places for files in flight, while any is held (by a
+    /// session, or by a file begun under one that has ended): a VM's new
+    /// session shares them with the files of its earlier ones, still open
+    /// on their Scan streams. With places of its own, an agent that
+    /// reconnected again and again could keep ever more files open.
+    places: Mutex<HashMap<String, Weak<Semaphore>>>,
     max_agents: usize,
     files_in_flight: usize,
     vms: Arc<Vms>,
@@ -163,6 +169,7 @@ impl Sessions {
     ) -> Self {
         Sessions {
             by_id: RwLock::new(HashMap::new()),
+            places: Mutex::new(HashMap::new()),
             max_agents,
             files_in_flight,
             vms,
@@ -185,12 +192,13 @@ impl Sessions {
         if earlier.is_none() && by_id.len() >= self.max_agents {
             return Err(Refused::TooManyAgents);
         }
+        let places = self.places_of(&agent.vm_id);
         let session = Arc::new(Session {
             id: uuid::Uuid::new_v4().to_string(),
             agent,
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
-            files_in_flight: Arc::new(Semaphore::new(self.files_in_flight)),
+            files_in_flight: places,
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             detections: AtomicU64::new(0),
@@ -215,6 +223,22 @@ impl Sessions {
         }
         by_id.insert(session.id.clone(), Arc::clone(&session));
         Ok(session)
+    }
+
+    /// The places in flight of the VM `vm_id`: those its earlier sessions
+    /// had, if any is still held, or new ones.
+    fn places_of(&self, vm_id: &str) -> Arc<Semaphore> {
+        let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = places.get(vm_id).and_then(Weak::upgrade) {
+            return held;
+        }
+        // The VMs whose places are all given back need no entry.
+        if places.len() >= 2 * self.max_agents.max(1024) {
+            places.retain(|_, held| held.strong_count() > 0);
+        }
+        let fresh = Arc::new(Semaphore::new(self.files_in_flight));
+        places.insert(vm_id.to_owned(), Arc::downgrade(&fresh));
+        fresh
     }
 
     /// The open session with this id.

@@ -98,6 +98,12 @@ pub enum SignatureError {
         .0.display()
     )]
     Missing(PathBuf),
+    #[error(
+        "{} has no rule that can match (none, or only private rules): \
+         a ruleset that cannot detect anything would report every file clean",
+        .0.display()
+    )]
+    NoRules(PathBuf),
     #[error("{} error(s) in the ruleset:\n{}", .0.len(), DiagnosticList(.0))]
     Compile(Vec<Diagnostic>),
     #[error("cannot load pre-compiled rules {}: {source}", path.display())]
@@ -239,16 +245,16 @@ impl Ruleset {
         let released = newest_modification(sources.files.iter().map(|f| f.path.as_path()));
         if let Some(rules) = cache.as_ref().and_then(RulesCache::load) {
             tracing::info!(%version, "loaded compiled rules from the cache");
-            let ruleset = Self::new(rules, version, source, started, true, vec![]);
+            let ruleset = Self::new(rules, version, source, started, true, vec![])?;
             return Ok(ruleset
                 .with_name_sensitivity(name_sensitive)
                 .released(released));
         }
         let (rules, warnings) = sources.compile()?;
+        let ruleset = Self::new(rules, version, source, started, false, warnings)?;
         if let Some(cache) = &cache {
-            cache.store(&rules);
+            cache.store(ruleset.rules());
         }
-        let ruleset = Self::new(rules, version, source, started, false, warnings);
         Ok(ruleset
             .with_name_sensitivity(name_sensitive)
             .released(released))
@@ -272,7 +278,7 @@ impl Ruleset {
         hasher.update(YARA_X_VERSION.as_bytes());
         let version = hasher.finalize().to_hex().to_string();
         // Without sources, assume the rules may look at file names.
-        let ruleset = Self::new(rules, version, path, started, false, vec![]);
+        let ruleset = Self::new(rules, version, path, started, false, vec![])?;
         Ok(ruleset
             .with_name_sensitivity(true)
             .released(newest_modification([path])))
@@ -288,6 +294,8 @@ impl Ruleset {
         self
     }
 
+    /// The ruleset of compiled `rules`; refused when no rule of theirs can
+    /// match (fail closed: a scan with nothing to find is no verdict).
     fn new(
         rules: Rules,
         version: String,
@@ -295,8 +303,11 @@ impl Ruleset {
         started: Instant,
         from_cache: bool,
         warnings: Vec<Diagnostic>,
-    ) -> Self {
-        Ruleset {
+    ) -> Result<Self, SignatureError> {
+        if rules.iter().all(|rule| rule.is_private()) {
+            return Err(SignatureError::NoRules(source.to_owned()));
+        }
+        Ok(Ruleset {
             rule_count: rules.iter().len(),
             rules,
             version_id: version
@@ -310,7 +321,7 @@ impl Ruleset {
             warnings,
             name_sensitive: false,
             released: SystemTime::UNIX_EPOCH,
-        }
+        })
     }
 
     /// When the signatures were released: the newest modification time of
@@ -592,8 +603,14 @@ impl RulesCache {
         }
     }
 
-    /// The cached rules, if present and intact. A damaged file is removed.
+    /// The cached rules, if present and intact, in a folder no other user
+    /// can write to (they hold native code). A damaged file is removed.
     fn load(&self) -> Option<Rules> {
+        let dir = self.path.parent().expect("cache file has a folder");
+        if let Err(err) = crate::state::private_dir(dir) {
+            tracing::warn!("compiled-rules cache not used: {err}");
+            return None;
+        }
         let bytes = fs::read(&self.path).ok()?;
         let rules = bytes
             .split_at_checked(blake3::OUT_LEN)
@@ -616,25 +633,46 @@ impl RulesCache {
 
     fn try_store(&self, rules: &Rules) -> io::Result<()> {
         let dir = self.path.parent().expect("cache file has a folder");
-        create_private_dir(dir)?;
+        crate::state::private_dir(dir)?;
         let payload = rules.serialize().map_err(io::Error::other)?;
         let mut file = tempfile::NamedTempFile::new_in(dir)?;
         file.write_all(blake3::hash(&payload).as_bytes())?;
         file.write_all(&payload)?;
         file.as_file().sync_all()?;
         file.persist(&self.path)?;
+        Self::prune(dir);
         Ok(())
+    }
+
+    /// Keeps the [`KEPT_VERSIONS`] newest compiled rulesets of the folder
+    /// (each signatures update adds one), and removes what a store cut
+    /// short left behind.
+    fn prune(dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let mut compiled = Vec::new();
+        for entry in entries.flatten() {
+            let (path, name) = (entry.path(), entry.file_name());
+            let modified = entry.metadata().and_then(|m| m.modified());
+            let Ok(modified) = modified else { continue };
+            if path.extension().is_some_and(|e| e == "yarc") {
+                compiled.push((modified, path));
+            } else if name.to_string_lossy().starts_with(".tmp") && modified < hour_ago {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        compiled.sort_unstable_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+        for (_, path) in compiled.into_iter().skip(KEPT_VERSIONS) {
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 
-/// Creates `dir` (and its parents) readable and writable by this user only.
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
-}
+/// How many compiled rulesets the rules cache keeps: enough to go back and
+/// forth between a few signature sets without compiling again.
+const KEPT_VERSIONS: usize = 8;
 
 /// The newest modification time among `paths` (the epoch when none can be
 /// read, which makes the signatures look outdated rather than fresh).

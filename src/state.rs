@@ -8,7 +8,8 @@
 //!   times of connected VMs), and at shutdown.
 //!
 //! The folder is created private to the server's user (0700): the server
-//! trusts what it finds there.
+//! trusts what it finds there. So are the other folders whose content it
+//! trusts (the spool, the compiled-rules cache): see [`private_dir`].
 
 use std::{
     fs,
@@ -22,6 +23,44 @@ use tokio::sync::watch;
 
 use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 
+/// Makes sure the folder at `path` can be trusted with what the server
+/// keeps there: one that is missing is created (with its parents) private
+/// to this user (0700); one that exists must be a folder of this user that
+/// no other can write to. An existing folder is never changed (`--state-dir
+/// /var/lib` must not lock a system folder), and one that is not safe is
+/// refused with what to do, rather than used: another user able to swap a
+/// spooled upload or a compiled-rules file would choose verdicts.
+pub fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder.create(path)?;
+    let metadata = fs::metadata(path)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    let refuse = |why: String| {
+        let message = format!(
+            "{} {why}; give the server a folder of its own (created if missing), \
+             or make this one its user's (uid {user}) and writable by it alone",
+            path.display()
+        );
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, message))
+    };
+    if !metadata.is_dir() {
+        return refuse("is not a folder".into());
+    }
+    if metadata.uid() != user {
+        return refuse(format!("belongs to uid {}", metadata.uid()));
+    }
+    if metadata.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "is writable by others (mode {:o})",
+            metadata.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
 /// The server's state folder.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -31,12 +70,7 @@ pub struct StateDir {
 impl StateDir {
     /// Opens (creating it if needed) the state folder at `path`.
     pub fn open(path: &Path) -> io::Result<StateDir> {
-        std::fs::create_dir_all(path)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
-        }
+        private_dir(path)?;
         Ok(StateDir {
             path: path.to_owned(),
         })

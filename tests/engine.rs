@@ -74,7 +74,12 @@ fn content_over_the_size_limit_fails_with_too_large() {
 fn unreadable_paths_fail_with_io() {
     let engine = shipped_engine();
     let dir = tempfile::tempdir().unwrap();
-    for path in [dir.path().join("missing"), dir.path().to_owned()] {
+    // A FIFO in a file's place is refused, not waited on for a writer.
+    let fifo = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for path in [dir.path().join("missing"), dir.path().to_owned(), fifo] {
         let outcome = engine.scan(&ScanJob::file(&path));
         assert_eq!(
             reason(&outcome.verdict),
@@ -185,10 +190,14 @@ async fn a_full_queue_answers_busy_at_once() {
     let busy = engine.try_reserve();
     assert!(busy.is_err(), "the only slot is taken");
     assert!(busy.err().unwrap().to_string().contains("queue is full"));
-    let outcome = first.scan(ScanJob::bytes(EICAR.to_vec(), None), ()).await;
+    let outcome = first
+        .scan(ScanJob::bytes(EICAR.to_vec(), None), |_| {})
+        .await;
     assert!(matches!(outcome.verdict, Verdict::Infected(_)));
     let second = engine.try_reserve().unwrap();
-    let outcome = second.scan(ScanJob::bytes(b"x".to_vec(), None), ()).await;
+    let outcome = second
+        .scan(ScanJob::bytes(b"x".to_vec(), None), |_| {})
+        .await;
     assert_eq!(outcome.verdict, Verdict::Clean);
 }
 

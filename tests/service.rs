@@ -423,6 +423,96 @@ async fn a_newer_session_of_a_vm_replaces_the_earlier() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
+    let server = TestServer::start(|c| c.uploads.files_in_flight = 2).await;
+    let session = |kind| match kind {
+        Some(server_message::Kind::Welcome(welcome)) => welcome.session_id,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let (_first_out, mut first) = connect(&server, hello()).await;
+    let earlier = session(first.message().await.unwrap().unwrap().kind);
+    let (tx, mut replies) = scan_stream(&server).await;
+    // Two files whose content never comes take the VM's two places.
+    for id in 1..=3 {
+        tx.send(begin(&earlier, id, b"pending", None))
+            .await
+            .unwrap();
+    }
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, error_code(&kind)), (3, Code::ResourceExhausted));
+    // The agent connects again: its new session has no places of its own
+    // while the earlier session's files hold the VM's.
+    let (_second_out, mut second) = connect(&server, hello()).await;
+    let later = session(second.message().await.unwrap().unwrap().kind);
+    tx.send(begin(&later, 4, b"pending", None)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, error_code(&kind)), (4, Code::ResourceExhausted));
+    // A place given back is the new session's to take.
+    tx.send(ScanRequest::from(file_request::Kind::Cancel(FileCancel {
+        file_id: 1,
+    })))
+    .await
+    .unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, error_code(&kind)), (1, Code::Cancelled));
+    tx.send(begin(&later, 5, EICAR, None)).await.unwrap();
+    tx.send(chunk(5, 0, EICAR)).await.unwrap();
+    tx.send(end(5)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (5, vec!["EICAR_Test_File".to_owned()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(1)).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let data = b"content that never comes".repeat(10);
+    let digest = blake3::hash(&data);
+    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut replies).await,
+        (1, file_reply::Kind::SendContent(_))
+    ));
+    let flights = server.state.engine.cache().flights();
+    assert_eq!(
+        flights.len(),
+        1,
+        "the file leads the flight for its content"
+    );
+    // The agent keeps its stream busy, but sends nothing of the file.
+    let busy = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if tx.send(ScanRequest::default()).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, error_code(&kind)), (1, Code::DeadlineExceeded));
+    assert!(flights.is_empty(), "its flight ended with it");
+    // The stream goes on.
+    tx.send(begin(&session, 2, EICAR, None)).await.unwrap();
+    tx.send(chunk(2, 0, EICAR)).await.unwrap();
+    tx.send(end(2)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (2, vec!["EICAR_Test_File".to_owned()])
+    );
+    busy.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eicar_is_found_through_scan_and_scan_file() {
     let server = TestServer::start(|_| {}).await;
     let (session, _keep) = session_id(&server).await;
@@ -465,6 +555,18 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
         c.server.idle_timeout = Duration::from_secs(2);
     })
     .await;
+    // Calls that send nothing take no place: they are cut off on their own.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let (tx, rx) = mpsc::channel::<proto::FileChunk>(1);
+        let mut client = server.client().await;
+        let call = tokio::spawn(async move {
+            client
+                .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        silent.push((tx, call));
+    }
     // Two calls that send a first chunk and then nothing.
     let mut calls = Vec::new();
     for n in 1..=2u8 {
@@ -493,12 +595,20 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
             .unwrap_err();
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     }
-    // ...and their places are free again.
+    // ...and their places are free again, while the silent calls still
+    // wait for their first chunk.
     let verdict = server.client().await.scan_file(eicar()).await.unwrap();
     assert!(matches!(
         verdict.into_inner().verdict.unwrap().kind.unwrap(),
         proto::verdict::Kind::Infected(_)
     ));
+    for (_tx, call) in silent {
+        assert!(
+            !call.is_finished(),
+            "a silent call waits for its first chunk"
+        );
+        call.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,6 +668,36 @@ async fn a_known_digest_is_answered_without_content() {
         .into_inner();
     assert!(lookup.results[0].verdict.as_ref().is_some_and(|v| v.cached));
     assert!(lookup.results[1].verdict.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_gives_no_verdict_when_the_rules_look_at_names() {
+    let server = TestServer::start(|_| {}).await;
+    server.state.replace_ruleset(ruleset_from_source(
+        r#"rule by_name { condition: filename == "invoice.pdf.exe" }"#,
+    ));
+    let (session, _keep) = session_id(&server).await;
+    let data = b"an attachment".repeat(10);
+    // Content sent without a name is clean, and cached so.
+    let chunks = tokio_stream::iter(vec![scan_file_chunk(0, &data, "")]);
+    let verdict = server.client().await.scan_file(chunks).await.unwrap();
+    let verdict = verdict.into_inner().verdict.unwrap().kind.unwrap();
+    assert!(
+        matches!(verdict, proto::verdict::Kind::Clean(_)),
+        "{verdict:?}"
+    );
+    // That is no verdict for a file the agent may have under any name.
+    let lookup = server
+        .client()
+        .await
+        .lookup(LookupRequest {
+            session_id: session,
+            digests: vec![Bytes::copy_from_slice(blake3::hash(&data).as_bytes())],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lookup.results[0].verdict.is_none(), "{lookup:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,6 +302,24 @@ fn a_broken_rule_is_reported_with_file_line_and_column() {
 }
 
 #[test]
+fn a_ruleset_that_cannot_match_anything_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // An interrupted update: the files are there, their rules are not.
+    fs::write(dir.path().join("empty.yar"), "").unwrap();
+    fs::write(
+        dir.path().join("base.yar"),
+        "private rule base { condition: true }\n",
+    )
+    .unwrap();
+    let err = Ruleset::load(dir.path(), None).unwrap_err();
+    assert!(matches!(err, SignatureError::NoRules(_)), "{err}");
+    assert!(err.to_string().contains("no rule that can match"), "{err}");
+
+    fs::write(dir.path().join("one.yar"), "rule one { condition: true }\n").unwrap();
+    assert_eq!(Ruleset::load(dir.path(), None).unwrap().rule_count(), 2);
+}
+
+#[test]
 fn each_file_is_its_own_namespace_and_private_rules_are_never_detections() {
     let dir = tempfile::tempdir().unwrap();
     let rule = "private rule marker { strings: $m = \"MARK\" condition: $m }\n\

@@ -191,12 +191,7 @@ struct ServeArgs {
 
     /// CA (PEM) that agent certificates must chain to: mutual TLS, every
     /// agent must present a certificate.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "SCANSERVER_TLS_CLIENT_CA",
-        requires = "tls_cert"
-    )]
+    #[arg(long, value_name = "FILE", env = "SCANSERVER_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
 
     /// Folder for spooled uploads [default: scanserver-spool in the system
@@ -276,8 +271,17 @@ impl ServeArgs {
             config.tls = Some(TlsConfig {
                 cert: cert.clone(),
                 key: key.clone(),
-                client_ca: self.tls_client_ca.clone().or(client_ca),
+                client_ca,
             });
+        }
+        if let Some(client_ca) = &self.tls_client_ca {
+            let Some(tls) = config.tls.as_mut() else {
+                return Err(ConfigError::Invalid {
+                    setting: "tls.client_ca",
+                    problem: "needs the server's certificate and key: give --tls-cert and --tls-key, or [tls] cert and key".into(),
+                });
+            };
+            tls.client_ca = Some(client_ca.clone());
         }
         config.validate()?;
         Ok(config)

@@ -23,6 +23,7 @@ mod mapped;
 mod worker;
 
 use std::{
+    fs::File,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -93,10 +94,10 @@ pub enum Content {
     Bytes(Bytes),
     /// A file, read or memory-mapped by the worker.
     File(PathBuf),
-    /// A file the server just wrote (a spooled upload): always
-    /// memory-mapped, as its pages are still in the page cache and mapping
-    /// them spares a copy.
-    Spooled(PathBuf),
+    /// A file the server just wrote (a spooled upload), by the handle it
+    /// was written with: always memory-mapped, as its pages are still in
+    /// the page cache and mapping them spares a copy.
+    Spooled(File),
 }
 
 /// One piece of work for the engine.
@@ -222,13 +223,20 @@ impl ScanSlot {
     }
 
     /// Runs `job` on the engine's pool and resolves to its outcome.
-    /// `held` (what keeps the job's content, say) is dropped when the scan
-    /// ends, not when the caller stops waiting for it.
-    pub async fn scan(self, job: ScanJob, held: impl Send + 'static) -> ScanOutcome {
+    /// `after` runs on the scan thread with the outcome before it is handed
+    /// back, whether or not the caller still waits: what it holds (what
+    /// keeps the job's content, say) lives until the scan ends, and what it
+    /// does (tell others of the outcome) is done even for a caller that
+    /// stopped waiting.
+    pub async fn scan(
+        self,
+        job: ScanJob,
+        after: impl FnOnce(&ScanOutcome) + Send + 'static,
+    ) -> ScanOutcome {
         let (tx, rx) = oneshot::channel();
         let engine = Arc::clone(&self.engine);
         self.scan_then(job, move |outcome| {
-            drop(held);
+            after(&outcome);
             let _ = tx.send(outcome);
         });
         // The worker always sends; a closed channel would mean the job was
@@ -374,7 +382,7 @@ impl Engine {
     /// Queues `job`, waiting for a place when the queue is full, and
     /// resolves to its outcome.
     pub async fn submit(self: &Arc<Self>, job: ScanJob) -> ScanOutcome {
-        self.reserve().await.scan(job, ()).await
+        self.reserve().await.scan(job, |_| {}).await
     }
 
     fn scan_on_worker(&self, job: &ScanJob) -> ScanOutcome {
@@ -388,8 +396,8 @@ impl Engine {
         };
         match &job.content {
             Content::Bytes(data) => context.scan_bytes(data),
-            Content::File(path) => context.scan_file(path, false),
-            Content::Spooled(path) => context.scan_file(path, true),
+            Content::File(path) => context.scan_file(path),
+            Content::Spooled(file) => context.scan_spooled(file),
         }
     }
 }

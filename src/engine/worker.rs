@@ -17,6 +17,7 @@ use std::{
     cell::RefCell,
     fs::File,
     io::Read,
+    os::unix::fs::OpenOptionsExt,
     panic::{self, AssertUnwindSafe},
     path::Path,
     sync::Arc,
@@ -105,24 +106,45 @@ impl Context<'_> {
         self.outcome(started, size, judged)
     }
 
-    /// Scans a file: read into the worker's buffer when small,
-    /// memory-mapped when large. A `spooled` upload is always mapped (its
-    /// pages are in the page cache), and its temporary path is not its name.
-    pub fn scan_file(&self, path: &Path, spooled: bool) -> ScanOutcome {
+    /// Scans a local file under its path (or the job's name): read into
+    /// the worker's buffer when small, memory-mapped when large.
+    pub fn scan_file(&self, path: &Path) -> ScanOutcome {
         let started = Instant::now();
-        let name = if spooled {
-            self.name
-        } else {
-            Some(self.name.unwrap_or(path))
-        };
-        let (file, size) = match open_regular(path) {
-            Ok(opened) => opened,
-            Err(verdict) => return self.outcome(started, 0, Judged::failed(verdict)),
-        };
+        match open_regular(path) {
+            Ok((file, size)) => {
+                let name = Some(self.name.unwrap_or(path));
+                self.scan_opened(started, &file, size, name, size <= READ_LIMIT)
+            }
+            Err(verdict) => self.outcome(started, 0, Judged::failed(verdict)),
+        }
+    }
+
+    /// Scans a spooled upload through the handle it was written with (never
+    /// opened again by its path, which a local user might have replaced),
+    /// always memory-mapped: its pages are in the page cache.
+    pub fn scan_spooled(&self, file: &File) -> ScanOutcome {
+        let started = Instant::now();
+        match file.metadata() {
+            Ok(metadata) => self.scan_opened(started, file, metadata.len(), self.name, false),
+            Err(err) => {
+                let verdict = Verdict::failed(FailReason::Io, err.to_string());
+                self.outcome(started, 0, Judged::failed(verdict))
+            }
+        }
+    }
+
+    fn scan_opened(
+        &self,
+        started: Instant,
+        file: &File,
+        size: u64,
+        name: Option<&Path>,
+        read: bool,
+    ) -> ScanOutcome {
         if size > self.limits.max_scan_size {
             return self.outcome(started, size, Judged::failed(too_large(size, self.limits)));
         }
-        let judged = if size <= READ_LIMIT && !spooled {
+        let judged = if read {
             with_worker(|worker| {
                 let mut buffer = std::mem::take(&mut worker.buffer);
                 let judged =
@@ -131,7 +153,7 @@ impl Context<'_> {
                 judged
             })
         } else {
-            mapped::with_mapped(&file, size, |data| {
+            mapped::with_mapped(file, size, |data| {
                 with_worker(|worker| self.judge(worker, data, name))
             })
             .map_err(|err| err.to_string())
@@ -223,22 +245,35 @@ impl Judged {
     }
 }
 
-/// Reads at most `size` bytes of `file` into `buffer`. A file that grows
-/// while it is read is scanned as it was when opened; one that shrinks is
-/// simply shorter.
-fn read_into(buffer: &mut Vec<u8>, file: File, size: u64) -> Result<(), String> {
+/// Reads the `size` bytes `file` had when opened into `buffer`. A file
+/// that grows meanwhile is scanned as it was when opened; one that shrinks
+/// (truncated to be rewritten, say) fails: its verdict would be that of a
+/// part of it, as the mapped path's shrink guard also says.
+fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String> {
     buffer.clear();
     file.take(size)
         .read_to_end(buffer)
-        .map(drop)
-        .map_err(|err| err.to_string())
+        .map_err(|err| err.to_string())?;
+    if buffer.len() as u64 != size {
+        return Err(format!(
+            "the file shrank while it was read ({} of {size} bytes)",
+            buffer.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Opens `path` if it is a regular file (a FIFO or device would block or
-/// never end), returning it with its size.
+/// never end), returning it with its size. Opened without blocking, so
+/// that a FIFO put in a file's place is refused rather than waited on
+/// (reads of a regular file do not heed the flag).
 fn open_regular(path: &Path) -> Result<(File, u64), Verdict> {
     let io_failure = |err: std::io::Error| Verdict::failed(FailReason::Io, err.to_string());
-    let file = File::open(path).map_err(io_failure)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_failure)?;
     let metadata = file.metadata().map_err(io_failure)?;
     if !metadata.is_file() {
         return Err(Verdict::failed(FailReason::Io, "not a regular file"));

@@ -198,6 +198,13 @@ impl ProtectionServer for ProtectionService {
             let digest = parse_digest(digest)
                 .map_err(|e| Status::invalid_argument(format!("digest #{index}: {e}")))?
                 .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))?;
+            // A Lookup names no files: when the rules look at names, no
+            // verdict holds for a digest alone (one cached for content sent
+            // without a name is not the verdict on this agent's file).
+            if ruleset.name_sensitive() {
+                results.push(LookupResult { verdict: None });
+                continue;
+            }
             let key = CacheKey::new(&digest, &ruleset, None);
             let verdict = cache
                 .get(&key)

@@ -85,6 +85,9 @@ struct OpenFile {
     /// never be needed). Boxed: an upload's hasher is 2 KiB, and a storm
     /// moves open files in and out of the stream's map for every verdict.
     upload: Option<Box<Upload>>,
+    /// How much of the content had arrived when the stream last looked
+    /// for stalled files (see [`ScanStream::fail_stalled`]).
+    looked: Option<u64>,
     standing: Standing,
     _in_flight: OwnedSemaphorePermit,
 }
@@ -249,6 +252,10 @@ pub(super) async fn run(
             () = &mut idle => {
                 if last_active.elapsed() < idle_timeout {
                     idle.as_mut().reset(last_active + idle_timeout);
+                    let stalled = stream.fail_stalled();
+                    if stream.send_all(stalled).await.is_err() {
+                        break;
+                    }
                     continue;
                 }
                 let message = format!(
@@ -394,6 +401,34 @@ impl ScanStream {
         self.send_all(replies).await
     }
 
+    /// Fails the files whose content did not move since the stream last
+    /// looked, an idle timeout ago or more: their agent goes on sending
+    /// requests, but not their content. Kept, each would hold its place in
+    /// flight and its memory, and make every other request for its content
+    /// wait for a verdict that never comes. Looked for when the idle timer
+    /// fires, which costs the chunks nothing.
+    fn fail_stalled(&mut self) -> Vec<FileReply> {
+        let stalled: Vec<u64> = self
+            .open
+            .iter_mut()
+            .filter_map(|(&id, file)| {
+                let received = file.upload.as_ref()?.received();
+                let stalled = file.looked == Some(received);
+                file.looked = Some(received);
+                stalled.then_some(id)
+            })
+            .collect();
+        let idle = self.state.idle_timeout;
+        let message = format!("no content for this file in {idle:?}; send it again");
+        stalled
+            .into_iter()
+            .filter_map(|id| {
+                self.close(id)
+                    .map(|_| file_error(id, Code::DeadlineExceeded, &message))
+            })
+            .collect()
+    }
+
     /// Takes a file off the stream, withdrawing its wait if it has one.
     fn close(&mut self, id: u64) -> Option<OpenFile> {
         let file = self.open.remove(&id)?;
@@ -491,6 +526,7 @@ impl ScanStream {
             name: begin.path,
             size: begin.size,
             upload: None,
+            looked: None,
             standing: Standing::Unannounced,
             _in_flight: in_flight,
         };
@@ -755,7 +791,10 @@ impl Judging {
         let flight = match standing {
             Standing::Leads(flight) if *flight.key() == key => Some(flight),
             // Looked up when it began: a second look is not a new request.
-            Standing::OnItsOwn | Standing::Leads(_) | Standing::Waits(_) => {
+            // A flight led under other signatures ends here, not after the
+            // wait for the queue below: its waiters go on at once.
+            looked_up @ (Standing::OnItsOwn | Standing::Leads(_) | Standing::Waits(_)) => {
+                drop(looked_up);
                 if let Some(hit) = cache.peek(&key) {
                     return Judging::Known(hit);
                 }
@@ -782,7 +821,8 @@ impl Judging {
                 let (job, guard) = received.into_job(name);
                 slot.scan_then(job, move |outcome| {
                     drop(guard);
-                    due.send(scanned(&outcome, flight));
+                    land(flight, &outcome);
+                    due.send(FileVerdict::from_outcome(&outcome));
                 });
             }
             judging => {
@@ -798,10 +838,7 @@ impl Judging {
     async fn verdict(self, engine: &Arc<Engine>, received: Received, name: String) -> FileVerdict {
         match self {
             Judging::Known(hit) => FileVerdict::known(&hit, &received.digest, false),
-            Judging::Scan(slot, flight) => {
-                let outcome = scan_received(slot, received, name).await;
-                scanned(&outcome, flight)
-            }
+            Judging::Scan(slot, flight) => scan_received(slot, received, name, flight).await,
             Judging::Follow(waiter) => {
                 let deadline = Instant::now() + UPLOAD_WAIT;
                 if let Some(landed) = waiter.verdict(deadline).await {
@@ -809,41 +846,60 @@ impl Judging {
                 }
                 // The scan waited for failed or took too long: this copy
                 // of the content is scanned on its own.
-                let outcome = scan_received(engine.reserve().await, received, name).await;
-                FileVerdict::from_outcome(&outcome)
+                let slot = engine.reserve().await;
+                scan_received(slot, received, name, None).await
             }
         }
     }
 }
 
-/// The verdict of a scan, landed first for the waiters of the flight it
-/// led, if any.
-fn scanned(outcome: &ScanOutcome, flight: Option<Flight>) -> FileVerdict {
+/// Lands a scan's outcome for the waiters of the flight it led, if any (a
+/// failure lands nothing: they go on without it).
+fn land(flight: Option<Flight>, outcome: &ScanOutcome) {
     if let Some(flight) = flight {
         flight.land(outcome.to_cached());
     }
-    FileVerdict::from_outcome(outcome)
 }
 
-/// Scans received content under the digest the server computed. The
-/// content's memory share and spool file go with the job, not with this
-/// future: a caller that stops waiting (its client cancelled) does not
-/// release them while the job still waits for a scan thread.
-async fn scan_received(slot: ScanSlot, received: Received, name: String) -> ScanOutcome {
+/// Scans received content under the digest the server computed, and
+/// lands the flight it leads, if any. What the scan needs goes with the job,
+/// not with this future: a caller that stops waiting (its client
+/// cancelled) neither releases the content's memory share or spool file
+/// while the job waits for a scan thread, nor fails the flight's waiters
+/// while the scan they wait for goes on.
+async fn scan_received(
+    slot: ScanSlot,
+    received: Received,
+    name: String,
+    flight: Option<Flight>,
+) -> FileVerdict {
     let (job, guard) = received.into_job(name);
-    slot.scan(job, guard).await
+    let outcome = slot
+        .scan(job, move |outcome| {
+            drop(guard);
+            land(flight, outcome);
+        })
+        .await;
+    FileVerdict::from_outcome(&outcome)
 }
 
 /// `ScanFile`: one file, its chunks in order, the first naming it.
 ///
 /// A call holds a share of the upload memory or a spool file, and calls
-/// have no session to limit them: calls at once are limited server-wide,
-/// the first chunk must come within [`FIRST_CHUNK_WAIT`], and the whole
-/// file within the idle timeout.
+/// have no session to limit them: calls receiving at once are limited
+/// server-wide. A call takes its place with its first chunk, which must
+/// come within [`FIRST_CHUNK_WAIT`] (calls that send nothing hold no
+/// place), and must send the whole file within the idle timeout.
 pub(super) async fn scan_file(
     state: &ServiceState,
-    chunks: Streaming<FileChunk>,
+    mut chunks: Streaming<FileChunk>,
 ) -> Result<FileVerdict, Status> {
+    let first = tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.message())
+        .await
+        .map_err(|_| {
+            let message = format!("no chunk within {FIRST_CHUNK_WAIT:?}; the call is cut off");
+            Status::deadline_exceeded(message)
+        })??;
     let Ok(_call) = state.scan_file_calls.try_acquire() else {
         let limit = state.uploads.config().files_in_flight;
         return Err(Status::resource_exhausted(format!(
@@ -853,7 +909,7 @@ pub(super) async fn scan_file(
     let idle = state.idle_timeout;
     let cut_off =
         |_| Status::deadline_exceeded(format!("the file took over {idle:?}; the call is cut off"));
-    let (received, name) = tokio::time::timeout(idle, receive_file(state, chunks))
+    let (received, name) = tokio::time::timeout(idle, receive_file(state, first, chunks))
         .await
         .map_err(cut_off)??;
     let engine = &state.engine;
@@ -867,18 +923,13 @@ pub(super) async fn scan_file(
 /// How long a `ScanFile` call may take to send its first chunk.
 const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(10);
 
-/// Receives a `ScanFile` call's content, and the name its first chunk
-/// gives.
+/// Receives a `ScanFile` call's content from its `first` chunk (none: an
+/// empty file) on, and the name the first chunk gives.
 async fn receive_file(
     state: &ServiceState,
+    first: Option<FileChunk>,
     mut chunks: Streaming<FileChunk>,
 ) -> Result<(Received, String), Status> {
-    let first = tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.message())
-        .await
-        .map_err(|_| {
-            let message = format!("no chunk within {FIRST_CHUNK_WAIT:?}; the call is cut off");
-            Status::deadline_exceeded(message)
-        })??;
     let name = first.as_ref().map(|c| c.path.clone()).unwrap_or_default();
     let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
     let mut next = first;

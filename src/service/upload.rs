@@ -27,6 +27,7 @@ use crate::{
     cache::Digest,
     config::UploadConfig,
     engine::{Content, ScanJob},
+    state::private_dir,
 };
 
 /// Why a file's upload failed; the file gets this error, the stream goes on.
@@ -72,12 +73,28 @@ pub struct UploadStore {
 }
 
 impl UploadStore {
+    /// The store of `config`, its spool folder private to the server (see
+    /// [`private_dir`]) and emptied of the spool files a crash may have
+    /// left there.
     pub fn new(config: UploadConfig) -> io::Result<Self> {
-        std::fs::create_dir_all(config.spool_dir())?;
+        let spool_dir = config.spool_dir();
+        private_dir(&spool_dir)?;
+        let mut left = 0;
+        for entry in std::fs::read_dir(&spool_dir)?.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with(SPOOL_PREFIX)
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                left += 1;
+            }
+        }
+        if left > 0 {
+            tracing::info!(removed = left, dir = %spool_dir.display(), "removed spool files left by an earlier run");
+        }
         let kib = usize::try_from(config.memory_budget >> 10).unwrap_or(usize::MAX);
         Ok(UploadStore {
             memory: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
-            spool_dir: config.spool_dir().into(),
+            spool_dir: spool_dir.into(),
             config,
         })
     }
@@ -125,8 +142,13 @@ impl UploadStore {
     }
 }
 
+/// How spool files' names begin.
+const SPOOL_PREFIX: &str = "upload-";
+
 fn spool_file(dir: &Path) -> io::Result<NamedTempFile> {
-    tempfile::Builder::new().prefix("upload-").tempfile_in(dir)
+    tempfile::Builder::new()
+        .prefix(SPOOL_PREFIX)
+        .tempfile_in(dir)
 }
 
 /// A file being received.
@@ -228,6 +250,11 @@ impl Upload {
         }
     }
 
+    /// How many bytes arrived so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
     /// All content arrived: checks its size and digest.
     pub fn finish(self) -> Result<Received, UploadError> {
         if let Some(declared) = self.declared.filter(|&d| d != self.received) {
@@ -251,8 +278,8 @@ impl Upload {
                 },
             ),
             Sink::Spool(file) => {
-                let path = file.into_temp_path();
-                let content = Content::Spooled(path.to_path_buf());
+                let (file, path) = file.into_parts();
+                let content = Content::Spooled(file);
                 let guard = ReceivedGuard {
                     _spool: Some(path),
                     _share: None,
@@ -314,6 +341,28 @@ mod tests {
 
     fn files_in(dir: &Path) -> usize {
         std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn the_spool_folder_is_private_and_emptied_of_what_a_crash_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        drop(store(0, &spool));
+        let mode = std::fs::metadata(&spool).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "created private");
+        std::fs::write(spool.join("upload-left.bin"), b"x").unwrap();
+        std::fs::write(spool.join("operator-notes.txt"), b"x").unwrap();
+        drop(store(0, &spool));
+        assert_eq!(files_in(&spool), 1, "only spool files are removed");
+        // A folder others may write to could have its files swapped.
+        std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let config = UploadConfig {
+            spool_dir: Some(spool.clone()),
+            ..UploadConfig::default()
+        };
+        let err = UploadStore::new(config).err().expect("refused");
+        assert!(err.to_string().contains("writable by others"), "{err}");
     }
 
     #[test]
