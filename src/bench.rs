@@ -33,8 +33,7 @@ impl FileSet {
     /// Reads and hashes the regular files below `paths`. Unreadable ones
     /// are reported to `skipped` and left out.
     pub fn read(paths: &[PathBuf], skipped: &(dyn Fn(PathBuf, String) + Sync)) -> FileSet {
-        let on_walk_error = |path: PathBuf, err: walkdir::Error| skipped(path, err.to_string());
-        let files: Vec<_> = localscan::walk(paths, &on_walk_error)
+        let files: Vec<_> = localscan::walk(paths, skipped)
             .filter_map(|path| match PreparedFile::read(path.clone()) {
                 Ok(file) => Some(Arc::new(file)),
                 Err(err) => {

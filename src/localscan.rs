@@ -22,7 +22,7 @@ use crate::{
 pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
     let reporter = Reporter::new(format);
     let unreadable =
-        |path: PathBuf, err: walkdir::Error| reporter.file(&path, &unreadable_outcome(err), None);
+        |path: PathBuf, why: String| reporter.file(&path, &unreadable_outcome(why), None);
     let files = walk(paths, &unreadable);
     engine.scan_all(files.map(ScanJob::file), |job, outcome| {
         if let Content::File(path) = &job.content {
@@ -34,10 +34,12 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
 
 /// The regular files below `paths`, walked in order without following
 /// symbolic links (a path given itself is followed). Entries that cannot
-/// be read go to `unreadable`.
+/// be read go to `unreadable`, with why; so does a path given itself that
+/// is neither a file nor a folder (a device, a FIFO: scanning it was asked
+/// for, and did not happen). Such entries below a folder are left out.
 pub fn walk<'a>(
     paths: &'a [PathBuf],
-    unreadable: &'a (dyn Fn(PathBuf, walkdir::Error) + Sync),
+    unreadable: &'a (dyn Fn(PathBuf, String) + Sync),
 ) -> impl Iterator<Item = PathBuf> + Send + 'a {
     paths.iter().flat_map(move |root| {
         WalkDir::new(root)
@@ -46,9 +48,13 @@ pub fn walk<'a>(
             .into_iter()
             .filter_map(move |entry| match entry {
                 Ok(entry) if entry.file_type().is_file() => Some(entry.into_path()),
+                Ok(entry) if entry.depth() == 0 && !entry.file_type().is_dir() => {
+                    unreadable(entry.into_path(), "not a regular file or folder".into());
+                    None
+                }
                 Ok(_) => None,
                 Err(err) => {
-                    unreadable(err.path().unwrap_or(root).to_owned(), err);
+                    unreadable(err.path().unwrap_or(root).to_owned(), err.to_string());
                     None
                 }
             })
@@ -56,7 +62,7 @@ pub fn walk<'a>(
 }
 
 /// The outcome reported for an entry that could not be read.
-pub fn unreadable_outcome(err: walkdir::Error) -> ScanOutcome {
-    let verdict = Verdict::failed(FailReason::Io, err.to_string());
+pub fn unreadable_outcome(why: String) -> ScanOutcome {
+    let verdict = Verdict::failed(FailReason::Io, why);
     ScanOutcome::failed(verdict, 0, Duration::ZERO, "".into())
 }

@@ -104,6 +104,11 @@ pub enum SignatureError {
         .0.display()
     )]
     NoRules(PathBuf),
+    #[error(
+        "{} changed while it was compiled (an update under way?); load it again once the update is complete",
+        .0.display()
+    )]
+    Changed(PathBuf),
     #[error("{} error(s) in the ruleset:\n{}", .0.len(), DiagnosticList(.0))]
     Compile(Vec<Diagnostic>),
     #[error("cannot load pre-compiled rules {}: {source}", path.display())]
@@ -251,6 +256,12 @@ impl Ruleset {
                 .released(released));
         }
         let (rules, warnings) = sources.compile()?;
+        // YARA-X reads included files itself: changed since they were
+        // hashed, the rules would not be those of `version` (and would be
+        // cached, and their verdicts kept, under it).
+        if sources.has_includes() && SourceSet::collect(source)?.version() != version {
+            return Err(SignatureError::Changed(source.to_owned()));
+        }
         let ruleset = Self::new(rules, version, source, started, false, warnings)?;
         if let Some(cache) = &cache {
             cache.store(ruleset.rules());
@@ -513,6 +524,11 @@ impl SourceSet {
         hasher.update(COMPILE_PROFILE.as_bytes());
         hasher.update(YARA_X_VERSION.as_bytes());
         hasher.finalize().to_hex().to_string()
+    }
+
+    /// Whether any file is there because another includes it.
+    fn has_includes(&self) -> bool {
+        self.files.iter().any(|file| !file.top_level)
     }
 
     /// Whether any source mentions a name-derived external variable. A

@@ -121,6 +121,36 @@ fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stdout).contains("big.bin: FAILED too_large"));
+
+    // A path named that is neither file nor folder fails; one below a
+    // folder is passed over.
+    let fifo = tree.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let output = scanserver(cache.path())
+        .args(["scan", "--json"])
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let line = &json_lines(&output.stdout)[0];
+    assert_eq!(
+        (&line["verdict"], &line["reason"]),
+        (&"failed".into(), &"io".into())
+    );
+    fs::remove_file(tree.path().join("big.bin")).unwrap();
+    let output = scanserver(cache.path())
+        .args(["scan", "--json"])
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "EICAR, and the FIFO passed over"
+    );
+    assert_eq!(json_lines(&output.stdout).len(), 1);
 }
 
 #[test]

@@ -908,17 +908,17 @@ async fn a_message_of_many_begins_gets_every_reply_in_bounded_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_that_would_blow_up_when_decoded_are_refused_before() {
     let server = TestServer::start(|_| {}).await;
-    // 400 KB on the wire, some 20 MB once decoded.
+    let (session, _keep) = session_id(&server).await;
+    // 400 KB on the wire, some 20 MB once decoded, after a file begun.
     let flood = ScanRequest {
         requests: vec![proto::FileRequest::default(); 200_000],
     };
-    let mut replies = server
-        .client()
-        .await
-        .scan(tokio_stream::iter(vec![flood]))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut replies) = scan_stream(&server).await;
+    tx.send(begin(&session, 1, EICAR, None)).await.unwrap();
+    tx.send(flood).await.unwrap();
+    // The open file fails with the stream's error, which then ends it.
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, error_code(&kind)), (1, Code::InvalidArgument));
     let status = replies.message().await.expect_err("the stream fails");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("entries"), "{status:?}");
@@ -929,7 +929,6 @@ async fn messages_that_would_blow_up_when_decoded_are_refused_before() {
     let status = incoming.message().await.expect_err("the session fails");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // The server goes on serving.
-    let (session, _keep) = session_id(&server).await;
     let requests = vec![begin(&session, 1, EICAR, None), chunk(1, 0, EICAR), end(1)];
     let reply = first_reply(&server, requests).await;
     assert_eq!(verdict_rules(&reply), ["EICAR_Test_File"]);

@@ -266,7 +266,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
     let paths = args.paths.clone();
     let walk = tokio::task::spawn_blocking(move || {
         let unreadable =
-            |path: PathBuf, err| walker.file(&path, &localscan::unreadable_outcome(err), None);
+            |path: PathBuf, why| walker.file(&path, &localscan::unreadable_outcome(why), None);
         localscan::walk(&paths, &unreadable)
             .map(FileSource::from)
             .collect::<Vec<_>>()

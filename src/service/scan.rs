@@ -287,10 +287,17 @@ pub(super) async fn run(
                 break;
             }
             Err(status) => {
-                // Broken, or a message the server would not decode: the
-                // agent is told why, if it still listens.
+                // Broken, or a message the server would not decode: its
+                // open files fail, and the stream ends, with why, if the
+                // agent still listens (waiting for room among its replies
+                // as long as for any reply: ended without a status, the
+                // stream would look complete).
                 tracing::debug!(%status, "scan stream broken");
-                let _ = stream.replies.try_send(Err(status));
+                let (code, message) = (status.code(), status.message().to_owned());
+                if stream.fail_open_files(code, &message).await.is_ok() {
+                    let _ =
+                        tokio::time::timeout(idle_timeout, stream.replies.send(Err(status))).await;
+                }
                 break;
             }
         };
