@@ -123,6 +123,17 @@ impl Config {
         Ok(())
     }
 
+    /// The spool folder in use: `uploads.spool_dir`, else `spool` in the
+    /// state folder. Not the system's temporary folder: that is shared by
+    /// every user (one could take the name first), and often held in
+    /// memory, where large files must not go.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.uploads
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| self.server.state_dir().join("spool"))
+    }
+
     /// Reads a TOML configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -301,14 +312,14 @@ pub struct UploadConfig {
     /// Memory all uploads in memory may use together; beyond it, even small
     /// files are spooled.
     pub memory_budget: u64,
-    /// Folder for spooled files [default: the system temporary folder].
+    /// Folder for spooled files [default: `spool` in the state folder].
     pub spool_dir: Option<PathBuf>,
     /// Files larger than this are refused.
     pub max_file_size: u64,
     /// The chunk size agents are asked to use.
     pub chunk_size: u32,
-    /// Files open at once per session, and `ScanFile` calls at once on
-    /// the whole server.
+    /// Files open at once per VM, and `ScanFile` calls at once on the
+    /// whole server.
     pub files_in_flight: u32,
 }
 
@@ -322,15 +333,6 @@ impl Default for UploadConfig {
             chunk_size: 256 << 10,
             files_in_flight: 128,
         }
-    }
-}
-
-impl UploadConfig {
-    /// The spool folder in use.
-    pub fn spool_dir(&self) -> PathBuf {
-        self.spool_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("scanserver-spool"))
     }
 }
 

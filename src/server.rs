@@ -158,7 +158,7 @@ impl Server {
         let state =
             ServiceState::new(engine, config, Arc::clone(&vms), shutdown_rx).map_err(|source| {
                 ServerError::Spool {
-                    path: config.uploads.spool_dir(),
+                    path: config.spool_dir(),
                     source,
                 }
             })?;

@@ -651,7 +651,9 @@ impl RulesCache {
         let dir = self.path.parent().expect("cache file has a folder");
         crate::state::private_dir(dir)?;
         let payload = rules.serialize().map_err(io::Error::other)?;
-        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        let mut file = tempfile::Builder::new()
+            .prefix(TEMPORARY_PREFIX)
+            .tempfile_in(dir)?;
         file.write_all(blake3::hash(&payload).as_bytes())?;
         file.write_all(&payload)?;
         file.as_file().sync_all()?;
@@ -662,7 +664,8 @@ impl RulesCache {
 
     /// Keeps the [`KEPT_VERSIONS`] newest compiled rulesets of the folder
     /// (each signatures update adds one), and removes what a store cut
-    /// short left behind.
+    /// short left behind. Only files named as this cache names them: the
+    /// folder may hold others'.
     fn prune(dir: &Path) {
         let Ok(entries) = fs::read_dir(dir) else {
             return;
@@ -673,9 +676,11 @@ impl RulesCache {
             let (path, name) = (entry.path(), entry.file_name());
             let modified = entry.metadata().and_then(|m| m.modified());
             let Ok(modified) = modified else { continue };
-            if path.extension().is_some_and(|e| e == "yarc") {
+            let name = name.to_string_lossy();
+            let version = name.strip_suffix(".yarc").unwrap_or_default();
+            if version.len() == 64 && version.bytes().all(|b| b.is_ascii_hexdigit()) {
                 compiled.push((modified, path));
-            } else if name.to_string_lossy().starts_with(".tmp") && modified < hour_ago {
+            } else if name.starts_with(TEMPORARY_PREFIX) && modified < hour_ago {
                 let _ = fs::remove_file(&path);
             }
         }
@@ -690,6 +695,9 @@ impl RulesCache {
 /// forth between a few signature sets without compiling again.
 const KEPT_VERSIONS: usize = 8;
 
+/// How the rules cache's temporary files are named, until renamed.
+const TEMPORARY_PREFIX: &str = ".scanserver-tmp";
+
 /// The newest modification time among `paths` (the epoch when none can be
 /// read, which makes the signatures look outdated rather than fresh).
 fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> SystemTime {
@@ -703,6 +711,33 @@ fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> SystemT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rules_cache_keeps_its_newest_versions_and_nothing_of_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = SystemTime::UNIX_EPOCH;
+        let put = |name: &str, age: u64| {
+            let file = fs::File::create(dir.path().join(name)).unwrap();
+            file.set_modified(epoch + Duration::from_secs(1_000_000 - age))
+                .unwrap();
+        };
+        for age in 0..10 {
+            put(&format!("{age:064x}.yarc"), age);
+        }
+        put("mine.yarc", 100);
+        put(&format!("{TEMPORARY_PREFIX}cut"), 100);
+        put(".tmp-of-another-program", 100);
+        RulesCache::prune(dir.path());
+        let mut left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut expected: Vec<_> = (0..8).map(|age| format!("{age:064x}.yarc")).collect();
+        expected.extend([".tmp-of-another-program".into(), "mine.yarc".into()]);
+        expected.sort();
+        assert_eq!(left, expected);
+    }
 
     #[test]
     fn include_statements_are_recognised() {

@@ -124,10 +124,7 @@ fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
 
     // A path named that is neither file nor folder fails; one below a
     // folder is passed over.
-    let fifo = tree.path().join("fifo");
-    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let fifo = make_fifo(&tree.path().join("fifo"));
     let output = scanserver(cache.path())
         .args(["scan", "--json"])
         .arg(&fifo)

@@ -74,13 +74,16 @@ fn content_over_the_size_limit_fails_with_too_large() {
 fn unreadable_paths_fail_with_io() {
     let engine = shipped_engine();
     let dir = tempfile::tempdir().unwrap();
-    // A FIFO in a file's place is refused, not waited on for a writer.
-    let fifo = dir.path().join("fifo");
-    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // A FIFO in a file's place is refused, not waited on for a writer
+    // (which would hang the scan: the test gives it 20 s).
+    let fifo = make_fifo(&dir.path().join("fifo"));
     for path in [dir.path().join("missing"), dir.path().to_owned(), fifo] {
-        let outcome = engine.scan(&ScanJob::file(&path));
+        let (engine, job) = (Arc::clone(&engine), ScanJob::file(&path));
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(engine.scan(&job)));
+        let outcome = outcome
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the scan ends");
         assert_eq!(
             reason(&outcome.verdict),
             Some(FailReason::Io),

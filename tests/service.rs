@@ -467,7 +467,7 @@ async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
-    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(1)).await;
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(2)).await;
     let (session, _keep) = session_id(&server).await;
     let (tx, mut replies) = scan_stream(&server).await;
     let data = b"content that never comes".repeat(10);
@@ -485,7 +485,22 @@ async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
         1,
         "the file leads the flight for its content"
     );
-    // The agent keeps its stream busy, but sends nothing of the file.
+    // While the agent sends another file's content, slowly, over more than
+    // two idle timeouts, the file waits its turn.
+    let slow = b"sent one piece at a time".repeat(10);
+    tx.send(begin(&session, 2, &slow, None)).await.unwrap();
+    for (n, piece) in slow.chunks(24).enumerate() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.send(chunk(2, (n * 24) as u64, piece)).await.unwrap();
+    }
+    tx.send(end(2)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (2, vec![]),
+        "file 1 still waits"
+    );
+    // The agent keeps its stream busy, but sends no content.
     let busy = {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -501,13 +516,13 @@ async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
     assert_eq!((id, error_code(&kind)), (1, Code::DeadlineExceeded));
     assert!(flights.is_empty(), "its flight ended with it");
     // The stream goes on.
-    tx.send(begin(&session, 2, EICAR, None)).await.unwrap();
-    tx.send(chunk(2, 0, EICAR)).await.unwrap();
-    tx.send(end(2)).await.unwrap();
+    tx.send(begin(&session, 3, EICAR, None)).await.unwrap();
+    tx.send(chunk(3, 0, EICAR)).await.unwrap();
+    tx.send(end(3)).await.unwrap();
     let (id, kind) = next(&mut replies).await;
     assert_eq!(
         (id, verdict_rules(&kind)),
-        (2, vec!["EICAR_Test_File".to_owned()])
+        (3, vec!["EICAR_Test_File".to_owned()])
     );
     busy.abort();
 }

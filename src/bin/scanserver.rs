@@ -194,8 +194,8 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE", env = "SCANSERVER_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
 
-    /// Folder for spooled uploads [default: scanserver-spool in the system
-    /// temporary folder].
+    /// Folder for spooled uploads, private to the server [default: spool in
+    /// the state folder].
     #[arg(long, value_name = "DIR", env = "SCANSERVER_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
 

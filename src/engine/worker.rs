@@ -266,14 +266,23 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
 /// Opens `path` if it is a regular file (a FIFO or device would block or
 /// never end), returning it with its size. Opened without blocking, so
 /// that a FIFO put in a file's place is refused rather than waited on
-/// (reads of a regular file do not heed the flag).
+/// (reads of a regular file do not heed the flag). A regular file under
+/// another process's lease (a file server's oplock) refuses such an open:
+/// it is opened again, waiting for the lease like any reader.
 fn open_regular(path: &Path) -> Result<(File, u64), Verdict> {
     let io_failure = |err: std::io::Error| Verdict::failed(FailReason::Io, err.to_string());
-    let file = std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io_failure)?;
+        .open(path);
+    let file = match opened {
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => match std::fs::metadata(path) {
+            Ok(metadata) if metadata.is_file() => File::open(path),
+            _ => Err(err),
+        },
+        opened => opened,
+    }
+    .map_err(io_failure)?;
     let metadata = file.metadata().map_err(io_failure)?;
     if !metadata.is_file() {
         return Err(Verdict::failed(FailReason::Io, "not a regular file"));

@@ -105,7 +105,7 @@ impl ServiceState {
                 Arc::clone(engine.metrics()),
             )),
             vms,
-            uploads: UploadStore::new(config.uploads.clone())?,
+            uploads: UploadStore::new(config.uploads.clone(), &config.spool_dir())?,
             svm_id: config.server.svm_id.clone(),
             allowed_tags: config.server.allowed_tags.clone(),
             heartbeat_interval: config.server.heartbeat_interval,

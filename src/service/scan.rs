@@ -85,9 +85,9 @@ struct OpenFile {
     /// never be needed). Boxed: an upload's hasher is 2 KiB, and a storm
     /// moves open files in and out of the stream's map for every verdict.
     upload: Option<Box<Upload>>,
-    /// How much of the content had arrived when the stream last looked
-    /// for stalled files (see [`ScanStream::fail_stalled`]).
-    looked: Option<u64>,
+    /// Whether the file was open when the stream last looked for stalled
+    /// files (see [`ScanStream::fail_stalled`]).
+    seen_at_last_look: bool,
     standing: Standing,
     _in_flight: OwnedSemaphorePermit,
 }
@@ -165,6 +165,10 @@ struct ScanStream {
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
     next_expiry: Option<Instant>,
+    /// Whether content arrived, or the stream waited on the server's side
+    /// (for the engine's queue, for room among its replies), since it last
+    /// looked for stalled files.
+    moved: bool,
     /// The signatures version of the stream's messages, which answers to
     /// hash-first begins leave out when it is theirs (see `FileVerdict`).
     /// The current one when the stream last took its landed verdicts,
@@ -194,6 +198,7 @@ pub(super) async fn run(
         notices: Vec::new(),
         holding: false,
         next_expiry: None,
+        moved: false,
     };
     // Three timers and the shutdown watch, for the stream's life: a timer or
     // a watch registration made anew for every message costs a lock (the
@@ -346,7 +351,7 @@ impl ScanStream {
     /// the agent is gone, or has taken none of its replies for the idle
     /// timeout: an agent that stops reading must not keep its open files,
     /// and the flights other VMs wait on, for ever.
-    async fn send_all(&self, mut replies: Vec<FileReply>) -> Result<(), ()> {
+    async fn send_all(&mut self, mut replies: Vec<FileReply>) -> Result<(), ()> {
         while !replies.is_empty() {
             let rest = replies.split_off(replies.len().min(MAX_REPLIES));
             // A timer only when the buffer is full: one for every message
@@ -355,6 +360,7 @@ impl ScanStream {
                 Ok(slot) => slot,
                 Err(TrySendError::Closed(())) => return Err(()),
                 Err(TrySendError::Full(())) => {
+                    self.moved = true;
                     let idle = self.state.idle_timeout;
                     match tokio::time::timeout(idle, self.replies.reserve()).await {
                         Ok(reserved) => reserved.map_err(drop)?,
@@ -408,25 +414,29 @@ impl ScanStream {
         self.send_all(replies).await
     }
 
-    /// Fails the files whose content did not move since the stream last
-    /// looked, an idle timeout ago or more: their agent goes on sending
-    /// requests, but not their content. Kept, each would hold its place in
-    /// flight and its memory, and make every other request for its content
-    /// wait for a verdict that never comes. Looked for when the idle timer
-    /// fires, which costs the chunks nothing.
+    /// Fails the files waiting for content when none at all arrived since
+    /// the stream last looked, an idle timeout ago or more, while their
+    /// agent kept the stream alive with other requests. Kept, each would
+    /// hold its place in flight and its memory, and make every other
+    /// request for its content wait for a verdict that never comes. A
+    /// stream that received any content meanwhile fails nothing (an agent
+    /// may send its files one at a time, and the last of a storm's wait
+    /// long for their turn), nor does one that waited on the server's side
+    /// (its reader could not take content then). Looked for when the idle
+    /// timer fires: the chunks pay one flag for it.
     fn fail_stalled(&mut self) -> Vec<FileReply> {
-        let stalled: Vec<u64> = self
-            .open
-            .iter_mut()
-            .filter_map(|(&id, file)| {
-                let received = file.upload.as_ref()?.received();
-                let stalled = file.looked == Some(received);
-                file.looked = Some(received);
-                stalled.then_some(id)
-            })
-            .collect();
+        let moved = std::mem::take(&mut self.moved);
+        let mut stalled = Vec::new();
+        for (&id, file) in &mut self.open {
+            if file.upload.is_some() {
+                if file.seen_at_last_look && !moved {
+                    stalled.push(id);
+                }
+                file.seen_at_last_look = true;
+            }
+        }
         let idle = self.state.idle_timeout;
-        let message = format!("no content for this file in {idle:?}; send it again");
+        let message = format!("no content on this stream for {idle:?}; send the file again");
         stalled
             .into_iter()
             .filter_map(|id| {
@@ -533,7 +543,7 @@ impl ScanStream {
             name: begin.path,
             size: begin.size,
             upload: None,
-            looked: None,
+            seen_at_last_look: false,
             standing: Standing::Unannounced,
             _in_flight: in_flight,
         };
@@ -634,6 +644,7 @@ impl ScanStream {
             return Some(file_error(id, Code::InvalidArgument, &message));
         };
         Counters::add(&self.state.counters.bytes_received, chunk.data.len() as u64);
+        self.moved = true;
         match upload.push(chunk.offset, &chunk.data) {
             Ok(()) => None,
             Err(err) => {
@@ -670,6 +681,8 @@ impl ScanStream {
         };
         let size = received.size;
         let engine = Arc::clone(&self.state.engine);
+        // Content arrived (if empty), and the wait for the queue may be long.
+        self.moved = true;
         let judging = Judging::start(&engine, &received.digest, &name, standing).await;
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);

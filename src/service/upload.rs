@@ -73,14 +73,13 @@ pub struct UploadStore {
 }
 
 impl UploadStore {
-    /// The store of `config`, its spool folder private to the server (see
-    /// [`private_dir`]) and emptied of the spool files a crash may have
-    /// left there.
-    pub fn new(config: UploadConfig) -> io::Result<Self> {
-        let spool_dir = config.spool_dir();
-        private_dir(&spool_dir)?;
+    /// The store of `config`, spooling to `spool_dir`: private to the
+    /// server (see [`private_dir`]), and emptied of the spool files a crash
+    /// may have left there.
+    pub fn new(config: UploadConfig, spool_dir: &Path) -> io::Result<Self> {
+        private_dir(spool_dir)?;
         let mut left = 0;
-        for entry in std::fs::read_dir(&spool_dir)?.flatten() {
+        for entry in std::fs::read_dir(spool_dir)?.flatten() {
             let name = entry.file_name();
             if name.to_string_lossy().starts_with(SPOOL_PREFIX)
                 && std::fs::remove_file(entry.path()).is_ok()
@@ -330,13 +329,12 @@ mod tests {
     use super::*;
 
     fn store(threshold: u64, dir: &Path) -> UploadStore {
-        UploadStore::new(UploadConfig {
+        let config = UploadConfig {
             memory_threshold: threshold,
-            spool_dir: Some(dir.to_owned()),
             max_file_size: 1 << 20,
             ..UploadConfig::default()
-        })
-        .unwrap()
+        };
+        UploadStore::new(config, dir).unwrap()
     }
 
     fn files_in(dir: &Path) -> usize {
@@ -357,11 +355,9 @@ mod tests {
         assert_eq!(files_in(&spool), 1, "only spool files are removed");
         // A folder others may write to could have its files swapped.
         std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let config = UploadConfig {
-            spool_dir: Some(spool.clone()),
-            ..UploadConfig::default()
-        };
-        let err = UploadStore::new(config).err().expect("refused");
+        let err = UploadStore::new(UploadConfig::default(), &spool)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("writable by others"), "{err}");
     }
 
@@ -439,13 +435,12 @@ mod tests {
     #[test]
     fn the_memory_budget_sends_files_to_the_spool_when_spent() {
         let dir = tempfile::tempdir().unwrap();
-        let store = UploadStore::new(UploadConfig {
+        let config = UploadConfig {
             memory_threshold: 8 << 10,
             memory_budget: 16 << 10,
-            spool_dir: Some(dir.path().to_owned()),
             ..UploadConfig::default()
-        })
-        .unwrap();
+        };
+        let store = UploadStore::new(config, dir.path()).unwrap();
         let first = store.begin(Some(8 << 10), None).unwrap();
         let second = store.begin(Some(8 << 10), None).unwrap();
         let third = store.begin(Some(8 << 10), None).unwrap();

@@ -4,7 +4,12 @@
 
 #![allow(dead_code)]
 
-use std::{collections::VecDeque, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 
@@ -52,6 +57,14 @@ pub fn shipped_engine() -> Arc<Engine> {
 
 pub fn engine_with(ruleset: Ruleset, config: EngineConfig) -> Arc<Engine> {
     Arc::new(Engine::new(ruleset, &config).expect("engine starts"))
+}
+
+/// Makes a FIFO at `path`, and returns the path.
+pub fn make_fifo(path: &Path) -> PathBuf {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    path.to_owned()
 }
 
 /// A ruleset compiled from one source text, in a temporary folder.
