@@ -394,25 +394,37 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
     Ok(config)
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
+/// Resolves on SIGTERM or Ctrl-C. SIGHUP, which operators send daemons
+/// to reload, is answered with a warning: signatures load at start only,
+/// and a hang-up must not end the server (its default action) without
+/// its graceful shutdown and last saves.
 pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    #[cfg(unix)]
     let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        match signal(SignalKind::terminate()) {
             Ok(mut signal) => {
                 signal.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let hangup = async {
+        if let Ok(mut signal) = signal(SignalKind::hangup()) {
+            while signal.recv().await.is_some() {
+                tracing::warn!(
+                    "SIGHUP ignored: signatures are loaded at start; restart the server to load new ones"
+                );
+            }
+        }
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+        () = hangup => {},
     }
 }
 

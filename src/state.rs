@@ -93,6 +93,10 @@ impl StateDir {
         match engine.cache().load(&self.snapshot(), &ruleset) {
             Ok(0) => {}
             Ok(loaded) => tracing::info!(loaded, "verdict cache restored from the last run"),
+            Err(err @ snapshot::SnapshotError::Io { .. }) => tracing::warn!(
+                path = %self.snapshot().display(),
+                "verdict snapshot not read, starting with an empty cache: {err}"
+            ),
             Err(err) => tracing::warn!(
                 path = %self.snapshot().display(),
                 "verdict snapshot set aside, starting with an empty cache: {err}"
