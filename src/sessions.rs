@@ -55,7 +55,8 @@ pub struct Session {
     pub agent: AgentIdentity,
     pub connected_since: SystemTime,
     last_seen: Mutex<Instant>,
-    /// Files open at once on the session's Scan streams.
+    /// Files open at once on the session's Scan streams: the VM's places,
+    /// shared with files its earlier sessions still have open.
     pub files_in_flight: Arc<Semaphore>,
     pub files: AtomicU64,
     pub bytes: AtomicU64,
