@@ -42,7 +42,11 @@ pub const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype
 /// The values of the name-derived external variables for one file,
 /// THOR-style: `filename` is the base name, `filepath` the folder,
 /// `extension` the lower-case extension with its dot. (`filetype` and
-/// `owner` stay empty.)
+/// `owner` stay empty.) A Windows path (a drive letter or `\\` first, or
+/// backslashes and no slash), as agents on Windows VMs send, is split at
+/// its backslashes (and slashes) and its folder keeps them: public rules
+/// written for Windows test `filepath contains "\\System32"`.
+#[derive(Default)]
 pub struct NameExternals<'a> {
     pub filename: Cow<'a, str>,
     pub filepath: Cow<'a, str>,
@@ -52,15 +56,42 @@ pub struct NameExternals<'a> {
 impl<'a> NameExternals<'a> {
     /// The values for a file named `name`; all empty without a name.
     pub fn of(name: Option<&'a Path>) -> Self {
+        match name {
+            None => Self::default(),
+            Some(name) => match name.to_str() {
+                Some(text) if is_windows_path(text) => Self::of_windows(text),
+                _ => Self::of_path(name),
+            },
+        }
+    }
+
+    fn of_path(name: &'a Path) -> Self {
         let text =
             |s: Option<&'a std::ffi::OsStr>| s.map(|s| s.to_string_lossy()).unwrap_or_default();
         NameExternals {
-            filename: text(name.and_then(Path::file_name)),
-            filepath: text(name.and_then(Path::parent).map(Path::as_os_str)),
+            filename: text(name.file_name()),
+            filepath: text(name.parent().map(Path::as_os_str)),
             extension: name
-                .and_then(Path::extension)
-                .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()))
+                .extension()
+                .map(|e| dotted_lowercase(&e.to_string_lossy()))
                 .unwrap_or_default(),
+        }
+    }
+
+    fn of_windows(name: &'a str) -> Self {
+        let (filepath, filename) = match name.rfind(['\\', '/']) {
+            Some(at) => (&name[..at], &name[at + 1..]),
+            None => ("", name),
+        };
+        // As `Path::extension`: none for `.hidden`, empty for `name.`.
+        let extension = match filename.rfind('.') {
+            Some(at) if at > 0 => dotted_lowercase(&filename[at + 1..]),
+            _ => String::new(),
+        };
+        NameExternals {
+            filename: filename.into(),
+            filepath: filepath.into(),
+            extension,
         }
     }
 
@@ -72,6 +103,20 @@ impl<'a> NameExternals<'a> {
             ("extension", &self.extension),
         ]
     }
+}
+
+/// Whether `name` is a Windows path: a drive letter, a UNC or device
+/// prefix, or backslashes without a slash.
+fn is_windows_path(name: &str) -> bool {
+    let drive = name
+        .as_bytes()
+        .get(..2)
+        .is_some_and(|start| start[0].is_ascii_alphabetic() && start[1] == b':');
+    drive || name.starts_with("\\\\") || (name.contains('\\') && !name.contains('/'))
+}
+
+fn dotted_lowercase(extension: &str) -> String {
+    format!(".{}", extension.to_lowercase())
 }
 
 /// The YARA-X version the engine is built with.

@@ -396,6 +396,9 @@ fn externals_are_set_per_file() {
         rule by_name { condition: filename == "invoice.pdf.exe" }
         rule by_extension { condition: extension == ".exe" }
         rule by_folder { condition: filepath contains "Downloads" }
+        rule svchost_in_system32 {
+            condition: filename == "svchost.exe" and filepath == "C:\\Windows\\System32"
+        }
         "#,
     );
     let engine = engine_with(ruleset, Default::default());
@@ -408,6 +411,19 @@ fn externals_are_set_per_file() {
         ["by_extension"]
     );
     assert!(matching_rules(&engine, b"x", "/srv/report.txt").is_empty());
+    // Names from Windows VMs are split at their backslashes.
+    let mut found = matching_rules(&engine, b"x", r"C:\Users\u\Downloads\invoice.pdf.exe");
+    found.sort();
+    assert_eq!(found, ["by_extension", "by_folder", "by_name"]);
+    assert_eq!(
+        matching_rules(&engine, b"x", r"C:\Windows\System32\svchost.exe"),
+        ["by_extension", "svchost_in_system32"]
+    );
+    assert_eq!(
+        matching_rules(&engine, b"x", r"\\fileserver\Downloads\setup.EXE"),
+        ["by_extension", "by_folder"]
+    );
+    assert!(matching_rules(&engine, b"x", r"C:\Users\u\.exe").is_empty());
 }
 
 #[test]
