@@ -113,7 +113,7 @@ pub async fn connect(addr: &str, token: Option<BearerToken>) -> Result<AdminClie
             "cannot reach the admin service at {addr}: {err} (is `scanserver serve` running? does --admin match its --admin-listen?)"
         )
     };
-    let endpoint = Endpoint::from_shared(url).map_err(|e| unreachable(&e))?;
+    let endpoint = Endpoint::from_shared(url).map_err(|e| unreachable(&crate::WithCauses(&e)))?;
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         // A server that accepts and never answers must not hang a
@@ -121,7 +121,7 @@ pub async fn connect(addr: &str, token: Option<BearerToken>) -> Result<AdminClie
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| unreachable(&e))?;
+        .map_err(|e| unreachable(&crate::WithCauses(&e)))?;
     let client = admin_client::AdminClient::with_interceptor(channel, SendToken(token));
     Ok(client.max_decoding_message_size(MAX_LISTING_SIZE))
 }

@@ -39,8 +39,20 @@ pub struct BearerToken(MetadataValue<Ascii>);
 
 impl BearerToken {
     /// The token in the file at `path`, surrounding white space trimmed.
+    /// A file others may read is used, with a warning: anyone who can read
+    /// it can change security tags.
     pub fn read(path: &Path) -> Result<BearerToken, TokenError> {
+        use std::os::unix::fs::PermissionsExt;
         let path_buf = || path.to_owned();
+        if let Ok(metadata) = std::fs::metadata(path)
+            && metadata.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", metadata.permissions().mode() & 0o777),
+                "the token file may be read by other users; make it readable by its owner alone (chmod 600)"
+            );
+        }
         let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
             path: path_buf(),
             source,

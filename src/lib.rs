@@ -64,5 +64,26 @@ pub mod status;
 pub mod verdict;
 pub mod vms;
 
+/// An error followed by its causes, `: `-separated, for messages to people:
+/// some errors (tonic's transport errors) say only "transport error" and
+/// keep what went wrong in their sources. A cause the message already
+/// quotes is not repeated.
+pub struct WithCauses<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for WithCauses<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            let said = error.to_string();
+            if !text.contains(&said) {
+                text = format!("{text}: {said}");
+            }
+            cause = error.source();
+        }
+        f.write_str(&text)
+    }
+}
+
 /// The server's version, as reported to agents and operators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

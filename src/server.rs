@@ -56,6 +56,9 @@ const MAX_FRAME_SIZE: u32 = 1 << 20;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The connections accepted on `listener`, with Nagle's algorithm off.
 /// Replies are small messages that the agent waits for (a request for
 /// content, a verdict); with Nagle on, one would wait for the agent's
@@ -97,6 +100,14 @@ pub enum ServerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the TLS settings (certificate {}) are not usable: {}; check that the certificate and key are PEM and belong together, and the client CA holds a certificate",
+        cert.display(), crate::WithCauses(error)
+    )]
+    Tls {
+        cert: std::path::PathBuf,
+        error: tonic::transport::Error,
+    },
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service: {0}")]
@@ -133,17 +144,34 @@ impl Server {
             .as_deref()
             .map(BearerToken::read)
             .transpose()?;
-        if admin_token.is_none() && !config.server.admin_listen.ip().is_loopback() {
-            tracing::warn!(
-                addr = %config.server.admin_listen,
-                "the admin listener is reachable from other hosts and asks for no token: whoever reaches it can change security tags (set --admin-token-file)"
-            );
+        if !config.server.admin_listen.ip().is_loopback() {
+            let addr = config.server.admin_listen;
+            match admin_token {
+                None => tracing::warn!(
+                    %addr,
+                    "the admin listener is reachable from other hosts and asks for no token: whoever reaches it can change security tags (set --admin-token-file)"
+                ),
+                Some(_) => tracing::warn!(
+                    %addr,
+                    "the admin listener is reachable from other hosts without TLS: its token crosses the network in clear (keep it on loopback, and reach it through SSH)"
+                ),
+            }
         }
         let metrics = match config.server.metrics_listen {
             Some(addr) => Some(bind(addr, "--metrics-listen").await?),
             None => None,
         };
         let tls = config.tls.as_ref().map(tls_config).transpose()?;
+        if let (Some(settings), Some(tls)) = (&config.tls, &tls) {
+            // Tried now, so that unusable settings stop the server before
+            // anything starts, naming the files.
+            tonic::transport::Server::builder()
+                .tls_config(tls.clone())
+                .map_err(|error| ServerError::Tls {
+                    cert: settings.cert.clone(),
+                    error,
+                })?;
+        }
         let path = config.server.state_dir();
         let state_dir =
             StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
@@ -385,7 +413,11 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
         read("certificate", &tls.cert)?,
         read("private key", &tls.key)?,
     );
-    let mut config = ServerTlsConfig::new().identity(identity);
+    // A client that connects and never finishes its handshake must not
+    // hold its socket for ever.
+    let mut config = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca) = &tls.client_ca {
         // With a client CA, tonic requires every client to present a
         // certificate that chains to it.

@@ -50,8 +50,10 @@ pub const MAX_VMS: usize = 100_000;
 
 /// The largest message that lists VMs a client or receiver of this crate
 /// accepts: a report, or `scanserver agents`, may name [`MAX_VMS`] VMs of
-/// some 200 bytes each, 20 MB, five times tonic's default limit.
-pub const MAX_LISTING_SIZE: usize = 64 << 20;
+/// some 200 bytes each, 20 MB, but at most 2 KiB each (five identity
+/// fields of up to 256 bytes from the agents' Hellos, tags and counters):
+/// 200 MB when agents chose the longest names.
+pub const MAX_LISTING_SIZE: usize = 256 << 20;
 
 /// The file's name in the state folder.
 pub const FILE_NAME: &str = "vms.json";

@@ -1395,6 +1395,28 @@ async fn tls_and_mutual_tls() {
         ),
         "a client without a certificate is refused"
     );
+
+    // Settings that make no identity stop the server before it starts,
+    // naming the files and why.
+    std::fs::write(dir.path().join("broken.key"), "not a key").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = scanserver::config::Config::default();
+    config.server.state_dir = Some(state.path().to_owned());
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.tls = Some(TlsConfig {
+        key: dir.path().join("broken.key"),
+        ..tls(false)
+    });
+    let refused = scanserver::server::Server::bind(&config, shipped_engine()).await;
+    let err = refused.err().expect("unusable TLS settings are refused");
+    let message = err.to_string();
+    assert!(
+        matches!(err, scanserver::server::ServerError::Tls { .. })
+            && message.contains("server.pem")
+            && message.len() > "transport error".len() + 100,
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

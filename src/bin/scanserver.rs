@@ -448,9 +448,9 @@ where
             Ok(client) => client,
             Err(err) => return failed(&err),
         };
-        command(client)
-            .await
-            .unwrap_or_else(|status| failed(&status.message()))
+        command(client).await.unwrap_or_else(|status| {
+            failed(&format_args!("{:?}: {}", status.code(), status.message()))
+        })
     })
 }
 
@@ -612,11 +612,21 @@ fn serve(args: &ServeArgs) -> ExitCode {
             svm_id = %config.server.svm_id,
             "serving Light Agents"
         );
-        server.run(termination_signal()).await
+        // A second signal during the graceful shutdown ends the server at
+        // once (the first one took the signals' default actions away).
+        let signal = async {
+            termination_signal().await;
+            tokio::spawn(async {
+                termination_signal().await;
+                tracing::warn!("second signal: exiting without finishing the shutdown");
+                std::process::exit(130);
+            });
+        };
+        server.run(signal).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => failed(&err),
+        Err(err) => failed(&scanserver::WithCauses(&err)),
     }
 }
 
