@@ -81,6 +81,16 @@ impl Config {
                 "must be longer than engine.scan_timeout: a stream waiting for a scan would be cut off as idle",
             );
         }
+        if self
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.vm_id_in_certificate && tls.client_ca.is_none())
+        {
+            return invalid(
+                "tls.vm_id_in_certificate",
+                "needs mutual TLS: set tls.client_ca, the CA of the agents' certificates",
+            );
+        }
         if self.server.max_agents == 0 {
             return invalid("server.max_agents", "must be at least 1");
         }
@@ -267,6 +277,11 @@ pub struct TlsConfig {
     /// CA certificates (PEM) that client certificates must chain to. When
     /// set, every agent must present a certificate (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// With mutual TLS: the VM id of an agent's Hello must be a name its
+    /// certificate is for (a DNS name among its subject alternative names),
+    /// so that an agent speaks for its own VM only.
+    #[serde(default)]
+    pub vm_id_in_certificate: bool,
 }
 
 /// The `[rules]` table.

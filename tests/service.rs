@@ -1348,6 +1348,7 @@ async fn tls_and_mutual_tls() {
         cert: dir.path().join("server.pem"),
         key: dir.path().join("server.key"),
         client_ca: client_ca.then(|| dir.path().join("ca.pem")),
+        vm_id_in_certificate: false,
     };
     let options = |server: &TestServer, identity: bool| AgentOptions {
         require_encryption: true,
@@ -1395,6 +1396,30 @@ async fn tls_and_mutual_tls() {
         ),
         "a client without a certificate is refused"
     );
+
+    // VM ids taken from certificates: the client's is for "agent-1" only.
+    let certified = TestServer::start(|c| {
+        c.tls = Some(TlsConfig {
+            vm_id_in_certificate: true,
+            ..tls(true)
+        })
+    })
+    .await;
+    let as_vm = |vm_id: &str| AgentOptions {
+        vm_id: vm_id.into(),
+        ..options(&certified, true)
+    };
+    let agent = Agent::connect(&as_vm("agent-1")).await;
+    assert!(agent.is_ok(), "its own VM: {:?}", agent.err());
+    for other in ["vm-2", "not a dns name"] {
+        match Agent::connect(&as_vm(other)).await {
+            Err(ClientError::Rejected { reason, message }) => {
+                assert_eq!(reason, RejectReason::NotCertified, "{message}");
+                assert!(message.contains(&format!("{other:?}")), "{message}");
+            }
+            other => panic!("another VM is refused, not {:?}", other.map(|_| ())),
+        }
+    }
 
     // Settings that make no identity stop the server before it starts,
     // naming the files and why.

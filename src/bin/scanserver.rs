@@ -266,12 +266,13 @@ impl ServeArgs {
             config.server.allowed_tags = self.allowed_tags.clone();
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            // A client CA from the file stays unless a flag replaces it.
-            let client_ca = config.tls.take().and_then(|tls| tls.client_ca);
+            // The file's other TLS settings stay unless flags replace them.
+            let file = config.tls.take();
             config.tls = Some(TlsConfig {
                 cert: cert.clone(),
                 key: key.clone(),
-                client_ca,
+                client_ca: file.as_ref().and_then(|tls| tls.client_ca.clone()),
+                vm_id_in_certificate: file.is_some_and(|tls| tls.vm_id_in_certificate),
             });
         }
         if let Some(client_ca) = &self.tls_client_ca {

@@ -62,6 +62,9 @@ pub struct ServiceState {
     scan_file_calls: Semaphore,
     /// Whether the agent listener is TLS.
     pub encrypted: bool,
+    /// Whether a Hello's VM id must be a name of the agent's certificate
+    /// (`tls.vm_id_in_certificate`).
+    pub vm_ids_certified: bool,
     /// The current signatures version; sessions tell their agent when it
     /// changes.
     signatures: watch::Sender<Arc<str>>,
@@ -112,6 +115,7 @@ impl ServiceState {
             idle_timeout: config.server.idle_timeout,
             scan_file_calls: Semaphore::new(config.uploads.files_in_flight as usize),
             encrypted: config.tls.is_some(),
+            vm_ids_certified: config.tls.as_ref().is_some_and(|t| t.vm_id_in_certificate),
             signatures,
             shutdown,
             counters: Counters::default(),
@@ -158,9 +162,14 @@ impl ProtectionServer for ProtectionService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
+        // The agent's own certificate, under mutual TLS.
+        let certificate = request
+            .peer_certs()
+            .and_then(|chain| chain.first().cloned());
         tokio::spawn(session::run(
             Arc::clone(&self.state),
             request.into_inner(),
+            certificate,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -14,6 +14,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
@@ -38,6 +39,7 @@ type Outbox = mpsc::Sender<Result<ServerMessage, Status>>;
 pub(super) async fn run(
     state: Arc<ServiceState>,
     mut incoming: Streaming<AgentMessage>,
+    certificate: Option<CertificateDer<'static>>,
     out: Outbox,
 ) {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, incoming.message()).await {
@@ -67,7 +69,7 @@ pub(super) async fn run(
         }
         Ok(Ok(None)) => return,
     };
-    let session = match admit(&state, &hello) {
+    let session = match admit(&state, &hello, certificate.as_ref()) {
         Ok(session) => session,
         Err((reason, message)) => return reject(&out, reason, &message).await,
     };
@@ -86,10 +88,20 @@ pub(super) async fn run(
     tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
 }
 
-/// Checks a Hello and opens the session, or says why not.
-fn admit(state: &ServiceState, hello: &Hello) -> Result<Arc<Session>, (RejectReason, String)> {
+/// Checks a Hello (sent with the agent's `certificate`, under mutual TLS)
+/// and opens the session, or says why not.
+fn admit(
+    state: &ServiceState,
+    hello: &Hello,
+    certificate: Option<&CertificateDer<'_>>,
+) -> Result<Arc<Session>, (RejectReason, String)> {
     if let Err(message) = check_identity(hello) {
         return Err((RejectReason::InvalidHello, message));
+    }
+    if state.vm_ids_certified
+        && let Err(message) = check_certified(&hello.vm_id, certificate)
+    {
+        return Err((RejectReason::NotCertified, message));
     }
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err((
@@ -152,6 +164,26 @@ fn check_identity(hello: &Hello) -> Result<(), String> {
         return Err("the Hello must name its agent (agent_id) and its VM (vm_id)".into());
     }
     Ok(())
+}
+
+/// Whether `certificate` is for VM `vm_id`: the VM id is a DNS name among
+/// its subject alternative names, checked as TLS checks a server's name
+/// (the CA already vouched for the certificate in the handshake).
+fn check_certified(vm_id: &str, certificate: Option<&CertificateDer<'_>>) -> Result<(), String> {
+    let Some(certificate) = certificate else {
+        return Err(
+            "this SVM takes VM ids from agents' certificates, and the agent presented none".into(),
+        );
+    };
+    let name = ServerName::try_from(vm_id).map_err(|_| {
+        format!("the VM id {vm_id:?} is not a DNS name: no certificate can be for it")
+    })?;
+    webpki::EndEntityCert::try_from(certificate)
+        .map_err(|err| format!("the agent's certificate cannot be read: {err}"))?
+        .verify_is_valid_for_subject_name(&name)
+        .map_err(|_| {
+            format!("the agent's certificate is not for VM {vm_id:?}: its subject alternative names must include it")
+        })
 }
 
 fn welcome(state: &ServiceState, session: &Session) -> ServerMessage {
