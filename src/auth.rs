@@ -50,7 +50,7 @@ impl BearerToken {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{:o}", metadata.permissions().mode() & 0o777),
-                "the token file may be read by other users; make it readable by its owner alone (chmod 600)"
+                "the token file may be read by its group or by others; make it readable by its owner alone (chmod 600)"
             );
         }
         let bytes = std::fs::read(path).map_err(|source| TokenError::Read {

@@ -101,11 +101,14 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(
-        "the TLS settings (certificate {}) are not usable: {}; check that the certificate and key are PEM and belong together, and the client CA holds a certificate",
-        cert.display(), crate::WithCauses(error)
+        "the TLS settings (certificate {}, key {}{}) are not usable: {}; check that the certificate and key are PEM and belong together, and the client CA holds a certificate",
+        settings.cert.display(),
+        settings.key.display(),
+        settings.client_ca.as_ref().map(|ca| format!(", client CA {}", ca.display())).unwrap_or_default(),
+        crate::WithCauses(error)
     )]
     Tls {
-        cert: std::path::PathBuf,
+        settings: TlsConfig,
         error: tonic::transport::Error,
     },
     #[error(transparent)]
@@ -168,7 +171,7 @@ impl Server {
             tonic::transport::Server::builder()
                 .tls_config(tls.clone())
                 .map_err(|error| ServerError::Tls {
-                    cert: settings.cert.clone(),
+                    settings: settings.clone(),
                     error,
                 })?;
         }
@@ -308,19 +311,25 @@ impl Server {
             .add_service(service)
             .serve_with_incoming_shutdown(incoming(self.listener), stop_accepting);
         let grace = self.grace;
+        // The grace period ends early on a second SIGTERM or Ctrl-C (the
+        // first took their default actions away); the last saves are made
+        // all the same.
         let deadline = async move {
-            if signalled_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
+            if signalled_rx.await.is_err() {
+                return std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {
+                    tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
+                }
+                () = termination_signal() => {
+                    tracing::warn!("second signal: closing remaining connections now");
+                }
             }
         };
         let served_result = tokio::select! {
             result = serve => result,
-            () = deadline => {
-                tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
-                Ok(())
-            }
+            () = deadline => Ok(()),
         };
         // The keepers make their last save even when serving failed.
         let _ = served.send(true);

@@ -33,6 +33,10 @@ pub struct AgentIdentity {
     pub os: String,
     pub agent_version: String,
     pub connection_tags: Vec<String>,
+    /// The blake3 digest of the certificate the agent connected with, when
+    /// the server takes VM ids from certificates: only connections with
+    /// that certificate may use the session.
+    pub certificate: Option<blake3::Hash>,
 }
 
 impl From<&Hello> for AgentIdentity {
@@ -44,6 +48,7 @@ impl From<&Hello> for AgentIdentity {
             os: hello.os.clone(),
             agent_version: hello.agent_version.clone(),
             connection_tags: hello.connection_tags.clone(),
+            certificate: None,
         }
     }
 }

@@ -83,7 +83,7 @@ impl<'a> NameExternals<'a> {
             Some(at) => (&name[..at], &name[at + 1..]),
             None => ("", name),
         };
-        // As `Path::extension`: none for `.hidden`, empty for `name.`.
+        // As `Path::extension`: none for `.hidden`, a lone dot for `name.`.
         let extension = match filename.rfind('.') {
             Some(at) if at > 0 => dotted_lowercase(&filename[at + 1..]),
             _ => String::new(),
@@ -105,14 +105,15 @@ impl<'a> NameExternals<'a> {
     }
 }
 
-/// Whether `name` is a Windows path: a drive letter, a UNC or device
-/// prefix, or backslashes without a slash.
+/// Whether `name` is a Windows path: a drive letter or a backslash first
+/// (a UNC or device path, a path from the current drive's root), or
+/// backslashes without a slash.
 fn is_windows_path(name: &str) -> bool {
     let drive = name
         .as_bytes()
         .get(..2)
         .is_some_and(|start| start[0].is_ascii_alphabetic() && start[1] == b':');
-    drive || name.starts_with("\\\\") || (name.contains('\\') && !name.contains('/'))
+    drive || name.starts_with('\\') || (name.contains('\\') && !name.contains('/'))
 }
 
 fn dotted_lowercase(extension: &str) -> String {

@@ -49,7 +49,8 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const MAX_VMS: usize = 100_000;
 
 /// The largest message that lists VMs a client or receiver of this crate
-/// accepts: a report, or `scanserver agents`, may name [`MAX_VMS`] VMs of
+/// (`scanserver agents`, the reference receiver of reports) accepts: a
+/// report, or `scanserver agents`, may name [`MAX_VMS`] VMs of
 /// some 200 bytes each, 20 MB, but at most 2 KiB each (five identity
 /// fields of up to 256 bytes from the agents' Hellos, tags and counters):
 /// 200 MB when agents chose the longest names.
@@ -853,6 +854,7 @@ mod tests {
                 os: "Windows".into(),
                 agent_version: "1".into(),
                 connection_tags: vec![],
+                certificate: None,
             })
         };
         let first = open("vm-1").unwrap();
@@ -885,6 +887,7 @@ mod tests {
                 os: "Windows".into(),
                 agent_version: "1".into(),
                 connection_tags: vec![],
+                certificate: None,
             };
             let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));
             saved.lock().insert(vm_id.into(), record);

@@ -752,6 +752,7 @@ fn tag_rules_without_a_network() {
             os: "Windows".into(),
             agent_version: "1".into(),
             connection_tags: vec![],
+            certificate: None,
         })
         .unwrap();
     let tags = |vms: &Vms| {

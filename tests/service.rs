@@ -1329,7 +1329,12 @@ fn certificates(dir: &Path) {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    for (name, san) in [("server", "localhost"), ("client", "agent-1")] {
+    let names = [
+        ("server", "localhost"),
+        ("client", "agent-1"),
+        ("other", "vm-2"),
+    ];
+    for (name, san) in names {
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec![san.to_owned()])
             .unwrap()
@@ -1410,8 +1415,8 @@ async fn tls_and_mutual_tls() {
         ..options(&certified, true)
     };
     let agent = Agent::connect(&as_vm("agent-1")).await;
-    assert!(agent.is_ok(), "its own VM: {:?}", agent.err());
-    for other in ["vm-2", "not a dns name"] {
+    let agent = agent.unwrap_or_else(|err| panic!("its own VM: {err}"));
+    for other in ["vm-2", "Agent-1", "not a dns name"] {
         match Agent::connect(&as_vm(other)).await {
             Err(ClientError::Rejected { reason, message }) => {
                 assert_eq!(reason, RejectReason::NotCertified, "{message}");
@@ -1420,6 +1425,37 @@ async fn tls_and_mutual_tls() {
             other => panic!("another VM is refused, not {:?}", other.map(|_| ())),
         }
     }
+    // Its session is its certificate's: another agent that learnt its id
+    // (from a log, say) cannot use it.
+    let read = |file: &str| std::fs::read(dir.path().join(file)).unwrap();
+    let other_agent = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+        .identity(tonic::transport::Identity::from_pem(
+            read("other.pem"),
+            read("other.key"),
+        ))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", certified.addr))
+        .unwrap()
+        .tls_config(other_agent)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let lookup = |session_id: String| LookupRequest {
+        session_id,
+        digests: vec![Bytes::copy_from_slice(blake3::hash(b"x").as_bytes())],
+    };
+    let session = agent.welcome().session_id.clone();
+    let refused = ProtectionServerClient::new(channel)
+        .lookup(lookup(session))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        agent.lookup(&[blake3::hash(b"x")]).await.is_ok(),
+        "its own agent can"
+    );
 
     // Settings that make no identity stop the server before it starts,
     // naming the files and why.

@@ -613,17 +613,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
             svm_id = %config.server.svm_id,
             "serving Light Agents"
         );
-        // A second signal during the graceful shutdown ends the server at
-        // once (the first one took the signals' default actions away).
-        let signal = async {
-            termination_signal().await;
-            tokio::spawn(async {
-                termination_signal().await;
-                tracing::warn!("second signal: exiting without finishing the shutdown");
-                std::process::exit(130);
-            });
-        };
-        server.run(signal).await
+        server.run(termination_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

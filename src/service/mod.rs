@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    cache::{CacheKey, flight::UPLOAD_WAIT},
+    cache::{CacheKey, Digest, flight::UPLOAD_WAIT},
     config::Config,
     engine::Engine,
     proto::{
@@ -62,9 +62,10 @@ pub struct ServiceState {
     scan_file_calls: Semaphore,
     /// Whether the agent listener is TLS.
     pub encrypted: bool,
-    /// Whether a Hello's VM id must be a name of the agent's certificate
+    /// Whether a Hello's VM id must be a name of the agent's certificate,
+    /// and its session used over connections with that certificate only
     /// (`tls.vm_id_in_certificate`).
-    pub vm_ids_certified: bool,
+    pub vm_id_in_certificate: bool,
     /// The current signatures version; sessions tell their agent when it
     /// changes.
     signatures: watch::Sender<Arc<str>>,
@@ -115,7 +116,7 @@ impl ServiceState {
             idle_timeout: config.server.idle_timeout,
             scan_file_calls: Semaphore::new(config.uploads.files_in_flight as usize),
             encrypted: config.tls.is_some(),
-            vm_ids_certified: config.tls.as_ref().is_some_and(|t| t.vm_id_in_certificate),
+            vm_id_in_certificate: config.tls.as_ref().is_some_and(|t| t.vm_id_in_certificate),
             signatures,
             shutdown,
             counters: Counters::default(),
@@ -131,12 +132,22 @@ impl ServiceState {
     }
 
     /// The open session `id`, or the error an agent can act on.
-    fn session(&self, id: &str) -> Result<Arc<Session>, Status> {
-        self.sessions.get(id).ok_or_else(|| {
+    /// The open session `id`, for a request over a connection with the
+    /// certificate of digest `caller`. With VM ids taken from certificates,
+    /// a session is its certificate's: its id (logged, not a secret) does
+    /// not let another agent speak for its VM.
+    fn session(&self, id: &str, caller: Option<&Digest>) -> Result<Arc<Session>, Status> {
+        let session = self.sessions.get(id).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "unknown session `{id}`: open a session with Connect and use the session id of its Welcome"
             ))
-        })
+        })?;
+        if self.vm_id_in_certificate && session.agent.certificate.as_ref() != caller {
+            return Err(Status::permission_denied(format!(
+                "session `{id}` was opened with another certificate: use the session your own Connect opened"
+            )));
+        }
+        Ok(session)
     }
 }
 
@@ -180,7 +191,13 @@ impl ProtectionServer for ProtectionService {
         request: Request<Streaming<ScanRequest>>,
     ) -> Result<Response<Self::ScanStream>, Status> {
         let (tx, rx) = mpsc::channel(REPLY_BUFFER);
-        tokio::spawn(scan::run(Arc::clone(&self.state), request.into_inner(), tx));
+        let caller = certificate_digest(&request);
+        tokio::spawn(scan::run(
+            Arc::clone(&self.state),
+            request.into_inner(),
+            caller,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -188,8 +205,9 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupReply>, Status> {
+        let caller = certificate_digest(&request);
         let request = request.into_inner();
-        let session = self.state.session(&request.session_id)?;
+        let session = self.state.session(&request.session_id, caller.as_ref())?;
         session.touch();
         if request.digests.len() > MAX_LOOKUP_DIGESTS {
             return Err(Status::invalid_argument(format!(
@@ -250,6 +268,13 @@ impl ProtectionServer for ProtectionService {
             .await
             .map(Response::new)
     }
+}
+
+/// The blake3 digest of the certificate the client of `request` presented
+/// (mutual TLS), which sessions are bound to.
+fn certificate_digest<T>(request: &Request<T>) -> Option<Digest> {
+    let chain = request.peer_certs()?;
+    chain.first().map(|certificate| blake3::hash(certificate))
 }
 
 /// A digest from the wire: empty means none; otherwise 32 bytes.

@@ -169,6 +169,9 @@ struct ScanStream {
     /// (for the engine's queue, for room among its replies), since it last
     /// looked for stalled files.
     moved: bool,
+    /// The digest of the client's certificate, which the sessions its
+    /// begins name must have been opened with (see `ServiceState::session`).
+    caller: Option<Digest>,
     /// The signatures version of the stream's messages, which answers to
     /// hash-first begins leave out when it is theirs (see `FileVerdict`).
     /// The current one when the stream last took its landed verdicts,
@@ -177,10 +180,12 @@ struct ScanStream {
     version: Arc<str>,
 }
 
-/// Drives one Scan stream to its end.
+/// Drives one Scan stream, whose client presented the certificate of digest
+/// `caller` (mutual TLS), to its end.
 pub(super) async fn run(
     state: Arc<ServiceState>,
     mut requests: Streaming<ScanRequest>,
+    caller: Option<Digest>,
     replies: Replies,
 ) {
     // Held verdicts make a message at once when there are as many as one
@@ -199,6 +204,7 @@ pub(super) async fn run(
         holding: false,
         next_expiry: None,
         moved: false,
+        caller,
     };
     // Three timers and the shutdown watch, for the stream's life: a timer or
     // a watch registration made anew for every message costs a lock (the
@@ -518,7 +524,7 @@ impl ScanStream {
         let id = begin.file_id;
         let fail = |code, message: String| file_error(id, code, &message);
         let session = session
-            .get(&self.state, &begin.session_id)
+            .get(&self.state, &begin.session_id, self.caller.as_ref())
             .map_err(|status| fail(status.code(), status.message().to_owned()))?;
         // From here on, a refused file spoils its VM's full scan.
         let owed = VerdictOwed::to(session);
@@ -780,10 +786,15 @@ impl Drop for VerdictDue {
 struct SessionOfMessage(Option<Arc<Session>>);
 
 impl SessionOfMessage {
-    fn get(&mut self, state: &ServiceState, id: &str) -> Result<&Arc<Session>, Status> {
+    fn get(
+        &mut self,
+        state: &ServiceState,
+        id: &str,
+        caller: Option<&Digest>,
+    ) -> Result<&Arc<Session>, Status> {
         let known = matches!(&self.0, Some(session) if session.id == id);
         if !known {
-            let session = state.session(id)?;
+            let session = state.session(id, caller)?;
             session.touch();
             self.0 = Some(session);
         }

@@ -98,7 +98,7 @@ fn admit(
     if let Err(message) = check_identity(hello) {
         return Err((RejectReason::InvalidHello, message));
     }
-    if state.vm_ids_certified
+    if state.vm_id_in_certificate
         && let Err(message) = check_certified(&hello.vm_id, certificate)
     {
         return Err((RejectReason::NotCertified, message));
@@ -132,9 +132,13 @@ fn admit(
             ),
         ));
     }
+    let agent = AgentIdentity {
+        certificate: certificate.map(|der| blake3::hash(der.as_ref())),
+        ..AgentIdentity::from(hello)
+    };
     state
         .sessions
-        .open(AgentIdentity::from(hello))
+        .open(agent)
         .map_err(|refused| (RejectReason::Capacity, refused.to_string()))
 }
 
@@ -166,15 +170,23 @@ fn check_identity(hello: &Hello) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `certificate` is for VM `vm_id`: the VM id is a DNS name among
-/// its subject alternative names, checked as TLS checks a server's name
-/// (the CA already vouched for the certificate in the handshake).
+/// Whether `certificate` is for VM `vm_id`: the VM id is a DNS name (or IP
+/// address) among its subject alternative names, checked as TLS checks a
+/// server's name (the CA already vouched for the certificate in the
+/// handshake). The id must be in the one form the registry keys VMs by:
+/// the check ignores case and a final dot, which would let one
+/// certificate name several VMs.
 fn check_certified(vm_id: &str, certificate: Option<&CertificateDer<'_>>) -> Result<(), String> {
     let Some(certificate) = certificate else {
         return Err(
             "this SVM takes VM ids from agents' certificates, and the agent presented none".into(),
         );
     };
+    if vm_id.bytes().any(|b| b.is_ascii_uppercase()) || vm_id.ends_with('.') {
+        return Err(format!(
+            "the VM id {vm_id:?} must be in lower case without a final dot, as in the certificate"
+        ));
+    }
     let name = ServerName::try_from(vm_id).map_err(|_| {
         format!("the VM id {vm_id:?} is not a DNS name: no certificate can be for it")
     })?;
