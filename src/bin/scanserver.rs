@@ -587,6 +587,10 @@ fn scan(args: ScanArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
+    // SIGHUP is ignored from the start, not only once serving answers it
+    // with a warning: loading large signatures takes seconds.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let config = match args.config() {
         Ok(config) => config,
         Err(err) => return failed(&err),
