@@ -49,19 +49,16 @@ use std::{
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, sync::Cache};
 use serde::Serialize;
 
-use crate::{
-    signatures::{NameExternals, Ruleset},
-    verdict::Verdict,
-};
+use crate::{signatures::Ruleset, verdict::Verdict};
 pub use flight::{Flight, Flights, Join};
 
 /// A blake3 content digest.
 pub type Digest = blake3::Hash;
 
 /// What a verdict is cached under: the content digest (mixed, when the
-/// ruleset's verdicts may depend on the file's name, with the name-derived
-/// `filename`, `filepath` and `extension` values) and the signatures
-/// version.
+/// ruleset's verdicts may depend on the file's name, with the name, which
+/// the `filename`, `filepath` and `extension` values are made from) and
+/// the signatures version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     content: [u8; 32],
@@ -77,12 +74,15 @@ impl CacheKey {
                 rules,
             };
         }
+        // The name as given, not the values made from it: a boot storm
+        // makes a key for every request, and parsing the name into its
+        // parts for each cost more than the hash (same name, same values;
+        // one file under names that differ only in spelling is scanned
+        // once for each). No name is the empty name: their values agree.
+        let name = name.map_or(&[][..], |name| name.as_os_str().as_encoded_bytes());
         let mut hasher = blake3::Hasher::new();
         hasher.update(digest.as_bytes());
-        for (_, value) in NameExternals::of(name).pairs() {
-            hasher.update(value.as_bytes());
-            hasher.update(&[0]);
-        }
+        hasher.update(name);
         CacheKey {
             content: *hasher.finalize().as_bytes(),
             rules,
