@@ -49,7 +49,7 @@ pub type Landing = Option<Arc<CachedVerdict>>;
 /// The flights under way, by cache key. Hashed with foldhash, seeded at
 /// random for each process: quicker than the standard SipHash on these
 /// keys. An agent can claim digests of its choosing, but only as many as
-/// its session's files in flight at a time.
+/// its VM's files in flight at a time (see `Sessions`).
 type Registry = HashMap<CacheKey, UnderWay, foldhash::fast::RandomState>;
 
 /// Uploads and scans under way, by cache key.

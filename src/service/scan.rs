@@ -9,8 +9,9 @@
 //! HTTP/2 flow control holds the agent back: nothing is buffered without
 //! bound.
 //!
-//! Each begun file holds one of its session's in-flight places until its
-//! final reply (a scan's verdict: until that is queued for the agent), and
+//! Each begun file holds one of its session's in-flight places (its VM's,
+//! shared with the VM's earlier sessions) until its final reply (a scan's
+//! verdict: until that is queued for the agent), and
 //! owes its VM a verdict: one that goes without (refused, failed,
 //! cancelled, cut off) spoils the VM's full scan under way. Replies wait
 //! for the agent to take them for at most the idle timeout. When the
