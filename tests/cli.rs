@@ -17,6 +17,15 @@ fn scanserver(cache: &Path) -> Command {
     command
 }
 
+/// `scanserver scan --json PATH`, run to its end.
+fn scan_json(cache: &Path, path: &Path) -> std::process::Output {
+    scanserver(cache)
+        .args(["scan", "--json"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stdout)
         .lines()
@@ -33,11 +42,7 @@ fn scan_json_reports_eicar_infected_the_rest_clean_and_exits_1() {
     fs::write(tree.path().join("notes.txt"), "nothing to see").unwrap();
     fs::copy("/bin/sh", tree.path().join("sh")).unwrap();
 
-    let output = scanserver(cache.path())
-        .args(["scan", "--json"])
-        .arg(tree.path())
-        .output()
-        .unwrap();
+    let output = scan_json(cache.path(), tree.path());
     assert_eq!(
         output.status.code(),
         Some(1),
@@ -125,11 +130,7 @@ fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
     // A path named that is neither file nor folder fails; one below a
     // folder is passed over.
     let fifo = make_fifo(&tree.path().join("fifo"));
-    let output = scanserver(cache.path())
-        .args(["scan", "--json"])
-        .arg(&fifo)
-        .output()
-        .unwrap();
+    let output = scan_json(cache.path(), &fifo);
     assert_eq!(output.status.code(), Some(2));
     let line = &json_lines(&output.stdout)[0];
     assert_eq!(
@@ -137,11 +138,7 @@ fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
         (&"failed".into(), &"io".into())
     );
     fs::remove_file(tree.path().join("big.bin")).unwrap();
-    let output = scanserver(cache.path())
-        .args(["scan", "--json"])
-        .arg(tree.path())
-        .output()
-        .unwrap();
+    let output = scan_json(cache.path(), tree.path());
     assert_eq!(
         output.status.code(),
         Some(1),

@@ -465,6 +465,26 @@ async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
     );
 }
 
+/// Begins file `id` (`data`) announcing `digest`, and checks that the
+/// server asks for its content.
+async fn begin_asked_for_content(
+    tx: &mpsc::Sender<ScanRequest>,
+    replies: &mut Replies,
+    session: &str,
+    id: u64,
+    data: &[u8],
+    digest: &blake3::Hash,
+) {
+    tx.send(begin(session, id, data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    let (answered, kind) = next(replies).await;
+    assert!(
+        answered == id && matches!(kind, file_reply::Kind::SendContent(_)),
+        "{answered}: {kind:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
     let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(2)).await;
@@ -472,13 +492,7 @@ async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
     let (tx, mut replies) = scan_stream(&server).await;
     let data = b"content that never comes".repeat(10);
     let digest = blake3::hash(&data);
-    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut replies).await,
-        (1, file_reply::Kind::SendContent(_))
-    ));
+    begin_asked_for_content(&tx, &mut replies, &session, 1, &data, &digest).await;
     let flights = server.state.engine.cache().flights();
     assert_eq!(
         flights.len(),
@@ -634,13 +648,7 @@ async fn a_known_digest_is_answered_without_content() {
     let data = b"some document content".repeat(100);
     let digest = blake3::hash(&data);
 
-    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut replies).await,
-        (1, file_reply::Kind::SendContent(_))
-    ));
+    begin_asked_for_content(&tx, &mut replies, &session, 1, &data, &digest).await;
     tx.send(chunk(1, 0, &data)).await.unwrap();
     tx.send(end(1)).await.unwrap();
     assert!(verdict_rules(&next(&mut replies).await.1).is_empty());
@@ -723,13 +731,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
 
     // A digest that is not the content's.
     let lie = blake3::hash(b"something else");
-    tx.send(begin(&session, 1, EICAR, Some(lie.as_bytes())))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next(&mut replies).await,
-        (1, file_reply::Kind::SendContent(_))
-    ));
+    begin_asked_for_content(&tx, &mut replies, &session, 1, EICAR, &lie).await;
     tx.send(chunk(1, 0, EICAR)).await.unwrap();
     tx.send(end(1)).await.unwrap();
     let (_, kind) = next(&mut replies).await;

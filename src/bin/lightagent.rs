@@ -241,7 +241,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
             ),
             Ok(report) => println!("{report}"),
             Err(err) => {
-                eprintln!("error: {err}");
+                eprintln!("error: {}", scanserver::WithCauses(&err));
                 return ExitCode::from(2);
             }
         }
@@ -253,7 +253,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
     let agent = match Agent::connect(&args.connection.options()).await {
         Ok(agent) => agent,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", scanserver::WithCauses(&err));
             return ExitCode::from(2);
         }
     };
@@ -292,7 +292,7 @@ async fn scan(args: ScanArgs) -> ExitCode {
     // A scan that broke has failed the files it had no answer for: every
     // file has its line, and the summary counts them.
     if let Err(err) = &result {
-        eprintln!("error: {err}");
+        eprintln!("error: {}", scanserver::WithCauses(err));
     }
     // The scan has ended, and dropped every copy of the sink.
     let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));

@@ -132,8 +132,19 @@ impl ServiceState {
     }
 
     /// The open session `id`, or the error an agent can act on.
+    /// The digest of the certificate the client of `request` presented,
+    /// which sessions are bound to: only when VM ids are taken from
+    /// certificates (none is needed otherwise).
+    fn caller<T>(&self, request: &Request<T>) -> Option<Digest> {
+        if !self.vm_id_in_certificate {
+            return None;
+        }
+        let chain = request.peer_certs()?;
+        chain.first().map(|certificate| blake3::hash(certificate))
+    }
+
     /// The open session `id`, for a request over a connection with the
-    /// certificate of digest `caller`. With VM ids taken from certificates,
+    /// certificate of digest `caller` (see [`Self::caller`]). With VM ids taken from certificates,
     /// a session is its certificate's: its id (logged, not a secret) does
     /// not let another agent speak for its VM.
     fn session(&self, id: &str, caller: Option<&Digest>) -> Result<Arc<Session>, Status> {
@@ -191,7 +202,7 @@ impl ProtectionServer for ProtectionService {
         request: Request<Streaming<ScanRequest>>,
     ) -> Result<Response<Self::ScanStream>, Status> {
         let (tx, rx) = mpsc::channel(REPLY_BUFFER);
-        let caller = certificate_digest(&request);
+        let caller = self.state.caller(&request);
         tokio::spawn(scan::run(
             Arc::clone(&self.state),
             request.into_inner(),
@@ -205,7 +216,7 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupReply>, Status> {
-        let caller = certificate_digest(&request);
+        let caller = self.state.caller(&request);
         let request = request.into_inner();
         let session = self.state.session(&request.session_id, caller.as_ref())?;
         session.touch();
@@ -268,13 +279,6 @@ impl ProtectionServer for ProtectionService {
             .await
             .map(Response::new)
     }
-}
-
-/// The blake3 digest of the certificate the client of `request` presented
-/// (mutual TLS), which sessions are bound to.
-fn certificate_digest<T>(request: &Request<T>) -> Option<Digest> {
-    let chain = request.peer_certs()?;
-    chain.first().map(|certificate| blake3::hash(certificate))
 }
 
 /// A digest from the wire: empty means none; otherwise 32 bytes.

@@ -133,7 +133,9 @@ fn admit(
         ));
     }
     let agent = AgentIdentity {
-        certificate: certificate.map(|der| blake3::hash(der.as_ref())),
+        certificate: certificate
+            .filter(|_| state.vm_id_in_certificate)
+            .map(|der| blake3::hash(der.as_ref())),
         ..AgentIdentity::from(hello)
     };
     state
