@@ -32,6 +32,7 @@ const JSON_TYPES: &[&str] = &[
     ".scanserver.v1.ComponentState",
     ".scanserver.v1.AgentsReply",
     ".scanserver.v1.TagReply",
+    ".scanserver.v1.ReloadSignaturesReply",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,6 +1,7 @@
 //! The operator's admin service (`scanserver.v1.Admin`), on a listener of
 //! its own (loopback by default, never the agent port), and how
-//! `scanserver status`, `agents` and `tags` print its answers.
+//! `scanserver status`, `agents`, `tags` and `rules reload` print its
+//! answers.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,10 +14,12 @@ use tonic::{
 use crate::{
     auth::{BearerToken, SendToken},
     proto::{
-        AgentsReply, AgentsRequest, ComponentState, Health, StatusReply, StatusRequest, SvmReason,
-        TagReply, TagRequest, VmInfo, VmReason, admin_client, admin_server::Admin,
+        AgentsReply, AgentsRequest, ComponentState, Health, ReloadSignaturesReply,
+        ReloadSignaturesRequest, StatusReply, StatusRequest, SvmReason, TagReply, TagRequest,
+        VmInfo, VmReason, admin_client, admin_server::Admin,
     },
-    status::{Svm, WhichVms},
+    reload::{ReloadError, Reloader},
+    status::{Svm, WhichVms, signatures_info},
     vms::{MAX_LISTING_SIZE, SecurityTag, TagError},
 };
 
@@ -26,11 +29,12 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7406";
 /// The admin service.
 pub struct AdminService {
     svm: Arc<Svm>,
+    reloader: Arc<Reloader>,
 }
 
 impl AdminService {
-    pub fn new(svm: Arc<Svm>) -> Self {
-        AdminService { svm }
+    pub fn new(svm: Arc<Svm>, reloader: Arc<Reloader>) -> Self {
+        AdminService { svm, reloader }
     }
 
     fn tag_reply(
@@ -93,6 +97,39 @@ impl Admin for AdminService {
         }
         self.tag_reply(&request.vm_id, changed)
     }
+
+    async fn reload_signatures(
+        &self,
+        _: Request<ReloadSignaturesRequest>,
+    ) -> Result<Response<ReloadSignaturesReply>, Status> {
+        let current = self.svm.engine.ruleset();
+        let reload = self.reloader.reload().await.map_err(|err| {
+            let message = format!(
+                "{err}\nthe SVM goes on with signatures version {}",
+                current.version()
+            );
+            match err {
+                ReloadError::Signatures(_) => Status::failed_precondition(message),
+                ReloadError::Stopped(_) => Status::internal(message),
+            }
+        })?;
+        let warnings = match reload.changed {
+            true => reload
+                .ruleset
+                .warnings()
+                .iter()
+                .map(|w| w.text.clone())
+                .collect(),
+            false => Vec::new(),
+        };
+        Ok(Response::new(ReloadSignaturesReply {
+            changed: reload.changed,
+            previous_version: reload.previous.to_string(),
+            signatures: Some(signatures_info(&reload.ruleset)),
+            warnings,
+            elapsed_ms: reload.elapsed.as_millis() as u64,
+        }))
+    }
 }
 
 /// A client of the admin service, sending the operator's token, if any.
@@ -101,9 +138,22 @@ pub type AdminClient = admin_client::AdminClient<InterceptedService<Channel, Sen
 /// What an admin request without the right token is told.
 pub const TOKEN_HINT: &str = "pass the server's token file with --admin-token-file FILE (other clients: send the header `authorization: Bearer TOKEN`)";
 
+/// How long an operator command waits for the server's answer: a server
+/// that accepts and never answers must not hang a monitoring script.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `scanserver rules reload` waits: compiling a large ruleset
+/// takes minutes on a busy SVM.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Connects to the admin service at `addr` (`host:port`, or a URL), to send
-/// `token` with every request.
-pub async fn connect(addr: &str, token: Option<BearerToken>) -> Result<AdminClient, String> {
+/// `token` with every request, and to wait at most `timeout` for each
+/// answer.
+pub async fn connect(
+    addr: &str,
+    token: Option<BearerToken>,
+    timeout: Duration,
+) -> Result<AdminClient, String> {
     let url = match addr.contains("://") {
         true => addr.to_owned(),
         false => format!("http://{addr}"),
@@ -116,9 +166,7 @@ pub async fn connect(addr: &str, token: Option<BearerToken>) -> Result<AdminClie
     let endpoint = Endpoint::from_shared(url).map_err(|e| unreachable(&crate::WithCauses(&e)))?;
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
-        // A server that accepts and never answers must not hang a
-        // monitoring script.
-        .timeout(Duration::from_secs(10))
+        .timeout(timeout)
         .connect()
         .await
         .map_err(|e| unreachable(&crate::WithCauses(&e)))?;
@@ -177,6 +225,30 @@ pub fn render_status(reply: &StatusReply) -> String {
             load.memory_bytes >> 20
         );
     }
+    out
+}
+
+/// `scanserver rules reload` as text.
+pub fn render_reload(reply: &ReloadSignaturesReply) -> String {
+    let signatures = reply.signatures.clone().unwrap_or_default();
+    let mut out = String::new();
+    for warning in &reply.warnings {
+        out += &format!("{}\n", warning.trim_end());
+    }
+    out += &match reply.changed {
+        true => format!(
+            "signatures reloaded: version {} ({} rules, {} warnings) replaces {}, in {:.2} s\n",
+            signatures.version,
+            signatures.rule_count,
+            reply.warnings.len(),
+            reply.previous_version,
+            reply.elapsed_ms as f64 / 1000.0
+        ),
+        false => format!(
+            "signatures unchanged: version {} ({} rules)\n",
+            signatures.version, signatures.rule_count
+        ),
+    };
     out
 }
 

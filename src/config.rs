@@ -296,6 +296,10 @@ pub struct RulesConfig {
     /// the SVM Warning: "signatures outdated".
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// How often the server looks at the ruleset's files, to load a new
+    /// version (once two looks in a row found it); zero never looks.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
 }
 
 impl Default for RulesConfig {
@@ -304,6 +308,7 @@ impl Default for RulesConfig {
             path: PathBuf::from("signatures"),
             cache_dir: None,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            check_interval: Duration::from_secs(300),
         }
     }
 }
@@ -375,6 +380,7 @@ mod tests {
         );
         assert_eq!(config.engine.scan_timeout, defaults.engine.scan_timeout);
         assert_eq!(config.rules.max_age, defaults.rules.max_age);
+        assert_eq!(config.rules.check_interval, defaults.rules.check_interval);
         assert_eq!(config.reporting.interval, defaults.reporting.interval);
         assert_eq!(config.server.admin_listen, defaults.server.admin_listen);
         assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);

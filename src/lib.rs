@@ -11,6 +11,8 @@
 //! * `allocator`: jemalloc, the allocator of the binaries, tests and
 //!   benchmarks.
 //! * [`signatures`]: loading, compiling, versioning and caching rulesets.
+//! * [`reload`]: new signatures while serving (SIGHUP, the admin call, the
+//!   periodic check).
 //! * [`engine`]: the scan engine every entry point shares: current rules,
 //!   a pool of scan workers, limits, and a bounded async queue.
 //! * [`cache`]: the SharedCache of verdicts by content digest, coalescing
@@ -52,6 +54,7 @@ pub mod engine;
 pub mod localscan;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod report;
 pub mod reporting;
 pub mod server;

@@ -25,6 +25,7 @@ use crate::{
     engine::Engine,
     metrics,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
+    reload::Reloader,
     reporting::{Reporter, ReportingError},
     service::{ProtectionService, ServiceState},
     shutdown::shut_down,
@@ -121,6 +122,7 @@ pub enum ServerError {
 pub struct Server {
     state: Arc<ServiceState>,
     svm: Arc<Svm>,
+    reloader: Arc<Reloader>,
     reporter: Option<Reporter>,
     probe_interval: std::time::Duration,
     listener: TcpListener,
@@ -193,14 +195,21 @@ impl Server {
                     source,
                 }
             })?;
+        let state = Arc::new(state);
         let svm = Arc::new(Svm::new(
             config,
             Arc::clone(&state.engine),
             Arc::clone(&state.sessions),
             vms,
         ));
+        let reloader = Arc::new(Reloader::new(
+            &config.rules,
+            Arc::clone(&state),
+            Arc::clone(&svm),
+        ));
         Ok(Server {
-            state: Arc::new(state),
+            state,
+            reloader,
             reporter: Reporter::new(&config.reporting, Arc::clone(&svm))?,
             svm,
             probe_interval: config.reporting.interval,
@@ -244,6 +253,11 @@ impl Server {
     /// What the server knows of itself (status, VMs, load).
     pub fn svm(&self) -> &Arc<Svm> {
         &self.svm
+    }
+
+    /// What reloads the signatures (SIGHUP, for `scanserver serve`).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// Serves until `signal` resolves, then shuts down gracefully.
@@ -351,8 +365,9 @@ impl Server {
 
 impl Server {
     /// Starts what runs beside the agent listener, each until shutdown:
-    /// the status monitor, the infrastructure probe, the reporter, and the
-    /// admin and metrics listeners.
+    /// the status monitor, the infrastructure probe, the reporter, the
+    /// periodic check of the signatures, and the admin and metrics
+    /// listeners.
     fn spawn_side_tasks(&mut self) {
         let down = || {
             let mut shutdown = self.shutdown.subscribe();
@@ -365,6 +380,7 @@ impl Server {
         if let Some(reporter) = self.reporter.take() {
             tokio::spawn(reporter.run(self.shutdown.subscribe()));
         }
+        tokio::spawn(Arc::clone(&self.reloader).keep_checking(self.shutdown.subscribe()));
         if let Some(listener) = self.admin.take() {
             // Every request on the admin listener needs the token, when
             // there is one: reflection too, though it tells only the schema.
@@ -381,7 +397,7 @@ impl Server {
                 .map(|reflection| InterceptedService::new(reflection, token.clone()));
             let admin = tonic::transport::Server::builder()
                 .add_service(AdminServer::with_interceptor(
-                    AdminService::new(Arc::clone(&self.svm)),
+                    AdminService::new(Arc::clone(&self.svm), Arc::clone(&self.reloader)),
                     token,
                 ))
                 .add_optional_service(reflection)
@@ -435,10 +451,8 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
     Ok(config)
 }
 
-/// Resolves on SIGTERM or Ctrl-C. SIGHUP, which operators send daemons
-/// to reload, is answered with a warning: signatures load at start only,
-/// and a hang-up must not end the server (its default action) without
-/// its graceful shutdown and last saves.
+/// Resolves on SIGTERM or Ctrl-C. (SIGHUP reloads the signatures: see
+/// [`Reloader::on_hangup`].)
 pub async fn termination_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let ctrl_c = async {
@@ -452,20 +466,9 @@ pub async fn termination_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    let hangup = async {
-        if let Ok(mut signal) = signal(SignalKind::hangup()) {
-            while signal.recv().await.is_some() {
-                tracing::warn!(
-                    "SIGHUP ignored: signatures are loaded at start; restart the server to load new ones"
-                );
-            }
-        }
-        std::future::pending::<()>().await
-    };
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
-        () = hangup => {},
     }
 }
 

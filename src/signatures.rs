@@ -165,6 +165,18 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
+    /// The error on one line, for a status: a compile's first error, and
+    /// how many more there are.
+    pub fn summary(&self) -> String {
+        match self {
+            SignatureError::Compile(errors) if errors.len() > 1 => {
+                format!("{} (and {} more errors)", errors[0], errors.len() - 1)
+            }
+            SignatureError::Compile(errors) if errors.len() == 1 => errors[0].to_string(),
+            other => other.to_string(),
+        }
+    }
+
     fn io(path: &Path, source: io::Error) -> Self {
         SignatureError::Io {
             path: path.to_owned(),
@@ -317,6 +329,20 @@ impl Ruleset {
             .released(released))
     }
 
+    /// The version the ruleset at `source` would have, read without
+    /// compiling: the periodic check of a serving ruleset compares it with
+    /// the loaded one's.
+    pub fn version_of(source: &Path) -> Result<String, SignatureError> {
+        if !source.exists() {
+            return Err(SignatureError::Missing(source.to_owned()));
+        }
+        if is_precompiled(source)? {
+            let bytes = fs::read(source).map_err(|e| SignatureError::io(source, e))?;
+            return Ok(precompiled_version(&bytes));
+        }
+        Ok(SourceSet::collect(source)?.version())
+    }
+
     /// Compiles the ruleset at `source` without touching any cache, as
     /// `scanserver rules check` does.
     pub fn check(source: &Path) -> Result<Ruleset, SignatureError> {
@@ -330,10 +356,7 @@ impl Ruleset {
             path: path.to_owned(),
             source,
         })?;
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&bytes);
-        hasher.update(YARA_X_VERSION.as_bytes());
-        let version = hasher.finalize().to_hex().to_string();
+        let version = precompiled_version(&bytes);
         // Without sources, assume the rules may look at file names.
         let ruleset = Self::new(rules, version, path, started, false, vec![])?;
         Ok(ruleset
@@ -438,6 +461,37 @@ impl Ruleset {
     pub fn warnings(&self) -> &[Diagnostic] {
         &self.warnings
     }
+
+    /// Logs what was loaded, and how many compiler warnings there were
+    /// (each one at debug level).
+    pub fn log_loaded(&self) {
+        tracing::info!(
+            version = self.version(),
+            rules = self.rule_count(),
+            from_cache = self.from_cache(),
+            elapsed = ?self.compile_time(),
+            "signatures loaded from {}",
+            self.source().display()
+        );
+        if !self.warnings.is_empty() {
+            tracing::warn!(
+                "{} compiler warnings; `scanserver rules check {}` lists them",
+                self.warnings.len(),
+                self.source().display()
+            );
+        }
+        for warning in &self.warnings {
+            tracing::debug!("{warning}");
+        }
+    }
+}
+
+/// The version of pre-compiled rules: their bytes and the engine's version.
+fn precompiled_version(bytes: &[u8]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(bytes);
+    hasher.update(YARA_X_VERSION.as_bytes());
+    hasher.finalize().to_hex().to_string()
 }
 
 fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {

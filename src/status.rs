@@ -29,6 +29,7 @@ use crate::{
     },
     sessions::Sessions,
     shutdown::shut_down,
+    signatures::Ruleset,
     vms::{VmRecord, Vms, unix_ms},
 };
 
@@ -89,6 +90,7 @@ impl SvmReason {
             SvmReason::NoConnectionToIntegrationServer => "no connection to the Integration Server",
             SvmReason::SignaturesOutdated => "signatures outdated",
             SvmReason::ScanQueueSaturated => "scan queue saturated",
+            SvmReason::SignaturesUpdateFailed => "signatures update failed",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -100,6 +102,7 @@ impl SvmReason {
             SvmReason::NoConnectionToIntegrationServer
             | SvmReason::SignaturesOutdated
             | SvmReason::ScanQueueSaturated
+            | SvmReason::SignaturesUpdateFailed
             | SvmReason::Unspecified => Health::Warning,
         }
     }
@@ -158,6 +161,8 @@ pub struct Svm {
     reporter: Mutex<Reach>,
     probe: Mutex<Reach>,
     load: Mutex<LoadMeter>,
+    /// Why the last reload of the signatures failed, until one succeeds.
+    signatures_update: Mutex<Option<String>>,
     status: watch::Sender<SvmStatus>,
 }
 
@@ -193,6 +198,7 @@ impl Svm {
             reporter: enabled(config.reporting.integration_server.is_some()),
             probe: enabled(config.infrastructure.endpoint.is_some()),
             load: Mutex::new(LoadMeter::default()),
+            signatures_update: Mutex::new(None),
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
         };
@@ -218,6 +224,10 @@ impl Svm {
                 SvmReason::SignaturesOutdated,
             ),
             (lock(&self.load).saturated(), SvmReason::ScanQueueSaturated),
+            (
+                lock(&self.signatures_update).is_some(),
+                SvmReason::SignaturesUpdateFailed,
+            ),
         ];
         SvmStatus::of(
             conditions
@@ -255,6 +265,13 @@ impl Svm {
         record(&self.reporter, result);
         self.refresh();
         self.engine.metrics().report(delivered);
+    }
+
+    /// Records the outcome of a reload of the signatures: why it failed,
+    /// or `None` when the loaded ones are those on disk.
+    pub fn signatures_updated(&self, failure: Option<String>) {
+        *lock(&self.signatures_update) = failure;
+        self.refresh();
     }
 
     /// Probes the infrastructure endpoint (when configured) with a TCP
@@ -325,12 +342,7 @@ impl Svm {
             svm: Some(self.identity()),
             status: status.health as i32,
             reasons: status.reasons.into_iter().map(|r| r as i32).collect(),
-            signatures: Some(SignaturesInfo {
-                version: ruleset.version().to_owned(),
-                rule_count: ruleset.rule_count() as u64,
-                released_at_unix_ms: unix_ms(ruleset.release_time()),
-                age_seconds: age(ruleset.release_time()).as_secs(),
-            }),
+            signatures: Some(signatures_info(&ruleset)),
             connected_agents: self.sessions.len() as u32,
             protected_vms_30d: self.vms.count() as u32,
             vms,
@@ -395,9 +407,18 @@ impl Svm {
         let cache = self.engine.cache().stats();
         let (delivered, failed) = self.engine.metrics().reports();
         let engine = state_for(SvmReason::ScanQueueSaturated);
-        let signatures =
-            state_for(SvmReason::NoSignatures).max(state_for(SvmReason::SignaturesOutdated));
+        let signatures = state_for(SvmReason::NoSignatures)
+            .max(state_for(SvmReason::SignaturesOutdated))
+            .max(state_for(SvmReason::SignaturesUpdateFailed));
         let age = Duration::from_secs(age(ruleset.release_time()).as_secs());
+        let mut signatures_detail = format!(
+            "version {}, {} old",
+            ruleset.version(),
+            humantime::format_duration(age)
+        );
+        if let Some(failure) = &*lock(&self.signatures_update) {
+            signatures_detail += &format!("; the last reload failed: {failure}");
+        }
         vec![
             component(
                 "scan engine",
@@ -416,11 +437,7 @@ impl Svm {
             component(
                 "signatures",
                 signatures,
-                format!(
-                    "version {}, {} old",
-                    ruleset.version(),
-                    humantime::format_duration(age)
-                ),
+                signatures_detail,
                 [("rules", ruleset.rule_count() as u64)],
             ),
             component(
@@ -465,6 +482,16 @@ impl Svm {
                 [],
             ),
         ]
+    }
+}
+
+/// What reports and the admin service tell of `ruleset`.
+pub fn signatures_info(ruleset: &Ruleset) -> SignaturesInfo {
+    SignaturesInfo {
+        version: ruleset.version().to_owned(),
+        rule_count: ruleset.rule_count() as u64,
+        released_at_unix_ms: unix_ms(ruleset.release_time()),
+        age_seconds: age(ruleset.release_time()).as_secs(),
     }
 }
 

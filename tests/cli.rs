@@ -474,3 +474,67 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
         ["ANTI_VIRUS.VirusFound.threat=high", "IDS_IPS.threat=high"]
     );
 }
+
+/// `serve` loads new signatures on SIGHUP and on `rules reload`; new ones
+/// that do not load make `rules reload` exit 1 with their errors, turn
+/// the SVM Warning, and the server goes on.
+#[test]
+fn sighup_and_rules_reload_load_new_signatures() {
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    let rule = |name: &str| format!("rule {name} {{ strings: $m = \"{name}\" condition: $m }}\n");
+    fs::write(rules.path().join("a.yar"), rule("marker_a")).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
+        serve.arg("--rules").arg(rules.path());
+    });
+    wait_for_listener(listen);
+    let reload = || {
+        scanserver(cache.path())
+            .args(["rules", "reload", "--admin", &admin_addr])
+            .output()
+            .unwrap()
+    };
+    let unchanged = reload();
+    let stdout = String::from_utf8_lossy(&unchanged.stdout);
+    assert_eq!(unchanged.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("signatures unchanged: version "),
+        "{stdout}"
+    );
+
+    fs::write(rules.path().join("b.yar"), rule("marker_b")).unwrap();
+    let check = scanserver(cache.path())
+        .args(["rules", "check"])
+        .arg(rules.path())
+        .output()
+        .unwrap();
+    let checked = String::from_utf8_lossy(&check.stdout);
+    let version = checked
+        .split("version ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no version in {checked}"));
+    // SAFETY: sending a signal to a child process of this test.
+    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGHUP) }, 0);
+    let (text, _) = status_until(cache.path(), &admin_addr, &format!("version {version}"));
+    assert!(text.contains("rules 2"), "{text}");
+
+    fs::write(
+        rules.path().join("c.yar"),
+        "rule broken { condition: no_such_thing }\n",
+    )
+    .unwrap();
+    let failed = reload();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("c.yar:1:") && stderr.contains(&format!("signatures version {version}")),
+        "{stderr}"
+    );
+    let (text, code) = status_until(cache.path(), &admin_addr, "signatures update failed");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains(&format!("version {version}")), "{text}");
+}

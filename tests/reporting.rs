@@ -967,7 +967,9 @@ async fn the_admin_service_asks_for_its_token_when_it_has_one() {
     let addr = server.admin.to_string();
 
     for token in [None, BearerToken::new("guess")] {
-        let mut admin = admin::connect(&addr, token).await.unwrap();
+        let mut admin = admin::connect(&addr, token, admin::REQUEST_TIMEOUT)
+            .await
+            .unwrap();
         let refused = admin
             .status(scanserver::proto::StatusRequest {})
             .await
@@ -994,7 +996,9 @@ async fn the_admin_service_asks_for_its_token_when_it_has_one() {
         );
     }
     list_services(&addr, Some(token.clone())).await.unwrap();
-    let mut admin = admin::connect(&addr, Some(token)).await.unwrap();
+    let mut admin = admin::connect(&addr, Some(token), admin::REQUEST_TIMEOUT)
+        .await
+        .unwrap();
     assert!(
         admin
             .status(scanserver::proto::StatusRequest {})

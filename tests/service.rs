@@ -36,19 +36,6 @@ async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>)
     }
 }
 
-fn verdict_rules(kind: &file_reply::Kind) -> Vec<String> {
-    match kind {
-        file_reply::Kind::Verdict(v) => match v.verdict.as_ref().unwrap().kind.as_ref().unwrap() {
-            proto::verdict::Kind::Infected(i) => {
-                i.detections.iter().map(|d| d.rule.clone()).collect()
-            }
-            proto::verdict::Kind::Clean(_) => vec![],
-            proto::verdict::Kind::Failed(f) => panic!("failed: {f:?}"),
-        },
-        other => panic!("expected a verdict, got {other:?}"),
-    }
-}
-
 /// Content that takes the engine a moment to scan, unique per `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -462,26 +449,6 @@ async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
     assert_eq!(
         (id, verdict_rules(&kind)),
         (5, vec!["EICAR_Test_File".to_owned()])
-    );
-}
-
-/// Begins file `id` (`data`) announcing `digest`, and checks that the
-/// server asks for its content.
-async fn begin_asked_for_content(
-    tx: &mpsc::Sender<ScanRequest>,
-    replies: &mut Replies,
-    session: &str,
-    id: u64,
-    data: &[u8],
-    digest: &blake3::Hash,
-) {
-    tx.send(begin(session, id, data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    let (answered, kind) = next(replies).await;
-    assert!(
-        answered == id && matches!(kind, file_reply::Kind::SendContent(_)),
-        "{answered}: {kind:?}"
     );
 }
 

@@ -12,7 +12,7 @@ use scanserver::{
     config::{Config, ConfigError, RulesConfig, TlsConfig},
     engine::{Engine, EngineConfig},
     localscan,
-    proto::{AgentsRequest, Health, StatusRequest, TagRequest},
+    proto::{AgentsRequest, Health, ReloadSignaturesRequest, StatusRequest, TagRequest},
     report::Format,
     reporting::Receiver,
     server::{Server, termination_signal},
@@ -55,7 +55,7 @@ enum Command {
     /// before. With none at all, the shipped signatures are served on
     /// 0.0.0.0:7405 without TLS.
     Serve(Box<ServeArgs>),
-    /// Work with rulesets.
+    /// Check a ruleset, or make a running server reload its signatures.
     #[command(subcommand)]
     Rules(RulesCommand),
     /// Show a running server's status: version, uptime, OK / WARNING /
@@ -357,33 +357,8 @@ impl RulesArgs {
             .cache_dir(),
         };
         let ruleset = Ruleset::load(&self.rules, cache.as_deref())?;
-        log_ruleset(&ruleset);
+        ruleset.log_loaded();
         Ok(ruleset)
-    }
-}
-
-/// Logs what was loaded, and how many compiler warnings there were.
-fn log_ruleset(ruleset: &Ruleset) {
-    {
-        tracing::info!(
-            version = ruleset.version(),
-            rules = ruleset.rule_count(),
-            from_cache = ruleset.from_cache(),
-            elapsed = ?ruleset.compile_time(),
-            "signatures loaded from {}",
-            ruleset.source().display()
-        );
-        let warnings = ruleset.warnings();
-        if !warnings.is_empty() {
-            tracing::warn!(
-                "{} compiler warnings; `scanserver rules check {}` lists them",
-                warnings.len(),
-                ruleset.source().display()
-            );
-        }
-        for warning in warnings {
-            tracing::debug!("{warning}");
-        }
     }
 }
 
@@ -396,6 +371,14 @@ enum RulesCommand {
         #[arg(value_name = "PATH", default_value = "signatures")]
         path: PathBuf,
     },
+    /// Make a running server read its signatures again (as SIGHUP does),
+    /// and load them if they changed; waits until they are loaded.
+    ///
+    /// Signatures that do not load replace nothing: the server goes on
+    /// with those it had, and the errors are printed. Exit status: 0
+    /// reloaded or unchanged, 1 the new signatures do not load, 2 the
+    /// server could not be asked.
+    Reload(AdminArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -412,23 +395,34 @@ fn main() -> ExitCode {
         Command::Scan(args) => scan(args),
         Command::Serve(args) => serve(&args),
         Command::Rules(RulesCommand::Check { path }) => check(&path),
-        Command::Status(args) => operate(&args.server, |admin| status(admin, args.json)),
-        Command::Agents(args) => operate(&args.server, |admin| agents(admin, args.json)),
+        Command::Rules(RulesCommand::Reload(args)) => {
+            operate(&args.server, admin::RELOAD_TIMEOUT, |admin| {
+                reload(admin, args.json)
+            })
+        }
+        Command::Status(args) => operate(&args.server, admin::REQUEST_TIMEOUT, |admin| {
+            status(admin, args.json)
+        }),
+        Command::Agents(args) => operate(&args.server, admin::REQUEST_TIMEOUT, |admin| {
+            agents(admin, args.json)
+        }),
         Command::Tags(command) => {
             let (args, assign) = match command {
                 TagsCommand::Assign(args) => (args, true),
                 TagsCommand::Remove(args) => (args, false),
             };
             let target = args.server.clone();
-            operate(&target, |admin| tag(admin, args, assign))
+            operate(&target, admin::REQUEST_TIMEOUT, |admin| {
+                tag(admin, args, assign)
+            })
         }
         Command::Receiver(args) => receiver(&args),
     }
 }
 
-/// Runs an admin command against the server `target` names; exit status 2
-/// when it cannot be asked.
-fn operate<F, Fut>(target: &AdminTarget, command: F) -> ExitCode
+/// Runs an admin command against the server `target` names, waiting at
+/// most `timeout` for each answer; exit status 2 when it cannot be asked.
+fn operate<F, Fut>(target: &AdminTarget, timeout: Duration, command: F) -> ExitCode
 where
     F: FnOnce(AdminClient) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, tonic::Status>>,
@@ -445,7 +439,7 @@ where
         Err(err) => return failed(&err),
     };
     runtime.block_on(async {
-        let client = match admin::connect(&target.admin, token).await {
+        let client = match admin::connect(&target.admin, token, timeout).await {
             Ok(client) => client,
             Err(err) => return failed(&err),
         };
@@ -464,6 +458,20 @@ async fn status(mut admin: AdminClient, json: bool) -> Result<ExitCode, tonic::S
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn reload(mut admin: AdminClient, json: bool) -> Result<ExitCode, tonic::Status> {
+    match admin.reload_signatures(ReloadSignaturesRequest {}).await {
+        Ok(reply) => {
+            print(&reply.into_inner(), json, admin::render_reload);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            eprintln!("error: {}", status.message());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(status) => Err(status),
+    }
 }
 
 async fn agents(mut admin: AdminClient, json: bool) -> Result<ExitCode, tonic::Status> {
@@ -587,8 +595,9 @@ fn scan(args: ScanArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    // SIGHUP is ignored from the start, not only once serving answers it
-    // with a warning: loading large signatures takes seconds.
+    // SIGHUP, which reloads the signatures once serving, is ignored until
+    // then (its default action ends the process): loading large
+    // signatures takes seconds.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let config = match args.config() {
@@ -599,7 +608,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(ruleset) => ruleset,
         Err(err) => return failed(&err),
     };
-    log_ruleset(&ruleset);
+    ruleset.log_loaded();
     let engine = match Engine::new(ruleset, &config.engine) {
         Ok(engine) => Arc::new(engine),
         Err(err) => return failed(&err),
@@ -610,6 +619,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let server = Server::bind(&config, engine).await?;
+        tokio::spawn(Arc::clone(server.reloader()).on_hangup());
         tracing::info!(
             addr = %server.local_addr(),
             tls = config.tls.is_some(),
@@ -619,6 +629,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         );
         server.run(termination_signal()).await
     });
+    // The last saves are made: a reload still compiling on a blocking
+    // thread is not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => failed(&scanserver::WithCauses(&err)),

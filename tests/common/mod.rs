@@ -112,9 +112,12 @@ impl TestServer {
         config.rules.max_age = std::time::Duration::from_secs(100 * 365 * 86400);
         config.engine.threads = 2;
         config.uploads.spool_dir = Some(spool.path().to_owned());
+        config.rules.path = project_path("signatures");
+        config.rules.cache_dir = Some(state_dir.path().join("rules"));
         configure(&mut config);
-        let engine =
-            Arc::new(scanserver::engine::Engine::new(shipped_ruleset(), &config.engine).unwrap());
+        // Compiled, not from the cache, as reloads will find them.
+        let ruleset = Ruleset::load(&config.rules.path, None).expect("the rules compile");
+        let engine = Arc::new(scanserver::engine::Engine::new(ruleset, &config.engine).unwrap());
         let server = Server::bind(&config, engine).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr, admin, metrics) = (
@@ -157,9 +160,13 @@ impl TestServer {
 
     /// A client of the server's admin service.
     pub async fn admin_client(&self) -> AdminClient {
-        scanserver::admin::connect(&self.admin.to_string(), None)
-            .await
-            .unwrap()
+        scanserver::admin::connect(
+            &self.admin.to_string(),
+            None,
+            scanserver::admin::REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap()
     }
 
     pub async fn client(&self) -> ProtectionServerClient<Channel> {
@@ -550,4 +557,38 @@ fn pad2(buf: &mut Vec<u8>) {
 
 fn align(value: u32, to: u32) -> u32 {
     value.div_ceil(to).max(1) * to
+}
+
+/// The rules of a reply that must be a verdict (none when clean).
+pub fn verdict_rules(kind: &file_reply::Kind) -> Vec<String> {
+    match kind {
+        file_reply::Kind::Verdict(v) => match v.verdict.as_ref().unwrap().kind.as_ref().unwrap() {
+            scanserver::proto::verdict::Kind::Infected(i) => {
+                i.detections.iter().map(|d| d.rule.clone()).collect()
+            }
+            scanserver::proto::verdict::Kind::Clean(_) => vec![],
+            scanserver::proto::verdict::Kind::Failed(f) => panic!("failed: {f:?}"),
+        },
+        other => panic!("expected a verdict, got {other:?}"),
+    }
+}
+
+/// Begins file `id` (`data`) announcing `digest`, and checks that the
+/// server asks for its content.
+pub async fn begin_asked_for_content(
+    tx: &mpsc::Sender<ScanRequest>,
+    replies: &mut Replies,
+    session: &str,
+    id: u64,
+    data: &[u8],
+    digest: &blake3::Hash,
+) {
+    tx.send(begin(session, id, data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    let (answered, kind) = next(replies).await;
+    assert!(
+        answered == id && matches!(kind, file_reply::Kind::SendContent(_)),
+        "{answered}: {kind:?}"
+    );
 }

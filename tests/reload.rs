@@ -1,0 +1,267 @@
+//! Signatures reloaded while serving, over real gRPC on loopback: agents
+//! are told, nothing stale is served, broken signatures replace nothing,
+//! and the periodic check finds new files on its own.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+use scanserver::proto::{
+    Hello, ReloadSignaturesRequest, ServerMessage, StatusRequest, SvmReason, server_message,
+};
+use tonic::Code;
+
+/// A rule that finds `marker`.
+fn rule(name: &str, marker: &str) -> String {
+    format!("rule {name} {{ strings: $m = \"{marker}\" condition: $m }}\n")
+}
+
+/// A server whose ruleset is the folder `rules` (one rule finding
+/// "MARKER-A" to begin with), with `configure` applied.
+async fn server_with_rules(
+    rules: &Path,
+    configure: impl FnOnce(&mut scanserver::config::Config),
+) -> TestServer {
+    std::fs::write(rules.join("a.yar"), rule("marker_a", "MARKER-A")).unwrap();
+    let rules = rules.to_owned();
+    TestServer::start(move |c| {
+        c.rules.path = rules;
+        configure(c);
+    })
+    .await
+}
+
+/// The next notice of a session's stream, heartbeats skipped.
+async fn next_notice(incoming: &mut tonic::Streaming<ServerMessage>) -> server_message::Kind {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), incoming.message())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .expect("the session is open");
+        match message.kind.unwrap() {
+            server_message::Kind::Heartbeat(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Scans `data` on a new Scan stream, hash first; checks that the server
+/// asks for the content (it knows no verdict) and returns the rules that
+/// matched and the verdict's signatures version.
+async fn scan_unknown(server: &TestServer, session: &str, data: &[u8]) -> (Vec<String>, String) {
+    let (tx, mut replies) = scan_stream(server).await;
+    let digest = blake3::hash(data);
+    begin_asked_for_content(&tx, &mut replies, session, 1, data, &digest).await;
+    tx.send(chunk(1, 0, data)).await.unwrap();
+    tx.send(end(1)).await.unwrap();
+    let (_, kind) = next(&mut replies).await;
+    let rules = verdict_rules(&kind);
+    (rules, file_verdict(kind).signatures_version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_signatures_replace_the_old_and_nothing_stale_is_served() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    let (_keep, mut incoming) = connect(&server, hello()).await;
+    let welcome = match next_notice(&mut incoming).await {
+        server_message::Kind::Welcome(welcome) => welcome,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let first = welcome.signatures_version.clone();
+    let data = b"a file with MARKER-B in it".repeat(3);
+    let (found, version) = scan_unknown(&server, &welcome.session_id, &data).await;
+    assert!(found.is_empty(), "clean under the first rules: {found:?}");
+    assert_eq!(version, first);
+
+    let mut admin = server.admin_client().await;
+    let unchanged = admin
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unchanged.changed);
+    assert_eq!(unchanged.signatures.unwrap().version, first);
+
+    std::fs::write(rules.path().join("b.yar"), rule("marker_b", "MARKER-B")).unwrap();
+    let reloaded = admin
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let signatures = reloaded.signatures.unwrap();
+    assert!(reloaded.changed);
+    assert_eq!(reloaded.previous_version, first);
+    assert_ne!(signatures.version, first);
+    assert_eq!(signatures.rule_count, 2);
+    assert_eq!(server.state.engine.ruleset().version(), signatures.version);
+
+    // The agent is told, and the clean verdict of the old rules is not
+    // served: the content is asked for again, and found.
+    match next_notice(&mut incoming).await {
+        server_message::Kind::SignaturesChanged(notice) => {
+            assert_eq!(notice.signatures_version, signatures.version);
+            assert_eq!(notice.rule_count, 2);
+        }
+        other => panic!("expected a signatures notice, got {other:?}"),
+    }
+    let (found, version) = scan_unknown(&server, &welcome.session_id, &data).await;
+    assert_eq!(found, ["marker_b"]);
+    assert_eq!(version, signatures.version);
+    assert!(
+        !server
+            .svm
+            .status()
+            .reasons
+            .contains(&SvmReason::SignaturesUpdateFailed),
+        "{:?}",
+        server.svm.status()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_that_do_not_load_replace_nothing() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    let first = server.state.engine.ruleset().version().to_owned();
+    let broken = rules.path().join("broken.yar");
+    std::fs::write(&broken, "rule fine { condition: true }\nrule broken {\n").unwrap();
+
+    let mut admin = server.admin_client().await;
+    let refused = admin
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("broken.yar:3:1")
+            && refused
+                .message()
+                .contains(&format!("signatures version {first}")),
+        "names the error and the version kept: {}",
+        refused.message()
+    );
+    assert_eq!(server.state.engine.ruleset().version(), first);
+    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    let report = status.report.unwrap();
+    assert!(
+        report
+            .reasons
+            .contains(&(SvmReason::SignaturesUpdateFailed as i32))
+    );
+    let component = status
+        .components
+        .iter()
+        .find(|c| c.name == "signatures")
+        .unwrap();
+    assert!(
+        component.detail.contains("the last reload failed: ")
+            && component.detail.contains("broken.yar:3:1"),
+        "{}",
+        component.detail
+    );
+
+    // The old rules keep scanning.
+    let (session, _keep) = match open_session(&server, hello()).await {
+        (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
+        (other, _) => panic!("expected a welcome, got {other:?}"),
+    };
+    let (found, version) = scan_unknown(&server, &session, b"MARKER-A").await;
+    assert_eq!(
+        (found, version),
+        (vec!["marker_a".to_owned()], first.clone())
+    );
+
+    // Back to the loaded version: nothing to reload, and nothing failed.
+    std::fs::remove_file(&broken).unwrap();
+    let reply = admin
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reply.changed);
+    assert!(
+        server.svm.status().reasons.is_empty(),
+        "{:?}",
+        server.svm.status()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ruleset_with_nothing_to_find_replaces_nothing() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    let first = server.state.engine.ruleset().version().to_owned();
+    // An update cut short: only a private helper rule is left.
+    std::fs::write(
+        rules.path().join("a.yar"),
+        "private rule helper { condition: true }\n",
+    )
+    .unwrap();
+    let refused = server
+        .admin_client()
+        .await
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("no rule that can match"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(server.state.engine.ruleset().version(), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_check_loads_new_signatures_and_reports_broken_ones() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |c| {
+        c.rules.check_interval = Duration::from_millis(100);
+    })
+    .await;
+    let (_keep, mut incoming) = connect(
+        &server,
+        Hello {
+            vm_id: "vm-check".into(),
+            ..hello()
+        },
+    )
+    .await;
+    assert!(matches!(
+        next_notice(&mut incoming).await,
+        server_message::Kind::Welcome(_)
+    ));
+    let first = server.state.engine.ruleset().version().to_owned();
+
+    std::fs::write(rules.path().join("b.yar"), rule("marker_b", "MARKER-B")).unwrap();
+    match next_notice(&mut incoming).await {
+        server_message::Kind::SignaturesChanged(notice) => {
+            assert_ne!(notice.signatures_version, first);
+            assert_eq!(notice.rule_count, 2);
+        }
+        other => panic!("expected a signatures notice, got {other:?}"),
+    }
+
+    std::fs::write(rules.path().join("c.yar"), "rule broken {\n").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !server
+        .svm
+        .status()
+        .reasons
+        .contains(&SvmReason::SignaturesUpdateFailed)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failure is never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server.state.engine.ruleset().rule_count(),
+        2,
+        "still the last good rules"
+    );
+}
