@@ -18,7 +18,7 @@ use crate::{
         ReloadSignaturesRequest, StatusReply, StatusRequest, SvmReason, TagReply, TagRequest,
         VmInfo, VmReason, admin_client, admin_server::Admin,
     },
-    reload::{ReloadError, Reloader},
+    reload::Reloader,
     status::{Svm, WhichVms, signatures_info},
     vms::{MAX_LISTING_SIZE, SecurityTag, TagError},
 };
@@ -102,25 +102,31 @@ impl Admin for AdminService {
         &self,
         _: Request<ReloadSignaturesRequest>,
     ) -> Result<Response<ReloadSignaturesReply>, Status> {
-        let current = self.svm.engine.ruleset();
         let reload = self.reloader.reload().await.map_err(|err| {
-            let message = format!(
-                "{err}\nthe SVM goes on with signatures version {}",
-                current.version()
-            );
-            match err {
-                ReloadError::Signatures(_) => Status::failed_precondition(message),
-                ReloadError::Stopped(_) => Status::internal(message),
+            let mut message = err.abridged(RELOAD_ERRORS_SHOWN);
+            // It travels in a header: hyper refuses large ones.
+            if message.len() > MAX_RELOAD_ERROR {
+                let cut = (0..=MAX_RELOAD_ERROR)
+                    .rev()
+                    .find(|&i| message.is_char_boundary(i))
+                    .unwrap_or(0);
+                message.truncate(cut);
+                message += "...";
             }
+            Status::failed_precondition(format!(
+                "{message}\nthe SVM goes on with signatures version {}",
+                self.svm.engine.ruleset().version()
+            ))
         })?;
-        let warnings = match reload.changed {
-            true => reload
+        let warnings = if reload.changed {
+            reload
                 .ruleset
                 .warnings()
                 .iter()
                 .map(|w| w.text.clone())
-                .collect(),
-            false => Vec::new(),
+                .collect()
+        } else {
+            Vec::new()
         };
         Ok(Response::new(ReloadSignaturesReply {
             changed: reload.changed,
@@ -131,6 +137,13 @@ impl Admin for AdminService {
         }))
     }
 }
+
+/// Compiler errors a failed reload's answer shows in full.
+const RELOAD_ERRORS_SHOWN: usize = 10;
+
+/// The longest error a failed reload's answer carries, in bytes (the
+/// rest is cut off): gRPC sends it in an HTTP/2 header.
+const MAX_RELOAD_ERROR: usize = 8 << 10;
 
 /// A client of the admin service, sending the operator's token, if any.
 pub type AdminClient = admin_client::AdminClient<InterceptedService<Channel, SendToken>>;

@@ -25,7 +25,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{proto, status::Svm};
+use crate::{
+    proto,
+    status::{Svm, signatures_info},
+};
 
 /// What the server counts as it works. One per engine, shared.
 #[derive(Debug)]
@@ -226,7 +229,23 @@ impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let svm = &self.0;
         let cache = svm.engine.cache().stats();
+        let signatures = signatures_info(&svm.engine.ruleset());
         let gauges = [
+            (
+                "scanserver_signatures_rules",
+                "Rules in the signatures loaded",
+                signatures.rule_count,
+            ),
+            (
+                "scanserver_signatures_age_seconds",
+                "Time since the signatures loaded were released (their newest file)",
+                signatures.age_seconds,
+            ),
+            (
+                "scanserver_signatures_update_failed",
+                "1 while the last reload of the signatures failed",
+                u64::from(svm.signatures_update_failure().is_some()),
+            ),
             (
                 "scanserver_connected_agents",
                 "Light Agents connected now",

@@ -3,8 +3,9 @@
 //! Signatures change several times a day; a restart to load them would end
 //! every agent's session. A running server reads its ruleset again when
 //! asked: by SIGHUP (what updaters send daemons once they have replaced
-//! the files), by the admin service's `ReloadSignatures` (`scanserver
-//! rules reload`), or by its own periodic check of the files
+//! the files; one read also follows the server's start, for an update that
+//! finished while it started), by the admin service's `ReloadSignatures`
+//! (`scanserver rules reload`), or by its own periodic check of the files
 //! (`rules.check_interval`, every 5 minutes by default).
 //!
 //! A reload reads the configured ruleset and compares its version with the
@@ -14,27 +15,34 @@
 //! ([`ServiceState::replace_ruleset`]): the verdict cache is emptied, every
 //! session tells its agent (`SignaturesChanged`), and every scan that
 //! starts from then on uses the new rules. Scans under way finish with the
-//! old ones, and their verdicts carry the old version.
+//! old ones, and their verdicts carry the old version. A reload runs on a
+//! task of its own: a caller that goes away (an admin client that gives
+//! up) does not cut it short.
 //!
 //! Fail closed: signatures that do not load (errors, no rule that can
-//! match, files changed while they were compiled) replace nothing. The
-//! server never scans with rules it could not load, nor stops scanning
-//! because an update was broken: it goes on with the rules it had, and its
-//! status says `SIGNATURES_UPDATE_FAILED` until a reload succeeds (or finds
-//! the files back to the loaded version).
+//! match, included files changed while they were compiled) replace
+//! nothing. The server never scans with rules it could not load, nor stops
+//! scanning because an update was broken: it goes on with the rules it
+//! had, and its status says `SIGNATURES_UPDATE_FAILED` until a reload
+//! succeeds (or finds the files back to the loaded version).
 //!
-//! The periodic check loads a new version only once two checks in a row
-//! have found it, so that an update copied file by file is not loaded half
-//! way; and it does not try again a version that failed (SIGHUP and the
+//! SIGHUP and the admin call load what the files hold at that moment. The
+//! periodic check loads a new version only once two looks in a row have
+//! found it, and only that version, so that an update copied file by file
+//! is not loaded half way; it reports files it cannot read after two looks
+//! too, and does not try again a version that cannot load (SIGHUP and the
 //! admin call do).
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Mutex, watch};
+use tokio::{
+    sync::{Mutex, watch},
+    time::MissedTickBehavior,
+};
 
 use crate::{
     config::RulesConfig,
@@ -49,8 +57,8 @@ use crate::{
 pub enum ReloadError {
     #[error(transparent)]
     Signatures(#[from] SignatureError),
-    #[error("loading the signatures stopped: {0}")]
-    Stopped(#[from] tokio::task::JoinError),
+    #[error("loading the signatures panicked: {0}")]
+    Panicked(#[from] tokio::task::JoinError),
 }
 
 impl ReloadError {
@@ -60,6 +68,26 @@ impl ReloadError {
             ReloadError::Signatures(err) => err.summary(),
             other => other.to_string(),
         }
+    }
+
+    /// The error with at most the first `errors` compiler errors in full.
+    pub fn abridged(&self, errors: usize) -> String {
+        match self {
+            ReloadError::Signatures(err) => err.abridged(errors),
+            other => other.to_string(),
+        }
+    }
+
+    /// Whether the same files would fail the same way: the periodic check
+    /// does not try them again. (Files that could not be read, or changed
+    /// while compiled, may load at the next try.)
+    fn lasting(&self) -> bool {
+        !matches!(
+            self,
+            ReloadError::Signatures(
+                SignatureError::Io { .. } | SignatureError::Missing(_) | SignatureError::Changed(_)
+            )
+        )
     }
 }
 
@@ -82,7 +110,8 @@ pub struct Reloader {
     source: PathBuf,
     cache_dir: Option<PathBuf>,
     check_interval: Duration,
-    /// Held for the whole of a reload.
+    /// Held for the whole of a reload, and of a periodic look at the files
+    /// (whose outcome would otherwise overwrite a reload's in the status).
     running: Mutex<()>,
 }
 
@@ -101,18 +130,34 @@ impl Reloader {
     /// Reads the ruleset again and loads it if its version changed. A
     /// reload asked for while another runs waits for it, then reads the
     /// files again.
-    pub async fn reload(&self) -> Result<Reload, ReloadError> {
-        let _one_at_a_time = self.running.lock().await;
+    pub async fn reload(self: &Arc<Self>) -> Result<Reload, ReloadError> {
+        self.spawn_reload(None).await
+    }
+
+    /// Runs a reload on a task of its own, to load version `expected` only
+    /// (any new one when `None`).
+    async fn spawn_reload(
+        self: &Arc<Self>,
+        expected: Option<String>,
+    ) -> Result<Reload, ReloadError> {
+        let this = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let _one_at_a_time = this.running.lock().await;
+            this.reload_now(expected).await
+        });
+        task.await?
+    }
+
+    async fn reload_now(&self, expected: Option<String>) -> Result<Reload, ReloadError> {
         let started = Instant::now();
         let previous = self.state.engine.ruleset();
         let (source, cache_dir) = (self.source.clone(), self.cache_dir.clone());
         let current = previous.version_arc();
-        let loaded = tokio::task::spawn_blocking(move || {
-            load_changed(&source, cache_dir.as_deref(), &current)
+        let any_version = expected.is_none();
+        let loaded = blocking(move || {
+            load_changed(&source, cache_dir.as_deref(), &current, expected.as_deref())
         })
-        .await
-        .map_err(ReloadError::from)
-        .and_then(|loaded| Ok(loaded?));
+        .await;
         let loaded = match loaded {
             Ok(loaded) => loaded,
             Err(err) => {
@@ -121,7 +166,7 @@ impl Reloader {
                     version = previous.version(),
                     "the new signatures do not load; scanning goes on with the loaded ones: {err}"
                 );
-                self.svm.signatures_updated(Some(err.summary()));
+                self.svm.reloaded(Err(err.summary()));
                 return Err(err);
             }
         };
@@ -132,8 +177,11 @@ impl Reloader {
                 previous = previous.version(),
                 "signatures replaced: verdict cache emptied, agents told"
             );
+            self.svm.reloaded(Ok(()));
+        } else if any_version {
+            // The files hold the loaded version.
+            self.svm.reloaded(Ok(()));
         }
-        self.svm.signatures_updated(None);
         let ruleset = self.state.engine.ruleset();
         Ok(Reload {
             changed: ruleset.version() != previous.version(),
@@ -143,7 +191,9 @@ impl Reloader {
         })
     }
 
-    /// Reloads on every SIGHUP, until the process ends.
+    /// Reads the signatures once (for an update that finished while the
+    /// server started, when SIGHUP was ignored), then again on every
+    /// SIGHUP, for as long as the process runs.
     pub async fn on_hangup(self: Arc<Self>) {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangups = match signal(SignalKind::hangup()) {
@@ -153,21 +203,25 @@ impl Reloader {
                 return;
             }
         };
+        // Outcomes are logged, and failures shown in the status.
+        let _ = self.reload().await;
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reading the signatures again");
-            // The outcome is logged, and a failure shown in the status.
             let _ = self.reload().await;
         }
     }
 
-    /// Checks the ruleset's files every `rules.check_interval` (never when
-    /// it is zero) and reloads a new version once two checks in a row found
-    /// it, until shutdown.
+    /// Looks at the ruleset's files every `rules.check_interval` (never
+    /// when it is zero), and reloads a new version once two looks in a row
+    /// found it, until shutdown.
     pub async fn keep_checking(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         if self.check_interval.is_zero() {
             return;
         }
         let mut ticker = tokio::time::interval(self.check_interval);
+        // Looks that fell behind (a long reload, a paused VM) are not made
+        // back to back: two of them would prove nothing held still.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ticker.tick().await;
         let mut check = Check::default();
         loop {
@@ -175,39 +229,61 @@ impl Reloader {
                 _ = ticker.tick() => {}
                 () = shut_down(&mut shutdown) => return,
             }
-            let source = self.source.clone();
-            let found = tokio::task::spawn_blocking(move || Ruleset::version_of(&source))
-                .await
-                .map_err(ReloadError::from)
-                .and_then(|found| Ok(found?));
-            let loaded = self.state.engine.ruleset().version_arc();
-            match check.next(found, &loaded) {
-                Step::Wait => {}
-                Step::Current => self.svm.signatures_updated(None),
-                Step::Unreadable(err) => {
-                    tracing::warn!(source = %self.source.display(), "cannot read the signatures: {err}");
-                    self.svm.signatures_updated(Some(err));
-                }
-                Step::Reload => {
-                    tracing::info!(source = %self.source.display(), "the signatures changed on disk");
-                    check.reloaded(self.reload().await.is_ok());
-                }
+            let version = match self.look(&mut check).await {
+                Some(version) => version,
+                None => continue,
+            };
+            tracing::info!(source = %self.source.display(), "the signatures changed on disk");
+            match self.spawn_reload(Some(version.clone())).await {
+                Err(err) if err.lasting() => check.failed(version),
+                _ => {}
             }
+        }
+    }
+
+    /// Looks at the files once; returns the version to load, if any.
+    async fn look(&self, check: &mut Check) -> Option<String> {
+        let _one_at_a_time = self.running.lock().await;
+        let source = self.source.clone();
+        let found = blocking(move || Ruleset::version_of(&source)).await;
+        let loaded = self.state.engine.ruleset().version_arc();
+        match check.next(found, &loaded) {
+            Step::Wait => None,
+            Step::Current => {
+                self.svm.reloaded(Ok(()));
+                None
+            }
+            Step::Unreadable(err) => {
+                tracing::warn!(source = %self.source.display(), "cannot read the signatures: {err}");
+                self.svm.reloaded(Err(err));
+                None
+            }
+            Step::Reload(version) => Some(version),
         }
     }
 }
 
-/// The ruleset at `source`, loaded when its version is not `current`.
+/// Runs `work` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SignatureError> + Send + 'static,
+) -> Result<T, ReloadError> {
+    Ok(tokio::task::spawn_blocking(work).await??)
+}
+
+/// The ruleset at `source`, loaded when its version is not `current` (and
+/// is `expected`, when given).
 fn load_changed(
-    source: &std::path::Path,
-    cache_dir: Option<&std::path::Path>,
+    source: &Path,
+    cache_dir: Option<&Path>,
     current: &str,
+    expected: Option<&str>,
 ) -> Result<Option<Ruleset>, SignatureError> {
-    if Ruleset::version_of(source)? == current {
+    let wanted = |version: &str| version != current && expected.is_none_or(|e| e == version);
+    if !wanted(&Ruleset::version_of(source)?) {
         return Ok(None);
     }
     let ruleset = Ruleset::load(source, cache_dir)?;
-    Ok((ruleset.version() != current).then_some(ruleset))
+    Ok(wanted(ruleset.version()).then_some(ruleset))
 }
 
 /// What the periodic check remembers between two looks at the files.
@@ -215,10 +291,12 @@ fn load_changed(
 struct Check {
     /// The version the last look found, if it could read one.
     seen: Option<String>,
-    /// The version whose last reload failed.
+    /// A version that cannot load.
     failed: Option<String>,
-    /// The last error reading the files, reported once.
+    /// The error of the last look, if it could not read the files.
     unreadable: Option<String>,
+    /// Whether that error was reported.
+    reported: bool,
 }
 
 /// What the periodic check does after a look.
@@ -229,8 +307,8 @@ enum Step {
     /// The files hold the loaded version: no update failed (whatever a
     /// reload found before).
     Current,
-    /// Load the version found.
-    Reload,
+    /// Load this version.
+    Reload(String),
     /// Report that the files cannot be read, and why.
     Unreadable(String),
 }
@@ -244,30 +322,31 @@ impl Check {
             Err(err) => {
                 self.seen = None;
                 let error = err.summary();
-                return match self.unreadable.replace(error.clone()) == Some(error.clone()) {
-                    true => Step::Wait,
-                    false => Step::Unreadable(error),
-                };
+                let again = self.unreadable.as_ref() == Some(&error);
+                self.unreadable = Some(error.clone());
+                if again && !self.reported {
+                    self.reported = true;
+                    return Step::Unreadable(error);
+                }
+                return Step::Wait;
             }
         };
         self.unreadable = None;
+        self.reported = false;
         let steady = self.seen.replace(found.clone()).as_ref() == Some(&found);
-        match () {
-            _ if found == loaded => {
-                self.failed = None;
-                Step::Current
-            }
-            _ if !steady || self.failed.as_ref() == Some(&found) => Step::Wait,
-            _ => Step::Reload,
+        if found == loaded {
+            self.failed = None;
+            Step::Current
+        } else if steady && self.failed.as_ref() != Some(&found) {
+            Step::Reload(found)
+        } else {
+            Step::Wait
         }
     }
 
-    /// Records how the reload of the version last seen went.
-    fn reloaded(&mut self, succeeded: bool) {
-        self.failed = match succeeded {
-            true => None,
-            false => self.seen.clone(),
-        };
+    /// Records that `version` cannot load.
+    fn failed(&mut self, version: String) {
+        self.failed = Some(version);
     }
 }
 
@@ -277,6 +356,10 @@ mod tests {
 
     fn unreadable() -> Result<String, ReloadError> {
         Err(SignatureError::Missing(PathBuf::from("rules")).into())
+    }
+
+    fn reload(version: &str) -> Step {
+        Step::Reload(version.into())
     }
 
     #[test]
@@ -293,26 +376,30 @@ mod tests {
             Step::Wait,
             "still changing"
         );
-        assert_eq!(check.next(Ok("v3".into()), "v1"), Step::Reload);
-        check.reloaded(true);
+        assert_eq!(check.next(Ok("v3".into()), "v1"), reload("v3"));
         assert_eq!(check.next(Ok("v3".into()), "v3"), Step::Current);
     }
 
     #[test]
-    fn a_version_that_failed_is_not_tried_again() {
+    fn a_version_that_cannot_load_is_not_tried_again() {
         let mut check = Check::default();
         check.next(Ok("bad".into()), "v1");
-        assert_eq!(check.next(Ok("bad".into()), "v1"), Step::Reload);
-        check.reloaded(false);
+        assert_eq!(check.next(Ok("bad".into()), "v1"), reload("bad"));
+        check.failed("bad".into());
         assert_eq!(check.next(Ok("bad".into()), "v1"), Step::Wait);
         assert_eq!(check.next(Ok("fixed".into()), "v1"), Step::Wait);
-        assert_eq!(check.next(Ok("fixed".into()), "v1"), Step::Reload);
+        assert_eq!(check.next(Ok("fixed".into()), "v1"), reload("fixed"));
     }
 
     #[test]
-    fn unreadable_files_are_reported_once_and_break_the_streak() {
+    fn unreadable_files_are_reported_after_two_looks_once_and_break_the_streak() {
         let mut check = Check::default();
         check.next(Ok("v2".into()), "v1");
+        assert_eq!(
+            check.next(unreadable(), "v1"),
+            Step::Wait,
+            "maybe a passing state"
+        );
         assert!(
             matches!(check.next(unreadable(), "v1"), Step::Unreadable(e) if e.contains("rules"))
         );
@@ -326,7 +413,7 @@ mod tests {
             Step::Wait,
             "seen once since"
         );
-        assert_eq!(check.next(Ok("v2".into()), "v1"), Step::Reload);
+        assert_eq!(check.next(Ok("v2".into()), "v1"), reload("v2"));
     }
 
     #[test]
@@ -334,12 +421,29 @@ mod tests {
         let mut check = Check::default();
         check.next(Ok("bad".into()), "v1");
         check.next(Ok("bad".into()), "v1");
-        check.reloaded(false);
+        check.failed("bad".into());
         assert_eq!(check.next(Ok("v1".into()), "v1"), Step::Current);
+        check.next(unreadable(), "v1");
         assert!(matches!(
             check.next(unreadable(), "v1"),
             Step::Unreadable(_)
         ));
         assert_eq!(check.next(Ok("v1".into()), "v1"), Step::Current);
+    }
+
+    #[test]
+    fn the_periodic_check_loads_only_the_version_it_saw_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yar"), "rule a { condition: true }").unwrap();
+        let seen = Ruleset::version_of(dir.path()).unwrap();
+        std::fs::write(dir.path().join("b.yar"), "rule b { condition: true }").unwrap();
+        let moved_on = load_changed(dir.path(), None, "loaded", Some(&seen)).unwrap();
+        assert!(moved_on.is_none(), "files changed since the looks");
+        let any = load_changed(dir.path(), None, "loaded", None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(any.rule_count(), 2);
+        let current = load_changed(dir.path(), None, any.version(), None).unwrap();
+        assert!(current.is_none(), "unchanged");
     }
 }

@@ -255,7 +255,7 @@ impl Server {
         &self.svm
     }
 
-    /// What reloads the signatures (SIGHUP, for `scanserver serve`).
+    /// What reloads the signatures (on SIGHUP, for `scanserver serve`).
     pub fn reloader(&self) -> &Arc<Reloader> {
         &self.reloader
     }
@@ -451,8 +451,8 @@ fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
     Ok(config)
 }
 
-/// Resolves on SIGTERM or Ctrl-C. (SIGHUP reloads the signatures: see
-/// [`Reloader::on_hangup`].)
+/// Resolves on SIGTERM or Ctrl-C. (While serving, SIGHUP reloads the
+/// signatures: see [`Reloader::on_hangup`].)
 pub async fn termination_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let ctrl_c = async {

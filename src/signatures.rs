@@ -177,6 +177,20 @@ impl SignatureError {
         }
     }
 
+    /// The error with at most the first `errors` of a compile's errors in
+    /// full, and how many more there are.
+    pub fn abridged(&self, errors: usize) -> String {
+        match self {
+            SignatureError::Compile(all) if all.len() > errors => format!(
+                "{} errors in the ruleset; the first {errors}:\n{}and {} more (`scanserver rules check` lists them all)",
+                all.len(),
+                DiagnosticList(&all[..errors]),
+                all.len() - errors
+            ),
+            other => other.to_string(),
+        }
+    }
+
     fn io(path: &Path, source: io::Error) -> Self {
         SignatureError::Io {
             path: path.to_owned(),

@@ -267,11 +267,16 @@ impl Svm {
         self.engine.metrics().report(delivered);
     }
 
-    /// Records the outcome of a reload of the signatures: why it failed,
-    /// or `None` when the loaded ones are those on disk.
-    pub fn signatures_updated(&self, failure: Option<String>) {
-        *lock(&self.signatures_update) = failure;
+    /// Records the outcome of a reload of the signatures: the loaded ones
+    /// are those on disk, or why not.
+    pub fn reloaded(&self, result: Result<(), String>) {
+        *lock(&self.signatures_update) = result.err();
         self.refresh();
+    }
+
+    /// Why the last reload of the signatures failed, if it did.
+    pub fn signatures_update_failure(&self) -> Option<String> {
+        lock(&self.signatures_update).clone()
     }
 
     /// Probes the infrastructure endpoint (when configured) with a TCP
@@ -416,7 +421,7 @@ impl Svm {
             ruleset.version(),
             humantime::format_duration(age)
         );
-        if let Some(failure) = &*lock(&self.signatures_update) {
+        if let Some(failure) = self.signatures_update_failure() {
             signatures_detail += &format!("; the last reload failed: {failure}");
         }
         vec![

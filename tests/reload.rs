@@ -265,3 +265,33 @@ async fn the_periodic_check_loads_new_signatures_and_reports_broken_ones() {
         "still the last good rules"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_errors_are_abridged_in_the_answer() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    for i in 0..15 {
+        let long = "x".repeat(2000);
+        let source = format!("rule broken_{i} {{ condition: no_such_{i} or \"{long}\" }}\n");
+        std::fs::write(rules.path().join(format!("broken_{i:02}.yar")), source).unwrap();
+    }
+    let refused = server
+        .admin_client()
+        .await
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let message = refused.message();
+    assert!(
+        message.starts_with("15 errors in the ruleset; the first 10:")
+            && message.contains("broken_00.yar:1:")
+            && !message.contains("broken_14.yar")
+            && message.len() < 9 << 10
+            && message.ends_with(&format!(
+                "the SVM goes on with signatures version {}",
+                server.state.engine.ruleset().version()
+            )),
+        "{message}"
+    );
+}

@@ -894,9 +894,18 @@ async fn metrics_count_scans_verdicts_and_agents() {
         "scanserver_protected_vms 1",
         "scanserver_cache_entries 2",
         "scanserver_cache_hits_total 1",
+        &format!(
+            "scanserver_signatures_rules {}",
+            server.state.engine.ruleset().rule_count()
+        ),
+        "scanserver_signatures_update_failed 0",
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }
+    assert!(
+        text.contains("scanserver_signatures_age_seconds "),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -372,7 +372,8 @@ enum RulesCommand {
         path: PathBuf,
     },
     /// Make a running server read its signatures again (as SIGHUP does),
-    /// and load them if they changed; waits until they are loaded.
+    /// and load them if they changed; waits until they are loaded (10
+    /// minutes at most: the server finishes the reload all the same).
     ///
     /// Signatures that do not load replace nothing: the server goes on
     /// with those it had, and the errors are printed. Exit status: 0

@@ -256,9 +256,13 @@ impl ProtectionServer for ProtectionService {
         }
         let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
         for (index, waiter) in under_way {
+            // A scan that began under these signatures may have run with
+            // newer ones (replaced meanwhile): the reply has one version
+            // for all its verdicts, so such a verdict is left out.
             results[index].verdict = waiter
                 .verdict(deadline)
                 .await
+                .filter(|landed| *landed.rules_version == *ruleset.version())
                 .map(|landed| FileVerdict::in_lookup(&landed, true));
         }
         // A verdict given by digest counts for the agent's VM as one given
