@@ -123,7 +123,7 @@ impl Admin for AdminService {
                 .ruleset
                 .warnings()
                 .iter()
-                .map(|w| w.text.clone())
+                .map(|w| w.to_string())
                 .collect()
         } else {
             Vec::new()
@@ -244,24 +244,25 @@ pub fn render_status(reply: &StatusReply) -> String {
 /// `scanserver rules reload` as text.
 pub fn render_reload(reply: &ReloadSignaturesReply) -> String {
     let signatures = reply.signatures.clone().unwrap_or_default();
-    let mut out = String::new();
-    for warning in &reply.warnings {
-        out += &format!("{}\n", warning.trim_end());
-    }
-    out += &match reply.changed {
-        true => format!(
-            "signatures reloaded: version {} ({} rules, {} warnings) replaces {}, in {:.2} s\n",
-            signatures.version,
-            signatures.rule_count,
-            reply.warnings.len(),
-            reply.previous_version,
-            reply.elapsed_ms as f64 / 1000.0
-        ),
-        false => format!(
+    if !reply.changed {
+        return format!(
             "signatures unchanged: version {} ({} rules)\n",
             signatures.version, signatures.rule_count
-        ),
-    };
+        );
+    }
+    let mut out = format!(
+        "signatures reloaded: version {} ({} rules) replaces {}, in {:.2} s\n",
+        signatures.version,
+        signatures.rule_count,
+        reply.previous_version,
+        reply.elapsed_ms as f64 / 1000.0
+    );
+    if !reply.warnings.is_empty() {
+        out += &format!(
+            "{} compiler warnings (`scanserver rules check` shows them; --json lists them)\n",
+            reply.warnings.len()
+        );
+    }
     out
 }
 

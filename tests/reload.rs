@@ -61,6 +61,16 @@ async fn scan_unknown(server: &TestServer, session: &str, data: &[u8]) -> (Vec<S
     (rules, file_verdict(kind).signatures_version)
 }
 
+/// The error of a reload that must fail.
+async fn refused_reload(server: &TestServer) -> tonic::Status {
+    server
+        .admin_client()
+        .await
+        .reload_signatures(ReloadSignaturesRequest {})
+        .await
+        .unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_signatures_replace_the_old_and_nothing_stale_is_served() {
     let rules = tempfile::tempdir().unwrap();
@@ -129,11 +139,8 @@ async fn signatures_that_do_not_load_replace_nothing() {
     let broken = rules.path().join("broken.yar");
     std::fs::write(&broken, "rule fine { condition: true }\nrule broken {\n").unwrap();
 
+    let refused = refused_reload(&server).await;
     let mut admin = server.admin_client().await;
-    let refused = admin
-        .reload_signatures(ReloadSignaturesRequest {})
-        .await
-        .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(
         refused.message().contains("broken.yar:3:1")
@@ -200,12 +207,7 @@ async fn a_ruleset_with_nothing_to_find_replaces_nothing() {
         "private rule helper { condition: true }\n",
     )
     .unwrap();
-    let refused = server
-        .admin_client()
-        .await
-        .reload_signatures(ReloadSignaturesRequest {})
-        .await
-        .unwrap_err();
+    let refused = refused_reload(&server).await;
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(
         refused.message().contains("no rule that can match"),
@@ -275,12 +277,7 @@ async fn many_errors_are_abridged_in_the_answer() {
         let source = format!("rule broken_{i} {{ condition: no_such_{i} or \"{long}\" }}\n");
         std::fs::write(rules.path().join(format!("broken_{i:02}.yar")), source).unwrap();
     }
-    let refused = server
-        .admin_client()
-        .await
-        .reload_signatures(ReloadSignaturesRequest {})
-        .await
-        .unwrap_err();
+    let refused = refused_reload(&server).await;
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     let message = refused.message();
     assert!(
