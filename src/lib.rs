@@ -20,8 +20,9 @@
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
 //! * [`config`]: the server's configuration (TOML, environment, flags).
-//! * [`server`]: the agent listener (TLS, health, reflection), the admin and
+//! * [`server`]: the agent listener (health, reflection), the admin and
 //!   metrics listeners, the background tasks, and graceful shutdown.
+//! * [`tls`]: the agent listener's TLS and mutual TLS, reloaded on SIGHUP.
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
 //! * [`vms`]: the protected VMs of the last 30 days, their status and
@@ -64,6 +65,7 @@ pub mod shutdown;
 pub mod signatures;
 pub mod state;
 pub mod status;
+pub mod tls;
 pub mod verdict;
 pub mod vms;
 

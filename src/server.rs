@@ -10,18 +10,15 @@
 //! flight may finish and reply, up to the configured grace period. Then the
 //! verdict cache and the protected VMs are saved.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming},
-};
+use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 
 use crate::{
     admin::{self, AdminService},
     auth::{BearerToken, RequireToken, TokenError},
-    config::{Config, TlsConfig},
+    config::Config,
     engine::Engine,
     metrics,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
@@ -31,6 +28,7 @@ use crate::{
     shutdown::shut_down,
     state::{self, StateDir},
     status::Svm,
+    tls::{Tls, TlsError},
     vms::Vms,
 };
 
@@ -57,9 +55,6 @@ const MAX_FRAME_SIZE: u32 = 1 << 20;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a client may take over its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The connections accepted on `listener`, with Nagle's algorithm off.
 /// Replies are small messages that the agent waits for (a request for
 /// content, a verdict); with Nagle on, one would wait for the agent's
@@ -85,12 +80,8 @@ pub enum ServerError {
     Reporting(#[from] ReportingError),
     #[error("--admin-token-file / server.admin_token_file: {0}")]
     AdminToken(#[from] TokenError),
-    #[error("cannot read {what} {}: {source}", path.display())]
-    TlsFile {
-        what: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot prepare the spool folder {}: {source} (use --spool-dir to pick another)", path.display())]
     Spool {
         path: std::path::PathBuf,
@@ -100,17 +91,6 @@ pub enum ServerError {
     State {
         path: std::path::PathBuf,
         source: std::io::Error,
-    },
-    #[error(
-        "the TLS settings (certificate {}, key {}{}) are not usable: {}; check that the certificate and key are PEM and belong together, and the client CA holds a certificate",
-        settings.cert.display(),
-        settings.key.display(),
-        settings.client_ca.as_ref().map(|ca| format!(", client CA {}", ca.display())).unwrap_or_default(),
-        crate::WithCauses(error)
-    )]
-    Tls {
-        settings: TlsConfig,
-        error: tonic::transport::Error,
     },
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
@@ -130,7 +110,7 @@ pub struct Server {
     admin: Option<TcpListener>,
     admin_token: Option<BearerToken>,
     metrics: Option<TcpListener>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<Tls>>,
     shutdown: watch::Sender<bool>,
     grace: std::time::Duration,
     state_dir: StateDir,
@@ -166,17 +146,14 @@ impl Server {
             Some(addr) => Some(bind(addr, "--metrics-listen").await?),
             None => None,
         };
-        let tls = config.tls.as_ref().map(tls_config).transpose()?;
-        if let (Some(settings), Some(tls)) = (&config.tls, &tls) {
-            // Tried now, so that unusable settings stop the server before
-            // anything starts, naming the files.
-            tonic::transport::Server::builder()
-                .tls_config(tls.clone())
-                .map_err(|error| ServerError::Tls {
-                    settings: settings.clone(),
-                    error,
-                })?;
-        }
+        // Read now, so that unusable settings stop the server before
+        // anything starts, naming the files.
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::load)
+            .transpose()?
+            .map(Arc::new);
         let path = config.server.state_dir();
         let state_dir =
             StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
@@ -206,6 +183,7 @@ impl Server {
             &config.rules,
             Arc::clone(&state),
             Arc::clone(&svm),
+            tls.clone(),
         ));
         Ok(Server {
             state,
@@ -287,9 +265,6 @@ impl Server {
             .max_frame_size(MAX_FRAME_SIZE)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-        if let Some(tls) = self.tls {
-            builder = builder.tls_config(tls)?;
-        }
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
         // The keepers make their last saves once serving is over, grace
         // period included: scans finishing in it change the cache and tags.
@@ -304,6 +279,7 @@ impl Server {
             self.snapshot_interval,
             served_rx,
         ));
+        let stopping = self.shutdown.subscribe();
         let shutdown = self.shutdown;
         let stop_accepting = async move {
             signal.await;
@@ -319,11 +295,20 @@ impl Server {
             let _ = shutdown.send(true);
             let _ = signalled_tx.send(());
         };
-        let serve = builder
+        let router = builder
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming(self.listener), stop_accepting);
+            .add_service(service);
+        let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.tls {
+                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                    tls.incoming(self.listener, stopping),
+                    stop_accepting,
+                )),
+                None => Box::pin(
+                    router.serve_with_incoming_shutdown(incoming(self.listener), stop_accepting),
+                ),
+            };
         let grace = self.grace;
         // The grace period ends early on a second SIGTERM or Ctrl-C (the
         // first took their default actions away); the last saves are made
@@ -424,31 +409,6 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Serve
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, flag, source })
-}
-
-fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, ServerError> {
-    let read = |what, path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| ServerError::TlsFile {
-            what,
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let identity = Identity::from_pem(
-        read("certificate", &tls.cert)?,
-        read("private key", &tls.key)?,
-    );
-    // A client that connects and never finishes its handshake must not
-    // hold its socket for ever.
-    let mut config = ServerTlsConfig::new()
-        .identity(identity)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
-    if let Some(ca) = &tls.client_ca {
-        // With a client CA, tonic requires every client to present a
-        // certificate that chains to it.
-        config = config.client_ca_root(Certificate::from_pem(read("client CA", ca)?));
-    }
-    Ok(config)
 }
 
 /// Resolves on SIGTERM or Ctrl-C. (While serving, SIGHUP reloads the

@@ -16,7 +16,9 @@ use scanserver::{
         ScanRequest, file_reply, file_request, protection_server_client::ProtectionServerClient,
         server_message,
     },
+    server::ServerError,
     service::Counters,
+    tls::TlsError,
     verdict::FailReason,
 };
 use tokio::sync::mpsc;
@@ -1442,11 +1444,87 @@ async fn tls_and_mutual_tls() {
     let err = refused.err().expect("unusable TLS settings are refused");
     let message = err.to_string();
     assert!(
-        matches!(err, scanserver::server::ServerError::Tls { .. })
-            && message.contains("server.pem")
-            && message.len() > "transport error".len() + 100,
+        matches!(err, ServerError::Tls(TlsError::File { .. }))
+            && message.contains("private key")
+            && message.contains("broken.key"),
         "{message}"
     );
+    // A key that is not the certificate's.
+    config.tls = Some(TlsConfig {
+        key: dir.path().join("client.key"),
+        ..tls(false)
+    });
+    let refused = scanserver::server::Server::bind(&config, shipped_engine()).await;
+    let err = refused
+        .err()
+        .expect("a key of another certificate is refused");
+    let message = err.to_string();
+    assert!(
+        matches!(err, ServerError::Tls(TlsError::Unusable { .. }))
+            && message.contains("server.pem")
+            && message.contains("client.key"),
+        "{message}"
+    );
+}
+
+/// A renewed certificate is served once the files are read again (SIGHUP
+/// for `scanserver serve`); files that cannot be used replace nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_served_after_a_reload() {
+    let (first, renewed, served) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    certificates(first.path());
+    certificates(renewed.path());
+    let install = |from: &Path| {
+        for file in ["server.pem", "server.key"] {
+            std::fs::copy(from.join(file), served.path().join(file)).unwrap();
+        }
+    };
+    install(first.path());
+    let server = TestServer::start(|c| {
+        c.tls = Some(TlsConfig {
+            cert: served.path().join("server.pem"),
+            key: served.path().join("server.key"),
+            client_ca: None,
+            vm_id_in_certificate: false,
+        })
+    })
+    .await;
+    let trusting = |ca: &Path| AgentOptions {
+        require_encryption: true,
+        tls: Some(ClientTls {
+            ca: Some(ca.join("ca.pem")),
+            identity: None,
+            domain: Some("localhost".into()),
+        }),
+        ..AgentOptions::for_host(format!("https://{}", server.addr))
+    };
+    // A client that connects and never begins its handshake holds up no
+    // one else's.
+    let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    Agent::connect(&trusting(first.path()))
+        .await
+        .expect("the first certificate is served");
+
+    install(renewed.path());
+    server.reloader.reload_certificates().unwrap();
+    assert!(
+        Agent::connect(&trusting(first.path())).await.is_err(),
+        "the first certificate is no longer served"
+    );
+    Agent::connect(&trusting(renewed.path()))
+        .await
+        .expect("the renewed certificate is served");
+
+    std::fs::write(served.path().join("server.key"), "not a key").unwrap();
+    let err = server.reloader.reload_certificates().unwrap_err();
+    assert!(err.to_string().contains("server.key"), "{err}");
+    Agent::connect(&trusting(renewed.path()))
+        .await
+        .expect("the renewed certificate is still served");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ use scanserver::{
         PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, agent_message, file_reply,
         file_request, protection_server_client::ProtectionServerClient, server_message,
     },
+    reload::Reloader,
     server::Server,
     service::ServiceState,
     signatures::Ruleset,
@@ -91,6 +92,7 @@ pub struct TestServer {
     pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
+    pub reloader: Arc<Reloader>,
     pub spool: tempfile::TempDir,
     _state: Option<tempfile::TempDir>,
     stop: oneshot::Sender<()>,
@@ -126,6 +128,7 @@ impl TestServer {
             server.metrics_addr(),
         );
         let (state, svm) = (Arc::clone(server.state()), Arc::clone(server.svm()));
+        let reloader = Arc::clone(server.reloader());
         let running = tokio::spawn(async move {
             server
                 .run(async move {
@@ -141,6 +144,7 @@ impl TestServer {
             metrics,
             state,
             svm,
+            reloader,
             spool,
             _state: (used == state_dir.path()).then_some(state_dir),
             stop,
