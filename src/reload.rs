@@ -1,11 +1,10 @@
-//! Signature updates while serving (and, on SIGHUP, new TLS certificates).
+//! Signature updates while serving.
 //!
 //! Signatures change several times a day; a restart to load them would end
 //! every agent's session. A running server reads its ruleset again when
 //! asked: by SIGHUP (what updaters send daemons once they have replaced
-//! the files; it also reads the agent listener's certificates again, see
-//! [`Tls`]; one read of the ruleset also follows the server's start, for
-//! an update that finished while it started), by the admin service's `ReloadSignatures`
+//! the files; one read also follows the server's start, for an update that
+//! finished while it started), by the admin service's `ReloadSignatures`
 //! (`scanserver rules reload`), or by its own periodic check of the files
 //! (`rules.check_interval`, every 5 minutes by default).
 //!
@@ -51,7 +50,6 @@ use crate::{
     shutdown::shut_down,
     signatures::{Ruleset, SignatureError},
     status::Svm,
-    tls::{Tls, TlsError},
 };
 
 /// Why a reload replaced nothing.
@@ -112,22 +110,14 @@ pub struct Reloader {
     source: PathBuf,
     cache_dir: Option<PathBuf>,
     check_interval: Duration,
-    /// The agent listener's TLS, read again on SIGHUP.
-    tls: Option<Arc<Tls>>,
     /// Held for the whole of a reload, and of a periodic look at the files
     /// (whose outcome would otherwise overwrite a reload's in the status).
     running: Mutex<()>,
 }
 
 impl Reloader {
-    pub fn new(
-        rules: &RulesConfig,
-        state: Arc<ServiceState>,
-        svm: Arc<Svm>,
-        tls: Option<Arc<Tls>>,
-    ) -> Self {
+    pub fn new(rules: &RulesConfig, state: Arc<ServiceState>, svm: Arc<Svm>) -> Self {
         Reloader {
-            tls,
             state,
             svm,
             source: rules.path.clone(),
@@ -203,7 +193,7 @@ impl Reloader {
 
     /// Reads the signatures once (for an update that finished while the
     /// server started, when SIGHUP was ignored), then again on every
-    /// SIGHUP, with the TLS certificates, for as long as the process runs.
+    /// SIGHUP, for as long as the process runs.
     pub async fn on_hangup(self: Arc<Self>) {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangups = match signal(SignalKind::hangup()) {
@@ -216,26 +206,9 @@ impl Reloader {
         // Outcomes are logged, and failures shown in the status.
         let _ = self.reload().await;
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reading the signatures and certificates again");
-            let _ = self.reload_certificates();
+            tracing::info!("SIGHUP: reading the signatures again");
             let _ = self.reload().await;
         }
-    }
-
-    /// Reads the agent listener's TLS files again (when it has TLS):
-    /// connections accepted from now on use them. Files that cannot be
-    /// used replace nothing; the outcome is logged.
-    pub fn reload_certificates(&self) -> Result<(), TlsError> {
-        let Some(tls) = &self.tls else {
-            return Ok(());
-        };
-        tls.reload()
-            .inspect(|()| tracing::info!("TLS certificates read again"))
-            .inspect_err(|err| {
-                tracing::error!(
-                    "the TLS settings cannot be used; connections go on with the earlier ones: {err}"
-                )
-            })
     }
 
     /// Looks at the ruleset's files every `rules.check_interval` (never

@@ -183,7 +183,6 @@ impl Server {
             &config.rules,
             Arc::clone(&state),
             Arc::clone(&svm),
-            tls.clone(),
         ));
         Ok(Server {
             state,
@@ -238,6 +237,12 @@ impl Server {
         &self.reloader
     }
 
+    /// The agent listener's TLS, if it has TLS (read again on SIGHUP, for
+    /// `scanserver serve`).
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.as_ref()
+    }
+
     /// Serves until `signal` resolves, then shuts down gracefully.
     pub async fn run(
         mut self,
@@ -279,7 +284,6 @@ impl Server {
             self.snapshot_interval,
             served_rx,
         ));
-        let stopping = self.shutdown.subscribe();
         let shutdown = self.shutdown;
         let stop_accepting = async move {
             signal.await;
@@ -301,10 +305,10 @@ impl Server {
             .add_service(service);
         let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match self.tls {
-                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                    tls.incoming(self.listener, stopping),
-                    stop_accepting,
-                )),
+                Some(tls) => Box::pin(
+                    router
+                        .serve_with_incoming_shutdown(tls.incoming(self.listener), stop_accepting),
+                ),
                 None => Box::pin(
                     router.serve_with_incoming_shutdown(incoming(self.listener), stop_accepting),
                 ),
@@ -412,7 +416,8 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Serve
 }
 
 /// Resolves on SIGTERM or Ctrl-C. (While serving, SIGHUP reloads the
-/// signatures: see [`Reloader::on_hangup`].)
+/// signatures and the TLS files: see [`Reloader::on_hangup`] and
+/// [`Tls::on_hangup`].)
 pub async fn termination_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let ctrl_c = async {

@@ -2,19 +2,28 @@
 //! from PEM files, checked when the server starts, and read again on
 //! SIGHUP, so that a renewed certificate (or CA) is served without a
 //! restart, which would end every agent's session. Connections already
-//! open keep what they were accepted with.
+//! open keep what they were accepted with: an agent whose certificate
+//! a new CA no longer admits stays connected until it reconnects (or
+//! the server restarts).
 //!
-//! Each handshake runs on a task of its own, within 10 seconds: a client
-//! that connects and never finishes its handshake neither holds its socket
-//! for ever nor holds up anyone else's.
+//! Each handshake runs on a task of its own, within 10 seconds, at most
+//! [`MAX_HANDSHAKES`] at once (further connections wait in the kernel's
+//! backlog): a client that connects and never finishes its handshake
+//! neither holds its socket for ever nor holds up anyone else's.
 
-use std::{io, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::mpsc,
+    task::JoinSet,
 };
 use tokio_rustls::{
     TlsAcceptor,
@@ -23,33 +32,49 @@ use tokio_rustls::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{config::TlsConfig, shutdown::shut_down};
+use crate::config::TlsConfig;
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once.
+pub const MAX_HANDSHAKES: usize = 256;
+
 /// Connections that finished their handshake and wait for the server to
 /// take them.
-const HANDSHAKEN_BACKLOG: usize = 64;
+const ACCEPTED_QUEUE: usize = 64;
 
 /// TLS settings that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read the {what} {}: {source} (PEM is expected)", path.display())]
-    File {
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("the {what} {} is not PEM: {source}", path.display())]
+    Pem {
         what: &'static str,
         path: PathBuf,
         source: rustls_pki_types::pem::Error,
     },
     #[error(
-        "the TLS settings (certificate {}, key {}{}) are not usable: {error}; check that the certificate and key are PEM and belong together, and the client CA holds a certificate",
+        "the private key {} is not the key of the certificate {}",
+        settings.key.display(),
+        settings.cert.display()
+    )]
+    KeyMismatch { settings: Box<TlsConfig> },
+    #[error(
+        "the TLS settings (certificate {}, key {}{}) are not usable",
         settings.cert.display(),
         settings.key.display(),
         settings.client_ca.as_ref().map(|ca| format!(", client CA {}", ca.display())).unwrap_or_default(),
     )]
     Unusable {
-        settings: TlsConfig,
-        error: Box<dyn std::error::Error + Send + Sync>,
+        settings: Box<TlsConfig>,
+        #[source]
+        error: Box<rustls::Error>,
     },
 }
 
@@ -57,57 +82,99 @@ pub enum TlsError {
 pub struct Tls {
     settings: TlsConfig,
     config: ArcSwap<ServerConfig>,
+    /// The digest of the files the config was made of: a reload of the
+    /// same files changes nothing.
+    files: Mutex<blake3::Hash>,
 }
 
 impl Tls {
     /// Reads and checks the files `settings` names.
     pub fn load(settings: &TlsConfig) -> Result<Tls, TlsError> {
+        let files = Files::read(settings)?;
         Ok(Tls {
-            config: ArcSwap::from_pointee(server_config(settings)?),
+            config: ArcSwap::from_pointee(files.server_config(settings)?),
+            files: Mutex::new(files.digest()),
             settings: settings.clone(),
         })
     }
 
-    /// Reads the files again; connections accepted from now on use them.
-    /// Files that cannot be used replace nothing.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.settings)?;
-        self.config.store(Arc::new(config));
-        Ok(())
+    /// Reads the files again: when they changed, connections accepted from
+    /// now on use them; false when they did not. Files that cannot be used
+    /// replace nothing.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let files = Files::read(&self.settings)?;
+        let mut loaded = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if *loaded == files.digest() {
+            return Ok(false);
+        }
+        self.config
+            .store(Arc::new(files.server_config(&self.settings)?));
+        *loaded = files.digest();
+        Ok(true)
+    }
+
+    /// Reads the files once (for a renewal that finished while the server
+    /// started, when SIGHUP was ignored), then again on every SIGHUP, for
+    /// as long as the process runs. Outcomes are logged.
+    pub async fn on_hangup(self: Arc<Self>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(err) => {
+                tracing::warn!("SIGHUP will not reload the TLS certificates: {err}");
+                return;
+            }
+        };
+        loop {
+            // A few small files: read on the runtime's thread.
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(cert = %self.settings.cert.display(), "TLS files read again: new connections use them")
+                }
+                Ok(false) => tracing::debug!("TLS files unchanged"),
+                Err(err) => tracing::error!(
+                    "TLS files not reloaded, new connections keep the earlier ones: {}",
+                    crate::WithCauses(&err)
+                ),
+            }
+            if hangups.recv().await.is_none() {
+                return;
+            }
+        }
     }
 
     /// The connections accepted on `listener` (Nagle's algorithm off, see
-    /// `server::incoming`), once their handshake is done, until `shutdown`.
+    /// `server::incoming`), once their handshake is done, for as long as
+    /// the stream is held (tonic drops it when it stops accepting).
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
     ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-        let (handshaken, incoming) = mpsc::channel(HANDSHAKEN_BACKLOG);
+        let (accepted, incoming) = mpsc::channel(ACCEPTED_QUEUE);
         tokio::spawn(async move {
+            // Dropped with this task, which aborts the handshakes left.
+            let mut handshakes = JoinSet::new();
+            let mut warned = false;
             loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    () = shut_down(&mut shutdown) => return,
-                    () = handshaken.closed() => return,
+                let (tcp, peer) = tokio::select! {
+                    tcp = listener.accept(), if handshakes.len() < MAX_HANDSHAKES => match tcp {
+                        Ok(tcp) => tcp,
+                        Err(err) => {
+                            accept_failed(err, &mut warned).await;
+                            continue;
+                        }
+                    },
+                    Some(_) = handshakes.join_next() => continue,
+                    () = accepted.closed() => return,
                 };
-                let (tcp, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors, say: wait for some to
-                        // be freed rather than spin.
-                        tracing::warn!("cannot accept a connection: {err}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+                warned = false;
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(self.config.load_full());
-                let handshaken = handshaken.clone();
-                tokio::spawn(async move {
+                let accepted = accepted.clone();
+                handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = handshaken.send(Ok(stream)).await;
+                            let _ = accepted.send(Ok(stream)).await;
                         }
                         Ok(Err(err)) => tracing::debug!(%peer, "TLS handshake failed: {err}"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -119,60 +186,117 @@ impl Tls {
     }
 }
 
-/// The rustls configuration `settings` make: the server's certificate
-/// chain and key, and with a client CA, a certificate from it required of
-/// every client. HTTP/2 only, as gRPC needs.
-fn server_config(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    let unusable = |error: Box<dyn std::error::Error + Send + Sync>| TlsError::Unusable {
-        settings: settings.clone(),
-        error,
-    };
-    let certs = certificates("certificate", &settings.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|source| TlsError::File {
-        what: "private key",
-        path: settings.key.clone(),
-        source,
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| unusable(e.into()))?;
-    let builder = match &settings.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in certificates("client CA", ca)? {
-                roots.add(cert).map_err(|e| unusable(e.into()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| unusable(e.into()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| unusable(e.into()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+/// After a failed accept: at once for what concerns one connection (reset
+/// before it was taken, say); otherwise (out of file descriptors, say) a
+/// warning, once until an accept succeeds, and a pause rather than a spin.
+async fn accept_failed(err: io::Error, warned: &mut bool) {
+    use io::ErrorKind::*;
+    if matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+    ) {
+        return;
+    }
+    if !*warned {
+        tracing::warn!("cannot accept connections: {err}");
+        *warned = true;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// The certificates in the PEM file at `path` (the `what` of the settings).
-fn certificates(
-    what: &'static str,
-    path: &std::path::Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file_error = |source| TlsError::File {
-        what,
-        path: path.to_owned(),
-        source,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(file_error)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(file_error)?;
-    match certs.is_empty() {
-        true => Err(file_error(rustls_pki_types::pem::Error::NoItemsFound)),
-        false => Ok(certs),
+/// The contents of the files the settings name.
+struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Files {
+    fn read(settings: &TlsConfig) -> Result<Files, TlsError> {
+        let read = |what, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(Files {
+            cert: read("certificate", &settings.cert)?,
+            key: read("private key", &settings.key)?,
+            client_ca: settings
+                .client_ca
+                .as_deref()
+                .map(|ca| read("client CA", ca))
+                .transpose()?,
+        })
     }
+
+    fn digest(&self) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new();
+        for part in [
+            &self.cert,
+            &self.key,
+            self.client_ca.as_ref().unwrap_or(&Vec::new()),
+        ] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        hasher.finalize()
+    }
+
+    /// The rustls configuration the files make: the server's certificate
+    /// chain and key, and with a client CA, a certificate from it required
+    /// of every client. HTTP/2 only, as gRPC needs.
+    fn server_config(&self, settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
+        let unusable = |error| TlsError::Unusable {
+            settings: Box::new(settings.clone()),
+            error: Box::new(error),
+        };
+        let pem = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| TlsError::Pem { what, path, source }
+        };
+        let certs = certificates(&self.cert).map_err(pem("certificate", &settings.cert))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key).map_err(pem("private key", &settings.key))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(unusable)?;
+        let builder = match (&self.client_ca, &settings.client_ca) {
+            (Some(ca), Some(path)) => {
+                let mut roots = RootCertStore::empty();
+                for cert in certificates(ca).map_err(pem("client CA", path))? {
+                    roots.add(cert).map_err(unusable)?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| unusable(rustls::Error::General(e.to_string())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|error| match error {
+                rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                    settings: Box::new(settings.clone()),
+                },
+                error => unusable(error),
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+/// The certificates of PEM `bytes`: at least one.
+fn certificates(
+    bytes: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, rustls_pki_types::pem::Error> {
+    let certs = CertificateDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        return Err(rustls_pki_types::pem::Error::NoItemsFound);
+    }
+    Ok(certs)
 }

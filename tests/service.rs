@@ -1444,7 +1444,7 @@ async fn tls_and_mutual_tls() {
     let err = refused.err().expect("unusable TLS settings are refused");
     let message = err.to_string();
     assert!(
-        matches!(err, ServerError::Tls(TlsError::File { .. }))
+        matches!(err, ServerError::Tls(TlsError::Pem { .. }))
             && message.contains("private key")
             && message.contains("broken.key"),
         "{message}"
@@ -1460,15 +1460,16 @@ async fn tls_and_mutual_tls() {
         .expect("a key of another certificate is refused");
     let message = err.to_string();
     assert!(
-        matches!(err, ServerError::Tls(TlsError::Unusable { .. }))
+        matches!(err, ServerError::Tls(TlsError::KeyMismatch { .. }))
             && message.contains("server.pem")
             && message.contains("client.key"),
         "{message}"
     );
 }
 
-/// A renewed certificate is served once the files are read again (SIGHUP
-/// for `scanserver serve`); files that cannot be used replace nothing.
+/// A renewed certificate, or a new client CA, is used once the files are
+/// read again (SIGHUP for `scanserver serve`); files that cannot be used
+/// replace nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewed_certificates_are_served_after_a_reload() {
     let (first, renewed, served) = (
@@ -1479,7 +1480,7 @@ async fn renewed_certificates_are_served_after_a_reload() {
     certificates(first.path());
     certificates(renewed.path());
     let install = |from: &Path| {
-        for file in ["server.pem", "server.key"] {
+        for file in ["server.pem", "server.key", "ca.pem"] {
             std::fs::copy(from.join(file), served.path().join(file)).unwrap();
         }
     };
@@ -1488,16 +1489,19 @@ async fn renewed_certificates_are_served_after_a_reload() {
         c.tls = Some(TlsConfig {
             cert: served.path().join("server.pem"),
             key: served.path().join("server.key"),
-            client_ca: None,
+            client_ca: Some(served.path().join("ca.pem")),
             vm_id_in_certificate: false,
         })
     })
     .await;
-    let trusting = |ca: &Path| AgentOptions {
+    let tls = server.tls.as_ref().unwrap();
+    // An agent trusting the server of `trusted` and presenting the client
+    // certificate of `identity`, if any.
+    let agent = |trusted: &Path, identity: Option<&Path>| AgentOptions {
         require_encryption: true,
         tls: Some(ClientTls {
-            ca: Some(ca.join("ca.pem")),
-            identity: None,
+            ca: Some(trusted.join("ca.pem")),
+            identity: identity.map(|dir| (dir.join("client.pem"), dir.join("client.key"))),
             domain: Some("localhost".into()),
         }),
         ..AgentOptions::for_host(format!("https://{}", server.addr))
@@ -1505,26 +1509,45 @@ async fn renewed_certificates_are_served_after_a_reload() {
     // A client that connects and never begins its handshake holds up no
     // one else's.
     let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    Agent::connect(&trusting(first.path()))
+    Agent::connect(&agent(first.path(), Some(first.path())))
         .await
-        .expect("the first certificate is served");
+        .expect("the first certificates are used");
+    assert!(!tls.reload().unwrap(), "the same files change nothing");
 
     install(renewed.path());
-    server.reloader.reload_certificates().unwrap();
-    assert!(
-        Agent::connect(&trusting(first.path())).await.is_err(),
-        "the first certificate is no longer served"
-    );
-    Agent::connect(&trusting(renewed.path()))
+    assert!(tls.reload().unwrap());
+    for (trusted, identity, why) in [
+        (
+            first.path(),
+            Some(renewed.path()),
+            "the first certificate is no longer served",
+        ),
+        (
+            renewed.path(),
+            Some(first.path()),
+            "the first client CA no longer admits",
+        ),
+        (
+            renewed.path(),
+            None,
+            "a client certificate is still required",
+        ),
+    ] {
+        assert!(
+            Agent::connect(&agent(trusted, identity)).await.is_err(),
+            "{why}"
+        );
+    }
+    Agent::connect(&agent(renewed.path(), Some(renewed.path())))
         .await
-        .expect("the renewed certificate is served");
+        .expect("the renewed certificates are used");
 
     std::fs::write(served.path().join("server.key"), "not a key").unwrap();
-    let err = server.reloader.reload_certificates().unwrap_err();
+    let err = tls.reload().unwrap_err();
     assert!(err.to_string().contains("server.key"), "{err}");
-    Agent::connect(&trusting(renewed.path()))
+    Agent::connect(&agent(renewed.path(), Some(renewed.path())))
         .await
-        .expect("the renewed certificate is still served");
+        .expect("the renewed certificates are still used");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

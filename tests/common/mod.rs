@@ -27,6 +27,7 @@ use scanserver::{
     service::ServiceState,
     signatures::Ruleset,
     status::Svm,
+    tls::Tls,
     verdict::Verdict,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -93,6 +94,7 @@ pub struct TestServer {
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
     pub reloader: Arc<Reloader>,
+    pub tls: Option<Arc<Tls>>,
     pub spool: tempfile::TempDir,
     _state: Option<tempfile::TempDir>,
     stop: oneshot::Sender<()>,
@@ -129,6 +131,7 @@ impl TestServer {
         );
         let (state, svm) = (Arc::clone(server.state()), Arc::clone(server.svm()));
         let reloader = Arc::clone(server.reloader());
+        let tls = server.tls().cloned();
         let running = tokio::spawn(async move {
             server
                 .run(async move {
@@ -145,6 +148,7 @@ impl TestServer {
             state,
             svm,
             reloader,
+            tls,
             spool,
             _state: (used == state_dir.path()).then_some(state_dir),
             stop,
