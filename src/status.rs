@@ -91,6 +91,7 @@ impl SvmReason {
             SvmReason::SignaturesOutdated => "signatures outdated",
             SvmReason::ScanQueueSaturated => "scan queue saturated",
             SvmReason::SignaturesUpdateFailed => "signatures update failed",
+            SvmReason::TlsUpdateFailed => "TLS update failed",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -103,6 +104,7 @@ impl SvmReason {
             | SvmReason::SignaturesOutdated
             | SvmReason::ScanQueueSaturated
             | SvmReason::SignaturesUpdateFailed
+            | SvmReason::TlsUpdateFailed
             | SvmReason::Unspecified => Health::Warning,
         }
     }
@@ -163,6 +165,9 @@ pub struct Svm {
     load: Mutex<LoadMeter>,
     /// Why the last reload of the signatures failed, until one succeeds.
     signatures_update: Mutex<Option<String>>,
+    /// Why the last reload of the agent listener's TLS files failed, until
+    /// one succeeds.
+    tls_update: Mutex<Option<String>>,
     status: watch::Sender<SvmStatus>,
 }
 
@@ -199,6 +204,7 @@ impl Svm {
             probe: enabled(config.infrastructure.endpoint.is_some()),
             load: Mutex::new(LoadMeter::default()),
             signatures_update: Mutex::new(None),
+            tls_update: Mutex::new(None),
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
         };
@@ -228,6 +234,7 @@ impl Svm {
                 lock(&self.signatures_update).is_some(),
                 SvmReason::SignaturesUpdateFailed,
             ),
+            (lock(&self.tls_update).is_some(), SvmReason::TlsUpdateFailed),
         ];
         SvmStatus::of(
             conditions
@@ -271,6 +278,13 @@ impl Svm {
     /// are those on disk, or why not.
     pub fn reloaded(&self, result: Result<(), String>) {
         *lock(&self.signatures_update) = result.err();
+        self.refresh();
+    }
+
+    /// Records the outcome of a reload of the agent listener's TLS files:
+    /// new connections use them, or why not.
+    pub fn tls_reloaded(&self, result: Result<(), String>) {
+        *lock(&self.tls_update) = result.err();
         self.refresh();
     }
 
@@ -459,15 +473,19 @@ impl Svm {
             ),
             component(
                 "agent listener",
-                ComponentState::Ok,
+                state_for(SvmReason::TlsUpdateFailed),
                 format!(
-                    "listening on {}{}",
+                    "listening on {}{}{}",
                     self.identity.listen,
                     if self.identity.encrypted {
                         " (TLS)"
                     } else {
                         ""
-                    }
+                    },
+                    lock(&self.tls_update)
+                        .as_ref()
+                        .map(|failure| format!("; the last TLS reload failed: {failure}"))
+                        .unwrap_or_default()
                 ),
                 [
                     ("connected agents", self.sessions.len() as u64),

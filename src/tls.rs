@@ -32,7 +32,7 @@ use tokio_rustls::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::TlsConfig;
+use crate::{config::TlsConfig, status::Svm};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,8 +115,9 @@ impl Tls {
 
     /// Reads the files once (for a renewal that finished while the server
     /// started, when SIGHUP was ignored), then again on every SIGHUP, for
-    /// as long as the process runs. Outcomes are logged.
-    pub async fn on_hangup(self: Arc<Self>) {
+    /// as long as the process runs. Outcomes are logged, and failures shown
+    /// in `svm`'s status.
+    pub async fn on_hangup(self: Arc<Self>, svm: Arc<Svm>) {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangups = match signal(SignalKind::hangup()) {
             Ok(hangups) => hangups,
@@ -127,16 +128,19 @@ impl Tls {
         };
         loop {
             // A few small files: read on the runtime's thread.
-            match self.reload() {
+            let reloaded = self
+                .reload()
+                .map_err(|err| crate::WithCauses(&err).to_string());
+            match &reloaded {
                 Ok(true) => {
                     tracing::info!(cert = %self.settings.cert.display(), "TLS files read again: new connections use them")
                 }
                 Ok(false) => tracing::debug!("TLS files unchanged"),
                 Err(err) => tracing::error!(
-                    "TLS files not reloaded, new connections keep the earlier ones: {}",
-                    crate::WithCauses(&err)
+                    "TLS files not reloaded, new connections keep the earlier ones: {err}"
                 ),
             }
+            svm.tls_reloaded(reloaded.map(|_| ()));
             if hangups.recv().await.is_none() {
                 return;
             }

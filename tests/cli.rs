@@ -538,3 +538,49 @@ fn sighup_and_rules_reload_load_new_signatures() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains(&format!("version {version}")), "{text}");
 }
+
+/// `serve` reads its TLS files again on SIGHUP: files that cannot be used
+/// turn the SVM Warning (and replace nothing) until usable ones are read.
+#[test]
+fn sighup_reads_the_tls_files_again() {
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        state.path().join("server.pem"),
+        state.path().join("server.key"),
+    );
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    fs::write(&cert, certified.cert.pem()).unwrap();
+    fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
+        serve
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key);
+    });
+    wait_for_listener(listen);
+    let hangup = || {
+        // SAFETY: sending a signal to a child process of this test.
+        assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGHUP) }, 0);
+    };
+    fs::write(&key, "not a key").unwrap();
+    hangup();
+    let (text, _) = status_until(cache.path(), &admin_addr, "reason: TLS update failed");
+    assert!(text.contains("server.key is not PEM"), "{text}");
+    fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    hangup();
+    for _ in 0..100 {
+        let output = scanserver(cache.path())
+            .args(["status", "--admin", &admin_addr])
+            .output()
+            .unwrap();
+        if !String::from_utf8_lossy(&output.stdout).contains("TLS update failed") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the TLS failure is never cleared");
+}

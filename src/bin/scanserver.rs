@@ -622,7 +622,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         let server = Server::bind(&config, engine).await?;
         tokio::spawn(Arc::clone(server.reloader()).on_hangup());
         if let Some(tls) = server.tls() {
-            tokio::spawn(Arc::clone(tls).on_hangup());
+            tokio::spawn(Arc::clone(tls).on_hangup(Arc::clone(server.svm())));
         }
         tracing::info!(
             addr = %server.local_addr(),
