@@ -282,7 +282,18 @@ impl Collector for Live {
                 cache.budget,
             ),
         ];
-        for (name, help, value) in gauges {
+        let expiry = svm.certificate_expires().and_then(|expires| {
+            let seconds = expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            Some((
+                "scanserver_tls_certificate_expiry_timestamp_seconds",
+                "When the agent listener's TLS certificate expires (Unix time)",
+                seconds,
+            ))
+        });
+        for (name, help, value) in gauges.into_iter().chain(expiry) {
             let gauge = ConstGauge::new(value as i64);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }

@@ -178,6 +178,7 @@ impl Server {
             Arc::clone(&state.engine),
             Arc::clone(&state.sessions),
             vms,
+            tls.clone(),
         ));
         let reloader = Arc::new(Reloader::new(
             &config.rules,

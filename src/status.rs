@@ -30,6 +30,7 @@ use crate::{
     sessions::Sessions,
     shutdown::shut_down,
     signatures::Ruleset,
+    tls::Tls,
     vms::{VmRecord, Vms, unix_ms},
 };
 
@@ -54,6 +55,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the scan queue must stay full to count as saturated, and the
 /// window load figures are averaged over.
 pub const LOAD_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long before the agent listener's certificate expires the SVM turns
+/// Warning (CERTIFICATE_EXPIRES_SOON).
+pub const CERTIFICATE_NOTICE: Duration = Duration::from_secs(14 * 86400);
 
 /// The SVM's status: OK, or the worst of its reasons.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +97,8 @@ impl SvmReason {
             SvmReason::ScanQueueSaturated => "scan queue saturated",
             SvmReason::SignaturesUpdateFailed => "signatures update failed",
             SvmReason::TlsUpdateFailed => "TLS update failed",
+            SvmReason::CertificateExpiresSoon => "TLS certificate expires soon",
+            SvmReason::CertificateExpired => "TLS certificate expired",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -99,12 +106,15 @@ impl SvmReason {
     /// How bad the reason is.
     pub fn health(self) -> Health {
         match self {
-            SvmReason::NoSignatures | SvmReason::InfrastructureUnreachable => Health::Critical,
+            SvmReason::NoSignatures
+            | SvmReason::InfrastructureUnreachable
+            | SvmReason::CertificateExpired => Health::Critical,
             SvmReason::NoConnectionToIntegrationServer
             | SvmReason::SignaturesOutdated
             | SvmReason::ScanQueueSaturated
             | SvmReason::SignaturesUpdateFailed
             | SvmReason::TlsUpdateFailed
+            | SvmReason::CertificateExpiresSoon
             | SvmReason::Unspecified => Health::Warning,
         }
     }
@@ -168,6 +178,8 @@ pub struct Svm {
     /// Why the last reload of the agent listener's TLS files failed, until
     /// one succeeds.
     tls_update: Mutex<Option<String>>,
+    /// The agent listener's TLS, if it has TLS.
+    tls: Option<Arc<Tls>>,
     status: watch::Sender<SvmStatus>,
 }
 
@@ -177,6 +189,7 @@ impl Svm {
         engine: Arc<Engine>,
         sessions: Arc<Sessions>,
         vms: Arc<Vms>,
+        tls: Option<Arc<Tls>>,
     ) -> Self {
         let server = &config.server;
         let identity = Identity {
@@ -205,6 +218,7 @@ impl Svm {
             load: Mutex::new(LoadMeter::default()),
             signatures_update: Mutex::new(None),
             tls_update: Mutex::new(None),
+            tls,
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
         };
@@ -215,6 +229,11 @@ impl Svm {
     /// The status now.
     pub fn status(&self) -> SvmStatus {
         let ruleset = self.engine.ruleset();
+        let certificate_left = self.certificate_expires().map(|expires| {
+            expires
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
         let conditions = [
             (ruleset.rule_count() == 0, SvmReason::NoSignatures),
             (
@@ -235,6 +254,14 @@ impl Svm {
                 SvmReason::SignaturesUpdateFailed,
             ),
             (lock(&self.tls_update).is_some(), SvmReason::TlsUpdateFailed),
+            (
+                certificate_left.is_some_and(|left| left.is_zero()),
+                SvmReason::CertificateExpired,
+            ),
+            (
+                certificate_left.is_some_and(|left| !left.is_zero() && left < CERTIFICATE_NOTICE),
+                SvmReason::CertificateExpiresSoon,
+            ),
         ];
         SvmStatus::of(
             conditions
@@ -279,6 +306,12 @@ impl Svm {
     pub fn reloaded(&self, result: Result<(), String>) {
         *lock(&self.signatures_update) = result.err();
         self.refresh();
+    }
+
+    /// When the agent listener's certificate expires (with TLS, and when
+    /// it can be read).
+    pub fn certificate_expires(&self) -> Option<SystemTime> {
+        self.tls.as_ref().and_then(|tls| tls.expires())
     }
 
     /// Records the outcome of a reload of the agent listener's TLS files:
@@ -473,15 +506,23 @@ impl Svm {
             ),
             component(
                 "agent listener",
-                state_for(SvmReason::TlsUpdateFailed),
+                state_for(SvmReason::TlsUpdateFailed)
+                    .max(state_for(SvmReason::CertificateExpiresSoon))
+                    .max(state_for(SvmReason::CertificateExpired)),
                 format!(
-                    "listening on {}{}{}",
+                    "listening on {}{}{}{}",
                     self.identity.listen,
                     if self.identity.encrypted {
                         " (TLS)"
                     } else {
                         ""
                     },
+                    self.certificate_expires()
+                        .map(|expires| format!(
+                            ", certificate valid until {}",
+                            humantime::format_rfc3339_seconds(expires)
+                        ))
+                        .unwrap_or_default(),
                     lock(&self.tls_update)
                         .as_ref()
                         .map(|failure| format!("; the last TLS reload failed: {failure}"))

@@ -15,7 +15,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -81,7 +81,7 @@ pub enum TlsError {
 /// The listener's TLS settings and what they make, replaced by a reload.
 pub struct Tls {
     settings: TlsConfig,
-    config: ArcSwap<ServerConfig>,
+    served: ArcSwap<Served>,
     /// The digest of the files the config was made of: a reload of the
     /// same files changes nothing.
     files: Mutex<blake3::Hash>,
@@ -92,7 +92,7 @@ impl Tls {
     pub fn load(settings: &TlsConfig) -> Result<Tls, TlsError> {
         let files = Files::read(settings)?;
         Ok(Tls {
-            config: ArcSwap::from_pointee(files.server_config(settings)?),
+            served: ArcSwap::from_pointee(files.served(settings)?),
             files: Mutex::new(files.digest()),
             settings: settings.clone(),
         })
@@ -107,10 +107,15 @@ impl Tls {
         if *loaded == files.digest() {
             return Ok(false);
         }
-        self.config
-            .store(Arc::new(files.server_config(&self.settings)?));
+        self.served.store(Arc::new(files.served(&self.settings)?));
         *loaded = files.digest();
         Ok(true)
+    }
+
+    /// When the certificate served expires (unknown if its validity cannot
+    /// be read).
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.served.load().expires
     }
 
     /// Reads the files once (for a renewal that finished while the server
@@ -173,7 +178,7 @@ impl Tls {
                 };
                 warned = false;
                 let _ = tcp.set_nodelay(true);
-                let acceptor = TlsAcceptor::from(self.config.load_full());
+                let acceptor = TlsAcceptor::from(Arc::clone(&self.served.load().config));
                 let accepted = accepted.clone();
                 handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -206,6 +211,13 @@ async fn accept_failed(err: io::Error, warned: &mut bool) {
         *warned = true;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// What the files make: the rustls configuration, and when the certificate
+/// expires.
+struct Served {
+    config: Arc<ServerConfig>,
+    expires: Option<SystemTime>,
 }
 
 /// The contents of the files the settings name.
@@ -246,6 +258,20 @@ impl Files {
             hasher.update(part);
         }
         hasher.finalize()
+    }
+
+    fn served(&self, settings: &TlsConfig) -> Result<Served, TlsError> {
+        let config = Arc::new(self.server_config(settings)?);
+        // Read by rustls already: the first certificate is the server's.
+        let expires = CertificateDer::pem_slice_iter(&self.cert)
+            .next()
+            .and_then(Result::ok)
+            .and_then(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+                let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+            });
+        Ok(Served { config, expires })
     }
 
     /// The rustls configuration the files make: the server's certificate

@@ -149,7 +149,7 @@ async fn reporting_svm(
         Arc::clone(&vms),
         Arc::clone(engine.metrics()),
     ));
-    let svm = Arc::new(Svm::new(&config, engine, sessions, vms));
+    let svm = Arc::new(Svm::new(&config, engine, sessions, vms, None));
     let reporter = Reporter::new(&config.reporting, Arc::clone(&svm))
         .unwrap()
         .unwrap();

@@ -1655,3 +1655,49 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
         .restore_cache(&restarted);
     assert!(restarted.cached(&blake3::hash(EICAR), None).is_some());
 }
+
+/// The agent listener's certificate validity is part of the SVM's status:
+/// expired, it is Critical, and a renewed one read again clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_turns_the_svm_critical() {
+    use scanserver::proto::SvmReason;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |year: i32| {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    };
+    write(2020);
+    let server = TestServer::start(|c| {
+        c.tls = Some(TlsConfig {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            client_ca: None,
+            vm_id_in_certificate: false,
+        })
+    })
+    .await;
+    let expires = server.svm.certificate_expires().unwrap();
+    assert_eq!(
+        humantime::format_rfc3339_seconds(expires).to_string(),
+        "2020-01-01T00:00:00Z"
+    );
+    let status = server.svm.status();
+    assert_eq!(
+        status.reasons,
+        [SvmReason::CertificateExpired],
+        "{status:?}"
+    );
+
+    write(2200);
+    assert!(server.tls.as_ref().unwrap().reload().unwrap());
+    assert!(
+        server.svm.status().reasons.is_empty(),
+        "{:?}",
+        server.svm.status()
+    );
+}
