@@ -142,8 +142,9 @@ impl Admin for AdminService {
 const RELOAD_ERRORS_SHOWN: usize = 10;
 
 /// The longest error a failed reload's answer carries, in bytes (the
-/// rest is cut off): gRPC sends it in an HTTP/2 header.
-const MAX_RELOAD_ERROR: usize = 8 << 10;
+/// rest is cut off): gRPC sends it in an HTTP/2 header, percent-encoded
+/// (up to three bytes each), and clients refuse headers over 16 KiB.
+const MAX_RELOAD_ERROR: usize = 4 << 10;
 
 /// A client of the admin service, sending the operator's token, if any.
 pub type AdminClient = admin_client::AdminClient<InterceptedService<Channel, SendToken>>;
@@ -156,7 +157,7 @@ pub const TOKEN_HINT: &str = "pass the server's token file with --admin-token-fi
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `scanserver rules reload` waits: compiling a large ruleset
-/// takes minutes on a busy SVM.
+/// takes seconds to minutes, more on a busy SVM.
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Connects to the admin service at `addr` (`host:port`, or a URL), to send

@@ -69,6 +69,13 @@ impl Config {
                 "must be at least 1s (YARA-X counts scan time in whole seconds)",
             );
         }
+        let check = self.rules.check_interval;
+        if !check.is_zero() && check < Duration::from_secs(1) {
+            return invalid(
+                "rules.check_interval",
+                "must be 0s (never) or at least 1s: each look reads the whole ruleset",
+            );
+        }
         if self.engine.max_scan_size == 0 {
             return invalid("engine.max_scan_size", "must be more than 0");
         }
@@ -426,6 +433,8 @@ mod tests {
             "engine.queue_capacity"
         );
         assert_eq!(refused(|c| c.server.max_agents = 0), "server.max_agents");
+        let too_often = |c: &mut Config| c.rules.check_interval = Duration::from_millis(100);
+        assert_eq!(refused(too_often), "rules.check_interval");
         let idle_below_scans = |c: &mut Config| c.server.idle_timeout = c.engine.scan_timeout;
         assert_eq!(refused(idle_below_scans), "server.idle_timeout");
     }

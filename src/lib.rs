@@ -32,7 +32,7 @@
 //! * [`reporting`]: reports to the Integration Server, and a reference
 //!   receiver.
 //! * [`admin`]: the operator's admin service (`scanserver status`,
-//!   `agents`, `tags`).
+//!   `agents`, `tags`, `rules reload`).
 //! * [`auth`]: bearer tokens, for the admin service and the Integration
 //!   Server.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.

@@ -247,6 +247,11 @@ impl Collector for Live {
                 u64::from(svm.signatures_update_failure().is_some()),
             ),
             (
+                "scanserver_tls_update_failed",
+                "1 while the last reload of the agent listener's TLS files failed",
+                u64::from(svm.tls_update_failure().is_some()),
+            ),
+            (
                 "scanserver_connected_agents",
                 "Light Agents connected now",
                 svm.sessions.len() as u64,

@@ -164,9 +164,14 @@ impl Reloader {
                 tracing::error!(
                     source = %self.source.display(),
                     version = previous.version(),
-                    "the new signatures do not load; scanning goes on with the loaded ones: {err}"
+                    "the new signatures do not load; scanning goes on with the loaded ones: {}",
+                    err.abridged(10)
                 );
-                self.svm.reloaded(Err(err.summary()));
+                // What the periodic check found may load at its next try
+                // (an update still being copied): not worth a Warning yet.
+                if any_version || err.lasting() {
+                    self.svm.signatures_reloaded(Err(err.summary()));
+                }
                 return Err(err);
             }
         };
@@ -177,10 +182,10 @@ impl Reloader {
                 previous = previous.version(),
                 "signatures replaced: verdict cache emptied, agents told"
             );
-            self.svm.reloaded(Ok(()));
+            self.svm.signatures_reloaded(Ok(()));
         } else if any_version {
             // The files hold the loaded version.
-            self.svm.reloaded(Ok(()));
+            self.svm.signatures_reloaded(Ok(()));
         }
         let ruleset = self.state.engine.ruleset();
         Ok(Reload {
@@ -250,12 +255,12 @@ impl Reloader {
         match check.next(found, &loaded) {
             Step::Wait => None,
             Step::Current => {
-                self.svm.reloaded(Ok(()));
+                self.svm.signatures_reloaded(Ok(()));
                 None
             }
             Step::Unreadable(err) => {
                 tracing::warn!(source = %self.source.display(), "cannot read the signatures: {err}");
-                self.svm.reloaded(Err(err));
+                self.svm.signatures_reloaded(Err(err));
                 None
             }
             Step::Reload(version) => Some(version),
@@ -295,8 +300,8 @@ struct Check {
     failed: Option<String>,
     /// The error of the last look, if it could not read the files.
     unreadable: Option<String>,
-    /// Whether that error was reported.
-    reported: bool,
+    /// The error last reported, until the files can be read.
+    reported: Option<String>,
 }
 
 /// What the periodic check does after a look.
@@ -324,15 +329,15 @@ impl Check {
                 let error = err.summary();
                 let again = self.unreadable.as_ref() == Some(&error);
                 self.unreadable = Some(error.clone());
-                if again && !self.reported {
-                    self.reported = true;
+                if again && self.reported.as_ref() != Some(&error) {
+                    self.reported = Some(error.clone());
                     return Step::Unreadable(error);
                 }
                 return Step::Wait;
             }
         };
         self.unreadable = None;
-        self.reported = false;
+        self.reported = None;
         let steady = self.seen.replace(found.clone()).as_ref() == Some(&found);
         if found == loaded {
             self.failed = None;

@@ -2,7 +2,8 @@
 //! TLS) with the Protection service, the standard health service and server
 //! reflection; the admin listener; the metrics listener; the background
 //! tasks (Integration Server reporter, status monitor, infrastructure
-//! probe, state keepers); and graceful shutdown.
+//! probe, state keepers, the periodic check of the signatures); and
+//! graceful shutdown.
 //!
 //! Shutdown, on the future given to [`Server::run`] (SIGTERM or Ctrl-C for
 //! `scanserver serve`): the health service turns NOT_SERVING, the listeners
@@ -416,9 +417,9 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Serve
         .map_err(|source| ServerError::Bind { addr, flag, source })
 }
 
-/// Resolves on SIGTERM or Ctrl-C. (While serving, SIGHUP reloads the
-/// signatures and the TLS files: see [`Reloader::on_hangup`] and
-/// [`Tls::on_hangup`].)
+/// Resolves on SIGTERM or Ctrl-C. (`scanserver serve` answers SIGHUP by
+/// reading the signatures and TLS files again: see [`Reloader::on_hangup`]
+/// and [`Tls::on_hangup`].)
 pub async fn termination_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let ctrl_c = async {

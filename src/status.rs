@@ -3,8 +3,9 @@
 //!
 //! [`Svm`] gathers what the server knows of itself: the engine, the
 //! connected agents, the protected VMs, the Integration Server reporter's
-//! last result, the infrastructure probe's, and the load over the last
-//! minute (sampled every second by [`Svm::monitor`]). Its status is
+//! last result, the infrastructure probe's, the outcomes of the last
+//! reloads of the signatures and TLS files, the TLS certificate's expiry,
+//! and the load over the last minute (sampled every second by [`Svm::monitor`]). Its status is
 //! computed from those, never stored: OK, or as bad as the worst
 //! [`SvmReason`] in force. Every change of status is published
 //! ([`Svm::changes`]) so the reporter can tell the Integration Server at
@@ -303,7 +304,7 @@ impl Svm {
 
     /// Records the outcome of a reload of the signatures: the loaded ones
     /// are those on disk, or why not.
-    pub fn reloaded(&self, result: Result<(), String>) {
+    pub fn signatures_reloaded(&self, result: Result<(), String>) {
         *lock(&self.signatures_update) = result.err();
         self.refresh();
     }
@@ -312,6 +313,12 @@ impl Svm {
     /// it can be read).
     pub fn certificate_expires(&self) -> Option<SystemTime> {
         self.tls.as_ref().and_then(|tls| tls.expires())
+    }
+
+    /// Why the last reload of the agent listener's TLS files failed, if it
+    /// did.
+    pub fn tls_update_failure(&self) -> Option<String> {
+        lock(&self.tls_update).clone()
     }
 
     /// Records the outcome of a reload of the agent listener's TLS files:
@@ -510,19 +517,16 @@ impl Svm {
                     .max(state_for(SvmReason::CertificateExpiresSoon))
                     .max(state_for(SvmReason::CertificateExpired)),
                 format!(
-                    "listening on {}{}{}{}",
+                    "listening on {}{}{}",
                     self.identity.listen,
-                    if self.identity.encrypted {
-                        " (TLS)"
-                    } else {
-                        ""
-                    },
-                    self.certificate_expires()
-                        .map(|expires| format!(
-                            ", certificate valid until {}",
+                    match (self.identity.encrypted, self.certificate_expires()) {
+                        (false, _) => String::new(),
+                        (true, None) => " (TLS)".to_owned(),
+                        (true, Some(expires)) => format!(
+                            " (TLS, certificate valid until {})",
                             humantime::format_rfc3339_seconds(expires)
-                        ))
-                        .unwrap_or_default(),
+                        ),
+                    },
                     lock(&self.tls_update)
                         .as_ref()
                         .map(|failure| format!("; the last TLS reload failed: {failure}"))

@@ -7,7 +7,7 @@
 //! the server restarts).
 //!
 //! Each handshake runs on a task of its own, within 10 seconds, at most
-//! [`MAX_HANDSHAKES`] at once (further connections wait in the kernel's
+//! 256 at once (further connections wait in the kernel's
 //! backlog): a client that connects and never finishes its handshake
 //! neither holds its socket for ever nor holds up anyone else's.
 
@@ -38,7 +38,7 @@ use crate::{config::TlsConfig, status::Svm};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes under way at once.
-pub const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES: usize = 256;
 
 /// Connections that finished their handshake and wait for the server to
 /// take them.
@@ -224,7 +224,8 @@ struct Served {
 struct Files {
     cert: Vec<u8>,
     key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+    /// The client CA's path and contents, when there is one.
+    client_ca: Option<(PathBuf, Vec<u8>)>,
 }
 
 impl Files {
@@ -242,18 +243,15 @@ impl Files {
             client_ca: settings
                 .client_ca
                 .as_deref()
-                .map(|ca| read("client CA", ca))
+                .map(|ca| Ok((ca.to_owned(), read("client CA", ca)?)))
                 .transpose()?,
         })
     }
 
     fn digest(&self) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
-        for part in [
-            &self.cert,
-            &self.key,
-            self.client_ca.as_ref().unwrap_or(&Vec::new()),
-        ] {
+        let ca = self.client_ca.as_ref().map_or(&[][..], |(_, ca)| ca);
+        for part in [&self.cert[..], &self.key, ca] {
             hasher.update(&(part.len() as u64).to_le_bytes());
             hasher.update(part);
         }
@@ -293,8 +291,8 @@ impl Files {
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(unusable)?;
-        let builder = match (&self.client_ca, &settings.client_ca) {
-            (Some(ca), Some(path)) => {
+        let builder = match &self.client_ca {
+            Some((path, ca)) => {
                 let mut roots = RootCertStore::empty();
                 for cert in certificates(ca).map_err(pem("client CA", path))? {
                     roots.add(cert).map_err(unusable)?;
@@ -305,7 +303,7 @@ impl Files {
                         .map_err(|e| unusable(rustls::Error::General(e.to_string())))?;
                 builder.with_client_cert_verifier(verifier)
             }
-            _ => builder.with_no_client_auth(),
+            None => builder.with_no_client_auth(),
         };
         let mut config = builder
             .with_single_cert(certs, key)

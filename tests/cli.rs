@@ -272,6 +272,12 @@ fn wait_for_listener(port: u16) {
 /// Runs `scanserver status` until its output contains `expected`; returns
 /// the output and exit status.
 fn status_until(cache: &Path, admin: &str, expected: &str) -> (String, Option<i32>) {
+    status_when(cache, admin, |text| text.contains(expected))
+}
+
+/// Runs `scanserver status` until its output is `wanted`; returns the
+/// output and exit status.
+fn status_when(cache: &Path, admin: &str, wanted: impl Fn(&str) -> bool) -> (String, Option<i32>) {
     let mut last = String::new();
     for _ in 0..100 {
         let output = scanserver(cache)
@@ -279,12 +285,12 @@ fn status_until(cache: &Path, admin: &str, expected: &str) -> (String, Option<i3
             .output()
             .unwrap();
         last = String::from_utf8_lossy(&output.stdout).into_owned();
-        if last.contains(expected) {
+        if wanted(&last) {
             return (last, output.status.code());
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    panic!("`scanserver status` never said {expected:?}; last:\n{last}");
+    panic!("`scanserver status` never said what was expected; last:\n{last}");
 }
 
 #[test]
@@ -572,15 +578,8 @@ fn sighup_reads_the_tls_files_again() {
     assert!(text.contains("server.key is not PEM"), "{text}");
     fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     hangup();
-    for _ in 0..100 {
-        let output = scanserver(cache.path())
-            .args(["status", "--admin", &admin_addr])
-            .output()
-            .unwrap();
-        if !String::from_utf8_lossy(&output.stdout).contains("TLS update failed") {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("the TLS failure is never cleared");
+    let (text, _) = status_when(cache.path(), &admin_addr, |text| {
+        !text.contains("TLS update failed")
+    });
+    assert!(text.contains("(TLS, certificate valid until "), "{text}");
 }

@@ -1533,9 +1533,13 @@ async fn renewed_certificates_are_served_after_a_reload() {
             "a client certificate is still required",
         ),
     ] {
+        let refused = Agent::connect(&agent(trusted, identity)).await.err();
+        let refused = refused.map(|e| scanserver::WithCauses(&e).to_string());
         assert!(
-            Agent::connect(&agent(trusted, identity)).await.is_err(),
-            "{why}"
+            refused
+                .as_ref()
+                .is_some_and(|e| e.contains("certificate") || e.contains("alert")),
+            "{why}: {refused:?}"
         );
     }
     Agent::connect(&agent(renewed.path(), Some(renewed.path())))
@@ -1657,21 +1661,22 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
 }
 
 /// The agent listener's certificate validity is part of the SVM's status:
-/// expired, it is Critical, and a renewed one read again clears it.
+/// expired, it is Critical; expiring within 14 days, Warning; a renewed one
+/// read again clears it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_turns_the_svm_critical() {
     use scanserver::proto::SvmReason;
     let dir = tempfile::tempdir().unwrap();
-    let write = |year: i32| {
+    let write = |not_after: time::OffsetDateTime| {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        params.not_after = not_after;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
         std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
     };
-    write(2020);
+    write(rcgen::date_time_ymd(2020, 1, 1));
     let server = TestServer::start(|c| {
         c.tls = Some(TlsConfig {
             cert: dir.path().join("server.pem"),
@@ -1693,8 +1698,18 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         "{status:?}"
     );
 
-    write(2200);
-    assert!(server.tls.as_ref().unwrap().reload().unwrap());
+    let tls = server.tls.as_ref().unwrap();
+    write(time::OffsetDateTime::now_utc() + time::Duration::days(7));
+    assert!(tls.reload().unwrap());
+    let status = server.svm.status();
+    assert_eq!(
+        status.reasons,
+        [SvmReason::CertificateExpiresSoon],
+        "{status:?}"
+    );
+
+    write(rcgen::date_time_ymd(2200, 1, 1));
+    assert!(tls.reload().unwrap());
     assert!(
         server.svm.status().reasons.is_empty(),
         "{:?}",

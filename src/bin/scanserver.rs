@@ -205,8 +205,9 @@ struct ServeArgs {
     #[arg(long, value_name = "DIR", env = "SCANSERVER_STATE_DIR")]
     state_dir: Option<PathBuf>,
 
-    /// Address of the admin listener that `scanserver status`, `agents` and
-    /// `tags` talk to; keep it on loopback [default: 127.0.0.1:7406].
+    /// Address of the admin listener that `scanserver status`, `agents`,
+    /// `tags` and `rules reload` talk to; keep it on loopback [default:
+    /// 127.0.0.1:7406].
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_ADMIN_LISTEN")]
     admin_listen: Option<std::net::SocketAddr>,
 
@@ -378,7 +379,7 @@ enum RulesCommand {
     /// Signatures that do not load replace nothing: the server goes on
     /// with those it had, and the errors are printed. Exit status: 0
     /// reloaded or unchanged, 1 the new signatures do not load, 2 the
-    /// server could not be asked.
+    /// server could not be asked or did not answer in time.
     Reload(AdminArgs),
 }
 
@@ -596,8 +597,8 @@ fn scan(args: ScanArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    // SIGHUP, which reloads the signatures once serving, is ignored until
-    // then (its default action ends the process): loading large
+    // SIGHUP, which reloads the signatures and TLS files once serving, is
+    // ignored until then (its default action ends the process): loading large
     // signatures takes seconds.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };

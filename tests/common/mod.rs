@@ -22,7 +22,6 @@ use scanserver::{
         PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, agent_message, file_reply,
         file_request, protection_server_client::ProtectionServerClient, server_message,
     },
-    reload::Reloader,
     server::Server,
     service::ServiceState,
     signatures::Ruleset,
@@ -93,7 +92,6 @@ pub struct TestServer {
     pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
-    pub reloader: Arc<Reloader>,
     pub tls: Option<Arc<Tls>>,
     pub spool: tempfile::TempDir,
     _state: Option<tempfile::TempDir>,
@@ -117,8 +115,13 @@ impl TestServer {
         config.engine.threads = 2;
         config.uploads.spool_dir = Some(spool.path().to_owned());
         config.rules.path = project_path("signatures");
-        config.rules.cache_dir = Some(state_dir.path().join("rules"));
         configure(&mut config);
+        // Reloads compile into the state folder in use, not the user's cache.
+        let used = config.server.state_dir.clone().unwrap();
+        config
+            .rules
+            .cache_dir
+            .get_or_insert_with(|| used.join("rules"));
         // Compiled, not from the cache, as reloads will find them.
         let ruleset = Ruleset::load(&config.rules.path, None).expect("the rules compile");
         let engine = Arc::new(scanserver::engine::Engine::new(ruleset, &config.engine).unwrap());
@@ -130,7 +133,6 @@ impl TestServer {
             server.metrics_addr(),
         );
         let (state, svm) = (Arc::clone(server.state()), Arc::clone(server.svm()));
-        let reloader = Arc::clone(server.reloader());
         let tls = server.tls().cloned();
         let running = tokio::spawn(async move {
             server
@@ -140,14 +142,12 @@ impl TestServer {
                 .await
                 .unwrap();
         });
-        let used = config.server.state_dir.unwrap();
         TestServer {
             addr,
             admin,
             metrics,
             state,
             svm,
-            reloader,
             tls,
             spool,
             _state: (used == state_dir.path()).then_some(state_dir),
