@@ -267,7 +267,8 @@ impl Agent {
     /// Ends the session in order: the agent's side of the stream ends after
     /// the events sent so far (a scan task's end, say), and the server,
     /// having taken them all, ends its side and counts the session closed,
-    /// not dropped. Waits for that at most [`CLOSE_WAIT`], then cuts it.
+    /// not dropped. Waits for that at most 5 seconds (`CLOSE_WAIT`), then
+    /// cuts it.
     pub async fn close(mut self) {
         let session = self.session.take();
         // The last strong sender goes with `self`.
