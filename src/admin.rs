@@ -106,11 +106,7 @@ impl Admin for AdminService {
             let mut message = err.abridged(RELOAD_ERRORS_SHOWN);
             // It travels in a header: hyper refuses large ones.
             if message.len() > MAX_RELOAD_ERROR {
-                let cut = (0..=MAX_RELOAD_ERROR)
-                    .rev()
-                    .find(|&i| message.is_char_boundary(i))
-                    .unwrap_or(0);
-                message.truncate(cut);
+                message.truncate(message.floor_char_boundary(MAX_RELOAD_ERROR));
                 message += "...";
             }
             Status::failed_precondition(format!(

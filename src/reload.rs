@@ -175,6 +175,7 @@ impl Reloader {
                 return Err(err);
             }
         };
+        let replaced = loaded.is_some();
         if let Some(ruleset) = loaded {
             ruleset.log_loaded();
             self.state.replace_ruleset(ruleset);
@@ -182,9 +183,10 @@ impl Reloader {
                 previous = previous.version(),
                 "signatures replaced: verdict cache emptied, agents told"
             );
-            self.svm.signatures_reloaded(Ok(()));
-        } else if any_version {
-            // The files hold the loaded version.
+        }
+        // Unless the periodic check found the files moved on since its
+        // looks, the loaded signatures are now those on disk.
+        if replaced || any_version {
             self.svm.signatures_reloaded(Ok(()));
         }
         let ruleset = self.state.engine.ruleset();
@@ -234,9 +236,8 @@ impl Reloader {
                 _ = ticker.tick() => {}
                 () = shut_down(&mut shutdown) => return,
             }
-            let version = match self.look(&mut check).await {
-                Some(version) => version,
-                None => continue,
+            let Some(version) = self.look(&mut check).await else {
+                continue;
             };
             tracing::info!(source = %self.source.display(), "the signatures changed on disk");
             match self.spawn_reload(Some(version.clone())).await {

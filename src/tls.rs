@@ -259,32 +259,29 @@ impl Files {
     }
 
     fn served(&self, settings: &TlsConfig) -> Result<Served, TlsError> {
-        let config = Arc::new(self.server_config(settings)?);
-        // Read by rustls already: the first certificate is the server's.
-        let expires = CertificateDer::pem_slice_iter(&self.cert)
-            .next()
-            .and_then(Result::ok)
-            .and_then(|der| {
-                let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-                let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
-            });
+        let certs = certificates(&self.cert).map_err(pem("certificate", &settings.cert))?;
+        // The first certificate is the server's; a validity it cannot read
+        // is unknown, not an error (rustls checks the certificate).
+        let expires = x509_parser::parse_x509_certificate(&certs[0])
+            .ok()
+            .and_then(|(_, leaf)| u64::try_from(leaf.validity().not_after.timestamp()).ok())
+            .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
+        let config = Arc::new(self.server_config(settings, certs)?);
         Ok(Served { config, expires })
     }
 
     /// The rustls configuration the files make: the server's certificate
-    /// chain and key, and with a client CA, a certificate from it required
-    /// of every client. HTTP/2 only, as gRPC needs.
-    fn server_config(&self, settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    /// chain `certs` and key, and with a client CA, a certificate from it
+    /// required of every client. HTTP/2 only, as gRPC needs.
+    fn server_config(
+        &self,
+        settings: &TlsConfig,
+        certs: Vec<CertificateDer<'static>>,
+    ) -> Result<ServerConfig, TlsError> {
         let unusable = |error| TlsError::Unusable {
             settings: Box::new(settings.clone()),
             error: Box::new(error),
         };
-        let pem = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| TlsError::Pem { what, path, source }
-        };
-        let certs = certificates(&self.cert).map_err(pem("certificate", &settings.cert))?;
         let key =
             PrivateKeyDer::from_pem_slice(&self.key).map_err(pem("private key", &settings.key))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -316,6 +313,12 @@ impl Files {
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)
     }
+}
+
+/// The error of the `what` file at `path`, which is not PEM.
+fn pem(what: &'static str, path: &Path) -> impl FnOnce(rustls_pki_types::pem::Error) -> TlsError {
+    let path = path.to_owned();
+    move |source| TlsError::Pem { what, path, source }
 }
 
 /// The certificates of PEM `bytes`: at least one.
