@@ -109,12 +109,20 @@ impl Reporter {
     /// Records and prints one file's result.
     pub fn file(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>) {
         let files = self.files.fetch_add(1, Ordering::Relaxed) + 1;
-        let bytes = self.bytes.fetch_add(outcome.size, Ordering::Relaxed) + outcome.size;
-        match outcome.verdict {
-            Verdict::Clean => {}
-            Verdict::Infected(_) => _ = self.infected.fetch_add(1, Ordering::Relaxed),
-            Verdict::Failed(_) => _ = self.failed.fetch_add(1, Ordering::Relaxed),
-        }
+        // Megabytes and MB/s count the files that did not fail: a file
+        // refused for its size, say, was never read.
+        let scanned = match outcome.verdict {
+            Verdict::Clean => outcome.size,
+            Verdict::Infected(_) => {
+                self.infected.fetch_add(1, Ordering::Relaxed);
+                outcome.size
+            }
+            Verdict::Failed(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+        };
+        let bytes = self.bytes.fetch_add(scanned, Ordering::Relaxed) + scanned;
         let line = match self.format {
             Format::Json => Some(json_line(path, outcome, cached)),
             Format::Text => text_line(path, &outcome.verdict),
@@ -199,6 +207,7 @@ fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub files: u64,
+    /// The bytes of the files that did not fail.
     pub bytes: u64,
     pub infected: u64,
     pub failed: u64,

@@ -106,7 +106,7 @@ fn scan_text_lists_findings_and_a_summary() {
 fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
     let cache = tempfile::tempdir().unwrap();
     let tree = tempfile::tempdir().unwrap();
-    fs::write(tree.path().join("big.bin"), vec![0u8; 5000]).unwrap();
+    fs::write(tree.path().join("big.bin"), vec![0u8; 200_000]).unwrap();
     let output = scanserver(cache.path())
         .args(["scan", "--json", "--max-size", "4096"])
         .arg(tree.path())
@@ -125,7 +125,13 @@ fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("big.bin: FAILED too_large"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("big.bin: FAILED too_large"), "{stdout}");
+    // The file refused was not read: the summary leaves its 0.2 MB out.
+    assert!(
+        stdout.contains("scanned 2 files, 0.0 MB: 1 infected, 1 failed"),
+        "{stdout}"
+    );
 
     // A path named that is neither file nor folder fails; one below a
     // folder is passed over.
