@@ -3,10 +3,10 @@
 //! Signatures change several times a day; a restart to load them would end
 //! every agent's session. A running server reads its ruleset again when
 //! asked: by SIGHUP (what updaters send daemons once they have replaced
-//! the files; one read also follows the server's start, for an update that
-//! finished while it started), by the admin service's `ReloadSignatures`
-//! (`scanserver rules reload`), or by its own periodic check of the files
-//! (`rules.check_interval`, every 5 minutes by default).
+//! the files; see [`crate::server::Server::reload_on_hangup`]), by the
+//! admin service's `ReloadSignatures` (`scanserver rules reload`), or by
+//! its own periodic check of the files (`rules.check_interval`, every 5
+//! minutes by default).
 //!
 //! A reload reads the configured ruleset and compares its version with the
 //! loaded one's: the same, nothing happens. A new version is compiled (or
@@ -196,26 +196,6 @@ impl Reloader {
             ruleset,
             elapsed: started.elapsed(),
         })
-    }
-
-    /// Reads the signatures once (for an update that finished while the
-    /// server started, when SIGHUP was ignored), then again on every
-    /// SIGHUP, for as long as the process runs.
-    pub async fn on_hangup(self: Arc<Self>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(err) => {
-                tracing::warn!("SIGHUP will not reload the signatures: {err}");
-                return;
-            }
-        };
-        // Outcomes are logged, and failures shown in the status.
-        let _ = self.reload().await;
-        while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reading the signatures again");
-            let _ = self.reload().await;
-        }
     }
 
     /// Looks at the ruleset's files every `rules.check_interval` (never

@@ -234,15 +234,57 @@ impl Server {
         &self.svm
     }
 
-    /// What reloads the signatures (on SIGHUP, for `scanserver serve`).
+    /// What reloads the signatures.
     pub fn reloader(&self) -> &Arc<Reloader> {
         &self.reloader
     }
 
-    /// The agent listener's TLS, if it has TLS (read again on SIGHUP, for
-    /// `scanserver serve`).
+    /// The agent listener's TLS, if it has TLS.
     pub fn tls(&self) -> Option<&Arc<Tls>> {
         self.tls.as_ref()
+    }
+
+    /// Reads the TLS files and the signatures once (for an update that
+    /// finished while the server started, when `scanserver serve` ignores
+    /// SIGHUP), then again on every SIGHUP. A SIGHUP once shutdown has begun
+    /// is not acted on: a reload then would only empty the verdict cache
+    /// before its last save. Outcomes are logged, and failures shown in the
+    /// SVM's status.
+    pub fn reload_on_hangup(&self) -> impl Future<Output = ()> + Send + 'static {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (reloader, tls, svm) = (
+            Arc::clone(&self.reloader),
+            self.tls.clone(),
+            Arc::clone(&self.svm),
+        );
+        let mut shutdown = self.shutdown.subscribe();
+        async move {
+            let mut hangups = match signal(SignalKind::hangup()) {
+                Ok(hangups) => hangups,
+                Err(err) => {
+                    tracing::warn!("SIGHUP will not reload the signatures and TLS files: {err}");
+                    return;
+                }
+            };
+            loop {
+                // The TLS files first: a few small files, while a new
+                // ruleset may take seconds to compile.
+                if let Some(tls) = &tls {
+                    tls.reload_and_report(&svm);
+                }
+                // Not waited for: a SIGHUP while the signatures compile
+                // still reads the TLS files at once (the reloader runs one
+                // reload at a time).
+                let reloader = Arc::clone(&reloader);
+                tokio::spawn(async move { reloader.reload().await });
+                tokio::select! {
+                    biased;
+                    () = shut_down(&mut shutdown) => return,
+                    hangup = hangups.recv() => if hangup.is_none() { return },
+                }
+                tracing::info!("SIGHUP: reading the signatures and TLS files again");
+            }
+        }
     }
 
     /// Serves until `signal` resolves, then shuts down gracefully.
@@ -417,9 +459,8 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Serve
         .map_err(|source| ServerError::Bind { addr, flag, source })
 }
 
-/// Resolves on SIGTERM or Ctrl-C. (`scanserver serve` answers SIGHUP by
-/// reading the signatures and TLS files again: see [`Reloader::on_hangup`]
-/// and [`Tls::on_hangup`].)
+/// Resolves on SIGTERM or Ctrl-C. (SIGHUP reads the signatures and TLS
+/// files again: see [`Server::reload_on_hangup`].)
 pub async fn termination_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let ctrl_c = async {

@@ -118,38 +118,25 @@ impl Tls {
         self.served.load().expires
     }
 
-    /// Reads the files once (for a renewal that finished while the server
-    /// started, when SIGHUP was ignored), then again on every SIGHUP, for
-    /// as long as the process runs. Outcomes are logged, and failures shown
-    /// in `svm`'s status.
-    pub async fn on_hangup(self: Arc<Self>, svm: Arc<Svm>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
+    /// Reads the files again (see [`Tls::reload`]), logs the outcome and
+    /// shows a failure in `svm`'s status.
+    pub fn reload_and_report(&self, svm: &Svm) {
+        // A few small files: read on the runtime's thread.
+        let reloaded = self
+            .reload()
+            .map_err(|err| crate::WithCauses(&err).to_string());
+        match &reloaded {
+            Ok(true) => {
+                tracing::info!(cert = %self.settings.cert.display(), "TLS files read again: new connections use them")
+            }
+            Ok(false) => tracing::debug!("TLS files unchanged"),
             Err(err) => {
-                tracing::warn!("SIGHUP will not reload the TLS certificates: {err}");
-                return;
-            }
-        };
-        loop {
-            // A few small files: read on the runtime's thread.
-            let reloaded = self
-                .reload()
-                .map_err(|err| crate::WithCauses(&err).to_string());
-            match &reloaded {
-                Ok(true) => {
-                    tracing::info!(cert = %self.settings.cert.display(), "TLS files read again: new connections use them")
-                }
-                Ok(false) => tracing::debug!("TLS files unchanged"),
-                Err(err) => tracing::error!(
+                tracing::error!(
                     "TLS files not reloaded, new connections keep the earlier ones: {err}"
-                ),
-            }
-            svm.tls_reloaded(reloaded.map(|_| ()));
-            if hangups.recv().await.is_none() {
-                return;
+                )
             }
         }
+        svm.tls_reloaded(reloaded.map(|_| ()));
     }
 
     /// The connections accepted on `listener` (Nagle's algorithm off, see

@@ -621,10 +621,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let server = Server::bind(&config, engine).await?;
-        tokio::spawn(Arc::clone(server.reloader()).on_hangup());
-        if let Some(tls) = server.tls() {
-            tokio::spawn(Arc::clone(tls).on_hangup(Arc::clone(server.svm())));
-        }
+        tokio::spawn(server.reload_on_hangup());
         tracing::info!(
             addr = %server.local_addr(),
             tls = config.tls.is_some(),
