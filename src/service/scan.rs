@@ -25,6 +25,7 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
+    pin::Pin,
     sync::Arc,
 };
 
@@ -34,7 +35,7 @@ use tokio::{
         OwnedSemaphorePermit,
         mpsc::{self, error::TrySendError},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, Sleep},
 };
 use tonic::{Code, Status, Streaming};
 
@@ -160,7 +161,7 @@ struct ScanStream {
     landings: Arc<Landings>,
     /// The notices taken from `landings`, kept for the next ones.
     notices: Vec<Notice>,
-    /// Whether the stream's hold timer is set, for the landed verdicts held
+    /// Whether the stream's hold timer (`Timers::flush`) is set, for the landed verdicts held
     /// since they were last taken (taking them ends the hold).
     holding: bool,
     /// No wait ends before this; `None` when no file waits. Past it, the
@@ -189,139 +190,201 @@ pub(super) async fn run(
     caller: Option<Digest>,
     replies: Replies,
 ) {
-    // Held verdicts make a message at once when there are as many as one
-    // agent can be waiting for (see `HOLD_FOR`).
-    let landings = Landings::new(state.uploads.config().files_in_flight as usize);
     let mut shutdown = state.shutdown.clone();
-    let idle_timeout = state.idle_timeout;
-    let version = state.engine.ruleset().version_arc();
-    let mut stream = ScanStream {
-        version,
-        state,
-        open: HashMap::default(),
-        replies,
-        landings: Arc::clone(&landings),
-        notices: Vec::new(),
-        holding: false,
-        next_expiry: None,
-        moved: false,
-        caller,
-    };
-    // Three timers and the shutdown watch, for the stream's life: a timer or
-    // a watch registration made anew for every message costs a lock (the
-    // runtime's timer wheel, the watch shared by every stream) per message
-    // of a storm. The idle timer is re-armed only when it fires: activity
-    // since then (`last_active`) moves it on instead of ending the stream.
-    let mut last_active = Instant::now();
-    let idle = tokio::time::sleep(idle_timeout);
-    let wake = tokio::time::sleep(UPLOAD_WAIT);
-    let flush = tokio::time::sleep(HOLD_FOR);
+    let mut timers = Timers::new(state.idle_timeout);
+    let mut stream = ScanStream::new(state, caller, replies);
+    // One registration with the shutdown watch for the stream's life, as
+    // for the timers: the watch is shared by every stream.
     let shutdown = shut_down(&mut shutdown);
-    tokio::pin!(idle, wake, flush, shutdown);
+    tokio::pin!(shutdown);
     loop {
-        let next_expiry = stream.next_expiry;
-        if let Some(expiry) = next_expiry.filter(|&e| e != wake.deadline()) {
-            wake.as_mut().reset(expiry);
+        timers.wake_at(stream.next_expiry);
+        let event = tokio::select! {
+            request = requests.message() => Event::Request(request),
+            () = stream.landings.woken() => Event::Landed,
+            () = &mut timers.flush, if stream.holding => Event::HoldOver,
+            () = &mut timers.wake, if stream.next_expiry.is_some() => Event::WaitsDue,
+            () = &mut timers.idle => Event::Idle,
+            () = &mut shutdown => Event::ShuttingDown,
+        };
+        if stream.on(event, &mut timers).await.is_err() {
+            break;
         }
-        let request = tokio::select! {
-            request = requests.message() => request,
-            () = landings.woken() => {
-                match landings.pending() {
+    }
+    // The open files are dropped with `stream`: unfinished uploads release
+    // everything, and flights they led end without a verdict.
+}
+
+/// What woke a Scan stream's task.
+enum Event {
+    /// A request message; the end of the requests (`None`); or a broken
+    /// stream, or a message the server would not decode.
+    Request(Result<Option<ScanRequest>, Status>),
+    /// Flights some of the stream's files wait for landed.
+    Landed,
+    /// The verdicts held since the first of them landed are due.
+    HoldOver,
+    /// The first wait's deadline is past.
+    WaitsDue,
+    /// The idle timer fired: the stream may have been idle for the idle
+    /// timeout (see [`ScanStream::idle`]).
+    Idle,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// A Scan stream's three timers, made for the stream's life: a timer made
+/// anew for every message costs a lock (the runtime's timer wheel) per
+/// message of a storm. The idle timer is re-armed only when it fires:
+/// activity since then (`last_active`) moves it on instead of ending the
+/// stream.
+struct Timers {
+    last_active: Instant,
+    idle: Pin<Box<Sleep>>,
+    /// Set to the first wait's deadline (see `ScanStream::next_expiry`).
+    wake: Pin<Box<Sleep>>,
+    /// Set when landed verdicts begin to be held (see `HOLD_FOR`).
+    flush: Pin<Box<Sleep>>,
+}
+
+impl Timers {
+    fn new(idle_timeout: Duration) -> Self {
+        Timers {
+            last_active: Instant::now(),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            wake: Box::pin(tokio::time::sleep(UPLOAD_WAIT)),
+            flush: Box::pin(tokio::time::sleep(HOLD_FOR)),
+        }
+    }
+
+    /// Sets the wake-up for the first wait's deadline, if any.
+    fn wake_at(&mut self, expiry: Option<Instant>) {
+        if let Some(expiry) = expiry.filter(|&e| e != self.wake.deadline()) {
+            self.wake.as_mut().reset(expiry);
+        }
+    }
+
+    /// Restarts the idle time.
+    fn active(&mut self) {
+        self.last_active = Instant::now();
+    }
+}
+
+impl ScanStream {
+    fn new(state: Arc<ServiceState>, caller: Option<Digest>, replies: Replies) -> Self {
+        ScanStream {
+            version: state.engine.ruleset().version_arc(),
+            // Held verdicts make a message at once when there are as many
+            // as one agent can be waiting for (see `HOLD_FOR`).
+            landings: Landings::new(state.uploads.config().files_in_flight as usize),
+            state,
+            open: HashMap::default(),
+            replies,
+            notices: Vec::new(),
+            holding: false,
+            next_expiry: None,
+            moved: false,
+            caller,
+        }
+    }
+
+    /// Does what `event` calls for. Fails when the stream is over: the
+    /// agent is gone, or the stream ended (every open file then had its
+    /// final reply, if the agent still listened).
+    async fn on(&mut self, event: Event, timers: &mut Timers) -> Result<(), ()> {
+        match event {
+            Event::Request(Ok(Some(request))) => {
+                self.handle(request).await?;
+                // Whatever the stream did last (a request handled, a reply
+                // sent, a wait for the engine's queue) restarts the idle
+                // time.
+                timers.active();
+            }
+            Event::Request(Ok(None)) => {
+                // The agent will send nothing more: files still open can
+                // never complete, and each gets its final reply.
+                let message = "the agent ended its requests with this file still open";
+                let _ = self.fail_open_files(Code::Cancelled, message).await;
+                return Err(());
+            }
+            Event::Request(Err(status)) => {
+                self.broken(status).await;
+                return Err(());
+            }
+            Event::Landed => {
+                match self.landings.pending() {
                     Pending::Due => {
-                        let landed = stream.take_landed();
-                        if stream.send_all(landed).await.is_err() {
-                            break;
-                        }
+                        let landed = self.take_landed();
+                        self.send_all(landed).await?;
                     }
-                    Pending::Hold if !stream.holding => {
-                        flush.as_mut().reset(Instant::now() + HOLD_FOR);
-                        stream.holding = true;
+                    Pending::Hold if !self.holding => {
+                        timers.flush.as_mut().reset(Instant::now() + HOLD_FOR);
+                        self.holding = true;
                     }
                     // Taken meanwhile, or held already.
                     Pending::Hold | Pending::Nothing => {}
                 }
-                last_active = Instant::now();
-                continue;
+                timers.active();
             }
-            () = &mut flush, if stream.holding => {
-                let landed = stream.take_landed();
-                if stream.send_all(landed).await.is_err() {
-                    break;
-                }
-                continue;
+            Event::HoldOver => {
+                let landed = self.take_landed();
+                self.send_all(landed).await?;
             }
-            () = &mut wake, if next_expiry.is_some() => {
-                // Requests for content are never held: they go at once,
-                // and the verdicts held so far with them.
-                let mut replies = stream.take_landed();
-                replies.extend(stream.expire());
-                if stream.send_all(replies).await.is_err() {
-                    break;
-                }
-                last_active = Instant::now();
-                continue;
+            Event::WaitsDue => {
+                // Requests for content are never held: they go at once, and
+                // the verdicts held so far with them.
+                let mut replies = self.take_landed();
+                replies.extend(self.expire());
+                self.send_all(replies).await?;
+                timers.active();
             }
-            () = &mut idle => {
-                if last_active.elapsed() < idle_timeout {
-                    idle.as_mut().reset(last_active + idle_timeout);
-                    let stalled = stream.fail_stalled();
-                    if stream.send_all(stalled).await.is_err() {
-                        break;
-                    }
-                    continue;
-                }
-                let message = format!(
-                    "no request and no waiting file answered for {idle_timeout:?}; the stream is closed, open a new one"
-                );
-                let _ = stream
-                    .fail_open_files(Code::DeadlineExceeded, &message)
-                    .await;
-                // Best effort: an agent that reads nothing is not waited for.
-                let _ = stream
-                    .replies
-                    .try_send(Err(Status::deadline_exceeded(message)));
-                break;
-            }
-            () = &mut shutdown => {
+            Event::Idle => self.idle(timers).await?,
+            Event::ShuttingDown => {
                 // Scans already running still reply, within the grace period.
                 let message = "the server is shutting down; send this file to another SVM";
-                let _ = stream.fail_open_files(Code::Unavailable, message).await;
-                break;
+                let _ = self.fail_open_files(Code::Unavailable, message).await;
+                return Err(());
             }
-        };
-        let request = match request {
-            Ok(Some(request)) => request,
-            Ok(None) => {
-                // The agent will send nothing more: files still open can
-                // never complete, and each gets its final reply.
-                let message = "the agent ended its requests with this file still open";
-                let _ = stream.fail_open_files(Code::Cancelled, message).await;
-                break;
-            }
-            Err(status) => {
-                // Broken, or a message the server would not decode: its
-                // open files fail, and the stream ends, with why, if the
-                // agent still listens (waiting for room among its replies
-                // as long as for any reply: ended without a status, the
-                // stream would look complete).
-                tracing::debug!(%status, "scan stream broken");
-                let (code, message) = (status.code(), status.message().to_owned());
-                if stream.fail_open_files(code, &message).await.is_ok() {
-                    let _ =
-                        tokio::time::timeout(idle_timeout, stream.replies.send(Err(status))).await;
-                }
-                break;
-            }
-        };
-        if stream.handle(request).await.is_err() {
-            break;
         }
-        // Whatever the stream did last (a request handled, a reply sent, a
-        // wait for the engine's queue) restarts the idle time.
-        last_active = Instant::now();
+        Ok(())
     }
-    // The open files are dropped with `stream`: unfinished uploads release
-    // everything, and flights they led end without a verdict.
+
+    /// The idle timer fired: the stream ends if it was idle for the idle
+    /// timeout; otherwise the timer is set again, and the stalled files fail
+    /// (see [`ScanStream::fail_stalled`]).
+    async fn idle(&mut self, timers: &mut Timers) -> Result<(), ()> {
+        let idle_timeout = self.state.idle_timeout;
+        if timers.last_active.elapsed() < idle_timeout {
+            timers
+                .idle
+                .as_mut()
+                .reset(timers.last_active + idle_timeout);
+            let stalled = self.fail_stalled();
+            return self.send_all(stalled).await;
+        }
+        let message = format!(
+            "no request and no waiting file answered for {idle_timeout:?}; the stream is closed, open a new one"
+        );
+        let _ = self.fail_open_files(Code::DeadlineExceeded, &message).await;
+        // Best effort: an agent that reads nothing is not waited for.
+        let _ = self
+            .replies
+            .try_send(Err(Status::deadline_exceeded(message)));
+        Err(())
+    }
+
+    /// The stream broke, or brought a message the server would not decode:
+    /// its open files fail, and the stream ends with why, if the agent
+    /// still listens (waiting for room among its replies as long as for
+    /// any reply: ended without a status, the stream would look complete).
+    async fn broken(&mut self, status: Status) {
+        tracing::debug!(%status, "scan stream broken");
+        let (code, message) = (status.code(), status.message().to_owned());
+        if self.fail_open_files(code, &message).await.is_ok() {
+            let idle_timeout = self.state.idle_timeout;
+            let _ = tokio::time::timeout(idle_timeout, self.replies.send(Err(status))).await;
+        }
+    }
 }
 
 impl ScanStream {
@@ -362,7 +425,7 @@ impl ScanStream {
         while !replies.is_empty() {
             let rest = replies.split_off(replies.len().min(MAX_REPLIES));
             // A timer only when the buffer is full: one for every message
-            // would cost the runtime's timer wheel a lock each (see `run`).
+            // would cost the runtime's timer wheel a lock each (see `Timers`).
             let slot = match self.replies.try_reserve() {
                 Ok(slot) => slot,
                 Err(TrySendError::Closed(())) => return Err(()),
