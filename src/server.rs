@@ -15,6 +15,7 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
+use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::{
     admin::{self, AdminService},
@@ -297,23 +298,7 @@ impl Server {
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
             .await;
-        // The descriptors hold every service of the package; agents are shown
-        // only what this listener serves.
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("scanserver.v1.ProtectionServer")
-            .with_service_name("grpc.health.v1.Health")
-            .build_v1()?;
-        let service = ProtectionServerServer::new(ProtectionService::new(Arc::clone(&self.state)))
-            .max_decoding_message_size(MAX_MESSAGE_SIZE);
-
-        let mut builder = tonic::transport::Server::builder()
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        let router = self.agent_router(health_service)?;
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
         // The keepers make their last saves once serving is over, grace
         // period included: scans finishing in it change the cache and tags.
@@ -343,10 +328,6 @@ impl Server {
             let _ = shutdown.send(true);
             let _ = signalled_tx.send(());
         };
-        let router = builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(service);
         let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match self.tls {
                 Some(tls) => Box::pin(
@@ -397,6 +378,33 @@ impl Server {
 }
 
 impl Server {
+    /// The agent listener's services (Protection, health and reflection),
+    /// on HTTP/2 settings made for uploads.
+    fn agent_router(
+        &self,
+        health: HealthServer<impl Health>,
+    ) -> Result<tonic::transport::server::Router, ServerError> {
+        // The descriptors hold every service of the package; agents are shown
+        // only what this listener serves.
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("scanserver.v1.ProtectionServer")
+            .with_service_name("grpc.health.v1.Health")
+            .build_v1()?;
+        let service = ProtectionServerServer::new(ProtectionService::new(Arc::clone(&self.state)))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE);
+        Ok(tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(service))
+    }
+
     /// Starts what runs beside the agent listener, each until shutdown:
     /// the status monitor, the infrastructure probe, the reporter, the
     /// periodic check of the signatures, and the admin and metrics
