@@ -2,8 +2,8 @@
 //! TLS) with the Protection service, the standard health service and server
 //! reflection; the admin listener; the metrics listener; the background
 //! tasks (Integration Server reporter, status monitor, infrastructure
-//! probe, state keepers, the periodic check of the signatures); and
-//! graceful shutdown.
+//! probe, state keepers, the periodic check of the signatures); SIGHUP,
+//! which reads the signatures and TLS files again; and graceful shutdown.
 //!
 //! Shutdown, on the future given to [`Server::run`] (SIGTERM or Ctrl-C for
 //! `scanserver serve`): the health service turns NOT_SERVING, the listeners
@@ -13,7 +13,10 @@
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+};
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
@@ -235,11 +238,6 @@ impl Server {
         &self.svm
     }
 
-    /// What reloads the signatures.
-    pub fn reloader(&self) -> &Arc<Reloader> {
-        &self.reloader
-    }
-
     /// The agent listener's TLS, if it has TLS.
     pub fn tls(&self) -> Option<&Arc<Tls>> {
         self.tls.as_ref()
@@ -247,10 +245,12 @@ impl Server {
 
     /// Reads the TLS files and the signatures once (for an update that
     /// finished while the server started, when `scanserver serve` ignores
-    /// SIGHUP), then again on every SIGHUP. A SIGHUP once shutdown has begun
-    /// is not acted on: a reload then would only empty the verdict cache
-    /// before its last save. Outcomes are logged, and failures shown in the
-    /// SVM's status.
+    /// SIGHUP), then again on every SIGHUP, until shutdown begins (the
+    /// server is stopping: new files would serve no one). The TLS files
+    /// are read at once; the signatures by a task of their own, so that a
+    /// SIGHUP while they compile does not wait for them, and the SIGHUPs
+    /// that come meanwhile make one more reload, not one each. Outcomes are
+    /// logged, and failures shown in the SVM's status.
     pub fn reload_on_hangup(&self) -> impl Future<Output = ()> + Send + 'static {
         use tokio::signal::unix::{SignalKind, signal};
         let (reloader, tls, svm) = (
@@ -267,17 +267,18 @@ impl Server {
                     return;
                 }
             };
+            // Holds at most one call for a reload, however many SIGHUPs.
+            let asked = Arc::new(Notify::new());
+            tokio::spawn(reload_when_asked(
+                reloader,
+                Arc::clone(&asked),
+                shutdown.clone(),
+            ));
             loop {
-                // The TLS files first: a few small files, while a new
-                // ruleset may take seconds to compile.
                 if let Some(tls) = &tls {
                     tls.reload_and_report(&svm);
                 }
-                // Not waited for: a SIGHUP while the signatures compile
-                // still reads the TLS files at once (the reloader runs one
-                // reload at a time).
-                let reloader = Arc::clone(&reloader);
-                tokio::spawn(async move { reloader.reload().await });
+                asked.notify_one();
                 tokio::select! {
                     biased;
                     () = shut_down(&mut shutdown) => return,
@@ -458,6 +459,23 @@ impl Server {
                 }
             });
         }
+    }
+}
+
+/// Reloads the signatures each time `asked` is notified, until shutdown.
+async fn reload_when_asked(
+    reloader: Arc<Reloader>,
+    asked: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = shut_down(&mut shutdown) => return,
+            () = asked.notified() => {}
+        }
+        // Outcomes are logged, and failures shown in the status.
+        let _ = reloader.reload().await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! The agent listener's TLS (rustls): the certificate, key and client CA
 //! from PEM files, checked when the server starts, and read again on
-//! SIGHUP, so that a renewed certificate (or CA) is served without a
-//! restart, which would end every agent's session. Connections already
+//! SIGHUP (see [`crate::server::Server::reload_on_hangup`]), so that a
+//! renewed certificate (or CA) is served without a restart, which would end every agent's session. Connections already
 //! open keep what they were accepted with: an agent whose certificate
 //! a new CA no longer admits stays connected until it reconnects (or
 //! the server restarts).

@@ -103,11 +103,21 @@ async fn hash_first_begins_for_content_under_way_wait_for_its_verdict() {
             .await
             .unwrap();
         // The first is asked for the content (before the others begin:
-        // streams are read in no set order); the others wait.
+        // streams are read in no set order); the others wait. A begin
+        // refused at once, after theirs on the same stream, shows theirs
+        // was taken before the content comes.
         if i == 0 {
             assert!(matches!(
                 next(&mut replies).await,
                 (7, file_reply::Kind::SendContent(_))
+            ));
+        } else {
+            tx.send(begin("no-such-session", 8, b"", None))
+                .await
+                .unwrap();
+            assert!(matches!(
+                next(&mut replies).await,
+                (8, file_reply::Kind::Error(_))
             ));
         }
         agents.push((tx, replies, keep));

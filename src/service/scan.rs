@@ -161,8 +161,9 @@ struct ScanStream {
     landings: Arc<Landings>,
     /// The notices taken from `landings`, kept for the next ones.
     notices: Vec<Notice>,
-    /// Whether the stream's hold timer (`Timers::flush`) is set, for the landed verdicts held
-    /// since they were last taken (taking them ends the hold).
+    /// Whether the stream's hold timer (`Timers::flush`) is set, for the
+    /// landed verdicts held since they were last taken (taking them ends
+    /// the hold).
     holding: bool,
     /// No wait ends before this; `None` when no file waits. Past it, the
     /// open files are looked over for waits to end.
