@@ -1,10 +1,10 @@
 //! The agent listener's TLS (rustls): the certificate, key and client CA
 //! from PEM files, checked when the server starts, and read again on
 //! SIGHUP (see [`crate::server::Server::reload_on_hangup`]), so that a
-//! renewed certificate (or CA) is served without a restart, which would end every agent's session. Connections already
-//! open keep what they were accepted with: an agent whose certificate
-//! a new CA no longer admits stays connected until it reconnects (or
-//! the server restarts).
+//! renewed certificate (or CA) is served without a restart, which would
+//! end every agent's session. Connections already open keep what they
+//! were accepted with: an agent whose certificate a new CA no longer
+//! admits stays connected until it reconnects (or the server restarts).
 //!
 //! Each handshake runs on a task of its own, within 10 seconds, at most
 //! 256 at once (further connections wait in the kernel's

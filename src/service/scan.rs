@@ -221,7 +221,7 @@ enum Event {
     /// A request message; the end of the requests (`None`); or a broken
     /// stream, or a message the server would not decode.
     Request(Result<Option<ScanRequest>, Status>),
-    /// Flights some of the stream's files wait for landed.
+    /// A flight that some of the stream's files wait for landed.
     Landed,
     /// The verdicts held since the first of them landed are due.
     HoldOver,
@@ -386,9 +386,7 @@ impl ScanStream {
             let _ = tokio::time::timeout(idle_timeout, self.replies.send(Err(status))).await;
         }
     }
-}
 
-impl ScanStream {
     /// Handles the requests of one message in order, and sends their
     /// replies, with the verdicts held so far, in as few messages as their
     /// number allows: at the end of the message, or every [`MAX_REPLIES`],
