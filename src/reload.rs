@@ -30,8 +30,9 @@
 //! periodic check loads a new version only once two looks in a row have
 //! found it, and only that version, so that an update copied file by file
 //! is not loaded half way; it reports files it cannot read after two looks
-//! too, and does not try again a version that cannot load (SIGHUP and the
-//! admin call do).
+//! too. It does not compile again a version that a reload (its own, or
+//! one asked for by SIGHUP or the admin call) could not load; SIGHUP and
+//! the admin call always try.
 
 use std::{
     path::{Path, PathBuf},
@@ -112,7 +113,9 @@ pub struct Reloader {
     check_interval: Duration,
     /// Held for the whole of a reload, and of a periodic look at the files
     /// (whose outcome would otherwise overwrite a reload's in the status).
-    running: Mutex<()>,
+    /// It keeps the last version that could not load, whichever reload
+    /// tried it: the periodic check does not compile it again.
+    running: Mutex<Broken>,
 }
 
 impl Reloader {
@@ -123,7 +126,7 @@ impl Reloader {
             source: rules.path.clone(),
             cache_dir: rules.cache_dir(),
             check_interval: rules.check_interval,
-            running: Mutex::new(()),
+            running: Mutex::new(Broken::default()),
         }
     }
 
@@ -142,25 +145,39 @@ impl Reloader {
     ) -> Result<Reload, ReloadError> {
         let this = Arc::clone(self);
         let task = tokio::spawn(async move {
-            let _one_at_a_time = this.running.lock().await;
-            this.reload_now(expected).await
+            let mut broken = this.running.lock().await;
+            this.reload_now(&mut broken, expected).await
         });
         task.await?
     }
 
-    async fn reload_now(&self, expected: Option<String>) -> Result<Reload, ReloadError> {
+    async fn reload_now(
+        &self,
+        broken: &mut Broken,
+        expected: Option<String>,
+    ) -> Result<Reload, ReloadError> {
         let started = Instant::now();
         let previous = self.state.engine.ruleset();
         let (source, cache_dir) = (self.source.clone(), self.cache_dir.clone());
         let current = previous.version_arc();
         let any_version = expected.is_none();
-        let loaded = blocking(move || {
+        // The version asked for is the one that failed, if loading it
+        // panicked before it could say.
+        let asked = expected.clone();
+        let found = blocking(move || {
             load_changed(&source, cache_dir.as_deref(), &current, expected.as_deref())
         })
         .await;
+        let (version, loaded) = match found {
+            Ok(Found { version, loaded }) => (Some(version), loaded.map_err(ReloadError::from)),
+            Err(err) => (asked, Err(err)),
+        };
         let loaded = match loaded {
             Ok(loaded) => loaded,
             Err(err) => {
+                if let Some(version) = version.filter(|_| err.lasting()) {
+                    broken.0 = Some(version);
+                }
                 tracing::error!(
                     source = %self.source.display(),
                     version = previous.version(),
@@ -220,20 +237,18 @@ impl Reloader {
                 continue;
             };
             tracing::info!(source = %self.source.display(), "the signatures changed on disk");
-            match self.spawn_reload(Some(version.clone())).await {
-                Err(err) if err.lasting() => check.failed(version),
-                _ => {}
-            }
+            // A version that cannot load is recorded by the reload itself.
+            let _ = self.spawn_reload(Some(version)).await;
         }
     }
 
     /// Looks at the files once; returns the version to load, if any.
     async fn look(&self, check: &mut Check) -> Option<String> {
-        let _one_at_a_time = self.running.lock().await;
+        let mut broken = self.running.lock().await;
         let source = self.source.clone();
         let found = blocking(move || Ruleset::version_of(&source)).await;
         let loaded = self.state.engine.ruleset().version_arc();
-        match check.next(found, &loaded) {
+        match check.next(found, &loaded, &mut broken) {
             Step::Wait => None,
             Step::Current => {
                 self.svm.signatures_reloaded(Ok(()));
@@ -256,20 +271,46 @@ async fn blocking<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(work).await??)
 }
 
+/// The version that last failed to load, for as long as the files may
+/// still hold it.
+#[derive(Default)]
+struct Broken(Option<String>);
+
+/// What [`load_changed`] found.
+struct Found {
+    /// The version the files held when first read.
+    version: String,
+    /// The signatures of that version, if it was wanted and loaded.
+    loaded: Result<Option<Ruleset>, SignatureError>,
+}
+
 /// The ruleset at `source`, loaded when its version is not `current` (and
-/// is `expected`, when given).
+/// is `expected`, when given). Fails only when the files' version cannot
+/// be read.
 fn load_changed(
     source: &Path,
     cache_dir: Option<&Path>,
     current: &str,
     expected: Option<&str>,
-) -> Result<Option<Ruleset>, SignatureError> {
+) -> Result<Found, SignatureError> {
     let wanted = |version: &str| version != current && expected.is_none_or(|e| e == version);
-    if !wanted(&Ruleset::version_of(source)?) {
-        return Ok(None);
+    let version = Ruleset::version_of(source)?;
+    if !wanted(&version) {
+        return Ok(Found {
+            version,
+            loaded: Ok(None),
+        });
     }
-    let ruleset = Ruleset::load(source, cache_dir)?;
-    Ok(wanted(ruleset.version()).then_some(ruleset))
+    let loaded = match Ruleset::load(source, cache_dir) {
+        Ok(ruleset) => Ok(wanted(ruleset.version()).then_some(ruleset)),
+        // What failed may be files copied since `version` was read: their
+        // failure is not that version's.
+        Err(_) if Ruleset::version_of(source).ok().as_ref() != Some(&version) => {
+            Err(SignatureError::Changed(source.to_owned()))
+        }
+        Err(err) => Err(err),
+    };
+    Ok(Found { version, loaded })
 }
 
 /// What the periodic check remembers between two looks at the files.
@@ -277,8 +318,6 @@ fn load_changed(
 struct Check {
     /// The version the last look found, if it could read one.
     seen: Option<String>,
-    /// A version that cannot load.
-    failed: Option<String>,
     /// The error of the last look, if it could not read the files.
     unreadable: Option<String>,
     /// The error last reported, until the files can be read.
@@ -301,8 +340,14 @@ enum Step {
 
 impl Check {
     /// The step after a look that `found` a version (or could not read
-    /// one), with `loaded` the version in use.
-    fn next(&mut self, found: Result<String, ReloadError>, loaded: &str) -> Step {
+    /// one), with `loaded` the version in use and `broken` the last one
+    /// that could not load.
+    fn next(
+        &mut self,
+        found: Result<String, ReloadError>,
+        loaded: &str,
+        broken: &mut Broken,
+    ) -> Step {
         let found = match found {
             Ok(found) => found,
             Err(err) => {
@@ -321,18 +366,13 @@ impl Check {
         self.reported = None;
         let steady = self.seen.replace(found.clone()).as_ref() == Some(&found);
         if found == loaded {
-            self.failed = None;
+            broken.0 = None;
             Step::Current
-        } else if steady && self.failed.as_ref() != Some(&found) {
+        } else if steady && broken.0.as_ref() != Some(&found) {
             Step::Reload(found)
         } else {
             Step::Wait
         }
-    }
-
-    /// Records that `version` cannot load.
-    fn failed(&mut self, version: String) {
-        self.failed = Some(version);
     }
 }
 
@@ -348,9 +388,28 @@ mod tests {
         Step::Reload(version.into())
     }
 
+    /// The periodic check and the reloads' record, as the reloader keeps
+    /// them.
+    #[derive(Default)]
+    struct Looks {
+        check: Check,
+        broken: Broken,
+    }
+
+    impl Looks {
+        fn next(&mut self, found: Result<String, ReloadError>, loaded: &str) -> Step {
+            self.check.next(found, loaded, &mut self.broken)
+        }
+
+        /// What a reload that could not load `version` records.
+        fn failed(&mut self, version: &str) {
+            self.broken.0 = Some(version.into());
+        }
+    }
+
     #[test]
     fn a_new_version_is_reloaded_once_two_looks_found_it() {
-        let mut check = Check::default();
+        let mut check = Looks::default();
         assert_eq!(check.next(Ok("v1".into()), "v1"), Step::Current);
         assert_eq!(
             check.next(Ok("v2".into()), "v1"),
@@ -368,18 +427,26 @@ mod tests {
 
     #[test]
     fn a_version_that_cannot_load_is_not_tried_again() {
-        let mut check = Check::default();
+        let mut check = Looks::default();
         check.next(Ok("bad".into()), "v1");
         assert_eq!(check.next(Ok("bad".into()), "v1"), reload("bad"));
-        check.failed("bad".into());
+        check.failed("bad");
         assert_eq!(check.next(Ok("bad".into()), "v1"), Step::Wait);
         assert_eq!(check.next(Ok("fixed".into()), "v1"), Step::Wait);
         assert_eq!(check.next(Ok("fixed".into()), "v1"), reload("fixed"));
     }
 
     #[test]
+    fn a_version_that_another_reload_could_not_load_is_not_tried() {
+        let mut check = Looks::default();
+        check.failed("bad"); // by SIGHUP, or `scanserver rules reload`
+        assert_eq!(check.next(Ok("bad".into()), "v1"), Step::Wait);
+        assert_eq!(check.next(Ok("bad".into()), "v1"), Step::Wait);
+    }
+
+    #[test]
     fn unreadable_files_are_reported_after_two_looks_once_and_break_the_streak() {
-        let mut check = Check::default();
+        let mut check = Looks::default();
         check.next(Ok("v2".into()), "v1");
         assert_eq!(
             check.next(unreadable(), "v1"),
@@ -404,10 +471,10 @@ mod tests {
 
     #[test]
     fn files_back_to_the_loaded_version_clear_a_failure() {
-        let mut check = Check::default();
+        let mut check = Looks::default();
         check.next(Ok("bad".into()), "v1");
         check.next(Ok("bad".into()), "v1");
-        check.failed("bad".into());
+        check.failed("bad");
         assert_eq!(check.next(Ok("v1".into()), "v1"), Step::Current);
         check.next(unreadable(), "v1");
         assert!(matches!(
@@ -423,13 +490,25 @@ mod tests {
         std::fs::write(dir.path().join("a.yar"), "rule a { condition: true }").unwrap();
         let seen = Ruleset::version_of(dir.path()).unwrap();
         std::fs::write(dir.path().join("b.yar"), "rule b { condition: true }").unwrap();
-        let moved_on = load_changed(dir.path(), None, "loaded", Some(&seen)).unwrap();
+        let load = |current: &str, expected: Option<&str>| {
+            load_changed(dir.path(), None, current, expected).unwrap()
+        };
+        let moved_on = load("loaded", Some(&seen)).loaded.unwrap();
         assert!(moved_on.is_none(), "files changed since the looks");
-        let any = load_changed(dir.path(), None, "loaded", None)
-            .unwrap()
-            .unwrap();
+        let any = load("loaded", None).loaded.unwrap().unwrap();
         assert_eq!(any.rule_count(), 2);
-        let current = load_changed(dir.path(), None, any.version(), None).unwrap();
-        assert!(current.is_none(), "unchanged");
+        assert!(
+            load(any.version(), None).loaded.unwrap().is_none(),
+            "unchanged"
+        );
+
+        std::fs::write(dir.path().join("c.yar"), "rule broken {").unwrap();
+        let broken = load(any.version(), None);
+        assert!(broken.loaded.is_err());
+        assert_eq!(
+            broken.version,
+            Ruleset::version_of(dir.path()).unwrap(),
+            "the version that failed"
+        );
     }
 }
