@@ -30,35 +30,104 @@ use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 /// /var/lib` must not lock a system folder), and one that is not safe is
 /// refused with what to do, rather than used: another user able to swap a
 /// spooled upload or a compiled-rules file would choose verdicts.
+///
+/// The folders above it are checked too (as OpenSSH checks those of
+/// `authorized_keys`): each must belong to root or this user, and one that
+/// others may write to must be sticky (`/tmp`), or they could rename this
+/// folder away and put one of theirs in its place; a folder above may be
+/// writable by the server's own group. Those above the real folder are
+/// checked, and those named in `path` (the server goes on using `path`),
+/// whose symbolic links must be root's or this user's.
 pub fn private_dir(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true).mode(0o700);
     builder.create(path)?;
     let metadata = fs::metadata(path)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let user = unsafe { libc::geteuid() };
+    let server = Owner::current();
     let refuse = |why: String| {
         let message = format!(
             "{} {why}; give the server a folder of its own (created if missing), \
-             or make this one its user's (uid {user}) and writable by it alone",
-            path.display()
+             or make this one its user's (uid {}) and writable by it alone",
+            path.display(),
+            server.user
         );
         Err(io::Error::new(io::ErrorKind::PermissionDenied, message))
     };
     if !metadata.is_dir() {
         return refuse("is not a folder".into());
     }
-    if metadata.uid() != user {
-        return refuse(format!("belongs to uid {}", metadata.uid()));
+    if let Some(why) = server.unsafe_folder(&metadata, false) {
+        return refuse(why);
     }
-    if metadata.mode() & 0o022 != 0 {
-        return refuse(format!(
-            "is writable by others (mode {:o})",
-            metadata.mode() & 0o777
-        ));
+    let named = std::path::absolute(path)?;
+    let real = fs::canonicalize(path)?;
+    // The path as named, itself included: it may be a symbolic link.
+    for above in real.ancestors().skip(1).chain(named.ancestors()) {
+        let link = fs::symlink_metadata(above)?;
+        let why = if link.is_symlink() {
+            (!server.may_own(link.uid()))
+                .then(|| format!("is a symbolic link of uid {}", link.uid()))
+        } else {
+            server.unsafe_folder(&link, true)
+        };
+        if let Some(why) = why {
+            let message = format!(
+                "{} goes through {}, which {why}: another user could put a folder of theirs in its place; \
+                 make that one root's or uid {}'s and not writable by others (or sticky, as /tmp is), \
+                 or give the server a folder elsewhere",
+                path.display(),
+                above.display(),
+                server.user
+            );
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, message));
+        }
     }
     Ok(())
+}
+
+/// The user and group the server runs as.
+struct Owner {
+    user: u32,
+    group: u32,
+}
+
+impl Owner {
+    fn current() -> Owner {
+        // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+        unsafe {
+            Owner {
+                user: libc::geteuid(),
+                group: libc::getegid(),
+            }
+        }
+    }
+
+    /// Whether a folder above the server's, or a symbolic link on the way,
+    /// may belong to `uid`.
+    fn may_own(&self, uid: u32) -> bool {
+        uid == self.user || uid == 0
+    }
+
+    /// Why the folder of `metadata` would let another user replace what it
+    /// holds, if it would. A folder above the server's own (`above`) may be
+    /// root's, writable by the server's group, and writable by others when
+    /// it is sticky.
+    fn unsafe_folder(&self, metadata: &fs::Metadata, above: bool) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let (owner, mode) = (metadata.uid(), metadata.mode());
+        let owned = if above {
+            self.may_own(owner)
+        } else {
+            owner == self.user
+        };
+        if !owned {
+            return Some(format!("belongs to uid {owner}"));
+        }
+        let by_group = mode & 0o020 != 0 && !(above && metadata.gid() == self.group);
+        let by_others = mode & 0o002 != 0 && !(above && mode & 0o1000 != 0);
+        (by_group || by_others).then(|| format!("is writable by others (mode {:o})", mode & 0o7777))
+    }
 }
 
 /// The server's state folder.
@@ -255,4 +324,49 @@ pub fn replace_file<T>(
         let _ = dir.sync_all();
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn chmod(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn refused(path: &Path, because: &str) {
+        let err = private_dir(path).expect_err(because);
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        assert!(err.to_string().contains(because), "{err}");
+    }
+
+    #[test]
+    fn a_folder_that_others_could_replace_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        let state = shared.join("state");
+        private_dir(&state).unwrap();
+        chmod(&state, 0o770);
+        refused(&state, "is writable by others (mode 770)");
+        chmod(&state, 0o700);
+        chmod(&shared, 0o777);
+        refused(&state, "which is writable by others (mode 777)");
+        chmod(&shared, 0o1777);
+        private_dir(&state).expect("sticky: others cannot rename what is not theirs");
+        chmod(&shared, 0o770);
+        private_dir(&state).expect("writable by the server's own group");
+
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&state, &linked).unwrap();
+        chmod(&shared, 0o777);
+        refused(&linked, "which is writable by others (mode 777)");
+        chmod(&shared, 0o755);
+        private_dir(&linked).expect("a link of this user's to a safe folder");
+        // Only root can give a link away.
+        if std::os::unix::fs::lchown(&linked, Some(4242), None).is_ok() {
+            refused(&linked, "which is a symbolic link of uid 4242");
+        }
+    }
 }
