@@ -170,7 +170,8 @@ impl Reloader {
         .await;
         let (version, loaded) = match found {
             Ok(Found { version, loaded }) => (Some(version), loaded.map_err(ReloadError::from)),
-            Err(err) => (asked, Err(err)),
+            Err(err @ ReloadError::Panicked(_)) => (asked, Err(err)),
+            Err(err) => (None, Err(err)),
         };
         let loaded = match loaded {
             Ok(loaded) => loaded,

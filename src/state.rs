@@ -60,7 +60,9 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
     if let Some(why) = server.unsafe_folder(&metadata, false) {
         return refuse(why);
     }
-    let named = std::path::absolute(path)?;
+    // Rebuilt from its components: a trailing `/` would make the last
+    // one's link followed, not looked at.
+    let named: PathBuf = std::path::absolute(path)?.components().collect();
     let real = fs::canonicalize(path)?;
     // The path as named, itself included: it may be a symbolic link.
     for above in real.ancestors().skip(1).chain(named.ancestors()) {
@@ -124,9 +126,17 @@ impl Owner {
         if !owned {
             return Some(format!("belongs to uid {owner}"));
         }
-        let by_group = mode & 0o020 != 0 && !(above && metadata.gid() == self.group);
-        let by_others = mode & 0o002 != 0 && !(above && mode & 0o1000 != 0);
-        (by_group || by_others).then(|| format!("is writable by others (mode {:o})", mode & 0o7777))
+        let mode_shown = mode & 0o7777;
+        let group = metadata.gid();
+        if mode & 0o002 != 0 && !(above && mode & 0o1000 != 0) {
+            Some(format!("is writable by all users (mode {mode_shown:o})"))
+        } else if mode & 0o020 != 0 && !(above && group == self.group) {
+            Some(format!(
+                "is writable by group {group} (mode {mode_shown:o})"
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -348,11 +358,13 @@ mod tests {
         let shared = dir.path().join("shared");
         let state = shared.join("state");
         private_dir(&state).unwrap();
+        // The group a new folder gets is not always the server's.
+        std::os::unix::fs::chown(&shared, None, Some(Owner::current().group)).unwrap();
         chmod(&state, 0o770);
-        refused(&state, "is writable by others (mode 770)");
+        refused(&state, "is writable by group");
         chmod(&state, 0o700);
         chmod(&shared, 0o777);
-        refused(&state, "which is writable by others (mode 777)");
+        refused(&state, "which is writable by all users (mode 777)");
         chmod(&shared, 0o1777);
         private_dir(&state).expect("sticky: others cannot rename what is not theirs");
         chmod(&shared, 0o770);
@@ -361,12 +373,13 @@ mod tests {
         let linked = dir.path().join("linked");
         std::os::unix::fs::symlink(&state, &linked).unwrap();
         chmod(&shared, 0o777);
-        refused(&linked, "which is writable by others (mode 777)");
+        refused(&linked, "which is writable by all users (mode 777)");
         chmod(&shared, 0o755);
         private_dir(&linked).expect("a link of this user's to a safe folder");
         // Only root can give a link away.
         if std::os::unix::fs::lchown(&linked, Some(4242), None).is_ok() {
             refused(&linked, "which is a symbolic link of uid 4242");
+            refused(&linked.join(""), "which is a symbolic link of uid 4242");
         }
     }
 }

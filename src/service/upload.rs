@@ -358,7 +358,7 @@ mod tests {
         let err = UploadStore::new(UploadConfig::default(), &spool)
             .err()
             .expect("refused");
-        assert!(err.to_string().contains("writable by others"), "{err}");
+        assert!(err.to_string().contains("writable by all users"), "{err}");
     }
 
     #[test]
