@@ -14,6 +14,7 @@
 use std::{
     fs,
     io::{self, Write},
+    os::unix::fs::{DirBuilderExt, MetadataExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -39,7 +40,6 @@ use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 /// checked, and those named in `path` (the server goes on using `path`),
 /// whose symbolic links must be root's or this user's.
 pub fn private_dir(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true).mode(0o700);
     builder.create(path)?;
@@ -116,7 +116,6 @@ impl Owner {
     /// root's, writable by the server's group, and writable by others when
     /// it is sticky.
     fn unsafe_folder(&self, metadata: &fs::Metadata, above: bool) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
         let (owner, mode) = (metadata.uid(), metadata.mode());
         let owned = if above {
             self.may_own(owner)
