@@ -1,12 +1,30 @@
 //! The operator's admin service (`scanserver.v1.Admin`), on a listener of
-//! its own (loopback by default, never the agent port), and how
-//! `scanserver status`, `agents`, `tags` and `rules reload` print its
-//! answers.
+//! its own (loopback TCP by default, or a Unix-domain socket; never the
+//! agent port), and how `scanserver status`, `agents`, `tags` and `rules
+//! reload` reach it and print its answers.
+//!
+//! The admin service changes security tags, which network policies act
+//! on. On loopback TCP every local user can reach it (a token keeps them
+//! out); a Unix-domain socket ([`AdminAddr::Unix`]) lets only the
+//! server's user and group in, by the socket file's permissions, as
+//! clamd's and Docker's control sockets do.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    str::FromStr,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
 use tonic::{
     Request, Response, Status,
+    codegen::http::Uri,
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
@@ -25,6 +43,131 @@ use crate::{
 
 /// The default address of the admin listener.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7406";
+
+/// Where the admin service listens, and where the commands reach it:
+/// `HOST:PORT`, or `unix:PATH` for a Unix-domain socket.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum AdminAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for AdminAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs the socket's path, as in unix:/run/scanserver/admin.sock".into()),
+            Some(path) => Ok(AdminAddr::Unix(path.into())),
+            None => s.parse().map(AdminAddr::Tcp).map_err(|_| {
+                format!("`{s}` is neither IP:PORT (127.0.0.1:7406) nor unix:PATH (unix:/run/scanserver/admin.sock)")
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for AdminAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<AdminAddr> for String {
+    fn from(addr: AdminAddr) -> String {
+        addr.to_string()
+    }
+}
+
+impl fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddr::Tcp(addr) => addr.fmt(f),
+            AdminAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The admin service's Unix-domain socket, bound.
+pub struct AdminSocket {
+    pub listener: UnixListener,
+    pub file: SocketFile,
+}
+
+/// The socket's file, removed when this is dropped (the server stopped).
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl AdminSocket {
+    /// Binds a socket at `path` that the server's user and group may
+    /// connect to (0660), no one else. Its folder must be one that no
+    /// other user may write to (it is created private if missing), or
+    /// they could put a socket of theirs in its place; see
+    /// [`crate::state::private_dir`]. A socket left by a server that did
+    /// not stop cleanly is replaced; one a running server answers on,
+    /// or a file that is no socket, is refused.
+    pub fn bind(path: &Path) -> io::Result<AdminSocket> {
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::state::private_dir(folder)?;
+        }
+        remove_stale_socket(path)?;
+        // The mode is set at creation, through the umask: a chmod after
+        // bind would leave a moment in which anyone could connect, and
+        // keep that connection. The umask is the process's, but this one
+        // only narrows: a file another thread creates meanwhile gets at
+        // most 0660 too.
+        // SAFETY: umask has no preconditions and cannot fail.
+        let previous = unsafe { libc::umask(0o117) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(previous) };
+        Ok(AdminSocket {
+            listener: bound?,
+            file: SocketFile(path.to_owned()),
+        })
+    }
+}
+
+/// Removes the socket file at `path` if no server answers on it.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let file_type = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata.file_type(),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    if !file_type.is_socket() {
+        let message = format!(
+            "{} exists and is not a socket; remove it, or choose another path",
+            path.display()
+        );
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, message));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => {
+            let message = format!(
+                "a server already listens on {} (stop it, or choose another path)",
+                path.display()
+            );
+            Err(io::Error::new(io::ErrorKind::AddrInUse, message))
+        }
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(err) => Err(err),
+    }
+}
 
 /// The admin service.
 pub struct AdminService {
@@ -156,32 +299,56 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// takes seconds to minutes, more on a busy SVM.
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Connects to the admin service at `addr` (`host:port`, or a URL), to send
-/// `token` with every request, and to wait at most `timeout` for each
-/// answer.
+/// Connects to the admin service at `addr` (`host:port`, a URL, or
+/// `unix:PATH`), to send `token` with every request, and to wait at most
+/// `timeout` for each answer.
 pub async fn connect(
     addr: &str,
     token: Option<BearerToken>,
     timeout: Duration,
 ) -> Result<AdminClient, String> {
-    let url = match addr.contains("://") {
-        true => addr.to_owned(),
-        false => format!("http://{addr}"),
+    let socket = addr.strip_prefix("unix:").map(PathBuf::from);
+    let url = match (&socket, addr.contains("://")) {
+        // Unused but for the `:authority` header: the socket is the address.
+        (Some(_), _) => "http://localhost".to_owned(),
+        (None, true) => addr.to_owned(),
+        (None, false) => format!("http://{addr}"),
     };
     let unreachable = |err: &dyn std::fmt::Display| {
         format!(
             "cannot reach the admin service at {addr}: {err} (is `scanserver serve` running? does --admin match its --admin-listen?)"
         )
     };
-    let endpoint = Endpoint::from_shared(url).map_err(|e| unreachable(&crate::WithCauses(&e)))?;
-    let channel = endpoint
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| unreachable(&crate::WithCauses(&e)))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| unreachable(&crate::WithCauses(&e)))?;
+        .timeout(timeout);
+    let channel = match socket {
+        Some(path) => endpoint.connect_with_connector(SocketConnector(path)).await,
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| unreachable(&crate::WithCauses(&e)))?;
     let client = admin_client::AdminClient::with_interceptor(channel, SendToken(token));
     Ok(client.max_decoding_message_size(MAX_LISTING_SIZE))
+}
+
+/// Connects a channel to the admin service's Unix-domain socket.
+#[derive(Clone)]
+struct SocketConnector(PathBuf);
+
+impl tonic::codegen::Service<Uri> for SocketConnector {
+    type Response = TokioIo<UnixStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<UnixStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move { UnixStream::connect(path).await.map(TokioIo::new) })
+    }
 }
 
 /// `scanserver status` as text.
@@ -305,4 +472,55 @@ fn svm_reason(value: i32) -> String {
 fn vm_reason(value: i32) -> String {
     VmReason::try_from(value)
         .map_or_else(|_| format!("reason {value}"), |r| r.describe().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn admin_addresses_are_tcp_or_unix() {
+        for text in [
+            "127.0.0.1:7406",
+            "[::1]:7406",
+            "unix:/run/scanserver/admin.sock",
+        ] {
+            let addr: AdminAddr = text.parse().unwrap();
+            assert_eq!(addr.to_string(), text);
+        }
+        let err = "localhost:7406".parse::<AdminAddr>().unwrap_err();
+        assert!(err.contains("unix:PATH"), "{err}");
+        assert!("unix:".parse::<AdminAddr>().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_admin_socket_is_private_and_replaces_only_a_dead_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("admin.sock");
+        let socket = AdminSocket::bind(&path).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o660);
+        assert_eq!(
+            mode(path.parent().unwrap()),
+            0o700,
+            "a missing folder is made private"
+        );
+
+        let refused = AdminSocket::bind(&path).err().unwrap();
+        assert_eq!(refused.kind(), io::ErrorKind::AddrInUse, "{refused}");
+        assert!(path.exists(), "the running server keeps its socket");
+        drop(socket);
+        assert!(!path.exists(), "a stopped server removes its socket");
+
+        // A server killed leaves its socket, which no one answers on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        drop(AdminSocket::bind(&path).unwrap());
+
+        std::fs::write(&path, "not a socket").unwrap();
+        let refused = AdminSocket::bind(&path).err().unwrap();
+        assert!(refused.to_string().contains("is not a socket"), "{refused}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+    }
 }

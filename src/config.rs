@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{engine::EngineConfig, reporting::ReportingConfig, status::InfrastructureConfig};
+use crate::{
+    admin::AdminAddr, engine::EngineConfig, reporting::ReportingConfig,
+    status::InfrastructureConfig,
+};
 
 /// The agent listener's default address. 7405 is this server's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7405";
@@ -129,8 +132,10 @@ impl Config {
         if self.reporting.interval < Duration::from_secs(1) {
             return invalid("reporting.interval", "must be at least 1s");
         }
-        let admin = self.server.admin_listen;
-        let clashes = |other: SocketAddr| admin.port() != 0 && admin == other;
+        let clashes = |other: SocketAddr| match &self.server.admin_listen {
+            AdminAddr::Tcp(admin) => admin.port() != 0 && *admin == other,
+            AdminAddr::Unix(_) => false,
+        };
         if clashes(self.server.listen) || self.server.metrics_listen.is_some_and(clashes) {
             return invalid(
                 "server.admin_listen",
@@ -180,8 +185,9 @@ pub struct ServerConfig {
     /// on every interface.
     pub addresses: Vec<String>,
     /// Address of the admin listener (`scanserver status`, `agents`,
-    /// `tags`); keep it on loopback or a management network.
-    pub admin_listen: SocketAddr,
+    /// `tags`): loopback or a management network, or `unix:PATH`, a
+    /// Unix-domain socket only the server's user and group may use.
+    pub admin_listen: AdminAddr,
     /// A file holding the bearer token every admin request must carry;
     /// unset: the admin service asks for none.
     pub admin_token_file: Option<PathBuf>,
@@ -442,5 +448,15 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<Config>("[server]\nlisten_on = \"x\"").is_err());
+    }
+
+    #[test]
+    fn the_admin_listener_may_be_a_unix_socket() {
+        let config: Config =
+            toml::from_str("[server]\nadmin_listen = \"unix:/run/scanserver/admin.sock\"").unwrap();
+        let socket = AdminAddr::Unix("/run/scanserver/admin.sock".into());
+        assert_eq!(config.server.admin_listen, socket);
+        let err = toml::from_str::<Config>("[server]\nadmin_listen = \"localhost\"").unwrap_err();
+        assert!(err.to_string().contains("unix:PATH"), "{err}");
     }
 }

@@ -11,17 +11,18 @@
 //! flight may finish and reply, up to the configured grace period. Then the
 //! verdict cache and the protected VMs are saved.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
 };
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::{
-    admin::{self, AdminService},
+    admin::{self, AdminAddr, AdminService, AdminSocket},
     auth::{BearerToken, RequireToken, TokenError},
     config::Config,
     engine::Engine,
@@ -83,6 +84,11 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Reporting(#[from] ReportingError),
+    #[error("cannot listen on the admin socket {}: {source} (use --admin-listen to pick another path)", path.display())]
+    AdminSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("--admin-token-file / server.admin_token_file: {0}")]
     AdminToken(#[from] TokenError),
     #[error(transparent)]
@@ -112,7 +118,7 @@ pub struct Server {
     probe_interval: std::time::Duration,
     listener: TcpListener,
     /// Taken when the server runs.
-    admin: Option<TcpListener>,
+    admin: Option<AdminListener>,
     admin_token: Option<BearerToken>,
     metrics: Option<TcpListener>,
     tls: Option<Arc<Tls>>,
@@ -127,15 +133,26 @@ impl Server {
     /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         let listener = bind(config.server.listen, "--listen").await?;
-        let admin = bind(config.server.admin_listen, "--admin-listen").await?;
         let admin_token = config
             .server
             .admin_token_file
             .as_deref()
             .map(BearerToken::read)
             .transpose()?;
-        if !config.server.admin_listen.ip().is_loopback() {
-            let addr = config.server.admin_listen;
+        let admin = match &config.server.admin_listen {
+            AdminAddr::Tcp(addr) => AdminListener::Tcp(bind(*addr, "--admin-listen").await?),
+            AdminAddr::Unix(path) => {
+                AdminListener::Unix(AdminSocket::bind(path).map_err(|source| {
+                    ServerError::AdminSocket {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)
+            }
+        };
+        if let AdminAddr::Tcp(addr) = config.server.admin_listen
+            && !addr.ip().is_loopback()
+        {
             match admin_token {
                 None => tracing::warn!(
                     %addr,
@@ -216,11 +233,15 @@ impl Server {
     }
 
     /// The address the admin listener is bound to.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .expect("a bound listener has an address")
+    pub fn admin_addr(&self) -> AdminAddr {
+        match self.admin.as_ref().expect("asked before the server runs") {
+            AdminListener::Tcp(listener) => AdminAddr::Tcp(
+                listener
+                    .local_addr()
+                    .expect("a bound listener has an address"),
+            ),
+            AdminListener::Unix(socket) => AdminAddr::Unix(socket.file.path().to_owned()),
+        }
     }
 
     /// The address the metrics listener is bound to, if any.
@@ -437,17 +458,32 @@ impl Server {
                 .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"))
                 .ok()
                 .map(|reflection| InterceptedService::new(reflection, token.clone()));
-            let admin = tonic::transport::Server::builder()
+            let router = tonic::transport::Server::builder()
                 .add_service(AdminServer::with_interceptor(
                     AdminService::new(Arc::clone(&self.svm), Arc::clone(&self.reloader)),
                     token,
                 ))
-                .add_optional_service(reflection)
-                .serve_with_incoming_shutdown(incoming(listener), down());
+                .add_optional_service(reflection);
+            let (serve, socket_file): (AdminServing, _) =
+                match listener {
+                    AdminListener::Tcp(listener) => (
+                        Box::pin(router.serve_with_incoming_shutdown(incoming(listener), down())),
+                        None,
+                    ),
+                    AdminListener::Unix(AdminSocket { listener, file }) => (
+                        Box::pin(router.serve_with_incoming_shutdown(
+                            UnixListenerStream::new(listener),
+                            down(),
+                        )),
+                        Some(file),
+                    ),
+                };
             tokio::spawn(async move {
-                if let Err(err) = admin.await {
+                if let Err(err) = serve.await {
                     tracing::error!("the admin listener failed: {err}");
                 }
+                // The socket's file goes when its listener has stopped.
+                drop(socket_file);
             });
         }
         if let Some(listener) = self.metrics.take() {
@@ -478,6 +514,15 @@ async fn reload_when_asked(
         let _ = reloader.reload().await;
     }
 }
+
+/// The admin service's listener (see [`AdminAddr`]).
+enum AdminListener {
+    Tcp(TcpListener),
+    Unix(AdminSocket),
+}
+
+/// The admin service, serving on either kind of listener until shutdown.
+type AdminServing = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)

@@ -399,6 +399,41 @@ fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
     assert_ne!(answered.status.code(), Some(2), "{stdout}");
 }
 
+/// The admin service on a Unix-domain socket: the commands reach it with
+/// `--admin unix:PATH`, and only the server's user and group may (0660).
+/// A server killed leaves its socket behind, which the next one replaces;
+/// one stopped removes it.
+#[test]
+fn the_operator_commands_reach_the_admin_socket() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("run").join("admin.sock");
+    let admin = format!("unix:{}", socket.display());
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        // The previous server is killed first: its socket stays behind.
+        servers.clear();
+        servers.push(serve(
+            cache.path(),
+            state.path(),
+            free_port(),
+            &admin,
+            |_| {},
+        ));
+        let (text, code) = status_until(cache.path(), &admin, "agent listener");
+        assert_ne!(code, Some(2), "{text}");
+        let metadata = fs::symlink_metadata(&socket).unwrap();
+        assert!(metadata.file_type().is_socket());
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+    }
+    let Running(server) = &mut servers[0];
+    // SAFETY: kill has no memory preconditions; the child is ours.
+    unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+    assert!(!socket.exists(), "a server that stops removes its socket");
+}
+
 /// `lightagent scan --task full` against `serve`: malware found tags the
 /// VM; a clean full scan then untags it (so the task's end reached the
 /// server before the agent's session closed), and one that failed a file

@@ -79,7 +79,8 @@ enum Command {
 /// How the operator commands reach the admin service.
 #[derive(Args, Clone)]
 struct AdminTarget {
-    /// Address of the server's admin listener.
+    /// Address of the server's admin listener: IP:PORT, or unix:PATH for
+    /// its Unix-domain socket (`serve --admin-listen`).
     #[arg(long, value_name = "ADDR", default_value = admin::DEFAULT_ADMIN_LISTEN, env = "SCANSERVER_ADMIN")]
     admin: String,
 
@@ -206,10 +207,12 @@ struct ServeArgs {
     state_dir: Option<PathBuf>,
 
     /// Address of the admin listener that `scanserver status`, `agents`,
-    /// `tags` and `rules reload` talk to; keep it on loopback [default:
-    /// 127.0.0.1:7406].
+    /// `tags` and `rules reload` talk to: IP:PORT, kept on loopback, or
+    /// unix:PATH, a Unix-domain socket that only the server's user and
+    /// group may use (the safer choice where other users log in)
+    /// [default: 127.0.0.1:7406].
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_ADMIN_LISTEN")]
-    admin_listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<admin::AdminAddr>,
 
     /// Ask every admin request for the bearer token in FILE (the commands
     /// read it with --admin-token-file) [default: no token].

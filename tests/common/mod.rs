@@ -88,7 +88,7 @@ pub fn matching_rules(engine: &Engine, data: &[u8], name: &str) -> Vec<String> {
 /// A server on a free loopback port, stopped when dropped.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
-    pub admin: std::net::SocketAddr,
+    pub admin: scanserver::admin::AdminAddr,
     pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
