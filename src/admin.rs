@@ -12,6 +12,7 @@
 use std::{
     fmt, io,
     net::SocketAddr,
+    os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     pin::Pin,
     str::FromStr,
@@ -58,8 +59,8 @@ impl FromStr for AdminAddr {
 
     fn from_str(s: &str) -> Result<Self, String> {
         match s.strip_prefix("unix:") {
-            Some("") => Err("unix: needs the socket's path, as in unix:/run/scanserver/admin.sock".into()),
-            Some(path) => Ok(AdminAddr::Unix(path.into())),
+            Some(path) if Path::new(path).is_absolute() => Ok(AdminAddr::Unix(path.into())),
+            Some(_) => Err("unix: needs the socket's absolute path, as in unix:/run/scanserver/admin.sock".into()),
             None => s.parse().map(AdminAddr::Tcp).map_err(|_| {
                 format!("`{s}` is neither IP:PORT (127.0.0.1:7406) nor unix:PATH (unix:/run/scanserver/admin.sock)")
             }),
@@ -96,76 +97,97 @@ pub struct AdminSocket {
     pub file: SocketFile,
 }
 
-/// The socket's file, removed when this is dropped (the server stopped).
-pub struct SocketFile(PathBuf);
+/// The socket's file, removed when this is dropped (the server stopped),
+/// and the lock that makes it this server's meanwhile.
+pub struct SocketFile {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
 
 impl SocketFile {
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // Still ours: no other server binds while the lock is held.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 impl AdminSocket {
-    /// Binds a socket at `path` that the server's user and group may
-    /// connect to (0660), no one else. Its folder must be one that no
-    /// other user may write to (it is created private if missing), or
-    /// they could put a socket of theirs in its place; see
-    /// [`crate::state::private_dir`]. A socket left by a server that did
-    /// not stop cleanly is replaced; one a running server answers on,
-    /// or a file that is no socket, is refused.
+    /// Binds a socket at `path` (absolute) that the server's user and
+    /// group may connect to (0660), no one else. Its folder must be the
+    /// server user's and writable by no other (it is created private if
+    /// missing), or another user could put a socket of theirs in its
+    /// place; see [`crate::state::private_dir`]. The server holds a lock
+    /// on `PATH.lock` while it runs: a socket found without that lock is
+    /// one a server left behind when it was killed, and is replaced; with
+    /// it, another server runs there, and this start fails. A file that
+    /// is not a socket is never removed.
     pub fn bind(path: &Path) -> io::Result<AdminSocket> {
-        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::state::private_dir(folder)?;
+        let folder = path.parent().unwrap_or(Path::new("/"));
+        crate::state::private_dir(folder).map_err(|err| {
+            let advice = "the socket's folder must be the server's user's: give it one of its own \
+                          (with systemd, RuntimeDirectory=scanserver makes /run/scanserver)";
+            io::Error::new(err.kind(), format!("{err}; {advice}"))
+        })?;
+        let lock = lock_file(path)?;
+        match std::fs::symlink_metadata(path) {
+            Ok(metadata) if metadata.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                let message = format!(
+                    "{} exists and is not a socket; remove it, or choose another path",
+                    path.display()
+                );
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, message));
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
         }
-        remove_stale_socket(path)?;
-        // The mode is set at creation, through the umask: a chmod after
-        // bind would leave a moment in which anyone could connect, and
-        // keep that connection. The umask is the process's, but this one
-        // only narrows: a file another thread creates meanwhile gets at
-        // most 0660 too.
-        // SAFETY: umask has no preconditions and cannot fail.
-        let previous = unsafe { libc::umask(0o117) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(previous) };
+        // Bound in a folder of its own (0700) and given its mode there,
+        // then moved into place: no one else may connect in between, and
+        // a connection made then would outlive a later chmod.
+        let staging = tempfile::Builder::new()
+            .prefix(".admin-")
+            .tempdir_in(folder)?;
+        let staged = staging.path().join("socket");
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        std::fs::rename(&staged, path)?;
         Ok(AdminSocket {
-            listener: bound?,
-            file: SocketFile(path.to_owned()),
+            listener,
+            file: SocketFile {
+                path: path.to_owned(),
+                _lock: lock,
+            },
         })
     }
 }
 
-/// Removes the socket file at `path` if no server answers on it.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let file_type = match std::fs::symlink_metadata(path) {
-        Ok(metadata) => metadata.file_type(),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err),
-    };
-    if !file_type.is_socket() {
-        let message = format!(
-            "{} exists and is not a socket; remove it, or choose another path",
-            path.display()
-        );
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, message));
-    }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => {
+/// Takes the lock on `PATH.lock` that a running server holds on its socket.
+fn lock_file(path: &Path) -> io::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&name)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
             let message = format!(
-                "a server already listens on {} (stop it, or choose another path)",
-                path.display()
+                "another server listens on {} (it holds {}): stop it, or choose another path",
+                path.display(),
+                Path::new(&name).display()
             );
             Err(io::Error::new(io::ErrorKind::AddrInUse, message))
         }
-        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
-        Err(err) => Err(err),
+        Err(std::fs::TryLockError::Error(err)) => Err(err),
     }
 }
 
@@ -308,6 +330,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<AdminClient, String> {
     let socket = addr.strip_prefix("unix:").map(PathBuf::from);
+    let is_socket = socket.is_some();
     let url = match (&socket, addr.contains("://")) {
         // Unused but for the `:authority` header: the socket is the address.
         (Some(_), _) => "http://localhost".to_owned(),
@@ -315,8 +338,12 @@ pub async fn connect(
         (None, false) => format!("http://{addr}"),
     };
     let unreachable = |err: &dyn std::fmt::Display| {
+        let whom = match is_socket {
+            true => " are you its user, or in its socket's group?",
+            false => "",
+        };
         format!(
-            "cannot reach the admin service at {addr}: {err} (is `scanserver serve` running? does --admin match its --admin-listen?)"
+            "cannot reach the admin service at {addr}: {err} (is `scanserver serve` running? does --admin match its --admin-listen?{whom})"
         )
     };
     let endpoint = Endpoint::from_shared(url)
@@ -476,8 +503,6 @@ fn vm_reason(value: i32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     #[test]
@@ -493,6 +518,8 @@ mod tests {
         let err = "localhost:7406".parse::<AdminAddr>().unwrap_err();
         assert!(err.contains("unix:PATH"), "{err}");
         assert!("unix:".parse::<AdminAddr>().is_err());
+        let err = "unix:admin.sock".parse::<AdminAddr>().unwrap_err();
+        assert!(err.contains("absolute"), "{err}");
     }
 
     #[tokio::test]
@@ -510,13 +537,24 @@ mod tests {
 
         let refused = AdminSocket::bind(&path).err().unwrap();
         assert_eq!(refused.kind(), io::ErrorKind::AddrInUse, "{refused}");
+        assert!(refused.to_string().contains("another server"), "{refused}");
         assert!(path.exists(), "the running server keeps its socket");
         drop(socket);
         assert!(!path.exists(), "a stopped server removes its socket");
 
-        // A server killed leaves its socket, which no one answers on.
+        // A server killed leaves its socket, and no lock on it.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         drop(AdminSocket::bind(&path).unwrap());
+
+        // A folder that others may write to is refused, with what to do.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = AdminSocket::bind(&shared.join("admin.sock")).err().unwrap();
+        assert!(
+            refused.to_string().contains("RuntimeDirectory"),
+            "{refused}"
+        );
 
         std::fs::write(&path, "not a socket").unwrap();
         let refused = AdminSocket::bind(&path).err().unwrap();

@@ -79,6 +79,12 @@ impl Config {
                 "must be 0s (never) or at least 1s: each look reads the whole ruleset",
             );
         }
+        if let Some(tls) = &self.tls
+            && !tls.check_interval.is_zero()
+            && tls.check_interval < Duration::from_secs(1)
+        {
+            return invalid("tls.check_interval", "must be 0s (never) or at least 1s");
+        }
         if self.engine.max_scan_size == 0 {
             return invalid("engine.max_scan_size", "must be more than 0");
         }
@@ -186,7 +192,8 @@ pub struct ServerConfig {
     pub addresses: Vec<String>,
     /// Address of the admin listener (`scanserver status`, `agents`,
     /// `tags`): loopback or a management network, or `unix:PATH`, a
-    /// Unix-domain socket only the server's user and group may use.
+    /// Unix-domain socket in a folder of the server's user (see
+    /// [`crate::admin::AdminSocket::bind`]).
     pub admin_listen: AdminAddr,
     /// A file holding the bearer token every admin request must carry;
     /// unset: the admin service asks for none.
@@ -295,6 +302,32 @@ pub struct TlsConfig {
     /// so that an agent speaks for its own VM only.
     #[serde(default)]
     pub vm_id_in_certificate: bool,
+    /// How often the server looks at these files, to serve renewed ones
+    /// without a SIGHUP (once two looks in a row found them); zero never
+    /// looks.
+    #[serde(
+        default = "TlsConfig::default_check_interval",
+        with = "humantime_serde"
+    )]
+    pub check_interval: Duration,
+}
+
+impl TlsConfig {
+    /// The files at `cert` and `key`, without a client CA, looked at every
+    /// minute.
+    pub fn new(cert: PathBuf, key: PathBuf) -> TlsConfig {
+        TlsConfig {
+            cert,
+            key,
+            client_ca: None,
+            vm_id_in_certificate: false,
+            check_interval: TlsConfig::default_check_interval(),
+        }
+    }
+
+    fn default_check_interval() -> Duration {
+        Duration::from_secs(60)
+    }
 }
 
 /// The `[rules]` table.
@@ -443,6 +476,12 @@ mod tests {
         assert_eq!(refused(too_often), "rules.check_interval");
         let idle_below_scans = |c: &mut Config| c.server.idle_timeout = c.engine.scan_timeout;
         assert_eq!(refused(idle_below_scans), "server.idle_timeout");
+        let tls_too_often = |c: &mut Config| {
+            let mut tls = TlsConfig::new("server.pem".into(), "server.key".into());
+            tls.check_interval = Duration::from_millis(100);
+            c.tls = Some(tls);
+        };
+        assert_eq!(refused(tls_too_often), "tls.check_interval");
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Reporting(#[from] ReportingError),
-    #[error("cannot listen on the admin socket {}: {source} (use --admin-listen to pick another path)", path.display())]
+    #[error("cannot listen on the admin socket {}: {source} (--admin-listen, server.admin_listen)", path.display())]
     AdminSocket {
         path: PathBuf,
         source: std::io::Error,
@@ -234,7 +234,11 @@ impl Server {
 
     /// The address the admin listener is bound to.
     pub fn admin_addr(&self) -> AdminAddr {
-        match self.admin.as_ref().expect("asked before the server runs") {
+        match self
+            .admin
+            .as_ref()
+            .expect("admin_addr is for a server that does not run yet")
+        {
             AdminListener::Tcp(listener) => AdminAddr::Tcp(
                 listener
                     .local_addr()
@@ -429,8 +433,8 @@ impl Server {
 
     /// Starts what runs beside the agent listener, each until shutdown:
     /// the status monitor, the infrastructure probe, the reporter, the
-    /// periodic check of the signatures, and the admin and metrics
-    /// listeners.
+    /// periodic checks of the signatures and TLS files, and the admin and
+    /// metrics listeners.
     fn spawn_side_tasks(&mut self) {
         let down = || {
             let mut shutdown = self.shutdown.subscribe();
@@ -444,6 +448,11 @@ impl Server {
             tokio::spawn(reporter.run(self.shutdown.subscribe()));
         }
         tokio::spawn(Arc::clone(&self.reloader).keep_checking(self.shutdown.subscribe()));
+        if let Some(tls) = &self.tls {
+            tokio::spawn(
+                Arc::clone(tls).keep_checking(Arc::clone(&self.svm), self.shutdown.subscribe()),
+            );
+        }
         if let Some(listener) = self.admin.take() {
             // Every request on the admin listener needs the token, when
             // there is one: reflection too, though it tells only the schema.

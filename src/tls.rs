@@ -1,8 +1,9 @@
 //! The agent listener's TLS (rustls): the certificate, key and client CA
 //! from PEM files, checked when the server starts, and read again on
-//! SIGHUP (see [`crate::server::Server::reload_on_hangup`]), so that a
-//! renewed certificate (or CA) is served without a restart, which would
-//! end every agent's session. Connections already open keep what they
+//! SIGHUP (see [`crate::server::Server::reload_on_hangup`]) and when a
+//! look at them every `tls.check_interval` finds them renewed
+//! ([`Tls::keep_checking`]), so that a renewed certificate (or CA) is
+//! served without a restart, which would end every agent's session. Connections already open keep what they
 //! were accepted with: an agent whose certificate a new CA no longer
 //! admits stays connected until it reconnects (or the server restarts).
 //!
@@ -22,8 +23,9 @@ use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinSet,
+    time::MissedTickBehavior,
 };
 use tokio_rustls::{
     TlsAcceptor,
@@ -32,7 +34,7 @@ use tokio_rustls::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{config::TlsConfig, status::Svm};
+use crate::{config::TlsConfig, shutdown::shut_down, status::Svm};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,6 +141,48 @@ impl Tls {
         svm.tls_reloaded(reloaded.map(|_| ()));
     }
 
+    /// Looks at the files every `tls.check_interval` (never when it is
+    /// zero), and reloads them (see [`Tls::reload_and_report`]) once two
+    /// looks in a row found the same new files, until shutdown: a
+    /// certificate that cert-manager or an ACME client renewed is served
+    /// without anyone sending a SIGHUP. The second look keeps a renewal
+    /// caught between its certificate and its key from being reported as
+    /// a failure; new files that cannot be used are reported once, and
+    /// not tried again until they change.
+    pub async fn keep_checking(
+        self: Arc<Self>,
+        svm: Arc<Svm>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let every = self.settings.check_interval;
+        if every.is_zero() {
+            return;
+        }
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticker.tick().await;
+        let mut looks = Looks::default();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shut_down(&mut shutdown) => return,
+            }
+            // Files that cannot be read (being replaced, or gone) are
+            // looked at again; the served certificate's expiry is in the
+            // status meanwhile.
+            let found = Files::read(&self.settings).ok().map(|files| files.digest());
+            let loaded = *self.files.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(renewed) = looks.next(found, loaded) else {
+                continue;
+            };
+            tracing::info!(cert = %self.settings.cert.display(), "the TLS files changed on disk");
+            self.reload_and_report(&svm);
+            if *self.files.lock().unwrap_or_else(|e| e.into_inner()) != renewed {
+                looks.failed = Some(renewed);
+            }
+        }
+    }
+
     /// The connections accepted on `listener` (Nagle's algorithm off, see
     /// `server::incoming`), once their handshake is done, for as long as
     /// the stream is held (tonic drops it when it stops accepting).
@@ -198,6 +242,29 @@ async fn accept_failed(err: io::Error, warned: &mut bool) {
         *warned = true;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// What the periodic check of the files saw: the new files of its last
+/// look, and the last new files that could not be used.
+#[derive(Default)]
+struct Looks {
+    seen: Option<blake3::Hash>,
+    failed: Option<blake3::Hash>,
+}
+
+impl Looks {
+    /// Takes a look that `found` the files with this digest (none: they
+    /// could not be read) while those of `loaded` are served; returns the
+    /// digest of new files to load now, seen twice in a row.
+    fn next(&mut self, found: Option<blake3::Hash>, loaded: blake3::Hash) -> Option<blake3::Hash> {
+        let new = found.filter(|found| *found != loaded && Some(*found) != self.failed);
+        let previous = std::mem::replace(&mut self.seen, new);
+        let twice = new.is_some() && new == previous;
+        if twice {
+            self.seen = None;
+        }
+        new.filter(|_| twice)
+    }
 }
 
 /// What the files make: the rustls configuration, and when the certificate
@@ -317,4 +384,35 @@ fn certificates(
         return Err(rustls_pki_types::pem::Error::NoItemsFound);
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_files_are_loaded_when_seen_twice_and_unusable_ones_tried_once() {
+        let hash = |s: &str| blake3::hash(s.as_bytes());
+        let (served, half, renewed) = (hash("served"), hash("new cert, old key"), hash("renewed"));
+        let mut looks = Looks::default();
+        assert_eq!(looks.next(Some(served), served), None);
+        // A renewal caught half way, then done.
+        assert_eq!(looks.next(Some(half), served), None);
+        assert_eq!(looks.next(Some(renewed), served), None);
+        assert_eq!(looks.next(None, served), None, "unreadable");
+        assert_eq!(
+            looks.next(Some(renewed), served),
+            None,
+            "not twice in a row"
+        );
+        assert_eq!(looks.next(Some(renewed), served), Some(renewed));
+        assert_eq!(looks.next(Some(renewed), renewed), None, "loaded");
+        // Files that could not be used are not tried again until they change.
+        looks.failed = Some(half);
+        for _ in 0..3 {
+            assert_eq!(looks.next(Some(half), renewed), None);
+        }
+        assert_eq!(looks.next(Some(served), renewed), None);
+        assert_eq!(looks.next(Some(served), renewed), Some(served));
+    }
 }

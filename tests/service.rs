@@ -1338,6 +1338,7 @@ async fn tls_and_mutual_tls() {
         key: dir.path().join("server.key"),
         client_ca: client_ca.then(|| dir.path().join("ca.pem")),
         vm_id_in_certificate: false,
+        check_interval: std::time::Duration::ZERO,
     };
     let options = |server: &TestServer, identity: bool| AgentOptions {
         require_encryption: true,
@@ -1390,6 +1391,7 @@ async fn tls_and_mutual_tls() {
     let certified = TestServer::start(|c| {
         c.tls = Some(TlsConfig {
             vm_id_in_certificate: true,
+            check_interval: std::time::Duration::ZERO,
             ..tls(true)
         })
     })
@@ -1481,10 +1483,10 @@ async fn tls_and_mutual_tls() {
 }
 
 /// A renewed certificate, or a new client CA, is used once the files are
-/// read again (SIGHUP for `scanserver serve`); files that cannot be used
-/// replace nothing.
+/// read again (by the periodic look at them, on SIGHUP for `scanserver
+/// serve`, or by hand here); files that cannot be used replace nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewed_certificates_are_served_after_a_reload() {
+async fn renewed_certificates_are_served_once_read_again() {
     let (first, renewed, served) = (
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
@@ -1504,6 +1506,7 @@ async fn renewed_certificates_are_served_after_a_reload() {
             key: served.path().join("server.key"),
             client_ca: Some(served.path().join("ca.pem")),
             vm_id_in_certificate: false,
+            check_interval: Duration::from_secs(1),
         })
     })
     .await;
@@ -1528,7 +1531,21 @@ async fn renewed_certificates_are_served_after_a_reload() {
     assert!(!tls.reload().unwrap(), "the same files change nothing");
 
     install(renewed.path());
-    assert!(tls.reload().unwrap());
+    // Found by the look at the files every second, and loaded at the
+    // second look.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while Agent::connect(&agent(renewed.path(), Some(renewed.path())))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed files are never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!tls.reload().unwrap(), "they are loaded already");
+    assert_eq!(server.svm.tls_update_failure(), None);
     for (trusted, identity, why) in [
         (
             first.path(),
@@ -1700,6 +1717,7 @@ async fn an_expired_certificate_turns_the_svm_critical() {
             key: dir.path().join("server.key"),
             client_ca: None,
             vm_id_in_certificate: false,
+            check_interval: std::time::Duration::ZERO,
         })
     })
     .await;

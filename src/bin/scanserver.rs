@@ -208,9 +208,9 @@ struct ServeArgs {
 
     /// Address of the admin listener that `scanserver status`, `agents`,
     /// `tags` and `rules reload` talk to: IP:PORT, kept on loopback, or
-    /// unix:PATH, a Unix-domain socket that only the server's user and
-    /// group may use (the safer choice where other users log in)
-    /// [default: 127.0.0.1:7406].
+    /// unix:PATH, a Unix-domain socket (0660) in a folder of the server's
+    /// user, which keeps other users out (the safer choice where they log
+    /// in) [default: 127.0.0.1:7406].
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_ADMIN_LISTEN")]
     admin_listen: Option<admin::AdminAddr>,
 
@@ -271,13 +271,11 @@ impl ServeArgs {
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             // The file's other TLS settings stay unless flags replace them.
-            let file = config.tls.take();
-            config.tls = Some(TlsConfig {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: file.as_ref().and_then(|tls| tls.client_ca.clone()),
-                vm_id_in_certificate: file.is_some_and(|tls| tls.vm_id_in_certificate),
-            });
+            let tls = config
+                .tls
+                .get_or_insert_with(|| TlsConfig::new(cert.clone(), key.clone()));
+            tls.cert = cert.clone();
+            tls.key = key.clone();
         }
         if let Some(client_ca) = &self.tls_client_ca {
             let Some(tls) = config.tls.as_mut() else {
