@@ -136,6 +136,18 @@ impl AdminSocket {
         })?;
         let lock = lock_file(path)?;
         match std::fs::symlink_metadata(path) {
+            // Without the lock, only a server of a version that takes none
+            // could answer on it.
+            Ok(metadata)
+                if metadata.file_type().is_socket()
+                    && std::os::unix::net::UnixStream::connect(path).is_ok() =>
+            {
+                let message = format!(
+                    "a server already listens on {}: stop it, or choose another path",
+                    path.display()
+                );
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, message));
+            }
             Ok(metadata) if metadata.file_type().is_socket() => std::fs::remove_file(path)?,
             Ok(_) => {
                 let message = format!(
@@ -152,6 +164,7 @@ impl AdminSocket {
         // a connection made then would outlive a later chmod.
         let staging = tempfile::Builder::new()
             .prefix(".admin-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(folder)?;
         let staged = staging.path().join("socket");
         let listener = UnixListener::bind(&staged)?;
@@ -176,7 +189,10 @@ fn lock_file(path: &Path) -> io::Result<std::fs::File> {
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(&name)?;
+        .open(&name)
+        .map_err(|err| {
+            io::Error::new(err.kind(), format!("{}: {err}", Path::new(&name).display()))
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -543,7 +559,10 @@ mod tests {
         assert!(!path.exists(), "a stopped server removes its socket");
 
         // A server killed leaves its socket, and no lock on it.
-        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let lockless = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let refused = AdminSocket::bind(&path).err().unwrap();
+        assert!(refused.to_string().contains("already listens"), "{refused}");
+        drop(lockless);
         drop(AdminSocket::bind(&path).unwrap());
 
         // A folder that others may write to is refused, with what to do.

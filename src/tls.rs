@@ -105,7 +105,16 @@ impl Tls {
     /// replace nothing.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let files = Files::read(&self.settings)?;
-        let mut loaded = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        self.replace(&mut self.loaded(), files)
+    }
+
+    /// The digest of the files served, locked: reloads take their turns.
+    fn loaded(&self) -> std::sync::MutexGuard<'_, blake3::Hash> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves `files` from now on, unless they are those of `loaded`.
+    fn replace(&self, loaded: &mut blake3::Hash, files: Files) -> Result<bool, TlsError> {
         if *loaded == files.digest() {
             return Ok(false);
         }
@@ -124,8 +133,17 @@ impl Tls {
     /// shows a failure in `svm`'s status.
     pub fn reload_and_report(&self, svm: &Svm) {
         // A few small files: read on the runtime's thread.
-        let reloaded = self
-            .reload()
+        self.load_and_report(Files::read(&self.settings), svm);
+    }
+
+    /// Serves `files` if they are new and usable, logs the outcome and
+    /// shows a failure in `svm`'s status; false when they could not be
+    /// used. The outcome is reported under the lock, so that two reloads
+    /// at once (SIGHUP, the periodic look) report in the order they ran.
+    fn load_and_report(&self, files: Result<Files, TlsError>, svm: &Svm) -> bool {
+        let mut loaded = self.loaded();
+        let reloaded = files
+            .and_then(|files| self.replace(&mut loaded, files))
             .map_err(|err| crate::WithCauses(&err).to_string());
         match &reloaded {
             Ok(true) => {
@@ -138,17 +156,20 @@ impl Tls {
                 )
             }
         }
+        let usable = reloaded.is_ok();
         svm.tls_reloaded(reloaded.map(|_| ()));
+        usable
     }
 
     /// Looks at the files every `tls.check_interval` (never when it is
-    /// zero), and reloads them (see [`Tls::reload_and_report`]) once two
-    /// looks in a row found the same new files, until shutdown: a
-    /// certificate that cert-manager or an ACME client renewed is served
-    /// without anyone sending a SIGHUP. The second look keeps a renewal
-    /// caught between its certificate and its key from being reported as
-    /// a failure; new files that cannot be used are reported once, and
-    /// not tried again until they change.
+    /// zero), and serves new ones once two looks in a row found the same,
+    /// until shutdown: a certificate that cert-manager or an ACME client
+    /// renewed is served without anyone sending a SIGHUP. The files of the
+    /// second look are those loaded, so a renewal caught between its
+    /// certificate and its key is neither served nor reported as a
+    /// failure. New files that cannot be used are reported once, and not
+    /// tried again until they change; a failure is cleared when the files
+    /// served are found back on disk.
     pub async fn keep_checking(
         self: Arc<Self>,
         svm: Arc<Svm>,
@@ -170,14 +191,20 @@ impl Tls {
             // Files that cannot be read (being replaced, or gone) are
             // looked at again; the served certificate's expiry is in the
             // status meanwhile.
-            let found = Files::read(&self.settings).ok().map(|files| files.digest());
-            let loaded = *self.files.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(renewed) = looks.next(found, loaded) else {
+            let files = Files::read(&self.settings).ok();
+            let found = files.as_ref().map(Files::digest);
+            let renewed = {
+                let loaded = self.loaded();
+                if found == Some(*loaded) && svm.tls_update_failure().is_some() {
+                    svm.tls_reloaded(Ok(()));
+                }
+                looks.next(found, *loaded)
+            };
+            let (Some(renewed), Some(files)) = (renewed, files) else {
                 continue;
             };
             tracing::info!(cert = %self.settings.cert.display(), "the TLS files changed on disk");
-            self.reload_and_report(&svm);
-            if *self.files.lock().unwrap_or_else(|e| e.into_inner()) != renewed {
+            if !self.load_and_report(Ok(files), &svm) {
                 looks.failed = Some(renewed);
             }
         }

@@ -1586,6 +1586,18 @@ async fn renewed_certificates_are_served_once_read_again() {
     Agent::connect(&agent(renewed.path(), Some(renewed.path())))
         .await
         .expect("the renewed certificates are still used");
+    // The periodic look reports them too, until the files served are back.
+    let svm = &server.svm;
+    let failure = |failed: bool| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while svm.tls_update_failure().is_some() != failed {
+            assert!(std::time::Instant::now() < deadline, "failed: {failed}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    failure(true).await;
+    install(renewed.path());
+    failure(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
