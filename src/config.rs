@@ -63,7 +63,7 @@ impl Config {
             })
         };
         let heartbeat = self.server.heartbeat_interval;
-        if heartbeat.is_zero() || heartbeat > Duration::from_secs(3600) {
+        if heartbeat < Duration::from_millis(1) || heartbeat > Duration::from_secs(3600) {
             return invalid("server.heartbeat_interval", "must be between 1ms and 1h");
         }
         if self.engine.scan_timeout < Duration::from_secs(1) {
@@ -438,6 +438,8 @@ mod tests {
         let mut config = Config::default();
         config.server.heartbeat_interval = Duration::ZERO;
         assert!(config.validate().is_err());
+        config.server.heartbeat_interval = Duration::from_micros(500);
+        assert!(config.validate().is_err(), "agents are told whole ms");
         let mut config = Config::default();
         config.uploads.max_file_size = config.engine.max_scan_size + 1;
         assert!(config.validate().is_err());

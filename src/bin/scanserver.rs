@@ -223,8 +223,9 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
 
-    /// Report to the Integration Server at this URL (http://host:port)
-    /// [default: no reports].
+    /// Report to the Integration Server at this URL (http://host:port;
+    /// https:// needs the config file's [reporting.tls]) [default: no
+    /// reports].
     #[arg(long, value_name = "URL", env = "SCANSERVER_INTEGRATION_SERVER")]
     integration_server: Option<String>,
 
@@ -370,7 +371,11 @@ enum RulesCommand {
     /// errors. Exit status 1 when it does not compile.
     Check {
         /// The ruleset: a folder, a source file or a pre-compiled file.
-        #[arg(value_name = "PATH", default_value = "signatures")]
+        #[arg(
+            value_name = "PATH",
+            default_value = "signatures",
+            env = "SCANSERVER_RULES"
+        )]
         path: PathBuf,
     },
     /// Make a running server read its signatures again (as SIGHUP does),
