@@ -113,6 +113,44 @@ fn files_are_scanned_read_or_mapped_with_their_digest() {
     }
 }
 
+/// Files of /proc (and /sys, and some FUSE file systems) say they hold 0
+/// bytes, whatever they hold: they are read to their end, not taken for
+/// empty.
+#[test]
+fn files_that_say_they_are_empty_are_read_to_their_end() {
+    let ruleset = ruleset_from_source(r#"rule status { strings: $n = "VmRSS:" condition: $n }"#);
+    let engine = engine_with(ruleset, EngineConfig::default());
+    let status = std::path::Path::new("/proc/self/status");
+    assert_eq!(fs::metadata(status).unwrap().len(), 0);
+    let outcome = engine.scan(&ScanJob::file(status));
+    assert_eq!(outcome.verdict.detections()[0].rule, "status");
+    assert!(outcome.size > 0);
+}
+
+/// A spooled upload found shorter than what was received (and hashed)
+/// fails: its verdict would be cached under the whole content's digest.
+#[test]
+fn a_spooled_upload_shorter_than_received_fails() {
+    let engine = shipped_engine();
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&[7u8; 100]).unwrap();
+    let job = |size| ScanJob {
+        content: Content::Spooled {
+            file: file.try_clone().unwrap(),
+            size,
+        },
+        name: None,
+        digest: None,
+    };
+    assert_eq!(
+        reason(&engine.scan(&job(1000)).verdict),
+        Some(FailReason::Io)
+    );
+    let whole = engine.scan(&job(100));
+    assert!(whole.verdict.is_clean(), "{:?}", whole.verdict);
+    assert_eq!(whole.digest, Some(blake3::hash(&[7u8; 100])));
+}
+
 #[test]
 fn parallel_file_scans_report_every_file() {
     let engine = shipped_engine();

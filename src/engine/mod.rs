@@ -95,9 +95,10 @@ pub enum Content {
     /// A file, read or memory-mapped by the worker.
     File(PathBuf),
     /// A file the server just wrote (a spooled upload), by the handle it
-    /// was written with: always memory-mapped, as its pages are still in
-    /// the page cache and mapping them spares a copy.
-    Spooled(File),
+    /// was written with, and the `size` it received and hashed: always
+    /// memory-mapped, as its pages are still in the page cache and mapping
+    /// them spares a copy.
+    Spooled { file: File, size: u64 },
 }
 
 /// One piece of work for the engine.
@@ -397,7 +398,7 @@ impl Engine {
         match &job.content {
             Content::Bytes(data) => context.scan_bytes(data),
             Content::File(path) => context.scan_file(path),
-            Content::Spooled(file) => context.scan_spooled(file),
+            Content::Spooled { file, size } => context.scan_spooled(file, *size),
         }
     }
 }

@@ -111,6 +111,7 @@ impl Context<'_> {
     pub fn scan_file(&self, path: &Path) -> ScanOutcome {
         let started = Instant::now();
         match open_regular(path) {
+            Ok((file, 0)) => self.scan_unsized(started, &file, Some(self.name.unwrap_or(path))),
             Ok((file, size)) => {
                 let name = Some(self.name.unwrap_or(path));
                 self.scan_opened(started, &file, size, name, size <= READ_LIMIT)
@@ -121,16 +122,49 @@ impl Context<'_> {
 
     /// Scans a spooled upload through the handle it was written with (never
     /// opened again by its path, which a local user might have replaced),
-    /// always memory-mapped: its pages are in the page cache.
-    pub fn scan_spooled(&self, file: &File) -> ScanOutcome {
+    /// always memory-mapped: its pages are in the page cache. The `size`
+    /// received is what is scanned; a file found shorter fails, as its
+    /// verdict would be cached under the digest of the whole.
+    pub fn scan_spooled(&self, file: &File, size: u64) -> ScanOutcome {
         let started = Instant::now();
+        let failed = |message: String| {
+            let verdict = Verdict::failed(FailReason::Io, message);
+            self.outcome(started, size, Judged::failed(verdict))
+        };
         match file.metadata() {
-            Ok(metadata) => self.scan_opened(started, file, metadata.len(), self.name, false),
-            Err(err) => {
-                let verdict = Verdict::failed(FailReason::Io, err.to_string());
-                self.outcome(started, 0, Judged::failed(verdict))
-            }
+            Ok(metadata) if metadata.len() < size => failed(format!(
+                "the spooled upload is {} bytes on disk, {size} were received",
+                metadata.len()
+            )),
+            Ok(_) => self.scan_opened(started, file, size, self.name, false),
+            Err(err) => failed(err.to_string()),
         }
+    }
+
+    /// Scans a regular file whose size reads as 0, as files of /proc, /sys
+    /// and some FUSE file systems do whatever they hold: read to its end
+    /// (up to `max_scan_size`), never taken for empty unread.
+    fn scan_unsized(&self, started: Instant, file: &File, name: Option<&Path>) -> ScanOutcome {
+        let limit = self.limits.max_scan_size;
+        let mut size = 0;
+        let judged = with_worker(|worker| {
+            let mut buffer = std::mem::take(&mut worker.buffer);
+            buffer.clear();
+            let judged = match file.take(limit + 1).read_to_end(&mut buffer) {
+                Err(err) => Judged::failed(Verdict::failed(FailReason::Io, err.to_string())),
+                Ok(read) if read as u64 > limit => {
+                    Judged::failed(too_large(read as u64, self.limits))
+                }
+                Ok(_) => self.judge(worker, &buffer, name),
+            };
+            size = buffer.len() as u64;
+            // The buffer is kept for small files only.
+            if buffer.capacity() as u64 <= READ_LIMIT {
+                worker.buffer = buffer;
+            }
+            judged
+        });
+        self.outcome(started, size, judged)
     }
 
     fn scan_opened(

@@ -278,7 +278,10 @@ impl Upload {
             ),
             Sink::Spool(file) => {
                 let (file, path) = file.into_parts();
-                let content = Content::Spooled(file);
+                let content = Content::Spooled {
+                    file,
+                    size: self.received,
+                };
                 let guard = ReceivedGuard {
                     _spool: Some(path),
                     _share: None,
@@ -376,7 +379,7 @@ mod tests {
         assert_eq!(files_in(dir.path()), 1);
         large.push(1500, &[1; 500]).unwrap();
         let received = large.finish().unwrap();
-        assert!(matches!(received.content, Content::Spooled(_)));
+        assert!(matches!(received.content, Content::Spooled { .. }));
         drop(received);
         assert_eq!(files_in(dir.path()), 0, "the spool file is deleted");
 
