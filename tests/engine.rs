@@ -10,16 +10,6 @@ use scanserver::{
     verdict::{FailReason, Verdict},
 };
 
-/// A rule that cannot finish on anything but tiny input.
-const SLOW_RULE: &str = r#"
-rule slow {
-    condition:
-        for all i in (0 .. filesize - 1) : (
-            for all j in (0 .. filesize - 1) : ( uint8(i) + uint8(j) < 1000 )
-        )
-}
-"#;
-
 fn reason(verdict: &Verdict) -> Option<FailReason> {
     verdict.failure().map(|f| f.reason)
 }

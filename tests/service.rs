@@ -675,6 +675,66 @@ async fn a_known_digest_is_answered_without_content() {
     assert!(lookup.results[1].verdict.is_none());
 }
 
+/// A file id names one file from its begin to its final reply. While a
+/// file ended is being scanned, a begin reusing its id is refused: the
+/// scan's verdict must not be taken for the new file's. A begin naming a
+/// file still open drops both, with one error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_id_is_taken_until_its_final_reply() {
+    let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(1)).await;
+    server.state.replace_ruleset(ruleset_from_source(SLOW_RULE));
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let slow = vec![1u8; 200_000];
+    let requests = vec![
+        begin(&session, 1, &slow, None),
+        chunk(1, 0, &slow),
+        end(1),
+        begin(&session, 1, b"x", None),
+    ];
+    tx.send(batch(requests)).await.unwrap();
+    let (id, refused) = next(&mut replies).await;
+    assert_eq!(
+        (id, error_code(&refused)),
+        (1, tonic::Code::InvalidArgument)
+    );
+    assert!(
+        format!("{refused:?}").contains("still being scanned"),
+        "{refused:?}"
+    );
+    let (id, timed_out) = next(&mut replies).await;
+    let verdict = file_verdict(timed_out).verdict.unwrap().kind.unwrap();
+    assert_eq!(id, 1);
+    assert!(
+        matches!(verdict, proto::verdict::Kind::Failed(_)),
+        "{verdict:?}"
+    );
+    // Answered: the id is free again.
+    let requests = vec![begin(&session, 1, b"x", None), chunk(1, 0, b"x"), end(1)];
+    tx.send(batch(requests)).await.unwrap();
+    let (id, verdict) = next(&mut replies).await;
+    let verdict = file_verdict(verdict).verdict.unwrap().kind.unwrap();
+    // The slow rule matches what it has time to look at.
+    assert!(
+        id == 1 && matches!(verdict, proto::verdict::Kind::Infected(_)),
+        "{verdict:?}"
+    );
+
+    let requests = vec![
+        begin(&session, 2, b"abc", None),
+        begin(&session, 2, b"abc", None),
+        chunk(2, 0, b"abc"),
+    ];
+    tx.send(batch(requests)).await.unwrap();
+    let (id, both) = next(&mut replies).await;
+    assert_eq!((id, error_code(&both)), (2, tonic::Code::InvalidArgument));
+    assert!(format!("{both:?}").contains("both are dropped"), "{both:?}");
+    let (id, gone) = next(&mut replies).await;
+    assert_eq!((id, error_code(&gone)), (2, tonic::Code::InvalidArgument));
+    assert!(format!("{gone:?}").contains("not open"), "{gone:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_gives_no_verdict_when_the_rules_look_at_names() {
     let server = TestServer::start(|_| {}).await;

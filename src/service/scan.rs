@@ -24,9 +24,9 @@
 //! received content whose digest is being scanned waits for that scan.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{HashMap, HashSet, hash_map::Entry},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use tokio::{
@@ -154,6 +154,9 @@ struct ScanStream {
     /// than the standard SipHash, and the map is bounded by the sessions'
     /// files in flight, however the agent picks its file ids.
     open: HashMap<u64, OpenFile, foldhash::fast::RandomState>,
+    /// Files that ended and wait for a scan's verdict: off `open`, but
+    /// their ids are still taken.
+    scanning: Arc<Scanning>,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, and the notices are taken before
@@ -280,6 +283,7 @@ impl ScanStream {
             landings: Landings::new(state.uploads.config().files_in_flight as usize),
             state,
             open: HashMap::default(),
+            scanning: Arc::default(),
             replies,
             notices: Vec::new(),
             holding: false,
@@ -535,6 +539,11 @@ impl ScanStream {
     /// digest, expects it).
     fn begin(&mut self, begin: FileBegin, session: &mut SessionOfMessage) -> Option<FileReply> {
         let id = begin.file_id;
+        if self.close(id).is_some() {
+            // One final reply for the id: this error ends both files.
+            let message = format!("file id {id} is already open on this stream: both are dropped");
+            return Some(file_error(id, Code::InvalidArgument, &message));
+        }
         let (file, claimed) = match self.admit(begin, session) {
             Ok(admitted) => admitted,
             Err(reply) => return Some(reply),
@@ -591,8 +600,10 @@ impl ScanStream {
             .map_err(|status| fail(status.code(), status.message().to_owned()))?;
         // From here on, a refused file spoils its VM's full scan.
         let owed = VerdictOwed::to(session);
-        if self.open.contains_key(&id) {
-            let message = format!("file id {id} is already open on this stream");
+        if self.scanning.holds(id) {
+            let message = format!(
+                "file id {id} is still being scanned on this stream; use it again once its verdict came"
+            );
             return Err(fail(Code::InvalidArgument, message));
         }
         let claimed = parse_digest(&begin.blake3).map_err(|m| fail(Code::InvalidArgument, m))?;
@@ -758,9 +769,11 @@ impl ScanStream {
             owed.settle(size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
+        self.scanning.take(id);
         let due = VerdictDue {
             id,
             size,
+            scanning: Arc::clone(&self.scanning),
             owed: Some(owed),
             replies: self.replies.clone(),
             runtime: Handle::current(),
@@ -778,6 +791,8 @@ impl ScanStream {
 struct VerdictDue {
     id: u64,
     size: u64,
+    /// Gives the id back just before the reply is queued.
+    scanning: Arc<Scanning>,
     owed: Option<VerdictOwed>,
     replies: Replies,
     runtime: Handle,
@@ -805,6 +820,7 @@ impl VerdictDue {
     /// reply is dropped and the place given back (the stream itself has
     /// given up on the agent by then).
     fn reply(&mut self, kind: file_reply::Kind) {
+        self.scanning.release(self.id);
         let place = self.in_flight.take();
         // The verdict of content carries its own signatures version.
         let message = Ok(ScanReply {
@@ -827,6 +843,32 @@ impl VerdictDue {
             }
             Err(TrySendError::Closed(())) => {}
         }
+    }
+}
+
+/// The ids of a stream's files waiting for a scan's verdict (see
+/// [`ScanStream::scanning`]). The agent may name a file again once its
+/// final reply came, and the proto's "open" lasts until then: a verdict
+/// must not arrive under an id the agent has given to another file.
+/// Touched once a scanned file by the stream and by the verdict's sender.
+#[derive(Default)]
+struct Scanning(Mutex<HashSet<u64, foldhash::fast::RandomState>>);
+
+impl Scanning {
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<u64, foldhash::fast::RandomState>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(&self, id: u64) {
+        self.ids().insert(id);
+    }
+
+    fn holds(&self, id: u64) -> bool {
+        self.ids().contains(&id)
+    }
+
+    fn release(&self, id: u64) {
+        self.ids().remove(&id);
     }
 }
 

@@ -68,6 +68,16 @@ pub fn make_fifo(path: &Path) -> PathBuf {
     path.to_owned()
 }
 
+/// A rule that cannot finish on anything but tiny input.
+pub const SLOW_RULE: &str = r#"
+rule slow {
+    condition:
+        for all i in (0 .. filesize - 1) : (
+            for all j in (0 .. filesize - 1) : ( uint8(i) + uint8(j) < 1000 )
+        )
+}
+"#;
+
 /// A ruleset compiled from one source text, in a temporary folder.
 pub fn ruleset_from_source(source: &str) -> Ruleset {
     let dir = tempfile::tempdir().unwrap();
