@@ -20,8 +20,9 @@
 //! that a few huge files scanned at once cannot add up to gigabytes, mapped
 //! scans share a budget ([`MAPPED_BUDGET`]): a scan waits until the bytes
 //! mapped by the others leave room for its file (a file larger than the
-//! budget runs alone). Only scans of files over the read limit wait; small
-//! files go on meanwhile on the other workers.
+//! budget runs alone), in the order the scans came, so that smaller files
+//! cannot keep a large one waiting for ever. Only scans of mapped files
+//! wait; files read into memory go on meanwhile on the other workers.
 //!
 //! A fault anywhere else is handed to the handler that was installed before
 //! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
@@ -30,9 +31,10 @@
 
 use std::{
     cell::Cell,
+    collections::VecDeque,
     fs::File,
     io,
-    sync::{Condvar, Mutex, Once, OnceLock},
+    sync::{Condvar, Mutex, MutexGuard, Once, OnceLock},
 };
 
 use memmap2::{Advice, Mmap, MmapOptions};
@@ -57,29 +59,71 @@ thread_local! {
 /// Bytes that mapped scans may have mapped at once, process-wide.
 pub const MAPPED_BUDGET: u64 = 256 << 20;
 
-/// The bytes currently mapped by scans, and a condition to wait for room.
-static MAPPED: (Mutex<u64>, Condvar) = (Mutex::new(0), Condvar::new());
+/// The budget all mapped scans share.
+static MAPPED: Budget = Budget::new(MAPPED_BUDGET);
 
-/// A share of [`MAPPED_BUDGET`], returned when dropped.
-struct MappedShare(u64);
+/// Bytes that may be mapped at once, handed out in turn.
+struct Budget {
+    limit: u64,
+    state: Mutex<Shares>,
+    room: Condvar,
+}
 
-impl MappedShare {
-    fn acquire(size: u64) -> Self {
-        let (used, room) = &MAPPED;
-        let mut used = used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + size > MAPPED_BUDGET {
-            used = room.wait(used).unwrap_or_else(|e| e.into_inner());
+/// What a [`Budget`] has handed out, and who waits for it.
+struct Shares {
+    used: u64,
+    /// The tickets of the scans waiting, first come first.
+    waiting: VecDeque<u64>,
+    next_ticket: u64,
+}
+
+impl Budget {
+    const fn new(limit: u64) -> Budget {
+        Budget {
+            limit,
+            state: Mutex::new(Shares {
+                used: 0,
+                waiting: VecDeque::new(),
+                next_ticket: 0,
+            }),
+            room: Condvar::new(),
         }
-        *used += size;
-        MappedShare(size)
+    }
+
+    fn shares(&self) -> MutexGuard<'_, Shares> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the scans that came before, then for room for `size`
+    /// bytes (all of the budget for a file larger than it).
+    fn acquire(&self, size: u64) -> MappedShare<'_> {
+        let mut shares = self.shares();
+        let ticket = shares.next_ticket;
+        shares.next_ticket += 1;
+        shares.waiting.push_back(ticket);
+        while shares.waiting.front() != Some(&ticket)
+            || (shares.used > 0 && shares.used + size > self.limit)
+        {
+            shares = self.room.wait(shares).unwrap_or_else(|e| e.into_inner());
+        }
+        shares.waiting.pop_front();
+        shares.used += size;
+        // The next in line may fit too.
+        self.room.notify_all();
+        MappedShare { budget: self, size }
     }
 }
 
-impl Drop for MappedShare {
+/// A share of a [`Budget`], returned when dropped.
+struct MappedShare<'a> {
+    budget: &'a Budget,
+    size: u64,
+}
+
+impl Drop for MappedShare<'_> {
     fn drop(&mut self) {
-        let (used, room) = &MAPPED;
-        *used.lock().unwrap_or_else(|e| e.into_inner()) -= self.0;
-        room.notify_all();
+        self.budget.shares().used -= self.size;
+        self.budget.room.notify_all();
     }
 }
 
@@ -91,7 +135,7 @@ pub(super) fn with_mapped<R>(
     read: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, MappedError> {
     install_handler();
-    let _share = MappedShare::acquire(size);
+    let _share = MAPPED.acquire(size);
     let len = usize::try_from(size).map_err(|_| MappedError::Shrank)?;
     // SAFETY: the file may be changed by others while mapped; a shrink is
     // caught by the SIGBUS guard, and other changes only alter the bytes
@@ -212,9 +256,46 @@ fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::{
+        io::Write,
+        sync::mpsc,
+        time::{Duration, Instant},
+    };
 
     use super::*;
+
+    #[test]
+    fn the_budget_is_handed_out_in_turn() {
+        let budget = Budget::new(100);
+        let held = budget.acquire(50);
+        let (admitted, order) = mpsc::channel();
+        std::thread::scope(|threads| {
+            let waiting = |count: usize| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while budget.shares().waiting.len() != count {
+                    assert!(Instant::now() < deadline);
+                    std::thread::yield_now();
+                }
+            };
+            for (queued, (name, size)) in [("large", 60), ("small", 50)].into_iter().enumerate() {
+                let admitted = admitted.clone();
+                let budget = &budget;
+                threads.spawn(move || {
+                    let _share = budget.acquire(size);
+                    admitted.send(name).unwrap();
+                });
+                waiting(queued + 1);
+            }
+            // The small one would fit beside the share held, but comes after
+            // the large one (and then waits for it: they do not fit together,
+            // so the order they report in is the order they were let in).
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(order.try_recv().is_err(), "no one overtakes");
+            drop(held);
+        });
+        assert_eq!(order.iter().take(2).collect::<Vec<_>>(), ["large", "small"]);
+        assert_eq!(budget.shares().used, 0);
+    }
 
     #[test]
     fn a_file_that_shrinks_while_mapped_fails_instead_of_crashing() {
