@@ -53,6 +53,12 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 /// 256 KiB chunk arrives as 16 frames, each handled on its own.
 const MAX_FRAME_SIZE: u32 = 1 << 20;
 
+/// Calls open at once on one agent connection; further ones wait for a
+/// place (HTTP/2 flow control). An agent needs a few (Connect, a Scan
+/// stream or two, a Lookup); without a limit, one connection could hold a
+/// request of up to [`MAX_MESSAGE_SIZE`] in each of thousands of calls.
+const MAX_STREAMS: u32 = 64;
+
 /// HTTP/2 pings on every agent connection, and how long an answer may take.
 /// A VM switched off or cut from the network sends no FIN or RST: without
 /// pings, its connection's Scan streams would keep their open files, and
@@ -424,6 +430,7 @@ impl Server {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
+            .max_concurrent_streams(Some(MAX_STREAMS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(health)

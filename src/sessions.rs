@@ -53,6 +53,11 @@ impl From<&Hello> for AgentIdentity {
     }
 }
 
+/// Lookups one session may have answered at once. Each holds its batch
+/// (up to 100,000 digests) and may wait seconds for scans under way; an
+/// agent pre-checking folders needs one or two at a time.
+pub const LOOKUPS_AT_ONCE: usize = 4;
+
 /// One connected agent.
 #[derive(Debug)]
 pub struct Session {
@@ -63,6 +68,8 @@ pub struct Session {
     /// Files open at once on the session's Scan streams: the VM's places,
     /// shared with files its earlier sessions still have open.
     pub files_in_flight: Arc<Semaphore>,
+    /// Lookups answered at once for the session (see [`LOOKUPS_AT_ONCE`]).
+    pub lookups: Semaphore,
     pub files: AtomicU64,
     pub bytes: AtomicU64,
     pub detections: AtomicU64,
@@ -205,6 +212,7 @@ impl Sessions {
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
             files_in_flight: places,
+            lookups: Semaphore::new(LOOKUPS_AT_ONCE),
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             detections: AtomicU64::new(0),

@@ -735,6 +735,60 @@ async fn a_file_id_is_taken_until_its_final_reply() {
     server.stop().await;
 }
 
+/// A session has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each
+/// may hold 100,000 digests and wait for scans under way); one more is
+/// refused with RESOURCE_EXHAUSTED, and the others are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_at_once_on_a_session_are_bounded() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let data = b"content under way".to_vec();
+    let digest = blake3::hash(&data);
+    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    let (_, asked) = next(&mut replies).await;
+    assert!(
+        matches!(asked, file_reply::Kind::SendContent(_)),
+        "{asked:?}"
+    );
+    let client = server.client().await;
+    let lookup = || {
+        let request = LookupRequest {
+            session_id: session.clone(),
+            digests: vec![Bytes::copy_from_slice(digest.as_bytes())],
+        };
+        let mut client = client.clone();
+        tokio::spawn(async move { client.lookup(request).await })
+    };
+    // They wait for the content under way.
+    let waiting: Vec<_> = (0..scanserver::sessions::LOOKUPS_AT_ONCE)
+        .map(|_| lookup())
+        .collect();
+    let held = server.state.sessions.get(&session).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while held.lookups.available_permits() > 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(waiting.iter().all(|call| !call.is_finished()));
+    let refused = lookup().await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    tx.send(batch(vec![chunk(1, 0, &data), end(1)]))
+        .await
+        .unwrap();
+    for answered in waiting {
+        let answered = answered.await.unwrap().unwrap().into_inner();
+        assert!(answered.results[0].verdict.is_some(), "{answered:?}");
+    }
+    assert!(matches!(
+        next(&mut replies).await.1,
+        file_reply::Kind::Verdict(_)
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_gives_no_verdict_when_the_rules_look_at_names() {
     let server = TestServer::start(|_| {}).await;

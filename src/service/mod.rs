@@ -32,7 +32,7 @@ use crate::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult, ScanReply,
         ScanRequest, ServerMessage, protection_server_server::ProtectionServer,
     },
-    sessions::{Session, Sessions},
+    sessions::{LOOKUPS_AT_ONCE, Session, Sessions},
     signatures::Ruleset,
     vms::Vms,
 };
@@ -220,6 +220,11 @@ impl ProtectionServer for ProtectionService {
         let request = request.into_inner();
         let session = self.state.session(&request.session_id, caller.as_ref())?;
         session.touch();
+        let Ok(_answering) = session.lookups.try_acquire() else {
+            return Err(Status::resource_exhausted(format!(
+                "more than {LOOKUPS_AT_ONCE} Lookups at once on this session; wait for their answers"
+            )));
+        };
         if request.digests.len() > MAX_LOOKUP_DIGESTS {
             return Err(Status::invalid_argument(format!(
                 "{} digests in one Lookup; send at most {MAX_LOOKUP_DIGESTS} per request",
