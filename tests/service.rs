@@ -787,6 +787,7 @@ async fn lookups_at_once_on_a_session_are_bounded() {
         next(&mut replies).await.1,
         file_reply::Kind::Verdict(_)
     ));
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

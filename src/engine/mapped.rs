@@ -22,7 +22,7 @@
 //! mapped by the others leave room for its file (a file larger than the
 //! budget runs alone), in the order the scans came, so that smaller files
 //! cannot keep a large one waiting for ever. Only scans of mapped files
-//! wait; files read into memory go on meanwhile on the other workers.
+//! wait: a worker free meanwhile goes on with files read into memory.
 //!
 //! A fault anywhere else is handed to the handler that was installed before
 //! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
@@ -102,12 +102,12 @@ impl Budget {
         shares.next_ticket += 1;
         shares.waiting.push_back(ticket);
         while shares.waiting.front() != Some(&ticket)
-            || (shares.used > 0 && shares.used + size > self.limit)
+            || (shares.used > 0 && shares.used.saturating_add(size) > self.limit)
         {
             shares = self.room.wait(shares).unwrap_or_else(|e| e.into_inner());
         }
         shares.waiting.pop_front();
-        shares.used += size;
+        shares.used = shares.used.saturating_add(size);
         // The next in line may fit too.
         self.room.notify_all();
         MappedShare { budget: self, size }
@@ -269,30 +269,37 @@ mod tests {
         let budget = Budget::new(100);
         let held = budget.acquire(50);
         let (admitted, order) = mpsc::channel();
+        // Checked after the scope: a failed check inside it would leave the
+        // threads waiting for the share held, and the test hanging.
+        let (mut queued, mut overtaken) = (true, false);
         std::thread::scope(|threads| {
             let waiting = |count: usize| {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while budget.shares().waiting.len() != count {
-                    assert!(Instant::now() < deadline);
+                    if Instant::now() > deadline {
+                        return false;
+                    }
                     std::thread::yield_now();
                 }
+                true
             };
-            for (queued, (name, size)) in [("large", 60), ("small", 50)].into_iter().enumerate() {
+            for (ahead, (name, size)) in [("large", 60), ("small", 50)].into_iter().enumerate() {
                 let admitted = admitted.clone();
                 let budget = &budget;
                 threads.spawn(move || {
                     let _share = budget.acquire(size);
                     admitted.send(name).unwrap();
                 });
-                waiting(queued + 1);
+                queued &= waiting(ahead + 1);
             }
             // The small one would fit beside the share held, but comes after
             // the large one (and then waits for it: they do not fit together,
             // so the order they report in is the order they were let in).
             std::thread::sleep(Duration::from_millis(100));
-            assert!(order.try_recv().is_err(), "no one overtakes");
+            overtaken = order.try_recv().is_ok();
             drop(held);
         });
+        assert!(queued && !overtaken);
         assert_eq!(order.iter().take(2).collect::<Vec<_>>(), ["large", "small"]);
         assert_eq!(budget.shares().used, 0);
     }

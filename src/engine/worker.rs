@@ -142,19 +142,21 @@ impl Context<'_> {
     }
 
     /// Scans a regular file whose size reads as 0, as files of /proc, /sys
-    /// and some FUSE file systems do whatever they hold: read to its end
-    /// (up to `max_scan_size`), never taken for empty unread.
+    /// and some FUSE file systems do whatever they hold: read to its end,
+    /// never taken for empty unread. Such files are read into memory, so
+    /// up to the read limit (32 MiB) only; one that holds more fails.
     fn scan_unsized(&self, started: Instant, file: &File, name: Option<&Path>) -> ScanOutcome {
-        let limit = self.limits.max_scan_size;
+        let limit = self.limits.max_scan_size.min(READ_LIMIT);
         let mut size = 0;
         let judged = with_worker(|worker| {
             let mut buffer = std::mem::take(&mut worker.buffer);
             buffer.clear();
             let judged = match file.take(limit + 1).read_to_end(&mut buffer) {
                 Err(err) => Judged::failed(Verdict::failed(FailReason::Io, err.to_string())),
-                Ok(read) if read as u64 > limit => {
-                    Judged::failed(too_large(read as u64, self.limits))
-                }
+                Ok(read) if read as u64 > limit => Judged::failed(Verdict::failed(
+                    FailReason::TooLarge,
+                    format!("the file says it holds 0 bytes, and holds more than {limit}"),
+                )),
                 Ok(_) => self.judge(worker, &buffer, name),
             };
             size = buffer.len() as u64;

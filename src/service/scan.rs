@@ -476,9 +476,11 @@ impl ScanStream {
     }
 
     /// Gives every open file its final reply: an error (the stream ends).
-    /// Verdicts landed go first.
+    /// Verdicts landed go first. A wait that ended without a verdict would
+    /// ask for content the stream no longer takes: that file gets the error.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         let mut replies = self.take_landed();
+        replies.retain(|reply| !matches!(reply.kind, Some(file_reply::Kind::SendContent(_))));
         let ids: Vec<u64> = self.open.keys().copied().collect();
         replies.extend(
             ids.into_iter()
@@ -769,11 +771,10 @@ impl ScanStream {
             owed.settle(size, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
-        self.scanning.take(id);
         let due = VerdictDue {
             id,
             size,
-            scanning: Arc::clone(&self.scanning),
+            taken: Some(Scanning::take(&self.scanning, id)),
             owed: Some(owed),
             replies: self.replies.clone(),
             runtime: Handle::current(),
@@ -791,8 +792,8 @@ impl ScanStream {
 struct VerdictDue {
     id: u64,
     size: u64,
-    /// Gives the id back just before the reply is queued.
-    scanning: Arc<Scanning>,
+    /// The file's id, given back just before its reply is queued.
+    taken: Option<TakenId>,
     owed: Option<VerdictOwed>,
     replies: Replies,
     runtime: Handle,
@@ -820,8 +821,7 @@ impl VerdictDue {
     /// reply is dropped and the place given back (the stream itself has
     /// given up on the agent by then).
     fn reply(&mut self, kind: file_reply::Kind) {
-        self.scanning.release(self.id);
-        let place = self.in_flight.take();
+        let (place, taken) = (self.in_flight.take(), self.taken.take());
         // The verdict of content carries its own signatures version.
         let message = Ok(ScanReply {
             replies: vec![reply(self.id, kind)],
@@ -829,14 +829,14 @@ impl VerdictDue {
         });
         match self.replies.try_reserve() {
             Ok(slot) => {
-                drop(place);
+                drop((place, taken));
                 slot.send(message);
             }
             Err(TrySendError::Full(())) => {
                 let (replies, idle) = (self.replies.clone(), self.idle_timeout);
                 self.runtime.spawn(async move {
                     if let Ok(Ok(slot)) = tokio::time::timeout(idle, replies.reserve()).await {
-                        drop(place);
+                        drop((place, taken));
                         slot.send(message);
                     }
                 });
@@ -849,8 +849,8 @@ impl VerdictDue {
 /// The ids of a stream's files waiting for a scan's verdict (see
 /// [`ScanStream::scanning`]). The agent may name a file again once its
 /// final reply came, and the proto's "open" lasts until then: a verdict
-/// must not arrive under an id the agent has given to another file.
-/// Touched once a scanned file by the stream and by the verdict's sender.
+/// must not arrive under an id the agent has given to another file. The
+/// stream and the verdict's sender each touch it once per scanned file.
 #[derive(Default)]
 struct Scanning(Mutex<HashSet<u64, foldhash::fast::RandomState>>);
 
@@ -859,16 +859,30 @@ impl Scanning {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, id: u64) {
-        self.ids().insert(id);
+    /// Takes `id` until the returned guard is dropped.
+    fn take(scanning: &Arc<Scanning>, id: u64) -> TakenId {
+        scanning.ids().insert(id);
+        TakenId {
+            scanning: Arc::clone(scanning),
+            id,
+        }
     }
 
     fn holds(&self, id: u64) -> bool {
         self.ids().contains(&id)
     }
+}
 
-    fn release(&self, id: u64) {
-        self.ids().remove(&id);
+/// A file id taken in [`Scanning`], given back when dropped, whichever
+/// way its reply goes (queued, given up on, or its stream gone).
+struct TakenId {
+    scanning: Arc<Scanning>,
+    id: u64,
+}
+
+impl Drop for TakenId {
+    fn drop(&mut self) {
+        self.scanning.ids().remove(&self.id);
     }
 }
 
