@@ -46,7 +46,7 @@ use crate::{
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7406";
 
 /// Where the admin service listens, and where the commands reach it:
-/// `HOST:PORT`, or `unix:PATH` for a Unix-domain socket.
+/// `IP:PORT`, or `unix:PATH` for a Unix-domain socket (an absolute path).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum AdminAddr {
