@@ -40,15 +40,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    sync::{Mutex, watch},
-    time::MissedTickBehavior,
-};
+use tokio::sync::{Mutex, watch};
 
 use crate::{
     config::RulesConfig,
     service::ServiceState,
-    shutdown::shut_down,
+    shutdown::Periodic,
     signatures::{Ruleset, SignatureError},
     status::Svm,
 };
@@ -219,21 +216,13 @@ impl Reloader {
     /// Looks at the ruleset's files every `rules.check_interval` (never
     /// when it is zero), and reloads a new version once two looks in a row
     /// found it, until shutdown.
-    pub async fn keep_checking(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn keep_checking(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         if self.check_interval.is_zero() {
             return;
         }
-        let mut ticker = tokio::time::interval(self.check_interval);
-        // Looks that fell behind (a long reload, a paused VM) are not made
-        // back to back: two of them would prove nothing held still.
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker.tick().await;
+        let mut looks = Periodic::start(self.check_interval, shutdown).await;
         let mut check = Check::default();
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shut_down(&mut shutdown) => return,
-            }
+        while looks.next().await {
             let Some(version) = self.look(&mut check).await else {
                 continue;
             };

@@ -25,7 +25,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
     task::JoinSet,
-    time::MissedTickBehavior,
 };
 use tokio_rustls::{
     TlsAcceptor,
@@ -34,7 +33,7 @@ use tokio_rustls::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{config::TlsConfig, shutdown::shut_down, status::Svm};
+use crate::{config::TlsConfig, shutdown, status::Svm};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -170,24 +169,14 @@ impl Tls {
     /// failure. New files that cannot be used are reported once, and not
     /// tried again until they change; a failure is cleared when the files
     /// served are found back on disk.
-    pub async fn keep_checking(
-        self: Arc<Self>,
-        svm: Arc<Svm>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn keep_checking(self: Arc<Self>, svm: Arc<Svm>, shutdown: watch::Receiver<bool>) {
         let every = self.settings.check_interval;
         if every.is_zero() {
             return;
         }
-        let mut ticker = tokio::time::interval(every);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker.tick().await;
+        let mut ticks = shutdown::Periodic::start(every, shutdown).await;
         let mut looks = Looks::default();
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shut_down(&mut shutdown) => return,
-            }
+        while ticks.next().await {
             // Files that cannot be read (being replaced, or gone) are
             // looked at again; the served certificate's expiry is in the
             // status meanwhile.
