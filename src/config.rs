@@ -110,6 +110,12 @@ impl Config {
         if self.server.max_agents == 0 {
             return invalid("server.max_agents", "must be at least 1");
         }
+        if self.server.max_connections() < self.server.max_agents {
+            return invalid(
+                "server.max_connections",
+                "must be at least server.max_agents: agents beyond it could not connect to be told that the SVM is full",
+            );
+        }
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
@@ -202,6 +208,10 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Agents connected at once; more are rejected with CAPACITY.
     pub max_agents: usize,
+    /// Connections open at once on the agent listener, TLS handshakes
+    /// included; more are closed as they are accepted (see
+    /// [`crate::connections`]) [default: twice `max_agents`].
+    pub max_connections: Option<usize>,
     /// Connection tags accepted from agents; empty accepts every agent.
     pub allowed_tags: Vec<String>,
     /// How often each side of a session sends a heartbeat; three missed
@@ -242,6 +252,12 @@ impl ServerConfig {
         }
     }
 
+    /// Connections open at once on the agent listener.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(|| self.max_agents.saturating_mul(2))
+    }
+
     /// The state folder in use.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
@@ -268,6 +284,7 @@ impl Default for ServerConfig {
             admin_token_file: None,
             metrics_listen: None,
             max_agents: 1000,
+            max_connections: None,
             allowed_tags: Vec::new(),
             heartbeat_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -474,6 +491,10 @@ mod tests {
             "engine.queue_capacity"
         );
         assert_eq!(refused(|c| c.server.max_agents = 0), "server.max_agents");
+        assert_eq!(
+            refused(|c| c.server.max_connections = Some(c.server.max_agents - 1)),
+            "server.max_connections"
+        );
         let too_often = |c: &mut Config| c.rules.check_interval = Duration::from_millis(100);
         assert_eq!(refused(too_often), "rules.check_interval");
         let idle_below_scans = |c: &mut Config| c.server.idle_timeout = c.engine.scan_timeout;

@@ -22,6 +22,8 @@
 //! * [`config`]: the server's configuration (TOML, environment, flags).
 //! * [`server`]: the agent listener (health, reflection), the admin and
 //!   metrics listeners, the background tasks, and graceful shutdown.
+//! * [`connections`]: the agent listener's connection limit, and the
+//!   open files it needs.
 //! * [`tls`]: the agent listener's TLS and mutual TLS, reloaded on SIGHUP.
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
@@ -51,6 +53,7 @@ pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod localscan;
 pub mod metrics;

@@ -257,6 +257,16 @@ impl Collector for Live {
                 svm.sessions.len() as u64,
             ),
             (
+                "scanserver_agent_connections",
+                "Connections open on the agent listener",
+                svm.connections.open() as u64,
+            ),
+            (
+                "scanserver_agent_connections_max",
+                "The most connections open at once on the agent listener",
+                svm.connections.max() as u64,
+            ),
+            (
                 "scanserver_protected_vms",
                 "VMs protected over the last 30 days",
                 svm.vms.count() as u64,
@@ -322,6 +332,11 @@ impl Collector for Live {
                 "scanserver_cache_evictions",
                 "Verdicts evicted from the SharedCache",
                 cache.evictions,
+            ),
+            (
+                "scanserver_agent_connections_refused",
+                "Agent connections closed as they were accepted, every place being taken",
+                svm.connections.refused(),
             ),
         ];
         for (name, help, value) in counters {

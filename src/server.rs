@@ -17,7 +17,7 @@ use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
 };
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
@@ -25,6 +25,7 @@ use crate::{
     admin::{self, AdminAddr, AdminService, AdminSocket},
     auth::{BearerToken, RequireToken, TokenError},
     config::Config,
+    connections,
     engine::Engine,
     metrics,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
@@ -75,6 +76,21 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// listener bound beforehand, so it is set here.
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Lets the process open what `max_connections` and scanning need, or
+/// says at start why it cannot.
+fn allow_open_files(max_connections: usize) {
+    let wanted = max_connections as u64 + connections::OTHER_FILES;
+    match connections::raise_open_files(wanted) {
+        Ok(allowed) if allowed < wanted => tracing::warn!(
+            allowed,
+            wanted,
+            "the process may open fewer files than server.max_connections and scanning need: raise its hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn) or lower server.max_connections"
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!("cannot read or raise the open files limit: {err}"),
+    }
 }
 
 /// Errors starting or running the server.
@@ -138,6 +154,7 @@ impl Server {
     /// Binds the agent, admin and (when configured) metrics listeners, and
     /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
+        allow_open_files(config.server.max_connections());
         let listener = bind(config.server.listen, "--listen").await?;
         let admin_token = config
             .server
@@ -360,15 +377,20 @@ impl Server {
             let _ = shutdown.send(true);
             let _ = signalled_tx.send(());
         };
+        let connections = Arc::clone(&self.svm.connections);
         let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match self.tls {
-                Some(tls) => Box::pin(
-                    router
-                        .serve_with_incoming_shutdown(tls.incoming(self.listener), stop_accepting),
-                ),
-                None => Box::pin(
-                    router.serve_with_incoming_shutdown(incoming(self.listener), stop_accepting),
-                ),
+                Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                    tls.incoming(self.listener, connections),
+                    stop_accepting,
+                )),
+                None => {
+                    let admitted = incoming(self.listener).filter_map(move |tcp| match tcp {
+                        Ok(tcp) => connections.admit(tcp).map(Ok),
+                        Err(err) => Some(Err(err)),
+                    });
+                    Box::pin(router.serve_with_incoming_shutdown(admitted, stop_accepting))
+                }
             };
         let grace = self.grace;
         // The grace period ends early on a second SIGTERM or Ctrl-C (the

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::Config,
+    connections::Connections,
     engine::Engine,
     proto::{
         CacheStatistics, Component, ComponentState, Health, Load, SignaturesInfo, SvmIdentity,
@@ -168,6 +169,8 @@ pub struct Svm {
     pub engine: Arc<Engine>,
     pub sessions: Arc<Sessions>,
     pub vms: Arc<Vms>,
+    /// The agent listener's connections.
+    pub connections: Arc<Connections>,
     identity: Identity,
     started: Instant,
     signatures_max_age: Duration,
@@ -212,6 +215,7 @@ impl Svm {
             engine,
             sessions,
             vms,
+            connections: Arc::new(Connections::new(server.max_connections())),
             started: Instant::now(),
             signatures_max_age: config.rules.max_age,
             reporter: enabled(config.reporting.integration_server.is_some()),

@@ -10,7 +10,9 @@
 //! Each handshake runs on a task of its own, within 10 seconds, at most
 //! 256 at once (further connections wait in the kernel's
 //! backlog): a client that connects and never finishes its handshake
-//! neither holds its socket for ever nor holds up anyone else's.
+//! neither holds its socket for ever nor holds up anyone else's. A
+//! connection takes its place among `server.max_connections` (see
+//! [`crate::connections`]) before its handshake.
 
 use std::{
     io,
@@ -33,7 +35,12 @@ use tokio_rustls::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{config::TlsConfig, shutdown, status::Svm};
+use crate::{
+    config::TlsConfig,
+    connections::{Connections, Counted},
+    shutdown,
+    status::Svm,
+};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -200,12 +207,14 @@ impl Tls {
     }
 
     /// The connections accepted on `listener` (Nagle's algorithm off, see
-    /// `server::incoming`), once their handshake is done, for as long as
-    /// the stream is held (tonic drops it when it stops accepting).
+    /// `server::incoming`) that find a place in `connections`, once their
+    /// handshake is done, for as long as the stream is held (tonic drops it
+    /// when it stops accepting).
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
-    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        connections: Arc<Connections>,
+    ) -> ReceiverStream<io::Result<TlsStream<Counted<TcpStream>>>> {
         let (accepted, incoming) = mpsc::channel(ACCEPTED_QUEUE);
         tokio::spawn(async move {
             // Dropped with this task, which aborts the handshakes left.
@@ -225,6 +234,9 @@ impl Tls {
                 };
                 warned = false;
                 let _ = tcp.set_nodelay(true);
+                let Some(tcp) = connections.admit(tcp) else {
+                    continue;
+                };
                 let acceptor = TlsAcceptor::from(Arc::clone(&self.served.load().config));
                 let accepted = accepted.clone();
                 handshakes.spawn(async move {

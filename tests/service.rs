@@ -374,7 +374,11 @@ async fn hellos_are_accepted_or_rejected_with_a_reason() {
         assert_eq!(rejection.reason(), reason);
         assert!(!rejection.message.is_empty());
     }
-    let full = TestServer::start(|c| c.server.max_agents = 0).await;
+    let full = TestServer::start(|c| {
+        c.server.max_agents = 0;
+        c.server.max_connections = Some(1);
+    })
+    .await;
     let (reply, _) = open_session(&full, hello()).await;
     assert!(
         matches!(reply, server_message::Kind::Rejection(r) if r.reason() == RejectReason::Capacity)
@@ -1595,6 +1599,79 @@ async fn tls_and_mutual_tls() {
             && message.contains("client.key"),
         "{message}"
     );
+}
+
+/// Waits, for up to 10 s, until `server` counts `open` agent connections.
+async fn until_connections_open(server: &TestServer, open: usize) {
+    for _ in 0..1000 {
+        if server.svm.connections.open() == open {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} connections open, not {open}",
+        server.svm.connections.open()
+    );
+}
+
+/// Connections beyond `server.max_connections` are closed as they are
+/// accepted (with TLS, before their handshake) and counted; a connection
+/// that closes gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed() {
+    let server = TestServer::start(|c| c.server.max_connections = Some(2)).await;
+    let endpoint = Channel::from_shared(server.url()).unwrap();
+    let connect = || endpoint.connect();
+    let healthy = |channel: Channel| async move {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), check).await,
+            Ok(Ok(_))
+        )
+    };
+    let (first, second) = (connect().await.unwrap(), connect().await.unwrap());
+    assert!(healthy(first.clone()).await && healthy(second.clone()).await);
+    until_connections_open(&server, 2).await;
+    let third = match connect().await {
+        Ok(channel) => healthy(channel).await,
+        Err(_) => false,
+    };
+    assert!(!third, "a third connection is closed at once");
+    assert_eq!(server.svm.connections.refused(), 1);
+    drop(first);
+    until_connections_open(&server, 1).await;
+    assert!(
+        healthy(connect().await.unwrap()).await,
+        "the place was given back"
+    );
+    assert!(healthy(second).await, "the others were left alone");
+
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let tls = TlsConfig::new(dir.path().join("server.pem"), dir.path().join("server.key"));
+    let server = TestServer::start(|c| {
+        c.tls = Some(tls);
+        c.server.max_connections = Some(1);
+    })
+    .await;
+    let options = AgentOptions {
+        tls: Some(ClientTls {
+            ca: Some(dir.path().join("ca.pem")),
+            identity: None,
+            domain: Some("localhost".into()),
+        }),
+        ..AgentOptions::for_host(format!("https://{}", server.addr))
+    };
+    let agent = Agent::connect(&options).await.expect("a TLS session");
+    assert!(Agent::connect(&options).await.is_err(), "no place left");
+    assert_eq!(server.svm.connections.refused(), 1);
+    agent.close().await;
+    until_connections_open(&server, 0).await;
+    Agent::connect(&options)
+        .await
+        .expect("the place was given back");
 }
 
 /// A renewed certificate, or a new client CA, is used once the files are

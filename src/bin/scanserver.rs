@@ -162,6 +162,11 @@ struct ServeArgs {
     #[arg(long, value_name = "N", env = "SCANSERVER_MAX_AGENTS")]
     max_agents: Option<usize>,
 
+    /// Connections open at once on the agent listener; more are closed as
+    /// they are accepted [default: twice --max-agents].
+    #[arg(long, value_name = "N", env = "SCANSERVER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+
     /// Accept only agents with one of these connection tags (repeat the
     /// flag, or separate with commas) [default: every agent].
     #[arg(
@@ -251,6 +256,9 @@ impl ServeArgs {
         set(&mut config.reporting.interval, &self.report_interval);
         if self.metrics_listen.is_some() {
             config.server.metrics_listen = self.metrics_listen;
+        }
+        if self.max_connections.is_some() {
+            config.server.max_connections = self.max_connections;
         }
         if self.admin_token_file.is_some() {
             config.server.admin_token_file = self.admin_token_file.clone();
