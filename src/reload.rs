@@ -220,7 +220,7 @@ impl Reloader {
         if self.check_interval.is_zero() {
             return;
         }
-        let mut looks = Periodic::start(self.check_interval, shutdown).await;
+        let mut looks = Periodic::every(self.check_interval, shutdown).await;
         let mut check = Check::default();
         while looks.next().await {
             let Some(version) = self.look(&mut check).await else {

@@ -30,7 +30,7 @@ use crate::{
         SvmReason, SvmReport, VmInfo,
     },
     sessions::Sessions,
-    shutdown::shut_down,
+    shutdown::Periodic,
     signatures::Ruleset,
     tls::Tls,
     vms::{VmRecord, Vms, unix_ms},
@@ -363,29 +363,22 @@ impl Svm {
     pub async fn keep_probing(
         self: Arc<Self>,
         interval: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
         if self.identity.infrastructure.endpoint.is_none() {
             return;
         }
-        let mut ticker = tokio::time::interval(interval);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => self.probe().await,
-                () = shut_down(&mut shutdown) => return,
-            }
+        let mut ticks = Periodic::now_and_every(interval, shutdown);
+        while ticks.next().await {
+            self.probe().await;
         }
     }
 
     /// Samples the load every second and republishes the status, until
     /// `shutdown` turns true.
-    pub async fn monitor(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                () = shut_down(&mut shutdown) => return,
-            }
+    pub async fn monitor(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let mut ticks = Periodic::now_and_every(Duration::from_secs(1), shutdown);
+        while ticks.next().await {
             lock(&self.load).sample(&self.engine);
             self.refresh();
         }

@@ -181,7 +181,7 @@ impl Tls {
         if every.is_zero() {
             return;
         }
-        let mut ticks = shutdown::Periodic::start(every, shutdown).await;
+        let mut ticks = shutdown::Periodic::every(every, shutdown).await;
         let mut looks = Looks::default();
         while ticks.next().await {
             // Files that cannot be read (being replaced, or gone) are
