@@ -353,7 +353,9 @@ impl TlsConfig {
 pub struct RulesConfig {
     /// A folder of `.yar`/`.yara` files, a source file or pre-compiled rules.
     pub path: PathBuf,
-    /// Where compiled rules are cached [default: the user's cache folder].
+    /// Where compiled rules are cached [default: `rules` in
+    /// `$CACHE_DIRECTORY` when systemd sets it, else in the user's cache
+    /// folder, `~/.cache/scanserver/rules`].
     pub cache_dir: Option<PathBuf>,
     /// Signatures older than this (by their files' modification time) turn
     /// the SVM Warning: "signatures outdated".
@@ -377,10 +379,13 @@ impl Default for RulesConfig {
 }
 
 impl RulesConfig {
-    /// The compiled-rules cache folder in use.
+    /// The compiled-rules cache folder in use: the one set, else `rules`
+    /// in `$CACHE_DIRECTORY` when systemd sets it (`CacheDirectory=`), else
+    /// in the user's cache folder.
     pub fn cache_dir(&self) -> Option<PathBuf> {
         self.cache_dir
             .clone()
+            .or_else(|| std::env::var_os("CACHE_DIRECTORY").map(|d| PathBuf::from(d).join("rules")))
             .or_else(|| dirs::cache_dir().map(|d| d.join("scanserver").join("rules")))
     }
 }

@@ -38,6 +38,7 @@
 //! * [`auth`]: bearer tokens, for the admin service and the Integration
 //!   Server.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
+//! * [`notify`]: telling systemd the server is ready, or stopping.
 //! * [`state`]: the server's state folder (what survives a restart).
 //! * [`shutdown`]: the signal every long-running task watches.
 //! * [`client`]: the Light Agent client that `lightagent` drives.
@@ -57,6 +58,7 @@ pub mod connections;
 pub mod engine;
 pub mod localscan;
 pub mod metrics;
+pub mod notify;
 pub mod proto;
 pub mod reload;
 pub mod report;

@@ -27,7 +27,7 @@ use crate::{
     config::Config,
     connections,
     engine::Engine,
-    metrics,
+    metrics, notify,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
     reload::Reloader,
     reporting::{Reporter, ReportingError},
@@ -348,6 +348,13 @@ impl Server {
             .set_serving::<ProtectionServerServer<ProtectionService>>()
             .await;
         let router = self.agent_router(health_service)?;
+        // The listeners are bound and the signatures loaded: connections
+        // made from now on are served.
+        notify::notify(&format!(
+            "READY=1\nSTATUS=serving agents on {} with {} rules",
+            self.local_addr(),
+            self.state.engine.ruleset().rule_count()
+        ));
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
         // The keepers make their last saves once serving is over, grace
         // period included: scans finishing in it change the cache and tags.
@@ -366,6 +373,7 @@ impl Server {
         let stop_accepting = async move {
             signal.await;
             tracing::info!("shutting down: no new connections, finishing scans in flight");
+            notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
             // The service and the server as a whole (the name "", which
             // stock health checks ask for) both stop serving.
             health

@@ -624,3 +624,38 @@ fn sighup_reads_the_tls_files_again() {
     });
     assert!(text.contains("(TLS, certificate valid until "), "{text}");
 }
+
+/// Under systemd (`Type=notify`), `serve` says `READY=1` once it answers
+/// agents, and `STOPPING=1` when SIGTERM makes it shut down.
+#[test]
+fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("notify");
+    let manager = UnixDatagram::bind(&socket).unwrap();
+    manager
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let mut server = serve(cache.path(), state.path(), port, &admin, |serve| {
+        serve.env("NOTIFY_SOCKET", &socket);
+    });
+    let mut buf = [0; 512];
+    let mut message = || {
+        let len = manager.recv(&mut buf).expect("a message within 2 minutes");
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+    let ready = message();
+    let serving = format!("READY=1\nSTATUS=serving agents on 127.0.0.1:{port} with ");
+    assert!(ready.starts_with(&serving), "{ready}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "ready means listening"
+    );
+    // SAFETY: kill has no memory preconditions; the child is ours.
+    unsafe { libc::kill(server.0.id() as libc::pid_t, libc::SIGTERM) };
+    let stopping = message();
+    assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
+    assert!(server.0.wait().unwrap().success());
+}
