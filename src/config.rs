@@ -110,6 +110,12 @@ impl Config {
         if self.server.max_agents == 0 {
             return invalid("server.max_agents", "must be at least 1");
         }
+        if self.server.max_connections() > crate::connections::MAX_CONNECTIONS {
+            return invalid(
+                "server.max_connections",
+                "must be at most 1048576 (and server.max_agents no more than half that, when max_connections is not set)",
+            );
+        }
         if self.server.max_connections() < self.server.max_agents {
             return invalid(
                 "server.max_connections",
@@ -262,7 +268,7 @@ impl ServerConfig {
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
-            .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
+            .or_else(|| systemd_directory("STATE_DIRECTORY"))
             .or_else(|| dirs::state_dir().map(|d| d.join("scanserver")))
             .or_else(|| dirs::data_local_dir().map(|d| d.join("scanserver")))
             .unwrap_or_else(|| PathBuf::from("state"))
@@ -293,6 +299,13 @@ impl Default for ServerConfig {
             snapshot_interval: Duration::from_secs(60),
         }
     }
+}
+
+/// The first folder of a list systemd gives in `variable` (it lists
+/// them `:`-separated when a unit names several), if any.
+fn systemd_directory(variable: &str) -> Option<PathBuf> {
+    let list = std::env::var_os(variable)?;
+    std::env::split_paths(&list).find(|dir| !dir.as_os_str().is_empty())
 }
 
 fn default_svm_id() -> String {
@@ -385,7 +398,7 @@ impl RulesConfig {
     pub fn cache_dir(&self) -> Option<PathBuf> {
         self.cache_dir
             .clone()
-            .or_else(|| std::env::var_os("CACHE_DIRECTORY").map(|d| PathBuf::from(d).join("rules")))
+            .or_else(|| systemd_directory("CACHE_DIRECTORY").map(|d| d.join("rules")))
             .or_else(|| dirs::cache_dir().map(|d| d.join("scanserver").join("rules")))
     }
 }
@@ -498,6 +511,10 @@ mod tests {
         assert_eq!(refused(|c| c.server.max_agents = 0), "server.max_agents");
         assert_eq!(
             refused(|c| c.server.max_connections = Some(c.server.max_agents - 1)),
+            "server.max_connections"
+        );
+        assert_eq!(
+            refused(|c| c.server.max_agents = usize::MAX),
             "server.max_connections"
         );
         let too_often = |c: &mut Config| c.rules.check_interval = Duration::from_millis(100);

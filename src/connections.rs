@@ -1,49 +1,80 @@
 //! The agent listener's connections: at most `server.max_connections` open
-//! at once, and a process allowed to open that many files.
+//! at once, each given 10 seconds to start speaking HTTP/2, and a process
+//! allowed to open that many files.
 //!
 //! Sessions are bounded by `server.max_agents`, but a connection costs the
 //! server before any session: a file descriptor, HTTP/2 state, and up to a
 //! flow-control window (4 MiB) of content buffered while its reader is
 //! held back. Without a bound of their own, connections that never open a
-//! session (a scanner of the network, a client that leaks channels) could
-//! take every descriptor the process has, after which no agent, new or
-//! reconnecting, would get in. A connection beyond the limit is closed as
-//! soon as it is accepted, before its TLS handshake: its agent sees the
-//! SVM unavailable and may pick another, and the log says once per burst
-//! that the limit was reached. A place is taken at accept and given back
-//! when the connection closes, whichever way.
+//! session (a client that leaks channels, a flood) could take every
+//! descriptor the process has, after which no agent, new or reconnecting,
+//! would get in. A connection beyond the limit is closed as soon as it is
+//! accepted, before its TLS handshake: its agent sees the SVM unavailable
+//! and may pick another, and the log says so (at most once a minute). A
+//! place is taken at accept and given back when the connection closes,
+//! whichever way.
+//!
+//! A connection that never sends the HTTP/2 preface (a port scanner, a
+//! half-open peer) would keep its place for ever: HTTP/2 pings a peer only
+//! once the preface is in. So the preface must come within
+//! [`PREFACE_WAIT`] of the accept (with TLS, of the end of the handshake,
+//! which has its own 10 seconds), or the connection is closed; after it,
+//! the pings of `server` find peers that are gone.
 //!
 //! The default, twice `max_agents`, leaves every agent room to reconnect
 //! while its old connection is still being closed (a dead peer's within
-//! 30 s, see `server`), and tools (health checks, `lightagent`) room
-//! beside them.
+//! 30 s), and tools (health checks, `lightagent`) room beside them.
 //!
-//! Linux starts most processes with a soft limit of 1,024 open files,
-//! fewer than the default limits need. [`raise_open_files`] raises the
-//! soft limit as far as the hard one allows, as servers written in Go do
-//! at start; when even the hard limit is short, the server says so at
-//! start rather than failing accepts and spool files under load.
+//! Linux starts most processes with a soft limit of 1,024 open files, fewer
+//! than the default limits need. [`raise_open_files`] raises it to the hard
+//! limit at start; when even that is short of the connections and
+//! [`OTHER_FILES`], the server says so at start rather than failing
+//! accepts and spool files under load.
 
 use std::{
+    future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::Sleep,
 };
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-/// Files the server may hold open besides its agent connections: spooled
-/// uploads, memory-mapped files being scanned, the signatures, the state
-/// folder, the admin and metrics listeners.
-pub const OTHER_FILES: u64 = 1024;
+/// Files the server may hold open besides its agent connections: the
+/// signatures, the state folder, the admin and metrics listeners, and
+/// uploads spooled to disk (one file each, while it is received and
+/// scanned). What [`raise_open_files`] warns about falling short of.
+pub const OTHER_FILES: u64 = 16 << 10;
+
+/// The most `server.max_connections` may be.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
+/// How long a connection has, from its accept (with TLS, from the end of
+/// its handshake), to send the HTTP/2 preface. Until then HTTP/2 sends it
+/// no pings, and nothing else would ever close it.
+pub const PREFACE_WAIT: Duration = Duration::from_secs(10);
+
+/// The HTTP/2 client preface: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+
+/// Connections accepted and waiting for the server to take them.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// How often refused connections are logged, at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The places of the agent listener's connections.
 #[derive(Debug)]
@@ -51,46 +82,102 @@ pub struct Connections {
     places: Arc<Semaphore>,
     max: usize,
     refused: AtomicU64,
-    /// Set when a connection was refused, cleared when one is admitted:
-    /// the limit is logged once per burst of refusals.
-    full: AtomicBool,
+    /// When refusals were last logged, and the count then.
+    warned: Mutex<Option<(Instant, u64)>>,
 }
 
 impl Connections {
-    /// Room for `max` connections at once.
+    /// Room for `max` connections at once (at most [`MAX_CONNECTIONS`]).
     pub fn new(max: usize) -> Self {
         Connections {
-            places: Arc::new(Semaphore::new(max)),
+            places: Arc::new(Semaphore::new(max.min(MAX_CONNECTIONS))),
             max,
             refused: AtomicU64::new(0),
-            full: AtomicBool::new(false),
+            warned: Mutex::new(None),
         }
     }
 
-    /// `io`, holding a place until it is dropped; `None` (and `io` dropped,
-    /// which closes it) when every place is taken.
-    pub fn admit<IO>(&self, io: IO) -> Option<Counted<IO>> {
-        match Arc::clone(&self.places).try_acquire_owned() {
-            Ok(place) => {
-                self.full.store(false, Ordering::Relaxed);
-                Some(Counted { io, _place: place })
-            }
-            Err(_) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                if !self.full.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        max = self.max,
-                        "every agent connection place is taken: new connections are closed until some end (server.max_connections)"
-                    );
+    /// The connections accepted on `listener` that find a place, for as
+    /// long as the stream is held (tonic drops it when it stops accepting).
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<io::Result<Counted<TcpStream>>> {
+        let (accepted, incoming) = mpsc::channel(ACCEPTED_QUEUE);
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                let (tcp, _, place) = tokio::select! {
+                    next = self.accept(&listener, &mut failing) => next,
+                    () = accepted.closed() => return,
+                };
+                if accepted.send(Ok(place.hold(tcp))).await.is_err() {
+                    return;
                 }
-                None
+            }
+        });
+        ReceiverStream::new(incoming)
+    }
+
+    /// The next connection on `listener` that finds a place, with Nagle's
+    /// algorithm off (see `server::incoming`); those that find none are
+    /// closed. A failed accept of one connection (reset before it was
+    /// taken, say) is passed over; any other (out of file descriptors, say)
+    /// is logged once until an accept succeeds (`failing` keeps track), and
+    /// makes a pause rather than a spin.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        failing: &mut bool,
+    ) -> (TcpStream, SocketAddr, Place) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    use io::ErrorKind::*;
+                    let kind = err.kind();
+                    let passing = [ConnectionAborted, ConnectionReset, Interrupted, WouldBlock];
+                    if !passing.contains(&kind) && kind != TimedOut {
+                        if !*failing {
+                            tracing::warn!("cannot accept connections: {err}");
+                            *failing = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            };
+            *failing = false;
+            if let Some(place) = self.place() {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, peer, place);
             }
         }
+    }
+
+    /// A place, if one is free; otherwise the refusal is counted (and
+    /// logged, at most once every [`WARN_EVERY`]).
+    fn place(&self) -> Option<Place> {
+        if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
+            return Some(Place { _permit: place });
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|(at, _)| at.elapsed() >= WARN_EVERY) {
+            let since = refused - warned.map_or(0, |(_, count)| count);
+            tracing::warn!(
+                max = self.max,
+                refused = since,
+                "every agent connection place is taken: new connections are closed until some end (server.max_connections)"
+            );
+            *warned = Some((Instant::now(), refused));
+        }
+        None
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.max - self.places.available_permits()
+        self.max.min(MAX_CONNECTIONS) - self.places.available_permits()
     }
 
     /// The most connections open at once.
@@ -104,12 +191,43 @@ impl Connections {
     }
 }
 
+/// One of the places of [`Connections`], taken at accept.
+#[derive(Debug)]
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Place {
+    /// `io` (the accepted connection, or the TLS stream over it) holding
+    /// the place until it is dropped, and given [`PREFACE_WAIT`] from now
+    /// to send the HTTP/2 preface.
+    pub fn hold<IO>(self, io: IO) -> Counted<IO> {
+        Counted {
+            io,
+            _place: self,
+            preface: Some(Preface {
+                deadline: Box::pin(tokio::time::sleep(PREFACE_WAIT)),
+                read: 0,
+            }),
+        }
+    }
+}
+
 /// A connection holding one of the places of [`Connections`], given back
 /// when it is dropped.
 #[derive(Debug)]
 pub struct Counted<IO> {
     io: IO,
-    _place: OwnedSemaphorePermit,
+    _place: Place,
+    /// Until the HTTP/2 preface is in: a read that waits past the deadline
+    /// fails, and HTTP/2 closes the connection.
+    preface: Option<Preface>,
+}
+
+#[derive(Debug)]
+struct Preface {
+    deadline: Pin<Box<Sleep>>,
+    read: usize,
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
@@ -118,7 +236,28 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(preface) = &mut this.preface else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                preface.read += buf.filled().len() - before;
+                if preface.read >= PREFACE_LEN {
+                    this.preface = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no HTTP/2 preface within {PREFACE_WAIT:?}"),
+                )))
+            }
+            other => other,
+        }
     }
 }
 
@@ -162,9 +301,11 @@ impl<IO: Connected> Connected for Counted<IO> {
     }
 }
 
-/// Raises the process's soft limit of open files towards `wanted`, as far
-/// as its hard limit allows, and returns the limit now in force.
-pub fn raise_open_files(wanted: u64) -> io::Result<u64> {
+/// Raises the process's soft limit of open files to its hard limit, as
+/// servers written in Go do at start, and returns the limit now in force.
+/// (The soft limit is low for programs that use `select`, which this one
+/// does not.)
+pub fn raise_open_files() -> io::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -173,52 +314,95 @@ pub fn raise_open_files(wanted: u64) -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let target = wanted.min(limit.rlim_max);
-    if limit.rlim_cur >= target {
+    if limit.rlim_cur >= limit.rlim_max {
         return Ok(limit.rlim_cur);
     }
     let raised = libc::rlimit {
-        rlim_cur: target,
+        rlim_cur: limit.rlim_max,
         rlim_max: limit.rlim_max,
     };
     // SAFETY: setrlimit only reads the struct it is given.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(target)
+    Ok(limit.rlim_max)
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[test]
     fn places_are_taken_and_given_back() {
         let connections = Connections::new(2);
-        let first = connections.admit(()).expect("a place");
-        let second = connections.admit(()).expect("a place");
+        let first = connections.place().expect("a place");
+        let second = connections.place().expect("a place");
         assert_eq!(connections.open(), 2);
-        assert!(connections.admit(()).is_none(), "every place is taken");
-        assert!(connections.admit(()).is_none());
+        assert!(connections.place().is_none(), "every place is taken");
+        assert!(connections.place().is_none());
         assert_eq!(connections.refused(), 2);
         drop(first);
         assert_eq!(connections.open(), 1);
-        let third = connections.admit(()).expect("the place given back");
-        assert!(!connections.full.load(Ordering::Relaxed));
+        let third = connections.place().expect("the place given back");
         drop((second, third));
         assert_eq!(connections.open(), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_preface_is_cut_off() {
+        let connections = Connections::new(2);
+        let (client, server) = tokio::io::duplex(64);
+        let mut silent = connections.place().unwrap().hold(server);
+        let mut buf = [0; 64];
+        let err = silent.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop((silent, client));
+        assert_eq!(connections.open(), 0);
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut speaking = connections.place().unwrap().hold(server);
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut preface = [0; PREFACE_LEN];
+        speaking.read_exact(&mut preface).await.unwrap();
+        tokio::time::sleep(PREFACE_WAIT * 2).await;
+        client.write_all(b"later").await.unwrap();
+        let read = speaking.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..read], b"later", "no deadline once the preface is in");
+    }
+
+    #[tokio::test]
+    async fn connections_with_a_place_are_accepted_with_nagle_off() {
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(Connections::new(1));
+        let mut incoming = Arc::clone(&connections).incoming(listener);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.io.nodelay().unwrap());
+        let mut refused = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0; 1];
+        assert_eq!(refused.read(&mut buf).await.unwrap(), 0, "closed at once");
+        assert_eq!(connections.refused(), 1);
+    }
+
     #[test]
-    fn the_open_files_limit_is_raised_within_the_hard_limit() {
-        let now = raise_open_files(0).expect("the limit can be read");
-        assert!(now > 0);
-        let raised = raise_open_files(now + 1).expect("raising within the hard limit");
-        assert!(raised >= now, "never lowered");
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let raised = raise_open_files().expect("the limit can be read");
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
         assert_eq!(
-            raise_open_files(0).unwrap(),
-            raised,
-            "what it says is in force"
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
         );
+        assert_eq!((raised, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
     }
 }

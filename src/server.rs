@@ -17,7 +17,7 @@ use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
 };
-use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
@@ -78,11 +78,11 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Lets the process open what `max_connections` and scanning need, or
-/// says at start why it cannot.
+/// Lets the process open as many files as it may, and says at start when
+/// that is short of what `max_connections` and scanning need.
 fn allow_open_files(max_connections: usize) {
-    let wanted = max_connections as u64 + connections::OTHER_FILES;
-    match connections::raise_open_files(wanted) {
+    let wanted = (max_connections as u64).saturating_add(connections::OTHER_FILES);
+    match connections::raise_open_files() {
         Ok(allowed) if allowed < wanted => tracing::warn!(
             allowed,
             wanted,
@@ -392,13 +392,10 @@ impl Server {
                     tls.incoming(self.listener, connections),
                     stop_accepting,
                 )),
-                None => {
-                    let admitted = incoming(self.listener).filter_map(move |tcp| match tcp {
-                        Ok(tcp) => connections.admit(tcp).map(Ok),
-                        Err(err) => Some(Err(err)),
-                    });
-                    Box::pin(router.serve_with_incoming_shutdown(admitted, stop_accepting))
-                }
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    connections.incoming(self.listener),
+                    stop_accepting,
+                )),
             };
         let grace = self.grace;
         // The grace period ends early on a second SIGTERM or Ctrl-C (the

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     metrics::{Metrics, Tally},
-    proto::{FileVerdict, Hello},
+    proto::{self, FileVerdict, Hello},
     vms::{Ending, Vms},
 };
 
@@ -49,6 +49,74 @@ impl From<&Hello> for AgentIdentity {
             agent_version: hello.agent_version.clone(),
             connection_tags: hello.connection_tags.clone(),
             certificate: None,
+        }
+    }
+}
+
+/// What a verdict given to an agent was for, as the log of malware found
+/// names it.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    /// A file, by the path its agent gave (a Scan begin, a ScanFile call).
+    Path(&'a str),
+    /// Content by its digest alone (a Lookup).
+    Digest(&'a [u8]),
+}
+
+/// Logs malware found in `verdict`, given to the agent of `session` (none
+/// for a `ScanFile` call, which names no session): the operator's record
+/// of what was found on which VM, where the SVM's status and the VM's
+/// security tag only say that something was. One warning per verdict, so
+/// a file found on a hundred VMs is a hundred lines, each VM's own; from
+/// the cache or a shared scan as much as from a scan of its own, which
+/// `source` tells.
+pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdict: &FileVerdict) {
+    let Some(proto::verdict::Kind::Infected(infected)) =
+        verdict.verdict.as_ref().and_then(|v| v.kind.as_ref())
+    else {
+        return;
+    };
+    let list = |field: fn(&proto::Detection) -> &str| {
+        let names: Vec<&str> = infected.detections.iter().map(field).collect();
+        names.join(", ")
+    };
+    let (threats, rules) = (list(|d| &d.threat), list(|d| &d.rule));
+    let source = match (verdict.cached, verdict.coalesced) {
+        (true, _) => "cache",
+        (false, true) => "coalesced",
+        (false, false) => "scan",
+    };
+    let vm = session.map(|s| s.agent.vm_id.as_str());
+    let vm_name = session.map(|s| s.agent.vm_name.as_str());
+    let session = session.map(|s| s.id.as_str());
+    match subject {
+        Subject::Path(path) => {
+            tracing::warn!(
+                vm,
+                vm_name,
+                session,
+                path,
+                threats,
+                rules,
+                source,
+                "malware found"
+            );
+        }
+        Subject::Digest(digest) => {
+            let digest = digest
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>();
+            tracing::warn!(
+                vm,
+                vm_name,
+                session,
+                digest,
+                threats,
+                rules,
+                source,
+                "malware found"
+            );
         }
     }
 }
@@ -97,20 +165,25 @@ impl Session {
         SystemTime::now() - self.last_seen().elapsed()
     }
 
-    /// Counts one file's verdict; malware found tags the session's VM.
-    pub fn record_file(&self, bytes: u64, verdict: &FileVerdict) {
-        self.record_files(bytes, [verdict]);
+    /// Counts the verdict on the file at `path`; malware found is logged
+    /// and tags the session's VM.
+    pub fn record_file(&self, bytes: u64, path: &str, verdict: &FileVerdict) {
+        self.record_files(bytes, [(Subject::Path(path), verdict)]);
     }
 
     /// Counts verdicts given together (`bytes` of content in all); malware
-    /// found tags the session's VM, a failure spoils its full scan.
+    /// found is logged and tags the session's VM, a failure spoils its full
+    /// scan.
     pub fn record_files<'a>(
         &self,
         bytes: u64,
-        verdicts: impl IntoIterator<Item = &'a FileVerdict>,
+        verdicts: impl IntoIterator<Item = (Subject<'a>, &'a FileVerdict)>,
     ) {
         let mut tally = Tally::default();
-        verdicts.into_iter().for_each(|verdict| tally.add(verdict));
+        for (subject, verdict) in verdicts {
+            tally.add(verdict);
+            log_malware_found(Some(self), subject, verdict);
+        }
         self.files.fetch_add(tally.verdicts, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.detections

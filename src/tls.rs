@@ -206,43 +206,32 @@ impl Tls {
         }
     }
 
-    /// The connections accepted on `listener` (Nagle's algorithm off, see
-    /// `server::incoming`) that find a place in `connections`, once their
-    /// handshake is done, for as long as the stream is held (tonic drops it
-    /// when it stops accepting).
+    /// The connections accepted on `listener` that find a place in
+    /// `connections` (see [`Connections::accept`]), once their handshake is
+    /// done, for as long as the stream is held (tonic drops it when it
+    /// stops accepting).
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
         connections: Arc<Connections>,
-    ) -> ReceiverStream<io::Result<TlsStream<Counted<TcpStream>>>> {
+    ) -> ReceiverStream<io::Result<Counted<TlsStream<TcpStream>>>> {
         let (accepted, incoming) = mpsc::channel(ACCEPTED_QUEUE);
         tokio::spawn(async move {
             // Dropped with this task, which aborts the handshakes left.
             let mut handshakes = JoinSet::new();
-            let mut warned = false;
+            let mut failing = false;
             loop {
-                let (tcp, peer) = tokio::select! {
-                    tcp = listener.accept(), if handshakes.len() < MAX_HANDSHAKES => match tcp {
-                        Ok(tcp) => tcp,
-                        Err(err) => {
-                            accept_failed(err, &mut warned).await;
-                            continue;
-                        }
-                    },
+                let (tcp, peer, place) = tokio::select! {
+                    next = connections.accept(&listener, &mut failing), if handshakes.len() < MAX_HANDSHAKES => next,
                     Some(_) = handshakes.join_next() => continue,
                     () = accepted.closed() => return,
-                };
-                warned = false;
-                let _ = tcp.set_nodelay(true);
-                let Some(tcp) = connections.admit(tcp) else {
-                    continue;
                 };
                 let acceptor = TlsAcceptor::from(Arc::clone(&self.served.load().config));
                 let accepted = accepted.clone();
                 handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = accepted.send(Ok(stream)).await;
+                            let _ = accepted.send(Ok(place.hold(stream))).await;
                         }
                         Ok(Err(err)) => tracing::debug!(%peer, "TLS handshake failed: {err}"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -252,24 +241,6 @@ impl Tls {
         });
         ReceiverStream::new(incoming)
     }
-}
-
-/// After a failed accept: at once for what concerns one connection (reset
-/// before it was taken, say); otherwise (out of file descriptors, say) a
-/// warning, once until an accept succeeds, and a pause rather than a spin.
-async fn accept_failed(err: io::Error, warned: &mut bool) {
-    use io::ErrorKind::*;
-    if matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
-    ) {
-        return;
-    }
-    if !*warned {
-        tracing::warn!("cannot accept connections: {err}");
-        *warned = true;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// What the periodic check of the files saw: the new files of its last

@@ -220,8 +220,8 @@ impl Drop for Running {
 }
 
 /// `scanserver serve` on loopback `port`, its admin listener on `admin`,
-/// `state` as its state and spool folders, with the options `configure`
-/// adds.
+/// `state` as its state and spool folders, its log dropped, with the
+/// options `configure` adds (or changes).
 fn serve(
     cache: &Path,
     state: &Path,
@@ -232,14 +232,14 @@ fn serve(
     let mut command = scanserver(cache);
     command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", admin]);
+        .args(["--admin-listen", admin])
+        .stderr(std::process::Stdio::null());
     configure(&mut command);
     command
         .arg("--state-dir")
         .arg(state)
         .arg("--spool-dir")
-        .arg(state.join("spool"))
-        .stderr(std::process::Stdio::null());
+        .arg(state.join("spool"));
     Running(command.spawn().unwrap())
 }
 
@@ -632,21 +632,29 @@ fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
     use std::os::unix::net::UnixDatagram;
     let cache = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let socket = state.path().join("notify");
+    let run = tempfile::tempdir().unwrap();
+    let socket = run.path().join("notify");
     let manager = UnixDatagram::bind(&socket).unwrap();
     manager
-        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
         .unwrap();
     let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
     let mut server = serve(cache.path(), state.path(), port, &admin, |serve| {
         serve.env("NOTIFY_SOCKET", &socket);
     });
     let mut buf = [0; 512];
-    let mut message = || {
-        let len = manager.recv(&mut buf).expect("a message within 2 minutes");
-        String::from_utf8_lossy(&buf[..len]).into_owned()
+    let mut message = |server: &mut Running| {
+        for _ in 0..120 {
+            if let Ok(len) = manager.recv(&mut buf) {
+                return String::from_utf8_lossy(&buf[..len]).into_owned();
+            }
+            if let Some(status) = server.0.try_wait().unwrap() {
+                panic!("serve exited ({status}) without a word to its manager");
+            }
+        }
+        panic!("no message from serve within 2 minutes");
     };
-    let ready = message();
+    let ready = message(&mut server);
     let serving = format!("READY=1\nSTATUS=serving agents on 127.0.0.1:{port} with ");
     assert!(ready.starts_with(&serving), "{ready}");
     assert!(
@@ -655,7 +663,72 @@ fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
     );
     // SAFETY: kill has no memory preconditions; the child is ours.
     unsafe { libc::kill(server.0.id() as libc::pid_t, libc::SIGTERM) };
-    let stopping = message();
+    let stopping = message(&mut server);
     assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
     assert!(server.0.wait().unwrap().success());
+}
+
+/// Malware found is logged, a warning per verdict, with the VM and the
+/// file it was found in, the threats and rules, and where the verdict came
+/// from; clean verdicts are not.
+#[test]
+fn malware_found_is_logged_with_its_vm_and_file() {
+    use std::io::BufRead;
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    let (eicar, clean) = (tree.path().join("eicar.com"), tree.path().join("notes.txt"));
+    fs::write(&eicar, EICAR).unwrap();
+    fs::write(&clean, "nothing to see here").unwrap();
+    let (listen, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let mut server = serve(cache.path(), state.path(), listen, &admin, |serve| {
+        serve
+            .args(["--log-format", "json"])
+            .stderr(std::process::Stdio::piped());
+    });
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let log = server.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(log).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    wait_for_listener(listen);
+    for vm in ["vm-a", "vm-b"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
+            .args(["scan", "--server", &format!("http://127.0.0.1:{listen}")])
+            .args(["--vm-id", vm, "--vm-name", &format!("{vm} desktop")])
+            .args([&eicar, &clean])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+    }
+    let mut found = Vec::new();
+    while found.len() < 2 {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("two lines of malware found");
+        let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if entry["fields"]["message"] == "malware found" {
+            found.push(entry);
+        }
+    }
+    for (entry, (vm, source)) in found.iter().zip([("vm-a", "scan"), ("vm-b", "cache")]) {
+        let fields = &entry["fields"];
+        assert_eq!(entry["level"], "WARN", "{entry}");
+        assert_eq!(fields["vm"], vm, "{entry}");
+        assert_eq!(fields["vm_name"], format!("{vm} desktop"), "{entry}");
+        assert_eq!(fields["path"], eicar.to_str().unwrap(), "{entry}");
+        assert_eq!(fields["rules"], "EICAR_Test_File", "{entry}");
+        assert!(!fields["threats"].as_str().unwrap().is_empty(), "{entry}");
+        assert_eq!(fields["source"], source, "{entry}");
+    }
+    // SAFETY: kill has no memory preconditions; the child is ours.
+    unsafe { libc::kill(server.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(server.0.wait().unwrap().success());
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(
+        !rest.iter().any(|line| line.contains("malware found")),
+        "one line per verdict with malware: {rest:?}"
+    );
 }

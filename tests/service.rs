@@ -1617,12 +1617,13 @@ async fn until_connections_open(server: &TestServer, open: usize) {
 
 /// Connections beyond `server.max_connections` are closed as they are
 /// accepted (with TLS, before their handshake) and counted; a connection
-/// that closes gives its place back.
+/// that closes gives its place back, and so does one that never speaks
+/// HTTP/2 once it has been cut off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_are_closed() {
+    use tokio::io::AsyncReadExt;
     let server = TestServer::start(|c| c.server.max_connections = Some(2)).await;
     let endpoint = Channel::from_shared(server.url()).unwrap();
-    let connect = || endpoint.connect();
     let healthy = |channel: Channel| async move {
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let check = health.check(tonic_health::pb::HealthCheckRequest::default());
@@ -1631,22 +1632,31 @@ async fn connections_beyond_the_limit_are_closed() {
             Ok(Ok(_))
         )
     };
-    let (first, second) = (connect().await.unwrap(), connect().await.unwrap());
-    assert!(healthy(first.clone()).await && healthy(second.clone()).await);
-    until_connections_open(&server, 2).await;
-    let third = match connect().await {
-        Ok(channel) => healthy(channel).await,
-        Err(_) => false,
+    // Whether the server closes `tcp` within `wait` (what it sends before,
+    // its HTTP/2 settings, is passed over).
+    let closed = |mut tcp: tokio::net::TcpStream, wait: Duration| async move {
+        let mut buf = [0; 64];
+        let until_closed = async { while let Ok(1..) = tcp.read(&mut buf).await {} };
+        tokio::time::timeout(wait, until_closed).await.is_ok()
     };
-    assert!(!third, "a third connection is closed at once");
+    let first = endpoint.connect().await.unwrap();
+    assert!(healthy(first.clone()).await);
+    let silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    until_connections_open(&server, 2).await;
+    let third = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    assert!(
+        closed(third, Duration::from_secs(5)).await,
+        "closed at once"
+    );
     assert_eq!(server.svm.connections.refused(), 1);
-    drop(first);
+    let cut_off = scanserver::connections::PREFACE_WAIT + Duration::from_secs(5);
+    assert!(closed(silent, cut_off).await, "cut off without a preface");
     until_connections_open(&server, 1).await;
     assert!(
-        healthy(connect().await.unwrap()).await,
+        healthy(endpoint.connect().await.unwrap()).await,
         "the place was given back"
     );
-    assert!(healthy(second).await, "the others were left alone");
+    assert!(healthy(first).await, "the others were left alone");
 
     let dir = tempfile::tempdir().unwrap();
     certificates(dir.path());

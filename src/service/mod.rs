@@ -32,7 +32,7 @@ use crate::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult, ScanReply,
         ScanRequest, ServerMessage, protection_server_server::ProtectionServer,
     },
-    sessions::{LOOKUPS_AT_ONCE, Session, Sessions},
+    sessions::{LOOKUPS_AT_ONCE, Session, Sessions, Subject},
     signatures::Ruleset,
     vms::Vms,
 };
@@ -272,7 +272,11 @@ impl ProtectionServer for ProtectionService {
         }
         // A verdict given by digest counts for the agent's VM as one given
         // for content: malware found this way tags the VM too.
-        session.record_files(0, results.iter().filter_map(|r| r.verdict.as_ref()));
+        let given = request.digests.iter().zip(&results);
+        session.record_files(
+            0,
+            given.filter_map(|(digest, r)| Some((Subject::Digest(digest), r.verdict.as_ref()?))),
+        );
         let signatures_version = ruleset.version().to_owned();
         Ok(Response::new(LookupReply {
             results,

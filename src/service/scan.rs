@@ -53,7 +53,7 @@ use crate::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
         ScanRequest, file_reply, file_request,
     },
-    sessions::Session,
+    sessions::{Session, Subject, log_malware_found},
     shutdown::shut_down,
 };
 
@@ -105,9 +105,10 @@ impl VerdictOwed {
         VerdictOwed(Some(Arc::clone(session)))
     }
 
-    fn settle(mut self, size: u64, verdict: &FileVerdict) {
+    /// Settles the verdict on `size` bytes at `path`.
+    fn settle(mut self, size: u64, path: &str, verdict: &FileVerdict) {
         if let Some(session) = self.0.take() {
-            session.record_file(size, verdict);
+            session.record_file(size, path, verdict);
         }
     }
 }
@@ -557,7 +558,7 @@ impl ScanStream {
         let key = engine.cache_key(&digest, Some(file.name.as_ref()));
         if let Some(hit) = engine.cache().get(&key) {
             let verdict = FileVerdict::hash_first(&hit, false, &self.version);
-            file.owed.settle(file.size, &verdict);
+            file.owed.settle(file.size, &file.name, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         match engine
@@ -712,7 +713,7 @@ impl ScanStream {
             return self.open_for_content(id, file, Some(digest), Standing::OnItsOwn);
         };
         let verdict = FileVerdict::hash_first(&landed, true, &self.version);
-        file.owed.settle(file.size, &verdict);
+        file.owed.settle(file.size, &file.name, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
 
@@ -768,12 +769,13 @@ impl ScanStream {
         let judging = Judging::start(&engine, &received.digest, &name, standing).await;
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
-            owed.settle(size, &verdict);
+            owed.settle(size, &name, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         let due = VerdictDue {
             id,
             size,
+            path: name.clone(),
             taken: Some(Scanning::take(&self.scanning, id)),
             owed: Some(owed),
             replies: self.replies.clone(),
@@ -792,6 +794,8 @@ impl ScanStream {
 struct VerdictDue {
     id: u64,
     size: u64,
+    /// The file's path, as its begin gave it.
+    path: String,
     /// The file's id, given back just before its reply is queued.
     taken: Option<TakenId>,
     owed: Option<VerdictOwed>,
@@ -808,7 +812,7 @@ impl VerdictDue {
     /// Settles the file with `verdict` and sends it.
     fn send(mut self, verdict: FileVerdict) {
         if let Some(owed) = self.owed.take() {
-            owed.settle(self.size, &verdict);
+            owed.settle(self.size, &self.path, &verdict);
         }
         self.reply(verdict_reply(verdict));
     }
@@ -1064,9 +1068,10 @@ pub(super) async fn scan_file(
         .map_err(cut_off)??;
     let engine = &state.engine;
     let judging = Judging::start(engine, &received.digest, &name, Standing::Unannounced).await;
-    let verdict = judging.verdict(engine, received, name).await;
-    // No session: counted in the metrics, but for no VM.
+    let verdict = judging.verdict(engine, received, name.clone()).await;
+    // No session: counted in the metrics, and logged, but for no VM.
     engine.metrics().verdict(&verdict);
+    log_malware_found(None, Subject::Path(&name), &verdict);
     Ok(verdict)
 }
 
