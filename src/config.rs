@@ -128,6 +128,12 @@ impl Config {
         if !(4 << 10..=4 << 20).contains(&self.uploads.chunk_size) {
             return invalid("uploads.chunk_size", "must be between 4 KiB and 4 MiB");
         }
+        if self.uploads.spool_budget < self.uploads.max_file_size {
+            return invalid(
+                "uploads.spool_budget",
+                "is below uploads.max_file_size: a file of the largest size accepted could never be spooled",
+            );
+        }
         if self.uploads.max_file_size > self.engine.max_scan_size {
             return invalid(
                 "uploads.max_file_size",
@@ -216,7 +222,7 @@ pub struct ServerConfig {
     pub max_agents: usize,
     /// Connections open at once on the agent listener, TLS handshakes
     /// included; more are closed as they are accepted (see
-    /// [`crate::connections`]) [default: twice `max_agents`].
+    /// [`crate::connections`]) [default: twice `max_agents`, and 64 more].
     pub max_connections: Option<usize>,
     /// Connection tags accepted from agents; empty accepts every agent.
     pub allowed_tags: Vec<String>,
@@ -261,7 +267,7 @@ impl ServerConfig {
     /// Connections open at once on the agent listener.
     pub fn max_connections(&self) -> usize {
         self.max_connections
-            .unwrap_or_else(|| self.max_agents.saturating_mul(2))
+            .unwrap_or_else(|| self.max_agents.saturating_mul(2).saturating_add(64))
     }
 
     /// The state folder in use.
@@ -415,6 +421,10 @@ pub struct UploadConfig {
     pub memory_budget: u64,
     /// Folder for spooled files [default: `spool` in the state folder].
     pub spool_dir: Option<PathBuf>,
+    /// Disk all spooled uploads may use together; a file that does not fit
+    /// fails with RESOURCE_EXHAUSTED (its agent sends it again later, or to
+    /// another SVM).
+    pub spool_budget: u64,
     /// Files larger than this are refused.
     pub max_file_size: u64,
     /// The chunk size agents are asked to use.
@@ -430,6 +440,7 @@ impl Default for UploadConfig {
             memory_threshold: 8 << 20,
             memory_budget: 128 << 20,
             spool_dir: None,
+            spool_budget: 16 << 30,
             max_file_size: EngineConfig::default().max_scan_size,
             chunk_size: 256 << 10,
             files_in_flight: 128,
@@ -516,6 +527,10 @@ mod tests {
         assert_eq!(
             refused(|c| c.server.max_agents = usize::MAX),
             "server.max_connections"
+        );
+        assert_eq!(
+            refused(|c| c.uploads.spool_budget = c.uploads.max_file_size - 1),
+            "uploads.spool_budget"
         );
         let too_often = |c: &mut Config| c.rules.check_interval = Duration::from_millis(100);
         assert_eq!(refused(too_often), "rules.check_interval");

@@ -21,9 +21,10 @@
 //! which has its own 10 seconds), or the connection is closed; after it,
 //! the pings of `server` find peers that are gone.
 //!
-//! The default, twice `max_agents`, leaves every agent room to reconnect
-//! while its old connection is still being closed (a dead peer's within
-//! 30 s), and tools (health checks, `lightagent`) room beside them.
+//! The default, twice `max_agents` and 64 more, leaves every agent room to
+//! reconnect while its old connection is still being closed (a dead peer's
+//! within 30 s), and tools (health checks, `lightagent`) room beside them
+//! however few agents are allowed.
 //!
 //! Linux starts most processes with a soft limit of 1,024 open files, fewer
 //! than the default limits need. [`raise_open_files`] raises it to the hard

@@ -573,24 +573,28 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Serve
         .map_err(|source| ServerError::Bind { addr, flag, source })
 }
 
-/// Resolves on SIGTERM or Ctrl-C. (SIGHUP reads the signatures and TLS
-/// files again: see [`Server::reload_on_hangup`].)
-pub async fn termination_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match signal(SignalKind::terminate()) {
+/// Resolves on SIGTERM or Ctrl-C (SIGINT). (SIGHUP reads the signatures
+/// and TLS files again: see [`Server::reload_on_hangup`].) The handlers
+/// are installed when this is called, within a runtime, not when the
+/// future is first polled: a SIGTERM that comes once the server has told
+/// systemd it is ready must shut it down gracefully, never kill it.
+pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let received = |installed: std::io::Result<Signal>| async move {
+        match installed {
             Ok(mut signal) => {
                 signal.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    let term = received(signal(SignalKind::terminate()));
+    let interrupt = received(signal(SignalKind::interrupt()));
+    async move {
+        tokio::select! {
+            () = term => {},
+            () = interrupt => {},
+        }
     }
 }
 

@@ -640,7 +640,9 @@ fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
         .unwrap();
     let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
     let mut server = serve(cache.path(), state.path(), port, &admin, |serve| {
-        serve.env("NOTIFY_SOCKET", &socket);
+        serve
+            .env("NOTIFY_SOCKET", &socket)
+            .stderr(std::process::Stdio::piped());
     });
     let mut buf = [0; 512];
     let mut message = |server: &mut Running| {
@@ -649,7 +651,10 @@ fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
                 return String::from_utf8_lossy(&buf[..len]).into_owned();
             }
             if let Some(status) = server.0.try_wait().unwrap() {
-                panic!("serve exited ({status}) without a word to its manager");
+                let mut log = String::new();
+                let stderr = server.0.stderr.as_mut().unwrap();
+                std::io::Read::read_to_string(stderr, &mut log).unwrap();
+                panic!("serve exited ({status}) without a word to its manager:\n{log}");
             }
         }
         panic!("no message from serve within 2 minutes");

@@ -888,7 +888,7 @@ async fn metrics_count_scans_verdicts_and_agents() {
         "scanserver_verdicts_total{verdict=\"clean\",source=\"scan\"} 1",
         "scanserver_scan_duration_seconds_count 2",
         "scanserver_connected_agents 1",
-        "scanserver_agent_connections_max 2000",
+        "scanserver_agent_connections_max 2064",
         "scanserver_agent_connections_refused_total 0",
         "scanserver_protected_vms 1",
         "scanserver_cache_entries 2",

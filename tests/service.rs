@@ -374,11 +374,7 @@ async fn hellos_are_accepted_or_rejected_with_a_reason() {
         assert_eq!(rejection.reason(), reason);
         assert!(!rejection.message.is_empty());
     }
-    let full = TestServer::start(|c| {
-        c.server.max_agents = 0;
-        c.server.max_connections = Some(1);
-    })
-    .await;
+    let full = TestServer::start(|c| c.server.max_agents = 0).await;
     let (reply, _) = open_session(&full, hello()).await;
     assert!(
         matches!(reply, server_message::Kind::Rejection(r) if r.reason() == RejectReason::Capacity)

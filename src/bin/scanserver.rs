@@ -163,7 +163,7 @@ struct ServeArgs {
     max_agents: Option<usize>,
 
     /// Connections open at once on the agent listener; more are closed as
-    /// they are accepted [default: twice --max-agents].
+    /// they are accepted [default: twice --max-agents, and 64 more].
     #[arg(long, value_name = "N", env = "SCANSERVER_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
 

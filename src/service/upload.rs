@@ -5,7 +5,10 @@
 //! within a budget shared by all uploads (a file of unknown size takes its
 //! share as it grows); larger ones, or any file once the budget is spent, go
 //! to a temporary file in the spool folder, which the engine memory-maps for
-//! the scan. Spool writes go to the page cache, on the runtime's threads.
+//! the scan. Spooled files share a budget of disk in turn: a file that does
+//! not fit fails with RESOURCE_EXHAUSTED rather than wait, since the room
+//! it would wait for may be held by files whose content comes on the same
+//! stream, behind it. Spool writes go to the page cache, on the runtime's threads.
 //! Every check fails the file with a clear error: a chunk out of order, more
 //! or less content than declared, a digest that differs from the one the
 //! agent claimed, a file over the size limit. Dropping an [`Upload`] or a
@@ -45,6 +48,10 @@ pub enum UploadError {
     TooLarge { size: u64, limit: u64 },
     #[error("cannot spool the file: {0}")]
     Spool(#[from] io::Error),
+    #[error(
+        "the spool is full ({budget} bytes of uploads on disk): send the file again later, or to another SVM"
+    )]
+    SpoolFull { budget: u64 },
 }
 
 impl UploadError {
@@ -53,6 +60,7 @@ impl UploadError {
         match self {
             UploadError::TooLarge { .. } => Code::FailedPrecondition,
             UploadError::Spool(_) => Code::Internal,
+            UploadError::SpoolFull { .. } => Code::ResourceExhausted,
             _ => Code::InvalidArgument,
         }
     }
@@ -64,12 +72,35 @@ impl From<UploadError> for tonic::Status {
     }
 }
 
-/// Where uploads keep their content: the memory budget and the spool folder.
+/// Where uploads keep their content: the memory budget, the spool folder
+/// and its budget.
 pub struct UploadStore {
     config: UploadConfig,
     /// The memory budget, in KiB permits.
     memory: Arc<Semaphore>,
-    spool_dir: Arc<Path>,
+    spool: Spool,
+}
+
+/// The spool folder, and the disk its files may use.
+#[derive(Clone)]
+struct Spool {
+    dir: Arc<Path>,
+    /// The budget in KiB permits.
+    budget: Arc<Semaphore>,
+    budget_bytes: u64,
+}
+
+impl Spool {
+    /// A share of `kib` KiB of the budget, if that much is left.
+    fn share(&self, kib: u64) -> Result<OwnedSemaphorePermit, UploadError> {
+        let full = || UploadError::SpoolFull {
+            budget: self.budget_bytes,
+        };
+        let kib = u32::try_from(kib).map_err(|_| full())?;
+        Arc::clone(&self.budget)
+            .try_acquire_many_owned(kib)
+            .map_err(|_| full())
+    }
 }
 
 impl UploadStore {
@@ -90,10 +121,17 @@ impl UploadStore {
         if left > 0 {
             tracing::info!(removed = left, dir = %spool_dir.display(), "removed spool files left by an earlier run");
         }
-        let kib = usize::try_from(config.memory_budget >> 10).unwrap_or(usize::MAX);
+        let permits = |bytes: u64| {
+            let kib = usize::try_from(bytes >> 10).unwrap_or(usize::MAX);
+            Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS)))
+        };
         Ok(UploadStore {
-            memory: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
-            spool_dir: spool_dir.into(),
+            memory: permits(config.memory_budget),
+            spool: Spool {
+                dir: spool_dir.into(),
+                budget: permits(config.spool_budget),
+                budget_bytes: config.spool_budget,
+            },
             config,
         })
     }
@@ -131,11 +169,11 @@ impl UploadStore {
             },
             memory: Arc::clone(&self.memory),
             memory_threshold: self.config.memory_threshold,
-            spool_dir: Arc::clone(&self.spool_dir),
+            spool: self.spool.clone(),
         };
         let expected = size.unwrap_or(u64::from(self.config.chunk_size));
         if !upload.reserve(expected) {
-            upload.sink = Sink::Spool(spool_file(&self.spool_dir)?);
+            upload.spill(expected)?;
         }
         Ok(upload)
     }
@@ -160,7 +198,7 @@ pub struct Upload {
     sink: Sink,
     memory: Arc<Semaphore>,
     memory_threshold: u64,
-    spool_dir: Arc<Path>,
+    spool: Spool,
 }
 
 enum Sink {
@@ -169,7 +207,11 @@ enum Sink {
         buffer: Vec<u8>,
         share: Option<OwnedSemaphorePermit>,
     },
-    Spool(NamedTempFile),
+    /// On disk, within `share` of the spool budget (KiB permits).
+    Spool {
+        file: NamedTempFile,
+        share: OwnedSemaphorePermit,
+    },
 }
 
 impl Upload {
@@ -226,27 +268,44 @@ impl Upload {
         true
     }
 
-    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Moves the content to a spool file, with a share of the spool budget
+    /// covering its declared size, or `bytes` (what arrived so far and the
+    /// chunk at hand) when its size is unknown; its memory share is given
+    /// back.
+    fn spill(&mut self, bytes: u64) -> Result<(), UploadError> {
+        let size = self.declared.unwrap_or(bytes).max(bytes);
+        let share = self.spool.share(size.div_ceil(1024))?;
+        let mut file = spool_file(&self.spool.dir)?;
+        if let Sink::Memory { buffer, .. } = &self.sink {
+            file.write_all(buffer)?;
+        }
+        self.sink = Sink::Spool { file, share };
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), UploadError> {
+        let total = self.received + data.len() as u64;
         // Content that outgrows what the budget allows moves to the spool,
         // and gives its memory share back.
-        if let Sink::Memory { buffer, .. } = &self.sink
-            && !self.reserve((buffer.len() + data.len()) as u64)
-        {
-            let mut file = spool_file(&self.spool_dir)?;
-            if let Sink::Memory { buffer, .. } = &self.sink {
-                file.write_all(buffer)?;
-            }
-            self.sink = Sink::Spool(file);
+        if matches!(self.sink, Sink::Memory { .. }) && !self.reserve(total) {
+            self.spill(total)?;
         }
         match &mut self.sink {
-            Sink::Memory { buffer, .. } => {
-                buffer.extend_from_slice(data);
-                Ok(())
+            Sink::Memory { buffer, .. } => buffer.extend_from_slice(data),
+            Sink::Spool { file, share } => {
+                // A file of unknown size takes more of the spool budget as
+                // it grows (doubling its share, to take from it rarely).
+                let held = share.num_permits() as u64;
+                if total > held << 10 {
+                    let wanted = total.max(held << 11).div_ceil(1024);
+                    share.merge(self.spool.share(wanted - held)?);
+                }
+                // Spool writes go to the page cache; they are short enough
+                // to make on the runtime's threads.
+                file.write_all(data)?;
             }
-            // Spool writes go to the page cache; they are short enough to
-            // make on the runtime's threads.
-            Sink::Spool(file) => file.write_all(data),
         }
+        Ok(())
     }
 
     /// How many bytes arrived so far.
@@ -276,7 +335,7 @@ impl Upload {
                     _share: share,
                 },
             ),
-            Sink::Spool(file) => {
+            Sink::Spool { file, share } => {
                 let (file, path) = file.into_parts();
                 let content = Content::Spooled {
                     file,
@@ -284,7 +343,7 @@ impl Upload {
                 };
                 let guard = ReceivedGuard {
                     _spool: Some(path),
-                    _share: None,
+                    _share: Some(share),
                 };
                 (content, guard)
             }
@@ -299,7 +358,7 @@ impl Upload {
 }
 
 /// A complete, verified file, ready to scan. Dropping it releases its
-/// memory share and deletes its spool file.
+/// memory or spool share and deletes its spool file.
 pub struct Received {
     pub content: Content,
     pub digest: Digest,
@@ -321,7 +380,8 @@ impl Received {
     }
 }
 
-/// Keeps a received file's spool file and memory share alive.
+/// Keeps a received file's spool file and its share of the memory or
+/// spool budget alive.
 pub struct ReceivedGuard {
     _spool: Option<TempPath>,
     _share: Option<OwnedSemaphorePermit>,
@@ -436,6 +496,39 @@ mod tests {
     }
 
     #[test]
+    fn the_spool_budget_refuses_what_does_not_fit_until_room_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = UploadConfig {
+            memory_threshold: 1 << 10,
+            spool_budget: 8 << 10,
+            chunk_size: 4 << 10,
+            ..UploadConfig::default()
+        };
+        let store = UploadStore::new(config, dir.path()).unwrap();
+        let first = store.begin(Some(6 << 10), None).unwrap();
+        assert!(matches!(first.sink, Sink::Spool { .. }));
+        let refused = store.begin(Some(4 << 10), None).err().expect("no room");
+        assert!(matches!(refused, UploadError::SpoolFull { budget: 8192 }));
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(files_in(dir.path()), 1, "nothing spooled for it");
+        drop(first);
+        let mut second = store.begin(Some(4 << 10), None).unwrap();
+        second.push(0, &[7; 4 << 10]).unwrap();
+
+        // A file of unknown size starts with a share of one chunk, and
+        // takes more as it grows.
+        let mut growing = store.begin(None, None).unwrap();
+        growing.push(0, &[7; 2 << 10]).unwrap();
+        assert!(matches!(growing.sink, Sink::Spool { .. }));
+        assert!(matches!(
+            growing.push(2 << 10, &[7; 4 << 10]),
+            Err(UploadError::SpoolFull { .. })
+        ));
+        drop((second, growing));
+        assert_eq!(store.spool.budget.available_permits(), 8, "all given back");
+    }
+
+    #[test]
     fn the_memory_budget_sends_files_to_the_spool_when_spent() {
         let dir = tempfile::tempdir().unwrap();
         let config = UploadConfig {
@@ -449,7 +542,10 @@ mod tests {
         let third = store.begin(Some(8 << 10), None).unwrap();
         assert!(matches!(first.sink, Sink::Memory { .. }));
         assert!(matches!(second.sink, Sink::Memory { .. }));
-        assert!(matches!(third.sink, Sink::Spool(_)), "the budget is spent");
+        assert!(
+            matches!(third.sink, Sink::Spool { .. }),
+            "the budget is spent"
+        );
         drop(first);
         let fourth = store.begin(Some(8 << 10), None).unwrap();
         assert!(
