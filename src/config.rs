@@ -128,7 +128,11 @@ impl Config {
         if !(4 << 10..=4 << 20).contains(&self.uploads.chunk_size) {
             return invalid("uploads.chunk_size", "must be between 4 KiB and 4 MiB");
         }
-        if self.uploads.spool_budget < self.uploads.max_file_size {
+        if self.uploads.max_file_size.div_ceil(1024) > u64::from(u32::MAX) {
+            return invalid("uploads.max_file_size", "must be under 4 TiB");
+        }
+        // Both counted in whole KiB, as the budget hands them out.
+        if self.uploads.spool_budget >> 10 < self.uploads.max_file_size.div_ceil(1024) {
             return invalid(
                 "uploads.spool_budget",
                 "is below uploads.max_file_size: a file of the largest size accepted could never be spooled",

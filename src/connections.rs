@@ -54,10 +54,12 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-/// Files the server may hold open besides its agent connections: the
-/// signatures, the state folder, the admin and metrics listeners, and
-/// uploads spooled to disk (one file each, while it is received and
-/// scanned). What [`raise_open_files`] warns about falling short of.
+/// Files the server should be able to open besides its agent connections:
+/// the signatures, the state folder, the admin and metrics listeners, and
+/// uploads spooled to disk (one file each while received and scanned).
+/// Spool files are not bounded in number (the spool budget bounds their
+/// bytes), so this is room for a busy server, not a bound: a spool file
+/// that cannot be opened fails its upload with RESOURCE_EXHAUSTED.
 pub const OTHER_FILES: u64 = 16 << 10;
 
 /// The most `server.max_connections` may be.

@@ -103,10 +103,9 @@ pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdic
             );
         }
         Subject::Digest(digest) => {
-            let digest = digest
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect::<String>();
+            let digest = <[u8; 32]>::try_from(digest)
+                .map(|digest| blake3::Hash::from_bytes(digest).to_hex().to_string())
+                .unwrap_or_default();
             tracing::warn!(
                 vm,
                 vm_name,

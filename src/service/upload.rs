@@ -59,11 +59,19 @@ impl UploadError {
     pub fn code(&self) -> Code {
         match self {
             UploadError::TooLarge { .. } => Code::FailedPrecondition,
+            UploadError::Spool(err) if out_of_room(err) => Code::ResourceExhausted,
             UploadError::Spool(_) => Code::Internal,
             UploadError::SpoolFull { .. } => Code::ResourceExhausted,
             _ => Code::InvalidArgument,
         }
     }
+}
+
+/// Whether a spool error is for want of room (a full disk or quota, no
+/// file descriptor left), which may pass: the file is worth sending again.
+fn out_of_room(err: &io::Error) -> bool {
+    let codes = [libc::ENOSPC, libc::EDQUOT, libc::EMFILE, libc::ENFILE];
+    err.raw_os_error().is_some_and(|code| codes.contains(&code))
 }
 
 impl From<UploadError> for tonic::Status {
@@ -297,7 +305,8 @@ impl Upload {
                 // it grows (doubling its share, to take from it rarely).
                 let held = share.num_permits() as u64;
                 if total > held << 10 {
-                    let wanted = total.max(held << 11).div_ceil(1024);
+                    let doubled = (held << 11).min(self.limit);
+                    let wanted = total.max(doubled).div_ceil(1024);
                     share.merge(self.spool.share(wanted - held)?);
                 }
                 // Spool writes go to the page cache; they are short enough
@@ -526,6 +535,26 @@ mod tests {
         ));
         drop((second, growing));
         assert_eq!(store.spool.budget.available_permits(), 8, "all given back");
+    }
+
+    #[test]
+    fn a_file_of_unknown_size_never_takes_more_than_the_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = UploadConfig {
+            memory_threshold: 1 << 10,
+            max_file_size: 12 << 10,
+            spool_budget: 12 << 10,
+            chunk_size: 4 << 10,
+            ..UploadConfig::default()
+        };
+        let store = UploadStore::new(config, dir.path()).unwrap();
+        let mut largest = store.begin(None, None).unwrap();
+        for offset in (0..12 << 10).step_by(2 << 10) {
+            largest
+                .push(offset, &[7; 2 << 10])
+                .expect("within the budget");
+        }
+        assert_eq!(largest.finish().unwrap().size, 12 << 10);
     }
 
     #[test]
