@@ -138,9 +138,11 @@ impl Connections {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     use io::ErrorKind::*;
-                    let kind = err.kind();
-                    let passing = [ConnectionAborted, ConnectionReset, Interrupted, WouldBlock];
-                    if !passing.contains(&kind) && kind != TimedOut {
+                    let passing = matches!(
+                        err.kind(),
+                        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+                    );
+                    if !passing {
                         if !*failing {
                             tracing::warn!("cannot accept connections: {err}");
                             *failing = true;
