@@ -27,6 +27,7 @@ use prometheus_client::{
 
 use crate::{
     proto,
+    service::ServiceState,
     status::{Svm, signatures_info},
 };
 
@@ -217,7 +218,7 @@ impl Tally {
 }
 
 /// Figures read from the server when Prometheus scrapes.
-struct Live(Arc<Svm>);
+struct Live(Arc<Svm>, Arc<ServiceState>);
 
 impl fmt::Debug for Live {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -229,6 +230,7 @@ impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let svm = &self.0;
         let cache = svm.engine.cache().stats();
+        let spool = self.1.uploads.spool_usage();
         let signatures = signatures_info(&svm.engine.ruleset());
         let gauges = [
             (
@@ -280,6 +282,16 @@ impl Collector for Live {
                 "scanserver_scan_queue_capacity",
                 "Capacity of the scan queue",
                 svm.engine.queue_capacity() as u64,
+            ),
+            (
+                "scanserver_spool_bytes",
+                "Disk that uploads spooled now take from the spool budget",
+                spool.bytes,
+            ),
+            (
+                "scanserver_spool_budget_bytes",
+                "The spool budget: disk all spooled uploads may take together",
+                spool.budget,
             ),
             (
                 "scanserver_cache_entries",
@@ -334,6 +346,11 @@ impl Collector for Live {
                 cache.evictions,
             ),
             (
+                "scanserver_spool_full",
+                "Uploads refused because the spool budget had no room for them",
+                spool.refused,
+            ),
+            (
                 "scanserver_agent_connections_refused",
                 "Agent connections closed as they were accepted, every place being taken",
                 svm.connections.refused(),
@@ -352,11 +369,12 @@ impl Collector for Live {
     }
 }
 
-/// The registry `/metrics` serves: `svm`'s metrics and live figures.
-pub fn registry(svm: Arc<Svm>) -> Registry {
+/// The registry `/metrics` serves: `svm`'s metrics and live figures, and
+/// the service's (`state`).
+pub fn registry(svm: Arc<Svm>, state: Arc<ServiceState>) -> Registry {
     let mut registry = Registry::default();
     svm.engine.metrics().register(&mut registry);
-    registry.register_collector(Box::new(Live(svm)));
+    registry.register_collector(Box::new(Live(svm, state)));
     registry
 }
 

@@ -530,7 +530,7 @@ impl Server {
             });
         }
         if let Some(listener) = self.metrics.take() {
-            let registry = metrics::registry(Arc::clone(&self.svm));
+            let registry = metrics::registry(Arc::clone(&self.svm), Arc::clone(&self.state));
             let serve = metrics::serve(listener, registry, down());
             tokio::spawn(async move {
                 if let Err(err) = serve.await {

@@ -18,7 +18,10 @@
 use std::{
     io::{self, Write},
     path::Path,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -96,6 +99,17 @@ struct Spool {
     /// The budget in KiB permits.
     budget: Arc<Semaphore>,
     budget_bytes: u64,
+    /// Files refused for want of room in the budget, since start.
+    refused: Arc<AtomicU64>,
+}
+
+/// How much of the spool budget is in use, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolUsage {
+    pub bytes: u64,
+    pub budget: u64,
+    /// Files refused for want of room, since start.
+    pub refused: u64,
 }
 
 impl Spool {
@@ -104,10 +118,13 @@ impl Spool {
         let full = || UploadError::SpoolFull {
             budget: self.budget_bytes,
         };
-        let kib = u32::try_from(kib).map_err(|_| full())?;
-        Arc::clone(&self.budget)
-            .try_acquire_many_owned(kib)
-            .map_err(|_| full())
+        let share = u32::try_from(kib)
+            .ok()
+            .and_then(|kib| Arc::clone(&self.budget).try_acquire_many_owned(kib).ok());
+        share.ok_or_else(|| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            full()
+        })
     }
 }
 
@@ -139,6 +156,7 @@ impl UploadStore {
                 dir: spool_dir.into(),
                 budget: permits(config.spool_budget),
                 budget_bytes: config.spool_budget,
+                refused: Arc::default(),
             },
             config,
         })
@@ -146,6 +164,17 @@ impl UploadStore {
 
     pub fn config(&self) -> &UploadConfig {
         &self.config
+    }
+
+    /// How much of the spool budget is in use now.
+    pub fn spool_usage(&self) -> SpoolUsage {
+        let budget_kib = (self.spool.budget_bytes >> 10).min(Semaphore::MAX_PERMITS as u64);
+        let free_kib = self.spool.budget.available_permits() as u64;
+        SpoolUsage {
+            bytes: budget_kib.saturating_sub(free_kib) << 10,
+            budget: self.spool.budget_bytes,
+            refused: self.spool.refused.load(Ordering::Relaxed),
+        }
     }
 
     /// Refuses a file of `size` bytes over the limit.
@@ -533,8 +562,10 @@ mod tests {
             growing.push(2 << 10, &[7; 4 << 10]),
             Err(UploadError::SpoolFull { .. })
         ));
+        let usage = store.spool_usage();
+        assert_eq!((usage.bytes, usage.refused), (8 << 10, 2));
         drop((second, growing));
-        assert_eq!(store.spool.budget.available_permits(), 8, "all given back");
+        assert_eq!(store.spool_usage().bytes, 0, "all given back");
     }
 
     #[test]
