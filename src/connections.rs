@@ -85,6 +85,8 @@ pub struct Connections {
     places: Arc<Semaphore>,
     max: usize,
     refused: AtomicU64,
+    /// Connections closed for sending no preface in time, since start.
+    silent: Arc<AtomicU64>,
     /// When refusals were last logged, and the count then.
     warned: Mutex<Option<(Instant, u64)>>,
 }
@@ -96,6 +98,7 @@ impl Connections {
             places: Arc::new(Semaphore::new(max.min(MAX_CONNECTIONS))),
             max,
             refused: AtomicU64::new(0),
+            silent: Arc::default(),
             warned: Mutex::new(None),
         }
     }
@@ -164,7 +167,10 @@ impl Connections {
     /// logged, at most once every [`WARN_EVERY`]).
     fn place(&self) -> Option<Place> {
         if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
-            return Some(Place { _permit: place });
+            return Some(Place {
+                _permit: place,
+                silent: Arc::clone(&self.silent),
+            });
         }
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,12 +200,20 @@ impl Connections {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
+
+    /// Connections closed for sending no HTTP/2 preface within
+    /// [`PREFACE_WAIT`], since start.
+    pub fn silent(&self) -> u64 {
+        self.silent.load(Ordering::Relaxed)
+    }
 }
 
 /// One of the places of [`Connections`], taken at accept.
 #[derive(Debug)]
 pub struct Place {
     _permit: OwnedSemaphorePermit,
+    /// Where a connection cut off for its silence is counted.
+    silent: Arc<AtomicU64>,
 }
 
 impl Place {
@@ -256,6 +270,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
+                this.preface = None;
+                this._place.silent.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("an agent connection sent no HTTP/2 preface in time; closed");
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no HTTP/2 preface within {PREFACE_WAIT:?}"),
@@ -363,6 +380,7 @@ mod tests {
         let mut buf = [0; 64];
         let err = silent.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(connections.silent(), 1);
         drop((silent, client));
         assert_eq!(connections.open(), 0);
 

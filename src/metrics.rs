@@ -355,6 +355,11 @@ impl Collector for Live {
                 "Agent connections closed as they were accepted, every place being taken",
                 svm.connections.refused(),
             ),
+            (
+                "scanserver_agent_connections_silent",
+                "Agent connections closed for sending no HTTP/2 preface within 10 s",
+                svm.connections.silent(),
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);

@@ -1647,6 +1647,7 @@ async fn connections_beyond_the_limit_are_closed() {
     assert_eq!(server.svm.connections.refused(), 1);
     let cut_off = scanserver::connections::PREFACE_WAIT + Duration::from_secs(5);
     assert!(closed(silent, cut_off).await, "cut off without a preface");
+    assert_eq!(server.svm.connections.silent(), 1);
     until_connections_open(&server, 1).await;
     assert!(
         healthy(endpoint.connect().await.unwrap()).await,
