@@ -1962,3 +1962,49 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         server.svm.status()
     );
 }
+
+/// The client announces again a file the server refused for want of room
+/// (here, its spool is full), rather than fail it, and scans it once room
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_sends_again_what_was_refused_for_want_of_room() {
+    let server = TestServer::start(|c| {
+        c.uploads.memory_threshold = 16 << 10;
+        c.uploads.spool_budget = 64 << 10;
+    })
+    .await;
+    // A file begun (without a digest: its content follows) and never sent
+    // holds 48 KiB of the spool.
+    let (session, _keep) = session_id(&server).await;
+    let (holder, _replies) = scan_stream(&server).await;
+    holder
+        .send(begin(&session, 1, &[1; 48 << 10], None))
+        .await
+        .unwrap();
+    while server.state.uploads.spool_usage().bytes < 48 << 10 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("large.bin");
+    std::fs::write(&path, content(9, 48 << 10)).unwrap();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let verdict = Arc::new(std::sync::Mutex::new(None));
+    let sink = Arc::clone(&verdict);
+    let scan = agent.scan(vec![path.into()], HashFirst::Auto, move |_, outcome| {
+        *sink.lock().unwrap() = Some(outcome.verdict.kind())
+    });
+    // Room comes back once the server has refused the agent's file.
+    let release = async {
+        while server.state.uploads.spool_usage().refused == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(holder);
+    };
+    let (scanned, ()) = tokio::join!(scan, release);
+    scanned.unwrap();
+    assert_eq!(*verdict.lock().unwrap(), Some("clean"));
+    assert!(server.state.uploads.spool_usage().refused >= 1);
+}

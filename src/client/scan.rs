@@ -25,6 +25,7 @@
 //! Whichever way a file goes, the server hashes what it receives itself.
 
 use std::{
+    collections::VecDeque,
     io::Read,
     path::{Path, PathBuf},
     sync::{
@@ -132,6 +133,11 @@ impl Agent {
             pending: Arc::default(),
             uploads,
             failed,
+            retries: Retries {
+                session_id: self.welcome.session_id.clone(),
+                requests: requests.clone(),
+                waiting: VecDeque::new(),
+            },
             latest: LatestVersion::default(),
             familiarity,
             max_file_size,
@@ -178,6 +184,8 @@ struct Settle<F> {
     /// Files whose content the server asked for, to the content sender.
     uploads: mpsc::UnboundedSender<Upload>,
     failed: Arc<LastFailed>,
+    /// Files refused for want of room, to be announced again.
+    retries: Retries,
     latest: LatestVersion,
     familiarity: Familiarity,
     /// The server's limit: a larger file is refused as too large.
@@ -197,7 +205,10 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     ) -> Result<(), ClientError> {
         let mut produced = false;
         loop {
-            if produced && self.pending.lock().expect("pending").is_empty() {
+            if produced
+                && self.retries.waiting.is_empty()
+                && self.pending.lock().expect("pending").is_empty()
+            {
                 return Ok(());
             }
             // A file the content sender could not read is marked before
@@ -213,6 +224,10 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                     result.map_err(|e| ClientError::Protocol(e.to_string()))??;
                     continue;
                 }
+                () = self.retries.next_due(), if !self.retries.waiting.is_empty() => {
+                    self.retries.announce_due(&self.pending, &self.uploads, self.max_file_size);
+                    continue;
+                }
             };
             places.add_permits(over);
         }
@@ -224,7 +239,8 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     fn fail_unanswered(&mut self, unannounced: &Unannounced, err: &ClientError) {
         let detail = format!("the scan ended before this file was answered: {err}");
         let failed = || Verdict::failed(FailReason::Engine, detail.clone());
-        let pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
+        let mut pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
+        pending.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
         for file in pending {
             (self.on_result)(file.source.path(), file.failed(failed()));
         }
@@ -264,6 +280,13 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
                 Some(file_reply::Kind::Error(error)) => {
                     self.failed.0.store(id, Ordering::Relaxed);
+                    let retried = error.code == Code::ResourceExhausted as i32
+                        && files.get_mut(id).is_some_and(|f| f.retries < Retries::MOST);
+                    if retried {
+                        let file = files.remove(id).expect("pending");
+                        self.retries.later(file);
+                        continue;
+                    }
                     Err(error)
                 }
                 None => continue,
@@ -332,6 +355,115 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         let outcome = failed_outcome(unreadable(&err), file.size, file.started);
         (self.on_result)(file.source.path(), outcome);
         1
+    }
+}
+
+/// Files the server refused for want of room (RESOURCE_EXHAUSTED: its
+/// places in flight held by files of the VM's earlier session, say, or its
+/// spool full), each announced again after a pause that doubles from
+/// [`Self::FIRST`] up to [`Self::LONGEST`], [`Self::MOST`] times (about 10
+/// seconds in all) before it fails with the server's error. Such a
+/// refusal says nothing of the file, and room comes back as other files
+/// end. A file waiting here keeps its place in flight; it takes a new id,
+/// so that late replies about the refused one (errors for chunks already
+/// sent with its begin) are not taken for it.
+struct Retries {
+    session_id: String,
+    requests: mpsc::Sender<ScanRequest>,
+    /// Files and when they are due, in that order (pauses only grow with
+    /// a file's retries, and the first is the same for all, so a later
+    /// file is never due before an earlier one by more than a pause).
+    waiting: VecDeque<(tokio::time::Instant, PendingFile)>,
+}
+
+impl Retries {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(2);
+    const MOST: u32 = 8;
+
+    /// Announces `file` again after its pause.
+    fn later(&mut self, mut file: PendingFile) {
+        let pause = (Self::FIRST * (1 << file.retries.min(16))).min(Self::LONGEST);
+        file.retries += 1;
+        file.asked = false;
+        self.waiting
+            .push_back((tokio::time::Instant::now() + pause, file));
+    }
+
+    /// Resolves when the first file waiting is due.
+    async fn next_due(&self) {
+        if let Some((due, _)) = self.waiting.front() {
+            tokio::time::sleep_until(*due).await;
+        }
+    }
+
+    /// Announces the files that are due: by digest in one message, or with
+    /// their content through the content sender, as the announcer does.
+    /// A message the stream has no room for now waits for the next turn
+    /// (awaiting it here would stop the reply loop that makes room).
+    fn announce_due(
+        &mut self,
+        pending: &Pending,
+        uploads: &mpsc::UnboundedSender<Upload>,
+        max_file_size: u64,
+    ) {
+        let now = tokio::time::Instant::now();
+        let (mut begins, mut ids) = (Vec::new(), Vec::new());
+        let mut files = pending.lock().expect("pending");
+        while self.waiting.front().is_some_and(|(due, _)| *due <= now) {
+            let (_, file) = self.waiting.pop_front().expect("one is due");
+            let (source, size, by_digest) = (
+                file.source.clone(),
+                file.size,
+                file.digest.is_some() || file.size > max_file_size,
+            );
+            let mut begin = file_begin(&self.session_id, &source, size, file.digest);
+            begin.file_id = files.insert(file);
+            if by_digest {
+                ids.push(begin.file_id);
+                begins.push(FileRequest::from(begin));
+            } else {
+                let id = begin.file_id;
+                let begin = Some(begin);
+                let _ = uploads.send(Upload {
+                    id,
+                    source,
+                    size,
+                    begin,
+                });
+            }
+        }
+        if begins.is_empty() {
+            return;
+        }
+        let message = ScanRequest { requests: begins };
+        if self.requests.try_send(message).is_err() {
+            let soon = now + Self::FIRST;
+            for id in ids {
+                if let Some(file) = files.remove(id) {
+                    self.waiting.push_front((soon, file));
+                }
+            }
+        }
+    }
+}
+
+/// The begin announcing `source` (its id still to be given), by `digest`
+/// when it has one.
+fn file_begin(
+    session_id: &str,
+    source: &FileSource,
+    size: u64,
+    digest: Option<blake3::Hash>,
+) -> FileBegin {
+    FileBegin {
+        file_id: 0,
+        session_id: session_id.to_owned(),
+        path: source.path().to_string_lossy().into_owned(),
+        size,
+        blake3: digest
+            .map(|digest| Bytes::copy_from_slice(digest.as_bytes()))
+            .unwrap_or_default(),
     }
 }
 
@@ -557,6 +689,9 @@ struct PendingFile {
     asked: bool,
     /// Why the agent cancelled it: it could not read it.
     unread: Option<std::io::Error>,
+    /// Times the server refused it for want of room and it was announced
+    /// again (see [`Retries`]).
+    retries: u32,
 }
 
 impl PendingFile {
@@ -660,16 +795,7 @@ impl Announcer {
                     continue;
                 }
             };
-            let begin = FileBegin {
-                file_id: 0,
-                session_id: self.session_id.clone(),
-                path: source.path().to_string_lossy().into_owned(),
-                size: file.size,
-                blake3: file
-                    .digest
-                    .map(|digest| Bytes::copy_from_slice(digest.as_bytes()))
-                    .unwrap_or_default(),
-            };
+            let begin = file_begin(&self.session_id, &source, file.size, file.digest);
             let pending = PendingFile {
                 source,
                 size: file.size,
@@ -677,6 +803,7 @@ impl Announcer {
                 started,
                 asked: false,
                 unread: None,
+                retries: 0,
             };
             if file.digest.is_some() || file.size > self.max_file_size {
                 held.ready.push((begin, pending));
@@ -1024,6 +1151,7 @@ mod tests {
             started: Instant::now(),
             asked: false,
             unread: None,
+            retries: 0,
         }
     }
 
