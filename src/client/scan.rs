@@ -32,7 +32,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -280,8 +280,12 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
                 Some(file_reply::Kind::Error(error)) => {
                     self.failed.0.store(id, Ordering::Relaxed);
+                    // A file the agent could not read is over, whatever
+                    // the server says of it.
                     let retried = error.code == Code::ResourceExhausted as i32
-                        && files.get_mut(id).is_some_and(|f| f.retries < Retries::MOST);
+                        && files
+                            .get_mut(id)
+                            .is_some_and(|f| f.retries < Retries::MOST && f.unread.is_none());
                     if retried {
                         let file = files.remove(id).expect("pending");
                         self.retries.later(file);
@@ -370,15 +374,18 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
 struct Retries {
     session_id: String,
     requests: mpsc::Sender<ScanRequest>,
-    /// Files and when they are due, in that order (pauses only grow with
-    /// a file's retries, and the first is the same for all, so a later
-    /// file is never due before an earlier one by more than a pause).
-    waiting: VecDeque<(tokio::time::Instant, PendingFile)>,
+    /// Files and when they are due, in the order they were refused (not
+    /// of their due times: pauses differ with files' retries). Few: at most
+    /// the files in flight.
+    waiting: VecDeque<(Instant, PendingFile)>,
 }
 
 impl Retries {
-    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
-    const LONGEST: std::time::Duration = std::time::Duration::from_secs(2);
+    /// The pause before a file is announced again the first time.
+    const FIRST: Duration = Duration::from_millis(100);
+    /// The longest pause, however many times a file was refused.
+    const LONGEST: Duration = Duration::from_secs(2);
+    /// Times a file is announced again before it fails.
     const MOST: u32 = 8;
 
     /// Announces `file` again after its pause.
@@ -386,14 +393,13 @@ impl Retries {
         let pause = (Self::FIRST * (1 << file.retries.min(16))).min(Self::LONGEST);
         file.retries += 1;
         file.asked = false;
-        self.waiting
-            .push_back((tokio::time::Instant::now() + pause, file));
+        self.waiting.push_back((Instant::now() + pause, file));
     }
 
-    /// Resolves when the first file waiting is due.
+    /// Resolves when the earliest file waiting is due.
     async fn next_due(&self) {
-        if let Some((due, _)) = self.waiting.front() {
-            tokio::time::sleep_until(*due).await;
+        if let Some(due) = self.waiting.iter().map(|(due, _)| *due).min() {
+            tokio::time::sleep_until(due.into()).await;
         }
     }
 
@@ -407,11 +413,14 @@ impl Retries {
         uploads: &mpsc::UnboundedSender<Upload>,
         max_file_size: u64,
     ) {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let (mut begins, mut ids) = (Vec::new(), Vec::new());
         let mut files = pending.lock().expect("pending");
-        while self.waiting.front().is_some_and(|(due, _)| *due <= now) {
-            let (_, file) = self.waiting.pop_front().expect("one is due");
+        let (due, later) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(due, _)| *due <= now);
+        self.waiting = later.into();
+        for (_, file) in due {
             let (source, size, by_digest) = (
                 file.source.clone(),
                 file.size,
@@ -441,7 +450,7 @@ impl Retries {
             let soon = now + Self::FIRST;
             for id in ids {
                 if let Some(file) = files.remove(id) {
-                    self.waiting.push_front((soon, file));
+                    self.waiting.push_back((soon, file));
                 }
             }
         }
