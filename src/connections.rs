@@ -73,8 +73,9 @@ pub const PREFACE_WAIT: Duration = Duration::from_secs(10);
 /// The HTTP/2 client preface: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 const PREFACE_LEN: usize = 24;
 
-/// Connections accepted and waiting for the server to take them.
-const ACCEPTED_QUEUE: usize = 64;
+/// Connections accepted (with TLS, handshaken) and waiting for the server
+/// to take them.
+pub const ACCEPTED_QUEUE: usize = 64;
 
 /// How often refused connections are logged, at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -94,8 +95,9 @@ pub struct Connections {
 impl Connections {
     /// Room for `max` connections at once (at most [`MAX_CONNECTIONS`]).
     pub fn new(max: usize) -> Self {
+        let max = max.min(MAX_CONNECTIONS);
         Connections {
-            places: Arc::new(Semaphore::new(max.min(MAX_CONNECTIONS))),
+            places: Arc::new(Semaphore::new(max)),
             max,
             refused: AtomicU64::new(0),
             silent: Arc::default(),
@@ -188,7 +190,7 @@ impl Connections {
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.max.min(MAX_CONNECTIONS) - self.places.available_permits()
+        self.max - self.places.available_permits()
     }
 
     /// The most connections open at once.

@@ -37,7 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     config::TlsConfig,
-    connections::{Connections, Counted},
+    connections::{ACCEPTED_QUEUE, Connections, Counted},
     shutdown,
     status::Svm,
 };
@@ -47,10 +47,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes under way at once.
 const MAX_HANDSHAKES: usize = 256;
-
-/// Connections that finished their handshake and wait for the server to
-/// take them.
-const ACCEPTED_QUEUE: usize = 64;
 
 /// TLS settings that cannot be used.
 #[derive(Debug, thiserror::Error)]

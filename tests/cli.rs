@@ -245,23 +245,33 @@ fn serve(
 
 /// `scanserver receiver` on `port`, its JSON lines sent to `lines`.
 fn receiver(cache: &Path, port: u16, lines: std::sync::mpsc::Sender<String>) -> Running {
-    use std::io::BufRead;
     let mut child = scanserver(cache)
         .args(["receiver", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    send_lines(child.stdout.take().unwrap(), lines);
+    Running(child)
+}
+
+/// Sends each line `from` gives to `to`, from a thread of its own.
+fn send_lines(from: impl std::io::Read + Send + 'static, to: std::sync::mpsc::Sender<String>) {
+    use std::io::BufRead;
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            let _ = to.send(line);
         }
     });
-    Running(child)
+}
+
+/// A folder holding `eicar.com` and a clean `notes.txt`, and their paths.
+fn eicar_and_clean() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let tree = tempfile::tempdir().unwrap();
+    let (eicar, clean) = (tree.path().join("eicar.com"), tree.path().join("notes.txt"));
+    fs::write(&eicar, EICAR).unwrap();
+    fs::write(&clean, "nothing to see here").unwrap();
+    (tree, eicar, clean)
 }
 
 /// Waits until something listens on loopback `port`.
@@ -443,10 +453,7 @@ fn the_operator_commands_reach_the_admin_socket() {
 fn lightagent_full_scans_tag_and_untag_their_vm() {
     let cache = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let tree = tempfile::tempdir().unwrap();
-    let (eicar, clean) = (tree.path().join("eicar.com"), tree.path().join("notes.txt"));
-    fs::write(&eicar, EICAR).unwrap();
-    fs::write(&clean, "nothing to see here").unwrap();
+    let (tree, eicar, clean) = eicar_and_clean();
     let (listen, admin_port) = (free_port(), free_port());
     let admin = format!("127.0.0.1:{admin_port}");
     let _server = serve(cache.path(), state.path(), listen, &admin, |_| {});
@@ -678,13 +685,9 @@ fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
 /// from; clean verdicts are not.
 #[test]
 fn malware_found_is_logged_with_its_vm_and_file() {
-    use std::io::BufRead;
     let cache = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let tree = tempfile::tempdir().unwrap();
-    let (eicar, clean) = (tree.path().join("eicar.com"), tree.path().join("notes.txt"));
-    fs::write(&eicar, EICAR).unwrap();
-    fs::write(&clean, "nothing to see here").unwrap();
+    let (_tree, eicar, clean) = eicar_and_clean();
     let (listen, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
     let mut server = serve(cache.path(), state.path(), listen, &admin, |serve| {
         serve
@@ -692,12 +695,7 @@ fn malware_found_is_logged_with_its_vm_and_file() {
             .stderr(std::process::Stdio::piped());
     });
     let (lines_tx, lines) = std::sync::mpsc::channel();
-    let log = server.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(log).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    send_lines(server.0.stderr.take().unwrap(), lines_tx);
     wait_for_listener(listen);
     for vm in ["vm-a", "vm-b"] {
         let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
