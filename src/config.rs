@@ -122,6 +122,9 @@ impl Config {
                 "must be at least server.max_agents: agents beyond it could not connect to be told that the SVM is full",
             );
         }
+        if !(1..=MAX_SPOOL_FILES).contains(&self.uploads.spool_files) {
+            return invalid("uploads.spool_files", "must be between 1 and 1,048,576");
+        }
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
@@ -413,6 +416,9 @@ impl RulesConfig {
     }
 }
 
+/// The most `uploads.spool_files` may be.
+pub const MAX_SPOOL_FILES: u32 = 1 << 20;
+
 /// The `[uploads]` table: how received file content is held.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -429,6 +435,9 @@ pub struct UploadConfig {
     /// fails with RESOURCE_EXHAUSTED (its agent sends it again later, or to
     /// another SVM).
     pub spool_budget: u64,
+    /// Files all spooled uploads may have at once (each holds a descriptor
+    /// until its scan ends); one more fails with RESOURCE_EXHAUSTED.
+    pub spool_files: u32,
     /// Files larger than this are refused.
     pub max_file_size: u64,
     /// The chunk size agents are asked to use.
@@ -445,6 +454,7 @@ impl Default for UploadConfig {
             memory_budget: 128 << 20,
             spool_dir: None,
             spool_budget: 16 << 30,
+            spool_files: 4096,
             max_file_size: EngineConfig::default().max_scan_size,
             chunk_size: 256 << 10,
             files_in_flight: 128,
@@ -480,6 +490,7 @@ mod tests {
         assert_eq!(config.reporting.interval, defaults.reporting.interval);
         assert_eq!(config.server.admin_listen, defaults.server.admin_listen);
         assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);
+        assert_eq!(config.uploads.spool_files, defaults.uploads.spool_files);
     }
 
     #[test]
@@ -535,6 +546,14 @@ mod tests {
         assert_eq!(
             refused(|c| c.uploads.spool_budget = c.uploads.max_file_size - 1),
             "uploads.spool_budget"
+        );
+        assert_eq!(
+            refused(|c| c.uploads.spool_files = 0),
+            "uploads.spool_files"
+        );
+        assert_eq!(
+            refused(|c| c.uploads.spool_files = MAX_SPOOL_FILES + 1),
+            "uploads.spool_files"
         );
         let too_often = |c: &mut Config| c.rules.check_interval = Duration::from_millis(100);
         assert_eq!(refused(too_often), "rules.check_interval");

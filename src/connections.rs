@@ -28,8 +28,8 @@
 //!
 //! Linux starts most processes with a soft limit of 1,024 open files, fewer
 //! than the default limits need. [`raise_open_files`] raises it to the hard
-//! limit at start; when even that is short of the connections and
-//! [`OTHER_FILES`], the server says so at start rather than failing
+//! limit at start; when even that is short of the connections, the spool
+//! files and [`OTHER_FILES`], the server says so at start rather than failing
 //! accepts and spool files under load.
 
 use std::{
@@ -54,13 +54,12 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-/// Files the server should be able to open besides its agent connections:
-/// the signatures, the state folder, the admin and metrics listeners, and
-/// uploads spooled to disk (one file each while received and scanned).
-/// Spool files are not bounded in number (the spool budget bounds their
-/// bytes), so this is room for a busy server, not a bound: a spool file
-/// that cannot be opened fails its upload with RESOURCE_EXHAUSTED.
-pub const OTHER_FILES: u64 = 16 << 10;
+/// Files the server should be able to open besides its agent connections
+/// and its spool files (`uploads.spool_files`): the signatures, the state
+/// folder, the admin and metrics listeners and their clients. This is room,
+/// not a bound: a file that cannot be opened for want of descriptors fails
+/// what needed it (an upload, with RESOURCE_EXHAUSTED), not the server.
+pub const OTHER_FILES: u64 = 1 << 10;
 
 /// The most `server.max_connections` may be.
 pub const MAX_CONNECTIONS: usize = 1 << 20;

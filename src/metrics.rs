@@ -294,6 +294,16 @@ impl Collector for Live {
                 spool.budget,
             ),
             (
+                "scanserver_spool_files",
+                "Spooled uploads on disk now",
+                spool.files,
+            ),
+            (
+                "scanserver_spool_files_max",
+                "Spooled uploads that may be on disk at once",
+                spool.max_files,
+            ),
+            (
                 "scanserver_cache_entries",
                 "Verdicts in the SharedCache",
                 cache.entries,
@@ -347,7 +357,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_spool_full",
-                "Uploads refused because the spool budget had no room for them",
+                "Uploads refused because the spool had no room for them (its budget or its files)",
                 spool.refused,
             ),
             (

@@ -79,14 +79,16 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 }
 
 /// Lets the process open as many files as it may, and says at start when
-/// that is short of what `max_connections` and scanning need.
-fn allow_open_files(max_connections: usize) {
-    let wanted = (max_connections as u64).saturating_add(connections::OTHER_FILES);
+/// that is short of what `max_connections`, `spool_files` and the rest need.
+fn allow_open_files(config: &Config) {
+    let wanted = (config.server.max_connections() as u64)
+        .saturating_add(u64::from(config.uploads.spool_files))
+        .saturating_add(connections::OTHER_FILES);
     match connections::raise_open_files() {
         Ok(allowed) if allowed < wanted => tracing::warn!(
             allowed,
             wanted,
-            "the process may open fewer files than server.max_connections and scanning need: raise its hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn) or lower server.max_connections"
+            "the process may open fewer files than server.max_connections and uploads.spool_files need: raise its hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn) or lower those settings"
         ),
         Ok(_) => {}
         Err(err) => tracing::warn!("cannot read or raise the open files limit: {err}"),
@@ -154,7 +156,7 @@ impl Server {
     /// Binds the agent, admin and (when configured) metrics listeners, and
     /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
-        allow_open_files(config.server.max_connections());
+        allow_open_files(config);
         let listener = bind(config.server.listen, "--listen").await?;
         let admin_token = config
             .server

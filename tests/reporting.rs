@@ -892,6 +892,8 @@ async fn metrics_count_scans_verdicts_and_agents() {
         "scanserver_agent_connections_refused_total 0",
         "scanserver_spool_bytes 0",
         "scanserver_spool_budget_bytes 17179869184",
+        "scanserver_spool_files 0",
+        "scanserver_spool_files_max 4096",
         "scanserver_spool_full_total 0",
         "scanserver_protected_vms 1",
         "scanserver_cache_entries 2",

@@ -5,9 +5,12 @@
 //! within a budget shared by all uploads (a file of unknown size takes its
 //! share as it grows); larger ones, or any file once the budget is spent, go
 //! to a temporary file in the spool folder, which the engine memory-maps for
-//! the scan. Spooled files share a budget of disk in turn: a file that does
-//! not fit fails with RESOURCE_EXHAUSTED rather than wait, since the room
-//! it would wait for may be held by files whose content comes on the same
+//! the scan. Spooled files share a budget of disk in turn, and a number of
+//! files (each holds a descriptor until its scan ends, and small files
+//! spooled once the memory budget is spent would otherwise run the process
+//! out of descriptors long before the disk budget): a file that does not
+//! fit fails with RESOURCE_EXHAUSTED rather than wait, since the room it
+//! would wait for may be held by files whose content comes on the same
 //! stream, behind it. Spool writes go to the page cache, on the runtime's threads.
 //! Every check fails the file with a clear error: a chunk out of order, more
 //! or less content than declared, a digest that differs from the one the
@@ -55,6 +58,10 @@ pub enum UploadError {
         "the spool is full ({budget} bytes of uploads on disk): send the file again later, or to another SVM"
     )]
     SpoolFull { budget: u64 },
+    #[error(
+        "the spool holds as many files as it may ({limit} uploads on disk): send the file again later, or to another SVM"
+    )]
+    SpoolFiles { limit: u32 },
 }
 
 impl UploadError {
@@ -64,7 +71,9 @@ impl UploadError {
             UploadError::TooLarge { .. } => Code::FailedPrecondition,
             UploadError::Spool(err) if out_of_room(err) => Code::ResourceExhausted,
             UploadError::Spool(_) => Code::Internal,
-            UploadError::SpoolFull { .. } => Code::ResourceExhausted,
+            UploadError::SpoolFull { .. } | UploadError::SpoolFiles { .. } => {
+                Code::ResourceExhausted
+            }
             _ => Code::InvalidArgument,
         }
     }
@@ -92,14 +101,18 @@ pub struct UploadStore {
     spool: Spool,
 }
 
-/// The spool folder, and the disk its files may use.
+/// The spool folder, and the disk and the number of files its uploads may
+/// take.
 #[derive(Clone)]
 struct Spool {
     dir: Arc<Path>,
-    /// The budget in KiB permits.
+    /// The disk budget in KiB permits.
     budget: Arc<Semaphore>,
     budget_bytes: u64,
-    /// Files refused for want of room in the budget, since start.
+    /// A permit per spool file.
+    files: Arc<Semaphore>,
+    max_files: u32,
+    /// Files refused for want of room, since start.
     refused: Arc<AtomicU64>,
 }
 
@@ -108,6 +121,9 @@ struct Spool {
 pub struct SpoolUsage {
     pub bytes: u64,
     pub budget: u64,
+    /// Spool files now, and the most there may be.
+    pub files: u64,
+    pub max_files: u64,
     /// Files refused for want of room, since start.
     pub refused: u64,
 }
@@ -115,16 +131,28 @@ pub struct SpoolUsage {
 impl Spool {
     /// A share of `kib` KiB of the budget, if that much is left.
     fn share(&self, kib: u64) -> Result<OwnedSemaphorePermit, UploadError> {
-        let full = || UploadError::SpoolFull {
-            budget: self.budget_bytes,
-        };
         let share = u32::try_from(kib)
             .ok()
             .and_then(|kib| Arc::clone(&self.budget).try_acquire_many_owned(kib).ok());
         share.ok_or_else(|| {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            full()
+            self.refuse(UploadError::SpoolFull {
+                budget: self.budget_bytes,
+            })
         })
+    }
+
+    /// A place for one more spool file, if one is left.
+    fn place(&self) -> Result<OwnedSemaphorePermit, UploadError> {
+        Arc::clone(&self.files).try_acquire_owned().map_err(|_| {
+            self.refuse(UploadError::SpoolFiles {
+                limit: self.max_files,
+            })
+        })
+    }
+
+    fn refuse(&self, err: UploadError) -> UploadError {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        err
     }
 }
 
@@ -156,6 +184,8 @@ impl UploadStore {
                 dir: spool_dir.into(),
                 budget: permits(config.spool_budget),
                 budget_bytes: config.spool_budget,
+                files: Arc::new(Semaphore::new(config.spool_files as usize)),
+                max_files: config.spool_files,
                 refused: Arc::default(),
             },
             config,
@@ -170,9 +200,12 @@ impl UploadStore {
     pub fn spool_usage(&self) -> SpoolUsage {
         let budget_kib = (self.spool.budget_bytes >> 10).min(Semaphore::MAX_PERMITS as u64);
         let free_kib = self.spool.budget.available_permits() as u64;
+        let free_files = self.spool.files.available_permits() as u64;
         SpoolUsage {
             bytes: budget_kib.saturating_sub(free_kib) << 10,
             budget: self.spool.budget_bytes,
+            files: u64::from(self.spool.max_files).saturating_sub(free_files),
+            max_files: u64::from(self.spool.max_files),
             refused: self.spool.refused.load(Ordering::Relaxed),
         }
     }
@@ -244,10 +277,12 @@ enum Sink {
         buffer: Vec<u8>,
         share: Option<OwnedSemaphorePermit>,
     },
-    /// On disk, within `share` of the spool budget (KiB permits).
+    /// On disk, within `share` of the spool budget (KiB permits), in one
+    /// of the spool's `place`s.
     Spool {
         file: NamedTempFile,
         share: OwnedSemaphorePermit,
+        place: OwnedSemaphorePermit,
     },
 }
 
@@ -311,12 +346,13 @@ impl Upload {
     /// back.
     fn spill(&mut self, bytes: u64) -> Result<(), UploadError> {
         let size = self.declared.unwrap_or(bytes).max(bytes);
+        let place = self.spool.place()?;
         let share = self.spool.share(size.div_ceil(1024))?;
         let mut file = spool_file(&self.spool.dir)?;
         if let Sink::Memory { buffer, .. } = &self.sink {
             file.write_all(buffer)?;
         }
-        self.sink = Sink::Spool { file, share };
+        self.sink = Sink::Spool { file, share, place };
         Ok(())
     }
 
@@ -329,7 +365,7 @@ impl Upload {
         }
         match &mut self.sink {
             Sink::Memory { buffer, .. } => buffer.extend_from_slice(data),
-            Sink::Spool { file, share } => {
+            Sink::Spool { file, share, .. } => {
                 // A file of unknown size takes more of the spool budget as
                 // it grows (doubling its share, to take from it rarely).
                 let held = share.num_permits() as u64;
@@ -371,9 +407,10 @@ impl Upload {
                 ReceivedGuard {
                     _spool: None,
                     _share: share,
+                    _place: None,
                 },
             ),
-            Sink::Spool { file, share } => {
+            Sink::Spool { file, share, place } => {
                 let (file, path) = file.into_parts();
                 let content = Content::Spooled {
                     file,
@@ -382,6 +419,7 @@ impl Upload {
                 let guard = ReceivedGuard {
                     _spool: Some(path),
                     _share: Some(share),
+                    _place: Some(place),
                 };
                 (content, guard)
             }
@@ -418,11 +456,12 @@ impl Received {
     }
 }
 
-/// Keeps a received file's spool file and its share of the memory or
-/// spool budget alive.
+/// Keeps a received file's spool file, its share of the memory or spool
+/// budget, and its place in the spool alive.
 pub struct ReceivedGuard {
     _spool: Option<TempPath>,
     _share: Option<OwnedSemaphorePermit>,
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 #[cfg(test)]
@@ -563,9 +602,40 @@ mod tests {
             Err(UploadError::SpoolFull { .. })
         ));
         let usage = store.spool_usage();
-        assert_eq!((usage.bytes, usage.refused), (8 << 10, 2));
+        assert_eq!((usage.bytes, usage.files, usage.refused), (8 << 10, 2, 2));
         drop((second, growing));
-        assert_eq!(store.spool_usage().bytes, 0, "all given back");
+        let usage = store.spool_usage();
+        assert_eq!((usage.bytes, usage.files), (0, 0), "all given back");
+    }
+
+    #[test]
+    fn the_spool_refuses_files_beyond_its_number_until_one_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = UploadConfig {
+            memory_threshold: 1 << 10,
+            memory_budget: 0,
+            spool_files: 2,
+            ..UploadConfig::default()
+        };
+        let store = UploadStore::new(config, dir.path()).unwrap();
+        // With the memory budget spent, even small files are spooled.
+        let mut first = store.begin(Some(10), None).unwrap();
+        let second = store.begin(Some(4 << 10), None).unwrap();
+        let refused = store.begin(Some(10), None).err().expect("no place");
+        assert!(matches!(refused, UploadError::SpoolFiles { limit: 2 }));
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(files_in(dir.path()), 2, "nothing spooled for it");
+        first.push(0, b"0123456789").unwrap();
+        let (_job, guard) = first.finish().unwrap().into_job("first".into());
+        drop(second);
+        let third = store.begin(Some(10), None).unwrap();
+        assert!(
+            store.begin(Some(10), None).is_err(),
+            "a received file keeps its place until its scan ends"
+        );
+        drop((guard, third));
+        let usage = store.spool_usage();
+        assert_eq!((usage.files, usage.max_files, usage.refused), (0, 2, 2));
     }
 
     #[test]
