@@ -2,7 +2,9 @@
 //! `sd_notify` protocol: ready once the listeners are bound and the
 //! signatures loaded, so that `systemctl start` (and units ordered after
 //! this one) wait for a server that answers; stopping once shutdown
-//! begins; and a status line for `systemctl status`.
+//! begins; reloading from a SIGHUP until the new signatures are loaded
+//! (which `Type=notify-reload` waits for); and a status line for
+//! `systemctl status`.
 //!
 //! A message is one datagram of newline-separated `KEY=value` assignments,
 //! sent to the Unix socket that `NOTIFY_SOCKET` names (a path, or an
@@ -26,6 +28,22 @@ pub fn notify(message: &str) {
             message.replace('\n', " ")
         );
     }
+}
+
+/// Tells the service manager that a reload began; `READY=1` says when it
+/// is over. The manager wants the time the reload began, on the monotonic
+/// clock, to tell this message from an earlier one.
+pub fn reloading() {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
+    notify(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reading the signatures and TLS files again"
+    ));
 }
 
 fn send(socket: &Path, message: &str) -> io::Result<()> {

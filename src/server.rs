@@ -13,10 +13,7 @@
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
-use tokio::{
-    net::TcpListener,
-    sync::{Notify, watch},
-};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -301,6 +298,14 @@ impl Server {
     /// SIGHUP while they compile does not wait for them, and the SIGHUPs
     /// that come meanwhile make one more reload, not one each. Outcomes are
     /// logged, and failures shown in the SVM's status.
+    ///
+    /// The handler is installed when this is called, not when the future
+    /// is first polled, so that no SIGHUP after `READY=1` is lost. The
+    /// service manager is told `RELOADING=1` on each SIGHUP and `READY=1`
+    /// once the last reload asked for is over, whatever its outcome (the
+    /// server serves on with the signatures it has): with
+    /// `Type=notify-reload`, `systemctl reload` waits for the new
+    /// signatures.
     pub fn reload_on_hangup(&self) -> impl Future<Output = ()> + Send + 'static {
         use tokio::signal::unix::{SignalKind, signal};
         let (reloader, tls, svm) = (
@@ -309,32 +314,32 @@ impl Server {
             Arc::clone(&self.svm),
         );
         let mut shutdown = self.shutdown.subscribe();
+        let hangups = signal(SignalKind::hangup());
         async move {
-            let mut hangups = match signal(SignalKind::hangup()) {
+            let mut hangups = match hangups {
                 Ok(hangups) => hangups,
                 Err(err) => {
                     tracing::warn!("SIGHUP will not reload the signatures and TLS files: {err}");
                     return;
                 }
             };
-            // Holds at most one call for a reload, however many SIGHUPs.
-            let asked = Arc::new(Notify::new());
-            tokio::spawn(reload_when_asked(
-                reloader,
-                Arc::clone(&asked),
-                shutdown.clone(),
-            ));
+            // The SIGHUPs so far; the reload task reloads once for all
+            // those that came while it ran, and once at start.
+            let (asked, mut asked_rx) = watch::channel(0u64);
+            asked_rx.mark_changed();
+            tokio::spawn(reload_when_asked(reloader, asked_rx, shutdown.clone()));
             loop {
                 if let Some(tls) = &tls {
                     tls.reload_and_report(&svm);
                 }
-                asked.notify_one();
                 tokio::select! {
                     biased;
                     () = shut_down(&mut shutdown) => return,
                     hangup = hangups.recv() => if hangup.is_none() { return },
                 }
                 tracing::info!("SIGHUP: reading the signatures and TLS files again");
+                notify::reloading();
+                asked.send_modify(|count| *count += 1);
             }
         }
     }
@@ -546,17 +551,29 @@ impl Server {
 /// Reloads the signatures each time `asked` is notified, until shutdown.
 async fn reload_when_asked(
     reloader: Arc<Reloader>,
-    asked: Arc<Notify>,
+    mut asked: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             biased;
             () = shut_down(&mut shutdown) => return,
-            () = asked.notified() => {}
+            changed = asked.changed() => if changed.is_err() { return },
         }
+        let hangups = *asked.borrow_and_update();
         // Outcomes are logged, and failures shown in the status.
-        let _ = reloader.reload().await;
+        let status = match reloader.reload().await {
+            Ok(reload) => format!(
+                "serving signatures version {} ({} rules)",
+                reload.ruleset.version(),
+                reload.ruleset.rule_count()
+            ),
+            Err(err) => format!("serving the signatures it had: {}", err.summary()),
+        };
+        // A SIGHUP that came meanwhile makes one more reload first.
+        if hangups > 0 && !asked.has_changed().unwrap_or(true) {
+            notify::notify(&format!("READY=1\nSTATUS={status}"));
+        }
     }
 }
 

@@ -632,10 +632,12 @@ fn sighup_reads_the_tls_files_again() {
     assert!(text.contains("(TLS, certificate valid until "), "{text}");
 }
 
-/// Under systemd (`Type=notify`), `serve` says `READY=1` once it answers
-/// agents, and `STOPPING=1` when SIGTERM makes it shut down.
+/// Under systemd (`Type=notify` or `notify-reload`), `serve` says
+/// `READY=1` once it answers agents, `RELOADING=1` then `READY=1` around
+/// the reload a SIGHUP makes, and `STOPPING=1` when SIGTERM makes it shut
+/// down.
 #[test]
-fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
+fn serve_tells_the_service_manager_it_is_ready_reloading_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     let cache = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -673,8 +675,24 @@ fn serve_tells_the_service_manager_it_is_ready_then_stopping() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
         "ready means listening"
     );
-    // SAFETY: kill has no memory preconditions; the child is ours.
-    unsafe { libc::kill(server.0.id() as libc::pid_t, libc::SIGTERM) };
+    // A SIGHUP at once after READY=1 reloads (it is neither lost nor
+    // fatal), and the manager hears when that is over.
+    let signal = |server: &Running, signal| {
+        // SAFETY: kill has no memory preconditions; the child is ours.
+        unsafe { libc::kill(server.0.id() as libc::pid_t, signal) };
+    };
+    signal(&server, libc::SIGHUP);
+    let reloading = message(&mut server);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let reloaded = message(&mut server);
+    assert!(
+        reloaded.starts_with("READY=1\nSTATUS=serving signatures version "),
+        "{reloaded}"
+    );
+    signal(&server, libc::SIGTERM);
     let stopping = message(&mut server);
     assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
     assert!(server.0.wait().unwrap().success());
