@@ -79,8 +79,11 @@ impl<'a> NameExternals<'a> {
     }
 
     fn of_windows(name: &'a str) -> Self {
+        // A name relative to a drive's current folder (`C:setup.exe`) is
+        // split after its drive, whose folder it is in.
         let (filepath, filename) = match name.rfind(['\\', '/']) {
             Some(at) => (&name[..at], &name[at + 1..]),
+            None if has_drive(name) => name.split_at(2),
             None => ("", name),
         };
         // As `Path::extension`: none for `.hidden`, a lone dot for `name.`.
@@ -109,11 +112,14 @@ impl<'a> NameExternals<'a> {
 /// (a UNC or device path, a path from the current drive's root), or
 /// backslashes without a slash.
 fn is_windows_path(name: &str) -> bool {
-    let drive = name
-        .as_bytes()
+    has_drive(name) || name.starts_with('\\') || (name.contains('\\') && !name.contains('/'))
+}
+
+/// Whether `name` begins with a drive letter and its colon.
+fn has_drive(name: &str) -> bool {
+    name.as_bytes()
         .get(..2)
-        .is_some_and(|start| start[0].is_ascii_alphabetic() && start[1] == b':');
-    drive || name.starts_with('\\') || (name.contains('\\') && !name.contains('/'))
+        .is_some_and(|start| start[0].is_ascii_alphabetic() && start[1] == b':')
 }
 
 fn dotted_lowercase(extension: &str) -> String {

@@ -424,6 +424,10 @@ fn externals_are_set_per_file() {
         ["by_extension", "by_folder"]
     );
     assert!(matching_rules(&engine, b"x", r"C:\Users\u\.exe").is_empty());
+    // A name relative to a drive's current folder is split after the drive.
+    let mut found = matching_rules(&engine, b"x", "C:invoice.pdf.exe");
+    found.sort();
+    assert_eq!(found, ["by_extension", "by_name"]);
 }
 
 #[test]
