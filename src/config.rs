@@ -123,7 +123,7 @@ impl Config {
             );
         }
         if !(1..=MAX_SPOOL_FILES).contains(&self.uploads.spool_files) {
-            return invalid("uploads.spool_files", "must be between 1 and 1,048,576");
+            return invalid("uploads.spool_files", "must be between 1 and 1048576");
         }
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");

@@ -323,23 +323,31 @@ impl Server {
                     return;
                 }
             };
-            // The SIGHUPs so far; the reload task reloads once for all
-            // those that came while it ran, and once at start.
-            let (asked, mut asked_rx) = watch::channel(0u64);
-            asked_rx.mark_changed();
-            tokio::spawn(reload_when_asked(reloader, asked_rx, shutdown.clone()));
-            loop {
+            let reload_tls = || {
                 if let Some(tls) = &tls {
                     tls.reload_and_report(&svm);
                 }
+            };
+            reload_tls();
+            // The SIGHUPs so far: the reload task reloads once at start,
+            // then once for all those counted since its last reload began.
+            let (counted, count) = watch::channel(0u64);
+            tokio::spawn(reload_when_asked(reloader, count, shutdown.clone()));
+            loop {
                 tokio::select! {
                     biased;
                     () = shut_down(&mut shutdown) => return,
                     hangup = hangups.recv() => if hangup.is_none() { return },
                 }
                 tracing::info!("SIGHUP: reading the signatures and TLS files again");
-                notify::reloading();
-                asked.send_modify(|count| *count += 1);
+                // Under the count's lock: the reload task cannot tell the
+                // manager READY=1 between this RELOADING=1 and the count
+                // that makes it reload once more.
+                counted.send_modify(|count| {
+                    notify::reloading();
+                    *count += 1;
+                });
+                reload_tls();
             }
         }
     }
@@ -549,30 +557,32 @@ impl Server {
 }
 
 /// Reloads the signatures each time `asked` is notified, until shutdown.
+/// Reloads the signatures once at start, then once for all the SIGHUPs
+/// counted (in `hangups`) since the last reload began, until shutdown.
+/// Once a reload asked for by SIGHUP is over and no other is due, the
+/// service manager hears READY=1 (the reload at start tells it nothing:
+/// [`Server::run`] says READY=1 once serving).
 async fn reload_when_asked(
     reloader: Arc<Reloader>,
-    mut asked: watch::Receiver<u64>,
+    mut hangups: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    hangups.mark_changed();
     loop {
         tokio::select! {
             biased;
             () = shut_down(&mut shutdown) => return,
-            changed = asked.changed() => if changed.is_err() { return },
+            changed = hangups.changed() => if changed.is_err() { return },
         }
-        let hangups = *asked.borrow_and_update();
+        let asked = *hangups.borrow_and_update();
         // Outcomes are logged, and failures shown in the status.
-        let status = match reloader.reload().await {
-            Ok(reload) => format!(
-                "serving signatures version {} ({} rules)",
-                reload.ruleset.version(),
-                reload.ruleset.rule_count()
-            ),
-            Err(err) => format!("serving the signatures it had: {}", err.summary()),
-        };
-        // A SIGHUP that came meanwhile makes one more reload first.
-        if hangups > 0 && !asked.has_changed().unwrap_or(true) {
-            notify::notify(&format!("READY=1\nSTATUS={status}"));
+        let _ = reloader.reload().await;
+        // Under the count's lock (see `reload_on_hangup`). A SIGHUP counted
+        // meanwhile makes one more reload first; once shutdown has begun,
+        // the manager was told STOPPING=1.
+        let count = hangups.borrow();
+        if asked > 0 && *count == asked && !*shutdown.borrow() {
+            notify::notify("READY=1\nSTATUS=serving agents");
         }
     }
 }

@@ -681,15 +681,28 @@ fn serve_tells_the_service_manager_it_is_ready_reloading_and_stopping() {
         // SAFETY: kill has no memory preconditions; the child is ours.
         unsafe { libc::kill(server.0.id() as libc::pid_t, signal) };
     };
+    let monotonic_usec = || {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid timespec for the call to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
+    };
+    let before = monotonic_usec();
     signal(&server, libc::SIGHUP);
     let reloading = message(&mut server);
-    assert!(
-        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
-        "{reloading}"
-    );
+    let after = monotonic_usec();
+    let began: u64 = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .and_then(|rest| rest.split('\n').next())
+        .and_then(|usec| usec.parse().ok())
+        .unwrap_or_else(|| panic!("{reloading}"));
+    assert!((before..=after).contains(&began), "{reloading}");
     let reloaded = message(&mut server);
     assert!(
-        reloaded.starts_with("READY=1\nSTATUS=serving signatures version "),
+        reloaded.starts_with("READY=1\nSTATUS=serving agents"),
         "{reloaded}"
     );
     signal(&server, libc::SIGTERM);

@@ -218,7 +218,9 @@ impl ScanSlot {
         let worker_engine = Arc::clone(&engine);
         engine.pool.spawn(move || {
             let outcome = worker_engine.scan_on_worker(&job);
-            drop(permit);
+            // The content (a spooled file's handle) is let go before
+            // `then`, which gives back what kept it (its spool place).
+            drop((job, permit));
             then(outcome);
         });
     }

@@ -150,6 +150,7 @@ impl Spool {
         })
     }
 
+    /// Counts a refusal (for `scanserver_spool_full_total`) and returns it.
     fn refuse(&self, err: UploadError) -> UploadError {
         self.refused.fetch_add(1, Ordering::Relaxed);
         err
