@@ -342,12 +342,13 @@ impl Server {
                 tracing::info!("SIGHUP: reading the signatures and TLS files again");
                 // Under the count's lock: the reload task cannot tell the
                 // manager READY=1 between this RELOADING=1 and the count
-                // that makes it reload once more.
+                // that makes it reload once more, nor before the TLS files
+                // are read.
                 counted.send_modify(|count| {
                     notify::reloading();
+                    reload_tls();
                     *count += 1;
                 });
-                reload_tls();
             }
         }
     }
