@@ -421,25 +421,13 @@ impl Retries {
             .partition::<Vec<_>, _>(|(due, _)| *due <= now);
         self.waiting = later.into();
         for (_, file) in due {
-            let (source, size, by_digest) = (
-                file.source.clone(),
-                file.size,
-                file.digest.is_some() || file.size > max_file_size,
-            );
-            let mut begin = file_begin(&self.session_id, &source, size, file.digest);
-            begin.file_id = files.insert(file);
-            if by_digest {
+            let mut begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
+            if file.digest.is_some() || file.size > max_file_size {
+                begin.file_id = files.insert(file);
                 ids.push(begin.file_id);
                 begins.push(FileRequest::from(begin));
             } else {
-                let id = begin.file_id;
-                let begin = Some(begin);
-                let _ = uploads.send(Upload {
-                    id,
-                    source,
-                    size,
-                    begin,
-                });
+                let _ = uploads.send(files.insert_upload(begin, file));
             }
         }
         if begins.is_empty() {
@@ -715,6 +703,19 @@ impl PendingFile {
 }
 
 impl PendingFiles {
+    /// Adds `file`, announced by `begin` with its content, and returns what
+    /// the content sender is to send of it.
+    fn insert_upload(&mut self, mut begin: FileBegin, file: PendingFile) -> Upload {
+        let source = file.source.clone();
+        begin.file_id = self.insert(file);
+        Upload {
+            id: begin.file_id,
+            source,
+            size: begin.size,
+            begin: Some(begin),
+        }
+    }
+
     /// Adds `file`, and returns its id.
     fn insert(&mut self, file: PendingFile) -> u64 {
         let place = self.files.vacant_entry();
@@ -874,16 +875,13 @@ impl Announcer {
     }
 
     /// Hands a file that goes with its content to the content sender.
-    fn upload(&self, mut begin: FileBegin, file: PendingFile) {
-        let source = file.source.clone();
-        let id = self.pending.lock().expect("pending").insert(file);
-        begin.file_id = id;
-        let _ = self.uploads.send(Upload {
-            id,
-            source,
-            size: begin.size,
-            begin: Some(begin),
-        });
+    fn upload(&self, begin: FileBegin, file: PendingFile) {
+        let upload = self
+            .pending
+            .lock()
+            .expect("pending")
+            .insert_upload(begin, file);
+        let _ = self.uploads.send(upload);
     }
 }
 
