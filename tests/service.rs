@@ -1905,6 +1905,46 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
     assert!(restarted.cached(&blake3::hash(EICAR), None).is_some());
 }
 
+/// A Scan stream that cannot be opened (the server gone since the session
+/// began) fails every file the agent was given, as a stream that breaks
+/// does: a full scan with no file answered is never taken for a clean one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_file_fails_when_the_scan_stream_cannot_open() {
+    let server = TestServer::start(|config| {
+        config.server.shutdown_grace = Duration::from_millis(200);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<FileSource> = (0..3)
+        .map(|i| {
+            let path = dir.path().join(format!("file-{i}"));
+            std::fs::write(&path, b"harmless").unwrap();
+            path.into()
+        })
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    server.stop().await;
+    let (outcomes, mut received) = mpsc::unbounded_channel();
+    let result = agent
+        .scan(files, HashFirst::Auto, move |_, outcome| {
+            let _ = outcomes.send(outcome);
+        })
+        .await;
+    assert!(result.is_err(), "{result:?}");
+    let mut failed = 0;
+    while let Ok(outcome) = received.try_recv() {
+        let failure = outcome.verdict.failure().expect("failed, never clean");
+        assert!(
+            failure.to_string().contains("could not be opened"),
+            "{failure}"
+        );
+        failed += 1;
+    }
+    assert_eq!(failed, 3, "one outcome per file");
+}
+
 /// The agent listener's certificate validity is part of the SVM's status:
 /// expired, it is Critical; expiring within 14 days, Warning; a renewed one
 /// read again clears it.

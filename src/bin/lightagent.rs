@@ -302,7 +302,11 @@ async fn scan(args: ScanArgs) -> ExitCode {
         // too: a full scan that missed any proves nothing clean. Counts
         // saturate: a wrapped count could read as none.
         let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
-        let (infected, failed) = (count(summary.infected), count(summary.failed));
+        let (infected, mut failed) = (count(summary.infected), count(summary.failed));
+        // Nor does a scan that broke, whatever its files' lines say.
+        if result.is_err() {
+            failed = failed.max(1);
+        }
         agent
             .report_task(&task_id, kind, TaskState::Finished, infected, failed)
             .await;

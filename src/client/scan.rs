@@ -79,7 +79,8 @@ pub enum HashFirst {
     Auto,
     /// Always by their digest: content the server knows is never sent.
     Always,
-    /// Always with their content, unhashed: the server hashes it.
+    /// Always with their content, unhashed: the server hashes it. (A file
+    /// over the server's size limit goes as a begin alone, to be refused.)
     Never,
 }
 
@@ -109,7 +110,20 @@ impl Agent {
         let (requests, begins) = mpsc::channel(256);
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
         let outgoing = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
-        let replies = self.client.clone().scan(outgoing).await?.into_inner();
+        let replies = match self.client.clone().scan(outgoing).await {
+            Ok(replies) => replies.into_inner(),
+            // Every file gets its outcome, a failure, as when the stream
+            // breaks: a full scan with no file answered is not clean.
+            Err(status) => {
+                let err = ClientError::from(status);
+                let detail = format!("the scan stream could not be opened: {err}");
+                for file in &files {
+                    let verdict = Verdict::failed(FailReason::Engine, detail.clone());
+                    on_result(file.path(), failed_outcome(verdict, 0, Instant::now()));
+                }
+                return Err(err);
+            }
+        };
         let (uploads, to_upload) = mpsc::unbounded_channel();
         let (unread_tx, unread) = mpsc::unbounded_channel::<Unread>();
         let failed = Arc::new(LastFailed::default());
@@ -654,8 +668,9 @@ impl Drop for Held {
 
 /// The id of the file the server failed last. Content goes out one file
 /// after the other, so the sender checks the file it is sending against
-/// this alone, with no lock per chunk: a file the server has already
-/// failed (it grew, say) gets no more of its content.
+/// this alone, with no lock per chunk: a file the server has just failed
+/// (it grew, say) gets no more of its content. (Once another file's error
+/// comes in, the file goes on until its next chunk draws an error too.)
 struct LastFailed(AtomicU64);
 
 impl Default for LastFailed {
@@ -666,9 +681,10 @@ impl Default for LastFailed {
 
 /// Files announced and not yet answered. A file's id is made of its place
 /// here (the low 32 bits: a file is found by indexing, not hashing) and
-/// the number of files begun before it: ids never repeat on a stream, so a
-/// late reply about a file that is over (the server's error for a chunk
-/// sent after it failed the file) is never taken for another file's.
+/// the number of files begun before it (modulo 2^32): ids do not repeat on
+/// a stream, so a late reply about a file that is over (the server's error
+/// for a chunk sent after it failed the file) is never taken for another
+/// file's.
 #[derive(Default)]
 struct PendingFiles {
     /// Each file with its id.
@@ -754,7 +770,8 @@ impl PendingFiles {
 /// Announces files, keeping at most the server's limit in flight.
 struct Announcer {
     session_id: String,
-    /// The server's limit: a larger file is announced alone, to be refused.
+    /// The server's limit: a larger file is announced without its content,
+    /// to be refused.
     max_file_size: u64,
     pending: Pending,
     requests: mpsc::Sender<ScanRequest>,
