@@ -678,7 +678,8 @@ async fn a_known_digest_is_answered_without_content() {
 /// A file id names one file from its begin to its final reply. While a
 /// file ended is being scanned, a begin reusing its id is refused: the
 /// scan's verdict must not be taken for the new file's. A begin naming a
-/// file still open drops both, with one error.
+/// file still open drops both, with one error. Every file gets one final
+/// reply, whatever else the agent sends under its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_id_is_taken_until_its_final_reply() {
     let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(1)).await;
@@ -720,18 +721,55 @@ async fn a_file_id_is_taken_until_its_final_reply() {
         "{verdict:?}"
     );
 
+    // One final reply per file: what the agent still sends of a file that
+    // had its error is dropped without a word (a second reply under the id
+    // would be taken for the next file's), and a chunk or an end for a
+    // file being scanned too.
     let requests = vec![
         begin(&session, 2, b"abc", None),
         begin(&session, 2, b"abc", None),
         chunk(2, 0, b"abc"),
+        end(2),
+        begin(&session, 3, b"abcd", None),
+        chunk(3, 2, b"cd"),
+        chunk(3, 0, b"ab"),
+        end(3),
+        begin(&session, 4, &slow, None),
+        chunk(4, 0, &slow),
+        end(4),
+        chunk(4, slow.len() as u64, b"y"),
+        end(4),
+        begin(&session, 5, b"z", None),
+        chunk(5, 0, b"z"),
+        end(5),
     ];
     tx.send(batch(requests)).await.unwrap();
     let (id, both) = next(&mut replies).await;
     assert_eq!((id, error_code(&both)), (2, tonic::Code::InvalidArgument));
     assert!(format!("{both:?}").contains("both are dropped"), "{both:?}");
-    let (id, gone) = next(&mut replies).await;
-    assert_eq!((id, error_code(&gone)), (2, tonic::Code::InvalidArgument));
-    assert!(format!("{gone:?}").contains("not open"), "{gone:?}");
+    let (id, disorder) = next(&mut replies).await;
+    assert_eq!(
+        (id, error_code(&disorder)),
+        (3, tonic::Code::InvalidArgument)
+    );
+    assert!(
+        format!("{disorder:?}").contains("out of order"),
+        "{disorder:?}"
+    );
+    let mut verdicts = vec![next(&mut replies).await, next(&mut replies).await];
+    verdicts.sort_by_key(|(id, _)| *id);
+    for ((id, reply), expected) in verdicts.into_iter().zip([4, 5]) {
+        assert_eq!(id, expected);
+        file_verdict(reply);
+    }
+    // A chunk for a file never begun still gets its error.
+    tx.send(batch(vec![chunk(6, 0, b"?")])).await.unwrap();
+    let (id, unknown) = next(&mut replies).await;
+    assert_eq!(
+        (id, error_code(&unknown)),
+        (6, tonic::Code::InvalidArgument)
+    );
+    assert!(format!("{unknown:?}").contains("not open"), "{unknown:?}");
     server.stop().await;
 }
 
@@ -1866,6 +1904,50 @@ async fn a_scan_stream_in_use_is_not_closed_as_idle() {
             "the stream was closed while in use: {quiet:?}"
         );
     }
+    // Then silence: closed once the idle timeout has passed.
+    assert_closed_as_idle(&mut replies).await;
+}
+
+/// An agent that sent all its files waits in silence for their verdicts:
+/// the stream is not closed as idle while the server still owes any, even
+/// when they come later than the idle timeout (scans queued behind each
+/// other, here on one scan thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_stream_owed_verdicts_is_not_closed_as_idle() {
+    let server = TestServer::start(|c| {
+        c.server.idle_timeout = Duration::from_millis(1500);
+        c.engine.scan_timeout = Duration::from_secs(1);
+        c.engine.threads = 1;
+    })
+    .await;
+    server.state.replace_ruleset(ruleset_from_source(SLOW_RULE));
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let slow = vec![1u8; 200_000];
+    let mut requests = Vec::new();
+    for id in 1..=3 {
+        let mut data = slow.clone();
+        data[0] = id as u8;
+        requests.extend([
+            begin(&session, id, &data, None),
+            chunk(id, 0, &data),
+            end(id),
+        ]);
+    }
+    tx.send(batch(requests)).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let (id, reply) = next(&mut replies).await;
+        file_verdict(reply);
+        answered.push(id);
+    }
+    answered.sort();
+    assert_eq!(answered, [1, 2, 3]);
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the last verdict came after an idle timeout"
+    );
     // Then silence: closed once the idle timeout has passed.
     assert_closed_as_idle(&mut replies).await;
 }

@@ -670,7 +670,7 @@ impl Drop for Held {
 /// after the other, so the sender checks the file it is sending against
 /// this alone, with no lock per chunk: a file the server has just failed
 /// (it grew, say) gets no more of its content. (Once another file's error
-/// comes in, the file goes on until its next chunk draws an error too.)
+/// comes in, the rest of the file goes out, and the server drops it.)
 struct LastFailed(AtomicU64);
 
 impl Default for LastFailed {

@@ -10,8 +10,8 @@
 //! bound.
 //!
 //! Each begun file holds one of its session's in-flight places (its VM's,
-//! shared with the VM's earlier sessions) until its final reply (a scan's
-//! verdict: until that is queued for the agent), and
+//! shared with the VM's earlier sessions) until its final reply is made (a
+//! scan's verdict: until that is queued for the agent), and
 //! owes its VM a verdict: one that goes without (refused, failed,
 //! cancelled, cut off) spoils the VM's full scan under way. Replies wait
 //! for the agent to take them for at most the idle timeout. When the
@@ -24,7 +24,7 @@
 //! received content whose digest is being scanned waits for that scan.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
+    collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
     pin::Pin,
     sync::{Arc, Mutex},
 };
@@ -94,6 +94,46 @@ struct OpenFile {
     _in_flight: OwnedSemaphorePermit,
 }
 
+/// The ids of files failed before their agent was done sending them (a
+/// refused begin, a chunk that failed its file, an upload that stalled),
+/// whose remaining chunks and end may still be on their way: those are
+/// dropped without a word. An error for each would be a second final reply
+/// under the id, which the agent, free to use the id again once it had the
+/// first, would take for the final reply of its next file of that id. A
+/// new begin under the id, or the agent's end for it, takes the id off; at
+/// most [`ANSWERED_KEPT`] are kept, the oldest forgotten first (a chunk
+/// for one of those gets an error again).
+#[derive(Default)]
+struct Answered(VecDeque<u64>);
+
+/// The most ids [`Answered`] keeps: an agent sends its chunks in order,
+/// and stops sending a file once it has its error, so only the files
+/// failed in the last round trip may still have chunks on their way.
+const ANSWERED_KEPT: usize = 1024;
+
+impl Answered {
+    /// Keeps `id` if `reply` is an error: its file had its final reply.
+    fn note(&mut self, id: u64, reply: Option<&FileReply>) {
+        if let Some(file_reply::Kind::Error(_)) = reply.and_then(|r| r.kind.as_ref()) {
+            if self.0.len() == ANSWERED_KEPT {
+                self.0.pop_front();
+            }
+            self.0.push_back(id);
+        }
+    }
+
+    fn holds(&self, id: u64) -> bool {
+        self.0.contains(&id)
+    }
+
+    /// Takes `id` off; whether it was kept.
+    fn forget(&mut self, id: u64) -> bool {
+        let kept = self.0.len();
+        self.0.retain(|&answered| answered != id);
+        self.0.len() != kept
+    }
+}
+
 /// The verdict a begun file owes its session's VM. Settled by the verdict;
 /// a file that goes without one (refused, failed, cancelled, cut off with
 /// its stream) counts as a failed scan for the VM, so that a full scan
@@ -158,6 +198,8 @@ struct ScanStream {
     /// Files that ended and wait for a scan's verdict: off `open`, but
     /// their ids are still taken.
     scanning: Arc<Scanning>,
+    /// Files failed before the agent was done sending them.
+    answered: Answered,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, and the notices are taken before
@@ -285,6 +327,7 @@ impl ScanStream {
             state,
             open: HashMap::default(),
             scanning: Arc::default(),
+            answered: Answered::default(),
             replies,
             notices: Vec::new(),
             holding: false,
@@ -302,8 +345,8 @@ impl ScanStream {
             Event::Request(Ok(Some(request))) => {
                 self.handle(request).await?;
                 // Whatever the stream did last (a request handled, a reply
-                // sent, a wait for the engine's queue) restarts the idle
-                // time.
+                // sent by its task, a wait for the engine's queue) restarts
+                // the idle time; so do verdicts still owed (see `idle`).
                 timers.active();
             }
             Event::Request(Ok(None)) => {
@@ -356,9 +399,16 @@ impl ScanStream {
     }
 
     /// The idle timer fired: the stream ends if it was idle for the idle
-    /// timeout; otherwise the timer is set again, and the stalled files fail
+    /// timeout, owing no verdict; otherwise the timer is set again, and the stalled files fail
     /// (see [`ScanStream::fail_stalled`]).
     async fn idle(&mut self, timers: &mut Timers) -> Result<(), ()> {
+        // Verdicts the server still owes (files being scanned, or waiting
+        // for another request's scan) keep the stream open: an agent that
+        // sent all its files waits in silence, and each of those verdicts
+        // comes within the bounds of its scan and of its reply.
+        if !self.scanning.ids().is_empty() {
+            timers.active();
+        }
         let idle_timeout = self.state.idle_timeout;
         if timers.last_active.elapsed() < idle_timeout {
             timers
@@ -403,8 +453,19 @@ impl ScanStream {
         let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
-                file_request::Kind::Begin(begin) => self.begin(begin, &mut session),
-                file_request::Kind::Chunk(chunk) => self.chunk(chunk),
+                file_request::Kind::Begin(begin) => {
+                    let id = begin.file_id;
+                    self.answered.forget(id);
+                    let reply = self.begin(begin, &mut session);
+                    self.answered.note(id, reply.as_ref());
+                    reply
+                }
+                file_request::Kind::Chunk(chunk) => {
+                    let id = chunk.file_id;
+                    let reply = self.chunk(chunk);
+                    self.answered.note(id, reply.as_ref());
+                    reply
+                }
                 file_request::Kind::End(end) => {
                     self.send_all(std::mem::take(&mut replies)).await?;
                     self.end(end.file_id).await
@@ -513,13 +574,17 @@ impl ScanStream {
         }
         let idle = self.state.idle_timeout;
         let message = format!("no content on this stream for {idle:?}; send the file again");
-        stalled
+        let replies: Vec<_> = stalled
             .into_iter()
             .filter_map(|id| {
                 self.close(id)
                     .map(|_| file_error(id, Code::DeadlineExceeded, &message))
             })
-            .collect()
+            .collect();
+        for reply in &replies {
+            self.answered.note(reply.file_id, Some(reply));
+        }
+        replies
     }
 
     /// Takes a file off the stream, withdrawing its wait if it has one.
@@ -717,10 +782,15 @@ impl ScanStream {
         Some(reply(id, verdict_reply(verdict)))
     }
 
+    /// Adds a chunk to its file. A chunk for a file that already had its
+    /// final reply, or is being scanned, is dropped without a word (see
+    /// [`Answered`]).
     fn chunk(&mut self, chunk: FileChunk) -> Option<FileReply> {
         let id = chunk.file_id;
         let Some(upload) = self.open.get_mut(&id).and_then(|f| f.upload.as_mut()) else {
-            self.close(id);
+            if self.close(id).is_none() && (self.answered.holds(id) || self.scanning.holds(id)) {
+                return None;
+            }
             let message = format!(
                 "chunk for file id {id}, which is not open or whose content was not asked for"
             );
@@ -743,6 +813,11 @@ impl ScanStream {
     /// thread, or a task following another request's scan.
     async fn end(&mut self, id: u64) -> Option<FileReply> {
         let Some(file) = self.close(id) else {
+            // The agent is done with a file answered already: dropped
+            // without a word, as its chunks were.
+            if self.answered.forget(id) || self.scanning.holds(id) {
+                return None;
+            }
             let message = format!("end of file id {id}, which is not open");
             return Some(file_error(id, Code::InvalidArgument, &message));
         };
