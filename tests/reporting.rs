@@ -462,14 +462,21 @@ impl TestAgent {
             begin(&self.session_id, 1, &data, None),
             chunk(1, 0, &data),
             end(1),
+            begin(&self.session_id, 2, b"", None),
+            end(2),
         ];
         tx.send(batch(requests)).await.unwrap();
         // One error for both begins (the file open is dropped with the
-        // second); the chunk and the end then name a file no longer open.
-        for _ in 0..3 {
-            let refused = next(&mut replies).await.1;
-            assert_eq!(error_code(&refused), tonic::Code::InvalidArgument);
-        }
+        // second); the chunk and the end of the file it failed are dropped
+        // without a word: the next reply is the other file's verdict.
+        let (id, refused) = next(&mut replies).await;
+        assert_eq!(
+            (id, error_code(&refused)),
+            (1, tonic::Code::InvalidArgument)
+        );
+        let (id, verdict) = next(&mut replies).await;
+        assert_eq!(id, 2);
+        file_verdict(verdict);
     }
 
     /// Scans `data` through a Scan stream; returns the number of detections.

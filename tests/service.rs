@@ -682,7 +682,9 @@ async fn a_known_digest_is_answered_without_content() {
 /// reply, whatever else the agent sends under its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_id_is_taken_until_its_final_reply() {
-    let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(1)).await;
+    // YARA-X stops a scan at its timeout's next whole second: with 2 s, a
+    // slow scan runs at least 1 s.
+    let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(2)).await;
     server.state.replace_ruleset(ruleset_from_source(SLOW_RULE));
     let (session, _keep) = session_id(&server).await;
     let (tx, mut replies) = scan_stream(&server).await;

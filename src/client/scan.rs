@@ -682,9 +682,9 @@ impl Default for LastFailed {
 /// Files announced and not yet answered. A file's id is made of its place
 /// here (the low 32 bits: a file is found by indexing, not hashing) and
 /// the number of files begun before it (modulo 2^32): ids do not repeat on
-/// a stream, so a late reply about a file that is over (the server's error
-/// for a chunk sent after it failed the file) is never taken for another
-/// file's.
+/// a stream, so a late reply about a file that is over (an error for a
+/// chunk sent after the server failed the file, which it gives once it no
+/// longer remembers that file) is never taken for another file's.
 #[derive(Default)]
 struct PendingFiles {
     /// Each file with its id.

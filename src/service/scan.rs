@@ -104,7 +104,14 @@ struct OpenFile {
 /// most [`ANSWERED_KEPT`] are kept, the oldest forgotten first (a chunk
 /// for one of those gets an error again).
 #[derive(Default)]
-struct Answered(VecDeque<u64>);
+struct Answered {
+    /// Each id kept, with the number it was noted under.
+    ids: HashMap<u64, u64, foldhash::fast::RandomState>,
+    /// The ids in the order they were noted; an entry whose number is no
+    /// longer its id's (forgotten, or noted again since) is left to age out.
+    order: VecDeque<(u64, u64)>,
+    noted: u64,
+}
 
 /// The most ids [`Answered`] keeps: an agent sends its chunks in order,
 /// and stops sending a file once it has its error, so only the files
@@ -114,23 +121,27 @@ const ANSWERED_KEPT: usize = 1024;
 impl Answered {
     /// Keeps `id` if `reply` is an error: its file had its final reply.
     fn note(&mut self, id: u64, reply: Option<&FileReply>) {
-        if let Some(file_reply::Kind::Error(_)) = reply.and_then(|r| r.kind.as_ref()) {
-            if self.0.len() == ANSWERED_KEPT {
-                self.0.pop_front();
-            }
-            self.0.push_back(id);
+        let Some(file_reply::Kind::Error(_)) = reply.and_then(|r| r.kind.as_ref()) else {
+            return;
+        };
+        if self.order.len() == ANSWERED_KEPT
+            && let Some((oldest, noted)) = self.order.pop_front()
+            && self.ids.get(&oldest) == Some(&noted)
+        {
+            self.ids.remove(&oldest);
         }
+        self.noted += 1;
+        self.ids.insert(id, self.noted);
+        self.order.push_back((id, self.noted));
     }
 
     fn holds(&self, id: u64) -> bool {
-        self.0.contains(&id)
+        self.ids.contains_key(&id)
     }
 
     /// Takes `id` off; whether it was kept.
     fn forget(&mut self, id: u64) -> bool {
-        let kept = self.0.len();
-        self.0.retain(|&answered| answered != id);
-        self.0.len() != kept
+        !self.ids.is_empty() && self.ids.remove(&id).is_some()
     }
 }
 
@@ -399,15 +410,23 @@ impl ScanStream {
     }
 
     /// The idle timer fired: the stream ends if it was idle for the idle
-    /// timeout, owing no verdict; otherwise the timer is set again, and the stalled files fail
-    /// (see [`ScanStream::fail_stalled`]).
+    /// timeout, owing no reply; otherwise the timer is set again, and the
+    /// stalled files fail (see [`ScanStream::fail_stalled`]).
     async fn idle(&mut self, timers: &mut Timers) -> Result<(), ()> {
-        // Verdicts the server still owes (files being scanned, or waiting
-        // for another request's scan) keep the stream open: an agent that
-        // sent all its files waits in silence, and each of those verdicts
-        // comes within the bounds of its scan and of its reply.
-        if !self.scanning.ids().is_empty() {
+        // Replies the server still owes keep the stream open: an agent that
+        // sent all its files waits in silence for them. Each comes within
+        // its bounds: a scan's verdict (or the verdict of the scan a file
+        // follows) within those of the scan and of its reply, a waiting
+        // begin's answer within `UPLOAD_WAIT`. The idle time counts from
+        // the last verdict sent.
+        let (owing, given_back) = {
+            let owed = self.scanning.owed();
+            (!owed.ids.is_empty(), owed.given_back)
+        };
+        if owing || self.next_expiry.is_some() {
             timers.active();
+        } else if let Some(at) = given_back.filter(|&at| at > timers.last_active) {
+            timers.last_active = at;
         }
         let idle_timeout = self.state.idle_timeout;
         if timers.last_active.elapsed() < idle_timeout {
@@ -931,16 +950,25 @@ impl VerdictDue {
 /// must not arrive under an id the agent has given to another file. The
 /// stream and the verdict's sender each touch it once per scanned file.
 #[derive(Default)]
-struct Scanning(Mutex<HashSet<u64, foldhash::fast::RandomState>>);
+struct Scanning(Mutex<Owed>);
+
+/// What [`Scanning`] keeps.
+#[derive(Default)]
+struct Owed {
+    ids: HashSet<u64, foldhash::fast::RandomState>,
+    /// When an id was last given back (its verdict sent, or given up on):
+    /// the stream's idle time counts from then too.
+    given_back: Option<Instant>,
+}
 
 impl Scanning {
-    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<u64, foldhash::fast::RandomState>> {
+    fn owed(&self) -> std::sync::MutexGuard<'_, Owed> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes `id` until the returned guard is dropped.
     fn take(scanning: &Arc<Scanning>, id: u64) -> TakenId {
-        scanning.ids().insert(id);
+        scanning.owed().ids.insert(id);
         TakenId {
             scanning: Arc::clone(scanning),
             id,
@@ -948,7 +976,7 @@ impl Scanning {
     }
 
     fn holds(&self, id: u64) -> bool {
-        self.ids().contains(&id)
+        self.owed().ids.contains(&id)
     }
 }
 
@@ -961,7 +989,9 @@ struct TakenId {
 
 impl Drop for TakenId {
     fn drop(&mut self) {
-        self.scanning.ids().remove(&self.id);
+        let mut owed = self.scanning.owed();
+        owed.ids.remove(&self.id);
+        owed.given_back = Some(Instant::now());
     }
 }
 
