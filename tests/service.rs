@@ -746,18 +746,9 @@ async fn a_file_id_is_taken_until_its_final_reply() {
         end(5),
     ];
     tx.send(batch(requests)).await.unwrap();
-    let (id, both) = next(&mut replies).await;
-    assert_eq!((id, error_code(&both)), (2, tonic::Code::InvalidArgument));
-    assert!(format!("{both:?}").contains("both are dropped"), "{both:?}");
-    let (id, disorder) = next(&mut replies).await;
-    assert_eq!(
-        (id, error_code(&disorder)),
-        (3, tonic::Code::InvalidArgument)
-    );
-    assert!(
-        format!("{disorder:?}").contains("out of order"),
-        "{disorder:?}"
-    );
+    let invalid = tonic::Code::InvalidArgument;
+    next_error(&mut replies, 2, invalid, "both are dropped").await;
+    next_error(&mut replies, 3, invalid, "out of order").await;
     let mut verdicts = vec![next(&mut replies).await, next(&mut replies).await];
     verdicts.sort_by_key(|(id, _)| *id);
     for ((id, reply), expected) in verdicts.into_iter().zip([4, 5]) {
@@ -766,13 +757,16 @@ async fn a_file_id_is_taken_until_its_final_reply() {
     }
     // A chunk for a file never begun still gets its error.
     tx.send(batch(vec![chunk(6, 0, b"?")])).await.unwrap();
-    let (id, unknown) = next(&mut replies).await;
-    assert_eq!(
-        (id, error_code(&unknown)),
-        (6, tonic::Code::InvalidArgument)
-    );
-    assert!(format!("{unknown:?}").contains("not open"), "{unknown:?}");
+    next_error(&mut replies, 6, invalid, "not open").await;
     server.stop().await;
+}
+
+/// Takes the next reply, which must be file `id`'s error of `code`, saying
+/// `says`.
+async fn next_error(replies: &mut Replies, id: u64, code: tonic::Code, says: &str) {
+    let (got, reply) = next(replies).await;
+    assert_eq!((got, error_code(&reply)), (id, code));
+    assert!(format!("{reply:?}").contains(says), "{reply:?}");
 }
 
 /// A session has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each

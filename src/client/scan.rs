@@ -118,8 +118,7 @@ impl Agent {
                 let err = ClientError::from(status);
                 let detail = format!("the scan stream could not be opened: {err}");
                 for file in &files {
-                    let verdict = Verdict::failed(FailReason::Engine, detail.clone());
-                    on_result(file.path(), failed_outcome(verdict, 0, Instant::now()));
+                    on_result(file.path(), unanswered(&detail));
                 }
                 return Err(err);
             }
@@ -260,8 +259,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         }
         let never_sent = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
         for source in never_sent {
-            let outcome = failed_outcome(failed(), 0, Instant::now());
-            (self.on_result)(source.path(), outcome);
+            (self.on_result)(source.path(), unanswered(&detail));
         }
     }
 
@@ -485,6 +483,15 @@ fn unreadable(err: &std::io::Error) -> Verdict {
 
 fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome {
     ScanOutcome::failed(verdict, size, started.elapsed(), "".into())
+}
+
+/// The outcome of a file never sent to the server, failed for `detail`.
+fn unanswered(detail: &str) -> ScanOutcome {
+    failed_outcome(
+        Verdict::failed(FailReason::Engine, detail),
+        0,
+        Instant::now(),
+    )
 }
 
 /// What the server knew of the agent's last files, which decides, under
