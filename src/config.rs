@@ -141,6 +141,12 @@ impl Config {
                 "is below uploads.max_file_size: a file of the largest size accepted could never be spooled",
             );
         }
+        if self.uploads.spool_budget_per_vm >> 10 < self.uploads.max_file_size.div_ceil(1024) {
+            return invalid(
+                "uploads.spool_budget_per_vm",
+                "is below uploads.max_file_size: a VM's file of the largest size accepted could never be spooled",
+            );
+        }
         if self.uploads.max_file_size > self.engine.max_scan_size {
             return invalid(
                 "uploads.max_file_size",
@@ -435,6 +441,11 @@ pub struct UploadConfig {
     /// fails with RESOURCE_EXHAUSTED (its agent sends it again later, or to
     /// another SVM).
     pub spool_budget: u64,
+    /// Disk one VM's spooled uploads may use together, so that a VM
+    /// scanning a folder of large files leaves room for the others'; one
+    /// more fails with RESOURCE_EXHAUSTED, as for a full spool. (`ScanFile`
+    /// uploads are no VM's: only `spool_budget` bounds them.)
+    pub spool_budget_per_vm: u64,
     /// Files all spooled uploads may have at once (each holds a descriptor
     /// until its scan ends); one more fails with RESOURCE_EXHAUSTED.
     pub spool_files: u32,
@@ -454,6 +465,7 @@ impl Default for UploadConfig {
             memory_budget: 128 << 20,
             spool_dir: None,
             spool_budget: 16 << 30,
+            spool_budget_per_vm: 4 << 30,
             spool_files: 4096,
             max_file_size: EngineConfig::default().max_scan_size,
             chunk_size: 256 << 10,
@@ -546,6 +558,10 @@ mod tests {
         assert_eq!(
             refused(|c| c.uploads.spool_budget = c.uploads.max_file_size - 1),
             "uploads.spool_budget"
+        );
+        assert_eq!(
+            refused(|c| c.uploads.spool_budget_per_vm = c.uploads.max_file_size - 1),
+            "uploads.spool_budget_per_vm"
         );
         assert_eq!(
             refused(|c| c.uploads.spool_files = 0),

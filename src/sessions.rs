@@ -19,6 +19,7 @@ use std::{
 use tokio::sync::{Semaphore, watch};
 
 use crate::{
+    config::UploadConfig,
     metrics::{Metrics, Tally},
     proto::{self, FileVerdict, Hello},
     vms::{Ending, Vms},
@@ -120,6 +121,15 @@ pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdic
     }
 }
 
+/// What a VM's files hold, for as long as any of them holds it.
+#[derive(Default)]
+struct VmPlaces {
+    /// Its places in flight.
+    files: Weak<Semaphore>,
+    /// Its share of the spool, in KiB permits.
+    spool: Weak<Semaphore>,
+}
+
 /// Lookups one session may have answered at once. Each holds its batch
 /// (up to 100,000 digests) and may wait seconds for scans under way; an
 /// agent pre-checking folders needs one or two at a time.
@@ -135,6 +145,9 @@ pub struct Session {
     /// Files open at once on the session's Scan streams: the VM's places,
     /// shared with files its earlier sessions still have open.
     pub files_in_flight: Arc<Semaphore>,
+    /// The VM's share of the spool, in KiB permits: shared with its
+    /// earlier sessions' files as its places are.
+    pub spool_share: Arc<Semaphore>,
     /// Lookups answered at once for the session (see [`LOOKUPS_AT_ONCE`]).
     pub lookups: Semaphore,
     pub files: AtomicU64,
@@ -233,30 +246,37 @@ pub enum Refused {
 /// The connected agents.
 pub struct Sessions {
     by_id: RwLock<HashMap<String, Arc<Session>>>,
-    /// Each VM's places for files in flight, while any is held (by a
-    /// session, or by a file begun under one that has ended): a VM's new
-    /// session shares them with the files of its earlier ones, still open
-    /// on their Scan streams. With places of its own, an agent that
-    /// reconnected again and again could keep ever more files open.
-    places: Mutex<HashMap<String, Weak<Semaphore>>>,
+    /// Each VM's places for files in flight and share of the spool, while
+    /// any is held (by a session, or by a file begun under one that has
+    /// ended): a VM's new session shares them with the files of its
+    /// earlier ones, still open on their Scan streams. With places of its
+    /// own, an agent that reconnected again and again could keep ever more
+    /// files open.
+    places: Mutex<HashMap<String, VmPlaces>>,
     max_agents: usize,
     files_in_flight: usize,
+    spool_share_kib: usize,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
 }
 
 impl Sessions {
+    /// Sessions for at most `max_agents` agents, each VM's files within
+    /// the places and spool share `uploads` sets.
     pub fn new(
         max_agents: usize,
-        files_in_flight: usize,
+        uploads: &UploadConfig,
         vms: Arc<Vms>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let spool_share_kib =
+            usize::try_from(uploads.spool_budget_per_vm >> 10).unwrap_or(usize::MAX);
         Sessions {
             by_id: RwLock::new(HashMap::new()),
             places: Mutex::new(HashMap::new()),
             max_agents,
-            files_in_flight,
+            files_in_flight: uploads.files_in_flight as usize,
+            spool_share_kib: spool_share_kib.min(Semaphore::MAX_PERMITS),
             vms,
             metrics,
         }
@@ -277,13 +297,14 @@ impl Sessions {
         if earlier.is_none() && by_id.len() >= self.max_agents {
             return Err(Refused::TooManyAgents);
         }
-        let places = self.places_of(&agent.vm_id);
+        let (places, spool_share) = self.places_of(&agent.vm_id);
         let session = Arc::new(Session {
             id: uuid::Uuid::new_v4().to_string(),
             agent,
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
             files_in_flight: places,
+            spool_share,
             lookups: Semaphore::new(LOOKUPS_AT_ONCE),
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -311,20 +332,25 @@ impl Sessions {
         Ok(session)
     }
 
-    /// The places in flight of the VM `vm_id`: those its earlier sessions
-    /// had, if any is still held, or new ones.
-    fn places_of(&self, vm_id: &str) -> Arc<Semaphore> {
+    /// The places in flight and the spool share of the VM `vm_id`: those
+    /// its earlier sessions had, each while any of it is still held, or
+    /// new ones.
+    fn places_of(&self, vm_id: &str) -> (Arc<Semaphore>, Arc<Semaphore>) {
         let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = places.get(vm_id).and_then(Weak::upgrade) {
-            return held;
-        }
         // The VMs whose places are all given back need no entry.
         if places.len() >= 2 * self.max_agents.max(1024) {
-            places.retain(|_, held| held.strong_count() > 0);
+            places.retain(|_, held| held.files.strong_count() + held.spool.strong_count() > 0);
         }
-        let fresh = Arc::new(Semaphore::new(self.files_in_flight));
-        places.insert(vm_id.to_owned(), Arc::downgrade(&fresh));
-        fresh
+        let held = places.entry(vm_id.to_owned()).or_default();
+        let take = |held: &mut Weak<Semaphore>, permits| {
+            held.upgrade().unwrap_or_else(|| {
+                let fresh = Arc::new(Semaphore::new(permits));
+                *held = Arc::downgrade(&fresh);
+                fresh
+            })
+        };
+        let files = take(&mut held.files, self.files_in_flight);
+        (files, take(&mut held.spool, self.spool_share_kib))
     }
 
     /// The open session with this id.

@@ -845,7 +845,7 @@ mod tests {
             limit: 2,
             ..Vms::in_memory()
         });
-        let sessions = Sessions::new(10, 10, Arc::clone(&vms), Arc::default());
+        let sessions = Sessions::new(10, &Default::default(), Arc::clone(&vms), Arc::default());
         let open = |vm: &str| {
             sessions.open(AgentIdentity {
                 agent_id: "agent".into(),

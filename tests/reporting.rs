@@ -145,7 +145,7 @@ async fn reporting_svm(
     let vms = Arc::new(Vms::in_memory());
     let sessions = Arc::new(Sessions::new(
         10,
-        10,
+        &config.uploads,
         Arc::clone(&vms),
         Arc::clone(engine.metrics()),
     ));
@@ -747,7 +747,7 @@ async fn protected_vms_and_their_tags_survive_a_restart() {
 #[test]
 fn tag_rules_without_a_network() {
     let vms = Arc::new(Vms::in_memory());
-    let sessions = Sessions::new(10, 10, Arc::clone(&vms), Arc::default());
+    let sessions = Sessions::new(10, &Default::default(), Arc::clone(&vms), Arc::default());
     let session = sessions
         .open(AgentIdentity {
             agent_id: "a".into(),

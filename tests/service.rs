@@ -10,11 +10,10 @@ use bytes::Bytes;
 use common::*;
 use scanserver::{
     client::{Agent, AgentOptions, ClientError, ClientTls, FileSource, HashFirst},
-    config::TlsConfig,
+    config::{Config, TlsConfig},
     proto::{
-        self, AgentMessage, FileBegin, FileCancel, FileChunk, Hello, LookupRequest, RejectReason,
-        ScanRequest, file_reply, file_request, protection_server_client::ProtectionServerClient,
-        server_message,
+        self, AgentMessage, FileBegin, FileChunk, Hello, LookupRequest, RejectReason, ScanRequest,
+        file_reply, file_request, protection_server_client::ProtectionServerClient, server_message,
     },
     server::ServerError,
     service::Counters,
@@ -32,6 +31,11 @@ async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>)
         vm_id: format!("vm-{vm}"),
         ..hello()
     };
+    session_of(server, hello).await
+}
+
+/// The session `hello` opens, and the agent's side of its stream.
+async fn session_of(server: &TestServer, hello: Hello) -> (String, mpsc::Sender<AgentMessage>) {
     match open_session(server, hello).await {
         (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
         (other, _) => panic!("expected a welcome, got {other:?}"),
@@ -230,8 +234,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
     // The lead sends half its content, then cancels.
     lw.lead.send(chunk(1, 0, &data[..1000])).await.unwrap();
-    let cancel = file_request::Kind::Cancel(FileCancel { file_id: 1 });
-    lw.lead.send(ScanRequest::from(cancel)).await.unwrap();
+    lw.lead.send(cancel(1)).await.unwrap();
     assert_eq!(
         error_code(&next(&mut lw.lead_replies).await.1),
         Code::Cancelled
@@ -427,12 +430,7 @@ async fn a_newer_session_of_a_vm_replaces_the_earlier() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
     let server = TestServer::start(|c| c.uploads.files_in_flight = 2).await;
-    let session = |kind| match kind {
-        Some(server_message::Kind::Welcome(welcome)) => welcome.session_id,
-        other => panic!("expected a welcome, got {other:?}"),
-    };
-    let (_first_out, mut first) = connect(&server, hello()).await;
-    let earlier = session(first.message().await.unwrap().unwrap().kind);
+    let (earlier, _first) = session_of(&server, hello()).await;
     let (tx, mut replies) = scan_stream(&server).await;
     // Two files whose content never comes take the VM's two places.
     for id in 1..=3 {
@@ -444,27 +442,97 @@ async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
     assert_eq!((id, error_code(&kind)), (3, Code::ResourceExhausted));
     // The agent connects again: its new session has no places of its own
     // while the earlier session's files hold the VM's.
-    let (_second_out, mut second) = connect(&server, hello()).await;
-    let later = session(second.message().await.unwrap().unwrap().kind);
+    let (later, _second) = session_of(&server, hello()).await;
     tx.send(begin(&later, 4, b"pending", None)).await.unwrap();
     let (id, kind) = next(&mut replies).await;
     assert_eq!((id, error_code(&kind)), (4, Code::ResourceExhausted));
     // A place given back is the new session's to take.
-    tx.send(ScanRequest::from(file_request::Kind::Cancel(FileCancel {
-        file_id: 1,
-    })))
-    .await
-    .unwrap();
+    tx.send(cancel(1)).await.unwrap();
     let (id, kind) = next(&mut replies).await;
     assert_eq!((id, error_code(&kind)), (1, Code::Cancelled));
-    tx.send(begin(&later, 5, EICAR, None)).await.unwrap();
-    tx.send(chunk(5, 0, EICAR)).await.unwrap();
-    tx.send(end(5)).await.unwrap();
+    send_whole(&tx, &later, 5, EICAR).await;
     let (id, kind) = next(&mut replies).await;
     assert_eq!(
         (id, verdict_rules(&kind)),
         (5, vec!["EICAR_Test_File".to_owned()])
     );
+}
+
+/// Files of up to 64 KiB, spooled beyond 16 KiB, in a spool of 256 KiB of
+/// which a VM's files may take 64.
+fn spool_share_of_one_large_file(config: &mut Config) {
+    config.uploads.memory_threshold = 16 << 10;
+    config.uploads.max_file_size = 64 << 10;
+    config.uploads.spool_budget = 256 << 10;
+    config.uploads.spool_budget_per_vm = 64 << 10;
+}
+
+/// One VM's files take at most its share of the spool, however many it
+/// begins and however often its agent reconnects: another VM's file still
+/// fits, and the VM's next file does once one of its own ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_vm_takes_no_more_than_its_share_of_the_spool() {
+    let server = TestServer::start(spool_share_of_one_large_file).await;
+    let (earlier, _first) = session_of(&server, hello()).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // A file whose content never comes holds 48 KiB of the VM's 64.
+    let large = content(3, 48 << 10);
+    tx.send(begin(&earlier, 1, &large, None)).await.unwrap();
+    tx.send(begin(&earlier, 2, &large, None)).await.unwrap();
+    next_error(
+        &mut replies,
+        2,
+        Code::ResourceExhausted,
+        "VM's files take its whole share",
+    )
+    .await;
+    // Its agent connects again: the share stays the VM's, still held.
+    let (later, _second) = session_of(&server, hello()).await;
+    tx.send(begin(&later, 3, &large, None)).await.unwrap();
+    next_error(&mut replies, 3, Code::ResourceExhausted, "share").await;
+    assert_eq!(server.state.uploads.spool_usage().bytes, 48 << 10);
+
+    // Another VM's file fits in the room left.
+    let (other, _keep) = session_id(&server).await;
+    let (other_tx, mut other_replies) = scan_stream(&server).await;
+    send_whole(&other_tx, &other, 1, &large).await;
+    let (id, kind) = next(&mut other_replies).await;
+    assert_eq!((id, verdict_rules(&kind)), (1, vec![]));
+
+    // The VM's share comes back as its file ends.
+    tx.send(cancel(1)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, error_code(&kind)), (1, Code::Cancelled));
+    send_whole(&tx, &later, 4, &large).await;
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, verdict_rules(&kind)), (4, vec![]));
+    assert_eq!(server.state.uploads.spool_usage().refused, 2);
+}
+
+/// The client scans a folder of files each taking most of its VM's share
+/// of the spool: the server refuses all but one at a time, and every file
+/// gets its verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_scans_files_larger_than_its_share_allows_at_once() {
+    let server = TestServer::start(spool_share_of_one_large_file).await;
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (0..6)
+        .map(|seed| {
+            let path = dir.path().join(format!("large-{seed}.bin"));
+            std::fs::write(&path, content(seed, 48 << 10)).unwrap();
+            path
+        })
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let files: Vec<FileSource> = paths.into_iter().map(FileSource::from).collect();
+    let outcomes = scan_files(&agent, &files, HashFirst::Never).await;
+    assert_eq!(outcomes.len(), 6);
+    for (name, outcome) in outcomes {
+        assert_eq!(outcome.verdict.kind(), "clean", "{name}: {outcome:?}");
+    }
+    assert!(server.state.uploads.spool_usage().refused >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,9 +580,7 @@ async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
     assert_eq!((id, error_code(&kind)), (1, Code::DeadlineExceeded));
     assert!(flights.is_empty(), "its flight ended with it");
     // The stream goes on.
-    tx.send(begin(&session, 3, EICAR, None)).await.unwrap();
-    tx.send(chunk(3, 0, EICAR)).await.unwrap();
-    tx.send(end(3)).await.unwrap();
+    send_whole(&tx, &session, 3, EICAR).await;
     let (id, kind) = next(&mut replies).await;
     assert_eq!(
         (id, verdict_rules(&kind)),
@@ -920,17 +986,11 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         .await
         .unwrap();
     tx.send(chunk(6, 0, &[7u8; 1000])).await.unwrap();
-    tx.send(ScanRequest::from(file_request::Kind::Cancel(FileCancel {
-        file_id: 6,
-    })))
-    .await
-    .unwrap();
+    tx.send(cancel(6)).await.unwrap();
     assert_eq!(error_code(&next(&mut replies).await.1), Code::Cancelled);
 
     // The stream still works.
-    tx.send(begin(&session, 7, EICAR, None)).await.unwrap();
-    tx.send(chunk(7, 0, EICAR)).await.unwrap();
-    tx.send(end(7)).await.unwrap();
+    send_whole(&tx, &session, 7, EICAR).await;
     assert_eq!(
         verdict_rules(&next(&mut replies).await.1),
         ["EICAR_Test_File"]
@@ -1892,8 +1952,7 @@ async fn a_scan_stream_in_use_is_not_closed_as_idle() {
     // A request every 150 ms for two and a half idle timeouts: a cancel of
     // a file that is not open, which gets no reply.
     for _ in 0..10 {
-        let cancel = file_request::Kind::Cancel(FileCancel { file_id: 1 });
-        tx.send(ScanRequest::from(cancel)).await.unwrap();
+        tx.send(cancel(1)).await.unwrap();
         let quiet = tokio::time::timeout(Duration::from_millis(150), replies.message()).await;
         assert!(
             quiet.is_err(),

@@ -150,6 +150,7 @@ impl Agent {
                 session_id: self.welcome.session_id.clone(),
                 requests: requests.clone(),
                 waiting: VecDeque::new(),
+                answered: 0,
             },
             latest: LatestVersion::default(),
             familiarity,
@@ -243,6 +244,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 }
             };
             places.add_permits(over);
+            self.retries.answered += over as u64;
         }
     }
 
@@ -294,10 +296,11 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                     self.failed.0.store(id, Ordering::Relaxed);
                     // A file the agent could not read is over, whatever
                     // the server says of it.
+                    let answered = self.retries.answered;
                     let retried = error.code == Code::ResourceExhausted as i32
                         && files
                             .get_mut(id)
-                            .is_some_and(|f| f.retries < Retries::MOST && f.unread.is_none());
+                            .is_some_and(|f| f.unread.is_none() && f.refusals.again(answered));
                     if retried {
                         let file = files.remove(id).expect("pending");
                         self.retries.later(file);
@@ -376,11 +379,12 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
 
 /// Files the server refused for want of room (RESOURCE_EXHAUSTED: its
 /// places in flight held by files of the VM's earlier session, say, or its
-/// spool full), each announced again after a pause that doubles from
-/// [`Self::FIRST`] up to [`Self::LONGEST`], [`Self::MOST`] times (about 10
-/// seconds in all) before it fails with the server's error. Such a
-/// refusal says nothing of the file, and room comes back as other files
-/// end. A file waiting here keeps its place in flight; it takes a new id,
+/// spool or the VM's share of it full), each announced again after a pause
+/// that doubles from [`Self::FIRST`] up to [`Self::LONGEST`]. A file fails
+/// with the server's error once refused [`Self::MOST`] times in a row
+/// (about 10 seconds) with none of the agent's files answered meanwhile:
+/// see [`Refusals`]. Such a refusal says nothing of the file, and room
+/// comes back as other files end. A file waiting here keeps its place in flight; it takes a new id,
 /// so that late replies about the refused one (errors for chunks already
 /// sent with its begin) are not taken for it.
 struct Retries {
@@ -390,6 +394,8 @@ struct Retries {
     /// of their due times: pauses differ with files' retries). Few: at most
     /// the files in flight.
     waiting: VecDeque<(Instant, PendingFile)>,
+    /// Files answered so far (verdicts and failures), for [`Refusals`].
+    answered: u64,
 }
 
 impl Retries {
@@ -397,13 +403,14 @@ impl Retries {
     const FIRST: Duration = Duration::from_millis(100);
     /// The longest pause, however many times a file was refused.
     const LONGEST: Duration = Duration::from_secs(2);
-    /// Times a file is announced again before it fails.
+    /// Times in a row a file is announced again, with no file answered
+    /// meanwhile, before it fails.
     const MOST: u32 = 8;
 
     /// Announces `file` again after its pause.
     fn later(&mut self, mut file: PendingFile) {
-        let pause = (Self::FIRST * (1 << file.retries.min(16))).min(Self::LONGEST);
-        file.retries += 1;
+        let pause = (Self::FIRST * (1 << file.refusals.times.min(16))).min(Self::LONGEST);
+        file.refusals.times += 1;
         file.asked = false;
         self.waiting.push_back((Instant::now() + pause, file));
     }
@@ -709,9 +716,36 @@ struct PendingFile {
     asked: bool,
     /// Why the agent cancelled it: it could not read it.
     unread: Option<std::io::Error>,
-    /// Times the server refused it for want of room and it was announced
-    /// again (see [`Retries`]).
-    retries: u32,
+    /// The server's refusals of it for want of room (see [`Retries`]).
+    refusals: Refusals,
+}
+
+/// How often the server refused a file for want of room.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Times it was refused and announced again.
+    times: u32,
+    /// Times in a row with no file of the agent's answered in between.
+    in_a_row: u32,
+    /// Files the agent had had answered at its last refusal.
+    answered_then: u64,
+}
+
+impl Refusals {
+    /// Counts one more refusal, `answered` files into the scan; whether
+    /// the file is to be announced again. Only refusals in a row with no
+    /// file answered in between count towards [`Retries::MOST`]: while the
+    /// agent's own files end, room comes back to its VM (its places in
+    /// flight, its share of the spool), and a folder of large files is
+    /// scanned a few at a time rather than failed.
+    fn again(&mut self, answered: u64) -> bool {
+        if answered > self.answered_then {
+            self.in_a_row = 0;
+        }
+        self.answered_then = answered;
+        self.in_a_row += 1;
+        self.in_a_row <= Retries::MOST
+    }
 }
 
 impl PendingFile {
@@ -837,7 +871,7 @@ impl Announcer {
                 started,
                 asked: false,
                 unread: None,
-                retries: 0,
+                refusals: Refusals::default(),
             };
             if file.digest.is_some() || file.size > self.max_file_size {
                 held.ready.push((begin, pending));
@@ -1182,7 +1216,20 @@ mod tests {
             started: Instant::now(),
             asked: false,
             unread: None,
-            retries: 0,
+            refusals: Refusals::default(),
+        }
+    }
+
+    #[test]
+    fn only_refusals_with_no_file_answered_between_them_count() {
+        let mut refusals = Refusals::default();
+        for _ in 0..Retries::MOST {
+            assert!(refusals.again(0));
+        }
+        assert!(!refusals.again(0), "refused too often in a row");
+        let mut refusals = Refusals::default();
+        for answered in 0..3 * u64::from(Retries::MOST) {
+            assert!(refusals.again(answered), "room comes back meanwhile");
         }
     }
 

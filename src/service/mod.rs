@@ -104,7 +104,7 @@ impl ServiceState {
         Ok(ServiceState {
             sessions: Arc::new(Sessions::new(
                 config.server.max_agents,
-                config.uploads.files_in_flight as usize,
+                &config.uploads,
                 Arc::clone(&vms),
                 Arc::clone(engine.metrics()),
             )),

@@ -32,7 +32,7 @@ use std::{
 use tokio::{
     runtime::Handle,
     sync::{
-        OwnedSemaphorePermit,
+        OwnedSemaphorePermit, Semaphore,
         mpsc::{self, error::TrySendError},
     },
     time::{Duration, Instant, Sleep},
@@ -154,6 +154,11 @@ struct VerdictOwed(Option<Arc<Session>>);
 impl VerdictOwed {
     fn to(session: &Arc<Session>) -> Self {
         VerdictOwed(Some(Arc::clone(session)))
+    }
+
+    /// The share of the spool the file's VM has.
+    fn spool_share(&self) -> Option<&Arc<Semaphore>> {
+        self.0.as_ref().map(|session| &session.spool_share)
     }
 
     /// Settles the verdict on `size` bytes at `path`.
@@ -726,7 +731,8 @@ impl ScanStream {
         digest: Option<Digest>,
         standing: Standing,
     ) -> Option<FileReply> {
-        let upload = match self.state.uploads.begin(Some(file.size), digest) {
+        let vm_share = file.owed.spool_share();
+        let upload = match self.state.uploads.begin(Some(file.size), digest, vm_share) {
             Ok(upload) => Box::new(upload),
             Err(err) => return Some(upload_error(id, &err)),
         };
@@ -1191,7 +1197,10 @@ async fn receive_file(
     mut chunks: Streaming<FileChunk>,
 ) -> Result<(Received, String), Status> {
     let name = first.as_ref().map(|c| c.path.clone()).unwrap_or_default();
-    let mut upload = state.uploads.begin(None, None).map_err(Status::from)?;
+    let mut upload = state
+        .uploads
+        .begin(None, None, None)
+        .map_err(Status::from)?;
     let mut next = first;
     while let Some(chunk) = next {
         Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);

@@ -59,6 +59,10 @@ pub enum UploadError {
     )]
     SpoolFull { budget: u64 },
     #[error(
+        "this VM's files take its whole share of the spool ({share} bytes of uploads on disk): send the file again once one of them has its verdict"
+    )]
+    VmSpoolFull { share: u64 },
+    #[error(
         "the spool holds as many files as it may ({limit} uploads on disk): send the file again later, or to another SVM"
     )]
     SpoolFiles { limit: u32 },
@@ -71,9 +75,9 @@ impl UploadError {
             UploadError::TooLarge { .. } => Code::FailedPrecondition,
             UploadError::Spool(err) if out_of_room(err) => Code::ResourceExhausted,
             UploadError::Spool(_) => Code::Internal,
-            UploadError::SpoolFull { .. } | UploadError::SpoolFiles { .. } => {
-                Code::ResourceExhausted
-            }
+            UploadError::SpoolFull { .. }
+            | UploadError::VmSpoolFull { .. }
+            | UploadError::SpoolFiles { .. } => Code::ResourceExhausted,
             _ => Code::InvalidArgument,
         }
     }
@@ -109,6 +113,9 @@ struct Spool {
     /// The disk budget in KiB permits.
     budget: Arc<Semaphore>,
     budget_bytes: u64,
+    /// Each VM's share of the budget, in bytes (the shares themselves are
+    /// the VMs', see [`crate::sessions::Session::spool_share`]).
+    share_per_vm: u64,
     /// A permit per spool file.
     files: Arc<Semaphore>,
     max_files: u32,
@@ -129,16 +136,27 @@ pub struct SpoolUsage {
 }
 
 impl Spool {
-    /// A share of `kib` KiB of the budget, if that much is left.
-    fn share(&self, kib: u64) -> Result<OwnedSemaphorePermit, UploadError> {
-        let share = u32::try_from(kib)
-            .ok()
-            .and_then(|kib| Arc::clone(&self.budget).try_acquire_many_owned(kib).ok());
-        share.ok_or_else(|| {
+    /// A share of `kib` KiB of the budget, and of `vm`'s share of it when
+    /// the file is a VM's, if that much is left of both.
+    fn share(&self, kib: u64, vm: Option<&Arc<Semaphore>>) -> Result<SpoolShare, UploadError> {
+        let take = |from: &Arc<Semaphore>| {
+            let kib = u32::try_from(kib).ok()?;
+            Arc::clone(from).try_acquire_many_owned(kib).ok()
+        };
+        let vm = match vm {
+            Some(vm) => Some(take(vm).ok_or_else(|| {
+                self.refuse(UploadError::VmSpoolFull {
+                    share: self.share_per_vm,
+                })
+            })?),
+            None => None,
+        };
+        let all = take(&self.budget).ok_or_else(|| {
             self.refuse(UploadError::SpoolFull {
                 budget: self.budget_bytes,
             })
-        })
+        })?;
+        Ok(SpoolShare { all, vm })
     }
 
     /// A place for one more spool file, if one is left.
@@ -185,6 +203,7 @@ impl UploadStore {
                 dir: spool_dir.into(),
                 budget: permits(config.spool_budget),
                 budget_bytes: config.spool_budget,
+                share_per_vm: config.spool_budget_per_vm,
                 files: Arc::new(Semaphore::new(config.spool_files as usize)),
                 max_files: config.spool_files,
                 refused: Arc::default(),
@@ -221,10 +240,16 @@ impl UploadStore {
     }
 
     /// Starts receiving a file of `size` bytes (unknown for `ScanFile`),
-    /// optionally with the digest the agent claims for it. A file of
+    /// optionally with the digest the agent claims for it, for the VM
+    /// whose spool share is `vm_share` (none for `ScanFile`). A file of
     /// unknown size starts with a share of one chunk, and takes more as it
     /// grows.
-    pub fn begin(&self, size: Option<u64>, claimed: Option<Digest>) -> Result<Upload, UploadError> {
+    pub fn begin(
+        &self,
+        size: Option<u64>,
+        claimed: Option<Digest>,
+        vm_share: Option<&Arc<Semaphore>>,
+    ) -> Result<Upload, UploadError> {
         if let Some(size) = size {
             self.check_size(size)?;
         }
@@ -241,6 +266,7 @@ impl UploadStore {
             memory: Arc::clone(&self.memory),
             memory_threshold: self.config.memory_threshold,
             spool: self.spool.clone(),
+            vm_share: vm_share.cloned(),
         };
         let expected = size.unwrap_or(u64::from(self.config.chunk_size));
         if !upload.reserve(expected) {
@@ -270,6 +296,8 @@ pub struct Upload {
     memory: Arc<Semaphore>,
     memory_threshold: u64,
     spool: Spool,
+    /// The spool share of the file's VM, if it is a VM's.
+    vm_share: Option<Arc<Semaphore>>,
 }
 
 enum Sink {
@@ -278,13 +306,33 @@ enum Sink {
         buffer: Vec<u8>,
         share: Option<OwnedSemaphorePermit>,
     },
-    /// On disk, within `share` of the spool budget (KiB permits), in one
-    /// of the spool's `place`s.
+    /// On disk, within `share` of the spool budget, in one of the spool's
+    /// `place`s.
     Spool {
         file: NamedTempFile,
-        share: OwnedSemaphorePermit,
+        share: SpoolShare,
         place: OwnedSemaphorePermit,
     },
+}
+
+/// A spooled file's share of the spool budget, and of its VM's share when
+/// it is a VM's (KiB permits, as many of each).
+struct SpoolShare {
+    all: OwnedSemaphorePermit,
+    vm: Option<OwnedSemaphorePermit>,
+}
+
+impl SpoolShare {
+    fn kib(&self) -> u64 {
+        self.all.num_permits() as u64
+    }
+
+    fn merge(&mut self, more: SpoolShare) {
+        self.all.merge(more.all);
+        if let (Some(vm), Some(more)) = (&mut self.vm, more.vm) {
+            vm.merge(more);
+        }
+    }
 }
 
 impl Upload {
@@ -348,7 +396,9 @@ impl Upload {
     fn spill(&mut self, bytes: u64) -> Result<(), UploadError> {
         let size = self.declared.unwrap_or(bytes).max(bytes);
         let place = self.spool.place()?;
-        let share = self.spool.share(size.div_ceil(1024))?;
+        let share = self
+            .spool
+            .share(size.div_ceil(1024), self.vm_share.as_ref())?;
         let mut file = spool_file(&self.spool.dir)?;
         if let Sink::Memory { buffer, .. } = &self.sink {
             file.write_all(buffer)?;
@@ -369,11 +419,11 @@ impl Upload {
             Sink::Spool { file, share, .. } => {
                 // A file of unknown size takes more of the spool budget as
                 // it grows (doubling its share, to take from it rarely).
-                let held = share.num_permits() as u64;
+                let held = share.kib();
                 if total > held << 10 {
                     let doubled = (held << 11).min(self.limit);
                     let wanted = total.max(doubled).div_ceil(1024);
-                    share.merge(self.spool.share(wanted - held)?);
+                    share.merge(self.spool.share(wanted - held, self.vm_share.as_ref())?);
                 }
                 // Spool writes go to the page cache; they are short enough
                 // to make on the runtime's threads.
@@ -407,7 +457,8 @@ impl Upload {
                 Content::Bytes(Bytes::from(buffer)),
                 ReceivedGuard {
                     _spool: None,
-                    _share: share,
+                    _memory: share,
+                    _share: None,
                     _place: None,
                 },
             ),
@@ -419,6 +470,7 @@ impl Upload {
                 };
                 let guard = ReceivedGuard {
                     _spool: Some(path),
+                    _memory: None,
                     _share: Some(share),
                     _place: Some(place),
                 };
@@ -461,7 +513,8 @@ impl Received {
 /// budget, and its place in the spool alive.
 pub struct ReceivedGuard {
     _spool: Option<TempPath>,
-    _share: Option<OwnedSemaphorePermit>,
+    _memory: Option<OwnedSemaphorePermit>,
+    _share: Option<SpoolShare>,
     _place: Option<OwnedSemaphorePermit>,
 }
 
@@ -506,13 +559,13 @@ mod tests {
     fn small_files_stay_in_memory_large_ones_are_spooled_and_cleaned_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(1000, dir.path());
-        let mut small = store.begin(Some(10), None).unwrap();
+        let mut small = store.begin(Some(10), None, None).unwrap();
         small.push(0, b"0123456789").unwrap();
         let received = small.finish().unwrap();
         assert!(matches!(received.content, Content::Bytes(_)));
         assert_eq!(received.digest, blake3::hash(b"0123456789"));
 
-        let mut large = store.begin(Some(2000), None).unwrap();
+        let mut large = store.begin(Some(2000), None, None).unwrap();
         large.push(0, &[1; 1500]).unwrap();
         assert_eq!(files_in(dir.path()), 1);
         large.push(1500, &[1; 500]).unwrap();
@@ -521,7 +574,7 @@ mod tests {
         drop(received);
         assert_eq!(files_in(dir.path()), 0, "the spool file is deleted");
 
-        let mut abandoned = store.begin(Some(5000), None).unwrap();
+        let mut abandoned = store.begin(Some(5000), None, None).unwrap();
         abandoned.push(0, &[1; 100]).unwrap();
         drop(abandoned);
         assert_eq!(
@@ -535,7 +588,7 @@ mod tests {
     fn lies_and_disorder_fail_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(1000, dir.path());
-        let mut upload = store.begin(Some(4), None).unwrap();
+        let mut upload = store.begin(Some(4), None, None).unwrap();
         upload.push(0, b"ab").unwrap();
         assert!(matches!(
             upload.push(5, b"cd"),
@@ -549,13 +602,15 @@ mod tests {
             Err(UploadError::TooMuch { declared: 4 })
         ));
 
-        let short = store.begin(Some(4), None).unwrap();
+        let short = store.begin(Some(4), None, None).unwrap();
         assert!(matches!(
             short.finish(),
             Err(UploadError::SizeMismatch { .. })
         ));
 
-        let mut lying = store.begin(Some(2), Some(blake3::hash(b"xx"))).unwrap();
+        let mut lying = store
+            .begin(Some(2), Some(blake3::hash(b"xx")), None)
+            .unwrap();
         lying.push(0, b"ab").unwrap();
         assert!(matches!(
             lying.finish(),
@@ -563,10 +618,10 @@ mod tests {
         ));
 
         assert!(matches!(
-            store.begin(Some(2 << 20), None),
+            store.begin(Some(2 << 20), None, None),
             Err(UploadError::TooLarge { .. })
         ));
-        let mut unknown_size = store.begin(None, None).unwrap();
+        let mut unknown_size = store.begin(None, None, None).unwrap();
         assert!(matches!(
             unknown_size.push(0, &vec![0; 2 << 20]),
             Err(UploadError::TooLarge { .. })
@@ -583,19 +638,22 @@ mod tests {
             ..UploadConfig::default()
         };
         let store = UploadStore::new(config, dir.path()).unwrap();
-        let first = store.begin(Some(6 << 10), None).unwrap();
+        let first = store.begin(Some(6 << 10), None, None).unwrap();
         assert!(matches!(first.sink, Sink::Spool { .. }));
-        let refused = store.begin(Some(4 << 10), None).err().expect("no room");
+        let refused = store
+            .begin(Some(4 << 10), None, None)
+            .err()
+            .expect("no room");
         assert!(matches!(refused, UploadError::SpoolFull { budget: 8192 }));
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert_eq!(files_in(dir.path()), 1, "nothing spooled for it");
         drop(first);
-        let mut second = store.begin(Some(4 << 10), None).unwrap();
+        let mut second = store.begin(Some(4 << 10), None, None).unwrap();
         second.push(0, &[7; 4 << 10]).unwrap();
 
         // A file of unknown size starts with a share of one chunk, and
         // takes more as it grows.
-        let mut growing = store.begin(None, None).unwrap();
+        let mut growing = store.begin(None, None, None).unwrap();
         growing.push(0, &[7; 2 << 10]).unwrap();
         assert!(matches!(growing.sink, Sink::Spool { .. }));
         assert!(matches!(
@@ -620,18 +678,18 @@ mod tests {
         };
         let store = UploadStore::new(config, dir.path()).unwrap();
         // With the memory budget spent, even small files are spooled.
-        let mut first = store.begin(Some(10), None).unwrap();
-        let second = store.begin(Some(4 << 10), None).unwrap();
-        let refused = store.begin(Some(10), None).err().expect("no place");
+        let mut first = store.begin(Some(10), None, None).unwrap();
+        let second = store.begin(Some(4 << 10), None, None).unwrap();
+        let refused = store.begin(Some(10), None, None).err().expect("no place");
         assert!(matches!(refused, UploadError::SpoolFiles { limit: 2 }));
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert_eq!(files_in(dir.path()), 2, "nothing spooled for it");
         first.push(0, b"0123456789").unwrap();
         let (_job, guard) = first.finish().unwrap().into_job("first".into());
         drop(second);
-        let third = store.begin(Some(10), None).unwrap();
+        let third = store.begin(Some(10), None, None).unwrap();
         assert!(
-            store.begin(Some(10), None).is_err(),
+            store.begin(Some(10), None, None).is_err(),
             "a received file keeps its place until its scan ends"
         );
         drop((guard, third));
@@ -650,7 +708,7 @@ mod tests {
             ..UploadConfig::default()
         };
         let store = UploadStore::new(config, dir.path()).unwrap();
-        let mut largest = store.begin(None, None).unwrap();
+        let mut largest = store.begin(None, None, None).unwrap();
         for offset in (0..12 << 10).step_by(2 << 10) {
             largest
                 .push(offset, &[7; 2 << 10])
@@ -668,9 +726,9 @@ mod tests {
             ..UploadConfig::default()
         };
         let store = UploadStore::new(config, dir.path()).unwrap();
-        let first = store.begin(Some(8 << 10), None).unwrap();
-        let second = store.begin(Some(8 << 10), None).unwrap();
-        let third = store.begin(Some(8 << 10), None).unwrap();
+        let first = store.begin(Some(8 << 10), None, None).unwrap();
+        let second = store.begin(Some(8 << 10), None, None).unwrap();
+        let third = store.begin(Some(8 << 10), None, None).unwrap();
         assert!(matches!(first.sink, Sink::Memory { .. }));
         assert!(matches!(second.sink, Sink::Memory { .. }));
         assert!(
@@ -678,7 +736,7 @@ mod tests {
             "the budget is spent"
         );
         drop(first);
-        let fourth = store.begin(Some(8 << 10), None).unwrap();
+        let fourth = store.begin(Some(8 << 10), None, None).unwrap();
         assert!(
             matches!(fourth.sink, Sink::Memory { .. }),
             "a finished upload returns its share"

@@ -18,7 +18,7 @@ use scanserver::{
     config::Config,
     engine::{Engine, EngineConfig, ScanJob},
     proto::{
-        AgentMessage, FileBegin, FileChunk, FileEnd, FileReply, FileVerdict, Hello,
+        AgentMessage, FileBegin, FileCancel, FileChunk, FileEnd, FileReply, FileVerdict, Hello,
         PROTOCOL_VERSION, ScanReply, ScanRequest, ServerMessage, agent_message, file_reply,
         file_request, protection_server_client::ProtectionServerClient, server_message,
     },
@@ -362,6 +362,18 @@ pub fn scan_file_chunk(offset: u64, data: &[u8], path: &str) -> FileChunk {
 
 pub fn end(id: u64) -> ScanRequest {
     ScanRequest::from(file_request::Kind::End(FileEnd { file_id: id }))
+}
+
+pub fn cancel(id: u64) -> ScanRequest {
+    ScanRequest::from(file_request::Kind::Cancel(FileCancel { file_id: id }))
+}
+
+/// Sends file `id` whole on a Scan stream: its begin (with no digest, so
+/// that its content follows at once), its content in one chunk, its end.
+pub async fn send_whole(tx: &mpsc::Sender<ScanRequest>, session: &str, id: u64, data: &[u8]) {
+    for request in [begin(session, id, data, None), chunk(id, 0, data), end(id)] {
+        tx.send(request).await.unwrap();
+    }
 }
 
 /// One message of all the requests of `messages`.
