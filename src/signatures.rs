@@ -33,7 +33,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use walkdir::WalkDir;
-use yara_x::{Compiler, Rules, SourceCode};
+use yara_x::{Compiler, Rules, Scanner, SourceCode};
 
 /// External variables declared for every compiled ruleset, as used by public
 /// rulesets (signature-base and THOR-style rules). Each is a string.
@@ -163,6 +163,15 @@ pub enum SignatureError {
     Changed(PathBuf),
     #[error("{} error(s) in the ruleset:\n{}", .0.len(), DiagnosticList(.0))]
     Compile(Vec<Diagnostic>),
+    #[error(
+        "{} declares some of the external variables {} as strings but not {}: \
+         compile it with all of them declared as strings, or with none",
+        path.display(), EXTERNALS.join(", "), missing.join(", ")
+    )]
+    SomeExternals {
+        path: PathBuf,
+        missing: Vec<&'static str>,
+    },
     #[error("cannot load pre-compiled rules {}: {source}", path.display())]
     Precompiled {
         path: PathBuf,
@@ -294,6 +303,9 @@ pub struct Ruleset {
     from_cache: bool,
     warnings: Vec<Diagnostic>,
     name_sensitive: bool,
+    /// Whether the rules declare the external variables ([`EXTERNALS`]),
+    /// all as strings; otherwise they declare none.
+    externals: bool,
     /// When the signatures were released: the newest modification time of
     /// their files.
     released: SystemTime,
@@ -407,7 +419,21 @@ impl Ruleset {
         if rules.iter().all(|rule| rule.is_private()) {
             return Err(SignatureError::NoRules(source.to_owned()));
         }
+        // Rules compiled here declare every external; rules compiled
+        // elsewhere may declare none (they see no names), but not some:
+        // a scan could not set the others.
+        let mut scanner = Scanner::new(&rules);
+        let missing: Vec<_> = EXTERNALS
+            .into_iter()
+            .filter(|ident| scanner.set_global(ident, "").is_err())
+            .collect();
+        drop(scanner);
+        if !missing.is_empty() && missing.len() < EXTERNALS.len() {
+            let path = source.to_owned();
+            return Err(SignatureError::SomeExternals { path, missing });
+        }
         Ok(Ruleset {
+            externals: missing.is_empty(),
             rule_count: rules.iter().len(),
             rules,
             version_id: version
@@ -448,6 +474,13 @@ impl Ruleset {
     /// The version, shared: verdicts carry it.
     pub fn version_arc(&self) -> Arc<str> {
         Arc::clone(&self.version)
+    }
+
+    /// Whether the rules declare the name-derived external variables
+    /// ([`EXTERNALS`]), to be set for every scan; rules compiled elsewhere
+    /// may declare none.
+    pub fn declares_externals(&self) -> bool {
+        self.externals
     }
 
     /// The number of rules, private ones included.
@@ -538,6 +571,9 @@ struct SourceFile {
 /// The source files of a ruleset, in the order of their relative paths.
 struct SourceSet {
     files: Vec<SourceFile>,
+    /// Whether any file includes another (which YARA-X reads itself, be it
+    /// only included or also compiled on its own).
+    includes: bool,
 }
 
 impl SourceSet {
@@ -569,7 +605,10 @@ impl SourceSet {
         if files.is_empty() {
             return Err(SignatureError::Empty(source.to_owned()));
         }
-        let mut set = SourceSet { files };
+        let mut set = SourceSet {
+            files,
+            includes: false,
+        };
         set.resolve_includes(&root)?;
         set.files.sort_by(|a, b| a.relative.cmp(&b.relative));
         Ok(set)
@@ -617,6 +656,7 @@ impl SourceSet {
             if self.files[index].top_level {
                 self.files[index].text = rewritten;
             }
+            self.includes |= !found.is_empty();
             for path in found {
                 if !self.files.iter().any(|f| f.path == path) {
                     self.files.push(SourceFile::read(root, &path, false)?);
@@ -646,9 +686,9 @@ impl SourceSet {
         hasher.finalize().to_hex().to_string()
     }
 
-    /// Whether any file is there because another includes it.
+    /// Whether any file includes another.
     fn has_includes(&self) -> bool {
-        self.files.iter().any(|file| !file.top_level)
+        self.includes
     }
 
     /// Whether any source mentions a name-derived external variable. A
@@ -868,5 +908,22 @@ mod tests {
         );
         assert_eq!(include_target(b"// include \"a.yar\""), None);
         assert_eq!(include_target(b"rule included { condition: true }"), None);
+    }
+
+    /// A file compiled on its own and included by another too is read
+    /// again by YARA-X: the ruleset has includes, to be checked for
+    /// changes after compiling.
+    #[test]
+    fn a_file_both_compiled_and_included_counts_as_an_include() {
+        let dir = tempfile::tempdir().unwrap();
+        let rule = |name: &str| format!("rule {name} {{ condition: true }}\n");
+        fs::write(dir.path().join("b.yar"), rule("b")).unwrap();
+        let set = SourceSet::collect(dir.path()).unwrap();
+        assert!(!set.has_includes());
+        let including = format!("include \"b.yar\"\n{}", rule("a"));
+        fs::write(dir.path().join("a.yar"), including).unwrap();
+        let set = SourceSet::collect(dir.path()).unwrap();
+        assert!(set.files.iter().all(|file| file.top_level));
+        assert!(set.has_includes());
     }
 }

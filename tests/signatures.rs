@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::*;
-use scanserver::signatures::{Ruleset, SignatureError};
+use scanserver::signatures::{EXTERNALS, Ruleset, SignatureError};
 
 /// Samples built in code for the rules that look at binary structure.
 fn binary_samples() -> BTreeMap<&'static str, (Vec<u8>, Vec<u8>)> {
@@ -478,6 +478,28 @@ fn precompiled_rules_are_accepted() {
     assert_eq!(loaded.rule_count(), ruleset.rule_count());
     let engine = engine_with(loaded, Default::default());
     assert_eq!(matching_rules(&engine, EICAR, "eicar"), ["EICAR_Test_File"]);
+
+    // Rules compiled elsewhere may declare none of the externals, not some.
+    let compiled_with = |globals: &[&str]| {
+        let mut compiler = yara_x::Compiler::new();
+        for global in globals {
+            compiler.define_global(global, "").unwrap();
+        }
+        compiler
+            .add_source(r#"rule Eicar { strings: $a = "EICAR-STANDARD" condition: $a }"#)
+            .unwrap();
+        fs::write(&file, compiler.build().serialize().unwrap()).unwrap();
+        Ruleset::load(&file, None)
+    };
+    let engine = engine_with(compiled_with(&[]).unwrap(), Default::default());
+    assert_eq!(matching_rules(&engine, EICAR, "eicar"), ["Eicar"]);
+    let err = compiled_with(&["filename", "extension"]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("but not filepath, filetype, owner"),
+        "{err}"
+    );
+    assert!(compiled_with(&EXTERNALS).is_ok());
 }
 
 /// Public rulesets written by others, when present: every folder below

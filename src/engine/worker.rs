@@ -30,7 +30,7 @@ use super::{Limits, ScanOutcome, mapped};
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
     metrics::Metrics,
-    signatures::{EXTERNALS, NameExternals, Ruleset},
+    signatures::{NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
 };
 
@@ -66,9 +66,6 @@ impl BoundScanner {
 #[derive(Default)]
 struct Worker {
     scanner: Option<BoundScanner>,
-    /// Whether the current rules declare the external variables (rules
-    /// pre-compiled elsewhere may not).
-    externals: bool,
     buffer: Vec<u8>,
 }
 
@@ -387,12 +384,9 @@ impl Worker {
             .as_ref()
             .is_none_or(|s| !Arc::ptr_eq(s.borrow_owner(), ruleset));
         if stale {
-            let mut scanner = BoundScanner::build(ruleset);
-            self.externals =
-                scanner.with_dependent_mut(|_, s| s.set_global(EXTERNALS[0], "").is_ok());
-            self.scanner = Some(scanner);
+            self.scanner = Some(BoundScanner::build(ruleset));
         }
-        let externals = self.externals;
+        let externals = ruleset.declares_externals();
         let scanner = self.scanner.as_mut().expect("scanner was just built");
         scanner.with_dependent_mut(|_, scanner| {
             scanner.set_timeout(limits.timeout);
