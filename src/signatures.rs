@@ -436,10 +436,7 @@ impl Ruleset {
             externals: missing.is_empty(),
             rule_count: rules.iter().len(),
             rules,
-            version_id: version
-                .get(..16)
-                .and_then(|prefix| u64::from_str_radix(prefix, 16).ok())
-                .unwrap_or(0),
+            version_id: version_id(&version),
             version: version.into(),
             source: source.to_owned(),
             compile_time: started.elapsed(),
@@ -556,6 +553,14 @@ fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
         .and_then(|f| io::Read::read(&mut io::Read::take(f, head.len() as u64), &mut head))
         .map_err(|e| SignatureError::io(path, e))?;
     Ok(&head[..n] == SERIALIZED_MAGIC)
+}
+
+/// A ruleset version as a number: its first 64 bits, which cache keys carry.
+pub fn version_id(version: &str) -> u64 {
+    version
+        .get(..16)
+        .and_then(|prefix| u64::from_str_radix(prefix, 16).ok())
+        .unwrap_or(0)
 }
 
 /// One source file of a ruleset.

@@ -8,7 +8,8 @@ use std::{path::Path, time::Duration};
 
 use common::*;
 use scanserver::proto::{
-    Hello, ReloadSignaturesRequest, ServerMessage, StatusRequest, SvmReason, server_message,
+    Hello, ReloadSignaturesRequest, ServerMessage, StatusRequest, SvmReason, file_reply,
+    server_message,
 };
 use tonic::Code;
 
@@ -291,5 +292,68 @@ async fn many_errors_are_abridged_in_the_answer() {
                 server.state.engine.ruleset().version()
             )),
         "{message}"
+    );
+}
+
+/// A scan that waited for a thread while the signatures were reloaded is
+/// made with the new rules, under its own file's name: its verdict is not
+/// handed to the files that waited for it, whose names the new rules may
+/// judge otherwise. They are asked for their content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
+    // One scan thread, kept busy by a slow scan (at least 2 s: YARA-X
+    // stops it at its 3 s timeout's next whole second).
+    let server = TestServer::start(|c| {
+        c.engine.threads = 1;
+        c.engine.scan_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let marker = |condition: &str| {
+        format!(
+            "{SLOW_RULE}\nrule marker {{ strings: $m = \"MARKER-N\" condition: {condition} }}\n"
+        )
+    };
+    server
+        .state
+        .replace_ruleset(ruleset_from_source(&marker("$m and false")));
+    let (welcome, _keep) = open_session(&server, hello()).await;
+    let server_message::Kind::Welcome(welcome) = welcome else {
+        panic!("expected a welcome, got {welcome:?}");
+    };
+    let session = welcome.session_id;
+    let (busy, _busy_replies) = scan_stream(&server).await;
+    send_whole(&busy, &session, 9, &vec![1u8; 200_000]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // file1.bin leads the scan of the content, queued behind the slow
+    // one; file2.bin, announced by digest, waits for it.
+    let data = b"MARKER-N".repeat(4);
+    let digest = blake3::hash(&data);
+    let (tx, mut replies) = scan_stream(&server).await;
+    send_whole(&tx, &session, 1, &data).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(begin(&session, 2, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The new rules find the marker in file2.bin only.
+    server.state.replace_ruleset(ruleset_from_source(&marker(
+        "$m and filename == \"file2.bin\"",
+    )));
+
+    // (The slow rule matches content this small.)
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, verdict_rules(&kind)), (1, vec!["slow".to_owned()]));
+    let (id, kind) = next(&mut replies).await;
+    assert!(
+        id == 2 && matches!(kind, file_reply::Kind::SendContent(_)),
+        "{id}: {kind:?}"
+    );
+    tx.send(chunk(2, 0, &data)).await.unwrap();
+    tx.send(end(2)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (2, vec!["slow".into(), "marker".into()])
     );
 }

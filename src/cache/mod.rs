@@ -49,7 +49,10 @@ use std::{
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, sync::Cache};
 use serde::Serialize;
 
-use crate::{signatures::Ruleset, verdict::Verdict};
+use crate::{
+    signatures::{Ruleset, version_id},
+    verdict::Verdict,
+};
 pub use flight::{Flight, Flights, Join};
 
 /// A blake3 content digest.
@@ -87,6 +90,12 @@ impl CacheKey {
             content: *hasher.finalize().as_bytes(),
             rules,
         }
+    }
+
+    /// Whether the key is one of the signatures `version`: a verdict made
+    /// with others is not a verdict for this key.
+    pub fn is_of(&self, version: &str) -> bool {
+        self.rules == version_id(version)
     }
 }
 

@@ -1118,11 +1118,15 @@ impl Judging {
     }
 }
 
-/// Lands a scan's outcome for the waiters of the flight it led, if any (a
-/// failure lands nothing: they go on without it).
+/// Lands a scan's outcome for the waiters of the flight it led, if any. A
+/// failure lands nothing: they go on without it. Nor does a verdict made
+/// with other signatures than the flight's (reloaded while the scan waited
+/// for a thread): the scan judged the leading file's name, and the new
+/// rules may look at names where the flight's did not.
 fn land(flight: Option<Flight>, outcome: &ScanOutcome) {
     if let Some(flight) = flight {
-        flight.land(outcome.to_cached());
+        let made_for_it = flight.key().is_of(&outcome.rules_version);
+        flight.land(outcome.to_cached().filter(|_| made_for_it));
     }
 }
 
