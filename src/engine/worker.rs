@@ -189,6 +189,10 @@ impl Context<'_> {
             mapped::with_mapped(file, size, |data| {
                 with_worker(|worker| self.judge(worker, data, name))
             })
+            .map(|judged| match self.digest {
+                Some(_) => judged,
+                None => judged.not_to_keep(),
+            })
             .map_err(|err| err.to_string())
         };
         let judged =
@@ -263,11 +267,27 @@ enum Origin {
     Cache,
     /// A scan of the content, to be cached under this key.
     Scan(CacheKey),
+    /// A scan of content that may not be that of its digest: a local file
+    /// read twice through a live mapping, hashed then scanned, which
+    /// another process may have written to in between. Cached, its verdict
+    /// would be served for content it was not made on. (A spooled upload
+    /// comes with the digest it was received under, and only the server
+    /// writes to it.)
+    Unkept,
     /// Nowhere: the content could not be read or scanned.
     Failure,
 }
 
 impl Judged {
+    /// The verdict, of a scan not to be cached (see [`Origin::Unkept`]).
+    fn not_to_keep(self) -> Self {
+        let origin = match self.origin {
+            Origin::Scan(_) => Origin::Unkept,
+            other => other,
+        };
+        Judged { origin, ..self }
+    }
+
     /// A failure before the content could be read.
     fn failed(verdict: Verdict) -> Self {
         Judged {
