@@ -14,7 +14,7 @@
 use std::{
     fs,
     io::{self, Write},
-    os::unix::fs::{DirBuilderExt, MetadataExt},
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -139,18 +139,55 @@ impl Owner {
     }
 }
 
-/// The server's state folder.
+/// The file a server holds locked in its state folder.
+const LOCK_FILE: &str = "lock";
+
+/// How the temporary files of [`replace_file`] are named.
+const TEMPORARY_PREFIX: &str = ".partial-";
+
+/// The server's state folder, one server's at a time: two writing the same
+/// snapshot and registry of VMs would undo each other's.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     path: PathBuf,
+    /// Locked while any clone lives.
+    _lock: Arc<fs::File>,
 }
 
 impl StateDir {
-    /// Opens (creating it if needed) the state folder at `path`.
+    /// Opens (creating it if needed) the state folder at `path`, unless
+    /// another process holds it, and removes the temporary files a crash
+    /// left there while replacing a state file.
     pub fn open(path: &Path) -> io::Result<StateDir> {
         private_dir(path)?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path.join(LOCK_FILE))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "another scanserver serves from it; give each server a state folder of its own",
+                ));
+            }
+            Err(fs::TryLockError::Error(err)) => return Err(err),
+        }
+        for entry in fs::read_dir(path)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(TEMPORARY_PREFIX)
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         Ok(StateDir {
             path: path.to_owned(),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -321,7 +358,9 @@ pub fn replace_file<T>(
     write: impl FnOnce(&mut dyn Write) -> io::Result<T>,
 ) -> io::Result<T> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    let mut file = tempfile::Builder::new()
+        .prefix(TEMPORARY_PREFIX)
+        .tempfile_in(dir)?;
     let mut out = io::BufWriter::new(file.as_file_mut());
     let value = write(&mut out)?;
     out.flush()?;
@@ -349,6 +388,29 @@ mod tests {
         let err = private_dir(path).expect_err(because);
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
         assert!(err.to_string().contains(because), "{err}");
+    }
+
+    #[test]
+    fn one_server_at_a_time_and_no_leftovers_of_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let err = StateDir::open(dir.path()).expect_err("held by the first");
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        let held = state.clone();
+        drop(state);
+        assert!(StateDir::open(dir.path()).is_err(), "held by a clone");
+
+        // A crash while a state file was being replaced.
+        replace_file(&dir.path().join("kept"), |out| out.write_all(b"whole")).unwrap();
+        fs::write(dir.path().join(".partial-left"), b"half").unwrap();
+        drop(held);
+        let _reopened = StateDir::open(dir.path()).unwrap();
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["kept", LOCK_FILE]);
     }
 
     #[test]
