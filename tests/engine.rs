@@ -107,6 +107,52 @@ fn files_are_scanned_read_or_mapped_with_their_digest() {
     }
 }
 
+/// A file under another process's lease (a file server's oplock) is
+/// opened once its holder lets go, as the lease's break asks it to; one
+/// whose holder holds on past the scan timeout fails with `io`.
+#[test]
+fn a_file_under_a_lease_is_scanned_once_its_holder_lets_go() {
+    use std::os::fd::AsRawFd;
+    let config = EngineConfig {
+        scan_timeout: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leased.com");
+    fs::write(&path, EICAR).unwrap();
+    let holder = fs::File::open(&path).unwrap();
+    let lease = |kind: libc::c_int| {
+        // SAFETY: fcntl on a descriptor this test owns.
+        assert_eq!(
+            unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, kind) },
+            0
+        );
+    };
+    // Told to let go with SIGIO, which would end the test.
+    // SAFETY: ignoring a signal this test binary does not otherwise use.
+    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+
+    lease(libc::F_WRLCK);
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            lease(libc::F_UNLCK);
+        });
+        engine.scan(&ScanJob::file(&path))
+    });
+    assert_eq!(outcome.verdict.detections()[0].rule, "EICAR_Test_File");
+
+    lease(libc::F_WRLCK);
+    let outcome = engine.scan(&ScanJob::file(&path));
+    assert_eq!(
+        reason(&outcome.verdict),
+        Some(FailReason::Io),
+        "{outcome:?}"
+    );
+    lease(libc::F_UNLCK);
+}
+
 /// Files of /proc (and /sys, and some FUSE file systems) say they hold 0
 /// bytes, whatever they hold: they are read to their end, not taken for
 /// empty.

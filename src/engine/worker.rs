@@ -21,7 +21,7 @@ use std::{
     panic::{self, AssertUnwindSafe},
     path::Path,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use yara_x::{ScanError, Scanner};
@@ -107,7 +107,7 @@ impl Context<'_> {
     /// the worker's buffer when small, memory-mapped when large.
     pub fn scan_file(&self, path: &Path) -> ScanOutcome {
         let started = Instant::now();
-        match open_regular(path) {
+        match open_regular(path, self.limits.timeout) {
             Ok((file, 0)) => self.scan_unsized(started, &file, Some(self.name.unwrap_or(path))),
             Ok((file, size)) => {
                 let name = Some(self.name.unwrap_or(path));
@@ -320,28 +320,38 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
 /// never end), returning it with its size. Opened without blocking, so
 /// that a FIFO put in a file's place is refused rather than waited on
 /// (reads of a regular file do not heed the flag). A regular file under
-/// another process's lease (a file server's oplock) refuses such an open:
-/// it is opened again, waiting for the lease like any reader.
-fn open_regular(path: &Path) -> Result<(File, u64), Verdict> {
+/// another process's lease (a file server's oplock) refuses such an open,
+/// which tells the holder to let go: it is opened again, still without
+/// blocking (the file may be swapped meanwhile), until the lease is gone
+/// or `wait` has passed.
+fn open_regular(path: &Path, wait: Duration) -> Result<(File, u64), Verdict> {
     let io_failure = |err: std::io::Error| Verdict::failed(FailReason::Io, err.to_string());
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path);
-    let file = match opened {
-        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => match std::fs::metadata(path) {
-            Ok(metadata) if metadata.is_file() => File::open(path),
-            _ => Err(err),
-        },
-        opened => opened,
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+    };
+    let deadline = Instant::now() + wait;
+    let mut opened = open();
+    while opened
+        .as_ref()
+        .is_err_and(|err| err.kind() == std::io::ErrorKind::WouldBlock)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(LEASE_POLL);
+        opened = open();
     }
-    .map_err(io_failure)?;
+    let file = opened.map_err(io_failure)?;
     let metadata = file.metadata().map_err(io_failure)?;
     if !metadata.is_file() {
         return Err(Verdict::failed(FailReason::Io, "not a regular file"));
     }
     Ok((file, metadata.len()))
 }
+
+/// How often a file under a lease is opened again.
+const LEASE_POLL: Duration = Duration::from_millis(10);
 
 fn too_large(size: u64, limits: Limits) -> Verdict {
     Verdict::failed(
