@@ -141,7 +141,7 @@ impl Config {
                 "is below uploads.max_file_size: a file of the largest size accepted could never be spooled",
             );
         }
-        if self.uploads.spool_budget_per_vm >> 10 < self.uploads.max_file_size.div_ceil(1024) {
+        if self.uploads.spool_budget_per_vm() >> 10 < self.uploads.max_file_size.div_ceil(1024) {
             return invalid(
                 "uploads.spool_budget_per_vm",
                 "is below uploads.max_file_size: a VM's file of the largest size accepted could never be spooled",
@@ -444,8 +444,10 @@ pub struct UploadConfig {
     /// Disk one VM's spooled uploads may use together, so that a VM
     /// scanning a folder of large files leaves room for the others'; one
     /// more fails with RESOURCE_EXHAUSTED, as for a full spool. (`ScanFile`
-    /// uploads are no VM's: only `spool_budget` bounds them.)
-    pub spool_budget_per_vm: u64,
+    /// uploads are no VM's: only `spool_budget` bounds them.) [default:
+    /// 4 GiB, or `max_file_size` when larger; see
+    /// [`Self::spool_budget_per_vm`]]
+    pub spool_budget_per_vm: Option<u64>,
     /// Files all spooled uploads may have at once (each holds a descriptor
     /// until its scan ends); one more fails with RESOURCE_EXHAUSTED.
     pub spool_files: u32,
@@ -458,6 +460,16 @@ pub struct UploadConfig {
     pub files_in_flight: u32,
 }
 
+impl UploadConfig {
+    /// Disk one VM's spooled uploads may use together: as set, else 4 GiB,
+    /// or `max_file_size` when that is larger (so that a configuration
+    /// that raised it needs nothing more).
+    pub fn spool_budget_per_vm(&self) -> u64 {
+        self.spool_budget_per_vm
+            .unwrap_or((4 << 30).max(self.max_file_size))
+    }
+}
+
 impl Default for UploadConfig {
     fn default() -> Self {
         UploadConfig {
@@ -465,7 +477,7 @@ impl Default for UploadConfig {
             memory_budget: 128 << 20,
             spool_dir: None,
             spool_budget: 16 << 30,
-            spool_budget_per_vm: 4 << 30,
+            spool_budget_per_vm: None,
             spool_files: 4096,
             max_file_size: EngineConfig::default().max_scan_size,
             chunk_size: 256 << 10,
@@ -560,7 +572,7 @@ mod tests {
             "uploads.spool_budget"
         );
         assert_eq!(
-            refused(|c| c.uploads.spool_budget_per_vm = c.uploads.max_file_size - 1),
+            refused(|c| c.uploads.spool_budget_per_vm = Some(c.uploads.max_file_size - 1)),
             "uploads.spool_budget_per_vm"
         );
         assert_eq!(

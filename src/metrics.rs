@@ -357,7 +357,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_spool_full",
-                "Uploads refused because the spool had no room for them (its budget or its files)",
+                "Uploads refused because the spool had no room for them (its budget, its files, or their VM's share)",
                 spool.refused,
             ),
             (

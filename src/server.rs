@@ -375,7 +375,9 @@ impl Server {
         // The keepers make their last saves once serving is over, grace
         // period included: scans finishing in it change the cache and tags.
         let (served, served_rx) = watch::channel(false);
-        let keeper = tokio::spawn(self.state_dir.keep_cache(
+        // The state folder stays locked until both keepers are done.
+        let state_dir = self.state_dir;
+        let keeper = tokio::spawn(state_dir.clone().keep_cache(
             Arc::clone(&self.state.engine),
             self.snapshot_interval,
             served_rx.clone(),
@@ -438,6 +440,7 @@ impl Server {
         let _ = served.send(true);
         let _ = keeper.await;
         let _ = vms_keeper.await;
+        drop(state_dir);
         served_result?;
         let stats = self.state.engine.cache().stats();
         tracing::info!(

@@ -270,7 +270,7 @@ impl Sessions {
         metrics: Arc<Metrics>,
     ) -> Self {
         let spool_share_kib =
-            usize::try_from(uploads.spool_budget_per_vm >> 10).unwrap_or(usize::MAX);
+            usize::try_from(uploads.spool_budget_per_vm() >> 10).unwrap_or(usize::MAX);
         Sessions {
             by_id: RwLock::new(HashMap::new()),
             places: Mutex::new(HashMap::new()),

@@ -479,6 +479,38 @@ impl TestAgent {
         file_verdict(verdict);
     }
 
+    /// Begins a file whose content waits, and another, refused for want of
+    /// room (the VM's one place in flight is taken); sends the first's
+    /// content, then the second again, whole: both get clean verdicts.
+    async fn refused_for_room_then_sent_again(&self, server: &TestServer) {
+        let data = [0; 10];
+        let (tx, mut replies) = scan_stream(server).await;
+        let session = &self.session_id;
+        tx.send(batch(vec![
+            begin(session, 1, &data, None),
+            begin(session, 2, &data, None),
+        ]))
+        .await
+        .unwrap();
+        let (id, refused) = next(&mut replies).await;
+        assert_eq!(
+            (id, error_code(&refused)),
+            (2, tonic::Code::ResourceExhausted)
+        );
+        tx.send(batch(vec![chunk(1, 0, &data), end(1)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            file_verdict(next(&mut replies).await.1).detection_count(),
+            0
+        );
+        send_whole(&tx, session, 2, &data).await;
+        assert_eq!(
+            file_verdict(next(&mut replies).await.1).detection_count(),
+            0
+        );
+    }
+
     /// Scans `data` through a Scan stream; returns the number of detections.
     async fn scan(&self, server: &TestServer, data: &[u8]) -> usize {
         let requests = vec![
@@ -620,6 +652,20 @@ async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
         agent.full_scan(0).await;
         eventually(&server, "vm-z", |vm| vm.tags.is_empty()).await;
     }
+}
+
+/// A file refused for want of room is sent again, as the agent is told to:
+/// the refusal does not keep the full scan from clearing the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_refused_for_want_of_room_and_sent_again_leaves_a_full_scan_clean() {
+    let server = TestServer::start(|c| c.uploads.files_in_flight = 1).await;
+    let agent = TestAgent::connect(&server, "vm-r").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    agent.full_scan_event(TaskState::Started, 0).await;
+    agent.handled(&server).await;
+    agent.refused_for_room_then_sent_again(&server).await;
+    agent.full_scan_event(TaskState::Finished, 0).await;
+    eventually(&server, "vm-r", |vm| vm.tags.is_empty()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -464,7 +464,7 @@ fn spool_share_of_one_large_file(config: &mut Config) {
     config.uploads.memory_threshold = 16 << 10;
     config.uploads.max_file_size = 64 << 10;
     config.uploads.spool_budget = 256 << 10;
-    config.uploads.spool_budget_per_vm = 64 << 10;
+    config.uploads.spool_budget_per_vm = Some(64 << 10);
 }
 
 /// One VM's files take at most its share of the spool, however many it
@@ -510,8 +510,8 @@ async fn one_vm_takes_no_more_than_its_share_of_the_spool() {
 }
 
 /// The client scans a folder of files each taking most of its VM's share
-/// of the spool: the server refuses all but one at a time, and every file
-/// gets its verdict.
+/// of the spool: the server takes them a few at a time and refuses the
+/// others, which the client sends again, and every file gets its verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_scans_files_larger_than_its_share_allows_at_once() {
     let server = TestServer::start(spool_share_of_one_large_file).await;

@@ -381,12 +381,13 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
 /// places in flight held by files of the VM's earlier session, say, or its
 /// spool or the VM's share of it full), each announced again after a pause
 /// that doubles from [`Self::FIRST`] up to [`Self::LONGEST`]. A file fails
-/// with the server's error once refused [`Self::MOST`] times in a row
-/// (about 10 seconds) with none of the agent's files answered meanwhile:
-/// see [`Refusals`]. Such a refusal says nothing of the file, and room
-/// comes back as other files end. A file waiting here keeps its place in flight; it takes a new id,
-/// so that late replies about the refused one (errors for chunks already
-/// sent with its begin) are not taken for it.
+/// with the server's error once refused [`Self::MOST`] times in a row (10
+/// to 16 seconds, as pauses grow) with none of the agent's files answered
+/// meanwhile: see [`Refusals`]. Such a refusal says nothing of the file,
+/// and room comes back as other files end. A file waiting here keeps its
+/// place in flight; it takes a new id, so that late replies about the
+/// refused one (errors for chunks already sent with its begin) are not
+/// taken for it.
 struct Retries {
     session_id: String,
     requests: mpsc::Sender<ScanRequest>,

@@ -148,12 +148,22 @@ impl Answered {
 /// The verdict a begun file owes its session's VM. Settled by the verdict;
 /// a file that goes without one (refused, failed, cancelled, cut off with
 /// its stream) counts as a failed scan for the VM, so that a full scan
-/// under way cannot prove the VM clean without having seen it.
+/// under way cannot prove the VM clean without having seen it. A file
+/// refused for want of room is [forgiven](Self::forgive): it is sent
+/// again.
 struct VerdictOwed(Option<Arc<Session>>);
 
 impl VerdictOwed {
     fn to(session: &Arc<Session>) -> Self {
         VerdictOwed(Some(Arc::clone(session)))
+    }
+
+    /// Lets the VM off: the file was refused for want of room, and its
+    /// agent is told to send it again; the file sent again owes the
+    /// verdict (and one the agent gives up on counts in its task's failed
+    /// files). Its scan did not fail: nothing was scanned yet.
+    fn forgive(&mut self) {
+        self.0 = None;
     }
 
     /// The share of the spool the file's VM has.
@@ -690,8 +700,9 @@ impl ScanStream {
         let session = session
             .get(&self.state, &begin.session_id, self.caller.as_ref())
             .map_err(|status| fail(status.code(), status.message().to_owned()))?;
-        // From here on, a refused file spoils its VM's full scan.
-        let owed = VerdictOwed::to(session);
+        // From here on, a refused file spoils its VM's full scan (but
+        // for want of room: see `VerdictOwed::forgive`).
+        let mut owed = VerdictOwed::to(session);
         if self.scanning.holds(id) {
             let message = format!(
                 "file id {id} is still being scanned on this stream; use it again once its verdict came"
@@ -704,6 +715,7 @@ impl ScanStream {
             .check_size(begin.size)
             .map_err(|err| upload_error(id, &err))?;
         let Ok(in_flight) = Arc::clone(&session.files_in_flight).try_acquire_owned() else {
+            owed.forgive();
             let limit = self.state.uploads.config().files_in_flight;
             let message = format!(
                 "more than {limit} files in flight on this session; wait for verdicts before beginning more"
@@ -727,14 +739,19 @@ impl ScanStream {
     fn open_for_content(
         &mut self,
         id: u64,
-        file: OpenFile,
+        mut file: OpenFile,
         digest: Option<Digest>,
         standing: Standing,
     ) -> Option<FileReply> {
         let vm_share = file.owed.spool_share();
         let upload = match self.state.uploads.begin(Some(file.size), digest, vm_share) {
             Ok(upload) => Box::new(upload),
-            Err(err) => return Some(upload_error(id, &err)),
+            Err(err) => {
+                if err.code() == Code::ResourceExhausted {
+                    file.owed.forgive();
+                }
+                return Some(upload_error(id, &err));
+            }
         };
         let asks = digest.is_some();
         let file = OpenFile {

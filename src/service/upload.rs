@@ -203,7 +203,7 @@ impl UploadStore {
                 dir: spool_dir.into(),
                 budget: permits(config.spool_budget),
                 budget_bytes: config.spool_budget,
-                share_per_vm: config.spool_budget_per_vm,
+                share_per_vm: config.spool_budget_per_vm(),
                 files: Arc::new(Semaphore::new(config.spool_files as usize)),
                 max_files: config.spool_files,
                 refused: Arc::default(),
