@@ -239,26 +239,28 @@ impl Svm {
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
+        // One lock at a time, each let go before the next is taken (a
+        // guard in the array below would live until it is built): no order
+        // of taking them to keep in step with other code.
+        let probe_unreachable = lock(&self.probe).unreachable();
+        let reporter_unreachable = lock(&self.reporter).unreachable();
+        let saturated = lock(&self.load).saturated();
+        let signatures_update_failed = lock(&self.signatures_update).is_some();
+        let tls_update_failed = lock(&self.tls_update).is_some();
         let conditions = [
             (ruleset.rule_count() == 0, SvmReason::NoSignatures),
+            (probe_unreachable, SvmReason::InfrastructureUnreachable),
             (
-                lock(&self.probe).unreachable(),
-                SvmReason::InfrastructureUnreachable,
-            ),
-            (
-                lock(&self.reporter).unreachable(),
+                reporter_unreachable,
                 SvmReason::NoConnectionToIntegrationServer,
             ),
             (
                 age(ruleset.release_time()) > self.signatures_max_age,
                 SvmReason::SignaturesOutdated,
             ),
-            (lock(&self.load).saturated(), SvmReason::ScanQueueSaturated),
-            (
-                lock(&self.signatures_update).is_some(),
-                SvmReason::SignaturesUpdateFailed,
-            ),
-            (lock(&self.tls_update).is_some(), SvmReason::TlsUpdateFailed),
+            (saturated, SvmReason::ScanQueueSaturated),
+            (signatures_update_failed, SvmReason::SignaturesUpdateFailed),
+            (tls_update_failed, SvmReason::TlsUpdateFailed),
             (
                 certificate_left.is_some_and(|left| left.is_zero()),
                 SvmReason::CertificateExpired,
@@ -391,6 +393,7 @@ impl Svm {
         let vms = self.vm_infos(which);
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
+        let load = lock(&self.load).load(&self.engine, &self.sessions);
         SvmReport {
             sequence: 0,
             sent_at_unix_ms: unix_ms(SystemTime::now()),
@@ -402,7 +405,7 @@ impl Svm {
             connected_agents: self.sessions.len() as u32,
             protected_vms_30d: self.vms.count() as u32,
             vms,
-            load: Some(lock(&self.load).load(&self.engine, &self.sessions)),
+            load: Some(load),
             cache: Some(CacheStatistics::from(&cache)),
         }
     }
@@ -475,6 +478,10 @@ impl Svm {
         if let Some(failure) = self.signatures_update_failure() {
             signatures_detail += &format!("; the last reload failed: {failure}");
         }
+        // Copied out, one lock at a time (see `status`).
+        let tls_update_failure = self.tls_update_failure();
+        let reporter = lock(&self.reporter).clone();
+        let probe = lock(&self.probe).clone();
         vec![
             component(
                 "scan engine",
@@ -524,8 +531,7 @@ impl Svm {
                             humantime::format_rfc3339_seconds(expires)
                         ),
                     },
-                    lock(&self.tls_update)
-                        .as_ref()
+                    tls_update_failure
                         .map(|failure| format!("; the last TLS reload failed: {failure}"))
                         .unwrap_or_default()
                 ),
@@ -536,13 +542,13 @@ impl Svm {
             ),
             reach_component(
                 "integration server reporter",
-                &lock(&self.reporter),
+                &reporter,
                 state_for(SvmReason::NoConnectionToIntegrationServer),
                 [("reports delivered", delivered), ("reports failed", failed)],
             ),
             reach_component(
                 "infrastructure probe",
-                &lock(&self.probe),
+                &probe,
                 state_for(SvmReason::InfrastructureUnreachable),
                 [],
             ),

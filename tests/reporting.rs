@@ -1076,3 +1076,39 @@ async fn the_admin_service_asks_for_its_token_when_it_has_one() {
     );
     server.stop().await;
 }
+
+/// The status is computed every second (and for each report) while an
+/// operator asks for the components, on other threads: neither waits for
+/// the other for ever, whatever locks each takes.
+#[test]
+fn the_status_and_the_components_computed_at_once_do_not_deadlock() {
+    let config = Config::default();
+    let engine = engine_with(shipped_ruleset(), config.engine.clone());
+    let vms = Arc::new(Vms::in_memory());
+    let metrics = Arc::clone(engine.metrics());
+    let sessions = Arc::new(Sessions::new(
+        10,
+        &config.uploads,
+        Arc::clone(&vms),
+        metrics,
+    ));
+    let svm = Arc::new(Svm::new(&config, engine, sessions, vms, None));
+    let (done, finished) = std::sync::mpsc::channel();
+    for components in [false, true] {
+        let (svm, done) = (Arc::clone(&svm), done.clone());
+        std::thread::spawn(move || {
+            for _ in 0..20_000 {
+                match components {
+                    true => drop(svm.components()),
+                    false => svm.refresh(),
+                }
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("both threads finish");
+    }
+}
