@@ -62,6 +62,29 @@ impl Config {
                 problem: problem.to_owned(),
             })
         };
+        // Timers are set from these: far-off values ("never", say) would
+        // overflow the runtime's clock, and 0 means never where allowed.
+        let durations = [
+            ("engine.scan_timeout", self.engine.scan_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+            ("server.snapshot_interval", self.server.snapshot_interval),
+            ("rules.check_interval", self.rules.check_interval),
+            ("rules.max_age", self.rules.max_age),
+            ("reporting.interval", self.reporting.interval),
+        ];
+        let tls_check = self
+            .tls
+            .as_ref()
+            .map(|tls| ("tls.check_interval", tls.check_interval));
+        for (setting, duration) in durations.into_iter().chain(tls_check) {
+            if duration > MAX_DURATION {
+                return invalid(
+                    setting,
+                    "must be at most 100 years (0s where it means never)",
+                );
+            }
+        }
         let heartbeat = self.server.heartbeat_interval;
         if heartbeat < Duration::from_millis(1) || heartbeat > Duration::from_secs(3600) {
             return invalid("server.heartbeat_interval", "must be between 1ms and 1h");
@@ -422,6 +445,9 @@ impl RulesConfig {
     }
 }
 
+/// The longest duration a setting may have.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
 /// The most `uploads.spool_files` may be.
 pub const MAX_SPOOL_FILES: u32 = 1 << 20;
 
@@ -583,6 +609,8 @@ mod tests {
             refused(|c| c.uploads.spool_files = MAX_SPOOL_FILES + 1),
             "uploads.spool_files"
         );
+        let never_ever = |c: &mut Config| c.server.snapshot_interval = Duration::MAX;
+        assert_eq!(refused(never_ever), "server.snapshot_interval");
         let too_often = |c: &mut Config| c.rules.check_interval = Duration::from_millis(100);
         assert_eq!(refused(too_often), "rules.check_interval");
         let idle_below_scans = |c: &mut Config| c.server.idle_timeout = c.engine.scan_timeout;

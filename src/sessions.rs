@@ -145,6 +145,8 @@ pub struct Session {
     /// Files open at once on the session's Scan streams: the VM's places,
     /// shared with files its earlier sessions still have open.
     pub files_in_flight: Arc<Semaphore>,
+    /// How many places the VM has.
+    places: usize,
     /// The VM's share of the spool, in KiB permits: shared with its
     /// earlier sessions' files as its places are.
     pub spool_share: Arc<Semaphore>,
@@ -207,6 +209,12 @@ impl Session {
         if tally.failures > 0 {
             self.scan_failed();
         }
+    }
+
+    /// Files of the VM (this session's, or its earlier ones') begun and
+    /// not answered yet.
+    pub fn files_open(&self) -> usize {
+        self.places - self.files_in_flight.available_permits()
     }
 
     /// A file of the session failed, or went without a verdict: a full
@@ -304,6 +312,7 @@ impl Sessions {
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
             files_in_flight: places,
+            places: self.files_in_flight,
             spool_share,
             lookups: Semaphore::new(LOOKUPS_AT_ONCE),
             files: AtomicU64::new(0),
@@ -391,10 +400,7 @@ impl Sessions {
 
     /// Files begun on every session's Scan streams and not yet answered.
     pub fn files_in_flight(&self) -> usize {
-        self.list()
-            .iter()
-            .map(|s| self.files_in_flight - s.files_in_flight.available_permits())
-            .sum()
+        self.list().iter().map(|s| s.files_open()).sum()
     }
 
     /// Whether no agent is connected.

@@ -413,8 +413,12 @@ impl TestAgent {
     }
 
     async fn full_scan_event(&self, state: TaskState, detections: u32) {
+        self.full_scan_event_of("full-1", state, detections).await;
+    }
+
+    async fn full_scan_event_of(&self, task_id: &str, state: TaskState, detections: u32) {
         self.tell(agent_message::Kind::Task(TaskEvent {
-            task_id: "full-1".into(),
+            task_id: task_id.into(),
             kind: TaskKind::FullScan as i32,
             state: state as i32,
             detections,
@@ -652,6 +656,44 @@ async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
         agent.full_scan(0).await;
         eventually(&server, "vm-z", |vm| vm.tags.is_empty()).await;
     }
+}
+
+/// A full scan that finishes while a file of the VM still waits for its
+/// verdict has not seen it, and one whose task id is too long to keep is
+/// not taken: the tag stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_scan_finished_with_files_in_flight_or_a_long_id_leaves_the_tag() {
+    let server = TestServer::start(|_| {}).await;
+    let agent = TestAgent::connect(&server, "vm-f").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    let files_open = || server.state.sessions.files_in_flight();
+    agent.full_scan_event(TaskState::Started, 0).await;
+    let (tx, replies) = scan_stream(&server).await;
+    tx.send(begin(&agent.session_id, 1, &[0; 10], None))
+        .await
+        .unwrap();
+    while files_open() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    agent.full_scan_event(TaskState::Finished, 0).await;
+    agent.handled(&server).await;
+    let vm = vm_info(&server, "vm-f").await;
+    assert_eq!(tags(&vm), [(VIRUS_FOUND.to_owned(), 1)], "a file in flight");
+    drop((tx, replies));
+    while files_open() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let long = "t".repeat(300);
+    agent.full_scan_event_of(&long, TaskState::Started, 0).await;
+    agent
+        .full_scan_event_of(&long, TaskState::Finished, 0)
+        .await;
+    agent.handled(&server).await;
+    let vm = vm_info(&server, "vm-f").await;
+    assert_eq!(tags(&vm), [(VIRUS_FOUND.to_owned(), 1)], "a long task id");
+    agent.full_scan(0).await;
+    eventually(&server, "vm-f", |vm| vm.tags.is_empty()).await;
 }
 
 /// A file refused for want of room is sent again, as the agent is told to:

@@ -368,6 +368,13 @@ async fn hellos_are_accepted_or_rejected_with_a_reason() {
             },
             RejectReason::InvalidHello,
         ),
+        (
+            Hello {
+                agent_id: "agent\n2026-12-01T00:00:00Z ERROR forged".into(),
+                ..hello()
+            },
+            RejectReason::InvalidHello,
+        ),
     ];
     for (hello, reason) in cases {
         let (reply, _) = open_session(&server, hello).await;

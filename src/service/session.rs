@@ -165,6 +165,13 @@ fn check_identity(hello: &Hello) -> Result<(), String> {
                 value.len()
             ));
         }
+        // Logged, listed and reported as they are: a line break would
+        // forge a log line.
+        if value.chars().any(char::is_control) {
+            return Err(format!(
+                "the Hello's {name} {value:?} holds control characters"
+            ));
+        }
     }
     if hello.agent_id.is_empty() || hello.vm_id.is_empty() {
         return Err("the Hello must name its agent (agent_id) and its VM (vm_id)".into());
@@ -187,6 +194,15 @@ fn check_certified(vm_id: &str, certificate: Option<&CertificateDer<'_>>) -> Res
     if vm_id.bytes().any(|b| b.is_ascii_uppercase()) || vm_id.ends_with('.') {
         return Err(format!(
             "the VM id {vm_id:?} must be in lower case without a final dot, as in the certificate"
+        ));
+    }
+    // An address has many spellings (fd00::5, fd00:0::0005): one, the
+    // shortest, names the VM.
+    if let Ok(address) = vm_id.parse::<std::net::IpAddr>()
+        && address.to_string() != vm_id
+    {
+        return Err(format!(
+            "the VM id {vm_id:?} is an address that must be written {address}"
         ));
     }
     let name = ServerName::try_from(vm_id).map_err(|_| {
@@ -339,39 +355,65 @@ async fn serve(
     }
 }
 
+/// An agent's text as logs show it: its first [`MAX_IDENTITY_LEN`] bytes
+/// (logged quoted and escaped, so that it cannot forge a log line).
+fn shown(text: &str) -> &str {
+    let mut end = text.len().min(MAX_IDENTITY_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Records what the agent tells.
 fn note(vms: &Vms, session: &Session, message: AgentMessage) {
     let vm = session.agent.vm_id.as_str();
     match message.kind {
         Some(agent_message::Kind::Task(task)) => {
+            // Kept with the VM until the task ends: what the agent names
+            // there must stay small.
+            if task.task_id.len() > MAX_IDENTITY_LEN {
+                tracing::warn!(
+                    session = %session.id, vm, length = task.task_id.len(),
+                    "scan task event ignored: its task id is over {MAX_IDENTITY_LEN} bytes"
+                );
+                return;
+            }
             tracing::info!(
-                session = %session.id, vm, task = %task.task_id,
+                session = %session.id, vm, task = ?task.task_id,
                 kind = ?task.kind(), state = ?task.state(), detections = task.detections,
                 failed_files = task.failed_files, "scan task"
             );
             match task.state() {
                 TaskState::Started => vms.task_started(session, &task.task_id, task.kind()),
-                TaskState::Finished => vms.task_finished(
-                    session,
-                    &task.task_id,
-                    task.kind(),
-                    task.detections,
-                    task.failed_files,
-                ),
+                TaskState::Finished => {
+                    // A full scan that ends with files of the VM still owed
+                    // their verdicts has not seen them.
+                    if session.files_open() > 0 {
+                        session.scan_failed();
+                    }
+                    vms.task_finished(
+                        session,
+                        &task.task_id,
+                        task.kind(),
+                        task.detections,
+                        task.failed_files,
+                    );
+                }
                 TaskState::Unspecified => {}
             }
         }
         Some(agent_message::Kind::Integrity(event)) => {
             tracing::warn!(
-                session = %session.id, vm, kind = ?event.kind(), object = %event.object,
+                session = %session.id, vm, kind = ?event.kind(), object = ?shown(&event.object),
                 "integrity event"
             );
             vms.integrity(vm, event.kind());
         }
         Some(agent_message::Kind::NetworkAttack(attack)) => {
             tracing::warn!(
-                session = %session.id, vm, source = %attack.source_address,
-                description = %attack.description, "network attack"
+                session = %session.id, vm, source = ?shown(&attack.source_address),
+                description = ?shown(&attack.description), "network attack"
             );
             vms.network_attack(vm);
         }
@@ -379,5 +421,35 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
             vms.integration_server(vm, status.integration_server_connected);
         }
         Some(agent_message::Kind::Heartbeat(_)) | Some(agent_message::Kind::Hello(_)) | None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One certificate names one VM: an address is written one way only.
+    #[test]
+    fn a_vm_id_from_a_certificate_has_one_spelling() {
+        let names = vec!["desk-12.vdi.example".to_owned(), "fd00::5".to_owned()];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = certificate.der();
+        assert!(check_certified("desk-12.vdi.example", Some(der)).is_ok());
+        assert!(check_certified("fd00::5", Some(der)).is_ok());
+        for alias in [
+            "DESK-12.vdi.example",
+            "desk-12.vdi.example.",
+            "fd00:0::5",
+            "fd00::0005",
+        ] {
+            let err = check_certified(alias, Some(der)).expect_err(alias);
+            assert!(err.contains("must be"), "{alias}: {err}");
+        }
+        assert!(check_certified("desk-13.vdi.example", Some(der)).is_err());
+        assert!(check_certified("fd00::5", None).is_err());
     }
 }
