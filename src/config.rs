@@ -81,7 +81,7 @@ impl Config {
             if duration > MAX_DURATION {
                 return invalid(
                     setting,
-                    "must be at most 100 years (0s where it means never)",
+                    "must be at most 1000 years (0s where it means never)",
                 );
             }
         }
@@ -445,8 +445,8 @@ impl RulesConfig {
     }
 }
 
-/// The longest duration a setting may have.
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+/// The longest duration a setting may have: 1000 years.
+pub const MAX_DURATION: Duration = Duration::from_secs(1000 * 366 * 86400);
 
 /// The most `uploads.spool_files` may be.
 pub const MAX_SPOOL_FILES: u32 = 1 << 20;

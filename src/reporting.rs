@@ -135,7 +135,15 @@ impl Reporter {
                 url: url.clone(),
                 source,
             })?
-            .connect_timeout(REPORT_TIMEOUT);
+            .connect_timeout(REPORT_TIMEOUT)
+            // A report that times out leaves the connection as it is: one
+            // whose peer vanished (a failover, an expired NAT entry) is
+            // found dead by pings within a report's time, and the next
+            // report connects again, rather than wait for TCP to give up
+            // (about 15 minutes).
+            .http2_keep_alive_interval(REPORT_TIMEOUT)
+            .keep_alive_timeout(REPORT_TIMEOUT)
+            .keep_alive_while_idle(true);
         if let Some(tls) = &config.tls {
             endpoint = endpoint
                 .tls_config(tls_config(tls)?)
