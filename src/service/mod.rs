@@ -183,7 +183,7 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(session::OUTBOX);
         // The agent's own certificate, under mutual TLS.
         let certificate = request
             .peer_certs()

@@ -35,6 +35,10 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Outbox = mpsc::Sender<Result<ServerMessage, Status>>;
 
+/// Messages to an agent its session may have queued (heartbeats, notices)
+/// before it ends the session: the agent does not read.
+pub(super) const OUTBOX: usize = 16;
+
 /// Runs one session to its end.
 pub(super) async fn run(
     state: Arc<ServiceState>,
@@ -274,6 +278,23 @@ impl Watched {
     }
 }
 
+/// Sends the agent `message`; false when the session is over: its stream
+/// is gone, or its agent has let [`OUTBOX`] messages pile up unread. Never
+/// waits: a session waiting on an agent that does not read would check
+/// neither its heartbeats nor shutdown.
+fn tell(out: &Outbox, session: &Session, message: server_message::Kind) -> bool {
+    match out.try_send(Ok(ServerMessage {
+        kind: Some(message),
+    })) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!(session = %session.id, "the agent does not read its session stream");
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
 /// The life of an admitted session, and how it ended.
 async fn serve(
     state: &ServiceState,
@@ -301,7 +322,7 @@ async fn serve(
                 }
                 sequence += 1;
                 let beat = server_message::Kind::Heartbeat(Heartbeat { sequence });
-                if out.send(Ok(ServerMessage { kind: Some(beat) })).await.is_err() {
+                if !tell(out, session, beat) {
                     return Ending::Dropped;
                 }
                 continue;
@@ -312,7 +333,7 @@ async fn serve(
                     signatures_version: ruleset.version().to_owned(),
                     rule_count: ruleset.rule_count() as u64,
                 });
-                if out.send(Ok(ServerMessage { kind: Some(notice) })).await.is_err() {
+                if !tell(out, session, notice) {
                     return Ending::Dropped;
                 }
                 continue;
@@ -320,19 +341,19 @@ async fn serve(
             Ok(()) = superseded.changed() => {
                 // Closed already: the VM's session is the newer one.
                 let message = "a newer session of this VM replaced this one";
-                let _ = out.send(Err(Status::aborted(message))).await;
+                let _ = out.try_send(Err(Status::aborted(message)));
                 return Ending::Closed;
             }
             Ok(()) = restart.changed() => {
                 let reason = restart.borrow_and_update().clone().unwrap_or_default();
                 let notice = server_message::Kind::RestartSession(RestartSession { reason });
-                if out.send(Ok(ServerMessage { kind: Some(notice) })).await.is_err() {
+                if !tell(out, session, notice) {
                     return Ending::Dropped;
                 }
                 continue;
             }
             () = shut_down(&mut shutdown) => {
-                let _ = out.send(Err(Status::unavailable("the server is shutting down"))).await;
+                let _ = out.try_send(Err(Status::unavailable("the server is shutting down")));
                 return Ending::ServerShutdown;
             }
         };
