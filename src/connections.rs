@@ -1,4 +1,5 @@
-//! The agent listener's connections: at most `server.max_connections` open
+//! The agent listener's connections (and the admin listener's, on TCP: at
+//! most [`ADMIN_CONNECTIONS`]): at most `server.max_connections` open
 //! at once, each given 10 seconds to start speaking HTTP/2, and a process
 //! allowed to open that many files.
 //!
@@ -79,9 +80,17 @@ pub const ACCEPTED_QUEUE: usize = 64;
 /// How often refused connections are logged, at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// The places of the agent listener's connections.
+/// How many connections the admin listener (on TCP) takes at once:
+/// operators and their tools need a few, and without a bound any local
+/// user could take every descriptor the server has.
+pub const ADMIN_CONNECTIONS: usize = 64;
+
+/// The places of a listener's connections.
 #[derive(Debug)]
 pub struct Connections {
+    /// Whose connections they are, and what sets their number, for logs.
+    whose: &'static str,
+    limit: &'static str,
     places: Arc<Semaphore>,
     max: usize,
     refused: AtomicU64,
@@ -92,10 +101,21 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Room for `max` connections at once (at most [`MAX_CONNECTIONS`]).
+    /// Room for `max` agent connections at once (at most
+    /// [`MAX_CONNECTIONS`]).
     pub fn new(max: usize) -> Self {
-        let max = max.min(MAX_CONNECTIONS);
+        Self::of("agent", "server.max_connections", max.min(MAX_CONNECTIONS))
+    }
+
+    /// Room for the admin listener's [`ADMIN_CONNECTIONS`].
+    pub fn admin() -> Self {
+        Self::of("admin", "at most 64", ADMIN_CONNECTIONS)
+    }
+
+    fn of(whose: &'static str, limit: &'static str, max: usize) -> Self {
         Connections {
+            whose,
+            limit,
             places: Arc::new(Semaphore::new(max)),
             max,
             refused: AtomicU64::new(0),
@@ -127,7 +147,10 @@ impl Connections {
     }
 
     /// The next connection on `listener` that finds a place, with Nagle's
-    /// algorithm off (see `server::incoming`); those that find none are
+    /// algorithm off (replies are small messages the client waits for: a
+    /// request for content, a verdict; with Nagle on, one would wait for
+    /// the client's delayed acknowledgement of the previous one, stalling
+    /// the stream for 40 ms at a time on Linux); those that find none are
     /// closed. A failed accept of one connection (reset before it was
     /// taken, say) is passed over; any other (out of file descriptors, say)
     /// is logged once until an accept succeeds (`failing` keeps track), and
@@ -171,6 +194,7 @@ impl Connections {
             return Some(Place {
                 _permit: place,
                 silent: Arc::clone(&self.silent),
+                whose: self.whose,
             });
         }
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -180,7 +204,9 @@ impl Connections {
             tracing::warn!(
                 max = self.max,
                 refused = since,
-                "every agent connection place is taken: new connections are closed until some end (server.max_connections)"
+                "every {} connection place is taken: new connections are closed until some end ({})",
+                self.whose,
+                self.limit
             );
             *warned = Some((Instant::now(), refused));
         }
@@ -215,6 +241,7 @@ pub struct Place {
     _permit: OwnedSemaphorePermit,
     /// Where a connection cut off for its silence is counted.
     silent: Arc<AtomicU64>,
+    whose: &'static str,
 }
 
 impl Place {
@@ -273,7 +300,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
             Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
                 this.preface = None;
                 this._place.silent.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("an agent connection sent no HTTP/2 preface in time; closed");
+                let whose = this._place.whose;
+                tracing::debug!("an {whose} connection sent no HTTP/2 preface in time; closed");
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no HTTP/2 preface within {PREFACE_WAIT:?}"),

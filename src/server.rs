@@ -15,7 +15,7 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, t
 
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::{
@@ -64,16 +64,6 @@ const MAX_STREAMS: u32 = 64;
 /// default). With them, such a connection is closed within half a minute.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The connections accepted on `listener`, with Nagle's algorithm off.
-/// Replies are small messages that the agent waits for (a request for
-/// content, a verdict); with Nagle on, one would wait for the agent's
-/// delayed acknowledgement of the previous one, stalling the stream for
-/// 40 ms at a time (Linux). The builder's `tcp_nodelay` does not reach a
-/// listener bound beforehand, so it is set here.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
 
 /// Lets the process open as many files as it may, and says at start when
 /// that is short of what `max_connections`, `spool_files` and the rest need.
@@ -520,26 +510,32 @@ impl Server {
                 .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"))
                 .ok()
                 .map(|reflection| InterceptedService::new(reflection, token.clone()));
+            // Bounded as agent connections are (see `connections`), and
+            // pinged: a tool gone without a word lets go of its place.
             let router = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .add_service(AdminServer::with_interceptor(
                     AdminService::new(Arc::clone(&self.svm), Arc::clone(&self.reloader)),
                     token,
                 ))
                 .add_optional_service(reflection);
-            let (serve, socket_file): (AdminServing, _) =
-                match listener {
-                    AdminListener::Tcp(listener) => (
-                        Box::pin(router.serve_with_incoming_shutdown(incoming(listener), down())),
-                        None,
-                    ),
-                    AdminListener::Unix(AdminSocket { listener, file }) => (
+            let (serve, socket_file): (AdminServing, _) = match listener {
+                AdminListener::Tcp(listener) => {
+                    let incoming = Arc::new(connections::Connections::admin()).incoming(listener);
+                    let serving = router.serve_with_incoming_shutdown(incoming, down());
+                    (Box::pin(serving), None)
+                }
+                AdminListener::Unix(AdminSocket { listener, file }) => {
+                    (
                         Box::pin(router.serve_with_incoming_shutdown(
                             UnixListenerStream::new(listener),
                             down(),
                         )),
                         Some(file),
-                    ),
-                };
+                    )
+                }
+            };
             tokio::spawn(async move {
                 if let Err(err) = serve.await {
                     tracing::error!("the admin listener failed: {err}");
@@ -628,22 +624,5 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
             () = term => {},
             () = interrupt => {},
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tokio_stream::StreamExt;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut incoming = incoming(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap());
     }
 }

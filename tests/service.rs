@@ -1736,6 +1736,20 @@ async fn connections_beyond_the_limit_are_closed() {
         let until_closed = async { while let Ok(1..) = tcp.read(&mut buf).await {} };
         tokio::time::timeout(wait, until_closed).await.is_ok()
     };
+    // The admin listener has places of its own, as many as operators
+    // need: one more is closed at once, and agents are not affected.
+    let admin = server.admin.to_string();
+    let mut held = Vec::new();
+    for _ in 0..scanserver::connections::ADMIN_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(&admin).await.unwrap());
+    }
+    let beyond = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    assert!(
+        closed(beyond, Duration::from_secs(5)).await,
+        "admin: closed at once"
+    );
+    drop(held);
+
     let first = endpoint.connect().await.unwrap();
     assert!(healthy(first.clone()).await);
     let silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
