@@ -7,12 +7,13 @@
 //! were accepted with: an agent whose certificate a new CA no longer
 //! admits stays connected until it reconnects (or the server restarts).
 //!
-//! Each handshake runs on a task of its own, within 10 seconds, at most
-//! 256 at once (further connections wait in the kernel's
-//! backlog): a client that connects and never finishes its handshake
-//! neither holds its socket for ever nor holds up anyone else's. A
-//! connection takes its place among `server.max_connections` (see
-//! [`crate::connections`]) before its handshake.
+//! Each handshake runs on a task of its own, within 10 seconds: a client
+//! that connects and never finishes its handshake neither holds its socket
+//! for ever nor holds up anyone else's. A connection takes its place among
+//! `server.max_connections` (see [`crate::connections`]) before its
+//! handshake, which bounds the handshakes under way: silent clients hold
+//! up others only once they take every place, as any flood of connections
+//! would.
 
 use std::{
     io,
@@ -44,9 +45,6 @@ use crate::{
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes under way at once.
-const MAX_HANDSHAKES: usize = 256;
 
 /// TLS settings that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +216,7 @@ impl Tls {
             let mut failing = false;
             loop {
                 let (tcp, peer, place) = tokio::select! {
-                    next = connections.accept(&listener, &mut failing), if handshakes.len() < MAX_HANDSHAKES => next,
+                    next = connections.accept(&listener, &mut failing) => next,
                     Some(_) = handshakes.join_next() => continue,
                     () = accepted.closed() => return,
                 };

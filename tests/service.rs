@@ -1799,6 +1799,30 @@ async fn connections_beyond_the_limit_are_closed() {
 /// A renewed certificate, or a new client CA, is used once the files are
 /// read again (by the periodic look at them, on SIGHUP for `scanserver
 /// serve`, or by hand here); files that cannot be used replace nothing.
+/// Clients that connect and say nothing hold up no one's TLS handshake
+/// while connection places are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_hold_up_no_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let tls = TlsConfig::new(dir.path().join("server.pem"), dir.path().join("server.key"));
+    let server = TestServer::start(|c| c.tls = Some(tls)).await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let options = AgentOptions {
+        tls: Some(ClientTls {
+            ca: Some(dir.path().join("ca.pem")),
+            identity: None,
+            domain: Some("localhost".into()),
+        }),
+        ..AgentOptions::for_host(format!("https://{}", server.addr))
+    };
+    let connected = tokio::time::timeout(Duration::from_secs(5), Agent::connect(&options)).await;
+    assert!(matches!(connected, Ok(Ok(_))), "a session at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewed_certificates_are_served_once_read_again() {
     let (first, renewed, served) = (
