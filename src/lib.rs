@@ -24,8 +24,6 @@
 //!   metrics listeners, the background tasks, and graceful shutdown.
 //! * [`connections`]: the agent listener's connection limit, and the
 //!   open files it needs.
-//! * [`intake`]: the budget of the agent listener's partly received
-//!   messages.
 //! * [`tls`]: the agent listener's TLS and mutual TLS, reloaded on SIGHUP.
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
@@ -58,7 +56,6 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod engine;
-pub mod intake;
 pub mod localscan;
 pub mod metrics;
 pub mod notify;

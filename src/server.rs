@@ -17,7 +17,6 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
-use tower_layer::{Identity, Stack};
 
 use crate::{
     admin::{self, AdminAddr, AdminService, AdminSocket},
@@ -25,7 +24,6 @@ use crate::{
     config::Config,
     connections,
     engine::Engine,
-    intake::IntakeLayer,
     metrics, notify,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
     reload::Reloader,
@@ -449,12 +447,11 @@ impl Server {
 
 impl Server {
     /// The agent listener's services (Protection, health and reflection),
-    /// on HTTP/2 settings made for uploads, their requests' partly received
-    /// messages within one budget (see [`crate::intake`]).
+    /// on HTTP/2 settings made for uploads.
     fn agent_router(
         &self,
         health: HealthServer<impl Health>,
-    ) -> Result<tonic::transport::server::Router<Stack<IntakeLayer, Identity>>, ServerError> {
+    ) -> Result<tonic::transport::server::Router, ServerError> {
         // The descriptors hold every service of the package; agents are shown
         // only what this listener serves.
         let reflection = tonic_reflection::server::Builder::configure()
@@ -472,7 +469,6 @@ impl Server {
             .max_concurrent_streams(Some(MAX_STREAMS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .layer(IntakeLayer::new())
             .add_service(health)
             .add_service(reflection)
             .add_service(service))
