@@ -116,6 +116,8 @@ pub struct Reporter {
     svm: Arc<Svm>,
     /// Sends the bearer token, if any, with every report.
     client: IntegrationServerClient<InterceptedService<Channel, SendToken>>,
+    endpoint: Endpoint,
+    token: SendToken,
     interval: Duration,
     sequence: u64,
 }
@@ -135,15 +137,7 @@ impl Reporter {
                 url: url.clone(),
                 source,
             })?
-            .connect_timeout(REPORT_TIMEOUT)
-            // A report that times out leaves the connection as it is: one
-            // whose peer vanished (a failover, an expired NAT entry) is
-            // found dead by pings within a report's time, and the next
-            // report connects again, rather than wait for TCP to give up
-            // (about 15 minutes).
-            .http2_keep_alive_interval(REPORT_TIMEOUT)
-            .keep_alive_timeout(REPORT_TIMEOUT)
-            .keep_alive_while_idle(true);
+            .connect_timeout(REPORT_TIMEOUT);
         if let Some(tls) = &config.tls {
             endpoint = endpoint
                 .tls_config(tls_config(tls)?)
@@ -155,15 +149,29 @@ impl Reporter {
             .map(BearerToken::read)
             .transpose()
             .map_err(ReportingError::Token)?;
+        let token = SendToken(token);
         Ok(Some(Reporter {
             svm,
             client: IntegrationServerClient::with_interceptor(
                 endpoint.connect_lazy(),
-                SendToken(token),
+                token.clone(),
             ),
+            endpoint,
+            token,
             interval: config.interval,
             sequence: 0,
         }))
+    }
+
+    /// Drops the channel for a new one, which connects with the next
+    /// report. A report that got no answer in time leaves its connection
+    /// as it was, and one whose peer vanished without a word (a failover,
+    /// an expired NAT entry) would fail every report until TCP gave up on
+    /// it, about 15 minutes later. (Pings would find it sooner, but gRPC
+    /// servers close connections that ping more than every 5 minutes.)
+    fn reconnect(&mut self) {
+        let channel = self.endpoint.connect_lazy();
+        self.client = IntegrationServerClient::with_interceptor(channel, self.token.clone());
     }
 
     /// Reports until `shutdown` turns true.
@@ -248,7 +256,10 @@ impl Reporter {
                 "the Integration Server refused the report: {}",
                 status.message()
             )),
-            Err(_) => Err(format!("no answer within {REPORT_TIMEOUT:?}")),
+            Err(_) => {
+                self.reconnect();
+                Err(format!("no answer within {REPORT_TIMEOUT:?}"))
+            }
         };
         match &result {
             Ok(()) => tracing::debug!(sequence = self.sequence, ?trigger, "report delivered"),
