@@ -1292,7 +1292,9 @@ async fn a_scan_cut_off_gives_every_file_one_outcome() {
     let cut = async move { link.abort() };
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://{proxy}");
-    let outcomes = scan_cut_off(dir.path(), &url, 10, 1 << 20, cut).await;
+    // Large enough that the nine other files are still on their way when
+    // the first outcome has the link cut, however busy the machine.
+    let outcomes = scan_cut_off(dir.path(), &url, 10, 4 << 20, cut).await;
     assert_every_file_has_one_outcome(&outcomes, 10);
     assert!(
         outcomes.iter().all(|(_, o)| o.digest.is_some()),
