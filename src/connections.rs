@@ -1,7 +1,7 @@
-//! The agent listener's connections (and the admin listener's, on TCP: at
-//! most [`ADMIN_CONNECTIONS`]): at most `server.max_connections` open
-//! at once, each given 10 seconds to start speaking HTTP/2, and a process
-//! allowed to open that many files.
+//! A listener's connections: at most `server.max_connections` open at
+//! once on the agent listener ([`ADMIN_CONNECTIONS`] on the admin
+//! listener, over TCP), each given 10 seconds to start speaking HTTP/2,
+//! and a process allowed to open that many files.
 //!
 //! Sessions are bounded by `server.max_agents`, but a connection costs the
 //! server before any session: a file descriptor, HTTP/2 state, and up to a

@@ -1523,6 +1523,19 @@ async fn a_file_asked_for_and_gone_keeps_its_place_until_the_server_drops_it() {
     assert_eq!(verdict("eicar.com").kind(), "infected");
 }
 
+/// An agent of `server` (over TLS) trusting the CA `certificates` made in
+/// `dir`, without a certificate of its own.
+fn tls_agent(dir: &Path, server: &TestServer) -> AgentOptions {
+    AgentOptions {
+        tls: Some(ClientTls {
+            ca: Some(dir.join("ca.pem")),
+            identity: None,
+            domain: Some("localhost".into()),
+        }),
+        ..AgentOptions::for_host(format!("https://{}", server.addr))
+    }
+}
+
 /// A CA, a server certificate for localhost and a client certificate, as
 /// PEM files in `dir`.
 fn certificates(dir: &Path) {
@@ -1780,14 +1793,7 @@ async fn connections_beyond_the_limit_are_closed() {
         c.server.max_connections = Some(1);
     })
     .await;
-    let options = AgentOptions {
-        tls: Some(ClientTls {
-            ca: Some(dir.path().join("ca.pem")),
-            identity: None,
-            domain: Some("localhost".into()),
-        }),
-        ..AgentOptions::for_host(format!("https://{}", server.addr))
-    };
+    let options = tls_agent(dir.path(), &server);
     let agent = Agent::connect(&options).await.expect("a TLS session");
     assert!(Agent::connect(&options).await.is_err(), "no place left");
     assert_eq!(server.svm.connections.refused(), 1);
@@ -1798,9 +1804,6 @@ async fn connections_beyond_the_limit_are_closed() {
         .expect("the place was given back");
 }
 
-/// A renewed certificate, or a new client CA, is used once the files are
-/// read again (by the periodic look at them, on SIGHUP for `scanserver
-/// serve`, or by hand here); files that cannot be used replace nothing.
 /// Clients that connect and say nothing hold up no one's TLS handshake
 /// while connection places are left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1813,18 +1816,14 @@ async fn silent_clients_hold_up_no_tls_handshake() {
     for _ in 0..300 {
         silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
     }
-    let options = AgentOptions {
-        tls: Some(ClientTls {
-            ca: Some(dir.path().join("ca.pem")),
-            identity: None,
-            domain: Some("localhost".into()),
-        }),
-        ..AgentOptions::for_host(format!("https://{}", server.addr))
-    };
+    let options = tls_agent(dir.path(), &server);
     let connected = tokio::time::timeout(Duration::from_secs(5), Agent::connect(&options)).await;
     assert!(matches!(connected, Ok(Ok(_))), "a session at once");
 }
 
+/// A renewed certificate, or a new client CA, is used once the files are
+/// read again (by the periodic look at them, on SIGHUP for `scanserver
+/// serve`, or by hand here); files that cannot be used replace nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewed_certificates_are_served_once_read_again() {
     let (first, renewed, served) = (

@@ -379,11 +379,7 @@ async fn serve(
 /// An agent's text as logs show it: its first [`MAX_IDENTITY_LEN`] bytes
 /// (logged quoted and escaped, so that it cannot forge a log line).
 fn shown(text: &str) -> &str {
-    let mut end = text.len().min(MAX_IDENTITY_LEN);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
+    &text[..text.floor_char_boundary(MAX_IDENTITY_LEN)]
 }
 
 /// Records what the agent tells.
