@@ -148,6 +148,12 @@ impl Config {
         if !(1..=MAX_SPOOL_FILES).contains(&self.uploads.spool_files) {
             return invalid("uploads.spool_files", "must be between 1 and 1048576");
         }
+        if self.uploads.message_budget < crate::intake::MAX_MESSAGE_SIZE as u64 {
+            return invalid(
+                "uploads.message_budget",
+                "must be at least 16 MiB: a message of the largest size accepted could never be received",
+            );
+        }
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
@@ -484,6 +490,10 @@ pub struct UploadConfig {
     /// Files open at once per VM, and `ScanFile` calls at once on the
     /// whole server.
     pub files_in_flight: u32,
+    /// Memory the agent listener's calls may hold together for request
+    /// messages over 64 KiB (see [`crate::intake`]); a call whose message
+    /// finds no room within 10 s fails with RESOURCE_EXHAUSTED.
+    pub message_budget: u64,
 }
 
 impl UploadConfig {
@@ -508,6 +518,7 @@ impl Default for UploadConfig {
             max_file_size: EngineConfig::default().max_scan_size,
             chunk_size: 256 << 10,
             files_in_flight: 128,
+            message_budget: 512 << 20,
         }
     }
 }
@@ -592,6 +603,10 @@ mod tests {
         assert_eq!(
             refused(|c| c.server.max_agents = usize::MAX),
             "server.max_connections"
+        );
+        assert_eq!(
+            refused(|c| c.uploads.message_budget = (16 << 20) - 1),
+            "uploads.message_budget"
         );
         assert_eq!(
             refused(|c| c.uploads.spool_budget = c.uploads.max_file_size - 1),

@@ -24,6 +24,8 @@
 //!   metrics listeners, the background tasks, and graceful shutdown.
 //! * [`connections`]: the agent listener's connection limit, and the
 //!   open files it needs.
+//! * [`intake`]: the memory the agent listener's calls hold for their
+//!   request messages, and how long a message may take to come whole.
 //! * [`tls`]: the agent listener's TLS and mutual TLS, reloaded on SIGHUP.
 //! * [`service`]: the Light Agent gRPC service (sessions, scans, lookups).
 //! * [`sessions`]: the registry of connected agents.
@@ -56,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod intake;
 pub mod localscan;
 pub mod metrics;
 pub mod notify;

@@ -294,6 +294,16 @@ impl Collector for Live {
                 spool.budget,
             ),
             (
+                "scanserver_message_room_bytes",
+                "Memory the agent listener's calls hold for request messages over 64 KiB",
+                self.1.intake.held(),
+            ),
+            (
+                "scanserver_message_budget_bytes",
+                "The message budget: memory the agent listener's calls may hold for request messages over 64 KiB",
+                self.1.intake.budget(),
+            ),
+            (
                 "scanserver_spool_files",
                 "Spooled uploads on disk now",
                 spool.files,

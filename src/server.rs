@@ -17,6 +17,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
+use tower_layer::{Identity, Stack};
 
 use crate::{
     admin::{self, AdminAddr, AdminService, AdminSocket},
@@ -24,6 +25,7 @@ use crate::{
     config::Config,
     connections,
     engine::Engine,
+    intake::{IntakeLayer, MAX_MESSAGE_SIZE},
     metrics, notify,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
     reload::Reloader,
@@ -35,9 +37,6 @@ use crate::{
     tls::{Tls, TlsError},
     vms::Vms,
 };
-
-/// Largest gRPC message accepted (a chunk, or a Lookup of 100,000 digests).
-const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) throttle an upload
 /// to one window per round trip (see BENCHMARKS.md for what larger windows
@@ -54,7 +53,7 @@ const MAX_FRAME_SIZE: u32 = 1 << 20;
 /// Calls open at once on one agent connection; further ones wait for a
 /// place (HTTP/2 flow control). An agent needs a few (Connect, a Scan
 /// stream or two, a Lookup); without a limit, one connection could hold a
-/// request of up to [`MAX_MESSAGE_SIZE`] in each of thousands of calls.
+/// request in each of thousands of calls (see [`crate::intake`]).
 const MAX_STREAMS: u32 = 64;
 
 /// HTTP/2 pings on every agent connection, and how long an answer may take.
@@ -447,11 +446,12 @@ impl Server {
 
 impl Server {
     /// The agent listener's services (Protection, health and reflection),
-    /// on HTTP/2 settings made for uploads.
+    /// on HTTP/2 settings made for uploads, their calls' messages within
+    /// one budget (see [`crate::intake`]).
     fn agent_router(
         &self,
         health: HealthServer<impl Health>,
-    ) -> Result<tonic::transport::server::Router, ServerError> {
+    ) -> Result<tonic::transport::server::Router<Stack<IntakeLayer, Identity>>, ServerError> {
         // The descriptors hold every service of the package; agents are shown
         // only what this listener serves.
         let reflection = tonic_reflection::server::Builder::configure()
@@ -469,6 +469,7 @@ impl Server {
             .max_concurrent_streams(Some(MAX_STREAMS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(self.state.intake.clone())
             .add_service(health)
             .add_service(reflection)
             .add_service(service))

@@ -1713,18 +1713,20 @@ async fn tls_and_mutual_tls() {
     );
 }
 
-/// Waits, for up to 10 s, until `server` counts `open` agent connections.
-async fn until_connections_open(server: &TestServer, open: usize) {
+/// Waits, for up to 10 s, until `read` gives `wanted`.
+async fn until_read<T: PartialEq + std::fmt::Debug>(what: &str, read: impl Fn() -> T, wanted: T) {
     for _ in 0..1000 {
-        if server.svm.connections.open() == open {
+        if read() == wanted {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!(
-        "{} connections open, not {open}",
-        server.svm.connections.open()
-    );
+    panic!("{what}: {:?}, not {wanted:?}", read());
+}
+
+/// Waits until `server` counts `open` agent connections.
+async fn until_connections_open(server: &TestServer, open: usize) {
+    until_read("connections open", || server.svm.connections.open(), open).await;
 }
 
 /// Connections beyond `server.max_connections` are closed as they are
@@ -2230,4 +2232,91 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
     scanned.unwrap();
     assert_eq!(*verdict.lock().unwrap(), Some("clean"));
     assert!(server.state.uploads.spool_usage().refused >= 1);
+}
+
+/// A raw HTTP/2 call of `method` on a connection of its own: sends the
+/// header of a gRPC message of `len` bytes and `sent` bytes of it, and
+/// leaves the rest unsent while the call is held (its response, and its
+/// request stream).
+async fn begin_message(
+    server: &TestServer,
+    method: &str,
+    len: usize,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "http://{}/scanserver.v1.ProtectionServer/{method}",
+        server.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = h2
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    let mut message = vec![0];
+    message.extend_from_slice(&(len as u32).to_be_bytes());
+    message.resize(5 + sent, 0);
+    body.send_data(message.into(), false).unwrap();
+    (response, body)
+}
+
+/// The gRPC status of a raw call's response: in its headers, or in its
+/// trailers.
+async fn grpc_status(response: h2::client::ResponseFuture) -> i32 {
+    let response = response.await.unwrap();
+    let status = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .map(|s| s.to_str().unwrap().parse().unwrap())
+    };
+    if let Some(code) = status(response.headers()) {
+        return code;
+    }
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    status(&body.trailers().await.unwrap().expect("trailers")).expect("a grpc-status")
+}
+
+/// Waits until the calls of `server` hold `bytes` of room.
+async fn until_room_held(server: &TestServer, bytes: u64) {
+    until_read("room held", || server.state.intake.held(), bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_are_received_only_within_the_message_budget() {
+    let server = TestServer::start(|c| c.uploads.message_budget = 16 << 20).await;
+    // A message of 12 MiB begun and stalled holds room for all of it.
+    let stalled = begin_message(&server, "Scan", 12 << 20, 1 << 20).await;
+    until_room_held(&server, 12 << 20).await;
+    // One of 8 MiB more does not fit: its call waits (the room that frees
+    // goes to it in turn: here, the budget's last 4 MiB).
+    let (waiting, _body) = begin_message(&server, "Lookup", 8 << 20, 1 << 20).await;
+    let asked = tokio::time::Instant::now();
+    until_room_held(&server, 16 << 20).await;
+    // Small messages go on meanwhile: a session opens, a file is scanned.
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    send_whole(&tx, &session, 1, EICAR).await;
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (1, vec!["EICAR_Test_File".to_owned()])
+    );
+    assert_eq!(server.state.intake.held(), 16 << 20);
+    // The waiting call fails when no room came in time, and lets go of
+    // what it was given.
+    assert_eq!(grpc_status(waiting).await, Code::ResourceExhausted as i32);
+    assert!(asked.elapsed() >= scanserver::intake::ROOM_WAIT - Duration::from_secs(1));
+    until_room_held(&server, 12 << 20).await;
+    // The stalled call goes: its room is given back.
+    drop(stalled);
+    until_room_held(&server, 0).await;
 }

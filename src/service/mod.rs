@@ -28,6 +28,7 @@ use crate::{
     cache::{CacheKey, Digest, flight::UPLOAD_WAIT},
     config::Config,
     engine::Engine,
+    intake::IntakeLayer,
     proto::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult, ScanReply,
         ScanRequest, ServerMessage, protection_server_server::ProtectionServer,
@@ -52,6 +53,8 @@ pub struct ServiceState {
     /// The protected VMs, told what agents report.
     pub vms: Arc<Vms>,
     pub uploads: UploadStore,
+    /// The memory the agent listener's calls hold for their messages.
+    pub intake: IntakeLayer,
     pub svm_id: String,
     pub allowed_tags: Vec<String>,
     pub heartbeat_interval: Duration,
@@ -110,6 +113,7 @@ impl ServiceState {
             )),
             vms,
             uploads: UploadStore::new(config.uploads.clone(), &config.spool_dir())?,
+            intake: IntakeLayer::new(config.uploads.message_budget),
             svm_id: config.server.svm_id.clone(),
             allowed_tags: config.server.allowed_tags.clone(),
             heartbeat_interval: config.server.heartbeat_interval,
