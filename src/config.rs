@@ -148,10 +148,10 @@ impl Config {
         if !(1..=MAX_SPOOL_FILES).contains(&self.uploads.spool_files) {
             return invalid("uploads.spool_files", "must be between 1 and 1048576");
         }
-        if self.uploads.message_budget < crate::intake::MAX_MESSAGE_SIZE as u64 {
+        if self.uploads.message_budget < crate::intake::CALL_MOST as u64 {
             return invalid(
                 "uploads.message_budget",
-                "must be at least 16 MiB: a message of the largest size accepted could never be received",
+                "must be at least 32 MiB: the room one call may need (messages of the largest size, 16 MiB, after smaller ones)",
             );
         }
         if self.uploads.files_in_flight == 0 {
@@ -605,7 +605,7 @@ mod tests {
             "server.max_connections"
         );
         assert_eq!(
-            refused(|c| c.uploads.message_budget = (16 << 20) - 1),
+            refused(|c| c.uploads.message_budget = (32 << 20) - 1),
             "uploads.message_budget"
         );
         assert_eq!(

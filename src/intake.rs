@@ -9,36 +9,54 @@
 //! calls a connection may have, and stalling or letting them sit, would
 //! make the server hold a gigabyte per connection. Every request body of
 //! the agent listener goes through an [`Intake`] instead, which follows the
-//! gRPC framing:
+//! gRPC framing and passes on one message at a time:
 //!
-//! * A message of up to [`FREE`] (64 KiB: hellos, heartbeats, begins,
-//!   small Lookups) goes on as it comes. The 64 calls of a connection hold
-//!   at most 4 MiB of those, as much as its flow-control window.
+//! * Each method has its largest message: 64 KiB on `Connect` and on the
+//!   health and reflection services, [`MAX_MESSAGE_SIZE`] on `Scan`,
+//!   `ScanFile` and `Lookup`. A larger one fails its call with
+//!   `OUT_OF_RANGE` from its header, before anything is held for it.
+//! * A message of up to [`FREE`] (64 KiB) goes on as it comes: a call holds
+//!   no more than that for such messages, and a connection no more than its
+//!   64 calls' worth.
 //! * A larger one goes on only once its call holds room for it, taken from
 //!   one budget for the listener (`uploads.message_budget`), as a whole, at
-//!   its header (before tonic sizes its buffer): a call never holds part of
-//!   what it needs, so calls holding room never wait on one another. The
-//!   room stays with the call until the call ends, as tonic's buffer does;
-//!   a larger message later takes only the difference. Room is handed out
-//!   in turn (a FIFO semaphore, in KiB); a call that finds none within
-//!   [`ROOM_WAIT`] fails with `RESOURCE_EXHAUSTED`. While it waits, its
-//!   stream is held back by HTTP/2 flow control.
-//! * A message begun must come whole: a call whose client keeps the server
-//!   waiting for the rest of a message for [`STALL`] in all fails with
-//!   `DEADLINE_EXCEEDED`, and its room is given back. The time counts from
-//!   each read that finds the rest missing until more comes; a call's time
-//!   on one message before it reads the next is not counted.
+//!   its header (whose last byte is held back until then, so that tonic
+//!   sizes no buffer before, and then sizes it from an empty one): a
+//!   message under way never waits for room, so it depends on its client
+//!   alone. The room stays with the call until the call ends, as tonic's
+//!   buffer does (a `Lookup`'s request goes when its message is decoded,
+//!   and the service copies the digests out of it); a larger message later
+//!   takes its size again, as the buffer may grow by that much (see
+//!   [`Intake::admit`]). Room is handed out in turn (a FIFO semaphore, in
+//!   KiB); a call that finds none within [`ROOM_WAIT`] fails with
+//!   `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
+//!   HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
+//!   /64) may hold at most a quarter of the budget ([`PEER_SHARE`]), or
+//!   [`CALL_MOST`] if that is more; one more that needs room fails with
+//!   `RESOURCE_EXHAUSTED` at once, so that one client cannot take all of
+//!   it. (A client with many addresses still can: mutual TLS keeps out
+//!   clients that are not agents.)
+//! * A call holding room must not sit on it while others need it: when
+//!   less than a largest message's room is free, a call whose client has
+//!   kept the server waiting for [`STALL`] in all for the rest of a message
+//!   (or, on `Lookup`, for the end of its request) fails with
+//!   `DEADLINE_EXCEEDED`. The time counts from each read that finds the
+//!   rest missing until more comes; a call's time on one message before it
+//!   reads the next is not counted. With room to spare, such a call waits
+//!   on.
 //!
 //! [`ROOM_WAIT`] is shorter than [`STALL`] for a reason: what a client sends
 //! on a call that waits for room stays in HTTP/2, in the connection's
 //! window, which the connection's other calls share, so a message under way
 //! on one of them may find its bytes stuck behind. The waiting call gives
-//! up first, and the bytes flow again.
+//! up first, and, its body dropped, HTTP/2 lets go of what it held.
 
 use std::{
+    collections::HashMap,
     future::Future,
+    net::IpAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -46,14 +64,19 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::{
-    sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError},
+    sync::{AcquireError, OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep, error::Elapsed},
 };
-use tonic::{Status, body::Body};
+use tonic::{
+    Status,
+    body::Body,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+
+use crate::proto::codec::MAX_AGENT_MESSAGE;
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
-/// stream's requests, or a Lookup of 100,000 digests). tonic refuses a
-/// larger one from its header.
+/// stream's requests, or a Lookup of 100,000 digests).
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
 /// Messages up to this size take no room.
@@ -62,8 +85,17 @@ pub const FREE: usize = 64 << 10;
 /// How long a call may wait for room for a message.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
 
-/// How long, in all, the server may wait for the rest of a message begun.
+/// How long, in all, a call holding room may keep the server waiting for
+/// the rest of a message while others need room.
 pub const STALL: Duration = Duration::from_secs(60);
+
+/// The calls of one peer address may hold this share of the budget.
+pub const PEER_SHARE: usize = 4;
+
+/// The most room one call may come to hold: its messages grow to at most
+/// [`MAX_MESSAGE_SIZE`], and each growth takes room for the message on top
+/// of what the call holds (see [`Intake::admit`]).
+pub const CALL_MOST: usize = 2 * MAX_MESSAGE_SIZE;
 
 /// A gRPC message's header: a compression flag and a 4-byte length.
 const HEADER_LEN: usize = 5;
@@ -75,16 +107,18 @@ pub struct IntakeLayer {
     budget: Arc<Budget>,
 }
 
-/// The room, in KiB permits, and how much there is in all.
+/// The room, in KiB permits, and who holds it.
 #[derive(Debug)]
 struct Budget {
     room: Arc<Semaphore>,
     kib: usize,
+    /// KiB taken (or being waited for) by the calls of each peer address.
+    peers: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl IntakeLayer {
-    /// A layer whose calls' messages hold at most `bytes` together, beside
-    /// those of up to [`FREE`].
+    /// A layer whose calls' messages over [`FREE`] hold at most `bytes`
+    /// together.
     pub fn new(bytes: u64) -> Self {
         let kib = usize::try_from(bytes >> 10)
             .unwrap_or(usize::MAX)
@@ -93,11 +127,13 @@ impl IntakeLayer {
             budget: Arc::new(Budget {
                 room: Arc::new(Semaphore::new(kib)),
                 kib,
+                peers: Mutex::default(),
             }),
         }
     }
 
-    /// The room calls hold now, in bytes.
+    /// The room calls hold now, in bytes, with what is set aside for calls
+    /// waiting for room.
     pub fn held(&self) -> u64 {
         ((self.budget.kib - self.budget.room.available_permits()) as u64) << 10
     }
@@ -105,6 +141,37 @@ impl IntakeLayer {
     /// The whole budget, in bytes.
     pub fn budget(&self) -> u64 {
         (self.budget.kib as u64) << 10
+    }
+}
+
+impl Budget {
+    /// Whether less room is free than a largest message needs.
+    fn short(&self) -> bool {
+        self.room.available_permits() < MAX_MESSAGE_SIZE >> 10
+    }
+
+    /// Counts `kib` more for `peer`, if its calls may hold that much: a
+    /// [`PEER_SHARE`] of the budget, and at least what one call may come to
+    /// hold (so that a small budget still takes the largest messages).
+    fn charge(&self, peer: IpAddr, kib: usize) -> bool {
+        let share = (self.kib / PEER_SHARE).max(CALL_MOST >> 10);
+        let mut peers = self.peers.lock().expect("peers lock");
+        let held = peers.get(&peer).copied().unwrap_or(0);
+        if held + kib > share {
+            return false;
+        }
+        peers.insert(peer, held + kib);
+        true
+    }
+
+    fn discharge(&self, peer: IpAddr, kib: usize) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some(held) = peers.get_mut(&peer) {
+            *held -= kib.min(*held);
+            if *held == 0 {
+                peers.remove(&peer);
+            }
+        }
     }
 }
 
@@ -139,22 +206,87 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let method = Method::of(request.uri().path());
+        let extensions = request.extensions();
+        let peer = extensions
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| {
+                extensions
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|tls| tls.get_ref().remote_addr())
+            })
+            .map(|addr| peer_of(addr.ip()));
         let budget = Arc::clone(&self.budget);
         self.inner
-            .call(request.map(|body| Body::new(Intake::new(body, budget))))
+            .call(request.map(|body| Body::new(Intake::new(body, budget, method, peer))))
+    }
+}
+
+/// Whose share a call's room counts in: an IPv4 address, or an IPv6
+/// network of 64 bits (what one host is given).
+fn peer_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+/// What the calls of a method may receive.
+#[derive(Debug, Clone, Copy)]
+struct Method {
+    /// The largest message.
+    max: usize,
+    /// Whether the call's request is one message (then its end is owed
+    /// once the message is whole).
+    unary: bool,
+}
+
+impl Method {
+    fn of(path: &str) -> Method {
+        match path.strip_prefix("/scanserver.v1.ProtectionServer/") {
+            Some("Connect") => Method {
+                max: MAX_AGENT_MESSAGE,
+                unary: false,
+            },
+            Some("Lookup") => Method {
+                max: MAX_MESSAGE_SIZE,
+                unary: true,
+            },
+            // Scan and ScanFile (tonic answers other names itself).
+            Some(_) => Method {
+                max: MAX_MESSAGE_SIZE,
+                unary: false,
+            },
+            // Health and reflection.
+            None => Method {
+                max: FREE,
+                unary: false,
+            },
+        }
     }
 }
 
 /// A request body whose large messages go on only within the room their
 /// call holds.
 pub struct Intake<B> {
-    inner: B,
+    /// Dropped when the call fails: HTTP/2 then lets go of what it holds
+    /// for the call, and of its share of the connection's window.
+    inner: Option<B>,
     budget: Arc<Budget>,
+    method: Method,
+    /// The peer's address, and the KiB counted for it.
+    peer: Option<(IpAddr, usize)>,
     /// The call's room, kept until the call ends (see the module doc).
     room: Option<OwnedSemaphorePermit>,
     /// Received and not passed on yet.
     held: Bytes,
     at: At,
+    /// Whether a message came whole.
+    whole: bool,
     stall: Stall,
 }
 
@@ -167,13 +299,17 @@ enum At {
         header: [u8; HEADER_LEN],
         read: usize,
     },
-    /// Waiting for room for a message of `len` bytes; the last byte of its
-    /// header is the first of `held`.
-    Room { len: usize, waiting: RoomWait },
+    /// Waiting for `more` KiB of room for a message of `len` bytes; the
+    /// last byte of its header is the first of `held`. The wait, and its
+    /// [`ROOM_WAIT`], begin when the body is next read.
+    Room {
+        len: usize,
+        more: u32,
+        waiting: Option<RoomWait>,
+    },
     /// Passing on a message's `left` bytes.
     Message { left: usize },
-    /// The call failed (no room, or a stalled message): nothing more goes
-    /// on, and the body holds nothing.
+    /// The call failed: nothing more goes on.
     Failed,
 }
 
@@ -188,11 +324,6 @@ impl At {
             read: 0,
         }
     }
-
-    /// Whether a message is under way, its client owing the rest.
-    fn under_way(&self) -> bool {
-        matches!(self, At::Header { read: 1.., .. } | At::Message { .. })
-    }
 }
 
 /// The time the server has waited for the rest of the current message.
@@ -203,7 +334,7 @@ struct Stall {
     /// When the current wait began.
     since: Option<Instant>,
     /// Wakes the call when the message's time may be up: made once and
-    /// moved on only when it fires early, since its deadline only ever moves
+    /// moved on only when it fires, since its deadline only ever moves
     /// later (a timer set for every wait would cost the runtime's timer
     /// lock on every read of an upload).
     timer: Option<Pin<Box<Sleep>>>,
@@ -224,44 +355,63 @@ impl Stall {
     }
 
     /// The server waits for the client: fails once the message has kept it
-    /// waiting for [`STALL`], and otherwise makes sure the call is woken
-    /// when it would have.
-    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), Status> {
+    /// waiting for [`STALL`] while `budget` is short, and otherwise makes
+    /// sure the call is woken to look again.
+    fn check(&mut self, budget: &Budget, cx: &mut Context<'_>) -> Result<(), Status> {
         let since = *self.since.get_or_insert_with(Instant::now);
-        let Some(left) = STALL.checked_sub(self.waited + since.elapsed()) else {
-            return Err(stalled());
+        let now = Instant::now();
+        let due = match STALL.checked_sub(self.waited + (now - since)) {
+            Some(left) if !left.is_zero() => now + left,
+            // Time is up: the call goes if others need room, else it looks
+            // again a while later.
+            _ if budget.short() => return Err(stalled()),
+            _ => now + STALL / 12,
         };
-        let due = Instant::now() + left;
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() <= Instant::now() {
+        if timer.deadline() <= now {
             timer.as_mut().reset(due);
         }
-        // Registers the wake-up; ready only if `left` is nothing.
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(stalled()),
-            Poll::Pending => Ok(()),
+        // Registers the wake-up; one already due looks again at once.
+        if timer.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
         }
+        Ok(())
     }
 }
 
 impl<B> Intake<B> {
-    fn new(inner: B, budget: Arc<Budget>) -> Self {
+    fn new(inner: B, budget: Arc<Budget>, method: Method, peer: Option<IpAddr>) -> Self {
         Intake {
-            inner,
+            inner: Some(inner),
             budget,
+            method,
+            peer: peer.map(|ip| (ip, 0)),
             room: None,
             held: Bytes::new(),
             at: At::header(),
+            whole: false,
             stall: Stall::default(),
         }
     }
 
-    /// How many bytes of `held` may go on now. Follows the framing through
-    /// them, and stops at a header whose message needs room that is not
-    /// free (the body then waits for it).
-    fn passable(&mut self) -> usize {
+    /// Whether the client owes the rest of a message (or, for a unary
+    /// call, the end of its request) while the call holds room.
+    fn owing(&self) -> bool {
+        self.room.is_some()
+            && match self.at {
+                At::Header { read, .. } => read > 0 || (self.method.unary && self.whole),
+                At::Message { .. } => true,
+                At::Room { .. } | At::Failed => false,
+            }
+    }
+
+    /// How many bytes of `held` may go on now: at most the rest of one
+    /// message (tonic then has no more than that message to hold), and
+    /// nothing of a message that needs room it has not been given (the
+    /// body then waits for it).
+    fn passable(&mut self) -> Result<usize, Status> {
         let mut pos = 0;
         while pos < self.held.len() {
             match &mut self.at {
@@ -270,8 +420,8 @@ impl<B> Intake<B> {
                     pos += n;
                     *left -= n;
                     if *left == 0 {
-                        self.at = At::header();
-                        self.stall.reset();
+                        self.came_whole();
+                        break;
                     }
                 }
                 At::Header { header, read } => {
@@ -283,64 +433,102 @@ impl<B> Intake<B> {
                     }
                     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
                     let len = len as usize;
-                    match self.make_room(len) {
-                        Some(waiting) => {
-                            self.at = At::Room { len, waiting };
-                            break;
-                        }
-                        None => {
+                    match self.admit(len)? {
+                        0 => {
                             pos += 1;
                             self.at = At::Message { left: len };
                             if len == 0 {
-                                self.at = At::header();
+                                self.came_whole();
+                                break;
                             }
+                            // The header ends its frame (see `admit`).
+                            if len > FREE {
+                                break;
+                            }
+                        }
+                        more => {
+                            self.at = At::Room {
+                                len,
+                                more,
+                                waiting: None,
+                            };
+                            break;
                         }
                     }
                 }
                 At::Room { .. } | At::Failed => break,
             }
         }
-        pos
+        Ok(pos)
     }
 
-    /// Takes the room a message of `len` bytes needs if it is free, or
-    /// returns the wait for it.
-    fn make_room(&mut self, len: usize) -> Option<RoomWait> {
+    fn came_whole(&mut self) {
+        self.at = At::header();
+        self.whole = true;
+        self.stall.reset();
+    }
+
+    /// Settles the room for a message of `len` bytes: takes it if it is
+    /// free, else returns the KiB to wait for (0: it may go on).
+    ///
+    /// A call's first large message takes its size: tonic sizes its buffer
+    /// for it from an empty one (the header's last byte goes on alone). A
+    /// larger message later takes its size again, on top of what the call
+    /// holds: growing a buffer (`BytesMut::reserve`) may double it, or add
+    /// the message to what the buffer already spans, and the sum bounds
+    /// both.
+    fn admit(&mut self, len: usize) -> Result<u32, Status> {
+        if len > self.method.max {
+            return Err(too_large(len, self.method.max));
+        }
         let held = self
             .room
             .as_ref()
             .map_or(0, OwnedSemaphorePermit::num_permits);
         let needed = len.div_ceil(1024);
-        // tonic refuses a message over the largest size from its header.
-        if len <= FREE || len > MAX_MESSAGE_SIZE || needed <= held {
-            return None;
+        if len <= FREE || needed <= held {
+            return Ok(0);
         }
-        let more = (needed - held) as u32;
-        let room = Arc::clone(&self.budget.room);
-        match Arc::clone(&room).try_acquire_many_owned(more) {
+        let more = needed;
+        if let Some((ip, charged)) = &mut self.peer {
+            if !self.budget.charge(*ip, more) {
+                return Err(peer_full(len));
+            }
+            *charged += more;
+        }
+        match Arc::clone(&self.budget.room).try_acquire_many_owned(more as u32) {
             Ok(taken) => {
                 self.keep(taken);
-                None
+                Ok(0)
             }
-            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => Some(Box::pin(
-                tokio::time::timeout(ROOM_WAIT, room.acquire_many_owned(more)),
-            )),
+            Err(_) => Ok(more as u32),
         }
-    }
-
-    /// Fails the call with `status`, giving back its room at once (and,
-    /// with the wait for room dropped, any the wait was given so far).
-    fn fail(&mut self, status: Status) -> Poll<Next> {
-        self.at = At::Failed;
-        self.room = None;
-        self.held = Bytes::new();
-        Poll::Ready(Some(Err(status)))
     }
 
     fn keep(&mut self, taken: OwnedSemaphorePermit) {
         match &mut self.room {
             Some(room) => room.merge(taken),
             None => self.room = Some(taken),
+        }
+    }
+
+    /// Fails the call with `status`, and lets go of its request (HTTP/2
+    /// then drops what it holds for the call). Its room stays until the
+    /// call ends, as tonic's buffer does.
+    fn fail(&mut self, status: Status) -> Poll<Next> {
+        self.at = At::Failed;
+        self.inner = None;
+        self.held = Bytes::new();
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+impl<B> Drop for Intake<B> {
+    fn drop(&mut self) {
+        if let Some((ip, charged)) = self.peer
+            && charged > 0
+        {
+            self.budget.discharge(ip, charged);
         }
     }
 }
@@ -358,21 +546,38 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Next> {
         let this = &mut *self;
         loop {
-            if let At::Room { len, waiting } = &mut this.at {
-                let len = *len;
-                match ready!(waiting.as_mut().poll(cx)) {
-                    Ok(Ok(taken)) => this.keep(taken),
-                    // The budget is never closed.
-                    Ok(Err(_)) | Err(_) => return this.fail(no_room(len)),
+            match &mut this.at {
+                At::Failed => return Poll::Ready(None),
+                At::Room { len, more, waiting } => {
+                    let (len, more) = (*len, *more);
+                    let room = &this.budget.room;
+                    let waiting = waiting.get_or_insert_with(|| {
+                        let wait = Arc::clone(room).acquire_many_owned(more);
+                        Box::pin(tokio::time::timeout(ROOM_WAIT, wait))
+                    });
+                    match ready!(waiting.as_mut().poll(cx)) {
+                        Ok(Ok(taken)) => this.keep(taken),
+                        // The budget is never closed.
+                        Ok(Err(_)) | Err(_) => {
+                            if let Some((ip, charged)) = &mut this.peer {
+                                this.budget.discharge(*ip, more as usize);
+                                *charged -= more as usize;
+                            }
+                            return this.fail(no_room(len));
+                        }
+                    }
+                    // The header's last byte, alone (see `admit`).
+                    this.at = At::Message { left: len };
+                    let last = this.held.split_to(1);
+                    return Poll::Ready(Some(Ok(Frame::data(last))));
                 }
-                // The header's last byte, then the message.
-                this.at = At::Message { left: len + 1 };
-            }
-            if let At::Failed = this.at {
-                return Poll::Ready(None);
+                At::Header { .. } | At::Message { .. } => {}
             }
             if this.held.is_empty() {
-                match Pin::new(&mut this.inner).poll_frame(cx) {
+                let Some(inner) = &mut this.inner else {
+                    return Poll::Ready(None);
+                };
+                match Pin::new(inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                         Ok(data) => {
                             this.stall.resume();
@@ -382,8 +587,8 @@ where
                     },
                     Poll::Ready(end_or_error) => return Poll::Ready(end_or_error),
                     Poll::Pending => {
-                        if this.at.under_way()
-                            && let Err(status) = this.stall.check(cx)
+                        if this.owing()
+                            && let Err(status) = this.stall.check(&this.budget, cx)
                         {
                             return this.fail(status);
                         }
@@ -391,19 +596,20 @@ where
                     }
                 }
             }
-            let pass = this.passable();
-            if pass > 0 {
-                return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(pass)))));
+            match this.passable() {
+                Ok(0) => {}
+                Ok(pass) => return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(pass))))),
+                Err(status) => return this.fail(status),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_empty() && self.inner.is_end_stream()
+        self.held.is_empty() && self.inner.as_ref().is_none_or(B::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
+        let mut hint = self.inner.as_ref().map(B::size_hint).unwrap_or_default();
         let held = self.held.len() as u64;
         hint.set_lower(hint.lower() + held);
         if let Some(upper) = hint.upper() {
@@ -413,6 +619,13 @@ where
     }
 }
 
+/// The error of a call whose message is over its method's largest.
+fn too_large(len: usize, max: usize) -> Status {
+    Status::out_of_range(format!(
+        "a message of {len} bytes; this call accepts at most {max}"
+    ))
+}
+
 /// The error of a call whose message found no room in time.
 fn no_room(len: usize) -> Status {
     Status::resource_exhausted(format!(
@@ -420,10 +633,17 @@ fn no_room(len: usize) -> Status {
     ))
 }
 
+/// The error of a call whose peer's calls hold their share of the room.
+fn peer_full(len: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "this address's calls hold all the room for received messages one address may: a message of {len} bytes must wait until some of them end; send fewer large messages at once"
+    ))
+}
+
 /// The error of a call whose message did not come whole in time.
 fn stalled() -> Status {
     Status::deadline_exceeded(format!(
-        "a message begun kept the server waiting for its rest for {STALL:?}; messages must be sent whole"
+        "a message begun kept the server waiting for its rest for {STALL:?} while others waited for room; messages must be sent whole"
     ))
 }
 
@@ -449,9 +669,20 @@ mod tests {
         }
     }
 
+    /// A Scan call's body, of no known peer.
     fn body(layer: &IntakeLayer) -> (mpsc::UnboundedSender<Bytes>, Intake<Sent>) {
+        call(layer, "/scanserver.v1.ProtectionServer/Scan", None)
+    }
+
+    fn call(
+        layer: &IntakeLayer,
+        path: &str,
+        peer: Option<IpAddr>,
+    ) -> (mpsc::UnboundedSender<Bytes>, Intake<Sent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (tx, Intake::new(Sent(rx), Arc::clone(&layer.budget)))
+        let budget = Arc::clone(&layer.budget);
+        let peer = peer.map(peer_of);
+        (tx, Intake::new(Sent(rx), budget, Method::of(path), peer))
     }
 
     fn message(len: usize) -> Vec<u8> {
@@ -518,6 +749,79 @@ mod tests {
         assert_eq!(layer.held(), 800 << 10);
     }
 
+    /// The header of a message of `len` bytes.
+    fn header(len: usize) -> Bytes {
+        message(0)[..1]
+            .iter()
+            .copied()
+            .chain((len as u32).to_be_bytes())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_method_has_its_largest_message_and_each_peer_its_share() {
+        let layer = IntakeLayer::new(256 << 20);
+        // Over a method's largest: refused at the header, holding nothing.
+        let (tx, mut connect) = call(&layer, "/scanserver.v1.ProtectionServer/Connect", None);
+        tx.send(message(FREE + 1).into()).unwrap();
+        let (passed, error) = drain(&mut connect).await;
+        assert_eq!((passed, error), (0, Some(tonic::Code::OutOfRange)));
+        let (tx, mut health) = call(&layer, "/grpc.health.v1.Health/Check", None);
+        tx.send(message(FREE + 1).into()).unwrap();
+        assert_eq!(drain(&mut health).await.1, Some(tonic::Code::OutOfRange));
+        assert_eq!(layer.held(), 0);
+
+        // One address's calls hold at most a quarter of the budget: one
+        // more fails at once, another address's goes on.
+        let peer = Some(IpAddr::from([10, 0, 0, 1]));
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", peer);
+            tx.send(header(16 << 20)).unwrap();
+            assert_eq!(drain(&mut scan).await, (HEADER_LEN, None));
+            calls.push((tx, scan));
+        }
+        assert_eq!(layer.held(), 64 << 20);
+        let (tx, mut refused) = call(&layer, "/scanserver.v1.ProtectionServer/Lookup", peer);
+        tx.send(header(1 << 20)).unwrap();
+        let (_, error) = drain(&mut refused).await;
+        assert_eq!(error, Some(tonic::Code::ResourceExhausted));
+        let other = Some(IpAddr::from([10, 0, 0, 2]));
+        let (tx, mut third) = call(&layer, "/scanserver.v1.ProtectionServer/Lookup", other);
+        tx.send(header(1 << 20)).unwrap();
+        assert_eq!(drain(&mut third).await, (HEADER_LEN, None));
+        // The address's share comes back as its calls end.
+        calls.pop();
+        let (tx, mut again) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", peer);
+        tx.send(message(1 << 20).into()).unwrap();
+        assert_eq!(drain(&mut again).await, ((1 << 20) + HEADER_LEN, None));
+        assert_eq!(layer.held(), (48 << 20) + (2 << 20));
+        // A larger message later takes its size again (the buffer may
+        // grow by that much).
+        tx.send(header(2 << 20)).unwrap();
+        assert_eq!(drain(&mut again).await, (HEADER_LEN, None));
+        assert_eq!(layer.held(), (48 << 20) + (4 << 20));
+
+        // IPv6 clients share by /64.
+        let host =
+            |network: u16, last: u16| Some(IpAddr::from([0xfd00, 0, 0, network, 0, 0, 0, last]));
+        let mut calls = Vec::new();
+        for last in 1..=5 {
+            let (tx, mut scan) = call(
+                &layer,
+                "/scanserver.v1.ProtectionServer/Scan",
+                host(7, last),
+            );
+            tx.send(header(16 << 20)).unwrap();
+            let expected = (last == 5).then_some(tonic::Code::ResourceExhausted);
+            assert_eq!(drain(&mut scan).await.1, expected);
+            calls.push((tx, scan));
+        }
+        let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", host(8, 1));
+        tx.send(header(16 << 20)).unwrap();
+        assert_eq!(drain(&mut scan).await, (HEADER_LEN, None));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stalled_message_fails_its_call_and_gives_its_room_back() {
         let layer = IntakeLayer::new(1 << 20);
@@ -541,8 +845,21 @@ mod tests {
             panic!("the stalled message fails its call");
         };
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
-        assert_eq!(layer.held(), 0, "its room is given back");
         assert!(matches!(drain(&mut stalled).await, (0, None)));
+        // Its room goes back as the call ends (tonic's buffer with it).
+        drop(stalled);
+        assert_eq!(layer.held(), 0);
+
+        // A Lookup owes the end of its request too.
+        let (tx, mut lookup) = call(&layer, "/scanserver.v1.ProtectionServer/Lookup", None);
+        tx.send(message(100 << 10).into()).unwrap();
+        assert_eq!(drain(&mut lookup).await.0, (100 << 10) + HEADER_LEN);
+        tokio::time::sleep(STALL).await;
+        assert_eq!(
+            drain(&mut lookup).await.1,
+            Some(tonic::Code::DeadlineExceeded)
+        );
+        drop(lookup);
 
         // The time a call spends between messages is not counted, and each
         // message has its own.
@@ -557,5 +874,28 @@ mod tests {
         assert_eq!(drain(&mut steady).await, (0, None));
         tx.send(Bytes::copy_from_slice(&next[1000..])).unwrap();
         assert_eq!(drain(&mut steady).await.0, next.len() - 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_room_to_spare_a_stalled_message_waits_on() {
+        let layer = IntakeLayer::new(20 << 20);
+        let (tx, mut stalled) = body(&layer);
+        tx.send(Bytes::copy_from_slice(&message(1 << 20)[..1000]))
+            .unwrap();
+        assert_eq!(drain(&mut stalled).await, (1000, None));
+        tokio::time::sleep(STALL * 3).await;
+        assert_eq!(drain(&mut stalled).await, (0, None));
+        // Once others need the room, it goes.
+        let (tx, mut large) = body(&layer);
+        tx.send(Bytes::copy_from_slice(&message(16 << 20)[..1000]))
+            .unwrap();
+        assert_eq!(drain(&mut large).await, (1000, None));
+        let woken =
+            tokio::time::timeout(STALL, poll_fn(|cx| Pin::new(&mut stalled).poll_frame(cx)))
+                .await
+                .expect("woken to look again");
+        assert!(
+            matches!(woken, Some(Err(status)) if status.code() == tonic::Code::DeadlineExceeded)
+        );
     }
 }

@@ -295,7 +295,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_message_room_bytes",
-                "Memory the agent listener's calls hold for request messages over 64 KiB",
+                "Memory the agent listener's calls hold for request messages over 64 KiB, with what is set aside for calls waiting for it",
                 self.1.intake.held(),
             ),
             (

@@ -177,11 +177,16 @@ async fn a_verdict_handed_over_is_not_held_for_the_other_waits() {
     let (session, _keep) = session_id(&server).await;
     let (lead, mut lead_replies) = leading_stream(&server, &session, &first).await;
     let _second_lead = leading_stream(&server, &session, &second).await;
-    // One stream waits for both; only the first lead sends its content.
+    // One stream waits for both; only the first lead sends its content,
+    // once the waits have begun (the stream's answer to a third begin,
+    // after them, says so).
     let (waiter, mut waiter_replies) = scan_stream(&server).await;
-    let begins = [(1, &first), (2, &second)]
+    let third = content(7, 100);
+    let begins = [(1, &first), (2, &second), (3, &third)]
         .map(|(id, data)| begin(&session, id, data, Some(blake3::hash(data).as_bytes())));
     waiter.send(batch(begins.to_vec())).await.unwrap();
+    let (id, reply) = next(&mut waiter_replies).await;
+    assert!(matches!((id, reply), (3, file_reply::Kind::SendContent(_))));
     let started = std::time::Instant::now();
     lead.send(batch(vec![chunk(1, 0, &first), end(1)]))
         .await
@@ -1137,12 +1142,13 @@ async fn messages_that_would_blow_up_when_decoded_are_refused_before() {
     let status = replies.message().await.expect_err("the stream fails");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("entries"), "{status:?}");
-    // Repeated fields further down: a hello of 40,000 connection tags.
+    // Repeated fields further down: a hello of 40,000 connection tags,
+    // over the 64 KiB of a Connect message, refused from its header.
     let mut big_hello = hello();
     big_hello.connection_tags = vec!["vdi-pool-7".into(); 40_000];
     let (_tx, mut incoming) = connect(&server, big_hello).await;
     let status = incoming.message().await.expect_err("the session fails");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     // The server goes on serving.
     let requests = vec![begin(&session, 1, EICAR, None), chunk(1, 0, EICAR), end(1)];
     let reply = first_reply(&server, requests).await;
@@ -2234,17 +2240,20 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
     assert!(server.state.uploads.spool_usage().refused >= 1);
 }
 
-/// A raw HTTP/2 call of `method` on a connection of its own: sends the
-/// header of a gRPC message of `len` bytes and `sent` bytes of it, and
-/// leaves the rest unsent while the call is held (its response, and its
-/// request stream).
+/// A raw HTTP/2 call of `method` on a connection of its own, from the
+/// loopback address `from`: sends the header of a gRPC message of `len`
+/// bytes and `sent` bytes of it, and leaves the rest unsent while the call
+/// is held (its response, and its request stream).
 async fn begin_message(
     server: &TestServer,
+    from: [u8; 4],
     method: &str,
     len: usize,
     sent: usize,
 ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
     let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let request = http::Request::post(format!(
@@ -2292,15 +2301,21 @@ async fn until_room_held(server: &TestServer, bytes: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_are_received_only_within_the_message_budget() {
-    let server = TestServer::start(|c| c.uploads.message_budget = 16 << 20).await;
-    // A message of 12 MiB begun and stalled holds room for all of it.
-    let stalled = begin_message(&server, "Scan", 12 << 20, 1 << 20).await;
-    until_room_held(&server, 12 << 20).await;
-    // One of 8 MiB more does not fit: its call waits (the room that frees
-    // goes to it in turn: here, the budget's last 4 MiB).
-    let (waiting, _body) = begin_message(&server, "Lookup", 8 << 20, 1 << 20).await;
+    // A quarter of it, 32 MiB, for the calls of each address.
+    let server = TestServer::start(|c| c.uploads.message_budget = 128 << 20).await;
+    // Messages of 16 MiB begun and stalled, two from each of four
+    // addresses, hold room for all of them: the whole budget.
+    let mut stalled = Vec::new();
+    for from in [2, 2, 3, 3, 4, 4, 5, 5] {
+        stalled.push(begin_message(&server, [127, 0, 0, from], "Scan", 16 << 20, 1 << 20).await);
+    }
+    until_room_held(&server, 128 << 20).await;
+    // From one of them, a call needing more room fails at once.
+    let (full, _body) = begin_message(&server, [127, 0, 0, 2], "Lookup", 1 << 20, 1000).await;
+    assert_eq!(grpc_status(full).await, Code::ResourceExhausted as i32);
+    // From another address, one waits for room in turn.
+    let (waiting, _body) = begin_message(&server, [127, 0, 0, 6], "Lookup", 2 << 20, 1000).await;
     let asked = tokio::time::Instant::now();
-    until_room_held(&server, 16 << 20).await;
     // Small messages go on meanwhile: a session opens, a file is scanned.
     let (session, _keep) = session_id(&server).await;
     let (tx, mut replies) = scan_stream(&server).await;
@@ -2310,13 +2325,11 @@ async fn large_messages_are_received_only_within_the_message_budget() {
         (id, verdict_rules(&kind)),
         (1, vec!["EICAR_Test_File".to_owned()])
     );
-    assert_eq!(server.state.intake.held(), 16 << 20);
-    // The waiting call fails when no room came in time, and lets go of
-    // what it was given.
+    // The waiting call fails when no room came in time.
     assert_eq!(grpc_status(waiting).await, Code::ResourceExhausted as i32);
     assert!(asked.elapsed() >= scanserver::intake::ROOM_WAIT - Duration::from_secs(1));
-    until_room_held(&server, 12 << 20).await;
-    // The stalled call goes: its room is given back.
+    assert_eq!(server.state.intake.held(), 128 << 20);
+    // The stalled calls go: their room is given back.
     drop(stalled);
     until_room_held(&server, 0).await;
 }

@@ -12,7 +12,8 @@
 //! counted (a chunk's bytes could read as anything); the one an agent sends,
 //! a hello's connection tags, is in `AgentMessage`, whose messages (a
 //! hello, heartbeats, events) are small: one over [`MAX_AGENT_MESSAGE`] is
-//! refused.
+//! refused (on the agent listener, from its header already: see
+//! [`crate::intake`]).
 
 use std::{any::TypeId, marker::PhantomData};
 

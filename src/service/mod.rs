@@ -235,16 +235,24 @@ impl ProtectionServer for ProtectionService {
                 request.digests.len()
             )));
         }
+        // The digests are views of the buffer the request came in (as
+        // large as the request): copied out, so that the buffer goes before
+        // the wait below (see `crate::intake`).
+        let digests = (request.digests.iter().enumerate())
+            .map(|(index, digest)| {
+                parse_digest(digest)
+                    .map_err(|e| Status::invalid_argument(format!("digest #{index}: {e}")))?
+                    .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(request);
         let engine = &self.state.engine;
         let (ruleset, cache) = (engine.ruleset(), engine.cache());
-        let mut results = Vec::with_capacity(request.digests.len());
+        let mut results = Vec::with_capacity(digests.len());
         // Digests being uploaded or scanned right now are answered when
         // their scan lands.
         let mut under_way = Vec::new();
-        for (index, digest) in request.digests.iter().enumerate() {
-            let digest = parse_digest(digest)
-                .map_err(|e| Status::invalid_argument(format!("digest #{index}: {e}")))?
-                .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))?;
+        for (index, digest) in digests.iter().enumerate() {
             // A Lookup names no files: when the rules look at names, no
             // verdict holds for a digest alone (one cached for content sent
             // without a name is not the verdict on this agent's file).
@@ -252,7 +260,7 @@ impl ProtectionServer for ProtectionService {
                 results.push(LookupResult { verdict: None });
                 continue;
             }
-            let key = CacheKey::new(&digest, &ruleset, None);
+            let key = CacheKey::new(digest, &ruleset, None);
             let verdict = cache
                 .get(&key)
                 .map(|hit| FileVerdict::in_lookup(&hit, false));
@@ -276,10 +284,12 @@ impl ProtectionServer for ProtectionService {
         }
         // A verdict given by digest counts for the agent's VM as one given
         // for content: malware found this way tags the VM too.
-        let given = request.digests.iter().zip(&results);
+        let given = digests.iter().zip(&results);
         session.record_files(
             0,
-            given.filter_map(|(digest, r)| Some((Subject::Digest(digest), r.verdict.as_ref()?))),
+            given.filter_map(|(digest, r)| {
+                Some((Subject::Digest(digest.as_bytes()), r.verdict.as_ref()?))
+            }),
         );
         let signatures_version = ruleset.version().to_owned();
         Ok(Response::new(LookupReply {

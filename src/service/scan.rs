@@ -280,6 +280,14 @@ pub(super) async fn run(
             () = &mut timers.idle => Event::Idle,
             () = &mut shutdown => Event::ShuttingDown,
         };
+        if let Event::Request(Err(_) | Ok(None)) = event {
+            // The requests are over or broken: their buffers, and what
+            // HTTP/2 holds for them, go before the agent is told (which may
+            // wait).
+            drop(requests);
+            let _ = stream.on(event, &mut timers).await;
+            break;
+        }
         if stream.on(event, &mut timers).await.is_err() {
             break;
         }
