@@ -492,7 +492,9 @@ pub struct UploadConfig {
     pub files_in_flight: u32,
     /// Memory the agent listener's calls may hold together for request
     /// messages over 64 KiB (see [`crate::intake`]); a call whose message
-    /// finds no room within 10 s fails with RESOURCE_EXHAUSTED.
+    /// finds no room within 10 s fails with RESOURCE_EXHAUSTED. The default,
+    /// 1 GiB, is twice what 1,000 `lightagent` Scan streams were seen to
+    /// hold.
     pub message_budget: u64,
 }
 
@@ -518,7 +520,7 @@ impl Default for UploadConfig {
             max_file_size: EngineConfig::default().max_scan_size,
             chunk_size: 256 << 10,
             files_in_flight: 128,
-            message_budget: 512 << 20,
+            message_budget: 1 << 30,
         }
     }
 }
