@@ -136,8 +136,16 @@ async fn reporting_svm(
     receiver: &TestReceiver,
     configure: impl FnOnce(&mut Config),
 ) -> (Arc<Svm>, oneshot::Sender<()>) {
+    reporting_svm_at(receiver.url(), configure).await
+}
+
+/// As [`reporting_svm`], reporting to `url`.
+async fn reporting_svm_at(
+    url: String,
+    configure: impl FnOnce(&mut Config),
+) -> (Arc<Svm>, oneshot::Sender<()>) {
     let mut config = Config::default();
-    config.reporting.integration_server = Some(receiver.url());
+    config.reporting.integration_server = Some(url);
     config.engine.threads = 2;
     config.rules.max_age = Duration::from_secs(100 * 365 * 86400);
     configure(&mut config);
@@ -290,6 +298,113 @@ async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
         failed >= 2 && delivered == 2,
         "{delivered} delivered, {failed} failed"
     );
+}
+
+/// A TCP proxy on its own thread and runtime (real time). [`Self::freeze`]
+/// leaves the connections it carries open but silent, as a peer that
+/// vanished without a word would (a failover, an expired NAT entry); the
+/// connections it accepts afterwards are carried as before.
+struct FreezingProxy {
+    addr: SocketAddr,
+    /// Bumped by a freeze: connections of an older one carry nothing more.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FreezingProxy {
+    fn start(to: SocketAddr) -> FreezingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let generation = Arc::new(AtomicU64::new(0));
+        let (bound_tx, bound_rx) = std_mpsc::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let generations = Arc::clone(&generation);
+        thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                bound_tx.send(listener.local_addr().unwrap()).unwrap();
+                let carry = move |client: tokio::net::TcpStream| {
+                    let generation = Arc::clone(&generations);
+                    let born = generation.load(SeqCst);
+                    async move {
+                        let server = tokio::net::TcpStream::connect(to).await.unwrap();
+                        let pump =
+                            |mut from: tokio::net::tcp::OwnedReadHalf,
+                             mut to: tokio::net::tcp::OwnedWriteHalf| {
+                                let generation = Arc::clone(&generation);
+                                async move {
+                                    let mut buffer = vec![0; 64 << 10];
+                                    while let Ok(n @ 1..) = from.read(&mut buffer).await {
+                                        if generation.load(SeqCst) != born {
+                                            // Frozen: open, and silent for ever.
+                                            std::future::pending::<()>().await;
+                                        }
+                                        if to.write_all(&buffer[..n]).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                }
+                            };
+                        let ((client_read, client_write), (server_read, server_write)) =
+                            (client.into_split(), server.into_split());
+                        tokio::join!(
+                            pump(client_read, server_write),
+                            pump(server_read, client_write)
+                        );
+                    }
+                };
+                let accept = async {
+                    while let Ok((client, _)) = listener.accept().await {
+                        tokio::spawn(carry(client));
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        FreezingProxy {
+            addr: bound_rx.recv().unwrap(),
+            generation,
+            _stop: stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn freeze(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A report that got no answer in time is sent again on a new connection:
+/// the one it went on may lead to a peer that vanished without a word, and
+/// would fail every report until TCP gave up on it.
+#[tokio::test(start_paused = true)]
+async fn a_report_without_an_answer_is_sent_again_on_a_new_connection() {
+    let receiver = TestReceiver::start();
+    let proxy = FreezingProxy::start(receiver.addr);
+    let (svm, _stop) = reporting_svm_at(proxy.url(), |config| {
+        config.reporting.interval = Duration::from_secs(60);
+    })
+    .await;
+    first_report(&receiver, &svm).await;
+    proxy.freeze();
+    // The next regular report gets no answer within REPORT_TIMEOUT; its
+    // retry, on a new connection, is delivered.
+    let (retry, _) = next_report_within(&receiver, Duration::from_secs(120))
+        .await
+        .expect("a retry on a new connection");
+    assert_eq!(retry.trigger(), ReportTrigger::Retry);
+    reports_recorded(&svm, 3).await;
+    let (delivered, failed) = svm.engine.metrics().reports();
+    assert_eq!((delivered, failed), (2, 1));
 }
 
 #[tokio::test(start_paused = true)]
