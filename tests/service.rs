@@ -1964,6 +1964,46 @@ async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
         .expect("the session ends after three missed heartbeats");
 }
 
+/// The gRPC framing of `message`.
+fn framed(message: &impl prost::Message) -> Bytes {
+    let encoded = message.encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    framed.into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_read_its_session_loses_it() {
+    let server =
+        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(20)).await;
+    // Raw HTTP/2 that leaves the server no room to send: the agent reads
+    // none of its session's messages.
+    let (_response, mut body) = raw_call(&server, [127, 0, 0, 1], "Connect", 0).await;
+    let hello = AgentMessage {
+        kind: Some(proto::agent_message::Kind::Hello(hello())),
+    };
+    body.send_data(framed(&hello), false).unwrap();
+    until_read("sessions", || server.state.sessions.len(), 1).await;
+    // Its heartbeats keep coming, so only what it leaves unread can end the
+    // session: the server's heartbeats, 16 of them waiting at most.
+    let beating = tokio::spawn(async move {
+        for sequence in 1.. {
+            let heartbeat = AgentMessage {
+                kind: Some(proto::agent_message::Kind::Heartbeat(proto::Heartbeat {
+                    sequence,
+                })),
+            };
+            if body.send_data(framed(&heartbeat), false).is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    until_read("sessions", || server.state.sessions.len(), 0).await;
+    beating.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_left_open_when_the_agent_ends_its_requests_is_cancelled() {
     let server = TestServer::start(|_| {}).await;
@@ -2241,20 +2281,23 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
 }
 
 /// A raw HTTP/2 call of `method` on a connection of its own, from the
-/// loopback address `from`: sends the header of a gRPC message of `len`
-/// bytes and `sent` bytes of it, and leaves the rest unsent while the call
-/// is held (its response, and its request stream).
-async fn begin_message(
+/// loopback address `from`, whose responses may take `window` bytes of the
+/// connection's flow-control window before it reads them: its response,
+/// and its request stream.
+async fn raw_call(
     server: &TestServer,
     from: [u8; 4],
     method: &str,
-    len: usize,
-    sent: usize,
+    window: u32,
 ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((from, 0).into()).unwrap();
     let tcp = socket.connect(server.addr).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
     tokio::spawn(connection);
     let request = http::Request::post(format!(
         "http://{}/scanserver.v1.ProtectionServer/{method}",
@@ -2264,12 +2307,24 @@ async fn begin_message(
     .header("te", "trailers")
     .body(())
     .unwrap();
-    let (response, mut body) = h2
-        .ready()
+    h2.ready()
         .await
         .unwrap()
         .send_request(request, false)
-        .unwrap();
+        .unwrap()
+}
+
+/// A raw call (see [`raw_call`]) that sends the header of a gRPC message of
+/// `len` bytes and `sent` bytes of it, and leaves the rest unsent while the
+/// call is held.
+async fn begin_message(
+    server: &TestServer,
+    from: [u8; 4],
+    method: &str,
+    len: usize,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let (response, mut body) = raw_call(server, from, method, 1 << 20).await;
     let mut message = vec![0];
     message.extend_from_slice(&(len as u32).to_be_bytes());
     message.resize(5 + sent, 0);
