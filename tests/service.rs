@@ -2281,9 +2281,9 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
 }
 
 /// A raw HTTP/2 call of `method` on a connection of its own, from the
-/// loopback address `from`, whose responses may take `window` bytes of the
-/// connection's flow-control window before it reads them: its response,
-/// and its request stream.
+/// loopback address `from`, of whose response the server may send `window`
+/// bytes before the client reads them (HTTP/2's stream window): its
+/// response, and its request stream.
 async fn raw_call(
     server: &TestServer,
     from: [u8; 4],
