@@ -27,7 +27,7 @@
 //!   buffer does (a `Lookup`'s request goes when its message is decoded,
 //!   and the service copies the digests out of it); a larger message later
 //!   takes its size again, as the buffer may grow by that much (see
-//!   [`Intake::admit`]). Room is handed out in turn (a FIFO semaphore, in
+//!   `Intake::admit`). Room is handed out in turn (a FIFO semaphore, in
 //!   KiB); a call that finds none within [`ROOM_WAIT`] fails with
 //!   `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
 //!   HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
@@ -73,7 +73,7 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::proto::codec::MAX_AGENT_MESSAGE;
+use crate::proto::{codec::MAX_AGENT_MESSAGE, protection_server_server::SERVICE_NAME};
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
 /// stream's requests, or a Lookup of 100,000 digests).
@@ -94,7 +94,7 @@ pub const PEER_SHARE: usize = 4;
 
 /// The most room one call may come to hold: its messages grow to at most
 /// [`MAX_MESSAGE_SIZE`], and each growth takes room for the message on top
-/// of what the call holds (see [`Intake::admit`]).
+/// of what the call holds (see `Intake::admit`).
 pub const CALL_MOST: usize = 2 * MAX_MESSAGE_SIZE;
 
 /// A gRPC message's header: a compression flag and a 4-byte length.
@@ -247,7 +247,10 @@ struct Method {
 
 impl Method {
     fn of(path: &str) -> Method {
-        match path.strip_prefix("/scanserver.v1.ProtectionServer/") {
+        let of_protection = (path.strip_prefix('/'))
+            .and_then(|path| path.strip_prefix(SERVICE_NAME))
+            .and_then(|path| path.strip_prefix('/'));
+        match of_protection {
             Some("Connect") => Method {
                 max: MAX_AGENT_MESSAGE,
                 unary: false,
@@ -358,8 +361,8 @@ impl Stall {
     /// waiting for [`STALL`] while `budget` is short, and otherwise makes
     /// sure the call is woken to look again.
     fn check(&mut self, budget: &Budget, cx: &mut Context<'_>) -> Result<(), Status> {
-        let since = *self.since.get_or_insert_with(Instant::now);
         let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
         let due = match STALL.checked_sub(self.waited + (now - since)) {
             Some(left) if !left.is_zero() => now + left,
             // Time is up: the call goes if others need room, else it looks
@@ -685,9 +688,15 @@ mod tests {
         (tx, Intake::new(Sent(rx), budget, Method::of(path), peer))
     }
 
+    /// The header of a message of `len` bytes.
+    fn header(len: usize) -> Vec<u8> {
+        let mut header = vec![0];
+        header.extend_from_slice(&(len as u32).to_be_bytes());
+        header
+    }
+
     fn message(len: usize) -> Vec<u8> {
-        let mut message = vec![0];
-        message.extend_from_slice(&(len as u32).to_be_bytes());
+        let mut message = header(len);
         message.resize(HEADER_LEN + len, 7);
         message
     }
@@ -749,15 +758,6 @@ mod tests {
         assert_eq!(layer.held(), 800 << 10);
     }
 
-    /// The header of a message of `len` bytes.
-    fn header(len: usize) -> Bytes {
-        message(0)[..1]
-            .iter()
-            .copied()
-            .chain((len as u32).to_be_bytes())
-            .collect()
-    }
-
     #[tokio::test(start_paused = true)]
     async fn each_method_has_its_largest_message_and_each_peer_its_share() {
         let layer = IntakeLayer::new(256 << 20);
@@ -777,18 +777,18 @@ mod tests {
         let mut calls = Vec::new();
         for _ in 0..4 {
             let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", peer);
-            tx.send(header(16 << 20)).unwrap();
+            tx.send(header(16 << 20).into()).unwrap();
             assert_eq!(drain(&mut scan).await, (HEADER_LEN, None));
             calls.push((tx, scan));
         }
         assert_eq!(layer.held(), 64 << 20);
         let (tx, mut refused) = call(&layer, "/scanserver.v1.ProtectionServer/Lookup", peer);
-        tx.send(header(1 << 20)).unwrap();
+        tx.send(header(1 << 20).into()).unwrap();
         let (_, error) = drain(&mut refused).await;
         assert_eq!(error, Some(tonic::Code::ResourceExhausted));
         let other = Some(IpAddr::from([10, 0, 0, 2]));
         let (tx, mut third) = call(&layer, "/scanserver.v1.ProtectionServer/Lookup", other);
-        tx.send(header(1 << 20)).unwrap();
+        tx.send(header(1 << 20).into()).unwrap();
         assert_eq!(drain(&mut third).await, (HEADER_LEN, None));
         // The address's share comes back as its calls end.
         calls.pop();
@@ -798,7 +798,7 @@ mod tests {
         assert_eq!(layer.held(), (48 << 20) + (2 << 20));
         // A larger message later takes its size again (the buffer may
         // grow by that much).
-        tx.send(header(2 << 20)).unwrap();
+        tx.send(header(2 << 20).into()).unwrap();
         assert_eq!(drain(&mut again).await, (HEADER_LEN, None));
         assert_eq!(layer.held(), (48 << 20) + (4 << 20));
 
@@ -812,13 +812,13 @@ mod tests {
                 "/scanserver.v1.ProtectionServer/Scan",
                 host(7, last),
             );
-            tx.send(header(16 << 20)).unwrap();
+            tx.send(header(16 << 20).into()).unwrap();
             let expected = (last == 5).then_some(tonic::Code::ResourceExhausted);
             assert_eq!(drain(&mut scan).await.1, expected);
             calls.push((tx, scan));
         }
         let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", host(8, 1));
-        tx.send(header(16 << 20)).unwrap();
+        tx.send(header(16 << 20).into()).unwrap();
         assert_eq!(drain(&mut scan).await, (HEADER_LEN, None));
     }
 

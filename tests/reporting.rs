@@ -32,7 +32,7 @@ use scanserver::{
     status::{Svm, WhichVms},
     vms::{self, Ending, SecurityTag, Vms},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// An Integration Server on its own thread and runtime (real time), so that
 /// a test's paused clock does not stop it.
@@ -306,58 +306,25 @@ async fn an_unreachable_receiver_turns_the_svm_warning_until_it_returns() {
 /// connections it accepts afterwards are carried as before.
 struct FreezingProxy {
     addr: SocketAddr,
-    /// Bumped by a freeze: connections of an older one carry nothing more.
-    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped by a freeze: connections accepted before it carry nothing
+    /// more.
+    generation: watch::Sender<u64>,
     _stop: oneshot::Sender<()>,
 }
 
 impl FreezingProxy {
     fn start(to: SocketAddr) -> FreezingProxy {
-        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-        let generation = Arc::new(AtomicU64::new(0));
+        let (generation, generations) = watch::channel(0);
         let (bound_tx, bound_rx) = std_mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let generations = Arc::clone(&generation);
         thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 bound_tx.send(listener.local_addr().unwrap()).unwrap();
-                let carry = move |client: tokio::net::TcpStream| {
-                    let generation = Arc::clone(&generations);
-                    let born = generation.load(SeqCst);
-                    async move {
-                        let server = tokio::net::TcpStream::connect(to).await.unwrap();
-                        let pump =
-                            |mut from: tokio::net::tcp::OwnedReadHalf,
-                             mut to: tokio::net::tcp::OwnedWriteHalf| {
-                                let generation = Arc::clone(&generation);
-                                async move {
-                                    let mut buffer = vec![0; 64 << 10];
-                                    while let Ok(n @ 1..) = from.read(&mut buffer).await {
-                                        if generation.load(SeqCst) != born {
-                                            // Frozen: open, and silent for ever.
-                                            std::future::pending::<()>().await;
-                                        }
-                                        if to.write_all(&buffer[..n]).await.is_err() {
-                                            break;
-                                        }
-                                    }
-                                }
-                            };
-                        let ((client_read, client_write), (server_read, server_write)) =
-                            (client.into_split(), server.into_split());
-                        tokio::join!(
-                            pump(client_read, server_write),
-                            pump(server_read, client_write)
-                        );
-                    }
-                };
                 let accept = async {
                     while let Ok((client, _)) = listener.accept().await {
-                        tokio::spawn(carry(client));
+                        tokio::spawn(Self::carry(client, to, generations.clone()));
                     }
                 };
                 tokio::select! {
@@ -373,13 +340,30 @@ impl FreezingProxy {
         }
     }
 
+    /// Carries `client` to `to` until a freeze, then holds both open and
+    /// silent.
+    async fn carry(
+        mut client: tokio::net::TcpStream,
+        to: SocketAddr,
+        mut generation: watch::Receiver<u64>,
+    ) {
+        let born = *generation.borrow_and_update();
+        let mut server = tokio::net::TcpStream::connect(to).await.unwrap();
+        let frozen = async {
+            let _ = generation.wait_for(|now| *now != born).await;
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            () = frozen => std::future::pending().await,
+        }
+    }
+
     fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     fn freeze(&self) {
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|generation| *generation += 1);
     }
 }
 

@@ -1964,11 +1964,17 @@ async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
         .expect("the session ends after three missed heartbeats");
 }
 
+/// The gRPC header of a message of `len` bytes.
+fn grpc_header(len: usize) -> Vec<u8> {
+    let mut header = vec![0];
+    header.extend_from_slice(&(len as u32).to_be_bytes());
+    header
+}
+
 /// The gRPC framing of `message`.
 fn framed(message: &impl prost::Message) -> Bytes {
     let encoded = message.encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    let mut framed = grpc_header(encoded.len());
     framed.extend_from_slice(&encoded);
     framed.into()
 }
@@ -2300,8 +2306,9 @@ async fn raw_call(
         .unwrap();
     tokio::spawn(connection);
     let request = http::Request::post(format!(
-        "http://{}/scanserver.v1.ProtectionServer/{method}",
-        server.addr
+        "http://{}/{}/{method}",
+        server.addr,
+        proto::protection_server_server::SERVICE_NAME
     ))
     .header("content-type", "application/grpc")
     .header("te", "trailers")
@@ -2325,9 +2332,8 @@ async fn begin_message(
     sent: usize,
 ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     let (response, mut body) = raw_call(server, from, method, 1 << 20).await;
-    let mut message = vec![0];
-    message.extend_from_slice(&(len as u32).to_be_bytes());
-    message.resize(5 + sent, 0);
+    let mut message = grpc_header(len);
+    message.resize(message.len() + sent, 0);
     body.send_data(message.into(), false).unwrap();
     (response, body)
 }
