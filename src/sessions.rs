@@ -33,7 +33,6 @@ pub struct AgentIdentity {
     pub vm_name: String,
     pub os: String,
     pub agent_version: String,
-    pub connection_tags: Vec<String>,
     /// The blake3 digest of the certificate the agent connected with, when
     /// the server takes VM ids from certificates: only connections with
     /// that certificate may use the session.
@@ -48,7 +47,6 @@ impl From<&Hello> for AgentIdentity {
             vm_name: hello.vm_name.clone(),
             os: hello.os.clone(),
             agent_version: hello.agent_version.clone(),
-            connection_tags: hello.connection_tags.clone(),
             certificate: None,
         }
     }

@@ -585,10 +585,14 @@ impl SourceSet {
     /// Reads every `.yar`/`.yara` file below `source` (or `source` itself
     /// when it is a file), and every file they include.
     fn collect(source: &Path) -> Result<SourceSet, SignatureError> {
+        // A bare file name's parent is the empty path: the working folder.
         let root = if source.is_dir() {
             source
         } else {
-            source.parent().unwrap_or(Path::new("."))
+            source
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
         };
         let root = root
             .canonicalize()

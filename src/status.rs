@@ -629,22 +629,32 @@ struct Sample {
     queue_full: bool,
 }
 
-/// The last minute of samples, one a second (at most 61 kept).
+/// The last minute of samples, one a second (at most 61 kept), and since
+/// when the queue has been full.
 #[derive(Debug, Default)]
 struct LoadMeter {
     samples: VecDeque<Sample>,
+    /// The first sample of the run of samples that found the queue full,
+    /// up to the last. Kept apart from the window: which samples the
+    /// window holds depends on how late each sample was taken, and the
+    /// status must not flicker with that.
+    full_since: Option<tokio::time::Instant>,
 }
 
 impl LoadMeter {
     fn sample(&mut self, engine: &Engine) {
         let metrics = engine.metrics();
-        let now = Sample {
+        self.push(Sample {
             at: tokio::time::Instant::now(),
             scans: metrics.scans.get(),
             bytes: metrics.scanned_bytes.get(),
             cpu: process::cpu_time(),
             queue_full: engine.queue_depth() >= engine.queue_capacity(),
-        };
+        });
+    }
+
+    fn push(&mut self, now: Sample) {
+        self.full_since = now.queue_full.then(|| self.full_since.unwrap_or(now.at));
         self.samples.push_back(now);
         while self
             .samples
@@ -655,12 +665,12 @@ impl LoadMeter {
         }
     }
 
-    /// The queue was full at every sample of a whole window.
+    /// The queue was full at every sample of a whole window (the window's
+    /// samples, a second apart, span a second less).
     fn saturated(&self) -> bool {
-        match (self.samples.front(), self.samples.back()) {
-            (Some(first), Some(last)) => {
-                last.at.duration_since(first.at) >= LOAD_WINDOW - Duration::from_secs(1)
-                    && self.samples.iter().all(|s| s.queue_full)
+        match (self.full_since, self.samples.back()) {
+            (Some(since), Some(last)) => {
+                last.at.duration_since(since) >= LOAD_WINDOW - Duration::from_secs(1)
             }
             _ => false,
         }
@@ -710,5 +720,45 @@ mod process {
         // SAFETY: sysconf has no preconditions.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         pages * page_size.max(0) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Samples a second apart, each taken a little late (as a ticker's
+    /// are): the queue full at every one of them for a minute is
+    /// saturation at every sample after, whatever the delays.
+    #[test]
+    fn a_queue_full_for_a_minute_stays_saturated_whatever_the_sampling_delays() {
+        let start = tokio::time::Instant::now();
+        let mut meter = LoadMeter::default();
+        let mut seed = 7u64;
+        let mut sample = |meter: &mut LoadMeter, second: u64, queue_full: bool| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let late = Duration::from_micros((seed >> 33) % 5_000);
+            meter.push(Sample {
+                at: start + Duration::from_secs(second) + late,
+                scans: 0,
+                bytes: 0,
+                cpu: Duration::ZERO,
+                queue_full,
+            });
+        };
+        for second in 0..59 {
+            sample(&mut meter, second, true);
+            assert!(!meter.saturated(), "full for {second} s only");
+        }
+        for second in 59..300 {
+            sample(&mut meter, second, true);
+            assert!(meter.saturated(), "full for {second} s");
+        }
+        sample(&mut meter, 300, false);
+        assert!(!meter.saturated(), "room in the queue again");
+        sample(&mut meter, 301, true);
+        assert!(!meter.saturated(), "full again for a moment");
     }
 }

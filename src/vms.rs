@@ -623,7 +623,9 @@ impl Vms {
     /// before it started, or it would be spoiled), and the modification
     /// reasons reported before it started. The agent's own count of
     /// failures matters: files it could not read were never sent, so no
-    /// failure of theirs spoiled the scan here.
+    /// failure of theirs spoiled the scan here. Nor has a full scan that
+    /// ends with files of the VM still owed their verdicts seen them (the
+    /// end of another task says nothing of those files).
     pub fn task_finished(
         &self,
         session: &Session,
@@ -643,7 +645,7 @@ impl Vms {
             let Some(scan) = vm.full_scan.take_if(ours) else {
                 return false;
             };
-            if detections > 0 || failed_files > 0 || scan.spoiled {
+            if detections > 0 || failed_files > 0 || scan.spoiled || session.files_open() > 0 {
                 return false;
             }
             let automatic = vm
@@ -853,7 +855,6 @@ mod tests {
                 vm_name: vm.into(),
                 os: "Windows".into(),
                 agent_version: "1".into(),
-                connection_tags: vec![],
                 certificate: None,
             })
         };
@@ -886,7 +887,6 @@ mod tests {
                 vm_name: vm_id.into(),
                 os: "Windows".into(),
                 agent_version: "1".into(),
-                connection_tags: vec![],
                 certificate: None,
             };
             let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));

@@ -200,6 +200,27 @@ fn rules_check_prints_version_and_count_or_errors() {
     assert!(stderr.contains("bad.yar:3:5"), "{stderr}");
 }
 
+/// A single source file named without a folder is read from the working
+/// folder (its parent is the empty path, which cannot be read).
+#[test]
+fn a_rules_file_named_without_its_folder_is_read_from_the_working_folder() {
+    let cache = tempfile::tempdir().unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    fs::write(
+        rules.path().join("one.yar"),
+        "rule one { strings: $a = \"one\" condition: $a }",
+    )
+    .unwrap();
+    let output = scanserver(cache.path())
+        .current_dir(rules.path())
+        .args(["rules", "check", "one.yar"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1 rules"));
+}
+
 /// A free loopback port (free when asked; the test uses it at once).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -795,6 +795,49 @@ async fn a_full_scan_finished_with_files_in_flight_or_a_long_id_leaves_the_tag()
     eventually(&server, "vm-f", |vm| vm.tags.is_empty()).await;
 }
 
+/// The end of another task while files of the VM are in flight says
+/// nothing of the full scan under way: once those files are answered, a
+/// clean end of the full scan clears the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_task_ending_with_files_in_flight_leaves_the_full_scan_alone() {
+    let server = TestServer::start(|_| {}).await;
+    let agent = TestAgent::connect(&server, "vm-o").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    let files_open = || server.state.sessions.files_in_flight();
+    agent.full_scan_event(TaskState::Started, 0).await;
+    let data = [0; 10];
+    let (tx, mut replies) = scan_stream(&server).await;
+    tx.send(begin(&agent.session_id, 1, &data, None))
+        .await
+        .unwrap();
+    while files_open() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (kind, state) in [
+        (TaskKind::CustomScan, TaskState::Started),
+        (TaskKind::CustomScan, TaskState::Finished),
+        (TaskKind::OnAccess, TaskState::Finished),
+    ] {
+        agent
+            .tell(agent_message::Kind::Task(TaskEvent {
+                task_id: "other".into(),
+                kind: kind as i32,
+                state: state as i32,
+                detections: 0,
+                failed_files: 0,
+            }))
+            .await;
+    }
+    agent.handled(&server).await;
+    tx.send(batch(vec![chunk(1, 0, &data), end(1)]))
+        .await
+        .unwrap();
+    let (id, verdict) = next(&mut replies).await;
+    assert_eq!((id, file_verdict(verdict).detection_count()), (1, 0));
+    agent.full_scan_event(TaskState::Finished, 0).await;
+    eventually(&server, "vm-o", |vm| vm.tags.is_empty()).await;
+}
+
 /// A file refused for want of room is sent again, as the agent is told to:
 /// the refusal does not keep the full scan from clearing the tag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -807,6 +850,51 @@ async fn a_file_refused_for_want_of_room_and_sent_again_leaves_a_full_scan_clean
     agent.refused_for_room_then_sent_again(&server).await;
     agent.full_scan_event(TaskState::Finished, 0).await;
     eventually(&server, "vm-r", |vm| vm.tags.is_empty()).await;
+}
+
+/// A stream cut off for want of room in the message budget fails its open
+/// files with RESOURCE_EXHAUSTED, which tells the agent to send them again:
+/// that does not keep the full scan from clearing the tag either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_room_for_its_message_leaves_a_full_scan_clean() {
+    // The smallest budget, which is all this address's share.
+    let server = TestServer::start(|c| c.uploads.message_budget = 32 << 20).await;
+    let agent = TestAgent::connect(&server, "vm-m").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    agent.full_scan_event(TaskState::Started, 0).await;
+    agent.handled(&server).await;
+    // Two streams keep the room of a 15 MiB message each (a chunk for no
+    // open file, refused, but the stream goes on).
+    let mut holders = Vec::new();
+    for id in [101, 102] {
+        let (tx, mut replies) = scan_stream(&server).await;
+        tx.send(chunk(id, 0, &vec![0; 15 << 20])).await.unwrap();
+        let (_, refused) = next(&mut replies).await;
+        assert_eq!(error_code(&refused), tonic::Code::InvalidArgument);
+        holders.push((tx, replies));
+    }
+    let data = vec![1; 4 << 20];
+    let session = &agent.session_id;
+    let (tx, mut replies) = scan_stream(&server).await;
+    tx.send(begin(session, 1, &data, None)).await.unwrap();
+    tx.send(batch(vec![chunk(1, 0, &data), end(1)]))
+        .await
+        .unwrap();
+    let (id, refused) = next(&mut replies).await;
+    assert_eq!(
+        (id, error_code(&refused)),
+        (1, tonic::Code::ResourceExhausted)
+    );
+    drop((tx, replies, holders));
+    while server.state.intake.held() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (tx, mut replies) = scan_stream(&server).await;
+    send_whole(&tx, session, 1, &data).await;
+    let (id, verdict) = next(&mut replies).await;
+    assert_eq!((id, file_verdict(verdict).detection_count()), (1, 0));
+    agent.full_scan_event(TaskState::Finished, 0).await;
+    eventually(&server, "vm-m", |vm| vm.tags.is_empty()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -942,7 +1030,6 @@ fn tag_rules_without_a_network() {
             vm_name: "desk".into(),
             os: "Windows".into(),
             agent_version: "1".into(),
-            connection_tags: vec![],
             certificate: None,
         })
         .unwrap();

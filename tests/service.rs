@@ -380,6 +380,20 @@ async fn hellos_are_accepted_or_rejected_with_a_reason() {
             },
             RejectReason::InvalidHello,
         ),
+        (
+            Hello {
+                connection_tags: vec!["t".into(); 17],
+                ..hello()
+            },
+            RejectReason::InvalidHello,
+        ),
+        (
+            Hello {
+                connection_tags: vec!["t".repeat(257)],
+                ..hello()
+            },
+            RejectReason::InvalidHello,
+        ),
     ];
     for (hello, reason) in cases {
         let (reply, _) = open_session(&server, hello).await;
@@ -845,6 +859,43 @@ async fn next_error(replies: &mut Replies, id: u64, code: tonic::Code, says: &st
     let (got, reply) = next(replies).await;
     assert_eq!((got, error_code(&reply)), (id, code));
     assert!(format!("{reply:?}").contains(says), "{reply:?}");
+}
+
+/// A Lookup that names the same infected content many times has it
+/// counted (and logged) once for its VM: naming it again is not finding
+/// more malware. Clean content named again counts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_counts_infected_content_once_however_often_named() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    for data in [EICAR, b"clean".as_slice()] {
+        let requests = vec![begin(&session, 1, data, None), chunk(1, 0, data), end(1)];
+        file_verdict(first_reply(&server, requests).await);
+    }
+    let counted = || {
+        let counted = server.state.sessions.get(&session).unwrap();
+        let get = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        (get(&counted.files), get(&counted.detections))
+    };
+    let before = counted();
+    let digest = |data: &[u8]| Bytes::copy_from_slice(blake3::hash(data).as_bytes());
+    let mut digests = vec![digest(EICAR); 1000];
+    digests.extend([digest(b"clean"), digest(b"clean")]);
+    let reply = server
+        .client()
+        .await
+        .lookup(LookupRequest {
+            session_id: session.clone(),
+            digests,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.results.iter().all(|r| r.verdict.is_some()));
+    let after = counted();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (3, 1));
 }
 
 /// A session has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each
@@ -1977,6 +2028,43 @@ fn framed(message: &impl prost::Message) -> Bytes {
     let mut framed = grpc_header(encoded.len());
     framed.extend_from_slice(&encoded);
     framed.into()
+}
+
+/// A message that is not protobuf of its type is the agent's fault: its
+/// open files and its stream fail with INVALID_ARGUMENT, and the server
+/// goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_fails_its_stream_with_invalid_argument() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Scan", 1 << 20).await;
+    let data = b"some content";
+    body.send_data(framed(&begin(&session, 1, data, None)), false)
+        .unwrap();
+    // Field 1 (requests) as a length-delimited entry longer than the rest.
+    let mut malformed = grpc_header(3);
+    malformed.extend_from_slice(&[0x0a, 0x7f, 0x00]);
+    body.send_data(malformed.into(), true).unwrap();
+    let response = response.await.unwrap();
+    let mut replies = response.into_body();
+    let mut received = Vec::new();
+    while let Some(data) = replies.data().await {
+        received.extend_from_slice(&data.unwrap());
+    }
+    let trailers = replies.trailers().await.unwrap().expect("trailers");
+    assert_eq!(
+        trailers["grpc-status"],
+        (tonic::Code::InvalidArgument as i32).to_string()
+    );
+    let reply = <proto::ScanReply as prost::Message>::decode(&received[5..]).unwrap();
+    let failed = reply.replies[0].kind.clone().unwrap();
+    assert_eq!(
+        (reply.replies[0].file_id, error_code(&failed)),
+        (1, tonic::Code::InvalidArgument)
+    );
+    let again = vec![begin(&session, 1, EICAR, None), chunk(1, 0, EICAR), end(1)];
+    let verdict = file_verdict(first_reply(&server, again).await);
+    assert_eq!(verdict.detection_count(), 1, "the server goes on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

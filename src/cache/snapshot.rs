@@ -9,9 +9,18 @@
 //! Layout: a magic line and the format number, then protobuf messages each
 //! prefixed by its length (a `Header`, then one `Entry` per verdict),
 //! then the blake3 digest of everything before it. It is written entry by
-//! entry, never whole in memory. A snapshot whose digest, format or signatures
-//! version does not match is set aside (renamed `*.rejected`) with a
-//! warning, and never trusted.
+//! entry, never whole in memory. A snapshot whose digest, format, maker or
+//! signatures version does not match is set aside (renamed `*.rejected`)
+//! with a warning, and never trusted.
+//!
+//! The maker is this server's build ([`made_by`]). A verdict depends on
+//! more than the signatures: on how the server scans (the external
+//! variables it works out from a file's name, the scanner's options),
+//! which the signatures version does not cover. A verdict cached under a
+//! file's name by a build that worked out `filename` differently would be
+//! served for that name as it stands, and a rule on the name would not be
+//! heard: so an upgrade starts with a cold cache, as a signatures update
+//! does.
 
 use std::{
     fs,
@@ -24,7 +33,7 @@ use bytes::Buf;
 use prost::Message;
 
 use super::{CacheKey, SharedCache, bump};
-use crate::{proto, signatures::Ruleset, state, verdict::Verdict};
+use crate::{engine::VERDICT_REVISION, proto, signatures::Ruleset, state, verdict::Verdict};
 
 const MAGIC: &[u8] = b"scanserver verdict snapshot\n";
 const FORMAT: u32 = 1;
@@ -36,6 +45,20 @@ pub const FILE_NAME: &str = "verdicts.snapshot";
 struct Header {
     #[prost(string, tag = "1")]
     signatures_version: String,
+    /// The build that made the verdicts (see [`made_by`]); empty in
+    /// snapshots of builds before it was written, which are set aside.
+    #[prost(string, tag = "2")]
+    made_by: String,
+}
+
+/// This build, as a snapshot's header names its maker: the package version
+/// and the verdicts revision, so that development builds between releases
+/// are told apart too.
+pub fn made_by() -> String {
+    format!(
+        "scanserver {} (verdicts revision {VERDICT_REVISION})",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -57,12 +80,21 @@ pub enum SnapshotError {
     Format { found: u32 },
     #[error("the snapshot holds verdicts of signatures {found}, not of the current ones")]
     Signatures { found: String },
+    #[error(
+        "the snapshot was made by another build ({}), whose verdicts may not hold for this one",
+        if found.is_empty() { "an earlier one" } else { found }
+    )]
+    MadeBy { found: String },
 }
 
 impl SharedCache {
     /// Writes every entry made with `ruleset` to `path`, atomically, and
     /// returns how many were written.
     pub fn save(&self, path: &Path, ruleset: &Ruleset) -> io::Result<u64> {
+        self.save_as(path, ruleset, made_by())
+    }
+
+    fn save_as(&self, path: &Path, ruleset: &Ruleset, made_by: String) -> io::Result<u64> {
         let written = state::replace_file(path, |file| {
             let mut out = Checksummed {
                 file,
@@ -72,6 +104,7 @@ impl SharedCache {
             out.write_all(&FORMAT.to_le_bytes())?;
             let header = Header {
                 signatures_version: ruleset.version().to_owned(),
+                made_by,
             };
             let mut message = Vec::new();
             header.encode_length_delimited(&mut message)?;
@@ -156,6 +189,11 @@ fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, Sna
         return Err(SnapshotError::Format { found });
     }
     let header = Header::decode_length_delimited(&mut rest).map_err(|_| damaged("bad header"))?;
+    if header.made_by != made_by() {
+        return Err(SnapshotError::MadeBy {
+            found: header.made_by,
+        });
+    }
     if header.signatures_version != ruleset.version() {
         return Err(SnapshotError::Signatures {
             found: header.signatures_version,
@@ -173,4 +211,30 @@ fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, Sna
         entries.push((content, Verdict::from(verdict)));
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Digest;
+
+    #[test]
+    fn a_snapshot_made_by_another_build_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        let cache = SharedCache::new(1 << 20);
+        let key = CacheKey::new(&Digest::from_bytes([7; 32]), &ruleset, None);
+        cache.insert(key, Verdict::Clean, &ruleset.version_arc());
+        cache.save(&path, &ruleset).unwrap();
+        assert_eq!(SharedCache::new(1 << 20).load(&path, &ruleset).unwrap(), 1);
+
+        let earlier = "scanserver 0.1.0 (verdicts revision 0)".to_owned();
+        cache.save_as(&path, &ruleset, earlier.clone()).unwrap();
+        let restored = SharedCache::new(1 << 20);
+        let err = restored.load(&path, &ruleset).unwrap_err();
+        assert!(matches!(err, SnapshotError::MadeBy { found } if found == earlier));
+        assert!(restored.is_empty());
+        assert!(!path.exists() && dir.path().join(format!("{FILE_NAME}.rejected")).exists());
+    }
 }

@@ -41,6 +41,14 @@ use crate::{
     verdict::{FailReason, Verdict},
 };
 
+/// The revision of how this engine makes a verdict from content, its name
+/// and the signatures: the external variables worked out from the name,
+/// the scanner's options, what counts as a detection. Raise it with any
+/// such change: verdicts saved by a build of another revision (the cache's
+/// snapshot) are then set aside instead of served, as the signatures
+/// version alone would not tell them apart.
+pub const VERDICT_REVISION: u32 = 1;
+
 /// Engine settings; the `[engine]` table of the configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -14,6 +14,11 @@
 //! hello, heartbeats, events) are small: one over [`MAX_AGENT_MESSAGE`] is
 //! refused (on the agent listener, from its header already: see
 //! [`crate::intake`]).
+//!
+//! A message that is not valid protobuf of its type is the sender's fault:
+//! it fails with INVALID_ARGUMENT, where prost's codec says INTERNAL (which
+//! reads as the server's fault, and which a Scan stream passes on to every
+//! file it fails with the stream).
 
 use std::{any::TypeId, marker::PhantomData};
 
@@ -87,7 +92,12 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
                 "a message with more than {MAX_FIELDS} entries; send fewer requests in each"
             )));
         }
-        self.0.decode(buf)
+        self.0.decode(buf).map_err(|status| {
+            Status::invalid_argument(format!(
+                "a message that is not valid protobuf of its type ({})",
+                status.message()
+            ))
+        })
     }
 
     fn buffer_settings(&self) -> BufferSettings {

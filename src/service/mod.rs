@@ -13,6 +13,7 @@ pub mod session;
 pub mod upload;
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -283,12 +284,18 @@ impl ProtectionServer for ProtectionService {
                 .map(|landed| FileVerdict::in_lookup(&landed, true));
         }
         // A verdict given by digest counts for the agent's VM as one given
-        // for content: malware found this way tags the VM too.
+        // for content: malware found this way tags the VM too. Infected
+        // content is counted and logged once, however many times the
+        // Lookup names it (one line per copy would let an agent flood the
+        // log of malware found).
+        let mut infected = HashSet::new();
         let given = digests.iter().zip(&results);
         session.record_files(
             0,
             given.filter_map(|(digest, r)| {
-                Some((Subject::Digest(digest.as_bytes()), r.verdict.as_ref()?))
+                let verdict = r.verdict.as_ref()?;
+                let first = verdict.detection_count() == 0 || infected.insert(digest);
+                first.then_some((Subject::Digest(digest.as_bytes()), verdict))
             }),
         );
         let signatures_version = ruleset.version().to_owned();

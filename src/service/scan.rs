@@ -166,6 +166,14 @@ impl VerdictOwed {
         self.0 = None;
     }
 
+    /// Forgives the file when it is refused with `code`
+    /// `RESOURCE_EXHAUSTED`, which tells its agent to send it again.
+    fn refused(&mut self, code: Code) {
+        if code == Code::ResourceExhausted {
+            self.forgive();
+        }
+    }
+
     /// The share of the spool the file's VM has.
     fn spool_share(&self) -> Option<&Arc<Semaphore>> {
         self.0.as_ref().map(|session| &session.spool_share)
@@ -586,10 +594,10 @@ impl ScanStream {
         let mut replies = self.take_landed();
         replies.retain(|reply| !matches!(reply.kind, Some(file_reply::Kind::SendContent(_))));
         let ids: Vec<u64> = self.open.keys().copied().collect();
-        replies.extend(
-            ids.into_iter()
-                .filter_map(|id| self.close(id).map(|_| file_error(id, code, message))),
-        );
+        replies.extend(ids.into_iter().filter_map(|id| {
+            self.close(id)?.owed.refused(code);
+            Some(file_error(id, code, message))
+        }));
         self.send_all(replies).await
     }
 
@@ -726,7 +734,7 @@ impl ScanStream {
             owed.forgive();
             let limit = self.state.uploads.config().files_in_flight;
             let message = format!(
-                "more than {limit} files in flight on this session; wait for verdicts before beginning more"
+                "more than {limit} files of this VM in flight (on this session and the VM's earlier ones); wait for verdicts before beginning more"
             );
             return Err(fail(Code::ResourceExhausted, message));
         };
@@ -755,9 +763,7 @@ impl ScanStream {
         let upload = match self.state.uploads.begin(Some(file.size), digest, vm_share) {
             Ok(upload) => Box::new(upload),
             Err(err) => {
-                if err.code() == Code::ResourceExhausted {
-                    file.owed.forgive();
-                }
+                file.owed.refused(err.code());
                 return Some(upload_error(id, &err));
             }
         };
@@ -851,7 +857,9 @@ impl ScanStream {
         match upload.push(chunk.offset, &chunk.data) {
             Ok(()) => None,
             Err(err) => {
-                self.close(id);
+                if let Some(mut file) = self.close(id) {
+                    file.owed.refused(err.code());
+                }
                 Some(upload_error(id, &err))
             }
         }

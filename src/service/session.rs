@@ -153,8 +153,20 @@ fn admit(
 /// days: what an agent names there must stay small.
 const MAX_IDENTITY_LEN: usize = 256;
 
-/// A Hello names its agent and VM, each field within [`MAX_IDENTITY_LEN`].
+/// The most connection tags a Hello may carry. A rejection lists them, so
+/// what an agent sends there must stay small too.
+const MAX_CONNECTION_TAGS: usize = 16;
+
+/// A Hello names its agent and VM, each field (and each of at most
+/// [`MAX_CONNECTION_TAGS`] connection tags) within [`MAX_IDENTITY_LEN`].
 fn check_identity(hello: &Hello) -> Result<(), String> {
+    let tags = &hello.connection_tags;
+    if tags.len() > MAX_CONNECTION_TAGS {
+        return Err(format!(
+            "the Hello has {} connection tags; at most {MAX_CONNECTION_TAGS} are accepted",
+            tags.len()
+        ));
+    }
     let fields = [
         ("agent_id", &hello.agent_id),
         ("vm_id", &hello.vm_id),
@@ -162,7 +174,8 @@ fn check_identity(hello: &Hello) -> Result<(), String> {
         ("os", &hello.os),
         ("agent_version", &hello.agent_version),
     ];
-    for (name, value) in fields {
+    let tags = tags.iter().map(|tag| ("connection tag", tag));
+    for (name, value) in fields.into_iter().chain(tags) {
         if value.len() > MAX_IDENTITY_LEN {
             return Err(format!(
                 "the Hello's {name} is {} bytes long; at most {MAX_IDENTITY_LEN} are accepted",
@@ -404,11 +417,6 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
             match task.state() {
                 TaskState::Started => vms.task_started(session, &task.task_id, task.kind()),
                 TaskState::Finished => {
-                    // A full scan that ends with files of the VM still owed
-                    // their verdicts has not seen them.
-                    if session.files_open() > 0 {
-                        session.scan_failed();
-                    }
                     vms.task_finished(
                         session,
                         &task.task_id,
