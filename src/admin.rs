@@ -283,7 +283,8 @@ impl Admin for AdminService {
         &self,
         _: Request<ReloadSignaturesRequest>,
     ) -> Result<Response<ReloadSignaturesReply>, Status> {
-        let reload = self.reloader.reload().await.map_err(|err| {
+        let outcome = self.reloader.reload().await;
+        let reload = outcome.as_ref().as_ref().map_err(|err| {
             let mut message = err.abridged(RELOAD_ERRORS_SHOWN);
             // It travels in a header: hyper refuses large ones.
             if message.len() > MAX_RELOAD_ERROR {

@@ -17,7 +17,10 @@
 //! starts from then on uses the new rules. Scans under way finish with the
 //! old ones, and their verdicts carry the old version. A reload runs on a
 //! task of its own: a caller that goes away (an admin client that gives
-//! up) does not cut it short.
+//! up) does not cut it short. Asks made while a reload runs are merged:
+//! they wait for one more reload, which starts once the running one ends
+//! (and reads the files then), and share its outcome. However often an
+//! admin client asks, at most one reload runs and one waits.
 //!
 //! Fail closed: signatures that do not load (errors, no rule that can
 //! match, included files changed while they were compiled) replace
@@ -57,6 +60,8 @@ pub enum ReloadError {
     Signatures(#[from] SignatureError),
     #[error("loading the signatures panicked: {0}")]
     Panicked(#[from] tokio::task::JoinError),
+    #[error("the reload ended without an outcome (see the server's log)")]
+    Lost,
 }
 
 impl ReloadError {
@@ -113,7 +118,13 @@ pub struct Reloader {
     /// It keeps the last version that could not load, whichever reload
     /// tried it: the periodic check does not compile it again.
     running: Mutex<Broken>,
+    /// The reload asked for and not started yet: every ask until it starts
+    /// waits for its outcome.
+    pending: std::sync::Mutex<Option<watch::Receiver<Option<Outcome>>>>,
 }
+
+/// A reload's outcome, shared by every ask it answers.
+pub type Outcome = Arc<Result<Reload, ReloadError>>;
 
 impl Reloader {
     pub fn new(rules: &RulesConfig, state: Arc<ServiceState>, svm: Arc<Svm>) -> Self {
@@ -124,28 +135,41 @@ impl Reloader {
             cache_dir: rules.cache_dir(),
             check_interval: rules.check_interval,
             running: Mutex::new(Broken::default()),
+            pending: std::sync::Mutex::new(None),
         }
     }
 
     /// Reads the ruleset again and loads it if its version changed. A
     /// reload asked for while another runs waits for it, then reads the
-    /// files again.
-    pub async fn reload(self: &Arc<Self>) -> Result<Reload, ReloadError> {
-        self.spawn_reload(None).await
+    /// files again; asks made meanwhile share that one reload.
+    pub async fn reload(self: &Arc<Self>) -> Outcome {
+        let mut outcome = self
+            .pending()
+            .get_or_insert_with(|| self.start_pending())
+            .clone();
+        match outcome.wait_for(Option::is_some).await {
+            Ok(outcome) => Arc::clone(outcome.as_ref().expect("waited for")),
+            Err(_) => Arc::new(Err(ReloadError::Lost)),
+        }
     }
 
-    /// Runs a reload on a task of its own, to load version `expected` only
-    /// (any new one when `None`).
-    async fn spawn_reload(
-        self: &Arc<Self>,
-        expected: Option<String>,
-    ) -> Result<Reload, ReloadError> {
+    /// Starts the task of the pending reload: once the running reload is
+    /// over, it takes the pending place (later asks make another) and
+    /// reloads. Its outcome goes to every ask made until then.
+    fn start_pending(self: &Arc<Self>) -> watch::Receiver<Option<Outcome>> {
+        let (outcome, pending) = watch::channel(None);
         let this = Arc::clone(self);
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut broken = this.running.lock().await;
-            this.reload_now(&mut broken, expected).await
+            this.pending().take();
+            let reloaded = this.reload_now(&mut broken, None).await;
+            outcome.send_replace(Some(Arc::new(reloaded)));
         });
-        task.await?
+        pending
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<watch::Receiver<Option<Outcome>>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn reload_now(
@@ -228,7 +252,8 @@ impl Reloader {
             };
             tracing::info!(source = %self.source.display(), "the signatures changed on disk");
             // A version that cannot load is recorded by the reload itself.
-            let _ = self.spawn_reload(Some(version)).await;
+            let mut broken = self.running.lock().await;
+            let _ = self.reload_now(&mut broken, Some(version)).await;
         }
     }
 

@@ -274,6 +274,11 @@ impl Server {
         &self.svm
     }
 
+    /// What reloads its signatures.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
     /// The agent listener's TLS, if it has TLS.
     pub fn tls(&self) -> Option<&Arc<Tls>> {
         self.tls.as_ref()

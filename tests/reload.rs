@@ -357,3 +357,33 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
         (2, vec!["slow".into(), "marker".into()])
     );
 }
+
+/// Reloads asked for while one runs are merged: twenty asked at once make
+/// at most two reloads (the one that started first, and one after it that
+/// reads the files again), whose outcomes the asks share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_asked_for_at_once_are_merged() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    std::fs::write(rules.path().join("b.yar"), rule("marker_b", "MARKER-B")).unwrap();
+    let asks: Vec<_> = (0..20)
+        .map(|_| {
+            let reloader = std::sync::Arc::clone(&server.reloader);
+            tokio::spawn(async move { reloader.reload().await })
+        })
+        .collect();
+    let mut reloads: Vec<scanserver::reload::Outcome> = Vec::new();
+    for ask in asks {
+        let outcome = ask.await.unwrap();
+        assert!(outcome.is_ok(), "every ask is answered");
+        if !reloads.iter().any(|r| std::sync::Arc::ptr_eq(r, &outcome)) {
+            reloads.push(outcome);
+        }
+    }
+    assert!(reloads.len() <= 2, "{} reloads ran", reloads.len());
+    let changed = reloads
+        .iter()
+        .filter(|r| r.as_ref().as_ref().unwrap().changed);
+    assert_eq!(changed.count(), 1, "the new rules are loaded once");
+    assert!(server.state.engine.ruleset().rule_count() == 2);
+}

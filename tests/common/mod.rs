@@ -102,6 +102,7 @@ pub struct TestServer {
     pub metrics: Option<std::net::SocketAddr>,
     pub state: Arc<ServiceState>,
     pub svm: Arc<Svm>,
+    pub reloader: Arc<scanserver::reload::Reloader>,
     pub tls: Option<Arc<Tls>>,
     pub spool: tempfile::TempDir,
     _state: Option<tempfile::TempDir>,
@@ -143,6 +144,7 @@ impl TestServer {
             server.metrics_addr(),
         );
         let (state, svm) = (Arc::clone(server.state()), Arc::clone(server.svm()));
+        let reloader = Arc::clone(server.reloader());
         let tls = server.tls().cloned();
         let running = tokio::spawn(async move {
             server
@@ -158,6 +160,7 @@ impl TestServer {
             metrics,
             state,
             svm,
+            reloader,
             tls,
             spool,
             _state: (used == state_dir.path()).then_some(state_dir),
