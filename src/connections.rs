@@ -1,7 +1,7 @@
 //! A listener's connections: at most `server.max_connections` open at
 //! once on the agent listener ([`ADMIN_CONNECTIONS`] on the admin
-//! listener, over TCP), each given 10 seconds to start speaking HTTP/2,
-//! and a process allowed to open that many files.
+//! listener, over TCP or its Unix socket), each given 10 seconds to start
+//! speaking HTTP/2, and a process allowed to open that many files.
 //!
 //! Sessions are bounded by `server.max_agents`, but a connection costs the
 //! server before any session: a file descriptor, HTTP/2 state, and up to a
@@ -48,7 +48,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::Sleep,
 };
@@ -80,10 +80,44 @@ pub const ACCEPTED_QUEUE: usize = 64;
 /// How often refused connections are logged, at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// How many connections the admin listener (on TCP) takes at once:
-/// operators and their tools need a few, and without a bound any local
-/// user could take every descriptor the server has.
+/// How many connections the admin listener takes at once: operators and
+/// their tools need a few, and without a bound any local user (any member
+/// of the socket's group) could take every descriptor the server has.
 pub const ADMIN_CONNECTIONS: usize = 64;
+
+/// A listener whose connections [`Connections`] bounds.
+pub trait Listener: Send + Sync + 'static {
+    type Stream: Send + 'static;
+    /// The peer's address.
+    type Peer: Send;
+    /// The next connection, ready to use.
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Peer)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+
+    /// The next connection, with Nagle's algorithm off (replies are small
+    /// messages the client waits for: a request for content, a verdict;
+    /// with Nagle on, one would wait for the client's delayed
+    /// acknowledgement of the previous one, stalling the stream for 40 ms
+    /// at a time on Linux).
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, peer) = TcpListener::accept(self).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, peer))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    type Peer = tokio::net::unix::SocketAddr;
+
+    async fn accept(&self) -> io::Result<(UnixStream, Self::Peer)> {
+        UnixListener::accept(self).await
+    }
+}
 
 /// The places of a listener's connections.
 #[derive(Debug)]
@@ -126,10 +160,10 @@ impl Connections {
 
     /// The connections accepted on `listener` that find a place, for as
     /// long as the stream is held (tonic drops it when it stops accepting).
-    pub fn incoming(
+    pub fn incoming<L: Listener>(
         self: Arc<Self>,
-        listener: TcpListener,
-    ) -> ReceiverStream<io::Result<Counted<TcpStream>>> {
+        listener: L,
+    ) -> ReceiverStream<io::Result<Counted<L::Stream>>> {
         let (accepted, incoming) = mpsc::channel(ACCEPTED_QUEUE);
         tokio::spawn(async move {
             let mut failing = false;
@@ -146,22 +180,18 @@ impl Connections {
         ReceiverStream::new(incoming)
     }
 
-    /// The next connection on `listener` that finds a place, with Nagle's
-    /// algorithm off (replies are small messages the client waits for: a
-    /// request for content, a verdict; with Nagle on, one would wait for
-    /// the client's delayed acknowledgement of the previous one, stalling
-    /// the stream for 40 ms at a time on Linux); those that find none are
-    /// closed. A failed accept of one connection (reset before it was
-    /// taken, say) is passed over; any other (out of file descriptors, say)
-    /// is logged once until an accept succeeds (`failing` keeps track), and
-    /// makes a pause rather than a spin.
-    pub async fn accept(
+    /// The next connection on `listener` that finds a place; those that
+    /// find none are closed. A failed accept of one connection (reset
+    /// before it was taken, say) is passed over; any other (out of file
+    /// descriptors, say) is logged once until an accept succeeds
+    /// (`failing` keeps track), and makes a pause rather than a spin.
+    pub async fn accept<L: Listener>(
         &self,
-        listener: &TcpListener,
+        listener: &L,
         failing: &mut bool,
-    ) -> (TcpStream, SocketAddr, Place) {
+    ) -> (L::Stream, L::Peer, Place) {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     use io::ErrorKind::*;
@@ -181,8 +211,7 @@ impl Connections {
             };
             *failing = false;
             if let Some(place) = self.place() {
-                let _ = tcp.set_nodelay(true);
-                return (tcp, peer, place);
+                return (stream, peer, place);
             }
         }
     }

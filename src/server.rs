@@ -14,7 +14,6 @@
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower_layer::{Identity, Stack};
@@ -526,20 +525,17 @@ impl Server {
                     token,
                 ))
                 .add_optional_service(reflection);
+            let connections = Arc::new(connections::Connections::admin());
             let (serve, socket_file): (AdminServing, _) = match listener {
                 AdminListener::Tcp(listener) => {
-                    let incoming = Arc::new(connections::Connections::admin()).incoming(listener);
+                    let incoming = connections.incoming(listener);
                     let serving = router.serve_with_incoming_shutdown(incoming, down());
                     (Box::pin(serving), None)
                 }
                 AdminListener::Unix(AdminSocket { listener, file }) => {
-                    (
-                        Box::pin(router.serve_with_incoming_shutdown(
-                            UnixListenerStream::new(listener),
-                            down(),
-                        )),
-                        Some(file),
-                    )
+                    let incoming = connections.incoming(listener);
+                    let serving = router.serve_with_incoming_shutdown(incoming, down());
+                    (Box::pin(serving), Some(file))
                 }
             };
             tokio::spawn(async move {

@@ -1786,6 +1786,32 @@ async fn until_connections_open(server: &TestServer, open: usize) {
     until_read("connections open", || server.svm.connections.open(), open).await;
 }
 
+/// The admin listener's Unix socket has as many places as its TCP port:
+/// one connection more is closed at once, and the others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_socket_takes_a_bounded_number_of_connections() {
+    use tokio::{io::AsyncReadExt, net::UnixStream};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let server = TestServer::start(|c| {
+        c.server.admin_listen = scanserver::admin::AdminAddr::Unix(socket.clone());
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..scanserver::connections::ADMIN_CONNECTIONS {
+        held.push(UnixStream::connect(&socket).await.unwrap());
+    }
+    let mut beyond = UnixStream::connect(&socket).await.unwrap();
+    let mut buf = [0; 64];
+    let until_closed = async { while let Ok(1..) = beyond.read(&mut buf).await {} };
+    let closed = tokio::time::timeout(Duration::from_secs(5), until_closed).await;
+    assert!(closed.is_ok(), "closed at once");
+    drop(held);
+    let request = proto::StatusRequest::default();
+    let status = server.admin_client().await.status(request).await;
+    assert!(status.is_ok(), "{status:?}");
+}
+
 /// Connections beyond `server.max_connections` are closed as they are
 /// accepted (with TLS, before their handshake) and counted; a connection
 /// that closes gives its place back, and so does one that never speaks
