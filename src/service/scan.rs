@@ -234,6 +234,10 @@ struct ScanStream {
     scanning: Arc<Scanning>,
     /// Files failed before the agent was done sending them.
     answered: Answered,
+    /// The agent's requests, until the stream ends: dropped before its
+    /// final replies, which may wait for the agent, so that their buffers
+    /// (and what HTTP/2 and the intake hold for them) go at once.
+    requests: Option<Streaming<ScanRequest>>,
     replies: Replies,
     /// Flights tell waiting files here how they ended. A file that stops
     /// waiting withdraws its subscription, and the notices are taken before
@@ -267,18 +271,19 @@ struct ScanStream {
 /// `caller` (mutual TLS), to its end.
 pub(super) async fn run(
     state: Arc<ServiceState>,
-    mut requests: Streaming<ScanRequest>,
+    requests: Streaming<ScanRequest>,
     caller: Option<Digest>,
     replies: Replies,
 ) {
     let mut shutdown = state.shutdown.clone();
     let mut timers = Timers::new(state.idle_timeout);
-    let mut stream = ScanStream::new(state, caller, replies);
+    let mut stream = ScanStream::new(state, caller, requests, replies);
     // One registration with the shutdown watch for the stream's life, as
     // for the timers: the watch is shared by every stream.
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(shutdown);
-    loop {
+    // Until the stream ends, which it does once its requests are dropped.
+    while let Some(requests) = stream.requests.as_mut() {
         timers.wake_at(stream.next_expiry);
         let event = tokio::select! {
             request = requests.message() => Event::Request(request),
@@ -288,14 +293,6 @@ pub(super) async fn run(
             () = &mut timers.idle => Event::Idle,
             () = &mut shutdown => Event::ShuttingDown,
         };
-        if let Event::Request(Err(_) | Ok(None)) = event {
-            // The requests are over or broken: their buffers, and what
-            // HTTP/2 holds for them, go before the agent is told (which may
-            // wait).
-            drop(requests);
-            let _ = stream.on(event, &mut timers).await;
-            break;
-        }
         if stream.on(event, &mut timers).await.is_err() {
             break;
         }
@@ -360,8 +357,14 @@ impl Timers {
 }
 
 impl ScanStream {
-    fn new(state: Arc<ServiceState>, caller: Option<Digest>, replies: Replies) -> Self {
+    fn new(
+        state: Arc<ServiceState>,
+        caller: Option<Digest>,
+        requests: Streaming<ScanRequest>,
+        replies: Replies,
+    ) -> Self {
         ScanStream {
+            requests: Some(requests),
             version: state.engine.ruleset().version_arc(),
             // Held verdicts make a message at once when there are as many
             // as one agent can be waiting for (see `HOLD_FOR`).
@@ -587,10 +590,11 @@ impl ScanStream {
         replies
     }
 
-    /// Gives every open file its final reply: an error (the stream ends).
-    /// Verdicts landed go first. A wait that ended without a verdict would
+    /// Gives every open file its final reply: an error (the stream ends,
+    /// and its requests are dropped first). Verdicts landed go first. A wait that ended without a verdict would
     /// ask for content the stream no longer takes: that file gets the error.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
+        self.requests = None;
         let mut replies = self.take_landed();
         replies.retain(|reply| !matches!(reply.kind, Some(file_reply::Kind::SendContent(_))));
         let ids: Vec<u64> = self.open.keys().copied().collect();
