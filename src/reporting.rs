@@ -10,7 +10,10 @@
 //! the SVM Warning (`NO_CONNECTION_TO_INTEGRATION_SERVER`), the next
 //! delivery OK again: that delivery already says so (a report that arrives
 //! cannot say the Integration Server is unreachable), and no other report
-//! of the recovery follows.
+//! of the recovery follows. When the server shuts down, a last report
+//! (trigger `SHUTDOWN`, the SVM `SHUTTING_DOWN`) is sent at once, once:
+//! without it the Integration Server would go on sending agents to an SVM
+//! that is gone, until its reports were missed for long enough.
 //!
 //! [`Receiver`] is the other side: a minimal Integration Server that hands
 //! each report on (`scanserver receiver` prints them as JSON lines).
@@ -174,8 +177,13 @@ impl Reporter {
         self.client = IntegrationServerClient::with_interceptor(channel, self.token.clone());
     }
 
-    /// Reports until `shutdown` turns true.
+    /// Reports until `shutdown` turns true, then sends the last report.
     pub async fn run(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        self.report_until(&mut shutdown).await;
+        self.send(ReportTrigger::Shutdown).await;
+    }
+
+    async fn report_until(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
         let mut status = self.svm.changes();
         let mut vms = self.svm.vms.changes();
         let mut trigger = ReportTrigger::Start;
@@ -187,14 +195,14 @@ impl Reporter {
                 () = tokio::time::sleep_until(due) => false,
                 Ok(()) = status.changed() => true,
                 Ok(()) = vms.changed() => true,
-                () = shut_down(&mut shutdown) => return,
+                () = shut_down(shutdown) => return,
             };
             if changed {
                 // While reports fail, the next retry carries the change.
                 let Some(last) = last_delivered else { continue };
                 tokio::select! {
                     () = tokio::time::sleep_until(last + MIN_GAP) => {}
-                    () = shut_down(&mut shutdown) => return,
+                    () = shut_down(shutdown) => return,
                 }
                 trigger = ReportTrigger::Change;
             }

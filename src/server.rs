@@ -351,7 +351,7 @@ impl Server {
         mut self,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        self.spawn_side_tasks();
+        let reporting = self.spawn_side_tasks();
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
@@ -381,8 +381,10 @@ impl Server {
             served_rx,
         ));
         let shutdown = self.shutdown;
+        let svm = Arc::clone(&self.svm);
         let stop_accepting = async move {
             signal.await;
+            svm.shutting_down();
             tracing::info!("shutting down: no new connections, finishing scans in flight");
             notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
             // The service and the server as a whole (the name "", which
@@ -434,6 +436,10 @@ impl Server {
         let _ = keeper.await;
         let _ = vms_keeper.await;
         drop(state_dir);
+        // The last report, sent when shutdown began, within its timeout.
+        if let Some(reporting) = reporting {
+            let _ = reporting.await;
+        }
         served_result?;
         let stats = self.state.engine.cache().stats();
         tracing::info!(
@@ -480,10 +486,11 @@ impl Server {
     }
 
     /// Starts what runs beside the agent listener, each until shutdown:
-    /// the status monitor, the infrastructure probe, the reporter, the
-    /// periodic checks of the signatures and TLS files, and the admin and
-    /// metrics listeners.
-    fn spawn_side_tasks(&mut self) {
+    /// the status monitor, the infrastructure probe, the reporter (whose
+    /// task, which ends with the last report, is returned), the periodic
+    /// checks of the signatures and TLS files, and the admin and metrics
+    /// listeners.
+    fn spawn_side_tasks(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let down = || {
             let mut shutdown = self.shutdown.subscribe();
             async move { shut_down(&mut shutdown).await }
@@ -492,9 +499,8 @@ impl Server {
         tokio::spawn(
             Arc::clone(&self.svm).keep_probing(self.probe_interval, self.shutdown.subscribe()),
         );
-        if let Some(reporter) = self.reporter.take() {
-            tokio::spawn(reporter.run(self.shutdown.subscribe()));
-        }
+        let reporting = (self.reporter.take())
+            .map(|reporter| tokio::spawn(reporter.run(self.shutdown.subscribe())));
         tokio::spawn(Arc::clone(&self.reloader).keep_checking(self.shutdown.subscribe()));
         if let Some(tls) = &self.tls {
             tokio::spawn(
@@ -555,6 +561,7 @@ impl Server {
                 }
             });
         }
+        reporting
     }
 }
 

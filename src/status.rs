@@ -14,7 +14,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -101,6 +104,7 @@ impl SvmReason {
             SvmReason::TlsUpdateFailed => "TLS update failed",
             SvmReason::CertificateExpiresSoon => "TLS certificate expires soon",
             SvmReason::CertificateExpired => "TLS certificate expired",
+            SvmReason::ShuttingDown => "shutting down",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -110,7 +114,8 @@ impl SvmReason {
         match self {
             SvmReason::NoSignatures
             | SvmReason::InfrastructureUnreachable
-            | SvmReason::CertificateExpired => Health::Critical,
+            | SvmReason::CertificateExpired
+            | SvmReason::ShuttingDown => Health::Critical,
             SvmReason::NoConnectionToIntegrationServer
             | SvmReason::SignaturesOutdated
             | SvmReason::ScanQueueSaturated
@@ -184,6 +189,8 @@ pub struct Svm {
     tls_update: Mutex<Option<String>>,
     /// The agent listener's TLS, if it has TLS.
     tls: Option<Arc<Tls>>,
+    /// Set once shutdown has begun.
+    shutting_down: AtomicBool,
     status: watch::Sender<SvmStatus>,
 }
 
@@ -224,6 +231,7 @@ impl Svm {
             signatures_update: Mutex::new(None),
             tls_update: Mutex::new(None),
             tls,
+            shutting_down: AtomicBool::new(false),
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
         };
@@ -248,6 +256,10 @@ impl Svm {
         let signatures_update_failed = lock(&self.signatures_update).is_some();
         let tls_update_failed = lock(&self.tls_update).is_some();
         let conditions = [
+            (
+                self.shutting_down.load(Ordering::Relaxed),
+                SvmReason::ShuttingDown,
+            ),
             (ruleset.rule_count() == 0, SvmReason::NoSignatures),
             (probe_unreachable, SvmReason::InfrastructureUnreachable),
             (
@@ -292,6 +304,13 @@ impl Svm {
             }
             changed
         });
+    }
+
+    /// Marks the start of shutdown: the SVM is Critical (SHUTTING_DOWN)
+    /// from now on, so that its last report sends its agents elsewhere.
+    pub fn shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.refresh();
     }
 
     /// A receiver that changes with the status.

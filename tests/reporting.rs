@@ -391,6 +391,29 @@ async fn a_report_without_an_answer_is_sent_again_on_a_new_connection() {
     assert_eq!((delivered, failed), (2, 1));
 }
 
+/// A server that shuts down sends its last report at once, and is done
+/// only once it went: trigger SHUTDOWN, the SVM Critical, SHUTTING_DOWN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_report_says_the_svm_is_shutting_down() {
+    let receiver = TestReceiver::start();
+    let url = receiver.url();
+    let server = TestServer::start(|c| c.reporting.integration_server = Some(url)).await;
+    let first = receiver.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first.trigger(), ReportTrigger::Start);
+    server.stop().await;
+    let mut last = None;
+    while let Some(report) = receiver.next(Duration::from_secs(1)).await {
+        last = Some(report);
+    }
+    let last = last.expect("a report at shutdown");
+    assert_eq!(last.trigger(), ReportTrigger::Shutdown);
+    assert_eq!(last.status(), Health::Critical);
+    assert_eq!(
+        last.reasons().collect::<Vec<_>>(),
+        [SvmReason::ShuttingDown]
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_scan_queue_full_for_a_minute_turns_the_svm_warning() {
     let receiver = TestReceiver::start();
