@@ -396,9 +396,14 @@ impl Sessions {
         self.by_id.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Files begun on every session's Scan streams and not yet answered.
+    /// Files begun on Scan streams and not yet answered, those of sessions
+    /// that ended included (each holds its VM's place until answered).
     pub fn files_in_flight(&self) -> usize {
-        self.list().iter().map(|s| s.files_open()).sum()
+        let places = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        (places.values())
+            .filter_map(|held| held.files.upgrade())
+            .map(|files| self.files_in_flight - files.available_permits())
+            .sum()
     }
 
     /// Whether no agent is connected.
