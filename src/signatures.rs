@@ -142,11 +142,16 @@ const SERIALIZED_MAGIC: &[u8] = b"YARA-X\0\0";
 pub enum SignatureError {
     #[error("cannot read {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-    #[error("{} contains no .yar or .yara file", .0.display())]
+    #[error(
+        "{} holds no YARA sources (.yar or .yara files) and is not rules compiled by `yr compile`: \
+         give the folder of the sources, a source file, or compiled rules",
+        .0.display()
+    )]
     Empty(PathBuf),
     #[error(
-        "there is no ruleset at {}: give its path with --rules (or SCANSERVER_RULES); \
-         the shipped signatures are the `signatures` folder of the distribution",
+        "there is no ruleset at {}: put the signatures there, or give their path with --rules \
+         (or SCANSERVER_RULES, or `[rules] path`); the shipped signatures are the `signatures` \
+         folder of the distribution",
         .0.display()
     )]
     Missing(PathBuf),
@@ -172,7 +177,11 @@ pub enum SignatureError {
         path: PathBuf,
         missing: Vec<&'static str>,
     },
-    #[error("cannot load pre-compiled rules {}: {source}", path.display())]
+    #[error(
+        "cannot load pre-compiled rules {}: {source}; compile them with `yr compile` of \
+         YARA-X {YARA_X_VERSION} (this server's), or give their sources",
+        path.display()
+    )]
     Precompiled {
         path: PathBuf,
         source: yara_x::errors::SerializationError,

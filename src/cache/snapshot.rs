@@ -147,7 +147,9 @@ impl SharedCache {
         };
         let entries = parse(&data, ruleset).inspect_err(|_| state::set_aside(path))?;
         let version = ruleset.version_arc();
-        let count = entries.len() as u64;
+        // Counted as held after loading: a snapshot larger than the budget
+        // (made with a larger one) loads what fits.
+        let before = self.len();
         for (content, verdict) in entries {
             let key = CacheKey {
                 content,
@@ -155,6 +157,7 @@ impl SharedCache {
             };
             self.insert(key, verdict, &version);
         }
+        let count = self.len().saturating_sub(before) as u64;
         bump(&self.counters.loaded, count);
         Ok(count)
     }
@@ -228,6 +231,9 @@ mod tests {
         cache.insert(key, Verdict::Clean, &ruleset.version_arc());
         cache.save(&path, &ruleset).unwrap();
         assert_eq!(SharedCache::new(1 << 20).load(&path, &ruleset).unwrap(), 1);
+        let without_room = SharedCache::new(0);
+        assert_eq!(without_room.load(&path, &ruleset).unwrap(), 0, "none held");
+        assert_eq!(without_room.stats().loaded, 0);
 
         let earlier = "scanserver 0.1.0 (verdicts revision 0)".to_owned();
         cache.save_as(&path, &ruleset, earlier.clone()).unwrap();
