@@ -266,12 +266,8 @@ impl Admin for AdminService {
         let changed = self.svm.vms.remove(&request.vm_id, tag);
         if let Ok(true) = changed {
             tracing::info!(vm = %request.vm_id, %tag, "security tag removed by an operator");
-            let session = self
-                .svm
-                .vms
-                .get(&request.vm_id)
-                .and_then(|vm| vm.session_id)
-                .and_then(|id| self.svm.sessions.get(&id));
+            let session =
+                (self.svm.vms.session_of(&request.vm_id)).and_then(|id| self.svm.sessions.get(&id));
             if let Some(session) = session {
                 session.restart(&format!("the operator removed the security tag {tag}"));
             }

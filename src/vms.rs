@@ -27,7 +27,7 @@ use std::{
     fmt, fs, io,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -335,17 +335,27 @@ pub enum TagError {
     UnknownVm(String),
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Saved {
+/// The saved registry: its records as read, or as borrowed to be written.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved<R = VmRecord> {
     format: u32,
-    vms: Vec<VmRecord>,
+    vms: Vec<R>,
+}
+
+impl<R> Default for Saved<R> {
+    fn default() -> Self {
+        Saved {
+            format: FORMAT,
+            vms: Vec::new(),
+        }
+    }
 }
 
 const FORMAT: u32 = 1;
 
 /// Forgets at most `n` of the idle VMs (no session, no tag), those seen
 /// least recently; returns how many.
-fn forget_idle(by_id: &mut HashMap<String, VmRecord>, n: usize) -> usize {
+fn forget_idle(by_id: &mut Registry, n: usize) -> usize {
     let mut idle: Vec<_> = by_id
         .values()
         .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
@@ -405,10 +415,15 @@ impl Saved {
     }
 }
 
+/// The records by VM id, each shared with the save under way, if any: a
+/// save copies pointers under the lock, not records (100,000 of them at
+/// most), and a record changed meanwhile is copied then (`Arc::make_mut`).
+type Registry = HashMap<String, Arc<VmRecord>>;
+
 /// The registry of protected VMs.
 #[derive(Debug)]
 pub struct Vms {
-    by_id: Mutex<HashMap<String, VmRecord>>,
+    by_id: Mutex<Registry>,
     /// Where it is saved; `None` keeps it in memory only.
     path: Option<PathBuf>,
     changes: watch::Sender<u64>,
@@ -461,7 +476,7 @@ impl Vms {
                 saved
                     .vms
                     .into_iter()
-                    .map(|vm| (vm.vm_id.clone(), vm))
+                    .map(|vm| (vm.vm_id.clone(), Arc::new(vm)))
                     .collect(),
             ),
             path: Some(path),
@@ -477,14 +492,17 @@ impl Vms {
         self.changes.subscribe()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, VmRecord>> {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
         self.by_id.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Applies `change` to VM `vm_id`, if known; when it reports a change,
     /// everyone watching is told.
     fn update(&self, vm_id: &str, change: impl FnOnce(&mut VmRecord) -> bool) -> Option<bool> {
-        let changed = self.lock().get_mut(vm_id).map(change);
+        let changed = self
+            .lock()
+            .get_mut(vm_id)
+            .map(|vm| change(Arc::make_mut(vm)));
         if changed == Some(true) {
             self.changed();
         }
@@ -518,7 +536,8 @@ impl Vms {
             }
             let vm = by_id
                 .entry(agent.vm_id.clone())
-                .or_insert_with(|| VmRecord::new(agent, now));
+                .or_insert_with(|| Arc::new(VmRecord::new(agent, now)));
+            let vm = Arc::make_mut(vm);
             vm.vm_name.clone_from(&agent.vm_name);
             vm.agent_id.clone_from(&agent.agent_id);
             vm.agent_version.clone_from(&agent.agent_version);
@@ -583,7 +602,7 @@ impl Vms {
     /// under way no longer proves the VM clean.
     pub fn scan_failed(&self, vm_id: &str) {
         if let Some(vm) = self.lock().get_mut(vm_id) {
-            vm.spoil_full_scan();
+            Arc::make_mut(vm).spoil_full_scan();
         }
     }
 
@@ -603,6 +622,7 @@ impl Vms {
         else {
             return;
         };
+        let vm = Arc::make_mut(vm);
         let same = |scan: &FullScan| scan.task_id == task_id && scan.session_id == session.id;
         if !vm.full_scan.as_ref().is_some_and(same) {
             vm.full_scan = Some(FullScan {
@@ -730,13 +750,14 @@ impl Vms {
         self.lock().get(vm_id)?.session_id.clone()
     }
 
-    /// A copy of VM `vm_id`'s record.
-    pub fn get(&self, vm_id: &str) -> Option<VmRecord> {
+    /// VM `vm_id`'s record, as it is now.
+    pub fn get(&self, vm_id: &str) -> Option<Arc<VmRecord>> {
         self.lock().get(vm_id).cloned()
     }
 
-    /// The VMs for which `keep` holds: connected ones first, then by name.
-    pub fn list(&self, keep: impl Fn(&VmRecord) -> bool) -> Vec<VmRecord> {
+    /// The VMs for which `keep` holds, as they are now: connected ones
+    /// first, then by name.
+    pub fn list(&self, keep: impl Fn(&VmRecord) -> bool) -> Vec<Arc<VmRecord>> {
         let mut vms: Vec<_> = self
             .lock()
             .values()
@@ -789,14 +810,17 @@ impl Vms {
             return Ok(());
         };
         self.forget_old();
-        let mut saved = Saved {
-            format: FORMAT,
-            vms: self.lock().values().cloned().collect(),
-        };
+        // Pointers copied under the lock; the records of connected VMs,
+        // whose last-seen time is now, copied after it.
+        let mut vms: Vec<Arc<VmRecord>> = self.lock().values().cloned().collect();
         let now = unix_ms(SystemTime::now());
-        for vm in saved.vms.iter_mut().filter(|vm| vm.session_id.is_some()) {
-            vm.last_seen = now;
+        for vm in vms.iter_mut().filter(|vm| vm.session_id.is_some()) {
+            Arc::make_mut(vm).last_seen = now;
         }
+        let saved = Saved {
+            format: FORMAT,
+            vms: vms.iter().map(|vm| &**vm).collect(),
+        };
         state::replace_file(path, |out| {
             serde_json::to_writer(&mut *out, &saved).map_err(io::Error::other)
         })
@@ -890,7 +914,7 @@ mod tests {
                 certificate: None,
             };
             let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));
-            saved.lock().insert(vm_id.into(), record);
+            saved.lock().insert(vm_id.into(), Arc::new(record));
             saved.threat_found(vm_id);
         }
         saved.save().unwrap();
