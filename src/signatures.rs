@@ -347,9 +347,9 @@ impl Ruleset {
         let cache = cache_dir.map(|dir| RulesCache::new(dir, &version));
         let name_sensitive = sources.mention_externals();
         let released = newest_modification(sources.files.iter().map(|f| f.path.as_path()));
-        if let Some(rules) = cache.as_ref().and_then(RulesCache::load) {
+        if let Some((rules, warnings)) = cache.as_ref().and_then(RulesCache::load) {
             tracing::info!(%version, "loaded compiled rules from the cache");
-            let ruleset = Self::new(rules, version, source, started, true, vec![])?;
+            let ruleset = Self::new(rules, version, source, started, true, warnings)?;
             return Ok(ruleset
                 .with_name_sensitivity(name_sensitive)
                 .released(released));
@@ -363,7 +363,7 @@ impl Ruleset {
         }
         let ruleset = Self::new(rules, version, source, started, false, warnings)?;
         if let Some(cache) = &cache {
-            cache.store(ruleset.rules());
+            cache.store(ruleset.rules(), ruleset.warnings());
         }
         Ok(ruleset
             .with_name_sensitivity(name_sensitive)
@@ -785,7 +785,12 @@ fn include_target(line: &[u8]) -> Option<(usize, &str)> {
     Some((column, &quoted[..end]))
 }
 
-/// Compiled rules on disk, one checksummed file per ruleset version.
+/// Compiled rules on disk, one checksummed file per ruleset version, with
+/// the compiler's warnings (a ruleset loaded from the cache reports them as
+/// one compiled anew does). Layout: the blake3 digest of the rest, the
+/// length of the warnings (u32, little-endian), the warnings as JSON, the
+/// rules as YARA-X serializes them. A file of another layout fails its
+/// checksum and is compiled again.
 struct RulesCache {
     path: PathBuf,
 }
@@ -797,9 +802,10 @@ impl RulesCache {
         }
     }
 
-    /// The cached rules, if present and intact, in a folder no other user
-    /// can write to (they hold native code). A damaged file is removed.
-    fn load(&self) -> Option<Rules> {
+    /// The cached rules and their warnings, if present and intact, in a
+    /// folder no other user can write to (they hold native code). A
+    /// damaged file is removed.
+    fn load(&self) -> Option<(Rules, Vec<Diagnostic>)> {
         let dir = self.path.parent().expect("cache file has a folder");
         if let Err(err) = crate::state::private_dir(dir) {
             tracing::warn!("compiled-rules cache not used: {err}");
@@ -808,8 +814,14 @@ impl RulesCache {
         let bytes = fs::read(&self.path).ok()?;
         let rules = bytes
             .split_at_checked(blake3::OUT_LEN)
-            .filter(|(sum, payload)| blake3::hash(payload).as_bytes() == *sum)
-            .and_then(|(_, payload)| Rules::deserialize(payload).ok());
+            .filter(|(sum, rest)| blake3::hash(rest).as_bytes() == *sum)
+            .and_then(|(_, rest)| {
+                let (len, rest) = rest.split_first_chunk::<4>()?;
+                let (warnings, payload) =
+                    rest.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+                let warnings = serde_json::from_slice(warnings).ok()?;
+                Some((Rules::deserialize(payload).ok()?, warnings))
+            });
         if rules.is_none() {
             tracing::warn!(path = %self.path.display(), "damaged compiled-rules cache file; compiling again");
             let _ = fs::remove_file(&self.path);
@@ -819,21 +831,25 @@ impl RulesCache {
 
     /// Stores compiled rules atomically (write to a temporary file, then
     /// rename). Failing to cache is logged, not fatal.
-    fn store(&self, rules: &Rules) {
-        if let Err(err) = self.try_store(rules) {
+    fn store(&self, rules: &Rules, warnings: &[Diagnostic]) {
+        if let Err(err) = self.try_store(rules, warnings) {
             tracing::warn!(path = %self.path.display(), %err, "cannot cache compiled rules");
         }
     }
 
-    fn try_store(&self, rules: &Rules) -> io::Result<()> {
+    fn try_store(&self, rules: &Rules, warnings: &[Diagnostic]) -> io::Result<()> {
         let dir = self.path.parent().expect("cache file has a folder");
         crate::state::private_dir(dir)?;
-        let payload = rules.serialize().map_err(io::Error::other)?;
+        let warnings = serde_json::to_vec(warnings)?;
+        let len = u32::try_from(warnings.len()).map_err(io::Error::other)?;
+        let mut rest = len.to_le_bytes().to_vec();
+        rest.extend_from_slice(&warnings);
+        rest.extend_from_slice(&rules.serialize().map_err(io::Error::other)?);
         let mut file = tempfile::Builder::new()
             .prefix(TEMPORARY_PREFIX)
             .tempfile_in(dir)?;
-        file.write_all(blake3::hash(&payload).as_bytes())?;
-        file.write_all(&payload)?;
+        file.write_all(blake3::hash(&rest).as_bytes())?;
+        file.write_all(&rest)?;
         file.as_file().sync_all()?;
         file.persist(&self.path)?;
         Self::prune(dir);

@@ -468,6 +468,25 @@ fn compiled_rules_are_cached_under_their_version_and_damage_is_ignored() {
     );
 }
 
+/// Rules loaded from the compiled-rules cache report the compiler's
+/// warnings, as when they were compiled.
+#[test]
+fn compiled_rules_from_the_cache_keep_their_warnings() {
+    let cache = tempfile::tempdir().unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    let rule = "rule jumps { strings: $b = { 61 [0-4] [0-4] 62 63 64 } condition: $b }";
+    fs::write(rules.path().join("jumps.yar"), rule).unwrap();
+    let compiled = Ruleset::load(rules.path(), Some(cache.path())).unwrap();
+    let cached = Ruleset::load(rules.path(), Some(cache.path())).unwrap();
+    assert!(cached.from_cache());
+    let codes = |ruleset: &Ruleset| -> Vec<String> {
+        ruleset.warnings().iter().map(|w| w.code.clone()).collect()
+    };
+    assert_eq!(codes(&compiled), ["consecutive_jumps"]);
+    assert_eq!(codes(&cached), codes(&compiled));
+    assert_eq!(cached.warnings()[0].text, compiled.warnings()[0].text);
+}
+
 #[test]
 fn precompiled_rules_are_accepted() {
     let ruleset = shipped_ruleset();
