@@ -168,11 +168,11 @@ impl Connections {
         tokio::spawn(async move {
             let mut failing = false;
             loop {
-                let (tcp, _, place) = tokio::select! {
+                let (stream, _, place) = tokio::select! {
                     next = self.accept(&listener, &mut failing) => next,
                     () = accepted.closed() => return,
                 };
-                if accepted.send(Ok(place.hold(tcp))).await.is_err() {
+                if accepted.send(Ok(place.hold(stream))).await.is_err() {
                     return;
                 }
             }

@@ -177,9 +177,13 @@ impl Reporter {
         self.client = IntegrationServerClient::with_interceptor(channel, self.token.clone());
     }
 
-    /// Reports until `shutdown` turns true, then sends the last report.
+    /// Reports until `shutdown` turns true (a report under way then is
+    /// dropped), then sends the last report.
     pub async fn run(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         self.report_until(&mut shutdown).await;
+        // Whatever ended serving (a signal, a listener that failed), the
+        // last report says the SVM is going.
+        self.svm.begin_shutdown();
         self.send(ReportTrigger::Shutdown).await;
     }
 
@@ -210,7 +214,16 @@ impl Reporter {
             // whatever its trigger: none of them calls for another.
             status.borrow_and_update();
             vms.borrow_and_update();
-            if let Some(carried) = self.send(trigger).await {
+            // Shutdown begins with the status (`Svm::begin_shutdown`): a
+            // change seen before the shutdown signal is the last report's.
+            if self.svm.is_shutting_down() {
+                return;
+            }
+            let sent = tokio::select! {
+                sent = self.send(trigger) => sent,
+                () = shut_down(shutdown) => return,
+            };
+            if let Some(carried) = sent {
                 // The status this report carried is reported, whatever
                 // changed it (a delivery after failures ends
                 // `NO_CONNECTION_TO_INTEGRATION_SERVER` by itself): only

@@ -384,7 +384,7 @@ impl Server {
         let svm = Arc::clone(&self.svm);
         let stop_accepting = async move {
             signal.await;
-            svm.shutting_down();
+            svm.begin_shutdown();
             tracing::info!("shutting down: no new connections, finishing scans in flight");
             notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
             // The service and the server as a whole (the name "", which

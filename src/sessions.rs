@@ -11,12 +11,12 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime},
 };
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::{
     config::UploadConfig,
@@ -133,6 +133,20 @@ struct VmPlaces {
 /// agent pre-checking folders needs one or two at a time.
 pub const LOOKUPS_AT_ONCE: usize = 4;
 
+/// A file's place in flight on its VM (see [`Session::take_place`]),
+/// given back when dropped.
+#[derive(Debug)]
+pub struct FilePlace {
+    _permit: OwnedSemaphorePermit,
+    taken: Arc<AtomicUsize>,
+}
+
+impl Drop for FilePlace {
+    fn drop(&mut self) {
+        self.taken.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One connected agent.
 #[derive(Debug)]
 pub struct Session {
@@ -141,10 +155,13 @@ pub struct Session {
     pub connected_since: SystemTime,
     last_seen: Mutex<Instant>,
     /// Files open at once on the session's Scan streams: the VM's places,
-    /// shared with files its earlier sessions still have open.
-    pub files_in_flight: Arc<Semaphore>,
+    /// shared with files its earlier sessions still have open (see
+    /// [`Session::take_place`]).
+    files_in_flight: Arc<Semaphore>,
     /// How many places the VM has.
     places: usize,
+    /// Places taken on every VM (see [`Sessions::files_in_flight`]).
+    places_taken: Arc<AtomicUsize>,
     /// The VM's share of the spool, in KiB permits: shared with its
     /// earlier sessions' files as its places are.
     pub spool_share: Arc<Semaphore>,
@@ -215,6 +232,17 @@ impl Session {
         self.places - self.files_in_flight.available_permits()
     }
 
+    /// A place in flight for a file begun on the session, if the VM has one
+    /// free; the file holds it until its final reply.
+    pub fn take_place(&self) -> Option<FilePlace> {
+        let permit = Arc::clone(&self.files_in_flight).try_acquire_owned().ok()?;
+        self.places_taken.fetch_add(1, Ordering::Relaxed);
+        Some(FilePlace {
+            _permit: permit,
+            taken: Arc::clone(&self.places_taken),
+        })
+    }
+
     /// A file of the session failed, or went without a verdict: a full
     /// scan of its VM under way proves nothing clean.
     pub fn scan_failed(&self) {
@@ -259,6 +287,9 @@ pub struct Sessions {
     /// own, an agent that reconnected again and again could keep ever more
     /// files open.
     places: Mutex<HashMap<String, VmPlaces>>,
+    /// Places taken on every VM, counted as they are taken and given back:
+    /// what reports and status read, without a walk over the VMs.
+    places_taken: Arc<AtomicUsize>,
     max_agents: usize,
     files_in_flight: usize,
     spool_share_kib: usize,
@@ -280,6 +311,7 @@ impl Sessions {
         Sessions {
             by_id: RwLock::new(HashMap::new()),
             places: Mutex::new(HashMap::new()),
+            places_taken: Arc::default(),
             max_agents,
             files_in_flight: uploads.files_in_flight as usize,
             spool_share_kib: spool_share_kib.min(Semaphore::MAX_PERMITS),
@@ -311,6 +343,7 @@ impl Sessions {
             last_seen: Mutex::new(Instant::now()),
             files_in_flight: places,
             places: self.files_in_flight,
+            places_taken: Arc::clone(&self.places_taken),
             spool_share,
             lookups: Semaphore::new(LOOKUPS_AT_ONCE),
             files: AtomicU64::new(0),
@@ -399,11 +432,7 @@ impl Sessions {
     /// Files begun on Scan streams and not yet answered, those of sessions
     /// that ended included (each holds its VM's place until answered).
     pub fn files_in_flight(&self) -> usize {
-        let places = self.places.lock().unwrap_or_else(|e| e.into_inner());
-        (places.values())
-            .filter_map(|held| held.files.upgrade())
-            .map(|files| self.files_in_flight - files.available_permits())
-            .sum()
+        self.places_taken.load(Ordering::Relaxed)
     }
 
     /// Whether no agent is connected.

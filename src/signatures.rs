@@ -46,6 +46,11 @@ pub const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype
 /// backslashes and no slash), as agents on Windows VMs send, is split at
 /// its backslashes (and slashes) and its folder keeps them: public rules
 /// written for Windows test `filepath contains "\\System32"`.
+///
+/// Verdicts are cached under the name as given, not under these values:
+/// a change to how they are worked out must raise
+/// [`crate::engine::VERDICT_REVISION`], or saved verdicts made the old way
+/// would be served.
 #[derive(Default)]
 pub struct NameExternals<'a> {
     pub filename: Cow<'a, str>,

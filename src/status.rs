@@ -256,10 +256,7 @@ impl Svm {
         let signatures_update_failed = lock(&self.signatures_update).is_some();
         let tls_update_failed = lock(&self.tls_update).is_some();
         let conditions = [
-            (
-                self.shutting_down.load(Ordering::Relaxed),
-                SvmReason::ShuttingDown,
-            ),
+            (self.is_shutting_down(), SvmReason::ShuttingDown),
             (ruleset.rule_count() == 0, SvmReason::NoSignatures),
             (probe_unreachable, SvmReason::InfrastructureUnreachable),
             (
@@ -308,9 +305,14 @@ impl Svm {
 
     /// Marks the start of shutdown: the SVM is Critical (SHUTTING_DOWN)
     /// from now on, so that its last report sends its agents elsewhere.
-    pub fn shutting_down(&self) {
+    pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
         self.refresh();
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 
     /// A receiver that changes with the status.
@@ -648,6 +650,9 @@ struct Sample {
     queue_full: bool,
 }
 
+/// The longest time between two samples of one run of full samples.
+const SAMPLE_GAP: Duration = Duration::from_secs(2);
+
 /// The last minute of samples, one a second (at most 61 kept), and since
 /// when the queue has been full.
 #[derive(Debug, Default)]
@@ -673,7 +678,13 @@ impl LoadMeter {
     }
 
     fn push(&mut self, now: Sample) {
-        self.full_since = now.queue_full.then(|| self.full_since.unwrap_or(now.at));
+        // A run of full samples is broken by one that is not, and by a gap
+        // in the sampling (a paused VM, a stalled runtime): what the queue
+        // did meanwhile is not known.
+        let unbroken =
+            (self.samples.back()).is_some_and(|last| now.at.duration_since(last.at) <= SAMPLE_GAP);
+        let since = self.full_since.filter(|_| unbroken);
+        self.full_since = now.queue_full.then(|| since.unwrap_or(now.at));
         self.samples.push_back(now);
         while self
             .samples
@@ -684,12 +695,13 @@ impl LoadMeter {
         }
     }
 
-    /// The queue was full at every sample of a whole window (the window's
-    /// samples, a second apart, span a second less).
+    /// The queue was full at every sample of a whole window: samples a
+    /// second apart, the window's span a second less, and half a second
+    /// allowed for how late each sample was taken.
     fn saturated(&self) -> bool {
         match (self.full_since, self.samples.back()) {
             (Some(since), Some(last)) => {
-                last.at.duration_since(since) >= LOAD_WINDOW - Duration::from_secs(1)
+                last.at.duration_since(since) >= LOAD_WINDOW - Duration::from_millis(1500)
             }
             _ => false,
         }
@@ -779,5 +791,11 @@ mod tests {
         assert!(!meter.saturated(), "room in the queue again");
         sample(&mut meter, 301, true);
         assert!(!meter.saturated(), "full again for a moment");
+        for second in 302..361 {
+            sample(&mut meter, second, true);
+        }
+        assert!(meter.saturated(), "full for a minute again");
+        sample(&mut meter, 400, true);
+        assert!(!meter.saturated(), "not known to be full while not sampled");
     }
 }

@@ -164,8 +164,13 @@ async fn reporting_svm_at(
     let (stop, stopped) = oneshot::channel::<()>();
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(reporter.run(shutdown_rx));
+    // As the server stops: the status first, then the signal (between
+    // the two, the reporter may see the change).
+    let stopping = Arc::clone(&svm);
     tokio::spawn(async move {
         let _ = stopped.await;
+        stopping.begin_shutdown();
+        tokio::task::yield_now().await;
         let _ = shutdown.send(true);
     });
     (svm, stop)
@@ -389,6 +394,31 @@ async fn a_report_without_an_answer_is_sent_again_on_a_new_connection() {
     reports_recorded(&svm, 3).await;
     let (delivered, failed) = svm.engine.metrics().reports();
     assert_eq!((delivered, failed), (2, 1));
+}
+
+/// The last report comes once, even when a change is due as shutdown
+/// begins (the status changes first, then the signal comes).
+#[tokio::test(start_paused = true)]
+async fn shutdown_makes_one_last_report() {
+    let receiver = TestReceiver::start();
+    let (svm, stop) = reporting_svm(&receiver, |_| {}).await;
+    first_report(&receiver, &svm).await;
+    // Long enough since the last report for a change to go at once.
+    tokio::time::sleep(MIN_GAP * 2).await;
+    drop(stop);
+    let last = receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a last report");
+    assert_eq!(last.trigger(), ReportTrigger::Shutdown);
+    assert_eq!(
+        last.reasons().collect::<Vec<_>>(),
+        [SvmReason::ShuttingDown]
+    );
+    assert!(
+        receiver.next(Duration::from_millis(500)).await.is_none(),
+        "one last report, no other"
+    );
 }
 
 /// A server that shuts down sends its last report at once, and is done

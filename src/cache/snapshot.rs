@@ -52,8 +52,8 @@ struct Header {
 }
 
 /// This build, as a snapshot's header names its maker: the package version
-/// and the verdicts revision, so that development builds between releases
-/// are told apart too.
+/// and the verdicts revision (raised by hand with any change to how a
+/// verdict is made: see [`VERDICT_REVISION`]).
 pub fn made_by() -> String {
     format!(
         "scanserver {} (verdicts revision {VERDICT_REVISION})",
@@ -81,7 +81,7 @@ pub enum SnapshotError {
     #[error("the snapshot holds verdicts of signatures {found}, not of the current ones")]
     Signatures { found: String },
     #[error(
-        "the snapshot was made by another build ({}), whose verdicts may not hold for this one",
+        "the snapshot was made by another version of the server ({}), whose verdicts may not hold for this one",
         if found.is_empty() { "an earlier one" } else { found }
     )]
     MadeBy { found: String },

@@ -15,10 +15,12 @@
 //! refused (on the agent listener, from its header already: see
 //! [`crate::intake`]).
 //!
-//! A message that is not valid protobuf of its type is the sender's fault:
-//! it fails with INVALID_ARGUMENT, where prost's codec says INTERNAL (which
-//! reads as the server's fault, and which a Scan stream passes on to every
-//! file it fails with the stream).
+//! An agent's message that is not valid protobuf of its type is the
+//! agent's fault: it fails with INVALID_ARGUMENT, where prost's codec says
+//! INTERNAL (which reads as the server's fault, and which a Scan stream
+//! passes on to every file it fails with the stream). Other messages
+//! (replies a client decodes, the admin service's and reports) keep
+//! INTERNAL, as gRPC has it.
 
 use std::{any::TypeId, marker::PhantomData};
 
@@ -32,7 +34,7 @@ use tonic::{
 };
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-use super::AgentMessage;
+use super::{AgentMessage, FileChunk, LookupRequest, ScanRequest};
 
 /// The most fields the top level of a message may have.
 pub const MAX_FIELDS: usize = 1 << 17;
@@ -93,6 +95,9 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
             )));
         }
         self.0.decode(buf).map_err(|status| {
+            if !sent_by_agents::<U>() {
+                return status;
+            }
             Status::invalid_argument(format!(
                 "a message that is not valid protobuf of its type ({})",
                 status.message()
@@ -103,6 +108,17 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// Whether `U` is a message agents send the server.
+fn sent_by_agents<U: 'static>() -> bool {
+    [
+        TypeId::of::<AgentMessage>(),
+        TypeId::of::<ScanRequest>(),
+        TypeId::of::<FileChunk>(),
+        TypeId::of::<LookupRequest>(),
+    ]
+    .contains(&TypeId::of::<U>())
 }
 
 /// The fields at the top of encoded message `bytes`, counted up to one
@@ -124,7 +140,7 @@ fn top_level_fields(mut bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{FileRequest, LookupRequest, ScanRequest};
+    use crate::proto::FileRequest;
 
     #[test]
     fn fields_are_counted_at_the_top_only() {

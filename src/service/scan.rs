@@ -32,7 +32,7 @@ use std::{
 use tokio::{
     runtime::Handle,
     sync::{
-        OwnedSemaphorePermit, Semaphore,
+        Semaphore,
         mpsc::{self, error::TrySendError},
     },
     time::{Duration, Instant, Sleep},
@@ -53,7 +53,7 @@ use crate::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
         ScanRequest, file_reply, file_request,
     },
-    sessions::{Session, Subject, log_malware_found},
+    sessions::{FilePlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
 };
 
@@ -91,7 +91,7 @@ struct OpenFile {
     /// files (see [`ScanStream::fail_stalled`]).
     seen_at_last_look: bool,
     standing: Standing,
-    _in_flight: OwnedSemaphorePermit,
+    _in_flight: FilePlace,
 }
 
 /// The ids of files failed before their agent was done sending them (a
@@ -168,7 +168,7 @@ impl VerdictOwed {
 
     /// Forgives the file when it is refused with `code`
     /// `RESOURCE_EXHAUSTED`, which tells its agent to send it again.
-    fn refused(&mut self, code: Code) {
+    fn forgive_if_resent(&mut self, code: Code) {
         if code == Code::ResourceExhausted {
             self.forgive();
         }
@@ -591,15 +591,16 @@ impl ScanStream {
     }
 
     /// Gives every open file its final reply: an error (the stream ends,
-    /// and its requests are dropped first). Verdicts landed go first. A wait that ended without a verdict would
-    /// ask for content the stream no longer takes: that file gets the error.
+    /// and its requests are dropped first). Verdicts landed go first. A
+    /// wait that ended without a verdict would ask for content the stream
+    /// no longer takes: that file gets the error.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         self.requests = None;
         let mut replies = self.take_landed();
         replies.retain(|reply| !matches!(reply.kind, Some(file_reply::Kind::SendContent(_))));
         let ids: Vec<u64> = self.open.keys().copied().collect();
         replies.extend(ids.into_iter().filter_map(|id| {
-            self.close(id)?.owed.refused(code);
+            self.close(id)?.owed.forgive_if_resent(code);
             Some(file_error(id, code, message))
         }));
         self.send_all(replies).await
@@ -734,7 +735,7 @@ impl ScanStream {
             .uploads
             .check_size(begin.size)
             .map_err(|err| upload_error(id, &err))?;
-        let Ok(in_flight) = Arc::clone(&session.files_in_flight).try_acquire_owned() else {
+        let Some(in_flight) = session.take_place() else {
             owed.forgive();
             let limit = self.state.uploads.config().files_in_flight;
             let message = format!(
@@ -767,7 +768,7 @@ impl ScanStream {
         let upload = match self.state.uploads.begin(Some(file.size), digest, vm_share) {
             Ok(upload) => Box::new(upload),
             Err(err) => {
-                file.owed.refused(err.code());
+                file.owed.forgive_if_resent(err.code());
                 return Some(upload_error(id, &err));
             }
         };
@@ -862,7 +863,7 @@ impl ScanStream {
             Ok(()) => None,
             Err(err) => {
                 if let Some(mut file) = self.close(id) {
-                    file.owed.refused(err.code());
+                    file.owed.forgive_if_resent(err.code());
                 }
                 Some(upload_error(id, &err))
             }
@@ -942,7 +943,7 @@ struct VerdictDue {
     idle_timeout: Duration,
     /// The file's place in flight, given back just before its reply is
     /// queued: an agent that has the reply may begin another file at once.
-    in_flight: Option<OwnedSemaphorePermit>,
+    in_flight: Option<FilePlace>,
 }
 
 impl VerdictDue {
