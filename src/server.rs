@@ -60,8 +60,9 @@ const MAX_STREAMS: u32 = 64;
 /// pings, its connection's Scan streams would keep their open files, and
 /// the flights other VMs wait on, until the idle timeout (5 minutes by
 /// default). With them, such a connection is closed within half a minute.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `lightagent` pings the server likewise.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Lets the process open as many files as it may, and says at start when
 /// that is short of what `max_connections`, `spool_files` and the rest need.

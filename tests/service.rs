@@ -1295,6 +1295,43 @@ async fn the_lightagent_client_scans_hash_first() {
     assert_eq!(server.spooled_files(), 0);
 }
 
+/// A file that is no longer a regular file when the agent opens it (a
+/// FIFO put in its place after the walk, which would block the open for
+/// ever) fails as `io`, whichever way it is announced, and the scan ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_a_files_place_fails_and_the_scan_ends() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("swapped");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path it is given.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
+    let files: Vec<FileSource> = vec![fifo.into(), dir.path().join("note.txt").into()];
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    for hash_first in [HashFirst::Always, HashFirst::Never] {
+        let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&results);
+        let scan = agent.scan(files.clone(), hash_first, move |path, outcome| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            sink.lock().unwrap().push((name, outcome.verdict.kind()));
+        });
+        tokio::time::timeout(Duration::from_secs(30), scan)
+            .await
+            .expect("the scan ends")
+            .unwrap();
+        let mut results = results.lock().unwrap().clone();
+        results.sort();
+        assert_eq!(
+            results,
+            [("note.txt".into(), "clean"), ("swapped".into(), "failed")],
+            "{hash_first:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_over_the_servers_limit_fails_as_too_large_as_a_local_scan_says() {
     let server = TestServer::start(|c| c.uploads.max_file_size = 1 << 20).await;

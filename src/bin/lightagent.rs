@@ -226,6 +226,15 @@ fn main() -> ExitCode {
 }
 
 async fn bench(args: BenchArgs) -> ExitCode {
+    // A connection per agent: as many descriptors as the hard limit allows.
+    match scanserver::connections::raise_open_files() {
+        Ok(limit) if limit < u64::from(args.agents) + 64 => eprintln!(
+            "warning: {} agents need as many connections, and this process may open {limit} files; raise its limit (ulimit -n)",
+            args.agents
+        ),
+        Ok(_) => {}
+        Err(err) => eprintln!("warning: cannot read the limit of open files: {err}"),
+    }
     let skipped = |path: PathBuf, err: String| eprintln!("skipped {}: {err}", path.display());
     let set = FileSet::read(&args.files, &skipped);
     if set.is_empty() {
@@ -265,8 +274,9 @@ async fn scan(args: ScanArgs) -> ExitCode {
     let walker = Arc::clone(&reporter);
     let paths = args.paths.clone();
     let walk = tokio::task::spawn_blocking(move || {
-        let unreadable =
-            |path: PathBuf, why| walker.file(&path, &localscan::unreadable_outcome(why), None);
+        let unreadable = |path: PathBuf, why| {
+            walker.file(&path, &localscan::unreadable_outcome(why), Some(false))
+        };
         localscan::walk(&paths, &unreadable)
             .map(FileSource::from)
             .collect::<Vec<_>>()

@@ -46,7 +46,7 @@ use tonic::Code;
 
 use super::{Agent, ClientError, FileSource};
 use crate::{
-    engine::ScanOutcome,
+    engine::{ScanOutcome, open_regular},
     proto::{
         FileBegin, FileCancel, FileChunk, FileEnd, FileError, FileRequest, LatestVersion,
         ScanReply, ScanRequest, file_reply,
@@ -381,8 +381,8 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
 /// places in flight held by files of the VM's earlier session, say, or its
 /// spool or the VM's share of it full), each announced again after a pause
 /// that doubles from [`Self::FIRST`] up to [`Self::LONGEST`]. A file fails
-/// with the server's error once refused [`Self::MOST`] times in a row (10
-/// to 16 seconds, as pauses grow) with none of the agent's files answered
+/// with the server's error once refused [`Self::MOST`] times in a row (33
+/// seconds of pauses) with none of the agent's files answered
 /// meanwhile: see [`Refusals`]. Such a refusal says nothing of the file,
 /// and room comes back as other files end. A file waiting here keeps its
 /// place in flight; it takes a new id, so that late replies about the
@@ -405,8 +405,10 @@ impl Retries {
     /// The longest pause, however many times a file was refused.
     const LONGEST: Duration = Duration::from_secs(2);
     /// Times in a row a file is announced again, with no file answered
-    /// meanwhile, before it fails.
-    const MOST: u32 = 8;
+    /// meanwhile, before it fails: pauses of 33 s in all, longer than the
+    /// server takes to give back the places of a connection that died
+    /// (within 30 s), which an agent that reconnects at once finds taken.
+    const MOST: u32 = 20;
 
     /// Announces `file` again after its pause.
     fn later(&mut self, mut file: PendingFile) {
@@ -628,16 +630,23 @@ impl Preparer {
     }
 }
 
+/// How long a file under another process's lease is waited for (see
+/// [`open_regular`]), as the local scan waits with its default timeout.
+const LEASE_WAIT: Duration = Duration::from_secs(10);
+
 /// A file's size and blake3 digest; only its size when it is over
-/// `max_file_size`.
+/// `max_file_size`. What is hashed is what will be sent: the size the file
+/// has when opened (one that grows meanwhile is sent as it was), or, for
+/// a file that says it holds 0 bytes (as those of /proc do), what it holds,
+/// up to one byte over the limit.
 fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
-    let file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
+    let (file, size) = open_regular(path, LEASE_WAIT)?;
     if size > max_file_size {
         return Ok(Ready { size, digest: None });
     }
+    let limit = if size == 0 { max_file_size + 1 } else { size };
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(file)?;
+    hasher.update_reader(file.take(limit))?;
     Ok(Ready {
         size: hasher.count(),
         digest: Some(hasher.finalize()),
@@ -1055,12 +1064,12 @@ fn send_content(
                     .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
                 outbox.file(id, begin, chunks, failed)
             }
-            FileSource::Path(path) => match std::fs::File::open(path) {
-                Ok(file) => {
+            FileSource::Path(path) => match open_regular(path, LEASE_WAIT) {
+                Ok((file, _)) => {
                     let chunks = FileChunks {
                         file,
                         chunk_size,
-                        left: size,
+                        left: (size > 0).then_some(size),
                     };
                     outbox.file(id, begin, chunks, failed)
                 }
@@ -1178,26 +1187,30 @@ impl Outbox {
 
 /// A file read in chunks, each in a buffer of its own, which the stream
 /// frees once it has sent it. A read fills the buffer's spare capacity
-/// directly: nothing is zeroed first. A buffer is as large as what is left
-/// of the file's announced size (a small file does not take a chunk's
-/// worth); it grows if the file has grown.
+/// directly: nothing is zeroed first. The file's announced size is read,
+/// no more (one that grew is sent as it was announced, and hashed); a
+/// file announced empty (one of /proc, which says so whatever it holds)
+/// is read to its end, which the server cuts short if it is too large.
 struct FileChunks {
     file: std::fs::File,
     chunk_size: usize,
-    /// What is left of the announced size.
-    left: u64,
+    /// What is left of the announced size; `None` for a file announced
+    /// empty.
+    left: Option<u64>,
 }
 
 impl Iterator for FileChunks {
     type Item = std::io::Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let limit = self.chunk_size as u64;
-        let mut chunk = Vec::with_capacity(self.left.min(limit) as usize);
+        let limit = (self.chunk_size as u64).min(self.left.unwrap_or(u64::MAX));
+        let mut chunk = Vec::with_capacity(limit.min(self.chunk_size as u64) as usize);
         match (&mut self.file).take(limit).read_to_end(&mut chunk) {
             Ok(0) => None,
             Ok(read) => {
-                self.left = self.left.saturating_sub(read as u64);
+                if let Some(left) = &mut self.left {
+                    *left -= read as u64;
+                }
                 Some(Ok(Bytes::from(chunk)))
             }
             Err(err) => Some(Err(err)),
@@ -1208,6 +1221,32 @@ impl Iterator for FileChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file is read up to its announced size, however much it holds
+    /// now; one announced empty, to its end.
+    #[test]
+    fn a_file_is_read_up_to_its_announced_size() {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &[7; 10]).unwrap();
+        let read = |left| {
+            use std::io::Seek;
+            let mut file = file.try_clone().unwrap();
+            file.rewind().unwrap();
+            let chunks = FileChunks {
+                file,
+                chunk_size: 4,
+                left,
+            };
+            chunks.map(|c| c.unwrap().len()).collect::<Vec<_>>()
+        };
+        assert_eq!(read(Some(6)), [4, 2], "grown since announced");
+        assert_eq!(read(None), [4, 4, 2], "announced empty");
+        assert_eq!(
+            read(Some(12)),
+            [4, 4, 2],
+            "shrunk: the server finds it short"
+        );
+    }
 
     fn file(name: &str) -> PendingFile {
         PendingFile {

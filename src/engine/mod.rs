@@ -22,6 +22,8 @@
 mod mapped;
 mod worker;
 
+pub use worker::open_regular;
+
 use std::{
     fs::File,
     path::{Path, PathBuf},

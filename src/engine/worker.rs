@@ -113,7 +113,10 @@ impl Context<'_> {
                 let name = Some(self.name.unwrap_or(path));
                 self.scan_opened(started, &file, size, name, size <= READ_LIMIT)
             }
-            Err(verdict) => self.outcome(started, 0, Judged::failed(verdict)),
+            Err(err) => {
+                let verdict = Verdict::failed(FailReason::Io, err.to_string());
+                self.outcome(started, 0, Judged::failed(verdict))
+            }
         }
     }
 
@@ -182,7 +185,11 @@ impl Context<'_> {
                 let mut buffer = std::mem::take(&mut worker.buffer);
                 let judged =
                     read_into(&mut buffer, file, size).map(|()| self.judge(worker, &buffer, name));
-                worker.buffer = buffer;
+                // Kept for the next file within the read limit (one that
+                // grew as it was read may have grown the buffer past it).
+                if buffer.capacity() as u64 <= READ_LIMIT {
+                    worker.buffer = buffer;
+                }
                 judged
             })
         } else {
@@ -304,6 +311,10 @@ impl Judged {
 /// part of it, as the mapped path's shrink guard also says.
 fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String> {
     buffer.clear();
+    // Room for exactly `size`: reading to the end then probes for more
+    // without doubling the buffer (a 32 MiB file would have grown it to
+    // 64 MiB, kept by the worker).
+    buffer.reserve_exact(size as usize);
     file.take(size)
         .read_to_end(buffer)
         .map_err(|err| err.to_string())?;
@@ -316,16 +327,17 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
     Ok(())
 }
 
-/// Opens `path` if it is a regular file (a FIFO or device would block or
-/// never end), returning it with its size. Opened without blocking, so
-/// that a FIFO put in a file's place is refused rather than waited on
-/// (reads of a regular file do not heed the flag). A regular file under
-/// another process's lease (a file server's oplock) refuses such an open,
-/// which tells the holder to let go: it is opened again, still without
-/// blocking (the file may be swapped meanwhile), until the lease is gone
-/// or `wait` has passed.
-fn open_regular(path: &Path, wait: Duration) -> Result<(File, u64), Verdict> {
-    let io_failure = |err: std::io::Error| Verdict::failed(FailReason::Io, err.to_string());
+/// Opens `path` to be read whole if it is a regular file (a FIFO or
+/// device would block or never end), returning it with its size. Opened
+/// without blocking, so that a FIFO put in a file's place is refused rather
+/// than waited on (reads of most regular files do not heed the flag; those
+/// of the few that would block, `/proc/kmsg` say, fail instead). A regular
+/// file under another process's lease (a file server's oplock) refuses such
+/// an open, which tells the holder to let go: it is opened again, still
+/// without blocking (the file may be swapped meanwhile), until the lease is
+/// gone or `wait` has passed. The local scan and `lightagent` open files
+/// this way.
+pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)> {
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
@@ -342,10 +354,14 @@ fn open_regular(path: &Path, wait: Duration) -> Result<(File, u64), Verdict> {
         std::thread::sleep(LEASE_POLL);
         opened = open();
     }
-    let file = opened.map_err(io_failure)?;
-    let metadata = file.metadata().map_err(io_failure)?;
+    let file = opened?;
+    let metadata = file.metadata()?;
     if !metadata.is_file() {
-        return Err(Verdict::failed(FailReason::Io, "not a regular file"));
+        let message = "not a regular file";
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            message,
+        ));
     }
     Ok((file, metadata.len()))
 }
@@ -453,5 +469,25 @@ fn set_externals(scanner: &mut Scanner<'_>, name: Option<&Path>) {
         scanner
             .set_global(ident, value)
             .expect("externals are declared as strings");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, Write};
+
+    use super::*;
+
+    /// A file read into the worker's buffer takes its size, not the next
+    /// power of two: the buffer a worker keeps stays within the read limit.
+    #[test]
+    fn a_file_read_takes_room_for_its_size_only() {
+        let size = (1 << 20) + 1;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![1; size]).unwrap();
+        file.rewind().unwrap();
+        let mut buffer = Vec::new();
+        read_into(&mut buffer, &file, size as u64).unwrap();
+        assert_eq!((buffer.len(), buffer.capacity()), (size, size));
     }
 }
