@@ -668,6 +668,21 @@ impl TestAgent {
     }
 
     /// Scans `data` through a Scan stream; returns the number of detections.
+    /// Opens a Scan stream and begins file 1 (`data`, its content to
+    /// follow) on it; returns once the server counts it in flight.
+    async fn begin_in_flight(
+        &self,
+        server: &TestServer,
+        data: &[u8],
+    ) -> (mpsc::Sender<ScanRequest>, Replies) {
+        let (tx, replies) = scan_stream(server).await;
+        tx.send(begin(&self.session_id, 1, data, None))
+            .await
+            .unwrap();
+        until_files_in_flight(server, 1).await;
+        (tx, replies)
+    }
+
     async fn scan(&self, server: &TestServer, data: &[u8]) -> usize {
         let requests = vec![
             begin(&self.session_id, 1, data, None),
@@ -676,6 +691,12 @@ impl TestAgent {
         ];
         file_verdict(first_reply(server, requests).await).detection_count()
     }
+}
+
+/// Waits until `server` counts `files` in flight.
+async fn until_files_in_flight(server: &TestServer, files: usize) {
+    let in_flight = || server.state.sessions.files_in_flight();
+    until_read("files in flight", in_flight, files).await;
 }
 
 /// Assigns (or removes) `tag` on VM `vm_id` through the admin service;
@@ -818,23 +839,14 @@ async fn a_full_scan_finished_with_files_in_flight_or_a_long_id_leaves_the_tag()
     let server = TestServer::start(|_| {}).await;
     let agent = TestAgent::connect(&server, "vm-f").await;
     assert_eq!(agent.scan(&server, EICAR).await, 1);
-    let files_open = || server.state.sessions.files_in_flight();
     agent.full_scan_event(TaskState::Started, 0).await;
-    let (tx, replies) = scan_stream(&server).await;
-    tx.send(begin(&agent.session_id, 1, &[0; 10], None))
-        .await
-        .unwrap();
-    while files_open() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (tx, replies) = agent.begin_in_flight(&server, &[0; 10]).await;
     agent.full_scan_event(TaskState::Finished, 0).await;
     agent.handled(&server).await;
     let vm = vm_info(&server, "vm-f").await;
     assert_eq!(tags(&vm), [(VIRUS_FOUND.to_owned(), 1)], "a file in flight");
     drop((tx, replies));
-    while files_open() > 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_files_in_flight(&server, 0).await;
 
     let long = "t".repeat(300);
     agent.full_scan_event_of(&long, TaskState::Started, 0).await;
@@ -856,16 +868,9 @@ async fn another_task_ending_with_files_in_flight_leaves_the_full_scan_alone() {
     let server = TestServer::start(|_| {}).await;
     let agent = TestAgent::connect(&server, "vm-o").await;
     assert_eq!(agent.scan(&server, EICAR).await, 1);
-    let files_open = || server.state.sessions.files_in_flight();
     agent.full_scan_event(TaskState::Started, 0).await;
     let data = [0; 10];
-    let (tx, mut replies) = scan_stream(&server).await;
-    tx.send(begin(&agent.session_id, 1, &data, None))
-        .await
-        .unwrap();
-    while files_open() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (tx, mut replies) = agent.begin_in_flight(&server, &data).await;
     for (kind, state) in [
         (TaskKind::CustomScan, TaskState::Started),
         (TaskKind::CustomScan, TaskState::Finished),
@@ -939,9 +944,7 @@ async fn a_stream_refused_room_for_its_message_leaves_a_full_scan_clean() {
         (1, tonic::Code::ResourceExhausted)
     );
     drop((tx, replies, holders));
-    while server.state.intake.held() > 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_read("room held", || server.state.intake.held(), 0).await;
     let (tx, mut replies) = scan_stream(&server).await;
     send_whole(&tx, session, 1, &data).await;
     let (id, verdict) = next(&mut replies).await;

@@ -1829,17 +1829,6 @@ async fn tls_and_mutual_tls() {
     );
 }
 
-/// Waits, for up to 10 s, until `read` gives `wanted`.
-async fn until_read<T: PartialEq + std::fmt::Debug>(what: &str, read: impl Fn() -> T, wanted: T) {
-    for _ in 0..1000 {
-        if read() == wanted {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: {:?}, not {wanted:?}", read());
-}
-
 /// Waits until `server` counts `open` agent connections.
 async fn until_connections_open(server: &TestServer, open: usize) {
     until_read("connections open", || server.svm.connections.open(), open).await;

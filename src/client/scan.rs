@@ -1204,7 +1204,7 @@ impl Iterator for FileChunks {
 
     fn next(&mut self) -> Option<Self::Item> {
         let limit = (self.chunk_size as u64).min(self.left.unwrap_or(u64::MAX));
-        let mut chunk = Vec::with_capacity(limit.min(self.chunk_size as u64) as usize);
+        let mut chunk = Vec::with_capacity(limit as usize);
         match (&mut self.file).take(limit).read_to_end(&mut chunk) {
             Ok(0) => None,
             Ok(read) => {

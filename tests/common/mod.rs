@@ -252,6 +252,21 @@ pub async fn open_session(
     (first, tx)
 }
 
+/// Waits, for up to 10 s, until `read` gives `wanted`.
+pub async fn until_read<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    read: impl Fn() -> T,
+    wanted: T,
+) {
+    for _ in 0..1000 {
+        if read() == wanted {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: {:?}, not {wanted:?}", read());
+}
+
 /// A Scan stream: a request sender and the replies.
 pub async fn scan_stream(server: &TestServer) -> (mpsc::Sender<ScanRequest>, Replies) {
     let (tx, rx) = mpsc::channel(256);
