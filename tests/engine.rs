@@ -282,6 +282,51 @@ async fn a_full_queue_answers_busy_at_once() {
     assert_eq!(outcome.verdict, Verdict::Clean);
 }
 
+/// A spooled upload waits for its share of the mapped budget before it
+/// takes a scan thread: while a large file waits for room, small files are
+/// scanned.
+#[tokio::test]
+async fn a_spooled_file_waits_for_mapped_room_off_the_scan_threads() {
+    let config = EngineConfig {
+        threads: 1,
+        mapped_budget: 1 << 20,
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let spooled = |fill: u8| {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[fill; 1 << 20]).unwrap();
+        ScanJob {
+            content: Content::Spooled {
+                file,
+                size: 1 << 20,
+            },
+            name: None,
+            digest: None,
+        }
+    };
+    let first = spooled(b'a');
+    // Holds the whole budget, and no thread.
+    let holder = engine.reserve(&first.content).await;
+    let second = tokio::spawn({
+        let engine = Arc::clone(&engine);
+        let job = spooled(b'b');
+        async move { engine.submit(job).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let small = tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.submit(ScanJob::bytes(EICAR.to_vec(), None)),
+    )
+    .await
+    .expect("a small file is scanned while a large one waits for room");
+    assert!(matches!(small.verdict, Verdict::Infected(_)));
+    assert!(!second.is_finished(), "the second file had no room");
+    let outcome = holder.scan(first, |_| {}).await;
+    assert_eq!(outcome.verdict, Verdict::Clean);
+    assert_eq!(second.await.unwrap().verdict, Verdict::Clean);
+}
+
 #[test]
 fn rules_are_replaced_while_scans_run() {
     let engine = shipped_engine();

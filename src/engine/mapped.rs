@@ -18,11 +18,14 @@
 //!
 //! Mapped pages that are read count in the process's resident memory. So
 //! that a few huge files scanned at once cannot add up to gigabytes, mapped
-//! scans share a budget ([`MAPPED_BUDGET`]): a scan waits until the bytes
-//! mapped by the others leave room for its file (a file larger than the
-//! budget runs alone), in the order the scans came, so that smaller files
-//! cannot keep a large one waiting for ever. Only scans of mapped files
-//! wait: a worker free meanwhile goes on with files read into memory.
+//! scans share a budget ([`MappedBudget`], the engine's `mapped_budget`): a
+//! scan maps its file only once the shares of the others leave room for it
+//! (a file larger than the budget takes all of it, and runs alone), in the
+//! order the shares were asked for, so that smaller files cannot keep a
+//! large one waiting for ever. A spooled upload takes its share before it
+//! is handed to a scan thread (see `ScanSlot`), so that its wait parks a
+//! task, not one of the few threads that small files are scanned on; a
+//! local file's size is only known on its scan thread, which waits there.
 //!
 //! A fault anywhere else is handed to the handler that was installed before
 //! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
@@ -31,13 +34,13 @@
 
 use std::{
     cell::Cell,
-    collections::VecDeque,
     fs::File,
     io,
-    sync::{Condvar, Mutex, MutexGuard, Once, OnceLock},
+    sync::{Arc, Once, OnceLock},
 };
 
 use memmap2::{Advice, Mmap, MmapOptions};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a mapped scan produced no result.
 #[derive(Debug, thiserror::Error)]
@@ -56,86 +59,56 @@ thread_local! {
     static FAULTED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Bytes that mapped scans may have mapped at once, process-wide.
-pub const MAPPED_BUDGET: u64 = 256 << 20;
-
-/// The budget all mapped scans share.
-static MAPPED: Budget = Budget::new(MAPPED_BUDGET);
-
-/// Bytes that may be mapped at once, handed out in turn.
-struct Budget {
-    limit: u64,
-    state: Mutex<Shares>,
-    room: Condvar,
+/// Bytes that mapped scans may have mapped at once, handed out in turn:
+/// in KiB, as permits of a fair semaphore (which serves waiters first come
+/// first, however many permits each asks for).
+pub(super) struct MappedBudget {
+    kib: Arc<Semaphore>,
+    limit_kib: u32,
 }
 
-/// What a [`Budget`] has handed out, and who waits for it.
-struct Shares {
-    used: u64,
-    /// The tickets of the scans waiting, first come first.
-    waiting: VecDeque<u64>,
-    next_ticket: u64,
+/// A share of a [`MappedBudget`], given back when dropped.
+pub(super) struct MappedShare {
+    _permit: OwnedSemaphorePermit,
 }
 
-impl Budget {
-    const fn new(limit: u64) -> Budget {
-        Budget {
-            limit,
-            state: Mutex::new(Shares {
-                used: 0,
-                waiting: VecDeque::new(),
-                next_ticket: 0,
-            }),
-            room: Condvar::new(),
+impl MappedBudget {
+    /// A budget of `bytes` (rounded up to whole KiB, at least one).
+    pub fn new(bytes: u64) -> MappedBudget {
+        let limit_kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        MappedBudget {
+            kib: Arc::new(Semaphore::new(limit_kib as usize)),
+            limit_kib,
         }
     }
 
-    fn shares(&self) -> MutexGuard<'_, Shares> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits for the scans that came before, then for room for `size`
+    /// Waits for the shares asked for before, then for room for `size`
     /// bytes (all of the budget for a file larger than it).
-    fn acquire(&self, size: u64) -> MappedShare<'_> {
-        let mut shares = self.shares();
-        let ticket = shares.next_ticket;
-        shares.next_ticket += 1;
-        shares.waiting.push_back(ticket);
-        while shares.waiting.front() != Some(&ticket)
-            || (shares.used > 0 && shares.used.saturating_add(size) > self.limit)
-        {
-            shares = self.room.wait(shares).unwrap_or_else(|e| e.into_inner());
-        }
-        shares.waiting.pop_front();
-        shares.used = shares.used.saturating_add(size);
-        // The next in line may fit too.
-        self.room.notify_all();
-        MappedShare { budget: self, size }
+    pub async fn share(&self, size: u64) -> MappedShare {
+        let kib =
+            u32::try_from(size.div_ceil(1024)).map_or(self.limit_kib, |k| k.min(self.limit_kib));
+        let permit = Arc::clone(&self.kib)
+            .acquire_many_owned(kib)
+            .await
+            .expect("the mapped budget is never closed");
+        MappedShare { _permit: permit }
     }
-}
 
-/// A share of a [`Budget`], returned when dropped.
-struct MappedShare<'a> {
-    budget: &'a Budget,
-    size: u64,
-}
-
-impl Drop for MappedShare<'_> {
-    fn drop(&mut self) {
-        self.budget.shares().used -= self.size;
-        self.budget.room.notify_all();
+    /// [`Self::share`], waited for on this thread.
+    pub fn share_blocking(&self, size: u64) -> MappedShare {
+        futures_executor::block_on(self.share(size))
     }
 }
 
 /// Maps the first `size` bytes of `file` and runs `read` over them, with the
 /// shrink guard and the budget described in the module documentation.
+/// The caller holds the file's share of the budget until it returns.
 pub(super) fn with_mapped<R>(
     file: &File,
     size: u64,
     read: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, MappedError> {
     install_handler();
-    let _share = MAPPED.acquire(size);
     let len = usize::try_from(size).map_err(|_| MappedError::Shrank)?;
     // SAFETY: the file may be changed by others while mapped; a shrink is
     // caught by the SIGBUS guard, and other changes only alter the bytes
@@ -256,52 +229,39 @@ fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::Write,
-        sync::mpsc,
-        time::{Duration, Instant},
-    };
+    use std::{io::Write, pin::Pin, pin::pin, time::Duration};
 
     use super::*;
 
-    #[test]
-    fn the_budget_is_handed_out_in_turn() {
-        let budget = Budget::new(100);
-        let held = budget.acquire(50);
-        let (admitted, order) = mpsc::channel();
-        // Checked after the scope: a failed check inside it would leave the
-        // threads waiting for the share held, and the test hanging.
-        let (mut queued, mut overtaken) = (true, false);
-        std::thread::scope(|threads| {
-            let waiting = |count: usize| {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while budget.shares().waiting.len() != count {
-                    if Instant::now() > deadline {
-                        return false;
-                    }
-                    std::thread::yield_now();
-                }
-                true
-            };
-            for (ahead, (name, size)) in [("large", 60), ("small", 50)].into_iter().enumerate() {
-                let admitted = admitted.clone();
-                let budget = &budget;
-                threads.spawn(move || {
-                    let _share = budget.acquire(size);
-                    admitted.send(name).unwrap();
-                });
-                queued &= waiting(ahead + 1);
-            }
-            // The small one would fit beside the share held, but comes after
-            // the large one (and then waits for it: they do not fit together,
-            // so the order they report in is the order they were let in).
-            std::thread::sleep(Duration::from_millis(100));
-            overtaken = order.try_recv().is_ok();
-            drop(held);
-        });
-        assert!(queued && !overtaken);
-        assert_eq!(order.iter().take(2).collect::<Vec<_>>(), ["large", "small"]);
-        assert_eq!(budget.shares().used, 0);
+    /// Whether `share` is still waiting after a moment (it is polled, so
+    /// it takes its place in line).
+    async fn waits(share: &mut Pin<&mut impl Future<Output = MappedShare>>) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), share.as_mut())
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_handed_out_in_turn() {
+        let budget = MappedBudget::new(100 << 10);
+        let held = budget.share(50 << 10).await;
+        let mut large = pin!(budget.share(60 << 10));
+        let mut small = pin!(budget.share(50 << 10));
+        assert!(waits(&mut large).await, "no room beside the share held");
+        // The small one would fit beside the share held, but comes after
+        // the large one.
+        assert!(waits(&mut small).await, "a later share overtook");
+        drop(held);
+        let large = large.await;
+        assert!(waits(&mut small).await, "no room beside the large share");
+        drop(large);
+        drop(small.await);
+        // A file larger than the budget takes all of it.
+        let whole = budget.share(1 << 30).await;
+        let mut next = pin!(budget.share(1));
+        assert!(waits(&mut next).await);
+        drop(whole);
+        next.await;
     }
 
     #[test]

@@ -22,6 +22,7 @@
 mod mapped;
 mod worker;
 
+use mapped::{MappedBudget, MappedShare};
 pub use worker::open_regular;
 
 use std::{
@@ -67,6 +68,10 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Memory budget of the verdict cache, in bytes.
     pub cache_budget: u64,
+    /// Bytes of large files that scans may have memory-mapped at once (a
+    /// file larger than this is scanned alone); what bounds the resident
+    /// memory that concurrent large scans add.
+    pub mapped_budget: u64,
 }
 
 impl Default for EngineConfig {
@@ -77,6 +82,7 @@ impl Default for EngineConfig {
             max_scan_size: 256 << 20,
             queue_capacity: 64,
             cache_budget: 256 << 20,
+            mapped_budget: 256 << 20,
         }
     }
 }
@@ -207,15 +213,19 @@ pub struct Engine {
     limits: Limits,
     queue: Arc<Semaphore>,
     queue_capacity: usize,
+    mapped: MappedBudget,
     cache: SharedCache,
     metrics: Arc<Metrics>,
 }
 
-/// A reserved place in the engine's queue: the scan it is used for starts
-/// without waiting. See [`Engine::reserve`].
+/// A reserved place in the engine's queue, with the share of the mapped
+/// budget its content needs: the scan it is used for starts without
+/// waiting. See [`Engine::reserve`].
 pub struct ScanSlot {
     engine: Arc<Engine>,
     permit: OwnedSemaphorePermit,
+    /// A spooled file's share of the mapped budget.
+    mapped: Option<MappedShare>,
 }
 
 impl ScanSlot {
@@ -224,13 +234,17 @@ impl ScanSlot {
     /// scan: a caller that finishes its work there (a verdict sent on a
     /// channel, say) spares the runtime a task and a wake-up per scan.
     pub fn scan_then(self, job: ScanJob, then: impl FnOnce(ScanOutcome) + Send + 'static) {
-        let ScanSlot { engine, permit } = self;
+        let ScanSlot {
+            engine,
+            permit,
+            mapped,
+        } = self;
         let worker_engine = Arc::clone(&engine);
         engine.pool.spawn(move || {
-            let outcome = worker_engine.scan_on_worker(&job);
+            let outcome = worker_engine.scan_on_worker(&job, mapped.is_some());
             // The content (a spooled file's handle) is let go before
             // `then`, which gives back what kept it (its spool place).
-            drop((job, permit));
+            drop((job, permit, mapped));
             then(outcome);
         });
     }
@@ -283,6 +297,7 @@ impl Engine {
             },
             queue: Arc::new(Semaphore::new(config.queue_capacity)),
             queue_capacity: config.queue_capacity,
+            mapped: MappedBudget::new(config.mapped_budget),
             cache: SharedCache::new(config.cache_budget),
             metrics: Arc::default(),
         })
@@ -344,7 +359,7 @@ impl Engine {
 
     /// Scans one job on the engine's pool, blocking the calling thread.
     pub fn scan(&self, job: &ScanJob) -> ScanOutcome {
-        self.pool.install(|| self.scan_on_worker(job))
+        self.pool.install(|| self.scan_on_worker(job, false))
     }
 
     /// Scans every job `jobs` yields, in parallel on the engine's pool,
@@ -359,16 +374,26 @@ impl Engine {
         use rayon::iter::{ParallelBridge, ParallelIterator};
         self.pool.install(|| {
             jobs.par_bridge().for_each(|job| {
-                let outcome = self.scan_on_worker(&job);
+                let outcome = self.scan_on_worker(&job, false);
                 on_result(job, outcome);
             })
         })
     }
 
-    /// Waits for a place in the queue. Holding the slot before reading
-    /// more input is how backpressure reaches a client: while the queue is
-    /// full, the caller stops reading.
-    pub async fn reserve(self: &Arc<Self>) -> ScanSlot {
+    /// Waits for a place in the queue for `content`, and first, for a
+    /// spooled file, for its share of the mapped budget: a large upload
+    /// waits for room here, in a task, rather than on a scan thread that
+    /// smaller files need meanwhile. Holding the slot before reading more
+    /// input is how backpressure reaches a client: while the queue is full,
+    /// the caller stops reading.
+    pub async fn reserve(self: &Arc<Self>, content: &Content) -> ScanSlot {
+        // The share before the place: a slot never waits for a share, so
+        // the slots, always freed by their scans, cannot all be held by
+        // waiters.
+        let mapped = match content {
+            Content::Spooled { size, .. } => Some(self.mapped.share(*size).await),
+            Content::Bytes(_) | Content::File(_) => None,
+        };
         let permit = Arc::clone(&self.queue)
             .acquire_owned()
             .await
@@ -376,15 +401,19 @@ impl Engine {
         ScanSlot {
             engine: Arc::clone(self),
             permit,
+            mapped,
         }
     }
 
-    /// A place in the queue, or [`EngineBusy`] at once when it is full.
+    /// A place in the queue, or [`EngineBusy`] at once when it is full. A
+    /// spooled file scanned in it waits for its share of the mapped budget
+    /// on its scan thread.
     pub fn try_reserve(self: &Arc<Self>) -> Result<ScanSlot, EngineBusy> {
         match Arc::clone(&self.queue).try_acquire_owned() {
             Ok(permit) => Ok(ScanSlot {
                 engine: Arc::clone(self),
                 permit,
+                mapped: None,
             }),
             Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => Err(EngineBusy {
                 capacity: self.queue_capacity,
@@ -395,10 +424,12 @@ impl Engine {
     /// Queues `job`, waiting for a place when the queue is full, and
     /// resolves to its outcome.
     pub async fn submit(self: &Arc<Self>, job: ScanJob) -> ScanOutcome {
-        self.reserve().await.scan(job, |_| {}).await
+        self.reserve(&job.content).await.scan(job, |_| {}).await
     }
 
-    fn scan_on_worker(&self, job: &ScanJob) -> ScanOutcome {
+    /// Scans `job` on this thread, one of the pool's. `share_held`: its
+    /// slot holds its content's share of the mapped budget.
+    fn scan_on_worker(&self, job: &ScanJob, share_held: bool) -> ScanOutcome {
         let context = worker::Context {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,
@@ -406,6 +437,8 @@ impl Engine {
             metrics: &self.metrics,
             name: job.name.as_deref().map(Path::new),
             digest: job.digest,
+            mapped: &self.mapped,
+            share_held,
         };
         match &job.content {
             Content::Bytes(data) => context.scan_bytes(data),

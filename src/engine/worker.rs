@@ -26,7 +26,10 @@ use std::{
 
 use yara_x::{ScanError, Scanner};
 
-use super::{Limits, ScanOutcome, mapped};
+use super::{
+    Limits, ScanOutcome,
+    mapped::{self, MappedBudget},
+};
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
     metrics::Metrics,
@@ -89,6 +92,11 @@ pub(super) struct Context<'a> {
     pub name: Option<&'a Path>,
     /// The digest, when the server computed it already.
     pub digest: Option<Digest>,
+    /// The budget a mapped scan takes its share of.
+    pub mapped: &'a MappedBudget,
+    /// The job's slot holds its share of the mapped budget already (a
+    /// spooled upload's, see `ScanSlot`): the scan maps without waiting.
+    pub share_held: bool,
 }
 
 impl Context<'_> {
@@ -193,6 +201,7 @@ impl Context<'_> {
                 judged
             })
         } else {
+            let _share = (!self.share_held).then(|| self.mapped.share_blocking(size));
             mapped::with_mapped(file, size, |data| {
                 with_worker(|worker| self.judge(worker, data, name))
             })

@@ -904,7 +904,7 @@ impl ScanStream {
         let engine = Arc::clone(&self.state.engine);
         // Content arrived (if empty), and the wait for the queue may be long.
         self.moved = true;
-        let judging = Judging::start(&engine, &received.digest, &name, standing).await;
+        let judging = Judging::start(&engine, &received, &name, standing).await;
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
             owed.settle(size, &name, &verdict);
@@ -1086,10 +1086,16 @@ enum Judging {
 }
 
 impl Judging {
-    /// Decides for content with `digest`, given where its file stood. A
-    /// scan waits here for its place in the queue (the backpressure).
-    async fn start(engine: &Arc<Engine>, digest: &Digest, name: &str, standing: Standing) -> Self {
-        let key = engine.cache_key(digest, Some(name.as_ref()));
+    /// Decides for `received` content, given where its file stood. A scan
+    /// waits here for its place in the queue (the backpressure), and a
+    /// spooled file for its share of the mapped budget.
+    async fn start(
+        engine: &Arc<Engine>,
+        received: &Received,
+        name: &str,
+        standing: Standing,
+    ) -> Self {
+        let key = engine.cache_key(&received.digest, Some(name.as_ref()));
         let cache = engine.cache();
         let flight = match standing {
             Standing::Leads(flight) if *flight.key() == key => Some(flight),
@@ -1113,7 +1119,7 @@ impl Judging {
                 }
             }
         };
-        Judging::Scan(engine.reserve().await, flight)
+        Judging::Scan(engine.reserve(&received.content).await, flight)
     }
 
     /// Has the verdict made and sent as `due`. A scan's verdict is sent
@@ -1149,7 +1155,7 @@ impl Judging {
                 }
                 // The scan waited for failed or took too long: this copy
                 // of the content is scanned on its own.
-                let slot = engine.reserve().await;
+                let slot = engine.reserve(&received.content).await;
                 scan_received(slot, received, name, None).await
             }
         }
@@ -1220,7 +1226,7 @@ pub(super) async fn scan_file(
         .await
         .map_err(cut_off)??;
     let engine = &state.engine;
-    let judging = Judging::start(engine, &received.digest, &name, Standing::Unannounced).await;
+    let judging = Judging::start(engine, &received, &name, Standing::Unannounced).await;
     let verdict = judging.verdict(engine, received, name.clone()).await;
     // No session: counted in the metrics, and logged, but for no VM.
     engine.metrics().verdict(&verdict);
