@@ -284,6 +284,11 @@ impl Collector for Live {
                 svm.engine.queue_capacity() as u64,
             ),
             (
+                "scanserver_scan_threads_stuck",
+                "Scan threads busy with one job for over three scan timeouts",
+                svm.engine.stuck_threads() as u64,
+            ),
+            (
                 "scanserver_spool_bytes",
                 "Disk that uploads spooled now take from the spool budget",
                 spool.bytes,

@@ -105,6 +105,8 @@ impl SvmReason {
             SvmReason::CertificateExpiresSoon => "TLS certificate expires soon",
             SvmReason::CertificateExpired => "TLS certificate expired",
             SvmReason::ShuttingDown => "shutting down",
+            SvmReason::ScanThreadsStuck => "scan threads stuck",
+            SvmReason::AllScanThreadsStuck => "all scan threads stuck",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -115,10 +117,12 @@ impl SvmReason {
             SvmReason::NoSignatures
             | SvmReason::InfrastructureUnreachable
             | SvmReason::CertificateExpired
-            | SvmReason::ShuttingDown => Health::Critical,
+            | SvmReason::ShuttingDown
+            | SvmReason::AllScanThreadsStuck => Health::Critical,
             SvmReason::NoConnectionToIntegrationServer
             | SvmReason::SignaturesOutdated
             | SvmReason::ScanQueueSaturated
+            | SvmReason::ScanThreadsStuck
             | SvmReason::SignaturesUpdateFailed
             | SvmReason::TlsUpdateFailed
             | SvmReason::CertificateExpiresSoon
@@ -255,6 +259,8 @@ impl Svm {
         let saturated = lock(&self.load).saturated();
         let signatures_update_failed = lock(&self.signatures_update).is_some();
         let tls_update_failed = lock(&self.tls_update).is_some();
+        let stuck = self.engine.stuck_threads();
+        let all_stuck = stuck >= self.engine.threads();
         let conditions = [
             (self.is_shutting_down(), SvmReason::ShuttingDown),
             (ruleset.rule_count() == 0, SvmReason::NoSignatures),
@@ -268,6 +274,8 @@ impl Svm {
                 SvmReason::SignaturesOutdated,
             ),
             (saturated, SvmReason::ScanQueueSaturated),
+            (stuck > 0 && !all_stuck, SvmReason::ScanThreadsStuck),
+            (stuck > 0 && all_stuck, SvmReason::AllScanThreadsStuck),
             (signatures_update_failed, SvmReason::SignaturesUpdateFailed),
             (tls_update_failed, SvmReason::TlsUpdateFailed),
             (
@@ -486,7 +494,10 @@ impl Svm {
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
         let (delivered, failed) = self.engine.metrics().reports();
-        let engine = state_for(SvmReason::ScanQueueSaturated);
+        let stuck = self.engine.stuck_threads();
+        let engine = state_for(SvmReason::ScanQueueSaturated)
+            .max(state_for(SvmReason::ScanThreadsStuck))
+            .max(state_for(SvmReason::AllScanThreadsStuck));
         let signatures = state_for(SvmReason::NoSignatures)
             .max(state_for(SvmReason::SignaturesOutdated))
             .max(state_for(SvmReason::SignaturesUpdateFailed));
@@ -507,12 +518,17 @@ impl Svm {
             component(
                 "scan engine",
                 engine,
-                match engine {
-                    ComponentState::Ok => "scanning".into(),
-                    _ => "the scan queue has been full for a minute".into(),
+                match (engine, stuck) {
+                    (ComponentState::Ok, _) => "scanning".into(),
+                    (_, 0) => "the scan queue has been full for a minute".into(),
+                    (_, stuck) => format!(
+                        "{stuck} scan threads busy with one file for over {:?}: restart the server",
+                        self.engine.stuck_after()
+                    ),
                 },
                 [
                     ("threads", self.engine.threads() as u64),
+                    ("stuck threads", stuck as u64),
                     ("queue depth", self.engine.queue_depth() as u64),
                     ("queue capacity", self.engine.queue_capacity() as u64),
                     ("scans", self.engine.metrics().scans.get()),

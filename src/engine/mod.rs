@@ -15,14 +15,19 @@
 //! * The async entry point ([`Engine::submit`]) goes through a bounded queue:
 //!   a flood of work waits for a slot (or, with [`Engine::try_reserve`],
 //!   gets [`EngineBusy`] at once) instead of growing memory without bound.
+//! * A thread busy with one job for far longer than the scan timeout
+//!   allows is counted as stuck ([`Engine::stuck_threads`], see `stuck`).
 //! * Verdicts are remembered in the [`SharedCache`] under the digest the
 //!   engine computed (or the server computed while receiving): content seen
 //!   before is not scanned again.
 
 mod mapped;
+mod stuck;
 mod worker;
 
 use mapped::{MappedBudget, MappedShare};
+use stuck::Busy;
+pub use stuck::STUCK_AFTER_TIMEOUTS;
 pub use worker::open_regular;
 
 use std::{
@@ -214,6 +219,7 @@ pub struct Engine {
     queue: Arc<Semaphore>,
     queue_capacity: usize,
     mapped: MappedBudget,
+    busy: Busy,
     cache: SharedCache,
     metrics: Arc<Metrics>,
 }
@@ -290,6 +296,7 @@ impl Engine {
             .build()?;
         Ok(Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
+            busy: Busy::new(pool.current_num_threads()),
             pool,
             limits: Limits {
                 timeout: config.scan_timeout,
@@ -345,6 +352,18 @@ impl Engine {
     /// The number of scan threads.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// How long a job may keep its scan thread before the thread counts
+    /// as stuck: [`STUCK_AFTER_TIMEOUTS`] scan timeouts.
+    pub fn stuck_after(&self) -> Duration {
+        self.limits.timeout * STUCK_AFTER_TIMEOUTS
+    }
+
+    /// Scan threads busy with one job for longer than
+    /// [`Self::stuck_after`].
+    pub fn stuck_threads(&self) -> usize {
+        self.busy.longer_than(self.stuck_after())
     }
 
     /// Scans submitted and not yet finished (queued or running).
@@ -430,6 +449,7 @@ impl Engine {
     /// Scans `job` on this thread, one of the pool's. `share_held`: its
     /// slot holds its content's share of the mapped budget.
     fn scan_on_worker(&self, job: &ScanJob, share_held: bool) -> ScanOutcome {
+        let _busy = self.busy.begin();
         let context = worker::Context {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,
