@@ -3,8 +3,16 @@
 //! signatures loaded, so that `systemctl start` (and units ordered after
 //! this one) wait for a server that answers; stopping once shutdown
 //! begins; reloading from a SIGHUP until the new signatures are loaded
-//! (which `Type=notify-reload` waits for); and a status line for
-//! `systemctl status`.
+//! (which `Type=notify-reload` waits for); a status line for
+//! `systemctl status`; and, under `WatchdogSec=`, `WATCHDOG=1` at half
+//! the watchdog's interval while the server can scan.
+//!
+//! The watchdog is fed from a task of the runtime, and only while some
+//! scan thread is not stuck (see `engine::stuck`): a runtime that no
+//! longer runs its tasks, or a server whose every scan thread is stuck,
+//! stops feeding it, and systemd kills the server (SIGABRT by default, so
+//! that a core dump shows where the threads hung) and, with `Restart=`,
+//! starts it again. Neither can be mended from inside.
 //!
 //! A message is one datagram of newline-separated `KEY=value` assignments,
 //! sent to the Unix socket that `NOTIFY_SOCKET` names (a path, or an
@@ -14,7 +22,9 @@
 //! whether its manager hears it or not, and a manager that waits in vain
 //! for readiness says so itself.
 
-use std::{io, os::unix::net::UnixDatagram, path::Path};
+use std::{io, os::unix::net::UnixDatagram, path::Path, sync::Arc, time::Duration};
+
+use crate::{proto::SvmReason, status::Svm};
 
 /// Sends `message` to the service manager, if there is one.
 pub fn notify(message: &str) {
@@ -44,6 +54,38 @@ pub fn reloading() {
     notify(&format!(
         "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reading the signatures and TLS files again"
     ));
+}
+
+/// The interval of systemd's watchdog for this process (`WatchdogSec=`,
+/// passed as `WATCHDOG_USEC`), if it has one.
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    // Set when the watchdog is meant for one process of several.
+    let ours = match std::env::var("WATCHDOG_PID") {
+        Ok(pid) => pid.parse::<u32>().ok()? == std::process::id(),
+        Err(_) => true,
+    };
+    (ours && usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Feeds the watchdog of `interval` at half of it, for as long as the
+/// runtime runs (shutdown, whose last saves may take a while, included),
+/// except while every scan thread of `svm` is stuck.
+pub async fn feed_watchdog(svm: Arc<Svm>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval / 2);
+    let mut starving = false;
+    loop {
+        ticks.tick().await;
+        let stuck = (svm.status().reasons).contains(&SvmReason::AllScanThreadsStuck);
+        if !stuck {
+            notify("WATCHDOG=1");
+        } else if !starving {
+            tracing::error!(
+                "every scan thread is stuck: the service manager's watchdog is no longer fed, and will stop the server"
+            );
+        }
+        starving = stuck;
+    }
 }
 
 fn send(socket: &Path, message: &str) -> io::Result<()> {

@@ -497,6 +497,9 @@ impl Server {
             async move { shut_down(&mut shutdown).await }
         };
         tokio::spawn(Arc::clone(&self.svm).monitor(self.shutdown.subscribe()));
+        if let Some(interval) = notify::watchdog_interval() {
+            tokio::spawn(notify::feed_watchdog(Arc::clone(&self.svm), interval));
+        }
         tokio::spawn(
             Arc::clone(&self.svm).keep_probing(self.probe_interval, self.shutdown.subscribe()),
         );

@@ -732,6 +732,53 @@ fn serve_tells_the_service_manager_it_is_ready_reloading_and_stopping() {
     assert!(server.0.wait().unwrap().success());
 }
 
+/// Under `WatchdogSec=` (`WATCHDOG_USEC`), `serve` feeds systemd's
+/// watchdog at half its interval; not one meant for another process
+/// (`WATCHDOG_PID`).
+#[test]
+fn serve_feeds_the_watchdog_meant_for_it() {
+    use std::{
+        os::unix::net::UnixDatagram,
+        time::{Duration, Instant},
+    };
+    let cache = tempfile::tempdir().unwrap();
+    for (watchdog_pid, fed) in [(None, true), (Some("1"), false)] {
+        let state = tempfile::tempdir().unwrap();
+        let socket = state.path().join("notify");
+        let manager = UnixDatagram::bind(&socket).unwrap();
+        manager
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+        let _server = serve(cache.path(), state.path(), port, &admin, |serve| {
+            serve
+                .env("NOTIFY_SOCKET", &socket)
+                .env("WATCHDOG_USEC", "400000");
+            if let Some(pid) = watchdog_pid {
+                serve.env("WATCHDOG_PID", pid);
+            }
+        });
+        let mut buf = [0; 512];
+        let mut messages = Vec::new();
+        let mut ready_at = None;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ready_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(2)) {
+            assert!(Instant::now() < deadline, "no READY=1: {messages:?}");
+            if let Ok(len) = manager.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..len]).into_owned();
+                if message.starts_with("READY=1") {
+                    ready_at = Some(Instant::now());
+                }
+                messages.push(message);
+            }
+        }
+        let pings = messages.iter().filter(|m| *m == "WATCHDOG=1").count();
+        // One every 200 ms: some 10 in the two seconds after READY=1.
+        assert_eq!(pings >= 4, fed, "{messages:?}");
+        assert!(fed || pings == 0, "{messages:?}");
+    }
+}
+
 /// Malware found is logged, a warning per verdict, with the VM and the
 /// file it was found in, the threats and rules, and where the verdict came
 /// from; clean verdicts are not.
