@@ -56,8 +56,16 @@ fn content_over_the_size_limit_fails_with_too_large() {
     assert_eq!(reason(&outcome.verdict), Some(FailReason::TooLarge));
     assert!(outcome.digest.is_none());
 
+    // Neither reached the scanner: no scan is counted, nor their bytes.
+    let metrics = engine.metrics();
+    assert_eq!((metrics.scans.get(), metrics.scanned_bytes.get()), (0, 0));
+
     let outcome = engine.scan(&ScanJob::bytes(vec![0u8; 1000], None));
     assert_eq!(outcome.verdict, Verdict::Clean);
+    assert_eq!(
+        (metrics.scans.get(), metrics.scanned_bytes.get()),
+        (1, 1000)
+    );
 }
 
 #[test]
@@ -81,6 +89,7 @@ fn unreadable_paths_fail_with_io() {
             path.display()
         );
     }
+    assert_eq!(engine.metrics().scans.get(), 0, "nothing was read");
 }
 
 #[test]

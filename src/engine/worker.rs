@@ -244,10 +244,12 @@ impl Context<'_> {
     }
 
     /// The scan's outcome; a fresh verdict goes into the cache (failures
-    /// excepted, see [`SharedCache::insert`]).
+    /// excepted, see [`SharedCache::insert`]). Only content that reached
+    /// the scanner counts as a scan: a file that could not be opened or
+    /// read, or was too large, did not.
     fn outcome(&self, started: Instant, size: u64, judged: Judged) -> ScanOutcome {
         let cached = matches!(judged.origin, Origin::Cache);
-        if !cached {
+        if matches!(judged.origin, Origin::Scan(_) | Origin::Unkept) {
             self.metrics.scans.inc();
             self.metrics.scanned_bytes.inc_by(size);
             self.metrics
