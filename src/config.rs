@@ -275,7 +275,8 @@ pub struct ServerConfig {
     /// A Scan stream that neither receives a request nor answers a waiting
     /// file for this long is closed (verdicts of scans under way do not
     /// count); so is one whose agent takes none of its replies for this
-    /// long, and a `ScanFile` call whose file takes longer than this.
+    /// long, and a `ScanFile` call whose file takes longer than this. An
+    /// agent connection with no call under way for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// On SIGTERM or Ctrl-C, how long scans in flight may take to finish.

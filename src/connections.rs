@@ -22,6 +22,17 @@
 //! which has its own 10 seconds), or the connection is closed; after it,
 //! the pings of `server` find peers that are gone.
 //!
+//! A connection that sent its preface but has no call under way (a client
+//! that leaks channels, each answering the pings) would keep its place for
+//! ever too. So, as clamd closes a client idle for its `IdleTimeout`, an
+//! agent connection with no call under way for `server.idle_timeout` is
+//! closed: [`CallsLayer`] counts each call (until both its request and its
+//! response bodies are gone) on the connection it came on, found by its
+//! peer's address in [`Calls`], and the connection's reads fail once it
+//! has been idle that long. Agents keep their session's `Connect` stream
+//! open, so theirs never are; a client whose channel was closed connects
+//! again for its next call.
+//!
 //! The default, twice `max_agents` and 64 more, leaves every agent room to
 //! reconnect while its old connection is still being closed (a dead peer's
 //! within 30 s), and tools (health checks, `lightagent`) room beside them
@@ -34,26 +45,31 @@
 //! accepts and spool files under load.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use tonic::{
+    body::Body,
+    transport::server::{Connected, TcpConnectInfo, TlsConnectInfo},
+};
 
 /// Files the server should be able to open besides its agent connections
 /// and its spool files (`uploads.spool_files`): the signatures, the state
@@ -92,6 +108,9 @@ pub trait Listener: Send + Sync + 'static {
     type Peer: Send;
     /// The next connection, ready to use.
     fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Peer)>> + Send;
+    /// The peer's address as calls see it (see [`remote_addr`]), if it
+    /// has one.
+    fn address(peer: &Self::Peer) -> Option<SocketAddr>;
 }
 
 impl Listener for TcpListener {
@@ -108,6 +127,10 @@ impl Listener for TcpListener {
         let _ = tcp.set_nodelay(true);
         Ok((tcp, peer))
     }
+
+    fn address(peer: &SocketAddr) -> Option<SocketAddr> {
+        Some(*peer)
+    }
 }
 
 impl Listener for UnixListener {
@@ -116,6 +139,10 @@ impl Listener for UnixListener {
 
     async fn accept(&self) -> io::Result<(UnixStream, Self::Peer)> {
         UnixListener::accept(self).await
+    }
+
+    fn address(_: &Self::Peer) -> Option<SocketAddr> {
+        None
     }
 }
 
@@ -132,13 +159,22 @@ pub struct Connections {
     silent: Arc<AtomicU64>,
     /// When refusals were last logged, and the count then.
     warned: Mutex<Option<(Instant, u64)>>,
+    /// The calls under way on each connection.
+    calls: Arc<Calls>,
+    /// How long a connection with no call under way is kept; `None`: for
+    /// ever.
+    idle_after: Option<Duration>,
 }
 
 impl Connections {
     /// Room for `max` agent connections at once (at most
-    /// [`MAX_CONNECTIONS`]).
-    pub fn new(max: usize) -> Self {
-        Self::of("agent", "server.max_connections", max.min(MAX_CONNECTIONS))
+    /// [`MAX_CONNECTIONS`]), each closed once it has had no call under
+    /// way for `idle_after`.
+    pub fn new(max: usize, idle_after: Duration) -> Self {
+        Connections {
+            idle_after: Some(idle_after),
+            ..Self::of("agent", "server.max_connections", max.min(MAX_CONNECTIONS))
+        }
     }
 
     /// Room for the admin listener's [`ADMIN_CONNECTIONS`].
@@ -155,7 +191,15 @@ impl Connections {
             refused: AtomicU64::new(0),
             silent: Arc::default(),
             warned: Mutex::new(None),
+            calls: Arc::default(),
+            idle_after: None,
         }
+    }
+
+    /// The layer that counts calls on these connections, for the service
+    /// served on them.
+    pub fn calls_layer(&self) -> CallsLayer {
+        CallsLayer(Arc::clone(&self.calls))
     }
 
     /// The connections accepted on `listener` that find a place, for as
@@ -210,24 +254,32 @@ impl Connections {
                 }
             };
             *failing = false;
-            if let Some(place) = self.place() {
+            if let Some(place) = self.place(L::address(&peer)) {
                 return (stream, peer, place);
             }
         }
     }
 
-    /// A place, if one is free; otherwise the refusal is counted (and
-    /// logged, at most once every [`WARN_EVERY`]).
-    fn place(&self) -> Option<Place> {
+    /// A place for a connection from `peer`, if one is free; otherwise
+    /// the refusal is counted (and logged, at most once every
+    /// [`WARN_EVERY`]).
+    fn place(&self, peer: Option<SocketAddr>) -> Option<Place> {
         if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
+            let idle = peer.zip(self.idle_after).map(|(peer, after)| IdleWatch {
+                activity: self.calls.accepted(peer),
+                calls: Arc::clone(&self.calls),
+                peer,
+                after,
+            });
             return Some(Place {
                 _permit: place,
                 silent: Arc::clone(&self.silent),
                 whose: self.whose,
+                idle,
             });
         }
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut warned = lock(&self.warned);
         if warned.is_none_or(|(at, _)| at.elapsed() >= WARN_EVERY) {
             let since = refused - warned.map_or(0, |(_, count)| count);
             tracing::warn!(
@@ -262,6 +314,12 @@ impl Connections {
     pub fn silent(&self) -> u64 {
         self.silent.load(Ordering::Relaxed)
     }
+
+    /// Connections closed for having no call under way for their idle
+    /// time, since start.
+    pub fn idle_closed(&self) -> u64 {
+        self.calls.closed_idle.load(Ordering::Relaxed)
+    }
 }
 
 /// One of the places of [`Connections`], taken at accept.
@@ -271,6 +329,8 @@ pub struct Place {
     /// Where a connection cut off for its silence is counted.
     silent: Arc<AtomicU64>,
     whose: &'static str,
+    /// The calls under way on the connection, when it is closed once idle.
+    idle: Option<IdleWatch>,
 }
 
 impl Place {
@@ -278,6 +338,10 @@ impl Place {
     /// the place until it is dropped, and given [`PREFACE_WAIT`] from now
     /// to send the HTTP/2 preface.
     pub fn hold<IO>(self, io: IO) -> Counted<IO> {
+        let idle_check = self
+            .idle
+            .as_ref()
+            .map(|idle| Box::pin(tokio::time::sleep(idle.after)));
         Counted {
             io,
             _place: self,
@@ -285,6 +349,7 @@ impl Place {
                 deadline: Box::pin(tokio::time::sleep(PREFACE_WAIT)),
                 read: 0,
             }),
+            idle_check,
         }
     }
 }
@@ -298,6 +363,67 @@ pub struct Counted<IO> {
     /// Until the HTTP/2 preface is in: a read that waits past the deadline
     /// fails, and HTTP/2 closes the connection.
     preface: Option<Preface>,
+    /// When to look again whether the connection has been idle too long
+    /// (its place has an [`IdleWatch`]).
+    idle_check: Option<Pin<Box<Sleep>>>,
+}
+
+/// What closes a connection once it has had no call under way for
+/// `after`; its entry in [`Calls`] goes with it.
+#[derive(Debug)]
+struct IdleWatch {
+    activity: Arc<Activity>,
+    calls: Arc<Calls>,
+    peer: SocketAddr,
+    after: Duration,
+}
+
+impl Drop for IdleWatch {
+    fn drop(&mut self) {
+        let mut by_peer = lock(&self.calls.by_peer);
+        // A connection from the same address accepted since has its own.
+        if by_peer
+            .get(&self.peer)
+            .is_some_and(|held| Arc::ptr_eq(held, &self.activity))
+        {
+            by_peer.remove(&self.peer);
+        }
+    }
+}
+
+impl<IO> Counted<IO> {
+    /// Counts the connection closed for being idle, and says why.
+    fn closed_idle(&mut self) -> io::Error {
+        self.idle_check = None;
+        let idle = self
+            ._place
+            .idle
+            .as_ref()
+            .expect("only idle connections close");
+        idle.calls.closed_idle.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = %idle.peer, "an agent connection had no call under way for {:?}; closed", idle.after);
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no call under way for {:?}", idle.after),
+        )
+    }
+
+    /// Whether the connection has had no call under way for its idle
+    /// time; until then, the check is due again when it could first be.
+    fn idle_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let (Some(check), Some(idle)) = (&mut self.idle_check, &self._place.idle) else {
+            return false;
+        };
+        while check.as_mut().poll(cx).is_ready() {
+            match idle.activity.idle_left(idle.after) {
+                Some(left) if left.is_zero() => return true,
+                left => check
+                    .as_mut()
+                    .reset(Instant::now() + left.unwrap_or(idle.after)),
+            }
+        }
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -316,6 +442,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         let Some(preface) = &mut this.preface else {
+            if read.is_pending() && this.idle_over(cx) {
+                return Poll::Ready(Err(this.closed_idle()));
+            }
             return read;
         };
         match read {
@@ -381,6 +510,163 @@ impl<IO: Connected> Connected for Counted<IO> {
     }
 }
 
+/// The calls under way on each connection that is closed once idle, by its
+/// peer's address (unique among the open connections of a listener).
+#[derive(Debug, Default)]
+pub struct Calls {
+    by_peer: Mutex<HashMap<SocketAddr, Arc<Activity>>>,
+    /// Connections closed for being idle, since start.
+    closed_idle: AtomicU64,
+}
+
+/// The calls under way on one connection.
+#[derive(Debug)]
+struct Activity {
+    open: AtomicUsize,
+    /// When the last call ended (at first, when the connection was
+    /// accepted).
+    last_end: Mutex<Instant>,
+}
+
+impl Calls {
+    /// Starts keeping count for a connection accepted from `peer`.
+    fn accepted(&self, peer: SocketAddr) -> Arc<Activity> {
+        let activity = Arc::new(Activity {
+            open: AtomicUsize::new(0),
+            last_end: Mutex::new(Instant::now()),
+        });
+        lock(&self.by_peer).insert(peer, Arc::clone(&activity));
+        activity
+    }
+
+    /// A call begun on the connection from `peer`, if it is one counted.
+    fn begin(&self, peer: SocketAddr) -> Option<Call> {
+        let activity = Arc::clone(lock(&self.by_peer).get(&peer)?);
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        Some(Call(activity))
+    }
+}
+
+impl Activity {
+    /// How long until the connection will have had no call under way for
+    /// `after`; `None` while a call is under way.
+    fn idle_left(&self, after: Duration) -> Option<Duration> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(after.saturating_sub(lock(&self.last_end).elapsed()))
+    }
+}
+
+/// A call under way, until dropped (with both its bodies).
+#[derive(Debug)]
+struct Call(Arc<Activity>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // The time first: a check that sees no call open sees when the
+        // last one ended.
+        *lock(&self.0.last_end) = Instant::now();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts each call on the connection it came on (see [`Calls`]): the
+/// call is under way until both its request and its response bodies are
+/// dropped.
+#[derive(Debug, Clone)]
+pub struct CallsLayer(Arc<Calls>);
+
+impl<S> tower_layer::Layer<S> for CallsLayer {
+    type Service = CallsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallsService {
+            inner,
+            calls: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// A service whose calls [`CallsLayer`] counts.
+#[derive(Debug, Clone)]
+pub struct CallsService<S> {
+    inner: S,
+    calls: Arc<Calls>,
+}
+
+type CallFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
+impl<S> tower_service::Service<http::Request<Body>> for CallsService<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let call = remote_addr(request.extensions()).and_then(|peer| self.calls.begin(peer));
+        let Some(call) = call.map(Arc::new) else {
+            return Box::pin(self.inner.call(request));
+        };
+        let holding = |call: &Arc<Call>| {
+            let call = Arc::clone(call);
+            move |body| Body::new(Holding { body, _call: call })
+        };
+        let response = self.inner.call(request.map(holding(&call)));
+        Box::pin(async move { Ok(response.await?.map(holding(&call))) })
+    }
+}
+
+/// A body that keeps its call under way while it lives.
+struct Holding {
+    body: Body,
+    _call: Arc<Call>,
+}
+
+impl HttpBody for Holding {
+    type Data = <Body as HttpBody>::Data;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The address of the peer a call came from, over TCP with or without TLS.
+pub fn remote_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|tls| tls.get_ref().remote_addr())
+        })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Raises the process's soft limit of open files to its hard limit, as
 /// servers written in Go do at start, and returns the limit now in force.
 /// (The soft limit is low for programs that use `select`, which this one
@@ -416,25 +702,25 @@ mod tests {
 
     #[test]
     fn places_are_taken_and_given_back() {
-        let connections = Connections::new(2);
-        let first = connections.place().expect("a place");
-        let second = connections.place().expect("a place");
+        let connections = Connections::new(2, Duration::from_secs(300));
+        let first = connections.place(None).expect("a place");
+        let second = connections.place(None).expect("a place");
         assert_eq!(connections.open(), 2);
-        assert!(connections.place().is_none(), "every place is taken");
-        assert!(connections.place().is_none());
+        assert!(connections.place(None).is_none(), "every place is taken");
+        assert!(connections.place(None).is_none());
         assert_eq!(connections.refused(), 2);
         drop(first);
         assert_eq!(connections.open(), 1);
-        let third = connections.place().expect("the place given back");
+        let third = connections.place(None).expect("the place given back");
         drop((second, third));
         assert_eq!(connections.open(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_a_preface_is_cut_off() {
-        let connections = Connections::new(2);
+        let connections = Connections::new(2, Duration::from_secs(300));
         let (client, server) = tokio::io::duplex(64);
-        let mut silent = connections.place().unwrap().hold(server);
+        let mut silent = connections.place(None).unwrap().hold(server);
         let mut buf = [0; 64];
         let err = silent.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -443,7 +729,7 @@ mod tests {
         assert_eq!(connections.open(), 0);
 
         let (mut client, server) = tokio::io::duplex(64);
-        let mut speaking = connections.place().unwrap().hold(server);
+        let mut speaking = connections.place(None).unwrap().hold(server);
         client
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await
@@ -461,7 +747,7 @@ mod tests {
         use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(Connections::new(1));
+        let connections = Arc::new(Connections::new(1, Duration::from_secs(300)));
         let mut incoming = Arc::clone(&connections).incoming(listener);
         let _client = TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();

@@ -67,12 +67,9 @@ use tokio::{
     sync::{AcquireError, OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep, error::Elapsed},
 };
-use tonic::{
-    Status,
-    body::Body,
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
-};
+use tonic::{Status, body::Body};
 
+use crate::connections::remote_addr;
 use crate::proto::{codec::MAX_AGENT_MESSAGE, protection_server_server::SERVICE_NAME};
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
@@ -207,16 +204,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let method = Method::of(request.uri().path());
-        let extensions = request.extensions();
-        let peer = extensions
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .or_else(|| {
-                extensions
-                    .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .and_then(|tls| tls.get_ref().remote_addr())
-            })
-            .map(|addr| peer_of(addr.ip()));
+        let peer = remote_addr(request.extensions()).map(|addr| peer_of(addr.ip()));
         let budget = Arc::clone(&self.budget);
         self.inner
             .call(request.map(|body| Body::new(Intake::new(body, budget, method, peer))))

@@ -385,6 +385,11 @@ impl Collector for Live {
                 "Agent connections closed for sending no HTTP/2 preface within 10 s",
                 svm.connections.silent(),
             ),
+            (
+                "scanserver_agent_connections_idle",
+                "Agent connections closed for having no call under way for server.idle_timeout",
+                svm.connections.idle_closed(),
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);

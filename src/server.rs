@@ -22,7 +22,7 @@ use crate::{
     admin::{self, AdminAddr, AdminService, AdminSocket},
     auth::{BearerToken, RequireToken, TokenError},
     config::Config,
-    connections,
+    connections::{self, CallsLayer},
     engine::Engine,
     intake::{IntakeLayer, MAX_MESSAGE_SIZE},
     metrics, notify,
@@ -63,6 +63,11 @@ const MAX_STREAMS: u32 = 64;
 /// `lightagent` pings the server likewise.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent listener's router: its calls' messages within the intake's
+/// budget, and counted on their connections (see [`connections`]).
+type AgentRouter =
+    tonic::transport::server::Router<Stack<CallsLayer, Stack<IntakeLayer, Identity>>>;
 
 /// Lets the process open as many files as it may, and says at start when
 /// that is short of what `max_connections`, `spool_files` and the rest need.
@@ -459,10 +464,7 @@ impl Server {
     /// The agent listener's services (Protection, health and reflection),
     /// on HTTP/2 settings made for uploads, their calls' messages within
     /// one budget (see [`crate::intake`]).
-    fn agent_router(
-        &self,
-        health: HealthServer<impl Health>,
-    ) -> Result<tonic::transport::server::Router<Stack<IntakeLayer, Identity>>, ServerError> {
+    fn agent_router(&self, health: HealthServer<impl Health>) -> Result<AgentRouter, ServerError> {
         // The descriptors hold every service of the package; agents are shown
         // only what this listener serves.
         let reflection = tonic_reflection::server::Builder::configure()
@@ -481,6 +483,7 @@ impl Server {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(self.state.intake.clone())
+            .layer(self.svm.connections.calls_layer())
             .add_service(health)
             .add_service(reflection)
             .add_service(service))

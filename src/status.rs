@@ -226,7 +226,10 @@ impl Svm {
             engine,
             sessions,
             vms,
-            connections: Arc::new(Connections::new(server.max_connections())),
+            connections: Arc::new(Connections::new(
+                server.max_connections(),
+                server.idle_timeout,
+            )),
             started: Instant::now(),
             signatures_max_age: config.rules.max_age,
             reporter: enabled(config.reporting.integration_server.is_some()),

@@ -1231,12 +1231,7 @@ async fn messages_that_would_blow_up_when_decoded_are_refused_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_service_answers_serving() {
     let server = TestServer::start(|_| {}).await;
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = server.health_client().await;
     let request = tonic_health::pb::HealthCheckRequest {
         service: "scanserver.v1.ProtectionServer".into(),
     };
@@ -1868,6 +1863,32 @@ async fn the_admin_socket_takes_a_bounded_number_of_connections() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the admin socket serves no one once its connections are closed");
+}
+
+/// An agent connection with no call under way for `server.idle_timeout`
+/// is closed, its place given back (its client connects again for its
+/// next call); one with a session open is kept, however quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_no_call_under_way_are_closed_once_idle() {
+    let server = TestServer::start(|c| {
+        c.engine.scan_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let (welcome, _session) = open_session(&server, hello()).await;
+    assert!(matches!(welcome, server_message::Kind::Welcome(_)));
+    let mut health = server.health_client().await;
+    let check = tonic_health::pb::HealthCheckRequest::default();
+    health.check(check.clone()).await.unwrap();
+    until_connections_open(&server, 2).await;
+    let open = || server.svm.connections.open();
+    until_read("connections open once the health check's is idle", open, 1).await;
+    assert_eq!(server.svm.connections.idle_closed(), 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(open(), 1, "the session's connection is kept");
+    assert_eq!(server.svm.sessions.len(), 1);
+    health.check(check).await.unwrap();
+    assert_eq!(open(), 2);
 }
 
 /// Connections beyond `server.max_connections` are closed as they are

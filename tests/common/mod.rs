@@ -191,12 +191,20 @@ impl TestServer {
     }
 
     pub async fn client(&self) -> ProtectionServerClient<Channel> {
-        let channel = Channel::from_shared(self.url())
+        ProtectionServerClient::new(self.channel().await)
+    }
+
+    /// A client of the standard health service, on a connection of its own.
+    pub async fn health_client(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
+        tonic_health::pb::health_client::HealthClient::new(self.channel().await)
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
             .unwrap()
             .connect()
             .await
-            .unwrap();
-        ProtectionServerClient::new(channel)
+            .unwrap()
     }
 
     pub fn spooled_files(&self) -> usize {
