@@ -40,7 +40,8 @@
 //! * [`auth`]: bearer tokens, for the admin service and the Integration
 //!   Server.
 //! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
-//! * [`notify`]: telling systemd the server is ready, or stopping.
+//! * [`notify`]: telling systemd the server is ready, reloading or
+//!   stopping, and feeding its watchdog.
 //! * [`state`]: the server's state folder (what survives a restart).
 //! * [`shutdown`]: the signal every long-running task watches.
 //! * [`client`]: the Light Agent client that `lightagent` drives.

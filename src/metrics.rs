@@ -161,7 +161,7 @@ impl Metrics {
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "scanserver_scans",
-            "Scans the engine ran (not cache hits, nor content that could not be read)",
+            "Scans the engine ran to a verdict (not cache hits, nor content that could not be read whole)",
             self.scans.clone(),
         );
         registry.register(

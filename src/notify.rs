@@ -73,6 +73,8 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// except while every scan thread of `svm` is stuck.
 pub async fn feed_watchdog(svm: Arc<Svm>, interval: Duration) {
     let mut ticks = tokio::time::interval(interval / 2);
+    // After a stall, one message, not the ticks missed.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut starving = false;
     loop {
         ticks.tick().await;

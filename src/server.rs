@@ -2,7 +2,8 @@
 //! TLS) with the Protection service, the standard health service and server
 //! reflection; the admin listener; the metrics listener; the background
 //! tasks (Integration Server reporter, status monitor, infrastructure
-//! probe, state keepers, the periodic check of the signatures); SIGHUP,
+//! probe, state keepers, the periodic check of the signatures, systemd's
+//! watchdog); SIGHUP,
 //! which reads the signatures and TLS files again; and graceful shutdown.
 //!
 //! Shutdown, on the future given to [`Server::run`] (SIGTERM or Ctrl-C for
@@ -493,7 +494,7 @@ impl Server {
     /// the status monitor, the infrastructure probe, the reporter (whose
     /// task, which ends with the last report, is returned), the periodic
     /// checks of the signatures and TLS files, and the admin and metrics
-    /// listeners.
+    /// listeners; and systemd's watchdog, fed until the runtime ends.
     fn spawn_side_tasks(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let down = || {
             let mut shutdown = self.shutdown.subscribe();

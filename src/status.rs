@@ -498,6 +498,9 @@ impl Svm {
         let cache = self.engine.cache().stats();
         let (delivered, failed) = self.engine.metrics().reports();
         let stuck = self.engine.stuck_threads();
+        let stuck_reason = [SvmReason::ScanThreadsStuck, SvmReason::AllScanThreadsStuck]
+            .iter()
+            .any(|reason| status.reasons.contains(reason));
         let engine = state_for(SvmReason::ScanQueueSaturated)
             .max(state_for(SvmReason::ScanThreadsStuck))
             .max(state_for(SvmReason::AllScanThreadsStuck));
@@ -521,11 +524,12 @@ impl Svm {
             component(
                 "scan engine",
                 engine,
-                match (engine, stuck) {
+                match (engine, stuck_reason) {
                     (ComponentState::Ok, _) => "scanning".into(),
-                    (_, 0) => "the scan queue has been full for a minute".into(),
-                    (_, stuck) => format!(
-                        "{stuck} scan threads busy with one file for over {:?}: restart the server",
+                    (_, false) => "the scan queue has been full for a minute".into(),
+                    (_, true) => format!(
+                        "{stuck} of {} scan threads busy with one file for over {:?}: restart the server",
+                        self.engine.threads(),
                         self.engine.stuck_after()
                     ),
                 },

@@ -31,7 +31,6 @@ use scanserver::{
     reporting::{JITTER, MIN_GAP, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
     status::{Svm, WhichVms},
-    verdict::Verdict,
     vms::{self, Ending, SecurityTag, Vms},
 };
 use tokio::sync::{mpsc, oneshot, watch};
@@ -1400,7 +1399,7 @@ async fn stuck_scan_threads_turn_the_svm_warning_then_critical() {
     large.as_file().set_len(33 << 20).unwrap();
     let hold_a_thread = || {
         let (engine, path) = (Arc::clone(&engine), large.path().to_owned());
-        thread::spawn(move || engine.scan(&ScanJob::file(path)).verdict)
+        thread::spawn(move || engine.scan(&ScanJob::file(path)))
     };
     let reasons = || svm.status().reasons;
     let first = hold_a_thread();
@@ -1411,8 +1410,10 @@ async fn stuck_scan_threads_turn_the_svm_warning_then_critical() {
     until_read("reasons", reasons, vec![SvmReason::AllScanThreadsStuck]).await;
     assert_eq!(svm.status().health, Health::Critical);
     drop(room);
+    // Back from their jobs (a verdict each; under load, scanning 33 MiB
+    // may take longer than the 1 s timeout, which does not matter here).
     for held in [first, second] {
-        assert_eq!(held.join().unwrap(), Verdict::Clean);
+        assert!(held.join().is_ok());
     }
     assert_eq!(svm.status().reasons, []);
     assert_eq!(engine.stuck_threads(), 0);

@@ -1092,6 +1092,35 @@ fn file_begin(session: &str, id: u64) -> FileBegin {
     }
 }
 
+/// A spooled file waiting for room in the mapped budget (behind other
+/// large files) waits on its own: the stream's other files go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_file_waiting_for_mapped_room_holds_up_no_other_file() {
+    let server = TestServer::start(|c| {
+        c.uploads.memory_threshold = 1024;
+        c.engine.mapped_budget = 1 << 20;
+    })
+    .await;
+    let engine = &server.state.engine;
+    let held = scanserver::engine::Content::Spooled {
+        file: tempfile::tempfile().unwrap(),
+        size: 1 << 20,
+    };
+    let room = engine.reserve(&held).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    send_whole(&tx, &session, 1, &vec![7u8; 2 << 20]).await;
+    send_whole(&tx, &session, 2, EICAR).await;
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (2, vec!["EICAR_Test_File".to_owned()])
+    );
+    drop(room);
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, verdict_rules(&kind)), (1, vec![]), "clean");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_vanishing_mid_file_leaves_no_spool_file() {
     let server = TestServer::start(|c| c.uploads.memory_threshold = 1024).await;

@@ -25,7 +25,8 @@
 //! large one waiting for ever. A spooled upload takes its share before it
 //! is handed to a scan thread (see `ScanSlot`), so that its wait parks a
 //! task, not one of the few threads that small files are scanned on; a
-//! local file's size is only known on its scan thread, which waits there.
+//! local file's size is only known on its scan thread, which waits there
+//! (as does a spooled file in a slot not reserved for it).
 //!
 //! A fault anywhere else is handed to the handler that was installed before
 //! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
@@ -70,6 +71,15 @@ pub(super) struct MappedBudget {
 /// A share of a [`MappedBudget`], given back when dropped.
 pub(super) struct MappedShare {
     _permit: OwnedSemaphorePermit,
+    /// The size it was asked for.
+    size: u64,
+}
+
+impl MappedShare {
+    /// Whether the share is room enough to map `size` bytes.
+    pub fn covers(&self, size: u64) -> bool {
+        size <= self.size
+    }
 }
 
 impl MappedBudget {
@@ -91,10 +101,14 @@ impl MappedBudget {
             .acquire_many_owned(kib)
             .await
             .expect("the mapped budget is never closed");
-        MappedShare { _permit: permit }
+        MappedShare {
+            _permit: permit,
+            size,
+        }
     }
 
-    /// [`Self::share`], waited for on this thread.
+    /// [`Self::share`], waited for on this thread. Never with a share of
+    /// the same budget held: the two could be more than it holds.
     pub fn share_blocking(&self, size: u64) -> MappedShare {
         futures_executor::block_on(self.share(size))
     }
@@ -241,6 +255,13 @@ mod tests {
             .is_err()
     }
 
+    /// `share`, which has room: a failure rather than a hang if not.
+    async fn soon(share: impl Future<Output = MappedShare>) -> MappedShare {
+        tokio::time::timeout(Duration::from_secs(10), share)
+            .await
+            .expect("the share has room")
+    }
+
     #[tokio::test]
     async fn the_budget_is_handed_out_in_turn() {
         let budget = MappedBudget::new(100 << 10);
@@ -252,16 +273,16 @@ mod tests {
         // the large one.
         assert!(waits(&mut small).await, "a later share overtook");
         drop(held);
-        let large = large.await;
+        let large = soon(large).await;
         assert!(waits(&mut small).await, "no room beside the large share");
         drop(large);
-        drop(small.await);
+        drop(soon(small).await);
         // A file larger than the budget takes all of it.
         let whole = budget.share(1 << 30).await;
         let mut next = pin!(budget.share(1));
         assert!(waits(&mut next).await);
         drop(whole);
-        next.await;
+        soon(next).await;
     }
 
     #[test]

@@ -245,6 +245,12 @@ impl ScanSlot {
             permit,
             mapped,
         } = self;
+        // A share for other content than the job's (too small) is given
+        // back: the scan takes its own.
+        let mapped = mapped.filter(|share| match job.content {
+            Content::Spooled { size, .. } => share.covers(size),
+            Content::Bytes(_) | Content::File(_) => false,
+        });
         let worker_engine = Arc::clone(&engine);
         engine.pool.spawn(move || {
             let outcome = worker_engine.scan_on_worker(&job, mapped.is_some());
@@ -357,7 +363,7 @@ impl Engine {
     /// How long a job may keep its scan thread before the thread counts
     /// as stuck: [`STUCK_AFTER_TIMEOUTS`] scan timeouts.
     pub fn stuck_after(&self) -> Duration {
-        self.limits.timeout * STUCK_AFTER_TIMEOUTS
+        self.limits.timeout.saturating_mul(STUCK_AFTER_TIMEOUTS)
     }
 
     /// Scan threads busy with one job for longer than
@@ -405,10 +411,15 @@ impl Engine {
     /// smaller files need meanwhile. Holding the slot before reading more
     /// input is how backpressure reaches a client: while the queue is full,
     /// the caller stops reading.
+    ///
+    /// The share comes before the place, so that the places, always freed
+    /// by their scans, cannot all be held by waiters for shares held by
+    /// waiters for places. Local files are the exception: one large enough
+    /// to be mapped waits for its share on its scan thread, holding its
+    /// place, so local files and spooled ones must not share the queue
+    /// (the server never queues local files; [`Engine::scan_all`] and
+    /// [`Engine::scan`] take no place).
     pub async fn reserve(self: &Arc<Self>, content: &Content) -> ScanSlot {
-        // The share before the place: a slot never waits for a share, so
-        // the slots, always freed by their scans, cannot all be held by
-        // waiters.
         let mapped = match content {
             Content::Spooled { size, .. } => Some(self.mapped.share(*size).await),
             Content::Bytes(_) | Content::File(_) => None,

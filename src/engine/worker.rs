@@ -244,9 +244,10 @@ impl Context<'_> {
     }
 
     /// The scan's outcome; a fresh verdict goes into the cache (failures
-    /// excepted, see [`SharedCache::insert`]). Only content that reached
-    /// the scanner counts as a scan: a file that could not be opened or
-    /// read, or was too large, did not.
+    /// excepted, see [`SharedCache::insert`]). Only content read whole and
+    /// scanned to a verdict counts as a scan: not a file that could not be
+    /// opened or read, or was too large, nor one that shrank while mapped
+    /// or whose scan panicked.
     fn outcome(&self, started: Instant, size: u64, judged: Judged) -> ScanOutcome {
         let cached = matches!(judged.origin, Origin::Cache);
         if matches!(judged.origin, Origin::Scan(_) | Origin::Unkept) {

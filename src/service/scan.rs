@@ -48,7 +48,7 @@ use crate::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
-    engine::{Engine, ScanOutcome, ScanSlot},
+    engine::{Content, Engine, ScanOutcome, ScanSlot},
     proto::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
         ScanRequest, file_reply, file_request,
@@ -1078,17 +1078,22 @@ impl SessionOfMessage {
 enum Judging {
     /// The cache has it.
     Known(Arc<CachedVerdict>),
-    /// A scan, with its place in the queue, leading the flight for the
-    /// content if there is one.
-    Scan(ScanSlot, Option<Flight>),
+    /// A scan, with its place in the queue (none yet for a spooled file,
+    /// see [`Judging::start`]), leading the flight for the content if
+    /// there is one.
+    Scan(Option<ScanSlot>, Option<Flight>),
     /// Another request is scanning the same content: wait for that.
     Follow(Waiter),
 }
 
 impl Judging {
     /// Decides for `received` content, given where its file stood. A scan
-    /// waits here for its place in the queue (the backpressure), and a
-    /// spooled file for its share of the mapped budget.
+    /// of content in memory waits here for its place in the queue (the
+    /// backpressure); a spooled file, which may first wait long for its
+    /// share of the mapped budget behind other large files, waits on a
+    /// task of its own (see [`Judging::deliver`]), so that its stream's
+    /// other files go on meanwhile. (Spooled files waiting are bounded by
+    /// the spool's places, and by the files each VM may have in flight.)
     async fn start(
         engine: &Arc<Engine>,
         received: &Received,
@@ -1119,14 +1124,19 @@ impl Judging {
                 }
             }
         };
-        Judging::Scan(engine.reserve(&received.content).await, flight)
+        let slot = match received.content {
+            Content::Spooled { .. } => None,
+            Content::Bytes(_) | Content::File(_) => Some(engine.reserve(&received.content).await),
+        };
+        Judging::Scan(slot, flight)
     }
 
     /// Has the verdict made and sent as `due`. A scan's verdict is sent
-    /// from the scan thread; a wait for another request's scan needs a task.
+    /// from the scan thread; a wait for another request's scan, or for a
+    /// spooled file's place, needs a task.
     fn deliver(self, due: VerdictDue, engine: Arc<Engine>, received: Received, name: String) {
         match self {
-            Judging::Scan(slot, flight) => {
+            Judging::Scan(Some(slot), flight) => {
                 let (job, guard) = received.into_job(name);
                 slot.scan_then(job, move |outcome| {
                     drop(guard);
@@ -1147,7 +1157,13 @@ impl Judging {
     async fn verdict(self, engine: &Arc<Engine>, received: Received, name: String) -> FileVerdict {
         match self {
             Judging::Known(hit) => FileVerdict::known(&hit, &received.digest, false),
-            Judging::Scan(slot, flight) => scan_received(slot, received, name, flight).await,
+            Judging::Scan(slot, flight) => {
+                let slot = match slot {
+                    Some(slot) => slot,
+                    None => engine.reserve(&received.content).await,
+                };
+                scan_received(slot, received, name, flight).await
+            }
             Judging::Follow(waiter) => {
                 let deadline = Instant::now() + UPLOAD_WAIT;
                 if let Some(landed) = waiter.verdict(deadline).await {
