@@ -28,10 +28,15 @@
 //! agent connection with no call under way for `server.idle_timeout` is
 //! closed: [`CallsLayer`] counts each call (until both its request and its
 //! response bodies are gone) on the connection it came on, found by its
-//! peer's address in [`Calls`], and the connection's reads fail once it
-//! has been idle that long. Agents keep their session's `Connect` stream
-//! open, so theirs never are; a client whose channel was closed connects
-//! again for its next call.
+//! [`Ends`] in [`Calls`], and the connection's reads and writes fail once
+//! it has been idle that long. Agents keep their session's `Connect`
+//! stream open, so theirs never are; a client whose channel was closed
+//! connects again for its next call. The close is abrupt (no GOAWAY: tonic
+//! leaves the connection to hyper): a request read just as the idle time
+//! ends is given a second more to begin its call, and one sent in the
+//! moment the connection closes fails with UNAVAILABLE, to be sent again.
+//! A leaked channel that keeps a call open (a health `Watch`, say) keeps
+//! its place: that call is its client's to end.
 //!
 //! The default, twice `max_agents` and 64 more, leaves every agent room to
 //! reconnect while its old connection is still being closed (a dead peer's
@@ -108,9 +113,9 @@ pub trait Listener: Send + Sync + 'static {
     type Peer: Send;
     /// The next connection, ready to use.
     fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Peer)>> + Send;
-    /// The peer's address as calls see it (see [`remote_addr`]), if it
-    /// has one.
-    fn address(peer: &Self::Peer) -> Option<SocketAddr>;
+    /// The connection's ends as its calls see them (see [`Ends::of`]), if
+    /// it has such addresses.
+    fn ends(stream: &Self::Stream, peer: &Self::Peer) -> Option<Ends>;
 }
 
 impl Listener for TcpListener {
@@ -128,8 +133,11 @@ impl Listener for TcpListener {
         Ok((tcp, peer))
     }
 
-    fn address(peer: &SocketAddr) -> Option<SocketAddr> {
-        Some(*peer)
+    fn ends(stream: &TcpStream, peer: &SocketAddr) -> Option<Ends> {
+        Some(Ends {
+            local: stream.local_addr().ok()?,
+            remote: *peer,
+        })
     }
 }
 
@@ -141,7 +149,7 @@ impl Listener for UnixListener {
         UnixListener::accept(self).await
     }
 
-    fn address(_: &Self::Peer) -> Option<SocketAddr> {
+    fn ends(_: &UnixStream, _: &Self::Peer) -> Option<Ends> {
         None
     }
 }
@@ -254,22 +262,24 @@ impl Connections {
                 }
             };
             *failing = false;
-            if let Some(place) = self.place(L::address(&peer)) {
+            if let Some(place) = self.place(L::ends(&stream, &peer)) {
                 return (stream, peer, place);
             }
         }
     }
 
-    /// A place for a connection from `peer`, if one is free; otherwise
+    /// A place for a connection between `ends`, if one is free; otherwise
     /// the refusal is counted (and logged, at most once every
     /// [`WARN_EVERY`]).
-    fn place(&self, peer: Option<SocketAddr>) -> Option<Place> {
+    fn place(&self, ends: Option<Ends>) -> Option<Place> {
         if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
-            let idle = peer.zip(self.idle_after).map(|(peer, after)| IdleWatch {
-                activity: self.calls.accepted(peer),
+            let idle = ends.zip(self.idle_after).map(|(ends, after)| IdleWatch {
+                activity: self.calls.accepted(ends),
                 calls: Arc::clone(&self.calls),
-                peer,
+                ends,
                 after,
+                check: Some(Box::pin(tokio::time::sleep(after))),
+                read_lately: false,
             });
             return Some(Place {
                 _permit: place,
@@ -338,10 +348,6 @@ impl Place {
     /// the place until it is dropped, and given [`PREFACE_WAIT`] from now
     /// to send the HTTP/2 preface.
     pub fn hold<IO>(self, io: IO) -> Counted<IO> {
-        let idle_check = self
-            .idle
-            .as_ref()
-            .map(|idle| Box::pin(tokio::time::sleep(idle.after)));
         Counted {
             io,
             _place: self,
@@ -349,7 +355,6 @@ impl Place {
                 deadline: Box::pin(tokio::time::sleep(PREFACE_WAIT)),
                 read: 0,
             }),
-            idle_check,
         }
     }
 }
@@ -363,66 +368,89 @@ pub struct Counted<IO> {
     /// Until the HTTP/2 preface is in: a read that waits past the deadline
     /// fails, and HTTP/2 closes the connection.
     preface: Option<Preface>,
-    /// When to look again whether the connection has been idle too long
-    /// (its place has an [`IdleWatch`]).
-    idle_check: Option<Pin<Box<Sleep>>>,
 }
 
 /// What closes a connection once it has had no call under way for
-/// `after`; its entry in [`Calls`] goes with it.
+/// `after`: its reads, or its writes (a peer that takes nothing keeps the
+/// connection from reading), fail once they would wait. Its entry in
+/// [`Calls`] goes with it.
 #[derive(Debug)]
 struct IdleWatch {
     activity: Arc<Activity>,
     calls: Arc<Calls>,
-    peer: SocketAddr,
+    ends: Ends,
     after: Duration,
+    /// When to look again whether the idle time is over; `None` once the
+    /// connection was closed for it.
+    check: Option<Pin<Box<Sleep>>>,
+    /// Something was read since the idle time was last found over: HTTP/2
+    /// begins a call only once its reads would wait, so a request read
+    /// just then is not counted yet.
+    read_lately: bool,
+}
+
+/// How long a connection that has just read something is kept past its
+/// idle time (see [`IdleWatch::read_lately`]).
+const READ_GRACE: Duration = Duration::from_secs(1);
+
+impl IdleWatch {
+    /// Whether the connection has had no call under way for its idle
+    /// time; until then, the check is due again when it could first be.
+    fn is_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(check) = &mut self.check else {
+            return false;
+        };
+        while check.as_mut().poll(cx).is_ready() {
+            let left = match self.activity.idle_left(self.after) {
+                Some(left) if left.is_zero() && !std::mem::take(&mut self.read_lately) => {
+                    return true;
+                }
+                Some(left) if left.is_zero() => READ_GRACE,
+                Some(left) => left,
+                None => self.after,
+            };
+            check.as_mut().reset(Instant::now() + left);
+        }
+        false
+    }
 }
 
 impl Drop for IdleWatch {
     fn drop(&mut self) {
-        let mut by_peer = lock(&self.calls.by_peer);
-        // A connection from the same address accepted since has its own.
-        if by_peer
-            .get(&self.peer)
+        let mut by_ends = lock(&self.calls.by_ends);
+        // A connection between the same ends accepted since has its own.
+        if by_ends
+            .get(&self.ends)
             .is_some_and(|held| Arc::ptr_eq(held, &self.activity))
         {
-            by_peer.remove(&self.peer);
+            by_ends.remove(&self.ends);
         }
     }
 }
 
 impl<IO> Counted<IO> {
-    /// Counts the connection closed for being idle, and says why.
-    fn closed_idle(&mut self) -> io::Error {
-        self.idle_check = None;
-        let idle = self
-            ._place
-            .idle
-            .as_ref()
-            .expect("only idle connections close");
-        idle.calls.closed_idle.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(peer = %idle.peer, "an agent connection had no call under way for {:?}; closed", idle.after);
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no call under way for {:?}", idle.after),
-        )
-    }
-
-    /// Whether the connection has had no call under way for its idle
-    /// time; until then, the check is due again when it could first be.
-    fn idle_over(&mut self, cx: &mut Context<'_>) -> bool {
-        let (Some(check), Some(idle)) = (&mut self.idle_check, &self._place.idle) else {
-            return false;
+    /// `poll`, or a failure once the connection has been idle too long
+    /// and `poll` would wait (see [`IdleWatch`]).
+    fn or_idle<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Some(idle) = &mut self._place.idle else {
+            return poll;
         };
-        while check.as_mut().poll(cx).is_ready() {
-            match idle.activity.idle_left(idle.after) {
-                Some(left) if left.is_zero() => return true,
-                left => check
-                    .as_mut()
-                    .reset(Instant::now() + left.unwrap_or(idle.after)),
-            }
+        if !poll.is_pending() || !idle.is_over(cx) {
+            return poll;
         }
-        false
+        idle.check = None;
+        idle.calls.closed_idle.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            peer = %idle.ends.remote,
+            "an agent connection had no call under way for {:?}; closed",
+            idle.after
+        );
+        let message = format!("no call under way for {:?}", idle.after);
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)))
     }
 }
 
@@ -442,10 +470,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         let Some(preface) = &mut this.preface else {
-            if read.is_pending() && this.idle_over(cx) {
-                return Poll::Ready(Err(this.closed_idle()));
+            if let (Poll::Ready(Ok(())), Some(idle)) = (&read, &mut this._place.idle) {
+                idle.read_lately |= buf.filled().len() > before;
             }
-            return read;
+            return this.or_idle(cx, read);
         };
         match read {
             Poll::Ready(Ok(())) => {
@@ -476,7 +504,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.or_idle(cx, written)
     }
 
     fn poll_write_vectored(
@@ -484,7 +513,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.or_idle(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -492,7 +522,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        self.or_idle(cx, flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -510,11 +541,12 @@ impl<IO: Connected> Connected for Counted<IO> {
     }
 }
 
-/// The calls under way on each connection that is closed once idle, by its
-/// peer's address (unique among the open connections of a listener).
+/// The calls under way on each connection that is closed once idle, by
+/// its ends (the peer's address alone is not unique: one client port may
+/// reach two addresses of the server at once).
 #[derive(Debug, Default)]
 pub struct Calls {
-    by_peer: Mutex<HashMap<SocketAddr, Arc<Activity>>>,
+    by_ends: Mutex<HashMap<Ends, Arc<Activity>>>,
     /// Connections closed for being idle, since start.
     closed_idle: AtomicU64,
 }
@@ -529,19 +561,20 @@ struct Activity {
 }
 
 impl Calls {
-    /// Starts keeping count for a connection accepted from `peer`.
-    fn accepted(&self, peer: SocketAddr) -> Arc<Activity> {
+    /// Starts keeping count for a connection accepted between `ends`.
+    fn accepted(&self, ends: Ends) -> Arc<Activity> {
         let activity = Arc::new(Activity {
             open: AtomicUsize::new(0),
             last_end: Mutex::new(Instant::now()),
         });
-        lock(&self.by_peer).insert(peer, Arc::clone(&activity));
+        lock(&self.by_ends).insert(ends, Arc::clone(&activity));
         activity
     }
 
-    /// A call begun on the connection from `peer`, if it is one counted.
-    fn begin(&self, peer: SocketAddr) -> Option<Call> {
-        let activity = Arc::clone(lock(&self.by_peer).get(&peer)?);
+    /// A call begun on the connection between `ends`, if it is one
+    /// counted.
+    fn begin(&self, ends: Ends) -> Option<Call> {
+        let activity = Arc::clone(lock(&self.by_ends).get(&ends)?);
         activity.open.fetch_add(1, Ordering::AcqRel);
         Some(Call(activity))
     }
@@ -612,7 +645,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let call = remote_addr(request.extensions()).and_then(|peer| self.calls.begin(peer));
+        let call = Ends::of(request.extensions()).and_then(|ends| self.calls.begin(ends));
         let Some(call) = call.map(Arc::new) else {
             return Box::pin(self.inner.call(request));
         };
@@ -651,16 +684,27 @@ impl HttpBody for Holding {
     }
 }
 
-/// The address of the peer a call came from, over TCP with or without TLS.
-pub fn remote_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
+/// The two ends of a TCP connection: what tells it from the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ends {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Ends {
+    /// The ends of the connection a call came on, over TCP with or without
+    /// TLS.
+    pub fn of(extensions: &http::Extensions) -> Option<Ends> {
+        let tcp = extensions.get::<TcpConnectInfo>().or_else(|| {
             extensions
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|tls| tls.get_ref().remote_addr())
+                .map(TlsConnectInfo::get_ref)
+        })?;
+        Some(Ends {
+            local: tcp.local_addr()?,
+            remote: tcp.remote_addr()?,
         })
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -740,6 +784,74 @@ mod tests {
         client.write_all(b"later").await.unwrap();
         let read = speaking.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..read], b"later", "no deadline once the preface is in");
+    }
+
+    /// A connection past its preface, from a client at `port`, with the
+    /// client's end.
+    async fn speaking(
+        connections: &Connections,
+        port: u16,
+    ) -> (
+        tokio::io::DuplexStream,
+        Counted<tokio::io::DuplexStream>,
+        Ends,
+    ) {
+        let ends = Ends {
+            local: "127.0.0.1:7405".parse().unwrap(),
+            remote: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut counted = connections.place(Some(ends)).unwrap().hold(server);
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        counted.read_exact(&mut [0; PREFACE_LEN]).await.unwrap();
+        (client, counted, ends)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_no_call_under_way_is_closed_once_idle() {
+        let idle = Duration::from_secs(10);
+        let connections = Connections::new(4, idle);
+        let mut buf = [0; 64];
+
+        // A call under way keeps it, however long.
+        let (_client, mut counted, ends) = speaking(&connections, 50000).await;
+        let call = connections
+            .calls
+            .begin(ends)
+            .expect("the connection is counted");
+        let waited = tokio::time::timeout(idle * 6, counted.read(&mut buf)).await;
+        assert!(waited.is_err(), "still open");
+        drop(call);
+        let ended = Instant::now();
+        let err = counted.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(ended.elapsed() >= idle && ended.elapsed() <= idle * 2);
+        assert_eq!(connections.idle_closed(), 1);
+        drop(counted);
+        assert!(lock(&connections.calls.by_ends).is_empty(), "forgotten");
+
+        // Something read as the idle time ends (a request whose call is not
+        // begun yet) gets a second more.
+        let accepted = Instant::now();
+        let (mut client, mut counted, _) = speaking(&connections, 50001).await;
+        tokio::time::sleep(idle - Duration::from_millis(100)).await;
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(counted.read(&mut buf).await.unwrap(), 1);
+        assert!(counted.read(&mut buf).await.is_err());
+        assert_eq!(accepted.elapsed(), idle + READ_GRACE);
+
+        // A peer that takes nothing keeps the connection from reading: its
+        // writes fail once it is idle.
+        let accepted = Instant::now();
+        let (_client, mut counted, _) = speaking(&connections, 50002).await;
+        let written = tokio::time::timeout(idle * 2, counted.write_all(&[0; 1024])).await;
+        let err = written.expect("closed once idle").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(accepted.elapsed(), idle);
+        assert_eq!(connections.idle_closed(), 3);
     }
 
     #[tokio::test]

@@ -69,7 +69,7 @@ use tokio::{
 };
 use tonic::{Status, body::Body};
 
-use crate::connections::remote_addr;
+use crate::connections::Ends;
 use crate::proto::{codec::MAX_AGENT_MESSAGE, protection_server_server::SERVICE_NAME};
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
@@ -204,7 +204,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let method = Method::of(request.uri().path());
-        let peer = remote_addr(request.extensions()).map(|addr| peer_of(addr.ip()));
+        let peer = Ends::of(request.extensions()).map(|ends| peer_of(ends.remote.ip()));
         let budget = Arc::clone(&self.budget);
         self.inner
             .call(request.map(|body| Body::new(Intake::new(body, budget, method, peer))))
