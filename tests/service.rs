@@ -1319,6 +1319,22 @@ async fn the_lightagent_client_scans_hash_first() {
     assert_eq!(server.spooled_files(), 0);
 }
 
+/// Opens a FIFO for writing when dropped, which lets go of a reader
+/// blocked opening it: a test that failed waiting for such a reader then
+/// ends, where the runtime would otherwise wait for its blocked thread for
+/// ever.
+struct Unblock(std::path::PathBuf);
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0);
+    }
+}
+
 /// A file that is no longer a regular file when the agent opens it (a
 /// FIFO put in its place after the walk, which would block the open for
 /// ever) fails as `io`, whichever way it is announced, and the scan ends.
@@ -1331,6 +1347,7 @@ async fn a_fifo_in_a_files_place_fails_and_the_scan_ends() {
     // SAFETY: mkfifo reads the NUL-terminated path it is given.
     assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
     std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
+    let _unblock = Unblock(fifo.clone());
     let files: Vec<FileSource> = vec![fifo.into(), dir.path().join("note.txt").into()];
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
