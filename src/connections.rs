@@ -350,7 +350,7 @@ impl Place {
     pub fn hold<IO>(self, io: IO) -> Counted<IO> {
         Counted {
             io,
-            _place: self,
+            place: self,
             preface: Some(Preface {
                 deadline: Box::pin(tokio::time::sleep(PREFACE_WAIT)),
                 read: 0,
@@ -364,7 +364,7 @@ impl Place {
 #[derive(Debug)]
 pub struct Counted<IO> {
     io: IO,
-    _place: Place,
+    place: Place,
     /// Until the HTTP/2 preface is in: a read that waits past the deadline
     /// fails, and HTTP/2 closes the connection.
     preface: Option<Preface>,
@@ -436,7 +436,7 @@ impl<IO> Counted<IO> {
         cx: &mut Context<'_>,
         poll: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        let Some(idle) = &mut self._place.idle else {
+        let Some(idle) = &mut self.place.idle else {
             return poll;
         };
         if !poll.is_pending() || !idle.is_over(cx) {
@@ -470,7 +470,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         let Some(preface) = &mut this.preface else {
-            if let (Poll::Ready(Ok(())), Some(idle)) = (&read, &mut this._place.idle) {
+            if let (Poll::Ready(Ok(())), Some(idle)) = (&read, &mut this.place.idle) {
                 idle.read_lately |= buf.filled().len() > before;
             }
             return this.or_idle(cx, read);
@@ -485,8 +485,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
             }
             Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
                 this.preface = None;
-                this._place.silent.fetch_add(1, Ordering::Relaxed);
-                let whose = this._place.whose;
+                this.place.silent.fetch_add(1, Ordering::Relaxed);
+                let whose = this.place.whose;
                 tracing::debug!("an {whose} connection sent no HTTP/2 preface in time; closed");
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,

@@ -78,7 +78,10 @@ pub async fn feed_watchdog(svm: Arc<Svm>, interval: Duration) {
     let mut starving = false;
     loop {
         ticks.tick().await;
-        let stuck = (svm.status().reasons).contains(&SvmReason::AllScanThreadsStuck);
+        let stuck = svm
+            .status()
+            .reasons
+            .contains(&SvmReason::AllScanThreadsStuck);
         if !stuck {
             notify("WATCHDOG=1");
         } else if !starving {
