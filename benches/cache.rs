@@ -16,7 +16,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 use scanserver::{
-    client::{Agent, AgentOptions, FileSource, HashFirst, PreparedFile},
+    client::{Agent, AgentOptions, Files, HashFirst, PreparedFile},
     config::Config,
     engine::{Engine, EngineConfig},
     proto::{LookupRequest, protection_server_client::ProtectionServerClient},
@@ -103,15 +103,15 @@ fn through_grpc(c: &mut Criterion) {
             .map(|d| Bytes::copy_from_slice(d.as_bytes()))
             .collect(),
     };
-    let files: Vec<FileSource> = digests[..STREAM_FILES]
+    let files: Vec<_> = digests[..STREAM_FILES]
         .iter()
         .enumerate()
         .map(|(i, digest)| {
-            FileSource::Prepared(Arc::new(PreparedFile {
+            Arc::new(PreparedFile {
                 path: file_name(i),
                 content: Bytes::new(),
                 digest: *digest,
-            }))
+            })
         })
         .collect();
 
@@ -131,9 +131,11 @@ fn through_grpc(c: &mut Criterion) {
     group.bench_function("scan_stream", |b| {
         b.iter(|| {
             runtime
-                .block_on(agent.scan(files.clone(), HashFirst::Always, |_, outcome| {
-                    assert!(outcome.cached)
-                }))
+                .block_on(agent.scan(
+                    Files::Prepared(files.clone()),
+                    HashFirst::Always,
+                    |_, outcome| assert!(outcome.cached),
+                ))
                 .expect("scan");
         })
     });

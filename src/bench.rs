@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    client::{Agent, AgentOptions, ClientError, FileSource, HashFirst, PreparedFile},
+    client::{Agent, AgentOptions, ClientError, Files, HashFirst, PreparedFile},
     engine::ScanOutcome,
     localscan,
 };
@@ -33,7 +33,7 @@ impl FileSet {
     /// Reads and hashes the regular files below `paths`. Unreadable ones
     /// are reported to `skipped` and left out.
     pub fn read(paths: &[PathBuf], skipped: &(dyn Fn(PathBuf, String) + Sync)) -> FileSet {
-        let files: Vec<_> = localscan::walk(paths, skipped)
+        let files: Vec<_> = localscan::walk(paths.to_vec(), skipped)
             .filter_map(|path| match PreparedFile::read(path.clone()) {
                 Ok(file) => Some(Arc::new(file)),
                 Err(err) => {
@@ -149,12 +149,8 @@ pub async fn round(
     let scans: Vec<_> = connected
         .into_iter()
         .map(|agent| {
-            let files: Vec<_> = set
-                .files
-                .iter()
-                .map(|f| FileSource::Prepared(Arc::clone(f)))
-                .collect();
-            let tally = Arc::new(Mutex::new(Tally::with_capacity(files.len())));
+            let files = Files::Prepared(set.files.clone());
+            let tally = Arc::new(Mutex::new(Tally::with_capacity(set.files.len())));
             let counting = Arc::clone(&tally);
             tokio::spawn(async move {
                 agent

@@ -23,7 +23,7 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
     let reporter = Reporter::new(format);
     let unreadable =
         |path: PathBuf, why: String| reporter.file(&path, &unreadable_outcome(why), None);
-    let files = walk(paths, &unreadable);
+    let files = walk(paths.to_vec(), &unreadable);
     engine.scan_all(files.map(ScanJob::file), |job, outcome| {
         if let Content::File(path) = &job.content {
             reporter.file(path, &outcome, None);
@@ -38,27 +38,31 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
 /// is neither a file nor a folder (a device, a FIFO: scanning it was asked
 /// for, and did not happen). Such entries below a folder are left out.
 pub fn walk<'a>(
-    paths: &'a [PathBuf],
-    unreadable: &'a (dyn Fn(PathBuf, String) + Sync),
+    paths: Vec<PathBuf>,
+    unreadable: impl Fn(PathBuf, String) + Send + Sync + 'a,
 ) -> impl Iterator<Item = PathBuf> + Send + 'a {
-    paths.iter().flat_map(move |root| {
-        WalkDir::new(root)
-            .follow_links(false)
-            .follow_root_links(true)
-            .into_iter()
-            .filter_map(move |entry| match entry {
-                Ok(entry) if entry.file_type().is_file() => Some(entry.into_path()),
-                Ok(entry) if entry.depth() == 0 && !entry.file_type().is_dir() => {
-                    unreadable(entry.into_path(), "not a regular file or folder".into());
-                    None
-                }
-                Ok(_) => None,
-                Err(err) => {
-                    unreadable(err.path().unwrap_or(root).to_owned(), err.to_string());
-                    None
-                }
+    paths
+        .into_iter()
+        .flat_map(|root| {
+            let walk = WalkDir::new(&root)
+                .follow_links(false)
+                .follow_root_links(true);
+            walk.into_iter().map(move |entry| {
+                entry.map_err(|err| (err.path().unwrap_or(&root).to_owned(), err.to_string()))
             })
-    })
+        })
+        .filter_map(move |entry| match entry {
+            Ok(entry) if entry.file_type().is_file() => Some(entry.into_path()),
+            Ok(entry) if entry.depth() == 0 && !entry.file_type().is_dir() => {
+                unreadable(entry.into_path(), "not a regular file or folder".into());
+                None
+            }
+            Ok(_) => None,
+            Err((path, why)) => {
+                unreadable(path, why);
+                None
+            }
+        })
 }
 
 /// The outcome reported for an entry that could not be read.

@@ -3,13 +3,17 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 
 use common::*;
 use scanserver::{
-    client::{Agent, AgentOptions, ClientError, ClientTls, FileSource, HashFirst},
+    client::{Agent, AgentOptions, ClientError, ClientTls, Files, HashFirst},
     config::{Config, TlsConfig},
     proto::{
         self, AgentMessage, FileBegin, FileChunk, Hello, LookupRequest, RejectReason, ScanRequest,
@@ -552,8 +556,7 @@ async fn the_client_scans_files_larger_than_its_share_allows_at_once() {
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
         .unwrap();
-    let files: Vec<FileSource> = paths.into_iter().map(FileSource::from).collect();
-    let outcomes = scan_files(&agent, &files, HashFirst::Never).await;
+    let outcomes = scan_files(&agent, &paths, HashFirst::Never).await;
     assert_eq!(outcomes.len(), 6);
     for (name, outcome) in outcomes {
         assert_eq!(outcome.verdict.kind(), "clean", "{name}: {outcome:?}");
@@ -1278,9 +1281,9 @@ async fn the_lightagent_client_scans_hash_first() {
     std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
     std::fs::write(dir.path().join("big.bin"), vec![3u8; 12 << 20]).unwrap();
     std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
-    let files: Vec<FileSource> = ["eicar.com", "big.bin", "note.txt"]
+    let files: Vec<PathBuf> = ["eicar.com", "big.bin", "note.txt"]
         .iter()
-        .map(|f| dir.path().join(f).into())
+        .map(|f| dir.path().join(f))
         .collect();
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
@@ -1289,11 +1292,15 @@ async fn the_lightagent_client_scans_hash_first() {
         let results = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = Arc::clone(&results);
         agent
-            .scan(files.clone(), HashFirst::Auto, move |path, outcome| {
-                sink.lock()
-                    .unwrap()
-                    .push((path.file_name().unwrap().to_owned(), outcome))
-            })
+            .scan(
+                Files::local(files.clone()),
+                HashFirst::Auto,
+                move |path, outcome| {
+                    sink.lock()
+                        .unwrap()
+                        .push((path.file_name().unwrap().to_owned(), outcome))
+                },
+            )
             .await
             .unwrap();
         let results = results.lock().unwrap();
@@ -1319,11 +1326,61 @@ async fn the_lightagent_client_scans_hash_first() {
     assert_eq!(server.spooled_files(), 0);
 }
 
+/// The client takes local files as they come, so that a full scan of a
+/// large tree never holds the whole walk: the first file is answered while
+/// the walk that gives the files is still under way. (A client that took
+/// the whole walk first would wait here, and the walk would give up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_scanned_while_their_walk_goes_on() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
+    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
+    let (answered, first_answered) = std::sync::mpsc::channel();
+    let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let walked = Arc::clone(&waited);
+    let root = dir.path().to_owned();
+    let walk = ["note.txt", "eicar.com"]
+        .into_iter()
+        .enumerate()
+        .map(move |(i, name)| {
+            if i == 1 {
+                let answer = first_answered.recv_timeout(Duration::from_secs(10));
+                walked.store(answer.is_ok(), std::sync::atomic::Ordering::Relaxed);
+            }
+            root.join(name)
+        });
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&results);
+    agent
+        .scan(Files::local(walk), HashFirst::Auto, move |path, outcome| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            sink.lock().unwrap().push((name, outcome.verdict.kind()));
+            let _ = answered.send(());
+        })
+        .await
+        .unwrap();
+    assert!(
+        waited.load(std::sync::atomic::Ordering::Relaxed),
+        "the first file was answered before the walk gave the next"
+    );
+    assert_eq!(
+        *results.lock().unwrap(),
+        [
+            ("note.txt".into(), "clean"),
+            ("eicar.com".into(), "infected")
+        ]
+    );
+}
+
 /// Opens a FIFO for writing when dropped, which lets go of a reader
 /// blocked opening it: a test that failed waiting for such a reader then
 /// ends, where the runtime would otherwise wait for its blocked thread for
 /// ever.
-struct Unblock(std::path::PathBuf);
+struct Unblock(PathBuf);
 
 impl Drop for Unblock {
     fn drop(&mut self) {
@@ -1348,17 +1405,21 @@ async fn a_fifo_in_a_files_place_fails_and_the_scan_ends() {
     assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
     std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
     let _unblock = Unblock(fifo.clone());
-    let files: Vec<FileSource> = vec![fifo.into(), dir.path().join("note.txt").into()];
+    let files: Vec<PathBuf> = vec![fifo, dir.path().join("note.txt")];
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
         .unwrap();
     for hash_first in [HashFirst::Always, HashFirst::Never] {
         let results = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = Arc::clone(&results);
-        let scan = agent.scan(files.clone(), hash_first, move |path, outcome| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            sink.lock().unwrap().push((name, outcome.verdict.kind()));
-        });
+        let scan = agent.scan(
+            Files::local(files.clone()),
+            hash_first,
+            move |path, outcome| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                sink.lock().unwrap().push((name, outcome.verdict.kind()));
+            },
+        );
         tokio::time::timeout(Duration::from_secs(30), scan)
             .await
             .expect("the scan ends")
@@ -1379,9 +1440,9 @@ async fn a_file_over_the_servers_limit_fails_as_too_large_as_a_local_scan_says()
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("big.bin"), vec![7u8; 2 << 20]).unwrap();
     std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
-    let files: Vec<FileSource> = ["big.bin", "eicar.com"]
+    let files: Vec<PathBuf> = ["big.bin", "eicar.com"]
         .iter()
-        .map(|f| dir.path().join(f).into())
+        .map(|f| dir.path().join(f))
         .collect();
     for (hash_first, name, outcome) in scan_each_way(&server, &files).await {
         match name.as_str() {
@@ -1400,7 +1461,7 @@ async fn a_file_over_the_servers_limit_fails_as_too_large_as_a_local_scan_says()
 /// announced by digest; returns each file's outcome with the way it went.
 async fn scan_each_way(
     server: &TestServer,
-    files: &[FileSource],
+    files: &[PathBuf],
 ) -> Vec<(HashFirst, String, scanserver::engine::ScanOutcome)> {
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
@@ -1417,16 +1478,20 @@ async fn scan_each_way(
 /// Scans `files` with `agent`, and returns each file's name and outcome.
 async fn scan_files(
     agent: &Agent,
-    files: &[FileSource],
+    files: &[PathBuf],
     hash_first: HashFirst,
 ) -> Vec<(String, scanserver::engine::ScanOutcome)> {
     let results = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Arc::clone(&results);
     agent
-        .scan(files.to_vec(), hash_first, move |path, outcome| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            sink.lock().unwrap().push((name, outcome));
-        })
+        .scan(
+            Files::local(files.to_vec()),
+            hash_first,
+            move |path, outcome| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                sink.lock().unwrap().push((name, outcome));
+            },
+        )
         .await
         .unwrap();
     std::mem::take(&mut *results.lock().unwrap())
@@ -1470,13 +1535,13 @@ async fn scan_cut_off(
     size: usize,
     cut: impl Future<Output = ()> + Send + 'static,
 ) -> Vec<(std::path::PathBuf, scanserver::engine::ScanOutcome)> {
-    let files: Vec<FileSource> = (0..count)
+    let files: Vec<PathBuf> = (0..count)
         .map(|i: u64| {
             let path = dir.join(format!("{i}.bin"));
             let mut data = content(7, size);
             data[..8].copy_from_slice(&i.to_le_bytes());
             std::fs::write(&path, data).unwrap();
-            path.into()
+            path
         })
         .collect();
     let agent = Agent::connect(&AgentOptions::for_host(url)).await.unwrap();
@@ -1488,10 +1553,14 @@ async fn scan_cut_off(
     let results = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Arc::clone(&results);
     let scanned = agent
-        .scan(files, HashFirst::Auto, move |path, outcome| {
-            first.send_replace(true);
-            sink.lock().unwrap().push((path.to_owned(), outcome));
-        })
+        .scan(
+            Files::local(files),
+            HashFirst::Auto,
+            move |path, outcome| {
+                first.send_replace(true);
+                sink.lock().unwrap().push((path.to_owned(), outcome));
+            },
+        )
         .await;
     cutting.await.unwrap();
     assert!(scanned.is_err(), "the scan was cut off");
@@ -1548,13 +1617,13 @@ async fn the_lightagent_client_sends_content_at_once_while_the_server_knows_noth
     let server = TestServer::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let mut size = 0;
-    let files: Vec<FileSource> = (0..400)
+    let files: Vec<PathBuf> = (0..400)
         .map(|i| {
             let path = dir.path().join(format!("{i}.txt"));
             let content = format!("file {i} ").repeat(100);
             size += content.len() as u64;
             std::fs::write(&path, content).unwrap();
-            path.into()
+            path
         })
         .collect();
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
@@ -1587,11 +1656,11 @@ async fn the_lightagent_client_sends_content_at_once_while_the_server_knows_noth
 
     // Hash first always: every file of a new tree is asked for.
     let other = tempfile::tempdir().unwrap();
-    let files: Vec<FileSource> = (0..100)
+    let files: Vec<PathBuf> = (0..100)
         .map(|i| {
             let path = other.path().join(format!("{i}.bin"));
             std::fs::write(&path, format!("other {i} ").repeat(100)).unwrap();
-            path.into()
+            path
         })
         .collect();
     scan_files(&agent, &files, HashFirst::Always).await;
@@ -1607,10 +1676,10 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
     let unreadable = Path::new("/proc/self/mem");
     // Its metadata says 0 bytes; it has more.
     let misreported = Path::new("/proc/version");
-    let files: Vec<FileSource> = vec![
-        unreadable.to_owned().into(),
-        dir.path().join("eicar.com").into(),
-        misreported.to_owned().into(),
+    let files: Vec<PathBuf> = vec![
+        unreadable.to_owned(),
+        dir.path().join("eicar.com"),
+        misreported.to_owned(),
     ];
     for (hash_first, name, outcome) in scan_each_way(&server, &files).await {
         if name == "version" {
@@ -1638,9 +1707,9 @@ async fn a_file_asked_for_and_gone_keeps_its_place_until_the_server_drops_it() {
     std::fs::write(path("first.txt"), "first").unwrap();
     std::fs::write(path("gone.txt"), "second").unwrap();
     std::fs::write(path("eicar.com"), EICAR).unwrap();
-    let files: Vec<FileSource> = ["first.txt", "gone.txt", "eicar.com"]
+    let files: Vec<PathBuf> = ["first.txt", "gone.txt", "eicar.com"]
         .iter()
-        .map(|name| path(name).into())
+        .map(|name| path(name))
         .collect();
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
@@ -1653,16 +1722,20 @@ async fn a_file_asked_for_and_gone_keeps_its_place_until_the_server_drops_it() {
     // server asks for content the agent can no longer read. The agent
     // cancels it, and settles it once the server has dropped it.
     agent
-        .scan(files, HashFirst::Always, move |path, outcome| {
-            if path.ends_with("first.txt") {
-                std::fs::remove_file(&gone).unwrap();
-            }
-            if path.ends_with("gone.txt") {
-                assert_eq!(state.sessions.files_in_flight(), 0);
-            }
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            sink.lock().unwrap().push((name, outcome.verdict));
-        })
+        .scan(
+            Files::local(files),
+            HashFirst::Always,
+            move |path, outcome| {
+                if path.ends_with("first.txt") {
+                    std::fs::remove_file(&gone).unwrap();
+                }
+                if path.ends_with("gone.txt") {
+                    assert_eq!(state.sessions.files_in_flight(), 0);
+                }
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                sink.lock().unwrap().push((name, outcome.verdict));
+            },
+        )
         .await
         .unwrap();
     let results = results.lock().unwrap();
@@ -1758,7 +1831,7 @@ async fn tls_and_mutual_tls() {
     let sink = Arc::clone(&found);
     agent
         .scan(
-            vec![dir_files.path().join("eicar.com").into()],
+            Files::local([dir_files.path().join("eicar.com")]),
             HashFirst::Auto,
             move |_, outcome| *sink.lock().unwrap() = Some(outcome.verdict.kind()),
         )
@@ -2362,7 +2435,7 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
         .await
         .unwrap();
     agent
-        .scan(vec![eicar.into()], HashFirst::Auto, |_, outcome| {
+        .scan(Files::local([eicar]), HashFirst::Auto, |_, outcome| {
             assert!(!outcome.verdict.detections().is_empty())
         })
         .await
@@ -2391,11 +2464,11 @@ async fn every_file_fails_when_the_scan_stream_cannot_open() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let files: Vec<FileSource> = (0..3)
+    let files: Vec<PathBuf> = (0..3)
         .map(|i| {
             let path = dir.path().join(format!("file-{i}"));
             std::fs::write(&path, b"harmless").unwrap();
-            path.into()
+            path
         })
         .collect();
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
@@ -2404,7 +2477,7 @@ async fn every_file_fails_when_the_scan_stream_cannot_open() {
     server.stop().await;
     let (outcomes, mut received) = mpsc::unbounded_channel();
     let result = agent
-        .scan(files, HashFirst::Auto, move |_, outcome| {
+        .scan(Files::local(files), HashFirst::Auto, move |_, outcome| {
             let _ = outcomes.send(outcome);
         })
         .await;
@@ -2509,7 +2582,7 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
         .unwrap();
     let verdict = Arc::new(std::sync::Mutex::new(None));
     let sink = Arc::clone(&verdict);
-    let scan = agent.scan(vec![path.into()], HashFirst::Auto, move |_, outcome| {
+    let scan = agent.scan(Files::local([path]), HashFirst::Auto, move |_, outcome| {
         *sink.lock().unwrap() = Some(outcome.verdict.kind())
     });
     // Room comes back once the server has refused the agent's file.

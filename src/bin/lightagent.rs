@@ -10,7 +10,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use scanserver::{
     bench::FileSet,
-    client::{Agent, AgentOptions, ClientTls, FileSource, HashFirst},
+    client::{Agent, AgentOptions, ClientTls, Files, HashFirst},
     localscan,
     proto::{TaskKind, TaskState},
     report::{Format, Reporter},
@@ -268,20 +268,14 @@ async fn scan(args: ScanArgs) -> ExitCode {
     };
     let format = Format::json_if(args.json);
     let reporter = Arc::new(Reporter::new(format));
-    // Walked on a blocking thread: a walk of a large tree must not hold up
-    // the session's heartbeats, on this runtime's one thread, for so long
-    // that the server drops it.
+    // Walked as the scan goes, on the scan's preparing thread: the walk of
+    // a large tree neither holds up the session's heartbeats nor is held
+    // whole in memory.
     let walker = Arc::clone(&reporter);
-    let paths = args.paths.clone();
-    let walk = tokio::task::spawn_blocking(move || {
-        let unreadable = |path: PathBuf, why| {
-            walker.file(&path, &localscan::unreadable_outcome(why), Some(false))
-        };
-        localscan::walk(&paths, &unreadable)
-            .map(FileSource::from)
-            .collect::<Vec<_>>()
-    });
-    let files = walk.await.expect("the walk does not panic");
+    let unreadable = move |path: PathBuf, why| {
+        walker.file(&path, &localscan::unreadable_outcome(why), Some(false))
+    };
+    let files = Files::local(localscan::walk(args.paths.clone(), unreadable));
 
     let task_id = uuid::Uuid::new_v4().to_string();
     let kind = args.task.map(|task| match task {

@@ -106,9 +106,33 @@ impl AgentOptions {
     }
 }
 
-/// A file to scan through the server.
+/// The files of one scan through the server.
+pub enum Files {
+    /// Local files, taken in order as the scan goes, a few ahead of the
+    /// stream, on a thread of their own (the iterator may block: a walk of
+    /// a tree). The client holds the files in flight, never the whole
+    /// tree: a full scan of a disk of millions of files needs no more
+    /// memory than a scan of one folder.
+    Local(Box<dyn Iterator<Item = PathBuf> + Send>),
+    /// Content read and hashed beforehand, as an agent with its own digest
+    /// cache has it (`lightagent bench`).
+    Prepared(Vec<Arc<PreparedFile>>),
+}
+
+impl Files {
+    /// Local files, from any iterator of paths: see [`Files::Local`].
+    pub fn local<I>(paths: I) -> Files
+    where
+        I: IntoIterator<Item = PathBuf>,
+        I::IntoIter: Send + 'static,
+    {
+        Files::Local(Box::new(paths.into_iter()))
+    }
+}
+
+/// One file of a scan, as the scan holds it.
 #[derive(Debug, Clone)]
-pub enum FileSource {
+enum FileSource {
     /// A local file: hashed ahead of its announcement and read again if
     /// the server asks for its content, or read once to go with its begin.
     Path(PathBuf),
@@ -123,12 +147,6 @@ impl FileSource {
             FileSource::Path(path) => path,
             FileSource::Prepared(file) => &file.path,
         }
-    }
-}
-
-impl From<PathBuf> for FileSource {
-    fn from(path: PathBuf) -> Self {
-        FileSource::Path(path)
     }
 }
 

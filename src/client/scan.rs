@@ -2,9 +2,10 @@
 //!
 //! Four parts work together, each on its own:
 //!
-//! - the **preparer**, a thread of its own, reads local files ahead of
-//!   their announcement: it hashes a file to be announced by its digest,
-//!   and only looks up the size of one to be sent at once;
+//! - the **preparer**, a thread of its own, takes local files as they
+//!   come (from a walk, say) and reads them a few ahead of their
+//!   announcement: it hashes a file to be announced by its digest, and
+//!   only looks up the size of one to be sent at once;
 //! - the **announcer** keeps the server's limit of files in flight and
 //!   sends the begins, many to a message;
 //! - the **content sender**, a thread of its own as reads block, streams
@@ -44,7 +45,7 @@ use tokio::{
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::Code;
 
-use super::{Agent, ClientError, FileSource};
+use super::{Agent, ClientError, FileSource, Files, PreparedFile};
 use crate::{
     engine::{ScanOutcome, open_regular},
     proto::{
@@ -88,10 +89,12 @@ impl Agent {
     /// Scans `files` through the server, many in flight on one stream, and
     /// hands each result to `on_result` (whether it came from the cache is
     /// in the outcome). Local files are announced as `hash_first` says;
-    /// prepared ones, hashed already, always by their digest.
+    /// prepared ones, hashed already, always by their digest. Every file
+    /// gets its one outcome, a failure for each file left when the scan
+    /// breaks; the scan returns once all have theirs.
     pub async fn scan<F>(
         &self,
-        files: Vec<FileSource>,
+        files: Files,
         hash_first: HashFirst,
         on_result: F,
     ) -> Result<(), ClientError>
@@ -110,6 +113,12 @@ impl Agent {
         let (requests, begins) = mpsc::channel(256);
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
         let outgoing = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
+        let familiarity = Familiarity::new(hash_first);
+        let max_file_size = match limits.max_file_size {
+            0 => u64::MAX,
+            limit => limit,
+        };
+        let sources = Sources::start(files, familiarity.content_first(), max_file_size);
         let replies = match self.client.clone().scan(outgoing).await {
             Ok(replies) => replies.into_inner(),
             // Every file gets its outcome, a failure, as when the stream
@@ -117,9 +126,9 @@ impl Agent {
             Err(status) => {
                 let err = ClientError::from(status);
                 let detail = format!("the scan stream could not be opened: {err}");
-                for file in &files {
-                    on_result(file.path(), unanswered(&detail));
-                }
+                sources
+                    .fail_all(|path| on_result(path, unanswered(&detail)))
+                    .await;
                 return Err(err);
             }
         };
@@ -136,12 +145,6 @@ impl Agent {
                 chunk_size,
             )
         });
-        let familiarity = Familiarity::new(hash_first);
-        let max_file_size = match limits.max_file_size {
-            0 => u64::MAX,
-            limit => limit,
-        };
-        let preparer = Preparer::start(&files, familiarity.content_first(), max_file_size);
         let mut settle = Settle {
             pending: Arc::default(),
             uploads,
@@ -167,8 +170,7 @@ impl Agent {
         let on_result = Arc::clone(&settle.on_result);
         let unannounced = Unannounced::default();
         let mut producer = AbortOnDrop(tokio::spawn(announcer.run(
-            files,
-            preparer,
+            sources,
             in_flight,
             on_result,
             Arc::clone(&unannounced),
@@ -182,7 +184,7 @@ impl Agent {
                 producer.0.abort();
                 let _ = (&mut producer.0).await;
             }
-            settle.fail_unanswered(&unannounced, &err);
+            settle.fail_unanswered(&unannounced, &err).await;
             return Err(err);
         }
         // The content sender ends once no one can hand it more files.
@@ -251,7 +253,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     /// Fails every file still without an outcome (pending, or never
     /// announced) after the scan broke with `err`: none is left without
     /// one, and none is taken for clean.
-    fn fail_unanswered(&mut self, unannounced: &Unannounced, err: &ClientError) {
+    async fn fail_unanswered(&mut self, unannounced: &Unannounced, err: &ClientError) {
         let detail = format!("the scan ended before this file was answered: {err}");
         let failed = || Verdict::failed(FailReason::Engine, detail.clone());
         let mut pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
@@ -259,9 +261,13 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         for file in pending {
             (self.on_result)(file.source.path(), file.failed(failed()));
         }
-        let never_sent = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
-        for source in never_sent {
+        let Left { files, rest } = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
+        for source in files {
             (self.on_result)(source.path(), unanswered(&detail));
+        }
+        if let Some(rest) = rest {
+            rest.fail_all(|path| (self.on_result)(path, unanswered(&detail)))
+                .await;
         }
     }
 
@@ -570,60 +576,124 @@ struct Ready {
     digest: Option<blake3::Hash>,
 }
 
+/// The files still to announce, in order.
+enum Sources {
+    /// Local files, from the preparer.
+    Local {
+        prepared: mpsc::Receiver<Prepared>,
+        /// Set once the scan has broken: the preparer hands on the files
+        /// left without reading them, to be failed.
+        stopped: Arc<AtomicBool>,
+    },
+    /// Files read and hashed beforehand, at hand.
+    Prepared(std::vec::IntoIter<Arc<PreparedFile>>),
+}
+
+impl Sources {
+    /// Starts preparing local files (see [`Preparer`]).
+    fn start(files: Files, content_first: Arc<AtomicBool>, max_file_size: u64) -> Sources {
+        let paths = match files {
+            Files::Prepared(files) => return Sources::Prepared(files.into_iter()),
+            Files::Local(paths) => paths,
+        };
+        let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let preparer = Preparer {
+            paths,
+            content_first,
+            stopped: Arc::clone(&stopped),
+            max_file_size,
+            ready,
+        };
+        tokio::task::spawn_blocking(move || preparer.run());
+        Sources::Local { prepared, stopped }
+    }
+
+    /// How many files are left, counting the one just taken: as many as
+    /// the preparer has ready once it has taken the last file, and more
+    /// than any limit before.
+    fn left(&self) -> usize {
+        match self {
+            Sources::Local { prepared, .. } if prepared.is_closed() => prepared.len() + 1,
+            Sources::Local { .. } => usize::MAX,
+            Sources::Prepared(files) => files.len() + 1,
+        }
+    }
+
+    /// Hands every file left to `fail`, in order, without reading them
+    /// (those already read too), and returns once the preparer has let go
+    /// of its files.
+    async fn fail_all(self, fail: impl Fn(&Path)) {
+        match self {
+            Sources::Local {
+                mut prepared,
+                stopped,
+            } => {
+                stopped.store(true, Ordering::Relaxed);
+                while let Some(file) = prepared.recv().await {
+                    fail(&file.path);
+                }
+            }
+            Sources::Prepared(files) => files.for_each(|file| fail(&file.path)),
+        }
+    }
+}
+
+/// A local file as the preparer hands it on.
+struct Prepared {
+    path: PathBuf,
+    /// Its size and digest, or why it could not be read; `None` for a file
+    /// left unread because the scan had broken.
+    ready: Option<std::io::Result<Ready>>,
+}
+
 /// Prepares local files, in order, on a thread of its own, a few
 /// ([`PREPARED_AHEAD`]) ahead of the announcer: one thread hashing file
-/// after file, rather than a task handed to a thread for each file.
+/// after file, rather than a task handed to a thread for each file. It
+/// takes the files as it goes, so that a walk of a large tree goes on
+/// while the first files are scanned, and is never held whole.
 struct Preparer {
-    paths: Vec<PathBuf>,
+    paths: Box<dyn Iterator<Item = PathBuf> + Send>,
     /// Whether the next file goes with its content (only its size is
     /// needed) or by its digest; see [`Familiarity`].
     content_first: Arc<AtomicBool>,
+    /// Whether the scan has broken: see [`Sources::fail_all`].
+    stopped: Arc<AtomicBool>,
     /// The server's limit: a larger file is not hashed, only announced,
     /// to be refused (reading a disk image in full for nothing could take
     /// longer than the server waits for the stream).
     max_file_size: u64,
-    ready: mpsc::Sender<std::io::Result<Ready>>,
+    ready: mpsc::Sender<Prepared>,
 }
 
 impl Preparer {
-    /// Starts preparing the local files among `files` (none: the receiver
-    /// is closed at once); the announcer takes them in the same order.
-    fn start(
-        files: &[FileSource],
-        content_first: Arc<AtomicBool>,
-        max_file_size: u64,
-    ) -> mpsc::Receiver<std::io::Result<Ready>> {
-        let paths: Vec<PathBuf> = files
-            .iter()
-            .filter_map(|source| match source {
-                FileSource::Path(path) => Some(path.clone()),
-                FileSource::Prepared(_) => None,
-            })
-            .collect();
-        let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
-        if !paths.is_empty() {
-            let preparer = Preparer {
-                paths,
-                content_first,
-                max_file_size,
-                ready,
-            };
-            tokio::task::spawn_blocking(move || preparer.run());
-        }
-        prepared
-    }
-
+    /// Prepares each file until none is left, or no one takes them. The
+    /// files (and whatever the walk holds) are let go before the channel
+    /// closes: whoever sees it closed holds the last of them.
     fn run(self) {
-        for path in self.paths {
-            let prepared = if self.content_first.load(Ordering::Relaxed) {
-                std::fs::metadata(&path).map(|metadata| Ready {
-                    size: metadata.len(),
-                    digest: None,
-                })
-            } else {
-                hash_file(&path, self.max_file_size)
+        let Preparer {
+            paths,
+            content_first,
+            stopped,
+            max_file_size,
+            ready,
+        } = self;
+        for path in paths {
+            let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
+                if content_first.load(Ordering::Relaxed) {
+                    std::fs::metadata(&path).map(|metadata| Ready {
+                        size: metadata.len(),
+                        digest: None,
+                    })
+                } else {
+                    hash_file(&path, max_file_size)
+                }
+            });
+            let file = Prepared {
+                path,
+                ready: prepared,
             };
-            if self.ready.blocking_send(prepared).is_err() {
+            if ready.blocking_send(file).is_err() {
                 return;
             }
         }
@@ -668,14 +738,23 @@ type Pending = Arc<Mutex<PendingFiles>>;
 /// Where the announcer leaves the files it had not handed on (to the
 /// server, or to `on_result`) when it stops early: with the pending ones,
 /// they are failed, so that every file gets its one outcome.
-type Unannounced = Arc<Mutex<Vec<FileSource>>>;
+type Unannounced = Arc<Mutex<Left>>;
 
-/// The files the announcer holds: those still to come, the one being
-/// prepared, and those whose begins wait to go. However it stops (done,
-/// failed, or aborted at any await), what it still holds goes to
-/// `unannounced`.
+/// The files the announcer had not handed on.
+#[derive(Default)]
+struct Left {
+    /// Those it held.
+    files: Vec<FileSource>,
+    /// Those still to come.
+    rest: Option<Sources>,
+}
+
+/// The files the announcer holds: those still to come, the one taken last,
+/// and those whose begins wait to go. However it stops (done, failed, or
+/// aborted at any await), what it still holds goes to `unannounced`.
 struct Held {
-    rest: std::vec::IntoIter<FileSource>,
+    /// `None` only once dropped.
+    rest: Option<Sources>,
     current: Option<FileSource>,
     ready: Vec<(FileBegin, PendingFile)>,
     unannounced: Unannounced,
@@ -683,10 +762,11 @@ struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut unannounced = self.unannounced.lock().expect("unannounced");
-        unannounced.extend(self.current.take());
-        unannounced.extend(self.ready.drain(..).map(|(_, file)| file.source));
-        unannounced.extend(self.rest.by_ref());
+        let mut left = self.unannounced.lock().expect("unannounced");
+        left.files.extend(self.current.take());
+        left.files
+            .extend(self.ready.drain(..).map(|(_, file)| file.source));
+        left.rest = self.rest.take();
     }
 }
 
@@ -837,8 +917,7 @@ impl Announcer {
     /// begin goes to the content sender, to go out with the content).
     async fn run<F>(
         self,
-        files: Vec<FileSource>,
-        mut preparer: mpsc::Receiver<std::io::Result<Ready>>,
+        sources: Sources,
         mut in_flight: Window,
         on_result: Arc<F>,
         unannounced: Unannounced,
@@ -846,39 +925,35 @@ impl Announcer {
     where
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
-        let count = files.len();
         let mut held = Held {
-            rest: files.into_iter(),
+            rest: Some(sources),
             current: None,
             ready: Vec::new(),
             unannounced,
         };
-        for index in 0..count {
-            held.current = held.rest.next();
-            let source = held.current.as_ref().expect("one file for each index");
-            if !in_flight.try_take() {
-                self.send(&mut held.ready).await?;
-                in_flight.take(count - index).await;
-            }
-            let started = Instant::now();
-            let prepared = self
-                .prepared(source, &mut preparer, &mut held.ready)
-                .await?;
-            let source = held.current.take().expect("held until handed on");
+        while let Some(prepared) = self.next(&mut held).await? {
             let file = match prepared {
                 Ok(file) => file,
                 Err(err) => {
-                    in_flight.put_back();
-                    on_result(source.path(), failed_outcome(unreadable(&err), 0, started));
+                    let source = held.current.take().expect("held until handed on");
+                    let outcome = failed_outcome(unreadable(&err), 0, Instant::now());
+                    on_result(source.path(), outcome);
                     continue;
                 }
             };
+            if !in_flight.try_take() {
+                self.send(&mut held.ready).await?;
+                in_flight
+                    .take(held.rest.as_ref().map_or(1, Sources::left))
+                    .await;
+            }
+            let source = held.current.take().expect("held until handed on");
             let begin = file_begin(&self.session_id, &source, file.size, file.digest);
             let pending = PendingFile {
                 source,
                 size: file.size,
                 digest: file.digest,
-                started,
+                started: Instant::now(),
                 asked: false,
                 unread: None,
                 refusals: Refusals::default(),
@@ -895,29 +970,40 @@ impl Announcer {
         self.send(&mut held.ready).await
     }
 
-    /// The size and digest of `source`: at hand for a prepared file, from
-    /// the preparer for a local one (the `ready` begins go first if the
-    /// preparer is behind).
-    async fn prepared(
-        &self,
-        source: &FileSource,
-        preparer: &mut mpsc::Receiver<std::io::Result<Ready>>,
-        ready: &mut Vec<(FileBegin, PendingFile)>,
-    ) -> Result<std::io::Result<Ready>, ClientError> {
-        if let FileSource::Prepared(file) = source {
-            return Ok(Ok(Ready {
-                size: file.content.len() as u64,
-                digest: Some(file.digest),
-            }));
-        }
-        if let Ok(file) = preparer.try_recv() {
-            return Ok(file);
-        }
-        self.send(ready).await?;
-        preparer
-            .recv()
-            .await
-            .ok_or_else(|| ClientError::Protocol("the file preparer stopped".into()))
+    /// Takes the next file into `held.current`, and returns its size and
+    /// digest (or why it could not be read); `None` once every file was
+    /// taken. A local file comes from the preparer: the `ready` begins go
+    /// first if it is behind.
+    async fn next(&self, held: &mut Held) -> Result<Option<std::io::Result<Ready>>, ClientError> {
+        let prepared = match held.rest.as_mut().expect("held until dropped") {
+            Sources::Prepared(files) => {
+                let Some(file) = files.next() else {
+                    return Ok(None);
+                };
+                let ready = Ready {
+                    size: file.content.len() as u64,
+                    digest: Some(file.digest),
+                };
+                held.current = Some(FileSource::Prepared(file));
+                return Ok(Some(Ok(ready)));
+            }
+            Sources::Local { prepared, .. } => match prepared.try_recv() {
+                Ok(file) => Some(file),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.send(&mut held.ready).await?;
+                    prepared.recv().await
+                }
+            },
+        };
+        let Some(Prepared { path, ready }) = prepared else {
+            return Ok(None);
+        };
+        held.current = Some(FileSource::Path(path));
+        // Files go unread only once the scan has broken, and the announcer
+        // has stopped by then; were one taken, it would fail, not pass.
+        let not_read = || Err(std::io::Error::other("not read: the scan had broken"));
+        Ok(Some(ready.unwrap_or_else(not_read)))
     }
 
     /// Sends the `ready` begins in one message, their files pending first
@@ -999,11 +1085,6 @@ impl Window {
         let places = self.places.acquire_many(group as u32).await;
         places.expect("never closed").forget();
         self.spare += group - 1;
-    }
-
-    /// Puts back a place taken for a file that was not announced.
-    fn put_back(&mut self) {
-        self.spare += 1;
     }
 }
 
