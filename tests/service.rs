@@ -1684,6 +1684,9 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
     for (hash_first, name, outcome) in scan_each_way(&server, &files).await {
         if name == "version" {
             assert_eq!(outcome.verdict.kind(), "clean", "{hash_first:?}");
+            // The size given is the size read, as a local scan gives it.
+            let size = std::fs::read(misreported).unwrap().len() as u64;
+            assert_eq!(outcome.size, size, "{hash_first:?}");
         } else if name == "mem" {
             assert_eq!(
                 outcome.verdict.failure().map(|f| f.reason),

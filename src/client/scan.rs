@@ -133,14 +133,14 @@ impl Agent {
             }
         };
         let (uploads, to_upload) = mpsc::unbounded_channel();
-        let (unread_tx, unread) = mpsc::unbounded_channel::<Unread>();
+        let (told, sent) = mpsc::unbounded_channel::<Sent>();
         let failed = Arc::new(LastFailed::default());
         let failed_for_sender = Arc::clone(&failed);
         let sender = tokio::task::spawn_blocking(move || {
             send_content(
                 to_upload,
                 content_requests,
-                &unread_tx,
+                told,
                 &failed_for_sender,
                 chunk_size,
             )
@@ -175,7 +175,7 @@ impl Agent {
             on_result,
             Arc::clone(&unannounced),
         )));
-        if let Err(err) = settle.run(replies, unread, &mut producer, &places).await {
+        if let Err(err) = settle.run(replies, sent, &mut producer, &places).await {
             // Once the announcer has stopped, what it held is in
             // `unannounced`, and nothing settles files but this. (A task
             // that has finished was dropped already; its handle may have
@@ -215,7 +215,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     async fn run(
         &mut self,
         mut replies: tonic::Streaming<ScanReply>,
-        mut unread: mpsc::UnboundedReceiver<Unread>,
+        mut sent: mpsc::UnboundedReceiver<Sent>,
         producer: &mut AbortOnDrop<Result<(), ClientError>>,
         places: &Semaphore,
     ) -> Result<(), ClientError> {
@@ -227,11 +227,12 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
             {
                 return Ok(());
             }
-            // A file the content sender could not read is marked before
-            // the server's reply to its cancel can be taken.
+            // What the content sender tells of a file is taken before the
+            // server's reply to it can be: it was told before the server
+            // could reply (before the file's cancel or end went out).
             let over = tokio::select! {
                 biased;
-                Some(file) = unread.recv() => self.unread(file),
+                Some(told) = sent.recv() => self.told(told),
                 message = replies.message() => self.answered(message?.ok_or_else(|| {
                     ClientError::Protocol("the server ended the stream with files unanswered".into())
                 })?),
@@ -359,6 +360,20 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
             FailReason::Engine
         };
         Verdict::failed(reason, error.message)
+    }
+
+    /// Takes what the content sender tells of a file. Returns how many
+    /// files are over.
+    fn told(&mut self, told: Sent) -> usize {
+        match told {
+            Sent::Unread(file) => self.unread(file),
+            Sent::Resized { id, size } => {
+                if let Some(file) = self.pending.lock().expect("pending").get_mut(id) {
+                    file.size = size;
+                }
+                0
+            }
+        }
     }
 
     /// Takes a file the content sender could not read. One the server
@@ -1106,6 +1121,17 @@ enum Stop {
     Closed,
 }
 
+/// What the content sender tells the reply loop of a file, before the
+/// server can reply to it.
+enum Sent {
+    /// It could not be read.
+    Unread(Unread),
+    /// It held `size` bytes where its metadata said 0 (files of /proc say
+    /// so): its outcome gives the size sent, as a local scan's gives the
+    /// size read.
+    Resized { id: u64, size: u64 },
+}
+
 /// A file the content sender could not read.
 struct Unread {
     id: u64,
@@ -1116,11 +1142,12 @@ struct Unread {
 
 /// Streams the content of each file to upload, in chunks, then its end;
 /// on a thread of its own, as reading files blocks. A file that cannot be
-/// read goes to `unread`.
+/// read, or held more than its metadata said, is `told` of before its
+/// cancel or end goes out.
 fn send_content(
     mut uploads: mpsc::UnboundedReceiver<Upload>,
     requests: mpsc::Sender<ScanRequest>,
-    unread: &mpsc::UnboundedSender<Unread>,
+    told: mpsc::UnboundedSender<Sent>,
     failed: &LastFailed,
     chunk_size: usize,
 ) {
@@ -1161,10 +1188,15 @@ fn send_content(
         // waiting, it goes now. A cancel goes at once: the server counts
         // the file in flight until it takes it.
         let flush = match sent {
-            Ok(()) => uploads.is_empty(),
+            Ok(sent) => {
+                if size == 0 && sent > 0 {
+                    let _ = told.send(Sent::Resized { id, size: sent });
+                }
+                uploads.is_empty()
+            }
             Err(Stop::Unread(file)) => {
                 let flush = file.cancelled || uploads.is_empty();
-                let _ = unread.send(file);
+                let _ = told.send(Sent::Unread(file));
                 flush
             }
             Err(Stop::Closed) => return,
@@ -1188,17 +1220,18 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Adds a file's chunks, then its end; and its `begin` first, if it
-    /// goes with the content. A file that cannot be read is cancelled, if
-    /// the server knows of it. A file the server has already failed gets
-    /// no more of its content.
+    /// Adds a file's chunks, then its end (which goes out with the next
+    /// flush, not before); and its `begin` first, if it goes with the
+    /// content. Returns the bytes sent. A file that cannot be read is
+    /// cancelled, if the server knows of it. A file the server has already
+    /// failed gets no more of its content.
     fn file(
         &mut self,
         id: u64,
         mut begin: Option<FileBegin>,
         chunks: impl Iterator<Item = std::io::Result<Bytes>>,
         failed: &LastFailed,
-    ) -> Result<(), Stop> {
+    ) -> Result<u64, Stop> {
         // The begin waits for the first chunk: a file that cannot be read
         // at all is then never heard of. A file read whole in its first
         // chunk is announced with the size read, whatever its metadata
@@ -1216,7 +1249,7 @@ impl Outbox {
                 }
             };
             if failed.0.load(Ordering::Relaxed) == id {
-                return Ok(());
+                return Ok(offset);
             }
             if let Some(mut begin) = begin.take() {
                 if data.len() < self.limit {
@@ -1237,7 +1270,8 @@ impl Outbox {
         if let Some(begin) = begin {
             self.push(FileBegin { size: 0, ..begin }.into(), 0)?;
         }
-        self.push(FileEnd { file_id: id }.into(), 0)
+        self.push(FileEnd { file_id: id }.into(), 0)?;
+        Ok(offset)
     }
 
     /// Adds a request of `bytes` content. The batch so far goes first if
