@@ -2709,3 +2709,45 @@ async fn large_messages_are_received_only_within_the_message_budget() {
     drop(stalled);
     until_room_held(&server, 0).await;
 }
+
+/// A Scan stream the server ends for want of room in its message budget
+/// is opened again after a pause, and its files go on the new one: none
+/// fails for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_opens_a_stream_refused_for_want_of_room_again() {
+    let server = TestServer::start(|c| c.uploads.message_budget = 32 << 20).await;
+    // Two stalled messages from the agent's address hold its whole share.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(begin_message(&server, [127, 0, 0, 1], "Scan", 16 << 20, 1 << 20).await);
+    }
+    until_room_held(&server, 32 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("large.bin"), content(5, 1 << 20)).unwrap();
+    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
+    let files = ["large.bin", "eicar.com"].map(|name| dir.path().join(name));
+    let asked = || Counters::get(&server.state.counters.content_requests);
+    // The room comes back a second after the large file's content was
+    // first asked for: its chunks were refused by then.
+    let release = async {
+        until_read("content asked for", || asked() >= 1, true).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(stalled);
+    };
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let (scanned, ()) = tokio::join!(scan_files(&agent, &files, HashFirst::Always), release);
+    let mut outcomes: Vec<_> = scanned
+        .iter()
+        .map(|(name, outcome)| (name.as_str(), outcome.verdict.kind()))
+        .collect();
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        [("eicar.com", "infected"), ("large.bin", "clean")]
+    );
+    // Once for each file, and again for the large one.
+    assert!(asked() >= 3, "the large file's content was asked for again");
+    assert_eq!(server.spooled_files(), 0);
+}

@@ -49,7 +49,7 @@ use super::{Agent, ClientError, FileSource, Files, PreparedFile};
 use crate::{
     engine::{ScanOutcome, open_regular},
     proto::{
-        FileBegin, FileCancel, FileChunk, FileEnd, FileError, FileRequest, LatestVersion,
+        FileBegin, FileCancel, FileChunk, FileEnd, FileError, FileRequest, LatestVersion, Limits,
         ScanReply, ScanRequest, file_reply,
     },
     verdict::{FailReason, Verdict},
@@ -92,6 +92,11 @@ impl Agent {
     /// prepared ones, hashed already, always by their digest. Every file
     /// gets its one outcome, a failure for each file left when the scan
     /// breaks; the scan returns once all have theirs.
+    ///
+    /// A stream the server ends for want of room (`RESOURCE_EXHAUSTED`:
+    /// its budget for messages in flight is spent) is opened again, after
+    /// a pause, for the files still without an outcome, as a file refused
+    /// for want of room is announced again: see [`Retries`].
     pub async fn scan<F>(
         &self,
         files: Files,
@@ -102,6 +107,63 @@ impl Agent {
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
         let limits = self.welcome.limits.unwrap_or_default();
+        let max_file_size = match limits.max_file_size {
+            0 => u64::MAX,
+            limit => limit,
+        };
+        let familiarity = Familiarity::new(hash_first);
+        let sources = Sources::start(files, familiarity.content_first(), max_file_size);
+        let mut scan = Scan {
+            familiarity,
+            latest: LatestVersion::default(),
+            answered: 0,
+            max_file_size,
+            on_result: Arc::new(on_result),
+        };
+        let mut left = Left {
+            files: Vec::new(),
+            rest: Some(sources),
+        };
+        let mut refusals = Refusals::default();
+        loop {
+            let Broken {
+                err,
+                opened,
+                left: unanswered,
+            } = match self.scan_stream(&limits, &mut scan, left).await {
+                Ok(()) => return Ok(()),
+                Err(broken) => broken,
+            };
+            let refused = matches!(&err, ClientError::Status(status)
+                if status.code() == Code::ResourceExhausted);
+            if refused && refusals.again(scan.answered) {
+                tracing::debug!(%err, "scan stream refused; opening another");
+                tokio::time::sleep(refusals.pause()).await;
+                left = unanswered;
+                continue;
+            }
+            // Every file gets its outcome, a failure: a full scan with no
+            // file answered is not clean.
+            let detail = match opened {
+                true => format!("the scan ended before this file was answered: {err}"),
+                false => format!("the scan stream could not be opened: {err}"),
+            };
+            unanswered.fail_all(&detail, &*scan.on_result).await;
+            return Err(err);
+        }
+    }
+
+    /// Scans the files `left` (those held first) on one stream, until each
+    /// has its outcome, or the stream breaks.
+    async fn scan_stream<F>(
+        &self,
+        limits: &Limits,
+        scan: &mut Scan<F>,
+        left: Left,
+    ) -> Result<(), Broken>
+    where
+        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+    {
         let in_flight = Window::new(limits.max_files_in_flight.clamp(1, 1024) as usize);
         let places = Arc::clone(&in_flight.places);
         let chunk_size = limits.preferred_chunk_size.clamp(4 << 10, 4 << 20) as usize;
@@ -113,23 +175,15 @@ impl Agent {
         let (requests, begins) = mpsc::channel(256);
         let (content_requests, chunks) = mpsc::channel(CONTENT_QUEUE);
         let outgoing = ReceiverStream::new(begins).merge(ReceiverStream::new(chunks));
-        let familiarity = Familiarity::new(hash_first);
-        let max_file_size = match limits.max_file_size {
-            0 => u64::MAX,
-            limit => limit,
-        };
-        let sources = Sources::start(files, familiarity.content_first(), max_file_size);
         let replies = match self.client.clone().scan(outgoing).await {
             Ok(replies) => replies.into_inner(),
-            // Every file gets its outcome, a failure, as when the stream
-            // breaks: a full scan with no file answered is not clean.
             Err(status) => {
-                let err = ClientError::from(status);
-                let detail = format!("the scan stream could not be opened: {err}");
-                sources
-                    .fail_all(|path| on_result(path, unanswered(&detail)))
-                    .await;
-                return Err(err);
+                let err = status.into();
+                return Err(Broken {
+                    err,
+                    opened: false,
+                    left,
+                });
             }
         };
         let (uploads, to_upload) = mpsc::unbounded_channel();
@@ -145,6 +199,8 @@ impl Agent {
                 chunk_size,
             )
         });
+        let max_file_size = scan.max_file_size;
+        let on_result = Arc::clone(&scan.on_result);
         let mut settle = Settle {
             pending: Arc::default(),
             uploads,
@@ -153,12 +209,8 @@ impl Agent {
                 session_id: self.welcome.session_id.clone(),
                 requests: requests.clone(),
                 waiting: VecDeque::new(),
-                answered: 0,
             },
-            latest: LatestVersion::default(),
-            familiarity,
-            max_file_size,
-            on_result: Arc::new(on_result),
+            scan,
         };
         let announcer = Announcer {
             session_id: self.welcome.session_id.clone(),
@@ -167,25 +219,29 @@ impl Agent {
             requests,
             uploads: settle.uploads.clone(),
         };
-        let on_result = Arc::clone(&settle.on_result);
         let unannounced = Unannounced::default();
         let mut producer = AbortOnDrop(tokio::spawn(announcer.run(
-            sources,
+            left,
             in_flight,
             on_result,
             Arc::clone(&unannounced),
         )));
         if let Err(err) = settle.run(replies, sent, &mut producer, &places).await {
             // Once the announcer has stopped, what it held is in
-            // `unannounced`, and nothing settles files but this. (A task
-            // that has finished was dropped already; its handle may have
-            // given its result to `run`, and must not be awaited again.)
+            // `unannounced`. (A task that has finished was dropped
+            // already; its handle may have given its result to `run`, and
+            // must not be awaited again.)
             if !producer.0.is_finished() {
                 producer.0.abort();
                 let _ = (&mut producer.0).await;
             }
-            settle.fail_unanswered(&unannounced, &err).await;
-            return Err(err);
+            let mut left = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
+            left.files.extend(settle.unanswered());
+            return Err(Broken {
+                err,
+                opened: true,
+                left,
+            });
         }
         // The content sender ends once no one can hand it more files.
         drop(settle);
@@ -194,22 +250,37 @@ impl Agent {
     }
 }
 
-/// What the reply loop needs to settle files.
-struct Settle<F> {
+/// A stream that broke: why, whether it had opened, and the files still
+/// without an outcome.
+struct Broken {
+    err: ClientError,
+    opened: bool,
+    left: Left,
+}
+
+/// What a scan keeps from one stream to the next.
+struct Scan<F> {
+    familiarity: Familiarity,
+    latest: LatestVersion,
+    /// Files answered so far (verdicts and failures), for [`Refusals`].
+    answered: u64,
+    /// The server's limit: a larger file is refused as too large.
+    max_file_size: u64,
+    on_result: Arc<F>,
+}
+
+/// What the reply loop needs to settle the files of one stream.
+struct Settle<'a, F> {
     pending: Pending,
     /// Files whose content the server asked for, to the content sender.
     uploads: mpsc::UnboundedSender<Upload>,
     failed: Arc<LastFailed>,
     /// Files refused for want of room, to be announced again.
     retries: Retries,
-    latest: LatestVersion,
-    familiarity: Familiarity,
-    /// The server's limit: a larger file is refused as too large.
-    max_file_size: u64,
-    on_result: Arc<F>,
+    scan: &'a mut Scan<F>,
 }
 
-impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
+impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
     /// Settles files as their replies come, giving their places in flight
     /// back, until the announcer is done and no file is left pending.
     async fn run(
@@ -220,12 +291,21 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         places: &Semaphore,
     ) -> Result<(), ClientError> {
         let mut produced = false;
+        // The announcer stops early only when the stream is gone, and the
+        // stream's end says why (a refusal to take up again, say).
+        let mut stopped = None;
         loop {
             if produced
                 && self.retries.waiting.is_empty()
                 && self.pending.lock().expect("pending").is_empty()
             {
-                return Ok(());
+                return match stopped {
+                    None => Ok(()),
+                    Some(err) => Err(match replies.message().await {
+                        Err(status) => status.into(),
+                        Ok(_) => err,
+                    }),
+                };
             }
             // What the content sender tells of a file is taken before the
             // server's reply to it can be: it was told before the server
@@ -238,38 +318,36 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 })?),
                 result = &mut producer.0, if !produced => {
                     produced = true;
-                    result.map_err(|e| ClientError::Protocol(e.to_string()))??;
+                    let result = result.map_err(|e| ClientError::Protocol(e.to_string()));
+                    stopped = result.and_then(|announced| announced).err();
                     continue;
                 }
                 () = self.retries.next_due(), if !self.retries.waiting.is_empty() => {
-                    self.retries.announce_due(&self.pending, &self.uploads, self.max_file_size);
+                    let max_file_size = self.scan.max_file_size;
+                    self.retries.announce_due(&self.pending, &self.uploads, max_file_size);
                     continue;
                 }
             };
             places.add_permits(over);
-            self.retries.answered += over as u64;
+            self.scan.answered += over as u64;
         }
     }
 
-    /// Fails every file still without an outcome (pending, or never
-    /// announced) after the scan broke with `err`: none is left without
-    /// one, and none is taken for clean.
-    async fn fail_unanswered(&mut self, unannounced: &Unannounced, err: &ClientError) {
-        let detail = format!("the scan ended before this file was answered: {err}");
-        let failed = || Verdict::failed(FailReason::Engine, detail.clone());
-        let mut pending: Vec<_> = self.pending.lock().expect("pending").drain().collect();
-        pending.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
-        for file in pending {
-            (self.on_result)(file.source.path(), file.failed(failed()));
-        }
-        let Left { files, rest } = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
-        for source in files {
-            (self.on_result)(source.path(), unanswered(&detail));
-        }
-        if let Some(rest) = rest {
-            rest.fail_all(|path| (self.on_result)(path, unanswered(&detail)))
-                .await;
-        }
+    /// Takes every file still without an outcome once the stream broke:
+    /// those pending, and those waiting to be announced again. A file the
+    /// agent could not read is over: it fails for that.
+    fn unanswered(&mut self) -> Vec<PendingFile> {
+        let mut files: Vec<_> = self.pending.lock().expect("pending").drain().collect();
+        files.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
+        files.retain_mut(|file| match file.unread.take() {
+            Some(err) => {
+                let outcome = failed_outcome(unreadable(&err), file.size, file.started);
+                (self.scan.on_result)(file.source.path(), outcome);
+                false
+            }
+            None => true,
+        });
+        files
     }
 
     /// Takes the replies of one message: a file asked for goes to the
@@ -287,7 +365,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 Some(file_reply::Kind::SendContent(_)) => {
                     if let Some(file) = files.get_mut(id) {
                         file.asked = true;
-                        self.familiarity.record(false);
+                        self.scan.familiarity.record(false);
                         let upload = Upload {
                             id,
                             source: file.source.clone(),
@@ -303,7 +381,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                     self.failed.0.store(id, Ordering::Relaxed);
                     // A file the agent could not read is over, whatever
                     // the server says of it.
-                    let answered = self.retries.answered;
+                    let answered = self.scan.answered;
                     let retried = error.code == Code::ResourceExhausted as i32
                         && files
                             .get_mut(id)
@@ -326,7 +404,9 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                 None => self.refused(file.size, error),
             });
             if let (Ok(verdict), false) = (&answer, file.asked) {
-                self.familiarity.record(verdict.cached || verdict.coalesced);
+                self.scan
+                    .familiarity
+                    .record(verdict.cached || verdict.coalesced);
             }
             over.push((file, answer));
         }
@@ -340,11 +420,11 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
                     elapsed,
                     file.digest,
                     &message.signatures_version,
-                    &mut self.latest,
+                    &mut self.scan.latest,
                 ),
                 Err(verdict) => file.failed(verdict),
             };
-            (self.on_result)(file.source.path(), outcome);
+            (self.scan.on_result)(file.source.path(), outcome);
         }
         count
     }
@@ -353,7 +433,8 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
     /// server refused it for its size (as `scanserver scan` says of such a
     /// file), `engine` with the server's message otherwise.
     fn refused(&self, size: u64, error: FileError) -> Verdict {
-        let too_large = error.code == Code::FailedPrecondition as i32 && size > self.max_file_size;
+        let too_large =
+            error.code == Code::FailedPrecondition as i32 && size > self.scan.max_file_size;
         let reason = if too_large {
             FailReason::TooLarge
         } else {
@@ -393,7 +474,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<F> {
         };
         drop(files);
         let outcome = failed_outcome(unreadable(&err), file.size, file.started);
-        (self.on_result)(file.source.path(), outcome);
+        (self.scan.on_result)(file.source.path(), outcome);
         1
     }
 }
@@ -416,8 +497,6 @@ struct Retries {
     /// of their due times: pauses differ with files' retries). Few: at most
     /// the files in flight.
     waiting: VecDeque<(Instant, PendingFile)>,
-    /// Files answered so far (verdicts and failures), for [`Refusals`].
-    answered: u64,
 }
 
 impl Retries {
@@ -433,8 +512,7 @@ impl Retries {
 
     /// Announces `file` again after its pause.
     fn later(&mut self, mut file: PendingFile) {
-        let pause = (Self::FIRST * (1 << file.refusals.times.min(16))).min(Self::LONGEST);
-        file.refusals.times += 1;
+        let pause = file.refusals.pause();
         file.asked = false;
         self.waiting.push_back((Instant::now() + pause, file));
     }
@@ -624,14 +702,14 @@ impl Sources {
         Sources::Local { prepared, stopped }
     }
 
-    /// How many files are left, counting the one just taken: as many as
-    /// the preparer has ready once it has taken the last file, and more
-    /// than any limit before.
+    /// How many files are still to come: as many as the preparer has
+    /// ready once it has taken the last file, and more than any limit
+    /// before.
     fn left(&self) -> usize {
         match self {
-            Sources::Local { prepared, .. } if prepared.is_closed() => prepared.len() + 1,
+            Sources::Local { prepared, .. } if prepared.is_closed() => prepared.len(),
             Sources::Local { .. } => usize::MAX,
-            Sources::Prepared(files) => files.len() + 1,
+            Sources::Prepared(files) => files.len(),
         }
     }
 
@@ -755,24 +833,48 @@ type Pending = Arc<Mutex<PendingFiles>>;
 /// they are failed, so that every file gets its one outcome.
 type Unannounced = Arc<Mutex<Left>>;
 
-/// The files the announcer had not handed on.
+/// Files without an outcome, to announce: those held (prepared already,
+/// announced on a stream that broke, say), then the rest.
 #[derive(Default)]
 struct Left {
-    /// Those it held.
-    files: Vec<FileSource>,
-    /// Those still to come.
+    files: Vec<PendingFile>,
     rest: Option<Sources>,
 }
 
-/// The files the announcer holds: those still to come, the one taken last,
-/// and those whose begins wait to go. However it stops (done, failed, or
-/// aborted at any await), what it still holds goes to `unannounced`.
+impl Left {
+    /// Fails every file for `detail`, and returns once each has its
+    /// outcome.
+    async fn fail_all(self, detail: &str, on_result: &impl Fn(&Path, ScanOutcome)) {
+        for file in self.files {
+            let verdict = Verdict::failed(FailReason::Engine, detail);
+            on_result(file.source.path(), file.failed(verdict));
+        }
+        if let Some(rest) = self.rest {
+            rest.fail_all(|path| on_result(path, unanswered(detail)))
+                .await;
+        }
+    }
+}
+
+/// The files the announcer holds: those held from an earlier stream and
+/// those still to come, the one taken last, and those whose begins wait to
+/// go. However it stops (done, failed, or aborted at any await), what it
+/// still holds goes to `unannounced`.
 struct Held {
+    again: std::vec::IntoIter<PendingFile>,
     /// `None` only once dropped.
     rest: Option<Sources>,
-    current: Option<FileSource>,
+    current: Option<PendingFile>,
     ready: Vec<(FileBegin, PendingFile)>,
     unannounced: Unannounced,
+}
+
+impl Held {
+    /// How many files are left, counting the one taken last.
+    fn left(&self) -> usize {
+        let rest = self.rest.as_ref().map_or(0, Sources::left);
+        rest.saturating_add(self.again.len() + 1)
+    }
 }
 
 impl Drop for Held {
@@ -780,7 +882,8 @@ impl Drop for Held {
         let mut left = self.unannounced.lock().expect("unannounced");
         left.files.extend(self.current.take());
         left.files
-            .extend(self.ready.drain(..).map(|(_, file)| file.source));
+            .extend(self.ready.drain(..).map(|(_, file)| file));
+        left.files.extend(self.again.by_ref());
         left.rest = self.rest.take();
     }
 }
@@ -825,10 +928,10 @@ struct PendingFile {
     refusals: Refusals,
 }
 
-/// How often the server refused a file for want of room.
+/// How often the server refused a file (or a stream) for want of room.
 #[derive(Debug, Default)]
 struct Refusals {
-    /// Times it was refused and announced again.
+    /// Times it was refused and sent again.
     times: u32,
     /// Times in a row with no file of the agent's answered in between.
     in_a_row: u32,
@@ -851,9 +954,30 @@ impl Refusals {
         self.in_a_row += 1;
         self.in_a_row <= Retries::MOST
     }
+
+    /// The pause before announcing again once more: from
+    /// [`Retries::FIRST`], doubling up to [`Retries::LONGEST`].
+    fn pause(&mut self) -> Duration {
+        let pause = (Retries::FIRST * (1 << self.times.min(16))).min(Retries::LONGEST);
+        self.times += 1;
+        pause
+    }
 }
 
 impl PendingFile {
+    /// A file about to be announced.
+    fn new(source: FileSource, Ready { size, digest }: Ready) -> Self {
+        PendingFile {
+            source,
+            size,
+            digest,
+            started: Instant::now(),
+            asked: false,
+            unread: None,
+            refusals: Refusals::default(),
+        }
+    }
+
     /// Its outcome as failed with `verdict`. A file the agent hashed keeps
     /// its digest: it was read.
     fn failed(&self, verdict: Verdict) -> ScanOutcome {
@@ -932,7 +1056,7 @@ impl Announcer {
     /// begin goes to the content sender, to go out with the content).
     async fn run<F>(
         self,
-        sources: Sources,
+        left: Left,
         mut in_flight: Window,
         on_result: Arc<F>,
         unannounced: Unannounced,
@@ -941,84 +1065,88 @@ impl Announcer {
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
         let mut held = Held {
-            rest: Some(sources),
+            again: left.files.into_iter(),
+            rest: left.rest,
             current: None,
             ready: Vec::new(),
             unannounced,
         };
-        while let Some(prepared) = self.next(&mut held).await? {
-            let file = match prepared {
-                Ok(file) => file,
-                Err(err) => {
-                    let source = held.current.take().expect("held until handed on");
-                    let outcome = failed_outcome(unreadable(&err), 0, Instant::now());
-                    on_result(source.path(), outcome);
-                    continue;
-                }
-            };
+        while self.next(&mut held, &*on_result).await? {
             if !in_flight.try_take() {
                 self.send(&mut held.ready).await?;
-                in_flight
-                    .take(held.rest.as_ref().map_or(1, Sources::left))
-                    .await;
+                in_flight.take(held.left()).await;
             }
-            let source = held.current.take().expect("held until handed on");
-            let begin = file_begin(&self.session_id, &source, file.size, file.digest);
-            let pending = PendingFile {
-                source,
-                size: file.size,
-                digest: file.digest,
-                started: Instant::now(),
-                asked: false,
-                unread: None,
-                refusals: Refusals::default(),
-            };
+            let mut file = held.current.take().expect("held until handed on");
+            file.started = Instant::now();
+            file.asked = false;
+            let begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
             if file.digest.is_some() || file.size > self.max_file_size {
-                held.ready.push((begin, pending));
+                held.ready.push((begin, file));
                 if held.ready.len() == MAX_BEGINS {
                     self.send(&mut held.ready).await?;
                 }
             } else {
-                self.upload(begin, pending);
+                self.upload(begin, file);
             }
         }
         self.send(&mut held.ready).await
     }
 
-    /// Takes the next file into `held.current`, and returns its size and
-    /// digest (or why it could not be read); `None` once every file was
-    /// taken. A local file comes from the preparer: the `ready` begins go
-    /// first if it is behind.
-    async fn next(&self, held: &mut Held) -> Result<Option<std::io::Result<Ready>>, ClientError> {
-        let prepared = match held.rest.as_mut().expect("held until dropped") {
-            Sources::Prepared(files) => {
-                let Some(file) = files.next() else {
-                    return Ok(None);
-                };
-                let ready = Ready {
-                    size: file.content.len() as u64,
-                    digest: Some(file.digest),
-                };
-                held.current = Some(FileSource::Prepared(file));
-                return Ok(Some(Ok(ready)));
-            }
-            Sources::Local { prepared, .. } => match prepared.try_recv() {
-                Ok(file) => Some(file),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    self.send(&mut held.ready).await?;
-                    prepared.recv().await
+    /// Takes the next file into `held.current`, with its size and digest;
+    /// `false` once every file was taken. A local file comes from the
+    /// preparer (the `ready` begins go first if it is behind); one it
+    /// could not read fails at once, and the next is taken.
+    async fn next(
+        &self,
+        held: &mut Held,
+        on_result: &impl Fn(&Path, ScanOutcome),
+    ) -> Result<bool, ClientError> {
+        if let Some(file) = held.again.next() {
+            held.current = Some(file);
+            return Ok(true);
+        }
+        loop {
+            let (source, ready) = match held.rest.as_mut().expect("held until dropped") {
+                Sources::Prepared(files) => {
+                    let Some(file) = files.next() else {
+                        return Ok(false);
+                    };
+                    let ready = Ready {
+                        size: file.content.len() as u64,
+                        digest: Some(file.digest),
+                    };
+                    (FileSource::Prepared(file), Some(Ok(ready)))
                 }
-            },
-        };
-        let Some(Prepared { path, ready }) = prepared else {
-            return Ok(None);
-        };
-        held.current = Some(FileSource::Path(path));
-        // Files go unread only once the scan has broken, and the announcer
-        // has stopped by then; were one taken, it would fail, not pass.
-        let not_read = || Err(std::io::Error::other("not read: the scan had broken"));
-        Ok(Some(ready.unwrap_or_else(not_read)))
+                Sources::Local { prepared, .. } => {
+                    let file = match prepared.try_recv() {
+                        Ok(file) => file,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return Ok(false),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            self.send(&mut held.ready).await?;
+                            match prepared.recv().await {
+                                Some(file) => file,
+                                None => return Ok(false),
+                            }
+                        }
+                    };
+                    (FileSource::Path(file.path), file.ready)
+                }
+            };
+            // Files go unread only once the scan has broken, and the
+            // announcer has stopped by then; were one taken, it would
+            // fail, not pass.
+            let not_read = || Err(std::io::Error::other("not read: the scan had broken"));
+            match ready.unwrap_or_else(not_read) {
+                Ok(ready) => {
+                    held.current = Some(PendingFile::new(source, ready));
+                    return Ok(true);
+                }
+                Err(err) => {
+                    let outcome = failed_outcome(unreadable(&err), 0, Instant::now());
+                    on_result(source.path(), outcome);
+                }
+            }
+        }
     }
 
     /// Sends the `ready` begins in one message, their files pending first
