@@ -298,7 +298,8 @@ async fn scan(args: ScanArgs) -> ExitCode {
     if let Err(err) = &result {
         eprintln!("error: {}", scanserver::WithCauses(err));
     }
-    // The scan has ended, and dropped every copy of the sink.
+    // The scan has ended, and dropped every copy of the sink (the walk's
+    // too: its preparer let go of it before the scan could end).
     let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
     let summary = reporter.finish();
     if let Some(kind) = kind {

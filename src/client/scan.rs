@@ -93,10 +93,11 @@ impl Agent {
     /// gets its one outcome, a failure for each file left when the scan
     /// breaks; the scan returns once all have theirs.
     ///
-    /// A stream the server ends for want of room (`RESOURCE_EXHAUSTED`:
-    /// its budget for messages in flight is spent) is opened again, after
-    /// a pause, for the files still without an outcome, as a file refused
-    /// for want of room is announced again: see [`Retries`].
+    /// A stream the server ends, or will not open, for want of room
+    /// (`RESOURCE_EXHAUSTED`: its budget for messages in flight is spent)
+    /// is opened again, after a pause, for the files still without an
+    /// outcome, as a file refused for want of room is announced again: see
+    /// [`Retries`].
     pub async fn scan<F>(
         &self,
         files: Files,
@@ -219,13 +220,17 @@ impl Agent {
             requests,
             uploads: settle.uploads.clone(),
         };
+        // The files go to the announcer held: should its task be dropped
+        // before it first runs, they are in `unannounced` all the same.
         let unannounced = Unannounced::default();
-        let mut producer = AbortOnDrop(tokio::spawn(announcer.run(
-            left,
-            in_flight,
-            on_result,
-            Arc::clone(&unannounced),
-        )));
+        let held = Held {
+            again: left.files.into_iter(),
+            rest: left.rest,
+            current: None,
+            ready: Vec::new(),
+            unannounced: Arc::clone(&unannounced),
+        };
+        let mut producer = AbortOnDrop(tokio::spawn(announcer.run(held, in_flight, on_result)));
         if let Err(err) = settle.run(replies, sent, &mut producer, &places).await {
             // Once the announcer has stopped, what it held is in
             // `unannounced`. (A task that has finished was dropped
@@ -291,20 +296,18 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         places: &Semaphore,
     ) -> Result<(), ClientError> {
         let mut produced = false;
-        // The announcer stops early only when the stream is gone, and the
-        // stream's end says why (a refusal to take up again, say).
-        let mut stopped = None;
+        // The announcer fails only when its stream is gone (the transport
+        // dropped the requests as the call ended), and the stream's end
+        // says why: a refusal to take up again, say.
+        let mut closed = false;
         loop {
             if produced
                 && self.retries.waiting.is_empty()
                 && self.pending.lock().expect("pending").is_empty()
             {
-                return match stopped {
-                    None => Ok(()),
-                    Some(err) => Err(match replies.message().await {
-                        Err(status) => status.into(),
-                        Ok(_) => err,
-                    }),
+                return match closed {
+                    false => Ok(()),
+                    true => Err(self.end_of(&mut replies).await),
                 };
             }
             // What the content sender tells of a file is taken before the
@@ -318,8 +321,11 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
                 })?),
                 result = &mut producer.0, if !produced => {
                     produced = true;
-                    let result = result.map_err(|e| ClientError::Protocol(e.to_string()));
-                    stopped = result.and_then(|announced| announced).err();
+                    match result {
+                        Ok(announced) => closed = announced.is_err(),
+                        // It panicked: no stream's end would say why.
+                        Err(err) => return Err(ClientError::Protocol(err.to_string())),
+                    }
                     continue;
                 }
                 () = self.retries.next_due(), if !self.retries.waiting.is_empty() => {
@@ -333,6 +339,20 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         }
     }
 
+    /// Why a stream whose requests were dropped ended: its status, once the
+    /// replies still on their way (late errors for chunks, say) are taken.
+    async fn end_of(&mut self, replies: &mut tonic::Streaming<ScanReply>) -> ClientError {
+        loop {
+            match replies.message().await {
+                Ok(Some(message)) => {
+                    self.answered(message);
+                }
+                Ok(None) => return ClientError::Protocol("the scan stream closed".into()),
+                Err(status) => return status.into(),
+            }
+        }
+    }
+
     /// Takes every file still without an outcome once the stream broke:
     /// those pending, and those waiting to be announced again. A file the
     /// agent could not read is over: it fails for that.
@@ -341,7 +361,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         files.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
         files.retain_mut(|file| match file.unread.take() {
             Some(err) => {
-                let outcome = failed_outcome(unreadable(&err), file.size, file.started);
+                let outcome = failed_outcome(unreadable(&err), file.size_read(), file.started);
                 (self.scan.on_result)(file.source.path(), outcome);
                 false
             }
@@ -416,7 +436,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
             let elapsed = file.started.elapsed();
             let outcome = match answer {
                 Ok(verdict) => verdict.to_outcome(
-                    file.size,
+                    file.size_read(),
                     elapsed,
                     file.digest,
                     &message.signatures_version,
@@ -450,7 +470,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
             Sent::Unread(file) => self.unread(file),
             Sent::Resized { id, size } => {
                 if let Some(file) = self.pending.lock().expect("pending").get_mut(id) {
-                    file.size = size;
+                    file.sent = Some(size);
                 }
                 0
             }
@@ -473,7 +493,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
             return 0;
         };
         drop(files);
-        let outcome = failed_outcome(unreadable(&err), file.size, file.started);
+        let outcome = failed_outcome(unreadable(&err), file.size_read(), file.started);
         (self.scan.on_result)(file.source.path(), outcome);
         1
     }
@@ -541,7 +561,8 @@ impl Retries {
             .into_iter()
             .partition::<Vec<_>, _>(|(due, _)| *due <= now);
         self.waiting = later.into();
-        for (_, file) in due {
+        for (_, mut file) in due {
+            file.started = Instant::now();
             let mut begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
             if file.digest.is_some() || file.size > max_file_size {
                 begin.file_id = files.insert(file);
@@ -858,8 +879,8 @@ impl Left {
 
 /// The files the announcer holds: those held from an earlier stream and
 /// those still to come, the one taken last, and those whose begins wait to
-/// go. However it stops (done, failed, or aborted at any await), what it
-/// still holds goes to `unannounced`.
+/// go. However it stops (done, failed, or aborted at any await, or before
+/// it first ran), what it still holds goes to `unannounced`.
 struct Held {
     again: std::vec::IntoIter<PendingFile>,
     /// `None` only once dropped.
@@ -916,7 +937,12 @@ struct PendingFiles {
 
 struct PendingFile {
     source: FileSource,
+    /// Its size as announced (0 for a file whose metadata says so, read
+    /// to its end).
     size: u64,
+    /// What the content sender sent of a file announced with 0 bytes.
+    /// Only its outcome says so: a file announced again is read anew.
+    sent: Option<u64>,
     /// The digest its begin gave, which an answer to it leaves out.
     digest: Option<blake3::Hash>,
     started: Instant,
@@ -971,6 +997,7 @@ impl PendingFile {
             source,
             size,
             digest,
+            sent: None,
             started: Instant::now(),
             asked: false,
             unread: None,
@@ -978,12 +1005,17 @@ impl PendingFile {
         }
     }
 
+    /// Its size as read: as sent, or as announced.
+    fn size_read(&self) -> u64 {
+        self.sent.unwrap_or(self.size)
+    }
+
     /// Its outcome as failed with `verdict`. A file the agent hashed keeps
     /// its digest: it was read.
     fn failed(&self, verdict: Verdict) -> ScanOutcome {
         ScanOutcome {
             digest: self.digest,
-            ..failed_outcome(verdict, self.size, self.started)
+            ..failed_outcome(verdict, self.size_read(), self.started)
         }
     }
 }
@@ -1056,21 +1088,13 @@ impl Announcer {
     /// begin goes to the content sender, to go out with the content).
     async fn run<F>(
         self,
-        left: Left,
+        mut held: Held,
         mut in_flight: Window,
         on_result: Arc<F>,
-        unannounced: Unannounced,
     ) -> Result<(), ClientError>
     where
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
     {
-        let mut held = Held {
-            again: left.files.into_iter(),
-            rest: left.rest,
-            current: None,
-            ready: Vec::new(),
-            unannounced,
-        };
         while self.next(&mut held, &*on_result).await? {
             if !in_flight.try_take() {
                 self.send(&mut held.ready).await?;
@@ -1106,7 +1130,10 @@ impl Announcer {
             return Ok(true);
         }
         loop {
-            let (source, ready) = match held.rest.as_mut().expect("held until dropped") {
+            let Some(rest) = held.rest.as_mut() else {
+                return Ok(false);
+            };
+            let (source, ready) = match rest {
                 Sources::Prepared(files) => {
                     let Some(file) = files.next() else {
                         return Ok(false);
@@ -1256,7 +1283,7 @@ enum Sent {
     Unread(Unread),
     /// It held `size` bytes where its metadata said 0 (files of /proc say
     /// so): its outcome gives the size sent, as a local scan's gives the
-    /// size read.
+    /// size read (see [`PendingFile::sent`]).
     Resized { id: u64, size: u64 },
 }
 
@@ -1492,15 +1519,11 @@ mod tests {
     }
 
     fn file(name: &str) -> PendingFile {
-        PendingFile {
-            source: FileSource::Path(name.into()),
+        let ready = Ready {
             size: 0,
             digest: None,
-            started: Instant::now(),
-            asked: false,
-            unread: None,
-            refusals: Refusals::default(),
-        }
+        };
+        PendingFile::new(FileSource::Path(name.into()), ready)
     }
 
     #[test]
