@@ -296,19 +296,12 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         places: &Semaphore,
     ) -> Result<(), ClientError> {
         let mut produced = false;
-        // The announcer fails only when its stream is gone (the transport
-        // dropped the requests as the call ended), and the stream's end
-        // says why: a refusal to take up again, say.
-        let mut closed = false;
         loop {
             if produced
                 && self.retries.waiting.is_empty()
                 && self.pending.lock().expect("pending").is_empty()
             {
-                return match closed {
-                    false => Ok(()),
-                    true => Err(self.end_of(&mut replies).await),
-                };
+                return Ok(());
             }
             // What the content sender tells of a file is taken before the
             // server's reply to it can be: it was told before the server
@@ -319,12 +312,15 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
                 message = replies.message() => self.answered(message?.ok_or_else(|| {
                     ClientError::Protocol("the server ended the stream with files unanswered".into())
                 })?),
+                // An announcer that failed found its stream gone (the
+                // transport dropped the requests as the call ended), with
+                // the begins it sent last pending, never to be answered:
+                // the stream's end, next, says why (a refusal to take up
+                // again, say). One that panicked returns at once.
                 result = &mut producer.0, if !produced => {
                     produced = true;
-                    match result {
-                        Ok(announced) => closed = announced.is_err(),
-                        // It panicked: no stream's end would say why.
-                        Err(err) => return Err(ClientError::Protocol(err.to_string())),
+                    if let Err(err) = result {
+                        return Err(ClientError::Protocol(err.to_string()));
                     }
                     continue;
                 }
@@ -336,20 +332,6 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
             };
             places.add_permits(over);
             self.scan.answered += over as u64;
-        }
-    }
-
-    /// Why a stream whose requests were dropped ended: its status, once the
-    /// replies still on their way (late errors for chunks, say) are taken.
-    async fn end_of(&mut self, replies: &mut tonic::Streaming<ScanReply>) -> ClientError {
-        loop {
-            match replies.message().await {
-                Ok(Some(message)) => {
-                    self.answered(message);
-                }
-                Ok(None) => return ClientError::Protocol("the scan stream closed".into()),
-                Err(status) => return status.into(),
-            }
         }
     }
 
@@ -421,7 +403,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
             // A file cancelled because it could not be read fails for that.
             let answer = answer.map_err(|error| match file.unread.take() {
                 Some(err) => unreadable(&err),
-                None => self.refused(file.size, error),
+                None => self.refused(file.size_read(), error),
             });
             if let (Ok(verdict), false) = (&answer, file.asked) {
                 self.scan
@@ -533,7 +515,6 @@ impl Retries {
     /// Announces `file` again after its pause.
     fn later(&mut self, mut file: PendingFile) {
         let pause = file.refusals.pause();
-        file.asked = false;
         self.waiting.push_back((Instant::now() + pause, file));
     }
 
@@ -562,7 +543,7 @@ impl Retries {
             .partition::<Vec<_>, _>(|(due, _)| *due <= now);
         self.waiting = later.into();
         for (_, mut file) in due {
-            file.started = Instant::now();
+            file.announced();
             let mut begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
             if file.digest.is_some() || file.size > max_file_size {
                 begin.file_id = files.insert(file);
@@ -937,8 +918,8 @@ struct PendingFiles {
 
 struct PendingFile {
     source: FileSource,
-    /// Its size as announced (0 for a file whose metadata says so, read
-    /// to its end).
+    /// Its size as prepared (0 for a file whose metadata says so, read to
+    /// its end), which each announcement of it gives.
     size: u64,
     /// What the content sender sent of a file announced with 0 bytes.
     /// Only its outcome says so: a file announced again is read anew.
@@ -1003,6 +984,15 @@ impl PendingFile {
             unread: None,
             refusals: Refusals::default(),
         }
+    }
+
+    /// Marks it announced (again, for a file refused or left by a stream
+    /// that broke): what was learnt of it then is forgotten, and its time
+    /// runs from now.
+    fn announced(&mut self) {
+        self.started = Instant::now();
+        self.asked = false;
+        self.sent = None;
     }
 
     /// Its size as read: as sent, or as announced.
@@ -1101,8 +1091,7 @@ impl Announcer {
                 in_flight.take(held.left()).await;
             }
             let mut file = held.current.take().expect("held until handed on");
-            file.started = Instant::now();
-            file.asked = false;
+            file.announced();
             let begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
             if file.digest.is_some() || file.size > self.max_file_size {
                 held.ready.push((begin, file));
