@@ -248,6 +248,12 @@ impl Svm {
 
     /// The status now.
     pub fn status(&self) -> SvmStatus {
+        self.status_with(self.engine.stuck_threads())
+    }
+
+    /// The status now, with `stuck` scan threads (read once by a caller
+    /// that shows the count beside the status).
+    fn status_with(&self, stuck: usize) -> SvmStatus {
         let ruleset = self.engine.ruleset();
         let certificate_left = self.certificate_expires().map(|expires| {
             expires
@@ -262,7 +268,6 @@ impl Svm {
         let saturated = lock(&self.load).saturated();
         let signatures_update_failed = lock(&self.signatures_update).is_some();
         let tls_update_failed = lock(&self.tls_update).is_some();
-        let stuck = self.engine.stuck_threads();
         let all_stuck = stuck >= self.engine.threads();
         let conditions = [
             (self.is_shutting_down(), SvmReason::ShuttingDown),
@@ -488,7 +493,8 @@ impl Svm {
     /// status`. States follow the SVM's reasons: a component is as bad as
     /// the reason it is the cause of.
     pub fn components(&self) -> Vec<Component> {
-        let status = self.status();
+        let stuck = self.engine.stuck_threads();
+        let status = self.status_with(stuck);
         let state_for = |reason: SvmReason| match status.reasons.contains(&reason) {
             true if reason.health() == Health::Critical => ComponentState::Critical,
             true => ComponentState::Warning,
@@ -497,7 +503,6 @@ impl Svm {
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
         let (delivered, failed) = self.engine.metrics().reports();
-        let stuck = self.engine.stuck_threads();
         let stuck_reason = [SvmReason::ScanThreadsStuck, SvmReason::AllScanThreadsStuck]
             .iter()
             .any(|reason| status.reasons.contains(reason));

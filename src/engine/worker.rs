@@ -114,12 +114,15 @@ impl Context<'_> {
     /// Scans a local file under its path (or the job's name): read into
     /// the worker's buffer when small, memory-mapped when large.
     pub fn scan_file(&self, path: &Path) -> ScanOutcome {
+        let opened = open_regular(path, self.limits.timeout);
+        // Timed once open: a wait for another process's lease on the file
+        // is not the scan's time (nor, below, one for mapped room).
         let started = Instant::now();
-        match open_regular(path, self.limits.timeout) {
+        match opened {
             Ok((file, 0)) => self.scan_unsized(started, &file, Some(self.name.unwrap_or(path))),
             Ok((file, size)) => {
                 let name = Some(self.name.unwrap_or(path));
-                self.scan_opened(started, &file, size, name, size <= READ_LIMIT)
+                self.scan_opened(&file, size, name, size <= READ_LIMIT)
             }
             Err(err) => {
                 let verdict = Verdict::failed(FailReason::Io, err.to_string());
@@ -144,7 +147,7 @@ impl Context<'_> {
                 "the spooled upload is {} bytes on disk, {size} were received",
                 metadata.len()
             )),
-            Ok(_) => self.scan_opened(started, file, size, self.name, false),
+            Ok(_) => self.scan_opened(file, size, self.name, false),
             Err(err) => failed(err.to_string()),
         }
     }
@@ -177,17 +180,15 @@ impl Context<'_> {
         self.outcome(started, size, judged)
     }
 
-    fn scan_opened(
-        &self,
-        started: Instant,
-        file: &File,
-        size: u64,
-        name: Option<&Path>,
-        read: bool,
-    ) -> ScanOutcome {
+    /// Scans an open file of `size` bytes: `read` into the worker's buffer,
+    /// or memory-mapped within the mapped budget (timed once it has room).
+    fn scan_opened(&self, file: &File, size: u64, name: Option<&Path>, read: bool) -> ScanOutcome {
         if size > self.limits.max_scan_size {
-            return self.outcome(started, size, Judged::failed(too_large(size, self.limits)));
+            let verdict = too_large(size, self.limits);
+            return self.outcome(Instant::now(), size, Judged::failed(verdict));
         }
+        let _share = (!read && !self.share_held).then(|| self.mapped.share_blocking(size));
+        let started = Instant::now();
         let judged = if read {
             with_worker(|worker| {
                 let mut buffer = std::mem::take(&mut worker.buffer);
@@ -201,7 +202,6 @@ impl Context<'_> {
                 judged
             })
         } else {
-            let _share = (!self.share_held).then(|| self.mapped.share_blocking(size));
             mapped::with_mapped(file, size, |data| {
                 with_worker(|worker| self.judge(worker, data, name))
             })
