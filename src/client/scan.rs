@@ -1,18 +1,20 @@
-//! [`Agent::scan`]: many files in flight on one `Scan` stream.
+//! [`Agent::scan`]: many files in flight on one `Scan` stream (one after
+//! the other, when the server refuses a stream for want of room).
 //!
 //! Four parts work together, each on its own:
 //!
-//! - the **preparer**, a thread of its own, takes local files as they
-//!   come (from a walk, say) and reads them a few ahead of their
+//! - the **preparer** (`prepare`), a thread of its own, takes local files
+//!   as they come (from a walk, say) and reads them a few ahead of their
 //!   announcement: it hashes a file to be announced by its digest, and
 //!   only looks up the size of one to be sent at once;
-//! - the **announcer** keeps the server's limit of files in flight and
-//!   sends the begins, many to a message;
-//! - the **content sender**, a thread of its own as reads block, streams
-//!   the content of each file the server asks for, or that goes out with
-//!   its begin, one file after the other;
-//! - the **reply loop** settles each file with its verdict, and learns from
-//!   the replies what the server knows ([`Familiarity`]).
+//! - the **announcer** (`announce`) keeps the server's limit of files in
+//!   flight and sends the begins, many to a message;
+//! - the **content sender** (`send`), a thread of its own as reads block,
+//!   streams the content of each file the server asks for, or that goes
+//!   out with its begin, one file after the other;
+//! - the **reply loop** (here, with what the parts share: the files
+//!   pending and the retries) settles each file with its verdict, and
+//!   learns from the replies what the server knows ([`Familiarity`]).
 //!
 //! **Hash first, while it pays.** A file announced by its digest is never
 //! sent when the server knows its content (another VM scanned it, or an
@@ -25,13 +27,16 @@
 //! still counts, so the agent goes back to digests as soon as they pay.
 //! Whichever way a file goes, the server hashes what it receives itself.
 
+mod announce;
+mod prepare;
+mod send;
+
 use std::{
     collections::VecDeque,
-    io::Read,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -45,12 +50,17 @@ use tokio::{
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::Code;
 
-use super::{Agent, ClientError, FileSource, Files, PreparedFile};
+use self::{
+    announce::{Announcer, Held, Left, Unannounced, Window},
+    prepare::{Ready, Sources},
+    send::{LastFailed, Sent, Unread, Upload, send_content},
+};
+use super::{Agent, ClientError, FileSource, Files};
 use crate::{
-    engine::{ScanOutcome, open_regular},
+    engine::ScanOutcome,
     proto::{
-        FileBegin, FileCancel, FileChunk, FileEnd, FileError, FileRequest, LatestVersion, Limits,
-        ScanReply, ScanRequest, file_reply,
+        FileBegin, FileError, FileRequest, LatestVersion, Limits, ScanReply, ScanRequest,
+        file_reply,
     },
     verdict::{FailReason, Verdict},
 };
@@ -58,17 +68,6 @@ use crate::{
 /// Chunks read ahead of the stream: enough to keep it busy, few enough
 /// that the client's memory stays small (8 chunks of the preferred size).
 const CONTENT_QUEUE: usize = 8;
-
-/// The most begins sent in one message. Begins ready together (files
-/// prepared beforehand, a server quick to answer) go out together: fewer
-/// messages mean fewer wake-ups and socket writes on both sides.
-const MAX_BEGINS: usize = 256;
-
-/// Local files the preparer may have ready ahead of the announcer (and
-/// one more, waiting for room). Few: a file is prepared for the way of
-/// announcing it chosen when it is prepared, and the choice may change
-/// meanwhile.
-const PREPARED_AHEAD: usize = 16;
 
 /// How the agent announces files it has not hashed beforehand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -95,9 +94,10 @@ impl Agent {
     ///
     /// A stream the server ends, or will not open, for want of room
     /// (`RESOURCE_EXHAUSTED`: its budget for messages in flight is spent)
-    /// is opened again, after a pause, for the files still without an
-    /// outcome, as a file refused for want of room is announced again: see
-    /// [`Retries`].
+    /// is opened again for the files still without an outcome, after the
+    /// pauses a file refused for want of room waits (100 ms, doubling up
+    /// to 2 s; the scan fails after 20 refusals in a row with no file
+    /// answered).
     pub async fn scan<F>(
         &self,
         files: Files,
@@ -223,13 +223,7 @@ impl Agent {
         // The files go to the announcer held: should its task be dropped
         // before it first runs, they are in `unannounced` all the same.
         let unannounced = Unannounced::default();
-        let held = Held {
-            again: left.files.into_iter(),
-            rest: left.rest,
-            current: None,
-            ready: Vec::new(),
-            unannounced: Arc::clone(&unannounced),
-        };
+        let held = Held::new(left, Arc::clone(&unannounced));
         let mut producer = AbortOnDrop(tokio::spawn(announcer.run(held, in_flight, on_result)));
         if let Err(err) = settle.run(replies, sent, &mut producer, &places).await {
             // Once the announcer has stopped, what it held is in
@@ -664,160 +658,6 @@ impl Familiarity {
     }
 }
 
-/// A local file ready to be announced: its size, and its digest when it
-/// is announced by digest.
-struct Ready {
-    size: u64,
-    digest: Option<blake3::Hash>,
-}
-
-/// The files still to announce, in order.
-enum Sources {
-    /// Local files, from the preparer.
-    Local {
-        prepared: mpsc::Receiver<Prepared>,
-        /// Set once the scan has broken: the preparer hands on the files
-        /// left without reading them, to be failed.
-        stopped: Arc<AtomicBool>,
-    },
-    /// Files read and hashed beforehand, at hand.
-    Prepared(std::vec::IntoIter<Arc<PreparedFile>>),
-}
-
-impl Sources {
-    /// Starts preparing local files (see [`Preparer`]).
-    fn start(files: Files, content_first: Arc<AtomicBool>, max_file_size: u64) -> Sources {
-        let paths = match files {
-            Files::Prepared(files) => return Sources::Prepared(files.into_iter()),
-            Files::Local(paths) => paths,
-        };
-        let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
-        let stopped = Arc::new(AtomicBool::new(false));
-        let preparer = Preparer {
-            paths,
-            content_first,
-            stopped: Arc::clone(&stopped),
-            max_file_size,
-            ready,
-        };
-        tokio::task::spawn_blocking(move || preparer.run());
-        Sources::Local { prepared, stopped }
-    }
-
-    /// How many files are still to come: as many as the preparer has
-    /// ready once it has taken the last file, and more than any limit
-    /// before.
-    fn left(&self) -> usize {
-        match self {
-            Sources::Local { prepared, .. } if prepared.is_closed() => prepared.len(),
-            Sources::Local { .. } => usize::MAX,
-            Sources::Prepared(files) => files.len(),
-        }
-    }
-
-    /// Hands every file left to `fail`, in order, without reading them
-    /// (those already read too), and returns once the preparer has let go
-    /// of its files.
-    async fn fail_all(self, fail: impl Fn(&Path)) {
-        match self {
-            Sources::Local {
-                mut prepared,
-                stopped,
-            } => {
-                stopped.store(true, Ordering::Relaxed);
-                while let Some(file) = prepared.recv().await {
-                    fail(&file.path);
-                }
-            }
-            Sources::Prepared(files) => files.for_each(|file| fail(&file.path)),
-        }
-    }
-}
-
-/// A local file as the preparer hands it on.
-struct Prepared {
-    path: PathBuf,
-    /// Its size and digest, or why it could not be read; `None` for a file
-    /// left unread because the scan had broken.
-    ready: Option<std::io::Result<Ready>>,
-}
-
-/// Prepares local files, in order, on a thread of its own, a few
-/// ([`PREPARED_AHEAD`]) ahead of the announcer: one thread hashing file
-/// after file, rather than a task handed to a thread for each file. It
-/// takes the files as it goes, so that a walk of a large tree goes on
-/// while the first files are scanned, and is never held whole.
-struct Preparer {
-    paths: Box<dyn Iterator<Item = PathBuf> + Send>,
-    /// Whether the next file goes with its content (only its size is
-    /// needed) or by its digest; see [`Familiarity`].
-    content_first: Arc<AtomicBool>,
-    /// Whether the scan has broken: see [`Sources::fail_all`].
-    stopped: Arc<AtomicBool>,
-    /// The server's limit: a larger file is not hashed, only announced,
-    /// to be refused (reading a disk image in full for nothing could take
-    /// longer than the server waits for the stream).
-    max_file_size: u64,
-    ready: mpsc::Sender<Prepared>,
-}
-
-impl Preparer {
-    /// Prepares each file until none is left, or no one takes them. The
-    /// files (and whatever the walk holds) are let go before the channel
-    /// closes: whoever sees it closed holds the last of them.
-    fn run(self) {
-        let Preparer {
-            paths,
-            content_first,
-            stopped,
-            max_file_size,
-            ready,
-        } = self;
-        for path in paths {
-            let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
-                if content_first.load(Ordering::Relaxed) {
-                    std::fs::metadata(&path).map(|metadata| Ready {
-                        size: metadata.len(),
-                        digest: None,
-                    })
-                } else {
-                    hash_file(&path, max_file_size)
-                }
-            });
-            let file = Prepared {
-                path,
-                ready: prepared,
-            };
-            if ready.blocking_send(file).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// How long a file under another process's lease is waited for (see
-/// [`open_regular`]), as the local scan waits with its default timeout.
-const LEASE_WAIT: Duration = Duration::from_secs(10);
-
-/// A file's size and blake3 digest; only its size when it is over
-/// `max_file_size`. What is hashed is what will be sent: the size the file
-/// has when opened (one that grows meanwhile is sent as it was), or, for
-/// a file that says it holds 0 bytes (as those of /proc do), what it holds,
-/// up to one byte over the limit.
-fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
-    let (file, size) = open_regular(path, LEASE_WAIT)?;
-    if size > max_file_size {
-        return Ok(Ready { size, digest: None });
-    }
-    let limit = if size == 0 { max_file_size + 1 } else { size };
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(file.take(limit))?;
-    Ok(Ready {
-        size: hasher.count(),
-        digest: Some(hasher.finalize()),
-    })
-}
-
 /// A task that stops when its handle goes: a scan that ends early (the
 /// server broke the stream) must not leave its announcer waiting forever.
 struct AbortOnDrop<T>(JoinHandle<T>);
@@ -829,79 +669,6 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 type Pending = Arc<Mutex<PendingFiles>>;
-
-/// Where the announcer leaves the files it had not handed on (to the
-/// server, or to `on_result`) when it stops early: with the pending ones,
-/// they are failed, so that every file gets its one outcome.
-type Unannounced = Arc<Mutex<Left>>;
-
-/// Files without an outcome, to announce: those held (prepared already,
-/// announced on a stream that broke, say), then the rest.
-#[derive(Default)]
-struct Left {
-    files: Vec<PendingFile>,
-    rest: Option<Sources>,
-}
-
-impl Left {
-    /// Fails every file for `detail`, and returns once each has its
-    /// outcome.
-    async fn fail_all(self, detail: &str, on_result: &impl Fn(&Path, ScanOutcome)) {
-        for file in self.files {
-            let verdict = Verdict::failed(FailReason::Engine, detail);
-            on_result(file.source.path(), file.failed(verdict));
-        }
-        if let Some(rest) = self.rest {
-            rest.fail_all(|path| on_result(path, unanswered(detail)))
-                .await;
-        }
-    }
-}
-
-/// The files the announcer holds: those held from an earlier stream and
-/// those still to come, the one taken last, and those whose begins wait to
-/// go. However it stops (done, failed, or aborted at any await, or before
-/// it first ran), what it still holds goes to `unannounced`.
-struct Held {
-    again: std::vec::IntoIter<PendingFile>,
-    /// `None` only once dropped.
-    rest: Option<Sources>,
-    current: Option<PendingFile>,
-    ready: Vec<(FileBegin, PendingFile)>,
-    unannounced: Unannounced,
-}
-
-impl Held {
-    /// How many files are left, counting the one taken last.
-    fn left(&self) -> usize {
-        let rest = self.rest.as_ref().map_or(0, Sources::left);
-        rest.saturating_add(self.again.len() + 1)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut left = self.unannounced.lock().expect("unannounced");
-        left.files.extend(self.current.take());
-        left.files
-            .extend(self.ready.drain(..).map(|(_, file)| file));
-        left.files.extend(self.again.by_ref());
-        left.rest = self.rest.take();
-    }
-}
-
-/// The id of the file the server failed last. Content goes out one file
-/// after the other, so the sender checks the file it is sending against
-/// this alone, with no lock per chunk: a file the server has just failed
-/// (it grew, say) gets no more of its content. (Once another file's error
-/// comes in, the rest of the file goes out, and the server drops it.)
-struct LastFailed(AtomicU64);
-
-impl Default for LastFailed {
-    fn default() -> Self {
-        LastFailed(AtomicU64::new(u64::MAX))
-    }
-}
 
 /// Files announced and not yet answered. A file's id is made of its place
 /// here (the low 32 bits: a file is found by indexing, not hashing) and
@@ -1059,453 +826,9 @@ impl PendingFiles {
     }
 }
 
-/// Announces files, keeping at most the server's limit in flight.
-struct Announcer {
-    session_id: String,
-    /// The server's limit: a larger file is announced without its content,
-    /// to be refused.
-    max_file_size: u64,
-    pending: Pending,
-    requests: mpsc::Sender<ScanRequest>,
-    /// Files that go with their content, to the content sender.
-    uploads: mpsc::UnboundedSender<Upload>,
-}
-
-impl Announcer {
-    /// Announces each file: by digest (its begin goes out with others in
-    /// one message, as soon as the announcer would otherwise wait, for a
-    /// place in flight or for the preparer), or with its content (its
-    /// begin goes to the content sender, to go out with the content).
-    async fn run<F>(
-        self,
-        mut held: Held,
-        mut in_flight: Window,
-        on_result: Arc<F>,
-    ) -> Result<(), ClientError>
-    where
-        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
-    {
-        while self.next(&mut held, &*on_result).await? {
-            if !in_flight.try_take() {
-                self.send(&mut held.ready).await?;
-                in_flight.take(held.left()).await;
-            }
-            let mut file = held.current.take().expect("held until handed on");
-            file.announced();
-            let begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
-            if file.digest.is_some() || file.size > self.max_file_size {
-                held.ready.push((begin, file));
-                if held.ready.len() == MAX_BEGINS {
-                    self.send(&mut held.ready).await?;
-                }
-            } else {
-                self.upload(begin, file);
-            }
-        }
-        self.send(&mut held.ready).await
-    }
-
-    /// Takes the next file into `held.current`, with its size and digest;
-    /// `false` once every file was taken. A local file comes from the
-    /// preparer (the `ready` begins go first if it is behind); one it
-    /// could not read fails at once, and the next is taken.
-    async fn next(
-        &self,
-        held: &mut Held,
-        on_result: &impl Fn(&Path, ScanOutcome),
-    ) -> Result<bool, ClientError> {
-        if let Some(file) = held.again.next() {
-            held.current = Some(file);
-            return Ok(true);
-        }
-        loop {
-            let Some(rest) = held.rest.as_mut() else {
-                return Ok(false);
-            };
-            let (source, ready) = match rest {
-                Sources::Prepared(files) => {
-                    let Some(file) = files.next() else {
-                        return Ok(false);
-                    };
-                    let ready = Ready {
-                        size: file.content.len() as u64,
-                        digest: Some(file.digest),
-                    };
-                    (FileSource::Prepared(file), Some(Ok(ready)))
-                }
-                Sources::Local { prepared, .. } => {
-                    let file = match prepared.try_recv() {
-                        Ok(file) => file,
-                        Err(mpsc::error::TryRecvError::Disconnected) => return Ok(false),
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            self.send(&mut held.ready).await?;
-                            match prepared.recv().await {
-                                Some(file) => file,
-                                None => return Ok(false),
-                            }
-                        }
-                    };
-                    (FileSource::Path(file.path), file.ready)
-                }
-            };
-            // Files go unread only once the scan has broken, and the
-            // announcer has stopped by then; were one taken, it would
-            // fail, not pass.
-            let not_read = || Err(std::io::Error::other("not read: the scan had broken"));
-            match ready.unwrap_or_else(not_read) {
-                Ok(ready) => {
-                    held.current = Some(PendingFile::new(source, ready));
-                    return Ok(true);
-                }
-                Err(err) => {
-                    let outcome = failed_outcome(unreadable(&err), 0, Instant::now());
-                    on_result(source.path(), outcome);
-                }
-            }
-        }
-    }
-
-    /// Sends the `ready` begins in one message, their files pending first
-    /// (the answers may come at once), each begin with its file's id.
-    async fn send(&self, ready: &mut Vec<(FileBegin, PendingFile)>) -> Result<(), ClientError> {
-        if ready.is_empty() {
-            return Ok(());
-        }
-        let message = {
-            let mut pending = self.pending.lock().expect("pending");
-            let begins = ready.drain(..).map(|(mut begin, file)| {
-                begin.file_id = pending.insert(file);
-                FileRequest::from(begin)
-            });
-            ScanRequest {
-                requests: begins.collect(),
-            }
-        };
-        self.requests
-            .send(message)
-            .await
-            .map_err(|_| ClientError::Protocol("the scan stream closed".into()))
-    }
-
-    /// Hands a file that goes with its content to the content sender.
-    fn upload(&self, begin: FileBegin, file: PendingFile) {
-        let upload = self
-            .pending
-            .lock()
-            .expect("pending")
-            .insert_upload(begin, file);
-        let _ = self.uploads.send(upload);
-    }
-}
-
-/// The server's limit of files in flight, as places. The announcer takes
-/// a place for each file it announces; the scan gives places back as
-/// files are answered, for a whole reply message at once. Once all are
-/// taken, they are taken back a group at a time (three quarters of the
-/// limit): for files hashed beforehand (`lightagent bench`), verdicts
-/// coming in a few at a time then make one message of begins per group,
-/// not one per reply. Each message costs a socket write and a wake-up on
-/// both ends, which a storm of many agents multiplies: with a quarter of
-/// the limit, a 50-agent storm wrote a quarter more messages. (Begins
-/// ready also go when the announcer waits for the preparer.)
-struct Window {
-    places: Arc<Semaphore>,
-    group: usize,
-    /// Places taken and not used yet.
-    spare: usize,
-}
-
-impl Window {
-    fn new(limit: usize) -> Self {
-        Window {
-            places: Arc::new(Semaphore::new(limit)),
-            group: (limit * 3 / 4).max(1),
-            spare: 0,
-        }
-    }
-
-    /// Takes a place, if one is free now.
-    fn try_take(&mut self) -> bool {
-        if self.spare == 0 {
-            let Ok(place) = self.places.try_acquire() else {
-                return false;
-            };
-            place.forget();
-            self.spare = 1;
-        }
-        self.spare -= 1;
-        true
-    }
-
-    /// Takes a place, once a group of them is free (fewer when fewer than
-    /// a group of files are left to announce).
-    async fn take(&mut self, files_left: usize) {
-        let group = self.group.min(files_left).max(1);
-        let places = self.places.acquire_many(group as u32).await;
-        places.expect("never closed").forget();
-        self.spare += group - 1;
-    }
-}
-
-/// A file whose content is to be sent: one the server asked for, or one
-/// that goes with its begin.
-struct Upload {
-    id: u64,
-    source: FileSource,
-    /// Its size as announced.
-    size: u64,
-    begin: Option<FileBegin>,
-}
-
-/// Why the content sender stopped sending a file.
-enum Stop {
-    /// The file could not be read.
-    Unread(Unread),
-    /// The stream is gone.
-    Closed,
-}
-
-/// What the content sender tells the reply loop of a file, before the
-/// server can reply to it.
-enum Sent {
-    /// It could not be read.
-    Unread(Unread),
-    /// It held `size` bytes where its metadata said 0 (files of /proc say
-    /// so): its outcome gives the size sent, as a local scan's gives the
-    /// size read (see [`PendingFile::sent`]).
-    Resized { id: u64, size: u64 },
-}
-
-/// A file the content sender could not read.
-struct Unread {
-    id: u64,
-    err: std::io::Error,
-    /// The server knew of the file, and was told to cancel it.
-    cancelled: bool,
-}
-
-/// Streams the content of each file to upload, in chunks, then its end;
-/// on a thread of its own, as reading files blocks. A file that cannot be
-/// read, or held more than its metadata said, is `told` of before its
-/// cancel or end goes out.
-fn send_content(
-    mut uploads: mpsc::UnboundedReceiver<Upload>,
-    requests: mpsc::Sender<ScanRequest>,
-    told: mpsc::UnboundedSender<Sent>,
-    failed: &LastFailed,
-    chunk_size: usize,
-) {
-    let mut outbox = Outbox {
-        requests,
-        batch: Vec::new(),
-        bytes: 0,
-        limit: chunk_size,
-    };
-    while let Some(Upload {
-        id,
-        source,
-        size,
-        begin,
-    }) = uploads.blocking_recv()
-    {
-        let sent = match &source {
-            FileSource::Prepared(file) => {
-                let content = &file.content;
-                let chunks = (0..content.len())
-                    .step_by(chunk_size)
-                    .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
-                outbox.file(id, begin, chunks, failed)
-            }
-            FileSource::Path(path) => match open_regular(path, LEASE_WAIT) {
-                Ok((file, _)) => {
-                    let chunks = FileChunks {
-                        file,
-                        chunk_size,
-                        left: (size > 0).then_some(size),
-                    };
-                    outbox.file(id, begin, chunks, failed)
-                }
-                Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), failed),
-            },
-        };
-        // Files waiting to go join this one's last message; with nothing
-        // waiting, it goes now. A cancel goes at once: the server counts
-        // the file in flight until it takes it.
-        let flush = match sent {
-            Ok(sent) => {
-                if size == 0 && sent > 0 {
-                    let _ = told.send(Sent::Resized { id, size: sent });
-                }
-                uploads.is_empty()
-            }
-            Err(Stop::Unread(file)) => {
-                let flush = file.cancelled || uploads.is_empty();
-                let _ = told.send(Sent::Unread(file));
-                flush
-            }
-            Err(Stop::Closed) => return,
-        };
-        if flush && outbox.flush().is_err() {
-            return;
-        }
-    }
-}
-
-/// The content sender's next message. Small files (or the ends of large
-/// ones) that go one after the other share a message, up to a chunk's
-/// size: a message of its own for each would cost both ends a wake-up and
-/// a socket operation per file.
-struct Outbox {
-    requests: mpsc::Sender<ScanRequest>,
-    batch: Vec<FileRequest>,
-    /// Content bytes in `batch`.
-    bytes: usize,
-    limit: usize,
-}
-
-impl Outbox {
-    /// Adds a file's chunks, then its end (which goes out with the next
-    /// flush, not before); and its `begin` first, if it goes with the
-    /// content. Returns the bytes sent. A file that cannot be read is
-    /// cancelled, if the server knows of it. A file the server has already
-    /// failed gets no more of its content.
-    fn file(
-        &mut self,
-        id: u64,
-        mut begin: Option<FileBegin>,
-        chunks: impl Iterator<Item = std::io::Result<Bytes>>,
-        failed: &LastFailed,
-    ) -> Result<u64, Stop> {
-        // The begin waits for the first chunk: a file that cannot be read
-        // at all is then never heard of. A file read whole in its first
-        // chunk is announced with the size read, whatever its metadata
-        // said (files of /proc report 0 bytes).
-        let mut offset = 0u64;
-        for data in chunks {
-            let data = match data {
-                Ok(data) => data,
-                Err(err) => {
-                    let cancelled = begin.is_none();
-                    if cancelled {
-                        self.push(FileCancel { file_id: id }.into(), 0)?;
-                    }
-                    return Err(Stop::Unread(Unread { id, err, cancelled }));
-                }
-            };
-            if failed.0.load(Ordering::Relaxed) == id {
-                return Ok(offset);
-            }
-            if let Some(mut begin) = begin.take() {
-                if data.len() < self.limit {
-                    begin.size = data.len() as u64;
-                }
-                self.push(begin.into(), 0)?;
-            }
-            let length = data.len();
-            let chunk = FileChunk {
-                file_id: id,
-                offset,
-                data,
-                path: String::new(),
-            };
-            offset += length as u64;
-            self.push(chunk.into(), length)?;
-        }
-        if let Some(begin) = begin {
-            self.push(FileBegin { size: 0, ..begin }.into(), 0)?;
-        }
-        self.push(FileEnd { file_id: id }.into(), 0)?;
-        Ok(offset)
-    }
-
-    /// Adds a request of `bytes` content. The batch so far goes first if
-    /// the request would take it over the limit: a chunk that fills a
-    /// message waits for the next request, which may be its file's end.
-    fn push(&mut self, request: FileRequest, bytes: usize) -> Result<(), Stop> {
-        if self.bytes + bytes > self.limit {
-            self.flush()?;
-        }
-        self.batch.push(request);
-        self.bytes += bytes;
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), Stop> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.bytes = 0;
-        let message = ScanRequest {
-            requests: std::mem::take(&mut self.batch),
-        };
-        self.requests
-            .blocking_send(message)
-            .map_err(|_| Stop::Closed)
-    }
-}
-
-/// A file read in chunks, each in a buffer of its own, which the stream
-/// frees once it has sent it. A read fills the buffer's spare capacity
-/// directly: nothing is zeroed first. The file's announced size is read,
-/// no more (one that grew is sent as it was announced, and hashed); a
-/// file announced empty (one of /proc, which says so whatever it holds)
-/// is read to its end, which the server cuts short if it is too large.
-struct FileChunks {
-    file: std::fs::File,
-    chunk_size: usize,
-    /// What is left of the announced size; `None` for a file announced
-    /// empty.
-    left: Option<u64>,
-}
-
-impl Iterator for FileChunks {
-    type Item = std::io::Result<Bytes>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let limit = (self.chunk_size as u64).min(self.left.unwrap_or(u64::MAX));
-        let mut chunk = Vec::with_capacity(limit as usize);
-        match (&mut self.file).take(limit).read_to_end(&mut chunk) {
-            Ok(0) => None,
-            Ok(read) => {
-                if let Some(left) = &mut self.left {
-                    *left -= read as u64;
-                }
-                Some(Ok(Bytes::from(chunk)))
-            }
-            Err(err) => Some(Err(err)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A file is read up to its announced size, however much it holds
-    /// now; one announced empty, to its end.
-    #[test]
-    fn a_file_is_read_up_to_its_announced_size() {
-        let mut file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut file, &[7; 10]).unwrap();
-        let read = |left| {
-            use std::io::Seek;
-            let mut file = file.try_clone().unwrap();
-            file.rewind().unwrap();
-            let chunks = FileChunks {
-                file,
-                chunk_size: 4,
-                left,
-            };
-            chunks.map(|c| c.unwrap().len()).collect::<Vec<_>>()
-        };
-        assert_eq!(read(Some(6)), [4, 2], "grown since announced");
-        assert_eq!(read(None), [4, 4, 2], "announced empty");
-        assert_eq!(
-            read(Some(12)),
-            [4, 4, 2],
-            "shrunk: the server finds it short"
-        );
-    }
 
     fn file(name: &str) -> PendingFile {
         let ready = Ready {

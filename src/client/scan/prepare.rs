@@ -1,0 +1,183 @@
+//! The preparer: local files taken as they come (from a walk, say) and
+//! read a few ahead of their announcement, on a thread of its own.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    client::{Files, PreparedFile},
+    engine::open_regular,
+};
+
+/// Local files the preparer may have ready ahead of the announcer (and
+/// one more, waiting for room). Few: a file is prepared for the way of
+/// announcing it chosen when it is prepared, and the choice may change
+/// meanwhile.
+const PREPARED_AHEAD: usize = 16;
+
+/// A local file ready to be announced: its size, and its digest when it
+/// is announced by digest.
+pub(super) struct Ready {
+    pub(super) size: u64,
+    pub(super) digest: Option<blake3::Hash>,
+}
+
+/// The files still to announce, in order.
+pub(super) enum Sources {
+    /// Local files, from the preparer.
+    Local {
+        prepared: mpsc::Receiver<Prepared>,
+        /// Set once the scan has broken: the preparer hands on the files
+        /// left without reading them, to be failed.
+        stopped: Arc<AtomicBool>,
+    },
+    /// Files read and hashed beforehand, at hand.
+    Prepared(std::vec::IntoIter<Arc<PreparedFile>>),
+}
+
+impl Sources {
+    /// Starts preparing local files (see [`Preparer`]).
+    pub(super) fn start(
+        files: Files,
+        content_first: Arc<AtomicBool>,
+        max_file_size: u64,
+    ) -> Sources {
+        let paths = match files {
+            Files::Prepared(files) => return Sources::Prepared(files.into_iter()),
+            Files::Local(paths) => paths,
+        };
+        let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let preparer = Preparer {
+            paths,
+            content_first,
+            stopped: Arc::clone(&stopped),
+            max_file_size,
+            ready,
+        };
+        tokio::task::spawn_blocking(move || preparer.run());
+        Sources::Local { prepared, stopped }
+    }
+
+    /// How many files are still to come: as many as the preparer has
+    /// ready once it has taken the last file, and more than any limit
+    /// before.
+    pub(super) fn left(&self) -> usize {
+        match self {
+            Sources::Local { prepared, .. } if prepared.is_closed() => prepared.len(),
+            Sources::Local { .. } => usize::MAX,
+            Sources::Prepared(files) => files.len(),
+        }
+    }
+
+    /// Hands every file left to `fail`, in order, without reading them
+    /// (those already read too), and returns once the preparer has let go
+    /// of its files.
+    pub(super) async fn fail_all(self, fail: impl Fn(&Path)) {
+        match self {
+            Sources::Local {
+                mut prepared,
+                stopped,
+            } => {
+                stopped.store(true, Ordering::Relaxed);
+                while let Some(file) = prepared.recv().await {
+                    fail(&file.path);
+                }
+            }
+            Sources::Prepared(files) => files.for_each(|file| fail(&file.path)),
+        }
+    }
+}
+
+/// A local file as the preparer hands it on.
+pub(super) struct Prepared {
+    pub(super) path: PathBuf,
+    /// Its size and digest, or why it could not be read; `None` for a file
+    /// left unread because the scan had broken.
+    pub(super) ready: Option<std::io::Result<Ready>>,
+}
+
+/// Prepares local files, in order, on a thread of its own, a few
+/// ([`PREPARED_AHEAD`]) ahead of the announcer: one thread hashing file
+/// after file, rather than a task handed to a thread for each file. It
+/// takes the files as it goes, so that a walk of a large tree goes on
+/// while the first files are scanned, and is never held whole.
+struct Preparer {
+    paths: Box<dyn Iterator<Item = PathBuf> + Send>,
+    /// Whether the next file goes with its content (only its size is
+    /// needed) or by its digest; see [`Familiarity`].
+    content_first: Arc<AtomicBool>,
+    /// Whether the scan has broken: see [`Sources::fail_all`].
+    stopped: Arc<AtomicBool>,
+    /// The server's limit: a larger file is not hashed, only announced,
+    /// to be refused (reading a disk image in full for nothing could take
+    /// longer than the server waits for the stream).
+    max_file_size: u64,
+    ready: mpsc::Sender<Prepared>,
+}
+
+impl Preparer {
+    /// Prepares each file until none is left, or no one takes them. The
+    /// files (and whatever the walk holds) are let go before the channel
+    /// closes: whoever sees it closed holds the last of them.
+    fn run(self) {
+        let Preparer {
+            paths,
+            content_first,
+            stopped,
+            max_file_size,
+            ready,
+        } = self;
+        for path in paths {
+            let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
+                if content_first.load(Ordering::Relaxed) {
+                    std::fs::metadata(&path).map(|metadata| Ready {
+                        size: metadata.len(),
+                        digest: None,
+                    })
+                } else {
+                    hash_file(&path, max_file_size)
+                }
+            });
+            let file = Prepared {
+                path,
+                ready: prepared,
+            };
+            if ready.blocking_send(file).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// How long a file under another process's lease is waited for (see
+/// [`open_regular`]), as the local scan waits with its default timeout.
+pub(super) const LEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// A file's size and blake3 digest; only its size when it is over
+/// `max_file_size`. What is hashed is what will be sent: the size the file
+/// has when opened (one that grows meanwhile is sent as it was), or, for
+/// a file that says it holds 0 bytes (as those of /proc do), what it holds,
+/// up to one byte over the limit.
+fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
+    let (file, size) = open_regular(path, LEASE_WAIT)?;
+    if size > max_file_size {
+        return Ok(Ready { size, digest: None });
+    }
+    let limit = if size == 0 { max_file_size + 1 } else { size };
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(file.take(limit))?;
+    Ok(Ready {
+        size: hasher.count(),
+        digest: Some(hasher.finalize()),
+    })
+}

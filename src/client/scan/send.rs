@@ -1,0 +1,291 @@
+//! The content sender: the content of each file to upload, in chunks, one
+//! file after the other, on a thread of its own as reads block.
+
+use std::{
+    io::Read,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::prepare::LEASE_WAIT;
+use crate::{
+    client::FileSource,
+    engine::open_regular,
+    proto::{FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, ScanRequest},
+};
+
+/// The id of the file the server failed last. Content goes out one file
+/// after the other, so the sender checks the file it is sending against
+/// this alone, with no lock per chunk: a file the server has just failed
+/// (it grew, say) gets no more of its content. (Once another file's error
+/// comes in, the rest of the file goes out, and the server drops it.)
+pub(super) struct LastFailed(pub(super) AtomicU64);
+
+impl Default for LastFailed {
+    fn default() -> Self {
+        LastFailed(AtomicU64::new(u64::MAX))
+    }
+}
+
+/// A file whose content is to be sent: one the server asked for, or one
+/// that goes with its begin.
+pub(super) struct Upload {
+    pub(super) id: u64,
+    pub(super) source: FileSource,
+    /// Its size as announced.
+    pub(super) size: u64,
+    pub(super) begin: Option<FileBegin>,
+}
+
+/// Why the content sender stopped sending a file.
+enum Stop {
+    /// The file could not be read.
+    Unread(Unread),
+    /// The stream is gone.
+    Closed,
+}
+
+/// What the content sender tells the reply loop of a file, before the
+/// server can reply to it.
+pub(super) enum Sent {
+    /// It could not be read.
+    Unread(Unread),
+    /// It held `size` bytes where its metadata said 0 (files of /proc say
+    /// so): its outcome gives the size sent, as a local scan's gives the
+    /// size read (see [`PendingFile::sent`]).
+    Resized { id: u64, size: u64 },
+}
+
+/// A file the content sender could not read.
+pub(super) struct Unread {
+    pub(super) id: u64,
+    pub(super) err: std::io::Error,
+    /// The server knew of the file, and was told to cancel it.
+    pub(super) cancelled: bool,
+}
+
+/// Streams the content of each file to upload, in chunks, then its end;
+/// on a thread of its own, as reading files blocks. A file that cannot be
+/// read, or held more than its metadata said, is `told` of before its
+/// cancel or end goes out.
+pub(super) fn send_content(
+    mut uploads: mpsc::UnboundedReceiver<Upload>,
+    requests: mpsc::Sender<ScanRequest>,
+    told: mpsc::UnboundedSender<Sent>,
+    failed: &LastFailed,
+    chunk_size: usize,
+) {
+    let mut outbox = Outbox {
+        requests,
+        batch: Vec::new(),
+        bytes: 0,
+        limit: chunk_size,
+    };
+    while let Some(Upload {
+        id,
+        source,
+        size,
+        begin,
+    }) = uploads.blocking_recv()
+    {
+        let sent = match &source {
+            FileSource::Prepared(file) => {
+                let content = &file.content;
+                let chunks = (0..content.len())
+                    .step_by(chunk_size)
+                    .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
+                outbox.file(id, begin, chunks, failed)
+            }
+            FileSource::Path(path) => match open_regular(path, LEASE_WAIT) {
+                Ok((file, _)) => {
+                    let chunks = FileChunks {
+                        file,
+                        chunk_size,
+                        left: (size > 0).then_some(size),
+                    };
+                    outbox.file(id, begin, chunks, failed)
+                }
+                Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), failed),
+            },
+        };
+        // Files waiting to go join this one's last message; with nothing
+        // waiting, it goes now. A cancel goes at once: the server counts
+        // the file in flight until it takes it.
+        let flush = match sent {
+            Ok(sent) => {
+                if size == 0 && sent > 0 {
+                    let _ = told.send(Sent::Resized { id, size: sent });
+                }
+                uploads.is_empty()
+            }
+            Err(Stop::Unread(file)) => {
+                let flush = file.cancelled || uploads.is_empty();
+                let _ = told.send(Sent::Unread(file));
+                flush
+            }
+            Err(Stop::Closed) => return,
+        };
+        if flush && outbox.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// The content sender's next message. Small files (or the ends of large
+/// ones) that go one after the other share a message, up to a chunk's
+/// size: a message of its own for each would cost both ends a wake-up and
+/// a socket operation per file.
+struct Outbox {
+    requests: mpsc::Sender<ScanRequest>,
+    batch: Vec<FileRequest>,
+    /// Content bytes in `batch`.
+    bytes: usize,
+    limit: usize,
+}
+
+impl Outbox {
+    /// Adds a file's chunks, then its end (which goes out with the next
+    /// flush, not before); and its `begin` first, if it goes with the
+    /// content. Returns the bytes sent. A file that cannot be read is
+    /// cancelled, if the server knows of it. A file the server has already
+    /// failed gets no more of its content.
+    fn file(
+        &mut self,
+        id: u64,
+        mut begin: Option<FileBegin>,
+        chunks: impl Iterator<Item = std::io::Result<Bytes>>,
+        failed: &LastFailed,
+    ) -> Result<u64, Stop> {
+        // The begin waits for the first chunk: a file that cannot be read
+        // at all is then never heard of. A file read whole in its first
+        // chunk is announced with the size read, whatever its metadata
+        // said (files of /proc report 0 bytes).
+        let mut offset = 0u64;
+        for data in chunks {
+            let data = match data {
+                Ok(data) => data,
+                Err(err) => {
+                    let cancelled = begin.is_none();
+                    if cancelled {
+                        self.push(FileCancel { file_id: id }.into(), 0)?;
+                    }
+                    return Err(Stop::Unread(Unread { id, err, cancelled }));
+                }
+            };
+            if failed.0.load(Ordering::Relaxed) == id {
+                return Ok(offset);
+            }
+            if let Some(mut begin) = begin.take() {
+                if data.len() < self.limit {
+                    begin.size = data.len() as u64;
+                }
+                self.push(begin.into(), 0)?;
+            }
+            let length = data.len();
+            let chunk = FileChunk {
+                file_id: id,
+                offset,
+                data,
+                path: String::new(),
+            };
+            offset += length as u64;
+            self.push(chunk.into(), length)?;
+        }
+        if let Some(begin) = begin {
+            self.push(FileBegin { size: 0, ..begin }.into(), 0)?;
+        }
+        self.push(FileEnd { file_id: id }.into(), 0)?;
+        Ok(offset)
+    }
+
+    /// Adds a request of `bytes` content. The batch so far goes first if
+    /// the request would take it over the limit: a chunk that fills a
+    /// message waits for the next request, which may be its file's end.
+    fn push(&mut self, request: FileRequest, bytes: usize) -> Result<(), Stop> {
+        if self.bytes + bytes > self.limit {
+            self.flush()?;
+        }
+        self.batch.push(request);
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Stop> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let message = ScanRequest {
+            requests: std::mem::take(&mut self.batch),
+        };
+        self.requests
+            .blocking_send(message)
+            .map_err(|_| Stop::Closed)
+    }
+}
+
+/// A file read in chunks, each in a buffer of its own, which the stream
+/// frees once it has sent it. A read fills the buffer's spare capacity
+/// directly: nothing is zeroed first. The file's announced size is read,
+/// no more (one that grew is sent as it was announced, and hashed); a
+/// file announced empty (one of /proc, which says so whatever it holds)
+/// is read to its end, which the server cuts short if it is too large.
+struct FileChunks {
+    file: std::fs::File,
+    chunk_size: usize,
+    /// What is left of the announced size; `None` for a file announced
+    /// empty.
+    left: Option<u64>,
+}
+
+impl Iterator for FileChunks {
+    type Item = std::io::Result<Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let limit = (self.chunk_size as u64).min(self.left.unwrap_or(u64::MAX));
+        let mut chunk = Vec::with_capacity(limit as usize);
+        match (&mut self.file).take(limit).read_to_end(&mut chunk) {
+            Ok(0) => None,
+            Ok(read) => {
+                if let Some(left) = &mut self.left {
+                    *left -= read as u64;
+                }
+                Some(Ok(Bytes::from(chunk)))
+            }
+            Err(err) => Some(Err(err)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file is read up to its announced size, however much it holds
+    /// now; one announced empty, to its end.
+    #[test]
+    fn a_file_is_read_up_to_its_announced_size() {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &[7; 10]).unwrap();
+        let read = |left| {
+            use std::io::Seek;
+            let mut file = file.try_clone().unwrap();
+            file.rewind().unwrap();
+            let chunks = FileChunks {
+                file,
+                chunk_size: 4,
+                left,
+            };
+            chunks.map(|c| c.unwrap().len()).collect::<Vec<_>>()
+        };
+        assert_eq!(read(Some(6)), [4, 2], "grown since announced");
+        assert_eq!(read(None), [4, 4, 2], "announced empty");
+        assert_eq!(
+            read(Some(12)),
+            [4, 4, 2],
+            "shrunk: the server finds it short"
+        );
+    }
+}
