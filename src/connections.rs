@@ -32,9 +32,11 @@
 //! it has been idle that long. Agents keep their session's `Connect`
 //! stream open, so theirs never are; a client whose channel was closed
 //! connects again for its next call. The close is abrupt (no GOAWAY: tonic
-//! leaves the connection to hyper): a request read just as the idle time
-//! ends is given a second more to begin its call, and one sent in the
-//! moment the connection closes fails with UNAVAILABLE, to be sent again.
+//! leaves the connection to hyper): a connection that read anything since
+//! its idle time last ran out (a request read then may not have begun its
+//! call yet) is given a second more, and again while its reads go on; a
+//! request sent in the moment the connection closes fails with
+//! UNAVAILABLE, to be sent again.
 //! A leaked channel that keeps a call open (a health `Watch`, say) keeps
 //! its place: that call is its client's to end.
 //!

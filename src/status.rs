@@ -503,9 +503,6 @@ impl Svm {
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
         let (delivered, failed) = self.engine.metrics().reports();
-        let stuck_reason = [SvmReason::ScanThreadsStuck, SvmReason::AllScanThreadsStuck]
-            .iter()
-            .any(|reason| status.reasons.contains(reason));
         let engine = state_for(SvmReason::ScanQueueSaturated)
             .max(state_for(SvmReason::ScanThreadsStuck))
             .max(state_for(SvmReason::AllScanThreadsStuck));
@@ -529,10 +526,12 @@ impl Svm {
             component(
                 "scan engine",
                 engine,
-                match (engine, stuck_reason) {
+                // The status was made with this count: stuck threads are
+                // its reason whenever there are any.
+                match (engine, stuck) {
                     (ComponentState::Ok, _) => "scanning".into(),
-                    (_, false) => "the scan queue has been full for a minute".into(),
-                    (_, true) => format!(
+                    (_, 0) => "the scan queue has been full for a minute".into(),
+                    (_, stuck) => format!(
                         "{stuck} of {} scan threads busy with one file for over {:?}: restart the server",
                         self.engine.threads(),
                         self.engine.stuck_after()

@@ -235,7 +235,7 @@ impl Agent {
                 let _ = (&mut producer.0).await;
             }
             let mut left = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
-            left.files.extend(settle.unanswered());
+            left.files.extend(settle.take_unanswered());
             return Err(Broken {
                 err,
                 opened: true,
@@ -332,7 +332,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
     /// Takes every file still without an outcome once the stream broke:
     /// those pending, and those waiting to be announced again. A file the
     /// agent could not read is over: it fails for that.
-    fn unanswered(&mut self) -> Vec<PendingFile> {
+    fn take_unanswered(&mut self) -> Vec<PendingFile> {
         let mut files: Vec<_> = self.pending.lock().expect("pending").drain().collect();
         files.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
         files.retain_mut(|file| match file.unread.take() {
@@ -588,15 +588,6 @@ fn unreadable(err: &std::io::Error) -> Verdict {
 
 fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome {
     ScanOutcome::failed(verdict, size, started.elapsed(), "".into())
-}
-
-/// The outcome of a file never sent to the server, failed for `detail`.
-fn unanswered(detail: &str) -> ScanOutcome {
-    failed_outcome(
-        Verdict::failed(FailReason::Engine, detail),
-        0,
-        Instant::now(),
-    )
 }
 
 /// What the server knew of the agent's last files, which decides, under

@@ -14,7 +14,7 @@ use super::{
     Pending, PendingFile, failed_outcome, file_begin,
     prepare::{Ready, Sources},
     send::Upload,
-    unanswered, unreadable,
+    unreadable,
 };
 use crate::{
     client::{ClientError, FileSource},
@@ -54,6 +54,15 @@ impl Left {
                 .await;
         }
     }
+}
+
+/// The outcome of a file never sent to the server, failed for `detail`.
+fn unanswered(detail: &str) -> ScanOutcome {
+    failed_outcome(
+        Verdict::failed(FailReason::Engine, detail),
+        0,
+        Instant::now(),
+    )
 }
 
 /// The files the announcer holds: those held from an earlier stream and
