@@ -33,8 +33,9 @@
 //! stream open, so theirs never are; a client whose channel was closed
 //! connects again for its next call. The close is abrupt (no GOAWAY: tonic
 //! leaves the connection to hyper): a connection that read anything since
-//! its idle time last ran out (a request read then may not have begun its
-//! call yet) is given a second more, and again while its reads go on; a
+//! its idle time began (a request read then may not have begun its call
+//! yet) is given a second more, once: a peer that keeps sending pings and
+//! no call is closed all the same. A
 //! request sent in the moment the connection closes fails with
 //! UNAVAILABLE, to be sent again.
 //! A leaked channel that keeps a call open (a health `Watch`, say) keeps
@@ -282,6 +283,7 @@ impl Connections {
                 after,
                 check: Some(Box::pin(tokio::time::sleep(after))),
                 read_lately: false,
+                graced: false,
             });
             return Some(Place {
                 _permit: place,
@@ -385,10 +387,14 @@ struct IdleWatch {
     /// When to look again whether the idle time is over; `None` once the
     /// connection was closed for it.
     check: Option<Pin<Box<Sleep>>>,
-    /// Something was read since the idle time was last found over: HTTP/2
-    /// begins a call only once its reads would wait, so a request read
-    /// just then is not counted yet.
+    /// Something was read since the idle time now running was last looked
+    /// at: HTTP/2 begins a call only once its reads would wait, so a
+    /// request read just as the idle time runs out is not counted yet.
     read_lately: bool,
+    /// The idle time now running was already extended by [`READ_GRACE`]:
+    /// it is given once, or a peer that keeps sending something other
+    /// than calls (pings) would keep its place for ever.
+    graced: bool,
 }
 
 /// How long a connection that has just read something is kept past its
@@ -404,12 +410,20 @@ impl IdleWatch {
         };
         while check.as_mut().poll(cx).is_ready() {
             let left = match self.activity.idle_left(self.after) {
-                Some(left) if left.is_zero() && !std::mem::take(&mut self.read_lately) => {
-                    return true;
+                Some(left) if left.is_zero() => {
+                    if self.graced || !std::mem::take(&mut self.read_lately) {
+                        return true;
+                    }
+                    self.graced = true;
+                    READ_GRACE
                 }
-                Some(left) if left.is_zero() => READ_GRACE,
-                Some(left) => left,
-                None => self.after,
+                // A call is or was under way since the last look: the idle
+                // time running is a new one.
+                left => {
+                    self.graced = false;
+                    self.read_lately = false;
+                    left.unwrap_or(self.after)
+                }
             };
             check.as_mut().reset(Instant::now() + left);
         }
@@ -845,6 +859,33 @@ mod tests {
         assert!(counted.read(&mut buf).await.is_err());
         assert_eq!(accepted.elapsed(), idle + READ_GRACE);
 
+        // Reads that go on without a call (pings, say) do not keep it:
+        // the second is given once.
+        let accepted = Instant::now();
+        let (mut client, mut counted, _) = speaking(&connections, 50003).await;
+        let pinging = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(READ_GRACE * 9 / 10).await;
+                if client.write_all(b"p").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reading = async {
+            loop {
+                if let Err(err) = counted.read(&mut buf).await {
+                    return err;
+                }
+            }
+        };
+        let err = tokio::time::timeout(idle * 3, reading)
+            .await
+            .expect("closed though it reads");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(accepted.elapsed() <= idle + READ_GRACE);
+        drop(counted);
+        pinging.await.unwrap();
+
         // A peer that takes nothing keeps the connection from reading: its
         // writes fail once it is idle.
         let accepted = Instant::now();
@@ -853,7 +894,7 @@ mod tests {
         let err = written.expect("closed once idle").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(accepted.elapsed(), idle);
-        assert_eq!(connections.idle_closed(), 3);
+        assert_eq!(connections.idle_closed(), 4);
     }
 
     #[tokio::test]
