@@ -119,18 +119,34 @@ pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdic
     }
 }
 
-/// What a VM's files hold, for as long as any of them holds it.
+/// What a VM's files and Lookups hold, for as long as any of them holds
+/// it.
 #[derive(Default)]
 struct VmPlaces {
     /// Its places in flight.
     files: Weak<Semaphore>,
     /// Its share of the spool, in KiB permits.
     spool: Weak<Semaphore>,
+    /// Its Lookups answered at once.
+    lookups: Weak<Semaphore>,
 }
 
-/// Lookups one session may have answered at once. Each holds its batch
-/// (up to 100,000 digests) and may wait seconds for scans under way; an
-/// agent pre-checking folders needs one or two at a time.
+impl VmPlaces {
+    fn held(&self) -> bool {
+        self.files.strong_count() + self.spool.strong_count() + self.lookups.strong_count() > 0
+    }
+}
+
+/// What a VM's sessions share (see [`Sessions::places_of`]).
+struct Shares {
+    files: Arc<Semaphore>,
+    spool: Arc<Semaphore>,
+    lookups: Arc<Semaphore>,
+}
+
+/// Lookups one VM may have answered at once. Each holds its batch (up to
+/// 100,000 digests) and may wait seconds for scans under way; an agent
+/// pre-checking folders needs one or two at a time.
 pub const LOOKUPS_AT_ONCE: usize = 4;
 
 /// A file's place in flight on its VM (see [`Session::take_place`]),
@@ -165,8 +181,9 @@ pub struct Session {
     /// The VM's share of the spool, in KiB permits: shared with its
     /// earlier sessions' files as its places are.
     pub spool_share: Arc<Semaphore>,
-    /// Lookups answered at once for the session (see [`LOOKUPS_AT_ONCE`]).
-    pub lookups: Semaphore,
+    /// Lookups answered at once for the VM (see [`LOOKUPS_AT_ONCE`]),
+    /// shared with its earlier sessions' Lookups as its places are.
+    pub lookups: Arc<Semaphore>,
     pub files: AtomicU64,
     pub bytes: AtomicU64,
     pub detections: AtomicU64,
@@ -280,12 +297,13 @@ pub enum Refused {
 /// The connected agents.
 pub struct Sessions {
     by_id: RwLock<HashMap<String, Arc<Session>>>,
-    /// Each VM's places for files in flight and share of the spool, while
-    /// any is held (by a session, or by a file begun under one that has
-    /// ended): a VM's new session shares them with the files of its
-    /// earlier ones, still open on their Scan streams. With places of its
+    /// Each VM's places for files in flight, share of the spool and
+    /// Lookups, while any is held (by a session, or by a file or Lookup
+    /// begun under one that has ended): a VM's new session shares them
+    /// with the files of its earlier ones, still open on their Scan
+    /// streams, and their Lookups still being answered. With places of its
     /// own, an agent that reconnected again and again could keep ever more
-    /// files open.
+    /// files open and Lookups waiting.
     places: Mutex<HashMap<String, VmPlaces>>,
     /// Places taken on every VM, counted as they are taken and given back:
     /// what reports and status read, without a walk over the VMs.
@@ -335,17 +353,17 @@ impl Sessions {
         if earlier.is_none() && by_id.len() >= self.max_agents {
             return Err(Refused::TooManyAgents);
         }
-        let (places, spool_share) = self.places_of(&agent.vm_id);
+        let shares = self.places_of(&agent.vm_id);
         let session = Arc::new(Session {
             id: uuid::Uuid::new_v4().to_string(),
             agent,
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
-            files_in_flight: places,
+            files_in_flight: shares.files,
             places: self.files_in_flight,
             places_taken: Arc::clone(&self.places_taken),
-            spool_share,
-            lookups: Semaphore::new(LOOKUPS_AT_ONCE),
+            spool_share: shares.spool,
+            lookups: shares.lookups,
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             detections: AtomicU64::new(0),
@@ -372,14 +390,14 @@ impl Sessions {
         Ok(session)
     }
 
-    /// The places in flight and the spool share of the VM `vm_id`: those
-    /// its earlier sessions had, each while any of it is still held, or
-    /// new ones.
-    fn places_of(&self, vm_id: &str) -> (Arc<Semaphore>, Arc<Semaphore>) {
+    /// The places in flight, the spool share and the Lookups of the VM
+    /// `vm_id`: those its earlier sessions had, each while any of it is
+    /// still held, or new ones.
+    fn places_of(&self, vm_id: &str) -> Shares {
         let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
         // The VMs whose places are all given back need no entry.
         if places.len() >= 2 * self.max_agents.max(1024) {
-            places.retain(|_, held| held.files.strong_count() + held.spool.strong_count() > 0);
+            places.retain(|_, held| held.held());
         }
         let held = places.entry(vm_id.to_owned()).or_default();
         let take = |held: &mut Weak<Semaphore>, permits| {
@@ -389,8 +407,11 @@ impl Sessions {
                 fresh
             })
         };
-        let files = take(&mut held.files, self.files_in_flight);
-        (files, take(&mut held.spool, self.spool_share_kib))
+        Shares {
+            files: take(&mut held.files, self.files_in_flight),
+            spool: take(&mut held.spool, self.spool_share_kib),
+            lookups: take(&mut held.lookups, LOOKUPS_AT_ONCE),
+        }
     }
 
     /// The open session with this id.

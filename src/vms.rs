@@ -17,7 +17,9 @@
 //!   attack, and is only ever removed by hand.
 //! * A tag assigned by hand is removed only by hand (assigning by hand a
 //!   tag that was automatic makes it manual).
-//! * A VM with a tag is remembered past 30 days, until the tag goes.
+//! * A VM with a tag is remembered past 30 days, until the tag goes; but
+//!   when the registry is full, one whose tags were all assigned
+//!   automatically may be forgotten to make room (see [`Vms::connected`]).
 //!
 //! Every change bumps a generation ([`Vms::changes`]): the reporter sends a
 //! report at once, and the keeper saves the file.
@@ -45,7 +47,7 @@ use crate::{
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The most VMs remembered; beyond it, the VM not seen for the longest time
-/// and carrying no tag is forgotten first.
+/// and carrying no tag is forgotten first (see [`forget_idle`]).
 pub const MAX_VMS: usize = 100_000;
 
 /// The largest message that lists VMs a client or receiver of this crate
@@ -353,20 +355,39 @@ impl<R> Default for Saved<R> {
 
 const FORMAT: u32 = 1;
 
-/// Forgets at most `n` of the idle VMs (no session, no tag), those seen
-/// least recently; returns how many.
+/// Forgets at most `n` of the idle VMs (no session), those seen least
+/// recently, untagged ones first; returns how many. A VM whose tags were
+/// all assigned automatically goes only when no untagged one is left (with
+/// a warning: its tag goes with it), and one tagged by hand never. VM ids
+/// are the agents' to choose: were automatic tags kept whatever the
+/// cost, an agent reporting attacks for made-up VMs could fill the
+/// registry with them for good, and lock every new VM out.
 fn forget_idle(by_id: &mut Registry, n: usize) -> usize {
+    let forgettable = |vm: &VmRecord| {
+        let by_hand = vm.tags.values().any(|tag| tag.origin == TagOrigin::Manual);
+        vm.session_id.is_none() && !by_hand
+    };
     let mut idle: Vec<_> = by_id
         .values()
-        .filter(|vm| vm.session_id.is_none() && vm.tags.is_empty())
-        .map(|vm| (vm.last_seen, vm.vm_id.clone()))
+        .filter(|vm| forgettable(vm))
+        .map(|vm| (!vm.tags.is_empty(), vm.last_seen, vm.vm_id.clone()))
         .collect();
     if idle.len() > n {
         idle.select_nth_unstable(n);
         idle.truncate(n);
     }
-    for (_, vm_id) in &idle {
+    for (_, _, vm_id) in &idle {
         by_id.remove(vm_id);
+    }
+    let tagged: Vec<_> = idle.iter().filter(|(tagged, ..)| *tagged).collect();
+    if let Some((_, _, first)) = tagged.first() {
+        tracing::warn!(
+            forgotten = tagged.len(),
+            first = %first,
+            "the registry of VMs is full: disconnected VMs with automatic security tags were \
+             forgotten, tags and all, to make room. If agents report VMs that do not exist, bind \
+             VM ids to certificates (vm_id_in_certificate)"
+        );
     }
     idle.len()
 }
@@ -516,7 +537,7 @@ impl Vms {
 
     /// An agent opened `session`. False, with nothing changed, when its VM
     /// is new and the registry holds [`MAX_VMS`] VMs, none of which can be
-    /// forgotten (connected or tagged): VM ids are the agents' to choose,
+    /// forgotten (connected or tagged by hand): VM ids are the agents' to choose,
     /// and each new one must not grow the registry without bound.
     pub fn connected(&self, session: &Session) -> bool {
         let agent = &session.agent;
@@ -887,16 +908,32 @@ mod tests {
         assert_eq!(open("vm-3").unwrap_err(), Refused::TooManyVms);
         assert_eq!(sessions.len(), 2, "a refused session is not opened");
         sessions.close(&first.id, Ending::Closed);
-        open("vm-3").expect("an idle, untagged VM makes room");
+        let third = open("vm-3").expect("an idle, untagged VM makes room");
         assert!(vms.get("vm-1").is_none());
+
+        // Tagged automatically, vm-2 was seen before vm-3; untagged, vm-3
+        // goes first all the same.
         vms.threat_found("vm-2");
         sessions.close(&second.id, Ending::Closed);
+        sessions.close(&third.id, Ending::Closed);
+        let fourth = open("vm-4").expect("an untagged VM makes room");
+        assert!(vms.get("vm-3").is_none());
+        assert!(vms.get("vm-2").is_some(), "tagged, kept while it could be");
+        // With none left untagged, the VM tagged automatically goes, lest
+        // made-up VMs with tags lock new ones out for good.
+        let fifth = open("vm-5").expect("an automatically tagged VM makes room");
+        assert!(vms.get("vm-2").is_none());
+
+        // Tagged by hand, a VM is never forgotten.
+        vms.assign("vm-4", SecurityTag::IdsIps).unwrap();
+        sessions.close(&fourth.id, Ending::Closed);
         assert_eq!(
-            open("vm-4").unwrap_err(),
+            open("vm-6").unwrap_err(),
             Refused::TooManyVms,
-            "a tagged VM is never forgotten to make room"
+            "a VM tagged by hand is never forgotten to make room"
         );
-        open("vm-2").expect("a VM in the registry comes back");
+        open("vm-5").expect("a VM in the registry comes back");
+        drop(fifth);
     }
 
     #[test]

@@ -923,13 +923,18 @@ async fn a_lookup_counts_infected_content_once_however_often_named() {
     assert_eq!((after.0 - before.0, after.1 - before.1), (3, 1));
 }
 
-/// A session has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each
-/// may hold 100,000 digests and wait for scans under way); one more is
-/// refused with RESOURCE_EXHAUSTED, and the others are answered.
+/// A VM has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each may
+/// hold 100,000 digests and wait for scans under way); one more is refused
+/// with RESOURCE_EXHAUSTED, also on a new session of the same VM (its agent
+/// reconnected), and the others are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookups_at_once_on_a_session_are_bounded() {
+async fn lookups_at_once_for_a_vm_are_bounded() {
     let server = TestServer::start(|_| {}).await;
-    let (session, _keep) = session_id(&server).await;
+    let vm = Hello {
+        vm_id: "vm-looking-up".into(),
+        ..hello()
+    };
+    let (session, _keep) = session_of(&server, vm.clone()).await;
     let (tx, mut replies) = scan_stream(&server).await;
     let data = b"content under way".to_vec();
     let digest = blake3::hash(&data);
@@ -942,7 +947,7 @@ async fn lookups_at_once_on_a_session_are_bounded() {
         "{asked:?}"
     );
     let client = server.client().await;
-    let lookup = || {
+    let lookup = |session: &String| {
         let request = LookupRequest {
             session_id: session.clone(),
             digests: vec![Bytes::copy_from_slice(digest.as_bytes())],
@@ -952,7 +957,7 @@ async fn lookups_at_once_on_a_session_are_bounded() {
     };
     // They wait for the content under way.
     let waiting: Vec<_> = (0..scanserver::sessions::LOOKUPS_AT_ONCE)
-        .map(|_| lookup())
+        .map(|_| lookup(&session))
         .collect();
     let held = server.state.sessions.get(&session).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -961,7 +966,10 @@ async fn lookups_at_once_on_a_session_are_bounded() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(waiting.iter().all(|call| !call.is_finished()));
-    let refused = lookup().await.unwrap().unwrap_err();
+    let refused = lookup(&session).await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let (again, _keep_again) = session_of(&server, vm).await;
+    let refused = lookup(&again).await.unwrap().unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
 
     tx.send(batch(vec![chunk(1, 0, &data), end(1)]))

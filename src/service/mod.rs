@@ -227,7 +227,7 @@ impl ProtectionServer for ProtectionService {
         session.touch();
         let Ok(_answering) = session.lookups.try_acquire() else {
             return Err(Status::resource_exhausted(format!(
-                "more than {LOOKUPS_AT_ONCE} Lookups at once on this session; wait for their answers"
+                "more than {LOOKUPS_AT_ONCE} Lookups at once for this VM; wait for their answers"
             )));
         };
         if request.digests.len() > MAX_LOOKUP_DIGESTS {
