@@ -327,6 +327,81 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     assert!(!verdict.cached && !verdict.coalesced);
 }
 
+/// An agent that takes none of its replies while its files' verdicts wait
+/// for room among them cannot keep its stream going without those
+/// verdicts by sending other requests: once one is given up on, the stream
+/// ends, and the agent knows its files went without a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_a_verdict_for_it_is_given_up_on() {
+    const FILES: u64 = 600;
+    let idle = Duration::from_secs(3);
+    let server = TestServer::start(|c| {
+        c.server.idle_timeout = idle;
+        c.uploads.files_in_flight = 2 * FILES as u32;
+    })
+    .await;
+    // Verdicts of 8 KiB: a few hundred fill the client's HTTP/2 window, the
+    // server's HTTP/2 buffer and its reply buffer.
+    let threat = "x".repeat(8 << 10);
+    server.state.replace_ruleset(ruleset_from_source(&format!(
+        r#"rule everything {{ meta: threat = "{threat}" condition: true }}"#
+    )));
+    let (session, _keep) = session_id(&server).await;
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(64 << 10)
+        .initial_connection_window_size(64 << 10)
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let mut replies = ProtectionServerClient::new(channel)
+        .scan(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Scanned one by one, their verdicts queued as they come, until room
+    // runs out; none is refused.
+    for id in 0..FILES {
+        let data = id.to_le_bytes();
+        let whole = vec![
+            begin(&session, id, &data, None),
+            chunk(id, 0, &data),
+            end(id),
+        ];
+        tx.send(batch(whole)).await.unwrap();
+    }
+    // Then one more file, sent a byte at a time for as long as the stream
+    // takes it: the stream receives content, and is never idle.
+    let slow = FILES;
+    tokio::spawn(async move {
+        let _ = tx.send(begin(&session, slow, &[0; 1 << 20], None)).await;
+        for offset in 0..(1 << 20) {
+            if tx.send(chunk(slow, offset, &[0])).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // Past the idle timeout of the verdicts waiting for room, the agent
+    // reads: every file has its verdict, or the stream ended.
+    tokio::time::sleep(idle * 3).await;
+    let mut answered = std::collections::HashSet::new();
+    let ended = loop {
+        match tokio::time::timeout(idle * 2, replies.message()).await {
+            Err(_) => break false,
+            Ok(Ok(Some(message))) => answered.extend(message.replies.iter().map(|r| r.file_id)),
+            Ok(_) => break true,
+        }
+    };
+    assert!(
+        ended || (0..FILES).all(|id| answered.contains(&id)),
+        "{} of {FILES} files answered, and the stream still open",
+        answered.len()
+    );
+    assert!(ended, "verdicts waited for room, and were given up on");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hellos_are_accepted_or_rejected_with_a_reason() {
     let server = TestServer::start(|c| c.server.allowed_tags = vec!["vdi".into()]).await;

@@ -444,8 +444,10 @@ impl ScanStream {
     }
 
     /// The idle timer fired: the stream ends if it was idle for the idle
-    /// timeout, owing no reply; otherwise the timer is set again, and the
-    /// stalled files fail (see [`ScanStream::fail_stalled`]).
+    /// timeout, owing no reply, or if a verdict was given up on for want
+    /// of the agent taking it (see [`Owed::unread`]); otherwise the timer
+    /// is set again, and the stalled files fail (see
+    /// [`ScanStream::fail_stalled`]).
     async fn idle(&mut self, timers: &mut Timers) -> Result<(), ()> {
         // Replies the server still owes keep the stream open: an agent that
         // sent all its files waits in silence for them. Each comes within
@@ -453,10 +455,13 @@ impl ScanStream {
         // follows) within those of the scan and of its reply, a waiting
         // begin's answer within `UPLOAD_WAIT`. The idle time counts from
         // the last verdict sent.
-        let (owing, given_back) = {
+        let (owing, given_back, unread) = {
             let owed = self.scanning.owed();
-            (!owed.ids.is_empty(), owed.given_back)
+            (!owed.ids.is_empty(), owed.given_back, owed.unread)
         };
+        if unread {
+            return self.unread();
+        }
         if owing || self.next_expiry.is_some() {
             timers.active();
         } else if let Some(at) = given_back.filter(|&at| at > timers.last_active) {
@@ -535,6 +540,17 @@ impl ScanStream {
         self.send_all(replies).await
     }
 
+    /// Ends the stream of an agent that took none of its replies for the
+    /// idle timeout: its open files are dropped with it.
+    fn unread(&self) -> Result<(), ()> {
+        let idle = self.state.idle_timeout;
+        tracing::warn!(
+            ?idle,
+            "an agent took none of its replies; its Scan stream is closed"
+        );
+        Err(())
+    }
+
     /// Sends `replies`, at most [`MAX_REPLIES`] to a message. Fails when
     /// the agent is gone, or has taken none of its replies for the idle
     /// timeout: an agent that stops reading must not keep its open files,
@@ -552,13 +568,7 @@ impl ScanStream {
                     let idle = self.state.idle_timeout;
                     match tokio::time::timeout(idle, self.replies.reserve()).await {
                         Ok(reserved) => reserved.map_err(drop)?,
-                        Err(_) => {
-                            tracing::warn!(
-                                ?idle,
-                                "an agent took none of its replies; its Scan stream is closed"
-                            );
-                            return Err(());
-                        }
+                        Err(_) => return self.unread(),
                     }
                 }
             };
@@ -592,12 +602,11 @@ impl ScanStream {
 
     /// Gives every open file its final reply: an error (the stream ends,
     /// and its requests are dropped first). Verdicts landed go first. A
-    /// wait that ended without a verdict would ask for content the stream
-    /// no longer takes: that file gets the error.
+    /// wait that ended without a verdict gets the error too (see
+    /// [`Self::resolve`]).
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         self.requests = None;
         let mut replies = self.take_landed();
-        replies.retain(|reply| !matches!(reply.kind, Some(file_reply::Kind::SendContent(_))));
         let ids: Vec<u64> = self.open.keys().copied().collect();
         replies.extend(ids.into_iter().filter_map(|id| {
             self.close(id)?.owed.forgive_if_resent(code);
@@ -827,7 +836,11 @@ impl ScanStream {
     }
 
     /// Ends the wait of `file` (id `id`, taken off the stream, waiting for
-    /// content with `digest`) with `landing`.
+    /// content with `digest`) with `landing`. Without a verdict, the file's
+    /// own content is asked for; but a stream that takes no more requests
+    /// leaves the file open for its error (opened for content, it would
+    /// take memory or a spool file for nothing, and might be refused for
+    /// want of them, an outcome that is not the stream's).
     fn resolve(
         &mut self,
         id: u64,
@@ -836,6 +849,11 @@ impl ScanStream {
         landing: Landing,
     ) -> Option<FileReply> {
         let Some(landed) = landing else {
+            if self.requests.is_none() {
+                let standing = Standing::OnItsOwn;
+                self.open.insert(id, OpenFile { standing, ..file });
+                return None;
+            }
             return self.open_for_content(id, file, Some(digest), Standing::OnItsOwn);
         };
         let verdict = FileVerdict::hash_first(&landed, true, &self.version);
@@ -960,8 +978,8 @@ impl VerdictDue {
     /// task keeps the file's place in flight until the reply is queued, so
     /// an agent that does not take its replies cannot begin more files and
     /// these tasks are as few as its places; after the idle timeout the
-    /// reply is dropped and the place given back (the stream itself has
-    /// given up on the agent by then).
+    /// reply is dropped, the place given back, and the stream ends (see
+    /// [`Owed::unread`]).
     fn reply(&mut self, kind: file_reply::Kind) {
         let (place, taken) = (self.in_flight.take(), self.taken.take());
         // The verdict of content carries its own signatures version.
@@ -977,9 +995,13 @@ impl VerdictDue {
             Err(TrySendError::Full(())) => {
                 let (replies, idle) = (self.replies.clone(), self.idle_timeout);
                 self.runtime.spawn(async move {
-                    if let Ok(Ok(slot)) = tokio::time::timeout(idle, replies.reserve()).await {
-                        drop((place, taken));
-                        slot.send(message);
+                    match tokio::time::timeout(idle, replies.reserve()).await {
+                        Ok(Ok(slot)) => {
+                            drop((place, taken));
+                            slot.send(message);
+                        }
+                        Ok(Err(_)) => {}
+                        Err(_) => taken.map_or((), TakenId::given_up),
                     }
                 });
             }
@@ -1003,6 +1025,11 @@ struct Owed {
     /// When an id was last given back (its verdict sent, or given up on):
     /// the stream's idle time counts from then too.
     given_back: Option<Instant>,
+    /// A verdict was given up on: its agent took none of the stream's
+    /// replies for the idle timeout. The stream ends at its next idle
+    /// look, as it would had it waited for room itself: kept, it would go
+    /// on without the verdict, a file the agent waits on for ever.
+    unread: bool,
 }
 
 impl Scanning {
@@ -1029,6 +1056,13 @@ impl Scanning {
 struct TakenId {
     scanning: Arc<Scanning>,
     id: u64,
+}
+
+impl TakenId {
+    /// Gives the id back, its verdict given up on (see [`Owed::unread`]).
+    fn given_up(self) {
+        self.scanning.owed().unread = true;
+    }
 }
 
 impl Drop for TakenId {
