@@ -276,6 +276,19 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
         file_reply::Kind::SendContent(_)
     ));
     assert!(waiting_since.elapsed() >= scanserver::cache::flight::UPLOAD_WAIT);
+    // The lead, none of whose content came, gave its lead up then: the same
+    // content begun later leads at once, rather than waiting for the lead
+    // again.
+    let mut again = lw.waiter_begin.clone();
+    let Some(file_request::Kind::Begin(begin)) = &mut again.requests[0].kind else {
+        unreachable!()
+    };
+    begin.file_id = 2;
+    let asked_at = tokio::time::Instant::now();
+    lw.waiter.send(again).await.unwrap();
+    let (id, reply) = next(&mut lw.waiter_replies).await;
+    assert!(matches!(reply, file_reply::Kind::SendContent(_)) && id == 2);
+    assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
     // The scan runs on the engine's threads, which the paused clock would
     // not wait for.
     tokio::time::resume();

@@ -30,7 +30,9 @@
 //!   hashed by the server, and a claimed digest that differs fails the file;
 //! * can announce a digest and then not send the content: requests for the
 //!   same digest wait for that upload at most [`flight::UPLOAD_WAIT`], then
-//!   get their own content scanned. It can delay, never decide, a verdict.
+//!   get their own content scanned, and an upload none of whose content
+//!   came by then gives its lead up (later requests do not wait for it). It
+//!   can delay, never decide, a verdict.
 //!
 //! A snapshot is trusted only when its checksum, format and signatures
 //! version match; it lives in a folder only the server writes to.

@@ -12,8 +12,9 @@
 //! counted (a chunk's bytes could read as anything); the one an agent sends,
 //! a hello's connection tags, is in `AgentMessage`, whose messages (a
 //! hello, heartbeats, events) are small: one over [`MAX_AGENT_MESSAGE`] is
-//! refused (on the agent listener, from its header already: see
-//! [`crate::intake`]).
+//! refused with OUT_OF_RANGE, as [`crate::intake`] refuses it from its
+//! header on the agent listener (the codec's check stands for any other
+//! way the service is served).
 //!
 //! An agent's message that is not valid protobuf of its type is the
 //! agent's fault: it fails with INVALID_ARGUMENT, where prost's codec says
@@ -82,7 +83,7 @@ impl<U: Message + Default + 'static> Decoder for BoundedDecoder<U> {
         // One decoder serves every message type; the one with its own
         // limit is told apart by its type.
         if TypeId::of::<U>() == TypeId::of::<AgentMessage>() && len > MAX_AGENT_MESSAGE {
-            return Err(Status::invalid_argument(format!(
+            return Err(Status::out_of_range(format!(
                 "a Connect message of {len} bytes; at most {MAX_AGENT_MESSAGE} are accepted"
             )));
         }

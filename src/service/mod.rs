@@ -136,7 +136,6 @@ impl ServiceState {
             .send_replace(self.engine.ruleset().version_arc());
     }
 
-    /// The open session `id`, or the error an agent can act on.
     /// The digest of the certificate the client of `request` presented,
     /// which sessions are bound to: only when VM ids are taken from
     /// certificates (none is needed otherwise).
@@ -149,9 +148,10 @@ impl ServiceState {
     }
 
     /// The open session `id`, for a request over a connection with the
-    /// certificate of digest `caller` (see [`Self::caller`]). With VM ids taken from certificates,
-    /// a session is its certificate's: its id (logged, not a secret) does
-    /// not let another agent speak for its VM.
+    /// certificate of digest `caller` (see [`Self::caller`]), or the error
+    /// an agent can act on. With VM ids taken from certificates, a session
+    /// is its certificate's: its id (logged, not a secret) does not let
+    /// another agent speak for its VM.
     fn session(&self, id: &str, caller: Option<&Digest>) -> Result<Arc<Session>, Status> {
         let session = self.sessions.get(id).ok_or_else(|| {
             Status::failed_precondition(format!(

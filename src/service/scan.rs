@@ -200,12 +200,16 @@ enum Standing {
     /// No digest was announced: the content follows; nothing was looked up.
     Unannounced,
     /// The digest was not in the cache and nobody else has the content: the
-    /// file leads the flight for it (others wait for its verdict).
-    Leads(Flight),
+    /// file leads the flight for it (others wait for its verdict), and gives
+    /// the lead up when none of its content came by `until` (see
+    /// [`ScanStream::expire`]).
+    Leads { flight: Flight, until: Instant },
     /// Another request has the content: the file waits for its verdict.
     Waits(Wait),
     /// The wait ended without a verdict (the other request failed or took
-    /// too long): the file's own content is scanned, without waiting again.
+    /// too long), or the file gave its lead up: its own content is scanned,
+    /// without waiting again (it leads a flight for it, if none is under
+    /// way, once its content is in).
     OnItsOwn,
 }
 
@@ -696,11 +700,14 @@ impl ScanStream {
             .join_or_subscribe(key, &self.landings, id)
         {
             Subscription::Lead(flight) => {
-                self.open_for_content(id, file, Some(digest), Standing::Leads(flight))
+                // Leads and waits begin in order: the first to end is
+                // still the one the stream looks out for.
+                let until = Instant::now() + UPLOAD_WAIT;
+                self.next_expiry.get_or_insert(until);
+                let leads = Standing::Leads { flight, until };
+                self.open_for_content(id, file, Some(digest), leads)
             }
             Subscription::Waits(flight) => {
-                // Waits begin in order: the first to end is still the one
-                // the stream looks out for.
                 let deadline = Instant::now() + UPLOAD_WAIT;
                 self.next_expiry.get_or_insert(deadline);
                 let wait = Wait {
@@ -811,20 +818,35 @@ impl ScanStream {
     }
 
     /// Waits past their deadline end: they are withdrawn, and those files'
-    /// own content is asked for (whoever was to send it is too slow). The
+    /// own content is asked for (whoever was to send it is too slow). Leads
+    /// none of whose content came by then give the lead up: the flight's
+    /// waiters go on without it, and so do requests for the same content
+    /// that come later, rather than each waiting for an agent that may
+    /// never send it (a lead whose content has begun to come keeps it; an
+    /// upload that stalls fails as such, see [`Self::fail_stalled`]). The
     /// open files are few (bounded by their sessions' files in flight), so
     /// they are looked over rather than kept in a queue of deadlines.
     fn expire(&mut self) -> Vec<FileReply> {
         let now = Instant::now();
-        let waits = self
-            .open
-            .iter()
-            .filter_map(|(&id, file)| match file.standing {
-                Standing::Waits(wait) => Some((id, wait)),
-                _ => None,
-            });
-        let (due, later): (Vec<_>, Vec<_>) = waits.partition(|(_, wait)| wait.deadline <= now);
-        self.next_expiry = later.iter().map(|(_, wait)| wait.deadline).min();
+        let mut due = Vec::new();
+        let mut next_expiry = None;
+        for (&id, file) in &mut self.open {
+            let nothing_came = file.upload.as_ref().is_some_and(|u| u.received() == 0);
+            let deadline = match &file.standing {
+                Standing::Waits(wait) => wait.deadline,
+                Standing::Leads { until, .. } if nothing_came => *until,
+                _ => continue,
+            };
+            if deadline > now {
+                next_expiry =
+                    Some(next_expiry.map_or(deadline, |next: Instant| next.min(deadline)));
+            } else if let Standing::Waits(wait) = file.standing {
+                due.push((id, wait));
+            } else {
+                file.standing = Standing::OnItsOwn;
+            }
+        }
+        self.next_expiry = next_expiry;
         let mut replies = Vec::with_capacity(due.len());
         for (id, wait) in due {
             self.stop_waiting(id, &wait);
@@ -1137,16 +1159,22 @@ impl Judging {
         let key = engine.cache_key(&received.digest, Some(name.as_ref()));
         let cache = engine.cache();
         let flight = match standing {
-            Standing::Leads(flight) if *flight.key() == key => Some(flight),
+            Standing::Leads { flight, .. } if *flight.key() == key => Some(flight),
             // Looked up when it began: a second look is not a new request.
             // A flight led under other signatures ends here, not after the
-            // wait for the queue below: its waiters go on at once.
-            looked_up @ (Standing::OnItsOwn | Standing::Leads(_) | Standing::Waits(_)) => {
+            // wait for the queue below: its waiters go on at once. Such a
+            // file waited once already, or could not wait (a waiting file
+            // has no content): it leads when nobody else does, and waits
+            // for nobody.
+            looked_up @ (Standing::OnItsOwn | Standing::Leads { .. } | Standing::Waits(_)) => {
                 drop(looked_up);
                 if let Some(hit) = cache.peek(&key) {
                     return Judging::Known(hit);
                 }
-                None
+                match cache.flights().join(key) {
+                    Join::Lead(flight) => Some(flight),
+                    Join::Wait(_) => None,
+                }
             }
             Standing::Unannounced => {
                 if let Some(hit) = cache.get(&key) {

@@ -59,12 +59,8 @@ pub(super) async fn run(
             .await;
         }
         Err(_) => {
-            return reject(
-                &out,
-                RejectReason::InvalidHello,
-                "no Hello within 10 seconds",
-            )
-            .await;
+            let message = format!("no Hello within {HELLO_TIMEOUT:?}");
+            return reject(&out, RejectReason::InvalidHello, &message).await;
         }
         // A first message the server would not decode: the agent is told why.
         Ok(Err(status)) => {
