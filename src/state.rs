@@ -36,9 +36,11 @@ use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 /// `authorized_keys`): each must belong to root or this user, and one that
 /// others may write to must be sticky (`/tmp`), or they could rename this
 /// folder away and put one of theirs in its place; a folder above may be
-/// writable by the server's own group. Those above the real folder are
-/// checked, and those named in `path` (the server goes on using `path`),
-/// whose symbolic links must be root's or this user's.
+/// writable by the server's own group. Every folder and symbolic link the
+/// way to it goes through is checked (see [`Route`]): those named in
+/// `path` (the server goes on using `path`), those in the targets of its
+/// links, and those above the real folder; the links must be root's or
+/// this user's.
 pub fn private_dir(path: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true).mode(0o700);
@@ -60,18 +62,15 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
     if let Some(why) = server.unsafe_folder(&metadata, false) {
         return refuse(why);
     }
-    // Rebuilt from its components: a trailing `/` would make the last
-    // one's link followed, not looked at.
-    let named: PathBuf = std::path::absolute(path)?.components().collect();
+    // The folder itself was checked above, as the server's own.
     let real = fs::canonicalize(path)?;
-    // The path as named, itself included: it may be a symbolic link.
-    for above in real.ancestors().skip(1).chain(named.ancestors()) {
-        let link = fs::symlink_metadata(above)?;
-        let why = if link.is_symlink() {
-            (!server.may_own(link.uid()))
-                .then(|| format!("is a symbolic link of uid {}", link.uid()))
+    let route = Route::to(path)?;
+    for (above, step) in route.steps.iter().filter(|(at, _)| *at != real) {
+        let why = if step.is_symlink() {
+            (!server.may_own(step.uid()))
+                .then(|| format!("is a symbolic link of uid {}", step.uid()))
         } else {
-            server.unsafe_folder(&link, true)
+            server.unsafe_folder(step, true)
         };
         if let Some(why) = why {
             let message = format!(
@@ -86,6 +85,60 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every folder and symbolic link the way to a path goes through, in the
+/// order the kernel goes through them, with their metadata: each
+/// component named, and, for a symbolic link, those of its target in turn
+/// (a link to a link included).
+struct Route {
+    steps: Vec<(PathBuf, fs::Metadata)>,
+}
+
+impl Route {
+    /// As many links as Linux follows on one path.
+    const MAX_LINKS: usize = 40;
+
+    fn to(path: &Path) -> io::Result<Route> {
+        use std::path::Component;
+        let root = PathBuf::from("/");
+        let mut steps = vec![(root.clone(), fs::symlink_metadata(&root)?)];
+        let mut to_go: Vec<_> = std::path::absolute(path)?
+            .components()
+            .map(|c| c.as_os_str().to_owned())
+            .rev()
+            .collect();
+        // Where the walk is: a real folder (links resolved), so that `..`
+        // goes where the kernel's does.
+        let mut at = root;
+        let mut links = 0;
+        while let Some(name) = to_go.pop() {
+            match Path::new(&name).components().next() {
+                Some(Component::RootDir) => at = PathBuf::from("/"),
+                Some(Component::ParentDir) => {
+                    at.pop();
+                }
+                Some(Component::Normal(_)) => {
+                    let next = at.join(&name);
+                    let metadata = fs::symlink_metadata(&next)?;
+                    if metadata.is_symlink() {
+                        links += 1;
+                        if links > Self::MAX_LINKS {
+                            let message = format!("{}: too many symbolic links", path.display());
+                            return Err(io::Error::other(message));
+                        }
+                        let target = fs::read_link(&next)?;
+                        to_go.extend(target.components().map(|c| c.as_os_str().to_owned()).rev());
+                    } else {
+                        at.clone_from(&next);
+                    }
+                    steps.push((next, metadata));
+                }
+                Some(Component::CurDir | Component::Prefix(_)) | None => {}
+            }
+        }
+        Ok(Route { steps })
+    }
 }
 
 /// The user and group the server runs as.
@@ -437,6 +490,17 @@ mod tests {
         refused(&linked, "which is writable by all users (mode 777)");
         chmod(&shared, 0o755);
         private_dir(&linked).expect("a link of this user's to a safe folder");
+        // A link to a link: the folder the second one is in is on the way
+        // too.
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        std::os::unix::fs::symlink(&state, open.join("second")).unwrap();
+        let first = dir.path().join("first");
+        std::os::unix::fs::symlink("open/second", &first).unwrap();
+        private_dir(&first).expect("links of this user's, in safe folders");
+        chmod(&open, 0o777);
+        refused(&first, "open, which is writable by all users (mode 777)");
+        chmod(&open, 0o755);
         // Only root can give a link away.
         if std::os::unix::fs::lchown(&linked, Some(4242), None).is_ok() {
             refused(&linked, "which is a symbolic link of uid 4242");
