@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use common::*;
 use scanserver::{
+    cache::Join,
     engine::{Engine, EngineConfig, ScanJob},
     state::StateDir,
     verdict::FailReason,
@@ -55,6 +56,44 @@ fn hits_misses_and_a_signatures_change() {
     let rescanned = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
     assert!(!rescanned.cached);
     assert!(rescanned.verdict.is_clean(), "judged by the new signatures");
+}
+
+/// Looking a verdict up, then leading the flight for its content, is not
+/// one step: a flight for the same content may land in between. The lead
+/// then finds that verdict in the cache and hands it to whoever joined it
+/// meanwhile, rather than have the content sent and scanned again.
+#[tokio::test]
+async fn a_lead_taken_just_after_another_landed_finds_its_verdict() {
+    let engine = engine(1 << 20);
+    let cache = engine.cache();
+    let key = engine.cache_key(&blake3::hash(EICAR), None);
+    assert!(cache.get(&key).is_none());
+    // In between, the content is scanned and cached.
+    engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
+    let Join::Lead(flight) = cache.flights().join(key) else {
+        panic!("nobody else leads")
+    };
+    let Join::Wait(waiter) = cache.flights().join(key) else {
+        panic!("the lead is under way")
+    };
+    let hit = cache
+        .landed_meanwhile(flight)
+        .ok()
+        .expect("the verdict cached");
+    assert!(!hit.verdict.is_clean());
+    let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+    let handed = waiter.verdict(soon).await.expect("handed on");
+    assert!(!handed.verdict.is_clean());
+    assert!(cache.flights().is_empty());
+
+    let unknown = engine.cache_key(&blake3::hash(b"never scanned"), None);
+    let Join::Lead(flight) = cache.flights().join(unknown) else {
+        panic!("nobody else leads")
+    };
+    assert!(
+        cache.landed_meanwhile(flight).is_err(),
+        "nothing cached: led"
+    );
 }
 
 #[test]

@@ -230,6 +230,22 @@ impl SharedCache {
         self.entries.peek(key)
     }
 
+    /// The verdict a flight for the key of `flight` left here, if one
+    /// landed since the caller found nothing under that key and led
+    /// `flight` (looking up, then joining, is not one step): `flight` hands
+    /// it on to whoever joined it meanwhile. Otherwise `flight`, to lead:
+    /// without this second look the content would be asked for, and
+    /// scanned, again.
+    pub fn landed_meanwhile(&self, flight: Flight) -> Result<Arc<CachedVerdict>, Flight> {
+        match self.peek(flight.key()) {
+            Some(hit) => {
+                flight.land(Some(Arc::clone(&hit)));
+                Ok(hit)
+            }
+            None => Err(flight),
+        }
+    }
+
     /// Remembers a verdict the engine made on content it hashed itself.
     /// Failures are not cached.
     pub fn insert(&self, key: CacheKey, verdict: Verdict, rules_version: &Arc<str>) {

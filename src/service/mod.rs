@@ -262,14 +262,16 @@ impl ProtectionServer for ProtectionService {
                 continue;
             }
             let key = CacheKey::new(digest, &ruleset, None);
-            let verdict = cache
-                .get(&key)
-                .map(|hit| FileVerdict::in_lookup(&hit, false));
-            if verdict.is_none()
-                && let Some(waiter) = cache.flights().waiting(&key)
-            {
-                under_way.push((index, waiter));
+            let mut known = cache.get(&key);
+            if known.is_none() {
+                match cache.flights().waiting(&key) {
+                    Some(waiter) => under_way.push((index, waiter)),
+                    // A flight that landed since the look above left its
+                    // verdict in the cache.
+                    None => known = cache.peek(&key),
+                }
             }
+            let verdict = known.map(|hit| FileVerdict::in_lookup(&hit, false));
             results.push(LookupResult { verdict });
         }
         let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;

@@ -689,38 +689,39 @@ impl ScanStream {
         };
         let engine = &self.state.engine;
         let key = engine.cache_key(&digest, Some(file.name.as_ref()));
-        if let Some(hit) = engine.cache().get(&key) {
-            let verdict = FileVerdict::hash_first(&hit, false, &self.version);
-            file.owed.settle(file.size, &file.name, &verdict);
-            return Some(reply(id, verdict_reply(verdict)));
-        }
-        match engine
-            .cache()
-            .flights()
-            .join_or_subscribe(key, &self.landings, id)
-        {
-            Subscription::Lead(flight) => {
-                // Leads and waits begin in order: the first to end is
-                // still the one the stream looks out for.
-                let until = Instant::now() + UPLOAD_WAIT;
-                self.next_expiry.get_or_insert(until);
-                let leads = Standing::Leads { flight, until };
-                self.open_for_content(id, file, Some(digest), leads)
-            }
-            Subscription::Waits(flight) => {
-                let deadline = Instant::now() + UPLOAD_WAIT;
-                self.next_expiry.get_or_insert(deadline);
-                let wait = Wait {
-                    key,
-                    flight,
-                    digest,
-                    deadline,
-                };
-                let standing = Standing::Waits(wait);
-                self.open.insert(id, OpenFile { standing, ..file });
-                None
-            }
-        }
+        let cache = engine.cache();
+        let hit = match cache.get(&key) {
+            Some(hit) => hit,
+            None => match cache.flights().join_or_subscribe(key, &self.landings, id) {
+                Subscription::Lead(flight) => match cache.landed_meanwhile(flight) {
+                    Ok(hit) => hit,
+                    Err(flight) => {
+                        // Leads and waits begin in order: the first to end
+                        // is still the one the stream looks out for.
+                        let until = Instant::now() + UPLOAD_WAIT;
+                        self.next_expiry.get_or_insert(until);
+                        let leads = Standing::Leads { flight, until };
+                        return self.open_for_content(id, file, Some(digest), leads);
+                    }
+                },
+                Subscription::Waits(flight) => {
+                    let deadline = Instant::now() + UPLOAD_WAIT;
+                    self.next_expiry.get_or_insert(deadline);
+                    let wait = Wait {
+                        key,
+                        flight,
+                        digest,
+                        deadline,
+                    };
+                    let standing = Standing::Waits(wait);
+                    self.open.insert(id, OpenFile { standing, ..file });
+                    return None;
+                }
+            },
+        };
+        let verdict = FileVerdict::hash_first(&hit, false, &self.version);
+        file.owed.settle(file.size, &file.name, &verdict);
+        Some(reply(id, verdict_reply(verdict)))
     }
 
     /// The checks every begin passes: a new file id, a known session, a
@@ -1172,7 +1173,10 @@ impl Judging {
                     return Judging::Known(hit);
                 }
                 match cache.flights().join(key) {
-                    Join::Lead(flight) => Some(flight),
+                    Join::Lead(flight) => match cache.landed_meanwhile(flight) {
+                        Ok(hit) => return Judging::Known(hit),
+                        Err(flight) => Some(flight),
+                    },
                     Join::Wait(_) => None,
                 }
             }
@@ -1181,7 +1185,10 @@ impl Judging {
                     return Judging::Known(hit);
                 }
                 match cache.flights().join(key) {
-                    Join::Lead(flight) => Some(flight),
+                    Join::Lead(flight) => match cache.landed_meanwhile(flight) {
+                        Ok(hit) => return Judging::Known(hit),
+                        Err(flight) => Some(flight),
+                    },
                     Join::Wait(waiter) => return Judging::Follow(waiter),
                 }
             }
