@@ -193,6 +193,12 @@ impl Connections {
         Self::of("admin", "at most 64", ADMIN_CONNECTIONS)
     }
 
+    /// Room for the metrics listener's
+    /// [`METRICS_CONNECTIONS`](crate::metrics::METRICS_CONNECTIONS).
+    pub fn metrics() -> Self {
+        Self::of("metrics", "at most 16", crate::metrics::METRICS_CONNECTIONS)
+    }
+
     fn of(whose: &'static str, limit: &'static str, max: usize) -> Self {
         Connections {
             whose,

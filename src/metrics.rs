@@ -2,15 +2,27 @@
 //! `/metrics` endpoint (OpenMetrics text) on a listener of its own, off
 //! unless `--metrics-listen` is given.
 //!
+//! The listener is often reachable from other hosts (Prometheus scrapes
+//! it from its own), so it is bounded as the others are: at most
+//! [`METRICS_CONNECTIONS`] connections at once, one request each, each
+//! connection closed [`METRICS_CONNECTION_TIME`] after its accept whatever
+//! it is doing. A client that opens connections and sends nothing, or
+//! reads nothing, takes a few descriptors for a few seconds, never the
+//! ones agents need.
+//!
 //! Counters on the hot path are plain atomics, created once: recording a
 //! verdict takes no lock (an engine scan's time goes into a histogram,
 //! which takes one briefly, once per scan). Figures that already exist
 //! elsewhere (the cache's statistics, connected agents, the queue) are read
 //! when Prometheus scrapes, not copied as they change.
 
-use std::{fmt, future::Future, sync::Arc};
+use std::{convert::Infallible, fmt, future::Future, sync::Arc, time::Duration};
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -26,10 +38,19 @@ use prometheus_client::{
 };
 
 use crate::{
+    connections::Connections,
     proto,
     service::ServiceState,
     status::{Svm, signatures_info},
 };
+
+/// Connections the metrics listener serves at once; one more is closed
+/// at its accept. Prometheus needs one per scrape.
+pub const METRICS_CONNECTIONS: usize = 16;
+
+/// How long a metrics connection may last, from its accept: its request
+/// and the whole response.
+pub const METRICS_CONNECTION_TIME: Duration = Duration::from_secs(10);
 
 /// What the server counts as it works. One per engine, shared.
 #[derive(Debug)]
@@ -413,31 +434,60 @@ pub fn registry(svm: Arc<Svm>, state: Arc<ServiceState>) -> Registry {
     registry
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` resolves.
+/// Serves `/metrics` on `listener` until `shutdown` resolves, within the
+/// bounds of [`METRICS_CONNECTIONS`] and [`METRICS_CONNECTION_TIME`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .with_state(Arc::new(registry));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    let registry = Arc::new(registry);
+    let connections = Connections::metrics();
+    let mut failing = false;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _, place) = tokio::select! {
+            accepted = connections.accept(&listener, &mut failing) => accepted,
+            () = &mut shutdown => return,
+        };
+        let registry = Arc::clone(&registry);
+        let scrape = service_fn(move |request| {
+            let response = scrape(&registry, &request);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), scrape);
+        tokio::spawn(async move {
+            let _place = place;
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIME, connection).await;
+        });
+    }
 }
 
-async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+/// The response to `request`: the metrics for `GET /metrics`.
+fn scrape(registry: &Registry, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let status = |status: StatusCode| {
+        let mut response = Response::new(Full::default());
+        *response.status_mut() = status;
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return status(StatusCode::NOT_FOUND);
     }
+    if request.method() != Method::GET {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        return status(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
 }

@@ -562,12 +562,7 @@ impl Server {
         }
         if let Some(listener) = self.metrics.take() {
             let registry = metrics::registry(Arc::clone(&self.svm), Arc::clone(&self.state));
-            let serve = metrics::serve(listener, registry, down());
-            tokio::spawn(async move {
-                if let Err(err) = serve.await {
-                    tracing::error!("the metrics listener failed: {err}");
-                }
-            });
+            tokio::spawn(metrics::serve(listener, registry, down()));
         }
         reporting
     }

@@ -1207,6 +1207,38 @@ async fn scrape(addr: SocketAddr) -> String {
     response
 }
 
+/// The metrics listener, often open to other hosts, is bounded: clients
+/// that open connections and send nothing take at most
+/// `METRICS_CONNECTIONS` of them, for at most `METRICS_CONNECTION_TIME`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_metrics_clients_take_a_few_connections_for_a_few_seconds() {
+    use scanserver::metrics::{METRICS_CONNECTION_TIME, METRICS_CONNECTIONS};
+    use tokio::io::AsyncReadExt;
+    let server = TestServer::start(|config| {
+        config.server.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let addr = server.metrics.unwrap();
+    let opened = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..METRICS_CONNECTIONS {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Accepted in turn: the one beyond them is closed at once.
+    let mut beyond = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), beyond.read(&mut buf)).await;
+    assert_eq!(read.expect("closed at once").unwrap(), 0);
+    // The silent ones are closed when their time is up, and scrapes work
+    // again.
+    for mut connection in silent {
+        let read = tokio::time::timeout(METRICS_CONNECTION_TIME * 2, connection.read(&mut buf));
+        assert!(matches!(read.await, Ok(Ok(0) | Err(_))), "closed");
+    }
+    assert!(opened.elapsed() >= METRICS_CONNECTION_TIME);
+    assert!(scrape(addr).await.contains("scanserver_scans_total"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_scans_verdicts_and_agents() {
     let server = TestServer::start(|config| {
