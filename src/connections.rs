@@ -39,7 +39,8 @@
 //! request sent in the moment the connection closes fails with
 //! UNAVAILABLE, to be sent again.
 //! A leaked channel that keeps a call open (a health `Watch`, say) keeps
-//! its place: that call is its client's to end.
+//! its place: that call is its client's to end. The admin listener's TCP
+//! connections are closed the same way after [`ADMIN_IDLE`].
 //!
 //! The default, twice `max_agents` and 64 more, leaves every agent room to
 //! reconnect while its old connection is still being closed (a dead peer's
@@ -108,6 +109,13 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// their tools need a few, and without a bound any local user (any member
 /// of the socket's group) could take every descriptor the server has.
 pub const ADMIN_CONNECTIONS: usize = 64;
+
+/// How long an admin connection over TCP is kept with no call under way:
+/// a tool makes its call as soon as it connects, and one that leaks its
+/// connections (or a local user who opens them and calls nothing) must not
+/// keep the places operators need. (Over the Unix socket, only the
+/// socket's group can connect.)
+pub const ADMIN_IDLE: Duration = Duration::from_secs(10);
 
 /// A listener whose connections [`Connections`] bounds.
 pub trait Listener: Send + Sync + 'static {
@@ -188,9 +196,13 @@ impl Connections {
         }
     }
 
-    /// Room for the admin listener's [`ADMIN_CONNECTIONS`].
+    /// Room for the admin listener's [`ADMIN_CONNECTIONS`], each closed
+    /// once it has had no call under way for [`ADMIN_IDLE`] (over TCP).
     pub fn admin() -> Self {
-        Self::of("admin", "at most 64", ADMIN_CONNECTIONS)
+        Connections {
+            idle_after: Some(ADMIN_IDLE),
+            ..Self::of("admin", "at most 64", ADMIN_CONNECTIONS)
+        }
     }
 
     /// Room for the metrics listener's
@@ -468,7 +480,8 @@ impl<IO> Counted<IO> {
         idle.calls.closed_idle.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             peer = %idle.ends.remote,
-            "an agent connection had no call under way for {:?}; closed",
+            "an {} connection had no call under way for {:?}; closed",
+            self.place.whose,
             idle.after
         );
         let message = format!("no call under way for {:?}", idle.after);

@@ -529,17 +529,19 @@ impl Server {
                 .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"))
                 .ok()
                 .map(|reflection| InterceptedService::new(reflection, token.clone()));
-            // Bounded as agent connections are (see `connections`), and
-            // pinged: a tool gone without a word lets go of its place.
+            // Bounded as agent connections are (see `connections`), closed
+            // once idle, and pinged: a tool gone without a word lets go of
+            // its place.
+            let connections = Arc::new(connections::Connections::admin());
             let router = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .layer(connections.calls_layer())
                 .add_service(AdminServer::with_interceptor(
                     AdminService::new(Arc::clone(&self.svm), Arc::clone(&self.reloader)),
                     token,
                 ))
                 .add_optional_service(reflection);
-            let connections = Arc::new(connections::Connections::admin());
             let (serve, socket_file): (AdminServing, _) = match listener {
                 AdminListener::Tcp(listener) => {
                     let incoming = connections.incoming(listener);

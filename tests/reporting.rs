@@ -1239,6 +1239,40 @@ async fn silent_metrics_clients_take_a_few_connections_for_a_few_seconds() {
     assert!(scrape(addr).await.contains("scanserver_scans_total"));
 }
 
+/// An admin connection over TCP that makes no call is closed once idle:
+/// tools connect for their call, and one that leaks connections (or a
+/// local user who opens them) does not keep the places operators need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_connection_with_no_call_is_closed_once_idle() {
+    use scanserver::connections::ADMIN_IDLE;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(|_| {}).await;
+    let scanserver::admin::AdminAddr::Tcp(admin) = &server.admin else {
+        panic!("the test server's admin listener is on TCP")
+    };
+    let mut idle = tokio::net::TcpStream::connect(admin).await.unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let opened = std::time::Instant::now();
+    let mut buf = [0; 1024];
+    let closed = async {
+        // The server's own settings come first.
+        while matches!(idle.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::time::timeout(ADMIN_IDLE * 3, closed)
+        .await
+        .expect("closed once idle");
+    assert!(opened.elapsed() >= ADMIN_IDLE);
+    // A tool's call goes on as ever.
+    let status = server
+        .admin_client()
+        .await
+        .status(scanserver::proto::StatusRequest {})
+        .await;
+    assert!(status.is_ok(), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_scans_verdicts_and_agents() {
     let server = TestServer::start(|config| {
