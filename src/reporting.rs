@@ -32,7 +32,7 @@ use crate::{
     auth::{BearerToken, RequireToken, SendToken, TokenError},
     client::{ClientTls, client_tls},
     proto::{
-        ReportAck, ReportTrigger, SvmReason, SvmReport,
+        ReportAck, ReportTrigger, SvmReason, SvmReport, VmInfo,
         integration_server_client::IntegrationServerClient,
         integration_server_server::{IntegrationServer, IntegrationServerServer},
     },
@@ -53,6 +53,13 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// How long one report may take, connection included.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most a report's VMs may take, encoded: gRPC servers take messages
+/// of up to 4 MiB unless told otherwise, and a report always too large for
+/// its receiver would never be delivered (an SVM whose pool gets new VM ids
+/// at every boot may remember tens of thousands that lost their
+/// connection). See [`keep_within_budget`].
+pub const REPORT_VMS_BUDGET: usize = 3 << 20;
 
 /// The `[reporting]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -123,6 +130,9 @@ pub struct Reporter {
     token: SendToken,
     interval: Duration,
     sequence: u64,
+    /// VMs the last report left out (see [`REPORT_VMS_BUDGET`]), to warn
+    /// when it begins to.
+    vms_left_out: u32,
 }
 
 impl Reporter {
@@ -163,6 +173,7 @@ impl Reporter {
             token,
             interval: config.interval,
             sequence: 0,
+            vms_left_out: 0,
         }))
     }
 
@@ -260,6 +271,16 @@ impl Reporter {
         report.reasons = carried.reasons.iter().map(|&r| r as i32).collect();
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
+        report.vms_left_out = keep_within_budget(&mut report.vms);
+        if report.vms_left_out > 0 && self.vms_left_out == 0 {
+            tracing::warn!(
+                left_out = report.vms_left_out,
+                listed = report.vms.len(),
+                "reports list {} MiB of VMs at most: the others are left out (counted in vms_left_out)",
+                REPORT_VMS_BUDGET >> 20
+            );
+        }
+        self.vms_left_out = report.vms_left_out;
         let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(report)).await;
         let result = match result {
             Ok(Ok(ack)) => {
@@ -293,6 +314,35 @@ impl Reporter {
         self.svm.reported(result);
         delivered.then_some(carried)
     }
+}
+
+/// Keeps `vms` within [`REPORT_VMS_BUDGET`], encoded: connected VMs first,
+/// then those with a security tag, then the others, worst status first,
+/// most recently seen first. Returns how many were left out.
+fn keep_within_budget(vms: &mut Vec<VmInfo>) -> u32 {
+    use std::cmp::Reverse;
+    vms.sort_by_key(|vm| {
+        let status = Reverse(vm.status);
+        (
+            !vm.connected,
+            vm.tags.is_empty(),
+            status,
+            Reverse(vm.last_seen_unix_ms),
+        )
+    });
+    let mut used = 0;
+    let kept = vms
+        .iter()
+        .take_while(|vm| {
+            // The field's key and length, and the VM.
+            let len = prost::Message::encoded_len(*vm);
+            used += 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            used <= REPORT_VMS_BUDGET
+        })
+        .count();
+    let left_out = vms.len() - kept;
+    vms.truncate(kept);
+    u32::try_from(left_out).unwrap_or(u32::MAX)
 }
 
 /// `interval`, stretched or shortened at random by up to [`JITTER`].

@@ -444,6 +444,7 @@ impl Svm {
             vms,
             load: Some(load),
             cache: Some(CacheStatistics::from(&cache)),
+            vms_left_out: 0,
         }
     }
 

@@ -376,6 +376,46 @@ impl FreezingProxy {
 /// A report that got no answer in time is sent again on a new connection:
 /// the one it went on may lead to a peer that vanished without a word, and
 /// would fail every report until TCP gave up on it.
+/// A report lists at most `REPORT_VMS_BUDGET` of VMs (tagged ones before
+/// the others), and counts those it leaves out: a report too large for
+/// its receiver would never be delivered.
+#[tokio::test(start_paused = true)]
+async fn a_report_keeps_its_vms_within_what_receivers_take() {
+    use prost::Message;
+    use scanserver::reporting::REPORT_VMS_BUDGET;
+    const VMS: usize = 5_000;
+    let receiver = TestReceiver::start();
+    let (svm, _stop) = reporting_svm(&receiver, |_| {}).await;
+    first_report(&receiver, &svm).await;
+    // VMs with the longest names an agent may give, each of whose agent
+    // lost its connection.
+    let long = |what: &str, n: usize| format!("{what}-{n:05}-{}", "x".repeat(240));
+    for n in 0..VMS {
+        let session = svm
+            .sessions
+            .open(AgentIdentity {
+                agent_id: long("agent", n),
+                vm_id: long("vm", n),
+                vm_name: long("name", n),
+                os: "Windows".into(),
+                agent_version: "1".into(),
+                certificate: None,
+            })
+            .unwrap();
+        svm.sessions.close(&session.id, Ending::Dropped);
+    }
+    let tagged = long("vm", VMS - 1);
+    svm.vms.threat_found(&tagged);
+    let (report, _) = next_report_within(&receiver, Duration::from_secs(60))
+        .await
+        .expect("a report of the change");
+    let listed: usize = report.vms.iter().map(|vm| vm.encoded_len()).sum();
+    assert!(listed <= REPORT_VMS_BUDGET, "{listed} bytes of VMs");
+    assert!(report.vms_left_out > 0, "{} VMs listed", report.vms.len());
+    assert_eq!(report.vms.len() + report.vms_left_out as usize, VMS);
+    assert_eq!(report.vms[0].vm_id, tagged, "a tagged VM first");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_report_without_an_answer_is_sent_again_on_a_new_connection() {
     let receiver = TestReceiver::start();
