@@ -111,8 +111,8 @@ impl Config {
         if self.engine.max_scan_size == 0 {
             return invalid("engine.max_scan_size", "must be more than 0");
         }
-        if self.engine.queue_capacity == 0 {
-            return invalid("engine.queue_capacity", "must be at least 1");
+        if !(1..=1 << 20).contains(&self.engine.queue_capacity) {
+            return invalid("engine.queue_capacity", "must be between 1 and 1,048,576");
         }
         if self.server.idle_timeout <= self.engine.scan_timeout {
             return invalid(
@@ -597,6 +597,11 @@ mod tests {
         assert_eq!(
             refused(|c| c.engine.queue_capacity = 0),
             "engine.queue_capacity"
+        );
+        assert_eq!(
+            refused(|c| c.engine.queue_capacity = usize::MAX),
+            "engine.queue_capacity",
+            "refused, not a panic in the engine's semaphore"
         );
         assert_eq!(refused(|c| c.server.max_agents = 0), "server.max_agents");
         assert_eq!(

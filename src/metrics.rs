@@ -286,7 +286,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_agent_connections_max",
-                "The most connections open at once on the agent listener",
+                "Connections the agent listener keeps open at once at most (server.max_connections)",
                 svm.connections.max() as u64,
             ),
             (

@@ -270,25 +270,29 @@ async fn submissions_wait_for_a_bounded_queue() {
 }
 
 #[tokio::test]
-async fn a_full_queue_answers_busy_at_once() {
+async fn a_full_queue_makes_the_next_scan_wait_for_a_place() {
     let config = EngineConfig {
         queue_capacity: 1,
         ..EngineConfig::default()
     };
     let engine = engine_with(shipped_ruleset(), config);
-    let first = engine.try_reserve().unwrap();
-    let busy = engine.try_reserve();
-    assert!(busy.is_err(), "the only slot is taken");
-    assert!(busy.err().unwrap().to_string().contains("queue is full"));
-    let outcome = first
-        .scan(ScanJob::bytes(EICAR.to_vec(), None), |_| {})
-        .await;
+    let eicar = ScanJob::bytes(EICAR.to_vec(), None);
+    let first = engine.reserve(&eicar.content).await;
+    assert_eq!(engine.queue_depth(), 1);
+    let waiting = tokio::spawn({
+        let engine = Arc::clone(&engine);
+        async move { engine.submit(ScanJob::bytes(b"x".to_vec(), None)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the only place is taken");
+    let outcome = first.scan(eicar, |_| {}).await;
     assert!(matches!(outcome.verdict, Verdict::Infected(_)));
-    let second = engine.try_reserve().unwrap();
-    let outcome = second
-        .scan(ScanJob::bytes(b"x".to_vec(), None), |_| {})
-        .await;
-    assert_eq!(outcome.verdict, Verdict::Clean);
+    let outcome = waiting.await.unwrap();
+    assert_eq!(
+        outcome.verdict,
+        Verdict::Clean,
+        "scanned once the place was free"
+    );
 }
 
 /// A spooled upload waits for its share of the mapped budget before it

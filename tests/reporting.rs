@@ -496,7 +496,8 @@ async fn a_scan_queue_full_for_a_minute_turns_the_svm_warning() {
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(Arc::clone(&svm).monitor(shutdown_rx));
 
-    let slot = svm.engine.try_reserve().unwrap();
+    let job = ScanJob::bytes(b"queued".to_vec(), None);
+    let slot = svm.engine.reserve(&job.content).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(
         svm.status().health,

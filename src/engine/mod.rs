@@ -12,9 +12,9 @@
 //!   built per file.
 //! * Files are read into the worker's reusable buffer, or memory-mapped when
 //!   large (see `mapped`).
-//! * The async entry point ([`Engine::submit`]) goes through a bounded queue:
-//!   a flood of work waits for a slot (or, with [`Engine::try_reserve`],
-//!   gets [`EngineBusy`] at once) instead of growing memory without bound.
+//! * The async entry points ([`Engine::reserve`], [`Engine::submit`]) go
+//!   through a bounded queue: a flood of work waits for a slot (and its
+//!   caller stops reading more) instead of growing memory without bound.
 //! * A thread busy with one job for far longer than the scan timeout
 //!   allows is counted as stuck ([`Engine::stuck_threads`], see `stuck`).
 //! * Verdicts are remembered in the [`SharedCache`] under the digest the
@@ -40,7 +40,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::{
     cache::{CacheKey, CachedVerdict, Digest, SharedCache},
@@ -99,13 +99,6 @@ pub enum EngineError {
     Pool(#[from] rayon::ThreadPoolBuildError),
     #[error("queue_capacity must be at least 1")]
     ZeroQueue,
-}
-
-/// The scan queue is full; try again later.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the scan queue is full ({capacity} scans queued or running); retry later")]
-pub struct EngineBusy {
-    pub capacity: usize,
 }
 
 /// What to scan.
@@ -432,22 +425,6 @@ impl Engine {
             engine: Arc::clone(self),
             permit,
             mapped,
-        }
-    }
-
-    /// A place in the queue, or [`EngineBusy`] at once when it is full. A
-    /// spooled file scanned in it waits for its share of the mapped budget
-    /// on its scan thread.
-    pub fn try_reserve(self: &Arc<Self>) -> Result<ScanSlot, EngineBusy> {
-        match Arc::clone(&self.queue).try_acquire_owned() {
-            Ok(permit) => Ok(ScanSlot {
-                engine: Arc::clone(self),
-                permit,
-                mapped: None,
-            }),
-            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => Err(EngineBusy {
-                capacity: self.queue_capacity,
-            }),
         }
     }
 
