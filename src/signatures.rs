@@ -641,7 +641,10 @@ impl SourceSet {
     /// the included file, resolved from the including file's own folder (as
     /// YARA does; YARA-X alone would resolve it from the working directory),
     /// and adds included files to the set. An include that leaves the
-    /// ruleset folder, or cannot be read, is an error.
+    /// ruleset folder, or cannot be read, is an error. Includes are found
+    /// as YARA-X's parser finds them (see [`includes`]), wherever they
+    /// stand on their line: one missed would be compiled from a file the
+    /// version does not cover, and could leave the folder.
     fn resolve_includes(&mut self, root: &Path) -> Result<(), SignatureError> {
         let mut errors = Vec::new();
         let mut pending: Vec<usize> = (0..self.files.len()).collect();
@@ -649,17 +652,24 @@ impl SourceSet {
             let file = &self.files[index];
             let dir = file.path.parent().unwrap_or(root).to_owned();
             let mut rewritten = Vec::with_capacity(file.text.len());
+            let mut copied = 0;
             let mut found = Vec::new();
-            for (number, line) in file.text.split_inclusive(|&b| b == b'\n').enumerate() {
-                let Some((column, target)) = include_target(line) else {
-                    rewritten.extend_from_slice(line);
-                    continue;
-                };
-                let resolved = dir.join(target).canonicalize();
+            for (statement, target) in includes(&file.text) {
+                let before = &file.text[..statement.start];
+                let number = before.iter().filter(|&&b| b == b'\n').count();
+                let column = before.len()
+                    - before
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(0, |at| at + 1)
+                    + 1;
+                let resolved = dir.join(&target).canonicalize();
                 match resolved {
                     Ok(path) if path.starts_with(root) => {
                         let literal = path.to_string_lossy().replace('\\', "/");
-                        rewritten.extend_from_slice(format!("include \"{literal}\"\n").as_bytes());
+                        rewritten.extend_from_slice(&file.text[copied..statement.start]);
+                        rewritten.extend_from_slice(format!("include \"{literal}\"").as_bytes());
+                        copied = statement.end;
                         found.push(path);
                     }
                     Ok(path) => errors.push(Diagnostic::include_error(
@@ -676,6 +686,7 @@ impl SourceSet {
                     )),
                 }
             }
+            rewritten.extend_from_slice(&self.files[index].text[copied..]);
             if self.files[index].top_level {
                 self.files[index].text = rewritten;
             }
@@ -779,15 +790,19 @@ impl SourceFile {
     }
 }
 
-/// The target of an `include "..."` statement on `line`, with its column.
-fn include_target(line: &[u8]) -> Option<(usize, &str)> {
-    let text = std::str::from_utf8(line).ok()?;
-    let trimmed = text.trim_start();
-    let rest = trimmed.strip_prefix("include")?;
-    let quoted = rest.trim_start().strip_prefix('"')?;
-    let end = quoted.find('"')?;
-    let column = text.len() - trimmed.len() + 1;
-    Some((column, &quoted[..end]))
+/// The `include` statements of `text`, as YARA-X's parser finds them:
+/// where each stands (from `include` to the file name's closing quote),
+/// and the file name. Comments are not statements; a file that does not
+/// parse still gives those it has (the compiler reports the rest).
+fn includes(text: &[u8]) -> Vec<(std::ops::Range<usize>, String)> {
+    use yara_x_parser::ast::{AST, Item, WithSpan};
+    AST::from(text)
+        .items()
+        .filter_map(|item| match item {
+            Item::Include(include) => Some((include.span().range(), include.file_name.to_owned())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Compiled rules on disk, one checksummed file per ruleset version, with
@@ -939,14 +954,24 @@ mod tests {
     }
 
     #[test]
-    fn include_statements_are_recognised() {
-        assert_eq!(include_target(b"include \"a.yar\"\n"), Some((1, "a.yar")));
+    fn include_statements_are_found_as_yara_x_parses_them() {
+        let found = |text: &str| {
+            includes(text.as_bytes())
+                .into_iter()
+                .map(|(at, target)| (text[at].to_owned(), target))
+                .collect::<Vec<_>>()
+        };
+        let statement = |text: &str, target: &str| (text.to_owned(), target.to_owned());
         assert_eq!(
-            include_target(b"  include   \"../b.yara\""),
-            Some((3, "../b.yara"))
+            found("include \"a.yar\"\n"),
+            [statement("include \"a.yar\"", "a.yar")]
         );
-        assert_eq!(include_target(b"// include \"a.yar\""), None);
-        assert_eq!(include_target(b"rule included { condition: true }"), None);
+        assert_eq!(
+            found("/* x */ include   \"../b.yara\" rule r { condition: true }"),
+            [statement("include   \"../b.yara\"", "../b.yara")]
+        );
+        assert_eq!(found("// include \"a.yar\"\n/* include \"b.yar\" */"), []);
+        assert_eq!(found("rule included { condition: true }"), []);
     }
 
     /// A file compiled on its own and included by another too is read

@@ -353,14 +353,19 @@ fn includes_resolve_from_the_including_file_and_stay_inside_the_folder() {
         "private rule base { condition: filesize > 0 }\n",
     )
     .unwrap();
+    // An include found as YARA-X finds it, wherever it stands on its line,
+    // and what follows it on the line kept.
     fs::write(
         root.join("deep/er/uses.yar"),
-        "include \"../../base.inc\"\nrule uses { condition: base }\n",
+        "/* shared */ include \"../../base.inc\" rule also { condition: base }\n\
+         rule uses { condition: base }\n",
     )
     .unwrap();
     let ruleset = Ruleset::load(&root, None).unwrap();
     let engine = engine_with(ruleset, Default::default());
-    assert_eq!(matching_rules(&engine, b"x", "x"), ["uses"]);
+    let mut matched = matching_rules(&engine, b"x", "x");
+    matched.sort();
+    assert_eq!(matched, ["also", "uses"]);
 
     // Changing an included file changes the version.
     let before = Ruleset::load(&root, None).unwrap().version().to_owned();
@@ -376,13 +381,17 @@ fn includes_resolve_from_the_including_file_and_stay_inside_the_folder() {
         "rule outside { condition: true }\n",
     )
     .unwrap();
-    fs::write(root.join("escape.yar"), "\ninclude \"../outside.yar\"\n").unwrap();
+    fs::write(
+        root.join("escape.yar"),
+        "// include \"commented.yar\"\n/* */ include \"../outside.yar\"\n",
+    )
+    .unwrap();
     let err = Ruleset::load(&root, None).unwrap_err();
     let SignatureError::Compile(errors) = &err else {
         panic!("{err}")
     };
     assert_eq!(errors[0].file.as_deref(), Some("escape.yar"));
-    assert_eq!(errors[0].line, Some(2));
+    assert_eq!((errors[0].line, errors[0].column), (Some(2), Some(7)));
     assert!(
         errors[0].title.contains("leaves the ruleset folder"),
         "{err}"
