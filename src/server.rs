@@ -427,10 +427,15 @@ impl Server {
             }
             tokio::select! {
                 () = tokio::time::sleep(grace) => {
-                    tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
+                    tracing::warn!(
+                        ?grace,
+                        "shutdown grace period over; making the last saves (connections still open end with the process)"
+                    );
                 }
                 () = termination_signal() => {
-                    tracing::warn!("second signal: closing remaining connections now");
+                    tracing::warn!(
+                        "second signal: making the last saves now (connections still open end with the process)"
+                    );
                 }
             }
         };
