@@ -475,7 +475,7 @@ fn scrape(registry: &Registry, request: &Request<Incoming>) -> Response<Full<Byt
     if request.uri().path() != "/metrics" {
         return status(StatusCode::NOT_FOUND);
     }
-    if request.method() != Method::GET {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
     let mut text = String::new();

@@ -355,32 +355,23 @@ impl<R> Default for Saved<R> {
 
 const FORMAT: u32 = 1;
 
-/// Forgets at most `n` of the idle VMs (no session), those seen least
-/// recently, untagged ones first; returns how many. A VM whose tags were
-/// all assigned automatically goes only when no untagged one is left (with
-/// a warning: its tag goes with it), and one tagged by hand never. VM ids
-/// are the agents' to choose: were automatic tags kept whatever the
-/// cost, an agent reporting attacks for made-up VMs could fill the
-/// registry with them for good, and lock every new VM out.
-fn forget_idle(by_id: &mut Registry, n: usize) -> usize {
-    let forgettable = |vm: &VmRecord| {
-        let by_hand = vm.tags.values().any(|tag| tag.origin == TagOrigin::Manual);
-        vm.session_id.is_none() && !by_hand
-    };
-    let mut idle: Vec<_> = by_id
-        .values()
-        .filter(|vm| forgettable(vm))
-        .map(|vm| (!vm.tags.is_empty(), vm.last_seen, vm.vm_id.clone()))
-        .collect();
-    if idle.len() > n {
-        idle.select_nth_unstable(n);
-        idle.truncate(n);
+/// Forgets up to `n` of the idle VMs (no session) that carry no tag,
+/// those seen least recently; when that makes fewer than `needed`, as many
+/// more of those whose tags were all assigned automatically (with a
+/// warning: their tags go with them). Returns how many. A VM tagged by hand
+/// is never forgotten. VM ids are the agents' to choose: were automatic
+/// tags kept whatever the cost, an agent reporting attacks for made-up VMs
+/// could fill the registry with them for good, and lock every new VM out;
+/// but no more of them go than room needs.
+fn forget_idle(by_id: &mut Registry, n: usize, needed: usize) -> usize {
+    let untagged = forget_least_recent(by_id, n, |vm| vm.tags.is_empty());
+    if untagged.len() >= needed {
+        return untagged.len();
     }
-    for (_, _, vm_id) in &idle {
-        by_id.remove(vm_id);
-    }
-    let tagged: Vec<_> = idle.iter().filter(|(tagged, ..)| *tagged).collect();
-    if let Some((_, _, first)) = tagged.first() {
+    let automatic =
+        |vm: &VmRecord| (vm.tags.values()).all(|tag| tag.origin == TagOrigin::Automatic);
+    let tagged = forget_least_recent(by_id, needed - untagged.len(), automatic);
+    if let Some(first) = tagged.first() {
         tracing::warn!(
             forgotten = tagged.len(),
             first = %first,
@@ -389,7 +380,31 @@ fn forget_idle(by_id: &mut Registry, n: usize) -> usize {
              VM ids to certificates (vm_id_in_certificate)"
         );
     }
-    idle.len()
+    untagged.len() + tagged.len()
+}
+
+/// Forgets up to `n` of the idle VMs for which `which` holds, those seen
+/// least recently; returns their ids.
+fn forget_least_recent(
+    by_id: &mut Registry,
+    n: usize,
+    which: impl Fn(&VmRecord) -> bool,
+) -> Vec<String> {
+    let mut idle: Vec<_> = by_id
+        .values()
+        .filter(|vm| vm.session_id.is_none() && which(vm))
+        .map(|vm| (vm.last_seen, vm.vm_id.clone()))
+        .collect();
+    if idle.len() > n {
+        idle.select_nth_unstable(n);
+        idle.truncate(n);
+    }
+    idle.into_iter()
+        .map(|(_, vm_id)| {
+            by_id.remove(&vm_id);
+            vm_id
+        })
+        .collect()
 }
 
 /// A saved registry whose records are read one by one.
@@ -551,7 +566,7 @@ impl Vms {
             let room = (self.limit / 100).max(1);
             if !by_id.contains_key(&agent.vm_id)
                 && by_id.len() >= self.limit
-                && forget_idle(&mut by_id, room) == 0
+                && forget_idle(&mut by_id, room, 1) == 0
             {
                 return false;
             }
@@ -816,7 +831,7 @@ impl Vms {
         });
         if by_id.len() > self.limit {
             let excess = by_id.len() - self.limit;
-            forget_idle(&mut by_id, excess);
+            forget_idle(&mut by_id, excess, excess);
         }
     }
 
@@ -934,6 +949,41 @@ mod tests {
         );
         open("vm-5").expect("a VM in the registry comes back");
         drop(fifth);
+    }
+
+    /// Room is made a hundredth of the registry at a time, but no VM with a
+    /// tag goes while an untagged one makes room enough.
+    #[test]
+    fn no_more_tagged_vms_are_forgotten_than_room_needs() {
+        use std::sync::Arc;
+
+        use crate::sessions::Sessions;
+        let vms = Arc::new(Vms {
+            limit: 200,
+            ..Vms::in_memory()
+        });
+        let sessions = Sessions::new(10, &Default::default(), Arc::clone(&vms), Arc::default());
+        let visit = |vm: &str| {
+            let session = sessions
+                .open(AgentIdentity {
+                    agent_id: "agent".into(),
+                    vm_id: vm.into(),
+                    vm_name: vm.into(),
+                    os: "Windows".into(),
+                    agent_version: "1".into(),
+                    certificate: None,
+                })
+                .unwrap();
+            sessions.close(&session.id, Ending::Closed);
+        };
+        for n in 0..199 {
+            visit(&format!("tagged-{n}"));
+            vms.threat_found(&format!("tagged-{n}"));
+        }
+        visit("untagged");
+        visit("new");
+        assert!(vms.get("untagged").is_none(), "made room");
+        assert_eq!(vms.lock().len(), 200, "and no tagged VM went with it");
     }
 
     #[test]

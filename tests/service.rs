@@ -300,6 +300,29 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
     assert!(!verdict.cached && !verdict.coalesced);
 }
 
+/// A lead whose content stops coming gives its lead up an UPLOAD_WAIT
+/// later: a byte now and then does not hold the content's flight for
+/// ever.
+#[tokio::test(start_paused = true)]
+async fn a_lead_whose_content_stops_coming_gives_its_lead_up() {
+    use scanserver::cache::flight::UPLOAD_WAIT;
+    let server =
+        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_secs(3600)).await;
+    let data = content(5, 64 << 10);
+    let mut lw = LeadAndWaiter::start(&server, &data).await;
+    lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();
+    tokio::time::sleep(UPLOAD_WAIT * 2 + Duration::from_secs(1)).await;
+    // Given up: another VM's begin of the same content leads at once.
+    let asked_at = tokio::time::Instant::now();
+    lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
+    let reply = next(&mut lw.waiter_replies).await.1;
+    assert!(
+        matches!(reply, file_reply::Kind::SendContent(_)),
+        "{reply:?}"
+    );
+    assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     let idle = Duration::from_secs(3);

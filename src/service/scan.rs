@@ -201,9 +201,13 @@ enum Standing {
     Unannounced,
     /// The digest was not in the cache and nobody else has the content: the
     /// file leads the flight for it (others wait for its verdict), and gives
-    /// the lead up when none of its content came by `until` (see
-    /// [`ScanStream::expire`]).
-    Leads { flight: Flight, until: Instant },
+    /// the lead up when no more of its content than `received` bytes came
+    /// by `until` (see [`ScanStream::expire`]).
+    Leads {
+        flight: Flight,
+        until: Instant,
+        received: u64,
+    },
     /// Another request has the content: the file waits for its verdict.
     Waits(Wait),
     /// The wait ended without a verdict (the other request failed or took
@@ -226,13 +230,16 @@ struct Wait {
     deadline: Instant,
 }
 
+/// A stream's open files, by id.
+type OpenFiles = HashMap<u64, OpenFile, foldhash::fast::RandomState>;
+
 /// One Scan stream: its open files and where its replies go.
 struct ScanStream {
     state: Arc<ServiceState>,
     /// Hashed with foldhash, seeded at random for each process: quicker
     /// than the standard SipHash, and the map is bounded by the sessions'
     /// files in flight, however the agent picks its file ids.
-    open: HashMap<u64, OpenFile, foldhash::fast::RandomState>,
+    open: OpenFiles,
     /// Files that ended and wait for a scan's verdict: off `open`, but
     /// their ids are still taken.
     scanning: Arc<Scanning>,
@@ -569,8 +576,10 @@ impl ScanStream {
                 Err(TrySendError::Closed(())) => return Err(()),
                 Err(TrySendError::Full(())) => {
                     self.moved = true;
-                    let idle = self.state.idle_timeout;
-                    match tokio::time::timeout(idle, self.replies.reserve()).await {
+                    let (idle, waiting_since) = (self.state.idle_timeout, Instant::now());
+                    let reserved = tokio::time::timeout(idle, self.replies.reserve()).await;
+                    Self::held_up(&mut self.open, waiting_since.elapsed());
+                    match reserved {
                         Ok(reserved) => reserved.map_err(drop)?,
                         Err(_) => return self.unread(),
                     }
@@ -700,7 +709,11 @@ impl ScanStream {
                         // is still the one the stream looks out for.
                         let until = Instant::now() + UPLOAD_WAIT;
                         self.next_expiry.get_or_insert(until);
-                        let leads = Standing::Leads { flight, until };
+                        let leads = Standing::Leads {
+                            flight,
+                            until,
+                            received: 0,
+                        };
                         return self.open_for_content(id, file, Some(digest), leads);
                     }
                 },
@@ -820,11 +833,12 @@ impl ScanStream {
 
     /// Waits past their deadline end: they are withdrawn, and those files'
     /// own content is asked for (whoever was to send it is too slow). Leads
-    /// none of whose content came by then give the lead up: the flight's
-    /// waiters go on without it, and so do requests for the same content
-    /// that come later, rather than each waiting for an agent that may
-    /// never send it (a lead whose content has begun to come keeps it; an
-    /// upload that stalls fails as such, see [`Self::fail_stalled`]). The
+    /// none of whose content came in the last [`UPLOAD_WAIT`] give the lead
+    /// up: the flight's waiters go on without it, and so do requests for
+    /// the same content that come later, rather than each waiting for an
+    /// agent that may never send it (a lead whose content keeps coming
+    /// keeps it; the time the stream waited on the server's side, reading
+    /// nothing, is not counted against it: see [`Self::held_up`]). The
     /// open files are few (bounded by their sessions' files in flight), so
     /// they are looked over rather than kept in a queue of deadlines.
     fn expire(&mut self) -> Vec<FileReply> {
@@ -832,10 +846,17 @@ impl ScanStream {
         let mut due = Vec::new();
         let mut next_expiry = None;
         for (&id, file) in &mut self.open {
-            let nothing_came = file.upload.as_ref().is_some_and(|u| u.received() == 0);
-            let deadline = match &file.standing {
+            let came = file.upload.as_ref().map_or(0, |upload| upload.received());
+            let deadline = match &mut file.standing {
                 Standing::Waits(wait) => wait.deadline,
-                Standing::Leads { until, .. } if nothing_came => *until,
+                Standing::Leads {
+                    until, received, ..
+                } => {
+                    if *until <= now && came > *received {
+                        (*until, *received) = (now + UPLOAD_WAIT, came);
+                    }
+                    *until
+                }
                 _ => continue,
             };
             if deadline > now {
@@ -856,6 +877,18 @@ impl ScanStream {
             }
         }
         replies
+    }
+
+    /// The stream waited `waited` on the server's side (for a place in the
+    /// engine's queue, or room among its replies), reading nothing: the
+    /// leads' content may be waiting unread, and their deadlines move on
+    /// by as much.
+    fn held_up(open: &mut OpenFiles, waited: Duration) {
+        for file in open.values_mut() {
+            if let Standing::Leads { until, .. } = &mut file.standing {
+                *until += waited;
+            }
+        }
     }
 
     /// Ends the wait of `file` (id `id`, taken off the stream, waiting for
@@ -945,7 +978,9 @@ impl ScanStream {
         let engine = Arc::clone(&self.state.engine);
         // Content arrived (if empty), and the wait for the queue may be long.
         self.moved = true;
+        let waiting_since = Instant::now();
         let judging = Judging::start(&engine, &received, &name, standing).await;
+        Self::held_up(&mut self.open, waiting_since.elapsed());
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
             owed.settle(size, &name, &verdict);
