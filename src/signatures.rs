@@ -271,7 +271,16 @@ impl Diagnostic {
         }
     }
 
-    fn include_error(file: &str, line: usize, column: usize, title: String) -> Self {
+    /// An error of the include at byte `at` of `text` (the file `file`),
+    /// placed by its line and column, from 1.
+    fn include_error(file: &str, text: &[u8], at: usize, title: String) -> Self {
+        let before = &text[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |nl| nl + 1);
+        let column = at - line_start + 1;
         Diagnostic {
             code: "include".into(),
             text: format!("error: {title}\n --> {file}:{line}:{column}"),
@@ -655,14 +664,6 @@ impl SourceSet {
             let mut copied = 0;
             let mut found = Vec::new();
             for (statement, target) in includes(&file.text) {
-                let before = &file.text[..statement.start];
-                let number = before.iter().filter(|&&b| b == b'\n').count();
-                let column = before.len()
-                    - before
-                        .iter()
-                        .rposition(|&b| b == b'\n')
-                        .map_or(0, |at| at + 1)
-                    + 1;
                 let resolved = dir.join(&target).canonicalize();
                 match resolved {
                     Ok(path) if path.starts_with(root) => {
@@ -674,14 +675,14 @@ impl SourceSet {
                     }
                     Ok(path) => errors.push(Diagnostic::include_error(
                         &file.relative,
-                        number + 1,
-                        column,
+                        &file.text,
+                        statement.start,
                         format!("include of {} leaves the ruleset folder", path.display()),
                     )),
                     Err(err) => errors.push(Diagnostic::include_error(
                         &file.relative,
-                        number + 1,
-                        column,
+                        &file.text,
+                        statement.start,
                         format!("cannot include `{target}`: {err}"),
                     )),
                 }

@@ -37,7 +37,7 @@ use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 /// others may write to must be sticky (`/tmp`), or they could rename this
 /// folder away and put one of theirs in its place; a folder above may be
 /// writable by the server's own group. Every folder and symbolic link the
-/// way to it goes through is checked (see [`Route`]): those named in
+/// way to it goes through is checked (see [`route_to`]): those named in
 /// `path` (the server goes on using `path`), those in the targets of its
 /// links, and those above the real folder; the links must be root's or
 /// this user's.
@@ -64,8 +64,7 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
     }
     // The folder itself was checked above, as the server's own.
     let real = fs::canonicalize(path)?;
-    let route = Route::to(path)?;
-    for (above, step) in route.steps.iter().filter(|(at, _)| *at != real) {
+    for (above, step) in route_to(path)?.iter().filter(|(at, _)| *at != real) {
         let why = if step.is_symlink() {
             (!server.may_own(step.uid()))
                 .then(|| format!("is a symbolic link of uid {}", step.uid()))
@@ -87,58 +86,52 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Every folder and symbolic link the way to a path goes through, in the
+/// As many symbolic links as Linux follows on one path.
+const MAX_LINKS: usize = 40;
+
+/// Every folder and symbolic link the way to `path` goes through, in the
 /// order the kernel goes through them, with their metadata: each
 /// component named, and, for a symbolic link, those of its target in turn
 /// (a link to a link included).
-struct Route {
-    steps: Vec<(PathBuf, fs::Metadata)>,
-}
-
-impl Route {
-    /// As many links as Linux follows on one path.
-    const MAX_LINKS: usize = 40;
-
-    fn to(path: &Path) -> io::Result<Route> {
-        use std::path::Component;
-        let root = PathBuf::from("/");
-        let mut steps = vec![(root.clone(), fs::symlink_metadata(&root)?)];
-        let mut to_go: Vec<_> = std::path::absolute(path)?
-            .components()
-            .map(|c| c.as_os_str().to_owned())
-            .rev()
-            .collect();
-        // Where the walk is: a real folder (links resolved), so that `..`
-        // goes where the kernel's does.
-        let mut at = root;
-        let mut links = 0;
-        while let Some(name) = to_go.pop() {
-            match Path::new(&name).components().next() {
-                Some(Component::RootDir) => at = PathBuf::from("/"),
-                Some(Component::ParentDir) => {
-                    at.pop();
-                }
-                Some(Component::Normal(_)) => {
-                    let next = at.join(&name);
-                    let metadata = fs::symlink_metadata(&next)?;
-                    if metadata.is_symlink() {
-                        links += 1;
-                        if links > Self::MAX_LINKS {
-                            let message = format!("{}: too many symbolic links", path.display());
-                            return Err(io::Error::other(message));
-                        }
-                        let target = fs::read_link(&next)?;
-                        to_go.extend(target.components().map(|c| c.as_os_str().to_owned()).rev());
-                    } else {
-                        at.clone_from(&next);
-                    }
-                    steps.push((next, metadata));
-                }
-                Some(Component::CurDir | Component::Prefix(_)) | None => {}
+fn route_to(path: &Path) -> io::Result<Vec<(PathBuf, fs::Metadata)>> {
+    use std::path::Component;
+    let root = PathBuf::from("/");
+    let mut steps = vec![(root.clone(), fs::symlink_metadata(&root)?)];
+    let mut to_go: Vec<_> = std::path::absolute(path)?
+        .components()
+        .map(|c| c.as_os_str().to_owned())
+        .rev()
+        .collect();
+    // Where the walk is: a real folder (links resolved), so that `..`
+    // goes where the kernel's does.
+    let mut at = root;
+    let mut links = 0;
+    while let Some(name) = to_go.pop() {
+        match Path::new(&name).components().next() {
+            Some(Component::RootDir) => at = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                at.pop();
             }
+            Some(Component::Normal(_)) => {
+                let next = at.join(&name);
+                let metadata = fs::symlink_metadata(&next)?;
+                if metadata.is_symlink() {
+                    links += 1;
+                    if links > MAX_LINKS {
+                        let message = format!("{}: too many symbolic links", path.display());
+                        return Err(io::Error::other(message));
+                    }
+                    let target = fs::read_link(&next)?;
+                    to_go.extend(target.components().map(|c| c.as_os_str().to_owned()).rev());
+                } else {
+                    at.clone_from(&next);
+                }
+                steps.push((next, metadata));
+            }
+            Some(Component::CurDir | Component::Prefix(_)) | None => {}
         }
-        Ok(Route { steps })
     }
+    Ok(steps)
 }
 
 /// The user and group the server runs as.

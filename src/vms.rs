@@ -368,8 +368,11 @@ fn forget_idle(by_id: &mut Registry, n: usize, needed: usize) -> usize {
     if untagged.len() >= needed {
         return untagged.len();
     }
-    let automatic =
-        |vm: &VmRecord| (vm.tags.values()).all(|tag| tag.origin == TagOrigin::Automatic);
+    let automatic = |vm: &VmRecord| {
+        vm.tags
+            .values()
+            .all(|tag| tag.origin == TagOrigin::Automatic)
+    };
     let tagged = forget_least_recent(by_id, needed - untagged.len(), automatic);
     if let Some(first) = tagged.first() {
         tracing::warn!(
@@ -898,26 +901,38 @@ mod tests {
         assert!(serde_json::from_str::<SecurityTag>(r#""VirusFound""#).is_err());
     }
 
-    #[test]
-    fn a_full_registry_forgets_an_idle_vm_or_refuses_a_new_one() {
-        use std::sync::Arc;
-
-        use crate::sessions::{Refused, Sessions};
-        let vms = Arc::new(Vms {
-            limit: 2,
+    /// A registry of at most `limit` VMs, and sessions that record in it.
+    fn registry(limit: usize) -> (std::sync::Arc<Vms>, crate::sessions::Sessions) {
+        let vms = std::sync::Arc::new(Vms {
+            limit,
             ..Vms::in_memory()
         });
-        let sessions = Sessions::new(10, &Default::default(), Arc::clone(&vms), Arc::default());
-        let open = |vm: &str| {
-            sessions.open(AgentIdentity {
-                agent_id: "agent".into(),
-                vm_id: vm.into(),
-                vm_name: vm.into(),
-                os: "Windows".into(),
-                agent_version: "1".into(),
-                certificate: None,
-            })
-        };
+        let sessions = crate::sessions::Sessions::new(
+            10,
+            &Default::default(),
+            std::sync::Arc::clone(&vms),
+            Default::default(),
+        );
+        (vms, sessions)
+    }
+
+    /// An agent of the VM `vm`.
+    fn agent_of(vm: &str) -> AgentIdentity {
+        AgentIdentity {
+            agent_id: "agent".into(),
+            vm_id: vm.into(),
+            vm_name: vm.into(),
+            os: "Windows".into(),
+            agent_version: "1".into(),
+            certificate: None,
+        }
+    }
+
+    #[test]
+    fn a_full_registry_forgets_an_idle_vm_or_refuses_a_new_one() {
+        use crate::sessions::Refused;
+        let (vms, sessions) = registry(2);
+        let open = |vm: &str| sessions.open(agent_of(vm));
         let first = open("vm-1").unwrap();
         let second = open("vm-2").unwrap();
         assert_eq!(open("vm-3").unwrap_err(), Refused::TooManyVms);
@@ -955,25 +970,9 @@ mod tests {
     /// tag goes while an untagged one makes room enough.
     #[test]
     fn no_more_tagged_vms_are_forgotten_than_room_needs() {
-        use std::sync::Arc;
-
-        use crate::sessions::Sessions;
-        let vms = Arc::new(Vms {
-            limit: 200,
-            ..Vms::in_memory()
-        });
-        let sessions = Sessions::new(10, &Default::default(), Arc::clone(&vms), Arc::default());
+        let (vms, sessions) = registry(200);
         let visit = |vm: &str| {
-            let session = sessions
-                .open(AgentIdentity {
-                    agent_id: "agent".into(),
-                    vm_id: vm.into(),
-                    vm_name: vm.into(),
-                    os: "Windows".into(),
-                    agent_version: "1".into(),
-                    certificate: None,
-                })
-                .unwrap();
+            let session = sessions.open(agent_of(vm)).unwrap();
             sessions.close(&session.id, Ending::Closed);
         };
         for n in 0..199 {

@@ -260,10 +260,15 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_gives_up() {
     assert!(server.state.engine.cache().flights().is_empty());
 }
 
+/// A server for a test under a paused clock: its sessions need no
+/// heartbeat however far the clock jumps.
+async fn paused_server() -> TestServer {
+    TestServer::start(|c| c.server.heartbeat_interval = Duration::from_secs(3600)).await
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
-    let server =
-        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_secs(3600)).await;
+    let server = paused_server().await;
     let data = content(4, 64 << 10);
     // The lead's stream and both sessions stay open while `lw` lives.
     let mut lw = LeadAndWaiter::start(&server, &data).await;
@@ -306,8 +311,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
 #[tokio::test(start_paused = true)]
 async fn a_lead_whose_content_stops_coming_gives_its_lead_up() {
     use scanserver::cache::flight::UPLOAD_WAIT;
-    let server =
-        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_secs(3600)).await;
+    let server = paused_server().await;
     let data = content(5, 64 << 10);
     let mut lw = LeadAndWaiter::start(&server, &data).await;
     lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();

@@ -699,40 +699,51 @@ impl ScanStream {
         let engine = &self.state.engine;
         let key = engine.cache_key(&digest, Some(file.name.as_ref()));
         let cache = engine.cache();
-        let hit = match cache.get(&key) {
-            Some(hit) => hit,
-            None => match cache.flights().join_or_subscribe(key, &self.landings, id) {
-                Subscription::Lead(flight) => match cache.landed_meanwhile(flight) {
-                    Ok(hit) => hit,
-                    Err(flight) => {
-                        // Leads and waits begin in order: the first to end
-                        // is still the one the stream looks out for.
-                        let until = Instant::now() + UPLOAD_WAIT;
-                        self.next_expiry.get_or_insert(until);
-                        let leads = Standing::Leads {
-                            flight,
-                            until,
-                            received: 0,
-                        };
-                        return self.open_for_content(id, file, Some(digest), leads);
-                    }
-                },
-                Subscription::Waits(flight) => {
-                    let deadline = Instant::now() + UPLOAD_WAIT;
-                    self.next_expiry.get_or_insert(deadline);
-                    let wait = Wait {
-                        key,
+        if let Some(hit) = cache.get(&key) {
+            return self.known(id, file, &hit, false);
+        }
+        // Leads and waits begin in order: the first to end is still the
+        // one the stream looks out for.
+        let deadline = Instant::now() + UPLOAD_WAIT;
+        self.next_expiry.get_or_insert(deadline);
+        match cache.flights().join_or_subscribe(key, &self.landings, id) {
+            Subscription::Lead(flight) => match cache.landed_meanwhile(flight) {
+                Ok(hit) => self.known(id, file, &hit, false),
+                Err(flight) => {
+                    let until = deadline;
+                    let leads = Standing::Leads {
                         flight,
-                        digest,
-                        deadline,
+                        until,
+                        received: 0,
                     };
-                    let standing = Standing::Waits(wait);
-                    self.open.insert(id, OpenFile { standing, ..file });
-                    return None;
+                    self.open_for_content(id, file, Some(digest), leads)
                 }
             },
-        };
-        let verdict = FileVerdict::hash_first(&hit, false, &self.version);
+            Subscription::Waits(flight) => {
+                let wait = Wait {
+                    key,
+                    flight,
+                    digest,
+                    deadline,
+                };
+                let standing = Standing::Waits(wait);
+                self.open.insert(id, OpenFile { standing, ..file });
+                None
+            }
+        }
+    }
+
+    /// The reply to a begin whose content's verdict is known (found in the
+    /// cache, or handed over by the flight it waited for: `coalesced`):
+    /// the verdict, settled for the file's VM.
+    fn known(
+        &self,
+        id: u64,
+        file: OpenFile,
+        hit: &CachedVerdict,
+        coalesced: bool,
+    ) -> Option<FileReply> {
+        let verdict = FileVerdict::hash_first(hit, coalesced, &self.version);
         file.owed.settle(file.size, &file.name, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
@@ -882,8 +893,13 @@ impl ScanStream {
     /// The stream waited `waited` on the server's side (for a place in the
     /// engine's queue, or room among its replies), reading nothing: the
     /// leads' content may be waiting unread, and their deadlines move on
-    /// by as much.
+    /// by as much. A wait under a millisecond (a place free at once, as
+    /// nearly every file finds one) is not worth a walk over the open files
+    /// after every file: deadlines of seconds do not feel it.
     fn held_up(open: &mut OpenFiles, waited: Duration) {
+        if waited < Duration::from_millis(1) {
+            return;
+        }
         for file in open.values_mut() {
             if let Standing::Leads { until, .. } = &mut file.standing {
                 *until += waited;
@@ -912,9 +928,7 @@ impl ScanStream {
             }
             return self.open_for_content(id, file, Some(digest), Standing::OnItsOwn);
         };
-        let verdict = FileVerdict::hash_first(&landed, true, &self.version);
-        file.owed.settle(file.size, &file.name, &verdict);
-        Some(reply(id, verdict_reply(verdict)))
+        self.known(id, file, &landed, true)
     }
 
     /// Adds a chunk to its file. A chunk for a file that already had its
