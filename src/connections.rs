@@ -42,6 +42,12 @@
 //! its place: that call is its client's to end. The admin listener's TCP
 //! connections are closed the same way after [`ADMIN_IDLE`].
 //!
+//! At the end of shutdown's grace period, the connections still open are
+//! closed at once ([`Connections::close_all`]), the same way, before the
+//! server makes its last saves: tonic leaves each connection to a task of
+//! its own, which would otherwise go on answering until the process exits,
+//! with verdicts the saves do not hold.
+//!
 //! The default, twice `max_agents` and 64 more, leaves every agent room to
 //! reconnect while its old connection is still being closed (a dead peer's
 //! within 30 s), and tools (health checks, `lightagent`) room beside them
@@ -61,13 +67,15 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
+use atomic_waker::AtomicWaker;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use slab::Slab;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
@@ -183,6 +191,8 @@ pub struct Connections {
     /// How long a connection with no call under way is kept; `None`: for
     /// ever.
     idle_after: Option<Duration>,
+    /// What closes them all at once.
+    closing: Arc<Closing>,
 }
 
 impl Connections {
@@ -222,6 +232,7 @@ impl Connections {
             warned: Mutex::new(None),
             calls: Arc::default(),
             idle_after: None,
+            closing: Arc::default(),
         }
     }
 
@@ -308,6 +319,7 @@ impl Connections {
                 silent: Arc::clone(&self.silent),
                 whose: self.whose,
                 idle,
+                closable: Closable::new(&self.closing),
             });
         }
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -324,6 +336,15 @@ impl Connections {
             *warned = Some((Instant::now(), refused));
         }
         None
+    }
+
+    /// Closes every connection open now, and any accepted from now on:
+    /// their reads and writes fail, as a broken connection's do, and their
+    /// calls end with them. Resolves once every place is given back.
+    pub async fn close_all(&self) {
+        self.closing.close();
+        // The places: no more than MAX_CONNECTIONS.
+        let _ = self.places.acquire_many(self.max as u32).await;
     }
 
     /// Connections open now.
@@ -363,6 +384,65 @@ pub struct Place {
     whose: &'static str,
     /// The calls under way on the connection, when it is closed once idle.
     idle: Option<IdleWatch>,
+    closable: Closable,
+}
+
+/// What closes a listener's connections at once: a switch, and the waker
+/// of each connection, to be woken when its I/O waits.
+#[derive(Debug, Default)]
+struct Closing {
+    closed: AtomicBool,
+    wakers: Mutex<Slab<Arc<AtomicWaker>>>,
+}
+
+impl Closing {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for (_, waker) in lock(&self.wakers).iter() {
+            waker.wake();
+        }
+    }
+}
+
+/// A connection's part in [`Closing`], until it is dropped.
+#[derive(Debug)]
+struct Closable {
+    closing: Arc<Closing>,
+    waker: Arc<AtomicWaker>,
+    key: usize,
+}
+
+impl Closable {
+    fn new(closing: &Arc<Closing>) -> Self {
+        let waker = Arc::new(AtomicWaker::new());
+        let key = lock(&closing.wakers).insert(Arc::clone(&waker));
+        Closable {
+            closing: Arc::clone(closing),
+            waker,
+            key,
+        }
+    }
+
+    /// Whether the connection was closed; when `waiting` (its I/O would
+    /// wait), `cx` is woken once it is. One atomic load otherwise: this is
+    /// asked at every read and write.
+    fn is_closed(&self, cx: &mut Context<'_>, waiting: bool) -> bool {
+        if self.closing.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        if !waiting {
+            return false;
+        }
+        self.waker.register(cx.waker());
+        // Closed in between: the wake may have come before the register.
+        self.closing.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Closable {
+    fn drop(&mut self) {
+        lock(&self.closing.wakers).remove(self.key);
+    }
 }
 
 impl Place {
@@ -487,6 +567,25 @@ impl<IO> Counted<IO> {
         let message = format!("no call under way for {:?}", idle.after);
         Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)))
     }
+
+    /// `poll`, or a failure once the server closed its connections (see
+    /// [`Connections::close_all`]).
+    fn or_closed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if matches!(poll, Poll::Ready(Err(_)))
+            || !self.place.closable.is_closed(cx, poll.is_pending())
+        {
+            return poll;
+        }
+        let message = "the server is shutting down";
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            message,
+        )))
+    }
 }
 
 #[derive(Debug)]
@@ -504,24 +603,39 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         let this = &mut *self;
         let before = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
-        let Some(preface) = &mut this.preface else {
-            if let (Poll::Ready(Ok(())), Some(idle)) = (&read, &mut this.place.idle) {
-                idle.read_lately |= buf.filled().len() > before;
+        let read = this.or_silent(cx, read, buf.filled().len() - before);
+        this.or_closed(cx, read)
+    }
+}
+
+impl<IO> Counted<IO> {
+    /// A read of `bytes` (`read`), or a failure once the connection has
+    /// been silent too long: until its HTTP/2 preface is in, past
+    /// [`PREFACE_WAIT`]; after it, idle (see [`Self::or_idle`]).
+    fn or_silent(
+        &mut self,
+        cx: &mut Context<'_>,
+        read: Poll<io::Result<()>>,
+        bytes: usize,
+    ) -> Poll<io::Result<()>> {
+        let Some(preface) = &mut self.preface else {
+            if let (Poll::Ready(Ok(())), Some(idle)) = (&read, &mut self.place.idle) {
+                idle.read_lately |= bytes > 0;
             }
-            return this.or_idle(cx, read);
+            return self.or_idle(cx, read);
         };
         match read {
             Poll::Ready(Ok(())) => {
-                preface.read += buf.filled().len() - before;
+                preface.read += bytes;
                 if preface.read >= PREFACE_LEN {
-                    this.preface = None;
+                    self.preface = None;
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
-                this.preface = None;
-                this.place.silent.fetch_add(1, Ordering::Relaxed);
-                let whose = this.place.whose;
+                self.preface = None;
+                self.place.silent.fetch_add(1, Ordering::Relaxed);
+                let whose = self.place.whose;
                 tracing::debug!("an {whose} connection sent no HTTP/2 preface in time; closed");
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -540,7 +654,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.or_idle(cx, written)
+        let written = self.or_idle(cx, written);
+        self.or_closed(cx, written)
     }
 
     fn poll_write_vectored(
@@ -549,7 +664,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.or_idle(cx, written)
+        let written = self.or_idle(cx, written);
+        self.or_closed(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -558,7 +674,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let flushed = Pin::new(&mut self.io).poll_flush(cx);
-        self.or_idle(cx, flushed)
+        let flushed = self.or_idle(cx, flushed);
+        self.or_closed(cx, flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

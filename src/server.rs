@@ -10,7 +10,8 @@
 //! `scanserver serve`): the health service turns NOT_SERVING, the listeners
 //! stop accepting, sessions and Scan streams are told to end, and scans in
 //! flight may finish and reply, up to the configured grace period. Then the
-//! verdict cache and the protected VMs are saved.
+//! connections still open are closed, and the verdict cache and the
+//! protected VMs are saved.
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
@@ -55,6 +56,11 @@ const MAX_FRAME_SIZE: u32 = 1 << 20;
 /// stream or two, a Lookup); without a limit, one connection could hold a
 /// request in each of thousands of calls (see [`crate::intake`]).
 const MAX_STREAMS: u32 = 64;
+
+/// How long the connections still open at the end of the grace period are
+/// given to close before the last saves are made all the same: closing
+/// takes their tasks a moment, not a wait on their peers.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// HTTP/2 pings on every agent connection, and how long an answer may take.
 /// A VM switched off or cut from the network sends no FIN or RST: without
@@ -421,6 +427,7 @@ impl Server {
         // The grace period ends early on a second SIGTERM or Ctrl-C (the
         // first took their default actions away); the last saves are made
         // all the same.
+        let closing = Arc::clone(&self.svm.connections);
         let deadline = async move {
             if signalled_rx.await.is_err() {
                 return std::future::pending::<()>().await;
@@ -429,14 +436,28 @@ impl Server {
                 () = tokio::time::sleep(grace) => {
                     tracing::warn!(
                         ?grace,
-                        "shutdown grace period over; making the last saves (connections still open end with the process)"
+                        open = closing.open(),
+                        "shutdown grace period over; closing the connections still open, then making the last saves"
                     );
                 }
                 () = termination_signal() => {
                     tracing::warn!(
-                        "second signal: making the last saves now (connections still open end with the process)"
+                        open = closing.open(),
+                        "second signal: closing the connections still open, then making the last saves"
                     );
                 }
+            }
+            // tonic leaves each connection to a task of its own, which
+            // would go on answering until the process exits: closed first,
+            // nothing is answered that the saves do not hold.
+            if tokio::time::timeout(CLOSE_WAIT, closing.close_all())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    open = closing.open(),
+                    "connections not closed within {CLOSE_WAIT:?}; making the last saves all the same"
+                );
             }
         };
         let served_result = tokio::select! {

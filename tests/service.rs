@@ -2580,6 +2580,33 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
     assert!(restarted.cached(&blake3::hash(EICAR), None).is_some());
 }
 
+/// A connection still open when the grace period ends (a call its client
+/// keeps open) is closed before the last saves are made, not left to end
+/// with the process: nothing is answered that the saves do not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_saves() {
+    let server = TestServer::start(|config| {
+        config.server.shutdown_grace = Duration::from_millis(300);
+    })
+    .await;
+    let connections = Arc::clone(&server.svm.connections);
+    let mut health = server.health_client().await;
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "SERVING");
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .expect("the server stops");
+    assert_eq!(connections.open(), 0, "closed before the server returned");
+    let until_ended = async { while let Ok(Some(_)) = watch.message().await {} };
+    tokio::time::timeout(Duration::from_secs(2), until_ended)
+        .await
+        .expect("the call ended with its connection");
+}
+
 /// A Scan stream that cannot be opened (the server gone since the session
 /// began) fails every file the agent was given, as a stream that breaks
 /// does: a full scan with no file answered is never taken for a clean one.
