@@ -157,6 +157,10 @@ impl Config {
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
+        if self.uploads.max_file_size == 0 {
+            // Agents read 0 in the Welcome as no limit given.
+            return invalid("uploads.max_file_size", "must be more than 0");
+        }
         if !(4 << 10..=4 << 20).contains(&self.uploads.chunk_size) {
             return invalid("uploads.chunk_size", "must be between 4 KiB and 4 MiB");
         }

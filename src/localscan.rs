@@ -5,9 +5,18 @@
 //! Folders are walked without following symbolic links (as `yr scan` and
 //! clamscan do), and only regular files are scanned; a path named on the
 //! command line is followed if it is a link. A folder that cannot be read is
-//! reported as a failed entry, so it cannot pass for clean.
+//! reported as a failed entry, so it cannot pass for clean. The kernel's
+//! own file systems (`/proc`, `/sys` and their kind, see
+//! [`KERNEL_FILE_SYSTEMS`]) are not walked into: they hold views of the
+//! kernel, not files to protect.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    ffi::CString,
+    mem::MaybeUninit,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use walkdir::WalkDir;
 
@@ -36,7 +45,9 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
 /// symbolic links (a path given itself is followed). Entries that cannot
 /// be read go to `unreadable`, with why; so does a path given itself that
 /// is neither a file nor a folder (a device, a FIFO: scanning it was asked
-/// for, and did not happen). Such entries below a folder are left out.
+/// for, and did not happen). Such entries below a folder are left out, and
+/// so are folders on [`KERNEL_FILE_SYSTEMS`] below one that is not (a path
+/// given on such a file system is walked whole, as asked).
 pub fn walk<'a>(
     paths: Vec<PathBuf>,
     unreadable: impl Fn(PathBuf, String) + Send + Sync + 'a,
@@ -44,10 +55,15 @@ pub fn walk<'a>(
     paths
         .into_iter()
         .flat_map(|root| {
+            let asked_for = on_kernel_file_system(&root);
             let walk = WalkDir::new(&root)
                 .follow_links(false)
-                .follow_root_links(true);
-            walk.into_iter().map(move |entry| {
+                .follow_root_links(true)
+                .into_iter()
+                .filter_entry(move |entry| {
+                    asked_for || !entry.file_type().is_dir() || !on_kernel_file_system(entry.path())
+                });
+            walk.map(move |entry| {
                 entry.map_err(|err| (err.path().unwrap_or(&root).to_owned(), err.to_string()))
             })
         })
@@ -65,8 +81,75 @@ pub fn walk<'a>(
         })
 }
 
+/// The file systems a walk below a folder does not enter (by their
+/// `statfs` magic numbers): proc, sysfs, debugfs, tracefs, securityfs,
+/// cgroup, cgroup2, bpf, pstore, configfs, efivarfs, devpts, selinuxfs,
+/// binfmt_misc and fusectl. Their files are views of the kernel, not files
+/// to protect, and reading them is not harmless: most claim sizes they do
+/// not hold (each would fail as a file that shrank), some reads have side
+/// effects (a device's memory mapped through `/sys/devices/.../resource0`,
+/// the kernel's messages taken from `/proc/kmsg`) and some block (the
+/// `/proc/PID/maps` of a process stuck in the kernel). tmpfs is walked:
+/// `/dev/shm` and `/run` hold files like any other.
+pub const KERNEL_FILE_SYSTEMS: [u32; 15] = [
+    0x9fa0,      // proc
+    0x6265_6572, // sysfs
+    0x6462_6720, // debugfs
+    0x7472_6163, // tracefs
+    0x7363_6673, // securityfs
+    0x0027_e0eb, // cgroup
+    0x6367_7270, // cgroup2
+    0xcafe_4a11, // bpf
+    0x6165_676c, // pstore
+    0x6265_6570, // configfs
+    0xde5e_81e4, // efivarfs
+    0x1cd1,      // devpts
+    0xf97c_ff8c, // selinuxfs
+    0x4249_4e4d, // binfmt_misc
+    0x6573_5543, // fusectl
+];
+
+/// Whether `path` is on one of [`KERNEL_FILE_SYSTEMS`]; false when that
+/// cannot be told (the walk then reports what it cannot read).
+pub fn on_kernel_file_system(path: &Path) -> bool {
+    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut stat = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `path` is a C string, and `stat` has room for the result,
+    // which is read only once the call succeeded.
+    if unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // The magic numbers are 32 bits; `f_type`'s width and sign vary.
+    let kind = unsafe { stat.assume_init() }.f_type as u32;
+    KERNEL_FILE_SYSTEMS.contains(&kind)
+}
+
 /// The outcome reported for an entry that could not be read.
 pub fn unreadable_outcome(why: String) -> ScanOutcome {
     let verdict = Verdict::failed(FailReason::Io, why);
     ScanOutcome::failed(verdict, 0, Duration::ZERO, "".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernels_file_systems_are_told_from_others() {
+        assert!(on_kernel_file_system(Path::new("/proc/self")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!on_kernel_file_system(dir.path()));
+        assert!(!on_kernel_file_system(&dir.path().join("missing")));
+    }
+
+    /// A folder named on such a file system is walked whole, as asked,
+    /// folders below it included.
+    #[test]
+    fn a_folder_named_on_a_kernel_file_system_is_walked_whole() {
+        let root = PathBuf::from("/proc/self");
+        let deep = walk(vec![root], |_, _| {}).any(|path| path.starts_with("/proc/self/task"));
+        assert!(deep);
+    }
 }

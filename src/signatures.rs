@@ -406,7 +406,10 @@ impl Ruleset {
 
     fn load_precompiled(path: &Path) -> Result<Ruleset, SignatureError> {
         let started = Instant::now();
-        let bytes = fs::read(path).map_err(|e| SignatureError::io(path, e))?;
+        let mut bytes = Vec::new();
+        open_rule_file(path)
+            .and_then(|(mut file, _)| io::Read::read_to_end(&mut file, &mut bytes))
+            .map_err(|e| SignatureError::io(path, e))?;
         let rules = Rules::deserialize(&bytes).map_err(|source| SignatureError::Precompiled {
             path: path.to_owned(),
             source,
@@ -572,10 +575,35 @@ fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
         return Ok(false);
     }
     let mut head = [0u8; SERIALIZED_MAGIC.len()];
-    let n = fs::File::open(path)
-        .and_then(|f| io::Read::read(&mut io::Read::take(f, head.len() as u64), &mut head))
+    let n = open_rule_file(path)
+        .and_then(|(f, _)| io::Read::read(&mut io::Read::take(f, head.len() as u64), &mut head))
         .map_err(|e| SignatureError::io(path, e))?;
     Ok(&head[..n] == SERIALIZED_MAGIC)
+}
+
+/// The most a rule source file may hold: rules are text, and a larger
+/// file (a disk image put in the folder by mistake) would be read whole
+/// into memory.
+const MAX_SOURCE_SIZE: u64 = 64 << 20;
+
+/// Opens a rule file to be read, with its size: a regular file, opened
+/// without blocking, so that a FIFO in its place (named by `--rules`, or
+/// included) fails the load rather than hang it, and every reload after
+/// it, for ever.
+fn open_rule_file(path: &Path) -> io::Result<(fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok((file, metadata.len()))
 }
 
 /// A ruleset version as a number: its first 64 bits, which cache keys carry.
@@ -707,12 +735,15 @@ impl SourceSet {
     }
 
     /// The ruleset version: blake3 over the sorted relative paths and
-    /// contents, the compile profile and the engine version.
+    /// contents, whether each file is compiled on its own or only
+    /// included (a folder, and one of its files that includes the others,
+    /// read the same files and compile different rules), the compile
+    /// profile and the engine version.
     fn version(&self) -> String {
         let mut hasher = blake3::Hasher::new();
         for file in &self.files {
             hasher.update(file.relative.as_bytes());
-            hasher.update(&[0]);
+            hasher.update(&[0, u8::from(file.top_level)]);
             hasher.update(&(file.text.len() as u64).to_le_bytes());
             hasher.update(&file.text);
         }
@@ -773,7 +804,17 @@ impl SourceSet {
 
 impl SourceFile {
     fn read(root: &Path, path: &Path, top_level: bool) -> Result<SourceFile, SignatureError> {
-        let text = fs::read(path).map_err(|e| SignatureError::io(path, e))?;
+        let mut text = Vec::new();
+        open_rule_file(path)
+            .and_then(|(file, size)| {
+                if size > MAX_SOURCE_SIZE {
+                    let message =
+                        format!("{size} bytes, over the {MAX_SOURCE_SIZE} a rule file may hold");
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+                }
+                io::Read::read_to_end(&mut io::Read::take(file, MAX_SOURCE_SIZE), &mut text)
+            })
+            .map_err(|e| SignatureError::io(path, e))?;
         let canonical = path
             .canonicalize()
             .map_err(|e| SignatureError::io(path, e))?;

@@ -679,6 +679,25 @@ async fn the_client_scans_files_larger_than_its_share_allows_at_once() {
     assert!(server.state.uploads.spool_usage().refused >= 1);
 }
 
+/// A file that says it holds 0 bytes and holds more than a chunk (as
+/// `/proc/kallsyms` does) is scanned when it goes with its content: its
+/// begin gives the size of what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_says_it_is_empty_is_sent_whole_with_its_content() {
+    let server = TestServer::start(|c| c.uploads.chunk_size = 4 << 10).await;
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let kallsyms = PathBuf::from("/proc/kallsyms");
+    assert_eq!(std::fs::metadata(&kallsyms).unwrap().len(), 0);
+    let outcomes = scan_files(&agent, &[kallsyms], HashFirst::Never).await;
+    let [(_, outcome)] = &outcomes[..] else {
+        panic!("{outcomes:?}")
+    };
+    assert_eq!(outcome.verdict.kind(), "clean", "{outcome:?}");
+    assert!(outcome.size > 4 << 10, "{outcome:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
     let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(2)).await;
@@ -2605,6 +2624,34 @@ async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_s
     tokio::time::timeout(Duration::from_secs(2), until_ended)
         .await
         .expect("the call ended with its connection");
+}
+
+/// Files that stop coming before their end (the walk panicked) fail the
+/// scan: the files never taken must not pass for scanned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walk_that_breaks_off_fails_the_scan() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    std::fs::write(&first, b"harmless").unwrap();
+    let walk = [Some(first), None]
+        .into_iter()
+        .map(|path| path.expect("a walk that breaks off"));
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let (outcomes, mut received) = mpsc::unbounded_channel();
+    let result = agent
+        .scan(Files::local(walk), HashFirst::Auto, move |_, outcome| {
+            let _ = outcomes.send(outcome);
+        })
+        .await;
+    assert!(
+        matches!(result, Err(scanserver::client::ClientError::WalkFailed)),
+        "{result:?}"
+    );
+    let outcome = received.recv().await.expect("the first file's outcome");
+    assert!(outcome.verdict.is_clean(), "{:?}", outcome.verdict);
 }
 
 /// A Scan stream that cannot be opened (the server gone since the session

@@ -398,6 +398,34 @@ fn includes_resolve_from_the_including_file_and_stay_inside_the_folder() {
     );
 }
 
+/// A FIFO where a rule file should be (included, or named by `--rules`)
+/// fails the load at once: it would otherwise hang it, and every reload
+/// after it, for ever.
+#[test]
+fn a_fifo_in_place_of_a_rule_file_fails_the_load() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.inc");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    fs::write(
+        dir.path().join("a.yar"),
+        "include \"pipe.inc\"\nrule a { condition: true }\n",
+    )
+    .unwrap();
+    for source in [dir.path().to_owned(), fifo.clone()] {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(Ruleset::load(&source, None).map(|_| ()));
+        });
+        let result = result
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the load ends");
+        let err = result.expect_err("a FIFO is not a rule file");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+}
+
 #[test]
 fn externals_are_set_per_file() {
     let ruleset = ruleset_from_source(
@@ -450,6 +478,23 @@ fn the_version_covers_paths_and_contents() {
     fs::rename(dir.path().join("a.yar"), dir.path().join("b.yar")).unwrap();
     let renamed = Ruleset::load(dir.path(), None).unwrap();
     assert_ne!(first.version(), renamed.version());
+}
+
+/// A folder and one file of it that includes the others compile to
+/// different rules (in the folder, an included file is also a namespace of
+/// its own): their versions differ, and neither is served the other's
+/// compiled rules from a shared cache.
+#[test]
+fn a_folder_and_its_including_file_are_different_rulesets() {
+    let (rules, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let index = rules.path().join("index.yar");
+    fs::write(&index, "include \"x.yar\"\nrule index { condition: x }\n").unwrap();
+    fs::write(rules.path().join("x.yar"), "rule x { condition: true }\n").unwrap();
+    let file = Ruleset::load(&index, Some(cache.path())).unwrap();
+    let folder = Ruleset::load(rules.path(), Some(cache.path())).unwrap();
+    assert_ne!(file.version(), folder.version());
+    assert!(!folder.from_cache());
+    assert_eq!((file.rule_count(), folder.rule_count()), (2, 3));
 }
 
 #[test]

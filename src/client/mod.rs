@@ -51,6 +51,15 @@ pub enum ClientError {
     },
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// Settings that cannot work (TLS files for an `http://` server).
+    #[error("{0}")]
+    Settings(String),
+    /// The thread that walks and hashes the local files ended before their
+    /// end (it panicked).
+    #[error(
+        "the files to scan stopped coming before their end (the client's file walk failed, see above): those left were not scanned"
+    )]
+    WalkFailed,
 }
 
 /// TLS settings towards the server.
@@ -210,8 +219,10 @@ impl Agent {
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(4 << 20)
             .http2_keep_alive_interval(crate::server::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(crate::server::KEEPALIVE_TIMEOUT);
+            .keep_alive_timeout(crate::server::KEEPALIVE_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT);
         if let Some(tls) = &options.tls {
+            check_tls(&options.server, tls)?;
             endpoint = endpoint.tls_config(client_tls(tls)?)?;
         }
         let mut client = ProtectionServerClient::new(endpoint.connect().await?)
@@ -373,6 +384,28 @@ impl Agent {
 }
 
 /// The TLS settings for `tls`, its files read.
+/// How long a connection to the server may take to open: a host that
+/// drops packets would otherwise hold each attempt for the kernel's two
+/// minutes of retries.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refuses TLS settings that could not work: tonic speaks TLS only to an
+/// `https://` address (and plain HTTP/2, silently, to an `http://` one),
+/// and trusts no CA but the one given.
+fn check_tls(server: &str, tls: &ClientTls) -> Result<(), ClientError> {
+    if !server.starts_with("https://") {
+        return Err(ClientError::Settings(format!(
+            "TLS settings (a CA, a client certificate) are given for {server}, which is not encrypted: write the server's address as https://HOST:PORT"
+        )));
+    }
+    if tls.ca.is_none() {
+        return Err(ClientError::Settings(format!(
+            "{server} needs the CA certificate (PEM) its certificate chains to (--ca FILE): no system trust store is used"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| ClientError::Read {
@@ -391,4 +424,21 @@ pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError
         config = config.domain_name(domain.clone());
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_settings_need_an_https_address_and_a_ca() {
+        let with_ca = ClientTls {
+            ca: Some("ca.pem".into()),
+            ..ClientTls::default()
+        };
+        let refused = |server, tls| matches!(check_tls(server, tls), Err(ClientError::Settings(_)));
+        assert!(refused("http://svm:7405", &with_ca));
+        assert!(refused("https://svm:7405", &ClientTls::default()));
+        assert!(check_tls("https://svm:7405", &with_ca).is_ok());
+    }
 }

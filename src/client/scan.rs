@@ -290,12 +290,19 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         places: &Semaphore,
     ) -> Result<(), ClientError> {
         let mut produced = false;
+        // The files stopped coming before their end: those announced are
+        // answered, then the scan fails.
+        let mut walk_failed = false;
         loop {
             if produced
                 && self.retries.waiting.is_empty()
                 && self.pending.lock().expect("pending").is_empty()
             {
-                return Ok(());
+                return if walk_failed {
+                    Err(ClientError::WalkFailed)
+                } else {
+                    Ok(())
+                };
             }
             // What the content sender tells of a file is taken before the
             // server's reply to it can be: it was told before the server
@@ -313,8 +320,10 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
                 // again, say). One that panicked returns at once.
                 result = &mut producer.0, if !produced => {
                     produced = true;
-                    if let Err(err) = result {
-                        return Err(ClientError::Protocol(err.to_string()));
+                    match result {
+                        Err(err) => return Err(ClientError::Protocol(err.to_string())),
+                        Ok(Err(ClientError::WalkFailed)) => walk_failed = true,
+                        Ok(_) => {}
                     }
                     continue;
                 }

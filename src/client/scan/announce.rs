@@ -186,12 +186,14 @@ impl Announcer {
                 Sources::Local { prepared, .. } => {
                     let file = match prepared.try_recv() {
                         Ok(file) => file,
-                        Err(mpsc::error::TryRecvError::Disconnected) => return Ok(false),
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            return rest.ended().map(|()| false);
+                        }
                         Err(mpsc::error::TryRecvError::Empty) => {
                             self.send(&mut held.ready).await?;
                             match prepared.recv().await {
                                 Some(file) => file,
-                                None => return Ok(false),
+                                None => return rest.ended().map(|()| false),
                             }
                         }
                     };

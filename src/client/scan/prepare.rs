@@ -14,7 +14,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
-    client::{Files, PreparedFile},
+    client::{ClientError, Files, PreparedFile},
     engine::open_regular,
 };
 
@@ -39,6 +39,10 @@ pub(super) enum Sources {
         /// Set once the scan has broken: the preparer hands on the files
         /// left without reading them, to be failed.
         stopped: Arc<AtomicBool>,
+        /// Set by the preparer once it has handed on every file: a channel
+        /// closed without it (the preparer panicked) is no end of the
+        /// files, which must not pass for a scan of them all.
+        finished: Arc<AtomicBool>,
     },
     /// Files read and hashed beforehand, at hand.
     Prepared(std::vec::IntoIter<Arc<PreparedFile>>),
@@ -57,15 +61,21 @@ impl Sources {
         };
         let (ready, prepared) = mpsc::channel(PREPARED_AHEAD);
         let stopped = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
         let preparer = Preparer {
             paths,
             content_first,
             stopped: Arc::clone(&stopped),
+            finished: Arc::clone(&finished),
             max_file_size,
             ready,
         };
         tokio::task::spawn_blocking(move || preparer.run());
-        Sources::Local { prepared, stopped }
+        Sources::Local {
+            prepared,
+            stopped,
+            finished,
+        }
     }
 
     /// How many files are still to come: as many as the preparer has
@@ -79,6 +89,17 @@ impl Sources {
         }
     }
 
+    /// Whether the files came to their end, once the preparer's channel
+    /// is closed; an error if it closed before (the preparer panicked).
+    pub(super) fn ended(&self) -> Result<(), ClientError> {
+        match self {
+            Sources::Local { finished, .. } if !finished.load(Ordering::Acquire) => {
+                Err(ClientError::WalkFailed)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Hands every file left to `fail`, in order, without reading them
     /// (those already read too), and returns once the preparer has let go
     /// of its files.
@@ -87,6 +108,7 @@ impl Sources {
             Sources::Local {
                 mut prepared,
                 stopped,
+                ..
             } => {
                 stopped.store(true, Ordering::Relaxed);
                 while let Some(file) = prepared.recv().await {
@@ -118,6 +140,8 @@ struct Preparer {
     content_first: Arc<AtomicBool>,
     /// Whether the scan has broken: see [`Sources::fail_all`].
     stopped: Arc<AtomicBool>,
+    /// Set once every file was handed on (see [`Sources::ended`]).
+    finished: Arc<AtomicBool>,
     /// The server's limit: a larger file is not hashed, only announced,
     /// to be refused (reading a disk image in full for nothing could take
     /// longer than the server waits for the stream).
@@ -134,18 +158,23 @@ impl Preparer {
             paths,
             content_first,
             stopped,
+            finished,
             max_file_size,
             ready,
         } = self;
         for path in paths {
+            // A file that says it holds 0 bytes (as those of /proc do) is
+            // read to learn what it holds, whichever way it goes: its begin
+            // must give the size its content will have.
             let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
-                if content_first.load(Ordering::Relaxed) {
-                    std::fs::metadata(&path).map(|metadata| Ready {
+                let content_first = content_first.load(Ordering::Relaxed);
+                match content_first.then(|| std::fs::metadata(&path)) {
+                    Some(Ok(metadata)) if metadata.len() > 0 => Ok(Ready {
                         size: metadata.len(),
                         digest: None,
-                    })
-                } else {
-                    hash_file(&path, max_file_size)
+                    }),
+                    Some(Err(err)) => Err(err),
+                    _ => hash_file(&path, max_file_size),
                 }
             });
             let file = Prepared {
@@ -156,6 +185,7 @@ impl Preparer {
                 return;
             }
         }
+        finished.store(true, Ordering::Release);
     }
 }
 
@@ -173,7 +203,11 @@ fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
     if size > max_file_size {
         return Ok(Ready { size, digest: None });
     }
-    let limit = if size == 0 { max_file_size + 1 } else { size };
+    let limit = if size == 0 {
+        max_file_size.saturating_add(1)
+    } else {
+        size
+    };
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(file.take(limit))?;
     Ok(Ready {
