@@ -2626,6 +2626,58 @@ async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_s
         .expect("the call ended with its connection");
 }
 
+/// A scan whose session the server ends (a newer session of the same VM
+/// replaced it) stops: the files left fail saying why, without being
+/// announced as of a session the server no longer knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_stops_when_its_session_is_replaced() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let path = dir.path().join(format!("file-{i}"));
+            std::fs::write(&path, format!("harmless {i}")).unwrap();
+            path
+        })
+        .collect();
+    // The walk gives the first file, then waits for the test.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let walk = paths.clone().into_iter().enumerate().map(move |(i, path)| {
+        if i == 1 {
+            let _ = wait.recv();
+        }
+        path
+    });
+    let options = AgentOptions {
+        vm_id: "vm-replaced".into(),
+        ..AgentOptions::for_host(server.url())
+    };
+    let first = Agent::connect(&options).await.unwrap();
+    let (outcomes, mut received) = mpsc::unbounded_channel();
+    let scan = tokio::spawn(async move {
+        first
+            .scan(Files::local(walk), HashFirst::Auto, move |_, outcome| {
+                let _ = outcomes.send(outcome);
+            })
+            .await
+    });
+    let outcome = received.recv().await.expect("the first file's outcome");
+    assert!(outcome.verdict.is_clean(), "{:?}", outcome.verdict);
+    let _second = Agent::connect(&options).await.unwrap();
+    // The first agent's scan stops once its session has ended; the walk
+    // then goes on, to hand over the files left.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(go);
+    let result = scan.await.unwrap();
+    assert!(
+        matches!(&result, Err(scanserver::client::ClientError::SessionEnded(why)) if why.contains("replaced")),
+        "{result:?}"
+    );
+    let outcome = received.recv().await.expect("the second file's outcome");
+    let failure = outcome.verdict.failure().expect("failed, never clean");
+    assert!(failure.to_string().contains("replaced"), "{failure}");
+}
+
 /// Files that stop coming before their end (the walk panicked) fail the
 /// scan: the files never taken must not pass for scanned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

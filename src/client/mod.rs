@@ -19,7 +19,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -51,6 +54,11 @@ pub enum ClientError {
     },
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server ended the agent's session for a newer session of the
+    /// same VM id: a scan under way stops, its files left failing with
+    /// why.
+    #[error("the server ended this agent's session: {0}")]
+    SessionEnded(String),
     /// Settings that cannot work (TLS files for an `http://` server).
     #[error("{0}")]
     Settings(String),
@@ -198,6 +206,8 @@ pub struct Agent {
     /// The task that sends heartbeats and reads the server's messages until
     /// the server ends its side; `None` once [`Agent::close`] took it.
     session: Option<JoinHandle<()>>,
+    /// Why the server ended the session, once it has.
+    ended: watch::Receiver<Option<String>>,
 }
 
 impl Drop for Agent {
@@ -260,6 +270,7 @@ impl Agent {
         };
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
         let heartbeats = to_server.downgrade();
+        let (ending, ended) = watch::channel(None);
         let session = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             let mut sequence = 0;
@@ -280,10 +291,15 @@ impl Agent {
                         Ok(Some(_)) => {}
                         Ok(None) => return,
                         Err(status) => {
-                            // Replaced by a newer session of the same VM
-                            // id, say: the scan's files then fail as of
-                            // an unknown session.
                             tracing::warn!("the server ended this agent's session: {}", status.message());
+                            // Replaced by a newer session of the same VM
+                            // id: a scan under way stops. (A connection
+                            // that breaks, or a server that shuts down,
+                            // ends the scan's stream as well, which says
+                            // so itself.)
+                            if status.code() == tonic::Code::Aborted {
+                                let _ = ending.send(Some(status.message().to_owned()));
+                            }
                             return;
                         }
                     }
@@ -295,6 +311,7 @@ impl Agent {
             welcome,
             to_server,
             session: Some(session),
+            ended,
         })
     }
 

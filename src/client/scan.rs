@@ -44,7 +44,7 @@ use std::{
 use bytes::Bytes;
 use slab::Slab;
 use tokio::{
-    sync::{Semaphore, mpsc},
+    sync::{Semaphore, mpsc, watch},
     task::JoinHandle,
 };
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -225,7 +225,11 @@ impl Agent {
         let unannounced = Unannounced::default();
         let held = Held::new(left, Arc::clone(&unannounced));
         let mut producer = AbortOnDrop(tokio::spawn(announcer.run(held, in_flight, on_result)));
-        if let Err(err) = settle.run(replies, sent, &mut producer, &places).await {
+        let ended = self.ended.clone();
+        if let Err(err) = settle
+            .run(replies, sent, &mut producer, &places, ended)
+            .await
+        {
             // Once the announcer has stopped, what it held is in
             // `unannounced`. (A task that has finished was dropped
             // already; its handle may have given its result to `run`, and
@@ -288,6 +292,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         mut sent: mpsc::UnboundedReceiver<Sent>,
         producer: &mut AbortOnDrop<Result<(), ClientError>>,
         places: &Semaphore,
+        mut ended: watch::Receiver<Option<String>>,
     ) -> Result<(), ClientError> {
         let mut produced = false;
         // The files stopped coming before their end: those announced are
@@ -331,6 +336,12 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
                     let max_file_size = self.scan.max_file_size;
                     self.retries.announce_due(&self.pending, &self.uploads, max_file_size);
                     continue;
+                }
+                // The session is over: files announced from now on would be
+                // refused as of an unknown session, after being read for
+                // nothing; those left fail with why.
+                Ok(why) = ended.wait_for(Option::is_some) => {
+                    return Err(ClientError::SessionEnded(why.clone().unwrap_or_default()));
                 }
             };
             places.add_permits(over);
