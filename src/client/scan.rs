@@ -53,7 +53,7 @@ use tonic::Code;
 use self::{
     announce::{Announcer, Held, Left, Unannounced, Window},
     prepare::{Ready, Sources},
-    send::{LastFailed, Sent, Unread, Upload, send_content},
+    send::{Sent, Unread, Upload, send_content},
 };
 use super::{Agent, ClientError, FileSource, Files};
 use crate::{
@@ -189,23 +189,14 @@ impl Agent {
         };
         let (uploads, to_upload) = mpsc::unbounded_channel();
         let (told, sent) = mpsc::unbounded_channel::<Sent>();
-        let failed = Arc::new(LastFailed::default());
-        let failed_for_sender = Arc::clone(&failed);
         let sender = tokio::task::spawn_blocking(move || {
-            send_content(
-                to_upload,
-                content_requests,
-                told,
-                &failed_for_sender,
-                chunk_size,
-            )
+            send_content(to_upload, content_requests, told, chunk_size)
         });
         let max_file_size = scan.max_file_size;
         let on_result = Arc::clone(&scan.on_result);
         let mut settle = Settle {
             pending: Arc::default(),
             uploads,
-            failed,
             retries: Retries {
                 session_id: self.welcome.session_id.clone(),
                 requests: requests.clone(),
@@ -277,7 +268,6 @@ struct Settle<'a, F> {
     pending: Pending,
     /// Files whose content the server asked for, to the content sender.
     uploads: mpsc::UnboundedSender<Upload>,
-    failed: Arc<LastFailed>,
     /// Files refused for want of room, to be announced again.
     retries: Retries,
     scan: &'a mut Scan<F>,
@@ -382,19 +372,14 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
                     if let Some(file) = files.get_mut(id) {
                         file.asked = true;
                         self.scan.familiarity.record(false);
-                        let upload = Upload {
-                            id,
-                            source: file.source.clone(),
-                            size: file.size,
-                            begin: None,
-                        };
+                        let (upload, over) = Upload::new(id, file.source.clone(), file.size, None);
+                        file.upload = Some(over);
                         let _ = self.uploads.send(upload);
                     }
                     continue;
                 }
                 Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
                 Some(file_reply::Kind::Error(error)) => {
-                    self.failed.0.store(id, Ordering::Relaxed);
                     // A file the agent could not read is over, whatever
                     // the server says of it.
                     let answered = self.scan.answered;
@@ -711,6 +696,9 @@ struct PendingFile {
     unread: Option<std::io::Error>,
     /// The server's refusals of it for want of room (see [`Retries`]).
     refusals: Refusals,
+    /// What ends its upload under way, if its content is being sent: set
+    /// once it leaves the pending files (see [`Upload::over`]).
+    upload: Option<Arc<AtomicBool>>,
 }
 
 /// How often the server refused a file (or a stream) for want of room.
@@ -761,7 +749,17 @@ impl PendingFile {
             asked: false,
             unread: None,
             refusals: Refusals::default(),
+            upload: None,
         }
+    }
+
+    /// It leaves the pending files: what is left of its upload under way,
+    /// if any, is not sent.
+    fn left(mut self) -> Self {
+        if let Some(over) = self.upload.take() {
+            over.store(true, Ordering::Relaxed);
+        }
+        self
     }
 
     /// Marks it announced (again, for a file refused or left by a stream
@@ -793,13 +791,11 @@ impl PendingFiles {
     /// the content sender is to send of it.
     fn insert_upload(&mut self, mut begin: FileBegin, file: PendingFile) -> Upload {
         let source = file.source.clone();
-        begin.file_id = self.insert(file);
-        Upload {
-            id: begin.file_id,
-            source,
-            size: begin.size,
-            begin: Some(begin),
-        }
+        let id = self.insert(file);
+        begin.file_id = id;
+        let (upload, over) = Upload::new(id, source, begin.size, Some(begin));
+        self.get_mut(id).expect("just inserted").upload = Some(over);
+        upload
     }
 
     /// Adds `file`, and returns its id.
@@ -820,12 +816,14 @@ impl PendingFiles {
 
     /// Takes every file.
     fn drain(&mut self) -> impl Iterator<Item = PendingFile> + '_ {
-        self.files.drain().map(|(_, file)| file)
+        self.files.drain().map(|(_, file)| file.left())
     }
 
+    /// Takes file `id`: it has its final reply, or is to be announced
+    /// again (as a new file).
     fn remove(&mut self, id: u64) -> Option<PendingFile> {
         self.get_mut(id)?;
-        Some(self.files.remove(Self::place(id)).1)
+        Some(self.files.remove(Self::place(id)).1.left())
     }
 
     fn place(id: u64) -> usize {

@@ -3,7 +3,10 @@
 
 use std::{
     io::Read,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -16,19 +19,6 @@ use crate::{
     proto::{FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, ScanRequest},
 };
 
-/// The id of the file the server failed last. Content goes out one file
-/// after the other, so the sender checks the file it is sending against
-/// this alone, with no lock per chunk: a file the server has just failed
-/// (it grew, say) gets no more of its content. (Once another file's error
-/// comes in, the rest of the file goes out, and the server drops it.)
-pub(super) struct LastFailed(pub(super) AtomicU64);
-
-impl Default for LastFailed {
-    fn default() -> Self {
-        LastFailed(AtomicU64::new(u64::MAX))
-    }
-}
-
 /// A file whose content is to be sent: one the server asked for, or one
 /// that goes with its begin.
 pub(super) struct Upload {
@@ -37,6 +27,31 @@ pub(super) struct Upload {
     /// Its size as announced.
     pub(super) size: u64,
     pub(super) begin: Option<FileBegin>,
+    /// Set once the file has its final reply (the server failed it, say,
+    /// or refused it for want of room, to be announced again): what is
+    /// left of its content is not sent, nor read.
+    pub(super) over: Arc<AtomicBool>,
+}
+
+impl Upload {
+    /// An upload of file `id`, and the switch that ends it early (see
+    /// [`Upload::over`]).
+    pub(super) fn new(
+        id: u64,
+        source: FileSource,
+        size: u64,
+        begin: Option<FileBegin>,
+    ) -> (Upload, Arc<AtomicBool>) {
+        let over = Arc::new(AtomicBool::new(false));
+        let upload = Upload {
+            id,
+            source,
+            size,
+            begin,
+            over: Arc::clone(&over),
+        };
+        (upload, over)
+    }
 }
 
 /// Why the content sender stopped sending a file.
@@ -74,7 +89,6 @@ pub(super) fn send_content(
     mut uploads: mpsc::UnboundedReceiver<Upload>,
     requests: mpsc::Sender<ScanRequest>,
     told: mpsc::UnboundedSender<Sent>,
-    failed: &LastFailed,
     chunk_size: usize,
 ) {
     let mut outbox = Outbox {
@@ -88,15 +102,18 @@ pub(super) fn send_content(
         source,
         size,
         begin,
+        over,
     }) = uploads.blocking_recv()
     {
         let sent = match &source {
+            // Answered while it waited its turn: nothing of it goes.
+            _ if over.load(Ordering::Relaxed) => Ok(0),
             FileSource::Prepared(file) => {
                 let content = &file.content;
                 let chunks = (0..content.len())
                     .step_by(chunk_size)
                     .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
-                outbox.file(id, begin, chunks, failed)
+                outbox.file(id, begin, chunks, &over)
             }
             FileSource::Path(path) => match open_regular(path, LEASE_WAIT) {
                 Ok((file, _)) => {
@@ -105,9 +122,9 @@ pub(super) fn send_content(
                         chunk_size,
                         left: (size > 0).then_some(size),
                     };
-                    outbox.file(id, begin, chunks, failed)
+                    outbox.file(id, begin, chunks, &over)
                 }
-                Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), failed),
+                Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
             },
         };
         // Files waiting to go join this one's last message; with nothing
@@ -149,14 +166,14 @@ impl Outbox {
     /// Adds a file's chunks, then its end (which goes out with the next
     /// flush, not before); and its `begin` first, if it goes with the
     /// content. Returns the bytes sent. A file that cannot be read is
-    /// cancelled, if the server knows of it. A file the server has already
-    /// failed gets no more of its content.
+    /// cancelled, if the server knows of it. A file that has its final
+    /// reply already (`over`) gets no more of its content.
     fn file(
         &mut self,
         id: u64,
         mut begin: Option<FileBegin>,
         chunks: impl Iterator<Item = std::io::Result<Bytes>>,
-        failed: &LastFailed,
+        over: &AtomicBool,
     ) -> Result<u64, Stop> {
         // The begin waits for the first chunk: a file that cannot be read
         // at all is then never heard of. A file read whole in its first
@@ -174,7 +191,7 @@ impl Outbox {
                     return Err(Stop::Unread(Unread { id, err, cancelled }));
                 }
             };
-            if failed.0.load(Ordering::Relaxed) == id {
+            if over.load(Ordering::Relaxed) {
                 return Ok(offset);
             }
             if let Some(mut begin) = begin.take() {
@@ -287,5 +304,45 @@ mod tests {
             [4, 4, 2],
             "shrunk: the server finds it short"
         );
+    }
+
+    /// A file answered while its content goes out gets no more of it (and
+    /// no end); one answered before its turn gets none; the next file's
+    /// content goes all the same.
+    #[test]
+    fn an_upload_ends_once_its_file_is_answered() {
+        use crate::proto::file_request::Kind;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("large");
+        std::fs::write(&path, vec![7; 64 << 10]).unwrap();
+        let source = || FileSource::Path(path.clone());
+        let (first, cut) = Upload::new(1, source(), 64 << 10, None);
+        let (second, before) = Upload::new(2, source(), 64 << 10, None);
+        let (third, _) = Upload::new(3, source(), 64 << 10, None);
+        before.store(true, Ordering::Relaxed);
+        let (uploads, to_upload) = mpsc::unbounded_channel();
+        for upload in [first, second, third] {
+            uploads.send(upload).unwrap();
+        }
+        drop(uploads);
+        let (requests, mut sent) = mpsc::channel(1);
+        let (told, _told) = mpsc::unbounded_channel();
+        let sender = std::thread::spawn(move || send_content(to_upload, requests, told, 1 << 10));
+        // One chunk a message: the sender is at most a few ahead.
+        let mut files = vec![sent.blocking_recv().unwrap()];
+        cut.store(true, Ordering::Relaxed);
+        files.extend(std::iter::from_fn(|| sent.blocking_recv()));
+        sender.join().unwrap();
+        let (mut bytes, mut ends) = ([0; 4], [0; 4]);
+        for request in files.into_iter().flat_map(|m| m.requests) {
+            match request.kind.unwrap() {
+                Kind::Chunk(chunk) => bytes[chunk.file_id as usize] += chunk.data.len(),
+                Kind::End(end) => ends[end.file_id as usize] += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(bytes[1] < 8 << 10, "{bytes:?}");
+        assert_eq!(bytes[2..], [0, 64 << 10]);
+        assert_eq!(ends[1..], [0, 0, 1]);
     }
 }
