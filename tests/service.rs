@@ -2367,21 +2367,35 @@ async fn renewed_certificates_are_served_once_read_again() {
     failure(false).await;
 }
 
+/// A session whose agent sends nothing for three heartbeat intervals ends,
+/// and its stream says why (DEADLINE_EXCEEDED), after the messages queued
+/// for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
     let server =
         TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(100)).await;
     // The session's stream stays open, but the agent never sends a heartbeat.
-    let (_, _keep) = session_id(&server).await;
-    assert_eq!(server.state.sessions.len(), 1);
+    let (_keep, mut incoming) = connect(&server, hello()).await;
     let ended = async {
-        while !server.state.sessions.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut heartbeats = 0;
+        loop {
+            match incoming.message().await {
+                Ok(Some(proto::ServerMessage {
+                    kind: Some(server_message::Kind::Heartbeat(_)),
+                })) => heartbeats += 1,
+                Ok(Some(_)) => {}
+                other => return (heartbeats, other),
+            }
         }
     };
-    tokio::time::timeout(Duration::from_secs(3), ended)
+    let (heartbeats, end) = tokio::time::timeout(Duration::from_secs(3), ended)
         .await
         .expect("the session ends after three missed heartbeats");
+    assert!(heartbeats >= 3, "{heartbeats}");
+    let status = end.expect_err("ended by the server, saying why");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("three heartbeat"), "{status:?}");
+    assert!(server.state.sessions.is_empty());
 }
 
 /// The gRPC header of a message of `len` bytes.

@@ -32,7 +32,7 @@ use crate::{
     intake::IntakeLayer,
     proto::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult, ScanReply,
-        ScanRequest, ServerMessage, protection_server_server::ProtectionServer,
+        ScanRequest, protection_server_server::ProtectionServer,
     },
     sessions::{LOOKUPS_AT_ONCE, Session, Sessions, Subject},
     signatures::Ruleset,
@@ -181,14 +181,14 @@ impl ProtectionService {
 
 #[tonic::async_trait]
 impl ProtectionServer for ProtectionService {
-    type ConnectStream = ReceiverStream<Result<ServerMessage, Status>>;
+    type ConnectStream = session::SessionStream;
     type ScanStream = ReceiverStream<Result<ScanReply, Status>>;
 
     async fn connect(
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let (tx, rx) = mpsc::channel(session::OUTBOX);
+        let (outbox, stream) = session::Outbox::new();
         // The agent's own certificate, under mutual TLS.
         let certificate = request
             .peer_certs()
@@ -197,9 +197,9 @@ impl ProtectionServer for ProtectionService {
             Arc::clone(&self.state),
             request.into_inner(),
             certificate,
-            tx,
+            outbox,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 
     async fn scan(

@@ -10,12 +10,19 @@
 //! restart the session when an operator removed a tag from its VM. The
 //! session ends when the agent closes the stream, when it has been silent
 //! for three heartbeat intervals, or when the server shuts down; how it
-//! ended decides the VM's status.
+//! ended decides the VM's status. When the server ends it, the stream ends
+//! with a status that says why (see [`SessionStream`]).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use super::ServiceState;
@@ -33,11 +40,92 @@ use crate::{
 /// How long a new stream may take to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Outbox = mpsc::Sender<Result<ServerMessage, Status>>;
-
 /// Messages to an agent its session may have queued (heartbeats, notices)
 /// before it ends the session: the agent does not read.
 pub(super) const OUTBOX: usize = 16;
+
+/// What a session sends its agent: messages, queued (at most
+/// [`OUTBOX`]), then the status its stream ends with, if the server ends
+/// it. The status goes beside the queue, not into it: it never waits for
+/// room, and an agent that let the queue fill up still learns why its
+/// session ended, rather than see its stream end with OK.
+pub(super) struct Outbox {
+    messages: mpsc::Sender<ServerMessage>,
+    last: oneshot::Sender<Status>,
+}
+
+/// A session's stream as its agent reads it: the messages its session
+/// queued, then the status it ended with (OK when the session sent none).
+pub struct SessionStream {
+    messages: mpsc::Receiver<ServerMessage>,
+    last: Option<oneshot::Receiver<Status>>,
+}
+
+impl Outbox {
+    /// An outbox, and the stream its agent reads.
+    pub(super) fn new() -> (Outbox, SessionStream) {
+        let (messages, queued) = mpsc::channel(OUTBOX);
+        let (last, status) = oneshot::channel();
+        let stream = SessionStream {
+            messages: queued,
+            last: Some(status),
+        };
+        (Outbox { messages, last }, stream)
+    }
+
+    /// Sends `message`, waiting for room; false once the stream is gone.
+    async fn send(&self, message: server_message::Kind) -> bool {
+        let message = ServerMessage {
+            kind: Some(message),
+        };
+        self.messages.send(message).await.is_ok()
+    }
+
+    /// Sends the agent `message`; an error when the session is over: its
+    /// stream is gone, or (with the status to end it with) its agent has
+    /// let [`OUTBOX`] messages pile up unread. Never waits: a session
+    /// waiting on an agent that does not read would check neither its
+    /// heartbeats nor shutdown.
+    fn tell(&self, session: &Session, message: server_message::Kind) -> Result<(), Option<Status>> {
+        let message = ServerMessage {
+            kind: Some(message),
+        };
+        match self.messages.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(session = %session.id, "the agent does not read its session stream");
+                let message = format!(
+                    "the agent left {OUTBOX} messages of its session unread; the session is closed"
+                );
+                Err(Some(Status::resource_exhausted(message)))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+        }
+    }
+
+    /// Ends the stream, after the messages queued, with `status`.
+    fn end(self, status: Status) {
+        let _ = self.last.send(status);
+    }
+}
+
+impl Stream for SessionStream {
+    type Item = Result<ServerMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(message) = ready!(self.messages.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(message)));
+        }
+        // The queue is closed once the session is over: its status, if it
+        // has one, is known by then.
+        let Some(last) = self.last.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let status = ready!(Pin::new(last).poll(cx)).ok();
+        self.last = None;
+        Poll::Ready(status.map(Err))
+    }
+}
 
 /// Runs one session to its end.
 pub(super) async fn run(
@@ -63,10 +151,7 @@ pub(super) async fn run(
             return reject(&out, RejectReason::InvalidHello, &message).await;
         }
         // A first message the server would not decode: the agent is told why.
-        Ok(Err(status)) => {
-            let _ = out.send(Err(status)).await;
-            return;
-        }
+        Ok(Err(status)) => return out.end(status),
         Ok(Ok(None)) => return,
     };
     let session = match admit(&state, &hello, certificate.as_ref()) {
@@ -80,10 +165,13 @@ pub(super) async fn run(
     // Watched from before the Welcome is made: a change while it is on its
     // way is told after it, not lost.
     let watched = Watched::subscribe(&state, &session);
-    let ending = match out.send(Ok(welcome(&state, &session))).await {
-        Ok(()) => serve(&state, &session, incoming, &out, watched).await,
-        Err(_) => Ending::Dropped,
+    let (ending, status) = match out.send(welcome(&state, &session)).await {
+        true => serve(&state, &session, incoming, &out, watched).await,
+        false => (Ending::Dropped, None),
     };
+    if let Some(status) = status {
+        out.end(status);
+    }
     state.sessions.close(&session.id, ending);
     tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
 }
@@ -229,22 +317,20 @@ fn check_certified(vm_id: &str, certificate: Option<&CertificateDer<'_>>) -> Res
         })
 }
 
-fn welcome(state: &ServiceState, session: &Session) -> ServerMessage {
+fn welcome(state: &ServiceState, session: &Session) -> server_message::Kind {
     let uploads = state.uploads.config();
-    ServerMessage {
-        kind: Some(server_message::Kind::Welcome(Welcome {
-            session_id: session.id.clone(),
-            svm_id: state.svm_id.clone(),
-            server_version: crate::VERSION.to_owned(),
-            signatures_version: state.engine.ruleset().version().to_owned(),
-            heartbeat_interval_ms: state.heartbeat_interval.as_millis() as u32,
-            limits: Some(Limits {
-                max_file_size: uploads.max_file_size,
-                preferred_chunk_size: uploads.chunk_size,
-                max_files_in_flight: uploads.files_in_flight,
-            }),
-        })),
-    }
+    server_message::Kind::Welcome(Welcome {
+        session_id: session.id.clone(),
+        svm_id: state.svm_id.clone(),
+        server_version: crate::VERSION.to_owned(),
+        signatures_version: state.engine.ruleset().version().to_owned(),
+        heartbeat_interval_ms: state.heartbeat_interval.as_millis() as u32,
+        limits: Some(Limits {
+            max_file_size: uploads.max_file_size,
+            preferred_chunk_size: uploads.chunk_size,
+            max_files_in_flight: uploads.files_in_flight,
+        }),
+    })
 }
 
 async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
@@ -253,11 +339,7 @@ async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
         reason: reason as i32,
         message: message.to_owned(),
     };
-    let _ = out
-        .send(Ok(ServerMessage {
-            kind: Some(server_message::Kind::Rejection(rejection)),
-        }))
-        .await;
+    out.send(server_message::Kind::Rejection(rejection)).await;
 }
 
 /// What a session tells its agent of as it changes, and whether a newer
@@ -287,31 +369,15 @@ impl Watched {
     }
 }
 
-/// Sends the agent `message`; false when the session is over: its stream
-/// is gone, or its agent has let [`OUTBOX`] messages pile up unread. Never
-/// waits: a session waiting on an agent that does not read would check
-/// neither its heartbeats nor shutdown.
-fn tell(out: &Outbox, session: &Session, message: server_message::Kind) -> bool {
-    match out.try_send(Ok(ServerMessage {
-        kind: Some(message),
-    })) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            tracing::warn!(session = %session.id, "the agent does not read its session stream");
-            false
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
-    }
-}
-
-/// The life of an admitted session, and how it ended.
+/// The life of an admitted session: how it ended, and the status its
+/// stream ends with when the server ended it.
 async fn serve(
     state: &ServiceState,
     session: &Session,
     mut incoming: Streaming<AgentMessage>,
     out: &Outbox,
     watched: Watched,
-) -> Ending {
+) -> (Ending, Option<Status>) {
     let mut heartbeat = tokio::time::interval(state.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let Watched {
@@ -322,19 +388,32 @@ async fn serve(
     let mut shutdown = state.shutdown.clone();
     let mut sequence = 0;
     loop {
-        let message = tokio::select! {
-            message = incoming.message() => message,
+        let told = tokio::select! {
+            message = incoming.message() => match message {
+                // What a replaced session still had on its way is not its
+                // VM's any more: the newer session speaks for it.
+                Ok(Some(_)) if *superseded.borrow() => Ok(()),
+                Ok(Some(message)) => {
+                    session.touch();
+                    note(&state.vms, session, message);
+                    Ok(())
+                }
+                Ok(None) => return (Ending::Closed, None),
+                // Broken, or a message the server would not decode: the
+                // agent is told why, if it still listens.
+                Err(status) => return (Ending::Dropped, Some(status)),
+            },
             _ = heartbeat.tick() => {
-                if session.last_seen().elapsed() > state.heartbeat_interval * 3 {
+                let silence = state.heartbeat_interval * 3;
+                if session.last_seen().elapsed() > silence {
                     tracing::warn!(session = %session.id, "agent missed three heartbeats");
-                    return Ending::Dropped;
+                    let message = format!(
+                        "no message from the agent for three heartbeat intervals ({silence:?}); the session is closed"
+                    );
+                    return (Ending::Dropped, Some(Status::deadline_exceeded(message)));
                 }
                 sequence += 1;
-                let beat = server_message::Kind::Heartbeat(Heartbeat { sequence });
-                if !tell(out, session, beat) {
-                    return Ending::Dropped;
-                }
-                continue;
+                out.tell(session, server_message::Kind::Heartbeat(Heartbeat { sequence }))
             }
             Ok(()) = signatures.changed() => {
                 let ruleset = state.engine.ruleset();
@@ -342,45 +421,24 @@ async fn serve(
                     signatures_version: ruleset.version().to_owned(),
                     rule_count: ruleset.rule_count() as u64,
                 });
-                if !tell(out, session, notice) {
-                    return Ending::Dropped;
-                }
-                continue;
+                out.tell(session, notice)
             }
             Ok(()) = superseded.changed() => {
                 // Closed already: the VM's session is the newer one.
                 let message = "a newer session of this VM replaced this one";
-                let _ = out.try_send(Err(Status::aborted(message)));
-                return Ending::Closed;
+                return (Ending::Closed, Some(Status::aborted(message)));
             }
             Ok(()) = restart.changed() => {
                 let reason = restart.borrow_and_update().clone().unwrap_or_default();
-                let notice = server_message::Kind::RestartSession(RestartSession { reason });
-                if !tell(out, session, notice) {
-                    return Ending::Dropped;
-                }
-                continue;
+                out.tell(session, server_message::Kind::RestartSession(RestartSession { reason }))
             }
             () = shut_down(&mut shutdown) => {
-                let _ = out.try_send(Err(Status::unavailable("the server is shutting down")));
-                return Ending::ServerShutdown;
+                let status = Status::unavailable("the server is shutting down");
+                return (Ending::ServerShutdown, Some(status));
             }
         };
-        match message {
-            // What a replaced session still had on its way is not its
-            // VM's any more: the newer session speaks for it.
-            Ok(Some(_)) if *superseded.borrow() => {}
-            Ok(Some(message)) => {
-                session.touch();
-                note(&state.vms, session, message);
-            }
-            Ok(None) => return Ending::Closed,
-            Err(status) => {
-                // Broken, or a message the server would not decode: the
-                // agent is told why, if it still listens.
-                let _ = out.try_send(Err(status));
-                return Ending::Dropped;
-            }
+        if let Err(status) = told {
+            return (Ending::Dropped, status);
         }
     }
 }
