@@ -586,24 +586,21 @@ fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
 /// into memory.
 const MAX_SOURCE_SIZE: u64 = 64 << 20;
 
-/// Opens a rule file to be read, with its size: a regular file, opened
-/// without blocking, so that a FIFO in its place (named by `--rules`, or
-/// included) fails the load rather than hang it, and every reload after
-/// it, for ever.
+/// Opens a rule file to be read, with its size: a regular file, so that a
+/// FIFO in its place (named by `--rules`, or included) fails the load
+/// rather than hang it, and every reload after it, for ever. (Looked at
+/// before it is opened, not opened without blocking: that would fail a
+/// file under a file server's lease rather than wait for it.)
 fn open_rule_file(path: &Path) -> io::Result<(fs::File, u64)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
+    if !fs::metadata(path)?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a regular file",
         ));
     }
-    Ok((file, metadata.len()))
+    let file = fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    Ok((file, size))
 }
 
 /// A ruleset version as a number: its first 64 bits, which cache keys carry.

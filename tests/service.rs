@@ -2666,10 +2666,11 @@ async fn a_scan_stops_when_its_session_is_replaced() {
         vm_id: "vm-replaced".into(),
         ..AgentOptions::for_host(server.url())
     };
-    let first = Agent::connect(&options).await.unwrap();
+    let first = Arc::new(Agent::connect(&options).await.unwrap());
     let (outcomes, mut received) = mpsc::unbounded_channel();
+    let scanning = Arc::clone(&first);
     let scan = tokio::spawn(async move {
-        first
+        scanning
             .scan(Files::local(walk), HashFirst::Auto, move |_, outcome| {
                 let _ = outcomes.send(outcome);
             })
@@ -2678,9 +2679,9 @@ async fn a_scan_stops_when_its_session_is_replaced() {
     let outcome = received.recv().await.expect("the first file's outcome");
     assert!(outcome.verdict.is_clean(), "{:?}", outcome.verdict);
     let _second = Agent::connect(&options).await.unwrap();
-    // The first agent's scan stops once its session has ended; the walk
-    // then goes on, to hand over the files left.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the first agent knows its session ended, the walk goes on, to
+    // hand over the files left.
+    until_read("ended", || first.session_ended().is_some(), true).await;
     drop(go);
     let result = scan.await.unwrap();
     assert!(

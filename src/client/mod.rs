@@ -54,9 +54,9 @@ pub enum ClientError {
     },
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The server ended the agent's session for a newer session of the
-    /// same VM id: a scan under way stops, its files left failing with
-    /// why.
+    /// The server ended the agent's session (a newer session of the same
+    /// VM id replaced it, say): a scan under way stops, its files left
+    /// failing with why.
     #[error("the server ended this agent's session: {0}")]
     SessionEnded(String),
     /// Settings that cannot work (TLS files for an `http://` server).
@@ -292,12 +292,14 @@ impl Agent {
                         Ok(None) => return,
                         Err(status) => {
                             tracing::warn!("the server ended this agent's session: {}", status.message());
-                            // Replaced by a newer session of the same VM
-                            // id: a scan under way stops. (A connection
-                            // that breaks, or a server that shuts down,
-                            // ends the scan's stream as well, which says
-                            // so itself.)
-                            if status.code() == tonic::Code::Aborted {
+                            // Ended by the server (replaced by a newer
+                            // session of the same VM id, silent too long,
+                            // not read): a scan under way stops. (A
+                            // connection that breaks, or a server that
+                            // shuts down, ends the scan's stream as well,
+                            // which says so itself.)
+                            use tonic::Code::*;
+                            if matches!(status.code(), Aborted | DeadlineExceeded | ResourceExhausted | InvalidArgument) {
                                 let _ = ending.send(Some(status.message().to_owned()));
                             }
                             return;
@@ -331,6 +333,12 @@ impl Agent {
         {
             session.abort();
         }
+    }
+
+    /// Why the server ended the session, once it has (see
+    /// [`ClientError::SessionEnded`]).
+    pub fn session_ended(&self) -> Option<String> {
+        self.ended.borrow().clone()
     }
 
     /// The server's Welcome: session id, versions, limits.

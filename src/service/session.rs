@@ -42,7 +42,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Messages to an agent its session may have queued (heartbeats, notices)
 /// before it ends the session: the agent does not read.
-pub(super) const OUTBOX: usize = 16;
+const OUTBOX: usize = 16;
 
 /// What a session sends its agent: messages, queued (at most
 /// [`OUTBOX`]), then the status its stream ends with, if the server ends
@@ -169,10 +169,12 @@ pub(super) async fn run(
         true => serve(&state, &session, incoming, &out, watched).await,
         false => (Ending::Dropped, None),
     };
+    // Closed before the agent is told: one that reconnects at once must
+    // not find its old session still open.
+    state.sessions.close(&session.id, ending);
     if let Some(status) = status {
         out.end(status);
     }
-    state.sessions.close(&session.id, ending);
     tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
 }
 

@@ -187,6 +187,8 @@ impl Announcer {
                     let file = match prepared.try_recv() {
                         Ok(file) => file,
                         Err(mpsc::error::TryRecvError::Disconnected) => {
+                            // The begins held go first, ended or not.
+                            self.send(&mut held.ready).await?;
                             return rest.ended().map(|()| false);
                         }
                         Err(mpsc::error::TryRecvError::Empty) => {

@@ -163,18 +163,14 @@ impl Preparer {
             ready,
         } = self;
         for path in paths {
-            // A file that says it holds 0 bytes (as those of /proc do) is
-            // read to learn what it holds, whichever way it goes: its begin
-            // must give the size its content will have.
             let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
-                let content_first = content_first.load(Ordering::Relaxed);
-                match content_first.then(|| std::fs::metadata(&path)) {
-                    Some(Ok(metadata)) if metadata.len() > 0 => Ok(Ready {
+                if content_first.load(Ordering::Relaxed) {
+                    std::fs::metadata(&path).map(|metadata| Ready {
                         size: metadata.len(),
                         digest: None,
-                    }),
-                    Some(Err(err)) => Err(err),
-                    _ => hash_file(&path, max_file_size),
+                    })
+                } else {
+                    hash_file(&path, max_file_size)
                 }
             });
             let file = Prepared {

@@ -101,7 +101,7 @@ pub(super) fn send_content(
         id,
         source,
         size,
-        begin,
+        mut begin,
         over,
     }) = uploads.blocking_recv()
     {
@@ -109,11 +109,21 @@ pub(super) fn send_content(
             // Answered while it waited its turn: nothing of it goes.
             _ if over.load(Ordering::Relaxed) => Ok(0),
             FileSource::Prepared(file) => {
-                let content = &file.content;
-                let chunks = (0..content.len())
-                    .step_by(chunk_size)
-                    .map(|start| Ok(content.slice(start..content.len().min(start + chunk_size))));
-                outbox.file(id, begin, chunks, &over)
+                outbox.file(id, begin, slices(&file.content, chunk_size), &over)
+            }
+            // A file that says it holds 0 bytes (as those of /proc do),
+            // going with its begin, is read whole first: the begin must give
+            // the size of what it holds (the server takes no more).
+            FileSource::Path(path) if size == 0 && begin.is_some() => {
+                match open_regular(path, LEASE_WAIT).and_then(|(file, _)| read_unsized(file)) {
+                    Ok(content) => {
+                        if let Some(begin) = &mut begin {
+                            begin.size = content.len() as u64;
+                        }
+                        outbox.file(id, begin, slices(&content, chunk_size), &over)
+                    }
+                    Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
+                }
             }
             FileSource::Path(path) => match open_regular(path, LEASE_WAIT) {
                 Ok((file, _)) => {
@@ -241,6 +251,29 @@ impl Outbox {
             .blocking_send(message)
             .map_err(|_| Stop::Closed)
     }
+}
+
+/// The most a file that says it holds 0 bytes is read, as `scanserver
+/// scan` reads such a file: whole, into memory.
+const UNSIZED_LIMIT: u64 = 32 << 20;
+
+/// What a file that says it holds 0 bytes holds, up to [`UNSIZED_LIMIT`].
+fn read_unsized(file: std::fs::File) -> std::io::Result<Bytes> {
+    let mut content = Vec::new();
+    file.take(UNSIZED_LIMIT + 1).read_to_end(&mut content)?;
+    if content.len() as u64 > UNSIZED_LIMIT {
+        return Err(std::io::Error::other(format!(
+            "the file says it holds 0 bytes, and holds more than {UNSIZED_LIMIT}"
+        )));
+    }
+    Ok(content.into())
+}
+
+/// `content` in chunks of `chunk_size`, each a view of it.
+fn slices(content: &Bytes, chunk_size: usize) -> impl Iterator<Item = std::io::Result<Bytes>> {
+    (0..content.len())
+        .step_by(chunk_size)
+        .map(move |start| Ok(content.slice(start..content.len().min(start + chunk_size))))
 }
 
 /// A file read in chunks, each in a buffer of its own, which the stream
