@@ -95,7 +95,7 @@ impl Outbox {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(session = %session.id, "the agent does not read its session stream");
                 let message = format!(
-                    "the agent left {OUTBOX} messages of its session unread; the session is closed"
+                    "the agent stopped taking its session's messages ({OUTBOX} wait unread); the session is closed"
                 );
                 Err(Some(Status::resource_exhausted(message)))
             }
