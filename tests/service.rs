@@ -2450,13 +2450,44 @@ async fn a_malformed_message_fails_its_stream_with_invalid_argument() {
     assert_eq!(verdict.detection_count(), 1, "the server goes on");
 }
 
+/// An agent that stops taking its session's messages loses the session;
+/// once it reads again, it finds the messages queued, then the status that
+/// says why (RESOURCE_EXHAUSTED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_does_not_read_its_session_loses_it() {
     let server =
         TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(20)).await;
-    // Raw HTTP/2 that leaves the server no room to send: the agent reads
-    // none of its session's messages.
-    let (_response, mut body) = raw_call(&server, [127, 0, 0, 1], "Connect", 0).await;
+    // Raw HTTP/2 that leaves the server no room to send until told: the
+    // agent reads none of its session's messages.
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (h2, mut connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let (read_again, reading) = tokio::sync::oneshot::channel::<()>();
+    // Told, it opens its window (once its earlier settings are taken).
+    let (mut reading, mut open) = (Some(reading), false);
+    tokio::spawn(std::future::poll_fn(move |cx| {
+        if let Some(told) = &mut reading
+            && std::pin::Pin::new(told).poll(cx).is_ready()
+        {
+            (reading, open) = (None, true);
+        }
+        if open {
+            open = connection.set_initial_window_size(1 << 20).is_err();
+            if open {
+                cx.waker().wake_by_ref();
+            }
+        }
+        std::pin::Pin::new(&mut connection).poll(cx)
+    }));
+    let (response, mut body) = h2
+        .ready()
+        .await
+        .unwrap()
+        .send_request(grpc_request(&server, "Connect"), false)
+        .unwrap();
     let hello = AgentMessage {
         kind: Some(proto::agent_message::Kind::Hello(hello())),
     };
@@ -2479,6 +2510,18 @@ async fn an_agent_that_does_not_read_its_session_loses_it() {
     });
     until_read("sessions", || server.state.sessions.len(), 0).await;
     beating.abort();
+    read_again.send(()).unwrap();
+    let mut replies = response.await.unwrap().into_body();
+    while let Some(data) = replies.data().await {
+        let data = data.unwrap();
+        let _ = replies.flow_control().release_capacity(data.len());
+    }
+    let trailers = replies.trailers().await.unwrap().expect("trailers");
+    assert_eq!(
+        trailers["grpc-status"],
+        (Code::ResourceExhausted as i32).to_string(),
+        "{trailers:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2884,7 +2927,16 @@ async fn raw_call(
         .await
         .unwrap();
     tokio::spawn(connection);
-    let request = http::Request::post(format!(
+    h2.ready()
+        .await
+        .unwrap()
+        .send_request(grpc_request(server, method), false)
+        .unwrap()
+}
+
+/// The headers of a call of `method` of the Protection service.
+fn grpc_request(server: &TestServer, method: &str) -> http::Request<()> {
+    http::Request::post(format!(
         "http://{}/{}/{method}",
         server.addr,
         proto::protection_server_server::SERVICE_NAME
@@ -2892,12 +2944,7 @@ async fn raw_call(
     .header("content-type", "application/grpc")
     .header("te", "trailers")
     .body(())
-    .unwrap();
-    h2.ready()
-        .await
-        .unwrap()
-        .send_request(request, false)
-        .unwrap()
+    .unwrap()
 }
 
 /// A raw call (see [`raw_call`]) that sends the header of a gRPC message of
