@@ -406,10 +406,7 @@ impl Ruleset {
 
     fn load_precompiled(path: &Path) -> Result<Ruleset, SignatureError> {
         let started = Instant::now();
-        let mut bytes = Vec::new();
-        open_rule_file(path)
-            .and_then(|(mut file, _)| io::Read::read_to_end(&mut file, &mut bytes))
-            .map_err(|e| SignatureError::io(path, e))?;
+        let bytes = read_rule_file(path, u64::MAX).map_err(|e| SignatureError::io(path, e))?;
         let rules = Rules::deserialize(&bytes).map_err(|source| SignatureError::Precompiled {
             path: path.to_owned(),
             source,
@@ -601,6 +598,19 @@ fn open_rule_file(path: &Path) -> io::Result<(fs::File, u64)> {
     let file = fs::File::open(path)?;
     let size = file.metadata()?.len();
     Ok((file, size))
+}
+
+/// A rule file's bytes (see [`open_rule_file`]), if it holds at most
+/// `limit`.
+fn read_rule_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let (file, size) = open_rule_file(path)?;
+    if size > limit {
+        let message = format!("{size} bytes, over the {limit} a rule file may hold");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, limit), &mut bytes)?;
+    Ok(bytes)
 }
 
 /// A ruleset version as a number: its first 64 bits, which cache keys carry.
@@ -801,17 +811,8 @@ impl SourceSet {
 
 impl SourceFile {
     fn read(root: &Path, path: &Path, top_level: bool) -> Result<SourceFile, SignatureError> {
-        let mut text = Vec::new();
-        open_rule_file(path)
-            .and_then(|(file, size)| {
-                if size > MAX_SOURCE_SIZE {
-                    let message =
-                        format!("{size} bytes, over the {MAX_SOURCE_SIZE} a rule file may hold");
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, message));
-                }
-                io::Read::read_to_end(&mut io::Read::take(file, MAX_SOURCE_SIZE), &mut text)
-            })
-            .map_err(|e| SignatureError::io(path, e))?;
+        let text =
+            read_rule_file(path, MAX_SOURCE_SIZE).map_err(|e| SignatureError::io(path, e))?;
         let canonical = path
             .canonicalize()
             .map_err(|e| SignatureError::io(path, e))?;

@@ -233,6 +233,17 @@ impl LeadAndWaiter {
             _sessions: [keep_a, keep_b],
         }
     }
+
+    /// Sends the waiter's begin, and returns once it is asked for its
+    /// content.
+    async fn waiter_is_asked_for_content(&mut self) {
+        self.waiter.send(self.waiter_begin.clone()).await.unwrap();
+        let reply = next(&mut self.waiter_replies).await.1;
+        assert!(
+            matches!(reply, file_reply::Kind::SendContent(_)),
+            "{reply:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,11 +286,7 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
     // The lead never sends its content: the waiter is asked for its own
     // once its wait's deadline passes, and not before.
     let waiting_since = tokio::time::Instant::now();
-    lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
-    assert!(matches!(
-        next(&mut lw.waiter_replies).await.1,
-        file_reply::Kind::SendContent(_)
-    ));
+    lw.waiter_is_asked_for_content().await;
     assert!(waiting_since.elapsed() >= scanserver::cache::flight::UPLOAD_WAIT);
     // The lead, none of whose content came, gave its lead up then: the same
     // content begun later leads at once, rather than waiting for the lead
@@ -318,12 +325,7 @@ async fn a_lead_whose_content_stops_coming_gives_its_lead_up() {
     tokio::time::sleep(UPLOAD_WAIT * 2 + Duration::from_secs(1)).await;
     // Given up: another VM's begin of the same content leads at once.
     let asked_at = tokio::time::Instant::now();
-    lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
-    let reply = next(&mut lw.waiter_replies).await.1;
-    assert!(
-        matches!(reply, file_reply::Kind::SendContent(_)),
-        "{reply:?}"
-    );
+    lw.waiter_is_asked_for_content().await;
     assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
 }
 
@@ -354,12 +356,7 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     // full UPLOAD_WAIT (nor closed as idle itself, which a wait ending
     // later would bring).
     let waiting_since = std::time::Instant::now();
-    lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
-    let reply = next(&mut lw.waiter_replies).await.1;
-    assert!(
-        matches!(reply, file_reply::Kind::SendContent(_)),
-        "{reply:?}"
-    );
+    lw.waiter_is_asked_for_content().await;
     assert!(waiting_since.elapsed() < scanserver::cache::flight::UPLOAD_WAIT / 2);
     lw.waiter.send(chunk(1, 0, &data)).await.unwrap();
     lw.waiter.send(end(1)).await.unwrap();

@@ -710,10 +710,9 @@ impl ScanStream {
             Subscription::Lead(flight) => match cache.landed_meanwhile(flight) {
                 Ok(hit) => self.known(id, file, &hit, false),
                 Err(flight) => {
-                    let until = deadline;
                     let leads = Standing::Leads {
                         flight,
-                        until,
+                        until: deadline,
                         received: 0,
                     };
                     self.open_for_content(id, file, Some(digest), leads)

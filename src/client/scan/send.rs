@@ -187,8 +187,8 @@ impl Outbox {
     ) -> Result<u64, Stop> {
         // The begin waits for the first chunk: a file that cannot be read
         // at all is then never heard of. A file read whole in its first
-        // chunk is announced with the size read, whatever its metadata
-        // said (files of /proc report 0 bytes).
+        // chunk is announced with the size read (it may have shrunk since
+        // it was looked at).
         let mut offset = 0u64;
         for data in chunks {
             let data = match data {
