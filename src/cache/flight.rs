@@ -362,10 +362,7 @@ impl Flight {
         self.ended = true;
         let entry = lock(&self.under_way).remove(&self.key);
         let subscribers = entry.map(|entry| entry.subscribers).unwrap_or_default();
-        if verdict.is_some() {
-            self.waits
-                .fetch_add(subscribers.len() as u64, Ordering::Relaxed);
-        }
+        let mut told = 0;
         for subscriber in subscribers {
             if let Some(landings) = subscriber.to.upgrade() {
                 landings.leave(Notice {
@@ -373,7 +370,12 @@ impl Flight {
                     flight: self.id,
                     landing: verdict.clone(),
                 });
+                told += 1;
             }
+        }
+        // Subscribers whose stream ended waited for nothing.
+        if verdict.is_some() {
+            self.waits.fetch_add(told, Ordering::Relaxed);
         }
         self.sender.send_replace(verdict);
     }
@@ -594,9 +596,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_ended_stream_is_not_told_and_its_subscriptions_are_dropped() {
+    async fn an_ended_stream_is_not_told_nor_counted_and_its_subscriptions_are_dropped() {
         let flights = Flights::default();
-        let lead = lead(&flights, key(1));
+        let first = lead(&flights, key(1));
         let gone = Landings::new(128);
         for tag in 0..4 {
             flights.join_or_subscribe(key(1), &gone, tag);
@@ -604,13 +606,31 @@ mod tests {
         drop(gone);
         let landings = Landings::new(128);
         flights.join_or_subscribe(key(1), &landings, 9);
-        let subscribers = |flights: &Flights| flights.lock()[&key(1)].subscribers.len();
-        assert_eq!(subscribers(&flights), 1, "the full list was pruned first");
-        lead.land(clean());
+        let subscribers = |n| flights.lock()[&key(n)].subscribers.len();
+        assert_eq!(subscribers(1), 1, "the full list was pruned first");
+        first.land(clean());
         let mut notices = Vec::new();
         landings.take(&mut notices);
         assert_eq!(notices.len(), 1);
         assert_eq!(landings.pending(), Pending::Nothing);
+
+        // Not pruned (the list is not full): passed over as it lands, and
+        // not counted as waits.
+        let second = lead(&flights, key(2));
+        let gone = Landings::new(128);
+        flights.join_or_subscribe(key(2), &gone, 0);
+        flights.join_or_subscribe(key(2), &landings, 9);
+        drop(gone);
+        assert_eq!(subscribers(2), 2);
+        let before = flights.waits();
+        second.land(clean());
+        landings.take(&mut notices);
+        assert_eq!(notices.len(), 1);
+        assert_eq!(
+            flights.waits() - before,
+            1,
+            "the ended stream's file waited for nothing"
+        );
     }
 
     #[tokio::test(start_paused = true)]

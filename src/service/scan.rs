@@ -617,13 +617,20 @@ impl ScanStream {
     /// and its requests are dropped first). Verdicts landed go first. A
     /// wait that ended without a verdict gets the error too (see
     /// [`Self::resolve`]).
+    ///
+    /// Waits are not withdrawn one by one, as a cancel withdraws its file's:
+    /// each would look through its flight's subscribers under the lock all
+    /// flights share, and when thousands of agents drop off in the middle
+    /// of a storm, every one of their files waits on a flight that all the
+    /// others wait on too (time quadratic in the agents). The stream's
+    /// landings end with it, and a flight passes over subscribers whose
+    /// stream has ended.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         self.requests = None;
         let mut replies = self.take_landed();
-        let ids: Vec<u64> = self.open.keys().copied().collect();
-        replies.extend(ids.into_iter().filter_map(|id| {
-            self.close(id)?.owed.forgive_if_resent(code);
-            Some(file_error(id, code, message))
+        replies.extend(self.open.drain().map(|(id, mut file)| {
+            file.owed.forgive_if_resent(code);
+            file_error(id, code, message)
         }));
         self.send_all(replies).await
     }
