@@ -86,8 +86,10 @@ impl Config {
             }
         }
         let heartbeat = self.server.heartbeat_interval;
-        if heartbeat < Duration::from_millis(1) || heartbeat > Duration::from_secs(3600) {
-            return invalid("server.heartbeat_interval", "must be between 1ms and 1h");
+        // Agents may answer no faster than a tenth of a second (lightagent
+        // does not): shorter, three intervals would end their sessions.
+        if heartbeat < Duration::from_secs(1) || heartbeat > Duration::from_secs(3600) {
+            return invalid("server.heartbeat_interval", "must be between 1s and 1h");
         }
         if self.engine.scan_timeout < Duration::from_secs(1) {
             return invalid(
@@ -567,8 +569,10 @@ mod tests {
         let mut config = Config::default();
         config.server.heartbeat_interval = Duration::ZERO;
         assert!(config.validate().is_err());
-        config.server.heartbeat_interval = Duration::from_micros(500);
-        assert!(config.validate().is_err(), "agents are told whole ms");
+        config.server.heartbeat_interval = Duration::from_millis(200);
+        assert!(config.validate().is_err(), "agents may beat every 100 ms");
+        config.server.heartbeat_interval = Duration::from_secs(1);
+        assert!(config.validate().is_ok());
         let mut config = Config::default();
         config.uploads.max_file_size = config.engine.max_scan_size + 1;
         assert!(config.validate().is_err());

@@ -9,14 +9,17 @@
 //!
 //! The exit status follows clamscan: 0 when nothing was found, 1 when
 //! something was found, 2 when nothing was found but some file could not be
-//! scanned (a failure is never silently clean).
+//! scanned (a failure is never silently clean), or the results could not
+//! all be written (a full disk under `> results.json`: lines lost may have
+//! named infected files). A closed stdout (`| head`) is what its reader
+//! asked for, and not a failure.
 
 use std::{
     fmt,
-    io::{BufWriter, IsTerminal, Stdout, Write},
+    io::{self, BufWriter, IsTerminal, Stdout, Write},
     path::Path,
     sync::{
-        Mutex,
+        Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -79,6 +82,8 @@ pub struct Reporter {
     bytes: AtomicU64,
     infected: AtomicU64,
     failed: AtomicU64,
+    /// The first error writing the results, a closed stdout excepted.
+    lost: OnceLock<io::Error>,
 }
 
 impl Reporter {
@@ -103,6 +108,7 @@ impl Reporter {
             bytes: AtomicU64::new(0),
             infected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            lost: OnceLock::new(),
         }
     }
 
@@ -130,11 +136,11 @@ impl Reporter {
         if let Some(line) = line {
             let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
             let write = |out: &mut BufWriter<Stdout>| {
-                // A closed stdout (`| head`) is not worth failing the scan for.
-                let _ = writeln!(out, "{line}");
+                let mut written = writeln!(out, "{line}");
                 if self.format == Format::Text {
-                    let _ = out.flush();
+                    written = written.and_then(|()| out.flush());
                 }
+                keep_error(&self.lost, written);
             };
             match &self.progress {
                 Some(bar) => bar.suspend(|| write(&mut out)),
@@ -152,19 +158,42 @@ impl Reporter {
             bar.finish_and_clear();
         }
         let mut out = self.out.into_inner().unwrap_or_else(|e| e.into_inner());
-        let summary = Summary {
+        let mut summary = Summary {
             files: self.files.into_inner(),
             bytes: self.bytes.into_inner(),
             infected: self.infected.into_inner(),
             failed: self.failed.into_inner(),
             elapsed: self.started.elapsed(),
+            output_failed: false,
         };
-        match self.format {
-            Format::Text => _ = writeln!(out, "{summary}"),
-            Format::Json => eprintln!("{summary}"),
-        }
-        let _ = out.flush();
+        let written = match self.format {
+            Format::Text => writeln!(out, "{summary}"),
+            Format::Json => {
+                eprintln!("{summary}");
+                Ok(())
+            }
+        };
+        keep_error(&self.lost, written.and_then(|()| out.flush()));
+        summary.output_failed = match self.lost.into_inner() {
+            Some(err) => {
+                eprintln!(
+                    "error: cannot write the results ({err}): some are missing from the output"
+                );
+                true
+            }
+            None => false,
+        };
         summary
+    }
+}
+
+/// Keeps the first error writing the results in `lost`, except a closed
+/// stdout.
+fn keep_error(lost: &OnceLock<io::Error>, written: io::Result<()>) {
+    if let Err(err) = written
+        && err.kind() != io::ErrorKind::BrokenPipe
+    {
+        let _ = lost.set(err);
     }
 }
 
@@ -212,16 +241,18 @@ pub struct Summary {
     pub infected: u64,
     pub failed: u64,
     pub elapsed: Duration,
+    /// Some results could not be written.
+    pub output_failed: bool,
 }
 
 impl Summary {
     /// The process exit status: 1 when something was found, otherwise 2 when
-    /// some file failed, otherwise 0.
+    /// some file failed or some result could not be written, otherwise 0.
     pub fn exit_code(&self) -> u8 {
-        match (self.infected, self.failed) {
-            (1.., _) => 1,
-            (0, 1..) => 2,
-            (0, 0) => 0,
+        match (self.infected, self.failed, self.output_failed) {
+            (1.., _, _) => 1,
+            (0, 1.., _) | (0, 0, true) => 2,
+            (0, 0, false) => 0,
         }
     }
 }

@@ -153,6 +153,49 @@ fn a_file_that_cannot_be_scanned_exits_2_with_its_reason() {
     assert_eq!(json_lines(&output.stdout).len(), 1);
 }
 
+/// Results that cannot all be written (a full disk, here `/dev/full`) may
+/// have named an infected file: exit status 2, and why on stderr. A closed
+/// stdout is what its reader asked for (`| head`): not an error.
+#[test]
+fn results_that_cannot_be_written_exit_2() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fs::write(tree.path().join("notes.txt"), "nothing to see").unwrap();
+    for format in [&["scan", "--json"][..], &["scan"]] {
+        let output = scanserver(cache.path())
+            .args(format)
+            .arg(tree.path())
+            .stdout(fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{format:?}: {stderr}");
+        assert!(stderr.contains("cannot write the results"), "{stderr}");
+    }
+    let mut closed = scanserver(cache.path())
+        .args(["scan", "--json"])
+        .arg(tree.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(closed.stdout.take());
+    assert_eq!(closed.wait().unwrap().code(), Some(0));
+}
+
+/// `--timeout` is checked as `engine.scan_timeout` is: below 1s, every
+/// file would time out.
+#[test]
+fn a_scan_timeout_under_a_second_is_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let output = scanserver(cache.path())
+        .args(["scan", "--timeout", "0s", "Cargo.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("must be at least 1s"), "{stderr}");
+}
+
 #[test]
 fn scan_with_unloadable_rules_exits_2() {
     let cache = tempfile::tempdir().unwrap();

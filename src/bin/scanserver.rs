@@ -320,9 +320,9 @@ struct ScanArgs {
     #[arg(long, short = 'j', value_name = "N")]
     threads: Option<usize>,
 
-    /// Per-file scan timeout; a file scanned longer fails with `timeout`
-    /// [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Per-file scan timeout, at least 1s; a file scanned longer fails with
+    /// `timeout` [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = scan_timeout)]
     timeout: Option<Duration>,
 
     /// Files larger than this many bytes fail with `too_large`.
@@ -587,6 +587,16 @@ fn init_logging(format: LogFormat, default_level: &str) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// A scan timeout as `serve` takes one (`engine.scan_timeout`): YARA-X
+/// counts scan time in whole seconds, so below 1s every file would time out.
+fn scan_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(value).map_err(|err| err.to_string())?;
+    if !(Duration::from_secs(1)..=scanserver::config::MAX_DURATION).contains(&timeout) {
+        return Err("must be at least 1s (YARA-X counts scan time in whole seconds)".into());
+    }
+    Ok(timeout)
 }
 
 fn scan(args: ScanArgs) -> ExitCode {
