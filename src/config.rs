@@ -188,8 +188,11 @@ impl Config {
                 "is over engine.max_scan_size: such uploads could never be scanned; lower it or raise the other",
             );
         }
-        if self.server.snapshot_interval.is_zero() {
-            return invalid("server.snapshot_interval", "must be more than 0");
+        if self.server.snapshot_interval < Duration::from_secs(1) {
+            return invalid(
+                "server.snapshot_interval",
+                "must be at least 1s: each save under load writes the whole cache",
+            );
         }
         // TLS is used for https:// URLs only: a plain URL with TLS settings
         // would send reports and the token in the clear.
@@ -212,6 +215,17 @@ impl Config {
             return invalid(
                 "server.admin_listen",
                 "must differ from the agent and metrics listeners: the admin service is never served to agents",
+            );
+        }
+        // Tags lift a VM's quarantine: a VM that reaches the admin service
+        // must not be able to do so for itself.
+        if let AdminAddr::Tcp(admin) = self.server.admin_listen
+            && !admin.ip().is_loopback()
+            && self.server.admin_token_file.is_none()
+        {
+            return invalid(
+                "server.admin_listen",
+                "is reachable from other hosts, and no server.admin_token_file is set: whoever reached it could change security tags; set a token file, or keep the admin listener on loopback or a unix: socket",
             );
         }
         Ok(())
@@ -572,6 +586,11 @@ mod tests {
         config.server.heartbeat_interval = Duration::from_millis(200);
         assert!(config.validate().is_err(), "agents may beat every 100 ms");
         config.server.heartbeat_interval = Duration::from_secs(1);
+        assert!(config.validate().is_ok());
+        let mut config = Config::default();
+        config.server.admin_listen = "0.0.0.0:7406".parse().unwrap();
+        assert!(config.validate().is_err(), "off loopback without a token");
+        config.server.admin_token_file = Some("admin.token".into());
         assert!(config.validate().is_ok());
         let mut config = Config::default();
         config.uploads.max_file_size = config.engine.max_scan_size + 1;

@@ -168,8 +168,9 @@ impl Tls {
     /// second look are those loaded, so a renewal caught between its
     /// certificate and its key is neither served nor reported as a
     /// failure. New files that cannot be used are reported once, and not
-    /// tried again until they change; a failure is cleared when the files
-    /// served are found back on disk.
+    /// tried again until they change, as are files that cannot be read at
+    /// [`UNREADABLE_LOOKS`] looks in a row; a failure is cleared when the
+    /// files served are found back on disk.
     pub async fn keep_checking(self: Arc<Self>, svm: Arc<Svm>, shutdown: watch::Receiver<bool>) {
         let every = self.settings.check_interval;
         if every.is_zero() {
@@ -177,11 +178,26 @@ impl Tls {
         }
         let mut ticks = shutdown::Periodic::every(every, shutdown).await;
         let mut looks = Looks::default();
+        let mut unreadable = 0;
         while ticks.next().await {
             // Files that cannot be read (being replaced, or gone) are
-            // looked at again; the served certificate's expiry is in the
-            // status meanwhile.
-            let files = Files::read(&self.settings).ok();
+            // looked at again; only when they stay so (a renewal written
+            // with modes the server cannot read, say) is that a failure.
+            let files = match Files::read(&self.settings) {
+                Ok(files) => {
+                    unreadable = 0;
+                    Some(files)
+                }
+                Err(err) => {
+                    unreadable += 1;
+                    if unreadable == UNREADABLE_LOOKS {
+                        let err = crate::WithCauses(&err).to_string();
+                        tracing::error!("TLS files cannot be read, renewals are not served: {err}");
+                        svm.tls_reloaded(Err(err));
+                    }
+                    None
+                }
+            };
             let found = files.as_ref().map(Files::digest);
             let renewed = {
                 let loaded = self.loaded();
@@ -236,6 +252,10 @@ impl Tls {
         ReceiverStream::new(incoming)
     }
 }
+
+/// Looks in a row at files that cannot be read before that is a failure:
+/// a renewal may be caught between removing and writing a file.
+const UNREADABLE_LOOKS: u32 = 3;
 
 /// What the periodic check of the files saw: the new files of its last
 /// look, and the last new files that could not be used.

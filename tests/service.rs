@@ -2362,6 +2362,14 @@ async fn renewed_certificates_are_served_once_read_again() {
     failure(true).await;
     install(renewed.path());
     failure(false).await;
+    // Files that stay unreadable (a renewal the server may not read) are a
+    // failure too, after three looks.
+    std::fs::remove_file(served.path().join("server.key")).unwrap();
+    failure(true).await;
+    let failure_now = svm.tls_update_failure().unwrap();
+    assert!(failure_now.contains("server.key"), "{failure_now}");
+    install(renewed.path());
+    failure(false).await;
 }
 
 /// A session whose agent sends nothing for three heartbeat intervals ends,
