@@ -292,12 +292,24 @@ impl Reporter {
             }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(format!(
                 "cannot reach the Integration Server: {}",
-                status.message()
+                crate::WithCauses(&status)
             )),
-            Ok(Err(status)) => Err(format!(
-                "the Integration Server refused the report: {}",
-                status.message()
-            )),
+            Ok(Err(status)) => {
+                let hint = match status.code() {
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                        " (check [reporting] token_file)"
+                    }
+                    tonic::Code::Unimplemented => {
+                        " (check reporting.integration_server: it serves no reports)"
+                    }
+                    _ => "",
+                };
+                Err(format!(
+                    "the Integration Server refused the report, {:?}: {}{hint}",
+                    status.code(),
+                    status.message()
+                ))
+            }
             Err(_) => {
                 self.reconnect();
                 Err(format!("no answer within {REPORT_TIMEOUT:?}"))

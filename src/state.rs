@@ -413,11 +413,13 @@ pub fn replace_file<T>(
     drop(out);
     file.as_file().sync_all()?;
     file.persist(path).map_err(|err| err.error)?;
-    // The rename itself must reach the disk too.
-    if let Ok(dir) = fs::File::open(dir) {
-        let _ = dir.sync_all();
+    // The rename itself must reach the disk too: a save that may not have
+    // is not done, and is tried again (file systems that cannot sync a
+    // folder say EINVAL, and have nothing to sync).
+    match fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+        Err(err) if err.kind() != io::ErrorKind::InvalidInput => Err(err),
+        _ => Ok(value),
     }
-    Ok(value)
 }
 
 #[cfg(test)]

@@ -356,13 +356,15 @@ impl<R> Default for Saved<R> {
 const FORMAT: u32 = 1;
 
 /// Forgets up to `n` of the idle VMs (no session) that carry no tag,
-/// those seen least recently; when that makes fewer than `needed`, as many
-/// more of those whose tags were all assigned automatically (with a
-/// warning: their tags go with them). Returns how many. A VM tagged by hand
-/// is never forgotten. VM ids are the agents' to choose: were automatic
-/// tags kept whatever the cost, an agent reporting attacks for made-up VMs
-/// could fill the registry with them for good, and lock every new VM out;
-/// but no more of them go than room needs.
+/// those seen least recently; when that makes fewer than `needed`, up to
+/// `n` in all with those whose tags were all assigned automatically (with
+/// a warning: their tags go with them). Returns how many. A VM tagged by
+/// hand is never forgotten. VM ids are the agents' to choose: were
+/// automatic tags kept whatever the cost, an agent reporting attacks for
+/// made-up VMs could fill the registry with them for good, and lock every
+/// new VM out. None of them goes while untagged ones make room enough; but
+/// when they must, they go `n` at a time, as untagged ones do: one at a
+/// time, a registry full of them would be walked for every new VM.
 fn forget_idle(by_id: &mut Registry, n: usize, needed: usize) -> usize {
     let untagged = forget_least_recent(by_id, n, |vm| vm.tags.is_empty());
     if untagged.len() >= needed {
@@ -373,7 +375,7 @@ fn forget_idle(by_id: &mut Registry, n: usize, needed: usize) -> usize {
             .values()
             .all(|tag| tag.origin == TagOrigin::Automatic)
     };
-    let tagged = forget_least_recent(by_id, needed - untagged.len(), automatic);
+    let tagged = forget_least_recent(by_id, n - untagged.len(), automatic);
     if let Some(first) = tagged.first() {
         tracing::warn!(
             forgotten = tagged.len(),
@@ -969,7 +971,7 @@ mod tests {
     /// Room is made a hundredth of the registry at a time, but no VM with a
     /// tag goes while an untagged one makes room enough.
     #[test]
-    fn no_more_tagged_vms_are_forgotten_than_room_needs() {
+    fn tagged_vms_go_only_when_untagged_ones_make_no_room() {
         let (vms, sessions) = registry(200);
         let visit = |vm: &str| {
             let session = sessions.open(agent_of(vm)).unwrap();
@@ -983,6 +985,15 @@ mod tests {
         visit("new");
         assert!(vms.get("untagged").is_none(), "made room");
         assert_eq!(vms.lock().len(), 200, "and no tagged VM went with it");
+        // None untagged is left but "new": the two tagged VMs seen least
+        // recently go at once, and the next new VM walks nothing.
+        vms.threat_found("new");
+        visit("newer");
+        assert!(vms.get("tagged-0").is_none() && vms.get("tagged-1").is_none());
+        assert_eq!(vms.lock().len(), 199);
+        visit("newest");
+        assert_eq!(vms.lock().len(), 200);
+        assert!(vms.get("tagged-2").is_some());
     }
 
     #[test]
