@@ -1650,7 +1650,18 @@ async fn a_scan_cut_off_gives_every_file_one_outcome() {
 
     let server = TestServer::start(|_| {}).await;
     let (proxy, link) = proxy(server.addr).await;
-    let cut = async move { link.abort() };
+    // Once every file was announced (and asked for): the agent hashes
+    // them as it goes, and one not hashed yet when the scan breaks fails
+    // without a digest.
+    let state = Arc::clone(&server.state);
+    let cut = async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while Counters::get(&state.counters.content_requests) < 10 {
+            assert!(std::time::Instant::now() < deadline, "never asked for all");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        link.abort()
+    };
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://{proxy}");
     // Large enough that the nine other files are still on their way when
