@@ -391,6 +391,7 @@ impl Server {
         let vms_keeper = tokio::spawn(state::keep_vms(
             Arc::clone(&self.svm.vms),
             self.snapshot_interval,
+            crate::vms::RECONNECT_GRACE,
             served_rx,
         ));
         let shutdown = self.shutdown;

@@ -317,10 +317,20 @@ impl StateDir {
 
 /// Saves `vms` a second after each change and every `interval`, and once
 /// more when `done` turns true (the server stopped serving); then returns.
-pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut done: watch::Receiver<bool>) {
+/// `grace` after it starts, the VMs awaited since the last run that have
+/// not come back count as lost ([`Vms::lost_unless_back`]).
+pub async fn keep_vms(
+    vms: Arc<Vms>,
+    interval: Duration,
+    grace: Duration,
+    mut done: watch::Receiver<bool>,
+) {
     let mut changes = vms.changes();
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
+    let back_by = tokio::time::sleep(grace);
+    tokio::pin!(back_by);
+    let mut awaiting = true;
     loop {
         let last = tokio::select! {
             Ok(()) = changes.changed() => {
@@ -329,6 +339,12 @@ pub async fn keep_vms(vms: Arc<Vms>, interval: Duration, mut done: watch::Receiv
                 false
             }
             _ = ticker.tick() => false,
+            () = &mut back_by, if awaiting => {
+                // A change, when any VM is lost: saved as changes are.
+                awaiting = false;
+                vms.lost_unless_back();
+                continue;
+            }
             () = shut_down(&mut done) => true,
         };
         changes.borrow_and_update();

@@ -29,7 +29,10 @@ use std::{
     fmt, fs, io,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -60,6 +63,12 @@ pub const MAX_LISTING_SIZE: usize = 256 << 20;
 
 /// The file's name in the state folder.
 pub const FILE_NAME: &str = "vms.json";
+
+/// How long the VMs that had a session when the server stopped have, once
+/// it serves again, to come back before their connection counts as lost
+/// (see [`VmRecord::awaited`]): agents find a restarted server at their
+/// next attempt to connect, which they make every minute or sooner.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(120);
 
 /// A security tag, as VMware NSX names them; saved under that name
 /// ([`SecurityTag::name`]).
@@ -150,6 +159,16 @@ pub struct VmRecord {
     /// The session dropped (missed heartbeats, broken connection) and the
     /// agent has not come back.
     pub connection_lost: bool,
+    /// The VM had a session when the server stopped (or last saved, before
+    /// a crash), and has not come back since: unless it does within
+    /// [`RECONNECT_GRACE`] of the next start, its connection counts as lost
+    /// ([`Vms::lost_unless_back`]). A session the server ended is no more
+    /// the agent's doing than one it closed, but its VM is unprotected all
+    /// the same until it is back; without this, a VM whose agent failed
+    /// while the server restarted would be neither connected nor lost, and
+    /// left out of reports as a VM shut down.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaited: bool,
     /// The agent said it cannot reach the Integration Server.
     pub integration_server_unreachable: bool,
     pub file_modified: bool,
@@ -192,6 +211,7 @@ impl VmRecord {
             last_seen: now,
             tags: BTreeMap::new(),
             connection_lost: false,
+            awaited: false,
             integration_server_unreachable: false,
             file_modified: false,
             registry_modified: false,
@@ -470,6 +490,8 @@ pub struct Vms {
     changes: watch::Sender<u64>,
     /// The most VMs kept: [`MAX_VMS`] (fewer in tests).
     limit: usize,
+    /// The server ended a session as it stops: see [`Vms::lost_unless_back`].
+    stopping: AtomicBool,
 }
 
 impl Vms {
@@ -480,6 +502,7 @@ impl Vms {
             path: None,
             changes: watch::channel(0).0,
             limit: MAX_VMS,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -523,6 +546,7 @@ impl Vms {
             path: Some(path),
             changes: watch::channel(0).0,
             limit: MAX_VMS,
+            stopping: AtomicBool::new(false),
         };
         vms.forget_old();
         Ok(vms)
@@ -585,6 +609,7 @@ impl Vms {
             vm.os.clone_from(&agent.os);
             vm.last_seen = now;
             vm.connection_lost = false;
+            vm.awaited = false;
             // A new session starts from what the agent tells in it.
             vm.integration_server_unreachable = false;
             vm.full_scan = None;
@@ -597,6 +622,9 @@ impl Vms {
     /// `session` ended. A later session of the same VM (an agent that
     /// reconnected before its old session timed out) is left alone.
     pub fn disconnected(&self, session: &Session, ending: Ending) {
+        if ending == Ending::ServerShutdown {
+            self.stopping.store(true, Ordering::Relaxed);
+        }
         let last_seen = unix_ms(session.last_seen_at());
         self.update(&session.agent.vm_id, |vm| {
             if vm.session_id.as_deref() != Some(session.id.as_str()) {
@@ -605,8 +633,37 @@ impl Vms {
             vm.session_id = None;
             vm.last_seen = last_seen;
             vm.connection_lost = ending == Ending::Dropped;
+            vm.awaited = ending == Ending::ServerShutdown;
             true
         });
+    }
+
+    /// Counts the connection of every VM still awaited as lost (see
+    /// [`VmRecord::awaited`]): it had a session when the server stopped,
+    /// and has not come back since the server started. Returns how many.
+    /// Not once the server stops: the VMs whose sessions it ended then are
+    /// awaited at its next start, not lost now.
+    pub fn lost_unless_back(&self) -> usize {
+        if self.stopping.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let mut lost = 0;
+        for vm in self.lock().values_mut() {
+            if vm.awaited && vm.session_id.is_none() {
+                let vm = Arc::make_mut(vm);
+                vm.awaited = false;
+                vm.connection_lost = true;
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                "VMs that had a session when the server stopped have not come back: their connection counts as lost"
+            );
+            self.changed();
+        }
+        lost
     }
 
     /// A scan for VM `vm_id` found malware. The full scan under way cannot
@@ -856,7 +913,10 @@ impl Vms {
         let mut vms: Vec<Arc<VmRecord>> = self.lock().values().cloned().collect();
         let now = unix_ms(SystemTime::now());
         for vm in vms.iter_mut().filter(|vm| vm.session_id.is_some()) {
-            Arc::make_mut(vm).last_seen = now;
+            let vm = Arc::make_mut(vm);
+            vm.last_seen = now;
+            // Should the server crash before the next save.
+            vm.awaited = true;
         }
         let saved = Saved {
             format: FORMAT,
@@ -928,6 +988,50 @@ mod tests {
             agent_version: "1".into(),
             certificate: None,
         }
+    }
+
+    /// A VM that had a session when the server stopped (or saved last,
+    /// before a crash) is awaited at the next start: not back by the end
+    /// of the grace period, its connection counts as lost. One that came
+    /// back, or whose agent closed its session, is not; nor, while the
+    /// server stops, is one whose session the server ended.
+    #[test]
+    fn vms_not_back_after_a_restart_count_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = || {
+            let vms = Arc::new(Vms::open(dir.path()).unwrap());
+            let sessions = crate::sessions::Sessions::new(
+                10,
+                &Default::default(),
+                Arc::clone(&vms),
+                Default::default(),
+            );
+            (vms, sessions)
+        };
+        let lost = |vms: &Vms, vm: &str| vms.get(vm).unwrap().connection_lost;
+
+        let (vms, sessions) = start();
+        let _a = sessions.open(agent_of("vm-a")).unwrap();
+        let _b = sessions.open(agent_of("vm-b")).unwrap();
+        let c = sessions.open(agent_of("vm-c")).unwrap();
+        sessions.close(&c.id, Ending::Closed);
+        vms.save().unwrap();
+        // The server crashed; vm-b comes back after the restart.
+        let (vms, sessions) = start();
+        let b = sessions.open(agent_of("vm-b")).unwrap();
+        assert_eq!(vms.lost_unless_back(), 1);
+        assert!(lost(&vms, "vm-a"));
+        assert!(!lost(&vms, "vm-b") && !lost(&vms, "vm-c"));
+        assert_eq!(vms.lost_unless_back(), 0, "once");
+
+        // Stopped in order, the server ended vm-b's session itself.
+        sessions.close(&b.id, Ending::ServerShutdown);
+        assert_eq!(vms.lost_unless_back(), 0, "not while stopping");
+        vms.save().unwrap();
+        let (vms, _sessions) = start();
+        assert!(!lost(&vms, "vm-b"), "awaited for the grace period");
+        assert_eq!(vms.lost_unless_back(), 1);
+        assert!(lost(&vms, "vm-a") && lost(&vms, "vm-b") && !lost(&vms, "vm-c"));
     }
 
     #[test]
