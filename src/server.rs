@@ -203,6 +203,17 @@ impl Server {
         let state_dir =
             StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
         state_dir.restore_cache(&engine);
+        let stuck = engine.keep_stuck_contents_in(state_dir.path());
+        match stuck.map_err(|source| ServerError::State {
+            path: state_dir.path().join(crate::engine::STUCK_CONTENTS_FILE),
+            source,
+        })? {
+            0 => {}
+            refused => tracing::warn!(
+                refused,
+                "contents that stuck a scan thread in an earlier run are refused"
+            ),
+        }
         let vms = Arc::new(
             Vms::open(state_dir.path()).map_err(|source| ServerError::State {
                 path: state_dir.path().join(crate::vms::FILE_NAME),

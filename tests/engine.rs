@@ -6,7 +6,7 @@ use std::{fs, io::Write, sync::Arc, time::Duration};
 
 use common::*;
 use scanserver::{
-    engine::{Content, EngineConfig, ScanJob},
+    engine::{Content, Engine, EngineConfig, ScanJob},
     verdict::{FailReason, Verdict},
 };
 
@@ -410,4 +410,83 @@ fn failures_are_not_cached_and_a_rules_change_empties_the_cache() {
     engine.replace_ruleset(shipped_ruleset());
     assert!(engine.cache().is_empty());
     assert!(!engine.scan(&ScanJob::bytes(EICAR.to_vec(), None)).cached);
+}
+
+/// Content that sticks a scan thread (here a spooled upload waiting on its
+/// thread for room in the mapped budget, held: a real thread, really held)
+/// is refused once the thread counts as stuck: another request for it
+/// fails at once, never clean, and so it does after a restart with the
+/// same state folder. A list another version of the server made is set
+/// aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_that_sticks_a_scan_thread_is_refused_after_restarts_too() {
+    let state = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        threads: 2,
+        scan_timeout: Duration::from_secs(1),
+        mapped_budget: 1 << 20,
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config.clone());
+    assert_eq!(engine.keep_stuck_contents_in(state.path()).unwrap(), 0);
+    let data = vec![0u8; 4096];
+    let digest = blake3::hash(&data);
+    let with_digest = |content| ScanJob {
+        content,
+        name: None,
+        digest: Some(digest),
+    };
+    let spooled = tempfile::tempfile().unwrap();
+    spooled.set_len(data.len() as u64).unwrap();
+    let sticking = with_digest(Content::Spooled {
+        file: spooled,
+        size: data.len() as u64,
+    });
+    let room = engine
+        .reserve(&Content::Spooled {
+            file: tempfile::tempfile().unwrap(),
+            size: 1 << 20,
+        })
+        .await;
+    let stuck = {
+        let engine = Arc::clone(&engine);
+        std::thread::spawn(move || engine.scan(&sticking))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.stuck_threads() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(engine.stuck_contents(), 1);
+    let refused = |engine: &Engine| {
+        let outcome = engine.scan(&with_digest(Content::Bytes(data.clone().into())));
+        let failure = outcome.verdict.failure().expect("refused, never clean");
+        assert_eq!(failure.reason, FailReason::Engine);
+        assert!(
+            failure.detail.contains("kept a scan thread busy"),
+            "{}",
+            failure.detail
+        );
+    };
+    refused(&engine);
+    let other = engine.scan(&ScanJob::bytes(b"other content".to_vec(), None));
+    assert!(other.verdict.is_clean(), "other content is scanned");
+    drop(room);
+    assert!(stuck.join().is_ok());
+
+    // Restarted: refused at once.
+    let engine = engine_with(shipped_ruleset(), config.clone());
+    assert_eq!(engine.keep_stuck_contents_in(state.path()).unwrap(), 1);
+    refused(&engine);
+
+    // Made by another version, which may have stuck where this one does not.
+    let file = state.path().join(scanserver::engine::STUCK_CONTENTS_FILE);
+    let saved = fs::read_to_string(&file).unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    fs::write(&file, saved.replace(version, "0.0.0-other")).unwrap();
+    let engine = engine_with(shipped_ruleset(), config);
+    assert_eq!(engine.keep_stuck_contents_in(state.path()).unwrap(), 0);
+    assert!(!file.exists(), "set aside");
+    let scanned = engine.scan(&with_digest(Content::Bytes(data.clone().into())));
+    assert!(scanned.verdict.is_clean());
 }

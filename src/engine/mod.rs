@@ -16,7 +16,8 @@
 //!   through a bounded queue: a flood of work waits for a slot (and its
 //!   caller stops reading more) instead of growing memory without bound.
 //! * A thread busy with one job for far longer than the scan timeout
-//!   allows is counted as stuck ([`Engine::stuck_threads`], see `stuck`).
+//!   allows is counted as stuck ([`Engine::stuck_threads`], see `stuck`),
+//!   and the content it scans is refused from then on.
 //! * Verdicts are remembered in the [`SharedCache`] under the digest the
 //!   engine computed (or the server computed while receiving): content seen
 //!   before is not scanned again.
@@ -26,8 +27,8 @@ mod stuck;
 mod worker;
 
 use mapped::{MappedBudget, MappedShare};
-use stuck::Busy;
-pub use stuck::STUCK_AFTER_TIMEOUTS;
+use stuck::{Busy, StuckContents};
+pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
 pub use worker::open_regular;
 
 use std::{
@@ -213,6 +214,7 @@ pub struct Engine {
     queue_capacity: usize,
     mapped: MappedBudget,
     busy: Busy,
+    stuck: StuckContents,
     cache: SharedCache,
     metrics: Arc<Metrics>,
 }
@@ -296,6 +298,7 @@ impl Engine {
         Ok(Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
             busy: Busy::new(pool.current_num_threads()),
+            stuck: StuckContents::default(),
             pool,
             limits: Limits {
                 timeout: config.scan_timeout,
@@ -360,9 +363,26 @@ impl Engine {
     }
 
     /// Scan threads busy with one job for longer than
-    /// [`Self::stuck_after`].
+    /// [`Self::stuck_after`]. The contents they scan, where their digest is
+    /// known, are refused from now on (see `stuck`).
     pub fn stuck_threads(&self) -> usize {
-        self.busy.longer_than(self.stuck_after())
+        let (count, digests) = self.busy.longer_than(self.stuck_after());
+        if !digests.is_empty() {
+            self.stuck.note(digests);
+        }
+        count
+    }
+
+    /// Contents refused because they stuck a scan thread.
+    pub fn stuck_contents(&self) -> usize {
+        self.stuck.len()
+    }
+
+    /// Loads the contents that stuck a scan thread in earlier runs from the
+    /// state folder `dir`, and keeps those found from now on there (see
+    /// `stuck`); returns how many were loaded.
+    pub fn keep_stuck_contents_in(&self, dir: &Path) -> std::io::Result<usize> {
+        self.stuck.keep_in(dir)
     }
 
     /// Scans submitted and not yet finished (queued or running).
@@ -437,7 +457,27 @@ impl Engine {
     /// Scans `job` on this thread, one of the pool's. `share_held`: its
     /// slot holds its content's share of the mapped budget.
     fn scan_on_worker(&self, job: &ScanJob, share_held: bool) -> ScanOutcome {
-        let _busy = self.busy.begin();
+        if let Some(digest) = job.digest.filter(|digest| self.stuck.holds(digest)) {
+            let verdict = Verdict::failed(
+                FailReason::Engine,
+                format!(
+                    "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
+                    self.stuck_after()
+                ),
+            );
+            let size = match &job.content {
+                Content::Bytes(data) => data.len() as u64,
+                Content::Spooled { size, .. } => *size,
+                Content::File(_) => 0,
+            };
+            return ScanOutcome::failed(
+                verdict,
+                size,
+                Duration::ZERO,
+                self.ruleset().version_arc(),
+            );
+        }
+        let _busy = self.busy.begin(job.digest);
         let context = worker::Context {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,

@@ -14,56 +14,94 @@
 //! scan, ALL_SCAN_THREADS_STUCK once none does), for operators to restart
 //! the server and agents to pick another SVM.
 //!
+//! What sticks a thread is most likely the content it scans, and agents
+//! send it again: to another thread (a VM whose wait for that scan ended
+//! sends its own copy), and after the restart that the service manager's
+//! watchdog makes once every thread is stuck, to the new server, which it
+//! would stick in turn. One file, from one VM, would keep the SVM from
+//! scanning for every VM. So the digest of content that stuck a thread is
+//! remembered ([`StuckContents`]): it is refused from then on, its file
+//! failing with `engine` (never clean), and in the state folder, after a
+//! restart too. A new version of the server may scan it: the list is set
+//! aside when another version made it.
+//!
 //! A local scan's job may also wait for a file's lease or for room in the
 //! mapped budget; a server's jobs wait for nothing (spooled uploads get
-//! their room before they are dispatched).
+//! their room before they are dispatched). Only the server's jobs, whose
+//! digest is known before they start, are remembered.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    collections::HashSet,
+    fs, io,
+    path::{Path, PathBuf},
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use serde::{Deserialize, Serialize};
+
+use crate::{cache::Digest, state};
 
 /// A job running this many scan timeouts is stuck: its scan would have
 /// been stopped after one, and reading and hashing even the largest file
 /// allowed takes a small part of another.
 pub const STUCK_AFTER_TIMEOUTS: u32 = 3;
 
-/// When each of the pool's threads began the job it runs.
+/// When each of the pool's threads began the job it runs, and the digest
+/// of its content when known.
 pub(super) struct Busy {
-    /// Per thread: milliseconds from `epoch` to the start of its job, plus
-    /// one; 0 while it runs none.
-    began: Box<[AtomicU64]>,
+    slots: Box<[Slot]>,
     epoch: Instant,
 }
 
+#[derive(Default)]
+struct Slot {
+    /// Milliseconds from `epoch` to the start of the job, plus one; 0
+    /// while the thread runs none.
+    began: AtomicU64,
+    /// The job's digest (its thread's alone to write: never contended).
+    digest: Mutex<Option<Digest>>,
+}
+
 /// Marks its thread busy until it is dropped (unwinding included).
-pub(super) struct BusyGuard<'a>(&'a AtomicU64);
+pub(super) struct BusyGuard<'a>(&'a Slot);
 
 impl Busy {
     /// Room for a pool of `threads` threads.
     pub fn new(threads: usize) -> Busy {
         Busy {
-            began: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            slots: (0..threads).map(|_| Slot::default()).collect(),
             epoch: Instant::now(),
         }
     }
 
-    /// Notes that this thread begins a job; `None` off the pool's threads.
-    pub fn begin(&self) -> Option<BusyGuard<'_>> {
-        let slot = self.began.get(rayon::current_thread_index()?)?;
-        slot.store(self.millis() + 1, Ordering::Relaxed);
+    /// Notes that this thread begins a job on content of `digest`; `None`
+    /// off the pool's threads.
+    pub fn begin(&self, digest: Option<Digest>) -> Option<BusyGuard<'_>> {
+        let slot = self.slots.get(rayon::current_thread_index()?)?;
+        *lock(&slot.digest) = digest;
+        slot.began.store(self.millis() + 1, Ordering::Relaxed);
         Some(BusyGuard(slot))
     }
 
-    /// How many threads have been busy with one job for longer than `age`.
-    pub fn longer_than(&self, age: Duration) -> usize {
+    /// How many threads have been busy with one job for longer than `age`,
+    /// and the digests of those jobs' contents, where known.
+    pub fn longer_than(&self, age: Duration) -> (usize, Vec<Digest>) {
         let now = self.millis();
         let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-        self.began
-            .iter()
-            .map(|slot| slot.load(Ordering::Relaxed))
-            .filter(|&began| began != 0 && now.saturating_sub(began - 1) > age)
-            .count()
+        let stuck = self.slots.iter().filter(|slot| {
+            let began = slot.began.load(Ordering::Relaxed);
+            began != 0 && now.saturating_sub(began - 1) > age
+        });
+        let (mut count, mut digests) = (0, Vec::new());
+        for slot in stuck {
+            count += 1;
+            digests.extend(*lock(&slot.digest));
+        }
+        (count, digests)
     }
 
     fn millis(&self) -> u64 {
@@ -73,6 +111,116 @@ impl Busy {
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        self.0.store(0, Ordering::Relaxed);
+        self.0.began.store(0, Ordering::Relaxed);
     }
+}
+
+/// The most contents remembered for sticking a thread; more are refused
+/// only until the server restarts.
+pub const MAX_STUCK_CONTENTS: usize = 1024;
+
+/// The file that keeps them in the state folder.
+pub const STUCK_CONTENTS_FILE: &str = "stuck-contents.json";
+
+/// Contents that stuck a scan thread, refused from then on.
+#[derive(Default)]
+pub(super) struct StuckContents {
+    digests: Mutex<HashSet<Digest>>,
+    /// Whether there are any: what a scan looks at.
+    any: AtomicBool,
+    /// Where they are kept, once set.
+    file: OnceLock<PathBuf>,
+}
+
+/// The file's content.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    /// The version of the server that made it.
+    maker: String,
+    /// Hex digests.
+    digests: Vec<String>,
+}
+
+fn maker() -> String {
+    format!("scanserver {}", env!("CARGO_PKG_VERSION"))
+}
+
+impl StuckContents {
+    /// Whether content of `digest` stuck a thread.
+    pub fn holds(&self, digest: &Digest) -> bool {
+        self.any.load(Ordering::Relaxed) && lock(&self.digests).contains(digest)
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.digests).len()
+    }
+
+    /// Remembers `digests`, of contents that stuck a thread: those new are
+    /// logged and saved.
+    pub fn note(&self, digests: Vec<Digest>) {
+        let mut known = lock(&self.digests);
+        let mut added = false;
+        for digest in digests {
+            if known.contains(&digest) || known.len() >= MAX_STUCK_CONTENTS {
+                continue;
+            }
+            tracing::error!(
+                %digest,
+                "content kept a scan thread busy for over three scan timeouts: it is refused from now on, after restarts too, until another version of the server runs (to scan it again, delete {STUCK_CONTENTS_FILE} in the state folder and restart)"
+            );
+            known.insert(digest);
+            added = true;
+        }
+        self.any.store(!known.is_empty(), Ordering::Relaxed);
+        if let (true, Some(path)) = (added, self.file.get()) {
+            let saved = Saved {
+                maker: maker(),
+                digests: known.iter().map(|d| d.to_hex().to_string()).collect(),
+            };
+            let written = state::replace_file(path, |out| {
+                serde_json::to_writer(out, &saved).map_err(io::Error::other)
+            });
+            if let Err(err) = written {
+                tracing::warn!(path = %path.display(), "cannot save the contents that stuck a scan thread: {err}");
+            }
+        }
+    }
+
+    /// Loads the contents kept in the state folder `dir` by this version
+    /// of the server, and keeps them there from now on; a file that cannot
+    /// be trusted, or that another version made, is set aside. Returns how
+    /// many were loaded.
+    pub fn keep_in(&self, dir: &Path) -> io::Result<usize> {
+        let path = dir.join(STUCK_CONTENTS_FILE);
+        let loaded = match fs::read(&path) {
+            Ok(data) => match serde_json::from_slice::<Saved>(&data) {
+                Ok(saved) if saved.maker == maker() => {
+                    let digests: Result<Vec<Digest>, _> =
+                        saved.digests.iter().map(Digest::from_hex).collect();
+                    digests.map_err(|err| err.to_string())
+                }
+                Ok(saved) => Err(format!("made by {}", saved.maker)),
+                Err(err) => Err(err.to_string()),
+            },
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let digests = loaded.unwrap_or_else(|why| {
+            tracing::warn!(path = %path.display(), "contents that stuck a scan thread set aside, none refused: {why}");
+            state::set_aside(&path);
+            Vec::new()
+        });
+        let count = digests.len().min(MAX_STUCK_CONTENTS);
+        {
+            let mut known = lock(&self.digests);
+            known.extend(digests.into_iter().take(MAX_STUCK_CONTENTS));
+            self.any.store(!known.is_empty(), Ordering::Relaxed);
+        }
+        let _ = self.file.set(path);
+        Ok(count)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
