@@ -454,17 +454,28 @@ impl Engine {
         self.reserve(&job.content).await.scan(job, |_| {}).await
     }
 
+    /// Why content of `digest` is not scanned, if it is not: it stuck a
+    /// thread, or another thread has been on it for two scan timeouts
+    /// already (a scan would have been stopped after one), and would be
+    /// stuck with it before that thread counts as stuck.
+    fn refused(&self, digest: &Digest) -> Option<String> {
+        if self.stuck.holds(digest) {
+            return Some(format!(
+                "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
+                self.stuck_after()
+            ));
+        }
+        let long = self.limits.timeout.saturating_mul(2);
+        self.busy.on_longer_than(digest, long).then(|| {
+            format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once")
+        })
+    }
+
     /// Scans `job` on this thread, one of the pool's. `share_held`: its
     /// slot holds its content's share of the mapped budget.
     fn scan_on_worker(&self, job: &ScanJob, share_held: bool) -> ScanOutcome {
-        if let Some(digest) = job.digest.filter(|digest| self.stuck.holds(digest)) {
-            let verdict = Verdict::failed(
-                FailReason::Engine,
-                format!(
-                    "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
-                    self.stuck_after()
-                ),
-            );
+        if let Some(why) = job.digest.and_then(|digest| self.refused(&digest)) {
+            let verdict = Verdict::failed(FailReason::Engine, why);
             let size = match &job.content {
                 Content::Bytes(data) => data.len() as u64,
                 Content::Spooled { size, .. } => *size,

@@ -104,6 +104,20 @@ impl Busy {
         (count, digests)
     }
 
+    /// Whether a thread has been busy with content of `digest` for longer
+    /// than `age`. Costs an atomic load per thread while none has been
+    /// busy that long.
+    pub fn on_longer_than(&self, digest: &Digest, age: Duration) -> bool {
+        let now = self.millis();
+        let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        self.slots.iter().any(|slot| {
+            let began = slot.began.load(Ordering::Relaxed);
+            began != 0
+                && now.saturating_sub(began - 1) > age
+                && lock(&slot.digest).as_ref() == Some(digest)
+        })
+    }
+
     fn millis(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -223,4 +237,41 @@ impl StuckContents {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread busy with content is found by its digest once busy longer
+    /// than asked, and counted stuck with it.
+    #[test]
+    fn a_busy_thread_is_found_by_its_digest() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let busy = Busy::new(1);
+        let (digest, other) = (blake3::hash(b"held"), blake3::hash(b"other"));
+        let (began, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                pool.install(|| {
+                    let _busy = busy.begin(Some(digest));
+                    began.wait();
+                    release.wait();
+                })
+            });
+            began.wait();
+            std::thread::sleep(Duration::from_millis(20));
+            let short = Duration::from_millis(5);
+            assert!(busy.on_longer_than(&digest, short));
+            assert!(!busy.on_longer_than(&other, short));
+            assert!(!busy.on_longer_than(&digest, Duration::from_secs(3600)));
+            assert_eq!(busy.longer_than(short), (1, vec![digest]));
+            release.wait();
+        });
+        assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
+        assert_eq!(busy.longer_than(Duration::ZERO), (0, vec![]));
+    }
 }
