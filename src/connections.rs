@@ -285,7 +285,14 @@ impl Connections {
                     );
                     if !passing {
                         if !*failing {
-                            tracing::warn!("cannot accept connections: {err}");
+                            // EMFILE, ENFILE: out of file descriptors.
+                            let hint = match err.raw_os_error() {
+                                Some(libc::EMFILE | libc::ENFILE) => {
+                                    " (raise the limit of open files, LimitNOFILE= in the systemd unit, or lower server.max_connections and uploads.spool_files)"
+                                }
+                                _ => "",
+                            };
+                            tracing::warn!("cannot accept connections: {err}{hint}");
                             *failing = true;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -173,19 +173,15 @@ impl Server {
                 })?)
             }
         };
+        // Without a token, the settings were refused (`Config::validate`).
         if let AdminAddr::Tcp(addr) = config.server.admin_listen
             && !addr.ip().is_loopback()
+            && admin_token.is_some()
         {
-            match admin_token {
-                None => tracing::warn!(
-                    %addr,
-                    "the admin listener is reachable from other hosts and asks for no token: whoever reaches it can change security tags (set --admin-token-file)"
-                ),
-                Some(_) => tracing::warn!(
-                    %addr,
-                    "the admin listener is reachable from other hosts without TLS: its token crosses the network in clear (keep it on loopback, and reach it through SSH)"
-                ),
-            }
+            tracing::warn!(
+                %addr,
+                "the admin listener is reachable from other hosts without TLS: its token crosses the network in clear (keep it on loopback, and reach it through SSH)"
+            );
         }
         let metrics = match config.server.metrics_listen {
             Some(addr) => Some(bind(addr, "--metrics-listen").await?),

@@ -431,9 +431,10 @@ pub fn replace_file<T>(
     file.persist(path).map_err(|err| err.error)?;
     // The rename itself must reach the disk too: a save that may not have
     // is not done, and is tried again (file systems that cannot sync a
-    // folder say EINVAL, and have nothing to sync).
+    // folder say EINVAL or ENOTSUP, and have nothing to sync).
+    use io::ErrorKind::{InvalidInput, Unsupported};
     match fs::File::open(dir).and_then(|dir| dir.sync_all()) {
-        Err(err) if err.kind() != io::ErrorKind::InvalidInput => Err(err),
+        Err(err) if !matches!(err.kind(), InvalidInput | Unsupported) => Err(err),
         _ => Ok(value),
     }
 }

@@ -416,19 +416,26 @@ fn failures_are_not_cached_and_a_rules_change_empties_the_cache() {
 /// thread for room in the mapped budget, held: a real thread, really held)
 /// is refused once the thread counts as stuck: another request for it
 /// fails at once, never clean, and so it does after a restart with the
-/// same state folder. A list another version of the server made is set
-/// aside.
+/// same state folder. Once its thread comes back, it is refused for the
+/// rest of the run, but no longer kept for the next. A list another
+/// version of the server made is set aside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_that_sticks_a_scan_thread_is_refused_after_restarts_too() {
     let state = tempfile::tempdir().unwrap();
+    let file = state.path().join(scanserver::engine::STUCK_CONTENTS_FILE);
     let config = EngineConfig {
         threads: 2,
         scan_timeout: Duration::from_secs(1),
         mapped_budget: 1 << 20,
         ..EngineConfig::default()
     };
-    let engine = engine_with(shipped_ruleset(), config.clone());
-    assert_eq!(engine.keep_stuck_contents_in(state.path()).unwrap(), 0);
+    let start = || {
+        let engine = engine_with(shipped_ruleset(), config.clone());
+        let loaded = engine.keep_stuck_contents_in(state.path()).unwrap();
+        (engine, loaded)
+    };
+    let (engine, loaded) = start();
+    assert_eq!(loaded, 0);
     let data = vec![0u8; 4096];
     let digest = blake3::hash(&data);
     let with_digest = |content| ScanJob {
@@ -453,13 +460,17 @@ async fn content_that_sticks_a_scan_thread_is_refused_after_restarts_too() {
         std::thread::spawn(move || engine.scan(&sticking))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while engine.stuck_threads() == 0 {
-        assert!(std::time::Instant::now() < deadline, "never stuck");
+    while engine.stuck_threads() == 0 || !file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never stuck, or not kept"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(engine.stuck_contents(), 1);
+    let scan_it = |engine: &Engine| engine.scan(&with_digest(Content::Bytes(data.clone().into())));
     let refused = |engine: &Engine| {
-        let outcome = engine.scan(&with_digest(Content::Bytes(data.clone().into())));
+        let outcome = scan_it(engine);
         let failure = outcome.verdict.failure().expect("refused, never clean");
         assert_eq!(failure.reason, FailReason::Engine);
         assert!(
@@ -471,22 +482,39 @@ async fn content_that_sticks_a_scan_thread_is_refused_after_restarts_too() {
     refused(&engine);
     let other = engine.scan(&ScanJob::bytes(b"other content".to_vec(), None));
     assert!(other.verdict.is_clean(), "other content is scanned");
+
+    // Restarted while the thread is stuck (the watchdog's restart): refused.
+    let (restarted, loaded) = start();
+    assert_eq!(loaded, 1);
+    refused(&restarted);
+
+    // The thread comes back: refused for the rest of the run, not kept.
     drop(room);
     assert!(stuck.join().is_ok());
-
-    // Restarted: refused at once.
-    let engine = engine_with(shipped_ruleset(), config.clone());
-    assert_eq!(engine.keep_stuck_contents_in(state.path()).unwrap(), 1);
     refused(&engine);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fs::read_to_string(&file)
+        .unwrap()
+        .contains(&digest.to_hex().to_string())
+    {
+        assert!(std::time::Instant::now() < deadline, "still kept");
+        // The status's look, every second: saves again what a save under
+        // way may have missed.
+        engine.stuck_threads();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (engine, loaded) = start();
+    assert_eq!(loaded, 0);
+    assert!(scan_it(&engine).verdict.is_clean());
 
     // Made by another version, which may have stuck where this one does not.
-    let file = state.path().join(scanserver::engine::STUCK_CONTENTS_FILE);
-    let saved = fs::read_to_string(&file).unwrap();
-    let version = env!("CARGO_PKG_VERSION");
-    fs::write(&file, saved.replace(version, "0.0.0-other")).unwrap();
-    let engine = engine_with(shipped_ruleset(), config);
-    assert_eq!(engine.keep_stuck_contents_in(state.path()).unwrap(), 0);
+    let other_version = format!(
+        r#"{{"maker":"scanserver 0.0.0-other","digests":["{}"]}}"#,
+        digest.to_hex()
+    );
+    fs::write(&file, other_version).unwrap();
+    let (engine, loaded) = start();
+    assert_eq!(loaded, 0);
     assert!(!file.exists(), "set aside");
-    let scanned = engine.scan(&with_digest(Content::Bytes(data.clone().into())));
-    assert!(scanned.verdict.is_clean());
+    assert!(scan_it(&engine).verdict.is_clean());
 }

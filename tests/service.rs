@@ -1263,6 +1263,65 @@ async fn a_spooled_file_waiting_for_mapped_room_holds_up_no_other_file() {
     assert_eq!((id, verdict_rules(&kind)), (1, vec![]), "clean");
 }
 
+/// Content that stuck a scan thread is refused at its begin: its content
+/// is not asked for (a spooled job waiting on its thread for mapped room,
+/// held, sticks the thread here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_that_stuck_a_scan_thread_is_refused_at_its_begin() {
+    let server = TestServer::start(|c| {
+        c.engine.scan_timeout = Duration::from_secs(1);
+        c.engine.mapped_budget = 1 << 20;
+    })
+    .await;
+    let engine = Arc::clone(&server.state.engine);
+    let room = engine
+        .reserve(&scanserver::engine::Content::Spooled {
+            file: tempfile::tempfile().unwrap(),
+            size: 1 << 20,
+        })
+        .await;
+    let data = vec![0u8; 4096];
+    let digest = blake3::hash(&data);
+    let spooled = tempfile::tempfile().unwrap();
+    spooled.set_len(data.len() as u64).unwrap();
+    let sticking = scanserver::engine::ScanJob {
+        content: scanserver::engine::Content::Spooled {
+            file: spooled,
+            size: data.len() as u64,
+        },
+        name: None,
+        digest: Some(digest),
+    };
+    let stuck = {
+        let engine = Arc::clone(&engine);
+        std::thread::spawn(move || engine.scan(&sticking))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.stuck_threads() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    match next(&mut replies).await {
+        (1, file_reply::Kind::Error(e)) => {
+            assert_eq!(e.code, Code::FailedPrecondition as i32);
+            assert!(
+                e.message.contains("kept a scan thread busy"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(Counters::get(&server.state.counters.content_requests), 0);
+    drop(room);
+    assert!(stuck.join().is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_vanishing_mid_file_leaves_no_spool_file() {
     let server = TestServer::start(|c| c.uploads.memory_threshold = 1024).await;

@@ -214,7 +214,7 @@ pub struct Engine {
     queue_capacity: usize,
     mapped: MappedBudget,
     busy: Busy,
-    stuck: StuckContents,
+    stuck: Arc<StuckContents>,
     cache: SharedCache,
     metrics: Arc<Metrics>,
 }
@@ -298,7 +298,7 @@ impl Engine {
         Ok(Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
             busy: Busy::new(pool.current_num_threads()),
-            stuck: StuckContents::default(),
+            stuck: Arc::default(),
             pool,
             limits: Limits {
                 timeout: config.scan_timeout,
@@ -367,9 +367,7 @@ impl Engine {
     /// known, are refused from now on (see `stuck`).
     pub fn stuck_threads(&self) -> usize {
         let (count, digests) = self.busy.longer_than(self.stuck_after());
-        if !digests.is_empty() {
-            self.stuck.note(digests);
-        }
+        self.stuck.note(digests);
         count
     }
 
@@ -457,8 +455,9 @@ impl Engine {
     /// Why content of `digest` is not scanned, if it is not: it stuck a
     /// thread, or another thread has been on it for two scan timeouts
     /// already (a scan would have been stopped after one), and would be
-    /// stuck with it before that thread counts as stuck.
-    fn refused(&self, digest: &Digest) -> Option<String> {
+    /// stuck with it before that thread counts as stuck. Looked at by the
+    /// service before it asks for such content, and by the scan itself.
+    pub fn refusal(&self, digest: &Digest) -> Option<String> {
         if self.stuck.holds(digest) {
             return Some(format!(
                 "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
@@ -474,7 +473,7 @@ impl Engine {
     /// Scans `job` on this thread, one of the pool's. `share_held`: its
     /// slot holds its content's share of the mapped budget.
     fn scan_on_worker(&self, job: &ScanJob, share_held: bool) -> ScanOutcome {
-        if let Some(why) = job.digest.and_then(|digest| self.refused(&digest)) {
+        if let Some(why) = job.digest.and_then(|digest| self.refusal(&digest)) {
             let verdict = Verdict::failed(FailReason::Engine, why);
             let size = match &job.content {
                 Content::Bytes(data) => data.len() as u64,
@@ -488,7 +487,7 @@ impl Engine {
                 self.ruleset().version_arc(),
             );
         }
-        let _busy = self.busy.begin(job.digest);
+        let busy = self.busy.begin(job.digest);
         let context = worker::Context {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,
@@ -499,10 +498,14 @@ impl Engine {
             mapped: &self.mapped,
             share_held,
         };
-        match &job.content {
+        let outcome = match &job.content {
             Content::Bytes(data) => context.scan_bytes(data),
             Content::File(path) => context.scan_file(path),
             Content::Spooled { file, size } => context.scan_spooled(file, *size),
+        };
+        if let Some(digest) = busy.and_then(stuck::BusyGuard::end) {
+            self.stuck.came_back(&digest);
         }
+        outcome
     }
 }

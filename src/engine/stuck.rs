@@ -31,11 +31,11 @@
 //! digest is known before they start, are remembered.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -60,13 +60,24 @@ pub(super) struct Busy {
 #[derive(Default)]
 struct Slot {
     /// Milliseconds from `epoch` to the start of the job, plus one; 0
-    /// while the thread runs none.
+    /// while the thread runs none. What a look reads first: only a job
+    /// running long is looked at further.
     began: AtomicU64,
-    /// The job's digest (its thread's alone to write: never contended).
-    digest: Mutex<Option<Digest>>,
+    /// The job, read as one (never contended but by such a look).
+    job: Mutex<Job>,
 }
 
-/// Marks its thread busy until it is dropped (unwinding included).
+#[derive(Default)]
+struct Job {
+    /// As `began` is.
+    began: u64,
+    digest: Option<Digest>,
+    /// Its digest was handed out as that of content sticking its thread.
+    noted: bool,
+}
+
+/// Marks its thread busy until it ends ([`BusyGuard::end`]) or is dropped
+/// (unwinding included).
 pub(super) struct BusyGuard<'a>(&'a Slot);
 
 impl Busy {
@@ -82,24 +93,31 @@ impl Busy {
     /// off the pool's threads.
     pub fn begin(&self, digest: Option<Digest>) -> Option<BusyGuard<'_>> {
         let slot = self.slots.get(rayon::current_thread_index()?)?;
-        *lock(&slot.digest) = digest;
-        slot.began.store(self.millis() + 1, Ordering::Relaxed);
+        let began = self.millis() + 1;
+        *lock(&slot.job) = Job {
+            began,
+            digest,
+            noted: false,
+        };
+        slot.began.store(began, Ordering::Relaxed);
         Some(BusyGuard(slot))
     }
 
     /// How many threads have been busy with one job for longer than `age`,
-    /// and the digests of those jobs' contents, where known.
+    /// and the digests of those jobs' contents, where known (noted: see
+    /// [`BusyGuard::end`]).
     pub fn longer_than(&self, age: Duration) -> (usize, Vec<Digest>) {
-        let now = self.millis();
-        let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-        let stuck = self.slots.iter().filter(|slot| {
-            let began = slot.began.load(Ordering::Relaxed);
-            began != 0 && now.saturating_sub(began - 1) > age
-        });
         let (mut count, mut digests) = (0, Vec::new());
-        for slot in stuck {
+        for slot in self.slots_busy_for(age) {
             count += 1;
-            digests.extend(*lock(&slot.digest));
+            // Read again with the digest: the job may have ended since.
+            let mut job = lock(&slot.job);
+            if self.older_than(job.began, age)
+                && let Some(digest) = job.digest
+            {
+                job.noted = true;
+                digests.push(digest);
+            }
         }
         (count, digests)
     }
@@ -108,14 +126,22 @@ impl Busy {
     /// than `age`. Costs an atomic load per thread while none has been
     /// busy that long.
     pub fn on_longer_than(&self, digest: &Digest, age: Duration) -> bool {
-        let now = self.millis();
-        let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-        self.slots.iter().any(|slot| {
-            let began = slot.began.load(Ordering::Relaxed);
-            began != 0
-                && now.saturating_sub(began - 1) > age
-                && lock(&slot.digest).as_ref() == Some(digest)
+        self.slots_busy_for(age).any(|slot| {
+            let job = lock(&slot.job);
+            self.older_than(job.began, age) && job.digest.as_ref() == Some(digest)
         })
+    }
+
+    fn slots_busy_for(&self, age: Duration) -> impl Iterator<Item = &Slot> {
+        self.slots
+            .iter()
+            .filter(move |slot| self.older_than(slot.began.load(Ordering::Relaxed), age))
+    }
+
+    /// Whether a job that `began` (0: none) has run for longer than `age`.
+    fn older_than(&self, began: u64, age: Duration) -> bool {
+        let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        began != 0 && self.millis().saturating_sub(began - 1) > age
     }
 
     fn millis(&self) -> u64 {
@@ -123,14 +149,24 @@ impl Busy {
     }
 }
 
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        self.0.began.store(0, Ordering::Relaxed);
+impl BusyGuard<'_> {
+    /// Ends the job; the digest of its content if that was noted as
+    /// sticking the thread, which it did not for good.
+    pub fn end(self) -> Option<Digest> {
+        let job = lock(&self.0.job);
+        job.noted.then_some(job.digest).flatten()
     }
 }
 
-/// The most contents remembered for sticking a thread; more are refused
-/// only until the server restarts.
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.began.store(0, Ordering::Relaxed);
+        lock(&self.0.job).began = 0;
+    }
+}
+
+/// The most contents refused for sticking a thread: past it, the next
+/// ones are logged but scanned again.
 pub const MAX_STUCK_CONTENTS: usize = 1024;
 
 /// The file that keeps them in the state folder.
@@ -139,11 +175,19 @@ pub const STUCK_CONTENTS_FILE: &str = "stuck-contents.json";
 /// Contents that stuck a scan thread, refused from then on.
 #[derive(Default)]
 pub(super) struct StuckContents {
-    digests: Mutex<HashSet<Digest>>,
-    /// Whether there are any: what a scan looks at.
+    /// Each digest refused, and whether it is kept in the state folder:
+    /// not once its thread came back (the content was slow to scan, or
+    /// the disk was, this once: it is refused for the rest of the run, but
+    /// a restart, which it did not bring about, gives it another chance).
+    digests: RwLock<HashMap<Digest, bool>>,
+    /// Whether there are any: what a scan looks at first.
     any: AtomicBool,
     /// Where they are kept, once set.
     file: OnceLock<PathBuf>,
+    /// Held while saving: saves take their turns, each of the latest list.
+    saving: Mutex<()>,
+    /// The last save failed: tried again at the next look.
+    unsaved: AtomicBool,
 }
 
 /// The file's content.
@@ -162,42 +206,81 @@ fn maker() -> String {
 impl StuckContents {
     /// Whether content of `digest` stuck a thread.
     pub fn holds(&self, digest: &Digest) -> bool {
-        self.any.load(Ordering::Relaxed) && lock(&self.digests).contains(digest)
+        self.any.load(Ordering::Relaxed) && read(&self.digests).contains_key(digest)
     }
 
     pub fn len(&self) -> usize {
-        lock(&self.digests).len()
+        read(&self.digests).len()
     }
 
     /// Remembers `digests`, of contents that stuck a thread: those new are
-    /// logged and saved.
-    pub fn note(&self, digests: Vec<Digest>) {
-        let mut known = lock(&self.digests);
+    /// logged, and saved off the caller's thread (the status's look), as
+    /// is a list whose last save failed.
+    pub fn note(self: &Arc<Self>, digests: Vec<Digest>) {
         let mut added = false;
-        for digest in digests {
-            if known.contains(&digest) || known.len() >= MAX_STUCK_CONTENTS {
-                continue;
+        if !digests.is_empty() {
+            let mut known = write(&self.digests);
+            for digest in digests {
+                if known.contains_key(&digest) {
+                    continue;
+                }
+                if known.len() >= MAX_STUCK_CONTENTS {
+                    tracing::error!(%digest, "content keeps a scan thread busy for over three scan timeouts; {MAX_STUCK_CONTENTS} such contents are refused already, and it is not");
+                    continue;
+                }
+                tracing::error!(
+                    %digest,
+                    "content kept a scan thread busy for over three scan timeouts: it is refused from now on, after restarts too, until another version of the server runs (to scan it again, delete {STUCK_CONTENTS_FILE} in the state folder and restart)"
+                );
+                known.insert(digest, true);
+                added = true;
             }
-            tracing::error!(
-                %digest,
-                "content kept a scan thread busy for over three scan timeouts: it is refused from now on, after restarts too, until another version of the server runs (to scan it again, delete {STUCK_CONTENTS_FILE} in the state folder and restart)"
-            );
-            known.insert(digest);
-            added = true;
+            self.any.store(!known.is_empty(), Ordering::Relaxed);
         }
-        self.any.store(!known.is_empty(), Ordering::Relaxed);
-        if let (true, Some(path)) = (added, self.file.get()) {
+        if added || self.unsaved.load(Ordering::Relaxed) {
+            self.save();
+        }
+    }
+
+    /// The job on content of `digest` came back after all: refused for the
+    /// rest of the run, no longer kept.
+    pub fn came_back(self: &Arc<Self>, digest: &Digest) {
+        if let Some(kept) = write(&self.digests).get_mut(digest) {
+            *kept = false;
+        }
+        self.save();
+    }
+
+    /// Saves the digests kept, on a thread of its own, unless a save is
+    /// under way (it may have missed this change: it is tried again at
+    /// the next look, as is a failed save).
+    fn save(self: &Arc<Self>) {
+        let Some(path) = self.file.get().cloned() else {
+            return;
+        };
+        self.unsaved.store(true, Ordering::Relaxed);
+        let contents = Arc::clone(self);
+        std::thread::spawn(move || {
+            let Ok(_turn) = contents.saving.try_lock() else {
+                return;
+            };
+            contents.unsaved.store(false, Ordering::Relaxed);
             let saved = Saved {
                 maker: maker(),
-                digests: known.iter().map(|d| d.to_hex().to_string()).collect(),
+                digests: read(&contents.digests)
+                    .iter()
+                    .filter(|(_, kept)| **kept)
+                    .map(|(digest, _)| digest.to_hex().to_string())
+                    .collect(),
             };
-            let written = state::replace_file(path, |out| {
+            let written = state::replace_file(&path, |out| {
                 serde_json::to_writer(out, &saved).map_err(io::Error::other)
             });
             if let Err(err) = written {
+                contents.unsaved.store(true, Ordering::Relaxed);
                 tracing::warn!(path = %path.display(), "cannot save the contents that stuck a scan thread: {err}");
             }
-        }
+        });
     }
 
     /// Loads the contents kept in the state folder `dir` by this version
@@ -226,13 +309,21 @@ impl StuckContents {
         });
         let count = digests.len().min(MAX_STUCK_CONTENTS);
         {
-            let mut known = lock(&self.digests);
-            known.extend(digests.into_iter().take(MAX_STUCK_CONTENTS));
+            let mut known = write(&self.digests);
+            known.extend(digests.into_iter().take(count).map(|d| (d, true)));
             self.any.store(!known.is_empty(), Ordering::Relaxed);
         }
         let _ = self.file.set(path);
         Ok(count)
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -244,7 +335,7 @@ mod tests {
     use super::*;
 
     /// A thread busy with content is found by its digest once busy longer
-    /// than asked, and counted stuck with it.
+    /// than asked, and counted stuck with it; the job's end says so.
     #[test]
     fn a_busy_thread_is_found_by_its_digest() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -255,11 +346,12 @@ mod tests {
         let (digest, other) = (blake3::hash(b"held"), blake3::hash(b"other"));
         let (began, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
         std::thread::scope(|scope| {
-            scope.spawn(|| {
+            let job = scope.spawn(|| {
                 pool.install(|| {
-                    let _busy = busy.begin(Some(digest));
+                    let job = busy.begin(Some(digest)).unwrap();
                     began.wait();
                     release.wait();
+                    job.end()
                 })
             });
             began.wait();
@@ -270,6 +362,7 @@ mod tests {
             assert!(!busy.on_longer_than(&digest, Duration::from_secs(3600)));
             assert_eq!(busy.longer_than(short), (1, vec![digest]));
             release.wait();
+            assert_eq!(job.join().unwrap(), Some(digest), "noted, and back");
         });
         assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
         assert_eq!(busy.longer_than(Duration::ZERO), (0, vec![]));

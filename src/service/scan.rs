@@ -709,6 +709,10 @@ impl ScanStream {
         if let Some(hit) = cache.get(&key) {
             return self.known(id, file, &hit, false);
         }
+        // Content that sticks scan threads is not asked for.
+        if let Some(why) = engine.refusal(&digest) {
+            return Some(file_error(id, Code::FailedPrecondition, &why));
+        }
         // Leads and waits begin in order: the first to end is still the
         // one the stream looks out for.
         let deadline = Instant::now() + UPLOAD_WAIT;
