@@ -27,7 +27,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -103,6 +103,8 @@ pub struct Landings {
     pile: Mutex<Pile>,
     woken: Notify,
     enough: usize,
+    /// The stream is ending: it takes no more notices.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -152,7 +154,15 @@ impl Landings {
             pile: Mutex::default(),
             woken: Notify::new(),
             enough,
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// The stream is ending (its last replies may take a while to go): its
+    /// subscriptions wait for nothing from now on, and are neither told
+    /// nor counted as waits, as those of a stream that ended.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
     }
 
     /// Waits until the stream may be wanted: a notice came into an empty
@@ -364,7 +374,9 @@ impl Flight {
         let subscribers = entry.map(|entry| entry.subscribers).unwrap_or_default();
         let mut told = 0;
         for subscriber in subscribers {
-            if let Some(landings) = subscriber.to.upgrade() {
+            if let Some(landings) = subscriber.to.upgrade()
+                && !landings.closed.load(Ordering::Relaxed)
+            {
                 landings.leave(Notice {
                     tag: subscriber.tag,
                     flight: self.id,
@@ -617,20 +629,21 @@ mod tests {
         // Not pruned (the list is not full): passed over as it lands, and
         // not counted as waits.
         let second = lead(&flights, key(2));
-        let gone = Landings::new(128);
+        let (gone, closed) = (Landings::new(128), Landings::new(128));
         flights.join_or_subscribe(key(2), &gone, 0);
+        flights.join_or_subscribe(key(2), &closed, 0);
         flights.join_or_subscribe(key(2), &landings, 9);
         drop(gone);
-        assert_eq!(subscribers(2), 2);
+        closed.close();
+        assert_eq!(subscribers(2), 3);
         let before = flights.waits();
         second.land(clean());
         landings.take(&mut notices);
         assert_eq!(notices.len(), 1);
-        assert_eq!(
-            flights.waits() - before,
-            1,
-            "the ended stream's file waited for nothing"
-        );
+        let waits = flights.waits() - before;
+        assert_eq!(waits, 1, "the ended streams' files waited for nothing");
+        closed.take(&mut notices);
+        assert!(notices.is_empty(), "a closed stream is not told");
     }
 
     #[tokio::test(start_paused = true)]

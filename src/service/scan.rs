@@ -623,11 +623,12 @@ impl ScanStream {
     /// flights share, and when thousands of agents drop off in the middle
     /// of a storm, every one of their files waits on a flight that all the
     /// others wait on too (time quadratic in the agents). The stream's
-    /// landings end with it, and a flight passes over subscribers whose
-    /// stream has ended.
+    /// landings are closed, and a flight passes over subscribers whose
+    /// stream is closed or gone.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         self.requests = None;
         let mut replies = self.take_landed();
+        self.landings.close();
         replies.extend(self.open.drain().map(|(id, mut file)| {
             file.owed.forgive_if_resent(code);
             file_error(id, code, message)
