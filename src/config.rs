@@ -141,6 +141,12 @@ impl Config {
                 "must be at most 1048576 (and server.max_agents no more than half that, when max_connections is not set)",
             );
         }
+        if self.server.max_connections_per_address == Some(0) {
+            return invalid(
+                "server.max_connections_per_address",
+                "must be at least 1 (an agent needs one connection)",
+            );
+        }
         if self.server.max_connections() < self.server.max_agents {
             return invalid(
                 "server.max_connections",
@@ -286,6 +292,10 @@ pub struct ServerConfig {
     /// included; more are closed as they are accepted (see
     /// [`crate::connections`]) [default: twice `max_agents`, and 64 more].
     pub max_connections: Option<usize>,
+    /// Of those, how many one address other than loopback may hold; more
+    /// from it are closed as they are accepted [default: a quarter of
+    /// `max_connections`].
+    pub max_connections_per_address: Option<usize>,
     /// Connection tags accepted from agents; empty accepts every agent.
     pub allowed_tags: Vec<String>,
     /// How often each side of a session sends a heartbeat; three missed
@@ -333,6 +343,13 @@ impl ServerConfig {
             .unwrap_or_else(|| self.max_agents.saturating_mul(2).saturating_add(64))
     }
 
+    /// Connections one address other than loopback may have open at once
+    /// on the agent listener.
+    pub fn max_connections_per_address(&self) -> usize {
+        self.max_connections_per_address
+            .unwrap_or_else(|| (self.max_connections() / 4).max(1))
+    }
+
     /// The state folder in use.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
@@ -360,6 +377,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             max_agents: 1000,
             max_connections: None,
+            max_connections_per_address: None,
             allowed_tags: Vec::new(),
             heartbeat_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),

@@ -53,6 +53,13 @@
 //! within 30 s), and tools (health checks, `lightagent`) room beside them
 //! however few agents are allowed.
 //!
+//! One address may hold no more than `server.max_connections_per_address`
+//! of the agent listener's places (a quarter of them by default): an agent
+//! needs one connection, and without this bound one VM opening
+//! connections (each keeping a call open) could take every place, and
+//! keep every other agent out. Loopback is not bound: it is the SVM's own
+//! tools (`lightagent bench`, one connection per simulated agent).
+//!
 //! Linux starts most processes with a soft limit of 1,024 open files, fewer
 //! than the default limits need. [`raise_open_files`] raises it to the hard
 //! limit at start; when even that is short of the connections, the spool
@@ -63,7 +70,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -193,15 +200,65 @@ pub struct Connections {
     idle_after: Option<Duration>,
     /// What closes them all at once.
     closing: Arc<Closing>,
+    /// The places each address other than loopback holds, when bound.
+    per_address: Option<Arc<PerAddress>>,
+}
+
+/// The places each remote address holds, and how many it may.
+#[derive(Debug)]
+struct PerAddress {
+    max: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One place of an address, given back when dropped.
+#[derive(Debug)]
+struct AddressPlace {
+    of: Arc<PerAddress>,
+    address: IpAddr,
+}
+
+impl Drop for AddressPlace {
+    fn drop(&mut self) {
+        let mut held = lock(&self.of.held);
+        if let Some(count) = held.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.address);
+            }
+        }
+    }
+}
+
+impl PerAddress {
+    /// A place for `address`, if it holds fewer than `max`.
+    fn take(self: &Arc<Self>, address: IpAddr) -> Option<AddressPlace> {
+        let mut held = lock(&self.held);
+        let count = held.entry(address).or_default();
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressPlace {
+            of: Arc::clone(self),
+            address,
+        })
+    }
 }
 
 impl Connections {
     /// Room for `max` agent connections at once (at most
-    /// [`MAX_CONNECTIONS`]), each closed once it has had no call under
-    /// way for `idle_after`.
-    pub fn new(max: usize, idle_after: Duration) -> Self {
+    /// [`MAX_CONNECTIONS`]), `per_address` of them from one address
+    /// other than loopback, each closed once it has had no call under way
+    /// for `idle_after`.
+    pub fn new(max: usize, per_address: usize, idle_after: Duration) -> Self {
+        let per_address = PerAddress {
+            max: per_address,
+            held: Mutex::default(),
+        };
         Connections {
             idle_after: Some(idle_after),
+            per_address: Some(Arc::new(per_address)),
             ..Self::of("agent", "server.max_connections", max.min(MAX_CONNECTIONS))
         }
     }
@@ -233,6 +290,7 @@ impl Connections {
             calls: Arc::default(),
             idle_after: None,
             closing: Arc::default(),
+            per_address: None,
         }
     }
 
@@ -307,10 +365,23 @@ impl Connections {
         }
     }
 
-    /// A place for a connection between `ends`, if one is free; otherwise
-    /// the refusal is counted (and logged, at most once every
-    /// [`WARN_EVERY`]).
+    /// A place for a connection between `ends`, if one is free, and its
+    /// address holds no more than it may; otherwise the refusal is counted
+    /// (and logged, at most once every [`WARN_EVERY`]).
     fn place(&self, ends: Option<Ends>) -> Option<Place> {
+        let address = ends
+            .map(|ends| ends.remote.ip().to_canonical())
+            .filter(|address| !address.is_loopback());
+        let of_address = match (&self.per_address, address) {
+            (Some(per_address), Some(address)) => match per_address.take(address) {
+                Some(place) => Some(place),
+                None => {
+                    self.refuse(Some(address));
+                    return None;
+                }
+            },
+            _ => None,
+        };
         if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
             let idle = ends.zip(self.idle_after).map(|(ends, after)| IdleWatch {
                 activity: self.calls.accepted(ends),
@@ -323,26 +394,43 @@ impl Connections {
             });
             return Some(Place {
                 _permit: place,
+                _address: of_address,
                 silent: Arc::clone(&self.silent),
                 whose: self.whose,
                 idle,
                 closable: Closable::new(&self.closing),
             });
         }
+        self.refuse(None);
+        None
+    }
+
+    /// Counts a refusal, for want of a place or (`address`) of a place
+    /// that address may take, and logs it, at most once every
+    /// [`WARN_EVERY`].
+    fn refuse(&self, address: Option<IpAddr>) {
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         let mut warned = lock(&self.warned);
         if warned.is_none_or(|(at, _)| at.elapsed() >= WARN_EVERY) {
             let since = refused - warned.map_or(0, |(_, count)| count);
-            tracing::warn!(
-                max = self.max,
-                refused = since,
-                "every {} connection place is taken: new connections are closed until some end ({})",
-                self.whose,
-                self.limit
-            );
+            match (address, &self.per_address) {
+                (Some(address), Some(per_address)) => tracing::warn!(
+                    %address,
+                    max = per_address.max,
+                    refused = since,
+                    "an address holds every {} connection place it may: its new connections are closed until some end (server.max_connections_per_address)",
+                    self.whose
+                ),
+                _ => tracing::warn!(
+                    max = self.max,
+                    refused = since,
+                    "every {} connection place is taken: new connections are closed until some end ({})",
+                    self.whose,
+                    self.limit
+                ),
+            }
             *warned = Some((Instant::now(), refused));
         }
-        None
     }
 
     /// Closes every connection open now, and any accepted from now on:
@@ -386,6 +474,7 @@ impl Connections {
 #[derive(Debug)]
 pub struct Place {
     _permit: OwnedSemaphorePermit,
+    _address: Option<AddressPlace>,
     /// Where a connection cut off for its silence is counted.
     silent: Arc<AtomicU64>,
     whose: &'static str,
@@ -905,7 +994,7 @@ mod tests {
 
     #[test]
     fn places_are_taken_and_given_back() {
-        let connections = Connections::new(2, Duration::from_secs(300));
+        let connections = Connections::new(2, 2, Duration::from_secs(300));
         let first = connections.place(None).expect("a place");
         let second = connections.place(None).expect("a place");
         assert_eq!(connections.open(), 2);
@@ -919,9 +1008,45 @@ mod tests {
         assert_eq!(connections.open(), 0);
     }
 
+    /// One address holds at most its share of the places; loopback, and
+    /// other addresses, are not held back by it.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share() {
+        let connections = Connections::new(8, 2, Duration::from_secs(300));
+        let from = |remote: &str| {
+            Some(Ends {
+                local: "10.0.0.1:7405".parse().unwrap(),
+                remote: remote.parse().unwrap(),
+            })
+        };
+        let first = connections.place(from("10.0.0.9:1001")).expect("a place");
+        let _second = connections.place(from("10.0.0.9:1002")).expect("a place");
+        assert!(
+            connections.place(from("10.0.0.9:1003")).is_none(),
+            "its share is taken"
+        );
+        assert!(
+            connections.place(from("[::ffff:10.0.0.9]:1004")).is_none(),
+            "the same address over IPv6"
+        );
+        assert_eq!(connections.refused(), 2);
+        let _other = connections
+            .place(from("10.0.0.10:1001"))
+            .expect("another address");
+        let local: Vec<_> = (0..3)
+            .map(|port| connections.place(from(&format!("127.0.0.1:{port}"))))
+            .collect();
+        assert!(local.iter().all(Option::is_some), "loopback is not bound");
+        drop(first);
+        assert!(
+            connections.place(from("10.0.0.9:1005")).is_some(),
+            "given back"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_a_preface_is_cut_off() {
-        let connections = Connections::new(2, Duration::from_secs(300));
+        let connections = Connections::new(2, 2, Duration::from_secs(300));
         let (client, server) = tokio::io::duplex(64);
         let mut silent = connections.place(None).unwrap().hold(server);
         let mut buf = [0; 64];
@@ -972,7 +1097,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_with_no_call_under_way_is_closed_once_idle() {
         let idle = Duration::from_secs(10);
-        let connections = Connections::new(4, idle);
+        let connections = Connections::new(4, 4, idle);
         let mut buf = [0; 64];
 
         // A call under way keeps it, however long.
@@ -1045,7 +1170,7 @@ mod tests {
         use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(Connections::new(1, Duration::from_secs(300)));
+        let connections = Arc::new(Connections::new(1, 1, Duration::from_secs(300)));
         let mut incoming = Arc::clone(&connections).incoming(listener);
         let _client = TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();

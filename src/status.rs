@@ -228,6 +228,7 @@ impl Svm {
             vms,
             connections: Arc::new(Connections::new(
                 server.max_connections(),
+                server.max_connections_per_address(),
                 server.idle_timeout,
             )),
             started: Instant::now(),
