@@ -23,7 +23,12 @@
 //! remembered ([`StuckContents`]): it is refused from then on, its file
 //! failing with `engine` (never clean), and in the state folder, after a
 //! restart too. A new version of the server may scan it: the list is set
-//! aside when another version made it.
+//! aside when another version made it. Content whose thread comes back
+//! after all (slow, this once) is refused for the rest of the run, but no
+//! longer kept: it brought about no restart. And content another thread
+//! has been on for two scan timeouts is not scanned a second time at once
+//! ([`Busy::on_longer_than`]): it would stick that thread too before the
+//! first counts as stuck.
 //!
 //! A local scan's job may also wait for a file's lease or for room in the
 //! mapped budget; a server's jobs wait for nothing (spooled uploads get
