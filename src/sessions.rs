@@ -423,14 +423,12 @@ impl Sessions {
             .cloned()
     }
 
-    /// Ends a session.
+    /// Ends a session. Its VM's record is updated before the session is
+    /// gone for others: whoever finds no session where the record named
+    /// one (a report) finds the record updated.
     pub fn close(&self, id: &str, ending: Ending) {
-        let session = self
-            .by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        if let Some(session) = session {
+        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(session) = by_id.remove(id) {
             self.vms.disconnected(&session, ending);
         }
     }

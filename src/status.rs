@@ -484,11 +484,24 @@ impl Svm {
     }
 
     fn vm_info(&self, vm: &VmRecord) -> VmInfo {
-        let session = vm
-            .session_id
-            .as_deref()
-            .and_then(|id| self.sessions.get(id));
-        vm.info(session.as_deref())
+        let Some(id) = &vm.session_id else {
+            return vm.info(None);
+        };
+        match self.sessions.get(id) {
+            Some(session) => vm.info(Some(&session)),
+            // Closed since `vm` was read: its record now says how it ended
+            // (see `Sessions::close`), or names the session it has now.
+            None => match self.vms.get(&vm.vm_id) {
+                Some(now) => {
+                    let session = now
+                        .session_id
+                        .as_deref()
+                        .and_then(|id| self.sessions.get(id));
+                    now.info(session.as_deref())
+                }
+                None => vm.info(None),
+            },
+        }
     }
 
     /// Each component with its state and key figures, for `scanserver
