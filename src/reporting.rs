@@ -38,7 +38,6 @@ use crate::{
     },
     shutdown::shut_down,
     status::{Svm, SvmStatus, WhichVms},
-    vms::MAX_LISTING_SIZE,
 };
 
 /// How much each interval is stretched or shortened at random, at most.
@@ -395,8 +394,10 @@ impl Receiver {
             token,
             hint: "set reporting.token_file on the SVM",
         };
+        // A report lists at most REPORT_VMS_BUDGET of VMs; the rest of it
+        // is small. Larger messages are refused before they are buffered.
         let server = IntegrationServerServer::new(Receiver { reports })
-            .max_decoding_message_size(MAX_LISTING_SIZE);
+            .max_decoding_message_size(2 * REPORT_VMS_BUDGET);
         InterceptedService::new(server, token)
     }
 }

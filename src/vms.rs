@@ -53,12 +53,12 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// and carrying no tag is forgotten first (see [`forget_idle`]).
 pub const MAX_VMS: usize = 100_000;
 
-/// The largest message that lists VMs a client or receiver of this crate
-/// (`scanserver agents`, the reference receiver of reports) accepts: a
-/// report, or `scanserver agents`, may name [`MAX_VMS`] VMs of
-/// some 200 bytes each, 20 MB, but at most 2 KiB each (five identity
-/// fields of up to 256 bytes from the agents' Hellos, tags and counters):
-/// 200 MB when agents chose the longest names.
+/// The largest listing of VMs `scanserver agents` accepts: it may name
+/// [`MAX_VMS`] VMs of some 200 bytes each, 20 MB, but at most 2 KiB each
+/// (five identity fields of up to 256 bytes from the agents' Hellos, tags
+/// and counters): 200 MB when agents chose the longest names. (Reports
+/// list VMs within a budget of their own, see
+/// [`crate::reporting::REPORT_VMS_BUDGET`].)
 pub const MAX_LISTING_SIZE: usize = 256 << 20;
 
 /// The file's name in the state folder.
