@@ -292,9 +292,9 @@ pub struct ServerConfig {
     /// included; more are closed as they are accepted (see
     /// [`crate::connections`]) [default: twice `max_agents`, and 64 more].
     pub max_connections: Option<usize>,
-    /// Of those, how many one address other than loopback may hold; more
-    /// from it are closed as they are accepted [default: a quarter of
-    /// `max_connections`].
+    /// Of those, how many one address other than the SVM's own may hold;
+    /// more from it are closed as they are accepted [default:
+    /// `max_agents`].
     pub max_connections_per_address: Option<usize>,
     /// Connection tags accepted from agents; empty accepts every agent.
     pub allowed_tags: Vec<String>,
@@ -343,11 +343,10 @@ impl ServerConfig {
             .unwrap_or_else(|| self.max_agents.saturating_mul(2).saturating_add(64))
     }
 
-    /// Connections one address other than loopback may have open at once
-    /// on the agent listener.
+    /// Connections one address other than the SVM's own may have open at
+    /// once on the agent listener.
     pub fn max_connections_per_address(&self) -> usize {
-        self.max_connections_per_address
-            .unwrap_or_else(|| (self.max_connections() / 4).max(1))
+        self.max_connections_per_address.unwrap_or(self.max_agents)
     }
 
     /// The state folder in use.

@@ -54,11 +54,14 @@
 //! however few agents are allowed.
 //!
 //! One address may hold no more than `server.max_connections_per_address`
-//! of the agent listener's places (a quarter of them by default): an agent
+//! of the agent listener's places (`max_agents` by default, so that as
+//! many agents as may connect can do so from behind one NAT): an agent
 //! needs one connection, and without this bound one VM opening
 //! connections (each keeping a call open) could take every place, and
-//! keep every other agent out. Loopback is not bound: it is the SVM's own
-//! tools (`lightagent bench`, one connection per simulated agent).
+//! keep every other agent out. The SVM's own addresses (loopback, or the
+//! listener's address, which a tool on the SVM that connects to its name
+//! comes from) are not bound: they are its own tools (`lightagent bench`,
+//! one connection per simulated agent).
 //!
 //! Linux starts most processes with a soft limit of 1,024 open files, fewer
 //! than the default limits need. [`raise_open_files`] raises it to the hard
@@ -188,11 +191,18 @@ pub struct Connections {
     limit: &'static str,
     places: Arc<Semaphore>,
     max: usize,
+    /// Connections refused, for either reason, since start.
     refused: AtomicU64,
+    /// Those refused for want of a place.
+    refused_place: AtomicU64,
     /// Connections closed for sending no preface in time, since start.
     silent: Arc<AtomicU64>,
     /// When refusals were last logged, and the count then.
     warned: Mutex<Option<(Instant, u64)>>,
+    /// The same, for refusals of an address holding every place it may.
+    warned_address: Mutex<Option<(Instant, u64)>>,
+    /// Those refusals, since start.
+    refused_address: AtomicU64,
     /// The calls under way on each connection.
     calls: Arc<Calls>,
     /// How long a connection with no call under way is kept; `None`: for
@@ -285,8 +295,11 @@ impl Connections {
             places: Arc::new(Semaphore::new(max)),
             max,
             refused: AtomicU64::new(0),
+            refused_place: AtomicU64::new(0),
             silent: Arc::default(),
             warned: Mutex::new(None),
+            warned_address: Mutex::new(None),
+            refused_address: AtomicU64::new(0),
             calls: Arc::default(),
             idle_after: None,
             closing: Arc::default(),
@@ -370,8 +383,14 @@ impl Connections {
     /// (and logged, at most once every [`WARN_EVERY`]).
     fn place(&self, ends: Option<Ends>) -> Option<Place> {
         let address = ends
-            .map(|ends| ends.remote.ip().to_canonical())
-            .filter(|address| !address.is_loopback());
+            .map(|ends| {
+                (
+                    ends.remote.ip().to_canonical(),
+                    ends.local.ip().to_canonical(),
+                )
+            })
+            .filter(|(remote, local)| !remote.is_loopback() && remote != local)
+            .map(|(remote, _)| remote);
         let of_address = match (&self.per_address, address) {
             (Some(per_address), Some(address)) => match per_address.take(address) {
                 Some(place) => Some(place),
@@ -406,30 +425,36 @@ impl Connections {
     }
 
     /// Counts a refusal, for want of a place or (`address`) of a place
-    /// that address may take, and logs it, at most once every
+    /// that address may take, and logs it, each kind at most once every
     /// [`WARN_EVERY`].
     fn refuse(&self, address: Option<IpAddr>) {
-        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut warned = lock(&self.warned);
-        if warned.is_none_or(|(at, _)| at.elapsed() >= WARN_EVERY) {
-            let since = refused - warned.map_or(0, |(_, count)| count);
-            match (address, &self.per_address) {
-                (Some(address), Some(per_address)) => tracing::warn!(
-                    %address,
-                    max = per_address.max,
-                    refused = since,
-                    "an address holds every {} connection place it may: its new connections are closed until some end (server.max_connections_per_address)",
-                    self.whose
-                ),
-                _ => tracing::warn!(
-                    max = self.max,
-                    refused = since,
-                    "every {} connection place is taken: new connections are closed until some end ({})",
-                    self.whose,
-                    self.limit
-                ),
-            }
-            *warned = Some((Instant::now(), refused));
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let (counter, warned) = match address {
+            Some(_) => (&self.refused_address, &self.warned_address),
+            None => (&self.refused_place, &self.warned),
+        };
+        let refused = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned = lock(warned);
+        if warned.is_some_and(|(at, _)| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        let since = refused - warned.map_or(0, |(_, count)| count);
+        *warned = Some((Instant::now(), refused));
+        match (address, &self.per_address) {
+            (Some(address), Some(per_address)) => tracing::warn!(
+                last = %address,
+                max = per_address.max,
+                refused = since,
+                "addresses hold every {} connection place they may: their new connections are closed until some end (server.max_connections_per_address)",
+                self.whose
+            ),
+            _ => tracing::warn!(
+                max = self.max,
+                refused = since,
+                "every {} connection place is taken: new connections are closed until some end ({})",
+                self.whose,
+                self.limit
+            ),
         }
     }
 
@@ -1008,11 +1033,12 @@ mod tests {
         assert_eq!(connections.open(), 0);
     }
 
-    /// One address holds at most its share of the places; loopback, and
-    /// other addresses, are not held back by it.
+    /// One address holds at most its share of the places; the SVM's own
+    /// addresses (loopback, the listener's), and other addresses, are not
+    /// held back by it.
     #[tokio::test]
     async fn one_address_holds_at_most_its_share() {
-        let connections = Connections::new(8, 2, Duration::from_secs(300));
+        let connections = Connections::new(10, 2, Duration::from_secs(300));
         let from = |remote: &str| {
             Some(Ends {
                 local: "10.0.0.1:7405".parse().unwrap(),
@@ -1033,10 +1059,14 @@ mod tests {
         let _other = connections
             .place(from("10.0.0.10:1001"))
             .expect("another address");
-        let local: Vec<_> = (0..3)
-            .map(|port| connections.place(from(&format!("127.0.0.1:{port}"))))
+        let own: Vec<_> = ["127.0.0.1", "127.0.0.1", "[::1]", "10.0.0.1", "10.0.0.1"]
+            .iter()
+            .map(|ip| connections.place(from(&format!("{ip}:1001"))))
             .collect();
-        assert!(local.iter().all(Option::is_some), "loopback is not bound");
+        assert!(
+            own.iter().all(Option::is_some),
+            "the SVM's own addresses are not bound"
+        );
         drop(first);
         assert!(
             connections.place(from("10.0.0.9:1005")).is_some(),

@@ -252,8 +252,8 @@ impl Flights {
     }
 
     /// Leads the flight for `key`, or subscribes to the one under way.
-    /// Subscribers whose stream has ended are dropped when the list is
-    /// full, before it grows: looking them over at every subscription would
+    /// Subscribers whose stream has ended, or is ending, are dropped when
+    /// the list is full, before it grows: looking them over at every subscription would
     /// cost a storm's flights time quadratic in their subscribers.
     pub fn join_or_subscribe(&self, key: CacheKey, to: &Arc<Landings>, tag: u64) -> Subscription {
         let mut under_way = self.lock();
@@ -261,7 +261,10 @@ impl Flights {
             Some(flight) => {
                 let subscribers = &mut flight.subscribers;
                 if subscribers.len() == subscribers.capacity() {
-                    subscribers.retain(|s| s.to.strong_count() > 0);
+                    subscribers.retain(|s| {
+                        s.to.upgrade()
+                            .is_some_and(|to| !to.closed.load(Ordering::Relaxed))
+                    });
                 }
                 to.subscribed();
                 let to = Arc::downgrade(to);

@@ -627,8 +627,8 @@ impl ScanStream {
     /// stream is closed or gone.
     async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
         self.requests = None;
-        let mut replies = self.take_landed();
         self.landings.close();
+        let mut replies = self.take_landed();
         replies.extend(self.open.drain().map(|(id, mut file)| {
             file.owed.forgive_if_resent(code);
             file_error(id, code, message)
