@@ -191,18 +191,12 @@ pub struct Connections {
     limit: &'static str,
     places: Arc<Semaphore>,
     max: usize,
-    /// Connections refused, for either reason, since start.
-    refused: AtomicU64,
-    /// Those refused for want of a place.
-    refused_place: AtomicU64,
+    /// Connections refused for want of a place.
+    no_place: Refusals,
+    /// Connections refused as their address holds every place it may.
+    address_full: Refusals,
     /// Connections closed for sending no preface in time, since start.
     silent: Arc<AtomicU64>,
-    /// When refusals were last logged, and the count then.
-    warned: Mutex<Option<(Instant, u64)>>,
-    /// The same, for refusals of an address holding every place it may.
-    warned_address: Mutex<Option<(Instant, u64)>>,
-    /// Those refusals, since start.
-    refused_address: AtomicU64,
     /// The calls under way on each connection.
     calls: Arc<Calls>,
     /// How long a connection with no call under way is kept; `None`: for
@@ -294,12 +288,9 @@ impl Connections {
             limit,
             places: Arc::new(Semaphore::new(max)),
             max,
-            refused: AtomicU64::new(0),
-            refused_place: AtomicU64::new(0),
+            no_place: Refusals::default(),
+            address_full: Refusals::default(),
             silent: Arc::default(),
-            warned: Mutex::new(None),
-            warned_address: Mutex::new(None),
-            refused_address: AtomicU64::new(0),
             calls: Arc::default(),
             idle_after: None,
             closing: Arc::default(),
@@ -428,18 +419,13 @@ impl Connections {
     /// that address may take, and logs it, each kind at most once every
     /// [`WARN_EVERY`].
     fn refuse(&self, address: Option<IpAddr>) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        let (counter, warned) = match address {
-            Some(_) => (&self.refused_address, &self.warned_address),
-            None => (&self.refused_place, &self.warned),
+        let refusals = match address {
+            Some(_) => &self.address_full,
+            None => &self.no_place,
         };
-        let refused = counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut warned = lock(warned);
-        if warned.is_some_and(|(at, _)| at.elapsed() < WARN_EVERY) {
+        let Some(since) = refusals.count() else {
             return;
-        }
-        let since = refused - warned.map_or(0, |(_, count)| count);
-        *warned = Some((Instant::now(), refused));
+        };
         match (address, &self.per_address) {
             (Some(address), Some(per_address)) => tracing::warn!(
                 last = %address,
@@ -479,7 +465,8 @@ impl Connections {
 
     /// Connections closed at accept for want of a place, since start.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.no_place.count.load(Ordering::Relaxed)
+            + self.address_full.count.load(Ordering::Relaxed)
     }
 
     /// Connections closed for sending no HTTP/2 preface within
@@ -492,6 +479,29 @@ impl Connections {
     /// time, since start.
     pub fn idle_closed(&self) -> u64 {
         self.calls.closed_idle.load(Ordering::Relaxed)
+    }
+}
+
+/// Connections refused for one reason: how many since start, and when they
+/// were last logged, with the count then.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: AtomicU64,
+    logged: Mutex<Option<(Instant, u64)>>,
+}
+
+impl Refusals {
+    /// Counts one; when it is time to log them (once every
+    /// [`WARN_EVERY`]), how many came since they were last logged.
+    fn count(&self) -> Option<u64> {
+        let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut logged = lock(&self.logged);
+        if logged.is_some_and(|(at, _)| at.elapsed() < WARN_EVERY) {
+            return None;
+        }
+        let since = count - logged.map_or(0, |(_, then)| then);
+        *logged = Some((Instant::now(), count));
+        Some(since)
     }
 }
 
