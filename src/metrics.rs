@@ -310,6 +310,11 @@ impl Collector for Live {
                 svm.engine.stuck_threads() as u64,
             ),
             (
+                "scanserver_stuck_contents",
+                "Contents refused because they kept a scan thread busy for over three scan timeouts",
+                svm.engine.stuck_contents() as u64,
+            ),
+            (
                 "scanserver_spool_bytes",
                 "Disk that uploads spooled now take from the spool budget",
                 spool.bytes,

@@ -1340,6 +1340,7 @@ async fn metrics_count_scans_verdicts_and_agents() {
         "scanserver_spool_files 0",
         "scanserver_spool_files_max 4096",
         "scanserver_spool_full_total 0",
+        "scanserver_stuck_contents 0",
         "scanserver_protected_vms 1",
         "scanserver_cache_entries 2",
         "scanserver_cache_hits_total 1",
