@@ -238,11 +238,10 @@ impl PerAddress {
     /// A place for `address`, if it holds fewer than `max`.
     fn take(self: &Arc<Self>, address: IpAddr) -> Option<AddressPlace> {
         let mut held = lock(&self.held);
-        let count = held.entry(address).or_default();
-        if *count >= self.max {
+        if held.get(&address).copied().unwrap_or(0) >= self.max {
             return None;
         }
-        *count += 1;
+        *held.entry(address).or_default() += 1;
         Some(AddressPlace {
             of: Arc::clone(self),
             address,

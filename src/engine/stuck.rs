@@ -113,11 +113,12 @@ impl Busy {
     /// [`BusyGuard::end`]).
     pub fn longer_than(&self, age: Duration) -> (usize, Vec<Digest>) {
         let (mut count, mut digests) = (0, Vec::new());
-        for slot in self.slots_busy_for(age) {
+        let now = self.millis();
+        for slot in self.slots_busy_for(age, now) {
             count += 1;
             // Read again with the digest: the job may have ended since.
             let mut job = lock(&slot.job);
-            if self.older_than(job.began, age)
+            if older_than(job.began, age, now)
                 && let Some(digest) = job.digest
             {
                 job.noted = true;
@@ -131,27 +132,30 @@ impl Busy {
     /// than `age`. Costs an atomic load per thread while none has been
     /// busy that long.
     pub fn on_longer_than(&self, digest: &Digest, age: Duration) -> bool {
-        self.slots_busy_for(age).any(|slot| {
+        let now = self.millis();
+        self.slots_busy_for(age, now).any(|slot| {
             let job = lock(&slot.job);
-            self.older_than(job.began, age) && job.digest.as_ref() == Some(digest)
+            older_than(job.began, age, now) && job.digest.as_ref() == Some(digest)
         })
     }
 
-    fn slots_busy_for(&self, age: Duration) -> impl Iterator<Item = &Slot> {
+    /// The slots whose job has run for longer than `age` at `now`.
+    fn slots_busy_for(&self, age: Duration, now: u64) -> impl Iterator<Item = &Slot> {
         self.slots
             .iter()
-            .filter(move |slot| self.older_than(slot.began.load(Ordering::Relaxed), age))
-    }
-
-    /// Whether a job that `began` (0: none) has run for longer than `age`.
-    fn older_than(&self, began: u64, age: Duration) -> bool {
-        let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-        began != 0 && self.millis().saturating_sub(began - 1) > age
+            .filter(move |slot| older_than(slot.began.load(Ordering::Relaxed), age, now))
     }
 
     fn millis(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
+}
+
+/// Whether a job that `began` (0: none) has run for longer than `age` at
+/// `now` (both in [`Busy`]'s milliseconds).
+fn older_than(began: u64, age: Duration, now: u64) -> bool {
+    let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+    began != 0 && now.saturating_sub(began - 1) > age
 }
 
 impl BusyGuard<'_> {
@@ -250,10 +254,12 @@ impl StuckContents {
     /// The job on content of `digest` came back after all: refused for the
     /// rest of the run, no longer kept.
     pub fn came_back(self: &Arc<Self>, digest: &Digest) {
-        if let Some(kept) = write(&self.digests).get_mut(digest) {
-            *kept = false;
+        let was_kept = write(&self.digests)
+            .get_mut(digest)
+            .is_some_and(|kept| std::mem::replace(kept, false));
+        if was_kept {
+            self.save();
         }
-        self.save();
     }
 
     /// Saves the digests kept, on a thread of its own, unless a save is
