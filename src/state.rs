@@ -4,8 +4,9 @@
 //!   at start for the current signatures, written by a background task at
 //!   an interval when the cache changed, and once more at shutdown.
 //! * The protected VMs and their security tags (see [`crate::vms`]): saved
-//!   a second after each change, at the same interval (for the last-seen
-//!   times of connected VMs), and at shutdown.
+//!   about a second after each change (longer for a large registry: see
+//!   `settle_after`), at the same interval (for the last-seen times of
+//!   connected VMs), and at shutdown.
 //!
 //! The folder is created private to the server's user (0700): the server
 //! trusts what it finds there. So are the other folders whose content it
@@ -20,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 
@@ -315,10 +316,11 @@ impl StateDir {
     }
 }
 
-/// Saves `vms` a second after each change and every `interval`, and once
-/// more when `done` turns true (the server stopped serving); then returns.
-/// `grace` after it starts, the VMs awaited since the last run that have
-/// not come back count as lost ([`Vms::lost_unless_back`]).
+/// Saves `vms` after each change (once changes settle: see
+/// [`settle_after`]) and every `interval`, and once more when `done` turns
+/// true (the server stopped serving); then returns. `grace` after it
+/// starts, the VMs awaited since the last run that have not come back
+/// count as lost ([`Vms::lost_unless_back`]).
 pub async fn keep_vms(
     vms: Arc<Vms>,
     interval: Duration,
@@ -331,11 +333,12 @@ pub async fn keep_vms(
     let back_by = tokio::time::sleep(grace);
     tokio::pin!(back_by);
     let mut awaiting = true;
+    let mut settle = settle_after(Duration::ZERO);
     loop {
         let last = tokio::select! {
             Ok(()) = changes.changed() => {
                 // Changes come in bursts (a boot storm): save once for all.
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(settle).await;
                 false
             }
             _ = ticker.tick() => false,
@@ -348,13 +351,27 @@ pub async fn keep_vms(
             () = shut_down(&mut done) => true,
         };
         changes.borrow_and_update();
+        let began = Instant::now();
         save_vms(&vms).await;
+        settle = settle_after(began.elapsed());
         if last {
             return;
         }
         // A save after a change counts as the interval's.
         ticker.reset();
     }
+}
+
+/// How long the registry's keeper lets changes gather before it saves
+/// them, when its last save took `took`: a second, or ten times as long as
+/// that save when it took longer than 100 ms. Each save writes the whole
+/// registry (up to [`MAX_VMS`](crate::vms::MAX_VMS) records, tens of MB),
+/// and a storm of VMs connecting changes it every moment: saving it at
+/// most a tenth of the time keeps a large registry from taking a thread
+/// and the disk for itself, while a small one is still saved within about
+/// a second of a change.
+fn settle_after(took: Duration) -> Duration {
+    (took * 10).max(Duration::from_secs(1))
 }
 
 /// Saves `vms` off the async threads; a failure is logged (and the next
@@ -453,6 +470,19 @@ mod tests {
         let err = private_dir(path).expect_err(because);
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
         assert!(err.to_string().contains(because), "{err}");
+    }
+
+    /// A small registry is saved about a second after a change; a large
+    /// one, whose saves take long, at most a tenth of the time.
+    #[test]
+    fn a_registry_that_is_slow_to_save_is_saved_less_often() {
+        let second = Duration::from_secs(1);
+        assert_eq!(settle_after(Duration::ZERO), second);
+        assert_eq!(settle_after(Duration::from_millis(100)), second);
+        assert_eq!(
+            settle_after(Duration::from_millis(450)),
+            4_500 * second / 1_000
+        );
     }
 
     #[test]
