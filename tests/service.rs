@@ -1574,6 +1574,55 @@ async fn files_are_scanned_while_their_walk_goes_on() {
     );
 }
 
+/// A walk that gives nothing for longer than the server's idle timeout (a
+/// slow network share, files each waited for under a lease) has its stream
+/// closed as idle: the files that come after go on a new stream, rather
+/// than failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_come_after_an_idle_stream_was_closed_are_scanned() {
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
+    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
+    let (answered, first_answered) = std::sync::mpsc::channel();
+    let root = dir.path().to_owned();
+    let walk = ["note.txt", "eicar.com"]
+        .into_iter()
+        .enumerate()
+        .map(move |(i, name)| {
+            if i == 1 {
+                first_answered
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap();
+                // Five idle timeouts: the stream was closed meanwhile.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            root.join(name)
+        });
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&results);
+    let scan = agent.scan(
+        Files::local(walk),
+        HashFirst::Never,
+        move |path, outcome| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            sink.lock().unwrap().push((name, outcome.verdict.kind()));
+            let _ = answered.send(());
+        },
+    );
+    scan.await.unwrap();
+    assert_eq!(
+        *results.lock().unwrap(),
+        [
+            ("note.txt".into(), "clean"),
+            ("eicar.com".into(), "infected")
+        ]
+    );
+}
+
 /// Opens a FIFO for writing when dropped, which lets go of a reader
 /// blocked opening it: a test that failed waiting for such a reader then
 /// ends, where the runtime would otherwise wait for its blocked thread for

@@ -97,7 +97,9 @@ impl Agent {
     /// is opened again for the files still without an outcome, after the
     /// pauses a file refused for want of room waits (100 ms, doubling up
     /// to 2 s; the scan fails after 20 refusals in a row with no file
-    /// answered).
+    /// answered). So is a stream the server closes as idle
+    /// (`DEADLINE_EXCEEDED`) while none of the files waits for an answer,
+    /// at once.
     pub async fn scan<F>(
         &self,
         files: Files,
@@ -140,6 +142,17 @@ impl Agent {
             if refused && refusals.again(scan.answered) {
                 tracing::debug!(%err, "scan stream refused; opening another");
                 tokio::time::sleep(refusals.pause()).await;
+                left = unanswered;
+                continue;
+            }
+            // The server closes a stream that was idle for its idle
+            // timeout, owing nothing: the agent had no file for it that
+            // long (a slow walk, files each waited for under a lease). The
+            // files still to come go on a new stream.
+            let idle = matches!(&err, ClientError::Status(status)
+                if status.code() == Code::DeadlineExceeded);
+            if idle && opened && unanswered.files.is_empty() {
+                tracing::debug!(%err, "idle scan stream closed; opening another");
                 left = unanswered;
                 continue;
             }
@@ -189,10 +202,10 @@ impl Agent {
         };
         let (uploads, to_upload) = mpsc::unbounded_channel();
         let (told, sent) = mpsc::unbounded_channel::<Sent>();
-        let sender = tokio::task::spawn_blocking(move || {
-            send_content(to_upload, content_requests, told, chunk_size)
-        });
         let max_file_size = scan.max_file_size;
+        let sender = tokio::task::spawn_blocking(move || {
+            send_content(to_upload, content_requests, told, chunk_size, max_file_size)
+        });
         let on_result = Arc::clone(&scan.on_result);
         let mut settle = Settle {
             pending: Arc::default(),

@@ -67,9 +67,10 @@ enum Stop {
 pub(super) enum Sent {
     /// It could not be read.
     Unread(Unread),
-    /// It held `size` bytes where its metadata said 0 (files of /proc say
-    /// so): its outcome gives the size sent, as a local scan's gives the
-    /// size read (see [`PendingFile::sent`]).
+    /// It went with its begin, announced with `size` bytes where its
+    /// metadata said otherwise when it was prepared (it changed since, or
+    /// is one of /proc, which say 0): its outcome gives that size, as a
+    /// local scan's gives the size read (see [`PendingFile::sent`]).
     Resized { id: u64, size: u64 },
 }
 
@@ -83,13 +84,14 @@ pub(super) struct Unread {
 
 /// Streams the content of each file to upload, in chunks, then its end;
 /// on a thread of its own, as reading files blocks. A file that cannot be
-/// read, or held more than its metadata said, is `told` of before its
-/// cancel or end goes out.
+/// read, or goes with its begin holding another size than it was
+/// announced with, is `told` of before its cancel or end goes out.
 pub(super) fn send_content(
     mut uploads: mpsc::UnboundedReceiver<Upload>,
     requests: mpsc::Sender<ScanRequest>,
     told: mpsc::UnboundedSender<Sent>,
     chunk_size: usize,
+    max_file_size: u64,
 ) {
     let mut outbox = Outbox {
         requests,
@@ -101,40 +103,32 @@ pub(super) fn send_content(
         id,
         source,
         size,
-        mut begin,
+        begin,
         over,
     }) = uploads.blocking_recv()
     {
+        let with_begin = begin.is_some();
         let sent = match &source {
             // Answered while it waited its turn: nothing of it goes.
             _ if over.load(Ordering::Relaxed) => Ok(0),
             FileSource::Prepared(file) => {
                 outbox.file(id, begin, slices(&file.content, chunk_size), &over)
             }
-            // A file that says it holds 0 bytes (as those of /proc do),
-            // going with its begin, is read whole first: the begin must give
-            // the size of what it holds (the server takes no more).
-            FileSource::Path(path) if size == 0 && begin.is_some() => {
-                match open_regular(path, LEASE_WAIT).and_then(|(file, _)| read_unsized(file)) {
-                    Ok(content) => {
-                        if let Some(begin) = &mut begin {
-                            begin.size = content.len() as u64;
-                        }
-                        outbox.file(id, begin, slices(&content, chunk_size), &over)
-                    }
-                    Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
-                }
-            }
-            FileSource::Path(path) => match open_regular(path, LEASE_WAIT) {
-                Ok((file, _)) => {
+            FileSource::Path(path) => match (open_regular(path, LEASE_WAIT), begin) {
+                (Err(err), begin) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
+                // Asked for by its digest: what the digest is of, the size
+                // announced (one that grew is sent as it was hashed).
+                (Ok((file, _)), None) => {
                     let chunks = FileChunks {
                         file,
                         chunk_size,
                         left: (size > 0).then_some(size),
                     };
-                    outbox.file(id, begin, chunks, &over)
+                    outbox.file(id, None, chunks, &over)
                 }
-                Err(err) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
+                (Ok((file, opened)), Some(begin)) => {
+                    outbox.with_begin(id, begin, (file, opened), max_file_size, &over)
+                }
             },
         };
         // Files waiting to go join this one's last message; with nothing
@@ -142,7 +136,7 @@ pub(super) fn send_content(
         // the file in flight until it takes it.
         let flush = match sent {
             Ok(sent) => {
-                if size == 0 && sent > 0 {
+                if with_begin && sent != size {
                     let _ = told.send(Sent::Resized { id, size: sent });
                 }
                 uploads.is_empty()
@@ -225,6 +219,47 @@ impl Outbox {
         }
         self.push(FileEnd { file_id: id }.into(), 0)?;
         Ok(offset)
+    }
+
+    /// Adds a local file that goes with its `begin`, opened (with the size
+    /// it has now). Only a
+    /// digest would hold the server to the size the file had when it was
+    /// prepared, and a begin with content has none: the file goes as it
+    /// is now, so that one that grew since (a download, a file being
+    /// rewritten) is not scanned for its start alone. One that has grown
+    /// over the server's limit goes as a begin alone, to be refused; one
+    /// that says it holds 0 bytes (as those of /proc do) is read whole
+    /// first, as the begin must give the size of what it holds. Returns
+    /// the bytes sent, or the size of a file that goes alone.
+    fn with_begin(
+        &mut self,
+        id: u64,
+        mut begin: FileBegin,
+        (file, opened): (std::fs::File, u64),
+        max_file_size: u64,
+        over: &AtomicBool,
+    ) -> Result<u64, Stop> {
+        if opened > max_file_size {
+            begin.size = opened;
+            self.push(begin.into(), 0)?;
+            return Ok(opened);
+        }
+        if opened == 0 {
+            return match read_unsized(file) {
+                Ok(content) => {
+                    begin.size = content.len() as u64;
+                    self.file(id, Some(begin), slices(&content, self.limit), over)
+                }
+                Err(err) => self.file(id, Some(begin), std::iter::once(Err(err)), over),
+            };
+        }
+        begin.size = opened;
+        let chunks = FileChunks {
+            file,
+            chunk_size: self.limit,
+            left: Some(opened),
+        };
+        self.file(id, Some(begin), chunks, over)
     }
 
     /// Adds a request of `bytes` content. The batch so far goes first if
@@ -339,6 +374,53 @@ mod tests {
         );
     }
 
+    /// A file that goes with its begin goes with the size it has when the
+    /// sender opens it, not the size it had when it was prepared: all of
+    /// one that grew since is scanned (there is no digest to hold it to
+    /// what was prepared), and one that grew over the server's limit goes
+    /// alone, to be refused. Either way the reply loop learns the size.
+    #[test]
+    fn a_file_going_with_its_begin_goes_as_it_is_when_opened() {
+        use crate::proto::file_request::Kind;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grown");
+        std::fs::write(&path, vec![7; 3000]).unwrap();
+        // The file held 10 bytes when it was prepared; it holds 3,000 now.
+        let send = |max_file_size| {
+            let begin = FileBegin {
+                file_id: 1,
+                size: 10,
+                ..FileBegin::default()
+            };
+            let source = FileSource::Path(path.clone());
+            let (uploads, to_upload) = mpsc::unbounded_channel();
+            uploads
+                .send(Upload::new(1, source, 10, Some(begin)).0)
+                .unwrap();
+            drop(uploads);
+            let (requests, mut sent) = mpsc::channel(64);
+            let (told, mut resized) = mpsc::unbounded_channel();
+            send_content(to_upload, requests, told, 1 << 10, max_file_size);
+            let (mut announced, mut bytes, mut ends) = (None, 0, 0);
+            while let Ok(message) = sent.try_recv() {
+                for request in message.requests {
+                    match request.kind.unwrap() {
+                        Kind::Begin(begin) => announced = Some(begin.size),
+                        Kind::Chunk(chunk) => bytes += chunk.data.len(),
+                        Kind::End(_) => ends += 1,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            let Ok(Sent::Resized { id: 1, size }) = resized.try_recv() else {
+                panic!("the reply loop is told the size");
+            };
+            (announced, bytes, ends, size)
+        };
+        assert_eq!(send(3000), (Some(3000), 3000, 1, 3000), "sent whole");
+        assert_eq!(send(2999), (Some(3000), 0, 0, 3000), "a begin alone");
+    }
+
     /// A file answered while its content goes out gets no more of it (and
     /// no end); one answered before its turn gets none; the next file's
     /// content goes all the same.
@@ -360,7 +442,8 @@ mod tests {
         drop(uploads);
         let (requests, mut sent) = mpsc::channel(1);
         let (told, _told) = mpsc::unbounded_channel();
-        let sender = std::thread::spawn(move || send_content(to_upload, requests, told, 1 << 10));
+        let sender =
+            std::thread::spawn(move || send_content(to_upload, requests, told, 1 << 10, u64::MAX));
         // One chunk a message: the sender is at most a few ahead.
         let mut files = vec![sent.blocking_recv().unwrap()];
         cut.store(true, Ordering::Relaxed);
