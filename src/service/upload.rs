@@ -19,7 +19,9 @@
 //! memory and deletes its temporary file.
 
 use std::{
+    fs,
     io::{self, Write},
+    os::unix::fs::OpenOptionsExt,
     path::Path,
     sync::{
         Arc,
@@ -279,10 +281,35 @@ impl UploadStore {
 /// How spool files' names begin.
 const SPOOL_PREFIX: &str = "upload-";
 
+/// A new spool file in `dir`, private to the server, deleted when dropped.
+/// Made here rather than by `tempfile`'s builder, whose errors carry the
+/// path instead of the system's error code: the code is what tells a full
+/// disk or no descriptor left (worth sending the file again) from a fault
+/// (see [`out_of_room`]), and agents are not told the server's paths.
 fn spool_file(dir: &Path) -> io::Result<NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix(SPOOL_PREFIX)
-        .tempfile_in(dir)
+    let mut tries = 0;
+    loop {
+        let path = dir.join(format!("{SPOOL_PREFIX}{:016x}", fastrand::u64(..)));
+        let opened = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path);
+        match opened {
+            Ok(file) => {
+                return match TempPath::try_from_path(&path) {
+                    Ok(kept) => Ok(NamedTempFile::from_parts(file, kept)),
+                    Err(err) => {
+                        let _ = fs::remove_file(&path);
+                        Err(err)
+                    }
+                };
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 /// A file being received.
@@ -401,7 +428,7 @@ impl Upload {
             .share(size.div_ceil(1024), self.vm_share.as_ref())?;
         let mut file = spool_file(&self.spool.dir)?;
         if let Sink::Memory { buffer, .. } = &self.sink {
-            file.write_all(buffer)?;
+            file.as_file_mut().write_all(buffer)?;
         }
         self.sink = Sink::Spool { file, share, place };
         Ok(())
@@ -427,7 +454,7 @@ impl Upload {
                 }
                 // Spool writes go to the page cache; they are short enough
                 // to make on the runtime's threads.
-                file.write_all(data)?;
+                file.as_file_mut().write_all(data)?;
             }
         }
         Ok(())
@@ -553,6 +580,29 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("writable by all users"), "{err}");
+    }
+
+    /// A spool error keeps the system's error code, which tells want of
+    /// room (a full disk: worth sending again) from a fault, and does not
+    /// give agents the server's paths.
+    #[test]
+    fn a_spool_error_says_whether_it_is_for_want_of_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let store = store(10, &spool);
+        std::fs::remove_dir_all(&spool).unwrap();
+        let err = store
+            .begin(Some(100), None, None)
+            .err()
+            .expect("no spool folder");
+        let UploadError::Spool(io) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(io.raw_os_error(), Some(libc::ENOENT), "{err}");
+        assert_eq!(err.code(), Code::Internal);
+        assert!(!err.to_string().contains("spool/"), "{err}");
+        let full = UploadError::Spool(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.code(), Code::ResourceExhausted);
     }
 
     #[test]
