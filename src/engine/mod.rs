@@ -464,10 +464,29 @@ impl Engine {
                 self.stuck_after()
             ));
         }
-        let long = self.limits.timeout.saturating_mul(2);
+        let long = self.twice_at_once_after();
         self.busy.on_longer_than(digest, long).then(|| {
             format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once")
         })
+    }
+
+    /// When a scan thread is on content of `digest` now: the time from
+    /// which another copy of it is refused (see [`Engine::refusal`]). A
+    /// copy received meanwhile waits for that scan rather than start its
+    /// own: a copy scanned before would stick a second thread, should the
+    /// first be stuck.
+    pub fn scanned_now_until(&self, digest: &Digest) -> Option<std::time::Instant> {
+        let on_for = self.busy.on_for(digest)?;
+        let left = self.twice_at_once_after().saturating_sub(on_for);
+        // Just past it: the refusal counts from over that long.
+        Some(std::time::Instant::now() + left + Duration::from_millis(10))
+    }
+
+    /// How long another thread must have been on content before it is
+    /// refused as a second scan at once: two scan timeouts (a scan would
+    /// have been stopped after one).
+    fn twice_at_once_after(&self) -> Duration {
+        self.limits.timeout.saturating_mul(2)
     }
 
     /// Scans `job` on this thread, one of the pool's. `share_held`: its

@@ -139,6 +139,21 @@ impl Busy {
         })
     }
 
+    /// How long the thread on content of `digest` has been, if one is (the
+    /// longest, if several are).
+    pub fn on_for(&self, digest: &Digest) -> Option<Duration> {
+        let now = self.millis();
+        self.slots
+            .iter()
+            .filter(|slot| slot.began.load(Ordering::Relaxed) != 0)
+            .filter_map(|slot| {
+                let job = lock(&slot.job);
+                let on = job.began != 0 && job.digest.as_ref() == Some(digest);
+                on.then(|| Duration::from_millis(now.saturating_sub(job.began - 1)))
+            })
+            .max()
+    }
+
     /// The slots whose job has run for longer than `age` at `now`.
     fn slots_busy_for(&self, age: Duration, now: u64) -> impl Iterator<Item = &Slot> {
         self.slots
@@ -346,7 +361,8 @@ mod tests {
     use super::*;
 
     /// A thread busy with content is found by its digest once busy longer
-    /// than asked, and counted stuck with it; the job's end says so.
+    /// than asked, and counted stuck with it; the job's end says so. How
+    /// long it has been on the content is known while it is.
     #[test]
     fn a_busy_thread_is_found_by_its_digest() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -372,10 +388,14 @@ mod tests {
             assert!(!busy.on_longer_than(&other, short));
             assert!(!busy.on_longer_than(&digest, Duration::from_secs(3600)));
             assert_eq!(busy.longer_than(short), (1, vec![digest]));
+            let on_for = busy.on_for(&digest).expect("on it");
+            assert!(on_for >= Duration::from_millis(20), "{on_for:?}");
+            assert_eq!(busy.on_for(&other), None);
             release.wait();
             assert_eq!(job.join().unwrap(), Some(digest), "noted, and back");
         });
         assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
+        assert_eq!(busy.on_for(&digest), None, "over");
         assert_eq!(busy.longer_than(Duration::ZERO), (0, vec![]));
     }
 }

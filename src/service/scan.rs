@@ -1199,8 +1199,9 @@ enum Judging {
     /// see [`Judging::start`]), leading the flight for the content if
     /// there is one.
     Scan(Option<ScanSlot>, Option<Flight>),
-    /// Another request is scanning the same content: wait for that.
-    Follow(Waiter),
+    /// Another request is scanning the same content: wait for that, until
+    /// the deadline.
+    Follow(Waiter, Instant),
 }
 
 impl Judging {
@@ -1226,7 +1227,7 @@ impl Judging {
             // wait for the queue below: its waiters go on at once. Such a
             // file waited once already, or could not wait (a waiting file
             // has no content): it leads when nobody else does, and waits
-            // for nobody.
+            // only for a scan of its content under way on a thread.
             looked_up @ (Standing::OnItsOwn | Standing::Leads { .. } | Standing::Waits(_)) => {
                 drop(looked_up);
                 if let Some(hit) = cache.peek(&key) {
@@ -1237,7 +1238,12 @@ impl Judging {
                         Ok(hit) => return Judging::Known(hit),
                         Err(flight) => Some(flight),
                     },
-                    Join::Wait(_) => None,
+                    // Unless a scan of it is under way on a thread (see
+                    // `Engine::scanned_now_until`).
+                    Join::Wait(waiter) => match engine.scanned_now_until(&received.digest) {
+                        Some(until) => return Judging::Follow(waiter, until.into()),
+                        None => None,
+                    },
                 }
             }
             Standing::Unannounced => {
@@ -1249,7 +1255,12 @@ impl Judging {
                         Ok(hit) => return Judging::Known(hit),
                         Err(flight) => Some(flight),
                     },
-                    Join::Wait(waiter) => return Judging::Follow(waiter),
+                    Join::Wait(waiter) => {
+                        let waits = Instant::now() + UPLOAD_WAIT;
+                        let scanned = engine.scanned_now_until(&received.digest);
+                        let deadline = scanned.map_or(waits, |until| waits.max(until.into()));
+                        return Judging::Follow(waiter, deadline);
+                    }
                 }
             }
         };
@@ -1293,13 +1304,13 @@ impl Judging {
                 };
                 scan_received(slot, received, name, flight).await
             }
-            Judging::Follow(waiter) => {
-                let deadline = Instant::now() + UPLOAD_WAIT;
+            Judging::Follow(waiter, deadline) => {
                 if let Some(landed) = waiter.verdict(deadline).await {
                     return FileVerdict::known(&landed, &received.digest, true);
                 }
                 // The scan waited for failed or took too long: this copy
-                // of the content is scanned on its own.
+                // of the content is scanned on its own (or refused, if
+                // another thread is still on it: see `Engine::refusal`).
                 let slot = engine.reserve(&received.content).await;
                 scan_received(slot, received, name, None).await
             }
@@ -1343,11 +1354,11 @@ async fn scan_received(
 
 /// `ScanFile`: one file, its chunks in order, the first naming it.
 ///
-/// A call holds a share of the upload memory or a spool file, and calls
-/// have no session to limit them: calls receiving at once are limited
-/// server-wide. A call takes its place with its first chunk, which must
-/// come within [`FIRST_CHUNK_WAIT`] (calls that send nothing hold no
-/// place), and must send the whole file within the idle timeout.
+/// A call holds a share of the upload memory or a spool file until its
+/// verdict, and calls have no session to limit them: calls open at once
+/// are limited server-wide. A call takes its place with its first chunk,
+/// which must come within [`FIRST_CHUNK_WAIT`] (calls that send nothing
+/// hold no place), and must send the whole file within the idle timeout.
 pub(super) async fn scan_file(
     state: &ServiceState,
     mut chunks: Streaming<FileChunk>,
