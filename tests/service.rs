@@ -1531,42 +1531,18 @@ async fn the_lightagent_client_scans_hash_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_scanned_while_their_walk_goes_on() {
     let server = TestServer::start(|_| {}).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
-    std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
-    let (answered, first_answered) = std::sync::mpsc::channel();
     let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let walked = Arc::clone(&waited);
-    let root = dir.path().to_owned();
-    let walk = ["note.txt", "eicar.com"]
-        .into_iter()
-        .enumerate()
-        .map(move |(i, name)| {
-            if i == 1 {
-                let answer = first_answered.recv_timeout(Duration::from_secs(10));
-                walked.store(answer.is_ok(), std::sync::atomic::Ordering::Relaxed);
-            }
-            root.join(name)
-        });
-    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
-        .await
-        .unwrap();
-    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = Arc::clone(&results);
-    agent
-        .scan(Files::local(walk), HashFirst::Auto, move |path, outcome| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            sink.lock().unwrap().push((name, outcome.verdict.kind()));
-            let _ = answered.send(());
-        })
-        .await
-        .unwrap();
+    let results = scan_a_slow_walk(&server, HashFirst::Auto, move |answered| {
+        walked.store(answered, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await;
     assert!(
         waited.load(std::sync::atomic::Ordering::Relaxed),
         "the first file was answered before the walk gave the next"
     );
     assert_eq!(
-        *results.lock().unwrap(),
+        results,
         [
             ("note.txt".into(), "clean"),
             ("eicar.com".into(), "infected")
@@ -1581,21 +1557,45 @@ async fn files_are_scanned_while_their_walk_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_that_come_after_an_idle_stream_was_closed_are_scanned() {
     let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    // Content sent at once: a begin by digest would keep the stream open
+    // for as long as the server waits for its content.
+    let results = scan_a_slow_walk(&server, HashFirst::Never, |answered| {
+        assert!(answered);
+        // Five idle timeouts: the stream was closed meanwhile.
+        std::thread::sleep(Duration::from_millis(1500));
+    })
+    .await;
+    assert_eq!(
+        results,
+        [
+            ("note.txt".into(), "clean"),
+            ("eicar.com".into(), "infected")
+        ]
+    );
+}
+
+/// Scans a walk of two files through `server`, a clean one then EICAR,
+/// which gives the second once the first was answered (or after 10 s) and
+/// `between` has run, told whether it was; the files' names and verdicts,
+/// in the order they came.
+async fn scan_a_slow_walk(
+    server: &TestServer,
+    hash_first: HashFirst,
+    between: impl FnOnce(bool) + Send + 'static,
+) -> Vec<(String, &'static str)> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("note.txt"), "hello").unwrap();
     std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
     let (answered, first_answered) = std::sync::mpsc::channel();
     let root = dir.path().to_owned();
+    let mut between = Some(between);
     let walk = ["note.txt", "eicar.com"]
         .into_iter()
         .enumerate()
         .map(move |(i, name)| {
             if i == 1 {
-                first_answered
-                    .recv_timeout(Duration::from_secs(10))
-                    .unwrap();
-                // Five idle timeouts: the stream was closed meanwhile.
-                std::thread::sleep(Duration::from_millis(1500));
+                let answer = first_answered.recv_timeout(Duration::from_secs(10));
+                between.take().unwrap()(answer.is_ok());
             }
             root.join(name)
         });
@@ -1604,23 +1604,13 @@ async fn files_that_come_after_an_idle_stream_was_closed_are_scanned() {
         .unwrap();
     let results = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Arc::clone(&results);
-    let scan = agent.scan(
-        Files::local(walk),
-        HashFirst::Never,
-        move |path, outcome| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            sink.lock().unwrap().push((name, outcome.verdict.kind()));
-            let _ = answered.send(());
-        },
-    );
+    let scan = agent.scan(Files::local(walk), hash_first, move |path, outcome| {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        sink.lock().unwrap().push((name, outcome.verdict.kind()));
+        let _ = answered.send(());
+    });
     scan.await.unwrap();
-    assert_eq!(
-        *results.lock().unwrap(),
-        [
-            ("note.txt".into(), "clean"),
-            ("eicar.com".into(), "infected")
-        ]
-    );
+    std::mem::take(&mut *results.lock().unwrap())
 }
 
 /// Opens a FIFO for writing when dropped, which lets go of a reader
