@@ -334,13 +334,18 @@ pub async fn keep_vms(
     tokio::pin!(back_by);
     let mut awaiting = true;
     let mut settle = settle_after(Duration::ZERO);
+    // When the changes seen are saved: changes come in bursts (a boot
+    // storm), saved once for all. A deadline, not a sleep, so that a stop
+    // meanwhile is saved at once.
+    let settled = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(settled);
+    let mut unsaved = false;
     loop {
         let last = tokio::select! {
-            Ok(()) = changes.changed() => {
-                // Changes come in bursts (a boot storm): save once for all.
-                tokio::time::sleep(settle).await;
-                false
-            }
+            // A stop first: the last save is not put off for another.
+            biased;
+            () = shut_down(&mut done) => true,
+            () = &mut settled, if unsaved => false,
             _ = ticker.tick() => false,
             () = &mut back_by, if awaiting => {
                 // A change, when any VM is lost: saved as changes are.
@@ -348,9 +353,14 @@ pub async fn keep_vms(
                 vms.lost_unless_back();
                 continue;
             }
-            () = shut_down(&mut done) => true,
+            Ok(()) = changes.changed(), if !unsaved => {
+                unsaved = true;
+                settled.as_mut().reset(Instant::now() + settle);
+                continue;
+            }
         };
         changes.borrow_and_update();
+        unsaved = false;
         let began = Instant::now();
         save_vms(&vms).await;
         settle = settle_after(began.elapsed());
