@@ -312,6 +312,67 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
     assert!(!verdict.cached && !verdict.coalesced);
 }
 
+/// A waiter whose wait ended sends its own copy of the content. While a
+/// scan thread is on that content (here a job of it held on its thread,
+/// waiting for mapped room), the copy waits for the lead's scan rather
+/// than start a second one: were the first thread stuck, a second scan
+/// would stick another before the first counted as stuck.
+#[tokio::test(start_paused = true)]
+async fn a_copy_waits_for_a_scan_of_its_content_under_way() {
+    use scanserver::engine::{Content, ScanJob};
+    let server = TestServer::start(|c| {
+        c.server.heartbeat_interval = Duration::from_secs(3600);
+        c.engine.threads = 2;
+        c.engine.scan_timeout = Duration::from_secs(10);
+        c.engine.mapped_budget = 1 << 20;
+    })
+    .await;
+    let data = content(7, 64 << 10);
+    let engine = Arc::clone(&server.state.engine);
+    let spooled = |size| {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        Content::Spooled { file, size }
+    };
+    let room = engine.reserve(&spooled(1 << 20)).await;
+    let held = ScanJob {
+        content: spooled(data.len() as u64),
+        name: None,
+        digest: Some(blake3::hash(&data)),
+    };
+    let on_it = {
+        let engine = Arc::clone(&engine);
+        std::thread::spawn(move || engine.scan(&held))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine
+        .second_copy_refused_in(&blake3::hash(&data))
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "never on it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut lw = LeadAndWaiter::start(&server, &data).await;
+    // The lead's content keeps coming: it keeps its lead.
+    lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();
+    lw.waiter_is_asked_for_content().await;
+    // The scans run on the engine's threads, which the paused clock would
+    // not wait for.
+    tokio::time::resume();
+    lw.waiter.send(chunk(1, 0, &data)).await.unwrap();
+    lw.waiter.send(end(1)).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), next(&mut lw.waiter_replies));
+    assert!(early.await.is_err(), "the copy was scanned on its own");
+    lw.lead.send(chunk(1, 1, &data[1..])).await.unwrap();
+    lw.lead.send(end(1)).await.unwrap();
+    let lead = file_verdict(next(&mut lw.lead_replies).await.1);
+    assert!(!lead.cached && !lead.coalesced);
+    let copy = file_verdict(next(&mut lw.waiter_replies).await.1);
+    assert!(copy.coalesced, "the copy waited for the lead's scan");
+    drop(room);
+    assert!(on_it.join().is_ok());
+}
+
 /// A lead whose content stops coming gives its lead up an UPLOAD_WAIT
 /// later: a byte now and then does not hold the content's flight for
 /// ever.
@@ -1561,8 +1622,9 @@ async fn files_that_come_after_an_idle_stream_was_closed_are_scanned() {
     // for as long as the server waits for its content.
     let results = scan_a_slow_walk(&server, HashFirst::Never, |answered| {
         assert!(answered);
-        // Five idle timeouts: the stream was closed meanwhile.
-        std::thread::sleep(Duration::from_millis(1500));
+        // Over five idle timeouts (not a multiple of one, when the stream
+        // of the moment closes): the stream was closed meanwhile.
+        std::thread::sleep(Duration::from_millis(1650));
     })
     .await;
     assert_eq!(

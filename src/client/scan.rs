@@ -98,8 +98,7 @@ impl Agent {
     /// pauses a file refused for want of room waits (100 ms, doubling up
     /// to 2 s; the scan fails after 20 refusals in a row with no file
     /// answered). So is a stream the server closes as idle
-    /// (`DEADLINE_EXCEEDED`) while none of the files waits for an answer,
-    /// at once.
+    /// (`DEADLINE_EXCEEDED`), at once.
     pub async fn scan<F>(
         &self,
         files: Files,
@@ -148,10 +147,15 @@ impl Agent {
             // The server closes a stream that was idle for its idle
             // timeout, owing nothing: the agent had no file for it that
             // long (a slow walk, files each waited for under a lease). The
-            // files still to come go on a new stream.
+            // files still to come go on a new stream, and so do those
+            // announced as it closed: it gave a final reply to each file it
+            // had seen, before its end. (Those count as refusals: a server
+            // that closed each stream with files unanswered would
+            // otherwise be sent them for ever.)
             let idle = matches!(&err, ClientError::Status(status)
                 if status.code() == Code::DeadlineExceeded);
-            if idle && opened && unanswered.files.is_empty() {
+            let again = unanswered.files.is_empty() || refusals.again(scan.answered);
+            if idle && opened && again {
                 tracing::debug!(%err, "idle scan stream closed; opening another");
                 left = unanswered;
                 continue;

@@ -470,16 +470,15 @@ impl Engine {
         })
     }
 
-    /// When a scan thread is on content of `digest` now: the time from
-    /// which another copy of it is refused (see [`Engine::refusal`]). A
-    /// copy received meanwhile waits for that scan rather than start its
-    /// own: a copy scanned before would stick a second thread, should the
-    /// first be stuck.
-    pub fn scanned_now_until(&self, digest: &Digest) -> Option<std::time::Instant> {
+    /// When a scan thread is on content of `digest` now: how long until
+    /// another copy of it is refused (see [`Engine::refusal`]). A copy
+    /// received meanwhile waits for that scan rather than start its own:
+    /// a copy scanned before would stick a second thread, should the first
+    /// be stuck.
+    pub fn second_copy_refused_in(&self, digest: &Digest) -> Option<Duration> {
         let on_for = self.busy.on_for(digest)?;
-        let left = self.twice_at_once_after().saturating_sub(on_for);
         // Just past it: the refusal counts from over that long.
-        Some(std::time::Instant::now() + left + Duration::from_millis(10))
+        Some(self.twice_at_once_after().saturating_sub(on_for) + Duration::from_millis(10))
     }
 
     /// How long another thread must have been on content before it is

@@ -1239,9 +1239,11 @@ impl Judging {
                         Err(flight) => Some(flight),
                     },
                     // Unless a scan of it is under way on a thread (see
-                    // `Engine::scanned_now_until`).
-                    Join::Wait(waiter) => match engine.scanned_now_until(&received.digest) {
-                        Some(until) => return Judging::Follow(waiter, until.into()),
+                    // `Engine::second_copy_refused_in`).
+                    Join::Wait(waiter) => match engine.second_copy_refused_in(&received.digest) {
+                        Some(refused_in) => {
+                            return Judging::Follow(waiter, Instant::now() + refused_in);
+                        }
                         None => None,
                     },
                 }
@@ -1256,10 +1258,9 @@ impl Judging {
                         Err(flight) => Some(flight),
                     },
                     Join::Wait(waiter) => {
-                        let waits = Instant::now() + UPLOAD_WAIT;
-                        let scanned = engine.scanned_now_until(&received.digest);
-                        let deadline = scanned.map_or(waits, |until| waits.max(until.into()));
-                        return Judging::Follow(waiter, deadline);
+                        let refused_in = engine.second_copy_refused_in(&received.digest);
+                        let waits = refused_in.map_or(UPLOAD_WAIT, |then| then.max(UPLOAD_WAIT));
+                        return Judging::Follow(waiter, Instant::now() + waits);
                     }
                 }
             }
@@ -1307,6 +1308,12 @@ impl Judging {
             Judging::Follow(waiter, deadline) => {
                 if let Some(landed) = waiter.verdict(deadline).await {
                     return FileVerdict::known(&landed, &received.digest, true);
+                }
+                // Another scan of the content (not the one waited for)
+                // may have made its verdict meanwhile.
+                let key = engine.cache_key(&received.digest, Some(name.as_ref()));
+                if let Some(hit) = engine.cache().peek(&key) {
+                    return FileVerdict::known(&hit, &received.digest, false);
                 }
                 // The scan waited for failed or took too long: this copy
                 // of the content is scanned on its own (or refused, if
