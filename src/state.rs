@@ -374,14 +374,15 @@ pub async fn keep_vms(
 
 /// How long the registry's keeper lets changes gather before it saves
 /// them, when its last save took `took`: a second, or ten times as long as
-/// that save when it took longer than 100 ms. Each save writes the whole
-/// registry (up to [`MAX_VMS`](crate::vms::MAX_VMS) records, tens of MB),
-/// and a storm of VMs connecting changes it every moment: saving it at
-/// most a tenth of the time keeps a large registry from taking a thread
-/// and the disk for itself, while a small one is still saved within about
-/// a second of a change.
+/// that save when it took longer than 100 ms, up to a minute. Each save
+/// writes the whole registry (up to [`MAX_VMS`](crate::vms::MAX_VMS)
+/// records, tens of MB), and a storm of VMs connecting changes it every
+/// moment: saving it at most a tenth of the time keeps a large registry
+/// from taking a thread and the disk for itself, while a small one is
+/// still saved within about a second of a change, and a tag assigned
+/// after a save that stalled is not left unsaved for long.
 fn settle_after(took: Duration) -> Duration {
-    (took * 10).max(Duration::from_secs(1))
+    (took * 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// Saves `vms` off the async threads; a failure is logged (and the next
@@ -492,6 +493,11 @@ mod tests {
         assert_eq!(
             settle_after(Duration::from_millis(450)),
             4_500 * second / 1_000
+        );
+        assert_eq!(
+            settle_after(Duration::from_secs(30)),
+            60 * second,
+            "a stall"
         );
     }
 

@@ -1238,7 +1238,8 @@ impl Judging {
                         Ok(hit) => return Judging::Known(hit),
                         Err(flight) => Some(flight),
                     },
-                    // Unless a scan of it is under way on a thread (see
+                    // Scanned on its own, unless a scan of the content is
+                    // under way on a thread: that scan is waited for (see
                     // `Engine::second_copy_refused_in`).
                     Join::Wait(waiter) => match engine.second_copy_refused_in(&received.digest) {
                         Some(refused_in) => {

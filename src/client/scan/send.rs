@@ -222,11 +222,11 @@ impl Outbox {
     }
 
     /// Adds a local file that goes with its `begin`, opened (with the size
-    /// it has now). Only a
-    /// digest would hold the server to the size the file had when it was
-    /// prepared, and a begin with content has none: the file goes as it
-    /// is now, so that one that grew since (a download, a file being
-    /// rewritten) is not scanned for its start alone. One that has grown
+    /// it has now). Only a digest would hold the server to the size the
+    /// file had when it was prepared, and a begin with content has none:
+    /// the file goes as it is now, so that one that grew since (a
+    /// download, a file being rewritten) is not scanned for its start
+    /// alone. One that has grown
     /// over the server's limit goes as a begin alone, to be refused; one
     /// that says it holds 0 bytes (as those of /proc do) is read whole
     /// first, as the begin must give the size of what it holds. Returns
