@@ -204,7 +204,8 @@ pub struct Connections {
     idle_after: Option<Duration>,
     /// What closes them all at once.
     closing: Arc<Closing>,
-    /// The places each address other than loopback holds, when bound.
+    /// The places each address other than the SVM's own holds, when
+    /// bound.
     per_address: Option<Arc<PerAddress>>,
 }
 
@@ -252,8 +253,8 @@ impl PerAddress {
 impl Connections {
     /// Room for `max` agent connections at once (at most
     /// [`MAX_CONNECTIONS`]), `per_address` of them from one address
-    /// other than loopback, each closed once it has had no call under way
-    /// for `idle_after`.
+    /// other than the SVM's own (loopback, the listener's), each closed
+    /// once it has had no call under way for `idle_after`.
     pub fn new(max: usize, per_address: usize, idle_after: Duration) -> Self {
         let per_address = PerAddress {
             max: per_address,
@@ -385,7 +386,15 @@ impl Connections {
             (Some(per_address), Some(address)) => match per_address.take(address) {
                 Some(place) => Some(place),
                 None => {
-                    self.refuse(Some(address));
+                    if let Some(since) = self.address_full.count() {
+                        tracing::warn!(
+                            last = %address,
+                            max = per_address.max,
+                            refused = since,
+                            "addresses hold every {} connection place they may: their new connections are closed until some end (server.max_connections_per_address)",
+                            self.whose
+                        );
+                    }
                     return None;
                 }
             },
@@ -410,37 +419,16 @@ impl Connections {
                 closable: Closable::new(&self.closing),
             });
         }
-        self.refuse(None);
-        None
-    }
-
-    /// Counts a refusal, for want of a place or (`address`) of a place
-    /// that address may take, and logs it, each kind at most once every
-    /// [`WARN_EVERY`].
-    fn refuse(&self, address: Option<IpAddr>) {
-        let refusals = match address {
-            Some(_) => &self.address_full,
-            None => &self.no_place,
-        };
-        let Some(since) = refusals.count() else {
-            return;
-        };
-        match (address, &self.per_address) {
-            (Some(address), Some(per_address)) => tracing::warn!(
-                last = %address,
-                max = per_address.max,
-                refused = since,
-                "addresses hold every {} connection place they may: their new connections are closed until some end (server.max_connections_per_address)",
-                self.whose
-            ),
-            _ => tracing::warn!(
+        if let Some(since) = self.no_place.count() {
+            tracing::warn!(
                 max = self.max,
                 refused = since,
                 "every {} connection place is taken: new connections are closed until some end ({})",
                 self.whose,
                 self.limit
-            ),
+            );
         }
+        None
     }
 
     /// Closes every connection open now, and any accepted from now on:
@@ -462,7 +450,8 @@ impl Connections {
         self.max
     }
 
-    /// Connections closed at accept for want of a place, since start.
+    /// Connections closed at accept for want of a place, or of one their
+    /// address may take, since start.
     pub fn refused(&self) -> u64 {
         self.no_place.count.load(Ordering::Relaxed)
             + self.address_full.count.load(Ordering::Relaxed)

@@ -403,7 +403,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_agent_connections_refused",
-                "Agent connections closed as they were accepted, every place being taken",
+                "Agent connections closed as they were accepted, every place being taken, or every place their address may take",
                 svm.connections.refused(),
             ),
             (

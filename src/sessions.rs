@@ -426,11 +426,17 @@ impl Sessions {
     /// Ends a session. Its VM's record is updated before the session is
     /// gone for others: whoever finds no session where the record named
     /// one (a report) finds the record updated.
+    /// (The record first, then the session: the sessions' lock is not held
+    /// while the registry's is waited for.)
     pub fn close(&self, id: &str, ending: Ending) {
-        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(session) = by_id.remove(id) {
-            self.vms.disconnected(&session, ending);
-        }
+        let Some(session) = self.get(id) else {
+            return;
+        };
+        self.vms.disconnected(&session, ending);
+        self.by_id
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Every open session.

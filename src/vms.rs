@@ -644,11 +644,14 @@ impl Vms {
     /// Not once the server stops: the VMs whose sessions it ended then are
     /// awaited at its next start, not lost now.
     pub fn lost_unless_back(&self) -> usize {
+        // Looked at under the registry's lock, which a session ended as the
+        // server stops takes after setting it.
+        let mut by_id = self.lock();
         if self.stopping.load(Ordering::Relaxed) {
             return 0;
         }
         let mut lost = 0;
-        for vm in self.lock().values_mut() {
+        for vm in by_id.values_mut() {
             if vm.awaited && vm.session_id.is_none() {
                 let vm = Arc::make_mut(vm);
                 vm.awaited = false;
@@ -656,6 +659,7 @@ impl Vms {
                 lost += 1;
             }
         }
+        drop(by_id);
         if lost > 0 {
             tracing::warn!(
                 lost,

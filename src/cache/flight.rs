@@ -83,6 +83,16 @@ struct Subscriber {
     to: Weak<Landings>,
 }
 
+impl Subscriber {
+    /// Its stream's landings, unless the stream has ended or is ending
+    /// (see [`Landings::close`]): such a subscriber waits for nothing.
+    fn open(&self) -> Option<Arc<Landings>> {
+        self.to
+            .upgrade()
+            .filter(|to| !to.closed.load(Ordering::Relaxed))
+    }
+}
+
 /// The notices of one Scan stream's landed flights, waiting for the stream
 /// to take them.
 ///
@@ -253,18 +263,16 @@ impl Flights {
 
     /// Leads the flight for `key`, or subscribes to the one under way.
     /// Subscribers whose stream has ended, or is ending, are dropped when
-    /// the list is full, before it grows: looking them over at every subscription would
-    /// cost a storm's flights time quadratic in their subscribers.
+    /// the list is full, before it grows: looking them over at every
+    /// subscription would cost a storm's flights time quadratic in their
+    /// subscribers.
     pub fn join_or_subscribe(&self, key: CacheKey, to: &Arc<Landings>, tag: u64) -> Subscription {
         let mut under_way = self.lock();
         match under_way.get_mut(&key) {
             Some(flight) => {
                 let subscribers = &mut flight.subscribers;
                 if subscribers.len() == subscribers.capacity() {
-                    subscribers.retain(|s| {
-                        s.to.upgrade()
-                            .is_some_and(|to| !to.closed.load(Ordering::Relaxed))
-                    });
+                    subscribers.retain(|s| s.open().is_some());
                 }
                 to.subscribed();
                 let to = Arc::downgrade(to);
@@ -377,9 +385,7 @@ impl Flight {
         let subscribers = entry.map(|entry| entry.subscribers).unwrap_or_default();
         let mut told = 0;
         for subscriber in subscribers {
-            if let Some(landings) = subscriber.to.upgrade()
-                && !landings.closed.load(Ordering::Relaxed)
-            {
+            if let Some(landings) = subscriber.open() {
                 landings.leave(Notice {
                     tag: subscriber.tag,
                     flight: self.id,

@@ -68,7 +68,8 @@ struct Slot {
     /// while the thread runs none. What a look reads first: only a job
     /// running long is looked at further.
     began: AtomicU64,
-    /// The job, read as one (never contended but by such a look).
+    /// The job, read as one (contended only by such a look, and by a
+    /// copy's look for a scan of its content: see [`Busy::on_for`]).
     job: Mutex<Job>,
 }
 
@@ -177,7 +178,12 @@ impl BusyGuard<'_> {
     /// Ends the job; the digest of its content if that was noted as
     /// sticking the thread, which it did not for good.
     pub fn end(self) -> Option<Digest> {
-        let job = lock(&self.0.job);
+        let slot = self.0;
+        // What the drop would do, under the one lock that reads the job.
+        std::mem::forget(self);
+        slot.began.store(0, Ordering::Relaxed);
+        let mut job = lock(&slot.job);
+        job.began = 0;
         job.noted.then_some(job.digest).flatten()
     }
 }
@@ -217,15 +223,14 @@ pub(super) struct StuckContents {
 /// The file's content.
 #[derive(Serialize, Deserialize)]
 struct Saved {
-    /// The version of the server that made it.
+    /// The version of the server that made it ([`MAKER`]).
     maker: String,
     /// Hex digests.
     digests: Vec<String>,
 }
 
-fn maker() -> String {
-    format!("scanserver {}", env!("CARGO_PKG_VERSION"))
-}
+/// This version of the server, as a list it saves names its maker.
+const MAKER: &str = concat!("scanserver ", env!("CARGO_PKG_VERSION"));
 
 impl StuckContents {
     /// Whether content of `digest` stuck a thread.
@@ -249,12 +254,12 @@ impl StuckContents {
                     continue;
                 }
                 if known.len() >= MAX_STUCK_CONTENTS {
-                    tracing::error!(%digest, "content keeps a scan thread busy for over three scan timeouts; {MAX_STUCK_CONTENTS} such contents are refused already, and it is not");
+                    tracing::error!(%digest, "content keeps a scan thread busy for over {STUCK_AFTER_TIMEOUTS} scan timeouts; {MAX_STUCK_CONTENTS} such contents are refused already, and it is not");
                     continue;
                 }
                 tracing::error!(
                     %digest,
-                    "content kept a scan thread busy for over three scan timeouts: it is refused from now on, after restarts too, until another version of the server runs (to scan it again, delete {STUCK_CONTENTS_FILE} in the state folder and restart)"
+                    "content kept a scan thread busy for over {STUCK_AFTER_TIMEOUTS} scan timeouts: it is refused from now on, after restarts too, until another version of the server runs (to scan it again, delete {STUCK_CONTENTS_FILE} in the state folder and restart)"
                 );
                 known.insert(digest, true);
                 added = true;
@@ -286,13 +291,16 @@ impl StuckContents {
         };
         self.unsaved.store(true, Ordering::Relaxed);
         let contents = Arc::clone(self);
-        std::thread::spawn(move || {
+        // A thread that cannot be made leaves the list unsaved, for the
+        // next look to try again.
+        let saver = std::thread::Builder::new().name("stuck-contents".into());
+        let spawned = saver.spawn(move || {
             let Ok(_turn) = contents.saving.try_lock() else {
                 return;
             };
             contents.unsaved.store(false, Ordering::Relaxed);
             let saved = Saved {
-                maker: maker(),
+                maker: MAKER.to_owned(),
                 digests: read(&contents.digests)
                     .iter()
                     .filter(|(_, kept)| **kept)
@@ -307,6 +315,9 @@ impl StuckContents {
                 tracing::warn!(path = %path.display(), "cannot save the contents that stuck a scan thread: {err}");
             }
         });
+        if let Err(err) = spawned {
+            tracing::warn!("cannot start saving the contents that stuck a scan thread: {err}");
+        }
     }
 
     /// Loads the contents kept in the state folder `dir` by this version
@@ -317,7 +328,7 @@ impl StuckContents {
         let path = dir.join(STUCK_CONTENTS_FILE);
         let loaded = match fs::read(&path) {
             Ok(data) => match serde_json::from_slice::<Saved>(&data) {
-                Ok(saved) if saved.maker == maker() => {
+                Ok(saved) if saved.maker == MAKER => {
                     let digests: Result<Vec<Digest>, _> =
                         saved.digests.iter().map(Digest::from_hex).collect();
                     digests.map_err(|err| err.to_string())
@@ -333,14 +344,13 @@ impl StuckContents {
             state::set_aside(&path);
             Vec::new()
         });
-        let count = digests.len().min(MAX_STUCK_CONTENTS);
-        {
-            let mut known = write(&self.digests);
-            known.extend(digests.into_iter().take(count).map(|d| (d, true)));
-            self.any.store(!known.is_empty(), Ordering::Relaxed);
-        }
+        let mut known = write(&self.digests);
+        let before = known.len();
+        let room = MAX_STUCK_CONTENTS.saturating_sub(before);
+        known.extend(digests.into_iter().take(room).map(|d| (d, true)));
+        self.any.store(!known.is_empty(), Ordering::Relaxed);
         let _ = self.file.set(path);
-        Ok(count)
+        Ok(known.len() - before)
     }
 }
 

@@ -1260,7 +1260,7 @@ impl Judging {
                     },
                     Join::Wait(waiter) => {
                         let refused_in = engine.second_copy_refused_in(&received.digest);
-                        let waits = refused_in.map_or(UPLOAD_WAIT, |then| then.max(UPLOAD_WAIT));
+                        let waits = refused_in.unwrap_or_default().max(UPLOAD_WAIT);
                         return Judging::Follow(waiter, Instant::now() + waits);
                     }
                 }
