@@ -16,17 +16,19 @@
 
 use std::{
     fmt,
-    io::{self, BufWriter, IsTerminal, Stdout, Write},
+    io::{self, IsTerminal, Write},
     path::Path,
     sync::{
-        Mutex, OnceLock,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use crate::{
     engine::ScanOutcome,
@@ -75,15 +77,13 @@ pub struct FileLine<'a> {
 /// Prints results as they come, from any thread, and keeps the totals.
 pub struct Reporter {
     format: Format,
-    out: Mutex<BufWriter<Stdout>>,
+    output: Output,
     progress: Option<ProgressBar>,
     started: Instant,
     files: AtomicU64,
     bytes: AtomicU64,
     infected: AtomicU64,
     failed: AtomicU64,
-    /// The first error writing the results, a closed stdout excepted.
-    lost: OnceLock<io::Error>,
 }
 
 impl Reporter {
@@ -101,19 +101,34 @@ impl Reporter {
         });
         Reporter {
             format,
-            out: Mutex::new(BufWriter::new(std::io::stdout())),
+            // Lines written to a terminal hide the bar while they are; a
+            // bar held hidden for a write that waits (on a pipe) would hold
+            // up every file's update of it.
+            output: Output::start(progress.clone().filter(|_| io::stdout().is_terminal())),
             progress,
             started: Instant::now(),
             files: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             infected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            lost: OnceLock::new(),
         }
     }
 
-    /// Records and prints one file's result.
+    /// Records and prints one file's result. It waits while output piles
+    /// up unwritten ([`BLOCK_AT`]): output that no one reads (a pager left
+    /// paused) holds up the scan, not memory.
     pub fn file(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>) {
+        self.record(path, outcome, cached, true);
+    }
+
+    /// Records and prints one file's result, and never waits: for a caller
+    /// on an async runtime's thread, which awaits [`Reporter::room`]
+    /// before it takes more results instead.
+    pub fn file_unheld(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>) {
+        self.record(path, outcome, cached, false);
+    }
+
+    fn record(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>, wait: bool) {
         let files = self.files.fetch_add(1, Ordering::Relaxed) + 1;
         // Megabytes and MB/s count the files that did not fail: a file
         // refused for its size, say, was never read.
@@ -129,22 +144,16 @@ impl Reporter {
             }
         };
         let bytes = self.bytes.fetch_add(scanned, Ordering::Relaxed) + scanned;
-        let line = match self.format {
-            Format::Json => Some(json_line(path, outcome, cached)),
-            Format::Text => text_line(path, &outcome.verdict),
-        };
-        if let Some(line) = line {
-            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-            let write = |out: &mut BufWriter<Stdout>| {
-                let mut written = writeln!(out, "{line}");
-                if self.format == Format::Text {
-                    written = written.and_then(|()| out.flush());
+        match self.format {
+            // Lines of JSON go out in blocks, for a program to read; text
+            // lines (findings, failures) at once, for a person.
+            Format::Json => self
+                .output
+                .push(&json_line(path, outcome, cached), false, wait),
+            Format::Text => {
+                if let Some(line) = text_line(path, &outcome.verdict) {
+                    self.output.push(&line, true, wait);
                 }
-                keep_error(&self.lost, written);
-            };
-            match &self.progress {
-                Some(bar) => bar.suspend(|| write(&mut out)),
-                None => write(&mut out),
             }
         }
         if let Some(bar) = &self.progress {
@@ -152,12 +161,20 @@ impl Reporter {
         }
     }
 
+    /// Resolves once the output waiting to be written (besides the block
+    /// being written) is under [`ROOM`]: a caller on an async runtime's
+    /// thread awaits it before it takes more results, so that output left
+    /// unread (a pager left paused) holds up its results, not its thread.
+    pub async fn room(&self) {
+        self.output.room().await;
+    }
+
     /// Ends the run: prints the summary and returns it.
-    pub fn finish(self) -> Summary {
+    pub fn finish(mut self) -> Summary {
         if let Some(bar) = &self.progress {
             bar.finish_and_clear();
         }
-        let mut out = self.out.into_inner().unwrap_or_else(|e| e.into_inner());
+        let lost = self.output.close();
         let mut summary = Summary {
             files: self.files.into_inner(),
             bytes: self.bytes.into_inner(),
@@ -167,14 +184,17 @@ impl Reporter {
             output_failed: false,
         };
         let written = match self.format {
-            Format::Text => writeln!(out, "{summary}"),
+            Format::Text => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{summary}").and_then(|()| out.flush())
+            }
             Format::Json => {
                 eprintln!("{summary}");
                 Ok(())
             }
         };
-        keep_error(&self.lost, written.and_then(|()| out.flush()));
-        summary.output_failed = match self.lost.into_inner() {
+        let lost = lost.or_else(|| lost_output(written));
+        summary.output_failed = match lost {
             Some(err) => {
                 eprintln!(
                     "error: cannot write the results ({err}): some are missing from the output"
@@ -187,14 +207,164 @@ impl Reporter {
     }
 }
 
-/// Keeps the first error writing the results in `lost`, except a closed
-/// stdout.
-fn keep_error(lost: &OnceLock<io::Error>, written: io::Result<()>) {
-    if let Err(err) = written
-        && err.kind() != io::ErrorKind::BrokenPipe
-    {
-        let _ = lost.set(err);
+/// Lines of JSON wait until this much has piled up, then go out together,
+/// as through a buffered writer.
+const FLUSH_AT: usize = 8 << 10;
+
+/// [`Reporter::room`] resolves while less than this waits to be written,
+/// besides the block being written.
+const ROOM: usize = 64 << 10;
+
+/// [`Reporter::file`] waits while this much waits to be written, besides
+/// the block being written.
+const BLOCK_AT: usize = 1 << 20;
+
+/// Stdout, written on a thread of its own. A write blocks as long as the
+/// output is not read, and the thread that made a result may have more to
+/// do meanwhile: `lightagent` takes results on the one thread that also
+/// keeps its session and connection alive, and a server ends a session
+/// whose heartbeats stop.
+struct Output {
+    shared: Arc<Shared>,
+    /// The writing thread, which returns the first error writing.
+    writer: Option<JoinHandle<Option<io::Error>>>,
+}
+
+/// What the writing thread and those who push lines share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writing thread: lines are due, or the output closed.
+    due: Condvar,
+    /// Wakes pushers waiting at [`BLOCK_AT`]: the lines waiting were
+    /// taken to be written.
+    taken: Condvar,
+    /// Wakes those awaiting [`ROOM`], as `taken` does.
+    room: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    lines: Vec<u8>,
+    /// The lines are to be written now, not when more have piled up.
+    due: bool,
+    closed: bool,
+}
+
+impl Output {
+    fn start(progress: Option<ProgressBar>) -> Output {
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            due: Condvar::new(),
+            taken: Condvar::new(),
+            room: Notify::new(),
+        });
+        let writing = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || writing.write_all(progress))
+            .expect("a thread for the output starts");
+        Output {
+            shared,
+            writer: Some(writer),
+        }
     }
+
+    /// Queues `line`, to be written with the next block, or now if `flush`;
+    /// waits first while [`BLOCK_AT`] waits, if `wait`.
+    fn push(&self, line: &str, flush: bool, wait: bool) {
+        let shared = &*self.shared;
+        let mut queue = shared.lock();
+        while wait && queue.lines.len() >= BLOCK_AT {
+            queue = shared.taken.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        queue.lines.extend_from_slice(line.as_bytes());
+        queue.lines.push(b'\n');
+        if (flush || queue.lines.len() >= FLUSH_AT) && !queue.due {
+            queue.due = true;
+            shared.due.notify_one();
+        }
+    }
+
+    async fn room(&self) {
+        loop {
+            let taken = self.shared.room.notified();
+            if self.shared.lock().lines.len() < ROOM {
+                return;
+            }
+            taken.await;
+        }
+    }
+
+    /// Writes what is left, ends the writing thread, and returns the
+    /// first error writing.
+    fn close(&mut self) -> Option<io::Error> {
+        let writer = self.writer.take()?;
+        {
+            let mut queue = self.shared.lock();
+            queue.closed = true;
+            self.shared.due.notify_one();
+        }
+        writer
+            .join()
+            .unwrap_or_else(|_| Some(io::Error::other("the thread writing them failed")))
+    }
+}
+
+impl Drop for Output {
+    /// A reporter dropped unfinished (a panic) still writes what it took.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The writing thread: writes the lines as they are due, until the
+    /// output closes, and returns the first error that lost results. Once
+    /// a write failed (a full disk, a closed stdout), lines are dropped as
+    /// they come, to make room (see [`Output::push`]): the run says that
+    /// results are missing.
+    fn write_all(&self, progress: Option<ProgressBar>) -> Option<io::Error> {
+        let mut block = Vec::new();
+        let mut written = Ok(());
+        loop {
+            let mut queue = self.lock();
+            while !queue.due && !queue.closed {
+                queue = self.due.wait(queue).unwrap_or_else(|e| e.into_inner());
+            }
+            let closed = queue.closed;
+            std::mem::swap(&mut queue.lines, &mut block);
+            queue.due = false;
+            drop(queue);
+            self.taken.notify_all();
+            self.room.notify_waiters();
+            if !block.is_empty() && written.is_ok() {
+                let write = || {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&block).and_then(|()| out.flush())
+                };
+                written = match &progress {
+                    Some(bar) => bar.suspend(write),
+                    None => write(),
+                };
+            }
+            block.clear();
+            if closed {
+                return lost_output(written);
+            }
+        }
+    }
+}
+
+/// The error of a write that lost results: any but a closed stdout,
+/// whose reader asked for no more.
+fn lost_output(written: io::Result<()>) -> Option<io::Error> {
+    written
+        .err()
+        .filter(|err| err.kind() != io::ErrorKind::BrokenPipe)
 }
 
 fn json_line(path: &Path, outcome: &ScanOutcome, cached: Option<bool>) -> String {

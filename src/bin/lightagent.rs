@@ -5,12 +5,17 @@
 //!
 //! [`client`]: scanserver::client
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use scanserver::{
     bench::FileSet,
-    client::{Agent, AgentOptions, ClientTls, Files, HashFirst},
+    client::{Agent, AgentOptions, ClientTls, Files, HashFirst, ResultSink},
+    engine::ScanOutcome,
     localscan,
     proto::{TaskKind, TaskState},
     report::{Format, Reporter},
@@ -258,6 +263,21 @@ async fn bench(args: BenchArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A scan's results, printed as they come. Output left unread (a pager
+/// left paused) holds up the scan, not the runtime's one thread, which
+/// keeps the session's heartbeats and the connection going meanwhile.
+struct Printed(Arc<Reporter>);
+
+impl ResultSink for Printed {
+    fn put(&self, path: &Path, outcome: ScanOutcome) {
+        self.0.file_unheld(path, &outcome, Some(outcome.cached));
+    }
+
+    async fn room(&self) {
+        self.0.room().await;
+    }
+}
+
 async fn scan(args: ScanArgs) -> ExitCode {
     let agent = match Agent::connect(&args.connection.options()).await {
         Ok(agent) => agent,
@@ -287,11 +307,9 @@ async fn scan(args: ScanArgs) -> ExitCode {
             .report_task(&task_id, kind, TaskState::Started, 0, 0)
             .await;
     }
-    let sink = Arc::clone(&reporter);
+    let printed = Printed(Arc::clone(&reporter));
     let result = agent
-        .scan(files, args.hash_first.into(), move |path, outcome| {
-            sink.file(path, &outcome, Some(outcome.cached))
-        })
+        .scan_into(files, args.hash_first.into(), printed)
         .await;
     // A scan that broke has failed the files it had no answer for: every
     // file has its line, and the summary counts them.
@@ -301,7 +319,11 @@ async fn scan(args: ScanArgs) -> ExitCode {
     // The scan has ended, and dropped every copy of the sink (the walk's
     // too: its preparer let go of it before the scan could end).
     let reporter = Arc::try_unwrap(reporter).unwrap_or_else(|_| unreachable!("the scan has ended"));
-    let summary = reporter.finish();
+    // Off the runtime's thread: the last lines may wait for a reader, and
+    // the session is still to be told the task's end.
+    let summary = tokio::task::spawn_blocking(move || reporter.finish())
+        .await
+        .expect("the summary is printed");
     if let Some(kind) = kind {
         // Files that failed here (unreadable ones were never sent) are told
         // too: a full scan that missed any proves nothing clean. Counts

@@ -10,7 +10,7 @@
 
 mod scan;
 
-pub use scan::HashFirst;
+pub use scan::{HashFirst, ResultSink};
 
 use std::{
     path::{Path, PathBuf},

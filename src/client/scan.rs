@@ -69,6 +69,37 @@ use crate::{
 /// that the client's memory stays small (8 chunks of the preferred size).
 const CONTENT_QUEUE: usize = 8;
 
+/// Where [`Agent::scan_into`] hands each file's result: a sink that can
+/// hold the scan up while it has no room (one printing to a pipe that is
+/// not read, say).
+pub trait ResultSink: Send + Sync + 'static {
+    /// Takes one file's result. It is called on the runtime's thread,
+    /// which also keeps the session and its connection alive: it must not
+    /// block.
+    fn put(&self, path: &Path, outcome: ScanOutcome);
+
+    /// Resolves once the sink can take more results. The scan awaits it
+    /// before it takes each reply message, and before each file it fails
+    /// unsent; meanwhile the server keeps its verdicts (and the files
+    /// their places in flight), and the session goes on. The server ends
+    /// a stream whose replies go untaken for its idle timeout.
+    fn room(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+/// A function as a sink, which always has room: see [`Agent::scan`].
+struct Always<F>(F);
+
+impl<F> ResultSink for Always<F>
+where
+    F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+{
+    fn put(&self, path: &Path, outcome: ScanOutcome) {
+        (self.0)(path, outcome)
+    }
+}
+
 /// How the agent announces files it has not hashed beforehand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HashFirst {
@@ -85,20 +116,8 @@ pub enum HashFirst {
 }
 
 impl Agent {
-    /// Scans `files` through the server, many in flight on one stream, and
-    /// hands each result to `on_result` (whether it came from the cache is
-    /// in the outcome). Local files are announced as `hash_first` says;
-    /// prepared ones, hashed already, always by their digest. Every file
-    /// gets its one outcome, a failure for each file left when the scan
-    /// breaks; the scan returns once all have theirs.
-    ///
-    /// A stream the server ends, or will not open, for want of room
-    /// (`RESOURCE_EXHAUSTED`: its budget for messages in flight is spent)
-    /// is opened again for the files still without an outcome, after the
-    /// pauses a file refused for want of room waits (100 ms, doubling up
-    /// to 2 s; the scan fails after 20 refusals in a row with no file
-    /// answered). So is a stream the server closes as idle
-    /// (`DEADLINE_EXCEEDED`), at once.
+    /// Scans `files` through the server, as [`Agent::scan_into`] does,
+    /// and hands each result to `on_result` as it comes.
     pub async fn scan<F>(
         &self,
         files: Files,
@@ -107,6 +126,32 @@ impl Agent {
     ) -> Result<(), ClientError>
     where
         F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+    {
+        self.scan_into(files, hash_first, Always(on_result)).await
+    }
+
+    /// Scans `files` through the server, many in flight on one stream, and
+    /// hands each result to the sink `on_result` (whether it came from the
+    /// cache is in the outcome) when it has room. Local files are announced
+    /// as `hash_first` says; prepared ones, hashed already, always by their
+    /// digest. Every file gets its one outcome, a failure for each file
+    /// left when the scan breaks; the scan returns once all have theirs.
+    ///
+    /// A stream the server ends, or will not open, for want of room
+    /// (`RESOURCE_EXHAUSTED`: its budget for messages in flight is spent)
+    /// is opened again for the files still without an outcome, after the
+    /// pauses a file refused for want of room waits (100 ms, doubling up
+    /// to 2 s; the scan fails after 20 refusals in a row with no file
+    /// answered). So is a stream the server closes as idle
+    /// (`DEADLINE_EXCEEDED`), at once.
+    pub async fn scan_into<F>(
+        &self,
+        files: Files,
+        hash_first: HashFirst,
+        on_result: F,
+    ) -> Result<(), ClientError>
+    where
+        F: ResultSink,
     {
         let limits = self.welcome.limits.unwrap_or_default();
         let max_file_size = match limits.max_file_size {
@@ -180,7 +225,7 @@ impl Agent {
         left: Left,
     ) -> Result<(), Broken>
     where
-        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+        F: ResultSink,
     {
         let in_flight = Window::new(limits.max_files_in_flight.clamp(1, 1024) as usize);
         let places = Arc::clone(&in_flight.places);
@@ -290,7 +335,7 @@ struct Settle<'a, F> {
     scan: &'a mut Scan<F>,
 }
 
-impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
+impl<F: ResultSink> Settle<'_, F> {
     /// Settles files as their replies come, giving their places in flight
     /// back, until the announcer is done and no file is left pending.
     async fn run(
@@ -306,6 +351,9 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         // answered, then the scan fails.
         let mut walk_failed = false;
         loop {
+            // Output left unread holds up the replies, not the runtime's
+            // thread: the session's heartbeats and the connection go on.
+            self.scan.on_result.room().await;
             if produced
                 && self.retries.waiting.is_empty()
                 && self.pending.lock().expect("pending").is_empty()
@@ -365,7 +413,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         files.retain_mut(|file| match file.unread.take() {
             Some(err) => {
                 let outcome = failed_outcome(unreadable(&err), file.size_read(), file.started);
-                (self.scan.on_result)(file.source.path(), outcome);
+                self.scan.on_result.put(file.source.path(), outcome);
                 false
             }
             None => true,
@@ -442,7 +490,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
                 ),
                 Err(verdict) => file.failed(verdict),
             };
-            (self.scan.on_result)(file.source.path(), outcome);
+            self.scan.on_result.put(file.source.path(), outcome);
         }
         count
     }
@@ -492,7 +540,7 @@ impl<F: Fn(&Path, ScanOutcome)> Settle<'_, F> {
         };
         drop(files);
         let outcome = failed_outcome(unreadable(&err), file.size_read(), file.started);
-        (self.scan.on_result)(file.source.path(), outcome);
+        self.scan.on_result.put(file.source.path(), outcome);
         1
     }
 }

@@ -3,7 +3,6 @@
 //! breaks.
 
 use std::{
-    path::Path,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -11,7 +10,7 @@ use std::{
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    Pending, PendingFile, failed_outcome, file_begin,
+    Pending, PendingFile, ResultSink, failed_outcome, file_begin,
     prepare::{Ready, Sources},
     send::Upload,
     unreadable,
@@ -44,14 +43,14 @@ pub(super) struct Left {
 impl Left {
     /// Fails every file for `detail`, and returns once each has its
     /// outcome.
-    pub(super) async fn fail_all(self, detail: &str, on_result: &impl Fn(&Path, ScanOutcome)) {
+    pub(super) async fn fail_all(self, detail: &str, on_result: &impl ResultSink) {
         for file in self.files {
             let verdict = Verdict::failed(FailReason::Engine, detail);
-            on_result(file.source.path(), file.failed(verdict));
+            on_result.room().await;
+            on_result.put(file.source.path(), file.failed(verdict));
         }
         if let Some(rest) = self.rest {
-            rest.fail_all(|path| on_result(path, unanswered(detail)))
-                .await;
+            rest.fail_all(on_result, || unanswered(detail)).await;
         }
     }
 }
@@ -133,7 +132,7 @@ impl Announcer {
         on_result: Arc<F>,
     ) -> Result<(), ClientError>
     where
-        F: Fn(&Path, ScanOutcome) + Send + Sync + 'static,
+        F: ResultSink,
     {
         while self.next(&mut held, &*on_result).await? {
             if !in_flight.try_take() {
@@ -162,13 +161,16 @@ impl Announcer {
     async fn next(
         &self,
         held: &mut Held,
-        on_result: &impl Fn(&Path, ScanOutcome),
+        on_result: &impl ResultSink,
     ) -> Result<bool, ClientError> {
         if let Some(file) = held.again.next() {
             held.current = Some(file);
             return Ok(true);
         }
         loop {
+            // Before a file is taken, not between taking it and failing it:
+            // the announcer may be aborted at any await.
+            on_result.room().await;
             let Some(rest) = held.rest.as_mut() else {
                 return Ok(false);
             };
@@ -213,7 +215,7 @@ impl Announcer {
                 }
                 Err(err) => {
                     let outcome = failed_outcome(unreadable(&err), 0, Instant::now());
-                    on_result(source.path(), outcome);
+                    on_result.put(source.path(), outcome);
                 }
             }
         }

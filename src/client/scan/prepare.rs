@@ -13,9 +13,10 @@ use std::{
 
 use tokio::sync::mpsc;
 
+use super::ResultSink;
 use crate::{
     client::{ClientError, Files, PreparedFile},
-    engine::open_regular,
+    engine::{ScanOutcome, open_regular},
 };
 
 /// Local files the preparer may have ready ahead of the announcer (and
@@ -100,10 +101,14 @@ impl Sources {
         }
     }
 
-    /// Hands every file left to `fail`, in order, without reading them
-    /// (those already read too), and returns once the preparer has let go
-    /// of its files.
-    pub(super) async fn fail_all(self, fail: impl Fn(&Path)) {
+    /// Hands every file left to `on_result` with the outcome `failed`
+    /// makes, in order, without reading them (those already read too), and
+    /// returns once the preparer has let go of its files.
+    pub(super) async fn fail_all(
+        self,
+        on_result: &impl ResultSink,
+        failed: impl Fn() -> ScanOutcome,
+    ) {
         match self {
             Sources::Local {
                 mut prepared,
@@ -112,10 +117,16 @@ impl Sources {
             } => {
                 stopped.store(true, Ordering::Relaxed);
                 while let Some(file) = prepared.recv().await {
-                    fail(&file.path);
+                    on_result.room().await;
+                    on_result.put(&file.path, failed());
                 }
             }
-            Sources::Prepared(files) => files.for_each(|file| fail(&file.path)),
+            Sources::Prepared(files) => {
+                for file in files {
+                    on_result.room().await;
+                    on_result.put(&file.path, failed());
+                }
+            }
         }
     }
 }
