@@ -10,10 +10,11 @@
 use std::{
     collections::HashSet,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::{
@@ -155,10 +156,10 @@ pub async fn round(
             tokio::spawn(async move {
                 agent
                     .scan(files, HashFirst::Always, move |_, outcome| {
-                        counting.lock().expect("tally").count(&outcome)
+                        counting.lock().count(&outcome)
                     })
                     .await?;
-                let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+                let tally = std::mem::take(&mut *tally.lock());
                 Ok::<_, ClientError>((tally, agent))
             })
         })

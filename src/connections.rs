@@ -76,7 +76,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -85,6 +85,7 @@ use std::{
 
 use atomic_waker::AtomicWaker;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use parking_lot::Mutex;
 use slab::Slab;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -225,7 +226,7 @@ struct AddressPlace {
 
 impl Drop for AddressPlace {
     fn drop(&mut self) {
-        let mut held = lock(&self.of.held);
+        let mut held = self.of.held.lock();
         if let Some(count) = held.get_mut(&self.address) {
             *count -= 1;
             if *count == 0 {
@@ -238,7 +239,7 @@ impl Drop for AddressPlace {
 impl PerAddress {
     /// A place for `address`, if it holds fewer than `max`.
     fn take(self: &Arc<Self>, address: IpAddr) -> Option<AddressPlace> {
-        let mut held = lock(&self.held);
+        let mut held = self.held.lock();
         if held.get(&address).copied().unwrap_or(0) >= self.max {
             return None;
         }
@@ -483,7 +484,7 @@ impl Refusals {
     /// [`WARN_EVERY`]), how many came since they were last logged.
     fn count(&self) -> Option<u64> {
         let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut logged = lock(&self.logged);
+        let mut logged = self.logged.lock();
         if logged.is_some_and(|(at, _)| at.elapsed() < WARN_EVERY) {
             return None;
         }
@@ -517,7 +518,7 @@ struct Closing {
 impl Closing {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        for (_, waker) in lock(&self.wakers).iter() {
+        for (_, waker) in self.wakers.lock().iter() {
             waker.wake();
         }
     }
@@ -534,7 +535,7 @@ struct Closable {
 impl Closable {
     fn new(closing: &Arc<Closing>) -> Self {
         let waker = Arc::new(AtomicWaker::new());
-        let key = lock(&closing.wakers).insert(Arc::clone(&waker));
+        let key = closing.wakers.lock().insert(Arc::clone(&waker));
         Closable {
             closing: Arc::clone(closing),
             waker,
@@ -560,7 +561,7 @@ impl Closable {
 
 impl Drop for Closable {
     fn drop(&mut self) {
-        lock(&self.closing.wakers).remove(self.key);
+        self.closing.wakers.lock().remove(self.key);
     }
 }
 
@@ -650,7 +651,7 @@ impl IdleWatch {
 
 impl Drop for IdleWatch {
     fn drop(&mut self) {
-        let mut by_ends = lock(&self.calls.by_ends);
+        let mut by_ends = self.calls.by_ends.lock();
         // A connection between the same ends accepted since has its own.
         if by_ends
             .get(&self.ends)
@@ -838,14 +839,14 @@ impl Calls {
             open: AtomicUsize::new(0),
             last_end: Mutex::new(Instant::now()),
         });
-        lock(&self.by_ends).insert(ends, Arc::clone(&activity));
+        self.by_ends.lock().insert(ends, Arc::clone(&activity));
         activity
     }
 
     /// A call begun on the connection between `ends`, if it is one
     /// counted.
     fn begin(&self, ends: Ends) -> Option<Call> {
-        let activity = Arc::clone(lock(&self.by_ends).get(&ends)?);
+        let activity = Arc::clone(self.by_ends.lock().get(&ends)?);
         activity.open.fetch_add(1, Ordering::AcqRel);
         Some(Call(activity))
     }
@@ -858,7 +859,7 @@ impl Activity {
         if self.open.load(Ordering::Acquire) > 0 {
             return None;
         }
-        Some(after.saturating_sub(lock(&self.last_end).elapsed()))
+        Some(after.saturating_sub(self.last_end.lock().elapsed()))
     }
 }
 
@@ -870,7 +871,7 @@ impl Drop for Call {
     fn drop(&mut self) {
         // The time first: a check that sees no call open sees when the
         // last one ended.
-        *lock(&self.0.last_end) = Instant::now();
+        *self.0.last_end.lock() = Instant::now();
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -976,10 +977,6 @@ impl Ends {
             remote: tcp.remote_addr()?,
         })
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Raises the process's soft limit of open files to its hard limit, as
@@ -1143,7 +1140,7 @@ mod tests {
         assert!(ended.elapsed() >= idle && ended.elapsed() <= idle * 2);
         assert_eq!(connections.idle_closed(), 1);
         drop(counted);
-        assert!(lock(&connections.calls.by_ends).is_empty(), "forgotten");
+        assert!(connections.calls.by_ends.lock().is_empty(), "forgotten");
 
         // Something read as the idle time ends (a request whose call is not
         // begun yet) gets a second more.

@@ -56,13 +56,14 @@ use std::{
     future::Future,
     net::IpAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use parking_lot::Mutex;
 use tokio::{
     sync::{AcquireError, OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep, error::Elapsed},
@@ -152,7 +153,7 @@ impl Budget {
     /// hold (so that a small budget still takes the largest messages).
     fn charge(&self, peer: IpAddr, kib: usize) -> bool {
         let share = (self.kib / PEER_SHARE).max(CALL_MOST >> 10);
-        let mut peers = self.peers.lock().expect("peers lock");
+        let mut peers = self.peers.lock();
         let held = peers.get(&peer).copied().unwrap_or(0);
         if held + kib > share {
             return false;
@@ -162,7 +163,7 @@ impl Budget {
     }
 
     fn discharge(&self, peer: IpAddr, kib: usize) {
-        let mut peers = self.peers.lock().expect("peers lock");
+        let mut peers = self.peers.lock();
         if let Some(held) = peers.get_mut(&peer) {
             *held -= kib.min(*held);
             if *held == 0 {

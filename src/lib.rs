@@ -49,6 +49,12 @@
 //! * [`report`]: how scan results are printed (text or JSON lines), and the
 //!   exit status they add up to.
 //! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.
+//!
+//! Locks are `parking_lot`'s, each held briefly and never across an
+//! `.await`. They are not poisoned: a panic while one is held (a bug, met
+//! by one request) does not make every later request that takes the same
+//! lock panic as well. What that section left half done is the cost, one
+//! more reason to keep sections under a lock short.
 
 pub mod admin;
 mod allocator;

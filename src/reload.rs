@@ -120,7 +120,7 @@ pub struct Reloader {
     running: Mutex<Broken>,
     /// The reload asked for and not started yet: every ask until it starts
     /// waits for its outcome.
-    pending: std::sync::Mutex<Option<watch::Receiver<Option<Outcome>>>>,
+    pending: parking_lot::Mutex<Option<watch::Receiver<Option<Outcome>>>>,
 }
 
 /// A reload's outcome, shared by every ask it answers.
@@ -135,7 +135,7 @@ impl Reloader {
             cache_dir: rules.cache_dir(),
             check_interval: rules.check_interval,
             running: Mutex::new(Broken::default()),
-            pending: std::sync::Mutex::new(None),
+            pending: parking_lot::Mutex::new(None),
         }
     }
 
@@ -168,8 +168,8 @@ impl Reloader {
         pending
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Option<watch::Receiver<Option<Outcome>>>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn pending(&self) -> parking_lot::MutexGuard<'_, Option<watch::Receiver<Option<Outcome>>>> {
+        self.pending.lock()
     }
 
     async fn reload_now(

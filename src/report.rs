@@ -19,7 +19,7 @@ use std::{
     io::{self, IsTerminal, Write},
     path::Path,
     sync::{
-        Arc, Condvar, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
@@ -27,6 +27,7 @@ use std::{
 };
 
 use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tokio::sync::Notify;
 
@@ -273,9 +274,9 @@ impl Output {
     /// waits first while [`BLOCK_AT`] waits, if `wait`.
     fn push(&self, line: &str, flush: bool, wait: bool) {
         let shared = &*self.shared;
-        let mut queue = shared.lock();
+        let mut queue = shared.queue.lock();
         while wait && queue.lines.len() >= BLOCK_AT {
-            queue = shared.taken.wait(queue).unwrap_or_else(|e| e.into_inner());
+            shared.taken.wait(&mut queue);
         }
         queue.lines.extend_from_slice(line.as_bytes());
         queue.lines.push(b'\n');
@@ -288,7 +289,7 @@ impl Output {
     async fn room(&self) {
         loop {
             let taken = self.shared.room.notified();
-            if self.shared.lock().lines.len() < ROOM {
+            if self.shared.queue.lock().lines.len() < ROOM {
                 return;
             }
             taken.await;
@@ -300,7 +301,7 @@ impl Output {
     fn close(&mut self) -> Option<io::Error> {
         let writer = self.writer.take()?;
         {
-            let mut queue = self.shared.lock();
+            let mut queue = self.shared.queue.lock();
             queue.closed = true;
             self.shared.due.notify_one();
         }
@@ -318,10 +319,6 @@ impl Drop for Output {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The writing thread: writes the lines as they are due, until the
     /// output closes, and returns the first error that lost results. Once
     /// a write failed (a full disk, a closed stdout), lines are dropped as
@@ -331,9 +328,9 @@ impl Shared {
         let mut block = Vec::new();
         let mut written = Ok(());
         loop {
-            let mut queue = self.lock();
+            let mut queue = self.queue.lock();
             while !queue.due && !queue.closed {
-                queue = self.due.wait(queue).unwrap_or_else(|e| e.into_inner());
+                self.due.wait(&mut queue);
             }
             let closed = queue.closed;
             std::mem::swap(&mut queue.lines, &mut block);

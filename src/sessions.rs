@@ -10,12 +10,13 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, RwLock, Weak,
+        Arc, Weak,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime},
 };
 
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::{
@@ -198,12 +199,12 @@ pub struct Session {
 impl Session {
     /// Notes that the agent was heard from.
     pub fn touch(&self) {
-        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *self.last_seen.lock() = Instant::now();
     }
 
     /// When the agent was last heard from.
     pub fn last_seen(&self) -> Instant {
-        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner())
+        *self.last_seen.lock()
     }
 
     /// When the agent was last heard from, on the wall clock.
@@ -345,7 +346,7 @@ impl Sessions {
     /// reports until its heartbeats ran out, and its end would mark the VM
     /// disconnected while the new one runs.
     pub fn open(&self, agent: AgentIdentity) -> Result<Arc<Session>, Refused> {
-        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        let mut by_id = self.by_id.write();
         let earlier = self
             .vms
             .session_of(&agent.vm_id)
@@ -394,7 +395,7 @@ impl Sessions {
     /// `vm_id`: those its earlier sessions had, each while any of it is
     /// still held, or new ones.
     fn places_of(&self, vm_id: &str) -> Shares {
-        let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        let mut places = self.places.lock();
         // The VMs whose places are all given back need no entry.
         if places.len() >= 2 * self.max_agents.max(1024) {
             places.retain(|_, held| held.held());
@@ -416,11 +417,7 @@ impl Sessions {
 
     /// The open session with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.by_id.read().get(id).cloned()
     }
 
     /// Ends a session. Its VM's record is updated before the session is
@@ -433,25 +430,17 @@ impl Sessions {
             return;
         };
         self.vms.disconnected(&session, ending);
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.by_id.write().remove(id);
     }
 
     /// Every open session.
     pub fn list(&self) -> Vec<Arc<Session>> {
-        self.by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.by_id.read().values().cloned().collect()
     }
 
     /// How many agents are connected.
     pub fn len(&self) -> usize {
-        self.by_id.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.by_id.read().len()
     }
 
     /// Files begun on Scan streams and not yet answered, those of sessions

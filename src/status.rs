@@ -15,12 +15,13 @@ use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -264,11 +265,11 @@ impl Svm {
         // One lock at a time, each let go before the next is taken (a
         // guard in the array below would live until it is built): no order
         // of taking them to keep in step with other code.
-        let probe_unreachable = lock(&self.probe).unreachable();
-        let reporter_unreachable = lock(&self.reporter).unreachable();
-        let saturated = lock(&self.load).saturated();
-        let signatures_update_failed = lock(&self.signatures_update).is_some();
-        let tls_update_failed = lock(&self.tls_update).is_some();
+        let probe_unreachable = self.probe.lock().unreachable();
+        let reporter_unreachable = self.reporter.lock().unreachable();
+        let saturated = self.load.lock().saturated();
+        let signatures_update_failed = self.signatures_update.lock().is_some();
+        let tls_update_failed = self.tls_update.lock().is_some();
         let all_stuck = stuck >= self.engine.threads();
         let conditions = [
             (self.is_shutting_down(), SvmReason::ShuttingDown),
@@ -349,7 +350,7 @@ impl Svm {
     /// Records the outcome of a reload of the signatures: the loaded ones
     /// are those on disk, or why not.
     pub fn signatures_reloaded(&self, result: Result<(), String>) {
-        *lock(&self.signatures_update) = result.err();
+        *self.signatures_update.lock() = result.err();
         self.refresh();
     }
 
@@ -362,19 +363,19 @@ impl Svm {
     /// Why the last reload of the agent listener's TLS files failed, if it
     /// did.
     pub fn tls_update_failure(&self) -> Option<String> {
-        lock(&self.tls_update).clone()
+        self.tls_update.lock().clone()
     }
 
     /// Records the outcome of a reload of the agent listener's TLS files:
     /// new connections use them, or why not.
     pub fn tls_reloaded(&self, result: Result<(), String>) {
-        *lock(&self.tls_update) = result.err();
+        *self.tls_update.lock() = result.err();
         self.refresh();
     }
 
     /// Why the last reload of the signatures failed, if it did.
     pub fn signatures_update_failure(&self) -> Option<String> {
-        lock(&self.signatures_update).clone()
+        self.signatures_update.lock().clone()
     }
 
     /// Probes the infrastructure endpoint (when configured) with a TCP
@@ -419,7 +420,7 @@ impl Svm {
     pub async fn monitor(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         let mut ticks = Periodic::now_and_every(Duration::from_secs(1), shutdown);
         while ticks.next().await {
-            lock(&self.load).sample(&self.engine);
+            self.load.lock().sample(&self.engine);
             self.refresh();
         }
     }
@@ -431,7 +432,7 @@ impl Svm {
         let vms = self.vm_infos(which);
         let ruleset = self.engine.ruleset();
         let cache = self.engine.cache().stats();
-        let load = lock(&self.load).load(&self.engine, &self.sessions);
+        let load = self.load.lock().load(&self.engine, &self.sessions);
         SvmReport {
             sequence: 0,
             sent_at_unix_ms: unix_ms(SystemTime::now()),
@@ -535,8 +536,8 @@ impl Svm {
         }
         // Copied out, one lock at a time (see `status`).
         let tls_update_failure = self.tls_update_failure();
-        let reporter = lock(&self.reporter).clone();
-        let probe = lock(&self.probe).clone();
+        let reporter = self.reporter.lock().clone();
+        let probe = self.probe.lock().clone();
         vec![
             component(
                 "scan engine",
@@ -669,13 +670,9 @@ fn reach_component<const N: usize>(
 }
 
 fn record(reach: &Mutex<Reach>, result: Result<(), String>) {
-    let mut reach = lock(reach);
+    let mut reach = reach.lock();
     reach.reachable = Some(result.is_ok());
     reach.error = result.err();
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn age(time: SystemTime) -> Duration {

@@ -18,11 +18,12 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -109,8 +110,8 @@ impl Tls {
     }
 
     /// The digest of the files served, locked: reloads take their turns.
-    fn loaded(&self) -> std::sync::MutexGuard<'_, blake3::Hash> {
-        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    fn loaded(&self) -> parking_lot::MutexGuard<'_, blake3::Hash> {
+        self.files.lock()
     }
 
     /// Serves `files` from now on, unless they are those of `loaded`.

@@ -30,12 +30,13 @@ use std::{
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -557,14 +558,11 @@ impl Vms {
         self.changes.subscribe()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Registry> {
-        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Applies `change` to VM `vm_id`, if known; when it reports a change,
     /// everyone watching is told.
     fn update(&self, vm_id: &str, change: impl FnOnce(&mut VmRecord) -> bool) -> Option<bool> {
         let changed = self
+            .by_id
             .lock()
             .get_mut(vm_id)
             .map(|vm| change(Arc::make_mut(vm)));
@@ -587,7 +585,7 @@ impl Vms {
         let agent = &session.agent;
         let now = unix_ms(SystemTime::now());
         {
-            let mut by_id = self.lock();
+            let mut by_id = self.by_id.lock();
             // Full: the idle VMs seen least recently make room, a hundredth
             // of the registry at once, so that a pool whose VMs get new ids
             // at every boot walks it once per thousand new VMs, not for
@@ -646,7 +644,7 @@ impl Vms {
     pub fn lost_unless_back(&self) -> usize {
         // Looked at under the registry's lock, which a session ended as the
         // server stops takes after setting it.
-        let mut by_id = self.lock();
+        let mut by_id = self.by_id.lock();
         if self.stopping.load(Ordering::Relaxed) {
             return 0;
         }
@@ -703,7 +701,7 @@ impl Vms {
     /// A file of VM `vm_id` failed or went without a verdict: a full scan
     /// under way no longer proves the VM clean.
     pub fn scan_failed(&self, vm_id: &str) {
-        if let Some(vm) = self.lock().get_mut(vm_id) {
+        if let Some(vm) = self.by_id.lock().get_mut(vm_id) {
             Arc::make_mut(vm).spoil_full_scan();
         }
     }
@@ -715,7 +713,7 @@ impl Vms {
         if kind != TaskKind::FullScan {
             return;
         }
-        let mut by_id = self.lock();
+        let mut by_id = self.by_id.lock();
         // Only the VM's session (not one a newer session replaced) starts
         // its full scans.
         let Some(vm) = by_id
@@ -849,18 +847,19 @@ impl Vms {
 
     /// The session VM `vm_id` has open, if any.
     pub fn session_of(&self, vm_id: &str) -> Option<String> {
-        self.lock().get(vm_id)?.session_id.clone()
+        self.by_id.lock().get(vm_id)?.session_id.clone()
     }
 
     /// VM `vm_id`'s record, as it is now.
     pub fn get(&self, vm_id: &str) -> Option<Arc<VmRecord>> {
-        self.lock().get(vm_id).cloned()
+        self.by_id.lock().get(vm_id).cloned()
     }
 
     /// The VMs for which `keep` holds, as they are now: connected ones
     /// first, then by name.
     pub fn list(&self, keep: impl Fn(&VmRecord) -> bool) -> Vec<Arc<VmRecord>> {
         let mut vms: Vec<_> = self
+            .by_id
             .lock()
             .values()
             .filter(|vm| keep(vm))
@@ -879,7 +878,8 @@ impl Vms {
     /// VMs protected over the last 30 days (connected, or seen since).
     pub fn count(&self) -> usize {
         let horizon = horizon();
-        self.lock()
+        self.by_id
+            .lock()
             .values()
             .filter(|vm| vm.session_id.is_some() || vm.last_seen >= horizon)
             .count()
@@ -891,7 +891,7 @@ impl Vms {
     /// boot storm should not walk it.
     fn forget_old(&self) {
         let horizon = horizon();
-        let mut by_id = self.lock();
+        let mut by_id = self.by_id.lock();
         by_id.retain(|_, vm| {
             vm.session_id.is_some() || vm.last_seen >= horizon || !vm.tags.is_empty()
         });
@@ -914,7 +914,7 @@ impl Vms {
         self.forget_old();
         // Pointers copied under the lock; the records of connected VMs,
         // whose last-seen time is now, copied after it.
-        let mut vms: Vec<Arc<VmRecord>> = self.lock().values().cloned().collect();
+        let mut vms: Vec<Arc<VmRecord>> = self.by_id.lock().values().cloned().collect();
         let now = unix_ms(SystemTime::now());
         for vm in vms.iter_mut().filter(|vm| vm.session_id.is_some()) {
             let vm = Arc::make_mut(vm);
@@ -1092,15 +1092,15 @@ mod tests {
         visit("untagged");
         visit("new");
         assert!(vms.get("untagged").is_none(), "made room");
-        assert_eq!(vms.lock().len(), 200, "and no tagged VM went with it");
+        assert_eq!(vms.by_id.lock().len(), 200, "and no tagged VM went with it");
         // None untagged is left but "new": the two tagged VMs seen least
         // recently go at once, and the next new VM walks nothing.
         vms.threat_found("new");
         visit("newer");
         assert!(vms.get("tagged-0").is_none() && vms.get("tagged-1").is_none());
-        assert_eq!(vms.lock().len(), 199);
+        assert_eq!(vms.by_id.lock().len(), 199);
         visit("newest");
-        assert_eq!(vms.lock().len(), 200);
+        assert_eq!(vms.by_id.lock().len(), 200);
         assert!(vms.get("tagged-2").is_some());
     }
 
@@ -1119,7 +1119,7 @@ mod tests {
                 certificate: None,
             };
             let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));
-            saved.lock().insert(vm_id.into(), Arc::new(record));
+            saved.by_id.lock().insert(vm_id.into(), Arc::new(record));
             saved.threat_found(vm_id);
         }
         saved.save().unwrap();
@@ -1132,7 +1132,11 @@ mod tests {
         fs::write(&path, text).unwrap();
 
         let loaded = Vms::open(dir.path()).unwrap();
-        assert_eq!(loaded.lock().len(), 2, "the unreadable record is left out");
+        assert_eq!(
+            loaded.by_id.lock().len(),
+            2,
+            "the unreadable record is left out"
+        );
         assert!(
             loaded
                 .get("vm-1")

@@ -26,12 +26,13 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::{
     sync::{Notify, watch},
     time::Instant,
@@ -186,21 +187,21 @@ impl Landings {
 
     /// What the notices in call for now.
     pub fn pending(&self) -> Pending {
-        self.lock().pending(self.enough)
+        self.pile.lock().pending(self.enough)
     }
 
     /// Takes every notice in, oldest first, into `into` (emptied first; a
     /// stream keeps one for its life, so taking them allocates nothing).
     pub fn take(&self, into: &mut Vec<Notice>) {
         into.clear();
-        let mut pile = self.lock();
+        let mut pile = self.pile.lock();
         std::mem::swap(&mut pile.notices, into);
         pile.failed = false;
     }
 
     /// A subscription was made (under the registry's lock).
     fn subscribed(&self) {
-        self.lock().waiting += 1;
+        self.pile.lock().waiting += 1;
     }
 
     /// `n` subscriptions were withdrawn before their flight landed.
@@ -220,7 +221,7 @@ impl Landings {
     /// Changes the pile, and wakes the stream if that brought in its
     /// first notice or made the notices due.
     fn change(&self, change: impl FnOnce(&mut Pile)) {
-        let mut pile = self.lock();
+        let mut pile = self.pile.lock();
         let before = pile.pending(self.enough);
         change(&mut pile);
         let after = pile.pending(self.enough);
@@ -228,10 +229,6 @@ impl Landings {
         if after != before && after != Pending::Nothing {
             self.woken.notify_one();
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Pile> {
-        self.pile.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -254,7 +251,7 @@ pub enum Join {
 impl Flights {
     /// Leads the flight for `key`, or joins the one under way.
     pub fn join(&self, key: CacheKey) -> Join {
-        let mut under_way = self.lock();
+        let mut under_way = self.under_way.lock();
         match under_way.get(&key) {
             Some(flight) => Join::Wait(self.waiter(flight.landing.clone())),
             None => Join::Lead(self.lead(&mut under_way, key)),
@@ -267,7 +264,7 @@ impl Flights {
     /// subscription would cost a storm's flights time quadratic in their
     /// subscribers.
     pub fn join_or_subscribe(&self, key: CacheKey, to: &Arc<Landings>, tag: u64) -> Subscription {
-        let mut under_way = self.lock();
+        let mut under_way = self.under_way.lock();
         match under_way.get_mut(&key) {
             Some(flight) => {
                 let subscribers = &mut flight.subscribers;
@@ -286,7 +283,7 @@ impl Flights {
     /// Withdraws a subscription to `flight` (its file was cancelled, or
     /// stopped waiting), so a long flight does not collect them.
     pub fn unsubscribe(&self, key: &CacheKey, flight: FlightId, tag: u64, to: &Arc<Landings>) {
-        let mut under_way = self.lock();
+        let mut under_way = self.under_way.lock();
         if let Some(entry) = under_way.get_mut(key).filter(|f| f.id == flight) {
             let subscribers = &mut entry.subscribers;
             let before = subscribers.len();
@@ -299,7 +296,7 @@ impl Flights {
     /// A wait on the flight for `key`, if one is under way (for requests
     /// that cannot lead: a Lookup has no content to offer).
     pub fn waiting(&self, key: &CacheKey) -> Option<Waiter> {
-        let under_way = self.lock();
+        let under_way = self.under_way.lock();
         let flight = under_way.get(key)?;
         Some(self.waiter(flight.landing.clone()))
     }
@@ -330,7 +327,7 @@ impl Flights {
 
     /// Flights under way.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.under_way.lock().len()
     }
 
     /// Whether no flight is under way.
@@ -344,14 +341,6 @@ impl Flights {
             waits: Arc::clone(&self.waits),
         }
     }
-
-    fn lock(&self) -> MutexGuard<'_, Registry> {
-        lock(&self.under_way)
-    }
-}
-
-fn lock(map: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
-    map.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The lead of an upload and scan. Dropping it without landing tells the
@@ -381,7 +370,7 @@ impl Flight {
     /// Leaves the registry and tells every waiter how it ended.
     fn end(&mut self, verdict: Landing) {
         self.ended = true;
-        let entry = lock(&self.under_way).remove(&self.key);
+        let entry = self.under_way.lock().remove(&self.key);
         let subscribers = entry.map(|entry| entry.subscribers).unwrap_or_default();
         let mut told = 0;
         for subscriber in subscribers {
@@ -627,7 +616,7 @@ mod tests {
         drop(gone);
         let landings = Landings::new(128);
         flights.join_or_subscribe(key(1), &landings, 9);
-        let subscribers = |n| flights.lock()[&key(n)].subscribers.len();
+        let subscribers = |n| flights.under_way.lock()[&key(n)].subscribers.len();
         assert_eq!(subscribers(1), 1, "the full list was pruned first");
         first.land(clean());
         let mut notices = Vec::new();

@@ -35,13 +35,14 @@ use std::{
     collections::VecDeque,
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use slab::Slab;
 use tokio::{
     sync::{Semaphore, mpsc, watch},
@@ -291,7 +292,7 @@ impl Agent {
                 producer.0.abort();
                 let _ = (&mut producer.0).await;
             }
-            let mut left = std::mem::take(&mut *unannounced.lock().expect("unannounced"));
+            let mut left = std::mem::take(&mut *unannounced.lock());
             left.files.extend(settle.take_unanswered());
             return Err(Broken {
                 err,
@@ -354,10 +355,7 @@ impl<F: ResultSink> Settle<'_, F> {
             // Output left unread holds up the replies, not the runtime's
             // thread: the session's heartbeats and the connection go on.
             self.scan.on_result.room().await;
-            if produced
-                && self.retries.waiting.is_empty()
-                && self.pending.lock().expect("pending").is_empty()
-            {
+            if produced && self.retries.waiting.is_empty() && self.pending.lock().is_empty() {
                 return if walk_failed {
                     Err(ClientError::WalkFailed)
                 } else {
@@ -408,7 +406,7 @@ impl<F: ResultSink> Settle<'_, F> {
     /// those pending, and those waiting to be announced again. A file the
     /// agent could not read is over: it fails for that.
     fn take_unanswered(&mut self) -> Vec<PendingFile> {
-        let mut files: Vec<_> = self.pending.lock().expect("pending").drain().collect();
+        let mut files: Vec<_> = self.pending.lock().drain().collect();
         files.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
         files.retain_mut(|file| match file.unread.take() {
             Some(err) => {
@@ -429,7 +427,7 @@ impl<F: ResultSink> Settle<'_, F> {
     /// and the content sender need them meanwhile.
     fn answered(&mut self, message: ScanReply) -> usize {
         let mut over = Vec::with_capacity(message.replies.len());
-        let mut files = self.pending.lock().expect("pending");
+        let mut files = self.pending.lock();
         for reply in message.replies {
             let id = reply.file_id;
             let answer = match reply.kind {
@@ -515,7 +513,7 @@ impl<F: ResultSink> Settle<'_, F> {
         match told {
             Sent::Unread(file) => self.unread(file),
             Sent::Resized { id, size } => {
-                if let Some(file) = self.pending.lock().expect("pending").get_mut(id) {
+                if let Some(file) = self.pending.lock().get_mut(id) {
                     file.sent = Some(size);
                 }
                 0
@@ -528,7 +526,7 @@ impl<F: ResultSink> Settle<'_, F> {
     /// place in flight until the server's reply: the server counts it
     /// until it takes the cancel. Returns how many files are over.
     fn unread(&mut self, Unread { id, err, cancelled }: Unread) -> usize {
-        let mut files = self.pending.lock().expect("pending");
+        let mut files = self.pending.lock();
         if cancelled {
             if let Some(file) = files.get_mut(id) {
                 file.unread = Some(err);
@@ -601,7 +599,7 @@ impl Retries {
     ) {
         let now = Instant::now();
         let (mut begins, mut ids) = (Vec::new(), Vec::new());
-        let mut files = pending.lock().expect("pending");
+        let mut files = pending.lock();
         let (due, later) = std::mem::take(&mut self.waiting)
             .into_iter()
             .partition::<Vec<_>, _>(|(due, _)| *due <= now);

@@ -40,12 +40,13 @@ use std::{
     fs, io,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::{cache::Digest, state};
@@ -100,7 +101,7 @@ impl Busy {
     pub fn begin(&self, digest: Option<Digest>) -> Option<BusyGuard<'_>> {
         let slot = self.slots.get(rayon::current_thread_index()?)?;
         let began = self.millis() + 1;
-        *lock(&slot.job) = Job {
+        *slot.job.lock() = Job {
             began,
             digest,
             noted: false,
@@ -118,7 +119,7 @@ impl Busy {
         for slot in self.slots_busy_for(age, now) {
             count += 1;
             // Read again with the digest: the job may have ended since.
-            let mut job = lock(&slot.job);
+            let mut job = slot.job.lock();
             if older_than(job.began, age, now)
                 && let Some(digest) = job.digest
             {
@@ -135,7 +136,7 @@ impl Busy {
     pub fn on_longer_than(&self, digest: &Digest, age: Duration) -> bool {
         let now = self.millis();
         self.slots_busy_for(age, now).any(|slot| {
-            let job = lock(&slot.job);
+            let job = slot.job.lock();
             older_than(job.began, age, now) && job.digest.as_ref() == Some(digest)
         })
     }
@@ -148,7 +149,7 @@ impl Busy {
             .iter()
             .filter(|slot| slot.began.load(Ordering::Relaxed) != 0)
             .filter_map(|slot| {
-                let job = lock(&slot.job);
+                let job = slot.job.lock();
                 let on = job.began != 0 && job.digest.as_ref() == Some(digest);
                 on.then(|| Duration::from_millis(now.saturating_sub(job.began - 1)))
             })
@@ -182,7 +183,7 @@ impl BusyGuard<'_> {
         // What the drop would do, under the one lock that reads the job.
         std::mem::forget(self);
         slot.began.store(0, Ordering::Relaxed);
-        let mut job = lock(&slot.job);
+        let mut job = slot.job.lock();
         job.began = 0;
         job.noted.then_some(job.digest).flatten()
     }
@@ -191,7 +192,7 @@ impl BusyGuard<'_> {
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.0.began.store(0, Ordering::Relaxed);
-        lock(&self.0.job).began = 0;
+        self.0.job.lock().began = 0;
     }
 }
 
@@ -235,11 +236,11 @@ const MAKER: &str = concat!("scanserver ", env!("CARGO_PKG_VERSION"));
 impl StuckContents {
     /// Whether content of `digest` stuck a thread.
     pub fn holds(&self, digest: &Digest) -> bool {
-        self.any.load(Ordering::Relaxed) && read(&self.digests).contains_key(digest)
+        self.any.load(Ordering::Relaxed) && self.digests.read().contains_key(digest)
     }
 
     pub fn len(&self) -> usize {
-        read(&self.digests).len()
+        self.digests.read().len()
     }
 
     /// Remembers `digests`, of contents that stuck a thread: those new are
@@ -248,7 +249,7 @@ impl StuckContents {
     pub fn note(self: &Arc<Self>, digests: Vec<Digest>) {
         let mut added = false;
         if !digests.is_empty() {
-            let mut known = write(&self.digests);
+            let mut known = self.digests.write();
             for digest in digests {
                 if known.contains_key(&digest) {
                     continue;
@@ -274,7 +275,9 @@ impl StuckContents {
     /// The job on content of `digest` came back after all: refused for the
     /// rest of the run, no longer kept.
     pub fn came_back(self: &Arc<Self>, digest: &Digest) {
-        let was_kept = write(&self.digests)
+        let was_kept = self
+            .digests
+            .write()
             .get_mut(digest)
             .is_some_and(|kept| std::mem::replace(kept, false));
         if was_kept {
@@ -295,13 +298,13 @@ impl StuckContents {
         // next look to try again.
         let saver = std::thread::Builder::new().name("stuck-contents".into());
         let spawned = saver.spawn(move || {
-            let Ok(_turn) = contents.saving.try_lock() else {
+            let Some(_turn) = contents.saving.try_lock() else {
                 return;
             };
             contents.unsaved.store(false, Ordering::Relaxed);
             let saved = Saved {
                 maker: MAKER.to_owned(),
-                digests: read(&contents.digests)
+                digests: contents.digests.read()
                     .iter()
                     .filter(|(_, kept)| **kept)
                     .map(|(digest, _)| digest.to_hex().to_string())
@@ -344,7 +347,7 @@ impl StuckContents {
             state::set_aside(&path);
             Vec::new()
         });
-        let mut known = write(&self.digests);
+        let mut known = self.digests.write();
         let before = known.len();
         let room = MAX_STUCK_CONTENTS.saturating_sub(before);
         known.extend(digests.into_iter().take(room).map(|d| (d, true)));
@@ -352,18 +355,6 @@ impl StuckContents {
         let _ = self.file.set(path);
         Ok(known.len() - before)
     }
-}
-
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

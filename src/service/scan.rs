@@ -26,9 +26,10 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
+use parking_lot::Mutex;
 use tokio::{
     runtime::Handle,
     sync::{
@@ -1116,8 +1117,8 @@ struct Owed {
 }
 
 impl Scanning {
-    fn owed(&self) -> std::sync::MutexGuard<'_, Owed> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn owed(&self) -> parking_lot::MutexGuard<'_, Owed> {
+        self.0.lock()
     }
 
     /// Takes `id` until the returned guard is dropped.

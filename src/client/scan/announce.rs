@@ -2,11 +2,9 @@
 //! flight, their begins many to a message; and what it holds when a stream
 //! breaks.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
@@ -99,7 +97,7 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut left = self.unannounced.lock().expect("unannounced");
+        let mut left = self.unannounced.lock();
         left.files.extend(self.current.take());
         left.files
             .extend(self.ready.drain(..).map(|(_, file)| file));
@@ -228,7 +226,7 @@ impl Announcer {
             return Ok(());
         }
         let message = {
-            let mut pending = self.pending.lock().expect("pending");
+            let mut pending = self.pending.lock();
             let begins = ready.drain(..).map(|(mut begin, file)| {
                 begin.file_id = pending.insert(file);
                 FileRequest::from(begin)
@@ -245,11 +243,7 @@ impl Announcer {
 
     /// Hands a file that goes with its content to the content sender.
     fn upload(&self, begin: FileBegin, file: PendingFile) {
-        let upload = self
-            .pending
-            .lock()
-            .expect("pending")
-            .insert_upload(begin, file);
+        let upload = self.pending.lock().insert_upload(begin, file);
         let _ = self.uploads.send(upload);
     }
 }
