@@ -631,6 +631,9 @@ impl Vms {
             vm.session_id = None;
             vm.last_seen = last_seen;
             vm.connection_lost = ending == Ending::Dropped;
+            // Told of the session: a VM shut down during an outage of the
+            // Integration Server does not keep it for 30 days.
+            vm.integration_server_unreachable = false;
             vm.awaited = ending == Ending::ServerShutdown;
             true
         });

@@ -1070,6 +1070,19 @@ async fn what_agents_tell_sets_the_vm_status() {
     let vm = eventually(&server, "vm-z", |vm| vm.reasons.is_empty()).await;
     assert_eq!(vm.status(), Health::Ok);
     assert!(vm.connected);
+
+    // What the agent says of the Integration Server holds for its session:
+    // a VM shut down meanwhile does not keep it.
+    agent
+        .tell(agent_message::Kind::Status(AgentStatus {
+            integration_server_connected: false,
+        }))
+        .await;
+    let unreachable = [VmReason::NoConnectionToIntegrationServer];
+    eventually(&server, "vm-z", |vm| reasons(vm) == unreachable).await;
+    drop(agent);
+    let vm = eventually(&server, "vm-z", |vm| !vm.connected).await;
+    assert!(vm.reasons.is_empty(), "{:?}", vm.reasons);
 }
 
 /// Polls the admin service until `check` holds for VM `vm_id`.
