@@ -231,6 +231,7 @@ impl Server {
             Arc::clone(&state.sessions),
             vms,
             tls.clone(),
+            Arc::clone(state_dir.unsaved()),
         ));
         let reloader = Arc::new(Reloader::new(
             &config.rules,
@@ -397,6 +398,7 @@ impl Server {
         ));
         let vms_keeper = tokio::spawn(state::keep_vms(
             Arc::clone(&self.svm.vms),
+            Arc::clone(state_dir.unsaved()),
             self.snapshot_interval,
             crate::vms::RECONNECT_GRACE,
             served_rx,

@@ -8,12 +8,17 @@
 //!   `settle_after`), at the same interval (for the last-seen times of
 //!   connected VMs), and at shutdown.
 //!
+//! A save that fails is tried again at the next interval (or change), and
+//! the SVM's status says so meanwhile (`STATE_NOT_SAVED`: see [`Unsaved`]):
+//! what the file holds would be lost at a restart.
+//!
 //! The folder is created private to the server's user (0700): the server
 //! trusts what it finds there. So are the other folders whose content it
 //! trusts (the spool, the compiled-rules cache): see [`private_dir`].
 
 use std::{
-    fs,
+    collections::BTreeMap,
+    fmt, fs,
     io::{self, Write},
     os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
@@ -21,6 +26,7 @@ use std::{
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::{sync::watch, time::Instant};
 
 use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
@@ -192,6 +198,62 @@ const LOCK_FILE: &str = "lock";
 /// How the temporary files of [`replace_file`] are named.
 const TEMPORARY_PREFIX: &str = ".partial-";
 
+/// The state folder's files that its keepers save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StateFile {
+    /// The verdict cache's snapshot.
+    VerdictCache,
+    /// The registry of protected VMs and their security tags.
+    Vms,
+}
+
+impl fmt::Display for StateFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StateFile::VerdictCache => "verdict cache",
+            StateFile::Vms => "protected VMs",
+        })
+    }
+}
+
+/// The state files whose last save failed, and why, until they save again:
+/// the SVM's status reads it (`STATE_NOT_SAVED`). A full disk, or a file
+/// system gone read-only, would otherwise show only in the log, and the
+/// security tags set since the last save would be lost at a restart.
+#[derive(Debug, Default)]
+pub struct Unsaved(Mutex<BTreeMap<StateFile, String>>);
+
+impl Unsaved {
+    /// Whether any file's last save failed.
+    pub fn any(&self) -> bool {
+        !self.0.lock().is_empty()
+    }
+
+    /// Each file whose last save failed, with why.
+    pub fn failures(&self) -> Vec<(StateFile, String)> {
+        let failures = self.0.lock();
+        failures.iter().map(|(f, why)| (*f, why.clone())).collect()
+    }
+
+    /// Records the outcome of a save of `file`, and logs a failure (once
+    /// while it lasts, with why; then again as it ends).
+    fn record(&self, file: StateFile, path: &Path, result: Result<(), String>) {
+        let mut failures = self.0.lock();
+        match result {
+            Ok(()) => {
+                if failures.remove(&file).is_some() {
+                    tracing::info!(path = %path.display(), "the {file} are saved again");
+                }
+            }
+            Err(why) => {
+                if failures.insert(file, why.clone()).is_none() {
+                    tracing::warn!(path = %path.display(), "cannot save the {file}: {why}");
+                }
+            }
+        }
+    }
+}
+
 /// The server's state folder, one server's at a time: two writing the same
 /// snapshot and registry of VMs would undo each other's.
 #[derive(Debug, Clone)]
@@ -199,6 +261,7 @@ pub struct StateDir {
     path: PathBuf,
     /// Locked while any clone lives.
     _lock: Arc<fs::File>,
+    unsaved: Arc<Unsaved>,
 }
 
 impl StateDir {
@@ -235,12 +298,18 @@ impl StateDir {
         Ok(StateDir {
             path: path.to_owned(),
             _lock: Arc::new(lock),
+            unsaved: Arc::default(),
         })
     }
 
     /// The folder's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The files whose last save failed, as the status shows them.
+    pub fn unsaved(&self) -> &Arc<Unsaved> {
+        &self.unsaved
     }
 
     fn snapshot(&self) -> PathBuf {
@@ -303,26 +372,30 @@ impl StateDir {
         let saved =
             tokio::task::spawn_blocking(move || engine.cache().save(&path, &engine.ruleset()))
                 .await;
-        let error = match saved {
+        let result = match saved {
             Ok(Ok(entries)) => {
                 tracing::debug!(entries, "verdict cache saved");
-                return true;
+                Ok(())
             }
-            Ok(Err(err)) => err.to_string(),
-            Err(err) => err.to_string(),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(err) => Err(err.to_string()),
         };
-        tracing::warn!(path = %self.snapshot().display(), "cannot save the verdict cache: {error}");
-        false
+        let saved = result.is_ok();
+        self.unsaved
+            .record(StateFile::VerdictCache, &self.snapshot(), result);
+        saved
     }
 }
 
 /// Saves `vms` after each change (once changes settle: see
 /// [`settle_after`]) and every `interval`, and once more when `done` turns
-/// true (the server stopped serving); then returns. `grace` after it
-/// starts, the VMs awaited since the last run that have not come back
-/// count as lost ([`Vms::lost_unless_back`]).
+/// true (the server stopped serving); then returns. Each save's outcome
+/// goes to `unsaved`. `grace` after it starts, the VMs awaited since the
+/// last run that have not come back count as lost
+/// ([`Vms::lost_unless_back`]).
 pub async fn keep_vms(
     vms: Arc<Vms>,
+    unsaved: Arc<Unsaved>,
     interval: Duration,
     grace: Duration,
     mut done: watch::Receiver<bool>,
@@ -339,13 +412,13 @@ pub async fn keep_vms(
     // meanwhile is saved at once.
     let settled = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(settled);
-    let mut unsaved = false;
+    let mut changed = false;
     loop {
         let last = tokio::select! {
             // A stop first: the last save is not put off for another.
             biased;
             () = shut_down(&mut done) => true,
-            () = &mut settled, if unsaved => false,
+            () = &mut settled, if changed => false,
             _ = ticker.tick() => false,
             () = &mut back_by, if awaiting => {
                 // A change, when any VM is lost: saved as changes are.
@@ -353,16 +426,16 @@ pub async fn keep_vms(
                 vms.lost_unless_back();
                 continue;
             }
-            Ok(()) = changes.changed(), if !unsaved => {
-                unsaved = true;
+            Ok(()) = changes.changed(), if !changed => {
+                changed = true;
                 settled.as_mut().reset(Instant::now() + settle);
                 continue;
             }
         };
         changes.borrow_and_update();
-        unsaved = false;
+        changed = false;
         let began = Instant::now();
-        save_vms(&vms).await;
+        save_vms(&vms, &unsaved).await;
         settle = settle_after(began.elapsed());
         if last {
             return;
@@ -385,17 +458,15 @@ fn settle_after(took: Duration) -> Duration {
     (took * 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Saves `vms` off the async threads; a failure is logged (and the next
-/// save tries again).
-async fn save_vms(vms: &Arc<Vms>) {
+/// Saves `vms` off the async threads; a failure is recorded in `unsaved`
+/// (and the next save tries again).
+async fn save_vms(vms: &Arc<Vms>, unsaved: &Unsaved) {
     let saving = Arc::clone(vms);
-    let error = match tokio::task::spawn_blocking(move || saving.save()).await {
-        Ok(Ok(())) => return,
-        Ok(Err(err)) => err.to_string(),
-        Err(err) => err.to_string(),
+    let result = match tokio::task::spawn_blocking(move || saving.save()).await {
+        Ok(saved) => saved.map_err(|err| err.to_string()),
+        Err(err) => Err(err.to_string()),
     };
-    let path = vms.path().unwrap_or(Path::new("")).display();
-    tracing::warn!(%path, "cannot save the protected VMs: {error}");
+    unsaved.record(StateFile::Vms, vms.path().unwrap_or(Path::new("")), result);
 }
 
 /// What tells whether the cache changed since it was saved.

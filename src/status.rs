@@ -36,6 +36,7 @@ use crate::{
     sessions::Sessions,
     shutdown::Periodic,
     signatures::Ruleset,
+    state::Unsaved,
     tls::Tls,
     vms::{VmRecord, Vms, unix_ms},
 };
@@ -108,6 +109,7 @@ impl SvmReason {
             SvmReason::ShuttingDown => "shutting down",
             SvmReason::ScanThreadsStuck => "scan threads stuck",
             SvmReason::AllScanThreadsStuck => "all scan threads stuck",
+            SvmReason::StateNotSaved => "state not saved",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -127,6 +129,7 @@ impl SvmReason {
             | SvmReason::SignaturesUpdateFailed
             | SvmReason::TlsUpdateFailed
             | SvmReason::CertificateExpiresSoon
+            | SvmReason::StateNotSaved
             | SvmReason::Unspecified => Health::Warning,
         }
     }
@@ -194,6 +197,8 @@ pub struct Svm {
     tls_update: Mutex<Option<String>>,
     /// The agent listener's TLS, if it has TLS.
     tls: Option<Arc<Tls>>,
+    /// The state folder's files whose last save failed.
+    unsaved: Arc<Unsaved>,
     /// Set once shutdown has begun.
     shutting_down: AtomicBool,
     status: watch::Sender<SvmStatus>,
@@ -206,6 +211,7 @@ impl Svm {
         sessions: Arc<Sessions>,
         vms: Arc<Vms>,
         tls: Option<Arc<Tls>>,
+        unsaved: Arc<Unsaved>,
     ) -> Self {
         let server = &config.server;
         let identity = Identity {
@@ -240,6 +246,7 @@ impl Svm {
             signatures_update: Mutex::new(None),
             tls_update: Mutex::new(None),
             tls,
+            unsaved,
             shutting_down: AtomicBool::new(false),
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
@@ -270,6 +277,7 @@ impl Svm {
         let saturated = self.load.lock().saturated();
         let signatures_update_failed = self.signatures_update.lock().is_some();
         let tls_update_failed = self.tls_update.lock().is_some();
+        let unsaved = self.unsaved.any();
         let all_stuck = stuck >= self.engine.threads();
         let conditions = [
             (self.is_shutting_down(), SvmReason::ShuttingDown),
@@ -288,6 +296,7 @@ impl Svm {
             (stuck > 0 && all_stuck, SvmReason::AllScanThreadsStuck),
             (signatures_update_failed, SvmReason::SignaturesUpdateFailed),
             (tls_update_failed, SvmReason::TlsUpdateFailed),
+            (unsaved, SvmReason::StateNotSaved),
             (
                 certificate_left.is_some_and(|left| left.is_zero()),
                 SvmReason::CertificateExpired,
@@ -538,6 +547,15 @@ impl Svm {
         let tls_update_failure = self.tls_update_failure();
         let reporter = self.reporter.lock().clone();
         let probe = self.probe.lock().clone();
+        let unsaved = self.unsaved.failures();
+        let state_detail = match unsaved.is_empty() {
+            true => "saved".to_owned(),
+            false => unsaved
+                .iter()
+                .map(|(file, why)| format!("cannot save the {file}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
         vec![
             component(
                 "scan engine",
@@ -579,6 +597,12 @@ impl Svm {
                     ("misses", cache.misses),
                     ("coalesced waits", cache.coalesced_waits),
                 ],
+            ),
+            component(
+                "state folder",
+                state_for(SvmReason::StateNotSaved),
+                state_detail,
+                [],
             ),
             component(
                 "agent listener",

@@ -23,9 +23,9 @@ use scanserver::{
     config::Config,
     engine::{Content, ScanJob},
     proto::{
-        AgentMessage, AgentStatus, AgentsRequest, Health, IntegrityEvent, IntegrityKind,
-        NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport, TagRequest,
-        TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message, file_request,
+        AgentMessage, AgentStatus, AgentsRequest, ComponentState, Health, IntegrityEvent,
+        IntegrityKind, NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport,
+        TagRequest, TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message, file_request,
         server_message,
     },
     reporting::{JITTER, MIN_GAP, Receiver, Reporter},
@@ -158,7 +158,14 @@ async fn reporting_svm_at(
         Arc::clone(&vms),
         Arc::clone(engine.metrics()),
     ));
-    let svm = Arc::new(Svm::new(&config, engine, sessions, vms, None));
+    let svm = Arc::new(Svm::new(
+        &config,
+        engine,
+        sessions,
+        vms,
+        None,
+        Arc::default(),
+    ));
     let reporter = Reporter::new(&config.reporting, Arc::clone(&svm))
         .unwrap()
         .unwrap();
@@ -1100,6 +1107,61 @@ async fn eventually(server: &TestServer, vm_id: &str, check: impl Fn(&VmInfo) ->
     );
 }
 
+/// A state file that cannot be saved turns the SVM Warning
+/// (STATE_NOT_SAVED), its component saying why, until it saves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_that_cannot_be_saved_shows_in_the_status() {
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_owned();
+    let server =
+        TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
+    // A folder in the registry's place, not empty: nothing renames over it.
+    let registry = state_dir.join(scanserver::vms::FILE_NAME);
+    let _ = std::fs::remove_file(&registry);
+    std::fs::create_dir_all(registry.join("in-the-way")).unwrap();
+    let status_when = |wanted: bool| {
+        let svm = Arc::clone(&server.svm);
+        async move {
+            for _ in 0..250 {
+                let status = svm.status();
+                if status.reasons.contains(&SvmReason::StateNotSaved) == wanted {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("STATE_NOT_SAVED never {wanted}: {:?}", svm.status());
+        }
+    };
+    let state_folder = || {
+        let components = server.svm.components();
+        components
+            .into_iter()
+            .find(|c| c.name == "state folder")
+            .unwrap()
+    };
+    assert_eq!(state_folder().detail, "saved");
+
+    // A VM connecting changes the registry, saved about a second later.
+    let agent = TestAgent::connect(&server, "vm-s").await;
+    let status = status_when(true).await;
+    assert_eq!(status.health, Health::Warning);
+    let component = state_folder();
+    assert_eq!(component.state(), ComponentState::Warning);
+    assert!(
+        component
+            .detail
+            .starts_with("cannot save the protected VMs"),
+        "{}",
+        component.detail
+    );
+
+    std::fs::remove_dir_all(&registry).unwrap();
+    drop(agent);
+    status_when(false).await;
+    assert!(registry.is_file(), "saved again");
+    assert_eq!(state_folder().detail, "saved");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_vms_and_their_tags_survive_a_restart() {
     let state = tempfile::tempdir().unwrap();
@@ -1494,7 +1556,14 @@ fn bare_svm(config: &Config) -> Arc<Svm> {
         Arc::clone(&vms),
         metrics,
     ));
-    Arc::new(Svm::new(config, engine, sessions, vms, None))
+    Arc::new(Svm::new(
+        config,
+        engine,
+        sessions,
+        vms,
+        None,
+        Arc::default(),
+    ))
 }
 
 /// A scan thread busy with one job for over three scan timeouts is stuck:
