@@ -2,11 +2,19 @@
 //!
 //! The [`Reporter`] sends the SVM's report ([`Svm::report`]) when the
 //! server starts, then every interval (300 s by default, each one
-//! stretched or shortened by up to [`JITTER`] so that SVMs started
-//! together do not report together), and at once when the SVM's status or
-//! a VM's status or tags change, at most once every [`MIN_GAP`]. A report
-//! that fails is retried after 1 s, 2 s, 4 s ... up to [`MAX_BACKOFF`]; it
-//! runs on its own task and never holds up a scan. The first failure turns
+//! stretched or shortened by up to [`JITTER`]), and at once when the SVM's
+//! status or a VM's status or tags change, at most once every [`MIN_GAP`].
+//! A report that fails is retried after 1 s, 2 s, 4 s ... up to
+//! [`MAX_BACKOFF`], each wait cut by up to half at random; it runs on its
+//! own task and never holds up a scan.
+//!
+//! SVMs often report at the same moment for a common cause: started
+//! together, the same signatures turning outdated, an Integration Server
+//! back after an outage (every SVM's retry gets through within a minute).
+//! So after a report that was not a scheduled one, the next scheduled one
+//! comes at a random point of the interval's second half: the SVMs spread
+//! over half an interval, and stay spread, where a few seconds of jitter
+//! would leave them in step. The first failure turns
 //! the SVM Warning (`NO_CONNECTION_TO_INTEGRATION_SERVER`), the next
 //! delivery OK again: that delivery already says so (a report that arrives
 //! cannot say the Integration Server is unreachable), and no other report
@@ -244,12 +252,12 @@ impl Reporter {
                     status.mark_changed();
                 }
                 last_delivered = Some(Instant::now());
-                due = Instant::now() + jittered(self.interval);
+                due = Instant::now() + next_scheduled(self.interval, trigger);
                 backoff = Duration::from_secs(1);
                 trigger = ReportTrigger::Scheduled;
             } else {
                 last_delivered = None;
-                due = Instant::now() + backoff;
+                due = Instant::now() + backoff.mul_f64(0.5 + 0.5 * fastrand::f64());
                 backoff = (backoff * 2).min(MAX_BACKOFF).min(self.interval);
                 trigger = ReportTrigger::Retry;
             }
@@ -357,8 +365,15 @@ fn keep_within_budget(vms: &mut Vec<VmInfo>) -> u32 {
 }
 
 /// `interval`, stretched or shortened at random by up to [`JITTER`].
-fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(1.0 + JITTER * (2.0 * fastrand::f64() - 1.0))
+/// How long after a delivered report, sent for `trigger`, the next
+/// scheduled one is due: an `interval` stretched or shortened by up to
+/// [`JITTER`] after a scheduled one, a random point of its second half
+/// after any other (see the module's doc).
+fn next_scheduled(interval: Duration, trigger: ReportTrigger) -> Duration {
+    match trigger {
+        ReportTrigger::Scheduled => interval.mul_f64(1.0 + JITTER * (2.0 * fastrand::f64() - 1.0)),
+        _ => interval.mul_f64(0.5 + 0.5 * fastrand::f64()),
+    }
 }
 
 /// The TLS settings for `tls`, its files read.
@@ -410,5 +425,36 @@ impl IntegrationServer for Receiver {
             .await
             .map_err(|_| Status::unavailable("the receiver is shutting down"))?;
         Ok(Response::new(ReportAck::default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a scheduled report, the next comes an interval later, within
+    /// the jitter; after any other, anywhere in the interval's second half,
+    /// so that SVMs in step spread out.
+    #[test]
+    fn reports_after_a_common_cause_spread_over_half_an_interval() {
+        let interval = Duration::from_secs(300);
+        let draws = |trigger| -> Vec<f64> {
+            (0..1000)
+                .map(|_| next_scheduled(interval, trigger).as_secs_f64() / 300.0)
+                .collect()
+        };
+        let scheduled = draws(ReportTrigger::Scheduled);
+        assert!(scheduled.iter().all(|&d| (d - 1.0).abs() <= JITTER));
+        for trigger in [
+            ReportTrigger::Start,
+            ReportTrigger::Change,
+            ReportTrigger::Retry,
+        ] {
+            let spread = draws(trigger);
+            assert!(spread.iter().all(|&d| (0.5..=1.0).contains(&d)));
+            let lowest = spread.iter().copied().fold(f64::MAX, f64::min);
+            let highest = spread.iter().copied().fold(0.0, f64::max);
+            assert!(lowest < 0.6 && highest > 0.9, "{lowest} to {highest}");
+        }
     }
 }

@@ -232,7 +232,10 @@ async fn next_report_within(
 async fn the_first_report_is_immediate_and_the_next_come_every_interval() {
     let receiver = TestReceiver::start();
     let started = tokio::time::Instant::now();
-    let (svm, _stop) = reporting_svm(&receiver, |_| {}).await;
+    let (svm, _stop) = reporting_svm(&receiver, |config| {
+        config.reporting.interval = Duration::from_secs(60);
+    })
+    .await;
 
     let first = receiver
         .next(Duration::from_secs(10))
@@ -248,9 +251,22 @@ async fn the_first_report_is_immediate_and_the_next_come_every_interval() {
     assert!(first.load.is_some() && first.cache.is_some());
     reports_recorded(&svm, 1).await;
 
-    let earliest = Duration::from_secs_f64(300.0 * (1.0 - JITTER)) - Duration::from_secs(1);
-    let latest = Duration::from_secs_f64(300.0 * (1.0 + JITTER)) + Duration::from_secs(1);
-    for sequence in 2..=3 {
+    // The first scheduled report comes within the second half of an
+    // interval (SVMs started together spread out), the next every interval.
+    let interval = 60.0;
+    tokio::time::sleep(Duration::from_secs_f64(interval / 2.0 - 1.0)).await;
+    assert!(
+        receiver.next(Duration::from_millis(200)).await.is_none(),
+        "the first scheduled report came in the first half"
+    );
+    let (report, _) = next_report_within(&receiver, Duration::from_secs_f64(interval / 2.0 + 2.0))
+        .await
+        .expect("a first scheduled report");
+    assert_eq!(report.trigger(), ReportTrigger::Scheduled);
+    reports_recorded(&svm, 2).await;
+    let earliest = Duration::from_secs_f64(interval * (1.0 - JITTER)) - Duration::from_secs(1);
+    let latest = Duration::from_secs_f64(interval * (1.0 + JITTER)) + Duration::from_secs(1);
+    for sequence in 3..=4 {
         tokio::time::sleep(earliest).await;
         assert!(
             receiver.next(Duration::from_millis(200)).await.is_none(),
