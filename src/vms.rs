@@ -433,11 +433,14 @@ fn forget_least_recent(
         .collect()
 }
 
-/// A saved registry whose records are read one by one.
+/// A saved registry whose records are read one by one: each is kept as
+/// its text until its turn, so that reading a registry of 100,000 VMs
+/// does not hold a tree of JSON values for all of them at once.
 #[derive(Deserialize)]
-struct SavedRecords {
+struct SavedRecords<'a> {
     format: u32,
-    vms: Vec<serde_json::Value>,
+    #[serde(borrow)]
+    vms: Vec<&'a serde_json::value::RawValue>,
 }
 
 impl Saved {
@@ -454,7 +457,10 @@ impl Saved {
         let vms = saved
             .vms
             .into_iter()
-            .filter_map(|mut record| {
+            .filter_map(|record| {
+                let mut record = serde_json::from_str::<serde_json::Value>(record.get())
+                    .map_err(|err| errors.push(err.to_string()))
+                    .ok()?;
                 if let Some(tags) = record.get_mut("tags").and_then(|t| t.as_object_mut()) {
                     tags.retain(|name, _| {
                         let known = name.parse::<SecurityTag>().is_ok();
