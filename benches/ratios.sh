@@ -14,8 +14,8 @@
 #
 # Settings from the environment: RULES (the signatures, `signatures/` by
 # default), PORT (the server's agent port, 17405; the admin port is the
-# next one). The server's log goes to a file in the run's scratch folder,
-# which is removed on exit unless KEEP is set.
+# next one). The servers' and the benches' logs go to the run's scratch
+# folder, which is removed on exit unless KEEP is set (or a step failed).
 set -euo pipefail
 
 usage() {
@@ -24,6 +24,11 @@ usage() {
 }
 [[ $# -ge 2 ]] || usage
 what=$1 tree=$2 rounds=${3:-5}
+[[ $what == through-server || $what == storm ]] || usage
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || usage
+# The servers run with the settings given here, whatever the caller's
+# environment says.
+unset "${!SCANSERVER_@}"
 root=$(cd "$(dirname "$0")/.." && pwd)
 rules=${RULES:-$root/signatures}
 port=${PORT:-17405}
@@ -42,7 +47,7 @@ trap cleanup EXIT
 # round pays for either.
 "$bin/scanserver" scan --rules "$rules" --rules-cache "$scratch/rules" "$tree" >/dev/null || true
 
-now() { date +%s.%N; }
+now() { echo "$EPOCHREALTIME"; }
 
 # Arithmetic on decimals, printed with `format`.
 calc() { awk "BEGIN { printf \"$1\", $2 }"; }
@@ -58,15 +63,21 @@ scanned() {
     fi
 }
 
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+
 # Starts a server on a fresh state folder, and waits until it listens.
 serve() {
+    if listening; then
+        echo "something listens on port $port already: set PORT to a free one" >&2
+        exit 1
+    fi
     rm -rf "$scratch/state"
     "$bin/scanserver" serve --rules "$rules" --rules-cache "$scratch/rules" \
         --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$((port + 1))" \
         --state-dir "$scratch/state" >>"$scratch/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
+        listening && return
         kill -0 "$server" 2>/dev/null || break
         sleep 0.05
     done
@@ -76,18 +87,23 @@ serve() {
 }
 
 stop() {
-    kill "$server"
+    kill "$server" 2>/dev/null || true
     wait "$server" 2>/dev/null || true
     server=
 }
 
-# One `lightagent bench` round of N agents against a fresh server: its
-# JSON summary.
+# One `lightagent bench` round of $1 agents against a fresh server; its
+# JSON summary goes to the file $2.
 storm() {
     serve
     "$bin/lightagent" bench --server "http://127.0.0.1:$port" --agents "$1" \
-        --files "$tree" --json 2>/dev/null | tail -1
+        --files "$tree" --json 2>>"$scratch/bench.log" | tail -1 >"$2"
     stop
+    if [[ ! -s $2 ]]; then
+        echo "lightagent bench --agents $1 gave no summary: see $scratch/bench.log" >&2
+        KEEP=1
+        exit 1
+    fi
 }
 
 field() { grep -o "\"$1\":[0-9.]*" <<<"$2" | cut -d: -f2; }
@@ -107,12 +123,12 @@ for round in $(seq "$rounds"); do
             "ratio $(calc %.2f "$local_time / $server_time")"
         ;;
     storm)
-        one=$(storm 1)
-        fifty=$(storm 50)
+        storm 1 "$scratch/one.json"
+        storm 50 "$scratch/fifty.json"
+        one=$(<"$scratch/one.json") fifty=$(<"$scratch/fifty.json")
         a=$(field seconds "$one") b=$(field seconds "$fifty")
         echo "round $round: one agent $(calc %.3f "$a") s, 50 agents $(calc %.3f "$b") s," \
             "ratio $(calc %.2f "$b / $a"); scans $(field scans "$fifty"), errors $(field errors "$fifty")"
         ;;
-    *) usage ;;
     esac
 done

@@ -50,11 +50,12 @@
 //!   exit status they add up to.
 //! * [`proto`]: the gRPC protocol, generated from `proto/`, and conversions.
 //!
-//! Locks are `parking_lot`'s, each held briefly and never across an
-//! `.await`. They are not poisoned: a panic while one is held (a bug, met
-//! by one request) does not make every later request that takes the same
-//! lock panic as well. What that section left half done is the cost, one
-//! more reason to keep sections under a lock short.
+//! Blocking locks are `parking_lot`'s, each held briefly and never across
+//! an `.await`. They are not poisoned: a panic while one is held (a bug,
+//! met by one request) does not make every later request that takes the
+//! same lock panic as well. The data that section was changing may be
+//! left half changed; sections under a lock are kept short for that
+//! reason too.
 
 pub mod admin;
 mod allocator;

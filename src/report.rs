@@ -116,7 +116,7 @@ impl Reporter {
     }
 
     /// Records and prints one file's result. It waits while output piles
-    /// up unwritten ([`BLOCK_AT`]): output that no one reads (a pager left
+    /// up unwritten (1 MiB): output that no one reads (a pager left
     /// paused) holds up the scan, not memory.
     pub fn file(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>) {
         self.record(path, outcome, cached, true);
@@ -125,7 +125,7 @@ impl Reporter {
     /// Records and prints one file's result, and never waits: for a caller
     /// on an async runtime's thread, which awaits [`Reporter::room`]
     /// before it takes more results instead.
-    pub fn file_unheld(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>) {
+    pub fn file_without_waiting(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>) {
         self.record(path, outcome, cached, false);
     }
 
@@ -163,7 +163,7 @@ impl Reporter {
     }
 
     /// Resolves once the output waiting to be written (besides the block
-    /// being written) is under [`ROOM`]: a caller on an async runtime's
+    /// being written) is under 64 KiB: a caller on an async runtime's
     /// thread awaits it before it takes more results, so that output left
     /// unread (a pager left paused) holds up its results, not its thread.
     pub async fn room(&self) {

@@ -364,7 +364,6 @@ fn keep_within_budget(vms: &mut Vec<VmInfo>) -> u32 {
     u32::try_from(left_out).unwrap_or(u32::MAX)
 }
 
-/// `interval`, stretched or shortened at random by up to [`JITTER`].
 /// How long after a delivered report, sent for `trigger`, the next
 /// scheduled one is due: an `interval` stretched or shortened by up to
 /// [`JITTER`] after a scheduled one, a random point of its second half

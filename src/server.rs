@@ -33,7 +33,7 @@ use crate::{
     reporting::{Reporter, ReportingError},
     service::{ProtectionService, ServiceState},
     shutdown::shut_down,
-    state::{self, StateDir},
+    state::StateDir,
     status::Svm,
     tls::{Tls, TlsError},
     vms::Vms,
@@ -396,9 +396,8 @@ impl Server {
             self.snapshot_interval,
             served_rx.clone(),
         ));
-        let vms_keeper = tokio::spawn(state::keep_vms(
+        let vms_keeper = tokio::spawn(state_dir.clone().keep_vms(
             Arc::clone(&self.svm.vms),
-            Arc::clone(state_dir.unsaved()),
             self.snapshot_interval,
             crate::vms::RECONNECT_GRACE,
             served_rx,

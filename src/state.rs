@@ -242,7 +242,7 @@ impl Unsaved {
         match result {
             Ok(()) => {
                 if failures.remove(&file).is_some() {
-                    tracing::info!(path = %path.display(), "the {file} are saved again");
+                    tracing::info!(path = %path.display(), "saved the {file} again");
                 }
             }
             Err(why) => {
@@ -365,12 +365,70 @@ impl StateDir {
         }
     }
 
+    /// Saves `vms` after each change (once changes settle: see
+    /// [`settle_after`]) and every `interval`, and once more when `done`
+    /// turns true (the server stopped serving); then returns. `grace` after
+    /// it starts, the VMs awaited since the last run that have not come
+    /// back count as lost ([`Vms::lost_unless_back`]).
+    pub async fn keep_vms(
+        self,
+        vms: Arc<Vms>,
+        interval: Duration,
+        grace: Duration,
+        mut done: watch::Receiver<bool>,
+    ) {
+        let mut changes = vms.changes();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        let back_by = tokio::time::sleep(grace);
+        tokio::pin!(back_by);
+        let mut awaiting = true;
+        let mut settle = settle_after(Duration::ZERO);
+        // When the changes seen are saved: changes come in bursts (a boot
+        // storm), saved once for all. A deadline, not a sleep, so that a stop
+        // meanwhile is saved at once.
+        let settled = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(settled);
+        let mut changed = false;
+        loop {
+            let last = tokio::select! {
+                // A stop first: the last save is not put off for another.
+                biased;
+                () = shut_down(&mut done) => true,
+                () = &mut settled, if changed => false,
+                _ = ticker.tick() => false,
+                () = &mut back_by, if awaiting => {
+                    // A change, when any VM is lost: saved as changes are.
+                    awaiting = false;
+                    vms.lost_unless_back();
+                    continue;
+                }
+                Ok(()) = changes.changed(), if !changed => {
+                    changed = true;
+                    settled.as_mut().reset(Instant::now() + settle);
+                    continue;
+                }
+            };
+            changes.borrow_and_update();
+            changed = false;
+            let began = Instant::now();
+            save_vms(&vms, &self.unsaved).await;
+            settle = settle_after(began.elapsed());
+            if last {
+                return;
+            }
+            // A save after a change counts as the interval's.
+            ticker.reset();
+        }
+    }
+
     /// Writes the snapshot off the async threads; false if that failed (it
     /// is tried again at the next tick).
     async fn save_cache(&self, engine: &Arc<Engine>) -> bool {
         let (engine, path) = (Arc::clone(engine), self.snapshot());
+        let saving = path.clone();
         let saved =
-            tokio::task::spawn_blocking(move || engine.cache().save(&path, &engine.ruleset()))
+            tokio::task::spawn_blocking(move || engine.cache().save(&saving, &engine.ruleset()))
                 .await;
         let result = match saved {
             Ok(Ok(entries)) => {
@@ -381,67 +439,8 @@ impl StateDir {
             Err(err) => Err(err.to_string()),
         };
         let saved = result.is_ok();
-        self.unsaved
-            .record(StateFile::VerdictCache, &self.snapshot(), result);
+        self.unsaved.record(StateFile::VerdictCache, &path, result);
         saved
-    }
-}
-
-/// Saves `vms` after each change (once changes settle: see
-/// [`settle_after`]) and every `interval`, and once more when `done` turns
-/// true (the server stopped serving); then returns. Each save's outcome
-/// goes to `unsaved`. `grace` after it starts, the VMs awaited since the
-/// last run that have not come back count as lost
-/// ([`Vms::lost_unless_back`]).
-pub async fn keep_vms(
-    vms: Arc<Vms>,
-    unsaved: Arc<Unsaved>,
-    interval: Duration,
-    grace: Duration,
-    mut done: watch::Receiver<bool>,
-) {
-    let mut changes = vms.changes();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.tick().await;
-    let back_by = tokio::time::sleep(grace);
-    tokio::pin!(back_by);
-    let mut awaiting = true;
-    let mut settle = settle_after(Duration::ZERO);
-    // When the changes seen are saved: changes come in bursts (a boot
-    // storm), saved once for all. A deadline, not a sleep, so that a stop
-    // meanwhile is saved at once.
-    let settled = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(settled);
-    let mut changed = false;
-    loop {
-        let last = tokio::select! {
-            // A stop first: the last save is not put off for another.
-            biased;
-            () = shut_down(&mut done) => true,
-            () = &mut settled, if changed => false,
-            _ = ticker.tick() => false,
-            () = &mut back_by, if awaiting => {
-                // A change, when any VM is lost: saved as changes are.
-                awaiting = false;
-                vms.lost_unless_back();
-                continue;
-            }
-            Ok(()) = changes.changed(), if !changed => {
-                changed = true;
-                settled.as_mut().reset(Instant::now() + settle);
-                continue;
-            }
-        };
-        changes.borrow_and_update();
-        changed = false;
-        let began = Instant::now();
-        save_vms(&vms, &unsaved).await;
-        settle = settle_after(began.elapsed());
-        if last {
-            return;
-        }
-        // A save after a change counts as the interval's.
-        ticker.reset();
     }
 }
 

@@ -548,13 +548,13 @@ impl Svm {
         let reporter = self.reporter.lock().clone();
         let probe = self.probe.lock().clone();
         let unsaved = self.unsaved.failures();
-        let state_detail = match unsaved.is_empty() {
-            true => "saved".to_owned(),
-            false => unsaved
+        let state_detail = if unsaved.is_empty() {
+            "saved".to_owned()
+        } else {
+            let failures = unsaved
                 .iter()
-                .map(|(file, why)| format!("cannot save the {file}: {why}"))
-                .collect::<Vec<_>>()
-                .join("; "),
+                .map(|(file, why)| format!("cannot save the {file}: {why}"));
+            failures.collect::<Vec<_>>().join("; ")
         };
         vec![
             component(

@@ -663,6 +663,9 @@ impl Vms {
                 let vm = Arc::make_mut(vm);
                 vm.awaited = false;
                 vm.connection_lost = true;
+                // What its agent told in its session ended with it, as in
+                // `disconnected`.
+                vm.integration_server_unreachable = false;
                 lost += 1;
             }
         }
@@ -1028,12 +1031,19 @@ mod tests {
         let _b = sessions.open(agent_of("vm-b")).unwrap();
         let c = sessions.open(agent_of("vm-c")).unwrap();
         sessions.close(&c.id, Ending::Closed);
+        vms.integration_server("vm-a", false);
         vms.save().unwrap();
         // The server crashed; vm-b comes back after the restart.
         let (vms, sessions) = start();
         let b = sessions.open(agent_of("vm-b")).unwrap();
         assert_eq!(vms.lost_unless_back(), 1);
         assert!(lost(&vms, "vm-a"));
+        let reasons = vms.get("vm-a").unwrap().reasons();
+        assert_eq!(
+            reasons,
+            [VmReason::NoConnectionToSvm],
+            "its session's word ended with it"
+        );
         assert!(!lost(&vms, "vm-b") && !lost(&vms, "vm-c"));
         assert_eq!(vms.lost_unless_back(), 0, "once");
 

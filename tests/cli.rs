@@ -608,8 +608,9 @@ fn lightagent_output_left_unread_holds_up_the_scan_not_its_session() {
         serve.arg("--config").arg(&config);
     });
     wait_for_listener(listen);
-    // Lines enough (of 400 bytes and more: long names) to fill the pipe
-    // and the most the agent keeps waiting to be written (a megabyte).
+    // Lines enough (of 400 bytes and more: long names) to fill the pipe,
+    // and far more than the agent lets wait to be written (64 KiB) before
+    // it stops taking replies.
     let tree = tempfile::tempdir().unwrap();
     let files = 5000;
     for n in 0..files {

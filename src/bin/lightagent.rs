@@ -270,7 +270,8 @@ struct Printed(Arc<Reporter>);
 
 impl ResultSink for Printed {
     fn put(&self, path: &Path, outcome: ScanOutcome) {
-        self.0.file_unheld(path, &outcome, Some(outcome.cached));
+        self.0
+            .file_without_waiting(path, &outcome, Some(outcome.cached));
     }
 
     async fn room(&self) {

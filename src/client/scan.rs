@@ -423,8 +423,8 @@ impl<F: ResultSink> Settle<'_, F> {
     /// content sender, a file answered to `on_result`, a file failed to
     /// `failed`. Returns how many files are over (their places in flight
     /// are free again). `on_result` is called once the pending files are
-    /// unlocked: it may take its time (printing, say), and the announcer
-    /// and the content sender need them meanwhile.
+    /// unlocked: the announcer and the content sender need them, and a
+    /// sink's work (formatting a line, say) need not hold them up.
     fn answered(&mut self, message: ScanReply) -> usize {
         let mut over = Vec::with_capacity(message.replies.len());
         let mut files = self.pending.lock();
