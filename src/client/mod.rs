@@ -7,6 +7,9 @@
 //! `Scan` stream with many files in flight, each announced by its digest
 //! (its content goes only if the server asks for it) while the server knows
 //! some of them, and with its content at once while it knows almost none.
+//! Its results go to a closure, or, with [`Agent::scan_into`], to a
+//! [`ResultSink`] that can hold the scan up while it has no room (a
+//! printer whose output is not read) without holding up the session.
 
 mod scan;
 
