@@ -16,7 +16,9 @@
 # default), PORT (the server's agent port, 17405; the admin port is the
 # next one). The servers' and the benches' logs go to the run's scratch
 # folder, which is removed on exit unless KEEP is set (or a step failed).
+# Needs bash 5 or later (EPOCHREALTIME) and cargo.
 set -euo pipefail
+((BASH_VERSINFO[0] >= 5)) || { echo "$0 needs bash 5 or later" >&2; exit 2; }
 
 usage() {
     echo "usage: $0 through-server|storm TREE [ROUNDS]" >&2
