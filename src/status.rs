@@ -34,7 +34,7 @@ use crate::{
         SvmReason, SvmReport, VmInfo,
     },
     sessions::Sessions,
-    shutdown::Periodic,
+    shutdown::{Periodic, shut_down},
     signatures::Ruleset,
     state::Unsaved,
     tls::Tls,
@@ -58,6 +58,17 @@ pub struct InfrastructureConfig {
 
 /// How long a probe's TCP connect may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long after a failed attempt the probe tries once more before it
+/// counts the infrastructure unreachable: a connection lost to one blip
+/// would otherwise make the SVM Critical, and turn agents away from it,
+/// until the next probe.
+pub const PROBE_CONFIRM: Duration = Duration::from_secs(2);
+
+/// How often the infrastructure is probed while it is unreachable (or
+/// every report interval, if shorter): its return shows within this, not
+/// a report interval later.
+pub const PROBE_RETRY: Duration = Duration::from_secs(10);
 
 /// How long the scan queue must stay full to count as saturated, and the
 /// window load figures are averaged over.
@@ -388,19 +399,17 @@ impl Svm {
     }
 
     /// Probes the infrastructure endpoint (when configured) with a TCP
-    /// connect, and records the result.
+    /// connect, once more [`PROBE_CONFIRM`] after a failed one, and records
+    /// the result: unreachable when neither got through.
     pub async fn probe(&self) {
         let Some(endpoint) = &self.identity.infrastructure.endpoint else {
             return;
         };
-        let connect = tokio::net::TcpStream::connect(endpoint.as_str());
-        let result = match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(format!("cannot connect to {endpoint}: {err}")),
-            Err(_) => Err(format!(
-                "no answer from {endpoint} within {PROBE_TIMEOUT:?}"
-            )),
-        };
+        let mut result = connect_to(endpoint).await;
+        if result.is_err() {
+            tokio::time::sleep(PROBE_CONFIRM).await;
+            result = connect_to(endpoint).await;
+        }
         if let Err(err) = &result {
             tracing::warn!("virtual infrastructure unreachable: {err}");
         }
@@ -408,19 +417,29 @@ impl Svm {
         self.refresh();
     }
 
-    /// Probes the infrastructure every `interval` (at once first), until
-    /// `shutdown` turns true.
+    /// Probes the infrastructure every `interval` (at once first), and
+    /// every [`PROBE_RETRY`] while it is unreachable, until `shutdown`
+    /// turns true.
     pub async fn keep_probing(
         self: Arc<Self>,
         interval: Duration,
-        shutdown: watch::Receiver<bool>,
+        mut shutdown: watch::Receiver<bool>,
     ) {
         if self.identity.infrastructure.endpoint.is_none() {
             return;
         }
-        let mut ticks = Periodic::now_and_every(interval, shutdown);
-        while ticks.next().await {
+        loop {
             self.probe().await;
+            let unreachable = self.probe.lock().unreachable();
+            let next = if unreachable {
+                PROBE_RETRY.min(interval)
+            } else {
+                interval
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = shut_down(&mut shutdown) => return,
+            }
         }
     }
 
@@ -691,6 +710,18 @@ fn reach_component<const N: usize>(
         Some(false) => reach.error.clone().unwrap_or_default(),
     };
     component(name, state, detail, counts)
+}
+
+/// One TCP connect to the infrastructure's `endpoint`, within
+/// [`PROBE_TIMEOUT`].
+async fn connect_to(endpoint: &str) -> Result<(), String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(endpoint)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(format!("cannot connect to {endpoint}: {err}")),
+        Err(_) => Err(format!(
+            "no answer from {endpoint} within {PROBE_TIMEOUT:?}"
+        )),
+    }
 }
 
 fn record(reach: &Mutex<Reach>, result: Result<(), String>) {

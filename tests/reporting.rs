@@ -585,6 +585,56 @@ async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
     assert!(probe.detail.contains("cannot connect"), "{probe:?}");
 }
 
+/// While the infrastructure is unreachable it is probed every
+/// PROBE_RETRY, not every report interval; and a connect that fails once
+/// is tried again before it counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_infrastructure_is_probed_again_soon_while_unreachable() {
+    use scanserver::status::{PROBE_CONFIRM, PROBE_RETRY};
+    // A port nothing listens on, for now.
+    let endpoint = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = TestServer::start(|config| {
+        config.infrastructure.endpoint = Some(endpoint.to_string());
+        config.reporting.interval = Duration::from_secs(300);
+    })
+    .await;
+    let svm = Arc::clone(&server.svm);
+    let unreachable_within = |wanted: bool, limit: Duration| {
+        let svm = Arc::clone(&svm);
+        async move {
+            let started = tokio::time::Instant::now();
+            while started.elapsed() < limit {
+                let reasons = svm.status().reasons;
+                if reasons.contains(&SvmReason::InfrastructureUnreachable) == wanted {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("never unreachable == {wanted} within {limit:?}");
+        }
+    };
+    unreachable_within(true, PROBE_CONFIRM * 3).await;
+
+    // Back: seen within a retry (and its confirmation), not 300 s later.
+    let back = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    unreachable_within(false, PROBE_RETRY + PROBE_CONFIRM * 2).await;
+
+    // Gone for a moment, during one probe's first connect only.
+    drop(back);
+    let probing = tokio::spawn(async move { svm.probe().await });
+    tokio::time::sleep(PROBE_CONFIRM / 4).await;
+    let _back = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    probing.await.unwrap();
+    let reasons = server.svm.status().reasons;
+    assert!(
+        !reasons.contains(&SvmReason::InfrastructureUnreachable),
+        "{reasons:?}"
+    );
+}
+
 /// An agent session whose server messages are collected.
 struct TestAgent {
     vm_id: String,
