@@ -387,9 +387,10 @@ impl StateDir {
         // When the changes seen are saved: changes come in bursts (a boot
         // storm), saved once for all. A deadline, not a sleep, so that a stop
         // meanwhile is saved at once.
-        let settled = tokio::time::sleep(Duration::ZERO);
+        let settled = tokio::time::sleep(settle);
         tokio::pin!(settled);
-        let mut changed = false;
+        // Records changed as the registry was opened are saved as changes.
+        let mut changed = vms.changed_at_open();
         loop {
             let last = tokio::select! {
                 // A stop first: the last save is not put off for another.

@@ -71,6 +71,16 @@ pub const FILE_NAME: &str = "vms.json";
 /// next attempt to connect, which they make every minute or sooner.
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(120);
 
+/// At which of the server's starts a VM awaited at each since it had a
+/// session counts as lost at once (see [`VmRecord::awaited_starts`]): it
+/// was awaited through two runs of the server without coming back.
+pub const AWAITED_STARTS: u8 = 3;
+
+/// A count of 0 is left out of the saved file (for serde).
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
 /// A security tag, as VMware NSX names them; saved under that name
 /// ([`SecurityTag::name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -170,6 +180,12 @@ pub struct VmRecord {
     /// left out of reports as a VM shut down.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub awaited: bool,
+    /// The server's starts the VM was awaited at without coming back: at
+    /// [`AWAITED_STARTS`], its connection counts as lost at once. A server
+    /// that crashes before each grace period ends (a crash loop) would
+    /// otherwise never count it lost, whatever happened to its agent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub awaited_starts: u8,
     /// The agent said it cannot reach the Integration Server.
     pub integration_server_unreachable: bool,
     pub file_modified: bool,
@@ -213,6 +229,7 @@ impl VmRecord {
             tags: BTreeMap::new(),
             connection_lost: false,
             awaited: false,
+            awaited_starts: 0,
             integration_server_unreachable: false,
             file_modified: false,
             registry_modified: false,
@@ -238,6 +255,16 @@ impl VmRecord {
         };
         self.tags.insert(tag, entry);
         true
+    }
+
+    /// Counts the VM's connection as lost: it was awaited after a restart
+    /// and has not come back. What its agent told in its last session
+    /// ended with it, as in [`Vms::disconnected`].
+    fn lost(&mut self) {
+        self.awaited = false;
+        self.awaited_starts = 0;
+        self.connection_lost = true;
+        self.integration_server_unreachable = false;
     }
 
     /// Every reason in force, worst first.
@@ -499,6 +526,9 @@ pub struct Vms {
     limit: usize,
     /// The server ended a session as it stops: see [`Vms::lost_unless_back`].
     stopping: AtomicBool,
+    /// Opening the registry changed records (the starts their VMs were
+    /// awaited at): see [`Vms::changed_at_open`].
+    changed_at_open: bool,
 }
 
 impl Vms {
@@ -510,7 +540,16 @@ impl Vms {
             changes: watch::channel(0).0,
             limit: MAX_VMS,
             stopping: AtomicBool::new(false),
+            changed_at_open: false,
         }
+    }
+
+    /// Whether opening the registry changed records, which are then to be
+    /// saved soon: the starts a VM was awaited at count only once saved
+    /// (a server that crashes within a minute of each start would
+    /// otherwise never count its VMs lost).
+    pub fn changed_at_open(&self) -> bool {
+        self.changed_at_open
     }
 
     /// The registry saved in the state folder `dir`. A file that is damaged
@@ -542,18 +581,32 @@ impl Vms {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Saved::default(),
             Err(err) => return Err(err),
         };
+        let (mut lost, mut awaited) = (0, false);
+        let records = saved.vms.into_iter().map(|mut vm| {
+            if vm.awaited {
+                awaited = true;
+                vm.awaited_starts = vm.awaited_starts.saturating_add(1);
+                if vm.awaited_starts >= AWAITED_STARTS {
+                    vm.lost();
+                    lost += 1;
+                }
+            }
+            (vm.vm_id.clone(), Arc::new(vm))
+        });
+        let by_id = records.collect();
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                "VMs awaited at {AWAITED_STARTS} starts of the server have not come back: their connection counts as lost"
+            );
+        }
         let vms = Vms {
-            by_id: Mutex::new(
-                saved
-                    .vms
-                    .into_iter()
-                    .map(|vm| (vm.vm_id.clone(), Arc::new(vm)))
-                    .collect(),
-            ),
+            by_id: Mutex::new(by_id),
             path: Some(path),
             changes: watch::channel(0).0,
             limit: MAX_VMS,
             stopping: AtomicBool::new(false),
+            changed_at_open: awaited,
         };
         vms.forget_old();
         Ok(vms)
@@ -614,6 +667,7 @@ impl Vms {
             vm.last_seen = now;
             vm.connection_lost = false;
             vm.awaited = false;
+            vm.awaited_starts = 0;
             // A new session starts from what the agent tells in it.
             vm.integration_server_unreachable = false;
             vm.full_scan = None;
@@ -661,11 +715,7 @@ impl Vms {
         for vm in by_id.values_mut() {
             if vm.awaited && vm.session_id.is_none() {
                 let vm = Arc::make_mut(vm);
-                vm.awaited = false;
-                vm.connection_lost = true;
-                // What its agent told in its session ended with it, as in
-                // `disconnected`.
-                vm.integration_server_unreachable = false;
+                vm.lost();
                 lost += 1;
             }
         }
@@ -1055,6 +1105,21 @@ mod tests {
         assert!(!lost(&vms, "vm-b"), "awaited for the grace period");
         assert_eq!(vms.lost_unless_back(), 1);
         assert!(lost(&vms, "vm-a") && lost(&vms, "vm-b") && !lost(&vms, "vm-c"));
+
+        // The server crashes within each grace period: a VM awaited at
+        // every start since counts as lost at the third.
+        let (vms, sessions) = start();
+        let _d = sessions.open(agent_of("vm-d")).unwrap();
+        vms.save().unwrap();
+        for start_ in 1..AWAITED_STARTS {
+            let (vms, _sessions) = start();
+            assert!(vms.changed_at_open(), "to be saved");
+            assert!(!lost(&vms, "vm-d"), "awaited at start {start_}");
+            vms.save().unwrap();
+        }
+        let (vms, _sessions) = start();
+        assert!(lost(&vms, "vm-d"), "lost at start {AWAITED_STARTS}");
+        assert_eq!(vms.lost_unless_back(), 0, "counted once");
     }
 
     #[test]
