@@ -30,7 +30,7 @@ use scanserver::{
     },
     reporting::{JITTER, MIN_GAP, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
-    status::{Svm, WhichVms},
+    status::{Svm, SvmStatus, WhichVms},
     vms::{self, Ending, SecurityTag, Vms},
 };
 use tokio::sync::{mpsc, oneshot, watch};
@@ -602,25 +602,12 @@ async fn the_infrastructure_is_probed_again_soon_while_unreachable() {
     })
     .await;
     let svm = Arc::clone(&server.svm);
-    let unreachable_within = |wanted: bool, limit: Duration| {
-        let svm = Arc::clone(&svm);
-        async move {
-            let started = tokio::time::Instant::now();
-            while started.elapsed() < limit {
-                let reasons = svm.status().reasons;
-                if reasons.contains(&SvmReason::InfrastructureUnreachable) == wanted {
-                    return started.elapsed();
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("never unreachable == {wanted} within {limit:?}");
-        }
-    };
-    unreachable_within(true, PROBE_CONFIRM * 3).await;
+    let unreachable = SvmReason::InfrastructureUnreachable;
+    reason_within(&svm, unreachable, true, PROBE_CONFIRM * 3).await;
 
     // Back: seen within a retry (and its confirmation), not 300 s later.
     let back = tokio::net::TcpListener::bind(endpoint).await.unwrap();
-    unreachable_within(false, PROBE_RETRY + PROBE_CONFIRM * 2).await;
+    reason_within(&svm, unreachable, false, PROBE_RETRY + PROBE_CONFIRM * 2).await;
 
     // Gone for a moment, during one probe's first connect only.
     drop(back);
@@ -1160,6 +1147,23 @@ async fn what_agents_tell_sets_the_vm_status() {
     assert!(vm.reasons.is_empty(), "{:?}", vm.reasons);
 }
 
+/// Polls the SVM's status until `reason` is in force (`wanted`) or not,
+/// for at most `limit`; returns that status.
+async fn reason_within(svm: &Svm, reason: SvmReason, wanted: bool, limit: Duration) -> SvmStatus {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < limit {
+        let status = svm.status();
+        if status.reasons.contains(&reason) == wanted {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{reason:?} never in force == {wanted} within {limit:?}: {:?}",
+        svm.status()
+    );
+}
+
 /// Polls the admin service until `check` holds for VM `vm_id`.
 async fn eventually(server: &TestServer, vm_id: &str, check: impl Fn(&VmInfo) -> bool) -> VmInfo {
     for _ in 0..250 {
@@ -1187,19 +1191,7 @@ async fn a_state_file_that_cannot_be_saved_shows_in_the_status() {
     let registry = state_dir.join(scanserver::vms::FILE_NAME);
     let _ = std::fs::remove_file(&registry);
     std::fs::create_dir_all(registry.join("in-the-way")).unwrap();
-    let status_when = |wanted: bool| {
-        let svm = Arc::clone(&server.svm);
-        async move {
-            for _ in 0..250 {
-                let status = svm.status();
-                if status.reasons.contains(&SvmReason::StateNotSaved) == wanted {
-                    return status;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            panic!("STATE_NOT_SAVED never {wanted}: {:?}", svm.status());
-        }
-    };
+    let (unsaved, limit) = (SvmReason::StateNotSaved, Duration::from_secs(5));
     let state_folder = || {
         let components = server.svm.components();
         components
@@ -1211,7 +1203,7 @@ async fn a_state_file_that_cannot_be_saved_shows_in_the_status() {
 
     // A VM connecting changes the registry, saved about a second later.
     let agent = TestAgent::connect(&server, "vm-s").await;
-    let status = status_when(true).await;
+    let status = reason_within(&server.svm, unsaved, true, limit).await;
     assert_eq!(status.health, Health::Warning);
     let component = state_folder();
     assert_eq!(component.state(), ComponentState::Warning);
@@ -1225,7 +1217,7 @@ async fn a_state_file_that_cannot_be_saved_shows_in_the_status() {
 
     std::fs::remove_dir_all(&registry).unwrap();
     drop(agent);
-    status_when(false).await;
+    reason_within(&server.svm, unsaved, false, limit).await;
     assert!(registry.is_file(), "saved again");
     assert_eq!(state_folder().detail, "saved");
 }
