@@ -1269,6 +1269,25 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
         Code::FailedPrecondition
     );
 
+    // A session id no server gives, too long to be repeated back, and a
+    // path over 32 KiB: refused, with short replies.
+    tx.send(begin(&"s".repeat(1 << 20), 5, b"x", None))
+        .await
+        .unwrap();
+    let refused = next(&mut replies).await.1;
+    assert_eq!(error_code(&refused), Code::InvalidArgument);
+    assert!(format!("{refused:?}").len() < 1000, "{refused:?}");
+    let deep = FileBegin {
+        path: "d\\".repeat(20 << 10),
+        ..file_begin(&session, 5)
+    };
+    tx.send(ScanRequest::from(file_request::Kind::Begin(deep)))
+        .await
+        .unwrap();
+    let refused = next(&mut replies).await.1;
+    assert_eq!(error_code(&refused), Code::InvalidArgument);
+    assert!(format!("{refused:?}").contains("path"), "{refused:?}");
+
     // Cancel releases the file.
     tx.send(begin(&session, 6, &vec![7u8; 100_000], None))
         .await
@@ -2830,6 +2849,35 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
         .unwrap()
         .restore_cache(&restarted);
     assert!(restarted.cached(&blake3::hash(EICAR), None).is_some());
+}
+
+/// A Connect still waiting for its Hello as the server stops ends at once,
+/// told why: it neither holds up the shutdown for the Hello's 10 s nor is
+/// welcomed into a server that is going away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_waiting_for_its_hello_ends_as_the_server_stops() {
+    let server = TestServer::start(|config| {
+        config.server.shutdown_grace = Duration::from_secs(30);
+    })
+    .await;
+    let (_no_hello_yet, rx) = mpsc::channel::<AgentMessage>(1);
+    let mut incoming = server
+        .client()
+        .await
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let stopping = tokio::spawn(server.stop());
+    let status = tokio::time::timeout(Duration::from_secs(5), incoming.message())
+        .await
+        .expect("the Connect ends before its Hello is overdue")
+        .expect_err("with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the server stops without waiting for the Hello")
+        .unwrap();
 }
 
 /// A connection still open when the grace period ends (a call its client

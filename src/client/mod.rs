@@ -253,11 +253,24 @@ impl Agent {
             require_encryption: options.require_encryption,
         });
         let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
-        let mut incoming = client
-            .connect(ReceiverStream::new(outbox))
-            .await?
-            .into_inner();
-        let welcome = match incoming.message().await?.and_then(|m| m.kind) {
+        // The connection's own timeout ends with the handshakes: a server
+        // that took it, then never answers the Hello, is given as long.
+        let answer = async {
+            let mut incoming = client
+                .connect(ReceiverStream::new(outbox))
+                .await?
+                .into_inner();
+            let first = incoming.message().await?;
+            Ok::<_, tonic::Status>((incoming, first))
+        };
+        let (mut incoming, first) = tokio::time::timeout(CONNECT_TIMEOUT, answer)
+            .await
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded(format!(
+                    "the server did not answer the session's Hello within {CONNECT_TIMEOUT:?}"
+                ))
+            })??;
+        let welcome = match first.and_then(|m| m.kind) {
             Some(server_message::Kind::Welcome(welcome)) => welcome,
             Some(server_message::Kind::Rejection(rejection)) => {
                 return Err(ClientError::Rejected {

@@ -273,13 +273,25 @@ impl StuckContents {
     }
 
     /// The job on content of `digest` came back after all: refused for the
-    /// rest of the run, no longer kept.
+    /// rest of the run, no longer kept. It may come back before it is
+    /// noted (the look that found it long has not noted it yet): it is
+    /// then remembered as not kept, and the note leaves it so.
     pub fn came_back(self: &Arc<Self>, digest: &Digest) {
-        let was_kept = self
-            .digests
-            .write()
-            .get_mut(digest)
-            .is_some_and(|kept| std::mem::replace(kept, false));
+        let was_kept = {
+            let mut known = self.digests.write();
+            let room = known.len() < MAX_STUCK_CONTENTS;
+            let was_kept = match known.get_mut(digest) {
+                Some(kept) => std::mem::replace(kept, false),
+                None => {
+                    if room {
+                        known.insert(*digest, false);
+                    }
+                    false
+                }
+            };
+            self.any.store(!known.is_empty(), Ordering::Relaxed);
+            was_kept
+        };
         if was_kept {
             self.save();
         }
@@ -398,5 +410,18 @@ mod tests {
         assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
         assert_eq!(busy.on_for(&digest), None, "over");
         assert_eq!(busy.longer_than(Duration::ZERO), (0, vec![]));
+    }
+
+    /// Content whose thread came back between the look that found it long
+    /// and that look's note is refused for the run, and not kept.
+    #[test]
+    fn content_back_before_its_note_is_not_kept() {
+        let stuck = Arc::new(StuckContents::default());
+        let (back, held) = (blake3::hash(b"back"), blake3::hash(b"held"));
+        stuck.came_back(&back);
+        stuck.note(vec![back, held]);
+        assert!(stuck.holds(&back) && stuck.holds(&held));
+        let known = stuck.digests.read();
+        assert_eq!((known[&back], known[&held]), (false, true));
     }
 }

@@ -3,11 +3,13 @@
 //! * [`session`]: `Connect`, the agent session (hello, heartbeats, events).
 //! * [`scan`]: `Scan` (many files multiplexed on one stream, hash first) and
 //!   `ScanFile` (one file per call).
+//! * [`replies`]: a `Scan` stream's replies on their way, bounded in bytes.
 //! * [`upload`]: receiving one file's content, in memory or spooled.
 //! * `Lookup` is answered here, from the verdict cache.
 //!
 //! Every handler works on the shared [`ServiceState`].
 
+pub mod replies;
 pub mod scan;
 pub mod session;
 pub mod upload;
@@ -21,8 +23,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -31,7 +32,7 @@ use crate::{
     engine::Engine,
     intake::IntakeLayer,
     proto::{
-        AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult, ScanReply,
+        AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult,
         ScanRequest, protection_server_server::ProtectionServer,
     },
     sessions::{LOOKUPS_AT_ONCE, Session, Sessions, Subject},
@@ -43,9 +44,26 @@ use upload::UploadStore;
 /// Digests accepted in one Lookup request.
 pub const MAX_LOOKUP_DIGESTS: usize = 100_000;
 
-/// Replies buffered per stream before the server waits for the agent to
-/// read them.
-const REPLY_BUFFER: usize = 256;
+/// The longest session id accepted: the server's are 36 bytes. A longer
+/// one is refused without being repeated back (errors name the session).
+pub const MAX_SESSION_ID_LEN: usize = 64;
+
+/// The longest file path accepted in a begin or a `ScanFile` call, in
+/// bytes: a Windows long path has at most 32,767 characters. A file's path
+/// stays with it until its verdict (for the rules, the logs and the VM's
+/// records), in no budget but this.
+pub const MAX_PATH_LEN: usize = 32 << 10;
+
+/// Checks a file's path against [`MAX_PATH_LEN`].
+fn check_path(path: &str) -> Result<(), Status> {
+    if path.len() > MAX_PATH_LEN {
+        return Err(Status::invalid_argument(format!(
+            "the file's path is {} bytes long; at most {MAX_PATH_LEN} are accepted",
+            path.len()
+        )));
+    }
+    Ok(())
+}
 
 /// What every handler shares.
 pub struct ServiceState {
@@ -153,6 +171,12 @@ impl ServiceState {
     /// is its certificate's: its id (logged, not a secret) does not let
     /// another agent speak for its VM.
     fn session(&self, id: &str, caller: Option<&Digest>) -> Result<Arc<Session>, Status> {
+        if id.len() > MAX_SESSION_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "a session id of {} bytes is none of this server's (at most {MAX_SESSION_ID_LEN}): use the session id of your Welcome",
+                id.len()
+            )));
+        }
         let session = self.sessions.get(id).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "unknown session `{id}`: open a session with Connect and use the session id of its Welcome"
@@ -182,7 +206,7 @@ impl ProtectionService {
 #[tonic::async_trait]
 impl ProtectionServer for ProtectionService {
     type ConnectStream = session::SessionStream;
-    type ScanStream = ReceiverStream<Result<ScanReply, Status>>;
+    type ScanStream = replies::ReplyStream;
 
     async fn connect(
         &self,
@@ -206,7 +230,7 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<Streaming<ScanRequest>>,
     ) -> Result<Response<Self::ScanStream>, Status> {
-        let (tx, rx) = mpsc::channel(REPLY_BUFFER);
+        let (tx, rx) = replies::queue();
         let caller = self.state.caller(&request);
         tokio::spawn(scan::run(
             Arc::clone(&self.state),
@@ -214,7 +238,7 @@ impl ProtectionServer for ProtectionService {
             caller,
             tx,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn lookup(

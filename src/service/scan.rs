@@ -32,16 +32,14 @@ use std::{
 use parking_lot::Mutex;
 use tokio::{
     runtime::Handle,
-    sync::{
-        Semaphore,
-        mpsc::{self, error::TrySendError},
-    },
+    sync::Semaphore,
     time::{Duration, Instant, Sleep},
 };
 use tonic::{Code, Status, Streaming};
 
 use super::{
-    Counters, ServiceState, parse_digest,
+    Counters, ServiceState, check_path, parse_digest,
+    replies::{MESSAGE_BYTES, NoSlot, Replies, weight},
     upload::{Received, Upload, UploadError},
 };
 use crate::{
@@ -57,8 +55,6 @@ use crate::{
     sessions::{FilePlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
 };
-
-type Replies = mpsc::Sender<Result<ScanReply, Status>>;
 
 /// The most replies one `ScanReply` carries: a batch of begins refused
 /// one by one must not pile up its replies in memory.
@@ -493,9 +489,9 @@ impl ScanStream {
         );
         let _ = self.fail_open_files(Code::DeadlineExceeded, &message).await;
         // Best effort: an agent that reads nothing is not waited for.
-        let _ = self
-            .replies
-            .try_send(Err(Status::deadline_exceeded(message)));
+        if let Ok(slot) = self.replies.try_reserve(message.len()) {
+            slot.send(Err(Status::deadline_exceeded(message)));
+        }
         Err(())
     }
 
@@ -508,7 +504,11 @@ impl ScanStream {
         let (code, message) = (status.code(), status.message().to_owned());
         if self.fail_open_files(code, &message).await.is_ok() {
             let idle_timeout = self.state.idle_timeout;
-            let _ = tokio::time::timeout(idle_timeout, self.replies.send(Err(status))).await;
+            let sent = async {
+                let slot = self.replies.reserve(status.message().len()).await;
+                slot.map(|slot| slot.send(Err(status)))
+            };
+            let _ = tokio::time::timeout(idle_timeout, sent).await;
         }
     }
 
@@ -520,6 +520,9 @@ impl ScanStream {
     /// the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
         let mut replies = self.take_landed();
+        // What `replies` weigh (see `replies::weight`), sent before they
+        // make a heavy message: verdicts may carry many detections.
+        let mut weighing = 0;
         let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
@@ -544,9 +547,11 @@ impl ScanStream {
                     .close(cancel.file_id)
                     .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
             };
+            weighing += reply.as_ref().map_or(0, weight);
             replies.extend(reply);
-            if replies.len() >= MAX_REPLIES {
+            if replies.len() >= MAX_REPLIES || weighing >= MESSAGE_BYTES {
                 self.send_all(std::mem::take(&mut replies)).await?;
+                weighing = 0;
             }
         }
         self.send_all(replies).await
@@ -563,25 +568,34 @@ impl ScanStream {
         Err(())
     }
 
-    /// Sends `replies`, at most [`MAX_REPLIES`] to a message. Fails when
-    /// the agent is gone, or has taken none of its replies for the idle
-    /// timeout: an agent that stops reading must not keep its open files,
-    /// and the flights other VMs wait on, for ever.
+    /// Sends `replies`, at most [`MAX_REPLIES`] (or [`MESSAGE_BYTES`] of
+    /// weight) to a message. Fails when the agent is gone, or has taken
+    /// none of its replies for the idle timeout: an agent that stops
+    /// reading must not keep its open files, and the flights other VMs wait
+    /// on, for ever.
     async fn send_all(&mut self, mut replies: Vec<FileReply>) -> Result<(), ()> {
         while !replies.is_empty() {
-            let rest = replies.split_off(replies.len().min(MAX_REPLIES));
+            let (mut count, mut weighs) = (0, 0);
+            for reply in replies.iter().take(MAX_REPLIES) {
+                let more = weight(reply);
+                if count > 0 && weighs + more > MESSAGE_BYTES {
+                    break;
+                }
+                (count, weighs) = (count + 1, weighs + more);
+            }
+            let rest = replies.split_off(count);
             // A timer only when the buffer is full: one for every message
             // would cost the runtime's timer wheel a lock each (see `Timers`).
-            let slot = match self.replies.try_reserve() {
+            let slot = match self.replies.try_reserve(weighs) {
                 Ok(slot) => slot,
-                Err(TrySendError::Closed(())) => return Err(()),
-                Err(TrySendError::Full(())) => {
+                Err(NoSlot::Closed) => return Err(()),
+                Err(NoSlot::Full) => {
                     self.moved = true;
                     let (idle, waiting_since) = (self.state.idle_timeout, Instant::now());
-                    let reserved = tokio::time::timeout(idle, self.replies.reserve()).await;
+                    let reserved = tokio::time::timeout(idle, self.replies.reserve(weighs)).await;
                     Self::held_up(&mut self.open, waiting_since.elapsed());
                     match reserved {
-                        Ok(reserved) => reserved.map_err(drop)?,
+                        Ok(reserved) => reserved.ok_or(())?,
                         Err(_) => return self.unread(),
                     }
                 }
@@ -784,6 +798,8 @@ impl ScanStream {
             return Err(fail(Code::InvalidArgument, message));
         }
         let claimed = parse_digest(&begin.blake3).map_err(|m| fail(Code::InvalidArgument, m))?;
+        check_path(&begin.path)
+            .map_err(|status| fail(status.code(), status.message().to_owned()))?;
         self.state
             .uploads
             .check_size(begin.size)
@@ -1071,25 +1087,28 @@ impl VerdictDue {
             replies: vec![reply(self.id, kind)],
             signatures_version: String::new(),
         });
-        match self.replies.try_reserve() {
+        let weighs = message
+            .as_ref()
+            .map_or(0, |m| m.replies.iter().map(weight).sum());
+        match self.replies.try_reserve(weighs) {
             Ok(slot) => {
                 drop((place, taken));
                 slot.send(message);
             }
-            Err(TrySendError::Full(())) => {
+            Err(NoSlot::Full) => {
                 let (replies, idle) = (self.replies.clone(), self.idle_timeout);
                 self.runtime.spawn(async move {
-                    match tokio::time::timeout(idle, replies.reserve()).await {
-                        Ok(Ok(slot)) => {
+                    match tokio::time::timeout(idle, replies.reserve(weighs)).await {
+                        Ok(Some(slot)) => {
                             drop((place, taken));
                             slot.send(message);
                         }
-                        Ok(Err(_)) => {}
+                        Ok(None) => {}
                         Err(_) => taken.map_or((), TakenId::given_up),
                     }
                 });
             }
-            Err(TrySendError::Closed(())) => {}
+            Err(NoSlot::Closed) => {}
         }
     }
 }
@@ -1410,6 +1429,7 @@ async fn receive_file(
     mut chunks: Streaming<FileChunk>,
 ) -> Result<(Received, String), Status> {
     let name = first.as_ref().map(|c| c.path.clone()).unwrap_or_default();
+    check_path(&name)?;
     let mut upload = state
         .uploads
         .begin(None, None, None)

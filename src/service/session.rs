@@ -134,7 +134,15 @@ pub(super) async fn run(
     certificate: Option<CertificateDer<'static>>,
     out: Outbox,
 ) {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, incoming.message()).await {
+    // A stop ends the wait for a Hello: a connection that has not sent one
+    // must not hold up the server's shutdown for HELLO_TIMEOUT, nor be
+    // welcomed into a server that is going away.
+    let mut shutdown = state.shutdown.clone();
+    let first = tokio::select! {
+        first = tokio::time::timeout(HELLO_TIMEOUT, incoming.message()) => first,
+        () = shut_down(&mut shutdown) => return out.end(shutting_down()),
+    };
+    let hello = match first {
         Ok(Ok(Some(AgentMessage {
             kind: Some(agent_message::Kind::Hello(hello)),
         }))) => hello,
@@ -154,6 +162,9 @@ pub(super) async fn run(
         Ok(Err(status)) => return out.end(status),
         Ok(Ok(None)) => return,
     };
+    if *shutdown.borrow() {
+        return out.end(shutting_down());
+    }
     let session = match admit(&state, &hello, certificate.as_ref()) {
         Ok(session) => session,
         Err((reason, message)) => return reject(&out, reason, &message).await,
@@ -185,14 +196,9 @@ fn admit(
     hello: &Hello,
     certificate: Option<&CertificateDer<'_>>,
 ) -> Result<Arc<Session>, (RejectReason, String)> {
-    if let Err(message) = check_identity(hello) {
-        return Err((RejectReason::InvalidHello, message));
-    }
-    if state.vm_id_in_certificate
-        && let Err(message) = check_certified(&hello.vm_id, certificate)
-    {
-        return Err((RejectReason::NotCertified, message));
-    }
+    // First: an agent of another version may fill its Hello by other
+    // rules, and should be told to look for a compatible SVM, not that its
+    // Hello is malformed.
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err((
             RejectReason::IncompatibleVersion,
@@ -201,6 +207,14 @@ fn admit(
                 hello.protocol_version
             ),
         ));
+    }
+    if let Err(message) = check_identity(hello) {
+        return Err((RejectReason::InvalidHello, message));
+    }
+    if state.vm_id_in_certificate
+        && let Err(message) = check_certified(&hello.vm_id, certificate)
+    {
+        return Err((RejectReason::NotCertified, message));
     }
     if hello.require_encryption && !state.encrypted {
         return Err((
@@ -388,6 +402,7 @@ async fn serve(
         mut superseded,
     } = watched;
     let mut shutdown = state.shutdown.clone();
+    let silence = state.heartbeat_interval * 3;
     let mut sequence = 0;
     loop {
         let told = tokio::select! {
@@ -405,15 +420,20 @@ async fn serve(
                 // agent is told why, if it still listens.
                 Err(status) => return (Ending::Dropped, Some(status)),
             },
-            _ = heartbeat.tick() => {
-                let silence = state.heartbeat_interval * 3;
-                if session.last_seen().elapsed() > silence {
+            // Looked at when the third heartbeat is overdue, not at the
+            // server's next tick, which may come an interval later; the
+            // agent may have been heard meanwhile, on a Scan stream too.
+            () = tokio::time::sleep_until((session.last_seen() + silence).into()) => {
+                if session.last_seen().elapsed() >= silence {
                     tracing::warn!(session = %session.id, "agent missed three heartbeats");
                     let message = format!(
                         "no message from the agent for three heartbeat intervals ({silence:?}); the session is closed"
                     );
                     return (Ending::Dropped, Some(Status::deadline_exceeded(message)));
                 }
+                Ok(())
+            }
+            _ = heartbeat.tick() => {
                 sequence += 1;
                 out.tell(session, server_message::Kind::Heartbeat(Heartbeat { sequence }))
             }
@@ -434,15 +454,18 @@ async fn serve(
                 let reason = restart.borrow_and_update().clone().unwrap_or_default();
                 out.tell(session, server_message::Kind::RestartSession(RestartSession { reason }))
             }
-            () = shut_down(&mut shutdown) => {
-                let status = Status::unavailable("the server is shutting down");
-                return (Ending::ServerShutdown, Some(status));
-            }
+            () = shut_down(&mut shutdown) => return (Ending::ServerShutdown, Some(shutting_down())),
         };
         if let Err(status) = told {
             return (Ending::Dropped, status);
         }
     }
+}
+
+/// How a session, or a Connect waiting for its Hello, ends as the server
+/// stops.
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down")
 }
 
 /// An agent's text as logs show it: its first [`MAX_IDENTITY_LEN`] bytes
