@@ -396,13 +396,14 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
     let data = content(7, 64 << 10);
     let mut lw = LeadAndWaiter::start(&server, &data).await;
-    // The lead stops reading and keeps sending: begins naming a long,
-    // unknown session, each refused with a reply that quotes it, until the
-    // server's reply buffer and the HTTP/2 windows are full.
-    let bogus = "x".repeat(8 << 10);
+    // The lead stops reading and keeps sending: begins naming an unknown
+    // session (as long as a session id may be), each refused with a reply
+    // that quotes it, until the server's reply buffer and the HTTP/2
+    // windows are full.
+    let bogus = "x".repeat(scanserver::service::MAX_SESSION_ID_LEN);
     let lead = lw.lead.clone();
     tokio::spawn(async move {
-        for id in 2..1000 {
+        for id in 2..50_000 {
             if lead.send(begin(&bogus, id, b"", None)).await.is_err() {
                 break;
             }
@@ -1270,7 +1271,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
     );
 
     // A session id no server gives, too long to be repeated back, and a
-    // path over 32 KiB: refused, with short replies.
+    // path over 96 KiB: refused, with short replies.
     tx.send(begin(&"s".repeat(1 << 20), 5, b"x", None))
         .await
         .unwrap();
@@ -1278,7 +1279,7 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
     assert_eq!(error_code(&refused), Code::InvalidArgument);
     assert!(format!("{refused:?}").len() < 1000, "{refused:?}");
     let deep = FileBegin {
-        path: "d\\".repeat(20 << 10),
+        path: "d\\".repeat(50 << 10),
         ..file_begin(&session, 5)
     };
     tx.send(ScanRequest::from(file_request::Kind::Begin(deep)))

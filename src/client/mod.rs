@@ -238,7 +238,16 @@ impl Agent {
             check_tls(&options.server, tls)?;
             endpoint = endpoint.tls_config(client_tls(tls)?)?;
         }
-        let mut client = ProtectionServerClient::new(endpoint.connect().await?)
+        // `connect_timeout` bounds the TCP connection alone, not the TLS
+        // handshake after it.
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+            .await
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded(format!(
+                    "no connection to the server within {CONNECT_TIMEOUT:?}"
+                ))
+            })??;
+        let mut client = ProtectionServerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let (to_server, outbox) = mpsc::channel(16);
@@ -253,8 +262,8 @@ impl Agent {
             require_encryption: options.require_encryption,
         });
         let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
-        // The connection's own timeout ends with the handshakes: a server
-        // that took it, then never answers the Hello, is given as long.
+        // A server that took the connection, then never answers the Hello,
+        // is given as long.
         let answer = async {
             let mut incoming = client
                 .connect(ReceiverStream::new(outbox))

@@ -284,6 +284,10 @@ impl StuckContents {
                 Some(kept) => std::mem::replace(kept, false),
                 None => {
                     if room {
+                        tracing::error!(
+                            %digest,
+                            "content kept a scan thread busy for over {STUCK_AFTER_TIMEOUTS} scan timeouts, then let it go: it is refused for the rest of this run"
+                        );
                         known.insert(*digest, false);
                     }
                     false

@@ -49,10 +49,10 @@ pub const MAX_LOOKUP_DIGESTS: usize = 100_000;
 pub const MAX_SESSION_ID_LEN: usize = 64;
 
 /// The longest file path accepted in a begin or a `ScanFile` call, in
-/// bytes: a Windows long path has at most 32,767 characters. A file's path
-/// stays with it until its verdict (for the rules, the logs and the VM's
-/// records), in no budget but this.
-pub const MAX_PATH_LEN: usize = 32 << 10;
+/// bytes: a Windows long path has at most 32,767 characters, each at most 3
+/// bytes in UTF-8. A file's path stays with it until its verdict (for the
+/// rules, the logs and the VM's records), in no budget but this.
+pub const MAX_PATH_LEN: usize = 96 << 10;
 
 /// Checks a file's path against [`MAX_PATH_LEN`].
 fn check_path(path: &str) -> Result<(), Status> {

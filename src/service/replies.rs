@@ -35,7 +35,8 @@ use crate::proto::{FileReply, ScanReply};
 pub const REPLY_MESSAGES: usize = 256;
 
 /// The weight of the replies queued per stream before the server waits for
-/// the agent to read them: a connection's 64 streams hold at most 64 MiB.
+/// the agent to read them: about 64 MiB for a connection's 64 streams (a
+/// message heavier than this goes alone, once the queue is empty).
 pub const REPLY_BYTES: usize = 1 << 20;
 
 /// The encoded replies one message carries at most: a thousand verdicts

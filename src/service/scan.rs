@@ -520,9 +520,9 @@ impl ScanStream {
     /// the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
         let mut replies = self.take_landed();
-        // What `replies` weigh (see `replies::weight`), sent before they
-        // make a heavy message: verdicts may carry many detections.
-        let mut weighing = 0;
+        // What `replies` weigh (see `replies::weight`): sent before they
+        // make a heavy message, as verdicts may carry many detections.
+        let mut weighing = replies.iter().map(weight).sum();
         let mut session = SessionOfMessage::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
@@ -540,7 +540,9 @@ impl ScanStream {
                     reply
                 }
                 file_request::Kind::End(end) => {
-                    self.send_all(std::mem::take(&mut replies)).await?;
+                    let weighed = std::mem::take(&mut weighing);
+                    self.send_weighed(std::mem::take(&mut replies), weighed)
+                        .await?;
                     self.end(end.file_id).await
                 }
                 file_request::Kind::Cancel(cancel) => self
@@ -550,11 +552,12 @@ impl ScanStream {
             weighing += reply.as_ref().map_or(0, weight);
             replies.extend(reply);
             if replies.len() >= MAX_REPLIES || weighing >= MESSAGE_BYTES {
-                self.send_all(std::mem::take(&mut replies)).await?;
-                weighing = 0;
+                let weighed = std::mem::take(&mut weighing);
+                self.send_weighed(std::mem::take(&mut replies), weighed)
+                    .await?;
             }
         }
-        self.send_all(replies).await
+        self.send_weighed(replies, weighing).await
     }
 
     /// Ends the stream of an agent that took none of its replies for the
@@ -573,16 +576,31 @@ impl ScanStream {
     /// none of its replies for the idle timeout: an agent that stops
     /// reading must not keep its open files, and the flights other VMs wait
     /// on, for ever.
-    async fn send_all(&mut self, mut replies: Vec<FileReply>) -> Result<(), ()> {
+    async fn send_all(&mut self, replies: Vec<FileReply>) -> Result<(), ()> {
+        let weighs = replies.iter().map(weight).sum();
+        self.send_weighed(replies, weighs).await
+    }
+
+    /// [`Self::send_all`] for `replies` known to weigh `total`: weighed
+    /// again one by one only when they make more than one message.
+    async fn send_weighed(
+        &mut self,
+        mut replies: Vec<FileReply>,
+        mut total: usize,
+    ) -> Result<(), ()> {
         while !replies.is_empty() {
-            let (mut count, mut weighs) = (0, 0);
-            for reply in replies.iter().take(MAX_REPLIES) {
-                let more = weight(reply);
-                if count > 0 && weighs + more > MESSAGE_BYTES {
-                    break;
+            let (mut count, mut weighs) = (replies.len(), total);
+            if count > MAX_REPLIES || weighs > MESSAGE_BYTES {
+                (count, weighs) = (0, 0);
+                for reply in replies.iter().take(MAX_REPLIES) {
+                    let more = weight(reply);
+                    if count > 0 && weighs + more > MESSAGE_BYTES {
+                        break;
+                    }
+                    (count, weighs) = (count + 1, weighs + more);
                 }
-                (count, weighs) = (count + 1, weighs + more);
             }
+            total = total.saturating_sub(weighs);
             let rest = replies.split_off(count);
             // A timer only when the buffer is full: one for every message
             // would cost the runtime's timer wheel a lock each (see `Timers`).

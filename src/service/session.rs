@@ -403,6 +403,12 @@ async fn serve(
     } = watched;
     let mut shutdown = state.shutdown.clone();
     let silence = state.heartbeat_interval * 3;
+    // Looked at when the third heartbeat is overdue, not at the server's
+    // next tick, which may come an interval later; the agent may have been
+    // heard meanwhile, on a Scan stream too. One timer, moved on as it
+    // fires: its messages do not each set a timer.
+    let silent = tokio::time::sleep(silence);
+    tokio::pin!(silent);
     let mut sequence = 0;
     loop {
         let told = tokio::select! {
@@ -420,17 +426,16 @@ async fn serve(
                 // agent is told why, if it still listens.
                 Err(status) => return (Ending::Dropped, Some(status)),
             },
-            // Looked at when the third heartbeat is overdue, not at the
-            // server's next tick, which may come an interval later; the
-            // agent may have been heard meanwhile, on a Scan stream too.
-            () = tokio::time::sleep_until((session.last_seen() + silence).into()) => {
-                if session.last_seen().elapsed() >= silence {
+            () = &mut silent => {
+                let quiet = session.last_seen().elapsed();
+                if quiet >= silence {
                     tracing::warn!(session = %session.id, "agent missed three heartbeats");
                     let message = format!(
                         "no message from the agent for three heartbeat intervals ({silence:?}); the session is closed"
                     );
                     return (Ending::Dropped, Some(Status::deadline_exceeded(message)));
                 }
+                silent.as_mut().reset(tokio::time::Instant::now() + (silence - quiet));
                 Ok(())
             }
             _ = heartbeat.tick() => {
