@@ -35,14 +35,18 @@ use crate::proto::{FileReply, ScanReply};
 pub const REPLY_MESSAGES: usize = 256;
 
 /// The weight of the replies queued per stream before the server waits for
-/// the agent to read them: about 64 MiB for a connection's 64 streams (a
-/// message heavier than this goes alone, once the queue is empty).
-pub const REPLY_BYTES: usize = 1 << 20;
+/// the agent to read them: about 256 MiB for a connection's 64 streams (a
+/// message heavier than this goes alone, once the queue is empty). A
+/// thousand hash-first verdicts weigh some 150 KiB: a stream that answers
+/// a burst of them should not wait for its agent to read the first
+/// (each wait sets a timer).
+pub const REPLY_BYTES: usize = 4 << 20;
 
-/// The encoded replies one message carries at most: a thousand verdicts
+/// The weight of replies one message carries at most: a thousand verdicts
 /// with many detections each must not make a message over what the agent
-/// decodes (16 MiB, as the server), nor weigh more than a stream may queue.
-pub const MESSAGE_BYTES: usize = REPLY_BYTES / 4;
+/// decodes (16 MiB, as the server), nor weigh much of what a stream may
+/// queue.
+pub const MESSAGE_BYTES: usize = 256 << 10;
 
 /// What a reply message weighs against [`REPLY_BYTES`].
 pub fn weight(reply: &FileReply) -> usize {
