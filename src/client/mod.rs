@@ -57,6 +57,10 @@ pub enum ClientError {
     },
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server took no connection, or did not answer the session's
+    /// Hello, within [`CONNECT_TIMEOUT`].
+    #[error("{0}")]
+    TimedOut(String),
     /// The server ended the agent's session (a newer session of the same
     /// VM id replaced it, say): a scan under way stops, its files left
     /// failing with why.
@@ -243,8 +247,8 @@ impl Agent {
         let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
             .await
             .map_err(|_| {
-                tonic::Status::deadline_exceeded(format!(
-                    "no connection to the server within {CONNECT_TIMEOUT:?}"
+                ClientError::TimedOut(format!(
+                    "cannot connect to the server: no connection within {CONNECT_TIMEOUT:?}"
                 ))
             })??;
         let mut client = ProtectionServerClient::new(channel)
@@ -275,7 +279,7 @@ impl Agent {
         let (mut incoming, first) = tokio::time::timeout(CONNECT_TIMEOUT, answer)
             .await
             .map_err(|_| {
-                tonic::Status::deadline_exceeded(format!(
+                ClientError::TimedOut(format!(
                     "the server did not answer the session's Hello within {CONNECT_TIMEOUT:?}"
                 ))
             })??;
@@ -433,10 +437,10 @@ impl Agent {
     }
 }
 
-/// The TLS settings for `tls`, its files read.
-/// How long a connection to the server may take to open: a host that
-/// drops packets would otherwise hold each attempt for the kernel's two
-/// minutes of retries.
+/// How long a connection to the server may take to open (its TLS handshake
+/// included), and then the server to answer the session's Hello: a host
+/// that drops packets would otherwise hold each attempt for the kernel's
+/// two minutes of retries.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refuses TLS settings that could not work: tonic speaks TLS only to an
@@ -456,6 +460,7 @@ fn check_tls(server: &str, tls: &ClientTls) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The TLS settings for `tls`, its files read.
 pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| ClientError::Read {

@@ -514,8 +514,8 @@ impl ScanStream {
 
     /// Handles the requests of one message in order, and sends their
     /// replies, with the verdicts held so far, in as few messages as their
-    /// number allows: at the end of the message, or every [`MAX_REPLIES`],
-    /// or before an end (which may wait for a place in the engine's
+    /// number allows: at the end of the message, or every [`MAX_REPLIES`]
+    /// (or [`MESSAGE_BYTES`] of weight), or before an end (which may wait for a place in the engine's
     /// queue: the replies ready before it do not wait with it). Fails when
     /// the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
