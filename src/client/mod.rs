@@ -244,13 +244,11 @@ impl Agent {
         }
         // `connect_timeout` bounds the TCP connection alone, not the TLS
         // handshake after it.
-        let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
-            .await
-            .map_err(|_| {
-                ClientError::TimedOut(format!(
-                    "cannot connect to the server: no connection within {CONNECT_TIMEOUT:?}"
-                ))
-            })??;
+        let channel = in_time(
+            endpoint.connect(),
+            "cannot connect to the server: no connection",
+        )
+        .await?;
         let mut client = ProtectionServerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -276,13 +274,8 @@ impl Agent {
             let first = incoming.message().await?;
             Ok::<_, tonic::Status>((incoming, first))
         };
-        let (mut incoming, first) = tokio::time::timeout(CONNECT_TIMEOUT, answer)
-            .await
-            .map_err(|_| {
-                ClientError::TimedOut(format!(
-                    "the server did not answer the session's Hello within {CONNECT_TIMEOUT:?}"
-                ))
-            })??;
+        let (mut incoming, first) =
+            in_time(answer, "the server did not answer the session's Hello").await?;
         let welcome = match first.and_then(|m| m.kind) {
             Some(server_message::Kind::Welcome(welcome)) => welcome,
             Some(server_message::Kind::Rejection(rejection)) => {
@@ -442,6 +435,23 @@ impl Agent {
 /// that drops packets would otherwise hold each attempt for the kernel's
 /// two minutes of retries.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `step` of opening a session, given up on after [`CONNECT_TIMEOUT`]
+/// (`what` says what did not happen in time).
+async fn in_time<T, E>(
+    step: impl std::future::Future<Output = Result<T, E>>,
+    what: &str,
+) -> Result<T, ClientError>
+where
+    ClientError: From<E>,
+{
+    match tokio::time::timeout(CONNECT_TIMEOUT, step).await {
+        Ok(done) => Ok(done?),
+        Err(_) => Err(ClientError::TimedOut(format!(
+            "{what} within {CONNECT_TIMEOUT:?}"
+        ))),
+    }
+}
 
 /// Refuses TLS settings that could not work: tonic speaks TLS only to an
 /// `https://` address (and plain HTTP/2, silently, to an `http://` one),

@@ -48,7 +48,8 @@ pub const REPLY_BYTES: usize = 4 << 20;
 /// queue.
 pub const MESSAGE_BYTES: usize = 256 << 10;
 
-/// What a reply message weighs against [`REPLY_BYTES`].
+/// What one reply weighs: a message weighs its replies' sum against
+/// [`REPLY_BYTES`] and [`MESSAGE_BYTES`].
 pub fn weight(reply: &FileReply) -> usize {
     reply.encoded_len() + std::mem::size_of::<FileReply>()
 }

@@ -515,9 +515,9 @@ impl ScanStream {
     /// Handles the requests of one message in order, and sends their
     /// replies, with the verdicts held so far, in as few messages as their
     /// number allows: at the end of the message, or every [`MAX_REPLIES`]
-    /// (or [`MESSAGE_BYTES`] of weight), or before an end (which may wait for a place in the engine's
-    /// queue: the replies ready before it do not wait with it). Fails when
-    /// the agent is gone.
+    /// (or [`MESSAGE_BYTES`] of weight), or before an end (which may wait
+    /// for a place in the engine's queue: the replies ready before it do
+    /// not wait with it). Fails when the agent is gone.
     async fn handle(&mut self, request: ScanRequest) -> Result<(), ()> {
         let mut replies = self.take_landed();
         // What `replies` weigh (see `replies::weight`): sent before they
@@ -1100,14 +1100,13 @@ impl VerdictDue {
     /// [`Owed::unread`]).
     fn reply(&mut self, kind: file_reply::Kind) {
         let (place, taken) = (self.in_flight.take(), self.taken.take());
+        let reply = reply(self.id, kind);
+        let weighs = weight(&reply);
         // The verdict of content carries its own signatures version.
         let message = Ok(ScanReply {
-            replies: vec![reply(self.id, kind)],
+            replies: vec![reply],
             signatures_version: String::new(),
         });
-        let weighs = message
-            .as_ref()
-            .map_or(0, |m| m.replies.iter().map(weight).sum());
         match self.replies.try_reserve(weighs) {
             Ok(slot) => {
                 drop((place, taken));
