@@ -31,7 +31,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -529,6 +529,9 @@ pub struct Vms {
     /// Opening the registry changed records (the starts their VMs were
     /// awaited at): see [`Vms::changed_at_open`].
     changed_at_open: bool,
+    /// One more than the generation last written to the file (0: none
+    /// written yet): see [`Vms::save`].
+    written: AtomicU64,
 }
 
 impl Vms {
@@ -541,6 +544,7 @@ impl Vms {
             limit: MAX_VMS,
             stopping: AtomicBool::new(false),
             changed_at_open: false,
+            written: AtomicU64::new(0),
         }
     }
 
@@ -607,6 +611,7 @@ impl Vms {
             limit: MAX_VMS,
             stopping: AtomicBool::new(false),
             changed_at_open: awaited,
+            written: AtomicU64::new(0),
         };
         vms.forget_old();
         Ok(vms)
@@ -951,9 +956,11 @@ impl Vms {
     /// [`MAX_VMS`]. Done when the registry is loaded and saved (a second
     /// after changes, and at every save interval), not per connection: a
     /// boot storm should not walk it.
-    fn forget_old(&self) {
+    /// Whether any was forgotten.
+    fn forget_old(&self) -> bool {
         let horizon = horizon();
         let mut by_id = self.by_id.lock();
+        let before = by_id.len();
         by_id.retain(|_, vm| {
             vm.session_id.is_some() || vm.last_seen >= horizon || !vm.tags.is_empty()
         });
@@ -961,6 +968,7 @@ impl Vms {
             let excess = by_id.len() - self.limit;
             forget_idle(&mut by_id, excess, excess);
         }
+        by_id.len() < before
     }
 
     /// The file the registry is kept in (none for one in memory only).
@@ -968,15 +976,26 @@ impl Vms {
         self.path.as_deref()
     }
 
-    /// Writes the registry to the state folder, atomically.
+    /// Writes the registry to the state folder, atomically; unless the
+    /// file would say what it says already: no record changed since it was
+    /// written, none is old enough to forget, and no VM is connected (whose
+    /// last-seen time moves). An SVM with no agent does not rewrite its
+    /// registry at every save interval.
     pub fn save(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        self.forget_old();
+        // Read before the records: a change made after it is written now
+        // and again at the next save, never missed.
+        let generation = *self.changes.borrow() + 1;
+        let forgot = self.forget_old();
         // Pointers copied under the lock; the records of connected VMs,
         // whose last-seen time is now, copied after it.
         let mut vms: Vec<Arc<VmRecord>> = self.by_id.lock().values().cloned().collect();
+        let connected = vms.iter().any(|vm| vm.session_id.is_some());
+        if !forgot && !connected && self.written.load(Ordering::Relaxed) == generation {
+            return Ok(());
+        }
         let now = unix_ms(SystemTime::now());
         for vm in vms.iter_mut().filter(|vm| vm.session_id.is_some()) {
             let vm = Arc::make_mut(vm);
@@ -990,7 +1009,9 @@ impl Vms {
         };
         state::replace_file(path, |out| {
             serde_json::to_writer(&mut *out, &saved).map_err(io::Error::other)
-        })
+        })?;
+        self.written.store(generation, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -1120,6 +1141,40 @@ mod tests {
         let (vms, _sessions) = start();
         assert!(lost(&vms, "vm-d"), "lost at start {AWAITED_STARTS}");
         assert_eq!(vms.lost_unless_back(), 0, "counted once");
+    }
+
+    /// A save writes the file while a VM is connected or after a change,
+    /// not when it would say what it says already.
+    #[test]
+    fn an_idle_registry_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = Arc::new(Vms::open(dir.path()).unwrap());
+        let sessions = crate::sessions::Sessions::new(
+            10,
+            &Default::default(),
+            Arc::clone(&vms),
+            Default::default(),
+        );
+        let file = dir.path().join(FILE_NAME);
+        // Each save here after the file was removed: whether it wrote it.
+        let wrote = || {
+            let _ = fs::remove_file(&file);
+            vms.save().unwrap();
+            file.exists()
+        };
+        assert!(wrote(), "the first save");
+        assert!(!wrote(), "nothing changed");
+        let a = sessions.open(agent_of("vm-a")).unwrap();
+        assert!(
+            wrote() && wrote(),
+            "a VM connected: its last-seen time moves"
+        );
+        sessions.close(&a.id, Ending::Closed);
+        assert!(wrote(), "it disconnected");
+        assert!(!wrote(), "idle");
+        vms.assign("vm-a", SecurityTag::VirusFound).unwrap();
+        assert!(wrote(), "a tag assigned");
+        assert!(!wrote(), "idle again");
     }
 
     #[test]

@@ -117,14 +117,23 @@ pub struct CacheStats {
     pub bytes: u64,
     /// The memory budget.
     pub budget: u64,
+    /// Requests (a hash-first begin, a digest in a Lookup, content
+    /// received or read) whose verdict was cached when they came.
     pub hits: u64,
+    /// The other requests: each is counted once, at its first look, so a
+    /// request that then waited for a scan under way (see
+    /// `coalesced_waits`), or found the verdict of a scan that ended just
+    /// after that look, stays a miss.
     pub misses: u64,
     /// hits / (hits + misses), 0 before the first lookup.
     pub hit_ratio: f64,
     /// Requests that waited for a scan or upload of the same content under
-    /// way rather than starting their own.
+    /// way rather than starting their own (whatever that wait brought: a
+    /// verdict, or, when that scan failed or was of other signatures,
+    /// nothing).
     pub coalesced_waits: u64,
-    /// Entries evicted to stay within the budget.
+    /// Entries evicted to stay within the budget (an entry larger than
+    /// the cache can hold at all is counted here as it is refused).
     pub evictions: u64,
     /// Entries loaded from the snapshot at start.
     pub loaded: u64,
