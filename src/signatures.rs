@@ -349,9 +349,7 @@ impl Ruleset {
     /// a pre-compiled rules file), reusing compiled rules from `cache_dir`
     /// when they are there and storing them there when they are not.
     pub fn load(source: &Path, cache_dir: Option<&Path>) -> Result<Ruleset, SignatureError> {
-        if !source.exists() {
-            return Err(SignatureError::Missing(source.to_owned()));
-        }
+        reachable(source)?;
         if is_precompiled(source)? {
             return Self::load_precompiled(source);
         }
@@ -388,9 +386,7 @@ impl Ruleset {
     /// compiling: the periodic check of a serving ruleset compares it with
     /// the loaded one's.
     pub fn version_of(source: &Path) -> Result<String, SignatureError> {
-        if !source.exists() {
-            return Err(SignatureError::Missing(source.to_owned()));
-        }
+        reachable(source)?;
         if is_precompiled(source)? {
             let bytes = fs::read(source).map_err(|e| SignatureError::io(source, e))?;
             return Ok(precompiled_version(&bytes));
@@ -656,18 +652,35 @@ impl SourceSet {
             .canonicalize()
             .map_err(|e| SignatureError::io(root, e))?;
         let mut files = Vec::new();
-        for entry in WalkDir::new(source).follow_links(true).sort_by_file_name() {
-            let entry = entry.map_err(|e| {
-                let path = e.path().unwrap_or(source).to_owned();
-                SignatureError::io(&path, e.into())
-            })?;
-            let is_rule_file = entry
-                .path()
-                .extension()
-                .is_some_and(|ext| ext == "yar" || ext == "yara");
-            if entry.file_type().is_file() && is_rule_file {
-                files.push(SourceFile::read(&root, entry.path(), true)?);
+        let walk = WalkDir::new(source)
+            .follow_links(true)
+            .sort_by_file_name()
+            .into_iter()
+            // Hidden entries are not the ruleset's: an editor's lock file
+            // (`.#rules.yar`, a link to nowhere), a `.git` folder.
+            .filter_entry(|entry| entry.depth() == 0 || !hidden(entry.path()));
+        for entry in walk {
+            // A link is followed before it can be filtered: one to nowhere
+            // comes as an error.
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) if err.depth() > 0 && err.path().is_some_and(hidden) => continue,
+                Err(err) => return Err(walk_error(source, err)),
+            };
+            // The source itself, when a file, whatever its name.
+            let is_rule_file = entry.depth() == 0
+                || entry
+                    .path()
+                    .extension()
+                    .is_some_and(|ext| ext == "yar" || ext == "yara");
+            if !is_rule_file || entry.file_type().is_dir() {
+                continue;
             }
+            if !entry.file_type().is_file() {
+                let err = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
+                return Err(SignatureError::io(entry.path(), err));
+            }
+            files.push(SourceFile::read(&root, entry.path(), true)?);
         }
         if files.is_empty() {
             return Err(SignatureError::Empty(source.to_owned()));
@@ -828,6 +841,42 @@ impl SourceFile {
             top_level,
         })
     }
+}
+
+/// Whether a ruleset can be at `source`: there is none when nothing is
+/// there; anything else that keeps it from being looked at (a folder the
+/// server may not enter, a sandbox) is told as it is.
+fn reachable(source: &Path) -> Result<(), SignatureError> {
+    match fs::metadata(source) {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            Err(SignatureError::Missing(source.to_owned()))
+        }
+        Err(err) => Err(SignatureError::io(source, err)),
+    }
+}
+
+/// Whether the entry at `path` is hidden: its name begins with a dot.
+fn hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|name| name.as_encoded_bytes().starts_with(b"."))
+}
+
+/// An entry of the ruleset's folder that cannot be walked, told as what to
+/// do about it when it is a symbolic link to nowhere (or to itself).
+fn walk_error(source: &Path, err: walkdir::Error) -> SignatureError {
+    let path = err.path().unwrap_or(source).to_owned();
+    let is_link = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+    let err = io::Error::from(err);
+    let err = if is_link {
+        let message = format!(
+            "{err}; it is a symbolic link whose target cannot be read: remove it, or mend its target"
+        );
+        io::Error::new(err.kind(), message)
+    } else {
+        err
+    };
+    SignatureError::io(&path, err)
 }
 
 /// The `include` statements of `text`, as YARA-X's parser finds them:

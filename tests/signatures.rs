@@ -424,6 +424,52 @@ fn a_fifo_in_place_of_a_rule_file_fails_the_load() {
         let err = result.expect_err("a FIFO is not a rule file");
         assert!(err.to_string().contains("not a regular file"), "{err}");
     }
+    // Named as a rule file, not included: not left out in silence (its
+    // rules would be missing from a load that says it succeeded).
+    fs::write(dir.path().join("a.yar"), "rule a { condition: true }\n").unwrap();
+    let named = std::ffi::CString::new(dir.path().join("b.yar").as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(named.as_ptr(), 0o600) }, 0);
+    fs::remove_file(&fifo).unwrap();
+    let err = Ruleset::load(dir.path(), None).expect_err("a FIFO named b.yar");
+    assert!(
+        err.to_string().contains("b.yar: not a regular file"),
+        "{err}"
+    );
+}
+
+/// Hidden entries of the folder are not the ruleset's (an editor's lock
+/// file is a link to nowhere, a `.git` folder is not rules); a link to
+/// nowhere that is not hidden fails the load, saying what to do; a source
+/// file named by itself is compiled whatever its name.
+#[test]
+fn hidden_entries_are_left_out_and_a_broken_link_is_told() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.yar"), "rule a { condition: true }\n").unwrap();
+    symlink("root@host.1234:1700000000", dir.path().join(".#a.yar")).unwrap();
+    fs::create_dir(dir.path().join(".git")).unwrap();
+    fs::write(dir.path().join(".git/b.yar"), "not a rule").unwrap();
+    let ruleset = Ruleset::load(dir.path(), None).unwrap();
+    assert_eq!(ruleset.rule_count(), 1);
+    let version = ruleset.version().to_owned();
+    fs::remove_dir_all(dir.path().join(".git")).unwrap();
+    assert_eq!(
+        Ruleset::version_of(dir.path()).unwrap(),
+        version,
+        "not in the version"
+    );
+
+    symlink("gone.yar", dir.path().join("b.yar")).unwrap();
+    let err = Ruleset::load(dir.path(), None).expect_err("a link to nowhere");
+    assert!(err.to_string().contains("b.yar"), "{err}");
+    assert!(
+        err.to_string().contains("remove it, or mend its target"),
+        "{err}"
+    );
+
+    let named = dir.path().join("custom.rules");
+    fs::write(&named, "rule custom { condition: true }\n").unwrap();
+    assert_eq!(Ruleset::load(&named, None).unwrap().rule_count(), 1);
 }
 
 #[test]
