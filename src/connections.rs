@@ -798,8 +798,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
         self.or_closed(cx, flushed)
     }
 
+    /// Bounded as writes are: with TLS, a shutdown writes a close_notify,
+    /// which a peer that reads nothing (its window shut) would keep waiting
+    /// for ever, its connection's place held.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let shut = Pin::new(&mut self.io).poll_shutdown(cx);
+        let shut = self.or_idle(cx, shut);
+        self.or_closed(cx, shut)
     }
 }
 

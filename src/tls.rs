@@ -133,8 +133,11 @@ impl Tls {
     /// Reads the files again (see [`Tls::reload`]), logs the outcome and
     /// shows a failure in `svm`'s status.
     pub fn reload_and_report(&self, svm: &Svm) {
-        // A few small files: read on the runtime's thread.
-        self.load_and_report(Files::read(&self.settings), svm);
+        // A few small files: read on the runtime's thread, under the lock
+        // (see `keep_checking`).
+        let mut loaded = self.loaded();
+        let files = Files::read(&self.settings);
+        self.report(&mut loaded, files, svm);
     }
 
     /// Serves `files` if they are new and usable, logs the outcome and
@@ -143,8 +146,13 @@ impl Tls {
     /// at once (SIGHUP, the periodic look) report in the order they ran.
     fn load_and_report(&self, files: Result<Files, TlsError>, svm: &Svm) -> bool {
         let mut loaded = self.loaded();
+        self.report(&mut loaded, files, svm)
+    }
+
+    /// [`Self::load_and_report`], the lock taken.
+    fn report(&self, loaded: &mut blake3::Hash, files: Result<Files, TlsError>, svm: &Svm) -> bool {
         let reloaded = files
-            .and_then(|files| self.replace(&mut loaded, files))
+            .and_then(|files| self.replace(loaded, files))
             .map_err(|err| crate::WithCauses(&err).to_string());
         match &reloaded {
             Ok(true) => {
@@ -184,19 +192,27 @@ impl Tls {
             // Files that cannot be read (being replaced, or gone) are
             // looked at again; only when they stay so (a renewal written
             // with modes the server cannot read, say) is that a failure.
-            let files = match Files::read(&self.settings) {
-                Ok(files) => {
-                    unreadable = 0;
-                    Some(files)
-                }
-                Err(err) => {
-                    unreadable += 1;
-                    if unreadable == UNREADABLE_LOOKS {
-                        let err = crate::WithCauses(&err).to_string();
-                        tracing::error!("TLS files cannot be read, renewals are not served: {err}");
-                        svm.tls_reloaded(Err(err));
+            // Read and reported under the lock, as reloads report theirs:
+            // a SIGHUP's reload of mended files, reported before, must not
+            // be followed by this look's older failure.
+            let files = {
+                let _in_turn = self.loaded();
+                match Files::read(&self.settings) {
+                    Ok(files) => {
+                        unreadable = 0;
+                        Some(files)
                     }
-                    None
+                    Err(err) => {
+                        unreadable += 1;
+                        if unreadable == UNREADABLE_LOOKS {
+                            let err = crate::WithCauses(&err).to_string();
+                            tracing::error!(
+                                "TLS files cannot be read, renewals are not served: {err}"
+                            );
+                            svm.tls_reloaded(Err(err));
+                        }
+                        None
+                    }
                 }
             };
             let found = files.as_ref().map(Files::digest);

@@ -107,6 +107,12 @@ impl MappedBudget {
         }
     }
 
+    /// KiB of the budget no share holds now.
+    #[cfg(test)]
+    pub fn free_kib(&self) -> usize {
+        self.kib.available_permits()
+    }
+
     /// [`Self::share`], waited for on this thread. Never with a share of
     /// the same budget held: the two could be more than it holds.
     pub fn share_blocking(&self, size: u64) -> MappedShare {

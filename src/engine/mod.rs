@@ -248,10 +248,10 @@ impl ScanSlot {
         });
         let worker_engine = Arc::clone(&engine);
         engine.pool.spawn(move || {
-            let outcome = worker_engine.scan_on_worker(&job, mapped.is_some());
+            let outcome = worker_engine.scan_on_worker(&job, mapped);
             // The content (a spooled file's handle) is let go before
             // `then`, which gives back what kept it (its spool place).
-            drop((job, permit, mapped));
+            drop((job, permit));
             then(outcome);
         });
     }
@@ -395,7 +395,7 @@ impl Engine {
 
     /// Scans one job on the engine's pool, blocking the calling thread.
     pub fn scan(&self, job: &ScanJob) -> ScanOutcome {
-        self.pool.install(|| self.scan_on_worker(job, false))
+        self.pool.install(|| self.scan_on_worker(job, None))
     }
 
     /// Scans every job `jobs` yields, in parallel on the engine's pool,
@@ -410,7 +410,7 @@ impl Engine {
         use rayon::iter::{ParallelBridge, ParallelIterator};
         self.pool.install(|| {
             jobs.par_bridge().for_each(|job| {
-                let outcome = self.scan_on_worker(&job, false);
+                let outcome = self.scan_on_worker(&job, None);
                 on_result(job, outcome);
             })
         })
@@ -488,9 +488,11 @@ impl Engine {
         self.limits.timeout.saturating_mul(2)
     }
 
-    /// Scans `job` on this thread, one of the pool's. `share_held`: its
-    /// slot holds its content's share of the mapped budget.
-    fn scan_on_worker(&self, job: &ScanJob, share_held: bool) -> ScanOutcome {
+    /// Scans `job` on this thread, one of the pool's, with its content's
+    /// share of the mapped budget when its slot took one. The share is
+    /// kept with the thread's job: a thread that sticks gives it back (see
+    /// [`Engine::stuck_threads`]).
+    fn scan_on_worker(&self, job: &ScanJob, share: Option<MappedShare>) -> ScanOutcome {
         if let Some(why) = job.digest.and_then(|digest| self.refusal(&digest)) {
             let verdict = Verdict::failed(FailReason::Engine, why);
             let size = match &job.content {
@@ -505,7 +507,8 @@ impl Engine {
                 self.ruleset().version_arc(),
             );
         }
-        let busy = self.busy.begin(job.digest);
+        let share_held = share.is_some();
+        let busy = self.busy.begin(job.digest, share);
         let context = worker::Context {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,

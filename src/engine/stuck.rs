@@ -49,6 +49,7 @@ use std::{
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+use super::mapped::MappedShare;
 use crate::{cache::Digest, state};
 
 /// A job running this many scan timeouts is stuck: its scan would have
@@ -81,6 +82,10 @@ struct Job {
     digest: Option<Digest>,
     /// Its digest was handed out as that of content sticking its thread.
     noted: bool,
+    /// Its content's share of the mapped budget, taken before it began:
+    /// given back when it ends, or once it counts as stuck (see
+    /// [`Busy::longer_than`]).
+    share: Option<MappedShare>,
 }
 
 /// Marks its thread busy until it ends ([`BusyGuard::end`]) or is dropped
@@ -96,15 +101,21 @@ impl Busy {
         }
     }
 
-    /// Notes that this thread begins a job on content of `digest`; `None`
-    /// off the pool's threads.
-    pub fn begin(&self, digest: Option<Digest>) -> Option<BusyGuard<'_>> {
+    /// Notes that this thread begins a job on content of `digest`, holding
+    /// `share`; `None` off the pool's threads (where `share` is dropped at
+    /// once: only spooled uploads, scanned on the pool, take one before).
+    pub fn begin(
+        &self,
+        digest: Option<Digest>,
+        share: Option<MappedShare>,
+    ) -> Option<BusyGuard<'_>> {
         let slot = self.slots.get(rayon::current_thread_index()?)?;
         let began = self.millis() + 1;
         *slot.job.lock() = Job {
             began,
             digest,
             noted: false,
+            share,
         };
         slot.began.store(began, Ordering::Relaxed);
         Some(BusyGuard(slot))
@@ -112,7 +123,11 @@ impl Busy {
 
     /// How many threads have been busy with one job for longer than `age`,
     /// and the digests of those jobs' contents, where known (noted: see
-    /// [`BusyGuard::end`]).
+    /// [`BusyGuard::end`]). Those jobs give back their shares of the
+    /// mapped budget: the budget's shares are handed out in order, so one
+    /// held by a thread that never ends would keep every large upload after
+    /// it waiting for ever. (Its mapping, if it made one, then stays
+    /// outside the budget: at most one file per scan thread.)
     pub fn longer_than(&self, age: Duration) -> (usize, Vec<Digest>) {
         let (mut count, mut digests) = (0, Vec::new());
         let now = self.millis();
@@ -120,9 +135,15 @@ impl Busy {
             count += 1;
             // Read again with the digest: the job may have ended since.
             let mut job = slot.job.lock();
-            if older_than(job.began, age, now)
-                && let Some(digest) = job.digest
-            {
+            if !older_than(job.began, age, now) {
+                continue;
+            }
+            if job.share.take().is_some() {
+                tracing::warn!(
+                    "a stuck scan thread gives back its share of the mapped budget: large uploads go on without it"
+                );
+            }
+            if let Some(digest) = job.digest {
                 job.noted = true;
                 digests.push(digest);
             }
@@ -185,6 +206,7 @@ impl BusyGuard<'_> {
         slot.began.store(0, Ordering::Relaxed);
         let mut job = slot.job.lock();
         job.began = 0;
+        job.share = None;
         job.noted.then_some(job.digest).flatten()
     }
 }
@@ -192,7 +214,9 @@ impl BusyGuard<'_> {
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.0.began.store(0, Ordering::Relaxed);
-        self.0.job.lock().began = 0;
+        let mut job = self.0.job.lock();
+        job.began = 0;
+        job.share = None;
     }
 }
 
@@ -378,8 +402,9 @@ mod tests {
     use super::*;
 
     /// A thread busy with content is found by its digest once busy longer
-    /// than asked, and counted stuck with it; the job's end says so. How
-    /// long it has been on the content is known while it is.
+    /// than asked, and counted stuck with it, giving back its share of the
+    /// mapped budget then; the job's end says so. How long it has been on
+    /// the content is known while it is.
     #[test]
     fn a_busy_thread_is_found_by_its_digest() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -387,12 +412,14 @@ mod tests {
             .build()
             .unwrap();
         let busy = Busy::new(1);
+        let budget = super::super::mapped::MappedBudget::new(8 << 10);
+        let share = futures_executor::block_on(budget.share(8 << 10));
         let (digest, other) = (blake3::hash(b"held"), blake3::hash(b"other"));
         let (began, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
         std::thread::scope(|scope| {
             let job = scope.spawn(|| {
                 pool.install(|| {
-                    let job = busy.begin(Some(digest)).unwrap();
+                    let job = busy.begin(Some(digest), Some(share)).unwrap();
                     began.wait();
                     release.wait();
                     job.end()
@@ -404,12 +431,18 @@ mod tests {
             assert!(busy.on_longer_than(&digest, short));
             assert!(!busy.on_longer_than(&other, short));
             assert!(!busy.on_longer_than(&digest, Duration::from_secs(3600)));
+            assert_eq!(busy.longer_than(Duration::from_secs(3600)), (0, vec![]));
+            assert_eq!(budget.free_kib(), 0, "held while not stuck");
             assert_eq!(busy.longer_than(short), (1, vec![digest]));
+            // Read while the job runs, told once it is over (a failed
+            // assertion here would leave it waiting for ever).
+            let free_once_stuck = budget.free_kib();
             let on_for = busy.on_for(&digest).expect("on it");
             assert!(on_for >= Duration::from_millis(20), "{on_for:?}");
             assert_eq!(busy.on_for(&other), None);
             release.wait();
             assert_eq!(job.join().unwrap(), Some(digest), "noted, and back");
+            assert_eq!(free_once_stuck, 8, "given back once stuck");
         });
         assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
         assert_eq!(busy.on_for(&digest), None, "over");
