@@ -46,8 +46,10 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
 /// be read go to `unreadable`, with why; so does a path given itself that
 /// is neither a file nor a folder (a device, a FIFO: scanning it was asked
 /// for, and did not happen). Such entries below a folder are left out, and
-/// so are folders on [`KERNEL_FILE_SYSTEMS`] below one that is not (a path
-/// given on such a file system is walked whole, as asked).
+/// so are folders and files on [`KERNEL_FILE_SYSTEMS`] below one that is
+/// not (a network namespace's file bind-mounted under `/run`, say, which
+/// says it is a regular file and fails every read; a path given on such a
+/// file system is walked whole, as asked).
 pub fn walk<'a>(
     paths: Vec<PathBuf>,
     unreadable: impl Fn(PathBuf, String) + Send + Sync + 'a,
@@ -61,7 +63,9 @@ pub fn walk<'a>(
                 .follow_root_links(true)
                 .into_iter()
                 .filter_entry(move |entry| {
-                    asked_for || !entry.file_type().is_dir() || !on_kernel_file_system(entry.path())
+                    asked_for
+                        || entry.file_type().is_symlink()
+                        || !on_kernel_file_system(entry.path())
                 });
             walk.map(move |entry| {
                 entry.map_err(|err| (err.path().unwrap_or(&root).to_owned(), err.to_string()))
@@ -84,14 +88,14 @@ pub fn walk<'a>(
 /// The file systems a walk below a folder does not enter (by their
 /// `statfs` magic numbers): proc, sysfs, debugfs, tracefs, securityfs,
 /// cgroup, cgroup2, bpf, pstore, configfs, efivarfs, devpts, selinuxfs,
-/// binfmt_misc and fusectl. Their files are views of the kernel, not files
+/// binfmt_misc, fusectl and nsfs. Their files are views of the kernel, not files
 /// to protect, and reading them is not harmless: most claim sizes they do
 /// not hold (each would fail as a file that shrank), some reads have side
 /// effects (a device's memory mapped through `/sys/devices/.../resource0`,
 /// the kernel's messages taken from `/proc/kmsg`) and some block (the
 /// `/proc/PID/maps` of a process stuck in the kernel). tmpfs is walked:
 /// `/dev/shm` and `/run` hold files like any other.
-pub const KERNEL_FILE_SYSTEMS: [u32; 15] = [
+pub const KERNEL_FILE_SYSTEMS: [u32; 16] = [
     0x9fa0,      // proc
     0x6265_6572, // sysfs
     0x6462_6720, // debugfs
@@ -107,6 +111,7 @@ pub const KERNEL_FILE_SYSTEMS: [u32; 15] = [
     0xf97c_ff8c, // selinuxfs
     0x4249_4e4d, // binfmt_misc
     0x6573_5543, // fusectl
+    0x6e73_6673, // nsfs
 ];
 
 /// Whether `path` is on one of [`KERNEL_FILE_SYSTEMS`]; false when that
@@ -139,6 +144,9 @@ mod tests {
     #[test]
     fn the_kernels_file_systems_are_told_from_others() {
         assert!(on_kernel_file_system(Path::new("/proc/self")));
+        // A namespace's file, as `ip netns` and container runtimes
+        // bind-mount them under `/run`.
+        assert!(on_kernel_file_system(Path::new("/proc/self/ns/net")));
         let dir = tempfile::tempdir().unwrap();
         assert!(!on_kernel_file_system(dir.path()));
         assert!(!on_kernel_file_system(&dir.path().join("missing")));
