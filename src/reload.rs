@@ -40,7 +40,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{Mutex, watch};
@@ -183,15 +183,34 @@ impl Reloader {
         let current = previous.version_arc();
         let any_version = expected.is_none();
         // The version asked for is the one that failed, if loading it
-        // panicked before it could say.
+        // panicked before it could say (or, asked for none, the files'
+        // version read again: most likely the one that panicked).
         let asked = expected.clone();
         let found = blocking(move || {
             load_changed(&source, cache_dir.as_deref(), &current, expected.as_deref())
         })
         .await;
         let (version, loaded) = match found {
-            Ok(Found { version, loaded }) => (Some(version), loaded.map_err(ReloadError::from)),
-            Err(err @ ReloadError::Panicked(_)) => (asked, Err(err)),
+            Ok(Found {
+                version,
+                released,
+                loaded,
+            }) => {
+                // The loaded version's files, written again unchanged (see
+                // `Self::look`).
+                if version == *previous.version() {
+                    previous.released_again(released);
+                }
+                (Some(version), loaded.map_err(ReloadError::from))
+            }
+            Err(err @ ReloadError::Panicked(_)) => {
+                let source = self.source.clone();
+                let version = match asked {
+                    Some(asked) => Some(asked),
+                    None => blocking(move || Ruleset::version_of(&source)).await.ok(),
+                };
+                (version, Err(err))
+            }
             Err(err) => (None, Err(err)),
         };
         let loaded = match loaded {
@@ -261,11 +280,18 @@ impl Reloader {
     async fn look(&self, check: &mut Check) -> Option<String> {
         let mut broken = self.running.lock().await;
         let source = self.source.clone();
-        let found = blocking(move || Ruleset::version_of(&source)).await;
-        let loaded = self.state.engine.ruleset().version_arc();
-        match check.next(found, &loaded, &mut broken) {
+        let found = blocking(move || Ruleset::look(&source)).await;
+        let released = found.as_ref().ok().map(|found| found.released);
+        let ruleset = self.state.engine.ruleset();
+        let found = found.map(|found| found.version);
+        match check.next(found, &ruleset.version_arc(), &mut broken) {
             Step::Wait => None,
             Step::Current => {
+                // Files written again unchanged are as new as their times
+                // say, as they would be were they loaded now.
+                if let Some(released) = released {
+                    ruleset.released_again(released);
+                }
                 self.svm.signatures_reloaded(Ok(()));
                 None
             }
@@ -295,6 +321,8 @@ struct Broken(Option<String>);
 struct Found {
     /// The version the files held when first read.
     version: String,
+    /// When those files were released (their newest modification time).
+    released: SystemTime,
     /// The signatures of that version, if it was wanted and loaded.
     loaded: Result<Option<Ruleset>, SignatureError>,
 }
@@ -309,10 +337,11 @@ fn load_changed(
     expected: Option<&str>,
 ) -> Result<Found, SignatureError> {
     let wanted = |version: &str| version != current && expected.is_none_or(|e| e == version);
-    let version = Ruleset::version_of(source)?;
+    let crate::signatures::Found { version, released } = Ruleset::look(source)?;
     if !wanted(&version) {
         return Ok(Found {
             version,
+            released,
             loaded: Ok(None),
         });
     }
@@ -325,7 +354,11 @@ fn load_changed(
         }
         Err(err) => Err(err),
     };
-    Ok(Found { version, loaded })
+    Ok(Found {
+        version,
+        released,
+        loaded,
+    })
 }
 
 /// What the periodic check remembers between two looks at the files.

@@ -27,7 +27,10 @@ use std::{
     fmt, fs,
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -330,8 +333,9 @@ pub struct Ruleset {
     /// all as strings; otherwise they declare none.
     externals: bool,
     /// When the signatures were released: the newest modification time of
-    /// their files.
-    released: SystemTime,
+    /// their files, in milliseconds since the Unix epoch; looked at again
+    /// while the files keep this version (see [`Ruleset::released_again`]).
+    released_ms: AtomicU64,
 }
 
 impl fmt::Debug for Ruleset {
@@ -342,6 +346,14 @@ impl fmt::Debug for Ruleset {
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
+}
+
+/// What the files of a ruleset hold, read without compiling them.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub version: String,
+    /// When they were released: their newest modification time.
+    pub released: SystemTime,
 }
 
 impl Ruleset {
@@ -386,12 +398,24 @@ impl Ruleset {
     /// compiling: the periodic check of a serving ruleset compares it with
     /// the loaded one's.
     pub fn version_of(source: &Path) -> Result<String, SignatureError> {
+        Self::look(source).map(|found| found.version)
+    }
+
+    /// [`Ruleset::version_of`], with the files' release time.
+    pub fn look(source: &Path) -> Result<Found, SignatureError> {
         reachable(source)?;
         if is_precompiled(source)? {
             let bytes = fs::read(source).map_err(|e| SignatureError::io(source, e))?;
-            return Ok(precompiled_version(&bytes));
+            return Ok(Found {
+                version: precompiled_version(&bytes),
+                released: newest_modification([source]),
+            });
         }
-        Ok(SourceSet::collect(source)?.version())
+        let sources = SourceSet::collect(source)?;
+        Ok(Found {
+            version: sources.version(),
+            released: newest_modification(sources.files.iter().map(|f| f.path.as_path())),
+        })
     }
 
     /// Compiles the ruleset at `source` without touching any cache, as
@@ -415,9 +439,19 @@ impl Ruleset {
             .released(newest_modification([path])))
     }
 
-    fn released(mut self, released: SystemTime) -> Self {
-        self.released = released;
+    fn released(self, released: SystemTime) -> Self {
+        self.released_again(released);
         self
+    }
+
+    /// The files of this version were found modified at `released` (an
+    /// update that wrote them again, unchanged): the release time is
+    /// theirs, as it would be were the signatures loaded now.
+    pub fn released_again(&self, released: SystemTime) {
+        let ms = released
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        self.released_ms.store(ms, Ordering::Relaxed);
     }
 
     fn with_name_sensitivity(mut self, name_sensitive: bool) -> Self {
@@ -462,14 +496,14 @@ impl Ruleset {
             from_cache,
             warnings,
             name_sensitive: false,
-            released: SystemTime::UNIX_EPOCH,
+            released_ms: AtomicU64::new(0),
         })
     }
 
     /// When the signatures were released: the newest modification time of
     /// their files.
     pub fn release_time(&self) -> SystemTime {
-        self.released
+        SystemTime::UNIX_EPOCH + Duration::from_millis(self.released_ms.load(Ordering::Relaxed))
     }
 
     /// The compiled rules.

@@ -398,3 +398,39 @@ async fn reloads_asked_for_at_once_are_merged() {
     assert_eq!(changed.count(), 1, "the new rules are loaded once");
     assert_eq!(server.state.engine.ruleset().rule_count(), 501);
 }
+
+/// Files of the loaded signatures written again unchanged (an updater that
+/// copies without keeping times) are as new as they say, as a restart would
+/// find them; files whose time went back are as old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_time_follows_files_written_again_unchanged() {
+    use std::time::SystemTime;
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    let version = server.state.engine.ruleset().version_arc();
+    let set_time = |time: SystemTime| {
+        let file = std::fs::File::options()
+            .append(true)
+            .open(rules.path().join("a.yar"))
+            .unwrap();
+        file.set_modified(time).unwrap();
+    };
+    let released = || server.state.engine.ruleset().release_time();
+    let near = |a: SystemTime, b: SystemTime| {
+        let apart = a.duration_since(b).or_else(|e| Ok::<_, ()>(e.duration()));
+        apart.unwrap() < Duration::from_secs(1)
+    };
+    let week_ago = SystemTime::now() - Duration::from_secs(7 * 24 * 3600);
+    set_time(week_ago);
+    server.reloader.reload().await.as_ref().as_ref().unwrap();
+    assert!(near(released(), week_ago), "{:?}", released());
+    let now = SystemTime::now();
+    set_time(now);
+    server.reloader.reload().await.as_ref().as_ref().unwrap();
+    assert!(near(released(), now), "{:?}", released());
+    assert_eq!(
+        server.state.engine.ruleset().version_arc(),
+        version,
+        "not loaded again"
+    );
+}
