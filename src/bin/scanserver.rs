@@ -325,8 +325,14 @@ struct ScanArgs {
     #[arg(long, value_name = "DURATION", value_parser = scan_timeout)]
     timeout: Option<Duration>,
 
-    /// Files larger than this many bytes fail with `too_large`.
-    #[arg(long, value_name = "BYTES", default_value_t = EngineConfig::default().max_scan_size)]
+    /// Files larger than this many bytes fail with `too_large`; at least 1,
+    /// as the server's `max_scan_size`.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = EngineConfig::default().max_scan_size,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     max_size: u64,
 
     /// Files and folders to scan.
