@@ -39,7 +39,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -182,12 +182,20 @@ impl Reloader {
         let (source, cache_dir) = (self.source.clone(), self.cache_dir.clone());
         let current = previous.version_arc();
         let any_version = expected.is_none();
-        // The version asked for is the one that failed, if loading it
-        // panicked before it could say (or, asked for none, the files'
-        // version read again: most likely the one that panicked).
+        // The version that failed, if loading it panicked before it could
+        // say: the one the files held when read, or, if reading them
+        // panicked, the one asked for.
         let asked = expected.clone();
+        let seen = Arc::new(OnceLock::new());
+        let seeing = Arc::clone(&seen);
         let found = blocking(move || {
-            load_changed(&source, cache_dir.as_deref(), &current, expected.as_deref())
+            load_changed(
+                &source,
+                cache_dir.as_deref(),
+                &current,
+                expected.as_deref(),
+                &seeing,
+            )
         })
         .await;
         let (version, loaded) = match found {
@@ -198,19 +206,12 @@ impl Reloader {
             }) => {
                 // The loaded version's files, written again unchanged (see
                 // `Self::look`).
-                if version == *previous.version() {
+                if let Some(released) = released.filter(|_| version == *previous.version()) {
                     previous.released_again(released);
                 }
                 (Some(version), loaded.map_err(ReloadError::from))
             }
-            Err(err @ ReloadError::Panicked(_)) => {
-                let source = self.source.clone();
-                let version = match asked {
-                    Some(asked) => Some(asked),
-                    None => blocking(move || Ruleset::version_of(&source)).await.ok(),
-                };
-                (version, Err(err))
-            }
+            Err(err @ ReloadError::Panicked(_)) => (seen.get().cloned().or(asked), Err(err)),
             Err(err) => (None, Err(err)),
         };
         let loaded = match loaded {
@@ -289,7 +290,7 @@ impl Reloader {
             Step::Current => {
                 // Files written again unchanged are as new as their times
                 // say, as they would be were they loaded now.
-                if let Some(released) = released {
+                if let Some(released) = released.flatten() {
                     ruleset.released_again(released);
                 }
                 self.svm.signatures_reloaded(Ok(()));
@@ -321,23 +322,26 @@ struct Broken(Option<String>);
 struct Found {
     /// The version the files held when first read.
     version: String,
-    /// When those files were released (their newest modification time).
-    released: SystemTime,
+    /// When those files were released (their newest modification time),
+    /// if that could be read.
+    released: Option<SystemTime>,
     /// The signatures of that version, if it was wanted and loaded.
     loaded: Result<Option<Ruleset>, SignatureError>,
 }
 
 /// The ruleset at `source`, loaded when its version is not `current` (and
 /// is `expected`, when given). Fails only when the files' version cannot
-/// be read.
+/// be read. The version read goes to `seen` before it is loaded.
 fn load_changed(
     source: &Path,
     cache_dir: Option<&Path>,
     current: &str,
     expected: Option<&str>,
+    seen: &OnceLock<String>,
 ) -> Result<Found, SignatureError> {
     let wanted = |version: &str| version != current && expected.is_none_or(|e| e == version);
     let crate::signatures::Found { version, released } = Ruleset::look(source)?;
+    let _ = seen.set(version.clone());
     if !wanted(&version) {
         return Ok(Found {
             version,
@@ -539,7 +543,7 @@ mod tests {
         let seen = Ruleset::version_of(dir.path()).unwrap();
         std::fs::write(dir.path().join("b.yar"), "rule b { condition: true }").unwrap();
         let load = |current: &str, expected: Option<&str>| {
-            load_changed(dir.path(), None, current, expected).unwrap()
+            load_changed(dir.path(), None, current, expected, &OnceLock::new()).unwrap()
         };
         let moved_on = load("loaded", Some(&seen)).loaded.unwrap();
         assert!(moved_on.is_none(), "files changed since the looks");

@@ -352,8 +352,9 @@ impl fmt::Debug for Ruleset {
 #[derive(Debug, Clone)]
 pub struct Found {
     pub version: String,
-    /// When they were released: their newest modification time.
-    pub released: SystemTime,
+    /// When they were released: their newest modification time (`None`
+    /// if it could not be read, the files gone since, say).
+    pub released: Option<SystemTime>,
 }
 
 impl Ruleset {
@@ -439,8 +440,10 @@ impl Ruleset {
             .released(newest_modification([path])))
     }
 
-    fn released(self, released: SystemTime) -> Self {
-        self.released_again(released);
+    /// With its release time, when it could be read (otherwise the Unix
+    /// epoch: signatures of unknown age count as outdated).
+    fn released(self, released: Option<SystemTime>) -> Self {
+        self.released_again(released.unwrap_or(SystemTime::UNIX_EPOCH));
         self
     }
 
@@ -1037,12 +1040,11 @@ const TEMPORARY_PREFIX: &str = ".scanserver-tmp";
 
 /// The newest modification time among `paths` (the epoch when none can be
 /// read, which makes the signatures look outdated rather than fresh).
-fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> SystemTime {
+fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Option<SystemTime> {
     paths
         .into_iter()
         .filter_map(|path| fs::metadata(path).and_then(|m| m.modified()).ok())
         .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 #[cfg(test)]

@@ -132,8 +132,9 @@ pub struct CacheStats {
     /// verdict, or, when that scan failed or was of other signatures,
     /// nothing).
     pub coalesced_waits: u64,
-    /// Entries evicted to stay within the budget (an entry larger than
-    /// the cache can hold at all is counted here as it is refused).
+    /// Entries evicted to stay within the budget, or replaced by another
+    /// verdict for the same key (an entry larger than the cache can hold
+    /// at all is counted here as it is refused).
     pub evictions: u64,
     /// Entries loaded from the snapshot at start.
     pub loaded: u64,

@@ -431,17 +431,19 @@ mod tests {
             assert!(busy.on_longer_than(&digest, short));
             assert!(!busy.on_longer_than(&other, short));
             assert!(!busy.on_longer_than(&digest, Duration::from_secs(3600)));
-            assert_eq!(busy.longer_than(Duration::from_secs(3600)), (0, vec![]));
-            assert_eq!(budget.free_kib(), 0, "held while not stuck");
-            assert_eq!(busy.longer_than(short), (1, vec![digest]));
             // Read while the job runs, told once it is over (a failed
             // assertion here would leave it waiting for ever).
+            let not_yet = busy.longer_than(Duration::from_secs(3600));
+            let free_while_young = budget.free_kib();
+            assert_eq!(busy.longer_than(short), (1, vec![digest]));
             let free_once_stuck = budget.free_kib();
             let on_for = busy.on_for(&digest).expect("on it");
             assert!(on_for >= Duration::from_millis(20), "{on_for:?}");
             assert_eq!(busy.on_for(&other), None);
             release.wait();
             assert_eq!(job.join().unwrap(), Some(digest), "noted, and back");
+            assert_eq!(not_yet, (0, vec![]));
+            assert_eq!(free_while_young, 0, "held while not stuck");
             assert_eq!(free_once_stuck, 8, "given back once stuck");
         });
         assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
