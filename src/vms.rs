@@ -1056,13 +1056,13 @@ mod tests {
             limit,
             ..Vms::in_memory()
         });
-        let sessions = crate::sessions::Sessions::new(
-            10,
-            &Default::default(),
-            std::sync::Arc::clone(&vms),
-            Default::default(),
-        );
+        let sessions = sessions_of(&vms);
         (vms, sessions)
+    }
+
+    /// Sessions (ten at most) that record in `vms`.
+    fn sessions_of(vms: &Arc<Vms>) -> crate::sessions::Sessions {
+        crate::sessions::Sessions::new(10, &Default::default(), Arc::clone(vms), Default::default())
     }
 
     /// An agent of the VM `vm`.
@@ -1087,12 +1087,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let start = || {
             let vms = Arc::new(Vms::open(dir.path()).unwrap());
-            let sessions = crate::sessions::Sessions::new(
-                10,
-                &Default::default(),
-                Arc::clone(&vms),
-                Default::default(),
-            );
+            let sessions = sessions_of(&vms);
             (vms, sessions)
         };
         let lost = |vms: &Vms, vm: &str| vms.get(vm).unwrap().connection_lost;
@@ -1149,12 +1144,7 @@ mod tests {
     fn an_idle_registry_is_not_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let vms = Arc::new(Vms::open(dir.path()).unwrap());
-        let sessions = crate::sessions::Sessions::new(
-            10,
-            &Default::default(),
-            Arc::clone(&vms),
-            Default::default(),
-        );
+        let sessions = sessions_of(&vms);
         let file = dir.path().join(FILE_NAME);
         // Each save here after the file was removed: whether it wrote it.
         let wrote = || {
