@@ -456,7 +456,10 @@ where
         Ok(runtime) => runtime,
         Err(err) => return failed(&err),
     };
-    let token = match read_token(target.admin_token_file.as_deref(), "--admin-token-file") {
+    let token = match read_token(
+        target.admin_token_file.as_deref(),
+        "--admin-token-file (or SCANSERVER_ADMIN_TOKEN_FILE)",
+    ) {
         Ok(token) => token,
         Err(err) => return failed(&err),
     };
