@@ -43,7 +43,8 @@
 //! * [`notify`]: telling systemd the server is ready, reloading or
 //!   stopping, and feeding its watchdog.
 //! * [`state`]: the server's state folder (what survives a restart).
-//! * [`shutdown`]: the signal every long-running task watches.
+//! * [`shutdown`]: the signal every long-running task watches, and the
+//!   health service's Watch calls, which end with it.
 //! * [`client`]: the Light Agent client that `lightagent` drives.
 //! * [`bench`](mod@bench): `lightagent bench`, simulated agents in a boot storm.
 //! * [`report`]: how scan results are printed (text or JSON lines), and the

@@ -32,7 +32,7 @@ use crate::{
     reload::Reloader,
     reporting::{Reporter, ReportingError},
     service::{ProtectionService, ServiceState},
-    shutdown::shut_down,
+    shutdown::{HealthUntilShutdown, shut_down},
     state::StateDir,
     status::Svm,
     tls::{Tls, TlsError},
@@ -373,10 +373,14 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let reporting = self.spawn_side_tasks();
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (health, _) = tonic_health::server::health_reporter();
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
             .await;
+        let health_service = HealthServer::new(HealthUntilShutdown::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+            self.shutdown.subscribe(),
+        ));
         let router = self.agent_router(health_service)?;
         // The listeners are bound and the signatures loaded: connections
         // made from now on are served.

@@ -2891,21 +2891,63 @@ async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_s
     })
     .await;
     let connections = Arc::clone(&server.svm.connections);
-    let mut health = server.health_client().await;
-    let mut watch = health
-        .watch(tonic_health::pb::HealthCheckRequest::default())
+    // A ScanFile call that sent its first chunk, then nothing.
+    let (tx, rx) = mpsc::channel(1);
+    let mut client = server.client().await;
+    let call = tokio::spawn(async move {
+        client
+            .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(scan_file_chunk(0, &[1; 1000], "stalled.bin"))
         .await
-        .unwrap()
-        .into_inner();
-    assert!(watch.message().await.unwrap().is_some(), "SERVING");
+        .unwrap();
+    until_read("the call under way", || connections.open(), 1).await;
     tokio::time::timeout(Duration::from_secs(5), server.stop())
         .await
         .expect("the server stops");
     assert_eq!(connections.open(), 0, "closed before the server returned");
-    let until_ended = async { while let Ok(Some(_)) = watch.message().await {} };
-    tokio::time::timeout(Duration::from_secs(2), until_ended)
+    let ended = tokio::time::timeout(Duration::from_secs(2), call)
         .await
-        .expect("the call ended with its connection");
+        .expect("the call ended with its connection")
+        .unwrap();
+    assert!(ended.is_err(), "no verdict: {ended:?}");
+}
+
+/// A health Watch call (as gRPC's client-side health checking makes) is
+/// told NOT_SERVING as the server stops, then ends: it does not hold the
+/// shutdown for the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_ends_at_shutdown_without_holding_it_up() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let server = TestServer::start(|config| {
+        config.server.shutdown_grace = Duration::from_secs(30);
+    })
+    .await;
+    let mut watch = server
+        .health_client()
+        .await
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("a status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let stopping = tokio::spawn(server.stop());
+    let mut told = Vec::new();
+    let until_ended = async {
+        while let Some(status) = watch.message().await.expect("ended, not failed") {
+            told.push(status.status());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), until_ended)
+        .await
+        .expect("the Watch ends as the server stops");
+    assert_eq!(told, [ServingStatus::NotServing]);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the server stops without waiting out its grace period")
+        .unwrap();
 }
 
 /// A scan whose session the server ends (a newer session of the same VM
