@@ -847,6 +847,24 @@ async fn eicar_is_found_through_scan_and_scan_file() {
     ));
 }
 
+/// A ScanFile call under way, its chunks sent through the sender; the
+/// task resolves to its outcome.
+async fn scan_file_call(
+    server: &TestServer,
+) -> (
+    mpsc::Sender<proto::FileChunk>,
+    tokio::task::JoinHandle<Result<tonic::Response<proto::FileVerdict>, tonic::Status>>,
+) {
+    let (tx, rx) = mpsc::channel(1);
+    let mut client = server.client().await;
+    let call = tokio::spawn(async move {
+        client
+            .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    (tx, call)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
     let server = TestServer::start(|c| {
@@ -857,25 +875,12 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
     // Calls that send nothing take no place: they are cut off on their own.
     let mut silent = Vec::new();
     for _ in 0..3 {
-        let (tx, rx) = mpsc::channel::<proto::FileChunk>(1);
-        let mut client = server.client().await;
-        let call = tokio::spawn(async move {
-            client
-                .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        silent.push((tx, call));
+        silent.push(scan_file_call(&server).await);
     }
     // Two calls that send a first chunk and then nothing.
     let mut calls = Vec::new();
     for n in 1..=2u8 {
-        let (tx, rx) = mpsc::channel(1);
-        let mut client = server.client().await;
-        let call = tokio::spawn(async move {
-            client
-                .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
+        let (tx, call) = scan_file_call(&server).await;
         let first = scan_file_chunk(0, &[n; 1000], &format!("stalled{n}.bin"));
         tx.send(first).await.unwrap();
         calls.push((tx, call));
@@ -2892,13 +2897,7 @@ async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_s
     .await;
     let connections = Arc::clone(&server.svm.connections);
     // A ScanFile call that sent its first chunk, then nothing.
-    let (tx, rx) = mpsc::channel(1);
-    let mut client = server.client().await;
-    let call = tokio::spawn(async move {
-        client
-            .scan_file(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let (tx, call) = scan_file_call(&server).await;
     tx.send(scan_file_chunk(0, &[1; 1000], "stalled.bin"))
         .await
         .unwrap();
