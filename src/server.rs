@@ -373,7 +373,7 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let reporting = self.spawn_side_tasks();
-        let (health, _) = tonic_health::server::health_reporter();
+        let health = tonic_health::server::HealthReporter::new();
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
             .await;

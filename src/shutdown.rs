@@ -116,7 +116,8 @@ impl<H: Health> Health for HealthUntilShutdown<H> {
 pub struct WatchUntilShutdown<S> {
     statuses: Pin<Box<S>>,
     down: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// The server shuts down: the statuses that are in go, then the call ends.
+    /// The server shuts down: the status already set (NOT_SERVING) is sent,
+    /// then the call ends.
     ending: bool,
 }
 

@@ -2901,7 +2901,8 @@ async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_s
     tx.send(scan_file_chunk(0, &[1; 1000], "stalled.bin"))
         .await
         .unwrap();
-    until_read("the call under way", || connections.open(), 1).await;
+    let received = || Counters::get(&server.state.counters.bytes_received);
+    until_read("the call's first chunk received", received, 1000).await;
     tokio::time::timeout(Duration::from_secs(5), server.stop())
         .await
         .expect("the server stops");
