@@ -40,7 +40,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, OnceLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{Mutex, watch};
@@ -49,7 +49,7 @@ use crate::{
     config::RulesConfig,
     service::ServiceState,
     shutdown::Periodic,
-    signatures::{Ruleset, SignatureError},
+    signatures::{OnDisk, Ruleset, SignatureError},
     status::Svm,
 };
 
@@ -199,17 +199,9 @@ impl Reloader {
         })
         .await;
         let (version, loaded) = match found {
-            Ok(Found {
-                version,
-                released,
-                loaded,
-            }) => {
-                // The loaded version's files, written again unchanged (see
-                // `Self::look`).
-                if let Some(released) = released.filter(|_| version == *previous.version()) {
-                    previous.released_again(released);
-                }
-                (Some(version), loaded.map_err(ReloadError::from))
+            Ok(Found { on_disk, loaded }) => {
+                previous.seen_on_disk(&on_disk);
+                (Some(on_disk.version), loaded.map_err(ReloadError::from))
             }
             Err(err @ ReloadError::Panicked(_)) => (seen.get().cloned().or(asked), Err(err)),
             Err(err) => (None, Err(err)),
@@ -282,17 +274,14 @@ impl Reloader {
         let mut broken = self.running.lock().await;
         let source = self.source.clone();
         let found = blocking(move || Ruleset::look(&source)).await;
-        let released = found.as_ref().ok().map(|found| found.released);
         let ruleset = self.state.engine.ruleset();
-        let found = found.map(|found| found.version);
+        if let Ok(on_disk) = &found {
+            ruleset.seen_on_disk(on_disk);
+        }
+        let found = found.map(|on_disk| on_disk.version);
         match check.next(found, &ruleset.version_arc(), &mut broken) {
             Step::Wait => None,
             Step::Current => {
-                // Files written again unchanged are as new as their times
-                // say, as they would be were they loaded now.
-                if let Some(released) = released.flatten() {
-                    ruleset.released_again(released);
-                }
                 self.svm.signatures_reloaded(Ok(()));
                 None
             }
@@ -320,11 +309,8 @@ struct Broken(Option<String>);
 
 /// What [`load_changed`] found.
 struct Found {
-    /// The version the files held when first read.
-    version: String,
-    /// When those files were released (their newest modification time),
-    /// if that could be read.
-    released: Option<SystemTime>,
+    /// What the files held when first read.
+    on_disk: OnDisk,
     /// The signatures of that version, if it was wanted and loaded.
     loaded: Result<Option<Ruleset>, SignatureError>,
 }
@@ -340,12 +326,12 @@ fn load_changed(
     seen: &OnceLock<String>,
 ) -> Result<Found, SignatureError> {
     let wanted = |version: &str| version != current && expected.is_none_or(|e| e == version);
-    let crate::signatures::Found { version, released } = Ruleset::look(source)?;
+    let on_disk = Ruleset::look(source)?;
+    let version = &on_disk.version;
     let _ = seen.set(version.clone());
-    if !wanted(&version) {
+    if !wanted(version) {
         return Ok(Found {
-            version,
-            released,
+            on_disk,
             loaded: Ok(None),
         });
     }
@@ -353,16 +339,12 @@ fn load_changed(
         Ok(ruleset) => Ok(wanted(ruleset.version()).then_some(ruleset)),
         // What failed may be files copied since `version` was read: their
         // failure is not that version's.
-        Err(_) if Ruleset::version_of(source).ok().as_ref() != Some(&version) => {
+        Err(_) if Ruleset::version_of(source).ok().as_ref() != Some(version) => {
             Err(SignatureError::Changed(source.to_owned()))
         }
         Err(err) => Err(err),
     };
-    Ok(Found {
-        version,
-        released,
-        loaded,
-    })
+    Ok(Found { on_disk, loaded })
 }
 
 /// What the periodic check remembers between two looks at the files.
@@ -558,7 +540,7 @@ mod tests {
         let broken = load(any.version(), None);
         assert!(broken.loaded.is_err());
         assert_eq!(
-            broken.version,
+            broken.on_disk.version,
             Ruleset::version_of(dir.path()).unwrap(),
             "the version that failed"
         );

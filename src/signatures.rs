@@ -334,7 +334,7 @@ pub struct Ruleset {
     externals: bool,
     /// When the signatures were released: the newest modification time of
     /// their files, in milliseconds since the Unix epoch; looked at again
-    /// while the files keep this version (see [`Ruleset::released_again`]).
+    /// while the files keep this version (see [`Ruleset::seen_on_disk`]).
     released_ms: AtomicU64,
 }
 
@@ -350,7 +350,7 @@ impl fmt::Debug for Ruleset {
 
 /// What the files of a ruleset hold, read without compiling them.
 #[derive(Debug, Clone)]
-pub struct Found {
+pub struct OnDisk {
     pub version: String,
     /// When they were released: their newest modification time (`None`
     /// if it could not be read, the files gone since, say).
@@ -368,10 +368,9 @@ impl Ruleset {
         }
         let started = Instant::now();
         let sources = SourceSet::collect(source)?;
-        let version = sources.version();
+        let OnDisk { version, released } = sources.on_disk();
         let cache = cache_dir.map(|dir| RulesCache::new(dir, &version));
         let name_sensitive = sources.mention_externals();
-        let released = newest_modification(sources.files.iter().map(|f| f.path.as_path()));
         if let Some((rules, warnings)) = cache.as_ref().and_then(RulesCache::load) {
             tracing::info!(%version, "loaded compiled rules from the cache");
             let ruleset = Self::new(rules, version, source, started, true, warnings)?;
@@ -399,24 +398,20 @@ impl Ruleset {
     /// compiling: the periodic check of a serving ruleset compares it with
     /// the loaded one's.
     pub fn version_of(source: &Path) -> Result<String, SignatureError> {
-        Self::look(source).map(|found| found.version)
+        Self::look(source).map(|on_disk| on_disk.version)
     }
 
     /// [`Ruleset::version_of`], with the files' release time.
-    pub fn look(source: &Path) -> Result<Found, SignatureError> {
+    pub fn look(source: &Path) -> Result<OnDisk, SignatureError> {
         reachable(source)?;
         if is_precompiled(source)? {
             let bytes = fs::read(source).map_err(|e| SignatureError::io(source, e))?;
-            return Ok(Found {
+            return Ok(OnDisk {
                 version: precompiled_version(&bytes),
                 released: newest_modification([source]),
             });
         }
-        let sources = SourceSet::collect(source)?;
-        Ok(Found {
-            version: sources.version(),
-            released: newest_modification(sources.files.iter().map(|f| f.path.as_path())),
-        })
+        Ok(SourceSet::collect(source)?.on_disk())
     }
 
     /// Compiles the ruleset at `source` without touching any cache, as
@@ -443,14 +438,24 @@ impl Ruleset {
     /// With its release time, when it could be read (otherwise the Unix
     /// epoch: signatures of unknown age count as outdated).
     fn released(self, released: Option<SystemTime>) -> Self {
-        self.released_again(released.unwrap_or(SystemTime::UNIX_EPOCH));
+        self.set_release_time(released.unwrap_or(SystemTime::UNIX_EPOCH));
         self
     }
 
-    /// The files of this version were found modified at `released` (an
-    /// update that wrote them again, unchanged): the release time is
-    /// theirs, as it would be were the signatures loaded now.
-    pub fn released_again(&self, released: SystemTime) {
+    /// The files at the ruleset's source, as looked at since it loaded:
+    /// when they hold this version (an update wrote them again, unchanged),
+    /// their release time is the ruleset's, as it would be were the
+    /// signatures loaded now.
+    pub fn seen_on_disk(&self, on_disk: &OnDisk) {
+        if let Some(released) = on_disk
+            .released
+            .filter(|_| on_disk.version == *self.version)
+        {
+            self.set_release_time(released);
+        }
+    }
+
+    fn set_release_time(&self, released: SystemTime) {
         let ms = released
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
@@ -729,6 +734,14 @@ impl SourceSet {
         set.resolve_includes(&root)?;
         set.files.sort_by(|a, b| a.relative.cmp(&b.relative));
         Ok(set)
+    }
+
+    /// The set's version, and when its files were released.
+    fn on_disk(&self) -> OnDisk {
+        OnDisk {
+            version: self.version(),
+            released: newest_modification(self.files.iter().map(|f| f.path.as_path())),
+        }
     }
 
     /// Rewrites every top-level file's `include` to the canonical path of
@@ -1038,8 +1051,8 @@ const KEPT_VERSIONS: usize = 8;
 /// How the rules cache's temporary files are named, until renamed.
 const TEMPORARY_PREFIX: &str = ".scanserver-tmp";
 
-/// The newest modification time among `paths` (the epoch when none can be
-/// read, which makes the signatures look outdated rather than fresh).
+/// The newest modification time among `paths`; `None` when none can be
+/// read.
 fn newest_modification<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Option<SystemTime> {
     paths
         .into_iter()

@@ -133,26 +133,19 @@ impl Tls {
     /// Reads the files again (see [`Tls::reload`]), logs the outcome and
     /// shows a failure in `svm`'s status.
     pub fn reload_and_report(&self, svm: &Svm) {
-        // A few small files: read on the runtime's thread, under the lock
-        // (see `keep_checking`).
-        let mut loaded = self.loaded();
-        let files = Files::read(&self.settings);
-        self.report(&mut loaded, files, svm);
+        // A few small files: read on the runtime's thread.
+        self.load_and_report(|| Files::read(&self.settings), svm);
     }
 
-    /// Serves `files` if they are new and usable, logs the outcome and
-    /// shows a failure in `svm`'s status; false when they could not be
-    /// used. The outcome is reported under the lock, so that two reloads
-    /// at once (SIGHUP, the periodic look) report in the order they ran.
-    fn load_and_report(&self, files: Result<Files, TlsError>, svm: &Svm) -> bool {
+    /// Serves the files `read` gives if they are new and usable, logs the
+    /// outcome and shows a failure in `svm`'s status; false when they
+    /// could not be used. They are read and the outcome reported under
+    /// the lock, so that two reloads at once (SIGHUP, the periodic look)
+    /// report in the order they ran.
+    fn load_and_report(&self, read: impl FnOnce() -> Result<Files, TlsError>, svm: &Svm) -> bool {
         let mut loaded = self.loaded();
-        self.report(&mut loaded, files, svm)
-    }
-
-    /// [`Self::load_and_report`], the lock taken.
-    fn report(&self, loaded: &mut blake3::Hash, files: Result<Files, TlsError>, svm: &Svm) -> bool {
-        let reloaded = files
-            .and_then(|files| self.replace(loaded, files))
+        let reloaded = read()
+            .and_then(|files| self.replace(&mut loaded, files))
             .map_err(|err| crate::WithCauses(&err).to_string());
         match &reloaded {
             Ok(true) => {
@@ -227,7 +220,7 @@ impl Tls {
                 continue;
             };
             tracing::info!(cert = %self.settings.cert.display(), "the TLS files changed on disk");
-            if !self.load_and_report(Ok(files), &svm) {
+            if !self.load_and_report(|| Ok(files), &svm) {
                 looks.failed = Some(renewed);
             }
         }

@@ -953,10 +953,9 @@ impl Vms {
     }
 
     /// Forgets VMs not seen for 30 days, and the oldest untagged ones over
-    /// [`MAX_VMS`]. Done when the registry is loaded and saved (a second
-    /// after changes, and at every save interval), not per connection: a
-    /// boot storm should not walk it.
-    /// Whether any was forgotten.
+    /// [`MAX_VMS`]; true if it forgot any. Done when the registry is loaded
+    /// and saved (a second after changes, and at every save interval), not
+    /// per connection: a boot storm should not walk it.
     fn forget_old(&self) -> bool {
         let horizon = horizon();
         let mut by_id = self.by_id.lock();
