@@ -928,20 +928,21 @@ where
         };
         let holding = |call: &Arc<Call>| {
             let call = Arc::clone(call);
-            move |body| Body::new(Holding { body, _call: call })
+            move |body| Body::new(Holding { body, _keep: call })
         };
         let response = self.inner.call(request.map(holding(&call)));
         Box::pin(async move { Ok(response.await?.map(holding(&call))) })
     }
 }
 
-/// A body that keeps its call under way while it lives.
-struct Holding {
-    body: Body,
-    _call: Arc<Call>,
+/// A body that keeps something while it lives: its call under way, its
+/// call's room (see [`crate::intake`]).
+pub(crate) struct Holding<T> {
+    pub(crate) body: Body,
+    pub(crate) _keep: T,
 }
 
-impl HttpBody for Holding {
+impl<T: Unpin> HttpBody for Holding<T> {
     type Data = <Body as HttpBody>::Data;
     type Error = <Body as HttpBody>::Error;
 

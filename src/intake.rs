@@ -70,15 +70,27 @@ use tokio::{
 };
 use tonic::{Status, body::Body};
 
-use crate::connections::Ends;
+use crate::connections::{Ends, Holding};
 use crate::proto::{codec::MAX_AGENT_MESSAGE, protection_server_server::SERVICE_NAME};
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
 /// stream's requests, or a Lookup of 100,000 digests).
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
-/// Messages up to this size take no room.
+/// Messages whose room would be up to this take none.
 pub const FREE: usize = 64 << 10;
+
+/// A `Lookup`'s answer is made from its request, and holds more than the
+/// request's bytes: for each digest the request names (34 bytes of it),
+/// the digest, its result as a struct, and the result encoded, some six
+/// times as much. So a `Lookup`'s message takes room for this many times
+/// its size, and the call keeps it until its answer is sent (see
+/// `crate::service`'s `lookup`, which answers within it).
+pub const LOOKUP_WEIGHT: usize = 8;
+
+/// The largest `Lookup` message (100,000 digests and a session id fit):
+/// its room is at most what one call may hold.
+pub const MAX_LOOKUP_MESSAGE: usize = CALL_MOST / LOOKUP_WEIGHT;
 
 /// How long a call may wait for room for a message.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
@@ -191,13 +203,17 @@ pub struct IntakeService<S> {
     budget: Arc<Budget>,
 }
 
+type CallFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
 impl<S> tower_service::Service<http::Request<Body>> for IntakeService<S>
 where
-    S: tower_service::Service<http::Request<Body>>,
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = CallFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -206,9 +222,17 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let method = Method::of(request.uri().path());
         let peer = Ends::of(request.extensions()).map(|ends| peer_of(ends.remote.ip()));
-        let budget = Arc::clone(&self.budget);
-        self.inner
-            .call(request.map(|body| Body::new(Intake::new(body, budget, method, peer))))
+        let room = Room::new(Arc::clone(&self.budget), peer);
+        let kept = method.answered_within.then(KeptRoom::default);
+        let intake = |body| Body::new(Intake::new(body, room, method, kept.clone()));
+        let response = self.inner.call(request.map(intake));
+        match kept {
+            None => Box::pin(response),
+            Some(kept) => Box::pin(async move {
+                let keeping = |body| Body::new(Holding { body, _keep: kept });
+                Ok(response.await?.map(keeping))
+            }),
+        }
     }
 }
 
@@ -232,6 +256,10 @@ struct Method {
     /// Whether the call's request is one message (then its end is owed
     /// once the message is whole).
     unary: bool,
+    /// Whether its answer is made from its request, and held with it: a
+    /// message takes room for [`LOOKUP_WEIGHT`] times its size, kept until
+    /// the answer is sent.
+    answered_within: bool,
 }
 
 impl Method {
@@ -243,24 +271,108 @@ impl Method {
             Some("Connect") => Method {
                 max: MAX_AGENT_MESSAGE,
                 unary: false,
+                answered_within: false,
             },
             Some("Lookup") => Method {
-                max: MAX_MESSAGE_SIZE,
+                max: MAX_LOOKUP_MESSAGE,
                 unary: true,
+                answered_within: true,
             },
             // Scan and ScanFile (tonic answers other names itself).
             Some(_) => Method {
                 max: MAX_MESSAGE_SIZE,
                 unary: false,
+                answered_within: false,
             },
             // Health and reflection.
             None => Method {
                 max: FREE,
                 unary: false,
+                answered_within: false,
             },
         }
     }
+
+    /// The room, in bytes, a message of `len` bytes takes (if over
+    /// [`FREE`]).
+    fn room(&self, len: usize) -> usize {
+        if self.answered_within {
+            len * LOOKUP_WEIGHT
+        } else {
+            len
+        }
+    }
 }
+
+/// The room a call holds, and what is counted of it for its peer: given
+/// back when dropped.
+struct Room {
+    budget: Arc<Budget>,
+    taken: Option<OwnedSemaphorePermit>,
+    /// The peer's address, and the KiB counted for it.
+    peer: Option<(IpAddr, usize)>,
+}
+
+impl Room {
+    fn new(budget: Arc<Budget>, peer: Option<IpAddr>) -> Self {
+        Room {
+            budget,
+            taken: None,
+            peer: peer.map(|ip| (ip, 0)),
+        }
+    }
+
+    /// The KiB taken.
+    fn kib(&self) -> usize {
+        self.taken
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
+    fn keep(&mut self, taken: OwnedSemaphorePermit) {
+        match &mut self.taken {
+            Some(room) => room.merge(taken),
+            None => self.taken = Some(taken),
+        }
+    }
+
+    /// Counts `kib` more for the peer, if its calls may hold that much.
+    fn charge(&mut self, kib: usize) -> bool {
+        let Some((ip, charged)) = &mut self.peer else {
+            return true;
+        };
+        let fits = self.budget.charge(*ip, kib);
+        if fits {
+            *charged += kib;
+        }
+        fits
+    }
+
+    /// Counts `kib` less for the peer (a wait for them failed).
+    fn discharge(&mut self, kib: usize) {
+        if let Some((ip, charged)) = &mut self.peer {
+            self.budget.discharge(*ip, kib);
+            *charged -= kib;
+        }
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if let Some((ip, charged)) = self.peer
+            && charged > 0
+        {
+            self.budget.discharge(ip, charged);
+        }
+    }
+}
+
+/// Where a call whose answer is made from its request (see
+/// [`Method::answered_within`]) keeps its room once its request is gone:
+/// shared by the request's body, which leaves the room here when dropped,
+/// and the answer's, which holds it until the answer is sent.
+#[derive(Clone, Default)]
+struct KeptRoom(Arc<Mutex<Option<Room>>>);
 
 /// A request body whose large messages go on only within the room their
 /// call holds.
@@ -268,12 +380,12 @@ pub struct Intake<B> {
     /// Dropped when the call fails: HTTP/2 then lets go of what it holds
     /// for the call, and of its share of the connection's window.
     inner: Option<B>,
-    budget: Arc<Budget>,
     method: Method,
-    /// The peer's address, and the KiB counted for it.
-    peer: Option<(IpAddr, usize)>,
     /// The call's room, kept until the call ends (see the module doc).
-    room: Option<OwnedSemaphorePermit>,
+    room: Room,
+    /// Where the room goes when the body does, for a call answered within
+    /// it.
+    kept: Option<KeptRoom>,
     /// Received and not passed on yet.
     held: Bytes,
     at: At,
@@ -374,13 +486,14 @@ impl Stall {
 }
 
 impl<B> Intake<B> {
-    fn new(inner: B, budget: Arc<Budget>, method: Method, peer: Option<IpAddr>) -> Self {
+    /// The intake of `inner`, a request body of `method`, holding `room`,
+    /// which it leaves in `kept` when it goes.
+    fn new(inner: B, room: Room, method: Method, kept: Option<KeptRoom>) -> Self {
         Intake {
             inner: Some(inner),
-            budget,
             method,
-            peer: peer.map(|ip| (ip, 0)),
-            room: None,
+            room,
+            kept,
             held: Bytes::new(),
             at: At::header(),
             whole: false,
@@ -391,7 +504,7 @@ impl<B> Intake<B> {
     /// Whether the client owes the rest of a message (or, for a unary
     /// call, the end of its request) while the call holds room.
     fn owing(&self) -> bool {
-        self.room.is_some()
+        self.room.taken.is_some()
             && match self.at {
                 At::Header { read, .. } => read > 0 || (self.method.unary && self.whole),
                 At::Message { .. } => true,
@@ -434,7 +547,7 @@ impl<B> Intake<B> {
                                 break;
                             }
                             // The header ends its frame (see `admit`).
-                            if len > FREE {
+                            if self.method.room(len) > FREE {
                                 break;
                             }
                         }
@@ -468,39 +581,26 @@ impl<B> Intake<B> {
     /// larger message later takes its size again, on top of what the call
     /// holds: growing a buffer (`BytesMut::reserve`) may double it, or add
     /// the message to what the buffer already spans, and the sum bounds
-    /// both.
+    /// both. (A `Lookup`'s message takes more: see [`LOOKUP_WEIGHT`].)
     fn admit(&mut self, len: usize) -> Result<u32, Status> {
         if len > self.method.max {
             return Err(too_large(len, self.method.max));
         }
-        let held = self
-            .room
-            .as_ref()
-            .map_or(0, OwnedSemaphorePermit::num_permits);
-        let needed = len.div_ceil(1024);
-        if len <= FREE || needed <= held {
+        let room = self.method.room(len);
+        let needed = room.div_ceil(1024);
+        if room <= FREE || needed <= self.room.kib() {
             return Ok(0);
         }
         let more = needed;
-        if let Some((ip, charged)) = &mut self.peer {
-            if !self.budget.charge(*ip, more) {
-                return Err(peer_full(len));
-            }
-            *charged += more;
+        if !self.room.charge(more) {
+            return Err(peer_full(len));
         }
-        match Arc::clone(&self.budget.room).try_acquire_many_owned(more as u32) {
+        match Arc::clone(&self.room.budget.room).try_acquire_many_owned(more as u32) {
             Ok(taken) => {
-                self.keep(taken);
+                self.room.keep(taken);
                 Ok(0)
             }
             Err(_) => Ok(more as u32),
-        }
-    }
-
-    fn keep(&mut self, taken: OwnedSemaphorePermit) {
-        match &mut self.room {
-            Some(room) => room.merge(taken),
-            None => self.room = Some(taken),
         }
     }
 
@@ -517,10 +617,9 @@ impl<B> Intake<B> {
 
 impl<B> Drop for Intake<B> {
     fn drop(&mut self) {
-        if let Some((ip, charged)) = self.peer
-            && charged > 0
-        {
-            self.budget.discharge(ip, charged);
+        if let Some(kept) = &self.kept {
+            let none = Room::new(Arc::clone(&self.room.budget), None);
+            *kept.0.lock() = Some(std::mem::replace(&mut self.room, none));
         }
     }
 }
@@ -542,19 +641,16 @@ where
                 At::Failed => return Poll::Ready(None),
                 At::Room { len, more, waiting } => {
                     let (len, more) = (*len, *more);
-                    let room = &this.budget.room;
+                    let room = &this.room.budget.room;
                     let waiting = waiting.get_or_insert_with(|| {
                         let wait = Arc::clone(room).acquire_many_owned(more);
                         Box::pin(tokio::time::timeout(ROOM_WAIT, wait))
                     });
                     match ready!(waiting.as_mut().poll(cx)) {
-                        Ok(Ok(taken)) => this.keep(taken),
+                        Ok(Ok(taken)) => this.room.keep(taken),
                         // The budget is never closed.
                         Ok(Err(_)) | Err(_) => {
-                            if let Some((ip, charged)) = &mut this.peer {
-                                this.budget.discharge(*ip, more as usize);
-                                *charged -= more as usize;
-                            }
+                            this.room.discharge(more as usize);
                             return this.fail(no_room(len));
                         }
                     }
@@ -580,7 +676,7 @@ where
                     Poll::Ready(end_or_error) => return Poll::Ready(end_or_error),
                     Poll::Pending => {
                         if this.owing()
-                            && let Err(status) = this.stall.check(&this.budget, cx)
+                            && let Err(status) = this.stall.check(&this.room.budget, cx)
                         {
                             return this.fail(status);
                         }
@@ -672,9 +768,8 @@ mod tests {
         peer: Option<IpAddr>,
     ) -> (mpsc::UnboundedSender<Bytes>, Intake<Sent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let budget = Arc::clone(&layer.budget);
-        let peer = peer.map(peer_of);
-        (tx, Intake::new(Sent(rx), budget, Method::of(path), peer))
+        let room = Room::new(Arc::clone(&layer.budget), peer.map(peer_of));
+        (tx, Intake::new(Sent(rx), room, Method::of(path), None))
     }
 
     /// The header of a message of `len` bytes.
@@ -784,12 +879,13 @@ mod tests {
         let (tx, mut again) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", peer);
         tx.send(message(1 << 20).into()).unwrap();
         assert_eq!(drain(&mut again).await, ((1 << 20) + HEADER_LEN, None));
-        assert_eq!(layer.held(), (48 << 20) + (2 << 20));
+        // The Lookup's room: eight times its message.
+        assert_eq!(layer.held(), (48 << 20) + (8 << 20) + (1 << 20));
         // A larger message later takes its size again (the buffer may
         // grow by that much).
         tx.send(header(2 << 20).into()).unwrap();
         assert_eq!(drain(&mut again).await, (HEADER_LEN, None));
-        assert_eq!(layer.held(), (48 << 20) + (4 << 20));
+        assert_eq!(layer.held(), (48 << 20) + (8 << 20) + (3 << 20));
 
         // IPv6 clients share by /64.
         let host =
@@ -809,6 +905,40 @@ mod tests {
         let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", host(8, 1));
         tx.send(header(16 << 20).into()).unwrap();
         assert_eq!(drain(&mut scan).await, (HEADER_LEN, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_takes_room_for_its_answer_and_keeps_it_until_answered() {
+        const LOOKUP: &str = "/scanserver.v1.ProtectionServer/Lookup";
+        let layer = IntakeLayer::new(64 << 20);
+        // Over its largest, refused at the header.
+        let (tx, mut large) = call(&layer, LOOKUP, None);
+        tx.send(header(MAX_LOOKUP_MESSAGE + 1).into()).unwrap();
+        assert_eq!(drain(&mut large).await.1, Some(tonic::Code::OutOfRange));
+        // A message whose room would be up to `FREE` takes none.
+        let (tx, mut small) = call(&layer, LOOKUP, None);
+        let len = FREE / LOOKUP_WEIGHT;
+        tx.send(message(len).into()).unwrap();
+        assert_eq!(drain(&mut small).await, (len + HEADER_LEN, None));
+        assert_eq!(layer.held(), 0);
+
+        // A larger one takes `LOOKUP_WEIGHT` times its size, which stays
+        // where the call keeps it once the request's body is gone, until
+        // the answer goes too.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let peer = Some(IpAddr::from([10, 0, 0, 1]));
+        let room = Room::new(Arc::clone(&layer.budget), peer);
+        let kept = KeptRoom::default();
+        let mut lookup = Intake::new(Sent(rx), room, Method::of(LOOKUP), Some(kept.clone()));
+        tx.send(message(1 << 20).into()).unwrap();
+        assert_eq!(drain(&mut lookup).await, ((1 << 20) + HEADER_LEN, None));
+        assert_eq!(layer.held(), 8 << 20);
+        drop(lookup);
+        assert_eq!(layer.held(), 8 << 20);
+        assert_eq!(layer.budget.peers.lock().values().sum::<usize>(), 8 << 10);
+        drop(kept);
+        assert_eq!(layer.held(), 0);
+        assert!(layer.budget.peers.lock().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1104,8 +1104,8 @@ async fn a_lookup_counts_infected_content_once_however_often_named() {
     };
     let before = counted();
     let digest = |data: &[u8]| Bytes::copy_from_slice(blake3::hash(data).as_bytes());
-    let mut digests = vec![digest(EICAR); 1000];
-    digests.extend([digest(b"clean"), digest(b"clean")]);
+    let mut digests = vec![digest(EICAR); 200];
+    digests.extend(vec![digest(b"clean"); 400]);
     let reply = server
         .client()
         .await
@@ -1118,7 +1118,40 @@ async fn a_lookup_counts_infected_content_once_however_often_named() {
         .into_inner();
     assert!(reply.results.iter().all(|r| r.verdict.is_some()));
     let after = counted();
-    assert_eq!((after.0 - before.0, after.1 - before.1), (3, 1));
+    assert_eq!((after.0 - before.0, after.1 - before.1), (401, 1));
+}
+
+/// A Lookup's answer is made from its request and held with it: the room
+/// its message took (eight times its size) stays with the call while it
+/// waits for a scan under way, and until its answer is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_keeps_the_room_for_its_answer_until_answered() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    // Small enough that its chunk takes no room.
+    let data = content(9, 16 << 10);
+    let (lead, mut lead_replies) = leading_stream(&server, &session, &data).await;
+    let request = LookupRequest {
+        session_id: session.clone(),
+        digests: vec![Bytes::copy_from_slice(blake3::hash(&data).as_bytes()); 1000],
+    };
+    let room = ((prost::Message::encoded_len(&request) * scanserver::intake::LOOKUP_WEIGHT)
+        .div_ceil(1024) as u64)
+        << 10;
+    let mut client = server.client().await;
+    let lookup = tokio::spawn(async move { client.lookup(request).await });
+    until_room_held(&server, room).await;
+    // The lead's scan lands: the Lookup is answered, and its room goes.
+    lead.send(chunk(1, 0, &data)).await.unwrap();
+    lead.send(end(1)).await.unwrap();
+    file_verdict(next(&mut lead_replies).await.1);
+    let answer = lookup.await.unwrap().unwrap().into_inner();
+    assert_eq!(answer.results.len(), 1000);
+    assert!(
+        (answer.results.iter()).all(|r| r.verdict.as_ref().is_some_and(|v| v.coalesced)),
+        "every copy answered by the scan it waited for"
+    );
+    until_room_held(&server, 0).await;
 }
 
 /// A VM has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each may

@@ -23,14 +23,18 @@ use std::{
     time::Duration,
 };
 
+use prost::Message;
 use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    cache::{CacheKey, Digest, flight::UPLOAD_WAIT},
+    cache::{
+        CacheKey, Digest,
+        flight::{UPLOAD_WAIT, Waiter},
+    },
     config::Config,
     engine::Engine,
-    intake::IntakeLayer,
+    intake::{IntakeLayer, LOOKUP_WEIGHT, MAX_LOOKUP_MESSAGE},
     proto::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult,
         ScanRequest, protection_server_server::ProtectionServer,
@@ -43,6 +47,26 @@ use upload::UploadStore;
 
 /// Digests accepted in one Lookup request.
 pub const MAX_LOOKUP_DIGESTS: usize = 100_000;
+
+/// The bytes a digest takes in a Lookup's message: its field's tag, its
+/// length, and its 32 bytes.
+const DIGEST_IN_MESSAGE: usize = 34;
+
+/// What a Lookup's answer may weigh (see [`Answer::weight`]) for each
+/// digest its request names: the room the digest took in the message (see
+/// [`LOOKUP_WEIGHT`]) less what the Lookup holds of the digest itself while
+/// it answers (the digest, and its place among those under way). Plenty
+/// for verdicts clean and unknown; one with many detections weighs more,
+/// and a Lookup naming many of those gives the last of them as unknown,
+/// rather than hold more than its room. (Unknown asks the agent to scan
+/// the file, which then gets its verdict from the cache.)
+const ANSWER_PER_DIGEST: usize = LOOKUP_WEIGHT * DIGEST_IN_MESSAGE
+    - std::mem::size_of::<Digest>()
+    - std::mem::size_of::<(usize, Waiter)>();
+
+// The largest Lookup the service accepts is one the intake lets through.
+const _: () =
+    assert!(MAX_LOOKUP_DIGESTS * DIGEST_IN_MESSAGE + 2 * MAX_SESSION_ID_LEN <= MAX_LOOKUP_MESSAGE);
 
 /// The longest session id accepted: the server's are 36 bytes. A longer
 /// one is refused without being repeated back (errors name the session).
@@ -273,7 +297,7 @@ impl ProtectionServer for ProtectionService {
         drop(request);
         let engine = &self.state.engine;
         let (ruleset, cache) = (engine.ruleset(), engine.cache());
-        let mut results = Vec::with_capacity(digests.len());
+        let mut answer = Answer::new(digests.len());
         // Digests being uploaded or scanned right now are answered when
         // their scan lands.
         let mut under_way = Vec::new();
@@ -282,7 +306,7 @@ impl ProtectionServer for ProtectionService {
             // verdict holds for a digest alone (one cached for content sent
             // without a name is not the verdict on this agent's file).
             if ruleset.name_sensitive() {
-                results.push(LookupResult { verdict: None });
+                answer.push(None);
                 continue;
             }
             let key = CacheKey::new(digest, &ruleset, None);
@@ -295,20 +319,21 @@ impl ProtectionServer for ProtectionService {
                     None => known = cache.peek(&key),
                 }
             }
-            let verdict = known.map(|hit| FileVerdict::in_lookup(&hit, false));
-            results.push(LookupResult { verdict });
+            answer.push(known.map(|hit| FileVerdict::in_lookup(&hit, false)));
         }
         let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
         for (index, waiter) in under_way {
             // A scan that began under these signatures may have run with
             // newer ones (replaced meanwhile): the reply has one version
             // for all its verdicts, so such a verdict is left out.
-            results[index].verdict = waiter
+            let verdict = waiter
                 .verdict(deadline)
                 .await
                 .filter(|landed| *landed.rules_version == *ruleset.version())
                 .map(|landed| FileVerdict::in_lookup(&landed, true));
+            answer.set(index, verdict);
         }
+        let results = answer.results;
         // A verdict given by digest counts for the agent's VM as one given
         // for content: malware found this way tags the VM too. Infected
         // content is counted and logged once, however many times the
@@ -341,6 +366,65 @@ impl ProtectionServer for ProtectionService {
     }
 }
 
+/// A Lookup's results, as they are made, within what its room allows:
+/// [`ANSWER_PER_DIGEST`] for each digest. Each digest's result weighs at
+/// least as much as an unknown one, which is set aside for every digest
+/// at the start; a verdict that would weigh more than is left is given as
+/// unknown.
+struct Answer {
+    results: Vec<LookupResult>,
+    /// What is left to weigh, over what the results' unknowns weigh.
+    left: usize,
+}
+
+impl Answer {
+    fn new(digests: usize) -> Self {
+        let unknown = Self::weight(&LookupResult { verdict: None });
+        Answer {
+            results: Vec::with_capacity(digests),
+            left: digests * (ANSWER_PER_DIGEST - unknown),
+        }
+    }
+
+    /// What a result holds, about: itself, its detections, and its
+    /// strings (their bytes in its encoding), once in memory and once in
+    /// the reply's encoding.
+    fn weight(result: &LookupResult) -> usize {
+        let detections = result
+            .verdict
+            .as_ref()
+            .map_or(0, FileVerdict::detection_count);
+        std::mem::size_of::<LookupResult>()
+            + detections * std::mem::size_of::<crate::proto::Detection>()
+            + 2 * (result.encoded_len() + 2)
+    }
+
+    /// The result of a digest: `verdict`, if its weight is left.
+    fn result(&mut self, verdict: Option<FileVerdict>) -> LookupResult {
+        let result = LookupResult { verdict };
+        let unknown = LookupResult { verdict: None };
+        let over = Self::weight(&result) - Self::weight(&unknown);
+        match self.left.checked_sub(over) {
+            Some(left) => {
+                self.left = left;
+                result
+            }
+            None => unknown,
+        }
+    }
+
+    /// Adds the next digest's result.
+    fn push(&mut self, verdict: Option<FileVerdict>) {
+        let result = self.result(verdict);
+        self.results.push(result);
+    }
+
+    /// Sets the result of digest `index`, unknown so far.
+    fn set(&mut self, index: usize, verdict: Option<FileVerdict>) {
+        self.results[index] = self.result(verdict);
+    }
+}
+
 /// A digest from the wire: empty means none; otherwise 32 bytes.
 pub fn parse_digest(bytes: &[u8]) -> Result<Option<blake3::Hash>, String> {
     match bytes.len() {
@@ -349,5 +433,68 @@ pub fn parse_digest(bytes: &[u8]) -> Result<Option<blake3::Hash>, String> {
             bytes.try_into().expect("32 bytes"),
         ))),
         n => Err(format!("a blake3 digest is 32 bytes, not {n}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Clean, Detection, Infected, Verdict, verdict};
+
+    fn found(kind: verdict::Kind) -> Option<FileVerdict> {
+        Some(FileVerdict {
+            verdict: Some(Verdict { kind: Some(kind) }),
+            cached: true,
+            ..FileVerdict::default()
+        })
+    }
+
+    fn infected(detections: usize) -> Option<FileVerdict> {
+        let detection = Detection {
+            rule: "Some_Rule_Name".into(),
+            namespace: "default".into(),
+            tags: vec!["malware".into()],
+            ..Detection::default()
+        };
+        found(verdict::Kind::Infected(Infected {
+            detections: vec![detection; detections],
+        }))
+    }
+
+    #[test]
+    fn a_lookup_answers_within_its_room() {
+        // Clean and unknown, however many: every verdict given.
+        let mut answer = Answer::new(1000);
+        for i in 0..1000 {
+            answer.push(
+                (i % 2 == 0)
+                    .then(|| found(verdict::Kind::Clean(Clean {})))
+                    .flatten(),
+            );
+        }
+        let given = |answer: &Answer| {
+            answer
+                .results
+                .iter()
+                .filter(|r| r.verdict.is_some())
+                .count()
+        };
+        assert_eq!(given(&answer), 500);
+        // So is a verdict with a detection among them.
+        let mut answer = Answer::new(1000);
+        answer.push(infected(1));
+        for _ in 1..1000 {
+            answer.push(None);
+        }
+        assert_eq!(given(&answer), 1);
+        // Verdicts with many detections: the last are unknown, and the
+        // answer weighs no more than its room allows.
+        let mut answer = Answer::new(1000);
+        for _ in 0..1000 {
+            answer.push(infected(20));
+        }
+        assert!((1..1000).contains(&given(&answer)), "{}", given(&answer));
+        let weight: usize = answer.results.iter().map(Answer::weight).sum();
+        assert!(weight <= 1000 * ANSWER_PER_DIGEST);
     }
 }
