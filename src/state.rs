@@ -496,9 +496,14 @@ pub fn set_aside(path: &Path) {
 
 /// Sets a copy of the file at `path` aside, as `set_aside` does, keeping
 /// the file itself (what could be read of it is used, and will be saved
-/// over it).
+/// over it). The copy is written as state files are (see
+/// [`replace_file`]): on disk before the file is saved over, and an older
+/// copy replaced only by a whole one.
 pub fn set_aside_copy(path: &Path) {
-    if let Err(err) = std::fs::copy(path, rejected(path)) {
+    let copy = rejected(path);
+    let copied = fs::File::open(path)
+        .and_then(|mut file| replace_file(Path::new(&copy), |out| io::copy(&mut file, out)));
+    if let Err(err) = copied {
         tracing::warn!(path = %path.display(), "cannot set aside a copy of the file: {err}");
     }
 }

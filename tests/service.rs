@@ -740,7 +740,9 @@ async fn the_client_scans_files_larger_than_its_share_allows_at_once() {
 
 /// A file that says it holds 0 bytes and holds more than a chunk (as
 /// `/proc/kallsyms` does) is scanned when it goes with its content: its
-/// begin gives the size of what it holds.
+/// begin gives the size of what it holds. It goes so even when files go
+/// by digest first: such a file may hold something else at each read (as
+/// `/proc/PID/stat` does), and is read once, as the local scan reads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_says_it_is_empty_is_sent_whole_with_its_content() {
     let server = TestServer::start(|c| c.uploads.chunk_size = 4 << 10).await;
@@ -749,12 +751,19 @@ async fn a_file_that_says_it_is_empty_is_sent_whole_with_its_content() {
         .unwrap();
     let kallsyms = PathBuf::from("/proc/kallsyms");
     assert_eq!(std::fs::metadata(&kallsyms).unwrap().len(), 0);
-    let outcomes = scan_files(&agent, &[kallsyms], HashFirst::Never).await;
-    let [(_, outcome)] = &outcomes[..] else {
-        panic!("{outcomes:?}")
-    };
-    assert_eq!(outcome.verdict.kind(), "clean", "{outcome:?}");
-    assert!(outcome.size > 4 << 10, "{outcome:?}");
+    for hash_first in [HashFirst::Never, HashFirst::Always] {
+        let outcomes = scan_files(&agent, std::slice::from_ref(&kallsyms), hash_first).await;
+        let [(_, outcome)] = &outcomes[..] else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(outcome.verdict.kind(), "clean", "{outcome:?}");
+        assert!(outcome.size > 4 << 10, "{outcome:?}");
+    }
+    assert_eq!(
+        Counters::get(&server.state.counters.content_requests),
+        0,
+        "never announced by digest alone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1327,13 +1336,17 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
     assert_eq!(error_code(&refused), Code::InvalidArgument);
     assert!(format!("{refused:?}").contains("path"), "{refused:?}");
 
-    // Cancel releases the file.
+    // Cancel releases the file. Its one final reply is the cancel's:
+    // what the agent sent of it after (sent before it cancelled) is
+    // dropped without a word.
     tx.send(begin(&session, 6, &vec![7u8; 100_000], None))
         .await
         .unwrap();
     tx.send(chunk(6, 0, &[7u8; 1000])).await.unwrap();
     tx.send(cancel(6)).await.unwrap();
     assert_eq!(error_code(&next(&mut replies).await.1), Code::Cancelled);
+    tx.send(chunk(6, 1000, &[7u8; 1000])).await.unwrap();
+    tx.send(end(6)).await.unwrap();
 
     // The stream still works.
     send_whole(&tx, &session, 7, EICAR).await;

@@ -16,6 +16,7 @@ mod scan;
 pub use scan::{HashFirst, ResultSink};
 
 use std::{
+    io::Read,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -29,6 +30,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::engine::open_regular;
 use crate::proto::{
     AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
     ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
@@ -182,10 +184,19 @@ pub struct PreparedFile {
     pub digest: blake3::Hash,
 }
 
+/// How long a file under another process's lease is waited for (see
+/// [`open_regular`]), as the local scan waits with its default timeout.
+pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(10);
+
 impl PreparedFile {
-    /// Reads and hashes the file at `path`.
+    /// Reads and hashes the file at `path`: a regular file (a FIFO put in
+    /// its place would be waited on for ever), opened as the local scan
+    /// opens files.
     pub fn read(path: PathBuf) -> std::io::Result<PreparedFile> {
-        let content = Bytes::from(std::fs::read(&path)?);
+        let (mut file, size) = open_regular(&path, LEASE_WAIT)?;
+        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        file.read_to_end(&mut content)?;
+        let content = Bytes::from(content);
         let digest = blake3::hash(&content);
         Ok(PreparedFile {
             path,

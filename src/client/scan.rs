@@ -649,8 +649,13 @@ fn file_begin(
     }
 }
 
-/// The verdict for a file that could not be read.
+/// The verdict for a file that could not be read: too large for the
+/// one that holds more than its size said and may be read (see
+/// `send::read_unsized`).
 fn unreadable(err: &std::io::Error) -> Verdict {
+    if err.kind() == std::io::ErrorKind::FileTooLarge {
+        return Verdict::failed(FailReason::TooLarge, err.to_string());
+    }
     Verdict::failed(FailReason::Io, format!("cannot read the file: {err}"))
 }
 

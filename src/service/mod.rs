@@ -375,6 +375,8 @@ struct Answer {
     results: Vec<LookupResult>,
     /// What is left to weigh, over what the results' unknowns weigh.
     left: usize,
+    /// What an unknown result weighs.
+    unknown: usize,
 }
 
 impl Answer {
@@ -383,33 +385,36 @@ impl Answer {
         Answer {
             results: Vec::with_capacity(digests),
             left: digests * (ANSWER_PER_DIGEST - unknown),
+            unknown,
         }
     }
 
     /// What a result holds, about: itself, its detections, and its
     /// strings (their bytes in its encoding), once in memory and once in
-    /// the reply's encoding.
+    /// the reply's encoding. One without detections (clean, unknown)
+    /// encodes in a few bytes: it is not encoded to be weighed.
     fn weight(result: &LookupResult) -> usize {
-        let detections = result
-            .verdict
-            .as_ref()
-            .map_or(0, FileVerdict::detection_count);
+        const FEW: usize = 16;
+        let detections = (result.verdict.as_ref()).map_or(0, FileVerdict::detection_count);
+        let encoded = match detections {
+            0 => FEW,
+            _ => result.encoded_len() + 2,
+        };
         std::mem::size_of::<LookupResult>()
             + detections * std::mem::size_of::<crate::proto::Detection>()
-            + 2 * (result.encoded_len() + 2)
+            + 2 * encoded
     }
 
     /// The result of a digest: `verdict`, if its weight is left.
     fn result(&mut self, verdict: Option<FileVerdict>) -> LookupResult {
         let result = LookupResult { verdict };
-        let unknown = LookupResult { verdict: None };
-        let over = Self::weight(&result) - Self::weight(&unknown);
+        let over = Self::weight(&result) - self.unknown;
         match self.left.checked_sub(over) {
             Some(left) => {
                 self.left = left;
                 result
             }
-            None => unknown,
+            None => LookupResult { verdict: None },
         }
     }
 

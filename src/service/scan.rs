@@ -545,9 +545,15 @@ impl ScanStream {
                         .await?;
                     self.end(end.file_id).await
                 }
-                file_request::Kind::Cancel(cancel) => self
-                    .close(cancel.file_id)
-                    .map(|_| file_error(cancel.file_id, Code::Cancelled, "cancelled by the agent")),
+                file_request::Kind::Cancel(cancel) => {
+                    let id = cancel.file_id;
+                    let reply = (self.close(id))
+                        .map(|_| file_error(id, Code::Cancelled, "cancelled by the agent"));
+                    // Chunks of it (or its end) may follow, sent before
+                    // the agent cancelled.
+                    self.answered.note(id, reply.as_ref());
+                    reply
+                }
             };
             weighing += reply.as_ref().map_or(0, weight);
             replies.extend(reply);

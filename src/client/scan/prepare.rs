@@ -8,14 +8,13 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use tokio::sync::mpsc;
 
 use super::ResultSink;
 use crate::{
-    client::{ClientError, Files, PreparedFile},
+    client::{ClientError, Files, LEASE_WAIT, PreparedFile},
     engine::{ScanOutcome, open_regular},
 };
 
@@ -196,27 +195,19 @@ impl Preparer {
     }
 }
 
-/// How long a file under another process's lease is waited for (see
-/// [`open_regular`]), as the local scan waits with its default timeout.
-pub(super) const LEASE_WAIT: Duration = Duration::from_secs(10);
-
 /// A file's size and blake3 digest; only its size when it is over
-/// `max_file_size`. What is hashed is what will be sent: the size the file
-/// has when opened (one that grows meanwhile is sent as it was), or, for
-/// a file that says it holds 0 bytes (as those of /proc do), what it holds,
-/// up to one byte over the limit.
+/// `max_file_size`, or says it holds 0 bytes. What is hashed is what will
+/// be sent: the size the file has when opened (one that grows meanwhile is
+/// sent as it was). A file that says it holds 0 bytes (as those of /proc
+/// do) may hold something else at each read: it goes with its content,
+/// read once, as the local scan reads it.
 fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
     let (file, size) = open_regular(path, LEASE_WAIT)?;
-    if size > max_file_size {
+    if size > max_file_size || size == 0 {
         return Ok(Ready { size, digest: None });
     }
-    let limit = if size == 0 {
-        max_file_size.saturating_add(1)
-    } else {
-        size
-    };
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(file.take(limit))?;
+    hasher.update_reader(file.take(size))?;
     Ok(Ready {
         size: hasher.count(),
         digest: Some(hasher.finalize()),

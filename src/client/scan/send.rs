@@ -12,9 +12,8 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::prepare::LEASE_WAIT;
 use crate::{
-    client::FileSource,
+    client::{FileSource, LEASE_WAIT},
     engine::open_regular,
     proto::{FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, ScanRequest},
 };
@@ -245,7 +244,7 @@ impl Outbox {
             return Ok(opened);
         }
         if opened == 0 {
-            return match read_unsized(file) {
+            return match read_unsized(file, max_file_size) {
                 Ok(content) => {
                     begin.size = content.len() as u64;
                     self.file(id, Some(begin), slices(&content, self.limit), over)
@@ -292,14 +291,18 @@ impl Outbox {
 /// scan` reads such a file: whole, into memory.
 const UNSIZED_LIMIT: u64 = 32 << 20;
 
-/// What a file that says it holds 0 bytes holds, up to [`UNSIZED_LIMIT`].
-fn read_unsized(file: std::fs::File) -> std::io::Result<Bytes> {
+/// What a file that says it holds 0 bytes holds, up to [`UNSIZED_LIMIT`]
+/// and the server's `max_file_size`. One that holds more is too large
+/// (`FileTooLarge`), as the local scan says.
+fn read_unsized(file: std::fs::File, max_file_size: u64) -> std::io::Result<Bytes> {
+    let limit = UNSIZED_LIMIT.min(max_file_size);
     let mut content = Vec::new();
-    file.take(UNSIZED_LIMIT + 1).read_to_end(&mut content)?;
-    if content.len() as u64 > UNSIZED_LIMIT {
-        return Err(std::io::Error::other(format!(
-            "the file says it holds 0 bytes, and holds more than {UNSIZED_LIMIT}"
-        )));
+    file.take(limit + 1).read_to_end(&mut content)?;
+    if content.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("the file says it holds 0 bytes, and holds more than {limit}"),
+        ));
     }
     Ok(content.into())
 }
@@ -372,6 +375,21 @@ mod tests {
             [4, 4, 2],
             "shrunk: the server finds it short"
         );
+    }
+
+    /// A file that says it holds 0 bytes is read up to the server's limit
+    /// of file size (or 32 MiB), as the local scan reads it; one that
+    /// holds more is too large, as the local scan says.
+    #[test]
+    fn a_file_that_says_it_is_empty_is_read_within_the_limit() {
+        let open = || std::fs::File::open("/proc/kallsyms").unwrap();
+        let whole = read_unsized(open(), u64::MAX).unwrap();
+        assert!(whole.len() > 1024);
+        let err = read_unsized(open(), 1024).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge);
+        let verdict = super::super::unreadable(&err);
+        let reason = verdict.failure().map(|f| f.reason);
+        assert_eq!(reason, Some(crate::verdict::FailReason::TooLarge));
     }
 
     /// A file that goes with its begin goes with the size it has when the
