@@ -152,6 +152,38 @@ impl IntakeLayer {
     pub fn budget(&self) -> u64 {
         (self.budget.kib as u64) << 10
     }
+
+    /// The budget's room, for what calls hold besides their requests.
+    pub fn shared_room(&self) -> SharedRoom {
+        SharedRoom(Arc::clone(&self.budget.room))
+    }
+}
+
+/// The budget's room for what calls hold besides their requests'
+/// messages: the replies a `Scan` stream has waiting for its agent, beyond
+/// a first part (see `crate::service::replies`). Handed out in turn, in
+/// KiB, as room for messages is; it is not counted in a peer's share.
+#[derive(Debug, Clone)]
+pub struct SharedRoom(Arc<Semaphore>);
+
+impl SharedRoom {
+    /// Room for `bytes` (at most [`CALL_MOST`]), if it is free now.
+    pub fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let kib = Self::kib(bytes);
+        Arc::clone(&self.0).try_acquire_many_owned(kib).ok()
+    }
+
+    /// Room for `bytes` (at most [`CALL_MOST`]), once it is free.
+    pub async fn take(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let kib = Self::kib(bytes);
+        let taken = Arc::clone(&self.0).acquire_many_owned(kib).await;
+        taken.expect("the budget is never closed")
+    }
+
+    /// `bytes` in KiB, within what the budget always holds.
+    fn kib(bytes: usize) -> u32 {
+        bytes.min(CALL_MOST).div_ceil(1024) as u32
+    }
 }
 
 impl Budget {

@@ -398,20 +398,28 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     let mut lw = LeadAndWaiter::start(&server, &data).await;
     // The lead stops reading and keeps sending: begins naming an unknown
     // session (as long as a session id may be), each refused with a reply
-    // that quotes it, until the server's reply buffer and the HTTP/2
-    // windows are full.
+    // that quotes it, a thousand to a message, until the server's reply
+    // buffer and the HTTP/2 windows are full.
     let bogus = "x".repeat(scanserver::service::MAX_SESSION_ID_LEN);
     let lead = lw.lead.clone();
     tokio::spawn(async move {
-        for id in 2..50_000 {
-            if lead.send(begin(&bogus, id, b"", None)).await.is_err() {
+        for batch in 0..50 {
+            let ids = (2..1002).map(|id| batch * 1000 + id);
+            let requests = ids.flat_map(|id| begin(&bogus, id, b"", None).requests);
+            let message = ScanRequest {
+                requests: requests.collect(),
+            };
+            if lead.send(message).await.is_err() {
                 break;
             }
         }
     });
     // Long enough for the flood to fill everything, well within the idle
-    // timeout of the lead's stream once it is full.
+    // timeout of the lead's stream once it is full. The replies waiting
+    // beyond the stream's first 64 KiB hold room in the message budget.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = server.state.intake.held();
+    assert!(held > 3 << 20, "{held} bytes of room held");
     // Another VM's begin for the content the lead was asked for: the lead's
     // stream is closed once it has taken no reply for the idle timeout, and
     // the waiter is asked for its own content then, not after the wait's
@@ -424,6 +432,9 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     lw.waiter.send(end(1)).await.unwrap();
     let verdict = file_verdict(next(&mut lw.waiter_replies).await.1);
     assert!(!verdict.cached && !verdict.coalesced);
+    // The lead's stream is gone, and its replies' room with it.
+    let given_back = || server.state.intake.held() < 1 << 20;
+    until_read("the replies' room given back", given_back, true).await;
 }
 
 /// An agent that takes none of its replies while its files' verdicts wait

@@ -254,7 +254,7 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<Streaming<ScanRequest>>,
     ) -> Result<Response<Self::ScanStream>, Status> {
-        let (tx, rx) = replies::queue();
+        let (tx, rx) = replies::queue(self.state.intake.shared_room());
         let caller = self.state.caller(&request);
         tokio::spawn(scan::run(
             Arc::clone(&self.state),

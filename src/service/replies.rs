@@ -13,13 +13,24 @@
 //! place among [`REPLY_MESSAGES`], and its agent's requests wait in HTTP/2
 //! flow control. A message heavier than the whole allowance takes all of
 //! it, and goes alone.
+//!
+//! The thousands of streams an SVM serves could still hold gigabytes of
+//! replies together, their agents reading none: so beyond the first
+//! [`REPLY_FREE`] of a stream's replies, a message also takes its weight
+//! from the agent listener's budget for messages (`uploads.message_budget`,
+//! see [`crate::intake`]), and the stream waits for room there too. A
+//! stream the server gives up on, its agent having read nothing for the
+//! idle timeout, drops the replies it holds ([`Replies::abandon`]): HTTP/2
+//! would otherwise keep them, and their room, for as long as the agent
+//! keeps the stream open without reading.
 
 use std::{
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Weak},
     task::{Context, Poll},
 };
 
+use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{
     OwnedSemaphorePermit, Semaphore, TryAcquireError,
@@ -28,7 +39,10 @@ use tokio::sync::{
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::proto::{FileReply, ScanReply};
+use crate::{
+    intake::SharedRoom,
+    proto::{FileReply, ScanReply},
+};
 
 /// Reply messages queued per stream before the server waits for the agent
 /// to read them.
@@ -41,6 +55,10 @@ pub const REPLY_MESSAGES: usize = 256;
 /// a burst of them should not wait for its agent to read the first
 /// (each wait sets a timer).
 pub const REPLY_BYTES: usize = 4 << 20;
+
+/// The weight of a stream's replies that takes no room in the listener's
+/// budget, as request messages up to [`crate::intake::FREE`] take none.
+pub const REPLY_FREE: usize = 64 << 10;
 
 /// The weight of replies one message carries at most: a thousand verdicts
 /// with many detections each must not make a message over what the agent
@@ -58,7 +76,14 @@ pub fn weight(reply: &FileReply) -> usize {
 /// it holds until tonic takes it.
 struct Queued {
     reply: Result<ScanReply, Status>,
-    _weight: OwnedSemaphorePermit,
+    _weight: Weight,
+}
+
+/// A message's weight, taken from its stream's allowance and, beyond
+/// [`REPLY_FREE`], from the listener's budget.
+struct Weight {
+    _own: OwnedSemaphorePermit,
+    _shared: Option<OwnedSemaphorePermit>,
 }
 
 /// The sending side, cloned for each verdict on its way.
@@ -66,18 +91,25 @@ struct Queued {
 pub struct Replies {
     queue: mpsc::Sender<Queued>,
     allowance: Arc<Semaphore>,
+    shared: SharedRoom,
+    /// The receiving side's queue, for [`Replies::abandon`]: not kept
+    /// alive by it (the queue closes when tonic drops the stream).
+    received: Weak<Mutex<Option<mpsc::Receiver<Queued>>>>,
 }
 
 /// The receiving side, which tonic takes the replies from.
 pub struct ReplyStream {
-    queue: mpsc::Receiver<Queued>,
+    queue: Received,
 }
+
+/// The replies queued, until they are taken, or dropped with the stream.
+type Received = Arc<Mutex<Option<mpsc::Receiver<Queued>>>>;
 
 /// A place for one message of a known weight, taken in the queue and the
 /// allowance both.
 pub struct Slot<'a> {
     place: mpsc::Permit<'a, Queued>,
-    weight: OwnedSemaphorePermit,
+    weight: Weight,
 }
 
 /// Why no slot was taken.
@@ -89,12 +121,16 @@ pub enum NoSlot {
     Full,
 }
 
-/// A stream's reply queue.
-pub fn queue() -> (Replies, ReplyStream) {
+/// A stream's reply queue, whose replies beyond [`REPLY_FREE`] take room
+/// in `shared` too.
+pub fn queue(shared: SharedRoom) -> (Replies, ReplyStream) {
     let (queue, received) = mpsc::channel(REPLY_MESSAGES);
+    let received = Arc::new(Mutex::new(Some(received)));
     let replies = Replies {
         queue,
         allowance: Arc::new(Semaphore::new(REPLY_BYTES)),
+        shared,
+        received: Arc::downgrade(&received),
     };
     (replies, ReplyStream { queue: received })
 }
@@ -102,10 +138,18 @@ pub fn queue() -> (Replies, ReplyStream) {
 impl Replies {
     /// A slot for a message of `weight`, if there is room now.
     pub fn try_reserve(&self, weight: usize) -> Result<Slot<'_>, NoSlot> {
-        let weight = match Arc::clone(&self.allowance).try_acquire_many_owned(permits(weight)) {
-            Ok(weight) => weight,
+        let own = match Arc::clone(&self.allowance).try_acquire_many_owned(permits(weight)) {
+            Ok(own) => own,
             Err(TryAcquireError::NoPermits) => return Err(NoSlot::Full),
             Err(TryAcquireError::Closed) => unreachable!("the allowance is never closed"),
+        };
+        let shared = match self.beyond_free() {
+            true => Some(self.shared.try_take(weight).ok_or(NoSlot::Full)?),
+            false => None,
+        };
+        let weight = Weight {
+            _own: own,
+            _shared: shared,
         };
         match self.queue.try_reserve() {
             Ok(place) => Ok(Slot { place, weight }),
@@ -118,12 +162,37 @@ impl Replies {
     /// the agent is gone.
     pub async fn reserve(&self, weight: usize) -> Option<Slot<'_>> {
         let allowance = Arc::clone(&self.allowance);
-        let weight = tokio::select! {
-            weight = allowance.acquire_many_owned(permits(weight)) => weight.ok()?,
+        let own = tokio::select! {
+            own = allowance.acquire_many_owned(permits(weight)) => own.ok()?,
             () = self.queue.closed() => return None,
+        };
+        let shared = match self.beyond_free() {
+            true => Some(tokio::select! {
+                shared = self.shared.take(weight) => shared,
+                () = self.queue.closed() => return None,
+            }),
+            false => None,
+        };
+        let weight = Weight {
+            _own: own,
+            _shared: shared,
         };
         let place = self.queue.reserve().await.ok()?;
         Some(Slot { place, weight })
+    }
+
+    /// Drops the replies queued, and any to come: the agent is given up on.
+    /// What tonic takes next is the end of the stream.
+    pub fn abandon(&self) {
+        if let Some(received) = self.received.upgrade() {
+            drop(received.lock().take());
+        }
+    }
+
+    /// Whether the replies queued, with the one whose weight was just
+    /// taken from the allowance, weigh more than [`REPLY_FREE`].
+    fn beyond_free(&self) -> bool {
+        REPLY_BYTES - self.allowance.available_permits() > REPLY_FREE
     }
 }
 
@@ -146,8 +215,12 @@ impl Stream for ReplyStream {
     type Item = Result<ScanReply, Status>;
 
     /// The next reply; its weight goes back to the stream as tonic takes it.
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.queue
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut queue = self.queue.lock();
+        let Some(queue) = queue.as_mut() else {
+            return Poll::Ready(None);
+        };
+        queue
             .poll_recv(cx)
             .map(|queued| queued.map(|queued| queued.reply))
     }
@@ -166,9 +239,16 @@ mod tests {
         })
     }
 
+    fn shared_room(bytes: u64) -> (crate::intake::IntakeLayer, SharedRoom) {
+        let layer = crate::intake::IntakeLayer::new(bytes);
+        let room = layer.shared_room();
+        (layer, room)
+    }
+
     #[tokio::test]
     async fn replies_wait_for_their_weight_to_be_taken() {
-        let (replies, mut stream) = queue();
+        let (_layer, room) = shared_room(1 << 30);
+        let (replies, mut stream) = queue(room);
         let half = REPLY_BYTES / 2;
         replies.try_reserve(half).unwrap().send(message(1));
         replies.try_reserve(half).unwrap().send(message(2));
@@ -194,5 +274,52 @@ mod tests {
         drop(stream);
         assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Closed));
         assert!(replies.reserve(1).await.is_none());
+    }
+
+    /// Beyond the first `REPLY_FREE` of a stream's replies, each message
+    /// takes its weight from the listener's budget too, and waits for room
+    /// there; taken by tonic, it gives it back.
+    #[tokio::test]
+    async fn replies_beyond_their_free_part_take_room_in_the_budget() {
+        let (layer, room) = shared_room(1 << 20);
+        let (replies, mut stream) = queue(room.clone());
+        replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
+        assert_eq!(layer.held(), 0, "the first part takes none");
+        replies.try_reserve(512 << 10).unwrap().send(message(2));
+        assert_eq!(layer.held(), 512 << 10);
+        // Others hold the rest of the budget: the stream has room of its
+        // own, but waits for the budget's.
+        let others = room.try_take(512 << 10).unwrap();
+        assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Full));
+        let waiting = tokio::spawn(async move {
+            replies.reserve(1).await.unwrap().send(message(3));
+            replies
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(others);
+        let _replies = waiting.await.unwrap();
+        assert_eq!(layer.held(), (512 << 10) + 1024);
+        for expected in [1, 2, 3] {
+            let next = stream.next().await.unwrap().unwrap();
+            assert_eq!(next.signatures_version.len(), expected);
+        }
+        assert_eq!(layer.held(), 0);
+    }
+
+    /// A stream given up on lets go of its replies at once, though tonic
+    /// has not taken them (HTTP/2 would not, its agent reading nothing).
+    #[tokio::test]
+    async fn an_abandoned_stream_drops_its_replies() {
+        let (layer, room) = shared_room(1 << 30);
+        let (replies, mut stream) = queue(room);
+        for _ in 0..4 {
+            replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
+        }
+        assert_eq!(layer.held(), 3 * REPLY_FREE as u64);
+        replies.abandon();
+        assert_eq!(layer.held(), 0);
+        assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Closed));
+        assert!(stream.next().await.is_none());
     }
 }

@@ -566,13 +566,16 @@ impl ScanStream {
         self.send_weighed(replies, weighing).await
     }
 
-    /// Ends the stream of an agent that took none of its replies for the
-    /// idle timeout: its open files are dropped with it.
+    /// Ends a stream whose replies found no room for the idle timeout
+    /// (its agent took none of them, or the listener's message budget was
+    /// full all along: see [`crate::service::replies`]): its open files
+    /// are dropped with it.
     fn unread(&self) -> Result<(), ()> {
+        self.replies.abandon();
         let idle = self.state.idle_timeout;
         tracing::warn!(
             ?idle,
-            "an agent took none of its replies; its Scan stream is closed"
+            "a Scan stream's replies found no room (its agent took none of them, or uploads.message_budget was full); the stream is closed"
         );
         Err(())
     }
