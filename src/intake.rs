@@ -12,22 +12,24 @@
 //! gRPC framing and passes on one message at a time:
 //!
 //! * Each method has its largest message: 64 KiB on `Connect` and on the
-//!   health and reflection services, [`MAX_MESSAGE_SIZE`] on `Scan`,
-//!   `ScanFile` and `Lookup`. A larger one fails its call with
-//!   `OUT_OF_RANGE` from its header, before anything is held for it.
-//! * A message of up to [`FREE`] (64 KiB) goes on as it comes: a call holds
-//!   no more than that for such messages, and a connection no more than its
-//!   64 calls' worth.
+//!   health and reflection services, [`MAX_MESSAGE_SIZE`] on `Scan` and
+//!   `ScanFile`, [`MAX_LOOKUP_MESSAGE`] on `Lookup`. A larger one fails its
+//!   call with `OUT_OF_RANGE` from its header, before anything is held for
+//!   it.
+//! * A message of up to [`FREE`] (64 KiB; a `Lookup`'s, see below) goes on
+//!   as it comes: a call holds no more than that for such messages, and a
+//!   connection no more than its 64 calls' worth.
 //! * A larger one goes on only once its call holds room for it, taken from
 //!   one budget for the listener (`uploads.message_budget`), as a whole, at
 //!   its header (whose last byte is held back until then, so that tonic
 //!   sizes no buffer before, and then sizes it from an empty one): a
 //!   message under way never waits for room, so it depends on its client
 //!   alone. The room stays with the call until the call ends, as tonic's
-//!   buffer does (a `Lookup`'s request goes when its message is decoded,
-//!   and the service copies the digests out of it); a larger message later
-//!   takes its size again, as the buffer may grow by that much (see
-//!   `Intake::admit`). Room is handed out in turn (a FIFO semaphore, in
+//!   buffer does; a larger message later takes its size again, as the
+//!   buffer may grow by that much (see `Intake::admit`). A `Lookup`'s
+//!   answer is made from its request, and holds more: its message takes
+//!   [`LOOKUP_WEIGHT`] times its size, and the room stays until the answer
+//!   is sent. Room is handed out in turn (a FIFO semaphore, in
 //!   KiB); a call that finds none within [`ROOM_WAIT`] fails with
 //!   `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
 //!   HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
@@ -749,14 +751,14 @@ fn too_large(len: usize, max: usize) -> Status {
 /// The error of a call whose message found no room in time.
 fn no_room(len: usize) -> Status {
     Status::resource_exhausted(format!(
-        "the server holds as many received messages as it may: a message of {len} bytes found no room within {ROOM_WAIT:?}; send it again later, or to another SVM"
+        "the server holds as many messages as it may: a message of {len} bytes found no room within {ROOM_WAIT:?}; send it again later, or to another SVM"
     ))
 }
 
 /// The error of a call whose peer's calls hold their share of the room.
 fn peer_full(len: usize) -> Status {
     Status::resource_exhausted(format!(
-        "this address's calls hold all the room for received messages one address may: a message of {len} bytes must wait until some of them end; send fewer large messages at once"
+        "this address's calls hold all the room for messages one address may: a message of {len} bytes must wait until some of them end; send fewer large messages at once"
     ))
 }
 

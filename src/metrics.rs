@@ -326,12 +326,12 @@ impl Collector for Live {
             ),
             (
                 "scanserver_message_room_bytes",
-                "Memory the agent listener's calls hold for request messages over 64 KiB, with what is set aside for calls waiting for it",
+                "Memory the agent listener's calls hold for messages (requests over 64 KiB, Lookups and their answers, Scan replies waiting beyond a stream's first 64 KiB), with what is set aside for calls waiting for it",
                 self.1.intake.held(),
             ),
             (
                 "scanserver_message_budget_bytes",
-                "The message budget: memory the agent listener's calls may hold for request messages over 64 KiB",
+                "The message budget: memory the agent listener's calls may hold for messages",
                 self.1.intake.budget(),
             ),
             (

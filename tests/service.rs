@@ -437,6 +437,37 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     until_read("the replies' room given back", given_back, true).await;
 }
 
+/// A stream whose agent ends its requests and takes none of the replies
+/// left lets go of them, and of their room in the message budget, once
+/// they have waited for the idle timeout: HTTP/2 would keep them for as
+/// long as the agent keeps the stream open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_left_unread_after_a_stream_ends_are_let_go() {
+    let idle = Duration::from_secs(2);
+    let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
+    // A client that reads none of its replies (a window of 1 KiB).
+    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Scan", 1 << 10).await;
+    // Begins naming an unknown session, a thousand to a message, each
+    // refused with a reply that quotes it.
+    let bogus = "x".repeat(scanserver::service::MAX_SESSION_ID_LEN);
+    for batch in 0..10 {
+        let ids = (0..1000).map(|id| batch * 1000 + id);
+        let requests = ids.flat_map(|id| begin(&bogus, id, b"", None).requests);
+        let message = ScanRequest {
+            requests: requests.collect(),
+        };
+        body.send_data(framed(&message), false).unwrap();
+    }
+    let held = || server.state.intake.held();
+    until_read("the replies' room", || held() > 1 << 20, true).await;
+    // The agent ends its requests; the replies wait for it.
+    body.send_data(Bytes::new(), true).unwrap();
+    tokio::time::sleep(idle / 2).await;
+    assert!(held() > 1 << 20);
+    until_read("the replies' room given back", || held() == 0, true).await;
+    drop(response);
+}
+
 /// An agent that takes none of its replies while its files' verdicts wait
 /// for room among them cannot keep its stream going without those
 /// verdicts by sending other requests: once one is given up on, the stream

@@ -18,15 +18,22 @@
 //! replies together, their agents reading none: so beyond the first
 //! [`REPLY_FREE`] of a stream's replies, a message also takes its weight
 //! from the agent listener's budget for messages (`uploads.message_budget`,
-//! see [`crate::intake`]), and the stream waits for room there too. A
+//! see [`crate::intake`]) if there is room there; if not, the stream waits
+//! until its agent has taken all but the first part of its replies (never
+//! for room that other streams hold: each stream also holds room for its
+//! requests, and waiting on one another they could wait for ever). A
 //! stream the server gives up on, its agent having read nothing for the
-//! idle timeout, drops the replies it holds ([`Replies::abandon`]): HTTP/2
-//! would otherwise keep them, and their room, for as long as the agent
-//! keeps the stream open without reading.
+//! idle timeout (while the stream goes on, or after its end), drops the
+//! replies it holds ([`Replies::abandon`]): HTTP/2 would otherwise keep
+//! them, and their room, for as long as the agent keeps the stream open
+//! without reading.
 
 use std::{
     pin::Pin,
-    sync::{Arc, Weak},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -36,6 +43,7 @@ use tokio::sync::{
     OwnedSemaphorePermit, Semaphore, TryAcquireError,
     mpsc::{self, error::TrySendError},
 };
+use tokio::time::{Duration, Instant};
 use tokio_stream::Stream;
 use tonic::Status;
 
@@ -95,11 +103,14 @@ pub struct Replies {
     /// The receiving side's queue, for [`Replies::abandon`]: not kept
     /// alive by it (the queue closes when tonic drops the stream).
     received: Weak<Mutex<Option<mpsc::Receiver<Queued>>>>,
+    /// Messages taken by tonic so far.
+    taken: Arc<AtomicU64>,
 }
 
 /// The receiving side, which tonic takes the replies from.
 pub struct ReplyStream {
     queue: Received,
+    taken: Arc<AtomicU64>,
 }
 
 /// The replies queued, until they are taken, or dropped with the stream.
@@ -126,13 +137,19 @@ pub enum NoSlot {
 pub fn queue(shared: SharedRoom) -> (Replies, ReplyStream) {
     let (queue, received) = mpsc::channel(REPLY_MESSAGES);
     let received = Arc::new(Mutex::new(Some(received)));
+    let taken = Arc::default();
     let replies = Replies {
         queue,
         allowance: Arc::new(Semaphore::new(REPLY_BYTES)),
         shared,
         received: Arc::downgrade(&received),
+        taken: Arc::clone(&taken),
     };
-    (replies, ReplyStream { queue: received })
+    let stream = ReplyStream {
+        queue: received,
+        taken,
+    };
+    (replies, stream)
 }
 
 impl Replies {
@@ -143,10 +160,7 @@ impl Replies {
             Err(TryAcquireError::NoPermits) => return Err(NoSlot::Full),
             Err(TryAcquireError::Closed) => unreachable!("the allowance is never closed"),
         };
-        let shared = match self.beyond_free() {
-            true => Some(self.shared.try_take(weight).ok_or(NoSlot::Full)?),
-            false => None,
-        };
+        let shared = self.shared_room(&own, weight).ok_or(NoSlot::Full)?;
         let weight = Weight {
             _own: own,
             _shared: shared,
@@ -161,17 +175,19 @@ impl Replies {
     /// A slot for a message of `weight`, once there is room; `None` when
     /// the agent is gone.
     pub async fn reserve(&self, weight: usize) -> Option<Slot<'_>> {
-        let allowance = Arc::clone(&self.allowance);
-        let own = tokio::select! {
-            own = allowance.acquire_many_owned(permits(weight)) => own.ok()?,
-            () = self.queue.closed() => return None,
+        let room = async {
+            let own = self.own_room(weight, 0).await?;
+            match self.shared_room(&own, weight) {
+                Some(shared) => Some((own, shared)),
+                None => {
+                    drop(own);
+                    Some((self.own_room(weight, FREE_WAIT).await?, None))
+                }
+            }
         };
-        let shared = match self.beyond_free() {
-            true => Some(tokio::select! {
-                shared = self.shared.take(weight) => shared,
-                () = self.queue.closed() => return None,
-            }),
-            false => None,
+        let (own, shared) = tokio::select! {
+            room = room => room?,
+            () = self.queue.closed() => return None,
         };
         let weight = Weight {
             _own: own,
@@ -179,6 +195,34 @@ impl Replies {
         };
         let place = self.queue.reserve().await.ok()?;
         Some(Slot { place, weight })
+    }
+
+    /// Room in the stream's allowance for a message of `weight`, taken
+    /// once `more` is free besides (all of it at most). With [`FREE_WAIT`]
+    /// more, that is once the replies queued weigh no more than
+    /// [`REPLY_FREE`] less the message.
+    async fn own_room(&self, weight: usize, more: usize) -> Option<OwnedSemaphorePermit> {
+        let wanted = permits(weight.saturating_add(more));
+        let allowance = Arc::clone(&self.allowance);
+        let mut taken = allowance.acquire_many_owned(wanted).await.ok()?;
+        // The rest goes back with `taken`.
+        taken.split(permits(weight) as usize)
+    }
+
+    /// The room in the budget a message of `weight` takes, its own room
+    /// taken as `own`: none while the replies queued before it weigh no
+    /// more than [`REPLY_FREE`]; `None` when it needs room and the budget
+    /// has none now.
+    fn shared_room(
+        &self,
+        own: &OwnedSemaphorePermit,
+        weight: usize,
+    ) -> Option<Option<OwnedSemaphorePermit>> {
+        let queued = REPLY_BYTES - self.allowance.available_permits() - own.num_permits();
+        if queued <= REPLY_FREE {
+            return Some(None);
+        }
+        self.shared.try_take(weight).map(Some)
     }
 
     /// Drops the replies queued, and any to come: the agent is given up on.
@@ -189,12 +233,34 @@ impl Replies {
         }
     }
 
-    /// Whether the replies queued, with the one whose weight was just
-    /// taken from the allowance, weigh more than [`REPLY_FREE`].
-    fn beyond_free(&self) -> bool {
-        REPLY_BYTES - self.allowance.available_permits() > REPLY_FREE
+    /// Once the stream's task is over: waits until the agent has taken
+    /// every reply queued and `owing` says none is still to come (the
+    /// verdicts of scans under way), or the agent is gone. An agent that
+    /// takes none of them for `idle` has them dropped (see
+    /// [`Self::abandon`]).
+    pub async fn until_taken(&self, idle: Duration, owing: impl Fn() -> bool) {
+        let look = idle.min(Duration::from_secs(1));
+        let (mut taken, mut since) = (self.taken.load(Ordering::Relaxed), Instant::now());
+        loop {
+            let queued = self.allowance.available_permits() < REPLY_BYTES;
+            if self.queue.is_closed() || !(queued || owing()) {
+                return;
+            }
+            let now = self.taken.load(Ordering::Relaxed);
+            if now != taken {
+                (taken, since) = (now, Instant::now());
+            } else if since.elapsed() >= idle {
+                return self.abandon();
+            }
+            tokio::time::sleep(look).await;
+        }
     }
 }
+
+/// What [`Replies::own_room`] is asked for on top of a message, for it to
+/// wait until the replies queued weigh no more than [`REPLY_FREE`] less the
+/// message.
+const FREE_WAIT: usize = REPLY_BYTES - REPLY_FREE;
 
 impl Slot<'_> {
     /// Queues `reply` in this slot.
@@ -220,9 +286,11 @@ impl Stream for ReplyStream {
         let Some(queue) = queue.as_mut() else {
             return Poll::Ready(None);
         };
-        queue
-            .poll_recv(cx)
-            .map(|queued| queued.map(|queued| queued.reply))
+        let next = queue.poll_recv(cx);
+        if let Poll::Ready(Some(_)) = next {
+            self.taken.fetch_add(1, Ordering::Relaxed);
+        }
+        next.map(|queued| queued.map(|queued| queued.reply))
     }
 }
 
@@ -277,18 +345,23 @@ mod tests {
     }
 
     /// Beyond the first `REPLY_FREE` of a stream's replies, each message
-    /// takes its weight from the listener's budget too, and waits for room
-    /// there; taken by tonic, it gives it back.
+    /// takes its weight from the listener's budget too, if it has room;
+    /// taken by tonic, it gives it back. Without room there, a message
+    /// waits for its agent to take the stream's replies down to the first
+    /// part, not for the room others hold.
     #[tokio::test]
     async fn replies_beyond_their_free_part_take_room_in_the_budget() {
         let (layer, room) = shared_room(1 << 20);
         let (replies, mut stream) = queue(room.clone());
-        replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
+        replies
+            .try_reserve(REPLY_FREE + 1)
+            .unwrap()
+            .send(message(1));
         assert_eq!(layer.held(), 0, "the first part takes none");
         replies.try_reserve(512 << 10).unwrap().send(message(2));
         assert_eq!(layer.held(), 512 << 10);
         // Others hold the rest of the budget: the stream has room of its
-        // own, but waits for the budget's.
+        // own, and waits for its agent.
         let others = room.try_take(512 << 10).unwrap();
         assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Full));
         let waiting = tokio::spawn(async move {
@@ -296,15 +369,25 @@ mod tests {
             replies
         });
         tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
         drop(others);
-        let _replies = waiting.await.unwrap();
-        assert_eq!(layer.held(), (512 << 10) + 1024);
-        for expected in [1, 2, 3] {
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        for expected in [1, 2] {
             let next = stream.next().await.unwrap().unwrap();
             assert_eq!(next.signatures_version.len(), expected);
         }
-        assert_eq!(layer.held(), 0);
+        let _replies = waiting.await.unwrap();
+        assert_eq!(layer.held(), 0, "within the first part again");
+        assert_eq!(
+            stream
+                .next()
+                .await
+                .unwrap()
+                .unwrap()
+                .signatures_version
+                .len(),
+            3
+        );
     }
 
     /// A stream given up on lets go of its replies at once, though tonic
@@ -316,7 +399,7 @@ mod tests {
         for _ in 0..4 {
             replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
         }
-        assert_eq!(layer.held(), 3 * REPLY_FREE as u64);
+        assert_eq!(layer.held(), 2 * REPLY_FREE as u64);
         replies.abandon();
         assert_eq!(layer.held(), 0);
         assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Closed));

@@ -290,6 +290,7 @@ pub(super) async fn run(
     // for the timers: the watch is shared by every stream.
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(shutdown);
+    let mut shutting_down = false;
     // Until the stream ends, which it does once its requests are dropped.
     while let Some(requests) = stream.requests.as_mut() {
         timers.wake_at(stream.next_expiry);
@@ -301,12 +302,23 @@ pub(super) async fn run(
             () = &mut timers.idle => Event::Idle,
             () = &mut shutdown => Event::ShuttingDown,
         };
+        shutting_down |= matches!(event, Event::ShuttingDown);
         if stream.on(event, &mut timers).await.is_err() {
             break;
         }
     }
     // The open files are dropped with `stream`: unfinished uploads release
-    // everything, and flights they led end without a verdict.
+    // everything, and flights they led end without a verdict. The replies
+    // queued, and the verdicts of scans still under way, go as the agent
+    // takes them, or are dropped if it takes none for the idle timeout.
+    let (replies, scanning) = (stream.replies.clone(), Arc::clone(&stream.scanning));
+    let idle = stream.state.idle_timeout;
+    drop(stream);
+    let owing = || !scanning.owed().ids.is_empty();
+    tokio::select! {
+        () = replies.until_taken(idle, owing) => {}
+        () = &mut shutdown, if !shutting_down => {}
+    }
 }
 
 /// What woke a Scan stream's task.
