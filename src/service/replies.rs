@@ -22,9 +22,9 @@
 //! until its agent has taken all but the first part of its replies (never
 //! for room that other streams hold: each stream also holds room for its
 //! requests, and waiting on one another they could wait for ever). A
-//! stream the server gives up on, its agent having read nothing for the
-//! idle timeout (while the stream goes on, or after its end), drops the
-//! replies it holds ([`Replies::abandon`]): HTTP/2 would otherwise keep
+//! stream the server gives up on, its agent having taken none of its
+//! waiting replies for the idle timeout (while the stream goes on, or after
+//! its end), drops them ([`Replies::abandon`]): HTTP/2 would otherwise keep
 //! them, and their room, for as long as the agent keeps the stream open
 //! without reading.
 
@@ -172,6 +172,28 @@ impl Replies {
         }
     }
 
+    /// [`Self::reserve`], given up on (`Err`) once the agent has taken
+    /// none of the stream's replies for `idle`.
+    pub async fn reserve_within(
+        &self,
+        weight: usize,
+        idle: Duration,
+    ) -> Result<Option<Slot<'_>>, Unread> {
+        let reserve = self.reserve(weight);
+        tokio::pin!(reserve);
+        let mut reading = Reading::new(&self.taken);
+        loop {
+            tokio::select! {
+                slot = &mut reserve => return Ok(slot),
+                () = tokio::time::sleep(look(idle)) => {
+                    if reading.stalled(true, idle) {
+                        return Err(Unread);
+                    }
+                }
+            }
+        }
+    }
+
     /// A slot for a message of `weight`, once there is room; `None` when
     /// the agent is gone.
     pub async fn reserve(&self, weight: usize) -> Option<Slot<'_>> {
@@ -210,16 +232,16 @@ impl Replies {
     }
 
     /// The room in the budget a message of `weight` takes, its own room
-    /// taken as `own`: none while the replies queued before it weigh no
-    /// more than [`REPLY_FREE`]; `None` when it needs room and the budget
-    /// has none now.
+    /// taken (and counted among the replies queued) as `own`: none while
+    /// the replies queued weigh no more than [`REPLY_FREE`]; `None` when it
+    /// needs room and the budget has none now.
     fn shared_room(
         &self,
         own: &OwnedSemaphorePermit,
         weight: usize,
     ) -> Option<Option<OwnedSemaphorePermit>> {
-        let queued = REPLY_BYTES - self.allowance.available_permits() - own.num_permits();
-        if queued <= REPLY_FREE {
+        debug_assert!(own.num_permits() > 0);
+        if REPLY_BYTES - self.allowance.available_permits() <= REPLY_FREE {
             return Some(None);
         }
         self.shared.try_take(weight).map(Some)
@@ -228,32 +250,91 @@ impl Replies {
     /// Drops the replies queued, and any to come: the agent is given up on.
     /// What tonic takes next is the end of the stream.
     pub fn abandon(&self) {
-        if let Some(received) = self.received.upgrade() {
-            drop(received.lock().take());
+        abandon(&self.received);
+    }
+
+    /// What the replies leave behind once the stream's task is over (see
+    /// [`LeftBehind::until_taken`]): no way to send more, so that the
+    /// stream ends as soon as the last verdict under way is sent.
+    pub fn left_behind(&self) -> LeftBehind {
+        LeftBehind {
+            allowance: Arc::clone(&self.allowance),
+            taken: Arc::clone(&self.taken),
+            received: Weak::clone(&self.received),
+        }
+    }
+}
+
+/// What a stream's replies leave behind once its task is over.
+pub struct LeftBehind {
+    allowance: Arc<Semaphore>,
+    taken: Arc<AtomicU64>,
+    received: Weak<Mutex<Option<mpsc::Receiver<Queued>>>>,
+}
+
+impl LeftBehind {
+    /// Waits until the agent has taken every reply queued and `owing` says
+    /// none is still to come (the verdicts of scans under way), or the
+    /// agent is gone. Replies the agent takes none of for `idle` are
+    /// dropped (see [`Replies::abandon`]).
+    pub async fn until_taken(self, idle: Duration, owing: impl Fn() -> bool) {
+        let mut reading = Reading::new(&self.taken);
+        loop {
+            let queued = self.allowance.available_permits() < REPLY_BYTES;
+            if self.received.strong_count() == 0 || !(queued || owing()) {
+                return;
+            }
+            if reading.stalled(queued, idle) {
+                return abandon(&self.received);
+            }
+            tokio::time::sleep(look(idle)).await;
+        }
+    }
+}
+
+/// A stream whose agent took none of its replies for the idle timeout.
+#[derive(Debug)]
+pub struct Unread;
+
+/// Whether an agent takes its stream's replies.
+struct Reading<'a> {
+    taken: &'a AtomicU64,
+    /// Messages taken when last looked at.
+    seen: u64,
+    /// Since when none was taken while some waited.
+    since: Instant,
+}
+
+impl<'a> Reading<'a> {
+    fn new(taken: &'a AtomicU64) -> Self {
+        Reading {
+            taken,
+            seen: taken.load(Ordering::Relaxed),
+            since: Instant::now(),
         }
     }
 
-    /// Once the stream's task is over: waits until the agent has taken
-    /// every reply queued and `owing` says none is still to come (the
-    /// verdicts of scans under way), or the agent is gone. An agent that
-    /// takes none of them for `idle` has them dropped (see
-    /// [`Self::abandon`]).
-    pub async fn until_taken(&self, idle: Duration, owing: impl Fn() -> bool) {
-        let look = idle.min(Duration::from_secs(1));
-        let (mut taken, mut since) = (self.taken.load(Ordering::Relaxed), Instant::now());
-        loop {
-            let queued = self.allowance.available_permits() < REPLY_BYTES;
-            if self.queue.is_closed() || !(queued || owing()) {
-                return;
-            }
-            let now = self.taken.load(Ordering::Relaxed);
-            if now != taken {
-                (taken, since) = (now, Instant::now());
-            } else if since.elapsed() >= idle {
-                return self.abandon();
-            }
-            tokio::time::sleep(look).await;
+    /// Whether replies have waited (`waiting` now) for `idle` with none
+    /// taken.
+    fn stalled(&mut self, waiting: bool, idle: Duration) -> bool {
+        let taken = self.taken.load(Ordering::Relaxed);
+        if taken != self.seen || !waiting {
+            (self.seen, self.since) = (taken, Instant::now());
+            return false;
         }
+        self.since.elapsed() >= idle
+    }
+}
+
+/// How often a wait for the agent looks whether it took replies.
+fn look(idle: Duration) -> Duration {
+    idle.min(Duration::from_secs(1))
+}
+
+/// Drops the replies queued in `received`, if the stream is still there.
+fn abandon(received: &Weak<Mutex<Option<mpsc::Receiver<Queued>>>>) {
+    if let Some(received) = received.upgrade() {
+        drop(received.lock().take());
     }
 }
 
@@ -353,10 +434,7 @@ mod tests {
     async fn replies_beyond_their_free_part_take_room_in_the_budget() {
         let (layer, room) = shared_room(1 << 20);
         let (replies, mut stream) = queue(room.clone());
-        replies
-            .try_reserve(REPLY_FREE + 1)
-            .unwrap()
-            .send(message(1));
+        replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
         assert_eq!(layer.held(), 0, "the first part takes none");
         replies.try_reserve(512 << 10).unwrap().send(message(2));
         assert_eq!(layer.held(), 512 << 10);
@@ -390,6 +468,68 @@ mod tests {
         );
     }
 
+    /// A wait for room goes on while the agent takes replies, however long
+    /// it takes; it is given up on once the agent has taken none for the
+    /// idle time.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_room_lasts_while_the_agent_takes_replies() {
+        let idle = Duration::from_secs(10);
+        let (_layer, room) = shared_room(32 << 20);
+        let _full = room.try_take(32 << 20).unwrap();
+        let (replies, mut stream) = queue(room);
+        for i in 0..4 {
+            replies.try_reserve(16 << 10).unwrap().send(message(i));
+        }
+        let replies = Arc::new(replies);
+        let wait = |replies: &Arc<Replies>| {
+            let replies = Arc::clone(replies);
+            tokio::spawn(async move {
+                let reserved = replies.reserve_within(48 << 10, idle).await;
+                reserved.map(|slot| slot.map(|slot| slot.send(message(9))).is_some())
+            })
+        };
+        // Three replies to take, one every 8 s.
+        let waiting = wait(&replies);
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            assert!(!waiting.is_finished());
+            stream.next().await.unwrap().unwrap();
+        }
+        assert!(matches!(waiting.await.unwrap(), Ok(true)));
+        // None taken: given up on.
+        let waiting = wait(&replies);
+        tokio::time::sleep(idle * 2).await;
+        assert!(matches!(waiting.await.unwrap(), Err(Unread)));
+    }
+
+    /// Once its task is over, a stream waits for the verdicts still to
+    /// come however long their scans take, and for its agent to take the
+    /// replies, dropping them only once the agent has taken none for the
+    /// idle time.
+    #[tokio::test(start_paused = true)]
+    async fn replies_left_behind_wait_for_verdicts_and_for_their_agent() {
+        let idle = Duration::from_secs(10);
+        let (_layer, room) = shared_room(1 << 30);
+        let (replies, mut stream) = queue(room);
+        let owing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let still_owing = Arc::clone(&owing);
+        let left = replies.left_behind();
+        let waiting = tokio::spawn(async move {
+            left.until_taken(idle, || still_owing.load(Ordering::Relaxed))
+                .await
+        });
+        tokio::time::sleep(idle * 3).await;
+        assert!(!waiting.is_finished());
+        // The verdict comes, and is taken: the wait is over.
+        replies.try_reserve(1).unwrap().send(message(1));
+        owing.store(false, Ordering::Relaxed);
+        tokio::time::sleep(idle / 2).await;
+        stream.next().await.unwrap().unwrap();
+        drop(replies);
+        waiting.await.unwrap();
+        assert!(stream.next().await.is_none());
+    }
+
     /// A stream given up on lets go of its replies at once, though tonic
     /// has not taken them (HTTP/2 would not, its agent reading nothing).
     #[tokio::test]
@@ -399,7 +539,7 @@ mod tests {
         for _ in 0..4 {
             replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
         }
-        assert_eq!(layer.held(), 2 * REPLY_FREE as u64);
+        assert_eq!(layer.held(), 3 * REPLY_FREE as u64);
         replies.abandon();
         assert_eq!(layer.held(), 0);
         assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Closed));

@@ -311,13 +311,16 @@ pub(super) async fn run(
     // everything, and flights they led end without a verdict. The replies
     // queued, and the verdicts of scans still under way, go as the agent
     // takes them, or are dropped if it takes none for the idle timeout.
-    let (replies, scanning) = (stream.replies.clone(), Arc::clone(&stream.scanning));
+    if shutting_down {
+        return;
+    }
+    let (left, scanning) = (stream.replies.left_behind(), Arc::clone(&stream.scanning));
     let idle = stream.state.idle_timeout;
     drop(stream);
     let owing = || !scanning.owed().ids.is_empty();
     tokio::select! {
-        () = replies.until_taken(idle, owing) => {}
-        () = &mut shutdown, if !shutting_down => {}
+        () = left.until_taken(idle, owing) => {}
+        () = &mut shutdown => {}
     }
 }
 
@@ -578,16 +581,15 @@ impl ScanStream {
         self.send_weighed(replies, weighing).await
     }
 
-    /// Ends a stream whose replies found no room for the idle timeout
-    /// (its agent took none of them, or the listener's message budget was
-    /// full all along: see [`crate::service::replies`]): its open files
-    /// are dropped with it.
+    /// Ends the stream of an agent that took none of its replies for the
+    /// idle timeout: its open files, and the replies waiting, are dropped
+    /// with it.
     fn unread(&self) -> Result<(), ()> {
         self.replies.abandon();
         let idle = self.state.idle_timeout;
         tracing::warn!(
             ?idle,
-            "a Scan stream's replies found no room (its agent took none of them, or uploads.message_budget was full); the stream is closed"
+            "an agent took none of its replies; its Scan stream is closed"
         );
         Err(())
     }
@@ -631,7 +633,7 @@ impl ScanStream {
                 Err(NoSlot::Full) => {
                     self.moved = true;
                     let (idle, waiting_since) = (self.state.idle_timeout, Instant::now());
-                    let reserved = tokio::time::timeout(idle, self.replies.reserve(weighs)).await;
+                    let reserved = self.replies.reserve_within(weighs, idle).await;
                     Self::held_up(&mut self.open, waiting_since.elapsed());
                     match reserved {
                         Ok(reserved) => reserved.ok_or(())?,
@@ -1136,7 +1138,7 @@ impl VerdictDue {
             Err(NoSlot::Full) => {
                 let (replies, idle) = (self.replies.clone(), self.idle_timeout);
                 self.runtime.spawn(async move {
-                    match tokio::time::timeout(idle, replies.reserve(weighs)).await {
+                    match replies.reserve_within(weighs, idle).await {
                         Ok(Some(slot)) => {
                             drop((place, taken));
                             slot.send(message);
