@@ -160,7 +160,7 @@ impl Replies {
             Err(TryAcquireError::NoPermits) => return Err(NoSlot::Full),
             Err(TryAcquireError::Closed) => unreachable!("the allowance is never closed"),
         };
-        let shared = self.shared_room(&own, weight).ok_or(NoSlot::Full)?;
+        let shared = self.shared_room(weight).ok_or(NoSlot::Full)?;
         let weight = Weight {
             _own: own,
             _shared: shared,
@@ -199,7 +199,7 @@ impl Replies {
     pub async fn reserve(&self, weight: usize) -> Option<Slot<'_>> {
         let room = async {
             let own = self.own_room(weight, 0).await?;
-            match self.shared_room(&own, weight) {
+            match self.shared_room(weight) {
                 Some(shared) => Some((own, shared)),
                 None => {
                     drop(own);
@@ -231,16 +231,11 @@ impl Replies {
         taken.split(permits(weight) as usize)
     }
 
-    /// The room in the budget a message of `weight` takes, its own room
-    /// taken (and counted among the replies queued) as `own`: none while
-    /// the replies queued weigh no more than [`REPLY_FREE`]; `None` when it
+    /// The room in the budget a message of `weight` takes, once its own
+    /// room is taken (it counts among the replies queued): none while the
+    /// replies queued weigh no more than [`REPLY_FREE`]; `None` when it
     /// needs room and the budget has none now.
-    fn shared_room(
-        &self,
-        own: &OwnedSemaphorePermit,
-        weight: usize,
-    ) -> Option<Option<OwnedSemaphorePermit>> {
-        debug_assert!(own.num_permits() > 0);
+    fn shared_room(&self, weight: usize) -> Option<Option<OwnedSemaphorePermit>> {
         if REPLY_BYTES - self.allowance.available_permits() <= REPLY_FREE {
             return Some(None);
         }
@@ -280,8 +275,11 @@ impl LeftBehind {
     pub async fn until_taken(self, idle: Duration, owing: impl Fn() -> bool) {
         let mut reading = Reading::new(&self.taken);
         loop {
+            // Owing first: a verdict's room is taken before its id is
+            // given back, so a verdict queued meanwhile is seen queued.
+            let owing = owing();
             let queued = self.allowance.available_permits() < REPLY_BYTES;
-            if self.received.strong_count() == 0 || !(queued || owing()) {
+            if self.received.strong_count() == 0 || !(queued || owing) {
                 return;
             }
             if reading.stalled(queued, idle) {
@@ -520,14 +518,40 @@ mod tests {
         });
         tokio::time::sleep(idle * 3).await;
         assert!(!waiting.is_finished());
-        // The verdict comes, and is taken: the wait is over.
+        // The verdict comes, and waits to be taken.
         replies.try_reserve(1).unwrap().send(message(1));
         owing.store(false, Ordering::Relaxed);
         tokio::time::sleep(idle / 2).await;
+        assert!(!waiting.is_finished());
+        // Taken: the wait is over.
         stream.next().await.unwrap().unwrap();
         drop(replies);
         waiting.await.unwrap();
         assert!(stream.next().await.is_none());
+
+        // Replies none of which is taken are dropped after the idle time,
+        // with their room.
+        let (layer, room) = shared_room(1 << 30);
+        let (replies, mut stream) = queue(room);
+        for _ in 0..4 {
+            replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
+        }
+        let waiting = tokio::spawn(replies.left_behind().until_taken(idle, || false));
+        drop(replies);
+        tokio::time::sleep(idle / 2).await;
+        assert!(!waiting.is_finished());
+        assert_eq!(layer.held(), 3 * REPLY_FREE as u64);
+        waiting.await.unwrap();
+        assert_eq!(layer.held(), 0);
+        assert!(stream.next().await.is_none());
+
+        // An agent gone: nothing to wait for.
+        let (replies, stream) = queue(shared_room(1 << 30).1);
+        replies.try_reserve(1).unwrap().send(message(1));
+        let waiting = tokio::spawn(replies.left_behind().until_taken(idle, || true));
+        drop(stream);
+        tokio::time::sleep(look(idle) * 2).await;
+        assert!(waiting.is_finished());
     }
 
     /// A stream given up on lets go of its replies at once, though tonic

@@ -39,7 +39,7 @@ use tonic::{Code, Status, Streaming};
 
 use super::{
     Counters, ServiceState, check_path, parse_digest,
-    replies::{MESSAGE_BYTES, NoSlot, Replies, weight},
+    replies::{MESSAGE_BYTES, NoSlot, Replies, Unread, weight},
     upload::{Received, Upload, UploadError},
 };
 use crate::{
@@ -518,12 +518,15 @@ impl ScanStream {
         tracing::debug!(%status, "scan stream broken");
         let (code, message) = (status.code(), status.message().to_owned());
         if self.fail_open_files(code, &message).await.is_ok() {
-            let idle_timeout = self.state.idle_timeout;
-            let sent = async {
-                let slot = self.replies.reserve(status.message().len()).await;
-                slot.map(|slot| slot.send(Err(status)))
-            };
-            let _ = tokio::time::timeout(idle_timeout, sent).await;
+            let weight = status.message().len().max(1);
+            match self
+                .replies
+                .reserve_within(weight, self.state.idle_timeout)
+                .await
+            {
+                Ok(slot) => slot.map_or((), |slot| slot.send(Err(status))),
+                Err(Unread) => self.replies.abandon(),
+            }
         }
     }
 
