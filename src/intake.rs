@@ -76,7 +76,7 @@ use crate::connections::{Ends, Holding};
 use crate::proto::{codec::MAX_AGENT_MESSAGE, protection_server_server::SERVICE_NAME};
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
-/// stream's requests, or a Lookup of 100,000 digests).
+/// stream's requests; a Lookup's is smaller, see [`MAX_LOOKUP_MESSAGE`]).
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
 /// Messages whose room would be up to this take none.
@@ -169,22 +169,11 @@ impl IntakeLayer {
 pub struct SharedRoom(Arc<Semaphore>);
 
 impl SharedRoom {
-    /// Room for `bytes` (at most [`CALL_MOST`]), if it is free now.
+    /// Room for `bytes` (at most [`CALL_MOST`], which the budget always
+    /// holds), if it is free now.
     pub fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let kib = Self::kib(bytes);
+        let kib = bytes.min(CALL_MOST).div_ceil(1024) as u32;
         Arc::clone(&self.0).try_acquire_many_owned(kib).ok()
-    }
-
-    /// Room for `bytes` (at most [`CALL_MOST`]), once it is free.
-    pub async fn take(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let kib = Self::kib(bytes);
-        let taken = Arc::clone(&self.0).acquire_many_owned(kib).await;
-        taken.expect("the budget is never closed")
-    }
-
-    /// `bytes` in KiB, within what the budget always holds.
-    fn kib(bytes: usize) -> u32 {
-        bytes.min(CALL_MOST).div_ceil(1024) as u32
     }
 }
 

@@ -102,19 +102,20 @@ pub struct Replies {
     shared: SharedRoom,
     /// The receiving side's queue, for [`Replies::abandon`]: not kept
     /// alive by it (the queue closes when tonic drops the stream).
-    received: Weak<Mutex<Option<mpsc::Receiver<Queued>>>>,
+    received: Weak<Received>,
     /// Messages taken by tonic so far.
     taken: Arc<AtomicU64>,
 }
 
 /// The receiving side, which tonic takes the replies from.
 pub struct ReplyStream {
-    queue: Received,
+    queue: Arc<Received>,
     taken: Arc<AtomicU64>,
 }
 
-/// The replies queued, until they are taken, or dropped with the stream.
-type Received = Arc<Mutex<Option<mpsc::Receiver<Queued>>>>;
+/// The replies queued, until they are taken, or dropped with the stream
+/// (`None` once abandoned).
+type Received = Mutex<Option<mpsc::Receiver<Queued>>>;
 
 /// A place for one message of a known weight, taken in the queue and the
 /// allowance both.
@@ -264,7 +265,7 @@ impl Replies {
 pub struct LeftBehind {
     allowance: Arc<Semaphore>,
     taken: Arc<AtomicU64>,
-    received: Weak<Mutex<Option<mpsc::Receiver<Queued>>>>,
+    received: Weak<Received>,
 }
 
 impl LeftBehind {
@@ -330,7 +331,7 @@ fn look(idle: Duration) -> Duration {
 }
 
 /// Drops the replies queued in `received`, if the stream is still there.
-fn abandon(received: &Weak<Mutex<Option<mpsc::Receiver<Queued>>>>) {
+fn abandon(received: &Weak<Received>) {
     if let Some(received) = received.upgrade() {
         drop(received.lock().take());
     }
