@@ -93,10 +93,11 @@ pub fn walk<'a>(
 /// cgroup, cgroup2, bpf, pstore, configfs, efivarfs, devpts, selinuxfs,
 /// binfmt_misc, fusectl and nsfs. Their files are views of the kernel, not
 /// files to protect, and reading them is not harmless: most claim sizes
-/// they do not hold (each would fail as a file that shrank), some reads have side
-/// effects (a device's memory mapped through `/sys/devices/.../resource0`,
-/// the kernel's messages taken from `/proc/kmsg`) and some block (the
-/// `/proc/PID/maps` of a process stuck in the kernel). tmpfs is walked:
+/// they do not hold (each would fail as a file that shrank), some reads
+/// have side effects (a device's memory mapped through
+/// `/sys/devices/.../resource0`, the kernel's messages taken from
+/// `/proc/kmsg`) and some block (the `/proc/PID/maps` of a process stuck
+/// in the kernel). tmpfs is walked:
 /// `/dev/shm` and `/run` hold files like any other.
 pub const KERNEL_FILE_SYSTEMS: [u32; 16] = [
     0x9fa0,      // proc

@@ -502,17 +502,17 @@ pub fn set_aside(path: &Path) {
 pub fn set_aside_copy(path: &Path) {
     let copy = rejected(path);
     let copied = fs::File::open(path)
-        .and_then(|mut file| replace_file(Path::new(&copy), |out| io::copy(&mut file, out)));
+        .and_then(|mut file| replace_file(&copy, |out| io::copy(&mut file, out)));
     if let Err(err) = copied {
         tracing::warn!(path = %path.display(), "cannot set aside a copy of the file: {err}");
     }
 }
 
 /// Where an untrusted file is set aside: beside it, `.rejected` added.
-fn rejected(path: &Path) -> std::ffi::OsString {
+fn rejected(path: &Path) -> std::path::PathBuf {
     let mut rejected = path.as_os_str().to_owned();
     rejected.push(".rejected");
-    rejected
+    rejected.into()
 }
 
 /// Replaces the file at `path` with what `write` writes, atomically: the

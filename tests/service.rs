@@ -396,20 +396,12 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
     let data = content(7, 64 << 10);
     let mut lw = LeadAndWaiter::start(&server, &data).await;
-    // The lead stops reading and keeps sending: begins naming an unknown
-    // session (as long as a session id may be), each refused with a reply
-    // that quotes it, a thousand to a message, until the server's reply
-    // buffer and the HTTP/2 windows are full.
-    let bogus = "x".repeat(scanserver::service::MAX_SESSION_ID_LEN);
+    // The lead stops reading and keeps sending refused begins until the
+    // server's reply buffer and the HTTP/2 windows are full.
     let lead = lw.lead.clone();
     tokio::spawn(async move {
         for batch in 0..50 {
-            let ids = (2..1002).map(|id| batch * 1000 + id);
-            let requests = ids.flat_map(|id| begin(&bogus, id, b"", None).requests);
-            let message = ScanRequest {
-                requests: requests.collect(),
-            };
-            if lead.send(message).await.is_err() {
+            if lead.send(refused_begins(2 + batch * 1000)).await.is_err() {
                 break;
             }
         }
@@ -437,6 +429,18 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     until_read("the replies' room given back", given_back, true).await;
 }
 
+/// A message of a thousand begins, from file id `first` on, naming an
+/// unknown session (as long as a session id may be): each is refused with
+/// a reply that quotes it.
+fn refused_begins(first: u64) -> ScanRequest {
+    let bogus = "x".repeat(scanserver::service::MAX_SESSION_ID_LEN);
+    let ids = first..first + 1000;
+    let requests = ids.flat_map(|id| begin(&bogus, id, b"", None).requests);
+    ScanRequest {
+        requests: requests.collect(),
+    }
+}
+
 /// A stream whose agent ends its requests and takes none of the replies
 /// left lets go of them, and of their room in the message budget, once
 /// they have waited for the idle timeout: HTTP/2 would keep them for as
@@ -447,16 +451,9 @@ async fn replies_left_unread_after_a_stream_ends_are_let_go() {
     let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
     // A client that reads none of its replies (a window of 1 KiB).
     let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Scan", 1 << 10).await;
-    // Begins naming an unknown session, a thousand to a message, each
-    // refused with a reply that quotes it.
-    let bogus = "x".repeat(scanserver::service::MAX_SESSION_ID_LEN);
     for batch in 0..10 {
-        let ids = (0..1000).map(|id| batch * 1000 + id);
-        let requests = ids.flat_map(|id| begin(&bogus, id, b"", None).requests);
-        let message = ScanRequest {
-            requests: requests.collect(),
-        };
-        body.send_data(framed(&message), false).unwrap();
+        body.send_data(framed(&refused_begins(batch * 1000)), false)
+            .unwrap();
     }
     let held = || server.state.intake.held();
     until_read("the replies' room", || held() > 1 << 20, true).await;

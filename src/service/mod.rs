@@ -64,6 +64,9 @@ const ANSWER_PER_DIGEST: usize = LOOKUP_WEIGHT * DIGEST_IN_MESSAGE
     - std::mem::size_of::<Digest>()
     - std::mem::size_of::<(usize, Waiter)>();
 
+// Every digest's answer may be unknown.
+const _: () = assert!(Answer::UNKNOWN <= ANSWER_PER_DIGEST);
+
 // The largest Lookup the service accepts is one the intake lets through.
 const _: () =
     assert!(MAX_LOOKUP_DIGESTS * DIGEST_IN_MESSAGE + 2 * MAX_SESSION_ID_LEN <= MAX_LOOKUP_MESSAGE);
@@ -375,29 +378,30 @@ struct Answer {
     results: Vec<LookupResult>,
     /// What is left to weigh, over what the results' unknowns weigh.
     left: usize,
-    /// What an unknown result weighs.
-    unknown: usize,
 }
 
 impl Answer {
+    /// What a result without detections (clean, unknown) takes encoded:
+    /// a few bytes. It is not encoded to be weighed.
+    const FEW: usize = 16;
+
+    /// What an unknown result weighs (see [`Self::weight`]).
+    const UNKNOWN: usize = std::mem::size_of::<LookupResult>() + 2 * Self::FEW;
+
     fn new(digests: usize) -> Self {
-        let unknown = Self::weight(&LookupResult { verdict: None });
         Answer {
             results: Vec::with_capacity(digests),
-            left: digests * (ANSWER_PER_DIGEST - unknown),
-            unknown,
+            left: digests * (ANSWER_PER_DIGEST - Self::UNKNOWN),
         }
     }
 
     /// What a result holds, about: itself, its detections, and its
     /// strings (their bytes in its encoding), once in memory and once in
-    /// the reply's encoding. One without detections (clean, unknown)
-    /// encodes in a few bytes: it is not encoded to be weighed.
+    /// the reply's encoding.
     fn weight(result: &LookupResult) -> usize {
-        const FEW: usize = 16;
         let detections = (result.verdict.as_ref()).map_or(0, FileVerdict::detection_count);
         let encoded = match detections {
-            0 => FEW,
+            0 => Self::FEW,
             _ => result.encoded_len() + 2,
         };
         std::mem::size_of::<LookupResult>()
@@ -408,7 +412,7 @@ impl Answer {
     /// The result of a digest: `verdict`, if its weight is left.
     fn result(&mut self, verdict: Option<FileVerdict>) -> LookupResult {
         let result = LookupResult { verdict };
-        let over = Self::weight(&result) - self.unknown;
+        let over = Self::weight(&result) - Self::UNKNOWN;
         match self.left.checked_sub(over) {
             Some(left) => {
                 self.left = left;

@@ -57,8 +57,9 @@ use crate::{
 pub const REPLY_MESSAGES: usize = 256;
 
 /// The weight of the replies queued per stream before the server waits for
-/// the agent to read them: about 256 MiB for a connection's 64 streams (a
-/// message heavier than this goes alone, once the queue is empty). A
+/// the agent to read them (a message heavier than this goes alone, once
+/// the queue is empty); beyond its first [`REPLY_FREE`], within the
+/// listener's budget. A
 /// thousand hash-first verdicts weigh some 150 KiB: a stream that answers
 /// a burst of them should not wait for its agent to read the first
 /// (each wait sets a timer).

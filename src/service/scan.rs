@@ -525,7 +525,9 @@ impl ScanStream {
                 .await
             {
                 Ok(slot) => slot.map_or((), |slot| slot.send(Err(status))),
-                Err(Unread) => self.replies.abandon(),
+                Err(Unread) => {
+                    let _ = self.unread();
+                }
             }
         }
     }
