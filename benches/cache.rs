@@ -106,13 +106,7 @@ fn through_grpc(c: &mut Criterion) {
     let files: Vec<_> = digests[..STREAM_FILES]
         .iter()
         .enumerate()
-        .map(|(i, digest)| {
-            Arc::new(PreparedFile {
-                path: file_name(i),
-                content: Bytes::new(),
-                digest: *digest,
-            })
-        })
+        .map(|(i, digest)| Arc::new(PreparedFile::new(file_name(i), Bytes::new(), *digest)))
         .collect();
 
     let mut group = c.benchmark_group("grpc");

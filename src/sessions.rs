@@ -17,7 +17,7 @@ use std::{
 };
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 
 use crate::{
     config::UploadConfig,
@@ -125,7 +125,7 @@ pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdic
 #[derive(Default)]
 struct VmPlaces {
     /// Its places in flight.
-    files: Weak<Semaphore>,
+    files: Weak<Places>,
     /// Its share of the spool, in KiB permits.
     spool: Weak<Semaphore>,
     /// Its Lookups answered at once.
@@ -140,9 +140,19 @@ impl VmPlaces {
 
 /// What a VM's sessions share (see [`Sessions::places_of`]).
 struct Shares {
-    files: Arc<Semaphore>,
+    files: Arc<Places>,
     spool: Arc<Semaphore>,
     lookups: Arc<Semaphore>,
+}
+
+/// What `held` names while anyone holds it, or else a `fresh` one, which
+/// `held` names from then on.
+fn shared<T>(held: &mut Weak<T>, fresh: impl FnOnce() -> T) -> Arc<T> {
+    held.upgrade().unwrap_or_else(|| {
+        let fresh = Arc::new(fresh());
+        *held = Arc::downgrade(&fresh);
+        fresh
+    })
 }
 
 /// Lookups one VM may have answered at once. Each holds its batch (up to
@@ -150,17 +160,41 @@ struct Shares {
 /// pre-checking folders needs one or two at a time.
 pub const LOOKUPS_AT_ONCE: usize = 4;
 
+/// A VM's places for files in flight. Every file begun takes one and
+/// gives it back at its final reply, a hundred thousand a second in a boot
+/// storm: they are counted, not handed out by a semaphore (which locks to
+/// give permits back), since a file that finds none is refused, never kept
+/// waiting.
+#[derive(Debug)]
+struct Places {
+    limit: usize,
+    taken: AtomicUsize,
+    /// Places taken on every VM (see [`Sessions::files_in_flight`]).
+    everywhere: Arc<AtomicUsize>,
+}
+
+impl Places {
+    /// A place, if one is free.
+    fn take(self: &Arc<Self>) -> Option<FilePlace> {
+        self.taken
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |taken| {
+                (taken < self.limit).then_some(taken + 1)
+            })
+            .ok()?;
+        self.everywhere.fetch_add(1, Ordering::Relaxed);
+        Some(FilePlace(Arc::clone(self)))
+    }
+}
+
 /// A file's place in flight on its VM (see [`Session::take_place`]),
 /// given back when dropped.
 #[derive(Debug)]
-pub struct FilePlace {
-    _permit: OwnedSemaphorePermit,
-    taken: Arc<AtomicUsize>,
-}
+pub struct FilePlace(Arc<Places>);
 
 impl Drop for FilePlace {
     fn drop(&mut self) {
-        self.taken.fetch_sub(1, Ordering::Relaxed);
+        self.0.taken.fetch_sub(1, Ordering::Release);
+        self.0.everywhere.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -174,11 +208,7 @@ pub struct Session {
     /// Files open at once on the session's Scan streams: the VM's places,
     /// shared with files its earlier sessions still have open (see
     /// [`Session::take_place`]).
-    files_in_flight: Arc<Semaphore>,
-    /// How many places the VM has.
-    places: usize,
-    /// Places taken on every VM (see [`Sessions::files_in_flight`]).
-    places_taken: Arc<AtomicUsize>,
+    places: Arc<Places>,
     /// The VM's share of the spool, in KiB permits: shared with its
     /// earlier sessions' files as its places are.
     pub spool_share: Arc<Semaphore>,
@@ -247,18 +277,13 @@ impl Session {
     /// Files of the VM (this session's, or its earlier ones') begun and
     /// not answered yet.
     pub fn files_open(&self) -> usize {
-        self.places - self.files_in_flight.available_permits()
+        self.places.taken.load(Ordering::Relaxed)
     }
 
     /// A place in flight for a file begun on the session, if the VM has one
     /// free; the file holds it until its final reply.
     pub fn take_place(&self) -> Option<FilePlace> {
-        let permit = Arc::clone(&self.files_in_flight).try_acquire_owned().ok()?;
-        self.places_taken.fetch_add(1, Ordering::Relaxed);
-        Some(FilePlace {
-            _permit: permit,
-            taken: Arc::clone(&self.places_taken),
-        })
+        self.places.take()
     }
 
     /// A file of the session failed, or went without a verdict: a full
@@ -360,9 +385,7 @@ impl Sessions {
             agent,
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
-            files_in_flight: shares.files,
-            places: self.files_in_flight,
-            places_taken: Arc::clone(&self.places_taken),
+            places: shares.files,
             spool_share: shares.spool,
             lookups: shares.lookups,
             files: AtomicU64::new(0),
@@ -401,17 +424,14 @@ impl Sessions {
             places.retain(|_, held| held.held());
         }
         let held = places.entry(vm_id.to_owned()).or_default();
-        let take = |held: &mut Weak<Semaphore>, permits| {
-            held.upgrade().unwrap_or_else(|| {
-                let fresh = Arc::new(Semaphore::new(permits));
-                *held = Arc::downgrade(&fresh);
-                fresh
-            })
-        };
         Shares {
-            files: take(&mut held.files, self.files_in_flight),
-            spool: take(&mut held.spool, self.spool_share_kib),
-            lookups: take(&mut held.lookups, LOOKUPS_AT_ONCE),
+            files: shared(&mut held.files, || Places {
+                limit: self.files_in_flight,
+                taken: AtomicUsize::new(0),
+                everywhere: Arc::clone(&self.places_taken),
+            }),
+            spool: shared(&mut held.spool, || Semaphore::new(self.spool_share_kib)),
+            lookups: shared(&mut held.lookups, || Semaphore::new(LOOKUPS_AT_ONCE)),
         }
     }
 

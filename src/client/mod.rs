@@ -16,6 +16,7 @@ mod scan;
 pub use scan::{HashFirst, ResultSink};
 
 use std::{
+    borrow::Cow,
     io::Read,
     path::{Path, PathBuf},
     sync::Arc,
@@ -174,14 +175,25 @@ impl FileSource {
             FileSource::Prepared(file) => &file.path,
         }
     }
+
+    /// Its path as a begin names it.
+    fn name(&self) -> Cow<'_, str> {
+        match self {
+            FileSource::Path(path) => path.to_string_lossy(),
+            FileSource::Prepared(file) => Cow::Borrowed(&file.name),
+        }
+    }
 }
 
 /// A file's content with its digest, in memory.
 #[derive(Debug)]
 pub struct PreparedFile {
-    pub path: PathBuf,
+    path: PathBuf,
     pub content: Bytes,
     pub digest: blake3::Hash,
+    /// The path as a begin names it, made once: a storm of many agents
+    /// announces each file once for each agent.
+    name: String,
 }
 
 /// How long a file under another process's lease is waited for (see
@@ -198,11 +210,24 @@ impl PreparedFile {
         file.read_to_end(&mut content)?;
         let content = Bytes::from(content);
         let digest = blake3::hash(&content);
-        Ok(PreparedFile {
+        Ok(PreparedFile::new(path, content, digest))
+    }
+
+    /// Where the file was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file at `path` with `content`, announced by `digest` (which a
+    /// benchmark may make up: the server checks it only against content
+    /// it is sent).
+    pub fn new(path: PathBuf, content: Bytes, digest: blake3::Hash) -> PreparedFile {
+        PreparedFile {
+            name: path.to_string_lossy().into_owned(),
             path,
             content,
             digest,
-        })
+        }
     }
 }
 

@@ -476,8 +476,11 @@ impl<F: ResultSink> Settle<'_, F> {
         }
         drop(files);
         let count = over.len();
+        // One reading of the clock for the message's files: they were
+        // answered together.
+        let now = Instant::now();
         for (file, answer) in over {
-            let elapsed = file.started.elapsed();
+            let elapsed = now.saturating_duration_since(file.started);
             let outcome = match answer {
                 Ok(verdict) => verdict.to_outcome(
                     file.size_read(),
@@ -605,7 +608,7 @@ impl Retries {
             .partition::<Vec<_>, _>(|(due, _)| *due <= now);
         self.waiting = later.into();
         for (_, mut file) in due {
-            file.announced();
+            file.announced(now);
             let mut begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
             if file.digest.is_some() || file.size > max_file_size {
                 begin.file_id = files.insert(file);
@@ -641,7 +644,7 @@ fn file_begin(
     FileBegin {
         file_id: 0,
         session_id: session_id.to_owned(),
-        path: source.path().to_string_lossy().into_owned(),
+        path: source.name().into_owned(),
         size,
         blake3: digest
             .map(|digest| Bytes::copy_from_slice(digest.as_bytes()))
@@ -830,11 +833,11 @@ impl PendingFile {
         self
     }
 
-    /// Marks it announced (again, for a file refused or left by a stream
-    /// that broke): what was learnt of it then is forgotten, and its time
-    /// runs from now.
-    fn announced(&mut self) {
-        self.started = Instant::now();
+    /// Marks it announced `at` the time its begin goes (again, for a file
+    /// refused or left by a stream that broke): what was learnt of it then
+    /// is forgotten, and its time runs from then.
+    fn announced(&mut self, at: Instant) {
+        self.started = at;
         self.asked = false;
         self.sent = None;
     }

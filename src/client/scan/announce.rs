@@ -137,8 +137,7 @@ impl Announcer {
                 self.send(&mut held.ready).await?;
                 in_flight.take(held.left()).await;
             }
-            let mut file = held.current.take().expect("held until handed on");
-            file.announced();
+            let file = held.current.take().expect("held until handed on");
             let begin = file_begin(&self.session_id, &file.source, file.size, file.digest);
             if file.digest.is_some() || file.size > self.max_file_size {
                 held.ready.push((begin, file));
@@ -226,8 +225,11 @@ impl Announcer {
             return Ok(());
         }
         let message = {
+            // The begins go together: one reading of the clock for all.
+            let now = Instant::now();
             let mut pending = self.pending.lock();
-            let begins = ready.drain(..).map(|(mut begin, file)| {
+            let begins = ready.drain(..).map(|(mut begin, mut file)| {
+                file.announced(now);
                 begin.file_id = pending.insert(file);
                 FileRequest::from(begin)
             });
@@ -242,7 +244,8 @@ impl Announcer {
     }
 
     /// Hands a file that goes with its content to the content sender.
-    fn upload(&self, begin: FileBegin, file: PendingFile) {
+    fn upload(&self, begin: FileBegin, mut file: PendingFile) {
+        file.announced(Instant::now());
         let upload = self.pending.lock().insert_upload(begin, file);
         let _ = self.uploads.send(upload);
     }
