@@ -92,6 +92,33 @@ fn unreadable_paths_fail_with_io() {
     assert_eq!(engine.metrics().scans.get(), 0, "nothing was read");
 }
 
+/// A symbolic link put in a walked file's place, to a FIFO (or a device),
+/// is not opened: what the link leads to is looked at first. The FIFO's
+/// writer, waiting for a reader, shows it: opened for reading, even
+/// without blocking, the FIFO would let the writer through.
+#[test]
+fn a_link_swapped_in_for_a_file_is_not_opened_when_it_leads_to_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = make_fifo(&dir.path().join("fifo"));
+    let walked = dir.path().join("walked");
+    std::os::unix::fs::symlink(&fifo, &walked).unwrap();
+    let (opened, writer) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let file = std::fs::OpenOptions::new().write(true).open(&path);
+        opened.send(file.is_ok()).unwrap();
+    });
+    // Time for the writer to wait in its open.
+    std::thread::sleep(Duration::from_millis(200));
+    let err = scanserver::engine::open_regular(&walked, Duration::ZERO).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    let waited = writer.recv_timeout(Duration::from_millis(300));
+    assert!(waited.is_err(), "the FIFO was opened for reading");
+    // Let the writer go.
+    let _reader = std::fs::File::open(&fifo).unwrap();
+    assert!(writer.recv().unwrap(), "the writer went on");
+}
+
 #[test]
 fn files_are_scanned_read_or_mapped_with_their_digest() {
     let ruleset =

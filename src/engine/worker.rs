@@ -17,10 +17,10 @@ use std::{
     cell::RefCell,
     fs::File,
     io::Read,
-    os::unix::fs::OpenOptionsExt,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     panic::{self, AssertUnwindSafe},
-    path::Path,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, LazyLock},
     time::{Duration, Instant},
 };
 
@@ -41,6 +41,11 @@ use crate::{
 /// memory-mapped. Reading small files is faster than mapping them, and the
 /// buffer a worker keeps is bounded by this size.
 const READ_LIMIT: u64 = 32 << 20;
+
+/// The largest buffer a worker keeps for its next file: one read for a
+/// larger file is let go once scanned. Kept at the read limit, the buffers
+/// of a many-core SVM would hold a gigabyte that no budget counts.
+const KEPT_BUFFER: usize = 4 << 20;
 
 type BorrowedScanner<'a> = Scanner<'a>;
 
@@ -172,7 +177,7 @@ impl Context<'_> {
             };
             size = buffer.len() as u64;
             // The buffer is kept for small files only.
-            if buffer.capacity() as u64 <= READ_LIMIT {
+            if buffer.capacity() <= KEPT_BUFFER {
                 worker.buffer = buffer;
             }
             judged
@@ -194,9 +199,8 @@ impl Context<'_> {
                 let mut buffer = std::mem::take(&mut worker.buffer);
                 let judged =
                     read_into(&mut buffer, file, size).map(|()| self.judge(worker, &buffer, name));
-                // Kept for the next file within the read limit (one that
-                // grew as it was read may have grown the buffer past it).
-                if buffer.capacity() as u64 <= READ_LIMIT {
+                // Kept for the next file if small (see `KEPT_BUFFER`).
+                if buffer.capacity() <= KEPT_BUFFER {
                     worker.buffer = buffer;
                 }
                 judged
@@ -340,21 +344,37 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
 }
 
 /// Opens `path` to be read whole if it is a regular file (a FIFO or
-/// device would block or never end), returning it with its size. Opened
-/// without blocking, so that a FIFO put in a file's place is refused rather
-/// than waited on (reads of most regular files do not heed the flag; those
-/// of the few that would block, `/proc/kmsg` say, fail instead). A regular
-/// file under another process's lease (a file server's oplock) refuses such
-/// an open, which tells the holder to let go: it is opened again, still
-/// without blocking (the file may be swapped meanwhile), until the lease is
-/// gone or `wait` has passed. The local scan and `lightagent` open files
-/// this way.
+/// device would block or never end), returning it with its size.
+///
+/// The path is first resolved without opening what it names (`O_PATH`),
+/// and only a regular file found there is opened, through that resolution
+/// (`/proc/self/fd`), never by its path again. A scan running as root
+/// walks folders other users write to: one of them may put a symbolic
+/// link, or a folder's link, in place of a file the walk saw, pointing at
+/// a device whose open alone acts (`/dev/watchdog` arms the machine's
+/// watchdog) or at a FIFO, which would hold the scan. Without `/proc` the
+/// path is opened directly (then checked, as before).
+///
+/// Opened without blocking: a regular file under another process's lease
+/// (a file server's oplock) refuses such an open, which tells the holder
+/// to let go; it is opened again until the lease is gone or `wait` has
+/// passed (reads of most regular files do not heed the flag; those of the
+/// few that would block, `/proc/kmsg` say, fail instead). The local scan
+/// and `lightagent` open files this way.
 pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)> {
+    let found = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    regular(&found)?;
+    static PROC: LazyLock<bool> = LazyLock::new(|| Path::new("/proc/self/fd").is_dir());
+    let reopened = PathBuf::from(format!("/proc/self/fd/{}", found.as_raw_fd()));
+    let through = if *PROC { &reopened } else { path };
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(through)
     };
     let deadline = Instant::now() + wait;
     let mut opened = open();
@@ -367,6 +387,12 @@ pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)>
         opened = open();
     }
     let file = opened?;
+    let size = regular(&file)?;
+    Ok((file, size))
+}
+
+/// The size of `file` if it is a regular file; an error otherwise.
+fn regular(file: &File) -> std::io::Result<u64> {
     let metadata = file.metadata()?;
     if !metadata.is_file() {
         let message = "not a regular file";
@@ -375,7 +401,7 @@ pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)>
             message,
         ));
     }
-    Ok((file, metadata.len()))
+    Ok(metadata.len())
 }
 
 /// How often a file under a lease is opened again.
@@ -491,7 +517,7 @@ mod tests {
     use super::*;
 
     /// A file read into the worker's buffer takes its size, not the next
-    /// power of two: the buffer a worker keeps stays within the read limit.
+    /// power of two (which a file just over a power of two would double).
     #[test]
     fn a_file_read_takes_room_for_its_size_only() {
         let size = (1 << 20) + 1;
