@@ -252,7 +252,10 @@ where
         match kept {
             None => Box::pin(response),
             Some(kept) => Box::pin(async move {
-                let keeping = |body| Body::new(Holding { body, _keep: kept });
+                let keeping = |body| {
+                    let body = Body::new(Sliced::new(body));
+                    Body::new(Holding { body, _keep: kept })
+                };
                 Ok(response.await?.map(keeping))
             }),
         }
@@ -396,6 +399,63 @@ impl Drop for Room {
 /// and the answer's, which holds it until the answer is sent.
 #[derive(Clone, Default)]
 struct KeptRoom(Arc<Mutex<Option<Room>>>);
+
+/// An answer's body, its data handed on in slices of at most
+/// [`Sliced::MOST`]. hyper takes the next slice only once HTTP/2 has room to
+/// send: handed whole, an answer of some megabytes (a `Lookup`'s) would
+/// wait in h2's buffer for a client that reads nothing, with the room it
+/// was made within given back when its body went.
+struct Sliced {
+    body: Body,
+    rest: Bytes,
+}
+
+impl Sliced {
+    const MOST: usize = 64 << 10;
+
+    fn new(body: Body) -> Self {
+        Sliced {
+            body,
+            rest: Bytes::new(),
+        }
+    }
+}
+
+impl HttpBody for Sliced {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.rest.is_empty() {
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.rest = data,
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                ended => return Poll::Ready(ended),
+            }
+        }
+        let most = self.rest.len().min(Self::MOST);
+        Poll::Ready(Some(Ok(Frame::data(self.rest.split_to(most)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        hint.set_lower(hint.lower() + rest);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
 
 /// A request body whose large messages go on only within the room their
 /// call holds.
@@ -558,6 +618,13 @@ impl<B> Intake<B> {
                     if *read < HEADER_LEN {
                         pos += 1;
                         continue;
+                    }
+                    // tonic would fail it with INTERNAL, the server's
+                    // fault; it is the client's.
+                    if header[0] != 0 {
+                        return Err(Status::invalid_argument(
+                            "a compressed message: this server accepts none; send messages uncompressed",
+                        ));
                     }
                     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
                     let len = len as usize;

@@ -26,6 +26,7 @@ use scanserver::{
 };
 use tokio::sync::mpsc;
 use tonic::{Code, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>) {
     // Each of its own VM: a VM has one session, a newer one replaces it.
@@ -1202,6 +1203,44 @@ async fn a_lookup_keeps_the_room_for_its_answer_until_answered() {
     until_room_held(&server, 0).await;
 }
 
+/// A Lookup's answer that its client does not read keeps its room: it is
+/// handed to HTTP/2 a slice at a time, as the client takes it, not whole
+/// (where it would wait for the client, uncounted, once its body was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_lookup_answer_keeps_its_room() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let data = b"known content";
+    tx.send(batch(vec![
+        begin(&session, 1, data, None),
+        chunk(1, 0, data),
+        end(1),
+    ]))
+    .await
+    .unwrap();
+    file_verdict(next(&mut replies).await.1);
+    // 100,000 clean results: an answer of about a megabyte.
+    let request = LookupRequest {
+        session_id: session,
+        digests: vec![Bytes::copy_from_slice(blake3::hash(data).as_bytes()); 100_000],
+    };
+    // A client that reads 1 KiB of it, then nothing.
+    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Lookup", 1 << 10).await;
+    body.send_data(framed(&request), true).unwrap();
+    let response = response.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        server.state.intake.held() > 0,
+        "the unread answer keeps its room"
+    );
+    let mut answer = response.into_body();
+    while let Some(data) = answer.data().await {
+        let _ = answer.flow_control().release_capacity(data.unwrap().len());
+    }
+    until_room_held(&server, 0).await;
+}
+
 /// A VM has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each may
 /// hold 100,000 digests and wait for scans under way); one more is refused
 /// with RESOURCE_EXHAUSTED, also on a new session of the same VM (its agent
@@ -1629,18 +1668,56 @@ async fn messages_that_would_blow_up_when_decoded_are_refused_before() {
     assert_eq!(verdict_rules(&reply), ["EICAR_Test_File"]);
 }
 
+/// The health service answers SERVING, and NOT_SERVING while the SVM
+/// cannot scan: here while its one scan thread is stuck (a local scan of
+/// a large file holds it, waiting for room in the mapped budget, held
+/// here), then SERVING again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_health_service_answers_serving() {
-    let server = TestServer::start(|_| {}).await;
-    let mut health = server.health_client().await;
-    let request = tonic_health::pb::HealthCheckRequest {
-        service: "scanserver.v1.ProtectionServer".into(),
+async fn the_health_service_answers_serving_while_the_svm_can_scan() {
+    let server = TestServer::start(|c| {
+        c.engine.threads = 1;
+        c.engine.scan_timeout = Duration::from_secs(1);
+        c.engine.mapped_budget = 1 << 20;
+    })
+    .await;
+    until_health(&server, ServingStatus::Serving).await;
+    let engine = Arc::clone(&server.state.engine);
+    let spooled = scanserver::engine::Content::Spooled {
+        file: tempfile::tempfile().unwrap(),
+        size: 1 << 20,
     };
-    let status = health.check(request).await.unwrap().into_inner().status();
-    assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    let room = engine.reserve(&spooled).await;
+    let large = tempfile::NamedTempFile::new().unwrap();
+    large.as_file().set_len(33 << 20).unwrap();
+    let path = large.path().to_owned();
+    let held = std::thread::spawn(move || {
+        engine.scan(&scanserver::engine::ScanJob::file(path));
+    });
+    until_health(&server, ServingStatus::NotServing).await;
+    drop(room);
+    held.join().unwrap();
+    until_health(&server, ServingStatus::Serving).await;
+}
+
+/// Waits until the health service says `wanted` of the agent service and
+/// of the server as a whole ("").
+async fn until_health(server: &TestServer, wanted: ServingStatus) {
+    let mut health = server.health_client().await;
+    let mut said = Vec::new();
+    for _ in 0..1000 {
+        said.clear();
+        for service in ["scanserver.v1.ProtectionServer", ""] {
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            };
+            said.push(health.check(request).await.unwrap().into_inner().status());
+        }
+        if said == [wanted, wanted] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("health: {said:?}, not {wanted:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3004,7 +3081,6 @@ async fn connections_open_at_the_end_of_the_grace_period_are_closed_before_the_s
 /// shutdown for the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_watch_ends_at_shutdown_without_holding_it_up() {
-    use tonic_health::pb::health_check_response::ServingStatus;
     let server = TestServer::start(|config| {
         config.server.shutdown_grace = Duration::from_secs(30);
     })

@@ -274,13 +274,8 @@ impl ProtectionServer for ProtectionService {
     ) -> Result<Response<LookupReply>, Status> {
         let caller = self.state.caller(&request);
         let request = request.into_inner();
-        let session = self.state.session(&request.session_id, caller.as_ref())?;
-        session.touch();
-        let Ok(_answering) = session.lookups.try_acquire() else {
-            return Err(Status::resource_exhausted(format!(
-                "more than {LOOKUPS_AT_ONCE} Lookups at once for this VM; wait for their answers"
-            )));
-        };
+        // A request that can never be answered says so first, whatever
+        // else holds (a retry would not mend it).
         if request.digests.len() > MAX_LOOKUP_DIGESTS {
             return Err(Status::invalid_argument(format!(
                 "{} digests in one Lookup; send at most {MAX_LOOKUP_DIGESTS} per request",
@@ -297,6 +292,13 @@ impl ProtectionServer for ProtectionService {
                     .ok_or_else(|| Status::invalid_argument(format!("digest #{index} is empty")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let session = self.state.session(&request.session_id, caller.as_ref())?;
+        session.touch();
+        let Ok(_answering) = session.lookups.try_acquire() else {
+            return Err(Status::resource_exhausted(format!(
+                "more than {LOOKUPS_AT_ONCE} Lookups at once for this VM; wait for their answers"
+            )));
+        };
         drop(request);
         let engine = &self.state.engine;
         let (ruleset, cache) = (engine.ruleset(), engine.cache());
