@@ -110,6 +110,18 @@ impl Config {
         {
             return invalid("tls.check_interval", "must be 0s (never) or at least 1s");
         }
+        // An empty value (an environment variable set to nothing, say)
+        // would be taken as given: an empty tag refuses every agent, an
+        // empty path names no file.
+        if let Some(setting) = self.empty_setting() {
+            return invalid(
+                setting,
+                "is empty: give a value, or leave the setting out (file, SCANSERVER_* variable and flag) for its default",
+            );
+        }
+        if self.engine.threads > MAX_THREADS {
+            return invalid("engine.threads", "must be at most 1024 (0: one per core)");
+        }
         if self.engine.max_scan_size == 0 {
             return invalid("engine.max_scan_size", "must be more than 0");
         }
@@ -235,6 +247,39 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The first setting given an empty value, if any.
+    fn empty_setting(&self) -> Option<&'static str> {
+        let path = |path: Option<&PathBuf>| path.is_some_and(|p| p.as_os_str().is_empty());
+        let tls = self.tls.as_ref();
+        [
+            ("server.svm_id", self.server.svm_id.is_empty()),
+            (
+                "server.allowed_tags",
+                self.server.allowed_tags.iter().any(String::is_empty),
+            ),
+            (
+                "reporting.integration_server",
+                self.reporting.integration_server.as_deref() == Some(""),
+            ),
+            ("rules.path", self.rules.path.as_os_str().is_empty()),
+            ("rules.cache_dir", path(self.rules.cache_dir.as_ref())),
+            ("server.state_dir", path(self.server.state_dir.as_ref())),
+            ("uploads.spool_dir", path(self.uploads.spool_dir.as_ref())),
+            (
+                "server.admin_token_file",
+                path(self.server.admin_token_file.as_ref()),
+            ),
+            ("tls.cert", path(tls.map(|tls| &tls.cert))),
+            ("tls.key", path(tls.map(|tls| &tls.key))),
+            (
+                "tls.client_ca",
+                path(tls.and_then(|tls| tls.client_ca.as_ref())),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(setting, empty)| empty.then_some(setting))
     }
 
     /// The spool folder in use: `uploads.spool_dir`, else `spool` in the
@@ -495,6 +540,11 @@ pub const MAX_DURATION: Duration = Duration::from_secs(1000 * 366 * 86400);
 /// The most `uploads.spool_files` may be.
 pub const MAX_SPOOL_FILES: u32 = 1 << 20;
 
+/// The most scan threads (`engine.threads`): a typo's hundred thousand
+/// would fail the start with a thread error, or exhaust memory, rather
+/// than say which setting is wrong.
+pub const MAX_THREADS: usize = 1024;
+
 /// The `[uploads]` table: how received file content is held.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -624,14 +674,6 @@ mod tests {
             domain: None,
         });
         assert!(config.validate().is_err(), "TLS settings with http");
-        let refused = |change: fn(&mut Config)| {
-            let mut config = Config::default();
-            change(&mut config);
-            match config.validate() {
-                Err(ConfigError::Invalid { setting, .. }) => setting,
-                other => panic!("{other:?}"),
-            }
-        };
         let sub_second = |c: &mut Config| c.engine.scan_timeout = Duration::from_millis(500);
         assert_eq!(refused(sub_second), "engine.scan_timeout");
         assert_eq!(
@@ -688,6 +730,43 @@ mod tests {
             c.tls = Some(tls);
         };
         assert_eq!(refused(tls_too_often), "tls.check_interval");
+        assert_eq!(
+            refused(|c| c.engine.threads = MAX_THREADS + 1),
+            "engine.threads"
+        );
+    }
+
+    /// The setting the default configuration, changed by `change`, is
+    /// refused for.
+    fn refused(change: impl FnOnce(&mut Config)) -> &'static str {
+        let mut config = Config::default();
+        change(&mut config);
+        match config.validate() {
+            Err(ConfigError::Invalid { setting, .. }) => setting,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// An empty value (`SCANSERVER_ALLOWED_TAGS=`, say) is refused, naming
+    /// the setting, rather than taken as given: an empty tag would refuse
+    /// every agent.
+    #[test]
+    fn empty_values_are_errors() {
+        assert_eq!(
+            refused(|c| c.server.allowed_tags = vec!["".into()]),
+            "server.allowed_tags"
+        );
+        assert_eq!(refused(|c| c.server.svm_id.clear()), "server.svm_id");
+        assert_eq!(
+            refused(|c| c.reporting.integration_server = Some("".into())),
+            "reporting.integration_server"
+        );
+        assert_eq!(
+            refused(|c| c.server.state_dir = Some("".into())),
+            "server.state_dir"
+        );
+        let no_key = |c: &mut Config| c.tls = Some(TlsConfig::new("server.pem".into(), "".into()));
+        assert_eq!(refused(no_key), "tls.key");
     }
 
     #[test]

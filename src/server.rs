@@ -17,7 +17,11 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, t
 
 use tokio::{net::TcpListener, sync::watch};
 use tonic::service::interceptor::InterceptedService;
-use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::{Health, HealthServer},
+    server::HealthReporter,
+};
 use tower_layer::{Identity, Stack};
 
 use crate::{
@@ -34,7 +38,7 @@ use crate::{
     service::{ProtectionService, ServiceState},
     shutdown::{HealthUntilShutdown, shut_down},
     state::StateDir,
-    status::Svm,
+    status::{Svm, SvmStatus},
     tls::{Tls, TlsError},
     vms::Vms,
 };
@@ -377,6 +381,11 @@ impl Server {
         health
             .set_serving::<ProtectionServerServer<ProtectionService>>()
             .await;
+        tokio::spawn(follow_health(
+            health.clone(),
+            self.svm.changes(),
+            self.shutdown.subscribe(),
+        ));
         let health_service = HealthServer::new(HealthUntilShutdown::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
             self.shutdown.subscribe(),
@@ -676,6 +685,37 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
         tokio::select! {
             () = term => {},
             () = interrupt => {},
+        }
+    }
+}
+
+/// Keeps the gRPC health of the agent service, and of the server as a
+/// whole (the name "", which stock probes ask for), in step with the
+/// SVM's status: NOT_SERVING while a reason stops its scans (see
+/// [`crate::proto::SvmReason::stops_scans`]), so that load balancers and
+/// probes send agents elsewhere, as reports to the Integration Server do.
+async fn follow_health(
+    health: HealthReporter,
+    mut changes: watch::Receiver<SvmStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut serving = true;
+    loop {
+        let now = !(changes.borrow_and_update().reasons.iter()).any(|r| r.stops_scans());
+        if now != serving {
+            serving = now;
+            let status = match serving {
+                true => ServingStatus::Serving,
+                false => ServingStatus::NotServing,
+            };
+            health
+                .set_service_status(proto::protection_server_server::SERVICE_NAME, status)
+                .await;
+            health.set_service_status("", status).await;
+        }
+        tokio::select! {
+            () = shut_down(&mut shutdown) => return,
+            changed = changes.changed() => if changed.is_err() { return },
         }
     }
 }

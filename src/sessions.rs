@@ -441,16 +441,19 @@ impl Sessions {
     }
 
     /// Ends a session. Its VM's record is updated before the session is
-    /// gone for others: whoever finds no session where the record named
-    /// one (a report) finds the record updated.
-    /// (The record first, then the session: the sessions' lock is not held
-    /// while the registry's is waited for.)
+    /// gone for others (whoever finds no session where the record named
+    /// one, a report, finds the record updated), both under the sessions'
+    /// lock, as [`Sessions::open`] takes them: a new session of the VM
+    /// opening meanwhile finds the old one either still open (and replaces
+    /// it) or gone from both, never counted against `max_agents` while its
+    /// VM's record says it is gone.
     pub fn close(&self, id: &str, ending: Ending) {
-        let Some(session) = self.get(id) else {
+        let mut by_id = self.by_id.write();
+        let Some(session) = by_id.get(id).cloned() else {
             return;
         };
         self.vms.disconnected(&session, ending);
-        self.by_id.write().remove(id);
+        by_id.remove(id);
     }
 
     /// Every open session.

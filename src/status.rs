@@ -125,6 +125,19 @@ impl SvmReason {
         }
     }
 
+    /// Whether the reason stops the SVM scanning for its agents (its gRPC
+    /// health is NOT_SERVING while one holds): no rules to scan with, no
+    /// scan thread free, a certificate agents refuse, or shutdown.
+    pub fn stops_scans(self) -> bool {
+        matches!(
+            self,
+            SvmReason::NoSignatures
+                | SvmReason::CertificateExpired
+                | SvmReason::ShuttingDown
+                | SvmReason::AllScanThreadsStuck
+        )
+    }
+
     /// How bad the reason is.
     pub fn health(self) -> Health {
         match self {
