@@ -229,7 +229,13 @@ impl Reloader {
         let replaced = loaded.is_some();
         if let Some(ruleset) = loaded {
             ruleset.log_loaded();
-            self.state.replace_ruleset(ruleset);
+            // Off the runtime's threads: emptying a cache of millions of
+            // verdicts takes a while, under locks the scans need too.
+            let state = Arc::clone(&self.state);
+            let swap = tokio::task::spawn_blocking(move || state.replace_ruleset(ruleset));
+            if let Err(err) = swap.await {
+                return Err(ReloadError::Panicked(err));
+            }
             tracing::info!(
                 previous = previous.version(),
                 "signatures replaced: verdict cache emptied, agents told"
@@ -241,12 +247,16 @@ impl Reloader {
             self.svm.signatures_reloaded(Ok(()));
         }
         let ruleset = self.state.engine.ruleset();
-        Ok(Reload {
+        let reload = Reload {
             changed: ruleset.version() != previous.version(),
             previous: previous.version_arc(),
             ruleset,
             elapsed: started.elapsed(),
-        })
+        };
+        // Often the last hold on the old rules, which are freed off the
+        // runtime's threads too.
+        tokio::task::spawn_blocking(move || drop(previous));
+        Ok(reload)
     }
 
     /// Looks at the ruleset's files every `rules.check_interval` (never

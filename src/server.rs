@@ -47,8 +47,12 @@ use crate::{
 /// to one window per round trip (see BENCHMARKS.md for what larger windows
 /// did on loopback); these also bound what a connection whose reader is
 /// held back (the scan queue is full) makes the server buffer: 4 MiB per
-/// connection. 16 MiB windows were faster, but broke the memory bound.
-const STREAM_WINDOW: u32 = 4 << 20;
+/// connection. 16 MiB windows were faster, but broke the memory bound. A
+/// stream's window is half a MiB short of its connection's: a stream held
+/// back (waiting for room in the message budget, or for the scan queue)
+/// cannot take the whole connection's window, which would stop the
+/// agent's heartbeats on its session stream and end a live session.
+const STREAM_WINDOW: u32 = CONNECTION_WINDOW - (512 << 10);
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// Largest HTTP/2 frame an agent may send. With the default (16 KiB) a

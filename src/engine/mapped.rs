@@ -12,9 +12,11 @@
 //!    handler maps an anonymous zero page over the vanished page (`mmap` with
 //!    `MAP_FIXED`), notes the fault, and returns: the read is retried and
 //!    sees zeros, so the scan runs to its end.
-//! 3. [`with_mapped`] then reports [`MappedError::Shrank`] instead of the
+//! 3. [`with_mapped`] then reports [`MappedError::Faulted`] instead of the
 //!    scan's result, which is discarded. The size is also checked again after
-//!    the scan, which catches a file that changed size without a fault.
+//!    the scan, which catches a file that shrank without a fault
+//!    ([`MappedError::Shrank`]); one that grew was scanned as it was when
+//!    opened, as a file read into memory is.
 //!
 //! Mapped pages that are read count in the process's resident memory. So
 //! that a few huge files scanned at once cannot add up to gigabytes, mapped
@@ -48,8 +50,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub enum MappedError {
     #[error("cannot map the file: {0}")]
     Map(#[from] io::Error),
-    #[error("the file shrank or changed size while it was being scanned")]
+    #[error("the file shrank while it was being scanned")]
     Shrank,
+    #[error(
+        "a page of the file could not be read while it was being scanned (it shrank, or the disk or file server failed)"
+    )]
+    Faulted,
 }
 
 thread_local! {
@@ -140,8 +146,12 @@ pub(super) fn with_mapped<R>(
         let _guard = Guard::enter(&map);
         read(&map)
     };
-    let changed = file.metadata().map(|m| m.len() != size).unwrap_or(true);
-    if FAULTED.replace(false) || changed {
+    if FAULTED.replace(false) {
+        return Err(MappedError::Faulted);
+    }
+    // A file that grew meanwhile was scanned as it was when opened, as a
+    // file read is; one that shrank may have lost pages read as zeros.
+    if file.metadata().map_or(true, |m| m.len() < size) {
         return Err(MappedError::Shrank);
     }
     Ok(result)
@@ -302,7 +312,21 @@ mod tests {
             // Touch every page, those past the new end included.
             data.iter().step_by(4096).map(|&b| b as u64).sum::<u64>()
         });
-        assert!(matches!(result, Err(MappedError::Shrank)), "{result:?}");
+        assert!(matches!(result, Err(MappedError::Faulted)), "{result:?}");
+    }
+
+    /// A file that grows while mapped is scanned as it was when opened, as
+    /// one read into memory is.
+    #[test]
+    fn a_file_that_grows_while_mapped_is_scanned_as_it_was() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 100_000]).unwrap();
+        let mut writer = file.try_clone().unwrap();
+        let sum = with_mapped(&file, 100_000, |data| {
+            writer.write_all(&[1u8; 100_000]).unwrap();
+            data.iter().map(|&b| b as u64).sum::<u64>()
+        });
+        assert_eq!(sum.unwrap(), 700_000);
     }
 
     #[test]

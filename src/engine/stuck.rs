@@ -122,8 +122,8 @@ impl Busy {
     }
 
     /// How many threads have been busy with one job for longer than `age`,
-    /// and the digests of those jobs' contents, where known (noted: see
-    /// [`BusyGuard::end`]). Those jobs give back their shares of the
+    /// and the digests of those jobs' contents, where known and not given
+    /// at an earlier look (noted: see [`BusyGuard::end`]). Those jobs give back their shares of the
     /// mapped budget: the budget's shares are handed out in order, so one
     /// held by a thread that never ends would keep every large upload after
     /// it waiting for ever. (Its mapping, if it made one, then stays
@@ -132,18 +132,21 @@ impl Busy {
         let (mut count, mut digests) = (0, Vec::new());
         let now = self.millis();
         for slot in self.slots_busy_for(age, now) {
-            count += 1;
             // Read again with the digest: the job may have ended since.
             let mut job = slot.job.lock();
             if !older_than(job.began, age, now) {
                 continue;
             }
+            count += 1;
             if job.share.take().is_some() {
                 tracing::warn!(
                     "a stuck scan thread gives back its share of the mapped budget: large uploads go on without it"
                 );
             }
-            if let Some(digest) = job.digest {
+            // Each job's content once: a look every second would log it
+            // again and again once the refused contents are as many as
+            // they may be.
+            if let Some(digest) = job.digest.filter(|_| !job.noted) {
                 job.noted = true;
                 digests.push(digest);
             }
@@ -436,6 +439,7 @@ mod tests {
             let not_yet = busy.longer_than(Duration::from_secs(3600));
             let free_while_young = budget.free_kib();
             assert_eq!(busy.longer_than(short), (1, vec![digest]));
+            assert_eq!(busy.longer_than(short), (1, vec![]), "each content once");
             let free_once_stuck = budget.free_kib();
             let on_for = busy.on_for(&digest).expect("on it");
             assert!(on_for >= Duration::from_millis(20), "{on_for:?}");
