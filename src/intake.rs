@@ -400,11 +400,13 @@ impl Drop for Room {
 #[derive(Clone, Default)]
 struct KeptRoom(Arc<Mutex<Option<Room>>>);
 
-/// An answer's body, its data handed on in slices of at most
+/// An answer's body, its data handed on in copied slices of at most
 /// [`Sliced::MOST`]. hyper takes the next slice only once HTTP/2 has room to
 /// send: handed whole, an answer of some megabytes (a `Lookup`'s) would
 /// wait in h2's buffer for a client that reads nothing, with the room it
-/// was made within given back when its body went.
+/// was made within given back when its body went. Copies, not views of
+/// the answer: the few h2 may still hold once the body is gone do not keep
+/// the whole answer's buffer.
 struct Sliced {
     body: Body,
     rest: Bytes,
@@ -439,7 +441,12 @@ impl HttpBody for Sliced {
             }
         }
         let most = self.rest.len().min(Self::MOST);
-        Poll::Ready(Some(Ok(Frame::data(self.rest.split_to(most)))))
+        let slice = Bytes::copy_from_slice(&self.rest[..most]);
+        self.rest = match most == self.rest.len() {
+            true => Bytes::new(),
+            false => self.rest.slice(most..),
+        };
+        Poll::Ready(Some(Ok(Frame::data(slice))))
     }
 
     fn is_end_stream(&self) -> bool {

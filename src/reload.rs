@@ -229,13 +229,7 @@ impl Reloader {
         let replaced = loaded.is_some();
         if let Some(ruleset) = loaded {
             ruleset.log_loaded();
-            // Off the runtime's threads: emptying a cache of millions of
-            // verdicts takes a while, under locks the scans need too.
-            let state = Arc::clone(&self.state);
-            let swap = tokio::task::spawn_blocking(move || state.replace_ruleset(ruleset));
-            if let Err(err) = swap.await {
-                return Err(ReloadError::Panicked(err));
-            }
+            self.state.replace_ruleset(ruleset);
             tracing::info!(
                 previous = previous.version(),
                 "signatures replaced: verdict cache emptied, agents told"
@@ -253,8 +247,8 @@ impl Reloader {
             ruleset,
             elapsed: started.elapsed(),
         };
-        // Often the last hold on the old rules, which are freed off the
-        // runtime's threads too.
+        // Often the last hold on the old rules (YARA-X's compiled code and
+        // tables): freed off the runtime's threads.
         tokio::task::spawn_blocking(move || drop(previous));
         Ok(reload)
     }

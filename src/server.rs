@@ -51,7 +51,9 @@ use crate::{
 /// stream's window is half a MiB short of its connection's: a stream held
 /// back (waiting for room in the message budget, or for the scan queue)
 /// cannot take the whole connection's window, which would stop the
-/// agent's heartbeats on its session stream and end a live session.
+/// agent's heartbeats on its session stream and end a live session. (Two
+/// calls held back at once still can: lightagent holds one at most, its
+/// Scan stream, and sends its Lookups and ScanFile calls after.)
 const STREAM_WINDOW: u32 = CONNECTION_WINDOW - (512 << 10);
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
@@ -717,9 +719,13 @@ async fn follow_health(
                 .await;
             health.set_service_status("", status).await;
         }
+        // A change first: shutdown publishes SHUTTING_DOWN before it
+        // stops serving, and a SERVING being set as it began must be
+        // followed by NOT_SERVING, not left last.
         tokio::select! {
-            () = shut_down(&mut shutdown) => return,
+            biased;
             changed = changes.changed() => if changed.is_err() { return },
+            () = shut_down(&mut shutdown) => return,
         }
     }
 }

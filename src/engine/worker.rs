@@ -367,7 +367,15 @@ pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)>
         .custom_flags(libc::O_PATH)
         .open(path)?;
     regular(&found)?;
-    static PROC: LazyLock<bool> = LazyLock::new(|| Path::new("/proc/self/fd").is_dir());
+    static PROC: LazyLock<bool> = LazyLock::new(|| {
+        let mounted = Path::new("/proc/self/fd").is_dir();
+        if !mounted {
+            tracing::warn!(
+                "/proc is not mounted: files are opened by their paths, and a link swapped in for one is opened before it is refused"
+            );
+        }
+        mounted
+    });
     let reopened = PathBuf::from(format!("/proc/self/fd/{}", found.as_raw_fd()));
     let through = if *PROC { &reopened } else { path };
     let open = || {
