@@ -442,10 +442,8 @@ impl HttpBody for Sliced {
         }
         let most = self.rest.len().min(Self::MOST);
         let slice = Bytes::copy_from_slice(&self.rest[..most]);
-        self.rest = match most == self.rest.len() {
-            true => Bytes::new(),
-            false => self.rest.slice(most..),
-        };
+        // Empty once all is handed on, and then no longer the answer's.
+        self.rest = self.rest.slice(most..);
         Poll::Ready(Some(Ok(Frame::data(slice))))
     }
 

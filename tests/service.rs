@@ -1210,16 +1210,9 @@ async fn a_lookup_keeps_the_room_for_its_answer_until_answered() {
 async fn an_unread_lookup_answer_keeps_its_room() {
     let server = TestServer::start(|_| {}).await;
     let (session, _keep) = session_id(&server).await;
-    let (tx, mut replies) = scan_stream(&server).await;
     let data = b"known content";
-    tx.send(batch(vec![
-        begin(&session, 1, data, None),
-        chunk(1, 0, data),
-        end(1),
-    ]))
-    .await
-    .unwrap();
-    file_verdict(next(&mut replies).await.1);
+    let requests = vec![begin(&session, 1, data, None), chunk(1, 0, data), end(1)];
+    file_verdict(first_reply(&server, requests).await);
     // 100,000 clean results: an answer of about a megabyte.
     let request = LookupRequest {
         session_id: session,
