@@ -258,14 +258,27 @@ impl Session {
     ) {
         let mut tally = Tally::default();
         for (subject, verdict) in verdicts {
-            tally.add(verdict);
-            log_malware_found(Some(self), subject, verdict);
+            self.tally(&mut tally, subject, verdict);
         }
+        self.record(bytes, &tally);
+    }
+
+    /// Adds the verdict on `subject` to `tally`, to be counted later with
+    /// [`Self::record`]; malware found is logged at once.
+    pub fn tally(&self, tally: &mut Tally, subject: Subject<'_>, verdict: &FileVerdict) {
+        tally.add(verdict);
+        log_malware_found(Some(self), subject, verdict);
+    }
+
+    /// Counts the verdicts of `tally` (`bytes` of content in all): one
+    /// atomic operation a figure, however many they are. Malware found tags
+    /// the session's VM, a failure spoils its full scan.
+    pub fn record(&self, bytes: u64, tally: &Tally) {
         self.files.fetch_add(tally.verdicts, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.detections
             .fetch_add(tally.detections, Ordering::Relaxed);
-        self.metrics.record(&tally);
+        self.metrics.record(tally);
         if tally.detections > 0 {
             self.vms.threat_found(&self.agent.vm_id);
         }

@@ -1111,6 +1111,53 @@ async fn next_error(replies: &mut Replies, id: u64, code: tonic::Code, says: &st
     assert!(format!("{reply:?}").contains(says), "{reply:?}");
 }
 
+/// A begin whose verdict is cached is its file's final reply at once: it
+/// takes no place in flight, and is answered while the VM's places are all
+/// taken. Its verdict counts for the session all the same.
+#[tokio::test]
+async fn a_known_digest_is_answered_while_the_vm_has_no_place_free() {
+    let server = TestServer::start(|c| c.uploads.files_in_flight = 1).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let known = b"a document seen before".repeat(10);
+    let digest = blake3::hash(&known);
+    begin_asked_for_content(&tx, &mut replies, &session, 1, &known, &digest).await;
+    tx.send(batch(vec![chunk(1, 0, &known), end(1)]))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut replies).await.0, 1);
+
+    // File 2 takes the VM's one place, waiting for its content.
+    let unknown = b"content never sent";
+    let unknown_digest = blake3::hash(unknown);
+    begin_asked_for_content(&tx, &mut replies, &session, 2, unknown, &unknown_digest).await;
+    tx.send(begin(&session, 3, &known, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(id, 3);
+    assert!(file_verdict(kind).cached);
+    // Content the server does not know still needs a place.
+    let other = b"other content";
+    tx.send(begin(
+        &session,
+        4,
+        other,
+        Some(blake3::hash(other).as_bytes()),
+    ))
+    .await
+    .unwrap();
+    next_error(&mut replies, 4, tonic::Code::ResourceExhausted, "in flight").await;
+
+    let counted = server.state.sessions.get(&session).unwrap();
+    assert_eq!(counted.files.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let bytes = 2 * known.len() as u64;
+    assert_eq!(
+        counted.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        bytes
+    );
+}
+
 /// Files in flight are counted until answered, when the session that
 /// began them has ended too (its agent closed Connect first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

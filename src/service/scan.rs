@@ -9,10 +9,11 @@
 //! HTTP/2 flow control holds the agent back: nothing is buffered without
 //! bound.
 //!
-//! Each begun file holds one of its session's in-flight places (its VM's,
-//! shared with the VM's earlier sessions) until its final reply is made (a
-//! scan's verdict: until that is queued for the agent), and
-//! owes its VM a verdict: one that goes without (refused, failed,
+//! Each begun file whose verdict is not cached holds one of its session's
+//! in-flight places (its VM's, shared with the VM's earlier sessions) until
+//! its final reply is made (a scan's verdict: until that is queued for the
+//! agent); one whose verdict is cached is answered at once, without a
+//! place. Each owes its VM a verdict: one that goes without (refused, failed,
 //! cancelled, cut off) spoils the VM's full scan under way. Replies wait
 //! for the agent to take them for at most the idle timeout. When the
 //! stream ends, for whatever reason, its open files are dropped: their
@@ -26,7 +27,10 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use parking_lot::Mutex;
@@ -48,6 +52,7 @@ use crate::{
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
     engine::{Content, Engine, ScanOutcome, ScanSlot},
+    metrics::Tally,
     proto::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
         ScanRequest, file_reply, file_request,
@@ -171,9 +176,14 @@ impl VerdictOwed {
         }
     }
 
+    /// The session of the file's VM; `None` once it is let off.
+    fn session(&self) -> Option<&Arc<Session>> {
+        self.0.as_ref()
+    }
+
     /// The share of the spool the file's VM has.
     fn spool_share(&self) -> Option<&Arc<Semaphore>> {
-        self.0.as_ref().map(|session| &session.spool_share)
+        self.session().map(|session| &session.spool_share)
     }
 
     /// Settles the verdict on `size` bytes at `path`.
@@ -181,6 +191,55 @@ impl VerdictOwed {
         if let Some(session) = self.0.take() {
             session.record_file(size, path, verdict);
         }
+    }
+
+    /// Settles the verdict on `size` bytes at `path` in `settled`, which
+    /// counts it with others made on the stream.
+    fn settle_in(mut self, settled: &mut Settled, size: u64, path: &str, verdict: &FileVerdict) {
+        if let Some(session) = self.0.take() {
+            settled.add(session, size, path, verdict);
+        }
+    }
+}
+
+/// Verdicts a Scan stream settled that are not counted yet: counted for
+/// their session together, before their replies go out (see
+/// [`ScanStream::send_weighed`]), rather than one by one. A boot storm
+/// settles a hundred thousand verdicts a second on a stream's own thread,
+/// and each counted alone took atomic operations on counters every
+/// thread shares (the server's metrics, the session's figures).
+#[derive(Default)]
+struct Settled {
+    session: Option<Arc<Session>>,
+    bytes: u64,
+    tally: Tally,
+}
+
+impl Settled {
+    /// Adds the verdict on `size` bytes at `path` of `session`'s VM. A
+    /// verdict of another session counts those of the last one first.
+    fn add(&mut self, session: Arc<Session>, size: u64, path: &str, verdict: &FileVerdict) {
+        if !matches!(&self.session, Some(last) if Arc::ptr_eq(last, &session)) {
+            self.record();
+            self.session = Some(session);
+        }
+        let session = self.session.as_ref().expect("set above");
+        session.tally(&mut self.tally, Subject::Path(path), verdict);
+        self.bytes += size;
+    }
+
+    /// Counts the verdicts added so far.
+    fn record(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.record(std::mem::take(&mut self.bytes), &self.tally);
+            self.tally = Tally::default();
+        }
+    }
+}
+
+impl Drop for Settled {
+    fn drop(&mut self) {
+        self.record();
     }
 }
 
@@ -242,6 +301,8 @@ struct ScanStream {
     scanning: Arc<Scanning>,
     /// Files failed before the agent was done sending them.
     answered: Answered,
+    /// Verdicts settled on the stream, counted as their replies go out.
+    settled: Settled,
     /// The agent's requests, until the stream ends: dropped before its
     /// final replies, which may wait for the agent, so that their buffers
     /// (and what HTTP/2 and the intake hold for them) go at once.
@@ -396,6 +457,7 @@ impl ScanStream {
             open: HashMap::default(),
             scanning: Arc::default(),
             answered: Answered::default(),
+            settled: Settled::default(),
             replies,
             notices: Vec::new(),
             holding: false,
@@ -543,13 +605,13 @@ impl ScanStream {
         // What `replies` weigh (see `replies::weight`): sent before they
         // make a heavy message, as verdicts may carry many detections.
         let mut weighing = replies.iter().map(weight).sum();
-        let mut session = SessionOfMessage::default();
+        let mut context = MessageContext::default();
         for kind in request.requests.into_iter().filter_map(|r| r.kind) {
             let reply = match kind {
                 file_request::Kind::Begin(begin) => {
                     let id = begin.file_id;
                     self.answered.forget(id);
-                    let reply = self.begin(begin, &mut session);
+                    let reply = self.begin(begin, &mut context);
                     self.answered.note(id, reply.as_ref());
                     reply
                 }
@@ -616,6 +678,9 @@ impl ScanStream {
         mut replies: Vec<FileReply>,
         mut total: usize,
     ) -> Result<(), ()> {
+        // Counted before the agent can have them: a full scan it ends on
+        // their replies finds its failures counted.
+        self.settled.record();
         while !replies.is_empty() {
             let (mut count, mut weighs) = (replies.len(), total);
             if count > MAX_REPLIES || weighs > MESSAGE_BYTES {
@@ -751,37 +816,43 @@ impl ScanStream {
     /// digest the server knows, waits when that content is under way for
     /// another request, and otherwise asks for the content (or, without a
     /// digest, expects it).
-    fn begin(&mut self, begin: FileBegin, session: &mut SessionOfMessage) -> Option<FileReply> {
+    fn begin(&mut self, begin: FileBegin, context: &mut MessageContext) -> Option<FileReply> {
         let id = begin.file_id;
         if self.close(id).is_some() {
             // One final reply for the id: this error ends both files.
             let message = format!("file id {id} is already open on this stream: both are dropped");
             return Some(file_error(id, Code::InvalidArgument, &message));
         }
-        let (file, claimed) = match self.admit(begin, session) {
+        let (owed, claimed) = match self.admit(&begin, context) {
             Ok(admitted) => admitted,
             Err(reply) => return Some(reply),
         };
-        let Some(digest) = claimed else {
+        let engine = Arc::clone(&self.state.engine);
+        let cache = engine.cache();
+        let key = claimed.map(|digest| engine.cache_key(&digest, Some(begin.path.as_ref())));
+        // A verdict known already is the file's final reply at once: it
+        // takes no place in flight.
+        if let Some(hit) = key.as_ref().and_then(|key| cache.get(key)) {
+            return self.known(id, owed, begin.size, &begin.path, &hit, false);
+        }
+        let file = match self.open_file(begin, owed) {
+            Ok(file) => file,
+            Err(reply) => return Some(reply),
+        };
+        let (Some(digest), Some(key)) = (claimed, key) else {
             return self.open_for_content(id, file, None, Standing::Unannounced);
         };
-        let engine = &self.state.engine;
-        let key = engine.cache_key(&digest, Some(file.name.as_ref()));
-        let cache = engine.cache();
-        if let Some(hit) = cache.get(&key) {
-            return self.known(id, file, &hit, false);
-        }
         // Content that sticks scan threads is not asked for.
         if let Some(why) = engine.refusal(&digest) {
             return Some(file_error(id, Code::FailedPrecondition, &why));
         }
         // Leads and waits begin in order: the first to end is still the
         // one the stream looks out for.
-        let deadline = Instant::now() + UPLOAD_WAIT;
+        let deadline = context.now() + UPLOAD_WAIT;
         self.next_expiry.get_or_insert(deadline);
         match cache.flights().join_or_subscribe(key, &self.landings, id) {
             Subscription::Lead(flight) => match cache.landed_meanwhile(flight) {
-                Ok(hit) => self.known(id, file, &hit, false),
+                Ok(hit) => self.known(id, file.owed, file.size, &file.name, &hit, false),
                 Err(flight) => {
                     let leads = Standing::Leads {
                         flight,
@@ -805,38 +876,40 @@ impl ScanStream {
         }
     }
 
-    /// The reply to a begin whose content's verdict is known (found in the
-    /// cache, or handed over by the flight it waited for: `coalesced`):
-    /// the verdict, settled for the file's VM.
+    /// The reply to a begin of `size` bytes at `path` whose content's
+    /// verdict is known (found in the cache, or handed over by the flight
+    /// it waited for: `coalesced`): the verdict, settled for the file's VM.
     fn known(
-        &self,
+        &mut self,
         id: u64,
-        file: OpenFile,
+        owed: VerdictOwed,
+        size: u64,
+        path: &str,
         hit: &CachedVerdict,
         coalesced: bool,
     ) -> Option<FileReply> {
         let verdict = FileVerdict::hash_first(hit, coalesced, &self.version);
-        file.owed.settle(file.size, &file.name, &verdict);
+        owed.settle_in(&mut self.settled, size, path, &verdict);
         Some(reply(id, verdict_reply(verdict)))
     }
 
     /// The checks every begin passes: a new file id, a known session, a
-    /// well-formed digest, a size within the limit, a place in flight.
-    /// Returns the file (not yet open) and the digest it was announced
-    /// with, or the reply refusing it.
+    /// well-formed digest, a size within the limit. Returns the verdict
+    /// the file owes and the digest it was announced with, or the reply
+    /// refusing it.
     fn admit(
         &self,
-        begin: FileBegin,
-        session: &mut SessionOfMessage,
-    ) -> Result<(OpenFile, Option<Digest>), FileReply> {
+        begin: &FileBegin,
+        context: &mut MessageContext,
+    ) -> Result<(VerdictOwed, Option<Digest>), FileReply> {
         let id = begin.file_id;
         let fail = |code, message: String| file_error(id, code, &message);
-        let session = session
-            .get(&self.state, &begin.session_id, self.caller.as_ref())
+        let session = context
+            .session(&self.state, &begin.session_id, self.caller.as_ref())
             .map_err(|status| fail(status.code(), status.message().to_owned()))?;
         // From here on, a refused file spoils its VM's full scan (but
         // for want of room: see `VerdictOwed::forgive`).
-        let mut owed = VerdictOwed::to(session);
+        let owed = VerdictOwed::to(session);
         if self.scanning.holds(id) {
             let message = format!(
                 "file id {id} is still being scanned on this stream; use it again once its verdict came"
@@ -850,15 +923,22 @@ impl ScanStream {
             .uploads
             .check_size(begin.size)
             .map_err(|err| upload_error(id, &err))?;
-        let Some(in_flight) = session.take_place() else {
+        Ok((owed, claimed))
+    }
+
+    /// The file `begin` announced, not open yet, with the place in flight
+    /// it takes until its final reply; or the reply refusing it, when its
+    /// VM has no place free.
+    fn open_file(&self, begin: FileBegin, mut owed: VerdictOwed) -> Result<OpenFile, FileReply> {
+        let Some(in_flight) = owed.session().and_then(|session| session.take_place()) else {
             owed.forgive();
             let limit = self.state.uploads.config().files_in_flight;
             let message = format!(
                 "more than {limit} files of this VM in flight (on this session and the VM's earlier ones); wait for verdicts before beginning more"
             );
-            return Err(fail(Code::ResourceExhausted, message));
+            return Err(file_error(begin.file_id, Code::ResourceExhausted, &message));
         };
-        let file = OpenFile {
+        Ok(OpenFile {
             owed,
             name: begin.path,
             size: begin.size,
@@ -866,8 +946,7 @@ impl ScanStream {
             seen_at_last_look: false,
             standing: Standing::Unannounced,
             _in_flight: in_flight,
-        };
-        Ok((file, claimed))
+        })
     }
 
     /// Opens `file` to receive its content (checked against `digest`, when
@@ -1002,7 +1081,7 @@ impl ScanStream {
             }
             return self.open_for_content(id, file, Some(digest), Standing::OnItsOwn);
         };
-        self.known(id, file, &landed, true)
+        self.known(id, file.owed, file.size, &file.name, &landed, true)
     }
 
     /// Adds a chunk to its file. A chunk for a file that already had its
@@ -1071,7 +1150,7 @@ impl ScanStream {
         Self::held_up(&mut self.open, waiting_since.elapsed());
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
-            owed.settle(size, &name, &verdict);
+            owed.settle_in(&mut self.settled, size, &name, &verdict);
             return Some(reply(id, verdict_reply(verdict)));
         }
         let due = VerdictDue {
@@ -1164,7 +1243,14 @@ impl VerdictDue {
 /// must not arrive under an id the agent has given to another file. The
 /// stream and the verdict's sender each touch it once per scanned file.
 #[derive(Default)]
-struct Scanning(Mutex<Owed>);
+struct Scanning {
+    owed: Mutex<Owed>,
+    /// How many ids `owed` holds: the stream looks at every begin's id,
+    /// and most find none held without taking the lock the scan threads
+    /// take too. Only the stream adds ids, so it never finds none where
+    /// one of its own is.
+    held: AtomicUsize,
+}
 
 /// What [`Scanning`] keeps.
 #[derive(Default)]
@@ -1182,12 +1268,16 @@ struct Owed {
 
 impl Scanning {
     fn owed(&self) -> parking_lot::MutexGuard<'_, Owed> {
-        self.0.lock()
+        self.owed.lock()
     }
 
     /// Takes `id` until the returned guard is dropped.
     fn take(scanning: &Arc<Scanning>, id: u64) -> TakenId {
-        scanning.owed().ids.insert(id);
+        let mut owed = scanning.owed();
+        if owed.ids.insert(id) {
+            scanning.held.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(owed);
         TakenId {
             scanning: Arc::clone(scanning),
             id,
@@ -1195,7 +1285,7 @@ impl Scanning {
     }
 
     fn holds(&self, id: u64) -> bool {
-        self.owed().ids.contains(&id)
+        self.held.load(Ordering::Relaxed) > 0 && self.owed().ids.contains(&id)
     }
 }
 
@@ -1216,7 +1306,9 @@ impl TakenId {
 impl Drop for TakenId {
     fn drop(&mut self) {
         let mut owed = self.scanning.owed();
-        owed.ids.remove(&self.id);
+        if owed.ids.remove(&self.id) {
+            self.scanning.held.fetch_sub(1, Ordering::Relaxed);
+        }
         owed.given_back = Some(Instant::now());
     }
 }
@@ -1233,26 +1325,36 @@ impl Drop for VerdictDue {
     }
 }
 
-/// The session the begins of one request message name, looked up once
-/// for the message rather than once for each begin (an agent's begins name
-/// its one session). Looking it up is hearing from its agent.
+/// What the begins of one request message share, looked up once for the
+/// message rather than once for each begin (a message holds hundreds of
+/// begins in a boot storm): the session they name (an agent's begins name
+/// its one session; looking it up is hearing from its agent), and the time
+/// their waits count from.
 #[derive(Default)]
-struct SessionOfMessage(Option<Arc<Session>>);
+struct MessageContext {
+    session: Option<Arc<Session>>,
+    at: Option<Instant>,
+}
 
-impl SessionOfMessage {
-    fn get(
+impl MessageContext {
+    fn session(
         &mut self,
         state: &ServiceState,
         id: &str,
         caller: Option<&Digest>,
     ) -> Result<&Arc<Session>, Status> {
-        let known = matches!(&self.0, Some(session) if session.id == id);
+        let known = matches!(&self.session, Some(session) if session.id == id);
         if !known {
             let session = state.session(id, caller)?;
             session.touch();
-            self.0 = Some(session);
+            self.session = Some(session);
         }
-        Ok(self.0.as_ref().expect("looked up"))
+        Ok(self.session.as_ref().expect("looked up"))
+    }
+
+    /// The time the message is handled at: read once.
+    fn now(&mut self) -> Instant {
+        *self.at.get_or_insert_with(Instant::now)
     }
 }
 
