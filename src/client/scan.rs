@@ -410,7 +410,7 @@ impl<F: ResultSink> Settle<'_, F> {
         files.extend(self.retries.waiting.drain(..).map(|(_, file)| file));
         files.retain_mut(|file| match file.unread.take() {
             Some(err) => {
-                let outcome = failed_outcome(unreadable(&err), file.size_read(), file.started);
+                let outcome = failed_outcome(unreadable(&err), file.size_read(), file.announced);
                 self.scan.on_result.put(file.source.path(), outcome);
                 false
             }
@@ -480,7 +480,9 @@ impl<F: ResultSink> Settle<'_, F> {
         // answered together.
         let now = Instant::now();
         for (file, answer) in over {
-            let elapsed = now.saturating_duration_since(file.started);
+            let elapsed = file
+                .announced
+                .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
             let outcome = match answer {
                 Ok(verdict) => verdict.to_outcome(
                     file.size_read(),
@@ -540,7 +542,7 @@ impl<F: ResultSink> Settle<'_, F> {
             return 0;
         };
         drop(files);
-        let outcome = failed_outcome(unreadable(&err), file.size_read(), file.started);
+        let outcome = failed_outcome(unreadable(&err), file.size_read(), file.announced);
         self.scan.on_result.put(file.source.path(), outcome);
         1
     }
@@ -646,8 +648,10 @@ fn file_begin(
         session_id: session_id.to_owned(),
         path: source.name().into_owned(),
         size,
+        // Owned, not a copy into a vector: encoding clones it, and a clone
+        // of a vector's bytes allocates (once for each begin of a storm).
         blake3: digest
-            .map(|digest| Bytes::copy_from_slice(digest.as_bytes()))
+            .map(|digest| Bytes::from_owner(*digest.as_bytes()))
             .unwrap_or_default(),
     }
 }
@@ -662,8 +666,11 @@ fn unreadable(err: &std::io::Error) -> Verdict {
     Verdict::failed(FailReason::Io, format!("cannot read the file: {err}"))
 }
 
-fn failed_outcome(verdict: Verdict, size: u64, started: Instant) -> ScanOutcome {
-    ScanOutcome::failed(verdict, size, started.elapsed(), "".into())
+/// The outcome of a file failed with `verdict`, `announced` then (`None`:
+/// never sent, so no time was spent on it).
+fn failed_outcome(verdict: Verdict, size: u64, announced: Option<Instant>) -> ScanOutcome {
+    let elapsed = announced.map_or(Duration::ZERO, |at| at.elapsed());
+    ScanOutcome::failed(verdict, size, elapsed, "".into())
 }
 
 /// What the server knew of the agent's last files, which decides, under
@@ -760,7 +767,9 @@ struct PendingFile {
     sent: Option<u64>,
     /// The digest its begin gave, which an answer to it leaves out.
     digest: Option<blake3::Hash>,
-    started: Instant,
+    /// When its begin last went: its time runs from then. Not read when
+    /// it is taken, which costs a reading of the clock for every file.
+    announced: Option<Instant>,
     /// The server asked for its content: it did not know it.
     asked: bool,
     /// Why the agent cancelled it: it could not read it.
@@ -816,7 +825,7 @@ impl PendingFile {
             size,
             digest,
             sent: None,
-            started: Instant::now(),
+            announced: None,
             asked: false,
             unread: None,
             refusals: Refusals::default(),
@@ -837,7 +846,7 @@ impl PendingFile {
     /// refused or left by a stream that broke): what was learnt of it then
     /// is forgotten, and its time runs from then.
     fn announced(&mut self, at: Instant) {
-        self.started = at;
+        self.announced = Some(at);
         self.asked = false;
         self.sent = None;
     }
@@ -852,7 +861,7 @@ impl PendingFile {
     fn failed(&self, verdict: Verdict) -> ScanOutcome {
         ScanOutcome {
             digest: self.digest,
-            ..failed_outcome(verdict, self.size_read(), self.started)
+            ..failed_outcome(verdict, self.size_read(), self.announced)
         }
     }
 }

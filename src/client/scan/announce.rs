@@ -55,11 +55,7 @@ impl Left {
 
 /// The outcome of a file never sent to the server, failed for `detail`.
 fn unanswered(detail: &str) -> ScanOutcome {
-    failed_outcome(
-        Verdict::failed(FailReason::Engine, detail),
-        0,
-        Instant::now(),
-    )
+    failed_outcome(Verdict::failed(FailReason::Engine, detail), 0, None)
 }
 
 /// The files the announcer holds: those held from an earlier stream and
@@ -211,7 +207,7 @@ impl Announcer {
                     return Ok(true);
                 }
                 Err(err) => {
-                    let outcome = failed_outcome(unreadable(&err), 0, Instant::now());
+                    let outcome = failed_outcome(unreadable(&err), 0, None);
                     on_result.put(source.path(), outcome);
                 }
             }
