@@ -293,16 +293,25 @@ impl Config {
             .unwrap_or_else(|| self.server.state_dir().join("spool"))
     }
 
-    /// Reads a TOML configuration file.
+    /// Reads a TOML configuration file. `uploads.max_file_size`, unless
+    /// the file sets it, is the file's `engine.max_scan_size`: an operator
+    /// who raises the one expects agents' files of that size to be taken.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let parse_error = |source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
-        })
+        };
+        let mut config: Config = toml::from_str(&text).map_err(parse_error)?;
+        let table: toml::Table = text.parse().map_err(parse_error)?;
+        let uploads = table.get("uploads").and_then(toml::Value::as_table);
+        if !uploads.is_some_and(|uploads| uploads.contains_key("max_file_size")) {
+            config.uploads.max_file_size = config.engine.max_scan_size;
+        }
+        Ok(config)
     }
 }
 
@@ -571,7 +580,9 @@ pub struct UploadConfig {
     /// Files all spooled uploads may have at once (each holds a descriptor
     /// until its scan ends); one more fails with RESOURCE_EXHAUSTED.
     pub spool_files: u32,
-    /// Files larger than this are refused.
+    /// Files larger than this are refused. [default: `engine.max_scan_size`,
+    /// which a configuration file that sets only that one raises or lowers
+    /// it with (see [`Config::from_file`])]
     pub max_file_size: u64,
     /// The chunk size agents are asked to use.
     pub chunk_size: u32,
@@ -745,6 +756,26 @@ mod tests {
             Err(ConfigError::Invalid { setting, .. }) => setting,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A file that sets `engine.max_scan_size` alone sets the upload limit
+    /// with it, up or down; one that sets both keeps each.
+    #[test]
+    fn the_upload_limit_follows_the_scan_limit_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |text: &str| {
+            let path = dir.path().join("scanserver.toml");
+            std::fs::write(&path, text).unwrap();
+            let config = Config::from_file(&path).unwrap();
+            config.validate().unwrap();
+            config.uploads.max_file_size
+        };
+        let raised = "[engine]\nmax_scan_size = 1073741824\n";
+        assert_eq!(read(raised), 1 << 30);
+        assert_eq!(read("[engine]\nmax_scan_size = 1048576\n"), 1 << 20);
+        let both = format!("{raised}[uploads]\nmax_file_size = 1048576\n");
+        assert_eq!(read(&both), 1 << 20);
+        assert_eq!(read(""), Config::default().uploads.max_file_size);
     }
 
     /// An empty value (`SCANSERVER_ALLOWED_TAGS=`, say) is refused, naming
