@@ -425,6 +425,9 @@ impl Server {
         let svm = Arc::clone(&self.svm);
         let stop_accepting = async move {
             signal.await;
+            // Listened for at once: a second signal that comes while the
+            // first is being handled ends the grace period too.
+            let second: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(termination_signal());
             svm.begin_shutdown();
             tracing::info!("shutting down: no new connections, finishing scans in flight");
             notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
@@ -437,7 +440,7 @@ impl Server {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = shutdown.send(true);
-            let _ = signalled_tx.send(());
+            let _ = signalled_tx.send(second);
         };
         let connections = Arc::clone(&self.svm.connections);
         let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
@@ -457,9 +460,9 @@ impl Server {
         // all the same.
         let closing = Arc::clone(&self.svm.connections);
         let deadline = async move {
-            if signalled_rx.await.is_err() {
+            let Ok(second) = signalled_rx.await else {
                 return std::future::pending::<()>().await;
-            }
+            };
             tokio::select! {
                 () = tokio::time::sleep(grace) => {
                     tracing::warn!(
@@ -468,7 +471,7 @@ impl Server {
                         "shutdown grace period over; closing the connections still open, then making the last saves"
                     );
                 }
-                () = termination_signal() => {
+                () = second => {
                     tracing::warn!(
                         open = closing.open(),
                         "second signal: closing the connections still open, then making the last saves"

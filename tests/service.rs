@@ -1137,25 +1137,25 @@ async fn a_known_digest_is_answered_while_the_vm_has_no_place_free() {
     let (id, kind) = next(&mut replies).await;
     assert_eq!(id, 3);
     assert!(file_verdict(kind).cached);
+    // Counted before it went out: an agent that ends a full scan on it
+    // finds the scan's files counted.
+    let counted = server.state.sessions.get(&session).unwrap();
+    let figure =
+        |figure: &std::sync::atomic::AtomicU64| figure.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(figure(&counted.files), 2);
+    assert_eq!(figure(&counted.bytes), 2 * known.len() as u64);
+
     // Content the server does not know still needs a place.
     let other = b"other content";
-    tx.send(begin(
-        &session,
-        4,
-        other,
-        Some(blake3::hash(other).as_bytes()),
-    ))
-    .await
-    .unwrap();
+    let other_digest = blake3::hash(other);
+    tx.send(begin(&session, 4, other, Some(other_digest.as_bytes())))
+        .await
+        .unwrap();
     next_error(&mut replies, 4, tonic::Code::ResourceExhausted, "in flight").await;
-
-    let counted = server.state.sessions.get(&session).unwrap();
-    assert_eq!(counted.files.load(std::sync::atomic::Ordering::Relaxed), 2);
-    let bytes = 2 * known.len() as u64;
-    assert_eq!(
-        counted.bytes.load(std::sync::atomic::Ordering::Relaxed),
-        bytes
-    );
+    // The cached verdict kept no place: file 2's, once cancelled, is free.
+    tx.send(cancel(2)).await.unwrap();
+    next_error(&mut replies, 2, tonic::Code::Cancelled, "cancelled").await;
+    begin_asked_for_content(&tx, &mut replies, &session, 5, other, &other_digest).await;
 }
 
 /// Files in flight are counted until answered, when the session that

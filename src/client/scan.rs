@@ -767,8 +767,9 @@ struct PendingFile {
     sent: Option<u64>,
     /// The digest its begin gave, which an answer to it leaves out.
     digest: Option<blake3::Hash>,
-    /// When its begin last went: its time runs from then. Not read when
-    /// it is taken, which costs a reading of the clock for every file.
+    /// When its begin was last handed on to go out (to the stream, or to
+    /// the content sender): its time runs from then. Not read when it is
+    /// taken, which cost a reading of the clock for every file.
     announced: Option<Instant>,
     /// The server asked for its content: it did not know it.
     asked: bool,

@@ -625,7 +625,9 @@ impl ScanStream {
                     let weighed = std::mem::take(&mut weighing);
                     self.send_weighed(std::mem::take(&mut replies), weighed)
                         .await?;
-                    self.end(end.file_id).await
+                    let reply = self.end(end.file_id).await;
+                    context.waited();
+                    reply
                 }
                 file_request::Kind::Cancel(cancel) => {
                     let id = cancel.file_id;
@@ -643,6 +645,7 @@ impl ScanStream {
                 let weighed = std::mem::take(&mut weighing);
                 self.send_weighed(std::mem::take(&mut replies), weighed)
                     .await?;
+                context.waited();
             }
         }
         self.send_weighed(replies, weighing).await
@@ -827,21 +830,25 @@ impl ScanStream {
             Ok(admitted) => admitted,
             Err(reply) => return Some(reply),
         };
-        let engine = Arc::clone(&self.state.engine);
-        let cache = engine.cache();
-        let key = claimed.map(|digest| engine.cache_key(&digest, Some(begin.path.as_ref())));
+        let looked_up = claimed.map(|digest| {
+            let engine = &self.state.engine;
+            let key = engine.cache_key(&digest, Some(begin.path.as_ref()));
+            (digest, key, engine.cache().get(&key))
+        });
         // A verdict known already is the file's final reply at once: it
         // takes no place in flight.
-        if let Some(hit) = key.as_ref().and_then(|key| cache.get(key)) {
-            return self.known(id, owed, begin.size, &begin.path, &hit, false);
+        if let Some((_, _, Some(hit))) = &looked_up {
+            return self.known(id, owed, begin.size, &begin.path, hit, false);
         }
         let file = match self.open_file(begin, owed) {
             Ok(file) => file,
             Err(reply) => return Some(reply),
         };
-        let (Some(digest), Some(key)) = (claimed, key) else {
+        let Some((digest, key, _)) = looked_up else {
             return self.open_for_content(id, file, None, Standing::Unannounced);
         };
+        let engine = &self.state.engine;
+        let cache = engine.cache();
         // Content that sticks scan threads is not asked for.
         if let Some(why) = engine.refusal(&digest) {
             return Some(file_error(id, Code::FailedPrecondition, &why));
@@ -878,7 +885,8 @@ impl ScanStream {
 
     /// The reply to a begin of `size` bytes at `path` whose content's
     /// verdict is known (found in the cache, or handed over by the flight
-    /// it waited for: `coalesced`): the verdict, settled for the file's VM.
+    /// it waited for: `coalesced`): the verdict, settled for the file's VM
+    /// in `settled` (counted before it goes out).
     fn known(
         &mut self,
         id: u64,
@@ -1241,7 +1249,9 @@ impl VerdictDue {
 /// [`ScanStream::scanning`]). The agent may name a file again once its
 /// final reply came, and the proto's "open" lasts until then: a verdict
 /// must not arrive under an id the agent has given to another file. The
-/// stream and the verdict's sender each touch it once per scanned file.
+/// stream and the verdict's sender each change it once per scanned file;
+/// the stream looks in it for every begin, chunk and end while it holds
+/// any id.
 #[derive(Default)]
 struct Scanning {
     owed: Mutex<Owed>,
@@ -1352,9 +1362,17 @@ impl MessageContext {
         Ok(self.session.as_ref().expect("looked up"))
     }
 
-    /// The time the message is handled at: read once.
+    /// The time the message is handled at: read once, until its handling
+    /// [waited](Self::waited).
     fn now(&mut self) -> Instant {
         *self.at.get_or_insert_with(Instant::now)
+    }
+
+    /// The message's handling waited (for the engine's queue, for room
+    /// among the replies: seconds, maybe): the time is read again. A wait
+    /// of a begin after it must not count from before, and end at once.
+    fn waited(&mut self) {
+        self.at = None;
     }
 }
 
