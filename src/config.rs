@@ -110,6 +110,19 @@ impl Config {
         {
             return invalid("tls.check_interval", "must be 0s (never) or at least 1s");
         }
+        // A `[tls]` table may leave the certificate and key to flags or
+        // variables (the same file on every SVM, each with its own files),
+        // but the listener needs them.
+        if let Some(tls) = &self.tls {
+            for (setting, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if path.as_os_str().is_empty() {
+                    return invalid(
+                        setting,
+                        "is missing: TLS needs the server's certificate and key ([tls] cert and key, or --tls-cert and --tls-key)",
+                    );
+                }
+            }
+        }
         // An empty value (an environment variable set to nothing, say)
         // would be taken as given: an empty tag refuses every agent, an
         // empty path names no file.
@@ -271,8 +284,6 @@ impl Config {
                 "server.admin_token_file",
                 path(self.server.admin_token_file.as_ref()),
             ),
-            ("tls.cert", path(tls.map(|tls| &tls.cert))),
-            ("tls.key", path(tls.map(|tls| &tls.key))),
             (
                 "tls.client_ca",
                 path(tls.and_then(|tls| tls.client_ca.as_ref())),
@@ -460,9 +471,13 @@ fn default_svm_id() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// The server's certificate chain (PEM).
+    /// The server's certificate chain (PEM). Left out of the file, it must
+    /// come from `--tls-cert` (or its variable).
+    #[serde(default)]
     pub cert: PathBuf,
-    /// The server's private key (PEM).
+    /// The server's private key (PEM). Left out of the file, it must come
+    /// from `--tls-key` (or its variable).
+    #[serde(default)]
     pub key: PathBuf,
     /// CA certificates (PEM) that client certificates must chain to. When
     /// set, every agent must present a certificate (mutual TLS).
@@ -798,6 +813,24 @@ mod tests {
         );
         let no_key = |c: &mut Config| c.tls = Some(TlsConfig::new("server.pem".into(), "".into()));
         assert_eq!(refused(no_key), "tls.key");
+    }
+
+    /// A `[tls]` table without the certificate and key parses (flags or
+    /// variables may give them), and stops the start if nothing does.
+    #[test]
+    fn a_tls_table_may_leave_its_files_to_flags() {
+        let table = "[tls]\nclient_ca = \"agents-ca.pem\"\nvm_id_in_certificate = true\n";
+        let mut config: Config = toml::from_str(table).unwrap();
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                setting: "tls.cert",
+                ..
+            })
+        ));
+        let tls = config.tls.as_mut().unwrap();
+        (tls.cert, tls.key) = ("server.pem".into(), "server.key".into());
+        config.validate().unwrap();
     }
 
     #[test]
