@@ -124,13 +124,28 @@ pub fn on_kernel_file_system(path: &Path) -> bool {
     let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
+    // SAFETY: `path` is a C string, and `stat` has room for the result.
+    kernels(|stat| unsafe { libc::statfs(path.as_ptr(), stat) })
+}
+
+/// Whether the open `file` is on one of [`KERNEL_FILE_SYSTEMS`]; false
+/// when that cannot be told.
+pub fn is_kernel_file(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the call, and `stat` has room
+    // for the result.
+    kernels(|stat| unsafe { libc::fstatfs(file.as_raw_fd(), stat) })
+}
+
+/// Whether the file system `statfs` (a `statfs` or `fstatfs` call) tells
+/// of is one of [`KERNEL_FILE_SYSTEMS`].
+fn kernels(statfs: impl FnOnce(*mut libc::statfs) -> libc::c_int) -> bool {
     let mut stat = MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `path` is a C string, and `stat` has room for the result,
-    // which is read only once the call succeeded.
-    if unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+    if statfs(stat.as_mut_ptr()) != 0 {
         return false;
     }
-    // The magic numbers are 32 bits; `f_type`'s width and sign vary.
+    // SAFETY: the call succeeded, and filled `stat`. The magic numbers are
+    // 32 bits; `f_type`'s width and sign vary.
     let kind = unsafe { stat.assume_init() }.f_type as u32;
     KERNEL_FILE_SYSTEMS.contains(&kind)
 }
@@ -154,6 +169,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(!on_kernel_file_system(dir.path()));
         assert!(!on_kernel_file_system(&dir.path().join("missing")));
+        // Files resolved without opening them (`O_PATH`), as
+        // `open_regular` asks of them.
+        let resolved = |path: &Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut options = std::fs::OpenOptions::new();
+            options.read(true).custom_flags(libc::O_PATH);
+            options.open(path).unwrap()
+        };
+        assert!(is_kernel_file(&resolved(Path::new("/proc/self/status"))));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"content").unwrap();
+        assert!(!is_kernel_file(&resolved(&file)));
     }
 
     /// A namespace's file bind-mounted in a walked folder (as `ip netns`
