@@ -16,6 +16,10 @@ use crate::{
     status::InfrastructureConfig,
 };
 
+/// The largest `uploads.max_file_size`: a file's share of the spool is
+/// counted in KiB, 32 bits of them.
+const MAX_UPLOAD: u64 = (u32::MAX as u64) << 10;
+
 /// The agent listener's default address. 7405 is this server's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7405";
 
@@ -118,7 +122,7 @@ impl Config {
                 if path.as_os_str().is_empty() {
                     return invalid(
                         setting,
-                        "is missing: TLS needs the server's certificate and key ([tls] cert and key, or --tls-cert and --tls-key)",
+                        "is missing or empty: TLS needs the server's certificate and key ([tls] cert and key, or --tls-cert and --tls-key)",
                     );
                 }
             }
@@ -197,7 +201,7 @@ impl Config {
         if !(4 << 10..=4 << 20).contains(&self.uploads.chunk_size) {
             return invalid("uploads.chunk_size", "must be between 4 KiB and 4 MiB");
         }
-        if self.uploads.max_file_size.div_ceil(1024) > u64::from(u32::MAX) {
+        if self.uploads.max_file_size > MAX_UPLOAD {
             return invalid("uploads.max_file_size", "must be under 4 TiB");
         }
         // Both counted in whole KiB, as the budget hands them out.
@@ -305,8 +309,10 @@ impl Config {
     }
 
     /// Reads a TOML configuration file. `uploads.max_file_size`, unless
-    /// the file sets it, is the file's `engine.max_scan_size`: an operator
-    /// who raises the one expects agents' files of that size to be taken.
+    /// the file sets it, is the file's `engine.max_scan_size` (an operator
+    /// who raises the one expects agents' files of that size to be taken),
+    /// within the spool budgets and the upload limit's own bound: a default
+    /// never stops the start.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -320,7 +326,11 @@ impl Config {
         let table: toml::Table = text.parse().map_err(parse_error)?;
         let uploads = table.get("uploads").and_then(toml::Value::as_table);
         if !uploads.is_some_and(|uploads| uploads.contains_key("max_file_size")) {
-            config.uploads.max_file_size = config.engine.max_scan_size;
+            let spool = config.uploads.spool_budget_per_vm.unwrap_or(u64::MAX);
+            config.uploads.max_file_size = (config.engine.max_scan_size)
+                .min(config.uploads.spool_budget & !1023)
+                .min(spool & !1023)
+                .min(MAX_UPLOAD);
         }
         Ok(config)
     }
@@ -787,6 +797,11 @@ mod tests {
         };
         let raised = "[engine]\nmax_scan_size = 1073741824\n";
         assert_eq!(read(raised), 1 << 30);
+        // Within the spool budgets (16 GiB by default) when it follows.
+        assert_eq!(read("[engine]\nmax_scan_size = 34359738368\n"), 16 << 30);
+        let budget = "[uploads]\nspool_budget_per_vm = 4294967296\n";
+        let with_budget = format!("[engine]\nmax_scan_size = 8589934592\n{budget}");
+        assert_eq!(read(&with_budget), 4 << 30);
         assert_eq!(read("[engine]\nmax_scan_size = 1048576\n"), 1 << 20);
         let both = format!("{raised}[uploads]\nmax_file_size = 1048576\n");
         assert_eq!(read(&both), 1 << 20);

@@ -169,8 +169,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(!on_kernel_file_system(dir.path()));
         assert!(!on_kernel_file_system(&dir.path().join("missing")));
-        // Files resolved without opening them (`O_PATH`), as
-        // `open_regular` asks of them.
+        // Files resolved without opening them (`O_PATH`): `fstatfs` takes
+        // those too.
         let resolved = |path: &Path| {
             use std::os::unix::fs::OpenOptionsExt;
             let mut options = std::fs::OpenOptions::new();

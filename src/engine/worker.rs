@@ -364,25 +364,16 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
 /// and `lightagent` open files this way.
 ///
 /// A file of the kernel's file systems (see `KERNEL_FILE_SYSTEMS`) of
-/// more than 32 MiB is not opened: it is a device's memory or the
-/// kernel's (the `resource0` of a PCI device in `/sys`, `/proc/kcore`),
-/// which a scan must not read or map. Only a walk named such a folder
-/// meets one.
+/// more than 32 MiB is refused once open, unread: it is a device's memory
+/// or the kernel's (the `resource0` of a PCI device in `/sys`,
+/// `/proc/kcore`), which a scan must not read or map. Only a walk named
+/// such a folder meets one.
 pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)> {
     let found = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH)
         .open(path)?;
-    let size = regular(&found)?;
-    if size > READ_LIMIT && is_kernel_file(&found) {
-        let message = format!(
-            "a file of the kernel's (sysfs, procfs, ...) of {size} bytes: a device's or the kernel's memory, not read"
-        );
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            message,
-        ));
-    }
+    regular(&found)?;
     static PROC: LazyLock<bool> = LazyLock::new(|| {
         let mounted = Path::new("/proc/self/fd").is_dir();
         if !mounted {
@@ -412,6 +403,16 @@ pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)>
     }
     let file = opened?;
     let size = regular(&file)?;
+    // Looked at on the file opened, whichever way it was.
+    if size > READ_LIMIT && is_kernel_file(&file) {
+        let message = format!(
+            "a file of the kernel's (sysfs, procfs, ...) of {size} bytes: a device's or the kernel's memory, not read"
+        );
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            message,
+        ));
+    }
     Ok((file, size))
 }
 
