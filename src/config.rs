@@ -322,14 +322,17 @@ impl Config {
             path: path.to_owned(),
             source: Box::new(source),
         };
+        // Parsed from the text (not from the table below), so that errors
+        // say where in the file they are.
         let mut config: Config = toml::from_str(&text).map_err(parse_error)?;
         let table: toml::Table = text.parse().map_err(parse_error)?;
         let uploads = table.get("uploads").and_then(toml::Value::as_table);
         if !uploads.is_some_and(|uploads| uploads.contains_key("max_file_size")) {
-            let spool = config.uploads.spool_budget_per_vm.unwrap_or(u64::MAX);
+            // Budgets are handed out in whole KiB.
+            let per_vm = config.uploads.spool_budget_per_vm.unwrap_or(u64::MAX);
             config.uploads.max_file_size = (config.engine.max_scan_size)
                 .min(config.uploads.spool_budget & !1023)
-                .min(spool & !1023)
+                .min(per_vm & !1023)
                 .min(MAX_UPLOAD);
         }
         Ok(config)
@@ -605,9 +608,9 @@ pub struct UploadConfig {
     /// Files all spooled uploads may have at once (each holds a descriptor
     /// until its scan ends); one more fails with RESOURCE_EXHAUSTED.
     pub spool_files: u32,
-    /// Files larger than this are refused. [default: `engine.max_scan_size`,
-    /// which a configuration file that sets only that one raises or lowers
-    /// it with (see [`Config::from_file`])]
+    /// Files larger than this are refused. [default: a configuration
+    /// file's `engine.max_scan_size`, within the spool budgets (see
+    /// [`Config::from_file`])]
     pub max_file_size: u64,
     /// The chunk size agents are asked to use.
     pub chunk_size: u32,
@@ -784,7 +787,8 @@ mod tests {
     }
 
     /// A file that sets `engine.max_scan_size` alone sets the upload limit
-    /// with it, up or down; one that sets both keeps each.
+    /// with it, up or down, within the spool budgets; one that sets both
+    /// keeps each.
     #[test]
     fn the_upload_limit_follows_the_scan_limit_unless_set() {
         let dir = tempfile::tempdir().unwrap();

@@ -384,9 +384,7 @@ impl Server {
     ) -> Result<(), ServerError> {
         let reporting = self.spawn_side_tasks();
         let health = tonic_health::server::HealthReporter::new();
-        health
-            .set_serving::<ProtectionServerServer<ProtectionService>>()
-            .await;
+        set_health(&health, ServingStatus::Serving).await;
         tokio::spawn(follow_health(
             health.clone(),
             self.svm.changes(),
@@ -431,14 +429,7 @@ impl Server {
             svm.begin_shutdown();
             tracing::info!("shutting down: no new connections, finishing scans in flight");
             notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
-            // The service and the server as a whole (the name "", which
-            // stock health checks ask for) both stop serving.
-            health
-                .set_not_serving::<ProtectionServerServer<ProtectionService>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            set_health(&health, ServingStatus::NotServing).await;
             let _ = shutdown.send(true);
             let _ = signalled_tx.send(second);
         };
@@ -698,9 +689,17 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
-/// Keeps the gRPC health of the agent service, and of the server as a
-/// whole (the name "", which stock probes ask for), in step with the
-/// SVM's status: NOT_SERVING while a reason stops its scans (see
+/// Sets the gRPC health of the agent service and of the server as a whole
+/// (the name "", which stock probes ask for) to `status`.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health
+        .set_service_status(proto::protection_server_server::SERVICE_NAME, status)
+        .await;
+    health.set_service_status("", status).await;
+}
+
+/// Keeps the gRPC health of the agent service and of the server as a
+/// whole in step with the SVM's status: NOT_SERVING while a reason stops its scans (see
 /// [`crate::proto::SvmReason::stops_scans`]), so that load balancers and
 /// probes send agents elsewhere, as reports to the Integration Server do.
 async fn follow_health(
@@ -717,10 +716,7 @@ async fn follow_health(
                 true => ServingStatus::Serving,
                 false => ServingStatus::NotServing,
             };
-            health
-                .set_service_status(proto::protection_server_server::SERVICE_NAME, status)
-                .await;
-            health.set_service_status("", status).await;
+            set_health(&health, status).await;
         }
         // A change first: shutdown publishes SHUTTING_DOWN before it
         // stops serving, and a SERVING being set as it began must be
