@@ -67,7 +67,10 @@
 //! than the default limits need. [`raise_open_files`] raises it to the hard
 //! limit at start; when even that is short of the connections, the spool
 //! files and [`OTHER_FILES`], the server says so at start rather than failing
-//! accepts and spool files under load.
+//! accepts and spool files under load. Accepts that fail all the same are
+//! tried again every 100 ms, and shown ([`Connections::accept_failure`]):
+//! agents connecting meanwhile are turned away unseen, so the SVM's status
+//! says so (CONNECTIONS_NOT_ACCEPTED).
 
 use std::{
     collections::HashMap,
@@ -123,6 +126,13 @@ pub const ACCEPTED_QUEUE: usize = 64;
 
 /// How often refused connections are logged, at most.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// How long after an accept that failed (out of file descriptors, say) the
+/// listener counts as failing, with no accept since: the accept is tried
+/// again every 100 ms while a client waits in the backlog, so a failure
+/// that lasts keeps it failing, and one that was not tried again (no
+/// client came) ages out.
+pub const ACCEPT_FAILURE_SHOWN: Duration = Duration::from_secs(30);
 
 /// How many connections the admin listener takes at once: operators and
 /// their tools need a few, and without a bound any local user (any member
@@ -208,6 +218,16 @@ pub struct Connections {
     /// The places each address other than the SVM's own holds, when
     /// bound.
     per_address: Option<Arc<PerAddress>>,
+    /// The last accept that failed, while none has succeeded since.
+    failing: Mutex<Option<AcceptFailure>>,
+}
+
+/// An accept that failed for want of something the process needs (file
+/// descriptors, say), not for its connection's sake.
+#[derive(Debug)]
+struct AcceptFailure {
+    at: Instant,
+    error: String,
 }
 
 /// The places each remote address holds, and how many it may.
@@ -296,6 +316,7 @@ impl Connections {
             idle_after: None,
             closing: Arc::default(),
             per_address: None,
+            failing: Mutex::default(),
         }
     }
 
@@ -313,10 +334,9 @@ impl Connections {
     ) -> ReceiverStream<io::Result<Counted<L::Stream>>> {
         let (accepted, incoming) = mpsc::channel(ACCEPTED_QUEUE);
         tokio::spawn(async move {
-            let mut failing = false;
             loop {
                 let (stream, _, place) = tokio::select! {
-                    next = self.accept(&listener, &mut failing) => next,
+                    next = self.accept(&listener) => next,
                     () = accepted.closed() => return,
                 };
                 if accepted.send(Ok(place.hold(stream))).await.is_err() {
@@ -330,13 +350,9 @@ impl Connections {
     /// The next connection on `listener` that finds a place; those that
     /// find none are closed. A failed accept of one connection (reset
     /// before it was taken, say) is passed over; any other (out of file
-    /// descriptors, say) is logged once until an accept succeeds
-    /// (`failing` keeps track), and makes a pause rather than a spin.
-    pub async fn accept<L: Listener>(
-        &self,
-        listener: &L,
-        failing: &mut bool,
-    ) -> (L::Stream, L::Peer, Place) {
+    /// descriptors, say) is logged once until an accept succeeds, shown by
+    /// [`Self::accept_failure`], and makes a pause rather than a spin.
+    pub async fn accept<L: Listener>(&self, listener: &L) -> (L::Stream, L::Peer, Place) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -347,27 +363,50 @@ impl Connections {
                         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
                     );
                     if !passing {
-                        if !*failing {
-                            // EMFILE, ENFILE: out of file descriptors.
-                            let hint = match err.raw_os_error() {
-                                Some(libc::EMFILE | libc::ENFILE) => {
-                                    " (raise the limit of open files, LimitNOFILE= in the systemd unit, or lower server.max_connections and uploads.spool_files)"
-                                }
-                                _ => "",
-                            };
-                            tracing::warn!("cannot accept connections: {err}{hint}");
-                            *failing = true;
-                        }
+                        self.failed_to_accept(&err);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     continue;
                 }
             };
-            *failing = false;
+            if self.failing.lock().take().is_some() {
+                tracing::info!("{} connections are accepted again", self.whose);
+            }
             if let Some(place) = self.place(L::ends(&stream, &peer)) {
                 return (stream, peer, place);
             }
         }
+    }
+
+    /// Remembers an accept that failed with `err`, and logs the first of
+    /// a run of them.
+    fn failed_to_accept(&self, err: &io::Error) {
+        let mut failing = self.failing.lock();
+        if failing.is_none() {
+            // EMFILE, ENFILE: out of file descriptors.
+            let hint = match err.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE) => {
+                    " (raise the limit of open files, LimitNOFILE= in the systemd unit, or lower server.max_connections and uploads.spool_files)"
+                }
+                _ => "",
+            };
+            tracing::warn!("cannot accept {} connections: {err}{hint}", self.whose);
+        }
+        *failing = Some(AcceptFailure {
+            at: Instant::now(),
+            error: err.to_string(),
+        });
+    }
+
+    /// Why accepts fail, when the last one failed within
+    /// [`ACCEPT_FAILURE_SHOWN`] and none succeeded since: connecting
+    /// clients wait in the listener's backlog meanwhile, or give up.
+    pub fn accept_failure(&self) -> Option<String> {
+        let failing = self.failing.lock();
+        failing
+            .as_ref()
+            .filter(|failure| failure.at.elapsed() < ACCEPT_FAILURE_SHOWN)
+            .map(|failure| failure.error.clone())
     }
 
     /// A place for a connection between `ends`, if one is free, and its
@@ -1210,6 +1249,66 @@ mod tests {
         let mut buf = [0; 1];
         assert_eq!(refused.read(&mut buf).await.unwrap(), 0, "closed at once");
         assert_eq!(connections.refused(), 1);
+    }
+
+    /// A listener whose accepts give what `next` sends: in-memory
+    /// connections, or errors.
+    struct Sent(tokio::sync::Mutex<mpsc::UnboundedReceiver<io::Result<()>>>);
+
+    impl Listener for Sent {
+        type Stream = tokio::io::DuplexStream;
+        type Peer = ();
+
+        async fn accept(&self) -> io::Result<(Self::Stream, ())> {
+            self.0.lock().await.recv().await.expect("sender kept")?;
+            Ok((tokio::io::duplex(64).0, ()))
+        }
+
+        fn ends(_: &Self::Stream, _: &()) -> Option<Ends> {
+            None
+        }
+    }
+
+    /// An accept that fails for want of descriptors shows until one
+    /// succeeds, or until it is that long since the last (no client came
+    /// to be accepted since); a connection's own failure shows nothing.
+    #[tokio::test(start_paused = true)]
+    async fn accepts_failing_show_until_one_succeeds_or_they_age() {
+        let connections = Arc::new(Connections::new(4, 4, Duration::from_secs(300)));
+        let (next, accepts) = mpsc::unbounded_channel();
+        let listener = Arc::new(Sent(tokio::sync::Mutex::new(accepts)));
+        let accepting = {
+            let (connections, listener) = (Arc::clone(&connections), Arc::clone(&listener));
+            tokio::spawn(async move { connections.accept(&*listener).await.2 })
+        };
+        let settle = || tokio::time::sleep(Duration::from_millis(150));
+
+        next.send(Err(io::ErrorKind::ConnectionReset.into()))
+            .unwrap();
+        settle().await;
+        assert_eq!(connections.accept_failure(), None, "the connection's own");
+
+        next.send(Err(io::Error::from_raw_os_error(libc::EMFILE)))
+            .unwrap();
+        settle().await;
+        let shown = connections.accept_failure().expect("out of descriptors");
+        assert!(shown.contains("os error 24"), "{shown}");
+        next.send(Err(io::ErrorKind::ConnectionReset.into()))
+            .unwrap();
+        settle().await;
+        assert!(connections.accept_failure().is_some(), "not an accept");
+
+        tokio::time::sleep(ACCEPT_FAILURE_SHOWN).await;
+        assert_eq!(connections.accept_failure(), None, "aged");
+
+        next.send(Err(io::Error::from_raw_os_error(libc::ENFILE)))
+            .unwrap();
+        settle().await;
+        assert!(connections.accept_failure().is_some());
+        next.send(Ok(())).unwrap();
+        let _place = accepting.await.unwrap();
+        assert_eq!(connections.accept_failure(), None, "accepted again");
+        assert_eq!(connections.open(), 1);
     }
 
     #[test]

@@ -448,11 +448,10 @@ pub async fn serve(
 ) {
     let registry = Arc::new(registry);
     let connections = Connections::metrics();
-    let mut failing = false;
     tokio::pin!(shutdown);
     loop {
         let (stream, _, place) = tokio::select! {
-            accepted = connections.accept(&listener, &mut failing) => accepted,
+            accepted = connections.accept(&listener) => accepted,
             () = &mut shutdown => return,
         };
         let registry = Arc::clone(&registry);

@@ -2,7 +2,8 @@
 //! status` and `/metrics` share.
 //!
 //! [`Svm`] gathers what the server knows of itself: the engine, the
-//! connected agents, the protected VMs, the Integration Server reporter's
+//! connected agents and whether their listener accepts connections, the
+//! protected VMs, the Integration Server reporter's
 //! last result, the infrastructure probe's, the outcomes of the last
 //! reloads of the signatures and TLS files, the TLS certificate's expiry,
 //! and the load over the last minute (sampled every second by [`Svm::monitor`]). Its status is
@@ -121,6 +122,7 @@ impl SvmReason {
             SvmReason::ScanThreadsStuck => "scan threads stuck",
             SvmReason::AllScanThreadsStuck => "all scan threads stuck",
             SvmReason::StateNotSaved => "state not saved",
+            SvmReason::ConnectionsNotAccepted => "agent connections not accepted",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -145,7 +147,8 @@ impl SvmReason {
             | SvmReason::InfrastructureUnreachable
             | SvmReason::CertificateExpired
             | SvmReason::ShuttingDown
-            | SvmReason::AllScanThreadsStuck => Health::Critical,
+            | SvmReason::AllScanThreadsStuck
+            | SvmReason::ConnectionsNotAccepted => Health::Critical,
             SvmReason::NoConnectionToIntegrationServer
             | SvmReason::SignaturesOutdated
             | SvmReason::ScanQueueSaturated
@@ -302,6 +305,7 @@ impl Svm {
         let signatures_update_failed = self.signatures_update.lock().is_some();
         let tls_update_failed = self.tls_update.lock().is_some();
         let unsaved = self.unsaved.any();
+        let not_accepting = self.connections.accept_failure().is_some();
         let all_stuck = stuck >= self.engine.threads();
         let conditions = [
             (self.is_shutting_down(), SvmReason::ShuttingDown),
@@ -321,6 +325,7 @@ impl Svm {
             (signatures_update_failed, SvmReason::SignaturesUpdateFailed),
             (tls_update_failed, SvmReason::TlsUpdateFailed),
             (unsaved, SvmReason::StateNotSaved),
+            (not_accepting, SvmReason::ConnectionsNotAccepted),
             (
                 certificate_left.is_some_and(|left| left.is_zero()),
                 SvmReason::CertificateExpired,
@@ -577,6 +582,7 @@ impl Svm {
         }
         // Copied out, one lock at a time (see `status`).
         let tls_update_failure = self.tls_update_failure();
+        let accept_failure = self.connections.accept_failure();
         let reporter = self.reporter.lock().clone();
         let probe = self.probe.lock().clone();
         let unsaved = self.unsaved.failures();
@@ -640,9 +646,10 @@ impl Svm {
                 "agent listener",
                 state_for(SvmReason::TlsUpdateFailed)
                     .max(state_for(SvmReason::CertificateExpiresSoon))
-                    .max(state_for(SvmReason::CertificateExpired)),
+                    .max(state_for(SvmReason::CertificateExpired))
+                    .max(state_for(SvmReason::ConnectionsNotAccepted)),
                 format!(
-                    "listening on {}{}{}",
+                    "listening on {}{}{}{}",
                     self.identity.listen,
                     match (self.identity.encrypted, self.certificate_expires()) {
                         (false, _) => String::new(),
@@ -654,6 +661,9 @@ impl Svm {
                     },
                     tls_update_failure
                         .map(|failure| format!("; the last TLS reload failed: {failure}"))
+                        .unwrap_or_default(),
+                    accept_failure
+                        .map(|failure| format!("; cannot accept connections: {failure}"))
                         .unwrap_or_default()
                 ),
                 [

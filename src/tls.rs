@@ -239,10 +239,9 @@ impl Tls {
         tokio::spawn(async move {
             // Dropped with this task, which aborts the handshakes left.
             let mut handshakes = JoinSet::new();
-            let mut failing = false;
             loop {
                 let (tcp, peer, place) = tokio::select! {
-                    next = connections.accept(&listener, &mut failing) => next,
+                    next = connections.accept(&listener) => next,
                     Some(_) = handshakes.join_next() => continue,
                     () = accepted.closed() => return,
                 };

@@ -338,6 +338,17 @@ fn eicar_and_clean() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathB
     (tree, eicar, clean)
 }
 
+/// Compiles the shipped signatures into `cache` (a scan of an empty
+/// folder), so that a server started on it starts from the cache.
+fn compile_signatures(cache: &Path) {
+    let empty = tempfile::tempdir().unwrap();
+    scanserver(cache)
+        .arg("scan")
+        .arg(empty.path())
+        .output()
+        .unwrap();
+}
+
 /// Waits until something listens on loopback `port`.
 fn wait_for_listener(port: u16) {
     for _ in 0..100 {
@@ -378,13 +389,7 @@ fn serve_reports_to_an_integration_server_and_status_follows_it() {
     use std::time::{Duration, Instant};
     let cache = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    // Compile the signatures once, so that serve starts from the cache.
-    let empty = tempfile::tempdir().unwrap();
-    scanserver(cache.path())
-        .arg("scan")
-        .arg(empty.path())
-        .output()
-        .unwrap();
+    compile_signatures(cache.path());
 
     // The shipped signatures are as old as the checkout.
     let config = state.path().join("scanserver.toml");
@@ -438,6 +443,79 @@ fn serve_reports_to_an_integration_server_and_status_follows_it() {
     let (text, code) = status_until(cache.path(), &admin, "status OK");
     assert!(!text.contains("reason:"), "{text}");
     assert_eq!(code, Some(0));
+}
+
+/// An agent listener that cannot accept connections (the server is out of
+/// file descriptors) makes the SVM CRITICAL, with the agent listener saying
+/// why, until it accepts one again: agents connecting are turned away
+/// unseen, and the Integration Server must send them elsewhere.
+#[test]
+fn a_listener_out_of_descriptors_is_critical_until_it_accepts_again() {
+    use std::{os::unix::process::CommandExt, time::Duration};
+
+    use scanserver::{
+        admin,
+        proto::{StatusRequest, SvmReason},
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    compile_signatures(cache.path());
+    let (listen, admin_addr) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let _server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
+        let limit = libc::rlimit {
+            rlim_cur: 48,
+            rlim_max: 48,
+        };
+        // SAFETY: between fork and exec the closure only calls setrlimit,
+        // which is async-signal-safe, on a struct it owns.
+        unsafe {
+            serve.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+    });
+    wait_for_listener(listen);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        // Connected before the descriptors run out: its calls need none.
+        let mut admin = admin::connect(&admin_addr, None, admin::REQUEST_TIMEOUT)
+            .await
+            .unwrap();
+        let mut status_until = async |wanted: bool| {
+            for _ in 0..100 {
+                let reply = admin.status(StatusRequest {}).await.unwrap().into_inner();
+                let reasons = &reply.report.as_ref().unwrap().reasons;
+                if reasons.contains(&(SvmReason::ConnectionsNotAccepted as i32)) == wanted {
+                    return admin::render_status(&reply);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("CONNECTIONS_NOT_ACCEPTED never became {wanted}");
+        };
+        let text = status_until(false).await;
+        assert!(!text.contains("cannot accept"), "{text}");
+
+        // More connections than the server has descriptors left.
+        let flood: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap())
+            .collect();
+        let text = status_until(true).await;
+        assert!(text.contains("status CRITICAL"), "{text}");
+        assert!(
+            text.contains("reason: agent connections not accepted"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cannot accept connections: Too many open files"),
+            "{text}"
+        );
+
+        // Their connections closed, the server accepts again.
+        drop(flood);
+        let text = status_until(false).await;
+        assert!(!text.contains("cannot accept"), "{text}");
+    });
 }
 
 #[test]
