@@ -19,6 +19,8 @@
 //!   of concurrent requests for the same content, and its snapshots.
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
+//! * [`kernelfs`]: the kernel's own file systems, which walks do not enter
+//!   and scans do not read large files of.
 //! * [`config`]: the server's configuration (TOML, environment, flags).
 //! * [`server`]: the agent listener (health, reflection), the admin and
 //!   metrics listeners, the background tasks, and graceful shutdown.
@@ -68,6 +70,7 @@ pub mod config;
 pub mod connections;
 pub mod engine;
 pub mod intake;
+pub mod kernelfs;
 pub mod localscan;
 pub mod metrics;
 pub mod notify;

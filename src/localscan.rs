@@ -7,21 +7,16 @@
 //! command line is followed if it is a link. A folder that cannot be read is
 //! reported as a failed entry, so it cannot pass for clean. The kernel's
 //! own file systems (`/proc`, `/sys` and their kind, see
-//! [`KERNEL_FILE_SYSTEMS`]) are not walked into: they hold views of the
+//! [`KERNEL_FILE_SYSTEMS`](crate::kernelfs::KERNEL_FILE_SYSTEMS)) are not walked into: they hold views of the
 //! kernel, not files to protect.
 
-use std::{
-    ffi::CString,
-    mem::MaybeUninit,
-    os::unix::ffi::OsStrExt,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use walkdir::WalkDir;
 
 use crate::{
     engine::{Content, Engine, ScanJob, ScanOutcome},
+    kernelfs::on_kernel_file_system,
     report::{Format, Reporter, Summary},
     verdict::{FailReason, Verdict},
 };
@@ -46,7 +41,7 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
 /// be read go to `unreadable`, with why; so does a path given itself that
 /// is neither a file nor a folder (a device, a FIFO: scanning it was asked
 /// for, and did not happen). Such entries below a folder are left out, and
-/// so are folders and files on [`KERNEL_FILE_SYSTEMS`] below one that is
+/// so are folders and files on the kernel's file systems below one that is
 /// not (a network namespace's file bind-mounted under `/run`, say, which
 /// says it is a regular file and fails every read; a path given on such a
 /// file system is walked whole, as asked).
@@ -88,68 +83,6 @@ pub fn walk<'a>(
         })
 }
 
-/// The file systems a walk below a folder does not enter (by their
-/// `statfs` magic numbers): proc, sysfs, debugfs, tracefs, securityfs,
-/// cgroup, cgroup2, bpf, pstore, configfs, efivarfs, devpts, selinuxfs,
-/// binfmt_misc, fusectl and nsfs. Their files are views of the kernel, not
-/// files to protect, and reading them is not harmless: most claim sizes
-/// they do not hold (each would fail as a file that shrank), some reads
-/// have side effects (a device's memory mapped through
-/// `/sys/devices/.../resource0`, the kernel's messages taken from
-/// `/proc/kmsg`) and some block (the `/proc/PID/maps` of a process stuck
-/// in the kernel). tmpfs is walked:
-/// `/dev/shm` and `/run` hold files like any other.
-pub const KERNEL_FILE_SYSTEMS: [u32; 16] = [
-    0x9fa0,      // proc
-    0x6265_6572, // sysfs
-    0x6462_6720, // debugfs
-    0x7472_6163, // tracefs
-    0x7363_6673, // securityfs
-    0x0027_e0eb, // cgroup
-    0x6367_7270, // cgroup2
-    0xcafe_4a11, // bpf
-    0x6165_676c, // pstore
-    0x6265_6570, // configfs
-    0xde5e_81e4, // efivarfs
-    0x1cd1,      // devpts
-    0xf97c_ff8c, // selinuxfs
-    0x4249_4e4d, // binfmt_misc
-    0x6573_5543, // fusectl
-    0x6e73_6673, // nsfs
-];
-
-/// Whether `path` is on one of [`KERNEL_FILE_SYSTEMS`]; false when that
-/// cannot be told (the walk then reports what it cannot read).
-pub fn on_kernel_file_system(path: &Path) -> bool {
-    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `path` is a C string, and `stat` has room for the result.
-    kernels(|stat| unsafe { libc::statfs(path.as_ptr(), stat) })
-}
-
-/// Whether the open `file` is on one of [`KERNEL_FILE_SYSTEMS`]; false
-/// when that cannot be told.
-pub fn is_kernel_file(file: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the call, and `stat` has room
-    // for the result.
-    kernels(|stat| unsafe { libc::fstatfs(file.as_raw_fd(), stat) })
-}
-
-/// Whether the file system `statfs` (a `statfs` or `fstatfs` call) tells
-/// of is one of [`KERNEL_FILE_SYSTEMS`].
-fn kernels(statfs: impl FnOnce(*mut libc::statfs) -> libc::c_int) -> bool {
-    let mut stat = MaybeUninit::<libc::statfs>::uninit();
-    if statfs(stat.as_mut_ptr()) != 0 {
-        return false;
-    }
-    // SAFETY: the call succeeded, and filled `stat`. The magic numbers are
-    // 32 bits; `f_type`'s width and sign vary.
-    let kind = unsafe { stat.assume_init() }.f_type as u32;
-    KERNEL_FILE_SYSTEMS.contains(&kind)
-}
-
 /// The outcome reported for an entry that could not be read.
 pub fn unreadable_outcome(why: String) -> ScanOutcome {
     let verdict = Verdict::failed(FailReason::Io, why);
@@ -158,30 +91,9 @@ pub fn unreadable_outcome(why: String) -> ScanOutcome {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
 
-    #[test]
-    fn the_kernels_file_systems_are_told_from_others() {
-        assert!(on_kernel_file_system(Path::new("/proc/self")));
-        // A namespace's file, as `ip netns` and container runtimes
-        // bind-mount them under `/run`.
-        assert!(on_kernel_file_system(Path::new("/proc/self/ns/net")));
-        let dir = tempfile::tempdir().unwrap();
-        assert!(!on_kernel_file_system(dir.path()));
-        assert!(!on_kernel_file_system(&dir.path().join("missing")));
-        // Files resolved without opening them (`O_PATH`): `fstatfs` takes
-        // those too.
-        let resolved = |path: &Path| {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut options = std::fs::OpenOptions::new();
-            options.read(true).custom_flags(libc::O_PATH);
-            options.open(path).unwrap()
-        };
-        assert!(is_kernel_file(&resolved(Path::new("/proc/self/status"))));
-        let file = dir.path().join("file");
-        std::fs::write(&file, b"content").unwrap();
-        assert!(!is_kernel_file(&resolved(&file)));
-    }
+    use super::*;
 
     /// A namespace's file bind-mounted in a walked folder (as `ip netns`
     /// mounts them under `/run/netns`) is left out: it says it is a regular

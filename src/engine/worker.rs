@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
-    localscan::is_kernel_file,
+    kernelfs::is_kernel_file,
     metrics::Metrics,
     signatures::{NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
@@ -363,7 +363,7 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
 /// few that would block, `/proc/kmsg` say, fail instead). The local scan
 /// and `lightagent` open files this way.
 ///
-/// A file of the kernel's file systems (see `KERNEL_FILE_SYSTEMS`) of
+/// A file of the kernel's file systems (see [`crate::kernelfs`]) of
 /// more than 32 MiB is refused once open, unread: it is a device's memory
 /// or the kernel's (the `resource0` of a PCI device in `/sys`,
 /// `/proc/kcore`), which a scan must not read or map. Only a walk named
