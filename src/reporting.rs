@@ -65,7 +65,7 @@ pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// of up to 4 MiB unless told otherwise, and a report always too large for
 /// its receiver would never be delivered (an SVM whose pool gets new VM ids
 /// at every boot may remember tens of thousands that lost their
-/// connection). See [`keep_within_budget`].
+/// connection). See `keep_within_budget`.
 pub const REPORT_VMS_BUDGET: usize = 3 << 20;
 
 /// The `[reporting]` table.

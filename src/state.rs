@@ -44,7 +44,7 @@ use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 /// others may write to must be sticky (`/tmp`), or they could rename this
 /// folder away and put one of theirs in its place; a folder above may be
 /// writable by the server's own group. Every folder and symbolic link the
-/// way to it goes through is checked (see [`route_to`]): those named in
+/// way to it goes through is checked (see `route_to`): those named in
 /// `path` (the server goes on using `path`), those in the targets of its
 /// links, and those above the real folder; the links must be root's or
 /// this user's.
@@ -366,7 +366,7 @@ impl StateDir {
     }
 
     /// Saves `vms` after each change (once changes settle: see
-    /// [`settle_after`]) and every `interval`, and once more when `done`
+    /// `settle_after`) and every `interval`, and once more when `done`
     /// turns true (the server stopped serving); then returns. `grace` after
     /// it starts, the VMs awaited since the last run that have not come
     /// back count as lost ([`Vms::lost_unless_back`]).

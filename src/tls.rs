@@ -171,7 +171,7 @@ impl Tls {
     /// certificate and its key is neither served nor reported as a
     /// failure. New files that cannot be used are reported once, and not
     /// tried again until they change, as are files that cannot be read at
-    /// [`UNREADABLE_LOOKS`] looks in a row; a failure is cleared when the
+    /// `UNREADABLE_LOOKS` looks in a row; a failure is cleared when the
     /// files served are found back on disk.
     pub async fn keep_checking(self: Arc<Self>, svm: Arc<Svm>, shutdown: watch::Receiver<bool>) {
         let every = self.settings.check_interval;

@@ -51,7 +51,7 @@ use crate::{
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The most VMs remembered; beyond it, the VM not seen for the longest time
-/// and carrying no tag is forgotten first (see [`forget_idle`]).
+/// and carrying no tag is forgotten first (see `forget_idle`).
 pub const MAX_VMS: usize = 100_000;
 
 /// The largest listing of VMs `scanserver agents` accepts: it may name
