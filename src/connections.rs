@@ -68,9 +68,10 @@
 //! limit at start; when even that is short of the connections, the spool
 //! files and [`OTHER_FILES`], the server says so at start rather than failing
 //! accepts and spool files under load. Accepts that fail all the same are
-//! tried again every 100 ms, and shown ([`Connections::accept_failure`]):
-//! agents connecting meanwhile are turned away unseen, so the SVM's status
-//! says so (CONNECTIONS_NOT_ACCEPTED).
+//! tried again every 100 ms, and shown ([`Connections::accept_failure`])
+//! until [`ACCEPT_FAILURE_SHOWN`] passes without one: agents connecting
+//! meanwhile are turned away unseen, so the SVM's status says so
+//! (CONNECTIONS_NOT_ACCEPTED).
 
 use std::{
     collections::HashMap,
@@ -128,10 +129,11 @@ pub const ACCEPTED_QUEUE: usize = 64;
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// How long after an accept that failed (out of file descriptors, say) the
-/// listener counts as failing, with no accept since: the accept is tried
-/// again every 100 ms while a client waits in the backlog, so a failure
-/// that lasts keeps it failing, and one that was not tried again (no
-/// client came) ages out.
+/// listener counts as failing. The accept is tried again every 100 ms
+/// while a client waits in the backlog, so a shortage that lasts keeps it
+/// failing, whatever connections get in as descriptors come free now and
+/// then (the status does not flap with them); it counts as accepting again
+/// once this long has passed without a failure.
 pub const ACCEPT_FAILURE_SHOWN: Duration = Duration::from_secs(30);
 
 /// How many connections the admin listener takes at once: operators and
@@ -222,12 +224,21 @@ pub struct Connections {
     failing: Mutex<Option<AcceptFailure>>,
 }
 
-/// An accept that failed for want of something the process needs (file
-/// descriptors, say), not for its connection's sake.
+/// The last accept that failed for want of something the process needs
+/// (file descriptors, say), not for its connection's sake, and how many
+/// have failed since the run of failures began.
 #[derive(Debug)]
 struct AcceptFailure {
     at: Instant,
     error: String,
+    failures: u64,
+}
+
+impl AcceptFailure {
+    /// Whether the listener still counts as failing for it.
+    fn recent(&self) -> bool {
+        self.at.elapsed() < ACCEPT_FAILURE_SHOWN
+    }
 }
 
 /// The places each remote address holds, and how many it may.
@@ -349,29 +360,22 @@ impl Connections {
 
     /// The next connection on `listener` that finds a place; those that
     /// find none are closed. A failed accept of one connection (reset
-    /// before it was taken, say) is passed over; any other (out of file
-    /// descriptors, say) is logged once until an accept succeeds, shown by
+    /// before it was taken, or one of the network errors Linux passes on
+    /// from it: see accept(2)) is passed over; any other (out of file
+    /// descriptors, say) is logged at the start of a run of them, shown by
     /// [`Self::accept_failure`], and makes a pause rather than a spin.
     pub async fn accept<L: Listener>(&self, listener: &L) -> (L::Stream, L::Peer, Place) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
+                Err(err) if connection_error(&err) => continue,
                 Err(err) => {
-                    use io::ErrorKind::*;
-                    let passing = matches!(
-                        err.kind(),
-                        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
-                    );
-                    if !passing {
-                        self.failed_to_accept(&err);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    self.failed_to_accept(&err);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            if self.failing.lock().take().is_some() {
-                tracing::info!("{} connections are accepted again", self.whose);
-            }
+            self.accepted();
             if let Some(place) = self.place(L::ends(&stream, &peer)) {
                 return (stream, peer, place);
             }
@@ -381,8 +385,20 @@ impl Connections {
     /// Remembers an accept that failed with `err`, and logs the first of
     /// a run of them.
     fn failed_to_accept(&self, err: &io::Error) {
-        let mut failing = self.failing.lock();
-        if failing.is_none() {
+        let began = {
+            let mut failing = self.failing.lock();
+            let failures = match failing.as_ref().filter(|f| f.recent()) {
+                Some(failure) => failure.failures + 1,
+                None => 1,
+            };
+            *failing = Some(AcceptFailure {
+                at: Instant::now(),
+                error: err.to_string(),
+                failures,
+            });
+            failures == 1
+        };
+        if began {
             // EMFILE, ENFILE: out of file descriptors.
             let hint = match err.raw_os_error() {
                 Some(libc::EMFILE | libc::ENFILE) => {
@@ -392,20 +408,36 @@ impl Connections {
             };
             tracing::warn!("cannot accept {} connections: {err}{hint}", self.whose);
         }
-        *failing = Some(AcceptFailure {
-            at: Instant::now(),
-            error: err.to_string(),
-        });
+    }
+
+    /// A connection was accepted: a run of failures that ended is
+    /// forgotten, and logged as over.
+    fn accepted(&self) {
+        let over = {
+            let mut failing = self.failing.lock();
+            match failing.as_ref() {
+                Some(failure) if !failure.recent() => failing.take(),
+                _ => None,
+            }
+        };
+        if let Some(failure) = over {
+            tracing::info!(
+                "{} connections are accepted again, after {} failed accepts",
+                self.whose,
+                failure.failures
+            );
+        }
     }
 
     /// Why accepts fail, when the last one failed within
-    /// [`ACCEPT_FAILURE_SHOWN`] and none succeeded since: connecting
-    /// clients wait in the listener's backlog meanwhile, or give up.
+    /// [`ACCEPT_FAILURE_SHOWN`]: connecting clients wait in the listener's
+    /// backlog meanwhile (some get in as descriptors come free), or give
+    /// up.
     pub fn accept_failure(&self) -> Option<String> {
         let failing = self.failing.lock();
         failing
             .as_ref()
-            .filter(|failure| failure.at.elapsed() < ACCEPT_FAILURE_SHOWN)
+            .filter(|failure| failure.recent())
             .map(|failure| failure.error.clone())
     }
 
@@ -1024,6 +1056,33 @@ impl Ends {
     }
 }
 
+/// Whether an accept failed for its connection's sake alone: the peer
+/// gave up before it was taken, or a network error Linux passes on from
+/// the connection (accept(2) asks that these be taken as EAGAIN), or a
+/// firewall rule refused it.
+fn connection_error(err: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    let passed_on = matches!(
+        err.raw_os_error(),
+        Some(
+            libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::EPERM
+        )
+    );
+    passed_on
+        || matches!(
+            err.kind(),
+            ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+        )
+}
+
 /// Raises the process's soft limit of open files to its hard limit, as
 /// servers written in Go do at start, and returns the limit now in force.
 /// (The soft limit is low for programs that use `select`, which this one
@@ -1269,46 +1328,55 @@ mod tests {
         }
     }
 
-    /// An accept that fails for want of descriptors shows until one
-    /// succeeds, or until it is that long since the last (no client came
-    /// to be accepted since); a connection's own failure shows nothing.
+    /// An accept that fails for want of descriptors shows for
+    /// [`ACCEPT_FAILURE_SHOWN`] after the last such failure, connections
+    /// accepted meanwhile or not; a connection's own failure shows nothing.
     #[tokio::test(start_paused = true)]
-    async fn accepts_failing_show_until_one_succeeds_or_they_age() {
+    async fn accepts_failing_show_until_they_stop_for_a_while() {
         let connections = Arc::new(Connections::new(4, 4, Duration::from_secs(300)));
         let (next, accepts) = mpsc::unbounded_channel();
         let listener = Arc::new(Sent(tokio::sync::Mutex::new(accepts)));
-        let accepting = {
+        let accept = || {
             let (connections, listener) = (Arc::clone(&connections), Arc::clone(&listener));
             tokio::spawn(async move { connections.accept(&*listener).await.2 })
         };
         let settle = || tokio::time::sleep(Duration::from_millis(150));
+        let mut accepting = accept();
 
-        next.send(Err(io::ErrorKind::ConnectionReset.into()))
-            .unwrap();
-        settle().await;
-        assert_eq!(connections.accept_failure(), None, "the connection's own");
+        for own in [
+            io::ErrorKind::ConnectionReset.into(),
+            io::Error::from_raw_os_error(libc::EPROTO),
+        ] {
+            next.send(Err(own)).unwrap();
+            settle().await;
+            assert_eq!(connections.accept_failure(), None, "the connection's own");
+        }
 
         next.send(Err(io::Error::from_raw_os_error(libc::EMFILE)))
             .unwrap();
         settle().await;
         let shown = connections.accept_failure().expect("out of descriptors");
         assert!(shown.contains("os error 24"), "{shown}");
-        next.send(Err(io::ErrorKind::ConnectionReset.into()))
-            .unwrap();
-        settle().await;
-        assert!(connections.accept_failure().is_some(), "not an accept");
-
-        tokio::time::sleep(ACCEPT_FAILURE_SHOWN).await;
-        assert_eq!(connections.accept_failure(), None, "aged");
-
+        tokio::time::sleep(ACCEPT_FAILURE_SHOWN - Duration::from_secs(1)).await;
+        next.send(Ok(())).unwrap();
+        let _first = (&mut accepting).await.unwrap();
+        assert!(
+            connections.accept_failure().is_some(),
+            "a connection got in as a descriptor came free: still failing"
+        );
+        accepting = accept();
         next.send(Err(io::Error::from_raw_os_error(libc::ENFILE)))
             .unwrap();
         settle().await;
-        assert!(connections.accept_failure().is_some());
+        tokio::time::sleep(ACCEPT_FAILURE_SHOWN - Duration::from_secs(1)).await;
+        assert!(connections.accept_failure().is_some(), "failed again since");
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(connections.accept_failure(), None, "aged");
         next.send(Ok(())).unwrap();
-        let _place = accepting.await.unwrap();
-        assert_eq!(connections.accept_failure(), None, "accepted again");
-        assert_eq!(connections.open(), 1);
+        let _second = accepting.await.unwrap();
+        assert!(connections.failing.lock().is_none(), "over, and logged so");
+        assert_eq!(connections.open(), 2);
     }
 
     #[test]
