@@ -19,6 +19,11 @@ use tonic::{
     service::Interceptor,
 };
 
+use crate::files;
+
+/// The most a token file may hold: a token is a line of text.
+const TOKEN_FILE_LIMIT: u64 = 64 << 10;
+
 /// Why a token file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -53,7 +58,7 @@ impl BearerToken {
                 "the token file may be read by its group or by others; make it readable by its owner alone (chmod 600)"
             );
         }
-        let bytes = std::fs::read(path).map_err(|source| TokenError::Read {
+        let bytes = files::read(path, TOKEN_FILE_LIMIT).map_err(|source| TokenError::Read {
             path: path_buf(),
             source,
         })?;

@@ -12,7 +12,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    admin::AdminAddr, engine::EngineConfig, reporting::ReportingConfig,
+    admin::AdminAddr, engine::EngineConfig, files, reporting::ReportingConfig,
     status::InfrastructureConfig,
 };
 
@@ -314,9 +314,11 @@ impl Config {
     /// within the spool budgets and the upload limit's own bound: a default
     /// never stops the start.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = files::read_to_string(path, files::SMALL_FILE_LIMIT).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         let parse_error = |source| ConfigError::Parse {
             path: path.to_owned(),

@@ -19,6 +19,8 @@
 //!   of concurrent requests for the same content, and its snapshots.
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
+//! * [`files`]: reading the files an operator names (configuration,
+//!   signatures, TLS files, tokens): regular files only, within a size.
 //! * [`kernelfs`]: the kernel's own file systems, which walks do not enter
 //!   and scans do not read large files of.
 //! * [`config`]: the server's configuration (TOML, environment, flags).
@@ -69,6 +71,7 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod files;
 pub mod intake;
 pub mod kernelfs;
 pub mod localscan;

@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 use walkdir::WalkDir;
 use yara_x::{Compiler, Rules, Scanner, SourceCode};
 
+use crate::files;
+
 /// External variables declared for every compiled ruleset, as used by public
 /// rulesets (signature-base and THOR-style rules). Each is a string.
 pub const EXTERNALS: [&str; 5] = ["filename", "filepath", "extension", "filetype", "owner"];
@@ -422,7 +424,7 @@ impl Ruleset {
 
     fn load_precompiled(path: &Path) -> Result<Ruleset, SignatureError> {
         let started = Instant::now();
-        let bytes = read_rule_file(path, u64::MAX).map_err(|e| SignatureError::io(path, e))?;
+        let bytes = files::read(path, u64::MAX).map_err(|e| SignatureError::io(path, e))?;
         let rules = Rules::deserialize(&bytes).map_err(|source| SignatureError::Precompiled {
             path: path.to_owned(),
             source,
@@ -610,7 +612,7 @@ fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
         return Ok(false);
     }
     let mut head = [0u8; SERIALIZED_MAGIC.len()];
-    let n = open_rule_file(path)
+    let n = files::open(path)
         .and_then(|(f, _)| io::Read::read(&mut io::Read::take(f, head.len() as u64), &mut head))
         .map_err(|e| SignatureError::io(path, e))?;
     Ok(&head[..n] == SERIALIZED_MAGIC)
@@ -620,36 +622,6 @@ fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
 /// file (a disk image put in the folder by mistake) would be read whole
 /// into memory.
 const MAX_SOURCE_SIZE: u64 = 64 << 20;
-
-/// Opens a rule file to be read, with its size: a regular file, so that a
-/// FIFO in its place (named by `--rules`, or included) fails the load
-/// rather than hang it, and every reload after it, for ever. (Looked at
-/// before it is opened, not opened without blocking: that would fail a
-/// file under a file server's lease rather than wait for it.)
-fn open_rule_file(path: &Path) -> io::Result<(fs::File, u64)> {
-    if !fs::metadata(path)?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    let file = fs::File::open(path)?;
-    let size = file.metadata()?.len();
-    Ok((file, size))
-}
-
-/// A rule file's bytes (see [`open_rule_file`]), if it holds at most
-/// `limit`.
-fn read_rule_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let (file, size) = open_rule_file(path)?;
-    if size > limit {
-        let message = format!("{size} bytes, over the {limit} a rule file may hold");
-        return Err(io::Error::new(io::ErrorKind::InvalidData, message));
-    }
-    let mut bytes = Vec::new();
-    io::Read::read_to_end(&mut io::Read::take(file, limit), &mut bytes)?;
-    Ok(bytes)
-}
 
 /// A ruleset version as a number: its first 64 bits, which cache keys carry.
 pub fn version_id(version: &str) -> u64 {
@@ -874,8 +846,7 @@ impl SourceSet {
 
 impl SourceFile {
     fn read(root: &Path, path: &Path, top_level: bool) -> Result<SourceFile, SignatureError> {
-        let text =
-            read_rule_file(path, MAX_SOURCE_SIZE).map_err(|e| SignatureError::io(path, e))?;
+        let text = files::read(path, MAX_SOURCE_SIZE).map_err(|e| SignatureError::io(path, e))?;
         let canonical = path
             .canonicalize()
             .map_err(|e| SignatureError::io(path, e))?;

@@ -40,7 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     config::TlsConfig,
     connections::{ACCEPTED_QUEUE, Connections, Counted},
-    shutdown,
+    files, shutdown,
     status::Svm,
 };
 
@@ -307,7 +307,7 @@ struct Files {
 impl Files {
     fn read(settings: &TlsConfig) -> Result<Files, TlsError> {
         let read = |what, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
+            files::read(path, files::SMALL_FILE_LIMIT).map_err(|source| TlsError::Read {
                 what,
                 path: path.to_owned(),
                 source,

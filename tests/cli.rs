@@ -196,6 +196,53 @@ fn a_scan_timeout_under_a_second_is_refused() {
     assert!(stderr.contains("must be at least 1s"), "{stderr}");
 }
 
+/// A FIFO or a device named as a file the server reads (its
+/// configuration, a TLS certificate) stops the start with an error naming
+/// it, rather than hang it or read it for ever.
+#[test]
+fn serve_refuses_settings_files_that_are_not_regular_files() {
+    use std::time::{Duration, Instant};
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let fifo = state.path().join("scanserver.toml");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a C string naming a path in a folder of our own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let named = [
+        vec!["--config".to_owned(), fifo.display().to_string()],
+        ["--tls-cert", "/dev/zero", "--tls-key", "/dev/zero"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for args in named {
+        let mut serving = scanserver(cache.path())
+            .arg("serve")
+            .args(&args)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = serving.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = serving.kill();
+                panic!("serve {args:?} did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut serving.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(&args[1]), "{stderr}");
+        assert!(stderr.contains("not a regular file"), "{stderr}");
+    }
+}
+
 #[test]
 fn scan_with_unloadable_rules_exits_2() {
     let cache = tempfile::tempdir().unwrap();

@@ -31,12 +31,12 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::engine::open_regular;
 use crate::proto::{
     AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
     ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
     protection_server_client::ProtectionServerClient, server_message,
 };
+use crate::{engine::open_regular, files};
 
 /// Largest gRPC message exchanged.
 const MAX_MESSAGE_SIZE: usize = 16 << 20;
@@ -509,7 +509,7 @@ fn check_tls(server: &str, tls: &ClientTls) -> Result<(), ClientError> {
 /// The TLS settings for `tls`, its files read.
 pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError> {
     let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| ClientError::Read {
+        files::read(path, files::SMALL_FILE_LIMIT).map_err(|source| ClientError::Read {
             path: path.to_owned(),
             source,
         })
