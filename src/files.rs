@@ -1,13 +1,15 @@
 //! The files an operator names: the configuration, the signatures, TLS
 //! certificates and keys, tokens. Each is read only if it is a regular
-//! file, and holds no more than its kind may, so that a FIFO or a device
-//! named by mistake (or put in a file's place) fails the read with an
-//! error that says so, rather than hang it for ever, and every reload
-//! after it, or fill the memory (`/dev/zero`).
+//! file, and within a size (the configuration, TLS files and tokens; rule
+//! sources), so that a FIFO, a pipe (`/dev/stdin`) or a device named by
+//! mistake fails the read with an error that says so, rather than hang
+//! it for ever, and every reload after it, or fill the memory
+//! (`/dev/zero`).
 //!
 //! A file is looked at before it is opened, not opened without blocking:
 //! that would fail a file under a file server's lease rather than wait for
-//! it.
+//! it. (A FIFO put in its place between the look and the open still holds
+//! the open until a writer comes; what it then gives is refused.)
 
 use std::{
     fs::File,
@@ -21,28 +23,54 @@ pub const SMALL_FILE_LIMIT: u64 = 4 << 20;
 
 /// Opens the regular file `path` (following links), with its size.
 pub fn open(path: &Path) -> io::Result<(File, u64)> {
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(io::Error::new(
+    let not_regular = || {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
+            "not a regular file (a FIFO, a pipe, a device or a folder): name a regular file",
+        )
+    };
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
     }
     let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    Ok((file, size))
+    // The file as opened: another may have been put in its place.
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(not_regular());
+    }
+    Ok((file, metadata.len()))
 }
 
-/// The bytes of the regular file `path`, if it holds at most `limit` (a
-/// file that grows meanwhile is read up to `limit`).
+/// The bytes of the regular file `path`, if it holds at most `limit` bytes
+/// (when read, too: it may grow meanwhile).
 pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let too_large = |size: u64| {
+        let message = format!(
+            "{size} bytes, more than the {} such a file may hold",
+            in_units(limit)
+        );
+        io::Error::new(io::ErrorKind::InvalidData, message)
+    };
     let (file, size) = open(path)?;
     if size > limit {
-        let message = format!("{size} bytes, over the {limit} such a file may hold");
-        return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+        return Err(too_large(size));
     }
     let mut bytes = Vec::with_capacity(size as usize);
-    file.take(limit).read_to_end(&mut bytes)?;
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
     Ok(bytes)
+}
+
+/// `bytes` in MiB or KiB when a whole number of them, as limits are.
+fn in_units(bytes: u64) -> String {
+    match bytes {
+        0 => "0 bytes".to_owned(),
+        b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
 }
 
 /// [`read`], as UTF-8 text.
@@ -67,7 +95,18 @@ mod tests {
 
         let err = read(&file, 10).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("27 bytes, over the 10"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "27 bytes, more than the 10 bytes such a file may hold"
+        );
+        assert_eq!(in_units(SMALL_FILE_LIMIT), "4 MiB");
+        // A file that says it holds less than it gives (as the kernel's
+        // do, or one growing as it is read) is held to the limit too.
+        let status = Path::new("/proc/self/status");
+        assert_eq!(std::fs::metadata(status).unwrap().len(), 0);
+        let err = read(status, 64).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(read(status, 64 << 10).unwrap().len() > 64);
 
         // A FIFO would hold the read until a writer came; a device may
         // never end.
@@ -78,7 +117,7 @@ mod tests {
         for odd in [fifo.as_path(), Path::new("/dev/zero"), dir.path()] {
             let err = read(odd, SMALL_FILE_LIMIT).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{}", odd.display());
-            assert_eq!(err.to_string(), "not a regular file");
+            assert!(err.to_string().starts_with("not a regular file"), "{err}");
         }
         assert_eq!(
             read_to_string(&file, 1024).unwrap(),

@@ -407,7 +407,7 @@ impl Ruleset {
     pub fn look(source: &Path) -> Result<OnDisk, SignatureError> {
         reachable(source)?;
         if is_precompiled(source)? {
-            let bytes = fs::read(source).map_err(|e| SignatureError::io(source, e))?;
+            let bytes = files::read(source, u64::MAX).map_err(|e| SignatureError::io(source, e))?;
             return Ok(OnDisk {
                 version: precompiled_version(&bytes),
                 released: newest_modification([source]),

@@ -7,13 +7,18 @@ use std::{fs, path::Path, process::Command};
 
 use common::*;
 
+/// `scanserver`, with none of the caller's `SCANSERVER_*` settings, and
+/// `cache` as its rules cache.
 fn scanserver(cache: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_scanserver"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SCANSERVER_") {
+            command.env_remove(name);
+        }
+    }
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("SCANSERVER_RULES_CACHE", cache)
-        .env_remove("SCANSERVER_RULES")
-        .env_remove("SCANSERVER_ADMIN_TOKEN_FILE");
+        .env("SCANSERVER_RULES_CACHE", cache);
     command
 }
 
