@@ -220,7 +220,8 @@ pub struct Connections {
     /// The places each address other than the SVM's own holds, when
     /// bound.
     per_address: Option<Arc<PerAddress>>,
-    /// The last accept that failed, while none has succeeded since.
+    /// The last accept that failed, until a connection is accepted once
+    /// it no longer counts (see [`AcceptFailure::recent`]).
     failing: Mutex<Option<AcceptFailure>>,
 }
 

@@ -582,8 +582,11 @@ impl Svm {
         }
         // Copied out, one lock at a time (see `status`).
         let tls_update_failure = self.tls_update_failure();
-        // What made the status, not a second look that may disagree.
-        let accept_failure = (self.connections.accept_failure())
+        // Shown with the reason only: looked at again, the failure may
+        // have aged out since the status was made, or a new one come.
+        let accept_failure = self
+            .connections
+            .accept_failure()
             .filter(|_| status.reasons.contains(&SvmReason::ConnectionsNotAccepted));
         let reporter = self.reporter.lock().clone();
         let probe = self.probe.lock().clone();

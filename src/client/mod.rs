@@ -31,12 +31,15 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::proto::{
-    AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
-    ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
-    protection_server_client::ProtectionServerClient, server_message,
+use crate::{
+    engine::open_regular,
+    files,
+    proto::{
+        AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
+        ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
+        protection_server_client::ProtectionServerClient, server_message,
+    },
 };
-use crate::{engine::open_regular, files};
 
 /// Largest gRPC message exchanged.
 const MAX_MESSAGE_SIZE: usize = 16 << 20;
