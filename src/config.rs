@@ -332,7 +332,9 @@ impl Config {
         if !uploads.is_some_and(|uploads| uploads.contains_key("max_file_size")) {
             // Budgets are handed out in whole KiB.
             let per_vm = config.uploads.spool_budget_per_vm.unwrap_or(u64::MAX);
-            config.uploads.max_file_size = (config.engine.max_scan_size)
+            config.uploads.max_file_size = config
+                .engine
+                .max_scan_size
                 .min(config.uploads.spool_budget & !1023)
                 .min(per_vm & !1023)
                 .min(MAX_UPLOAD);

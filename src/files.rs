@@ -1,45 +1,120 @@
-//! The files an operator names: the configuration, the signatures, TLS
-//! certificates and keys, tokens. Each is read only if it is a regular
-//! file, and within a size (the configuration, TLS files and tokens; rule
-//! sources), so that a FIFO, a pipe (`/dev/stdin`) or a device named by
-//! mistake fails the read with an error that says so, rather than hang
-//! it for ever, and every reload after it, or fill the memory
-//! (`/dev/zero`).
+//! Opening the files the server reads: the files it scans (the local
+//! scan's, `lightagent`'s) and the files an operator names (the
+//! configuration, the signatures, TLS certificates and keys, tokens).
 //!
-//! A file is looked at before it is opened, not opened without blocking:
-//! that would fail a file under a file server's lease rather than wait for
-//! it. (A FIFO put in its place between the look and the open still holds
-//! the open until a writer comes; what it then gives is refused.)
+//! Only a regular file is opened ([`open_regular`]), so that a FIFO, a
+//! pipe (`/dev/stdin`) or a device, named by mistake or put in a file's
+//! place, fails with an error that says so rather than hang the read for
+//! ever, act on being opened, or never end (`/dev/zero`). The files an
+//! operator names are read whole, within a size ([`read`]): a
+//! configuration, TLS files and tokens of at most [`SMALL_FILE_LIMIT`]
+//! (tokens less), rule sources of at most 64 MiB.
 
 use std::{
     fs::File,
     io::{self, Read},
-    path::Path,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::LazyLock,
+    time::{Duration, Instant},
 };
+
+use crate::kernelfs::is_kernel_file;
+
+/// A file of the kernel's file systems larger than this is a device's
+/// memory or the kernel's, not a file: it is not opened (see
+/// [`open_regular`]).
+const KERNEL_FILE_LIMIT: u64 = 32 << 20;
 
 /// The most a small file an operator names (a configuration, a TLS
 /// certificate chain or key, a CA bundle) may hold.
 pub const SMALL_FILE_LIMIT: u64 = 4 << 20;
 
-/// Opens the regular file `path` (following links), with its size.
-pub fn open(path: &Path) -> io::Result<(File, u64)> {
-    let not_regular = || {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, a pipe, a device or a folder): name a regular file",
-        )
+/// Opens `path` to be read whole if it is a regular file (a FIFO or
+/// device would block or never end), returning it with its size.
+///
+/// The path is first resolved without opening what it names (`O_PATH`),
+/// and only a regular file found there is opened, through that resolution
+/// (`/proc/self/fd`), never by its path again. A scan running as root
+/// walks folders other users write to: one of them may put a symbolic
+/// link, or a folder's link, in place of a file the walk saw, pointing at
+/// a device whose open alone acts (`/dev/watchdog` arms the machine's
+/// watchdog) or at a FIFO, which would hold the scan. Without `/proc` the
+/// path is opened directly (then checked, as before).
+///
+/// Opened without blocking: a regular file under another process's lease
+/// (a file server's oplock) refuses such an open, which tells the holder
+/// to let go; it is opened again until the lease is gone or `wait` has
+/// passed (reads of most regular files do not heed the flag; those of the
+/// few that would block, `/proc/kmsg` say, fail instead).
+///
+/// A file of the kernel's file systems (see [`crate::kernelfs`]) of
+/// more than `KERNEL_FILE_LIMIT` (32 MiB) is refused once open, unread:
+/// it is a device's memory or the kernel's (the `resource0` of a PCI
+/// device in `/sys`, `/proc/kcore`), which a scan must not read or map.
+/// Only a walk named such a folder meets one.
+pub fn open_regular(path: &Path, wait: Duration) -> io::Result<(File, u64)> {
+    let found = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    regular(&found)?;
+    static PROC: LazyLock<bool> = LazyLock::new(|| {
+        let mounted = Path::new("/proc/self/fd").is_dir();
+        if !mounted {
+            tracing::warn!(
+                "/proc is not mounted: files are opened by their paths, and a link swapped in for one is opened before it is refused"
+            );
+        }
+        mounted
+    });
+    let reopened = PathBuf::from(format!("/proc/self/fd/{}", found.as_raw_fd()));
+    let through = if *PROC { &reopened } else { path };
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(through)
     };
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(not_regular());
+    let deadline = Instant::now() + wait;
+    let mut opened = open();
+    while opened
+        .as_ref()
+        .is_err_and(|err| err.kind() == io::ErrorKind::WouldBlock)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(LEASE_POLL);
+        opened = open();
     }
-    let file = File::open(path)?;
-    // The file as opened: another may have been put in its place.
+    let file = opened?;
+    let size = regular(&file)?;
+    // Looked at on the file opened, whichever way it was.
+    if size > KERNEL_FILE_LIMIT && is_kernel_file(&file) {
+        let message = format!(
+            "a file of the kernel's (sysfs, procfs, ...) of {size} bytes: a device's or the kernel's memory, not read"
+        );
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
+    }
+    Ok((file, size))
+}
+
+/// The size of `file` if it is a regular file; an error otherwise.
+fn regular(file: &File) -> io::Result<u64> {
     let metadata = file.metadata()?;
     if !metadata.is_file() {
-        return Err(not_regular());
+        let message = "not a regular file (a FIFO, a pipe, a device or a folder)";
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
     }
-    Ok((file, metadata.len()))
+    Ok(metadata.len())
 }
+
+/// How often a file under a lease is opened again.
+const LEASE_POLL: Duration = Duration::from_millis(10);
+
+/// How long a file under another process's lease is waited for when
+/// opened outside a scan (by `lightagent`, or as a file a setting names),
+/// as the local scan waits with its default timeout.
+pub const LEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// The bytes of the regular file `path`, if it holds at most `limit` bytes
 /// (when read, too: it may grow meanwhile).
@@ -51,7 +126,7 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         );
         io::Error::new(io::ErrorKind::InvalidData, message)
     };
-    let (file, size) = open(path)?;
+    let (file, size) = open_regular(path, LEASE_WAIT)?;
     if size > limit {
         return Err(too_large(size));
     }

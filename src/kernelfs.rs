@@ -1,7 +1,7 @@
 //! The kernel's own file systems (`/proc`, `/sys` and their kind): views
 //! of the kernel, not files to protect. A walk below a folder does not
 //! enter them (see `localscan::walk`), and a large file on one is not
-//! opened for a scan (see `engine::open_regular`).
+//! opened (see [`crate::files::open_regular`]).
 
 use std::{ffi::CString, mem::MaybeUninit, os::unix::ffi::OsStrExt, path::Path};
 

@@ -19,8 +19,9 @@
 //!   of concurrent requests for the same content, and its snapshots.
 //! * [`verdict`]: what a scan concludes (`Clean`, `Infected`, `Failed`).
 //! * [`localscan`]: the operator's local scan of files and folders.
-//! * [`files`]: reading the files an operator names (configuration,
-//!   signatures, TLS files, tokens): regular files only, within a size.
+//! * [`files`]: opening the files the server reads, scanned or named by
+//!   settings (configuration, signatures, TLS files, tokens): regular
+//!   files only, the latter within a size.
 //! * [`kernelfs`]: the kernel's own file systems, which walks do not enter
 //!   and scans do not read large files of.
 //! * [`config`]: the server's configuration (TOML, environment, flags).

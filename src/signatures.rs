@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use walkdir::WalkDir;
 use yara_x::{Compiler, Rules, Scanner, SourceCode};
 
-use crate::files;
+use crate::files::{self, LEASE_WAIT, open_regular};
 
 /// External variables declared for every compiled ruleset, as used by public
 /// rulesets (signature-base and THOR-style rules). Each is a string.
@@ -612,7 +612,7 @@ fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
         return Ok(false);
     }
     let mut head = [0u8; SERIALIZED_MAGIC.len()];
-    let n = files::open(path)
+    let n = open_regular(path, LEASE_WAIT)
         .and_then(|(f, _)| io::Read::read(&mut io::Read::take(f, head.len() as u64), &mut head))
         .map_err(|e| SignatureError::io(path, e))?;
     Ok(&head[..n] == SERIALIZED_MAGIC)

@@ -110,7 +110,7 @@ fn a_link_swapped_in_for_a_file_is_not_opened_when_it_leads_to_no_file() {
     });
     // Time for the writer to wait in its open.
     std::thread::sleep(Duration::from_millis(200));
-    let err = scanserver::engine::open_regular(&walked, Duration::ZERO).unwrap_err();
+    let err = scanserver::files::open_regular(&walked, Duration::ZERO).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
     let waited = writer.recv_timeout(Duration::from_millis(300));
     assert!(waited.is_err(), "the FIFO was opened for reading");

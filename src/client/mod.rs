@@ -32,8 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
-    engine::open_regular,
-    files,
+    files::{self, LEASE_WAIT, open_regular},
     proto::{
         AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
         ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
@@ -198,10 +197,6 @@ pub struct PreparedFile {
     /// announces each file once for each agent.
     name: String,
 }
-
-/// How long a file under another process's lease is waited for (see
-/// [`open_regular`]), as the local scan waits with its default timeout.
-pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(10);
 
 impl PreparedFile {
     /// Reads and hashes the file at `path`: a regular file (a FIFO put in

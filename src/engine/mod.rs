@@ -29,7 +29,6 @@ mod worker;
 use mapped::{MappedBudget, MappedShare};
 use stuck::{Busy, StuckContents};
 pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
-pub use worker::open_regular;
 
 use std::{
     fs::File,

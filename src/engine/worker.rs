@@ -17,11 +17,10 @@ use std::{
     cell::RefCell,
     fs::File,
     io::Read,
-    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     panic::{self, AssertUnwindSafe},
-    path::{Path, PathBuf},
-    sync::{Arc, LazyLock},
-    time::{Duration, Instant},
+    path::Path,
+    sync::Arc,
+    time::Instant,
 };
 
 use yara_x::{ScanError, Scanner};
@@ -32,7 +31,7 @@ use super::{
 };
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
-    kernelfs::is_kernel_file,
+    files::open_regular,
     metrics::Metrics,
     signatures::{NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
@@ -343,94 +342,6 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
     }
     Ok(())
 }
-
-/// Opens `path` to be read whole if it is a regular file (a FIFO or
-/// device would block or never end), returning it with its size.
-///
-/// The path is first resolved without opening what it names (`O_PATH`),
-/// and only a regular file found there is opened, through that resolution
-/// (`/proc/self/fd`), never by its path again. A scan running as root
-/// walks folders other users write to: one of them may put a symbolic
-/// link, or a folder's link, in place of a file the walk saw, pointing at
-/// a device whose open alone acts (`/dev/watchdog` arms the machine's
-/// watchdog) or at a FIFO, which would hold the scan. Without `/proc` the
-/// path is opened directly (then checked, as before).
-///
-/// Opened without blocking: a regular file under another process's lease
-/// (a file server's oplock) refuses such an open, which tells the holder
-/// to let go; it is opened again until the lease is gone or `wait` has
-/// passed (reads of most regular files do not heed the flag; those of the
-/// few that would block, `/proc/kmsg` say, fail instead). The local scan
-/// and `lightagent` open files this way.
-///
-/// A file of the kernel's file systems (see [`crate::kernelfs`]) of
-/// more than 32 MiB is refused once open, unread: it is a device's memory
-/// or the kernel's (the `resource0` of a PCI device in `/sys`,
-/// `/proc/kcore`), which a scan must not read or map. Only a walk named
-/// such a folder meets one.
-pub fn open_regular(path: &Path, wait: Duration) -> std::io::Result<(File, u64)> {
-    let found = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH)
-        .open(path)?;
-    regular(&found)?;
-    static PROC: LazyLock<bool> = LazyLock::new(|| {
-        let mounted = Path::new("/proc/self/fd").is_dir();
-        if !mounted {
-            tracing::warn!(
-                "/proc is not mounted: files are opened by their paths, and a link swapped in for one is opened before it is refused"
-            );
-        }
-        mounted
-    });
-    let reopened = PathBuf::from(format!("/proc/self/fd/{}", found.as_raw_fd()));
-    let through = if *PROC { &reopened } else { path };
-    let open = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(through)
-    };
-    let deadline = Instant::now() + wait;
-    let mut opened = open();
-    while opened
-        .as_ref()
-        .is_err_and(|err| err.kind() == std::io::ErrorKind::WouldBlock)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(LEASE_POLL);
-        opened = open();
-    }
-    let file = opened?;
-    let size = regular(&file)?;
-    // Looked at on the file opened, whichever way it was.
-    if size > READ_LIMIT && is_kernel_file(&file) {
-        let message = format!(
-            "a file of the kernel's (sysfs, procfs, ...) of {size} bytes: a device's or the kernel's memory, not read"
-        );
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            message,
-        ));
-    }
-    Ok((file, size))
-}
-
-/// The size of `file` if it is a regular file; an error otherwise.
-fn regular(file: &File) -> std::io::Result<u64> {
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
-        let message = "not a regular file";
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            message,
-        ));
-    }
-    Ok(metadata.len())
-}
-
-/// How often a file under a lease is opened again.
-const LEASE_POLL: Duration = Duration::from_millis(10);
 
 fn too_large(size: u64, limits: Limits) -> Verdict {
     Verdict::failed(

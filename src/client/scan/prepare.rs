@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 
 use super::ResultSink;
 use crate::{
-    client::{ClientError, Files, LEASE_WAIT, PreparedFile},
-    engine::{ScanOutcome, open_regular},
+    client::{ClientError, Files, PreparedFile},
+    engine::ScanOutcome,
+    files::{LEASE_WAIT, open_regular},
 };
 
 /// Local files the preparer may have ready ahead of the announcer (and

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::{
-    client::{FileSource, LEASE_WAIT},
-    engine::open_regular,
+    client::FileSource,
+    files::{LEASE_WAIT, open_regular},
     proto::{FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, ScanRequest},
 };
 
