@@ -240,6 +240,16 @@ impl AcceptFailure {
     fn recent(&self) -> bool {
         self.at.elapsed() < ACCEPT_FAILURE_SHOWN
     }
+
+    /// Logs the end of the run of failures this one was the last of: the
+    /// line that answers the warning its first one logged.
+    fn log_end(&self, whose: &str) {
+        tracing::info!(
+            "{whose} connections: accepts no longer fail, after {} failures, the last {} s ago",
+            self.failures,
+            self.at.elapsed().as_secs()
+        );
+    }
 }
 
 /// The places each remote address holds, and how many it may.
@@ -384,21 +394,23 @@ impl Connections {
     }
 
     /// Remembers an accept that failed with `err`, and logs the first of
-    /// a run of them.
+    /// a run of them (after the end of the run before, if no connection
+    /// came to end it).
     fn failed_to_accept(&self, err: &io::Error) {
-        let began = {
+        let (over, began) = {
             let mut failing = self.failing.lock();
-            let failures = match failing.as_ref().filter(|f| f.recent()) {
-                Some(failure) => failure.failures + 1,
-                None => 1,
-            };
+            let over = failing.take_if(|failure| !failure.recent());
+            let failures = failing.as_ref().map_or(0, |failure| failure.failures) + 1;
             *failing = Some(AcceptFailure {
                 at: Instant::now(),
                 error: err.to_string(),
                 failures,
             });
-            failures == 1
+            (over, failures == 1)
         };
+        if let Some(over) = over {
+            over.log_end(self.whose);
+        }
         if began {
             // EMFILE, ENFILE: out of file descriptors.
             let hint = match err.raw_os_error() {
@@ -414,19 +426,9 @@ impl Connections {
     /// A connection was accepted: a run of failures that ended is
     /// forgotten, and logged as over.
     fn accepted(&self) {
-        let over = {
-            let mut failing = self.failing.lock();
-            match failing.as_ref() {
-                Some(failure) if !failure.recent() => failing.take(),
-                _ => None,
-            }
-        };
-        if let Some(failure) = over {
-            tracing::info!(
-                "{} connections are accepted again, after {} failed accepts",
-                self.whose,
-                failure.failures
-            );
+        let over = self.failing.lock().take_if(|failure| !failure.recent());
+        if let Some(over) = over {
+            over.log_end(self.whose);
         }
     }
 
@@ -1332,8 +1334,10 @@ mod tests {
     /// An accept that fails for want of descriptors shows for
     /// [`ACCEPT_FAILURE_SHOWN`] after the last such failure, connections
     /// accepted meanwhile or not; a connection's own failure shows nothing.
+    /// Each run of failures is logged as it begins and as it ends.
     #[tokio::test(start_paused = true)]
     async fn accepts_failing_show_until_they_stop_for_a_while() {
+        let (logged, _logging) = Logged::capture();
         let connections = Arc::new(Connections::new(4, 4, Duration::from_secs(300)));
         let (next, accepts) = mpsc::unbounded_channel();
         let listener = Arc::new(Sent(tokio::sync::Mutex::new(accepts)));
@@ -1378,6 +1382,68 @@ mod tests {
         let _second = accepting.await.unwrap();
         assert!(connections.failing.lock().is_none(), "over, and logged so");
         assert_eq!(connections.open(), 2);
+        assert_eq!(
+            (
+                logged.lines("cannot accept"),
+                logged.lines("no longer fail")
+            ),
+            (1, 1)
+        );
+
+        // A run that ends with no connection coming is logged as over when
+        // the next begins.
+        accepting = accept();
+        for _ in 0..2 {
+            next.send(Err(io::Error::from_raw_os_error(libc::EMFILE)))
+                .unwrap();
+            settle().await;
+            tokio::time::sleep(ACCEPT_FAILURE_SHOWN).await;
+        }
+        assert_eq!(
+            (
+                logged.lines("cannot accept"),
+                logged.lines("no longer fail")
+            ),
+            (3, 2)
+        );
+        next.send(Ok(())).unwrap();
+        let _third = accepting.await.unwrap();
+        assert_eq!(logged.lines("no longer fail"), 3);
+    }
+
+    /// What is logged on the thread that holds the guard [`Logged::capture`]
+    /// gives.
+    #[derive(Clone, Default)]
+    struct Logged(Arc<Mutex<Vec<u8>>>);
+
+    impl Logged {
+        fn capture() -> (Logged, tracing::subscriber::DefaultGuard) {
+            let logged = Logged::default();
+            let writer = logged.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            (logged, tracing::subscriber::set_default(subscriber))
+        }
+
+        /// How many lines logged so far hold `text`.
+        fn lines(&self, text: &str) -> usize {
+            let logged = self.0.lock();
+            let logged = String::from_utf8_lossy(&logged);
+            logged.lines().filter(|line| line.contains(text)).count()
+        }
+    }
+
+    impl io::Write for Logged {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]

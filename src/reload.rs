@@ -229,7 +229,15 @@ impl Reloader {
         let replaced = loaded.is_some();
         if let Some(ruleset) = loaded {
             ruleset.log_loaded();
-            self.state.replace_ruleset(ruleset);
+            // Emptying the verdict cache drops each of its entries (a
+            // million or more in its default budget): not on a runtime
+            // thread, which agents' streams wait for meanwhile.
+            let state = Arc::clone(&self.state);
+            blocking(move || {
+                state.replace_ruleset(ruleset);
+                Ok(())
+            })
+            .await?;
             tracing::info!(
                 previous = previous.version(),
                 "signatures replaced: verdict cache emptied, agents told"

@@ -318,10 +318,11 @@ impl Server {
     /// finished while the server started, when `scanserver serve` ignores
     /// SIGHUP), then again on every SIGHUP, until shutdown begins (the
     /// server is stopping: new files would serve no one). The TLS files
-    /// are read at once; the signatures by a task of their own, so that a
-    /// SIGHUP while they compile does not wait for them, and the SIGHUPs
-    /// that come meanwhile make one more reload, not one each. Outcomes are
-    /// logged, and failures shown in the SVM's status.
+    /// are read at once (on a blocking thread); the signatures by a task of
+    /// their own, so that a SIGHUP while they compile does not wait for
+    /// them, and the SIGHUPs that come meanwhile make one more reload, not
+    /// one each. Outcomes are logged, and failures shown in the SVM's
+    /// status.
     ///
     /// The handler is installed when this is called, not when the future
     /// is first polled, so that no SIGHUP after `READY=1` is lost. The
@@ -348,11 +349,15 @@ impl Server {
                 }
             };
             let reload_tls = || {
-                if let Some(tls) = &tls {
-                    tls.reload_and_report(&svm);
+                let (tls, svm) = (tls.clone(), Arc::clone(&svm));
+                async move {
+                    if let Some(tls) = tls {
+                        let _ =
+                            tokio::task::spawn_blocking(move || tls.reload_and_report(&svm)).await;
+                    }
                 }
             };
-            reload_tls();
+            reload_tls().await;
             // The SIGHUPs so far: the reload task reloads once at start,
             // then once for all those counted since its last reload began.
             let (counted, count) = watch::channel(0u64);
@@ -364,13 +369,14 @@ impl Server {
                     hangup = hangups.recv() => if hangup.is_none() { return },
                 }
                 tracing::info!("SIGHUP: reading the signatures and TLS files again");
-                // Under the count's lock: the reload task cannot tell the
-                // manager READY=1 between this RELOADING=1 and the count
-                // that makes it reload once more, nor before the TLS files
-                // are read.
+                // The TLS files first: the READY=1 that answers this
+                // SIGHUP's RELOADING=1 comes after they are read. Under the
+                // count's lock, the reload task cannot tell the manager
+                // READY=1 between this RELOADING=1 and the count that makes
+                // it reload once more.
+                reload_tls().await;
                 counted.send_modify(|count| {
                     notify::reloading();
-                    reload_tls();
                     *count += 1;
                 });
             }

@@ -132,8 +132,9 @@ impl Tls {
 
     /// Reads the files again (see [`Tls::reload`]), logs the outcome and
     /// shows a failure in `svm`'s status.
+    /// Blocking: files on a share may keep a read waiting (for a lease, or
+    /// for the share), which must not be a runtime thread's wait.
     pub fn reload_and_report(&self, svm: &Svm) {
-        // A few small files: read on the runtime's thread.
         self.load_and_report(|| Files::read(&self.settings), svm);
     }
 
@@ -180,49 +181,56 @@ impl Tls {
         }
         let mut ticks = shutdown::Periodic::every(every, shutdown).await;
         let mut looks = Looks::default();
-        let mut unreadable = 0;
         while ticks.next().await {
-            // Files that cannot be read (being replaced, or gone) are
-            // looked at again; only when they stay so (a renewal written
-            // with modes the server cannot read, say) is that a failure.
-            // Read and reported under the lock, as reloads report theirs:
-            // a SIGHUP's reload of mended files, reported before, must not
-            // be followed by this look's older failure.
-            let files = {
-                let _in_turn = self.loaded();
-                match Files::read(&self.settings) {
-                    Ok(files) => {
-                        unreadable = 0;
-                        Some(files)
-                    }
-                    Err(err) => {
-                        unreadable += 1;
-                        if unreadable == UNREADABLE_LOOKS {
-                            let err = crate::WithCauses(&err).to_string();
-                            tracing::error!(
-                                "TLS files cannot be read, renewals are not served: {err}"
-                            );
-                            svm.tls_reloaded(Err(err));
-                        }
-                        None
-                    }
+            let (tls, svm) = (Arc::clone(&self), Arc::clone(&svm));
+            let looked = tokio::task::spawn_blocking(move || {
+                tls.look(&mut looks, &svm);
+                looks
+            });
+            looks = looked.await.unwrap_or_default();
+        }
+    }
+
+    /// One look of [`Tls::keep_checking`]'s. Blocking: the files are read.
+    fn look(&self, looks: &mut Looks, svm: &Svm) {
+        // Files that cannot be read (being replaced, or gone) are looked at
+        // again; only when they stay so (a renewal written with modes the
+        // server cannot read, say) is that a failure. Read and reported
+        // under the lock, as reloads report theirs: a SIGHUP's reload of
+        // mended files, reported before, must not be followed by this
+        // look's older failure.
+        let files = {
+            let _in_turn = self.loaded();
+            match Files::read(&self.settings) {
+                Ok(files) => {
+                    looks.unreadable = 0;
+                    Some(files)
                 }
-            };
-            let found = files.as_ref().map(Files::digest);
-            let renewed = {
-                let loaded = self.loaded();
-                if found == Some(*loaded) && svm.tls_update_failure().is_some() {
-                    svm.tls_reloaded(Ok(()));
+                Err(err) => {
+                    looks.unreadable += 1;
+                    if looks.unreadable == UNREADABLE_LOOKS {
+                        let err = crate::WithCauses(&err).to_string();
+                        tracing::error!("TLS files cannot be read, renewals are not served: {err}");
+                        svm.tls_reloaded(Err(err));
+                    }
+                    None
                 }
-                looks.next(found, *loaded)
-            };
-            let (Some(renewed), Some(files)) = (renewed, files) else {
-                continue;
-            };
-            tracing::info!(cert = %self.settings.cert.display(), "the TLS files changed on disk");
-            if !self.load_and_report(|| Ok(files), &svm) {
-                looks.failed = Some(renewed);
             }
+        };
+        let found = files.as_ref().map(Files::digest);
+        let renewed = {
+            let loaded = self.loaded();
+            if found == Some(*loaded) && svm.tls_update_failure().is_some() {
+                svm.tls_reloaded(Ok(()));
+            }
+            looks.next(found, *loaded)
+        };
+        let (Some(renewed), Some(files)) = (renewed, files) else {
+            return;
+        };
+        tracing::info!(cert = %self.settings.cert.display(), "the TLS files changed on disk");
+        if !self.load_and_report(|| Ok(files), svm) {
+            looks.failed = Some(renewed);
         }
     }
 
@@ -267,11 +275,13 @@ impl Tls {
 const UNREADABLE_LOOKS: u32 = 3;
 
 /// What the periodic check of the files saw: the new files of its last
-/// look, and the last new files that could not be used.
+/// look, the last new files that could not be used, and how many looks in
+/// a row could not read the files.
 #[derive(Default)]
 struct Looks {
     seen: Option<blake3::Hash>,
     failed: Option<blake3::Hash>,
+    unreadable: u32,
 }
 
 impl Looks {

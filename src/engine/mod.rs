@@ -319,7 +319,8 @@ impl Engine {
     /// Makes `ruleset` current and returns the one it replaces. Scans that
     /// already started finish with the old rules; every later scan uses the
     /// new ones. Workers drop their scanners for the old rules right away,
-    /// so its memory is freed once the last such scan ends.
+    /// so its memory is freed once the last such scan ends. The verdict
+    /// cache is emptied here, entry by entry: a blocking call.
     pub fn replace_ruleset(&self, ruleset: Ruleset) -> Arc<Ruleset> {
         let old = self.ruleset.swap(Arc::new(ruleset));
         self.cache.clear();

@@ -174,7 +174,8 @@ impl ServiceState {
         })
     }
 
-    /// Replaces the signatures and tells every connected agent.
+    /// Replaces the signatures and tells every connected agent; a
+    /// blocking call (see [`Engine::replace_ruleset`]).
     pub fn replace_ruleset(&self, ruleset: Ruleset) {
         self.engine.replace_ruleset(ruleset);
         self.signatures
