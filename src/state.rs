@@ -335,9 +335,9 @@ impl StateDir {
         }
     }
 
-    /// Saves the verdict cache every `interval` while it changes, and once
-    /// more when `done` turns true (the server stopped serving); then
-    /// returns.
+    /// Saves the verdict cache every `interval` (or ten times as long as
+    /// the last save took, if longer) while it changes, and once more when
+    /// `done` turns true (the server stopped serving); then returns.
     pub async fn keep_cache(
         self,
         engine: Arc<Engine>,
@@ -356,12 +356,17 @@ impl StateDir {
                 () = shut_down(&mut done) => true,
             };
             let now = CacheMark::of(&engine);
+            let began = Instant::now();
             if now != saved && self.save_cache(&engine).await {
                 saved = now;
             }
             if last {
                 return;
             }
+            // A save that took long (a large cache, a slow disk) is not
+            // followed at once by the next: saves take at most a tenth of
+            // the time, as the registry's do (see `settle_after`).
+            ticker.reset_after(interval.max(began.elapsed() * 10));
         }
     }
 

@@ -23,7 +23,6 @@
 //! does.
 
 use std::{
-    fs,
     io::{self, Write},
     path::{Path, PathBuf},
     sync::atomic::Ordering,
@@ -33,7 +32,7 @@ use bytes::Buf;
 use prost::Message;
 
 use super::{CacheKey, SharedCache, bump};
-use crate::{engine::VERDICT_REVISION, proto, signatures::Ruleset, state, verdict::Verdict};
+use crate::{engine::VERDICT_REVISION, files, proto, signatures::Ruleset, state, verdict::Verdict};
 
 const MAGIC: &[u8] = b"scanserver verdict snapshot\n";
 const FORMAT: u32 = 1;
@@ -133,9 +132,13 @@ impl SharedCache {
 
     /// Loads the entries of the snapshot at `path` made with `ruleset`.
     /// A missing snapshot loads nothing; one that cannot be trusted is set
-    /// aside (renamed `*.rejected`) and reported.
+    /// aside (renamed `*.rejected`) and reported. One larger than the
+    /// cache's budget is not read: an entry takes more room in the cache
+    /// than in the file, so a larger `cache.budget` made it, and reading it
+    /// whole would take more memory than this cache is given (the next
+    /// save replaces it).
     pub fn load(&self, path: &Path, ruleset: &Ruleset) -> Result<u64, SnapshotError> {
-        let data = match fs::read(path) {
+        let data = match files::read(path, self.budget.max(1 << 20)) {
             Ok(data) => data,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(source) => {
@@ -150,7 +153,7 @@ impl SharedCache {
         // Counted as held after loading: a snapshot larger than the budget
         // (made with a larger one) loads what fits.
         let before = self.len();
-        for (content, verdict) in entries {
+        for (content, verdict) in entries.map_while(Result::ok) {
             let key = CacheKey {
                 content,
                 rules: ruleset.version_id(),
@@ -176,8 +179,9 @@ impl<W: Write> Checksummed<W> {
     }
 }
 
-/// The entries of a snapshot, checked from end to end before any is used.
-fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, SnapshotError> {
+/// The entries of a snapshot, checked from end to end before any is used
+/// (then decoded again as they are, rather than held all at once).
+fn parse<'a>(data: &'a [u8], ruleset: &Ruleset) -> Result<Entries<'a>, SnapshotError> {
     let damaged = SnapshotError::Damaged;
     let (body, digest) = data.split_last_chunk::<32>().ok_or(damaged("too short"))?;
     if blake3::hash(body) != blake3::Hash::from_bytes(*digest) {
@@ -202,18 +206,40 @@ fn parse(data: &[u8], ruleset: &Ruleset) -> Result<Vec<([u8; 32], Verdict)>, Sna
             found: header.signatures_version,
         });
     }
-    let mut entries = Vec::new();
-    while rest.has_remaining() {
-        let entry = Entry::decode_length_delimited(&mut rest).map_err(|_| damaged("bad entry"))?;
-        let content =
-            <[u8; 32]>::try_from(entry.content.as_slice()).map_err(|_| damaged("bad entry key"))?;
-        let verdict = entry
-            .verdict
-            .as_ref()
-            .ok_or(damaged("entry without verdict"))?;
-        entries.push((content, Verdict::from(verdict)));
-    }
+    let entries = Entries(rest);
+    entries.clone().try_for_each(|entry| entry.map(drop))?;
     Ok(entries)
+}
+
+/// A snapshot's entries, decoded one by one; the first that cannot be is
+/// the last.
+#[derive(Clone)]
+struct Entries<'a>(&'a [u8]);
+
+impl Iterator for Entries<'_> {
+    type Item = Result<([u8; 32], Verdict), SnapshotError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let damaged = SnapshotError::Damaged;
+        let entry = Entry::decode_length_delimited(&mut self.0)
+            .map_err(|_| damaged("bad entry"))
+            .and_then(|entry| {
+                let content = <[u8; 32]>::try_from(entry.content.as_slice())
+                    .map_err(|_| damaged("bad entry key"))?;
+                let verdict = entry
+                    .verdict
+                    .as_ref()
+                    .ok_or(damaged("entry without verdict"))?;
+                Ok((content, Verdict::from(verdict)))
+            });
+        if entry.is_err() {
+            self.0 = &[];
+        }
+        Some(entry)
+    }
 }
 
 #[cfg(test)]
@@ -242,5 +268,19 @@ mod tests {
         assert!(matches!(err, SnapshotError::MadeBy { found } if found == earlier));
         assert!(restored.is_empty());
         assert!(!path.exists() && dir.path().join(format!("{FILE_NAME}.rejected")).exists());
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_the_budget_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        std::fs::write(&path, vec![0; (1 << 20) + 1]).unwrap();
+        let err = SharedCache::new(1 << 20).load(&path, &ruleset).unwrap_err();
+        let SnapshotError::Io { source, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(source.to_string().contains("more than the 1 MiB"), "{err}");
+        assert!(path.exists(), "left for the next save to replace");
     }
 }
