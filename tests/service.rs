@@ -320,7 +320,6 @@ async fn a_waiter_is_asked_for_its_content_when_the_lead_stalls() {
 /// would stick another before the first counted as stuck.
 #[tokio::test(start_paused = true)]
 async fn a_copy_waits_for_a_scan_of_its_content_under_way() {
-    use scanserver::engine::{Content, ScanJob};
     let server = TestServer::start(|c| {
         c.server.heartbeat_interval = Duration::from_secs(3600);
         c.engine.threads = 2;
@@ -330,29 +329,7 @@ async fn a_copy_waits_for_a_scan_of_its_content_under_way() {
     .await;
     let data = content(7, 64 << 10);
     let engine = Arc::clone(&server.state.engine);
-    let spooled = |size| {
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(size).unwrap();
-        Content::Spooled { file, size }
-    };
-    let room = engine.reserve(&spooled(1 << 20)).await;
-    let held = ScanJob {
-        content: spooled(data.len() as u64),
-        name: None,
-        digest: Some(blake3::hash(&data)),
-    };
-    let on_it = {
-        let engine = Arc::clone(&engine);
-        std::thread::spawn(move || engine.scan(&held))
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while engine
-        .second_copy_refused_in(&blake3::hash(&data))
-        .is_none()
-    {
-        assert!(std::time::Instant::now() < deadline, "never on it");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (room, on_it) = hold_a_scan_thread(&engine, blake3::hash(&data), data.len() as u64).await;
     let mut lw = LeadAndWaiter::start(&server, &data).await;
     // The lead's content keeps coming: it keeps its lead.
     lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();
@@ -1524,28 +1501,9 @@ async fn content_that_stuck_a_scan_thread_is_refused_at_its_begin() {
     })
     .await;
     let engine = Arc::clone(&server.state.engine);
-    let room = engine
-        .reserve(&scanserver::engine::Content::Spooled {
-            file: tempfile::tempfile().unwrap(),
-            size: 1 << 20,
-        })
-        .await;
     let data = vec![0u8; 4096];
     let digest = blake3::hash(&data);
-    let spooled = tempfile::tempfile().unwrap();
-    spooled.set_len(data.len() as u64).unwrap();
-    let sticking = scanserver::engine::ScanJob {
-        content: scanserver::engine::Content::Spooled {
-            file: spooled,
-            size: data.len() as u64,
-        },
-        name: None,
-        digest: Some(digest),
-    };
-    let stuck = {
-        let engine = Arc::clone(&engine);
-        std::thread::spawn(move || engine.scan(&sticking))
-    };
+    let (room, stuck) = hold_a_scan_thread(&engine, digest, data.len() as u64).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while engine.stuck_threads() == 0 {
         assert!(std::time::Instant::now() < deadline, "never stuck");
@@ -1570,6 +1528,40 @@ async fn content_that_stuck_a_scan_thread_is_refused_at_its_begin() {
     assert_eq!(Counters::get(&server.state.counters.content_requests), 0);
     drop(room);
     assert!(stuck.join().is_ok());
+}
+
+/// Content another scan thread has been on for over two scan timeouts,
+/// but not yet three (when that thread counts as stuck), is not refused
+/// at its begin: the thread may yet come back with a verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_a_thread_is_long_on_is_not_refused_at_its_begin() {
+    let timeout = Duration::from_secs(2);
+    let server = TestServer::start(|c| {
+        c.engine.scan_timeout = timeout;
+        c.engine.mapped_budget = 1 << 20;
+    })
+    .await;
+    let engine = Arc::clone(&server.state.engine);
+    let data = vec![3u8; 4096];
+    let digest = blake3::hash(&data);
+    let (room, on_it) = hold_a_scan_thread(&engine, digest, data.len() as u64).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    let deadline = std::time::Instant::now() + timeout * 3;
+    while engine.second_copy_refused_in(&digest) != Some(Duration::from_millis(10)) {
+        assert!(std::time::Instant::now() < deadline, "never on it for long");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(engine.stuck_threads(), 0, "not stuck yet");
+    tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    match next(&mut replies).await {
+        (1, file_reply::Kind::SendContent(_)) => {}
+        other => panic!("expected a request for the content, got {other:?}"),
+    }
+    drop(room);
+    assert!(on_it.join().is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1676,6 +1668,40 @@ async fn a_message_of_many_begins_gets_every_reply_in_bounded_messages() {
     }
     assert_eq!((asked, refused), (128, 1872));
     assert!(messages >= 2, "over 1,024 replies take two messages");
+}
+
+/// A stream that breaks ends with its error only after the verdicts of
+/// the files it scans: tonic ends a stream at its first error, and every
+/// file gets its final reply (here the scan waits behind a job held on the
+/// engine's one thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stream_sends_the_verdicts_of_its_scans_under_way_first() {
+    let server = TestServer::start(|c| {
+        c.engine.threads = 1;
+        c.engine.mapped_budget = 1 << 20;
+    })
+    .await;
+    let engine = Arc::clone(&server.state.engine);
+    let (room, on_it) = hold_a_scan_thread(&engine, blake3::hash(b"held"), 4).await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    tx.send(begin(&session, 2, EICAR, None)).await.unwrap();
+    tx.send(chunk(2, 0, EICAR)).await.unwrap();
+    tx.send(end(2)).await.unwrap();
+    let flood = ScanRequest {
+        requests: vec![proto::FileRequest::default(); 200_000],
+    };
+    tx.send(flood).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(room);
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (2, vec!["EICAR_Test_File".to_owned()])
+    );
+    let status = replies.message().await.expect_err("the stream fails");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(on_it.join().is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3529,4 +3555,37 @@ async fn the_client_opens_a_stream_refused_for_want_of_room_again() {
     // Once for each file, and again for the large one.
     assert!(asked() >= 3, "the large file's content was asked for again");
     assert_eq!(server.spooled_files(), 0);
+}
+
+/// A scan of content of `digest` held on one of `engine`'s threads: a
+/// spooled job waiting there for mapped room, which the returned slot (all
+/// of a 1 MiB `mapped_budget`) keeps until it is dropped. Returns once the
+/// thread is on it; join the thread after the slot is dropped.
+async fn hold_a_scan_thread(
+    engine: &Arc<scanserver::engine::Engine>,
+    digest: blake3::Hash,
+    size: u64,
+) -> (scanserver::engine::ScanSlot, std::thread::JoinHandle<()>) {
+    use scanserver::engine::{Content, ScanJob};
+    let spooled = |size| {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        Content::Spooled { file, size }
+    };
+    let room = engine.reserve(&spooled(1 << 20)).await;
+    let held = ScanJob {
+        content: spooled(size),
+        name: None,
+        digest: Some(digest),
+    };
+    let on_it = {
+        let engine = Arc::clone(engine);
+        std::thread::spawn(move || drop(engine.scan(&held)))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.second_copy_refused_in(&digest).is_none() {
+        assert!(std::time::Instant::now() < deadline, "never on it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (room, on_it)
 }

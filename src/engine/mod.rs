@@ -453,20 +453,29 @@ impl Engine {
     }
 
     /// Why content of `digest` is not scanned, if it is not: it stuck a
-    /// thread, or another thread has been on it for two scan timeouts
-    /// already (a scan would have been stopped after one), and would be
-    /// stuck with it before that thread counts as stuck. Looked at by the
-    /// service before it asks for such content, and by the scan itself.
+    /// thread ([`Engine::refused_for_good`]), or another thread has been on
+    /// it for two scan timeouts already (a scan would have been stopped
+    /// after one), and would be stuck with it before that thread counts as
+    /// stuck. Looked at by the scan itself.
     pub fn refusal(&self, digest: &Digest) -> Option<String> {
-        if self.stuck.holds(digest) {
-            return Some(format!(
+        self.refused_for_good(digest).or_else(|| {
+            let long = self.twice_at_once_after();
+            self.busy.on_longer_than(digest, long).then(|| {
+                format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once")
+            })
+        })
+    }
+
+    /// Why content of `digest` is never scanned by this server, if it is
+    /// not: it stuck a scan thread. Looked at by the service before it asks
+    /// for such content (a refusal for as long as the content is: the
+    /// other, while a thread is on it, may end with that scan's verdict).
+    pub fn refused_for_good(&self, digest: &Digest) -> Option<String> {
+        self.stuck.holds(digest).then(|| {
+            format!(
                 "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
                 self.stuck_after()
-            ));
-        }
-        let long = self.twice_at_once_after();
-        self.busy.on_longer_than(digest, long).then(|| {
-            format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once")
+            )
         })
     }
 

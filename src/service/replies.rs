@@ -26,7 +26,8 @@
 //! waiting replies for the idle timeout (while the stream goes on, or after
 //! its end), drops them ([`Replies::abandon`]): HTTP/2 would otherwise keep
 //! them, and their room, for as long as the agent keeps the stream open
-//! without reading.
+//! without reading. Should the agent read again, the stream ends with
+//! `DEADLINE_EXCEEDED`: ended without a status, it would look complete.
 
 use std::{
     pin::Pin,
@@ -114,9 +115,16 @@ pub struct ReplyStream {
     taken: Arc<AtomicU64>,
 }
 
-/// The replies queued, until they are taken, or dropped with the stream
-/// (`None` once abandoned).
-type Received = Mutex<Option<mpsc::Receiver<Queued>>>;
+/// The replies queued, until they are taken, or dropped with the stream.
+type Received = Mutex<Queue>;
+
+/// A stream's reply queue, or why it was given up on.
+enum Queue {
+    Open(mpsc::Receiver<Queued>),
+    /// Abandoned (see [`Replies::abandon`]): the stream ends with this
+    /// status, then nothing.
+    Abandoned(Option<Status>),
+}
 
 /// A place for one message of a known weight, taken in the queue and the
 /// allowance both.
@@ -138,7 +146,7 @@ pub enum NoSlot {
 /// in `shared` too.
 pub fn queue(shared: SharedRoom) -> (Replies, ReplyStream) {
     let (queue, received) = mpsc::channel(REPLY_MESSAGES);
-    let received = Arc::new(Mutex::new(Some(received)));
+    let received = Arc::new(Mutex::new(Queue::Open(received)));
     let taken = Arc::default();
     let replies = Replies {
         queue,
@@ -244,10 +252,11 @@ impl Replies {
         self.shared.try_take(weight).map(Some)
     }
 
-    /// Drops the replies queued, and any to come: the agent is given up on.
-    /// What tonic takes next is the end of the stream.
-    pub fn abandon(&self) {
-        abandon(&self.received);
+    /// Drops the replies queued, and any to come: the agent, which has
+    /// taken none for `idle`, is given up on. What tonic takes next is the
+    /// end of the stream, with `DEADLINE_EXCEEDED`.
+    pub fn abandon(&self, idle: Duration) {
+        abandon(&self.received, idle);
     }
 
     /// What the replies leave behind once the stream's task is over (see
@@ -285,7 +294,7 @@ impl LeftBehind {
                 return;
             }
             if reading.stalled(queued, idle) {
-                return abandon(&self.received);
+                return abandon(&self.received, idle);
             }
             tokio::time::sleep(look(idle)).await;
         }
@@ -331,10 +340,15 @@ fn look(idle: Duration) -> Duration {
     idle.min(Duration::from_secs(1))
 }
 
-/// Drops the replies queued in `received`, if the stream is still there.
-fn abandon(received: &Weak<Received>) {
+/// Drops the replies queued in `received`, if the stream is still there,
+/// and leaves why, its agent having taken none for `idle`.
+fn abandon(received: &Weak<Received>, idle: Duration) {
     if let Some(received) = received.upgrade() {
-        drop(received.lock().take());
+        let message = format!(
+            "the agent took none of its replies for {idle:?}; the stream is closed, open a new one"
+        );
+        let abandoned = Queue::Abandoned(Some(Status::deadline_exceeded(message)));
+        drop(std::mem::replace(&mut *received.lock(), abandoned));
     }
 }
 
@@ -364,8 +378,9 @@ impl Stream for ReplyStream {
     /// The next reply; its weight goes back to the stream as tonic takes it.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut queue = self.queue.lock();
-        let Some(queue) = queue.as_mut() else {
-            return Poll::Ready(None);
+        let queue = match &mut *queue {
+            Queue::Open(queue) => queue,
+            Queue::Abandoned(why) => return Poll::Ready(why.take().map(Err)),
         };
         let next = queue.poll_recv(cx);
         if let Poll::Ready(Some(_)) = next {
@@ -545,6 +560,8 @@ mod tests {
         assert_eq!(layer.held(), 3 * REPLY_FREE as u64);
         waiting.await.unwrap();
         assert_eq!(layer.held(), 0);
+        let why = stream.next().await.expect("a status").unwrap_err();
+        assert_eq!(why.code(), tonic::Code::DeadlineExceeded);
         assert!(stream.next().await.is_none());
 
         // An agent gone: nothing to wait for.
@@ -566,9 +583,15 @@ mod tests {
             replies.try_reserve(REPLY_FREE).unwrap().send(message(1));
         }
         assert_eq!(layer.held(), 3 * REPLY_FREE as u64);
-        replies.abandon();
+        replies.abandon(Duration::from_secs(3));
         assert_eq!(layer.held(), 0);
         assert_eq!(replies.try_reserve(1).err(), Some(NoSlot::Closed));
+        let why = stream.next().await.expect("a status").unwrap_err();
+        assert_eq!(why.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            why.message().contains("none of its replies for 3s"),
+            "{why}"
+        );
         assert!(stream.next().await.is_none());
     }
 }

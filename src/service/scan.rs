@@ -43,7 +43,7 @@ use tonic::{Code, Status, Streaming};
 
 use super::{
     Counters, ServiceState, check_path, parse_digest,
-    replies::{MESSAGE_BYTES, NoSlot, Replies, Unread, weight},
+    replies::{MESSAGE_BYTES, NoSlot, Replies, weight},
     upload::{Received, Upload, UploadError},
 };
 use crate::{
@@ -334,6 +334,9 @@ struct ScanStream {
     /// which it does before it makes any other reply: the replies made
     /// until the next take, and the messages they go in, agree on it.
     version: Arc<str>,
+    /// What the stream ends with when it broke: sent after the verdicts of
+    /// its scans under way, as tonic ends a stream at its first error.
+    ending: Option<Status>,
 }
 
 /// Drives one Scan stream, whose client presented the certificate of digest
@@ -376,12 +379,18 @@ pub(super) async fn run(
         return;
     }
     let (left, scanning) = (stream.replies.left_behind(), Arc::clone(&stream.scanning));
+    let ending = (stream.ending.take()).map(|status| (status, stream.replies.clone()));
     let idle = stream.state.idle_timeout;
     drop(stream);
     let owing = || !scanning.owed().ids.is_empty();
     tokio::select! {
         () = left.until_taken(idle, owing) => {}
         () = &mut shutdown => {}
+    }
+    if let Some((status, replies)) = ending
+        && let Ok(slot) = replies.try_reserve(status.message().len().max(1))
+    {
+        slot.send(Err(status));
     }
 }
 
@@ -450,6 +459,7 @@ impl ScanStream {
         ScanStream {
             requests: Some(requests),
             version: state.engine.ruleset().version_arc(),
+            ending: None,
             // Held verdicts make a message at once when there are as many
             // as one agent can be waiting for (see `HOLD_FOR`).
             landings: Landings::new(state.uploads.config().files_in_flight as usize),
@@ -574,23 +584,13 @@ impl ScanStream {
 
     /// The stream broke, or brought a message the server would not decode:
     /// its open files fail, and the stream ends with why, if the agent
-    /// still listens (waiting for room among its replies as long as for
-    /// any reply: ended without a status, the stream would look complete).
+    /// still listens (ended without a status, the stream would look
+    /// complete), once the verdicts of the files it scans are sent.
     async fn broken(&mut self, status: Status) {
         tracing::debug!(%status, "scan stream broken");
         let (code, message) = (status.code(), status.message().to_owned());
         if self.fail_open_files(code, &message).await.is_ok() {
-            let weight = status.message().len().max(1);
-            match self
-                .replies
-                .reserve_within(weight, self.state.idle_timeout)
-                .await
-            {
-                Ok(slot) => slot.map_or((), |slot| slot.send(Err(status))),
-                Err(Unread) => {
-                    let _ = self.unread();
-                }
-            }
+            self.ending = Some(status);
         }
     }
 
@@ -655,8 +655,8 @@ impl ScanStream {
     /// idle timeout: its open files, and the replies waiting, are dropped
     /// with it.
     fn unread(&self) -> Result<(), ()> {
-        self.replies.abandon();
         let idle = self.state.idle_timeout;
+        self.replies.abandon(idle);
         tracing::warn!(
             ?idle,
             "an agent took none of its replies; its Scan stream is closed"
@@ -849,8 +849,12 @@ impl ScanStream {
         };
         let engine = &self.state.engine;
         let cache = engine.cache();
-        // Content that sticks scan threads is not asked for.
-        if let Some(why) = engine.refusal(&digest) {
+        // Content that stuck a scan thread is not asked for. A begin for
+        // content another thread has long been on is not refused: that
+        // thread may still come back with a verdict. It waits for it as for
+        // any scan under way, or is asked for its content (whose scan is
+        // refused while that thread is on the same).
+        if let Some(why) = engine.refused_for_good(&digest) {
             return Some(file_error(id, Code::FailedPrecondition, &why));
         }
         // Leads and waits begin in order: the first to end is still the

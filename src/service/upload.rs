@@ -412,7 +412,10 @@ impl Upload {
             Some(share) => share.merge(permit),
             None => *share = Some(permit),
         }
-        buffer.reserve_exact(wanted as usize - buffer.len());
+        // As much as the share covers: a later write within it must not
+        // make the buffer grow (doubling) beyond what the budget counts.
+        let covered = (held + u64::from(more)) << 10;
+        buffer.reserve_exact(covered as usize - buffer.len());
         true
     }
 
@@ -791,5 +794,34 @@ mod tests {
             matches!(fourth.sink, Sink::Memory { .. }),
             "a finished upload returns its share"
         );
+    }
+
+    /// Content of unknown size takes shares as it grows: its buffer never
+    /// holds more memory than they count.
+    #[test]
+    fn a_growing_upload_holds_no_more_memory_than_its_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = UploadConfig {
+            memory_threshold: 1 << 20,
+            chunk_size: 64 << 10,
+            ..UploadConfig::default()
+        };
+        let store = UploadStore::new(config, dir.path()).unwrap();
+        let mut upload = store.begin(None, None, None).unwrap();
+        let mut received = 0;
+        // Beyond twice the share it has, a chunk takes a share of its size.
+        for chunk in [(128 << 10) + 1, 1, 3000, 300_000, 1] {
+            upload.push(received, &vec![7; chunk]).unwrap();
+            received += chunk as u64;
+            let Sink::Memory { buffer, share } = &upload.sink else {
+                panic!("in memory");
+            };
+            let counted = share.as_ref().map_or(0, |s| s.num_permits()) << 10;
+            assert!(
+                buffer.capacity() <= counted,
+                "{} > {counted}",
+                buffer.capacity()
+            );
+        }
     }
 }
