@@ -127,6 +127,21 @@ impl Stream for SessionStream {
     }
 }
 
+/// Closes a session as it is dropped, however its task ends: a task that
+/// panicked, or was dropped, must not leave it open (counted against
+/// `max_agents`, its VM connected, and no one to hear its agent).
+struct Closing<'a> {
+    state: &'a ServiceState,
+    id: &'a str,
+    ending: Ending,
+}
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.state.sessions.close(self.id, self.ending);
+    }
+}
+
 /// Runs one session to its end.
 pub(super) async fn run(
     state: Arc<ServiceState>,
@@ -173,6 +188,11 @@ pub(super) async fn run(
         session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
         "agent connected"
     );
+    let mut closing = Closing {
+        state: &state,
+        id: &session.id,
+        ending: Ending::Dropped,
+    };
     // Watched from before the Welcome is made: a change while it is on its
     // way is told after it, not lost.
     let watched = Watched::subscribe(&state, &session);
@@ -182,7 +202,8 @@ pub(super) async fn run(
     };
     // Closed before the agent is told: one that reconnects at once must
     // not find its old session still open.
-    state.sessions.close(&session.id, ending);
+    closing.ending = ending;
+    drop(closing);
     if let Some(status) = status {
         out.end(status);
     }
@@ -411,7 +432,35 @@ async fn serve(
     tokio::pin!(silent);
     let mut sequence = 0;
     loop {
+        // In this order: the server's own events (rare) before the agent's
+        // messages, which could otherwise keep them waiting; and a message
+        // already come before the silence is judged, so that one waiting
+        // when the server resumes from a pause (the SVM's VM stunned, its
+        // threads starved) counts, rather than end a live session.
         let told = tokio::select! {
+            biased;
+            () = shut_down(&mut shutdown) => return (Ending::ServerShutdown, Some(shutting_down())),
+            Ok(()) = superseded.changed() => {
+                // Closed already: the VM's session is the newer one.
+                let message = "a newer session of this VM replaced this one";
+                return (Ending::Closed, Some(Status::aborted(message)));
+            }
+            _ = heartbeat.tick() => {
+                sequence += 1;
+                out.tell(session, server_message::Kind::Heartbeat(Heartbeat { sequence }))
+            }
+            Ok(()) = signatures.changed() => {
+                let ruleset = state.engine.ruleset();
+                let notice = server_message::Kind::SignaturesChanged(SignaturesChanged {
+                    signatures_version: ruleset.version().to_owned(),
+                    rule_count: ruleset.rule_count() as u64,
+                });
+                out.tell(session, notice)
+            }
+            Ok(()) = restart.changed() => {
+                let reason = restart.borrow_and_update().clone().unwrap_or_default();
+                out.tell(session, server_message::Kind::RestartSession(RestartSession { reason }))
+            }
             message = incoming.message() => match message {
                 // What a replaced session still had on its way is not its
                 // VM's any more: the newer session speaks for it.
@@ -438,28 +487,6 @@ async fn serve(
                 silent.as_mut().reset(tokio::time::Instant::now() + (silence - quiet));
                 Ok(())
             }
-            _ = heartbeat.tick() => {
-                sequence += 1;
-                out.tell(session, server_message::Kind::Heartbeat(Heartbeat { sequence }))
-            }
-            Ok(()) = signatures.changed() => {
-                let ruleset = state.engine.ruleset();
-                let notice = server_message::Kind::SignaturesChanged(SignaturesChanged {
-                    signatures_version: ruleset.version().to_owned(),
-                    rule_count: ruleset.rule_count() as u64,
-                });
-                out.tell(session, notice)
-            }
-            Ok(()) = superseded.changed() => {
-                // Closed already: the VM's session is the newer one.
-                let message = "a newer session of this VM replaced this one";
-                return (Ending::Closed, Some(Status::aborted(message)));
-            }
-            Ok(()) = restart.changed() => {
-                let reason = restart.borrow_and_update().clone().unwrap_or_default();
-                out.tell(session, server_message::Kind::RestartSession(RestartSession { reason }))
-            }
-            () = shut_down(&mut shutdown) => return (Ending::ServerShutdown, Some(shutting_down())),
         };
         if let Err(status) = told {
             return (Ending::Dropped, status);
