@@ -1337,7 +1337,7 @@ mod tests {
     /// Each run of failures is logged as it begins and as it ends.
     #[tokio::test(start_paused = true)]
     async fn accepts_failing_show_until_they_stop_for_a_while() {
-        let (logged, _logging) = Logged::capture();
+        let (logged, _logging) = crate::testlog::Logged::capture();
         let connections = Arc::new(Connections::new(4, 4, Duration::from_secs(300)));
         let (next, accepts) = mpsc::unbounded_channel();
         let listener = Arc::new(Sent(tokio::sync::Mutex::new(accepts)));
@@ -1409,41 +1409,6 @@ mod tests {
         next.send(Ok(())).unwrap();
         let _third = accepting.await.unwrap();
         assert_eq!(logged.lines("no longer fail"), 3);
-    }
-
-    /// What is logged on the thread that holds the guard [`Logged::capture`]
-    /// gives.
-    #[derive(Clone, Default)]
-    struct Logged(Arc<Mutex<Vec<u8>>>);
-
-    impl Logged {
-        fn capture() -> (Logged, tracing::subscriber::DefaultGuard) {
-            let logged = Logged::default();
-            let writer = logged.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .finish();
-            (logged, tracing::subscriber::set_default(subscriber))
-        }
-
-        /// How many lines logged so far hold `text`.
-        fn lines(&self, text: &str) -> usize {
-            let logged = self.0.lock();
-            let logged = String::from_utf8_lossy(&logged);
-            logged.lines().filter(|line| line.contains(text)).count()
-        }
-    }
-
-    impl io::Write for Logged {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub mod shutdown;
 pub mod signatures;
 pub mod state;
 pub mod status;
+#[cfg(test)]
+mod testlog;
 pub mod tls;
 pub mod verdict;
 pub mod vms;

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -81,8 +81,9 @@ pub struct Reporter {
     output: Output,
     progress: Option<ProgressBar>,
     started: Instant,
-    files: AtomicU64,
-    bytes: AtomicU64,
+    /// Shared with the progress indicator, which shows the first two.
+    files: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
     infected: AtomicU64,
     failed: AtomicU64,
 }
@@ -91,11 +92,22 @@ impl Reporter {
     /// A reporter printing in `format`. A progress indicator is shown on
     /// stderr only for text output on a terminal.
     pub fn new(format: Format) -> Self {
+        let (files, bytes) = (Arc::<AtomicU64>::default(), Arc::<AtomicU64>::default());
         let progress = (format == Format::Text && std::io::stderr().is_terminal()).then(|| {
+            // Drawn by the indicator's own thread from the totals: the
+            // threads that record results never take its lock, which a
+            // write held up on the terminal (Ctrl-S) keeps, and which would
+            // hold up `lightagent`'s runtime thread, its heartbeats with it.
+            let (files, bytes) = (Arc::clone(&files), Arc::clone(&bytes));
+            let done = move |_: &ProgressState, out: &mut dyn fmt::Write| {
+                let (files, bytes) = (files.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed));
+                let _ = write!(out, "{files} files, {}", Megabytes(bytes));
+            };
             let bar = ProgressBar::new_spinner();
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-                    .expect("the progress template is valid"),
+                ProgressStyle::with_template("{spinner} {elapsed} {done}")
+                    .expect("the progress template is valid")
+                    .with_key("done", done),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
@@ -108,8 +120,8 @@ impl Reporter {
             output: Output::start(progress.clone().filter(|_| io::stdout().is_terminal())),
             progress,
             started: Instant::now(),
-            files: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
+            files,
+            bytes,
             infected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         }
@@ -130,7 +142,7 @@ impl Reporter {
     }
 
     fn record(&self, path: &Path, outcome: &ScanOutcome, cached: Option<bool>, wait: bool) {
-        let files = self.files.fetch_add(1, Ordering::Relaxed) + 1;
+        self.files.fetch_add(1, Ordering::Relaxed);
         // Megabytes and MB/s count the files that did not fail: a file
         // refused for its size, say, was never read.
         let scanned = match outcome.verdict {
@@ -144,7 +156,7 @@ impl Reporter {
                 0
             }
         };
-        let bytes = self.bytes.fetch_add(scanned, Ordering::Relaxed) + scanned;
+        self.bytes.fetch_add(scanned, Ordering::Relaxed);
         match self.format {
             // Lines of JSON go out in blocks, for a program to read; text
             // lines (findings, failures) at once, for a person.
@@ -156,9 +168,6 @@ impl Reporter {
                     self.output.push(&line, true, wait);
                 }
             }
-        }
-        if let Some(bar) = &self.progress {
-            bar.set_message(format!("{files} files, {}", Megabytes(bytes)));
         }
     }
 
@@ -177,8 +186,8 @@ impl Reporter {
         }
         let lost = self.output.close();
         let mut summary = Summary {
-            files: self.files.into_inner(),
-            bytes: self.bytes.into_inner(),
+            files: self.files.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
             infected: self.infected.into_inner(),
             failed: self.failed.into_inner(),
             elapsed: self.started.elapsed(),

@@ -2060,6 +2060,14 @@ async fn a_scan_cut_off_gives_every_file_one_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let outcomes = scan_cut_off(dir.path(), &url, 2000, 16 << 10, server.stop()).await;
     assert_every_file_has_one_outcome(&outcomes, 2000);
+    for (path, outcome) in &outcomes {
+        if let Some(failure) = outcome.verdict.failure() {
+            assert!(
+                failure.detail.contains("shutting down"),
+                "{path:?}: {failure:?}"
+            );
+        }
+    }
 
     let server = TestServer::start(|_| {}).await;
     let (proxy, link) = proxy(server.addr).await;
@@ -2251,6 +2259,17 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
             let size = std::fs::read(misreported).unwrap().len() as u64;
             assert_eq!(outcome.size, size, "{hash_first:?}");
         } else if name == "mem" {
+            // As the local scan says it.
+            let local = server.state.engine.scan(&scanserver::engine::ScanJob {
+                content: scanserver::engine::Content::File(unreadable.to_owned()),
+                name: None,
+                digest: None,
+            });
+            assert_eq!(
+                outcome.verdict.failure(),
+                local.verdict.failure(),
+                "{hash_first:?}"
+            );
             assert_eq!(
                 outcome.verdict.failure().map(|f| f.reason),
                 Some(FailReason::Io),

@@ -192,10 +192,10 @@ impl Agent {
             }
             // The server closes a stream that was idle for its idle
             // timeout, owing nothing: the agent had no file for it that
-            // long (a slow walk, files each waited for under a lease). The
-            // files still to come go on a new stream, and so do those
-            // announced as it closed: it gave a final reply to each file it
-            // had seen, before its end. (Those count as refusals: a server
+            // long (a slow walk, files each waited for under a lease); or
+            // one whose replies the agent took none of for that long (its
+            // output left unread). The files still to come go on a new
+            // stream, and so do those announced as it closed, unanswered. (Those count as refusals: a server
             // that closed each stream with files unanswered would
             // otherwise be sent them for ever.)
             let idle = matches!(&err, ClientError::Status(status)
@@ -656,14 +656,15 @@ fn file_begin(
     }
 }
 
-/// The verdict for a file that could not be read: too large for the
-/// one that holds more than its size said and may be read (see
-/// `send::read_unsized`).
+/// The verdict for a file that could not be read, with the error as the
+/// local scan gives it: too large for the one that holds more than its
+/// size said and may be read (see `send::read_unsized`).
 fn unreadable(err: &std::io::Error) -> Verdict {
-    if err.kind() == std::io::ErrorKind::FileTooLarge {
-        return Verdict::failed(FailReason::TooLarge, err.to_string());
-    }
-    Verdict::failed(FailReason::Io, format!("cannot read the file: {err}"))
+    let reason = match err.kind() {
+        std::io::ErrorKind::FileTooLarge => FailReason::TooLarge,
+        _ => FailReason::Io,
+    };
+    Verdict::failed(reason, err.to_string())
 }
 
 /// The outcome of a file failed with `verdict`, `announced` then (`None`:

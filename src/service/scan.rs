@@ -334,8 +334,9 @@ struct ScanStream {
     /// which it does before it makes any other reply: the replies made
     /// until the next take, and the messages they go in, agree on it.
     version: Arc<str>,
-    /// What the stream ends with when it broke: sent after the verdicts of
-    /// its scans under way, as tonic ends a stream at its first error.
+    /// What the stream ends with when it broke, or the server shuts down:
+    /// sent after the verdicts of its scans under way, as tonic ends a
+    /// stream at its first error.
     ending: Option<Status>,
 }
 
@@ -374,18 +375,23 @@ pub(super) async fn run(
     // The open files are dropped with `stream`: unfinished uploads release
     // everything, and flights they led end without a verdict. The replies
     // queued, and the verdicts of scans still under way, go as the agent
-    // takes them, or are dropped if it takes none for the idle timeout.
-    if shutting_down {
-        return;
-    }
+    // takes them, or are dropped if it takes none for the idle timeout;
+    // then the stream's status, if it has one to end with.
     let (left, scanning) = (stream.replies.left_behind(), Arc::clone(&stream.scanning));
     let ending = (stream.ending.take()).map(|status| (status, stream.replies.clone()));
     let idle = stream.state.idle_timeout;
     drop(stream);
     let owing = || !scanning.owed().ids.is_empty();
-    tokio::select! {
-        () = left.until_taken(idle, owing) => {}
-        () = &mut shutdown => {}
+    let taken = left.until_taken(idle, owing);
+    if shutting_down {
+        // Scans under way reply within the grace period, after which the
+        // connection goes, and the wait with it.
+        taken.await;
+    } else {
+        tokio::select! {
+            () = taken => {}
+            () = &mut shutdown => {}
+        }
     }
     if let Some((status, replies)) = ending
         && let Ok(slot) = replies.try_reserve(status.message().len().max(1))
@@ -532,6 +538,9 @@ impl ScanStream {
                 // Scans already running still reply, within the grace period.
                 let message = "the server is shutting down; send this file to another SVM";
                 let _ = self.fail_open_files(Code::Unavailable, message).await;
+                self.ending = Some(Status::unavailable(
+                    "the server is shutting down; send the files left to another SVM",
+                ));
                 return Err(());
             }
         }

@@ -431,6 +431,7 @@ async fn serve(
     let silent = tokio::time::sleep(silence);
     tokio::pin!(silent);
     let mut sequence = 0;
+    let mut logs = EventLogs::new(session);
     loop {
         // In this order: the server's own events (rare) before the agent's
         // messages, which could otherwise keep them waiting; and a message
@@ -467,7 +468,7 @@ async fn serve(
                 Ok(Some(_)) if *superseded.borrow() => Ok(()),
                 Ok(Some(message)) => {
                     session.touch();
-                    note(&state.vms, session, message);
+                    note(&state.vms, session, message, &mut logs);
                     Ok(())
                 }
                 Ok(None) => return (Ending::Closed, None),
@@ -507,24 +508,28 @@ fn shown(text: &str) -> &str {
 }
 
 /// Records what the agent tells.
-fn note(vms: &Vms, session: &Session, message: AgentMessage) {
+fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut EventLogs) {
     let vm = session.agent.vm_id.as_str();
     match message.kind {
         Some(agent_message::Kind::Task(task)) => {
             // Kept with the VM until the task ends: what the agent names
             // there must stay small.
             if task.task_id.len() > MAX_IDENTITY_LEN {
-                tracing::warn!(
-                    session = %session.id, vm, length = task.task_id.len(),
-                    "scan task event ignored: its task id is over {MAX_IDENTITY_LEN} bytes"
-                );
+                if logs.take() {
+                    tracing::warn!(
+                        session = %session.id, vm, length = task.task_id.len(),
+                        "scan task event ignored: its task id is over {MAX_IDENTITY_LEN} bytes"
+                    );
+                }
                 return;
             }
-            tracing::info!(
-                session = %session.id, vm, task = ?task.task_id,
-                kind = ?task.kind(), state = ?task.state(), detections = task.detections,
-                failed_files = task.failed_files, "scan task"
-            );
+            if logs.take() {
+                tracing::info!(
+                    session = %session.id, vm, task = ?task.task_id,
+                    kind = ?task.kind(), state = ?task.state(), detections = task.detections,
+                    failed_files = task.failed_files, "scan task"
+                );
+            }
             match task.state() {
                 TaskState::Started => vms.task_started(session, &task.task_id, task.kind()),
                 TaskState::Finished => {
@@ -540,17 +545,21 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
             }
         }
         Some(agent_message::Kind::Integrity(event)) => {
-            tracing::warn!(
-                session = %session.id, vm, kind = ?event.kind(), object = ?shown(&event.object),
-                "integrity event"
-            );
+            if logs.take() {
+                tracing::warn!(
+                    session = %session.id, vm, kind = ?event.kind(), object = ?shown(&event.object),
+                    "integrity event"
+                );
+            }
             vms.integrity(vm, event.kind());
         }
         Some(agent_message::Kind::NetworkAttack(attack)) => {
-            tracing::warn!(
-                session = %session.id, vm, source = ?shown(&attack.source_address),
-                description = ?shown(&attack.description), "network attack"
-            );
+            if logs.take() {
+                tracing::warn!(
+                    session = %session.id, vm, source = ?shown(&attack.source_address),
+                    description = ?shown(&attack.description), "network attack"
+                );
+            }
             vms.network_attack(vm);
         }
         Some(agent_message::Kind::Status(status)) => {
@@ -560,9 +569,81 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
     }
 }
 
+/// The log lines one session's events (scan tasks, integrity events,
+/// network attacks) may take: [`EVENTS_LOGGED`] a minute. An agent that
+/// sends more (ransomware touching thousands of files, or an agent gone
+/// wrong) must not fill the SVM's journal and disk; its VM's record still
+/// counts every event, and how many went unlogged is logged once a minute.
+struct EventLogs {
+    /// The session's id and its VM's, for the line that says how many
+    /// went unlogged.
+    session: String,
+    vm: String,
+    since: tokio::time::Instant,
+    logged: u32,
+    unlogged: u64,
+}
+
+/// How many of one session's events are logged a minute.
+const EVENTS_LOGGED: u32 = 120;
+
+impl EventLogs {
+    fn new(session: &Session) -> Self {
+        EventLogs {
+            session: session.id.clone(),
+            vm: session.agent.vm_id.clone(),
+            since: tokio::time::Instant::now(),
+            logged: 0,
+            unlogged: 0,
+        }
+    }
+
+    /// Whether an event may be logged now.
+    fn take(&mut self) -> bool {
+        if self.since.elapsed() >= Duration::from_secs(60) {
+            if self.unlogged > 0 {
+                tracing::warn!(
+                    session = %self.session, vm = %self.vm, unlogged = self.unlogged,
+                    "events of this agent were not logged: over {EVENTS_LOGGED} a minute"
+                );
+            }
+            (self.since, self.logged, self.unlogged) = (tokio::time::Instant::now(), 0, 0);
+        }
+        self.logged = self.logged.saturating_add(1);
+        self.unlogged += u64::from(self.logged > EVENTS_LOGGED);
+        self.logged <= EVENTS_LOGGED
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent's events take at most `EVENTS_LOGGED` log lines a minute;
+    /// how many went unlogged is logged once the minute is over.
+    #[tokio::test(start_paused = true)]
+    async fn an_agents_events_take_a_bounded_share_of_the_log() {
+        let (logged, _logging) = crate::testlog::Logged::capture();
+        let mut logs = EventLogs {
+            session: "session-1".into(),
+            vm: "desk-1".into(),
+            since: tokio::time::Instant::now(),
+            logged: 0,
+            unlogged: 0,
+        };
+        let taken = (0..1000).filter(|_| logs.take()).count();
+        assert_eq!(taken, EVENTS_LOGGED as usize);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!logs.take());
+        assert_eq!(logged.lines("not logged"), 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(logs.take(), "a new minute");
+        assert_eq!(logged.lines("unlogged=881"), 1);
+        assert_eq!(logged.lines("desk-1"), 1);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(logs.take());
+        assert_eq!(logged.lines("not logged"), 1, "none went unlogged since");
+    }
 
     /// One certificate names one VM: an address is written one way only.
     #[test]
