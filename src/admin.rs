@@ -218,12 +218,24 @@ impl AdminService {
         AdminService { svm, reloader }
     }
 
-    fn tag_reply(
+    /// The reply to a tag command on `vm_id`, once a change it made is
+    /// saved: a tag the operator is told was assigned (or removed) must
+    /// stay so after a crash.
+    async fn tag_reply(
         &self,
         vm_id: &str,
         changed: Result<bool, TagError>,
     ) -> Result<Response<TagReply>, Status> {
         let changed = changed.map_err(|err| Status::not_found(err.to_string()))?;
+        if changed {
+            let vms = Arc::clone(&self.svm.vms);
+            let saved = tokio::task::spawn_blocking(move || vms.save()).await;
+            if let Err(err) = saved.map_err(io::Error::other).and_then(|saved| saved) {
+                return Err(Status::internal(format!(
+                    "the tag is changed, but the protected VMs cannot be saved to the state folder ({err}): a restart before a save succeeds would undo it"
+                )));
+            }
+        }
         let vm = self.svm.vm(vm_id);
         Ok(Response::new(TagReply { changed, vm }))
     }
@@ -257,7 +269,7 @@ impl Admin for AdminService {
         if let Ok(true) = changed {
             tracing::warn!(vm = %request.vm_id, %tag, "security tag assigned by an operator");
         }
-        self.tag_reply(&request.vm_id, changed)
+        self.tag_reply(&request.vm_id, changed).await
     }
 
     async fn remove_tag(&self, request: Request<TagRequest>) -> Result<Response<TagReply>, Status> {
@@ -272,7 +284,7 @@ impl Admin for AdminService {
                 session.restart(&format!("the operator removed the security tag {tag}"));
             }
         }
-        self.tag_reply(&request.vm_id, changed)
+        self.tag_reply(&request.vm_id, changed).await
     }
 
     async fn reload_signatures(

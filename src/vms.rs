@@ -532,6 +532,9 @@ pub struct Vms {
     /// One more than the generation last written to the file (0: none
     /// written yet): see [`Vms::save`].
     written: AtomicU64,
+    /// Saves take turns: the file of one renamed into place after a later
+    /// one's would put back what that one had changed.
+    saving: Mutex<()>,
 }
 
 impl Vms {
@@ -545,6 +548,7 @@ impl Vms {
             stopping: AtomicBool::new(false),
             changed_at_open: false,
             written: AtomicU64::new(0),
+            saving: Mutex::new(()),
         }
     }
 
@@ -612,6 +616,7 @@ impl Vms {
             stopping: AtomicBool::new(false),
             changed_at_open: awaited,
             written: AtomicU64::new(0),
+            saving: Mutex::new(()),
         };
         vms.forget_old();
         Ok(vms)
@@ -984,6 +989,7 @@ impl Vms {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        let _in_turn = self.saving.lock();
         // Read before the records: a change made after it is written now
         // and again at the next save, never missed.
         let generation = *self.changes.borrow() + 1;

@@ -39,6 +39,31 @@ fn a_scan_past_the_timeout_fails_with_timeout() {
     );
 }
 
+/// YARA-X ends a scan at a tick of its one-second clock: a scan of a
+/// moment over a tick must not fail with a timeout of one second. Small
+/// scans, one after the other, for longer than two ticks.
+#[test]
+fn a_short_scan_over_a_tick_of_yara_x_clock_does_not_time_out() {
+    let config = EngineConfig {
+        threads: 1,
+        scan_timeout: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let started = std::time::Instant::now();
+    let mut scans = 0u64;
+    while started.elapsed() < Duration::from_millis(2500) {
+        scans += 1;
+        let data = [&scans.to_le_bytes()[..], &[0; 4096]].concat();
+        let outcome = engine.scan(&ScanJob::bytes(data, None));
+        assert!(
+            outcome.verdict.is_clean(),
+            "scan {scans}: {:?}",
+            outcome.verdict
+        );
+    }
+}
+
 #[test]
 fn content_over_the_size_limit_fails_with_too_large() {
     let config = EngineConfig {

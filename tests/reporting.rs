@@ -1214,6 +1214,10 @@ async fn a_state_file_that_cannot_be_saved_shows_in_the_status() {
         "{}",
         component.detail
     );
+    // An operator's tag that cannot be saved is not answered as done.
+    let refused = set_tag(&server, "vm-s", IDS_IPS, true).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Internal);
+    assert!(refused.message().contains("cannot be saved"), "{refused:?}");
 
     std::fs::remove_dir_all(&registry).unwrap();
     drop(agent);
@@ -1230,6 +1234,10 @@ async fn protected_vms_and_their_tags_survive_a_restart() {
         TestServer::start(|config| config.server.state_dir = Some(state_dir.clone())).await;
     let agent = TestAgent::connect(&server, "vm-1").await;
     let other = TestAgent::connect(&server, "vm-2").await;
+    // An operator's tag is saved before the command is answered.
+    assert!(set_tag(&server, "vm-2", IDS_IPS, true).await.unwrap());
+    let saved = std::fs::read_to_string(state.path().join(vms::FILE_NAME)).unwrap();
+    assert!(saved.contains(&format!("\"{IDS_IPS}\"")), "{saved}");
     assert_eq!(agent.scan(&server, EICAR).await, 1);
     drop(other);
     let before = eventually(&server, "vm-1", |vm| !vm.tags.is_empty()).await;

@@ -20,7 +20,7 @@ use std::{
     panic::{self, AssertUnwindSafe},
     path::Path,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use yara_x::{ScanError, Scanner};
@@ -409,7 +409,13 @@ impl Worker {
         let externals = ruleset.declares_externals();
         let scanner = self.scanner.as_mut().expect("scanner was just built");
         scanner.with_dependent_mut(|_, scanner| {
-            scanner.set_timeout(limits.timeout);
+            // YARA-X counts scan time in whole seconds, ticked by one
+            // clock for every scan: a timeout of N seconds ends a scan at
+            // the Nth tick after it began, which comes anywhere from N - 1
+            // to N seconds later. One more is asked for, so that no scan is
+            // stopped before its timeout (with 1s, a scan of a few
+            // milliseconds over a tick would be).
+            scanner.set_timeout(limits.timeout + Duration::from_secs(1));
             if externals {
                 set_externals(scanner, name);
             }

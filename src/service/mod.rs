@@ -206,6 +206,13 @@ impl ServiceState {
             )));
         }
         let session = self.sessions.get(id).ok_or_else(|| {
+            // Sessions end first as the server stops: one gone then is
+            // not the agent's mistake.
+            if *self.shutdown.borrow() {
+                return Status::unavailable(
+                    "the server is shutting down; send this file to another SVM",
+                );
+            }
             Status::failed_precondition(format!(
                 "unknown session `{id}`: open a session with Connect and use the session id of its Welcome"
             ))
