@@ -22,7 +22,10 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+};
 use tonic::{
     Request, Response, Status,
     codegen::http::Uri,
@@ -211,11 +214,25 @@ fn lock_file(path: &Path) -> io::Result<std::fs::File> {
 pub struct AdminService {
     svm: Arc<Svm>,
     reloader: Arc<Reloader>,
+    /// Turns at building a listing of the VMs (see [`LISTINGS_AT_ONCE`]).
+    listings: Arc<Semaphore>,
 }
+
+/// Listings of the VMs built at once: each is of up to 100,000 VMs (tens
+/// of MB), built on a blocking thread; more calls wait their turn, so that
+/// tools polling `agents` cannot take the SVM's memory and threads.
+const LISTINGS_AT_ONCE: usize = 2;
+
+/// Calls at once on one admin connection: a tool makes one at a time.
+pub const ADMIN_STREAMS: u32 = 8;
 
 impl AdminService {
     pub fn new(svm: Arc<Svm>, reloader: Arc<Reloader>) -> Self {
-        AdminService { svm, reloader }
+        AdminService {
+            svm,
+            reloader,
+            listings: Arc::new(Semaphore::new(LISTINGS_AT_ONCE)),
+        }
     }
 
     /// The reply to a tag command on `vm_id`, once a change it made is
@@ -257,9 +274,11 @@ impl Admin for AdminService {
     }
 
     async fn agents(&self, _: Request<AgentsRequest>) -> Result<Response<AgentsReply>, Status> {
-        Ok(Response::new(AgentsReply {
-            vms: self.svm.vm_infos(WhichVms::All),
-        }))
+        let _turn = Arc::clone(&self.listings).acquire_owned().await;
+        let svm = Arc::clone(&self.svm);
+        let listed = tokio::task::spawn_blocking(move || svm.vm_infos(WhichVms::All)).await;
+        let vms = listed.map_err(|err| Status::internal(format!("the listing failed: {err}")))?;
+        Ok(Response::new(AgentsReply { vms }))
     }
 
     async fn assign_tag(&self, request: Request<TagRequest>) -> Result<Response<TagReply>, Status> {

@@ -590,6 +590,7 @@ impl Server {
             let router = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .max_concurrent_streams(Some(admin::ADMIN_STREAMS))
                 .layer(connections.calls_layer())
                 .add_service(AdminServer::with_interceptor(
                     AdminService::new(Arc::clone(&self.svm), Arc::clone(&self.reloader)),

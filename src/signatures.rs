@@ -458,6 +458,22 @@ impl Ruleset {
     }
 
     fn set_release_time(&self, released: SystemTime) {
+        // Files dated ahead of the clock (copied from a host whose clock is
+        // fast, or the clock set back) count as released when first seen:
+        // their age grows from then, rather than stay nothing, and they
+        // still come to count as outdated.
+        let now = SystemTime::now();
+        let released = match released > now {
+            true if self.released_ms.load(Ordering::Relaxed) != 0 => return,
+            true => {
+                tracing::warn!(
+                    version = %self.version,
+                    "the signatures' files are dated ahead of this machine's clock: their age counts from now"
+                );
+                now
+            }
+            false => released,
+        };
         let ms = released
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
@@ -1060,6 +1076,30 @@ mod tests {
         expected.extend([".tmp-of-another-program".into(), "mine.yarc".into()]);
         expected.sort();
         assert_eq!(left, expected);
+    }
+
+    /// Signatures dated ahead of the clock count as released when loaded;
+    /// looks at the files since do not keep their age at nothing.
+    #[test]
+    fn signatures_dated_ahead_of_the_clock_age_from_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.yar");
+        fs::write(&path, "rule a { condition: true }\n").unwrap();
+        let ahead = SystemTime::now() + Duration::from_secs(365 * 86_400);
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(ahead)
+            .unwrap();
+        let loaded = SystemTime::now();
+        let ruleset = Ruleset::load(dir.path(), None).unwrap();
+        let released = ruleset.release_time();
+        // Kept in milliseconds.
+        assert!(released + Duration::from_millis(1) > loaded && released <= SystemTime::now());
+        std::thread::sleep(Duration::from_millis(20));
+        ruleset.set_release_time(ahead);
+        assert_eq!(ruleset.release_time(), released, "still from when loaded");
     }
 
     #[test]
