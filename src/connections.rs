@@ -511,8 +511,11 @@ impl Connections {
     /// calls end with them. Resolves once every place is given back.
     pub async fn close_all(&self) {
         self.closing.close();
-        // The places: no more than MAX_CONNECTIONS.
-        let _ = self.places.acquire_many(self.max as u32).await;
+        // Looked at rather than waited for with the places, which would
+        // take each as it comes back: `open` would count them as open.
+        while self.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Connections open now.
@@ -1224,6 +1227,28 @@ mod tests {
             .unwrap();
         counted.read_exact(&mut [0; PREFACE_LEN]).await.unwrap();
         (client, counted, ends)
+    }
+
+    /// While the connections close at shutdown, those still open are
+    /// counted as open, no more.
+    #[tokio::test(start_paused = true)]
+    async fn closing_every_connection_counts_those_still_open() {
+        let connections = Arc::new(Connections::new(4, 4, Duration::from_secs(300)));
+        let (_a, first, _) = speaking(&connections, 50001).await;
+        let (_b, second, _) = speaking(&connections, 50002).await;
+        let closing = tokio::spawn({
+            let connections = Arc::clone(&connections);
+            async move { connections.close_all().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(connections.open(), 2);
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(connections.open(), 1);
+        assert!(!closing.is_finished());
+        drop(second);
+        closing.await.unwrap();
+        assert_eq!(connections.open(), 0);
     }
 
     #[tokio::test(start_paused = true)]

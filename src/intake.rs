@@ -18,7 +18,9 @@
 //!   it.
 //! * A message of up to [`FREE`] (64 KiB; a `Lookup`'s, see below) goes on
 //!   as it comes: a call holds no more than that for such messages, and a
-//!   connection no more than its 64 calls' worth.
+//!   connection no more than its 64 calls' worth, besides the rest of the
+//!   HTTP/2 frame the last came in (up to the largest frame, 1 MiB), which
+//!   waits with the call until it reads its next message, counted nowhere.
 //! * A larger one goes on only once its call holds room for it, taken from
 //!   one budget for the listener (`uploads.message_budget`), as a whole, at
 //!   its header (whose last byte is held back until then, so that tonic

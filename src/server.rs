@@ -58,7 +58,9 @@ const STREAM_WINDOW: u32 = CONNECTION_WINDOW - (512 << 10);
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// Largest HTTP/2 frame an agent may send. With the default (16 KiB) a
-/// 256 KiB chunk arrives as 16 frames, each handled on its own.
+/// 256 KiB chunk arrives as 16 frames, each handled on its own. (64 KiB
+/// frames cost the server a sixth more CPU on large files: see
+/// BENCHMARKS.md.)
 const MAX_FRAME_SIZE: u32 = 1 << 20;
 
 /// Calls open at once on one agent connection; further ones wait for a
