@@ -274,9 +274,15 @@ impl Admin for AdminService {
     }
 
     async fn agents(&self, _: Request<AgentsRequest>) -> Result<Response<AgentsReply>, Status> {
-        let _turn = Arc::clone(&self.listings).acquire_owned().await;
+        let turn = Arc::clone(&self.listings).acquire_owned().await;
         let svm = Arc::clone(&self.svm);
-        let listed = tokio::task::spawn_blocking(move || svm.vm_infos(WhichVms::All)).await;
+        // The turn goes with the listing, which a caller that gives up
+        // does not stop.
+        let listed = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            svm.vm_infos(WhichVms::All)
+        })
+        .await;
         let vms = listed.map_err(|err| Status::internal(format!("the listing failed: {err}")))?;
         Ok(Response::new(AgentsReply { vms }))
     }

@@ -1547,7 +1547,7 @@ async fn content_a_thread_is_long_on_is_not_refused_at_its_begin() {
     let (room, on_it) = hold_a_scan_thread(&engine, digest, data.len() as u64).await;
     let (session, _keep) = session_id(&server).await;
     let (tx, mut replies) = scan_stream(&server).await;
-    let deadline = std::time::Instant::now() + timeout * 3;
+    let deadline = std::time::Instant::now() + timeout * 5;
     while engine.second_copy_refused_in(&digest) != Some(Duration::from_millis(10)) {
         assert!(std::time::Instant::now() < deadline, "never on it for long");
         tokio::time::sleep(Duration::from_millis(20)).await;

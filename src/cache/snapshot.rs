@@ -150,8 +150,9 @@ impl SharedCache {
         };
         let entries = parse(&data, ruleset).inspect_err(|_| state::set_aside(path))?;
         let version = ruleset.version_arc();
-        // Counted as held after loading: a snapshot larger than the budget
-        // (made with a larger one) loads what fits.
+        // Counted as held after loading: entries take more room in the
+        // cache than in the file, so not all of a file within the budget
+        // may fit; those that do are loaded.
         let before = self.len();
         for (content, verdict) in entries.map_while(Result::ok) {
             let key = CacheKey {

@@ -197,6 +197,13 @@ impl ScanOutcome {
     }
 }
 
+/// How long past its timeout a scan may run: YARA-X counts scan time in
+/// whole seconds, ticked by one clock for every scan, and ends a scan at
+/// the tick its timeout falls in, anywhere up to a second before the
+/// timeout; it is asked for one second more, so that no scan is stopped
+/// before its timeout (see `worker`).
+pub const TIMEOUT_TICK: Duration = Duration::from_secs(1);
+
 /// Limits every scan obeys.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -357,9 +364,10 @@ impl Engine {
     }
 
     /// How long a job may keep its scan thread before the thread counts
-    /// as stuck: [`STUCK_AFTER_TIMEOUTS`] scan timeouts.
+    /// as stuck: [`STUCK_AFTER_TIMEOUTS`] scan timeouts, and the
+    /// [`TIMEOUT_TICK`] a scan may run past its own.
     pub fn stuck_after(&self) -> Duration {
-        self.limits.timeout.saturating_mul(STUCK_AFTER_TIMEOUTS)
+        self.limits.timeout.saturating_mul(STUCK_AFTER_TIMEOUTS) + TIMEOUT_TICK
     }
 
     /// Scan threads busy with one job for longer than
@@ -491,10 +499,11 @@ impl Engine {
     }
 
     /// How long another thread must have been on content before it is
-    /// refused as a second scan at once: two scan timeouts (a scan would
-    /// have been stopped after one).
+    /// refused as a second scan at once: two scan timeouts and a
+    /// [`TIMEOUT_TICK`] (a scan would have been stopped after one and the
+    /// tick).
     fn twice_at_once_after(&self) -> Duration {
-        self.limits.timeout.saturating_mul(2)
+        self.limits.timeout.saturating_mul(2) + TIMEOUT_TICK
     }
 
     /// Scans `job` on this thread, one of the pool's, with its content's

@@ -20,13 +20,13 @@ use std::{
     panic::{self, AssertUnwindSafe},
     path::Path,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use yara_x::{ScanError, Scanner};
 
 use super::{
-    Limits, ScanOutcome,
+    Limits, ScanOutcome, TIMEOUT_TICK,
     mapped::{self, MappedBudget},
 };
 use crate::{
@@ -409,13 +409,11 @@ impl Worker {
         let externals = ruleset.declares_externals();
         let scanner = self.scanner.as_mut().expect("scanner was just built");
         scanner.with_dependent_mut(|_, scanner| {
-            // YARA-X counts scan time in whole seconds, ticked by one
-            // clock for every scan: a timeout of N seconds ends a scan at
-            // the Nth tick after it began, which comes anywhere from N - 1
-            // to N seconds later. One more is asked for, so that no scan is
-            // stopped before its timeout (with 1s, a scan of a few
-            // milliseconds over a tick would be).
-            scanner.set_timeout(limits.timeout + Duration::from_secs(1));
+            // A timeout of N seconds ends a scan at the Nth tick of
+            // YARA-X's clock after it began, anywhere from N - 1 to N
+            // seconds later (with 1s, a scan of a few milliseconds over a
+            // tick would fail): see `TIMEOUT_TICK`.
+            scanner.set_timeout(limits.timeout + TIMEOUT_TICK);
             if externals {
                 set_externals(scanner, name);
             }

@@ -383,8 +383,9 @@ pub(super) async fn run(
     drop(stream);
     let owing = || !scanning.owed().ids.is_empty();
     let taken = left.until_taken(idle, owing);
-    if shutting_down {
-        // Scans under way reply within the grace period, after which the
+    if shutting_down || ending.is_some() {
+        // The status goes last, whatever comes meanwhile. Scans under way
+        // reply within the grace period at shutdown, after which the
         // connection goes, and the wait with it.
         taken.await;
     } else {

@@ -601,17 +601,29 @@ impl EventLogs {
     /// Whether an event may be logged now.
     fn take(&mut self) -> bool {
         if self.since.elapsed() >= Duration::from_secs(60) {
-            if self.unlogged > 0 {
-                tracing::warn!(
-                    session = %self.session, vm = %self.vm, unlogged = self.unlogged,
-                    "events of this agent were not logged: over {EVENTS_LOGGED} a minute"
-                );
-            }
+            self.log_unlogged();
             (self.since, self.logged, self.unlogged) = (tokio::time::Instant::now(), 0, 0);
         }
         self.logged = self.logged.saturating_add(1);
         self.unlogged += u64::from(self.logged > EVENTS_LOGGED);
         self.logged <= EVENTS_LOGGED
+    }
+
+    fn log_unlogged(&self) {
+        if self.unlogged > 0 {
+            tracing::warn!(
+                session = %self.session, vm = %self.vm, unlogged = self.unlogged,
+                "events of this agent were not logged: over {EVENTS_LOGGED} a minute"
+            );
+        }
+    }
+}
+
+/// The count of the last minute's events left unlogged is logged when the
+/// session ends too (a burst is often the last the agent sends).
+impl Drop for EventLogs {
+    fn drop(&mut self) {
+        self.log_unlogged();
     }
 }
 
@@ -643,6 +655,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(logs.take());
         assert_eq!(logged.lines("not logged"), 1, "none went unlogged since");
+        for _ in 0..200 {
+            logs.take();
+        }
+        drop(logs);
+        assert_eq!(logged.lines("unlogged=81"), 1, "said as the session ends");
     }
 
     /// One certificate names one VM: an address is written one way only.
