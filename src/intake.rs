@@ -15,7 +15,8 @@
 //!   health and reflection services, [`MAX_MESSAGE_SIZE`] on `Scan` and
 //!   `ScanFile`, [`MAX_LOOKUP_MESSAGE`] on `Lookup`. A larger one fails its
 //!   call with `OUT_OF_RANGE` from its header, before anything is held for
-//!   it.
+//!   it. A `Lookup`'s request is one message: a second fails the call with
+//!   `INVALID_ARGUMENT`.
 //! * A message of up to [`FREE`] (64 KiB; a `Lookup`'s, see below) goes on
 //!   as it comes: a call holds no more than that for such messages, and a
 //!   connection no more than its 64 calls' worth, besides the rest of the
@@ -625,6 +626,14 @@ impl<B> Intake<B> {
                     if *read < HEADER_LEN {
                         pos += 1;
                         continue;
+                    }
+                    // tonic would read it and drop it, after the one it
+                    // answers; while the first message's room waits for
+                    // the request's end.
+                    if self.method.unary && self.whole {
+                        return Err(Status::invalid_argument(
+                            "a second message in a Lookup's request: a Lookup is one message, then the request's end",
+                        ));
                     }
                     // tonic would fail it with INTERNAL, the server's
                     // fault; it is the client's.

@@ -1258,6 +1258,25 @@ async fn an_unread_lookup_answer_keeps_its_room() {
     until_room_held(&server, 0).await;
 }
 
+/// A Lookup is one message: a second on its request fails the call
+/// (INVALID_ARGUMENT), rather than be read and dropped while the first
+/// one's room waits for the request's end (each new message would restart
+/// the wait for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_of_two_messages_is_refused() {
+    let server = TestServer::start(|_| {}).await;
+    let (session, _keep) = session_id(&server).await;
+    let request = LookupRequest {
+        session_id: session,
+        digests: vec![Bytes::copy_from_slice(&[7; 32])],
+    };
+    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Lookup", 1 << 20).await;
+    body.send_data(framed(&request), false).unwrap();
+    body.send_data(framed(&request), true).unwrap();
+    assert_eq!(grpc_status(response).await, Code::InvalidArgument as i32);
+    until_room_held(&server, 0).await;
+}
+
 /// A VM has at most `LOOKUPS_AT_ONCE` Lookups answered at once (each may
 /// hold 100,000 digests and wait for scans under way); one more is refused
 /// with RESOURCE_EXHAUSTED, also on a new session of the same VM (its agent
