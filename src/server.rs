@@ -354,8 +354,10 @@ impl Server {
                 let (tls, svm) = (tls.clone(), Arc::clone(&svm));
                 async move {
                     if let Some(tls) = tls {
-                        let _ =
-                            tokio::task::spawn_blocking(move || tls.reload_and_report(&svm)).await;
+                        let read = tokio::task::spawn_blocking(move || tls.reload_and_report(&svm));
+                        if let Err(err) = read.await {
+                            tracing::error!("reading the TLS files again failed: {err}");
+                        }
                     }
                 }
             };

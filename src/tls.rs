@@ -187,7 +187,10 @@ impl Tls {
                 tls.look(&mut looks, &svm);
                 looks
             });
-            looks = looked.await.unwrap_or_default();
+            looks = looked.await.unwrap_or_else(|err| {
+                tracing::error!("a look at the TLS files failed: {err}");
+                Looks::default()
+            });
         }
     }
 

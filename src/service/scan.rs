@@ -355,7 +355,6 @@ pub(super) async fn run(
     // for the timers: the watch is shared by every stream.
     let shutdown = shut_down(&mut shutdown);
     tokio::pin!(shutdown);
-    let mut shutting_down = false;
     // Until the stream ends, which it does once its requests are dropped.
     while let Some(requests) = stream.requests.as_mut() {
         timers.wake_at(stream.next_expiry);
@@ -367,7 +366,6 @@ pub(super) async fn run(
             () = &mut timers.idle => Event::Idle,
             () = &mut shutdown => Event::ShuttingDown,
         };
-        shutting_down |= matches!(event, Event::ShuttingDown);
         if stream.on(event, &mut timers).await.is_err() {
             break;
         }
@@ -378,12 +376,17 @@ pub(super) async fn run(
     // takes them, or are dropped if it takes none for the idle timeout;
     // then the stream's status, if it has one to end with.
     let (left, scanning) = (stream.replies.left_behind(), Arc::clone(&stream.scanning));
-    let ending = (stream.ending.take()).map(|status| (status, stream.replies.clone()));
+    let ending = stream
+        .ending
+        .take()
+        .map(|status| (status, stream.replies.clone()));
     let idle = stream.state.idle_timeout;
     drop(stream);
     let owing = || !scanning.owed().ids.is_empty();
     let taken = left.until_taken(idle, owing);
-    if shutting_down || ending.is_some() {
+    // A stream that ends as the server shuts down has its ending
+    // (UNAVAILABLE), so `shutdown`, which has resolved, is not polled again.
+    if ending.is_some() {
         // The status goes last, whatever comes meanwhile. Scans under way
         // reply within the grace period at shutdown, after which the
         // connection goes, and the wait with it.
