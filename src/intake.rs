@@ -18,10 +18,19 @@
 //!   it. A `Lookup`'s request is one message: a second fails the call with
 //!   `INVALID_ARGUMENT`.
 //! * A message of up to [`FREE`] (64 KiB; a `Lookup`'s, see below) goes on
-//!   as it comes: a call holds no more than that for such messages, and a
-//!   connection no more than its 64 calls' worth, besides the rest of the
-//!   HTTP/2 frame the last came in (up to the largest frame, 1 MiB), which
-//!   waits with the call until it reads its next message, counted nowhere.
+//!   as it comes: a call holds no more than that for such messages.
+//! * What an HTTP/2 frame holds past the message passed on (the next
+//!   messages a client packed into it, up to the largest frame, 1 MiB)
+//!   waits with the call until tonic reads its next message, which a
+//!   handler held up (a full scan queue) may not do for long. Up to
+//!   [`FREE`] of it is held freely; more takes room from the budget for
+//!   all of it, counted in the peer's share as a large message's is, until
+//!   it is passed on (room it holds for the start of a large message
+//!   becomes that message's). The message before it goes on only once that
+//!   room is taken; a call that finds none within [`ROOM_WAIT`] fails. So
+//!   a call holds at most twice [`FREE`] besides its room, and a
+//!   connection its 64 calls' worth, but for the frame of a call waiting
+//!   for room (below), held for that wait.
 //! * A larger one goes on only once its call holds room for it, taken from
 //!   one budget for the listener (`uploads.message_budget`), as a whole, at
 //!   its header (whose last byte is held back until then, so that tonic
@@ -107,9 +116,13 @@ pub const STALL: Duration = Duration::from_secs(60);
 /// The calls of one peer address may hold this share of the budget.
 pub const PEER_SHARE: usize = 4;
 
-/// The most room one call may come to hold: its messages grow to at most
-/// [`MAX_MESSAGE_SIZE`], and each growth takes room for the message on top
-/// of what the call holds (see `Intake::admit`).
+/// The most room one call may come to hold for its messages: they grow to
+/// at most [`MAX_MESSAGE_SIZE`], and each growth takes room for the message
+/// on top of what the call holds (see `Intake::admit`). Bytes it is sent
+/// ahead of the message read may take up to a frame's more (1 MiB, see
+/// [`Intake::ahead`]): a call that came to hold this much, alone at the
+/// smallest budget or share, fails when it packs more than [`FREE`] into
+/// a frame after a message. (lightagent's calls hold far less.)
 pub const CALL_MOST: usize = 2 * MAX_MESSAGE_SIZE;
 
 /// A gRPC message's header: a compression flag and a 4-byte length.
@@ -377,7 +390,8 @@ impl Room {
         fits
     }
 
-    /// Counts `kib` less for the peer (a wait for them failed).
+    /// Counts `kib` less for the peer (a wait for them failed, or they
+    /// were given back).
     fn discharge(&mut self, kib: usize) {
         if let Some((ip, charged)) = &mut self.peer {
             self.budget.discharge(*ip, kib);
@@ -479,6 +493,12 @@ pub struct Intake<B> {
     kept: Option<KeptRoom>,
     /// Received and not passed on yet.
     held: Bytes,
+    /// Room for what `held` keeps once a message is passed on, when that
+    /// is over [`FREE`] (the rest of its frame): those bytes wait with the
+    /// call until tonic reads its next message, which a handler held up
+    /// may not do for a long while. Given back once they are passed on, or
+    /// given over to the room of the message they begin.
+    ahead: Option<OwnedSemaphorePermit>,
     at: At,
     /// Whether a message came whole.
     whole: bool,
@@ -504,6 +524,14 @@ enum At {
     },
     /// Passing on a message's `left` bytes.
     Message { left: usize },
+    /// A message's last `pass` bytes wait for `more` KiB of room for the
+    /// bytes received after them (see [`Intake::ahead`]); they go on once
+    /// it is given, or the call fails after [`ROOM_WAIT`].
+    Ahead {
+        pass: usize,
+        more: u32,
+        waiting: Option<RoomWait>,
+    },
     /// The call failed: nothing more goes on.
     Failed,
 }
@@ -586,6 +614,7 @@ impl<B> Intake<B> {
             room,
             kept,
             held: Bytes::new(),
+            ahead: None,
             at: At::header(),
             whole: false,
             stall: Stall::default(),
@@ -599,7 +628,7 @@ impl<B> Intake<B> {
             && match self.at {
                 At::Header { read, .. } => read > 0 || (self.method.unary && self.whole),
                 At::Message { .. } => true,
-                At::Room { .. } | At::Failed => false,
+                At::Room { .. } | At::Ahead { .. } | At::Failed => false,
             }
     }
 
@@ -667,7 +696,7 @@ impl<B> Intake<B> {
                         }
                     }
                 }
-                At::Room { .. } | At::Failed => break,
+                At::Room { .. } | At::Ahead { .. } | At::Failed => break,
             }
         }
         Ok(pos)
@@ -697,9 +726,22 @@ impl<B> Intake<B> {
         if room <= FREE || needed <= self.room.kib() {
             return Ok(0);
         }
-        let more = needed;
+        // Room taken for the bytes received ahead of the message (see
+        // `ahead`), which are this message's, goes to it first: counted
+        // once, and already counted for the peer.
+        let mut more = needed;
+        if let Some(part) = self.ahead.as_mut().and_then(|ahead| {
+            let part = ahead.num_permits().min(more);
+            ahead.split(part)
+        }) {
+            more -= part.num_permits();
+            self.room.keep(part);
+        }
+        if more == 0 {
+            return Ok(0);
+        }
         if !self.room.charge(more) {
-            return Err(peer_full(len));
+            return Err(peer_full(&message(len)));
         }
         match Arc::clone(&self.room.budget.room).try_acquire_many_owned(more as u32) {
             Ok(taken) => {
@@ -710,6 +752,46 @@ impl<B> Intake<B> {
         }
     }
 
+    /// Settles the room for the `waiting` bytes `held` keeps once a
+    /// message is passed on (see [`Intake::ahead`]): none for up to
+    /// [`FREE`]; else takes what it lacks if it is free, or returns the
+    /// KiB to wait for (0: the message may go on).
+    fn hold_ahead(&mut self, waiting: usize) -> Result<u32, Status> {
+        let needed = waiting.div_ceil(1024);
+        let held = self
+            .ahead
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
+        if waiting <= FREE || needed <= held {
+            return Ok(0);
+        }
+        let more = needed - held;
+        if !self.room.charge(more) {
+            return Err(peer_full(&ahead(waiting)));
+        }
+        match Arc::clone(&self.room.budget.room).try_acquire_many_owned(more as u32) {
+            Ok(taken) => {
+                self.keep_ahead(taken);
+                Ok(0)
+            }
+            Err(_) => Ok(more as u32),
+        }
+    }
+
+    fn keep_ahead(&mut self, taken: OwnedSemaphorePermit) {
+        match &mut self.ahead {
+            Some(ahead) => ahead.merge(taken),
+            None => self.ahead = Some(taken),
+        }
+    }
+
+    /// Gives back the room for bytes received ahead: they were passed on.
+    fn release_ahead(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            self.room.discharge(ahead.num_permits());
+        }
+    }
+
     /// Fails the call with `status`, and lets go of its request (HTTP/2
     /// then drops what it holds for the call). Its room stays until the
     /// call ends, as tonic's buffer does.
@@ -717,12 +799,14 @@ impl<B> Intake<B> {
         self.at = At::Failed;
         self.inner = None;
         self.held = Bytes::new();
+        self.release_ahead();
         Poll::Ready(Some(Err(status)))
     }
 }
 
 impl<B> Drop for Intake<B> {
     fn drop(&mut self) {
+        self.release_ahead();
         if let Some(kept) = &self.kept {
             let none = Room::new(Arc::clone(&self.room.budget), None);
             *kept.0.lock() = Some(std::mem::replace(&mut self.room, none));
@@ -747,27 +831,36 @@ where
                 At::Failed => return Poll::Ready(None),
                 At::Room { len, more, waiting } => {
                     let (len, more) = (*len, *more);
-                    let room = &this.room.budget.room;
-                    let waiting = waiting.get_or_insert_with(|| {
-                        let wait = Arc::clone(room).acquire_many_owned(more);
-                        Box::pin(tokio::time::timeout(ROOM_WAIT, wait))
-                    });
-                    match ready!(waiting.as_mut().poll(cx)) {
-                        Ok(Ok(taken)) => this.room.keep(taken),
-                        // The budget is never closed.
-                        Ok(Err(_)) | Err(_) => {
-                            this.room.discharge(more as usize);
-                            return this.fail(no_room(len));
-                        }
-                    }
+                    let Ok(taken) = ready!(wait_for_room(waiting, &this.room.budget, more, cx))
+                    else {
+                        this.room.discharge(more as usize);
+                        return this.fail(no_room(&message(len)));
+                    };
+                    this.room.keep(taken);
                     // The header's last byte, alone (see `admit`).
                     this.at = At::Message { left: len };
                     let last = this.held.split_to(1);
                     return Poll::Ready(Some(Ok(Frame::data(last))));
                 }
+                At::Ahead {
+                    pass,
+                    more,
+                    waiting,
+                } => {
+                    let (pass, more) = (*pass, *more);
+                    let Ok(taken) = ready!(wait_for_room(waiting, &this.room.budget, more, cx))
+                    else {
+                        this.room.discharge(more as usize);
+                        return this.fail(no_room(&ahead(this.held.len() - pass)));
+                    };
+                    this.keep_ahead(taken);
+                    this.at = At::header();
+                    return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(pass)))));
+                }
                 At::Header { .. } | At::Message { .. } => {}
             }
             if this.held.is_empty() {
+                this.release_ahead();
                 let Some(inner) = &mut this.inner else {
                     return Poll::Ready(None);
                 };
@@ -790,9 +883,38 @@ where
                     }
                 }
             }
-            match this.passable() {
-                Ok(0) => {}
-                Ok(pass) => return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(pass))))),
+            let pass = match this.passable() {
+                Ok(0) => continue,
+                Ok(pass) => pass,
+                Err(status) => return this.fail(status),
+            };
+            // What stays once a whole message goes on waits for tonic to
+            // read the next. (What follows the header of a message whose
+            // room is being settled waits for that room; after a Lookup's
+            // message, anything but the request's end fails the call.)
+            let at_a_message_end = matches!(this.at, At::Header { read: 0, .. });
+            let waiting = if at_a_message_end && !(this.method.unary && this.whole) {
+                this.held.len() - pass
+            } else {
+                0
+            };
+            match this.hold_ahead(waiting) {
+                Ok(0) => {
+                    let data = this.held.split_to(pass);
+                    // tonic reads no further once it has a message: the
+                    // room goes back now, not at its next read.
+                    if this.held.is_empty() {
+                        this.release_ahead();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(more) => {
+                    this.at = At::Ahead {
+                        pass,
+                        more,
+                        waiting: None,
+                    }
+                }
                 Err(status) => return this.fail(status),
             }
         }
@@ -813,6 +935,25 @@ where
     }
 }
 
+/// Room for `more` KiB from `budget`, waited for at most [`ROOM_WAIT`]
+/// from the first poll; an error if none came in time.
+fn wait_for_room(
+    waiting: &mut Option<RoomWait>,
+    budget: &Budget,
+    more: u32,
+    cx: &mut Context<'_>,
+) -> Poll<Result<OwnedSemaphorePermit, ()>> {
+    let waiting = waiting.get_or_insert_with(|| {
+        let wait = Arc::clone(&budget.room).acquire_many_owned(more);
+        Box::pin(tokio::time::timeout(ROOM_WAIT, wait))
+    });
+    // The budget is never closed.
+    waiting.as_mut().poll(cx).map(|taken| match taken {
+        Ok(Ok(taken)) => Ok(taken),
+        Ok(Err(_)) | Err(_) => Err(()),
+    })
+}
+
 /// The error of a call whose message is over its method's largest.
 fn too_large(len: usize, max: usize) -> Status {
     Status::out_of_range(format!(
@@ -820,18 +961,29 @@ fn too_large(len: usize, max: usize) -> Status {
     ))
 }
 
-/// The error of a call whose message found no room in time.
-fn no_room(len: usize) -> Status {
+/// The error of a call whose message (`what`, see [`message`] and
+/// [`ahead`]) found no room in time.
+fn no_room(what: &str) -> Status {
     Status::resource_exhausted(format!(
-        "the server holds as many messages as it may: a message of {len} bytes found no room within {ROOM_WAIT:?}; send it again later, or to another SVM"
+        "the server holds as many messages as it may: {what} found no room within {ROOM_WAIT:?}; send it again later, or to another SVM"
     ))
 }
 
 /// The error of a call whose peer's calls hold their share of the room.
-fn peer_full(len: usize) -> Status {
+fn peer_full(what: &str) -> Status {
     Status::resource_exhausted(format!(
-        "this address's calls hold all the room for messages one address may: a message of {len} bytes must wait until some of them end; send fewer large messages at once"
+        "this address's calls hold all the room for messages one address may: {what} must wait until some of them end; send fewer large messages at once (or pack fewer into each HTTP/2 frame)"
     ))
+}
+
+/// A message of `len` bytes, in an error.
+fn message(len: usize) -> String {
+    format!("a message of {len} bytes")
+}
+
+/// The `len` bytes a call was sent ahead of the message read, in an error.
+fn ahead(len: usize) -> String {
+    format!("the {len} bytes this call sent ahead of the message being read")
 }
 
 /// The error of a call whose message did not come whole in time.
@@ -863,9 +1015,12 @@ mod tests {
         }
     }
 
+    const SCAN: &str = "/scanserver.v1.ProtectionServer/Scan";
+    const LOOKUP: &str = "/scanserver.v1.ProtectionServer/Lookup";
+
     /// A Scan call's body, of no known peer.
     fn body(layer: &IntakeLayer) -> (mpsc::UnboundedSender<Bytes>, Intake<Sent>) {
-        call(layer, "/scanserver.v1.ProtectionServer/Scan", None)
+        call(layer, SCAN, None)
     }
 
     fn call(
@@ -891,13 +1046,17 @@ mod tests {
         message
     }
 
+    /// What the intake passes on next, if anything now.
+    async fn next(intake: &mut Intake<Sent>) -> Poll<Next> {
+        poll_fn(|cx| Poll::Ready(Pin::new(&mut *intake).poll_frame(cx))).await
+    }
+
     /// Everything the intake passes on now, and how it stopped: pending,
     /// or an error.
     async fn drain(intake: &mut Intake<Sent>) -> (usize, Option<tonic::Code>) {
         let mut passed = 0;
         loop {
-            let next = poll_fn(|cx| Poll::Ready(Pin::new(&mut *intake).poll_frame(cx))).await;
-            match next {
+            match next(intake).await {
                 Poll::Ready(Some(Ok(frame))) => passed += frame.into_data().unwrap().len(),
                 Poll::Ready(Some(Err(status))) => return (passed, Some(status.code())),
                 Poll::Ready(None) | Poll::Pending => return (passed, None),
@@ -946,6 +1105,75 @@ mod tests {
         let (_, error) = drain(&mut refused).await;
         assert_eq!(error, Some(tonic::Code::ResourceExhausted));
         assert_eq!(layer.held(), 800 << 10);
+    }
+
+    /// The bytes a frame holds past the message passed on wait with the
+    /// call until tonic reads its next message (a handler held up may not
+    /// for long): over [`FREE`], they take room until they are passed on,
+    /// or give it to the message they begin.
+    #[tokio::test(start_paused = true)]
+    async fn what_a_frame_holds_past_the_message_read_takes_room() {
+        let layer = IntakeLayer::new(2 << 20);
+        let peer = Some(IpAddr::from([10, 0, 0, 1]));
+        let passed = |next: Poll<Next>| match next {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap().len(),
+            _ => panic!("a message goes on"),
+        };
+        let ahead: Vec<u8> = (0..15).flat_map(|_| message(60 << 10)).collect();
+        let packed = || Bytes::from([message(10), ahead.clone()].concat());
+        let (tx, mut scan) = call(&layer, SCAN, peer);
+        tx.send(packed()).unwrap();
+        assert_eq!(passed(next(&mut scan).await), 10 + HEADER_LEN);
+        assert_eq!(layer.held(), (ahead.len().div_ceil(1024) as u64) << 10);
+        for _ in 0..15 {
+            assert_eq!(passed(next(&mut scan).await), (60 << 10) + HEADER_LEN);
+        }
+        assert_eq!(layer.held(), 0, "given back once passed on");
+        assert!(layer.budget.peers.lock().is_empty());
+
+        // With no room for them, the message before them waits, and goes
+        // on once room comes; or its call fails when none comes in time.
+        let (large, mut holding) = body(&layer);
+        large.send(header(1536 << 10).into()).unwrap();
+        assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+        let (tx, mut scan) = body(&layer);
+        tx.send(packed()).unwrap();
+        assert_eq!(drain(&mut scan).await, (0, None));
+        drop(holding);
+        assert_eq!(
+            drain(&mut scan).await,
+            (10 + HEADER_LEN + ahead.len(), None)
+        );
+        let (large, mut holding) = body(&layer);
+        large.send(header(1536 << 10).into()).unwrap();
+        assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+        let (tx, mut refused) = body(&layer);
+        tx.send(packed()).unwrap();
+        assert_eq!(drain(&mut refused).await, (0, None));
+        tokio::time::sleep(ROOM_WAIT).await;
+        let (_, error) = drain(&mut refused).await;
+        assert_eq!(error, Some(tonic::Code::ResourceExhausted));
+        assert_eq!(layer.held(), 1536 << 10);
+        // A Lookup's message goes on, and what follows it fails the call
+        // as a second message, without waiting for room.
+        let (tx, mut lookup) = call(&layer, LOOKUP, None);
+        tx.send([message(100), message(100 << 10)].concat().into())
+            .unwrap();
+        let (_, error) = drain(&mut lookup).await;
+        assert_eq!(error, Some(tonic::Code::InvalidArgument));
+        drop(holding);
+
+        // Bytes ahead that begin a large message give it their room: it
+        // is counted once.
+        let (tx, mut scan) = body(&layer);
+        tx.send([message(10), message(800 << 10)].concat().into())
+            .unwrap();
+        assert_eq!(passed(next(&mut scan).await), 10 + HEADER_LEN);
+        assert_eq!(layer.held(), 801 << 10);
+        assert_eq!(passed(next(&mut scan).await), HEADER_LEN);
+        assert_eq!(layer.held(), 801 << 10, "not 1,601 KiB");
+        assert_eq!(passed(next(&mut scan).await), 800 << 10);
+        assert_eq!(layer.held(), 800 << 10, "the large message's room");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1015,7 +1243,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lookup_takes_room_for_its_answer_and_keeps_it_until_answered() {
-        const LOOKUP: &str = "/scanserver.v1.ProtectionServer/Lookup";
         let layer = IntakeLayer::new(64 << 20);
         // Over its largest, refused at the header.
         let (tx, mut large) = call(&layer, LOOKUP, None);

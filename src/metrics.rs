@@ -326,7 +326,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_message_room_bytes",
-                "Memory the agent listener's calls hold for messages (requests over 64 KiB, Lookups and their answers, Scan replies waiting beyond a stream's first 64 KiB), with what is set aside for calls waiting for it",
+                "Memory the agent listener's calls hold for messages (requests over 64 KiB, what is sent ahead of the message read beyond 64 KiB, Lookups and their answers, Scan replies waiting beyond a stream's first 64 KiB), with what is set aside for calls waiting for it",
                 self.1.intake.held(),
             ),
             (
