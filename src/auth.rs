@@ -47,6 +47,21 @@ impl BearerToken {
     /// A file others may read is used, with a warning: anyone who can read
     /// it can change security tags.
     pub fn read(path: &Path) -> Result<BearerToken, TokenError> {
+        BearerToken::parse(&BearerToken::read_file(path)?, path)
+    }
+
+    /// What the token file at `path` holds, unchecked (see
+    /// [`BearerToken::parse`]).
+    pub fn read_file(path: &Path) -> Result<Vec<u8>, TokenError> {
+        files::read(path, TOKEN_FILE_LIMIT).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The token in `bytes`, read from the file at `path`, as
+    /// [`BearerToken::read`] takes it.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<BearerToken, TokenError> {
         use std::os::unix::fs::PermissionsExt;
         let path_buf = || path.to_owned();
         if let Ok(metadata) = std::fs::metadata(path)
@@ -58,11 +73,7 @@ impl BearerToken {
                 "the token file may be read by its group or by others; make it readable by its owner alone (chmod 600)"
             );
         }
-        let bytes = files::read(path, TOKEN_FILE_LIMIT).map_err(|source| TokenError::Read {
-            path: path_buf(),
-            source,
-        })?;
-        match std::str::from_utf8(&bytes).map(str::trim) {
+        match std::str::from_utf8(bytes).map(str::trim) {
             Ok("") => Err(TokenError::Empty { path: path_buf() }),
             Ok(token) => {
                 BearerToken::new(token).ok_or_else(|| TokenError::Invalid { path: path_buf() })

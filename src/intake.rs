@@ -120,7 +120,7 @@ pub const PEER_SHARE: usize = 4;
 /// at most [`MAX_MESSAGE_SIZE`], and each growth takes room for the message
 /// on top of what the call holds (see `Intake::admit`). Bytes it is sent
 /// ahead of the message read may take up to a frame's more (1 MiB, see
-/// [`Intake::ahead`]): a call that came to hold this much, alone at the
+/// `Intake::ahead`): a call that came to hold this much, alone at the
 /// smallest budget or share, fails when it packs more than [`FREE`] into
 /// a frame after a message. (lightagent's calls hold far less.)
 pub const CALL_MOST: usize = 2 * MAX_MESSAGE_SIZE;

@@ -23,22 +23,31 @@
 //! without it the Integration Server would go on sending agents to an SVM
 //! that is gone, until its reports were missed for long enough.
 //!
+//! The token and TLS files are read again before each report, so that a
+//! token or certificate rotated on disk is used from the next report on,
+//! without a restart; files that cannot be used leave the earlier ones in
+//! use, with a warning (see `Credentials`).
+//!
 //! [`Receiver`] is the other side: a minimal Integration Server that hands
 //! each report on (`scanserver receiver` prints them as JSON lines).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Deserialize;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{
     Request, Response, Status,
     service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use crate::{
     auth::{BearerToken, RequireToken, SendToken, TokenError},
-    client::{ClientTls, client_tls},
+    files,
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport, VmInfo,
         integration_server_client::IntegrationServerClient,
@@ -124,8 +133,11 @@ pub enum ReportingError {
     HalfIdentity,
     #[error("cannot set up TLS towards the Integration Server: {0}")]
     Tls(tonic::transport::Error),
-    #[error("cannot load the TLS files for the Integration Server (reporting.tls): {0}")]
-    TlsFiles(crate::client::ClientError),
+    #[error("cannot read {} (reporting.tls): {source}", path.display())]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Sends the SVM's reports to the Integration Server.
@@ -135,6 +147,7 @@ pub struct Reporter {
     client: IntegrationServerClient<InterceptedService<Channel, SendToken>>,
     endpoint: Endpoint,
     token: SendToken,
+    credentials: Credentials,
     interval: Duration,
     sequence: u64,
     /// VMs the last report left out (see [`REPORT_VMS_BUDGET`]), to warn
@@ -144,7 +157,8 @@ pub struct Reporter {
 
 impl Reporter {
     /// A reporter for `config`, or `None` when no Integration Server is
-    /// configured. Nothing is connected yet.
+    /// configured. Nothing is connected yet; the token and TLS files are
+    /// read, and must be usable.
     pub fn new(
         config: &ReportingConfig,
         svm: Arc<Svm>,
@@ -152,24 +166,18 @@ impl Reporter {
         let Some(url) = &config.integration_server else {
             return Ok(None);
         };
-        let mut endpoint = Endpoint::from_shared(url.clone())
+        let plain = Endpoint::from_shared(url.clone())
             .map_err(|source| ReportingError::Url {
                 url: url.clone(),
                 source,
             })?
             .connect_timeout(REPORT_TIMEOUT);
-        if let Some(tls) = &config.tls {
-            endpoint = endpoint
-                .tls_config(tls_config(tls)?)
-                .map_err(ReportingError::Tls)?;
-        }
-        let token = config
-            .token_file
-            .as_deref()
-            .map(BearerToken::read)
-            .transpose()
-            .map_err(ReportingError::Token)?;
-        let token = SendToken(token);
+        let files = Arc::new(CredentialFiles {
+            token_file: config.token_file.clone(),
+            tls: config.tls.clone(),
+        });
+        let read = files.read()?;
+        let (endpoint, token) = files.make(&plain, &read)?;
         Ok(Some(Reporter {
             svm,
             client: IntegrationServerClient::with_interceptor(
@@ -178,10 +186,28 @@ impl Reporter {
             ),
             endpoint,
             token,
+            credentials: Credentials {
+                files,
+                plain,
+                in_use: read.digest(),
+                failure: None,
+            },
             interval: config.interval,
             sequence: 0,
             vms_left_out: 0,
         }))
+    }
+
+    /// Reads the token and TLS files again, and reports with new ones from
+    /// now on (see [`Credentials`]).
+    async fn refresh_credentials(&mut self) {
+        if let Some((endpoint, token)) = self.credentials.changed().await {
+            tracing::info!(
+                "the reporting token or TLS files changed: reports go with them from now on"
+            );
+            (self.endpoint, self.token) = (endpoint, token);
+            self.reconnect();
+        }
     }
 
     /// Drops the channel for a new one, which connects with the next
@@ -267,6 +293,7 @@ impl Reporter {
     /// Sends one report; when the Integration Server acknowledged it,
     /// returns the status it carried.
     async fn send(&mut self, trigger: ReportTrigger) -> Option<SvmStatus> {
+        self.refresh_credentials().await;
         self.sequence += 1;
         let mut report = self.svm.report(WhichVms::Notable);
         // A report that arrives proves the Integration Server reachable:
@@ -375,19 +402,165 @@ fn next_scheduled(interval: Duration, trigger: ReportTrigger) -> Duration {
     }
 }
 
-/// The TLS settings for `tls`, its files read.
-fn tls_config(tls: &ReportingTls) -> Result<tonic::transport::ClientTlsConfig, ReportingError> {
-    let identity = match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
-        (None, None) => None,
-        _ => return Err(ReportingError::HalfIdentity),
-    };
-    let tls = ClientTls {
-        ca: Some(tls.ca.clone()),
-        identity,
-        domain: tls.domain.clone(),
-    };
-    client_tls(&tls).map_err(ReportingError::TlsFiles)
+/// The token and TLS files reports go with, read again before each
+/// report: a token or certificate rotated on disk is used from the next
+/// report on, without a restart (which would end every agent's session).
+/// Files that cannot be read or used leave the earlier ones in use, with a
+/// warning (once for the same failure).
+struct Credentials {
+    files: Arc<CredentialFiles>,
+    /// The Integration Server's endpoint, without TLS.
+    plain: Endpoint,
+    /// The digest of the files in use.
+    in_use: blake3::Hash,
+    /// Why the last files changed could not be used, once warned of.
+    failure: Option<String>,
+}
+
+impl Credentials {
+    /// The endpoint and token the files make, when they changed since
+    /// those in use and can be used. They are read on a blocking thread,
+    /// within [`REPORT_TIMEOUT`]: a file on a share may keep a read
+    /// waiting, and the report (the last one, at shutdown) must go.
+    async fn changed(&mut self) -> Option<(Endpoint, SendToken)> {
+        let files = Arc::clone(&self.files);
+        let read = tokio::task::spawn_blocking(move || files.read());
+        let made = match tokio::time::timeout(REPORT_TIMEOUT, read).await {
+            Ok(Ok(Ok(read))) if read.digest() == self.in_use => {
+                self.failure = None;
+                return None;
+            }
+            Ok(Ok(Ok(read))) => self
+                .files
+                .make(&self.plain, &read)
+                .map(|made| (made, read.digest())),
+            Ok(Ok(Err(err))) => Err(err),
+            Ok(Err(err)) => {
+                tracing::error!("reading the reporting credentials failed: {err}");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the reporting token or TLS files could not be read within {REPORT_TIMEOUT:?}; reports go with the earlier ones"
+                );
+                return None;
+            }
+        };
+        match made {
+            Ok((made, digest)) => {
+                (self.in_use, self.failure) = (digest, None);
+                Some(made)
+            }
+            Err(err) => {
+                let err = crate::WithCauses(&err).to_string();
+                if self.failure.as_ref() != Some(&err) {
+                    tracing::warn!(
+                        "the reporting token or TLS files changed and cannot be used; reports go with the earlier ones: {err}"
+                    );
+                    self.failure = Some(err);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Where the reporting token and TLS files are.
+struct CredentialFiles {
+    token_file: Option<PathBuf>,
+    tls: Option<ReportingTls>,
+}
+
+impl CredentialFiles {
+    /// Reads the files. Blocking.
+    fn read(&self) -> Result<ReadCredentials, ReportingError> {
+        let read = |path: &Path| {
+            files::read(path, files::SMALL_FILE_LIMIT).map_err(|source| ReportingError::TlsFile {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let tls = match &self.tls {
+            None => None,
+            Some(tls) => {
+                let identity = match (&tls.cert, &tls.key) {
+                    (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                    (None, None) => None,
+                    _ => return Err(ReportingError::HalfIdentity),
+                };
+                Some(TlsContents {
+                    ca: read(&tls.ca)?,
+                    identity,
+                })
+            }
+        };
+        let token = (self.token_file.as_deref())
+            .map(BearerToken::read_file)
+            .transpose()
+            .map_err(ReportingError::Token)?;
+        Ok(ReadCredentials { tls, token })
+    }
+
+    /// The endpoint (`plain`, with TLS if configured) and the token that
+    /// `read` makes.
+    fn make(
+        &self,
+        plain: &Endpoint,
+        read: &ReadCredentials,
+    ) -> Result<(Endpoint, SendToken), ReportingError> {
+        let mut endpoint = plain.clone();
+        if let (Some(settings), Some(contents)) = (&self.tls, &read.tls) {
+            let ca = Certificate::from_pem(&contents.ca);
+            let mut config = ClientTlsConfig::new().ca_certificate(ca);
+            if let Some((cert, key)) = &contents.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &settings.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(config).map_err(ReportingError::Tls)?;
+        }
+        let token = match (&self.token_file, &read.token) {
+            (Some(path), Some(bytes)) => {
+                Some(BearerToken::parse(bytes, path).map_err(ReportingError::Token)?)
+            }
+            _ => None,
+        };
+        Ok((endpoint, SendToken(token)))
+    }
+}
+
+/// What the reporting token and TLS files hold.
+struct ReadCredentials {
+    tls: Option<TlsContents>,
+    token: Option<Vec<u8>>,
+}
+
+/// What the `[reporting.tls]` files hold.
+struct TlsContents {
+    ca: Vec<u8>,
+    /// The certificate and key.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ReadCredentials {
+    /// A digest of it all: whether the files changed.
+    fn digest(&self) -> blake3::Hash {
+        let ca = self.tls.as_ref().map(|tls| &tls.ca);
+        let identity = (self.tls.iter())
+            .flat_map(|tls| &tls.identity)
+            .flat_map(|(cert, key)| [cert, key]);
+        let mut digest = blake3::Hasher::new();
+        for part in [ca, self.token.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(identity)
+        {
+            digest.update(&(part.len() as u64).to_le_bytes());
+            digest.update(part);
+        }
+        digest.finalize()
+    }
 }
 
 /// A minimal Integration Server: hands every report it accepts to a

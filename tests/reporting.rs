@@ -35,6 +35,15 @@ use scanserver::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// A receiver's TLS: its certificate and key (PEM), and the CA clients'
+/// certificates must chain to, if any.
+#[derive(Clone)]
+struct ServedTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
+}
+
 /// An Integration Server on its own thread and runtime (real time), so that
 /// a test's paused clock does not stop it.
 struct TestReceiver {
@@ -43,6 +52,8 @@ struct TestReceiver {
     forward: std_mpsc::Sender<SvmReport>,
     /// The bearer token reports must carry, if any.
     token: Option<String>,
+    /// TLS, when served with it.
+    tls: Option<ServedTls>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -59,6 +70,7 @@ impl TestReceiver {
             reports: Arc::new(Mutex::new(reports)),
             forward,
             token: token.map(str::to_owned),
+            tls: None,
             stop: None,
             thread: None,
         };
@@ -72,6 +84,14 @@ impl TestReceiver {
         let (bound_tx, bound_rx) = std_mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr, forward, token) = (self.addr, self.forward.clone(), self.token.clone());
+        let tls = self.tls.clone().map(|tls| {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let config = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key));
+            match tls.client_ca {
+                Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+                None => config,
+            }
+        });
         let thread = thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
@@ -83,7 +103,11 @@ impl TestReceiver {
                         let _ = forward.send(report);
                     }
                 });
-                let serve = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = tls {
+                    builder = builder.tls_config(tls).unwrap();
+                }
+                let serve = builder
                     .add_service(Receiver::service(
                         tx,
                         token.as_deref().map(|t| BearerToken::new(t).unwrap()),
@@ -1525,6 +1549,93 @@ async fn reports_carry_the_bearer_token() {
     })
     .await;
     first_report(&receiver, &svm).await;
+    assert_eq!(svm.status().health, Health::Ok);
+}
+
+/// The token file is read again before each report: a rotated token is
+/// used from the next report on, without a restart; a file that cannot be
+/// used then leaves the earlier token in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_is_used_without_a_restart() {
+    let receiver = TestReceiver::with_token(Some("s3cret"));
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "before\n").unwrap();
+    let path = token.path().to_owned();
+    let (svm, _stop) = reporting_svm(&receiver, |config| {
+        config.reporting.token_file = Some(path);
+        config.reporting.interval = Duration::from_secs(2);
+    })
+    .await;
+    reports_recorded(&svm, 1).await;
+    assert!(receiver.next(Duration::from_millis(200)).await.is_none());
+    std::fs::write(token.path(), "s3cret\n").unwrap();
+    let report = receiver.next(Duration::from_secs(10)).await;
+    assert!(report.is_some(), "a retry carries the new token");
+    std::fs::write(token.path(), "not a token\n").unwrap();
+    let report = receiver.next(Duration::from_secs(10)).await;
+    assert!(report.is_some(), "the next report carries the token in use");
+}
+
+/// A CA's certificate (PEM), and a certificate for `name` it signed,
+/// with its key.
+fn signed_by_a_new_ca(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Reports go over mutual TLS; when the Integration Server moves to a
+/// certificate of another CA, and the SVM's `[reporting.tls]` files are
+/// replaced with that CA and a certificate it signed, reports go on
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_go_over_mutual_tls_and_renewed_files_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name);
+    // The SVM's files: the Integration Server's CA, and its own
+    // certificate, which the Integration Server's CA signed.
+    let issue = || {
+        let (ca, server_cert, server_key) = signed_by_a_new_ca("localhost");
+        let (svm_ca, svm_cert, svm_key) = signed_by_a_new_ca("svm-1");
+        std::fs::write(file("ca.pem"), &ca).unwrap();
+        std::fs::write(file("svm.pem"), &svm_cert).unwrap();
+        std::fs::write(file("svm.key"), &svm_key).unwrap();
+        ServedTls {
+            cert: server_cert,
+            key: server_key,
+            client_ca: Some(svm_ca),
+        }
+    };
+    let mut receiver = TestReceiver::start();
+    receiver.stop();
+    receiver.tls = Some(issue());
+    receiver.listen();
+    let url = format!("https://127.0.0.1:{}", receiver.addr.port());
+    let (svm, _stop) = reporting_svm_at(url, |config| {
+        config.reporting.interval = Duration::from_secs(2);
+        config.reporting.tls = Some(scanserver::reporting::ReportingTls {
+            ca: file("ca.pem"),
+            cert: Some(file("svm.pem")),
+            key: Some(file("svm.key")),
+            domain: Some("localhost".into()),
+        });
+    })
+    .await;
+    first_report(&receiver, &svm).await;
+
+    // Every certificate is renewed, by other CAs.
+    receiver.stop();
+    receiver.tls = Some(issue());
+    receiver.listen();
+    let report = receiver.next(Duration::from_secs(15)).await;
+    assert!(report.is_some(), "reports go with the renewed files");
     assert_eq!(svm.status().health, Health::Ok);
 }
 
