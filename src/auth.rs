@@ -8,10 +8,16 @@
 //! tables. The side that checks compares in constant time, so that the
 //! time of a refusal does not tell how much of a guess was right (only
 //! whether its length was). A token authenticates; it does not encrypt:
-//! without TLS, whoever sees the traffic sees the token.
+//! without TLS, whoever sees the traffic sees the token. The admin token
+//! is read again on SIGHUP, the reporting token before each report: a
+//! rotated token is used without a restart.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
+use arc_swap::ArcSwapOption;
 use subtle::ConstantTimeEq;
 use tonic::{
     Request, Status,
@@ -133,16 +139,37 @@ impl Interceptor for SendToken {
 /// one), telling the caller `hint`.
 #[derive(Debug, Clone)]
 pub struct RequireToken {
-    pub token: Option<BearerToken>,
+    pub token: RequiredToken,
     pub hint: &'static str,
 }
 
 impl Interceptor for RequireToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        match &self.token {
+        match &*self.token.0.load() {
             Some(token) => token.check(&request, self.hint).map(|()| request),
             None => Ok(request),
         }
+    }
+}
+
+/// The token a [`RequireToken`] asks for, shared with whoever replaces it
+/// (a token file read again on SIGHUP): requests under way keep the one
+/// they were checked with.
+#[derive(Debug, Clone, Default)]
+pub struct RequiredToken(Arc<ArcSwapOption<BearerToken>>);
+
+impl RequiredToken {
+    pub fn new(token: Option<BearerToken>) -> Self {
+        RequiredToken(Arc::new(ArcSwapOption::from_pointee(token)))
+    }
+
+    /// Asks for `token` from now on; false if it was asked for already.
+    pub fn replace(&self, token: BearerToken) -> bool {
+        let same = (self.0.load().as_deref()).is_some_and(|old| old.0 == token.0);
+        if !same {
+            self.0.store(Some(Arc::new(token)));
+        }
+        !same
     }
 }
 

@@ -37,8 +37,9 @@ use std::{
     time::Duration,
 };
 
+use rustls_pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tonic::{
     Request, Response, Status,
     service::interceptor::InterceptedService,
@@ -46,7 +47,7 @@ use tonic::{
 };
 
 use crate::{
-    auth::{BearerToken, RequireToken, SendToken, TokenError},
+    auth::{BearerToken, RequireToken, RequiredToken, SendToken, TokenError},
     files,
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport, VmInfo,
@@ -131,8 +132,10 @@ pub enum ReportingError {
     Token(TokenError),
     #[error("reporting.tls.cert and reporting.tls.key go together: set both or neither")]
     HalfIdentity,
-    #[error("cannot set up TLS towards the Integration Server: {0}")]
-    Tls(tonic::transport::Error),
+    #[error("cannot set up TLS towards the Integration Server")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("{} (reporting.tls.ca) holds no PEM certificate, or one that cannot be read", path.display())]
+    NoCa { path: PathBuf },
     #[error("cannot read {} (reporting.tls): {source}", path.display())]
     TlsFile {
         path: PathBuf,
@@ -189,8 +192,12 @@ impl Reporter {
             credentials: Credentials {
                 files,
                 plain,
-                in_use: read.digest(),
-                failure: None,
+                seen: Seen {
+                    in_use: read.digest(),
+                    refused: None,
+                },
+                unread: None,
+                pending: None,
             },
             interval: config.interval,
             sequence: 0,
@@ -293,7 +300,10 @@ impl Reporter {
     /// Sends one report; when the Integration Server acknowledged it,
     /// returns the status it carried.
     async fn send(&mut self, trigger: ReportTrigger) -> Option<SvmStatus> {
-        self.refresh_credentials().await;
+        // The last report goes at once, with what was in use.
+        if trigger != ReportTrigger::Shutdown {
+            self.refresh_credentials().await;
+        }
         self.sequence += 1;
         let mut report = self.svm.report(WhichVms::Notable);
         // A report that arrives proves the Integration Server reachable:
@@ -406,58 +416,93 @@ fn next_scheduled(interval: Duration, trigger: ReportTrigger) -> Duration {
 /// report: a token or certificate rotated on disk is used from the next
 /// report on, without a restart (which would end every agent's session).
 /// Files that cannot be read or used leave the earlier ones in use, with a
-/// warning (once for the same failure).
+/// warning (once for the same files, or the same failure to read them).
 struct Credentials {
     files: Arc<CredentialFiles>,
     /// The Integration Server's endpoint, without TLS.
     plain: Endpoint,
-    /// The digest of the files in use.
+    seen: Seen,
+    /// Why the files could not be read last, once warned of.
+    unread: Option<String>,
+    /// A read that took longer than [`REPORT_TIMEOUT`] (a file on a share
+    /// that hangs): no other begins until it ends, and reports do not wait
+    /// for it.
+    pending: Option<JoinHandle<Refreshed>>,
+}
+
+/// The digests of the files in use, and of the last changed ones that
+/// could not be used (not tried again until they change).
+#[derive(Clone, Copy)]
+struct Seen {
     in_use: blake3::Hash,
-    /// Why the last files changed could not be used, once warned of.
-    failure: Option<String>,
+    refused: Option<blake3::Hash>,
+}
+
+/// What a read of the files found.
+enum Refreshed {
+    /// Those in use, or those refused last.
+    Same,
+    New(Box<Endpoint>, SendToken, blake3::Hash),
+    Refused(ReportingError, blake3::Hash),
+    Unread(ReportingError),
 }
 
 impl Credentials {
     /// The endpoint and token the files make, when they changed since
-    /// those in use and can be used. They are read on a blocking thread,
-    /// within [`REPORT_TIMEOUT`]: a file on a share may keep a read
-    /// waiting, and the report (the last one, at shutdown) must go.
+    /// those in use and can be used. They are read on a blocking thread
+    /// (a file on a share may keep a read waiting), waited for up to
+    /// [`REPORT_TIMEOUT`].
     async fn changed(&mut self) -> Option<(Endpoint, SendToken)> {
-        let files = Arc::clone(&self.files);
-        let read = tokio::task::spawn_blocking(move || files.read());
-        let made = match tokio::time::timeout(REPORT_TIMEOUT, read).await {
-            Ok(Ok(Ok(read))) if read.digest() == self.in_use => {
-                self.failure = None;
+        let mut read = match self.pending.take() {
+            Some(pending) if !pending.is_finished() => {
+                self.pending = Some(pending);
                 return None;
             }
-            Ok(Ok(Ok(read))) => self
-                .files
-                .make(&self.plain, &read)
-                .map(|made| (made, read.digest())),
-            Ok(Ok(Err(err))) => Err(err),
+            Some(pending) => pending,
+            None => {
+                let (files, plain, seen) = (Arc::clone(&self.files), self.plain.clone(), self.seen);
+                tokio::task::spawn_blocking(move || files.refresh(&plain, seen))
+            }
+        };
+        let refreshed = match tokio::time::timeout(REPORT_TIMEOUT, &mut read).await {
+            Ok(Ok(refreshed)) => refreshed,
             Ok(Err(err)) => {
                 tracing::error!("reading the reporting credentials failed: {err}");
                 return None;
             }
             Err(_) => {
                 tracing::warn!(
-                    "the reporting token or TLS files could not be read within {REPORT_TIMEOUT:?}; reports go with the earlier ones"
+                    "the reporting token or TLS files could not be read within {REPORT_TIMEOUT:?}; reports go with the earlier ones until the read ends"
                 );
+                self.pending = Some(read);
                 return None;
             }
         };
-        match made {
-            Ok((made, digest)) => {
-                (self.in_use, self.failure) = (digest, None);
-                Some(made)
+        if !matches!(refreshed, Refreshed::Unread(_)) {
+            self.unread = None;
+        }
+        match refreshed {
+            Refreshed::Same => None,
+            Refreshed::New(endpoint, token, digest) => {
+                self.seen = Seen {
+                    in_use: digest,
+                    refused: None,
+                };
+                Some((*endpoint, token))
             }
-            Err(err) => {
+            Refreshed::Refused(err, digest) => {
+                self.seen.refused = Some(digest);
+                tracing::warn!(
+                    "the reporting token or TLS files changed and cannot be used; reports go with the earlier ones: {}",
+                    crate::WithCauses(&err)
+                );
+                None
+            }
+            Refreshed::Unread(err) => {
                 let err = crate::WithCauses(&err).to_string();
-                if self.failure.as_ref() != Some(&err) {
-                    tracing::warn!(
-                        "the reporting token or TLS files changed and cannot be used; reports go with the earlier ones: {err}"
-                    );
-                    self.failure = Some(err);
+                if self.unread.as_ref() != Some(&err) {
+                    tracing::warn!("reports go with the earlier token and TLS files: {err}");
+                    self.unread = Some(err);
                 }
                 None
             }
@@ -472,6 +517,23 @@ struct CredentialFiles {
 }
 
 impl CredentialFiles {
+    /// Reads the files and, unless they are those of `seen`, makes the
+    /// endpoint (`plain`, with TLS) and token they make. Blocking.
+    fn refresh(&self, plain: &Endpoint, seen: Seen) -> Refreshed {
+        let read = match self.read() {
+            Ok(read) => read,
+            Err(err) => return Refreshed::Unread(err),
+        };
+        let digest = read.digest();
+        if digest == seen.in_use || Some(digest) == seen.refused {
+            return Refreshed::Same;
+        }
+        match self.make(plain, &read) {
+            Ok((endpoint, token)) => Refreshed::New(Box::new(endpoint), token, digest),
+            Err(err) => Refreshed::Refused(err, digest),
+        }
+    }
+
     /// Reads the files. Blocking.
     fn read(&self) -> Result<ReadCredentials, ReportingError> {
         let read = |path: &Path| {
@@ -510,6 +572,15 @@ impl CredentialFiles {
     ) -> Result<(Endpoint, SendToken), ReportingError> {
         let mut endpoint = plain.clone();
         if let (Some(settings), Some(contents)) = (&self.tls, &read.tls) {
+            // tonic takes a CA file of no certificate (one caught half
+            // written, say) as an empty set: every report would then fail.
+            let certificates = CertificateDer::pem_slice_iter(&contents.ca)
+                .try_fold(0, |count, certificate| certificate.map(|_| count + 1));
+            if !certificates.is_ok_and(|count| count > 0) {
+                return Err(ReportingError::NoCa {
+                    path: settings.ca.clone(),
+                });
+            }
             let ca = Certificate::from_pem(&contents.ca);
             let mut config = ClientTlsConfig::new().ca_certificate(ca);
             if let Some((cert, key)) = &contents.identity {
@@ -578,7 +649,7 @@ impl Receiver {
         token: Option<BearerToken>,
     ) -> InterceptedService<IntegrationServerServer<Receiver>, RequireToken> {
         let token = RequireToken {
-            token,
+            token: RequiredToken::new(token),
             hint: "set reporting.token_file on the SVM",
         };
         // A report lists at most REPORT_VMS_BUDGET of VMs; the rest of it

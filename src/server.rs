@@ -26,7 +26,7 @@ use tower_layer::{Identity, Stack};
 
 use crate::{
     admin::{self, AdminAddr, AdminService, AdminSocket},
-    auth::{BearerToken, RequireToken, TokenError},
+    auth::{BearerToken, RequireToken, RequiredToken, TokenError},
     config::Config,
     connections::{self, CallsLayer},
     engine::Engine,
@@ -153,7 +153,7 @@ pub struct Server {
     listener: TcpListener,
     /// Taken when the server runs.
     admin: Option<AdminListener>,
-    admin_token: Option<BearerToken>,
+    admin_token: AdminToken,
     metrics: Option<TcpListener>,
     tls: Option<Arc<Tls>>,
     shutdown: watch::Sender<bool>,
@@ -168,12 +168,14 @@ impl Server {
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         allow_open_files(config);
         let listener = bind(config.server.listen, "--listen").await?;
-        let admin_token = config
-            .server
-            .admin_token_file
-            .as_deref()
-            .map(BearerToken::read)
-            .transpose()?;
+        let admin_token = AdminToken {
+            file: config.server.admin_token_file.clone(),
+            required: RequiredToken::new(
+                (config.server.admin_token_file.as_deref())
+                    .map(BearerToken::read)
+                    .transpose()?,
+            ),
+        };
         let admin = match &config.server.admin_listen {
             AdminAddr::Tcp(addr) => AdminListener::Tcp(bind(*addr, "--admin-listen").await?),
             AdminAddr::Unix(path) => {
@@ -188,7 +190,7 @@ impl Server {
         // Without a token, the settings were refused (`Config::validate`).
         if let AdminAddr::Tcp(addr) = config.server.admin_listen
             && !addr.ip().is_loopback()
-            && admin_token.is_some()
+            && admin_token.file.is_some()
         {
             tracing::warn!(
                 %addr,
@@ -335,10 +337,11 @@ impl Server {
     /// signatures.
     pub fn reload_on_hangup(&self) -> impl Future<Output = ()> + Send + 'static {
         use tokio::signal::unix::{SignalKind, signal};
-        let (reloader, tls, svm) = (
+        let (reloader, tls, svm, admin_token) = (
             Arc::clone(&self.reloader),
             self.tls.clone(),
             Arc::clone(&self.svm),
+            self.admin_token.clone(),
         );
         let mut shutdown = self.shutdown.subscribe();
         let hangups = signal(SignalKind::hangup());
@@ -350,8 +353,8 @@ impl Server {
                     return;
                 }
             };
-            let reload_tls = || {
-                let (tls, svm) = (tls.clone(), Arc::clone(&svm));
+            let reload_files = || {
+                let (tls, svm, admin_token) = (tls.clone(), Arc::clone(&svm), admin_token.clone());
                 async move {
                     if let Some(tls) = tls {
                         let read = tokio::task::spawn_blocking(move || tls.reload_and_report(&svm));
@@ -359,9 +362,10 @@ impl Server {
                             tracing::error!("reading the TLS files again failed: {err}");
                         }
                     }
+                    admin_token.reload().await;
                 }
             };
-            reload_tls().await;
+            reload_files().await;
             // The SIGHUPs so far: the reload task reloads once at start,
             // then once for all those counted since its last reload began.
             let (counted, count) = watch::channel(0u64);
@@ -372,13 +376,15 @@ impl Server {
                     () = shut_down(&mut shutdown) => return,
                     hangup = hangups.recv() => if hangup.is_none() { return },
                 }
-                tracing::info!("SIGHUP: reading the signatures and TLS files again");
-                // The TLS files first: the READY=1 that answers this
-                // SIGHUP's RELOADING=1 comes after they are read. Under the
-                // count's lock, the reload task cannot tell the manager
-                // READY=1 between this RELOADING=1 and the count that makes
-                // it reload once more.
-                reload_tls().await;
+                tracing::info!(
+                    "SIGHUP: reading the signatures, the TLS files and the admin token again"
+                );
+                // The TLS and token files first: the READY=1 that answers
+                // this SIGHUP's RELOADING=1 comes after they are read.
+                // Under the count's lock, the reload task cannot tell the
+                // manager READY=1 between this RELOADING=1 and the count
+                // that makes it reload once more.
+                reload_files().await;
                 counted.send_modify(|count| {
                     notify::reloading();
                     *count += 1;
@@ -577,7 +583,7 @@ impl Server {
             // Every request on the admin listener needs the token, when
             // there is one: reflection too, though it tells only the schema.
             let token = RequireToken {
-                token: self.admin_token.take(),
+                token: self.admin_token.required.clone(),
                 hint: admin::TOKEN_HINT,
             };
             let reflection = tonic_reflection::server::Builder::configure()
@@ -664,6 +670,39 @@ async fn reload_when_asked(
 enum AdminListener {
     Tcp(TcpListener),
     Unix(AdminSocket),
+}
+
+/// The token the admin service asks for, and the file it is read from
+/// again on SIGHUP: a rotated token is asked for without a restart (which
+/// would end every agent's session).
+#[derive(Clone)]
+struct AdminToken {
+    file: Option<PathBuf>,
+    required: RequiredToken,
+}
+
+impl AdminToken {
+    /// Reads the file again (on a blocking thread): the admin service asks
+    /// for its token from now on. A file that cannot be used leaves the
+    /// earlier token asked for, with an error in the log.
+    async fn reload(&self) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || BearerToken::read(&file)).await {
+            Ok(Ok(token)) => {
+                if self.required.replace(token) {
+                    tracing::info!(
+                        "admin token read again: the admin service asks for the new one"
+                    );
+                }
+            }
+            Ok(Err(err)) => tracing::error!(
+                "admin token not read again, the admin service asks for the earlier one: {err}"
+            ),
+            Err(err) => tracing::error!("reading the admin token again failed: {err}"),
+        }
+    }
 }
 
 /// The admin service, serving on either kind of listener until shutdown.

@@ -590,7 +590,7 @@ fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
     fs::write(&wrong, "another-token").unwrap();
     let (listen, admin) = (free_port(), free_port());
     let admin_addr = format!("127.0.0.1:{admin}");
-    let _server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
+    let server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
         serve.arg("--admin-token-file").arg(&token);
     });
     wait_for_listener(admin);
@@ -611,6 +611,23 @@ fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
     let stdout = String::from_utf8_lossy(&answered.stdout);
     assert!(stdout.contains("agent listener"), "{stdout}");
     assert_ne!(answered.status.code(), Some(2), "{stdout}");
+
+    // A token rotated is asked for once a SIGHUP has the server read it
+    // again; the one before is refused.
+    let before = state.path().join("before.token");
+    fs::copy(&token, &before).unwrap();
+    fs::write(&token, "rotated-admin-token\n").unwrap();
+    // SAFETY: sending a signal to a child process of this test.
+    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGHUP) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status(Some(&token)).status.code() == Some(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(status(Some(&before)).status.code(), Some(2));
 }
 
 /// The admin service on a Unix-domain socket: the commands reach it with
