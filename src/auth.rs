@@ -164,6 +164,7 @@ impl RequiredToken {
     }
 
     /// Asks for `token` from now on; false if it was asked for already.
+    /// (Not atomic: for one writer, the SIGHUP task.)
     pub fn replace(&self, token: BearerToken) -> bool {
         let same = (self.0.load().as_deref()).is_some_and(|old| old.0 == token.0);
         if !same {

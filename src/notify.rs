@@ -52,7 +52,7 @@ pub fn reloading() {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
     notify(&format!(
-        "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reading the signatures and TLS files again"
+        "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reading the signatures, the TLS files and the admin token again"
     ));
 }
 

@@ -134,7 +134,7 @@ pub enum ReportingError {
     HalfIdentity,
     #[error("cannot set up TLS towards the Integration Server")]
     Tls(#[source] tonic::transport::Error),
-    #[error("{} (reporting.tls.ca) holds no PEM certificate, or one that cannot be read", path.display())]
+    #[error("{} (reporting.tls.ca) holds no PEM certificate, or malformed PEM", path.display())]
     NoCa { path: PathBuf },
     #[error("cannot read {} (reporting.tls): {source}", path.display())]
     TlsFile {

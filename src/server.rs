@@ -4,7 +4,8 @@
 //! tasks (Integration Server reporter, status monitor, infrastructure
 //! probe, state keepers, the periodic check of the signatures, systemd's
 //! watchdog); SIGHUP,
-//! which reads the signatures and TLS files again; and graceful shutdown.
+//! which reads the signatures, the TLS files and the admin token again;
+//! and graceful shutdown.
 //!
 //! Shutdown, on the future given to [`Server::run`] (SIGTERM or Ctrl-C for
 //! `scanserver serve`): the health service turns NOT_SERVING, the listeners
@@ -320,9 +321,10 @@ impl Server {
 
     /// Reads the TLS files and the signatures once (for an update that
     /// finished while the server started, when `scanserver serve` ignores
-    /// SIGHUP), then again on every SIGHUP, until shutdown begins (the
-    /// server is stopping: new files would serve no one). The TLS files
-    /// are read at once (on a blocking thread); the signatures by a task of
+    /// SIGHUP), then again on every SIGHUP with the admin token, until
+    /// shutdown begins (the server is stopping: new files would serve no
+    /// one). The TLS and token files are read at once (on a blocking
+    /// thread); the signatures by a task of
     /// their own, so that a SIGHUP while they compile does not wait for
     /// them, and the SIGHUPs that come meanwhile make one more reload, not
     /// one each. Outcomes are logged, and failures shown in the SVM's
@@ -349,12 +351,14 @@ impl Server {
             let mut hangups = match hangups {
                 Ok(hangups) => hangups,
                 Err(err) => {
-                    tracing::warn!("SIGHUP will not reload the signatures and TLS files: {err}");
+                    tracing::warn!(
+                        "SIGHUP will not reload the signatures, the TLS files and the admin token: {err}"
+                    );
                     return;
                 }
             };
-            let reload_files = || {
-                let (tls, svm, admin_token) = (tls.clone(), Arc::clone(&svm), admin_token.clone());
+            let reload_tls = || {
+                let (tls, svm) = (tls.clone(), Arc::clone(&svm));
                 async move {
                     if let Some(tls) = tls {
                         let read = tokio::task::spawn_blocking(move || tls.reload_and_report(&svm));
@@ -362,10 +366,10 @@ impl Server {
                             tracing::error!("reading the TLS files again failed: {err}");
                         }
                     }
-                    admin_token.reload().await;
                 }
             };
-            reload_files().await;
+            // (The admin token was read as the server bound its listener.)
+            reload_tls().await;
             // The SIGHUPs so far: the reload task reloads once at start,
             // then once for all those counted since its last reload began.
             let (counted, count) = watch::channel(0u64);
@@ -384,7 +388,8 @@ impl Server {
                 // Under the count's lock, the reload task cannot tell the
                 // manager READY=1 between this RELOADING=1 and the count
                 // that makes it reload once more.
-                reload_files().await;
+                reload_tls().await;
+                admin_token.reload().await;
                 counted.send_modify(|count| {
                     notify::reloading();
                     *count += 1;

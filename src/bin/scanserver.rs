@@ -630,7 +630,7 @@ fn scan(args: ScanArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    // SIGHUP, which reloads the signatures and TLS files once serving, is
+    // SIGHUP, which reloads the signatures, TLS files and admin token once serving, is
     // ignored until then (its default action ends the process): loading large
     // signatures takes seconds.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
