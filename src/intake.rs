@@ -41,8 +41,8 @@
 //!   buffer may grow by that much (see `Intake::admit`). A `Lookup`'s
 //!   answer is made from its request, and holds more: its message takes
 //!   [`LOOKUP_WEIGHT`] times its size, and the room stays until the answer
-//!   is sent. Room is handed out in turn (a FIFO semaphore, in
-//!   KiB); a call that finds none within [`ROOM_WAIT`] fails with
+//!   is sent, or dropped unread (see `Answer`). Room is handed out in
+//!   turn (a FIFO semaphore, in KiB); a call that finds none within [`ROOM_WAIT`] fails with
 //!   `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
 //!   HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
 //!   /64) may hold at most a quarter of the budget ([`PEER_SHARE`]), or
@@ -84,7 +84,7 @@ use tokio::{
 };
 use tonic::{Status, body::Body};
 
-use crate::connections::{Ends, Holding};
+use crate::connections::Ends;
 use crate::proto::{codec::MAX_AGENT_MESSAGE, protection_server_server::SERVICE_NAME};
 
 /// The largest gRPC message the agent listener accepts (a batch of a Scan
@@ -105,6 +105,10 @@ pub const LOOKUP_WEIGHT: usize = 8;
 /// The largest `Lookup` message (100,000 digests and a session id fit):
 /// its room is at most what one call may hold.
 pub const MAX_LOOKUP_MESSAGE: usize = CALL_MOST / LOOKUP_WEIGHT;
+
+/// How long a `Lookup`'s answer waits, by default, for its client to take
+/// any of it (the server's `idle_timeout` is given instead).
+pub const ANSWER_WAIT: Duration = Duration::from_secs(300);
 
 /// How long a call may wait for room for a message.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
@@ -133,6 +137,9 @@ const HEADER_LEN: usize = 5;
 #[derive(Debug, Clone)]
 pub struct IntakeLayer {
     budget: Arc<Budget>,
+    /// How long a `Lookup`'s answer may wait for its client to take any of
+    /// it (see [`IntakeLayer::answer_wait`]).
+    answer_wait: Duration,
 }
 
 /// The room, in KiB permits, and who holds it.
@@ -157,7 +164,17 @@ impl IntakeLayer {
                 kib,
                 peers: Mutex::default(),
             }),
+            answer_wait: ANSWER_WAIT,
         }
+    }
+
+    /// Drops a `Lookup`'s answer, and gives its room back, once its client
+    /// has taken none of it for `wait` ([`ANSWER_WAIT`] unless set): a
+    /// client that never reads would otherwise hold both for as long as
+    /// its connection lasts.
+    pub fn answer_wait(mut self, wait: Duration) -> Self {
+        self.answer_wait = wait;
+        self
     }
 
     /// The room calls hold now, in bytes, with what is set aside for calls
@@ -231,6 +248,7 @@ impl<S> tower_layer::Layer<S> for IntakeLayer {
         IntakeService {
             inner,
             budget: Arc::clone(&self.budget),
+            answer_wait: self.answer_wait,
         }
     }
 }
@@ -240,6 +258,7 @@ impl<S> tower_layer::Layer<S> for IntakeLayer {
 pub struct IntakeService<S> {
     inner: S,
     budget: Arc<Budget>,
+    answer_wait: Duration,
 }
 
 type CallFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
@@ -267,13 +286,13 @@ where
         let response = self.inner.call(request.map(intake));
         match kept {
             None => Box::pin(response),
-            Some(kept) => Box::pin(async move {
-                let keeping = |body| {
-                    let body = Body::new(Sliced::new(body));
-                    Body::new(Holding { body, _keep: kept })
-                };
-                Ok(response.await?.map(keeping))
-            }),
+            Some(kept) => {
+                let wait = self.answer_wait;
+                Box::pin(async move {
+                    let answer = |body| Body::new(Answer::new(body, kept, wait));
+                    Ok(response.await?.map(answer))
+                })
+            }
         }
     }
 }
@@ -417,60 +436,140 @@ impl Drop for Room {
 #[derive(Clone, Default)]
 struct KeptRoom(Arc<Mutex<Option<Room>>>);
 
-/// An answer's body, its data handed on in copied slices of at most
-/// [`Sliced::MOST`]. hyper takes the next slice only once HTTP/2 has room to
-/// send: handed whole, an answer of some megabytes (a `Lookup`'s) would
-/// wait in h2's buffer for a client that reads nothing, with the room it
-/// was made within given back when its body went. Copies, not views of
-/// the answer: the few h2 may still hold once the body is gone do not keep
-/// the whole answer's buffer.
-struct Sliced {
-    body: Body,
-    rest: Bytes,
+/// A `Lookup`'s answer, as its body goes out: the answer and the room it
+/// was made within (see [`KeptRoom`]) are held until it is sent, or until
+/// its client has taken none of it for the layer's answer wait.
+///
+/// Its data goes in copied slices of at most [`Answer::MOST`]: hyper takes
+/// the next slice only once HTTP/2 has room to send, while an answer of
+/// some megabytes handed whole would wait in h2's buffer for a client that
+/// reads nothing, its room given back when its body went. Copies, not
+/// views of the answer: the few h2 may still hold once the body is gone do
+/// not keep the whole answer's buffer.
+///
+/// hyper does not poll a body while its client gives no window, so no
+/// timer of the body's own would fire: a task of its own drops what an
+/// answer left unread holds, and the body's next poll, if any, fails the
+/// call with `DEADLINE_EXCEEDED` (HTTP/2 then resets the stream).
+struct Answer {
+    unsent: Arc<Mutex<Unsent>>,
+    /// The task that drops an answer left unread, ended with the body.
+    watch: tokio::task::AbortHandle,
 }
 
-impl Sliced {
+/// What an [`Answer`] still holds.
+struct Unsent {
+    /// The answer and its room; `None` once sent, or dropped unread.
+    held: Option<(Body, KeptRoom)>,
+    /// What is left of the answer's last data.
+    rest: Bytes,
+    /// When hyper last took a slice (or the answer began).
+    taken: Instant,
+}
+
+impl Answer {
     const MOST: usize = 64 << 10;
 
-    fn new(body: Body) -> Self {
-        Sliced {
-            body,
+    fn new(body: Body, kept: KeptRoom, wait: Duration) -> Self {
+        let unsent = Arc::new(Mutex::new(Unsent {
+            held: Some((body, kept)),
             rest: Bytes::new(),
+            taken: Instant::now(),
+        }));
+        let watch = tokio::spawn(Answer::drop_unread(Arc::downgrade(&unsent), wait));
+        Answer {
+            unsent,
+            watch: watch.abort_handle(),
+        }
+    }
+
+    /// Drops what `unsent` holds once hyper has taken nothing of it for
+    /// `wait`.
+    async fn drop_unread(unsent: std::sync::Weak<Mutex<Unsent>>, wait: Duration) {
+        loop {
+            let due = match unsent.upgrade() {
+                Some(unsent) => unsent.lock().taken + wait,
+                None => return,
+            };
+            tokio::time::sleep_until(due).await;
+            let Some(unsent) = unsent.upgrade() else {
+                return;
+            };
+            let mut unsent = unsent.lock();
+            if unsent.taken + wait <= Instant::now() {
+                let dropped = (unsent.held.take(), std::mem::take(&mut unsent.rest));
+                drop(unsent);
+                if dropped.0.is_some() {
+                    tracing::debug!(
+                        "a Lookup's answer left unread for {wait:?} dropped, with its room"
+                    );
+                }
+                return;
+            }
         }
     }
 }
 
-impl HttpBody for Sliced {
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+impl HttpBody for Answer {
     type Data = Bytes;
     type Error = Status;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if self.rest.is_empty() {
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+        let mut unsent = self.unsent.lock();
+        let unsent = &mut *unsent;
+        unsent.taken = Instant::now();
+        if unsent.rest.is_empty() {
+            let Some((body, _)) = &mut unsent.held else {
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "the answer was left unread for the server's idle timeout, and dropped",
+                ))));
+            };
+            let frame = ready!(Pin::new(body).poll_frame(cx));
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.rest = data,
-                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    Ok(data) => unsent.rest = data,
+                    // The call's status: the answer is sent.
+                    Err(trailers) => {
+                        unsent.held = None;
+                        return Poll::Ready(Some(Ok(trailers)));
+                    }
                 },
-                ended => return Poll::Ready(ended),
+                ended => {
+                    unsent.held = None;
+                    return Poll::Ready(ended);
+                }
             }
         }
-        let most = self.rest.len().min(Self::MOST);
-        let slice = Bytes::copy_from_slice(&self.rest[..most]);
+        let most = unsent.rest.len().min(Self::MOST);
+        let slice = Bytes::copy_from_slice(&unsent.rest[..most]);
         // Empty once all is handed on, and then no longer the answer's.
-        self.rest = self.rest.slice(most..);
+        unsent.rest = unsent.rest.slice(most..);
         Poll::Ready(Some(Ok(Frame::data(slice))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.body.is_end_stream()
+        let unsent = self.unsent.lock();
+        unsent.rest.is_empty()
+            && unsent
+                .held
+                .as_ref()
+                .is_none_or(|(body, _)| body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.body.size_hint();
-        let rest = self.rest.len() as u64;
+        let unsent = self.unsent.lock();
+        let mut hint =
+            (unsent.held.as_ref()).map_or_else(SizeHint::default, |(body, _)| body.size_hint());
+        let rest = unsent.rest.len() as u64;
         hint.set_lower(hint.lower() + rest);
         if let Some(upper) = hint.upper() {
             hint.set_upper(upper + rest);
@@ -1272,6 +1371,59 @@ mod tests {
         drop(kept);
         assert_eq!(layer.held(), 0);
         assert!(layer.budget.peers.lock().is_empty());
+    }
+
+    /// A Lookup's answer holds its room until sent; one its client takes
+    /// nothing of for the answer wait is dropped with its room, and the
+    /// call fails.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_left_unread_is_dropped_with_its_room() {
+        let layer = IntakeLayer::new(64 << 20);
+        let wait = Duration::from_secs(300);
+        // A Lookup that took 8 MiB of room, and its answer of 200 KiB.
+        let answer = |layer: &IntakeLayer| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let room = Room::new(Arc::clone(&layer.budget), None);
+            let kept = KeptRoom::default();
+            let mut lookup = Intake::new(Sent(rx), room, Method::of(LOOKUP), Some(kept.clone()));
+            tx.send(message(1 << 20).into()).unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(Bytes::from(vec![7; 200 << 10])).unwrap();
+            async move {
+                drain(&mut lookup).await;
+                drop(lookup);
+                (tx, Answer::new(Body::new(Sent(rx)), kept, wait))
+            }
+        };
+        let poll = async |answer: &mut Answer| {
+            poll_fn(|cx| Poll::Ready(Pin::new(&mut *answer).poll_frame(cx))).await
+        };
+        let (_tx, mut unread) = answer(&layer).await;
+        assert_eq!(layer.held(), 8 << 20);
+        // Taken a slice at a time, more than the wait in all.
+        for _ in 0..3 {
+            let Poll::Ready(Some(Ok(slice))) = poll(&mut unread).await else {
+                panic!("a slice of the answer");
+            };
+            assert_eq!(slice.into_data().unwrap().len(), Answer::MOST);
+            tokio::time::sleep(wait / 2).await;
+        }
+        assert_eq!(layer.held(), 8 << 20);
+        // Then nothing taken for the wait.
+        tokio::time::sleep(wait).await;
+        assert_eq!(layer.held(), 0, "dropped with its room");
+        let Poll::Ready(Some(Err(status))) = poll(&mut unread).await else {
+            panic!("the call fails");
+        };
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+
+        // One sent to its end gives its room back then.
+        let (tx, mut sent) = answer(&layer).await;
+        drop(tx);
+        while let Poll::Ready(Some(frame)) = poll(&mut sent).await {
+            frame.unwrap();
+        }
+        assert_eq!(layer.held(), 0);
     }
 
     #[tokio::test(start_paused = true)]

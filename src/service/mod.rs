@@ -159,7 +159,8 @@ impl ServiceState {
             )),
             vms,
             uploads: UploadStore::new(config.uploads.clone(), &config.spool_dir())?,
-            intake: IntakeLayer::new(config.uploads.message_budget),
+            intake: IntakeLayer::new(config.uploads.message_budget)
+                .answer_wait(config.server.idle_timeout),
             svm_id: config.server.svm_id.clone(),
             allowed_tags: config.server.allowed_tags.clone(),
             heartbeat_interval: config.server.heartbeat_interval,
