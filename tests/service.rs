@@ -1258,6 +1258,39 @@ async fn an_unread_lookup_answer_keeps_its_room() {
     until_room_held(&server, 0).await;
 }
 
+/// A Lookup's answer whose client takes nothing of it for the idle
+/// timeout is dropped, with its room: the call fails, and the client finds
+/// its stream reset when it reads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_answer_left_unread_is_dropped_after_the_idle_timeout() {
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(2)).await;
+    let (session, _keep) = session_id(&server).await;
+    let data = b"known content";
+    let requests = vec![begin(&session, 1, data, None), chunk(1, 0, data), end(1)];
+    file_verdict(first_reply(&server, requests).await);
+    let request = LookupRequest {
+        session_id: session,
+        digests: vec![Bytes::copy_from_slice(blake3::hash(data).as_bytes()); 100_000],
+    };
+    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Lookup", 1 << 10).await;
+    body.send_data(framed(&request), true).unwrap();
+    let response = response.await.unwrap();
+    assert!(server.state.intake.held() > 0, "held while it may be read");
+    until_room_held(&server, 0).await;
+    let mut answer = response.into_body();
+    let read = loop {
+        match answer.data().await {
+            Some(Ok(data)) => {
+                let _ = answer.flow_control().release_capacity(data.len());
+            }
+            Some(Err(err)) => break Err(err),
+            None => break Ok(()),
+        }
+    };
+    let err = read.expect_err("the stream is reset");
+    assert!(err.is_reset(), "{err}");
+}
+
 /// A Lookup is one message: a second on its request fails the call
 /// (INVALID_ARGUMENT), rather than be read and dropped while the first
 /// one's room waits for the request's end (each new message would restart
