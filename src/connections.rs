@@ -1012,11 +1012,10 @@ where
     }
 }
 
-/// A body that keeps something while it lives: its call under way, its
-/// call's room (see [`crate::intake`]).
-pub(crate) struct Holding<T> {
-    pub(crate) body: Body,
-    pub(crate) _keep: T,
+/// A body that keeps something while it lives: its call under way.
+struct Holding<T> {
+    body: Body,
+    _keep: T,
 }
 
 impl<T: Unpin> HttpBody for Holding<T> {

@@ -42,8 +42,8 @@
 //!   answer is made from its request, and holds more: its message takes
 //!   [`LOOKUP_WEIGHT`] times its size, and the room stays until the answer
 //!   is sent, or dropped unread (see `Answer`). Room is handed out in
-//!   turn (a FIFO semaphore, in KiB); a call that finds none within [`ROOM_WAIT`] fails with
-//!   `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
+//!   turn (a FIFO semaphore, in KiB); a call that finds none within
+//!   [`ROOM_WAIT`] fails with `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
 //!   HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
 //!   /64) may hold at most a quarter of the budget ([`PEER_SHARE`]), or
 //!   [`CALL_MOST`] if that is more; one more that needs room fails with
@@ -98,8 +98,9 @@ pub const FREE: usize = 64 << 10;
 /// request's bytes: for each digest the request names (34 bytes of it),
 /// the digest, its result as a struct, and the result encoded, some six
 /// times as much. So a `Lookup`'s message takes room for this many times
-/// its size, and the call keeps it until its answer is sent (see
-/// `crate::service`'s `lookup`, which answers within it).
+/// its size, and the call keeps it until its answer is sent or dropped
+/// unread (see `crate::service`'s `lookup`, which answers within it, and
+/// `Answer`).
 pub const LOOKUP_WEIGHT: usize = 8;
 
 /// The largest `Lookup` message (100,000 digests and a session id fit):
@@ -169,9 +170,9 @@ impl IntakeLayer {
     }
 
     /// Drops a `Lookup`'s answer, and gives its room back, once its client
-    /// has taken none of it for `wait` ([`ANSWER_WAIT`] unless set): a
-    /// client that never reads would otherwise hold both for as long as
-    /// its connection lasts.
+    /// has taken nothing of it (less than a slice, 64 KiB) for `wait`
+    /// ([`ANSWER_WAIT`] unless set): a client that never reads would
+    /// otherwise hold both for as long as its connection lasts.
     pub fn answer_wait(mut self, wait: Duration) -> Self {
         self.answer_wait = wait;
         self
@@ -289,7 +290,7 @@ where
             Some(kept) => {
                 let wait = self.answer_wait;
                 Box::pin(async move {
-                    let answer = |body| Body::new(Answer::new(body, kept, wait));
+                    let answer = |body| Body::new(Answer::new(body, kept, wait, peer));
                     Ok(response.await?.map(answer))
                 })
             }
@@ -319,7 +320,7 @@ struct Method {
     unary: bool,
     /// Whether its answer is made from its request, and held with it: a
     /// message takes room for [`LOOKUP_WEIGHT`] times its size, kept until
-    /// the answer is sent.
+    /// the answer is sent or dropped unread.
     answered_within: bool,
 }
 
@@ -438,7 +439,7 @@ struct KeptRoom(Arc<Mutex<Option<Room>>>);
 
 /// A `Lookup`'s answer, as its body goes out: the answer and the room it
 /// was made within (see [`KeptRoom`]) are held until it is sent, or until
-/// its client has taken none of it for the layer's answer wait.
+/// its client has taken nothing of it for the layer's answer wait.
 ///
 /// Its data goes in copied slices of at most [`Answer::MOST`]: hyper takes
 /// the next slice only once HTTP/2 has room to send, while an answer of
@@ -449,43 +450,56 @@ struct KeptRoom(Arc<Mutex<Option<Room>>>);
 ///
 /// hyper does not poll a body while its client gives no window, so no
 /// timer of the body's own would fire: a task of its own drops what an
-/// answer left unread holds, and the body's next poll, if any, fails the
-/// call with `DEADLINE_EXCEEDED` (HTTP/2 then resets the stream).
+/// answer left unread holds (and with it the call, for the connection's
+/// idle time), and the body, next polled, ends the call with
+/// `DEADLINE_EXCEEDED` in its trailers.
 struct Answer {
     unsent: Arc<Mutex<Unsent>>,
     /// The task that drops an answer left unread, ended with the body.
     watch: tokio::task::AbortHandle,
 }
 
-/// What an [`Answer`] still holds.
+/// Where an [`Answer`] stands.
 struct Unsent {
-    /// The answer and its room; `None` once sent, or dropped unread.
-    held: Option<(Body, KeptRoom)>,
+    state: Sending,
     /// What is left of the answer's last data.
     rest: Bytes,
-    /// When hyper last took a slice (or the answer began).
+    /// When hyper last took something of it (or the answer began).
     taken: Instant,
+}
+
+enum Sending {
+    /// The answer, and its room.
+    Answer { body: Body, _room: KeptRoom },
+    /// Dropped unread: the call ends with `DEADLINE_EXCEEDED`.
+    Dropped,
+    /// Sent, or ended.
+    Over,
 }
 
 impl Answer {
     const MOST: usize = 64 << 10;
 
-    fn new(body: Body, kept: KeptRoom, wait: Duration) -> Self {
+    fn new(body: Body, kept: KeptRoom, wait: Duration, peer: Option<IpAddr>) -> Self {
         let unsent = Arc::new(Mutex::new(Unsent {
-            held: Some((body, kept)),
+            state: Sending::Answer { body, _room: kept },
             rest: Bytes::new(),
             taken: Instant::now(),
         }));
-        let watch = tokio::spawn(Answer::drop_unread(Arc::downgrade(&unsent), wait));
+        let watch = Answer::drop_unread(Arc::downgrade(&unsent), wait, peer);
         Answer {
             unsent,
-            watch: watch.abort_handle(),
+            watch: tokio::spawn(watch).abort_handle(),
         }
     }
 
     /// Drops what `unsent` holds once hyper has taken nothing of it for
     /// `wait`.
-    async fn drop_unread(unsent: std::sync::Weak<Mutex<Unsent>>, wait: Duration) {
+    async fn drop_unread(
+        unsent: std::sync::Weak<Mutex<Unsent>>,
+        wait: Duration,
+        peer: Option<IpAddr>,
+    ) {
         loop {
             let due = match unsent.upgrade() {
                 Some(unsent) => unsent.lock().taken + wait,
@@ -496,16 +510,22 @@ impl Answer {
                 return;
             };
             let mut unsent = unsent.lock();
-            if unsent.taken + wait <= Instant::now() {
-                let dropped = (unsent.held.take(), std::mem::take(&mut unsent.rest));
-                drop(unsent);
-                if dropped.0.is_some() {
-                    tracing::debug!(
-                        "a Lookup's answer left unread for {wait:?} dropped, with its room"
-                    );
-                }
-                return;
+            if unsent.taken + wait > Instant::now() {
+                continue;
             }
+            if let Sending::Answer { .. } = unsent.state {
+                let dropped = (
+                    std::mem::replace(&mut unsent.state, Sending::Dropped),
+                    std::mem::take(&mut unsent.rest),
+                );
+                drop(unsent);
+                drop(dropped);
+                tracing::info!(
+                    peer = peer.map(tracing::field::display),
+                    "a Lookup's answer left unread for {wait:?} was dropped, with its room"
+                );
+            }
+            return;
         }
     }
 }
@@ -526,29 +546,42 @@ impl HttpBody for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let mut unsent = self.unsent.lock();
         let unsent = &mut *unsent;
-        unsent.taken = Instant::now();
         if unsent.rest.is_empty() {
-            let Some((body, _)) = &mut unsent.held else {
-                return Poll::Ready(Some(Err(Status::deadline_exceeded(
-                    "the answer was left unread for the server's idle timeout, and dropped",
-                ))));
+            let body = match &mut unsent.state {
+                Sending::Answer { body, .. } => body,
+                Sending::Over => return Poll::Ready(None),
+                Sending::Dropped => {
+                    unsent.state = Sending::Over;
+                    let status = Status::deadline_exceeded(
+                        "the answer was left unread for the server's idle timeout, and dropped",
+                    );
+                    let mut trailers = http::HeaderMap::new();
+                    return Poll::Ready(match status.add_header(&mut trailers) {
+                        Ok(()) => Some(Ok(Frame::trailers(trailers))),
+                        Err(status) => Some(Err(status)),
+                    });
+                }
             };
+            // Only what hyper takes counts as taken: the inner body, had
+            // it to wait, would not be the client's doing.
             let frame = ready!(Pin::new(body).poll_frame(cx));
+            unsent.taken = Instant::now();
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => unsent.rest = data,
                     // The call's status: the answer is sent.
                     Err(trailers) => {
-                        unsent.held = None;
+                        unsent.state = Sending::Over;
                         return Poll::Ready(Some(Ok(trailers)));
                     }
                 },
                 ended => {
-                    unsent.held = None;
+                    unsent.state = Sending::Over;
                     return Poll::Ready(ended);
                 }
             }
         }
+        unsent.taken = Instant::now();
         let most = unsent.rest.len().min(Self::MOST);
         let slice = Bytes::copy_from_slice(&unsent.rest[..most]);
         // Empty once all is handed on, and then no longer the answer's.
@@ -559,16 +592,19 @@ impl HttpBody for Answer {
     fn is_end_stream(&self) -> bool {
         let unsent = self.unsent.lock();
         unsent.rest.is_empty()
-            && unsent
-                .held
-                .as_ref()
-                .is_none_or(|(body, _)| body.is_end_stream())
+            && match &unsent.state {
+                Sending::Answer { body, .. } => body.is_end_stream(),
+                Sending::Dropped => false,
+                Sending::Over => true,
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
         let unsent = self.unsent.lock();
-        let mut hint =
-            (unsent.held.as_ref()).map_or_else(SizeHint::default, |(body, _)| body.size_hint());
+        let mut hint = match &unsent.state {
+            Sending::Answer { body, .. } => body.size_hint(),
+            Sending::Dropped | Sending::Over => SizeHint::with_exact(0),
+        };
         let rest = unsent.rest.len() as u64;
         hint.set_lower(hint.lower() + rest);
         if let Some(upper) = hint.upper() {
@@ -1392,7 +1428,7 @@ mod tests {
             async move {
                 drain(&mut lookup).await;
                 drop(lookup);
-                (tx, Answer::new(Body::new(Sent(rx)), kept, wait))
+                (tx, Answer::new(Body::new(Sent(rx)), kept, wait, None))
             }
         };
         let poll = async |answer: &mut Answer| {
@@ -1412,10 +1448,12 @@ mod tests {
         // Then nothing taken for the wait.
         tokio::time::sleep(wait).await;
         assert_eq!(layer.held(), 0, "dropped with its room");
-        let Poll::Ready(Some(Err(status))) = poll(&mut unread).await else {
-            panic!("the call fails");
+        let Poll::Ready(Some(Ok(frame))) = poll(&mut unread).await else {
+            panic!("the call's status");
         };
-        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        let trailers = frame.into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        assert!(matches!(poll(&mut unread).await, Poll::Ready(None)));
 
         // One sent to its end gives its room back then.
         let (tx, mut sent) = answer(&layer).await;
