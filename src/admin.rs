@@ -237,7 +237,8 @@ impl AdminService {
 
     /// The reply to a tag command on `vm_id`, once a change it made is
     /// saved: a tag the operator is told was assigned (or removed) must
-    /// stay so after a crash.
+    /// stay so after a crash. The save's outcome shows in the status
+    /// (`STATE_NOT_SAVED`) as the keeper's saves' do.
     async fn tag_reply(
         &self,
         vm_id: &str,
@@ -245,9 +246,8 @@ impl AdminService {
     ) -> Result<Response<TagReply>, Status> {
         let changed = changed.map_err(|err| Status::not_found(err.to_string()))?;
         if changed {
-            let vms = Arc::clone(&self.svm.vms);
-            let saved = tokio::task::spawn_blocking(move || vms.save()).await;
-            if let Err(err) = saved.map_err(io::Error::other).and_then(|saved| saved) {
+            let saved = crate::state::save_vms(&self.svm.vms, self.svm.unsaved()).await;
+            if let Err(err) = saved {
                 return Err(Status::internal(format!(
                     "the tag is changed, but the protected VMs cannot be saved to the state folder ({err}): a restart before a save succeeds would undo it"
                 )));

@@ -418,7 +418,7 @@ impl StateDir {
             changes.borrow_and_update();
             changed = false;
             let began = Instant::now();
-            save_vms(&vms, &self.unsaved).await;
+            let _ = save_vms(&vms, &self.unsaved).await;
             settle = settle_after(began.elapsed());
             if last {
                 return;
@@ -463,15 +463,17 @@ fn settle_after(took: Duration) -> Duration {
     (took * 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Saves `vms` off the async threads; a failure is recorded in `unsaved`
-/// (and the next save tries again).
-async fn save_vms(vms: &Arc<Vms>, unsaved: &Unsaved) {
+/// Saves `vms` off the async threads; the outcome is recorded in
+/// `unsaved` (the keeper's next save tries again after a failure), and
+/// returned.
+pub(crate) async fn save_vms(vms: &Arc<Vms>, unsaved: &Unsaved) -> Result<(), String> {
     let saving = Arc::clone(vms);
     let result = match tokio::task::spawn_blocking(move || saving.save()).await {
         Ok(saved) => saved.map_err(|err| err.to_string()),
         Err(err) => Err(err.to_string()),
     };
-    unsaved.record(StateFile::Vms, vms.path().unwrap_or(Path::new("")), result);
+    unsaved.record(StateFile::Vms, vms.path().unwrap_or(Path::new("")), result.clone());
+    result
 }
 
 /// What tells whether the cache changed since it was saved.

@@ -367,6 +367,11 @@ impl Svm {
     }
 
     /// Whether shutdown has begun.
+    /// The state folder's files whose last save failed.
+    pub(crate) fn unsaved(&self) -> &Unsaved {
+        &self.unsaved
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }
