@@ -472,7 +472,11 @@ pub(crate) async fn save_vms(vms: &Arc<Vms>, unsaved: &Unsaved) -> Result<(), St
         Ok(saved) => saved.map_err(|err| err.to_string()),
         Err(err) => Err(err.to_string()),
     };
-    unsaved.record(StateFile::Vms, vms.path().unwrap_or(Path::new("")), result.clone());
+    unsaved.record(
+        StateFile::Vms,
+        vms.path().unwrap_or(Path::new("")),
+        result.clone(),
+    );
     result
 }
 
