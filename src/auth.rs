@@ -58,7 +58,7 @@ impl BearerToken {
 
     /// What the token file at `path` holds, unchecked (see
     /// [`BearerToken::parse`]).
-    pub fn read_file(path: &Path) -> Result<Vec<u8>, TokenError> {
+    pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, TokenError> {
         files::read(path, TOKEN_FILE_LIMIT).map_err(|source| TokenError::Read {
             path: path.to_owned(),
             source,
@@ -66,8 +66,9 @@ impl BearerToken {
     }
 
     /// The token in `bytes`, read from the file at `path`, as
-    /// [`BearerToken::read`] takes it.
-    pub fn parse(bytes: &[u8], path: &Path) -> Result<BearerToken, TokenError> {
+    /// [`BearerToken::read`] takes it (with its warning when others may
+    /// read the file, which is looked at).
+    pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<BearerToken, TokenError> {
         use std::os::unix::fs::PermissionsExt;
         let path_buf = || path.to_owned();
         if let Ok(metadata) = std::fs::metadata(path)
@@ -152,10 +153,9 @@ impl Interceptor for RequireToken {
     }
 }
 
-/// The token a [`RequireToken`] asks for, shared with whoever replaces it
-/// (a token file read again on SIGHUP): requests under way keep the one
-/// they were checked with.
-#[derive(Debug, Clone, Default)]
+/// The token a [`RequireToken`] asks for (none: it asks for none), shared
+/// with whoever replaces it (the admin token file, read again on SIGHUP).
+#[derive(Debug, Clone)]
 pub struct RequiredToken(Arc<ArcSwapOption<BearerToken>>);
 
 impl RequiredToken {
@@ -165,7 +165,7 @@ impl RequiredToken {
 
     /// Asks for `token` from now on; false if it was asked for already.
     /// (Not atomic: for one writer, the SIGHUP task.)
-    pub fn replace(&self, token: BearerToken) -> bool {
+    pub(crate) fn replace(&self, token: BearerToken) -> bool {
         let same = (self.0.load().as_deref()).is_some_and(|old| old.0 == token.0);
         if !same {
             self.0.store(Some(Arc::new(token)));

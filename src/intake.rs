@@ -43,8 +43,8 @@
 //!   [`LOOKUP_WEIGHT`] times its size, and the room stays until the answer
 //!   is sent, or dropped unread (see `Answer`). Room is handed out in
 //!   turn (a FIFO semaphore, in KiB); a call that finds none within
-//!   [`ROOM_WAIT`] fails with `RESOURCE_EXHAUSTED`. While it waits, its stream is held back by
-//!   HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
+//!   [`ROOM_WAIT`] fails with `RESOURCE_EXHAUSTED`. While it waits, its
+//!   stream is held back by HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
 //!   /64) may hold at most a quarter of the budget ([`PEER_SHARE`]), or
 //!   [`CALL_MOST`] if that is more; one more that needs room fails with
 //!   `RESOURCE_EXHAUSTED` at once, so that one client cannot take all of
@@ -109,7 +109,7 @@ pub const MAX_LOOKUP_MESSAGE: usize = CALL_MOST / LOOKUP_WEIGHT;
 
 /// How long a `Lookup`'s answer waits, by default, for its client to take
 /// any of it (the server's `idle_timeout` is given instead).
-pub const ANSWER_WAIT: Duration = Duration::from_secs(300);
+const ANSWER_WAIT: Duration = Duration::from_secs(300);
 
 /// How long a call may wait for room for a message.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
@@ -171,7 +171,7 @@ impl IntakeLayer {
 
     /// Drops a `Lookup`'s answer, and gives its room back, once its client
     /// has taken nothing of it (less than a slice, 64 KiB) for `wait`
-    /// ([`ANSWER_WAIT`] unless set): a client that never reads would
+    /// (5 minutes unless set): a client that never reads would
     /// otherwise hold both for as long as its connection lasts.
     pub fn answer_wait(mut self, wait: Duration) -> Self {
         self.answer_wait = wait;
@@ -450,9 +450,9 @@ struct KeptRoom(Arc<Mutex<Option<Room>>>);
 ///
 /// hyper does not poll a body while its client gives no window, so no
 /// timer of the body's own would fire: a task of its own drops what an
-/// answer left unread holds (and with it the call, for the connection's
-/// idle time), and the body, next polled, ends the call with
-/// `DEADLINE_EXCEEDED` in its trailers.
+/// answer left unread holds (its buffer and its room; the call itself
+/// counts as under way until hyper lets go of the body), and the body,
+/// next polled, ends the call with `DEADLINE_EXCEEDED` in its trailers.
 struct Answer {
     unsent: Arc<Mutex<Unsent>>,
     /// The task that drops an answer left unread, ended with the body.
@@ -562,10 +562,10 @@ impl HttpBody for Answer {
                     });
                 }
             };
-            // Only what hyper takes counts as taken: the inner body, had
-            // it to wait, would not be the client's doing.
+            // tonic's answer to a unary call is ready at once: a wait
+            // here (none comes) would count as the client's, and the
+            // answer dropped meanwhile would leave hyper waiting on it.
             let frame = ready!(Pin::new(body).poll_frame(cx));
-            unsent.taken = Instant::now();
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => unsent.rest = data,
@@ -1290,12 +1290,17 @@ mod tests {
         assert_eq!(error, Some(tonic::Code::ResourceExhausted));
         assert_eq!(layer.held(), 1536 << 10);
         // A Lookup's message goes on, and what follows it fails the call
-        // as a second message, without waiting for room.
+        // as a second message, without waiting for room (600 KiB: more
+        // than is free).
         let (tx, mut lookup) = call(&layer, LOOKUP, None);
-        tx.send([message(100), message(100 << 10)].concat().into())
+        tx.send([message(100), message(600 << 10)].concat().into())
             .unwrap();
-        let (_, error) = drain(&mut lookup).await;
-        assert_eq!(error, Some(tonic::Code::InvalidArgument));
+        let drained = drain(&mut lookup).await;
+        assert_eq!(
+            drained,
+            (100 + HEADER_LEN, Some(tonic::Code::InvalidArgument))
+        );
+        assert_eq!(layer.held(), 1536 << 10);
         drop(holding);
 
         // Bytes ahead that begin a large message give it their room: it

@@ -404,15 +404,15 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let reporting = self.spawn_side_tasks();
-        let health = tonic_health::server::HealthReporter::new();
-        set_health(&health, ServingStatus::Serving).await;
+        let health = ServingHealth::default();
+        health.set(ServingStatus::Serving).await;
         tokio::spawn(follow_health(
             health.clone(),
             self.svm.changes(),
             self.shutdown.subscribe(),
         ));
         let health_service = HealthServer::new(HealthUntilShutdown::new(
-            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+            tonic_health::server::HealthService::from_health_reporter(health.reporter.clone()),
             self.shutdown.subscribe(),
         ));
         let router = self.agent_router(health_service)?;
@@ -450,7 +450,7 @@ impl Server {
             svm.begin_shutdown();
             tracing::info!("shutting down: no new connections, finishing scans in flight");
             notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
-            set_health(&health, ServingStatus::NotServing).await;
+            health.set(ServingStatus::NotServing).await;
             let _ = shutdown.send(true);
             let _ = signalled_tx.send(second);
         };
@@ -746,11 +746,31 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
 
 /// Sets the gRPC health of the agent service and of the server as a whole
 /// (the name "", which stock probes ask for) to `status`.
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health
-        .set_service_status(proto::protection_server_server::SERVICE_NAME, status)
-        .await;
-    health.set_service_status("", status).await;
+/// The health service's status, set by the server as it starts, as its
+/// status stops or allows scans, and as it shuts down: each change told
+/// once. (tonic-health tells watchers of every status set, the same as
+/// theirs too; shutdown sets NOT_SERVING as the SVM's status turns
+/// SHUTTING_DOWN, and a Watch was told NOT_SERVING twice.)
+#[derive(Clone, Default)]
+struct ServingHealth {
+    reporter: HealthReporter,
+    /// The status set last; sets take turns.
+    last: Arc<tokio::sync::Mutex<Option<ServingStatus>>>,
+}
+
+impl ServingHealth {
+    /// Sets `status` for the Protection service and the server as a
+    /// whole, unless it is theirs already.
+    async fn set(&self, status: ServingStatus) {
+        let mut last = self.last.lock().await;
+        if *last == Some(status) {
+            return;
+        }
+        *last = Some(status);
+        let service = proto::protection_server_server::SERVICE_NAME;
+        self.reporter.set_service_status(service, status).await;
+        self.reporter.set_service_status("", status).await;
+    }
 }
 
 /// Keeps the gRPC health of the agent service and of the server as a
@@ -758,7 +778,7 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// [`crate::proto::SvmReason::stops_scans`]), so that load balancers and
 /// probes send agents elsewhere, as reports to the Integration Server do.
 async fn follow_health(
-    health: HealthReporter,
+    health: ServingHealth,
     mut changes: watch::Receiver<SvmStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -771,7 +791,7 @@ async fn follow_health(
                 true => ServingStatus::Serving,
                 false => ServingStatus::NotServing,
             };
-            set_health(&health, status).await;
+            health.set(status).await;
         }
         // A change first: shutdown publishes SHUTTING_DOWN before it
         // stops serving, and a SERVING being set as it began must be

@@ -366,12 +366,12 @@ impl Svm {
         self.refresh();
     }
 
-    /// Whether shutdown has begun.
     /// The state folder's files whose last save failed.
     pub(crate) fn unsaved(&self) -> &Unsaved {
         &self.unsaved
     }
 
+    /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
     }

@@ -1227,9 +1227,10 @@ async fn a_lookup_keeps_the_room_for_its_answer_until_answered() {
     until_room_held(&server, 0).await;
 }
 
-/// A Lookup's answer that its client does not read keeps its room: it is
-/// handed to HTTP/2 a slice at a time, as the client takes it, not whole
-/// (where it would wait for the client, uncounted, once its body was gone).
+/// A Lookup's answer that its client does not read keeps its room (until
+/// the idle timeout, see below): it is handed to HTTP/2 a slice at a time,
+/// as the client takes it, not whole (where it would wait for the client,
+/// uncounted, once its body was gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_lookup_answer_keeps_its_room() {
     let server = TestServer::start(|_| {}).await;
@@ -1275,7 +1276,6 @@ async fn a_lookup_answer_left_unread_is_dropped_after_the_idle_timeout() {
     let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Lookup", 1 << 10).await;
     body.send_data(framed(&request), true).unwrap();
     let response = response.await.unwrap();
-    assert!(server.state.intake.held() > 0, "held while it may be read");
     until_room_held(&server, 0).await;
     let mut answer = response.into_body();
     let mut read = 0;
@@ -1284,7 +1284,7 @@ async fn a_lookup_answer_left_unread_is_dropped_after_the_idle_timeout() {
         read += data.len();
         let _ = answer.flow_control().release_capacity(data.len());
     }
-    assert!(read < 1 << 20, "cut short: {read} bytes");
+    assert!(read < 256 << 10, "cut short: {read} bytes");
     let trailers = answer.trailers().await.unwrap().expect("the call's status");
     assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
 }

@@ -630,9 +630,9 @@ fn scan(args: ScanArgs) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    // SIGHUP, which reloads the signatures, TLS files and admin token once serving, is
-    // ignored until then (its default action ends the process): loading large
-    // signatures takes seconds.
+    // SIGHUP, which reloads the signatures, TLS files and admin token once
+    // serving, is ignored until then (its default action ends the process):
+    // loading large signatures takes seconds.
     // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     let config = match args.config() {
