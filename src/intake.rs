@@ -44,9 +44,9 @@
 //!   is sent, or dropped unread (see `Answer`). Room is handed out in
 //!   turn (a FIFO semaphore, in KiB); a call that finds none within
 //!   [`ROOM_WAIT`] fails with `RESOURCE_EXHAUSTED`. While it waits, its
-//!   stream is held back by HTTP/2 flow control. The calls of one peer (an IPv4 address, an IPv6
-//!   /64) may hold at most a quarter of the budget ([`PEER_SHARE`]), or
-//!   [`CALL_MOST`] if that is more; one more that needs room fails with
+//!   stream is held back by HTTP/2 flow control. The calls of one peer (an
+//!   IPv4 address, an IPv6 /64) may hold at most a quarter of the budget
+//!   ([`PEER_SHARE`]), or [`CALL_MOST`] if that is more; one more that needs room fails with
 //!   `RESOURCE_EXHAUSTED` at once, so that one client cannot take all of
 //!   it. (A client with many addresses still can: mutual TLS keeps out
 //!   clients that are not agents.)
@@ -392,10 +392,20 @@ impl Room {
     }
 
     fn keep(&mut self, taken: OwnedSemaphorePermit) {
-        match &mut self.taken {
-            Some(room) => room.merge(taken),
-            None => self.taken = Some(taken),
+        merge(&mut self.taken, taken);
+    }
+
+    /// Counts `kib` more for the peer and takes them from the budget if
+    /// they are free: `Err` when the peer's share has no room for them,
+    /// `None` when the budget has none now (they stay counted for the peer,
+    /// for the wait).
+    fn try_take(&mut self, kib: usize) -> Result<Option<OwnedSemaphorePermit>, ()> {
+        if !self.charge(kib) {
+            return Err(());
         }
+        Ok(Arc::clone(&self.budget.room)
+            .try_acquire_many_owned(kib as u32)
+            .ok())
     }
 
     /// Counts `kib` more for the peer, if its calls may hold that much.
@@ -875,15 +885,13 @@ impl<B> Intake<B> {
         if more == 0 {
             return Ok(0);
         }
-        if !self.room.charge(more) {
-            return Err(peer_full(&message(len)));
-        }
-        match Arc::clone(&self.room.budget.room).try_acquire_many_owned(more as u32) {
-            Ok(taken) => {
+        match self.room.try_take(more) {
+            Ok(Some(taken)) => {
                 self.room.keep(taken);
                 Ok(0)
             }
-            Err(_) => Ok(more as u32),
+            Ok(None) => Ok(more as u32),
+            Err(()) => Err(peer_full(&message(len))),
         }
     }
 
@@ -901,22 +909,13 @@ impl<B> Intake<B> {
             return Ok(0);
         }
         let more = needed - held;
-        if !self.room.charge(more) {
-            return Err(peer_full(&ahead(waiting)));
-        }
-        match Arc::clone(&self.room.budget.room).try_acquire_many_owned(more as u32) {
-            Ok(taken) => {
-                self.keep_ahead(taken);
+        match self.room.try_take(more) {
+            Ok(Some(taken)) => {
+                merge(&mut self.ahead, taken);
                 Ok(0)
             }
-            Err(_) => Ok(more as u32),
-        }
-    }
-
-    fn keep_ahead(&mut self, taken: OwnedSemaphorePermit) {
-        match &mut self.ahead {
-            Some(ahead) => ahead.merge(taken),
-            None => self.ahead = Some(taken),
+            Ok(None) => Ok(more as u32),
+            Err(()) => Err(peer_full(&ahead(waiting))),
         }
     }
 
@@ -988,7 +987,7 @@ where
                         this.room.discharge(more as usize);
                         return this.fail(no_room(&ahead(this.held.len() - pass)));
                     };
-                    this.keep_ahead(taken);
+                    merge(&mut this.ahead, taken);
                     this.at = At::header();
                     return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(pass)))));
                 }
@@ -1067,6 +1066,14 @@ where
             hint.set_upper(upper + held);
         }
         hint
+    }
+}
+
+/// Adds the room `taken` to what `held` holds.
+fn merge(held: &mut Option<OwnedSemaphorePermit>, taken: OwnedSemaphorePermit) {
+    match held {
+        Some(held) => held.merge(taken),
+        None => *held = Some(taken),
     }
 }
 
@@ -1268,20 +1275,23 @@ mod tests {
 
         // With no room for them, the message before them waits, and goes
         // on once room comes; or its call fails when none comes in time.
-        let (large, mut holding) = body(&layer);
-        large.send(header(1536 << 10).into()).unwrap();
-        assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+        // (Another call's message holds 1.5 of the 2 MiB.)
+        let holding = async || {
+            let (large, mut holding) = body(&layer);
+            large.send(header(1536 << 10).into()).unwrap();
+            assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+            (large, holding)
+        };
+        let held = holding().await;
         let (tx, mut scan) = body(&layer);
         tx.send(packed()).unwrap();
         assert_eq!(drain(&mut scan).await, (0, None));
-        drop(holding);
+        drop(held);
         assert_eq!(
             drain(&mut scan).await,
             (10 + HEADER_LEN + ahead.len(), None)
         );
-        let (large, mut holding) = body(&layer);
-        large.send(header(1536 << 10).into()).unwrap();
-        assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+        let held = holding().await;
         let (tx, mut refused) = body(&layer);
         tx.send(packed()).unwrap();
         assert_eq!(drain(&mut refused).await, (0, None));
@@ -1301,7 +1311,7 @@ mod tests {
             (100 + HEADER_LEN, Some(tonic::Code::InvalidArgument))
         );
         assert_eq!(layer.held(), 1536 << 10);
-        drop(holding);
+        drop(held);
 
         // Bytes ahead that begin a large message give it their room: it
         // is counted once.

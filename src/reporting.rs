@@ -43,11 +43,12 @@ use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tonic::{
     Request, Response, Status,
     service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    transport::{Channel, Endpoint},
 };
 
 use crate::{
     auth::{BearerToken, RequireToken, RequiredToken, SendToken, TokenError},
+    client::tls_config,
     files,
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport, VmInfo,
@@ -581,14 +582,8 @@ impl CredentialFiles {
                     path: settings.ca.clone(),
                 });
             }
-            let ca = Certificate::from_pem(&contents.ca);
-            let mut config = ClientTlsConfig::new().ca_certificate(ca);
-            if let Some((cert, key)) = &contents.identity {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            if let Some(domain) = &settings.domain {
-                config = config.domain_name(domain.clone());
-            }
+            let identity = (contents.identity.as_ref()).map(|(cert, key)| (&cert[..], &key[..]));
+            let config = tls_config(Some(&contents.ca), identity, settings.domain.as_deref());
             endpoint = endpoint.tls_config(config).map_err(ReportingError::Tls)?;
         }
         let token = match (&self.token_file, &read.token) {

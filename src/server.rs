@@ -324,9 +324,8 @@ impl Server {
     /// SIGHUP), then again on every SIGHUP with the admin token, until
     /// shutdown begins (the server is stopping: new files would serve no
     /// one). The TLS and token files are read at once (on a blocking
-    /// thread); the signatures by a task of
-    /// their own, so that a SIGHUP while they compile does not wait for
-    /// them, and the SIGHUPs that come meanwhile make one more reload, not
+    /// thread); the signatures by a task of their own, so that a SIGHUP
+    /// while they compile does not wait for them, and the SIGHUPs that come meanwhile make one more reload, not
     /// one each. Outcomes are logged, and failures shown in the SVM's
     /// status.
     ///
@@ -744,11 +743,10 @@ pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
-/// Sets the gRPC health of the agent service and of the server as a whole
-/// (the name "", which stock probes ask for) to `status`.
-/// The health service's status, set by the server as it starts, as its
-/// status stops or allows scans, and as it shuts down: each change told
-/// once. (tonic-health tells watchers of every status set, the same as
+/// The gRPC health of the agent service and of the server as a whole (the
+/// name "", which stock probes ask for), set by the server as it starts,
+/// as its status stops or allows scans, and as it shuts down: each change
+/// told once. (tonic-health tells watchers of every status set, the same as
 /// theirs too; shutdown sets NOT_SERVING as the SVM's status turns
 /// SHUTTING_DOWN, and a Watch was told NOT_SERVING twice.)
 #[derive(Clone, Default)]
@@ -782,17 +780,14 @@ async fn follow_health(
     mut changes: watch::Receiver<SvmStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut serving = true;
     loop {
-        let now = !(changes.borrow_and_update().reasons.iter()).any(|r| r.stops_scans());
-        if now != serving {
-            serving = now;
-            let status = match serving {
-                true => ServingStatus::Serving,
-                false => ServingStatus::NotServing,
-            };
-            health.set(status).await;
-        }
+        let stopped = (changes.borrow_and_update().reasons.iter()).any(|r| r.stops_scans());
+        let status = match stopped {
+            false => ServingStatus::Serving,
+            true => ServingStatus::NotServing,
+        };
+        // Set only if it differs from the health's (see `ServingHealth`).
+        health.set(status).await;
         // A change first: shutdown publishes SHUTTING_DOWN before it
         // stops serving, and a SERVING being set as it began must be
         // followed by NOT_SERVING, not left last.

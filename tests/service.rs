@@ -1234,19 +1234,7 @@ async fn a_lookup_keeps_the_room_for_its_answer_until_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_lookup_answer_keeps_its_room() {
     let server = TestServer::start(|_| {}).await;
-    let (session, _keep) = session_id(&server).await;
-    let data = b"known content";
-    let requests = vec![begin(&session, 1, data, None), chunk(1, 0, data), end(1)];
-    file_verdict(first_reply(&server, requests).await);
-    // 100,000 clean results: an answer of about a megabyte.
-    let request = LookupRequest {
-        session_id: session,
-        digests: vec![Bytes::copy_from_slice(blake3::hash(data).as_bytes()); 100_000],
-    };
-    // A client that reads 1 KiB of it, then nothing.
-    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Lookup", 1 << 10).await;
-    body.send_data(framed(&request), true).unwrap();
-    let response = response.await.unwrap();
+    let (response, _open) = unread_lookup(&server).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         server.state.intake.held() > 0,
@@ -1265,17 +1253,7 @@ async fn an_unread_lookup_answer_keeps_its_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_answer_left_unread_is_dropped_after_the_idle_timeout() {
     let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(2)).await;
-    let (session, _keep) = session_id(&server).await;
-    let data = b"known content";
-    let requests = vec![begin(&session, 1, data, None), chunk(1, 0, data), end(1)];
-    file_verdict(first_reply(&server, requests).await);
-    let request = LookupRequest {
-        session_id: session,
-        digests: vec![Bytes::copy_from_slice(blake3::hash(data).as_bytes()); 100_000],
-    };
-    let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Lookup", 1 << 10).await;
-    body.send_data(framed(&request), true).unwrap();
-    let response = response.await.unwrap();
+    let (response, _open) = unread_lookup(&server).await;
     until_room_held(&server, 0).await;
     let mut answer = response.into_body();
     let mut read = 0;
@@ -1287,6 +1265,28 @@ async fn a_lookup_answer_left_unread_is_dropped_after_the_idle_timeout() {
     assert!(read < 256 << 10, "cut short: {read} bytes");
     let trailers = answer.trailers().await.unwrap().expect("the call's status");
     assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
+}
+
+/// The answer of a Lookup of 100,000 digests of known, clean content (about
+/// a megabyte), from a client that reads 1 KiB of it, then nothing; with
+/// what keeps the session and the request open.
+async fn unread_lookup(
+    server: &TestServer,
+) -> (
+    http::Response<h2::RecvStream>,
+    (mpsc::Sender<AgentMessage>, h2::SendStream<Bytes>),
+) {
+    let (session, keep) = session_id(server).await;
+    let data = b"known content";
+    let requests = vec![begin(&session, 1, data, None), chunk(1, 0, data), end(1)];
+    file_verdict(first_reply(server, requests).await);
+    let request = LookupRequest {
+        session_id: session,
+        digests: vec![Bytes::copy_from_slice(blake3::hash(data).as_bytes()); 100_000],
+    };
+    let (response, mut body) = raw_call(server, [127, 0, 0, 1], "Lookup", 1 << 10).await;
+    body.send_data(framed(&request), true).unwrap();
+    (response.await.unwrap(), (keep, body))
 }
 
 /// A Lookup is one message: a second on its request fails the call

@@ -512,17 +512,34 @@ pub(crate) fn client_tls(tls: &ClientTls) -> Result<ClientTlsConfig, ClientError
             source,
         })
     };
+    let ca = tls.ca.as_deref().map(read).transpose()?;
+    let identity = match &tls.identity {
+        Some((cert, key)) => Some((read(cert)?, read(key)?)),
+        None => None,
+    };
+    let identity = identity.as_ref().map(|(cert, key)| (&cert[..], &key[..]));
+    Ok(tls_config(ca.as_deref(), identity, tls.domain.as_deref()))
+}
+
+/// Client TLS settings from the PEM contents of a CA's certificates, and
+/// of a certificate and its key; `domain`, the name to verify the server's
+/// certificate against.
+pub(crate) fn tls_config(
+    ca: Option<&[u8]>,
+    identity: Option<(&[u8], &[u8])>,
+    domain: Option<&str>,
+) -> ClientTlsConfig {
     let mut config = ClientTlsConfig::new();
-    if let Some(ca) = &tls.ca {
-        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    if let Some(ca) = ca {
+        config = config.ca_certificate(Certificate::from_pem(ca));
     }
-    if let Some((cert, key)) = &tls.identity {
-        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(cert, key));
     }
-    if let Some(domain) = &tls.domain {
-        config = config.domain_name(domain.clone());
+    if let Some(domain) = domain {
+        config = config.domain_name(domain);
     }
-    Ok(config)
+    config
 }
 
 #[cfg(test)]
