@@ -8,7 +8,9 @@
 //! ever, act on being opened, or never end (`/dev/zero`). The files an
 //! operator names are read whole, within a size ([`read`]): a
 //! configuration, TLS files and tokens of at most [`SMALL_FILE_LIMIT`]
-//! (tokens less), rule sources of at most 64 MiB.
+//! (tokens less), rule sources of at most 64 MiB. Those read again while
+//! serving are read off the runtime's threads, within a bound
+//! (`OffThread`).
 
 use std::{
     fs::File,
@@ -154,9 +156,111 @@ pub fn read_to_string(path: &Path, limit: u64) -> io::Result<String> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
+/// How long the server's tasks wait for the files an operator names when
+/// they read them again while serving (TLS files, tokens): past this, they
+/// go on with the files they have.
+pub const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Files read again while serving, on a blocking thread (a file on a share
+/// may keep a read waiting, which must not be a runtime thread's wait),
+/// and waited for within a bound. A read that takes longer is left to end
+/// on its own, and no other starts until it has: each would hold one more
+/// blocking thread on the same share.
+pub(crate) struct OffThread<T> {
+    pending: Option<tokio::task::JoinHandle<T>>,
+}
+
+impl<T> Default for OffThread<T> {
+    fn default() -> Self {
+        OffThread { pending: None }
+    }
+}
+
+/// Why [`OffThread::read`] gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotRead {
+    #[error(
+        "an earlier read of them has not ended (a file on a share that hangs?): they are not read again until it has"
+    )]
+    StillReading,
+    #[error(
+        "not read within {0:?} (a file on a share that hangs?): the earlier ones stay in use until the read ends"
+    )]
+    TooSlow(Duration),
+    #[error("the read failed: {0}")]
+    Failed(#[from] tokio::task::JoinError),
+}
+
+impl<T: Send + 'static> OffThread<T> {
+    /// What `read` gives, run on a blocking thread and waited for up to
+    /// `wait`; nothing while a read left by an earlier call still runs.
+    pub(crate) async fn read(
+        &mut self,
+        wait: Duration,
+        read: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NotRead> {
+        if self.pending.as_ref().is_some_and(|p| !p.is_finished()) {
+            return Err(NotRead::StillReading);
+        }
+        let mut pending = tokio::task::spawn_blocking(read);
+        match tokio::time::timeout(wait, &mut pending).await {
+            Ok(read) => Ok(read?),
+            Err(_) => {
+                self.pending = Some(pending);
+                Err(NotRead::TooSlow(wait))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_read_too_slow_is_left_to_end_and_none_starts_meanwhile() {
+        let mut reading = OffThread::default();
+        assert_eq!(reading.read(READ_WAIT, || 1).await.unwrap(), 1);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (ended, mut has_ended) = tokio::sync::oneshot::channel();
+        let hangs = move || {
+            let _ = released.recv();
+            let _ = ended.send(());
+            2
+        };
+        let wait = Duration::from_millis(50);
+        let slow = reading.read(wait, hangs).await;
+        assert!(
+            matches!(slow, Err(NotRead::TooSlow(w)) if w == wait),
+            "{slow:?}"
+        );
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starts = std::sync::Arc::clone(&started);
+        let meanwhile = reading
+            .read(READ_WAIT, move || {
+                starts.store(true, std::sync::atomic::Ordering::SeqCst);
+                4
+            })
+            .await;
+        assert!(
+            matches!(meanwhile, Err(NotRead::StillReading)),
+            "{meanwhile:?}"
+        );
+        release.send(()).unwrap();
+        (&mut has_ended).await.unwrap();
+        // The slow read ended (its thread is done a moment after it sent).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let again = loop {
+            match reading.read(READ_WAIT, || 3).await {
+                Err(NotRead::StillReading) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                again => break again,
+            }
+        };
+        assert_eq!(again.unwrap(), 3);
+        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     #[test]
     fn only_regular_files_within_their_limit_are_read() {

@@ -39,7 +39,7 @@ use std::{
 
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
-use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+use tokio::{sync::mpsc, time::Instant};
 use tonic::{
     Request, Response, Status,
     service::interceptor::InterceptedService,
@@ -49,7 +49,7 @@ use tonic::{
 use crate::{
     auth::{BearerToken, RequireToken, RequiredToken, SendToken, TokenError},
     client::tls_config,
-    files,
+    files::{self, OffThread},
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport, VmInfo,
         integration_server_client::IntegrationServerClient,
@@ -198,7 +198,7 @@ impl Reporter {
                     refused: None,
                 },
                 unread: None,
-                pending: None,
+                reading: OffThread::default(),
             },
             interval: config.interval,
             sequence: 0,
@@ -425,10 +425,9 @@ struct Credentials {
     seen: Seen,
     /// Why the files could not be read last, once warned of.
     unread: Option<String>,
-    /// A read that took longer than [`REPORT_TIMEOUT`] (a file on a share
-    /// that hangs): no other begins until it ends, and reports do not wait
-    /// for it.
-    pending: Option<JoinHandle<Refreshed>>,
+    /// Reads of the files, within [`REPORT_TIMEOUT`]: a report does not
+    /// wait for a read that takes longer (a file on a share that hangs).
+    reading: OffThread<Refreshed>,
 }
 
 /// The digests of the files in use, and of the last changed ones that
@@ -454,28 +453,14 @@ impl Credentials {
     /// (a file on a share may keep a read waiting), waited for up to
     /// [`REPORT_TIMEOUT`].
     async fn changed(&mut self) -> Option<(Endpoint, SendToken)> {
-        let mut read = match self.pending.take() {
-            Some(pending) if !pending.is_finished() => {
-                self.pending = Some(pending);
-                return None;
-            }
-            Some(pending) => pending,
-            None => {
-                let (files, plain, seen) = (Arc::clone(&self.files), self.plain.clone(), self.seen);
-                tokio::task::spawn_blocking(move || files.refresh(&plain, seen))
-            }
-        };
-        let refreshed = match tokio::time::timeout(REPORT_TIMEOUT, &mut read).await {
-            Ok(Ok(refreshed)) => refreshed,
-            Ok(Err(err)) => {
-                tracing::error!("reading the reporting credentials failed: {err}");
-                return None;
-            }
-            Err(_) => {
+        let (files, plain, seen) = (Arc::clone(&self.files), self.plain.clone(), self.seen);
+        let read = move || files.refresh(&plain, seen);
+        let refreshed = match self.reading.read(REPORT_TIMEOUT, read).await {
+            Ok(refreshed) => refreshed,
+            Err(err) => {
                 tracing::warn!(
-                    "the reporting token or TLS files could not be read within {REPORT_TIMEOUT:?}; reports go with the earlier ones until the read ends"
+                    "the reporting token and TLS files: {err}; reports go with the earlier ones"
                 );
-                self.pending = Some(read);
                 return None;
             }
         };

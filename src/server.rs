@@ -31,6 +31,7 @@ use crate::{
     config::Config,
     connections::{self, CallsLayer},
     engine::Engine,
+    files::{OffThread, READ_WAIT},
     intake::{IntakeLayer, MAX_MESSAGE_SIZE},
     metrics, notify,
     proto::{self, admin_server::AdminServer, protection_server_server::ProtectionServerServer},
@@ -319,15 +320,15 @@ impl Server {
         self.tls.as_ref()
     }
 
-    /// Reads the TLS files and the signatures once (for an update that
-    /// finished while the server started, when `scanserver serve` ignores
-    /// SIGHUP), then again on every SIGHUP with the admin token, until
-    /// shutdown begins (the server is stopping: new files would serve no
-    /// one). The TLS and token files are read at once (on a blocking
-    /// thread); the signatures by a task of their own, so that a SIGHUP
-    /// while they compile does not wait for them, and the SIGHUPs that come meanwhile make one more reload, not
-    /// one each. Outcomes are logged, and failures shown in the SVM's
-    /// status.
+    /// Reads the TLS files, the admin token and the signatures once (for
+    /// an update that finished while the server started, when `scanserver
+    /// serve` ignores SIGHUP), then again on every SIGHUP, until shutdown
+    /// begins (the server is stopping: new files would serve no one). The
+    /// TLS and token files are read at once, within [`READ_WAIT`] (a file
+    /// read later is used once read); the signatures by a task of their
+    /// own, so that a SIGHUP while they compile does not wait for them,
+    /// and the SIGHUPs that come meanwhile make one more reload, not one
+    /// each. Outcomes are logged, and failures shown in the SVM's status.
     ///
     /// The handler is installed when this is called, not when the future
     /// is first polled, so that no SIGHUP after `READY=1` is lost. The
@@ -338,12 +339,13 @@ impl Server {
     /// signatures.
     pub fn reload_on_hangup(&self) -> impl Future<Output = ()> + Send + 'static {
         use tokio::signal::unix::{SignalKind, signal};
-        let (reloader, tls, svm, admin_token) = (
-            Arc::clone(&self.reloader),
-            self.tls.clone(),
-            Arc::clone(&self.svm),
-            self.admin_token.clone(),
-        );
+        let reloader = Arc::clone(&self.reloader);
+        let mut files = HangupFiles {
+            tls: self.tls.clone(),
+            svm: Arc::clone(&self.svm),
+            admin_token: self.admin_token.clone(),
+            reading: OffThread::default(),
+        };
         let mut shutdown = self.shutdown.subscribe();
         let hangups = signal(SignalKind::hangup());
         async move {
@@ -356,19 +358,9 @@ impl Server {
                     return;
                 }
             };
-            let reload_tls = || {
-                let (tls, svm) = (tls.clone(), Arc::clone(&svm));
-                async move {
-                    if let Some(tls) = tls {
-                        let read = tokio::task::spawn_blocking(move || tls.reload_and_report(&svm));
-                        if let Err(err) = read.await {
-                            tracing::error!("reading the TLS files again failed: {err}");
-                        }
-                    }
-                }
-            };
-            // (The admin token was read as the server bound its listener.)
-            reload_tls().await;
+            // (Both were read as the server bound its listeners: what
+            // changed since is read now.)
+            files.read_again().await;
             // The SIGHUPs so far: the reload task reloads once at start,
             // then once for all those counted since its last reload began.
             let (counted, count) = watch::channel(0u64);
@@ -383,12 +375,12 @@ impl Server {
                     "SIGHUP: reading the signatures, the TLS files and the admin token again"
                 );
                 // The TLS and token files first: the READY=1 that answers
-                // this SIGHUP's RELOADING=1 comes after they are read.
+                // this SIGHUP's RELOADING=1 comes after they are read (or
+                // given up on).
                 // Under the count's lock, the reload task cannot tell the
                 // manager READY=1 between this RELOADING=1 and the count
                 // that makes it reload once more.
-                reload_tls().await;
-                admin_token.reload().await;
+                files.read_again().await;
                 counted.send_modify(|count| {
                     notify::reloading();
                     *count += 1;
@@ -686,25 +678,57 @@ struct AdminToken {
 }
 
 impl AdminToken {
-    /// Reads the file again (on a blocking thread): the admin service asks
-    /// for its token from now on. A file that cannot be used leaves the
-    /// earlier token asked for, with an error in the log.
-    async fn reload(&self) {
-        let Some(file) = self.file.clone() else {
+    /// Reads the file again: the admin service asks for its token from now
+    /// on. A file that cannot be used leaves the earlier token asked for,
+    /// with an error in the log. Blocking.
+    fn read_again(&self) {
+        let Some(file) = &self.file else {
             return;
         };
-        match tokio::task::spawn_blocking(move || BearerToken::read(&file)).await {
-            Ok(Ok(token)) => {
+        match BearerToken::read(file) {
+            Ok(token) => {
                 if self.required.replace(token) {
                     tracing::info!(
                         "admin token read again: the admin service asks for the new one"
                     );
                 }
             }
-            Ok(Err(err)) => tracing::error!(
+            Err(err) => tracing::error!(
                 "admin token not read again, the admin service asks for the earlier one: {err}"
             ),
-            Err(err) => tracing::error!("reading the admin token again failed: {err}"),
+        }
+    }
+}
+
+/// The files a SIGHUP has the server read again, besides the signatures:
+/// the agent listener's TLS files and the admin token file.
+struct HangupFiles {
+    tls: Option<Arc<Tls>>,
+    svm: Arc<Svm>,
+    admin_token: AdminToken,
+    reading: OffThread<()>,
+}
+
+impl HangupFiles {
+    /// Reads the files again, on a blocking thread, waiting up to
+    /// [`READ_WAIT`] (a file on a share that hangs must not hold up the
+    /// signatures' reload, nor keep the service manager told it reloads).
+    /// Files read later than that are used once read; until then, SIGHUPs
+    /// do not read them again.
+    async fn read_again(&mut self) {
+        let (tls, svm, admin_token) = (
+            self.tls.clone(),
+            Arc::clone(&self.svm),
+            self.admin_token.clone(),
+        );
+        let read = move || {
+            if let Some(tls) = tls {
+                tls.reload_and_report(&svm);
+            }
+            admin_token.read_again();
+        };
+        if let Err(err) = self.reading.read(READ_WAIT, read).await {
+            tracing::error!("the TLS files and the admin token: {err}");
         }
     }
 }
