@@ -8,9 +8,9 @@
 //! ever, act on being opened, or never end (`/dev/zero`). The files an
 //! operator names are read whole, within a size ([`read`]): a
 //! configuration, TLS files and tokens of at most [`SMALL_FILE_LIMIT`]
-//! (tokens less), rule sources of at most 64 MiB. Those read again while
-//! serving are read off the runtime's threads, within a bound
-//! (`OffThread`).
+//! (tokens less), rule sources of at most 64 MiB. Those read again on
+//! SIGHUP and before each report are read off the runtime's threads,
+//! within a bound (`OffThread`).
 
 use std::{
     fs::File,
@@ -156,17 +156,20 @@ pub fn read_to_string(path: &Path, limit: u64) -> io::Result<String> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
-/// How long the server's tasks wait for the files an operator names when
-/// they read them again while serving (TLS files, tokens): past this, they
-/// go on with the files they have.
+/// How long the server waits for the files it reads again while serving
+/// on SIGHUP (TLS files, the admin token) and before each report (the
+/// reporting token and TLS files): past this, it goes on with those it has.
 pub const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// Files read again while serving, on a blocking thread (a file on a share
 /// may keep a read waiting, which must not be a runtime thread's wait),
 /// and waited for within a bound. A read that takes longer is left to end
 /// on its own, and no other starts until it has: each would hold one more
-/// blocking thread on the same share.
+/// blocking thread on the same share. What it gave is kept for whoever
+/// asks ([`OffThread::late`]).
 pub(crate) struct OffThread<T> {
+    /// The last read, until what it gave is taken; kept before it is
+    /// waited for, so that a caller dropped while waiting leaves it here.
     pending: Option<tokio::task::JoinHandle<T>>,
 }
 
@@ -183,9 +186,7 @@ pub(crate) enum NotRead {
         "an earlier read of them has not ended (a file on a share that hangs?): they are not read again until it has"
     )]
     StillReading,
-    #[error(
-        "not read within {0:?} (a file on a share that hangs?): the earlier ones stay in use until the read ends"
-    )]
+    #[error("not read within {0:?} (a file on a share that hangs?): the earlier ones stay in use")]
     TooSlow(Duration),
     #[error("the read failed: {0}")]
     Failed(#[from] tokio::task::JoinError),
@@ -194,21 +195,32 @@ pub(crate) enum NotRead {
 impl<T: Send + 'static> OffThread<T> {
     /// What `read` gives, run on a blocking thread and waited for up to
     /// `wait`; nothing while a read left by an earlier call still runs.
+    /// What such a read gave once it ended, if not taken ([`Self::late`]),
+    /// is dropped (it is logged if the read panicked).
     pub(crate) async fn read(
         &mut self,
         wait: Duration,
         read: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, NotRead> {
-        if self.pending.as_ref().is_some_and(|p| !p.is_finished()) {
+        if let Some(Err(err)) = self.late().await {
+            tracing::error!("an earlier read of files failed: {err}");
+        }
+        if self.pending.is_some() {
             return Err(NotRead::StillReading);
         }
-        let mut pending = tokio::task::spawn_blocking(read);
-        match tokio::time::timeout(wait, &mut pending).await {
-            Ok(read) => Ok(read?),
-            Err(_) => {
-                self.pending = Some(pending);
-                Err(NotRead::TooSlow(wait))
-            }
+        let pending = self.pending.insert(tokio::task::spawn_blocking(read));
+        let joined = tokio::time::timeout(wait, pending)
+            .await
+            .map_err(|_| NotRead::TooSlow(wait))?;
+        self.pending = None;
+        Ok(joined?)
+    }
+
+    /// What a read left by an earlier call gave, once it has ended.
+    pub(crate) async fn late(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
+        match self.pending.take_if(|pending| pending.is_finished()) {
+            Some(ended) => Some(ended.await),
+            None => None,
         }
     }
 }
@@ -217,49 +229,60 @@ impl<T: Send + 'static> OffThread<T> {
 mod tests {
     use super::*;
 
+    /// What a read left behind gives, once it has ended.
+    async fn late_of<T: Send + 'static>(reading: &mut OffThread<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(late) = reading.late().await {
+                return late.unwrap();
+            }
+            assert!(Instant::now() < deadline, "the read never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_read_too_slow_is_left_to_end_and_none_starts_meanwhile() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+            mpsc,
+        };
         let mut reading = OffThread::default();
         assert_eq!(reading.read(READ_WAIT, || 1).await.unwrap(), 1);
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let (ended, mut has_ended) = tokio::sync::oneshot::channel();
-        let hangs = move || {
-            let _ = released.recv();
-            let _ = ended.send(());
-            2
-        };
+        assert!(reading.late().await.is_none());
+        let (release, released) = mpsc::channel::<()>();
         let wait = Duration::from_millis(50);
-        let slow = reading.read(wait, hangs).await;
-        assert!(
-            matches!(slow, Err(NotRead::TooSlow(w)) if w == wait),
-            "{slow:?}"
-        );
-        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let starts = std::sync::Arc::clone(&started);
-        let meanwhile = reading
-            .read(READ_WAIT, move || {
-                starts.store(true, std::sync::atomic::Ordering::SeqCst);
-                4
-            })
-            .await;
-        assert!(
-            matches!(meanwhile, Err(NotRead::StillReading)),
-            "{meanwhile:?}"
-        );
+        let slow = reading.read(wait, move || released.recv().map_or(0, |()| 2));
+        assert!(matches!(slow.await, Err(NotRead::TooSlow(w)) if w == wait));
+        let started = Arc::new(AtomicBool::new(false));
+        let starts = Arc::clone(&started);
+        let meanwhile = reading.read(READ_WAIT, move || {
+            starts.store(true, Ordering::SeqCst);
+            4
+        });
+        assert!(matches!(meanwhile.await, Err(NotRead::StillReading)));
+        assert!(reading.late().await.is_none(), "not ended yet");
         release.send(()).unwrap();
-        (&mut has_ended).await.unwrap();
-        // The slow read ended (its thread is done a moment after it sent).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let again = loop {
-            match reading.read(READ_WAIT, || 3).await {
-                Err(NotRead::StillReading) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                again => break again,
-            }
-        };
-        assert_eq!(again.unwrap(), 3);
-        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(late_of(&mut reading).await, 2);
+        assert!(!started.load(Ordering::SeqCst));
+
+        // A caller dropped while it waited leaves the read behind, as one
+        // that waited too long does.
+        let (release, released) = mpsc::channel::<()>();
+        let read = reading.read(READ_WAIT, move || released.recv().map_or(0, |()| 5));
+        assert!(tokio::time::timeout(wait, read).await.is_err());
+        assert!(matches!(
+            reading.read(READ_WAIT, || 6).await,
+            Err(NotRead::StillReading)
+        ));
+        release.send(()).unwrap();
+        assert_eq!(late_of(&mut reading).await, 5);
+
+        let panics = || -> i32 { panic!("a read that panics") };
+        let failed = reading.read(READ_WAIT, panics).await;
+        assert!(matches!(failed, Err(NotRead::Failed(_))), "{failed:?}");
+        assert_eq!(reading.read(READ_WAIT, || 7).await.unwrap(), 7);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use tonic::{
 use crate::{
     auth::{BearerToken, RequireToken, RequiredToken, SendToken, TokenError},
     client::tls_config,
-    files::{self, OffThread},
+    files::{self, NotRead, OffThread, READ_WAIT},
     proto::{
         ReportAck, ReportTrigger, SvmReason, SvmReport, VmInfo,
         integration_server_client::IntegrationServerClient,
@@ -425,8 +425,9 @@ struct Credentials {
     seen: Seen,
     /// Why the files could not be read last, once warned of.
     unread: Option<String>,
-    /// Reads of the files, within [`REPORT_TIMEOUT`]: a report does not
-    /// wait for a read that takes longer (a file on a share that hangs).
+    /// Reads of the files, within [`READ_WAIT`]: a report does not wait
+    /// for a read that takes longer (a file on a share that hangs), whose
+    /// files the first report after it ended uses.
     reading: OffThread<Refreshed>,
 }
 
@@ -449,14 +450,19 @@ enum Refreshed {
 
 impl Credentials {
     /// The endpoint and token the files make, when they changed since
-    /// those in use and can be used. They are read on a blocking thread
-    /// (a file on a share may keep a read waiting), waited for up to
-    /// [`REPORT_TIMEOUT`].
+    /// those in use and can be used (see [`Credentials::reading`]).
     async fn changed(&mut self) -> Option<(Endpoint, SendToken)> {
         let (files, plain, seen) = (Arc::clone(&self.files), self.plain.clone(), self.seen);
         let read = move || files.refresh(&plain, seen);
-        let refreshed = match self.reading.read(REPORT_TIMEOUT, read).await {
+        // A read that outlasted an earlier report's wait gives what it
+        // found to the next report.
+        let refreshed = match self.reading.late().await {
+            Some(late) => late.map_err(NotRead::from),
+            None => self.reading.read(READ_WAIT, read).await,
+        };
+        let refreshed = match refreshed {
             Ok(refreshed) => refreshed,
+            Err(NotRead::StillReading) => return None,
             Err(err) => {
                 tracing::warn!(
                     "the reporting token and TLS files: {err}; reports go with the earlier ones"

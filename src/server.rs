@@ -344,7 +344,8 @@ impl Server {
             tls: self.tls.clone(),
             svm: Arc::clone(&self.svm),
             admin_token: self.admin_token.clone(),
-            reading: OffThread::default(),
+            tls_reading: OffThread::default(),
+            token_reading: OffThread::default(),
         };
         let mut shutdown = self.shutdown.subscribe();
         let hangups = signal(SignalKind::hangup());
@@ -678,10 +679,10 @@ struct AdminToken {
 }
 
 impl AdminToken {
-    /// Reads the file again: the admin service asks for its token from now
-    /// on. A file that cannot be used leaves the earlier token asked for,
-    /// with an error in the log. Blocking.
-    fn read_again(&self) {
+    /// Reads the file again, if there is one: the admin service asks for
+    /// its token from now on. A file that cannot be used leaves the
+    /// earlier token asked for, with an error in the log. Blocking.
+    fn read_file(&self) {
         let Some(file) = &self.file else {
             return;
         };
@@ -701,34 +702,48 @@ impl AdminToken {
 }
 
 /// The files a SIGHUP has the server read again, besides the signatures:
-/// the agent listener's TLS files and the admin token file.
+/// the agent listener's TLS files and the admin token file, each read on
+/// its own (a share that hangs holds up the reads of its files alone).
 struct HangupFiles {
     tls: Option<Arc<Tls>>,
     svm: Arc<Svm>,
     admin_token: AdminToken,
-    reading: OffThread<()>,
+    tls_reading: OffThread<()>,
+    token_reading: OffThread<()>,
 }
 
 impl HangupFiles {
-    /// Reads the files again, on a blocking thread, waiting up to
-    /// [`READ_WAIT`] (a file on a share that hangs must not hold up the
-    /// signatures' reload, nor keep the service manager told it reloads).
-    /// Files read later than that are used once read; until then, SIGHUPs
-    /// do not read them again.
+    /// Reads the files again, each on a blocking thread, waiting up to
+    /// [`READ_WAIT`]: a file on a share that hangs must not hold up the
+    /// signatures' reload, nor keep the service manager told the server
+    /// reloads. Files read later than that are used once read; until then,
+    /// SIGHUPs do not read them again (the log says so).
     async fn read_again(&mut self) {
-        let (tls, svm, admin_token) = (
-            self.tls.clone(),
-            Arc::clone(&self.svm),
-            self.admin_token.clone(),
+        let HangupFiles {
+            tls,
+            svm,
+            admin_token,
+            tls_reading,
+            token_reading,
+        } = self;
+        let tls = tls.clone().map(|tls| {
+            let svm = Arc::clone(svm);
+            move || tls.reload_and_report(&svm)
+        });
+        let token = admin_token.clone();
+        let (tls_read, token_read) = tokio::join!(
+            async {
+                match tls {
+                    Some(read) => tls_reading.read(READ_WAIT, read).await,
+                    None => Ok(()),
+                }
+            },
+            token_reading.read(READ_WAIT, move || token.read_file()),
         );
-        let read = move || {
-            if let Some(tls) = tls {
-                tls.reload_and_report(&svm);
+        for (what, read) in [("TLS files", tls_read), ("admin token", token_read)] {
+            if let Err(err) = read {
+                tracing::error!("{what} not read again on this SIGHUP: {err}");
             }
-            admin_token.read_again();
-        };
-        if let Err(err) = self.reading.read(READ_WAIT, read).await {
-            tracing::error!("the TLS files and the admin token: {err}");
         }
     }
 }

@@ -359,6 +359,15 @@ fn serve(
     Running(command.spawn().unwrap())
 }
 
+/// Sends `signal` to `server`.
+fn signal(server: &Running, signal: libc::c_int) {
+    // SAFETY: kill has no memory preconditions; the child is ours.
+    assert_eq!(
+        unsafe { libc::kill(server.0.id() as libc::pid_t, signal) },
+        0
+    );
+}
+
 /// A service manager's notification socket (`NOTIFY_SOCKET`), as
 /// systemd's for a `Type=notify` service.
 struct ServiceManager {
@@ -376,8 +385,14 @@ impl ServiceManager {
         ServiceManager { socket, dir }
     }
 
-    fn socket(&self) -> std::path::PathBuf {
-        self.dir.path().join("notify")
+    /// Has `serve` tell this manager (and no watchdog: `WATCHDOG_USEC`
+    /// inherited from a service manager running the tests would add its
+    /// messages).
+    fn manage(&self, serve: &mut Command) {
+        serve
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify"))
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
     }
 
     /// The next message `server` sends, within 2 minutes. One that exits
@@ -402,8 +417,7 @@ impl ServiceManager {
     /// Sends `server` a SIGHUP, and returns once it said it reloaded
     /// (`RELOADING=1`, then `READY=1`).
     fn reload(&self, server: &mut Running) {
-        // SAFETY: kill has no memory preconditions; the child is ours.
-        unsafe { libc::kill(server.0.id() as libc::pid_t, libc::SIGHUP) };
+        signal(server, libc::SIGHUP);
         let reloading = self.message(server);
         assert!(reloading.starts_with("RELOADING=1\n"), "{reloading}");
         let reloaded = self.message(server);
@@ -647,10 +661,8 @@ fn the_operator_commands_send_the_admin_token_the_server_asks_for() {
     let admin_addr = format!("127.0.0.1:{admin}");
     let manager = ServiceManager::new();
     let mut server = serve(cache.path(), state.path(), listen, &admin_addr, |serve| {
-        serve
-            .arg("--admin-token-file")
-            .arg(&token)
-            .env("NOTIFY_SOCKET", manager.socket());
+        serve.arg("--admin-token-file").arg(&token);
+        manager.manage(serve);
     });
     let ready = manager.message(&mut server);
     assert!(ready.starts_with("READY=1\n"), "{ready}");
@@ -723,9 +735,8 @@ fn the_operator_commands_reach_the_admin_socket() {
         assert!(metadata.file_type().is_socket());
         assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
     }
+    signal(&servers[0], libc::SIGTERM);
     let Running(server) = &mut servers[0];
-    // SAFETY: kill has no memory preconditions; the child is ours.
-    unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) };
     assert!(server.wait().unwrap().success());
     assert!(!socket.exists(), "a server that stops removes its socket");
 }
@@ -915,8 +926,7 @@ fn sighup_and_rules_reload_load_new_signatures() {
         .nth(1)
         .and_then(|rest| rest.split(',').next())
         .unwrap_or_else(|| panic!("no version in {checked}"));
-    // SAFETY: sending a signal to a child process of this test.
-    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGHUP) }, 0);
+    signal(&server, libc::SIGHUP);
     let (text, _) = status_until(cache.path(), &admin_addr, &format!("version {version}"));
     assert!(text.contains("rules 2"), "{text}");
 
@@ -960,10 +970,7 @@ fn sighup_reads_the_tls_files_again() {
             .arg(&key);
     });
     wait_for_listener(listen);
-    let hangup = || {
-        // SAFETY: sending a signal to a child process of this test.
-        assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGHUP) }, 0);
-    };
+    let hangup = || signal(&server, libc::SIGHUP);
     fs::write(&key, "not a key").unwrap();
     hangup();
     let (text, _) = status_until(cache.path(), &admin_addr, "reason: TLS update failed");
@@ -987,9 +994,8 @@ fn serve_tells_the_service_manager_it_is_ready_reloading_and_stopping() {
     let manager = ServiceManager::new();
     let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
     let mut server = serve(cache.path(), state.path(), port, &admin, |serve| {
-        serve
-            .env("NOTIFY_SOCKET", manager.socket())
-            .stderr(std::process::Stdio::piped());
+        manager.manage(serve);
+        serve.stderr(std::process::Stdio::piped());
     });
     let ready = manager.message(&mut server);
     let serving = format!("READY=1\nSTATUS=serving agents on 127.0.0.1:{port} with ");
@@ -1000,10 +1006,6 @@ fn serve_tells_the_service_manager_it_is_ready_reloading_and_stopping() {
     );
     // A SIGHUP at once after READY=1 reloads (it is neither lost nor
     // fatal), and the manager hears when that is over.
-    let signal = |server: &Running, signal| {
-        // SAFETY: kill has no memory preconditions; the child is ours.
-        unsafe { libc::kill(server.0.id() as libc::pid_t, signal) };
-    };
     let monotonic_usec = || {
         let mut now = libc::timespec {
             tv_sec: 0,
@@ -1128,8 +1130,7 @@ fn malware_found_is_logged_with_its_vm_and_file() {
         assert!(!fields["threats"].as_str().unwrap().is_empty(), "{entry}");
         assert_eq!(fields["source"], source, "{entry}");
     }
-    // SAFETY: kill has no memory preconditions; the child is ours.
-    unsafe { libc::kill(server.0.id() as libc::pid_t, libc::SIGTERM) };
+    signal(&server, libc::SIGTERM);
     assert!(server.0.wait().unwrap().success());
     let rest: Vec<String> = lines.iter().collect();
     assert!(
