@@ -191,6 +191,12 @@ impl Config {
                 "must be at least 32 MiB: the room one call may need (messages of the largest size, 16 MiB, after smaller ones)",
             );
         }
+        if self.uploads.path_budget < crate::service::MAX_PATH_LEN as u64 {
+            return invalid(
+                "uploads.path_budget",
+                "must be at least 98304 (a file's longest path, 96 KiB)",
+            );
+        }
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
@@ -627,6 +633,12 @@ pub struct UploadConfig {
     /// 1 GiB, is about twice what 1,000 `lightagent` Scan streams would
     /// hold (one was seen to hold 491 KiB).
     pub message_budget: u64,
+    /// Bytes the paths of the files open on Scan streams may hold together
+    /// (each keeps its path until its final reply); a begin whose path
+    /// does not fit fails with RESOURCE_EXHAUSTED. The files themselves
+    /// are at most `server.max_agents` times `files_in_flight`, on the
+    /// whole server (a file keeps its place after its session ends).
+    pub path_budget: u64,
 }
 
 impl UploadConfig {
@@ -652,6 +664,7 @@ impl Default for UploadConfig {
             chunk_size: 256 << 10,
             files_in_flight: 128,
             message_budget: 1 << 30,
+            path_budget: 128 << 20,
         }
     }
 }
@@ -685,6 +698,7 @@ mod tests {
         assert_eq!(config.server.admin_listen, defaults.server.admin_listen);
         assert_eq!(config.engine.max_scan_size, defaults.engine.max_scan_size);
         assert_eq!(config.uploads.spool_files, defaults.uploads.spool_files);
+        assert_eq!(config.uploads.path_budget, defaults.uploads.path_budget);
     }
 
     #[test]
@@ -744,6 +758,10 @@ mod tests {
         assert_eq!(
             refused(|c| c.uploads.message_budget = (32 << 20) - 1),
             "uploads.message_budget"
+        );
+        assert_eq!(
+            refused(|c| c.uploads.path_budget = (96 << 10) - 1),
+            "uploads.path_budget"
         );
         assert_eq!(
             refused(|c| c.uploads.spool_budget = c.uploads.max_file_size - 1),

@@ -169,32 +169,87 @@ pub const LOOKUPS_AT_ONCE: usize = 4;
 struct Places {
     limit: usize,
     taken: AtomicUsize,
+    everywhere: Arc<Everywhere>,
+}
+
+/// What the files open on every VM hold together. A VM's places bound its
+/// own files, but a file keeps its place after its session ends (until
+/// its final reply), and an agent may connect under ever new VM ids: the
+/// server as a whole bounds them too, in number and in the bytes of their
+/// paths, which each keeps until its verdict (up to
+/// [`MAX_PATH_LEN`](crate::service::MAX_PATH_LEN) each).
+#[derive(Debug)]
+struct Everywhere {
     /// Places taken on every VM (see [`Sessions::files_in_flight`]).
-    everywhere: Arc<AtomicUsize>,
+    files: AtomicUsize,
+    /// At most: as many as `max_agents` VMs may have.
+    most_files: usize,
+    path_bytes: AtomicUsize,
+    /// At most (`uploads.path_budget`).
+    path_budget: usize,
+}
+
+/// Why a file found no place in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPlace {
+    /// Its VM has as many files in flight as it may.
+    Vm,
+    /// The server has as many files in flight as all the agents it takes
+    /// may have.
+    Server,
+    /// The paths of the files in flight take the server's whole budget
+    /// for them.
+    Paths,
+}
+
+/// Takes `n` of `count`, if it stays within `most`.
+fn take_within(count: &AtomicUsize, n: usize, most: usize) -> bool {
+    count
+        .fetch_update(Ordering::Acquire, Ordering::Relaxed, |taken| {
+            (taken.saturating_add(n) <= most).then_some(taken + n)
+        })
+        .is_ok()
 }
 
 impl Places {
-    /// A place, if one is free.
-    fn take(self: &Arc<Self>) -> Option<FilePlace> {
-        self.taken
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |taken| {
-                (taken < self.limit).then_some(taken + 1)
-            })
-            .ok()?;
-        self.everywhere.fetch_add(1, Ordering::Relaxed);
-        Some(FilePlace(Arc::clone(self)))
+    /// A place for a file of `path_len` bytes of path, if one is free.
+    fn take(self: &Arc<Self>, path_len: usize) -> Result<FilePlace, NoPlace> {
+        let everywhere = &self.everywhere;
+        if !take_within(&self.taken, 1, self.limit) {
+            return Err(NoPlace::Vm);
+        }
+        if !take_within(&everywhere.files, 1, everywhere.most_files) {
+            self.taken.fetch_sub(1, Ordering::Release);
+            return Err(NoPlace::Server);
+        }
+        if !take_within(&everywhere.path_bytes, path_len, everywhere.path_budget) {
+            everywhere.files.fetch_sub(1, Ordering::Relaxed);
+            self.taken.fetch_sub(1, Ordering::Release);
+            return Err(NoPlace::Paths);
+        }
+        Ok(FilePlace {
+            places: Arc::clone(self),
+            path_len,
+        })
     }
 }
 
 /// A file's place in flight on its VM (see [`Session::take_place`]),
 /// given back when dropped.
 #[derive(Debug)]
-pub struct FilePlace(Arc<Places>);
+pub struct FilePlace {
+    places: Arc<Places>,
+    path_len: usize,
+}
 
 impl Drop for FilePlace {
     fn drop(&mut self) {
-        self.0.taken.fetch_sub(1, Ordering::Release);
-        self.0.everywhere.fetch_sub(1, Ordering::Relaxed);
+        let everywhere = &self.places.everywhere;
+        everywhere
+            .path_bytes
+            .fetch_sub(self.path_len, Ordering::Relaxed);
+        everywhere.files.fetch_sub(1, Ordering::Relaxed);
+        self.places.taken.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -293,10 +348,11 @@ impl Session {
         self.places.taken.load(Ordering::Relaxed)
     }
 
-    /// A place in flight for a file begun on the session, if the VM has one
-    /// free; the file holds it until its final reply.
-    pub fn take_place(&self) -> Option<FilePlace> {
-        self.places.take()
+    /// A place in flight for a file begun on the session, with `path_len`
+    /// bytes of path, if the VM and the server have one free; the file
+    /// holds it until its final reply.
+    pub fn take_place(&self, path_len: usize) -> Result<FilePlace, NoPlace> {
+        self.places.take(path_len)
     }
 
     /// A file of the session failed, or went without a verdict: a full
@@ -344,9 +400,10 @@ pub struct Sessions {
     /// own, an agent that reconnected again and again could keep ever more
     /// files open and Lookups waiting.
     places: Mutex<HashMap<String, VmPlaces>>,
-    /// Places taken on every VM, counted as they are taken and given back:
-    /// what reports and status read, without a walk over the VMs.
-    places_taken: Arc<AtomicUsize>,
+    /// What the files in flight on every VM hold, counted as places are
+    /// taken and given back: what reports and status read, without a walk
+    /// over the VMs.
+    everywhere: Arc<Everywhere>,
     max_agents: usize,
     files_in_flight: usize,
     spool_share_kib: usize,
@@ -368,7 +425,14 @@ impl Sessions {
         Sessions {
             by_id: RwLock::new(HashMap::new()),
             places: Mutex::new(HashMap::new()),
-            places_taken: Arc::default(),
+            everywhere: Arc::new(Everywhere {
+                files: AtomicUsize::new(0),
+                most_files: max_agents
+                    .max(1)
+                    .saturating_mul(uploads.files_in_flight as usize),
+                path_bytes: AtomicUsize::new(0),
+                path_budget: usize::try_from(uploads.path_budget).unwrap_or(usize::MAX),
+            }),
             max_agents,
             files_in_flight: uploads.files_in_flight as usize,
             spool_share_kib: spool_share_kib.min(Semaphore::MAX_PERMITS),
@@ -441,7 +505,7 @@ impl Sessions {
             files: shared(&mut held.files, || Places {
                 limit: self.files_in_flight,
                 taken: AtomicUsize::new(0),
-                everywhere: Arc::clone(&self.places_taken),
+                everywhere: Arc::clone(&self.everywhere),
             }),
             spool: shared(&mut held.spool, || Semaphore::new(self.spool_share_kib)),
             lookups: shared(&mut held.lookups, || Semaphore::new(LOOKUPS_AT_ONCE)),
@@ -482,7 +546,7 @@ impl Sessions {
     /// Files begun on Scan streams and not yet answered, those of sessions
     /// that ended included (each holds its VM's place until answered).
     pub fn files_in_flight(&self) -> usize {
-        self.places_taken.load(Ordering::Relaxed)
+        self.everywhere.files.load(Ordering::Relaxed)
     }
 
     /// Whether no agent is connected.

@@ -679,6 +679,86 @@ async fn a_reconnecting_agent_gets_no_places_in_flight_beyond_its_vm_s() {
     );
 }
 
+/// Files keep their places after their session ends: an agent connecting
+/// under ever new VM ids, and leaving files open on each, gets no more
+/// places on the whole server than all the agents it takes may have
+/// (`server.max_agents` times `uploads.files_in_flight`, here 2 × 2). Nor
+/// may the paths of the files open take more than `uploads.path_budget`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_flight_are_bounded_on_the_whole_server() {
+    let server = TestServer::start(|c| {
+        c.server.max_agents = 2;
+        c.server.max_connections = None;
+        c.uploads.files_in_flight = 2;
+        c.uploads.path_budget = 100 << 10;
+    })
+    .await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // Two VMs each leave two files whose content, asked for, never comes.
+    for first in [1, 3] {
+        let (session, keep) = session_id(&server).await;
+        for id in first..first + 2 {
+            let pending = format!("pending {id}");
+            let digest = blake3::hash(pending.as_bytes());
+            let begun = begin(&session, id, pending.as_bytes(), Some(digest.as_bytes()));
+            tx.send(begun).await.unwrap();
+            let (asked, kind) = next(&mut replies).await;
+            assert_eq!(asked, id);
+            assert!(matches!(kind, file_reply::Kind::SendContent(_)), "{kind:?}");
+        }
+        drop(keep);
+        while !server.state.sessions.list().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let (third, _keep) = session_id(&server).await;
+    tx.send(begin(&third, 5, b"pending", None)).await.unwrap();
+    next_error(
+        &mut replies,
+        5,
+        Code::ResourceExhausted,
+        "server.max_agents",
+    )
+    .await;
+    tx.send(cancel(1)).await.unwrap();
+    next_error(&mut replies, 1, Code::Cancelled, "cancelled").await;
+    send_whole(&tx, &third, 6, EICAR).await;
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!(
+        (id, verdict_rules(&kind)),
+        (6, vec!["EICAR_Test_File".to_owned()])
+    );
+
+    // A long path takes most of the budget for paths: another long one
+    // finds no room until the first file's place is given back (places
+    // are free: the files left open are cancelled).
+    for id in 2..=4 {
+        tx.send(cancel(id)).await.unwrap();
+        next_error(&mut replies, id, Code::Cancelled, "cancelled").await;
+    }
+    let long = |id: u64| {
+        let mut request = begin(&third, id, b"pending", None);
+        if let Some(file_request::Kind::Begin(begin)) = &mut request.requests[0].kind {
+            begin.path = format!("C:\\{}\\file{id}", "d".repeat(60 << 10));
+        }
+        request
+    };
+    tx.send(long(7)).await.unwrap();
+    tx.send(long(8)).await.unwrap();
+    next_error(
+        &mut replies,
+        8,
+        Code::ResourceExhausted,
+        "uploads.path_budget",
+    )
+    .await;
+    tx.send(cancel(7)).await.unwrap();
+    next_error(&mut replies, 7, Code::Cancelled, "cancelled").await;
+    tx.send(long(9)).await.unwrap();
+    tx.send(cancel(9)).await.unwrap();
+    next_error(&mut replies, 9, Code::Cancelled, "cancelled").await;
+}
+
 /// Files of up to 64 KiB, spooled beyond 16 KiB, in a spool of 256 KiB of
 /// which a VM's files may take 64.
 fn spool_share_of_one_large_file(config: &mut Config) {

@@ -78,7 +78,9 @@ pub const MAX_SESSION_ID_LEN: usize = 64;
 /// The longest file path accepted in a begin or a `ScanFile` call, in
 /// bytes: a Windows long path has at most 32,767 characters, each at most 3
 /// bytes in UTF-8. A file's path stays with it until its verdict (for the
-/// rules, the logs and the VM's records), in no budget but this.
+/// rules, the logs and the VM's records): on a Scan stream, within the
+/// server's `uploads.path_budget` (see [`crate::sessions::Session::take_place`]);
+/// `ScanFile` calls, `files_in_flight` at most, are bounded by their number.
 pub const MAX_PATH_LEN: usize = 96 << 10;
 
 /// Checks a file's path against [`MAX_PATH_LEN`].

@@ -57,7 +57,7 @@ use crate::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
         ScanRequest, file_reply, file_request,
     },
-    sessions::{FilePlace, Session, Subject, log_malware_found},
+    sessions::{FilePlace, NoPlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
 };
 
@@ -953,15 +953,19 @@ impl ScanStream {
 
     /// The file `begin` announced, not open yet, with the place in flight
     /// it takes until its final reply; or the reply refusing it, when its
-    /// VM has no place free.
+    /// VM, or the server, has no place free.
     fn open_file(&self, begin: FileBegin, mut owed: VerdictOwed) -> Result<OpenFile, FileReply> {
-        let Some(in_flight) = owed.session().and_then(|session| session.take_place()) else {
-            owed.forgive();
-            let limit = self.state.uploads.config().files_in_flight;
-            let message = format!(
-                "more than {limit} files of this VM in flight (on this session and the VM's earlier ones); wait for verdicts before beginning more"
-            );
-            return Err(file_error(begin.file_id, Code::ResourceExhausted, &message));
+        let place = match owed.session() {
+            Some(session) => session.take_place(begin.path.len()),
+            None => Err(NoPlace::Vm),
+        };
+        let in_flight = match place {
+            Ok(in_flight) => in_flight,
+            Err(no_place) => {
+                owed.forgive();
+                let message = self.no_place(no_place);
+                return Err(file_error(begin.file_id, Code::ResourceExhausted, &message));
+            }
         };
         Ok(OpenFile {
             owed,
@@ -972,6 +976,22 @@ impl ScanStream {
             standing: Standing::Unannounced,
             _in_flight: in_flight,
         })
+    }
+
+    /// Why a file found no place in flight, as its agent is told.
+    fn no_place(&self, no_place: NoPlace) -> String {
+        let uploads = self.state.uploads.config();
+        match no_place {
+            NoPlace::Vm => format!(
+                "more than {} files of this VM in flight (on this session and the VM's earlier ones); wait for verdicts before beginning more",
+                uploads.files_in_flight
+            ),
+            NoPlace::Server => "the server has as many files in flight as all the agents it takes may have (server.max_agents times uploads.files_in_flight); wait for verdicts, or send the file to another SVM".to_owned(),
+            NoPlace::Paths => format!(
+                "the paths of the files in flight on the server take all of the {} bytes it keeps for them (uploads.path_budget); wait for verdicts, or send the file to another SVM",
+                uploads.path_budget
+            ),
+        }
     }
 
     /// Opens `file` to receive its content (checked against `digest`, when
