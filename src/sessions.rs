@@ -63,19 +63,97 @@ pub enum Subject<'a> {
     Digest(&'a [u8]),
 }
 
+/// The log lines of one kind one source may take (an agent's events, the
+/// malware found on its VM): `per_minute` a minute. An agent that sends
+/// more (ransomware touching thousands of files, or an agent gone wrong)
+/// must not fill the SVM's journal and disk, nor have journald's own rate
+/// limit drop other lines; its VM's record still counts everything, and
+/// how many lines went unlogged is logged once a minute, and when the
+/// budget is dropped (a burst is often the last thing an agent sends).
+#[derive(Debug)]
+pub struct LogBudget {
+    /// What the lines tell, for the line that says how many went unlogged.
+    what: &'static str,
+    session: String,
+    vm: String,
+    per_minute: u32,
+    since: tokio::time::Instant,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl LogBudget {
+    /// A budget for lines telling `what`, of the session `session` of VM
+    /// `vm` (empty for none).
+    pub fn new(what: &'static str, per_minute: u32, session: &str, vm: &str) -> Self {
+        LogBudget {
+            what,
+            session: session.to_owned(),
+            vm: vm.to_owned(),
+            per_minute,
+            since: tokio::time::Instant::now(),
+            logged: 0,
+            unlogged: 0,
+        }
+    }
+
+    /// Whether a line may be logged now.
+    pub fn take(&mut self) -> bool {
+        if self.since.elapsed() >= std::time::Duration::from_secs(60) {
+            self.log_unlogged();
+            (self.since, self.logged, self.unlogged) = (tokio::time::Instant::now(), 0, 0);
+        }
+        self.logged = self.logged.saturating_add(1);
+        self.unlogged += u64::from(self.logged > self.per_minute);
+        self.logged <= self.per_minute
+    }
+
+    fn log_unlogged(&self) {
+        if self.unlogged > 0 {
+            tracing::warn!(
+                session = %self.session, vm = %self.vm, unlogged = self.unlogged,
+                "{} were not logged: over {} a minute", self.what, self.per_minute
+            );
+        }
+    }
+}
+
+impl Drop for LogBudget {
+    fn drop(&mut self) {
+        self.log_unlogged();
+    }
+}
+
+/// Lines telling of malware found one VM's session may take a minute (see
+/// [`LogBudget`]), and the `ScanFile` calls of the whole server.
+pub const MALWARE_LOGGED: u32 = 600;
+
+/// The most of a path a line telling of malware found shows: Windows paths
+/// may be 96 KiB long, and a log line of that size is a line no one reads.
+const PATH_LOGGED: usize = 4 << 10;
+
 /// Logs malware found in `verdict`, given to the agent of `session` (none
 /// for a `ScanFile` call, which names no session): the operator's record
 /// of what was found on which VM, where the SVM's status and the VM's
 /// security tag only say that something was. One warning per verdict, so
 /// a file found on a hundred VMs is a hundred lines, each VM's own; from
 /// the cache or a shared scan as much as from a scan of its own, which
-/// `source` tells.
-pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdict: &FileVerdict) {
+/// `source` tells. Within `budget` (that of the session, or of the
+/// `ScanFile` calls); paths cut to 4 KiB.
+pub fn log_malware_found(
+    budget: &Mutex<LogBudget>,
+    session: Option<&Session>,
+    subject: Subject<'_>,
+    verdict: &FileVerdict,
+) {
     let Some(proto::verdict::Kind::Infected(infected)) =
         verdict.verdict.as_ref().and_then(|v| v.kind.as_ref())
     else {
         return;
     };
+    if !budget.lock().take() {
+        return;
+    }
     let list = |field: fn(&proto::Detection) -> &str| {
         let names: Vec<&str> = infected.detections.iter().map(field).collect();
         names.join(", ")
@@ -91,6 +169,14 @@ pub fn log_malware_found(session: Option<&Session>, subject: Subject<'_>, verdic
     let session = session.map(|s| s.id.as_str());
     match subject {
         Subject::Path(path) => {
+            let cut;
+            let path = match path.len() > PATH_LOGGED {
+                true => {
+                    cut = format!("{}…", &path[..path.floor_char_boundary(PATH_LOGGED)]);
+                    cut.as_str()
+                }
+                false => path,
+            };
             tracing::warn!(
                 vm,
                 vm_name,
@@ -277,6 +363,8 @@ pub struct Session {
     restart: watch::Sender<Option<String>>,
     /// Set when a newer session of the same VM replaced this one.
     superseded: watch::Sender<bool>,
+    /// The lines telling of malware found on the session's files.
+    malware_logs: Mutex<LogBudget>,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
 }
@@ -322,7 +410,7 @@ impl Session {
     /// [`Self::record`]; malware found is logged at once.
     pub fn tally(&self, tally: &mut Tally, subject: Subject<'_>, verdict: &FileVerdict) {
         tally.add(verdict);
-        log_malware_found(Some(self), subject, verdict);
+        log_malware_found(&self.malware_logs, Some(self), subject, verdict);
     }
 
     /// Counts the verdicts of `tally` (`bytes` of content in all): one
@@ -457,8 +545,15 @@ impl Sessions {
             return Err(Refused::TooManyAgents);
         }
         let shares = self.places_of(&agent.vm_id);
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let malware_logs = Mutex::new(LogBudget::new(
+            "lines telling of malware found on this VM",
+            MALWARE_LOGGED,
+            &session_id,
+            &agent.vm_id,
+        ));
         let session = Arc::new(Session {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: session_id,
             agent,
             connected_since: SystemTime::now(),
             last_seen: Mutex::new(Instant::now()),
@@ -470,6 +565,7 @@ impl Sessions {
             detections: AtomicU64::new(0),
             restart: watch::channel(None).0,
             superseded: watch::channel(false).0,
+            malware_logs,
             vms: Arc::clone(&self.vms),
             metrics: Arc::clone(&self.metrics),
         });
@@ -552,5 +648,44 @@ impl Sessions {
     /// Whether no agent is connected.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Malware found takes at most `MALWARE_LOGGED` lines a minute of one
+    /// budget (how many more there were is logged when the budget goes),
+    /// and a line shows at most 4 KiB of a path.
+    #[tokio::test(start_paused = true)]
+    async fn malware_found_takes_a_bounded_share_of_the_log() {
+        let (logged, _logging) = crate::testlog::Logged::capture();
+        let infected = proto::Verdict {
+            kind: Some(proto::verdict::Kind::Infected(proto::Infected {
+                detections: vec![proto::Detection {
+                    rule: "EICAR_Test_File".into(),
+                    threat: "EICAR-Test-File".into(),
+                    ..Default::default()
+                }],
+            })),
+        };
+        let verdict = FileVerdict {
+            verdict: Some(infected),
+            ..Default::default()
+        };
+        let budget = Mutex::new(LogBudget::new("malware found", MALWARE_LOGGED, "", ""));
+        let long = format!("C:\\{}\\eicar.com", "d".repeat(10 << 10));
+        log_malware_found(&budget, None, Subject::Path(&long), &verdict);
+        assert_eq!(logged.lines("malware found"), 1);
+        assert_eq!(logged.lines("eicar.com"), 0, "the path is cut");
+        assert_eq!(logged.lines(&format!("{}…", "d".repeat(4093))), 1);
+        assert_eq!(logged.lines(&"d".repeat(4094)), 0);
+        for _ in 0..1000 {
+            log_malware_found(&budget, None, Subject::Path("C:\\eicar.com"), &verdict);
+        }
+        assert_eq!(logged.lines("EICAR_Test_File"), MALWARE_LOGGED as usize);
+        drop(budget);
+        assert_eq!(logged.lines("unlogged=401"), 1);
     }
 }

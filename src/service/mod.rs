@@ -23,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status, Streaming};
@@ -39,7 +40,7 @@ use crate::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult,
         ScanRequest, protection_server_server::ProtectionServer,
     },
-    sessions::{LOOKUPS_AT_ONCE, Session, Sessions, Subject},
+    sessions::{LOOKUPS_AT_ONCE, LogBudget, MALWARE_LOGGED, Session, Sessions, Subject},
     signatures::Ruleset,
     vms::Vms,
 };
@@ -111,6 +112,9 @@ pub struct ServiceState {
     /// count their files in flight, so they share this limit (the same
     /// number as one session's files in flight).
     scan_file_calls: Semaphore,
+    /// The lines telling of malware found through `ScanFile` calls, which
+    /// have no session: their own budget, for the whole server.
+    scan_file_malware_logs: Mutex<LogBudget>,
     /// Whether the agent listener is TLS.
     pub encrypted: bool,
     /// Whether a Hello's VM id must be a name of the agent's certificate,
@@ -168,6 +172,12 @@ impl ServiceState {
             heartbeat_interval: config.server.heartbeat_interval,
             idle_timeout: config.server.idle_timeout,
             scan_file_calls: Semaphore::new(config.uploads.files_in_flight as usize),
+            scan_file_malware_logs: Mutex::new(LogBudget::new(
+                "lines telling of malware found through ScanFile calls",
+                MALWARE_LOGGED,
+                "",
+                "",
+            )),
             encrypted: config.tls.is_some(),
             vm_id_in_certificate: config.tls.as_ref().is_some_and(|t| t.vm_id_in_certificate),
             signatures,

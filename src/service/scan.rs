@@ -1616,7 +1616,12 @@ pub(super) async fn scan_file(
     let verdict = judging.verdict(engine, received, name.clone()).await;
     // No session: counted in the metrics, and logged, but for no VM.
     engine.metrics().verdict(&verdict);
-    log_malware_found(None, Subject::Path(&name), &verdict);
+    log_malware_found(
+        &state.scan_file_malware_logs,
+        None,
+        Subject::Path(&name),
+        &verdict,
+    );
     Ok(verdict)
 }
 

@@ -32,7 +32,7 @@ use crate::{
         ServerMessage, SignaturesChanged, Welcome, agent_message, server_message,
     },
     proto::{RestartSession, TaskState},
-    sessions::{AgentIdentity, Session},
+    sessions::{AgentIdentity, LogBudget, Session},
     shutdown::shut_down,
     vms::{Ending, Vms},
 };
@@ -431,7 +431,12 @@ async fn serve(
     let silent = tokio::time::sleep(silence);
     tokio::pin!(silent);
     let mut sequence = 0;
-    let mut logs = EventLogs::new(session);
+    let mut logs = LogBudget::new(
+        "events of this agent",
+        EVENTS_LOGGED,
+        &session.id,
+        &session.agent.vm_id,
+    );
     loop {
         // In this order: the server's own events (rare) before the agent's
         // messages, which could otherwise keep them waiting; and a message
@@ -508,7 +513,7 @@ fn shown(text: &str) -> &str {
 }
 
 /// Records what the agent tells.
-fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut EventLogs) {
+fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudget) {
     let vm = session.agent.vm_id.as_str();
     match message.kind {
         Some(agent_message::Kind::Task(task)) => {
@@ -569,63 +574,9 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut EventLog
     }
 }
 
-/// The log lines one session's events (scan tasks, integrity events,
-/// network attacks) may take: [`EVENTS_LOGGED`] a minute. An agent that
-/// sends more (ransomware touching thousands of files, or an agent gone
-/// wrong) must not fill the SVM's journal and disk; its VM's record still
-/// counts every event, and how many went unlogged is logged once a minute.
-struct EventLogs {
-    /// The session's id and its VM's, for the line that says how many
-    /// went unlogged.
-    session: String,
-    vm: String,
-    since: tokio::time::Instant,
-    logged: u32,
-    unlogged: u64,
-}
-
-/// How many of one session's events are logged a minute.
+/// How many of one session's events (scan tasks, integrity events,
+/// network attacks) are logged a minute (see [`LogBudget`]).
 const EVENTS_LOGGED: u32 = 120;
-
-impl EventLogs {
-    fn new(session: &Session) -> Self {
-        EventLogs {
-            session: session.id.clone(),
-            vm: session.agent.vm_id.clone(),
-            since: tokio::time::Instant::now(),
-            logged: 0,
-            unlogged: 0,
-        }
-    }
-
-    /// Whether an event may be logged now.
-    fn take(&mut self) -> bool {
-        if self.since.elapsed() >= Duration::from_secs(60) {
-            self.log_unlogged();
-            (self.since, self.logged, self.unlogged) = (tokio::time::Instant::now(), 0, 0);
-        }
-        self.logged = self.logged.saturating_add(1);
-        self.unlogged += u64::from(self.logged > EVENTS_LOGGED);
-        self.logged <= EVENTS_LOGGED
-    }
-
-    fn log_unlogged(&self) {
-        if self.unlogged > 0 {
-            tracing::warn!(
-                session = %self.session, vm = %self.vm, unlogged = self.unlogged,
-                "events of this agent were not logged: over {EVENTS_LOGGED} a minute"
-            );
-        }
-    }
-}
-
-/// The count of the last minute's events left unlogged is logged when the
-/// session ends too (a burst is often the last the agent sends).
-impl Drop for EventLogs {
-    fn drop(&mut self) {
-        self.log_unlogged();
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -636,13 +587,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_agents_events_take_a_bounded_share_of_the_log() {
         let (logged, _logging) = crate::testlog::Logged::capture();
-        let mut logs = EventLogs {
-            session: "session-1".into(),
-            vm: "desk-1".into(),
-            since: tokio::time::Instant::now(),
-            logged: 0,
-            unlogged: 0,
-        };
+        let mut logs = LogBudget::new("events of this agent", EVENTS_LOGGED, "session-1", "desk-1");
         let taken = (0..1000).filter(|_| logs.take()).count();
         assert_eq!(taken, EVENTS_LOGGED as usize);
         tokio::time::advance(Duration::from_secs(59)).await;
