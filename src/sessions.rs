@@ -63,13 +63,14 @@ pub enum Subject<'a> {
     Digest(&'a [u8]),
 }
 
-/// The log lines of one kind one source may take (an agent's events, the
-/// malware found on its VM): `per_minute` a minute. An agent that sends
-/// more (ransomware touching thousands of files, or an agent gone wrong)
-/// must not fill the SVM's journal and disk, nor have journald's own rate
-/// limit drop other lines; its VM's record still counts everything, and
-/// how many lines went unlogged is logged once a minute, and when the
-/// budget is dropped (a burst is often the last thing an agent sends).
+/// The log lines of one kind one source may take (a session's events, the
+/// malware found in its files; the `ScanFile` calls'): `per_minute` a
+/// minute. An agent that sends more (ransomware touching thousands of
+/// files, or an agent gone wrong) must not fill the SVM's journal and
+/// disk, nor have journald's own rate limit drop other lines; its VM's
+/// record still counts everything, and how many lines went unlogged is
+/// logged with the first line taken after the minute, and when the budget
+/// is dropped (a burst is often the last thing an agent sends).
 #[derive(Debug)]
 pub struct LogBudget {
     /// What the lines tell, for the line that says how many went unlogged.
@@ -110,9 +111,14 @@ impl LogBudget {
 
     fn log_unlogged(&self) {
         if self.unlogged > 0 {
+            let named = |name: &str| (!name.is_empty()).then(|| name.to_owned());
             tracing::warn!(
-                session = %self.session, vm = %self.vm, unlogged = self.unlogged,
-                "{} were not logged: over {} a minute", self.what, self.per_minute
+                session = named(&self.session),
+                vm = named(&self.vm),
+                unlogged = self.unlogged,
+                "{} were not logged: over {} a minute",
+                self.what,
+                self.per_minute
             );
         }
     }
@@ -170,12 +176,11 @@ pub fn log_malware_found(
     match subject {
         Subject::Path(path) => {
             let cut;
-            let path = match path.len() > PATH_LOGGED {
-                true => {
-                    cut = format!("{}…", &path[..path.floor_char_boundary(PATH_LOGGED)]);
-                    cut.as_str()
-                }
-                false => path,
+            let path = if path.len() > PATH_LOGGED {
+                cut = format!("{}…", &path[..path.floor_char_boundary(PATH_LOGGED)]);
+                cut.as_str()
+            } else {
+                path
             };
             tracing::warn!(
                 vm,
@@ -288,10 +293,11 @@ pub enum NoPlace {
     Paths,
 }
 
-/// Takes `n` of `count`, if it stays within `most`.
+/// Takes `n` of `count`, if it stays within `most`. (The places' atomics
+/// are counts, guarding no other memory: relaxed order is enough.)
 fn take_within(count: &AtomicUsize, n: usize, most: usize) -> bool {
     count
-        .fetch_update(Ordering::Acquire, Ordering::Relaxed, |taken| {
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |taken| {
             (taken.saturating_add(n) <= most).then_some(taken + n)
         })
         .is_ok()
@@ -305,12 +311,12 @@ impl Places {
             return Err(NoPlace::Vm);
         }
         if !take_within(&everywhere.files, 1, everywhere.most_files) {
-            self.taken.fetch_sub(1, Ordering::Release);
+            self.taken.fetch_sub(1, Ordering::Relaxed);
             return Err(NoPlace::Server);
         }
         if !take_within(&everywhere.path_bytes, path_len, everywhere.path_budget) {
             everywhere.files.fetch_sub(1, Ordering::Relaxed);
-            self.taken.fetch_sub(1, Ordering::Release);
+            self.taken.fetch_sub(1, Ordering::Relaxed);
             return Err(NoPlace::Paths);
         }
         Ok(FilePlace {
@@ -320,8 +326,8 @@ impl Places {
     }
 }
 
-/// A file's place in flight on its VM (see [`Session::take_place`]),
-/// given back when dropped.
+/// A file's place in flight on its VM and on the server, with its path's
+/// bytes (see [`Session::take_place`]), given back when dropped.
 #[derive(Debug)]
 pub struct FilePlace {
     places: Arc<Places>,
@@ -335,7 +341,7 @@ impl Drop for FilePlace {
             .path_bytes
             .fetch_sub(self.path_len, Ordering::Relaxed);
         everywhere.files.fetch_sub(1, Ordering::Relaxed);
-        self.places.taken.fetch_sub(1, Ordering::Release);
+        self.places.taken.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -547,7 +553,7 @@ impl Sessions {
         let shares = self.places_of(&agent.vm_id);
         let session_id = uuid::Uuid::new_v4().to_string();
         let malware_logs = Mutex::new(LogBudget::new(
-            "lines telling of malware found on this VM",
+            "lines telling of malware found in this session's files",
             MALWARE_LOGGED,
             &session_id,
             &agent.vm_id,

@@ -707,9 +707,14 @@ async fn files_in_flight_are_bounded_on_the_whole_server() {
             assert!(matches!(kind, file_reply::Kind::SendContent(_)), "{kind:?}");
         }
         drop(keep);
-        while !server.state.sessions.list().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let closed = async {
+            while !server.state.sessions.list().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), closed)
+            .await
+            .expect("the session closed");
     }
     let (third, _keep) = session_id(&server).await;
     tx.send(begin(&third, 5, b"pending", None)).await.unwrap();

@@ -432,7 +432,7 @@ async fn serve(
     tokio::pin!(silent);
     let mut sequence = 0;
     let mut logs = LogBudget::new(
-        "events of this agent",
+        "lines telling of this agent's events",
         EVENTS_LOGGED,
         &session.id,
         &session.agent.vm_id,
@@ -587,7 +587,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_agents_events_take_a_bounded_share_of_the_log() {
         let (logged, _logging) = crate::testlog::Logged::capture();
-        let mut logs = LogBudget::new("events of this agent", EVENTS_LOGGED, "session-1", "desk-1");
+        let mut logs = LogBudget::new(
+            "lines telling of events",
+            EVENTS_LOGGED,
+            "session-1",
+            "desk-1",
+        );
         let taken = (0..1000).filter(|_| logs.take()).count();
         assert_eq!(taken, EVENTS_LOGGED as usize);
         tokio::time::advance(Duration::from_secs(59)).await;
