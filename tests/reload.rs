@@ -9,7 +9,7 @@ use std::{path::Path, time::Duration};
 use common::*;
 use scanserver::proto::{
     Hello, ReloadSignaturesRequest, ServerMessage, StatusRequest, SvmReason, file_reply,
-    server_message,
+    server_message, verdict,
 };
 use tonic::Code;
 
@@ -362,6 +362,68 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
         (id, verdict_rules(&kind)),
         (2, vec!["slow".into(), "marker".into()])
     );
+}
+
+/// A scan under way when the signatures are replaced ends with the rules
+/// it began with, and its verdict goes to its own file, which says so; but
+/// not to the files that waited for it, which the current rules judge:
+/// they are asked for their content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
+    let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(60)).await;
+    // The slow rule takes the square of the content's size: about a
+    // second for this content, which it then finds clean.
+    let slow = SLOW_RULE
+        .replace("condition:", "condition: (")
+        .replace(")\n}", ")) and filesize < 10\n}");
+    let marker = |condition: &str| {
+        format!("{slow}\nrule marker {{ strings: $m = \"MARKER-N\" condition: {condition} }}\n")
+    };
+    server
+        .state
+        .replace_ruleset(ruleset_from_source(&marker("$m and false")));
+    let old_version = server.state.engine.ruleset().version().to_owned();
+    let (welcome, _keep) = open_session(&server, hello()).await;
+    let server_message::Kind::Welcome(welcome) = welcome else {
+        panic!("expected a welcome, got {welcome:?}");
+    };
+    let session = welcome.session_id;
+    let mut data = b"MARKER-N".repeat(4);
+    data.resize(8_000, b'.');
+    let digest = blake3::hash(&data);
+    let (tx, mut replies) = scan_stream(&server).await;
+    send_whole(&tx, &session, 1, &data).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(begin(&session, 2, &data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server
+        .state
+        .replace_ruleset(ruleset_from_source(&marker("$m")));
+    let mut two = [next(&mut replies).await, next(&mut replies).await];
+    two.sort_by_key(|(id, _)| *id);
+    let [(first, verdict), (second, asked)] = two;
+    let file_reply::Kind::Verdict(verdict) = verdict else {
+        panic!("{verdict:?}");
+    };
+    assert_eq!(first, 1);
+    assert_eq!(
+        verdict.signatures_version, old_version,
+        "the rules it began with"
+    );
+    assert!(matches!(
+        verdict.verdict.and_then(|v| v.kind),
+        Some(verdict::Kind::Clean(_))
+    ));
+    assert!(
+        second == 2 && matches!(asked, file_reply::Kind::SendContent(_)),
+        "{second}: {asked:?}"
+    );
+    tx.send(chunk(2, 0, &data)).await.unwrap();
+    tx.send(end(2)).await.unwrap();
+    let (id, kind) = next(&mut replies).await;
+    assert_eq!((id, verdict_rules(&kind)), (2, vec!["marker".to_owned()]));
 }
 
 /// Reloads asked for while one runs are merged: twenty asked at once make

@@ -323,6 +323,13 @@ impl Engine {
         self.ruleset.load_full()
     }
 
+    /// Whether `verdict` was made with the signatures in use now: one made
+    /// with those they replaced (its scan was under way) is not handed to
+    /// requests that waited for it.
+    pub fn is_current(&self, verdict: &CachedVerdict) -> bool {
+        *verdict.rules_version == *self.ruleset.load().version()
+    }
+
     /// Makes `ruleset` current and returns the one it replaces. Scans that
     /// already started finish with the old rules; every later scan uses the
     /// new ones. Workers drop their scanners for the old rules right away,

@@ -1106,11 +1106,13 @@ impl ScanStream {
     }
 
     /// Ends the wait of `file` (id `id`, taken off the stream, waiting for
-    /// content with `digest`) with `landing`. Without a verdict, the file's
-    /// own content is asked for; but a stream that takes no more requests
-    /// leaves the file open for its error (opened for content, it would
-    /// take memory or a spool file for nothing, and might be refused for
-    /// want of them, an outcome that is not the stream's).
+    /// content with `digest`) with `landing`. Without a verdict of the
+    /// current signatures (the scan waited for may have been under way
+    /// when they were replaced), the file's own content is asked for; but
+    /// a stream that takes no more requests leaves the file open for its
+    /// error (opened for content, it would take memory or a spool file for
+    /// nothing, and might be refused for want of them, an outcome that is
+    /// not the stream's).
     fn resolve(
         &mut self,
         id: u64,
@@ -1118,6 +1120,7 @@ impl ScanStream {
         digest: Digest,
         landing: Landing,
     ) -> Option<FileReply> {
+        let landing = landing.filter(|landed| self.state.engine.is_current(landed));
         let Some(landed) = landing else {
             if self.requests.is_none() {
                 let standing = Standing::OnItsOwn;
@@ -1529,7 +1532,8 @@ impl Judging {
                 scan_received(slot, received, name, flight).await
             }
             Judging::Follow(waiter, deadline) => {
-                if let Some(landed) = waiter.verdict(deadline).await {
+                let landed = waiter.verdict(deadline).await;
+                if let Some(landed) = landed.filter(|landed| engine.is_current(landed)) {
                     return FileVerdict::known(&landed, &received.digest, true);
                 }
                 // Another scan of the content (not the one waited for)
