@@ -172,10 +172,7 @@ async fn signatures_that_do_not_load_replace_nothing() {
     );
 
     // The old rules keep scanning.
-    let (session, _keep) = match open_session(&server, hello()).await {
-        (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
-        (other, _) => panic!("expected a welcome, got {other:?}"),
-    };
+    let (session, _keep) = session_of(&server, hello()).await;
     let (found, version) = scan_unknown(&server, &session, b"MARKER-A").await;
     assert_eq!(
         (found, version),
@@ -316,11 +313,7 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
     server
         .state
         .replace_ruleset(ruleset_from_source(&marker("$m and false")));
-    let (welcome, _keep) = open_session(&server, hello()).await;
-    let server_message::Kind::Welcome(welcome) = welcome else {
-        panic!("expected a welcome, got {welcome:?}");
-    };
-    let session = welcome.session_id;
+    let (session, _keep) = session_of(&server, hello()).await;
     let (busy, _busy_replies) = scan_stream(&server).await;
     send_whole(&busy, &session, 9, &vec![1u8; 200_000]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -383,11 +376,7 @@ async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
         .state
         .replace_ruleset(ruleset_from_source(&marker("$m and false")));
     let old_version = server.state.engine.ruleset().version().to_owned();
-    let (welcome, _keep) = open_session(&server, hello()).await;
-    let server_message::Kind::Welcome(welcome) = welcome else {
-        panic!("expected a welcome, got {welcome:?}");
-    };
-    let session = welcome.session_id;
+    let (session, _keep) = session_of(&server, hello()).await;
     let mut data = b"MARKER-N".repeat(4);
     data.resize(8_000, b'.');
     let digest = blake3::hash(&data);

@@ -39,14 +39,6 @@ async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>)
     session_of(server, hello).await
 }
 
-/// The session `hello` opens, and the agent's side of its stream.
-async fn session_of(server: &TestServer, hello: Hello) -> (String, mpsc::Sender<AgentMessage>) {
-    match open_session(server, hello).await {
-        (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
-        (other, _) => panic!("expected a welcome, got {other:?}"),
-    }
-}
-
 /// Content that takes the engine a moment to scan, unique per `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
     (0..len)

@@ -260,6 +260,14 @@ pub async fn open_session(
     (first, tx)
 }
 
+/// The session `hello` opens, and the agent's side of its stream.
+pub async fn session_of(server: &TestServer, hello: Hello) -> (String, mpsc::Sender<AgentMessage>) {
+    match open_session(server, hello).await {
+        (server_message::Kind::Welcome(welcome), keep) => (welcome.session_id, keep),
+        (other, _) => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
 /// Waits, for up to 10 s, until `read` gives `wanted`.
 pub async fn until_read<T: PartialEq + std::fmt::Debug>(
     what: &str,
