@@ -7,10 +7,14 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use common::*;
-use scanserver::proto::{
-    Hello, ReloadSignaturesRequest, ServerMessage, StatusRequest, SvmReason, file_reply,
-    server_message, verdict,
+use scanserver::{
+    proto::{
+        Hello, ReloadSignaturesRequest, ScanRequest, ServerMessage, StatusRequest, SvmReason,
+        file_reply, server_message, verdict,
+    },
+    signatures::Ruleset,
 };
+use tokio::sync::mpsc;
 use tonic::Code;
 
 /// A rule that finds `marker`.
@@ -292,6 +296,58 @@ async fn many_errors_are_abridged_in_the_answer() {
     );
 }
 
+/// Signatures of `slow` (a rule that takes its time) and of a rule
+/// `marker`, finding "MARKER-N" where `condition` holds.
+fn marker_rules(slow: &str, condition: &str) -> Ruleset {
+    ruleset_from_source(&format!(
+        "{slow}\nrule marker {{ strings: $m = \"MARKER-N\" condition: {condition} }}\n"
+    ))
+}
+
+/// On a new Scan stream of `session`: file1.bin of `data`, sent whole (it
+/// leads the scan of that content), then file2.bin announced by digest
+/// (it waits for that scan), each followed by `pause`.
+async fn one_leads_one_waits(
+    server: &TestServer,
+    session: &str,
+    data: &[u8],
+    pause: Duration,
+) -> (mpsc::Sender<ScanRequest>, Replies) {
+    let digest = blake3::hash(data);
+    let (tx, replies) = scan_stream(server).await;
+    send_whole(&tx, session, 1, data).await;
+    tokio::time::sleep(pause).await;
+    tx.send(begin(session, 2, data, Some(digest.as_bytes())))
+        .await
+        .unwrap();
+    tokio::time::sleep(pause).await;
+    (tx, replies)
+}
+
+/// Once the signatures were replaced under [`one_leads_one_waits`]:
+/// file1.bin's verdict, and that of file2.bin, which must have been asked
+/// for its content (the scan thread lands the flight before it sends the
+/// verdict: the two replies may come in either order), and got it.
+async fn leader_and_waiter_verdicts(
+    tx: &mpsc::Sender<ScanRequest>,
+    replies: &mut Replies,
+    data: &[u8],
+) -> (file_reply::Kind, file_reply::Kind) {
+    let mut two = [next(replies).await, next(replies).await];
+    two.sort_by_key(|(id, _)| *id);
+    let [(first, verdict), (second, asked)] = two;
+    assert_eq!(first, 1);
+    assert!(
+        second == 2 && matches!(asked, file_reply::Kind::SendContent(_)),
+        "{second}: {asked:?}"
+    );
+    tx.send(chunk(2, 0, data)).await.unwrap();
+    tx.send(end(2)).await.unwrap();
+    let (id, kind) = next(replies).await;
+    assert_eq!(id, 2);
+    (verdict, kind)
+}
+
 /// A scan that waited for a thread while the signatures were reloaded is
 /// made with the new rules, under its own file's name: its verdict is not
 /// handed to the files that waited for it, whose names the new rules may
@@ -305,55 +361,30 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
         c.engine.scan_timeout = Duration::from_secs(3);
     })
     .await;
-    let marker = |condition: &str| {
-        format!(
-            "{SLOW_RULE}\nrule marker {{ strings: $m = \"MARKER-N\" condition: {condition} }}\n"
-        )
-    };
     server
         .state
-        .replace_ruleset(ruleset_from_source(&marker("$m and false")));
+        .replace_ruleset(marker_rules(SLOW_RULE, "$m and false"));
     let (session, _keep) = session_of(&server, hello()).await;
     let (busy, _busy_replies) = scan_stream(&server).await;
     send_whole(&busy, &session, 9, &vec![1u8; 200_000]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // file1.bin leads the scan of the content, queued behind the slow
-    // one; file2.bin, announced by digest, waits for it.
+    // one; file2.bin waits for it.
     let data = b"MARKER-N".repeat(4);
-    let digest = blake3::hash(&data);
-    let (tx, mut replies) = scan_stream(&server).await;
-    send_whole(&tx, &session, 1, &data).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    tx.send(begin(&session, 2, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pause = Duration::from_millis(200);
+    let (tx, mut replies) = one_leads_one_waits(&server, &session, &data, pause).await;
     // The new rules find the marker in file2.bin only.
-    server.state.replace_ruleset(ruleset_from_source(&marker(
-        "$m and filename == \"file2.bin\"",
-    )));
+    server
+        .state
+        .replace_ruleset(marker_rules(SLOW_RULE, "$m and filename == \"file2.bin\""));
 
-    // (The slow rule matches content this small.) The scan thread lands
-    // the flight before it sends the verdict: the two replies may come in
-    // either order.
-    let mut two = [next(&mut replies).await, next(&mut replies).await];
-    two.sort_by_key(|(id, _)| *id);
-    let [(first, verdict), (second, asked)] = two;
+    // (The slow rule matches content this small.)
+    let (first, second) = leader_and_waiter_verdicts(&tx, &mut replies, &data).await;
+    assert_eq!(verdict_rules(&first), vec!["slow".to_owned()]);
     assert_eq!(
-        (first, verdict_rules(&verdict)),
-        (1, vec!["slow".to_owned()])
-    );
-    assert!(
-        second == 2 && matches!(asked, file_reply::Kind::SendContent(_)),
-        "{second}: {asked:?}"
-    );
-    tx.send(chunk(2, 0, &data)).await.unwrap();
-    tx.send(end(2)).await.unwrap();
-    let (id, kind) = next(&mut replies).await;
-    assert_eq!(
-        (id, verdict_rules(&kind)),
-        (2, vec!["slow".into(), "marker".into()])
+        verdict_rules(&second),
+        vec!["slow".to_owned(), "marker".to_owned()]
     );
 }
 
@@ -369,34 +400,20 @@ async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
     let slow = SLOW_RULE
         .replace("condition:", "condition: (")
         .replace(")\n}", ")) and filesize < 10\n}");
-    let marker = |condition: &str| {
-        format!("{slow}\nrule marker {{ strings: $m = \"MARKER-N\" condition: {condition} }}\n")
-    };
     server
         .state
-        .replace_ruleset(ruleset_from_source(&marker("$m and false")));
+        .replace_ruleset(marker_rules(&slow, "$m and false"));
     let old_version = server.state.engine.ruleset().version().to_owned();
     let (session, _keep) = session_of(&server, hello()).await;
     let mut data = b"MARKER-N".repeat(4);
     data.resize(8_000, b'.');
-    let digest = blake3::hash(&data);
-    let (tx, mut replies) = scan_stream(&server).await;
-    send_whole(&tx, &session, 1, &data).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    tx.send(begin(&session, 2, &data, Some(digest.as_bytes())))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    server
-        .state
-        .replace_ruleset(ruleset_from_source(&marker("$m")));
-    let mut two = [next(&mut replies).await, next(&mut replies).await];
-    two.sort_by_key(|(id, _)| *id);
-    let [(first, verdict), (second, asked)] = two;
-    let file_reply::Kind::Verdict(verdict) = verdict else {
-        panic!("{verdict:?}");
+    let pause = Duration::from_millis(100);
+    let (tx, mut replies) = one_leads_one_waits(&server, &session, &data, pause).await;
+    server.state.replace_ruleset(marker_rules(&slow, "$m"));
+    let (first, second) = leader_and_waiter_verdicts(&tx, &mut replies, &data).await;
+    let file_reply::Kind::Verdict(verdict) = first else {
+        panic!("{first:?}");
     };
-    assert_eq!(first, 1);
     assert_eq!(
         verdict.signatures_version, old_version,
         "the rules it began with"
@@ -405,14 +422,7 @@ async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
         verdict.verdict.and_then(|v| v.kind),
         Some(verdict::Kind::Clean(_))
     ));
-    assert!(
-        second == 2 && matches!(asked, file_reply::Kind::SendContent(_)),
-        "{second}: {asked:?}"
-    );
-    tx.send(chunk(2, 0, &data)).await.unwrap();
-    tx.send(end(2)).await.unwrap();
-    let (id, kind) = next(&mut replies).await;
-    assert_eq!((id, verdict_rules(&kind)), (2, vec!["marker".to_owned()]));
+    assert_eq!(verdict_rules(&second), vec!["marker".to_owned()]);
 }
 
 /// Reloads asked for while one runs are merged: twenty asked at once make
