@@ -61,6 +61,7 @@ async fn a_hundred_concurrent_requests_for_one_content_make_one_scan() {
                         offset: start as u64,
                         data: data.slice(start..data.len().min(start + (256 << 10))),
                         path: "C:\\Windows\\System32\\same.dll".into(),
+                        ..FileChunk::default()
                     });
                 let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
                 ProtectionServerClient::new(channel)
@@ -948,6 +949,59 @@ async fn eicar_is_found_through_scan_and_scan_file() {
         verdict.verdict.unwrap().kind.unwrap(),
         proto::verdict::Kind::Infected(i) if i.detections[0].rule == "EICAR_Test_File"
     ));
+}
+
+/// A ScanFile call whose first chunk gives the file's size and digest is
+/// held to them: a call ended part way gets no verdict of the part it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_file_call_is_held_to_the_size_and_digest_it_gives() {
+    let server = TestServer::start(|c| c.uploads.max_file_size = 1 << 20).await;
+    let first = |size: Option<u64>, digest: &[u8]| FileChunk {
+        size,
+        blake3: Bytes::copy_from_slice(digest),
+        ..scan_file_chunk(0, &EICAR[..30], "eicar.com")
+    };
+    let rest = || scan_file_chunk(30, &EICAR[30..], "");
+    let size = Some(EICAR.len() as u64);
+    let digest = blake3::hash(EICAR);
+    let call = |chunks: Vec<FileChunk>| async {
+        let mut client = server.client().await;
+        client.scan_file(tokio_stream::iter(chunks)).await
+    };
+
+    let whole = call(vec![first(size, digest.as_bytes()), rest()]).await;
+    assert!(matches!(
+        whole.unwrap().into_inner().verdict.unwrap().kind.unwrap(),
+        proto::verdict::Kind::Infected(i) if i.detections[0].rule == "EICAR_Test_File"
+    ));
+    let failures = [
+        // Ended after its first 30 bytes.
+        (
+            vec![first(size, digest.as_bytes())],
+            Code::InvalidArgument,
+            "30 bytes received, 68 declared",
+        ),
+        (
+            vec![first(None, &[7; 32]), rest()],
+            Code::InvalidArgument,
+            "digest",
+        ),
+        (
+            vec![first(None, &[7; 3]), rest()],
+            Code::InvalidArgument,
+            "32 bytes, not 3",
+        ),
+        (
+            vec![first(Some(2 << 20), &[])],
+            Code::FailedPrecondition,
+            "over the server's limit",
+        ),
+    ];
+    for (chunks, code, says) in failures {
+        let status = call(chunks).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(says), "{status:?}");
+    }
 }
 
 /// A ScanFile call under way, its chunks sent through the sender; the

@@ -1633,17 +1633,22 @@ pub(super) async fn scan_file(
 const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(10);
 
 /// Receives a `ScanFile` call's content from its `first` chunk (none: an
-/// empty file) on, and the name the first chunk gives.
+/// empty file) on, and the name the first chunk gives. The size and digest
+/// the first chunk may give are checked as a Scan begin's are.
 async fn receive_file(
     state: &ServiceState,
     first: Option<FileChunk>,
     mut chunks: Streaming<FileChunk>,
 ) -> Result<(Received, String), Status> {
-    let name = first.as_ref().map(|c| c.path.clone()).unwrap_or_default();
+    let (name, size, claimed) = match &first {
+        Some(chunk) => (chunk.path.clone(), chunk.size, &chunk.blake3[..]),
+        None => (String::new(), None, &[][..]),
+    };
     check_path(&name)?;
+    let claimed = parse_digest(claimed).map_err(Status::invalid_argument)?;
     let mut upload = state
         .uploads
-        .begin(None, None, None)
+        .begin(size, claimed, None)
         .map_err(Status::from)?;
     let mut next = first;
     while let Some(chunk) = next {

@@ -50,7 +50,7 @@ pub enum UploadError {
     TooMuch { declared: u64 },
     #[error("{received} bytes received, {declared} declared")]
     SizeMismatch { declared: u64, received: u64 },
-    #[error("the content's blake3 digest {computed} differs from the digest the agent sent")]
+    #[error("the content's blake3 digest {computed} differs from the digest sent with the file")]
     DigestMismatch { computed: String },
     #[error("file of {size} bytes is over the server's limit of {limit} bytes")]
     TooLarge { size: u64, limit: u64 },

@@ -387,10 +387,10 @@ pub fn chunk(id: u64, offset: u64, data: &[u8]) -> ScanRequest {
 /// A chunk of a `ScanFile` call (the first names the file).
 pub fn scan_file_chunk(offset: u64, data: &[u8], path: &str) -> FileChunk {
     FileChunk {
-        file_id: 0,
         offset,
         data: Bytes::copy_from_slice(data),
         path: path.to_owned(),
+        ..FileChunk::default()
     }
 }
 

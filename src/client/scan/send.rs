@@ -208,7 +208,7 @@ impl Outbox {
                 file_id: id,
                 offset,
                 data,
-                path: String::new(),
+                ..FileChunk::default()
             };
             offset += length as u64;
             self.push(chunk.into(), length)?;
