@@ -118,6 +118,15 @@ const LEASE_POLL: Duration = Duration::from_millis(10);
 /// as the local scan waits with its default timeout.
 pub const LEASE_WAIT: Duration = Duration::from_secs(10);
 
+/// The error of a file that held `read` of the `size` bytes it had when
+/// opened: it shrank (truncated to be rewritten, say) while it was read.
+/// Whoever reads a file to scan it fails it so: a verdict of what was read
+/// would be that of a part of it.
+pub fn shrank(read: u64, size: u64) -> io::Error {
+    let message = format!("the file shrank while it was read ({read} of {size} bytes)");
+    io::Error::new(io::ErrorKind::UnexpectedEof, message)
+}
+
 /// The bytes of the regular file `path`, if it holds at most `limit` bytes
 /// (when read, too: it may grow meanwhile).
 pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {

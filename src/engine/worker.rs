@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
-    files::open_regular,
+    files::{self, open_regular},
     metrics::Metrics,
     signatures::{NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
@@ -335,10 +335,7 @@ fn read_into(buffer: &mut Vec<u8>, file: &File, size: u64) -> Result<(), String>
         .read_to_end(buffer)
         .map_err(|err| err.to_string())?;
     if buffer.len() as u64 != size {
-        return Err(format!(
-            "the file shrank while it was read ({} of {size} bytes)",
-            buffer.len()
-        ));
+        return Err(files::shrank(buffer.len() as u64, size).to_string());
     }
     Ok(())
 }

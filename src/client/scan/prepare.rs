@@ -16,7 +16,7 @@ use super::ResultSink;
 use crate::{
     client::{ClientError, Files, PreparedFile},
     engine::ScanOutcome,
-    files::{LEASE_WAIT, open_regular},
+    files::{LEASE_WAIT, open_regular, shrank},
 };
 
 /// Local files the preparer may have ready ahead of the announcer (and
@@ -27,6 +27,7 @@ const PREPARED_AHEAD: usize = 16;
 
 /// A local file ready to be announced: its size, and its digest when it
 /// is announced by digest.
+#[derive(Debug)]
 pub(super) struct Ready {
     pub(super) size: u64,
     pub(super) digest: Option<blake3::Hash>,
@@ -199,18 +200,56 @@ impl Preparer {
 /// A file's size and blake3 digest; only its size when it is over
 /// `max_file_size`, or says it holds 0 bytes. What is hashed is what will
 /// be sent: the size the file has when opened (one that grows meanwhile is
-/// sent as it was). A file that says it holds 0 bytes (as those of /proc
-/// do) may hold something else at each read: it goes with its content,
-/// read once, as the local scan reads it.
+/// sent as it was; one that shrinks fails, as the local scan fails it). A
+/// file that says it holds 0 bytes (as those of /proc do) may hold
+/// something else at each read: it goes with its content, read once, as
+/// the local scan reads it.
 fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
     let (file, size) = open_regular(path, LEASE_WAIT)?;
     if size > max_file_size || size == 0 {
         return Ok(Ready { size, digest: None });
     }
+    hash_opened(file, size)
+}
+
+/// The digest of the `size` bytes `file` held when it was opened.
+fn hash_opened(file: std::fs::File, size: u64) -> std::io::Result<Ready> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(file.take(size))?;
+    if hasher.count() != size {
+        return Err(shrank(hasher.count(), size));
+    }
     Ok(Ready {
-        size: hasher.count(),
+        size,
         digest: Some(hasher.finalize()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that shrank while it was hashed fails, as the local scan
+    /// fails it: its digest would be that of a part of it, which the
+    /// server may know as clean.
+    #[test]
+    fn a_file_that_shrank_while_hashed_fails() {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &[7; 40]).unwrap();
+        let hashed = |size| {
+            let mut file = file.try_clone().unwrap();
+            std::io::Seek::rewind(&mut file).unwrap();
+            hash_opened(file, size)
+        };
+        let whole = hashed(40).unwrap();
+        assert_eq!(whole.size, 40);
+        assert_eq!(whole.digest, Some(blake3::hash(&[7; 40])));
+        // Opened when it held 100 bytes; it holds 40 now.
+        let err = hashed(100).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            err.to_string(),
+            "the file shrank while it was read (40 of 100 bytes)"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     client::FileSource,
-    files::{LEASE_WAIT, open_regular},
+    files::{LEASE_WAIT, open_regular, shrank},
     proto::{FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, ScanRequest},
 };
 
@@ -118,11 +118,7 @@ pub(super) fn send_content(
                 // Asked for by its digest: what the digest is of, the size
                 // announced (one that grew is sent as it was hashed).
                 (Ok((file, _)), None) => {
-                    let chunks = FileChunks {
-                        file,
-                        chunk_size,
-                        left: (size > 0).then_some(size),
-                    };
+                    let chunks = FileChunks::new(file, chunk_size, (size > 0).then_some(size));
                     outbox.file(id, None, chunks, &over)
                 }
                 (Ok((file, opened)), Some(begin)) => {
@@ -179,9 +175,7 @@ impl Outbox {
         over: &AtomicBool,
     ) -> Result<u64, Stop> {
         // The begin waits for the first chunk: a file that cannot be read
-        // at all is then never heard of. A file read whole in its first
-        // chunk is announced with the size read (it may have shrunk since
-        // it was looked at).
+        // at all is then never heard of.
         let mut offset = 0u64;
         for data in chunks {
             let data = match data {
@@ -197,10 +191,7 @@ impl Outbox {
             if over.load(Ordering::Relaxed) {
                 return Ok(offset);
             }
-            if let Some(mut begin) = begin.take() {
-                if data.len() < self.limit {
-                    begin.size = data.len() as u64;
-                }
+            if let Some(begin) = begin.take() {
                 self.push(begin.into(), 0)?;
             }
             let length = data.len();
@@ -214,7 +205,7 @@ impl Outbox {
             self.push(chunk.into(), length)?;
         }
         if let Some(begin) = begin {
-            self.push(FileBegin { size: 0, ..begin }.into(), 0)?;
+            self.push(begin.into(), 0)?;
         }
         self.push(FileEnd { file_id: id }.into(), 0)?;
         Ok(offset)
@@ -253,11 +244,7 @@ impl Outbox {
             };
         }
         begin.size = opened;
-        let chunks = FileChunks {
-            file,
-            chunk_size: self.limit,
-            left: Some(opened),
-        };
+        let chunks = FileChunks::new(file, self.limit, Some(opened));
         self.file(id, Some(begin), chunks, over)
     }
 
@@ -317,29 +304,46 @@ fn slices(content: &Bytes, chunk_size: usize) -> impl Iterator<Item = std::io::R
 /// A file read in chunks, each in a buffer of its own, which the stream
 /// frees once it has sent it. A read fills the buffer's spare capacity
 /// directly: nothing is zeroed first. The file's announced size is read,
-/// no more (one that grew is sent as it was announced, and hashed); a
-/// file announced empty (one of /proc, which says so whatever it holds)
-/// is read to its end, which the server cuts short if it is too large.
+/// no more (one that grew is sent as it was announced, and hashed), and
+/// no less: one that shrank fails, as the local scan fails it, rather than
+/// be judged by a part of it. A file announced empty (one of /proc, which
+/// says so whatever it holds) is read to its end, which the server cuts
+/// short if it is too large.
 struct FileChunks {
     file: std::fs::File,
     chunk_size: usize,
-    /// What is left of the announced size; `None` for a file announced
-    /// empty.
-    left: Option<u64>,
+    /// The announced size; `None` for a file announced empty.
+    size: Option<u64>,
+    read: u64,
+}
+
+impl FileChunks {
+    fn new(file: std::fs::File, chunk_size: usize, size: Option<u64>) -> Self {
+        FileChunks {
+            file,
+            chunk_size,
+            size,
+            read: 0,
+        }
+    }
 }
 
 impl Iterator for FileChunks {
     type Item = std::io::Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let limit = (self.chunk_size as u64).min(self.left.unwrap_or(u64::MAX));
+        let left = self.size.map_or(u64::MAX, |size| size - self.read);
+        let limit = (self.chunk_size as u64).min(left);
         let mut chunk = Vec::with_capacity(limit as usize);
         match (&mut self.file).take(limit).read_to_end(&mut chunk) {
+            Ok(read) if (read as u64) < limit && self.size.is_some() => {
+                // Ends it too: nothing more is read.
+                let size = self.size.replace(self.read).expect("announced");
+                Some(Err(shrank(self.read + read as u64, size)))
+            }
             Ok(0) => None,
             Ok(read) => {
-                if let Some(left) = &mut self.left {
-                    *left -= read as u64;
-                }
+                self.read += read as u64;
                 Some(Ok(Bytes::from(chunk)))
             }
             Err(err) => Some(Err(err)),
@@ -361,20 +365,15 @@ mod tests {
             use std::io::Seek;
             let mut file = file.try_clone().unwrap();
             file.rewind().unwrap();
-            let chunks = FileChunks {
-                file,
-                chunk_size: 4,
-                left,
-            };
-            chunks.map(|c| c.unwrap().len()).collect::<Vec<_>>()
+            FileChunks::new(file, 4, left)
+                .map(|c| c.map(|c| c.len()).map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
         };
-        assert_eq!(read(Some(6)), [4, 2], "grown since announced");
-        assert_eq!(read(None), [4, 4, 2], "announced empty");
-        assert_eq!(
-            read(Some(12)),
-            [4, 4, 2],
-            "shrunk: the server finds it short"
-        );
+        assert_eq!(read(Some(6)), [Ok(4), Ok(2)], "grown since announced");
+        assert_eq!(read(Some(10)), [Ok(4), Ok(4), Ok(2)], "as announced");
+        assert_eq!(read(None), [Ok(4), Ok(4), Ok(2)], "announced empty");
+        let shrank = Err("the file shrank while it was read (10 of 12 bytes)".to_owned());
+        assert_eq!(read(Some(12)), [Ok(4), Ok(4), shrank], "shrunk");
     }
 
     /// A file that says it holds 0 bytes is read up to the server's limit
@@ -437,6 +436,42 @@ mod tests {
         };
         assert_eq!(send(3000), (Some(3000), 3000, 1, 3000), "sent whole");
         assert_eq!(send(2999), (Some(3000), 0, 0, 3000), "a begin alone");
+    }
+
+    /// A file that shrank between its opening and its reading (truncated
+    /// to be rewritten, say) fails, unheard of by the server, rather than
+    /// go as a whole file of the size read: its verdict would be that of a
+    /// part of it.
+    #[test]
+    fn a_file_that_shrank_since_opened_fails() {
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &[7; 40]).unwrap();
+        std::io::Seek::rewind(&mut file).unwrap();
+        let (requests, mut sent) = mpsc::channel(64);
+        let mut outbox = Outbox {
+            requests,
+            batch: Vec::new(),
+            bytes: 0,
+            limit: 1 << 10,
+        };
+        let begin = FileBegin {
+            file_id: 1,
+            size: 100,
+            ..FileBegin::default()
+        };
+        let over = AtomicBool::new(false);
+        // Opened when it held 100 bytes; it holds 40 now.
+        let result = outbox.with_begin(1, begin, (file, 100), u64::MAX, &over);
+        let Err(Stop::Unread(unread)) = result else {
+            panic!("the file fails");
+        };
+        assert_eq!(
+            unread.err.to_string(),
+            "the file shrank while it was read (40 of 100 bytes)"
+        );
+        assert!(!unread.cancelled, "the server never heard of it");
+        outbox.flush().ok();
+        assert!(sent.try_recv().is_err(), "nothing of it went");
     }
 
     /// A file answered while its content goes out gets no more of it (and
