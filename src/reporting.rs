@@ -306,7 +306,24 @@ impl Reporter {
             self.refresh_credentials().await;
         }
         self.sequence += 1;
-        let mut report = self.svm.report(WhichVms::Notable);
+        // Made on a blocking thread: it lists every notable VM of the
+        // registry (up to 100,000), which the runtime's threads should not
+        // wait on. (A report that cannot be made is one that failed.)
+        let svm = Arc::clone(&self.svm);
+        let made = tokio::task::spawn_blocking(move || {
+            let mut report = svm.report(WhichVms::Notable);
+            let left_out = keep_within_budget(&mut report.vms);
+            (report, left_out)
+        });
+        let (mut report, left_out) = match made.await {
+            Ok(made) => made,
+            Err(err) => {
+                let failure = format!("cannot make the report: {err}");
+                tracing::warn!(sequence = self.sequence, "{failure}");
+                self.svm.reported(Err(failure));
+                return None;
+            }
+        };
         // A report that arrives proves the Integration Server reachable:
         // it must not say otherwise (the status catches up once this one
         // is delivered).
@@ -316,7 +333,7 @@ impl Reporter {
         report.reasons = carried.reasons.iter().map(|&r| r as i32).collect();
         report.sequence = self.sequence;
         report.trigger = trigger as i32;
-        report.vms_left_out = keep_within_budget(&mut report.vms);
+        report.vms_left_out = left_out;
         if report.vms_left_out > 0 && self.vms_left_out == 0 {
             tracing::warn!(
                 left_out = report.vms_left_out,

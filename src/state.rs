@@ -49,9 +49,24 @@ use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 /// links, and those above the real folder; the links must be root's or
 /// this user's.
 pub fn private_dir(path: &Path) -> io::Result<()> {
+    // The folders to make: each made is then flushed to disk in the folder
+    // above it, or a power loss soon after could lose it, with all the
+    // state saved in it.
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && fs::symlink_metadata(dir).is_err())
+        .collect();
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true).mode(0o700);
     builder.create(path)?;
+    for made in missing {
+        // A folder the server may write in but not read (mode 0711, say)
+        // cannot be opened to be flushed: left to the file system.
+        match sync_folder(made.parent().unwrap_or(Path::new("/"))) {
+            Err(err) if err.kind() != io::ErrorKind::PermissionDenied => return Err(err),
+            _ => {}
+        }
+    }
     let metadata = fs::metadata(path)?;
     let server = Owner::current();
     let refuse = |why: String| {
@@ -545,12 +560,23 @@ pub fn replace_file<T>(
     file.as_file().sync_all()?;
     file.persist(path).map_err(|err| err.error)?;
     // The rename itself must reach the disk too: a save that may not have
-    // is not done, and is tried again (file systems that cannot sync a
-    // folder say EINVAL or ENOTSUP, and have nothing to sync).
+    // is not done, and is tried again.
+    sync_folder(dir)?;
+    Ok(value)
+}
+
+/// Flushes the entries of the folder `dir` to disk: the names of files
+/// renamed or folders made in it. (File systems that cannot sync a folder
+/// say EINVAL or ENOTSUP, and have nothing to sync.)
+fn sync_folder(dir: &Path) -> io::Result<()> {
     use io::ErrorKind::{InvalidInput, Unsupported};
+    let dir = match dir.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => dir,
+    };
     match fs::File::open(dir).and_then(|dir| dir.sync_all()) {
         Err(err) if !matches!(err.kind(), InvalidInput | Unsupported) => Err(err),
-        _ => Ok(value),
+        _ => Ok(()),
     }
 }
 

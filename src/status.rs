@@ -196,8 +196,10 @@ struct Identity {
 pub enum WhichVms {
     /// None: the SVM's own figures only (`scanserver status`).
     None,
-    /// Connected ones, and those not OK or tagged: what the Integration
-    /// Server needs.
+    /// Connected ones, those not OK or tagged, and those awaited back
+    /// (connected when the server stopped): what the Integration Server
+    /// needs. (A report made as the server stops lists each VM connected
+    /// then, whether its session has closed yet or not.)
     Notable,
     /// Every VM kept: those seen in the last 30 days, and tagged ones of
     /// any age.
@@ -522,7 +524,8 @@ impl Svm {
             return Vec::new();
         }
         let notable = which == WhichVms::Notable;
-        let keep = |vm: &VmRecord| !notable || vm.session_id.is_some() || !vm.reasons().is_empty();
+        let keep =
+            |vm: &VmRecord| !notable || vm.session_id.is_some() || vm.awaited || vm.has_reasons();
         self.vms
             .list(keep)
             .iter()

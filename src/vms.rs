@@ -269,7 +269,20 @@ impl VmRecord {
 
     /// Every reason in force, worst first.
     pub fn reasons(&self) -> Vec<VmReason> {
-        let flags = [
+        self.flags()
+            .into_iter()
+            .filter_map(|(set, reason)| set.then_some(reason))
+            .collect()
+    }
+
+    /// Whether any reason is in force (without listing them).
+    pub fn has_reasons(&self) -> bool {
+        self.flags().into_iter().any(|(set, _)| set)
+    }
+
+    /// Each reason, and whether it is in force.
+    fn flags(&self) -> [(bool, VmReason); 6] {
+        [
             (self.connection_lost, VmReason::NoConnectionToSvm),
             (
                 self.tags.contains_key(&SecurityTag::VirusFound),
@@ -285,11 +298,7 @@ impl VmRecord {
             ),
             (self.file_modified, VmReason::FileModified),
             (self.registry_modified, VmReason::RegistryModified),
-        ];
-        flags
-            .into_iter()
-            .filter_map(|(set, reason)| set.then_some(reason))
-            .collect()
+        ]
     }
 
     /// The VM's status, with the reasons in force. `session` is its open
@@ -308,14 +317,16 @@ impl VmRecord {
                 assigned_at_unix_ms: entry.assigned_at,
             })
             .collect();
-        let (since, last_seen, files, detections) = match session {
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let (since, last_seen, files, bytes, detections) = match session {
             Some(s) => (
                 unix_ms(s.connected_since),
                 unix_ms(s.last_seen_at()),
-                s.files.load(std::sync::atomic::Ordering::Relaxed),
-                s.detections.load(std::sync::atomic::Ordering::Relaxed),
+                s.files.load(relaxed),
+                s.bytes.load(relaxed),
+                s.detections.load(relaxed),
             ),
-            None => (0, self.last_seen, 0, 0),
+            None => (0, self.last_seen, 0, 0, 0),
         };
         proto::VmInfo {
             vm_id: self.vm_id.clone(),
@@ -331,7 +342,9 @@ impl VmRecord {
             reasons: reasons.into_iter().map(|r| r as i32).collect(),
             tags,
             files,
+            bytes,
             detections,
+            awaited: self.awaited && session.is_none(),
         }
     }
 }

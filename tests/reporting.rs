@@ -512,7 +512,9 @@ async fn shutdown_makes_one_last_report() {
 }
 
 /// A server that shuts down sends its last report at once, and is done
-/// only once it went: trigger SHUTDOWN, the SVM Critical, SHUTTING_DOWN.
+/// only once it went: trigger SHUTDOWN, the SVM Critical, SHUTTING_DOWN;
+/// and it lists the VM connected as the shutdown began, whether its
+/// session has closed by then (awaited back) or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_report_says_the_svm_is_shutting_down() {
     let receiver = TestReceiver::start();
@@ -520,6 +522,7 @@ async fn the_last_report_says_the_svm_is_shutting_down() {
     let server = TestServer::start(|c| c.reporting.integration_server = Some(url)).await;
     let first = receiver.next(Duration::from_secs(10)).await.unwrap();
     assert_eq!(first.trigger(), ReportTrigger::Start);
+    let _agent = TestAgent::connect(&server, "vm-going").await;
     server.stop().await;
     let mut last = None;
     while let Some(report) = receiver.next(Duration::from_secs(1)).await {
@@ -532,6 +535,9 @@ async fn the_last_report_says_the_svm_is_shutting_down() {
         last.reasons().collect::<Vec<_>>(),
         [SvmReason::ShuttingDown]
     );
+    let vm = last.vms.iter().find(|vm| vm.vm_id == "vm-going");
+    let vm = vm.expect("the VM connected as the shutdown began is listed");
+    assert!(vm.connected != vm.awaited, "{vm:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -914,6 +920,8 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
     assert_eq!(tags(vm), [(VIRUS_FOUND.to_owned(), 1)]);
     assert_eq!(vm.status(), Health::Critical);
     assert_eq!(reasons(vm), [VmReason::ThreatFound]);
+    let figures = (vm.files, vm.bytes, vm.detections);
+    assert_eq!(figures, (1, EICAR.len() as u64, 1), "{vm:?}");
 
     // A full scan that found something keeps the tag; a clean one removes it.
     agent.full_scan(2).await;

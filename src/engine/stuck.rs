@@ -37,7 +37,7 @@
 
 use std::{
     collections::HashMap,
-    fs, io,
+    io,
     path::{Path, PathBuf},
     sync::{
         Arc, OnceLock,
@@ -50,7 +50,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::mapped::MappedShare;
-use crate::{cache::Digest, state};
+use crate::{cache::Digest, files, state};
 
 /// A job running this many scan timeouts is stuck: its scan would have
 /// been stopped after one, and reading and hashing even the largest file
@@ -227,6 +227,11 @@ impl Drop for BusyGuard<'_> {
 /// ones are logged but scanned again.
 pub const MAX_STUCK_CONTENTS: usize = 1024;
 
+/// The most the file of contents refused is read: more than this version
+/// writes (a digest takes 67 bytes of it), so a larger one was not made by
+/// it, and is set aside unread.
+const SAVED_LIMIT: u64 = MAX_STUCK_CONTENTS as u64 * 80 + 4096;
+
 /// The file that keeps them in the state folder.
 pub const STUCK_CONTENTS_FILE: &str = "stuck-contents.json";
 
@@ -372,7 +377,7 @@ impl StuckContents {
     /// many were loaded.
     pub fn keep_in(&self, dir: &Path) -> io::Result<usize> {
         let path = dir.join(STUCK_CONTENTS_FILE);
-        let loaded = match fs::read(&path) {
+        let loaded = match files::read(&path, SAVED_LIMIT) {
             Ok(data) => match serde_json::from_slice::<Saved>(&data) {
                 Ok(saved) if saved.maker == MAKER => {
                     let digests: Result<Vec<Digest>, _> =
@@ -383,6 +388,8 @@ impl StuckContents {
                 Err(err) => Err(err.to_string()),
             },
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            // Larger than this version ever writes.
+            Err(err) if err.kind() == io::ErrorKind::InvalidData => Err(err.to_string()),
             Err(err) => return Err(err),
         };
         let digests = loaded.unwrap_or_else(|why| {
@@ -466,5 +473,32 @@ mod tests {
         assert!(stuck.holds(&back) && stuck.holds(&held));
         let known = stuck.digests.read();
         assert_eq!((known[&back], known[&held]), (false, true));
+    }
+
+    /// A file of contents refused that is larger than any this version
+    /// writes is set aside unread; a list as large as it writes loads.
+    #[test]
+    fn a_file_of_contents_too_large_is_set_aside_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STUCK_CONTENTS_FILE);
+        let digests: Vec<_> = (0..MAX_STUCK_CONTENTS as u32)
+            .map(|n| blake3::hash(&n.to_le_bytes()).to_hex().to_string())
+            .collect();
+        let saved = Saved {
+            maker: MAKER.to_owned(),
+            digests,
+        };
+        std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+        let loaded = StuckContents::default().keep_in(dir.path()).unwrap();
+        assert_eq!(loaded, MAX_STUCK_CONTENTS);
+
+        std::fs::write(&path, vec![b' '; SAVED_LIMIT as usize + 1]).unwrap();
+        assert_eq!(StuckContents::default().keep_in(dir.path()).unwrap(), 0);
+        assert!(!path.exists());
+        assert!(
+            dir.path()
+                .join(format!("{STUCK_CONTENTS_FILE}.rejected"))
+                .exists()
+        );
     }
 }
