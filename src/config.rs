@@ -248,6 +248,30 @@ impl Config {
         if self.reporting.interval < Duration::from_secs(1) {
             return invalid("reporting.interval", "must be at least 1s");
         }
+        if let Some(tag) = self
+            .server
+            .allowed_tags
+            .iter()
+            .find(|t| t.trim() != t.as_str())
+        {
+            return invalid(
+                "server.allowed_tags",
+                &format!("has {tag:?}, with spaces around it: agents' tags are matched exactly"),
+            );
+        }
+        if let Some(endpoint) = &self.infrastructure.endpoint {
+            let port = endpoint
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                return invalid(
+                    "infrastructure.endpoint",
+                    &format!(
+                        "is {endpoint:?}: give a host and port, as vcenter.example:443 or [2001:db8::1]:443"
+                    ),
+                );
+            }
+        }
         let clashes = |other: SocketAddr| match &self.server.admin_listen {
             AdminAddr::Tcp(admin) => admin.port() != 0 && *admin == other,
             AdminAddr::Unix(_) => false,
@@ -832,6 +856,37 @@ mod tests {
         let both = format!("{raised}[uploads]\nmax_file_size = 1048576\n");
         assert_eq!(read(&both), 1 << 20);
         assert_eq!(read(""), Config::default().uploads.max_file_size);
+    }
+
+    /// A tag with spaces around it (from "vdi, prod" in a file) and an
+    /// infrastructure endpoint without a port are refused at start: the
+    /// one would refuse every agent with that tag, the other would keep the
+    /// SVM Critical, each only once serving.
+    #[test]
+    fn settings_that_would_only_fail_once_serving_are_refused() {
+        let tags = |tags: &[&str]| tags.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let spaced = tags(&["vdi", " prod"]);
+        assert_eq!(
+            refused(|c| c.server.allowed_tags = spaced),
+            "server.allowed_tags"
+        );
+        for wrong in [
+            "vcenter.example",
+            "",
+            ":443",
+            "vcenter.example:https",
+            "[::1]:99999",
+        ] {
+            let endpoint = Some(wrong.to_owned());
+            let setting = refused(|c| c.infrastructure.endpoint = endpoint);
+            assert_eq!(setting, "infrastructure.endpoint", "{wrong}");
+        }
+        for right in ["vcenter.example:443", "192.0.2.1:443", "[2001:db8::1]:443"] {
+            let mut config = Config::default();
+            config.infrastructure.endpoint = Some(right.to_owned());
+            config.server.allowed_tags = tags(&["vdi", "prod"]);
+            config.validate().unwrap();
+        }
     }
 
     /// An empty value (`SCANSERVER_ALLOWED_TAGS=`, say) is refused, naming

@@ -198,15 +198,18 @@ impl Reporter {
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "{summary}").and_then(|()| out.flush())
             }
+            // A closed stderr (`2>&1 | head`) loses the summary, not the
+            // exit status.
             Format::Json => {
-                eprintln!("{summary}");
+                let _ = writeln!(std::io::stderr(), "{summary}");
                 Ok(())
             }
         };
         let lost = lost.or_else(|| lost_output(written));
         summary.output_failed = match lost {
             Some(err) => {
-                eprintln!(
+                let _ = writeln!(
+                    std::io::stderr(),
                     "error: cannot write the results ({err}): some are missing from the output"
                 );
                 true

@@ -653,6 +653,11 @@ struct SourceFile {
     relative: String,
     path: PathBuf,
     text: Vec<u8>,
+    /// The text compiled, when it differs from the file's: a top-level
+    /// file's includes rewritten to the included files' absolute paths.
+    /// Not in the version, which the folder's place on disk must not
+    /// change (see [`SourceSet::version`]).
+    compiled: Option<Vec<u8>>,
     /// Compiled as a namespace of its own (`.yar`/`.yara`), or only included.
     top_level: bool,
 }
@@ -698,12 +703,7 @@ impl SourceSet {
                 Err(err) => return Err(walk_error(source, err)),
             };
             // The source itself, when a file, whatever its name.
-            let is_rule_file = entry.depth() == 0
-                || entry
-                    .path()
-                    .extension()
-                    .is_some_and(|ext| ext == "yar" || ext == "yara");
-            if !is_rule_file || entry.file_type().is_dir() {
+            if !(entry.depth() == 0 || is_rule_file(entry.path())) || entry.file_type().is_dir() {
                 continue;
             }
             if !entry.file_type().is_file() {
@@ -719,7 +719,11 @@ impl SourceSet {
             files,
             includes: false,
         };
-        set.resolve_includes(&root)?;
+        // A ruleset of one file lies in a folder that is not the ruleset's
+        // alone (`/etc/scanserver`): it may include rule files there, and
+        // nothing else (a token file, whose text a compile error would
+        // show).
+        set.resolve_includes(&root, source.is_file())?;
         set.files.sort_by(|a, b| a.relative.cmp(&b.relative));
         Ok(set)
     }
@@ -740,7 +744,11 @@ impl SourceSet {
     /// as YARA-X's parser finds them (see [`includes`]), wherever they
     /// stand on their line: one missed would be compiled from a file the
     /// version does not cover, and could leave the folder.
-    fn resolve_includes(&mut self, root: &Path) -> Result<(), SignatureError> {
+    fn resolve_includes(
+        &mut self,
+        root: &Path,
+        rule_files_only: bool,
+    ) -> Result<(), SignatureError> {
         let mut errors = Vec::new();
         let mut pending: Vec<usize> = (0..self.files.len()).collect();
         while let Some(index) = pending.pop() {
@@ -751,31 +759,39 @@ impl SourceSet {
             let mut found = Vec::new();
             for (statement, target) in includes(&file.text) {
                 let resolved = dir.join(&target).canonicalize();
+                let error = |message: String| {
+                    Diagnostic::include_error(&file.relative, &file.text, statement.start, message)
+                };
                 match resolved {
+                    Ok(path) if rule_files_only && !is_rule_file(&path) => errors.push(error(
+                        format!("include of {}: a ruleset of one file may include only .yar and .yara files", path.display()),
+                    )),
+                    // Written into an include statement as it is: a name
+                    // that cannot be would make YARA-X read another file
+                    // than the one checked here.
+                    Ok(path) if path.to_str().is_none_or(|p| p.contains(['\\', '"'])) => {
+                        errors.push(error(format!(
+                            "include of {}: its path holds a backslash, a quote or bytes that are not UTF-8, which an include cannot name; rename the file or its folders",
+                            path.display()
+                        )))
+                    }
                     Ok(path) if path.starts_with(root) => {
-                        let literal = path.to_string_lossy().replace('\\', "/");
+                        let literal = path.to_str().expect("checked above");
                         rewritten.extend_from_slice(&file.text[copied..statement.start]);
                         rewritten.extend_from_slice(format!("include \"{literal}\"").as_bytes());
                         copied = statement.end;
                         found.push(path);
                     }
-                    Ok(path) => errors.push(Diagnostic::include_error(
-                        &file.relative,
-                        &file.text,
-                        statement.start,
-                        format!("include of {} leaves the ruleset folder", path.display()),
-                    )),
-                    Err(err) => errors.push(Diagnostic::include_error(
-                        &file.relative,
-                        &file.text,
-                        statement.start,
-                        format!("cannot include `{target}`: {err}"),
-                    )),
+                    Ok(path) => errors.push(error(format!(
+                        "include of {} leaves the ruleset folder",
+                        path.display()
+                    ))),
+                    Err(err) => errors.push(error(format!("cannot include `{target}`: {err}"))),
                 }
             }
             rewritten.extend_from_slice(&self.files[index].text[copied..]);
-            if self.files[index].top_level {
-                self.files[index].text = rewritten;
+            if self.files[index].top_level && !found.is_empty() {
+                self.files[index].compiled = Some(rewritten);
             }
             self.includes |= !found.is_empty();
             for path in found {
@@ -796,7 +812,11 @@ impl SourceSet {
     /// contents, whether each file is compiled on its own or only
     /// included (a folder, and one of its files that includes the others,
     /// read the same files and compile different rules), the compile
-    /// profile and the engine version.
+    /// profile and the engine version. The contents are the files' own,
+    /// with their includes as written: which file an include names is in
+    /// the relative paths of the files included, and the same rules copied
+    /// to another folder (a release unpacked beside the last) keep their
+    /// version, their verdicts and their compiled form.
     fn version(&self) -> String {
         let mut hasher = blake3::Hasher::new();
         for file in &self.files {
@@ -841,7 +861,8 @@ impl SourceSet {
             compiler.new_namespace(&file.relative);
             let origin = file.path.to_string_lossy();
             // Errors are collected by the compiler and read back below.
-            let _ = compiler.add_source(SourceCode::from(file.text.as_slice()).with_origin(origin));
+            let text = file.compiled.as_deref().unwrap_or(&file.text);
+            let _ = compiler.add_source(SourceCode::from(text).with_origin(origin));
         }
         let errors: Vec<_> = compiler
             .errors()
@@ -875,6 +896,7 @@ impl SourceFile {
             relative,
             path: canonical,
             text,
+            compiled: None,
             top_level,
         })
     }
@@ -891,6 +913,12 @@ fn reachable(source: &Path) -> Result<(), SignatureError> {
         }
         Err(err) => Err(SignatureError::io(source, err)),
     }
+}
+
+/// Whether `path` names a rule file: `.yar` or `.yara`.
+fn is_rule_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|ext| ext == "yar" || ext == "yara")
 }
 
 /// Whether the entry at `path` is hidden: its name begins with a dot.

@@ -526,6 +526,61 @@ fn the_version_covers_paths_and_contents() {
     assert_ne!(first.version(), renamed.version());
 }
 
+/// Rules with includes keep their version wherever their folder lies (an
+/// updater unpacking each release beside the last), so their verdicts and
+/// compiled form are kept; a ruleset of one file may include rule files
+/// only (its folder is not its own: a token file beside it must not be
+/// read, nor shown in a compile error); an include whose path an include
+/// statement cannot name is refused.
+#[test]
+fn includes_are_versioned_as_written_and_read_only_where_they_may_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = |name: &str| {
+        let root = dir.path().join(name);
+        fs::create_dir_all(root.join("lib")).unwrap();
+        fs::write(
+            root.join("lib/base.yara"),
+            "private rule base { condition: true }\n",
+        )
+        .unwrap();
+        fs::write(
+            root.join("uses.yar"),
+            "include \"lib/base.yara\"\nrule uses { condition: base }\n",
+        )
+        .unwrap();
+        root
+    };
+    let first = Ruleset::load(&release("2026-12-01"), None).unwrap();
+    let second = Ruleset::load(&release("2026-12-07"), None).unwrap();
+    assert_eq!(first.version(), second.version());
+    let engine = engine_with(second, Default::default());
+    assert_eq!(matching_rules(&engine, b"x", "x"), ["uses"]);
+
+    let single = dir.path().join("single");
+    fs::create_dir_all(&single).unwrap();
+    fs::write(single.join("admin.token"), "s3cr3t-token\n").unwrap();
+    fs::write(single.join("rules.yar"), "include \"admin.token\"\n").unwrap();
+    let err = Ruleset::load(&single.join("rules.yar"), None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("may include only .yar and .yara files"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+
+    // Reached through a link to a folder whose name holds a backslash.
+    let odd = dir.path().join("odd");
+    fs::create_dir_all(odd.join("vendor\\x")).unwrap();
+    fs::write(odd.join("vendor\\x/x.yara"), "rule x { condition: true }\n").unwrap();
+    std::os::unix::fs::symlink("vendor\\x", odd.join("lib")).unwrap();
+    fs::write(odd.join("top.yar"), "include \"lib/x.yara\"\n").unwrap();
+    let err = Ruleset::load(&odd, None).unwrap_err();
+    assert!(
+        err.to_string().contains("which an include cannot name"),
+        "{err}"
+    );
+}
+
 /// A folder and one file of it that includes the others compile to
 /// different rules (in the folder, an included file is also a namespace of
 /// its own): their versions differ, and neither is served the other's

@@ -154,7 +154,7 @@ struct ServeArgs {
     #[arg(long, value_name = "ID", env = "SCANSERVER_SVM_ID")]
     svm_id: Option<String>,
 
-    /// Scan threads [default: one per core].
+    /// Scan threads, at most 1024 [default: one per core].
     #[arg(long, short = 'j', value_name = "N", env = "SCANSERVER_THREADS")]
     threads: Option<usize>,
 
@@ -244,6 +244,12 @@ impl ServeArgs {
     /// The configuration: file, then environment and flags on top.
     fn config(&self) -> Result<Config, ConfigError> {
         let mut config = match &self.config {
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(ConfigError::Invalid {
+                    setting: "--config (SCANSERVER_CONFIG)",
+                    problem: "is empty: name the configuration file, or leave it out".into(),
+                });
+            }
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
@@ -276,7 +282,9 @@ impl ServeArgs {
             config.server.state_dir = self.state_dir.clone();
         }
         if !self.allowed_tags.is_empty() {
-            config.server.allowed_tags = self.allowed_tags.clone();
+            // "vdi, prod" names `prod`, as it reads.
+            let tags = self.allowed_tags.iter().map(|tag| tag.trim().to_owned());
+            config.server.allowed_tags = tags.collect();
         }
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             // The file's other TLS settings stay unless flags replace them.
@@ -316,9 +324,9 @@ struct ScanArgs {
     #[arg(long)]
     json: bool,
 
-    /// Scan threads [default: one per core].
-    #[arg(long, short = 'j', value_name = "N")]
-    threads: Option<usize>,
+    /// Scan threads, at most 1024 [default: one per core].
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    threads: Option<u16>,
 
     /// Per-file scan timeout, at least 1s; a file scanned longer fails with
     /// `timeout` [default: 10s].
@@ -615,7 +623,7 @@ fn scan(args: ScanArgs) -> ExitCode {
     };
     let defaults = EngineConfig::default();
     let config = EngineConfig {
-        threads: args.threads.unwrap_or(0),
+        threads: args.threads.map_or(0, usize::from),
         scan_timeout: args.timeout.unwrap_or(defaults.scan_timeout),
         max_scan_size: args.max_size,
         ..defaults

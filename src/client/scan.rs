@@ -530,17 +530,24 @@ impl<F: ResultSink> Settle<'_, F> {
     /// never heard of is over at once. One it was told to cancel keeps its
     /// place in flight until the server's reply: the server counts it
     /// until it takes the cancel. Returns how many files are over.
-    fn unread(&mut self, Unread { id, err, cancelled }: Unread) -> usize {
+    fn unread(&mut self, unread: Unread) -> usize {
+        let Unread {
+            id,
+            err,
+            cancelled,
+            size,
+        } = unread;
         let mut files = self.pending.lock();
-        if cancelled {
-            if let Some(file) = files.get_mut(id) {
-                file.unread = Some(err);
-            }
-            return 0;
-        }
-        let Some(file) = files.remove(id) else {
+        let Some(file) = files.get_mut(id) else {
             return 0;
         };
+        // Its outcome gives the size read, as the local scan's does.
+        file.sent = Some(size);
+        if cancelled {
+            file.unread = Some(err);
+            return 0;
+        }
+        let file = files.remove(id).expect("found above");
         drop(files);
         let outcome = failed_outcome(unreadable(&err), file.size_read(), file.announced);
         self.scan.on_result.put(file.source.path(), outcome);

@@ -39,7 +39,10 @@ use std::{
     cell::Cell,
     fs::File,
     io,
-    sync::{Arc, Once, OnceLock},
+    sync::{
+        Arc, Once, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use memmap2::{Advice, Mmap, MmapOptions};
@@ -179,25 +182,37 @@ impl Drop for Guard {
 /// The handler that was installed before ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
+/// The size of a memory page, read before the handler is installed
+/// (`sysconf` is not async-signal-safe).
+static PAGE_SIZE: AtomicUsize = AtomicUsize::new(0);
+
 fn install_handler() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
-        // SAFETY: plain sigaction(2) calls with zero-initialised structures.
+        // SAFETY: sysconf(3), and plain sigaction(2) calls with
+        // zero-initialised structures.
         unsafe {
+            PAGE_SIZE.store(
+                libc::sysconf(libc::_SC_PAGESIZE) as usize,
+                Ordering::Relaxed,
+            );
+            // The handler before ours is kept before ours is installed: a
+            // fault that is not ours, in between, finds it to pass on to.
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) == 0 {
+                let _ = PREVIOUS.set(previous);
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_sigbus as *const () as usize;
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
-            let mut previous: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGBUS, &action, &mut previous) == 0 {
-                let _ = PREVIOUS.set(previous);
-            }
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
     });
 }
 
 /// The SIGBUS handler. Only async-signal-safe work: thread-local cells with
-/// constant initialisers, `mmap`, `sigaction`.
+/// constant initialisers, atomics, `mmap`, `sigaction`.
 extern "C" fn on_sigbus(
     signal: libc::c_int,
     info: *mut libc::siginfo_t,
@@ -207,8 +222,7 @@ extern "C" fn on_sigbus(
     let address = unsafe { (*info).si_addr() } as usize;
     let (start, end) = GUARDED.get();
     if (start..end).contains(&address) {
-        // SAFETY: sysconf is async-signal-safe.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let page = PAGE_SIZE.load(Ordering::Relaxed);
         let page_start = address & !(page - 1);
         // SAFETY: the page lies inside a mapping this thread owns and is
         // reading; replacing it with zeros keeps the reader's slice valid.

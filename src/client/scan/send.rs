@@ -79,6 +79,9 @@ pub(super) struct Unread {
     pub(super) err: std::io::Error,
     /// The server knew of the file, and was told to cancel it.
     pub(super) cancelled: bool,
+    /// Its size when opened (set by `send_content`, which opened it); 0
+    /// when it could not be opened, as the local scan gives it.
+    pub(super) size: u64,
 }
 
 /// Streams the content of each file to upload, in chunks, then its end;
@@ -107,6 +110,7 @@ pub(super) fn send_content(
     }) = uploads.blocking_recv()
     {
         let with_begin = begin.is_some();
+        let mut opened = 0;
         let sent = match &source {
             // Answered while it waited its turn: nothing of it goes.
             _ if over.load(Ordering::Relaxed) => Ok(0),
@@ -117,11 +121,13 @@ pub(super) fn send_content(
                 (Err(err), begin) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
                 // Asked for by its digest: what the digest is of, the size
                 // announced (one that grew is sent as it was hashed).
-                (Ok((file, _)), None) => {
+                (Ok((file, size_now)), None) => {
+                    opened = size_now;
                     let chunks = FileChunks::new(file, chunk_size, (size > 0).then_some(size));
                     outbox.file(id, None, chunks, &over)
                 }
-                (Ok((file, opened)), Some(begin)) => {
+                (Ok((file, size_now)), Some(begin)) => {
+                    opened = size_now;
                     outbox.with_begin(id, begin, (file, opened), max_file_size, &over)
                 }
             },
@@ -136,7 +142,8 @@ pub(super) fn send_content(
                 }
                 uploads.is_empty()
             }
-            Err(Stop::Unread(file)) => {
+            Err(Stop::Unread(mut file)) => {
+                file.size = opened;
                 let flush = file.cancelled || uploads.is_empty();
                 let _ = told.send(Sent::Unread(file));
                 flush
@@ -185,7 +192,13 @@ impl Outbox {
                     if cancelled {
                         self.push(FileCancel { file_id: id }.into(), 0)?;
                     }
-                    return Err(Stop::Unread(Unread { id, err, cancelled }));
+                    let size = 0; // `send_content` knows it.
+                    return Err(Stop::Unread(Unread {
+                        id,
+                        err,
+                        cancelled,
+                        size,
+                    }));
                 }
             };
             if over.load(Ordering::Relaxed) {
@@ -472,6 +485,38 @@ mod tests {
         assert!(!unread.cancelled, "the server never heard of it");
         outbox.flush().ok();
         assert!(sent.try_recv().is_err(), "nothing of it went");
+    }
+
+    /// A file the sender cannot read is told of with the size it had when
+    /// opened, and 0 when it could not be opened, as the local scan gives
+    /// them.
+    #[test]
+    fn a_file_not_read_is_told_of_with_its_size_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let shrunk = dir.path().join("shrunk");
+        std::fs::write(&shrunk, [7; 40]).unwrap();
+        let (uploads, to_upload) = mpsc::unbounded_channel();
+        // Hashed when it held 100 bytes; it holds 40 now.
+        let source = FileSource::Path(shrunk);
+        uploads.send(Upload::new(1, source, 100, None).0).unwrap();
+        let source = FileSource::Path(dir.path().join("gone"));
+        let begin = FileBegin::default();
+        uploads
+            .send(Upload::new(2, source, 10, Some(begin)).0)
+            .unwrap();
+        drop(uploads);
+        let (requests, _sent) = mpsc::channel(64);
+        let (told, mut unread) = mpsc::unbounded_channel();
+        send_content(to_upload, requests, told, 1 << 10, u64::MAX);
+        let mut sizes = Vec::new();
+        while let Ok(Sent::Unread(file)) = unread.try_recv() {
+            sizes.push((file.id, file.size, file.err.kind()));
+        }
+        let (shrank, gone) = (
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::NotFound,
+        );
+        assert_eq!(sizes, [(1, 40, shrank), (2, 0, gone)]);
     }
 
     /// A file answered while its content goes out gets no more of it (and
