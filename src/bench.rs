@@ -30,10 +30,10 @@ impl FileSet {
     /// are reported to `skipped` and left out.
     pub fn read(paths: &[PathBuf], skipped: &(dyn Fn(PathBuf, String) + Sync)) -> FileSet {
         let files: Vec<_> = localscan::walk(paths.to_vec(), skipped)
-            .filter_map(|path| match PreparedFile::read(path.clone()) {
+            .filter_map(|file| match PreparedFile::read(file.clone()) {
                 Ok(file) => Some(Arc::new(file)),
                 Err(err) => {
-                    skipped(path, err.to_string());
+                    skipped(file.path, err.to_string());
                     None
                 }
             })

@@ -28,6 +28,58 @@ use crate::kernelfs::is_kernel_file;
 /// [`open_regular`]).
 const KERNEL_FILE_LIMIT: u64 = 32 << 20;
 
+/// How a local file to scan was found, which decides what opening it may
+/// meet (see [`open_found`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Named by whoever asked for the scan (a path on the command line): a
+    /// link is followed, wherever it leads.
+    Named,
+    /// Met by a walk, as a regular file: a link put in its place since
+    /// (by a user who may write to the walked folder) is not followed.
+    Walked,
+    /// Met by a walk below a folder off the kernel's file systems, which
+    /// the walk does not enter: a file of theirs met all the same (through
+    /// a folder's link swapped in since) is not opened either.
+    WalkedOffKernel,
+}
+
+/// A local file to scan, and how it was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalFile {
+    pub path: PathBuf,
+    pub found: Found,
+}
+
+impl From<PathBuf> for LocalFile {
+    /// A file named by whoever asked for the scan.
+    fn from(path: PathBuf) -> Self {
+        LocalFile {
+            path,
+            found: Found::Named,
+        }
+    }
+}
+
+impl From<&Path> for LocalFile {
+    fn from(path: &Path) -> Self {
+        path.to_owned().into()
+    }
+}
+
+impl From<&PathBuf> for LocalFile {
+    fn from(path: &PathBuf) -> Self {
+        path.clone().into()
+    }
+}
+
+impl LocalFile {
+    /// Opens it, as [`open_found`] does.
+    pub fn open(&self, wait: Duration) -> io::Result<(File, u64)> {
+        open_found(&self.path, self.found, wait)
+    }
+}
+
 /// The most a small file an operator names (a configuration, a TLS
 /// certificate chain or key, a CA bundle) may hold.
 pub const SMALL_FILE_LIMIT: u64 = 4 << 20;
@@ -56,11 +108,28 @@ pub const SMALL_FILE_LIMIT: u64 = 4 << 20;
 /// device in `/sys`, `/proc/kcore`), which a scan must not read or map.
 /// Only a walk named such a folder meets one.
 pub fn open_regular(path: &Path, wait: Duration) -> io::Result<(File, u64)> {
+    open_found(path, Found::Named, wait)
+}
+
+/// [`open_regular`], for a file found as `how` says: one a walk met is
+/// resolved without following a link in its place, and, when the walk
+/// kept off the kernel's file systems, refused if it is on one of them.
+/// (Each is looked at on what the path resolved to, which is what is
+/// opened: a swap between the walk and the opening is found, not raced.)
+pub fn open_found(path: &Path, how: Found, wait: Duration) -> io::Result<(File, u64)> {
+    let no_follow = match how {
+        Found::Named => 0,
+        Found::Walked | Found::WalkedOffKernel => libc::O_NOFOLLOW,
+    };
     let found = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_PATH)
+        .custom_flags(libc::O_PATH | no_follow)
         .open(path)?;
     regular(&found)?;
+    if how == Found::WalkedOffKernel && is_kernel_file(&found) {
+        let message = "a file of the kernel's file systems (sysfs, procfs, ...), met outside them: a link swapped in since the walk? Not read";
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
+    }
     static PROC: LazyLock<bool> = LazyLock::new(|| {
         let mounted = Path::new("/proc/self/fd").is_dir();
         if !mounted {
@@ -104,7 +173,7 @@ pub fn open_regular(path: &Path, wait: Duration) -> io::Result<(File, u64)> {
 fn regular(file: &File) -> io::Result<u64> {
     let metadata = file.metadata()?;
     if !metadata.is_file() {
-        let message = "not a regular file (a FIFO, a pipe, a device or a folder)";
+        let message = "not a regular file (a FIFO, a pipe, a device, a folder, or a link put in a walked file's place)";
         return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
     }
     Ok(metadata.len())
@@ -292,6 +361,39 @@ mod tests {
         let failed = reading.read(READ_WAIT, panics).await;
         assert!(matches!(failed, Err(NotRead::Failed(_))), "{failed:?}");
         assert_eq!(reading.read(READ_WAIT, || 7).await.unwrap(), 7);
+    }
+
+    /// A walked file is opened as the walk saw it: a link swapped in for it
+    /// since is not followed, and a file of the kernel's file systems met
+    /// through a folder's link swapped in is not opened when the walk kept
+    /// off them. Named, both are.
+    #[test]
+    fn a_walked_file_is_opened_as_the_walk_saw_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file.txt");
+        std::fs::write(&file, b"text").unwrap();
+        let swapped = dir.path().join("swapped");
+        std::os::unix::fs::symlink(&file, &swapped).unwrap();
+        // A folder's link into /proc, met as `proc/status`.
+        std::os::unix::fs::symlink("/proc/self", dir.path().join("proc")).unwrap();
+        let status = dir.path().join("proc/status");
+        let opens = |path: &Path, how| open_found(path, how, LEASE_WAIT).map_err(|e| e.to_string());
+
+        for how in [Found::Named, Found::Walked, Found::WalkedOffKernel] {
+            assert!(opens(&file, how).is_ok(), "{how:?}");
+        }
+        assert!(opens(&swapped, Found::Named).is_ok());
+        for how in [Found::Walked, Found::WalkedOffKernel] {
+            let err = opens(&swapped, how).unwrap_err();
+            assert!(err.starts_with("not a regular file"), "{how:?}: {err}");
+        }
+        assert!(opens(&status, Found::Named).is_ok());
+        assert!(
+            opens(&status, Found::Walked).is_ok(),
+            "a walk of a kernel folder"
+        );
+        let err = opens(&status, Found::WalkedOffKernel).unwrap_err();
+        assert!(err.contains("met outside them"), "{err}");
     }
 
     #[test]

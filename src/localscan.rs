@@ -16,6 +16,7 @@ use walkdir::WalkDir;
 
 use crate::{
     engine::{Content, Engine, ScanJob, ScanOutcome},
+    files::{Found, LocalFile},
     kernelfs::on_kernel_file_system,
     report::{Format, Reporter, Summary},
     verdict::{FailReason, Verdict},
@@ -29,8 +30,8 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
         |path: PathBuf, why: String| reporter.file(&path, &unreadable_outcome(why), None);
     let files = walk(paths.to_vec(), &unreadable);
     engine.scan_all(files.map(ScanJob::file), |job, outcome| {
-        if let Content::File(path) = &job.content {
-            reporter.file(path, &outcome, None);
+        if let Content::File(file) = &job.content {
+            reporter.file(&file.path, &outcome, None);
         }
     });
     reporter.finish()
@@ -44,11 +45,12 @@ pub fn run(engine: &Engine, paths: &[PathBuf], format: Format) -> Summary {
 /// so are folders and files on the kernel's file systems below one that is
 /// not (a network namespace's file bind-mounted under `/run`, say, which
 /// says it is a regular file and fails every read; a path given on such a
-/// file system is walked whole, as asked).
+/// file system is walked whole, as asked). Each file says how it was found
+/// (see [`Found`]): one met below a folder is opened as the walk saw it.
 pub fn walk<'a>(
     paths: Vec<PathBuf>,
     unreadable: impl Fn(PathBuf, String) + Send + Sync + 'a,
-) -> impl Iterator<Item = PathBuf> + Send + 'a {
+) -> impl Iterator<Item = LocalFile> + Send + 'a {
     paths
         .into_iter()
         .flat_map(|root| {
@@ -65,13 +67,27 @@ pub fn walk<'a>(
                         || !(kind.is_dir() || kind.is_file())
                         || !on_kernel_file_system(entry.path())
                 });
+            let below = match asked_for {
+                true => Found::Walked,
+                false => Found::WalkedOffKernel,
+            };
             walk.map(move |entry| {
-                entry.map_err(|err| (err.path().unwrap_or(&root).to_owned(), err.to_string()))
+                let entry = entry
+                    .map_err(|err| (err.path().unwrap_or(&root).to_owned(), err.to_string()))?;
+                let found = if entry.depth() == 0 {
+                    Found::Named
+                } else {
+                    below
+                };
+                Ok((entry, found))
             })
         })
         .filter_map(move |entry| match entry {
-            Ok(entry) if entry.file_type().is_file() => Some(entry.into_path()),
-            Ok(entry) if entry.depth() == 0 && !entry.file_type().is_dir() => {
+            Ok((entry, found)) if entry.file_type().is_file() => Some(LocalFile {
+                path: entry.into_path(),
+                found,
+            }),
+            Ok((entry, _)) if entry.depth() == 0 && !entry.file_type().is_dir() => {
                 unreadable(entry.into_path(), "not a regular file or folder".into());
                 None
             }
@@ -135,8 +151,12 @@ mod tests {
         let _mounted = Mounted(at);
         assert!(on_kernel_file_system(&target), "mounted");
         let unreadable = |path: PathBuf, why: String| panic!("{}: {why}", path.display());
-        let found: Vec<_> = walk(vec![dir.path().to_owned()], unreadable).collect();
-        assert_eq!(found, [file]);
+        let walked: Vec<_> = walk(vec![dir.path().to_owned()], unreadable).collect();
+        let expected = LocalFile {
+            path: file,
+            found: Found::WalkedOffKernel,
+        };
+        assert_eq!(walked, [expected]);
     }
 
     /// A folder named on such a file system is walked whole, as asked,
@@ -144,7 +164,7 @@ mod tests {
     #[test]
     fn a_folder_named_on_a_kernel_file_system_is_walked_whole() {
         let root = PathBuf::from("/proc/self");
-        let deep = walk(vec![root], |_, _| {}).any(|path| path.starts_with("/proc/self/task"));
+        let deep = walk(vec![root], |_, _| {}).any(|file| file.path.starts_with("/proc/self/task"));
         assert!(deep);
     }
 }

@@ -272,10 +272,13 @@ fn parallel_file_scans_report_every_file() {
     }
     let results = std::sync::Mutex::new(Vec::new());
     engine.scan_all(paths.iter().map(ScanJob::file), |job, outcome| {
-        let Content::File(path) = job.content else {
+        let Content::File(file) = job.content else {
             unreachable!()
         };
-        results.lock().unwrap().push((path, outcome.verdict.kind()));
+        results
+            .lock()
+            .unwrap()
+            .push((file.path, outcome.verdict.kind()));
     });
     let mut results = results.into_inner().unwrap();
     results.sort();

@@ -2442,7 +2442,7 @@ async fn a_file_the_client_cannot_read_fails_alone_with_its_reason() {
         } else if name == "mem" {
             // As the local scan says it.
             let local = server.state.engine.scan(&scanserver::engine::ScanJob {
-                content: scanserver::engine::Content::File(unreadable.to_owned()),
+                content: scanserver::engine::Content::File(unreadable.into()),
                 name: None,
                 digest: None,
             });

@@ -32,7 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
-    files::{self, LEASE_WAIT, open_regular},
+    files::{self, LEASE_WAIT, LocalFile},
     proto::{
         AgentMessage, FileVerdict, Heartbeat, Hello, LookupRequest, PROTOCOL_VERSION, RejectReason,
         ServerMessage, TaskEvent, TaskKind, TaskState, Welcome, agent_message,
@@ -142,20 +142,22 @@ pub enum Files {
     /// a tree). The client holds the files in flight, never the whole
     /// tree: a full scan of a disk of millions of files needs no more
     /// memory than a scan of one folder.
-    Local(Box<dyn Iterator<Item = PathBuf> + Send>),
+    Local(Box<dyn Iterator<Item = LocalFile> + Send>),
     /// Content read and hashed beforehand, as an agent with its own digest
     /// cache has it (`lightagent bench`).
     Prepared(Vec<Arc<PreparedFile>>),
 }
 
 impl Files {
-    /// Local files, from any iterator of paths: see [`Files::Local`].
-    pub fn local<I>(paths: I) -> Files
+    /// Local files, from any iterator of them (a walk's, or paths named
+    /// by the caller): see [`Files::Local`].
+    pub fn local<I>(files: I) -> Files
     where
-        I: IntoIterator<Item = PathBuf>,
+        I: IntoIterator,
+        I::Item: Into<LocalFile> + 'static,
         I::IntoIter: Send + 'static,
     {
-        Files::Local(Box::new(paths.into_iter()))
+        Files::Local(Box::new(files.into_iter().map(Into::into)))
     }
 }
 
@@ -164,7 +166,7 @@ impl Files {
 enum FileSource {
     /// A local file: hashed ahead of its announcement and read again if
     /// the server asks for its content, or read once to go with its begin.
-    Path(PathBuf),
+    Path(LocalFile),
     /// Content read and hashed beforehand, as an agent with its own digest
     /// cache has it (`lightagent bench`).
     Prepared(Arc<PreparedFile>),
@@ -173,7 +175,7 @@ enum FileSource {
 impl FileSource {
     fn path(&self) -> &Path {
         match self {
-            FileSource::Path(path) => path,
+            FileSource::Path(file) => &file.path,
             FileSource::Prepared(file) => &file.path,
         }
     }
@@ -181,7 +183,7 @@ impl FileSource {
     /// Its path as a begin names it.
     fn name(&self) -> Cow<'_, str> {
         match self {
-            FileSource::Path(path) => path.to_string_lossy(),
+            FileSource::Path(file) => file.path.to_string_lossy(),
             FileSource::Prepared(file) => Cow::Borrowed(&file.name),
         }
     }
@@ -202,13 +204,13 @@ impl PreparedFile {
     /// Reads and hashes the file at `path`: a regular file (a FIFO put in
     /// its place would be waited on for ever), opened as the local scan
     /// opens files.
-    pub fn read(path: PathBuf) -> std::io::Result<PreparedFile> {
-        let (mut file, size) = open_regular(&path, LEASE_WAIT)?;
+    pub fn read(local: LocalFile) -> std::io::Result<PreparedFile> {
+        let (mut file, size) = local.open(LEASE_WAIT)?;
         let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         file.read_to_end(&mut content)?;
         let content = Bytes::from(content);
         let digest = blake3::hash(&content);
-        Ok(PreparedFile::new(path, content, digest))
+        Ok(PreparedFile::new(local.path, content, digest))
     }
 
     /// Where the file was read from.

@@ -933,7 +933,10 @@ mod tests {
             size: 0,
             digest: None,
         };
-        PendingFile::new(FileSource::Path(name.into()), ready)
+        PendingFile::new(
+            FileSource::Path(std::path::PathBuf::from(name).into()),
+            ready,
+        )
     }
 
     #[test]

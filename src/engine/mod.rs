@@ -30,12 +30,7 @@ use mapped::{MappedBudget, MappedShare};
 use stuck::{Busy, StuckContents};
 pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
 
-use std::{
-    fs::File,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{fs::File, path::Path, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -44,6 +39,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::{
     cache::{CacheKey, CachedVerdict, Digest, SharedCache},
+    files::LocalFile,
     metrics::Metrics,
     signatures::Ruleset,
     verdict::{FailReason, Verdict},
@@ -106,8 +102,8 @@ pub enum EngineError {
 pub enum Content {
     /// Content in memory (cheap to clone).
     Bytes(Bytes),
-    /// A file, read or memory-mapped by the worker.
-    File(PathBuf),
+    /// A local file, read or memory-mapped by the worker.
+    File(LocalFile),
     /// A file the server just wrote (a spooled upload), by the handle it
     /// was written with, and the `size` it received and hashed: always
     /// memory-mapped, as its pages are still in the page cache and mapping
@@ -131,9 +127,9 @@ pub struct ScanJob {
 
 impl ScanJob {
     /// A file scanned under its own path.
-    pub fn file(path: impl Into<PathBuf>) -> Self {
+    pub fn file(file: impl Into<LocalFile>) -> Self {
         ScanJob {
-            content: Content::File(path.into()),
+            content: Content::File(file.into()),
             name: None,
             digest: None,
         }
@@ -558,7 +554,7 @@ impl Engine {
         };
         let outcome = match &job.content {
             Content::Bytes(data) => context.scan_bytes(data),
-            Content::File(path) => context.scan_file(path),
+            Content::File(file) => context.scan_file(file),
             Content::Spooled { file, size } => context.scan_spooled(file, *size),
         };
         if let Some(digest) = busy.and_then(stuck::BusyGuard::end) {

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     cache::{CacheKey, Digest, SharedCache},
-    files::{self, open_regular},
+    files::{self, LocalFile},
     metrics::Metrics,
     signatures::{NameExternals, Ruleset},
     verdict::{Detection, FailReason, Verdict},
@@ -118,8 +118,9 @@ impl Context<'_> {
 
     /// Scans a local file under its path (or the job's name): read into
     /// the worker's buffer when small, memory-mapped when large.
-    pub fn scan_file(&self, path: &Path) -> ScanOutcome {
-        let opened = open_regular(path, self.limits.timeout);
+    pub fn scan_file(&self, file: &LocalFile) -> ScanOutcome {
+        let path = &file.path;
+        let opened = file.open(self.limits.timeout);
         // Timed once open: a wait for another process's lease on the file
         // is not the scan's time (nor, below, one for mapped room).
         let started = Instant::now();

@@ -194,7 +194,7 @@ impl Announcer {
                             }
                         }
                     };
-                    (FileSource::Path(file.path), file.ready)
+                    (FileSource::Path(file.local), file.ready)
                 }
             };
             // Files go unread only once the scan has broken, and the

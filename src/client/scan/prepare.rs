@@ -3,7 +3,6 @@
 
 use std::{
     io::Read,
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,7 +15,7 @@ use super::ResultSink;
 use crate::{
     client::{ClientError, Files, PreparedFile},
     engine::ScanOutcome,
-    files::{LEASE_WAIT, open_regular, shrank},
+    files::{LEASE_WAIT, LocalFile, shrank},
 };
 
 /// Local files the preparer may have ready ahead of the announcer (and
@@ -119,7 +118,7 @@ impl Sources {
                 stopped.store(true, Ordering::Relaxed);
                 while let Some(file) = prepared.recv().await {
                     on_result.room().await;
-                    on_result.put(&file.path, failed());
+                    on_result.put(&file.local.path, failed());
                 }
             }
             Sources::Prepared(files) => {
@@ -134,7 +133,7 @@ impl Sources {
 
 /// A local file as the preparer hands it on.
 pub(super) struct Prepared {
-    pub(super) path: PathBuf,
+    pub(super) local: LocalFile,
     /// Its size and digest, or why it could not be read; `None` for a file
     /// left unread because the scan had broken.
     pub(super) ready: Option<std::io::Result<Ready>>,
@@ -146,7 +145,7 @@ pub(super) struct Prepared {
 /// takes the files as it goes, so that a walk of a large tree goes on
 /// while the first files are scanned, and is never held whole.
 struct Preparer {
-    paths: Box<dyn Iterator<Item = PathBuf> + Send>,
+    paths: Box<dyn Iterator<Item = LocalFile> + Send>,
     /// Whether the next file goes with its content (only its size is
     /// needed) or by its digest; see [`Familiarity`].
     content_first: Arc<AtomicBool>,
@@ -174,19 +173,19 @@ impl Preparer {
             max_file_size,
             ready,
         } = self;
-        for path in paths {
+        for local in paths {
             let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
                 if content_first.load(Ordering::Relaxed) {
-                    std::fs::metadata(&path).map(|metadata| Ready {
+                    std::fs::metadata(&local.path).map(|metadata| Ready {
                         size: metadata.len(),
                         digest: None,
                     })
                 } else {
-                    hash_file(&path, max_file_size)
+                    hash_file(&local, max_file_size)
                 }
             });
             let file = Prepared {
-                path,
+                local,
                 ready: prepared,
             };
             if ready.blocking_send(file).is_err() {
@@ -204,8 +203,8 @@ impl Preparer {
 /// file that says it holds 0 bytes (as those of /proc do) may hold
 /// something else at each read: it goes with its content, read once, as
 /// the local scan reads it.
-fn hash_file(path: &Path, max_file_size: u64) -> std::io::Result<Ready> {
-    let (file, size) = open_regular(path, LEASE_WAIT)?;
+fn hash_file(local: &LocalFile, max_file_size: u64) -> std::io::Result<Ready> {
+    let (file, size) = local.open(LEASE_WAIT)?;
     if size > max_file_size || size == 0 {
         return Ok(Ready { size, digest: None });
     }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     client::FileSource,
-    files::{LEASE_WAIT, open_regular, shrank},
+    files::{LEASE_WAIT, shrank},
     proto::{FileBegin, FileCancel, FileChunk, FileEnd, FileRequest, ScanRequest},
 };
 
@@ -117,7 +117,7 @@ pub(super) fn send_content(
             FileSource::Prepared(file) => {
                 outbox.file(id, begin, slices(&file.content, chunk_size), &over)
             }
-            FileSource::Path(path) => match (open_regular(path, LEASE_WAIT), begin) {
+            FileSource::Path(local) => match (local.open(LEASE_WAIT), begin) {
                 (Err(err), begin) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
                 // Asked for by its digest: what the digest is of, the size
                 // announced (one that grew is sent as it was hashed).
@@ -422,7 +422,7 @@ mod tests {
                 size: 10,
                 ..FileBegin::default()
             };
-            let source = FileSource::Path(path.clone());
+            let source = FileSource::Path(path.clone().into());
             let (uploads, to_upload) = mpsc::unbounded_channel();
             uploads
                 .send(Upload::new(1, source, 10, Some(begin)).0)
@@ -497,9 +497,9 @@ mod tests {
         std::fs::write(&shrunk, [7; 40]).unwrap();
         let (uploads, to_upload) = mpsc::unbounded_channel();
         // Hashed when it held 100 bytes; it holds 40 now.
-        let source = FileSource::Path(shrunk);
+        let source = FileSource::Path(shrunk.into());
         uploads.send(Upload::new(1, source, 100, None).0).unwrap();
-        let source = FileSource::Path(dir.path().join("gone"));
+        let source = FileSource::Path(dir.path().join("gone").into());
         let begin = FileBegin::default();
         uploads
             .send(Upload::new(2, source, 10, Some(begin)).0)
@@ -528,7 +528,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("large");
         std::fs::write(&path, vec![7; 64 << 10]).unwrap();
-        let source = || FileSource::Path(path.clone());
+        let source = || FileSource::Path(path.clone().into());
         let (first, cut) = Upload::new(1, source(), 64 << 10, None);
         let (second, before) = Upload::new(2, source(), 64 << 10, None);
         let (third, _) = Upload::new(3, source(), 64 << 10, None);
