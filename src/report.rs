@@ -15,6 +15,7 @@
 //! asked for, and not a failure.
 
 use std::{
+    borrow::Cow,
     fmt,
     io::{self, IsTerminal, Write},
     path::Path,
@@ -396,18 +397,35 @@ fn json_line(path: &Path, outcome: &ScanOutcome, cached: Option<bool>) -> String
 }
 
 fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
+    let path = printable(&path.to_string_lossy()).into_owned();
     match verdict {
         Verdict::Clean => None,
         Verdict::Infected(detections) => {
             let rules: Vec<_> = detections.iter().map(|d| d.rule.as_str()).collect();
-            Some(format!("{}: {} FOUND", path.display(), rules.join(", ")))
+            Some(format!("{path}: {} FOUND", rules.join(", ")))
         }
         Verdict::Failed(failure) => Some(format!(
-            "{}: FAILED {} ({})",
-            path.display(),
+            "{path}: FAILED {} ({})",
             failure.reason,
-            failure.detail
+            printable(&failure.detail)
         )),
+    }
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): a file
+/// name holding a line break must not forge a line of the report, nor
+/// one holding a terminal's escape sequence hide one.
+fn printable(text: &str) -> Cow<'_, str> {
+    match text.contains(char::is_control) {
+        false => Cow::Borrowed(text),
+        true => Cow::Owned(
+            text.chars()
+                .map(|c| match c.is_control() {
+                    true => c.escape_default().to_string(),
+                    false => c.to_string(),
+                })
+                .collect(),
+        ),
     }
 }
 
@@ -457,5 +475,29 @@ struct Megabytes(u64);
 impl fmt::Display for Megabytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:.1} MB", self.0 as f64 / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verdict::FailReason;
+
+    /// A file name holding a line break or a terminal's escape sequence
+    /// is printed escaped: it cannot forge or hide a line of the report.
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        let forged = Path::new("x\n/usr/bin/ls: FAILED io (gone)\u{1b}[2K");
+        let verdict = Verdict::failed(FailReason::Io, "cannot read\n");
+        let line = text_line(forged, &verdict).unwrap();
+        assert_eq!(
+            line,
+            "x\\n/usr/bin/ls: FAILED io (gone)\\u{1b}[2K: FAILED io (cannot read\\n)"
+        );
+        let plain = Path::new("C:\\Windows\\notepad.exe");
+        assert!(matches!(
+            printable(&plain.to_string_lossy()),
+            Cow::Borrowed(_)
+        ));
     }
 }

@@ -168,6 +168,13 @@ impl Reporter {
         svm: Arc<Svm>,
     ) -> Result<Option<Reporter>, ReportingError> {
         let Some(url) = &config.integration_server else {
+            // Not an error: a shared file may hold the credentials of SVMs
+            // each given its own address by a flag.
+            if config.token_file.is_some() || config.tls.is_some() {
+                tracing::warn!(
+                    "[reporting] token_file or tls is set, but no integration_server: the SVM does not report"
+                );
+            }
             return Ok(None);
         };
         let plain = Endpoint::from_shared(url.clone())
