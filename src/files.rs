@@ -126,10 +126,14 @@ pub fn open_found(path: &Path, how: Found, wait: Duration) -> io::Result<(File, 
         .custom_flags(libc::O_PATH | no_follow)
         .open(path)?;
     regular(&found)?;
-    if how == Found::WalkedOffKernel && is_kernel_file(&found) {
+    let met_outside = |file: &File| {
         let message = "a file of the kernel's file systems (sysfs, procfs, ...), met outside them: a link swapped in since the walk? Not read";
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
-    }
+        match how == Found::WalkedOffKernel && is_kernel_file(file) {
+            true => Err(io::Error::new(io::ErrorKind::InvalidInput, message)),
+            false => Ok(()),
+        }
+    };
+    met_outside(&found)?;
     static PROC: LazyLock<bool> = LazyLock::new(|| {
         let mounted = Path::new("/proc/self/fd").is_dir();
         if !mounted {
@@ -140,11 +144,15 @@ pub fn open_found(path: &Path, how: Found, wait: Duration) -> io::Result<(File, 
         mounted
     });
     let reopened = PathBuf::from(format!("/proc/self/fd/{}", found.as_raw_fd()));
-    let through = if *PROC { &reopened } else { path };
+    // (A path of /proc/self/fd is a link by design: followed.)
+    let (through, no_follow) = match *PROC {
+        true => (reopened.as_path(), 0),
+        false => (path, no_follow),
+    };
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | no_follow)
             .open(through)
     };
     let deadline = Instant::now() + wait;
@@ -159,6 +167,10 @@ pub fn open_found(path: &Path, how: Found, wait: Duration) -> io::Result<(File, 
     }
     let file = opened?;
     let size = regular(&file)?;
+    if !*PROC {
+        // Opened by its path again: what it is now is what counts.
+        met_outside(&file)?;
+    }
     // Looked at on the file opened, whichever way it was.
     if size > KERNEL_FILE_LIMIT && is_kernel_file(&file) {
         let message = format!(

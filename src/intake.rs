@@ -45,7 +45,7 @@
 //!   turn (a FIFO semaphore, in KiB); a call that finds none within
 //!   [`ROOM_WAIT`] fails with `RESOURCE_EXHAUSTED`. While it waits, its
 //!   stream is held back by HTTP/2 flow control. The calls of one peer (an
-//!   IPv4 address, an IPv6 /64) may hold at most a quarter of the budget
+//!   address) may hold at most a quarter of the budget
 //!   ([`PEER_SHARE`]), or [`CALL_MOST`] if that is more; one more that needs room fails with
 //!   `RESOURCE_EXHAUSTED` at once, so that one client cannot take all of
 //!   it. (A client with many addresses still can: mutual TLS keeps out
@@ -189,26 +189,50 @@ impl IntakeLayer {
         (self.budget.kib as u64) << 10
     }
 
-    /// The budget's room, for what calls hold besides their requests.
-    pub fn shared_room(&self) -> SharedRoom {
-        SharedRoom(Arc::clone(&self.budget.room))
+    /// The budget's room, for what a call of `peer` (see [`peer_of_call`])
+    /// holds besides its requests.
+    pub fn shared_room(&self, peer: Option<IpAddr>) -> SharedRoom {
+        SharedRoom {
+            budget: Arc::clone(&self.budget),
+            peer,
+        }
     }
 }
 
-/// The budget's room for what calls hold besides their requests'
+/// The budget's room for what a call holds besides its requests'
 /// messages: the replies a `Scan` stream has waiting for its agent, beyond
-/// a first part (see `crate::service::replies`). Handed out in turn, in
-/// KiB, as room for messages is; it is not counted in a peer's share.
-#[derive(Debug, Clone)]
-pub struct SharedRoom(Arc<Semaphore>);
+/// a first part (see `crate::service::replies`). Handed out in KiB, as
+/// room for messages is, and counted in the peer's share as theirs is: an
+/// agent that leaves its replies unread must not take the others' room.
+#[derive(Clone)]
+pub struct SharedRoom {
+    budget: Arc<Budget>,
+    peer: Option<IpAddr>,
+}
+
+/// Room taken with [`SharedRoom::try_take`], held until dropped (which
+/// gives it back, to the budget and to the peer's share).
+pub struct HeldRoom {
+    _room: Room,
+}
 
 impl SharedRoom {
     /// Room for `bytes` (at most [`CALL_MOST`], which the budget always
-    /// holds), if it is free now.
-    pub fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let kib = bytes.min(CALL_MOST).div_ceil(1024) as u32;
-        Arc::clone(&self.0).try_acquire_many_owned(kib).ok()
+    /// holds), if it is free now and within the peer's share.
+    pub fn try_take(&self, bytes: usize) -> Option<HeldRoom> {
+        let kib = bytes.min(CALL_MOST).div_ceil(1024);
+        let mut room = Room::new(Arc::clone(&self.budget), self.peer);
+        // Not taken: dropped, it counts nothing more for the peer.
+        let taken = room.try_take(kib).ok()??;
+        room.keep(taken);
+        Some(HeldRoom { _room: room })
     }
+}
+
+/// The peer whose share a call's room counts in, from the call's
+/// extensions: see [`peer_of`].
+pub fn peer_of_call(extensions: &http::Extensions) -> Option<IpAddr> {
+    Ends::of(extensions).map(|ends| peer_of(ends.remote.ip()))
 }
 
 impl Budget {
@@ -280,7 +304,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let method = Method::of(request.uri().path());
-        let peer = Ends::of(request.extensions()).map(|ends| peer_of(ends.remote.ip()));
+        let peer = peer_of_call(request.extensions());
         let room = Room::new(Arc::clone(&self.budget), peer);
         let kept = method.answered_within.then(KeptRoom::default);
         let intake = |body| Body::new(Intake::new(body, room, method, kept.clone()));
@@ -298,15 +322,15 @@ where
     }
 }
 
-/// Whose share a call's room counts in: an IPv4 address, or an IPv6
-/// network of 64 bits (what one host is given).
+/// Whose share a call's room counts in: its address (an IPv4 one mapped
+/// into IPv6 as itself), as the connection limits count them. Not an IPv6
+/// /64: the VMs of a subnet share one, and would share one quarter of the
+/// budget (a VM free to add addresses on its subnet gets round the
+/// share, as it gets round the connection limit).
 fn peer_of(ip: IpAddr) -> IpAddr {
     match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        },
     }
 }
 
@@ -1371,24 +1395,37 @@ mod tests {
         assert_eq!(drain(&mut again).await, (HEADER_LEN, None));
         assert_eq!(layer.held(), (48 << 20) + (8 << 20) + (3 << 20));
 
-        // IPv6 clients share by /64.
-        let host =
-            |network: u16, last: u16| Some(IpAddr::from([0xfd00, 0, 0, network, 0, 0, 0, last]));
+        // IPv6 clients share by address, not by /64: the VMs of a subnet
+        // share its /64.
+        let host = |last: u16| Some(IpAddr::from([0xfd00, 0, 0, 7, 0, 0, 0, last]));
         let mut calls = Vec::new();
-        for last in 1..=5 {
-            let (tx, mut scan) = call(
-                &layer,
-                "/scanserver.v1.ProtectionServer/Scan",
-                host(7, last),
-            );
+        for n in 1..=5 {
+            let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", host(1));
             tx.send(header(16 << 20).into()).unwrap();
-            let expected = (last == 5).then_some(tonic::Code::ResourceExhausted);
+            let expected = (n == 5).then_some(tonic::Code::ResourceExhausted);
             assert_eq!(drain(&mut scan).await.1, expected);
             calls.push((tx, scan));
         }
-        let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", host(8, 1));
+        let (tx, mut scan) = call(&layer, "/scanserver.v1.ProtectionServer/Scan", host(2));
         tx.send(header(16 << 20).into()).unwrap();
         assert_eq!(drain(&mut scan).await, (HEADER_LEN, None));
+    }
+
+    /// The room a peer's unread replies take counts in its share: one
+    /// agent leaving its Scan replies unread on many streams cannot take
+    /// the room every other agent's messages need.
+    #[test]
+    fn replies_room_counts_in_the_peers_share() {
+        let layer = IntakeLayer::new(256 << 20);
+        let room = layer.shared_room(Some(IpAddr::from([192, 0, 2, 1])));
+        let held: Vec<_> = (0..2).map(|_| room.try_take(32 << 20).unwrap()).collect();
+        assert_eq!(layer.held(), 64 << 20);
+        assert!(room.try_take(1 << 10).is_none(), "its quarter is spent");
+        let other = layer.shared_room(Some(IpAddr::from([192, 0, 2, 2])));
+        assert!(other.try_take(32 << 20).is_some(), "another's is not");
+        drop(held);
+        assert_eq!(layer.held(), 0, "given back");
+        assert!(room.try_take(32 << 20).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -397,6 +397,9 @@ fn json_line(path: &Path, outcome: &ScanOutcome, cached: Option<bool>) -> String
 }
 
 fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
+    if matches!(verdict, Verdict::Clean) {
+        return None;
+    }
     let path = printable(&path.to_string_lossy()).into_owned();
     match verdict {
         Verdict::Clean => None,

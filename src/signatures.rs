@@ -658,6 +658,9 @@ struct SourceFile {
     /// Not in the version, which the folder's place on disk must not
     /// change (see [`SourceSet::version`]).
     compiled: Option<Vec<u8>>,
+    /// The files its includes name, in order, relative to the ruleset
+    /// root: what the version holds of where they lead.
+    targets: Vec<String>,
     /// Compiled as a namespace of its own (`.yar`/`.yara`), or only included.
     top_level: bool,
 }
@@ -762,24 +765,29 @@ impl SourceSet {
                 let error = |message: String| {
                     Diagnostic::include_error(&file.relative, &file.text, statement.start, message)
                 };
+                // A top-level file's include is written into its text with
+                // the path it resolved to: a path that cannot be written so
+                // would make YARA-X read another file than the one checked
+                // here. (Included files' includes are left as written, and
+                // YARA-X resolves them as here.)
+                let unwritable = |path: &Path| {
+                    file.top_level && path.to_str().is_none_or(|p| p.contains(['\\', '"']))
+                };
                 match resolved {
                     Ok(path) if rule_files_only && !is_rule_file(&path) => errors.push(error(
                         format!("include of {}: a ruleset of one file may include only .yar and .yara files", path.display()),
                     )),
-                    // Written into an include statement as it is: a name
-                    // that cannot be would make YARA-X read another file
-                    // than the one checked here.
-                    Ok(path) if path.to_str().is_none_or(|p| p.contains(['\\', '"'])) => {
-                        errors.push(error(format!(
-                            "include of {}: its path holds a backslash, a quote or bytes that are not UTF-8, which an include cannot name; rename the file or its folders",
-                            path.display()
-                        )))
-                    }
+                    Ok(path) if unwritable(&path) => errors.push(error(format!(
+                        "include of {}: its path holds a backslash, a quote or bytes that are not UTF-8, which an include cannot name; rename the file or its folders",
+                        path.display()
+                    ))),
                     Ok(path) if path.starts_with(root) => {
-                        let literal = path.to_str().expect("checked above");
-                        rewritten.extend_from_slice(&file.text[copied..statement.start]);
-                        rewritten.extend_from_slice(format!("include \"{literal}\"").as_bytes());
-                        copied = statement.end;
+                        if file.top_level {
+                            let literal = path.to_string_lossy();
+                            rewritten.extend_from_slice(&file.text[copied..statement.start]);
+                            rewritten.extend_from_slice(format!("include \"{literal}\"").as_bytes());
+                            copied = statement.end;
+                        }
                         found.push(path);
                     }
                     Ok(path) => errors.push(error(format!(
@@ -793,6 +801,7 @@ impl SourceSet {
             if self.files[index].top_level && !found.is_empty() {
                 self.files[index].compiled = Some(rewritten);
             }
+            self.files[index].targets = found.iter().map(|path| relative_to(root, path)).collect();
             self.includes |= !found.is_empty();
             for path in found {
                 if !self.files.iter().any(|f| f.path == path) {
@@ -813,10 +822,11 @@ impl SourceSet {
     /// included (a folder, and one of its files that includes the others,
     /// read the same files and compile different rules), the compile
     /// profile and the engine version. The contents are the files' own,
-    /// with their includes as written: which file an include names is in
-    /// the relative paths of the files included, and the same rules copied
-    /// to another folder (a release unpacked beside the last) keep their
-    /// version, their verdicts and their compiled form.
+    /// with their includes as written, and the relative paths of the files
+    /// each include resolved to (a link flipped to another release makes
+    /// another version): the same rules copied to another folder (a
+    /// release unpacked beside the last) keep their version, their
+    /// verdicts and their compiled form.
     fn version(&self) -> String {
         let mut hasher = blake3::Hasher::new();
         for file in &self.files {
@@ -824,6 +834,11 @@ impl SourceSet {
             hasher.update(&[0, u8::from(file.top_level)]);
             hasher.update(&(file.text.len() as u64).to_le_bytes());
             hasher.update(&file.text);
+            hasher.update(&(file.targets.len() as u64).to_le_bytes());
+            for target in &file.targets {
+                hasher.update(&(target.len() as u64).to_le_bytes());
+                hasher.update(target.as_bytes());
+            }
         }
         hasher.update(COMPILE_PROFILE.as_bytes());
         hasher.update(YARA_X_VERSION.as_bytes());
@@ -887,16 +902,12 @@ impl SourceFile {
         let canonical = path
             .canonicalize()
             .map_err(|e| SignatureError::io(path, e))?;
-        let relative = canonical
-            .strip_prefix(root)
-            .unwrap_or(&canonical)
-            .to_string_lossy()
-            .replace('\\', "/");
         Ok(SourceFile {
-            relative,
+            relative: relative_to(root, &canonical),
             path: canonical,
             text,
             compiled: None,
+            targets: Vec::new(),
             top_level,
         })
     }
@@ -913,6 +924,14 @@ fn reachable(source: &Path) -> Result<(), SignatureError> {
         }
         Err(err) => Err(SignatureError::io(source, err)),
     }
+}
+
+/// `path` relative to `root` (whole, when outside it), with `/` separators.
+fn relative_to(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
 }
 
 /// Whether `path` names a rule file: `.yar` or `.yara`.

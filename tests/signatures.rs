@@ -556,6 +556,26 @@ fn includes_are_versioned_as_written_and_read_only_where_they_may_be() {
     let engine = engine_with(second, Default::default());
     assert_eq!(matching_rules(&engine, b"x", "x"), ["uses"]);
 
+    // Which file an include leads to is in the version: a link flipped
+    // from one release to another, both in the folder anyway, makes
+    // another version.
+    let flipped = dir.path().join("flipped");
+    for release in ["r1", "r2"] {
+        let folder = flipped.join("releases").join(release);
+        fs::create_dir_all(&folder).unwrap();
+        let rule = format!("private rule base {{ condition: \"{release}\" == \"r1\" }}\n");
+        fs::write(folder.join("all.yara"), rule).unwrap();
+    }
+    let index = "include \".current/all.yara\"\nrule uses { condition: base }\n";
+    fs::write(flipped.join("index.yar"), index).unwrap();
+    let current = flipped.join(".current");
+    std::os::unix::fs::symlink("releases/r1", &current).unwrap();
+    let before = Ruleset::load(&flipped, None).unwrap();
+    fs::remove_file(&current).unwrap();
+    std::os::unix::fs::symlink("releases/r2", &current).unwrap();
+    let after = Ruleset::load(&flipped, None).unwrap();
+    assert_ne!(before.version(), after.version());
+
     let single = dir.path().join("single");
     fs::create_dir_all(&single).unwrap();
     fs::write(single.join("admin.token"), "s3cr3t-token\n").unwrap();

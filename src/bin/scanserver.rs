@@ -243,13 +243,8 @@ struct ServeArgs {
 impl ServeArgs {
     /// The configuration: file, then environment and flags on top.
     fn config(&self) -> Result<Config, ConfigError> {
+        // (An empty path is refused by the flag's parser, naming it.)
         let mut config = match &self.config {
-            Some(path) if path.as_os_str().is_empty() => {
-                return Err(ConfigError::Invalid {
-                    setting: "--config (SCANSERVER_CONFIG)",
-                    problem: "is empty: name the configuration file, or leave it out".into(),
-                });
-            }
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
@@ -656,6 +651,17 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(engine) => Arc::new(engine),
         Err(err) => return failed(&err),
     };
+    // The queue's places are held for the whole scan: fewer places than
+    // threads leave threads idle (the default, 64, is too few on a host of
+    // more cores). The local scan takes no places.
+    if engine.queue_capacity() < engine.threads() {
+        tracing::warn!(
+            queue_capacity = engine.queue_capacity(),
+            threads = engine.threads(),
+            "engine.queue_capacity is below the scan threads: at most {} scans run at once; raise it to twice the threads",
+            engine.queue_capacity()
+        );
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => return failed(&err),

@@ -541,7 +541,8 @@ impl<F: ResultSink> Settle<'_, F> {
         let Some(file) = files.get_mut(id) else {
             return 0;
         };
-        // Its outcome gives the size read, as the local scan's does.
+        // Its outcome gives its size when opened (0 when it could not be),
+        // as the local scan's does.
         file.sent = Some(size);
         if cancelled {
             file.unread = Some(err);
@@ -770,8 +771,10 @@ struct PendingFile {
     /// Its size as prepared (0 for a file whose metadata says so, read to
     /// its end), which each announcement of it gives.
     size: u64,
-    /// What the content sender sent of a file announced with 0 bytes.
-    /// Only its outcome says so: a file announced again is read anew.
+    /// Its size as the content sender found it, when that differs from
+    /// the size prepared (a file announced with 0 bytes, read to its end;
+    /// one that changed since, or could not be read). Only its outcome
+    /// says so: a file announced again is read anew.
     sent: Option<u64>,
     /// The digest its begin gave, which an answer to it leaves out.
     digest: Option<blake3::Hash>,

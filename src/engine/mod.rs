@@ -297,18 +297,6 @@ impl Engine {
             // one loses only that job, which its caller reports as failed.
             .panic_handler(|_| tracing::error!("a scan job panicked; its file fails with `engine`"))
             .build()?;
-        // The queue's places are held for the whole scan: fewer places than
-        // threads leave threads idle. (The default, 64, is too few on a
-        // host of more cores.)
-        let threads = pool.current_num_threads();
-        if config.queue_capacity < threads {
-            tracing::warn!(
-                queue_capacity = config.queue_capacity,
-                threads,
-                "engine.queue_capacity is below the scan threads: at most {} scans run at once; raise it to twice the threads",
-                config.queue_capacity
-            );
-        }
         Ok(Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
             busy: Busy::new(pool.current_num_threads()),

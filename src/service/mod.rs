@@ -278,7 +278,8 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<Streaming<ScanRequest>>,
     ) -> Result<Response<Self::ScanStream>, Status> {
-        let (tx, rx) = replies::queue(self.state.intake.shared_room());
+        let peer = crate::intake::peer_of_call(request.extensions());
+        let (tx, rx) = replies::queue(self.state.intake.shared_room(peer));
         let caller = self.state.caller(&request);
         tokio::spawn(scan::run(
             Arc::clone(&self.state),

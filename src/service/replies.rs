@@ -49,7 +49,7 @@ use tokio_stream::Stream;
 use tonic::Status;
 
 use crate::{
-    intake::SharedRoom,
+    intake::{HeldRoom, SharedRoom},
     proto::{FileReply, ScanReply},
 };
 
@@ -93,7 +93,7 @@ struct Queued {
 /// [`REPLY_FREE`], from the listener's budget.
 struct Weight {
     _own: OwnedSemaphorePermit,
-    _shared: Option<OwnedSemaphorePermit>,
+    _shared: Option<HeldRoom>,
 }
 
 /// The sending side, cloned for each verdict on its way.
@@ -245,7 +245,7 @@ impl Replies {
     /// room is taken (it counts among the replies queued): none while the
     /// replies queued weigh no more than [`REPLY_FREE`]; `None` when it
     /// needs room and the budget has none now.
-    fn shared_room(&self, weight: usize) -> Option<Option<OwnedSemaphorePermit>> {
+    fn shared_room(&self, weight: usize) -> Option<Option<HeldRoom>> {
         if REPLY_BYTES - self.allowance.available_permits() <= REPLY_FREE {
             return Some(None);
         }
@@ -405,7 +405,7 @@ mod tests {
 
     fn shared_room(bytes: u64) -> (crate::intake::IntakeLayer, SharedRoom) {
         let layer = crate::intake::IntakeLayer::new(bytes);
-        let room = layer.shared_room();
+        let room = layer.shared_room(None);
         (layer, room)
     }
 

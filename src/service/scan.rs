@@ -1648,8 +1648,11 @@ async fn receive_file(
     let claimed = parse_digest(claimed).map_err(Status::invalid_argument)?;
     let mut upload = state
         .uploads
-        .begin(size, claimed, None)
+        .begin(None, claimed, None)
         .map_err(Status::from)?;
+    if let Some(size) = size {
+        upload.declare(size).map_err(Status::from)?;
+    }
     let mut next = first;
     while let Some(chunk) = next {
         Counters::add(&state.counters.bytes_received, chunk.data.len() as u64);

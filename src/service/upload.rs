@@ -241,7 +241,7 @@ impl UploadStore {
         }
     }
 
-    /// Starts receiving a file of `size` bytes (unknown for `ScanFile`),
+    /// Starts receiving a file of `size` bytes (unknown: see [`Upload::declare`]),
     /// optionally with the digest the agent claims for it, for the VM
     /// whose spool share is `vm_share` (none for `ScanFile`). A file of
     /// unknown size starts with a share of one chunk, and takes more as it
@@ -257,6 +257,7 @@ impl UploadStore {
         }
         let mut upload = Upload {
             declared: size,
+            room_for_declared: size.is_some(),
             claimed,
             limit: self.config.max_file_size,
             received: 0,
@@ -314,7 +315,13 @@ fn spool_file(dir: &Path) -> io::Result<NamedTempFile> {
 
 /// A file being received.
 pub struct Upload {
+    /// The size its content must have, when given.
     declared: Option<u64>,
+    /// Whether room for the whole declared size is taken once the file
+    /// spills to the spool (a Scan stream's file, of a VM with a share of
+    /// the spool), or only as content comes (a `ScanFile` call's, whose
+    /// size is the caller's word alone: see [`Upload::declare`]).
+    room_for_declared: bool,
     claimed: Option<Digest>,
     limit: u64,
     received: u64,
@@ -363,6 +370,22 @@ impl SpoolShare {
 }
 
 impl Upload {
+    /// Holds a file begun without a size to `size`: content of another
+    /// size fails it, as a declared size does, but its room is taken only
+    /// as its content comes. A `ScanFile` call has no VM, and so no share
+    /// of the spool to keep its room within: a size said and not sent must
+    /// not take the spool's room.
+    pub fn declare(&mut self, size: u64) -> Result<(), UploadError> {
+        if size > self.limit {
+            return Err(UploadError::TooLarge {
+                size,
+                limit: self.limit,
+            });
+        }
+        self.declared = Some(size);
+        Ok(())
+    }
+
     /// Adds the chunk at `offset`.
     pub fn push(&mut self, offset: u64, data: &[u8]) -> Result<(), UploadError> {
         if offset != self.received {
@@ -424,7 +447,8 @@ impl Upload {
     /// chunk at hand) when its size is unknown; its memory share is given
     /// back.
     fn spill(&mut self, bytes: u64) -> Result<(), UploadError> {
-        let size = self.declared.unwrap_or(bytes).max(bytes);
+        let declared = self.declared.filter(|_| self.room_for_declared);
+        let size = declared.unwrap_or(bytes).max(bytes);
         let place = self.spool.place()?;
         let share = self
             .spool
@@ -768,6 +792,41 @@ mod tests {
                 .expect("within the budget");
         }
         assert_eq!(largest.finish().unwrap().size, 12 << 10);
+    }
+
+    /// A size a `ScanFile` call declares holds its content to it, but
+    /// takes its room in the spool only as the content comes: a size said
+    /// and not sent leaves the spool's room to others.
+    #[test]
+    fn a_declared_size_takes_room_only_as_content_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = UploadConfig {
+            memory_threshold: 16 << 10,
+            chunk_size: 4 << 10,
+            max_file_size: 1 << 20,
+            spool_budget: 1 << 20,
+            ..UploadConfig::default()
+        };
+        let store = UploadStore::new(config, dir.path()).unwrap();
+        let mut declared = store.begin(None, None, None).unwrap();
+        declared.declare(1 << 20).unwrap();
+        // Past the memory threshold: spooled, with room for what came.
+        for offset in (0..20 << 10).step_by(4 << 10) {
+            declared.push(offset, &[7; 4 << 10]).unwrap();
+        }
+        let held = store.spool_usage().bytes;
+        assert!(held <= 64 << 10, "{held} bytes held for 20 KiB sent");
+        // Another file still finds room.
+        let mut other = store.begin(Some(256 << 10), None, None).unwrap();
+        other.push(0, &[8; 256 << 10]).unwrap();
+        // The declared size holds: less content fails at the end.
+        let ended = declared.finish();
+        assert!(matches!(ended, Err(UploadError::SizeMismatch { .. })));
+        let mut over = store.begin(None, None, None).unwrap();
+        assert!(matches!(
+            over.declare(2 << 20),
+            Err(UploadError::TooLarge { .. })
+        ));
     }
 
     #[test]

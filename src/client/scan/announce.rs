@@ -9,7 +9,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::{
     Pending, PendingFile, ResultSink, failed_outcome, file_begin,
-    prepare::{Ready, Sources},
+    prepare::{Ready, Sources, Unreadable},
     send::Upload,
     unreadable,
 };
@@ -200,14 +200,14 @@ impl Announcer {
             // Files go unread only once the scan has broken, and the
             // announcer has stopped by then; were one taken, it would
             // fail, not pass.
-            let not_read = || Err(std::io::Error::other("not read: the scan had broken"));
+            let not_read = || Err(std::io::Error::other("not read: the scan had broken").into());
             match ready.unwrap_or_else(not_read) {
                 Ok(ready) => {
                     held.current = Some(PendingFile::new(source, ready));
                     return Ok(true);
                 }
-                Err(err) => {
-                    let outcome = failed_outcome(unreadable(&err), 0, None);
+                Err(Unreadable { err, size }) => {
+                    let outcome = failed_outcome(unreadable(&err), size, None);
                     on_result.put(source.path(), outcome);
                 }
             }

@@ -32,6 +32,20 @@ pub(super) struct Ready {
     pub(super) digest: Option<blake3::Hash>,
 }
 
+/// A local file that could not be read: why, and its size when opened (0
+/// when it could not be), as the local scan gives it.
+pub(super) struct Unreadable {
+    pub(super) err: std::io::Error,
+    pub(super) size: u64,
+}
+
+impl From<std::io::Error> for Unreadable {
+    /// A file that could not be opened.
+    fn from(err: std::io::Error) -> Self {
+        Unreadable { err, size: 0 }
+    }
+}
+
 /// The files still to announce, in order.
 pub(super) enum Sources {
     /// Local files, from the preparer.
@@ -136,7 +150,7 @@ pub(super) struct Prepared {
     pub(super) local: LocalFile,
     /// Its size and digest, or why it could not be read; `None` for a file
     /// left unread because the scan had broken.
-    pub(super) ready: Option<std::io::Result<Ready>>,
+    pub(super) ready: Option<Result<Ready, Unreadable>>,
 }
 
 /// Prepares local files, in order, on a thread of its own, a few
@@ -176,10 +190,12 @@ impl Preparer {
         for local in paths {
             let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
                 if content_first.load(Ordering::Relaxed) {
-                    std::fs::metadata(&local.path).map(|metadata| Ready {
-                        size: metadata.len(),
-                        digest: None,
-                    })
+                    std::fs::metadata(&local.path)
+                        .map(|metadata| Ready {
+                            size: metadata.len(),
+                            digest: None,
+                        })
+                        .map_err(Unreadable::from)
                 } else {
                     hash_file(&local, max_file_size)
                 }
@@ -203,12 +219,12 @@ impl Preparer {
 /// file that says it holds 0 bytes (as those of /proc do) may hold
 /// something else at each read: it goes with its content, read once, as
 /// the local scan reads it.
-fn hash_file(local: &LocalFile, max_file_size: u64) -> std::io::Result<Ready> {
+fn hash_file(local: &LocalFile, max_file_size: u64) -> Result<Ready, Unreadable> {
     let (file, size) = local.open(LEASE_WAIT)?;
     if size > max_file_size || size == 0 {
         return Ok(Ready { size, digest: None });
     }
-    hash_opened(file, size)
+    hash_opened(file, size).map_err(|err| Unreadable { err, size })
 }
 
 /// The digest of the `size` bytes `file` held when it was opened.

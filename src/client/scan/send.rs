@@ -55,8 +55,12 @@ impl Upload {
 
 /// Why the content sender stopped sending a file.
 enum Stop {
-    /// The file could not be read.
-    Unread(Unread),
+    /// The file could not be read; the server knew of it, and was told to
+    /// cancel it, if `cancelled`.
+    Unread {
+        err: std::io::Error,
+        cancelled: bool,
+    },
     /// The stream is gone.
     Closed,
 }
@@ -79,8 +83,8 @@ pub(super) struct Unread {
     pub(super) err: std::io::Error,
     /// The server knew of the file, and was told to cancel it.
     pub(super) cancelled: bool,
-    /// Its size when opened (set by `send_content`, which opened it); 0
-    /// when it could not be opened, as the local scan gives it.
+    /// Its size when opened; 0 when it could not be opened, as the local
+    /// scan gives it.
     pub(super) size: u64,
 }
 
@@ -142,11 +146,16 @@ pub(super) fn send_content(
                 }
                 uploads.is_empty()
             }
-            Err(Stop::Unread(mut file)) => {
-                file.size = opened;
-                let flush = file.cancelled || uploads.is_empty();
+            Err(Stop::Unread { err, cancelled }) => {
+                let size = opened;
+                let file = Unread {
+                    id,
+                    err,
+                    cancelled,
+                    size,
+                };
                 let _ = told.send(Sent::Unread(file));
-                flush
+                cancelled || uploads.is_empty()
             }
             Err(Stop::Closed) => return,
         };
@@ -192,13 +201,7 @@ impl Outbox {
                     if cancelled {
                         self.push(FileCancel { file_id: id }.into(), 0)?;
                     }
-                    let size = 0; // `send_content` knows it.
-                    return Err(Stop::Unread(Unread {
-                        id,
-                        err,
-                        cancelled,
-                        size,
-                    }));
+                    return Err(Stop::Unread { err, cancelled });
                 }
             };
             if over.load(Ordering::Relaxed) {
@@ -328,6 +331,8 @@ struct FileChunks {
     /// The announced size; `None` for a file announced empty.
     size: Option<u64>,
     read: u64,
+    /// Whether it has failed: nothing more is read.
+    failed: bool,
 }
 
 impl FileChunks {
@@ -337,6 +342,7 @@ impl FileChunks {
             chunk_size,
             size,
             read: 0,
+            failed: false,
         }
     }
 }
@@ -345,13 +351,18 @@ impl Iterator for FileChunks {
     type Item = std::io::Result<Bytes>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
         let left = self.size.map_or(u64::MAX, |size| size - self.read);
         let limit = (self.chunk_size as u64).min(left);
         let mut chunk = Vec::with_capacity(limit as usize);
-        match (&mut self.file).take(limit).read_to_end(&mut chunk) {
-            Ok(read) if (read as u64) < limit && self.size.is_some() => {
-                // Ends it too: nothing more is read.
-                let size = self.size.replace(self.read).expect("announced");
+        let read = (&mut self.file).take(limit).read_to_end(&mut chunk);
+        let shrunk = |read: usize| (read as u64) < limit && self.size.is_some();
+        match read {
+            Ok(read) if shrunk(read) => {
+                self.failed = true;
+                let size = self.size.unwrap_or_default();
                 Some(Err(shrank(self.read + read as u64, size)))
             }
             Ok(0) => None,
@@ -359,7 +370,10 @@ impl Iterator for FileChunks {
                 self.read += read as u64;
                 Some(Ok(Bytes::from(chunk)))
             }
-            Err(err) => Some(Err(err)),
+            Err(err) => {
+                self.failed = true;
+                Some(Err(err))
+            }
         }
     }
 }
@@ -475,14 +489,14 @@ mod tests {
         let over = AtomicBool::new(false);
         // Opened when it held 100 bytes; it holds 40 now.
         let result = outbox.with_begin(1, begin, (file, 100), u64::MAX, &over);
-        let Err(Stop::Unread(unread)) = result else {
+        let Err(Stop::Unread { err, cancelled }) = result else {
             panic!("the file fails");
         };
         assert_eq!(
-            unread.err.to_string(),
+            err.to_string(),
             "the file shrank while it was read (40 of 100 bytes)"
         );
-        assert!(!unread.cancelled, "the server never heard of it");
+        assert!(!cancelled, "the server never heard of it");
         outbox.flush().ok();
         assert!(sent.try_recv().is_err(), "nothing of it went");
     }
