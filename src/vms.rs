@@ -398,6 +398,19 @@ pub enum TagError {
     UnknownVm(String),
 }
 
+impl TagError {
+    /// No VM `vm_id`; the message shows at most 256 bytes of it (a status
+    /// message goes in a header, which clients take up to 16 KiB of).
+    fn unknown(vm_id: &str) -> Self {
+        const SHOWN: usize = 256;
+        let shown = match vm_id.len() > SHOWN {
+            true => format!("{}…", &vm_id[..vm_id.floor_char_boundary(SHOWN)]),
+            false => vm_id.to_owned(),
+        };
+        TagError::UnknownVm(shown)
+    }
+}
+
 /// The saved registry: its records as read, or as borrowed to be written.
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved<R = VmRecord> {
@@ -920,14 +933,14 @@ impl Vms {
                 }
             }
         });
-        changed.ok_or_else(|| TagError::UnknownVm(vm_id.to_owned()))
+        changed.ok_or_else(|| TagError::unknown(vm_id))
     }
 
     /// Removes `tag` from `vm_id` by hand, however it was assigned; false if
     /// it was not there.
     pub fn remove(&self, vm_id: &str, tag: SecurityTag) -> Result<bool, TagError> {
         let changed = self.update(vm_id, |vm| vm.tags.remove(&tag).is_some());
-        changed.ok_or_else(|| TagError::UnknownVm(vm_id.to_owned()))
+        changed.ok_or_else(|| TagError::unknown(vm_id))
     }
 
     /// The session VM `vm_id` has open, if any.

@@ -1127,6 +1127,11 @@ async fn a_tag_removed_by_hand_restarts_the_agents_session() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
+    // An id too long to show whole in a status message is cut.
+    let long = "v".repeat(40 << 10);
+    let status = set_tag(&server, &long, IDS_IPS, true).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().len() < 1024, "{}", status.message().len());
     let status = set_tag(&server, "vm-y", "VirusFound", true)
         .await
         .unwrap_err();
