@@ -5,7 +5,9 @@
 //! Only a regular file is opened ([`open_regular`]), so that a FIFO, a
 //! pipe (`/dev/stdin`) or a device, named by mistake or put in a file's
 //! place, fails with an error that says so rather than hang the read for
-//! ever, act on being opened, or never end (`/dev/zero`). The files an
+//! ever, act on being opened, or never end (`/dev/zero`). A file a walk
+//! met is opened as the walk saw it ([`Found`], [`open_found`]): a link
+//! swapped in for it since is not followed. The files an
 //! operator names are read whole, within a size ([`read`]): a
 //! configuration, TLS files and tokens of at most [`SMALL_FILE_LIMIT`]
 //! (tokens less), rule sources of at most 64 MiB. Those read again on

@@ -230,7 +230,7 @@ impl SharedRoom {
 }
 
 /// The peer whose share a call's room counts in, from the call's
-/// extensions: see [`peer_of`].
+/// extensions: its address (an IPv4 one mapped into IPv6 as itself).
 pub fn peer_of_call(extensions: &http::Extensions) -> Option<IpAddr> {
     Ends::of(extensions).map(|ends| peer_of(ends.remote.ip()))
 }

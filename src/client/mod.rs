@@ -201,7 +201,7 @@ pub struct PreparedFile {
 }
 
 impl PreparedFile {
-    /// Reads and hashes the file at `path`: a regular file (a FIFO put in
+    /// Reads and hashes the file `local`: a regular file (a FIFO put in
     /// its place would be waited on for ever), opened as the local scan
     /// opens files.
     pub fn read(local: LocalFile) -> std::io::Result<PreparedFile> {
