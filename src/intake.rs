@@ -230,7 +230,8 @@ impl SharedRoom {
 }
 
 /// The peer whose share a call's room counts in, from the call's
-/// extensions: its address (an IPv4 one mapped into IPv6 as itself).
+/// extensions: its address (an IPv4-mapped IPv6 one as the IPv4 address
+/// it is).
 pub fn peer_of_call(extensions: &http::Extensions) -> Option<IpAddr> {
     Ends::of(extensions).map(|ends| peer_of(ends.remote.ip()))
 }
@@ -322,16 +323,13 @@ where
     }
 }
 
-/// Whose share a call's room counts in: its address (an IPv4 one mapped
-/// into IPv6 as itself), as the connection limits count them. Not an IPv6
+/// Whose share a call's room counts in: its address (an IPv4-mapped IPv6
+/// one as the IPv4 address it is), as the connection limits count them. Not an IPv6
 /// /64: the VMs of a subnet share one, and would share one quarter of the
 /// budget (a VM free to add addresses on its subnet gets round the
 /// share, as it gets round the connection limit).
 fn peer_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
+    ip.to_canonical()
 }
 
 /// What the calls of a method may receive.

@@ -397,22 +397,18 @@ fn json_line(path: &Path, outcome: &ScanOutcome, cached: Option<bool>) -> String
 }
 
 fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
-    if matches!(verdict, Verdict::Clean) {
-        return None;
-    }
-    let path = printable(&path.to_string_lossy()).into_owned();
-    match verdict {
-        Verdict::Clean => None,
+    let said = match verdict {
+        Verdict::Clean => return None,
         Verdict::Infected(detections) => {
             let rules: Vec<_> = detections.iter().map(|d| d.rule.as_str()).collect();
-            Some(format!("{path}: {} FOUND", rules.join(", ")))
+            format!("{} FOUND", rules.join(", "))
         }
-        Verdict::Failed(failure) => Some(format!(
-            "{path}: FAILED {} ({})",
-            failure.reason,
-            printable(&failure.detail)
-        )),
-    }
+        Verdict::Failed(failure) => {
+            let detail = printable(&failure.detail);
+            format!("FAILED {} ({detail})", failure.reason)
+        }
+    };
+    Some(format!("{}: {said}", printable(&path.to_string_lossy())))
 }
 
 /// `text` with its control characters escaped (`\n`, `\u{1b}`): a file

@@ -769,9 +769,11 @@ impl SourceSet {
                 // the path it resolved to: a path that cannot be written so
                 // would make YARA-X read another file than the one checked
                 // here. (Included files' includes are left as written, and
-                // YARA-X resolves them as here.)
+                // YARA-X resolves them as here; it takes no path that is
+                // not UTF-8, wherever it is met.)
                 let unwritable = |path: &Path| {
-                    file.top_level && path.to_str().is_none_or(|p| p.contains(['\\', '"']))
+                    path.to_str()
+                        .is_none_or(|p| file.top_level && p.contains(['\\', '"']))
                 };
                 match resolved {
                     Ok(path) if rule_files_only && !is_rule_file(&path) => errors.push(error(
@@ -834,7 +836,11 @@ impl SourceSet {
             hasher.update(&[0, u8::from(file.top_level)]);
             hasher.update(&(file.text.len() as u64).to_le_bytes());
             hasher.update(&file.text);
-            hasher.update(&(file.targets.len() as u64).to_le_bytes());
+            // (Only for a file that includes others: the versions of
+            // rulesets without includes stay what they were.)
+            if !file.targets.is_empty() {
+                hasher.update(&(file.targets.len() as u64).to_le_bytes());
+            }
             for target in &file.targets {
                 hasher.update(&(target.len() as u64).to_le_bytes());
                 hasher.update(target.as_bytes());

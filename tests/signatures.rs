@@ -599,6 +599,20 @@ fn includes_are_versioned_as_written_and_read_only_where_they_may_be() {
         err.to_string().contains("which an include cannot name"),
         "{err}"
     );
+    // Nor one whose path is not UTF-8, met in an included file (whose
+    // includes YARA-X resolves itself, and could not take it).
+    let nested = dir.path().join("nested");
+    fs::create_dir_all(&nested).unwrap();
+    let bytes = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff.inc");
+    fs::write(nested.join(bytes), "rule x { condition: true }\n").unwrap();
+    std::os::unix::fs::symlink(bytes, nested.join("l.inc")).unwrap();
+    fs::write(nested.join("a.inc"), "include \"l.inc\"\n").unwrap();
+    fs::write(nested.join("top.yar"), "include \"a.inc\"\n").unwrap();
+    let err = Ruleset::load(&nested, None).unwrap_err();
+    assert!(
+        err.to_string().contains("which an include cannot name"),
+        "{err}"
+    );
 }
 
 /// A folder and one file of it that includes the others compile to

@@ -1646,6 +1646,10 @@ async fn receive_file(
     };
     check_path(&name)?;
     let claimed = parse_digest(claimed).map_err(Status::invalid_argument)?;
+    if let Some(size) = size {
+        // Refused for its size before it takes room (which it may not find).
+        state.uploads.check_size(size).map_err(Status::from)?;
+    }
     let mut upload = state
         .uploads
         .begin(None, claimed, None)

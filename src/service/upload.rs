@@ -475,7 +475,7 @@ impl Upload {
                 // it grows (doubling its share, to take from it rarely).
                 let held = share.kib();
                 if total > held << 10 {
-                    let doubled = (held << 11).min(self.limit);
+                    let doubled = (held << 11).min(self.declared.unwrap_or(self.limit));
                     let wanted = total.max(doubled).div_ceil(1024);
                     share.merge(self.spool.share(wanted - held, self.vm_share.as_ref())?);
                 }
