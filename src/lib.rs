@@ -116,5 +116,15 @@ impl std::fmt::Display for WithCauses<'_> {
     }
 }
 
+/// `text` cut to its first `most` bytes (at a character's boundary), with
+/// `…` after it when it was longer: a path in a log line, an id in a
+/// status message, shown without taking the line or the header whole.
+pub fn abridged(text: &str, most: usize) -> std::borrow::Cow<'_, str> {
+    match text.len() > most {
+        true => format!("{}…", &text[..text.floor_char_boundary(most)]).into(),
+        false => text.into(),
+    }
+}
+
 /// The server's version, as reported to agents and operators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

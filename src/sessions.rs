@@ -175,13 +175,8 @@ pub fn log_malware_found(
     let session = session.map(|s| s.id.as_str());
     match subject {
         Subject::Path(path) => {
-            let cut;
-            let path = if path.len() > PATH_LOGGED {
-                cut = format!("{}…", &path[..path.floor_char_boundary(PATH_LOGGED)]);
-                cut.as_str()
-            } else {
-                path
-            };
+            let path = crate::abridged(path, PATH_LOGGED);
+            let path = path.as_ref();
             tracing::warn!(
                 vm,
                 vm_name,

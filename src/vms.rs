@@ -402,12 +402,7 @@ impl TagError {
     /// No VM `vm_id`; the message shows at most 256 bytes of it (a status
     /// message goes in a header, which clients take up to 16 KiB of).
     fn unknown(vm_id: &str) -> Self {
-        const SHOWN: usize = 256;
-        let shown = match vm_id.len() > SHOWN {
-            true => format!("{}…", &vm_id[..vm_id.floor_char_boundary(SHOWN)]),
-            false => vm_id.to_owned(),
-        };
-        TagError::UnknownVm(shown)
+        TagError::UnknownVm(crate::abridged(vm_id, 256).into_owned())
     }
 }
 
