@@ -530,8 +530,9 @@ pub struct TlsConfig {
     /// set, every agent must present a certificate (mutual TLS).
     pub client_ca: Option<PathBuf>,
     /// With mutual TLS: the VM id of an agent's Hello must be a name its
-    /// certificate is for (a DNS name among its subject alternative names),
-    /// so that an agent speaks for its own VM only.
+    /// certificate is for (a DNS name or IP address, in its shortest form,
+    /// among its subject alternative names), so that an agent speaks for its
+    /// own VM only.
     #[serde(default)]
     pub vm_id_in_certificate: bool,
     /// How often the server looks at these files, to serve renewed ones

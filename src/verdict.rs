@@ -71,7 +71,8 @@ pub struct Detection {
     pub namespace: String,
     /// The rule's tags.
     pub tags: Vec<String>,
-    /// The `threat` meta of the rule, or the rule identifier when it has none.
+    /// The `threat`, `threat_name` or `malware_family` meta of the rule, or
+    /// the rule identifier when it has none.
     pub threat: String,
     /// How dangerous the finding is.
     pub severity: Severity,

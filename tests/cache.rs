@@ -201,8 +201,12 @@ async fn a_damaged_snapshot_is_set_aside_and_never_trusted() {
     assert!(!path.exists());
     assert!(dir.path().join("verdicts.snapshot.rejected").exists());
 
-    // Not a snapshot at all.
+    // Not a snapshot at all: set aside in its turn, in place of the older.
     std::fs::write(&path, b"hello").unwrap();
-    state.restore_cache(&after);
-    assert!(after.cache().is_empty());
+    let fresh = engine(1 << 20);
+    state.restore_cache(&fresh);
+    assert!(fresh.cache().is_empty());
+    assert!(!path.exists());
+    let rejected = std::fs::read(dir.path().join("verdicts.snapshot.rejected")).unwrap();
+    assert_eq!(rejected, b"hello");
 }

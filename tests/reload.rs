@@ -306,21 +306,23 @@ fn marker_rules(slow: &str, condition: &str) -> Ruleset {
 
 /// On a new Scan stream of `session`: file1.bin of `data`, sent whole (it
 /// leads the scan of that content), then file2.bin announced by digest
-/// (it waits for that scan), each followed by `pause`.
+/// (it waits for that scan); returns once the server has taken both.
 async fn one_leads_one_waits(
     server: &TestServer,
     session: &str,
     data: &[u8],
-    pause: Duration,
 ) -> (mpsc::Sender<ScanRequest>, Replies) {
     let digest = blake3::hash(data);
+    let flights = || server.state.engine.cache().flights().len();
+    let in_flight = || server.state.sessions.files_in_flight();
+    let (flights_before, files_before) = (flights(), in_flight());
     let (tx, replies) = scan_stream(server).await;
     send_whole(&tx, session, 1, data).await;
-    tokio::time::sleep(pause).await;
+    until_read("scans under way", flights, flights_before + 1).await;
     tx.send(begin(session, 2, data, Some(digest.as_bytes())))
         .await
         .unwrap();
-    tokio::time::sleep(pause).await;
+    until_read("files in flight", in_flight, files_before + 2).await;
     (tx, replies)
 }
 
@@ -367,21 +369,28 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
     let (session, _keep) = session_of(&server, hello()).await;
     let (busy, _busy_replies) = scan_stream(&server).await;
     send_whole(&busy, &session, 9, &vec![1u8; 200_000]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let flights = || server.state.engine.cache().flights().len();
+    until_read("the slow scan under way", flights, 1).await;
 
     // file1.bin leads the scan of the content, queued behind the slow
     // one; file2.bin waits for it.
     let data = b"MARKER-N".repeat(4);
-    let pause = Duration::from_millis(200);
-    let (tx, mut replies) = one_leads_one_waits(&server, &session, &data, pause).await;
+    let (tx, mut replies) = one_leads_one_waits(&server, &session, &data).await;
     // The new rules find the marker in file2.bin only.
-    server
-        .state
-        .replace_ruleset(marker_rules(SLOW_RULE, "$m and filename == \"file2.bin\""));
+    let new_rules = marker_rules(SLOW_RULE, "$m and filename == \"file2.bin\"");
+    let new_version = new_rules.version().to_owned();
+    server.state.replace_ruleset(new_rules);
 
     // (The slow rule matches content this small.)
     let (first, second) = leader_and_waiter_verdicts(&tx, &mut replies, &data).await;
     assert_eq!(verdict_rules(&first), vec!["slow".to_owned()]);
+    let file_reply::Kind::Verdict(first) = first else {
+        unreachable!("a verdict, as its rules were read");
+    };
+    assert_eq!(
+        first.signatures_version, new_version,
+        "scanned after the reload"
+    );
     assert_eq!(
         verdict_rules(&second),
         vec!["slow".to_owned(), "marker".to_owned()]
@@ -407,8 +416,7 @@ async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
     let (session, _keep) = session_of(&server, hello()).await;
     let mut data = b"MARKER-N".repeat(4);
     data.resize(8_000, b'.');
-    let pause = Duration::from_millis(100);
-    let (tx, mut replies) = one_leads_one_waits(&server, &session, &data, pause).await;
+    let (tx, mut replies) = one_leads_one_waits(&server, &session, &data).await;
     server.state.replace_ruleset(marker_rules(&slow, "$m"));
     let (first, second) = leader_and_waiter_verdicts(&tx, &mut replies, &data).await;
     let file_reply::Kind::Verdict(verdict) = first else {

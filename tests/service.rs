@@ -366,6 +366,7 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     let idle = Duration::from_secs(3);
     let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
     let data = content(7, 64 << 10);
+    let started = std::time::Instant::now();
     let mut lw = LeadAndWaiter::start(&server, &data).await;
     // The lead stops reading and keeps sending refused begins until the
     // server's reply buffer and the HTTP/2 windows are full.
@@ -377,20 +378,22 @@ async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
             }
         }
     });
-    // Long enough for the flood to fill everything, well within the idle
-    // timeout of the lead's stream once it is full. The replies waiting
-    // beyond the stream's first 64 KiB hold room in the message budget.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = server.state.intake.held();
-    assert!(held > 3 << 20, "{held} bytes of room held");
+    // The replies waiting beyond the stream's first 64 KiB hold room in
+    // the message budget.
+    let held = || server.state.intake.held();
+    until_read("the replies' room", || held() > 3 << 20, true).await;
     // Another VM's begin for the content the lead was asked for: the lead's
     // stream is closed once it has taken no reply for the idle timeout, and
     // the waiter is asked for its own content then, not after the wait's
     // full UPLOAD_WAIT (nor closed as idle itself, which a wait ending
     // later would bring).
-    let waiting_since = std::time::Instant::now();
     lw.waiter_is_asked_for_content().await;
-    assert!(waiting_since.elapsed() < scanserver::cache::flight::UPLOAD_WAIT / 2);
+    let upload_wait = scanserver::cache::flight::UPLOAD_WAIT;
+    assert!(
+        started.elapsed() < upload_wait * 3 / 4,
+        "{:?}",
+        started.elapsed()
+    );
     lw.waiter.send(chunk(1, 0, &data)).await.unwrap();
     lw.waiter.send(end(1)).await.unwrap();
     let verdict = file_verdict(next(&mut lw.waiter_replies).await.1);
@@ -418,7 +421,7 @@ fn refused_begins(first: u64) -> ScanRequest {
 /// long as the agent keeps the stream open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_left_unread_after_a_stream_ends_are_let_go() {
-    let idle = Duration::from_secs(2);
+    let idle = Duration::from_secs(4);
     let server = TestServer::start(|c| c.server.idle_timeout = idle).await;
     // A client that reads none of its replies (a window of 1 KiB).
     let (response, mut body) = raw_call(&server, [127, 0, 0, 1], "Scan", 1 << 10).await;
@@ -430,8 +433,8 @@ async fn replies_left_unread_after_a_stream_ends_are_let_go() {
     until_read("the replies' room", || held() > 1 << 20, true).await;
     // The agent ends its requests; the replies wait for it.
     body.send_data(Bytes::new(), true).unwrap();
-    tokio::time::sleep(idle / 2).await;
-    assert!(held() > 1 << 20);
+    tokio::time::sleep(idle / 4).await;
+    assert!(held() > 1 << 20, "kept for the idle timeout");
     until_read("the replies' room given back", || held() == 0, true).await;
     drop(response);
 }
@@ -1042,10 +1045,16 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
         tx.send(first).await.unwrap();
         calls.push((tx, call));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // A third call at once is refused.
+    // A third call is refused once the server has taken their first
+    // chunks (a call before that may still find a place).
     let eicar = || tokio_stream::iter(vec![scan_file_chunk(0, EICAR, "eicar.com")]);
-    let refused = server.client().await.scan_file(eicar()).await.unwrap_err();
+    let mut client = server.client().await;
+    let refused = loop {
+        match client.scan_file(eicar()).await {
+            Err(refused) => break refused,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     // The stalled calls are cut off after the idle timeout...
     for (_tx, call) in calls {
@@ -2061,6 +2070,8 @@ async fn files_that_come_after_an_idle_stream_was_closed_are_scanned() {
         std::thread::sleep(Duration::from_millis(1650));
     })
     .await;
+    let idle_streams = Counters::get(&server.state.counters.idle_streams);
+    assert!(idle_streams >= 1, "no stream was closed as idle");
     assert_eq!(
         results,
         [
@@ -3190,11 +3201,11 @@ async fn assert_closed_as_idle(replies: &mut Replies) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_stream_in_use_is_not_closed_as_idle() {
-    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_millis(600)).await;
+    let server = TestServer::start(|c| c.server.idle_timeout = Duration::from_secs(1)).await;
     let (tx, mut replies) = scan_stream(&server).await;
-    // A request every 150 ms for two and a half idle timeouts: a cancel of
-    // a file that is not open, which gets no reply.
-    for _ in 0..10 {
+    // A request every 150 ms for three idle timeouts: a cancel of a file
+    // that is not open, which gets no reply.
+    for _ in 0..20 {
         tx.send(cancel(1)).await.unwrap();
         let quiet = tokio::time::timeout(Duration::from_millis(150), replies.message()).await;
         assert!(
@@ -3260,7 +3271,8 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
     })
     .await;
 
-    let eicar = server.spool.path().join("eicar.com");
+    let files = tempfile::tempdir().unwrap();
+    let eicar = files.path().join("eicar.com");
     std::fs::write(&eicar, EICAR).unwrap();
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
         .await
@@ -3272,11 +3284,11 @@ async fn shutdown_ends_sessions_saves_the_cache_and_returns_in_time() {
         .await
         .unwrap();
 
-    let started = std::time::Instant::now();
+    // Within the grace and the last saves: the session still open does
+    // not hold it up.
     tokio::time::timeout(Duration::from_secs(5), server.stop())
         .await
-        .expect("the server stops");
-    assert!(started.elapsed() < Duration::from_secs(3));
+        .expect("the server stops in time");
     // The verdict made before shutdown is in the snapshot.
     let restarted = shipped_engine();
     scanserver::state::StateDir::open(state.path())
@@ -3732,11 +3744,11 @@ async fn the_client_opens_a_stream_refused_for_want_of_room_again() {
     std::fs::write(dir.path().join("eicar.com"), EICAR).unwrap();
     let files = ["large.bin", "eicar.com"].map(|name| dir.path().join(name));
     let asked = || Counters::get(&server.state.counters.content_requests);
-    // The room comes back a second after the large file's content was
-    // first asked for: its chunks were refused by then.
+    // The room comes back once the large file's content was asked for
+    // again (once for each file, then again for the large one): its chunks
+    // were refused, and it was announced again on a new stream.
     let release = async {
-        until_read("content asked for", || asked() >= 1, true).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        until_read("content asked for again", || asked() >= 3, true).await;
         drop(stalled);
     };
     let agent = Agent::connect(&AgentOptions::for_host(server.url()))
@@ -3752,8 +3764,6 @@ async fn the_client_opens_a_stream_refused_for_want_of_room_again() {
         outcomes,
         [("eicar.com", "infected"), ("large.bin", "clean")]
     );
-    // Once for each file, and again for the large one.
-    assert!(asked() >= 3, "the large file's content was asked for again");
     assert_eq!(server.spooled_files(), 0);
 }
 

@@ -356,7 +356,8 @@ struct RulesArgs {
     rules: PathBuf,
 
     /// Where compiled rules are cached, so unchanged signatures are not
-    /// compiled again [default: the user's cache folder, scanserver/rules].
+    /// compiled again [default: rules in $CACHE_DIRECTORY when systemd sets
+    /// it, else the user's cache folder, scanserver/rules].
     #[arg(long, value_name = "DIR", env = "SCANSERVER_RULES_CACHE")]
     rules_cache: Option<PathBuf>,
 

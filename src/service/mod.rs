@@ -136,6 +136,9 @@ pub struct Counters {
     pub content_requests: AtomicU64,
     /// Content bytes received from agents.
     pub bytes_received: AtomicU64,
+    /// Scan streams closed as idle: nothing came on them, and nothing was
+    /// owed on them, for the idle timeout.
+    pub idle_streams: AtomicU64,
 }
 
 impl Counters {

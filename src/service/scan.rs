@@ -584,6 +584,7 @@ impl ScanStream {
             let stalled = self.fail_stalled();
             return self.send_all(stalled).await;
         }
+        Counters::add(&self.state.counters.idle_streams, 1);
         let message = format!(
             "no request and no waiting file answered for {idle_timeout:?}; the stream is closed, open a new one"
         );

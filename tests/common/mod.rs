@@ -126,6 +126,10 @@ impl TestServer {
         config.engine.threads = 2;
         config.uploads.spool_dir = Some(spool.path().to_owned());
         config.rules.path = project_path("signatures");
+        // Test sessions send no heartbeats: at the default interval, one
+        // would end 30 s after it opened, however slow the test's machine.
+        // Tests about heartbeats set this themselves.
+        config.server.heartbeat_interval = std::time::Duration::from_secs(3600);
         configure(&mut config);
         // Reloads compile into the state folder in use, not the user's cache.
         let used = config.server.state_dir.clone().unwrap();
