@@ -621,11 +621,12 @@ async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_infrastructure_is_probed_again_soon_while_unreachable() {
     use scanserver::status::{PROBE_CONFIRM, PROBE_RETRY};
-    // A port nothing listens on, for now.
-    let endpoint = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nothing listens on, for now: bound, so that no other test's
+    // socket takes it meanwhile, but refusing connections until it listens.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = socket.local_addr().unwrap();
     let server = TestServer::start(|config| {
         config.infrastructure.endpoint = Some(endpoint.to_string());
         config.reporting.interval = Duration::from_secs(300);
@@ -636,7 +637,7 @@ async fn the_infrastructure_is_probed_again_soon_while_unreachable() {
     reason_within(&svm, unreachable, true, PROBE_CONFIRM * 3).await;
 
     // Back: seen within a retry (and its confirmation), not 300 s later.
-    let back = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    let back = socket.listen(16).unwrap();
     reason_within(&svm, unreachable, false, PROBE_RETRY + PROBE_CONFIRM * 2).await;
 
     // Gone for a moment, during one probe's first connect only.

@@ -53,7 +53,7 @@ use tonic::Code;
 
 use self::{
     announce::{Announcer, Held, Left, Unannounced, Window},
-    prepare::{Ready, Sources},
+    prepare::{Ready, Sources, Unreadable},
     send::{Sent, Unread, Upload, send_content},
 };
 use super::{Agent, ClientError, FileSource, Files};
@@ -195,9 +195,9 @@ impl Agent {
             // long (a slow walk, files each waited for under a lease); or
             // one whose replies the agent took none of for that long (its
             // output left unread). The files still to come go on a new
-            // stream, and so do those announced as it closed, unanswered. (Those count as refusals: a server
-            // that closed each stream with files unanswered would
-            // otherwise be sent them for ever.)
+            // stream, and so do those announced as it closed, unanswered.
+            // (Those count as refusals: a server that closed each stream
+            // with files unanswered would otherwise be sent them for ever.)
             let idle = matches!(&err, ClientError::Status(status)
                 if status.code() == Code::DeadlineExceeded);
             let again = unanswered.files.is_empty() || refusals.again(scan.answered);
@@ -533,9 +533,8 @@ impl<F: ResultSink> Settle<'_, F> {
     fn unread(&mut self, unread: Unread) -> usize {
         let Unread {
             id,
-            err,
             cancelled,
-            size,
+            why: Unreadable { err, size },
         } = unread;
         let mut files = self.pending.lock();
         let Some(file) = files.get_mut(id) else {

@@ -32,8 +32,9 @@ pub(super) struct Ready {
     pub(super) digest: Option<blake3::Hash>,
 }
 
-/// A local file that could not be read: why, and its size when opened (0
-/// when it could not be), as the local scan gives it.
+/// A local file that could not be read (by the preparer or the content
+/// sender): why, and its size when opened (0 when it could not be), as the
+/// local scan gives it.
 pub(super) struct Unreadable {
     pub(super) err: std::io::Error,
     pub(super) size: u64,

@@ -12,6 +12,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::prepare::Unreadable;
 use crate::{
     client::FileSource,
     files::{LEASE_WAIT, shrank},
@@ -80,12 +81,9 @@ pub(super) enum Sent {
 /// A file the content sender could not read.
 pub(super) struct Unread {
     pub(super) id: u64,
-    pub(super) err: std::io::Error,
     /// The server knew of the file, and was told to cancel it.
     pub(super) cancelled: bool,
-    /// Its size when opened; 0 when it could not be opened, as the local
-    /// scan gives it.
-    pub(super) size: u64,
+    pub(super) why: Unreadable,
 }
 
 /// Streams the content of each file to upload, in chunks, then its end;
@@ -147,13 +145,8 @@ pub(super) fn send_content(
                 uploads.is_empty()
             }
             Err(Stop::Unread { err, cancelled }) => {
-                let size = opened;
-                let file = Unread {
-                    id,
-                    err,
-                    cancelled,
-                    size,
-                };
+                let why = Unreadable { err, size: opened };
+                let file = Unread { id, cancelled, why };
                 let _ = told.send(Sent::Unread(file));
                 cancelled || uploads.is_empty()
             }
@@ -524,7 +517,7 @@ mod tests {
         send_content(to_upload, requests, told, 1 << 10, u64::MAX);
         let mut sizes = Vec::new();
         while let Ok(Sent::Unread(file)) = unread.try_recv() {
-            sizes.push((file.id, file.size, file.err.kind()));
+            sizes.push((file.id, file.why.size, file.why.err.kind()));
         }
         let (shrank, gone) = (
             std::io::ErrorKind::UnexpectedEof,
