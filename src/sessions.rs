@@ -134,6 +134,10 @@ impl Drop for LogBudget {
 /// [`LogBudget`]), and the `ScanFile` calls of the whole server.
 pub const MALWARE_LOGGED: u32 = 600;
 
+/// Lines telling of agents rejected at their Hello the whole server may
+/// take a minute (see [`LogBudget`]).
+pub const REJECTIONS_LOGGED: u32 = 120;
+
 /// The most of a path a line telling of malware found shows: Windows paths
 /// may be 96 KiB long, and a log line of that size is a line no one reads.
 const PATH_LOGGED: usize = 4 << 10;

@@ -40,7 +40,9 @@ use crate::{
         AgentMessage, FileChunk, FileVerdict, LookupReply, LookupRequest, LookupResult,
         ScanRequest, protection_server_server::ProtectionServer,
     },
-    sessions::{LOOKUPS_AT_ONCE, LogBudget, MALWARE_LOGGED, Session, Sessions, Subject},
+    sessions::{
+        LOOKUPS_AT_ONCE, LogBudget, MALWARE_LOGGED, REJECTIONS_LOGGED, Session, Sessions, Subject,
+    },
     signatures::Ruleset,
     vms::Vms,
 };
@@ -115,6 +117,11 @@ pub struct ServiceState {
     /// The lines telling of malware found through `ScanFile` calls, which
     /// have no session: their own budget, for the whole server.
     scan_file_malware_logs: Mutex<LogBudget>,
+    /// The lines telling of agents rejected at their Hello, which take no
+    /// place and have no session: agents of a whole estate refused (a tag
+    /// not allowed, an older version), each trying again, must not fill
+    /// the journal. Their own budget, for the whole server.
+    rejection_logs: Mutex<LogBudget>,
     /// Whether the agent listener is TLS.
     pub encrypted: bool,
     /// Whether a Hello's VM id must be a name of the agent's certificate,
@@ -178,6 +185,12 @@ impl ServiceState {
             scan_file_malware_logs: Mutex::new(LogBudget::new(
                 "lines telling of malware found through ScanFile calls",
                 MALWARE_LOGGED,
+                "",
+                "",
+            )),
+            rejection_logs: Mutex::new(LogBudget::new(
+                "lines telling of agents rejected",
+                REJECTIONS_LOGGED,
                 "",
                 "",
             )),

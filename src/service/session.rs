@@ -162,16 +162,12 @@ pub(super) async fn run(
             kind: Some(agent_message::Kind::Hello(hello)),
         }))) => hello,
         Ok(Ok(Some(_))) => {
-            return reject(
-                &out,
-                RejectReason::InvalidHello,
-                "the first message must be a Hello",
-            )
-            .await;
+            let message = "the first message must be a Hello";
+            return reject(&state, &out, RejectReason::InvalidHello, message).await;
         }
         Err(_) => {
             let message = format!("no Hello within {HELLO_TIMEOUT:?}");
-            return reject(&out, RejectReason::InvalidHello, &message).await;
+            return reject(&state, &out, RejectReason::InvalidHello, &message).await;
         }
         // A first message the server would not decode: the agent is told why.
         Ok(Err(status)) => return out.end(status),
@@ -182,7 +178,7 @@ pub(super) async fn run(
     }
     let session = match admit(&state, &hello, certificate.as_ref()) {
         Ok(session) => session,
-        Err((reason, message)) => return reject(&out, reason, &message).await,
+        Err((reason, message)) => return reject(&state, &out, reason, &message).await,
     };
     tracing::info!(
         session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
@@ -370,8 +366,12 @@ fn welcome(state: &ServiceState, session: &Session) -> server_message::Kind {
     })
 }
 
-async fn reject(out: &Outbox, reason: RejectReason, message: &str) {
-    tracing::info!(?reason, message, "agent rejected");
+/// Tells the agent why it is rejected, and logs it within the server's
+/// budget for such lines.
+async fn reject(state: &ServiceState, out: &Outbox, reason: RejectReason, message: &str) {
+    if state.rejection_logs.lock().take() {
+        tracing::info!(?reason, message, "agent rejected");
+    }
     let rejection = Rejection {
         reason: reason as i32,
         message: message.to_owned(),
