@@ -48,7 +48,9 @@ fn content(seed: u8, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_requests_for_one_content_make_one_scan() {
-    let server = TestServer::start(|_| {}).await;
+    // Room for a hundred ScanFile calls at once from one address (a
+    // quarter of the server's).
+    let server = TestServer::start(|c| c.uploads.files_in_flight = 400).await;
     let data = Bytes::from(content(1, 4 << 20));
     let calls: Vec<_> = (0..100)
         .map(|_| {
@@ -893,13 +895,18 @@ async fn a_file_whose_content_stalls_fails_while_its_stream_goes_on() {
         (2, vec![]),
         "file 1 still waits"
     );
-    // The agent keeps its stream busy, but sends no content.
+    // The agent keeps its stream busy, but sends no content: empty
+    // messages, and empty chunks of the stalled file itself.
     let busy = {
         let tx = tx.clone();
         tokio::spawn(async move {
-            loop {
+            for n in 0.. {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                if tx.send(ScanRequest::default()).await.is_err() {
+                let request = match n % 2 {
+                    0 => ScanRequest::default(),
+                    _ => chunk(1, 0, b""),
+                };
+                if tx.send(request).await.is_err() {
                     break;
                 }
             }
@@ -1025,10 +1032,14 @@ async fn scan_file_call(
     (tx, call)
 }
 
+/// `ScanFile` calls are limited for the whole server, and to a quarter of
+/// that from one address; a call that stalls is cut off after the idle
+/// timeout, and gives its place back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
     let server = TestServer::start(|c| {
-        c.uploads.files_in_flight = 2;
+        // One call at once from an address.
+        c.uploads.files_in_flight = 4;
         c.server.idle_timeout = Duration::from_secs(2);
     })
     .await;
@@ -1037,33 +1048,46 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
     for _ in 0..3 {
         silent.push(scan_file_call(&server).await);
     }
-    // Two calls that send a first chunk and then nothing.
-    let mut calls = Vec::new();
-    for n in 1..=2u8 {
-        let (tx, call) = scan_file_call(&server).await;
-        let first = scan_file_chunk(0, &[n; 1000], &format!("stalled{n}.bin"));
-        tx.send(first).await.unwrap();
-        calls.push((tx, call));
-    }
-    // A third call is refused once the server has taken their first
-    // chunks (a call before that may still find a place).
+    // A call that sends a first chunk and then nothing.
+    let (stalled_tx, stalled) = scan_file_call(&server).await;
+    stalled_tx
+        .send(scan_file_chunk(0, &[1; 1000], "stalled.bin"))
+        .await
+        .unwrap();
+    let open = || server.state.scan_file_calls();
+    until_read("the stalled call's place", open, 1).await;
+    // Another from its address is refused.
     let eicar = || tokio_stream::iter(vec![scan_file_chunk(0, EICAR, "eicar.com")]);
-    let mut client = server.client().await;
-    let refused = loop {
-        match client.scan_file(eicar()).await {
-            Err(refused) => break refused,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let refused = server.client().await.scan_file(eicar()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("from this address"),
+        "{refused:?}"
+    );
+    // Calls from three other addresses take the other places...
+    let mut others = Vec::new();
+    for from in 2..=4 {
+        let (response, mut body) = raw_call(&server, [127, 0, 0, from], "ScanFile", 1 << 20).await;
+        let first = scan_file_chunk(0, &[from; 1000], "stalled.bin");
+        body.send_data(framed(&first), false).unwrap();
+        others.push((response, body));
+        until_read("the stalled calls' places", open, from as usize).await;
+    }
+    // ...and one from a fifth finds none.
+    let (response, mut body) = raw_call(&server, [127, 0, 0, 5], "ScanFile", 1 << 20).await;
+    body.send_data(framed(&scan_file_chunk(0, EICAR, "eicar.com")), true)
+        .unwrap();
+    assert_eq!(grpc_status(response).await, Code::ResourceExhausted as i32);
     // The stalled calls are cut off after the idle timeout...
-    for (_tx, call) in calls {
-        let status = tokio::time::timeout(Duration::from_secs(10), call)
-            .await
-            .expect("cut off in time")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let status = tokio::time::timeout(Duration::from_secs(10), stalled)
+        .await
+        .expect("cut off in time")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    for (response, _body) in others {
+        let status = tokio::time::timeout(Duration::from_secs(10), grpc_status(response)).await;
+        assert_eq!(status, Ok(Code::DeadlineExceeded as i32));
     }
     // ...and their places are free again, while the silent calls still
     // wait for their first chunk.
@@ -1716,6 +1740,48 @@ async fn content_that_stuck_a_scan_thread_is_refused_at_its_begin() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(Counters::get(&server.state.counters.content_requests), 0);
+
+    // A stuck scan's flight never lands (held here, as the stuck thread
+    // holds it): the content sent whole is refused, and a Lookup of it
+    // answered, at once, not once UPLOAD_WAIT has passed.
+    let flights = engine.cache().flights();
+    let scanserver::cache::flight::Join::Lead(_stuck_flight) =
+        flights.join(engine.cache_key(&digest, None))
+    else {
+        panic!("no other flight for the content");
+    };
+    let started = std::time::Instant::now();
+    send_whole(&tx, &session, 2, &data).await;
+    match next(&mut replies).await {
+        (2, file_reply::Kind::Verdict(v)) => {
+            let failure = match v.verdict.and_then(|v| v.kind) {
+                Some(proto::verdict::Kind::Failed(failure)) => failure,
+                other => panic!("expected a failure, got {other:?}"),
+            };
+            assert!(
+                failure.detail.contains("kept a scan thread busy"),
+                "{failure:?}"
+            );
+        }
+        other => panic!("expected a failed verdict, got {other:?}"),
+    }
+    let lookup = server
+        .client()
+        .await
+        .lookup(LookupRequest {
+            session_id: session.clone(),
+            digests: vec![Bytes::copy_from_slice(digest.as_bytes())],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lookup.results[0].verdict.is_none(), "{lookup:?}");
+    let upload_wait = scanserver::cache::flight::UPLOAD_WAIT;
+    assert!(
+        started.elapsed() < upload_wait / 2,
+        "{:?}",
+        started.elapsed()
+    );
     drop(room);
     assert!(stuck.join().is_ok());
 }

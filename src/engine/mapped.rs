@@ -9,9 +9,12 @@
 //!    address range is recorded in a thread-local.
 //! 2. A process-wide `SIGBUS` handler, installed once, looks at the faulting
 //!    address. If it lies in the range recorded by the faulting thread, the
-//!    handler maps an anonymous zero page over the vanished page (`mmap` with
-//!    `MAP_FIXED`), notes the fault, and returns: the read is retried and
-//!    sees zeros, so the scan runs to its end.
+//!    handler maps anonymous zero pages over the rest of the range, from the
+//!    vanished page on (`mmap` with `MAP_FIXED`, in one call: a page at a
+//!    time, a scan reading here and there in a large truncated file would
+//!    fault, and split the mapping, thousands of times), notes the fault,
+//!    and returns: the read is retried and sees zeros, so the scan runs to
+//!    its end, its result to be discarded.
 //! 3. [`with_mapped`] then reports [`MappedError::Faulted`] instead of the
 //!    scan's result, which is discarded. The size is also checked again after
 //!    the scan, which catches a file that shrank without a fault
@@ -33,15 +36,22 @@
 //! A fault anywhere else is handed to the handler that was installed before
 //! ours (the WASM runtime inside YARA-X installs one for its own traps), or,
 //! if there was none, the default action is restored and the fault repeats,
-//! so genuine crashes still crash.
+//! so genuine crashes still crash. A `SIGBUS` that no fault raised (one sent
+//! with `kill`) is ignored: handed on, it would have the default action
+//! restored, and no access repeating to end the process, the guard would be
+//! gone for the next truncated file.
+//!
+//! The handler and the scanning thread share the guarded range and the
+//! fault flag through atomics: a plain cell, written in the handler while
+//! the thread reads the mapping, could be assumed unchanged across the read
+//! by the compiler.
 
 use std::{
-    cell::Cell,
     fs::File,
     io,
     sync::{
         Arc, Once, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -62,11 +72,12 @@ pub enum MappedError {
 }
 
 thread_local! {
-    /// The address range this thread is reading through a mapping, as
-    /// (start, end); (0, 0) when none.
-    static GUARDED: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    /// The address range this thread is reading through a mapping, from
+    /// its start to its end; both 0 when none.
+    static GUARDED_START: AtomicUsize = const { AtomicUsize::new(0) };
+    static GUARDED_END: AtomicUsize = const { AtomicUsize::new(0) };
     /// Set by the signal handler when a page of the guarded range vanished.
-    static FAULTED: Cell<bool> = const { Cell::new(false) };
+    static FAULTED: AtomicBool = const { AtomicBool::new(false) };
 }
 
 /// Bytes that mapped scans may have mapped at once, handed out in turn:
@@ -149,7 +160,7 @@ pub(super) fn with_mapped<R>(
         let _guard = Guard::enter(&map);
         read(&map)
     };
-    if FAULTED.replace(false) {
+    if FAULTED.with(|faulted| faulted.swap(false, Ordering::SeqCst)) {
         return Err(MappedError::Faulted);
     }
     // A file that grew meanwhile was scanned as it was when opened, as a
@@ -167,15 +178,17 @@ struct Guard;
 impl Guard {
     fn enter(map: &Mmap) -> Guard {
         let start = map.as_ptr() as usize;
-        FAULTED.set(false);
-        GUARDED.set((start, start + map.len()));
+        FAULTED.with(|faulted| faulted.store(false, Ordering::SeqCst));
+        GUARDED_END.with(|end| end.store(start + map.len(), Ordering::SeqCst));
+        GUARDED_START.with(|guarded| guarded.store(start, Ordering::SeqCst));
         Guard
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        GUARDED.set((0, 0));
+        GUARDED_START.with(|start| start.store(0, Ordering::SeqCst));
+        GUARDED_END.with(|end| end.store(0, Ordering::SeqCst));
     }
 }
 
@@ -211,25 +224,33 @@ fn install_handler() {
     });
 }
 
-/// The SIGBUS handler. Only async-signal-safe work: thread-local cells with
-/// constant initialisers, atomics, `mmap`, `sigaction`.
+/// The SIGBUS handler. Only async-signal-safe work: thread-local atomics
+/// with constant initialisers, `mmap`, `sigaction`.
 extern "C" fn on_sigbus(
     signal: libc::c_int,
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let address = unsafe { (*info).si_addr() } as usize;
-    let (start, end) = GUARDED.get();
+    let (code, address) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // Sent by a process (SI_USER, SI_QUEUE, SI_TKILL: codes of 0 and
+    // below), not raised by a fault: nothing to repair, nor to pass on.
+    if code <= 0 {
+        return;
+    }
+    let start = GUARDED_START.with(|start| start.load(Ordering::SeqCst));
+    let end = GUARDED_END.with(|end| end.load(Ordering::SeqCst));
     if (start..end).contains(&address) {
         let page = PAGE_SIZE.load(Ordering::Relaxed);
         let page_start = address & !(page - 1);
-        // SAFETY: the page lies inside a mapping this thread owns and is
-        // reading; replacing it with zeros keeps the reader's slice valid.
+        let rest = (end - page_start).next_multiple_of(page);
+        // SAFETY: the pages lie inside a mapping this thread owns and is
+        // reading (mappings are whole pages); replacing them with zeros
+        // keeps the reader's slice valid.
         let replaced = unsafe {
             libc::mmap(
                 page_start as *mut libc::c_void,
-                page,
+                rest,
                 libc::PROT_READ,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                 -1,
@@ -237,7 +258,7 @@ extern "C" fn on_sigbus(
             )
         };
         if replaced != libc::MAP_FAILED {
-            FAULTED.set(true);
+            FAULTED.with(|faulted| faulted.store(true, Ordering::SeqCst));
             return;
         }
     }
@@ -327,6 +348,23 @@ mod tests {
             data.iter().step_by(4096).map(|&b| b as u64).sum::<u64>()
         });
         assert!(matches!(result, Err(MappedError::Faulted)), "{result:?}");
+    }
+
+    /// A SIGBUS sent to the server (with `kill`) raised by no fault leaves
+    /// the guard installed: a file that shrinks later still fails, rather
+    /// than end the process.
+    #[test]
+    fn a_sigbus_sent_by_a_process_leaves_the_guard_installed() {
+        install_handler();
+        // SAFETY: raise(3) and a query with sigaction(2), on a structure
+        // this test owns.
+        let current = unsafe {
+            assert_eq!(libc::raise(libc::SIGBUS), 0);
+            let mut current: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut current);
+            current
+        };
+        assert_eq!(current.sa_sigaction, on_sigbus as *const () as usize);
     }
 
     /// A file that grows while mapped is scanned as it was when opened, as

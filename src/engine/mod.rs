@@ -528,8 +528,11 @@ impl Engine {
                 self.ruleset().version_arc(),
             );
         }
-        let share_held = share.is_some();
+        let had_share = share.is_some();
         let busy = self.busy.begin(job.digest, share);
+        // Off the pool's threads the share was let go: the file then takes
+        // one as it maps, as a file scanned without a slot does.
+        let share_held = had_share && busy.is_some();
         let context = worker::Context {
             ruleset: self.ruleset.load_full(),
             limits: self.limits,

@@ -25,7 +25,7 @@ use std::{
 
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -46,6 +46,8 @@ use crate::{
     signatures::Ruleset,
     vms::Vms,
 };
+
+use self::scan::ScanFileCalls;
 use upload::UploadStore;
 
 /// Digests accepted in one Lookup request.
@@ -110,10 +112,9 @@ pub struct ServiceState {
     pub allowed_tags: Vec<String>,
     pub heartbeat_interval: Duration,
     pub idle_timeout: Duration,
-    /// `ScanFile` calls at once, server-wide: calls have no session to
-    /// count their files in flight, so they share this limit (the same
-    /// number as one session's files in flight).
-    scan_file_calls: Semaphore,
+    /// `ScanFile` calls at once (the same number as one session's files
+    /// in flight), and from one address.
+    scan_file_calls: ScanFileCalls,
     /// The lines telling of malware found through `ScanFile` calls, which
     /// have no session: their own budget, for the whole server.
     scan_file_malware_logs: Mutex<LogBudget>,
@@ -181,7 +182,7 @@ impl ServiceState {
             allowed_tags: config.server.allowed_tags.clone(),
             heartbeat_interval: config.server.heartbeat_interval,
             idle_timeout: config.server.idle_timeout,
-            scan_file_calls: Semaphore::new(config.uploads.files_in_flight as usize),
+            scan_file_calls: ScanFileCalls::new(config.uploads.files_in_flight),
             scan_file_malware_logs: Mutex::new(LogBudget::new(
                 "lines telling of malware found through ScanFile calls",
                 MALWARE_LOGGED,
@@ -201,6 +202,12 @@ impl ServiceState {
             counters: Counters::default(),
             engine,
         })
+    }
+
+    /// `ScanFile` calls holding a place now (from their first chunk to
+    /// their verdict).
+    pub fn scan_file_calls(&self) -> usize {
+        self.scan_file_calls.open()
     }
 
     /// Replaces the signatures and tells every connected agent; a
@@ -354,7 +361,9 @@ impl ProtectionServer for ProtectionService {
             }
             let key = CacheKey::new(digest, &ruleset, None);
             let mut known = cache.get(&key);
-            if known.is_none() {
+            // Content that stuck a scan thread is unknown at once: the
+            // flight of its stuck scan never lands.
+            if known.is_none() && engine.refused_for_good(digest).is_none() {
                 match cache.flights().waiting(&key) {
                     Some(waiter) => under_way.push((index, waiter)),
                     // A flight that landed since the look above left its
@@ -403,7 +412,8 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<Streaming<FileChunk>>,
     ) -> Result<Response<FileVerdict>, Status> {
-        scan::scan_file(&self.state, request.into_inner())
+        let peer = crate::intake::peer_of_call(request.extensions());
+        scan::scan_file(&self.state, request.into_inner(), peer)
             .await
             .map(Response::new)
     }

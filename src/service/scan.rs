@@ -26,6 +26,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -52,6 +53,7 @@ use crate::{
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
     engine::{Content, Engine, ScanOutcome, ScanSlot},
+    intake::PEER_SHARE,
     metrics::Tally,
     proto::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
@@ -1148,9 +1150,14 @@ impl ScanStream {
             return Some(file_error(id, Code::InvalidArgument, &message));
         };
         Counters::add(&self.state.counters.bytes_received, chunk.data.len() as u64);
-        self.moved = true;
         match upload.push(chunk.offset, &chunk.data) {
-            Ok(()) => None,
+            // Content taken is the stream's progress: an empty chunk, or
+            // one refused, is none (sent now and then, it would keep every
+            // stalled file of the stream open).
+            Ok(()) => {
+                self.moved |= !chunk.data.is_empty();
+                None
+            }
             Err(err) => {
                 if let Some(mut file) = self.close(id) {
                     file.owed.forgive_if_resent(err.code());
@@ -1446,6 +1453,13 @@ impl Judging {
     ) -> Self {
         let key = engine.cache_key(&received.digest, Some(name.as_ref()));
         let cache = engine.cache();
+        // Content that stuck a scan thread is refused by its scan at once
+        // (see `Engine::refusal`): no use waiting for the flight of the
+        // stuck scan, which never lands.
+        if engine.refused_for_good(&received.digest).is_some() {
+            drop(standing);
+            return Judging::Scan(None, None);
+        }
         let flight = match standing {
             Standing::Leads { flight, .. } if *flight.key() == key => Some(flight),
             // Looked up when it began: a second look is not a new request.
@@ -1597,6 +1611,7 @@ async fn scan_received(
 pub(super) async fn scan_file(
     state: &ServiceState,
     mut chunks: Streaming<FileChunk>,
+    peer: Option<IpAddr>,
 ) -> Result<FileVerdict, Status> {
     let first = tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.message())
         .await
@@ -1604,12 +1619,7 @@ pub(super) async fn scan_file(
             let message = format!("no chunk within {FIRST_CHUNK_WAIT:?}; the call is cut off");
             Status::deadline_exceeded(message)
         })??;
-    let Ok(_call) = state.scan_file_calls.try_acquire() else {
-        let limit = state.uploads.config().files_in_flight;
-        return Err(Status::resource_exhausted(format!(
-            "more than {limit} ScanFile calls at once; retry later, or send files on a Scan stream"
-        )));
-    };
+    let _call = state.scan_file_calls.take(peer)?;
     let idle = state.idle_timeout;
     let cut_off =
         |_| Status::deadline_exceeded(format!("the file took over {idle:?}; the call is cut off"));
@@ -1628,6 +1638,75 @@ pub(super) async fn scan_file(
         &verdict,
     );
     Ok(verdict)
+}
+
+/// The `ScanFile` calls under way once their first chunk came: at most
+/// `uploads.files_in_flight` for the whole server (calls have no session
+/// to count their files in flight), and a quarter of those
+/// ([`PEER_SHARE`]) from one address, so that one client stalling its
+/// calls cannot keep every other client's out.
+pub(super) struct ScanFileCalls {
+    limit: usize,
+    taken: Mutex<CallsTaken>,
+}
+
+#[derive(Default)]
+struct CallsTaken {
+    all: usize,
+    by_peer: HashMap<Option<IpAddr>, usize>,
+}
+
+/// A `ScanFile` call's place, given back when dropped.
+pub(super) struct ScanFilePlace<'a> {
+    calls: &'a ScanFileCalls,
+    peer: Option<IpAddr>,
+}
+
+impl ScanFileCalls {
+    pub(super) fn new(limit: u32) -> Self {
+        ScanFileCalls {
+            limit: limit as usize,
+            taken: Mutex::default(),
+        }
+    }
+
+    /// The calls holding a place now.
+    pub(super) fn open(&self) -> usize {
+        self.taken.lock().all
+    }
+
+    /// A place for a call from `peer`, or why there is none.
+    fn take(&self, peer: Option<IpAddr>) -> Result<ScanFilePlace<'_>, Status> {
+        let (limit, share) = (self.limit, (self.limit / PEER_SHARE).max(1));
+        let mut taken = self.taken.lock();
+        if taken.all >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "more than {limit} ScanFile calls at once; retry later, or send files on a Scan stream"
+            )));
+        }
+        let of_peer = taken.by_peer.entry(peer).or_default();
+        if *of_peer >= share {
+            return Err(Status::resource_exhausted(format!(
+                "more than {share} ScanFile calls at once from this address; wait for their verdicts, or send files on a Scan stream"
+            )));
+        }
+        *of_peer += 1;
+        taken.all += 1;
+        Ok(ScanFilePlace { calls: self, peer })
+    }
+}
+
+impl Drop for ScanFilePlace<'_> {
+    fn drop(&mut self) {
+        let mut taken = self.calls.taken.lock();
+        taken.all -= 1;
+        if let Entry::Occupied(mut of_peer) = taken.by_peer.entry(self.peer) {
+            *of_peer.get_mut() -= 1;
+            if *of_peer.get() == 0 {
+                of_peer.remove();
+            }
+        }
+    }
 }
 
 /// How long a `ScanFile` call may take to send its first chunk.
