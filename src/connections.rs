@@ -252,16 +252,17 @@ impl AcceptFailure {
     }
 }
 
-/// The places each remote address holds, and how many it may.
+/// The places each remote address holds, and how many it may: the agent
+/// listener's connections, and its `ScanFile` calls.
 #[derive(Debug)]
-struct PerAddress {
+pub(crate) struct PerAddress {
     max: usize,
     held: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// One place of an address, given back when dropped.
 #[derive(Debug)]
-struct AddressPlace {
+pub(crate) struct AddressPlace {
     of: Arc<PerAddress>,
     address: IpAddr,
 }
@@ -279,8 +280,35 @@ impl Drop for AddressPlace {
 }
 
 impl PerAddress {
+    /// Room for `max` places an address.
+    pub(crate) fn new(max: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress {
+            max,
+            held: Mutex::default(),
+        })
+    }
+
+    /// How many places an address may hold.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The address whose places a connection between `ends` counts in:
+    /// its remote one, unless it is one of the SVM's own (loopback, or the
+    /// listener's address, which a tool on the SVM that connects to its
+    /// name comes from), whose places are not bound.
+    pub(crate) fn bound(ends: Option<Ends>) -> Option<IpAddr> {
+        let (remote, local) = ends.map(|ends| {
+            (
+                ends.remote.ip().to_canonical(),
+                ends.local.ip().to_canonical(),
+            )
+        })?;
+        (!remote.is_loopback() && remote != local).then_some(remote)
+    }
+
     /// A place for `address`, if it holds fewer than `max`.
-    fn take(self: &Arc<Self>, address: IpAddr) -> Option<AddressPlace> {
+    pub(crate) fn take(self: &Arc<Self>, address: IpAddr) -> Option<AddressPlace> {
         let mut held = self.held.lock();
         if held.get(&address).copied().unwrap_or(0) >= self.max {
             return None;
@@ -299,13 +327,9 @@ impl Connections {
     /// other than the SVM's own (loopback, the listener's), each closed
     /// once it has had no call under way for `idle_after`.
     pub fn new(max: usize, per_address: usize, idle_after: Duration) -> Self {
-        let per_address = PerAddress {
-            max: per_address,
-            held: Mutex::default(),
-        };
         Connections {
             idle_after: Some(idle_after),
-            per_address: Some(Arc::new(per_address)),
+            per_address: Some(PerAddress::new(per_address)),
             ..Self::of("agent", "server.max_connections", max.min(MAX_CONNECTIONS))
         }
     }
@@ -448,23 +472,14 @@ impl Connections {
     /// address holds no more than it may; otherwise the refusal is counted
     /// (and logged, at most once every [`WARN_EVERY`]).
     fn place(&self, ends: Option<Ends>) -> Option<Place> {
-        let address = ends
-            .map(|ends| {
-                (
-                    ends.remote.ip().to_canonical(),
-                    ends.local.ip().to_canonical(),
-                )
-            })
-            .filter(|(remote, local)| !remote.is_loopback() && remote != local)
-            .map(|(remote, _)| remote);
-        let of_address = match (&self.per_address, address) {
+        let of_address = match (&self.per_address, PerAddress::bound(ends)) {
             (Some(per_address), Some(address)) => match per_address.take(address) {
                 Some(place) => Some(place),
                 None => {
                     if let Some(since) = self.address_full.count() {
                         tracing::warn!(
                             last = %address,
-                            max = per_address.max,
+                            max = per_address.max(),
                             refused = since,
                             "addresses hold every {} connection place they may: their new connections are closed until some end (server.max_connections_per_address)",
                             self.whose

@@ -717,7 +717,7 @@ fn precompiled_rules_are_accepted() {
 /// must find it with them. Run on request, as the rulesets are not part of
 /// the project.
 #[test]
-#[ignore = "needs public rulesets: SCANSERVER_TEST_RULESETS=DIR[:DIR...] cargo test -- --ignored"]
+#[ignore = "needs public rulesets: SCANSERVER_TEST_RULESETS=DIR[:DIR...] cargo test --test signatures -- --ignored"]
 fn public_rulesets_compile() {
     const EICAR_RULES: &[(&str, &[&str])] = &[
         ("signature-base", &["SUSP_Just_EICAR"]),

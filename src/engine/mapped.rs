@@ -179,16 +179,18 @@ impl Guard {
     fn enter(map: &Mmap) -> Guard {
         let start = map.as_ptr() as usize;
         FAULTED.with(|faulted| faulted.store(false, Ordering::SeqCst));
-        GUARDED_END.with(|end| end.store(start + map.len(), Ordering::SeqCst));
+        // The start first, and the end last: in between, the range is
+        // empty, never from 0.
         GUARDED_START.with(|guarded| guarded.store(start, Ordering::SeqCst));
+        GUARDED_END.with(|end| end.store(start + map.len(), Ordering::SeqCst));
         Guard
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        GUARDED_START.with(|start| start.store(0, Ordering::SeqCst));
         GUARDED_END.with(|end| end.store(0, Ordering::SeqCst));
+        GUARDED_START.with(|start| start.store(0, Ordering::SeqCst));
     }
 }
 
@@ -240,7 +242,7 @@ extern "C" fn on_sigbus(
     }
     let start = GUARDED_START.with(|start| start.load(Ordering::SeqCst));
     let end = GUARDED_END.with(|end| end.load(Ordering::SeqCst));
-    if (start..end).contains(&address) {
+    if start != 0 && (start..end).contains(&address) {
         let page = PAGE_SIZE.load(Ordering::Relaxed);
         let page_start = address & !(page - 1);
         let rest = (end - page_start).next_multiple_of(page);

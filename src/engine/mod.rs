@@ -479,8 +479,10 @@ impl Engine {
 
     /// Why content of `digest` is never scanned by this server, if it is
     /// not: it stuck a scan thread. Looked at by the service before it asks
-    /// for such content (a refusal for as long as the content is: the
-    /// other, while a thread is on it, may end with that scan's verdict).
+    /// for such content, and before it waits for a scan of content it
+    /// received or a Lookup names (the flight of a stuck scan never lands):
+    /// a refusal for as long as the content is (the other, while a thread
+    /// is on it, may end with that scan's verdict).
     pub fn refused_for_good(&self, digest: &Digest) -> Option<String> {
         self.stuck.holds(digest).then(|| {
             format!(

@@ -412,8 +412,8 @@ impl ProtectionServer for ProtectionService {
         &self,
         request: Request<Streaming<FileChunk>>,
     ) -> Result<Response<FileVerdict>, Status> {
-        let peer = crate::intake::peer_of_call(request.extensions());
-        scan::scan_file(&self.state, request.into_inner(), peer)
+        let ends = crate::connections::Ends::of(request.extensions());
+        scan::scan_file(&self.state, request.into_inner(), ends)
             .await
             .map(Response::new)
     }

@@ -26,7 +26,6 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
-    net::IpAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -52,6 +51,7 @@ use crate::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
+    connections::{AddressPlace, Ends, PerAddress},
     engine::{Content, Engine, ScanOutcome, ScanSlot},
     intake::PEER_SHARE,
     metrics::Tally,
@@ -61,6 +61,7 @@ use crate::{
     },
     sessions::{FilePlace, NoPlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
+    verdict::{FailReason, Verdict},
 };
 
 /// The most replies one `ScanReply` carries: a batch of begins refused
@@ -1199,11 +1200,14 @@ impl ScanStream {
         };
         let size = received.size;
         let engine = Arc::clone(&self.state.engine);
-        // Content arrived (if empty), and the wait for the queue may be long.
-        self.moved = true;
+        // The wait for the queue may be long, and the stream reads no
+        // content meanwhile: it is no stall of the files waiting for theirs
+        // (an empty file's end, which brought none, is no progress).
         let waiting_since = Instant::now();
         let judging = Judging::start(&engine, &received, &name, standing).await;
-        Self::held_up(&mut self.open, waiting_since.elapsed());
+        let waited = waiting_since.elapsed();
+        self.moved |= waited >= Duration::from_millis(1);
+        Self::held_up(&mut self.open, waited);
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
             owed.settle_in(&mut self.settled, size, &name, &verdict);
@@ -1435,6 +1439,8 @@ enum Judging {
     /// Another request is scanning the same content: wait for that, until
     /// the deadline.
     Follow(Waiter, Instant),
+    /// The content stuck a scan thread, and is not scanned again: why.
+    Refused(String),
 }
 
 impl Judging {
@@ -1453,12 +1459,13 @@ impl Judging {
     ) -> Self {
         let key = engine.cache_key(&received.digest, Some(name.as_ref()));
         let cache = engine.cache();
-        // Content that stuck a scan thread is refused by its scan at once
-        // (see `Engine::refusal`): no use waiting for the flight of the
-        // stuck scan, which never lands.
-        if engine.refused_for_good(&received.digest).is_some() {
-            drop(standing);
-            return Judging::Scan(None, None);
+        // Content that stuck a scan thread is not scanned again (see
+        // `Engine::refusal`), nor waited for: the flight of its stuck scan
+        // never lands. A verdict cached before is still given.
+        if let Some(why) = engine.refused_for_good(&received.digest) {
+            return cache
+                .get(&key)
+                .map_or(Judging::Refused(why), Judging::Known);
         }
         let flight = match standing {
             Standing::Leads { flight, .. } if *flight.key() == key => Some(flight),
@@ -1563,6 +1570,15 @@ impl Judging {
                 let slot = engine.reserve(&received.content).await;
                 scan_received(slot, received, name, None).await
             }
+            Judging::Refused(why) => {
+                let verdict = Verdict::failed(FailReason::Engine, why);
+                let version = engine.ruleset().version_arc();
+                let outcome = ScanOutcome::failed(verdict, received.size, Duration::ZERO, version);
+                FileVerdict::from_outcome(&ScanOutcome {
+                    digest: Some(received.digest),
+                    ..outcome
+                })
+            }
         }
     }
 }
@@ -1605,13 +1621,13 @@ async fn scan_received(
 ///
 /// A call holds a share of the upload memory or a spool file until its
 /// verdict, and calls have no session to limit them: calls open at once
-/// are limited server-wide. A call takes its place with its first chunk,
+/// are limited server-wide, and from one address (see [`ScanFileCalls`]). A call takes its place with its first chunk,
 /// which must come within [`FIRST_CHUNK_WAIT`] (calls that send nothing
 /// hold no place), and must send the whole file within the idle timeout.
 pub(super) async fn scan_file(
     state: &ServiceState,
     mut chunks: Streaming<FileChunk>,
-    peer: Option<IpAddr>,
+    ends: Option<Ends>,
 ) -> Result<FileVerdict, Status> {
     let first = tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.message())
         .await
@@ -1619,7 +1635,7 @@ pub(super) async fn scan_file(
             let message = format!("no chunk within {FIRST_CHUNK_WAIT:?}; the call is cut off");
             Status::deadline_exceeded(message)
         })??;
-    let _call = state.scan_file_calls.take(peer)?;
+    let _call = state.scan_file_calls.take(ends)?;
     let idle = state.idle_timeout;
     let cut_off =
         |_| Status::deadline_exceeded(format!("the file took over {idle:?}; the call is cut off"));
@@ -1643,69 +1659,57 @@ pub(super) async fn scan_file(
 /// The `ScanFile` calls under way once their first chunk came: at most
 /// `uploads.files_in_flight` for the whole server (calls have no session
 /// to count their files in flight), and a quarter of those
-/// ([`PEER_SHARE`]) from one address, so that one client stalling its
-/// calls cannot keep every other client's out.
+/// ([`PEER_SHARE`]) from one address other than the SVM's own (see
+/// [`PerAddress`]), so that one client stalling its calls cannot keep
+/// every other client's out.
 pub(super) struct ScanFileCalls {
     limit: usize,
-    taken: Mutex<CallsTaken>,
-}
-
-#[derive(Default)]
-struct CallsTaken {
-    all: usize,
-    by_peer: HashMap<Option<IpAddr>, usize>,
+    calls: Semaphore,
+    per_address: Arc<PerAddress>,
 }
 
 /// A `ScanFile` call's place, given back when dropped.
 pub(super) struct ScanFilePlace<'a> {
-    calls: &'a ScanFileCalls,
-    peer: Option<IpAddr>,
+    _call: tokio::sync::SemaphorePermit<'a>,
+    _address: Option<AddressPlace>,
 }
 
 impl ScanFileCalls {
     pub(super) fn new(limit: u32) -> Self {
+        let limit = limit as usize;
         ScanFileCalls {
-            limit: limit as usize,
-            taken: Mutex::default(),
+            limit,
+            calls: Semaphore::new(limit),
+            per_address: PerAddress::new((limit / PEER_SHARE).max(1)),
         }
     }
 
     /// The calls holding a place now.
     pub(super) fn open(&self) -> usize {
-        self.taken.lock().all
+        self.limit - self.calls.available_permits()
     }
 
-    /// A place for a call from `peer`, or why there is none.
-    fn take(&self, peer: Option<IpAddr>) -> Result<ScanFilePlace<'_>, Status> {
-        let (limit, share) = (self.limit, (self.limit / PEER_SHARE).max(1));
-        let mut taken = self.taken.lock();
-        if taken.all >= limit {
-            return Err(Status::resource_exhausted(format!(
-                "more than {limit} ScanFile calls at once; retry later, or send files on a Scan stream"
-            )));
-        }
-        let of_peer = taken.by_peer.entry(peer).or_default();
-        if *of_peer >= share {
-            return Err(Status::resource_exhausted(format!(
-                "more than {share} ScanFile calls at once from this address; wait for their verdicts, or send files on a Scan stream"
-            )));
-        }
-        *of_peer += 1;
-        taken.all += 1;
-        Ok(ScanFilePlace { calls: self, peer })
-    }
-}
-
-impl Drop for ScanFilePlace<'_> {
-    fn drop(&mut self) {
-        let mut taken = self.calls.taken.lock();
-        taken.all -= 1;
-        if let Entry::Occupied(mut of_peer) = taken.by_peer.entry(self.peer) {
-            *of_peer.get_mut() -= 1;
-            if *of_peer.get() == 0 {
-                of_peer.remove();
-            }
-        }
+    /// A place for a call between `ends`, or why there is none.
+    fn take(&self, ends: Option<Ends>) -> Result<ScanFilePlace<'_>, Status> {
+        let address = match PerAddress::bound(ends) {
+            Some(address) => Some(self.per_address.take(address).ok_or_else(|| {
+                let share = self.per_address.max();
+                Status::resource_exhausted(format!(
+                    "more than {share} ScanFile calls at once from this address; wait for their verdicts, or send files on a Scan stream"
+                ))
+            })?),
+            None => None,
+        };
+        let call = self.calls.try_acquire().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "more than {} ScanFile calls at once; retry later, or send files on a Scan stream",
+                self.limit
+            ))
+        })?;
+        Ok(ScanFilePlace {
+            _call: call,
+            _address: address,
+        })
     }
 }
 
@@ -1772,4 +1776,43 @@ fn file_error(file_id: u64, code: Code, message: &str) -> FileReply {
 
 fn upload_error(file_id: u64, err: &UploadError) -> FileReply {
     file_error(file_id, err.code(), &err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One address holds at most its share of the `ScanFile` calls; the
+    /// SVM's own addresses (loopback, the listener's), and the others, are
+    /// held to the server's limit alone.
+    #[test]
+    fn scan_file_calls_are_shared_among_addresses() {
+        let calls = ScanFileCalls::new(8);
+        let from = |remote: &str| {
+            Some(Ends {
+                local: "10.0.0.1:7405".parse().unwrap(),
+                remote: remote.parse().unwrap(),
+            })
+        };
+        let first = calls.take(from("10.0.0.9:1001")).unwrap();
+        let _second = calls.take(from("10.0.0.9:1002")).unwrap();
+        let refused = calls.take(from("10.0.0.9:1003")).err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("from this address"),
+            "{refused:?}"
+        );
+        let own: Vec<_> = ["127.0.0.1:1", "127.0.0.1:2", "[::1]:3", "10.0.0.1:4"]
+            .iter()
+            .map(|ends| calls.take(from(ends)).unwrap())
+            .collect();
+        let _other = calls.take(from("10.0.0.10:1001")).unwrap();
+        assert_eq!(calls.open(), 7);
+        let _last = calls.take(from("10.0.0.11:1001")).unwrap();
+        let full = calls.take(from("10.0.0.12:1001")).err().unwrap();
+        assert!(full.message().contains("more than 8"), "{full:?}");
+        drop((first, own));
+        assert_eq!(calls.open(), 3);
+        assert!(calls.take(from("10.0.0.9:1004")).is_ok(), "given back");
+    }
 }
