@@ -483,6 +483,59 @@ fn failures_are_not_cached_and_a_rules_change_empties_the_cache() {
     assert!(!engine.scan(&ScanJob::bytes(EICAR.to_vec(), None)).cached);
 }
 
+/// A server's scan whose thread sticks is told of a failure once the
+/// thread counts as stuck: its file does not wait for a verdict for ever.
+/// Told once: the thread's own outcome, when it comes back, goes to no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_whose_thread_sticks_is_told_of_a_failure() {
+    let config = EngineConfig {
+        threads: 1,
+        scan_timeout: Duration::from_secs(1),
+        mapped_budget: 1 << 20,
+        ..EngineConfig::default()
+    };
+    let engine = engine_with(shipped_ruleset(), config);
+    let spooled = |size| {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        Content::Spooled { file, size }
+    };
+    // The whole mapped budget, held: a spooled job given a place without
+    // its share waits for that on its thread.
+    let room = engine.reserve(&spooled(1 << 20)).await;
+    let place = engine.reserve(&Content::Bytes(Default::default())).await;
+    let digest = blake3::hash(b"content that sticks");
+    let job = ScanJob {
+        content: spooled(4096),
+        name: None,
+        digest: Some(digest),
+    };
+    let (told, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    place.scan_then(job, move |outcome| drop(told.send(outcome)));
+    // Stuck after three scan timeouts and a tick: 4 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.stuck_threads() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never stuck");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+        .await
+        .expect("told of a failure")
+        .expect("an outcome");
+    assert_eq!(reason(&outcome.verdict), Some(FailReason::Engine));
+    let detail = &outcome.verdict.failure().unwrap().detail;
+    assert!(detail.contains("kept a scan thread busy"), "{detail}");
+    assert_eq!(outcome.digest, Some(digest));
+    assert!(outcomes.recv().await.is_none(), "told once");
+    // The thread comes back once it has room.
+    drop(room);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.stuck_threads() != 0 {
+        assert!(std::time::Instant::now() < deadline, "never back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Content that sticks a scan thread (here a spooled upload waiting on its
 /// thread for room in the mapped budget, held: a real thread, really held)
 /// is refused once the thread counts as stuck: another request for it

@@ -27,6 +27,7 @@ mod stuck;
 mod worker;
 
 use mapped::{MappedBudget, MappedShare};
+use stuck::Handoff;
 use stuck::{Busy, StuckContents};
 pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
 
@@ -250,11 +251,14 @@ impl ScanSlot {
         });
         let worker_engine = Arc::clone(&engine);
         engine.pool.spawn(move || {
-            let outcome = worker_engine.scan_on_worker(&job, mapped);
+            let (outcome, then) = worker_engine.scan_on_worker(&job, mapped, Some(Box::new(then)));
             // The content (a spooled file's handle) is let go before
             // `then`, which gives back what kept it (its spool place).
             drop((job, permit));
-            then(outcome);
+            // (None if the job counted as stuck: `then` was told then.)
+            if let Some(then) = then {
+                then(outcome);
+            }
         });
     }
 
@@ -375,11 +379,30 @@ impl Engine {
 
     /// Scan threads busy with one job for longer than
     /// [`Self::stuck_after`]. The contents they scan, where their digest is
-    /// known, are refused from now on (see `stuck`).
+    /// known, are refused from now on (see `stuck`), and those who wait
+    /// for their outcomes (a server's files) are told of a failure now:
+    /// the threads may never end.
     pub fn stuck_threads(&self) -> usize {
-        let (count, digests) = self.busy.longer_than(self.stuck_after());
-        self.stuck.note(digests);
-        count
+        let stuck_after = self.stuck_after();
+        let long = self.busy.longer_than(stuck_after);
+        self.stuck.note(long.digests);
+        if !long.handoffs.is_empty() {
+            let version = self.ruleset().version_arc();
+            // Told on a thread of their own: the look may be made under a
+            // lock (the status's) that telling must not need.
+            std::thread::spawn(move || {
+                for (then, digest) in long.handoffs {
+                    let why = format!(
+                        "the scan kept a scan thread busy for over {stuck_after:?}: this content is not scanned again by this version of the server"
+                    );
+                    let verdict = Verdict::failed(FailReason::Engine, why);
+                    let outcome =
+                        ScanOutcome::failed(verdict, 0, stuck_after, Arc::clone(&version));
+                    then(ScanOutcome { digest, ..outcome });
+                }
+            });
+        }
+        long.count
     }
 
     /// Contents refused because they stuck a scan thread.
@@ -406,7 +429,7 @@ impl Engine {
 
     /// Scans one job on the engine's pool, blocking the calling thread.
     pub fn scan(&self, job: &ScanJob) -> ScanOutcome {
-        self.pool.install(|| self.scan_on_worker(job, None))
+        self.pool.install(|| self.scan_on_worker(job, None, None).0)
     }
 
     /// Scans every job `jobs` yields, in parallel on the engine's pool,
@@ -421,7 +444,7 @@ impl Engine {
         use rayon::iter::{ParallelBridge, ParallelIterator};
         self.pool.install(|| {
             jobs.par_bridge().for_each(|job| {
-                let outcome = self.scan_on_worker(&job, None);
+                let (outcome, _) = self.scan_on_worker(&job, None, None);
                 on_result(job, outcome);
             })
         })
@@ -514,8 +537,15 @@ impl Engine {
     /// Scans `job` on this thread, one of the pool's, with its content's
     /// share of the mapped budget when its slot took one. The share is
     /// kept with the thread's job: a thread that sticks gives it back (see
-    /// [`Engine::stuck_threads`]).
-    fn scan_on_worker(&self, job: &ScanJob, share: Option<MappedShare>) -> ScanOutcome {
+    /// [`Engine::stuck_threads`]), and so `then`, who the outcome is for,
+    /// which is handed back with the outcome unless the job counted as
+    /// stuck meanwhile (it was told of a failure then).
+    fn scan_on_worker(
+        &self,
+        job: &ScanJob,
+        share: Option<MappedShare>,
+        mut then: Option<Handoff>,
+    ) -> (ScanOutcome, Option<Handoff>) {
         if let Some(why) = job.digest.and_then(|digest| self.refusal(&digest)) {
             let verdict = Verdict::failed(FailReason::Engine, why);
             let size = match &job.content {
@@ -523,15 +553,14 @@ impl Engine {
                 Content::Spooled { size, .. } => *size,
                 Content::File(_) => 0,
             };
-            return ScanOutcome::failed(
-                verdict,
-                size,
-                Duration::ZERO,
-                self.ruleset().version_arc(),
+            let version = self.ruleset().version_arc();
+            return (
+                ScanOutcome::failed(verdict, size, Duration::ZERO, version),
+                then,
             );
         }
         let had_share = share.is_some();
-        let busy = self.busy.begin(job.digest, share);
+        let busy = self.busy.begin(job.digest, share, &mut then);
         // Off the pool's threads the share was let go: the file then takes
         // one as it maps, as a file scanned without a slot does.
         let share_held = had_share && busy.is_some();
@@ -550,9 +579,13 @@ impl Engine {
             Content::File(file) => context.scan_file(file),
             Content::Spooled { file, size } => context.scan_spooled(file, *size),
         };
-        if let Some(digest) = busy.and_then(stuck::BusyGuard::end) {
-            self.stuck.came_back(&digest);
+        if let Some(busy) = busy {
+            let (came_back, handoff) = busy.end();
+            if let Some(digest) = came_back {
+                self.stuck.came_back(&digest);
+            }
+            then = handoff;
         }
-        outcome
+        (outcome, then)
     }
 }

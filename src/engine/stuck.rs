@@ -6,13 +6,17 @@
 //! from a spool on a disk that hangs, could keep its thread for ever.
 //! Nothing would fail: that file would never get its verdict, and on a
 //! two-core SVM two such files would stop all scanning while the status
-//! said OK. A thread cannot be stopped from outside, so the engine only
-//! tells: each scan thread notes when it began its job, and
+//! said OK. A thread cannot be stopped from outside, so the engine tells:
+//! each scan thread notes when it began its job, and
 //! [`Engine::stuck_threads`](super::Engine::stuck_threads) counts the
 //! threads busy for longer than [`STUCK_AFTER_TIMEOUTS`] scan timeouts.
 //! The SVM's status says so (SCAN_THREADS_STUCK while some threads still
 //! scan, ALL_SCAN_THREADS_STUCK once none does), for operators to restart
-//! the server and agents to pick another SVM.
+//! the server and agents to pick another SVM. A server's job keeps who its
+//! outcome is for with it ([`Job::then`]): the look that finds it stuck
+//! tells them of a failure (`engine`), so that the file gets its reply and
+//! its agent its place back; the thread, should it come back, tells no
+//! one. (The status looks every second.)
 //!
 //! What sticks a thread is most likely the content it scans, and agents
 //! send it again: to another thread (a VM whose wait for that scan ended
@@ -49,7 +53,7 @@ use std::{
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use super::mapped::MappedShare;
+use super::{ScanOutcome, mapped::MappedShare};
 use crate::{cache::Digest, files, state};
 
 /// A job running this many scan timeouts is stuck: its scan would have
@@ -86,6 +90,24 @@ struct Job {
     /// given back when it ends, or once it counts as stuck (see
     /// [`Busy::longer_than`]).
     share: Option<MappedShare>,
+    /// Who is told its outcome (a server's job): told by the thread when
+    /// it ends, or, once it counts as stuck, by the look that finds it so,
+    /// with a failure (see [`Busy::longer_than`]). Whoever takes it first
+    /// tells: once.
+    then: Option<Handoff>,
+}
+
+/// What a job's outcome is handed to.
+pub(super) type Handoff = Box<dyn FnOnce(ScanOutcome) + Send>;
+
+/// The jobs a look found running for too long (see [`Busy::longer_than`]).
+pub(super) struct LongJobs {
+    pub count: usize,
+    /// The digests of their contents, each once.
+    pub digests: Vec<Digest>,
+    /// Who their outcomes were to be handed to, and their contents'
+    /// digests, to be told of a failure now: their threads may never end.
+    pub handoffs: Vec<(Handoff, Option<Digest>)>,
 }
 
 /// Marks its thread busy until it ends ([`BusyGuard::end`]) or is dropped
@@ -102,12 +124,15 @@ impl Busy {
     }
 
     /// Notes that this thread begins a job on content of `digest`, holding
-    /// `share`; `None` off the pool's threads (where `share` is dropped at
-    /// once: only spooled uploads, scanned on the pool, take one before).
+    /// `share`, its outcome to be handed to `then` (taken: see
+    /// [`Job::then`]); `None` off the pool's threads (where `share` is
+    /// dropped at once, and `then` left: only spooled uploads, scanned on
+    /// the pool, take one before, and only the server's jobs have one).
     pub fn begin(
         &self,
         digest: Option<Digest>,
         share: Option<MappedShare>,
+        then: &mut Option<Handoff>,
     ) -> Option<BusyGuard<'_>> {
         let slot = self.slots.get(rayon::current_thread_index()?)?;
         let began = self.millis() + 1;
@@ -116,6 +141,7 @@ impl Busy {
             digest,
             noted: false,
             share,
+            then: then.take(),
         };
         slot.began.store(began, Ordering::Relaxed);
         Some(BusyGuard(slot))
@@ -127,9 +153,12 @@ impl Busy {
     /// mapped budget: the budget's shares are handed out in order, so one
     /// held by a thread that never ends would keep every large upload after
     /// it waiting for ever. (Its mapping, if it made one, then stays
-    /// outside the budget: at most one file per scan thread.)
-    pub fn longer_than(&self, age: Duration) -> (usize, Vec<Digest>) {
-        let (mut count, mut digests) = (0, Vec::new());
+    /// outside the budget: at most one file per scan thread.) They also
+    /// give up who their outcomes were for, to be told of a failure (see
+    /// [`LongJobs::handoffs`]): a file whose scan never ends must not go
+    /// without a reply, holding its agent's place, for ever.
+    pub fn longer_than(&self, age: Duration) -> LongJobs {
+        let (mut count, mut digests, mut handoffs) = (0, Vec::new(), Vec::new());
         let now = self.millis();
         for slot in self.slots_busy_for(age, now) {
             // Read again with the digest: the job may have ended since.
@@ -143,6 +172,9 @@ impl Busy {
                     "a stuck scan thread gives back its share of the mapped budget: large uploads go on without it"
                 );
             }
+            if let Some(then) = job.then.take() {
+                handoffs.push((then, job.digest));
+            }
             // Each job's content once: a look every second would log it
             // again and again once the refused contents are as many as
             // they may be.
@@ -151,7 +183,11 @@ impl Busy {
                 digests.push(digest);
             }
         }
-        (count, digests)
+        LongJobs {
+            count,
+            digests,
+            handoffs,
+        }
     }
 
     /// Whether a thread has been busy with content of `digest` for longer
@@ -200,9 +236,10 @@ fn older_than(began: u64, age: Duration, now: u64) -> bool {
 }
 
 impl BusyGuard<'_> {
-    /// Ends the job; the digest of its content if that was noted as
-    /// sticking the thread, which it did not for good.
-    pub fn end(self) -> Option<Digest> {
+    /// Ends the job: the digest of its content if that was noted as
+    /// sticking the thread, which it did not for good; and who its outcome
+    /// is for, unless a look took that (and told of a failure).
+    pub fn end(self) -> (Option<Digest>, Option<Handoff>) {
         let slot = self.0;
         // What the drop would do, under the one lock that reads the job.
         std::mem::forget(self);
@@ -210,16 +247,19 @@ impl BusyGuard<'_> {
         let mut job = slot.job.lock();
         job.began = 0;
         job.share = None;
-        job.noted.then_some(job.digest).flatten()
+        (job.noted.then_some(job.digest).flatten(), job.then.take())
     }
 }
 
 impl Drop for BusyGuard<'_> {
+    /// (Unwinding: who the outcome was for is let go, and told of a lost
+    /// scan by dropping it.)
     fn drop(&mut self) {
         self.0.began.store(0, Ordering::Relaxed);
         let mut job = self.0.job.lock();
         job.began = 0;
         job.share = None;
+        job.then = None;
     }
 }
 
@@ -411,6 +451,13 @@ impl StuckContents {
 mod tests {
     use super::*;
 
+    impl LongJobs {
+        /// How many, and their digests.
+        fn seen(self) -> (usize, Vec<Digest>) {
+            (self.count, self.digests)
+        }
+    }
+
     /// A thread busy with content is found by its digest once busy longer
     /// than asked, and counted stuck with it, giving back its share of the
     /// mapped budget then; the job's end says so. How long it has been on
@@ -429,10 +476,10 @@ mod tests {
         std::thread::scope(|scope| {
             let job = scope.spawn(|| {
                 pool.install(|| {
-                    let job = busy.begin(Some(digest), Some(share)).unwrap();
+                    let job = busy.begin(Some(digest), Some(share), &mut None).unwrap();
                     began.wait();
                     release.wait();
-                    job.end()
+                    job.end().0
                 })
             });
             began.wait();
@@ -443,10 +490,11 @@ mod tests {
             assert!(!busy.on_longer_than(&digest, Duration::from_secs(3600)));
             // Read while the job runs, told once it is over (a failed
             // assertion here would leave it waiting for ever).
-            let not_yet = busy.longer_than(Duration::from_secs(3600));
+            let not_yet = busy.longer_than(Duration::from_secs(3600)).seen();
             let free_while_young = budget.free_kib();
-            assert_eq!(busy.longer_than(short), (1, vec![digest]));
-            assert_eq!(busy.longer_than(short), (1, vec![]), "each content once");
+            assert_eq!(busy.longer_than(short).seen(), (1, vec![digest]));
+            let again = busy.longer_than(short).seen();
+            assert_eq!(again, (1, vec![]), "each content once");
             let free_once_stuck = budget.free_kib();
             let on_for = busy.on_for(&digest).expect("on it");
             assert!(on_for >= Duration::from_millis(20), "{on_for:?}");
@@ -459,7 +507,7 @@ mod tests {
         });
         assert!(!busy.on_longer_than(&digest, Duration::ZERO), "over");
         assert_eq!(busy.on_for(&digest), None, "over");
-        assert_eq!(busy.longer_than(Duration::ZERO), (0, vec![]));
+        assert_eq!(busy.longer_than(Duration::ZERO).seen(), (0, vec![]));
     }
 
     /// Content whose thread came back between the look that found it long
