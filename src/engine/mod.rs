@@ -234,9 +234,12 @@ pub struct ScanSlot {
 
 impl ScanSlot {
     /// Runs `job` on the engine's pool and hands its outcome to `then`, on
-    /// the scan thread, once the slot is free again. Nothing waits for the
-    /// scan: a caller that finishes its work there (a verdict sent on a
-    /// channel, say) spares the runtime a task and a wake-up per scan.
+    /// the scan thread, once the slot is free again; or, should the thread
+    /// count as stuck first, a failure, on another thread, while the job
+    /// still holds its slot and content (see [`Engine::stuck_threads`]).
+    /// Nothing waits for the scan: a caller that finishes its work there (a
+    /// verdict sent on a channel, say) spares the runtime a task and a
+    /// wake-up per scan.
     pub fn scan_then(self, job: ScanJob, then: impl FnOnce(ScanOutcome) + Send + 'static) {
         let ScanSlot {
             engine,
@@ -253,7 +256,8 @@ impl ScanSlot {
         engine.pool.spawn(move || {
             let (outcome, then) = worker_engine.scan_on_worker(&job, mapped, Some(Box::new(then)));
             // The content (a spooled file's handle) is let go before
-            // `then`, which gives back what kept it (its spool place).
+            // `then`, which gives back what kept it (its spool place); but
+            // for a job that counted as stuck, told before it ended.
             drop((job, permit));
             // (None if the job counted as stuck: `then` was told then.)
             if let Some(then) = then {
@@ -263,11 +267,11 @@ impl ScanSlot {
     }
 
     /// Runs `job` on the engine's pool and resolves to its outcome.
-    /// `after` runs on the scan thread with the outcome before it is handed
-    /// back, whether or not the caller still waits: what it holds (what
-    /// keeps the job's content, say) lives until the scan ends, and what it
-    /// does (tell others of the outcome) is done even for a caller that
-    /// stopped waiting.
+    /// `after` runs with the outcome before it is handed back, as `then`
+    /// does in [`Self::scan_then`], whether or not the caller still waits:
+    /// what it holds (what keeps the job's content, say) lives until the
+    /// scan ends (or counts as stuck), and what it does (tell others of the
+    /// outcome) is done even for a caller that stopped waiting.
     pub async fn scan(
         self,
         job: ScanJob,
@@ -388,19 +392,27 @@ impl Engine {
         self.stuck.note(long.digests);
         if !long.handoffs.is_empty() {
             let version = self.ruleset().version_arc();
-            // Told on a thread of their own: the look may be made under a
-            // lock (the status's) that telling must not need.
-            std::thread::spawn(move || {
+            let tell = move || {
                 for (then, digest) in long.handoffs {
                     let why = format!(
-                        "the scan kept a scan thread busy for over {stuck_after:?}: this content is not scanned again by this version of the server"
+                        "the scan kept a scan thread busy for over {stuck_after:?}, and was given up"
                     );
                     let verdict = Verdict::failed(FailReason::Engine, why);
                     let outcome =
                         ScanOutcome::failed(verdict, 0, stuck_after, Arc::clone(&version));
                     then(ScanOutcome { digest, ..outcome });
                 }
-            });
+            };
+            // Told on a thread of their own: the look may be made under a
+            // lock (the status's) that telling had better not be under.
+            // Should no thread be had, they are dropped untold, which tells
+            // them of a lost scan (a server's file gets INTERNAL).
+            let spawned = std::thread::Builder::new()
+                .name("stuck-told".into())
+                .spawn(tell);
+            if let Err(err) = spawned {
+                tracing::error!("cannot start a thread to fail the files of stuck scans: {err}");
+            }
         }
         long.count
     }
@@ -503,7 +515,8 @@ impl Engine {
     /// Why content of `digest` is never scanned by this server, if it is
     /// not: it stuck a scan thread. Looked at by the service before it asks
     /// for such content, and before it waits for a scan of content it
-    /// received or a Lookup names (the flight of a stuck scan never lands):
+    /// received or a Lookup names (the flight of a stuck scan lands
+    /// nothing):
     /// a refusal for as long as the content is (the other, while a thread
     /// is on it, may end with that scan's verdict).
     pub fn refused_for_good(&self, digest: &Digest) -> Option<String> {

@@ -253,13 +253,15 @@ impl BusyGuard<'_> {
 
 impl Drop for BusyGuard<'_> {
     /// (Unwinding: who the outcome was for is let go, and told of a lost
-    /// scan by dropping it.)
+    /// scan by dropping it, out of the slot's lock: that telling takes
+    /// other locks.)
     fn drop(&mut self) {
         self.0.began.store(0, Ordering::Relaxed);
         let mut job = self.0.job.lock();
         job.began = 0;
-        job.share = None;
-        job.then = None;
+        let held = (job.share.take(), job.then.take());
+        drop(job);
+        drop(held);
     }
 }
 

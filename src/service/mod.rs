@@ -362,7 +362,7 @@ impl ProtectionServer for ProtectionService {
             let key = CacheKey::new(digest, &ruleset, None);
             let mut known = cache.get(&key);
             // Content that stuck a scan thread is unknown at once: the
-            // flight of its stuck scan never lands.
+            // flight of its stuck scan lands nothing.
             if known.is_none() && engine.refused_for_good(digest).is_none() {
                 match cache.flights().waiting(&key) {
                     Some(waiter) => under_way.push((index, waiter)),

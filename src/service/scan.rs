@@ -3,7 +3,8 @@
 //! A `Scan` stream is driven by one task that reads requests in order and
 //! keeps the stream's open files. A complete file is handed to the engine,
 //! and the stream goes on while it is scanned: the scan thread sends the
-//! verdict itself (see `VerdictDue`), with no task waiting for it. But
+//! verdict itself (see `VerdictDue`; a thread that counts as stuck has its
+//! failure sent for it), with no task waiting for it. But
 //! before a file is handed over, the reader waits for a place in the
 //! engine's queue. While the queue is full the reader stops reading, and
 //! HTTP/2 flow control holds the agent back: nothing is buffered without
@@ -1461,7 +1462,7 @@ impl Judging {
         let cache = engine.cache();
         // Content that stuck a scan thread is not scanned again (see
         // `Engine::refusal`), nor waited for: the flight of its stuck scan
-        // never lands. A verdict cached before is still given.
+        // lands nothing. A verdict cached before is still given.
         if let Some(why) = engine.refused_for_good(&received.digest) {
             return cache
                 .get(&key)
@@ -1521,8 +1522,9 @@ impl Judging {
     }
 
     /// Has the verdict made and sent as `due`. A scan's verdict is sent
-    /// from the scan thread; a wait for another request's scan, or for a
-    /// spooled file's place, needs a task.
+    /// from the scan thread (or, when the thread counts as stuck, its
+    /// failure from the look that finds it so); a wait for another
+    /// request's scan, or for a spooled file's place, needs a task.
     fn deliver(self, due: VerdictDue, engine: Arc<Engine>, received: Received, name: String) {
         match self {
             Judging::Scan(Some(slot), flight) => {
