@@ -7,8 +7,8 @@
 //! command line is followed if it is a link. A folder that cannot be read is
 //! reported as a failed entry, so it cannot pass for clean. The kernel's
 //! own file systems (`/proc`, `/sys` and their kind, see
-//! [`KERNEL_FILE_SYSTEMS`](crate::kernelfs::KERNEL_FILE_SYSTEMS)) are not walked into: they hold views of the
-//! kernel, not files to protect.
+//! [`KERNEL_FILE_SYSTEMS`](crate::kernelfs::KERNEL_FILE_SYSTEMS)) are not
+//! walked into: they hold views of the kernel, not files to protect.
 
 use std::{path::PathBuf, time::Duration};
 

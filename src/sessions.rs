@@ -65,10 +65,11 @@ pub enum Subject<'a> {
 
 /// The log lines of one kind one source may take (a session's events, the
 /// malware found in its files; the `ScanFile` calls'; the agents rejected
-/// at their Hello): `per_minute` a minute. An agent that sends more (ransomware touching thousands of
-/// files, or an agent gone wrong) must not fill the SVM's journal and
-/// disk, nor have journald's own rate limit drop other lines; its VM's
-/// record still counts everything, and how many lines went unlogged is
+/// at their Hello): `per_minute` a minute. An agent that sends more
+/// (ransomware touching thousands of files, or an agent gone wrong) must
+/// not fill the SVM's journal and disk, nor have journald's own rate limit
+/// drop other lines; its VM's record still counts everything, and how
+/// many lines went unlogged is
 /// logged with the first line taken after the minute, and when the budget
 /// is dropped (a burst is often the last thing an agent sends).
 #[derive(Debug)]

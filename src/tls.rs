@@ -3,9 +3,10 @@
 //! SIGHUP (see [`crate::server::Server::reload_on_hangup`]) and when a
 //! look at them every `tls.check_interval` finds them renewed
 //! ([`Tls::keep_checking`]), so that a renewed certificate (or CA) is
-//! served without a restart, which would end every agent's session. Connections already open keep what they
-//! were accepted with: an agent whose certificate a new CA no longer
-//! admits stays connected until it reconnects (or the server restarts).
+//! served without a restart, which would end every agent's session.
+//! Connections already open keep what they were accepted with: an agent
+//! whose certificate a new CA no longer admits stays connected until it
+//! reconnects (or the server restarts).
 //!
 //! Each handshake runs on a task of its own, within 10 seconds: a client
 //! that connects and never finishes its handshake neither holds its socket

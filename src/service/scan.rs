@@ -1623,9 +1623,10 @@ async fn scan_received(
 ///
 /// A call holds a share of the upload memory or a spool file until its
 /// verdict, and calls have no session to limit them: calls open at once
-/// are limited server-wide, and from one address (see [`ScanFileCalls`]). A call takes its place with its first chunk,
-/// which must come within [`FIRST_CHUNK_WAIT`] (calls that send nothing
-/// hold no place), and must send the whole file within the idle timeout.
+/// are limited server-wide, and from one address (see [`ScanFileCalls`]).
+/// A call takes its place with its first chunk, which must come within
+/// [`FIRST_CHUNK_WAIT`] (calls that send nothing hold no place), and must
+/// send the whole file within the idle timeout.
 pub(super) async fn scan_file(
     state: &ServiceState,
     mut chunks: Streaming<FileChunk>,
