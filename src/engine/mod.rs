@@ -512,6 +512,13 @@ impl Engine {
         })
     }
 
+    /// The outcome of content of `size` bytes refused unscanned, for
+    /// `why` (see [`Engine::refusal`]): an `engine` failure.
+    pub fn refused(&self, why: String, size: u64) -> ScanOutcome {
+        let verdict = Verdict::failed(FailReason::Engine, why);
+        ScanOutcome::failed(verdict, size, Duration::ZERO, self.ruleset().version_arc())
+    }
+
     /// Why content of `digest` is never scanned by this server, if it is
     /// not: it stuck a scan thread. Looked at by the service before it asks
     /// for such content, and before it waits for a scan of content it
@@ -560,17 +567,12 @@ impl Engine {
         mut then: Option<Handoff>,
     ) -> (ScanOutcome, Option<Handoff>) {
         if let Some(why) = job.digest.and_then(|digest| self.refusal(&digest)) {
-            let verdict = Verdict::failed(FailReason::Engine, why);
             let size = match &job.content {
                 Content::Bytes(data) => data.len() as u64,
                 Content::Spooled { size, .. } => *size,
                 Content::File(_) => 0,
             };
-            let version = self.ruleset().version_arc();
-            return (
-                ScanOutcome::failed(verdict, size, Duration::ZERO, version),
-                then,
-            );
+            return (self.refused(why, size), then);
         }
         let had_share = share.is_some();
         let busy = self.busy.begin(job.digest, share, &mut then);

@@ -62,7 +62,6 @@ use crate::{
     },
     sessions::{FilePlace, NoPlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
-    verdict::{FailReason, Verdict},
 };
 
 /// The most replies one `ScanReply` carries: a batch of begins refused
@@ -1572,15 +1571,10 @@ impl Judging {
                 let slot = engine.reserve(&received.content).await;
                 scan_received(slot, received, name, None).await
             }
-            Judging::Refused(why) => {
-                let verdict = Verdict::failed(FailReason::Engine, why);
-                let version = engine.ruleset().version_arc();
-                let outcome = ScanOutcome::failed(verdict, received.size, Duration::ZERO, version);
-                FileVerdict::from_outcome(&ScanOutcome {
-                    digest: Some(received.digest),
-                    ..outcome
-                })
-            }
+            Judging::Refused(why) => FileVerdict::from_outcome(&ScanOutcome {
+                digest: Some(received.digest),
+                ..engine.refused(why, received.size)
+            }),
         }
     }
 }
