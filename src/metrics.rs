@@ -40,7 +40,7 @@ use prometheus_client::{
 use crate::{
     connections::Connections,
     proto,
-    service::ServiceState,
+    service::{Counters, ServiceState},
     status::{Svm, signatures_info},
 };
 
@@ -335,6 +335,11 @@ impl Collector for Live {
                 self.1.intake.budget(),
             ),
             (
+                "scanserver_scan_file_calls",
+                "ScanFile calls holding a place now (from their first chunk to their verdict)",
+                self.1.scan_file_calls() as u64,
+            ),
+            (
                 "scanserver_spool_files",
                 "Spooled uploads on disk now",
                 spool.files,
@@ -395,6 +400,21 @@ impl Collector for Live {
                 "scanserver_cache_evictions",
                 "Verdicts evicted from the SharedCache",
                 cache.evictions,
+            ),
+            (
+                "scanserver_content_requests",
+                "Files whose content the server asked agents for (hash-first begins it had no verdict for)",
+                Counters::get(&self.1.counters.content_requests),
+            ),
+            (
+                "scanserver_received_bytes",
+                "Content bytes received from agents, through Scan and ScanFile",
+                Counters::get(&self.1.counters.bytes_received),
+            ),
+            (
+                "scanserver_scan_streams_idle",
+                "Scan streams closed for nothing coming on them, and nothing owed on them, for server.idle_timeout",
+                Counters::get(&self.1.counters.idle_streams),
             ),
             (
                 "scanserver_spool_full",

@@ -25,8 +25,8 @@ use scanserver::{
     proto::{
         AgentMessage, AgentStatus, AgentsRequest, ComponentState, Health, IntegrityEvent,
         IntegrityKind, NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport,
-        TagRequest, TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message, file_request,
-        server_message,
+        TagRequest, TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message, file_reply,
+        file_request, server_message,
     },
     reporting::{JITTER, MIN_GAP, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
@@ -1503,6 +1503,15 @@ async fn metrics_count_scans_verdicts_and_agents() {
     assert_eq!(agent.scan(&server, EICAR).await, 1);
     assert_eq!(agent.scan(&server, EICAR).await, 1);
     assert_eq!(agent.scan(&server, b"harmless").await, 0);
+    // Hash first: content with no verdict is asked for.
+    let unknown = b"asked for";
+    let digest = blake3::hash(unknown);
+    let begin = begin(&agent.session_id, 1, unknown, Some(digest.as_bytes()));
+    let asked = first_reply(&server, vec![begin]).await;
+    assert!(
+        matches!(asked, file_reply::Kind::SendContent(_)),
+        "{asked:?}"
+    );
 
     let text = scrape(server.metrics.unwrap()).await;
     for line in [
@@ -1520,6 +1529,13 @@ async fn metrics_count_scans_verdicts_and_agents() {
         "scanserver_spool_files_max 4096",
         "scanserver_spool_full_total 0",
         "scanserver_stuck_contents 0",
+        "scanserver_content_requests_total 1",
+        &format!(
+            "scanserver_received_bytes_total {}",
+            2 * EICAR.len() + b"harmless".len()
+        ),
+        "scanserver_scan_streams_idle_total 0",
+        "scanserver_scan_file_calls 0",
         "scanserver_protected_vms 1",
         "scanserver_cache_entries 2",
         "scanserver_cache_hits_total 1",

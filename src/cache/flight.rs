@@ -24,7 +24,7 @@
 //! are locked while the registry is, never the other way round.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     sync::{
         Arc, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -367,10 +367,15 @@ impl Flight {
         self.end(verdict);
     }
 
-    /// Leaves the registry and tells every waiter how it ended.
+    /// Leaves the registry and tells every waiter how it ended. The entry
+    /// is removed only if it is this flight's (it always is while the
+    /// flight lives; checked, so that no slip elsewhere can end another).
     fn end(&mut self, verdict: Landing) {
         self.ended = true;
-        let entry = self.under_way.lock().remove(&self.key);
+        let entry = match self.under_way.lock().entry(self.key) {
+            Entry::Occupied(entry) if entry.get().id == self.id => Some(entry.remove()),
+            _ => None,
+        };
         let subscribers = entry.map(|entry| entry.subscribers).unwrap_or_default();
         let mut told = 0;
         for subscriber in subscribers {
