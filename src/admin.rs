@@ -41,6 +41,7 @@ use crate::{
         VmInfo, VmReason, admin_client, admin_server::Admin,
     },
     reload::Reloader,
+    state::StateFile,
     status::{Svm, WhichVms, signatures_info},
     vms::{MAX_LISTING_SIZE, SecurityTag, TagError},
 };
@@ -237,19 +238,21 @@ impl AdminService {
 
     /// The reply to a tag command on `vm_id`, once a change it made is
     /// saved: a tag the operator is told was assigned (or removed) must
-    /// stay so after a crash. The save's outcome shows in the status
-    /// (`STATE_NOT_SAVED`) as the keeper's saves' do.
+    /// stay so after a crash. A command that changed nothing is saved too
+    /// while the last save failed: it is often the refused command run
+    /// again, whose change is still unsaved. The save's outcome shows in
+    /// the status (`STATE_NOT_SAVED`) as the keeper's saves' do.
     async fn tag_reply(
         &self,
         vm_id: &str,
         changed: Result<bool, TagError>,
     ) -> Result<Response<TagReply>, Status> {
         let changed = changed.map_err(|err| Status::not_found(err.to_string()))?;
-        if changed {
+        if changed || self.svm.unsaved().failed(StateFile::Vms) {
             let saved = crate::state::save_vms(&self.svm.vms, self.svm.unsaved()).await;
             if let Err(err) = saved {
                 return Err(Status::internal(format!(
-                    "the tag is changed, but the protected VMs cannot be saved to the state folder ({err}): a restart before a save succeeds would undo it"
+                    "the tag is set as asked, but the protected VMs cannot be saved to the state folder ({err}): a restart before a save succeeds would undo it"
                 )));
             }
         }

@@ -271,19 +271,21 @@ impl Reloader {
         let mut looks = Periodic::every(self.check_interval, shutdown).await;
         let mut check = Check::default();
         while looks.next().await {
-            let Some(version) = self.look(&mut check).await else {
+            // Held from the look to the reload: a reload asked for in
+            // between could find the version broken, and it would be
+            // compiled again.
+            let mut broken = self.running.lock().await;
+            let Some(version) = self.look(&mut check, &mut broken).await else {
                 continue;
             };
             tracing::info!(source = %self.source.display(), "the signatures changed on disk");
             // A version that cannot load is recorded by the reload itself.
-            let mut broken = self.running.lock().await;
             let _ = self.reload_now(&mut broken, Some(version)).await;
         }
     }
 
     /// Looks at the files once; returns the version to load, if any.
-    async fn look(&self, check: &mut Check) -> Option<String> {
-        let mut broken = self.running.lock().await;
+    async fn look(&self, check: &mut Check, broken: &mut Broken) -> Option<String> {
         let source = self.source.clone();
         let found = blocking(move || Ruleset::look(&source)).await;
         let ruleset = self.state.engine.ruleset();
@@ -291,7 +293,7 @@ impl Reloader {
             ruleset.seen_on_disk(on_disk);
         }
         let found = found.map(|on_disk| on_disk.version);
-        match check.next(found, &ruleset.version_arc(), &mut broken) {
+        match check.next(found, &ruleset.version_arc(), broken) {
             Step::Wait => None,
             Step::Current => {
                 self.svm.signatures_reloaded(Ok(()));

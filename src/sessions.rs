@@ -23,7 +23,7 @@ use crate::{
     config::UploadConfig,
     metrics::{Metrics, Tally},
     proto::{self, FileVerdict, Hello},
-    vms::{Ending, Vms},
+    vms::{Ending, SecurityTag, Vms},
 };
 
 /// Who an agent is, from its Hello.
@@ -428,8 +428,9 @@ impl Session {
         self.detections
             .fetch_add(tally.detections, Ordering::Relaxed);
         self.metrics.record(tally);
-        if tally.detections > 0 {
-            self.vms.threat_found(&self.agent.vm_id);
+        let vm = &self.agent.vm_id;
+        if tally.detections > 0 && self.vms.threat_found(vm) && self.malware_logs.lock().take() {
+            Vms::tag_line(vm, SecurityTag::VirusFound, true);
         }
         if tally.failures > 0 {
             self.scan_failed();

@@ -244,6 +244,11 @@ impl Unsaved {
         !self.0.lock().is_empty()
     }
 
+    /// Whether the last save of `file` failed.
+    pub fn failed(&self, file: StateFile) -> bool {
+        self.0.lock().contains_key(&file)
+    }
+
     /// Each file whose last save failed, with why.
     pub fn failures(&self) -> Vec<(StateFile, String)> {
         let failures = self.0.lock();

@@ -26,7 +26,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt, fs, io,
+    fmt, io,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
+    files,
     proto::{self, Health, IntegrityKind, TaskKind, VmReason},
     sessions::{AgentIdentity, Session},
     state,
@@ -64,6 +65,12 @@ pub const MAX_LISTING_SIZE: usize = 256 << 20;
 
 /// The file's name in the state folder.
 pub const FILE_NAME: &str = "vms.json";
+
+/// The largest registry file read: [`MAX_VMS`] records of at most 16 KiB
+/// each (the identity fields and a task id of up to 256 bytes each, every
+/// byte of them a control character written as six), 1.6 GB. A larger
+/// one was not saved by this server, and is set aside unread.
+const MAX_FILE_SIZE: u64 = MAX_VMS as u64 * (16 << 10);
 
 /// How long the VMs that had a session when the server stopped have, once
 /// it serves again, to come back before their connection counts as lost
@@ -588,7 +595,7 @@ impl Vms {
     /// error, since saving over it would lose its tags.
     pub fn open(dir: &Path) -> io::Result<Self> {
         let path = dir.join(FILE_NAME);
-        let saved = match fs::read(&path) {
+        let saved = match files::read(&path, MAX_FILE_SIZE) {
             Ok(data) => match Saved::parse(&data) {
                 Ok((saved, errors)) => {
                     if let Some(first) = errors.first() {
@@ -608,12 +615,27 @@ impl Vms {
                 }
             },
             Err(err) if err.kind() == io::ErrorKind::NotFound => Saved::default(),
+            // Larger than any registry saved, or not a file at all.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput
+                ) =>
+            {
+                tracing::warn!(path = %path.display(), "protected VMs set aside, starting with none: {err}");
+                state::set_aside(&path);
+                Saved::default()
+            }
             Err(err) => return Err(err),
         };
         let (mut lost, mut awaited) = (0, false);
         let records = saved.vms.into_iter().map(|mut vm| {
             if vm.awaited {
                 awaited = true;
+                // Saved while its session was open (the server crashed):
+                // what its agent told in it ended with it, as when the
+                // server ends the session.
+                vm.integration_server_unreachable = false;
                 vm.awaited_starts = vm.awaited_starts.saturating_add(1);
                 if vm.awaited_starts >= AWAITED_STARTS {
                     vm.lost();
@@ -764,30 +786,45 @@ impl Vms {
     /// A scan for VM `vm_id` found malware. The full scan under way cannot
     /// prove the VM clean any more: it is spoiled with the tag assigned,
     /// under one lock, so that no full scan can start between the two and
-    /// later clear a tag it was never spoiled by.
-    pub fn threat_found(&self, vm_id: &str) {
-        self.assign_automatically(vm_id, SecurityTag::VirusFound, |vm| vm.spoil_full_scan());
+    /// later clear a tag it was never spoiled by. Returns whether the tag
+    /// was assigned now, for the caller to log within its agent's budget
+    /// (see [`Self::tag_line`]).
+    pub fn threat_found(&self, vm_id: &str) -> bool {
+        self.assign_automatically(vm_id, SecurityTag::VirusFound, |vm| vm.spoil_full_scan())
     }
 
-    /// The agent of VM `vm_id` reported a network attack.
-    pub fn network_attack(&self, vm_id: &str) {
-        self.assign_automatically(vm_id, SecurityTag::IdsIps, |_| {});
+    /// The agent of VM `vm_id` reported a network attack. Returns whether
+    /// the tag was assigned now.
+    pub fn network_attack(&self, vm_id: &str) -> bool {
+        self.assign_automatically(vm_id, SecurityTag::IdsIps, |_| {})
     }
 
     /// Assigns `tag` to VM `vm_id` automatically, after `first` (under the
-    /// same lock).
+    /// same lock); whether it was not assigned before.
     fn assign_automatically(
         &self,
         vm_id: &str,
         tag: SecurityTag,
         first: impl FnOnce(&mut VmRecord),
-    ) {
+    ) -> bool {
         let assigned = self.update(vm_id, |vm| {
             first(vm);
             vm.assign_automatically(tag)
         });
-        if assigned == Some(true) {
-            tracing::warn!(vm = vm_id, %tag, "security tag assigned");
+        assigned == Some(true)
+    }
+
+    /// Logs that `tag` was assigned to VM `vm_id` (or removed, when not
+    /// `assigned`) automatically. The callers log it within the budget of
+    /// the agent whose messages did it: an agent that finds malware and
+    /// reports clean full scans over and over would otherwise have two
+    /// lines logged for each round.
+    pub fn tag_line(vm_id: &str, tag: SecurityTag, assigned: bool) {
+        match assigned {
+            true => tracing::warn!(vm = vm_id, %tag, "security tag assigned"),
+            false => {
+                tracing::info!(vm = vm_id, %tag, "security tag removed after a clean full scan")
+            }
         }
     }
 
@@ -838,7 +875,8 @@ impl Vms {
     /// failures matters: files it could not read were never sent, so no
     /// failure of theirs spoiled the scan here. Nor has a full scan that
     /// ends with files of the VM still owed their verdicts seen them (the
-    /// end of another task says nothing of those files).
+    /// end of another task says nothing of those files). Returns whether
+    /// the malware tag was removed now.
     pub fn task_finished(
         &self,
         session: &Session,
@@ -846,9 +884,9 @@ impl Vms {
         kind: TaskKind,
         detections: u32,
         failed_files: u32,
-    ) {
+    ) -> bool {
         if kind != TaskKind::FullScan {
-            return;
+            return false;
         }
         let vm_id = session.agent.vm_id.as_str();
         let mut untagged = false;
@@ -875,9 +913,7 @@ impl Vms {
             vm.registry_modified &= !registry;
             automatic || file || registry
         });
-        if untagged {
-            tracing::info!(vm = vm_id, tag = %SecurityTag::VirusFound, "security tag removed after a clean full scan");
-        }
+        untagged
     }
 
     /// The agent of VM `vm_id` reported a modified protected object. The
@@ -1055,6 +1091,7 @@ pub fn unix_ms(time: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn tag_names_round_trip() {
@@ -1128,6 +1165,11 @@ mod tests {
         // The server crashed; vm-b comes back after the restart.
         let (vms, sessions) = start();
         let b = sessions.open(agent_of("vm-b")).unwrap();
+        let reasons = vms.get("vm-a").unwrap().reasons();
+        assert!(
+            reasons.is_empty(),
+            "awaited, its session's word ended: {reasons:?}"
+        );
         assert_eq!(vms.lost_unless_back(), 1);
         assert!(lost(&vms, "vm-a"));
         let reasons = vms.get("vm-a").unwrap().reasons();
@@ -1208,7 +1250,7 @@ mod tests {
 
         // Tagged automatically, vm-2 was seen before vm-3; untagged, vm-3
         // goes first all the same.
-        vms.threat_found("vm-2");
+        assert!(vms.threat_found("vm-2"));
         sessions.close(&second.id, Ending::Closed);
         sessions.close(&third.id, Ending::Closed);
         let fourth = open("vm-4").expect("an untagged VM makes room");
@@ -1242,7 +1284,7 @@ mod tests {
         };
         for n in 0..199 {
             visit(&format!("tagged-{n}"));
-            vms.threat_found(&format!("tagged-{n}"));
+            assert!(vms.threat_found(&format!("tagged-{n}")));
         }
         visit("untagged");
         visit("new");
@@ -1250,7 +1292,7 @@ mod tests {
         assert_eq!(vms.by_id.lock().len(), 200, "and no tagged VM went with it");
         // None untagged is left but "new": the two tagged VMs seen least
         // recently go at once, and the next new VM walks nothing.
-        vms.threat_found("new");
+        assert!(vms.threat_found("new"));
         visit("newer");
         assert!(vms.get("tagged-0").is_none() && vms.get("tagged-1").is_none());
         assert_eq!(vms.by_id.lock().len(), 199);
@@ -1275,7 +1317,7 @@ mod tests {
             };
             let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));
             saved.by_id.lock().insert(vm_id.into(), Arc::new(record));
-            saved.threat_found(vm_id);
+            assert!(saved.threat_found(vm_id));
         }
         saved.save().unwrap();
         // vm-2's tag is one this version does not know (a newer one's),
@@ -1317,6 +1359,14 @@ mod tests {
             "a damaged file is not trusted"
         );
         assert!(!path.exists() && rejected.exists());
+
+        // Not a file: a FIFO in its place would keep the start waiting.
+        let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo has no memory preconditions.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let loaded = Vms::open(dir.path()).unwrap();
+        assert_eq!(loaded.count(), 0);
+        assert!(!path.exists(), "set aside");
     }
 
     #[test]

@@ -833,12 +833,18 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
 /// not its session: its heartbeats go on, and once the output is read
 /// every file has its verdict; so it does when the server gave up on the
 /// Scan stream meanwhile (its idle timeout passed with no reply taken):
-/// the files left go on a new one.
+/// the files left go on a new one, those the server failed for want of
+/// their content (asked for, the request left unread) among them.
 #[test]
 fn lightagent_output_left_unread_holds_up_the_scan_not_its_session() {
-    let settings = [
-        "[server]\nheartbeat_interval = \"1s\"\n",
-        "[server]\nheartbeat_interval = \"1s\"\nidle_timeout = \"2s\"\n[engine]\nscan_timeout = \"1s\"\n",
+    let quick = "[server]\nheartbeat_interval = \"1s\"\nidle_timeout = \"2s\"\n[engine]\nscan_timeout = \"1s\"\n";
+    // Settings, how files are announced, and how long output goes unread:
+    // three missed heartbeats end a session, and five go by; files asked
+    // for stop holding the stream open after `UPLOAD_WAIT` (10 s).
+    let runs = [
+        ("[server]\nheartbeat_interval = \"1s\"\n", "auto", 5),
+        (quick, "auto", 5),
+        (quick, "always", 14),
     ];
     // Lines enough (of 400 bytes and more: long names) to fill the pipe,
     // and far more than the agent lets wait to be written (64 KiB) before
@@ -849,7 +855,7 @@ fn lightagent_output_left_unread_holds_up_the_scan_not_its_session() {
         let name = format!("{n:0>200}.txt");
         fs::write(tree.path().join(name), format!("file {n}")).unwrap();
     }
-    for settings in settings {
+    for (settings, hash_first, unread) in runs {
         let cache = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         let config = state.path().join("scanserver.toml");
@@ -864,6 +870,8 @@ fn lightagent_output_left_unread_holds_up_the_scan_not_its_session() {
             .args([
                 "scan",
                 "--json",
+                "--hash-first",
+                hash_first,
                 "--server",
                 &format!("http://127.0.0.1:{listen}"),
             ])
@@ -872,17 +880,17 @@ fn lightagent_output_left_unread_holds_up_the_scan_not_its_session() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Three missed heartbeats end a session: five go by unread.
-        std::thread::sleep(std::time::Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_secs(unread));
         let output = agent.wait_with_output().unwrap();
         let said = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(0), "{settings}: {said}");
         assert!(output.stdout.len() > 3 << 19, "{}", output.stdout.len());
         let lines = json_lines(&output.stdout);
         assert_eq!(lines.len(), files, "{settings}");
+        let failed = lines.iter().find(|line| line["verdict"] != "clean");
         assert!(
-            lines.iter().all(|line| line["verdict"] == "clean"),
-            "{settings}: {said}"
+            failed.is_none(),
+            "{settings} {hash_first}: {failed:?} {said}"
         );
     }
 }
@@ -1085,6 +1093,63 @@ fn serve_feeds_the_watchdog_meant_for_it() {
         assert_eq!(pings >= 7, fed, "{messages:?}");
         assert!(fed || pings == 0, "{messages:?}");
     }
+}
+
+/// `lightagent bench`: its agents' storm makes one scan per distinct
+/// content, the next round is answered from the cache, and a storm in
+/// which files failed exits 2, its figures printed all the same.
+#[test]
+fn lightagent_bench_counts_scans_hits_and_failures() {
+    let cache = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("scanserver.toml");
+    fs::write(&config, "[uploads]\nmax_file_size = 1024\n").unwrap();
+    let (tree, _, _) = eicar_and_clean();
+    fs::write(
+        tree.path().join("copy.txt"),
+        fs::read(tree.path().join("notes.txt")).unwrap(),
+    )
+    .unwrap();
+    let (listen, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let _server = serve(cache.path(), state.path(), listen, &admin, |serve| {
+        serve.arg("--config").arg(&config);
+    });
+    wait_for_listener(listen);
+    let bench = |files: &Path, rounds: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
+            .args(["bench", "--json", "--agents", "5", "--rounds", rounds])
+            .args(["--server", &format!("http://127.0.0.1:{listen}")])
+            .arg("--files")
+            .arg(files)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code(), json_lines(&output.stdout), said)
+    };
+
+    let (code, rounds, said) = bench(tree.path(), "2");
+    assert_eq!(code, Some(0), "{said}");
+    let (cold, warm) = (&rounds[0], &rounds[1]);
+    assert_eq!(cold["files"], 15, "{cold}");
+    assert_eq!(cold["unique_contents"], 2, "{cold}");
+    assert_eq!(cold["scans"], 2, "one scan per distinct content: {cold}");
+    assert_eq!(cold["errors"], 0, "{cold}");
+    assert_eq!(
+        cold["cache_hits"].as_u64().unwrap() + cold["coalesced_waits"].as_u64().unwrap(),
+        13,
+        "{cold}"
+    );
+    assert_eq!(
+        (&warm["scans"], &warm["cache_hits"]),
+        (&0.into(), &15.into()),
+        "{warm}"
+    );
+
+    fs::write(tree.path().join("large.bin"), vec![7; 2048]).unwrap();
+    let (code, rounds, said) = bench(tree.path(), "1");
+    assert_eq!(code, Some(2), "{said}");
+    assert_eq!(rounds[0]["errors"], 5, "{}", rounds[0]);
+    assert!(said.contains("5 verdicts failed"), "{said}");
 }
 
 /// Malware found is logged, a warning per verdict, with the VM and the

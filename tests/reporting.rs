@@ -454,7 +454,7 @@ async fn a_report_keeps_its_vms_within_what_receivers_take() {
         svm.sessions.close(&session.id, Ending::Dropped);
     }
     let tagged = long("vm", VMS - 1);
-    svm.vms.threat_found(&tagged);
+    assert!(svm.vms.threat_found(&tagged));
     let (report, _) = next_report_within(&receiver, Duration::from_secs(60))
         .await
         .expect("a report of the change");
@@ -1253,12 +1253,14 @@ async fn a_state_file_that_cannot_be_saved_shows_in_the_status() {
     assert!(refused.message().contains("cannot be saved"), "{refused:?}");
 
     std::fs::remove_dir_all(&registry).unwrap();
-    // A tag change saved by the command (the tag refused above is set:
-    // it is removed) clears the reason at once.
-    assert!(set_tag(&server, "vm-s", IDS_IPS, false).await.unwrap());
+    // The operator runs the refused command again: the tag is set already
+    // (nothing changes), and the reply still waits for a save, which
+    // clears the reason at once.
+    assert!(!set_tag(&server, "vm-s", IDS_IPS, true).await.unwrap());
     assert!(registry.is_file(), "saved again");
     assert!(!server.svm.status().reasons.contains(&unsaved));
     assert_eq!(state_folder().detail, "saved");
+    assert!(set_tag(&server, "vm-s", IDS_IPS, false).await.unwrap());
     drop(agent);
 }
 

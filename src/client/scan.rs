@@ -142,8 +142,8 @@ impl Agent {
     /// (`RESOURCE_EXHAUSTED`: its budget for messages in flight is spent)
     /// is opened again for the files still without an outcome, after the
     /// pauses a file refused for want of room waits (100 ms, doubling up
-    /// to 2 s; the scan fails after 20 refusals in a row with no file
-    /// answered). So is a stream the server closes as idle
+    /// to 2 s; the scan fails at the refusal after 20 in a row with no
+    /// file answered). So is a stream the server closes as idle
     /// (`DEADLINE_EXCEEDED`), at once.
     pub async fn scan_into<F>(
         &self,
@@ -443,10 +443,14 @@ impl<F: ResultSink> Settle<'_, F> {
                 }
                 Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
                 Some(file_reply::Kind::Error(error)) => {
+                    // Refused for want of room, or given up for its content
+                    // not coming (asked for while the agent took no
+                    // replies: its output left unread): announced again.
                     // A file the agent could not read is over, whatever
                     // the server says of it.
                     let answered = self.scan.answered;
-                    let retried = error.code == Code::ResourceExhausted as i32
+                    let again = [Code::ResourceExhausted, Code::DeadlineExceeded];
+                    let retried = again.iter().any(|code| error.code == *code as i32)
                         && files
                             .get_mut(id)
                             .is_some_and(|f| f.unread.is_none() && f.refusals.again(answered));
@@ -557,10 +561,11 @@ impl<F: ResultSink> Settle<'_, F> {
 
 /// Files the server refused for want of room (RESOURCE_EXHAUSTED: its
 /// places in flight held by files of the VM's earlier session, say, or its
-/// spool or the VM's share of it full), each announced again after a pause
-/// that doubles from [`Self::FIRST`] up to [`Self::LONGEST`]. A file fails
-/// with the server's error once refused [`Self::MOST`] times in a row (33
-/// seconds of pauses) with none of the agent's files answered
+/// spool or the VM's share of it full) or gave up on for want of their
+/// content (DEADLINE_EXCEEDED), each announced again after a pause that
+/// doubles from [`Self::FIRST`] up to [`Self::LONGEST`]. A file fails with
+/// the server's error when refused once more after [`Self::MOST`] times in
+/// a row (33 seconds of pauses) with none of the agent's files answered
 /// meanwhile: see [`Refusals`]. Such a refusal says nothing of the file,
 /// and room comes back as other files end. A file waiting here keeps its
 /// place in flight; it takes a new id, so that late replies about the

@@ -34,7 +34,7 @@ use crate::{
     proto::{RestartSession, TaskState},
     sessions::{AgentIdentity, LogBudget, Session},
     shutdown::shut_down,
-    vms::{Ending, Vms},
+    vms::{Ending, SecurityTag, Vms},
 };
 
 /// How long a new stream may take to send its Hello.
@@ -538,13 +538,16 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudge
             match task.state() {
                 TaskState::Started => vms.task_started(session, &task.task_id, task.kind()),
                 TaskState::Finished => {
-                    vms.task_finished(
+                    let untagged = vms.task_finished(
                         session,
                         &task.task_id,
                         task.kind(),
                         task.detections,
                         task.failed_files,
                     );
+                    if untagged && logs.take() {
+                        Vms::tag_line(vm, SecurityTag::VirusFound, false);
+                    }
                 }
                 TaskState::Unspecified => {}
             }
@@ -565,7 +568,9 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudge
                     description = ?shown(&attack.description), "network attack"
                 );
             }
-            vms.network_attack(vm);
+            if vms.network_attack(vm) && logs.take() {
+                Vms::tag_line(vm, SecurityTag::IdsIps, true);
+            }
         }
         Some(agent_message::Kind::Status(status)) => {
             vms.integration_server(vm, status.integration_server_connected);
@@ -581,6 +586,10 @@ const EVENTS_LOGGED: u32 = 120;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        proto,
+        sessions::{MALWARE_LOGGED, Subject},
+    };
 
     /// An agent's events take at most `EVENTS_LOGGED` log lines a minute;
     /// how many went unlogged is logged once the minute is over.
@@ -610,6 +619,59 @@ mod tests {
         }
         drop(logs);
         assert_eq!(logged.lines("unlogged=81"), 1, "said as the session ends");
+    }
+
+    /// An agent whose files tag its VM and whose clean full scans untag
+    /// it, over and over, has the tag lines logged within its budgets
+    /// (malware found, events), not two lines a round.
+    #[tokio::test(start_paused = true)]
+    async fn tag_lines_take_a_bounded_share_of_the_log() {
+        let (logged, _logging) = crate::testlog::Logged::capture();
+        let vms = Arc::new(Vms::in_memory());
+        let sessions = crate::sessions::Sessions::new(
+            10,
+            &Default::default(),
+            Arc::clone(&vms),
+            Default::default(),
+        );
+        let agent = AgentIdentity {
+            agent_id: "agent".into(),
+            vm_id: "desk-1".into(),
+            vm_name: "desk-1".into(),
+            os: "Windows".into(),
+            agent_version: "1".into(),
+            certificate: None,
+        };
+        let session = sessions.open(agent).unwrap();
+        let infected = proto::FileVerdict {
+            verdict: Some(proto::Verdict {
+                kind: Some(proto::verdict::Kind::Infected(proto::Infected {
+                    detections: vec![proto::Detection::default()],
+                })),
+            }),
+            ..Default::default()
+        };
+        let mut logs = LogBudget::new("events", EVENTS_LOGGED, "", "");
+        let task = |state: TaskState| AgentMessage {
+            kind: Some(agent_message::Kind::Task(proto::TaskEvent {
+                task_id: "full".into(),
+                kind: proto::TaskKind::FullScan as i32,
+                state: state as i32,
+                ..Default::default()
+            })),
+        };
+        for _ in 0..1000 {
+            let found = [(Subject::Digest(&[0; 32]), &infected)];
+            session.record_files(0, found);
+            note(&vms, &session, task(TaskState::Started), &mut logs);
+            note(&vms, &session, task(TaskState::Finished), &mut logs);
+            assert!(vms.get("desk-1").unwrap().tags.is_empty());
+        }
+        let assigned = logged.lines("security tag assigned");
+        let removed = logged.lines("security tag removed");
+        assert!(assigned > 0 && removed > 0, "{assigned}, {removed}");
+        assert!(assigned < MALWARE_LOGGED as usize, "{assigned}");
+        assert!(removed < EVENTS_LOGGED as usize, "{removed}");
     }
 
     /// One certificate names one VM: an address is written one way only.
