@@ -677,18 +677,17 @@ impl SourceSet {
     /// Reads every `.yar`/`.yara` file below `source` (or `source` itself
     /// when it is a file), and every file they include.
     fn collect(source: &Path) -> Result<SourceSet, SignatureError> {
-        // A bare file name's parent is the empty path: the working folder.
-        let root = if source.is_dir() {
-            source
-        } else {
-            source
-                .parent()
-                .filter(|parent| !parent.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-        };
-        let root = root
+        // A file's folder is the one it lies in: reached through a link
+        // (`/etc/scanserver/rules.yar` to a release's `index.yar`), it is
+        // named and includes from where it lies, as a folder reached
+        // through a link is.
+        let canonical = source
             .canonicalize()
-            .map_err(|e| SignatureError::io(root, e))?;
+            .map_err(|e| SignatureError::io(source, e))?;
+        let root = match source.is_dir() {
+            true => canonical,
+            false => canonical.parent().unwrap_or(Path::new("/")).to_owned(),
+        };
         let mut files = Vec::new();
         let walk = WalkDir::new(source)
             .follow_links(true)
@@ -713,7 +712,12 @@ impl SourceSet {
                 let err = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
                 return Err(SignatureError::io(entry.path(), err));
             }
-            files.push(SourceFile::read(&root, entry.path(), true)?);
+            let file = SourceFile::read(&root, entry.path(), true)?;
+            // A link to a file of the set (`latest.yar` to `v2.yar`) is
+            // that file: compiled twice, its rules would clash.
+            if !files.iter().any(|f: &SourceFile| f.path == file.path) {
+                files.push(file);
+            }
         }
         if files.is_empty() {
             return Err(SignatureError::Empty(source.to_owned()));

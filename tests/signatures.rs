@@ -576,6 +576,44 @@ fn includes_are_versioned_as_written_and_read_only_where_they_may_be() {
     let after = Ruleset::load(&flipped, None).unwrap();
     assert_ne!(before.version(), after.version());
 
+    // A rules file reached through a link is named, and includes, from
+    // where it lies: a link flipped to another release of the same
+    // content makes the same version.
+    let linked = dir.path().join("linked");
+    for release in ["r1", "r2"] {
+        let folder = linked.join(release);
+        fs::create_dir_all(&folder).unwrap();
+        fs::write(
+            folder.join("common.yar"),
+            "private rule base { condition: true }\n",
+        )
+        .unwrap();
+        fs::write(
+            folder.join("index.yar"),
+            "include \"common.yar\"\nrule uses { condition: base }\n",
+        )
+        .unwrap();
+    }
+    let etc = linked.join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    let rules = etc.join("rules.yar");
+    std::os::unix::fs::symlink("../r1/index.yar", &rules).unwrap();
+    let before = Ruleset::load(&rules, None).unwrap();
+    assert_eq!(before.rule_count(), 2);
+    fs::remove_file(&rules).unwrap();
+    std::os::unix::fs::symlink("../r2/index.yar", &rules).unwrap();
+    assert_eq!(
+        Ruleset::load(&rules, None).unwrap().version(),
+        before.version()
+    );
+    // A link to a file of a folder ruleset is that file, loaded once.
+    std::os::unix::fs::symlink("index.yar", linked.join("r1/latest.yar")).unwrap();
+    let count = |release: &str| {
+        let ruleset = Ruleset::load(&linked.join(release), None);
+        ruleset.unwrap().rule_count()
+    };
+    assert_eq!(count("r1"), count("r2"));
+
     let single = dir.path().join("single");
     fs::create_dir_all(&single).unwrap();
     fs::write(single.join("admin.token"), "s3cr3t-token\n").unwrap();
