@@ -200,6 +200,19 @@ impl Config {
         if self.uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
+        // Checked first: the upload limit follows them when a file does
+        // not set it, and a budget too small to spool anything would be
+        // blamed on the limit.
+        let budgets = [
+            ("uploads.spool_budget", self.uploads.spool_budget),
+            (
+                "uploads.spool_budget_per_vm",
+                self.uploads.spool_budget_per_vm(),
+            ),
+        ];
+        if let Some((setting, _)) = budgets.iter().find(|(_, budget)| *budget < 1 << 10) {
+            return invalid(setting, "must be at least 1 KiB");
+        }
         if self.uploads.max_file_size == 0 {
             // Agents read 0 in the Welcome as no limit given.
             return invalid("uploads.max_file_size", "must be more than 0");
@@ -272,14 +285,27 @@ impl Config {
                 );
             }
         }
+        // Two listeners on one port clash when either takes every address.
+        let overlap = |one: SocketAddr, other: SocketAddr| {
+            let any = one.ip().is_unspecified() || other.ip().is_unspecified();
+            one.port() != 0 && one.port() == other.port() && (any || one.ip() == other.ip())
+        };
         let clashes = |other: SocketAddr| match &self.server.admin_listen {
-            AdminAddr::Tcp(admin) => admin.port() != 0 && *admin == other,
+            AdminAddr::Tcp(admin) => overlap(*admin, other),
             AdminAddr::Unix(_) => false,
         };
         if clashes(self.server.listen) || self.server.metrics_listen.is_some_and(clashes) {
             return invalid(
                 "server.admin_listen",
                 "must differ from the agent and metrics listeners: the admin service is never served to agents",
+            );
+        }
+        if let Some(metrics) = self.server.metrics_listen
+            && overlap(metrics, self.server.listen)
+        {
+            return invalid(
+                "server.metrics_listen",
+                "must differ from the agent listener's address (server.listen)",
             );
         }
         // Tags lift a VM's quarantine: a VM that reaches the admin service
@@ -507,11 +533,7 @@ fn systemd_directory(variable: &str) -> Option<PathBuf> {
 }
 
 fn default_svm_id() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "svm".to_owned())
+    crate::host_name().unwrap_or_else(|| "svm".to_owned())
 }
 
 /// The `[tls]` table: present means the agent listener speaks TLS.
@@ -857,6 +879,16 @@ mod tests {
         let both = format!("{raised}[uploads]\nmax_file_size = 1048576\n");
         assert_eq!(read(&both), 1 << 20);
         assert_eq!(read(""), Config::default().uploads.max_file_size);
+        // A budget too small for any file is the budget's fault, not the
+        // limit that followed it down to nothing.
+        let path = dir.path().join("scanserver.toml");
+        std::fs::write(&path, "[uploads]\nspool_budget = 512\n").unwrap();
+        match Config::from_file(&path).unwrap().validate() {
+            Err(ConfigError::Invalid { setting, .. }) => {
+                assert_eq!(setting, "uploads.spool_budget")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A tag with spaces around it (from "vdi, prod" in a file) and an
@@ -866,6 +898,13 @@ mod tests {
     #[test]
     fn settings_that_would_only_fail_once_serving_are_refused() {
         let tags = |tags: &[&str]| tags.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        // Listeners on one port, one of them on every address.
+        let any = |c: &mut Config| c.server.listen = "0.0.0.0:7406".parse().unwrap();
+        assert_eq!(refused(any), "server.admin_listen");
+        let metrics = |c: &mut Config| {
+            c.server.metrics_listen = Some("127.0.0.1:7405".parse().unwrap());
+        };
+        assert_eq!(refused(metrics), "server.metrics_listen");
         let spaced = tags(&["vdi", " prod"]);
         assert_eq!(
             refused(|c| c.server.allowed_tags = spaced),

@@ -210,6 +210,8 @@ pub struct Connections {
     address_full: Refusals,
     /// Connections closed for sending no preface in time, since start.
     silent: Arc<AtomicU64>,
+    /// TLS handshakes that failed or timed out.
+    failed_handshakes: Refusals,
     /// The calls under way on each connection.
     calls: Arc<Calls>,
     /// How long a connection with no call under way is kept; `None`: for
@@ -358,6 +360,7 @@ impl Connections {
             no_place: Refusals::default(),
             address_full: Refusals::default(),
             silent: Arc::default(),
+            failed_handshakes: Refusals::default(),
             calls: Arc::default(),
             idle_after: None,
             closing: Arc::default(),
@@ -560,6 +563,28 @@ impl Connections {
     /// time, since start.
     pub fn idle_closed(&self) -> u64 {
         self.calls.closed_idle.load(Ordering::Relaxed)
+    }
+
+    /// Counts a TLS handshake with `peer` that failed for `why`, and logs
+    /// it as a warning at most once every [`WARN_EVERY`], with how many
+    /// failed since: agents refused for a certificate (expired, of another
+    /// CA, none where one is required) are refused before any session, and
+    /// the log is where an operator finds out why they stay away. A
+    /// scanner's probes take one line a minute.
+    pub fn handshake_failed(&self, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        if let Some(since) = self.failed_handshakes.count() {
+            tracing::warn!(
+                last = %peer,
+                failed = since,
+                "TLS handshakes with {} clients failed; the last: {why}",
+                self.whose
+            );
+        }
+    }
+
+    /// TLS handshakes that failed or timed out, since start.
+    pub fn failed_handshakes(&self) -> u64 {
+        self.failed_handshakes.count.load(Ordering::Relaxed)
     }
 }
 

@@ -126,5 +126,17 @@ pub fn abridged(text: &str, most: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// This host's name, as the kernel has it (what `hostname` prints: set at
+/// boot from `/etc/hostname`, or by DHCP or cloud-init where that file is
+/// missing or says `localhost`); `/etc/hostname` where the kernel's
+/// cannot be read. `None` when neither names the host.
+pub fn host_name() -> Option<String> {
+    let named = |path: &str| {
+        let name = std::fs::read_to_string(path).ok()?.trim().to_owned();
+        (!name.is_empty() && name != "(none)" && name != "localhost").then_some(name)
+    };
+    named("/proc/sys/kernel/hostname").or_else(|| named("/etc/hostname"))
+}
+
 /// The server's version, as reported to agents and operators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

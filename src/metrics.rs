@@ -432,6 +432,11 @@ impl Collector for Live {
                 svm.connections.silent(),
             ),
             (
+                "scanserver_tls_handshakes_failed",
+                "TLS handshakes on the agent listener that failed or timed out (a client's certificate refused, or none sent where one is required, among them)",
+                svm.connections.failed_handshakes(),
+            ),
+            (
                 "scanserver_agent_connections_idle",
                 "Agent connections closed for having no call under way for server.idle_timeout",
                 svm.connections.idle_closed(),

@@ -258,14 +258,17 @@ impl Tls {
                     () = accepted.closed() => return,
                 };
                 let acceptor = TlsAcceptor::from(Arc::clone(&self.served.load().config));
-                let accepted = accepted.clone();
+                let (accepted, connections) = (accepted.clone(), Arc::clone(&connections));
                 handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let _ = accepted.send(Ok(place.hold(stream))).await;
                         }
-                        Ok(Err(err)) => tracing::debug!(%peer, "TLS handshake failed: {err}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(err)) => connections.handshake_failed(peer, &err),
+                        Err(_) => {
+                            let why = format!("not done within {HANDSHAKE_TIMEOUT:?}");
+                            connections.handshake_failed(peer, &why);
+                        }
                     }
                 });
             }

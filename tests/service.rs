@@ -2674,6 +2674,11 @@ async fn tls_and_mutual_tls() {
         ),
         "a client without a certificate is refused"
     );
+    // Counted (and logged) where operators see it: the agents refused
+    // have no session to show for it.
+    let failed = || mutual.svm.connections.failed_handshakes() > 0;
+    until_read("a failed handshake counted", failed, true).await;
+    assert_eq!(server.svm.connections.failed_handshakes(), 0);
 
     // VM ids taken from certificates: the client's is for "agent-1" only.
     let certified = TestServer::start(|c| {

@@ -116,9 +116,7 @@ impl AgentOptions {
                 .ok()
                 .map(|s| s.trim().to_owned())
         };
-        let host = read("/etc/hostname")
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".into());
+        let host = crate::host_name().unwrap_or_else(|| "localhost".into());
         let machine = read("/etc/machine-id")
             .filter(|m| !m.is_empty())
             .unwrap_or_else(|| host.clone());
