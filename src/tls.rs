@@ -353,11 +353,18 @@ impl Files {
 
     fn served(&self, settings: &TlsConfig) -> Result<Served, TlsError> {
         let certs = certificates(&self.cert).map_err(pem("certificate", &settings.cert))?;
-        // The first certificate is the server's; a validity it cannot read
-        // is unknown, not an error (rustls checks the certificate).
-        let expires = x509_parser::parse_x509_certificate(&certs[0])
-            .ok()
-            .and_then(|(_, leaf)| u64::try_from(leaf.validity().not_after.timestamp()).ok())
+        // The chain is as good as its first certificate to expire: the
+        // server's own, or an intermediate CA's served with it. A validity
+        // that cannot be read is unknown, not an error (rustls checks the
+        // certificates).
+        let not_after = |der: &CertificateDer<'_>| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+            u64::try_from(cert.validity().not_after.timestamp()).ok()
+        };
+        let expires = certs
+            .iter()
+            .filter_map(not_after)
+            .min()
             .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
         let config = Arc::new(self.server_config(settings, certs)?);
         Ok(Served { config, expires })

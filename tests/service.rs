@@ -3621,6 +3621,28 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         "{:?}",
         server.svm.status()
     );
+
+    // Served with an intermediate CA that expires first: agents refuse the
+    // chain once it does, whatever the server's own certificate says.
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(7);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2200, 1, 1);
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let chain = format!("{}{}", cert.pem(), ca.pem());
+    std::fs::write(dir.path().join("server.pem"), chain).unwrap();
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    assert!(tls.reload().unwrap());
+    let status = server.svm.status();
+    assert_eq!(
+        status.reasons,
+        [SvmReason::CertificateExpiresSoon],
+        "{status:?}"
+    );
 }
 
 /// The client announces again a file the server refused for want of room
