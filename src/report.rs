@@ -27,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::prelude::{BASE64_STANDARD, Engine};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
@@ -54,7 +55,12 @@ impl Format {
 /// One file's line of JSON output.
 #[derive(Serialize)]
 pub struct FileLine<'a> {
+    /// The file's name; a byte of it that is not UTF-8 is written `\xNN`.
     pub path: &'a str,
+    /// The file's name as bytes (base64), when it is not UTF-8: the name
+    /// to find the file by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_base64: Option<String>,
     pub size: u64,
     /// The content's blake3 digest in hex; null when it was not read.
     pub blake3: Option<String>,
@@ -378,11 +384,13 @@ fn lost_output(written: io::Result<()>) -> Option<io::Error> {
 }
 
 fn json_line(path: &Path, outcome: &ScanOutcome, cached: Option<bool>) -> String {
-    let path = path.to_string_lossy();
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let path = named(bytes);
     let failure = outcome.verdict.failure();
     let detections = outcome.verdict.detections();
     let line = FileLine {
         path: &path,
+        path_base64: matches!(path, Cow::Owned(_)).then(|| BASE64_STANDARD.encode(bytes)),
         size: outcome.size,
         blake3: outcome.digest.map(|d| d.to_hex().to_string()),
         verdict: outcome.verdict.kind(),
@@ -408,7 +416,25 @@ fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
             format!("FAILED {} ({detail})", failure.reason)
         }
     };
-    Some(format!("{}: {said}", printable(&path.to_string_lossy())))
+    let path = named(path.as_os_str().as_encoded_bytes());
+    Some(format!("{}: {said}", printable(&path)))
+}
+
+/// A file's name as text: as it is when UTF-8, each byte that is not
+/// written `\xNN` otherwise (replaced by `�`, two names would print the
+/// same, and neither be found by what was printed).
+fn named(bytes: &[u8]) -> Cow<'_, str> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Cow::Borrowed(text);
+    }
+    let mut text = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            text.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    Cow::Owned(text)
 }
 
 /// `text` with its control characters escaped (`\n`, `\u{1b}`): a file
@@ -498,5 +524,27 @@ mod tests {
             printable(&plain.to_string_lossy()),
             Cow::Borrowed(_)
         ));
+    }
+
+    /// A name that is not UTF-8 prints its other bytes as `\xNN`, so that
+    /// two such names never print the same, and JSON gives it whole.
+    #[test]
+    fn names_that_are_not_utf8_are_shown_and_given_whole() {
+        use std::os::unix::ffi::OsStrExt;
+        let failed = Verdict::failed(FailReason::Io, "gone");
+        let name = |bytes: &[u8]| Path::new(std::ffi::OsStr::from_bytes(bytes)).to_owned();
+        let (first, second) = (name(b"payload\xff.so"), name(b"payload\xfe.so"));
+        let line = text_line(&first, &failed).unwrap();
+        assert_eq!(line, "payload\\xff.so: FAILED io (gone)");
+        assert_ne!(text_line(&second, &failed), Some(line));
+
+        let outcome = ScanOutcome::failed(failed, 0, Duration::ZERO, Arc::from("v"));
+        let json: serde_json::Value =
+            serde_json::from_str(&json_line(&first, &outcome, None)).unwrap();
+        assert_eq!(json["path"], "payload\\xff.so");
+        let exact = BASE64_STANDARD.decode(json["path_base64"].as_str().unwrap());
+        assert_eq!(exact.unwrap(), b"payload\xff.so");
+        let plain = json_line(Path::new("notes.txt"), &outcome, None);
+        assert!(!plain.contains("path_base64"), "{plain}");
     }
 }
