@@ -794,7 +794,7 @@ impl SourceSet {
                             rewritten.extend_from_slice(format!("include \"{literal}\"").as_bytes());
                             copied = statement.end;
                         }
-                        found.push(path);
+                        found.push((path, statement.start));
                     }
                     Ok(path) => errors.push(error(format!(
                         "include of {} leaves the ruleset folder",
@@ -807,12 +807,27 @@ impl SourceSet {
             if self.files[index].top_level && !found.is_empty() {
                 self.files[index].compiled = Some(rewritten);
             }
-            self.files[index].targets = found.iter().map(|path| relative_to(root, path)).collect();
+            let targets = found.iter().map(|(path, _)| relative_to(root, path));
+            self.files[index].targets = targets.collect();
             self.includes |= !found.is_empty();
-            for path in found {
-                if !self.files.iter().any(|f| f.path == path) {
-                    self.files.push(SourceFile::read(root, &path, false)?);
-                    pending.push(self.files.len() - 1);
+            for (path, at) in found {
+                if self.files.iter().any(|f| f.path == path) {
+                    continue;
+                }
+                match SourceFile::read(root, &path, false) {
+                    Ok(included) => {
+                        self.files.push(included);
+                        pending.push(self.files.len() - 1);
+                    }
+                    // Named where it is included: the file alone may be
+                    // one of many of that name.
+                    Err(err) => {
+                        let file = &self.files[index];
+                        let message = format!("include of {}: {err}", path.display());
+                        let error =
+                            Diagnostic::include_error(&file.relative, &file.text, at, message);
+                        errors.push(error);
+                    }
                 }
             }
         }
@@ -990,19 +1005,31 @@ fn includes(text: &[u8]) -> Vec<(std::ops::Range<usize>, String)> {
 
 /// Compiled rules on disk, one checksummed file per ruleset version, with
 /// the compiler's warnings (a ruleset loaded from the cache reports them as
-/// one compiled anew does). Layout: the blake3 digest of the rest, the
-/// length of the warnings (u32, little-endian), the warnings as JSON, the
-/// rules as YARA-X serializes them. A file of another layout fails its
-/// checksum and is compiled again.
+/// one compiled anew does). Layout: the blake3 digest of the version and
+/// the rest, the length of the warnings (u32, little-endian), the warnings
+/// as JSON, the rules as YARA-X serializes them. A file of another layout,
+/// or of another version (copied or restored under this one's name),
+/// fails its checksum and is compiled again: rules taken for another
+/// version's would have their verdicts cached as that version's.
 struct RulesCache {
     path: PathBuf,
+    version: String,
 }
 
 impl RulesCache {
     fn new(dir: &Path, version: &str) -> Self {
         RulesCache {
             path: dir.join(format!("{version}.yarc")),
+            version: version.to_owned(),
         }
+    }
+
+    /// The checksum of `rest`, a file's content after it, for this version.
+    fn checksum(&self, rest: &[u8]) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(self.version.as_bytes());
+        hasher.update(rest);
+        hasher.finalize()
     }
 
     /// The cached rules and their warnings, if present and intact, in a
@@ -1017,7 +1044,7 @@ impl RulesCache {
         let bytes = fs::read(&self.path).ok()?;
         let rules = bytes
             .split_at_checked(blake3::OUT_LEN)
-            .filter(|(sum, rest)| blake3::hash(rest).as_bytes() == *sum)
+            .filter(|(sum, rest)| self.checksum(rest).as_bytes() == *sum)
             .and_then(|(_, rest)| {
                 let (len, rest) = rest.split_first_chunk::<4>()?;
                 let (warnings, payload) =
@@ -1051,7 +1078,7 @@ impl RulesCache {
         let mut file = tempfile::Builder::new()
             .prefix(TEMPORARY_PREFIX)
             .tempfile_in(dir)?;
-        file.write_all(blake3::hash(&rest).as_bytes())?;
+        file.write_all(self.checksum(&rest).as_bytes())?;
         file.write_all(&rest)?;
         file.as_file().sync_all()?;
         file.persist(&self.path)?;

@@ -414,6 +414,7 @@ fn a_fifo_in_place_of_a_rule_file_fails_the_load() {
     )
     .unwrap();
     for source in [dir.path().to_owned(), fifo.clone()] {
+        let included = source == dir.path();
         let (done, result) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = done.send(Ruleset::load(&source, None).map(|_| ()));
@@ -423,6 +424,8 @@ fn a_fifo_in_place_of_a_rule_file_fails_the_load() {
             .expect("the load ends");
         let err = result.expect_err("a FIFO is not a rule file");
         assert!(err.to_string().contains("not a regular file"), "{err}");
+        // Included, it is named where it is included.
+        assert_eq!(err.to_string().contains("a.yar:1:1"), included, "{err}");
     }
     // Named as a rule file, not included: not left out in silence (its
     // rules would be missing from a load that says it succeeded).
@@ -693,6 +696,20 @@ fn compiled_rules_are_cached_under_their_version_and_damage_is_ignored() {
         !recompiled.from_cache(),
         "a damaged cache file is not trusted"
     );
+
+    // Another version's rules under this version's name (a copy, a
+    // backup restored) are not taken for this version's.
+    let rules = tempfile::tempdir().unwrap();
+    fs::write(rules.path().join("x.yar"), "rule x { condition: true }\n").unwrap();
+    let other = Ruleset::load(rules.path(), Some(cache.path())).unwrap();
+    let other_file = cache.path().join(format!("{}.yarc", other.version()));
+    fs::copy(&other_file, &file).unwrap();
+    let reloaded = Ruleset::load(&source, Some(cache.path())).unwrap();
+    assert!(
+        !reloaded.from_cache(),
+        "another version's file is not trusted"
+    );
+    assert_eq!(reloaded.rule_count(), compiled.rule_count());
 }
 
 /// Rules loaded from the compiled-rules cache report the compiler's
