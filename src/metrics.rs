@@ -372,7 +372,7 @@ impl Collector for Live {
                 .as_secs();
             Some((
                 "scanserver_tls_certificate_expiry_timestamp_seconds",
-                "When the agent listener's TLS certificate chain expires: its first certificate to (Unix time)",
+                "When the agent listener's TLS certificate chain expires: its first certificate to expire, roots aside (Unix time)",
                 seconds,
             ))
         });

@@ -420,16 +420,18 @@ fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
     Some(format!("{}: {said}", printable(&path)))
 }
 
-/// A file's name as text: as it is when UTF-8, each byte that is not
-/// written `\xNN` otherwise (replaced by `�`, two names would print the
-/// same, and neither be found by what was printed).
+/// A file's name as text: as it is when UTF-8; otherwise each byte that
+/// is not written `\xNN`, and each backslash `\\` (replaced by `�`, two
+/// names would print the same, and neither be found by what was printed;
+/// a backslash left as it is, a name holding the text `\xff` would print
+/// as one holding that byte).
 fn named(bytes: &[u8]) -> Cow<'_, str> {
     if let Ok(text) = std::str::from_utf8(bytes) {
         return Cow::Borrowed(text);
     }
     let mut text = String::with_capacity(bytes.len() + 8);
     for chunk in bytes.utf8_chunks() {
-        text.push_str(chunk.valid());
+        text.push_str(&chunk.valid().replace('\\', "\\\\"));
         for byte in chunk.invalid() {
             text.push_str(&format!("\\x{byte:02x}"));
         }
@@ -533,10 +535,11 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let failed = Verdict::failed(FailReason::Io, "gone");
         let name = |bytes: &[u8]| Path::new(std::ffi::OsStr::from_bytes(bytes)).to_owned();
-        let (first, second) = (name(b"payload\xff.so"), name(b"payload\xfe.so"));
+        let (first, second) = (name(b"payload\xff.so"), name(b"payload\\xff\xfe.so"));
         let line = text_line(&first, &failed).unwrap();
         assert_eq!(line, "payload\\xff.so: FAILED io (gone)");
-        assert_ne!(text_line(&second, &failed), Some(line));
+        let other = text_line(&second, &failed).unwrap();
+        assert_eq!(other, "payload\\\\xff\\xfe.so: FAILED io (gone)");
 
         let outcome = ScanOutcome::failed(failed, 0, Duration::ZERO, Arc::from("v"));
         let json: serde_json::Value =

@@ -135,6 +135,11 @@ impl Drop for LogBudget {
 /// [`LogBudget`]), and the `ScanFile` calls of the whole server.
 pub const MALWARE_LOGGED: u32 = 600;
 
+/// Lines telling of security tags assigned or removed one session may take
+/// a minute (see [`LogBudget`]): a tag changes a few times a day; more is
+/// an agent gone wrong.
+pub const TAGS_LOGGED: u32 = 10;
+
 /// Lines telling of agents rejected at their Hello the whole server may
 /// take a minute (see [`LogBudget`]).
 pub const REJECTIONS_LOGGED: u32 = 120;
@@ -371,6 +376,10 @@ pub struct Session {
     superseded: watch::Sender<bool>,
     /// The lines telling of malware found on the session's files.
     malware_logs: Mutex<LogBudget>,
+    /// The lines telling of security tags its messages assigned or
+    /// removed: their own, so that a burst of malware found or of events
+    /// cannot leave out the line that says the VM's state changed.
+    tag_logs: Mutex<LogBudget>,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
 }
@@ -428,12 +437,19 @@ impl Session {
         self.detections
             .fetch_add(tally.detections, Ordering::Relaxed);
         self.metrics.record(tally);
-        let vm = &self.agent.vm_id;
-        if tally.detections > 0 && self.vms.threat_found(vm) && self.malware_logs.lock().take() {
-            Vms::tag_line(vm, SecurityTag::VirusFound, true);
+        if tally.detections > 0 && self.vms.threat_found(&self.agent.vm_id) {
+            self.tagged(SecurityTag::VirusFound, true);
         }
         if tally.failures > 0 {
             self.scan_failed();
+        }
+    }
+
+    /// Logs that the session's messages assigned `tag` to its VM (or
+    /// removed it, when not `assigned`), within its budget for such lines.
+    pub fn tagged(&self, tag: SecurityTag, assigned: bool) {
+        if self.tag_logs.lock().take() {
+            Vms::tag_line(&self.agent.vm_id, tag, assigned);
         }
     }
 
@@ -559,6 +575,12 @@ impl Sessions {
             &session_id,
             &agent.vm_id,
         ));
+        let tag_logs = Mutex::new(LogBudget::new(
+            "lines telling of security tags assigned or removed",
+            TAGS_LOGGED,
+            &session_id,
+            &agent.vm_id,
+        ));
         let session = Arc::new(Session {
             id: session_id,
             agent,
@@ -573,6 +595,7 @@ impl Sessions {
             restart: watch::channel(None).0,
             superseded: watch::channel(false).0,
             malware_logs,
+            tag_logs,
             vms: Arc::clone(&self.vms),
             metrics: Arc::clone(&self.metrics),
         });

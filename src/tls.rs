@@ -354,15 +354,19 @@ impl Files {
     fn served(&self, settings: &TlsConfig) -> Result<Served, TlsError> {
         let certs = certificates(&self.cert).map_err(pem("certificate", &settings.cert))?;
         // The chain is as good as its first certificate to expire: the
-        // server's own, or an intermediate CA's served with it. A validity
-        // that cannot be read is unknown, not an error (rustls checks the
-        // certificates).
-        let not_after = |der: &CertificateDer<'_>| {
+        // server's own, or an intermediate CA's served with it. A root
+        // (self-signed) served with them is a trust anchor, whose expiry
+        // clients do not check. A validity that cannot be read is unknown,
+        // not an error (rustls checks the certificates).
+        let not_after = |(n, der): (usize, &CertificateDer<'_>)| {
             let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-            u64::try_from(cert.validity().not_after.timestamp()).ok()
+            let root = n > 0 && cert.subject() == cert.issuer();
+            let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+            (!root).then_some(seconds)
         };
         let expires = certs
             .iter()
+            .enumerate()
             .filter_map(not_after)
             .min()
             .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));

@@ -589,10 +589,12 @@ impl Vms {
     }
 
     /// The registry saved in the state folder `dir`. A file that is damaged
-    /// or of another format is set aside (renamed `vms.json.rejected`) with
-    /// a warning; so is a copy of one with records that cannot be read,
-    /// whose other records are kept. One that cannot be read at all is an
-    /// error, since saving over it would lose its tags.
+    /// or of another format, larger than any registry saved, or not a file
+    /// at all (a FIFO would keep the start waiting) is set aside (renamed
+    /// `vms.json.rejected`) with a warning; so is a copy of one with
+    /// records that cannot be read, whose other records are kept. One that
+    /// cannot be read at all (its permissions, a failing disk) is an error,
+    /// since saving over it would lose its tags.
     pub fn open(dir: &Path) -> io::Result<Self> {
         let path = dir.join(FILE_NAME);
         let saved = match files::read(&path, MAX_FILE_SIZE) {

@@ -1042,6 +1042,36 @@ async fn a_file_refused_for_want_of_room_and_sent_again_leaves_a_full_scan_clean
     eventually(&server, "vm-r", |vm| vm.tags.is_empty()).await;
 }
 
+/// A file failed as its stream closed idle (DEADLINE_EXCEEDED: its content
+/// never came) is sent again, as the agent is told to: that does not keep
+/// the full scan from clearing the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_failed_with_an_idle_stream_and_sent_again_leaves_a_full_scan_clean() {
+    let server = TestServer::start(|c| {
+        c.engine.scan_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let agent = TestAgent::connect(&server, "vm-i").await;
+    assert_eq!(agent.scan(&server, EICAR).await, 1);
+    agent.full_scan_event(TaskState::Started, 0).await;
+    agent.handled(&server).await;
+    let data = [0; 10];
+    let (tx, mut replies) = scan_stream(&server).await;
+    tx.send(begin(&agent.session_id, 1, &data, None))
+        .await
+        .unwrap();
+    let (id, failed) = next(&mut replies).await;
+    assert_eq!(
+        (id, error_code(&failed)),
+        (1, tonic::Code::DeadlineExceeded)
+    );
+    drop(tx);
+    assert_eq!(agent.scan(&server, &data).await, 0, "sent again");
+    agent.full_scan_event(TaskState::Finished, 0).await;
+    eventually(&server, "vm-i", |vm| vm.tags.is_empty()).await;
+}
+
 /// A stream cut off for want of room in the message budget fails its open
 /// files with RESOURCE_EXHAUSTED, which tells the agent to send them again:
 /// that does not keep the full scan from clearing the tag either.

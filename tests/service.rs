@@ -3623,17 +3623,30 @@ async fn an_expired_certificate_turns_the_svm_critical() {
     );
 
     // Served with an intermediate CA that expires first: agents refuse the
-    // chain once it does, whatever the server's own certificate says.
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(7);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    // chain once it does, whatever the server's own certificate says. The
+    // root served after it, expired, is a trust anchor, which clients do
+    // not check.
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let ca_params = |name: &str, not_after| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.not_after = not_after;
+        params
+    };
+    let root_params = ca_params("root", rcgen::date_time_ymd(2020, 1, 1));
+    let root = CertifiedIssuer::self_signed(root_params, KeyPair::generate().unwrap()).unwrap();
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::days(7);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = CertifiedIssuer::signed_by(ca_params("intermediate", soon), ca_key, &root).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
     params.not_after = rcgen::date_time_ymd(2200, 1, 1);
     let cert = params.signed_by(&key, &ca).unwrap();
-    let chain = format!("{}{}", cert.pem(), ca.pem());
+    let chain = format!("{}{}{}", cert.pem(), ca.pem(), root.pem());
     std::fs::write(dir.path().join("server.pem"), chain).unwrap();
     std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
     assert!(tls.reload().unwrap());

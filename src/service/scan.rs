@@ -163,18 +163,20 @@ impl VerdictOwed {
         VerdictOwed(Some(Arc::clone(session)))
     }
 
-    /// Lets the VM off: the file was refused for want of room, and its
-    /// agent is told to send it again; the file sent again owes the
-    /// verdict (and one the agent gives up on counts in its task's failed
-    /// files). Its scan did not fail: nothing was scanned yet.
+    /// Lets the VM off: the file was refused for want of room, or given up
+    /// for want of its content, and its agent is told to send it again;
+    /// the file sent again owes the verdict (and one the agent gives up on
+    /// counts in its task's failed files). Its scan did not fail: nothing
+    /// was scanned yet.
     fn forgive(&mut self) {
         self.0 = None;
     }
 
-    /// Forgives the file when it is refused with `code`
-    /// `RESOURCE_EXHAUSTED`, which tells its agent to send it again.
+    /// Forgives the file when it is failed with `code`
+    /// `RESOURCE_EXHAUSTED` or `DEADLINE_EXCEEDED`, which tell its agent to
+    /// send it again.
     fn forgive_if_resent(&mut self, code: Code) {
-        if code == Code::ResourceExhausted {
+        if matches!(code, Code::ResourceExhausted | Code::DeadlineExceeded) {
             self.forgive();
         }
     }
@@ -808,8 +810,9 @@ impl ScanStream {
         let replies: Vec<_> = stalled
             .into_iter()
             .filter_map(|id| {
-                self.close(id)
-                    .map(|_| file_error(id, Code::DeadlineExceeded, &message))
+                let mut file = self.close(id)?;
+                file.owed.forgive_if_resent(Code::DeadlineExceeded);
+                Some(file_error(id, Code::DeadlineExceeded, &message))
             })
             .collect();
         for reply in &replies {
