@@ -135,7 +135,11 @@ impl Drop for LogBudget {
 /// [`LogBudget`]), and the `ScanFile` calls of the whole server.
 pub const MALWARE_LOGGED: u32 = 600;
 
-/// Lines telling of security tags assigned or removed one session may take
+/// How many of one VM's events (scan tasks, integrity events, network
+/// attacks) are logged a minute (see [`LogBudget`]).
+pub const EVENTS_LOGGED: u32 = 120;
+
+/// Lines telling of security tags assigned or removed one VM may take
 /// a minute (see [`LogBudget`]): a tag changes a few times a day; more is
 /// an agent gone wrong.
 pub const TAGS_LOGGED: u32 = 10;
@@ -226,11 +230,52 @@ struct VmPlaces {
     spool: Weak<Semaphore>,
     /// Its Lookups answered at once.
     lookups: Weak<Semaphore>,
+    /// Its log lines.
+    logs: Weak<VmLogs>,
 }
 
 impl VmPlaces {
     fn held(&self) -> bool {
-        self.files.strong_count() + self.spool.strong_count() + self.lookups.strong_count() > 0
+        let held = [
+            self.files.strong_count(),
+            self.spool.strong_count(),
+            self.lookups.strong_count(),
+            self.logs.strong_count(),
+        ];
+        held.iter().sum::<usize>() > 0
+    }
+}
+
+/// The log lines one VM's sessions may take (see [`LogBudget`]): the VM's,
+/// not each session's, so that an agent that opens session after session
+/// (a Hello replaces the VM's session) does not get a budget with each.
+#[derive(Debug)]
+pub struct VmLogs {
+    /// Lines telling of malware found in its files.
+    pub malware: Mutex<LogBudget>,
+    /// Lines telling of its agent's events (scan tasks, integrity events,
+    /// network attacks).
+    pub events: Mutex<LogBudget>,
+    /// Lines telling of security tags its sessions' messages assigned or
+    /// removed: their own, so that a burst of malware found or of events
+    /// cannot leave out the line that says the VM's state changed.
+    tags: Mutex<LogBudget>,
+}
+
+impl VmLogs {
+    fn new(vm: &str) -> Self {
+        let budget = |what, per_minute| Mutex::new(LogBudget::new(what, per_minute, "", vm));
+        VmLogs {
+            malware: budget(
+                "lines telling of malware found in this VM's files",
+                MALWARE_LOGGED,
+            ),
+            events: budget("lines telling of this VM's agent's events", EVENTS_LOGGED),
+            tags: budget(
+                "lines telling of security tags assigned or removed",
+                TAGS_LOGGED,
+            ),
+        }
     }
 }
 
@@ -239,6 +284,7 @@ struct Shares {
     files: Arc<Places>,
     spool: Arc<Semaphore>,
     lookups: Arc<Semaphore>,
+    logs: Arc<VmLogs>,
 }
 
 /// What `held` names while anyone holds it, or else a `fresh` one, which
@@ -374,12 +420,8 @@ pub struct Session {
     restart: watch::Sender<Option<String>>,
     /// Set when a newer session of the same VM replaced this one.
     superseded: watch::Sender<bool>,
-    /// The lines telling of malware found on the session's files.
-    malware_logs: Mutex<LogBudget>,
-    /// The lines telling of security tags its messages assigned or
-    /// removed: their own, so that a burst of malware found or of events
-    /// cannot leave out the line that says the VM's state changed.
-    tag_logs: Mutex<LogBudget>,
+    /// The log lines of the VM's sessions.
+    pub logs: Arc<VmLogs>,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
 }
@@ -425,7 +467,7 @@ impl Session {
     /// [`Self::record`]; malware found is logged at once.
     pub fn tally(&self, tally: &mut Tally, subject: Subject<'_>, verdict: &FileVerdict) {
         tally.add(verdict);
-        log_malware_found(&self.malware_logs, Some(self), subject, verdict);
+        log_malware_found(&self.logs.malware, Some(self), subject, verdict);
     }
 
     /// Counts the verdicts of `tally` (`bytes` of content in all): one
@@ -448,7 +490,7 @@ impl Session {
     /// Logs that the session's messages assigned `tag` to its VM (or
     /// removed it, when not `assigned`), within its budget for such lines.
     pub fn tagged(&self, tag: SecurityTag, assigned: bool) {
-        if self.tag_logs.lock().take() {
+        if self.logs.tags.lock().take() {
             Vms::tag_line(&self.agent.vm_id, tag, assigned);
         }
     }
@@ -520,6 +562,9 @@ pub struct Sessions {
     spool_share_kib: usize,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
+    /// The lines telling of sessions opened, replaced and ended: one
+    /// budget for the server (see [`Self::life_logged`]).
+    life_logs: Mutex<LogBudget>,
 }
 
 impl Sessions {
@@ -549,7 +594,21 @@ impl Sessions {
             spool_share_kib: spool_share_kib.min(Semaphore::MAX_PERMITS),
             vms,
             metrics,
+            life_logs: Mutex::new(LogBudget::new(
+                "lines telling of sessions opened, replaced and ended",
+                u32::try_from(max_agents.saturating_mul(4).max(1200)).unwrap_or(u32::MAX),
+                "",
+                "",
+            )),
         }
+    }
+
+    /// Whether a line telling of a session opened, replaced or ended may be
+    /// logged now: four a minute for each agent the server takes (each may
+    /// connect and disconnect twice), 1,200 at least. A client that sends
+    /// Hello after Hello must not fill the journal.
+    pub fn life_logged(&self) -> bool {
+        self.life_logs.lock().take()
     }
 
     /// Opens a session for `agent`, unless the server is at capacity. A
@@ -569,18 +628,6 @@ impl Sessions {
         }
         let shares = self.places_of(&agent.vm_id);
         let session_id = uuid::Uuid::new_v4().to_string();
-        let malware_logs = Mutex::new(LogBudget::new(
-            "lines telling of malware found in this session's files",
-            MALWARE_LOGGED,
-            &session_id,
-            &agent.vm_id,
-        ));
-        let tag_logs = Mutex::new(LogBudget::new(
-            "lines telling of security tags assigned or removed",
-            TAGS_LOGGED,
-            &session_id,
-            &agent.vm_id,
-        ));
         let session = Arc::new(Session {
             id: session_id,
             agent,
@@ -594,8 +641,7 @@ impl Sessions {
             detections: AtomicU64::new(0),
             restart: watch::channel(None).0,
             superseded: watch::channel(false).0,
-            malware_logs,
-            tag_logs,
+            logs: shares.logs,
             vms: Arc::clone(&self.vms),
             metrics: Arc::clone(&self.metrics),
         });
@@ -607,11 +653,13 @@ impl Sessions {
         if let Some(earlier) = earlier {
             by_id.remove(&earlier.id);
             earlier.superseded.send_replace(true);
-            tracing::warn!(
-                vm = %session.agent.vm_id, earlier = %earlier.id, earlier_agent = %earlier.agent.agent_id,
-                later = %session.id, later_agent = %session.agent.agent_id,
-                "a new session of the VM replaces its earlier one (two agents with one VM id take turns)"
-            );
+            if self.life_logged() {
+                tracing::warn!(
+                    vm = %session.agent.vm_id, earlier = %earlier.id, earlier_agent = %earlier.agent.agent_id,
+                    later = %session.id, later_agent = %session.agent.agent_id,
+                    "a new session of the VM replaces its earlier one (two agents with one VM id take turns)"
+                );
+            }
         }
         by_id.insert(session.id.clone(), Arc::clone(&session));
         Ok(session)
@@ -635,6 +683,7 @@ impl Sessions {
             }),
             spool: shared(&mut held.spool, || Semaphore::new(self.spool_share_kib)),
             lookups: shared(&mut held.lookups, || Semaphore::new(LOOKUPS_AT_ONCE)),
+            logs: shared(&mut held.logs, || VmLogs::new(vm_id)),
         }
     }
 
@@ -717,5 +766,47 @@ mod tests {
         assert_eq!(logged.lines("EICAR_Test_File"), MALWARE_LOGGED as usize);
         drop(budget);
         assert_eq!(logged.lines("unlogged=401"), 1);
+    }
+
+    /// The VM's sessions share its budgets: an agent that sends a Hello
+    /// again (which replaces its session) does not get another; and the
+    /// lines telling of sessions have a budget of their own.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_session_of_a_vm_takes_from_its_budgets() {
+        let (logged, _logging) = crate::testlog::Logged::capture();
+        let vms = Arc::new(Vms::in_memory());
+        let sessions = Sessions::new(10, &Default::default(), vms, Default::default());
+        let agent = AgentIdentity {
+            agent_id: "agent".into(),
+            vm_id: "desk-1".into(),
+            vm_name: "desk-1".into(),
+            os: "Windows".into(),
+            agent_version: "1".into(),
+            certificate: None,
+        };
+        let infected = FileVerdict {
+            verdict: Some(proto::Verdict {
+                kind: Some(proto::verdict::Kind::Infected(proto::Infected {
+                    detections: vec![proto::Detection::default()],
+                })),
+            }),
+            ..Default::default()
+        };
+        let mut earlier = None;
+        for _ in 0..3 {
+            let session = sessions.open(agent.clone()).unwrap();
+            for _ in 0..1000 {
+                session.record_files(0, [(Subject::Digest(&[0; 32]), &infected)]);
+            }
+            earlier = Some(session);
+        }
+        drop(earlier);
+        assert_eq!(logged.lines("malware found"), MALWARE_LOGGED as usize);
+        // Hello after Hello: the lines telling of sessions replaced come
+        // within the server's budget for such lines (1,200 a minute here).
+        for _ in 0..2000 {
+            sessions.open(agent.clone()).unwrap();
+        }
+        assert_eq!(logged.lines("replaces its earlier one"), 1200);
     }
 }

@@ -180,10 +180,12 @@ pub(super) async fn run(
         Ok(session) => session,
         Err((reason, message)) => return reject(&state, &out, reason, &message).await,
     };
-    tracing::info!(
-        session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
-        "agent connected"
-    );
+    if state.sessions.life_logged() {
+        tracing::info!(
+            session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
+            "agent connected"
+        );
+    }
     let mut closing = Closing {
         state: &state,
         id: &session.id,
@@ -203,7 +205,9 @@ pub(super) async fn run(
     if let Some(status) = status {
         out.end(status);
     }
-    tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
+    if state.sessions.life_logged() {
+        tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
+    }
 }
 
 /// Checks a Hello (sent with the agent's `certificate`, under mutual TLS)
@@ -431,12 +435,6 @@ async fn serve(
     let silent = tokio::time::sleep(silence);
     tokio::pin!(silent);
     let mut sequence = 0;
-    let mut logs = LogBudget::new(
-        "lines telling of this agent's events",
-        EVENTS_LOGGED,
-        &session.id,
-        &session.agent.vm_id,
-    );
     loop {
         // In this order: the server's own events (rare) before the agent's
         // messages, which could otherwise keep them waiting; and a message
@@ -473,7 +471,7 @@ async fn serve(
                 Ok(Some(_)) if *superseded.borrow() => Ok(()),
                 Ok(Some(message)) => {
                     session.touch();
-                    note(&state.vms, session, message, &mut logs);
+                    note(&state.vms, session, message, &mut session.logs.events.lock());
                     Ok(())
                 }
                 Ok(None) => return (Ending::Closed, None),
@@ -579,16 +577,12 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudge
     }
 }
 
-/// How many of one session's events (scan tasks, integrity events,
-/// network attacks) are logged a minute (see [`LogBudget`]).
-const EVENTS_LOGGED: u32 = 120;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
         proto,
-        sessions::{Subject, TAGS_LOGGED},
+        sessions::{EVENTS_LOGGED, Subject, TAGS_LOGGED},
     };
 
     /// An agent's events take at most `EVENTS_LOGGED` log lines a minute;
