@@ -422,9 +422,9 @@ fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
 
 /// A file's name as text: as it is when UTF-8; otherwise each byte that
 /// is not written `\xNN`, and each backslash `\\` (replaced by `�`, two
-/// names would print the same, and neither be found by what was printed;
-/// a backslash left as it is, a name holding the text `\xff` would print
-/// as one holding that byte).
+/// such names would print the same, and neither be found by what was
+/// printed). A UTF-8 name holding the text `\xff` still prints as one
+/// holding that byte: JSON output's `path_base64` tells them apart.
 fn named(bytes: &[u8]) -> Cow<'_, str> {
     if let Ok(text) = std::str::from_utf8(bytes) {
         return Cow::Borrowed(text);

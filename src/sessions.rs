@@ -99,6 +99,11 @@ impl LogBudget {
         }
     }
 
+    /// Whether its minute, begun by a line, is still under way.
+    fn recent(&self) -> bool {
+        self.logged > 0 && self.since.elapsed() < std::time::Duration::from_secs(60)
+    }
+
     /// Whether a line may be logged now.
     pub fn take(&mut self) -> bool {
         if self.since.elapsed() >= std::time::Duration::from_secs(60) {
@@ -230,19 +235,24 @@ struct VmPlaces {
     spool: Weak<Semaphore>,
     /// Its Lookups answered at once.
     lookups: Weak<Semaphore>,
-    /// Its log lines.
-    logs: Weak<VmLogs>,
+    /// Its log lines: held here too, so that an agent that ends its
+    /// session and opens another does not find its budgets new.
+    logs: Option<Arc<VmLogs>>,
 }
 
 impl VmPlaces {
+    /// Whether anything of the VM is held: its places, by its files and
+    /// sessions; its log budgets, by its sessions, or for the minute
+    /// after their last line.
     fn held(&self) -> bool {
         let held = [
             self.files.strong_count(),
             self.spool.strong_count(),
             self.lookups.strong_count(),
-            self.logs.strong_count(),
         ];
+        let logs = self.logs.as_ref();
         held.iter().sum::<usize>() > 0
+            || logs.is_some_and(|logs| Arc::strong_count(logs) > 1 || logs.recent())
     }
 }
 
@@ -263,6 +273,12 @@ pub struct VmLogs {
 }
 
 impl VmLogs {
+    /// Whether any of its budgets took a line within the last minute.
+    fn recent(&self) -> bool {
+        let budgets = [&self.malware, &self.events, &self.tags];
+        budgets.iter().any(|budget| budget.lock().recent())
+    }
+
     fn new(vm: &str) -> Self {
         let budget = |what, per_minute| Mutex::new(LogBudget::new(what, per_minute, "", vm));
         VmLogs {
@@ -683,7 +699,10 @@ impl Sessions {
             }),
             spool: shared(&mut held.spool, || Semaphore::new(self.spool_share_kib)),
             lookups: shared(&mut held.lookups, || Semaphore::new(LOOKUPS_AT_ONCE)),
-            logs: shared(&mut held.logs, || VmLogs::new(vm_id)),
+            logs: Arc::clone(
+                held.logs
+                    .get_or_insert_with(|| Arc::new(VmLogs::new(vm_id))),
+            ),
         }
     }
 
@@ -769,8 +788,9 @@ mod tests {
     }
 
     /// The VM's sessions share its budgets: an agent that sends a Hello
-    /// again (which replaces its session) does not get another; and the
-    /// lines telling of sessions have a budget of their own.
+    /// again (which replaces its session), or ends its session and opens
+    /// another, does not get another; and the lines telling of sessions
+    /// have a budget of their own.
     #[tokio::test(start_paused = true)]
     async fn a_new_session_of_a_vm_takes_from_its_budgets() {
         let (logged, _logging) = crate::testlog::Logged::capture();
@@ -793,14 +813,22 @@ mod tests {
             ..Default::default()
         };
         let mut earlier = None;
-        for _ in 0..3 {
+        for round in 0..4 {
             let session = sessions.open(agent.clone()).unwrap();
             for _ in 0..1000 {
                 session.record_files(0, [(Subject::Digest(&[0; 32]), &infected)]);
             }
-            earlier = Some(session);
+            // Its session replaced by the next one, or ended before it.
+            match round % 2 {
+                0 => earlier = Some(session),
+                _ => {
+                    sessions.close(&session.id, Ending::Closed);
+                    earlier = None;
+                }
+            }
         }
         drop(earlier);
+        assert_eq!(logged.lines("malware found in"), 0, "not dropped");
         assert_eq!(logged.lines("malware found"), MALWARE_LOGGED as usize);
         // Hello after Hello: the lines telling of sessions replaced come
         // within the server's budget for such lines (1,200 a minute here).
