@@ -273,12 +273,6 @@ pub struct VmLogs {
 }
 
 impl VmLogs {
-    /// Whether any of its budgets took a line within the last minute.
-    fn recent(&self) -> bool {
-        let budgets = [&self.malware, &self.events, &self.tags];
-        budgets.iter().any(|budget| budget.lock().recent())
-    }
-
     fn new(vm: &str) -> Self {
         let budget = |what, per_minute| Mutex::new(LogBudget::new(what, per_minute, "", vm));
         VmLogs {
@@ -292,6 +286,12 @@ impl VmLogs {
                 TAGS_LOGGED,
             ),
         }
+    }
+
+    /// Whether any of its budgets took a line within the last minute.
+    fn recent(&self) -> bool {
+        let budgets = [&self.malware, &self.events, &self.tags];
+        budgets.iter().any(|budget| budget.lock().recent())
     }
 }
 
@@ -681,9 +681,10 @@ impl Sessions {
         Ok(session)
     }
 
-    /// The places in flight, the spool share and the Lookups of the VM
-    /// `vm_id`: those its earlier sessions had, each while any of it is
-    /// still held, or new ones.
+    /// The places in flight, the spool share, the Lookups and the log
+    /// budgets of the VM `vm_id`: those its earlier sessions had, each
+    /// while any of it is still held (the budgets, also for the minute
+    /// after their last line), or new ones.
     fn places_of(&self, vm_id: &str) -> Shares {
         let mut places = self.places.lock();
         // The VMs whose places are all given back need no entry.
