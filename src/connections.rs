@@ -566,7 +566,7 @@ impl Connections {
     }
 
     /// Counts a TLS handshake with `peer` that failed for `why`, and logs
-    /// it as a warning at most once every [`WARN_EVERY`], with how many
+    /// it as a warning at most once a minute, with how many
     /// failed since: agents refused for a certificate (expired, of another
     /// CA, none where one is required) are refused before any session, and
     /// the log is where an operator finds out why they stay away. A

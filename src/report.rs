@@ -55,7 +55,8 @@ impl Format {
 /// One file's line of JSON output.
 #[derive(Serialize)]
 pub struct FileLine<'a> {
-    /// The file's name; a byte of it that is not UTF-8 is written `\xNN`.
+    /// The file's name; one that is not UTF-8 is written as text output
+    /// writes it (its bytes that are not as `\xNN`, see `named`).
     pub path: &'a str,
     /// The file's name as bytes (base64), when it is not UTF-8: the name
     /// to find the file by.
@@ -429,11 +430,12 @@ fn named(bytes: &[u8]) -> Cow<'_, str> {
     if let Ok(text) = std::str::from_utf8(bytes) {
         return Cow::Borrowed(text);
     }
+    use fmt::Write;
     let mut text = String::with_capacity(bytes.len() + 8);
     for chunk in bytes.utf8_chunks() {
         text.push_str(&chunk.valid().replace('\\', "\\\\"));
         for byte in chunk.invalid() {
-            text.push_str(&format!("\\x{byte:02x}"));
+            let _ = write!(text, "\\x{byte:02x}");
         }
     }
     Cow::Owned(text)

@@ -260,12 +260,12 @@ impl VmPlaces {
 /// not each session's, so that an agent that opens session after session
 /// (a Hello replaces the VM's session) does not get a budget with each.
 #[derive(Debug)]
-pub struct VmLogs {
+struct VmLogs {
     /// Lines telling of malware found in its files.
-    pub malware: Mutex<LogBudget>,
+    malware: Mutex<LogBudget>,
     /// Lines telling of its agent's events (scan tasks, integrity events,
     /// network attacks).
-    pub events: Mutex<LogBudget>,
+    events: Mutex<LogBudget>,
     /// Lines telling of security tags its sessions' messages assigned or
     /// removed: their own, so that a burst of malware found or of events
     /// cannot leave out the line that says the VM's state changed.
@@ -437,7 +437,7 @@ pub struct Session {
     /// Set when a newer session of the same VM replaced this one.
     superseded: watch::Sender<bool>,
     /// The log lines of the VM's sessions.
-    pub logs: Arc<VmLogs>,
+    logs: Arc<VmLogs>,
     vms: Arc<Vms>,
     metrics: Arc<Metrics>,
 }
@@ -504,11 +504,25 @@ impl Session {
     }
 
     /// Logs that the session's messages assigned `tag` to its VM (or
-    /// removed it, when not `assigned`), within its budget for such lines.
+    /// removed it after a clean full scan, when not `assigned`), within
+    /// the VM's budget for such lines. Logged by the callers of [`Vms`],
+    /// not by the registry: it knows nothing of whose messages did it.
     pub fn tagged(&self, tag: SecurityTag, assigned: bool) {
-        if self.logs.tags.lock().take() {
-            Vms::tag_line(&self.agent.vm_id, tag, assigned);
+        if !self.logs.tags.lock().take() {
+            return;
         }
+        let vm = &self.agent.vm_id;
+        match assigned {
+            true => tracing::warn!(vm, %tag, "security tag assigned"),
+            false => tracing::info!(vm, %tag, "security tag removed after a clean full scan"),
+        }
+    }
+
+    /// Whether a line telling of an event of the agent's (a scan task, an
+    /// integrity event, a network attack) may be logged now, within the
+    /// VM's budget for such lines.
+    pub fn event_logged(&self) -> bool {
+        self.logs.events.lock().take()
     }
 
     /// Files of the VM (this session's, or its earlier ones') begun and
@@ -750,6 +764,36 @@ impl Sessions {
     }
 }
 
+/// What tests of the sessions and of those who use them are made of.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// An agent of the VM `vm`.
+    pub fn agent_of(vm: &str) -> AgentIdentity {
+        AgentIdentity {
+            agent_id: "agent".into(),
+            vm_id: vm.into(),
+            vm_name: vm.into(),
+            os: "Windows".into(),
+            agent_version: "1".into(),
+            certificate: None,
+        }
+    }
+
+    /// A verdict of malware found.
+    pub fn infected() -> FileVerdict {
+        FileVerdict {
+            verdict: Some(proto::Verdict {
+                kind: Some(proto::verdict::Kind::Infected(proto::Infected {
+                    detections: vec![proto::Detection::default()],
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,22 +841,7 @@ mod tests {
         let (logged, _logging) = crate::testlog::Logged::capture();
         let vms = Arc::new(Vms::in_memory());
         let sessions = Sessions::new(10, &Default::default(), vms, Default::default());
-        let agent = AgentIdentity {
-            agent_id: "agent".into(),
-            vm_id: "desk-1".into(),
-            vm_name: "desk-1".into(),
-            os: "Windows".into(),
-            agent_version: "1".into(),
-            certificate: None,
-        };
-        let infected = FileVerdict {
-            verdict: Some(proto::Verdict {
-                kind: Some(proto::verdict::Kind::Infected(proto::Infected {
-                    detections: vec![proto::Detection::default()],
-                })),
-            }),
-            ..Default::default()
-        };
+        let (agent, infected) = (fixtures::agent_of("desk-1"), fixtures::infected());
         let mut earlier = None;
         for round in 0..4 {
             let session = sessions.open(agent.clone()).unwrap();

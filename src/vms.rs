@@ -790,7 +790,7 @@ impl Vms {
     /// under one lock, so that no full scan can start between the two and
     /// later clear a tag it was never spoiled by. Returns whether the tag
     /// was assigned now, for the caller to log within its agent's budget
-    /// (see [`Self::tag_line`]).
+    /// (see [`Session::tagged`]).
     pub fn threat_found(&self, vm_id: &str) -> bool {
         self.assign_automatically(vm_id, SecurityTag::VirusFound, |vm| vm.spoil_full_scan())
     }
@@ -814,20 +814,6 @@ impl Vms {
             vm.assign_automatically(tag)
         });
         assigned == Some(true)
-    }
-
-    /// Logs that `tag` was assigned to VM `vm_id` (or removed, when not
-    /// `assigned`) automatically. The callers log it within the budget of
-    /// the agent whose messages did it: an agent that finds malware and
-    /// reports clean full scans over and over would otherwise have two
-    /// lines logged for each round.
-    pub fn tag_line(vm_id: &str, tag: SecurityTag, assigned: bool) {
-        match assigned {
-            true => tracing::warn!(vm = vm_id, %tag, "security tag assigned"),
-            false => {
-                tracing::info!(vm = vm_id, %tag, "security tag removed after a clean full scan")
-            }
-        }
     }
 
     /// A file of VM `vm_id` failed or went without a verdict: a full scan
@@ -1093,6 +1079,7 @@ pub fn unix_ms(time: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sessions::fixtures::agent_of;
     use std::fs;
 
     #[test]
@@ -1128,18 +1115,6 @@ mod tests {
     /// Sessions (ten at most) that record in `vms`.
     fn sessions_of(vms: &Arc<Vms>) -> crate::sessions::Sessions {
         crate::sessions::Sessions::new(10, &Default::default(), Arc::clone(vms), Default::default())
-    }
-
-    /// An agent of the VM `vm`.
-    fn agent_of(vm: &str) -> AgentIdentity {
-        AgentIdentity {
-            agent_id: "agent".into(),
-            vm_id: vm.into(),
-            vm_name: vm.into(),
-            os: "Windows".into(),
-            agent_version: "1".into(),
-            certificate: None,
-        }
     }
 
     /// A VM that had a session when the server stopped (or saved last,
@@ -1309,15 +1284,7 @@ mod tests {
         let path = dir.path().join(FILE_NAME);
         let saved = Vms::open(dir.path()).unwrap();
         for vm_id in ["vm-1", "vm-2"] {
-            let agent = AgentIdentity {
-                agent_id: "agent".into(),
-                vm_id: vm_id.into(),
-                vm_name: vm_id.into(),
-                os: "Windows".into(),
-                agent_version: "1".into(),
-                certificate: None,
-            };
-            let record = VmRecord::new(&agent, unix_ms(SystemTime::now()));
+            let record = VmRecord::new(&agent_of(vm_id), unix_ms(SystemTime::now()));
             saved.by_id.lock().insert(vm_id.into(), Arc::new(record));
             assert!(saved.threat_found(vm_id));
         }

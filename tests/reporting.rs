@@ -714,6 +714,19 @@ impl TestAgent {
         .await;
     }
 
+    /// Has the VM tagged (EICAR found on it), then starts a full scan.
+    async fn tagged_then_full_scan_started(&self, server: &TestServer) {
+        assert_eq!(self.scan(server, EICAR).await, 1);
+        self.full_scan_event(TaskState::Started, 0).await;
+        self.handled(server).await;
+    }
+
+    /// Finishes the full scan with nothing found: the tag goes.
+    async fn full_scan_finished_clean(&self, server: &TestServer) {
+        self.full_scan_event(TaskState::Finished, 0).await;
+        eventually(server, &self.vm_id, |vm| vm.tags.is_empty()).await;
+    }
+
     /// Returns once the server has handled everything told before on the
     /// session: the agent reports losing the Integration Server, then
     /// regaining it, and each shows in the VM's reasons in turn.
@@ -1034,12 +1047,9 @@ async fn another_task_ending_with_files_in_flight_leaves_the_full_scan_alone() {
 async fn a_file_refused_for_want_of_room_and_sent_again_leaves_a_full_scan_clean() {
     let server = TestServer::start(|c| c.uploads.files_in_flight = 1).await;
     let agent = TestAgent::connect(&server, "vm-r").await;
-    assert_eq!(agent.scan(&server, EICAR).await, 1);
-    agent.full_scan_event(TaskState::Started, 0).await;
-    agent.handled(&server).await;
+    agent.tagged_then_full_scan_started(&server).await;
     agent.refused_for_room_then_sent_again(&server).await;
-    agent.full_scan_event(TaskState::Finished, 0).await;
-    eventually(&server, "vm-r", |vm| vm.tags.is_empty()).await;
+    agent.full_scan_finished_clean(&server).await;
 }
 
 /// A file failed as its stream closed idle (DEADLINE_EXCEEDED: its content
@@ -1053,9 +1063,7 @@ async fn a_file_failed_with_an_idle_stream_and_sent_again_leaves_a_full_scan_cle
     })
     .await;
     let agent = TestAgent::connect(&server, "vm-i").await;
-    assert_eq!(agent.scan(&server, EICAR).await, 1);
-    agent.full_scan_event(TaskState::Started, 0).await;
-    agent.handled(&server).await;
+    agent.tagged_then_full_scan_started(&server).await;
     let data = [0; 10];
     let (tx, mut replies) = scan_stream(&server).await;
     tx.send(begin(&agent.session_id, 1, &data, None))
@@ -1068,8 +1076,7 @@ async fn a_file_failed_with_an_idle_stream_and_sent_again_leaves_a_full_scan_cle
     );
     drop(tx);
     assert_eq!(agent.scan(&server, &data).await, 0, "sent again");
-    agent.full_scan_event(TaskState::Finished, 0).await;
-    eventually(&server, "vm-i", |vm| vm.tags.is_empty()).await;
+    agent.full_scan_finished_clean(&server).await;
 }
 
 /// A stream cut off for want of room in the message budget fails its open
@@ -1080,9 +1087,7 @@ async fn a_stream_refused_room_for_its_message_leaves_a_full_scan_clean() {
     // The smallest budget, which is all this address's share.
     let server = TestServer::start(|c| c.uploads.message_budget = 32 << 20).await;
     let agent = TestAgent::connect(&server, "vm-m").await;
-    assert_eq!(agent.scan(&server, EICAR).await, 1);
-    agent.full_scan_event(TaskState::Started, 0).await;
-    agent.handled(&server).await;
+    agent.tagged_then_full_scan_started(&server).await;
     // Two streams keep the room of a 15 MiB message each (a chunk for no
     // open file, refused, but the stream goes on).
     let mut holders = Vec::new();
@@ -1111,8 +1116,7 @@ async fn a_stream_refused_room_for_its_message_leaves_a_full_scan_clean() {
     send_whole(&tx, session, 1, &data).await;
     let (id, verdict) = next(&mut replies).await;
     assert_eq!((id, file_verdict(verdict).detection_count()), (1, 0));
-    agent.full_scan_event(TaskState::Finished, 0).await;
-    eventually(&server, "vm-m", |vm| vm.tags.is_empty()).await;
+    agent.full_scan_finished_clean(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

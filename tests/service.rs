@@ -3604,23 +3604,15 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         "{status:?}"
     );
 
-    let tls = server.tls.as_ref().unwrap();
+    // The reasons once the files written are read again.
+    let reloaded = || {
+        assert!(server.tls.as_ref().unwrap().reload().unwrap());
+        server.svm.status().reasons
+    };
     write(time::OffsetDateTime::now_utc() + time::Duration::days(7));
-    assert!(tls.reload().unwrap());
-    let status = server.svm.status();
-    assert_eq!(
-        status.reasons,
-        [SvmReason::CertificateExpiresSoon],
-        "{status:?}"
-    );
-
+    assert_eq!(reloaded(), [SvmReason::CertificateExpiresSoon]);
     write(rcgen::date_time_ymd(2200, 1, 1));
-    assert!(tls.reload().unwrap());
-    assert!(
-        server.svm.status().reasons.is_empty(),
-        "{:?}",
-        server.svm.status()
-    );
+    assert_eq!(reloaded(), []);
 
     // Served with an intermediate CA that expires first: agents refuse the
     // chain once it does, whatever the server's own certificate says. The
@@ -3649,13 +3641,7 @@ async fn an_expired_certificate_turns_the_svm_critical() {
     let chain = format!("{}{}{}", cert.pem(), ca.pem(), root.pem());
     std::fs::write(dir.path().join("server.pem"), chain).unwrap();
     std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
-    assert!(tls.reload().unwrap());
-    let status = server.svm.status();
-    assert_eq!(
-        status.reasons,
-        [SvmReason::CertificateExpiresSoon],
-        "{status:?}"
-    );
+    assert_eq!(reloaded(), [SvmReason::CertificateExpiresSoon]);
 }
 
 /// The client announces again a file the server refused for want of room

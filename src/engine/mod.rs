@@ -27,8 +27,7 @@ mod stuck;
 mod worker;
 
 use mapped::{MappedBudget, MappedShare};
-use stuck::Handoff;
-use stuck::{Busy, StuckContents};
+use stuck::{Busy, Handoff, StuckContents};
 pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
 
 use std::{fs::File, path::Path, sync::Arc, time::Duration};
@@ -391,16 +390,19 @@ impl Engine {
         let long = self.busy.longer_than(stuck_after);
         self.stuck.note(long.digests);
         if !long.handoffs.is_empty() {
-            let version = self.ruleset().version_arc();
+            let why = format!(
+                "the scan kept a scan thread busy for over {stuck_after:?}, and was given up"
+            );
+            let failed = ScanOutcome {
+                elapsed: stuck_after,
+                ..self.refused(why, 0)
+            };
             let tell = move || {
                 for (then, digest) in long.handoffs {
-                    let why = format!(
-                        "the scan kept a scan thread busy for over {stuck_after:?}, and was given up"
-                    );
-                    let verdict = Verdict::failed(FailReason::Engine, why);
-                    let outcome =
-                        ScanOutcome::failed(verdict, 0, stuck_after, Arc::clone(&version));
-                    then(ScanOutcome { digest, ..outcome });
+                    then(ScanOutcome {
+                        digest,
+                        ..failed.clone()
+                    });
                 }
             };
             // Told on a thread of their own: the look may be made under a

@@ -32,7 +32,7 @@ use crate::{
         ServerMessage, SignaturesChanged, Welcome, agent_message, server_message,
     },
     proto::{RestartSession, TaskState},
-    sessions::{AgentIdentity, LogBudget, Session},
+    sessions::{AgentIdentity, Session},
     shutdown::shut_down,
     vms::{Ending, SecurityTag, Vms},
 };
@@ -471,7 +471,7 @@ async fn serve(
                 Ok(Some(_)) if *superseded.borrow() => Ok(()),
                 Ok(Some(message)) => {
                     session.touch();
-                    note(&state.vms, session, message, &mut session.logs.events.lock());
+                    note(&state.vms, session, message);
                     Ok(())
                 }
                 Ok(None) => return (Ending::Closed, None),
@@ -511,14 +511,14 @@ fn shown(text: &str) -> &str {
 }
 
 /// Records what the agent tells.
-fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudget) {
+fn note(vms: &Vms, session: &Session, message: AgentMessage) {
     let vm = session.agent.vm_id.as_str();
     match message.kind {
         Some(agent_message::Kind::Task(task)) => {
             // Kept with the VM until the task ends: what the agent names
             // there must stay small.
             if task.task_id.len() > MAX_IDENTITY_LEN {
-                if logs.take() {
+                if session.event_logged() {
                     tracing::warn!(
                         session = %session.id, vm, length = task.task_id.len(),
                         "scan task event ignored: its task id is over {MAX_IDENTITY_LEN} bytes"
@@ -526,7 +526,7 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudge
                 }
                 return;
             }
-            if logs.take() {
+            if session.event_logged() {
                 tracing::info!(
                     session = %session.id, vm, task = ?task.task_id,
                     kind = ?task.kind(), state = ?task.state(), detections = task.detections,
@@ -551,7 +551,7 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudge
             }
         }
         Some(agent_message::Kind::Integrity(event)) => {
-            if logs.take() {
+            if session.event_logged() {
                 tracing::warn!(
                     session = %session.id, vm, kind = ?event.kind(), object = ?shown(&event.object),
                     "integrity event"
@@ -560,7 +560,7 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage, logs: &mut LogBudge
             vms.integrity(vm, event.kind());
         }
         Some(agent_message::Kind::NetworkAttack(attack)) => {
-            if logs.take() {
+            if session.event_logged() {
                 tracing::warn!(
                     session = %session.id, vm, source = ?shown(&attack.source_address),
                     description = ?shown(&attack.description), "network attack"
@@ -582,7 +582,7 @@ mod tests {
     use super::*;
     use crate::{
         proto,
-        sessions::{EVENTS_LOGGED, Subject, TAGS_LOGGED},
+        sessions::{EVENTS_LOGGED, LogBudget, Subject, TAGS_LOGGED, fixtures},
     };
 
     /// An agent's events take at most `EVENTS_LOGGED` log lines a minute;
@@ -629,24 +629,8 @@ mod tests {
             Arc::clone(&vms),
             Default::default(),
         );
-        let agent = AgentIdentity {
-            agent_id: "agent".into(),
-            vm_id: "desk-1".into(),
-            vm_name: "desk-1".into(),
-            os: "Windows".into(),
-            agent_version: "1".into(),
-            certificate: None,
-        };
-        let session = sessions.open(agent).unwrap();
-        let infected = proto::FileVerdict {
-            verdict: Some(proto::Verdict {
-                kind: Some(proto::verdict::Kind::Infected(proto::Infected {
-                    detections: vec![proto::Detection::default()],
-                })),
-            }),
-            ..Default::default()
-        };
-        let mut logs = LogBudget::new("events", EVENTS_LOGGED, "", "");
+        let session = sessions.open(fixtures::agent_of("desk-1")).unwrap();
+        let infected = fixtures::infected();
         let task = |state: TaskState| AgentMessage {
             kind: Some(agent_message::Kind::Task(proto::TaskEvent {
                 task_id: "full".into(),
@@ -658,8 +642,8 @@ mod tests {
         for _ in 0..1000 {
             let found = [(Subject::Digest(&[0; 32]), &infected)];
             session.record_files(0, found);
-            note(&vms, &session, task(TaskState::Started), &mut logs);
-            note(&vms, &session, task(TaskState::Finished), &mut logs);
+            note(&vms, &session, task(TaskState::Started));
+            note(&vms, &session, task(TaskState::Finished));
             assert!(vms.get("desk-1").unwrap().tags.is_empty());
         }
         let assigned = logged.lines("security tag assigned");
