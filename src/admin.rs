@@ -227,6 +227,11 @@ const LISTINGS_AT_ONCE: usize = 2;
 /// Calls at once on one admin connection: a tool makes one at a time.
 pub const ADMIN_STREAMS: u32 = 8;
 
+/// The largest admin request: a tag command's VM id and tag, a reflection
+/// query. tonic sets aside the length a message announces before it
+/// comes, which a bound keeps from being 4 MiB a call.
+pub const ADMIN_REQUEST_BYTES: usize = 64 << 10;
+
 impl AdminService {
     pub fn new(svm: Arc<Svm>, reloader: Arc<Reloader>) -> Self {
         AdminService {

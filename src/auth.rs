@@ -66,18 +66,20 @@ impl BearerToken {
     }
 
     /// The token in `bytes`, read from the file at `path`, as
-    /// [`BearerToken::read`] takes it (with its warning when others may
+    /// [`BearerToken::read`] takes it (with its warning when any user may
     /// read the file, which is looked at).
     pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<BearerToken, TokenError> {
         use std::os::unix::fs::PermissionsExt;
         let path_buf = || path.to_owned();
+        // Its group may read it: that is how operators share one token
+        // (mode 640, their group's).
         if let Ok(metadata) = std::fs::metadata(path)
-            && metadata.permissions().mode() & 0o077 != 0
+            && metadata.permissions().mode() & 0o007 != 0
         {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{:o}", metadata.permissions().mode() & 0o777),
-                "the token file may be read by its group or by others; make it readable by its owner alone (chmod 600)"
+                "the token file may be read by any user; make it readable by its owner (and the operators' group) alone (chmod 600, or 640)"
             );
         }
         match std::str::from_utf8(bytes).map(str::trim) {

@@ -365,8 +365,9 @@ impl Collector for Live {
                 cache.budget,
             ),
         ];
-        let expiry = svm.certificate_expires().and_then(|expires| {
-            let seconds = expires
+        let expiry = svm.certificate_validity().and_then(|valid| {
+            let seconds = valid
+                .not_after
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()?
                 .as_secs();
@@ -505,7 +506,10 @@ fn scrape(registry: &Registry, request: &Request<Incoming>) -> Response<Full<Byt
         return status(StatusCode::NOT_FOUND);
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        let mut response = status(StatusCode::METHOD_NOT_ALLOWED);
+        let allow = header::HeaderValue::from_static("GET, HEAD");
+        response.headers_mut().insert(header::ALLOW, allow);
+        return response;
     }
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {

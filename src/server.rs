@@ -589,7 +589,11 @@ impl Server {
                 .build_v1()
                 .inspect_err(|err| tracing::warn!("admin listener without reflection: {err}"))
                 .ok()
-                .map(|reflection| InterceptedService::new(reflection, token.clone()));
+                .map(|reflection| {
+                    let reflection =
+                        reflection.max_decoding_message_size(admin::ADMIN_REQUEST_BYTES);
+                    InterceptedService::new(reflection, token.clone())
+                });
             // Bounded as agent connections are (see `connections`), closed
             // once idle, and pinged: a tool gone without a word lets go of
             // its place.
@@ -599,8 +603,12 @@ impl Server {
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .max_concurrent_streams(Some(admin::ADMIN_STREAMS))
                 .layer(connections.calls_layer())
-                .add_service(AdminServer::with_interceptor(
-                    AdminService::new(Arc::clone(&self.svm), Arc::clone(&self.reloader)),
+                .add_service(InterceptedService::new(
+                    AdminServer::new(AdminService::new(
+                        Arc::clone(&self.svm),
+                        Arc::clone(&self.reloader),
+                    ))
+                    .max_decoding_message_size(admin::ADMIN_REQUEST_BYTES),
                     token,
                 ))
                 .add_optional_service(reflection);

@@ -24,6 +24,7 @@
 
 use std::{
     borrow::Cow,
+    collections::HashSet,
     fmt, fs,
     io::{self, Write},
     path::{Path, PathBuf},
@@ -689,6 +690,7 @@ impl SourceSet {
             false => canonical.parent().unwrap_or(Path::new("/")).to_owned(),
         };
         let mut files = Vec::new();
+        let mut seen = HashSet::new();
         let walk = WalkDir::new(source)
             .follow_links(true)
             .sort_by_file_name()
@@ -715,7 +717,7 @@ impl SourceSet {
             let file = SourceFile::read(&root, entry.path(), true)?;
             // A link to a file of the set (`latest.yar` to `v2.yar`) is
             // that file: compiled twice, its rules would clash.
-            if !files.iter().any(|f: &SourceFile| f.path == file.path) {
+            if seen.insert(file.path.clone()) {
                 files.push(file);
             }
         }
@@ -758,6 +760,7 @@ impl SourceSet {
     ) -> Result<(), SignatureError> {
         let mut errors = Vec::new();
         let mut pending: Vec<usize> = (0..self.files.len()).collect();
+        let mut seen: HashSet<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
         while let Some(index) = pending.pop() {
             let file = &self.files[index];
             let dir = file.path.parent().unwrap_or(root).to_owned();
@@ -811,11 +814,12 @@ impl SourceSet {
             self.files[index].targets = targets.collect();
             self.includes |= !found.is_empty();
             for (path, at) in found {
-                if self.files.iter().any(|f| f.path == path) {
+                if seen.contains(&path) {
                     continue;
                 }
                 match SourceFile::read(root, &path, false) {
                     Ok(included) => {
+                        seen.insert(path);
                         self.files.push(included);
                         pending.push(self.files.len() - 1);
                     }

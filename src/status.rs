@@ -38,7 +38,7 @@ use crate::{
     shutdown::{Periodic, shut_down},
     signatures::Ruleset,
     state::Unsaved,
-    tls::Tls,
+    tls::{Tls, Validity},
     vms::{VmRecord, Vms, unix_ms},
 };
 
@@ -118,6 +118,7 @@ impl SvmReason {
             SvmReason::TlsUpdateFailed => "TLS update failed",
             SvmReason::CertificateExpiresSoon => "TLS certificate expires soon",
             SvmReason::CertificateExpired => "TLS certificate expired",
+            SvmReason::CertificateNotYetValid => "TLS certificate not yet valid",
             SvmReason::ShuttingDown => "shutting down",
             SvmReason::ScanThreadsStuck => "scan threads stuck",
             SvmReason::AllScanThreadsStuck => "all scan threads stuck",
@@ -135,6 +136,7 @@ impl SvmReason {
             self,
             SvmReason::NoSignatures
                 | SvmReason::CertificateExpired
+                | SvmReason::CertificateNotYetValid
                 | SvmReason::ShuttingDown
                 | SvmReason::AllScanThreadsStuck
         )
@@ -146,6 +148,7 @@ impl SvmReason {
             SvmReason::NoSignatures
             | SvmReason::InfrastructureUnreachable
             | SvmReason::CertificateExpired
+            | SvmReason::CertificateNotYetValid
             | SvmReason::ShuttingDown
             | SvmReason::AllScanThreadsStuck
             | SvmReason::ConnectionsNotAccepted => Health::Critical,
@@ -293,9 +296,12 @@ impl Svm {
     /// that shows the count beside the status).
     fn status_with(&self, stuck: usize) -> SvmStatus {
         let ruleset = self.engine.ruleset();
-        let certificate_left = self.certificate_expires().map(|expires| {
-            expires
-                .duration_since(SystemTime::now())
+        let now = SystemTime::now();
+        let certificate = self.certificate_validity();
+        let certificate_left = certificate.map(|valid| {
+            valid
+                .not_after
+                .duration_since(now)
                 .unwrap_or(Duration::ZERO)
         });
         // One lock at a time, each let go before the next is taken (a
@@ -331,6 +337,10 @@ impl Svm {
             (
                 certificate_left.is_some_and(|left| left.is_zero()),
                 SvmReason::CertificateExpired,
+            ),
+            (
+                certificate.is_some_and(|valid| now < valid.not_before),
+                SvmReason::CertificateNotYetValid,
             ),
             (
                 certificate_left.is_some_and(|left| !left.is_zero() && left < CERTIFICATE_NOTICE),
@@ -399,10 +409,10 @@ impl Svm {
         self.refresh();
     }
 
-    /// When the agent listener's certificate expires (with TLS, and when
-    /// it can be read).
-    pub fn certificate_expires(&self) -> Option<SystemTime> {
-        self.tls.as_ref().and_then(|tls| tls.expires())
+    /// When the agent listener's certificate chain can be used (with TLS,
+    /// and when it can be read).
+    pub fn certificate_validity(&self) -> Option<Validity> {
+        self.tls.as_ref().and_then(|tls| tls.validity())
     }
 
     /// Why the last reload of the agent listener's TLS files failed, if it
@@ -660,16 +670,22 @@ impl Svm {
                 state_for(SvmReason::TlsUpdateFailed)
                     .max(state_for(SvmReason::CertificateExpiresSoon))
                     .max(state_for(SvmReason::CertificateExpired))
+                    .max(state_for(SvmReason::CertificateNotYetValid))
                     .max(state_for(SvmReason::ConnectionsNotAccepted)),
                 format!(
                     "listening on {}{}{}{}",
                     self.identity.listen,
-                    match (self.identity.encrypted, self.certificate_expires()) {
+                    match (self.identity.encrypted, self.certificate_validity()) {
                         (false, _) => String::new(),
                         (true, None) => " (TLS)".to_owned(),
-                        (true, Some(expires)) => format!(
+                        (true, Some(valid)) if SystemTime::now() < valid.not_before => format!(
+                            " (TLS, certificate valid from {} until {})",
+                            humantime::format_rfc3339_seconds(valid.not_before),
+                            humantime::format_rfc3339_seconds(valid.not_after)
+                        ),
+                        (true, Some(valid)) => format!(
                             " (TLS, certificate valid until {})",
-                            humantime::format_rfc3339_seconds(expires)
+                            humantime::format_rfc3339_seconds(valid.not_after)
                         ),
                     },
                     tls_update_failure

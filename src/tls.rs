@@ -125,10 +125,10 @@ impl Tls {
         Ok(true)
     }
 
-    /// When the certificate served expires (unknown if its validity cannot
-    /// be read).
-    pub fn expires(&self) -> Option<SystemTime> {
-        self.served.load().expires
+    /// When the certificate chain served can be used (unknown if no
+    /// validity in it can be read).
+    pub fn validity(&self) -> Option<Validity> {
+        self.served.load().validity
     }
 
     /// Reads the files again (see [`Tls::reload`]), logs the outcome and
@@ -307,10 +307,49 @@ impl Looks {
 }
 
 /// What the files make: the rustls configuration, and when the certificate
-/// expires.
+/// chain can be used.
 struct Served {
     config: Arc<ServerConfig>,
-    expires: Option<SystemTime>,
+    validity: Option<Validity>,
+}
+
+/// When a certificate chain can be used: from the last of its
+/// certificates' starts to the first of their ends. Clients refuse a chain
+/// outside it, whichever of its certificates is not valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// The validity of the certificates of `chain` that clients check: the
+    /// server's own, and the intermediate CAs served with it. A root
+    /// (self-signed) served after them is a trust anchor, whose validity
+    /// clients do not check. A certificate that cannot be read is left out
+    /// (rustls checks the certificates); `None` if none can be.
+    fn of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
+        let time = |time: x509_parser::time::ASN1Time| {
+            let seconds = u64::try_from(time.timestamp()).unwrap_or(0);
+            SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+        };
+        chain
+            .iter()
+            .enumerate()
+            .filter_map(|(n, der)| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                let root = n > 0 && cert.subject() == cert.issuer();
+                let validity = cert.validity();
+                (!root).then(|| Validity {
+                    not_before: time(validity.not_before),
+                    not_after: time(validity.not_after),
+                })
+            })
+            .reduce(|chain, cert| Validity {
+                not_before: chain.not_before.max(cert.not_before),
+                not_after: chain.not_after.min(cert.not_after),
+            })
+    }
 }
 
 /// The contents of the files the settings name.
@@ -353,25 +392,9 @@ impl Files {
 
     fn served(&self, settings: &TlsConfig) -> Result<Served, TlsError> {
         let certs = certificates(&self.cert).map_err(pem("certificate", &settings.cert))?;
-        // The chain is as good as its first certificate to expire: the
-        // server's own, or an intermediate CA's served with it. A root
-        // (self-signed) served with them is a trust anchor, whose expiry
-        // clients do not check. A validity that cannot be read is unknown,
-        // not an error (rustls checks the certificates).
-        let not_after = |(n, der): (usize, &CertificateDer<'_>)| {
-            let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-            let root = n > 0 && cert.subject() == cert.issuer();
-            let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-            (!root).then_some(seconds)
-        };
-        let expires = certs
-            .iter()
-            .enumerate()
-            .filter_map(not_after)
-            .min()
-            .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
+        let validity = Validity::of(&certs);
         let config = Arc::new(self.server_config(settings, certs)?);
-        Ok(Served { config, expires })
+        Ok(Served { config, validity })
     }
 
     /// The rustls configuration the files make: the server's certificate

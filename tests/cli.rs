@@ -197,17 +197,41 @@ fn results_that_cannot_be_written_exit_2() {
 }
 
 /// `--timeout` is checked as `engine.scan_timeout` is: below 1s, every
-/// file would time out.
+/// file would time out; over 1,000 years, it is no bound.
 #[test]
-fn a_scan_timeout_under_a_second_is_refused() {
+fn a_scan_timeout_under_a_second_or_over_1000_years_is_refused() {
     let cache = tempfile::tempdir().unwrap();
-    let output = scanserver(cache.path())
-        .args(["scan", "--timeout", "0s", "Cargo.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("must be at least 1s"), "{stderr}");
+    for (timeout, why) in [("0s", "must be at least 1s"), ("2000y", "must be at most")] {
+        let output = scanserver(cache.path())
+            .args(["scan", "--timeout", timeout, "Cargo.toml"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(why), "{stderr}");
+    }
+}
+
+/// `lightagent` names the server it could not reach and what to set, and
+/// tells an address without a scheme from a server that is not there.
+#[test]
+fn lightagent_says_which_server_it_could_not_reach() {
+    let port = free_port();
+    let run = |server: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
+            .args(["scan", "--server", server, "Cargo.toml"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let bare = format!("127.0.0.1:{port}");
+    let stderr = run(&bare);
+    assert!(stderr.contains(&format!("write http://{bare}")), "{stderr}");
+    let url = format!("http://{bare}");
+    let stderr = run(&url);
+    assert!(stderr.contains(&format!("at {url}")), "{stderr}");
+    assert!(stderr.contains("--server"), "{stderr}");
 }
 
 /// A FIFO or a device named as a file the server reads (its

@@ -952,6 +952,17 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
     );
 }
 
+/// Admin requests are small: one over 64 KiB is refused before the server
+/// sets room aside for it, whoever calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_over_64_kib_is_refused() {
+    let server = TestServer::start(|_| {}).await;
+    let vm_id = "v".repeat(100 << 10);
+    let refused = set_tag(&server, &vm_id, VIRUS_FOUND, true).await;
+    let refused = refused.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
     let server = TestServer::start(|_| {}).await;
@@ -1057,25 +1068,57 @@ async fn a_file_refused_for_want_of_room_and_sent_again_leaves_a_full_scan_clean
 /// the full scan from clearing the tag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_failed_with_an_idle_stream_and_sent_again_leaves_a_full_scan_clean() {
+    without_content_then_sent_again("vm-i", false).await;
+}
+
+/// A file failed as stalled (DEADLINE_EXCEEDED: its content stopped
+/// coming while its agent kept the stream busy) is sent again on the same
+/// stream: neither does that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_file_sent_again_leaves_a_full_scan_clean() {
+    without_content_then_sent_again("vm-s", true).await;
+}
+
+/// A full scan of VM `vm_id`, tagged, during which a file begun on a
+/// stream never has its content sent and fails with DEADLINE_EXCEEDED (the
+/// stream `kept_busy` by requests without content, or left idle), then is
+/// sent again (on that stream, or on a new one once it closed): the full
+/// scan finishes clean.
+async fn without_content_then_sent_again(vm_id: &str, kept_busy: bool) {
     let server = TestServer::start(|c| {
         c.engine.scan_timeout = Duration::from_secs(1);
         c.server.idle_timeout = Duration::from_secs(2);
     })
     .await;
-    let agent = TestAgent::connect(&server, "vm-i").await;
+    let agent = TestAgent::connect(&server, vm_id).await;
     agent.tagged_then_full_scan_started(&server).await;
     let data = [0; 10];
     let (tx, mut replies) = scan_stream(&server).await;
     tx.send(begin(&agent.session_id, 1, &data, None))
         .await
         .unwrap();
+    let busy = kept_busy.then(|| {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while tx.send(ScanRequest::default()).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
     let (id, failed) = next(&mut replies).await;
     assert_eq!(
         (id, error_code(&failed)),
         (1, tonic::Code::DeadlineExceeded)
     );
-    drop(tx);
-    assert_eq!(agent.scan(&server, &data).await, 0, "sent again");
+    if let Some(busy) = busy {
+        send_whole(&tx, &agent.session_id, 1, &data).await;
+        let (id, verdict) = next(&mut replies).await;
+        assert_eq!((id, file_verdict(verdict).detection_count()), (1, 0));
+        busy.abort();
+    } else {
+        drop(tx);
+        assert_eq!(agent.scan(&server, &data).await, 0, "sent again");
+    }
     agent.full_scan_finished_clean(&server).await;
 }
 
@@ -1453,13 +1496,20 @@ fn tag_rules_without_a_network() {
 
 /// `GET /metrics` over plain HTTP/1.1.
 async fn scrape(addr: SocketAddr) -> String {
+    let response = metrics_request(addr, "GET").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The response to `method /metrics` over plain HTTP/1.1.
+async fn metrics_request(addr: SocketAddr, method: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("{method} /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
 
@@ -1549,6 +1599,15 @@ async fn metrics_count_scans_verdicts_and_agents() {
         "{asked:?}"
     );
 
+    let refused = metrics_request(server.metrics.unwrap(), "POST").await;
+    assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
+    let allow = "\r\nallow: GET, HEAD\r\n";
+    assert!(
+        refused
+            .to_ascii_lowercase()
+            .contains(&allow.to_ascii_lowercase()),
+        "{refused}"
+    );
     let text = scrape(server.metrics.unwrap()).await;
     for line in [
         "scanserver_scans_total 2",

@@ -15,6 +15,7 @@ use common::*;
 use scanserver::{
     client::{Agent, AgentOptions, ClientError, ClientTls, Files, HashFirst},
     config::{Config, TlsConfig},
+    engine::ScanJob,
     proto::{
         self, AgentMessage, FileBegin, FileChunk, Hello, LookupRequest, RejectReason, ScanRequest,
         file_reply, file_request, protection_server_client::ProtectionServerClient, server_message,
@@ -1303,6 +1304,45 @@ async fn files_in_flight_outlive_the_session_that_began_them() {
     let (id, verdict) = next(&mut replies).await;
     assert_eq!((id, file_verdict(verdict).detection_count()), (1, 0));
     assert_eq!(in_flight(), 0);
+}
+
+/// A begin is checked against its session as it is handled, not as its
+/// message arrived: one after an end that waited for room in the scan
+/// queue, while the session ended, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_after_a_wait_is_refused_if_its_session_ended_meanwhile() {
+    let server = TestServer::start(|c| c.engine.queue_capacity = 1).await;
+    let (session, keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // The scan queue is full: file 1's end waits for room.
+    let held = ScanJob::bytes(b"held".to_vec(), None);
+    let slot = server.state.engine.reserve(&held.content).await;
+    let data = b"content whose end waits";
+    let requests = vec![
+        begin(&session, 1, data, None),
+        chunk(1, 0, data),
+        end(1),
+        begin(&session, 2, data, None),
+    ];
+    tx.send(batch(requests)).await.unwrap();
+    let received = || Counters::get(&server.state.counters.bytes_received);
+    until_read("file 1's content", received, data.len() as u64).await;
+    drop(keep);
+    until_read("sessions", || server.state.sessions.len(), 0).await;
+    drop(slot);
+    // File 2's refusal goes out with the message's replies, file 1's
+    // verdict when its scan is done: in either order.
+    let mut answers = [next(&mut replies).await, next(&mut replies).await];
+    answers.sort_by_key(|(id, _)| *id);
+    let [(1, verdict), (2, refused)] = answers else {
+        panic!("one reply for each file: {answers:?}");
+    };
+    assert_eq!(file_verdict(verdict).detection_count(), 0);
+    assert_eq!(
+        error_code(&refused),
+        Code::FailedPrecondition,
+        "{refused:?}"
+    );
 }
 
 /// A Lookup that names the same infected content many times has it
@@ -2670,7 +2710,7 @@ async fn tls_and_mutual_tls() {
     assert!(
         matches!(
             refused,
-            Err(ClientError::Transport(_) | ClientError::Status(_))
+            Err(ClientError::Connect { .. } | ClientError::Status(_))
         ),
         "a client without a certificate is refused"
     );
@@ -3566,21 +3606,22 @@ async fn every_file_fails_when_the_scan_stream_cannot_open() {
 }
 
 /// The agent listener's certificate validity is part of the SVM's status:
-/// expired, it is Critical; expiring within 14 days, Warning; a renewed one
-/// read again clears it.
+/// expired or not valid yet, it is Critical; expiring within 14 days,
+/// Warning; a renewed one read again clears it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_turns_the_svm_critical() {
     use scanserver::proto::SvmReason;
     let dir = tempfile::tempdir().unwrap();
-    let write = |not_after: time::OffsetDateTime| {
+    let write_valid = |not_before, not_after| {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_before = not_before;
         params.not_after = not_after;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
         std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
     };
+    let write = |not_after| write_valid(rcgen::date_time_ymd(2019, 1, 1), not_after);
     write(rcgen::date_time_ymd(2020, 1, 1));
     let server = TestServer::start(|c| {
         c.tls = Some(TlsConfig {
@@ -3592,7 +3633,7 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         })
     })
     .await;
-    let expires = server.svm.certificate_expires().unwrap();
+    let expires = server.svm.certificate_validity().unwrap().not_after;
     assert_eq!(
         humantime::format_rfc3339_seconds(expires).to_string(),
         "2020-01-01T00:00:00Z"
@@ -3611,6 +3652,17 @@ async fn an_expired_certificate_turns_the_svm_critical() {
     };
     write(time::OffsetDateTime::now_utc() + time::Duration::days(7));
     assert_eq!(reloaded(), [SvmReason::CertificateExpiresSoon]);
+    write(rcgen::date_time_ymd(2200, 1, 1));
+    assert_eq!(reloaded(), []);
+
+    // Not valid yet (a certificate issued ahead of the SVM's clock): agents
+    // refuse it as they do an expired one.
+    write_valid(
+        time::OffsetDateTime::now_utc() + time::Duration::days(2),
+        rcgen::date_time_ymd(2200, 1, 1),
+    );
+    assert_eq!(reloaded(), [SvmReason::CertificateNotYetValid]);
+    assert!(SvmReason::CertificateNotYetValid.stops_scans());
     write(rcgen::date_time_ymd(2200, 1, 1));
     assert_eq!(reloaded(), []);
 

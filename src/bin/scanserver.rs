@@ -472,8 +472,15 @@ where
             Ok(client) => client,
             Err(err) => return failed(&err),
         };
-        command(client).await.unwrap_or_else(|status| {
-            failed(&format_args!("{:?}: {}", status.code(), status.message()))
+        command(client).await.unwrap_or_else(|status| match status.code() {
+            // tonic's own deadline: the server may still be at work.
+            tonic::Code::Cancelled if status.message() == tonic::TimeoutExpired(()).to_string() => failed(
+                &format_args!(
+                    "no answer within {}: the server may still be at it (a reload of large signatures, say); `scanserver status` shows the outcome",
+                    humantime::format_duration(timeout)
+                ),
+            ),
+            code => failed(&format_args!("{code:?}: {}", status.message())),
         })
     })
 }
@@ -606,8 +613,14 @@ fn init_logging(format: LogFormat, default_level: &str) {
 /// counts scan time in whole seconds, so below 1s every file would time out.
 fn scan_timeout(value: &str) -> Result<Duration, String> {
     let timeout = humantime::parse_duration(value).map_err(|err| err.to_string())?;
-    if !(Duration::from_secs(1)..=scanserver::config::MAX_DURATION).contains(&timeout) {
+    if timeout < Duration::from_secs(1) {
         return Err("must be at least 1s (YARA-X counts scan time in whole seconds)".into());
+    }
+    if timeout > scanserver::config::MAX_DURATION {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(scanserver::config::MAX_DURATION)
+        ));
     }
     Ok(timeout)
 }

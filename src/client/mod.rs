@@ -46,8 +46,13 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// Errors of the client as a whole (a single file's failure is a verdict).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the server: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error(
+        "cannot connect to the server at {server}: {source} (is `scanserver serve` running there? set --server or LIGHTAGENT_SERVER to its address)"
+    )]
+    Connect {
+        server: String,
+        source: tonic::transport::Error,
+    },
     #[error("the server answered {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("the server rejected the session ({reason:?}): {message}")]
@@ -265,7 +270,18 @@ impl Agent {
         // Pinged as the server pings agents: an SVM gone without a word
         // (a failover, a host that lost power) ends the scan within
         // half a minute, not when TCP gives up, some 15 minutes later.
-        let mut endpoint = Endpoint::from_shared(options.server.clone())?
+        let server = &options.server;
+        if !server.contains("://") {
+            return Err(ClientError::Settings(format!(
+                "the server's address `{server}` has no scheme: write http://{server} (or https://{server}, with --ca)"
+            )));
+        }
+        let unreachable = |source| ClientError::Connect {
+            server: server.clone(),
+            source,
+        };
+        let mut endpoint = Endpoint::from_shared(server.clone())
+            .map_err(unreachable)?
             .tcp_nodelay(true)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(4 << 20)
@@ -274,12 +290,12 @@ impl Agent {
             .connect_timeout(CONNECT_TIMEOUT);
         if let Some(tls) = &options.tls {
             check_tls(&options.server, tls)?;
-            endpoint = endpoint.tls_config(client_tls(tls)?)?;
+            endpoint = endpoint.tls_config(client_tls(tls)?).map_err(unreachable)?;
         }
         // `connect_timeout` bounds the TCP connection alone, not the TLS
         // handshake after it.
         let channel = in_time(
-            endpoint.connect(),
+            async { endpoint.connect().await.map_err(unreachable) },
             "cannot connect to the server: no connection",
         )
         .await?;

@@ -1381,7 +1381,9 @@ impl Drop for TakenId {
 impl Drop for VerdictDue {
     fn drop(&mut self) {
         if self.owed.take().is_some() {
-            let message = "the scan was lost; send the file again".to_owned();
+            let message =
+                "the scan was lost to a fault of the server: the file counts as failed; scan it again for a verdict"
+                    .to_owned();
             self.reply(file_reply::Kind::Error(FileError {
                 code: Code::Internal as i32,
                 message,
@@ -1424,10 +1426,13 @@ impl MessageContext {
     }
 
     /// The message's handling waited (for the engine's queue, for room
-    /// among the replies: seconds, maybe): the time is read again. A wait
-    /// of a begin after it must not count from before, and end at once.
+    /// among the replies: seconds, maybe): the time is read again, and the
+    /// session looked up again. A wait of a begin after it must not count
+    /// from before, and end at once; nor may a begin after it take a place
+    /// of a session that ended meanwhile (its agent gone, or replaced).
     fn waited(&mut self) {
         self.at = None;
+        self.session = None;
     }
 }
 
