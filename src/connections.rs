@@ -220,8 +220,8 @@ pub struct Connections {
     /// What closes them all at once.
     closing: Arc<Closing>,
     /// The places each address other than the SVM's own holds, when
-    /// bound.
-    per_address: Option<Arc<PerAddress>>,
+    /// bound, and what sets their number, for logs.
+    per_address: Option<(Arc<PerAddress>, &'static str)>,
     /// The last accept that failed, until a connection is accepted once
     /// it no longer counts (see [`AcceptFailure::recent`]).
     failing: Mutex<Option<AcceptFailure>>,
@@ -331,7 +331,10 @@ impl Connections {
     pub fn new(max: usize, per_address: usize, idle_after: Duration) -> Self {
         Connections {
             idle_after: Some(idle_after),
-            per_address: Some(PerAddress::new(per_address)),
+            per_address: Some((
+                PerAddress::new(per_address),
+                "server.max_connections_per_address",
+            )),
             ..Self::of("agent", "server.max_connections", max.min(MAX_CONNECTIONS))
         }
     }
@@ -346,9 +349,18 @@ impl Connections {
     }
 
     /// Room for the metrics listener's
-    /// [`METRICS_CONNECTIONS`](crate::metrics::METRICS_CONNECTIONS).
+    /// [`METRICS_CONNECTIONS`](crate::metrics::METRICS_CONNECTIONS),
+    /// [`METRICS_CONNECTIONS_PER_ADDRESS`](crate::metrics::METRICS_CONNECTIONS_PER_ADDRESS)
+    /// of them from one address other than the SVM's own.
     pub fn metrics() -> Self {
-        Self::of("metrics", "at most 16", crate::metrics::METRICS_CONNECTIONS)
+        use crate::metrics::{METRICS_CONNECTIONS, METRICS_CONNECTIONS_PER_ADDRESS};
+        Connections {
+            per_address: Some((
+                PerAddress::new(METRICS_CONNECTIONS_PER_ADDRESS),
+                "at most 4",
+            )),
+            ..Self::of("metrics", "at most 16", METRICS_CONNECTIONS)
+        }
     }
 
     fn of(whose: &'static str, limit: &'static str, max: usize) -> Self {
@@ -476,7 +488,7 @@ impl Connections {
     /// (and logged, at most once every [`WARN_EVERY`]).
     fn place(&self, ends: Option<Ends>) -> Option<Place> {
         let of_address = match (&self.per_address, PerAddress::bound(ends)) {
-            (Some(per_address), Some(address)) => match per_address.take(address) {
+            (Some((per_address, limit)), Some(address)) => match per_address.take(address) {
                 Some(place) => Some(place),
                 None => {
                     if let Some(since) = self.address_full.count() {
@@ -484,7 +496,7 @@ impl Connections {
                             last = %address,
                             max = per_address.max(),
                             refused = since,
-                            "addresses hold every {} connection place they may: their new connections are closed until some end (server.max_connections_per_address)",
+                            "addresses hold every {} connection place they may: their new connections are closed until some end ({limit})",
                             self.whose
                         );
                     }
@@ -1216,6 +1228,15 @@ mod tests {
             connections.place(from("10.0.0.9:1005")).is_some(),
             "given back"
         );
+
+        // The metrics listener's too: one scraper cannot keep out another.
+        let metrics = Connections::metrics();
+        let held: Vec<_> = (0..4)
+            .map(|port| metrics.place(from(&format!("10.0.0.9:{port}"))))
+            .collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(metrics.place(from("10.0.0.9:5")).is_none(), "its share");
+        assert!(metrics.place(from("10.0.0.10:1")).is_some());
     }
 
     #[tokio::test(start_paused = true)]

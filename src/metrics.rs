@@ -4,9 +4,10 @@
 //!
 //! The listener is often reachable from other hosts (Prometheus scrapes
 //! it from its own), so it is bounded as the others are: at most
-//! [`METRICS_CONNECTIONS`] connections at once, one request each, each
-//! connection closed [`METRICS_CONNECTION_TIME`] after its accept whatever
-//! it is doing. A client that opens connections and sends nothing, or
+//! [`METRICS_CONNECTIONS`] connections at once
+//! ([`METRICS_CONNECTIONS_PER_ADDRESS`] of them from one host), one
+//! request each, each connection closed [`METRICS_CONNECTION_TIME`] after
+//! its accept whatever it is doing. A client that opens connections and sends nothing, or
 //! reads nothing, takes a few descriptors for a few seconds, never the
 //! ones agents need.
 //!
@@ -47,6 +48,11 @@ use crate::{
 /// Connections the metrics listener serves at once; one more is closed
 /// at its accept. Prometheus needs one per scrape.
 pub const METRICS_CONNECTIONS: usize = 16;
+
+/// Of [`METRICS_CONNECTIONS`], those one address may hold (but the SVM's
+/// own: loopback, the listener's): one host opening connections and
+/// sending nothing leaves the others room to scrape.
+pub const METRICS_CONNECTIONS_PER_ADDRESS: usize = 4;
 
 /// How long a metrics connection may last, from its accept: its request
 /// and the whole response.
