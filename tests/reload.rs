@@ -372,13 +372,14 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
     let flights = || server.state.engine.cache().flights().len();
     until_read("the slow scan under way", flights, 1).await;
 
+    // The new rules find the marker in file2.bin only (compiled first:
+    // the reload must come while the slow scan lasts).
+    let new_rules = marker_rules(SLOW_RULE, "$m and filename == \"file2.bin\"");
+    let new_version = new_rules.version().to_owned();
     // file1.bin leads the scan of the content, queued behind the slow
     // one; file2.bin waits for it.
     let data = b"MARKER-N".repeat(4);
     let (tx, mut replies) = one_leads_one_waits(&server, &session, &data).await;
-    // The new rules find the marker in file2.bin only.
-    let new_rules = marker_rules(SLOW_RULE, "$m and filename == \"file2.bin\"");
-    let new_version = new_rules.version().to_owned();
     server.state.replace_ruleset(new_rules);
 
     // (The slow rule matches content this small.)
@@ -404,8 +405,8 @@ async fn a_scan_made_with_newer_signatures_is_not_handed_to_its_waiters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
     let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(60)).await;
-    // The slow rule takes the square of the content's size: about a
-    // second for this content, which it then finds clean.
+    // The slow rule takes the square of the content's size: a few seconds
+    // for this content, which it then finds clean.
     let slow = SLOW_RULE
         .replace("condition:", "condition: (")
         .replace(")\n}", ")) and filesize < 10\n}");
@@ -415,9 +416,22 @@ async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
     let old_version = server.state.engine.ruleset().version().to_owned();
     let (session, _keep) = session_of(&server, hello()).await;
     let mut data = b"MARKER-N".repeat(4);
-    data.resize(8_000, b'.');
+    data.resize(12_000, b'.');
+    // Compiled first: the reload must come while the scan lasts.
+    let newer = marker_rules(&slow, "$m");
     let (tx, mut replies) = one_leads_one_waits(&server, &session, &data).await;
-    server.state.replace_ruleset(marker_rules(&slow, "$m"));
+    // A scan thread is on the content (and reads the rules as it begins).
+    let digest = blake3::hash(&data);
+    let on_it = || {
+        server
+            .state
+            .engine
+            .second_copy_refused_in(&digest)
+            .is_some()
+    };
+    until_read("the scan under way", on_it, true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.state.replace_ruleset(newer);
     let (first, second) = leader_and_waiter_verdicts(&tx, &mut replies, &data).await;
     let file_reply::Kind::Verdict(verdict) = first else {
         panic!("{first:?}");

@@ -1815,7 +1815,7 @@ async fn content_that_stuck_a_scan_thread_is_refused_at_its_begin() {
 /// at its begin: the thread may yet come back with a verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_a_thread_is_long_on_is_not_refused_at_its_begin() {
-    let timeout = Duration::from_secs(2);
+    let timeout = Duration::from_secs(4);
     let server = TestServer::start(|c| {
         c.engine.scan_timeout = timeout;
         c.engine.mapped_budget = 1 << 20;
@@ -3108,7 +3108,7 @@ async fn renewed_certificates_are_served_once_read_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
     let server =
-        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(100)).await;
+        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(300)).await;
     // The session's stream stays open, but the agent never sends a heartbeat.
     let (_keep, mut incoming) = connect(&server, hello()).await;
     let ended = async {
@@ -3123,10 +3123,12 @@ async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
             }
         }
     };
-    let (heartbeats, end) = tokio::time::timeout(Duration::from_secs(3), ended)
+    let (heartbeats, end) = tokio::time::timeout(Duration::from_secs(10), ended)
         .await
         .expect("the session ends after three missed heartbeats");
-    assert!(heartbeats >= 3, "{heartbeats}");
+    // Three, unless the machine held the session's task up for an interval
+    // or more (silence is counted in time, heartbeats in ticks).
+    assert!(heartbeats >= 2, "{heartbeats}");
     let status = end.expect_err("ended by the server, saying why");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("three heartbeat"), "{status:?}");
@@ -3190,8 +3192,10 @@ async fn a_malformed_message_fails_its_stream_with_invalid_argument() {
 /// says why (RESOURCE_EXHAUSTED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_does_not_read_its_session_loses_it() {
+    // Silence would end the session after 750 ms: the agent's heartbeats,
+    // every 50 ms, keep it from that however busy the machine.
     let server =
-        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(20)).await;
+        TestServer::start(|c| c.server.heartbeat_interval = Duration::from_millis(250)).await;
     // Raw HTTP/2 that leaves the server no room to send until told: the
     // agent reads none of its session's messages.
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -3240,7 +3244,7 @@ async fn an_agent_that_does_not_read_its_session_loses_it() {
             if body.send_data(framed(&heartbeat), false).is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
     until_read("sessions", || server.state.sessions.len(), 0).await;
@@ -3714,9 +3718,8 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
         .send(begin(&session, 1, &[1; 48 << 10], None))
         .await
         .unwrap();
-    while server.state.uploads.spool_usage().bytes < 48 << 10 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let held = || server.state.uploads.spool_usage().bytes >= 48 << 10;
+    until_read("the spool held", held, true).await;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("large.bin");
@@ -3731,9 +3734,8 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
     });
     // Room comes back once the server has refused the agent's file.
     let release = async {
-        while server.state.uploads.spool_usage().refused == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let refused = || server.state.uploads.spool_usage().refused > 0;
+        until_read("the agent's file refused", refused, true).await;
         drop(holder);
     };
     let (scanned, ()) = tokio::join!(scan, release);
