@@ -74,7 +74,7 @@ impl BearerToken {
         // Its group may read it: that is how operators share one token
         // (mode 640, their group's).
         if let Ok(metadata) = std::fs::metadata(path)
-            && metadata.permissions().mode() & 0o007 != 0
+            && metadata.permissions().mode() & 0o004 != 0
         {
             tracing::warn!(
                 path = %path.display(),

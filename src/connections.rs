@@ -61,7 +61,9 @@
 //! keep every other agent out. The SVM's own addresses (loopback, or the
 //! listener's address, which a tool on the SVM that connects to its name
 //! comes from) are not bound: they are its own tools (`lightagent bench`,
-//! one connection per simulated agent).
+//! one connection per simulated agent). The metrics listener bounds
+//! addresses so too, to a few places each (see
+//! [`METRICS_CONNECTIONS_PER_ADDRESS`](crate::metrics::METRICS_CONNECTIONS_PER_ADDRESS)).
 //!
 //! Linux starts most processes with a soft limit of 1,024 open files, fewer
 //! than the default limits need. [`raise_open_files`] raises it to the hard
@@ -255,7 +257,8 @@ impl AcceptFailure {
 }
 
 /// The places each remote address holds, and how many it may: the agent
-/// listener's connections, and its `ScanFile` calls.
+/// listener's connections and its `ScanFile` calls, the metrics
+/// listener's connections.
 #[derive(Debug)]
 pub(crate) struct PerAddress {
     max: usize,
@@ -357,7 +360,7 @@ impl Connections {
         Connections {
             per_address: Some((
                 PerAddress::new(METRICS_CONNECTIONS_PER_ADDRESS),
-                "at most 4",
+                "the metrics listener's own bound",
             )),
             ..Self::of("metrics", "at most 16", METRICS_CONNECTIONS)
         }
@@ -1231,7 +1234,7 @@ mod tests {
 
         // The metrics listener's too: one scraper cannot keep out another.
         let metrics = Connections::metrics();
-        let held: Vec<_> = (0..4)
+        let held: Vec<_> = (0..crate::metrics::METRICS_CONNECTIONS_PER_ADDRESS)
             .map(|port| metrics.place(from(&format!("10.0.0.9:{port}"))))
             .collect();
         assert!(held.iter().all(Option::is_some));

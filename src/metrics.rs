@@ -5,11 +5,12 @@
 //! The listener is often reachable from other hosts (Prometheus scrapes
 //! it from its own), so it is bounded as the others are: at most
 //! [`METRICS_CONNECTIONS`] connections at once
-//! ([`METRICS_CONNECTIONS_PER_ADDRESS`] of them from one host), one
-//! request each, each connection closed [`METRICS_CONNECTION_TIME`] after
-//! its accept whatever it is doing. A client that opens connections and sends nothing, or
-//! reads nothing, takes a few descriptors for a few seconds, never the
-//! ones agents need.
+//! ([`METRICS_CONNECTIONS_PER_ADDRESS`] of them from one host other than
+//! the SVM itself), one request each, each connection closed
+//! [`METRICS_CONNECTION_TIME`] after its accept whatever it is doing. A
+//! client that opens connections and sends nothing, or reads nothing,
+//! takes a few descriptors for a few seconds, never the ones agents need,
+//! nor, from one host, every scraper's place.
 //!
 //! Counters on the hot path are plain atomics, created once: recording a
 //! verdict takes no lock (an engine scan's time goes into a histogram,
@@ -472,7 +473,8 @@ pub fn registry(svm: Arc<Svm>, state: Arc<ServiceState>) -> Registry {
 }
 
 /// Serves `/metrics` on `listener` until `shutdown` resolves, within the
-/// bounds of [`METRICS_CONNECTIONS`] and [`METRICS_CONNECTION_TIME`].
+/// bounds of [`METRICS_CONNECTIONS`], [`METRICS_CONNECTIONS_PER_ADDRESS`]
+/// and [`METRICS_CONNECTION_TIME`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,

@@ -93,8 +93,12 @@ pub async fn feed_watchdog(svm: Arc<Svm>, interval: Duration) {
     }
 }
 
+/// Sends `message` to the manager at `socket`, without waiting: a manager
+/// that does not take its messages (its queue full) must not hold up the
+/// thread that tells it, which may be a runtime thread.
 fn send(socket: &Path, message: &str) -> io::Result<()> {
     let datagram = UnixDatagram::unbound()?;
+    datagram.set_nonblocking(true)?;
     match socket.to_str().and_then(|name| name.strip_prefix('@')) {
         #[cfg(target_os = "linux")]
         Some(name) => {

@@ -814,6 +814,8 @@ impl SourceSet {
             self.files[index].targets = targets.collect();
             self.includes |= !found.is_empty();
             for (path, at) in found {
+                // Seen once read: a file that cannot be read is reported at
+                // every include of it.
                 if seen.contains(&path) {
                     continue;
                 }

@@ -5,7 +5,7 @@
 //! connected agents and whether their listener accepts connections, the
 //! protected VMs, the Integration Server reporter's
 //! last result, the infrastructure probe's, the outcomes of the last
-//! reloads of the signatures and TLS files, the TLS certificate's expiry,
+//! reloads of the signatures and TLS files, the TLS certificate's validity,
 //! and the load over the last minute (sampled every second by [`Svm::monitor`]). Its status is
 //! computed from those, never stored: OK, or as bad as the worst
 //! [`SvmReason`] in force. Every change of status is published

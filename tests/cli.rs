@@ -216,7 +216,11 @@ fn a_scan_timeout_under_a_second_or_over_1000_years_is_refused() {
 /// tells an address without a scheme from a server that is not there.
 #[test]
 fn lightagent_says_which_server_it_could_not_reach() {
-    let port = free_port();
+    // A port bound and not listening: it refuses connections, and no other
+    // test's server can take it meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let run = |server: &str| {
         let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
             .args(["scan", "--server", server, "Cargo.toml"])

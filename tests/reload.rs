@@ -420,7 +420,8 @@ async fn a_scan_under_way_at_a_reload_is_not_handed_to_its_waiters() {
     // Compiled first: the reload must come while the scan lasts.
     let newer = marker_rules(&slow, "$m");
     let (tx, mut replies) = one_leads_one_waits(&server, &session, &data).await;
-    // A scan thread is on the content (and reads the rules as it begins).
+    // A scan thread is on the content; it reads the rules the instant
+    // after it says so, which the pause leaves it.
     let digest = blake3::hash(&data);
     let on_it = || {
         server

@@ -3670,34 +3670,61 @@ async fn an_expired_certificate_turns_the_svm_critical() {
     write(rcgen::date_time_ymd(2200, 1, 1));
     assert_eq!(reloaded(), []);
 
-    // Served with an intermediate CA that expires first: agents refuse the
-    // chain once it does, whatever the server's own certificate says. The
-    // root served after it, expired, is a trust anchor, which clients do
-    // not check.
+    // Served with an intermediate CA and a root: the chain is valid from
+    // the last start to the first end of the certificates agents check,
+    // the server's own and the intermediate's. The root is a trust anchor,
+    // whose validity clients do not check.
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let ca_params = |name: &str, not_after| {
+    let ca_params = |name: &str, (not_before, not_after)| {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
+        params.not_before = not_before;
         params.not_after = not_after;
         params
     };
-    let root_params = ca_params("root", rcgen::date_time_ymd(2020, 1, 1));
-    let root = CertifiedIssuer::self_signed(root_params, KeyPair::generate().unwrap()).unwrap();
-    let soon = time::OffsetDateTime::now_utc() + time::Duration::days(7);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = CertifiedIssuer::signed_by(ca_params("intermediate", soon), ca_key, &root).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    params.not_after = rcgen::date_time_ymd(2200, 1, 1);
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let chain = format!("{}{}{}", cert.pem(), ca.pem(), root.pem());
-    std::fs::write(dir.path().join("server.pem"), chain).unwrap();
-    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
-    assert_eq!(reloaded(), [SvmReason::CertificateExpiresSoon]);
+    let chain_of = |root, intermediate| {
+        let root = ca_params("root", root);
+        let root = CertifiedIssuer::self_signed(root, KeyPair::generate().unwrap()).unwrap();
+        let ca = ca_params("intermediate", intermediate);
+        let ca = CertifiedIssuer::signed_by(ca, KeyPair::generate().unwrap(), &root).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.not_after = rcgen::date_time_ymd(2200, 1, 1);
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let chain = format!("{}{}{}", cert.pem(), ca.pem(), root.pem());
+        std::fs::write(dir.path().join("server.pem"), chain).unwrap();
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        reloaded()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let (past, future) = (
+        rcgen::date_time_ymd(2019, 1, 1),
+        rcgen::date_time_ymd(2200, 1, 1),
+    );
+    let (expired, soon) = (
+        rcgen::date_time_ymd(2020, 1, 1),
+        now + time::Duration::days(7),
+    );
+    let later = now + time::Duration::days(2);
+    assert_eq!(
+        chain_of((past, expired), (past, soon)),
+        [SvmReason::CertificateExpiresSoon],
+        "the intermediate expires first; the root's expiry does not count"
+    );
+    assert_eq!(
+        chain_of((later, future), (later, future)),
+        [SvmReason::CertificateNotYetValid],
+        "the intermediate starts last"
+    );
+    assert_eq!(
+        chain_of((later, future), (past, future)),
+        [],
+        "the root's start does not count"
+    );
 }
 
 /// The client announces again a file the server refused for want of room

@@ -267,21 +267,19 @@ impl Drop for Agent {
 impl Agent {
     /// Connects and opens a session.
     pub async fn connect(options: &AgentOptions) -> Result<Agent, ClientError> {
-        // Pinged as the server pings agents: an SVM gone without a word
-        // (a failover, a host that lost power) ends the scan within
-        // half a minute, not when TCP gives up, some 15 minutes later.
         let server = &options.server;
         if !server.contains("://") {
             return Err(ClientError::Settings(format!(
                 "the server's address `{server}` has no scheme: write http://{server} (or https://{server}, with --ca)"
             )));
         }
-        let unreachable = |source| ClientError::Connect {
-            server: server.clone(),
-            source,
-        };
-        let mut endpoint = Endpoint::from_shared(server.clone())
-            .map_err(unreachable)?
+        let endpoint = Endpoint::from_shared(server.clone()).map_err(|err| {
+            ClientError::Settings(format!("the server's address `{server}` is no URL: {err}"))
+        })?;
+        // Pinged as the server pings agents: an SVM gone without a word
+        // (a failover, a host that lost power) ends the scan within
+        // half a minute, not when TCP gives up, some 15 minutes later.
+        let mut endpoint = endpoint
             .tcp_nodelay(true)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(4 << 20)
@@ -290,13 +288,22 @@ impl Agent {
             .connect_timeout(CONNECT_TIMEOUT);
         if let Some(tls) = &options.tls {
             check_tls(&options.server, tls)?;
-            endpoint = endpoint.tls_config(client_tls(tls)?).map_err(unreachable)?;
+            endpoint = endpoint.tls_config(client_tls(tls)?).map_err(|err| {
+                ClientError::Settings(format!(
+                    "the TLS files (--ca, --cert, --key) cannot be used: {}",
+                    crate::WithCauses(&err)
+                ))
+            })?;
         }
+        let unreachable = |source| ClientError::Connect {
+            server: server.clone(),
+            source,
+        };
         // `connect_timeout` bounds the TCP connection alone, not the TLS
         // handshake after it.
         let channel = in_time(
             async { endpoint.connect().await.map_err(unreachable) },
-            "cannot connect to the server: no connection",
+            &format!("cannot connect to the server at {server}: no connection"),
         )
         .await?;
         let mut client = ProtectionServerClient::new(channel)

@@ -644,8 +644,11 @@ impl ScanStream {
                     let weighed = std::mem::take(&mut weighing);
                     self.send_weighed(std::mem::take(&mut replies), weighed)
                         .await?;
+                    let started = Instant::now();
                     let reply = self.end(end.file_id).await;
-                    context.waited();
+                    if started.elapsed() >= Duration::from_millis(1) {
+                        context.waited();
+                    }
                     reply
                 }
                 file_request::Kind::Cancel(cancel) => {
