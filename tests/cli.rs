@@ -353,13 +353,31 @@ fn a_rules_file_named_without_its_folder_is_read_from_the_working_folder() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("1 rules"));
 }
 
-/// A free loopback port (free when asked; the test uses it at once).
+/// A free loopback port, below the kernel's range of ports for `bind(0)`
+/// and outgoing connections: free when asked, it stays so until the
+/// server started with it binds it (no other test's socket is given it
+/// meanwhile). Taken in turn from a start of this process's own, so that
+/// two runs of the tests at once seldom try the same ports.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|start| start.parse().ok())
+        .unwrap_or(32768);
+    // The ports below the range, from 10,000 on (or what the range leaves).
+    let low = 10_000.min(ephemeral / 2);
+    let span = ephemeral - low;
+    let start = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral}");
 }
 
 /// A child process killed when dropped (with the service manager it
