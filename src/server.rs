@@ -241,8 +241,14 @@ impl Server {
                 }
             })?;
         let state = Arc::new(state);
+        // What agents are told, and the status shows, is the address bound
+        // (the kernel's pick, for a port of 0).
+        let mut bound = config.clone();
+        if let Ok(addr) = listener.local_addr() {
+            bound.server.listen = addr;
+        }
         let svm = Arc::new(Svm::new(
-            config,
+            &bound,
             Arc::clone(&state.engine),
             Arc::clone(&state.sessions),
             vms,

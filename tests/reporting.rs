@@ -934,6 +934,9 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
         .expect("a first report");
     // Made as the server started, not after the first interval.
     assert_eq!(first.trigger(), ReportTrigger::Start);
+    // Agents are told the address bound (the settings asked for port 0).
+    let addresses = &first.svm.as_ref().unwrap().addresses;
+    assert_eq!(addresses, &[server.addr.to_string()]);
 
     let agent = TestAgent::connect(&server, "vm-x").await;
     assert_eq!(agent.scan(&server, EICAR).await, 1);
