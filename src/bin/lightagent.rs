@@ -23,7 +23,13 @@ use scanserver::{
 
 /// The Light Agent client of the Protection Server.
 #[derive(Parser)]
-#[command(name = "lightagent", version, long_about = None, propagate_version = true)]
+#[command(
+    name = "lightagent",
+    version,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Log levels: LIGHTAGENT_LOG (a tracing filter, e.g. debug)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,8 +48,9 @@ enum Command {
     /// --hash-first.
     ///
     /// Output and exit status are those of `scanserver scan` (0 nothing
-    /// found, 1 something found, 2 some file could not be scanned), and the
-    /// JSON lines add `cached`.
+    /// found, 1 something found, 2 some file could not be scanned, or the
+    /// server could not be reached or refused the session), and the JSON
+    /// lines add `cached`.
     Scan(ScanArgs),
 
     /// Simulate a boot storm: many agents scan the same files at once.
@@ -62,7 +69,8 @@ struct BenchArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
 
-    /// Simulated agents, each with its own connection and session.
+    /// Simulated agents, each with its own connection and session, at most
+    /// 10000.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     agents: u32,
 
@@ -84,7 +92,7 @@ struct ScanArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
 
-    /// Print one JSON object per file per line.
+    /// Print one JSON object per file per line (the summary goes to stderr).
     #[arg(long)]
     json: bool,
 
@@ -92,7 +100,9 @@ struct ScanArgs {
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = HashFirstArg::Auto)]
     hash_first: HashFirstArg,
 
-    /// Report the run to the server as a scan task of this kind.
+    /// Report the run to the server as a scan task of this kind (without
+    /// it, none is reported): a full scan that found nothing and failed no
+    /// file clears the VM's automatic malware tag.
     #[arg(long, value_enum, value_name = "KIND")]
     task: Option<Task>,
 
@@ -116,7 +126,7 @@ struct ConnectionArgs {
     #[arg(long, value_name = "ID")]
     agent_id: Option<String>,
 
-    /// VM identifier [default: the machine id].
+    /// VM identifier [default: /etc/machine-id, else the host name].
     #[arg(long, value_name = "ID")]
     vm_id: Option<String>,
 
@@ -132,7 +142,8 @@ struct ConnectionArgs {
     #[arg(long)]
     require_encryption: bool,
 
-    /// CA certificate (PEM) for an https server.
+    /// CA certificate (PEM) the server's certificate chains to; required
+    /// with https:// (no system trust store is used).
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
 

@@ -23,7 +23,13 @@ use scanserver::{
 /// The Protection Server of an SVM: scans files for Light Agents with YARA-X
 /// rules.
 #[derive(Parser)]
-#[command(version, about, long_about = None, propagate_version = true)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Log levels: SCANSERVER_LOG (a tracing filter, e.g. debug or scanserver=debug)."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(
@@ -141,12 +147,15 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "SCANSERVER_LISTEN")]
     listen: Option<std::net::SocketAddr>,
 
-    /// The ruleset: a folder, a source file or pre-compiled rules
-    /// [default: signatures].
+    /// The ruleset: a folder, a source file or pre-compiled rules; a
+    /// relative path is from the working folder (`/` under systemd: give
+    /// an absolute one) [default: signatures].
     #[arg(long, value_name = "PATH", env = "SCANSERVER_RULES")]
     rules: Option<PathBuf>,
 
-    /// Compiled-rules cache folder.
+    /// Where compiled rules are cached, so unchanged signatures are not
+    /// compiled again [default: rules in $CACHE_DIRECTORY when systemd sets
+    /// it, else the user's cache folder, scanserver/rules].
     #[arg(long, value_name = "DIR", env = "SCANSERVER_RULES_CACHE")]
     rules_cache: Option<PathBuf>,
 
@@ -154,16 +163,19 @@ struct ServeArgs {
     #[arg(long, value_name = "ID", env = "SCANSERVER_SVM_ID")]
     svm_id: Option<String>,
 
-    /// Scan threads, at most 1024 [default: one per core].
+    /// Scan threads, at most 1024; 0 is one per core [default: one per
+    /// core].
     #[arg(long, short = 'j', value_name = "N", env = "SCANSERVER_THREADS")]
     threads: Option<usize>,
 
-    /// Agents connected at once [default: 1000].
+    /// Agents connected at once, at least 1 and at most --max-connections
+    /// [default: 1000].
     #[arg(long, value_name = "N", env = "SCANSERVER_MAX_AGENTS")]
     max_agents: Option<usize>,
 
-    /// Connections open at once on the agent listener; more are closed as
-    /// they are accepted [default: twice --max-agents, and 64 more].
+    /// Connections open at once on the agent listener, at most 1048576;
+    /// more are closed as they are accepted [default: twice --max-agents,
+    /// and 64 more].
     #[arg(long, value_name = "N", env = "SCANSERVER_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
 
@@ -234,8 +246,8 @@ struct ServeArgs {
     #[arg(long, value_name = "URL", env = "SCANSERVER_INTEGRATION_SERVER")]
     integration_server: Option<String>,
 
-    /// Time between regular reports to the Integration Server [default:
-    /// 300s].
+    /// Time between regular reports to the Integration Server, at least 1s
+    /// (300s, 5m, 1h30m) [default: 300s].
     #[arg(long, value_name = "DURATION", env = "SCANSERVER_REPORT_INTERVAL", value_parser = humantime::parse_duration)]
     report_interval: Option<Duration>,
 }
@@ -319,7 +331,8 @@ struct ScanArgs {
     #[arg(long)]
     json: bool,
 
-    /// Scan threads, at most 1024 [default: one per core].
+    /// Scan threads, at most 1024; 0 is one per core [default: one per
+    /// core].
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
     threads: Option<u16>,
 
