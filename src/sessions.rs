@@ -149,6 +149,13 @@ pub const EVENTS_LOGGED: u32 = 120;
 /// an agent gone wrong.
 pub const TAGS_LOGGED: u32 = 10;
 
+/// Lines telling of one VM's sessions opened, replaced and ended a minute
+/// (see [`LogBudget`]), within the server's budget for them (see
+/// [`Sessions::life_logged`]): an agent that reconnects a few times a
+/// minute is logged each time; one that sends Hello after Hello takes no
+/// more of the server's lines than this.
+pub const SESSION_LINES_LOGGED: u32 = 12;
+
 /// Lines telling of agents rejected at their Hello the whole server may
 /// take a minute (see [`LogBudget`]).
 pub const REJECTIONS_LOGGED: u32 = 120;
@@ -270,6 +277,8 @@ struct VmLogs {
     /// removed: their own, so that a burst of malware found or of events
     /// cannot leave out the line that says the VM's state changed.
     tags: Mutex<LogBudget>,
+    /// Lines telling of its sessions opened, replaced and ended.
+    lives: Mutex<LogBudget>,
 }
 
 impl VmLogs {
@@ -285,12 +294,16 @@ impl VmLogs {
                 "lines telling of security tags assigned or removed",
                 TAGS_LOGGED,
             ),
+            lives: budget(
+                "lines telling of this VM's sessions opened, replaced and ended",
+                SESSION_LINES_LOGGED,
+            ),
         }
     }
 
     /// Whether any of its budgets took a line within the last minute.
     fn recent(&self) -> bool {
-        let budgets = [&self.malware, &self.events, &self.tags];
+        let budgets = [&self.malware, &self.events, &self.tags, &self.lives];
         budgets.iter().any(|budget| budget.lock().recent())
     }
 }
@@ -633,12 +646,14 @@ impl Sessions {
         }
     }
 
-    /// Whether a line telling of a session opened, replaced or ended may be
-    /// logged now: four a minute for each agent the server takes (each may
+    /// Whether a line telling of `session` opened, replaced or ended may be
+    /// logged now: within its VM's [`SESSION_LINES_LOGGED`] a minute, then
+    /// within the server's four a minute for each agent it takes (each may
     /// connect and disconnect twice), 1,200 at least. A client that sends
-    /// Hello after Hello must not fill the journal.
-    pub fn life_logged(&self) -> bool {
-        self.life_logs.lock().take()
+    /// Hello after Hello must neither fill the journal nor keep others'
+    /// sessions out of it.
+    pub fn life_logged(&self, session: &Session) -> bool {
+        session.logs.lives.lock().take() && self.life_logs.lock().take()
     }
 
     /// Opens a session for `agent`, unless the server is at capacity. A
@@ -683,7 +698,7 @@ impl Sessions {
         if let Some(earlier) = earlier {
             by_id.remove(&earlier.id);
             earlier.superseded.send_replace(true);
-            if self.life_logged() {
+            if self.life_logged(&session) {
                 tracing::warn!(
                     vm = %session.agent.vm_id, earlier = %earlier.id, earlier_agent = %earlier.agent.agent_id,
                     later = %session.id, later_agent = %session.agent.agent_id,
@@ -835,7 +850,7 @@ mod tests {
     /// The VM's sessions share its budgets: an agent that sends a Hello
     /// again (which replaces its session), or ends its session and opens
     /// another, does not get another; and the lines telling of sessions
-    /// have a budget of their own.
+    /// have budgets of their own, the VM's and the server's.
     #[tokio::test(start_paused = true)]
     async fn a_new_session_of_a_vm_takes_from_its_budgets() {
         let (logged, _logging) = crate::testlog::Logged::capture();
@@ -860,11 +875,20 @@ mod tests {
         drop(earlier);
         assert_eq!(logged.lines("malware found in"), 0, "not dropped");
         assert_eq!(logged.lines("malware found"), MALWARE_LOGGED as usize);
-        // Hello after Hello: the lines telling of sessions replaced come
-        // within the server's budget for such lines (1,200 a minute here).
+        // Hello after Hello: the lines telling of the VM's sessions
+        // replaced come within the VM's budget for such lines.
         for _ in 0..2000 {
             sessions.open(agent.clone()).unwrap();
         }
-        assert_eq!(logged.lines("replaces its earlier one"), 1200);
+        let replaced = "replaces its earlier one";
+        assert_eq!(logged.lines(replaced), SESSION_LINES_LOGGED as usize);
+        // Of many VMs, within the server's (1,200 a minute here).
+        for vm in 0..1500 {
+            let agent = fixtures::agent_of(&format!("vm-{vm}"));
+            sessions.open(agent.clone()).unwrap();
+            let session = sessions.open(agent).unwrap();
+            sessions.close(&session.id, Ending::Closed);
+        }
+        assert_eq!(logged.lines(replaced), 1200);
     }
 }

@@ -180,7 +180,7 @@ pub(super) async fn run(
         Ok(session) => session,
         Err((reason, message)) => return reject(&state, &out, reason, &message).await,
     };
-    if state.sessions.life_logged() {
+    if state.sessions.life_logged(&session) {
         tracing::info!(
             session = %session.id, agent = %hello.agent_id, vm = %hello.vm_id, vm_name = %hello.vm_name,
             "agent connected"
@@ -205,7 +205,7 @@ pub(super) async fn run(
     if let Some(status) = status {
         out.end(status);
     }
-    if state.sessions.life_logged() {
+    if state.sessions.life_logged(&session) {
         tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
     }
 }
