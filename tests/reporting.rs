@@ -56,6 +56,18 @@ struct TestReceiver {
     tls: Option<ServedTls>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
+    /// Its port, bound (not listening) for as long as the receiver lives:
+    /// stopped, it refuses connections, and no other test's socket takes
+    /// the port before it listens again.
+    held: Option<tokio::net::TcpSocket>,
+}
+
+/// A socket that may share its port with others of this process that set
+/// the same option.
+fn port_sharing_socket() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket
 }
 
 impl TestReceiver {
@@ -73,8 +85,12 @@ impl TestReceiver {
             tls: None,
             stop: None,
             thread: None,
+            held: None,
         };
         receiver.listen();
+        let held = port_sharing_socket();
+        held.bind(receiver.addr).unwrap();
+        receiver.held = Some(held);
         receiver
     }
 
@@ -95,7 +111,9 @@ impl TestReceiver {
         let thread = thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                let socket = port_sharing_socket();
+                socket.bind(addr).unwrap();
+                let listener = socket.listen(1024).unwrap();
                 bound_tx.send(listener.local_addr().unwrap()).unwrap();
                 let (tx, mut rx) = mpsc::channel(16);
                 tokio::spawn(async move {
