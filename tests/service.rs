@@ -1039,9 +1039,11 @@ async fn scan_file_call(
 /// and gives its place back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
-    let idle = Duration::from_secs(6);
+    // Well under the 10 s a silent call waits for its first chunk.
+    let idle = Duration::from_secs(3);
     let server = TestServer::start(|c| {
         c.uploads.files_in_flight = 4;
+        c.engine.scan_timeout = Duration::from_secs(2);
         c.server.idle_timeout = idle;
     })
     .await;
