@@ -119,6 +119,9 @@ impl Context<'_> {
     /// Scans a local file under its path (or the job's name): read into
     /// the worker's buffer when small, memory-mapped when large.
     pub fn scan_file(&self, file: &LocalFile) -> ScanOutcome {
+        // A digest given would be trusted as the content's (`judge`): only
+        // content the server received and hashed itself comes with one.
+        debug_assert!(self.digest.is_none(), "a local file comes without a digest");
         let path = &file.path;
         let opened = file.open(self.limits.timeout);
         // Timed once open: a wait for another process's lease on the file
