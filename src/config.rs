@@ -411,8 +411,8 @@ pub struct ServerConfig {
     /// Its display name in reports [default: the SVM id].
     pub name: Option<String>,
     /// Addresses agents reach the agent listener at, for reports. By
-    /// default: the listen address, or `<svm id>:<port>` when it listens
-    /// on every interface.
+    /// default: the address bound (the kernel's port, for a port of 0), or
+    /// `<svm id>:<port>` when it listens on every interface.
     pub addresses: Vec<String>,
     /// Address of the admin listener (`scanserver status`, `agents`,
     /// `tags`): loopback or a management network, or `unix:PATH`, a

@@ -367,12 +367,15 @@ fn free_port() -> u16 {
         .next()
         .and_then(|start| start.parse().ok())
         .unwrap_or(32768);
-    // The ports below the range, from 10,000 on (or what the range leaves).
-    let low = 10_000.min(ephemeral / 2);
-    let span = ephemeral - low;
-    let start = (std::process::id() % u32::from(span)) as u16;
+    // The ports below the range, from 10,000 on (or what the range leaves
+    // above the privileged ones).
+    let low = 10_000.min(ephemeral / 2).max(1024);
+    assert!(ephemeral > low, "no ports below the ephemeral range");
+    let span = u32::from(ephemeral - low);
+    let start = std::process::id() % span;
     for _ in 0..span {
-        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let next = u32::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let port = low + ((start + next) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

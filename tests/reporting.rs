@@ -62,8 +62,8 @@ struct TestReceiver {
     held: Option<tokio::net::TcpSocket>,
 }
 
-/// A socket that may share its port with others of this process that set
-/// the same option.
+/// A socket that may share its port with others of this user that set the
+/// same option (SO_REUSEPORT).
 fn port_sharing_socket() -> tokio::net::TcpSocket {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_reuseport(true).unwrap();
@@ -594,16 +594,11 @@ async fn old_signatures_and_an_unreachable_infrastructure_are_reasons() {
     // Listening, and bound a second time without listening: once the
     // listener is gone, the port refuses connections, and no other test's
     // listener can take it meanwhile.
-    let socket = || {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_reuseport(true).unwrap();
-        socket
-    };
-    let listening = socket();
+    let listening = port_sharing_socket();
     listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let endpoint = listening.local_addr().unwrap();
     let infrastructure = listening.listen(16).unwrap();
-    let held = socket();
+    let held = port_sharing_socket();
     held.bind(endpoint).unwrap();
     let server = TestServer::start(|config| {
         config.infrastructure.endpoint = Some(endpoint.to_string());

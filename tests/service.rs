@@ -1043,6 +1043,7 @@ async fn scan_file_calls_are_limited_and_cut_off_when_stalled() {
     let idle = Duration::from_secs(3);
     let server = TestServer::start(|c| {
         c.uploads.files_in_flight = 4;
+        // Under the idle timeout, as the settings must be.
         c.engine.scan_timeout = Duration::from_secs(2);
         c.server.idle_timeout = idle;
     })

@@ -21,6 +21,9 @@ use scanserver::{
     report::{Format, Reporter},
 };
 
+/// How to set the log level, said after the help of every command.
+const LOG_HELP: &str = "Log levels: LIGHTAGENT_LOG (a tracing filter, e.g. debug).";
+
 /// The Light Agent client of the Protection Server.
 #[derive(Parser)]
 #[command(
@@ -28,7 +31,7 @@ use scanserver::{
     version,
     long_about = None,
     propagate_version = true,
-    after_help = "Log levels: LIGHTAGENT_LOG (a tracing filter, e.g. debug)."
+    after_help = LOG_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,6 +54,7 @@ enum Command {
     /// found, 1 something found, 2 some file could not be scanned, or the
     /// server could not be reached or refused the session), and the JSON
     /// lines add `cached`.
+    #[command(after_help = LOG_HELP)]
     Scan(ScanArgs),
 
     /// Simulate a boot storm: many agents scan the same files at once.
@@ -61,6 +65,7 @@ enum Command {
     /// engine ran, cache hits, coalesced waits, files and MB per second,
     /// verdict latency (p50, p99) and errors. The first round against a
     /// fresh server is a cold storm; later rounds are answered by digest.
+    #[command(after_help = LOG_HELP)]
     Bench(BenchArgs),
 }
 

@@ -20,6 +20,10 @@ use scanserver::{
     vms::SecurityTag,
 };
 
+/// How to set the log level, said after the help of the commands that log.
+const LOG_HELP: &str =
+    "Log levels: SCANSERVER_LOG (a tracing filter, e.g. debug or scanserver=debug).";
+
 /// The Protection Server of an SVM: scans files for Light Agents with YARA-X
 /// rules.
 #[derive(Parser)]
@@ -28,7 +32,7 @@ use scanserver::{
     about,
     long_about = None,
     propagate_version = true,
-    after_help = "Log levels: SCANSERVER_LOG (a tracing filter, e.g. debug or scanserver=debug)."
+    after_help = LOG_HELP
 )]
 struct Cli {
     /// Log format on stderr.
@@ -53,6 +57,7 @@ enum Command {
     /// that could not be scanned with the reason, then a summary. Exit
     /// status: 0 nothing found, 1 something found, 2 some file could not be
     /// scanned (or the rules could not be loaded).
+    #[command(after_help = LOG_HELP)]
     Scan(ScanArgs),
     /// Run the Protection Server: serve Light Agents over gRPC.
     ///
@@ -60,6 +65,7 @@ enum Command {
     /// environment variables, then these flags, each overriding the one
     /// before. With none at all, the shipped signatures are served on
     /// 0.0.0.0:7405 without TLS.
+    #[command(after_help = LOG_HELP)]
     Serve(Box<ServeArgs>),
     /// Check a ruleset, or make a running server reload its signatures.
     #[command(subcommand)]
