@@ -2,9 +2,10 @@
 //! twice over holds no more resident memory than its budget. In a test
 //! binary of its own, so that no other test's memory is counted.
 
+mod common;
+
 use scanserver::{
     cache::{CacheKey, SharedCache},
-    signatures::Ruleset,
     verdict::Verdict,
 };
 
@@ -20,10 +21,7 @@ fn resident() -> u64 {
 fn a_full_cache_stays_within_its_budget() {
     // A ruleset of one small rule: compiling it frees next to nothing that
     // the cache could then take without growing the process.
-    let rules = tempfile::tempdir().unwrap();
-    let source = rules.path().join("one.yar");
-    std::fs::write(&source, "rule one { strings: $a = \"one\" condition: $a }").unwrap();
-    let ruleset = Ruleset::load(&source, None).unwrap();
+    let ruleset = common::ruleset_from_source("rule one { strings: $a = \"one\" condition: $a }");
     let version = ruleset.version_arc();
     let budget = 64 << 20;
     let before = resident();

@@ -819,8 +819,7 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
     let cache = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let (tree, eicar, clean) = eicar_and_clean();
-    let (listen, admin_port) = (free_port(), free_port());
-    let admin = format!("127.0.0.1:{admin_port}");
+    let (listen, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
     let _server = serve(cache.path(), state.path(), listen, &admin, |_| {});
     // Runs a full scan of `files`, which must exit with `code`.
     let full_scan = |files: &[&Path], code: i32| {
@@ -849,8 +848,8 @@ fn lightagent_full_scans_tag_and_untag_their_vm() {
         let listed = || {
             let reply: serde_json::Value =
                 serde_json::from_slice(&operator(&["agents", "--json"])).unwrap();
-            let vms = reply["vms"].as_array().unwrap().iter();
-            let vm = vms.into_iter().find(|vm| vm["vm_id"] == "vm-x").cloned();
+            let vms = reply["vms"].as_array().unwrap();
+            let vm = vms.iter().find(|vm| vm["vm_id"] == "vm-x").cloned();
             vm.expect("vm-x is listed")
         };
         let mut vm = listed();
@@ -933,8 +932,7 @@ fn lightagent_output_left_unread_holds_up_the_scan_not_its_session() {
         let state = tempfile::tempdir().unwrap();
         let config = state.path().join("scanserver.toml");
         fs::write(&config, settings).unwrap();
-        let (listen, admin_port) = (free_port(), free_port());
-        let admin = format!("127.0.0.1:{admin_port}");
+        let (listen, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
         let _server = serve(cache.path(), state.path(), listen, &admin, |serve| {
             serve.arg("--config").arg(&config);
         });

@@ -983,8 +983,7 @@ async fn eicar_tags_the_vm_a_clean_full_scan_untags_it_and_manual_tags_stay() {
     );
 }
 
-/// Admin requests are small: one over 64 KiB is refused before the server
-/// sets room aside for it, whoever calls.
+/// Admin requests are small: one over 64 KiB is refused (OUT_OF_RANGE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_request_over_64_kib_is_refused() {
     let server = TestServer::start(|_| {}).await;
@@ -999,9 +998,7 @@ async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
     let server = TestServer::start(|_| {}).await;
     let agent = TestAgent::connect(&server, "vm-z").await;
     for refused_begin in [false, true] {
-        assert_eq!(agent.scan(&server, EICAR).await, 1);
-        agent.full_scan_event(TaskState::Started, 0).await;
-        agent.handled(&server).await;
+        agent.tagged_then_full_scan_started(&server).await;
         match refused_begin {
             false => agent.cancel_a_file(&server).await,
             true => agent.begin_a_file_twice(&server).await,
@@ -1079,8 +1076,7 @@ async fn another_task_ending_with_files_in_flight_leaves_the_full_scan_alone() {
         .unwrap();
     let (id, verdict) = next(&mut replies).await;
     assert_eq!((id, file_verdict(verdict).detection_count()), (1, 0));
-    agent.full_scan_event(TaskState::Finished, 0).await;
-    eventually(&server, "vm-o", |vm| vm.tags.is_empty()).await;
+    agent.full_scan_finished_clean(&server).await;
 }
 
 /// A file refused for want of room is sent again, as the agent is told to:
@@ -1632,13 +1628,8 @@ async fn metrics_count_scans_verdicts_and_agents() {
 
     let refused = metrics_request(server.metrics.unwrap(), "POST").await;
     assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
-    let allow = "\r\nallow: GET, HEAD\r\n";
-    assert!(
-        refused
-            .to_ascii_lowercase()
-            .contains(&allow.to_ascii_lowercase()),
-        "{refused}"
-    );
+    let allow = "\r\nallow: get, head\r\n";
+    assert!(refused.to_ascii_lowercase().contains(allow), "{refused}");
     let text = scrape(server.metrics.unwrap()).await;
     for line in [
         "scanserver_scans_total 2",

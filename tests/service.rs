@@ -3613,23 +3613,34 @@ async fn every_file_fails_when_the_scan_stream_cannot_open() {
 }
 
 /// The agent listener's certificate validity is part of the SVM's status:
-/// expired or not valid yet, it is Critical; expiring within 14 days,
-/// Warning; a renewed one read again clears it.
+/// expired, not valid yet (a reason that stops scans), or expiring within
+/// 14 days, each is a reason of its own; a renewed one read again clears
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_turns_the_svm_critical() {
     use scanserver::proto::SvmReason;
     let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let (past, expired, future) = (
+        rcgen::date_time_ymd(2019, 1, 1),
+        rcgen::date_time_ymd(2020, 1, 1),
+        rcgen::date_time_ymd(2200, 1, 1),
+    );
+    let (later, soon) = (now + time::Duration::days(2), now + time::Duration::days(7));
+    // The certificate `pem` (a chain) and its key, served from now on.
+    let install = |pem: String, key: &rcgen::KeyPair| {
+        std::fs::write(dir.path().join("server.pem"), pem).unwrap();
+        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    };
     let write_valid = |not_before, not_after| {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         params.not_before = not_before;
         params.not_after = not_after;
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        install(params.self_signed(&key).unwrap().pem(), &key);
     };
-    let write = |not_after| write_valid(rcgen::date_time_ymd(2019, 1, 1), not_after);
-    write(rcgen::date_time_ymd(2020, 1, 1));
+    let write = |not_after| write_valid(past, not_after);
+    write(expired);
     let server = TestServer::start(|c| {
         c.tls = Some(TlsConfig {
             cert: dir.path().join("server.pem"),
@@ -3657,20 +3668,17 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         assert!(server.tls.as_ref().unwrap().reload().unwrap());
         server.svm.status().reasons
     };
-    write(time::OffsetDateTime::now_utc() + time::Duration::days(7));
+    write(soon);
     assert_eq!(reloaded(), [SvmReason::CertificateExpiresSoon]);
-    write(rcgen::date_time_ymd(2200, 1, 1));
+    write(future);
     assert_eq!(reloaded(), []);
 
     // Not valid yet (a certificate issued ahead of the SVM's clock): agents
     // refuse it as they do an expired one.
-    write_valid(
-        time::OffsetDateTime::now_utc() + time::Duration::days(2),
-        rcgen::date_time_ymd(2200, 1, 1),
-    );
+    write_valid(later, future);
     assert_eq!(reloaded(), [SvmReason::CertificateNotYetValid]);
     assert!(SvmReason::CertificateNotYetValid.stops_scans());
-    write(rcgen::date_time_ymd(2200, 1, 1));
+    write(future);
     assert_eq!(reloaded(), []);
 
     // Served with an intermediate CA and a root: the chain is valid from
@@ -3696,23 +3704,11 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
-        params.not_after = rcgen::date_time_ymd(2200, 1, 1);
+        params.not_after = future;
         let cert = params.signed_by(&key, &ca).unwrap();
-        let chain = format!("{}{}{}", cert.pem(), ca.pem(), root.pem());
-        std::fs::write(dir.path().join("server.pem"), chain).unwrap();
-        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        install(format!("{}{}{}", cert.pem(), ca.pem(), root.pem()), &key);
         reloaded()
     };
-    let now = time::OffsetDateTime::now_utc();
-    let (past, future) = (
-        rcgen::date_time_ymd(2019, 1, 1),
-        rcgen::date_time_ymd(2200, 1, 1),
-    );
-    let (expired, soon) = (
-        rcgen::date_time_ymd(2020, 1, 1),
-        now + time::Duration::days(7),
-    );
-    let later = now + time::Duration::days(2);
     assert_eq!(
         chain_of((past, expired), (past, soon)),
         [SvmReason::CertificateExpiresSoon],

@@ -48,7 +48,7 @@ use std::{
     },
 };
 
-use parking_lot::Mutex;
+use arc_swap::ArcSwapOption;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter, sync::Cache};
 use serde::Serialize;
 
@@ -167,8 +167,9 @@ pub struct SharedCache {
     budget: u64,
     /// The clean verdict of the latest signatures, which every clean entry
     /// of theirs shares: nearly every entry is clean, and one allocation
-    /// for each would take about a third of the cache's memory.
-    clean: Mutex<Option<Arc<CachedVerdict>>>,
+    /// for each would take about a third of the cache's memory. Swapped,
+    /// not locked: every scan's clean verdict is stored through it.
+    clean: ArcSwapOption<CachedVerdict>,
 }
 
 /// The memory an entry takes, so that the budget is of the process's
@@ -236,7 +237,7 @@ impl SharedCache {
             counters,
             flights: Flights::default(),
             budget,
-            clean: Mutex::default(),
+            clean: ArcSwapOption::empty(),
         }
     }
 
@@ -291,20 +292,21 @@ impl SharedCache {
         bump(&self.counters.changes, 1);
     }
 
-    /// The clean verdict of the signatures `version`, shared.
+    /// The clean verdict of the signatures `version`, shared. Scans of
+    /// two versions finishing at once (a reload) may each make their own:
+    /// each is as good, and the latest stored is shared from then on.
     fn clean(&self, version: &Arc<str>) -> Arc<CachedVerdict> {
-        let mut clean = self.clean.lock();
-        match &*clean {
-            Some(shared) if shared.rules_version == *version => Arc::clone(shared),
-            _ => {
-                let shared = Arc::new(CachedVerdict {
-                    verdict: Verdict::Clean,
-                    rules_version: Arc::clone(version),
-                });
-                *clean = Some(Arc::clone(&shared));
-                shared
-            }
+        if let Some(shared) = &*self.clean.load()
+            && shared.rules_version == *version
+        {
+            return Arc::clone(shared);
         }
+        let shared = Arc::new(CachedVerdict {
+            verdict: Verdict::Clean,
+            rules_version: Arc::clone(version),
+        });
+        self.clean.store(Some(Arc::clone(&shared)));
+        shared
     }
 
     /// Uploads and scans under way, for coalescing.

@@ -82,6 +82,10 @@ const MAX_REPLIES: usize = 1024;
 /// verdicts go with them.
 const HOLD_FOR: Duration = Duration::from_millis(16);
 
+/// The shortest time the stream's handling counts as having waited (for
+/// the engine's queue, for room): shorter, it took no more than its work.
+const A_WAIT: Duration = Duration::from_millis(1);
+
 /// A begun file of a Scan stream.
 struct OpenFile {
     owed: VerdictOwed,
@@ -646,7 +650,7 @@ impl ScanStream {
                         .await?;
                     let started = Instant::now();
                     let reply = self.end(end.file_id).await;
-                    if started.elapsed() >= Duration::from_millis(1) {
+                    if started.elapsed() >= A_WAIT {
                         context.waited();
                     }
                     reply
@@ -1105,7 +1109,7 @@ impl ScanStream {
     /// nearly every file finds one) is not worth a walk over the open files
     /// after every file: deadlines of seconds do not feel it.
     fn held_up(open: &mut OpenFiles, waited: Duration) {
-        if waited < Duration::from_millis(1) {
+        if waited < A_WAIT {
             return;
         }
         for file in open.values_mut() {
@@ -1212,7 +1216,7 @@ impl ScanStream {
         let waiting_since = Instant::now();
         let judging = Judging::start(&engine, &received, &name, standing).await;
         let waited = waiting_since.elapsed();
-        self.moved |= waited >= Duration::from_millis(1);
+        self.moved |= waited >= A_WAIT;
         Self::held_up(&mut self.open, waited);
         if let Judging::Known(hit) = &judging {
             let verdict = FileVerdict::known(hit, &received.digest, false);
