@@ -322,6 +322,11 @@ impl Collector for Live {
                 svm.engine.stuck_contents() as u64,
             ),
             (
+                "scanserver_timed_out_contents",
+                "Contents refused for a while because their scans ran past the scan timeout twice in a row",
+                svm.engine.timed_out_contents() as u64,
+            ),
+            (
                 "scanserver_spool_bytes",
                 "Disk that uploads spooled now take from the spool budget",
                 spool.bytes,

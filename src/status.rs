@@ -636,6 +636,10 @@ impl Svm {
                     ("threads", self.engine.threads() as u64),
                     ("stuck threads", stuck as u64),
                     ("contents refused", self.engine.stuck_contents() as u64),
+                    (
+                        "contents timing out",
+                        self.engine.timed_out_contents() as u64,
+                    ),
                     ("queue depth", self.engine.queue_depth() as u64),
                     ("queue capacity", self.engine.queue_capacity() as u64),
                     ("scans", self.engine.metrics().scans.get()),

@@ -40,6 +40,21 @@ async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>)
     session_of(server, hello).await
 }
 
+/// A Lookup of one digest.
+async fn look_up(server: &TestServer, session: &str, digest: &blake3::Hash) -> proto::LookupReply {
+    let request = LookupRequest {
+        session_id: session.to_owned(),
+        digests: vec![Bytes::copy_from_slice(digest.as_bytes())],
+    };
+    server
+        .client()
+        .await
+        .lookup(request)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Content that takes the engine a moment to scan, unique per `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -91,6 +106,98 @@ async fn a_hundred_concurrent_requests_for_one_content_make_one_scan() {
     assert_eq!(stats.coalesced_waits, coalesced as u64);
     assert_eq!(stats.entries, 1);
     assert!(server.state.engine.cache().flights().is_empty());
+}
+
+/// A storm of VMs on content whose scan times out: the copies that waited
+/// for the first scan are not handed its failure, but once two scans of
+/// the content timed out the others fail with `timeout` unscanned, rather
+/// than take every scan thread in turn, each for a whole timeout. Then a
+/// begin for the content is answered at once, without its content, and a
+/// Lookup does not wait; new signatures scan it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_on_content_that_times_out_runs_few_scans() {
+    // YARA-X stops a scan at its timeout's next whole second: with 1 s, a
+    // slow scan runs 1 to 2 s.
+    let server = TestServer::start(|c| c.engine.scan_timeout = Duration::from_secs(1)).await;
+    server.state.replace_ruleset(ruleset_from_source(SLOW_RULE));
+    let data = Arc::new(vec![1u8; 200_000]);
+    let digest = blake3::hash(&data);
+    let mut agents = Vec::new();
+    for _ in 0..12 {
+        let (session, keep) = session_id(&server).await;
+        let (tx, mut replies) = scan_stream(&server).await;
+        let data = Arc::clone(&data);
+        agents.push(tokio::spawn(async move {
+            let _keep = keep;
+            tx.send(begin(&session, 1, &data, Some(digest.as_bytes())))
+                .await
+                .unwrap();
+            loop {
+                match next(&mut replies).await {
+                    (1, file_reply::Kind::SendContent(_)) => {
+                        let requests = batch(vec![chunk(1, 0, &data), end(1)]);
+                        tx.send(requests).await.unwrap();
+                    }
+                    (1, kind) => return file_verdict(kind).verdict.unwrap().kind.unwrap(),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }));
+    }
+    for agent in agents {
+        let verdict = agent.await.unwrap();
+        assert!(
+            matches!(&verdict, proto::verdict::Kind::Failed(failed) if failed.reason() == proto::FailureReason::Timeout),
+            "{verdict:?}"
+        );
+    }
+    // The first scan, and at most one more on each of the two threads
+    // (copies scanned at once, before the second timeout was known).
+    let scans = server.state.engine.metrics().scans.get();
+    assert!((2..=3).contains(&scans), "{scans} scans for 12 copies");
+    assert_eq!(server.state.engine.timed_out_contents(), 1);
+
+    // Refused at its begin now: no content asked for, no scan.
+    let (session, _keep) = session_id(&server).await;
+    let requested = Counters::get(&server.state.counters.content_requests);
+    let reply = first_reply(
+        &server,
+        vec![begin(&session, 7, &data, Some(digest.as_bytes()))],
+    )
+    .await;
+    let verdict = file_verdict(reply);
+    assert!(!verdict.cached, "a refusal is no cached verdict");
+    let failed = match verdict.verdict.unwrap().kind.unwrap() {
+        proto::verdict::Kind::Failed(failed) => failed,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(failed.reason(), proto::FailureReason::Timeout);
+    assert!(
+        failed.detail.contains("2 times in a row"),
+        "{}",
+        failed.detail
+    );
+    assert_eq!(
+        Counters::get(&server.state.counters.content_requests),
+        requested
+    );
+    let lookup = look_up(&server, &session, &digest).await;
+    assert!(lookup.results[0].verdict.is_none(), "{lookup:?}");
+    assert_eq!(server.state.engine.metrics().scans.get(), scans);
+
+    // New signatures: the content is scanned again.
+    server.state.replace_ruleset(ruleset_from_source(
+        "rule ones { strings: $a = { 01 01 01 01 } condition: $a }",
+    ));
+    assert_eq!(server.state.engine.timed_out_contents(), 0);
+    let (tx, mut replies) = scan_stream(&server).await;
+    begin_asked_for_content(&tx, &mut replies, &session, 8, &data, &digest).await;
+    tx.send(batch(vec![chunk(8, 0, &data), end(8)]))
+        .await
+        .unwrap();
+    let (_, kind) = next(&mut replies).await;
+    assert_eq!(verdict_rules(&kind), ["ones"]);
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1792,16 +1899,7 @@ async fn content_that_stuck_a_scan_thread_is_refused_at_its_begin() {
         }
         other => panic!("expected a failed verdict, got {other:?}"),
     }
-    let lookup = server
-        .client()
-        .await
-        .lookup(LookupRequest {
-            session_id: session.clone(),
-            digests: vec![Bytes::copy_from_slice(digest.as_bytes())],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let lookup = look_up(&server, &session, &digest).await;
     assert!(lookup.results[0].verdict.is_none(), "{lookup:?}");
     let upload_wait = scanserver::cache::flight::UPLOAD_WAIT;
     assert!(

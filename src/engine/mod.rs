@@ -18,17 +18,23 @@
 //! * A thread busy with one job for far longer than the scan timeout
 //!   allows is counted as stuck ([`Engine::stuck_threads`], see `stuck`),
 //!   and the content it scans is refused from then on.
+//! * Content whose scans time out twice in a row is not scanned again for a
+//!   while (see `timeouts`): in a boot storm, its copies would otherwise
+//!   take every scan thread in turn, each for a whole timeout.
 //! * Verdicts are remembered in the [`SharedCache`] under the digest the
 //!   engine computed (or the server computed while receiving): content seen
 //!   before is not scanned again.
 
 mod mapped;
 mod stuck;
+mod timeouts;
 mod worker;
 
 use mapped::{MappedBudget, MappedShare};
 use stuck::{Busy, Handoff, StuckContents};
 pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
+use timeouts::TimedOut;
+pub use timeouts::{MAX_TIMED_OUT, REFUSED_FOR, TIMEOUTS_IN_A_ROW};
 
 use std::{fs::File, path::Path, sync::Arc, time::Duration};
 
@@ -207,6 +213,14 @@ struct Limits {
     max_scan_size: u64,
 }
 
+/// Why content is not scanned, and the failure its files get instead (see
+/// [`Engine::refusal`]).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: FailReason,
+    pub why: String,
+}
+
 /// The scan engine. Share it behind an [`Arc`].
 pub struct Engine {
     ruleset: ArcSwap<Ruleset>,
@@ -217,6 +231,7 @@ pub struct Engine {
     mapped: MappedBudget,
     busy: Busy,
     stuck: Arc<StuckContents>,
+    timed_out: TimedOut,
     cache: SharedCache,
     metrics: Arc<Metrics>,
 }
@@ -308,6 +323,7 @@ impl Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
             busy: Busy::new(pool.current_num_threads()),
             stuck: Arc::default(),
+            timed_out: TimedOut::default(),
             pool,
             limits: Limits {
                 timeout: config.scan_timeout,
@@ -341,6 +357,7 @@ impl Engine {
     pub fn replace_ruleset(&self, ruleset: Ruleset) -> Arc<Ruleset> {
         let old = self.ruleset.swap(Arc::new(ruleset));
         self.cache.clear();
+        self.timed_out.clear();
         self.pool
             .spawn_broadcast(|_| worker::release_stale_scanner());
         old
@@ -395,7 +412,13 @@ impl Engine {
             );
             let failed = ScanOutcome {
                 elapsed: stuck_after,
-                ..self.refused(why, 0)
+                ..self.refused(
+                    Refusal {
+                        reason: FailReason::Engine,
+                        why,
+                    },
+                    0,
+                )
             };
             let tell = move || {
                 for (then, digest) in long.handoffs {
@@ -422,6 +445,12 @@ impl Engine {
     /// Contents refused because they stuck a scan thread.
     pub fn stuck_contents(&self) -> usize {
         self.stuck.len()
+    }
+
+    /// Contents refused for now because their scans timed out twice in a
+    /// row (see `timeouts`).
+    pub fn timed_out_contents(&self) -> usize {
+        self.timed_out.refused()
     }
 
     /// Loads the contents that stuck a scan thread in earlier runs from the
@@ -500,40 +529,55 @@ impl Engine {
         self.reserve(&job.content).await.scan(job, |_| {}).await
     }
 
-    /// Why content of `digest` is not scanned, if it is not: it stuck a
-    /// thread ([`Engine::refused_for_good`]), or another thread has been on
-    /// it for two scan timeouts already (a scan would have been stopped
-    /// after one), and would be stuck with it before that thread counts as
-    /// stuck. Looked at by the scan itself.
-    pub fn refusal(&self, digest: &Digest) -> Option<String> {
-        self.refused_for_good(digest).or_else(|| {
+    /// Why content of `digest` named `name` is not scanned, if it is not:
+    /// it is refused whatever the threads do ([`Engine::refused_content`]),
+    /// or another thread has been on it for two scan timeouts already (a
+    /// scan would have been stopped after one), and would be stuck with it
+    /// before that thread counts as stuck. Looked at by the scan itself.
+    pub fn refusal(&self, digest: &Digest, name: Option<&Path>) -> Option<Refusal> {
+        let key = self.cache_key(digest, name);
+        self.refused_content(digest, &key).or_else(|| {
             let long = self.twice_at_once_after();
-            self.busy.on_longer_than(digest, long).then(|| {
-                format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once")
+            self.busy.on_longer_than(digest, long).then(|| Refusal {
+                reason: FailReason::Engine,
+                why: format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once"),
             })
         })
     }
 
-    /// The outcome of content of `size` bytes refused unscanned, for
-    /// `why` (see [`Engine::refusal`]): an `engine` failure.
-    pub fn refused(&self, why: String, size: u64) -> ScanOutcome {
-        let verdict = Verdict::failed(FailReason::Engine, why);
+    /// The outcome of content of `size` bytes refused unscanned (see
+    /// [`Engine::refusal`]).
+    pub fn refused(&self, refusal: Refusal, size: u64) -> ScanOutcome {
+        let verdict = Verdict::failed(refusal.reason, refusal.why);
         ScanOutcome::failed(verdict, size, Duration::ZERO, self.ruleset().version_arc())
     }
 
-    /// Why content of `digest` is never scanned by this server, if it is
-    /// not: it stuck a scan thread. Looked at by the service before it asks
-    /// for such content, and before it waits for a scan of content it
-    /// received or a Lookup names (the flight of a stuck scan lands
-    /// nothing):
-    /// a refusal for as long as the content is (the other, while a thread
-    /// is on it, may end with that scan's verdict).
-    pub fn refused_for_good(&self, digest: &Digest) -> Option<String> {
-        self.stuck.holds(digest).then(|| {
-            format!(
-                "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
-                self.stuck_after()
-            )
+    /// Why content of `digest`, under cache key `key`, is not scanned now,
+    /// if it is not: it stuck a scan thread, and is never scanned by this
+    /// server (`engine`); or its scans timed out twice in a row lately, and
+    /// it is not scanned for a while (`timeout`, see `timeouts`). Looked at
+    /// by the service before it asks for such content, and before it waits
+    /// for a scan of content it received or a Lookup names (no scan of it
+    /// lands anything): a refusal for as long as the content is (the
+    /// other, while a thread is on it, may end with that scan's verdict).
+    pub fn refused_content(&self, digest: &Digest, key: &CacheKey) -> Option<Refusal> {
+        if self.stuck.holds(digest) {
+            return Some(Refusal {
+                reason: FailReason::Engine,
+                why: format!(
+                    "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
+                    self.stuck_after()
+                ),
+            });
+        }
+        let left = self.timed_out.refused_for(key)?;
+        Some(Refusal {
+            reason: FailReason::Timeout,
+            why: format!(
+                "the scans of content {digest} ran past the timeout of {:?} {TIMEOUTS_IN_A_ROW} times in a row: it is not scanned again for {}s, or until the signatures change",
+                self.limits.timeout,
+                left.as_secs().max(1)
+            ),
         })
     }
 
@@ -568,25 +612,27 @@ impl Engine {
         share: Option<MappedShare>,
         mut then: Option<Handoff>,
     ) -> (ScanOutcome, Option<Handoff>) {
-        if let Some(why) = job.digest.and_then(|digest| self.refusal(&digest)) {
+        let name = job.name.as_deref().map(Path::new);
+        if let Some(refusal) = job.digest.and_then(|digest| self.refusal(&digest, name)) {
             let size = match &job.content {
                 Content::Bytes(data) => data.len() as u64,
                 Content::Spooled { size, .. } => *size,
                 Content::File(_) => 0,
             };
-            return (self.refused(why, size), then);
+            return (self.refused(refusal, size), then);
         }
         let had_share = share.is_some();
         let busy = self.busy.begin(job.digest, share, &mut then);
         // Off the pool's threads the share was let go: the file then takes
         // one as it maps, as a file scanned without a slot does.
         let share_held = had_share && busy.is_some();
+        let ruleset = self.ruleset.load_full();
         let context = worker::Context {
-            ruleset: self.ruleset.load_full(),
+            ruleset: Arc::clone(&ruleset),
             limits: self.limits,
             cache: &self.cache,
             metrics: &self.metrics,
-            name: job.name.as_deref().map(Path::new),
+            name,
             digest: job.digest,
             mapped: &self.mapped,
             share_held,
@@ -603,6 +649,36 @@ impl Engine {
             }
             then = handoff;
         }
+        if let Some(digest) = &job.digest {
+            self.note_timeouts(digest, name, &ruleset, &outcome);
+        }
         (outcome, then)
+    }
+
+    /// Notes whether the scan of content of `digest` (named `name`) with
+    /// `ruleset` timed out, or ended in time (see `timeouts`).
+    fn note_timeouts(
+        &self,
+        digest: &Digest,
+        name: Option<&Path>,
+        ruleset: &Ruleset,
+        outcome: &ScanOutcome,
+    ) {
+        let key = || CacheKey::new(digest, ruleset, name);
+        match outcome.verdict.failure() {
+            Some(failure) if failure.reason == FailReason::Timeout => {
+                let now_refused = self.timed_out.timed_out(key());
+                if now_refused {
+                    tracing::warn!(
+                        "the scans of content {digest} ran past the timeout of {:?} {TIMEOUTS_IN_A_ROW} times in a row: its copies fail with `timeout` unscanned for {}s, or until the signatures change",
+                        self.limits.timeout,
+                        REFUSED_FOR.as_secs()
+                    );
+                }
+            }
+            Some(_) => {}
+            None if self.timed_out.any() => self.timed_out.in_time(&key()),
+            None => {}
+        }
     }
 }

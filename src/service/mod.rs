@@ -361,9 +361,9 @@ impl ProtectionServer for ProtectionService {
             }
             let key = CacheKey::new(digest, &ruleset, None);
             let mut known = cache.get(&key);
-            // Content that stuck a scan thread is unknown at once: the
-            // flight of its stuck scan lands nothing.
-            if known.is_none() && engine.refused_for_good(digest).is_none() {
+            // Content refused unscanned is unknown at once: no scan of it
+            // lands anything (see `Engine::refused_content`).
+            if known.is_none() && engine.refused_content(digest, &key).is_none() {
                 match cache.flights().waiting(&key) {
                     Some(waiter) => under_way.push((index, waiter)),
                     // A flight that landed since the look above left its

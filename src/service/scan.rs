@@ -53,7 +53,7 @@ use crate::{
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
     connections::{AddressPlace, Ends, PerAddress},
-    engine::{Content, Engine, ScanOutcome, ScanSlot},
+    engine::{Content, Engine, Refusal, ScanOutcome, ScanSlot},
     intake::PEER_SHARE,
     metrics::Tally,
     proto::{
@@ -62,6 +62,7 @@ use crate::{
     },
     sessions::{FilePlace, NoPlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
+    verdict::FailReason,
 };
 
 /// The most replies one `ScanReply` carries: a batch of begins refused
@@ -867,6 +868,28 @@ impl ScanStream {
         if let Some((_, _, Some(hit))) = &looked_up {
             return self.known(id, owed, begin.size, &begin.path, hit, false);
         }
+        // Content the engine refuses is not asked for (see
+        // `Engine::refused_content`). Content that stuck a scan thread
+        // fails the file; content whose scans timed out lately gets the
+        // failure its scan would, at once, taking no place in flight
+        // either. A begin for content another thread has long been on is
+        // not refused: that thread may still come back with a verdict. It
+        // waits for it as for any scan under way, or is asked for its
+        // content (whose scan is refused while that thread is on the same).
+        if let Some((digest, key, None)) = &looked_up
+            && let Some(refusal) = self.state.engine.refused_content(digest, key)
+        {
+            if refusal.reason != FailReason::Timeout {
+                return Some(file_error(id, Code::FailedPrecondition, &refusal.why));
+            }
+            let outcome = ScanOutcome {
+                digest: Some(*digest),
+                ..self.state.engine.refused(refusal, begin.size)
+            };
+            let verdict = FileVerdict::from_outcome(&outcome);
+            owed.settle_in(&mut self.settled, begin.size, &begin.path, &verdict);
+            return Some(reply(id, verdict_reply(verdict)));
+        }
         let file = match self.open_file(begin, owed) {
             Ok(file) => file,
             Err(reply) => return Some(reply),
@@ -874,16 +897,7 @@ impl ScanStream {
         let Some((digest, key, _)) = looked_up else {
             return self.open_for_content(id, file, None, Standing::Unannounced);
         };
-        let engine = &self.state.engine;
-        let cache = engine.cache();
-        // Content that stuck a scan thread is not asked for. A begin for
-        // content another thread has long been on is not refused: that
-        // thread may still come back with a verdict. It waits for it as for
-        // any scan under way, or is asked for its content (whose scan is
-        // refused while that thread is on the same).
-        if let Some(why) = engine.refused_for_good(&digest) {
-            return Some(file_error(id, Code::FailedPrecondition, &why));
-        }
+        let cache = self.state.engine.cache();
         // Leads and waits begin in order: the first to end is still the
         // one the stream looks out for.
         let deadline = context.now() + UPLOAD_WAIT;
@@ -1454,8 +1468,8 @@ enum Judging {
     /// Another request is scanning the same content: wait for that, until
     /// the deadline.
     Follow(Waiter, Instant),
-    /// The content stuck a scan thread, and is not scanned again: why.
-    Refused(String),
+    /// The content is refused unscanned: why.
+    Refused(Refusal),
 }
 
 impl Judging {
@@ -1474,13 +1488,13 @@ impl Judging {
     ) -> Self {
         let key = engine.cache_key(&received.digest, Some(name.as_ref()));
         let cache = engine.cache();
-        // Content that stuck a scan thread is not scanned again (see
-        // `Engine::refusal`), nor waited for: the flight of its stuck scan
-        // lands nothing. A verdict cached before is still given.
-        if let Some(why) = engine.refused_for_good(&received.digest) {
+        // Content refused is not scanned (see `Engine::refused_content`),
+        // nor waited for: no scan of it lands anything. A verdict cached
+        // before is still given.
+        if let Some(refusal) = engine.refused_content(&received.digest, &key) {
             return cache
                 .get(&key)
-                .map_or(Judging::Refused(why), Judging::Known);
+                .map_or(Judging::Refused(refusal), Judging::Known);
         }
         let flight = match standing {
             Standing::Leads { flight, .. } if *flight.key() == key => Some(flight),
@@ -1586,9 +1600,9 @@ impl Judging {
                 let slot = engine.reserve(&received.content).await;
                 scan_received(slot, received, name, None).await
             }
-            Judging::Refused(why) => FileVerdict::from_outcome(&ScanOutcome {
+            Judging::Refused(refusal) => FileVerdict::from_outcome(&ScanOutcome {
                 digest: Some(received.digest),
-                ..engine.refused(why, received.size)
+                ..engine.refused(refusal, received.size)
             }),
         }
     }
