@@ -8,7 +8,9 @@
 //! [lands](Flight::land). A lead that fails (its scan failed, its upload was
 //! cancelled or cut short) lands nothing: its waiters are told so, and
 //! each then gets its own content scanned. A failure is never handed to a
-//! request that did not earn it.
+//! request that did not earn it. (But content the engine refuses fails
+//! unscanned, waiter or not: content that stuck a scan thread, or whose
+//! scans timed out twice in a row lately, see `engine::timeouts`.)
 //!
 //! A request waits in one of two ways: with a [`Waiter`] (a future, for
 //! requests that are handled in a task of their own), or subscribed

@@ -36,7 +36,12 @@ pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
 use timeouts::TimedOut;
 pub use timeouts::{MAX_TIMED_OUT, REFUSED_FOR, TIMEOUTS_IN_A_ROW};
 
-use std::{fs::File, path::Path, sync::Arc, time::Duration};
+use std::{
+    fs::File,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -450,7 +455,7 @@ impl Engine {
     /// Contents refused for now because their scans timed out twice in a
     /// row (see `timeouts`).
     pub fn timed_out_contents(&self) -> usize {
-        self.timed_out.refused()
+        self.timed_out.refused(Instant::now())
     }
 
     /// Loads the contents that stuck a scan thread in earlier runs from the
@@ -535,8 +540,16 @@ impl Engine {
     /// scan would have been stopped after one), and would be stuck with it
     /// before that thread counts as stuck. Looked at by the scan itself.
     pub fn refusal(&self, digest: &Digest, name: Option<&Path>) -> Option<Refusal> {
-        let key = self.cache_key(digest, name);
-        self.refused_content(digest, &key).or_else(|| {
+        let now = Instant::now();
+        let timed_out = || {
+            let key = self
+                .timed_out
+                .any(now)
+                .then(|| self.cache_key(digest, name))?;
+            self.timed_out_refusal(digest, &key, now)
+        };
+        let refused = self.stuck_refusal(digest).or_else(timed_out);
+        refused.or_else(|| {
             let long = self.twice_at_once_after();
             self.busy.on_longer_than(digest, long).then(|| Refusal {
                 reason: FailReason::Engine,
@@ -561,16 +574,25 @@ impl Engine {
     /// lands anything): a refusal for as long as the content is (the
     /// other, while a thread is on it, may end with that scan's verdict).
     pub fn refused_content(&self, digest: &Digest, key: &CacheKey) -> Option<Refusal> {
-        if self.stuck.holds(digest) {
-            return Some(Refusal {
-                reason: FailReason::Engine,
-                why: format!(
-                    "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
-                    self.stuck_after()
-                ),
-            });
-        }
-        let left = self.timed_out.refused_for(key)?;
+        let timed_out = || self.timed_out_refusal(digest, key, Instant::now());
+        self.stuck_refusal(digest).or_else(timed_out)
+    }
+
+    /// The refusal of content of `digest` that stuck a scan thread.
+    fn stuck_refusal(&self, digest: &Digest) -> Option<Refusal> {
+        self.stuck.holds(digest).then(|| Refusal {
+            reason: FailReason::Engine,
+            why: format!(
+                "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
+                self.stuck_after()
+            ),
+        })
+    }
+
+    /// The refusal, at `now`, of content of `digest` under `key` whose
+    /// scans timed out twice in a row lately.
+    fn timed_out_refusal(&self, digest: &Digest, key: &CacheKey, now: Instant) -> Option<Refusal> {
+        let left = self.timed_out.refused_for(key, now)?;
         Some(Refusal {
             reason: FailReason::Timeout,
             why: format!(
@@ -622,6 +644,7 @@ impl Engine {
             return (self.refused(refusal, size), then);
         }
         let had_share = share.is_some();
+        let began = Instant::now();
         let busy = self.busy.begin(job.digest, share, &mut then);
         // Off the pool's threads the share was let go: the file then takes
         // one as it maps, as a file scanned without a slot does.
@@ -650,24 +673,31 @@ impl Engine {
             then = handoff;
         }
         if let Some(digest) = &job.digest {
-            self.note_timeouts(digest, name, &ruleset, &outcome);
+            self.note_timeouts(digest, name, &ruleset, began, &outcome);
         }
         (outcome, then)
     }
 
     /// Notes whether the scan of content of `digest` (named `name`) with
-    /// `ruleset` timed out, or ended in time (see `timeouts`).
+    /// `ruleset`, begun at `began`, timed out, or ended in time (see
+    /// `timeouts`). Not a scan with signatures replaced meanwhile: what
+    /// it tells of is forgotten already.
     fn note_timeouts(
         &self,
         digest: &Digest,
         name: Option<&Path>,
         ruleset: &Ruleset,
+        began: Instant,
         outcome: &ScanOutcome,
     ) {
+        if ruleset.version_id() != self.ruleset.load().version_id() {
+            return;
+        }
         let key = || CacheKey::new(digest, ruleset, name);
+        let now = Instant::now();
         match outcome.verdict.failure() {
             Some(failure) if failure.reason == FailReason::Timeout => {
-                let now_refused = self.timed_out.timed_out(key());
+                let now_refused = self.timed_out.timed_out(key(), began, now);
                 if now_refused {
                     tracing::warn!(
                         "the scans of content {digest} ran past the timeout of {:?} {TIMEOUTS_IN_A_ROW} times in a row: its copies fail with `timeout` unscanned for {}s, or until the signatures change",
@@ -677,7 +707,7 @@ impl Engine {
                 }
             }
             Some(_) => {}
-            None if self.timed_out.any() => self.timed_out.in_time(&key()),
+            None if self.timed_out.any(now) => self.timed_out.in_time(&key(), now),
             None => {}
         }
     }

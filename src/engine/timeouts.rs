@@ -17,8 +17,10 @@
 //! (fail closed), and not a verdict: nothing is cached or persisted, and a
 //! signatures change forgets every such content (its key names the
 //! signatures). A scan of the content that ends in time (one that was under
-//! way as the last timed out) forgets it too. Twice rather than once, so
-//! that one scan cut short by a busy machine refuses nothing.
+//! way as the last timed out) forgets it too. Twice rather than once, and
+//! in a row: a timeout counts only if its scan began after the last one
+//! counted, so that scans cut short together in one busy moment count as
+//! one, and refuse nothing.
 //!
 //! Only timeouts of content whose digest the server computed count (a
 //! server's uploads, see `Engine::scan_on_worker`): an agent cannot have
@@ -27,7 +29,7 @@
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -41,15 +43,17 @@ pub const TIMEOUTS_IN_A_ROW: u32 = 2;
 /// How long after its last timeout a content's copies are refused.
 pub const REFUSED_FOR: Duration = Duration::from_secs(10 * 60);
 
-/// Contents remembered at most; a new one takes the place of the one that
-/// timed out longest ago.
+/// Contents remembered at most; a new one takes the place of one not
+/// refused, or else of the one refused longest ago.
 pub const MAX_TIMED_OUT: usize = 4096;
 
 /// Contents whose scans timed out lately, by cache key.
-#[derive(Default)]
 pub(super) struct TimedOut {
-    /// Whether any content is remembered: the look every scan makes.
-    any: AtomicBool,
+    /// Until when, in milliseconds from `epoch`, a content remembered may
+    /// count: [`REFUSED_FOR`] after the last timeout, 0 when none is. The
+    /// look every scan makes, which takes no lock once that time is past.
+    live_until: AtomicU64,
+    epoch: Instant,
     contents: RwLock<HashMap<CacheKey, Mark>>,
 }
 
@@ -57,6 +61,7 @@ pub(super) struct TimedOut {
 #[derive(Debug, Clone, Copy)]
 struct Mark {
     in_a_row: u32,
+    /// When the last timeout counted was noted.
     last: Instant,
 }
 
@@ -68,39 +73,48 @@ impl Mark {
     }
 }
 
+impl Default for TimedOut {
+    fn default() -> Self {
+        TimedOut {
+            live_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            contents: RwLock::default(),
+        }
+    }
+}
+
 impl TimedOut {
-    /// Whether any content is remembered; when not, no key need be made
-    /// to look one up.
-    pub fn any(&self) -> bool {
-        self.any.load(Ordering::Relaxed)
+    /// Whether a content remembered may count at `now`; when none may, no
+    /// key need be made to look one up.
+    pub fn any(&self, now: Instant) -> bool {
+        self.millis(now) < self.live_until.load(Ordering::Relaxed)
     }
 
-    /// How long content under `key` is still refused, if it is.
-    pub fn refused_for(&self, key: &CacheKey) -> Option<Duration> {
-        self.refused_for_at(key, Instant::now())
+    fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    fn refused_for_at(&self, key: &CacheKey, now: Instant) -> Option<Duration> {
-        if !self.any() {
+    /// How long content under `key` is still refused at `now`, if it is.
+    pub fn refused_for(&self, key: &CacheKey, now: Instant) -> Option<Duration> {
+        if !self.any(now) {
             return None;
         }
         self.contents.read().get(key)?.refused_for(now)
     }
 
-    /// Notes a scan of content under `key` that timed out. Returns whether
-    /// the content is refused from now on, which it was not before.
-    pub fn timed_out(&self, key: CacheKey) -> bool {
-        self.timed_out_at(key, Instant::now())
-    }
-
-    fn timed_out_at(&self, key: CacheKey, now: Instant) -> bool {
+    /// Notes, at `now`, a scan of content under `key` begun at `began` that
+    /// timed out. Returns whether the content is refused from now on,
+    /// which it was not before.
+    pub fn timed_out(&self, key: CacheKey, began: Instant, now: Instant) -> bool {
         let mut contents = self.contents.write();
         if contents.len() >= MAX_TIMED_OUT && !contents.contains_key(&key) {
             contents.retain(|_, mark| mark.last + REFUSED_FOR > now);
             if contents.len() >= MAX_TIMED_OUT {
-                let oldest = contents.iter().min_by_key(|(_, mark)| mark.last);
-                if let Some((&oldest, _)) = oldest {
-                    contents.remove(&oldest);
+                let first_to_go = contents
+                    .iter()
+                    .min_by_key(|(_, mark)| (mark.refused_for(now).is_some(), mark.last));
+                if let Some((&key, _)) = first_to_go {
+                    contents.remove(&key);
                 }
             }
         }
@@ -108,6 +122,10 @@ impl TimedOut {
             in_a_row: 0,
             last: now,
         });
+        if mark.in_a_row > 0 && began < mark.last {
+            // Begun before the last timeout counted: cut short with it.
+            return false;
+        }
         let was_refused = mark.refused_for(now).is_some();
         if mark.last + REFUSED_FOR <= now {
             // Its last timeout is too long ago to count.
@@ -115,17 +133,21 @@ impl TimedOut {
         }
         mark.in_a_row += 1;
         mark.last = now;
-        self.any.store(true, Ordering::Relaxed);
+        let until = self.millis(now + REFUSED_FOR);
+        self.live_until.fetch_max(until, Ordering::Relaxed);
         !was_refused && mark.refused_for(now).is_some()
     }
 
-    /// Notes a scan of content under `key` that ended in time: the content
-    /// is forgotten.
-    pub fn in_time(&self, key: &CacheKey) {
-        if self.any() {
-            let mut contents = self.contents.write();
-            contents.remove(key);
-            self.any.store(!contents.is_empty(), Ordering::Relaxed);
+    /// Notes, at `now`, a scan of content under `key` that ended in time:
+    /// the content is forgotten.
+    pub fn in_time(&self, key: &CacheKey, now: Instant) {
+        if !self.any(now) || !self.contents.read().contains_key(key) {
+            return;
+        }
+        let mut contents = self.contents.write();
+        contents.remove(key);
+        if contents.is_empty() {
+            self.live_until.store(0, Ordering::Relaxed);
         }
     }
 
@@ -133,12 +155,14 @@ impl TimedOut {
     pub fn clear(&self) {
         let mut contents = self.contents.write();
         contents.clear();
-        self.any.store(false, Ordering::Relaxed);
+        self.live_until.store(0, Ordering::Relaxed);
     }
 
-    /// Contents refused now.
-    pub fn refused(&self) -> usize {
-        let now = Instant::now();
+    /// Contents refused at `now`.
+    pub fn refused(&self, now: Instant) -> usize {
+        if !self.any(now) {
+            return 0;
+        }
         let contents = self.contents.read();
         contents
             .values()
@@ -167,23 +191,38 @@ mod tests {
         let ruleset = ruleset();
         let timed_out = TimedOut::default();
         let (slow, other) = (key(&ruleset, 1), key(&ruleset, 2));
-        assert!(!timed_out.any() && timed_out.refused_for(&slow).is_none());
-        assert!(!timed_out.timed_out(slow), "one timeout refuses nothing");
-        assert!(timed_out.refused_for(&slow).is_none());
-        assert!(timed_out.timed_out(slow), "the second does");
-        let left = timed_out.refused_for(&slow).expect("refused");
-        assert!(left > REFUSED_FOR - Duration::from_secs(60) && left <= REFUSED_FOR);
-        assert!(!timed_out.timed_out(slow), "refused already: not news");
-        assert!(timed_out.refused_for(&other).is_none());
-        assert_eq!(timed_out.refused(), 1);
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert!(!timed_out.any(t0) && timed_out.refused_for(&slow, t0).is_none());
+        assert!(
+            !timed_out.timed_out(slow, t0, at(10)),
+            "one timeout refuses nothing"
+        );
+        assert!(timed_out.refused_for(&slow, at(10)).is_none());
+        // A scan begun before the first timeout was noted, cut short in
+        // the same busy moment, does not count.
+        assert!(!timed_out.timed_out(slow, at(1), at(11)));
+        assert!(timed_out.refused_for(&slow, at(11)).is_none());
+        assert!(timed_out.timed_out(slow, at(10), at(20)), "the second does");
+        assert_eq!(
+            timed_out.refused_for(&slow, at(30)),
+            Some(REFUSED_FOR - Duration::from_secs(10))
+        );
+        assert!(
+            !timed_out.timed_out(slow, at(20), at(30)),
+            "refused already: not news"
+        );
+        assert!(timed_out.refused_for(&other, at(30)).is_none());
+        assert_eq!(timed_out.refused(at(30)), 1);
         // A scan that ends in time forgets it.
-        timed_out.in_time(&slow);
-        assert!(timed_out.refused_for(&slow).is_none() && !timed_out.any());
+        timed_out.in_time(&slow, at(31));
+        assert!(timed_out.refused_for(&slow, at(31)).is_none() && !timed_out.any(at(31)));
         // As does a signatures change.
-        timed_out.timed_out(other);
-        timed_out.timed_out(other);
+        timed_out.timed_out(other, at(31), at(40));
+        timed_out.timed_out(other, at(40), at(50));
+        assert_eq!(timed_out.refused(at(50)), 1);
         timed_out.clear();
-        assert!(timed_out.refused_for(&other).is_none() && timed_out.refused() == 0);
+        assert!(timed_out.refused_for(&other, at(50)).is_none() && timed_out.refused(at(50)) == 0);
     }
 
     #[test]
@@ -192,27 +231,29 @@ mod tests {
         let timed_out = TimedOut::default();
         let slow = key(&ruleset, 1);
         let now = Instant::now();
-        timed_out.timed_out_at(slow, now);
-        timed_out.timed_out_at(slow, now);
+        timed_out.timed_out(slow, now, now);
+        timed_out.timed_out(slow, now, now);
+        assert!(timed_out.refused_for(&slow, now).is_some());
         let later = now + REFUSED_FOR;
+        assert!(!timed_out.any(later), "nothing counts any more");
+        assert!(timed_out.refused_for(&slow, later).is_none());
         assert!(
-            timed_out.refused_for_at(&slow, later).is_none(),
-            "no longer refused"
-        );
-        assert!(
-            !timed_out.timed_out_at(slow, later),
+            !timed_out.timed_out(slow, later, later),
             "a timeout after that is a first"
         );
-        assert!(timed_out.refused_for_at(&slow, later).is_none());
-        for n in 2..MAX_TIMED_OUT as u32 + 10 {
-            timed_out.timed_out_at(key(&ruleset, n), later + Duration::from_secs(1));
+        assert!(timed_out.any(later) && timed_out.refused_for(&slow, later).is_none());
+        // Full: one refused (`slow`, twice timed out) and others that
+        // timed out once; the first of those goes for a new one.
+        let then = later + Duration::from_secs(1);
+        timed_out.timed_out(slow, later, then);
+        for n in 2..=MAX_TIMED_OUT as u32 {
+            timed_out.timed_out(key(&ruleset, n), then, then);
         }
-        assert_eq!(timed_out.contents.read().len(), MAX_TIMED_OUT);
-        let newest = key(&ruleset, MAX_TIMED_OUT as u32 + 9);
-        assert!(timed_out.contents.read().contains_key(&newest));
-        assert!(
-            !timed_out.contents.read().contains_key(&slow),
-            "the oldest went"
-        );
+        let newest = key(&ruleset, MAX_TIMED_OUT as u32 + 1);
+        timed_out.timed_out(newest, then, then);
+        let contents = timed_out.contents.read();
+        assert_eq!(contents.len(), MAX_TIMED_OUT);
+        assert!(contents.contains_key(&newest));
+        assert!(contents.contains_key(&slow), "the one refused stays");
     }
 }

@@ -13,7 +13,8 @@
 //! Each begun file whose verdict is not cached holds one of its session's
 //! in-flight places (its VM's, shared with the VM's earlier sessions) until
 //! its final reply is made (a scan's verdict: until that is queued for the
-//! agent); one whose verdict is cached is answered at once, without a
+//! agent); one whose verdict is cached, or whose content the engine
+//! refuses (see `Engine::refused_content`), is answered at once, without a
 //! place. Each owes its VM a verdict: one that goes without (refused, failed,
 //! cancelled, cut off) spoils the VM's full scan under way. Replies wait
 //! for the agent to take them for at most the idle timeout. When the
@@ -879,16 +880,7 @@ impl ScanStream {
         if let Some((digest, key, None)) = &looked_up
             && let Some(refusal) = self.state.engine.refused_content(digest, key)
         {
-            if refusal.reason != FailReason::Timeout {
-                return Some(file_error(id, Code::FailedPrecondition, &refusal.why));
-            }
-            let outcome = ScanOutcome {
-                digest: Some(*digest),
-                ..self.state.engine.refused(refusal, begin.size)
-            };
-            let verdict = FileVerdict::from_outcome(&outcome);
-            owed.settle_in(&mut self.settled, begin.size, &begin.path, &verdict);
-            return Some(reply(id, verdict_reply(verdict)));
+            return Some(self.refuse(id, owed, begin.size, &begin.path, *digest, refusal));
         }
         let file = match self.open_file(begin, owed) {
             Ok(file) => file,
@@ -944,6 +936,32 @@ impl ScanStream {
         let verdict = FileVerdict::hash_first(hit, coalesced, &self.version);
         owed.settle_in(&mut self.settled, size, path, &verdict);
         Some(reply(id, verdict_reply(verdict)))
+    }
+
+    /// The final reply to file `id`, of `size` bytes at `path`, whose
+    /// content of `digest` the engine refuses (see
+    /// `Engine::refused_content`): content that stuck a scan thread fails
+    /// the file (`FAILED_PRECONDITION`); content whose scans timed out
+    /// lately gets the failure its scan would.
+    fn refuse(
+        &mut self,
+        id: u64,
+        owed: VerdictOwed,
+        size: u64,
+        path: &str,
+        digest: Digest,
+        refusal: Refusal,
+    ) -> FileReply {
+        if refusal.reason != FailReason::Timeout {
+            return file_error(id, Code::FailedPrecondition, &refusal.why);
+        }
+        let outcome = ScanOutcome {
+            digest: Some(digest),
+            ..self.state.engine.refused(refusal, size)
+        };
+        let verdict = FileVerdict::from_outcome(&outcome);
+        owed.settle_in(&mut self.settled, size, path, &verdict);
+        reply(id, verdict_reply(verdict))
     }
 
     /// The checks every begin passes: a new file id, a known session, a
@@ -1136,8 +1154,9 @@ impl ScanStream {
     /// Ends the wait of `file` (id `id`, taken off the stream, waiting for
     /// content with `digest`) with `landing`. Without a verdict of the
     /// current signatures (the scan waited for may have been under way
-    /// when they were replaced), the file's own content is asked for; but
-    /// a stream that takes no more requests leaves the file open for its
+    /// when they were replaced), the file's own content is asked for,
+    /// unless the engine refuses it now (its scan waited for timed out a
+    /// second time, say); but a stream that takes no more requests leaves the file open for its
     /// error (opened for content, it would take memory or a spool file for
     /// nothing, and might be refused for want of them, an outcome that is
     /// not the stream's).
@@ -1148,8 +1167,17 @@ impl ScanStream {
         digest: Digest,
         landing: Landing,
     ) -> Option<FileReply> {
-        let landing = landing.filter(|landed| self.state.engine.is_current(landed));
+        let engine = &self.state.engine;
+        let landing = landing.filter(|landed| engine.is_current(landed));
         let Some(landed) = landing else {
+            // What was waited for may have made the content refused.
+            let key = engine.cache_key(&digest, Some(file.name.as_ref()));
+            if let Some(refusal) = engine.refused_content(&digest, &key) {
+                let OpenFile {
+                    owed, size, name, ..
+                } = file;
+                return Some(self.refuse(id, owed, size, &name, digest, refusal));
+            }
             if self.requests.is_none() {
                 let standing = Standing::OnItsOwn;
                 self.open.insert(id, OpenFile { standing, ..file });
