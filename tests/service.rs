@@ -122,8 +122,9 @@ async fn a_hundred_concurrent_requests_for_one_content_make_one_scan() {
 /// than take every scan thread in turn, each for a whole timeout. (A copy
 /// that waited for a scan on a thread until it ran two timeouts fails
 /// with `engine` instead, on a machine slow enough: failed either way.) Then a
-/// begin for the content is answered at once, without its content, and a
-/// Lookup does not wait; new signatures scan it again.
+/// begin for the content is answered at once, without its content, a
+/// Lookup does not wait, and ScanFile fails it unscanned; new signatures
+/// scan it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_on_content_that_times_out_runs_few_scans() {
     // YARA-X stops a scan at its timeout's next whole second: with 1 s, a
@@ -196,6 +197,10 @@ async fn a_storm_on_content_that_times_out_runs_few_scans() {
     );
     let lookup = look_up(&server, &session, &digest).await;
     assert!(lookup.results[0].verdict.is_none(), "{lookup:?}");
+    let chunks = tokio_stream::iter(vec![scan_file_chunk(0, &data, "slow.bin")]);
+    let call = server.client().await.scan_file(chunks).await;
+    let verdict = file_reply::Kind::Verdict(call.unwrap().into_inner());
+    assert_eq!(failure_reason(verdict), proto::FailureReason::Timeout);
     assert_eq!(server.state.engine.metrics().scans.get(), scans);
 
     // New signatures: the content is scanned again.
