@@ -20,6 +20,14 @@ use crate::{
 /// counted in KiB, 32 bits of them.
 const MAX_UPLOAD: u64 = (u32::MAX as u64) << 10;
 
+/// A refusal of `setting`, for `problem`.
+fn invalid(setting: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        setting,
+        problem: problem.into(),
+    })
+}
+
 /// The agent listener's default address. 7405 is this server's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7405";
 
@@ -58,14 +66,29 @@ pub struct Config {
 
 impl Config {
     /// Checks what the types alone do not: values the server could not
-    /// run with, or that contradict each other.
+    /// run with, or that contradict each other. The first problem found
+    /// is the one told.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, problem: &str| {
-            Err(ConfigError::Invalid {
+        self.check_durations()?;
+        self.check_tls()?;
+        // An empty value (an environment variable set to nothing, say)
+        // would be taken as given: an empty tag refuses every agent, an
+        // empty path names no file.
+        if let Some(setting) = self.empty_setting() {
+            return invalid(
                 setting,
-                problem: problem.to_owned(),
-            })
-        };
+                "is empty: give a value, or leave the setting out (file, SCANSERVER_* variable and flag) for its default",
+            );
+        }
+        self.check_engine()?;
+        self.check_agents()?;
+        self.check_uploads()?;
+        self.check_outbound()?;
+        self.check_listeners()
+    }
+
+    /// The timers' settings.
+    fn check_durations(&self) -> Result<(), ConfigError> {
         // Timers are set from these: far-off values ("never", say) would
         // overflow the runtime's clock, and 0 means never where allowed.
         let durations = [
@@ -108,34 +131,54 @@ impl Config {
                 "must be 0s (never) or at least 1s: each look reads the whole ruleset",
             );
         }
-        if let Some(tls) = &self.tls
-            && !tls.check_interval.is_zero()
-            && tls.check_interval < Duration::from_secs(1)
-        {
+        if self.server.idle_timeout <= self.engine.scan_timeout {
+            return invalid(
+                "server.idle_timeout",
+                "must be longer than engine.scan_timeout: a stream waiting for a scan would be cut off as idle",
+            );
+        }
+        if self.server.snapshot_interval < Duration::from_secs(1) {
+            return invalid(
+                "server.snapshot_interval",
+                "must be at least 1s: each save under load writes the whole cache",
+            );
+        }
+        if self.reporting.interval < Duration::from_secs(1) {
+            return invalid("reporting.interval", "must be at least 1s");
+        }
+        Ok(())
+    }
+
+    /// The `[tls]` table, when there is one.
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        if !tls.check_interval.is_zero() && tls.check_interval < Duration::from_secs(1) {
             return invalid("tls.check_interval", "must be 0s (never) or at least 1s");
         }
         // A `[tls]` table may leave the certificate and key to flags or
         // variables (the same file on every SVM, each with its own files),
         // but the listener needs them.
-        if let Some(tls) = &self.tls {
-            for (setting, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                if path.as_os_str().is_empty() {
-                    return invalid(
-                        setting,
-                        "is missing or empty: TLS needs the server's certificate and key ([tls] cert and key, or --tls-cert and --tls-key)",
-                    );
-                }
+        for (setting, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if path.as_os_str().is_empty() {
+                return invalid(
+                    setting,
+                    "is missing or empty: TLS needs the server's certificate and key ([tls] cert and key, or --tls-cert and --tls-key)",
+                );
             }
         }
-        // An empty value (an environment variable set to nothing, say)
-        // would be taken as given: an empty tag refuses every agent, an
-        // empty path names no file.
-        if let Some(setting) = self.empty_setting() {
+        if tls.vm_id_in_certificate && tls.client_ca.is_none() {
             return invalid(
-                setting,
-                "is empty: give a value, or leave the setting out (file, SCANSERVER_* variable and flag) for its default",
+                "tls.vm_id_in_certificate",
+                "needs mutual TLS: set tls.client_ca, the CA of the agents' certificates",
             );
         }
+        Ok(())
+    }
+
+    /// The `[engine]` table.
+    fn check_engine(&self) -> Result<(), ConfigError> {
         if self.engine.threads > MAX_THREADS {
             return invalid("engine.threads", "must be at most 1024 (0: one per core)");
         }
@@ -145,109 +188,110 @@ impl Config {
         if !(1..=1 << 20).contains(&self.engine.queue_capacity) {
             return invalid("engine.queue_capacity", "must be between 1 and 1,048,576");
         }
-        if self.server.idle_timeout <= self.engine.scan_timeout {
-            return invalid(
-                "server.idle_timeout",
-                "must be longer than engine.scan_timeout: a stream waiting for a scan would be cut off as idle",
-            );
-        }
-        if self
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.vm_id_in_certificate && tls.client_ca.is_none())
-        {
-            return invalid(
-                "tls.vm_id_in_certificate",
-                "needs mutual TLS: set tls.client_ca, the CA of the agents' certificates",
-            );
-        }
-        if self.server.max_agents == 0 {
+        Ok(())
+    }
+
+    /// What the server takes of agents: how many, on how many connections,
+    /// with which tags.
+    fn check_agents(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        if server.max_agents == 0 {
             return invalid("server.max_agents", "must be at least 1");
         }
-        if self.server.max_connections() > crate::connections::MAX_CONNECTIONS {
+        if server.max_connections() > crate::connections::MAX_CONNECTIONS {
             return invalid(
                 "server.max_connections",
                 "must be at most 1048576 (and server.max_agents no more than half that, when max_connections is not set)",
             );
         }
-        if self.server.max_connections_per_address == Some(0) {
+        if server.max_connections_per_address == Some(0) {
             return invalid(
                 "server.max_connections_per_address",
                 "must be at least 1 (an agent needs one connection)",
             );
         }
-        if self.server.max_connections() < self.server.max_agents {
+        if server.max_connections() < server.max_agents {
             return invalid(
                 "server.max_connections",
                 "must be at least server.max_agents: agents beyond it could not connect to be told that the SVM is full",
             );
         }
-        if !(1..=MAX_SPOOL_FILES).contains(&self.uploads.spool_files) {
+        if let Some(tag) = server.allowed_tags.iter().find(|t| t.trim() != t.as_str()) {
+            return invalid(
+                "server.allowed_tags",
+                format!("has {tag:?}, with spaces around it: agents' tags are matched exactly"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The `[uploads]` table, and the largest upload against the largest
+    /// scan.
+    fn check_uploads(&self) -> Result<(), ConfigError> {
+        let uploads = &self.uploads;
+        if !(1..=MAX_SPOOL_FILES).contains(&uploads.spool_files) {
             return invalid("uploads.spool_files", "must be between 1 and 1048576");
         }
-        if self.uploads.message_budget < crate::intake::CALL_MOST as u64 {
+        if uploads.message_budget < crate::intake::CALL_MOST as u64 {
             return invalid(
                 "uploads.message_budget",
                 "must be at least 32 MiB: the room one call may need (messages of the largest size, 16 MiB, after smaller ones)",
             );
         }
-        if self.uploads.path_budget < crate::service::MAX_PATH_LEN as u64 {
+        if uploads.path_budget < crate::service::MAX_PATH_LEN as u64 {
             return invalid(
                 "uploads.path_budget",
                 "must be at least 98304 (a file's longest path, 96 KiB)",
             );
         }
-        if self.uploads.files_in_flight == 0 {
+        if uploads.files_in_flight == 0 {
             return invalid("uploads.files_in_flight", "must be at least 1");
         }
         // Checked first: the upload limit follows them when a file does
         // not set it, and a budget too small to spool anything would be
         // blamed on the limit.
         let budgets = [
-            ("uploads.spool_budget", self.uploads.spool_budget),
-            (
-                "uploads.spool_budget_per_vm",
-                self.uploads.spool_budget_per_vm(),
-            ),
+            ("uploads.spool_budget", uploads.spool_budget),
+            ("uploads.spool_budget_per_vm", uploads.spool_budget_per_vm()),
         ];
         if let Some((setting, _)) = budgets.iter().find(|(_, budget)| *budget < 1 << 10) {
             return invalid(setting, "must be at least 1 KiB");
         }
-        if self.uploads.max_file_size == 0 {
+        if uploads.max_file_size == 0 {
             // Agents read 0 in the Welcome as no limit given.
             return invalid("uploads.max_file_size", "must be more than 0");
         }
-        if !(4 << 10..=4 << 20).contains(&self.uploads.chunk_size) {
+        if !(4 << 10..=4 << 20).contains(&uploads.chunk_size) {
             return invalid("uploads.chunk_size", "must be between 4 KiB and 4 MiB");
         }
-        if self.uploads.max_file_size > MAX_UPLOAD {
+        if uploads.max_file_size > MAX_UPLOAD {
             return invalid("uploads.max_file_size", "must be under 4 TiB");
         }
         // Both counted in whole KiB, as the budget hands them out.
-        if self.uploads.spool_budget >> 10 < self.uploads.max_file_size.div_ceil(1024) {
+        if uploads.spool_budget >> 10 < uploads.max_file_size.div_ceil(1024) {
             return invalid(
                 "uploads.spool_budget",
                 "is below uploads.max_file_size: a file of the largest size accepted could never be spooled",
             );
         }
-        if self.uploads.spool_budget_per_vm() >> 10 < self.uploads.max_file_size.div_ceil(1024) {
+        if uploads.spool_budget_per_vm() >> 10 < uploads.max_file_size.div_ceil(1024) {
             return invalid(
                 "uploads.spool_budget_per_vm",
                 "is below uploads.max_file_size: a VM's file of the largest size accepted could never be spooled",
             );
         }
-        if self.uploads.max_file_size > self.engine.max_scan_size {
+        if uploads.max_file_size > self.engine.max_scan_size {
             return invalid(
                 "uploads.max_file_size",
                 "is over engine.max_scan_size: such uploads could never be scanned; lower it or raise the other",
             );
         }
-        if self.server.snapshot_interval < Duration::from_secs(1) {
-            return invalid(
-                "server.snapshot_interval",
-                "must be at least 1s: each save under load writes the whole cache",
-            );
-        }
+        Ok(())
+    }
+
+    /// What the server connects to: the Integration Server and the
+    /// infrastructure's endpoint.
+    fn check_outbound(&self) -> Result<(), ConfigError> {
         // TLS is used for https:// URLs only: a plain URL with TLS settings
         // would send reports and the token in the clear.
         if let Some(url) = &self.reporting.integration_server
@@ -258,20 +302,6 @@ impl Config {
                 "must be an https:// URL with [reporting.tls], and an http:// URL without",
             );
         }
-        if self.reporting.interval < Duration::from_secs(1) {
-            return invalid("reporting.interval", "must be at least 1s");
-        }
-        if let Some(tag) = self
-            .server
-            .allowed_tags
-            .iter()
-            .find(|t| t.trim() != t.as_str())
-        {
-            return invalid(
-                "server.allowed_tags",
-                &format!("has {tag:?}, with spaces around it: agents' tags are matched exactly"),
-            );
-        }
         if let Some(endpoint) = &self.infrastructure.endpoint {
             let port = endpoint
                 .rsplit_once(':')
@@ -279,12 +309,17 @@ impl Config {
             if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
                 return invalid(
                     "infrastructure.endpoint",
-                    &format!(
+                    format!(
                         "is {endpoint:?}: give a host and port, as vcenter.example:443 or [2001:db8::1]:443"
                     ),
                 );
             }
         }
+        Ok(())
+    }
+
+    /// The listeners' addresses: apart, and the admin one guarded.
+    fn check_listeners(&self) -> Result<(), ConfigError> {
         // Two listeners on one port clash when either takes every address.
         let overlap = |one: SocketAddr, other: SocketAddr| {
             let any = one.ip().is_unspecified() || other.ip().is_unspecified();

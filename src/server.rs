@@ -29,7 +29,7 @@ use crate::{
     admin::{self, AdminAddr, AdminService, AdminSocket},
     auth::{BearerToken, RequireToken, RequiredToken, TokenError},
     config::Config,
-    connections::{self, CallsLayer},
+    connections::{self, CallsLayer, Connections},
     engine::Engine,
     files::{OffThread, READ_WAIT},
     intake::{IntakeLayer, MAX_MESSAGE_SIZE},
@@ -169,7 +169,7 @@ impl Server {
     /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         allow_open_files(config);
-        let listener = bind(config.server.listen, "--listen").await?;
+        let (listener, admin, metrics) = Self::bind_listeners(config).await?;
         let admin_token = AdminToken {
             file: config.server.admin_token_file.clone(),
             required: RequiredToken::new(
@@ -177,17 +177,6 @@ impl Server {
                     .map(BearerToken::read)
                     .transpose()?,
             ),
-        };
-        let admin = match &config.server.admin_listen {
-            AdminAddr::Tcp(addr) => AdminListener::Tcp(bind(*addr, "--admin-listen").await?),
-            AdminAddr::Unix(path) => {
-                AdminListener::Unix(AdminSocket::bind(path).map_err(|source| {
-                    ServerError::AdminSocket {
-                        path: path.clone(),
-                        source,
-                    }
-                })?)
-            }
         };
         // Without a token, the settings were refused (`Config::validate`).
         if let AdminAddr::Tcp(addr) = config.server.admin_listen
@@ -199,10 +188,6 @@ impl Server {
                 "the admin listener is reachable from other hosts without TLS: its token crosses the network in clear (keep it on loopback, and reach it through SSH)"
             );
         }
-        let metrics = match config.server.metrics_listen {
-            Some(addr) => Some(bind(addr, "--metrics-listen").await?),
-            None => None,
-        };
         // Read now, so that unusable settings stop the server before
         // anything starts, naming the files.
         let tls = config
@@ -211,27 +196,7 @@ impl Server {
             .map(Tls::load)
             .transpose()?
             .map(Arc::new);
-        let path = config.server.state_dir();
-        let state_dir =
-            StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
-        state_dir.restore_cache(&engine);
-        let stuck = engine.keep_stuck_contents_in(state_dir.path());
-        match stuck.map_err(|source| ServerError::State {
-            path: state_dir.path().join(crate::engine::STUCK_CONTENTS_FILE),
-            source,
-        })? {
-            0 => {}
-            refused => tracing::warn!(
-                refused,
-                "contents that stuck a scan thread in an earlier run are refused"
-            ),
-        }
-        let vms = Arc::new(
-            Vms::open(state_dir.path()).map_err(|source| ServerError::State {
-                path: state_dir.path().join(crate::vms::FILE_NAME),
-                source,
-            })?,
-        );
+        let (state_dir, vms) = Self::open_state(config, &engine)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state =
             ServiceState::new(engine, config, Arc::clone(&vms), shutdown_rx).map_err(|source| {
@@ -276,6 +241,56 @@ impl Server {
             state_dir,
             snapshot_interval: config.server.snapshot_interval,
         })
+    }
+
+    /// The listeners the settings name, bound: the agents', the admin
+    /// service's and, if any, the metrics'.
+    async fn bind_listeners(
+        config: &Config,
+    ) -> Result<(TcpListener, AdminListener, Option<TcpListener>), ServerError> {
+        let listener = bind(config.server.listen, "--listen").await?;
+        let admin = match &config.server.admin_listen {
+            AdminAddr::Tcp(addr) => AdminListener::Tcp(bind(*addr, "--admin-listen").await?),
+            AdminAddr::Unix(path) => {
+                AdminListener::Unix(AdminSocket::bind(path).map_err(|source| {
+                    ServerError::AdminSocket {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)
+            }
+        };
+        let metrics = match config.server.metrics_listen {
+            Some(addr) => Some(bind(addr, "--metrics-listen").await?),
+            None => None,
+        };
+        Ok((listener, admin, metrics))
+    }
+
+    /// The state folder, opened, with what earlier runs left there: the
+    /// cache's snapshot (loaded into `engine`), the contents that stuck a
+    /// scan thread (refused by `engine`), the VMs protected.
+    fn open_state(config: &Config, engine: &Engine) -> Result<(StateDir, Arc<Vms>), ServerError> {
+        let path = config.server.state_dir();
+        let state_dir =
+            StateDir::open(&path).map_err(|source| ServerError::State { path, source })?;
+        state_dir.restore_cache(engine);
+        let stuck = engine.keep_stuck_contents_in(state_dir.path());
+        match stuck.map_err(|source| ServerError::State {
+            path: state_dir.path().join(crate::engine::STUCK_CONTENTS_FILE),
+            source,
+        })? {
+            0 => {}
+            refused => tracing::warn!(
+                refused,
+                "contents that stuck a scan thread in an earlier run are refused"
+            ),
+        }
+        let vms = Vms::open(state_dir.path()).map_err(|source| ServerError::State {
+            path: state_dir.path().join(crate::vms::FILE_NAME),
+            source,
+        })?;
+        Ok((state_dir, Arc::new(vms)))
     }
 
     /// The address the listener is bound to.
@@ -444,7 +459,7 @@ impl Server {
             signal.await;
             // Listened for at once: a second signal that comes while the
             // first is being handled ends the grace period too.
-            let second: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(termination_signal());
+            let second: SecondSignal = Box::pin(termination_signal());
             svm.begin_shutdown();
             tracing::info!("shutting down: no new connections, finishing scans in flight");
             notify::notify("STOPPING=1\nSTATUS=shutting down: finishing scans in flight");
@@ -464,43 +479,7 @@ impl Server {
                     stop_accepting,
                 )),
             };
-        let grace = self.grace;
-        // The grace period ends early on a second SIGTERM or Ctrl-C (the
-        // first took their default actions away); the last saves are made
-        // all the same.
-        let closing = Arc::clone(&self.svm.connections);
-        let deadline = async move {
-            let Ok(second) = signalled_rx.await else {
-                return std::future::pending::<()>().await;
-            };
-            tokio::select! {
-                () = tokio::time::sleep(grace) => {
-                    tracing::warn!(
-                        ?grace,
-                        open = closing.open(),
-                        "shutdown grace period over; closing the connections still open, then making the last saves"
-                    );
-                }
-                () = second => {
-                    tracing::warn!(
-                        open = closing.open(),
-                        "second signal: closing the connections still open, then making the last saves"
-                    );
-                }
-            }
-            // tonic leaves each connection to a task of its own, which
-            // would go on answering until the process exits: closed first,
-            // nothing is answered that the saves do not hold.
-            if tokio::time::timeout(CLOSE_WAIT, closing.close_all())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    open = closing.open(),
-                    "connections not closed within {CLOSE_WAIT:?}; making the last saves all the same"
-                );
-            }
-        };
+        let deadline = end_of_grace(signalled_rx, self.grace, Arc::clone(&self.svm.connections));
         let served_result = tokio::select! {
             result = serve => result,
             () = deadline => Ok(()),
@@ -759,6 +738,50 @@ impl HangupFiles {
                 tracing::error!("{what} not read again on this SIGHUP: {err}");
             }
         }
+    }
+}
+
+/// A second signal, listened for once shutdown began.
+type SecondSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Resolves when the shutdown's grace period is over, once `signalled`
+/// tells shutdown began: after `grace`, or at once on a second SIGTERM or
+/// Ctrl-C (the first took their default actions away), having closed the
+/// `connections` still open. The last saves are made all the same.
+async fn end_of_grace(
+    signalled: tokio::sync::oneshot::Receiver<SecondSignal>,
+    grace: Duration,
+    connections: Arc<Connections>,
+) {
+    let Ok(second) = signalled.await else {
+        return std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(
+                ?grace,
+                open = connections.open(),
+                "shutdown grace period over; closing the connections still open, then making the last saves"
+            );
+        }
+        () = second => {
+            tracing::warn!(
+                open = connections.open(),
+                "second signal: closing the connections still open, then making the last saves"
+            );
+        }
+    }
+    // tonic leaves each connection to a task of its own, which would go on
+    // answering until the process exits: closed first, nothing is
+    // answered that the saves do not hold.
+    if tokio::time::timeout(CLOSE_WAIT, connections.close_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.open(),
+            "connections not closed within {CLOSE_WAIT:?}; making the last saves all the same"
+        );
     }
 }
 

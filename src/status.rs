@@ -589,23 +589,6 @@ impl Svm {
         let signatures = state_for(SvmReason::NoSignatures)
             .max(state_for(SvmReason::SignaturesOutdated))
             .max(state_for(SvmReason::SignaturesUpdateFailed));
-        let age = Duration::from_secs(age(ruleset.release_time()).as_secs());
-        let mut signatures_detail = format!(
-            "version {}, {} old",
-            ruleset.version(),
-            humantime::format_duration(age)
-        );
-        if let Some(failure) = self.signatures_update_failure() {
-            signatures_detail += &format!("; the last reload failed: {failure}");
-        }
-        // Copied out, one lock at a time (see `status`).
-        let tls_update_failure = self.tls_update_failure();
-        // Shown with the reason only: looked at again, the failure may
-        // have aged out since the status was made, or a new one come.
-        let accept_failure = self
-            .connections
-            .accept_failure()
-            .filter(|_| status.reasons.contains(&SvmReason::ConnectionsNotAccepted));
         let reporter = self.reporter.lock().clone();
         let probe = self.probe.lock().clone();
         let unsaved = self.unsaved.failures();
@@ -648,7 +631,7 @@ impl Svm {
             component(
                 "signatures",
                 signatures,
-                signatures_detail,
+                self.signatures_detail(&ruleset),
                 [("rules", ruleset.rule_count() as u64)],
             ),
             component(
@@ -676,29 +659,7 @@ impl Svm {
                     .max(state_for(SvmReason::CertificateExpired))
                     .max(state_for(SvmReason::CertificateNotYetValid))
                     .max(state_for(SvmReason::ConnectionsNotAccepted)),
-                format!(
-                    "listening on {}{}{}{}",
-                    self.identity.listen,
-                    match (self.identity.encrypted, self.certificate_validity()) {
-                        (false, _) => String::new(),
-                        (true, None) => " (TLS)".to_owned(),
-                        (true, Some(valid)) if SystemTime::now() < valid.not_before => format!(
-                            " (TLS, certificate valid from {} until {})",
-                            humantime::format_rfc3339_seconds(valid.not_before),
-                            humantime::format_rfc3339_seconds(valid.not_after)
-                        ),
-                        (true, Some(valid)) => format!(
-                            " (TLS, certificate valid until {})",
-                            humantime::format_rfc3339_seconds(valid.not_after)
-                        ),
-                    },
-                    tls_update_failure
-                        .map(|failure| format!("; the last TLS reload failed: {failure}"))
-                        .unwrap_or_default(),
-                    accept_failure
-                        .map(|failure| format!("; cannot accept connections: {failure}"))
-                        .unwrap_or_default()
-                ),
+                self.listener_detail(&status),
                 [
                     ("connected agents", self.sessions.len() as u64),
                     ("protected VMs (30 days)", self.vms.count() as u64),
@@ -717,6 +678,57 @@ impl Svm {
                 [],
             ),
         ]
+    }
+}
+
+impl Svm {
+    /// The signatures' component's detail: `ruleset`'s version and age,
+    /// and the last reload's failure, if it failed.
+    fn signatures_detail(&self, ruleset: &Ruleset) -> String {
+        let age = Duration::from_secs(age(ruleset.release_time()).as_secs());
+        let mut detail = format!(
+            "version {}, {} old",
+            ruleset.version(),
+            humantime::format_duration(age)
+        );
+        if let Some(failure) = self.signatures_update_failure() {
+            detail += &format!("; the last reload failed: {failure}");
+        }
+        detail
+    }
+
+    /// The agent listener's component's detail, with `status`: its
+    /// address, its certificate's validity, and what failed.
+    fn listener_detail(&self, status: &SvmStatus) -> String {
+        let tls = match (self.identity.encrypted, self.certificate_validity()) {
+            (false, _) => String::new(),
+            (true, None) => " (TLS)".to_owned(),
+            (true, Some(valid)) if SystemTime::now() < valid.not_before => format!(
+                " (TLS, certificate valid from {} until {})",
+                humantime::format_rfc3339_seconds(valid.not_before),
+                humantime::format_rfc3339_seconds(valid.not_after)
+            ),
+            (true, Some(valid)) => format!(
+                " (TLS, certificate valid until {})",
+                humantime::format_rfc3339_seconds(valid.not_after)
+            ),
+        };
+        let tls_update_failure = self
+            .tls_update_failure()
+            .map(|failure| format!("; the last TLS reload failed: {failure}"))
+            .unwrap_or_default();
+        // Shown with the reason only: looked at again, the failure may
+        // have aged out since the status was made, or a new one come.
+        let accept_failure = self
+            .connections
+            .accept_failure()
+            .filter(|_| status.reasons.contains(&SvmReason::ConnectionsNotAccepted))
+            .map(|failure| format!("; cannot accept connections: {failure}"))
+            .unwrap_or_default();
+        format!(
+            "listening on {}{tls}{tls_update_failure}{accept_failure}",
+            self.identity.listen
+        )
     }
 }
 

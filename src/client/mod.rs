@@ -267,6 +267,67 @@ impl Drop for Agent {
 impl Agent {
     /// Connects and opens a session.
     pub async fn connect(options: &AgentOptions) -> Result<Agent, ClientError> {
+        let channel = Self::channel(options).await?;
+        let mut client = ProtectionServerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let (to_server, outbox) = mpsc::channel(16);
+        let hello = agent_message::Kind::Hello(Hello {
+            agent_id: options.agent_id.clone(),
+            vm_id: options.vm_id.clone(),
+            vm_name: options.vm_name.clone(),
+            os: options.os.clone(),
+            agent_version: crate::VERSION.to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            connection_tags: options.connection_tags.clone(),
+            require_encryption: options.require_encryption,
+        });
+        let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
+        // A server that took the connection, then never answers the Hello,
+        // is given as long.
+        let answer = async {
+            let mut incoming = client
+                .connect(ReceiverStream::new(outbox))
+                .await?
+                .into_inner();
+            let first = incoming.message().await?;
+            Ok::<_, tonic::Status>((incoming, first))
+        };
+        let (incoming, first) =
+            in_time(answer, "the server did not answer the session's Hello").await?;
+        let welcome = match first.and_then(|m| m.kind) {
+            Some(server_message::Kind::Welcome(welcome)) => welcome,
+            Some(server_message::Kind::Rejection(rejection)) => {
+                return Err(ClientError::Rejected {
+                    reason: rejection.reason(),
+                    message: rejection.message,
+                });
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected a Welcome, got {other:?}"
+                )));
+            }
+        };
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
+        let (ending, ended) = watch::channel(None);
+        let session = tokio::spawn(Self::keep_session(
+            incoming,
+            to_server.downgrade(),
+            interval,
+            ending,
+        ));
+        Ok(Agent {
+            client,
+            welcome,
+            to_server,
+            session: Some(session),
+            ended,
+        })
+    }
+
+    /// A connection to the server `options` name, with their TLS files.
+    async fn channel(options: &AgentOptions) -> Result<Channel, ClientError> {
         let server = &options.server;
         if !server.contains("://") {
             return Err(ClientError::Settings(format!(
@@ -301,99 +362,58 @@ impl Agent {
         };
         // `connect_timeout` bounds the TCP connection alone, not the TLS
         // handshake after it.
-        let channel = in_time(
+        in_time(
             async { endpoint.connect().await.map_err(unreachable) },
             &format!("cannot connect to the server at {server}: no connection"),
         )
-        .await?;
-        let mut client = ProtectionServerClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let (to_server, outbox) = mpsc::channel(16);
-        let hello = agent_message::Kind::Hello(Hello {
-            agent_id: options.agent_id.clone(),
-            vm_id: options.vm_id.clone(),
-            vm_name: options.vm_name.clone(),
-            os: options.os.clone(),
-            agent_version: crate::VERSION.to_owned(),
-            protocol_version: PROTOCOL_VERSION,
-            connection_tags: options.connection_tags.clone(),
-            require_encryption: options.require_encryption,
-        });
-        let _ = to_server.send(AgentMessage { kind: Some(hello) }).await;
-        // A server that took the connection, then never answers the Hello,
-        // is given as long.
-        let answer = async {
-            let mut incoming = client
-                .connect(ReceiverStream::new(outbox))
-                .await?
-                .into_inner();
-            let first = incoming.message().await?;
-            Ok::<_, tonic::Status>((incoming, first))
-        };
-        let (mut incoming, first) =
-            in_time(answer, "the server did not answer the session's Hello").await?;
-        let welcome = match first.and_then(|m| m.kind) {
-            Some(server_message::Kind::Welcome(welcome)) => welcome,
-            Some(server_message::Kind::Rejection(rejection)) => {
-                return Err(ClientError::Rejected {
-                    reason: rejection.reason(),
-                    message: rejection.message,
-                });
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected a Welcome, got {other:?}"
-                )));
-            }
-        };
-        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
-        let heartbeats = to_server.downgrade();
-        let (ending, ended) = watch::channel(None);
-        let session = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            let mut sequence = 0;
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {
-                        sequence += 1;
-                        let beat = agent_message::Kind::Heartbeat(Heartbeat { sequence });
-                        // Gone once the agent closes: its side of the stream ends.
-                        if let Some(heartbeats) = heartbeats.upgrade() {
-                            let _ = heartbeats.send(AgentMessage { kind: Some(beat) }).await;
-                        }
+        .await
+    }
+
+    /// The session's life once welcomed: a heartbeat every `interval`
+    /// while the agent holds its side (`heartbeats`), and the server's
+    /// messages read until it ends the stream; `ending` is told why, when
+    /// the server ended the session itself.
+    async fn keep_session(
+        mut incoming: tonic::Streaming<ServerMessage>,
+        heartbeats: mpsc::WeakSender<AgentMessage>,
+        interval: Duration,
+        ending: watch::Sender<Option<String>>,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        let mut sequence = 0;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    sequence += 1;
+                    let beat = agent_message::Kind::Heartbeat(Heartbeat { sequence });
+                    // Gone once the agent closes: its side of the stream ends.
+                    if let Some(heartbeats) = heartbeats.upgrade() {
+                        let _ = heartbeats.send(AgentMessage { kind: Some(beat) }).await;
                     }
-                    message = incoming.message() => match message {
-                        Ok(Some(ServerMessage { kind: Some(server_message::Kind::RestartSession(restart)) })) => {
-                            tracing::warn!("the server asks this agent to restart its session: {}", restart.reason);
+                }
+                message = incoming.message() => match message {
+                    Ok(Some(ServerMessage { kind: Some(server_message::Kind::RestartSession(restart)) })) => {
+                        tracing::warn!("the server asks this agent to restart its session: {}", restart.reason);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::warn!("the server ended this agent's session: {}", status.message());
+                        // Ended by the server (replaced by a newer
+                        // session of the same VM id, silent too long,
+                        // not read): a scan under way stops. (A
+                        // connection that breaks, or a server that
+                        // shuts down, ends the scan's stream as well,
+                        // which says so itself.)
+                        use tonic::Code::*;
+                        if matches!(status.code(), Aborted | DeadlineExceeded | ResourceExhausted | InvalidArgument) {
+                            let _ = ending.send(Some(status.message().to_owned()));
                         }
-                        Ok(Some(_)) => {}
-                        Ok(None) => return,
-                        Err(status) => {
-                            tracing::warn!("the server ended this agent's session: {}", status.message());
-                            // Ended by the server (replaced by a newer
-                            // session of the same VM id, silent too long,
-                            // not read): a scan under way stops. (A
-                            // connection that breaks, or a server that
-                            // shuts down, ends the scan's stream as well,
-                            // which says so itself.)
-                            use tonic::Code::*;
-                            if matches!(status.code(), Aborted | DeadlineExceeded | ResourceExhausted | InvalidArgument) {
-                                let _ = ending.send(Some(status.message().to_owned()));
-                            }
-                            return;
-                        }
+                        return;
                     }
                 }
             }
-        });
-        Ok(Agent {
-            client,
-            welcome,
-            to_server,
-            session: Some(session),
-            ended,
-        })
+        }
     }
 
     /// Ends the session in order: the agent's side of the stream ends after
