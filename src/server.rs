@@ -169,7 +169,8 @@ impl Server {
     /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         allow_open_files(config);
-        let (listener, admin, metrics) = Self::bind_listeners(config).await?;
+        // Read before anything is bound: a token file that cannot be used
+        // leaves nothing behind (an admin socket's folder, say).
         let admin_token = AdminToken {
             file: config.server.admin_token_file.clone(),
             required: RequiredToken::new(
@@ -178,6 +179,7 @@ impl Server {
                     .transpose()?,
             ),
         };
+        let (listener, admin, metrics) = Self::bind_listeners(config).await?;
         // Without a token, the settings were refused (`Config::validate`).
         if let AdminAddr::Tcp(addr) = config.server.admin_listen
             && !addr.ip().is_loopback()
