@@ -618,9 +618,9 @@ impl Svm {
                 [
                     ("threads", self.engine.threads() as u64),
                     ("stuck threads", stuck as u64),
-                    ("contents refused", self.engine.stuck_contents() as u64),
+                    ("stuck contents", self.engine.stuck_contents() as u64),
                     (
-                        "contents timing out",
+                        "timed-out contents",
                         self.engine.timed_out_contents() as u64,
                     ),
                     ("queue depth", self.engine.queue_depth() as u64),

@@ -345,47 +345,8 @@ impl ProtectionServer for ProtectionService {
             )));
         };
         drop(request);
-        let engine = &self.state.engine;
-        let (ruleset, cache) = (engine.ruleset(), engine.cache());
-        let mut answer = Answer::new(digests.len());
-        // Digests being uploaded or scanned right now are answered when
-        // their scan lands.
-        let mut under_way = Vec::new();
-        for (index, digest) in digests.iter().enumerate() {
-            // A Lookup names no files: when the rules look at names, no
-            // verdict holds for a digest alone (one cached for content sent
-            // without a name is not the verdict on this agent's file).
-            if ruleset.name_sensitive() {
-                answer.push(None);
-                continue;
-            }
-            let key = CacheKey::new(digest, &ruleset, None);
-            let mut known = cache.get(&key);
-            // Content refused unscanned is unknown at once: no scan of it
-            // lands anything (see `Engine::refused_content`).
-            if known.is_none() && engine.refused_content(digest, &key).is_none() {
-                match cache.flights().waiting(&key) {
-                    Some(waiter) => under_way.push((index, waiter)),
-                    // A flight that landed since the look above left its
-                    // verdict in the cache.
-                    None => known = cache.peek(&key),
-                }
-            }
-            answer.push(known.map(|hit| FileVerdict::in_lookup(&hit, false)));
-        }
-        let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
-        for (index, waiter) in under_way {
-            // A scan that began under these signatures may have run with
-            // newer ones (replaced meanwhile): the reply has one version
-            // for all its verdicts, so such a verdict is left out.
-            let verdict = waiter
-                .verdict(deadline)
-                .await
-                .filter(|landed| *landed.rules_version == *ruleset.version())
-                .map(|landed| FileVerdict::in_lookup(&landed, true));
-            answer.set(index, verdict);
-        }
-        let results = answer.results;
+        let ruleset = self.state.engine.ruleset();
+        let results = Answer::look_up(&self.state.engine, &ruleset, &digests).await;
         // A verdict given by digest counts for the agent's VM as one given
         // for content: malware found this way tags the VM too. Infected
         // content is counted and logged once, however many times the
@@ -443,6 +404,52 @@ impl Answer {
             results: Vec::with_capacity(digests),
             left: digests * (ANSWER_PER_DIGEST - Self::UNKNOWN),
         }
+    }
+
+    /// The answer for `digests` under `ruleset`: the verdicts cached, and
+    /// those of scans under way once they land (for at most
+    /// [`UPLOAD_WAIT`]); unknown for the rest.
+    async fn look_up(engine: &Engine, ruleset: &Ruleset, digests: &[Digest]) -> Vec<LookupResult> {
+        let cache = engine.cache();
+        let mut answer = Answer::new(digests.len());
+        // Digests being uploaded or scanned right now are answered when
+        // their scan lands.
+        let mut under_way = Vec::new();
+        for (index, digest) in digests.iter().enumerate() {
+            // A Lookup names no files: when the rules look at names, no
+            // verdict holds for a digest alone (one cached for content sent
+            // without a name is not the verdict on this agent's file).
+            if ruleset.name_sensitive() {
+                answer.push(None);
+                continue;
+            }
+            let key = CacheKey::new(digest, ruleset, None);
+            let mut known = cache.get(&key);
+            // Content refused unscanned is unknown at once: no scan of it
+            // lands anything (see `Engine::refused_content`).
+            if known.is_none() && engine.refused_content(digest, &key).is_none() {
+                match cache.flights().waiting(&key) {
+                    Some(waiter) => under_way.push((index, waiter)),
+                    // A flight that landed since the look above left its
+                    // verdict in the cache.
+                    None => known = cache.peek(&key),
+                }
+            }
+            answer.push(known.map(|hit| FileVerdict::in_lookup(&hit, false)));
+        }
+        let deadline = tokio::time::Instant::now() + UPLOAD_WAIT;
+        for (index, waiter) in under_way {
+            // A scan that began under these signatures may have run with
+            // newer ones (replaced meanwhile): the reply has one version
+            // for all its verdicts, so such a verdict is left out.
+            let verdict = waiter
+                .verdict(deadline)
+                .await
+                .filter(|landed| *landed.rules_version == *ruleset.version())
+                .map(|landed| FileVerdict::in_lookup(&landed, true));
+            answer.set(index, verdict);
+        }
+        answer.results
     }
 
     /// What a result holds, about: itself, its detections, and its
