@@ -169,8 +169,15 @@ impl Server {
     /// prepares the service around `engine`.
     pub async fn bind(config: &Config, engine: Arc<Engine>) -> Result<Server, ServerError> {
         allow_open_files(config);
-        // Read before anything is bound: a token file that cannot be used
-        // leaves nothing behind (an admin socket's folder, say).
+        // The files the settings name are read before anything is bound:
+        // unusable ones stop the server, naming the files, and leave
+        // nothing behind (an admin socket's folder, say).
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::load)
+            .transpose()?
+            .map(Arc::new);
         let admin_token = AdminToken {
             file: config.server.admin_token_file.clone(),
             required: RequiredToken::new(
@@ -190,14 +197,6 @@ impl Server {
                 "the admin listener is reachable from other hosts without TLS: its token crosses the network in clear (keep it on loopback, and reach it through SSH)"
             );
         }
-        // Read now, so that unusable settings stop the server before
-        // anything starts, naming the files.
-        let tls = config
-            .tls
-            .as_ref()
-            .map(Tls::load)
-            .transpose()?
-            .map(Arc::new);
         let (state_dir, vms) = Self::open_state(config, &engine)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state =

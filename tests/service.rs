@@ -187,7 +187,7 @@ async fn a_storm_on_content_that_times_out_runs_few_scans() {
     };
     assert_eq!(failed.reason(), proto::FailureReason::Timeout);
     assert!(
-        failed.detail.contains("2 times in a row"),
+        failed.detail.contains("twice in a row"),
         "{}",
         failed.detail
     );

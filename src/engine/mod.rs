@@ -33,8 +33,7 @@ mod worker;
 use mapped::{MappedBudget, MappedShare};
 use stuck::{Busy, Handoff, StuckContents};
 pub use stuck::{MAX_STUCK_CONTENTS, STUCK_AFTER_TIMEOUTS, STUCK_CONTENTS_FILE};
-use timeouts::TimedOut;
-pub use timeouts::{MAX_TIMED_OUT, REFUSED_FOR, TIMEOUTS_IN_A_ROW};
+use timeouts::{REFUSED_FOR, TimedOutContents};
 
 use std::{
     fs::File,
@@ -222,8 +221,33 @@ struct Limits {
 /// [`Engine::refusal`]).
 #[derive(Debug, Clone)]
 pub struct Refusal {
-    pub reason: FailReason,
+    pub kind: Refused,
+    /// What its files' failure says.
     pub why: String,
+}
+
+/// What content is refused for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// It stuck a scan thread: never scanned again by this server (or its
+    /// scan was given up, with the thread that stuck).
+    Stuck,
+    /// Another thread has been on it for two scan timeouts: not scanned a
+    /// second time at once.
+    Busy,
+    /// Its scans timed out twice in a row lately: not scanned for a while
+    /// (see `timeouts`).
+    TimedOut,
+}
+
+impl Refusal {
+    /// The reason its files' failure gives.
+    pub fn reason(&self) -> FailReason {
+        match self.kind {
+            Refused::TimedOut => FailReason::Timeout,
+            Refused::Stuck | Refused::Busy => FailReason::Engine,
+        }
+    }
 }
 
 /// The scan engine. Share it behind an [`Arc`].
@@ -236,7 +260,7 @@ pub struct Engine {
     mapped: MappedBudget,
     busy: Busy,
     stuck: Arc<StuckContents>,
-    timed_out: TimedOut,
+    timed_out: TimedOutContents,
     cache: SharedCache,
     metrics: Arc<Metrics>,
 }
@@ -328,7 +352,7 @@ impl Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
             busy: Busy::new(pool.current_num_threads()),
             stuck: Arc::default(),
-            timed_out: TimedOut::default(),
+            timed_out: TimedOutContents::default(),
             pool,
             limits: Limits {
                 timeout: config.scan_timeout,
@@ -419,7 +443,7 @@ impl Engine {
                 elapsed: stuck_after,
                 ..self.refused(
                     Refusal {
-                        reason: FailReason::Engine,
+                        kind: Refused::Stuck,
                         why,
                     },
                     0,
@@ -552,7 +576,7 @@ impl Engine {
         refused.or_else(|| {
             let long = self.twice_at_once_after();
             self.busy.on_longer_than(digest, long).then(|| Refusal {
-                reason: FailReason::Engine,
+                kind: Refused::Busy,
                 why: format!("content {digest} has kept another scan thread busy for over {long:?}: it is not scanned twice at once"),
             })
         })
@@ -561,18 +585,21 @@ impl Engine {
     /// The outcome of content of `size` bytes refused unscanned (see
     /// [`Engine::refusal`]).
     pub fn refused(&self, refusal: Refusal, size: u64) -> ScanOutcome {
-        let verdict = Verdict::failed(refusal.reason, refusal.why);
+        let verdict = Verdict::failed(refusal.reason(), refusal.why);
         ScanOutcome::failed(verdict, size, Duration::ZERO, self.ruleset().version_arc())
     }
 
     /// Why content of `digest`, under cache key `key`, is not scanned now,
-    /// if it is not: it stuck a scan thread, and is never scanned by this
-    /// server (`engine`); or its scans timed out twice in a row lately, and
-    /// it is not scanned for a while (`timeout`, see `timeouts`). Looked at
-    /// by the service before it asks for such content, and before it waits
-    /// for a scan of content it received or a Lookup names (no scan of it
-    /// lands anything): a refusal for as long as the content is (the
-    /// other, while a thread is on it, may end with that scan's verdict).
+    /// whatever the scan threads are on, if it is not: it stuck a scan
+    /// thread, and is never scanned by this server (`engine`); or its
+    /// scans timed out twice in a row lately, and it is not scanned for a
+    /// while (`timeout`, see `timeouts`). Looked at by the service before
+    /// it asks for such content (at a begin, and when a scan a file waited
+    /// for landed nothing), and before it waits for a scan of content it
+    /// received or a Lookup names: no new scan of it will start. (The
+    /// refusal for content another thread is on, [`Engine::refusal`]'s
+    /// other case, is not looked at there: that thread may still come back
+    /// with a verdict.)
     pub fn refused_content(&self, digest: &Digest, key: &CacheKey) -> Option<Refusal> {
         let timed_out = || self.timed_out_refusal(digest, key, Instant::now());
         self.stuck_refusal(digest).or_else(timed_out)
@@ -581,7 +608,7 @@ impl Engine {
     /// The refusal of content of `digest` that stuck a scan thread.
     fn stuck_refusal(&self, digest: &Digest) -> Option<Refusal> {
         self.stuck.holds(digest).then(|| Refusal {
-            reason: FailReason::Engine,
+            kind: Refused::Stuck,
             why: format!(
                 "content {digest} kept a scan thread busy for over {:?} before: it is not scanned again by this version of the server",
                 self.stuck_after()
@@ -594,9 +621,9 @@ impl Engine {
     fn timed_out_refusal(&self, digest: &Digest, key: &CacheKey, now: Instant) -> Option<Refusal> {
         let left = self.timed_out.refused_for(key, now)?;
         Some(Refusal {
-            reason: FailReason::Timeout,
+            kind: Refused::TimedOut,
             why: format!(
-                "the scans of content {digest} ran past the timeout of {:?} {TIMEOUTS_IN_A_ROW} times in a row: it is not scanned again for {}s, or until the signatures change",
+                "the scans of content {digest} ran past the timeout of {:?} twice in a row: it is not scanned again for {}s, or until the signatures change",
                 self.limits.timeout,
                 left.as_secs().max(1)
             ),
@@ -697,17 +724,17 @@ impl Engine {
         let now = Instant::now();
         match outcome.verdict.failure() {
             Some(failure) if failure.reason == FailReason::Timeout => {
-                let now_refused = self.timed_out.timed_out(key(), began, now);
+                let now_refused = self.timed_out.note_timeout(key(), began, now);
                 if now_refused {
                     tracing::warn!(
-                        "the scans of content {digest} ran past the timeout of {:?} {TIMEOUTS_IN_A_ROW} times in a row: its copies fail with `timeout` unscanned for {}s, or until the signatures change",
+                        "the scans of content {digest} ran past the timeout of {:?} twice in a row: its copies fail with `timeout` unscanned for {}s, or until the signatures change",
                         self.limits.timeout,
                         REFUSED_FOR.as_secs()
                     );
                 }
             }
             Some(_) => {}
-            None if self.timed_out.any(now) => self.timed_out.in_time(&key(), now),
+            None if self.timed_out.any(now) => self.timed_out.note_in_time(&key(), now),
             None => {}
         }
     }

@@ -20,12 +20,16 @@
 //! way as the last timed out) forgets it too. Twice rather than once, and
 //! in a row: a timeout counts only if its scan began after the last one
 //! counted, so that scans cut short together in one busy moment count as
-//! one, and refuse nothing.
+//! one, and refuse nothing; and within [`REFUSED_FOR`] of it, or it counts
+//! as a first again.
 //!
-//! Only timeouts of content whose digest the server computed count (a
-//! server's uploads, see `Engine::scan_on_worker`): an agent cannot have
-//! content refused for others without sending that very content, and what
-//! it gets refused is a failure, never a verdict.
+//! Only timeouts of content agents send (through `Scan` or `ScanFile`),
+//! which the server hashes as it receives it (`ScanJob::digest`), count;
+//! local scans do not. So an agent cannot have content refused for others
+//! without sending that very content, and what is refused is a failure,
+//! never a verdict. (A scan that ends as the signatures are replaced may
+//! leave a mark under the old ones: it matches no key of the new ones, and
+//! goes within [`REFUSED_FOR`].)
 
 use std::{
     collections::HashMap,
@@ -48,7 +52,7 @@ pub const REFUSED_FOR: Duration = Duration::from_secs(10 * 60);
 pub const MAX_TIMED_OUT: usize = 4096;
 
 /// Contents whose scans timed out lately, by cache key.
-pub(super) struct TimedOut {
+pub(super) struct TimedOutContents {
     /// Until when, in milliseconds from `epoch`, a content remembered may
     /// count: [`REFUSED_FOR`] after the last timeout, 0 when none is. The
     /// look every scan makes, which takes no lock once that time is past.
@@ -73,9 +77,9 @@ impl Mark {
     }
 }
 
-impl Default for TimedOut {
+impl Default for TimedOutContents {
     fn default() -> Self {
-        TimedOut {
+        TimedOutContents {
             live_until: AtomicU64::new(0),
             epoch: Instant::now(),
             contents: RwLock::default(),
@@ -83,7 +87,7 @@ impl Default for TimedOut {
     }
 }
 
-impl TimedOut {
+impl TimedOutContents {
     /// Whether a content remembered may count at `now`; when none may, no
     /// key need be made to look one up.
     pub fn any(&self, now: Instant) -> bool {
@@ -105,7 +109,7 @@ impl TimedOut {
     /// Notes, at `now`, a scan of content under `key` begun at `began` that
     /// timed out. Returns whether the content is refused from now on,
     /// which it was not before.
-    pub fn timed_out(&self, key: CacheKey, began: Instant, now: Instant) -> bool {
+    pub fn note_timeout(&self, key: CacheKey, began: Instant, now: Instant) -> bool {
         let mut contents = self.contents.write();
         if contents.len() >= MAX_TIMED_OUT && !contents.contains_key(&key) {
             contents.retain(|_, mark| mark.last + REFUSED_FOR > now);
@@ -140,7 +144,7 @@ impl TimedOut {
 
     /// Notes, at `now`, a scan of content under `key` that ended in time:
     /// the content is forgotten.
-    pub fn in_time(&self, key: &CacheKey, now: Instant) {
+    pub fn note_in_time(&self, key: &CacheKey, now: Instant) {
         if !self.any(now) || !self.contents.read().contains_key(key) {
             return;
         }
@@ -189,37 +193,40 @@ mod tests {
     #[test]
     fn content_is_refused_after_two_timeouts_in_a_row() {
         let ruleset = ruleset();
-        let timed_out = TimedOut::default();
+        let timed_out = TimedOutContents::default();
         let (slow, other) = (key(&ruleset, 1), key(&ruleset, 2));
         let t0 = Instant::now();
         let at = |secs| t0 + Duration::from_secs(secs);
         assert!(!timed_out.any(t0) && timed_out.refused_for(&slow, t0).is_none());
         assert!(
-            !timed_out.timed_out(slow, t0, at(10)),
+            !timed_out.note_timeout(slow, t0, at(10)),
             "one timeout refuses nothing"
         );
         assert!(timed_out.refused_for(&slow, at(10)).is_none());
         // A scan begun before the first timeout was noted, cut short in
         // the same busy moment, does not count.
-        assert!(!timed_out.timed_out(slow, at(1), at(11)));
+        assert!(!timed_out.note_timeout(slow, at(1), at(11)));
         assert!(timed_out.refused_for(&slow, at(11)).is_none());
-        assert!(timed_out.timed_out(slow, at(10), at(20)), "the second does");
+        assert!(
+            timed_out.note_timeout(slow, at(10), at(20)),
+            "the second does"
+        );
         assert_eq!(
             timed_out.refused_for(&slow, at(30)),
             Some(REFUSED_FOR - Duration::from_secs(10))
         );
         assert!(
-            !timed_out.timed_out(slow, at(20), at(30)),
+            !timed_out.note_timeout(slow, at(20), at(30)),
             "refused already: not news"
         );
         assert!(timed_out.refused_for(&other, at(30)).is_none());
         assert_eq!(timed_out.refused(at(30)), 1);
         // A scan that ends in time forgets it.
-        timed_out.in_time(&slow, at(31));
+        timed_out.note_in_time(&slow, at(31));
         assert!(timed_out.refused_for(&slow, at(31)).is_none() && !timed_out.any(at(31)));
         // As does a signatures change.
-        timed_out.timed_out(other, at(31), at(40));
-        timed_out.timed_out(other, at(40), at(50));
+        timed_out.note_timeout(other, at(31), at(40));
+        timed_out.note_timeout(other, at(40), at(50));
         assert_eq!(timed_out.refused(at(50)), 1);
         timed_out.clear();
         assert!(timed_out.refused_for(&other, at(50)).is_none() && timed_out.refused(at(50)) == 0);
@@ -228,29 +235,29 @@ mod tests {
     #[test]
     fn timeouts_count_for_a_while_and_in_a_bounded_number() {
         let ruleset = ruleset();
-        let timed_out = TimedOut::default();
+        let timed_out = TimedOutContents::default();
         let slow = key(&ruleset, 1);
         let now = Instant::now();
-        timed_out.timed_out(slow, now, now);
-        timed_out.timed_out(slow, now, now);
+        timed_out.note_timeout(slow, now, now);
+        timed_out.note_timeout(slow, now, now);
         assert!(timed_out.refused_for(&slow, now).is_some());
         let later = now + REFUSED_FOR;
         assert!(!timed_out.any(later), "nothing counts any more");
         assert!(timed_out.refused_for(&slow, later).is_none());
         assert!(
-            !timed_out.timed_out(slow, later, later),
+            !timed_out.note_timeout(slow, later, later),
             "a timeout after that is a first"
         );
         assert!(timed_out.any(later) && timed_out.refused_for(&slow, later).is_none());
         // Full: one refused (`slow`, twice timed out) and others that
         // timed out once; the first of those goes for a new one.
         let then = later + Duration::from_secs(1);
-        timed_out.timed_out(slow, later, then);
+        timed_out.note_timeout(slow, later, then);
         for n in 2..=MAX_TIMED_OUT as u32 {
-            timed_out.timed_out(key(&ruleset, n), then, then);
+            timed_out.note_timeout(key(&ruleset, n), then, then);
         }
         let newest = key(&ruleset, MAX_TIMED_OUT as u32 + 1);
-        timed_out.timed_out(newest, then, then);
+        timed_out.note_timeout(newest, then, then);
         let contents = timed_out.contents.read();
         assert_eq!(contents.len(), MAX_TIMED_OUT);
         assert!(contents.contains_key(&newest));

@@ -54,7 +54,7 @@ use crate::{
         flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
     },
     connections::{AddressPlace, Ends, PerAddress},
-    engine::{Content, Engine, Refusal, ScanOutcome, ScanSlot},
+    engine::{Content, Engine, Refusal, Refused, ScanOutcome, ScanSlot},
     intake::PEER_SHARE,
     metrics::Tally,
     proto::{
@@ -63,7 +63,6 @@ use crate::{
     },
     sessions::{FilePlace, NoPlace, Session, Subject, log_malware_found},
     shutdown::shut_down,
-    verdict::FailReason,
 };
 
 /// The most replies one `ScanReply` carries: a batch of begins refused
@@ -952,7 +951,7 @@ impl ScanStream {
         digest: Digest,
         refusal: Refusal,
     ) -> FileReply {
-        if refusal.reason != FailReason::Timeout {
+        if refusal.kind != Refused::TimedOut {
             return file_error(id, Code::FailedPrecondition, &refusal.why);
         }
         let outcome = ScanOutcome {
@@ -1155,11 +1154,11 @@ impl ScanStream {
     /// content with `digest`) with `landing`. Without a verdict of the
     /// current signatures (the scan waited for may have been under way
     /// when they were replaced), the file's own content is asked for,
-    /// unless the engine refuses it now (its scan waited for timed out a
-    /// second time, say); but a stream that takes no more requests leaves the file open for its
-    /// error (opened for content, it would take memory or a spool file for
-    /// nothing, and might be refused for want of them, an outcome that is
-    /// not the stream's).
+    /// unless the engine refuses the content now (the scan waited for
+    /// timed out a second time, say); but a stream that takes no more
+    /// requests leaves the file open for its error (opened for content, it
+    /// would take memory or a spool file for nothing, and might be refused
+    /// for want of them, an outcome that is not the stream's).
     fn resolve(
         &mut self,
         id: u64,
