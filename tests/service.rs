@@ -1494,10 +1494,16 @@ async fn a_begin_after_a_wait_is_refused_if_its_session_ended_meanwhile() {
         begin(&session, 2, data, None),
     ];
     tx.send(batch(requests)).await.unwrap();
-    let received = || Counters::get(&server.state.counters.bytes_received);
-    until_read("file 1's content", received, data.len() as u64).await;
+    // Waited for until file 1's end leads the flight for its content, and
+    // so waits for room in the queue. Its content being in is not enough:
+    // a slow stream may not be at the end yet, which then waits for
+    // nothing, and begin 2 goes with the session its message looked up.
+    let flights = server.state.engine.cache().flights();
+    until_read("file 1's end under way", || flights.is_empty(), false).await;
     drop(keep);
     until_read("sessions", || server.state.sessions.len(), 0).await;
+    // The end waits longer than what counts as a wait (a millisecond).
+    tokio::time::sleep(Duration::from_millis(10)).await;
     drop(slot);
     // File 2's refusal goes out with the message's replies, file 1's
     // verdict when its scan is done: in either order.
