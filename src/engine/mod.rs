@@ -717,25 +717,22 @@ impl Engine {
         began: Instant,
         outcome: &ScanOutcome,
     ) {
-        if ruleset.version_id() != self.ruleset.load().version_id() {
+        let now = Instant::now();
+        let timed_out =
+            (outcome.verdict.failure()).is_some_and(|f| f.reason == FailReason::Timeout);
+        let in_time = outcome.verdict.failure().is_none() && self.timed_out.any(now);
+        if !(timed_out || in_time) || ruleset.version_id() != self.ruleset.load().version_id() {
             return;
         }
-        let key = || CacheKey::new(digest, ruleset, name);
-        let now = Instant::now();
-        match outcome.verdict.failure() {
-            Some(failure) if failure.reason == FailReason::Timeout => {
-                let now_refused = self.timed_out.note_timeout(key(), began, now);
-                if now_refused {
-                    tracing::warn!(
-                        "the scans of content {digest} ran past the timeout of {:?} twice in a row: its copies fail with `timeout` unscanned for {}s, or until the signatures change",
-                        self.limits.timeout,
-                        REFUSED_FOR.as_secs()
-                    );
-                }
-            }
-            Some(_) => {}
-            None if self.timed_out.any(now) => self.timed_out.note_in_time(&key(), now),
-            None => {}
+        let key = CacheKey::new(digest, ruleset, name);
+        if in_time {
+            self.timed_out.note_in_time(&key, now);
+        } else if self.timed_out.note_timeout(key, began, now) {
+            tracing::warn!(
+                "the scans of content {digest} ran past the timeout of {:?} twice in a row: its copies fail with `timeout` unscanned for {}s, or until the signatures change",
+                self.limits.timeout,
+                REFUSED_FOR.as_secs()
+            );
         }
     }
 }

@@ -954,11 +954,7 @@ impl ScanStream {
         if refusal.kind != Refused::TimedOut {
             return file_error(id, Code::FailedPrecondition, &refusal.why);
         }
-        let outcome = ScanOutcome {
-            digest: Some(digest),
-            ..self.state.engine.refused(refusal, size)
-        };
-        let verdict = FileVerdict::from_outcome(&outcome);
+        let verdict = refused_verdict(&self.state.engine, refusal, size, digest);
         owed.settle_in(&mut self.settled, size, path, &verdict);
         reply(id, verdict_reply(verdict))
     }
@@ -1627,12 +1623,20 @@ impl Judging {
                 let slot = engine.reserve(&received.content).await;
                 scan_received(slot, received, name, None).await
             }
-            Judging::Refused(refusal) => FileVerdict::from_outcome(&ScanOutcome {
-                digest: Some(received.digest),
-                ..engine.refused(refusal, received.size)
-            }),
+            Judging::Refused(refusal) => {
+                refused_verdict(engine, refusal, received.size, received.digest)
+            }
         }
     }
+}
+
+/// The verdict on `size` bytes of content of `digest` that the engine
+/// refuses unscanned: the failure `refusal` gives.
+fn refused_verdict(engine: &Engine, refusal: Refusal, size: u64, digest: Digest) -> FileVerdict {
+    FileVerdict::from_outcome(&ScanOutcome {
+        digest: Some(digest),
+        ..engine.refused(refusal, size)
+    })
 }
 
 /// Lands a scan's outcome for the waiters of the flight it led, if any. A
