@@ -1125,19 +1125,49 @@ fn too_large(len: usize, max: usize) -> Status {
     ))
 }
 
+/// Why the intake failed a call that its client should make again, later
+/// or elsewhere: the source of each such status, so that what the call
+/// was doing can be let off (see [`asks_to_send_again`]) by the intake's
+/// word alone, never by a status code a client can bring about itself
+/// (tonic maps an HTTP/2 reset's reason to one).
+#[derive(Debug, thiserror::Error)]
+#[error("the server had no room for the call's messages")]
+struct SendAgain;
+
+/// Whether `status` is the intake's own, failing a call for want of room
+/// or time that its client should make again. tonic hands the service
+/// that status wrapped in one of its own: the mark is looked for down the
+/// chain of sources.
+pub fn asks_to_send_again(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<SendAgain>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// `status`, as one that asks its client to send the call again.
+fn send_again(mut status: Status) -> Status {
+    status.set_source(Arc::new(SendAgain));
+    status
+}
+
 /// The error of a call whose message (`what`, see [`message`] and
 /// [`ahead`]) found no room in time.
 fn no_room(what: &str) -> Status {
-    Status::resource_exhausted(format!(
+    send_again(Status::resource_exhausted(format!(
         "the server holds as many messages as it may: {what} found no room within {ROOM_WAIT:?}; send it again later, or to another SVM"
-    ))
+    )))
 }
 
 /// The error of a call whose peer's calls hold their share of the room.
 fn peer_full(what: &str) -> Status {
-    Status::resource_exhausted(format!(
+    send_again(Status::resource_exhausted(format!(
         "this address's calls hold all the room for messages one address may: {what} must wait until some of them end; send fewer large messages at once (or pack fewer into each HTTP/2 frame)"
-    ))
+    )))
 }
 
 /// A message of `len` bytes, in an error.
@@ -1152,9 +1182,9 @@ fn ahead(len: usize) -> String {
 
 /// The error of a call whose message did not come whole in time.
 fn stalled() -> Status {
-    Status::deadline_exceeded(format!(
+    send_again(Status::deadline_exceeded(format!(
         "a message begun kept the server waiting for its rest for {STALL:?} while others waited for room; messages must be sent whole"
-    ))
+    )))
 }
 
 #[cfg(test)]

@@ -8,10 +8,10 @@ use std::{sync::Arc, time::Duration};
 
 use common::*;
 use scanserver::{
-    cache::Join,
+    cache::{CacheKey, Join, SharedCache},
     engine::{Engine, EngineConfig, ScanJob},
     state::StateDir,
-    verdict::FailReason,
+    verdict::{FailReason, Verdict},
 };
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -52,10 +52,31 @@ fn hits_misses_and_a_signatures_change() {
         engine.cached(&digest, None).is_none(),
         "nothing from the old signatures is served"
     );
-    assert_eq!(engine.cache().len(), 0, "and its memory is reclaimed");
+    assert_eq!(engine.cache().len(), 0, "and emptied");
     let rescanned = engine.scan(&ScanJob::bytes(EICAR.to_vec(), None));
     assert!(!rescanned.cached);
     assert!(rescanned.verdict.is_clean(), "judged by the new signatures");
+}
+
+/// Keys made, and verdicts added, with the signatures a change replaced:
+/// a request that made its key just before the change, or a scan that was
+/// running with the old signatures and ends after it, finds or leaves
+/// nothing that is served.
+#[test]
+fn keys_of_replaced_signatures_find_nothing() {
+    let old = shipped_ruleset();
+    let cache = SharedCache::new(1 << 20, &old);
+    let key = CacheKey::new(&blake3::hash(EICAR), &old, None);
+    cache.insert(key, Verdict::Clean, &old.version_arc());
+    assert!(cache.get(&key).is_some());
+    let new = ruleset_from_source("rule other { strings: $a = \"other\" condition: $a }");
+    cache.change_signatures(&new);
+    cache.insert(key, Verdict::Clean, &old.version_arc());
+    assert!(cache.get(&key).is_none() && cache.peek(&key).is_none());
+    assert!(cache.is_empty(), "and not kept either");
+    let current = CacheKey::new(&blake3::hash(EICAR), &new, None);
+    cache.insert(current, Verdict::Clean, &new.version_arc());
+    assert!(cache.get(&current).is_some(), "the new signatures' are");
 }
 
 /// Looking a verdict up, then leading the flight for its content, is not

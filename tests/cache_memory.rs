@@ -25,7 +25,7 @@ fn a_full_cache_stays_within_its_budget() {
     let version = ruleset.version_arc();
     let budget = 64 << 20;
     let before = resident();
-    let cache = SharedCache::new(budget);
+    let cache = SharedCache::new(budget, &ruleset);
     // Twice as many clean verdicts as a clean entry's weight lets in: the
     // cache fills, then evicts.
     for n in 0..2 * budget / 200 {

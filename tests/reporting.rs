@@ -784,6 +784,25 @@ impl TestAgent {
         assert_eq!(error_code(&reply), tonic::Code::Cancelled);
     }
 
+    /// Begins a file on a raw Scan call and, once the server asks for its
+    /// content, resets the call with a reason that tonic maps to
+    /// RESOURCE_EXHAUSTED, the code of the server's own "send it again":
+    /// the file goes without a verdict all the same.
+    async fn reset_a_file(&self, server: &TestServer) {
+        let (response, mut body) = raw_call(server, [127, 0, 0, 1], "Scan", 1 << 20).await;
+        let data = b"a file whose stream its agent resets";
+        let digest = blake3::hash(data);
+        let begun = begin(&self.session_id, 1, data, Some(digest.as_bytes()));
+        body.send_data(framed(&begun), false).unwrap();
+        let mut replies = response.await.unwrap().into_body();
+        let asked = replies.data().await.expect("a reply").unwrap();
+        let _ = replies.flow_control().release_capacity(asked.len());
+        body.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
+        // The server has failed the file once the call's end reaches the
+        // reply stream.
+        while let Some(Ok(_)) = replies.data().await {}
+    }
+
     /// Begins a clean file on a Scan stream, then its file id again before
     /// its content: both are refused, and go without a verdict.
     async fn begin_a_file_twice(&self, server: &TestServer) {
@@ -997,18 +1016,19 @@ async fn an_admin_request_over_64_kib_is_refused() {
 async fn a_file_without_a_verdict_keeps_a_full_scan_from_clearing_the_tag() {
     let server = TestServer::start(|_| {}).await;
     let agent = TestAgent::connect(&server, "vm-z").await;
-    for refused_begin in [false, true] {
+    for way in ["cancelled", "begun twice", "reset by its agent"] {
         agent.tagged_then_full_scan_started(&server).await;
-        match refused_begin {
-            false => agent.cancel_a_file(&server).await,
-            true => agent.begin_a_file_twice(&server).await,
+        match way {
+            "cancelled" => agent.cancel_a_file(&server).await,
+            "begun twice" => agent.begin_a_file_twice(&server).await,
+            _ => agent.reset_a_file(&server).await,
         }
         agent.full_scan_event(TaskState::Finished, 0).await;
         agent.handled(&server).await;
         assert_eq!(
             tags(&vm_info(&server, "vm-z").await),
             [(VIRUS_FOUND.to_owned(), 1)],
-            "the full scan did not see every file (refused begin: {refused_begin})"
+            "the full scan did not see every file (one {way})"
         );
         agent.full_scan(0).await;
         eventually(&server, "vm-z", |vm| vm.tags.is_empty()).await;

@@ -3301,21 +3301,6 @@ async fn a_silent_agent_loses_its_session_after_three_heartbeats() {
     assert!(server.state.sessions.is_empty());
 }
 
-/// The gRPC header of a message of `len` bytes.
-fn grpc_header(len: usize) -> Vec<u8> {
-    let mut header = vec![0];
-    header.extend_from_slice(&(len as u32).to_be_bytes());
-    header
-}
-
-/// The gRPC framing of `message`.
-fn framed(message: &impl prost::Message) -> Bytes {
-    let encoded = message.encode_to_vec();
-    let mut framed = grpc_header(encoded.len());
-    framed.extend_from_slice(&encoded);
-    framed.into()
-}
-
 /// A message that is not protobuf of its type is the agent's fault: its
 /// open files and its stream fail with INVALID_ARGUMENT, and the server
 /// goes on serving.
@@ -3931,45 +3916,6 @@ async fn the_client_sends_again_what_was_refused_for_want_of_room() {
     scanned.unwrap();
     assert_eq!(*verdict.lock().unwrap(), Some("clean"));
     assert!(server.state.uploads.spool_usage().refused >= 1);
-}
-
-/// A raw HTTP/2 call of `method` on a connection of its own, from the
-/// loopback address `from`, of whose response the server may send `window`
-/// bytes before the client reads them (HTTP/2's stream window): its
-/// response, and its request stream.
-async fn raw_call(
-    server: &TestServer,
-    from: [u8; 4],
-    method: &str,
-    window: u32,
-) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind((from, 0).into()).unwrap();
-    let tcp = socket.connect(server.addr).await.unwrap();
-    let (h2, connection) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    h2.ready()
-        .await
-        .unwrap()
-        .send_request(grpc_request(server, method), false)
-        .unwrap()
-}
-
-/// The headers of a call of `method` of the Protection service.
-fn grpc_request(server: &TestServer, method: &str) -> http::Request<()> {
-    http::Request::post(format!(
-        "http://{}/{}/{method}",
-        server.addr,
-        proto::protection_server_server::SERVICE_NAME
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap()
 }
 
 /// A raw call (see [`raw_call`]) that sends the header of a gRPC message of

@@ -2,12 +2,13 @@
 //! and every virtual machine.
 //!
 //! * Keyed by the blake3 digest of the content and the signatures version
-//!   ([`CacheKey`]): an entry made under other signatures is never served,
-//!   and the whole cache is cleared when the signatures change, which
-//!   reclaims its memory (scans that were running with the old signatures
-//!   may still add entries afterwards; those are never served and are
-//!   evicted like any other). Clean and infected verdicts are cached; failures
-//!   never are.
+//!   ([`CacheKey`]), and serving only keys of the signatures in use: when
+//!   they change the cache is emptied (the entries' room goes to the new
+//!   signatures' verdicts), and from then on a key of the old ones finds
+//!   nothing, even a request's made just before the change; a verdict of a
+//!   scan that was running with the old signatures is not kept (or, if it
+//!   slipped in as they changed, never served, and evicted like any other).
+//!   Clean and infected verdicts are cached; failures never are.
 //! * Bounded by a memory budget, with quick_cache's frequency-aware
 //!   eviction (CLOCK-Pro): files opened by many machines stay, one-off files
 //!   go first. Lookups and inserts lock only one shard of the cache.
@@ -129,9 +130,8 @@ pub struct CacheStats {
     /// hits / (hits + misses), 0 before the first lookup.
     pub hit_ratio: f64,
     /// Requests that waited for a scan or upload of the same content under
-    /// way rather than starting their own (whatever that wait brought: a
-    /// verdict, or, when that scan failed or was of other signatures,
-    /// nothing).
+    /// way rather than starting their own, and had its verdict (a wait
+    /// that brought none, that scan having failed, is not counted).
     pub coalesced_waits: u64,
     /// Entries evicted to stay within the budget, or replaced by another
     /// verdict for the same key (an entry larger than the cache can hold
@@ -165,6 +165,9 @@ pub struct SharedCache {
     counters: Arc<Counters>,
     flights: Flights,
     budget: u64,
+    /// The version number of the signatures whose keys are served
+    /// ([`Ruleset::version_id`]).
+    signatures: AtomicU64,
     /// The clean verdict of the latest signatures, which every clean entry
     /// of theirs shares: nearly every entry is clean, and one allocation
     /// for each would take about a third of the cache's memory. Swapped,
@@ -218,9 +221,9 @@ impl Lifecycle<CacheKey, Arc<CachedVerdict>> for Evictions {
 }
 
 impl SharedCache {
-    /// A cache holding at most about `budget` bytes of entries; 0 caches
-    /// nothing (for benchmarks of the engine alone).
-    pub fn new(budget: u64) -> Self {
+    /// A cache holding at most about `budget` bytes of verdicts made with
+    /// `ruleset`; 0 caches nothing (for benchmarks of the engine alone).
+    pub fn new(budget: u64, ruleset: &Ruleset) -> Self {
         let counters = Arc::new(Counters::default());
         let options = OptionsBuilder::new()
             .estimated_items_capacity((budget / ENTRY_WEIGHT).clamp(16, 1 << 24) as usize)
@@ -237,13 +240,19 @@ impl SharedCache {
             counters,
             flights: Flights::default(),
             budget,
+            signatures: AtomicU64::new(ruleset.version_id()),
             clean: ArcSwapOption::empty(),
         }
     }
 
+    /// Whether `key` is of the signatures in use.
+    fn serves(&self, key: &CacheKey) -> bool {
+        key.rules == self.signatures.load(Ordering::Acquire)
+    }
+
     /// The verdict under `key`.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
-        let found = self.entries.get(key);
+        let found = self.peek_counted(key);
         let counter = match found {
             Some(_) => &self.counters.hits,
             None => &self.counters.misses,
@@ -256,7 +265,13 @@ impl SharedCache {
     /// second look by the engine at content whose request was counted
     /// already.
     pub fn peek(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
-        self.entries.peek(key)
+        self.serves(key).then(|| self.entries.peek(key)).flatten()
+    }
+
+    /// The verdict under `key`, as a lookup that counts in the entry's
+    /// frequency (and so in its eviction).
+    fn peek_counted(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
+        self.serves(key).then(|| self.entries.get(key)).flatten()
     }
 
     /// The verdict a flight for the key of `flight` left here, if one
@@ -278,7 +293,7 @@ impl SharedCache {
     /// Remembers a verdict the engine made on content it hashed itself.
     /// Failures are not cached.
     pub fn insert(&self, key: CacheKey, verdict: Verdict, rules_version: &Arc<str>) {
-        if self.budget == 0 || verdict.failure().is_some() {
+        if self.budget == 0 || verdict.failure().is_some() || !self.serves(&key) {
             return;
         }
         let entry = match verdict {
@@ -314,8 +329,12 @@ impl SharedCache {
         &self.flights
     }
 
-    /// Forgets every entry (the signatures changed).
-    pub fn clear(&self) {
+    /// Forgets every entry, and from now on serves only keys of `ruleset`,
+    /// which replaced the signatures in use. Blocking: the entries are
+    /// dropped one by one.
+    pub fn change_signatures(&self, ruleset: &Ruleset) {
+        self.signatures
+            .store(ruleset.version_id(), Ordering::Release);
         self.entries.clear();
         bump(&self.counters.changes, 1);
     }

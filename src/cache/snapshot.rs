@@ -253,18 +253,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
         let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
-        let cache = SharedCache::new(1 << 20);
+        let cache = SharedCache::new(1 << 20, &ruleset);
         let key = CacheKey::new(&Digest::from_bytes([7; 32]), &ruleset, None);
         cache.insert(key, Verdict::Clean, &ruleset.version_arc());
         cache.save(&path, &ruleset).unwrap();
-        assert_eq!(SharedCache::new(1 << 20).load(&path, &ruleset).unwrap(), 1);
-        let without_room = SharedCache::new(0);
+        assert_eq!(
+            SharedCache::new(1 << 20, &ruleset)
+                .load(&path, &ruleset)
+                .unwrap(),
+            1
+        );
+        let without_room = SharedCache::new(0, &ruleset);
         assert_eq!(without_room.load(&path, &ruleset).unwrap(), 0, "none held");
         assert_eq!(without_room.stats().loaded, 0);
 
         let earlier = "scanserver 0.1.0 (verdicts revision 0)".to_owned();
         cache.save_as(&path, &ruleset, earlier.clone()).unwrap();
-        let restored = SharedCache::new(1 << 20);
+        let restored = SharedCache::new(1 << 20, &ruleset);
         let err = restored.load(&path, &ruleset).unwrap_err();
         assert!(matches!(err, SnapshotError::MadeBy { found } if found == earlier));
         assert!(restored.is_empty());
@@ -277,7 +282,9 @@ mod tests {
         let path = dir.path().join(FILE_NAME);
         let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
         std::fs::write(&path, vec![0; (1 << 20) + 1]).unwrap();
-        let err = SharedCache::new(1 << 20).load(&path, &ruleset).unwrap_err();
+        let err = SharedCache::new(1 << 20, &ruleset)
+            .load(&path, &ruleset)
+            .unwrap_err();
         let SnapshotError::Io { source, .. } = &err else {
             panic!("{err}");
         };

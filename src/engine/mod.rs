@@ -348,6 +348,7 @@ impl Engine {
             // one loses only that job, which its caller reports as failed.
             .panic_handler(|_| tracing::error!("a scan job panicked; its file fails with `engine`"))
             .build()?;
+        let cache = SharedCache::new(config.cache_budget, &ruleset);
         Ok(Engine {
             ruleset: ArcSwap::from_pointee(ruleset),
             busy: Busy::new(pool.current_num_threads()),
@@ -361,7 +362,7 @@ impl Engine {
             queue: Arc::new(Semaphore::new(config.queue_capacity)),
             queue_capacity: config.queue_capacity,
             mapped: MappedBudget::new(config.mapped_budget),
-            cache: SharedCache::new(config.cache_budget),
+            cache,
             metrics: Arc::default(),
         })
     }
@@ -382,10 +383,11 @@ impl Engine {
     /// already started finish with the old rules; every later scan uses the
     /// new ones. Workers drop their scanners for the old rules right away,
     /// so its memory is freed once the last such scan ends. The verdict
-    /// cache is emptied here, entry by entry: a blocking call.
+    /// cache is emptied here, entry by entry: a blocking call (see
+    /// [`SharedCache::change_signatures`]).
     pub fn replace_ruleset(&self, ruleset: Ruleset) -> Arc<Ruleset> {
+        self.cache.change_signatures(&ruleset);
         let old = self.ruleset.swap(Arc::new(ruleset));
-        self.cache.clear();
         self.timed_out.clear();
         self.pool
             .spawn_broadcast(|_| worker::release_stale_scanner());

@@ -55,7 +55,7 @@ use crate::{
     },
     connections::{AddressPlace, Ends, PerAddress},
     engine::{Content, Engine, Refusal, Refused, ScanOutcome, ScanSlot},
-    intake::PEER_SHARE,
+    intake::{self, PEER_SHARE},
     metrics::Tally,
     proto::{
         ContentRequest, FileBegin, FileChunk, FileError, FileReply, FileVerdict, ScanReply,
@@ -175,15 +175,6 @@ impl VerdictOwed {
     /// was scanned yet.
     fn forgive(&mut self) {
         self.0 = None;
-    }
-
-    /// Forgives the file when it is failed with `code`
-    /// `RESOURCE_EXHAUSTED` or `DEADLINE_EXCEEDED`, which tell its agent to
-    /// send it again.
-    fn forgive_if_resent(&mut self, code: Code) {
-        if matches!(code, Code::ResourceExhausted | Code::DeadlineExceeded) {
-            self.forgive();
-        }
     }
 
     /// The session of the file's VM; `None` once it is let off.
@@ -513,7 +504,7 @@ impl ScanStream {
                 // The agent will send nothing more: files still open can
                 // never complete, and each gets its final reply.
                 let message = "the agent ended its requests with this file still open";
-                let _ = self.fail_open_files(Code::Cancelled, message).await;
+                let _ = self.fail_open_files(Code::Cancelled, message, false).await;
                 return Err(());
             }
             Event::Request(Err(status)) => {
@@ -551,7 +542,9 @@ impl ScanStream {
             Event::ShuttingDown => {
                 // Scans already running still reply, within the grace period.
                 let message = "the server is shutting down; send this file to another SVM";
-                let _ = self.fail_open_files(Code::Unavailable, message).await;
+                let _ = self
+                    .fail_open_files(Code::Unavailable, message, false)
+                    .await;
                 self.ending = Some(Status::unavailable(
                     "the server is shutting down; send the files left to another SVM",
                 ));
@@ -598,7 +591,9 @@ impl ScanStream {
         let message = format!(
             "no request and no waiting file answered for {idle_timeout:?}; the stream is closed, open a new one"
         );
-        let _ = self.fail_open_files(Code::DeadlineExceeded, &message).await;
+        let _ = self
+            .fail_open_files(Code::DeadlineExceeded, &message, true)
+            .await;
         // Best effort: an agent that reads nothing is not waited for.
         if let Ok(slot) = self.replies.try_reserve(message.len()) {
             slot.send(Err(Status::deadline_exceeded(message)));
@@ -609,11 +604,16 @@ impl ScanStream {
     /// The stream broke, or brought a message the server would not decode:
     /// its open files fail, and the stream ends with why, if the agent
     /// still listens (ended without a status, the stream would look
-    /// complete), once the verdicts of the files it scans are sent.
+    /// complete), once the verdicts of the files it scans are sent. Its
+    /// files are let off only when the server itself asks for them again
+    /// (its intake had no room for the stream's messages): a status code
+    /// alone may be the agent's doing, as tonic maps the reason of an
+    /// HTTP/2 reset to one.
     async fn broken(&mut self, status: Status) {
         tracing::debug!(%status, "scan stream broken");
         let (code, message) = (status.code(), status.message().to_owned());
-        if self.fail_open_files(code, &message).await.is_ok() {
+        let forgive = intake::asks_to_send_again(&status);
+        if self.fail_open_files(code, &message, forgive).await.is_ok() {
             self.ending = Some(status);
         }
     }
@@ -646,10 +646,12 @@ impl ScanStream {
                     reply
                 }
                 file_request::Kind::End(end) => {
+                    // Both the replies (room among them) and the end (a
+                    // place in the queue) may wait.
+                    let started = Instant::now();
                     let weighed = std::mem::take(&mut weighing);
                     self.send_weighed(std::mem::take(&mut replies), weighed)
                         .await?;
-                    let started = Instant::now();
                     let reply = self.end(end.file_id).await;
                     if started.elapsed() >= A_WAIT {
                         context.waited();
@@ -770,9 +772,10 @@ impl ScanStream {
     }
 
     /// Gives every open file its final reply: an error (the stream ends,
-    /// and its requests are dropped first). Verdicts landed go first. A
-    /// wait that ended without a verdict gets the error too (see
-    /// [`Self::resolve`]).
+    /// and its requests are dropped first), letting its VM off if `forgive`
+    /// (the server asks for the file again: see [`VerdictOwed::forgive`]).
+    /// Verdicts landed go first. A wait that ended without a verdict gets
+    /// the error too (see [`Self::resolve`]).
     ///
     /// Waits are not withdrawn one by one, as a cancel withdraws its file's:
     /// each would look through its flight's subscribers under the lock all
@@ -781,12 +784,19 @@ impl ScanStream {
     /// others wait on too (time quadratic in the agents). The stream's
     /// landings are closed, and a flight passes over subscribers whose
     /// stream is closed or gone.
-    async fn fail_open_files(&mut self, code: Code, message: &str) -> Result<(), ()> {
+    async fn fail_open_files(
+        &mut self,
+        code: Code,
+        message: &str,
+        forgive: bool,
+    ) -> Result<(), ()> {
         self.requests = None;
         self.landings.close();
         let mut replies = self.take_landed();
         replies.extend(self.open.drain().map(|(id, mut file)| {
-            file.owed.forgive_if_resent(code);
+            if forgive {
+                file.owed.forgive();
+            }
             file_error(id, code, message)
         }));
         self.send_all(replies).await
@@ -819,7 +829,7 @@ impl ScanStream {
             .into_iter()
             .filter_map(|id| {
                 let mut file = self.close(id)?;
-                file.owed.forgive_if_resent(Code::DeadlineExceeded);
+                file.owed.forgive();
                 Some(file_error(id, Code::DeadlineExceeded, &message))
             })
             .collect();
@@ -1048,7 +1058,9 @@ impl ScanStream {
         let upload = match self.state.uploads.begin(Some(file.size), digest, vm_share) {
             Ok(upload) => Box::new(upload),
             Err(err) => {
-                file.owed.forgive_if_resent(err.code());
+                if err.asks_to_send_again() {
+                    file.owed.forgive();
+                }
                 return Some(upload_error(id, &err));
             }
         };
@@ -1207,8 +1219,10 @@ impl ScanStream {
                 None
             }
             Err(err) => {
-                if let Some(mut file) = self.close(id) {
-                    file.owed.forgive_if_resent(err.code());
+                if let Some(mut file) = self.close(id)
+                    && err.asks_to_send_again()
+                {
+                    file.owed.forgive();
                 }
                 Some(upload_error(id, &err))
             }

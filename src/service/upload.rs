@@ -83,6 +83,12 @@ impl UploadError {
             _ => Code::InvalidArgument,
         }
     }
+
+    /// Whether the file is refused for want of room, which may pass: its
+    /// agent is told to send it again.
+    pub fn asks_to_send_again(&self) -> bool {
+        self.code() == Code::ResourceExhausted
+    }
 }
 
 /// Whether a spool error is for want of room (a full disk or quota, no

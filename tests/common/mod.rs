@@ -660,3 +660,57 @@ pub async fn begin_asked_for_content(
         "{answered}: {kind:?}"
     );
 }
+
+/// The gRPC header of a message of `len` bytes.
+pub fn grpc_header(len: usize) -> Vec<u8> {
+    let mut header = vec![0];
+    header.extend_from_slice(&(len as u32).to_be_bytes());
+    header
+}
+
+/// The gRPC framing of `message`.
+pub fn framed(message: &impl prost::Message) -> Bytes {
+    let encoded = message.encode_to_vec();
+    let mut framed = grpc_header(encoded.len());
+    framed.extend_from_slice(&encoded);
+    framed.into()
+}
+
+/// A raw HTTP/2 call of `method` on a connection of its own, from the
+/// loopback address `from`, of whose response the server may send `window`
+/// bytes before the client reads them (HTTP/2's stream window): its
+/// response, and its request stream.
+pub async fn raw_call(
+    server: &TestServer,
+    from: [u8; 4],
+    method: &str,
+    window: u32,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    h2.ready()
+        .await
+        .unwrap()
+        .send_request(grpc_request(server, method), false)
+        .unwrap()
+}
+
+/// The headers of a call of `method` of the Protection service.
+pub fn grpc_request(server: &TestServer, method: &str) -> http::Request<()> {
+    http::Request::post(format!(
+        "http://{}/{}/{method}",
+        server.addr,
+        scanserver::proto::protection_server_server::SERVICE_NAME
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap()
+}
