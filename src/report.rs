@@ -409,7 +409,9 @@ fn text_line(path: &Path, verdict: &Verdict) -> Option<String> {
     let said = match verdict {
         Verdict::Clean => return None,
         Verdict::Infected(detections) => {
-            let rules: Vec<_> = detections.iter().map(|d| d.rule.as_str()).collect();
+            // Through a server, the names are the server's word: printed
+            // as they are, a control character could forge a line.
+            let rules: Vec<_> = detections.iter().map(|d| printable(&d.rule)).collect();
             format!("{} FOUND", rules.join(", "))
         }
         Verdict::Failed(failure) => {
@@ -523,6 +525,16 @@ mod tests {
             line,
             "x\\n/usr/bin/ls: FAILED io (gone)\\u{1b}[2K: FAILED io (cannot read\\n)"
         );
+        // Rule names a server sent are its word, and escaped as well.
+        let found = Verdict::Infected(vec![crate::verdict::Detection {
+            rule: "Evil\nC:\\x: FAILED io (gone)".to_owned(),
+            namespace: String::new(),
+            tags: vec![],
+            threat: String::new(),
+            severity: crate::verdict::Severity::High,
+        }]);
+        let line = text_line(Path::new("a"), &found).unwrap();
+        assert_eq!(line, "a: Evil\\nC:\\x: FAILED io (gone) FOUND");
         let plain = Path::new("C:\\Windows\\notepad.exe");
         assert!(matches!(
             printable(&plain.to_string_lossy()),

@@ -4064,3 +4064,144 @@ async fn hold_a_scan_thread(
     }
     (room, on_it)
 }
+
+/// A server that breaks the protocol in two ways: it asks twice for the
+/// content of each file announced by its digest, and answers each with a
+/// reply of no kind it knows (as a newer server's might be). It counts
+/// the content it receives.
+struct UnknownReplies {
+    received: Arc<std::sync::atomic::AtomicU64>,
+}
+
+type Answers<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::protection_server_server::ProtectionServer for UnknownReplies {
+    type ConnectStream = Answers<proto::ServerMessage>;
+    type ScanStream = Answers<proto::ScanReply>;
+
+    async fn connect(
+        &self,
+        _: tonic::Request<tonic::Streaming<AgentMessage>>,
+    ) -> Result<tonic::Response<Self::ConnectStream>, tonic::Status> {
+        let welcome = server_message::Kind::Welcome(proto::Welcome {
+            session_id: "session".into(),
+            heartbeat_interval_ms: 10_000,
+            ..Default::default()
+        });
+        let first = proto::ServerMessage {
+            kind: Some(welcome),
+        };
+        let open =
+            tokio_stream::StreamExt::chain(tokio_stream::once(Ok(first)), tokio_stream::pending());
+        Ok(tonic::Response::new(Box::pin(open)))
+    }
+
+    async fn scan(
+        &self,
+        request: tonic::Request<tonic::Streaming<ScanRequest>>,
+    ) -> Result<tonic::Response<Self::ScanStream>, tonic::Status> {
+        let mut requests = request.into_inner();
+        let received = Arc::clone(&self.received);
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = requests.message().await {
+                let mut replies = Vec::new();
+                for kind in request.requests.into_iter().filter_map(|r| r.kind) {
+                    match kind {
+                        file_request::Kind::Begin(begin) => {
+                            let asked = proto::FileReply {
+                                file_id: begin.file_id,
+                                kind: Some(file_reply::Kind::SendContent(proto::ContentRequest {})),
+                            };
+                            replies.extend([asked.clone(), asked]);
+                        }
+                        file_request::Kind::Chunk(chunk) => {
+                            received.fetch_add(
+                                chunk.data.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                        file_request::Kind::End(end) => replies.push(proto::FileReply {
+                            file_id: end.file_id,
+                            kind: None,
+                        }),
+                        file_request::Kind::Cancel(_) => {}
+                    }
+                }
+                let reply = proto::ScanReply {
+                    replies,
+                    ..Default::default()
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn lookup(
+        &self,
+        _: tonic::Request<LookupRequest>,
+    ) -> Result<tonic::Response<proto::LookupReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not this server"))
+    }
+
+    async fn scan_file(
+        &self,
+        _: tonic::Request<tonic::Streaming<FileChunk>>,
+    ) -> Result<tonic::Response<proto::FileVerdict>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not this server"))
+    }
+}
+
+/// The agent obeys a server only as far as the protocol goes: a file whose
+/// content is asked for twice is sent once, and a file answered with a
+/// reply of a kind the agent does not know fails (it is no verdict), rather
+/// than wait for ever for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_sends_a_file_once_and_takes_no_unknown_reply_for_a_verdict() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::default();
+    let server = UnknownReplies {
+        received: Arc::clone(&received),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::protection_server_server::ProtectionServerServer::new(server))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (0..3)
+        .map(|n| {
+            let path = dir.path().join(format!("file-{n}"));
+            std::fs::write(&path, content(n, 1000)).unwrap();
+            path
+        })
+        .collect();
+    let agent = Agent::connect(&AgentOptions::for_host(format!("http://{addr}")))
+        .await
+        .unwrap();
+    let scanned = scan_files(&agent, &paths, HashFirst::Always);
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), scanned)
+        .await
+        .expect("every file has its outcome");
+    assert_eq!(outcomes.len(), 3);
+    for (name, outcome) in &outcomes {
+        assert_eq!(
+            outcome.verdict.failure().map(|f| f.reason),
+            Some(FailReason::Engine),
+            "{name}: {outcome:?}"
+        );
+    }
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::Relaxed),
+        3000,
+        "each file sent once"
+    );
+}

@@ -432,7 +432,14 @@ impl<F: ResultSink> Settle<'_, F> {
             let id = reply.file_id;
             let answer = match reply.kind {
                 Some(file_reply::Kind::SendContent(_)) => {
-                    if let Some(file) = files.get_mut(id) {
+                    // Content is asked for once an announcement, of a file
+                    // announced by its digest (one announced without is on
+                    // its way already): asked again, the agent does not
+                    // read and send it again.
+                    if let Some(file) = files.get_mut(id)
+                        && file.digest.is_some()
+                        && !file.asked
+                    {
                         file.asked = true;
                         self.scan.familiarity.record(false);
                         let (upload, over) = Upload::new(id, file.source.clone(), file.size, None);
@@ -461,7 +468,14 @@ impl<F: ResultSink> Settle<'_, F> {
                     }
                     Err(error)
                 }
-                None => continue,
+                // A reply of a kind this agent does not know (a newer
+                // server's) is no verdict: the file fails for it.
+                None => Err(FileError {
+                    code: Code::Unknown as i32,
+                    message:
+                        "the server's reply for this file is of a kind this agent does not know"
+                            .to_owned(),
+                }),
             };
             let Some(mut file) = files.remove(id) else {
                 continue;

@@ -190,15 +190,21 @@ impl Preparer {
         } = self;
         for local in paths {
             let prepared = (!stopped.load(Ordering::Relaxed)).then(|| {
-                if content_first.load(Ordering::Relaxed) {
-                    std::fs::metadata(&local.path)
-                        .map(|metadata| Ready {
-                            size: metadata.len(),
-                            digest: None,
-                        })
-                        .map_err(Unreadable::from)
-                } else {
-                    hash_file(&local, max_file_size)
+                if !content_first.load(Ordering::Relaxed) {
+                    return hash_file(&local, max_file_size);
+                }
+                // A file to go with its content needs only its size, but
+                // one over the limit is opened, as the local scan opens it
+                // before refusing it: one it cannot open fails as
+                // unreadable, not as too large (the kernel's `/proc/kcore`
+                // says it holds terabytes).
+                match std::fs::metadata(&local.path) {
+                    Ok(metadata) if metadata.len() <= max_file_size => Ok(Ready {
+                        size: metadata.len(),
+                        digest: None,
+                    }),
+                    Ok(_) => hash_file(&local, max_file_size),
+                    Err(err) => Err(Unreadable::from(err)),
                 }
             });
             let file = Prepared {
@@ -244,6 +250,44 @@ fn hash_opened(file: std::fs::File, size: u64) -> std::io::Result<Ready> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file over the server's limit is opened even when it is to go with
+    /// its content, as the local scan opens it: one that cannot be opened
+    /// (here a folder, which only a regular file can be) is unreadable,
+    /// not too large.
+    #[test]
+    fn a_file_over_the_limit_that_cannot_be_opened_is_unreadable() {
+        let folder = tempfile::tempdir().unwrap();
+        let small = folder.path().join("small");
+        std::fs::write(&small, b"small").unwrap();
+        let (ready, mut prepared) = mpsc::channel(2);
+        let preparer = Preparer {
+            paths: Box::new(
+                [folder.path().to_owned(), small]
+                    .into_iter()
+                    .map(LocalFile::from),
+            ),
+            content_first: Arc::new(AtomicBool::new(true)),
+            stopped: Arc::default(),
+            finished: Arc::default(),
+            max_file_size: 64,
+            ready,
+        };
+        std::thread::spawn(|| preparer.run());
+        let over = prepared.blocking_recv().unwrap().ready.unwrap();
+        let Err(unreadable) = over else {
+            panic!("taken as readable");
+        };
+        assert_eq!(unreadable.size, 0, "{}", unreadable.err);
+        let within = prepared.blocking_recv().unwrap().ready.unwrap();
+        assert!(matches!(
+            within,
+            Ok(Ready {
+                size: 5,
+                digest: None
+            })
+        ));
+    }
 
     /// A file that shrank while it was hashed fails, as the local scan
     /// fails it: its digest would be that of a part of it, which the
