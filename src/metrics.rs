@@ -406,7 +406,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_cache_coalesced_waits",
-                "Requests answered by a scan of the same content under way",
+                "Requests that had the verdict of a scan of the same content under way",
                 cache.coalesced_waits,
             ),
             (

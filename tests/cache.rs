@@ -70,7 +70,8 @@ fn keys_of_replaced_signatures_find_nothing() {
     cache.insert(key, Verdict::Clean, &old.version_arc());
     assert!(cache.get(&key).is_some());
     let new = ruleset_from_source("rule other { strings: $a = \"other\" condition: $a }");
-    cache.change_signatures(&new);
+    cache.serve(&new);
+    cache.clear();
     cache.insert(key, Verdict::Clean, &old.version_arc());
     assert!(cache.get(&key).is_none() && cache.peek(&key).is_none());
     assert!(cache.is_empty(), "and not kept either");

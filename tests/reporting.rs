@@ -798,9 +798,10 @@ impl TestAgent {
         let asked = replies.data().await.expect("a reply").unwrap();
         let _ = replies.flow_control().release_capacity(asked.len());
         body.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
-        // The server has failed the file once the call's end reaches the
-        // reply stream.
-        while let Some(Ok(_)) = replies.data().await {}
+        // The server failed the file once it has none open for the VM (a
+        // file still open would keep the tag by itself).
+        let session = server.state.sessions.get(&self.session_id).unwrap();
+        until_read("files open", || session.files_open(), 0).await;
     }
 
     /// Begins a clean file on a Scan stream, then its file id again before

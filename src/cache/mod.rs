@@ -130,8 +130,10 @@ pub struct CacheStats {
     /// hits / (hits + misses), 0 before the first lookup.
     pub hit_ratio: f64,
     /// Requests that waited for a scan or upload of the same content under
-    /// way rather than starting their own, and had its verdict (a wait
-    /// that brought none, that scan having failed, is not counted).
+    /// way rather than starting their own, and that scan's verdict came (a
+    /// wait that brought none, that scan having failed, is not counted;
+    /// one whose verdict was of signatures replaced meanwhile, and so not
+    /// taken, is).
     pub coalesced_waits: u64,
     /// Entries evicted to stay within the budget, or replaced by another
     /// verdict for the same key (an entry larger than the cache can hold
@@ -329,12 +331,16 @@ impl SharedCache {
         &self.flights
     }
 
-    /// Forgets every entry, and from now on serves only keys of `ruleset`,
-    /// which replaced the signatures in use. Blocking: the entries are
-    /// dropped one by one.
-    pub fn change_signatures(&self, ruleset: &Ruleset) {
+    /// From now on serves only keys of `ruleset`, which is to replace the
+    /// signatures in use (see [`crate::engine::Engine::replace_ruleset`]).
+    pub fn serve(&self, ruleset: &Ruleset) {
         self.signatures
             .store(ruleset.version_id(), Ordering::Release);
+    }
+
+    /// Forgets every entry (the signatures changed). Blocking: the entries
+    /// are dropped one by one.
+    pub fn clear(&self) {
         self.entries.clear();
         bump(&self.counters.changes, 1);
     }

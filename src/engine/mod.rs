@@ -383,11 +383,18 @@ impl Engine {
     /// already started finish with the old rules; every later scan uses the
     /// new ones. Workers drop their scanners for the old rules right away,
     /// so its memory is freed once the last such scan ends. The verdict
-    /// cache is emptied here, entry by entry: a blocking call (see
-    /// [`SharedCache::change_signatures`]).
+    /// cache is emptied here, entry by entry: a blocking call. One change
+    /// at a time ([`crate::reload`] makes them in turn): two at once could
+    /// leave the cache serving the signatures that lost.
     pub fn replace_ruleset(&self, ruleset: Ruleset) -> Arc<Ruleset> {
-        self.cache.change_signatures(&ruleset);
+        // The cache serves keys of the new signatures from the moment they
+        // are in use (keys made with the old ones then find nothing), and
+        // is emptied after, which takes a while: a verdict of the new
+        // signatures stored meanwhile may go with the old entries, and its
+        // content is only scanned again.
+        self.cache.serve(&ruleset);
         let old = self.ruleset.swap(Arc::new(ruleset));
+        self.cache.clear();
         self.timed_out.clear();
         self.pool
             .spawn_broadcast(|_| worker::release_stale_scanner());
