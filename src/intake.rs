@@ -1131,7 +1131,7 @@ fn too_large(len: usize, max: usize) -> Status {
 /// word alone, never by a status code a client can bring about itself
 /// (tonic maps an HTTP/2 reset's reason to one).
 #[derive(Debug, thiserror::Error)]
-#[error("the server had no room for the call's messages")]
+#[error("the server asks for the call again, later or elsewhere")]
 struct SendAgain;
 
 /// Whether `status` is the intake's own, failing a call for want of room

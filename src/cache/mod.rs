@@ -254,7 +254,7 @@ impl SharedCache {
 
     /// The verdict under `key`.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
-        let found = self.peek_counted(key);
+        let found = self.serves(key).then(|| self.entries.get(key)).flatten();
         let counter = match found {
             Some(_) => &self.counters.hits,
             None => &self.counters.misses,
@@ -268,12 +268,6 @@ impl SharedCache {
     /// already.
     pub fn peek(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
         self.serves(key).then(|| self.entries.peek(key)).flatten()
-    }
-
-    /// The verdict under `key`, as a lookup that counts in the entry's
-    /// frequency (and so in its eviction).
-    fn peek_counted(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
-        self.serves(key).then(|| self.entries.get(key)).flatten()
     }
 
     /// The verdict a flight for the key of `flight` left here, if one
