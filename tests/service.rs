@@ -5,7 +5,10 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,8 +34,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn session_id(server: &TestServer) -> (String, mpsc::Sender<AgentMessage>) {
     // Each of its own VM: a VM has one session, a newer one replaces it.
-    static VMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let vm = VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    static VMS: AtomicU64 = AtomicU64::new(0);
+    let vm = VMS.fetch_add(1, Ordering::Relaxed);
     let hello = Hello {
         vm_id: format!("vm-{vm}"),
         ..hello()
@@ -1435,8 +1438,7 @@ async fn a_known_digest_is_answered_while_the_vm_has_no_place_free() {
     // Counted before it went out: an agent that ends a full scan on it
     // finds the scan's files counted.
     let counted = server.state.sessions.get(&session).unwrap();
-    let figure =
-        |figure: &std::sync::atomic::AtomicU64| figure.load(std::sync::atomic::Ordering::Relaxed);
+    let figure = |figure: &AtomicU64| figure.load(Ordering::Relaxed);
     assert_eq!(figure(&counted.files), 2);
     assert_eq!(figure(&counted.bytes), 2 * known.len() as u64);
 
@@ -1533,9 +1535,7 @@ async fn a_lookup_counts_infected_content_once_however_often_named() {
     }
     let counted = || {
         let counted = server.state.sessions.get(&session).unwrap();
-        let get = |counter: &std::sync::atomic::AtomicU64| {
-            counter.load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         (get(&counted.files), get(&counted.detections))
     };
     let before = counted();
@@ -2291,14 +2291,14 @@ async fn the_lightagent_client_scans_hash_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_scanned_while_their_walk_goes_on() {
     let server = TestServer::start(|_| {}).await;
-    let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waited = Arc::new(AtomicBool::new(false));
     let walked = Arc::clone(&waited);
     let results = scan_a_slow_walk(&server, HashFirst::Auto, move |answered| {
-        walked.store(answered, std::sync::atomic::Ordering::Relaxed);
+        walked.store(answered, Ordering::Relaxed);
     })
     .await;
     assert!(
-        waited.load(std::sync::atomic::Ordering::Relaxed),
+        waited.load(Ordering::Relaxed),
         "the first file was answered before the walk gave the next"
     );
     assert_eq!(
@@ -4070,7 +4070,7 @@ async fn hold_a_scan_thread(
 /// reply of no kind it knows (as a newer server's might be). It counts
 /// the content it receives.
 struct UnknownReplies {
-    received: Arc<std::sync::atomic::AtomicU64>,
+    received: Arc<AtomicU64>,
 }
 
 type Answers<T> =
@@ -4118,10 +4118,7 @@ impl proto::protection_server_server::ProtectionServer for UnknownReplies {
                             replies.extend([asked.clone(), asked]);
                         }
                         file_request::Kind::Chunk(chunk) => {
-                            received.fetch_add(
-                                chunk.data.len() as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
+                            received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
                         }
                         file_request::Kind::End(end) => replies.push(proto::FileReply {
                             file_id: end.file_id,
@@ -4200,7 +4197,7 @@ async fn an_agent_sends_a_file_once_and_takes_no_unknown_reply_for_a_verdict() {
         );
     }
     assert_eq!(
-        received.load(std::sync::atomic::Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
         3000,
         "each file sent once"
     );

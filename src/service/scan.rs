@@ -177,6 +177,14 @@ impl VerdictOwed {
         self.0 = None;
     }
 
+    /// Lets the VM off if the server asks for the file again
+    /// (`sent_again`: see [`Self::forgive`]).
+    fn forgive_if(&mut self, sent_again: bool) {
+        if sent_again {
+            self.forgive();
+        }
+    }
+
     /// The session of the file's VM; `None` once it is let off.
     fn session(&self) -> Option<&Arc<Session>> {
         self.0.as_ref()
@@ -794,9 +802,7 @@ impl ScanStream {
         self.landings.close();
         let mut replies = self.take_landed();
         replies.extend(self.open.drain().map(|(id, mut file)| {
-            if forgive {
-                file.owed.forgive();
-            }
+            file.owed.forgive_if(forgive);
             file_error(id, code, message)
         }));
         self.send_all(replies).await
@@ -1058,9 +1064,7 @@ impl ScanStream {
         let upload = match self.state.uploads.begin(Some(file.size), digest, vm_share) {
             Ok(upload) => Box::new(upload),
             Err(err) => {
-                if err.asks_to_send_again() {
-                    file.owed.forgive();
-                }
+                file.owed.forgive_if(err.asks_to_send_again());
                 return Some(upload_error(id, &err));
             }
         };
@@ -1219,10 +1223,8 @@ impl ScanStream {
                 None
             }
             Err(err) => {
-                if let Some(mut file) = self.close(id)
-                    && err.asks_to_send_again()
-                {
-                    file.owed.forgive();
+                if let Some(mut file) = self.close(id) {
+                    file.owed.forgive_if(err.asks_to_send_again());
                 }
                 Some(upload_error(id, &err))
             }
