@@ -16,12 +16,13 @@ use bytes::Bytes;
 
 use common::*;
 use scanserver::{
-    client::{Agent, AgentOptions, ClientError, ClientTls, Files, HashFirst},
+    client::{Agent, AgentOptions, ClientError, ClientTls, Files, HashFirst, ResultSink},
     config::{Config, TlsConfig},
-    engine::ScanJob,
+    engine::{ScanJob, ScanOutcome},
     proto::{
-        self, AgentMessage, FileBegin, FileChunk, Hello, LookupRequest, RejectReason, ScanRequest,
-        file_reply, file_request, protection_server_client::ProtectionServerClient, server_message,
+        self, AgentMessage, FileBegin, FileChunk, FileErrorReason, Hello, LookupRequest,
+        RejectReason, ScanRequest, file_reply, file_request,
+        protection_server_client::ProtectionServerClient, server_message,
     },
     server::ServerError,
     service::Counters,
@@ -1777,20 +1778,27 @@ async fn bad_files_fail_alone_and_the_stream_goes_on() {
     tx.send(end(1)).await.unwrap();
     let (_, kind) = next(&mut replies).await;
     assert_eq!(error_code(&kind), Code::InvalidArgument);
+    let file_reply::Kind::Error(error) = &kind else {
+        panic!("{kind:?}")
+    };
+    assert_eq!(error.reason(), FileErrorReason::DigestMismatch, "{error:?}");
     assert!(
         server.state.engine.cached(&lie, None).is_none(),
         "a lie is never cached"
     );
 
-    // A chunk out of order.
+    // A chunk out of order: an error with nothing for an agent to do but
+    // what its code says.
     tx.send(begin(&session, 2, b"0123456789", None))
         .await
         .unwrap();
     tx.send(chunk(2, 5, b"56789")).await.unwrap();
-    assert_eq!(
-        error_code(&next(&mut replies).await.1),
-        Code::InvalidArgument
-    );
+    let (_, kind) = next(&mut replies).await;
+    assert_eq!(error_code(&kind), Code::InvalidArgument);
+    let file_reply::Kind::Error(error) = &kind else {
+        panic!("{kind:?}")
+    };
+    assert_eq!(error.reason(), FileErrorReason::Unspecified, "{error:?}");
 
     // Less content than declared.
     tx.send(begin(&session, 3, b"0123456789", None))
@@ -2282,6 +2290,107 @@ async fn the_lightagent_client_scans_hash_first() {
         }
     }
     assert_eq!(server.spooled_files(), 0);
+}
+
+/// A file that changed after the client hashed it, before the server
+/// asked for its content, is announced again with its content, and what it
+/// holds then is scanned, as the local scan scans what it reads: rewritten
+/// in place (the server finds another digest), truncated and rewritten
+/// shorter (the client finds it shorter than it was), or rewritten longer.
+/// One that only grew is scanned as it was hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_since_it_was_hashed_is_scanned_as_it_is_then() {
+    let server = TestServer::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let before = [
+        ("rewritten", vec![b'x'; EICAR.len()]),
+        ("shrunk", vec![b'x'; 1000]),
+        ("grown", vec![b'x'; 10]),
+        ("appended", b"hello".to_vec()),
+    ];
+    for (name, content) in &before {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    // The files change once all of them are hashed (the walk is asked for
+    // the next file), and only then does the client take the server's
+    // requests for their content.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let root = dir.path().to_owned();
+    let mut change = Some(move || {
+        for name in ["rewritten", "shrunk", "grown"] {
+            std::fs::write(root.join(name), EICAR).unwrap();
+        }
+        let mut appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("appended"))
+            .unwrap();
+        std::io::Write::write_all(&mut appended, b" world").unwrap();
+        open.send(true).unwrap();
+    });
+    let walk = before
+        .iter()
+        .map(|(name, _)| dir.path().join(name))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .chain(std::iter::from_fn(move || {
+            if let Some(change) = change.take() {
+                change();
+            }
+            None
+        }));
+    let results = Arc::default();
+    let sink = Gated {
+        gate,
+        results: Arc::clone(&results),
+    };
+    let agent = Agent::connect(&AgentOptions::for_host(server.url()))
+        .await
+        .unwrap();
+    agent
+        .scan_into(Files::local(walk), HashFirst::Always, sink)
+        .await
+        .unwrap();
+    let mut results = std::mem::take(&mut *results.lock().unwrap());
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    let seen: Vec<_> = results
+        .iter()
+        .map(|(name, outcome)| (name.as_str(), outcome.verdict.kind(), outcome.size))
+        .collect();
+    let eicar = EICAR.len() as u64;
+    assert_eq!(
+        seen,
+        [
+            ("appended", "clean", 5),
+            ("grown", "infected", eicar),
+            ("rewritten", "infected", eicar),
+            ("shrunk", "infected", eicar),
+        ],
+        "{results:?}"
+    );
+    for (name, outcome) in &results[1..] {
+        assert_eq!(outcome.digest, Some(blake3::hash(EICAR)), "{name}");
+    }
+    assert_eq!(results[0].1.digest, Some(blake3::hash(b"hello")));
+}
+
+/// A result sink that takes no reply until its gate opens.
+struct Gated {
+    gate: tokio::sync::watch::Receiver<bool>,
+    results: Arc<std::sync::Mutex<Vec<(String, ScanOutcome)>>>,
+}
+
+impl ResultSink for Gated {
+    fn put(&self, path: &Path, outcome: ScanOutcome) {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        self.results.lock().unwrap().push((name, outcome));
+    }
+
+    fn room(&self) -> impl Future<Output = ()> + Send {
+        let mut gate = self.gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+        }
+    }
 }
 
 /// The client takes local files as they come, so that a full scan of a

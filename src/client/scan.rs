@@ -60,8 +60,8 @@ use super::{Agent, ClientError, FileSource, Files};
 use crate::{
     engine::ScanOutcome,
     proto::{
-        FileBegin, FileError, FileRequest, LatestVersion, Limits, ScanReply, ScanRequest,
-        file_reply,
+        FileBegin, FileError, FileErrorReason, FileRequest, LatestVersion, Limits, ScanReply,
+        ScanRequest, file_reply,
     },
     verdict::{FailReason, Verdict},
 };
@@ -466,6 +466,21 @@ impl<F: ResultSink> Settle<'_, F> {
                         self.retries.later(file);
                         continue;
                     }
+                    // A file that changed after the agent hashed it (the
+                    // server found another digest, or the agent found it
+                    // shorter and cancelled it) goes again with its
+                    // content: what it holds now is scanned, as the local
+                    // scan scans what it reads. Once: a file announced
+                    // without a digest cannot differ from one.
+                    let mismatch = error.reason == FileErrorReason::DigestMismatch as i32;
+                    let changed = files.get_mut(id).is_some_and(|f| {
+                        f.digest.is_some() && f.unread.is_none() && (mismatch || f.changed)
+                    });
+                    if changed {
+                        let file = files.remove(id).expect("pending");
+                        self.announce_with_content(&mut files, file);
+                        continue;
+                    }
                     Err(error)
                 }
                 // A reply of a kind this agent does not know (a newer
@@ -475,6 +490,7 @@ impl<F: ResultSink> Settle<'_, F> {
                     message:
                         "the server's reply for this file is of a kind this agent does not know"
                             .to_owned(),
+                    ..FileError::default()
                 }),
             };
             let Some(mut file) = files.remove(id) else {
@@ -516,6 +532,15 @@ impl<F: ResultSink> Settle<'_, F> {
         count
     }
 
+    /// Announces `file` again, with its content and without its digest,
+    /// under a new id: it keeps its place in flight.
+    fn announce_with_content(&self, files: &mut PendingFiles, mut file: PendingFile) {
+        file.digest = None;
+        file.announced(Instant::now());
+        let begin = file_begin(&self.retries.session_id, &file.source, file.size, None);
+        let _ = self.uploads.send(files.insert_upload(begin, file));
+    }
+
     /// The verdict for a file the server failed: `too_large` when the
     /// server refused it for its size (as `scanserver scan` says of such a
     /// file), `engine` with the server's message otherwise.
@@ -538,6 +563,12 @@ impl<F: ResultSink> Settle<'_, F> {
             Sent::Resized { id, size } => {
                 if let Some(file) = self.pending.lock().get_mut(id) {
                     file.sent = Some(size);
+                }
+                0
+            }
+            Sent::Changed { id } => {
+                if let Some(file) = self.pending.lock().get_mut(id) {
+                    file.changed = true;
                 }
                 0
             }
@@ -802,6 +833,9 @@ struct PendingFile {
     announced: Option<Instant>,
     /// The server asked for its content: it did not know it.
     asked: bool,
+    /// Asked for, it was found to have shrunk since it was hashed, and
+    /// cancelled: the server's reply to that has it announced again.
+    changed: bool,
     /// Why the agent cancelled it: it could not read it.
     unread: Option<std::io::Error>,
     /// The server's refusals of it for want of room (see [`Retries`]).
@@ -857,6 +891,7 @@ impl PendingFile {
             sent: None,
             announced: None,
             asked: false,
+            changed: false,
             unread: None,
             refusals: Refusals::default(),
             upload: None,
@@ -878,6 +913,7 @@ impl PendingFile {
     fn announced(&mut self, at: Instant) {
         self.announced = Some(at);
         self.asked = false;
+        self.changed = false;
         self.sent = None;
     }
 

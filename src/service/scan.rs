@@ -1447,6 +1447,7 @@ impl Drop for VerdictDue {
             self.reply(file_reply::Kind::Error(FileError {
                 code: Code::Internal as i32,
                 message,
+                ..FileError::default()
             }));
         }
     }
@@ -1843,12 +1844,20 @@ fn file_error(file_id: u64, code: Code, message: &str) -> FileReply {
         file_reply::Kind::Error(FileError {
             code: code as i32,
             message: message.to_owned(),
+            ..FileError::default()
         }),
     )
 }
 
 fn upload_error(file_id: u64, err: &UploadError) -> FileReply {
-    file_error(file_id, err.code(), &err.to_string())
+    reply(
+        file_id,
+        file_reply::Kind::Error(FileError {
+            code: err.code() as i32,
+            message: err.to_string(),
+            reason: err.reason() as i32,
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use crate::{
     cache::Digest,
     config::UploadConfig,
     engine::{Content, ScanJob},
+    proto::FileErrorReason,
     state::private_dir,
 };
 
@@ -88,6 +89,16 @@ impl UploadError {
     /// agent is told to send it again.
     pub fn asks_to_send_again(&self) -> bool {
         self.code() == Code::ResourceExhausted
+    }
+
+    /// What the agent can do about it, told in the file's error: a file
+    /// whose content is not what its agent hashed most often changed
+    /// since, and is worth announcing again with its content.
+    pub fn reason(&self) -> FileErrorReason {
+        match self {
+            UploadError::DigestMismatch { .. } => FileErrorReason::DigestMismatch,
+            _ => FileErrorReason::Unspecified,
+        }
     }
 }
 

@@ -62,6 +62,10 @@ enum Stop {
         err: std::io::Error,
         cancelled: bool,
     },
+    /// The file, asked for by its digest, holds less than when it was
+    /// hashed: it changed since (truncated to be rewritten, say), and was
+    /// cancelled.
+    Changed,
     /// The stream is gone.
     Closed,
 }
@@ -76,6 +80,10 @@ pub(super) enum Sent {
     /// is one of /proc, which say 0): its outcome gives that size, as a
     /// local scan's gives the size read (see [`PendingFile::sent`]).
     Resized { id: u64, size: u64 },
+    /// It was asked for by its digest, and changed since it was hashed:
+    /// the server was told to cancel it, and it is to be announced again
+    /// with its content.
+    Changed { id: u64 },
 }
 
 /// A file the content sender could not read.
@@ -122,7 +130,9 @@ pub(super) fn send_content(
             FileSource::Path(local) => match (local.open(LEASE_WAIT), begin) {
                 (Err(err), begin) => outbox.file(id, begin, std::iter::once(Err(err)), &over),
                 // Asked for by its digest: what the digest is of, the size
-                // announced (one that grew is sent as it was hashed).
+                // announced (one that grew is sent as it was hashed). One
+                // that shrank since holds something else.
+                (Ok((_, size_now)), None) if size_now < size => outbox.changed(id),
                 (Ok((file, size_now)), None) => {
                     opened = size_now;
                     let chunks = FileChunks::new(file, chunk_size, (size > 0).then_some(size));
@@ -149,6 +159,10 @@ pub(super) fn send_content(
                 let file = Unread { id, cancelled, why };
                 let _ = told.send(Sent::Unread(file));
                 cancelled || uploads.is_empty()
+            }
+            Err(Stop::Changed) => {
+                let _ = told.send(Sent::Changed { id });
+                true
             }
             Err(Stop::Closed) => return,
         };
@@ -255,6 +269,13 @@ impl Outbox {
         begin.size = opened;
         let chunks = FileChunks::new(file, self.limit, Some(opened));
         self.file(id, Some(begin), chunks, over)
+    }
+
+    /// Cancels file `id`, asked for by its digest, which changed since it
+    /// was hashed: none of what it holds now goes under that digest.
+    fn changed(&mut self, id: u64) -> Result<u64, Stop> {
+        self.push(FileCancel { file_id: id }.into(), 0)?;
+        Err(Stop::Changed)
     }
 
     /// Adds a request of `bytes` content. The batch so far goes first if
@@ -494,11 +515,14 @@ mod tests {
         assert!(sent.try_recv().is_err(), "nothing of it went");
     }
 
-    /// A file the sender cannot read is told of with the size it had when
-    /// opened, and 0 when it could not be opened, as the local scan gives
-    /// them.
+    /// A file the sender cannot open is told of with size 0, as the local
+    /// scan gives it, and never heard of by the server. One asked for by
+    /// its digest that holds less than when it was hashed (truncated to be
+    /// rewritten, say) is cancelled unread, and told of as changed: what it
+    /// holds now is not what the digest is of.
     #[test]
-    fn a_file_not_read_is_told_of_with_its_size_when_opened() {
+    fn a_file_shrunk_since_hashed_is_cancelled_and_one_not_opened_is_told_of() {
+        use crate::proto::file_request::Kind;
         let dir = tempfile::tempdir().unwrap();
         let shrunk = dir.path().join("shrunk");
         std::fs::write(&shrunk, [7; 40]).unwrap();
@@ -512,18 +536,29 @@ mod tests {
             .send(Upload::new(2, source, 10, Some(begin)).0)
             .unwrap();
         drop(uploads);
-        let (requests, _sent) = mpsc::channel(64);
+        let (requests, mut sent) = mpsc::channel(64);
         let (told, mut unread) = mpsc::unbounded_channel();
         send_content(to_upload, requests, told, 1 << 10, u64::MAX);
-        let mut sizes = Vec::new();
-        while let Ok(Sent::Unread(file)) = unread.try_recv() {
-            sizes.push((file.id, file.why.size, file.why.err.kind()));
-        }
-        let (shrank, gone) = (
-            std::io::ErrorKind::UnexpectedEof,
-            std::io::ErrorKind::NotFound,
+        let Ok(Sent::Changed { id: 1 }) = unread.try_recv() else {
+            panic!("the shrunk file is told of as changed");
+        };
+        let Ok(Sent::Unread(gone)) = unread.try_recv() else {
+            panic!("the file gone is told of");
+        };
+        let kind = gone.why.err.kind();
+        assert_eq!(
+            (gone.id, gone.why.size, kind),
+            (2, 0, std::io::ErrorKind::NotFound)
         );
-        assert_eq!(sizes, [(1, 40, shrank), (2, 0, gone)]);
+        assert!(!gone.cancelled, "the server never heard of it");
+        let requests: Vec<_> = std::iter::from_fn(|| sent.try_recv().ok())
+            .flat_map(|message| message.requests)
+            .filter_map(|request| request.kind)
+            .collect();
+        assert!(
+            matches!(requests[..], [Kind::Cancel(FileCancel { file_id: 1 })]),
+            "{requests:?}"
+        );
     }
 
     /// A file answered while its content goes out gets no more of it (and
