@@ -277,9 +277,9 @@ impl Diagnostic {
         }
     }
 
-    /// An error of the include at byte `at` of `text` (the file `file`),
-    /// placed by its line and column, from 1.
-    fn include_error(file: &str, text: &[u8], at: usize, title: String) -> Self {
+    /// An error (`code`) found at byte `at` of `text` (the file `file`)
+    /// before YARA-X parses it, placed by its line and column, from 1.
+    fn located(code: &str, file: &str, text: &[u8], at: usize, title: String) -> Self {
         let before = &text[..at];
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
         let line_start = before
@@ -288,7 +288,7 @@ impl Diagnostic {
             .map_or(0, |nl| nl + 1);
         let column = at - line_start + 1;
         Diagnostic {
-            code: "include".into(),
+            code: code.into(),
             text: format!("error: {title}\n --> {file}:{line}:{column}"),
             title,
             file: Some(file.into()),
@@ -365,6 +365,11 @@ impl Ruleset {
     /// a pre-compiled rules file), reusing compiled rules from `cache_dir`
     /// when they are there and storing them there when they are not.
     pub fn load(source: &Path, cache_dir: Option<&Path>) -> Result<Ruleset, SignatureError> {
+        on_compiler_stack(source, || Self::load_here(source, cache_dir))
+    }
+
+    /// [`Ruleset::load`], on the thread that calls it.
+    fn load_here(source: &Path, cache_dir: Option<&Path>) -> Result<Ruleset, SignatureError> {
         reachable(source)?;
         if is_precompiled(source)? {
             return Self::load_precompiled(source);
@@ -408,13 +413,17 @@ impl Ruleset {
     pub fn look(source: &Path) -> Result<OnDisk, SignatureError> {
         reachable(source)?;
         if is_precompiled(source)? {
-            let bytes = files::read(source, u64::MAX).map_err(|e| SignatureError::io(source, e))?;
+            // Hashed as it is read: a periodic look at a large file does
+            // not hold it in memory.
+            let version = files::open_regular(source, files::LEASE_WAIT)
+                .and_then(|(file, _)| precompiled_version(file))
+                .map_err(|e| SignatureError::io(source, e))?;
             return Ok(OnDisk {
-                version: precompiled_version(&bytes),
+                version,
                 released: newest_modification([source]),
             });
         }
-        Ok(SourceSet::collect(source)?.on_disk())
+        on_compiler_stack(source, || Ok(SourceSet::collect(source)?.on_disk()))
     }
 
     /// Compiles the ruleset at `source` without touching any cache, as
@@ -430,7 +439,7 @@ impl Ruleset {
             path: path.to_owned(),
             source,
         })?;
-        let version = precompiled_version(&bytes);
+        let version = precompiled_version(&bytes[..]).expect("reading memory does not fail");
         // Without sources, assume the rules may look at file names.
         let ruleset = Self::new(rules, version, path, started, false, vec![])?;
         Ok(ruleset
@@ -617,11 +626,11 @@ impl Ruleset {
 }
 
 /// The version of pre-compiled rules: their bytes and the engine's version.
-fn precompiled_version(bytes: &[u8]) -> String {
+fn precompiled_version(content: impl io::Read) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update(bytes);
+    hasher.update_reader(content)?;
     hasher.update(YARA_X_VERSION.as_bytes());
-    hasher.finalize().to_hex().to_string()
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 fn is_precompiled(path: &Path) -> Result<bool, SignatureError> {
@@ -714,6 +723,23 @@ impl SourceSet {
                 let err = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
                 return Err(SignatureError::io(entry.path(), err));
             }
+            // A link's target must be a rule file too: the text of any
+            // other file linked in (a token, a key) would be compiled, and
+            // shown by the compiler's errors.
+            if entry.depth() > 0 && entry.path_is_symlink() {
+                let target = entry
+                    .path()
+                    .canonicalize()
+                    .map_err(|e| SignatureError::io(entry.path(), e))?;
+                if !is_rule_file(&target) {
+                    let message = format!(
+                        "a link to {}, which is not a rule file (.yar, .yara): link rule files only",
+                        target.display()
+                    );
+                    let err = io::Error::new(io::ErrorKind::InvalidInput, message);
+                    return Err(SignatureError::io(entry.path(), err));
+                }
+            }
             let file = SourceFile::read(&root, entry.path(), true)?;
             // A link to a file of the set (`latest.yar` to `v2.yar`) is
             // that file: compiled twice, its rules would clash.
@@ -770,7 +796,13 @@ impl SourceSet {
             for (statement, target) in includes(&file.text) {
                 let resolved = dir.join(&target).canonicalize();
                 let error = |message: String| {
-                    Diagnostic::include_error(&file.relative, &file.text, statement.start, message)
+                    Diagnostic::located(
+                        "include",
+                        &file.relative,
+                        &file.text,
+                        statement.start,
+                        message,
+                    )
                 };
                 // A top-level file's include is written into its text with
                 // the path it resolved to: a path that cannot be written so
@@ -831,7 +863,7 @@ impl SourceSet {
                         let file = &self.files[index];
                         let message = format!("include of {}: {err}", path.display());
                         let error =
-                            Diagnostic::include_error(&file.relative, &file.text, at, message);
+                            Diagnostic::located("include", &file.relative, &file.text, at, message);
                         errors.push(error);
                     }
                 }
@@ -933,8 +965,18 @@ impl SourceFile {
         let canonical = path
             .canonicalize()
             .map_err(|e| SignatureError::io(path, e))?;
+        let relative = relative_to(root, &canonical);
+        if let Some(at) = too_deep(&text) {
+            let title = format!(
+                "an expression nested more than {MAX_NESTING} levels deep (brackets, and \
+                 operators one within another: `not not ...`, `1 | 2 | ...`), which YARA-X \
+                 would recurse into as deep: write it flatter, with `and` or `or` between terms"
+            );
+            let error = Diagnostic::located("nesting", &relative, &text, at, title);
+            return Err(SignatureError::Compile(vec![error]));
+        }
         Ok(SourceFile {
-            relative: relative_to(root, &canonical),
+            relative,
             path: canonical,
             text,
             compiled: None,
@@ -992,6 +1034,157 @@ fn walk_error(source: &Path, err: walkdir::Error) -> SignatureError {
         err
     };
     SignatureError::io(&path, err)
+}
+
+/// The deepest an expression of a rule may nest: brackets, and operators
+/// one within another, counted together (see [`too_deep`]). YARA-X's
+/// parser and compiler recurse once a level with no bound of their own
+/// (but for regular expressions, held to 250): a rule nested tens of
+/// thousands deep, generated or broken, would overflow the stack of the
+/// thread compiling it, which aborts the whole server. Real rules nest a
+/// few levels.
+const MAX_NESTING: usize = 1000;
+
+/// The stack of the thread a ruleset is parsed and compiled on (see
+/// [`on_compiler_stack`]): room for [`MAX_NESTING`] levels many times over
+/// (a level takes well under a KiB). Only the pages used are committed.
+const COMPILER_STACK: usize = 64 << 20;
+
+/// Runs `f` (a parse or a compile of rules) on a thread of its own with a
+/// stack of [`COMPILER_STACK`], whichever thread asks: a runtime's thread
+/// (a reload) has a stack of 2 MiB, the main thread (a start, `scanserver
+/// rules check`) one of 8 MiB, and the compile must not depend on it. A
+/// panic in `f` goes on in the caller.
+fn on_compiler_stack<T: Send>(
+    source: &Path,
+    f: impl FnOnce() -> Result<T, SignatureError> + Send,
+) -> Result<T, SignatureError> {
+    std::thread::scope(|scope| {
+        let compiler = std::thread::Builder::new()
+            .name("rules".into())
+            .stack_size(COMPILER_STACK)
+            .spawn_scoped(scope, f)
+            .map_err(|err| SignatureError::io(source, err))?;
+        compiler
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Where `text` first nests deeper than [`MAX_NESTING`], if it does,
+/// counted as YARA-X's parser and compiler would recurse, or more: every
+/// open bracket (of conditions and rule bodies alike), and every operator
+/// since the last `and`, `or`, `,` or `:` at the same bracket, unary
+/// (`not`, `defined`, `-`, `~`) or binary (`==`, `|`, `<<`, `contains`
+/// ...: a chain of most binary operators builds one node inside the other).
+/// Comments, text strings, hex strings and regular expressions are passed
+/// over (YARA-X bounds the nesting of the latter two itself).
+fn too_deep(text: &[u8]) -> Option<usize> {
+    const OPERATOR_WORDS: [&[u8]; 13] = [
+        b"not",
+        b"defined",
+        b"contains",
+        b"icontains",
+        b"startswith",
+        b"istartswith",
+        b"endswith",
+        b"iendswith",
+        b"iequals",
+        b"matches",
+        b"of",
+        b"in",
+        b"at",
+    ];
+    let is_operator = |b: u8| b"+-*\\%&|^~<>=!".contains(&b);
+    // The operators counted at each open bracket, the outermost first.
+    let mut open = vec![0usize];
+    let mut depth = 0;
+    // After `=` comes a string's definition (its regular expression or
+    // hex string), after `matches` a regular expression.
+    let mut pattern_next = false;
+    let mut at = 0;
+    while at < text.len() {
+        let (byte, next) = (text[at], text.get(at + 1).copied());
+        let mut pattern_after = false;
+        let mut operator = false;
+        match byte {
+            b' ' | b'\t' | b'\r' | b'\n' => {
+                at += 1;
+                continue;
+            }
+            b'/' if next == Some(b'/') => {
+                at = skip_to(text, at, b"\n") + 1;
+                continue;
+            }
+            b'/' if next == Some(b'*') => {
+                at = skip_to(text, at + 2, b"*/") + 1;
+                continue;
+            }
+            b'"' => at = skip_quoted(text, at, b'"'),
+            b'/' if pattern_next => at = skip_quoted(text, at, b'/'),
+            b'{' if pattern_next => at = skip_to(text, at, b"}"),
+            b'(' | b'[' | b'{' => {
+                open.push(0);
+                depth += 1;
+            }
+            b')' | b']' | b'}' if open.len() > 1 => depth -= 1 + open.pop().unwrap_or_default(),
+            b',' | b':' => depth -= std::mem::take(open.last_mut().expect("the outermost")),
+            b if b.is_ascii_alphabetic() || b == b'_' => {
+                let end = text[at..]
+                    .iter()
+                    .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+                    .map_or(text.len(), |n| at + n);
+                let word = &text[at..end];
+                if word == b"and" || word == b"or" {
+                    depth -= std::mem::take(open.last_mut().expect("the outermost"));
+                }
+                operator = OPERATOR_WORDS.contains(&word);
+                pattern_after = word == b"matches";
+                at = end - 1;
+            }
+            b if is_operator(b) => {
+                let end = text[at..]
+                    .iter()
+                    .position(|b| !is_operator(*b))
+                    .map_or(text.len(), |n| at + n);
+                // `=` alone defines (a string, a meta entry): no operator.
+                pattern_after = &text[at..end] == b"=";
+                operator = !pattern_after;
+                at = end - 1;
+            }
+            _ => {}
+        }
+        if operator {
+            *open.last_mut().expect("the outermost") += 1;
+            depth += 1;
+        }
+        if depth > MAX_NESTING {
+            return Some(at);
+        }
+        pattern_next = pattern_after;
+        at += 1;
+    }
+    None
+}
+
+/// The offset of the last byte of the first `end` in `text` from `from`
+/// on (the end of `text` if there is none).
+fn skip_to(text: &[u8], from: usize, end: &[u8]) -> usize {
+    let from = from.min(text.len());
+    text[from..]
+        .windows(end.len())
+        .position(|w| w == end)
+        .map_or(text.len(), |n| from + n + end.len() - 1)
+}
+
+/// The offset of the `quote` that closes the one at `open` (`\` escapes
+/// the next byte), or of the end of `text`.
+fn skip_quoted(text: &[u8], open: usize, quote: u8) -> usize {
+    let mut at = open + 1;
+    while at < text.len() && text[at] != quote {
+        at += 1 + usize::from(text[at] == b'\\');
+    }
+    at.min(text.len())
 }
 
 /// The `include` statements of `text`, as YARA-X's parser finds them:
@@ -1190,6 +1383,54 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         ruleset.set_release_time(ahead);
         assert_eq!(ruleset.release_time(), released, "still from when loaded");
+    }
+
+    /// Nesting is counted as YARA-X would recurse: brackets, unary
+    /// operators and chains of binary ones, each chain ended by `and`,
+    /// `or`, `,` or `:`; what lies in comments, strings and patterns is
+    /// passed over, and many strings and meta entries nest nothing.
+    #[test]
+    fn nesting_is_counted_as_yara_x_recurses() {
+        let condition = |c: String| format!("rule r {{ condition: {c} }}");
+        let deep = |c: String| too_deep(condition(c).as_bytes());
+        // The rule's braces are one level.
+        let n = MAX_NESTING - 1;
+        assert_eq!(deep(format!("{}true", "not ".repeat(n))), None);
+        assert!(deep(format!("{}true", "not ".repeat(n + 1))).is_some());
+        let parens = |n| format!("{}true{}", "(".repeat(n), ")".repeat(n));
+        assert_eq!(deep(parens(n)), None);
+        assert!(deep(parens(n + 1)).is_some());
+        assert!(deep(format!("{}true", "not (".repeat(n / 2 + 1))).is_some());
+        for operator in ["|", "==", "<<", "-", "contains"] {
+            let chain = vec!["1"; n + 2].join(&format!(" {operator} "));
+            assert!(deep(chain).is_some(), "{operator}");
+        }
+        let text = condition(format!("{}true", "not /**/ ".repeat(n + 1)));
+        assert_eq!(
+            too_deep(text.as_bytes()),
+            Some(text.rfind("not").unwrap() + 2)
+        );
+        // Side by side, not nested.
+        let flat = ["not true", "1 | 2 == 3", "(not true)"]
+            .map(|term| vec![term; 2 * MAX_NESTING].join(" and "))
+            .join(" or ");
+        assert_eq!(deep(flat), None);
+        let o = "(".repeat(2 * MAX_NESTING);
+        let passed_over = format!(
+            "rule r {{\n meta: {meta}\n strings: $a = \"{o}\\\"{o}\" $b = /{o}\\/{o}/ \
+             $c = {{ 4D ( 5A | 00 ) {o} }}\n {strings}\n \
+             condition: $a and $b matches /{o}/ and {terms}\n}} // {o}\n/* {o}\n*/",
+            meta = (0..2 * MAX_NESTING)
+                .map(|i| format!("m{i} = {i}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            strings = (0..2 * MAX_NESTING)
+                .map(|i| format!("$s{i} = \"{i}\""))
+                .collect::<Vec<_>>()
+                .join(" "),
+            terms = vec!["$c"; 2 * MAX_NESTING].join(", "),
+        );
+        assert_eq!(too_deep(passed_over.as_bytes()), None);
     }
 
     #[test]

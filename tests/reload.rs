@@ -198,6 +198,37 @@ async fn signatures_that_do_not_load_replace_nothing() {
     );
 }
 
+/// Rules nested deeper than a parser should recurse (generated, or
+/// broken) are refused with where they are, and the server goes on with
+/// its rules: parsed on a runtime's thread, tens of thousands of levels
+/// overflowed its stack, which aborted the whole server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_nested_too_deep_are_refused_and_the_server_goes_on() {
+    let rules = tempfile::tempdir().unwrap();
+    let server = server_with_rules(rules.path(), |_| {}).await;
+    let first = server.state.engine.ruleset().version().to_owned();
+    for (name, condition) in [
+        ("not.yar", format!("{}$a", "not ".repeat(50_000))),
+        ("chain.yar", vec!["1"; 50_000].join(" | ") + " == 0 and $a"),
+    ] {
+        let deep = format!("rule deep {{ strings: $a = \"abc\" condition: {condition} }}\n");
+        std::fs::write(rules.path().join(name), deep).unwrap();
+        let refused = refused_reload(&server).await;
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(
+            refused.message().contains(&format!("{name}:1:"))
+                && refused.message().contains("nested more than 1000 levels"),
+            "{}",
+            refused.message()
+        );
+        std::fs::remove_file(rules.path().join(name)).unwrap();
+    }
+    assert_eq!(server.state.engine.ruleset().version(), first);
+    let (session, _keep) = session_of(&server, hello()).await;
+    let (found, _) = scan_unknown(&server, &session, b"MARKER-A").await;
+    assert_eq!(found, ["marker_a"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ruleset_with_nothing_to_find_replaces_nothing() {
     let rules = tempfile::tempdir().unwrap();

@@ -475,6 +475,36 @@ fn hidden_entries_are_left_out_and_a_broken_link_is_told() {
     assert_eq!(Ruleset::load(&named, None).unwrap().rule_count(), 1);
 }
 
+/// A link in the folder must lead to a rule file: one to any other file
+/// (a token the server may read, and whoever writes the rules may not)
+/// fails the load unread, so its text is in no compile error. A link to a
+/// rule file elsewhere, under any name, is that file.
+#[test]
+fn a_link_to_a_file_that_is_no_rule_file_fails_the_load_unread() {
+    use std::os::unix::fs::symlink;
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("admin.token");
+    fs::write(&secret, "s3cr3t").unwrap();
+    let release = outside.path().join("index.yar");
+    fs::write(&release, "rule released { condition: true }\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    symlink(&release, dir.path().join("current.yar")).unwrap();
+    assert_eq!(Ruleset::load(dir.path(), None).unwrap().rule_count(), 1);
+
+    symlink(&secret, dir.path().join("leak.yar")).unwrap();
+    for err in [
+        Ruleset::load(dir.path(), None).unwrap_err(),
+        Ruleset::version_of(dir.path()).unwrap_err(),
+    ] {
+        let err = err.to_string();
+        assert!(
+            err.contains("leak.yar") && err.contains("not a rule file"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+}
+
 #[test]
 fn externals_are_set_per_file() {
     let ruleset = ruleset_from_source(
@@ -739,6 +769,9 @@ fn precompiled_rules_are_accepted() {
     fs::write(&file, ruleset.rules().serialize().unwrap()).unwrap();
     let loaded = Ruleset::load(&file, None).unwrap();
     assert_eq!(loaded.rule_count(), ruleset.rule_count());
+    // The periodic look, which hashes the file as it reads it, finds the
+    // version loaded.
+    assert_eq!(Ruleset::version_of(&file).unwrap(), loaded.version());
     let engine = engine_with(loaded, Default::default());
     assert_eq!(matching_rules(&engine, EICAR, "eicar"), ["EICAR_Test_File"]);
 
