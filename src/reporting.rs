@@ -72,6 +72,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long one report may take, connection included.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the connection to the Integration Server stays idle before
+/// the kernel probes it (TCP keepalive).
+const REPORT_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// The most a report's VMs may take, encoded: gRPC servers take messages
 /// of up to 4 MiB unless told otherwise, and a report always too large for
 /// its receiver would never be delivered (an SVM whose pool gets new VM ids
@@ -182,7 +186,12 @@ impl Reporter {
                 url: url.clone(),
                 source,
             })?
-            .connect_timeout(REPORT_TIMEOUT);
+            .connect_timeout(REPORT_TIMEOUT)
+            // Kernel probes on a connection idle between reports keep a
+            // NAT's or a load balancer's entry for it (often dropped after
+            // 4 minutes idle, less than the interval), and find a peer
+            // gone sooner.
+            .tcp_keepalive(Some(REPORT_KEEPALIVE));
         let files = Arc::new(CredentialFiles {
             token_file: config.token_file.clone(),
             tls: config.tls.clone(),
@@ -243,6 +252,10 @@ impl Reporter {
         // Whatever ended serving (a signal, a listener that failed), the
         // last report says the SVM is going.
         self.svm.begin_shutdown();
+        // On a connection of its own: the one the reports went on may
+        // lead to a peer gone without a word (an expired NAT entry, a
+        // failover), and the last report is not sent again.
+        self.reconnect();
         self.send(ReportTrigger::Shutdown).await;
     }
 

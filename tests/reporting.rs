@@ -443,9 +443,6 @@ impl FreezingProxy {
     }
 }
 
-/// A report that got no answer in time is sent again on a new connection:
-/// the one it went on may lead to a peer that vanished without a word, and
-/// would fail every report until TCP gave up on it.
 /// A report lists at most `REPORT_VMS_BUDGET` of VMs (tagged ones before
 /// the others), and counts those it leaves out: a report too large for
 /// its receiver would never be delivered.
@@ -486,6 +483,9 @@ async fn a_report_keeps_its_vms_within_what_receivers_take() {
     assert_eq!(report.vms[0].vm_id, tagged, "a tagged VM first");
 }
 
+/// A report that got no answer in time is sent again on a new connection:
+/// the one it went on may lead to a peer that vanished without a word, and
+/// would fail every report until TCP gave up on it.
 #[tokio::test(start_paused = true)]
 async fn a_report_without_an_answer_is_sent_again_on_a_new_connection() {
     let receiver = TestReceiver::start();
@@ -530,6 +530,24 @@ async fn shutdown_makes_one_last_report() {
         receiver.next(Duration::from_millis(500)).await.is_none(),
         "one last report, no other"
     );
+}
+
+/// The last report goes on a new connection: the one the reports went on
+/// may lead nowhere by then (a NAT entry expired while it was idle), and
+/// the last report is not sent again.
+#[tokio::test(start_paused = true)]
+async fn the_last_report_goes_on_a_new_connection() {
+    let receiver = TestReceiver::start();
+    let proxy = FreezingProxy::start(receiver.addr);
+    let (svm, stop) = reporting_svm_at(proxy.url(), |_| {}).await;
+    first_report(&receiver, &svm).await;
+    proxy.freeze();
+    drop(stop);
+    let last = receiver
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a last report");
+    assert_eq!(last.trigger(), ReportTrigger::Shutdown);
 }
 
 /// A server that shuts down sends its last report at once, and is done
