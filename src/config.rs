@@ -198,6 +198,18 @@ impl Config {
         if server.max_agents == 0 {
             return invalid("server.max_agents", "must be at least 1");
         }
+        if server.max_agents > crate::vms::MAX_VMS {
+            // Each connected VM holds a place in the registry of protected
+            // VMs, which has no more: agents past it would be refused as
+            // if the SVM were full.
+            return invalid(
+                "server.max_agents",
+                format!(
+                    "must be at most {} (the VMs the registry holds)",
+                    crate::vms::MAX_VMS
+                ),
+            );
+        }
         if server.max_connections() > crate::connections::MAX_CONNECTIONS {
             return invalid(
                 "server.max_connections",
@@ -834,9 +846,13 @@ mod tests {
             "server.max_connections"
         );
         assert_eq!(
-            refused(|c| c.server.max_agents = usize::MAX),
-            "server.max_connections"
+            refused(|c| c.server.max_agents = crate::vms::MAX_VMS + 1),
+            "server.max_agents",
+            "no more agents than the registry holds VMs"
         );
+        let mut most = Config::default();
+        most.server.max_agents = crate::vms::MAX_VMS;
+        assert!(most.validate().is_ok());
         assert_eq!(
             refused(|c| c.uploads.message_budget = (32 << 20) - 1),
             "uploads.message_budget"

@@ -192,6 +192,12 @@ impl Reporter {
             // 4 minutes idle, less than the interval), and find a peer
             // gone sooner.
             .tcp_keepalive(Some(REPORT_KEEPALIVE));
+        if config.token_file.is_some() && in_clear_off_host(plain.uri()) {
+            tracing::warn!(
+                %url,
+                "reports carry the reporting token in clear to another host: give an https:// URL and [reporting.tls]"
+            );
+        }
         let files = Arc::new(CredentialFiles {
             token_file: config.token_file.clone(),
             tls: config.tls.clone(),
@@ -694,9 +700,37 @@ impl IntegrationServer for Receiver {
     }
 }
 
+/// Whether `uri` leads to another host without TLS: what is sent there
+/// crosses the network in clear.
+fn in_clear_off_host(uri: &http::Uri) -> bool {
+    let host = uri.host().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    uri.scheme_str() != Some("https") && !loopback
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_url_to_another_host_is_in_clear() {
+        for (url, in_clear) in [
+            ("http://is.example:7407", true),
+            ("http://10.0.0.5:7407", true),
+            ("https://is.example:7407", false),
+            ("http://127.0.0.1:7407", false),
+            ("http://localhost:7407", false),
+            ("http://[::1]:7407", false),
+        ] {
+            let uri: http::Uri = url.parse().unwrap();
+            assert_eq!(in_clear_off_host(&uri), in_clear, "{url}");
+        }
+    }
 
     /// After a scheduled report, the next comes an interval later, within
     /// the jitter; after any other, anywhere in the interval's second half,

@@ -247,6 +247,17 @@ struct VmPlaces {
     logs: Option<Arc<VmLogs>>,
 }
 
+/// Each VM's [`VmPlaces`], and when to look for those all given back.
+#[derive(Default)]
+struct VmsPlaces {
+    by_vm: HashMap<String, VmPlaces>,
+    /// The entries at which they are next looked through.
+    sweep_at: usize,
+    /// Times they were looked through.
+    #[cfg(test)]
+    sweeps: usize,
+}
+
 impl VmPlaces {
     /// Whether anything of the VM is held: its places, by its files and
     /// sessions; its log budgets, by its sessions, or for the minute
@@ -595,7 +606,7 @@ pub struct Sessions {
     /// streams, and their Lookups still being answered. With places of its
     /// own, an agent that reconnected again and again could keep ever more
     /// files open and Lookups waiting.
-    places: Mutex<HashMap<String, VmPlaces>>,
+    places: Mutex<VmsPlaces>,
     /// What the files in flight on every VM hold, counted as places are
     /// taken and given back: what reports and status read, without a walk
     /// over the VMs.
@@ -623,7 +634,7 @@ impl Sessions {
             usize::try_from(uploads.spool_budget_per_vm() >> 10).unwrap_or(usize::MAX);
         Sessions {
             by_id: RwLock::new(HashMap::new()),
-            places: Mutex::new(HashMap::new()),
+            places: Mutex::default(),
             everywhere: Arc::new(Everywhere {
                 files: AtomicUsize::new(0),
                 most_files: max_agents
@@ -716,11 +727,21 @@ impl Sessions {
     /// after their last line), or new ones.
     fn places_of(&self, vm_id: &str) -> Shares {
         let mut places = self.places.lock();
-        // The VMs whose places are all given back need no entry.
-        if places.len() >= 2 * self.max_agents.max(1024) {
-            places.retain(|_, held| held.held());
+        // The VMs whose places are all given back need no entry. Looked
+        // for again once the entries have doubled: those still held (for
+        // the minute after their VM's last line, say: VMs that take a new
+        // id at each boot) are not walked again at every Hello, under the
+        // lock every Hello takes.
+        let floor = 2 * self.max_agents.max(1024);
+        if places.by_vm.len() >= places.sweep_at.max(floor) {
+            places.by_vm.retain(|_, held| held.held());
+            places.sweep_at = 2 * places.by_vm.len();
+            #[cfg(test)]
+            {
+                places.sweeps += 1;
+            }
         }
-        let held = places.entry(vm_id.to_owned()).or_default();
+        let held = places.by_vm.entry(vm_id.to_owned()).or_default();
         Shares {
             files: shared(&mut held.files, || Places {
                 limit: self.files_in_flight,
@@ -845,6 +866,28 @@ mod tests {
         assert_eq!(logged.lines("EICAR_Test_File"), MALWARE_LOGGED as usize);
         drop(budget);
         assert_eq!(logged.lines("unlogged=401"), 1);
+    }
+
+    /// VMs that come and go under new ids (as VMs that take one at each
+    /// boot do) are looked through for entries to drop once they have
+    /// doubled, not at every session opened: entries held for the minute
+    /// after their VM's last line would be walked again and again, under
+    /// the lock every Hello takes.
+    #[tokio::test(start_paused = true)]
+    async fn vms_coming_and_going_are_looked_through_once_they_double() {
+        let vms = Arc::new(Vms::in_memory());
+        let sessions = Sessions::new(1, &Default::default(), vms, Default::default());
+        for vm in 0..3000 {
+            let session = sessions
+                .open(fixtures::agent_of(&format!("vm-{vm}")))
+                .unwrap();
+            // A line of its own tells of it: its budget is held a minute.
+            sessions.life_logged(&session);
+            sessions.close(&session.id, Ending::Closed);
+        }
+        let places = sessions.places.lock();
+        assert!(places.sweeps <= 2, "{} looks", places.sweeps);
+        assert!(places.by_vm.len() <= 3000);
     }
 
     /// The VM's sessions share its budgets: an agent that sends a Hello

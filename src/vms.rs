@@ -927,10 +927,15 @@ impl Vms {
         });
     }
 
-    /// The agent of VM `vm_id` told whether it reaches the Integration
-    /// Server.
-    pub fn integration_server(&self, vm_id: &str, connected: bool) {
-        self.update(vm_id, |vm| {
+    /// The agent of `session` told whether it reaches the Integration
+    /// Server. Only the VM's session speaks for it: a word a replaced
+    /// session still had on its way would outlast the newer session's
+    /// (agents tell only of changes).
+    pub fn integration_server(&self, session: &Session, connected: bool) {
+        self.update(&session.agent.vm_id, |vm| {
+            if vm.session_id.as_deref() != Some(session.id.as_str()) {
+                return false;
+            }
             let was_unreachable = vm.integration_server_unreachable;
             vm.integration_server_unreachable = !connected;
             was_unreachable != vm.integration_server_unreachable
@@ -1117,6 +1122,25 @@ mod tests {
         crate::sessions::Sessions::new(10, &Default::default(), Arc::clone(vms), Default::default())
     }
 
+    /// Only the VM's session tells whether its agent reaches the
+    /// Integration Server: a word a replaced session still had on its way
+    /// is not the VM's any more.
+    #[test]
+    fn only_the_vms_session_tells_of_the_integration_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = Arc::new(Vms::open(dir.path()).unwrap());
+        let sessions = sessions_of(&vms);
+        let replaced = sessions.open(agent_of("vm-a")).unwrap();
+        let newer = sessions.open(agent_of("vm-a")).unwrap();
+        vms.integration_server(&replaced, false);
+        assert!(vms.get("vm-a").unwrap().reasons().is_empty());
+        vms.integration_server(&newer, false);
+        assert_eq!(
+            vms.get("vm-a").unwrap().reasons(),
+            [VmReason::NoConnectionToIntegrationServer]
+        );
+    }
+
     /// A VM that had a session when the server stopped (or saved last,
     /// before a crash) is awaited at the next start: not back by the end
     /// of the grace period, its connection counts as lost. One that came
@@ -1133,11 +1157,11 @@ mod tests {
         let lost = |vms: &Vms, vm: &str| vms.get(vm).unwrap().connection_lost;
 
         let (vms, sessions) = start();
-        let _a = sessions.open(agent_of("vm-a")).unwrap();
+        let a = sessions.open(agent_of("vm-a")).unwrap();
         let _b = sessions.open(agent_of("vm-b")).unwrap();
         let c = sessions.open(agent_of("vm-c")).unwrap();
         sessions.close(&c.id, Ending::Closed);
-        vms.integration_server("vm-a", false);
+        vms.integration_server(&a, false);
         vms.save().unwrap();
         // The server crashed; vm-b comes back after the restart.
         let (vms, sessions) = start();

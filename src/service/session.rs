@@ -86,14 +86,13 @@ impl Outbox {
     /// let [`OUTBOX`] messages pile up unread. Never waits: a session
     /// waiting on an agent that does not read would check neither its
     /// heartbeats nor shutdown.
-    fn tell(&self, session: &Session, message: server_message::Kind) -> Result<(), Option<Status>> {
+    fn tell(&self, message: server_message::Kind) -> Result<(), Option<Status>> {
         let message = ServerMessage {
             kind: Some(message),
         };
         match self.messages.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(session = %session.id, "the agent does not read its session stream");
                 let message = format!(
                     "the agent stopped taking its session's messages ({OUTBOX} wait unread); the session is closed"
                 );
@@ -202,11 +201,22 @@ pub(super) async fn run(
     // not find its old session still open.
     closing.ending = ending;
     drop(closing);
+    // Logged within the session's budget, with why the server ended it
+    // (three heartbeats missed, its messages left unread) or the stream
+    // broke: an agent that goes silent again and again must not fill the
+    // journal.
+    if state.sessions.life_logged(&session) {
+        let (id, vm) = (&session.id, &session.agent.vm_id);
+        match &status {
+            Some(why) => {
+                let why = why.message();
+                tracing::warn!(session = %id, %vm, ?ending, why, "agent disconnected");
+            }
+            None => tracing::info!(session = %id, %vm, ?ending, "agent disconnected"),
+        }
+    }
     if let Some(status) = status {
         out.end(status);
-    }
-    if state.sessions.life_logged(&session) {
-        tracing::info!(session = %session.id, vm = %session.agent.vm_id, ?ending, "agent disconnected");
     }
 }
 
@@ -451,7 +461,7 @@ async fn serve(
             }
             _ = heartbeat.tick() => {
                 sequence += 1;
-                out.tell(session, server_message::Kind::Heartbeat(Heartbeat { sequence }))
+                out.tell(server_message::Kind::Heartbeat(Heartbeat { sequence }))
             }
             Ok(()) = signatures.changed() => {
                 let ruleset = state.engine.ruleset();
@@ -459,11 +469,11 @@ async fn serve(
                     signatures_version: ruleset.version().to_owned(),
                     rule_count: ruleset.rule_count() as u64,
                 });
-                out.tell(session, notice)
+                out.tell(notice)
             }
             Ok(()) = restart.changed() => {
                 let reason = restart.borrow_and_update().clone().unwrap_or_default();
-                out.tell(session, server_message::Kind::RestartSession(RestartSession { reason }))
+                out.tell(server_message::Kind::RestartSession(RestartSession { reason }))
             }
             message = incoming.message() => match message {
                 // What a replaced session still had on its way is not its
@@ -482,7 +492,6 @@ async fn serve(
             () = &mut silent => {
                 let quiet = session.last_seen().elapsed();
                 if quiet >= silence {
-                    tracing::warn!(session = %session.id, "agent missed three heartbeats");
                     let message = format!(
                         "no message from the agent for three heartbeat intervals ({silence:?}); the session is closed"
                     );
@@ -571,7 +580,7 @@ fn note(vms: &Vms, session: &Session, message: AgentMessage) {
             }
         }
         Some(agent_message::Kind::Status(status)) => {
-            vms.integration_server(vm, status.integration_server_connected);
+            vms.integration_server(session, status.integration_server_connected);
         }
         Some(agent_message::Kind::Heartbeat(_)) | Some(agent_message::Kind::Hello(_)) | None => {}
     }
