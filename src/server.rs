@@ -220,6 +220,7 @@ impl Server {
             vms,
             tls.clone(),
             Arc::clone(state_dir.unsaved()),
+            state.uploads.spool_full(),
         ));
         let reloader = Arc::new(Reloader::new(
             &config.rules,

@@ -17,7 +17,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -124,6 +124,8 @@ impl SvmReason {
             SvmReason::AllScanThreadsStuck => "all scan threads stuck",
             SvmReason::StateNotSaved => "state not saved",
             SvmReason::ConnectionsNotAccepted => "agent connections not accepted",
+            SvmReason::SpoolFull => "spool full",
+            SvmReason::ScansTimingOut => "scans timing out",
             SvmReason::Unspecified => "unspecified",
         }
     }
@@ -160,6 +162,8 @@ impl SvmReason {
             | SvmReason::TlsUpdateFailed
             | SvmReason::CertificateExpiresSoon
             | SvmReason::StateNotSaved
+            | SvmReason::SpoolFull
+            | SvmReason::ScansTimingOut
             | SvmReason::Unspecified => Health::Warning,
         }
     }
@@ -231,6 +235,9 @@ pub struct Svm {
     tls: Option<Arc<Tls>>,
     /// The state folder's files whose last save failed.
     unsaved: Arc<Unsaved>,
+    /// Uploads the spool refused for want of room, since start (see
+    /// `UploadStore::spool_full`).
+    spool_full: Arc<AtomicU64>,
     /// Set once shutdown has begun.
     shutting_down: AtomicBool,
     status: watch::Sender<SvmStatus>,
@@ -244,6 +251,7 @@ impl Svm {
         vms: Arc<Vms>,
         tls: Option<Arc<Tls>>,
         unsaved: Arc<Unsaved>,
+        spool_full: Arc<AtomicU64>,
     ) -> Self {
         let server = &config.server;
         let identity = Identity {
@@ -279,6 +287,7 @@ impl Svm {
             tls_update: Mutex::new(None),
             tls,
             unsaved,
+            spool_full,
             shutting_down: AtomicBool::new(false),
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
@@ -309,7 +318,10 @@ impl Svm {
         // of taking them to keep in step with other code.
         let probe_unreachable = self.probe.lock().unreachable();
         let reporter_unreachable = self.reporter.lock().unreachable();
-        let saturated = self.load.lock().saturated();
+        let (saturated, spool_full) = {
+            let load = self.load.lock();
+            (load.saturated(), load.spool_full())
+        };
         let signatures_update_failed = self.signatures_update.lock().is_some();
         let tls_update_failed = self.tls_update.lock().is_some();
         let unsaved = self.unsaved.any();
@@ -328,6 +340,11 @@ impl Svm {
                 SvmReason::SignaturesOutdated,
             ),
             (saturated, SvmReason::ScanQueueSaturated),
+            (spool_full, SvmReason::SpoolFull),
+            (
+                self.engine.timed_out_contents() > 0,
+                SvmReason::ScansTimingOut,
+            ),
             (stuck > 0 && !all_stuck, SvmReason::ScanThreadsStuck),
             (stuck > 0 && all_stuck, SvmReason::AllScanThreadsStuck),
             (signatures_update_failed, SvmReason::SignaturesUpdateFailed),
@@ -483,7 +500,10 @@ impl Svm {
     pub async fn monitor(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         let mut ticks = Periodic::now_and_every(Duration::from_secs(1), shutdown);
         while ticks.next().await {
-            self.load.lock().sample(&self.engine);
+            let mut load = self.load.lock();
+            load.note_spool_refusals(self.spool_full.load(Ordering::Relaxed));
+            load.sample(&self.engine);
+            drop(load);
             self.refresh();
         }
     }
@@ -585,7 +605,8 @@ impl Svm {
         let (delivered, failed) = self.engine.metrics().reports();
         let engine = state_for(SvmReason::ScanQueueSaturated)
             .max(state_for(SvmReason::ScanThreadsStuck))
-            .max(state_for(SvmReason::AllScanThreadsStuck));
+            .max(state_for(SvmReason::AllScanThreadsStuck))
+            .max(state_for(SvmReason::ScansTimingOut));
         let signatures = state_for(SvmReason::NoSignatures)
             .max(state_for(SvmReason::SignaturesOutdated))
             .max(state_for(SvmReason::SignaturesUpdateFailed));
@@ -604,17 +625,7 @@ impl Svm {
             component(
                 "scan engine",
                 engine,
-                // The status was made with this count: stuck threads are
-                // its reason whenever there are any.
-                match (engine, stuck) {
-                    (ComponentState::Ok, _) => "scanning".into(),
-                    (_, 0) => "the scan queue has been full for a minute".into(),
-                    (_, stuck) => format!(
-                        "{stuck} of {} scan threads busy with one file for over {:?}: restart the server",
-                        self.engine.threads(),
-                        self.engine.stuck_after()
-                    ),
-                },
+                self.engine_detail(&status, stuck),
                 [
                     ("threads", self.engine.threads() as u64),
                     ("stuck threads", stuck as u64),
@@ -682,6 +693,33 @@ impl Svm {
 }
 
 impl Svm {
+    /// The scan engine's component's detail, with `status` and the count
+    /// of `stuck` threads it was made with: what its reasons are.
+    fn engine_detail(&self, status: &SvmStatus, stuck: usize) -> String {
+        let holds = |reason| status.reasons.contains(&reason);
+        let mut issues = Vec::new();
+        if stuck > 0 {
+            issues.push(format!(
+                "{stuck} of {} scan threads busy with one file for over {:?}: restart the server",
+                self.engine.threads(),
+                self.engine.stuck_after()
+            ));
+        }
+        if holds(SvmReason::ScanQueueSaturated) {
+            issues.push("the scan queue has been full for a minute".into());
+        }
+        if holds(SvmReason::ScansTimingOut) {
+            issues.push(format!(
+                "{} contents refused unscanned, their scans having timed out twice in a row",
+                self.engine.timed_out_contents()
+            ));
+        }
+        match issues.is_empty() {
+            true => "scanning".into(),
+            false => issues.join("; "),
+        }
+    }
+
     /// The signatures' component's detail: `ruleset`'s version and age,
     /// and the last reload's failure, if it failed.
     fn signatures_detail(&self, ruleset: &Ruleset) -> String {
@@ -826,9 +864,22 @@ struct LoadMeter {
     /// window holds depends on how late each sample was taken, and the
     /// status must not flicker with that.
     full_since: Option<tokio::time::Instant>,
+    /// Uploads the spool refused for want of room, at the last sample.
+    spool_refused: u64,
+    /// The last sample that found more of them.
+    spool_refused_at: Option<tokio::time::Instant>,
 }
 
 impl LoadMeter {
+    /// Notes `refused`, the uploads the spool refused so far for want of
+    /// room: when it grew since the last note.
+    fn note_spool_refusals(&mut self, refused: u64) {
+        if refused > self.spool_refused {
+            self.spool_refused_at = Some(tokio::time::Instant::now());
+        }
+        self.spool_refused = refused;
+    }
+
     fn sample(&mut self, engine: &Engine) {
         let metrics = engine.metrics();
         self.push(Sample {
@@ -868,6 +919,12 @@ impl LoadMeter {
             }
             _ => false,
         }
+    }
+
+    /// The spool refused an upload for want of room within the window.
+    fn spool_full(&self) -> bool {
+        self.spool_refused_at
+            .is_some_and(|at| at.elapsed() <= LOAD_WINDOW)
     }
 
     fn load(&self, engine: &Engine, sessions: &Sessions) -> Load {
@@ -924,6 +981,24 @@ mod tests {
     /// Samples a second apart, each taken a little late (as a ticker's
     /// are): the queue full at every one of them for a minute is
     /// saturation at every sample after, whatever the delays.
+    /// The spool counts as full for a minute after it last refused an
+    /// upload for want of room.
+    #[tokio::test(start_paused = true)]
+    async fn the_spool_is_full_for_a_minute_after_a_refusal() {
+        let mut meter = LoadMeter::default();
+        meter.note_spool_refusals(0);
+        assert!(!meter.spool_full());
+        meter.note_spool_refusals(1);
+        assert!(meter.spool_full());
+        tokio::time::sleep(LOAD_WINDOW).await;
+        meter.note_spool_refusals(1);
+        assert!(meter.spool_full(), "within the minute");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!meter.spool_full(), "none in the last minute");
+        meter.note_spool_refusals(3);
+        assert!(meter.spool_full());
+    }
+
     #[test]
     fn a_queue_full_for_a_minute_stays_saturated_whatever_the_sampling_delays() {
         let start = tokio::time::Instant::now();

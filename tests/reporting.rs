@@ -207,6 +207,7 @@ async fn reporting_svm_at(
         vms,
         None,
         Arc::default(),
+        Arc::default(),
     ));
     let reporter = Reporter::new(&config.reporting, Arc::clone(&svm))
         .unwrap()
@@ -1934,6 +1935,7 @@ fn bare_svm(config: &Config) -> Arc<Svm> {
         sessions,
         vms,
         None,
+        Arc::default(),
         Arc::default(),
     ))
 }

@@ -20,8 +20,8 @@ use scanserver::{
     config::{Config, TlsConfig},
     engine::{ScanJob, ScanOutcome},
     proto::{
-        self, AgentMessage, FileBegin, FileChunk, FileErrorReason, Hello, LookupRequest,
-        RejectReason, ScanRequest, file_reply, file_request,
+        self, AgentMessage, FileBegin, FileChunk, FileErrorReason, Health, Hello, LookupRequest,
+        RejectReason, ScanRequest, SvmReason, file_reply, file_request,
         protection_server_client::ProtectionServerClient, server_message,
     },
     server::ServerError,
@@ -174,6 +174,8 @@ async fn a_storm_on_content_that_times_out_runs_few_scans() {
     let scans = server.state.engine.metrics().scans.get();
     assert!((2..=3).contains(&scans), "{scans} scans for 12 copies");
     assert_eq!(server.state.engine.timed_out_contents(), 1);
+    let status = server.svm.status();
+    assert_eq!(status.reasons, [SvmReason::ScansTimingOut], "{status:?}");
 
     // Refused at its begin now: no content asked for, no scan.
     let (session, _keep) = session_id(&server).await;
@@ -212,6 +214,7 @@ async fn a_storm_on_content_that_times_out_runs_few_scans() {
         "rule ones { strings: $a = { 01 01 01 01 } condition: $a }",
     ));
     assert_eq!(server.state.engine.timed_out_contents(), 0);
+    assert!(server.svm.status().reasons.is_empty());
     let (tx, mut replies) = scan_stream(&server).await;
     begin_asked_for_content(&tx, &mut replies, &session, 8, &data, &digest).await;
     tx.send(batch(vec![chunk(8, 0, &data), end(8)]))
@@ -3981,6 +3984,49 @@ async fn an_expired_certificate_turns_the_svm_critical() {
         [],
         "the root's start does not count"
     );
+}
+
+/// A spool that refuses an upload for want of room (its budget taken, not
+/// one VM's share) makes the SVM Warning, `SPOOL_FULL`; a VM's share taken
+/// does not (that VM's files wait, others' go on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_that_refuses_uploads_makes_the_svm_warning() {
+    let server = TestServer::start(|c| {
+        c.uploads.memory_threshold = 16 << 10;
+        c.uploads.spool_budget = 64 << 10;
+        c.uploads.spool_budget_per_vm = Some(48 << 10);
+    })
+    .await;
+    let (session, _keep) = session_id(&server).await;
+    let (tx, mut replies) = scan_stream(&server).await;
+    // Held, never sent: 40 KiB of the VM's 48 KiB share, and of the 64 KiB.
+    tx.send(begin(&session, 1, &[1; 40 << 10], None))
+        .await
+        .unwrap();
+    tx.send(begin(&session, 2, &[2; 40 << 10], None))
+        .await
+        .unwrap();
+    next_error(&mut replies, 2, Code::ResourceExhausted, "share").await;
+    // Two samples of the monitor, a second apart.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(server.svm.status().reasons.is_empty(), "a VM's share");
+
+    let (other, _keep) = session_id(&server).await;
+    let (other_tx, mut other_replies) = scan_stream(&server).await;
+    other_tx
+        .send(begin(&other, 1, &[3; 40 << 10], None))
+        .await
+        .unwrap();
+    next_error(
+        &mut other_replies,
+        1,
+        Code::ResourceExhausted,
+        "spool is full",
+    )
+    .await;
+    let reasons = || server.svm.status().reasons;
+    until_read("the SVM Warning", reasons, vec![SvmReason::SpoolFull]).await;
+    assert_eq!(server.svm.status().health, Health::Warning);
 }
 
 /// The client announces again a file the server refused for want of room

@@ -140,6 +140,10 @@ struct Spool {
     max_files: u32,
     /// Files refused for want of room, since start.
     refused: Arc<AtomicU64>,
+    /// Of those, files refused for want of room in the spool as a whole
+    /// (its budget, its files), not in their VM's share: what the SVM's
+    /// status tells of (`SPOOL_FULL`).
+    full: Arc<AtomicU64>,
 }
 
 /// How much of the spool budget is in use, for metrics.
@@ -190,6 +194,9 @@ impl Spool {
     /// Counts a refusal (for `scanserver_spool_full_total`) and returns it.
     fn refuse(&self, err: UploadError) -> UploadError {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        if !matches!(err, UploadError::VmSpoolFull { .. }) {
+            self.full.fetch_add(1, Ordering::Relaxed);
+        }
         err
     }
 }
@@ -226,6 +233,7 @@ impl UploadStore {
                 files: Arc::new(Semaphore::new(config.spool_files as usize)),
                 max_files: config.spool_files,
                 refused: Arc::default(),
+                full: Arc::default(),
             },
             config,
         })
@@ -247,6 +255,12 @@ impl UploadStore {
             max_files: u64::from(self.spool.max_files),
             refused: self.spool.refused.load(Ordering::Relaxed),
         }
+    }
+
+    /// The count of files refused for want of room in the spool as a
+    /// whole (not in their VM's share), since start, as it goes on.
+    pub fn spool_full(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.spool.full)
     }
 
     /// Refuses a file of `size` bytes over the limit.
