@@ -1073,12 +1073,14 @@ fn on_compiler_stack<T: Send>(
 
 /// Where `text` first nests deeper than [`MAX_NESTING`], if it does,
 /// counted as YARA-X's parser and compiler would recurse, or more: every
-/// open bracket (of conditions and rule bodies alike), and every operator
-/// since the last `and`, `or`, `,` or `:` at the same bracket, unary
-/// (`not`, `defined`, `-`, `~`) or binary (`==`, `|`, `<<`, `contains`
-/// ...: a chain of most binary operators builds one node inside the other).
-/// Comments, text strings, hex strings and regular expressions are passed
-/// over (YARA-X bounds the nesting of the latter two itself).
+/// open bracket (of conditions, hex strings and rule bodies alike), and
+/// every operator since the last `and`, `or` or `,` at the same bracket (or
+/// the rule section's start), unary (`not`, `defined`, `-`, `~`) or binary
+/// (`==`, `|`, `<<`, `contains` ...: a chain of most binary operators
+/// builds one node inside the other), each byte of `---` or `==` one.
+/// Comments, text strings and regular expressions are passed over (YARA-X
+/// holds the latter to 250 levels itself); a hex string counts its
+/// brackets (its alternatives nest), not its `|`, `~` and `-`.
 fn too_deep(text: &[u8]) -> Option<usize> {
     const OPERATOR_WORDS: [&[u8]; 13] = [
         b"not",
@@ -1099,14 +1101,18 @@ fn too_deep(text: &[u8]) -> Option<usize> {
     // The operators counted at each open bracket, the outermost first.
     let mut open = vec![0usize];
     let mut depth = 0;
-    // After `=` comes a string's definition (its regular expression or
-    // hex string), after `matches` a regular expression.
-    let mut pattern_next = false;
+    // After `=` may come a hex string (a string's definition), whose
+    // alternatives nest, but whose `|`, `~` and `-` are no operators. (A
+    // `/` that begins no comment begins a regular expression, wherever it
+    // stands: YARA divides with `\`.)
+    let mut hex_next = false;
+    // The bracket level of the hex string being read, if one is.
+    let mut hex_at = None;
     let mut at = 0;
     while at < text.len() {
         let (byte, next) = (text[at], text.get(at + 1).copied());
-        let mut pattern_after = false;
-        let mut operator = false;
+        let mut hex_after = false;
+        let mut operators = 0;
         match byte {
             b' ' | b'\t' | b'\r' | b'\n' => {
                 at += 1;
@@ -1121,25 +1127,35 @@ fn too_deep(text: &[u8]) -> Option<usize> {
                 continue;
             }
             b'"' => at = skip_quoted(text, at, b'"'),
-            b'/' if pattern_next => at = skip_quoted(text, at, b'/'),
-            b'{' if pattern_next => at = skip_to(text, at, b"}"),
+            b'/' => at = skip_quoted(text, at, b'/'),
             b'(' | b'[' | b'{' => {
                 open.push(0);
                 depth += 1;
+                if byte == b'{' && hex_next {
+                    hex_at = Some(open.len());
+                }
             }
-            b')' | b']' | b'}' if open.len() > 1 => depth -= 1 + open.pop().unwrap_or_default(),
-            b',' | b':' => depth -= std::mem::take(open.last_mut().expect("the outermost")),
+            b')' | b']' | b'}' if open.len() > 1 => {
+                if hex_at == Some(open.len()) {
+                    hex_at = None;
+                }
+                depth -= 1 + open.pop().unwrap_or_default();
+            }
+            // Items of a list, each an operand. (A `:` ends no operand: a
+            // `for` or `with` body lies within the operators before it.)
+            b',' => depth -= std::mem::take(open.last_mut().expect("the outermost")),
             b if b.is_ascii_alphabetic() || b == b'_' => {
                 let end = text[at..]
                     .iter()
                     .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
                     .map_or(text.len(), |n| at + n);
                 let word = &text[at..end];
-                if word == b"and" || word == b"or" {
+                // An operand ends at `and` or `or`, and a rule's section
+                // begins anew.
+                if [&b"and"[..], b"or", b"meta", b"strings", b"condition"].contains(&word) {
                     depth -= std::mem::take(open.last_mut().expect("the outermost"));
                 }
-                operator = OPERATOR_WORDS.contains(&word);
-                pattern_after = word == b"matches";
+                operators = usize::from(OPERATOR_WORDS.contains(&word));
                 at = end - 1;
             }
             b if is_operator(b) => {
@@ -1148,20 +1164,22 @@ fn too_deep(text: &[u8]) -> Option<usize> {
                     .position(|b| !is_operator(*b))
                     .map_or(text.len(), |n| at + n);
                 // `=` alone defines (a string, a meta entry): no operator.
-                pattern_after = &text[at..end] == b"=";
-                operator = !pattern_after;
+                // Otherwise each byte counts: `---x` is three operators
+                // one within another, as `- - - x` is.
+                hex_after = &text[at..end] == b"=";
+                operators = if hex_after { 0 } else { end - at };
                 at = end - 1;
             }
             _ => {}
         }
-        if operator {
-            *open.last_mut().expect("the outermost") += 1;
-            depth += 1;
+        if hex_at.is_none() {
+            *open.last_mut().expect("the outermost") += operators;
+            depth += operators;
         }
         if depth > MAX_NESTING {
             return Some(at);
         }
-        pattern_next = pattern_after;
+        hex_next = hex_after;
         at += 1;
     }
     None
@@ -1178,10 +1196,11 @@ fn skip_to(text: &[u8], from: usize, end: &[u8]) -> usize {
 }
 
 /// The offset of the `quote` that closes the one at `open` (`\` escapes
-/// the next byte), or of the end of `text`.
+/// the next byte), or of the line's end (neither a string nor a regular
+/// expression goes on past it), or of the end of `text`.
 fn skip_quoted(text: &[u8], open: usize, quote: u8) -> usize {
     let mut at = open + 1;
-    while at < text.len() && text[at] != quote {
+    while at < text.len() && text[at] != quote && text[at] != b'\n' {
         at += 1 + usize::from(text[at] == b'\\');
     }
     at.min(text.len())
@@ -1405,6 +1424,30 @@ mod tests {
             let chain = vec!["1"; n + 2].join(&format!(" {operator} "));
             assert!(deep(chain).is_some(), "{operator}");
         }
+        for unary in ["-", "~", "- ", "~ "] {
+            let chain = format!("{}filesize == 1", unary.repeat(n + 1));
+            assert!(deep(chain).is_some(), "{unary:?}");
+        }
+        // A regular expression stands anywhere, its bytes no code; a
+        // `for` body lies within the operators before it.
+        let regex = format!(
+            "pe.exports(/\"/) and {}true and pe.exports(/\"/)",
+            "not ".repeat(n + 1)
+        );
+        assert!(deep(regex).is_some());
+        let closing = format!("{}pe.exports(/\\){{2}}/) and true", "(".repeat(n));
+        assert!(deep(closing).is_some());
+        let loops = format!("{}for any i in (0..1) : ( true )", "not ".repeat(n));
+        assert!(deep(loops).is_some());
+        let hex = |n| {
+            format!(
+                "rule r {{ strings: $a = {{ {}AA{} }} condition: $a }}",
+                "( ".repeat(n),
+                " )".repeat(n)
+            )
+        };
+        assert_eq!(too_deep(hex(n - 2).as_bytes()), None);
+        assert!(too_deep(hex(n).as_bytes()).is_some());
         let text = condition(format!("{}true", "not /**/ ".repeat(n + 1)));
         assert_eq!(
             too_deep(text.as_bytes()),
@@ -1416,9 +1459,10 @@ mod tests {
             .join(" or ");
         assert_eq!(deep(flat), None);
         let o = "(".repeat(2 * MAX_NESTING);
+        let alternatives = vec!["~AA"; 2 * MAX_NESTING].join(" | ");
         let passed_over = format!(
             "rule r {{\n meta: {meta}\n strings: $a = \"{o}\\\"{o}\" $b = /{o}\\/{o}/ \
-             $c = {{ 4D ( 5A | 00 ) {o} }}\n {strings}\n \
+             $c = {{ 4D ( {alternatives} ) [1-2] 5A }}\n {strings}\n \
              condition: $a and $b matches /{o}/ and {terms}\n}} // {o}\n/* {o}\n*/",
             meta = (0..2 * MAX_NESTING)
                 .map(|i| format!("m{i} = {i}"))

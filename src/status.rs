@@ -658,6 +658,15 @@ impl Svm {
                 ],
             ),
             component(
+                "spool",
+                state_for(SvmReason::SpoolFull),
+                match state_for(SvmReason::SpoolFull) {
+                    ComponentState::Ok => "room for uploads".into(),
+                    _ => "refused uploads for want of room within the last minute".into(),
+                },
+                [("uploads refused", self.spool_full.load(Ordering::Relaxed))],
+            ),
+            component(
                 "state folder",
                 state_for(SvmReason::StateNotSaved),
                 state_detail,
@@ -978,9 +987,6 @@ mod process {
 mod tests {
     use super::*;
 
-    /// Samples a second apart, each taken a little late (as a ticker's
-    /// are): the queue full at every one of them for a minute is
-    /// saturation at every sample after, whatever the delays.
     /// The spool counts as full for a minute after it last refused an
     /// upload for want of room.
     #[tokio::test(start_paused = true)]
@@ -999,6 +1005,9 @@ mod tests {
         assert!(meter.spool_full());
     }
 
+    /// Samples a second apart, each taken a little late (as a ticker's
+    /// are): the queue full at every one of them for a minute is
+    /// saturation at every sample after, whatever the delays.
     #[test]
     fn a_queue_full_for_a_minute_stays_saturated_whatever_the_sampling_delays() {
         let start = tokio::time::Instant::now();

@@ -4027,6 +4027,9 @@ async fn a_spool_that_refuses_uploads_makes_the_svm_warning() {
     let reasons = || server.svm.status().reasons;
     until_read("the SVM Warning", reasons, vec![SvmReason::SpoolFull]).await;
     assert_eq!(server.svm.status().health, Health::Warning);
+    let components = server.svm.components();
+    let spool = components.iter().find(|c| c.name == "spool").unwrap();
+    assert_eq!(spool.state(), proto::ComponentState::Warning, "{spool:?}");
 }
 
 /// The client announces again a file the server refused for want of room

@@ -201,18 +201,18 @@ pub(super) async fn run(
     // not find its old session still open.
     closing.ending = ending;
     drop(closing);
-    // Logged within the session's budget, with why the server ended it
-    // (three heartbeats missed, its messages left unread) or the stream
-    // broke: an agent that goes silent again and again must not fill the
-    // journal.
+    // Logged within the session's budget, with why: an agent that goes
+    // silent again and again must not fill the journal. A session dropped
+    // (three heartbeats missed, its messages left unread, its stream
+    // broken) leaves its VM unprotected: a warning.
     if state.sessions.life_logged(&session) {
         let (id, vm) = (&session.id, &session.agent.vm_id);
-        match &status {
-            Some(why) => {
-                let why = why.message();
-                tracing::warn!(session = %id, %vm, ?ending, why, "agent disconnected");
+        let why = status.as_ref().map(Status::message).unwrap_or_default();
+        match ending {
+            Ending::Dropped => {
+                tracing::warn!(session = %id, %vm, ?ending, why, "agent disconnected")
             }
-            None => tracing::info!(session = %id, %vm, ?ending, "agent disconnected"),
+            _ => tracing::info!(session = %id, %vm, ?ending, why, "agent disconnected"),
         }
     }
     if let Some(status) = status {
