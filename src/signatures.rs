@@ -24,7 +24,7 @@
 
 use std::{
     borrow::Cow,
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, fs,
     io::{self, Write},
     path::{Path, PathBuf},
@@ -759,8 +759,68 @@ impl SourceSet {
         // nothing else (a token file, whose text a compile error would
         // show).
         set.resolve_includes(&root, source.is_file())?;
+        set.check_include_depth()?;
         set.files.sort_by(|a, b| a.relative.cmp(&b.relative));
         Ok(set)
+    }
+
+    /// Refuses a top-level file below which includes nest deeper than
+    /// [`MAX_INCLUDE_DEPTH`]: YARA-X reads included files itself, a level
+    /// of recursion for each, and a chain of thousands (generated, or
+    /// made to) overflows the stack of the thread compiling them, which
+    /// aborts the server. An include cycle counts once round: YARA-X
+    /// refuses it.
+    fn check_include_depth(&self) -> Result<(), SignatureError> {
+        let index: HashMap<&str, usize> = (self.files.iter().enumerate())
+            .map(|(i, file)| (file.relative.as_str(), i))
+            .collect();
+        let below: Vec<Vec<usize>> = (self.files.iter())
+            .map(|file| {
+                file.targets
+                    .iter()
+                    .filter_map(|t| index.get(t.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        // The longest chain of includes below each file, found without
+        // recursion (a chain may be thousands long).
+        let (mut depth, mut done, mut on_way) = (
+            vec![0; below.len()],
+            vec![false; below.len()],
+            vec![false; below.len()],
+        );
+        for start in 0..below.len() {
+            let mut way = vec![(start, 0)];
+            on_way[start] = true;
+            while let Some((file, next)) = way.last_mut() {
+                let file = *file;
+                if let Some(&child) = below[file].get(*next) {
+                    *next += 1;
+                    if !done[child] && !on_way[child] {
+                        on_way[child] = true;
+                        way.push((child, 0));
+                    }
+                    continue;
+                }
+                let children = below[file].iter().filter(|&&child| done[child]);
+                depth[file] = children.map(|&child| depth[child] + 1).max().unwrap_or(0);
+                (done[file], on_way[file]) = (true, false);
+                way.pop();
+            }
+        }
+        let errors: Vec<_> = (self.files.iter().zip(&depth))
+            .filter(|(file, depth)| file.top_level && **depth > MAX_INCLUDE_DEPTH)
+            .map(|(file, depth)| {
+                let message = format!(
+                    "includes nested {depth} deep below this file (it includes a file that includes another, and so on), more than {MAX_INCLUDE_DEPTH}: include the files from fewer levels"
+                );
+                Diagnostic::located("include", &file.relative, &file.text, 0, message)
+            })
+            .collect();
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(SignatureError::Compile(errors)),
+        }
     }
 
     /// The set's version, and when its files were released.
@@ -1044,6 +1104,10 @@ fn walk_error(source: &Path, err: walkdir::Error) -> SignatureError {
 /// thread compiling it, which aborts the whole server. Real rules nest a
 /// few levels.
 const MAX_NESTING: usize = 1000;
+
+/// The deepest includes may nest below a top-level file: libyara allows
+/// 16; see [`SourceSet::check_include_depth`].
+const MAX_INCLUDE_DEPTH: usize = 32;
 
 /// The stack of the thread a ruleset is parsed and compiled on (see
 /// [`on_compiler_stack`]): room for [`MAX_NESTING`] levels many times over

@@ -475,6 +475,46 @@ fn hidden_entries_are_left_out_and_a_broken_link_is_told() {
     assert_eq!(Ruleset::load(&named, None).unwrap().rule_count(), 1);
 }
 
+/// Includes may nest 32 deep below a rule file, no deeper: YARA-X reads
+/// included files itself, a level of recursion each, and a chain of
+/// thousands aborted the server on its stack. A chain too deep is refused
+/// before YARA-X reads it, with the file it begins at.
+#[test]
+fn includes_nested_too_deep_are_refused() {
+    let chain = |levels: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        for level in 0..=levels {
+            let name = match level {
+                0 => "top.yar".to_owned(),
+                n => format!("part-{n}.inc"),
+            };
+            let include = match level < levels {
+                true => format!("include \"part-{}.inc\"\n", level + 1),
+                false => String::new(),
+            };
+            let rule = format!("{include}rule r{level} {{ condition: filesize > {level} }}\n");
+            fs::write(dir.path().join(name), rule).unwrap();
+        }
+        dir
+    };
+    let deepest = chain(32);
+    assert_eq!(
+        Ruleset::load(deepest.path(), None).unwrap().rule_count(),
+        33
+    );
+    let too_deep = chain(33);
+    for err in [
+        Ruleset::load(too_deep.path(), None).unwrap_err(),
+        Ruleset::version_of(too_deep.path()).unwrap_err(),
+    ] {
+        let err = err.to_string();
+        assert!(
+            err.contains("top.yar:1:1") && err.contains("includes nested 33 deep"),
+            "{err}"
+        );
+    }
+}
+
 /// A link in the folder must lead to a rule file: one to any other file
 /// (a token the server may read, and whoever writes the rules may not)
 /// fails the load unread, so its text is in no compile error. A link to a
