@@ -431,7 +431,7 @@ impl Collector for Live {
             ),
             (
                 "scanserver_spool_full",
-                "Uploads refused because the spool had no room for them (its budget, its files, or their VM's share)",
+                "Uploads refused because the spool had no room for them (its budget, its files, their VM's share, or its disk)",
                 spool.refused,
             ),
             (

@@ -141,8 +141,8 @@ struct Spool {
     /// Files refused for want of room, since start.
     refused: Arc<AtomicU64>,
     /// Of those, files refused for want of room in the spool as a whole
-    /// (its budget, its files), not in their VM's share: what the SVM's
-    /// status tells of (`SPOOL_FULL`).
+    /// (its budget, its files, its disk), not in their VM's share: what
+    /// the SVM's status tells of (`SPOOL_FULL`).
     full: Arc<AtomicU64>,
 }
 
@@ -189,6 +189,18 @@ impl Spool {
                 limit: self.max_files,
             })
         })
+    }
+
+    /// The error of a spool file that could not be made or written: a
+    /// refusal for want of room when the disk (or the descriptors) ran out,
+    /// counted as the spool's others are.
+    fn failed(&self, err: io::Error) -> UploadError {
+        let room = out_of_room(&err);
+        let err = UploadError::Spool(err);
+        match room {
+            true => self.refuse(err),
+            false => err,
+        }
     }
 
     /// Counts a refusal (for `scanserver_spool_full_total`) and returns it.
@@ -484,9 +496,9 @@ impl Upload {
         let share = self
             .spool
             .share(size.div_ceil(1024), self.vm_share.as_ref())?;
-        let mut file = spool_file(&self.spool.dir)?;
+        let mut file = spool_file(&self.spool.dir).map_err(|e| self.spool.failed(e))?;
         if let Sink::Memory { buffer, .. } = &self.sink {
-            file.as_file_mut().write_all(buffer)?;
+            (file.as_file_mut().write_all(buffer)).map_err(|e| self.spool.failed(e))?;
         }
         self.sink = Sink::Spool { file, share, place };
         Ok(())
@@ -512,7 +524,7 @@ impl Upload {
                 }
                 // Spool writes go to the page cache; they are short enough
                 // to make on the runtime's threads.
-                file.as_file_mut().write_all(data)?;
+                (file.as_file_mut().write_all(data)).map_err(|e| self.spool.failed(e))?;
             }
         }
         Ok(())
@@ -659,8 +671,14 @@ mod tests {
         assert_eq!(io.raw_os_error(), Some(libc::ENOENT), "{err}");
         assert_eq!(err.code(), Code::Internal);
         assert!(!err.to_string().contains("spool/"), "{err}");
-        let full = UploadError::Spool(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(store.spool_usage().refused, 0, "not for want of room");
+        let full = store
+            .spool
+            .failed(io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(full.code(), Code::ResourceExhausted);
+        // A full disk is a full spool, for the metrics and the status.
+        assert_eq!(store.spool_usage().refused, 1);
+        assert_eq!(store.spool_full().load(Ordering::Relaxed), 1);
     }
 
     #[test]
