@@ -220,7 +220,7 @@ impl Server {
             vms,
             tls.clone(),
             Arc::clone(state_dir.unsaved()),
-            state.uploads.spool_full(),
+            state.uploads.spool_refusals(),
         ));
         let reloader = Arc::new(Reloader::new(
             &config.rules,

@@ -1162,9 +1162,8 @@ fn too_deep(text: &[u8]) -> Option<usize> {
         b"at",
     ];
     let is_operator = |b: u8| b"+-*\\%&|^~<>=!".contains(&b);
-    // The operators counted at each open bracket, the outermost first.
-    let mut open = vec![0usize];
-    let mut depth = 0;
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut nesting = Nesting::default();
     // After `=` may come a hex string (a string's definition), whose
     // alternatives nest, but whose `|`, `~` and `-` are no operators. (A
     // `/` that begins no comment begins a regular expression, wherever it
@@ -1193,40 +1192,33 @@ fn too_deep(text: &[u8]) -> Option<usize> {
             b'"' => at = skip_quoted(text, at, b'"'),
             b'/' => at = skip_quoted(text, at, b'/'),
             b'(' | b'[' | b'{' => {
-                open.push(0);
-                depth += 1;
+                nesting.open();
                 if byte == b'{' && hex_next {
-                    hex_at = Some(open.len());
+                    hex_at = Some(nesting.levels());
                 }
             }
-            b')' | b']' | b'}' if open.len() > 1 => {
-                if hex_at == Some(open.len()) {
+            b')' | b']' | b'}' => {
+                if hex_at == Some(nesting.levels()) {
                     hex_at = None;
                 }
-                depth -= 1 + open.pop().unwrap_or_default();
+                nesting.close();
             }
             // Items of a list, each an operand. (A `:` ends no operand: a
             // `for` or `with` body lies within the operators before it.)
-            b',' => depth -= std::mem::take(open.last_mut().expect("the outermost")),
-            b if b.is_ascii_alphabetic() || b == b'_' => {
-                let end = text[at..]
-                    .iter()
-                    .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
-                    .map_or(text.len(), |n| at + n);
+            b',' => nesting.end_operand(),
+            b if is_word(b) && !b.is_ascii_digit() => {
+                let end = run_end(text, at, is_word);
                 let word = &text[at..end];
                 // An operand ends at `and` or `or`, and a rule's section
                 // begins anew.
                 if [&b"and"[..], b"or", b"meta", b"strings", b"condition"].contains(&word) {
-                    depth -= std::mem::take(open.last_mut().expect("the outermost"));
+                    nesting.end_operand();
                 }
                 operators = usize::from(OPERATOR_WORDS.contains(&word));
                 at = end - 1;
             }
             b if is_operator(b) => {
-                let end = text[at..]
-                    .iter()
-                    .position(|b| !is_operator(*b))
-                    .map_or(text.len(), |n| at + n);
+                let end = run_end(text, at, is_operator);
                 // `=` alone defines (a string, a meta entry): no operator.
                 // Otherwise each byte counts: `---x` is three operators
                 // one within another, as `- - - x` is.
@@ -1237,16 +1229,76 @@ fn too_deep(text: &[u8]) -> Option<usize> {
             _ => {}
         }
         if hex_at.is_none() {
-            *open.last_mut().expect("the outermost") += operators;
-            depth += operators;
+            nesting.operators(operators);
         }
-        if depth > MAX_NESTING {
+        if nesting.depth > MAX_NESTING {
             return Some(at);
         }
         hex_next = hex_after;
         at += 1;
     }
     None
+}
+
+/// What [`too_deep`] counts: the brackets open, and the operators counted
+/// at each (the outermost level, outside any bracket, first).
+struct Nesting {
+    operators: Vec<usize>,
+    /// The brackets open and the operators at every level, together.
+    depth: usize,
+}
+
+impl Default for Nesting {
+    fn default() -> Self {
+        Nesting {
+            operators: vec![0],
+            depth: 0,
+        }
+    }
+}
+
+impl Nesting {
+    fn levels(&self) -> usize {
+        self.operators.len()
+    }
+
+    fn open(&mut self) {
+        self.operators.push(0);
+        self.depth += 1;
+    }
+
+    /// Closes the innermost bracket, with its operators; one closing none
+    /// (the text does not parse) is passed over.
+    fn close(&mut self) {
+        if self.levels() > 1 {
+            self.depth -= 1 + self.operators.pop().unwrap_or_default();
+        }
+    }
+
+    fn operators(&mut self, count: usize) {
+        *self
+            .operators
+            .last_mut()
+            .expect("the outermost level stays") += count;
+        self.depth += count;
+    }
+
+    /// An operand ended at the innermost level: its operators are over.
+    fn end_operand(&mut self) {
+        let level = self
+            .operators
+            .last_mut()
+            .expect("the outermost level stays");
+        self.depth -= std::mem::take(level);
+    }
+}
+
+/// The end of the run of bytes `within` from `at` on.
+fn run_end(text: &[u8], at: usize, within: impl Fn(u8) -> bool) -> usize {
+    text[at..]
+        .iter()
+        .position(|&b| !within(b))
+        .map_or(text.len(), |n| at + n)
 }
 
 /// The offset of the last byte of the first `end` in `text` from `from`

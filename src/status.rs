@@ -236,8 +236,8 @@ pub struct Svm {
     /// The state folder's files whose last save failed.
     unsaved: Arc<Unsaved>,
     /// Uploads the spool refused for want of room, since start (see
-    /// `UploadStore::spool_full`).
-    spool_full: Arc<AtomicU64>,
+    /// `UploadStore::spool_refusals`).
+    spool_refusals: Arc<AtomicU64>,
     /// Set once shutdown has begun.
     shutting_down: AtomicBool,
     status: watch::Sender<SvmStatus>,
@@ -251,7 +251,7 @@ impl Svm {
         vms: Arc<Vms>,
         tls: Option<Arc<Tls>>,
         unsaved: Arc<Unsaved>,
-        spool_full: Arc<AtomicU64>,
+        spool_refusals: Arc<AtomicU64>,
     ) -> Self {
         let server = &config.server;
         let identity = Identity {
@@ -287,7 +287,7 @@ impl Svm {
             tls_update: Mutex::new(None),
             tls,
             unsaved,
-            spool_full,
+            spool_refusals,
             shutting_down: AtomicBool::new(false),
             status: watch::channel(SvmStatus::of(Vec::new())).0,
             identity,
@@ -501,7 +501,7 @@ impl Svm {
         let mut ticks = Periodic::now_and_every(Duration::from_secs(1), shutdown);
         while ticks.next().await {
             let mut load = self.load.lock();
-            load.note_spool_refusals(self.spool_full.load(Ordering::Relaxed));
+            load.note_spool_refusals(self.spool_refusals.load(Ordering::Relaxed));
             load.sample(&self.engine);
             drop(load);
             self.refresh();
@@ -607,6 +607,7 @@ impl Svm {
             .max(state_for(SvmReason::ScanThreadsStuck))
             .max(state_for(SvmReason::AllScanThreadsStuck))
             .max(state_for(SvmReason::ScansTimingOut));
+        let spool = state_for(SvmReason::SpoolFull);
         let signatures = state_for(SvmReason::NoSignatures)
             .max(state_for(SvmReason::SignaturesOutdated))
             .max(state_for(SvmReason::SignaturesUpdateFailed));
@@ -659,12 +660,15 @@ impl Svm {
             ),
             component(
                 "spool",
-                state_for(SvmReason::SpoolFull),
-                match state_for(SvmReason::SpoolFull) {
+                spool,
+                match spool {
                     ComponentState::Ok => "room for uploads".into(),
                     _ => "refused uploads for want of room within the last minute".into(),
                 },
-                [("uploads refused", self.spool_full.load(Ordering::Relaxed))],
+                [(
+                    "uploads refused",
+                    self.spool_refusals.load(Ordering::Relaxed),
+                )],
             ),
             component(
                 "state folder",

@@ -518,11 +518,7 @@ async fn shutdown_makes_one_last_report() {
     // Long enough since the last report for a change to go at once.
     tokio::time::sleep(MIN_GAP * 2).await;
     drop(stop);
-    let last = receiver
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a last report");
-    assert_eq!(last.trigger(), ReportTrigger::Shutdown);
+    let last = last_report(&receiver).await;
     assert_eq!(
         last.reasons().collect::<Vec<_>>(),
         [SvmReason::ShuttingDown]
@@ -544,11 +540,17 @@ async fn the_last_report_goes_on_a_new_connection() {
     first_report(&receiver, &svm).await;
     proxy.freeze();
     drop(stop);
+    last_report(&receiver).await;
+}
+
+/// The next report, within 10 s: a last one, of the SVM shutting down.
+async fn last_report(receiver: &TestReceiver) -> SvmReport {
     let last = receiver
         .next(Duration::from_secs(10))
         .await
         .expect("a last report");
     assert_eq!(last.trigger(), ReportTrigger::Shutdown);
+    last
 }
 
 /// A server that shuts down sends its last report at once, and is done

@@ -475,6 +475,15 @@ fn hidden_entries_are_left_out_and_a_broken_link_is_told() {
     assert_eq!(Ruleset::load(&named, None).unwrap().rule_count(), 1);
 }
 
+/// The errors of a ruleset that must not load: its load's, and the
+/// periodic look's at it (which reads it without compiling).
+fn refusals(source: &Path) -> [String; 2] {
+    [
+        Ruleset::load(source, None).unwrap_err().to_string(),
+        Ruleset::version_of(source).unwrap_err().to_string(),
+    ]
+}
+
 /// Includes may nest 32 deep below a rule file, no deeper: YARA-X reads
 /// included files itself, a level of recursion each, and a chain of
 /// thousands aborted the server on its stack. A chain too deep is refused
@@ -503,11 +512,7 @@ fn includes_nested_too_deep_are_refused() {
         33
     );
     let too_deep = chain(33);
-    for err in [
-        Ruleset::load(too_deep.path(), None).unwrap_err(),
-        Ruleset::version_of(too_deep.path()).unwrap_err(),
-    ] {
-        let err = err.to_string();
+    for err in refusals(too_deep.path()) {
         assert!(
             err.contains("top.yar:1:1") && err.contains("includes nested 33 deep"),
             "{err}"
@@ -532,11 +537,7 @@ fn a_link_to_a_file_that_is_no_rule_file_fails_the_load_unread() {
     assert_eq!(Ruleset::load(dir.path(), None).unwrap().rule_count(), 1);
 
     symlink(&secret, dir.path().join("leak.yar")).unwrap();
-    for err in [
-        Ruleset::load(dir.path(), None).unwrap_err(),
-        Ruleset::version_of(dir.path()).unwrap_err(),
-    ] {
-        let err = err.to_string();
+    for err in refusals(dir.path()) {
         assert!(
             err.contains("leak.yar") && err.contains("not a rule file"),
             "{err}"

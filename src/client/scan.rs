@@ -477,8 +477,9 @@ impl<F: ResultSink> Settle<'_, F> {
                         f.digest.is_some() && f.unread.is_none() && (mismatch || f.changed)
                     });
                     if changed {
-                        let file = files.remove(id).expect("pending");
-                        self.announce_with_content(&mut files, file);
+                        let mut file = files.remove(id).expect("pending");
+                        file.digest = None;
+                        self.retries.now(file);
                         continue;
                     }
                     Err(error)
@@ -530,15 +531,6 @@ impl<F: ResultSink> Settle<'_, F> {
             self.scan.on_result.put(file.source.path(), outcome);
         }
         count
-    }
-
-    /// Announces `file` again, with its content and without its digest,
-    /// under a new id: it keeps its place in flight.
-    fn announce_with_content(&self, files: &mut PendingFiles, mut file: PendingFile) {
-        file.digest = None;
-        file.announced(Instant::now());
-        let begin = file_begin(&self.retries.session_id, &file.source, file.size, None);
-        let _ = self.uploads.send(files.insert_upload(begin, file));
     }
 
     /// The verdict for a file the server failed: `too_large` when the
@@ -604,7 +596,9 @@ impl<F: ResultSink> Settle<'_, F> {
     }
 }
 
-/// Files the server refused for want of room (RESOURCE_EXHAUSTED: its
+/// Files to announce again: those that changed since the agent hashed
+/// them, at once, with their content (see [`Retries::now`]); and those the
+/// server refused for want of room (RESOURCE_EXHAUSTED: its
 /// places in flight held by files of the VM's earlier session, say, or its
 /// spool or the VM's share of it full) or gave up on for want of their
 /// content (DEADLINE_EXCEEDED), each announced again after a pause that
@@ -640,6 +634,12 @@ impl Retries {
     fn later(&mut self, mut file: PendingFile) {
         let pause = file.refusals.pause();
         self.waiting.push_back((Instant::now() + pause, file));
+    }
+
+    /// Announces `file` again at once (a file without a digest goes with
+    /// its content).
+    fn now(&mut self, file: PendingFile) {
+        self.waiting.push_back((Instant::now(), file));
     }
 
     /// Resolves when the earliest file waiting is due.

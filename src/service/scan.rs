@@ -1850,14 +1850,7 @@ fn file_error(file_id: u64, code: Code, message: &str) -> FileReply {
 }
 
 fn upload_error(file_id: u64, err: &UploadError) -> FileReply {
-    reply(
-        file_id,
-        file_reply::Kind::Error(FileError {
-            code: err.code() as i32,
-            message: err.to_string(),
-            reason: err.reason() as i32,
-        }),
-    )
+    reply(file_id, file_reply::Kind::Error(err.into()))
 }
 
 #[cfg(test)]

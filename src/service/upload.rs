@@ -38,7 +38,7 @@ use crate::{
     cache::Digest,
     config::UploadConfig,
     engine::{Content, ScanJob},
-    proto::FileErrorReason,
+    proto::{FileError, FileErrorReason},
     state::private_dir,
 };
 
@@ -90,16 +90,6 @@ impl UploadError {
     pub fn asks_to_send_again(&self) -> bool {
         self.code() == Code::ResourceExhausted
     }
-
-    /// What the agent can do about it, told in the file's error: a file
-    /// whose content is not what its agent hashed most often changed
-    /// since, and is worth announcing again with its content.
-    pub fn reason(&self) -> FileErrorReason {
-        match self {
-            UploadError::DigestMismatch { .. } => FileErrorReason::DigestMismatch,
-            _ => FileErrorReason::Unspecified,
-        }
-    }
 }
 
 /// Whether a spool error is for want of room (a full disk or quota, no
@@ -107,6 +97,23 @@ impl UploadError {
 fn out_of_room(err: &io::Error) -> bool {
     let codes = [libc::ENOSPC, libc::EDQUOT, libc::EMFILE, libc::ENFILE];
     err.raw_os_error().is_some_and(|code| codes.contains(&code))
+}
+
+/// The file's error, with what its agent can do about it: a file whose
+/// content is not what its agent hashed most often changed since, and is
+/// worth announcing again with its content.
+impl From<&UploadError> for FileError {
+    fn from(err: &UploadError) -> Self {
+        let reason = match err {
+            UploadError::DigestMismatch { .. } => FileErrorReason::DigestMismatch,
+            _ => FileErrorReason::Unspecified,
+        };
+        FileError {
+            code: err.code() as i32,
+            message: err.to_string(),
+            reason: reason as i32,
+        }
+    }
 }
 
 impl From<UploadError> for tonic::Status {
@@ -271,7 +278,7 @@ impl UploadStore {
 
     /// The count of files refused for want of room in the spool as a
     /// whole (not in their VM's share), since start, as it goes on.
-    pub fn spool_full(&self) -> Arc<AtomicU64> {
+    pub fn spool_refusals(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.spool.full)
     }
 
@@ -678,7 +685,7 @@ mod tests {
         assert_eq!(full.code(), Code::ResourceExhausted);
         // A full disk is a full spool, for the metrics and the status.
         assert_eq!(store.spool_usage().refused, 1);
-        assert_eq!(store.spool_full().load(Ordering::Relaxed), 1);
+        assert_eq!(store.spool_refusals().load(Ordering::Relaxed), 1);
     }
 
     #[test]
