@@ -69,7 +69,8 @@ pub const MIN_GAP: Duration = Duration::from_secs(5);
 /// the interval).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// How long one report may take, connection included.
+/// How long one report may take, connection included; the Integration
+/// Server is told (`grpc-timeout`).
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the connection to the Integration Server stays idle before
@@ -369,20 +370,38 @@ impl Reporter {
             );
         }
         self.vms_left_out = report.vms_left_out;
-        let result = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(report)).await;
-        let result = match result {
-            Ok(Ok(ack)) => {
+        // The Integration Server is told how long the SVM waits (the
+        // `grpc-timeout` header): one that falls behind drops a report no
+        // one waits for any longer, rather than work through every retry
+        // it was sent meanwhile and fall further behind.
+        let mut request = Request::new(report);
+        request.set_timeout(REPORT_TIMEOUT);
+        let answer = tokio::time::timeout(REPORT_TIMEOUT, self.client.report(request)).await;
+        // Past either deadline (this one, or the channel's own from
+        // `grpc-timeout`, or the Integration Server's) no answer came.
+        let answer = answer.unwrap_or_else(|_| Err(Status::deadline_exceeded("")));
+        let result = match answer {
+            Ok(ack) => {
                 let note = &ack.get_ref().message;
                 if !note.is_empty() {
                     tracing::debug!(%note, "the Integration Server acknowledged the report");
                 }
                 Ok(())
             }
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(format!(
+            Err(status) if status.code() == tonic::Code::Unavailable => Err(format!(
                 "cannot reach the Integration Server: {}",
                 crate::WithCauses(&status)
             )),
-            Ok(Err(status)) => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) =>
+            {
+                self.reconnect();
+                Err(format!("no answer within {REPORT_TIMEOUT:?}"))
+            }
+            Err(status) => {
                 let hint = match status.code() {
                     tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                         " (check [reporting] token_file)"
@@ -397,10 +416,6 @@ impl Reporter {
                     status.code(),
                     status.message()
                 ))
-            }
-            Err(_) => {
-                self.reconnect();
-                Err(format!("no answer within {REPORT_TIMEOUT:?}"))
             }
         };
         match &result {

@@ -10,7 +10,9 @@
 //!
 //! A save that fails is tried again at the next interval (or change), and
 //! the SVM's status says so meanwhile (`STATE_NOT_SAVED`: see [`Unsaved`]):
-//! what the file holds would be lost at a restart.
+//! what the file holds would be lost at a restart. So does a save still
+//! going on after [`SAVE_STALL`] (a file system that stopped answering),
+//! until it ends.
 //!
 //! The folder is created private to the server's user (0700): the server
 //! trusts what it finds there. So are the other folders whose content it
@@ -231,6 +233,11 @@ impl fmt::Display for StateFile {
     }
 }
 
+/// How long a state file's save may go on before it counts as failed (see
+/// [`Unsaved::save`]): a save of the largest registry of VMs takes a few
+/// seconds on a disk that answers.
+pub const SAVE_STALL: Duration = Duration::from_secs(60);
+
 /// The state files whose last save failed, and why, until they save again:
 /// the SVM's status reads it (`STATE_NOT_SAVED`). A full disk, or a file
 /// system gone read-only, would otherwise show only in the log, and the
@@ -253,6 +260,32 @@ impl Unsaved {
     pub fn failures(&self) -> Vec<(StateFile, String)> {
         let failures = self.0.lock();
         failures.iter().map(|(f, why)| (*f, why.clone())).collect()
+    }
+
+    /// Runs `save` of `file` (at `path`) on a blocking thread, and records
+    /// its outcome. A save that has not ended after [`SAVE_STALL`] counts
+    /// as failed until it does: a disk or network file system that stopped
+    /// answering holds the save for as long as it does not, and the status
+    /// must say the file is not being saved (`STATE_NOT_SAVED`) meanwhile.
+    pub async fn save<F>(&self, file: StateFile, path: &Path, save: F) -> Result<(), String>
+    where
+        F: FnOnce() -> Result<(), String> + Send + 'static,
+    {
+        let mut saving = tokio::task::spawn_blocking(save);
+        let joined = match tokio::time::timeout(SAVE_STALL, &mut saving).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                let stalled = format!(
+                    "a save has gone on for {} s without an end (a disk or network file system that does not answer?)",
+                    SAVE_STALL.as_secs()
+                );
+                self.record(file, path, Err(stalled));
+                saving.await
+            }
+        };
+        let result = joined.unwrap_or_else(|err| Err(err.to_string()));
+        self.record(file, path, result.clone());
+        result
     }
 
     /// Records the outcome of a save of `file`, and logs a failure (once
@@ -453,20 +486,14 @@ impl StateDir {
     async fn save_cache(&self, engine: &Arc<Engine>) -> bool {
         let (engine, path) = (Arc::clone(engine), self.snapshot());
         let saving = path.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || engine.cache().save(&saving, &engine.ruleset()))
-                .await;
-        let result = match saved {
-            Ok(Ok(entries)) => {
-                tracing::debug!(entries, "verdict cache saved");
-                Ok(())
-            }
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(err) => Err(err.to_string()),
+        let save = move || {
+            let entries = engine.cache().save(&saving, &engine.ruleset());
+            let entries = entries.map_err(|err| err.to_string())?;
+            tracing::debug!(entries, "verdict cache saved");
+            Ok(())
         };
-        let saved = result.is_ok();
-        self.unsaved.record(StateFile::VerdictCache, &path, result);
-        saved
+        let saved = self.unsaved.save(StateFile::VerdictCache, &path, save);
+        saved.await.is_ok()
     }
 }
 
@@ -488,16 +515,9 @@ fn settle_after(took: Duration) -> Duration {
 /// returned.
 pub(crate) async fn save_vms(vms: &Arc<Vms>, unsaved: &Unsaved) -> Result<(), String> {
     let saving = Arc::clone(vms);
-    let result = match tokio::task::spawn_blocking(move || saving.save()).await {
-        Ok(saved) => saved.map_err(|err| err.to_string()),
-        Err(err) => Err(err.to_string()),
-    };
-    unsaved.record(
-        StateFile::Vms,
-        vms.path().unwrap_or(Path::new("")),
-        result.clone(),
-    );
-    result
+    let save = move || saving.save().map_err(|err| err.to_string());
+    let path = vms.path().unwrap_or(Path::new(""));
+    unsaved.save(StateFile::Vms, path, save).await
 }
 
 /// What tells whether the cache changed since it was saved.
@@ -617,6 +637,42 @@ mod tests {
             60 * second,
             "a stall"
         );
+    }
+
+    /// A save that does not end (a file system that stopped answering)
+    /// shows as failed once it has taken `SAVE_STALL`, and no longer once
+    /// it has ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_save_that_does_not_end_counts_as_failed_meanwhile() {
+        let unsaved = Arc::new(Unsaved::default());
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let saving = tokio::spawn({
+            let unsaved = Arc::clone(&unsaved);
+            async move {
+                let save = move || held.recv().map_err(|err| err.to_string());
+                unsaved.save(StateFile::Vms, Path::new("vms"), save).await
+            }
+        });
+        // (The clock does not move by itself while a blocking task runs.)
+        let advance = |by| async move {
+            let others_run = || async {
+                for _ in 0..100 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            others_run().await;
+            tokio::time::advance(by).await;
+            others_run().await;
+        };
+        advance(SAVE_STALL / 2).await;
+        assert!(!unsaved.any(), "not yet");
+        advance(SAVE_STALL / 2).await;
+        assert!(unsaved.failed(StateFile::Vms));
+        let failures = unsaved.failures();
+        assert!(failures[0].1.contains("without an end"), "{failures:?}");
+        release.send(()).unwrap();
+        saving.await.unwrap().unwrap();
+        assert!(!unsaved.any(), "saved in the end");
     }
 
     #[test]

@@ -24,11 +24,13 @@ use scanserver::{
     engine::{Content, ScanJob},
     proto::{
         AgentMessage, AgentStatus, AgentsRequest, ComponentState, Health, IntegrityEvent,
-        IntegrityKind, NetworkAttackEvent, ReportTrigger, ScanRequest, SvmReason, SvmReport,
-        TagRequest, TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message, file_reply,
-        file_request, server_message,
+        IntegrityKind, NetworkAttackEvent, ReportAck, ReportTrigger, ScanRequest, SvmReason,
+        SvmReport, TagRequest, TaskEvent, TaskKind, TaskState, VmInfo, VmReason, agent_message,
+        file_reply, file_request,
+        integration_server_server::{IntegrationServer, IntegrationServerServer},
+        server_message,
     },
-    reporting::{JITTER, MIN_GAP, Receiver, Reporter},
+    reporting::{JITTER, MIN_GAP, REPORT_TIMEOUT, Receiver, Reporter},
     sessions::{AgentIdentity, Sessions},
     status::{Svm, SvmStatus, WhichVms},
     vms::{self, Ending, SecurityTag, Vms},
@@ -482,6 +484,51 @@ async fn a_report_keeps_its_vms_within_what_receivers_take() {
     assert!(report.vms_left_out > 0, "{} VMs listed", report.vms.len());
     assert_eq!(report.vms.len() + report.vms_left_out as usize, VMS);
     assert_eq!(report.vms[0].vm_id, tagged, "a tagged VM first");
+}
+
+/// An Integration Server that hands on the `grpc-timeout` each report came
+/// with.
+struct Deadlines(mpsc::UnboundedSender<Option<String>>);
+
+#[tonic::async_trait]
+impl IntegrationServer for Deadlines {
+    async fn report(
+        &self,
+        request: tonic::Request<SvmReport>,
+    ) -> Result<tonic::Response<ReportAck>, tonic::Status> {
+        let timeout = request.metadata().get("grpc-timeout");
+        let _ = (self.0).send(timeout.map(|t| t.to_str().unwrap().to_owned()));
+        Ok(tonic::Response::new(ReportAck::default()))
+    }
+}
+
+/// Reports say how long they are waited for (`grpc-timeout`), so that an
+/// Integration Server behind drops those no one waits for any longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_tell_the_integration_server_how_long_they_are_waited_for() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (deadlines, mut received) = mpsc::unbounded_channel();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IntegrationServerServer::new(Deadlines(deadlines)))
+            .serve_with_incoming(incoming),
+    );
+    let (_svm, _stop) = reporting_svm_at(url, |_| {}).await;
+    let timeout = tokio::time::timeout(Duration::from_secs(10), received.recv()).await;
+    let timeout = timeout.expect("a report").unwrap().expect("a grpc-timeout");
+    // Digits, then the unit (gRPC's spelling).
+    let (digits, unit) = timeout.split_at(timeout.len() - 1);
+    let nanos_per = match unit {
+        "S" => 1_000_000_000,
+        "m" => 1_000_000,
+        "u" => 1_000,
+        "n" => 1,
+        _ => panic!("unexpected unit in {timeout}"),
+    };
+    let nanos: u64 = digits.parse::<u64>().unwrap() * nanos_per;
+    assert_eq!(Duration::from_nanos(nanos), REPORT_TIMEOUT, "{timeout}");
 }
 
 /// A report that got no answer in time is sent again on a new connection:
