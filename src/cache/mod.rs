@@ -161,9 +161,12 @@ fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// The entries' store.
+type Entries = Cache<CacheKey, Arc<CachedVerdict>, EntryWeight, DefaultHashBuilder, Evictions>;
+
 /// The verdict cache.
 pub struct SharedCache {
-    entries: Cache<CacheKey, Arc<CachedVerdict>, EntryWeight, DefaultHashBuilder, Evictions>,
+    entries: Entries,
     counters: Arc<Counters>,
     flights: Flights,
     budget: u64,
@@ -254,7 +257,7 @@ impl SharedCache {
 
     /// The verdict under `key`.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
-        let found = self.serves(key).then(|| self.entries.get(key)).flatten();
+        let found = self.fresh(key, |entries| entries.get(key));
         let counter = match found {
             Some(_) => &self.counters.hits,
             None => &self.counters.misses,
@@ -267,7 +270,22 @@ impl SharedCache {
     /// second look by the engine at content whose request was counted
     /// already.
     pub fn peek(&self, key: &CacheKey) -> Option<Arc<CachedVerdict>> {
-        self.serves(key).then(|| self.entries.peek(key)).flatten()
+        self.fresh(key, |entries| entries.peek(key))
+    }
+
+    /// What `read` finds under `key`, if `key` is of the signatures in use
+    /// both before and after the read: new signatures put in use during it
+    /// (before their clearing has reached the entry) must not let an old
+    /// verdict out.
+    fn fresh(
+        &self,
+        key: &CacheKey,
+        read: impl FnOnce(&Entries) -> Option<Arc<CachedVerdict>>,
+    ) -> Option<Arc<CachedVerdict>> {
+        if !self.serves(key) {
+            return None;
+        }
+        read(&self.entries).filter(|_| self.serves(key))
     }
 
     /// The verdict a flight for the key of `flight` left here, if one
@@ -375,5 +393,35 @@ impl SharedCache {
             loaded: get(&self.counters.loaded),
             persisted: get(&self.counters.persisted),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ruleset(source: &str) -> Ruleset {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yar"), source).unwrap();
+        Ruleset::load(dir.path(), None).unwrap()
+    }
+
+    /// New signatures put in use while an entry of the old ones is read
+    /// (before their clearing reaches it) let nothing out.
+    #[test]
+    fn signatures_changed_during_a_read_let_no_old_verdict_out() {
+        let old = ruleset("rule a { strings: $a = \"a\" condition: $a }");
+        let new = ruleset("rule b { strings: $b = \"b\" condition: $b }");
+        let cache = SharedCache::new(1 << 20, &old);
+        let key = CacheKey::new(&blake3::hash(b"content"), &old, None);
+        cache.insert(key, Verdict::Clean, &old.version_arc());
+        let read = |entries: &Entries| entries.get(&key);
+        assert!(cache.fresh(&key, read).is_some(), "in use");
+        let switched = cache.fresh(&key, |entries| {
+            let found = entries.get(&key);
+            cache.serve(&new);
+            found
+        });
+        assert!(switched.is_none(), "switched during the read");
     }
 }
