@@ -46,12 +46,13 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// Errors of the client as a whole (a single file's failure is a verdict).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot connect to the server at {server}: {source} (is `scanserver serve` running there? set --server or LIGHTAGENT_SERVER to its address)"
-    )]
+    #[error("cannot connect to the server at {server}: {source} ({hint})")]
     Connect {
         server: String,
         source: tonic::transport::Error,
+        /// What to check, by what failed: the TLS handshake, or the
+        /// connection itself.
+        hint: &'static str,
     },
     #[error("the server answered {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
@@ -76,6 +77,12 @@ pub enum ClientError {
     /// failing with why.
     #[error("the server ended this agent's session: {0}")]
     SessionEnded(String),
+    /// The server ended a Scan stream without a status (it closes a stream
+    /// idle for its idle timeout so when it has no room left to say why):
+    /// the files still to come go on a new stream, with those announced as
+    /// it ended, as after an idle stream's end.
+    #[error("the server ended the scan stream without a status")]
+    StreamEnded,
     /// Settings that cannot work (TLS files for an `http://` server).
     #[error("{0}")]
     Settings(String),
@@ -358,6 +365,7 @@ impl Agent {
         }
         let unreachable = |source| ClientError::Connect {
             server: server.clone(),
+            hint: connect_hint(&source),
             source,
         };
         // `connect_timeout` bounds the TCP connection alone, not the TLS
@@ -527,6 +535,28 @@ where
         Err(_) => Err(ClientError::TimedOut(format!(
             "{what} within {CONNECT_TIMEOUT:?}"
         ))),
+    }
+}
+
+/// What to check when the connection to the server failed with `err`.
+fn connect_hint(err: &tonic::transport::Error) -> &'static str {
+    // A TLS failure comes as an I/O error carrying rustls's.
+    let causes = std::iter::successors(Some(err as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    });
+    let tls = causes
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| {
+            e.get_ref()
+                .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>())
+        });
+    match tls {
+        true => {
+            "the TLS handshake failed: --ca must hold the CA that issued the server's certificate, and --tls-domain (the address's host by default) a name it was issued for; a server that asks for a client certificate needs --cert and --key"
+        }
+        false => {
+            "is `scanserver serve` running there? set --server or LIGHTAGENT_SERVER to its address"
+        }
     }
 }
 

@@ -194,12 +194,17 @@ impl Agent {
             // timeout, owing nothing: the agent had no file for it that
             // long (a slow walk, files each waited for under a lease); or
             // one whose replies the agent took none of for that long (its
-            // output left unread). The files still to come go on a new
-            // stream, and so do those announced as it closed, unanswered.
+            // output left unread); it ends such a stream without a status
+            // when it has no room left to send one. The files still to come
+            // go on a new stream, and so do those announced as it closed,
+            // unanswered.
             // (Those count as refusals: a server that closed each stream
             // with files unanswered would otherwise be sent them for ever.)
-            let idle = matches!(&err, ClientError::Status(status)
-                if status.code() == Code::DeadlineExceeded);
+            let idle = match &err {
+                ClientError::Status(status) => status.code() == Code::DeadlineExceeded,
+                ClientError::StreamEnded => true,
+                _ => false,
+            };
             let again = unanswered.files.is_empty() || refusals.again(scan.answered);
             if idle && opened && again {
                 tracing::debug!(%err, "idle scan stream closed; opening another");
@@ -368,9 +373,10 @@ impl<F: ResultSink> Settle<'_, F> {
             let over = tokio::select! {
                 biased;
                 Some(told) = sent.recv() => self.told(told),
-                message = replies.message() => self.answered(message?.ok_or_else(|| {
-                    ClientError::Protocol("the server ended the stream with files unanswered".into())
-                })?),
+                message = replies.message() => match message? {
+                    Some(message) => self.answered(message),
+                    None => return Err(ClientError::StreamEnded),
+                },
                 // An announcer that failed found its stream gone (the
                 // transport dropped the requests as the call ended), with
                 // the begins it sent last pending, never to be answered:

@@ -787,19 +787,99 @@ async fn the_client_opens_a_stream_refused_for_want_of_room_again() {
     assert_eq!(server.spooled_files(), 0);
 }
 
-/// A server that breaks the protocol in two ways: it asks twice for the
-/// content of each file announced by its digest, and answers each with a
-/// reply of no kind it knows (as a newer server's might be). It counts
-/// the content it receives.
-struct UnknownReplies {
+/// A server of its own rules, which agents must cope with: it welcomes
+/// every session, and answers Scan streams as `rules` says. It counts the
+/// content it receives, and the Scan streams opened.
+struct FakeServer {
+    rules: Fake,
     received: Arc<AtomicU64>,
+    streams: Arc<AtomicU64>,
+}
+
+#[derive(Clone, Copy)]
+enum Fake {
+    /// Asks twice for the content of each file announced by its digest, and
+    /// answers each with a reply of no kind the agent knows (as a newer
+    /// server's might be).
+    UnknownReplies,
+    /// Answers each file announced with a clean verdict, and ends each
+    /// stream without a status after its first message (as the server ends
+    /// a stream idle for its idle timeout when it has no room left to say
+    /// so).
+    EndsEachStream,
+}
+
+impl FakeServer {
+    /// Serves `rules` on a port of loopback; returns its URL, and its
+    /// counts of content received and of streams opened.
+    fn start(rules: Fake) -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let server = FakeServer {
+            rules,
+            received: Arc::default(),
+            streams: Arc::default(),
+        };
+        let counters = (Arc::clone(&server.received), Arc::clone(&server.streams));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(proto::protection_server_server::ProtectionServerServer::new(server))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (format!("http://{addr}"), counters.0, counters.1)
+    }
+
+    /// The replies of `rules` to the requests of one message.
+    fn replies(
+        rules: Fake,
+        requests: Vec<proto::FileRequest>,
+        received: &AtomicU64,
+    ) -> Vec<proto::FileReply> {
+        let reply = |file_id, kind| proto::FileReply {
+            file_id,
+            kind: Some(kind),
+        };
+        let mut replies = Vec::new();
+        for kind in requests.into_iter().filter_map(|r| r.kind) {
+            match (rules, kind) {
+                (Fake::UnknownReplies, file_request::Kind::Begin(begin)) => {
+                    let asked = reply(
+                        begin.file_id,
+                        file_reply::Kind::SendContent(proto::ContentRequest {}),
+                    );
+                    replies.extend([asked.clone(), asked]);
+                }
+                (Fake::EndsEachStream, file_request::Kind::Begin(begin)) => {
+                    let clean = proto::Verdict {
+                        kind: Some(proto::verdict::Kind::Clean(proto::Clean {})),
+                    };
+                    let verdict = proto::FileVerdict {
+                        verdict: Some(clean),
+                        ..Default::default()
+                    };
+                    replies.push(reply(begin.file_id, file_reply::Kind::Verdict(verdict)));
+                }
+                (_, file_request::Kind::Chunk(chunk)) => {
+                    received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                }
+                (_, file_request::Kind::End(end)) => replies.push(proto::FileReply {
+                    file_id: end.file_id,
+                    kind: None,
+                }),
+                (_, file_request::Kind::Cancel(_)) => {}
+            }
+        }
+        replies
+    }
 }
 
 type Answers<T> =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
-impl proto::protection_server_server::ProtectionServer for UnknownReplies {
+impl proto::protection_server_server::ProtectionServer for FakeServer {
     type ConnectStream = Answers<proto::ServerMessage>;
     type ScanStream = Answers<proto::ScanReply>;
 
@@ -824,36 +904,18 @@ impl proto::protection_server_server::ProtectionServer for UnknownReplies {
         &self,
         request: tonic::Request<tonic::Streaming<ScanRequest>>,
     ) -> Result<tonic::Response<Self::ScanStream>, tonic::Status> {
+        self.streams.fetch_add(1, Ordering::Relaxed);
         let mut requests = request.into_inner();
-        let received = Arc::clone(&self.received);
+        let (rules, received) = (self.rules, Arc::clone(&self.received));
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Ok(Some(request)) = requests.message().await {
-                let mut replies = Vec::new();
-                for kind in request.requests.into_iter().filter_map(|r| r.kind) {
-                    match kind {
-                        file_request::Kind::Begin(begin) => {
-                            let asked = proto::FileReply {
-                                file_id: begin.file_id,
-                                kind: Some(file_reply::Kind::SendContent(proto::ContentRequest {})),
-                            };
-                            replies.extend([asked.clone(), asked]);
-                        }
-                        file_request::Kind::Chunk(chunk) => {
-                            received.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-                        }
-                        file_request::Kind::End(end) => replies.push(proto::FileReply {
-                            file_id: end.file_id,
-                            kind: None,
-                        }),
-                        file_request::Kind::Cancel(_) => {}
-                    }
-                }
+                let replies = Self::replies(rules, request.requests, &received);
                 let reply = proto::ScanReply {
                     replies,
                     ..Default::default()
                 };
-                if tx.send(Ok(reply)).await.is_err() {
+                if tx.send(Ok(reply)).await.is_err() || matches!(rules, Fake::EndsEachStream) {
                     break;
                 }
             }
@@ -884,17 +946,7 @@ impl proto::protection_server_server::ProtectionServer for UnknownReplies {
 /// than wait for ever for one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_sends_a_file_once_and_takes_no_unknown_reply_for_a_verdict() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let received = Arc::default();
-    let server = UnknownReplies {
-        received: Arc::clone(&received),
-    };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::protection_server_server::ProtectionServerServer::new(server))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let (url, received, _) = FakeServer::start(Fake::UnknownReplies);
     let dir = tempfile::tempdir().unwrap();
     let paths: Vec<_> = (0..3)
         .map(|n| {
@@ -903,9 +955,7 @@ async fn an_agent_sends_a_file_once_and_takes_no_unknown_reply_for_a_verdict() {
             path
         })
         .collect();
-    let agent = Agent::connect(&AgentOptions::for_host(format!("http://{addr}")))
-        .await
-        .unwrap();
+    let agent = Agent::connect(&AgentOptions::for_host(url)).await.unwrap();
     let scanned = scan_files(&agent, &paths, HashFirst::Always);
     let outcomes = tokio::time::timeout(Duration::from_secs(20), scanned)
         .await
@@ -923,4 +973,47 @@ async fn an_agent_sends_a_file_once_and_takes_no_unknown_reply_for_a_verdict() {
         3000,
         "each file sent once"
     );
+}
+
+/// A stream the server ends without a status once it owes the agent no
+/// file (an idle stream closed when the server had no room left to say so)
+/// is no failure: the files still to come go on a new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_come_after_a_stream_ended_without_a_status_are_scanned() {
+    let (url, _, streams) = FakeServer::start(Fake::EndsEachStream);
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["first", "second", "third"];
+    for name in names {
+        std::fs::write(dir.path().join(name), name).unwrap();
+    }
+    // Each file after the first comes once the one before was answered,
+    // and its stream ended.
+    let (answered, was_answered) = std::sync::mpsc::channel::<()>();
+    let root = dir.path().to_owned();
+    let walk = names.into_iter().enumerate().map(move |(i, name)| {
+        if i > 0 {
+            was_answered.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        root.join(name)
+    });
+    let agent = Agent::connect(&AgentOptions::for_host(url)).await.unwrap();
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&results);
+    let scan = agent.scan(
+        Files::local(walk),
+        HashFirst::Always,
+        move |path, outcome| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            sink.lock().unwrap().push((name, outcome.verdict.kind()));
+            let _ = answered.send(());
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(30), scan)
+        .await
+        .expect("the scan ends")
+        .expect("and succeeds");
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let expected: Vec<_> = names.iter().map(|n| (n.to_string(), "clean")).collect();
+    assert_eq!(results, expected);
+    assert!(streams.load(Ordering::Relaxed) >= 2, "on new streams");
 }

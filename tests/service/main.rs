@@ -240,3 +240,15 @@ async fn hold_a_scan_thread(
     }
     (room, on_it)
 }
+
+/// The agent listener's TLS with the certificate and key `server.pem` and
+/// `server.key` in `dir`, asking for no client certificate, not read again.
+fn served_tls(dir: &Path) -> TlsConfig {
+    TlsConfig {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        client_ca: None,
+        vm_id_in_certificate: false,
+        check_interval: Duration::ZERO,
+    }
+}

@@ -31,16 +31,7 @@ async fn an_expired_certificate_turns_the_svm_critical() {
     };
     let write = |not_after| write_valid(past, not_after);
     write(expired);
-    let server = TestServer::start(|c| {
-        c.tls = Some(TlsConfig {
-            cert: dir.path().join("server.pem"),
-            key: dir.path().join("server.key"),
-            client_ca: None,
-            vm_id_in_certificate: false,
-            check_interval: std::time::Duration::ZERO,
-        })
-    })
-    .await;
+    let server = TestServer::start(|c| c.tls = Some(served_tls(dir.path()))).await;
     let expires = server.svm.certificate_validity().unwrap().not_after;
     assert_eq!(
         humantime::format_rfc3339_seconds(expires).to_string(),

@@ -91,16 +91,43 @@ fn certificates(dir: &Path) {
     }
 }
 
+/// A connection that fails says what to check: the server's address when
+/// nothing answers there, the TLS settings when the handshake fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connection_says_what_to_check() {
+    let message = |connected: Result<Agent, ClientError>| match connected {
+        Err(err @ ClientError::Connect { .. }) => err.to_string(),
+        Err(err) => panic!("a connection error, not {err}"),
+        Ok(_) => panic!("refused"),
+    };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let nobody = message(Agent::connect(&AgentOptions::for_host(format!("http://{addr}"))).await);
+    assert!(
+        nobody.contains("is `scanserver serve` running there?"),
+        "{nobody}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let server = TestServer::start(|c| c.tls = Some(served_tls(dir.path()))).await;
+    let other = tempfile::tempdir().unwrap();
+    certificates(other.path());
+    let untrusted = message(Agent::connect(&tls_agent(other.path(), &server)).await);
+    assert!(
+        untrusted.contains("the TLS handshake failed: --ca"),
+        "{untrusted}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     certificates(dir.path());
     let tls = |client_ca: bool| TlsConfig {
-        cert: dir.path().join("server.pem"),
-        key: dir.path().join("server.key"),
         client_ca: client_ca.then(|| dir.path().join("ca.pem")),
-        vm_id_in_certificate: false,
-        check_interval: std::time::Duration::ZERO,
+        ..served_tls(dir.path())
     };
     let options = |server: &TestServer, identity: bool| AgentOptions {
         require_encryption: true,
@@ -430,11 +457,9 @@ async fn renewed_certificates_are_served_once_read_again() {
     install(first.path());
     let server = TestServer::start(|c| {
         c.tls = Some(TlsConfig {
-            cert: served.path().join("server.pem"),
-            key: served.path().join("server.key"),
             client_ca: Some(served.path().join("ca.pem")),
-            vm_id_in_certificate: false,
             check_interval: Duration::from_secs(1),
+            ..served_tls(served.path())
         })
     })
     .await;
