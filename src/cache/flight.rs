@@ -46,6 +46,13 @@ use super::{CacheKey, CachedVerdict};
 /// content before it has its own content scanned.
 pub const UPLOAD_WAIT: Duration = Duration::from_secs(10);
 
+/// The least content (or all that is left of it) a request leading the
+/// scan of its content must send every [`UPLOAD_WAIT`] to keep the lead:
+/// about 100 KiB/s. One that sends less, a byte now and then, would hold
+/// every other request for the same content waiting for ever; it keeps
+/// uploading, and the others go on without it.
+pub const LEAD_PROGRESS: u64 = 1 << 20;
+
 /// What a flight lands: the verdict, or `None` for a failure.
 pub type Landing = Option<Arc<CachedVerdict>>;
 

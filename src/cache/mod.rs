@@ -31,8 +31,9 @@
 //!   hashed by the server, and a claimed digest that differs fails the file;
 //! * can announce a digest and then not send the content: requests for the
 //!   same digest wait for that upload at most [`flight::UPLOAD_WAIT`], then
-//!   get their own content scanned, and an upload none of whose content
-//!   came by then gives its lead up (later requests do not wait for it). It
+//!   get their own content scanned, and an upload that sent less than
+//!   [`flight::LEAD_PROGRESS`] of its content by then (or in any such
+//!   wait after) gives its lead up (later requests do not wait for it). It
 //!   can delay, never decide, a verdict.
 //!
 //! A snapshot is trusted only when its checksum, format and signatures

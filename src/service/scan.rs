@@ -51,7 +51,10 @@ use super::{
 use crate::{
     cache::{
         CacheKey, CachedVerdict, Digest, Flight, Join,
-        flight::{FlightId, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT, Waiter},
+        flight::{
+            FlightId, LEAD_PROGRESS, Landing, Landings, Notice, Pending, Subscription, UPLOAD_WAIT,
+            Waiter,
+        },
     },
     connections::{AddressPlace, Ends, PerAddress},
     engine::{Content, Engine, Refusal, Refused, ScanOutcome, ScanSlot},
@@ -1099,12 +1102,13 @@ impl ScanStream {
 
     /// Waits past their deadline end: they are withdrawn, and those files'
     /// own content is asked for (whoever was to send it is too slow). Leads
-    /// none of whose content came in the last [`UPLOAD_WAIT`] give the lead
-    /// up: the flight's waiters go on without it, and so do requests for
+    /// less than [`LEAD_PROGRESS`] of whose content came in the last
+    /// [`UPLOAD_WAIT`] give the lead up (a complete upload leads no more):
+    /// the flight's waiters go on without it, and so do requests for
     /// the same content that come later, rather than each waiting for an
-    /// agent that may never send it (a lead whose content keeps coming
-    /// keeps it; the time the stream waited on the server's side, reading
-    /// nothing, is not counted against it: see [`Self::held_up`]). The
+    /// agent that may never send it, or send it a byte at a time (the time
+    /// the stream waited on the server's side, reading nothing, is not
+    /// counted against a lead: see [`Self::held_up`]). The
     /// open files are few (bounded by their sessions' files in flight), so
     /// they are looked over rather than kept in a queue of deadlines.
     fn expire(&mut self) -> Vec<FileReply> {
@@ -1118,7 +1122,7 @@ impl ScanStream {
                 Standing::Leads {
                     until, received, ..
                 } => {
-                    if *until <= now && came > *received {
+                    if *until <= now && came >= *received + LEAD_PROGRESS {
                         (*until, *received) = (now + UPLOAD_WAIT, came);
                     }
                     *until

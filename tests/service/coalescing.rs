@@ -403,12 +403,14 @@ async fn a_copy_waits_for_a_scan_of_its_content_under_way() {
         c.engine.mapped_budget = 1 << 20;
     })
     .await;
-    let data = content(7, 64 << 10);
+    use scanserver::cache::flight::LEAD_PROGRESS;
+    let data = content(7, 2 * LEAD_PROGRESS as usize);
     let engine = Arc::clone(&server.state.engine);
     let (room, on_it) = hold_a_scan_thread(&engine, blake3::hash(&data), data.len() as u64).await;
     let mut lw = LeadAndWaiter::start(&server, &data).await;
     // The lead's content keeps coming: it keeps its lead.
-    lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();
+    let (first, rest) = data.split_at(LEAD_PROGRESS as usize);
+    lw.lead.send(chunk(1, 0, first)).await.unwrap();
     lw.waiter_is_asked_for_content().await;
     // The scans run on the engine's threads, which the paused clock would
     // not wait for.
@@ -417,7 +419,7 @@ async fn a_copy_waits_for_a_scan_of_its_content_under_way() {
     lw.waiter.send(end(1)).await.unwrap();
     let early = tokio::time::timeout(Duration::from_millis(500), next(&mut lw.waiter_replies));
     assert!(early.await.is_err(), "the copy was scanned on its own");
-    lw.lead.send(chunk(1, 1, &data[1..])).await.unwrap();
+    lw.lead.send(chunk(1, LEAD_PROGRESS, rest)).await.unwrap();
     lw.lead.send(end(1)).await.unwrap();
     let lead = file_verdict(next(&mut lw.lead_replies).await.1);
     assert!(!lead.cached && !lead.coalesced);
@@ -438,6 +440,32 @@ async fn a_lead_whose_content_stops_coming_gives_its_lead_up() {
     let mut lw = LeadAndWaiter::start(&server, &data).await;
     lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();
     tokio::time::sleep(UPLOAD_WAIT * 2 + Duration::from_secs(1)).await;
+    // Given up: another VM's begin of the same content leads at once.
+    let asked_at = tokio::time::Instant::now();
+    lw.waiter_is_asked_for_content().await;
+    assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
+}
+
+/// A lead that sends its content a little at a time, less than
+/// LEAD_PROGRESS in each UPLOAD_WAIT, gives its lead up as one whose content
+/// stopped does: it would otherwise hold every request for the same content
+/// waiting.
+#[tokio::test(start_paused = true)]
+async fn a_lead_that_trickles_its_content_gives_its_lead_up() {
+    use scanserver::cache::flight::{LEAD_PROGRESS, UPLOAD_WAIT};
+    let server = paused_server().await;
+    let data = content(6, 2 * LEAD_PROGRESS as usize);
+    let mut lw = LeadAndWaiter::start(&server, &data).await;
+    let step = 64 << 10;
+    let started = tokio::time::Instant::now();
+    for (n, part) in data.chunks(step).take(8).enumerate() {
+        lw.lead
+            .send(chunk(1, (n * step) as u64, part))
+            .await
+            .unwrap();
+        tokio::time::sleep(UPLOAD_WAIT / 3).await;
+    }
+    assert!(started.elapsed() > UPLOAD_WAIT * 2, "still uploading");
     // Given up: another VM's begin of the same content leads at once.
     let asked_at = tokio::time::Instant::now();
     lw.waiter_is_asked_for_content().await;
