@@ -267,29 +267,42 @@ impl Unsaved {
     /// as failed until it does: a disk or network file system that stopped
     /// answering holds the save for as long as it does not, and the status
     /// must say the file is not being saved (`STATE_NOT_SAVED`) meanwhile.
-    pub async fn save<F>(&self, file: StateFile, path: &Path, save: F) -> Result<(), String>
+    /// The save is watched by a task of its own, so that its outcome is
+    /// recorded even when the caller stops waiting for it (an admin
+    /// client gone).
+    pub async fn save<F>(
+        self: &Arc<Self>,
+        file: StateFile,
+        path: &Path,
+        save: F,
+    ) -> Result<(), String>
     where
         F: FnOnce() -> Result<(), String> + Send + 'static,
     {
-        let mut saving = tokio::task::spawn_blocking(save);
-        let joined = match tokio::time::timeout(SAVE_STALL, &mut saving).await {
-            Ok(joined) => joined,
-            Err(_) => {
-                let stalled = format!(
-                    "a save has gone on for {} s without an end (a disk or network file system that does not answer?)",
-                    SAVE_STALL.as_secs()
-                );
-                self.record(file, path, Err(stalled));
-                saving.await
-            }
-        };
-        let result = joined.unwrap_or_else(|err| Err(err.to_string()));
-        self.record(file, path, result.clone());
-        result
+        let (unsaved, path) = (Arc::clone(self), path.to_owned());
+        let watched = tokio::spawn(async move {
+            let mut saving = tokio::task::spawn_blocking(save);
+            let joined = match tokio::time::timeout(SAVE_STALL, &mut saving).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    let stalled = format!(
+                        "a save has gone on for {} s without an end (a disk or network file system that does not answer?)",
+                        SAVE_STALL.as_secs()
+                    );
+                    unsaved.record(file, &path, Err(stalled));
+                    saving.await
+                }
+            };
+            let result = joined.unwrap_or_else(|err| Err(err.to_string()));
+            unsaved.record(file, &path, result.clone());
+            result
+        });
+        watched.await.unwrap_or_else(|err| Err(err.to_string()))
     }
 
     /// Records the outcome of a save of `file`, and logs a failure (once
-    /// while it lasts, with why; then again as it ends).
+    /// while it lasts with the same why, again when why changes: a stall,
+    /// then the error it ended in; then as it ends).
     fn record(&self, file: StateFile, path: &Path, result: Result<(), String>) {
         let mut failures = self.0.lock();
         match result {
@@ -299,7 +312,7 @@ impl Unsaved {
                 }
             }
             Err(why) => {
-                if failures.insert(file, why.clone()).is_none() {
+                if failures.insert(file, why.clone()).as_ref() != Some(&why) {
                     tracing::warn!(path = %path.display(), "cannot save the {file}: {why}");
                 }
             }
@@ -513,7 +526,7 @@ fn settle_after(took: Duration) -> Duration {
 /// Saves `vms` off the async threads; the outcome is recorded in
 /// `unsaved` (the keeper's next save tries again after a failure), and
 /// returned.
-pub(crate) async fn save_vms(vms: &Arc<Vms>, unsaved: &Unsaved) -> Result<(), String> {
+pub(crate) async fn save_vms(vms: &Arc<Vms>, unsaved: &Arc<Unsaved>) -> Result<(), String> {
     let saving = Arc::clone(vms);
     let save = move || saving.save().map_err(|err| err.to_string());
     let path = vms.path().unwrap_or(Path::new(""));
@@ -641,18 +654,20 @@ mod tests {
 
     /// A save that does not end (a file system that stopped answering)
     /// shows as failed once it has taken `SAVE_STALL`, and no longer once
-    /// it has ended.
+    /// it has ended, whether or not its caller still waits for it.
     #[tokio::test(start_paused = true)]
     async fn a_save_that_does_not_end_counts_as_failed_meanwhile() {
         let unsaved = Arc::new(Unsaved::default());
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let saving = tokio::spawn({
+        // A save held until released, by a caller of its own.
+        let held_save = || {
+            let (release, held) = std::sync::mpsc::channel::<()>();
             let unsaved = Arc::clone(&unsaved);
-            async move {
+            let caller = tokio::spawn(async move {
                 let save = move || held.recv().map_err(|err| err.to_string());
                 unsaved.save(StateFile::Vms, Path::new("vms"), save).await
-            }
-        });
+            });
+            (release, caller)
+        };
         // (The clock does not move by itself while a blocking task runs.)
         let advance = |by| async move {
             let others_run = || async {
@@ -664,6 +679,7 @@ mod tests {
             tokio::time::advance(by).await;
             others_run().await;
         };
+        let (release, caller) = held_save();
         advance(SAVE_STALL / 2).await;
         assert!(!unsaved.any(), "not yet");
         advance(SAVE_STALL / 2).await;
@@ -671,8 +687,22 @@ mod tests {
         let failures = unsaved.failures();
         assert!(failures[0].1.contains("without an end"), "{failures:?}");
         release.send(()).unwrap();
-        saving.await.unwrap().unwrap();
+        caller.await.unwrap().unwrap();
         assert!(!unsaved.any(), "saved in the end");
+
+        let (release, caller) = held_save();
+        advance(SAVE_STALL).await;
+        assert!(unsaved.failed(StateFile::Vms));
+        caller.abort();
+        release.send(()).unwrap();
+        for _ in 0..1000 {
+            if !unsaved.any() {
+                return;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("a save whose caller went is recorded all the same");
     }
 
     #[test]

@@ -396,7 +396,7 @@ impl Svm {
     }
 
     /// The state folder's files whose last save failed.
-    pub(crate) fn unsaved(&self) -> &Unsaved {
+    pub(crate) fn unsaved(&self) -> &Arc<Unsaved> {
         &self.unsaved
     }
 

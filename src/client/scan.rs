@@ -144,7 +144,9 @@ impl Agent {
     /// pauses a file refused for want of room waits (100 ms, doubling up
     /// to 2 s; the scan fails at the refusal after 20 in a row with no
     /// file answered). So is a stream the server closes as idle
-    /// (`DEADLINE_EXCEEDED`), at once.
+    /// (`DEADLINE_EXCEEDED`), at once, and one it ends without a status
+    /// (which it does to an idle stream when it has no room left to say
+    /// why), after such a pause.
     pub async fn scan_into<F>(
         &self,
         files: Files,
@@ -208,6 +210,11 @@ impl Agent {
             let again = unanswered.files.is_empty() || refusals.again(scan.answered);
             if idle && opened && again {
                 tracing::debug!(%err, "idle scan stream closed; opening another");
+                // A stream ended without a status may have ended at once
+                // (a proxy's doing, say): not opened again in a tight loop.
+                if matches!(err, ClientError::StreamEnded) {
+                    tokio::time::sleep(refusals.pause()).await;
+                }
                 left = unanswered;
                 continue;
             }

@@ -269,8 +269,9 @@ enum Standing {
     Unannounced,
     /// The digest was not in the cache and nobody else has the content: the
     /// file leads the flight for it (others wait for its verdict), and gives
-    /// the lead up when no more of its content than `received` bytes came
-    /// by `until` (see [`ScanStream::expire`]).
+    /// the lead up when less than [`LEAD_PROGRESS`] more of its content
+    /// than `received` bytes (and not all of it) came by `until` (see
+    /// [`ScanStream::expire`]).
     Leads {
         flight: Flight,
         until: Instant,
@@ -1122,7 +1123,8 @@ impl ScanStream {
                 Standing::Leads {
                     until, received, ..
                 } => {
-                    if *until <= now && came >= *received + LEAD_PROGRESS {
+                    let progress = came >= *received + LEAD_PROGRESS || came >= file.size;
+                    if *until <= now && came > *received && progress {
                         (*until, *received) = (now + UPLOAD_WAIT, came);
                     }
                     *until

@@ -472,6 +472,27 @@ async fn a_lead_that_trickles_its_content_gives_its_lead_up() {
     assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
 }
 
+/// A lead all of whose content came, less than LEAD_PROGRESS, keeps its
+/// lead while its end is on the way: later requests wait for its scan.
+#[tokio::test(start_paused = true)]
+async fn a_lead_whose_content_all_came_keeps_its_lead() {
+    use scanserver::cache::flight::UPLOAD_WAIT;
+    let server = paused_server().await;
+    let data = content(8, 64 << 10);
+    let mut lw = LeadAndWaiter::start(&server, &data).await;
+    lw.lead.send(chunk(1, 0, &data)).await.unwrap();
+    tokio::time::sleep(UPLOAD_WAIT + Duration::from_secs(1)).await;
+    lw.waiter.send(lw.waiter_begin.clone()).await.unwrap();
+    let asked = tokio::time::timeout(Duration::from_secs(5), next(&mut lw.waiter_replies));
+    assert!(asked.await.is_err(), "the waiter waits for the lead");
+    // The scan runs on an engine thread, which the paused clock would not
+    // wait for.
+    tokio::time::resume();
+    lw.lead.send(end(1)).await.unwrap();
+    let copy = file_verdict(next(&mut lw.waiter_replies).await.1);
+    assert!(copy.coalesced, "the lead's verdict");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_takes_no_replies_lets_go_of_the_content_it_leads() {
     let idle = Duration::from_secs(3);
