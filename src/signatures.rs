@@ -361,6 +361,15 @@ pub struct OnDisk {
 }
 
 impl Ruleset {
+    /// The ruleset of the one rule file `source` (for the crate's unit
+    /// tests; integration tests have theirs in `tests/common`).
+    #[cfg(test)]
+    pub(crate) fn of_source(source: &str) -> Ruleset {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yar"), source).unwrap();
+        Ruleset::load(dir.path(), None).unwrap()
+    }
+
     /// Loads the ruleset at `source` (a folder of sources, a source file or
     /// a pre-compiled rules file), reusing compiled rules from `cache_dir`
     /// when they are there and storing them there when they are not.

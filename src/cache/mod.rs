@@ -401,23 +401,16 @@ impl SharedCache {
 mod tests {
     use super::*;
 
-    fn ruleset(source: &str) -> Ruleset {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("rules.yar"), source).unwrap();
-        Ruleset::load(dir.path(), None).unwrap()
-    }
-
     /// New signatures put in use while an entry of the old ones is read
     /// (before their clearing reaches it) let nothing out.
     #[test]
     fn signatures_changed_during_a_read_let_no_old_verdict_out() {
-        let old = ruleset("rule a { strings: $a = \"a\" condition: $a }");
-        let new = ruleset("rule b { strings: $b = \"b\" condition: $b }");
+        let old = Ruleset::of_source("rule a { strings: $a = \"a\" condition: $a }");
+        let new = Ruleset::of_source("rule b { strings: $b = \"b\" condition: $b }");
         let cache = SharedCache::new(1 << 20, &old);
         let key = CacheKey::new(&blake3::hash(b"content"), &old, None);
         cache.insert(key, Verdict::Clean, &old.version_arc());
-        let read = |entries: &Entries| entries.get(&key);
-        assert!(cache.fresh(&key, read).is_some(), "in use");
+        assert!(cache.get(&key).is_some(), "in use");
         let switched = cache.fresh(&key, |entries| {
             let found = entries.get(&key);
             cache.serve(&new);

@@ -185,9 +185,7 @@ mod tests {
     }
 
     fn ruleset() -> Ruleset {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("r.yar"), "rule r { condition: false }").unwrap();
-        Ruleset::load(dir.path(), None).unwrap()
+        Ruleset::of_source("rule r { condition: false }")
     }
 
     #[test]

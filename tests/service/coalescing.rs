@@ -311,6 +311,14 @@ impl LeadAndWaiter {
         }
     }
 
+    /// Sends the waiter's begin, which is asked for its content at once:
+    /// the lead gave its lead up, and the waiter leads now.
+    async fn waiter_leads_at_once(&mut self) {
+        let asked_at = tokio::time::Instant::now();
+        self.waiter_is_asked_for_content().await;
+        assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
+    }
+
     /// Sends the waiter's begin, and returns once it is asked for its
     /// content.
     async fn waiter_is_asked_for_content(&mut self) {
@@ -441,9 +449,7 @@ async fn a_lead_whose_content_stops_coming_gives_its_lead_up() {
     lw.lead.send(chunk(1, 0, &data[..1])).await.unwrap();
     tokio::time::sleep(UPLOAD_WAIT * 2 + Duration::from_secs(1)).await;
     // Given up: another VM's begin of the same content leads at once.
-    let asked_at = tokio::time::Instant::now();
-    lw.waiter_is_asked_for_content().await;
-    assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
+    lw.waiter_leads_at_once().await;
 }
 
 /// A lead that sends its content a little at a time, less than
@@ -467,9 +473,7 @@ async fn a_lead_that_trickles_its_content_gives_its_lead_up() {
     }
     assert!(started.elapsed() > UPLOAD_WAIT * 2, "still uploading");
     // Given up: another VM's begin of the same content leads at once.
-    let asked_at = tokio::time::Instant::now();
-    lw.waiter_is_asked_for_content().await;
-    assert!(asked_at.elapsed() < Duration::from_secs(1), "asked at once");
+    lw.waiter_leads_at_once().await;
 }
 
 /// A lead all of whose content came, less than LEAD_PROGRESS, keeps its
