@@ -305,14 +305,31 @@ impl Config {
     /// infrastructure's endpoint.
     fn check_outbound(&self) -> Result<(), ConfigError> {
         // TLS is used for https:// URLs only: a plain URL with TLS settings
-        // would send reports and the token in the clear.
-        if let Some(url) = &self.reporting.integration_server
-            && url.starts_with("https://") != self.reporting.tls.is_some()
-        {
-            return invalid(
-                "reporting.integration_server",
-                "must be an https:// URL with [reporting.tls], and an http:// URL without",
-            );
+        // would send reports and the token in the clear. A URL without a
+        // scheme (host:port) would start, and fail every report.
+        if let Some(url) = &self.reporting.integration_server {
+            let uri = url.parse::<http::Uri>().ok();
+            let scheme = uri
+                .as_ref()
+                .filter(|uri| uri.host().is_some_and(|h| !h.is_empty()));
+            let https = match scheme.and_then(|uri| uri.scheme_str()) {
+                Some("https") => true,
+                Some("http") => false,
+                _ => {
+                    return invalid(
+                        "reporting.integration_server",
+                        format!(
+                            "is {url:?}: give a URL, as http://integration.example:7271 (https:// with [reporting.tls])"
+                        ),
+                    );
+                }
+            };
+            if https != self.reporting.tls.is_some() {
+                return invalid(
+                    "reporting.integration_server",
+                    "must be an https:// URL with [reporting.tls], and an http:// URL without",
+                );
+            }
         }
         if let Some(endpoint) = &self.infrastructure.endpoint {
             let port = endpoint
@@ -825,6 +842,14 @@ mod tests {
             domain: None,
         });
         assert!(config.validate().is_err(), "TLS settings with http");
+        for not_a_url in [
+            "integration.example:7271",
+            "ftp://integration.example",
+            "http://",
+        ] {
+            let is = |c: &mut Config| c.reporting.integration_server = Some(not_a_url.into());
+            assert_eq!(refused(is), "reporting.integration_server", "{not_a_url}");
+        }
         let sub_second = |c: &mut Config| c.engine.scan_timeout = Duration::from_millis(500);
         assert_eq!(refused(sub_second), "engine.scan_timeout");
         assert_eq!(

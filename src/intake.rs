@@ -27,10 +27,12 @@
 //!   all of it, counted in the peer's share as a large message's is, until
 //!   it is passed on (room it holds for the start of a large message
 //!   becomes that message's). The message before it goes on only once that
-//!   room is taken; a call that finds none within [`ROOM_WAIT`] fails. So
-//!   a call holds at most twice [`FREE`] besides its room, and a
-//!   connection its 64 calls' worth, but for the frame of a call waiting
-//!   for room (below), held for that wait.
+//!   room is taken; a call that finds none within [`ROOM_WAIT`] fails.
+//!   What is held without room is copied out of HTTP/2's read buffer,
+//!   which a view would keep whole. So a call holds at most twice [`FREE`]
+//!   besides its room, and a connection its 64 calls' worth. (What a
+//!   frame holds past a message waiting for room, below, waits for room
+//!   too.)
 //! * A larger one goes on only once its call holds room for it, taken from
 //!   one budget for the listener (`uploads.message_budget`), as a whole, at
 //!   its header (whose last byte is held back until then, so that tonic
@@ -482,9 +484,10 @@ struct KeptRoom(Arc<Mutex<Option<Room>>>);
 ///
 /// hyper does not poll a body while its client gives no window, so no
 /// timer of the body's own would fire: a task of its own drops what an
-/// answer left unread holds (its buffer and its room; the call itself
-/// counts as under way until hyper lets go of the body), and the body,
-/// next polled, ends the call with `DEADLINE_EXCEEDED` in its trailers.
+/// answer left unread holds (its buffer and its room, and the body of the
+/// layers inside this one: the call no longer counts as under way on its
+/// connection, which may then be closed as idle), and the body, next
+/// polled, ends the call with `DEADLINE_EXCEEDED` in its trailers.
 struct Answer {
     unsent: Arc<Mutex<Unsent>>,
     /// The task that drops an answer left unread, ended with the body.
@@ -660,6 +663,9 @@ pub struct Intake<B> {
     kept: Option<KeptRoom>,
     /// Received and not passed on yet.
     held: Bytes,
+    /// Whether `held` is a copy of its own, not a view of HTTP/2's read
+    /// buffer (see `poll_frame`).
+    held_copied: bool,
     /// Room for what `held` keeps once a message is passed on, when that
     /// is over [`FREE`] (the rest of its frame): those bytes wait with the
     /// call until tonic reads its next message, which a handler held up
@@ -681,12 +687,15 @@ enum At {
         header: [u8; HEADER_LEN],
         read: usize,
     },
-    /// Waiting for `more` KiB of room for a message of `len` bytes; the
-    /// last byte of its header is the first of `held`. The wait, and its
+    /// Waiting for `more` KiB of room for a message of `len` bytes, and
+    /// `ahead` KiB for the bytes `held` keeps past it (the rest of its
+    /// frame, up to 1 MiB, which HTTP/2 has let go of); the last byte of
+    /// its header is the first of `held`. The wait, and its
     /// [`ROOM_WAIT`], begin when the body is next read.
     Room {
         len: usize,
         more: u32,
+        ahead: u32,
         waiting: Option<RoomWait>,
     },
     /// Passing on a message's `left` bytes.
@@ -781,6 +790,7 @@ impl<B> Intake<B> {
             room,
             kept,
             held: Bytes::new(),
+            held_copied: false,
             ahead: None,
             at: At::header(),
             whole: false,
@@ -854,9 +864,22 @@ impl<B> Intake<B> {
                             }
                         }
                         more => {
+                            // The rest of the frame, past this message, waits
+                            // with it: room is waited for it too, as for bytes
+                            // ahead (see `hold_ahead`).
+                            let past = self.held.len().saturating_sub(pos + 1 + len);
+                            let ahead = match past > FREE {
+                                true => past.div_ceil(1024),
+                                false => 0,
+                            };
+                            if !self.room.charge(ahead) {
+                                self.room.discharge(more as usize);
+                                return Err(peer_full(&self::ahead(past)));
+                            }
                             self.at = At::Room {
                                 len,
                                 more,
+                                ahead: ahead as u32,
                                 waiting: None,
                             };
                             break;
@@ -985,13 +1008,23 @@ where
         loop {
             match &mut this.at {
                 At::Failed => return Poll::Ready(None),
-                At::Room { len, more, waiting } => {
-                    let (len, more) = (*len, *more);
-                    let Ok(taken) = ready!(wait_for_room(waiting, &this.room.budget, more, cx))
+                At::Room {
+                    len,
+                    more,
+                    ahead,
+                    waiting,
+                } => {
+                    let (len, more, ahead) = (*len, *more, *ahead);
+                    let Ok(mut taken) =
+                        ready!(wait_for_room(waiting, &this.room.budget, more + ahead, cx))
                     else {
-                        this.room.discharge(more as usize);
+                        this.room.discharge((more + ahead) as usize);
                         return this.fail(no_room(&message(len)));
                     };
+                    if ahead > 0 {
+                        let part = taken.split(ahead as usize).expect("taken with the rest");
+                        merge(&mut this.ahead, part);
+                    }
                     this.room.keep(taken);
                     // The header's last byte, alone (see `admit`).
                     this.at = At::Message { left: len };
@@ -1025,6 +1058,7 @@ where
                         Ok(data) => {
                             this.stall.resume();
                             this.held = data;
+                            this.held_copied = false;
                         }
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     },
@@ -1057,6 +1091,16 @@ where
             match this.hold_ahead(waiting) {
                 Ok(0) => {
                     let data = this.held.split_to(pass);
+                    // Kept without room (or while waiting for it), the
+                    // rest is copied, once: a view would keep HTTP/2's
+                    // whole read buffer (a frame, or more) for as long as
+                    // the call does not read on.
+                    let waits_for_room = matches!(this.at, At::Room { .. });
+                    let unbudgeted = (1..=FREE).contains(&waiting) || waits_for_room;
+                    if unbudgeted && !this.held_copied {
+                        this.held = Bytes::copy_from_slice(&this.held);
+                        this.held_copied = true;
+                    }
                     // tonic reads no further once it has a message: the
                     // room goes back now, not at its next read.
                     if this.held.is_empty() {
@@ -1376,6 +1420,40 @@ mod tests {
         assert_eq!(layer.held(), 801 << 10, "not 1,601 KiB");
         assert_eq!(passed(next(&mut scan).await), 800 << 10);
         assert_eq!(layer.held(), 800 << 10, "the large message's room");
+    }
+
+    /// A message that waits for room keeps the rest of its frame, which
+    /// HTTP/2 has let go of: it is counted in the peer's share meanwhile,
+    /// and takes room with the message; and what a call keeps without room
+    /// is a copy, not a view that would keep the whole frame.
+    #[tokio::test(start_paused = true)]
+    async fn the_frame_of_a_message_waiting_for_room_is_counted() {
+        let layer = IntakeLayer::new(2 << 20);
+        let peer = IpAddr::from([10, 0, 0, 2]);
+        let charged = || layer.budget.peers.lock().get(&peer).copied();
+        let (large, mut holding) = body(&layer);
+        large.send(header(1536 << 10).into()).unwrap();
+        assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+
+        let rest: Vec<u8> = (0..15).flat_map(|_| message(60 << 10)).collect();
+        let frame = [message(600 << 10), rest.clone()].concat();
+        let (tx, mut scan) = call(&layer, SCAN, Some(peer));
+        tx.send(frame.into()).unwrap();
+        assert_eq!(drain(&mut scan).await, (HEADER_LEN - 1, None));
+        assert_eq!(charged(), Some(600 + rest.len().div_ceil(1024)));
+        drop(holding);
+        assert_eq!(drain(&mut scan).await.0, 1 + (600 << 10) + rest.len());
+        assert_eq!(layer.held(), 600 << 10, "the rest's room given back");
+        assert_eq!(charged(), Some(600));
+
+        // A small rest, kept without room after its message, is copied.
+        let frame = Bytes::from([message(10), message(100)].concat());
+        let (tx, mut small) = body(&layer);
+        tx.send(frame.clone()).unwrap();
+        assert!(matches!(next(&mut small).await, Poll::Ready(Some(Ok(_)))));
+        assert_eq!(small.held.len(), 100 + HEADER_LEN);
+        let kept = small.held.as_ptr();
+        assert!(!frame.as_ptr_range().contains(&kept), "a copy");
     }
 
     #[tokio::test(start_paused = true)]

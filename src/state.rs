@@ -29,7 +29,10 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
 
 use crate::{cache::snapshot, engine::Engine, shutdown::shut_down, vms::Vms};
 
@@ -242,23 +245,36 @@ pub const SAVE_STALL: Duration = Duration::from_secs(60);
 /// the SVM's status reads it (`STATE_NOT_SAVED`). A full disk, or a file
 /// system gone read-only, would otherwise show only in the log, and the
 /// security tags set since the last save would be lost at a restart.
-#[derive(Debug, Default)]
-pub struct Unsaved(Mutex<BTreeMap<StateFile, String>>);
+#[derive(Debug)]
+pub struct Unsaved {
+    failures: Mutex<BTreeMap<StateFile, String>>,
+    /// One save of each file at a time (see [`Unsaved::save`]).
+    turns: [Arc<Semaphore>; 2],
+}
+
+impl Default for Unsaved {
+    fn default() -> Self {
+        Unsaved {
+            failures: Mutex::default(),
+            turns: [(); 2].map(|()| Arc::new(Semaphore::new(1))),
+        }
+    }
+}
 
 impl Unsaved {
     /// Whether any file's last save failed.
     pub fn any(&self) -> bool {
-        !self.0.lock().is_empty()
+        !self.failures.lock().is_empty()
     }
 
     /// Whether the last save of `file` failed.
     pub fn failed(&self, file: StateFile) -> bool {
-        self.0.lock().contains_key(&file)
+        self.failures.lock().contains_key(&file)
     }
 
     /// Each file whose last save failed, with why.
     pub fn failures(&self) -> Vec<(StateFile, String)> {
-        let failures = self.0.lock();
+        let failures = self.failures.lock();
         failures.iter().map(|(f, why)| (*f, why.clone())).collect()
     }
 
@@ -270,6 +286,12 @@ impl Unsaved {
     /// The save is watched by a task of its own, so that its outcome is
     /// recorded even when the caller stops waiting for it (an admin
     /// client gone).
+    ///
+    /// Saves of one file take turns, and a save waits for its turn as a
+    /// task: a save that does not end holds one blocking thread, not one
+    /// for every tag command run meanwhile (each would wait on a thread of
+    /// the blocking pool, which reports, reloads and listings need too). A
+    /// caller that stops waiting for its turn leaves nothing behind.
     pub async fn save<F>(
         self: &Arc<Self>,
         file: StateFile,
@@ -279,9 +301,14 @@ impl Unsaved {
     where
         F: FnOnce() -> Result<(), String> + Send + 'static,
     {
+        let turn = Arc::clone(&self.turns[file as usize]).acquire_owned().await;
+        let turn = turn.expect("the turns are never closed");
         let (unsaved, path) = (Arc::clone(self), path.to_owned());
         let watched = tokio::spawn(async move {
-            let mut saving = tokio::task::spawn_blocking(save);
+            let mut saving = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                save()
+            });
             let joined = match tokio::time::timeout(SAVE_STALL, &mut saving).await {
                 Ok(joined) => joined,
                 Err(_) => {
@@ -304,7 +331,7 @@ impl Unsaved {
     /// while it lasts with the same why, again when why changes: a stall,
     /// then the error it ended in; then as it ends).
     fn record(&self, file: StateFile, path: &Path, result: Result<(), String>) {
-        let mut failures = self.0.lock();
+        let mut failures = self.failures.lock();
         match result {
             Ok(()) => {
                 if failures.remove(&file).is_some() {
@@ -620,7 +647,10 @@ fn sync_folder(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
+    use std::{
+        os::unix::fs::PermissionsExt,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
 
     use super::*;
 
@@ -703,6 +733,46 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         panic!("a save whose caller went is recorded all the same");
+    }
+
+    #[tokio::test]
+    async fn saves_that_wait_behind_one_that_does_not_end_hold_no_thread() {
+        let unsaved = Arc::new(Unsaved::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let save = |held: Option<std::sync::mpsc::Receiver<()>>| {
+            let started = Arc::clone(&started);
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                held.map_or(Ok(()), |held| held.recv().map_err(|err| err.to_string()))
+            }
+        };
+        let (release, held) = std::sync::mpsc::channel();
+        let stalled = tokio::spawn({
+            let (unsaved, save) = (Arc::clone(&unsaved), save(Some(held)));
+            async move { unsaved.save(StateFile::Vms, Path::new("vms"), save).await }
+        });
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Tag commands whose clients give up while the first save hangs.
+        for _ in 0..10 {
+            let waiting = unsaved.save(StateFile::Vms, Path::new("vms"), save(None));
+            let gave_up = tokio::time::timeout(Duration::from_millis(20), waiting).await;
+            assert!(gave_up.is_err(), "waits for its turn");
+        }
+        // The snapshot's saves take turns of their own.
+        let other = unsaved.save(StateFile::VerdictCache, Path::new("snapshot"), save(None));
+        other.await.unwrap();
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            2,
+            "none of the dropped ones ran"
+        );
+        release.send(()).unwrap();
+        stalled.await.unwrap().unwrap();
+        let next = unsaved.save(StateFile::Vms, Path::new("vms"), save(None));
+        next.await.unwrap();
+        assert_eq!(started.load(Ordering::SeqCst), 3);
     }
 
     #[test]
