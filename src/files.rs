@@ -213,23 +213,31 @@ pub fn shrank(read: u64, size: u64) -> io::Error {
 /// The bytes of the regular file `path`, if it holds at most `limit` bytes
 /// (when read, too: it may grow meanwhile).
 pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let too_large = |size: u64| {
-        let message = format!(
-            "{size} bytes, more than the {} such a file may hold",
-            in_units(limit)
-        );
-        io::Error::new(io::ErrorKind::InvalidData, message)
-    };
-    let (file, size) = open_regular(path, LEASE_WAIT)?;
-    if size > limit {
-        return Err(too_large(size));
-    }
+    let (file, size) = open_within(path, limit)?;
     let mut bytes = Vec::with_capacity(size as usize);
     file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
-        return Err(too_large(bytes.len() as u64));
+        return Err(too_large(bytes.len() as u64, limit));
     }
     Ok(bytes)
+}
+
+/// The regular file `path` opened, and its size, if it holds at most
+/// `limit` bytes.
+pub fn open_within(path: &Path, limit: u64) -> io::Result<(File, u64)> {
+    let (file, size) = open_regular(path, LEASE_WAIT)?;
+    if size > limit {
+        return Err(too_large(size, limit));
+    }
+    Ok((file, size))
+}
+
+fn too_large(size: u64, limit: u64) -> io::Error {
+    let message = format!(
+        "{size} bytes, more than the {} such a file may hold",
+        in_units(limit)
+    );
+    io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
 /// `bytes` in MiB or KiB when a whole number of them, as limits are.

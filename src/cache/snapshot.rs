@@ -8,10 +8,11 @@
 //!
 //! Layout: a magic line and the format number, then protobuf messages each
 //! prefixed by its length (a `Header`, then one `Entry` per verdict),
-//! then the blake3 digest of everything before it. It is written entry by
-//! entry, never whole in memory. A snapshot whose digest, format, maker or
-//! signatures version does not match is set aside (renamed `*.rejected`)
-//! with a warning, and never trusted.
+//! then the blake3 digest of everything before it. It is written and read
+//! entry by entry, never whole in memory (read twice: checked from end to
+//! end, then loaded). A snapshot whose digest, format, maker or signatures
+//! version does not match, or with an entry that cannot be decoded, is set
+//! aside (renamed `*.rejected`) with a warning, and none of it is trusted.
 //!
 //! The maker is this server's build ([`made_by`]). A verdict depends on
 //! more than the signatures: on how the server scans (the external
@@ -23,12 +24,12 @@
 //! does.
 
 use std::{
-    io::{self, Write},
+    fs::File,
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::atomic::Ordering,
 };
 
-use bytes::Buf;
 use prost::Message;
 
 use super::{CacheKey, SharedCache, bump};
@@ -132,35 +133,46 @@ impl SharedCache {
 
     /// Loads the entries of the snapshot at `path` made with `ruleset`.
     /// A missing snapshot loads nothing; one that cannot be trusted is set
-    /// aside (renamed `*.rejected`) and reported. One larger than the
-    /// cache's budget is not read: an entry takes more room in the cache
-    /// than in the file, so a larger `cache.budget` made it, and reading it
-    /// whole would take more memory than this cache is given (the next
-    /// save replaces it).
+    /// aside (renamed `*.rejected`) and reported. The file is read as it
+    /// is checked and loaded, never held whole: a snapshot is a fifth of
+    /// the cache's memory, which it would add to at start. One larger than
+    /// the cache's budget is not read: an entry takes more room in the
+    /// cache than in the file, so a larger `cache.budget` made it, and
+    /// most of what it holds would not fit (the next save replaces it).
     pub fn load(&self, path: &Path, ruleset: &Ruleset) -> Result<u64, SnapshotError> {
-        let data = match files::read(path, self.budget.max(1 << 20)) {
-            Ok(data) => data,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
-                return Err(SnapshotError::Io {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+        let io_error = |source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
         };
-        let entries = parse(&data, ruleset).inspect_err(|_| state::set_aside(path))?;
+        let (file, size) = match files::open_within(path, self.budget.max(1 << 20)) {
+            Ok(opened) => opened,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(io_error(source)),
+        };
+        // Checked from end to end before any entry is used.
+        let snapshot = Snapshot::check(file, size)
+            .and_then(|snapshot| snapshot.read(ruleset, |_, _| ()).map(|()| snapshot))
+            .map_err(|err| err.or_io(io_error))
+            .inspect_err(|err| {
+                // One that could not be read may be fine: kept.
+                if !matches!(err, SnapshotError::Io { .. }) {
+                    state::set_aside(path);
+                }
+            })?;
         let version = ruleset.version_arc();
         // Counted as held after loading: entries take more room in the
         // cache than in the file, so not all of a file within the budget
         // may fit; those that do are loaded.
         let before = self.len();
-        for (content, verdict) in entries.map_while(Result::ok) {
-            let key = CacheKey {
-                content,
-                rules: ruleset.version_id(),
-            };
-            self.insert(key, verdict, &version);
-        }
+        let insert = |content, verdict| {
+            let rules = ruleset.version_id();
+            self.insert(CacheKey { content, rules }, verdict, &version);
+        };
+        // Read again, as it was checked (the state folder is the server's
+        // own: a file replaced meanwhile is another inode, not this one).
+        snapshot
+            .read(ruleset, insert)
+            .map_err(|err| err.or_io(io_error))?;
         let count = self.len().saturating_sub(before) as u64;
         bump(&self.counters.loaded, count);
         Ok(count)
@@ -180,73 +192,152 @@ impl<W: Write> Checksummed<W> {
     }
 }
 
-/// The entries of a snapshot, checked from end to end before any is used
-/// (then decoded again as they are, rather than held all at once).
-fn parse<'a>(data: &'a [u8], ruleset: &Ruleset) -> Result<Entries<'a>, SnapshotError> {
-    let damaged = SnapshotError::Damaged;
-    let (body, digest) = data.split_last_chunk::<32>().ok_or(damaged("too short"))?;
-    if blake3::hash(body) != blake3::Hash::from_bytes(*digest) {
-        return Err(damaged("checksum mismatch"));
-    }
-    let mut rest = body.strip_prefix(MAGIC).ok_or(damaged("not a snapshot"))?;
-    if rest.len() < 4 {
-        return Err(damaged("too short"));
-    }
-    let found = rest.get_u32_le();
-    if found != FORMAT {
-        return Err(SnapshotError::Format { found });
-    }
-    let header = Header::decode_length_delimited(&mut rest).map_err(|_| damaged("bad header"))?;
-    if header.made_by != made_by() {
-        return Err(SnapshotError::MadeBy {
-            found: header.made_by,
-        });
-    }
-    if header.signatures_version != ruleset.version() {
-        return Err(SnapshotError::Signatures {
-            found: header.signatures_version,
-        });
-    }
-    let entries = Entries(rest);
-    entries.clone().try_for_each(|entry| entry.map(drop))?;
-    Ok(entries)
+/// The largest message of a snapshot: an entry is a digest and a verdict,
+/// whose detections are bounded by the engine's.
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// A snapshot file whose checksum holds, read from its start.
+struct Snapshot {
+    file: File,
+    /// Its length, less the checksum.
+    body: u64,
 }
 
-/// A snapshot's entries, decoded one by one; the first that cannot be is
-/// the last.
-#[derive(Clone)]
-struct Entries<'a>(&'a [u8]);
+/// What reading a snapshot met: its damage, or an I/O error.
+enum Fault {
+    Snapshot(SnapshotError),
+    Io(io::Error),
+}
 
-impl Iterator for Entries<'_> {
-    type Item = Result<([u8; 32], Verdict), SnapshotError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.0.is_empty() {
-            return None;
+impl Fault {
+    fn or_io(self, io_error: impl FnOnce(io::Error) -> SnapshotError) -> SnapshotError {
+        match self {
+            Fault::Snapshot(err) => err,
+            Fault::Io(err) => io_error(err),
         }
-        let damaged = SnapshotError::Damaged;
-        let entry = Entry::decode_length_delimited(&mut self.0)
-            .map_err(|_| damaged("bad entry"))
-            .and_then(|entry| {
-                let content = <[u8; 32]>::try_from(entry.content.as_slice())
-                    .map_err(|_| damaged("bad entry key"))?;
-                let verdict = entry
-                    .verdict
-                    .as_ref()
-                    .ok_or(damaged("entry without verdict"))?;
-                Ok((content, Verdict::from(verdict)))
-            });
-        if entry.is_err() {
-            self.0 = &[];
-        }
-        Some(entry)
     }
+}
+
+impl From<SnapshotError> for Fault {
+    fn from(err: SnapshotError) -> Self {
+        Fault::Snapshot(err)
+    }
+}
+
+impl From<io::Error> for Fault {
+    fn from(err: io::Error) -> Self {
+        match err.kind() {
+            // The checksum holds: a file that ends early changed since.
+            io::ErrorKind::UnexpectedEof => Fault::Snapshot(SnapshotError::Damaged("too short")),
+            _ => Fault::Io(err),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Checks the checksum of the snapshot `file` of `size` bytes.
+    fn check(file: File, size: u64) -> Result<Snapshot, Fault> {
+        let body = size
+            .checked_sub(32)
+            .ok_or(SnapshotError::Damaged("too short"))?;
+        let mut hasher = blake3::Hasher::new();
+        let hashed = io::copy(&mut (&file).take(body), &mut hasher)?;
+        let mut digest = [0; 32];
+        if hashed < body {
+            return Err(SnapshotError::Damaged("too short").into());
+        }
+        (&file).read_exact(&mut digest)?;
+        if hasher.finalize() != blake3::Hash::from_bytes(digest) {
+            return Err(SnapshotError::Damaged("checksum mismatch").into());
+        }
+        Ok(Snapshot { file, body })
+    }
+
+    /// Reads the snapshot from its start: checks its header against this
+    /// build and `ruleset`, and hands each entry to `each`, in turn. The
+    /// first entry that cannot be decoded fails the read.
+    fn read(
+        &self,
+        ruleset: &Ruleset,
+        mut each: impl FnMut([u8; 32], Verdict),
+    ) -> Result<(), Fault> {
+        let damaged = |what| Fault::Snapshot(SnapshotError::Damaged(what));
+        (&self.file).seek(SeekFrom::Start(0))?;
+        let mut input = BufReader::new((&self.file).take(self.body));
+        let mut magic = [0; MAGIC.len()];
+        input.read_exact(&mut magic)?;
+        if magic != MAGIC {
+            return Err(damaged("not a snapshot"));
+        }
+        let mut format = [0; 4];
+        input.read_exact(&mut format)?;
+        let found = u32::from_le_bytes(format);
+        if found != FORMAT {
+            return Err(SnapshotError::Format { found }.into());
+        }
+        let mut message = Vec::new();
+        let header: Header =
+            next_message(&mut input, &mut message, "bad header")?.ok_or(damaged("bad header"))?;
+        if header.made_by != made_by() {
+            let found = header.made_by;
+            return Err(SnapshotError::MadeBy { found }.into());
+        }
+        if header.signatures_version != ruleset.version() {
+            let found = header.signatures_version;
+            return Err(SnapshotError::Signatures { found }.into());
+        }
+        while let Some(entry) = next_message::<Entry>(&mut input, &mut message, "bad entry")? {
+            let content = <[u8; 32]>::try_from(entry.content.as_slice())
+                .map_err(|_| damaged("bad entry key"))?;
+            let verdict = entry
+                .verdict
+                .as_ref()
+                .ok_or(damaged("entry without verdict"))?;
+            each(content, Verdict::from(verdict));
+        }
+        Ok(())
+    }
+}
+
+/// The next length-delimited message of `input` (`what`, to say it is
+/// damaged), read into `buffer`; none at the end of the input.
+fn next_message<M: Message + Default>(
+    input: &mut impl BufRead,
+    buffer: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<Option<M>, Fault> {
+    let damaged = || Fault::Snapshot(SnapshotError::Damaged(what));
+    if input.fill_buf()?.is_empty() {
+        return Ok(None);
+    }
+    // Its length: a varint, 7 bits to a byte (5 bytes are more than
+    // enough for the largest message).
+    let mut len = 0u64;
+    for shift in (0..35).step_by(7) {
+        let mut byte = [0];
+        input.read_exact(&mut byte)?;
+        len |= u64::from(byte[0] & 0x7f) << shift;
+        if byte[0] < 0x80 {
+            if len > MAX_MESSAGE as u64 {
+                return Err(damaged());
+            }
+            buffer.resize(len as usize, 0);
+            input.read_exact(buffer)?;
+            return M::decode(buffer.as_slice())
+                .map(Some)
+                .map_err(|_| damaged());
+        }
+    }
+    Err(damaged())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Digest;
+    use crate::{
+        cache::Digest,
+        verdict::{Detection, Severity},
+    };
 
     #[test]
     fn a_snapshot_made_by_another_build_is_set_aside() {
@@ -274,6 +365,58 @@ mod tests {
         assert!(matches!(err, SnapshotError::MadeBy { found } if found == earlier));
         assert!(restored.is_empty());
         assert!(!path.exists() && dir.path().join(format!("{FILE_NAME}.rejected")).exists());
+    }
+
+    /// Entries are read as they come, across the reader's buffers; and a
+    /// snapshot is checked whole before any entry is used: one cut short
+    /// in an entry loads none, whatever its checksum says.
+    #[test]
+    fn a_snapshot_is_read_as_it_comes_and_checked_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        let cache = SharedCache::new(16 << 20, &ruleset);
+        let detection = |i: u32| Detection {
+            rule: format!("Rule_{i}"),
+            namespace: "test.yar".into(),
+            tags: vec!["tag".into(); (i % 7) as usize],
+            threat: "x".repeat(i as usize % 300),
+            severity: Severity::High,
+        };
+        let entries: Vec<_> = (0..3_000u32)
+            .map(|i| {
+                let mut digest = [0; 32];
+                digest[..4].copy_from_slice(&i.to_le_bytes());
+                let verdict = match i % 3 {
+                    0 => Verdict::Clean,
+                    _ => Verdict::Infected(vec![detection(i); (i % 4) as usize + 1]),
+                };
+                (digest, verdict)
+            })
+            .collect();
+        for (digest, verdict) in &entries {
+            let key = CacheKey::new(&Digest::from_bytes(*digest), &ruleset, None);
+            cache.insert(key, verdict.clone(), &ruleset.version_arc());
+        }
+        assert_eq!(cache.save(&path, &ruleset).unwrap(), 3_000);
+        assert!(std::fs::metadata(&path).unwrap().len() > 1 << 20);
+        let restored = SharedCache::new(16 << 20, &ruleset);
+        assert_eq!(restored.load(&path, &ruleset).unwrap(), 3_000);
+        for (digest, verdict) in &entries {
+            let key = CacheKey::new(&Digest::from_bytes(*digest), &ruleset, None);
+            assert_eq!(&restored.get(&key).unwrap().verdict, verdict);
+        }
+
+        // Cut within its last entry, with a checksum made for what is left.
+        let saved = std::fs::read(&path).unwrap();
+        let mut cut = saved[..saved.len() - 32 - 10].to_vec();
+        cut.extend_from_slice(blake3::hash(&cut).as_bytes());
+        std::fs::write(&path, &cut).unwrap();
+        let restored = SharedCache::new(16 << 20, &ruleset);
+        let err = restored.load(&path, &ruleset).unwrap_err();
+        assert!(matches!(err, SnapshotError::Damaged(_)), "{err}");
+        assert!(restored.is_empty(), "no entry of it used");
+        assert!(!path.exists(), "set aside");
     }
 
     #[test]
