@@ -214,6 +214,9 @@ fn a_scan_timeout_under_a_second_or_over_1000_years_is_refused() {
 
 /// `lightagent` names the server it could not reach and what to set, and
 /// tells an address without a scheme from a server that is not there.
+/// Asked for an encrypted channel (or given a name to verify the server's
+/// certificate against), it refuses a plain address before connecting:
+/// the server's refusal is not what guards an agent from an impostor.
 #[test]
 fn lightagent_says_which_server_it_could_not_reach() {
     // A port bound and not listening: it refuses connections, and no other
@@ -221,21 +224,31 @@ fn lightagent_says_which_server_it_could_not_reach() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
     let port = socket.local_addr().unwrap().port();
-    let run = |server: &str| {
+    let run = |server: &str, args: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_lightagent"))
-            .args(["scan", "--server", server, "Cargo.toml"])
+            .args(["scan", "--server", server])
+            .args(args)
+            .arg("Cargo.toml")
             .output()
             .unwrap();
         assert_eq!(output.status.code(), Some(2));
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     let bare = format!("127.0.0.1:{port}");
-    let stderr = run(&bare);
+    let stderr = run(&bare, &[]);
     assert!(stderr.contains(&format!("write http://{bare}")), "{stderr}");
     let url = format!("http://{bare}");
-    let stderr = run(&url);
+    let stderr = run(&url, &[]);
     assert!(stderr.contains(&format!("at {url}")), "{stderr}");
     assert!(stderr.contains("--server"), "{stderr}");
+    let stderr = run(&url, &["--require-encryption"]);
+    assert!(stderr.contains("--require-encryption"), "{stderr}");
+    assert!(
+        !stderr.contains(&format!("at {url}")),
+        "not connected: {stderr}"
+    );
+    let stderr = run(&url, &["--tls-domain", "svm.example"]);
+    assert!(stderr.contains("which is not encrypted"), "{stderr}");
 }
 
 /// A FIFO or a device named as a file the server reads (its

@@ -143,7 +143,9 @@ struct ConnectionArgs {
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
 
-    /// Only accept an encrypted channel.
+    /// Only accept an encrypted channel: an http:// address is refused
+    /// before connecting, and the server is told to refuse the session on a
+    /// plain channel.
     #[arg(long)]
     require_encryption: bool,
 
@@ -178,7 +180,13 @@ impl ConnectionArgs {
         set(&mut options.vm_name, &self.vm_name);
         options.connection_tags = self.tags.clone();
         options.require_encryption = self.require_encryption;
-        if self.server.starts_with("https://") || self.ca.is_some() || self.cert.is_some() {
+        // Any TLS setting makes TLS settings, which a plain address refuses.
+        let tls = [
+            self.ca.is_some(),
+            self.cert.is_some(),
+            self.tls_domain.is_some(),
+        ];
+        if self.server.starts_with("https://") || tls.contains(&true) {
             options.tls = Some(ClientTls {
                 ca: self.ca.clone(),
                 identity: self.cert.clone().zip(self.key.clone()),

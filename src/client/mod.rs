@@ -336,6 +336,13 @@ impl Agent {
     /// A connection to the server `options` name, with their TLS files.
     async fn channel(options: &AgentOptions) -> Result<Channel, ClientError> {
         let server = &options.server;
+        // Checked here, before a word goes out: the server refuses such an
+        // agent on a plain channel, but one that is not the SVM would not.
+        if options.require_encryption && options.tls.is_none() {
+            return Err(ClientError::Settings(format!(
+                "--require-encryption: {server} is not encrypted; write the server's address as https://HOST:PORT, with --ca"
+            )));
+        }
         if !server.contains("://") {
             return Err(ClientError::Settings(format!(
                 "the server's address `{server}` has no scheme: write http://{server} (or https://{server}, with --ca)"
@@ -566,7 +573,7 @@ fn connect_hint(err: &tonic::transport::Error) -> &'static str {
 fn check_tls(server: &str, tls: &ClientTls) -> Result<(), ClientError> {
     if !server.starts_with("https://") {
         return Err(ClientError::Settings(format!(
-            "TLS settings (a CA, a client certificate) are given for {server}, which is not encrypted: write the server's address as https://HOST:PORT"
+            "TLS settings (a CA, a client certificate, a name to verify) are given for {server}, which is not encrypted: write the server's address as https://HOST:PORT"
         )));
     }
     if tls.ca.is_none() {
