@@ -981,6 +981,52 @@ impl<B> Intake<B> {
         self.release_ahead();
         Poll::Ready(Some(Err(status)))
     }
+
+    /// Goes on with a wait for room, when the call is in one: what goes on
+    /// once the room came, or the call's failure (`None`: no wait).
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Option<Next>> {
+        match &mut self.at {
+            At::Failed => Poll::Ready(Some(None)),
+            At::Room {
+                len,
+                more,
+                ahead,
+                waiting,
+            } => {
+                let (len, more, ahead) = (*len, *more, *ahead);
+                let Ok(mut taken) =
+                    ready!(wait_for_room(waiting, &self.room.budget, more + ahead, cx))
+                else {
+                    self.room.discharge((more + ahead) as usize);
+                    return self.fail(no_room(&message(len))).map(Some);
+                };
+                if ahead > 0 {
+                    let part = taken.split(ahead as usize).expect("taken with the rest");
+                    merge(&mut self.ahead, part);
+                }
+                self.room.keep(taken);
+                // The header's last byte, alone (see `admit`).
+                self.at = At::Message { left: len };
+                let last = self.held.split_to(1);
+                Poll::Ready(Some(Some(Ok(Frame::data(last)))))
+            }
+            At::Ahead {
+                pass,
+                more,
+                waiting,
+            } => {
+                let (pass, more) = (*pass, *more);
+                let Ok(taken) = ready!(wait_for_room(waiting, &self.room.budget, more, cx)) else {
+                    self.room.discharge(more as usize);
+                    return self.fail(no_room(&ahead(self.held.len() - pass))).map(Some);
+                };
+                merge(&mut self.ahead, taken);
+                self.at = At::header();
+                Poll::Ready(Some(Some(Ok(Frame::data(self.held.split_to(pass))))))
+            }
+            At::Header { .. } | At::Message { .. } => Poll::Ready(None),
+        }
+    }
 }
 
 impl<B> Drop for Intake<B> {
@@ -1006,47 +1052,8 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Next> {
         let this = &mut *self;
         loop {
-            match &mut this.at {
-                At::Failed => return Poll::Ready(None),
-                At::Room {
-                    len,
-                    more,
-                    ahead,
-                    waiting,
-                } => {
-                    let (len, more, ahead) = (*len, *more, *ahead);
-                    let Ok(mut taken) =
-                        ready!(wait_for_room(waiting, &this.room.budget, more + ahead, cx))
-                    else {
-                        this.room.discharge((more + ahead) as usize);
-                        return this.fail(no_room(&message(len)));
-                    };
-                    if ahead > 0 {
-                        let part = taken.split(ahead as usize).expect("taken with the rest");
-                        merge(&mut this.ahead, part);
-                    }
-                    this.room.keep(taken);
-                    // The header's last byte, alone (see `admit`).
-                    this.at = At::Message { left: len };
-                    let last = this.held.split_to(1);
-                    return Poll::Ready(Some(Ok(Frame::data(last))));
-                }
-                At::Ahead {
-                    pass,
-                    more,
-                    waiting,
-                } => {
-                    let (pass, more) = (*pass, *more);
-                    let Ok(taken) = ready!(wait_for_room(waiting, &this.room.budget, more, cx))
-                    else {
-                        this.room.discharge(more as usize);
-                        return this.fail(no_room(&ahead(this.held.len() - pass)));
-                    };
-                    merge(&mut this.ahead, taken);
-                    this.at = At::header();
-                    return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(pass)))));
-                }
-                At::Header { .. } | At::Message { .. } => {}
+            if let Some(next) = ready!(this.poll_room(cx)) {
+                return Poll::Ready(next);
             }
             if this.held.is_empty() {
                 this.release_ahead();

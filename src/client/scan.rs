@@ -60,8 +60,8 @@ use super::{Agent, ClientError, FileSource, Files};
 use crate::{
     engine::ScanOutcome,
     proto::{
-        FileBegin, FileError, FileErrorReason, FileRequest, LatestVersion, Limits, ScanReply,
-        ScanRequest, file_reply,
+        FileBegin, FileError, FileErrorReason, FileReply, FileRequest, FileVerdict, LatestVersion,
+        Limits, ScanReply, ScanRequest, file_reply,
     },
     verdict::{FailReason, Verdict},
 };
@@ -432,95 +432,17 @@ impl<F: ResultSink> Settle<'_, F> {
         files
     }
 
-    /// Takes the replies of one message: a file asked for goes to the
-    /// content sender, a file answered to `on_result`, a file failed to
-    /// `failed`. Returns how many files are over (their places in flight
-    /// are free again). `on_result` is called once the pending files are
-    /// unlocked: the announcer and the content sender need them, and a
-    /// sink's work (formatting a line, say) need not hold them up.
+    /// Takes the replies of one message (see [`Settle::reply`]). Returns how
+    /// many files are over (their places in flight are free again).
+    /// `on_result` is called once the pending files are unlocked: the
+    /// announcer and the content sender need them, and a sink's work
+    /// (formatting a line, say) need not hold them up.
     fn answered(&mut self, message: ScanReply) -> usize {
+        let pending = Arc::clone(&self.pending);
+        let mut files = pending.lock();
         let mut over = Vec::with_capacity(message.replies.len());
-        let mut files = self.pending.lock();
         for reply in message.replies {
-            let id = reply.file_id;
-            let answer = match reply.kind {
-                Some(file_reply::Kind::SendContent(_)) => {
-                    // Content is asked for once an announcement, of a file
-                    // announced by its digest (one announced without is on
-                    // its way already): asked again, the agent does not
-                    // read and send it again.
-                    if let Some(file) = files.get_mut(id)
-                        && file.digest.is_some()
-                        && !file.asked
-                    {
-                        file.asked = true;
-                        self.scan.familiarity.record(false);
-                        let (upload, over) = Upload::new(id, file.source.clone(), file.size, None);
-                        file.upload = Some(over);
-                        let _ = self.uploads.send(upload);
-                    }
-                    continue;
-                }
-                Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
-                Some(file_reply::Kind::Error(error)) => {
-                    // Refused for want of room, or given up for its content
-                    // not coming (asked for while the agent took no
-                    // replies: its output left unread): announced again.
-                    // A file the agent could not read is over, whatever
-                    // the server says of it.
-                    let answered = self.scan.answered;
-                    let again = [Code::ResourceExhausted, Code::DeadlineExceeded];
-                    let retried = again.iter().any(|code| error.code == *code as i32)
-                        && files
-                            .get_mut(id)
-                            .is_some_and(|f| f.unread.is_none() && f.refusals.again(answered));
-                    if retried {
-                        let file = files.remove(id).expect("pending");
-                        self.retries.later(file);
-                        continue;
-                    }
-                    // A file that changed after the agent hashed it (the
-                    // server found another digest, or the agent found it
-                    // shorter and cancelled it) goes again with its
-                    // content: what it holds now is scanned, as the local
-                    // scan scans what it reads. Once: a file announced
-                    // without a digest cannot differ from one.
-                    let mismatch = error.reason == FileErrorReason::DigestMismatch as i32;
-                    let changed = files.get_mut(id).is_some_and(|f| {
-                        f.digest.is_some() && f.unread.is_none() && (mismatch || f.changed)
-                    });
-                    if changed {
-                        let mut file = files.remove(id).expect("pending");
-                        file.digest = None;
-                        self.retries.now(file);
-                        continue;
-                    }
-                    Err(error)
-                }
-                // A reply of a kind this agent does not know (a newer
-                // server's) is no verdict: the file fails for it.
-                None => Err(FileError {
-                    code: Code::Unknown as i32,
-                    message:
-                        "the server's reply for this file is of a kind this agent does not know"
-                            .to_owned(),
-                    ..FileError::default()
-                }),
-            };
-            let Some(mut file) = files.remove(id) else {
-                continue;
-            };
-            // A file cancelled because it could not be read fails for that.
-            let answer = answer.map_err(|error| match file.unread.take() {
-                Some(err) => unreadable(&err),
-                None => self.refused(file.size_read(), error),
-            });
-            if let (Ok(verdict), false) = (&answer, file.asked) {
-                self.scan
-                    .familiarity
-                    .record(verdict.cached || verdict.coalesced);
-            }
-            over.push((file, answer));
+            over.extend(self.reply(&mut files, reply));
         }
         drop(files);
         let count = over.len();
@@ -544,6 +466,91 @@ impl<F: ResultSink> Settle<'_, F> {
             self.scan.on_result.put(file.source.path(), outcome);
         }
         count
+    }
+
+    /// Takes one file's reply: a file asked for goes to the content sender;
+    /// one refused for want of room, or that changed since it was hashed,
+    /// is announced again; one answered or failed is over, and returned
+    /// with its answer.
+    fn reply(
+        &mut self,
+        files: &mut PendingFiles,
+        reply: FileReply,
+    ) -> Option<(PendingFile, Result<FileVerdict, Verdict>)> {
+        let id = reply.file_id;
+        let answer = match reply.kind {
+            Some(file_reply::Kind::SendContent(_)) => {
+                // Content is asked for once an announcement, of a file
+                // announced by its digest (one announced without is on its
+                // way already): asked again, the agent does not read and
+                // send it again.
+                if let Some(file) = files.get_mut(id)
+                    && file.digest.is_some()
+                    && !file.asked
+                {
+                    file.asked = true;
+                    self.scan.familiarity.record(false);
+                    let (upload, over) = Upload::new(id, file.source.clone(), file.size, None);
+                    file.upload = Some(over);
+                    let _ = self.uploads.send(upload);
+                }
+                return None;
+            }
+            Some(file_reply::Kind::Verdict(verdict)) => Ok(verdict),
+            Some(file_reply::Kind::Error(error)) => {
+                // Refused for want of room, or given up for its content not
+                // coming (asked for while the agent took no replies: its
+                // output left unread): announced again. A file the agent
+                // could not read is over, whatever the server says of it.
+                let answered = self.scan.answered;
+                let again = [Code::ResourceExhausted, Code::DeadlineExceeded];
+                let retried = again.iter().any(|code| error.code == *code as i32)
+                    && files
+                        .get_mut(id)
+                        .is_some_and(|f| f.unread.is_none() && f.refusals.again(answered));
+                if retried {
+                    self.retries.later(files.remove(id).expect("pending"));
+                    return None;
+                }
+                // A file that changed after the agent hashed it (the server
+                // found another digest, or the agent found it shorter and
+                // cancelled it) goes again with its content: what it holds
+                // now is scanned, as the local scan scans what it reads.
+                // Once: a file announced without a digest cannot differ
+                // from one.
+                let mismatch = error.reason == FileErrorReason::DigestMismatch as i32;
+                let changed = files.get_mut(id).is_some_and(|f| {
+                    f.digest.is_some() && f.unread.is_none() && (mismatch || f.changed)
+                });
+                if changed {
+                    let mut file = files.remove(id).expect("pending");
+                    file.digest = None;
+                    self.retries.now(file);
+                    return None;
+                }
+                Err(error)
+            }
+            // A reply of a kind this agent does not know (a newer server's)
+            // is no verdict: the file fails for it.
+            None => Err(FileError {
+                code: Code::Unknown as i32,
+                message: "the server's reply for this file is of a kind this agent does not know"
+                    .to_owned(),
+                ..FileError::default()
+            }),
+        };
+        let mut file = files.remove(id)?;
+        // A file cancelled because it could not be read fails for that.
+        let answer = answer.map_err(|error| match file.unread.take() {
+            Some(err) => unreadable(&err),
+            None => self.refused(file.size_read(), error),
+        });
+        if let (Ok(verdict), false) = (&answer, file.asked) {
+            self.scan
+                .familiarity
+                .record(verdict.cached || verdict.coalesced);
+        }
+        Some((file, answer))
     }
 
     /// The verdict for a file the server failed: `too_large` when the
