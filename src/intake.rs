@@ -28,11 +28,12 @@
 //!   it is passed on (room it holds for the start of a large message
 //!   becomes that message's). The message before it goes on only once that
 //!   room is taken; a call that finds none within [`ROOM_WAIT`] fails.
-//!   What is held without room is copied out of HTTP/2's read buffer,
-//!   which a view would keep whole. So a call holds at most twice [`FREE`]
-//!   besides its room, and a connection its 64 calls' worth. (What a
-//!   frame holds past a message waiting for room, below, waits for room
-//!   too.)
+//!   What is held without room, or while waiting for it, is copied out of
+//!   HTTP/2's read buffer, which a view would keep whole. So a call holds
+//!   at most twice [`FREE`] besides its room, and a connection its 64
+//!   calls' worth. (What a frame holds past a message waiting for room,
+//!   below, waits for room too; past a `Lookup`'s message, it fails the
+//!   call at once.)
 //! * A larger one goes on only once its call holds room for it, taken from
 //!   one budget for the listener (`uploads.message_budget`), as a whole, at
 //!   its header (whose last byte is held back until then, so that tonic
@@ -837,9 +838,7 @@ impl<B> Intake<B> {
                     // answers; while the first message's room waits for
                     // the request's end.
                     if self.method.unary && self.whole {
-                        return Err(Status::invalid_argument(
-                            "a second message in a Lookup's request: a Lookup is one message, then the request's end",
-                        ));
+                        return Err(second_message());
                     }
                     // tonic would fail it with INTERNAL, the server's
                     // fault; it is the client's.
@@ -868,6 +867,12 @@ impl<B> Intake<B> {
                             // with it: room is waited for it too, as for bytes
                             // ahead (see `hold_ahead`).
                             let past = self.held.len().saturating_sub(pos + 1 + len);
+                            // After a Lookup's message, what would wait can
+                            // only fail the call.
+                            if self.method.unary && past > 0 {
+                                self.room.discharge(more as usize);
+                                return Err(second_message());
+                            }
                             let ahead = match past > FREE {
                                 true => past.div_ceil(1024),
                                 false => 0,
@@ -982,9 +987,22 @@ impl<B> Intake<B> {
         Poll::Ready(Some(Err(status)))
     }
 
+    /// Copies `held` out of HTTP/2's read buffer, once: kept while the call
+    /// waits for room, or without room, a view would keep the whole buffer
+    /// (a frame, or more) for as long as the call does not read on.
+    fn own_held(&mut self) {
+        if !self.held_copied {
+            self.held = Bytes::copy_from_slice(&self.held);
+            self.held_copied = true;
+        }
+    }
+
     /// Goes on with a wait for room, when the call is in one: what goes on
     /// once the room came, or the call's failure (`None`: no wait).
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Option<Next>> {
+        if matches!(self.at, At::Room { .. } | At::Ahead { .. }) {
+            self.own_held();
+        }
         match &mut self.at {
             At::Failed => Poll::Ready(Some(None)),
             At::Room {
@@ -1098,15 +1116,10 @@ where
             match this.hold_ahead(waiting) {
                 Ok(0) => {
                     let data = this.held.split_to(pass);
-                    // Kept without room (or while waiting for it), the
-                    // rest is copied, once: a view would keep HTTP/2's
-                    // whole read buffer (a frame, or more) for as long as
-                    // the call does not read on.
-                    let waits_for_room = matches!(this.at, At::Room { .. });
-                    let unbudgeted = (1..=FREE).contains(&waiting) || waits_for_room;
-                    if unbudgeted && !this.held_copied {
-                        this.held = Bytes::copy_from_slice(&this.held);
-                        this.held_copied = true;
+                    // Kept without room (see `own_held`; a call waiting
+                    // for room copies what it keeps as it waits).
+                    if (1..=FREE).contains(&waiting) {
+                        this.own_held();
                     }
                     // tonic reads no further once it has a message: the
                     // room goes back now, not at its next read.
@@ -1167,6 +1180,13 @@ fn wait_for_room(
         Ok(Ok(taken)) => Ok(taken),
         Ok(Err(_)) | Err(_) => Err(()),
     })
+}
+
+/// The error of a `Lookup` whose request holds more than its message.
+fn second_message() -> Status {
+    Status::invalid_argument(
+        "a second message in a Lookup's request: a Lookup is one message, then the request's end",
+    )
 }
 
 /// The error of a call whose message is over its method's largest.
@@ -1430,28 +1450,53 @@ mod tests {
     }
 
     /// A message that waits for room keeps the rest of its frame, which
-    /// HTTP/2 has let go of: it is counted in the peer's share meanwhile,
-    /// and takes room with the message; and what a call keeps without room
-    /// is a copy, not a view that would keep the whole frame.
+    /// HTTP/2 has let go of: it is counted in the peer's share meanwhile
+    /// (to the KiB), and takes room with the message; after a Lookup's
+    /// message, it fails the call at once. What a call keeps while it
+    /// waits, or without room, is a copy, not a view that would keep the
+    /// whole frame.
     #[tokio::test(start_paused = true)]
     async fn the_frame_of_a_message_waiting_for_room_is_counted() {
         let layer = IntakeLayer::new(2 << 20);
         let peer = IpAddr::from([10, 0, 0, 2]);
         let charged = || layer.budget.peers.lock().get(&peer).copied();
-        let (large, mut holding) = body(&layer);
-        large.send(header(1536 << 10).into()).unwrap();
-        assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+        let holding = async || {
+            let (large, mut holding) = body(&layer);
+            large.send(header(1536 << 10).into()).unwrap();
+            assert_eq!(drain(&mut holding).await, (HEADER_LEN, None));
+            (large, holding)
+        };
+        // A rest of 900 KiB, then of a byte more: counted to the byte.
+        for (extra, kib) in [(0, 900), (1, 901)] {
+            let held = holding().await;
+            let small = (60 << 10) + HEADER_LEN;
+            let last = (900 << 10) + extra - 14 * small - HEADER_LEN;
+            let mut rest: Vec<u8> = (0..14).flat_map(|_| message(60 << 10)).collect();
+            rest.extend(message(last));
+            let frame = Bytes::from([message(600 << 10), rest.clone()].concat());
+            let (tx, mut scan) = call(&layer, SCAN, Some(peer));
+            tx.send(frame.clone()).unwrap();
+            assert_eq!(drain(&mut scan).await, (HEADER_LEN - 1, None));
+            assert_eq!(charged(), Some(600 + kib));
+            assert!(
+                !frame.as_ptr_range().contains(&scan.held.as_ptr()),
+                "a copy"
+            );
+            drop(held);
+            assert_eq!(drain(&mut scan).await.0, 1 + (600 << 10) + rest.len());
+            assert_eq!(layer.held(), 600 << 10, "the rest's room given back");
+            assert_eq!(charged(), Some(600));
+        }
 
-        let rest: Vec<u8> = (0..15).flat_map(|_| message(60 << 10)).collect();
-        let frame = [message(600 << 10), rest.clone()].concat();
-        let (tx, mut scan) = call(&layer, SCAN, Some(peer));
-        tx.send(frame.into()).unwrap();
-        assert_eq!(drain(&mut scan).await, (HEADER_LEN - 1, None));
-        assert_eq!(charged(), Some(600 + rest.len().div_ceil(1024)));
-        drop(holding);
-        assert_eq!(drain(&mut scan).await.0, 1 + (600 << 10) + rest.len());
-        assert_eq!(layer.held(), 600 << 10, "the rest's room given back");
-        assert_eq!(charged(), Some(600));
+        // A Lookup's message followed by anything fails at once.
+        let held = holding().await;
+        let (tx, mut lookup) = call(&layer, LOOKUP, Some(peer));
+        tx.send([message(200 << 10), message(10)].concat().into())
+            .unwrap();
+        let (_, error) = drain(&mut lookup).await;
+        assert_eq!(error, Some(tonic::Code::InvalidArgument));
+        assert_eq!(charged(), None, "nothing held for it");
+        drop(held);
 
         // A small rest, kept without room after its message, is copied.
         let frame = Bytes::from([message(10), message(100)].concat());

@@ -118,6 +118,11 @@ impl SharedCache {
                     content: key.content.to_vec(),
                     verdict: Some(proto::Verdict::from(&value.verdict)),
                 };
+                // One no load would read (a file some hundred thousand
+                // rules matched): left out, scanned again after a restart.
+                if entry.encoded_len() > MAX_MESSAGE {
+                    continue;
+                }
                 message.clear();
                 entry.encode_length_delimited(&mut message)?;
                 out.write_all(&message)?;
@@ -170,11 +175,18 @@ impl SharedCache {
         };
         // Read again, as it was checked (the state folder is the server's
         // own: a file replaced meanwhile is another inode, not this one).
-        snapshot
-            .read(ruleset, insert)
-            .map_err(|err| err.or_io(io_error))?;
+        // Should this read fail (the file changed in place, a disk error),
+        // the verdicts loaded are kept: each was read whole, and checked.
+        let read = snapshot.read(ruleset, insert);
         let count = self.len().saturating_sub(before) as u64;
         bump(&self.counters.loaded, count);
+        if let Err(err) = read {
+            let err = err.or_io(io_error);
+            tracing::warn!(path = %path.display(), "the snapshot could not be read to its end a second time ({err}): {count} verdicts loaded from it");
+            if !matches!(err, SnapshotError::Io { .. }) {
+                state::set_aside(path);
+            }
+        }
         Ok(count)
     }
 }
@@ -192,8 +204,8 @@ impl<W: Write> Checksummed<W> {
     }
 }
 
-/// The largest message of a snapshot: an entry is a digest and a verdict,
-/// whose detections are bounded by the engine's.
+/// The largest message of a snapshot read (an entry is a digest and a
+/// verdict; a larger one is not written).
 const MAX_MESSAGE: usize = 16 << 20;
 
 /// A snapshot file whose checksum holds, read from its start.
@@ -417,6 +429,33 @@ mod tests {
         assert!(matches!(err, SnapshotError::Damaged(_)), "{err}");
         assert!(restored.is_empty(), "no entry of it used");
         assert!(!path.exists(), "set aside");
+    }
+
+    /// A verdict too large for a load to read is not written: the others
+    /// still load.
+    #[test]
+    fn a_verdict_no_load_would_read_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        // A cache large enough to hold it (an entry takes at most a share
+        // of the budget).
+        let cache = SharedCache::new(8 << 30, &ruleset);
+        let huge = Verdict::Infected(vec![Detection {
+            rule: "Huge".into(),
+            namespace: "test.yar".into(),
+            tags: Vec::new(),
+            threat: "x".repeat(MAX_MESSAGE),
+            severity: Severity::High,
+        }]);
+        for (byte, verdict) in [(1, huge), (2, Verdict::Clean)] {
+            let key = CacheKey::new(&Digest::from_bytes([byte; 32]), &ruleset, None);
+            cache.insert(key, verdict, &ruleset.version_arc());
+        }
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.save(&path, &ruleset).unwrap(), 1);
+        let restored = SharedCache::new(8 << 30, &ruleset);
+        assert_eq!(restored.load(&path, &ruleset).unwrap(), 1);
     }
 
     #[test]
