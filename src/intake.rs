@@ -665,7 +665,7 @@ pub struct Intake<B> {
     /// Received and not passed on yet.
     held: Bytes,
     /// Whether `held` is a copy of its own, not a view of HTTP/2's read
-    /// buffer (see `poll_frame`).
+    /// buffer (see `own_held`).
     held_copied: bool,
     /// Room for what `held` keeps once a message is passed on, when that
     /// is over [`FREE`] (the rest of its frame): those bytes wait with the

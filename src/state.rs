@@ -249,14 +249,16 @@ pub const SAVE_STALL: Duration = Duration::from_secs(60);
 pub struct Unsaved {
     failures: Mutex<BTreeMap<StateFile, String>>,
     /// One save of each file at a time (see [`Unsaved::save`]).
-    turns: [Arc<Semaphore>; 2],
+    cache_turn: Arc<Semaphore>,
+    vms_turn: Arc<Semaphore>,
 }
 
 impl Default for Unsaved {
     fn default() -> Self {
         Unsaved {
             failures: Mutex::default(),
-            turns: [(); 2].map(|()| Arc::new(Semaphore::new(1))),
+            cache_turn: Arc::new(Semaphore::new(1)),
+            vms_turn: Arc::new(Semaphore::new(1)),
         }
     }
 }
@@ -301,7 +303,11 @@ impl Unsaved {
     where
         F: FnOnce() -> Result<(), String> + Send + 'static,
     {
-        let turn = Arc::clone(&self.turns[file as usize]).acquire_owned().await;
+        let turns = match file {
+            StateFile::VerdictCache => &self.cache_turn,
+            StateFile::Vms => &self.vms_turn,
+        };
+        let turn = Arc::clone(turns).acquire_owned().await;
         let turn = turn.expect("the turns are never closed");
         let (unsaved, path) = (Arc::clone(self), path.to_owned());
         let watched = tokio::spawn(async move {

@@ -180,13 +180,9 @@ impl ConnectionArgs {
         set(&mut options.vm_name, &self.vm_name);
         options.connection_tags = self.tags.clone();
         options.require_encryption = self.require_encryption;
-        // Any TLS setting makes TLS settings, which a plain address refuses.
-        let tls = [
-            self.ca.is_some(),
-            self.cert.is_some(),
-            self.tls_domain.is_some(),
-        ];
-        if self.server.starts_with("https://") || tls.contains(&true) {
+        // A TLS setting given for a plain address is refused, not dropped.
+        let tls_asked = self.ca.is_some() || self.cert.is_some() || self.tls_domain.is_some();
+        if self.server.starts_with("https://") || tls_asked {
             options.tls = Some(ClientTls {
                 ca: self.ca.clone(),
                 identity: self.cert.clone().zip(self.key.clone()),

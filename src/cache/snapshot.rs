@@ -351,11 +351,29 @@ mod tests {
         verdict::{Detection, Severity},
     };
 
-    #[test]
-    fn a_snapshot_made_by_another_build_is_set_aside() {
+    /// A state folder, the snapshot's path in it, and the shipped
+    /// signatures.
+    fn folder() -> (tempfile::TempDir, PathBuf, Ruleset) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
         let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        (dir, path, ruleset)
+    }
+
+    /// A detection of `rule`, with `tags` tags and `threat`.
+    fn detection(rule: String, tags: usize, threat: String) -> Detection {
+        Detection {
+            rule,
+            namespace: "test.yar".into(),
+            tags: vec!["tag".into(); tags],
+            threat,
+            severity: Severity::High,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_made_by_another_build_is_set_aside() {
+        let (dir, path, ruleset) = folder();
         let cache = SharedCache::new(1 << 20, &ruleset);
         let key = CacheKey::new(&Digest::from_bytes([7; 32]), &ruleset, None);
         cache.insert(key, Verdict::Clean, &ruleset.version_arc());
@@ -384,24 +402,19 @@ mod tests {
     /// in an entry loads none, whatever its checksum says.
     #[test]
     fn a_snapshot_is_read_as_it_comes_and_checked_before_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE_NAME);
-        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        let (_dir, path, ruleset) = folder();
         let cache = SharedCache::new(16 << 20, &ruleset);
-        let detection = |i: u32| Detection {
-            rule: format!("Rule_{i}"),
-            namespace: "test.yar".into(),
-            tags: vec!["tag".into(); (i % 7) as usize],
-            threat: "x".repeat(i as usize % 300),
-            severity: Severity::High,
-        };
         let entries: Vec<_> = (0..3_000u32)
             .map(|i| {
                 let mut digest = [0; 32];
                 digest[..4].copy_from_slice(&i.to_le_bytes());
                 let verdict = match i % 3 {
                     0 => Verdict::Clean,
-                    _ => Verdict::Infected(vec![detection(i); (i % 4) as usize + 1]),
+                    _ => {
+                        let threat = "x".repeat(i as usize % 300);
+                        let detection = detection(format!("Rule_{i}"), (i % 7) as usize, threat);
+                        Verdict::Infected(vec![detection; (i % 4) as usize + 1])
+                    }
                 };
                 (digest, verdict)
             })
@@ -435,19 +448,12 @@ mod tests {
     /// still load.
     #[test]
     fn a_verdict_no_load_would_read_is_left_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE_NAME);
-        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        let (_dir, path, ruleset) = folder();
         // A cache large enough to hold it (an entry takes at most a share
         // of the budget).
         let cache = SharedCache::new(8 << 30, &ruleset);
-        let huge = Verdict::Infected(vec![Detection {
-            rule: "Huge".into(),
-            namespace: "test.yar".into(),
-            tags: Vec::new(),
-            threat: "x".repeat(MAX_MESSAGE),
-            severity: Severity::High,
-        }]);
+        let huge = detection("Huge".into(), 0, "x".repeat(MAX_MESSAGE));
+        let huge = Verdict::Infected(vec![huge]);
         for (byte, verdict) in [(1, huge), (2, Verdict::Clean)] {
             let key = CacheKey::new(&Digest::from_bytes([byte; 32]), &ruleset, None);
             cache.insert(key, verdict, &ruleset.version_arc());
@@ -460,9 +466,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_larger_than_the_budget_is_not_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE_NAME);
-        let ruleset = Ruleset::load(Path::new("signatures"), None).unwrap();
+        let (_dir, path, ruleset) = folder();
         std::fs::write(&path, vec![0; (1 << 20) + 1]).unwrap();
         let err = SharedCache::new(1 << 20, &ruleset)
             .load(&path, &ruleset)
