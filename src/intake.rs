@@ -1210,14 +1210,7 @@ struct SendAgain;
 /// that status wrapped in one of its own: the mark is looked for down the
 /// chain of sources.
 pub fn asks_to_send_again(status: &Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if error.is::<SendAgain>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+    crate::causes(status).any(|error| error.is::<SendAgain>())
 }
 
 /// `status`, as one that asks its client to send the call again.

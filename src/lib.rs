@@ -104,16 +104,21 @@ pub struct WithCauses<'a>(pub &'a (dyn std::error::Error + 'static));
 impl std::fmt::Display for WithCauses<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut text = self.0.to_string();
-        let mut cause = self.0.source();
-        while let Some(error) = cause {
+        for error in causes(self.0).skip(1) {
             let said = error.to_string();
             if !text.contains(&said) {
                 text = format!("{text}: {said}");
             }
-            cause = error.source();
         }
         f.write_str(&text)
     }
+}
+
+/// `error`, then each of its sources in turn.
+pub(crate) fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |error| error.source())
 }
 
 /// `text` cut to its first `most` bytes (at a character's boundary), with

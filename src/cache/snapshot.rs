@@ -254,10 +254,10 @@ impl Snapshot {
             .ok_or(SnapshotError::Damaged("too short"))?;
         let mut hasher = blake3::Hasher::new();
         let hashed = io::copy(&mut (&file).take(body), &mut hasher)?;
-        let mut digest = [0; 32];
         if hashed < body {
             return Err(SnapshotError::Damaged("too short").into());
         }
+        let mut digest = [0; 32];
         (&file).read_exact(&mut digest)?;
         if hasher.finalize() != blake3::Hash::from_bytes(digest) {
             return Err(SnapshotError::Damaged("checksum mismatch").into());

@@ -548,10 +548,7 @@ where
 /// What to check when the connection to the server failed with `err`.
 fn connect_hint(err: &tonic::transport::Error) -> &'static str {
     // A TLS failure comes as an I/O error carrying rustls's.
-    let causes = std::iter::successors(Some(err as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    });
-    let tls = causes
+    let tls = crate::causes(err)
         .filter_map(|e| e.downcast_ref::<std::io::Error>())
         .any(|e| {
             e.get_ref()
